@@ -1,0 +1,133 @@
+/**
+ * Typed wrapper over the C++ addon (native/). The addon does only what Node lacks:
+ * positional I/O combined with syncs in one thread-pool job, fallocate/punch-hole,
+ * SEEK_DATA/SEEK_HOLE, flock, mmap/msync of the NVRAM region, crc32c, XOR/P+Q parity,
+ * and the kernel nbd attach. Every blocking call runs off the event loop (napi async
+ * work) and is exposed here as a Promise. Arguments are validated here, with precise
+ * messages, before native code runs; native code re-checks and never crashes on them.
+ */
+import bindings from 'bindings';
+
+/** Raw addon surface (callback style; see native/addon.cc). */
+interface RawAddon {
+  pread(fd: number, buf: Buffer, bufOffset: number, length: number, position: number, cb: (err: Error | null, bytesRead: number) => void): void;
+  /** Writes all `length` bytes (loops on short writes); if sync, fdatasync before the callback. */
+  pwrite(fd: number, buf: Buffer, bufOffset: number, length: number, position: number, sync: boolean, cb: (err: Error | null) => void): void;
+  /** pwritev of several buffers at consecutive positions starting at `position`; if sync, fdatasync afterwards. */
+  pwritev(fd: number, bufs: Buffer[], position: number, sync: boolean, cb: (err: Error | null) => void): void;
+  fdatasync(fd: number, cb: (err: Error | null) => void): void;
+  /** mode: 0 = allocate (keep size), 1 = punch hole, 2 = zero range. */
+  fallocate(fd: number, mode: number, position: number, length: number, cb: (err: Error | null) => void): void;
+  /** whence: 3 = SEEK_DATA, 4 = SEEK_HOLE; returns -1 when ENXIO (no more data). */
+  seek(fd: number, position: number, whence: number, cb: (err: Error | null, pos: number) => void): void;
+  /** Non-blocking exclusive flock; returns false if another process holds it. */
+  flockExclusive(fd: number): boolean;
+  /** Maps [0, length) of fd MAP_SHARED read/write; the Buffer stays valid until munmap. */
+  mmap(fd: number, length: number): Buffer;
+  munmap(buf: Buffer): void;
+  /** msync(MS_SYNC) of [offset, offset+length) of a mapping from mmap(), off the event loop. */
+  msync(buf: Buffer, offset: number, length: number, cb: (err: Error | null) => void): void;
+  crc32c(buf: Buffer, offset: number, length: number, seed: number): number;
+  /** dst ^= src over length bytes. */
+  xorInto(dst: Buffer, src: Buffer, length: number): void;
+  /** RAID-6 P+Q over data columns (all same length) into p and q. */
+  pqGen(data: Buffer[], p: Buffer, q: Buffer): void;
+  /** Kernel nbd (native/nbd_attach.cc); see src/attach/. */
+  nbdAttach?(device: string, fds: number[], sizeBytes: number, blockSizeBytes: number, flags: number, timeoutS: number, cb: (err: Error | null, index: number) => void): void;
+  nbdDetach?(device: string, cb: (err: Error | null) => void): void;
+  socketpair?(): [number, number];
+}
+
+let raw: RawAddon | undefined;
+export function addon(): RawAddon {
+  if (!raw) raw = bindings('nvmirror_native') as RawAddon;
+  return raw;
+}
+
+export const FALLOC_ALLOCATE = 0;
+export const FALLOC_PUNCH_HOLE = 1;
+export const FALLOC_ZERO_RANGE = 2;
+const SEEK_DATA = 3;
+const SEEK_HOLE = 4;
+
+function checkInt(name: string, v: number, min = 0): void {
+  if (!Number.isSafeInteger(v) || v < min) throw new RangeError(`${name} must be an integer >= ${min}, got ${v}`);
+}
+
+export function pread(fd: number, buf: Buffer, bufOffset: number, length: number, position: number): Promise<number> {
+  checkInt('fd', fd); checkInt('bufOffset', bufOffset); checkInt('length', length); checkInt('position', position);
+  if (bufOffset + length > buf.length) throw new RangeError(`pread: ${bufOffset}+${length} exceeds buffer of ${buf.length}`);
+  return new Promise((resolve, reject) => addon().pread(fd, buf, bufOffset, length, position, (err, n) => (err ? reject(err) : resolve(n))));
+}
+
+export function pwrite(fd: number, buf: Buffer, bufOffset: number, length: number, position: number, sync: boolean): Promise<void> {
+  checkInt('fd', fd); checkInt('bufOffset', bufOffset); checkInt('length', length); checkInt('position', position);
+  if (bufOffset + length > buf.length) throw new RangeError(`pwrite: ${bufOffset}+${length} exceeds buffer of ${buf.length}`);
+  return new Promise((resolve, reject) => addon().pwrite(fd, buf, bufOffset, length, position, sync, (err) => (err ? reject(err) : resolve())));
+}
+
+export function pwritev(fd: number, bufs: Buffer[], position: number, sync: boolean): Promise<void> {
+  checkInt('fd', fd); checkInt('position', position);
+  if (bufs.length === 0 || bufs.length > 1024) throw new RangeError(`pwritev: 1..1024 buffers, got ${bufs.length}`);
+  return new Promise((resolve, reject) => addon().pwritev(fd, bufs, position, sync, (err) => (err ? reject(err) : resolve())));
+}
+
+export function fdatasync(fd: number): Promise<void> {
+  checkInt('fd', fd);
+  return new Promise((resolve, reject) => addon().fdatasync(fd, (err) => (err ? reject(err) : resolve())));
+}
+
+export function fallocate(fd: number, mode: number, position: number, length: number): Promise<void> {
+  checkInt('fd', fd); checkInt('position', position); checkInt('length', length, 1);
+  if (mode !== FALLOC_ALLOCATE && mode !== FALLOC_PUNCH_HOLE && mode !== FALLOC_ZERO_RANGE) throw new RangeError(`fallocate: bad mode ${mode}`);
+  return new Promise((resolve, reject) => addon().fallocate(fd, mode, position, length, (err) => (err ? reject(err) : resolve())));
+}
+
+/** Next data offset at or after position, or -1 if none. */
+export function seekData(fd: number, position: number): Promise<number> {
+  checkInt('fd', fd); checkInt('position', position);
+  return new Promise((resolve, reject) => addon().seek(fd, position, SEEK_DATA, (err, pos) => (err ? reject(err) : resolve(pos))));
+}
+
+/** Next hole offset at or after position (end of file counts as a hole), or -1 past EOF. */
+export function seekHole(fd: number, position: number): Promise<number> {
+  checkInt('fd', fd); checkInt('position', position);
+  return new Promise((resolve, reject) => addon().seek(fd, position, SEEK_HOLE, (err, pos) => (err ? reject(err) : resolve(pos))));
+}
+
+export function flockExclusive(fd: number): boolean {
+  checkInt('fd', fd);
+  return addon().flockExclusive(fd);
+}
+
+export function mmap(fd: number, length: number): Buffer {
+  checkInt('fd', fd); checkInt('length', length, 1);
+  return addon().mmap(fd, length);
+}
+
+export function munmap(buf: Buffer): void {
+  addon().munmap(buf);
+}
+
+export function msync(buf: Buffer, offset: number, length: number): Promise<void> {
+  checkInt('offset', offset); checkInt('length', length);
+  if (offset + length > buf.length) throw new RangeError(`msync: ${offset}+${length} exceeds mapping of ${buf.length}`);
+  return new Promise((resolve, reject) => addon().msync(buf, offset, length, (err) => (err ? reject(err) : resolve())));
+}
+
+export function crc32c(buf: Buffer, offset = 0, length = buf.length - offset, seed = 0): number {
+  if (offset < 0 || length < 0 || offset + length > buf.length) throw new RangeError(`crc32c: ${offset}+${length} exceeds buffer of ${buf.length}`);
+  return addon().crc32c(buf, offset, length, seed >>> 0) >>> 0;
+}
+
+export function xorInto(dst: Buffer, src: Buffer, length = dst.length): void {
+  if (length > dst.length || length > src.length) throw new RangeError('xorInto: length exceeds a buffer');
+  addon().xorInto(dst, src, length);
+}
+
+export function pqGen(data: Buffer[], p: Buffer, q: Buffer): void {
+  const n = p.length;
+  if (data.length < 1 || data.length > 253) throw new RangeError(`pqGen: 1..253 data columns, got ${data.length}`);
+  if (q.length !== n || data.some((d) => d.length !== n)) throw new RangeError('pqGen: all columns must have the same length');
+  addon().pqGen(data, p, q);
+}

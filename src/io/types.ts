@@ -1,0 +1,52 @@
+/**
+ * The one I/O seam below the block tree. Everything the engine persists (member files,
+ * the NVRAM region) goes through these interfaces, so that tests can substitute a
+ * recording layer (crash-state enumeration) or a fault-injecting one (seeded
+ * simulation). RAID (a later issue) is a BlockDevice built over several member
+ * BlockDevices; the tree only sees one flat array of 4 KiB physical blocks.
+ */
+export const BLOCK_SIZE_BYTES = 4096;
+
+/** A flat array of physical 4 KiB blocks. */
+export interface BlockDevice {
+  readonly blockCount: number;
+  /** Reads `count` consecutive blocks starting at physical block `pba` into dst (count*4096 bytes). */
+  readBlocks(pba: number, count: number, dst: Buffer): Promise<void>;
+  /** Writes whole blocks at consecutive addresses starting at pba (data.length a multiple of 4096). Not durable until sync(). */
+  writeBlocks(pba: number, data: Buffer): Promise<void>;
+  /** Makes every completed write durable. */
+  sync(): Promise<void>;
+  /** Hints that blocks hold no data any more (may punch holes); contents become undefined. */
+  discard(pba: number, count: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+/** A persistent, byte-addressed log region (the NVRAM), e.g. an mmap of a file. */
+export interface NvramRegion {
+  readonly sizeBytes: number;
+  /** The whole region as a Buffer: writes into it survive a process crash (MAP_SHARED). */
+  readonly buffer: Buffer;
+  /** Makes [offset, offset+length) durable against power loss. */
+  persist(offset: number, length: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+/** Injectable time and randomness, so the engine can run under a seeded simulator. */
+export interface Clock {
+  nowMs(): number;
+  setTimeout(fn: () => void, ms: number): { cancel(): void };
+}
+
+export interface Random {
+  /** Uniform in [0, 1). */
+  next(): number;
+}
+
+export const systemClock: Clock = {
+  nowMs: () => Date.now(),
+  setTimeout: (fn, ms) => {
+    const t = setTimeout(fn, ms);
+    t.unref?.();
+    return { cancel: () => clearTimeout(t) };
+  },
+};

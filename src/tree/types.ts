@@ -1,0 +1,88 @@
+/**
+ * Contract between the copy-on-write block tree (src/tree) and the consistency-point
+ * engine above it (src/cp, src/volume/engine.ts). Logical block numbers (lbn) address
+ * the volume in 4 KiB blocks; physical block addresses (pba) address the BlockDevice.
+ *
+ * Invariants:
+ * - A committed root never points at a block written in a later CP.
+ * - A block referenced by any committed root or kept snapshot is never overwritten.
+ * - Blocks freed in CP n are reusable only after CP n's superblock is durable.
+ * - Every block read is verified against the checksum its parent pointer holds.
+ */
+import type { Extent } from '../volume/types';
+
+/** Per-block change carried into a CP: new 4 KiB contents, or null for a hole (trim/zero). */
+export interface BlockChange {
+  lbn: number;
+  data: Buffer | null;
+}
+
+/** What the engine records in the superblock besides the tree (e.g. NVRAM replay watermark). */
+export interface CpMeta {
+  /** Highest NVRAM record sequence number whose effect is included in this CP. */
+  nvlogSeq: number;
+  /** NVRAM epoch the seq belongs to. */
+  nvlogEpoch: number;
+}
+
+export interface SnapshotInfo {
+  name: string;
+  cpNumber: number;
+  createdMs: number;
+  usedBlocks: number;
+}
+
+export interface CommitResult {
+  cpNumber: number;
+  durationMs: number;
+  blocksWritten: number;
+  blocksFreed: number;
+}
+
+/** A read-only view pinned to one committed root (the live tree or a snapshot). */
+export interface TreeReader {
+  readonly cpNumber: number;
+  /** Returns the block's contents, or null if it is a hole. Rejects with VolumeError('EIO') on checksum mismatch. */
+  readBlock(lbn: number): Promise<Buffer | null>;
+  /** Extents (EXTENT_HOLE|EXTENT_ZERO for holes) for lbns [lbn, lbn+count), at most maxExtents. */
+  blockStatus(lbn: number, count: number, maxExtents: number): Promise<Extent[]>;
+}
+
+export interface CheckReport {
+  ok: boolean;
+  problems: string[];
+  blocksReachable: number;
+  blocksAccounted: number;
+}
+
+export interface TreeStats {
+  volumeUuid: string;
+  sizeBytes: number;
+  cpNumber: number;
+  lastCpMs: number;
+  lastCpDurationMs: number;
+  usedBlocks: number;
+  totalBlocks: number;
+  snapshots: SnapshotInfo[];
+  meta: CpMeta;
+}
+
+export interface BlockTreeApi extends TreeReader {
+  readonly sizeBytes: number;
+  readonly volumeUuid: string;
+  stats(): TreeStats;
+  /**
+   * Atomically commits one CP: write changed data blocks and the address-block paths
+   * above them to newly allocated blocks, sync, write the new root into the superblock
+   * ring, sync. Snapshot ops are applied in the same CP. Only one commit at a time.
+   */
+  commitCp(changes: Iterable<BlockChange>, meta: CpMeta, snapshotOps?: SnapshotOp[]): Promise<CommitResult>;
+  listSnapshots(): SnapshotInfo[];
+  /** A reader pinned to a kept snapshot root, or undefined. */
+  snapshotReader(name: string): TreeReader | undefined;
+  /** Full walk: verify every checksum, that accounting matches reachability. */
+  check(): Promise<CheckReport>;
+  close(): Promise<void>;
+}
+
+export type SnapshotOp = { kind: 'create'; name: string } | { kind: 'delete'; name: string };

@@ -1,0 +1,75 @@
+/**
+ * The block-device interface that the NBD layer serves. Every backend (memory, raw
+ * file, the NVRAM/CP engine, a read-only snapshot or mirror view) implements it.
+ *
+ * Invariants the NBD layer guarantees before calling (validate at the edge):
+ * - offset + length <= sizeBytes, lengths are > 0 and <= maxPayloadBytes for read/write;
+ * - write/trim/zero are never called on a read-only volume.
+ * Backends assert these, they do not turn them into errors.
+ *
+ * Errors: a backend rejects with VolumeError (src/volume/errors.ts); the NBD layer maps
+ * its `code` to an NBD error number in one place.
+ */
+
+/** Extent flags, identical to NBD base:allocation bits. */
+export const EXTENT_HOLE = 1;
+export const EXTENT_ZERO = 2;
+
+export interface Extent {
+  lengthBytes: number;
+  /** EXTENT_HOLE | EXTENT_ZERO bits. */
+  flags: number;
+}
+
+export interface ZeroOptions {
+  /** The client asked that zeroing not create a hole (NBD_CMD_FLAG_NO_HOLE). */
+  noHole: boolean;
+  /** Fail with ENOTSUP unless zeroing is fast (NBD_CMD_FLAG_FAST_ZERO). */
+  fastZero: boolean;
+  fua: boolean;
+}
+
+export interface VolumeCapabilities {
+  readOnly: boolean;
+  canFlush: boolean;
+  canFua: boolean;
+  canTrim: boolean;
+  canZero: boolean;
+  canFastZero: boolean;
+  canCache: boolean;
+  /** True only if a flush on any handle covers writes completed on every handle. */
+  canMultiConn: boolean;
+  rotational: boolean;
+  /** NBD block size constraints. */
+  minBlockSizeBytes: number;
+  preferredBlockSizeBytes: number;
+  maxPayloadBytes: number;
+}
+
+export interface Volume {
+  readonly sizeBytes: number;
+  readonly caps: VolumeCapabilities;
+  /** Short human description (NBD_INFO_DESCRIPTION). */
+  readonly description: string;
+
+  /** Reads `length` bytes at `offset` into a fresh buffer (or `dst` if given, which must be exactly length bytes). */
+  read(offset: number, length: number, dst?: Buffer): Promise<Buffer>;
+  /** Writes data; when fua, resolves only once the data is on stable storage. */
+  write(offset: number, data: Buffer, fua: boolean): Promise<void>;
+  /** Resolves once every write that resolved before this call is on stable storage. */
+  flush(): Promise<void>;
+  /** Discards a range (may punch a hole; reads afterwards return zeroes or old data per NBD; ours return zeroes). */
+  trim(offset: number, length: number, fua: boolean): Promise<void>;
+  /** Writes zeroes over a range. */
+  zero(offset: number, length: number, opts: ZeroOptions): Promise<void>;
+  /** Hint to prefetch; may do nothing. */
+  cache(offset: number, length: number): Promise<void>;
+  /**
+   * Extents covering at least the first byte of [offset, offset+length), in order,
+   * contiguous from offset, total length <= length, each lengthBytes > 0.
+   * `maxExtents` caps the count (REQ_ONE asks for 1).
+   */
+  blockStatus(offset: number, length: number, maxExtents: number): Promise<Extent[]>;
+  /** Flushes and releases resources; no further calls after it resolves. */
+  close(): Promise<void>;
+}
