@@ -1,0 +1,23 @@
+/**
+ * nvmirror command line: commander wiring only. Each command lives in its own file
+ * under src/cli/ and registers itself here; no logic beyond parsing and wiring.
+ */
+import { Command, CommanderError } from 'commander';
+import { registerServe } from './serve';
+
+const program = new Command();
+program
+  .name('nvmirror')
+  .description('A userspace block device served over NBD, with an NVRAM log, copy-on-write block tree and mirroring')
+  .version('0.1.0')
+  .showHelpAfterError('(run with --help for usage)')
+  .exitOverride();
+
+registerServe(program);
+
+program.parseAsync(process.argv).catch((e: unknown) => {
+  if (e instanceof CommanderError) process.exit(e.exitCode === 0 ? 0 : 2);
+  const msg = e instanceof Error ? e.message : String(e);
+  process.stderr.write(`nvmirror: ${msg}\n`);
+  process.exit(1);
+});
