@@ -1,0 +1,59 @@
+/** Small helpers shared by CLI commands: argument parsers with one-line errors. */
+import { InvalidArgumentError } from 'commander';
+import { parseSize } from '../util/size';
+
+export function sizeArg(value: string): number {
+  try {
+    const n = parseSize(value);
+    if (n <= 0) throw new Error(`bad size "${value}": must be greater than zero`);
+    return n;
+  } catch (e) {
+    throw new InvalidArgumentError((e as Error).message);
+  }
+}
+
+export function intArg(min: number, max: number) {
+  return (value: string): number => {
+    const n = Number(value);
+    if (!Number.isInteger(n) || n < min || n > max) throw new InvalidArgumentError(`expected an integer from ${min} to ${max}, got "${value}"`);
+    return n;
+  };
+}
+
+export function hostPortArg(value: string): { host: string; port: number } {
+  const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d+)$/.exec(value) ?? /^()()(\d+)$/.exec(value);
+  if (!m) throw new InvalidArgumentError(`expected HOST:PORT, got "${value}"`);
+  const host = m[1] || m[2] || '127.0.0.1';
+  const port = Number(m[3]);
+  if (!Number.isInteger(port) || port < 0 || port > 65535) throw new InvalidArgumentError(`bad port in "${value}"`);
+  return { host, port };
+}
+
+export const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'];
+
+export function logLevelArg(value: string): string {
+  if (!LOG_LEVELS.includes(value)) throw new InvalidArgumentError(`expected one of ${LOG_LEVELS.join(', ')}`);
+  return value;
+}
+
+/** Installs SIGINT/SIGTERM handlers: the first runs `stop` then exits 0; a second exits at once. */
+export function onStopSignals(stop: () => Promise<void>, log: { info(o: object, m: string): void; error(o: object, m: string): void }): void {
+  let stopping = false;
+  const handler = (sig: NodeJS.Signals): void => {
+    if (stopping) {
+      process.stderr.write(`nvmirror: second ${sig}, exiting without a clean stop\n`);
+      process.exit(1);
+    }
+    stopping = true;
+    log.info({ signal: sig }, 'stopping: finishing in-flight requests');
+    stop().then(
+      () => process.exit(0),
+      (e: unknown) => {
+        log.error({ err: (e as Error).message }, 'error while stopping');
+        process.exit(1);
+      },
+    );
+  };
+  process.on('SIGINT', handler);
+  process.on('SIGTERM', handler);
+}

@@ -1,0 +1,118 @@
+/** `nvmirror serve`: serve a volume over NBD (TCP and/or a Unix socket, optional TLS). */
+import * as fs from 'fs';
+import * as path from 'path';
+import { Command, Option } from 'commander';
+import { NbdServer } from '../nbd/server';
+import { openVolume, VolumeSpec } from '../volume/open';
+import { createLogger } from '../util/log';
+import { formatSize } from '../util/size';
+import { hostPortArg, logLevelArg, onStopSignals, sizeArg, intArg } from './common';
+
+interface ServeOpts {
+  memory?: number;
+  file?: string;
+  listen?: { host: string; port: number };
+  socket?: string;
+  export: string;
+  readOnly?: boolean;
+  logLevel: string;
+  tlsCert?: string;
+  tlsKey?: string;
+  tlsCa?: string;
+  tlsRequired?: boolean;
+  cpInterval?: number;
+  maxConnections: number;
+}
+
+export const DEFAULT_LISTEN = { host: '127.0.0.1', port: 10809 };
+
+export function uriFor(endpoint: { tcp?: { host: string; port: number }; unix?: string }, exportName: string, tls: boolean): string {
+  const name = encodeURIComponent(exportName);
+  if (endpoint.unix !== undefined) return `nbd${tls ? 's' : ''}+unix:///${name}?socket=${endpoint.unix}`;
+  const t = endpoint.tcp as { host: string; port: number };
+  const host = t.host.includes(':') ? `[${t.host}]` : t.host;
+  return `nbd${tls ? 's' : ''}://${host}:${t.port}/${name}`;
+}
+
+export function registerServe(program: Command): void {
+  program
+    .command('serve')
+    .description('serve a volume over NBD')
+    .argument('[DIR]', 'a volume directory (see `nvmirror create`)')
+    .option('--memory <SIZE>', 'serve a sparse in-memory volume of SIZE (K/M/G/T suffixes)', sizeArg)
+    .option('--file <PATH>', 'serve a raw image file')
+    .option('--listen <HOST:PORT>', `listen on TCP (default ${DEFAULT_LISTEN.host}:${DEFAULT_LISTEN.port} unless --socket is given)`, hostPortArg)
+    .option('--socket <PATH>', 'listen on a Unix socket')
+    .option('--export <NAME>', 'export name', '')
+    .option('--read-only', 'refuse writes')
+    .addOption(new Option('--log-level <LEVEL>', 'log level').default('info').argParser(logLevelArg))
+    .option('--tls-cert <FILE>', 'TLS server certificate (PEM); enables STARTTLS')
+    .option('--tls-key <FILE>', 'TLS server private key (PEM)')
+    .option('--tls-ca <FILE>', 'CA certificate (PEM): require client certificates signed by it')
+    .option('--tls-required', 'refuse clients that do not upgrade to TLS')
+    .option('--cp-interval <MS>', 'consistency point interval for volume directories, in ms', intArg(10, 3_600_000))
+    .option('--max-connections <N>', 'maximum concurrent connections', intArg(1, 4096), 128)
+    .action(async (dir: string | undefined, o: ServeOpts) => {
+      await serve(dir, o);
+    });
+}
+
+async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
+  if ((o.tlsCert === undefined) !== (o.tlsKey === undefined)) throw new Error('--tls-cert and --tls-key go together');
+  if ((o.tlsRequired || o.tlsCa !== undefined) && o.tlsCert === undefined) throw new Error('--tls-required and --tls-ca need --tls-cert and --tls-key');
+  if (o.file !== undefined && !fs.existsSync(o.file)) throw new Error(`no such file: ${o.file}`);
+  if (dir !== undefined && o.memory === undefined && o.file === undefined && !fs.existsSync(dir)) {
+    throw new Error(`no such volume directory: ${dir} (create one with: nvmirror create ${dir} --size SIZE)`);
+  }
+  const logger = createLogger(o.logLevel);
+  const spec: VolumeSpec = {
+    readOnly: o.readOnly === true,
+    exportName: o.export,
+    ...(o.memory !== undefined ? { memory: o.memory } : {}),
+    ...(o.file !== undefined ? { file: path.resolve(o.file) } : {}),
+    ...(dir !== undefined ? { dir: path.resolve(dir) } : {}),
+    ...(o.cpInterval !== undefined ? { cpIntervalMs: o.cpInterval } : {}),
+  };
+  if (spec.memory === undefined && spec.file === undefined && spec.dir === undefined) {
+    throw new Error('nothing to serve: give --memory SIZE, --file PATH or a volume directory');
+  }
+  const opened = await openVolume(spec);
+  let server: NbdServer;
+  try {
+    server = new NbdServer({
+      exports: opened.exports,
+      logger,
+      maxConnections: o.maxConnections,
+      ...(o.tlsCert !== undefined && o.tlsKey !== undefined
+        ? { tls: { certPath: o.tlsCert, keyPath: o.tlsKey, ...(o.tlsCa !== undefined ? { caPath: o.tlsCa } : {}), required: o.tlsRequired === true } }
+        : {}),
+    });
+    const tcp = o.listen ?? (o.socket === undefined ? DEFAULT_LISTEN : undefined);
+    const uris: string[] = [];
+    const tls = o.tlsCert !== undefined;
+    if (o.socket !== undefined) {
+      await server.listenUnix(path.resolve(o.socket));
+      uris.push(uriFor({ unix: path.resolve(o.socket) }, o.export, tls));
+    }
+    if (tcp) {
+      const addr = await server.listenTcp(tcp.host, tcp.port);
+      uris.push(uriFor({ tcp: { host: tcp.host, port: addr.port } }, o.export, tls));
+    }
+    const v = opened.volume;
+    const lines = [
+      `nvmirror: serving ${opened.what} (${formatSize(v.sizeBytes)}${v.caps.readOnly ? ', read-only' : ''}) as export "${o.export}"`,
+      ...uris.map((u) => `  ${u}`),
+      `connect with: nbdinfo '${uris[0]}'   (Ctrl-C to stop)`,
+    ];
+    process.stdout.write(lines.join('\n') + '\n');
+    logger.info({ uris, what: opened.what, sizeBytes: v.sizeBytes }, 'serving');
+  } catch (e) {
+    await opened.close().catch(() => undefined);
+    throw e;
+  }
+  onStopSignals(async () => {
+    await server.close();
+    await opened.close();
+    logger.info('stopped cleanly');
+  }, logger);
+}

@@ -1,0 +1,34 @@
+/**
+ * The one place that maps internal errors to NBD wire errors. The real cause is logged
+ * first; the client only sees an errno.
+ */
+import type { Logger } from '../util/log';
+import { isVolumeError } from '../volume/errors';
+import * as P from './protocol';
+
+const BY_CODE: Record<string, number> = {
+  EPERM: P.EPERM,
+  EROFS: P.EPERM,
+  EIO: P.EIO,
+  ENOMEM: P.ENOMEM,
+  EINVAL: P.EINVAL,
+  ENOSPC: P.ENOSPC,
+  EDQUOT: P.ENOSPC,
+  EFBIG: P.ENOSPC,
+  EOVERFLOW: P.EOVERFLOW,
+  ENOTSUP: P.ENOTSUP,
+  EOPNOTSUPP: P.ENOTSUP,
+  ESHUTDOWN: P.ESHUTDOWN,
+};
+
+export function toNbdError(e: unknown, logger: Logger, what: string): number {
+  const code = typeof e === 'object' && e !== null && 'code' in e ? String((e as { code: unknown }).code) : '';
+  const nbd = BY_CODE[code] ?? P.EIO;
+  const message = e instanceof Error ? e.message : String(e);
+  if (isVolumeError(e) && (code === 'ENOTSUP' || code === 'ENOSPC')) {
+    logger.debug({ err: message, code }, `${what} failed`);
+  } else {
+    logger.error({ err: message, code, stack: e instanceof Error && !isVolumeError(e) ? e.stack : undefined }, `${what} failed`);
+  }
+  return nbd;
+}

@@ -1,0 +1,364 @@
+/**
+ * Transmission phase: parse requests in place, validate them at the edge (turning bad
+ * input into NBD errors), run them against the volume concurrently and reply as each
+ * completes (out of order). Replies produced in one tick are corked into one writev.
+ *
+ * Invariants:
+ * - At most MAX_INFLIGHT_REQUESTS requests and MAX_INFLIGHT_BYTES payload/read bytes are
+ *   in progress per connection; beyond that, and while the socket is not draining, we
+ *   stop reading from the socket (backpressure), we never buffer without bound.
+ * - Every request gets exactly one reply, except DISC (none) and requests that arrive
+ *   after DISC (ignored, as the spec allows).
+ * - With structured replies negotiated, READ and BLOCK_STATUS always get structured
+ *   replies; everything else gets a simple reply (the spec allows both).
+ * - The volume is only called with in-range, supported, well-formed requests.
+ */
+import type { Duplex } from 'stream';
+import type { Logger } from '../util/log';
+import type { Volume } from '../volume/types';
+import { toNbdError } from './errors';
+import * as P from './protocol';
+import {
+  encodeBlockStatus,
+  encodeSimpleReply,
+  encodeStructuredError,
+  Request,
+  RequestParser,
+  writeStructuredHeader,
+  writeU64,
+} from './wire';
+
+export const MAX_INFLIGHT_REQUESTS = 256;
+export const MAX_INFLIGHT_BYTES = 96 * 1024 * 1024;
+/** Stop reading while this much reply data waits in the socket. */
+const MAX_PENDING_WRITE_BYTES = 16 * 1024 * 1024;
+
+export interface TransmissionSession {
+  socket: Duplex;
+  volume: Volume;
+  exportName: string;
+  structuredReplies: boolean;
+  baseAllocation: boolean;
+  transmissionFlags: number;
+  leftover: Buffer[];
+}
+
+export class Transmission {
+  private readonly parser: RequestParser;
+  private readonly volume: Volume;
+  private readonly readOnly: boolean;
+  private inflightRequests = 0;
+  private inflightBytes = 0;
+  private corked = false;
+  private readingPaused = false;
+  private stopping = false;
+  private disconnected = false;
+  private idleWaiters: Array<() => void> = [];
+  private resolveClosed!: () => void;
+  /** Resolves when the connection is closed and every in-flight request has finished. */
+  readonly closed: Promise<void>;
+  requestsServed = 0;
+
+  constructor(private readonly s: TransmissionSession, private readonly log: Logger) {
+    this.volume = s.volume;
+    this.readOnly = (s.transmissionFlags & P.TFLAG_READ_ONLY) !== 0;
+    this.closed = new Promise((r) => (this.resolveClosed = r));
+    this.parser = new RequestParser({
+      onRequest: (req) => this.onRequest(req),
+      onFramingError: (msg) => this.abort(msg),
+    });
+    const sock = s.socket;
+    sock.on('data', this.onData);
+    sock.on('drain', this.maybeResume);
+    sock.on('error', (e: Error) => {
+      this.log.debug({ err: e.message }, 'connection error');
+      this.markDisconnected();
+    });
+    sock.on('close', () => this.markDisconnected());
+    sock.on('end', () => this.markDisconnected());
+    for (const c of s.leftover) this.parser.feed(c);
+    sock.resume();
+  }
+
+  private readonly onData = (chunk: Buffer): void => {
+    if (this.stopping) return;
+    this.parser.feed(chunk);
+  };
+
+  /** Graceful stop: read nothing more, finish in-flight requests, close. */
+  async shutdown(): Promise<void> {
+    this.stopping = true;
+    this.s.socket.pause();
+    await this.idle();
+    this.s.socket.end();
+    if (!this.disconnected) {
+      // Give the client a moment to read our last replies, then make sure it is gone.
+      const t = setTimeout(() => this.s.socket.destroy(), 2000);
+      t.unref();
+    }
+    await this.closed;
+  }
+
+  private idle(): Promise<void> {
+    if (this.inflightRequests === 0) return Promise.resolve();
+    return new Promise((r) => this.idleWaiters.push(r));
+  }
+
+  private markDisconnected(): void {
+    if (this.disconnected) return;
+    this.disconnected = true;
+    this.stopping = true;
+    void this.idle().then(() => this.resolveClosed());
+  }
+
+  private abort(msg: string): void {
+    this.log.warn({ why: msg }, 'protocol violation: disconnecting client');
+    this.stopping = true;
+    this.s.socket.destroy();
+    this.markDisconnected();
+  }
+
+  // ------------------------------------------------------------- flow control
+
+  private begin(bytes: number): void {
+    this.inflightRequests++;
+    this.inflightBytes += bytes;
+    if (!this.readingPaused && (this.inflightRequests >= MAX_INFLIGHT_REQUESTS || this.inflightBytes >= MAX_INFLIGHT_BYTES)) {
+      this.readingPaused = true;
+      this.s.socket.pause();
+    }
+  }
+
+  private end(bytes: number): void {
+    this.inflightRequests--;
+    this.inflightBytes -= bytes;
+    this.requestsServed++;
+    if (this.inflightRequests === 0 && this.idleWaiters.length > 0) {
+      const w = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const f of w) f();
+    }
+    this.maybeResume();
+  }
+
+  private readonly maybeResume = (): void => {
+    if (!this.readingPaused || this.stopping) return;
+    if (this.inflightRequests < MAX_INFLIGHT_REQUESTS && this.inflightBytes < MAX_INFLIGHT_BYTES && this.s.socket.writableLength < MAX_PENDING_WRITE_BYTES) {
+      this.readingPaused = false;
+      this.s.socket.resume();
+    }
+  };
+
+  private readonly uncork = (): void => {
+    this.corked = false;
+    const sock = this.s.socket;
+    sock.uncork();
+    if (sock.writableLength >= MAX_PENDING_WRITE_BYTES && !this.readingPaused) {
+      this.readingPaused = true;
+      sock.pause();
+    }
+  };
+
+  private send(b: Buffer): void {
+    if (this.disconnected) return;
+    if (!this.corked) {
+      this.corked = true;
+      this.s.socket.cork();
+      process.nextTick(this.uncork);
+    }
+    this.s.socket.write(b);
+  }
+
+  private replySimple(req: Request, error: number): void {
+    this.send(encodeSimpleReply(error, req.cookieHi, req.cookieLo));
+  }
+
+  private replyError(req: Request, error: number, message: string): void {
+    if (this.s.structuredReplies && (req.type === P.CMD_READ || req.type === P.CMD_BLOCK_STATUS)) {
+      this.send(encodeStructuredError(req.cookieHi, req.cookieLo, error, message));
+    } else {
+      this.replySimple(req, error);
+    }
+  }
+
+  // ---------------------------------------------------------------- requests
+
+  private onRequest(req: Request): void {
+    if (this.stopping) return;
+    if (req.type === P.CMD_DISC) {
+      this.log.debug('client sent DISC');
+      this.stopping = true;
+      this.s.socket.pause();
+      void this.idle().then(() => this.s.socket.end());
+      return;
+    }
+    const bad = this.validate(req);
+    if (bad !== 0) {
+      this.replyError(req, bad, 'invalid request');
+      return;
+    }
+    switch (req.type) {
+      case P.CMD_READ:
+        void this.doRead(req);
+        return;
+      case P.CMD_WRITE:
+        if (req.length === 0) return this.replySimple(req, 0);
+        void this.doWrite(req);
+        return;
+      case P.CMD_FLUSH:
+        void this.doSimple(req, 0, this.volume.flush(), 'flush');
+        return;
+      case P.CMD_TRIM:
+        if (req.length === 0) return this.replySimple(req, 0);
+        void this.doSimple(req, 0, this.volume.trim(req.offset, req.length, (req.flags & P.CMD_FLAG_FUA) !== 0), 'trim');
+        return;
+      case P.CMD_WRITE_ZEROES:
+        if (req.length === 0) return this.replySimple(req, 0);
+        void this.doSimple(
+          req,
+          0,
+          this.volume.zero(req.offset, req.length, {
+            noHole: (req.flags & P.CMD_FLAG_NO_HOLE) !== 0,
+            fastZero: (req.flags & P.CMD_FLAG_FAST_ZERO) !== 0,
+            fua: (req.flags & P.CMD_FLAG_FUA) !== 0,
+          }),
+          'write zeroes',
+        );
+        return;
+      case P.CMD_CACHE:
+        if (req.length === 0) return this.replySimple(req, 0);
+        void this.doSimple(req, 0, this.volume.cache(req.offset, req.length), 'cache');
+        return;
+      case P.CMD_BLOCK_STATUS:
+        void this.doBlockStatus(req);
+        return;
+    }
+  }
+
+  /** Returns 0 if the request may go to the volume, else the NBD error to reply with. */
+  private validate(req: Request): number {
+    const allowed = P.ALLOWED_CMD_FLAGS[req.type];
+    if (allowed === undefined) return P.EINVAL; // unknown command
+    if ((req.flags & ~allowed) !== 0) return P.EINVAL;
+    const size = this.volume.sizeBytes;
+    const caps = this.volume.caps;
+    const end = req.offset + req.length;
+    switch (req.type) {
+      case P.CMD_READ:
+        if (req.length > caps.maxPayloadBytes) return this.s.structuredReplies ? P.EOVERFLOW : P.EINVAL;
+        if ((req.flags & P.CMD_FLAG_DF) !== 0 && !this.s.structuredReplies) return P.EINVAL;
+        if (end > size) return P.EINVAL;
+        return 0;
+      case P.CMD_WRITE:
+        if (req.length > caps.maxPayloadBytes) return this.s.structuredReplies ? P.EOVERFLOW : P.EINVAL;
+        if (this.readOnly) return P.EPERM;
+        if (end > size) return P.ENOSPC;
+        return 0;
+      case P.CMD_FLUSH:
+        return 0;
+      case P.CMD_TRIM:
+        if (this.readOnly) return P.EPERM;
+        if (!caps.canTrim) return P.EINVAL;
+        if (end > size) return P.EINVAL;
+        return 0;
+      case P.CMD_WRITE_ZEROES:
+        if (this.readOnly) return P.EPERM;
+        if (!caps.canZero) return P.EINVAL;
+        if ((req.flags & P.CMD_FLAG_FAST_ZERO) !== 0 && !caps.canFastZero) return P.EINVAL;
+        if (end > size) return P.ENOSPC;
+        return 0;
+      case P.CMD_CACHE:
+        if (!caps.canCache) return P.EINVAL;
+        if (end > size) return P.EINVAL;
+        return 0;
+      case P.CMD_BLOCK_STATUS:
+        if (!this.s.structuredReplies || !this.s.baseAllocation) return P.EINVAL;
+        if (req.length === 0 || end > size) return P.EINVAL;
+        return 0;
+    }
+    return P.EINVAL;
+  }
+
+  private async doRead(req: Request): Promise<void> {
+    const len = req.length;
+    this.begin(len);
+    try {
+      if (this.s.structuredReplies) {
+        if (len === 0) {
+          // A zero-length read still needs a structured reply: an empty DONE data chunk.
+          const b = Buffer.allocUnsafe(P.STRUCTURED_REPLY_HEADER_BYTES + 8);
+          writeStructuredHeader(b, 0, P.REPLY_FLAG_DONE, P.REPLY_TYPE_OFFSET_DATA, req.cookieHi, req.cookieLo, 8);
+          writeU64(b, req.offset, P.STRUCTURED_REPLY_HEADER_BYTES);
+          this.send(b);
+          return;
+        }
+        const hdr = P.STRUCTURED_REPLY_HEADER_BYTES + 8;
+        const b = Buffer.allocUnsafe(hdr + len);
+        await this.volume.read(req.offset, len, b.subarray(hdr));
+        writeStructuredHeader(b, 0, P.REPLY_FLAG_DONE, P.REPLY_TYPE_OFFSET_DATA, req.cookieHi, req.cookieLo, 8 + len);
+        writeU64(b, req.offset, P.STRUCTURED_REPLY_HEADER_BYTES);
+        this.send(b);
+      } else {
+        const b = Buffer.allocUnsafe(P.SIMPLE_REPLY_HEADER_BYTES + len);
+        if (len > 0) await this.volume.read(req.offset, len, b.subarray(P.SIMPLE_REPLY_HEADER_BYTES));
+        encodeSimpleReply(0, req.cookieHi, req.cookieLo, b);
+        this.send(b);
+      }
+    } catch (e) {
+      this.replyError(req, toNbdError(e, this.log, `read ${len}@${req.offset}`), 'read failed');
+    } finally {
+      this.end(len);
+    }
+  }
+
+  private async doWrite(req: Request): Promise<void> {
+    const data = req.payload;
+    const len = req.length;
+    this.begin(len);
+    try {
+      if (data === undefined || data.length !== len) throw new Error('internal: write without its payload');
+      await this.volume.write(req.offset, data, (req.flags & P.CMD_FLAG_FUA) !== 0);
+      this.replySimple(req, 0);
+    } catch (e) {
+      this.replySimple(req, toNbdError(e, this.log, `write ${len}@${req.offset}`));
+    } finally {
+      this.end(len);
+    }
+  }
+
+  private async doSimple(req: Request, bytes: number, op: Promise<void>, what: string): Promise<void> {
+    this.begin(bytes);
+    try {
+      await op;
+      this.replySimple(req, 0);
+    } catch (e) {
+      this.replySimple(req, toNbdError(e, this.log, `${what} ${req.length}@${req.offset}`));
+    } finally {
+      this.end(bytes);
+    }
+  }
+
+  private async doBlockStatus(req: Request): Promise<void> {
+    this.begin(0);
+    try {
+      const max = (req.flags & P.CMD_FLAG_REQ_ONE) !== 0 ? 1 : P.MAX_EXTENTS_PER_REPLY;
+      const extents = await this.volume.blockStatus(req.offset, req.length, max);
+      // Validate what the backend returned before it goes on the wire.
+      let total = 0;
+      const out: Array<{ lengthBytes: number; flags: number }> = [];
+      for (const e of extents) {
+        if (out.length >= max || total >= req.length) break;
+        const l = Math.min(e.lengthBytes, req.length - total);
+        if (!(l > 0)) throw new Error(`internal: backend returned an empty extent at ${req.offset + total}`);
+        out.push({ lengthBytes: l, flags: e.flags & (P.EXTENT_HOLE_BIT | P.EXTENT_ZERO_BIT) });
+        total += l;
+      }
+      if (out.length === 0) throw new Error('internal: backend returned no extents');
+      this.send(encodeBlockStatus(req.cookieHi, req.cookieLo, P.META_CONTEXT_BASE_ALLOCATION_ID, out));
+    } catch (e) {
+      this.replyError(req, toNbdError(e, this.log, `block status ${req.length}@${req.offset}`), 'block status failed');
+    } finally {
+      this.end(0);
+    }
+  }
+}
