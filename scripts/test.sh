@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs everything the tests need (Debian packages via apt-get when missing, npm
+# dependencies, the native addon and the TypeScript build), then runs every test:
+# unit, end-to-end with real NBD clients, crash tests and the kernel VM tests.
+# In CI (CI=true) a missing tool is a failure, never a skip.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+bash scripts/install-test-deps.sh
+if [ -f package-lock.json ]; then npm ci --no-audit --no-fund; else npm install --no-audit --no-fund; fi
+npm run build
+
+# Each group runs on its own so a hang in one cannot eat the whole budget.
+status=0
+run() {
+  local name=$1 budget=$2; shift 2
+  echo "=== $name ==="
+  if ! timeout --kill-after=30 "$budget" npx mocha "$@"; then
+    echo "=== $name: FAILED ===" >&2
+    status=1
+  fi
+}
+run unit 600 'dist/test/unit/**/*.test.js'
+run e2e 900 'dist/test/e2e/**/*.test.js'
+if compgen -G 'dist/test/crash/*.test.js' >/dev/null; then run crash 900 'dist/test/crash/**/*.test.js'; fi
+if compgen -G 'dist/test/kernel/*.test.js' >/dev/null; then run kernel 600 'dist/test/kernel/**/*.test.js'; fi
+exit $status
