@@ -12,16 +12,28 @@ npm run build
 
 # Each group runs on its own so a hang in one cannot eat the whole budget.
 status=0
+passed=0; failed=0; skipped=0
+out=$(mktemp); trap 'rm -f "$out"' EXIT
 run() {
   local name=$1 budget=$2; shift 2
   echo "=== $name ==="
-  if ! timeout --kill-after=30 "$budget" npx mocha "$@"; then
-    echo "=== $name: FAILED ===" >&2
+  local rc=0
+  timeout --kill-after=30 "$budget" npx mocha "$@" 2>&1 | tee "$out" || rc=$?
+  local p f s
+  p=$(sed -n 's/^ *\([0-9][0-9]*\) passing.*/\1/p' "$out" | tail -1)
+  f=$(sed -n 's/^ *\([0-9][0-9]*\) failing.*/\1/p' "$out" | tail -1)
+  s=$(sed -n 's/^ *\([0-9][0-9]*\) pending.*/\1/p' "$out" | tail -1)
+  passed=$((passed + ${p:-0})); failed=$((failed + ${f:-0})); skipped=$((skipped + ${s:-0}))
+  if [ "$rc" != 0 ]; then
+    echo "=== $name: FAILED (exit $rc) ===" >&2
     status=1
+    [ -n "$f" ] || failed=$((failed + 1))
   fi
 }
 run unit 600 'dist/test/unit/**/*.test.js'
 run e2e 900 'dist/test/e2e/**/*.test.js'
 if compgen -G 'dist/test/crash/*.test.js' >/dev/null; then run crash 900 'dist/test/crash/**/*.test.js'; fi
 if compgen -G 'dist/test/kernel/*.test.js' >/dev/null; then run kernel 600 'dist/test/kernel/**/*.test.js'; fi
+echo
+echo "tests: $passed passed, $failed failed, $skipped skipped"
 exit $status
