@@ -1,0 +1,559 @@
+/**
+ * The NVRAM log: appends write/trim/zero records into the active half of a persistent
+ * region, makes them durable with group commit, indexes them for reads, and hands full
+ * halves to the consistency-point engine.
+ *
+ * Invariants:
+ * - Sequence numbers are assigned in append order, contiguous, and records are laid out
+ *   in a half in seq order; every record of the frozen half precedes every record of the
+ *   active half.
+ * - At most one half is frozen (owned by a running or pending CP); the frozen half is
+ *   never written; it becomes free only through releaseFrozen(), after its CP is durable.
+ * - `durableSeq`: every record with seq <= durableSeq is on stable storage (persisted in
+ *   the region, or included in a durable CP). It never decreases.
+ * - At most one persist round is in flight (group commit): flush requests arriving
+ *   meanwhile wait for the next round, which covers all of them with one persist per
+ *   dirty half.
+ * - Appends that do not fit wait in a bounded FIFO queue; while it is non-empty every
+ *   new append queues behind it, so seq order equals arrival order.
+ * - After a persist failure the log is failed: every pending and later operation
+ *   rejects with EIO (a failed msync is never retried; recovery replays from the region).
+ */
+import type { CpMeta } from '../tree/types';
+import type { NvramRegion, Random } from '../io/types';
+import { BLOCK_SIZE_BYTES } from '../io/types';
+import { VolumeError } from '../volume/errors';
+import { assert } from '../util/assert';
+import {
+  encodeHeaderSlot, encodeRecord, halfLayout, headerSlotFor, HEADER_PAGE_BYTES, HEADER_SLOT_OFFSETS,
+  recordSizeBytes, RecordType, type HalfLayout, type RegionHeader,
+} from './format';
+import { HalfIndex, type IndexHit, type LbnRange } from './half-index';
+import { scanRegion, type LocatedRecord, type ScanResult } from './replay';
+
+export const SPACE_WAITERS_MAX_DEFAULT = 65536;
+export const ZERO_RANGES_PER_HALF_MAX_DEFAULT = 1024;
+const PAGE_BYTES = 4096;
+
+export type HalfState = 'free' | 'active' | 'frozen';
+
+/** One half of the region. Offsets are absolute region offsets. */
+export class Half {
+  readonly index = new HalfIndex();
+  state: HalfState = 'free';
+  writeEnd: number;
+  persistedEnd: number;
+  firstSeq = 0;
+  lastSeq = 0;
+  records = 0;
+  /** Incremented each time the half is reset, so stale persist rounds can tell. */
+  generation = 0;
+  constructor(readonly id: 0 | 1, readonly start: number, readonly sizeBytes: number) {
+    this.writeEnd = start;
+    this.persistedEnd = start;
+  }
+  get end(): number {
+    return this.start + this.sizeBytes;
+  }
+  get usedBytes(): number {
+    return this.writeEnd - this.start;
+  }
+  reset(): void {
+    this.index.clear();
+    this.writeEnd = this.start;
+    this.persistedEnd = this.start;
+    this.firstSeq = 0;
+    this.lastSeq = 0;
+    this.records = 0;
+    this.generation++;
+  }
+}
+
+export interface NvLogOptions {
+  volumeUuid: string;
+  /** The replay watermark from the committed superblock. */
+  committed: CpMeta;
+  readOnly: boolean;
+  random?: Random;
+  spaceWaitersMax?: number;
+  zeroRangesPerHalfMax?: number;
+  /** Called (synchronously) each time a half becomes frozen and needs a CP. */
+  onFrozen?: () => void;
+}
+
+export interface ReplaySummary {
+  records: number;
+  firstSeq: number;
+  lastSeq: number;
+  orphanedRecords: number;
+}
+
+export interface NvLogStats {
+  epoch: number;
+  lastSeq: number;
+  durableSeq: number;
+  regionSizeBytes: number;
+  halfSizeBytes: number;
+  usedBytes: number;
+  activeUsedBytes: number;
+  frozenUsedBytes: number;
+  spaceWaiters: number;
+  persistRounds: number;
+}
+
+interface PendingAppend {
+  type: RecordType;
+  offsetBytes: number;
+  lengthBytes: number;
+  flags: number;
+  payload: readonly Buffer[];
+  resolve: (seq: number) => void;
+  reject: (e: Error) => void;
+}
+
+interface DurableWaiter {
+  seq: number;
+  resolve: () => void;
+  reject: (e: Error) => void;
+}
+
+type LogState = 'recovering' | 'running' | 'readonly' | 'failed' | 'closed';
+
+function randomU32(random: Random | undefined): number {
+  const r = random ? random.next() : Math.random();
+  return Math.floor(r * 0x100000000) >>> 0;
+}
+
+export class NvLog {
+  readonly region: NvramRegion;
+  readonly layout: HalfLayout;
+  readonly halves: [Half, Half];
+  private header: RegionHeader;
+  private readonly opts: NvLogOptions;
+  private state: LogState;
+  private failure: Error | undefined;
+  private active: Half;
+  private nextSeq: number;
+  private durable: number;
+  private readonly spaceWaiters: PendingAppend[] = [];
+  private spaceWaitersHead = 0;
+  private readonly durableWaiters: DurableWaiter[] = [];
+  private persistInFlight = false;
+  private persistRoundCount = 0;
+  private readonly replay: ReplaySummary;
+  /** Halves holding replayed records, oldest first (recovering / read-only only). */
+  private readonly replayHalves: Half[] = [];
+  private readonly spaceWaitersMax: number;
+  private readonly zeroRangesMax: number;
+  onFrozen: (() => void) | undefined;
+
+  /** Initialises a region for a volume: header epoch 1, fresh salt; persists the header page. */
+  static async format(region: NvramRegion, volumeUuid: string, random?: Random): Promise<void> {
+    const layout = halfLayout(region.sizeBytes);
+    const buf = region.buffer;
+    buf.fill(0, 0, HEADER_PAGE_BYTES);
+    encodeHeaderSlot({ uuid: volumeUuid, epoch: 1, salt: randomU32(random), regionSizeBytes: region.sizeBytes, halfSizeBytes: layout.halfSizeBytes }, buf, headerSlotFor(1));
+    await region.persist(0, HEADER_PAGE_BYTES);
+  }
+
+  /**
+   * Opens a formatted region: scans it and indexes the replay chain (records after the
+   * committed watermark). Read-write logs start in 'recovering': the caller commits
+   * the replayed changes (recoveryHalves) in a CP with meta {recoverySeq, nextEpoch},
+   * then calls beginEpoch(). Read-only logs keep the replayed records as an overlay.
+   */
+  static open(region: NvramRegion, opts: NvLogOptions): NvLog {
+    const scan = scanRegion(region, opts.volumeUuid, opts.committed.nvlogSeq);
+    return new NvLog(region, opts, scan);
+  }
+
+  private constructor(region: NvramRegion, opts: NvLogOptions, scan: ScanResult) {
+    this.region = region;
+    this.opts = opts;
+    this.layout = scan.layout;
+    this.header = scan.header;
+    this.onFrozen = opts.onFrozen;
+    this.spaceWaitersMax = opts.spaceWaitersMax ?? SPACE_WAITERS_MAX_DEFAULT;
+    this.zeroRangesMax = opts.zeroRangesPerHalfMax ?? ZERO_RANGES_PER_HALF_MAX_DEFAULT;
+    assert(this.spaceWaitersMax >= 1 && this.zeroRangesMax >= 1, 'limits must be >= 1');
+    this.halves = [
+      new Half(0, this.layout.halfOffsets[0], this.layout.halfSizeBytes),
+      new Half(1, this.layout.halfOffsets[1], this.layout.halfSizeBytes),
+    ];
+    this.state = opts.readOnly ? 'readonly' : 'recovering';
+    this.indexReplayChain(scan.chain);
+    const chainLast = scan.chain.length > 0 ? scan.chain[scan.chain.length - 1]!.header.seq : opts.committed.nvlogSeq;
+    this.nextSeq = chainLast + 1;
+    this.durable = chainLast; // everything in the region that verified is, by definition, what survived
+    this.replay = {
+      records: scan.chain.length,
+      firstSeq: scan.chain.length > 0 ? scan.chain[0]!.header.seq : 0,
+      lastSeq: scan.chain.length > 0 ? chainLast : 0,
+      orphanedRecords: scan.orphanedRecords,
+    };
+    // The newest replayed half acts as active for lookups; a fresh log starts on half 0.
+    this.active = this.replayHalves[this.replayHalves.length - 1] ?? this.halves[0];
+  }
+
+  private indexReplayChain(chain: LocatedRecord[]): void {
+    for (const r of chain) {
+      const half = this.halves[r.half];
+      if (this.replayHalves[this.replayHalves.length - 1] !== half) {
+        assert(!this.replayHalves.includes(half), 'replay chain alternates halves more than once');
+        this.replayHalves.push(half);
+        half.state = 'frozen';
+        half.firstSeq = r.header.seq;
+      }
+      this.indexRecord(half, r.header.type, r.header.offsetBytes, r.header.lengthBytes, r.payloadOffset);
+      half.lastSeq = r.header.seq;
+      half.records++;
+      half.writeEnd = r.regionOffset + recordSizeBytes(r.header.payloadBytes);
+      half.persistedEnd = half.writeEnd;
+    }
+  }
+
+  private indexRecord(half: Half, type: RecordType, offsetBytes: number, lengthBytes: number, payloadOffset: number): void {
+    const startLbn = offsetBytes / BLOCK_SIZE_BYTES;
+    const count = lengthBytes / BLOCK_SIZE_BYTES;
+    if (type === RecordType.Write) half.index.addWrite(startLbn, count, payloadOffset);
+    else half.index.addZero(startLbn, startLbn + count);
+  }
+
+  // ---- recovery ----
+
+  get replaySummary(): ReplaySummary {
+    return { ...this.replay };
+  }
+
+  /** Halves holding replayed records, oldest first (apply in this order; newer wins). */
+  recoveryHalves(): readonly Half[] {
+    return this.replayHalves;
+  }
+
+  /** The seq of the last replayed record, or the committed watermark if none. */
+  get recoverySeq(): number {
+    return this.nextSeq - 1;
+  }
+
+  get epoch(): number {
+    return this.header.epoch;
+  }
+
+  /** The epoch beginEpoch() will start. */
+  get nextEpoch(): number {
+    return Math.max(this.header.epoch, this.opts.committed.nvlogEpoch) + 1;
+  }
+
+  /**
+   * Starts a new epoch: the replayed records must already be committed (their effect is
+   * in the tree with watermark recoverySeq). Writes the new header slot, persists it and
+   * empties both halves; appends are accepted afterwards.
+   */
+  async beginEpoch(): Promise<void> {
+    assert(this.state === 'recovering', `beginEpoch in state ${this.state}`);
+    const epoch = this.nextEpoch;
+    assert(epoch <= 0xffffffff, 'epoch overflow');
+    const header: RegionHeader = { ...this.header, epoch, salt: randomU32(this.opts.random) };
+    const slot = headerSlotFor(epoch);
+    assert((HEADER_SLOT_OFFSETS as readonly number[]).includes(slot), 'slot');
+    encodeHeaderSlot(header, this.region.buffer, slot);
+    await this.region.persist(0, HEADER_PAGE_BYTES);
+    this.header = header;
+    for (const h of this.halves) {
+      h.reset();
+      h.state = 'free';
+    }
+    this.replayHalves.length = 0;
+    this.active = this.halves[0];
+    this.active.state = 'active';
+    this.durable = this.nextSeq - 1;
+    this.state = 'running';
+  }
+
+  // ---- appends ----
+
+  get recordPayloadMaxBytes(): number {
+    return this.layout.recordPayloadMaxBytes;
+  }
+
+  get lastSeq(): number {
+    return this.nextSeq - 1;
+  }
+
+  get durableSeq(): number {
+    return this.durable;
+  }
+
+  /** Appends a write record; `payload` concatenated is the block-aligned data (<= recordPayloadMaxBytes). */
+  appendWrite(offsetBytes: number, payload: readonly Buffer[], flags: number): Promise<number> {
+    let total = 0;
+    for (const b of payload) total += b.length;
+    assert(total > 0 && total % BLOCK_SIZE_BYTES === 0 && total <= this.layout.recordPayloadMaxBytes, `bad write payload ${total}`);
+    return this.append({ type: RecordType.Write, offsetBytes, lengthBytes: total, flags, payload });
+  }
+
+  /** Appends a trim or zero record over whole blocks. */
+  appendZero(type: RecordType.Trim | RecordType.Zero, offsetBytes: number, lengthBytes: number, flags: number): Promise<number> {
+    return this.append({ type, offsetBytes, lengthBytes, flags, payload: [] });
+  }
+
+  private append(a: Omit<PendingAppend, 'resolve' | 'reject'>): Promise<number> {
+    assert(a.offsetBytes % BLOCK_SIZE_BYTES === 0 && a.lengthBytes % BLOCK_SIZE_BYTES === 0 && a.lengthBytes > 0, 'append: range not block aligned');
+    if (this.state === 'failed') return Promise.reject(this.failedError());
+    if (this.state !== 'running') return Promise.reject(new VolumeError('ESHUTDOWN', `NVRAM log is ${this.state}`));
+    if (this.spaceWaiters.length === this.spaceWaitersHead && this.fits(this.active, a)) {
+      return Promise.resolve(this.writeRecord(a));
+    }
+    if (this.spaceWaiters.length === this.spaceWaitersHead) {
+      // The active half cannot take it: switch if the other half is free.
+      if (this.trySwitch()) {
+        assert(this.fits(this.active, a), 'record does not fit an empty half');
+        return Promise.resolve(this.writeRecord(a));
+      }
+    }
+    if (this.spaceWaiters.length - this.spaceWaitersHead >= this.spaceWaitersMax) {
+      return Promise.reject(new VolumeError('ENOMEM', `NVRAM log: more than ${this.spaceWaitersMax} writers waiting for space`));
+    }
+    return new Promise<number>((resolve, reject) => {
+      this.spaceWaiters.push({ ...a, resolve, reject });
+    });
+  }
+
+  private fits(half: Half, a: { type: RecordType; lengthBytes: number }): boolean {
+    const payload = a.type === RecordType.Write ? a.lengthBytes : 0;
+    if (half.writeEnd + recordSizeBytes(payload) > half.end) return false;
+    if (a.type !== RecordType.Write && half.index.zeroRanges.length >= this.zeroRangesMax) return false;
+    return true;
+  }
+
+  private writeRecord(a: Omit<PendingAppend, 'resolve' | 'reject'>): number {
+    const half = this.active;
+    assert(half.state === 'active' && this.fits(half, a), 'writeRecord: no room');
+    const seq = this.nextSeq++;
+    const at = half.writeEnd;
+    const payloadBytes = a.type === RecordType.Write ? a.lengthBytes : 0;
+    const size = encodeRecord(this.region.buffer, at, {
+      epoch: this.header.epoch, seq, type: a.type, flags: a.flags, offsetBytes: a.offsetBytes,
+      lengthBytes: a.lengthBytes, transferId: seq, payloadBytes,
+    }, this.header.salt, a.payload);
+    half.writeEnd = at + size;
+    if (half.records === 0) half.firstSeq = seq;
+    half.lastSeq = seq;
+    half.records++;
+    this.indexRecord(half, a.type, a.offsetBytes, a.lengthBytes, at + 64);
+    return seq;
+  }
+
+  /** Makes the other half active if it is free and the active one holds records. */
+  private trySwitch(): boolean {
+    const other = this.halves[1 - this.active.id]!;
+    if (other.state !== 'free' || this.active.records === 0) return false;
+    assert(other.usedBytes === 0 && other.index.empty, 'free half not empty');
+    this.active.state = 'frozen';
+    other.state = 'active';
+    this.active = other;
+    this.onFrozen?.();
+    return true;
+  }
+
+  /** Freezes the active half for a CP (timer / on demand). False if it is empty or the other half is still frozen. */
+  freezeActive(): boolean {
+    if (this.state !== 'running') return false;
+    return this.trySwitch();
+  }
+
+  /** The half a CP must drain, if any. */
+  frozenHalf(): Half | undefined {
+    if (this.state !== 'running') return undefined;
+    const other = this.halves[1 - this.active.id]!;
+    return other.state === 'frozen' ? other : undefined;
+  }
+
+  /** True when the active half cannot take more (writers are or will be waiting). */
+  get activeFull(): boolean {
+    return this.spaceWaiters.length > this.spaceWaitersHead || this.active.writeEnd + recordSizeBytes(BLOCK_SIZE_BYTES) > this.active.end;
+  }
+
+  /**
+   * Releases the frozen half after its CP is durable (the tree holds its effect with a
+   * watermark >= its last seq). Wakes writers waiting for space.
+   */
+  releaseFrozen(half: Half): void {
+    assert(this.state === 'running' || this.state === 'failed', `releaseFrozen in state ${this.state}`);
+    assert(half.state === 'frozen' && half !== this.active, 'releaseFrozen: half is not frozen');
+    const committedSeq = half.lastSeq;
+    half.reset();
+    half.state = 'free';
+    if (committedSeq > this.durable) this.markDurable(committedSeq);
+    if (this.state !== 'running') return;
+    // Drain waiters: they need the active half rotated out.
+    while (this.spaceWaiters.length > this.spaceWaitersHead) {
+      const w = this.spaceWaiters[this.spaceWaitersHead]!;
+      if (!this.fits(this.active, w)) {
+        if (!this.trySwitch()) break;
+        assert(this.fits(this.active, w), 'waiter does not fit an empty half');
+      }
+      this.spaceWaitersHead++;
+      w.resolve(this.writeRecord(w));
+    }
+    if (this.spaceWaitersHead === this.spaceWaiters.length) {
+      this.spaceWaiters.length = 0;
+      this.spaceWaitersHead = 0;
+    } else if (this.spaceWaitersHead > 1024) {
+      this.spaceWaiters.splice(0, this.spaceWaitersHead);
+      this.spaceWaitersHead = 0;
+    }
+  }
+
+  // ---- lookups ----
+
+  /** Halves to consult for reads, newest first. */
+  private lookupHalves(): Half[] {
+    if (this.state === 'recovering' || this.state === 'readonly') return [...this.replayHalves].reverse();
+    const other = this.halves[1 - this.active.id]!;
+    return other.state === 'frozen' ? [this.active, other] : [this.active];
+  }
+
+  /** True if no half holds any indexed change (reads can go straight to the tree). */
+  get indexEmpty(): boolean {
+    return this.lookupHalves().every((h) => h.index.empty);
+  }
+
+  /**
+   * A resolver for lbns in [startLbn, endLbn): returns the newest logged state of an lbn,
+   * or undefined if the tree holds the newest data. Valid until the next await.
+   */
+  resolver(startLbn: number, endLbn: number): (lbn: number) => IndexHit | undefined {
+    const halves = this.lookupHalves().filter((h) => !h.index.empty);
+    if (halves.length === 0) return () => undefined;
+    const ranges: LbnRange[][] = halves.map((h) => h.index.rangesIntersecting(startLbn, endLbn));
+    return (lbn: number) => {
+      for (let i = 0; i < halves.length; i++) {
+        const hit = halves[i]!.index.lookup(lbn, ranges[i]!);
+        if (hit) return hit;
+      }
+      return undefined;
+    };
+  }
+
+  /** Copies the logged 4 KiB payload at a region offset into dst at dstOffset. */
+  copyBlock(regionOffset: number, dst: Buffer, dstOffset: number): void {
+    assert(regionOffset >= HEADER_PAGE_BYTES && regionOffset + BLOCK_SIZE_BYTES <= this.region.sizeBytes, 'copyBlock out of range');
+    this.region.buffer.copy(dst, dstOffset, regionOffset, regionOffset + BLOCK_SIZE_BYTES);
+  }
+
+  /** A view (no copy) of a logged block; valid only while its half is not released. */
+  blockView(regionOffset: number): Buffer {
+    assert(regionOffset >= HEADER_PAGE_BYTES && regionOffset + BLOCK_SIZE_BYTES <= this.region.sizeBytes, 'blockView out of range');
+    return this.region.buffer.subarray(regionOffset, regionOffset + BLOCK_SIZE_BYTES);
+  }
+
+  // ---- durability (group commit) ----
+
+  /** Resolves once every record with seq <= `seq` is on stable storage. */
+  waitDurable(seq: number): Promise<void> {
+    if (seq <= this.durable) return Promise.resolve();
+    if (this.state === 'failed') return Promise.reject(this.failedError());
+    assert(seq < this.nextSeq, `waitDurable(${seq}) beyond last seq ${this.nextSeq - 1}`);
+    return new Promise<void>((resolve, reject) => {
+      this.durableWaiters.push({ seq, resolve, reject });
+      this.kickPersist();
+    });
+  }
+
+  /** Resolves once every record appended so far is on stable storage. */
+  flush(): Promise<void> {
+    return this.waitDurable(this.nextSeq - 1);
+  }
+
+  private kickPersist(): void {
+    if (this.persistInFlight || this.state === 'failed') return;
+    if (!this.durableWaiters.some((w) => w.seq > this.durable)) return;
+    this.persistInFlight = true;
+    this.persistRoundCount++;
+    const capturedSeq = this.nextSeq - 1;
+    const rounds: Array<{ half: Half; generation: number; end: number }> = [];
+    const ops: Promise<void>[] = [];
+    for (const h of this.halves) {
+      if (h.writeEnd <= h.persistedEnd) continue;
+      const from = Math.floor(h.persistedEnd / PAGE_BYTES) * PAGE_BYTES;
+      const to = Math.min(this.region.sizeBytes, Math.ceil(h.writeEnd / PAGE_BYTES) * PAGE_BYTES);
+      rounds.push({ half: h, generation: h.generation, end: h.writeEnd });
+      ops.push(this.region.persist(from, to - from));
+    }
+    Promise.all(ops).then(
+      () => {
+        this.persistInFlight = false;
+        for (const r of rounds) if (r.half.generation === r.generation && r.end > r.half.persistedEnd) r.half.persistedEnd = r.end;
+        this.markDurable(capturedSeq);
+        this.kickPersist();
+      },
+      (e: unknown) => {
+        this.persistInFlight = false;
+        this.fail(new VolumeError('EIO', `NVRAM persist failed: ${e instanceof Error ? e.message : String(e)}`));
+      },
+    );
+  }
+
+  private markDurable(seq: number): void {
+    if (seq <= this.durable) return;
+    this.durable = seq;
+    let kept = 0;
+    for (const w of this.durableWaiters) {
+      if (w.seq <= seq) w.resolve();
+      else this.durableWaiters[kept++] = w;
+    }
+    this.durableWaiters.length = kept;
+  }
+
+  private failedError(): Error {
+    return this.failure ?? new VolumeError('EIO', 'NVRAM log failed');
+  }
+
+  /** Puts the log into the failed state: everything pending and later rejects. */
+  fail(e: Error): void {
+    if (this.state === 'failed' || this.state === 'closed') return;
+    this.failure = e;
+    this.state = 'failed';
+    for (const w of this.durableWaiters) w.reject(e);
+    this.durableWaiters.length = 0;
+    for (let i = this.spaceWaitersHead; i < this.spaceWaiters.length; i++) this.spaceWaiters[i]!.reject(e);
+    this.spaceWaiters.length = 0;
+    this.spaceWaitersHead = 0;
+  }
+
+  get failed(): boolean {
+    return this.state === 'failed';
+  }
+
+  // ---- stats / close ----
+
+  stats(): NvLogStats {
+    const other = this.halves[1 - this.active.id]!;
+    const frozenUsed = other.state === 'frozen' ? other.usedBytes : 0;
+    return {
+      epoch: this.header.epoch,
+      lastSeq: this.nextSeq - 1,
+      durableSeq: this.durable,
+      regionSizeBytes: this.region.sizeBytes,
+      halfSizeBytes: this.layout.halfSizeBytes,
+      usedBytes: this.active.usedBytes + frozenUsed,
+      activeUsedBytes: this.active.usedBytes,
+      frozenUsedBytes: frozenUsed,
+      spaceWaiters: this.spaceWaiters.length - this.spaceWaitersHead,
+      persistRounds: this.persistRoundCount,
+    };
+  }
+
+  /** Stops accepting appends; pending waiters reject with ESHUTDOWN. The region is closed by its owner. */
+  close(): void {
+    if (this.state === 'closed') return;
+    const e = new VolumeError('ESHUTDOWN', 'NVRAM log closed');
+    for (let i = this.spaceWaitersHead; i < this.spaceWaiters.length; i++) this.spaceWaiters[i]!.reject(e);
+    this.spaceWaiters.length = 0;
+    this.spaceWaitersHead = 0;
+    for (const w of this.durableWaiters) w.reject(e);
+    this.durableWaiters.length = 0;
+    this.state = 'closed';
+  }
+}
