@@ -28,6 +28,10 @@ interface RawAddon {
   /** msync(MS_SYNC) of [offset, offset+length) of a mapping from mmap(), off the event loop. */
   msync(buf: Buffer, offset: number, length: number, cb: (err: Error | null) => void): void;
   crc32c(buf: Buffer, offset: number, length: number, seed: number): number;
+  /** The portable (table) crc32c path, always available, so tests can compare it with the SSE4.2 one. */
+  crc32cPortable(buf: Buffer, offset: number, length: number, seed: number): number;
+  /** True when crc32c uses the SSE4.2 crc32 instruction. */
+  readonly crc32cHardware: boolean;
   /** dst ^= src over length bytes. */
   xorInto(dst: Buffer, src: Buffer, length: number): void;
   /** RAID-6 P+Q over data columns (all same length) into p and q. */
@@ -120,6 +124,16 @@ export function crc32c(buf: Buffer, offset = 0, length = buf.length - offset, se
   return addon().crc32c(buf, offset, length, seed >>> 0) >>> 0;
 }
 
+/** crc32c through the table path only (for tests and diagnostics). */
+export function crc32cPortable(buf: Buffer, offset = 0, length = buf.length - offset, seed = 0): number {
+  if (offset < 0 || length < 0 || offset + length > buf.length) throw new RangeError(`crc32cPortable: ${offset}+${length} exceeds buffer of ${buf.length}`);
+  return addon().crc32cPortable(buf, offset, length, seed >>> 0) >>> 0;
+}
+
+export function crc32cHardware(): boolean {
+  return addon().crc32cHardware;
+}
+
 export function xorInto(dst: Buffer, src: Buffer, length = dst.length): void {
   if (length > dst.length || length > src.length) throw new RangeError('xorInto: length exceeds a buffer');
   addon().xorInto(dst, src, length);
@@ -130,4 +144,23 @@ export function pqGen(data: Buffer[], p: Buffer, q: Buffer): void {
   if (data.length < 1 || data.length > 253) throw new RangeError(`pqGen: 1..253 data columns, got ${data.length}`);
   if (q.length !== n || data.some((d) => d.length !== n)) throw new RangeError('pqGen: all columns must have the same length');
   addon().pqGen(data, p, q);
+}
+
+/** Error raised by a failed system call in the addon: code 'EIO', errno -5, syscall 'pwrite'. */
+export interface NativeError extends Error {
+  code: string;
+  errno: number;
+  syscall: string;
+}
+
+/** The errno name ('EIO', 'ENOSPC', 'ENOTSUP', ...) of an addon or Node fs error, else undefined. */
+export function errnoCode(e: unknown): string | undefined {
+  if (e instanceof Error && typeof (e as Partial<NativeError>).code === 'string') return (e as NativeError).code;
+  return undefined;
+}
+
+/** True if the error says the file system does not support the operation. */
+export function isNotSupported(e: unknown): boolean {
+  const code = errnoCode(e);
+  return code === 'ENOTSUP' || code === 'EOPNOTSUPP' || code === 'ENOSYS';
 }

@@ -1,0 +1,56 @@
+// Shared helpers for the nvmirror addon.
+//
+// Invariants kept by every exported function:
+// - Arguments are re-checked here (types, integer ranges, buffer bounds) even though the
+//   TypeScript wrapper (src/io/native.ts) validated them already; a bad argument throws a
+//   JS TypeError/RangeError and the function returns at once. Native code never crashes
+//   on input from JS.
+// - Blocking system calls run only in an async job (libuv thread pool), never on the
+//   event loop. A job holds a reference to every Buffer it touches until its callback ran.
+// - A failed system call reaches JS as an Error with `code` (e.g. 'EIO'), `errno` (negative,
+//   as in Node's fs errors), `syscall`, and a message naming the call.
+#pragma once
+
+#include <napi.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <string>
+
+namespace nvm {
+
+// Largest integer a JS number holds exactly (Number.MAX_SAFE_INTEGER).
+constexpr int64_t kMaxSafeInteger = 9007199254740991LL;
+
+// Name of an errno value the way Node spells it ('EIO', 'ENOSPC', 'ENOTSUP', ...).
+const char* ErrnoName(int err);
+
+// Builds an Error for a failed system call: message "EIO: Input/output error, pwrite".
+Napi::Error ErrnoError(Napi::Env env, int err, const char* syscall);
+
+// Throws a TypeError / RangeError as a pending JS exception (no C++ exceptions).
+void ThrowType(Napi::Env env, const std::string& msg);
+void ThrowRange(Napi::Env env, const std::string& msg);
+
+// Reads info[i] as an integer in [min, max]. On failure throws (pending) and returns false.
+bool GetInt(const Napi::CallbackInfo& info, size_t i, const char* fn, const char* name,
+            int64_t min, int64_t max, int64_t* out);
+// Reads info[i] as a file descriptor (int in [0, INT32_MAX]).
+bool GetFd(const Napi::CallbackInfo& info, size_t i, const char* fn, int* out);
+// Reads info[i] as a Buffer (any Uint8Array). On failure throws and returns false.
+bool GetBuffer(const Napi::CallbackInfo& info, size_t i, const char* fn, const char* name,
+               Napi::Buffer<uint8_t>* out);
+// Reads info[i] as a boolean.
+bool GetBool(const Napi::CallbackInfo& info, size_t i, const char* fn, const char* name, bool* out);
+// Reads info[i] as a function (the completion callback).
+bool GetCallback(const Napi::CallbackInfo& info, size_t i, const char* fn, Napi::Function* out);
+
+// Registration of each source file's functions on the exports object.
+void InitIo(Napi::Env env, Napi::Object exports);
+void InitNvram(Napi::Env env, Napi::Object exports);
+void InitChecksum(Napi::Env env, Napi::Object exports);
+
+}  // namespace nvm
+
+// Owned by native/nbd_attach.cc (global namespace).
+void InitNbdAttach(Napi::Env env, Napi::Object exports);

@@ -1,0 +1,407 @@
+// Positional file I/O off the event loop: pread, pwrite(+fdatasync), pwritev(+fdatasync),
+// fdatasync, fallocate (allocate / punch hole / zero range), lseek SEEK_DATA/SEEK_HOLE,
+// and a non-blocking exclusive flock.
+//
+// Invariants:
+// - Each blocking call is one Napi::AsyncWorker job; Execute() touches no JS value, only
+//   the raw pointers captured on the main thread, and the job holds a reference to every
+//   Buffer whose memory it reads or writes until the callback has run.
+// - pread/pwrite/pwritev retry EINTR and short transfers, so a write job either writes
+//   every byte or reports an error; a read job stops early only at end of file.
+// - A write job with sync=true runs fdatasync in the same job, after the write succeeded.
+// - Callbacks are called exactly once: (err) or (null, result).
+#include "common.h"
+
+#include <fcntl.h>
+#include <limits.h>
+#include <sys/file.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <vector>
+
+namespace nvm {
+namespace {
+
+constexpr int kFallocAllocate = 0;
+constexpr int kFallocPunchHole = 1;
+constexpr int kFallocZeroRange = 2;
+constexpr int kMaxIovecs = 1024;  // == IOV_MAX on Linux; src/io/native.ts caps the same
+
+// Base job: runs Execute() in the thread pool, then calls back (err) or (null, results...).
+class Job : public Napi::AsyncWorker {
+ protected:
+  Job(const Napi::Function& cb, const char* name) : Napi::AsyncWorker(cb, name), syscall_(name) {}
+  Job(const Napi::Function& cb, const char* name, const Napi::Object& resource)
+      : Napi::AsyncWorker(cb, name, resource), syscall_(name) {}
+
+  // Result values after a success (besides the leading null).
+  virtual void Results(Napi::Env env, std::vector<napi_value>* out) { (void)env; (void)out; }
+
+  void Fail(int err, const char* syscall) {
+    err_ = err;
+    syscall_ = syscall;
+  }
+
+  void OnOK() override {
+    Napi::Env env = Env();
+    if (err_ != 0) {
+      Callback().Call({ErrnoError(env, err_, syscall_).Value()});
+      return;
+    }
+    std::vector<napi_value> args;
+    args.reserve(2);
+    args.push_back(env.Null());
+    Results(env, &args);
+    Callback().Call(args);
+  }
+
+  int err_ = 0;
+  const char* syscall_;
+};
+
+// Writes all of [data, data+len) at pos; returns 0 or an errno.
+int WriteAll(int fd, const uint8_t* data, size_t len, int64_t pos) {
+  size_t done = 0;
+  while (done < len) {
+    ssize_t n = ::pwrite(fd, data + done, len - done, static_cast<off_t>(pos + static_cast<int64_t>(done)));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (n == 0) return EIO;  // no progress on a regular file: treat as an I/O error
+    done += static_cast<size_t>(n);
+  }
+  return 0;
+}
+
+class PreadJob final : public Job {
+ public:
+  PreadJob(const Napi::Function& cb, const Napi::Buffer<uint8_t>& buf, int fd, uint8_t* data, size_t len,
+           int64_t pos)
+      : Job(cb, "pread", buf), buf_(Napi::Persistent(buf)), fd_(fd), data_(data), len_(len), pos_(pos) {}
+
+  void Execute() override {
+    size_t done = 0;
+    while (done < len_) {
+      ssize_t n = ::pread(fd_, data_ + done, len_ - done, static_cast<off_t>(pos_ + static_cast<int64_t>(done)));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        Fail(errno, "pread");
+        return;
+      }
+      if (n == 0) break;  // end of file
+      done += static_cast<size_t>(n);
+    }
+    done_ = done;
+  }
+
+  void Results(Napi::Env env, std::vector<napi_value>* out) override {
+    out->push_back(Napi::Number::New(env, static_cast<double>(done_)));
+  }
+
+ private:
+  Napi::Reference<Napi::Buffer<uint8_t>> buf_;
+  int fd_;
+  uint8_t* data_;
+  size_t len_;
+  int64_t pos_;
+  size_t done_ = 0;
+};
+
+class PwriteJob final : public Job {
+ public:
+  PwriteJob(const Napi::Function& cb, const Napi::Buffer<uint8_t>& buf, int fd, const uint8_t* data,
+            size_t len, int64_t pos, bool sync)
+      : Job(cb, "pwrite", buf), buf_(Napi::Persistent(buf)), fd_(fd), data_(data), len_(len), pos_(pos),
+        sync_(sync) {}
+
+  void Execute() override {
+    int err = WriteAll(fd_, data_, len_, pos_);
+    if (err != 0) {
+      Fail(err, "pwrite");
+      return;
+    }
+    if (sync_ && ::fdatasync(fd_) != 0) Fail(errno, "fdatasync");
+  }
+
+ private:
+  Napi::Reference<Napi::Buffer<uint8_t>> buf_;
+  int fd_;
+  const uint8_t* data_;
+  size_t len_;
+  int64_t pos_;
+  bool sync_;
+};
+
+class PwritevJob final : public Job {
+ public:
+  PwritevJob(const Napi::Function& cb, const Napi::Array& bufs, int fd, int64_t pos, bool sync)
+      : Job(cb, "pwritev"), fd_(fd), pos_(pos), sync_(sync) {
+    uint32_t n = bufs.Length();
+    iov_.reserve(n);
+    refs_.reserve(n);
+    for (uint32_t i = 0; i < n; i++) {
+      Napi::Buffer<uint8_t> b = bufs.Get(i).As<Napi::Buffer<uint8_t>>();
+      refs_.push_back(Napi::Persistent(b));
+      iov_.push_back(iovec{b.Data(), b.Length()});
+    }
+  }
+
+  void Execute() override {
+    size_t first = 0;
+    int64_t pos = pos_;
+    while (first < iov_.size()) {
+      if (iov_[first].iov_len == 0) {
+        first++;
+        continue;
+      }
+      int cnt = static_cast<int>(iov_.size() - first);
+      ssize_t n = ::pwritev(fd_, &iov_[first], cnt, static_cast<off_t>(pos));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        Fail(errno, "pwritev");
+        return;
+      }
+      if (n == 0) {
+        Fail(EIO, "pwritev");
+        return;
+      }
+      pos += n;
+      size_t left = static_cast<size_t>(n);
+      while (left > 0) {  // advance over what was written (partial writes)
+        iovec& v = iov_[first];
+        if (left >= v.iov_len) {
+          left -= v.iov_len;
+          v.iov_len = 0;
+          first++;
+        } else {
+          v.iov_base = static_cast<uint8_t*>(v.iov_base) + left;
+          v.iov_len -= left;
+          left = 0;
+        }
+      }
+    }
+    if (sync_ && ::fdatasync(fd_) != 0) Fail(errno, "fdatasync");
+  }
+
+ private:
+  std::vector<iovec> iov_;
+  std::vector<Napi::Reference<Napi::Buffer<uint8_t>>> refs_;
+  int fd_;
+  int64_t pos_;
+  bool sync_;
+};
+
+class FdatasyncJob final : public Job {
+ public:
+  FdatasyncJob(const Napi::Function& cb, int fd) : Job(cb, "fdatasync"), fd_(fd) {}
+  void Execute() override {
+    if (::fdatasync(fd_) != 0) Fail(errno, "fdatasync");
+  }
+
+ private:
+  int fd_;
+};
+
+class FallocateJob final : public Job {
+ public:
+  FallocateJob(const Napi::Function& cb, int fd, int mode, int64_t pos, int64_t len)
+      : Job(cb, "fallocate"), fd_(fd), mode_(mode), pos_(pos), len_(len) {}
+  void Execute() override {
+    int flags = FALLOC_FL_KEEP_SIZE;
+    if (mode_ == kFallocPunchHole) flags |= FALLOC_FL_PUNCH_HOLE;
+    if (mode_ == kFallocZeroRange) flags |= FALLOC_FL_ZERO_RANGE;
+    for (;;) {
+      if (::fallocate(fd_, flags, static_cast<off_t>(pos_), static_cast<off_t>(len_)) == 0) return;
+      if (errno == EINTR) continue;
+      Fail(errno, "fallocate");
+      return;
+    }
+  }
+
+ private:
+  int fd_;
+  int mode_;
+  int64_t pos_;
+  int64_t len_;
+};
+
+class SeekJob final : public Job {
+ public:
+  SeekJob(const Napi::Function& cb, int fd, int64_t pos, int whence)
+      : Job(cb, whence == SEEK_DATA ? "lseek(SEEK_DATA)" : "lseek(SEEK_HOLE)"), fd_(fd), pos_(pos),
+        whence_(whence) {}
+  void Execute() override {
+    off_t r = ::lseek(fd_, static_cast<off_t>(pos_), whence_);
+    if (r < 0) {
+      if (errno == ENXIO) {
+        result_ = -1;  // no data (or hole) at or after pos: past end of file
+        return;
+      }
+      Fail(errno, syscall_);
+      return;
+    }
+    result_ = static_cast<int64_t>(r);
+  }
+  void Results(Napi::Env env, std::vector<napi_value>* out) override {
+    out->push_back(Napi::Number::New(env, static_cast<double>(result_)));
+  }
+
+ private:
+  int fd_;
+  int64_t pos_;
+  int whence_;
+  int64_t result_ = -1;
+};
+
+// pread(fd, buf, bufOffset, length, position, cb)
+Napi::Value Pread(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  Napi::Buffer<uint8_t> buf;
+  int64_t off, len, pos;
+  Napi::Function cb;
+  if (!GetFd(info, 0, "pread", &fd) || !GetBuffer(info, 1, "pread", "buf", &buf) ||
+      !GetInt(info, 2, "pread", "bufOffset", 0, kMaxSafeInteger, &off) ||
+      !GetInt(info, 3, "pread", "length", 0, SSIZE_MAX, &len) ||
+      !GetInt(info, 4, "pread", "position", 0, kMaxSafeInteger, &pos) || !GetCallback(info, 5, "pread", &cb))
+    return env.Undefined();
+  if (static_cast<uint64_t>(off) + static_cast<uint64_t>(len) > buf.Length()) {
+    ThrowRange(env, "pread: bufOffset+length exceeds the buffer");
+    return env.Undefined();
+  }
+  (new PreadJob(cb, buf, fd, buf.Data() + off, static_cast<size_t>(len), pos))->Queue();
+  return env.Undefined();
+}
+
+// pwrite(fd, buf, bufOffset, length, position, sync, cb)
+Napi::Value Pwrite(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  Napi::Buffer<uint8_t> buf;
+  int64_t off, len, pos;
+  bool sync;
+  Napi::Function cb;
+  if (!GetFd(info, 0, "pwrite", &fd) || !GetBuffer(info, 1, "pwrite", "buf", &buf) ||
+      !GetInt(info, 2, "pwrite", "bufOffset", 0, kMaxSafeInteger, &off) ||
+      !GetInt(info, 3, "pwrite", "length", 0, SSIZE_MAX, &len) ||
+      !GetInt(info, 4, "pwrite", "position", 0, kMaxSafeInteger, &pos) ||
+      !GetBool(info, 5, "pwrite", "sync", &sync) || !GetCallback(info, 6, "pwrite", &cb))
+    return env.Undefined();
+  if (static_cast<uint64_t>(off) + static_cast<uint64_t>(len) > buf.Length()) {
+    ThrowRange(env, "pwrite: bufOffset+length exceeds the buffer");
+    return env.Undefined();
+  }
+  (new PwriteJob(cb, buf, fd, buf.Data() + off, static_cast<size_t>(len), pos, sync))->Queue();
+  return env.Undefined();
+}
+
+// pwritev(fd, bufs, position, sync, cb)
+Napi::Value Pwritev(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  int64_t pos;
+  bool sync;
+  Napi::Function cb;
+  if (!GetFd(info, 0, "pwritev", &fd)) return env.Undefined();
+  if (info.Length() < 2 || !info[1].IsArray()) {
+    ThrowType(env, "pwritev: bufs must be an array of Buffers");
+    return env.Undefined();
+  }
+  if (!GetInt(info, 2, "pwritev", "position", 0, kMaxSafeInteger, &pos) ||
+      !GetBool(info, 3, "pwritev", "sync", &sync) || !GetCallback(info, 4, "pwritev", &cb))
+    return env.Undefined();
+  Napi::Array bufs = info[1].As<Napi::Array>();
+  uint32_t n = bufs.Length();
+  if (n < 1 || n > static_cast<uint32_t>(kMaxIovecs)) {
+    ThrowRange(env, "pwritev: 1.." + std::to_string(kMaxIovecs) + " buffers, got " + std::to_string(n));
+    return env.Undefined();
+  }
+  uint64_t total = 0;
+  for (uint32_t i = 0; i < n; i++) {
+    Napi::Value v = bufs.Get(i);
+    if (!v.IsBuffer()) {
+      ThrowType(env, "pwritev: bufs[" + std::to_string(i) + "] must be a Buffer");
+      return env.Undefined();
+    }
+    total += v.As<Napi::Buffer<uint8_t>>().Length();
+  }
+  if (total > static_cast<uint64_t>(SSIZE_MAX) || static_cast<uint64_t>(pos) + total > static_cast<uint64_t>(kMaxSafeInteger)) {
+    ThrowRange(env, "pwritev: total length too large");
+    return env.Undefined();
+  }
+  (new PwritevJob(cb, bufs, fd, pos, sync))->Queue();
+  return env.Undefined();
+}
+
+// fdatasync(fd, cb)
+Napi::Value Fdatasync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  Napi::Function cb;
+  if (!GetFd(info, 0, "fdatasync", &fd) || !GetCallback(info, 1, "fdatasync", &cb)) return env.Undefined();
+  (new FdatasyncJob(cb, fd))->Queue();
+  return env.Undefined();
+}
+
+// fallocate(fd, mode, position, length, cb)
+Napi::Value Fallocate(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  int64_t mode, pos, len;
+  Napi::Function cb;
+  if (!GetFd(info, 0, "fallocate", &fd) || !GetInt(info, 1, "fallocate", "mode", 0, 2, &mode) ||
+      !GetInt(info, 2, "fallocate", "position", 0, kMaxSafeInteger, &pos) ||
+      !GetInt(info, 3, "fallocate", "length", 1, kMaxSafeInteger, &len) || !GetCallback(info, 4, "fallocate", &cb))
+    return env.Undefined();
+  if (pos + len > kMaxSafeInteger) {
+    ThrowRange(env, "fallocate: position+length too large");
+    return env.Undefined();
+  }
+  static_assert(kFallocAllocate == 0, "mode numbering is part of the JS contract");
+  (new FallocateJob(cb, fd, static_cast<int>(mode), pos, len))->Queue();
+  return env.Undefined();
+}
+
+// seek(fd, position, whence, cb): whence 3 = SEEK_DATA, 4 = SEEK_HOLE
+Napi::Value Seek(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  int64_t pos, whence;
+  Napi::Function cb;
+  if (!GetFd(info, 0, "seek", &fd) || !GetInt(info, 1, "seek", "position", 0, kMaxSafeInteger, &pos) ||
+      !GetInt(info, 2, "seek", "whence", SEEK_DATA, SEEK_HOLE, &whence) || !GetCallback(info, 3, "seek", &cb))
+    return env.Undefined();
+  static_assert(SEEK_DATA == 3 && SEEK_HOLE == 4, "whence numbering is part of the JS contract");
+  (new SeekJob(cb, fd, pos, static_cast<int>(whence)))->Queue();
+  return env.Undefined();
+}
+
+// flockExclusive(fd) -> boolean (false when another open file description holds the lock)
+Napi::Value FlockExclusive(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  if (!GetFd(info, 0, "flockExclusive", &fd)) return env.Undefined();
+  for (;;) {
+    if (::flock(fd, LOCK_EX | LOCK_NB) == 0) return Napi::Boolean::New(env, true);
+    if (errno == EINTR) continue;
+    if (errno == EWOULDBLOCK) return Napi::Boolean::New(env, false);
+    ErrnoError(env, errno, "flock").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+}
+
+}  // namespace
+
+void InitIo(Napi::Env env, Napi::Object exports) {
+  exports.Set("pread", Napi::Function::New(env, Pread, "pread"));
+  exports.Set("pwrite", Napi::Function::New(env, Pwrite, "pwrite"));
+  exports.Set("pwritev", Napi::Function::New(env, Pwritev, "pwritev"));
+  exports.Set("fdatasync", Napi::Function::New(env, Fdatasync, "fdatasync"));
+  exports.Set("fallocate", Napi::Function::New(env, Fallocate, "fallocate"));
+  exports.Set("seek", Napi::Function::New(env, Seek, "seek"));
+  exports.Set("flockExclusive", Napi::Function::New(env, FlockExclusive, "flockExclusive"));
+}
+
+}  // namespace nvm

@@ -1,0 +1,369 @@
+/**
+ * The native addon against known vectors and real files: crc32c, XOR, RAID-6 P+Q,
+ * positional I/O with syncs, punch hole + SEEK_DATA/SEEK_HOLE, flock, mmap/msync, and
+ * argument validation (bad input throws a JS error, never crashes the process).
+ */
+import { strict as assert } from 'assert';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import * as native from '../../src/io/native';
+
+type Raw = Record<string, (...args: unknown[]) => unknown>;
+const raw = (): Raw => native.addon() as unknown as Raw;
+
+/** GF(2^8) multiply by 2, polynomial 0x11d (the reference formula in engine-notes.md). */
+const mul2 = (a: number): number => ((a << 1) ^ (a & 0x80 ? 0x1d : 0)) & 0xff;
+
+function pqModel(data: Buffer[]): { p: Buffer; q: Buffer } {
+  const n = data[0]!.length;
+  const p = Buffer.alloc(n);
+  const q = Buffer.alloc(n);
+  for (let j = 0; j < n; j++) {
+    let pb = 0;
+    let qb = 0;
+    for (let i = data.length - 1; i >= 0; i--) {
+      pb ^= data[i]![j]!;
+      qb = mul2(qb) ^ data[i]![j]!;
+    }
+    p[j] = pb;
+    q[j] = qb;
+  }
+  return { p, q };
+}
+
+function seeded(seed: number): () => number {
+  let s = seed >>> 0;
+  return () => {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+    return s;
+  };
+}
+
+function randomBuffer(rnd: () => number, n: number): Buffer {
+  const b = Buffer.alloc(n);
+  for (let i = 0; i < n; i++) b[i] = rnd() >>> 24;
+  return b;
+}
+
+describe('native addon', () => {
+  let dir: string;
+  before(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nvm-native-'));
+  });
+  after(() => {
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  describe('crc32c', () => {
+    it('matches the check value for "123456789"', () => {
+      const b = Buffer.from('123456789');
+      assert.equal(native.crc32c(b), 0xe3069283);
+      assert.equal(native.crc32cPortable(b), 0xe3069283);
+    });
+
+    it('of nothing is 0 and of 32 zero bytes is 0x8a9136aa', () => {
+      assert.equal(native.crc32c(Buffer.alloc(0)), 0);
+      assert.equal(native.crc32c(Buffer.alloc(32)), 0x8a9136aa);
+    });
+
+    it('chains through the seed: crc(b, crc(a)) == crc(a+b)', () => {
+      const rnd = seeded(7);
+      const a = randomBuffer(rnd, 1000);
+      const b = randomBuffer(rnd, 3001);
+      const whole = native.crc32c(Buffer.concat([a, b]));
+      assert.equal(native.crc32c(b, 0, b.length, native.crc32c(a)), whole);
+      assert.equal(native.crc32cPortable(b, 0, b.length, native.crc32cPortable(a)), whole);
+    });
+
+    it('hardware and table paths agree at every length and alignment', () => {
+      const rnd = seeded(11);
+      const buf = randomBuffer(rnd, 4200);
+      for (let off = 0; off < 9; off++) {
+        for (const len of [0, 1, 7, 8, 9, 31, 32, 33, 63, 64, 100, 4096, 4191 - off]) {
+          assert.equal(native.crc32c(buf, off, len, 0x12345678), native.crc32cPortable(buf, off, len, 0x12345678), `off ${off} len ${len}`);
+        }
+      }
+      assert.equal(typeof native.crc32cHardware(), 'boolean');
+    });
+
+    it('respects offset and length', () => {
+      const b = Buffer.from('xx123456789yy');
+      assert.equal(native.crc32c(b, 2, 9), 0xe3069283);
+    });
+  });
+
+  describe('xorInto', () => {
+    it('xors src into dst over length bytes only', () => {
+      const rnd = seeded(3);
+      for (const n of [0, 1, 31, 32, 33, 4096, 4099]) {
+        const dst = randomBuffer(rnd, n + 5);
+        const src = randomBuffer(rnd, n + 5);
+        const expect = Buffer.from(dst);
+        for (let i = 0; i < n; i++) expect[i] = dst[i]! ^ src[i]!;
+        native.xorInto(dst, src, n);
+        assert.deepEqual(dst, expect);
+      }
+    });
+  });
+
+  describe('pqGen', () => {
+    it('matches the P+Q test vector of engine-notes.md', () => {
+      const data = [0, 1, 2, 3].map((i) => {
+        const b = Buffer.alloc(64);
+        for (let j = 0; j < 64; j++) b[j] = (i * 0x1f + j * 7 + 1) & 0xff;
+        return b;
+      });
+      assert.equal(data[0]!.subarray(0, 8).toString('hex'), '01080f161d242b32');
+      assert.equal(data[3]!.subarray(0, 8).toString('hex'), '5e656c737a81888f');
+      const p = Buffer.alloc(64);
+      const q = Buffer.alloc(64);
+      native.pqGen(data, p, q);
+      assert.equal(p.subarray(0, 8).toString('hex'), '400c00040084809c');
+      assert.equal(q.subarray(0, 8).toString('hex'), '774c3d8ee34b3241');
+      const model = pqModel(data);
+      assert.deepEqual(p, model.p);
+      assert.deepEqual(q, model.q);
+    });
+
+    it('gives Q = g^i for a single 1 in column i (2^8 = 0x1d)', () => {
+      const cols = Array.from({ length: 9 }, () => Buffer.alloc(1));
+      cols[8]![0] = 1;
+      const p = Buffer.alloc(1);
+      const q = Buffer.alloc(1);
+      native.pqGen(cols, p, q);
+      assert.equal(p[0], 1);
+      assert.equal(q[0], 0x1d);
+      cols[8]![0] = 0;
+      cols[1]![0] = 0x8e; // inv(2): g * 0x8e == 1
+      native.pqGen(cols, p, q);
+      assert.equal(q[0], 1);
+    });
+
+    it('matches a scalar model for odd lengths and many columns', () => {
+      const rnd = seeded(5);
+      for (const [cols, n] of [[1, 5], [2, 32], [3, 33], [7, 4099], [16, 100]] as const) {
+        const data = Array.from({ length: cols }, () => randomBuffer(rnd, n));
+        const p = Buffer.alloc(n);
+        const q = Buffer.alloc(n);
+        native.pqGen(data, p, q);
+        const model = pqModel(data);
+        assert.deepEqual(p, model.p, `P cols ${cols} n ${n}`);
+        assert.deepEqual(q, model.q, `Q cols ${cols} n ${n}`);
+      }
+    });
+  });
+
+  describe('file I/O', () => {
+    it('pwrite then pread round-trips, with and without sync', async () => {
+      const fd = fs.openSync(path.join(dir, 'rw.img'), 'w+');
+      try {
+        const data = randomBuffer(seeded(1), 10000);
+        await native.pwrite(fd, data, 0, 5000, 4096, false);
+        await native.pwrite(fd, data, 5000, 5000, 4096 + 5000, true);
+        await native.fdatasync(fd);
+        const back = Buffer.alloc(10000);
+        assert.equal(await native.pread(fd, back, 0, 10000, 4096), 10000);
+        assert.deepEqual(back, data);
+        const head = Buffer.alloc(4096, 0xff);
+        assert.equal(await native.pread(fd, head, 0, 4096, 0), 4096);
+        assert.ok(head.equals(Buffer.alloc(4096)), 'the gap before the first write reads as zeroes');
+      } finally {
+        fs.closeSync(fd);
+      }
+    });
+
+    it('pread stops at end of file and reports the count', async () => {
+      const file = path.join(dir, 'short.img');
+      fs.writeFileSync(file, Buffer.from('hello world'));
+      const fd = fs.openSync(file, 'r');
+      try {
+        const b = Buffer.alloc(64);
+        assert.equal(await native.pread(fd, b, 10, 64 - 10, 6), 5);
+        assert.equal(b.toString('utf8', 10, 15), 'world');
+        assert.equal(await native.pread(fd, b, 0, 10, 1000), 0);
+      } finally {
+        fs.closeSync(fd);
+      }
+    });
+
+    it('pwritev writes buffers back to back', async () => {
+      const file = path.join(dir, 'vec.img');
+      const fd = fs.openSync(file, 'w+');
+      try {
+        const bufs = [Buffer.from('abc'), Buffer.alloc(0), Buffer.from('defgh'), Buffer.alloc(5000, 0x41)];
+        await native.pwritev(fd, bufs, 10, true);
+      } finally {
+        fs.closeSync(fd);
+      }
+      const got = fs.readFileSync(file);
+      assert.equal(got.length, 10 + 8 + 5000);
+      assert.equal(got.toString('latin1', 10, 18), 'abcdefgh');
+      assert.ok(got.subarray(18).equals(Buffer.alloc(5000, 0x41)));
+    });
+
+    it('punch hole shows up through SEEK_DATA/SEEK_HOLE and reads as zeroes', async () => {
+      const file = path.join(dir, 'holes.img');
+      const fd = fs.openSync(file, 'w+');
+      try {
+        const mib = 1024 * 1024;
+        await native.pwrite(fd, Buffer.alloc(mib, 0x5a), 0, mib, 0, true);
+        await native.fallocate(fd, native.FALLOC_PUNCH_HOLE, 256 * 1024, 256 * 1024);
+        assert.equal(fs.fstatSync(fd).size, mib, 'punching keeps the size');
+        assert.equal(await native.seekData(fd, 0), 0);
+        assert.equal(await native.seekHole(fd, 0), 256 * 1024);
+        assert.equal(await native.seekData(fd, 256 * 1024), 512 * 1024);
+        assert.equal(await native.seekHole(fd, 512 * 1024), mib, 'end of file counts as a hole');
+        assert.equal(await native.seekData(fd, mib), -1, 'no data past the end');
+        const b = Buffer.alloc(256 * 1024, 1);
+        await native.pread(fd, b, 0, b.length, 256 * 1024);
+        assert.ok(b.equals(Buffer.alloc(256 * 1024)));
+
+        await native.fallocate(fd, native.FALLOC_ZERO_RANGE, 1000, 3000);
+        const z = Buffer.alloc(5000);
+        await native.pread(fd, z, 0, 5000, 0);
+        assert.ok(z.subarray(1000, 4000).equals(Buffer.alloc(3000)));
+        assert.equal(z[999], 0x5a);
+        assert.equal(z[4000], 0x5a);
+
+        await native.fallocate(fd, native.FALLOC_ALLOCATE, 0, 4 * mib);
+        assert.equal(fs.fstatSync(fd).size, mib, 'allocate keeps the size');
+      } finally {
+        fs.closeSync(fd);
+      }
+    });
+
+    it('reports errno as an Error with code, errno and the call name', async () => {
+      const file = path.join(dir, 'ro.img');
+      fs.writeFileSync(file, Buffer.alloc(4096));
+      const fd = fs.openSync(file, 'r');
+      try {
+        await assert.rejects(native.pwrite(fd, Buffer.alloc(10), 0, 10, 0, false), (e: native.NativeError) => {
+          assert.equal(e.code, 'EBADF');
+          assert.equal(e.errno, -9);
+          assert.equal(e.syscall, 'pwrite');
+          assert.match(e.message, /EBADF.*pwrite/);
+          return true;
+        });
+        await assert.rejects(native.fallocate(fd, native.FALLOC_PUNCH_HOLE, 0, 4096), { code: 'EBADF', syscall: 'fallocate' });
+      } finally {
+        fs.closeSync(fd);
+      }
+      // fd 2^30 is certainly not open.
+      await assert.rejects(native.fdatasync(2 ** 30), { code: 'EBADF', syscall: 'fdatasync' });
+      await assert.rejects(native.seekData(2 ** 30, 0), { code: 'EBADF' });
+    });
+
+    it('flockExclusive fails for a second open of the same file', () => {
+      const file = path.join(dir, 'lock.img');
+      fs.writeFileSync(file, '');
+      const a = fs.openSync(file, 'r');
+      const b = fs.openSync(file, 'r');
+      try {
+        assert.equal(native.flockExclusive(a), true);
+        assert.equal(native.flockExclusive(a), true, 'taking it again on the same fd is fine');
+        assert.equal(native.flockExclusive(b), false);
+      } finally {
+        fs.closeSync(a);
+      }
+      try {
+        assert.equal(native.flockExclusive(b), true, 'free once the holder closed');
+      } finally {
+        fs.closeSync(b);
+      }
+    });
+  });
+
+  describe('mmap', () => {
+    it('stores through the mapping are in the file after msync and reopen', async () => {
+      const file = path.join(dir, 'nvram.img');
+      fs.writeFileSync(file, Buffer.alloc(3 * 4096));
+      const fd = fs.openSync(file, 'r+');
+      const m = native.mmap(fd, 3 * 4096);
+      assert.equal(m.length, 3 * 4096);
+      m.write('record-one', 100);
+      m.write('record-two', 4096 + 4000); // spans a page boundary
+      await native.msync(m, 4096 + 4000, 10);
+      await native.msync(m, 100, 10);
+      native.munmap(m);
+      fs.closeSync(fd);
+      const back = fs.readFileSync(file);
+      assert.equal(back.toString('latin1', 100, 110), 'record-one');
+      assert.equal(back.toString('latin1', 8096, 8106), 'record-two');
+    });
+
+    it('munmap makes later use safe and a second munmap is a no-op', async () => {
+      const file = path.join(dir, 'unmap.img');
+      fs.writeFileSync(file, Buffer.alloc(4096));
+      const fd = fs.openSync(file, 'r+');
+      const m = native.mmap(fd, 4096);
+      const slice = m.subarray(0, 16);
+      native.munmap(m);
+      native.munmap(m);
+      // The Buffer (and every view of it) is detached: element stores are ignored, bulk
+      // operations throw a JS TypeError, nothing can fault.
+      assert.equal(m.length, 0);
+      assert.equal(slice.length, 0);
+      m[0] = 1;
+      assert.equal(m[0], undefined);
+      assert.throws(() => slice.fill(2), TypeError);
+      assert.throws(() => raw().msync!(m, 0, 1, () => undefined), TypeError);
+      fs.closeSync(fd);
+      assert.ok(fs.readFileSync(file).equals(Buffer.alloc(4096)), 'writes after munmap never reach the file');
+    });
+
+    it('munmap refuses a Buffer that mmap did not return', () => {
+      assert.throws(() => native.munmap(Buffer.alloc(4096)), TypeError);
+    });
+  });
+
+  describe('bad arguments', () => {
+    const noop = (): void => undefined;
+    const buf = Buffer.alloc(16);
+    const cases: Array<[string, () => unknown, new (...a: never[]) => Error]> = [
+      ['pread fd not a number', () => raw().pread!('3', buf, 0, 1, 0, noop), TypeError],
+      ['pread negative fd', () => raw().pread!(-1, buf, 0, 1, 0, noop), RangeError],
+      ['pread fractional offset', () => raw().pread!(0, buf, 0.5, 1, 0, noop), RangeError],
+      ['pread NaN position', () => raw().pread!(0, buf, 0, 1, NaN, noop), RangeError],
+      ['pread Infinity position', () => raw().pread!(0, buf, 0, 1, Infinity, noop), RangeError],
+      ['pread beyond the buffer', () => raw().pread!(0, buf, 8, 9, 0, noop), RangeError],
+      ['pread not a buffer', () => raw().pread!(0, 'abc', 0, 1, 0, noop), TypeError],
+      ['pread no callback', () => raw().pread!(0, buf, 0, 1, 0), TypeError],
+      ['pwrite sync not boolean', () => raw().pwrite!(0, buf, 0, 1, 0, 1, noop), TypeError],
+      ['pwrite missing arguments', () => raw().pwrite!(), TypeError],
+      ['pwritev not an array', () => raw().pwritev!(0, buf, 0, false, noop), TypeError],
+      ['pwritev empty array', () => raw().pwritev!(0, [], 0, false, noop), RangeError],
+      ['pwritev element not a buffer', () => raw().pwritev!(0, [buf, 7], 0, false, noop), TypeError],
+      ['fallocate bad mode', () => raw().fallocate!(0, 7, 0, 1, noop), RangeError],
+      ['fallocate zero length', () => raw().fallocate!(0, 1, 0, 0, noop), RangeError],
+      ['seek bad whence', () => raw().seek!(0, 0, 0, noop), RangeError],
+      ['mmap zero length', () => raw().mmap!(0, 0), RangeError],
+      ['msync of a plain buffer', () => raw().msync!(buf, 0, 1, noop), TypeError],
+      ['crc32c beyond the buffer', () => raw().crc32c!(buf, 10, 7, 0), RangeError],
+      ['crc32c negative seed', () => raw().crc32c!(buf, 0, 1, -1), RangeError],
+      ['crc32c seed too large', () => raw().crc32c!(buf, 0, 1, 2 ** 32), RangeError],
+      ['xorInto length too long', () => raw().xorInto!(buf, Buffer.alloc(8), 9), RangeError],
+      ['xorInto src not a buffer', () => raw().xorInto!(buf, null, 1), TypeError],
+      ['pqGen data not an array', () => raw().pqGen!(buf, buf, buf), TypeError],
+      ['pqGen no columns', () => raw().pqGen!([], buf, Buffer.alloc(16)), RangeError],
+      ['pqGen too many columns', () => raw().pqGen!(Array.from({ length: 254 }, () => buf), buf, Buffer.alloc(16)), RangeError],
+      ['pqGen column length differs', () => raw().pqGen!([buf, Buffer.alloc(15)], Buffer.alloc(16), Buffer.alloc(16)), RangeError],
+      ['pqGen q length differs', () => raw().pqGen!([buf], Buffer.alloc(16), Buffer.alloc(8)), RangeError],
+      ['pqGen column not a buffer', () => raw().pqGen!([buf, {}], Buffer.alloc(16), Buffer.alloc(16)), TypeError],
+      ['flockExclusive string', () => raw().flockExclusive!('x'), TypeError],
+    ];
+    for (const [name, call, type] of cases) {
+      it(`throws ${type.name} for ${name}`, () => {
+        assert.throws(call, type);
+      });
+    }
+
+    it('the TypeScript wrappers reject bad ranges before native code runs', () => {
+      assert.throws(() => native.pread(0, buf, 0, 17, 0), RangeError);
+      assert.throws(() => native.pwritev(0, [], 0, false), RangeError);
+      assert.throws(() => native.fallocate(0, 9, 0, 1), RangeError);
+      assert.throws(() => native.msync(buf, 10, 10), RangeError);
+      assert.throws(() => native.pqGen([buf], buf, Buffer.alloc(3)), RangeError);
+    });
+  });
+});
