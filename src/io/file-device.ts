@@ -1,0 +1,174 @@
+/**
+ * FileBlockDevice: a BlockDevice over one member file, through the native addon
+ * (pread/pwrite/fdatasync/punch-hole off the event loop).
+ *
+ * Invariants:
+ * - blockCount = floor(file size / 4096) at open; every request lies inside
+ *   [0, blockCount) (asserted: the caller validated it).
+ * - A read either fills every requested byte or rejects (a short read means the file was
+ *   truncated under us, which is an I/O error, never silently zeroes).
+ * - No call is accepted after close(); close() is idempotent.
+ * - A read-only device never writes, syncs or discards.
+ */
+import * as fs from 'fs';
+import * as path from 'path';
+import { promisify } from 'util';
+import { assert } from '../util/assert';
+import { BLOCK_SIZE_BYTES, BlockDevice } from './types';
+import * as native from './native';
+
+const openAsync = promisify(fs.open);
+const closeAsync = promisify(fs.close);
+const fstatAsync = promisify(fs.fstat);
+const ftruncateAsync = promisify(fs.ftruncate);
+const fsyncAsync = promisify(fs.fsync);
+
+/** Largest member we accept: 2^40 blocks (4 PiB) keeps byte offsets exact in a JS number. */
+export const MEMBER_BLOCKS_MAX = 2 ** 40;
+
+export interface FileBlockDeviceOptions {
+  readOnly?: boolean;
+  /** Take an exclusive flock on the file; fail if another process holds it. */
+  lock?: boolean;
+}
+
+export interface FileBlockDeviceCreateOptions {
+  /** Reserve the space now (fallocate) instead of leaving a sparse file. */
+  preallocate?: boolean;
+  lock?: boolean;
+}
+
+/** fsyncs a directory so that a created or renamed entry in it is durable. */
+export async function syncDirectory(dirPath: string): Promise<void> {
+  const fd = await openAsync(dirPath, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+  try {
+    await fsyncAsync(fd);
+  } finally {
+    await closeAsync(fd);
+  }
+}
+
+function describeOpenError(e: unknown, filePath: string): Error {
+  const code = native.errnoCode(e);
+  if (code === 'ENOENT') return new Error(`no such file: ${filePath}`);
+  if (code === 'EACCES' || code === 'EPERM') return new Error(`permission denied: ${filePath}`);
+  if (code === 'EISDIR') return new Error(`is a directory: ${filePath}`);
+  if (code === 'EEXIST') return new Error(`file exists: ${filePath}`);
+  if (code === 'EROFS') return new Error(`read-only file system: ${filePath}`);
+  return e instanceof Error ? new Error(`${filePath}: ${e.message}`) : new Error(`${filePath}: ${String(e)}`);
+}
+
+export class FileBlockDevice implements BlockDevice {
+  readonly path: string;
+  readonly blockCount: number;
+  readonly readOnly: boolean;
+  private readonly fd: number;
+  private closed = false;
+
+  private constructor(filePath: string, fd: number, blockCount: number, readOnly: boolean) {
+    assert(Number.isSafeInteger(blockCount) && blockCount >= 0 && blockCount <= MEMBER_BLOCKS_MAX, 'blockCount out of range');
+    this.path = filePath;
+    this.fd = fd;
+    this.blockCount = blockCount;
+    this.readOnly = readOnly;
+  }
+
+  /** Opens an existing member file. Bytes past the last whole block are ignored. */
+  static async open(filePath: string, opts: FileBlockDeviceOptions = {}): Promise<FileBlockDevice> {
+    const readOnly = opts.readOnly ?? false;
+    let fd: number;
+    try {
+      fd = await openAsync(filePath, readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR);
+    } catch (e) {
+      throw describeOpenError(e, filePath);
+    }
+    try {
+      const st = await fstatAsync(fd);
+      if (!st.isFile()) throw new Error(`not a regular file: ${filePath}`);
+      const blockCount = Math.floor(st.size / BLOCK_SIZE_BYTES);
+      if (blockCount > MEMBER_BLOCKS_MAX) throw new Error(`member too large: ${filePath} (${st.size} bytes)`);
+      if (opts.lock === true && !native.flockExclusive(fd)) throw new Error(`in use by another process: ${filePath}`);
+      return new FileBlockDevice(filePath, fd, blockCount, readOnly);
+    } catch (e) {
+      await closeAsync(fd);
+      throw e;
+    }
+  }
+
+  /** Creates a new member file of blockCount blocks (fails if the file exists), durably. */
+  static async create(filePath: string, blockCount: number, opts: FileBlockDeviceCreateOptions = {}): Promise<FileBlockDevice> {
+    if (!Number.isSafeInteger(blockCount) || blockCount < 1 || blockCount > MEMBER_BLOCKS_MAX) {
+      throw new RangeError(`member size must be 1..${MEMBER_BLOCKS_MAX} blocks, got ${blockCount}`);
+    }
+    let fd: number;
+    try {
+      fd = await openAsync(filePath, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o644);
+    } catch (e) {
+      throw describeOpenError(e, filePath);
+    }
+    try {
+      if (opts.lock === true && !native.flockExclusive(fd)) throw new Error(`in use by another process: ${filePath}`);
+      const sizeBytes = blockCount * BLOCK_SIZE_BYTES;
+      await ftruncateAsync(fd, sizeBytes);
+      if (opts.preallocate === true) await native.fallocate(fd, native.FALLOC_ALLOCATE, 0, sizeBytes);
+      await fsyncAsync(fd);
+    } catch (e) {
+      await closeAsync(fd);
+      await fs.promises.unlink(filePath).catch(() => undefined);
+      throw e;
+    }
+    await syncDirectory(path.dirname(path.resolve(filePath)));
+    return new FileBlockDevice(filePath, fd, blockCount, false);
+  }
+
+  private checkRange(pba: number, count: number): void {
+    assert(!this.closed, `${this.path}: device is closed`);
+    assert(Number.isSafeInteger(pba) && pba >= 0, `bad pba ${pba}`);
+    assert(Number.isSafeInteger(count) && count >= 1, `bad block count ${count}`);
+    assert(pba + count <= this.blockCount, `blocks [${pba}, ${pba + count}) beyond device of ${this.blockCount}`);
+  }
+
+  async readBlocks(pba: number, count: number, dst: Buffer): Promise<void> {
+    this.checkRange(pba, count);
+    const lengthBytes = count * BLOCK_SIZE_BYTES;
+    assert(dst.length === lengthBytes, `readBlocks: dst is ${dst.length} bytes, expected ${lengthBytes}`);
+    const n = await native.pread(this.fd, dst, 0, lengthBytes, pba * BLOCK_SIZE_BYTES);
+    if (n !== lengthBytes) {
+      const err = new Error(`EIO: short read of ${this.path} at block ${pba}: ${n} of ${lengthBytes} bytes (file truncated?)`) as native.NativeError;
+      err.code = 'EIO';
+      err.errno = -5;
+      err.syscall = 'pread';
+      throw err;
+    }
+  }
+
+  async writeBlocks(pba: number, data: Buffer): Promise<void> {
+    assert(!this.readOnly, `${this.path}: write to a read-only device`);
+    assert(data.length > 0 && data.length % BLOCK_SIZE_BYTES === 0, `writeBlocks: length ${data.length} is not whole blocks`);
+    this.checkRange(pba, data.length / BLOCK_SIZE_BYTES);
+    await native.pwrite(this.fd, data, 0, data.length, pba * BLOCK_SIZE_BYTES, false);
+  }
+
+  async sync(): Promise<void> {
+    assert(!this.closed, `${this.path}: device is closed`);
+    if (this.readOnly) return;
+    await native.fdatasync(this.fd);
+  }
+
+  async discard(pba: number, count: number): Promise<void> {
+    assert(!this.readOnly, `${this.path}: discard on a read-only device`);
+    this.checkRange(pba, count);
+    try {
+      await native.fallocate(this.fd, native.FALLOC_PUNCH_HOLE, pba * BLOCK_SIZE_BYTES, count * BLOCK_SIZE_BYTES);
+    } catch (e) {
+      // A discard is a hint: a file system without hole punching simply keeps the data.
+      if (!native.isNotSupported(e)) throw e;
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await closeAsync(this.fd);
+  }
+}

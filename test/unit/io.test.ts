@@ -1,0 +1,196 @@
+/**
+ * The io layer's real implementations on real files: FileBlockDevice (member file),
+ * MmapNvram (mapped NVRAM file) and MemoryBlockDevice (the in-memory device).
+ */
+import { strict as assert } from 'assert';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { FileBlockDevice } from '../../src/io/file-device';
+import { MemoryBlockDevice } from '../../src/io/memory-device';
+import { MmapNvram } from '../../src/io/mmap-nvram';
+import { BLOCK_SIZE_BYTES, BlockDevice } from '../../src/io/types';
+import { AssertionError } from '../../src/util/assert';
+
+function pattern(seed: number, blocks: number): Buffer {
+  const b = Buffer.alloc(blocks * BLOCK_SIZE_BYTES);
+  for (let i = 0; i < b.length; i += 4) b.writeUInt32LE((seed * 2654435761 + i) >>> 0, i);
+  return b;
+}
+
+/** The behaviour every BlockDevice shares. */
+async function exerciseDevice(dev: BlockDevice): Promise<void> {
+  assert.equal(dev.blockCount, 64);
+  await dev.writeBlocks(3, pattern(1, 2));
+  await dev.writeBlocks(63, pattern(2, 1));
+  await dev.sync();
+  const out = Buffer.alloc(4 * BLOCK_SIZE_BYTES, 0xee);
+  await dev.readBlocks(2, 4, out);
+  assert.ok(out.subarray(0, BLOCK_SIZE_BYTES).equals(Buffer.alloc(BLOCK_SIZE_BYTES)), 'unwritten block reads as zeroes');
+  assert.ok(out.subarray(BLOCK_SIZE_BYTES, 3 * BLOCK_SIZE_BYTES).equals(pattern(1, 2)));
+  const last = Buffer.alloc(BLOCK_SIZE_BYTES);
+  await dev.readBlocks(63, 1, last);
+  assert.ok(last.equals(pattern(2, 1)));
+  await dev.discard(3, 1);
+  const one = Buffer.alloc(BLOCK_SIZE_BYTES);
+  await dev.readBlocks(4, 1, one);
+  assert.ok(one.equals(pattern(1, 2).subarray(BLOCK_SIZE_BYTES)), 'discard leaves the neighbour alone');
+  await assert.rejects(dev.readBlocks(63, 2, Buffer.alloc(2 * BLOCK_SIZE_BYTES)), AssertionError);
+  await assert.rejects(dev.writeBlocks(0, Buffer.alloc(100)), AssertionError);
+  await assert.rejects(dev.readBlocks(0, 1, Buffer.alloc(10)), AssertionError);
+}
+
+describe('io layer', () => {
+  let dir: string;
+  before(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nvm-io-'));
+  });
+  after(() => {
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  describe('FileBlockDevice', () => {
+    it('reads, writes, syncs and discards blocks of a member file', async () => {
+      const file = path.join(dir, 'member-0.img');
+      const dev = await FileBlockDevice.create(file, 64);
+      await exerciseDevice(dev);
+      await dev.close();
+      await dev.close();
+      assert.equal(fs.statSync(file).size, 64 * BLOCK_SIZE_BYTES);
+      const again = await FileBlockDevice.open(file, { readOnly: true });
+      const b = Buffer.alloc(BLOCK_SIZE_BYTES);
+      await again.readBlocks(63, 1, b);
+      assert.ok(b.equals(pattern(2, 1)), 'data survives reopen');
+      await assert.rejects(again.writeBlocks(0, pattern(3, 1)), AssertionError);
+      await again.close();
+    });
+
+    it('discard punches a hole in the file', async () => {
+      const file = path.join(dir, 'punch.img');
+      const dev = await FileBlockDevice.create(file, 256, { preallocate: true });
+      await dev.writeBlocks(0, pattern(4, 256));
+      await dev.sync();
+      const before = fs.statSync(file).blocks;
+      await dev.discard(0, 128);
+      const afterBlocks = fs.statSync(file).blocks;
+      assert.ok(afterBlocks < before, `allocated 512-byte sectors ${before} -> ${afterBlocks}`);
+      await dev.close();
+    });
+
+    it('ignores a partial block at the end and counts whole blocks', async () => {
+      const file = path.join(dir, 'odd.img');
+      fs.writeFileSync(file, Buffer.alloc(3 * BLOCK_SIZE_BYTES + 100));
+      const dev = await FileBlockDevice.open(file);
+      assert.equal(dev.blockCount, 3);
+      await dev.close();
+    });
+
+    it('refuses to create over an existing file and names a missing one', async () => {
+      await assert.rejects(FileBlockDevice.create(path.join(dir, 'odd.img'), 1), /file exists/);
+      await assert.rejects(FileBlockDevice.open(path.join(dir, 'missing.img')), /^Error: no such file: .*missing\.img$/);
+      await assert.rejects(FileBlockDevice.open(dir), /not a regular file|is a directory/);
+      await assert.rejects(FileBlockDevice.create(path.join(dir, 'zero.img'), 0), RangeError);
+    });
+
+    it('lock: a second locked open fails while the first is open', async () => {
+      const file = path.join(dir, 'locked.img');
+      const a = await FileBlockDevice.create(file, 4, { lock: true });
+      await assert.rejects(FileBlockDevice.open(file, { lock: true }), /in use by another process/);
+      await a.close();
+      const b = await FileBlockDevice.open(file, { lock: true });
+      await b.close();
+    });
+
+    it('a short read (file truncated under us) is an EIO, never zeroes', async () => {
+      const file = path.join(dir, 'trunc.img');
+      const dev = await FileBlockDevice.create(file, 8);
+      fs.truncateSync(file, 2 * BLOCK_SIZE_BYTES);
+      await assert.rejects(dev.readBlocks(1, 2, Buffer.alloc(2 * BLOCK_SIZE_BYTES)), { code: 'EIO' });
+      await dev.close();
+    });
+  });
+
+  describe('MmapNvram', () => {
+    it('creates a zero-filled, fully allocated file of the requested size', async () => {
+      const file = path.join(dir, 'nvram-a');
+      const nv = await MmapNvram.open(file, { sizeBytes: 256 * 1024, create: true });
+      assert.equal(nv.sizeBytes, 256 * 1024);
+      assert.equal(nv.buffer.length, 256 * 1024);
+      assert.ok(nv.buffer.equals(Buffer.alloc(256 * 1024)));
+      const st = fs.statSync(file);
+      assert.equal(st.size, 256 * 1024);
+      assert.ok(st.blocks * 512 >= 256 * 1024, 'every page is allocated');
+      assert.deepEqual(fs.readdirSync(dir).filter((n) => n.startsWith('nvram-a.tmp')), [], 'no temporary file left');
+      await nv.close();
+    });
+
+    it('persists stores in the mapping across close and reopen', async () => {
+      const file = path.join(dir, 'nvram-b');
+      const nv = await MmapNvram.open(file, { sizeBytes: 64 * 1024, create: true });
+      nv.buffer.write('first record', 10);
+      nv.buffer.write('spans two pages', 4096 - 5);
+      await nv.persist(10, 12);
+      await nv.persist(4096 - 5, 15);
+      await nv.persist(0, 0);
+      await nv.close();
+      assert.equal(nv.buffer.length, 0, 'the mapping is gone after close');
+      await assert.rejects(nv.persist(0, 1), AssertionError);
+      const again = await MmapNvram.open(file, { sizeBytes: 64 * 1024 });
+      assert.equal(again.buffer.toString('latin1', 10, 22), 'first record');
+      assert.equal(again.buffer.toString('latin1', 4091, 4106), 'spans two pages');
+      const third = await MmapNvram.open(file);
+      assert.equal(third.sizeBytes, 64 * 1024, 'size comes from the file when not given');
+      assert.equal(third.buffer.toString('latin1', 10, 22), 'first record', 'two mappings share the pages');
+      await third.close();
+      await again.close();
+    });
+
+    it('refuses a size mismatch, a missing file and bad sizes with clear errors', async () => {
+      const file = path.join(dir, 'nvram-c');
+      await (await MmapNvram.open(file, { sizeBytes: 16 * 1024, create: true })).close();
+      await assert.rejects(MmapNvram.open(file, { sizeBytes: 32 * 1024 }), /is 16384 bytes, expected 32768/);
+      await assert.rejects(MmapNvram.open(path.join(dir, 'nope')), /^Error: no such file: /);
+      await assert.rejects(MmapNvram.open(path.join(dir, 'bad'), { sizeBytes: 5000, create: true }), RangeError);
+      await assert.rejects(MmapNvram.open(path.join(dir, 'bad2'), { create: true }), /needs a size/);
+    });
+
+    it('persist asserts its range', async () => {
+      const nv = await MmapNvram.open(path.join(dir, 'nvram-d'), { sizeBytes: 8192, create: true });
+      await assert.rejects(nv.persist(8000, 200), AssertionError);
+      await nv.close();
+    });
+  });
+
+  describe('MemoryBlockDevice', () => {
+    it('behaves like a block device and counts its calls', async () => {
+      const dev = new MemoryBlockDevice(64);
+      await exerciseDevice(dev);
+      assert.ok(dev.stats.blocksWritten === 3 && dev.stats.syncs === 1 && dev.stats.blocksDiscarded === 1);
+      assert.equal(dev.allocatedBlocks, 2);
+      assert.ok(dev.peekBlock(3).equals(Buffer.alloc(BLOCK_SIZE_BYTES)), 'discarded block reads as zeroes');
+      await dev.close();
+      await assert.rejects(dev.sync(), AssertionError);
+    });
+
+    it('copies data in and out (no aliasing with the caller)', async () => {
+      const dev = new MemoryBlockDevice(4);
+      const src = pattern(9, 1);
+      await dev.writeBlocks(0, src);
+      src.fill(0);
+      const out = Buffer.alloc(BLOCK_SIZE_BYTES);
+      await dev.readBlocks(0, 1, out);
+      assert.ok(out.equals(pattern(9, 1)));
+      out.fill(1);
+      assert.ok(dev.peekBlock(0).equals(pattern(9, 1)));
+    });
+
+    it('discards a huge range of a sparse device quickly', async () => {
+      const dev = new MemoryBlockDevice(2 ** 40);
+      await dev.writeBlocks(2 ** 39, pattern(1, 1));
+      await dev.writeBlocks(5, pattern(1, 1));
+      await dev.discard(0, 2 ** 40 - 1);
+      assert.equal(dev.allocatedBlocks, 0);
+      assert.throws(() => new MemoryBlockDevice(0), RangeError);
+    });
+  });
+});
