@@ -1,6 +1,7 @@
 // Positional file I/O off the event loop: pread, pwrite(+fdatasync), pwritev(+fdatasync),
 // fdatasync, fallocate (allocate / punch hole / zero range), lseek SEEK_DATA/SEEK_HOLE,
-// and a non-blocking exclusive flock.
+// a non-blocking exclusive flock, and page-cache-only reads/writes (RWF_NOWAIT) that may
+// run on the event loop because they never wait for the disk.
 //
 // Invariants:
 // - Each blocking call is one Napi::AsyncWorker job; Execute() touches no JS value, only
@@ -27,6 +28,8 @@ constexpr int kFallocAllocate = 0;
 constexpr int kFallocPunchHole = 1;
 constexpr int kFallocZeroRange = 2;
 constexpr int kMaxIovecs = 1024;  // == IOV_MAX on Linux; src/io/native.ts caps the same
+// Largest synchronous (event-loop) copy the *Nowait calls accept: about 100 us of memcpy.
+constexpr int64_t kNowaitMaxBytes = 1024 * 1024;
 
 // Base job: runs Execute() in the thread pool, then calls back (err) or (null, results...).
 class Job : public Napi::AsyncWorker {
@@ -378,6 +381,63 @@ Napi::Value Seek(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// Result codes of the non-blocking attempts below (besides a byte count >= 0).
+constexpr int kNowaitWouldBlock = -1;   // EAGAIN, or any error: the async path reports real errors
+constexpr int kNowaitUnsupported = -2;  // the file system (or kernel) cannot do RWF_NOWAIT here
+
+// Shared by preadNowait/pwriteNowait: (fd, buf, bufOffset, length, position) with length <= 1 MiB.
+bool NowaitArgs(const Napi::CallbackInfo& info, const char* fn, int* fd, iovec* iov, int64_t* pos) {
+  Napi::Buffer<uint8_t> buf;
+  int64_t off, len;
+  if (!GetFd(info, 0, fn, fd) || !GetBuffer(info, 1, fn, "buf", &buf) ||
+      !GetInt(info, 2, fn, "bufOffset", 0, kMaxSafeInteger, &off) ||
+      !GetInt(info, 3, fn, "length", 0, kNowaitMaxBytes, &len) ||
+      !GetInt(info, 4, fn, "position", 0, kMaxSafeInteger, pos))
+    return false;
+  if (static_cast<uint64_t>(off) + static_cast<uint64_t>(len) > buf.Length()) {
+    ThrowRange(info.Env(), std::string(fn) + ": bufOffset+length exceeds the buffer");
+    return false;
+  }
+  iov->iov_base = buf.Data() + off;
+  iov->iov_len = static_cast<size_t>(len);
+  return true;
+}
+
+int64_t NowaitResult(ssize_t n) {
+  if (n >= 0) return n;
+  if (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS) return kNowaitUnsupported;
+  return kNowaitWouldBlock;
+}
+
+// preadNowait(fd, buf, bufOffset, length, position) -> bytes read (may be short), -1 would block,
+// -2 unsupported. Runs on the calling thread: preadv2(RWF_NOWAIT) only copies from the page
+// cache and never waits for the disk, so it is safe on the event loop for small lengths.
+Napi::Value PreadNowait(const Napi::CallbackInfo& info) {
+  int fd;
+  iovec iov;
+  int64_t pos;
+  if (!NowaitArgs(info, "preadNowait", &fd, &iov, &pos)) return info.Env().Undefined();
+  ssize_t n;
+  do {
+    n = ::preadv2(fd, &iov, 1, static_cast<off_t>(pos), RWF_NOWAIT);
+  } while (n < 0 && errno == EINTR);
+  return Napi::Number::New(info.Env(), static_cast<double>(NowaitResult(n)));
+}
+
+// pwriteNowait(fd, buf, bufOffset, length, position) -> bytes written (may be short), -1 would
+// block, -2 unsupported (e.g. ext4 buffered writes). Same contract as preadNowait.
+Napi::Value PwriteNowait(const Napi::CallbackInfo& info) {
+  int fd;
+  iovec iov;
+  int64_t pos;
+  if (!NowaitArgs(info, "pwriteNowait", &fd, &iov, &pos)) return info.Env().Undefined();
+  ssize_t n;
+  do {
+    n = ::pwritev2(fd, &iov, 1, static_cast<off_t>(pos), RWF_NOWAIT);
+  } while (n < 0 && errno == EINTR);
+  return Napi::Number::New(info.Env(), static_cast<double>(NowaitResult(n)));
+}
+
 // flockExclusive(fd) -> boolean (false when another open file description holds the lock)
 Napi::Value FlockExclusive(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -401,6 +461,8 @@ void InitIo(Napi::Env env, Napi::Object exports) {
   exports.Set("fdatasync", Napi::Function::New(env, Fdatasync, "fdatasync"));
   exports.Set("fallocate", Napi::Function::New(env, Fallocate, "fallocate"));
   exports.Set("seek", Napi::Function::New(env, Seek, "seek"));
+  exports.Set("preadNowait", Napi::Function::New(env, PreadNowait, "preadNowait"));
+  exports.Set("pwriteNowait", Napi::Function::New(env, PwriteNowait, "pwriteNowait"));
   exports.Set("flockExclusive", Napi::Function::New(env, FlockExclusive, "flockExclusive"));
 }
 

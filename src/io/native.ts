@@ -16,6 +16,13 @@ interface RawAddon {
   /** pwritev of several buffers at consecutive positions starting at `position`; if sync, fdatasync afterwards. */
   pwritev(fd: number, bufs: Buffer[], position: number, sync: boolean, cb: (err: Error | null) => void): void;
   fdatasync(fd: number, cb: (err: Error | null) => void): void;
+  /**
+   * Synchronous preadv2/pwritev2(RWF_NOWAIT), length <= 1 MiB: touches only the page cache, never
+   * waits for the disk. Returns bytes transferred (may be short), -1 (would block, or any error:
+   * retry with the async call, which reports it) or -2 (RWF_NOWAIT unsupported on this file).
+   */
+  preadNowait(fd: number, buf: Buffer, bufOffset: number, length: number, position: number): number;
+  pwriteNowait(fd: number, buf: Buffer, bufOffset: number, length: number, position: number): number;
   /** mode: 0 = allocate (keep size), 1 = punch hole, 2 = zero range. */
   fallocate(fd: number, mode: number, position: number, length: number, cb: (err: Error | null) => void): void;
   /** whence: 3 = SEEK_DATA, 4 = SEEK_HOLE; returns -1 when ENXIO (no more data). */
@@ -74,6 +81,20 @@ export function pwritev(fd: number, bufs: Buffer[], position: number, sync: bool
   checkInt('fd', fd); checkInt('position', position);
   if (bufs.length === 0 || bufs.length > 1024) throw new RangeError(`pwritev: 1..1024 buffers, got ${bufs.length}`);
   return new Promise((resolve, reject) => addon().pwritev(fd, bufs, position, sync, (err) => (err ? reject(err) : resolve())));
+}
+
+export const NOWAIT_MAX_BYTES = 1024 * 1024;
+export const NOWAIT_WOULD_BLOCK = -1;
+export const NOWAIT_UNSUPPORTED = -2;
+
+/** Page-cache-only read on the calling thread; see RawAddon.preadNowait. */
+export function preadNowait(fd: number, buf: Buffer, bufOffset: number, length: number, position: number): number {
+  return addon().preadNowait(fd, buf, bufOffset, length, position);
+}
+
+/** Page-cache-only write on the calling thread; see RawAddon.pwriteNowait. */
+export function pwriteNowait(fd: number, buf: Buffer, bufOffset: number, length: number, position: number): number {
+  return addon().pwriteNowait(fd, buf, bufOffset, length, position);
 }
 
 export function fdatasync(fd: number): Promise<void> {

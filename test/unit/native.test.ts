@@ -254,6 +254,27 @@ describe('native addon', () => {
       await assert.rejects(native.seekData(2 ** 30, 0), { code: 'EBADF' });
     });
 
+    it('preadNowait copies cached data on the calling thread; pwriteNowait writes or says why not', async () => {
+      const file = path.join(dir, 'nowait.img');
+      const fd = fs.openSync(file, 'w+');
+      try {
+        const data = randomBuffer(seeded(9), 8192);
+        await native.pwrite(fd, data, 0, 8192, 0, false);
+        const back = Buffer.alloc(8192);
+        assert.equal(native.preadNowait(fd, back, 100, 8000, 100), 8000, 'just-written pages are in the page cache');
+        assert.ok(back.subarray(100, 8100).equals(data.subarray(100, 8100)));
+        assert.equal(native.preadNowait(fd, back, 0, 10, 8192), 0, 'end of file');
+        const n = native.pwriteNowait(fd, Buffer.from('nowait'), 0, 6, 4096);
+        assert.ok(n === 6 || n === native.NOWAIT_UNSUPPORTED || n === native.NOWAIT_WOULD_BLOCK, `pwriteNowait gave ${n}`);
+        if (n === 6) assert.equal(fs.readFileSync(file).toString('latin1', 4096, 4102), 'nowait');
+        assert.throws(() => native.preadNowait(fd, Buffer.alloc(2 * native.NOWAIT_MAX_BYTES), 0, native.NOWAIT_MAX_BYTES + 1, 0), RangeError);
+        assert.throws(() => native.pwriteNowait(fd, back, 8000, 500, 0), RangeError);
+      } finally {
+        fs.closeSync(fd);
+      }
+      assert.equal(native.preadNowait(2 ** 30, Buffer.alloc(1), 0, 1, 0), native.NOWAIT_WOULD_BLOCK, 'errors defer to the async path');
+    });
+
     it('flockExclusive fails for a second open of the same file', () => {
       const file = path.join(dir, 'lock.img');
       fs.writeFileSync(file, '');

@@ -1,0 +1,267 @@
+/**
+ * MemoryVolume (`serve --memory SIZE`): a sparse volume in memory, like nbdkit's memory
+ * plugin. The address space is cut into 64 KiB chunks; a chunk is a hole (absent: reads
+ * zeroes, uses no memory), provisioned zeroes (`null`: reads zeroes, uses no memory,
+ * reported as allocated zeroes; made by WRITE_ZEROES with NO_HOLE) or data (a Buffer).
+ *
+ * Invariants:
+ * - Every data chunk is a 64 KiB Buffer owned by the volume; writes copy in, reads copy out.
+ * - `groupEntries` counts, per group of 4096 chunks (256 MiB), the chunks present (data or
+ *   provisioned) in it; a group with no entry is all hole, which lets blockStatus skip it.
+ * - `chunks.size <= chunkCountMax` (the memory cap): a write or NO_HOLE zero that would
+ *   exceed it fails with ENOSPC instead of exhausting the process.
+ * - trim/zero never leave an all-zero data chunk behind after a partial fill: memory is
+ *   freed as soon as a chunk holds nothing but zeroes.
+ * - The hot path (read/write) does only synchronous work inside an async function: no
+ *   timers, no extra event-loop turns, no allocation on a read into `dst`.
+ */
+import * as os from 'os';
+import { assert } from '../util/assert';
+import { formatSize } from '../util/size';
+import { VolumeError } from './errors';
+import { EXTENT_HOLE, EXTENT_ZERO, Extent, Volume, VolumeCapabilities, ZeroOptions } from './types';
+
+export const MEMORY_CHUNK_BYTES = 64 * 1024;
+const GROUP_CHUNKS = 4096;
+const GROUP_BYTES = GROUP_CHUNKS * MEMORY_CHUNK_BYTES;
+/** Largest volume: 4 PiB (sparse, so only written data costs memory). */
+export const MEMORY_VOLUME_SIZE_MAX_BYTES = 4 * 1024 ** 5;
+/** blockStatus stops after visiting this many chunks or groups in one call (bounded work). */
+const BLOCK_STATUS_VISITS_MAX = 65536;
+export const MEMORY_MAX_PAYLOAD_BYTES = 32 * 1024 * 1024;
+
+const ZERO_CHUNK = Buffer.alloc(MEMORY_CHUNK_BYTES);
+
+export interface MemoryVolumeOptions {
+  readOnly?: boolean;
+  /**
+   * Cap on memory held by data (and provisioned) chunks; beyond it writes fail with ENOSPC.
+   * Default: the smaller of the volume size and half of the machine's RAM.
+   */
+  maxAllocatedBytes?: number;
+}
+
+type Chunk = Buffer | null;
+
+export class MemoryVolume implements Volume {
+  readonly sizeBytes: number;
+  readonly caps: VolumeCapabilities;
+  readonly description: string;
+  private readonly chunks = new Map<number, Chunk>();
+  private readonly groupEntries = new Map<number, number>();
+  private readonly chunkCountMax: number;
+  private dataChunkCount = 0;
+  private closed = false;
+
+  private constructor(sizeBytes: number, readOnly: boolean, maxAllocatedBytes: number) {
+    this.sizeBytes = sizeBytes;
+    this.chunkCountMax = Math.floor(maxAllocatedBytes / MEMORY_CHUNK_BYTES);
+    this.description = `memory ${formatSize(sizeBytes)}`;
+    this.caps = {
+      readOnly,
+      canFlush: true,
+      canFua: true,
+      canTrim: !readOnly,
+      canZero: !readOnly,
+      canFastZero: !readOnly,
+      canCache: true,
+      canMultiConn: true,
+      rotational: false,
+      minBlockSizeBytes: 1,
+      preferredBlockSizeBytes: 4096,
+      maxPayloadBytes: MEMORY_MAX_PAYLOAD_BYTES,
+    };
+  }
+
+  /** A new, all-zero volume of sizeBytes (0..4 PiB). Throws VolumeError('EINVAL') on a bad size. */
+  static create(sizeBytes: number, opts: MemoryVolumeOptions = {}): MemoryVolume {
+    if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 0 || sizeBytes > MEMORY_VOLUME_SIZE_MAX_BYTES) {
+      throw new VolumeError('EINVAL', `memory volume size must be 0..${formatSize(MEMORY_VOLUME_SIZE_MAX_BYTES)}, got ${sizeBytes}`);
+    }
+    const defaultMax = Math.min(sizeBytes, Math.floor(os.totalmem() / 2));
+    const maxAllocatedBytes = opts.maxAllocatedBytes ?? defaultMax;
+    if (!Number.isSafeInteger(maxAllocatedBytes) || maxAllocatedBytes < 0) {
+      throw new VolumeError('EINVAL', `maxAllocatedBytes must be an integer >= 0, got ${maxAllocatedBytes}`);
+    }
+    return new MemoryVolume(sizeBytes, opts.readOnly ?? false, maxAllocatedBytes);
+  }
+
+  /** Bytes held by data chunks (what the process actually spends). */
+  get allocatedBytes(): number {
+    return this.dataChunkCount * MEMORY_CHUNK_BYTES;
+  }
+
+  private checkRange(offset: number, length: number): void {
+    assert(!this.closed, 'memory volume is closed');
+    assert(Number.isSafeInteger(offset) && offset >= 0, `bad offset ${offset}`);
+    assert(Number.isSafeInteger(length) && length > 0, `bad length ${length}`);
+    assert(offset + length <= this.sizeBytes, `[${offset}, ${offset + length}) beyond volume of ${this.sizeBytes}`);
+  }
+
+  private setChunk(index: number, chunk: Chunk): void {
+    const prev = this.chunks.get(index);
+    if (prev === undefined) {
+      if (this.chunks.size >= this.chunkCountMax) {
+        throw new VolumeError('ENOSPC', `memory volume is full: ${formatSize(this.chunkCountMax * MEMORY_CHUNK_BYTES)} allocated`);
+      }
+      const g = Math.floor(index / GROUP_CHUNKS);
+      this.groupEntries.set(g, (this.groupEntries.get(g) ?? 0) + 1);
+    }
+    this.chunks.set(index, chunk);
+    this.dataChunkCount += (chunk !== null ? 1 : 0) - (prev ? 1 : 0);
+    assert(this.dataChunkCount >= 0 && this.dataChunkCount <= this.chunks.size, 'data chunk count out of range');
+  }
+
+  private deleteChunk(index: number): void {
+    const prev = this.chunks.get(index);
+    if (prev === undefined) return;
+    this.chunks.delete(index);
+    if (prev !== null) this.dataChunkCount--;
+    const g = Math.floor(index / GROUP_CHUNKS);
+    const n = (this.groupEntries.get(g) ?? 0) - 1;
+    assert(n >= 0, 'group entry count underflow');
+    if (n === 0) this.groupEntries.delete(g);
+    else this.groupEntries.set(g, n);
+  }
+
+  async read(offset: number, length: number, dst?: Buffer): Promise<Buffer> {
+    this.checkRange(offset, length);
+    assert(length <= MEMORY_MAX_PAYLOAD_BYTES, `read of ${length} bytes exceeds the payload limit`);
+    assert(dst === undefined || dst.length === length, 'read: dst length differs from length');
+    const out = dst ?? Buffer.allocUnsafe(length);
+    let pos = offset;
+    let at = 0;
+    while (at < length) {
+      const index = Math.floor(pos / MEMORY_CHUNK_BYTES);
+      const inChunk = pos - index * MEMORY_CHUNK_BYTES;
+      const n = Math.min(MEMORY_CHUNK_BYTES - inChunk, length - at);
+      const chunk = this.chunks.get(index);
+      if (chunk) chunk.copy(out, at, inChunk, inChunk + n);
+      else out.fill(0, at, at + n);
+      pos += n;
+      at += n;
+    }
+    return out;
+  }
+
+  async write(offset: number, data: Buffer, _fua: boolean): Promise<void> {
+    assert(!this.caps.readOnly, 'write to a read-only volume');
+    const length = data.length;
+    this.checkRange(offset, length);
+    assert(length <= MEMORY_MAX_PAYLOAD_BYTES, `write of ${length} bytes exceeds the payload limit`);
+    let pos = offset;
+    let at = 0;
+    while (at < length) {
+      const index = Math.floor(pos / MEMORY_CHUNK_BYTES);
+      const inChunk = pos - index * MEMORY_CHUNK_BYTES;
+      const n = Math.min(MEMORY_CHUNK_BYTES - inChunk, length - at);
+      let chunk = this.chunks.get(index);
+      if (!chunk) {
+        // A whole-chunk write needs no zeroing; a partial one starts from zeroes.
+        chunk = n === MEMORY_CHUNK_BYTES ? Buffer.allocUnsafeSlow(MEMORY_CHUNK_BYTES) : Buffer.alloc(MEMORY_CHUNK_BYTES);
+        this.setChunk(index, chunk);
+      }
+      data.copy(chunk, inChunk, at, at + n);
+      pos += n;
+      at += n;
+    }
+  }
+
+  async flush(): Promise<void> {
+    assert(!this.closed, 'memory volume is closed');
+  }
+
+  /** Makes [offset, offset+length) read as zeroes; provision=true keeps it allocated (NO_HOLE). */
+  private zeroRange(offset: number, length: number, provision: boolean): void {
+    const end = offset + length;
+    const first = Math.floor(offset / MEMORY_CHUNK_BYTES);
+    const last = Math.floor((end - 1) / MEMORY_CHUNK_BYTES);
+    const wholeChunks = last - first + 1;
+    if (!provision && wholeChunks > this.chunks.size) {
+      // A large trim of a sparse volume: visit what is stored, not the whole range.
+      for (const index of [...this.chunks.keys()]) {
+        if (index >= first && index <= last) this.zeroInChunk(index, offset, end, false);
+      }
+      return;
+    }
+    for (let index = first; index <= last; index++) this.zeroInChunk(index, offset, end, provision);
+  }
+
+  private zeroInChunk(index: number, offset: number, end: number, provision: boolean): void {
+    const chunkStart = index * MEMORY_CHUNK_BYTES;
+    const from = Math.max(offset, chunkStart) - chunkStart;
+    const to = Math.min(end, chunkStart + MEMORY_CHUNK_BYTES) - chunkStart;
+    const chunk = this.chunks.get(index);
+    if (from === 0 && to === MEMORY_CHUNK_BYTES) {
+      if (provision) this.setChunk(index, null);
+      else this.deleteChunk(index);
+      return;
+    }
+    if (chunk === undefined) {
+      if (provision) this.setChunk(index, null);
+      return;
+    }
+    if (chunk === null) return;  // already zeroes
+    chunk.fill(0, from, to);
+    if (chunk.equals(ZERO_CHUNK)) {
+      if (provision) this.setChunk(index, null);
+      else this.deleteChunk(index);
+    }
+  }
+
+  async trim(offset: number, length: number, _fua: boolean): Promise<void> {
+    assert(!this.caps.readOnly, 'trim on a read-only volume');
+    this.checkRange(offset, length);
+    this.zeroRange(offset, length, false);
+  }
+
+  async zero(offset: number, length: number, opts: ZeroOptions): Promise<void> {
+    assert(!this.caps.readOnly, 'zero on a read-only volume');
+    this.checkRange(offset, length);
+    this.zeroRange(offset, length, opts.noHole);  // always fast: fastZero needs no check
+  }
+
+  async cache(offset: number, length: number): Promise<void> {
+    this.checkRange(offset, length);
+  }
+
+  async blockStatus(offset: number, length: number, maxExtents: number): Promise<Extent[]> {
+    this.checkRange(offset, length);
+    assert(Number.isSafeInteger(maxExtents) && maxExtents >= 1, `bad maxExtents ${maxExtents}`);
+    const end = offset + length;
+    const extents: Extent[] = [];
+    let pos = offset;
+    for (let visits = 0; pos < end && visits < BLOCK_STATUS_VISITS_MAX; visits++) {
+      const index = Math.floor(pos / MEMORY_CHUNK_BYTES);
+      const group = Math.floor(index / GROUP_CHUNKS);
+      let flags: number;
+      let next: number;
+      if (!this.groupEntries.has(group)) {
+        flags = EXTENT_HOLE | EXTENT_ZERO;
+        next = (group + 1) * GROUP_BYTES;
+      } else {
+        const chunk = this.chunks.get(index);
+        flags = chunk === undefined ? EXTENT_HOLE | EXTENT_ZERO : chunk === null ? EXTENT_ZERO : 0;
+        next = (index + 1) * MEMORY_CHUNK_BYTES;
+      }
+      const stop = Math.min(next, end);
+      const lastExtent = extents[extents.length - 1];
+      if (lastExtent !== undefined && lastExtent.flags === flags) {
+        lastExtent.lengthBytes += stop - pos;
+      } else {
+        if (extents.length === maxExtents) break;
+        extents.push({ lengthBytes: stop - pos, flags });
+      }
+      pos = stop;
+    }
+    assert(extents.length >= 1 && pos > offset, 'blockStatus made no progress');
+    return extents;
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    this.chunks.clear();
+    this.groupEntries.clear();
+    this.dataChunkCount = 0;
+  }
+}
