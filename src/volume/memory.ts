@@ -2,10 +2,19 @@
  * MemoryVolume (`serve --memory SIZE`): a sparse volume in memory, like nbdkit's memory
  * plugin. The address space is cut into 64 KiB chunks; a chunk is a hole (absent: reads
  * zeroes, uses no memory), provisioned zeroes (`null`: reads zeroes, uses no memory,
- * reported as allocated zeroes; made by WRITE_ZEROES with NO_HOLE) or data (a Buffer).
+ * reported as allocated zeroes; made by WRITE_ZEROES with NO_HOLE) or data.
+ *
+ * Data chunks are carved from 1 MiB slabs. A fresh slab comes from the allocator as
+ * untouched zero pages (mmap-backed), so taking a chunk costs no zeroing and a 4 KiB
+ * write makes only one page resident; a slab whose chunks are all free is dropped, which
+ * gives its memory back to the system.
  *
  * Invariants:
- * - Every data chunk is a 64 KiB Buffer owned by the volume; writes copy in, reads copy out.
+ * - Every data chunk is a 64 KiB view owned by the volume; writes copy in, reads copy out.
+ * - A chunk handed out for a partial write reads as zeroes outside what is written: a
+ *   fresh slab slot is zero; a recycled slot is zeroed before reuse.
+ * - For every slab, used + freeSlots.length == SLAB_CHUNKS; a slab is in `partialSlabs`
+ *   iff it has both a used and a free slot, and is referenced from nowhere once used == 0.
  * - `groupEntries` counts, per group of 4096 chunks (256 MiB), the chunks present (data or
  *   provisioned) in it; a group with no entry is all hole, which lets blockStatus skip it.
  * - `chunks.size <= chunkCountMax` (the memory cap): a write or NO_HOLE zero that would
@@ -22,6 +31,8 @@ import { VolumeError } from './errors';
 import { EXTENT_HOLE, EXTENT_ZERO, Extent, Volume, VolumeCapabilities, ZeroOptions } from './types';
 
 export const MEMORY_CHUNK_BYTES = 64 * 1024;
+const SLAB_BYTES = 1024 * 1024;
+const SLAB_CHUNKS = SLAB_BYTES / MEMORY_CHUNK_BYTES;
 const GROUP_CHUNKS = 4096;
 const GROUP_BYTES = GROUP_CHUNKS * MEMORY_CHUNK_BYTES;
 /** Largest volume: 4 PiB (sparse, so only written data costs memory). */
@@ -29,6 +40,9 @@ export const MEMORY_VOLUME_SIZE_MAX_BYTES = 4 * 1024 ** 5;
 /** blockStatus stops after visiting this many chunks or groups in one call (bounded work). */
 const BLOCK_STATUS_VISITS_MAX = 65536;
 export const MEMORY_MAX_PAYLOAD_BYTES = 32 * 1024 * 1024;
+
+assert(Number.isInteger(SLAB_CHUNKS) && SLAB_CHUNKS >= 1, 'a slab holds whole chunks');
+assert(MEMORY_VOLUME_SIZE_MAX_BYTES + GROUP_BYTES <= Number.MAX_SAFE_INTEGER, 'offsets stay exact');
 
 const ZERO_CHUNK = Buffer.alloc(MEMORY_CHUNK_BYTES);
 
@@ -41,7 +55,23 @@ export interface MemoryVolumeOptions {
   maxAllocatedBytes?: number;
 }
 
-type Chunk = Buffer | null;
+class Slab {
+  readonly memory = Buffer.alloc(SLAB_BYTES);
+  /** Free slot numbers (a stack); all free at first. */
+  readonly freeSlots: number[] = Array.from({ length: SLAB_CHUNKS }, (_, i) => SLAB_CHUNKS - 1 - i);
+  /** 1 when a slot held data before (so it is not known to be zero). */
+  readonly recycled = new Uint8Array(SLAB_CHUNKS);
+  used = 0;
+}
+
+interface DataChunk {
+  readonly bytes: Buffer;
+  readonly slab: Slab;
+  readonly slot: number;
+}
+
+/** undefined (absent) = hole, null = provisioned zeroes. */
+type Chunk = DataChunk | null;
 
 export class MemoryVolume implements Volume {
   readonly sizeBytes: number;
@@ -49,8 +79,10 @@ export class MemoryVolume implements Volume {
   readonly description: string;
   private readonly chunks = new Map<number, Chunk>();
   private readonly groupEntries = new Map<number, number>();
+  private readonly partialSlabs = new Set<Slab>();
   private readonly chunkCountMax: number;
   private dataChunkCount = 0;
+  private slabCount = 0;
   private closed = false;
 
   private constructor(sizeBytes: number, readOnly: boolean, maxAllocatedBytes: number) {
@@ -86,9 +118,14 @@ export class MemoryVolume implements Volume {
     return new MemoryVolume(sizeBytes, opts.readOnly ?? false, maxAllocatedBytes);
   }
 
-  /** Bytes held by data chunks (what the process actually spends). */
+  /** Bytes held by data chunks. */
   get allocatedBytes(): number {
     return this.dataChunkCount * MEMORY_CHUNK_BYTES;
+  }
+
+  /** Bytes of slabs held (what the process reserves; resident pages may be fewer). */
+  get slabBytes(): number {
+    return this.slabCount * SLAB_BYTES;
   }
 
   private checkRange(offset: number, length: number): void {
@@ -98,25 +135,66 @@ export class MemoryVolume implements Volume {
     assert(offset + length <= this.sizeBytes, `[${offset}, ${offset + length}) beyond volume of ${this.sizeBytes}`);
   }
 
-  private setChunk(index: number, chunk: Chunk): void {
-    const prev = this.chunks.get(index);
-    if (prev === undefined) {
-      if (this.chunks.size >= this.chunkCountMax) {
-        throw new VolumeError('ENOSPC', `memory volume is full: ${formatSize(this.chunkCountMax * MEMORY_CHUNK_BYTES)} allocated`);
-      }
-      const g = Math.floor(index / GROUP_CHUNKS);
-      this.groupEntries.set(g, (this.groupEntries.get(g) ?? 0) + 1);
+  /** Takes a chunk of memory; zeroed unless the caller overwrites all of it. */
+  private allocChunk(wholeWrite: boolean): DataChunk {
+    let slab: Slab | undefined;
+    for (const s of this.partialSlabs) {
+      slab = s;
+      break;
     }
-    this.chunks.set(index, chunk);
-    this.dataChunkCount += (chunk !== null ? 1 : 0) - (prev ? 1 : 0);
-    assert(this.dataChunkCount >= 0 && this.dataChunkCount <= this.chunks.size, 'data chunk count out of range');
+    if (slab === undefined) {
+      slab = new Slab();
+      this.slabCount++;
+      this.partialSlabs.add(slab);
+    }
+    const slot = slab.freeSlots.pop();
+    assert(slot !== undefined, 'a partial slab has a free slot');
+    slab.used++;
+    if (slab.freeSlots.length === 0) this.partialSlabs.delete(slab);
+    const start = slot * MEMORY_CHUNK_BYTES;
+    const bytes = slab.memory.subarray(start, start + MEMORY_CHUNK_BYTES);
+    if (slab.recycled[slot] === 1 && !wholeWrite) bytes.fill(0);
+    slab.recycled[slot] = 1;
+    this.dataChunkCount++;
+    return { bytes, slab, slot };
   }
 
-  private deleteChunk(index: number): void {
+  private freeChunk(chunk: DataChunk): void {
+    const slab = chunk.slab;
+    assert(slab.used >= 1 && !slab.freeSlots.includes(chunk.slot), 'freeing a chunk twice');
+    slab.freeSlots.push(chunk.slot);
+    slab.used--;
+    this.dataChunkCount--;
+    if (slab.used === 0) {
+      this.partialSlabs.delete(slab);  // nothing references it now: the GC returns its memory
+      this.slabCount--;
+    } else {
+      this.partialSlabs.add(slab);
+    }
+  }
+
+  /** Fails with ENOSPC if index is absent and the cap is reached; else accounts a new entry. */
+  private reserveEntry(index: number): void {
+    if (this.chunks.has(index)) return;
+    if (this.chunks.size >= this.chunkCountMax) {
+      throw new VolumeError('ENOSPC', `memory volume is full: ${formatSize(this.chunkCountMax * MEMORY_CHUNK_BYTES)} allocated`);
+    }
+    const g = Math.floor(index / GROUP_CHUNKS);
+    this.groupEntries.set(g, (this.groupEntries.get(g) ?? 0) + 1);
+  }
+
+  /** Replaces index's entry with `next` (after reserveEntry), freeing old data memory. */
+  private setEntry(index: number, next: Chunk): void {
+    const prev = this.chunks.get(index);
+    if (prev) this.freeChunk(prev);
+    this.chunks.set(index, next);
+  }
+
+  private deleteEntry(index: number): void {
     const prev = this.chunks.get(index);
     if (prev === undefined) return;
+    if (prev !== null) this.freeChunk(prev);
     this.chunks.delete(index);
-    if (prev !== null) this.dataChunkCount--;
     const g = Math.floor(index / GROUP_CHUNKS);
     const n = (this.groupEntries.get(g) ?? 0) - 1;
     assert(n >= 0, 'group entry count underflow');
@@ -136,7 +214,7 @@ export class MemoryVolume implements Volume {
       const inChunk = pos - index * MEMORY_CHUNK_BYTES;
       const n = Math.min(MEMORY_CHUNK_BYTES - inChunk, length - at);
       const chunk = this.chunks.get(index);
-      if (chunk) chunk.copy(out, at, inChunk, inChunk + n);
+      if (chunk) chunk.bytes.copy(out, at, inChunk, inChunk + n);
       else out.fill(0, at, at + n);
       pos += n;
       at += n;
@@ -157,11 +235,11 @@ export class MemoryVolume implements Volume {
       const n = Math.min(MEMORY_CHUNK_BYTES - inChunk, length - at);
       let chunk = this.chunks.get(index);
       if (!chunk) {
-        // A whole-chunk write needs no zeroing; a partial one starts from zeroes.
-        chunk = n === MEMORY_CHUNK_BYTES ? Buffer.allocUnsafeSlow(MEMORY_CHUNK_BYTES) : Buffer.alloc(MEMORY_CHUNK_BYTES);
-        this.setChunk(index, chunk);
+        this.reserveEntry(index);
+        chunk = this.allocChunk(n === MEMORY_CHUNK_BYTES);
+        this.setEntry(index, chunk);
       }
-      data.copy(chunk, inChunk, at, at + n);
+      data.copy(chunk.bytes, inChunk, at, at + n);
       pos += n;
       at += n;
     }
@@ -176,14 +254,14 @@ export class MemoryVolume implements Volume {
     const end = offset + length;
     const first = Math.floor(offset / MEMORY_CHUNK_BYTES);
     const last = Math.floor((end - 1) / MEMORY_CHUNK_BYTES);
-    const wholeChunks = last - first + 1;
-    if (!provision && wholeChunks > this.chunks.size) {
+    if (!provision && last - first + 1 > this.chunks.size) {
       // A large trim of a sparse volume: visit what is stored, not the whole range.
       for (const index of [...this.chunks.keys()]) {
         if (index >= first && index <= last) this.zeroInChunk(index, offset, end, false);
       }
       return;
     }
+    // With provision, the loop is bounded by the cap: reserveEntry throws ENOSPC past it.
     for (let index = first; index <= last; index++) this.zeroInChunk(index, offset, end, provision);
   }
 
@@ -192,20 +270,20 @@ export class MemoryVolume implements Volume {
     const from = Math.max(offset, chunkStart) - chunkStart;
     const to = Math.min(end, chunkStart + MEMORY_CHUNK_BYTES) - chunkStart;
     const chunk = this.chunks.get(index);
-    if (from === 0 && to === MEMORY_CHUNK_BYTES) {
-      if (provision) this.setChunk(index, null);
-      else this.deleteChunk(index);
+    const whole = from === 0 && to === MEMORY_CHUNK_BYTES;
+    if (chunk === undefined || chunk === null || whole) {
+      if (provision) {
+        this.reserveEntry(index);
+        this.setEntry(index, null);
+      } else if (chunk !== null || whole) {
+        this.deleteEntry(index);
+      }
       return;
     }
-    if (chunk === undefined) {
-      if (provision) this.setChunk(index, null);
-      return;
-    }
-    if (chunk === null) return;  // already zeroes
-    chunk.fill(0, from, to);
-    if (chunk.equals(ZERO_CHUNK)) {
-      if (provision) this.setChunk(index, null);
-      else this.deleteChunk(index);
+    chunk.bytes.fill(0, from, to);
+    if (chunk.bytes.equals(ZERO_CHUNK)) {
+      if (provision) this.setEntry(index, null);
+      else this.deleteEntry(index);
     }
   }
 
@@ -262,6 +340,8 @@ export class MemoryVolume implements Volume {
     this.closed = true;
     this.chunks.clear();
     this.groupEntries.clear();
+    this.partialSlabs.clear();
     this.dataChunkCount = 0;
+    this.slabCount = 0;
   }
 }

@@ -134,8 +134,10 @@ describe('MemoryVolume', () => {
     await vol.zero(MEMORY_CHUNK_BYTES + 10, 100, { noHole: false, fastZero: true, fua: false });
     assert.equal(vol.allocatedBytes, 0);
     await vol.write(0, Buffer.alloc(3 * MEMORY_CHUNK_BYTES, 2), false);
+    assert.equal(vol.slabBytes, 1024 * 1024);
     await vol.trim(0, 3 * MEMORY_CHUNK_BYTES, true);
     assert.equal(vol.allocatedBytes, 0);
+    assert.equal(vol.slabBytes, 0, 'an empty slab is released');
     assert.ok((await vol.read(0, 3 * MEMORY_CHUNK_BYTES)).equals(Buffer.alloc(3 * MEMORY_CHUNK_BYTES)));
   });
 
@@ -175,6 +177,23 @@ describe('MemoryVolume', () => {
     await vol.trim(0, size, false);
     assert.equal(vol.allocatedBytes, 0);
     assert.ok(Date.now() - t0 < 2000, 'sparse operations do not walk the whole range');
+  });
+
+  it('reuses freed chunk memory, zeroing it for partial writes', async () => {
+    const vol = MemoryVolume.create(64 * MEMORY_CHUNK_BYTES);
+    await vol.write(0, Buffer.alloc(32 * MEMORY_CHUNK_BYTES, 0xff), false);
+    assert.equal(vol.slabBytes, 2 * 1024 * 1024);
+    for (let i = 0; i < 32; i += 2) await vol.trim(i * MEMORY_CHUNK_BYTES, MEMORY_CHUNK_BYTES, false);
+    assert.equal(vol.allocatedBytes, 16 * MEMORY_CHUNK_BYTES);
+    // Sixteen partial writes land in the freed (recycled) slots: no new slab, and zeroes around the data.
+    for (let i = 0; i < 16; i++) await vol.write((40 + i) * MEMORY_CHUNK_BYTES + 100, Buffer.from([i + 1]), false);
+    assert.equal(vol.slabBytes, 2 * 1024 * 1024);
+    for (let i = 0; i < 16; i++) {
+      const chunk = await vol.read((40 + i) * MEMORY_CHUNK_BYTES, MEMORY_CHUNK_BYTES);
+      const expect = Buffer.alloc(MEMORY_CHUNK_BYTES);
+      expect[100] = i + 1;
+      assert.ok(chunk.equals(expect), `chunk ${40 + i}`);
+    }
   });
 
   it('fails writes with ENOSPC beyond its memory cap, instead of exhausting the process', async () => {
