@@ -13,6 +13,7 @@
 #include <nmmintrin.h>
 
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 namespace nvm {
@@ -239,13 +240,13 @@ Napi::Value PqGen(const Napi::CallbackInfo& info) {
 }  // namespace
 
 void InitChecksum(Napi::Env env, Napi::Object exports) {
-  static bool initialized = false;
-  if (!initialized) {
+  // Once per process, even when worker threads load the addon concurrently.
+  static std::once_flag once;
+  std::call_once(once, [] {
     BuildTable();
     __builtin_cpu_init();
     g_hw = __builtin_cpu_supports("sse4.2");
-    initialized = true;
-  }
+  });
   exports.Set("crc32c", Napi::Function::New(env, Crc32c, "crc32c"));
   exports.Set("crc32cPortable", Napi::Function::New(env, Crc32cPortable, "crc32cPortable"));
   exports.Set("crc32cHardware", Napi::Boolean::New(env, g_hw));
