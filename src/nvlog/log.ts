@@ -137,6 +137,10 @@ export class NvLog {
   private durable: number;
   private readonly spaceWaiters: PendingAppend[] = [];
   private spaceWaitersHead = 0;
+  /** Appends ever queued / ever dequeued (written or rejected), for queueBarrier(). */
+  private queuedTotal = 0;
+  private dequeuedTotal = 0;
+  private readonly barriers: Array<{ until: number; resolve: () => void }> = [];
   private readonly durableWaiters: DurableWaiter[] = [];
   private persistInFlight = false;
   private persistRoundCount = 0;
@@ -316,7 +320,24 @@ export class NvLog {
     }
     return new Promise<number>((resolve, reject) => {
       this.spaceWaiters.push({ ...a, resolve, reject });
+      this.queuedTotal++;
     });
+  }
+
+  /** Resolves once every append queued before this call has been written (or rejected). */
+  queueBarrier(): Promise<void> {
+    if (this.dequeuedTotal >= this.queuedTotal) return Promise.resolve();
+    return new Promise((resolve) => this.barriers.push({ until: this.queuedTotal, resolve }));
+  }
+
+  private settleBarriers(): void {
+    if (this.barriers.length === 0) return;
+    let kept = 0;
+    for (const b of this.barriers) {
+      if (b.until <= this.dequeuedTotal) b.resolve();
+      else this.barriers[kept++] = b;
+    }
+    this.barriers.length = kept;
   }
 
   private fits(half: Half, a: { type: RecordType; lengthBytes: number }): boolean {
@@ -394,8 +415,10 @@ export class NvLog {
         assert(this.fits(this.active, w), 'waiter does not fit an empty half');
       }
       this.spaceWaitersHead++;
+      this.dequeuedTotal++;
       w.resolve(this.writeRecord(w));
     }
+    this.settleBarriers();
     if (this.spaceWaitersHead === this.spaceWaiters.length) {
       this.spaceWaiters.length = 0;
       this.spaceWaitersHead = 0;
@@ -520,6 +543,8 @@ export class NvLog {
     for (let i = this.spaceWaitersHead; i < this.spaceWaiters.length; i++) this.spaceWaiters[i]!.reject(e);
     this.spaceWaiters.length = 0;
     this.spaceWaitersHead = 0;
+    this.dequeuedTotal = this.queuedTotal;
+    this.settleBarriers();
   }
 
   get failed(): boolean {
@@ -552,6 +577,8 @@ export class NvLog {
     for (let i = this.spaceWaitersHead; i < this.spaceWaiters.length; i++) this.spaceWaiters[i]!.reject(e);
     this.spaceWaiters.length = 0;
     this.spaceWaitersHead = 0;
+    this.dequeuedTotal = this.queuedTotal;
+    this.settleBarriers();
     for (const w of this.durableWaiters) w.reject(e);
     this.durableWaiters.length = 0;
     this.state = 'closed';

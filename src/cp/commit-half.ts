@@ -1,0 +1,84 @@
+/**
+ * Draining one frozen NVRAM half into the block tree: build the BlockChange list from
+ * the half's index and commit it.
+ *
+ * Invariants:
+ * - The changes are exactly the half's final effect: for every lbn the half wrote, its
+ *   newest logged 4 KiB; for every lbn inside one of its zero ranges that the half did
+ *   not later write and that the tree holds data for, a hole.
+ * - Only the last commit of a half carries the half's watermark (its last seq) and the
+ *   snapshot ops. Earlier commits (when the change list is larger than a chunk, e.g. a
+ *   trim of a large allocated range) carry the previous watermark: if the process dies
+ *   between them, replay re-applies the whole half, which is idempotent because it
+ *   overwrites every lbn the half touched.
+ * - Data buffers handed to the tree are views into the NVRAM region; the half is not
+ *   written or released until every commit using them has resolved.
+ * - Work is chunked (at most CHUNK_CHANGES_MAX changes per commit, tree queries capped)
+ *   so memory stays bounded and the event loop is yielded between pieces.
+ */
+import { EXTENT_HOLE } from '../volume/types';
+import type { BlockChange, BlockTreeApi, CommitResult, CpMeta, SnapshotOp } from '../tree/types';
+import type { Half, NvLog } from '../nvlog/log';
+import { assert } from '../util/assert';
+
+export const CHUNK_CHANGES_MAX = 65536;
+/** Blocks asked of tree.blockStatus per call while expanding a zero range. */
+const STATUS_QUERY_BLOCKS = 1 << 20;
+const STATUS_QUERY_EXTENTS = 4096;
+
+export interface HalfCommitResult {
+  commits: CommitResult[];
+  blocksWritten: number;
+  blocksFreed: number;
+}
+
+/**
+ * Commits `half` into the tree with final meta `meta` and snapshot `ops`. The log must
+ * keep the half frozen until this resolves.
+ */
+export async function commitHalf(log: NvLog, tree: BlockTreeApi, half: Half, meta: CpMeta, ops: SnapshotOp[] = []): Promise<HalfCommitResult> {
+  const blocks = half.index.blocks;
+  const out: HalfCommitResult = { commits: [], blocksWritten: 0, blocksFreed: 0 };
+  let chunk: BlockChange[] = [];
+  const generation = half.generation;
+
+  const commit = async (final: boolean): Promise<void> => {
+    chunk.sort((a, b) => a.lbn - b.lbn);
+    const m = final ? meta : tree.stats().meta;
+    const r = await tree.commitCp(chunk, m, final ? ops : []);
+    assert(half.generation === generation, 'half was released during its CP');
+    out.commits.push(r);
+    out.blocksWritten += r.blocksWritten;
+    out.blocksFreed += r.blocksFreed;
+    chunk = [];
+  };
+
+  // Holes: the merged zero ranges, restricted to what the tree holds and the half did not rewrite.
+  for (const range of half.index.mergedZeroRanges()) {
+    let lbn = range.startLbn;
+    while (lbn < range.endLbn) {
+      const count = Math.min(range.endLbn - lbn, STATUS_QUERY_BLOCKS);
+      const extents = await tree.blockStatus(lbn, count, STATUS_QUERY_EXTENTS);
+      assert(extents.length > 0, 'tree.blockStatus returned no extent');
+      for (const e of extents) {
+        assert(e.lengthBytes > 0 && e.lengthBytes % 4096 === 0, `tree extent of ${e.lengthBytes} bytes`);
+        const n = e.lengthBytes / 4096;
+        assert(lbn + n <= range.endLbn, 'tree extent beyond the query');
+        if ((e.flags & EXTENT_HOLE) === 0) {
+          for (let i = 0; i < n; i++) {
+            if (blocks.has(lbn + i)) continue;
+            chunk.push({ lbn: lbn + i, data: null });
+            if (chunk.length >= CHUNK_CHANGES_MAX) await commit(false);
+          }
+        }
+        lbn += n;
+      }
+    }
+  }
+  for (const [lbn, regionOffset] of blocks) {
+    chunk.push({ lbn, data: log.blockView(regionOffset) });
+    if (chunk.length >= CHUNK_CHANGES_MAX) await commit(false);
+  }
+  await commit(true);
+  return out;
+}

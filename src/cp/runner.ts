@@ -1,0 +1,205 @@
+/**
+ * The consistency-point scheduler: decides when a CP runs (a half filled, the interval
+ * timer fired, or someone asked: snapshot ops, flush-to-tree, close) and runs them one
+ * at a time.
+ *
+ * Invariants:
+ * - At most one CP runs at a time (`loop` is the only caller of commitHalf after open).
+ * - A demand with target seq T resolves only after a CP whose watermark is >= T is
+ *   durable; its snapshot ops are applied in that CP (so a snapshot holds every write
+ *   acknowledged before it was asked for).
+ * - The timer only freezes a non-empty active half; the loop never spins: each pass
+ *   either commits a half, commits the pending ops, or stops.
+ * - Pending demands are capped (DEMANDS_MAX); more are refused with an error, not queued.
+ * - A failed CP fails the log (EIO for every later write) and every pending demand;
+ *   the durable state on disk is the previous CP plus the NVRAM, which recovery replays.
+ */
+import type { Clock } from '../io/types';
+import type { BlockTreeApi, CommitResult, SnapshotOp } from '../tree/types';
+import type { NvLog } from '../nvlog/log';
+import { VolumeError } from '../volume/errors';
+import { assert } from '../util/assert';
+import { log as logger } from '../util/log';
+import { commitHalf } from './commit-half';
+
+export const DEMANDS_MAX = 1024;
+export const CP_INTERVAL_MS_DEFAULT = 10_000;
+
+export interface CpRunnerOptions {
+  log: NvLog;
+  tree: BlockTreeApi;
+  clock: Clock;
+  /** Timer period; 0 disables the timer. */
+  cpIntervalMs: number;
+}
+
+export interface CpStats {
+  cpsRun: number;
+  running: boolean;
+  lastCpDurationMs: number;
+  lastCpEndMs: number;
+  cpDurationMsMax: number;
+}
+
+interface Demand {
+  targetSeq: number;
+  ops: SnapshotOp[];
+  resolve: (r: CommitResult | undefined) => void;
+  reject: (e: Error) => void;
+}
+
+export class CpRunner {
+  private readonly log: NvLog;
+  private readonly tree: BlockTreeApi;
+  private readonly clock: Clock;
+  private readonly intervalMs: number;
+  private timer: { cancel(): void } | undefined;
+  private loopPromise: Promise<void> | undefined;
+  private looping = false;
+  private readonly demands: Demand[] = [];
+  private failure: Error | undefined;
+  private stopped = false;
+  private readonly st: CpStats = { cpsRun: 0, running: false, lastCpDurationMs: 0, lastCpEndMs: 0, cpDurationMsMax: 0 };
+  /** Called after each CP commits (for status, control socket, mirroring later). */
+  onCommitted: ((r: CommitResult) => void) | undefined;
+
+  constructor(opts: CpRunnerOptions) {
+    assert(opts.cpIntervalMs >= 0 && Number.isFinite(opts.cpIntervalMs), `bad cpIntervalMs ${opts.cpIntervalMs}`);
+    this.log = opts.log;
+    this.tree = opts.tree;
+    this.clock = opts.clock;
+    this.intervalMs = opts.cpIntervalMs;
+    this.log.onFrozen = () => this.kick();
+    this.armTimer();
+  }
+
+  stats(): CpStats {
+    return { ...this.st };
+  }
+
+  private armTimer(): void {
+    if (this.intervalMs === 0 || this.stopped) return;
+    this.timer = this.clock.setTimeout(() => {
+      this.timer = undefined;
+      if (this.stopped) return;
+      if (!this.st.running) this.log.freezeActive(); // triggers kick() through onFrozen
+      this.armTimer();
+    }, this.intervalMs);
+  }
+
+  /** Starts the loop if it is not running. */
+  kick(): void {
+    if (this.looping || this.failure) return;
+    // Set before loop() runs: its synchronous part may freeze a half, which calls kick() again.
+    this.looping = true;
+    this.loopPromise = this.loop().finally(() => {
+      this.looping = false;
+      this.loopPromise = undefined;
+      // Work may have arrived while the loop was finishing.
+      if (!this.failure && (this.log.frozenHalf() || this.demands.length > 0)) this.kick();
+    });
+  }
+
+  /**
+   * Runs CPs until everything appended before this call is in the tree, applying `ops`
+   * in the CP that gets there. Resolves with that CP's result (undefined if nothing
+   * needed committing and there were no ops).
+   */
+  requestCp(ops: SnapshotOp[] = []): Promise<CommitResult | undefined> {
+    if (this.failure) return Promise.reject(this.failure);
+    if (this.stopped) return Promise.reject(new VolumeError('ESHUTDOWN', 'volume is closing'));
+    if (this.demands.length >= DEMANDS_MAX) return Promise.reject(new VolumeError('ENOMEM', `more than ${DEMANDS_MAX} CP requests pending`));
+    return new Promise((resolve, reject) => {
+      this.demands.push({ targetSeq: this.log.lastSeq, ops: [...ops], resolve, reject });
+      this.kick();
+    });
+  }
+
+  private async loop(): Promise<void> {
+    try {
+      for (;;) {
+        const frozen = this.log.frozenHalf();
+        const committedSeq = this.tree.stats().meta.nvlogSeq;
+        if (frozen) {
+          const ready = this.demands.filter((d) => d.targetSeq <= frozen.lastSeq);
+          const ops = ready.flatMap((d) => d.ops);
+          const r = await this.runOne(async () => {
+            const res = await commitHalf(this.log, this.tree, frozen, { nvlogSeq: frozen.lastSeq, nvlogEpoch: this.log.epoch }, ops);
+            this.log.releaseFrozen(frozen);
+            return res.commits[res.commits.length - 1];
+          });
+          this.settle(ready, r);
+          continue;
+        }
+        if (this.demands.length === 0) return;
+        // Demands beyond the committed watermark need the active half frozen first.
+        if (this.demands.some((d) => d.targetSeq > committedSeq)) {
+          if (!this.log.freezeActive()) {
+            if (this.log.failed) throw new VolumeError('EIO', 'NVRAM log failed');
+            assert(false, 'active half empty but a demand is beyond the committed watermark');
+          }
+          continue;
+        }
+        // Everything demanded is committed: an empty CP applies pending snapshot ops.
+        const ready = [...this.demands];
+        const ops = ready.flatMap((d) => d.ops);
+        if (ops.length === 0) {
+          this.settle(ready, undefined);
+          continue;
+        }
+        const r = await this.runOne(() => this.tree.commitCp([], { nvlogSeq: committedSeq, nvlogEpoch: this.tree.stats().meta.nvlogEpoch }, ops));
+        this.settle(ready, r);
+      }
+    } catch (e) {
+      const err = e instanceof VolumeError ? e : new VolumeError('EIO', `consistency point failed: ${e instanceof Error ? e.message : String(e)}`);
+      logger().error({ err: e }, 'consistency point failed; the volume stops taking writes (recovery will replay the NVRAM log)');
+      this.failure = err;
+      this.log.fail(err);
+      for (const d of this.demands.splice(0)) d.reject(err);
+    }
+  }
+
+  private async runOne(fn: () => Promise<CommitResult | undefined>): Promise<CommitResult | undefined> {
+    const t0 = this.clock.nowMs();
+    this.st.running = true;
+    try {
+      const r = await fn();
+      const t1 = this.clock.nowMs();
+      this.st.cpsRun++;
+      this.st.lastCpDurationMs = t1 - t0;
+      this.st.lastCpEndMs = t1;
+      this.st.cpDurationMsMax = Math.max(this.st.cpDurationMsMax, t1 - t0);
+      if (r) this.onCommitted?.(r);
+      return r;
+    } finally {
+      this.st.running = false;
+    }
+  }
+
+  private settle(ready: Demand[], r: CommitResult | undefined): void {
+    for (const d of ready) {
+      const i = this.demands.indexOf(d);
+      assert(i >= 0, 'demand settled twice');
+      this.demands.splice(i, 1);
+      d.resolve(r);
+    }
+  }
+
+  get failed(): Error | undefined {
+    return this.failure;
+  }
+
+  /** Waits for the running CP, commits everything logged, and stops the timer. */
+  async close(): Promise<void> {
+    this.armTimerCancel();
+    if (!this.failure) await this.requestCp();
+    this.stopped = true;
+    this.armTimerCancel();
+    await this.loopPromise;
+  }
+
+  private armTimerCancel(): void {
+    this.timer?.cancel();
+    this.timer = undefined;
+  }
+}

@@ -1,0 +1,437 @@
+/**
+ * Volume directories: `nvmirror create DIR` lays one out, `serve`/`attach`/`snapshot`/
+ * `status`/`check` open it.
+ *
+ *   DIR/nvmirror.json   label: format version, uuid, size, block size, members, NVRAM
+ *   DIR/nvmirror.lock   flock'ed exclusively by the one process that has the volume open
+ *   DIR/nvram.log       the NVRAM region (default; preallocated, zeroed)
+ *   DIR/member-0.img    the member (default; sparse)
+ *   DIR/control.sock    the serving process's control socket (engine-control.ts)
+ *
+ * Invariants:
+ * - The label is written last during create (temp file, fsync, rename, fsync DIR): a
+ *   directory with a label holds a complete, formatted volume.
+ * - A volume is open in at most one process: open takes the lock before touching
+ *   anything else and keeps it until close() has closed everything.
+ * - Relative member/NVRAM paths in the label are relative to DIR.
+ * - Every bad argument or bad directory is a one-line Error naming what is wrong.
+ */
+import * as crypto from 'crypto';
+import * as fs from 'fs';
+import * as path from 'path';
+import type { ExportRegistry } from '../nbd/exports';
+import type { Clock } from '../io/types';
+import { BLOCK_SIZE_BYTES, systemClock } from '../io/types';
+import { FileBlockDevice, syncDirectory } from '../io/file-device';
+import { MmapNvram } from '../io/mmap-nvram';
+import * as native from '../io/native';
+import { BlockTree } from '../tree/tree';
+import { MAX_DEVICE_BLOCKS, MAX_VOLUME_BYTES } from '../tree/layout';
+import { NvLog } from '../nvlog/log';
+import { REGION_MIN_BYTES, REGION_MAX_BYTES } from '../nvlog/format';
+import { formatSize } from '../util/size';
+import { log as logger } from '../util/log';
+import { EngineVolume } from './engine';
+import { VolumeDirExports } from './engine-snapshot';
+import { ControlServer, CONTROL_SOCKET_NAME, type ControlRequest } from './engine-control';
+
+export const LABEL_NAME = 'nvmirror.json';
+export const LOCK_NAME = 'nvmirror.lock';
+export const NVRAM_DEFAULT_NAME = 'nvram.log';
+export const NVRAM_DEFAULT_BYTES = 64 * 1024 * 1024;
+export const LABEL_FORMAT = 'nvmirror-volume';
+export const LABEL_VERSION = 1;
+const LABEL_MAX_BYTES = 64 * 1024;
+const BS = BLOCK_SIZE_BYTES;
+
+export interface VolumeLabel {
+  format: typeof LABEL_FORMAT;
+  version: number;
+  uuid: string;
+  sizeBytes: number;
+  blockSizeBytes: number;
+  members: Array<{ path: string; blockCount: number }>;
+  nvram: { path: string; sizeBytes: number };
+  createdMs: number;
+}
+
+export interface CreateVolumeDirOptions {
+  sizeBytes: number;
+  /** Member file paths (default: DIR/member-0.img). One member until RAID lands. */
+  members?: string[];
+  nvramPath?: string;
+  nvramSizeBytes?: number;
+  clock?: Clock;
+}
+
+export interface OpenVolumeDirOptions {
+  readOnly: boolean;
+  /** NBD export name of the live volume (default ""); snapshots are NAME@SNAP. */
+  exportName?: string;
+  cpIntervalMs?: number;
+  clock?: Clock;
+  /** Listen on DIR/control.sock (default true). */
+  control?: boolean;
+}
+
+export interface OpenedVolumeDir {
+  dir: string;
+  label: VolumeLabel;
+  volume: EngineVolume;
+  exports: ExportRegistry;
+  close(): Promise<void>;
+}
+
+/** Device blocks for a volume: data, address and space-map blocks, CoW headroom for in-flight CPs and snapshots. */
+export function memberBlocksFor(sizeBytes: number, nvramSizeBytes: number): number {
+  const data = Math.ceil(sizeBytes / BS);
+  const metadata = Math.ceil(data / 160) + Math.ceil(data / 30000) + 64;
+  const snapshotHeadroom = Math.ceil(data / 4);
+  const cpHeadroom = 8 * Math.ceil(nvramSizeBytes / BS) + 3 * 65536;
+  return data + metadata + snapshotHeadroom + cpHeadroom;
+}
+
+function resolveIn(dir: string, p: string): string {
+  return path.isAbsolute(p) ? p : path.join(dir, p);
+}
+
+async function exists(p: string): Promise<boolean> {
+  try {
+    await fs.promises.lstat(p);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+// ---- label ----
+
+function validateLabel(v: unknown, where: string): VolumeLabel {
+  const bad = (what: string): never => {
+    throw new Error(`${where}: bad volume label (${what})`);
+  };
+  if (typeof v !== 'object' || v === null) bad('not an object');
+  const o = v as Record<string, unknown>;
+  if (o.format !== LABEL_FORMAT) bad(`format is not "${LABEL_FORMAT}"`);
+  if (o.version !== LABEL_VERSION) bad(`unsupported version ${String(o.version)}`);
+  if (typeof o.uuid !== 'string' || !/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/.test(o.uuid)) bad('uuid');
+  if (typeof o.sizeBytes !== 'number' || !Number.isSafeInteger(o.sizeBytes) || o.sizeBytes <= 0 || o.sizeBytes % BS !== 0) bad('sizeBytes');
+  if (o.blockSizeBytes !== BS) bad(`blockSizeBytes must be ${BS}`);
+  if (!Array.isArray(o.members) || o.members.length !== 1) bad('exactly one member is supported');
+  for (const m of o.members as unknown[]) {
+    const mm = m as Record<string, unknown>;
+    if (typeof mm !== 'object' || mm === null || typeof mm.path !== 'string' || typeof mm.blockCount !== 'number' || !Number.isSafeInteger(mm.blockCount)) bad('member');
+  }
+  const nv = o.nvram as Record<string, unknown> | undefined;
+  if (typeof nv !== 'object' || nv === null || typeof nv.path !== 'string' || typeof nv.sizeBytes !== 'number' || !Number.isSafeInteger(nv.sizeBytes)) bad('nvram');
+  if (typeof o.createdMs !== 'number') bad('createdMs');
+  return o as unknown as VolumeLabel;
+}
+
+export async function readLabel(dir: string): Promise<VolumeLabel> {
+  const p = path.join(dir, LABEL_NAME);
+  let st: fs.Stats;
+  try {
+    st = await fs.promises.stat(dir);
+  } catch {
+    throw new Error(`no such volume directory: ${dir}`);
+  }
+  if (!st.isDirectory()) throw new Error(`not a directory: ${dir}`);
+  let text: string;
+  try {
+    const fst = await fs.promises.stat(p);
+    if (fst.size > LABEL_MAX_BYTES) throw new Error(`${p}: label is larger than ${LABEL_MAX_BYTES} bytes`);
+    text = await fs.promises.readFile(p, 'utf8');
+  } catch (e) {
+    if (native.errnoCode(e) === 'ENOENT') throw new Error(`${dir} is not an nvmirror volume directory (no ${LABEL_NAME}; create one with \`nvmirror create\`)`);
+    throw e;
+  }
+  let v: unknown;
+  try {
+    v = JSON.parse(text);
+  } catch {
+    throw new Error(`${p}: bad volume label (not JSON)`);
+  }
+  return validateLabel(v, p);
+}
+
+async function writeLabel(dir: string, label: VolumeLabel): Promise<void> {
+  const p = path.join(dir, LABEL_NAME);
+  const tmp = `${p}.tmp-${process.pid}`;
+  const fh = await fs.promises.open(tmp, 'w', 0o644);
+  try {
+    await fh.writeFile(`${JSON.stringify(label, null, 2)}\n`);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  await fs.promises.rename(tmp, p);
+  await syncDirectory(dir);
+}
+
+// ---- lock ----
+
+export interface DirLock {
+  release(): Promise<void>;
+}
+
+/** Takes the volume's exclusive lock; throws "volume DIR is already in use by another process". */
+export async function lockVolumeDir(dir: string): Promise<DirLock> {
+  const fh = await fs.promises.open(path.join(dir, LOCK_NAME), fs.constants.O_RDWR | fs.constants.O_CREAT, 0o644);
+  let locked = false;
+  try {
+    locked = native.flockExclusive(fh.fd);
+  } finally {
+    if (!locked) await fh.close();
+  }
+  if (!locked) throw new Error(`volume ${dir} is already in use by another process`);
+  let released = false;
+  return {
+    release: async () => {
+      if (released) return;
+      released = true;
+      await fh.close(); // closing the last descriptor drops the flock
+    },
+  };
+}
+
+/** True if another process holds the volume's lock (it is being served). */
+export async function volumeDirInUse(dir: string): Promise<boolean> {
+  try {
+    const l = await lockVolumeDir(dir);
+    await l.release();
+    return false;
+  } catch (e) {
+    if (e instanceof Error && e.message.includes('already in use')) return true;
+    throw e;
+  }
+}
+
+// ---- create ----
+
+export async function createVolumeDir(dir: string, opts: CreateVolumeDirOptions): Promise<VolumeLabel> {
+  const { sizeBytes } = opts;
+  if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0) throw new Error(`bad size ${sizeBytes}: must be a positive number of bytes`);
+  if (sizeBytes % BS !== 0) throw new Error(`bad size ${formatSize(sizeBytes)}: must be a multiple of ${BS} bytes`);
+  if (sizeBytes > MAX_VOLUME_BYTES) throw new Error(`bad size ${formatSize(sizeBytes)}: the largest volume is ${formatSize(MAX_VOLUME_BYTES)}`);
+  const nvramSizeBytes = opts.nvramSizeBytes ?? NVRAM_DEFAULT_BYTES;
+  if (!Number.isSafeInteger(nvramSizeBytes) || nvramSizeBytes < REGION_MIN_BYTES) {
+    throw new Error(`NVRAM size ${formatSize(nvramSizeBytes)} is too small: at least ${formatSize(REGION_MIN_BYTES)}`);
+  }
+  if (nvramSizeBytes > REGION_MAX_BYTES) throw new Error(`NVRAM size ${formatSize(nvramSizeBytes)} is too large: at most ${formatSize(REGION_MAX_BYTES)}`);
+  if (nvramSizeBytes % BS !== 0) throw new Error(`NVRAM size ${formatSize(nvramSizeBytes)} must be a multiple of ${BS} bytes`);
+  const memberPaths = opts.members && opts.members.length > 0 ? opts.members : ['member-0.img'];
+  if (memberPaths.length !== 1) throw new Error(`give at most one --member (RAID levels over several members are not supported yet)`);
+  const blockCount = memberBlocksFor(sizeBytes, nvramSizeBytes);
+  if (blockCount > MAX_DEVICE_BLOCKS) throw new Error(`bad size ${formatSize(sizeBytes)}: the member would exceed ${formatSize(MAX_DEVICE_BLOCKS * BS)}`);
+
+  if (await exists(dir)) {
+    const st = await fs.promises.stat(dir);
+    if (!st.isDirectory()) throw new Error(`${dir} exists and is not a directory`);
+    const entries = await fs.promises.readdir(dir);
+    if (entries.length > 0) throw new Error(`${dir} is not empty`);
+  } else {
+    await fs.promises.mkdir(dir, { recursive: true });
+  }
+  const absDir = path.resolve(dir);
+  const nvramRel = opts.nvramPath ?? NVRAM_DEFAULT_NAME;
+  const nvramAbs = resolveIn(absDir, nvramRel);
+  const memberAbs = memberPaths.map((m) => resolveIn(absDir, m));
+  for (const p of [nvramAbs, ...memberAbs]) if (await exists(p)) throw new Error(`${p} already exists`);
+
+  const lock = await lockVolumeDir(absDir);
+  const created: string[] = [];
+  try {
+    const uuid = crypto.randomUUID();
+    const clock = opts.clock ?? systemClock;
+    const dev = await FileBlockDevice.create(memberAbs[0]!, blockCount);
+    created.push(memberAbs[0]!);
+    try {
+      await BlockTree.format(dev, { sizeBytes, volumeUuid: uuid, clock });
+    } finally {
+      await dev.close();
+    }
+    const region = await MmapNvram.open(nvramAbs, { sizeBytes: nvramSizeBytes, create: true });
+    created.push(nvramAbs);
+    try {
+      await NvLog.format(region, uuid);
+    } finally {
+      await region.close();
+    }
+    const label: VolumeLabel = {
+      format: LABEL_FORMAT,
+      version: LABEL_VERSION,
+      uuid,
+      sizeBytes,
+      blockSizeBytes: BS,
+      members: [{ path: memberPaths[0]!, blockCount }],
+      nvram: { path: nvramRel, sizeBytes: nvramSizeBytes },
+      createdMs: Math.floor(clock.nowMs()),
+    };
+    await writeLabel(absDir, label);
+    return label;
+  } catch (e) {
+    for (const p of created) await fs.promises.rm(p, { force: true });
+    throw e;
+  } finally {
+    await lock.release();
+  }
+}
+
+// ---- open ----
+
+interface OpenedParts {
+  label: VolumeLabel;
+  dev: FileBlockDevice;
+  tree: BlockTree;
+  region: MmapNvram;
+  lock: DirLock;
+}
+
+/** Opens label, lock, member, tree and NVRAM (no replay). The caller owns what is returned. */
+export async function openVolumeParts(dir: string, readOnly: boolean, clock?: Clock): Promise<OpenedParts> {
+  const absDir = path.resolve(dir);
+  const label = await readLabel(absDir);
+  const lock = await lockVolumeDir(absDir);
+  const undo: Array<() => Promise<void>> = [() => lock.release()];
+  try {
+    const member = label.members[0]!;
+    const dev = await FileBlockDevice.open(resolveIn(absDir, member.path), { readOnly });
+    undo.unshift(() => dev.close());
+    if (dev.blockCount < member.blockCount) throw new Error(`member ${member.path} has ${dev.blockCount} blocks, the label says ${member.blockCount} (truncated?)`);
+    const tree = await BlockTree.open(dev, clock ? { clock } : {});
+    undo.unshift(() => tree.close());
+    if (tree.volumeUuid !== label.uuid) throw new Error(`member ${member.path} belongs to volume ${tree.volumeUuid}, the label says ${label.uuid}`);
+    if (tree.sizeBytes !== label.sizeBytes) throw new Error(`member ${member.path} holds a volume of ${tree.sizeBytes} bytes, the label says ${label.sizeBytes}`);
+    const region = await MmapNvram.open(resolveIn(absDir, label.nvram.path), { sizeBytes: label.nvram.sizeBytes });
+    return { label, dev, tree, region, lock };
+  } catch (e) {
+    for (const f of undo) await f().catch(() => undefined);
+    throw e;
+  }
+}
+
+/** Opens a volume directory for serving: recovery (replay), exports, control socket. */
+export async function openVolumeDir(dir: string, opts: OpenVolumeDirOptions): Promise<OpenedVolumeDir> {
+  const absDir = path.resolve(dir);
+  const parts = await openVolumeParts(absDir, opts.readOnly, opts.clock);
+  let volume: EngineVolume;
+  try {
+    volume = await EngineVolume.open({
+      tree: parts.tree,
+      region: parts.region,
+      readOnly: opts.readOnly,
+      ...(opts.clock ? { clock: opts.clock } : {}),
+      ...(opts.cpIntervalMs !== undefined ? { cpIntervalMs: opts.cpIntervalMs } : {}),
+      description: `nvmirror volume ${absDir} (${formatSize(parts.label.sizeBytes)})`,
+    });
+  } catch (e) {
+    await parts.tree.close().catch(() => undefined);
+    await parts.region.close().catch(() => undefined);
+    await parts.dev.close().catch(() => undefined);
+    await parts.lock.release();
+    throw e;
+  }
+  const exports = new VolumeDirExports(opts.exportName ?? '', volume);
+  let control: ControlServer | undefined;
+  const closeAll = async (): Promise<void> => {
+    let err: unknown;
+    await control?.close().catch(() => undefined);
+    try {
+      await volume.close();
+    } catch (e) {
+      err = e;
+    }
+    await parts.dev.close().catch(() => undefined);
+    await parts.lock.release();
+    if (err) throw err;
+  };
+  if (opts.control !== false) {
+    try {
+      control = await ControlServer.listen(path.join(absDir, CONTROL_SOCKET_NAME), (req) => handleControl(absDir, parts.label, volume, req));
+    } catch (e) {
+      await closeAll();
+      throw e;
+    }
+  }
+  let closing: Promise<void> | undefined;
+  return {
+    dir: absDir,
+    label: parts.label,
+    volume,
+    exports,
+    close: () => {
+      if (!closing) closing = closeAll();
+      return closing;
+    },
+  };
+}
+
+// ---- status ----
+
+export interface VolumeStatus {
+  dir: string;
+  uuid: string;
+  sizeBytes: number;
+  served: boolean;
+  readOnly: boolean;
+  usedBytes: number;
+  deviceBytes: number;
+  snapshots: Array<{ name: string; cpNumber: number; createdMs: number; usedBytes: number }>;
+  cpNumber: number;
+  lastCpMs: number;
+  lastCpDurationMs: number;
+  cpsThisSession: number;
+  nvram: { path: string; sizeBytes: number; usedBytes: number; fillPercent: number; epoch: number; lastSeq: number; durableSeq: number; unreplayedRecords: number };
+}
+
+export function engineStatus(dir: string, label: VolumeLabel, volume: EngineVolume, served: boolean): VolumeStatus {
+  const s = volume.stats();
+  const capacity = 2 * s.nvlog.halfSizeBytes;
+  // A volume opened read-only keeps replayed records as an overlay: report them as the fill.
+  const used = s.readOnly ? volume.log.recoveryHalves().reduce((n, h) => n + h.usedBytes, 0) : s.nvlog.usedBytes;
+  return {
+    dir,
+    uuid: label.uuid,
+    sizeBytes: label.sizeBytes,
+    served,
+    readOnly: s.readOnly,
+    usedBytes: s.tree.usedBlocks * BS,
+    deviceBytes: s.tree.totalBlocks * BS,
+    snapshots: s.tree.snapshots.map((x) => ({ name: x.name, cpNumber: x.cpNumber, createdMs: x.createdMs, usedBytes: x.usedBlocks * BS })),
+    cpNumber: s.tree.cpNumber,
+    lastCpMs: s.tree.lastCpMs,
+    lastCpDurationMs: s.tree.lastCpDurationMs,
+    cpsThisSession: s.cp.cpsRun,
+    nvram: {
+      path: resolveIn(dir, label.nvram.path),
+      sizeBytes: label.nvram.sizeBytes,
+      usedBytes: used,
+      fillPercent: capacity > 0 ? Math.round((used / capacity) * 1000) / 10 : 0,
+      epoch: s.nvlog.epoch,
+      lastSeq: s.nvlog.lastSeq,
+      durableSeq: s.nvlog.durableSeq,
+      unreplayedRecords: s.readOnly ? s.replay.records : 0,
+    },
+  };
+}
+
+async function handleControl(dir: string, label: VolumeLabel, volume: EngineVolume, req: ControlRequest): Promise<Record<string, unknown>> {
+  switch (req.op) {
+    case 'status':
+      return { status: engineStatus(dir, label, volume, true) };
+    case 'list':
+      return { snapshots: volume.listSnapshots() };
+    case 'checkpoint': {
+      if (volume.caps.readOnly) throw new Error('the volume is served read-only');
+      const r = await volume.checkpoint();
+      return { cpNumber: r?.cpNumber ?? volume.stats().tree.cpNumber };
+    }
+    case 'snapshot': {
+      if (volume.caps.readOnly) throw new Error('the volume is served read-only: snapshots cannot be changed');
+      const r = await volume.snapshot({ kind: req.kind, name: req.name });
+      logger().info({ kind: req.kind, name: req.name, cp: r?.cpNumber }, 'snapshot changed');
+      return { cpNumber: r?.cpNumber ?? volume.stats().tree.cpNumber, snapshots: volume.listSnapshots() };
+    }
+  }
+}

@@ -1,0 +1,166 @@
+/**
+ * The control socket of a served volume directory (DIR/control.sock): JSON lines, one
+ * request per line, one response line each, answered in order. Lets `nvmirror status`
+ * and `nvmirror snapshot` talk to the process that holds the volume's lock.
+ *
+ * Requests:  {"op":"status"} | {"op":"snapshot","kind":"create"|"delete","name":N}
+ *            | {"op":"list"} | {"op":"checkpoint"}
+ * Responses: {"ok":true,...} | {"ok":false,"error":"one line"}
+ *
+ * Invariants:
+ * - A request line is at most CONTROL_LINE_MAX_BYTES; a longer one closes the
+ *   connection. At most CONTROL_CONNECTIONS_MAX connections at once; more are closed.
+ * - One request per connection is handled at a time (responses stay in order); lines
+ *   received meanwhile are buffered up to the line cap, then the connection is closed.
+ * - Only the process holding the volume lock listens, so any socket file found at
+ *   start-up is stale and is removed.
+ */
+import * as fs from 'fs';
+import * as net from 'net';
+import { log as logger } from '../util/log';
+
+export const CONTROL_SOCKET_NAME = 'control.sock';
+export const CONTROL_LINE_MAX_BYTES = 64 * 1024;
+export const CONTROL_CONNECTIONS_MAX = 16;
+/** sun_path holds 108 bytes including the terminating NUL. */
+export const UNIX_PATH_MAX_BYTES = 107;
+
+export type ControlRequest =
+  | { op: 'status' }
+  | { op: 'list' }
+  | { op: 'checkpoint' }
+  | { op: 'snapshot'; kind: 'create' | 'delete'; name: string };
+
+export type ControlResponse = { ok: true; [k: string]: unknown } | { ok: false; error: string };
+
+export function parseControlRequest(line: string): ControlRequest {
+  let v: unknown;
+  try {
+    v = JSON.parse(line);
+  } catch {
+    throw new Error('request is not JSON');
+  }
+  if (typeof v !== 'object' || v === null) throw new Error('request must be a JSON object');
+  const o = v as Record<string, unknown>;
+  switch (o.op) {
+    case 'status':
+    case 'list':
+    case 'checkpoint':
+      return { op: o.op };
+    case 'snapshot':
+      if (o.kind !== 'create' && o.kind !== 'delete') throw new Error('snapshot kind must be "create" or "delete"');
+      if (typeof o.name !== 'string' || o.name.length === 0 || o.name.length > 256) throw new Error('snapshot name must be a non-empty string');
+      return { op: 'snapshot', kind: o.kind, name: o.name };
+    default:
+      throw new Error(`unknown op ${JSON.stringify(o.op)}`);
+  }
+}
+
+export class ControlServer {
+  private readonly sockets = new Set<net.Socket>();
+  private constructor(private readonly server: net.Server, readonly path: string) {}
+
+  static async listen(socketPath: string, handle: (req: ControlRequest) => Promise<Record<string, unknown>>): Promise<ControlServer> {
+    if (Buffer.byteLength(socketPath) > UNIX_PATH_MAX_BYTES) {
+      throw new Error(`control socket path ${socketPath} is longer than ${UNIX_PATH_MAX_BYTES} bytes; use a shorter volume directory path`);
+    }
+    await fs.promises.rm(socketPath, { force: true });
+    const server = net.createServer();
+    const cs = new ControlServer(server, socketPath);
+    server.on('connection', (s) => cs.serve(s, handle));
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(socketPath, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+    server.on('error', (e) => logger().error({ err: e.message }, 'control socket error'));
+    return cs;
+  }
+
+  private serve(s: net.Socket, handle: (req: ControlRequest) => Promise<Record<string, unknown>>): void {
+    if (this.sockets.size >= CONTROL_CONNECTIONS_MAX) {
+      s.destroy();
+      return;
+    }
+    this.sockets.add(s);
+    s.on('close', () => this.sockets.delete(s));
+    s.on('error', () => s.destroy());
+    let buf = '';
+    const lines: string[] = [];
+    let busy = false;
+    const next = async (): Promise<void> => {
+      if (busy) return;
+      busy = true;
+      while (lines.length > 0 && !s.destroyed) {
+        const line = lines.shift()!;
+        let resp: ControlResponse;
+        try {
+          const req = parseControlRequest(line);
+          resp = { ok: true, ...(await handle(req)) };
+        } catch (e) {
+          resp = { ok: false, error: e instanceof Error ? e.message : String(e) };
+        }
+        if (!s.destroyed) s.write(`${JSON.stringify(resp)}\n`);
+      }
+      busy = false;
+    };
+    s.setEncoding('utf8');
+    s.on('data', (chunk: string) => {
+      buf += chunk;
+      let nl: number;
+      while ((nl = buf.indexOf('\n')) >= 0) {
+        lines.push(buf.slice(0, nl));
+        buf = buf.slice(nl + 1);
+      }
+      const pending = buf.length + lines.reduce((n, l) => n + l.length, 0);
+      if (pending > CONTROL_LINE_MAX_BYTES) {
+        s.destroy();
+        return;
+      }
+      void next();
+    });
+  }
+
+  async close(): Promise<void> {
+    for (const s of this.sockets) s.destroy();
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    await fs.promises.rm(this.path, { force: true });
+  }
+}
+
+/** Sends one request to a control socket and returns the response; rejects with a one-line Error. */
+export function controlRequest(socketPath: string, req: ControlRequest, timeoutMs: number): Promise<ControlResponse> {
+  return new Promise((resolve, reject) => {
+    const s = net.createConnection(socketPath);
+    let buf = '';
+    let done = false;
+    const finish = (e: Error | undefined, r?: ControlResponse): void => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      s.destroy();
+      if (e) reject(e);
+      else resolve(r as ControlResponse);
+    };
+    const timer = setTimeout(() => finish(new Error(`no answer from ${socketPath} within ${timeoutMs} ms`)), timeoutMs);
+    s.setEncoding('utf8');
+    s.on('connect', () => s.write(`${JSON.stringify(req)}\n`));
+    s.on('data', (chunk: string) => {
+      buf += chunk;
+      if (buf.length > CONTROL_LINE_MAX_BYTES * 16) return finish(new Error('control response too long'));
+      const nl = buf.indexOf('\n');
+      if (nl < 0) return;
+      try {
+        const v = JSON.parse(buf.slice(0, nl)) as ControlResponse;
+        if (typeof v !== 'object' || v === null || typeof v.ok !== 'boolean') throw new Error('bad response');
+        finish(undefined, v);
+      } catch {
+        finish(new Error('control socket answered with something that is not a response'));
+      }
+    });
+    s.on('error', (e) => finish(new Error(`cannot reach ${socketPath}: ${e.message}`)));
+    s.on('close', () => finish(new Error(`${socketPath} closed the connection without answering`)));
+  });
+}

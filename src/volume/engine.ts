@@ -1,0 +1,473 @@
+/**
+ * EngineVolume: the NVRAM-log + consistency-point + copy-on-write-tree volume.
+ *
+ *   write/trim/zero -> a record in the active NVRAM half (acknowledged once copied into
+ *                      the region: survives a process crash) -> the log's block index
+ *   flush / FUA     -> group-committed persist of the covering records
+ *   read            -> newest of: active half index, frozen half index, tree
+ *   CP              -> a full or timed-out half is drained into the tree (src/cp)
+ *
+ * Invariants:
+ * - Every record covers whole 4 KiB blocks: a write covering part of a block merges
+ *   with the block's newest contents first (read-modify-write under BlockLocks, after
+ *   every append queued before it has been written), and logs the whole block.
+ * - Reads resolve each block against the log index synchronously, and only blocks not
+ *   in any half go to the tree, so a read never returns data older than a write that
+ *   completed before it began.
+ * - A write resolves only after its last record is appended and indexed; with FUA
+ *   only after the log says that record is durable. flush() waits for every record
+ *   appended before it: one log shared by all connections, so canMultiConn holds.
+ * - Memory: the log index is bounded by the NVRAM size; reads and status work in
+ *   bounded chunks; writers beyond the NVRAM wait in the log's bounded queue.
+ * - After close() resolves, everything acknowledged is in the tree (final CP).
+ */
+import type { BlockTreeApi, CommitResult, SnapshotInfo, SnapshotOp, TreeStats } from '../tree/types';
+import { BLOCK_SIZE_BYTES, systemClock, type Clock, type NvramRegion, type Random } from '../io/types';
+import { NvLog, type NvLogStats, type ReplaySummary } from '../nvlog/log';
+import { RecordType, RECORD_FLAG_FUA } from '../nvlog/format';
+import { commitHalf } from '../cp/commit-half';
+import { CpRunner, CP_INTERVAL_MS_DEFAULT, type CpStats } from '../cp/runner';
+import { assert } from '../util/assert';
+import { formatSize } from '../util/size';
+import { log as logger } from '../util/log';
+import { VolumeError } from './errors';
+import { EXTENT_HOLE, EXTENT_ZERO, type Extent, type Volume, type VolumeCapabilities, type ZeroOptions } from './types';
+import { BlockLocks } from './engine-locks';
+import { MAX_SNAPSHOTS, snapshotNameProblem } from '../tree/layout';
+
+const BS = BLOCK_SIZE_BYTES;
+export const ENGINE_MAX_PAYLOAD_BYTES = 32 * 1024 * 1024;
+/** Blocks resolved per read step (bounds the tree reads in flight per request). */
+const READ_CHUNK_BLOCKS = 256;
+/** Blocks examined per blockStatus call (a short answer is allowed). */
+const STATUS_WINDOW_BLOCKS = 65536;
+/** Bytes a CACHE request reads ahead (the rest of the hint is ignored). */
+const CACHE_BYTES_MAX = 32 * 1024 * 1024;
+export const SNAPSHOTS_MAX = MAX_SNAPSHOTS;
+
+export interface EngineOptions {
+  tree: BlockTreeApi;
+  region: NvramRegion;
+  readOnly: boolean;
+  clock?: Clock;
+  random?: Random;
+  /** CP timer period (default 10 s; 0 disables the timer). */
+  cpIntervalMs?: number;
+  description?: string;
+}
+
+export interface EngineStats {
+  sizeBytes: number;
+  readOnly: boolean;
+  tree: TreeStats;
+  nvlog: NvLogStats;
+  cp: CpStats;
+  replay: ReplaySummary;
+}
+
+export class EngineVolume implements Volume {
+  readonly sizeBytes: number;
+  readonly caps: VolumeCapabilities;
+  readonly description: string;
+  readonly tree: BlockTreeApi;
+  readonly region: NvramRegion;
+  readonly log: NvLog;
+  private readonly cp: CpRunner | undefined;
+  private readonly locks = new BlockLocks();
+  private readonly pendingSnapshotNames = new Set<string>();
+  private closed = false;
+  private closing: Promise<void> | undefined;
+
+  private constructor(opts: EngineOptions, log: NvLog) {
+    this.tree = opts.tree;
+    this.region = opts.region;
+    this.log = log;
+    this.sizeBytes = opts.tree.sizeBytes;
+    assert(this.sizeBytes % BS === 0, 'volume size must be whole blocks');
+    this.description = opts.description ?? `nvmirror volume ${opts.tree.volumeUuid} (${formatSize(this.sizeBytes)})`;
+    const ro = opts.readOnly;
+    this.caps = {
+      readOnly: ro,
+      canFlush: true,
+      canFua: true,
+      canTrim: !ro,
+      canZero: !ro,
+      canFastZero: !ro,
+      canCache: true,
+      canMultiConn: true,
+      rotational: false,
+      minBlockSizeBytes: 1,
+      preferredBlockSizeBytes: BS,
+      maxPayloadBytes: ENGINE_MAX_PAYLOAD_BYTES,
+    };
+    if (!ro) {
+      this.cp = new CpRunner({ log, tree: opts.tree, clock: opts.clock ?? systemClock, cpIntervalMs: opts.cpIntervalMs ?? CP_INTERVAL_MS_DEFAULT });
+    }
+  }
+
+  /**
+   * Opens an engine over a tree (already opened at its newest valid root) and its NVRAM
+   * region: replays the NVRAM records newer than the tree's watermark. Read-write: the
+   * replayed records are committed in CPs, then a new log epoch starts. Read-only: they
+   * stay an in-memory overlay and nothing is written.
+   */
+  static async open(opts: EngineOptions): Promise<EngineVolume> {
+    const committed = opts.tree.stats().meta;
+    const log = NvLog.open(opts.region, {
+      volumeUuid: opts.tree.volumeUuid,
+      committed,
+      readOnly: opts.readOnly,
+      ...(opts.random ? { random: opts.random } : {}),
+    });
+    const replay = log.replaySummary;
+    if (replay.records > 0 || replay.orphanedRecords > 0) {
+      logger().info({ records: replay.records, firstSeq: replay.firstSeq, lastSeq: replay.lastSeq, orphaned: replay.orphanedRecords }, 'NVRAM replay');
+    }
+    if (!opts.readOnly) {
+      const epoch = log.nextEpoch;
+      for (const half of log.recoveryHalves()) {
+        await commitHalf(log, opts.tree, half, { nvlogSeq: half.lastSeq, nvlogEpoch: epoch });
+      }
+      await log.beginEpoch();
+    }
+    return new EngineVolume(opts, log);
+  }
+
+  private checkOpen(): void {
+    if (this.closed) throw new VolumeError('ESHUTDOWN', 'volume is closed');
+  }
+
+  private checkRange(offset: number, length: number): void {
+    assert(Number.isSafeInteger(offset) && Number.isSafeInteger(length) && offset >= 0 && length >= 0, `bad range ${offset}+${length}`);
+    assert(offset + length <= this.sizeBytes, `range ${offset}+${length} beyond volume of ${this.sizeBytes}`);
+  }
+
+  private checkWritable(): void {
+    this.checkOpen();
+    assert(!this.caps.readOnly, 'write to a read-only engine volume');
+  }
+
+  // ---- reads ----
+
+  /** Copies the part of block `lbn` that overlaps [offset, offset+length) into out. src null = zeroes. */
+  private static place(lbn: number, src: Buffer | null, offset: number, length: number, out: Buffer, outBase: number): void {
+    const blockStart = lbn * BS;
+    const from = Math.max(offset, blockStart);
+    const to = Math.min(offset + length, blockStart + BS);
+    assert(to > from, 'block outside the range');
+    const dstAt = outBase + (from - offset);
+    if (src === null) out.fill(0, dstAt, dstAt + (to - from));
+    else src.copy(out, dstAt, from - blockStart, to - blockStart);
+  }
+
+  async read(offset: number, length: number, dst?: Buffer): Promise<Buffer> {
+    this.checkOpen();
+    this.checkRange(offset, length);
+    assert(dst === undefined || dst.length === length, 'read: dst must be exactly length bytes');
+    const out = dst ?? Buffer.allocUnsafe(length);
+    if (length === 0) return out;
+    const endLbn = Math.ceil((offset + length) / BS);
+    let lbn = Math.floor(offset / BS);
+    while (lbn < endLbn) {
+      const chunkEnd = Math.min(endLbn, lbn + READ_CHUNK_BLOCKS);
+      const resolve = this.log.resolver(lbn, chunkEnd);
+      const fromTree: number[] = [];
+      for (let l = lbn; l < chunkEnd; l++) {
+        const hit = resolve(l);
+        if (hit === undefined) fromTree.push(l);
+        else EngineVolume.place(l, hit.kind === 'zero' ? null : this.log.blockView(hit.regionOffset), offset, length, out, 0);
+      }
+      if (fromTree.length > 0) {
+        const blocks = await Promise.all(fromTree.map((l) => this.tree.readBlock(l)));
+        fromTree.forEach((l, i) => EngineVolume.place(l, blocks[i] ?? null, offset, length, out, 0));
+      }
+      lbn = chunkEnd;
+    }
+    return out;
+  }
+
+  /** A private copy of the newest contents of one block. */
+  private async newestBlock(lbn: number): Promise<Buffer> {
+    const hit = this.log.resolver(lbn, lbn + 1)(lbn);
+    const out = Buffer.alloc(BS);
+    if (hit?.kind === 'data') this.log.copyBlock(hit.regionOffset, out, 0);
+    else if (hit === undefined) {
+      const b = await this.tree.readBlock(lbn);
+      if (b) b.copy(out);
+    }
+    return out;
+  }
+
+  // ---- writes ----
+
+  /** Appends whole blocks at a block-aligned offset, split into records; returns the last seq. */
+  private async appendBlocks(offsetBytes: number, segments: Buffer[], flags: number): Promise<number> {
+    const max = this.log.recordPayloadMaxBytes;
+    let recOffset = offsetBytes;
+    let parts: Buffer[] = [];
+    let partBytes = 0;
+    let seq = -1;
+    for (const seg of segments) {
+      assert(seg.length % BS === 0, 'segment not whole blocks');
+      let at = 0;
+      while (at < seg.length) {
+        const take = Math.min(seg.length - at, max - partBytes);
+        parts.push(at === 0 && take === seg.length ? seg : seg.subarray(at, at + take));
+        partBytes += take;
+        at += take;
+        if (partBytes === max) {
+          seq = await this.log.appendWrite(recOffset, parts, flags);
+          recOffset += partBytes;
+          parts = [];
+          partBytes = 0;
+        }
+      }
+    }
+    if (partBytes > 0) seq = await this.log.appendWrite(recOffset, parts, flags);
+    assert(seq > 0, 'appendBlocks wrote nothing');
+    return seq;
+  }
+
+  /**
+   * Applies a write (data) or a zeroing (data undefined) of [offset, offset+length).
+   * Returns the seq of the last record appended.
+   */
+  private async mutate(offset: number, length: number, data: Buffer | undefined, type: RecordType, flags: number): Promise<number> {
+    const end = offset + length;
+    const startLbn = Math.floor(offset / BS);
+    const endLbn = Math.ceil(end / BS);
+    const partial: number[] = [];
+    if (offset % BS !== 0 || end < (startLbn + 1) * BS) partial.push(startLbn);
+    if (end % BS !== 0 && endLbn - 1 !== startLbn) partial.push(endLbn - 1);
+    const locked = this.locks.lockedIn(startLbn, endLbn);
+    if (partial.length === 0 && locked.length === 0) return this.emit(offset, length, data, type, flags, partial);
+    const handle = this.locks.acquire([...partial, ...locked]);
+    try {
+      await handle.ready;
+      this.checkOpen();
+      // A queued append (waiting for NVRAM space) may cover a partial block: let it land first.
+      if (partial.length > 0) await this.log.queueBarrier();
+      return await this.emit(offset, length, data, type, flags, partial);
+    } finally {
+      handle.release();
+    }
+  }
+
+  private async emit(offset: number, length: number, data: Buffer | undefined, type: RecordType, flags: number, partial: number[]): Promise<number> {
+    const end = offset + length;
+    const startLbn = Math.floor(offset / BS);
+    const endLbn = Math.ceil(end / BS);
+    // Merged copies of the partially covered blocks.
+    const merged = new Map<number, Buffer>();
+    for (const lbn of partial) {
+      const base = await this.newestBlock(lbn);
+      const from = Math.max(offset, lbn * BS);
+      const to = Math.min(end, (lbn + 1) * BS);
+      if (data) data.copy(base, from - lbn * BS, from - offset, to - offset);
+      else base.fill(0, from - lbn * BS, to - lbn * BS);
+      merged.set(lbn, base);
+    }
+    if (data) {
+      const segments: Buffer[] = [];
+      const head = merged.get(startLbn);
+      const tail = endLbn - 1 !== startLbn ? merged.get(endLbn - 1) : undefined;
+      if (head) segments.push(head);
+      const midStart = head ? startLbn + 1 : startLbn;
+      const midEnd = tail ? endLbn - 1 : endLbn;
+      if (midEnd > midStart) segments.push(data.subarray(midStart * BS - offset, midEnd * BS - offset));
+      if (tail) segments.push(tail);
+      return this.appendBlocks(startLbn * BS, segments, flags);
+    }
+    // Zeroing: partial blocks are written merged; whole blocks become one zero/trim record.
+    let seq = -1;
+    const head = merged.get(startLbn);
+    if (head) seq = await this.appendBlocks(startLbn * BS, [head], flags);
+    const wholeStart = head ? startLbn + 1 : startLbn;
+    const tailBuf = endLbn - 1 !== startLbn ? merged.get(endLbn - 1) : undefined;
+    const wholeEnd = tailBuf ? endLbn - 1 : endLbn;
+    if (wholeEnd > wholeStart) seq = await this.log.appendZero(type as RecordType.Trim | RecordType.Zero, wholeStart * BS, (wholeEnd - wholeStart) * BS, flags);
+    if (tailBuf) seq = await this.appendBlocks((endLbn - 1) * BS, [tailBuf], flags);
+    assert(seq > 0, 'zeroing wrote nothing');
+    return seq;
+  }
+
+  async write(offset: number, data: Buffer, fua: boolean): Promise<void> {
+    this.checkWritable();
+    this.checkRange(offset, data.length);
+    assert(data.length <= ENGINE_MAX_PAYLOAD_BYTES, 'write larger than maxPayloadBytes');
+    if (data.length === 0) return;
+    const seq = await this.mutate(offset, data.length, data, RecordType.Write, fua ? RECORD_FLAG_FUA : 0);
+    if (fua) await this.log.waitDurable(seq);
+  }
+
+  async flush(): Promise<void> {
+    this.checkOpen();
+    if (this.caps.readOnly) return;
+    await this.log.flush();
+  }
+
+  async trim(offset: number, length: number, fua: boolean): Promise<void> {
+    this.checkWritable();
+    this.checkRange(offset, length);
+    if (length === 0) return;
+    const seq = await this.mutate(offset, length, undefined, RecordType.Trim, fua ? RECORD_FLAG_FUA : 0);
+    if (fua) await this.log.waitDurable(seq);
+  }
+
+  /** Zeroes a range. Whole blocks become holes (NO_HOLE is a hint we do not follow: holes read as zeroes). */
+  async zero(offset: number, length: number, opts: ZeroOptions): Promise<void> {
+    this.checkWritable();
+    this.checkRange(offset, length);
+    if (length === 0) return;
+    const seq = await this.mutate(offset, length, undefined, RecordType.Zero, opts.fua ? RECORD_FLAG_FUA : 0);
+    if (opts.fua) await this.log.waitDurable(seq);
+  }
+
+  async cache(offset: number, length: number): Promise<void> {
+    this.checkOpen();
+    this.checkRange(offset, length);
+    const n = Math.min(length, CACHE_BYTES_MAX);
+    if (n > 0) await this.read(offset, n);
+  }
+
+  // ---- block status ----
+
+  async blockStatus(offset: number, length: number, maxExtents: number): Promise<Extent[]> {
+    this.checkOpen();
+    this.checkRange(offset, length);
+    assert(length > 0 && maxExtents >= 1, 'blockStatus: empty request');
+    const startLbn = Math.floor(offset / BS);
+    const endLbn = Math.min(Math.ceil((offset + length) / BS), startLbn + STATUS_WINDOW_BLOCKS);
+    // Runs of the log's view (resolved synchronously), with tree runs left to ask.
+    type Run = { startLbn: number; count: number; flags: number | 'tree' };
+    const runs: Run[] = [];
+    if (this.log.indexEmpty) {
+      runs.push({ startLbn, count: endLbn - startLbn, flags: 'tree' });
+    } else {
+      const resolve = this.log.resolver(startLbn, endLbn);
+      for (let l = startLbn; l < endLbn; l++) {
+        const hit = resolve(l);
+        const flags: number | 'tree' = hit === undefined ? 'tree' : hit.kind === 'zero' ? EXTENT_HOLE | EXTENT_ZERO : 0;
+        const last = runs[runs.length - 1];
+        if (last && last.flags === flags) last.count++;
+        else runs.push({ startLbn: l, count: 1, flags });
+      }
+    }
+    const blocks: Extent[] = [];
+    const push = (lengthBytes: number, flags: number): void => {
+      const last = blocks[blocks.length - 1];
+      if (last && last.flags === flags) last.lengthBytes += lengthBytes;
+      else blocks.push({ lengthBytes, flags });
+    };
+    for (const run of runs) {
+      if (blocks.length > maxExtents) break;
+      if (run.flags !== 'tree') {
+        push(run.count * BS, run.flags);
+        continue;
+      }
+      const ext = await this.tree.blockStatus(run.startLbn, run.count, maxExtents + 1);
+      let covered = 0;
+      for (const e of ext) {
+        assert(e.lengthBytes > 0, 'tree returned an empty extent');
+        push(e.lengthBytes, e.flags);
+        covered += e.lengthBytes;
+      }
+      assert(covered <= run.count * BS, 'tree extents beyond the query');
+      if (covered < run.count * BS) break; // the tree answered short: stop here, stay contiguous
+    }
+    // Clip to [offset, offset+length) and to maxExtents.
+    const out: Extent[] = [];
+    let skip = offset - startLbn * BS;
+    let remaining = length;
+    for (const e of blocks) {
+      if (out.length >= maxExtents || remaining === 0) break;
+      let len = e.lengthBytes;
+      if (skip > 0) {
+        const s = Math.min(skip, len);
+        len -= s;
+        skip -= s;
+      }
+      len = Math.min(len, remaining);
+      if (len <= 0) continue;
+      out.push({ lengthBytes: len, flags: e.flags });
+      remaining -= len;
+    }
+    assert(out.length >= 1, 'blockStatus produced nothing');
+    return out;
+  }
+
+  // ---- CPs, snapshots, stats ----
+
+  /** Commits everything logged so far into the tree (a CP on demand). */
+  async checkpoint(): Promise<CommitResult | undefined> {
+    this.checkWritable();
+    assert(this.cp, 'no CP runner');
+    return this.cp.requestCp();
+  }
+
+  listSnapshots(): SnapshotInfo[] {
+    return this.tree.listSnapshots();
+  }
+
+  /** Validates a snapshot op against the current state; throws a one-line Error. */
+  private validateSnapshotOp(op: SnapshotOp): void {
+    const problem = snapshotNameProblem(op.name);
+    if (problem !== null) throw new VolumeError('EINVAL', problem);
+    if (op.name.includes('@')) throw new VolumeError('EINVAL', `bad snapshot name "${op.name}": '@' separates export and snapshot names`);
+    const exists = this.tree.listSnapshots().some((s) => s.name === op.name);
+    if (this.pendingSnapshotNames.has(op.name)) throw new VolumeError('EINVAL', `snapshot "${op.name}" has a change pending`);
+    if (op.kind === 'create') {
+      if (exists) throw new VolumeError('EINVAL', `snapshot "${op.name}" already exists`);
+      if (this.tree.listSnapshots().length + this.pendingSnapshotNames.size >= SNAPSHOTS_MAX) {
+        throw new VolumeError('ENOSPC', `a volume holds at most ${SNAPSHOTS_MAX} snapshots`);
+      }
+    } else if (!exists) {
+      throw new VolumeError('EINVAL', `no snapshot "${op.name}"`);
+    }
+  }
+
+  /** Creates or deletes a snapshot in a CP that holds every write acknowledged before this call. */
+  async snapshot(op: SnapshotOp): Promise<CommitResult | undefined> {
+    this.checkWritable();
+    assert(this.cp, 'no CP runner');
+    this.validateSnapshotOp(op);
+    this.pendingSnapshotNames.add(op.name);
+    try {
+      return await this.cp.requestCp([op]);
+    } finally {
+      this.pendingSnapshotNames.delete(op.name);
+    }
+  }
+
+  stats(): EngineStats {
+    return {
+      sizeBytes: this.sizeBytes,
+      readOnly: this.caps.readOnly,
+      tree: this.tree.stats(),
+      nvlog: this.log.stats(),
+      cp: this.cp?.stats() ?? { cpsRun: 0, running: false, lastCpDurationMs: 0, lastCpEndMs: 0, cpDurationMsMax: 0 },
+      replay: this.log.replaySummary,
+    };
+  }
+
+  /** Final CP (read-write), then closes the log, the tree and the NVRAM region. */
+  close(): Promise<void> {
+    if (!this.closing) this.closing = this.doClose();
+    return this.closing;
+  }
+
+  private async doClose(): Promise<void> {
+    let err: unknown;
+    try {
+      if (this.cp) await this.cp.close();
+    } catch (e) {
+      err = e;
+      logger().error({ err: e }, 'final consistency point failed; the NVRAM log keeps the data for the next open');
+    }
+    this.closed = true;
+    this.log.close();
+    await this.tree.close();
+    await this.region.close();
+    if (err) throw err;
+  }
+}
