@@ -1,0 +1,188 @@
+/**
+ * A real filesystem on nvmirror: nbdfuse exposes the export as a file, losetup turns it
+ * into a block device, mkfs.ext4 + mount + write files + umount + e2fsck -fn, then the
+ * whole stack is torn down (so nothing is left in a page cache) and attached again:
+ * e2fsck once more, mount, and every file's checksum must match. For the file backend the
+ * image file itself is checked with e2fsck after the server exits.
+ * Needs root, /dev/fuse and loop devices. Runs for every backend in BACKENDS.
+ *
+ * Cleanup: every mount, loop device and nbdfuse process is registered with onCleanup
+ * as soon as it exists, so the after hook undoes them even when a step fails.
+ */
+import { strict as assert } from 'assert';
+import { ChildProcess, spawn } from 'child_process';
+import * as crypto from 'crypto';
+import * as fs from 'fs';
+import * as path from 'path';
+import {
+  BACKENDS, CHILD_ENV, MiB, Server, cleanupAll, isRoot, makeTempDir, onCleanup, requireCondition, requireTools, run, runOk,
+  sleep, startServer,
+} from './harness';
+
+const SIZE_BYTES = 128 * MiB;
+
+function isMounted(dir: string): boolean {
+  const mounts = fs.readFileSync('/proc/mounts', 'utf8');
+  return mounts.split('\n').some((l) => l.split(' ')[1] === dir);
+}
+
+/** Starts nbdfuse on `fuseDir` and waits until `fuseDir/nbd` has the export's size. */
+async function attachFuse(fuseDir: string, uri: string, pidFile: string): Promise<{ child: ChildProcess; file: string }> {
+  const child = spawn('nbdfuse', ['-P', pidFile, fuseDir, uri], { env: CHILD_ENV, stdio: ['ignore', 'ignore', 'pipe'] });
+  let err = '';
+  child.stderr?.setEncoding('utf8');
+  child.stderr?.on('data', (s: string) => {
+    if (err.length < 8192) err += s;
+  });
+  onCleanup(async () => {
+    if (isMounted(fuseDir)) await run('fusermount3', ['-u', '-z', fuseDir]);
+    if (child.exitCode === null && child.signalCode === null) {
+      child.kill('SIGTERM');
+      await sleep(200);
+    }
+  });
+  const file = path.join(fuseDir, 'nbd');
+  const deadline = Date.now() + 15_000;
+  while (Date.now() < deadline) {
+    if (child.exitCode !== null) throw new Error(`nbdfuse exited ${child.exitCode}: ${err}`);
+    if (fs.existsSync(pidFile) && isMounted(fuseDir) && fs.statSync(file).size === SIZE_BYTES) return { child, file };
+    await sleep(100);
+  }
+  throw new Error(`nbdfuse did not come up within 15 s: ${err}`);
+}
+
+async function detachFuse(fuseDir: string, child: ChildProcess, pidFile: string): Promise<void> {
+  await runOk('fusermount3', ['-u', fuseDir]);
+  const deadline = Date.now() + 15_000;
+  while (child.exitCode === null && child.signalCode === null) {
+    if (Date.now() > deadline) throw new Error('nbdfuse did not exit after fusermount3 -u');
+    await sleep(50);
+  }
+  assert.equal(child.exitCode, 0, 'nbdfuse exits 0 after unmount');
+  fs.rmSync(pidFile, { force: true });
+}
+
+function loopBackingFile(dev: string): string | undefined {
+  try {
+    return fs.readFileSync(`/sys/block/${path.basename(dev)}/loop/backing_file`, 'utf8').trim();
+  } catch {
+    return undefined;
+  }
+}
+
+async function attachLoop(file: string): Promise<string> {
+  const dev = (await runOk('losetup', ['--find', '--show', file])).trim();
+  assert.match(dev, /^\/dev\/loop\d+$/);
+  onCleanup(async () => {
+    // Detach only if the device still backs our file: a freed loop number may already
+    // belong to someone else's test.
+    if (loopBackingFile(dev) === file) await run('losetup', ['-d', dev]);
+  });
+  return dev;
+}
+
+async function mount(dev: string, dir: string): Promise<void> {
+  await runOk('mount', ['-t', 'ext4', dev, dir]);
+  onCleanup(async () => {
+    if (isMounted(dir)) await run('umount', ['-l', dir]);
+  });
+}
+
+function fileSet(seed: number): Array<{ name: string; data: Buffer }> {
+  // Sizes from a few bytes to several MiB, some not multiples of any block size.
+  const sizes = [1, 100, 4095, 4096, 4097, 65536 + 17, 1 * MiB, 3 * MiB + 1234, 8 * MiB, 12345];
+  return sizes.map((size, i) => {
+    const data = crypto.createHash('sha256').update(`${seed}:${i}`).digest();
+    const buf = Buffer.alloc(size);
+    // Cheap deterministic fill, different for every file and offset.
+    for (let off = 0; off < size; off += 32) {
+      data.copy(buf, off, 0, Math.min(32, size - off));
+      data.writeUInt32LE((data.readUInt32LE(0) + off + 1) >>> 0, 0);
+    }
+    return { name: i % 3 === 0 ? `dir${i}/file${i}.bin` : `file${i}.bin`, data: buf };
+  });
+}
+
+function sha(b: Buffer): string {
+  return crypto.createHash('sha256').update(b).digest('hex');
+}
+
+for (const backend of BACKENDS) {
+  describe(`e2e nbdfuse + loop + ext4: ${backend} backend over unix`, function () {
+    this.timeout(120_000);
+    let server: Server;
+    let tmp: string;
+
+    before(async function () {
+      requireCondition(this, isRoot(), 'root (FUSE, loop devices, mount)');
+      requireCondition(this, fs.existsSync('/dev/fuse') && fs.existsSync('/dev/loop-control'), '/dev/fuse and /dev/loop-control');
+      requireTools(this, 'nbdfuse', 'fusermount3', 'losetup', 'mkfs.ext4', 'e2fsck', 'mount', 'umount');
+      tmp = makeTempDir('nvm-e2e-fuse-');
+      server = await startServer({ backend, transport: 'unix', sizeBytes: SIZE_BYTES });
+    });
+    after(async function () {
+      // Unmount, detach loops and stop nbdfuse (LIFO) before the server goes: a server
+      // with clients still attached is the last thing to stop.
+      await cleanupAll();
+    });
+
+    it('mkfs.ext4, write files, e2fsck clean, reattach, files intact', async function () {
+      const fuseDir = path.join(tmp, 'fuse');
+      const mnt = path.join(tmp, 'mnt');
+      fs.mkdirSync(fuseDir);
+      fs.mkdirSync(mnt);
+      const pidFile = path.join(tmp, 'nbdfuse.pid');
+      const files = fileSet(7);
+
+      // First attachment: make the filesystem and write the files.
+      const f1 = await attachFuse(fuseDir, server.uri, pidFile);
+      const dev1 = await attachLoop(f1.file);
+      await runOk('mkfs.ext4', ['-q', '-F', '-E', 'nodiscard', dev1], { timeoutMs: 60_000 });
+      await mount(dev1, mnt);
+      for (const f of files) {
+        const p = path.join(mnt, f.name);
+        fs.mkdirSync(path.dirname(p), { recursive: true });
+        fs.writeFileSync(p, f.data);
+      }
+      // Delete one file so that ext4 frees blocks (and, mounted with discard, trims them).
+      fs.writeFileSync(path.join(mnt, 'gone.bin'), Buffer.alloc(2 * MiB, 7));
+      await runOk('sync', []);
+      fs.rmSync(path.join(mnt, 'gone.bin'));
+      await runOk('fstrim', [mnt]).catch(() => undefined); // FUSE-backed loop may not support discard
+      await runOk('umount', [mnt]);
+      const fsck1 = await run('e2fsck', ['-fn', dev1], { timeoutMs: 60_000 });
+      assert.equal(fsck1.code, 0, `e2fsck after umount:\n${fsck1.stdout}${fsck1.stderr}`);
+      await runOk('losetup', ['-d', dev1]);
+      await detachFuse(fuseDir, f1.child, pidFile);
+
+      // Second attachment from scratch: nothing can come from a local cache.
+      const f2 = await attachFuse(fuseDir, server.uri, pidFile);
+      const dev2 = await attachLoop(f2.file);
+      const fsck2 = await run('e2fsck', ['-fn', dev2], { timeoutMs: 60_000 });
+      assert.equal(fsck2.code, 0, `e2fsck after reattach:\n${fsck2.stdout}${fsck2.stderr}`);
+      await mount(dev2, mnt);
+      for (const f of files) {
+        const got = fs.readFileSync(path.join(mnt, f.name));
+        assert.equal(got.length, f.data.length, f.name);
+        assert.equal(sha(got), sha(f.data), `${f.name} checksum after reattach`);
+      }
+      assert.ok(!fs.existsSync(path.join(mnt, 'gone.bin')));
+      await runOk('umount', [mnt]);
+      await runOk('losetup', ['-d', dev2]);
+      await detachFuse(fuseDir, f2.child, pidFile);
+
+      // The server flushes and exits 0 on SIGTERM; for the file backend the image is a
+      // clean ext4 filesystem on its own.
+      assert.equal(await server.stop(), 0, 'server exits 0 on SIGTERM');
+      if (backend === 'file' && server.imagePath !== undefined) {
+        const fsck3 = await run('e2fsck', ['-fn', server.imagePath], { timeoutMs: 60_000 });
+        assert.equal(fsck3.code, 0, `e2fsck of the image file:\n${fsck3.stdout}${fsck3.stderr}`);
+        const dev3 = await attachLoop(server.imagePath);
+        await mount(dev3, mnt);
+        for (const f of files) assert.equal(sha(fs.readFileSync(path.join(mnt, f.name))), sha(f.data), `${f.name} in the image file`);
+        await runOk('umount', [mnt]);
+        await runOk('losetup', ['-d', dev3]);
+      }
+    });
+  });
+}
