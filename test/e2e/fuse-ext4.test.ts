@@ -71,7 +71,17 @@ function loopBackingFile(dev: string): string | undefined {
 }
 
 async function attachLoop(file: string): Promise<string> {
-  const dev = (await runOk('losetup', ['--find', '--show', file])).trim();
+  // Another test on this machine may grab the same free loop device: retry a few times.
+  let dev = '';
+  for (let attempt = 0; ; attempt++) {
+    const r = await run('losetup', ['--find', '--show', file]);
+    if (r.code === 0) {
+      dev = r.stdout.trim();
+      break;
+    }
+    if (attempt >= 4) throw new Error(`losetup --find --show ${file}: ${r.stderr}`);
+    await sleep(200 + 300 * attempt);
+  }
   assert.match(dev, /^\/dev\/loop\d+$/);
   onCleanup(async () => {
     // Detach only if the device still backs our file: a freed loop number may already
@@ -103,6 +113,13 @@ function fileSet(seed: number): Array<{ name: string; data: Buffer }> {
   });
 }
 
+/** Bytes the server reports as data (not hole/zero), from nbdinfo --map. */
+async function allocatedBytes(uri: string): Promise<number> {
+  const out = await runOk('nbdinfo', ['--map', '--json', uri]);
+  const extents = JSON.parse(out) as Array<{ length: number; type: number }>;
+  return extents.filter((e) => (e.type & 1) === 0).reduce((sum, e) => sum + e.length, 0);
+}
+
 function sha(b: Buffer): string {
   return crypto.createHash('sha256').update(b).digest('hex');
 }
@@ -116,7 +133,7 @@ for (const backend of BACKENDS) {
     before(async function () {
       requireCondition(this, isRoot(), 'root (FUSE, loop devices, mount)');
       requireCondition(this, fs.existsSync('/dev/fuse') && fs.existsSync('/dev/loop-control'), '/dev/fuse and /dev/loop-control');
-      requireTools(this, 'nbdfuse', 'fusermount3', 'losetup', 'mkfs.ext4', 'e2fsck', 'mount', 'umount');
+      requireTools(this, 'nbdfuse', 'nbdinfo', 'fusermount3', 'losetup', 'mkfs.ext4', 'e2fsck', 'mount', 'umount', 'fstrim');
       tmp = makeTempDir('nvm-e2e-fuse-');
       server = await startServer({ backend, transport: 'unix', sizeBytes: SIZE_BYTES });
     });
@@ -144,11 +161,20 @@ for (const backend of BACKENDS) {
         fs.mkdirSync(path.dirname(p), { recursive: true });
         fs.writeFileSync(p, f.data);
       }
-      // Delete one file so that ext4 frees blocks (and, mounted with discard, trims them).
-      fs.writeFileSync(path.join(mnt, 'gone.bin'), Buffer.alloc(2 * MiB, 7));
+      // A file that is then deleted and trimmed: fstrim goes loop -> fallocate(PUNCH_HOLE)
+      // on the FUSE file -> nbdfuse -> NBD_CMD_TRIM, and the server must free the space.
+      fs.writeFileSync(path.join(mnt, 'gone.bin'), crypto.randomBytes(8 * MiB));
       await runOk('sync', []);
+      const dataBefore = await allocatedBytes(server.uri);
       fs.rmSync(path.join(mnt, 'gone.bin'));
-      await runOk('fstrim', [mnt]).catch(() => undefined); // FUSE-backed loop may not support discard
+      await runOk('sync', []); // ext4 trims only blocks whose free is committed
+      await runOk('fstrim', [mnt]);
+      await runOk('sync', []);
+      const dataAfter = await allocatedBytes(server.uri);
+      assert.ok(
+        dataAfter <= dataBefore - 6 * MiB,
+        `fstrim freed ${((dataBefore - dataAfter) / MiB).toFixed(2)} MiB on the server; expected about 8 (before ${dataBefore}, after ${dataAfter})`,
+      );
       await runOk('umount', [mnt]);
       const fsck1 = await run('e2fsck', ['-fn', dev1], { timeoutMs: 60_000 });
       assert.equal(fsck1.code, 0, `e2fsck after umount:\n${fsck1.stdout}${fsck1.stderr}`);

@@ -204,6 +204,20 @@ describe('e2e TLS', function () {
         }
       });
 
+      it('closes a connection that sends garbage instead of a TLS handshake', async function () {
+        const c = await RawConn.connect(targetOf(server));
+        try {
+          await readGreeting(c);
+          await c.write(clientFlags(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
+          await c.write(option(OPT.STARTTLS));
+          assert.equal((await readOptionReply(c)).type, REP.ACK);
+          await c.write(crypto.randomBytes(2048));
+          assert.ok(await c.waitClosed(10_000), 'server closes after a failed TLS handshake');
+        } finally {
+          c.destroy();
+        }
+      });
+
       it('still serves a good client after all the refusals', async function () {
         assert.ok(server.alive());
         const out = await runOk('nbdinfo', ['--size', tlsUri(server, pki.goodClientDir)]);
