@@ -33,7 +33,8 @@ import { formatSize } from '../util/size';
 import { log as logger } from '../util/log';
 import { EngineVolume } from './engine';
 import { VolumeDirExports } from './engine-snapshot';
-import { ControlServer, CONTROL_SOCKET_NAME, type ControlRequest } from './engine-control';
+import { ControlServer, CONTROL_SOCKET_NAME, controlRequest, type ControlRequest } from './engine-control';
+import { NvramFormatError, scanRegion } from '../nvlog/replay';
 
 export const LABEL_NAME = 'nvmirror.json';
 export const LOCK_NAME = 'nvmirror.lock';
@@ -87,7 +88,7 @@ export function memberBlocksFor(sizeBytes: number, nvramSizeBytes: number): numb
   const data = Math.ceil(sizeBytes / BS);
   const metadata = Math.ceil(data / 160) + Math.ceil(data / 30000) + 64;
   const snapshotHeadroom = Math.ceil(data / 4);
-  const cpHeadroom = 8 * Math.ceil(nvramSizeBytes / BS) + 3 * 65536;
+  const cpHeadroom = 8 * Math.ceil(nvramSizeBytes / BS) + 16384;
   return data + metadata + snapshotHeadroom + cpHeadroom;
 }
 
@@ -434,4 +435,115 @@ async function handleControl(dir: string, label: VolumeLabel, volume: EngineVolu
       return { cpNumber: r?.cpNumber ?? volume.stats().tree.cpNumber, snapshots: volume.listSnapshots() };
     }
   }
+}
+
+// ---- check ----
+
+export interface DirCheckReport {
+  ok: boolean;
+  problems: string[];
+  /** Plain facts for the human summary. */
+  notes: string[];
+}
+
+/**
+ * Checks a volume that no process is serving: the tree (every checksum, accounting vs
+ * reachability, on every root) and the NVRAM (header, record validity, replay chain).
+ * Opens nothing for writing.
+ */
+export async function checkVolumeDir(dir: string): Promise<DirCheckReport> {
+  const absDir = path.resolve(dir);
+  const problems: string[] = [];
+  const notes: string[] = [];
+  const label = await readLabel(absDir);
+  const lock = await lockVolumeDir(absDir).catch((e: unknown) => {
+    throw new Error(`${e instanceof Error ? e.message : String(e)}; stop it before running check`);
+  });
+  let dev: FileBlockDevice | undefined;
+  let tree: BlockTree | undefined;
+  let region: MmapNvram | undefined;
+  try {
+    const member = label.members[0]!;
+    dev = await FileBlockDevice.open(resolveIn(absDir, member.path), { readOnly: true });
+    try {
+      tree = await BlockTree.open(dev);
+    } catch (e) {
+      problems.push(`tree: ${e instanceof Error ? e.message : String(e)}`);
+    }
+    if (tree) {
+      if (tree.volumeUuid !== label.uuid) problems.push(`tree: belongs to volume ${tree.volumeUuid}, the label says ${label.uuid}`);
+      const r = await tree.check();
+      for (const p of r.problems) problems.push(`tree: ${p}`);
+      const st = tree.stats();
+      notes.push(`tree: CP ${st.cpNumber}, ${r.blocksReachable} blocks reachable, ${r.blocksAccounted} accounted, ${st.snapshots.length} snapshot(s)`);
+    }
+    region = await MmapNvram.open(resolveIn(absDir, label.nvram.path), { sizeBytes: label.nvram.sizeBytes });
+    const watermark = tree ? tree.stats().meta.nvlogSeq : 0;
+    try {
+      const scan = scanRegion(region, label.uuid, watermark);
+      for (const r of scan.chain) {
+        if (r.header.offsetBytes + r.header.lengthBytes > label.sizeBytes) {
+          problems.push(`NVRAM: record seq ${r.header.seq} covers [${r.header.offsetBytes}, ${r.header.offsetBytes + r.header.lengthBytes}) beyond the volume size ${label.sizeBytes}`);
+        }
+      }
+      const valid = scan.halves[0].records.length + scan.halves[1].records.length;
+      notes.push(`NVRAM: epoch ${scan.header.epoch}, ${valid} valid record(s), ${scan.chain.length} to replay after seq ${watermark}` +
+        (scan.orphanedRecords > 0 ? `, ${scan.orphanedRecords} after a gap (never replayed)` : ''));
+    } catch (e) {
+      if (e instanceof NvramFormatError) problems.push(`NVRAM: ${e.message}`);
+      else throw e;
+    }
+  } finally {
+    await region?.close().catch(() => undefined);
+    await tree?.close().catch(() => undefined);
+    await dev?.close().catch(() => undefined);
+    await lock.release();
+  }
+  return { ok: problems.length === 0, problems, notes };
+}
+
+// ---- status of a directory, served or not ----
+
+/** Status of a volume directory: asks the serving process if there is one, else opens it read-only. */
+export async function volumeDirStatus(dir: string, timeoutMs = 10_000): Promise<VolumeStatus> {
+  const absDir = path.resolve(dir);
+  const label = await readLabel(absDir);
+  if (await volumeDirInUse(absDir)) {
+    const r = await controlRequest(path.join(absDir, CONTROL_SOCKET_NAME), { op: 'status' }, timeoutMs);
+    if (!r.ok) throw new Error(`serving process: ${r.error}`);
+    return r.status as VolumeStatus;
+  }
+  const opened = await openVolumeDir(absDir, { readOnly: true, control: false, cpIntervalMs: 0 });
+  try {
+    return engineStatus(absDir, label, opened.volume, false);
+  } finally {
+    await opened.close();
+  }
+}
+
+/**
+ * Creates or deletes a snapshot: through the serving process if the volume is served
+ * (it takes effect at the CP this triggers), else by opening the volume, committing a
+ * CP with the op, and closing it.
+ */
+export async function volumeDirSnapshot(dir: string, op: { kind: 'create' | 'delete'; name: string }, timeoutMs = 120_000): Promise<{ cpNumber: number; served: boolean }> {
+  const absDir = path.resolve(dir);
+  await readLabel(absDir);
+  if (await volumeDirInUse(absDir)) {
+    const r = await controlRequest(path.join(absDir, CONTROL_SOCKET_NAME), { op: 'snapshot', kind: op.kind, name: op.name }, timeoutMs);
+    if (!r.ok) throw new Error(r.error);
+    return { cpNumber: r.cpNumber as number, served: true };
+  }
+  const opened = await openVolumeDir(absDir, { readOnly: false, control: false, cpIntervalMs: 0 });
+  try {
+    const r = await opened.volume.snapshot(op);
+    return { cpNumber: r?.cpNumber ?? opened.volume.stats().tree.cpNumber, served: false };
+  } finally {
+    await opened.close();
+  }
+}
+
+/** Snapshots of a volume directory (served or not). */
+export async function volumeDirSnapshots(dir: string): Promise<VolumeStatus['snapshots']> {
+  return (await volumeDirStatus(dir)).snapshots;
 }

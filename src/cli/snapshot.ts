@@ -1,0 +1,49 @@
+/**
+ * `nvmirror snapshot create|list|delete DIR [NAME]`. On a served volume the request goes
+ * to the serving process (it takes effect at the CP it triggers); otherwise the volume
+ * is opened, the change committed in a CP, and the volume closed.
+ */
+import { Command } from 'commander';
+import { volumeDirSnapshot, volumeDirSnapshots } from '../volume/dir';
+import { formatSize } from '../util/size';
+
+export function registerSnapshot(program: Command): void {
+  const snap = program.command('snapshot').description('create, list or delete snapshots of a volume directory');
+  snap
+    .command('create')
+    .description('create a snapshot holding every write acknowledged before it')
+    .argument('<DIR>', 'the volume directory')
+    .argument('<NAME>', 'snapshot name (served read-only as EXPORT@NAME)')
+    .action(async (dir: string, name: string) => {
+      const r = await volumeDirSnapshot(dir, { kind: 'create', name });
+      process.stdout.write(`created snapshot ${name} at CP ${r.cpNumber}\n`);
+    });
+  snap
+    .command('delete')
+    .description('delete a snapshot (its blocks are freed unless still in use)')
+    .argument('<DIR>', 'the volume directory')
+    .argument('<NAME>', 'snapshot name')
+    .action(async (dir: string, name: string) => {
+      const r = await volumeDirSnapshot(dir, { kind: 'delete', name });
+      process.stdout.write(`deleted snapshot ${name} at CP ${r.cpNumber}\n`);
+    });
+  snap
+    .command('list')
+    .description('list snapshots')
+    .argument('<DIR>', 'the volume directory')
+    .option('--json', 'print JSON')
+    .action(async (dir: string, o: { json?: boolean }) => {
+      const list = await volumeDirSnapshots(dir);
+      if (o.json) {
+        process.stdout.write(`${JSON.stringify(list, null, 2)}\n`);
+        return;
+      }
+      if (list.length === 0) {
+        process.stdout.write('no snapshots\n');
+        return;
+      }
+      for (const s of list) {
+        process.stdout.write(`${s.name}\tCP ${s.cpNumber}\t${new Date(s.createdMs).toISOString()}\t${formatSize(s.usedBytes)} used\n`);
+      }
+    });
+}
