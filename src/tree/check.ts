@@ -1,0 +1,228 @@
+/**
+ * check(): a full, read-only walk of every root (live tree and each snapshot), straight
+ * from the device (no cache), verifying every address block (checksum and header),
+ * every data block's checksum, every space-map block, and that space accounting matches
+ * reachability exactly:
+ * - the live space map == ring + live data tree + live space-map tree;
+ * - each snapshot's space map == ring + its data tree + its space-map tree;
+ * - the in-memory maps equal what is on disk (active; summary == OR of snapshot maps).
+ * Blocks freed by recent CPs but not yet reusable are free on disk and are not expected
+ * anywhere. Problems name blocks (pba) and, for data, lbns.
+ *
+ * Invariants:
+ * - Memory: a few bitmaps of one bit per device block, plus one L0 node's data run at a
+ *   time per I/O slot. Problems are capped at MAX_PROBLEMS lines (plus a count).
+ * - Within one tree (data tree + its space-map tree) no block is referenced twice.
+ * - A child's birth CP never exceeds its parent's, nor the root's CP.
+ */
+import type { BlockDevice } from '../io/types';
+import { clearBit, orInto, popcount, setBit, testBit } from './bitmap';
+import { crc32c } from './checksum';
+import {
+  BITS_PER_LEAF, BLOCK, BlockPtr, FANOUT, NODE_TYPE_DATA_TREE, NODE_TYPE_SPACE_MAP, RING_SLOTS, Superblock, decodePtr,
+  heightFor, ptrSlotOffset, slotsPerPointer, verifyNode,
+} from './layout';
+import { SpaceMap } from './spacemap';
+import type { CheckReport } from './types';
+import { Slicer, forEachLimit } from './work';
+
+const MAX_PROBLEMS = 200;
+const MAX_READ_RUN = 64;
+
+export interface CheckInput {
+  dev: BlockDevice;
+  sb: Superblock;
+  uuid: Buffer;
+  active: Buffer;
+  summary: Buffer;
+  used: number;
+  counterProblems: string[];
+  ioConcurrency: number;
+}
+
+export async function runCheck(input: CheckInput): Promise<CheckReport> {
+  const { dev, sb, uuid } = input;
+  const problems: string[] = [];
+  let dropped = 0;
+  const problem = (s: string): void => {
+    if (problems.length < MAX_PROBLEMS) problems.push(s);
+    else dropped++;
+  };
+  for (const p of input.counterProblems) problem(p);
+  const deviceBlocks = sb.deviceBlocks;
+  const mapBytes = input.active.length;
+  const leafCount = Math.ceil(deviceBlocks / BITS_PER_LEAF);
+  const smapHeight = heightFor(leafCount);
+  const lbnCount = sb.sizeBytes / BLOCK;
+  const union = Buffer.alloc(mapBytes);
+  const dataVerified = Buffer.alloc(mapBytes);
+  const slicer = new Slicer();
+
+  const readBlock = async (pba: number): Promise<Buffer> => {
+    const b = Buffer.alloc(BLOCK);
+    await dev.readBlocks(pba, 1, b);
+    return b;
+  };
+
+  /** Walks one root: data tree + space-map tree; returns reachable set and on-disk map. */
+  const walkRoot = async (label: string, cp: number, root: BlockPtr | null, smapRoot: BlockPtr): Promise<{ reach: Buffer; map: Buffer }> => {
+    const reach = Buffer.alloc(mapBytes);
+    const map = Buffer.alloc(mapBytes);
+    for (let p = 0; p < RING_SLOTS; p++) setBit(reach, p);
+    const mark = (p: BlockPtr, what: string): boolean => {
+      if (testBit(reach, p.pba)) {
+        problem(`${label}: pba ${p.pba} (${what}) is referenced more than once`);
+        return false;
+      }
+      setBit(reach, p.pba);
+      return true;
+    };
+    const decodeAt = (node: Buffer, nodePtr: BlockPtr, slot: number, what: string): BlockPtr | null => {
+      const c = decodePtr(node, ptrSlotOffset(slot), deviceBlocks);
+      if (typeof c === 'string') {
+        problem(`${label}: ${what} at pba ${nodePtr.pba} slot ${slot}: ${c}`);
+        return null;
+      }
+      if (c && c.birth > nodePtr.birth) {
+        problem(`${label}: ${what} at pba ${nodePtr.pba} slot ${slot} points at pba ${c.pba} born at CP ${c.birth}, after its parent (CP ${nodePtr.birth})`);
+        return null;
+      }
+      return c;
+    };
+    // Data tree.
+    const dataRec = async (ptr: BlockPtr, level: number, index: number): Promise<void> => {
+      const lo = index * slotsPerPointer(level + 1);
+      const what = `address block level ${level} (lbns ${lo}-${Math.min(lbnCount, lo + slotsPerPointer(level + 1)) - 1})`;
+      if (!mark(ptr, what)) return;
+      const node = await readBlock(ptr.pba);
+      const bad = verifyNode(node, ptr, { type: NODE_TYPE_DATA_TREE, level, index }, uuid);
+      if (bad) {
+        problem(`${label}: ${what} at pba ${ptr.pba}: ${bad}`);
+        return;
+      }
+      if (level > 0) {
+        for (let s = 0; s < FANOUT; s++) {
+          const ci = index * FANOUT + s;
+          const c = decodeAt(node, ptr, s, what);
+          if (!c) continue;
+          if (ci * slotsPerPointer(level) >= lbnCount) {
+            problem(`${label}: ${what} at pba ${ptr.pba} slot ${s} points past the end of the volume`);
+            continue;
+          }
+          await dataRec(c, level - 1, ci);
+        }
+        return;
+      }
+      // Level 0: collect data pointers, read them in contiguous runs, verify each.
+      const runs: { lbn: number; ptrs: BlockPtr[] }[] = [];
+      for (let s = 0; s < FANOUT; s++) {
+        const lbn = lo + s;
+        const c = decodeAt(node, ptr, s, what);
+        if (!c) continue;
+        if (lbn >= lbnCount) {
+          problem(`${label}: ${what} at pba ${ptr.pba} slot ${s} maps lbn ${lbn} past the end of the volume`);
+          continue;
+        }
+        if (!mark(c, `data block lbn ${lbn}`)) continue;
+        if (testBit(dataVerified, c.pba)) continue;
+        setBit(dataVerified, c.pba);
+        const last = runs[runs.length - 1];
+        const prev = last?.ptrs[last.ptrs.length - 1];
+        if (last && prev && prev.pba + 1 === c.pba && last.lbn + last.ptrs.length === lbn && last.ptrs.length < MAX_READ_RUN) last.ptrs.push(c);
+        else runs.push({ lbn, ptrs: [c] });
+      }
+      await forEachLimit(runs, input.ioConcurrency, async (r) => {
+        const buf = Buffer.alloc(r.ptrs.length * BLOCK);
+        await dev.readBlocks(r.ptrs[0]!.pba, r.ptrs.length, buf);
+        r.ptrs.forEach((p, i) => {
+          const crc = crc32c(buf, i * BLOCK, BLOCK);
+          if (crc !== p.crc) {
+            problem(`${label}: data block lbn ${r.lbn + i} at pba ${p.pba}: checksum mismatch (expected ${p.crc.toString(16).padStart(8, '0')}, got ${crc.toString(16).padStart(8, '0')})`);
+            clearBit(dataVerified, p.pba);
+          }
+        });
+      });
+      await slicer.maybeYield();
+    };
+    if (root) {
+      if (root.birth > cp) problem(`${label}: root pba ${root.pba} born at CP ${root.birth}, after its CP ${cp}`);
+      await dataRec(root, sb.treeHeight - 1, 0);
+    }
+    // Space-map tree.
+    const smapRec = async (ptr: BlockPtr, level: number, index: number): Promise<void> => {
+      const what = `space-map node level ${level} index ${index}`;
+      if (!mark(ptr, what)) return;
+      const node = await readBlock(ptr.pba);
+      const bad = verifyNode(node, ptr, { type: NODE_TYPE_SPACE_MAP, level, index }, uuid);
+      if (bad) {
+        problem(`${label}: ${what} at pba ${ptr.pba}: ${bad}`);
+        return;
+      }
+      const childCount = level === 0 ? leafCount : Math.ceil(leafCount / slotsPerPointer(level));
+      for (let s = 0; s < FANOUT; s++) {
+        const ci = index * FANOUT + s;
+        const c = decodeAt(node, ptr, s, what);
+        if (!c) continue;
+        if (ci >= childCount) {
+          problem(`${label}: ${what} at pba ${ptr.pba} slot ${s} points past the space map`);
+          continue;
+        }
+        if (level > 0) {
+          await smapRec(c, level - 1, ci);
+          continue;
+        }
+        if (!mark(c, `space-map leaf ${ci}`)) continue;
+        const leaf = await readBlock(c.pba);
+        const crc = crc32c(leaf);
+        if (crc !== c.crc) {
+          problem(`${label}: space-map leaf ${ci} at pba ${c.pba}: checksum mismatch`);
+          continue;
+        }
+        const end = Math.min(mapBytes, (ci + 1) * BLOCK);
+        leaf.copy(map, ci * BLOCK, 0, end - ci * BLOCK);
+      }
+    };
+    if (smapRoot.birth > cp) problem(`${label}: space-map root pba ${smapRoot.pba} born at CP ${smapRoot.birth}, after its CP ${cp}`);
+    await smapRec(smapRoot, smapHeight - 1, 0);
+    for (let p = deviceBlocks; p < mapBytes * 8; p++) {
+      if (testBit(map, p)) {
+        problem(`${label}: space map marks pba ${p} past the end of the device`);
+        break;
+      }
+    }
+    return { reach, map };
+  };
+
+  const compare = (label: string, reach: Buffer, map: Buffer): void => {
+    const leaked = SpaceMap.difference(map, reach, 10);
+    if (leaked.count > 0) problem(`${label}: ${leaked.count} blocks marked in use but unreachable (leaked), e.g. pba ${leaked.sample.join(', ')}`);
+    const lost = SpaceMap.difference(reach, map, 10);
+    if (lost.count > 0) problem(`${label}: ${lost.count} reachable blocks marked free in the space map, e.g. pba ${lost.sample.join(', ')}`);
+  };
+
+  const live = await walkRoot('live tree', sb.cpNumber, sb.root, sb.smapRoot);
+  compare('live tree', live.reach, live.map);
+  if (!live.map.equals(input.active)) {
+    const a = SpaceMap.difference(input.active, live.map, 10);
+    const b = SpaceMap.difference(live.map, input.active, 10);
+    problem(`space map in memory differs from disk: ${a.count} blocks only in memory (e.g. ${a.sample.join(', ')}), ${b.count} only on disk (e.g. ${b.sample.join(', ')})`);
+  }
+  orInto(union, live.reach);
+  const snapUnion = Buffer.alloc(mapBytes);
+  for (const s of sb.snapshots) {
+    const label = `snapshot ${s.name}`;
+    const r = await walkRoot(label, s.cp, s.root, s.smapRoot);
+    compare(label, r.reach, r.map);
+    orInto(union, r.reach);
+    orInto(snapUnion, r.map);
+  }
+  if (!snapUnion.equals(input.summary)) {
+    const a = SpaceMap.difference(input.summary, snapUnion, 10);
+    const b = SpaceMap.difference(snapUnion, input.summary, 10);
+    problem(`snapshot summary in memory differs from the snapshots' maps: ${a.count} blocks only in memory (e.g. ${a.sample.join(', ')}), ${b.count} only on disk (e.g. ${b.sample.join(', ')})`);
+  }
+  const blocksReachable = popcount(union);
+  if (blocksReachable !== input.used) problem(`space accounting: ${blocksReachable} blocks reachable from all roots but ${input.used} counted in use`);
+  if (dropped > 0) problems.push(`... and ${dropped} more problems`);
+  return { ok: problems.length === 0, problems, blocksReachable, blocksAccounted: input.used };
+}

@@ -1,0 +1,81 @@
+/**
+ * crc32c (Castagnoli) for the block tree: the native addon's (SSE4.2) when the addon is
+ * built, otherwise a portable slicing-by-8 table implementation in TypeScript. Both are
+ * the standard reflected CRC-32C with pre/post inversion, so crc32c("123456789") ==
+ * 0xe3069283 and the on-disk format does not depend on which one ran.
+ *
+ * Invariants:
+ * - The choice is made once per process (first call) and never changes afterwards.
+ * - Results are unsigned 32-bit integers.
+ */
+import { crc32c as nativeCrc32c } from '../io/native';
+
+const POLY_REFLECTED = 0x82f63b78;
+
+function buildTables(): Uint32Array[] {
+  const t0 = new Uint32Array(256);
+  for (let i = 0; i < 256; i++) {
+    let c = i;
+    for (let k = 0; k < 8; k++) c = (c >>> 1) ^ ((c & 1) !== 0 ? POLY_REFLECTED : 0);
+    t0[i] = c >>> 0;
+  }
+  const tables = [t0];
+  for (let t = 1; t < 8; t++) {
+    const prev = tables[t - 1]!;
+    const cur = new Uint32Array(256);
+    for (let i = 0; i < 256; i++) cur[i] = ((prev[i]! >>> 8) ^ t0[prev[i]! & 0xff]!) >>> 0;
+    tables.push(cur);
+  }
+  return tables;
+}
+
+let tables: Uint32Array[] | undefined;
+
+/** Portable crc32c over buf[offset, offset+length). */
+export function crc32cPortable(buf: Buffer, offset = 0, length = buf.length - offset, seed = 0): number {
+  if (offset < 0 || length < 0 || offset + length > buf.length) throw new RangeError(`crc32c: ${offset}+${length} exceeds buffer of ${buf.length}`);
+  if (!tables) tables = buildTables();
+  const [t0, t1, t2, t3, t4, t5, t6, t7] = tables as [Uint32Array, Uint32Array, Uint32Array, Uint32Array, Uint32Array, Uint32Array, Uint32Array, Uint32Array];
+  let crc = ~seed >>> 0;
+  let p = offset;
+  const end = offset + length;
+  while (p + 8 <= end) {
+    const lo = (buf[p]! | (buf[p + 1]! << 8) | (buf[p + 2]! << 16) | (buf[p + 3]! << 24)) ^ crc;
+    crc =
+      t7[lo & 0xff]! ^ t6[(lo >>> 8) & 0xff]! ^ t5[(lo >>> 16) & 0xff]! ^ t4[lo >>> 24]! ^
+      t3[buf[p + 4]!]! ^ t2[buf[p + 5]!]! ^ t1[buf[p + 6]!]! ^ t0[buf[p + 7]!]!;
+    p += 8;
+  }
+  while (p < end) crc = (crc >>> 8) ^ t0[(crc ^ buf[p++]!) & 0xff]!;
+  return ~crc >>> 0;
+}
+
+type Crc = (buf: Buffer, offset: number, length: number) => number;
+let impl: Crc | undefined;
+let implName = '';
+
+function pick(): Crc {
+  try {
+    const probe = Buffer.from('123456789');
+    if (nativeCrc32c(probe, 0, probe.length, 0) === 0xe3069283) {
+      implName = 'native';
+      return (b, o, l) => nativeCrc32c(b, o, l, 0);
+    }
+  } catch {
+    // The addon is not built (or fails to load): fall back to the portable table.
+  }
+  implName = 'portable';
+  return (b, o, l) => crc32cPortable(b, o, l, 0);
+}
+
+/** crc32c of buf[offset, offset+length), seed 0. */
+export function crc32c(buf: Buffer, offset = 0, length = buf.length - offset): number {
+  if (!impl) impl = pick();
+  return impl(buf, offset, length);
+}
+
+/** 'native' or 'portable' (after the first call). */
+export function crc32cImplementation(): string {
+  if (!impl) impl = pick();
+  return implName;
+}

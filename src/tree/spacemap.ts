@@ -1,0 +1,447 @@
+/**
+ * The space map: which physical blocks are in use, persisted copy-on-write as a radix
+ * tree of bitmap leaves (one bit per physical block, 32768 per leaf) under address
+ * blocks of type NODE_TYPE_SPACE_MAP. Only the leaves and path nodes a CP changes are
+ * rewritten; the map records its own blocks (a small fixpoint at each CP).
+ *
+ * In memory (3-4 bits per device block; 100 GiB device -> ~13 MiB):
+ * - active: the blocks the live state uses: live data tree, live space-map tree, ring.
+ *   Exactly the map the next superblock will reference.
+ * - summary: OR of every kept snapshot's space map (the `active` map of the CP the
+ *   snapshot was taken in). A block freed from the live tree that a snapshot still holds
+ *   stays set here, so it is not reused (WAFL-style per-snapshot maps).
+ * - reservedOld / reservedNew: blocks freed (no longer in active or summary) in recent
+ *   CPs that may not be reused yet. A block freed in CP n goes to reservedNew; at the
+ *   start of CP n+1 it moves to reservedOld; it is released at the start of CP n+2 (and
+ *   only when no read is still in flight on a retired root). So a block is never reused
+ *   before the CP that freed it is durable, and the previous CP stays intact on disk.
+ * - The pointer arrays of the space-map tree itself (leaf pointers, node pointers per
+ *   level): a node's contents are derived from the level below, so no node buffers are
+ *   kept.
+ *
+ * Invariants (asserted):
+ * - A block is allocatable iff it is in none of active, summary, reservedOld, reservedNew.
+ * - reservedOld, reservedNew are disjoint from each other and from active | summary.
+ * - used == popcount(active | summary); reservedCount{Old,New} == popcount(reserved{Old,New}).
+ * - Ring blocks [0, RING_SLOTS) are always set in active.
+ * - Allocation sets a bit only if the block is allocatable; freeing clears only a set bit.
+ */
+import { assert } from '../util/assert';
+import { clearBit, isZero, orInto, pop8, popcount, popcountOr, setBit, testBit } from './bitmap';
+import {
+  BITS_PER_LEAF, BLOCK, BlockPtr, FANOUT, NODE_TYPE_SPACE_MAP, NodeId, RING_SLOTS, encodePtr, heightFor, ptrSlotOffset,
+  writeNodeHeader,
+} from './layout';
+import { crc32c } from './checksum';
+
+export interface Run {
+  pba: number;
+  count: number;
+}
+
+/** A block produced by a commit, waiting to be written. */
+export interface NewBlock {
+  pba: number;
+  buf: Buffer;
+}
+
+/** Reads and verifies space-map blocks (supplied by the tree, which owns the device). */
+export interface SpaceMapLoader {
+  readNode(ptr: BlockPtr, id: NodeId): Promise<Buffer>;
+  readLeaf(ptr: BlockPtr, leafIndex: number): Promise<Buffer>;
+  decodeChild(node: Buffer, slot: number, what: string): BlockPtr | null;
+}
+
+export class SpaceMap {
+  readonly deviceBlocks: number;
+  readonly leafCount: number;
+  readonly height: number;
+  readonly active: Buffer;
+  summary: Buffer;
+  private reservedOld: Buffer;
+  private reservedNew: Buffer;
+  private reservedCountOld = 0;
+  private reservedCountNew = 0;
+  private usedCount = 0;
+  /** leafPtrs[i] points at bitmap leaf i; nodePtrs[l][i] at space-map node (level l, index i). */
+  private readonly leafPtrs: (BlockPtr | null)[];
+  private readonly nodePtrs: (BlockPtr | null)[][];
+  private readonly dirtyLeaves = new Set<number>();
+  private cursor = RING_SLOTS;
+
+  constructor(deviceBlocks: number) {
+    assert(Number.isSafeInteger(deviceBlocks) && deviceBlocks >= RING_SLOTS * 2, `device of ${deviceBlocks} blocks`);
+    this.deviceBlocks = deviceBlocks;
+    this.leafCount = Math.ceil(deviceBlocks / BITS_PER_LEAF);
+    this.height = heightFor(this.leafCount);
+    const bytes = this.leafCount * BLOCK;
+    this.active = Buffer.alloc(bytes);
+    this.summary = Buffer.alloc(bytes);
+    this.reservedOld = Buffer.alloc(bytes);
+    this.reservedNew = Buffer.alloc(bytes);
+    this.leafPtrs = new Array<BlockPtr | null>(this.leafCount).fill(null);
+    this.nodePtrs = [];
+    let n = this.leafCount;
+    for (let l = 0; l < this.height; l++) {
+      n = Math.ceil(n / FANOUT);
+      this.nodePtrs.push(new Array<BlockPtr | null>(n).fill(null));
+    }
+    assert(this.nodePtrs[this.height - 1]!.length === 1, 'space-map tree must have one root');
+  }
+
+  /** A new, empty map for format: only the ring is in use. */
+  static createEmpty(deviceBlocks: number): SpaceMap {
+    const m = new SpaceMap(deviceBlocks);
+    for (let p = 0; p < RING_SLOTS; p++) m.allocateAt(p);
+    return m;
+  }
+
+  /** Loads the live map from its root (verifying every block), then ORs in each snapshot map. */
+  static async load(deviceBlocks: number, root: BlockPtr, snapshotRoots: BlockPtr[], loader: SpaceMapLoader): Promise<SpaceMap> {
+    const m = new SpaceMap(deviceBlocks);
+    await m.loadTree(root, loader, m.active, true);
+    for (let p = 0; p < RING_SLOTS; p++) if (!testBit(m.active, p)) throw new Error(`space map does not mark superblock slot ${p} in use`);
+    for (const r of snapshotRoots) await m.loadTree(r, loader, m.summary, false);
+    m.usedCount = popcountOr(m.active, m.summary);
+    return m;
+  }
+
+  /**
+   * Reads the space-map tree under root and ORs its leaves into dst. With keep, also
+   * records the tree's pointers as the live space-map tree.
+   */
+  async loadTree(root: BlockPtr, loader: SpaceMapLoader, dst: Buffer, keep: boolean): Promise<void> {
+    const visit = async (ptr: BlockPtr, level: number, index: number): Promise<void> => {
+      const node = await loader.readNode(ptr, { type: NODE_TYPE_SPACE_MAP, level, index });
+      const childCount = level === 0 ? this.leafCount : this.nodePtrs[level - 1]!.length;
+      for (let s = 0; s < FANOUT; s++) {
+        const ci = index * FANOUT + s;
+        const child = loader.decodeChild(node, s, `space-map node level ${level} index ${index} slot ${s}`);
+        if (ci >= childCount) {
+          if (child !== null) throw new Error(`space-map node level ${level} index ${index} points past the map (slot ${s})`);
+          continue;
+        }
+        if (child === null) continue;
+        if (child.birth > ptr.birth) throw new Error(`space-map pointer born at CP ${child.birth} under a parent born at ${ptr.birth}`);
+        if (level === 0) {
+          const leaf = await loader.readLeaf(child, ci);
+          const end = Math.min(dst.length, (ci + 1) * BLOCK);
+          for (let i = ci * BLOCK, j = 0; i < end; i++, j++) dst[i] = dst[i]! | leaf[j]!;
+          if (keep) this.leafPtrs[ci] = child;
+        } else {
+          await visit(child, level - 1, ci);
+          if (keep) this.nodePtrs[level - 1]![ci] = child;
+        }
+      }
+    };
+    await visit(root, this.height - 1, 0);
+    if (keep) this.nodePtrs[this.height - 1]![0] = root;
+    // Bits past the device end must be clear.
+    for (let p = this.deviceBlocks; p < Math.min(this.deviceBlocks + 64, this.leafCount * BITS_PER_LEAF); p++) {
+      if (testBit(dst, p)) throw new Error(`space map marks pba ${p} past the device end in use`);
+    }
+  }
+
+  get root(): BlockPtr {
+    const r = this.nodePtrs[this.height - 1]![0];
+    assert(r !== null && r !== undefined, 'space-map root missing');
+    return r;
+  }
+
+  get used(): number {
+    return this.usedCount;
+  }
+
+  get reserved(): number {
+    return this.reservedCountOld + this.reservedCountNew;
+  }
+
+  get free(): number {
+    return this.deviceBlocks - this.usedCount - this.reservedCountOld - this.reservedCountNew;
+  }
+
+  isActive(p: number): boolean {
+    return testBit(this.active, p);
+  }
+
+  isHeld(p: number): boolean {
+    return testBit(this.summary, p);
+  }
+
+  isAllocatable(p: number): boolean {
+    const i = p >>> 3;
+    const m = 1 << (p & 7);
+    return ((this.active[i]! | this.summary[i]! | this.reservedOld[i]! | this.reservedNew[i]!) & m) === 0;
+  }
+
+  /**
+   * Start of a CP. With release, the older reserved generation becomes allocatable and
+   * the newer one becomes older; otherwise both merge into the older one (a reader is
+   * still in flight on a retired root).
+   */
+  beginCommit(release: boolean): void {
+    assert(this.dirtyLeaves.size === 0, 'previous commit left dirty leaves');
+    if (release) {
+      if (this.reservedCountOld > 0) this.reservedOld.fill(0);
+      const t = this.reservedOld;
+      this.reservedOld = this.reservedNew;
+      this.reservedNew = t;
+      this.reservedCountOld = this.reservedCountNew;
+      this.reservedCountNew = 0;
+    } else if (this.reservedCountNew > 0) {
+      orInto(this.reservedOld, this.reservedNew);
+      this.reservedNew.fill(0);
+      this.reservedCountOld += this.reservedCountNew;
+      this.reservedCountNew = 0;
+    }
+  }
+
+  private markDirty(p: number): void {
+    this.dirtyLeaves.add(Math.floor(p / BITS_PER_LEAF));
+  }
+
+  private allocateAt(p: number): void {
+    assert(p >= 0 && p < this.deviceBlocks, `allocate pba ${p} outside the device`);
+    assert(this.isAllocatable(p), `allocate pba ${p} that is not free`);
+    setBit(this.active, p);
+    this.usedCount++;
+    this.markDirty(p);
+  }
+
+  /** Allocates count blocks in as few contiguous runs as the free space allows (next fit). */
+  allocate(count: number): Run[] {
+    assert(Number.isSafeInteger(count) && count >= 0, `allocate ${count}`);
+    assert(count <= this.free, `allocate ${count} with only ${this.free} free`);
+    const runs: Run[] = [];
+    let left = count;
+    let p = this.cursor;
+    let scanned = 0;
+    const a = this.active, s = this.summary;
+    while (left > 0) {
+      assert(scanned <= this.deviceBlocks + 8, 'allocator scanned the whole device without finding space');
+      if (p >= this.deviceBlocks) p = RING_SLOTS;
+      // Skip whole bytes with no free bit.
+      if ((p & 7) === 0) {
+        const i = p >>> 3;
+        if ((a[i]! | s[i]! | this.reservedOld[i]! | this.reservedNew[i]!) === 0xff) {
+          p += 8;
+          scanned += 8;
+          continue;
+        }
+      }
+      if (!this.isAllocatable(p)) {
+        p++;
+        scanned++;
+        continue;
+      }
+      const start = p;
+      while (left > 0 && p < this.deviceBlocks && this.isAllocatable(p)) {
+        this.allocateAt(p);
+        p++;
+        left--;
+      }
+      scanned += p - start;
+      const last = runs[runs.length - 1];
+      if (last && last.pba + last.count === start) last.count += p - start;
+      else runs.push({ pba: start, count: p - start });
+    }
+    this.cursor = p;
+    return runs;
+  }
+
+  /**
+   * Frees a block the live state no longer references. If a snapshot still holds it,
+   * it stays in use; otherwise it is reserved until two CPs later. Returns true if the
+   * block became free (not held).
+   */
+  freeFromLive(p: number): boolean {
+    assert(p >= RING_SLOTS && p < this.deviceBlocks, `free pba ${p} outside the allocatable range`);
+    assert(testBit(this.active, p), `free of pba ${p} that is not in use`);
+    clearBit(this.active, p);
+    this.markDirty(p);
+    if (testBit(this.summary, p)) return false;
+    this.usedCount--;
+    assert(!testBit(this.reservedOld, p) && !testBit(this.reservedNew, p), `pba ${p} reserved twice`);
+    setBit(this.reservedNew, p);
+    this.reservedCountNew++;
+    return true;
+  }
+
+  /** Un-allocates a block allocated in this CP and never written (space-map surplus). */
+  private unallocate(p: number): void {
+    assert(testBit(this.active, p) && !testBit(this.summary, p), `unallocate pba ${p}`);
+    clearBit(this.active, p);
+    this.usedCount--;
+    this.markDirty(p);
+  }
+
+  /**
+   * Replaces the snapshot summary (after a snapshot delete): blocks that were held only
+   * by deleted snapshots and are not active become reserved. Returns how many.
+   */
+  replaceSummary(next: Buffer): number {
+    assert(next.length === this.summary.length, 'summary length');
+    let freed = 0;
+    const old = this.summary;
+    for (let i = 0; i < old.length; i++) {
+      const gone = old[i]! & ~next[i]! & ~this.active[i]!;
+      if (gone === 0) continue;
+      assert((next[i]! & ~old[i]! & ~this.active[i]!) === 0, 'new summary holds a block the old one did not');
+      assert(((this.reservedOld[i]! | this.reservedNew[i]!) & gone) === 0, 'freed snapshot block already reserved');
+      this.reservedNew[i] = this.reservedNew[i]! | gone;
+      freed += pop8(gone);
+    }
+    this.summary = next;
+    this.reservedCountNew += freed;
+    this.usedCount -= freed;
+    assert(this.usedCount === popcountOr(this.active, this.summary), 'used count after summary replace');
+    return freed;
+  }
+
+  /** After a snapshot of the current active map is taken: it holds everything active holds. */
+  addActiveToSummary(): void {
+    orInto(this.summary, this.active);
+  }
+
+  /** Upper bound on the blocks the space-map tree can need in one CP. */
+  get treeBlocksMax(): number {
+    return this.leafCount + this.nodePtrs.reduce((n, a) => n + a.length, 0);
+  }
+
+  /**
+   * Writes the space-map side of a CP: frees the old versions of every dirty leaf and
+   * path node, allocates blocks for their new versions (which dirties more leaves: a
+   * fixpoint), and builds the blocks. Returns them for writing and updates the pointers.
+   */
+  buildCommit(cp: number, uuid: Buffer): NewBlock[] {
+    const reservedForMap: number[] = [];
+    const dirtyNodes: Set<number>[] = [];
+    for (let rounds = 0; ; rounds++) {
+      assert(rounds < 64, 'space-map fixpoint does not converge');
+      const before = this.dirtyLeaves.size;
+      dirtyNodes.length = 0;
+      let below: Iterable<number> = this.dirtyLeaves;
+      for (let l = 0; l < this.height; l++) {
+        const set = new Set<number>();
+        for (const i of below) set.add(Math.floor(i / FANOUT));
+        dirtyNodes.push(set);
+        below = set;
+      }
+      // Free the old versions (they are replaced); a freed pointer is set to null now.
+      for (const i of [...this.dirtyLeaves]) {
+        const old = this.leafPtrs[i];
+        if (old) {
+          this.freeFromLive(old.pba);
+          this.leafPtrs[i] = null;
+        }
+      }
+      for (let l = 0; l < this.height; l++) {
+        for (const i of dirtyNodes[l]!) {
+          const old = this.nodePtrs[l]![i];
+          if (old) {
+            this.freeFromLive(old.pba);
+            this.nodePtrs[l]![i] = null;
+          }
+        }
+      }
+      const need = this.dirtyLeaves.size + dirtyNodes.reduce((n, s) => n + s.size, 0);
+      if (reservedForMap.length < need) {
+        for (const r of this.allocate(need - reservedForMap.length)) for (let k = 0; k < r.count; k++) reservedForMap.push(r.pba + k);
+      }
+      if (this.dirtyLeaves.size === before && reservedForMap.length >= need) break;
+    }
+    // Emptiness: a leaf with no bit set, or a node with no present child, becomes a hole.
+    const leafNonEmpty = (i: number): boolean => !isZero(this.active, i * BLOCK, (i + 1) * BLOCK);
+    const nodeNonEmpty = (l: number, i: number): boolean => {
+      const childCount = l === 0 ? this.leafCount : this.nodePtrs[l - 1]!.length;
+      for (let c = i * FANOUT; c < Math.min(childCount, (i + 1) * FANOUT); c++) {
+        if (l === 0) {
+          if (this.dirtyLeaves.has(c) ? leafNonEmpty(c) : this.leafPtrs[c] !== null) return true;
+        } else if (dirtyNodes[l - 1]!.has(c) ? nodeNonEmpty(l - 1, c) : this.nodePtrs[l - 1]![c] !== null) {
+          return true;
+        }
+      }
+      return false;
+    };
+    const countNeeded = (): number => {
+      let n = 0;
+      for (const i of this.dirtyLeaves) if (leafNonEmpty(i)) n++;
+      for (let l = 0; l < this.height; l++) for (const i of dirtyNodes[l]!) if (nodeNonEmpty(l, i)) n++;
+      return n;
+    };
+    reservedForMap.sort((x, y) => x - y);
+    for (let n = countNeeded(); n < reservedForMap.length; n = countNeeded()) {
+      // Surplus (a leaf or node turned out empty): give back the last block; its leaf is already dirty.
+      this.unallocate(reservedForMap.pop()!);
+    }
+    // Build leaves, then nodes bottom-up, assigning the reserved blocks in order.
+    const out: NewBlock[] = [];
+    let next = 0;
+    const take = (): number => {
+      const p = reservedForMap[next++];
+      assert(p !== undefined, 'space-map fixpoint reserved too few blocks');
+      return p;
+    };
+    const leaves = [...this.dirtyLeaves].sort((x, y) => x - y);
+    for (const i of leaves) {
+      if (!leafNonEmpty(i)) continue;
+      const buf = Buffer.from(this.active.subarray(i * BLOCK, (i + 1) * BLOCK));
+      const pba = take();
+      out.push({ pba, buf });
+      this.leafPtrs[i] = { pba, birth: cp, crc: crc32c(buf) };
+    }
+    for (let l = 0; l < this.height; l++) {
+      const childCount = l === 0 ? this.leafCount : this.nodePtrs[l - 1]!.length;
+      const children = l === 0 ? this.leafPtrs : this.nodePtrs[l - 1]!;
+      for (const i of [...dirtyNodes[l]!].sort((x, y) => x - y)) {
+        if (!nodeNonEmpty(l, i)) continue;
+        const buf = Buffer.alloc(BLOCK);
+        const pba = take();
+        writeNodeHeader(buf, { type: NODE_TYPE_SPACE_MAP, level: l, index: i }, pba, cp, uuid);
+        for (let c = i * FANOUT; c < Math.min(childCount, (i + 1) * FANOUT); c++) encodePtr(buf, ptrSlotOffset(c - i * FANOUT), children[c]!);
+        this.nodePtrs[l]![i] = { pba, birth: cp, crc: crc32c(buf) };
+        out.push({ pba, buf });
+      }
+    }
+    assert(next === reservedForMap.length, `space map used ${next} of ${reservedForMap.length} reserved blocks`);
+    assert(this.nodePtrs[this.height - 1]![0] !== null, 'space-map root became a hole');
+    this.dirtyLeaves.clear();
+    return out;
+  }
+
+  /** Every pba the live space-map tree occupies (for check()). */
+  treeBlocks(): number[] {
+    const out: number[] = [];
+    for (const p of this.leafPtrs) if (p) out.push(p.pba);
+    for (const lvl of this.nodePtrs) for (const p of lvl) if (p) out.push(p.pba);
+    return out;
+  }
+
+  /** Full consistency of the in-memory counters (O(device); for tests and check()). */
+  verifyCounters(): string[] {
+    const problems: string[] = [];
+    const used = popcountOr(this.active, this.summary);
+    if (used !== this.usedCount) problems.push(`space map: used counter ${this.usedCount} but ${used} blocks are set`);
+    if (popcount(this.reservedOld) !== this.reservedCountOld || popcount(this.reservedNew) !== this.reservedCountNew) problems.push('space map: reserved counters disagree with the reserved bitmaps');
+    let overlap = 0;
+    for (let i = 0; i < this.active.length; i++) {
+      const u = this.active[i]! | this.summary[i]!;
+      if ((u & this.reservedOld[i]!) !== 0 || (u & this.reservedNew[i]!) !== 0 || (this.reservedOld[i]! & this.reservedNew[i]!) !== 0) overlap++;
+    }
+    if (overlap > 0) problems.push(`space map: ${overlap} bitmap bytes have blocks both reserved and in use`);
+    return problems;
+  }
+
+  /** pbas set in a but not in b (capped), for problem reports. */
+  static difference(a: Buffer, b: Buffer, cap: number): { count: number; sample: number[] } {
+    let count = 0;
+    const sample: number[] = [];
+    for (let i = 0; i < a.length; i++) {
+      const d = a[i]! & ~b[i]!;
+      if (d === 0) continue;
+      count += pop8(d);
+      for (let bit = 0; bit < 8 && sample.length < cap; bit++) if ((d & (1 << bit)) !== 0) sample.push(i * 8 + bit);
+    }
+    return { count, sample };
+  }
+}

@@ -1,0 +1,837 @@
+/**
+ * The copy-on-write block tree (see docs/tree.md for the on-disk format).
+ *
+ * A fixed-height radix tree of address blocks (168 pointers each) maps logical block
+ * numbers to 4 KiB data blocks; a null pointer is a hole. Every CP writes the changed
+ * data blocks and the address-block paths above them to newly allocated blocks, in
+ * contiguous runs, then the space-map blocks (spacemap.ts), syncs, writes the new root
+ * into the next slot of an 8-slot superblock ring, and syncs again. Snapshots are kept
+ * roots (with the space map of their CP) listed in the superblock.
+ *
+ * Invariants:
+ * - A committed root never points at a block written in a later CP: a child's birth CP is
+ *   at most its parent's, which is at most the root's CP (checked on every read).
+ * - A block referenced by the committed root, by any kept snapshot, or by a root a read
+ *   is still in flight on, is never overwritten (allocation skips active | summary |
+ *   reserved; reserved blocks are released only when no retired root is being read).
+ * - Blocks freed in CP n are reusable only after CP n's superblock is durable (two CPs
+ *   later in steady state; one CP later under space pressure).
+ * - Every block read is verified: address blocks by the parent's crc32c and their header
+ *   (magic, type, level, own pba, birth, volume, index), data blocks by the parent's
+ *   crc32c. A mismatch is a VolumeError('EIO') and an error log line; wrong data is never
+ *   returned.
+ * - One commit at a time. In-memory state (root, snapshots, space map) changes only after
+ *   the new superblock is durable, except the space map's in-flight bookkeeping; if a
+ *   commit fails after it started changing that bookkeeping, the tree refuses further
+ *   commits (the caller reopens and recovers from its log).
+ */
+import type { BlockDevice, Clock } from '../io/types';
+import { systemClock } from '../io/types';
+import { VolumeError } from '../volume/errors';
+import { EXTENT_HOLE, EXTENT_ZERO, type Extent } from '../volume/types';
+import { assert } from '../util/assert';
+import { log } from '../util/log';
+import { popcount } from './bitmap';
+import { crc32c } from './checksum';
+import { runCheck } from './check';
+import {
+  BLOCK, BlockPtr, FANOUT, MAX_DEVICE_BLOCKS, MAX_SNAPSHOTS, MAX_VOLUME_BYTES, MIN_DEVICE_BLOCKS, NODE_TYPE_DATA_TREE,
+  NodeId, RING_SLOTS, SnapshotRecord, Superblock, decodePtr, decodeSuperblock, encodePtr, encodeSuperblock, heightFor,
+  ptrSlotOffset, ptrString, slotsPerPointer, snapshotNameProblem, uuidToBytes, verifyNode, writeNodeHeader,
+} from './layout';
+import { NodeCache } from './node-cache';
+import { NewBlock, SpaceMap, SpaceMapLoader } from './spacemap';
+import type {
+  BlockChange, BlockTreeApi, CheckReport, CommitResult, CpMeta, SnapshotInfo, SnapshotOp, TreeReader, TreeStats,
+} from './types';
+import { Slicer, forEachLimit } from './work';
+
+export interface FormatOptions {
+  /** Logical size of the volume; a positive multiple of 4096, at most 2^50. */
+  sizeBytes: number;
+  /** The volume's UUID (8-4-4-4-12 hex); stamped into every metadata block. */
+  volumeUuid: string;
+  clock?: Clock;
+}
+
+export interface OpenOptions {
+  clock?: Clock;
+  /** Address blocks kept in the LRU cache (default 4096 = 16 MiB). */
+  cacheBlocks?: number;
+  /** Largest single writeBlocks call in blocks; runs are also split at multiples of it (default 256 = 1 MiB). */
+  writeChunkBlocks?: number;
+  /** Device reads/writes in flight at once during a commit or check (default 8). */
+  ioConcurrency?: number;
+}
+
+export const DEFAULT_CACHE_BLOCKS = 4096;
+export const MAX_CHANGES_PER_CP = 1 << 18;
+const STATUS_NODE_BUDGET = 512;
+const ZERO_BLOCK = Buffer.alloc(BLOCK);
+
+/** A committed root that reads can be pinned to. */
+class RootHandle {
+  inflight = 0;
+  retired = false;
+  private waiters: (() => void)[] = [];
+  constructor(readonly cp: number, readonly root: BlockPtr | null, readonly label: string) {}
+
+  enter(): void {
+    this.inflight++;
+  }
+
+  exit(): void {
+    assert(this.inflight > 0, `${this.label}: exit without enter`);
+    this.inflight--;
+    if (this.inflight === 0) {
+      const w = this.waiters;
+      this.waiters = [];
+      for (const f of w) f();
+    }
+  }
+
+  idle(): Promise<void> {
+    if (this.inflight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.waiters.push(resolve));
+  }
+}
+
+interface PlanNode {
+  level: number;
+  index: number;
+  oldPtr: BlockPtr | null;
+  old: Buffer | null;
+  /** Range [lo, hi) of the sorted change arrays under this node. */
+  lo: number;
+  hi: number;
+  children: PlanNode[];
+  buf: Buffer | null;
+  pba: number;
+  newPtr: BlockPtr | null;
+}
+
+class PinnedReader implements TreeReader {
+  constructor(private readonly tree: BlockTree, private readonly handle: RootHandle) {}
+  get cpNumber(): number {
+    return this.handle.cp;
+  }
+  readBlock(lbn: number): Promise<Buffer | null> {
+    return this.tree.readBlockOn(this.handle, lbn);
+  }
+  readRange(lbn: number, count: number, dst: Buffer): Promise<void> {
+    return this.tree.readRangeOn(this.handle, lbn, count, dst);
+  }
+  blockStatus(lbn: number, count: number, maxExtents: number): Promise<Extent[]> {
+    return this.tree.blockStatusOn(this.handle, lbn, count, maxExtents);
+  }
+}
+
+export class BlockTree implements BlockTreeApi {
+  readonly sizeBytes: number;
+  readonly volumeUuid: string;
+  readonly lbnCount: number;
+  readonly height: number;
+  private readonly uuidBytes: Buffer;
+  private sb: Superblock;
+  private live: RootHandle;
+  private readonly snapHandles = new Map<string, RootHandle>();
+  private readonly retired = new Set<RootHandle>();
+  private readonly cache: NodeCache;
+  private readonly writeChunkBlocks: number;
+  private readonly ioConcurrency: number;
+  private commitRunning: Promise<unknown> | null = null;
+  private rotatedForCp = -1;
+  private failedReason: string | null = null;
+  private closed = false;
+
+  private constructor(
+    private readonly dev: BlockDevice,
+    sb: Superblock,
+    private readonly smap: SpaceMap,
+    private readonly clock: Clock,
+    opts: OpenOptions,
+  ) {
+    this.sb = sb;
+    this.sizeBytes = sb.sizeBytes;
+    this.volumeUuid = sb.volumeUuid;
+    this.uuidBytes = uuidToBytes(sb.volumeUuid);
+    this.lbnCount = sb.sizeBytes / BLOCK;
+    this.height = sb.treeHeight;
+    this.cache = new NodeCache(opts.cacheBlocks ?? DEFAULT_CACHE_BLOCKS);
+    this.writeChunkBlocks = opts.writeChunkBlocks ?? 256;
+    this.ioConcurrency = opts.ioConcurrency ?? 8;
+    assert(Number.isInteger(this.writeChunkBlocks) && this.writeChunkBlocks >= 1 && this.writeChunkBlocks <= 8192, 'writeChunkBlocks in [1, 8192]');
+    assert(Number.isInteger(this.ioConcurrency) && this.ioConcurrency >= 1 && this.ioConcurrency <= 256, 'ioConcurrency in [1, 256]');
+    this.live = new RootHandle(sb.cpNumber, sb.root, 'live');
+    for (const s of sb.snapshots) this.snapHandles.set(s.name, new RootHandle(s.cp, s.root, `snapshot ${s.name}`));
+  }
+
+  // ---------------------------------------------------------------- format / open
+
+  /** Writes an empty volume (CP 0) onto dev; every superblock slot but the first is zeroed. */
+  static async format(dev: BlockDevice, opts: FormatOptions): Promise<void> {
+    const { sizeBytes } = opts;
+    if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % BLOCK !== 0) throw new Error(`bad volume size ${sizeBytes}: must be a positive multiple of ${BLOCK} bytes`);
+    if (sizeBytes > MAX_VOLUME_BYTES) throw new Error(`volume size ${sizeBytes} exceeds the maximum of ${MAX_VOLUME_BYTES} bytes`);
+    const uuid = uuidToBytes(opts.volumeUuid);
+    if (dev.blockCount < MIN_DEVICE_BLOCKS) throw new Error(`device too small: ${dev.blockCount} blocks of 4 KiB, need at least ${MIN_DEVICE_BLOCKS}`);
+    const clock = opts.clock ?? systemClock;
+    const deviceBlocks = Math.min(dev.blockCount, MAX_DEVICE_BLOCKS);
+    const smap = SpaceMap.createEmpty(deviceBlocks);
+    const blocks = smap.buildCommit(0, uuid);
+    for (const b of blocks) await dev.writeBlocks(b.pba, b.buf);
+    await dev.sync();
+    const sb: Superblock = {
+      volumeUuid: opts.volumeUuid.toLowerCase(), sizeBytes, deviceBlocks, cpNumber: 0, timestampMs: Math.max(0, Math.floor(clock.nowMs())),
+      lastCpDurationMs: 0, nvlogSeq: 0, nvlogEpoch: 0, treeHeight: heightFor(sizeBytes / BLOCK), smapHeight: smap.height,
+      root: null, smapRoot: smap.root, usedBlocks: smap.used, snapshots: [],
+    };
+    const ring = Buffer.alloc(RING_SLOTS * BLOCK);
+    encodeSuperblock(sb).copy(ring, 0);
+    await dev.writeBlocks(0, ring);
+    await dev.sync();
+  }
+
+  /** Mounts the newest superblock whose checksum, root block and space map verify. */
+  static async open(dev: BlockDevice, opts: OpenOptions = {}): Promise<BlockTree> {
+    if (dev.blockCount < RING_SLOTS) throw new Error(`device too small: ${dev.blockCount} blocks cannot hold the superblock ring`);
+    const ring = Buffer.alloc(RING_SLOTS * BLOCK);
+    await dev.readBlocks(0, RING_SLOTS, ring);
+    const candidates: Superblock[] = [];
+    const reasons: string[] = [];
+    for (let s = 0; s < RING_SLOTS; s++) {
+      const d = decodeSuperblock(ring.subarray(s * BLOCK, (s + 1) * BLOCK));
+      if (typeof d === 'string') reasons.push(`slot ${s}: ${d}`);
+      else if (d.cpNumber % RING_SLOTS !== s) reasons.push(`slot ${s}: holds CP ${d.cpNumber}, which belongs in slot ${d.cpNumber % RING_SLOTS}`);
+      else candidates.push(d);
+    }
+    if (candidates.length === 0) {
+      if (reasons.every((r) => r.endsWith('bad magic'))) throw new Error('not an nvmirror volume: no superblock slot has the nvmirror magic');
+      throw new Error(`no valid superblock (${reasons.join('; ')})`);
+    }
+    candidates.sort((a, b) => b.cpNumber - a.cpNumber);
+    const newest = candidates[0]!;
+    if (dev.blockCount < newest.deviceBlocks) {
+      throw new Error(`device too small: it has ${dev.blockCount} blocks but the volume was formatted on ${newest.deviceBlocks}`);
+    }
+    const failures: string[] = [];
+    for (const sb of candidates) {
+      if (sb.volumeUuid !== newest.volumeUuid || sb.deviceBlocks !== newest.deviceBlocks || sb.sizeBytes !== newest.sizeBytes) {
+        failures.push(`CP ${sb.cpNumber}: belongs to another format of this device`);
+        continue;
+      }
+      try {
+        const tree = await BlockTree.mount(dev, sb, opts);
+        if (sb !== newest) log().warn({ cp: sb.cpNumber, newest: newest.cpNumber, skipped: failures }, 'block tree: mounted an older superblock because newer ones did not verify');
+        return tree;
+      } catch (e) {
+        const msg = e instanceof Error ? e.message : String(e);
+        failures.push(`CP ${sb.cpNumber}: ${msg}`);
+        log().warn({ cp: sb.cpNumber, err: msg }, 'block tree: superblock does not verify, trying an older one');
+      }
+    }
+    throw new Error(`no superblock verifies (${failures.join('; ')})`);
+  }
+
+  private static async mount(dev: BlockDevice, sb: Superblock, opts: OpenOptions): Promise<BlockTree> {
+    const uuid = uuidToBytes(sb.volumeUuid);
+    const deviceBlocks = sb.deviceBlocks;
+    const readVerified = async (ptr: BlockPtr, what: string, id: NodeId | null): Promise<Buffer> => {
+      const buf = Buffer.alloc(BLOCK);
+      await dev.readBlocks(ptr.pba, 1, buf);
+      const problem = id ? verifyNode(buf, ptr, id, uuid) : crc32c(buf) === ptr.crc ? null : 'checksum mismatch';
+      if (problem) throw new Error(`${what} at pba ${ptr.pba}: ${problem}`);
+      return buf;
+    };
+    const loader: SpaceMapLoader = {
+      readNode: (ptr, id) => readVerified(ptr, `space-map node level ${id.level} index ${id.index}`, id),
+      readLeaf: (ptr, i) => readVerified(ptr, `space-map leaf ${i}`, null),
+      decodeChild: (node, slot, what) => {
+        const p = decodePtr(node, ptrSlotOffset(slot), deviceBlocks);
+        if (typeof p === 'string') throw new Error(`${what}: ${p}`);
+        return p;
+      },
+    };
+    const roots: { name: string; cp: number; root: BlockPtr | null }[] = [{ name: 'live tree', cp: sb.cpNumber, root: sb.root }];
+    for (const s of sb.snapshots) roots.push({ name: `snapshot ${s.name}`, cp: s.cp, root: s.root });
+    for (const r of roots) {
+      if (r.root === null) continue;
+      if (r.root.birth > r.cp) throw new Error(`${r.name} root born at CP ${r.root.birth}, after its CP ${r.cp}`);
+      await readVerified(r.root, `${r.name} root block`, { type: NODE_TYPE_DATA_TREE, level: sb.treeHeight - 1, index: 0 });
+    }
+    const smap = await SpaceMap.load(deviceBlocks, sb.smapRoot, sb.snapshots.map((s) => s.smapRoot), loader);
+    if (smap.used !== sb.usedBlocks) log().warn({ recorded: sb.usedBlocks, counted: smap.used }, 'block tree: superblock used-block count differs from the space map');
+    return new BlockTree(dev, sb, smap, opts.clock ?? systemClock, opts);
+  }
+
+  // ---------------------------------------------------------------- block verification
+
+  private eio(message: string, fields: Record<string, unknown>): VolumeError {
+    log().error({ ...fields, volume: this.volumeUuid }, `block tree: ${message}`);
+    return new VolumeError('EIO', message);
+  }
+
+  private nodeRange(level: number, index: number): string {
+    const span = slotsPerPointer(level + 1);
+    const lo = index * span;
+    const hi = Math.min(this.lbnCount, lo + span) - 1;
+    return `lbns ${lo}-${hi}`;
+  }
+
+  /** Reads (or finds in the cache) and verifies a data-tree address block. */
+  private async readNode(ptr: BlockPtr, level: number, index: number): Promise<Buffer> {
+    const hit = this.cache.get(ptr);
+    if (hit) return hit;
+    const buf = Buffer.alloc(BLOCK);
+    await this.dev.readBlocks(ptr.pba, 1, buf);
+    const problem = verifyNode(buf, ptr, { type: NODE_TYPE_DATA_TREE, level, index }, this.uuidBytes);
+    if (problem) {
+      throw this.eio(`bad address block at pba ${ptr.pba} (level ${level}, ${this.nodeRange(level, index)}): ${problem}`, { pba: ptr.pba, level, index });
+    }
+    this.cache.put(ptr, buf);
+    return buf;
+  }
+
+  private childOf(node: Buffer, parent: BlockPtr, level: number, index: number, slot: number): BlockPtr | null {
+    const p = decodePtr(node, ptrSlotOffset(slot), this.sb.deviceBlocks);
+    if (typeof p === 'string') throw this.eio(`bad pointer in address block at pba ${parent.pba} (level ${level}, ${this.nodeRange(level, index)}) slot ${slot}: ${p}`, { pba: parent.pba, level, index, slot });
+    if (p !== null && p.birth > parent.birth) {
+      throw this.eio(`pointer in address block at pba ${parent.pba} slot ${slot} is born at CP ${p.birth}, after its parent (CP ${parent.birth})`, { pba: parent.pba, slot });
+    }
+    return p;
+  }
+
+  private verifyData(buf: Buffer, off: number, ptr: BlockPtr, lbn: number): void {
+    const crc = crc32c(buf, off, BLOCK);
+    if (crc !== ptr.crc) {
+      throw this.eio(`checksum mismatch in data block: lbn ${lbn} at pba ${ptr.pba} (expected ${ptr.crc.toString(16).padStart(8, '0')}, got ${crc.toString(16).padStart(8, '0')})`, { lbn, pba: ptr.pba });
+    }
+  }
+
+  // ---------------------------------------------------------------- reads
+
+  private async pinned<T>(h: RootHandle, fn: () => Promise<T>): Promise<T> {
+    if (this.closed) throw new VolumeError('ESHUTDOWN', 'block tree is closed');
+    if (h.retired && h !== this.live) throw new VolumeError('ESHUTDOWN', `${h.label} was deleted`);
+    h.enter();
+    try {
+      return await fn();
+    } finally {
+      h.exit();
+    }
+  }
+
+  private checkRange(lbn: number, count: number): void {
+    assert(Number.isSafeInteger(lbn) && lbn >= 0 && Number.isSafeInteger(count) && count >= 1 && lbn + count <= this.lbnCount, `lbn range ${lbn}+${count} outside [0, ${this.lbnCount})`);
+  }
+
+  /**
+   * Visits [start, end) in order: onHole(lbn, n) for runs of holes, onData(lbn, ptr) per
+   * data block. A callback returning false stops the walk; so does running out of budget
+   * (address blocks to read), in which case the walk returns false.
+   */
+  private async walk(
+    root: BlockPtr | null, start: number, end: number,
+    onHole: (lbn: number, n: number) => boolean, onData: (lbn: number, ptr: BlockPtr) => boolean,
+    budget: { nodes: number },
+  ): Promise<boolean> {
+    const rec = async (ptr: BlockPtr | null, level: number, index: number): Promise<boolean> => {
+      const nodeLo = index * slotsPerPointer(level + 1);
+      const lo = Math.max(start, nodeLo);
+      const hi = Math.min(end, nodeLo + slotsPerPointer(level + 1));
+      assert(lo < hi, 'walk visited a node outside the range');
+      if (ptr === null) return onHole(lo, hi - lo);
+      if (budget.nodes <= 0) return false;
+      budget.nodes--;
+      const node = await this.readNode(ptr, level, index);
+      const cs = slotsPerPointer(level);
+      for (let slot = Math.floor((lo - nodeLo) / cs); slot < FANOUT && nodeLo + slot * cs < hi; slot++) {
+        const child = this.childOf(node, ptr, level, index, slot);
+        let more: boolean;
+        if (level === 0) more = child === null ? onHole(nodeLo + slot, 1) : onData(nodeLo + slot, child);
+        else more = await rec(child, level - 1, index * FANOUT + slot);
+        if (!more) return false;
+      }
+      return true;
+    };
+    return rec(root, this.height - 1, 0);
+  }
+
+  /** @internal Reads one block through the root pinned by h. */
+  async readBlockOn(h: RootHandle, lbn: number): Promise<Buffer | null> {
+    this.checkRange(lbn, 1);
+    return this.pinned(h, async () => {
+      let ptr = h.root;
+      for (let level = this.height - 1; level >= 0 && ptr !== null; level--) {
+        const index = Math.floor(lbn / slotsPerPointer(level + 1));
+        const node = await this.readNode(ptr, level, index);
+        ptr = this.childOf(node, ptr, level, index, Math.floor(lbn / slotsPerPointer(level)) % FANOUT);
+      }
+      if (ptr === null) return null;
+      const buf = Buffer.alloc(BLOCK);
+      await this.dev.readBlocks(ptr.pba, 1, buf);
+      this.verifyData(buf, 0, ptr, lbn);
+      return buf;
+    });
+  }
+
+  /** @internal Reads count blocks into dst (holes as zeroes), coalescing contiguous blocks. */
+  async readRangeOn(h: RootHandle, lbn: number, count: number, dst: Buffer): Promise<void> {
+    this.checkRange(lbn, count);
+    assert(dst.length === count * BLOCK, `readRange: dst must be ${count * BLOCK} bytes, got ${dst.length}`);
+    await this.pinned(h, async () => {
+      const runs: { lbn: number; ptrs: BlockPtr[] }[] = [];
+      await this.walk(h.root, lbn, lbn + count,
+        (l, n) => { dst.fill(0, (l - lbn) * BLOCK, (l - lbn + n) * BLOCK); return true; },
+        (l, p) => {
+          const last = runs[runs.length - 1];
+          const prev = last?.ptrs[last.ptrs.length - 1];
+          if (last && prev && last.lbn + last.ptrs.length === l && prev.pba + 1 === p.pba && last.ptrs.length < 256) last.ptrs.push(p);
+          else runs.push({ lbn: l, ptrs: [p] });
+          return true;
+        },
+        { nodes: Number.MAX_SAFE_INTEGER });
+      await forEachLimit(runs, this.ioConcurrency, async (r) => {
+        const off = (r.lbn - lbn) * BLOCK;
+        const view = dst.subarray(off, off + r.ptrs.length * BLOCK);
+        await this.dev.readBlocks(r.ptrs[0]!.pba, r.ptrs.length, view);
+        r.ptrs.forEach((p, i) => this.verifyData(view, i * BLOCK, p, r.lbn + i));
+      });
+    });
+  }
+
+  /** @internal Extents for [lbn, lbn+count) through the root pinned by h, from the tree only. */
+  async blockStatusOn(h: RootHandle, lbn: number, count: number, maxExtents: number): Promise<Extent[]> {
+    this.checkRange(lbn, count);
+    assert(Number.isInteger(maxExtents) && maxExtents >= 1, `maxExtents ${maxExtents}`);
+    const end = lbn + count;
+    return this.pinned(h, async () => {
+      const out: { blocks: number; flags: number }[] = [];
+      const add = (n: number, flags: number): boolean => {
+        const last = out[out.length - 1];
+        if (last && last.flags === flags) {
+          last.blocks += n;
+          return true;
+        }
+        if (out.length >= maxExtents) return false;
+        out.push({ blocks: n, flags });
+        return true;
+      };
+      const budget = { nodes: STATUS_NODE_BUDGET };
+      await this.walk(h.root, lbn, end, (_l, n) => add(n, EXTENT_HOLE | EXTENT_ZERO), () => add(1, 0), budget);
+      assert(out.length >= 1, 'block status found no extent');
+      return out.map((e) => ({ lengthBytes: e.blocks * BLOCK, flags: e.flags }));
+    });
+  }
+
+  get cpNumber(): number {
+    return this.live.cp;
+  }
+
+  readBlock(lbn: number): Promise<Buffer | null> {
+    return this.readBlockOn(this.live, lbn);
+  }
+
+  /** Reads [lbn, lbn+count) into dst (count*4096 bytes); holes read as zeroes. */
+  readRange(lbn: number, count: number, dst: Buffer): Promise<void> {
+    return this.readRangeOn(this.live, lbn, count, dst);
+  }
+
+  blockStatus(lbn: number, count: number, maxExtents: number): Promise<Extent[]> {
+    return this.blockStatusOn(this.live, lbn, count, maxExtents);
+  }
+
+  snapshotReader(name: string): TreeReader | undefined {
+    const h = this.snapHandles.get(name);
+    return h ? new PinnedReader(this, h) : undefined;
+  }
+
+  listSnapshots(): SnapshotInfo[] {
+    return this.sb.snapshots.map((s) => ({ name: s.name, cpNumber: s.cp, createdMs: s.createdMs, usedBlocks: s.usedBlocks }));
+  }
+
+  stats(): TreeStats {
+    return {
+      volumeUuid: this.volumeUuid,
+      sizeBytes: this.sizeBytes,
+      cpNumber: this.sb.cpNumber,
+      lastCpMs: this.sb.timestampMs,
+      lastCpDurationMs: this.sb.lastCpDurationMs,
+      usedBlocks: this.smap.used,
+      totalBlocks: this.sb.deviceBlocks,
+      snapshots: this.listSnapshots(),
+      meta: { nvlogSeq: this.sb.nvlogSeq, nvlogEpoch: this.sb.nvlogEpoch },
+    };
+  }
+
+  // ---------------------------------------------------------------- commit
+
+  commitCp(changes: Iterable<BlockChange>, meta: CpMeta, snapshotOps: SnapshotOp[] = []): Promise<CommitResult> {
+    if (this.closed) return Promise.reject(new VolumeError('ESHUTDOWN', 'block tree is closed'));
+    if (this.failedReason !== null) return Promise.reject(new VolumeError('EIO', `block tree refuses commits after a failed one (${this.failedReason}); reopen the volume`));
+    assert(this.commitRunning === null, 'commitCp called while another commit is running');
+    const p = this.commitInner(changes, meta, snapshotOps);
+    this.commitRunning = p;
+    const done = (): void => {
+      this.commitRunning = null;
+    };
+    p.then(done, done);
+    return p;
+  }
+
+  private retiredIdle(): boolean {
+    for (const h of this.retired) if (h.inflight === 0) this.retired.delete(h);
+    return this.retired.size === 0;
+  }
+
+  private async commitInner(changesIn: Iterable<BlockChange>, meta: CpMeta, snapshotOps: SnapshotOp[]): Promise<CommitResult> {
+    const t0 = this.clock.nowMs();
+    const cp = this.sb.cpNumber + 1;
+    for (const [k, v] of Object.entries(meta)) {
+      if (!Number.isSafeInteger(v) || (v as number) < 0) throw new VolumeError('EINVAL', `CpMeta.${k} must be a non-negative safe integer, got ${String(v)}`);
+    }
+    // Collect and validate the changes (the last change to an lbn wins).
+    const byLbn = new Map<number, Buffer | null>();
+    for (const c of changesIn) {
+      if (!Number.isSafeInteger(c.lbn) || c.lbn < 0 || c.lbn >= this.lbnCount) throw new VolumeError('EINVAL', `change to lbn ${c.lbn} outside the volume [0, ${this.lbnCount})`);
+      if (c.data !== null && c.data.length !== BLOCK) throw new VolumeError('EINVAL', `change to lbn ${c.lbn} has ${c.data.length} bytes, not ${BLOCK}`);
+      byLbn.set(c.lbn, c.data);
+      if (byLbn.size > MAX_CHANGES_PER_CP) throw new VolumeError('EINVAL', `a CP may change at most ${MAX_CHANGES_PER_CP} blocks`);
+    }
+    const snapPlan = this.planSnapshots(snapshotOps, cp, t0);
+    const lbns = [...byLbn.keys()].sort((a, b) => a - b);
+    const slicer = new Slicer();
+    // Data blocks: all-zero blocks become holes; checksum the rest.
+    const datas: (Buffer | null)[] = new Array<Buffer | null>(lbns.length);
+    const dataPtrs: (BlockPtr | null)[] = new Array<BlockPtr | null>(lbns.length).fill(null);
+    const dataCrcs: number[] = new Array<number>(lbns.length).fill(0);
+    let dataCount = 0;
+    for (let i = 0; i < lbns.length; i++) {
+      const d = byLbn.get(lbns[i]!)!;
+      datas[i] = d === null || d.equals(ZERO_BLOCK) ? null : d;
+      if (datas[i]) {
+        dataCrcs[i] = crc32c(datas[i]!);
+        dataCount++;
+      }
+      if ((i & 255) === 255) await slicer.maybeYield();
+    }
+    // Plan the new tree shape (reads the old paths; changes nothing yet).
+    const levels = await this.planTree(lbns, datas, slicer);
+    let nodeCount = 0;
+    for (const lvl of levels) for (const n of lvl) if (n.buf) nodeCount++;
+    // A snapshot delete needs the OR of the remaining snapshots' maps.
+    let newSummary: Buffer | null = null;
+    if (snapPlan.deleted.length > 0) newSummary = await this.summaryWithout(snapPlan.deleted);
+    // Space: rotate the reserved generations once per CP number, then check room.
+    if (this.rotatedForCp !== cp) {
+      this.smap.beginCommit(this.retiredIdle());
+      this.rotatedForCp = cp;
+    }
+    const needed = dataCount + nodeCount + this.smap.treeBlocksMax;
+    if (needed > this.smap.free && this.smap.reserved > 0) {
+      await Promise.all([...this.retired].map((h) => h.idle()));
+      this.retiredIdle();
+      this.smap.beginCommit(true);
+      this.smap.beginCommit(true);
+    }
+    if (needed > this.smap.free) {
+      throw new VolumeError('ENOSPC', `CP ${cp} needs up to ${needed} blocks but only ${this.smap.free} of ${this.sb.deviceBlocks} are free`);
+    }
+    // From here on the in-memory space map changes: a failure poisons the tree.
+    try {
+      return await this.commitMutating(cp, t0, meta, lbns, datas, dataPtrs, dataCrcs, dataCount, levels, newSummary, snapPlan, slicer);
+    } catch (e) {
+      const msg = e instanceof Error ? e.message : String(e);
+      this.failedReason = `CP ${cp}: ${msg}`;
+      log().error({ cp, err: msg }, 'block tree: commit failed; further commits are refused until the volume is reopened');
+      throw e instanceof VolumeError ? e : new VolumeError('EIO', `commit of CP ${cp} failed: ${msg}`);
+    }
+  }
+
+  private async commitMutating(
+    cp: number, t0: number, meta: CpMeta, lbns: number[], datas: (Buffer | null)[], dataPtrs: (BlockPtr | null)[],
+    dataCrcs: number[], dataCount: number, levels: PlanNode[][], newSummary: Buffer | null,
+    snapPlan: SnapPlan, slicer: Slicer,
+  ): Promise<CommitResult> {
+    let blocksFreed = 0;
+    if (newSummary) blocksFreed += this.smap.replaceSummary(newSummary);
+    // Free what the new tree no longer references: replaced data blocks, old path nodes.
+    for (const lvl of levels) {
+      for (const n of lvl) {
+        if (n.oldPtr && this.smap.freeFromLive(n.oldPtr.pba)) blocksFreed++;
+        if (n.level === 0 && n.old) {
+          for (let i = n.lo; i < n.hi; i++) {
+            const old = this.childOf(n.old, n.oldPtr!, 0, n.index, lbns[i]! % FANOUT);
+            if (old && this.smap.freeFromLive(old.pba)) blocksFreed++;
+          }
+        }
+      }
+    }
+    // Allocate data blocks then address blocks (bottom-up), in contiguous runs.
+    let nodeCount = 0;
+    for (const lvl of levels) for (const n of lvl) if (n.buf) nodeCount++;
+    const pbas: number[] = [];
+    for (const r of this.smap.allocate(dataCount + nodeCount)) for (let k = 0; k < r.count; k++) pbas.push(r.pba + k);
+    let next = 0;
+    const writes: NewBlock[] = [];
+    for (let i = 0; i < lbns.length; i++) {
+      const d = datas[i];
+      if (!d) continue;
+      const pba = pbas[next++]!;
+      dataPtrs[i] = { pba, birth: cp, crc: dataCrcs[i]! };
+      writes.push({ pba, buf: d });
+    }
+    for (let l = 0; l < levels.length; l++) for (const n of levels[l]!) if (n.buf) n.pba = pbas[next++]!;
+    assert(next === pbas.length, 'allocated blocks left over');
+    // The space map's own blocks (frees and allocations above are final now).
+    const smapBlocks = this.smap.buildCommit(cp, this.uuidBytes);
+    // Fill the address blocks bottom-up: pointers, header, checksum.
+    for (let l = 0; l < levels.length; l++) {
+      for (const n of levels[l]!) {
+        if (l === 0) {
+          for (let i = n.lo; i < n.hi; i++) if (n.buf) encodePtr(n.buf, ptrSlotOffset(lbns[i]! % FANOUT), dataPtrs[i]!);
+        } else if (n.buf) {
+          for (const c of n.children) encodePtr(n.buf, ptrSlotOffset(c.index % FANOUT), c.newPtr);
+        }
+        if (n.buf) {
+          writeNodeHeader(n.buf, { type: NODE_TYPE_DATA_TREE, level: l, index: n.index }, n.pba, cp, this.uuidBytes);
+          n.newPtr = { pba: n.pba, birth: cp, crc: crc32c(n.buf) };
+          writes.push({ pba: n.pba, buf: n.buf });
+        }
+        await slicer.maybeYield();
+      }
+    }
+    const top = levels[levels.length - 1];
+    const newRoot = top && top.length > 0 ? top[0]!.newPtr : this.sb.root;
+    for (const b of smapBlocks) writes.push(b);
+    await this.writeAll(writes, slicer);
+    await this.dev.sync();
+    // The new superblock, into the next ring slot, then sync: the CP is durable.
+    const nowMs = Math.max(0, Math.floor(this.clock.nowMs()));
+    const durationMs = Math.max(0, Math.round(nowMs - t0));
+    const snapshots: SnapshotRecord[] = this.sb.snapshots.filter((s) => !snapPlan.deleted.includes(s.name));
+    if (snapPlan.created.length > 0) {
+      const referenced = popcount(this.smap.active);
+      for (const name of snapPlan.created) snapshots.push({ name, cp, createdMs: nowMs, usedBlocks: referenced, root: newRoot, smapRoot: this.smap.root });
+    }
+    const sb: Superblock = {
+      ...this.sb, cpNumber: cp, timestampMs: nowMs, lastCpDurationMs: durationMs, nvlogSeq: meta.nvlogSeq, nvlogEpoch: meta.nvlogEpoch,
+      root: newRoot, smapRoot: this.smap.root, usedBlocks: this.smap.used, snapshots,
+    };
+    await this.dev.writeBlocks(cp % RING_SLOTS, encodeSuperblock(sb));
+    await this.dev.sync();
+    // Durable: switch the in-memory state.
+    this.sb = sb;
+    this.live.retired = true;
+    this.retired.add(this.live);
+    this.live = new RootHandle(cp, newRoot, 'live');
+    for (const name of snapPlan.deleted) {
+      const h = this.snapHandles.get(name);
+      assert(h !== undefined, `deleted snapshot ${name} has no handle`);
+      h.retired = true;
+      this.retired.add(h);
+      this.snapHandles.delete(name);
+    }
+    if (snapPlan.created.length > 0) this.smap.addActiveToSummary();
+    for (const name of snapPlan.created) this.snapHandles.set(name, new RootHandle(cp, newRoot, `snapshot ${name}`));
+    for (const lvl of levels) for (const n of lvl) if (n.buf && n.newPtr) this.cache.put(n.newPtr, n.buf);
+    return { cpNumber: cp, durationMs, blocksWritten: writes.length, blocksFreed };
+  }
+
+  /**
+   * Builds the new address blocks of the CP in memory (pointers to new children are
+   * filled in later). levels[0] are level-0 nodes; the last level has the root (if any
+   * change). A node whose every pointer is null gets buf === null (it becomes a hole).
+   */
+  private async planTree(lbns: number[], datas: (Buffer | null)[], slicer: Slicer): Promise<PlanNode[][]> {
+    const H = this.height;
+    const levels: PlanNode[][] = [];
+    for (let l = 0; l < H; l++) levels.push([]);
+    if (lbns.length === 0) return [];
+    const mk = (level: number, index: number, oldPtr: BlockPtr | null, lo: number, hi: number): PlanNode =>
+      ({ level, index, oldPtr, old: null, lo, hi, children: [], buf: null, pba: -1, newPtr: null });
+    levels[H - 1]!.push(mk(H - 1, 0, this.sb.root, 0, lbns.length));
+    for (let l = H - 1; l >= 0; l--) {
+      const nodes = levels[l]!;
+      await forEachLimit(nodes, this.ioConcurrency, async (n) => {
+        if (n.oldPtr) n.old = await this.readNode(n.oldPtr, l, n.index);
+      });
+      if (l === 0) break;
+      const span = slotsPerPointer(l);
+      for (const n of nodes) {
+        let i = n.lo;
+        while (i < n.hi) {
+          const ci = Math.floor(lbns[i]! / span);
+          let j = i + 1;
+          while (j < n.hi && Math.floor(lbns[j]! / span) === ci) j++;
+          const oldChild = n.old && n.oldPtr ? this.childOf(n.old, n.oldPtr, l, n.index, ci % FANOUT) : null;
+          const c = mk(l - 1, ci, oldChild, i, j);
+          n.children.push(c);
+          levels[l - 1]!.push(c);
+          i = j;
+        }
+      }
+    }
+    const countPresent = (b: Buffer): number => {
+      let k = 0;
+      for (let s = 0; s < FANOUT; s++) if (b.readUInt16LE(ptrSlotOffset(s) + 20) !== 0) k++;
+      return k;
+    };
+    for (let l = 0; l < H; l++) {
+      for (const n of levels[l]!) {
+        const buf = n.old ? Buffer.from(n.old) : Buffer.alloc(BLOCK);
+        let present = n.old ? countPresent(n.old) : 0;
+        if (l === 0) {
+          for (let i = n.lo; i < n.hi; i++) {
+            const off = ptrSlotOffset(lbns[i]! % FANOUT);
+            if (buf.readUInt16LE(off + 20) !== 0) present--;
+            encodePtr(buf, off, null);
+            if (datas[i]) present++;
+          }
+        } else {
+          for (const c of n.children) {
+            const off = ptrSlotOffset(c.index % FANOUT);
+            if (buf.readUInt16LE(off + 20) !== 0) present--;
+            encodePtr(buf, off, null);
+            if (c.buf) present++;
+          }
+        }
+        assert(present >= 0 && present <= FANOUT, `present count ${present}`);
+        n.buf = present > 0 ? buf : null;
+        await slicer.maybeYield();
+      }
+    }
+    return levels;
+  }
+
+  private planSnapshots(ops: SnapshotOp[], cp: number, _nowMs: number): SnapPlan {
+    if (ops.length > 2 * MAX_SNAPSHOTS) throw new VolumeError('EINVAL', `at most ${2 * MAX_SNAPSHOTS} snapshot operations per CP`);
+    const names = this.sb.snapshots.map((s) => s.name);
+    const created: string[] = [];
+    const deleted: string[] = [];
+    for (const op of ops) {
+      if (op.kind === 'create') {
+        const problem = snapshotNameProblem(op.name);
+        if (problem) throw new VolumeError('EINVAL', problem);
+        if (names.includes(op.name)) throw new VolumeError('EINVAL', `snapshot "${op.name}" already exists`);
+        if (names.length >= MAX_SNAPSHOTS) throw new VolumeError('EINVAL', `cannot create snapshot "${op.name}": the volume already has the maximum of ${MAX_SNAPSHOTS}`);
+        names.push(op.name);
+        created.push(op.name);
+      } else if (op.kind === 'delete') {
+        const i = names.indexOf(op.name);
+        if (i < 0) throw new VolumeError('EINVAL', `no snapshot named "${op.name}"`);
+        names.splice(i, 1);
+        const c = created.indexOf(op.name);
+        if (c >= 0) created.splice(c, 1);
+        else deleted.push(op.name);
+      } else {
+        throw new VolumeError('EINVAL', `unknown snapshot operation ${JSON.stringify(op)}`);
+      }
+    }
+    assert(names.length <= MAX_SNAPSHOTS && cp > 0, 'snapshot plan');
+    return { created, deleted };
+  }
+
+  /** OR of the space maps of every kept snapshot not in `without` (reads them). */
+  private async summaryWithout(without: string[]): Promise<Buffer> {
+    const out = Buffer.alloc(this.smap.summary.length);
+    const deviceBlocks = this.sb.deviceBlocks;
+    const read = async (ptr: BlockPtr, what: string, id: NodeId | null): Promise<Buffer> => {
+      const buf = Buffer.alloc(BLOCK);
+      await this.dev.readBlocks(ptr.pba, 1, buf);
+      const problem = id ? verifyNode(buf, ptr, id, this.uuidBytes) : crc32c(buf) === ptr.crc ? null : 'checksum mismatch';
+      if (problem) throw this.eio(`${what} at pba ${ptr.pba}: ${problem}`, { pba: ptr.pba });
+      return buf;
+    };
+    const loader: SpaceMapLoader = {
+      readNode: (ptr, id) => read(ptr, `snapshot space-map node level ${id.level} index ${id.index}`, id),
+      readLeaf: (ptr, i) => read(ptr, `snapshot space-map leaf ${i}`, null),
+      decodeChild: (node, slot, what) => {
+        const p = decodePtr(node, ptrSlotOffset(slot), deviceBlocks);
+        if (typeof p === 'string') throw this.eio(`${what}: ${p}`, {});
+        return p;
+      },
+    };
+    for (const s of this.sb.snapshots) if (!without.includes(s.name)) await this.smap.loadTree(s.smapRoot, loader, out, false);
+    return out;
+  }
+
+  /** Writes blocks sorted by address, coalesced into runs split at writeChunkBlocks boundaries. */
+  private async writeAll(blocks: NewBlock[], slicer: Slicer): Promise<void> {
+    blocks.sort((a, b) => a.pba - b.pba);
+    const chunks: NewBlock[][] = [];
+    let cur: NewBlock[] = [];
+    for (const b of blocks) {
+      const prev = cur[cur.length - 1];
+      assert(!prev || prev.pba !== b.pba, `pba ${b.pba} written twice in one CP`);
+      assert(b.pba >= RING_SLOTS && b.pba < this.sb.deviceBlocks && b.buf.length === BLOCK, `bad block write at pba ${b.pba}`);
+      if (prev && (prev.pba + 1 !== b.pba || b.pba % this.writeChunkBlocks === 0 || cur.length >= this.writeChunkBlocks)) {
+        chunks.push(cur);
+        cur = [];
+      }
+      cur.push(b);
+    }
+    if (cur.length > 0) chunks.push(cur);
+    await forEachLimit(chunks, this.ioConcurrency, async (c) => {
+      const buf = c.length === 1 ? c[0]!.buf : Buffer.concat(c.map((b) => b.buf));
+      await this.dev.writeBlocks(c[0]!.pba, buf);
+      await slicer.maybeYield();
+    });
+  }
+
+  // ---------------------------------------------------------------- check / close
+
+  async check(): Promise<CheckReport> {
+    if (this.closed) throw new VolumeError('ESHUTDOWN', 'block tree is closed');
+    while (this.commitRunning) await this.commitRunning.catch(() => undefined);
+    const handles = [this.live, ...this.snapHandles.values()];
+    for (const h of handles) h.enter();
+    try {
+      return await runCheck({
+        dev: this.dev,
+        sb: this.sb,
+        uuid: this.uuidBytes,
+        active: Buffer.from(this.smap.active),
+        summary: Buffer.from(this.smap.summary),
+        used: this.smap.used,
+        counterProblems: this.smap.verifyCounters(),
+        ioConcurrency: this.ioConcurrency,
+      });
+    } finally {
+      for (const h of handles) h.exit();
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    while (this.commitRunning) await this.commitRunning.catch(() => undefined);
+    this.cache.clear();
+  }
+
+  /** @internal For tests: cache and space figures. */
+  debugInfo(): { cacheSize: number; cacheHits: number; cacheMisses: number; freeBlocks: number; reservedBlocks: number } {
+    return { cacheSize: this.cache.size, cacheHits: this.cache.hits, cacheMisses: this.cache.misses, freeBlocks: this.smap.free, reservedBlocks: this.smap.reserved };
+  }
+
+  /** @internal Pointer string for an lbn in the live tree (tests and diagnostics). */
+  async locate(lbn: number): Promise<{ data: BlockPtr | null; path: BlockPtr[] }> {
+    this.checkRange(lbn, 1);
+    const path: BlockPtr[] = [];
+    let ptr = this.live.root;
+    for (let level = this.height - 1; level >= 0 && ptr !== null; level--) {
+      path.push(ptr);
+      const index = Math.floor(lbn / slotsPerPointer(level + 1));
+      const node = await this.readNode(ptr, level, index);
+      ptr = this.childOf(node, ptr, level, index, Math.floor(lbn / slotsPerPointer(level)) % FANOUT);
+    }
+    return { data: ptr, path };
+  }
+}
+
+interface SnapPlan {
+  created: string[];
+  deleted: string[];
+}
+
+export { ptrString };

@@ -1,0 +1,463 @@
+/**
+ * The copy-on-write block tree (src/tree) over the real in-memory BlockDevice:
+ * format/open, reads and block status, commits, space accounting and reuse, snapshots,
+ * superblock-ring fallback, corruption detection (EIO + check), concurrency of reads
+ * with a commit.
+ */
+import { strict as assert } from 'assert';
+import { MemoryBlockDevice } from '../../src/io/memory-device';
+import { BLOCK_SIZE_BYTES, type BlockDevice } from '../../src/io/types';
+import { crc32c, crc32cImplementation, crc32cPortable } from '../../src/tree/checksum';
+import { FANOUT, RING_SLOTS } from '../../src/tree/layout';
+import { BlockTree } from '../../src/tree/tree';
+import type { BlockChange, CpMeta } from '../../src/tree/types';
+import { VolumeError } from '../../src/volume/errors';
+import { EXTENT_HOLE, EXTENT_ZERO } from '../../src/volume/types';
+
+const B = BLOCK_SIZE_BYTES;
+const UUID = '0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0';
+const GiB = 1024 ** 3;
+const meta = (n: number): CpMeta => ({ nvlogSeq: n, nvlogEpoch: 1 });
+
+function block(seed: number): Buffer {
+  const b = Buffer.alloc(B);
+  for (let i = 0; i < B; i += 4) b.writeUInt32LE((Math.imul(seed + 1, 2654435761) + i * 40503) >>> 0, i);
+  return b;
+}
+
+function writes(entries: [number, number | null][]): BlockChange[] {
+  return entries.map(([lbn, seed]) => ({ lbn, data: seed === null ? null : block(seed) }));
+}
+
+async function fresh(sizeBytes: number, deviceBlocks = 4096): Promise<{ dev: MemoryBlockDevice; tree: BlockTree }> {
+  const dev = new MemoryBlockDevice(deviceBlocks);
+  await BlockTree.format(dev, { sizeBytes, volumeUuid: UUID });
+  return { dev, tree: await BlockTree.open(dev) };
+}
+
+async function flipByte(dev: MemoryBlockDevice, pba: number, offset: number): Promise<void> {
+  const b = dev.peekBlock(pba);
+  b[offset] = b[offset]! ^ 0x5a;
+  await dev.writeBlocks(pba, b);
+}
+
+async function expectEio(p: Promise<unknown>, pattern: RegExp): Promise<void> {
+  await assert.rejects(p, (e: unknown) => e instanceof VolumeError && e.code === 'EIO' && pattern.test(e.message));
+}
+
+async function assertCheckOk(tree: BlockTree): Promise<void> {
+  const r = await tree.check();
+  assert.deepEqual(r.problems, []);
+  assert.ok(r.ok);
+  assert.equal(r.blocksReachable, r.blocksAccounted);
+}
+
+/** A device wrapper that can hold writes until released (to observe a commit mid-way). */
+class GatedDevice implements BlockDevice {
+  gate: Promise<void> | null = null;
+  private open: (() => void) | null = null;
+  writeCalls: { pba: number; count: number }[] = [];
+  constructor(readonly inner: MemoryBlockDevice) {}
+  get blockCount(): number {
+    return this.inner.blockCount;
+  }
+  hold(): void {
+    this.gate = new Promise((r) => (this.open = r));
+  }
+  release(): void {
+    this.open?.();
+    this.gate = null;
+  }
+  readBlocks(pba: number, count: number, dst: Buffer): Promise<void> {
+    return this.inner.readBlocks(pba, count, dst);
+  }
+  async writeBlocks(pba: number, data: Buffer): Promise<void> {
+    this.writeCalls.push({ pba, count: data.length / B });
+    if (this.gate) await this.gate;
+    return this.inner.writeBlocks(pba, data);
+  }
+  sync(): Promise<void> {
+    return this.inner.sync();
+  }
+  discard(pba: number, count: number): Promise<void> {
+    return this.inner.discard(pba, count);
+  }
+  close(): Promise<void> {
+    return this.inner.close();
+  }
+}
+
+describe('tree: crc32c', () => {
+  it('matches the standard check value in both implementations', () => {
+    const v = Buffer.from('123456789');
+    assert.equal(crc32cPortable(v), 0xe3069283);
+    assert.equal(crc32c(v), 0xe3069283);
+    assert.ok(['native', 'portable'].includes(crc32cImplementation()));
+  });
+
+  it('portable and selected implementations agree on random blocks', () => {
+    for (let s = 0; s < 20; s++) {
+      const b = block(s);
+      assert.equal(crc32cPortable(b, 3, 4000), crc32c(b, 3, 4000));
+    }
+  });
+});
+
+describe('tree: format and open', () => {
+  it('an empty 100 GiB volume costs a handful of blocks and reads as one hole', async () => {
+    const { dev, tree } = await fresh(100 * GiB, 1 << 20);
+    const st = tree.stats();
+    assert.equal(st.sizeBytes, 100 * GiB);
+    assert.equal(st.cpNumber, 0);
+    assert.equal(tree.height, 4);
+    assert.ok(st.usedBlocks <= RING_SLOTS + 4, `used ${st.usedBlocks}`);
+    assert.ok(dev.allocatedBlocks <= RING_SLOTS + 4, `device holds ${dev.allocatedBlocks} blocks`);
+    assert.equal(await tree.readBlock(12345), null);
+    const ext = await tree.blockStatus(0, (100 * GiB) / B / 2, 8);
+    assert.deepEqual(ext, [{ lengthBytes: 50 * GiB, flags: EXTENT_HOLE | EXTENT_ZERO }]);
+    await assertCheckOk(tree);
+  });
+
+  it('refuses a device without the magic, a too-small device, and bad sizes with one-line errors', async () => {
+    const blank = new MemoryBlockDevice(256);
+    await assert.rejects(BlockTree.open(blank), /not an nvmirror volume/);
+    const { dev } = await fresh(GiB, 512);
+    const smaller = new MemoryBlockDevice(300);
+    for (let p = 0; p < 300; p++) await smaller.writeBlocks(p, dev.peekBlock(p));
+    await assert.rejects(BlockTree.open(smaller), /device too small: it has 300 blocks but the volume was formatted on 512/);
+    await assert.rejects(BlockTree.format(new MemoryBlockDevice(16), { sizeBytes: GiB, volumeUuid: UUID }), /device too small/);
+    await assert.rejects(BlockTree.format(new MemoryBlockDevice(256), { sizeBytes: 1000, volumeUuid: UUID }), /bad volume size/);
+    await assert.rejects(BlockTree.format(new MemoryBlockDevice(256), { sizeBytes: GiB, volumeUuid: 'nope' }), /bad volume UUID/);
+    // Every slot torn: no valid superblock.
+    for (let s = 0; s < RING_SLOTS; s++) await flipByte(dev, s, 100);
+    await assert.rejects(BlockTree.open(dev), (e: unknown) => e instanceof Error && /no valid superblock/.test(e.message) && !e.message.includes('\n'));
+  });
+});
+
+describe('tree: reads, writes and commits', () => {
+  it('reads back written blocks after commit and after reopen; trims make holes', async () => {
+    const { dev, tree } = await fresh(4 * GiB);
+    const r1 = await tree.commitCp(writes([[0, 1], [1, 2], [5000, 3], [1_000_000, 4]]), meta(10));
+    assert.equal(r1.cpNumber, 1);
+    assert.ok(r1.blocksWritten >= 4 + tree.height);
+    assert.ok((await tree.readBlock(0))!.equals(block(1)));
+    assert.ok((await tree.readBlock(5000))!.equals(block(3)));
+    assert.equal(await tree.readBlock(2), null);
+    await tree.commitCp(writes([[1, null], [5000, 5]]), meta(11));
+    const again = await BlockTree.open(dev);
+    assert.equal(again.cpNumber, 2);
+    assert.deepEqual(again.stats().meta, meta(11));
+    assert.ok((await again.readBlock(0))!.equals(block(1)));
+    assert.equal(await again.readBlock(1), null);
+    assert.ok((await again.readBlock(5000))!.equals(block(5)));
+    assert.ok((await again.readBlock(1_000_000))!.equals(block(4)));
+    const range = Buffer.alloc(3 * B, 0xff);
+    await again.readRange(0, 3, range);
+    assert.ok(range.subarray(0, B).equals(block(1)));
+    assert.ok(range.subarray(B).equals(Buffer.alloc(2 * B)));
+    await assertCheckOk(again);
+  });
+
+  it('stores all-zero blocks as holes and reports them as hole|zero', async () => {
+    const { tree } = await fresh(GiB);
+    const used0 = tree.stats().usedBlocks;
+    await tree.commitCp([{ lbn: 7, data: Buffer.alloc(B) }, { lbn: 8, data: block(8) }], meta(1));
+    assert.equal(await tree.readBlock(7), null);
+    const ext = await tree.blockStatus(6, 4, 10);
+    assert.deepEqual(ext, [
+      { lengthBytes: 2 * B, flags: EXTENT_HOLE | EXTENT_ZERO },
+      { lengthBytes: B, flags: 0 },
+      { lengthBytes: B, flags: EXTENT_HOLE | EXTENT_ZERO },
+    ]);
+    assert.deepEqual(await tree.blockStatus(6, 4, 1), [{ lengthBytes: 2 * B, flags: EXTENT_HOLE | EXTENT_ZERO }]);
+    assert.ok(tree.stats().usedBlocks > used0);
+  });
+
+  it('block status merges runs of data across address blocks and skips hole subtrees', async () => {
+    const { tree } = await fresh(64 * GiB, 8192);
+    const changes: BlockChange[] = [];
+    for (let l = FANOUT - 10; l < FANOUT + 10; l++) changes.push({ lbn: l, data: block(l) });
+    await tree.commitCp(changes, meta(1));
+    const ext = await tree.blockStatus(0, (64 * GiB) / B, 10);
+    assert.deepEqual(ext, [
+      { lengthBytes: (FANOUT - 10) * B, flags: EXTENT_HOLE | EXTENT_ZERO },
+      { lengthBytes: 20 * B, flags: 0 },
+      { lengthBytes: 64 * GiB - (FANOUT + 10) * B, flags: EXTENT_HOLE | EXTENT_ZERO },
+    ]);
+  });
+
+  it('writes each CP in few large contiguous writes', async () => {
+    const inner = new MemoryBlockDevice(8192);
+    await BlockTree.format(inner, { sizeBytes: 16 * GiB, volumeUuid: UUID });
+    const dev = new GatedDevice(inner);
+    const tree = await BlockTree.open(dev);
+    const changes: BlockChange[] = [];
+    for (let i = 0; i < 1000; i++) changes.push({ lbn: (i * 7919) % ((16 * GiB) / B), data: block(i) });
+    const res = await tree.commitCp(changes, meta(1));
+    const dataCalls = dev.writeCalls.filter((c) => c.pba >= RING_SLOTS);
+    assert.ok(dataCalls.length <= Math.ceil(res.blocksWritten / 256) + 3, `${dataCalls.length} write calls for ${res.blocksWritten} blocks`);
+    assert.ok(dataCalls.some((c) => c.count >= 200), 'large writes');
+    await assertCheckOk(tree);
+  });
+
+  it('rejects bad changes before changing anything', async () => {
+    const { tree } = await fresh(GiB);
+    await assert.rejects(tree.commitCp([{ lbn: GiB / B, data: block(1) }], meta(1)), /outside the volume/);
+    await assert.rejects(tree.commitCp([{ lbn: 1, data: Buffer.alloc(100) }], meta(1)), /has 100 bytes/);
+    await assert.rejects(tree.commitCp([], { nvlogSeq: -1, nvlogEpoch: 0 }), /nvlogSeq/);
+    await assert.rejects(tree.commitCp([], meta(1), [{ kind: 'delete', name: 'nope' }]), /no snapshot named "nope"/);
+    await assert.rejects(tree.commitCp([], meta(1), [{ kind: 'create', name: 'a@b' }]), /bad snapshot name/);
+    const r = await tree.commitCp(writes([[3, 3]]), meta(1));
+    assert.equal(r.cpNumber, 1);
+    await assertCheckOk(tree);
+  });
+});
+
+describe('tree: space accounting', () => {
+  it('trimmed space is freed and reused; rewriting forever fits a small device', async () => {
+    // 300 live blocks rewritten each CP on 700 blocks: only works if freed blocks come back.
+    const { tree } = await fresh(GiB, 700);
+    const baseline = tree.stats().usedBlocks;
+    for (let round = 0; round < 30; round++) {
+      const changes: BlockChange[] = [];
+      for (let l = 0; l < 300; l++) changes.push({ lbn: l * 3, data: block(round * 1000 + l) });
+      await tree.commitCp(changes, meta(round));
+    }
+    assert.ok((await tree.readBlock(297))!.equals(block(29 * 1000 + 99)));
+    const full = tree.stats().usedBlocks;
+    assert.ok(full >= baseline + 300, `used ${full}`);
+    const trims: BlockChange[] = [];
+    for (let l = 0; l < 300; l++) trims.push({ lbn: l * 3, data: null });
+    const res = await tree.commitCp(trims, meta(100));
+    assert.ok(res.blocksFreed >= 300, `freed ${res.blocksFreed}`);
+    assert.ok(tree.stats().usedBlocks <= baseline + 2, `used ${tree.stats().usedBlocks} after trimming all (baseline ${baseline})`);
+    await assertCheckOk(tree);
+    // The freed space is reusable two CPs later.
+    await tree.commitCp([], meta(101));
+    const changes: BlockChange[] = [];
+    for (let l = 0; l < 450; l++) changes.push({ lbn: 100_000 + l, data: block(l) });
+    await tree.commitCp(changes, meta(102));
+    assert.ok((await tree.readBlock(100_449))!.equals(block(449)));
+    await assertCheckOk(tree);
+  });
+
+  it('ENOSPC leaves the tree usable; trimming makes room again', async () => {
+    const { tree } = await fresh(GiB, 256);
+    const big: BlockChange[] = [];
+    for (let l = 0; l < 400; l++) big.push({ lbn: l, data: block(l) });
+    await assert.rejects(tree.commitCp(big, meta(1)), (e: unknown) => e instanceof VolumeError && e.code === 'ENOSPC');
+    await tree.commitCp(big.slice(0, 200), meta(2));
+    await assert.rejects(tree.commitCp(big.slice(200, 300), meta(3)), (e: unknown) => e instanceof VolumeError && e.code === 'ENOSPC');
+    await tree.commitCp(big.slice(0, 150).map((c) => ({ lbn: c.lbn, data: null })), meta(4));
+    await tree.commitCp(big.slice(200, 300), meta(5));
+    assert.ok((await tree.readBlock(299))!.equals(block(299)));
+    assert.equal(await tree.readBlock(10), null);
+    await assertCheckOk(tree);
+  });
+});
+
+describe('tree: snapshots', () => {
+  it('a snapshot holds its blocks, reads its own root, and deleting it releases them', async () => {
+    const { dev, tree } = await fresh(GiB);
+    await tree.commitCp(writes([[1, 1], [2, 2], [300, 3]]), meta(1));
+    await tree.commitCp(writes([[4, 4]]), meta(2), [{ kind: 'create', name: 'snap1' }]);
+    assert.deepEqual(tree.listSnapshots().map((s) => [s.name, s.cpNumber]), [['snap1', 2]]);
+    const usedAtSnap = tree.stats().usedBlocks;
+    await tree.commitCp(writes([[1, 11], [2, null], [300, null], [4, 14]]), meta(3));
+    const usedAfter = tree.stats().usedBlocks;
+    assert.ok(usedAfter > usedAtSnap, 'overwritten blocks stay held by the snapshot');
+    const snap = tree.snapshotReader('snap1')!;
+    assert.equal(snap.cpNumber, 2);
+    assert.ok((await snap.readBlock(1))!.equals(block(1)));
+    assert.ok((await snap.readBlock(2))!.equals(block(2)));
+    assert.ok((await snap.readBlock(300))!.equals(block(3)));
+    assert.ok((await tree.readBlock(1))!.equals(block(11)));
+    assert.equal(await tree.readBlock(2), null);
+    assert.deepEqual(await snap.blockStatus(0, 3, 4), [{ lengthBytes: B, flags: 3 }, { lengthBytes: 2 * B, flags: 0 }]);
+    await assertCheckOk(tree);
+    // Survives reopen.
+    const re = await BlockTree.open(dev);
+    assert.ok((await re.snapshotReader('snap1')!.readBlock(300))!.equals(block(3)));
+    await assertCheckOk(re);
+    await re.commitCp([], meta(4), [{ kind: 'delete', name: 'snap1' }]);
+    assert.deepEqual(re.listSnapshots(), []);
+    assert.ok(re.stats().usedBlocks < usedAfter - 2, `delete released blocks: ${re.stats().usedBlocks} vs ${usedAfter}`);
+    assert.equal(re.snapshotReader('snap1'), undefined);
+    await assertCheckOk(re);
+    assert.ok((await re.readBlock(1))!.equals(block(11)));
+  });
+
+  it('deleting a middle snapshot keeps what the others need', async () => {
+    const { tree } = await fresh(GiB);
+    await tree.commitCp(writes([[1, 1], [2, 2], [3, 3]]), meta(1), [{ kind: 'create', name: 'a' }]);
+    await tree.commitCp(writes([[1, 11], [4, 4]]), meta(2), [{ kind: 'create', name: 'b' }]);
+    await tree.commitCp(writes([[2, 22], [4, 44], [1, null]]), meta(3), [{ kind: 'create', name: 'c' }]);
+    await tree.commitCp(writes([[3, null], [4, null], [2, null]]), meta(4));
+    const reader = tree.snapshotReader('b')!;
+    await tree.commitCp([], meta(5), [{ kind: 'delete', name: 'b' }]);
+    await assert.rejects(reader.readBlock(1), (e: unknown) => e instanceof VolumeError && e.code === 'ESHUTDOWN');
+    await assertCheckOk(tree);
+    const a = tree.snapshotReader('a')!;
+    const c = tree.snapshotReader('c')!;
+    assert.ok((await a.readBlock(1))!.equals(block(1)));
+    assert.ok((await a.readBlock(3))!.equals(block(3)));
+    assert.equal(await a.readBlock(4), null);
+    assert.equal(await c.readBlock(1), null);
+    assert.ok((await c.readBlock(2))!.equals(block(22)));
+    assert.ok((await c.readBlock(4))!.equals(block(44)));
+    // Create and delete in one CP; then delete all.
+    await tree.commitCp(writes([[9, 9]]), meta(6), [{ kind: 'create', name: 'd' }, { kind: 'delete', name: 'a' }, { kind: 'delete', name: 'c' }]);
+    assert.deepEqual(tree.listSnapshots().map((s) => s.name), ['d']);
+    await assertCheckOk(tree);
+    await tree.commitCp(writes([[9, null]]), meta(7), [{ kind: 'delete', name: 'd' }]);
+    await tree.commitCp([], meta(8));
+    await tree.commitCp([], meta(9));
+    assert.ok(tree.stats().usedBlocks <= RING_SLOTS + 4, `used ${tree.stats().usedBlocks} with everything deleted`);
+    await assertCheckOk(tree);
+  });
+
+  it('refuses duplicate names and more than the maximum number of snapshots', async () => {
+    const { tree } = await fresh(GiB);
+    await tree.commitCp([], meta(1), [{ kind: 'create', name: 's' }]);
+    await assert.rejects(tree.commitCp([], meta(2), [{ kind: 'create', name: 's' }]), /already exists/);
+    const ops = Array.from({ length: 31 }, (_, i) => ({ kind: 'create' as const, name: `n${i}` }));
+    await tree.commitCp([], meta(2), ops);
+    await assert.rejects(tree.commitCp([], meta(3), [{ kind: 'create', name: 'x' }]), /maximum of 32/);
+    await assertCheckOk(tree);
+  });
+});
+
+describe('tree: superblock ring', () => {
+  it('a torn newest slot falls back to the previous CP', async () => {
+    const { dev, tree } = await fresh(GiB);
+    await tree.commitCp(writes([[1, 1]]), meta(1));
+    await tree.commitCp(writes([[1, 2]]), meta(2));
+    const slot = 2 % RING_SLOTS;
+    const torn = dev.peekBlock(slot);
+    torn.fill(0, 2048); // second half of the sector run never made it
+    await dev.writeBlocks(slot, torn);
+    const re = await BlockTree.open(dev);
+    assert.equal(re.cpNumber, 1);
+    assert.ok((await re.readBlock(1))!.equals(block(1)));
+    await assertCheckOk(re);
+    // The next CP reuses the slot and everything is consistent.
+    await re.commitCp(writes([[1, 3]]), meta(3));
+    const re2 = await BlockTree.open(dev);
+    assert.equal(re2.cpNumber, 2);
+    assert.ok((await re2.readBlock(1))!.equals(block(3)));
+    await assertCheckOk(re2);
+  });
+
+  it('a newest superblock whose root block is corrupt is skipped', async () => {
+    const { dev, tree } = await fresh(GiB);
+    await tree.commitCp(writes([[1, 1]]), meta(1));
+    await tree.commitCp(writes([[1, 2]]), meta(2));
+    const { path } = await tree.locate(1);
+    await flipByte(dev, path[0]!.pba, 3000);
+    const re = await BlockTree.open(dev);
+    assert.equal(re.cpNumber, 1);
+    assert.ok((await re.readBlock(1))!.equals(block(1)));
+  });
+
+  it('wraps around the ring many times', async () => {
+    const { dev, tree } = await fresh(GiB);
+    for (let i = 1; i <= 3 * RING_SLOTS + 2; i++) await tree.commitCp(writes([[i % 5, i]]), meta(i));
+    const re = await BlockTree.open(dev);
+    assert.equal(re.cpNumber, 3 * RING_SLOTS + 2);
+    assert.ok((await re.readBlock((3 * RING_SLOTS + 2) % 5))!.equals(block(3 * RING_SLOTS + 2)));
+    await assertCheckOk(re);
+  });
+});
+
+describe('tree: corruption', () => {
+  it('a flipped byte in a data block is EIO for that lbn only, and check names it', async () => {
+    const { dev, tree } = await fresh(GiB);
+    await tree.commitCp(writes([[10, 10], [11, 11], [12, 12]]), meta(1));
+    const { data } = await tree.locate(11);
+    await flipByte(dev, data!.pba, 17);
+    const re = await BlockTree.open(dev);
+    await expectEio(re.readBlock(11), new RegExp(`lbn 11 at pba ${data!.pba}`));
+    assert.ok((await re.readBlock(10))!.equals(block(10)));
+    assert.ok((await re.readBlock(12))!.equals(block(12)));
+    await expectEio(re.readRange(10, 3, Buffer.alloc(3 * B)), /lbn 11/);
+    const r = await re.check();
+    assert.equal(r.ok, false);
+    assert.ok(r.problems.some((p) => p.includes(`data block lbn 11 at pba ${data!.pba}: checksum mismatch`)), r.problems.join('\n'));
+  });
+
+  it('a flipped byte in an address block is EIO for its range, and check names it', async () => {
+    const { dev, tree } = await fresh(GiB);
+    await tree.commitCp(writes([[10, 10], [FANOUT + 1, 11]]), meta(1));
+    const { path } = await tree.locate(10);
+    const leafNode = path[path.length - 1]!;
+    await flipByte(dev, leafNode.pba, 64 + 10 * 24 + 2);
+    const re = await BlockTree.open(dev);
+    await expectEio(re.readBlock(10), new RegExp(`address block at pba ${leafNode.pba} \\(level 0, lbns 0-${FANOUT - 1}\\)`));
+    await expectEio(re.readBlock(11), /address block/);
+    await expectEio(re.blockStatus(0, 5, 4), /address block/);
+    assert.ok((await re.readBlock(FANOUT + 1))!.equals(block(11)));
+    const r = await re.check();
+    assert.equal(r.ok, false);
+    assert.ok(r.problems.some((p) => p.includes(`pba ${leafNode.pba}`) && p.includes('checksum mismatch')), r.problems.join('\n'));
+  });
+
+  it('a misdirected write (right contents, wrong place) is caught by the header', async () => {
+    const { dev, tree } = await fresh(GiB);
+    await tree.commitCp(writes([[10, 10], [FANOUT + 1, 11]]), meta(1));
+    const a = (await tree.locate(10)).path.at(-1)!;
+    const b = (await tree.locate(FANOUT + 1)).path.at(-1)!;
+    // Block a's contents land at b's address (and its checksum field would match a, not b).
+    await dev.writeBlocks(b.pba, dev.peekBlock(a.pba));
+    const re = await BlockTree.open(dev);
+    await expectEio(re.readBlock(FANOUT + 1), /checksum mismatch|misdirected/);
+    assert.ok((await re.readBlock(10))!.equals(block(10)));
+  });
+});
+
+describe('tree: concurrency with a commit', () => {
+  it('reads during a commit see the previous root; freed blocks are not reused until later', async () => {
+    const inner = new MemoryBlockDevice(4096);
+    await BlockTree.format(inner, { sizeBytes: GiB, volumeUuid: UUID });
+    const dev = new GatedDevice(inner);
+    const tree = await BlockTree.open(dev);
+    await tree.commitCp(writes([[1, 1], [2, 2]]), meta(1));
+    const old1 = (await tree.locate(1)).data!;
+    dev.hold();
+    const commit = tree.commitCp(writes([[1, 100], [2, null]]), meta(2));
+    await new Promise((r) => setTimeout(r, 10));
+    assert.equal(tree.cpNumber, 1);
+    assert.ok((await tree.readBlock(1))!.equals(block(1)), 'old data while the commit is in flight');
+    assert.ok((await tree.readBlock(2))!.equals(block(2)));
+    dev.release();
+    await commit;
+    assert.equal(tree.cpNumber, 2);
+    assert.ok((await tree.readBlock(1))!.equals(block(100)));
+    // The next CP must not overwrite the block freed by CP 2.
+    dev.writeCalls = [];
+    await tree.commitCp(writes([[5, 5], [6, 6], [7, 7]]), meta(3));
+    assert.ok(!dev.writeCalls.some((c) => old1.pba >= c.pba && old1.pba < c.pba + c.count), 'freed block reused one CP later');
+    await assertCheckOk(tree);
+  });
+
+  it('a 64 MiB commit does not block the event loop for long', async function () {
+    this.timeout(60_000);
+    const { tree } = await fresh(16 * GiB, 40_000);
+    const changes: BlockChange[] = [];
+    for (let i = 0; i < 16384; i++) changes.push({ lbn: (i * 104729) % ((16 * GiB) / B), data: block(i) });
+    let maxGapMs = 0;
+    let last = Date.now();
+    let running = true;
+    const tick = (): void => {
+      const now = Date.now();
+      maxGapMs = Math.max(maxGapMs, now - last);
+      last = now;
+      if (running) setImmediate(tick);
+    };
+    setImmediate(tick);
+    const res = await tree.commitCp(changes, meta(1));
+    running = false;
+    assert.ok(res.blocksWritten >= 16384);
+    assert.ok(maxGapMs < 200, `event loop blocked for ${maxGapMs} ms`);
+    assert.ok((await tree.readBlock((5000 * 104729) % ((16 * GiB) / B)))!.equals(block(5000)));
+  });
+});
