@@ -77,7 +77,13 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
     throw new Error('nothing to serve: give --memory SIZE, --file PATH or a volume directory');
   }
   const opened = await openVolume(spec);
-  let server: NbdServer;
+  let server: NbdServer | undefined;
+  // Handlers go in before the URI is printed: a client may signal as soon as it sees it.
+  onStopSignals(async () => {
+    await server?.close();
+    await opened.close();
+    logger.info('stopped cleanly');
+  }, logger);
   try {
     server = new NbdServer({
       exports: opened.exports,
@@ -87,15 +93,16 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
         ? { tls: { certPath: o.tlsCert, keyPath: o.tlsKey, ...(o.tlsCa !== undefined ? { caPath: o.tlsCa } : {}), required: o.tlsRequired === true } }
         : {}),
     });
+    const srv = server;
     const tcp = o.listen ?? (o.socket === undefined ? DEFAULT_LISTEN : undefined);
     const uris: string[] = [];
     const tls = o.tlsCert !== undefined;
     if (o.socket !== undefined) {
-      await server.listenUnix(path.resolve(o.socket));
+      await srv.listenUnix(path.resolve(o.socket));
       uris.push(uriFor({ unix: path.resolve(o.socket) }, o.export, tls));
     }
     if (tcp) {
-      const addr = await server.listenTcp(tcp.host, tcp.port);
+      const addr = await srv.listenTcp(tcp.host, tcp.port);
       uris.push(uriFor({ tcp: { host: tcp.host, port: addr.port } }, o.export, tls));
     }
     const v = opened.volume;
@@ -107,12 +114,8 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
     process.stdout.write(lines.join('\n') + '\n');
     logger.info({ uris, what: opened.what, sizeBytes: v.sizeBytes }, 'serving');
   } catch (e) {
+    await server?.close().catch(() => undefined);
     await opened.close().catch(() => undefined);
     throw e;
   }
-  onStopSignals(async () => {
-    await server.close();
-    await opened.close();
-    logger.info('stopped cleanly');
-  }, logger);
 }

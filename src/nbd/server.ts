@@ -207,13 +207,16 @@ export class NbdServer {
   /** Stops accepting, lets in-flight requests finish, closes every connection. */
   async close(): Promise<void> {
     this.shuttingDown = true;
-    await Promise.all(this.servers.map((s) => new Promise<void>((r) => s.close(() => r()))));
+    // net.Server.close() calls back only once every connection has ended, so start it
+    // (no new connections from here on) and wait for it after closing the connections.
+    const listenersClosed = this.servers.map((s) => new Promise<void>((r) => s.close(() => r())));
     const pending: Promise<void>[] = [];
     for (const c of this.conns) {
       if (c.transmission) pending.push(c.transmission.shutdown());
       else c.socket.destroy();
     }
     await Promise.all(pending);
+    await Promise.all(listenersClosed);
   }
 }
 
