@@ -1,0 +1,106 @@
+/**
+ * Volume directories through the real CLI: create (and its one-line errors), serve with
+ * the lock (a second serve is refused), status (served or not, --json), snapshots while
+ * served (exported as NAME@SNAP and read through NBD) and while closed, and check.
+ */
+import { strict as assert } from 'assert';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { NbdClient } from '../crash/nbd-client';
+import { runCli, ServedVolume } from '../crash/harness';
+
+const BS = 4096;
+
+describe('engine CLI: create, serve lock, status, snapshot, check', function () {
+  this.timeout(120_000);
+  let tmp: string;
+  before(() => { tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'nvm-cli-')); });
+  after(() => fs.rmSync(tmp, { recursive: true, force: true }));
+
+  it('create lays out a directory and refuses bad arguments with one-line errors', async () => {
+    const dir = path.join(tmp, 'v1');
+    const ok = await runCli(['create', dir, '--size', '256M', '--nvram-size', '2M']);
+    assert.equal(ok.code, 0, ok.stderr);
+    assert.match(ok.stdout, /created volume .*256(\.0)? MiB.*uuid [0-9a-f-]{36}, NVRAM 2\.00 MiB/);
+    const label = JSON.parse(fs.readFileSync(path.join(dir, 'nvmirror.json'), 'utf8')) as { sizeBytes: number; blockSizeBytes: number; members: Array<{ path: string }> };
+    assert.equal(label.sizeBytes, 256 * 1024 * 1024);
+    assert.equal(label.blockSizeBytes, 4096);
+    assert.equal(fs.statSync(path.join(dir, 'nvram.log')).size, 2 * 1024 * 1024);
+    const member = fs.statSync(path.join(dir, 'member-0.img'));
+    assert.ok(member.size > 256 * 1024 * 1024, 'member sized for data + metadata');
+    assert.ok(member.blocks * 512 < 8 * 1024 * 1024, 'member is sparse');
+    const cases: Array<[string[], RegExp]> = [
+      [['create', dir, '--size', '1G'], /is not empty/],
+      [['create', path.join(tmp, 'x1'), '--size', '1000'], /multiple of 4096/],
+      [['create', path.join(tmp, 'x2'), '--size', 'lots'], /bad size/],
+      [['create', path.join(tmp, 'x3'), '--size', '1G', '--nvram-size', '16K'], /NVRAM size .* too small/],
+      [['create', path.join(tmp, 'x4')], /required option '--size/],
+    ];
+    for (const [args, re] of cases) {
+      const r = await runCli(args);
+      assert.notEqual(r.code, 0, `${args.join(' ')} succeeded`);
+      assert.match(r.stderr, re);
+      assert.equal(r.stderr.trim().split('\n').filter((l) => !l.startsWith('(run with')).length, 1, `not one line: ${r.stderr}`);
+    }
+  });
+
+  it('serves with a lock, reports status, and takes snapshots while served and while closed', async () => {
+    const dir = path.join(tmp, 'v2');
+    assert.equal((await runCli(['create', dir, '--size', '64M', '--nvram-size', '1M'])).code, 0);
+    const sock = path.join(tmp, 'v2.sock');
+    const server = await ServedVolume.start(dir, sock, ['--export', 'vol']);
+    try {
+      const second = await runCli(['serve', dir, '--socket', path.join(tmp, 'other.sock')]);
+      assert.notEqual(second.code, 0);
+      assert.match(second.stderr, /volume .*v2 is already in use by another process/);
+
+      const c = await NbdClient.connect(sock, 'vol');
+      await c.write(0, Buffer.alloc(2 * BS, 0x11), false);
+      const snap = await runCli(['snapshot', 'create', dir, 'before']);
+      assert.equal(snap.code, 0, snap.stderr);
+      await c.write(0, Buffer.alloc(2 * BS, 0x22), false);
+
+      const st = await runCli(['status', dir, '--json']);
+      assert.equal(st.code, 0, st.stderr);
+      const s = JSON.parse(st.stdout) as { served: boolean; sizeBytes: number; snapshots: Array<{ name: string }>; cpNumber: number; nvram: { usedBytes: number } };
+      assert.equal(s.served, true);
+      assert.equal(s.sizeBytes, 64 * 1024 * 1024);
+      assert.deepEqual(s.snapshots.map((x) => x.name), ['before']);
+      assert.ok(s.cpNumber >= 1);
+      assert.ok(s.nvram.usedBytes > 0, 'the write after the snapshot is in the NVRAM');
+      const human = await runCli(['status', dir]);
+      assert.match(human.stdout, /served\s+yes/);
+      assert.match(human.stdout, /snapshots\s+before \(CP \d+\)/);
+
+      // The snapshot is an export of its own, read-only, holding the data from before.
+      const cs = await NbdClient.connect(sock, 'vol@before');
+      assert.deepEqual(await cs.read(0, 2 * BS), Buffer.alloc(2 * BS, 0x11));
+      await assert.rejects(cs.write(0, Buffer.alloc(BS), false), /server error 1/); // EPERM
+      assert.deepEqual(await c.read(0, 2 * BS), Buffer.alloc(2 * BS, 0x22));
+      await cs.close();
+
+      const dup = await runCli(['snapshot', 'create', dir, 'before']);
+      assert.notEqual(dup.code, 0);
+      assert.match(dup.stderr, /already exists/);
+      const busy = await runCli(['check', dir]);
+      assert.notEqual(busy.code, 0);
+      assert.match(busy.stderr, /in use by another process; stop it/);
+      await c.close();
+    } finally {
+      assert.equal(await server.stop(), 0, server.stderr);
+    }
+    // Closed volume: snapshot ops open, commit and close it.
+    assert.equal((await runCli(['snapshot', 'create', dir, 'after'])).code, 0);
+    const list = await runCli(['snapshot', 'list', dir]);
+    assert.match(list.stdout, /^before\tCP \d+/m);
+    assert.match(list.stdout, /^after\tCP \d+/m);
+    assert.equal((await runCli(['snapshot', 'delete', dir, 'before'])).code, 0);
+    const st2 = JSON.parse((await runCli(['status', dir, '--json'])).stdout) as { served: boolean; snapshots: Array<{ name: string }> };
+    assert.equal(st2.served, false);
+    assert.deepEqual(st2.snapshots.map((x) => x.name), ['after']);
+    const chk = await runCli(['check', dir]);
+    assert.equal(chk.code, 0, chk.stdout + chk.stderr);
+    assert.match(chk.stdout, /ok$/m);
+  });
+});
