@@ -4,6 +4,10 @@
  */
 import { Command, CommanderError } from 'commander';
 import { registerServe } from './serve';
+import { registerCreate } from './create';
+import { registerSnapshot } from './snapshot';
+import { registerStatus } from './status';
+import { registerCheck } from './check';
 
 const program = new Command();
 program
@@ -14,6 +18,10 @@ program
   .exitOverride();
 
 registerServe(program);
+registerCreate(program);
+registerSnapshot(program);
+registerStatus(program);
+registerCheck(program);
 
 program.parseAsync(process.argv).catch((e: unknown) => {
   if (e instanceof CommanderError) process.exit(e.exitCode === 0 ? 0 : 2);
