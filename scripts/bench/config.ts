@@ -1,0 +1,180 @@
+/**
+ * Benchmark configuration, read once from the environment (and argv) at start-up.
+ * Every knob is validated at the edge with a one-line error; nothing downstream
+ * re-parses the environment.
+ *
+ * Invariants:
+ * - runtimeS >= 1, 0 <= rampS, 1 <= rounds <= ROUNDS_MAX; sizes are whole MiB > 0.
+ * - burstBytes < nvramBytes / 2 (a burst fits in one NVRAM half, so it never has to wait
+ *   for a CP), sustainedBytes === 4 * nvramBytes (issue 4).
+ * - Every suite named in `suites` is one of SUITES.
+ */
+import * as os from 'os';
+import * as path from 'path';
+import { parseSize } from '../../src/util/size';
+
+export const SUITES = ['memory', 'file', 'engine'] as const;
+export type SuiteName = (typeof SUITES)[number];
+const ROUNDS_MAX = 50;
+const MIB = 1024 * 1024;
+
+export interface BenchConfig {
+  rounds: number;
+  runtimeS: number;
+  rampS: number;
+  quick: boolean;
+  /** Suites to run, in order. 'engine' only when the engine is enabled. */
+  suites: SuiteName[];
+  /** 'auto' runs the engine suite when `nvmirror create` exists. */
+  engine: 'auto' | 'on' | 'off';
+  /** Volume size (and the random I/O range) for the memory and file suites. */
+  sizeBytes: number;
+  /** Engine suite: volume / image size (the random I/O range). */
+  engineSizeBytes: number;
+  nvramBytes: number;
+  burstBytes: number;
+  sustainedBytes: number;
+  /** Thin volume size for the engine's peak-RSS run. */
+  rssVolumeBytes: number;
+  /** Engine CP interval for the engine suite (ms). */
+  cpIntervalMs: number;
+  /** QD1 write run used to compare p99 during vs outside CPs (seconds). */
+  cpLatencyRuntimeS: number;
+  /** Scratch directory: sockets, image files, volume dirs, fio outputs. Removed at the end unless kept. */
+  workDir: string;
+  keepWorkDir: boolean;
+  jsonPath: string | undefined;
+  jsonToStdout: boolean;
+  /** Optional substring filter on workload ids (BENCH_ONLY=randwrite,seq). */
+  only: string[];
+  repoRoot: string;
+  nbdkitThreads: number | undefined;
+}
+
+function envInt(name: string, def: number, min: number, max: number): number {
+  const raw = process.env[name];
+  if (raw === undefined || raw === '') return def;
+  const n = Number(raw);
+  if (!Number.isInteger(n) || n < min || n > max) throw new Error(`${name} must be an integer from ${min} to ${max}, got "${raw}"`);
+  return n;
+}
+
+function envNumber(name: string, def: number, min: number, max: number): number {
+  const raw = process.env[name];
+  if (raw === undefined || raw === '') return def;
+  const n = Number(raw);
+  if (!Number.isFinite(n) || n < min || n > max) throw new Error(`${name} must be a number from ${min} to ${max}, got "${raw}"`);
+  return n;
+}
+
+function envSize(name: string, def: string): number {
+  const raw = process.env[name];
+  const text = raw === undefined || raw === '' ? def : raw;
+  let n: number;
+  try {
+    n = parseSize(text);
+  } catch (e) {
+    throw new Error(`${name}: ${(e as Error).message}`);
+  }
+  if (n <= 0 || n % MIB !== 0) throw new Error(`${name} must be a positive whole number of MiB, got "${text}"`);
+  return n;
+}
+
+function envBool(name: string): boolean {
+  const raw = process.env[name];
+  if (raw === undefined || raw === '' || raw === '0' || raw.toLowerCase() === 'false') return false;
+  if (raw === '1' || raw.toLowerCase() === 'true') return true;
+  throw new Error(`${name} must be 0 or 1, got "${raw}"`);
+}
+
+export const USAGE = `usage: npm run bench [-- --json] [-- --help]
+environment:
+  BENCH_ROUNDS=N         rounds, servers alternate inside each (default 3; quick 1)
+  BENCH_RUNTIME=S        seconds measured per fio run (default 4; quick 1)
+  BENCH_RAMP=S           fio ramp_time seconds, not measured (default 1; quick 0)
+  BENCH_QUICK=1          ~1-minute smoke run (1 round, short runs, small sizes)
+  BENCH_SUITES=a,b       suites: memory,file,engine (default: all available)
+  BENCH_ENGINE=auto|1|0  engine suite: auto = when 'nvmirror create' exists (default auto)
+  BENCH_SIZE=1G          volume size for the memory and file suites (quick 256M)
+  BENCH_ENGINE_SIZE=2G   engine suite volume/image size (quick 512M)
+  BENCH_NVRAM_SIZE=64M   engine NVRAM size, the engine's default (burst = 40% of it,
+                         sustained = 4x; quick 32M)
+  BENCH_RSS_SIZE=100G    thin volume size for the engine peak-RSS run
+  BENCH_CP_INTERVAL=1000 engine --cp-interval (ms) in the engine suite
+  BENCH_ONLY=a,b         only workloads whose id contains one of these substrings
+  BENCH_JSON=PATH        also write the results as JSON to PATH (--json: to stdout)
+  BENCH_DIR=PATH         scratch directory (default: a fresh one under $TMPDIR)
+  BENCH_KEEP=1           keep the scratch directory (fio outputs, images)
+  BENCH_VERBOSE=1        print where each measurement's time went
+  BENCH_NBDKIT_THREADS=N nbdkit -t N (default: nbdkit's own default)`;
+
+export function loadConfig(argv: string[]): BenchConfig | 'help' {
+  let jsonToStdout = false;
+  for (const a of argv) {
+    if (a === '--help' || a === '-h') return 'help';
+    else if (a === '--json') jsonToStdout = true;
+    else throw new Error(`unknown argument "${a}" (see --help)`);
+  }
+  const quick = envBool('BENCH_QUICK');
+  const rounds = envInt('BENCH_ROUNDS', quick ? 1 : 3, 1, ROUNDS_MAX);
+  const runtimeS = envInt('BENCH_RUNTIME', quick ? 1 : 4, 1, 3600);
+  const rampS = envNumber('BENCH_RAMP', quick ? 0 : 1, 0, 600);
+  const engineRaw = (process.env.BENCH_ENGINE ?? 'auto').toLowerCase();
+  let engine: BenchConfig['engine'];
+  if (engineRaw === 'auto' || engineRaw === '') engine = 'auto';
+  else if (engineRaw === '1' || engineRaw === 'true' || engineRaw === 'on') engine = 'on';
+  else if (engineRaw === '0' || engineRaw === 'false' || engineRaw === 'off') engine = 'off';
+  else throw new Error(`BENCH_ENGINE must be auto, 1 or 0, got "${engineRaw}"`);
+
+  let suites: SuiteName[] = [...SUITES];
+  const suitesRaw = process.env.BENCH_SUITES;
+  if (suitesRaw !== undefined && suitesRaw !== '') {
+    suites = [];
+    for (const s of suitesRaw.split(',').map((x) => x.trim()).filter((x) => x !== '')) {
+      if (!(SUITES as readonly string[]).includes(s)) throw new Error(`BENCH_SUITES: unknown suite "${s}" (expected ${SUITES.join(', ')})`);
+      suites.push(s as SuiteName);
+    }
+    if (suites.length === 0) throw new Error('BENCH_SUITES names no suite');
+  }
+
+  const sizeBytes = envSize('BENCH_SIZE', quick ? '256M' : '1G');
+  const engineSizeBytes = envSize('BENCH_ENGINE_SIZE', quick ? '512M' : '2G');
+  const nvramBytes = envSize('BENCH_NVRAM_SIZE', quick ? '32M' : '64M');
+  const burstBytes = Math.floor((nvramBytes * 0.4) / MIB) * MIB;
+  const sustainedBytes = 4 * nvramBytes;
+  if (burstBytes < MIB) throw new Error('BENCH_NVRAM_SIZE is too small for a burst run (need >= 3M)');
+  if (sustainedBytes > engineSizeBytes * 64) throw new Error('BENCH_NVRAM_SIZE is out of proportion to BENCH_ENGINE_SIZE');
+  const rssVolumeBytes = envSize('BENCH_RSS_SIZE', '100G');
+
+  const jsonEnv = process.env.BENCH_JSON;
+  const onlyRaw = process.env.BENCH_ONLY ?? '';
+  const workDirEnv = process.env.BENCH_DIR;
+  const threads = process.env.BENCH_NBDKIT_THREADS;
+  return {
+    rounds,
+    runtimeS,
+    rampS,
+    quick,
+    suites,
+    engine,
+    sizeBytes,
+    engineSizeBytes,
+    nvramBytes,
+    burstBytes,
+    sustainedBytes,
+    rssVolumeBytes,
+    cpIntervalMs: envInt('BENCH_CP_INTERVAL', 1000, 10, 3_600_000),
+    cpLatencyRuntimeS: quick ? 5 : 20,
+    workDir: workDirEnv !== undefined && workDirEnv !== '' ? path.resolve(workDirEnv) : '',
+    keepWorkDir: envBool('BENCH_KEEP'),
+    jsonPath: jsonEnv !== undefined && jsonEnv !== '' ? path.resolve(jsonEnv) : undefined,
+    jsonToStdout,
+    only: onlyRaw.split(',').map((x) => x.trim()).filter((x) => x !== ''),
+    repoRoot: path.resolve(__dirname, '..', '..', '..'),
+    nbdkitThreads: threads === undefined || threads === '' ? undefined : envInt('BENCH_NBDKIT_THREADS', 16, 1, 1024),
+  };
+}
+
+export function defaultWorkDirParent(): string {
+  return os.tmpdir();
+}
