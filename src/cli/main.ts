@@ -4,6 +4,8 @@
  */
 import { Command, CommanderError } from 'commander';
 import { registerServe } from './serve';
+import { registerAttach } from './attach';
+import { registerDetach } from './detach';
 import { registerCreate } from './create';
 import { registerSnapshot } from './snapshot';
 import { registerStatus } from './status';
@@ -18,6 +20,8 @@ program
   .exitOverride();
 
 registerServe(program);
+registerAttach(program);
+registerDetach(program);
 registerCreate(program);
 registerSnapshot(program);
 registerStatus(program);

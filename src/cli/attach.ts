@@ -1,0 +1,96 @@
+/**
+ * `nvmirror attach (--memory SIZE | --file PATH | DIR) /dev/nbdN`: serve a volume to the
+ * local kernel as /dev/nbdN, in the foreground, until SIGINT/SIGTERM or a detach.
+ * Parsing and wiring only; the work is in src/attach/.
+ */
+import * as fs from 'fs';
+import * as path from 'path';
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { attachVolume } from '../attach/attach';
+import { BLOCK_SIZES_BYTES, MAX_CONNECTIONS, MAX_TIMEOUT_S, AttachMethod } from '../attach/kernel';
+import type { VolumeSpec } from '../volume/open';
+import { createLogger } from '../util/log';
+import { formatSize } from '../util/size';
+import { intArg, logLevelArg, onStopSignals, sizeArg } from './common';
+
+interface AttachCliOpts {
+  memory?: number;
+  file?: string;
+  export: string;
+  readOnly?: boolean;
+  blockSize: number;
+  connections: number;
+  timeout: number;
+  interface: AttachMethod;
+  cpInterval?: number;
+  logLevel: string;
+}
+
+function blockSizeArg(value: string): number {
+  const n = Number(value);
+  if (!(BLOCK_SIZES_BYTES as readonly number[]).includes(n)) throw new InvalidArgumentError(`expected one of ${BLOCK_SIZES_BYTES.join(', ')}, got "${value}"`);
+  return n;
+}
+
+export function registerAttach(program: Command): void {
+  program
+    .command('attach')
+    .description('serve a volume to this machine\'s kernel as /dev/nbdN (needs root and the nbd driver: modprobe nbd)')
+    .usage('[options] (--memory SIZE | --file PATH | DIR) /dev/nbdN')
+    .argument('<DIR_OR_DEVICE>', 'a volume directory, then the device; or just the device with --memory/--file')
+    .argument('[DEVICE]', 'the device, /dev/nbdN')
+    .option('--memory <SIZE>', 'attach a sparse in-memory volume of SIZE (K/M/G/T suffixes)', sizeArg)
+    .option('--file <PATH>', 'attach a raw image file')
+    .option('--export <NAME>', 'export name (shown in logs)', '')
+    .option('--read-only', 'attach read-only')
+    .option('--block-size <BYTES>', `logical block size of the device: ${BLOCK_SIZES_BYTES.join(', ')}`, blockSizeArg, 512)
+    .option('--connections <N>', 'number of connections (sockets) to the kernel', intArg(1, MAX_CONNECTIONS), 1)
+    .option('--timeout <S>', 'seconds before the kernel fails a request that got no reply (and drops the connection)', intArg(1, MAX_TIMEOUT_S), 30)
+    .addOption(new Option('--interface <WHICH>', 'kernel interface').choices(['auto', 'netlink', 'ioctl']).default('auto'))
+    .option('--cp-interval <MS>', 'consistency point interval for volume directories, in ms', intArg(10, 3_600_000))
+    .addOption(new Option('--log-level <LEVEL>', 'log level').default('info').argParser(logLevelArg))
+    .action(async (first: string, second: string | undefined, o: AttachCliOpts) => {
+      await attach(second === undefined ? undefined : first, second ?? first, o);
+    });
+}
+
+async function attach(dir: string | undefined, device: string, o: AttachCliOpts): Promise<void> {
+  const given = [o.memory !== undefined, o.file !== undefined, dir !== undefined].filter(Boolean).length;
+  if (given !== 1) throw new Error('give exactly one of --memory SIZE, --file PATH or a volume directory, then the device (/dev/nbdN)');
+  if (o.file !== undefined && !fs.existsSync(o.file)) throw new Error(`no such file: ${o.file}`);
+  if (dir !== undefined && !fs.existsSync(dir)) throw new Error(`no such volume directory: ${dir} (create one with: nvmirror create ${dir} --size SIZE)`);
+  const logger = createLogger(o.logLevel);
+  const spec: VolumeSpec = {
+    readOnly: o.readOnly === true,
+    exportName: o.export,
+    ...(o.memory !== undefined ? { memory: o.memory } : {}),
+    ...(o.file !== undefined ? { file: path.resolve(o.file) } : {}),
+    ...(dir !== undefined ? { dir: path.resolve(dir) } : {}),
+    ...(o.cpInterval !== undefined ? { cpIntervalMs: o.cpInterval } : {}),
+  };
+  const a = await attachVolume({
+    spec,
+    device,
+    blockSizeBytes: o.blockSize,
+    connections: o.connections,
+    timeoutS: o.timeout,
+    method: o.interface,
+    logger,
+  });
+  const v = a.opened.volume;
+  process.stdout.write(
+    [
+      `nvmirror: ${device} attached: ${a.opened.what} (${formatSize(v.sizeBytes)}${v.caps.readOnly ? ', read-only' : ''}), ` +
+        `block size ${o.blockSize}, ${o.connections} connection${o.connections > 1 ? 's' : ''}, via ${a.method}`,
+      `detach with Ctrl-C here, or: nvmirror detach ${device}`,
+    ].join('\n') + '\n',
+  );
+  onStopSignals(() => a.stop(), logger);
+  const { by } = await a.ended;
+  if (by === 'detach') process.stdout.write(`nvmirror: ${device} was detached\n`);
+  if (by === 'lost') {
+    process.stderr.write(`nvmirror: lost the connections to the kernel for ${device}; detached it\n`);
+    process.exit(1);
+  }
+  process.exit(0);
+}

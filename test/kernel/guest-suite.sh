@@ -1,0 +1,249 @@
+#!/usr/bin/env bash
+# Runs inside the kernel-vm guest (root, real nbd driver), from the repository root.
+# One boot runs every kernel check; each check prints exactly one line
+#   PASS <name>            or   FAIL <name>: <reason>
+# plus "TIME <name> <ms>" lines; test/kernel/attach.test.ts asserts on them.
+# Usage: guest-suite.sh [--app DIR] [--serve HOST:PORT:EXPORT] [--engine]
+#   --app: a copy of the build to run (package.json, dist/, build/Release/, node_modules),
+#          so that a rebuild in the checkout during the run cannot change files under us;
+#          default: the checkout itself.
+#   --serve: an `nvmirror serve` on the host to check with nbd-client.
+#   --engine: also attach an engine volume directory (nvmirror create DIR).
+# Every step that talks to a device is bounded with `timeout`, so a hung kernel request
+# shows up as a FAIL line, never as a stuck guest.
+set -u
+APP=$(pwd)
+serve=""; engine=0
+while [ $# -gt 0 ]; do case "$1" in --app) APP=$2; shift 2;; --serve) serve=$2; shift 2;; --engine) engine=1; shift;; *) echo "FAIL args: unknown $1"; exit 2;; esac; done
+NV=(node "$APP/dist/src/cli/main.js")
+
+export NVMIRROR_LOG_LEVEL=info
+W=/tmp/kt; mkdir -p "$W/src" "$W/mnt"
+now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
+pass() { echo "PASS $1"; }
+fail() { echo "FAIL $1: $2"; }
+T0=$(now_ms)
+timed() { echo "TIME $1 $(( $(now_ms) - $2 ))"; }
+
+# Source files of several sizes (random contents), written to every filesystem.
+SIZES="0 1 511 4096 65537 1048583 6291456"
+for s in $SIZES; do head -c "$s" /dev/urandom > "$W/src/f$s"; done
+(cd "$W/src" && sha256sum f* > "$W/sums")
+
+# attach_bg NAME DEV ARGS...: starts `nvmirror attach ARGS DEV` in the background and waits
+# until the kernel shows DEV configured. Sets APID. Logs in $W/NAME.out / .err.
+attach_bg() {
+  local name=$1 dev=$2; shift 2
+  "${NV[@]}" attach "$@" "$dev" > "$W/$name.out" 2> "$W/$name.err" &
+  APID=$!
+  local n=${dev#/dev/nbd} i
+  for i in $(seq 600); do
+    [ -e "/sys/block/nbd$n/pid" ] && grep -q attached "$W/$name.out" && return 0
+    kill -0 "$APID" 2>/dev/null || { fail "$name" "attach exited early: $(tail -c 300 "$W/$name.err" | tr '\n' ' ')"; return 1; }
+    sleep 0.1
+  done
+  fail "$name" "attach did not come up in 60 s"; kill -9 "$APID"; return 1
+}
+
+# stop_attach NAME SIGNAL: signals the attach process and expects exit 0 and DEV free.
+stop_attach() {
+  local name=$1 sig=$2 dev=$3 rc
+  kill "-$sig" "$APID"
+  timeout 30 tail --pid="$APID" -f /dev/null; wait "$APID"; rc=$?
+  if [ "$rc" != 0 ]; then fail "$name" "attach exited $rc after SIG$sig: $(tail -c 300 "$W/$name.err" | tr '\n' ' ')"; return 1; fi
+  if [ -e "/sys/block/${dev#/dev/}/pid" ]; then fail "$name" "$dev still attached after SIG$sig"; return 1; fi
+  return 0
+}
+
+# fs_cycle NAME DEV FSTYPE: mkfs, mount, write the files (each fsynced), umount, fsck
+# clean, mount again, checksums match, umount.
+fs_cycle() {
+  local name=$1 dev=$2 fs=$3 mnt="$W/mnt/$1" t
+  t=$(now_ms)
+  mkdir -p "$mnt"
+  case $fs in
+    ext4) timeout 120 mkfs.ext4 -q -F "$dev" > "$W/$name.mkfs" 2>&1 ;;
+    xfs) timeout 120 mkfs.xfs -q -f "$dev" > "$W/$name.mkfs" 2>&1 ;;
+  esac || { fail "$name" "mkfs.$fs failed: $(tail -c 200 "$W/$name.mkfs" | tr '\n' ' ')"; return 1; }
+  timeout 60 mount -t "$fs" "$dev" "$mnt" || { fail "$name" "mount failed"; return 1; }
+  local s
+  for s in $SIZES; do
+    timeout 60 cp "$W/src/f$s" "$mnt/f$s" && timeout 60 sync "$mnt/f$s" || { fail "$name" "write/fsync of f$s failed"; umount -l "$mnt"; return 1; }
+  done
+  timeout 60 umount "$mnt" || { fail "$name" "umount failed"; return 1; }
+  case $fs in
+    ext4) timeout 120 e2fsck -fn "$dev" > "$W/$name.fsck" 2>&1 ;;
+    xfs) timeout 120 xfs_repair -n "$dev" > "$W/$name.fsck" 2>&1 ;;
+  esac || { fail "$name" "fsck not clean: $(tail -c 300 "$W/$name.fsck" | tr '\n' ' ')"; return 1; }
+  # Drop caches so the second mount reads everything back through nbd.
+  echo 3 > /proc/sys/vm/drop_caches
+  timeout 60 mount -t "$fs" "$dev" "$mnt" || { fail "$name" "second mount failed"; return 1; }
+  (cd "$mnt" && timeout 60 sha256sum -c --quiet "$W/sums") > "$W/$name.sums" 2>&1 || { fail "$name" "checksums differ: $(head -c 200 "$W/$name.sums" | tr '\n' ' ')"; umount -l "$mnt"; return 1; }
+  timeout 60 umount "$mnt" || { fail "$name" "final umount failed"; return 1; }
+  timed "$name" "$t"
+  return 0
+}
+
+# Two lanes run side by side (the guest has two vCPUs); each uses its own devices and
+# never stalls a device the other touches. Lane A: nbd0, nbd3, nbd4. Lane B: nbd1, nbd2,
+# nbd6, nbd7, nbd8. The no-driver check runs after both.
+
+# expect_out NAME WANT_RC PATTERN CMD...: runs CMD, passes if it exits WANT_RC and its
+# output contains PATTERN (a fixed string).
+expect_out() {
+  local name=$1 want=$2 pat=$3 out rc; shift 3
+  out=$(timeout 60 "$@" 2>&1); rc=$?
+  if [ "$rc" = "$want" ] && grep -qF -- "$pat" <<<"$out"; then pass "$name"; else fail "$name" "rc=$rc: $(tr '\n' ' ' <<<"$out" | tail -c 300)"; fi
+}
+
+lane_a() {
+  local t out rc arc mnt
+  # --- file volume, ext4, 512-byte blocks, netlink; detached by `nvmirror detach` ------
+  truncate -s 256M "$W/ext4.img"
+  t=$(now_ms)
+  if attach_bg attach-ext4 /dev/nbd0 --file "$W/ext4.img" --interface netlink; then
+    timed attach-up-first "$t"
+    if ! grep -q 'via netlink' "$W/attach-ext4.out"; then fail attach-ext4 "not attached via netlink: $(cat "$W/attach-ext4.out")"
+    elif fs_cycle attach-ext4 /dev/nbd0 ext4; then pass attach-ext4; fi
+    # Refusals with clear messages, run side by side: busy device, not root, bad name.
+    local p1 p2 p3
+    expect_out error-busy 1 'is busy (attached by pid' "${NV[@]}" attach --memory 16M /dev/nbd0 & p1=$!
+    expect_out error-not-root 1 'needs root (CAP_SYS_ADMIN)' setpriv --reuid=65534 --regid=65534 --clear-groups "${NV[@]}" attach --memory 16M /dev/nbd5 & p2=$!
+    expect_out error-bad-device 1 'expected /dev/nbdN' "${NV[@]}" attach --memory 16M /dev/sda & p3=$!
+    wait $p1 $p2 $p3
+    # Detach from another process: the attach process notices and exits 0.
+    out=$(timeout 30 "${NV[@]}" detach /dev/nbd0 2>&1); rc=$?
+    timeout 30 tail --pid="$APID" -f /dev/null; wait "$APID"; arc=$?
+    if [ $rc = 0 ] && [ $arc = 0 ] && [ ! -e /sys/block/nbd0/pid ] && grep -q 'was detached' "$W/attach-ext4.out"; then pass detach-external
+    else fail detach-external "detach rc=$rc ($out), attach exit $arc, $(tail -c 200 "$W/attach-ext4.err" | tr '\n' ' ')"; fi
+    expect_out error-not-attached 1 '/dev/nbd0 is not attached' "${NV[@]}" detach /dev/nbd0
+  fi
+
+  # --- the same image again, through the ioctl interface: the data persisted -----------
+  if attach_bg reattach-ioctl /dev/nbd0 --file "$W/ext4.img" --interface ioctl; then
+    mnt="$W/mnt/reattach"; mkdir -p "$mnt"
+    if ! grep -q 'via ioctl' "$W/reattach-ioctl.out"; then fail reattach-ioctl "not attached via ioctl"
+    elif timeout 60 mount -t ext4 /dev/nbd0 "$mnt"; then
+      if (cd "$mnt" && timeout 60 sha256sum -c --quiet "$W/sums") > "$W/reattach.sums" 2>&1; then pass reattach-ioctl
+      else fail reattach-ioctl "checksums differ after re-attach"; fi
+      timeout 60 umount "$mnt" || umount -l "$mnt"
+    else fail reattach-ioctl "mount failed"; fi
+    stop_attach reattach-ioctl TERM /dev/nbd0 && pass sigterm-exit0
+  fi
+
+  # --- a stalled nvmirror: requests fail after --timeout, no hang ----------------------
+  if attach_bg stall /dev/nbd3 --memory 64M --timeout 4; then
+    mnt="$W/mnt/stall"; mkdir -p "$mnt"
+    if timeout 60 mkfs.ext4 -q -F /dev/nbd3 && timeout 60 mount /dev/nbd3 "$mnt"; then
+      kill -STOP "$APID"
+      t=$(now_ms)
+      timeout 60 dd if=/dev/urandom of="$mnt/x" bs=64k count=16 conv=fsync status=none 2>/dev/null; rc=$?
+      el=$(( $(now_ms) - t ))
+      echo "TIME stall-error $el"
+      if [ $rc != 0 ] && [ $rc != 124 ] && [ $el -lt 30000 ]; then pass stall-io-error; else fail stall-io-error "dd rc=$rc after ${el} ms (expected an I/O error within ~4 s + margin)"; fi
+      timeout 30 umount "$mnt" 2>/dev/null || umount -l "$mnt"
+      kill -CONT "$APID"
+      # The kernel dropped the connection: nvmirror detaches the device and exits 1.
+      timeout 30 tail --pid="$APID" -f /dev/null; wait "$APID"; arc=$?
+      if [ $arc = 1 ] && [ ! -e /sys/block/nbd3/pid ] && grep -q 'lost the connections' "$W/stall.err"; then pass stall-cleanup
+      else fail stall-cleanup "attach exit $arc, attached=$([ -e /sys/block/nbd3/pid ] && echo yes || echo no), $(tail -c 200 "$W/stall.err" | tr '\n' ' ')"; fi
+    else fail stall-io-error "mkfs/mount failed"; kill -9 "$APID"; fi
+  fi
+
+  # --- nvmirror killed while mounted: I/O errors, no hang; detach cleans up ------------
+  if attach_bg kill /dev/nbd4 --memory 64M --timeout 4; then
+    mnt="$W/mnt/kill"; mkdir -p "$mnt"
+    if timeout 60 mkfs.ext4 -q -F /dev/nbd4 && timeout 60 mount /dev/nbd4 "$mnt" && cp "$W/src/f65537" "$mnt/" && timeout 60 sync -f "$mnt"; then
+      # An fsynced write in flight when nvmirror dies.
+      (dd if=/dev/urandom of="$mnt/y" bs=64k count=64 conv=fsync status=none 2>/dev/null; echo $? > "$W/kill.dd1") &
+      local ddpid=$!
+      sleep 0.3
+      kill -9 "$APID"; wait "$APID" 2>/dev/null
+      t=$(now_ms)
+      timeout 60 tail --pid=$ddpid -f /dev/null
+      timeout 60 dd if=/dev/urandom of="$mnt/z" bs=64k count=16 conv=fsync status=none 2>/dev/null; rc2=$?
+      timeout 60 dd if=/dev/nbd4 of=/dev/null bs=4096 count=1 skip=5000 iflag=direct status=none 2>/dev/null; rc3=$?
+      el=$(( $(now_ms) - t ))
+      echo "TIME kill-error $el"
+      if [ $rc2 != 0 ] && [ $rc2 != 124 ] && [ $rc3 != 0 ] && [ $rc3 != 124 ] && [ $el -lt 30000 ]; then pass kill-io-error
+      else fail kill-io-error "dd rc=$rc2/$rc3 (in flight: $(cat "$W/kill.dd1" 2>/dev/null)) after ${el} ms"; fi
+      timeout 30 umount "$mnt" 2>/dev/null || umount -l "$mnt"
+      out=$(timeout 30 "${NV[@]}" detach /dev/nbd4 2>&1); rc=$?
+      if [ $rc = 0 ] && [ ! -e /sys/block/nbd4/pid ]; then pass kill-detach; else fail kill-detach "detach rc=$rc: $out"; fi
+    else fail kill-io-error "mkfs/mount/write failed"; kill -9 "$APID"; fi
+  fi
+}
+
+lane_b() {
+  local out rc mnt sect lbs shost sport sname
+  # --- XFS on a file volume, SIGINT -----------------------------------------------------
+  truncate -s 320M "$W/xfs.img"
+  if attach_bg attach-xfs /dev/nbd1 --file "$W/xfs.img"; then
+    fs_cycle attach-xfs /dev/nbd1 xfs && pass attach-xfs
+    stop_attach attach-xfs INT /dev/nbd1 && pass sigint-exit0
+  fi
+
+  # --- 4096-byte blocks, two connections, XFS with 4 KiB sectors ------------------------
+  truncate -s 320M "$W/xfs4k.img"
+  if attach_bg attach-4k /dev/nbd2 --file "$W/xfs4k.img" --block-size 4096 --connections 2; then
+    lbs=$(cat /sys/block/nbd2/queue/logical_block_size)
+    if [ "$lbs" != 4096 ]; then fail attach-4k "logical block size $lbs, expected 4096"
+    elif fs_cycle attach-4k /dev/nbd2 xfs; then
+      sect=$(timeout 30 xfs_db -r -c 'sb 0' -c 'p sectsize' /dev/nbd2 2>&1)
+      if [ "$sect" = "sectsize = 4096" ]; then pass attach-4k; else fail attach-4k "xfs sector size: $sect"; fi
+    fi
+    stop_attach attach-4k TERM /dev/nbd2 || true
+  fi
+
+  # --- nbd-client against `nvmirror serve` on the host ----------------------------------
+  if [ -n "$serve" ]; then
+    IFS=: read -r shost sport sname <<<"$serve"
+    out=$(timeout 60 nbd-client "$shost" "$sport" /dev/nbd6 -N "$sname" -t 20 2>&1); rc=$?
+    if [ $rc != 0 ]; then fail nbd-client-ext4 "nbd-client rc=$rc: $out"
+    else
+      fs_cycle nbd-client-ext4 /dev/nbd6 ext4 && pass nbd-client-ext4
+      timeout 30 nbd-client -d /dev/nbd6 > /dev/null 2>&1
+    fi
+    # Again with the ioctl interface (-L) and 4 KiB blocks: the files are still on the server.
+    out=$(timeout 60 nbd-client "$shost" "$sport" /dev/nbd7 -N "$sname" -L -b 4096 2>&1); rc=$?
+    if [ $rc != 0 ]; then fail nbd-client-ioctl "nbd-client -L rc=$rc: $out"
+    else
+      mnt="$W/mnt/ncl"; mkdir -p "$mnt"
+      if timeout 60 mount -t ext4 /dev/nbd7 "$mnt" && (cd "$mnt" && timeout 60 sha256sum -c --quiet "$W/sums") > /dev/null 2>&1; then pass nbd-client-ioctl
+      else fail nbd-client-ioctl "mount or checksums failed"; fi
+      timeout 30 umount "$mnt" 2>/dev/null || umount -l "$mnt"
+      timeout 30 nbd-client -d /dev/nbd7 > /dev/null 2>&1
+    fi
+  fi
+
+  # --- an engine volume directory -------------------------------------------------------
+  if [ $engine = 1 ]; then
+    if timeout 120 "${NV[@]}" create "$W/engine" --size 512M > "$W/engine-create.out" 2>&1; then
+      if attach_bg attach-engine /dev/nbd8 "$W/engine" --block-size 4096; then
+        fs_cycle attach-engine /dev/nbd8 xfs && pass attach-engine
+        stop_attach attach-engine TERM /dev/nbd8 || true
+        # The data outlives the process: attach the directory again and compare.
+        if attach_bg attach-engine-again /dev/nbd8 "$W/engine" --block-size 4096; then
+          mnt="$W/mnt/engine2"; mkdir -p "$mnt"
+          if timeout 60 mount -t xfs /dev/nbd8 "$mnt" && (cd "$mnt" && timeout 60 sha256sum -c --quiet "$W/sums") > /dev/null 2>&1; then pass attach-engine-again
+          else fail attach-engine-again "mount or checksums failed"; fi
+          timeout 30 umount "$mnt" 2>/dev/null || umount -l "$mnt"
+          stop_attach attach-engine-again TERM /dev/nbd8 || true
+        fi
+      fi
+    else fail attach-engine "nvmirror create failed: $(tail -c 200 "$W/engine-create.out" | tr '\n' ' ')"; fi
+  fi
+}
+
+lane_a & LA=$!
+lane_b & LB=$!
+wait $LA $LB
+
+# --- no nbd driver: a clear message (last: it unloads the driver) -----------------------
+if rmmod nbd 2>"$W/rmmod.err"; then
+  echo /nonexistent > /proc/sys/kernel/modprobe  # no autoload of the module
+  expect_out error-no-driver 1 'no nbd driver in this kernel: run `modprobe nbd`' "${NV[@]}" attach --memory 16M /dev/nbd0
+else fail error-no-driver "rmmod nbd failed: $(cat "$W/rmmod.err")"; fi
+
+timed suite "$T0"
+echo "SUITE-DONE"
