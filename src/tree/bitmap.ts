@@ -13,13 +13,13 @@ export function testBit(b: Buffer, p: number): boolean {
 
 export function setBit(b: Buffer, p: number): void {
   const i = p >>> 3;
-  assert(i < b.length, `bit ${p} past the bitmap`);
+  if (!(i < b.length)) assert(false, `bit ${p} past the bitmap`);
   b[i] = b[i]! | (1 << (p & 7));
 }
 
 export function clearBit(b: Buffer, p: number): void {
   const i = p >>> 3;
-  assert(i < b.length, `bit ${p} past the bitmap`);
+  if (!(i < b.length)) assert(false, `bit ${p} past the bitmap`);
   b[i] = b[i]! & ~(1 << (p & 7));
 }
 

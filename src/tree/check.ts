@@ -58,10 +58,16 @@ export async function runCheck(input: CheckInput): Promise<CheckReport> {
   const dataVerified = Buffer.alloc(mapBytes);
   const slicer = new Slicer();
 
-  const readBlock = async (pba: number): Promise<Buffer> => {
-    const b = Buffer.alloc(BLOCK);
-    await dev.readBlocks(pba, 1, b);
-    return b;
+  /** Reads blocks; a device error becomes a problem line and null. */
+  const readBlocks = async (pba: number, count: number, what: string): Promise<Buffer | null> => {
+    const b = Buffer.alloc(count * BLOCK);
+    try {
+      await dev.readBlocks(pba, count, b);
+      return b;
+    } catch (e) {
+      problem(`device read of ${what} at pba ${pba} failed: ${e instanceof Error ? e.message : String(e)}`);
+      return null;
+    }
   };
 
   /** Walks one root: data tree + space-map tree; returns reachable set and on-disk map. */
@@ -94,7 +100,8 @@ export async function runCheck(input: CheckInput): Promise<CheckReport> {
       const lo = index * slotsPerPointer(level + 1);
       const what = `address block level ${level} (lbns ${lo}-${Math.min(lbnCount, lo + slotsPerPointer(level + 1)) - 1})`;
       if (!mark(ptr, what)) return;
-      const node = await readBlock(ptr.pba);
+      const node = await readBlocks(ptr.pba, 1, `${label}: ${what}`);
+      if (!node) return;
       const bad = verifyNode(node, ptr, { type: NODE_TYPE_DATA_TREE, level, index }, uuid);
       if (bad) {
         problem(`${label}: ${what} at pba ${ptr.pba}: ${bad}`);
@@ -132,8 +139,8 @@ export async function runCheck(input: CheckInput): Promise<CheckReport> {
         else runs.push({ lbn, ptrs: [c] });
       }
       await forEachLimit(runs, input.ioConcurrency, async (r) => {
-        const buf = Buffer.alloc(r.ptrs.length * BLOCK);
-        await dev.readBlocks(r.ptrs[0]!.pba, r.ptrs.length, buf);
+        const buf = await readBlocks(r.ptrs[0]!.pba, r.ptrs.length, `${label}: data blocks lbn ${r.lbn}-${r.lbn + r.ptrs.length - 1}`);
+        if (!buf) return;
         r.ptrs.forEach((p, i) => {
           const crc = crc32c(buf, i * BLOCK, BLOCK);
           if (crc !== p.crc) {
@@ -152,7 +159,8 @@ export async function runCheck(input: CheckInput): Promise<CheckReport> {
     const smapRec = async (ptr: BlockPtr, level: number, index: number): Promise<void> => {
       const what = `space-map node level ${level} index ${index}`;
       if (!mark(ptr, what)) return;
-      const node = await readBlock(ptr.pba);
+      const node = await readBlocks(ptr.pba, 1, `${label}: ${what}`);
+      if (!node) return;
       const bad = verifyNode(node, ptr, { type: NODE_TYPE_SPACE_MAP, level, index }, uuid);
       if (bad) {
         problem(`${label}: ${what} at pba ${ptr.pba}: ${bad}`);
@@ -172,7 +180,8 @@ export async function runCheck(input: CheckInput): Promise<CheckReport> {
           continue;
         }
         if (!mark(c, `space-map leaf ${ci}`)) continue;
-        const leaf = await readBlock(c.pba);
+        const leaf = await readBlocks(c.pba, 1, `${label}: space-map leaf ${ci}`);
+        if (!leaf) continue;
         const crc = crc32c(leaf);
         if (crc !== c.crc) {
           problem(`${label}: space-map leaf ${ci} at pba ${c.pba}: checksum mismatch`);

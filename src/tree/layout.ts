@@ -50,7 +50,7 @@ export interface BlockPtr {
 }
 
 export function writeU64(buf: Buffer, off: number, v: number): void {
-  assert(Number.isSafeInteger(v) && v >= 0, `u64 field must be a safe non-negative integer, got ${v}`);
+  if (!(Number.isSafeInteger(v) && v >= 0)) assert(false, `u64 field must be a safe non-negative integer, got ${v}`);
   buf.writeUInt32LE(v % 0x100000000, off);
   buf.writeUInt32LE(Math.floor(v / 0x100000000), off + 4);
 }
@@ -64,7 +64,7 @@ export function readU64(buf: Buffer, off: number): number {
 }
 
 export function ptrSlotOffset(slot: number): number {
-  assert(Number.isInteger(slot) && slot >= 0 && slot < FANOUT, `slot ${slot} out of range`);
+  if (!(Number.isInteger(slot) && slot >= 0 && slot < FANOUT)) assert(false, `slot ${slot} out of range`);
   return NODE_HEADER_BYTES + slot * PTR_BYTES;
 }
 
@@ -73,7 +73,7 @@ export function encodePtr(buf: Buffer, off: number, p: BlockPtr | null): void {
     buf.fill(0, off, off + PTR_BYTES);
     return;
   }
-  assert(p.pba >= RING_SLOTS, `pointer to the superblock ring (pba ${p.pba})`);
+  if (!(p.pba >= RING_SLOTS)) assert(false, `pointer to the superblock ring (pba ${p.pba})`);
   writeU64(buf, off, p.pba);
   writeU64(buf, off + 8, p.birth);
   buf.writeUInt32LE(p.crc >>> 0, off + 16);
@@ -143,7 +143,7 @@ const SPAN: number[] = [];
 for (let l = 0, s = 1; l <= 9; l++, s *= FANOUT) SPAN.push(s);
 export function slotsPerPointer(level: number): number {
   const s = SPAN[level];
-  assert(s !== undefined, `level ${level}`);
+  if (!(s !== undefined)) assert(false, `level ${level}`);
   return s;
 }
 

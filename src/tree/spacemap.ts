@@ -33,6 +33,10 @@ import {
   writeNodeHeader,
 } from './layout';
 import { crc32c } from './checksum';
+import { forEachLimit } from './work';
+
+/** Space-map leaves read at once while loading. */
+const LOAD_CONCURRENCY = 8;
 
 export interface Run {
   pba: number;
@@ -114,6 +118,7 @@ export class SpaceMap {
     const visit = async (ptr: BlockPtr, level: number, index: number): Promise<void> => {
       const node = await loader.readNode(ptr, { type: NODE_TYPE_SPACE_MAP, level, index });
       const childCount = level === 0 ? this.leafCount : this.nodePtrs[level - 1]!.length;
+      const children: { ci: number; child: BlockPtr }[] = [];
       for (let s = 0; s < FANOUT; s++) {
         const ci = index * FANOUT + s;
         const child = loader.decodeChild(node, s, `space-map node level ${level} index ${index} slot ${s}`);
@@ -123,16 +128,21 @@ export class SpaceMap {
         }
         if (child === null) continue;
         if (child.birth > ptr.birth) throw new Error(`space-map pointer born at CP ${child.birth} under a parent born at ${ptr.birth}`);
-        if (level === 0) {
-          const leaf = await loader.readLeaf(child, ci);
-          const end = Math.min(dst.length, (ci + 1) * BLOCK);
-          for (let i = ci * BLOCK, j = 0; i < end; i++, j++) dst[i] = dst[i]! | leaf[j]!;
-          if (keep) this.leafPtrs[ci] = child;
-        } else {
+        children.push({ ci, child });
+      }
+      if (level > 0) {
+        for (const { ci, child } of children) {
           await visit(child, level - 1, ci);
           if (keep) this.nodePtrs[level - 1]![ci] = child;
         }
+        return;
       }
+      await forEachLimit(children, LOAD_CONCURRENCY, async ({ ci, child }) => {
+        const leaf = await loader.readLeaf(child, ci);
+        const end = Math.min(dst.length, (ci + 1) * BLOCK);
+        for (let i = ci * BLOCK, j = 0; i < end; i++, j++) dst[i] = dst[i]! | leaf[j]!;
+        if (keep) this.leafPtrs[ci] = child;
+      });
     };
     await visit(root, this.height - 1, 0);
     if (keep) this.nodePtrs[this.height - 1]![0] = root;
@@ -201,8 +211,8 @@ export class SpaceMap {
   }
 
   private allocateAt(p: number): void {
-    assert(p >= 0 && p < this.deviceBlocks, `allocate pba ${p} outside the device`);
-    assert(this.isAllocatable(p), `allocate pba ${p} that is not free`);
+    if (!(p >= 0 && p < this.deviceBlocks)) assert(false, `allocate pba ${p} outside the device`);
+    if (!(this.isAllocatable(p))) assert(false, `allocate pba ${p} that is not free`);
     setBit(this.active, p);
     this.usedCount++;
     this.markDirty(p);
@@ -255,21 +265,21 @@ export class SpaceMap {
    * block became free (not held).
    */
   freeFromLive(p: number): boolean {
-    assert(p >= RING_SLOTS && p < this.deviceBlocks, `free pba ${p} outside the allocatable range`);
-    assert(testBit(this.active, p), `free of pba ${p} that is not in use`);
+    if (!(p >= RING_SLOTS && p < this.deviceBlocks)) assert(false, `free pba ${p} outside the allocatable range`);
+    if (!(testBit(this.active, p))) assert(false, `free of pba ${p} that is not in use`);
     clearBit(this.active, p);
     this.markDirty(p);
     if (testBit(this.summary, p)) return false;
     this.usedCount--;
-    assert(!testBit(this.reservedOld, p) && !testBit(this.reservedNew, p), `pba ${p} reserved twice`);
+    if (!(!testBit(this.reservedOld, p) && !testBit(this.reservedNew, p))) assert(false, `pba ${p} reserved twice`);
     setBit(this.reservedNew, p);
     this.reservedCountNew++;
     return true;
   }
 
-  /** Un-allocates a block allocated in this CP and never written (space-map surplus). */
-  private unallocate(p: number): void {
-    assert(testBit(this.active, p) && !testBit(this.summary, p), `unallocate pba ${p}`);
+  /** Un-allocates a block allocated in this CP and never written (a surplus of the upper bound). */
+  unallocate(p: number): void {
+    if (!(testBit(this.active, p) && !testBit(this.summary, p))) assert(false, `unallocate pba ${p}`);
     clearBit(this.active, p);
     this.usedCount--;
     this.markDirty(p);

@@ -69,6 +69,11 @@ export const MAX_CHANGES_PER_CP = 1 << 18;
 const STATUS_NODE_BUDGET = 512;
 const ZERO_BLOCK = Buffer.alloc(BLOCK);
 
+/** The device failed a read during mount (as opposed to data that does not verify). */
+class DeviceReadError extends Error {
+  override name = 'DeviceReadError';
+}
+
 /** A committed root that reads can be pinned to. */
 class RootHandle {
   inflight = 0;
@@ -81,7 +86,7 @@ class RootHandle {
   }
 
   exit(): void {
-    assert(this.inflight > 0, `${this.label}: exit without enter`);
+    if (!(this.inflight > 0)) assert(false, `${this.label}: exit without enter`);
     this.inflight--;
     if (this.inflight === 0) {
       const w = this.waiters;
@@ -96,18 +101,29 @@ class RootHandle {
   }
 }
 
-interface PlanNode {
-  level: number;
-  index: number;
-  oldPtr: BlockPtr | null;
-  old: Buffer | null;
-  /** Range [lo, hi) of the sorted change arrays under this node. */
-  lo: number;
-  hi: number;
-  children: PlanNode[];
-  buf: Buffer | null;
-  pba: number;
-  newPtr: BlockPtr | null;
+/** The address blocks one level of a CP rewrites (parallel arrays, sorted by index). */
+interface PathLevel {
+  index: number[];
+  /** Children of node k are below[firstChild[k] .. firstChild[k+1]) (lbns for level 0); length index.length + 1. */
+  firstChild: number[];
+  oldPtr: (BlockPtr | null)[];
+  newPtr: (BlockPtr | null)[];
+  pba: number[];
+}
+
+interface CommitWork {
+  cp: number;
+  t0: number;
+  meta: CpMeta;
+  lbns: number[];
+  datas: (Buffer | null)[];
+  dataCrcs: number[];
+  dataCount: number;
+  plan: PathLevel[];
+  nodesMax: number;
+  newSummary: Buffer | null;
+  snapPlan: SnapPlan;
+  slicer: Slicer;
 }
 
 class PinnedReader implements TreeReader {
@@ -222,9 +238,11 @@ export class BlockTree implements BlockTreeApi {
       }
       try {
         const tree = await BlockTree.mount(dev, sb, opts);
-        if (sb !== newest) log().warn({ cp: sb.cpNumber, newest: newest.cpNumber, skipped: failures }, 'block tree: mounted an older superblock because newer ones did not verify');
+        if (sb !== newest) log().error({ cp: sb.cpNumber, newest: newest.cpNumber, skipped: failures }, 'block tree: mounted an older CP because newer superblocks did not verify (newer CPs are lost)');
         return tree;
       } catch (e) {
+        // A device error is not corruption: rolling back to an older CP would lose committed data.
+        if (e instanceof DeviceReadError) throw e;
         const msg = e instanceof Error ? e.message : String(e);
         failures.push(`CP ${sb.cpNumber}: ${msg}`);
         log().warn({ cp: sb.cpNumber, err: msg }, 'block tree: superblock does not verify, trying an older one');
@@ -238,7 +256,11 @@ export class BlockTree implements BlockTreeApi {
     const deviceBlocks = sb.deviceBlocks;
     const readVerified = async (ptr: BlockPtr, what: string, id: NodeId | null): Promise<Buffer> => {
       const buf = Buffer.alloc(BLOCK);
-      await dev.readBlocks(ptr.pba, 1, buf);
+      try {
+        await dev.readBlocks(ptr.pba, 1, buf);
+      } catch (e) {
+        throw new DeviceReadError(`device read of ${what} at pba ${ptr.pba} failed: ${e instanceof Error ? e.message : String(e)}`);
+      }
       const problem = id ? verifyNode(buf, ptr, id, uuid) : crc32c(buf) === ptr.crc ? null : 'checksum mismatch';
       if (problem) throw new Error(`${what} at pba ${ptr.pba}: ${problem}`);
       return buf;
@@ -278,17 +300,26 @@ export class BlockTree implements BlockTreeApi {
     return `lbns ${lo}-${hi}`;
   }
 
+  /** Reads from the device; a device error becomes VolumeError('EIO') naming what was read. */
+  private async devRead(pba: number, count: number, dst: Buffer, what: string): Promise<void> {
+    try {
+      await this.dev.readBlocks(pba, count, dst);
+    } catch (e) {
+      throw this.eio(`device read of ${what} at pba ${pba} failed: ${e instanceof Error ? e.message : String(e)}`, { pba, count });
+    }
+  }
+
   /** Reads (or finds in the cache) and verifies a data-tree address block. */
-  private async readNode(ptr: BlockPtr, level: number, index: number): Promise<Buffer> {
+  private async readNode(ptr: BlockPtr, level: number, index: number, cacheIt = true): Promise<Buffer> {
     const hit = this.cache.get(ptr);
     if (hit) return hit;
     const buf = Buffer.alloc(BLOCK);
-    await this.dev.readBlocks(ptr.pba, 1, buf);
+    await this.devRead(ptr.pba, 1, buf, `address block (level ${level}, ${this.nodeRange(level, index)})`);
     const problem = verifyNode(buf, ptr, { type: NODE_TYPE_DATA_TREE, level, index }, this.uuidBytes);
     if (problem) {
       throw this.eio(`bad address block at pba ${ptr.pba} (level ${level}, ${this.nodeRange(level, index)}): ${problem}`, { pba: ptr.pba, level, index });
     }
-    this.cache.put(ptr, buf);
+    if (cacheIt) this.cache.put(ptr, buf);
     return buf;
   }
 
@@ -322,7 +353,7 @@ export class BlockTree implements BlockTreeApi {
   }
 
   private checkRange(lbn: number, count: number): void {
-    assert(Number.isSafeInteger(lbn) && lbn >= 0 && Number.isSafeInteger(count) && count >= 1 && lbn + count <= this.lbnCount, `lbn range ${lbn}+${count} outside [0, ${this.lbnCount})`);
+    if (!(Number.isSafeInteger(lbn) && lbn >= 0 && Number.isSafeInteger(count) && count >= 1 && lbn + count <= this.lbnCount)) assert(false, `lbn range ${lbn}+${count} outside [0, ${this.lbnCount})`);
   }
 
   /**
@@ -369,7 +400,7 @@ export class BlockTree implements BlockTreeApi {
       }
       if (ptr === null) return null;
       const buf = Buffer.alloc(BLOCK);
-      await this.dev.readBlocks(ptr.pba, 1, buf);
+      await this.devRead(ptr.pba, 1, buf, `data block lbn ${lbn}`);
       this.verifyData(buf, 0, ptr, lbn);
       return buf;
     });
@@ -378,7 +409,7 @@ export class BlockTree implements BlockTreeApi {
   /** @internal Reads count blocks into dst (holes as zeroes), coalescing contiguous blocks. */
   async readRangeOn(h: RootHandle, lbn: number, count: number, dst: Buffer): Promise<void> {
     this.checkRange(lbn, count);
-    assert(dst.length === count * BLOCK, `readRange: dst must be ${count * BLOCK} bytes, got ${dst.length}`);
+    if (!(dst.length === count * BLOCK)) assert(false, `readRange: dst must be ${count * BLOCK} bytes, got ${dst.length}`);
     await this.pinned(h, async () => {
       const runs: { lbn: number; ptrs: BlockPtr[] }[] = [];
       await this.walk(h.root, lbn, lbn + count,
@@ -394,7 +425,7 @@ export class BlockTree implements BlockTreeApi {
       await forEachLimit(runs, this.ioConcurrency, async (r) => {
         const off = (r.lbn - lbn) * BLOCK;
         const view = dst.subarray(off, off + r.ptrs.length * BLOCK);
-        await this.dev.readBlocks(r.ptrs[0]!.pba, r.ptrs.length, view);
+        await this.devRead(r.ptrs[0]!.pba, r.ptrs.length, view, `data blocks lbn ${r.lbn}-${r.lbn + r.ptrs.length - 1}`);
         r.ptrs.forEach((p, i) => this.verifyData(view, i * BLOCK, p, r.lbn + i));
       });
     });
@@ -403,7 +434,7 @@ export class BlockTree implements BlockTreeApi {
   /** @internal Extents for [lbn, lbn+count) through the root pinned by h, from the tree only. */
   async blockStatusOn(h: RootHandle, lbn: number, count: number, maxExtents: number): Promise<Extent[]> {
     this.checkRange(lbn, count);
-    assert(Number.isInteger(maxExtents) && maxExtents >= 1, `maxExtents ${maxExtents}`);
+    if (!(Number.isInteger(maxExtents) && maxExtents >= 1)) assert(false, `maxExtents ${maxExtents}`);
     const end = lbn + count;
     return this.pinned(h, async () => {
       const out: { blocks: number; flags: number }[] = [];
@@ -498,27 +529,28 @@ export class BlockTree implements BlockTreeApi {
       byLbn.set(c.lbn, c.data);
       if (byLbn.size > MAX_CHANGES_PER_CP) throw new VolumeError('EINVAL', `a CP may change at most ${MAX_CHANGES_PER_CP} blocks`);
     }
-    const snapPlan = this.planSnapshots(snapshotOps, cp, t0);
+    const snapPlan = this.planSnapshots(snapshotOps, cp);
     const lbns = [...byLbn.keys()].sort((a, b) => a - b);
     const slicer = new Slicer();
     // Data blocks: all-zero blocks become holes; checksum the rest.
     const datas: (Buffer | null)[] = new Array<Buffer | null>(lbns.length);
-    const dataPtrs: (BlockPtr | null)[] = new Array<BlockPtr | null>(lbns.length).fill(null);
     const dataCrcs: number[] = new Array<number>(lbns.length).fill(0);
     let dataCount = 0;
     for (let i = 0; i < lbns.length; i++) {
       const d = byLbn.get(lbns[i]!)!;
-      datas[i] = d === null || d.equals(ZERO_BLOCK) ? null : d;
-      if (datas[i]) {
-        dataCrcs[i] = crc32c(datas[i]!);
+      const keep = d !== null && !d.equals(ZERO_BLOCK);
+      datas[i] = keep ? d : null;
+      if (keep) {
+        dataCrcs[i] = crc32c(d);
         dataCount++;
       }
       if ((i & 255) === 255) await slicer.maybeYield();
     }
-    // Plan the new tree shape (reads the old paths; changes nothing yet).
-    const levels = await this.planTree(lbns, datas, slicer);
-    let nodeCount = 0;
-    for (const lvl of levels) for (const n of lvl) if (n.buf) nodeCount++;
+    byLbn.clear();
+    // Which address blocks the CP touches (arithmetic), and their old pointers (reads upper levels only).
+    const plan = await this.planPaths(lbns);
+    let nodesMax = 0;
+    for (const lvl of plan) nodesMax += lvl.index.length;
     // A snapshot delete needs the OR of the remaining snapshots' maps.
     let newSummary: Buffer | null = null;
     if (snapPlan.deleted.length > 0) newSummary = await this.summaryWithout(snapPlan.deleted);
@@ -527,8 +559,9 @@ export class BlockTree implements BlockTreeApi {
       this.smap.beginCommit(this.retiredIdle());
       this.rotatedForCp = cp;
     }
-    const needed = dataCount + nodeCount + this.smap.treeBlocksMax;
+    const needed = dataCount + nodesMax + this.smap.treeBlocksMax;
     if (needed > this.smap.free && this.smap.reserved > 0) {
+      // Space pressure: reuse blocks freed by the last CP now (it is durable) once no read is in flight on an old root.
       await Promise.all([...this.retired].map((h) => h.idle()));
       this.retiredIdle();
       this.smap.beginCommit(true);
@@ -539,7 +572,7 @@ export class BlockTree implements BlockTreeApi {
     }
     // From here on the in-memory space map changes: a failure poisons the tree.
     try {
-      return await this.commitMutating(cp, t0, meta, lbns, datas, dataPtrs, dataCrcs, dataCount, levels, newSummary, snapPlan, slicer);
+      return await this.commitMutating({ cp, t0, meta, lbns, datas, dataCrcs, dataCount, plan, nodesMax, newSummary, snapPlan, slicer });
     } catch (e) {
       const msg = e instanceof Error ? e.message : String(e);
       this.failedReason = `CP ${cp}: ${msg}`;
@@ -548,74 +581,153 @@ export class BlockTree implements BlockTreeApi {
     }
   }
 
-  private async commitMutating(
-    cp: number, t0: number, meta: CpMeta, lbns: number[], datas: (Buffer | null)[], dataPtrs: (BlockPtr | null)[],
-    dataCrcs: number[], dataCount: number, levels: PlanNode[][], newSummary: Buffer | null,
-    snapPlan: SnapPlan, slicer: Slicer,
-  ): Promise<CommitResult> {
-    let blocksFreed = 0;
-    if (newSummary) blocksFreed += this.smap.replaceSummary(newSummary);
-    // Free what the new tree no longer references: replaced data blocks, old path nodes.
-    for (const lvl of levels) {
-      for (const n of lvl) {
-        if (n.oldPtr && this.smap.freeFromLive(n.oldPtr.pba)) blocksFreed++;
-        if (n.level === 0 && n.old) {
-          for (let i = n.lo; i < n.hi; i++) {
-            const old = this.childOf(n.old, n.oldPtr!, 0, n.index, lbns[i]! % FANOUT);
-            if (old && this.smap.freeFromLive(old.pba)) blocksFreed++;
-          }
+  /**
+   * The address blocks a CP rewrites: per level (0 = bottom), the sorted indexes of the
+   * touched nodes, where each one's children start in the level below (or in lbns), and
+   * each one's old pointer. Reads the old levels >= 1 (not level 0); changes nothing.
+   */
+  private async planPaths(lbns: number[]): Promise<PathLevel[]> {
+    if (lbns.length === 0) return [];
+    const H = this.height;
+    const plan: PathLevel[] = [];
+    let below: number[] = lbns;
+    for (let l = 0; l < H; l++) {
+      const index: number[] = [];
+      const firstChild: number[] = [];
+      for (let k = 0; k < below.length; k++) {
+        const i = Math.floor(below[k]! / FANOUT);
+        if (index.length === 0 || index[index.length - 1] !== i) {
+          index.push(i);
+          firstChild.push(k);
         }
       }
+      firstChild.push(below.length);
+      plan.push({ index, firstChild, oldPtr: new Array<BlockPtr | null>(index.length).fill(null), newPtr: new Array<BlockPtr | null>(index.length).fill(null), pba: [] });
+      below = index;
     }
-    // Allocate data blocks then address blocks (bottom-up), in contiguous runs.
-    let nodeCount = 0;
-    for (const lvl of levels) for (const n of lvl) if (n.buf) nodeCount++;
+    const top = plan[H - 1]!;
+    assert(top.index.length === 1 && top.index[0] === 0, 'the root level has one node');
+    top.oldPtr[0] = this.sb.root;
+    for (let l = H - 1; l >= 1; l--) {
+      const lvl = plan[l]!;
+      const child = plan[l - 1]!;
+      const ks = lvl.index.map((_, k) => k).filter((k) => lvl.oldPtr[k] !== null);
+      await forEachLimit(ks, this.ioConcurrency, async (k) => {
+        const ptr = lvl.oldPtr[k]!;
+        const node = await this.readNode(ptr, l, lvl.index[k]!, false);
+        for (let c = lvl.firstChild[k]!; c < lvl.firstChild[k + 1]!; c++) {
+          child.oldPtr[c] = this.childOf(node, ptr, l, lvl.index[k]!, child.index[c]! % FANOUT);
+        }
+      });
+    }
+    return plan;
+  }
+
+  private async commitMutating(c: CommitWork): Promise<CommitResult> {
+    const { cp, lbns, datas, plan, slicer } = c;
+    let blocksFreed = 0;
+    let blocksWritten = 0;
+    const free = (pba: number): void => {
+      if (this.smap.freeFromLive(pba)) blocksFreed++;
+    };
+    if (c.newSummary) blocksFreed += this.smap.replaceSummary(c.newSummary);
+    // Allocate data blocks, then address blocks level by level (upper bound: every
+    // touched node; those that end up empty are given back), in contiguous runs.
     const pbas: number[] = [];
-    for (const r of this.smap.allocate(dataCount + nodeCount)) for (let k = 0; k < r.count; k++) pbas.push(r.pba + k);
+    for (const r of this.smap.allocate(c.dataCount + c.nodesMax)) for (let k = 0; k < r.count; k++) pbas.push(r.pba + k);
     let next = 0;
-    const writes: NewBlock[] = [];
+    const dataPtrs: (BlockPtr | null)[] = new Array<BlockPtr | null>(lbns.length).fill(null);
+    const dataWrites: NewBlock[] = [];
     for (let i = 0; i < lbns.length; i++) {
       const d = datas[i];
       if (!d) continue;
       const pba = pbas[next++]!;
-      dataPtrs[i] = { pba, birth: cp, crc: dataCrcs[i]! };
-      writes.push({ pba, buf: d });
+      dataPtrs[i] = { pba, birth: cp, crc: c.dataCrcs[i]! };
+      dataWrites.push({ pba, buf: d });
     }
-    for (let l = 0; l < levels.length; l++) for (const n of levels[l]!) if (n.buf) n.pba = pbas[next++]!;
+    for (const lvl of plan) for (let k = 0; k < lvl.index.length; k++) lvl.pba.push(pbas[next++]!);
     assert(next === pbas.length, 'allocated blocks left over');
-    // The space map's own blocks (frees and allocations above are final now).
-    const smapBlocks = this.smap.buildCommit(cp, this.uuidBytes);
-    // Fill the address blocks bottom-up: pointers, header, checksum.
-    for (let l = 0; l < levels.length; l++) {
-      for (const n of levels[l]!) {
-        if (l === 0) {
-          for (let i = n.lo; i < n.hi; i++) if (n.buf) encodePtr(n.buf, ptrSlotOffset(lbns[i]! % FANOUT), dataPtrs[i]!);
-        } else if (n.buf) {
-          for (const c of n.children) encodePtr(n.buf, ptrSlotOffset(c.index % FANOUT), c.newPtr);
-        }
-        if (n.buf) {
-          writeNodeHeader(n.buf, { type: NODE_TYPE_DATA_TREE, level: l, index: n.index }, n.pba, cp, this.uuidBytes);
-          n.newPtr = { pba: n.pba, birth: cp, crc: crc32c(n.buf) };
-          writes.push({ pba: n.pba, buf: n.buf });
-        }
-        await slicer.maybeYield();
+    pbas.length = 0;
+    await this.writeAll(dataWrites, slicer);
+    blocksWritten += dataWrites.length;
+    dataWrites.length = 0;
+    // Address blocks bottom-up, streamed in batches: copy the old node (or start empty),
+    // replace the touched pointers, stamp the header, checksum, write.
+    const countPresent = (b: Buffer): number => {
+      let n = 0;
+      for (let s = 0; s < FANOUT; s++) if (b.readUInt16LE(ptrSlotOffset(s) + 20) !== 0) n++;
+      return n;
+    };
+    const BATCH = this.writeChunkBlocks;
+    for (let l = 0; l < plan.length; l++) {
+      const lvl = plan[l]!;
+      const below = l > 0 ? plan[l - 1]! : null;
+      // Batches follow the write chunks: contiguous pbas, split at multiples of the chunk size.
+      const batches: number[][] = [];
+      for (let k = 0; k < lvl.index.length; k++) {
+        const cur = batches[batches.length - 1];
+        const p = lvl.pba[k]!;
+        if (cur && cur.length < BATCH && lvl.pba[cur[cur.length - 1]!]! + 1 === p && p % BATCH !== 0) cur.push(k);
+        else batches.push([k]);
       }
+      for (const ks of batches) {
+        const out: (NewBlock | null)[] = new Array<NewBlock | null>(ks.length).fill(null);
+        await forEachLimit(ks, this.ioConcurrency, async (k, j) => {
+          const index = lvl.index[k]!;
+          const oldPtr = lvl.oldPtr[k]!;
+          const old = oldPtr ? await this.readNode(oldPtr, l, index, false) : null;
+          const buf = old ? Buffer.from(old) : Buffer.alloc(BLOCK);
+          let present = old ? countPresent(old) : 0;
+          for (let x = lvl.firstChild[k]!; x < lvl.firstChild[k + 1]!; x++) {
+            const slot = (below ? below.index[x]! : lbns[x]!) % FANOUT;
+            const off = ptrSlotOffset(slot);
+            if (buf.readUInt16LE(off + 20) !== 0) {
+              present--;
+              if (!below) {
+                const oldData = this.childOf(buf, oldPtr!, 0, index, slot);
+                if (oldData) free(oldData.pba);
+              }
+            }
+            const np = below ? below.newPtr[x]! : dataPtrs[x]!;
+            encodePtr(buf, off, np);
+            if (np) present++;
+          }
+          if (!(present >= 0 && present <= FANOUT)) assert(false, `present count ${present}`);
+          if (oldPtr) free(oldPtr.pba);
+          if (present === 0) {
+            this.smap.unallocate(lvl.pba[k]!);
+            return;
+          }
+          const pba = lvl.pba[k]!;
+          writeNodeHeader(buf, { type: NODE_TYPE_DATA_TREE, level: l, index }, pba, cp, this.uuidBytes);
+          const ptr: BlockPtr = { pba, birth: cp, crc: crc32c(buf) };
+          lvl.newPtr[k] = ptr;
+          out[j] = { pba, buf };
+          // Safe before the CP is durable: only a pointer with this pba, birth and crc can hit it.
+          this.cache.put(ptr, buf);
+        });
+        const writes = out.filter((w): w is NewBlock => w !== null);
+        await this.writeAll(writes, slicer);
+        blocksWritten += writes.length;
+      }
+      if (below) below.newPtr.length = 0;
     }
-    const top = levels[levels.length - 1];
-    const newRoot = top && top.length > 0 ? top[0]!.newPtr : this.sb.root;
-    for (const b of smapBlocks) writes.push(b);
-    await this.writeAll(writes, slicer);
+    const newRoot = plan.length > 0 ? plan[plan.length - 1]!.newPtr[0]! : this.sb.root;
+    // The space map's own blocks (every allocation and free of the CP is final now).
+    const smapBlocks = this.smap.buildCommit(cp, this.uuidBytes);
+    await this.writeAll(smapBlocks, slicer);
+    blocksWritten += smapBlocks.length;
     await this.dev.sync();
     // The new superblock, into the next ring slot, then sync: the CP is durable.
     const nowMs = Math.max(0, Math.floor(this.clock.nowMs()));
-    const durationMs = Math.max(0, Math.round(nowMs - t0));
-    const snapshots: SnapshotRecord[] = this.sb.snapshots.filter((s) => !snapPlan.deleted.includes(s.name));
-    if (snapPlan.created.length > 0) {
+    const durationMs = Math.max(0, Math.round(nowMs - c.t0));
+    const snapshots: SnapshotRecord[] = this.sb.snapshots.filter((s) => !c.snapPlan.deleted.includes(s.name));
+    if (c.snapPlan.created.length > 0) {
       const referenced = popcount(this.smap.active);
-      for (const name of snapPlan.created) snapshots.push({ name, cp, createdMs: nowMs, usedBlocks: referenced, root: newRoot, smapRoot: this.smap.root });
+      for (const name of c.snapPlan.created) snapshots.push({ name, cp, createdMs: nowMs, usedBlocks: referenced, root: newRoot, smapRoot: this.smap.root });
     }
     const sb: Superblock = {
-      ...this.sb, cpNumber: cp, timestampMs: nowMs, lastCpDurationMs: durationMs, nvlogSeq: meta.nvlogSeq, nvlogEpoch: meta.nvlogEpoch,
+      ...this.sb, cpNumber: cp, timestampMs: nowMs, lastCpDurationMs: durationMs, nvlogSeq: c.meta.nvlogSeq, nvlogEpoch: c.meta.nvlogEpoch,
       root: newRoot, smapRoot: this.smap.root, usedBlocks: this.smap.used, snapshots,
     };
     await this.dev.writeBlocks(cp % RING_SLOTS, encodeSuperblock(sb));
@@ -625,86 +737,19 @@ export class BlockTree implements BlockTreeApi {
     this.live.retired = true;
     this.retired.add(this.live);
     this.live = new RootHandle(cp, newRoot, 'live');
-    for (const name of snapPlan.deleted) {
+    for (const name of c.snapPlan.deleted) {
       const h = this.snapHandles.get(name);
       assert(h !== undefined, `deleted snapshot ${name} has no handle`);
       h.retired = true;
       this.retired.add(h);
       this.snapHandles.delete(name);
     }
-    if (snapPlan.created.length > 0) this.smap.addActiveToSummary();
-    for (const name of snapPlan.created) this.snapHandles.set(name, new RootHandle(cp, newRoot, `snapshot ${name}`));
-    for (const lvl of levels) for (const n of lvl) if (n.buf && n.newPtr) this.cache.put(n.newPtr, n.buf);
-    return { cpNumber: cp, durationMs, blocksWritten: writes.length, blocksFreed };
+    if (c.snapPlan.created.length > 0) this.smap.addActiveToSummary();
+    for (const name of c.snapPlan.created) this.snapHandles.set(name, new RootHandle(cp, newRoot, `snapshot ${name}`));
+    return { cpNumber: cp, durationMs, blocksWritten, blocksFreed };
   }
 
-  /**
-   * Builds the new address blocks of the CP in memory (pointers to new children are
-   * filled in later). levels[0] are level-0 nodes; the last level has the root (if any
-   * change). A node whose every pointer is null gets buf === null (it becomes a hole).
-   */
-  private async planTree(lbns: number[], datas: (Buffer | null)[], slicer: Slicer): Promise<PlanNode[][]> {
-    const H = this.height;
-    const levels: PlanNode[][] = [];
-    for (let l = 0; l < H; l++) levels.push([]);
-    if (lbns.length === 0) return [];
-    const mk = (level: number, index: number, oldPtr: BlockPtr | null, lo: number, hi: number): PlanNode =>
-      ({ level, index, oldPtr, old: null, lo, hi, children: [], buf: null, pba: -1, newPtr: null });
-    levels[H - 1]!.push(mk(H - 1, 0, this.sb.root, 0, lbns.length));
-    for (let l = H - 1; l >= 0; l--) {
-      const nodes = levels[l]!;
-      await forEachLimit(nodes, this.ioConcurrency, async (n) => {
-        if (n.oldPtr) n.old = await this.readNode(n.oldPtr, l, n.index);
-      });
-      if (l === 0) break;
-      const span = slotsPerPointer(l);
-      for (const n of nodes) {
-        let i = n.lo;
-        while (i < n.hi) {
-          const ci = Math.floor(lbns[i]! / span);
-          let j = i + 1;
-          while (j < n.hi && Math.floor(lbns[j]! / span) === ci) j++;
-          const oldChild = n.old && n.oldPtr ? this.childOf(n.old, n.oldPtr, l, n.index, ci % FANOUT) : null;
-          const c = mk(l - 1, ci, oldChild, i, j);
-          n.children.push(c);
-          levels[l - 1]!.push(c);
-          i = j;
-        }
-      }
-    }
-    const countPresent = (b: Buffer): number => {
-      let k = 0;
-      for (let s = 0; s < FANOUT; s++) if (b.readUInt16LE(ptrSlotOffset(s) + 20) !== 0) k++;
-      return k;
-    };
-    for (let l = 0; l < H; l++) {
-      for (const n of levels[l]!) {
-        const buf = n.old ? Buffer.from(n.old) : Buffer.alloc(BLOCK);
-        let present = n.old ? countPresent(n.old) : 0;
-        if (l === 0) {
-          for (let i = n.lo; i < n.hi; i++) {
-            const off = ptrSlotOffset(lbns[i]! % FANOUT);
-            if (buf.readUInt16LE(off + 20) !== 0) present--;
-            encodePtr(buf, off, null);
-            if (datas[i]) present++;
-          }
-        } else {
-          for (const c of n.children) {
-            const off = ptrSlotOffset(c.index % FANOUT);
-            if (buf.readUInt16LE(off + 20) !== 0) present--;
-            encodePtr(buf, off, null);
-            if (c.buf) present++;
-          }
-        }
-        assert(present >= 0 && present <= FANOUT, `present count ${present}`);
-        n.buf = present > 0 ? buf : null;
-        await slicer.maybeYield();
-      }
-    }
-    return levels;
-  }
-
-  private planSnapshots(ops: SnapshotOp[], cp: number, _nowMs: number): SnapPlan {
+  private planSnapshots(ops: SnapshotOp[], cp: number): SnapPlan {
     if (ops.length > 2 * MAX_SNAPSHOTS) throw new VolumeError('EINVAL', `at most ${2 * MAX_SNAPSHOTS} snapshot operations per CP`);
     const names = this.sb.snapshots.map((s) => s.name);
     const created: string[] = [];
@@ -738,7 +783,7 @@ export class BlockTree implements BlockTreeApi {
     const deviceBlocks = this.sb.deviceBlocks;
     const read = async (ptr: BlockPtr, what: string, id: NodeId | null): Promise<Buffer> => {
       const buf = Buffer.alloc(BLOCK);
-      await this.dev.readBlocks(ptr.pba, 1, buf);
+      await this.devRead(ptr.pba, 1, buf, what);
       const problem = id ? verifyNode(buf, ptr, id, this.uuidBytes) : crc32c(buf) === ptr.crc ? null : 'checksum mismatch';
       if (problem) throw this.eio(`${what} at pba ${ptr.pba}: ${problem}`, { pba: ptr.pba });
       return buf;
@@ -763,8 +808,8 @@ export class BlockTree implements BlockTreeApi {
     let cur: NewBlock[] = [];
     for (const b of blocks) {
       const prev = cur[cur.length - 1];
-      assert(!prev || prev.pba !== b.pba, `pba ${b.pba} written twice in one CP`);
-      assert(b.pba >= RING_SLOTS && b.pba < this.sb.deviceBlocks && b.buf.length === BLOCK, `bad block write at pba ${b.pba}`);
+      if (!(!prev || prev.pba !== b.pba)) assert(false, `pba ${b.pba} written twice in one CP`);
+      if (!(b.pba >= RING_SLOTS && b.pba < this.sb.deviceBlocks && b.buf.length === BLOCK)) assert(false, `bad block write at pba ${b.pba}`);
       if (prev && (prev.pba + 1 !== b.pba || b.pba % this.writeChunkBlocks === 0 || cur.length >= this.writeChunkBlocks)) {
         chunks.push(cur);
         cur = [];

@@ -44,6 +44,12 @@ export interface TreeReader {
   readonly cpNumber: number;
   /** Returns the block's contents, or null if it is a hole. Rejects with VolumeError('EIO') on checksum mismatch. */
   readBlock(lbn: number): Promise<Buffer | null>;
+  /**
+   * Reads lbns [lbn, lbn+count) into dst (exactly count*4096 bytes), holes as zeroes,
+   * with one tree walk and one device read per physically contiguous run. Rejects with
+   * VolumeError('EIO') like readBlock (dst contents are then undefined).
+   */
+  readRange(lbn: number, count: number, dst: Buffer): Promise<void>;
   /** Extents (EXTENT_HOLE|EXTENT_ZERO for holes) for lbns [lbn, lbn+count), at most maxExtents. */
   blockStatus(lbn: number, count: number, maxExtents: number): Promise<Extent[]>;
 }
