@@ -62,11 +62,12 @@ export interface OpenOptions {
   writeChunkBlocks?: number;
   /** Device reads/writes in flight at once during a commit or check (default 8). */
   ioConcurrency?: number;
+  /** Address blocks one blockStatus call may read before it returns a shorter answer (default 512). */
+  statusNodeBudget?: number;
 }
 
 export const DEFAULT_CACHE_BLOCKS = 4096;
 export const MAX_CHANGES_PER_CP = 1 << 18;
-const STATUS_NODE_BUDGET = 512;
 const ZERO_BLOCK = Buffer.alloc(BLOCK);
 
 /** The device failed a read during mount (as opposed to data that does not verify). */
@@ -155,6 +156,7 @@ export class BlockTree implements BlockTreeApi {
   private readonly cache: NodeCache;
   private readonly writeChunkBlocks: number;
   private readonly ioConcurrency: number;
+  private readonly statusNodeBudget: number;
   private commitRunning: Promise<unknown> | null = null;
   private rotatedForCp = -1;
   private failedReason: string | null = null;
@@ -176,6 +178,8 @@ export class BlockTree implements BlockTreeApi {
     this.cache = new NodeCache(opts.cacheBlocks ?? DEFAULT_CACHE_BLOCKS);
     this.writeChunkBlocks = opts.writeChunkBlocks ?? 256;
     this.ioConcurrency = opts.ioConcurrency ?? 8;
+    this.statusNodeBudget = opts.statusNodeBudget ?? 512;
+    assert(Number.isInteger(this.statusNodeBudget) && this.statusNodeBudget >= 1, 'statusNodeBudget >= 1');
     assert(Number.isInteger(this.writeChunkBlocks) && this.writeChunkBlocks >= 1 && this.writeChunkBlocks <= 8192, 'writeChunkBlocks in [1, 8192]');
     assert(Number.isInteger(this.ioConcurrency) && this.ioConcurrency >= 1 && this.ioConcurrency <= 256, 'ioConcurrency in [1, 256]');
     this.live = new RootHandle(sb.cpNumber, sb.root, 'live');
@@ -448,7 +452,7 @@ export class BlockTree implements BlockTreeApi {
         out.push({ blocks: n, flags });
         return true;
       };
-      const budget = { nodes: STATUS_NODE_BUDGET };
+      const budget = { nodes: this.statusNodeBudget };
       await this.walk(h.root, lbn, end, (_l, n) => add(n, EXTENT_HOLE | EXTENT_ZERO), () => add(1, 0), budget);
       assert(out.length >= 1, 'block status found no extent');
       return out.map((e) => ({ lengthBytes: e.blocks * BLOCK, flags: e.flags }));

@@ -189,6 +189,26 @@ describe('tree: reads, writes and commits', () => {
     ]);
   });
 
+  it('block status gives a shorter (still exact) answer when it runs out of address-block reads', async () => {
+    const { dev, tree } = await fresh(64 * GiB, 8192);
+    const changes: BlockChange[] = [];
+    for (let l = 0; l < 4 * FANOUT; l++) if (l % FANOUT !== 5) changes.push({ lbn: l, data: block(l) });
+    await tree.commitCp(changes, meta(1));
+    const small = await BlockTree.open(dev, { statusNodeBudget: 2 + tree.height - 1 });
+    const ext = await small.blockStatus(0, 4 * FANOUT, 100);
+    // Root path plus two level-0 nodes: lbns 0..2*FANOUT-1, with the hole at 5 and FANOUT+5.
+    assert.deepEqual(ext, [
+      { lengthBytes: 5 * B, flags: 0 },
+      { lengthBytes: B, flags: 3 },
+      { lengthBytes: (FANOUT - 1) * B, flags: 0 },
+      { lengthBytes: B, flags: 3 },
+      { lengthBytes: (FANOUT - 6) * B, flags: 0 },
+    ]);
+    const all = await tree.blockStatus(0, 4 * FANOUT, 100);
+    assert.equal(all.reduce((n, e) => n + e.lengthBytes, 0), 4 * FANOUT * B);
+    assert.equal(all.length, 9);
+  });
+
   it('writes each CP in few large contiguous writes', async () => {
     const inner = new MemoryBlockDevice(8192);
     await BlockTree.format(inner, { sizeBytes: 16 * GiB, volumeUuid: UUID });
