@@ -104,7 +104,7 @@ function buildSuites(c: BenchConfig, withEngine: boolean): Suite[] {
 
 function fsType(dir: string): string {
   try {
-    return execFileSync('stat', ['-f', '-c', '%T', dir], { encoding: 'utf8' }).trim();
+    return execFileSync('findmnt', ['-n', '-o', 'FSTYPE', '-T', dir], { encoding: 'utf8' }).trim();
   } catch {
     return 'unknown fs';
   }

@@ -100,7 +100,7 @@ export function buildRows(workloads: Workload[], servers: string[], reference: s
 
 function fmtValue(v: number, unit: string): string {
   if (!Number.isFinite(v)) return 'n/a';
-  if (unit === 'IOPS') return Math.round(v).toString();
+  if (unit === 'IOPS' || unit === 'flush/s') return Math.round(v).toString();
   if (unit === 'MB/s') return v.toFixed(0);
   if (unit === 'us') return v < 100 ? v.toFixed(1) : v.toFixed(0);
   if (unit === 'MiB') return v.toFixed(0);
@@ -120,22 +120,23 @@ export function formatTable(rep: SuiteReport, roundsNote: string): string {
   const lines: string[] = [];
   lines.push(`== ${rep.title} (${roundsNote}) ==`);
   for (const s of rep.servers) lines.push(`   ${s.label}: ${s.command}`);
-  const head = [pad('workload', wW), pad('metric', mW), ...servers.map((s) => pad(s, vW, true)), ...ratioKeys.map((k) => pad(`ratio ${k}`, Math.max(11, k.length + 6), true) + pad('(rounds)', 13, true))];
+  const rW = (k: string): number => Math.max(6, k.length);
+  const head = [pad('workload', wW), pad('metric', mW), ...servers.map((s) => pad(s, vW, true)), ...ratioKeys.map((k) => pad(k, rW(k), true) + pad('rounds', 11, true))];
   lines.push(head.join('  '));
   for (const r of rep.rows) {
     const cells = [pad(r.workloadLabel, wW), pad(metricCell(r), mW), ...servers.map((s) => pad(fmtValue(r.medians[s] as number, r.unit), vW, true))];
     for (const k of ratioKeys) {
       const v = r.ratios[k] as number;
       const range = r.ratioRanges[k] as [number, number];
-      cells.push(pad(Number.isFinite(v) ? v.toFixed(2) : 'n/a', Math.max(11, k.length + 6), true) + pad(`${range[0].toFixed(2)}-${range[1].toFixed(2)}`, 13, true));
+      cells.push(pad(Number.isFinite(v) ? v.toFixed(2) : 'n/a', rW(k), true) + pad(`${range[0].toFixed(2)}-${range[1].toFixed(2)}`, 11, true));
     }
     lines.push(cells.join('  '));
   }
-  lines.push(`   ratio > 1.00 means ${servers[0]} did better (throughput: ${servers[0]}/${rep.reference}; latency and CPU rows, lower is better: ${rep.reference}/${servers[0]}).`);
+  lines.push(`   ${ratioKeys.join(', ')}: ratio of medians, > 1.00 means the first did better (latency and CPU rows, lower is better, are inverted); rounds: min-max of the per-round ratios.`);
   return lines.join('\n');
 }
 
 function metricCell(r: Row): string {
-  if (r.unit === 'IOPS' || r.unit === 'MB/s') return r.unit;
+  if (r.unit === 'IOPS' || r.unit === 'MB/s' || r.unit === 'flush/s') return r.unit;
   return `${r.metricLabel} ${r.unit}${r.better === 'lower' ? ' (lower)' : ''}`;
 }
