@@ -23,7 +23,7 @@ export function registerCreate(program: Command): void {
     .requiredOption('--size <SIZE>', 'volume size (K/M/G/T suffixes; a multiple of 4 KiB)', sizeArg)
     .option('--member <PATH>', 'member file (default DIR/member-0.img; created sparse)', collect, [])
     .option('--nvram <PATH>', 'NVRAM log file (default DIR/nvram.log; preallocated and zeroed)')
-    .option('--nvram-size <SIZE>', 'NVRAM log size (default 64M)', sizeArg)
+    .option('--nvram-size <SIZE>', 'NVRAM log size (default 32M)', sizeArg)
     .action(async (dir: string, o: CreateOpts) => {
       const label = await createVolumeDir(dir, {
         sizeBytes: o.size,

@@ -21,7 +21,7 @@ import type { BlockChange, BlockTreeApi, CommitResult, CpMeta, SnapshotOp } from
 import type { Half, NvLog } from '../nvlog/log';
 import { assert } from '../util/assert';
 
-export const CHUNK_CHANGES_MAX = 65536;
+export const CHUNK_CHANGES_MAX = 4096;
 /** Blocks asked of tree.blockStatus per call while expanding a zero range. */
 const STATUS_QUERY_BLOCKS = 1 << 20;
 const STATUS_QUERY_EXTENTS = 4096;
@@ -33,6 +33,9 @@ export interface HalfCommitResult {
 }
 
 /**
+ * CHUNK_CHANGES_MAX bounds a commit's transient memory: the tree holds the old and new
+ * copy of up to one address block per change (~8 KiB per change, 32 MiB per commit).
+ *
  * Commits `half` into the tree with final meta `meta` and snapshot `ops`. The log must
  * keep the half frozen until this resolves.
  */

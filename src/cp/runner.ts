@@ -169,7 +169,10 @@ export class CpRunner {
       this.st.lastCpDurationMs = t1 - t0;
       this.st.lastCpEndMs = t1;
       this.st.cpDurationMsMax = Math.max(this.st.cpDurationMsMax, t1 - t0);
-      if (r) this.onCommitted?.(r);
+      if (r) {
+        logger().debug({ cp: r.cpNumber, startMs: t0, durationMs: t1 - t0, blocksWritten: r.blocksWritten, blocksFreed: r.blocksFreed }, 'consistency point');
+        this.onCommitted?.(r);
+      }
       return r;
     } finally {
       this.st.running = false;

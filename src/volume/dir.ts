@@ -39,7 +39,7 @@ import { NvramFormatError, scanRegion } from '../nvlog/replay';
 export const LABEL_NAME = 'nvmirror.json';
 export const LOCK_NAME = 'nvmirror.lock';
 export const NVRAM_DEFAULT_NAME = 'nvram.log';
-export const NVRAM_DEFAULT_BYTES = 64 * 1024 * 1024;
+export const NVRAM_DEFAULT_BYTES = 32 * 1024 * 1024;
 export const LABEL_FORMAT = 'nvmirror-volume';
 export const LABEL_VERSION = 1;
 const LABEL_MAX_BYTES = 64 * 1024;

@@ -1,0 +1,67 @@
+/**
+ * CPs must not stall clients: 4 KiB writes at queue depth 1 against the real server,
+ * with the NVRAM small enough that CPs run every few hundred milliseconds. Each write is
+ * classified by whether a CP was running when it started (CP windows come from the
+ * server's debug log), and the p99 latency during CPs must stay within 3x of the p99
+ * outside them. Prints the figures.
+ */
+import { strict as assert } from 'assert';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { NbdClient } from './nbd-client';
+import { prng, runCli, ServedVolume } from './harness';
+
+const BS = 4096;
+const RUN_MS = Number(process.env.NVMIRROR_LATENCY_MS ?? 8000);
+
+function pct(sorted: number[], p: number): number {
+  if (sorted.length === 0) return NaN;
+  return sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * p))]!;
+}
+
+describe('crash: CP latency', function () {
+  this.timeout(120_000);
+  let tmp: string;
+  before(() => { tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'nvm-lat-')); });
+  after(() => fs.rmSync(tmp, { recursive: true, force: true }));
+
+  it('p99 of QD1 4 KiB writes while a CP runs stays within 3x of the p99 outside CPs', async () => {
+    const dir = path.join(tmp, 'vol');
+    const sock = path.join(tmp, 's');
+    assert.equal((await runCli(['create', dir, '--size', '4G', '--nvram-size', '8M'])).code, 0);
+    const server = await ServedVolume.start(dir, sock, ['--log-level', 'debug', '--cp-interval', '10000']);
+    const c = await NbdClient.connect(sock, '');
+    const rnd = prng(99);
+    const data = Buffer.alloc(BS, 0x5c);
+    const samples: Array<{ atMs: number; us: number }> = [];
+    const blocks = (4 * 1024 ** 3) / BS;
+    const end = Date.now() + RUN_MS;
+    while (Date.now() < end) {
+      const atMs = Date.now();
+      const t = process.hrtime.bigint();
+      await c.write(Math.floor(rnd() * blocks) * BS, data, false);
+      samples.push({ atMs, us: Number(process.hrtime.bigint() - t) / 1000 });
+    }
+    await c.close();
+    assert.equal(await server.stop(), 0);
+    const windows: Array<[number, number]> = [];
+    for (const line of server.stderr.split('\n')) {
+      if (!line.includes('"consistency point"')) continue;
+      const o = JSON.parse(line) as { startMs: number; durationMs: number };
+      windows.push([o.startMs, o.startMs + o.durationMs]);
+    }
+    const during: number[] = [];
+    const outside: number[] = [];
+    for (const s of samples) (windows.some(([a, b]) => s.atMs >= a && s.atMs <= b) ? during : outside).push(s.us);
+    during.sort((a, b) => a - b);
+    outside.sort((a, b) => a - b);
+    const cpMs = windows.map(([a, b]) => b - a).sort((a, b) => a - b);
+    console.log(`      ${samples.length} writes, ${windows.length} CPs (median ${pct(cpMs, 0.5)} ms, max ${cpMs[cpMs.length - 1]} ms); ` +
+      `p50/p99 outside CPs ${pct(outside, 0.5).toFixed(0)}/${pct(outside, 0.99).toFixed(0)} us (${outside.length}), ` +
+      `during CPs ${pct(during, 0.5).toFixed(0)}/${pct(during, 0.99).toFixed(0)} us (${during.length})`);
+    assert.ok(windows.length >= 3, `only ${windows.length} CPs ran`);
+    assert.ok(during.length >= 100, `only ${during.length} writes during CPs`);
+    assert.ok(pct(during, 0.99) <= 3 * pct(outside, 0.99), 'p99 during CPs exceeds 3x the p99 outside CPs');
+  });
+});
