@@ -2,8 +2,10 @@
  * A real filesystem on nvmirror: nbdfuse exposes the export as a file, losetup turns it
  * into a block device, mkfs.ext4 + mount + write files + umount + e2fsck -fn, then the
  * whole stack is torn down (so nothing is left in a page cache) and attached again:
- * e2fsck once more, mount, and every file's checksum must match. For the file backend the
- * image file itself is checked with e2fsck after the server exits.
+ * e2fsck once more, mount, and every file's checksum must match. Then the server stops
+ * (`nvmirror check` must pass for an engine volume) and a new read-only server on the
+ * same storage must show the same clean filesystem and files; for the file backend the
+ * image file itself is checked with e2fsck too.
  * Needs root, /dev/fuse and loop devices. Runs for every backend in BACKENDS.
  *
  * Cleanup: every mount, loop device and nbdfuse process is registered with onCleanup
@@ -15,8 +17,8 @@ import * as crypto from 'crypto';
 import * as fs from 'fs';
 import * as path from 'path';
 import {
-  BACKENDS, CHILD_ENV, MiB, Server, cleanupAll, isRoot, makeTempDir, onCleanup, requireCondition, requireTools, run, runOk,
-  sleep, startServer,
+  BACKENDS, CHILD_ENV, MiB, NVMIRROR_BIN, Server, cleanupAll, isRoot, makeTempDir, onCleanup, requireCondition, requireTools,
+  restartServer, run, runOk, sleep, startServer,
 } from './harness';
 
 const SIZE_BYTES = 128 * MiB;
@@ -27,8 +29,8 @@ function isMounted(dir: string): boolean {
 }
 
 /** Starts nbdfuse on `fuseDir` and waits until `fuseDir/nbd` has the export's size. */
-async function attachFuse(fuseDir: string, uri: string, pidFile: string): Promise<{ child: ChildProcess; file: string }> {
-  const child = spawn('nbdfuse', ['-P', pidFile, fuseDir, uri], { env: CHILD_ENV, stdio: ['ignore', 'ignore', 'pipe'] });
+async function attachFuse(fuseDir: string, uri: string, pidFile: string, extra: string[] = []): Promise<{ child: ChildProcess; file: string }> {
+  const child = spawn('nbdfuse', [...extra, '-P', pidFile, fuseDir, uri], { env: CHILD_ENV, stdio: ['ignore', 'ignore', 'pipe'] });
   let err = '';
   child.stderr?.setEncoding('utf8');
   child.stderr?.on('data', (s: string) => {
@@ -70,11 +72,11 @@ function loopBackingFile(dev: string): string | undefined {
   }
 }
 
-async function attachLoop(file: string): Promise<string> {
+async function attachLoop(file: string, readOnly = false): Promise<string> {
   // Another test on this machine may grab the same free loop device: retry a few times.
   let dev = '';
   for (let attempt = 0; ; attempt++) {
-    const r = await run('losetup', ['--find', '--show', file]);
+    const r = await run('losetup', [...(readOnly ? ['--read-only'] : []), '--find', '--show', file]);
     if (r.code === 0) {
       dev = r.stdout.trim();
       break;
@@ -91,8 +93,8 @@ async function attachLoop(file: string): Promise<string> {
   return dev;
 }
 
-async function mount(dev: string, dir: string): Promise<void> {
-  await runOk('mount', ['-t', 'ext4', dev, dir]);
+async function mount(dev: string, dir: string, extra: string[] = []): Promise<void> {
+  await runOk('mount', ['-t', 'ext4', ...extra, dev, dir]);
   onCleanup(async () => {
     if (isMounted(dir)) await run('umount', ['-l', dir]);
   });
@@ -143,7 +145,7 @@ for (const backend of BACKENDS) {
       await cleanupAll();
     });
 
-    it('mkfs.ext4, write files, e2fsck clean, reattach, files intact', async function () {
+    it('mkfs.ext4, write files, fstrim frees space, e2fsck clean, reattach and restart, files intact', async function () {
       const fuseDir = path.join(tmp, 'fuse');
       const mnt = path.join(tmp, 'mnt');
       fs.mkdirSync(fuseDir);
@@ -197,17 +199,39 @@ for (const backend of BACKENDS) {
       await runOk('losetup', ['-d', dev2]);
       await detachFuse(fuseDir, f2.child, pidFile);
 
-      // The server flushes and exits 0 on SIGTERM; for the file backend the image is a
-      // clean ext4 filesystem on its own.
+      // The server flushes and exits 0 on SIGTERM.
       assert.equal(await server.stop(), 0, 'server exits 0 on SIGTERM');
+      if (backend === 'memory') return;
+
+      if (backend === 'engine' && server.volumeDir !== undefined) {
+        const check = await run(process.execPath, [NVMIRROR_BIN, 'check', server.volumeDir], { timeoutMs: 60_000 });
+        assert.equal(check.code, 0, `nvmirror check after a clean stop:\n${check.stdout}${check.stderr}`);
+        assert.match(check.stdout, /: ok$/m);
+      }
+
+      // A new server on the same storage, read-only this time: the filesystem and every
+      // file are there after the restart.
+      const again = await restartServer(server, { readOnly: true });
+      const f3 = await attachFuse(fuseDir, again.uri, pidFile, ['-r']);
+      const dev3 = await attachLoop(f3.file, true);
+      const fsck3 = await run('e2fsck', ['-fn', dev3], { timeoutMs: 60_000 });
+      assert.equal(fsck3.code, 0, `e2fsck after the server restarted:\n${fsck3.stdout}${fsck3.stderr}`);
+      await mount(dev3, mnt, ['-o', 'ro,noload']);
+      for (const f of files) assert.equal(sha(fs.readFileSync(path.join(mnt, f.name))), sha(f.data), `${f.name} after restart`);
+      await runOk('umount', [mnt]);
+      await runOk('losetup', ['-d', dev3]);
+      await detachFuse(fuseDir, f3.child, pidFile);
+      assert.equal(await again.stop(), 0, 'restarted server exits 0');
+
       if (backend === 'file' && server.imagePath !== undefined) {
+        // The image is a clean ext4 filesystem on its own.
         const fsck3 = await run('e2fsck', ['-fn', server.imagePath], { timeoutMs: 60_000 });
         assert.equal(fsck3.code, 0, `e2fsck of the image file:\n${fsck3.stdout}${fsck3.stderr}`);
-        const dev3 = await attachLoop(server.imagePath);
-        await mount(dev3, mnt);
+        const dev4 = await attachLoop(server.imagePath, true);
+        await mount(dev4, mnt, ['-o', 'ro,noload']);
         for (const f of files) assert.equal(sha(fs.readFileSync(path.join(mnt, f.name))), sha(f.data), `${f.name} in the image file`);
         await runOk('umount', [mnt]);
-        await runOk('losetup', ['-d', dev3]);
+        await runOk('losetup', ['-d', dev4]);
       }
     });
   });

@@ -319,6 +319,11 @@ export interface ServerOptions {
   /** More `serve` arguments, appended last. */
   extraArgs?: string[];
   startTimeoutMs?: number;
+  /**
+   * Serve existing storage instead of making new: an image file ('file') or a volume
+   * directory ('engine') left by an earlier server (see restartServer).
+   */
+  existingStoragePath?: string;
 }
 
 export interface Server {
@@ -336,6 +341,10 @@ export interface Server {
   readonly dir: string;
   /** For 'file': the image being served. */
   readonly imagePath: string | undefined;
+  /** For 'engine': the volume directory being served. */
+  readonly volumeDir: string | undefined;
+  /** The options it was started with (for restartServer). */
+  readonly options: ServerOptions;
   /** Everything the server wrote to stderr so far (capped). */
   stderr(): string;
   /** True while the process has not exited. */
@@ -354,7 +363,17 @@ export function uriFor(transport: Transport, endpoint: string, exportName: strin
 let serverSeq = 0;
 
 /** Prepares the backend's storage and returns the serve arguments that select it. */
-async function backendArgs(backend: Backend, dir: string, sizeBytes: number): Promise<{ args: string[]; imagePath?: string }> {
+async function backendArgs(
+  backend: Backend,
+  dir: string,
+  sizeBytes: number,
+  existing: string | undefined,
+): Promise<{ args: string[]; imagePath?: string; volumeDir?: string }> {
+  if (existing !== undefined) {
+    if (backend === 'file') return { args: ['--file', existing], imagePath: existing };
+    if (backend === 'engine') return { args: [existing], volumeDir: existing };
+    throw new Error(`harness: a ${backend} backend has no storage to reuse`);
+  }
   switch (backend) {
     case 'memory':
       return { args: ['--memory', String(sizeBytes)] };
@@ -370,7 +389,7 @@ async function backendArgs(backend: Backend, dir: string, sizeBytes: number): Pr
       await runOk(process.execPath, [NVMIRROR_BIN, 'create', volDir, '--size', String(sizeBytes), '--nvram-size', '16M'], {
         timeoutMs: 60_000,
       });
-      return { args: [volDir] };
+      return { args: [volDir], volumeDir: volDir };
     }
   }
 }
@@ -379,7 +398,7 @@ async function backendArgs(backend: Backend, dir: string, sizeBytes: number): Pr
 export async function startServer(opts: ServerOptions): Promise<Server> {
   const dir = makeTempDir(`nvm-e2e-${opts.backend}-`);
   const exportName = opts.exportName ?? '';
-  const { args: bArgs, imagePath } = await backendArgs(opts.backend, dir, opts.sizeBytes);
+  const { args: bArgs, imagePath, volumeDir } = await backendArgs(opts.backend, dir, opts.sizeBytes, opts.existingStoragePath);
   const args: string[] = [NVMIRROR_BIN, 'serve', ...bArgs, '--export', exportName, '--log-level', 'info'];
   if (opts.readOnly) args.push('--read-only');
   if (opts.tls) {
@@ -415,6 +434,8 @@ export async function startServer(opts: ServerOptions): Promise<Server> {
         port,
         dir,
         imagePath,
+        volumeDir,
+        options: opts,
         startTimeoutMs: opts.startTimeoutMs ?? 20_000,
       });
     } catch (e) {
@@ -435,6 +456,8 @@ interface LaunchInfo {
   port: number | undefined;
   dir: string;
   imagePath: string | undefined;
+  volumeDir: string | undefined;
+  options: ServerOptions;
   startTimeoutMs: number;
 }
 
@@ -504,6 +527,17 @@ function launch(args: string[], info: LaunchInfo): Promise<Server> {
       }
     });
   });
+}
+
+/**
+ * Starts a new server on the storage a stopped server left (its image file or volume
+ * directory), with the same options otherwise. Memory volumes cannot be restarted.
+ */
+export async function restartServer(old: Server, overrides: Partial<ServerOptions> = {}): Promise<Server> {
+  if (old.alive()) throw new Error('restartServer: the old server is still running');
+  const storage = old.imagePath ?? old.volumeDir;
+  if (storage === undefined) throw new Error(`restartServer: a ${old.backend} volume does not survive its server`);
+  return startServer({ ...old.options, ...overrides, existingStoragePath: storage });
 }
 
 /** Reads the whole export through nbdcopy into a local file. */
