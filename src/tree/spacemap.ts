@@ -189,10 +189,15 @@ export class SpaceMap {
    * the newer one becomes older; otherwise both merge into the older one (a reader is
    * still in flight on a retired root).
    */
-  beginCommit(release: boolean): void {
+  beginCommit(release: boolean): Run[] {
     assert(this.dirtyLeaves.size === 0, 'previous commit left dirty leaves');
+    let released: Run[] = [];
     if (release) {
-      if (this.reservedCountOld > 0) this.reservedOld.fill(0);
+      if (this.reservedCountOld > 0) {
+        released = SpaceMap.runsOf(this.reservedOld);
+        assert(released.reduce((n, r) => n + r.count, 0) === this.reservedCountOld, 'released runs disagree with the reserved count');
+        this.reservedOld.fill(0);
+      }
       const t = this.reservedOld;
       this.reservedOld = this.reservedNew;
       this.reservedNew = t;
@@ -204,6 +209,26 @@ export class SpaceMap {
       this.reservedCountOld += this.reservedCountNew;
       this.reservedCountNew = 0;
     }
+    return released;
+  }
+
+  /** Runs of set bits, in increasing order (skips zero words quickly). */
+  static runsOf(b: Buffer): Run[] {
+    assert(b.byteOffset % 4 === 0 && b.length % 4 === 0, 'bitmap must be word aligned');
+    const words = new Uint32Array(b.buffer, b.byteOffset, b.length / 4);
+    const runs: Run[] = [];
+    for (let w = 0; w < words.length; w++) {
+      let v = words[w]!;
+      while (v !== 0) {
+        const bit = 31 - Math.clz32(v & -v);
+        v &= v - 1;
+        const p = w * 32 + bit;
+        const last = runs[runs.length - 1];
+        if (last && last.pba + last.count === p) last.count++;
+        else runs.push({ pba: p, count: 1 });
+      }
+    }
+    return runs;
   }
 
   private markDirty(p: number): void {

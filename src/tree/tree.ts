@@ -64,6 +64,8 @@ export interface OpenOptions {
   ioConcurrency?: number;
   /** Address blocks one blockStatus call may read before it returns a shorter answer (default 512). */
   statusNodeBudget?: number;
+  /** Discard blocks on the device when they become free (default true; thin members shrink). */
+  discardFreed?: boolean;
 }
 
 export const DEFAULT_CACHE_BLOCKS = 4096;
@@ -157,6 +159,7 @@ export class BlockTree implements BlockTreeApi {
   private readonly writeChunkBlocks: number;
   private readonly ioConcurrency: number;
   private readonly statusNodeBudget: number;
+  private readonly discardFreed: boolean;
   private commitRunning: Promise<unknown> | null = null;
   private rotatedForCp = -1;
   private failedReason: string | null = null;
@@ -179,6 +182,7 @@ export class BlockTree implements BlockTreeApi {
     this.writeChunkBlocks = opts.writeChunkBlocks ?? 256;
     this.ioConcurrency = opts.ioConcurrency ?? 8;
     this.statusNodeBudget = opts.statusNodeBudget ?? 512;
+    this.discardFreed = opts.discardFreed ?? true;
     assert(Number.isInteger(this.statusNodeBudget) && this.statusNodeBudget >= 1, 'statusNodeBudget >= 1');
     assert(Number.isInteger(this.writeChunkBlocks) && this.writeChunkBlocks >= 1 && this.writeChunkBlocks <= 8192, 'writeChunkBlocks in [1, 8192]');
     assert(Number.isInteger(this.ioConcurrency) && this.ioConcurrency >= 1 && this.ioConcurrency <= 256, 'ioConcurrency in [1, 256]');
@@ -560,16 +564,16 @@ export class BlockTree implements BlockTreeApi {
     if (snapPlan.deleted.length > 0) newSummary = await this.summaryWithout(snapPlan.deleted);
     // Space: rotate the reserved generations once per CP number, then check room.
     if (this.rotatedForCp !== cp) {
-      this.smap.beginCommit(this.retiredIdle());
       this.rotatedForCp = cp;
+      await this.discard(this.smap.beginCommit(this.retiredIdle()));
     }
     const needed = dataCount + nodesMax + this.smap.treeBlocksMax;
     if (needed > this.smap.free && this.smap.reserved > 0) {
       // Space pressure: reuse blocks freed by the last CP now (it is durable) once no read is in flight on an old root.
       await Promise.all([...this.retired].map((h) => h.idle()));
       this.retiredIdle();
-      this.smap.beginCommit(true);
-      this.smap.beginCommit(true);
+      await this.discard(this.smap.beginCommit(true));
+      await this.discard(this.smap.beginCommit(true));
     }
     if (needed > this.smap.free) {
       throw new VolumeError('ENOSPC', `CP ${cp} needs up to ${needed} blocks but only ${this.smap.free} of ${this.sb.deviceBlocks} are free`);
@@ -803,6 +807,24 @@ export class BlockTree implements BlockTreeApi {
     };
     for (const s of this.sb.snapshots) if (!without.includes(s.name)) await this.smap.loadTree(s.smapRoot, loader, out, false);
     return out;
+  }
+
+  /**
+   * Tells the device that released blocks hold nothing (a thin member file gets its space
+   * back). Only blocks no committed root, snapshot or in-flight read references are
+   * released, and this runs before anything is allocated. A failure is only logged:
+   * discard is a hint.
+   */
+  private async discard(runs: { pba: number; count: number }[]): Promise<void> {
+    if (!this.discardFreed || runs.length === 0) return;
+    try {
+      await forEachLimit(runs, this.ioConcurrency, async (r) => {
+        if (!(r.pba >= RING_SLOTS && r.pba + r.count <= this.sb.deviceBlocks)) assert(false, `discard of [${r.pba}, +${r.count})`);
+        await this.dev.discard(r.pba, r.count);
+      });
+    } catch (e) {
+      log().warn({ err: e instanceof Error ? e.message : String(e) }, 'block tree: discarding freed blocks failed (ignored)');
+    }
   }
 
   /** Writes blocks sorted by address, coalesced into runs split at writeChunkBlocks boundaries. */
