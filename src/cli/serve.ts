@@ -4,6 +4,7 @@ import * as path from 'path';
 import { Command, Option } from 'commander';
 import { NbdServer } from '../nbd/server';
 import { openVolume, VolumeSpec } from '../volume/open';
+import { createVolumeDir, LABEL_NAME } from '../volume/dir';
 import { createLogger } from '../util/log';
 import { formatSize } from '../util/size';
 import { hostPortArg, logLevelArg, onStopSignals, sizeArg, intArg } from './common';
@@ -22,6 +23,7 @@ interface ServeOpts {
   tlsRequired?: boolean;
   cpInterval?: number;
   maxConnections: number;
+  create?: number;
 }
 
 export const DEFAULT_LISTEN = { host: '127.0.0.1', port: 10809 };
@@ -51,6 +53,7 @@ export function registerServe(program: Command): void {
     .option('--tls-ca <FILE>', 'CA certificate (PEM): require client certificates signed by it')
     .option('--tls-required', 'refuse clients that do not upgrade to TLS')
     .option('--cp-interval <MS>', 'consistency point interval for volume directories, in ms', intArg(10, 3_600_000))
+    .option('--create <SIZE>', 'create the volume directory DIR with SIZE first if it does not exist yet', sizeArg)
     .option('--max-connections <N>', 'maximum concurrent connections', intArg(1, 4096), 128)
     .action(async (dir: string | undefined, o: ServeOpts) => {
       await serve(dir, o);
@@ -61,6 +64,13 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
   if ((o.tlsCert === undefined) !== (o.tlsKey === undefined)) throw new Error('--tls-cert and --tls-key go together');
   if ((o.tlsRequired || o.tlsCa !== undefined) && o.tlsCert === undefined) throw new Error('--tls-required and --tls-ca need --tls-cert and --tls-key');
   if (o.file !== undefined && !fs.existsSync(o.file)) throw new Error(`no such file: ${o.file}`);
+  if (o.create !== undefined) {
+    if (dir === undefined) throw new Error('--create needs a volume directory argument');
+    if (!fs.existsSync(path.join(dir, LABEL_NAME))) {
+      await createVolumeDir(path.resolve(dir), { sizeBytes: o.create });
+      process.stdout.write(`nvmirror: created volume ${path.resolve(dir)} (${formatSize(o.create)})\n`);
+    }
+  }
   if (dir !== undefined && o.memory === undefined && o.file === undefined && !fs.existsSync(dir)) {
     throw new Error(`no such volume directory: ${dir} (create one with: nvmirror create ${dir} --size SIZE)`);
   }
