@@ -120,7 +120,7 @@ describe('kernel nbd driver (VM)', function () {
     app = snapshotBuild();
     serve = await startServe(app);
     const t0 = Date.now();
-    res = await runGuest(['--app', app, '--serve', `10.0.2.2:${serve.port}:${EXPORT}`]);
+    res = await runGuest(['--app', app, '--serve', `10.0.2.2:${serve.port}:${EXPORT}`, '--engine']);
     const times = [...res.times.entries()].map(([k, v]) => `${k}=${(v / 1000).toFixed(1)}s`).join(' ');
     process.stdout.write(`      guest run ${((Date.now() - t0) / 1000).toFixed(1)} s (boot included); ${times}\n`);
   });
@@ -156,14 +156,15 @@ describe('kernel nbd driver (VM)', function () {
   it('detach of a device that is not attached says so', () => expectPass('error-not-attached'));
   it('re-attaching the image through the ioctl interface shows the same files', () => expectPass('reattach-ioctl'));
   it('SIGTERM detaches cleanly and exits 0', () => expectPass('sigterm-exit0'));
-  it('attach a file volume: mkfs.xfs, xfs_repair -n clean, checksums after remount', () => expectPass('attach-xfs'));
+  it('4096-byte blocks, two connections: mkfs.xfs (4 KiB sectors), xfs_repair -n clean, checksums after remount', () => expectPass('attach-xfs-4k'));
   it('SIGINT detaches cleanly and exits 0', () => expectPass('sigint-exit0'));
-  it('4096-byte blocks with two connections: XFS with 4 KiB sectors passes the same checks', () => expectPass('attach-4k'));
   it('a stalled nvmirror makes I/O fail after --timeout instead of hanging', () => expectPass('stall-io-error'));
   it('after a stall the kernel drops the connection and nvmirror detaches and exits 1', () => expectPass('stall-cleanup'));
   it('killing nvmirror while mounted gives I/O errors in the guest, not a hang', () => expectPass('kill-io-error'));
   it('a device left by a killed nvmirror is freed by nvmirror detach', () => expectPass('kill-detach'));
   it('nbd-client against nvmirror serve on the host (netlink): ext4 checks pass', () => expectPass('nbd-client-ext4'));
   it('nbd-client -L (ioctl) with 4096-byte blocks reads back the same files', () => expectPass('nbd-client-ioctl'));
+  it('an engine volume directory (nvmirror create) passes the ext4 checks with 4096-byte blocks', () => expectPass('attach-engine'));
+  it('the engine volume shows the same files when attached again', () => expectPass('attach-engine-again'));
   it('with no nbd driver, attach says to run modprobe nbd', () => expectPass('error-no-driver'));
 });

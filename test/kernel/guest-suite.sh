@@ -85,8 +85,8 @@ fs_cycle() {
 }
 
 # Two lanes run side by side (the guest has two vCPUs); each uses its own devices and
-# never stalls a device the other touches. Lane A: nbd0, nbd3, nbd4. Lane B: nbd1, nbd2,
-# nbd6, nbd7, nbd8. The no-driver check runs after both.
+# never stalls a device the other touches. Lane A: nbd0, nbd3, nbd4. Lane B: nbd2, nbd6,
+# nbd7, nbd8. The no-driver check runs after both.
 
 # expect_out NAME WANT_RC PATTERN CMD...: runs CMD, passes if it exits WANT_RC and its
 # output contains PATTERN (a fixed string).
@@ -176,23 +176,16 @@ lane_a() {
 
 lane_b() {
   local out rc mnt sect lbs shost sport sname
-  # --- XFS on a file volume, SIGINT -----------------------------------------------------
-  truncate -s 320M "$W/xfs.img"
-  if attach_bg attach-xfs /dev/nbd1 --file "$W/xfs.img"; then
-    fs_cycle attach-xfs /dev/nbd1 xfs && pass attach-xfs
-    stop_attach attach-xfs INT /dev/nbd1 && pass sigint-exit0
-  fi
-
-  # --- 4096-byte blocks, two connections, XFS with 4 KiB sectors ------------------------
+  # --- XFS, 4096-byte blocks (4 KiB sectors), two connections; SIGINT -------------------
   truncate -s 320M "$W/xfs4k.img"
-  if attach_bg attach-4k /dev/nbd2 --file "$W/xfs4k.img" --block-size 4096 --connections 2; then
+  if attach_bg attach-xfs-4k /dev/nbd2 --file "$W/xfs4k.img" --block-size 4096 --connections 2; then
     lbs=$(cat /sys/block/nbd2/queue/logical_block_size)
-    if [ "$lbs" != 4096 ]; then fail attach-4k "logical block size $lbs, expected 4096"
-    elif fs_cycle attach-4k /dev/nbd2 xfs; then
+    if [ "$lbs" != 4096 ]; then fail attach-xfs-4k "logical block size $lbs, expected 4096"
+    elif fs_cycle attach-xfs-4k /dev/nbd2 xfs; then
       sect=$(timeout 30 xfs_db -r -c 'sb 0' -c 'p sectsize' /dev/nbd2 2>&1)
-      if [ "$sect" = "sectsize = 4096" ]; then pass attach-4k; else fail attach-4k "xfs sector size: $sect"; fi
+      if [ "$sect" = "sectsize = 4096" ]; then pass attach-xfs-4k; else fail attach-xfs-4k "xfs sector size: $sect"; fi
     fi
-    stop_attach attach-4k TERM /dev/nbd2 || true
+    stop_attach attach-xfs-4k INT /dev/nbd2 && pass sigint-exit0
   fi
 
   # --- nbd-client against `nvmirror serve` on the host ----------------------------------
@@ -218,14 +211,14 @@ lane_b() {
 
   # --- an engine volume directory -------------------------------------------------------
   if [ $engine = 1 ]; then
-    if timeout 120 "${NV[@]}" create "$W/engine" --size 512M > "$W/engine-create.out" 2>&1; then
+    if timeout 120 "${NV[@]}" create "$W/engine" --size 320M --nvram-size 16M > "$W/engine-create.out" 2>&1; then
       if attach_bg attach-engine /dev/nbd8 "$W/engine" --block-size 4096; then
-        fs_cycle attach-engine /dev/nbd8 xfs && pass attach-engine
+        fs_cycle attach-engine /dev/nbd8 ext4 && pass attach-engine
         stop_attach attach-engine TERM /dev/nbd8 || true
         # The data outlives the process: attach the directory again and compare.
         if attach_bg attach-engine-again /dev/nbd8 "$W/engine" --block-size 4096; then
           mnt="$W/mnt/engine2"; mkdir -p "$mnt"
-          if timeout 60 mount -t xfs /dev/nbd8 "$mnt" && (cd "$mnt" && timeout 60 sha256sum -c --quiet "$W/sums") > /dev/null 2>&1; then pass attach-engine-again
+          if timeout 60 mount -t ext4 /dev/nbd8 "$mnt" && (cd "$mnt" && timeout 60 sha256sum -c --quiet "$W/sums") > /dev/null 2>&1; then pass attach-engine-again
           else fail attach-engine-again "mount or checksums failed"; fi
           timeout 30 umount "$mnt" 2>/dev/null || umount -l "$mnt"
           stop_attach attach-engine-again TERM /dev/nbd8 || true
