@@ -21,6 +21,7 @@ interface ServeOpts {
   tlsKey?: string;
   tlsCa?: string;
   tlsRequired?: boolean;
+  tlsPsk?: string;
   cpInterval?: number;
   maxConnections: number;
   create?: number;
@@ -51,6 +52,7 @@ export function registerServe(program: Command): void {
     .option('--tls-cert <FILE>', 'TLS server certificate (PEM); enables STARTTLS')
     .option('--tls-key <FILE>', 'TLS server private key (PEM)')
     .option('--tls-ca <FILE>', 'CA certificate (PEM): require client certificates signed by it')
+    .option('--tls-psk <FILE>', 'TLS-PSK keys file (psktool format: identity:hexkey per line); enables STARTTLS')
     .option('--tls-required', 'refuse clients that do not upgrade to TLS')
     .option('--cp-interval <MS>', 'consistency point interval for volume directories, in ms', intArg(10, 3_600_000))
     .option('--create <SIZE>', 'create the volume directory DIR with SIZE first if it does not exist yet', sizeArg)
@@ -62,7 +64,8 @@ export function registerServe(program: Command): void {
 
 async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
   if ((o.tlsCert === undefined) !== (o.tlsKey === undefined)) throw new Error('--tls-cert and --tls-key go together');
-  if ((o.tlsRequired || o.tlsCa !== undefined) && o.tlsCert === undefined) throw new Error('--tls-required and --tls-ca need --tls-cert and --tls-key');
+  if (o.tlsCa !== undefined && o.tlsCert === undefined) throw new Error('--tls-ca needs --tls-cert and --tls-key');
+  if (o.tlsRequired && o.tlsCert === undefined && o.tlsPsk === undefined) throw new Error('--tls-required needs --tls-cert and --tls-key, or --tls-psk');
   if (o.file !== undefined && !fs.existsSync(o.file)) throw new Error(`no such file: ${o.file}`);
   if (o.create !== undefined) {
     if (dir === undefined) throw new Error('--create needs a volume directory argument');
@@ -99,14 +102,22 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
       exports: opened.exports,
       logger,
       maxConnections: o.maxConnections,
-      ...(o.tlsCert !== undefined && o.tlsKey !== undefined
-        ? { tls: { certPath: o.tlsCert, keyPath: o.tlsKey, ...(o.tlsCa !== undefined ? { caPath: o.tlsCa } : {}), required: o.tlsRequired === true } }
+      ...(o.tlsCert !== undefined || o.tlsPsk !== undefined
+        ? {
+            tls: {
+              ...(o.tlsCert !== undefined ? { certPath: o.tlsCert } : {}),
+              ...(o.tlsKey !== undefined ? { keyPath: o.tlsKey } : {}),
+              ...(o.tlsCa !== undefined ? { caPath: o.tlsCa } : {}),
+              ...(o.tlsPsk !== undefined ? { pskPath: o.tlsPsk } : {}),
+              required: o.tlsRequired === true,
+            },
+          }
         : {}),
     });
     const srv = server;
     const tcp = o.listen ?? (o.socket === undefined ? DEFAULT_LISTEN : undefined);
     const uris: string[] = [];
-    const tls = o.tlsCert !== undefined;
+    const tls = o.tlsCert !== undefined || o.tlsPsk !== undefined;
     if (o.socket !== undefined) {
       await srv.listenUnix(path.resolve(o.socket));
       uris.push(uriFor({ unix: path.resolve(o.socket) }, o.export, tls));

@@ -36,6 +36,8 @@ import {
 
 export interface TlsConfig {
   context: tls.SecureContext;
+  /** TLS-PSK identities and keys (psktool format); undefined when not configured. */
+  psk: Map<string, Buffer> | undefined;
   /** Require and verify a client certificate (when a CA was given). */
   requestCert: boolean;
   required: boolean;
@@ -339,11 +341,14 @@ function matchBaseAllocation(queries: string[], isSet: boolean): boolean {
 
 function upgradeToTls(socket: Duplex, cfg: TlsConfig): Promise<tls.TLSSocket | undefined> {
   return new Promise((resolve) => {
+    const psk = cfg.psk;
     const s = new tls.TLSSocket(socket as net.Socket, {
       isServer: true,
       secureContext: cfg.context,
       requestCert: cfg.requestCert,
       rejectUnauthorized: cfg.requestCert,
+      // Unknown identities get no key, which fails the handshake.
+      ...(psk ? { pskCallback: (_s: tls.TLSSocket, identity: string) => psk.get(identity) ?? null } : {}),
     });
     const timer = setTimeout(() => {
       s.destroy();

@@ -19,10 +19,29 @@ import { negotiate, TlsConfig, transmissionFlags } from './handshake';
 import { Transmission } from './transmission';
 
 export interface TlsFiles {
-  certPath: string;
-  keyPath: string;
+  /** X.509: certificate and key (both or neither). */
+  certPath?: string;
+  keyPath?: string;
   caPath?: string;
+  /** TLS-PSK keys file, psktool format: one `identity:hexkey` per line. */
+  pskPath?: string;
   required: boolean;
+}
+
+/** Largest PSK keys file we read, and largest key; the format is tiny. */
+const PSK_FILE_MAX_BYTES = 1024 * 1024;
+
+export function parsePskFile(text: string, where: string): Map<string, Buffer> {
+  const keys = new Map<string, Buffer>();
+  text.split('\n').forEach((raw, i) => {
+    const line = raw.trim();
+    if (line === '' || line.startsWith('#')) return;
+    const m = /^([^:]{1,255}):([0-9a-fA-F]{2,512})$/.exec(line);
+    if (!m || (m[2] as string).length % 2 !== 0) throw new Error(`bad PSK file ${where} line ${i + 1}: expected identity:hexkey`);
+    keys.set(m[1] as string, Buffer.from(m[2] as string, 'hex'));
+  });
+  if (keys.size === 0) throw new Error(`PSK file ${where} has no keys`);
+  return keys;
 }
 
 export interface NbdServerOptions {
@@ -41,16 +60,25 @@ export function loadTlsConfig(files: TlsFiles): TlsConfig {
       throw new Error(`cannot read TLS ${what} ${p}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
     }
   };
-  const cert = read('certificate', files.certPath);
-  const key = read('key', files.keyPath);
+  if ((files.certPath === undefined) !== (files.keyPath === undefined)) throw new Error('a TLS certificate and key go together');
+  if (files.certPath === undefined && files.pskPath === undefined) throw new Error('TLS needs a certificate and key, or a PSK file');
+  const cert = files.certPath !== undefined ? read('certificate', files.certPath) : undefined;
+  const key = files.keyPath !== undefined ? read('key', files.keyPath) : undefined;
   const ca = files.caPath !== undefined ? read('CA', files.caPath) : undefined;
+  let psk: Map<string, Buffer> | undefined;
+  if (files.pskPath !== undefined) {
+    const st = fs.statSync(files.pskPath, { throwIfNoEntry: false });
+    if (!st) throw new Error(`cannot read TLS PSK file ${files.pskPath}: ENOENT`);
+    if (st.size > PSK_FILE_MAX_BYTES) throw new Error(`TLS PSK file ${files.pskPath} is larger than ${PSK_FILE_MAX_BYTES} bytes`);
+    psk = parsePskFile(read('PSK file', files.pskPath).toString('utf8'), files.pskPath);
+  }
   let context: tls.SecureContext;
   try {
-    context = tls.createSecureContext(ca ? { cert, key, ca } : { cert, key });
+    context = tls.createSecureContext({ ...(cert ? { cert } : {}), ...(key ? { key } : {}), ...(ca ? { ca } : {}) });
   } catch (e) {
     throw new Error(`bad TLS certificate/key: ${(e as Error).message}`);
   }
-  return { context, requestCert: ca !== undefined, required: files.required };
+  return { context, psk, requestCert: ca !== undefined, required: files.required };
 }
 
 interface Conn {

@@ -245,4 +245,62 @@ describe('e2e TLS', function () {
       assert.equal(secure.TLS, true);
     });
   });
+  describe('TLS-PSK required (--tls-psk)', function () {
+    let server: Server;
+    let pskDir: string;
+    let goodKeys: string;
+    let wrongKeys: string;
+    const key = crypto.randomBytes(32).toString('hex');
+
+    before(async function () {
+      pskDir = makeTempDir('nvm-e2e-psk-');
+      goodKeys = path.join(pskDir, 'keys.psk');
+      fs.writeFileSync(goodKeys, `alice:${key}\n`, { mode: 0o600 });
+      fs.mkdirSync(path.join(pskDir, 'wrong'));
+      wrongKeys = path.join(pskDir, 'wrong', 'keys.psk');
+      fs.writeFileSync(wrongKeys, `alice:${crypto.randomBytes(32).toString('hex')}\n`, { mode: 0o600 });
+      server = await startServer({
+        backend: 'memory', transport: 'unix', sizeBytes: SIZE_BYTES, exportName: 'psk',
+        extraArgs: ['--tls-psk', goodKeys, '--tls-required'],
+      });
+    });
+    after(async function () {
+      if (server) assert.equal(await server.stop(), 0);
+    });
+
+    const pskUri = (user: string, keys: string): string =>
+      `nbds+unix://${user}@/psk?socket=${server.socketPath ?? ''}&tls-psk-file=${keys}`;
+
+    it('nbdinfo with the right identity and key connects over TLS', async function () {
+      const j = JSON.parse(await runOk('nbdinfo', ['--json', pskUri('alice', goodKeys)])) as { TLS: boolean; exports: Array<Record<string, unknown>> };
+      assert.equal(j.TLS, true);
+      assert.equal(j.exports[0]?.['export-size'], SIZE_BYTES);
+    });
+
+    it('qemu-io with tls-creds-psk writes and reads a pattern', async function () {
+      const out = await runOk('qemu-io', [
+        '--object', `tls-creds-psk,id=tls0,endpoint=client,dir=${pskDir},username=alice`,
+        '-c', 'write -P 0x5a 0 64k', '-c', 'read -P 0x5a 0 64k',
+        '--image-opts', `driver=nbd,server.type=unix,server.path=${server.socketPath ?? ''},export=psk,tls-creds=tls0`,
+      ]);
+      assert.match(out, /read 65536\/65536 bytes/);
+    });
+
+    it('refuses a wrong key, and a plain client', async function () {
+      const wrong = await run('nbdinfo', ['--json', pskUri('alice', wrongKeys)]);
+      assert.notEqual(wrong.code, 0, 'a wrong PSK must not connect');
+      const plain = await run('nbdinfo', ['--json', server.uri.replace('nbds+unix', 'nbd+unix')]);
+      assert.notEqual(plain.code, 0, 'a plain client must be refused');
+      assert.ok(server.alive());
+    });
+  });
+
+  it('serve refuses a malformed PSK file with a one-line error', async function () {
+    const dir = makeTempDir('nvm-e2e-psk-bad-');
+    const bad = path.join(dir, 'bad.psk');
+    fs.writeFileSync(bad, 'alice-without-a-key\n');
+    const r = await run('node', [path.join(__dirname, '..', '..', '..', 'bin', 'nvmirror'), 'serve', '--memory', '1M', '--socket', path.join(dir, 's'), '--tls-psk', bad]);
+    assert.notEqual(r.code, 0);
+    assert.match(r.stderr, /bad PSK file .*line 1/);
+  });
 });
