@@ -43,10 +43,8 @@ interface RawAddon {
   xorInto(dst: Buffer, src: Buffer, length: number): void;
   /** RAID-6 P+Q over data columns (all same length) into p and q. */
   pqGen(data: Buffer[], p: Buffer, q: Buffer): void;
-  /** Kernel nbd (native/nbd_attach.cc); see src/attach/. */
-  nbdAttach?(device: string, fds: number[], sizeBytes: number, blockSizeBytes: number, flags: number, timeoutS: number, cb: (err: Error | null, index: number) => void): void;
-  nbdDetach?(device: string, cb: (err: Error | null) => void): void;
-  socketpair?(): [number, number];
+  // The kernel nbd functions (socketpair, nbdAttach, nbdDetach; native/nbd_attach.cc) are
+  // typed and validated in src/attach/kernel.ts, their only user.
 }
 
 let raw: RawAddon | undefined;
