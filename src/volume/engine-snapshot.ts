@@ -15,7 +15,7 @@ import type { BlockTreeApi } from '../tree/types';
 import { BLOCK_SIZE_BYTES } from '../io/types';
 import { assert } from '../util/assert';
 import { VolumeError } from './errors';
-import type { EngineVolume } from './engine';
+import { readFromTree, type EngineVolume } from './engine';
 import type { Extent, Volume, VolumeCapabilities, ZeroOptions } from './types';
 
 const BS = BLOCK_SIZE_BYTES;
@@ -47,17 +47,9 @@ export class SnapshotVolume implements Volume {
     const r = this.reader();
     const endLbn = Math.ceil((offset + length) / BS);
     for (let lbn = Math.floor(offset / BS); lbn < endLbn; lbn += READ_CHUNK_BLOCKS) {
-      const chunkEnd = Math.min(endLbn, lbn + READ_CHUNK_BLOCKS);
       const lbns: number[] = [];
-      for (let l = lbn; l < chunkEnd; l++) lbns.push(l);
-      const blocks = await Promise.all(lbns.map((l) => r.readBlock(l)));
-      lbns.forEach((l, i) => {
-        const from = Math.max(offset, l * BS);
-        const to = Math.min(offset + length, (l + 1) * BS);
-        const b = blocks[i];
-        if (b) b.copy(out, from - offset, from - l * BS, to - l * BS);
-        else out.fill(0, from - offset, to - offset);
-      });
+      for (let l = lbn; l < Math.min(endLbn, lbn + READ_CHUNK_BLOCKS); l++) lbns.push(l);
+      await readFromTree(r, lbns, offset, length, out);
     }
     this.reader(); // deleted while we read: the blocks may have been reused
     return out;

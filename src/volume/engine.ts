@@ -21,7 +21,7 @@
  *   bounded chunks; writers beyond the NVRAM wait in the log's bounded queue.
  * - After close() resolves, everything acknowledged is in the tree (final CP).
  */
-import type { BlockTreeApi, CommitResult, SnapshotInfo, SnapshotOp, TreeStats } from '../tree/types';
+import type { BlockTreeApi, CommitResult, SnapshotInfo, SnapshotOp, TreeReader, TreeStats } from '../tree/types';
 import { BLOCK_SIZE_BYTES, systemClock, type Clock, type NvramRegion, type Random } from '../io/types';
 import { NvLog, type NvLogStats, type ReplaySummary } from '../nvlog/log';
 import { RecordType, RECORD_FLAG_FUA } from '../nvlog/format';
@@ -44,6 +44,55 @@ const STATUS_WINDOW_BLOCKS = 65536;
 /** Bytes a CACHE request reads ahead (the rest of the hint is ignored). */
 const CACHE_BYTES_MAX = 32 * 1024 * 1024;
 export const SNAPSHOTS_MAX = MAX_SNAPSHOTS;
+
+/**
+ * Reads one byte of every page of the NVRAM mapping, so that the first append to a page
+ * is not a major fault (a file-backed region may have been evicted; real NVRAM is
+ * always resident). Bounded by the region size; runs once at open.
+ */
+function prefault(buf: Buffer): number {
+  let sum = 0;
+  for (let at = 0; at < buf.length; at += 4096) sum += buf[at]!;
+  return sum;
+}
+
+/**
+ * Reads sorted lbns from a tree view into `out` (which holds [offset, offset+length)):
+ * consecutive lbns in one readRange, straight into `out` where whole blocks fit.
+ */
+export async function readFromTree(tree: TreeReader, lbns: readonly number[], offset: number, length: number, out: Buffer): Promise<void> {
+  const reads: Promise<void>[] = [];
+  let i = 0;
+  while (i < lbns.length) {
+    let j = i + 1;
+    while (j < lbns.length && lbns[j] === lbns[j - 1]! + 1) j++;
+    const first = lbns[i]!;
+    const count = j - i;
+    const from = first * BS;
+    const to = (first + count) * BS;
+    if (from >= offset && to <= offset + length) {
+      reads.push(tree.readRange(first, count, out.subarray(from - offset, to - offset)));
+    } else {
+      const tmp = Buffer.allocUnsafe(count * BS);
+      reads.push(tree.readRange(first, count, tmp).then(() => {
+        for (let k = 0; k < count; k++) placeBlock(first + k, tmp.subarray(k * BS, (k + 1) * BS), offset, length, out);
+      }));
+    }
+    i = j;
+  }
+  await Promise.all(reads);
+}
+
+/** Copies the part of block `lbn` that overlaps [offset, offset+length) into out. src null = zeroes. */
+export function placeBlock(lbn: number, src: Buffer | null, offset: number, length: number, out: Buffer): void {
+  const blockStart = lbn * BS;
+  const from = Math.max(offset, blockStart);
+  const to = Math.min(offset + length, blockStart + BS);
+  assert(to > from, 'block outside the range');
+  const dstAt = from - offset;
+  if (src === null) out.fill(0, dstAt, dstAt + (to - from));
+  else src.copy(out, dstAt, from - blockStart, to - blockStart);
+}
 
 export interface EngineOptions {
   tree: BlockTreeApi;
@@ -129,6 +178,7 @@ export class EngineVolume implements Volume {
         await commitHalf(log, opts.tree, half, { nvlogSeq: half.lastSeq, nvlogEpoch: epoch });
       }
       await log.beginEpoch();
+      prefault(opts.region.buffer);
     }
     return new EngineVolume(opts, log);
   }
@@ -149,17 +199,6 @@ export class EngineVolume implements Volume {
 
   // ---- reads ----
 
-  /** Copies the part of block `lbn` that overlaps [offset, offset+length) into out. src null = zeroes. */
-  private static place(lbn: number, src: Buffer | null, offset: number, length: number, out: Buffer, outBase: number): void {
-    const blockStart = lbn * BS;
-    const from = Math.max(offset, blockStart);
-    const to = Math.min(offset + length, blockStart + BS);
-    assert(to > from, 'block outside the range');
-    const dstAt = outBase + (from - offset);
-    if (src === null) out.fill(0, dstAt, dstAt + (to - from));
-    else src.copy(out, dstAt, from - blockStart, to - blockStart);
-  }
-
   async read(offset: number, length: number, dst?: Buffer): Promise<Buffer> {
     this.checkOpen();
     this.checkRange(offset, length);
@@ -175,12 +214,9 @@ export class EngineVolume implements Volume {
       for (let l = lbn; l < chunkEnd; l++) {
         const hit = resolve(l);
         if (hit === undefined) fromTree.push(l);
-        else EngineVolume.place(l, hit.kind === 'zero' ? null : this.log.blockView(hit.regionOffset), offset, length, out, 0);
+        else placeBlock(l, hit.kind === 'zero' ? null : this.log.blockView(hit.regionOffset), offset, length, out);
       }
-      if (fromTree.length > 0) {
-        const blocks = await Promise.all(fromTree.map((l) => this.tree.readBlock(l)));
-        fromTree.forEach((l, i) => EngineVolume.place(l, blocks[i] ?? null, offset, length, out, 0));
-      }
+      if (fromTree.length > 0) await readFromTree(this.tree, fromTree, offset, length, out);
       lbn = chunkEnd;
     }
     return out;

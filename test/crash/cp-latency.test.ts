@@ -47,7 +47,7 @@ describe('crash: CP latency', function () {
     assert.equal(await server.stop(), 0);
     const windows: Array<[number, number]> = [];
     for (const line of server.stderr.split('\n')) {
-      if (!line.includes('"consistency point"')) continue;
+      if (!line.includes('"consistency point committed"')) continue;
       const o = JSON.parse(line) as { startMs: number; durationMs: number };
       windows.push([o.startMs, o.startMs + o.durationMs]);
     }

@@ -53,7 +53,7 @@ describe('crash: bounded memory', function () {
     peak = Math.max(peak, peakRssBytes(server.pid));
     await c.close();
     assert.equal(await server.stop(), 0, server.stderr);
-    const cps = server.stderr.split('\n').filter((l) => l.includes('"consistency point"')).length;
+    const cps = server.stderr.split('\n').filter((l) => l.includes('"consistency point committed"')).length;
     const mib = (b: number): string => (b / 1024 / 1024).toFixed(1);
     console.log(`      ${writes} random 4 KiB writes (${mib(writes * BS)} MiB, ${(writes / (RUN_MS / 1000)).toFixed(0)} IOPS) over 100 GiB, ${cps} CPs; peak RSS ${mib(peak)} MiB`);
     assert.ok(writes * BS > 2 * 64 * 1024 * 1024, 'the load did not exceed the NVRAM size');
