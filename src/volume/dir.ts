@@ -33,7 +33,7 @@ import { formatSize } from '../util/size';
 import { log as logger } from '../util/log';
 import { EngineVolume } from './engine';
 import { VolumeDirExports } from './engine-snapshot';
-import { ControlServer, CONTROL_SOCKET_NAME, controlRequest, type ControlRequest } from './engine-control';
+import { ControlServer, CONTROL_SOCKET_NAME, UNIX_PATH_MAX_BYTES, controlRequest, type ControlRequest } from './engine-control';
 import { NvramFormatError, scanRegion } from '../nvlog/replay';
 
 export const LABEL_NAME = 'nvmirror.json';
@@ -348,11 +348,17 @@ export async function openVolumeDir(dir: string, opts: OpenVolumeDirOptions): Pr
     if (err) throw err;
   };
   if (opts.control !== false) {
-    try {
-      control = await ControlServer.listen(path.join(absDir, CONTROL_SOCKET_NAME), (req) => handleControl(absDir, parts.label, volume, req));
-    } catch (e) {
-      await closeAll();
-      throw e;
+    const sockPath = path.join(absDir, CONTROL_SOCKET_NAME);
+    if (Buffer.byteLength(sockPath) > UNIX_PATH_MAX_BYTES) {
+      // Serving matters more than the control socket: say why status/snapshot cannot reach us.
+      logger().warn({ path: sockPath }, `control socket path is longer than ${UNIX_PATH_MAX_BYTES} bytes: \`nvmirror status/snapshot\` cannot reach this process; use a shorter directory path`);
+    } else {
+      try {
+        control = await ControlServer.listen(sockPath, (req) => handleControl(absDir, parts.label, volume, req));
+      } catch (e) {
+        await closeAll();
+        throw e;
+      }
     }
   }
   let closing: Promise<void> | undefined;

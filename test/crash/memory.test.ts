@@ -12,7 +12,7 @@ import { NbdClient } from './nbd-client';
 import { prng, runCli, ServedVolume } from './harness';
 
 const BS = 4096;
-const RUN_MS = Number(process.env.NVMIRROR_MEMORY_MS ?? 20_000);
+const RUN_MS = Number(process.env.NVMIRROR_MEMORY_MS ?? 12_000);
 const QD = 32;
 const RSS_MAX_BYTES = 256 * 1024 * 1024;
 

@@ -141,6 +141,21 @@ describe('engine volume', () => {
     await v.close();
   });
 
+  it('splits a large unaligned write into records across half rotations, and reads it back', async () => {
+    const rig = await makeRig(4 * 1024 * 1024, 256 * 1024); // records of at most 28 KiB, halves of ~124 KiB
+    const v = await openEngine(rig);
+    const big = pattern(42, 1024 * 1024 + 777);
+    const at = 3 * BS + 123;
+    await Promise.all([v.write(at, big, true), v.write(2 * 1024 * 1024, pattern(43, BS), false)]);
+    assert.ok(v.stats().cp.cpsRun >= 4, `expected CPs during the write, got ${v.stats().cp.cpsRun}`);
+    assert.deepEqual(await v.read(at, big.length), big);
+    assert.deepEqual(await v.read(at - 123, 123), Buffer.alloc(123));
+    await v.close();
+    const v2 = await openEngine(remap(rig));
+    assert.deepEqual(await v2.read(at, big.length), big);
+    await v2.close();
+  });
+
   it('creates, serves and deletes snapshots; a snapshot keeps its data while the volume changes', async () => {
     const rig = await makeRig(1024 * 1024, 512 * 1024);
     const v = await openEngine(rig);
