@@ -76,6 +76,8 @@ interface Recorded {
   states: Buffer[];
   /** (eventIndex, opCount): from eventIndex on, the first opCount ops are durable. */
   promises: Array<{ at: number; ops: number }>;
+  /** If set, no crash state may hold more than the first maxOps ops. */
+  maxOps?: number;
 }
 
 async function record(ops: Op[], lying = false): Promise<Recorded> {
@@ -158,9 +160,11 @@ async function tryState(img: StorageImage, r: Recorded, durableOps: number): Pro
     if (!report.ok) return `check fails: ${report.problems.slice(0, 3).join('; ')}`;
     const got = await v.read(0, VOLUME_BLOCKS * BS);
     let match = -1;
-    for (let j = r.states.length - 1; j >= durableOps; j--) if (r.states[j]!.equals(got)) { match = j; break; }
+    const top = Math.min(r.states.length - 1, r.maxOps ?? Number.MAX_SAFE_INTEGER);
+    for (let j = top; j >= durableOps; j--) if (r.states[j]!.equals(got)) { match = j; break; }
     if (match < 0) {
       const any = r.states.findIndex((s) => s.equals(got));
+      if (any > top) return `holds the state after op ${any}, beyond the ${top} ops it can have`;
       return any >= 0 ? `holds the state after op ${any}, but ops up to ${durableOps} were durable` : 'holds a state that is no prefix of the workload';
     }
     // The recovered volume must also survive its own reopen.
@@ -174,6 +178,31 @@ async function tryState(img: StorageImage, r: Recorded, durableOps: number): Pro
   } finally {
     await v.close().catch(() => undefined);
   }
+}
+
+/** Records a recovery (open read-write, then close) of a crash state, as a timeline of its own. */
+async function recordRecovery(img: StorageImage, r: Recorded, durableOps: number): Promise<Recorded> {
+  const mem = new MemoryBlockDevice(DEVICE_BLOCKS);
+  for (const [pba, b] of img.blocks.get('m0') ?? new Map<number, Buffer>()) await mem.writeBlocks(pba, b);
+  const nvImage = Buffer.alloc(NVRAM_BYTES);
+  for (const [p, b] of img.pages.get('nv') ?? new Map<number, Buffer>()) b.copy(nvImage, p * PAGE);
+  const nv = new MemoryNvram(NVRAM_BYTES, nvImage);
+  const rec = new IoRecorder();
+  const tree = await BlockTree.open(new RecordingBlockDevice(mem, rec, 'm0'));
+  const v = await EngineVolume.open({ tree, region: new RecordingNvram(nv, rec, 'nv'), readOnly: false, cpIntervalMs: 0 });
+  // What this recovery recovers: every crash during it must end in exactly this state.
+  const got = await v.read(0, VOLUME_BLOCKS * BS);
+  let recovered = -1;
+  for (let j = r.states.length - 1; j >= 0; j--) if (r.states[j]!.equals(got)) { recovered = j; break; }
+  assert.ok(recovered >= durableOps, `the recovery itself lost durable ops (state ${recovered} < ${durableOps})`);
+  await v.close();
+  rec.capture();
+  const base = emptyImage();
+  base.blocks.set('m0', new Map(img.blocks.get('m0') ?? []));
+  const pages = new Map<number, Buffer>();
+  for (let p = 0; p < NVRAM_BYTES / PAGE; p++) pages.set(p, Buffer.from(nvImage.subarray(p * PAGE, (p + 1) * PAGE)));
+  base.pages.set('nv', pages);
+  return { base, baseDev: new Map(), baseNvram: nvImage, rec, states: r.states, promises: [{ at: 0, ops: recovered }], maxOps: recovered };
 }
 
 async function enumerate(r: Recorded, rnd: () => number, what: string): Promise<{ states: number; points: number; failures: string[] }> {
@@ -227,6 +256,35 @@ describe('crash: power loss by crash-state enumeration', function () {
       failures.push(...res.failures);
     }
     console.log(`      ${statesTried} crash states at ${crashPoints} crash points (up to ${maxEvents} I/O events per workload) in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+    assert.deepEqual(failures, []);
+  });
+
+  it('power loss during recovery: every crash state of a recovery opens and holds exactly what the recovery recovers', async () => {
+    const seed = seedFromEnv();
+    console.log(`      recovery power-loss seed ${seed} (rerun with NVMIRROR_SEED=${seed})`);
+    const rnd = prng(seed ^ 0x5eed);
+    let statesTried = 0;
+    let recoveries = 0;
+    const failures: string[] = [];
+    for (let w = 0; w < Math.ceil(WORKLOADS / 2) && failures.length === 0; w++) {
+      const ops = genWorkload(rnd);
+      const r = await record(ops);
+      const events = r.rec.events;
+      for (let k = 0; k < 3 && failures.length === 0; k++) {
+        // A crash state with unreplayed NVRAM records: a point with pending stores, all of them landed.
+        const i = 1 + Math.floor(rnd() * events.length);
+        const cp = crashPoint(r.base, events, i);
+        let durableOps = 0;
+        for (const p of r.promises) if (p.at <= i) durableOps = Math.max(durableOps, p.ops);
+        const img = buildState(cp, prefixChoices(cp, cp.order.length));
+        const rr = await recordRecovery(img, r, durableOps);
+        recoveries++;
+        const res = await enumerate(rr, rnd, `seed ${seed} workload ${w} (${JSON.stringify(ops)}) crash at ${i}, then a crash during its recovery`);
+        statesTried += res.states;
+        failures.push(...res.failures);
+      }
+    }
+    console.log(`      ${statesTried} crash states during ${recoveries} recoveries`);
     assert.deepEqual(failures, []);
   });
 
