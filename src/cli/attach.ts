@@ -3,15 +3,12 @@
  * local kernel as /dev/nbdN, in the foreground, until SIGINT/SIGTERM or a detach.
  * Parsing and wiring only; the work is in src/attach/.
  */
-import * as fs from 'fs';
-import * as path from 'path';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { attachVolume } from '../attach/attach';
 import { BLOCK_SIZES_BYTES, MAX_CONNECTIONS, MAX_TIMEOUT_S, AttachMethod } from '../attach/kernel';
-import type { VolumeSpec } from '../volume/open';
 import { createLogger } from '../util/log';
 import { formatSize } from '../util/size';
-import { intArg, logLevelArg, onStopSignals, sizeArg } from './common';
+import { intArg, logLevelArg, onStopSignals, sizeArg, volumeSpecFromArgs } from './common';
 
 interface AttachCliOpts {
   memory?: number;
@@ -57,17 +54,8 @@ export function registerAttach(program: Command): void {
 async function attach(dir: string | undefined, device: string, o: AttachCliOpts): Promise<void> {
   const given = [o.memory !== undefined, o.file !== undefined, dir !== undefined].filter(Boolean).length;
   if (given !== 1) throw new Error('give exactly one of --memory SIZE, --file PATH or a volume directory, then the device (/dev/nbdN)');
-  if (o.file !== undefined && !fs.existsSync(o.file)) throw new Error(`no such file: ${o.file}`);
-  if (dir !== undefined && !fs.existsSync(dir)) throw new Error(`no such volume directory: ${dir} (create one with: nvmirror create ${dir} --size SIZE)`);
+  const spec = volumeSpecFromArgs(dir, o);
   const logger = createLogger(o.logLevel);
-  const spec: VolumeSpec = {
-    readOnly: o.readOnly === true,
-    exportName: o.export,
-    ...(o.memory !== undefined ? { memory: o.memory } : {}),
-    ...(o.file !== undefined ? { file: path.resolve(o.file) } : {}),
-    ...(dir !== undefined ? { dir: path.resolve(dir) } : {}),
-    ...(o.cpInterval !== undefined ? { cpIntervalMs: o.cpInterval } : {}),
-  };
   const a = await attachVolume({
     spec,
     device,

@@ -1,6 +1,9 @@
 /** Small helpers shared by CLI commands: argument parsers with one-line errors. */
+import * as fs from 'fs';
+import * as path from 'path';
 import { InvalidArgumentError } from 'commander';
 import { parseSize } from '../util/size';
+import type { VolumeSpec } from '../volume/open';
 
 export function sizeArg(value: string): number {
   try {
@@ -56,4 +59,35 @@ export function onStopSignals(stop: () => Promise<void>, log: { info(o: object, 
   };
   process.on('SIGINT', handler);
   process.on('SIGTERM', handler);
+}
+
+/** The volume arguments shared by `serve` and `attach`. */
+export interface VolumeArgs {
+  memory?: number;
+  file?: string;
+  readOnly?: boolean;
+  export: string;
+  cpInterval?: number;
+}
+
+/**
+ * Turns `--memory SIZE | --file PATH | DIR` into a VolumeSpec, refusing a missing file
+ * or directory with a one-line error before anything is opened.
+ */
+export function volumeSpecFromArgs(dir: string | undefined, o: VolumeArgs): VolumeSpec {
+  const given = [o.memory !== undefined, o.file !== undefined, dir !== undefined].filter(Boolean).length;
+  if (given === 0) throw new Error('nothing to serve: give --memory SIZE, --file PATH or a volume directory');
+  if (given > 1) throw new Error('give exactly one of --memory SIZE, --file PATH or a volume directory');
+  if (o.file !== undefined && !fs.existsSync(o.file)) throw new Error(`no such file: ${o.file}`);
+  if (dir !== undefined && !fs.existsSync(dir)) {
+    throw new Error(`no such volume directory: ${dir} (create one with: nvmirror create ${dir} --size SIZE)`);
+  }
+  return {
+    readOnly: o.readOnly === true,
+    exportName: o.export,
+    ...(o.memory !== undefined ? { memory: o.memory } : {}),
+    ...(o.file !== undefined ? { file: path.resolve(o.file) } : {}),
+    ...(dir !== undefined ? { dir: path.resolve(dir) } : {}),
+    ...(o.cpInterval !== undefined ? { cpIntervalMs: o.cpInterval } : {}),
+  };
 }

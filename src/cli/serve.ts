@@ -3,11 +3,11 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { Command, Option } from 'commander';
 import { NbdServer } from '../nbd/server';
-import { openVolume, VolumeSpec } from '../volume/open';
+import { openVolume } from '../volume/open';
 import { createVolumeDir, LABEL_NAME } from '../volume/dir';
 import { createLogger } from '../util/log';
 import { formatSize } from '../util/size';
-import { hostPortArg, logLevelArg, onStopSignals, sizeArg, intArg } from './common';
+import { hostPortArg, logLevelArg, onStopSignals, sizeArg, intArg, volumeSpecFromArgs } from './common';
 
 interface ServeOpts {
   memory?: number;
@@ -66,7 +66,6 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
   if ((o.tlsCert === undefined) !== (o.tlsKey === undefined)) throw new Error('--tls-cert and --tls-key go together');
   if (o.tlsCa !== undefined && o.tlsCert === undefined) throw new Error('--tls-ca needs --tls-cert and --tls-key');
   if (o.tlsRequired && o.tlsCert === undefined && o.tlsPsk === undefined) throw new Error('--tls-required needs --tls-cert and --tls-key, or --tls-psk');
-  if (o.file !== undefined && !fs.existsSync(o.file)) throw new Error(`no such file: ${o.file}`);
   if (o.create !== undefined) {
     if (dir === undefined) throw new Error('--create needs a volume directory argument');
     if (!fs.existsSync(path.join(dir, LABEL_NAME))) {
@@ -74,21 +73,8 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
       process.stdout.write(`nvmirror: created volume ${path.resolve(dir)} (${formatSize(o.create)})\n`);
     }
   }
-  if (dir !== undefined && o.memory === undefined && o.file === undefined && !fs.existsSync(dir)) {
-    throw new Error(`no such volume directory: ${dir} (create one with: nvmirror create ${dir} --size SIZE)`);
-  }
+  const spec = volumeSpecFromArgs(dir, o);
   const logger = createLogger(o.logLevel);
-  const spec: VolumeSpec = {
-    readOnly: o.readOnly === true,
-    exportName: o.export,
-    ...(o.memory !== undefined ? { memory: o.memory } : {}),
-    ...(o.file !== undefined ? { file: path.resolve(o.file) } : {}),
-    ...(dir !== undefined ? { dir: path.resolve(dir) } : {}),
-    ...(o.cpInterval !== undefined ? { cpIntervalMs: o.cpInterval } : {}),
-  };
-  if (spec.memory === undefined && spec.file === undefined && spec.dir === undefined) {
-    throw new Error('nothing to serve: give --memory SIZE, --file PATH or a volume directory');
-  }
   const opened = await openVolume(spec);
   let server: NbdServer | undefined;
   // Handlers go in before the URI is printed: a client may signal as soon as it sees it.
