@@ -30,6 +30,7 @@ import {
   nvmirrorMemory,
   RunningServer,
   ServerSpec,
+  snapshotBuild,
 } from './servers';
 import { baseWorkloads, engineWorkloads, filterWorkloads, prefillOptions, Workload } from './workloads';
 import { formatSize } from '../../src/util/size';
@@ -64,8 +65,7 @@ function tool(cmd: string, args: string[]): string {
   }
 }
 
-function buildSuites(c: BenchConfig, withEngine: boolean): Suite[] {
-  const root = c.repoRoot;
+function buildSuites(c: BenchConfig, root: string, withEngine: boolean): Suite[] {
   const t = c.nbdkitThreads;
   const suites: Suite[] = [];
   for (const name of c.suites) {
@@ -214,19 +214,22 @@ async function main(): Promise<number> {
   const versions = { fio: tool('fio', ['--version']), nbdkit: tool('nbdkit', ['--version']), node: process.version };
   tool('fallocate', ['--version']);
 
-  let withEngine = false;
-  if (c.suites.includes('engine') && c.engine !== 'off') {
-    withEngine = engineAvailable(c.repoRoot);
-    if (!withEngine && (c.engine === 'on' || process.env.BENCH_SUITES?.includes('engine'))) {
-      throw new Error('the engine suite was asked for but this nvmirror has no `create` command yet');
-    }
-  }
   const ownDir = c.workDir === '';
   c.workDir = ownDir ? fs.mkdtempSync(path.join(defaultWorkDirParent(), 'nvmirror-bench-')) : c.workDir;
   fs.mkdirSync(c.workDir, { recursive: true });
   if (ownDir && !c.keepWorkDir) scratchToRemove = c.workDir;
+  // Every server of this run uses one frozen copy of the build (see snapshotBuild).
+  const root = snapshotBuild(c.repoRoot, path.join(c.workDir, 'build-snapshot'));
 
-  const suites = buildSuites(c, withEngine);
+  let withEngine = false;
+  if (c.suites.includes('engine') && c.engine !== 'off') {
+    withEngine = engineAvailable(root);
+    if (!withEngine && (c.engine === 'on' || process.env.BENCH_SUITES?.includes('engine'))) {
+      throw new Error('the engine suite was asked for but this nvmirror has no `create` command yet');
+    }
+  }
+
+  const suites = buildSuites(c, root, withEngine);
   const wantCpLatency = withEngine && (c.only.length === 0 || c.only.some((o) => 'cp-latency'.includes(o)));
   const wantRss = withEngine && (c.only.length === 0 || c.only.some((o) => 'rss'.includes(o)));
   if (suites.length === 0 && !wantCpLatency && !wantRss) throw new Error('no workload selected (check BENCH_SUITES / BENCH_ONLY)');
@@ -254,14 +257,14 @@ async function main(): Promise<number> {
     if (wantCpLatency) {
       const dir = path.join(c.workDir, 'engine-extras');
       fs.mkdirSync(dir, { recursive: true });
-      const eng = nvmirrorEngine(c.repoRoot, { sizeBytes: c.engineSizeBytes, nvramBytes: c.nvramBytes, cpIntervalMs: c.cpIntervalMs });
+      const eng = nvmirrorEngine(root, { sizeBytes: c.engineSizeBytes, nvramBytes: c.nvramBytes, cpIntervalMs: c.cpIntervalMs });
       say(`  [engine] 4k randwrite QD1 for ${c.cpLatencyRuntimeS} s, p99 during vs outside CPs...`);
       cpLatency = await measureCpLatency(eng, dir, c.cpLatencyRuntimeS, c.engineSizeBytes);
     }
     if (wantRss) {
       const dir = path.join(c.workDir, 'engine-extras');
       fs.mkdirSync(dir, { recursive: true });
-      const eng = nvmirrorEngine(c.repoRoot, { sizeBytes: c.rssVolumeBytes, nvramBytes: c.nvramBytes, cpIntervalMs: c.cpIntervalMs }, 'engine', 'engine-rss');
+      const eng = nvmirrorEngine(root, { sizeBytes: c.rssVolumeBytes, nvramBytes: c.nvramBytes, cpIntervalMs: c.cpIntervalMs }, 'engine', 'engine-rss');
       say(`  [engine] peak RSS: ${formatSize(c.sustainedBytes)} of 4k random writes over a ${formatSize(c.rssVolumeBytes)} thin volume...`);
       rss = await measureRss(eng, dir, c.rssVolumeBytes, c.sustainedBytes, 600);
     }
@@ -328,6 +331,7 @@ main().then(
   (code) => process.exit(code),
   (e: unknown) => {
     say(`bench FAILED: ${e instanceof Error ? e.message : String(e)}`);
+    removeScratch();
     process.exit(1);
   },
 );

@@ -287,6 +287,32 @@ export function nvmirrorEngine(repoRoot: string, o: EngineOptions, label = 'engi
   };
 }
 
+/**
+ * Copies the built server (dist/src, the native addon, package.json; node_modules is
+ * linked) into `dest` and returns that root. Servers then run from the copy, so that a
+ * concurrent `tsc` or `node-gyp rebuild` in the shared tree can neither break a run
+ * half-way nor mix two builds in one table. Verifies that the copy loads its addon.
+ */
+export function snapshotBuild(repoRoot: string, dest: string): string {
+  const addonPath = path.join(repoRoot, 'build', 'Release', 'nvmirror_native.node');
+  if (!fs.existsSync(addonPath)) throw new Error(`${addonPath} is missing: build the addon (npx node-gyp rebuild)`);
+  fs.rmSync(dest, { recursive: true, force: true });
+  fs.mkdirSync(path.join(dest, 'build', 'Release'), { recursive: true });
+  fs.cpSync(path.join(repoRoot, 'dist', 'src'), path.join(dest, 'dist', 'src'), { recursive: true });
+  fs.copyFileSync(addonPath, path.join(dest, 'build', 'Release', 'nvmirror_native.node'));
+  fs.copyFileSync(path.join(repoRoot, 'package.json'), path.join(dest, 'package.json'));
+  fs.symlinkSync(path.join(repoRoot, 'node_modules'), path.join(dest, 'node_modules'), 'dir');
+  const probe = `require(${JSON.stringify(path.join(dest, 'dist', 'src', 'io', 'native.js'))}).addon()`;
+  try {
+    execFileSync(node, ['-e', probe], { stdio: ['ignore', 'pipe', 'pipe'], timeout: 30_000 });
+    execFileSync(node, [nvmirrorBin(dest), '--help'], { stdio: ['ignore', 'pipe', 'pipe'], timeout: 30_000 });
+  } catch (e) {
+    const err = e as { stderr?: Buffer; message: string };
+    throw new Error(`the copied build does not start: ${err.stderr ? lastLines(err.stderr.toString('utf8')) : err.message}`);
+  }
+  return dest;
+}
+
 /** True when this build of nvmirror has the `create` command (the engine landed). */
 export function engineAvailable(repoRoot: string): boolean {
   try {
