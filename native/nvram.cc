@@ -9,15 +9,27 @@
 //   faults, and the address range is never reused by another mapping while JS can still
 //   reach it. A second munmap() of the same Buffer is a no-op. The finalizer releases
 //   the reserved range.
-// - msync() runs off the event loop over the page-aligned range covering
-//   [offset, offset+length) and holds a reference to the Buffer while it runs.
+// - msync() and populateWrite() run off the event loop over the page-aligned range
+//   covering [offset, offset+length) and hold a reference to the Buffer until their
+//   callback has run. They run on this file's own small thread pool (kPersistThreads
+//   threads, started on first use, never exiting), not on libuv's: a FLUSH's msync must
+//   not queue behind the consistency point's member I/O, which can fill libuv's pool.
+// - Each job calls back exactly once, on the JS thread, through its own
+//   ThreadSafeFunction (released right after the call).
 #include "common.h"
 
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <condition_variable>
+#include <deque>
 #include <mutex>
+#include <thread>
 #include <unordered_map>
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
 
 namespace nvm {
 namespace {
@@ -110,61 +122,128 @@ Napi::Value Munmap(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-class MsyncJob final : public Napi::AsyncWorker {
- public:
-  MsyncJob(const Napi::Function& cb, const Napi::Buffer<uint8_t>& buf, uint8_t* start, size_t len)
-      : Napi::AsyncWorker(cb, "msync", buf), buf_(Napi::Persistent(buf)), start_(start), len_(len) {}
+// ---- the persist pool ----
 
-  void Execute() override {
-    if (len_ == 0) return;
-    if (::msync(start_, len_, MS_SYNC) != 0) err_ = errno;
-  }
+constexpr int kPersistThreads = 4;
 
-  void OnOK() override {
-    Napi::Env env = Env();
-    if (err_ != 0) {
-      Callback().Call({ErrnoError(env, err_, "msync").Value()});
-    } else {
-      Callback().Call({env.Null()});
-    }
-  }
+enum class JobKind { kMsync, kPopulateWrite };
 
- private:
-  Napi::Reference<Napi::Buffer<uint8_t>> buf_;
-  uint8_t* start_;
-  size_t len_;
-  int err_ = 0;
+struct PersistJob {
+  JobKind kind = JobKind::kMsync;
+  uint8_t* start = nullptr;
+  size_t len = 0;
+  int err = 0;
+  Napi::ThreadSafeFunction tsfn;
+  Napi::Reference<Napi::Buffer<uint8_t>> buf;  // created and reset on the JS thread only
 };
 
-// msync(buf, offset, length, cb)
-Napi::Value Msync(const Napi::CallbackInfo& info) {
+// Heap-allocated and never destroyed: the pool threads wait on the condition variable
+// forever, and destroying a condition variable with waiters at exit() blocks in glibc.
+struct Pool {
+  std::mutex mutex;
+  std::condition_variable cv;
+  std::deque<PersistJob*> queue;
+  int threads = 0;
+};
+Pool* const g_pool = new Pool();
+
+void RunJob(PersistJob* job) {
+  if (job->len != 0) {
+    if (job->kind == JobKind::kMsync) {
+      if (::msync(job->start, job->len, MS_SYNC) != 0) job->err = errno;
+    } else {
+      if (::madvise(job->start, job->len, MADV_POPULATE_WRITE) != 0) job->err = errno;
+    }
+  }
+  const char* name = job->kind == JobKind::kMsync ? "msync" : "madvise";
+  Napi::ThreadSafeFunction tsfn = job->tsfn;
+  napi_status st = tsfn.BlockingCall(job, [name](Napi::Env env, Napi::Function cb, PersistJob* j) {
+    if (env == nullptr) return;  // shutting down: leak the job (see below)
+    int err = j->err;
+    j->buf.Reset();
+    delete j;
+    if (cb.IsEmpty()) return;
+    if (err != 0) {
+      cb.Call({ErrnoError(env, err, name).Value()});
+    } else {
+      cb.Call({env.Null()});
+    }
+  });
+  // On failure (the environment is shutting down) the job is not deleted: its Reference
+  // may only be released on the JS thread, which no longer runs; leaking it is harmless.
+  (void)st;
+  tsfn.Release();
+}
+
+void PoolThread() {
+  for (;;) {
+    PersistJob* job;
+    {
+      std::unique_lock<std::mutex> lock(g_pool->mutex);
+      g_pool->cv.wait(lock, [] { return !g_pool->queue.empty(); });
+      job = g_pool->queue.front();
+      g_pool->queue.pop_front();
+    }
+    RunJob(job);
+  }
+}
+
+void Submit(PersistJob* job) {
+  std::lock_guard<std::mutex> lock(g_pool->mutex);
+  while (g_pool->threads < kPersistThreads) {
+    std::thread(PoolThread).detach();
+    g_pool->threads++;
+  }
+  g_pool->queue.push_back(job);
+  g_pool->cv.notify_one();
+}
+
+// Shared argument handling of msync() and populateWrite(): (buf, offset, length, cb).
+Napi::Value QueueRangeJob(const Napi::CallbackInfo& info, const char* fn, JobKind kind) {
   Napi::Env env = info.Env();
   Napi::Buffer<uint8_t> buf;
   int64_t off, len;
   Napi::Function cb;
-  if (!GetBuffer(info, 0, "msync", "buf", &buf) || !GetInt(info, 1, "msync", "offset", 0, kMaxSafeInteger, &off) ||
-      !GetInt(info, 2, "msync", "length", 0, kMaxSafeInteger, &len) || !GetCallback(info, 3, "msync", &cb))
+  if (!GetBuffer(info, 0, fn, "buf", &buf) || !GetInt(info, 1, fn, "offset", 0, kMaxSafeInteger, &off) ||
+      !GetInt(info, 2, fn, "length", 0, kMaxSafeInteger, &len) || !GetCallback(info, 3, fn, &cb))
     return env.Undefined();
   size_t mapLen = 0;
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     Mapping* m = buf.Data() == nullptr ? nullptr : Find(buf.Data());
     if (m == nullptr || m->len != buf.Length() || !m->fileMapped) {
-      ThrowType(env, "msync: buf is not a live mapping from mmap()");
+      ThrowType(env, std::string(fn) + ": buf is not a live mapping from mmap()");
       return env.Undefined();
     }
     mapLen = m->len;
   }
   if (static_cast<uint64_t>(off) + static_cast<uint64_t>(len) > mapLen) {
-    ThrowRange(env, "msync: offset+length exceeds the mapping");
+    ThrowRange(env, std::string(fn) + ": offset+length exceeds the mapping");
     return env.Undefined();
   }
-  // msync needs a page-aligned start; the mapping itself starts on a page boundary.
+  // msync/madvise need a page-aligned start; the mapping itself starts on a page boundary.
   size_t page = PageSize();
   size_t alignedOff = static_cast<size_t>(off) & ~(page - 1);
   size_t syncLen = len == 0 ? 0 : static_cast<size_t>(off + len) - alignedOff;
-  (new MsyncJob(cb, buf, buf.Data() + alignedOff, syncLen))->Queue();
+  PersistJob* job = new PersistJob();
+  job->kind = kind;
+  job->start = buf.Data() + alignedOff;
+  job->len = syncLen;
+  job->tsfn = Napi::ThreadSafeFunction::New(env, cb, fn, 0, 1);
+  job->buf = Napi::Persistent(buf);
+  Submit(job);
   return env.Undefined();
+}
+
+// msync(buf, offset, length, cb): msync(MS_SYNC) of the pages covering the range.
+Napi::Value Msync(const Napi::CallbackInfo& info) {
+  return QueueRangeJob(info, "msync", JobKind::kMsync);
+}
+
+// populateWrite(buf, offset, length, cb): madvise(MADV_POPULATE_WRITE) of the pages
+// covering the range, so later stores into them do not fault. Contents are unchanged.
+Napi::Value PopulateWrite(const Napi::CallbackInfo& info) {
+  return QueueRangeJob(info, "populateWrite", JobKind::kPopulateWrite);
 }
 
 }  // namespace
@@ -173,6 +252,7 @@ void InitNvram(Napi::Env env, Napi::Object exports) {
   exports.Set("mmap", Napi::Function::New(env, Mmap, "mmap"));
   exports.Set("munmap", Napi::Function::New(env, Munmap, "munmap"));
   exports.Set("msync", Napi::Function::New(env, Msync, "msync"));
+  exports.Set("populateWrite", Napi::Function::New(env, PopulateWrite, "populateWrite"));
 }
 
 }  // namespace nvm

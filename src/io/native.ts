@@ -34,6 +34,8 @@ interface RawAddon {
   munmap(buf: Buffer): void;
   /** msync(MS_SYNC) of [offset, offset+length) of a mapping from mmap(), off the event loop. */
   msync(buf: Buffer, offset: number, length: number, cb: (err: Error | null) => void): void;
+  /** madvise(MADV_POPULATE_WRITE) of [offset, offset+length) of a mapping from mmap(), off the event loop. */
+  populateWrite(buf: Buffer, offset: number, length: number, cb: (err: Error | null) => void): void;
   crc32c(buf: Buffer, offset: number, length: number, seed: number): number;
   /** The portable (table) crc32c path, always available, so tests can compare it with the SSE4.2 one. */
   crc32cPortable(buf: Buffer, offset: number, length: number, seed: number): number;
@@ -136,6 +138,18 @@ export function msync(buf: Buffer, offset: number, length: number): Promise<void
   checkInt('offset', offset); checkInt('length', length);
   if (offset + length > buf.length) throw new RangeError(`msync: ${offset}+${length} exceeds mapping of ${buf.length}`);
   return new Promise((resolve, reject) => addon().msync(buf, offset, length, (err) => (err ? reject(err) : resolve())));
+}
+
+/**
+ * Pre-faults [offset, offset+length) of a mapping from mmap() for writing
+ * (madvise(MADV_POPULATE_WRITE), Linux >= 5.14), off the event loop, so later stores into
+ * it take no page fault. Contents are unchanged. Rejects (e.g. EINVAL on older kernels)
+ * if the kernel cannot; callers treat it as a hint.
+ */
+export function populateWrite(buf: Buffer, offset: number, length: number): Promise<void> {
+  checkInt('offset', offset); checkInt('length', length);
+  if (offset + length > buf.length) throw new RangeError(`populateWrite: ${offset}+${length} exceeds mapping of ${buf.length}`);
+  return new Promise((resolve, reject) => addon().populateWrite(buf, offset, length, (err) => (err ? reject(err) : resolve())));
 }
 
 export function crc32c(buf: Buffer, offset = 0, length = buf.length - offset, seed = 0): number {

@@ -11,17 +11,25 @@
  *   never written; it becomes free only through releaseFrozen(), after its CP is durable.
  * - `durableSeq`: every record with seq <= durableSeq is on stable storage (persisted in
  *   the region, or included in a durable CP). It never decreases.
- * - At most one persist round is in flight (group commit): flush requests arriving
- *   meanwhile wait for the next round, which covers all of them with one persist per
- *   dirty half.
+ * - At most PERSIST_ROUNDS_MAX persist rounds are in flight (group commit, pipelined):
+ *   a round starts only for waiters that no round in flight covers, and covers all of
+ *   them with one persist per dirty half. Each round persists, per half, everything from
+ *   the half's persistedEnd at the round's start (the end of what completed rounds made
+ *   durable) to its writeEnd, so a round on its own makes every record appended before it
+ *   started durable, whatever the order in which rounds complete.
  * - Appends that do not fit wait in a bounded FIFO queue; while it is non-empty every
  *   new append queues behind it, so seq order equals arrival order.
+ * - A half that becomes free (and both halves at a new epoch) is pre-faulted for writing
+ *   off the event loop (MmapNvram only), so appends into it copy without page faults;
+ *   this is a hint: it changes no byte of the region, and a failure only stops it.
  * - After a persist failure the log is failed: every pending and later operation
  *   rejects with EIO (a failed msync is never retried; recovery replays from the region).
  */
 import type { CpMeta } from '../tree/types';
 import type { NvramRegion, Random } from '../io/types';
 import { BLOCK_SIZE_BYTES } from '../io/types';
+import { MmapNvram } from '../io/mmap-nvram';
+import { populateWrite } from '../io/native';
 import { VolumeError } from '../volume/errors';
 import { assert } from '../util/assert';
 import {
@@ -32,6 +40,10 @@ import { HalfIndex, type IndexHit, type LbnRange } from './half-index';
 import { scanRegion, type LocatedRecord, type ScanResult } from './replay';
 
 export const SPACE_WAITERS_MAX_DEFAULT = 65536;
+/** Persist rounds in flight at once (concurrent syncs let the device merge its flushes). */
+export const PERSIST_ROUNDS_MAX = 4;
+/** A free half is pre-faulted for writing in pieces of this size, one at a time. */
+const POPULATE_CHUNK_BYTES = 1024 * 1024;
 export const ZERO_RANGES_PER_HALF_MAX_DEFAULT = 1024;
 const PAGE_BYTES = 4096;
 
@@ -142,13 +154,18 @@ export class NvLog {
   private dequeuedTotal = 0;
   private readonly barriers: Array<{ until: number; resolve: () => void }> = [];
   private readonly durableWaiters: DurableWaiter[] = [];
-  private persistInFlight = false;
+  private persistInFlight = 0;
+  /** The highest seq a started persist round covers. */
+  private persistCoveredSeq = 0;
   private persistRoundCount = 0;
   private readonly replay: ReplaySummary;
   /** Halves holding replayed records, oldest first (recovering / read-only only). */
   private readonly replayHalves: Half[] = [];
   private readonly spaceWaitersMax: number;
   private readonly zeroRangesMax: number;
+  /** Half ranges waiting to be pre-faulted (at most 2 queued), and whether one is running. */
+  private readonly populateQueue: Half[] = [];
+  private populating = false;
   onFrozen: (() => void) | undefined;
 
   /** Initialises a region for a volume: header epoch 1, fresh salt; persists the header page. */
@@ -272,6 +289,38 @@ export class NvLog {
     this.active.state = 'active';
     this.durable = this.nextSeq - 1;
     this.state = 'running';
+    this.schedulePopulate(this.halves[0]);
+    this.schedulePopulate(this.halves[1]);
+  }
+
+  /**
+   * Pre-faults a half's pages for writing (madvise MADV_POPULATE_WRITE), one chunk at a
+   * time in the addon's thread pool. Stores into a MAP_SHARED file page fault on first
+   * write and again after each writeback (msync, CP-time writeback), ~5 us a page: doing
+   * it ahead keeps that off the append path. Only for an mmap'd region; errors stop it.
+   */
+  private schedulePopulate(half: Half): void {
+    if (!(this.region instanceof MmapNvram) || this.populateQueue.includes(half)) return;
+    this.populateQueue.push(half);
+    if (!this.populating) void this.runPopulate(this.region);
+  }
+
+  private async runPopulate(region: MmapNvram): Promise<void> {
+    this.populating = true;
+    try {
+      for (;;) {
+        const half = this.populateQueue.shift();
+        if (half === undefined) return;
+        for (let at = half.start; at < half.end; at += POPULATE_CHUNK_BYTES) {
+          if (this.state !== 'running') return;
+          await populateWrite(region.buffer, at, Math.min(POPULATE_CHUNK_BYTES, half.end - at));
+        }
+      }
+    } catch {
+      this.populateQueue.length = 0; // a hint only (e.g. a kernel without MADV_POPULATE_WRITE)
+    } finally {
+      this.populating = false;
+    }
   }
 
   // ---- appends ----
@@ -405,6 +454,7 @@ export class NvLog {
     const committedSeq = half.lastSeq;
     half.reset();
     half.state = 'free';
+    this.schedulePopulate(half);
     if (committedSeq > this.durable) this.markDurable(committedSeq);
     if (this.state !== 'running') return;
     // Drain waiters: they need the active half rotated out.
@@ -490,11 +540,18 @@ export class NvLog {
   }
 
   private kickPersist(): void {
-    if (this.persistInFlight || this.state === 'failed') return;
-    if (!this.durableWaiters.some((w) => w.seq > this.durable)) return;
-    this.persistInFlight = true;
+    while (this.persistInFlight < PERSIST_ROUNDS_MAX && this.state !== 'failed') {
+      const covered = Math.max(this.durable, this.persistCoveredSeq);
+      if (!this.durableWaiters.some((w) => w.seq > covered)) return;
+      this.startPersistRound();
+    }
+  }
+
+  private startPersistRound(): void {
+    this.persistInFlight++;
     this.persistRoundCount++;
     const capturedSeq = this.nextSeq - 1;
+    this.persistCoveredSeq = capturedSeq;
     const rounds: Array<{ half: Half; generation: number; end: number }> = [];
     const ops: Promise<void>[] = [];
     for (const h of this.halves) {
@@ -506,13 +563,13 @@ export class NvLog {
     }
     Promise.all(ops).then(
       () => {
-        this.persistInFlight = false;
+        this.persistInFlight--;
         for (const r of rounds) if (r.half.generation === r.generation && r.end > r.half.persistedEnd) r.half.persistedEnd = r.end;
         this.markDurable(capturedSeq);
         this.kickPersist();
       },
       (e: unknown) => {
-        this.persistInFlight = false;
+        this.persistInFlight--;
         this.fail(new VolumeError('EIO', `NVRAM persist failed: ${e instanceof Error ? e.message : String(e)}`));
       },
     );
