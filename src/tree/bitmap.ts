@@ -48,7 +48,16 @@ export function popcountOr(a: Buffer, b: Buffer): number {
 /** dst |= src. */
 export function orInto(dst: Buffer, src: Buffer): void {
   assert(dst.length === src.length, 'bitmaps differ in length');
-  for (let i = 0; i < dst.length; i++) dst[i] = dst[i]! | src[i]!;
+  let i = 0;
+  if (dst.byteOffset % 4 === 0 && src.byteOffset % 4 === 0) {
+    // A word at a time (the space-map bitmaps are word aligned): 4x fewer steps.
+    const words = dst.length >>> 2;
+    const d = new Uint32Array(dst.buffer, dst.byteOffset, words);
+    const s = new Uint32Array(src.buffer, src.byteOffset, words);
+    for (let w = 0; w < words; w++) d[w] = d[w]! | s[w]!;
+    i = words * 4;
+  }
+  for (; i < dst.length; i++) dst[i] = dst[i]! | src[i]!;
 }
 
 /** True if buf[start, end) is all zero bytes. */

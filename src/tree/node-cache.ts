@@ -48,6 +48,11 @@ export class NodeCache {
     }
   }
 
+  /** Drops the entry for a pba (e.g. an address block the CP replaced), if any. */
+  delete(pba: number): void {
+    this.map.delete(pba);
+  }
+
   get size(): number {
     return this.map.size;
   }

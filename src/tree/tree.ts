@@ -161,6 +161,8 @@ export class BlockTree implements BlockTreeApi {
   private readonly statusNodeBudget: number;
   private readonly discardFreed: boolean;
   private commitRunning: Promise<unknown> | null = null;
+  /** Gather buffers of writeChunkBlocks blocks reused by writeAll (at most ioConcurrency kept). */
+  private readonly chunkBufs: Buffer[] = [];
   private rotatedForCp = -1;
   private failedReason: string | null = null;
   private closed = false;
@@ -531,7 +533,9 @@ export class BlockTree implements BlockTreeApi {
     }
     // Collect and validate the changes (the last change to an lbn wins).
     const byLbn = new Map<number, Buffer | null>();
+    const slicer = new Slicer();
     for (const c of changesIn) {
+      if ((byLbn.size & 1023) === 1023) await slicer.maybeYield();
       if (!Number.isSafeInteger(c.lbn) || c.lbn < 0 || c.lbn >= this.lbnCount) throw new VolumeError('EINVAL', `change to lbn ${c.lbn} outside the volume [0, ${this.lbnCount})`);
       if (c.data !== null && c.data.length !== BLOCK) throw new VolumeError('EINVAL', `change to lbn ${c.lbn} has ${c.data.length} bytes, not ${BLOCK}`);
       byLbn.set(c.lbn, c.data);
@@ -539,7 +543,6 @@ export class BlockTree implements BlockTreeApi {
     }
     const snapPlan = this.planSnapshots(snapshotOps, cp);
     const lbns = [...byLbn.keys()].sort((a, b) => a - b);
-    const slicer = new Slicer();
     // Data blocks: all-zero blocks become holes; checksum the rest.
     const datas: (Buffer | null)[] = new Array<Buffer | null>(lbns.length);
     const dataCrcs: number[] = new Array<number>(lbns.length).fill(0);
@@ -681,6 +684,8 @@ export class BlockTree implements BlockTreeApi {
       for (const ks of batches) {
         const out: (NewBlock | null)[] = new Array<NewBlock | null>(ks.length).fill(null);
         await forEachLimit(ks, this.ioConcurrency, async (k, j) => {
+          // Cached old nodes resolve in microtasks: yield to the event loop between them.
+          await slicer.maybeYield();
           const index = lvl.index[k]!;
           const oldPtr = lvl.oldPtr[k]!;
           const old = oldPtr ? await this.readNode(oldPtr, l, index, false) : null;
@@ -701,7 +706,12 @@ export class BlockTree implements BlockTreeApi {
             if (np) present++;
           }
           if (!(present >= 0 && present <= FANOUT)) assert(false, `present count ${present}`);
-          if (oldPtr) free(oldPtr.pba);
+          if (oldPtr) {
+            free(oldPtr.pba);
+            // The replaced version would only push live nodes out of the LRU (each CP
+            // rewrites its whole path set); a read still pinned to an old root re-reads it.
+            this.cache.delete(oldPtr.pba);
+          }
           if (present === 0) {
             this.smap.unallocate(lvl.pba[k]!);
             return;
@@ -844,9 +854,20 @@ export class BlockTree implements BlockTreeApi {
     }
     if (cur.length > 0) chunks.push(cur);
     await forEachLimit(chunks, this.ioConcurrency, async (c) => {
-      const buf = c.length === 1 ? c[0]!.buf : Buffer.concat(c.map((b) => b.buf));
-      await this.dev.writeBlocks(c[0]!.pba, buf);
       await slicer.maybeYield();
+      if (c.length === 1) {
+        await this.dev.writeBlocks(c[0]!.pba, c[0]!.buf);
+      } else {
+        // Gather into a reused buffer: a fresh 1 MiB allocation per chunk costs page
+        // faults (and GC) on the event loop, far more than the copy itself.
+        const chunk = this.chunkBufs.pop() ?? Buffer.allocUnsafe(this.writeChunkBlocks * BLOCK);
+        try {
+          for (let k = 0; k < c.length; k++) c[k]!.buf.copy(chunk, k * BLOCK);
+          await this.dev.writeBlocks(c[0]!.pba, chunk.subarray(0, c.length * BLOCK));
+        } finally {
+          if (this.chunkBufs.length < this.ioConcurrency) this.chunkBufs.push(chunk);
+        }
+      }
     });
   }
 
@@ -878,6 +899,7 @@ export class BlockTree implements BlockTreeApi {
     this.closed = true;
     while (this.commitRunning) await this.commitRunning.catch(() => undefined);
     this.cache.clear();
+    this.chunkBufs.length = 0;
   }
 
   /** @internal For tests: cache and space figures. */

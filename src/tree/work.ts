@@ -37,7 +37,8 @@ export function yieldNow(): Promise<void> {
 
 export class Slicer {
   private last = performance.now();
-  constructor(private readonly budgetMs = 4) {}
+  /** 1 ms: a CP slice must not add more than that to a client request's latency. */
+  constructor(private readonly budgetMs = 1) {}
 
   async maybeYield(): Promise<void> {
     const now = performance.now();
