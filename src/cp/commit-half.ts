@@ -13,15 +13,25 @@
  *   overwrites every lbn the half touched.
  * - Data buffers handed to the tree are views into the NVRAM region; the half is not
  *   written or released until every commit using them has resolved.
- * - Work is chunked (at most CHUNK_CHANGES_MAX changes per commit, tree queries capped)
- *   so memory stays bounded and the event loop is yielded between pieces.
+ * - Work is chunked (at most CHUNK_NODES_MAX distinct level-0 address blocks and
+ *   CHUNK_CHANGES_MAX changes per commit, tree queries capped) so memory stays bounded
+ *   and the event loop is yielded between pieces.
  */
 import { EXTENT_HOLE } from '../volume/types';
 import type { BlockChange, BlockTreeApi, CommitResult, CpMeta, SnapshotOp } from '../tree/types';
 import type { Half, NvLog } from '../nvlog/log';
+import { FANOUT } from '../tree/layout';
 import { assert } from '../util/assert';
 
-export const CHUNK_CHANGES_MAX = 4096;
+/**
+ * A commit's transient memory is dominated by the address blocks it rewrites (old and
+ * new copy, ~8 KiB each); the changes themselves are views into the NVRAM. So a commit
+ * is bounded by distinct level-0 address blocks (CHUNK_NODES_MAX, 32 MiB) and, loosely,
+ * by changes: a 32 MiB half of random 4k writes on a 2 GiB volume (~3100 level-0 blocks)
+ * or of sequential writes (48 blocks) is one commit, one pair of syncs.
+ */
+export const CHUNK_NODES_MAX = 4096;
+export const CHUNK_CHANGES_MAX = 65536;
 /** Blocks asked of tree.blockStatus per call while expanding a zero range. */
 const STATUS_QUERY_BLOCKS = 1 << 20;
 const STATUS_QUERY_EXTENTS = 4096;
@@ -33,9 +43,6 @@ export interface HalfCommitResult {
 }
 
 /**
- * CHUNK_CHANGES_MAX bounds a commit's transient memory: the tree holds the old and new
- * copy of up to one address block per change (~8 KiB per change, 32 MiB per commit).
- *
  * Commits `half` into the tree with final meta `meta` and snapshot `ops`. The log must
  * keep the half frozen until this resolves.
  */
@@ -43,7 +50,14 @@ export async function commitHalf(log: NvLog, tree: BlockTreeApi, half: Half, met
   const blocks = half.index.blocks;
   const out: HalfCommitResult = { commits: [], blocksWritten: 0, blocksFreed: 0 };
   let chunk: BlockChange[] = [];
+  const chunkNodes = new Set<number>();
   const generation = half.generation;
+  /** Adds a change; true when the chunk is full and must be committed. */
+  const add = (c: BlockChange): boolean => {
+    chunk.push(c);
+    chunkNodes.add(Math.floor(c.lbn / FANOUT));
+    return chunk.length >= CHUNK_CHANGES_MAX || chunkNodes.size >= CHUNK_NODES_MAX;
+  };
 
   const commit = async (final: boolean): Promise<void> => {
     chunk.sort((a, b) => a.lbn - b.lbn);
@@ -54,6 +68,7 @@ export async function commitHalf(log: NvLog, tree: BlockTreeApi, half: Half, met
     out.blocksWritten += r.blocksWritten;
     out.blocksFreed += r.blocksFreed;
     chunk = [];
+    chunkNodes.clear();
   };
 
   // Holes: the merged zero ranges, restricted to what the tree holds and the half did not rewrite.
@@ -70,8 +85,7 @@ export async function commitHalf(log: NvLog, tree: BlockTreeApi, half: Half, met
         if ((e.flags & EXTENT_HOLE) === 0) {
           for (let i = 0; i < n; i++) {
             if (blocks.has(lbn + i)) continue;
-            chunk.push({ lbn: lbn + i, data: null });
-            if (chunk.length >= CHUNK_CHANGES_MAX) await commit(false);
+            if (add({ lbn: lbn + i, data: null })) await commit(false);
           }
         }
         lbn += n;
@@ -79,8 +93,7 @@ export async function commitHalf(log: NvLog, tree: BlockTreeApi, half: Half, met
     }
   }
   for (const [lbn, regionOffset] of blocks) {
-    chunk.push({ lbn, data: log.blockView(regionOffset) });
-    if (chunk.length >= CHUNK_CHANGES_MAX) await commit(false);
+    if (add({ lbn, data: log.blockView(regionOffset) })) await commit(false);
   }
   await commit(true);
   return out;
