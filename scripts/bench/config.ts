@@ -92,9 +92,11 @@ environment:
   BENCH_ROUNDS=N         rounds, servers alternate inside each (default 3; quick 1)
   BENCH_RUNTIME=S        seconds measured per fio run (default 4; quick 1)
   BENCH_RAMP=S           fio ramp_time seconds, not measured (default 1; quick 0)
-  BENCH_QUICK=1          ~1-minute smoke run (1 round, short runs, small sizes)
+  BENCH_QUICK=1          ~1-minute smoke run (1 round, 1 s runs, small sizes; the engine
+                         suite only with BENCH_ENGINE=1, then ~2.5 minutes)
   BENCH_SUITES=a,b       suites: memory,file,engine (default: all available)
-  BENCH_ENGINE=auto|1|0  engine suite: auto = when 'nvmirror create' exists (default auto)
+  BENCH_ENGINE=auto|1|0  engine suite: auto = when 'nvmirror create' exists (default auto;
+                         default 0 with BENCH_QUICK)
   BENCH_SIZE=1G          volume size for the memory and file suites (quick 256M)
   BENCH_ENGINE_SIZE=2G   engine suite volume/image size (quick 512M)
   BENCH_NVRAM_SIZE=64M   engine NVRAM size, the engine's default (burst = 40% of it,
@@ -119,7 +121,8 @@ export function loadConfig(argv: string[]): BenchConfig | 'help' {
   const rounds = envInt('BENCH_ROUNDS', quick ? 1 : 3, 1, ROUNDS_MAX);
   const runtimeS = envInt('BENCH_RUNTIME', quick ? 1 : 4, 1, 3600);
   const rampS = envNumber('BENCH_RAMP', quick ? 0 : 1, 0, 600);
-  const engineRaw = (process.env.BENCH_ENGINE ?? 'auto').toLowerCase();
+  // The quick smoke run stays about a minute: the engine suite only when asked for.
+  const engineRaw = (process.env.BENCH_ENGINE ?? (quick ? 'off' : 'auto')).toLowerCase();
   let engine: BenchConfig['engine'];
   if (engineRaw === 'auto' || engineRaw === '') engine = 'auto';
   else if (engineRaw === '1' || engineRaw === 'true' || engineRaw === 'on') engine = 'on';

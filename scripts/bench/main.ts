@@ -114,10 +114,15 @@ async function measure(c: BenchConfig, suite: Suite, w: Workload, spec: ServerSp
   const dir = path.join(c.workDir, suite.name);
   fs.mkdirSync(dir, { recursive: true });
   const phases: Array<[string, number]> = [['begin', Date.now()]];
-  await spec.prepare(dir);
-  phases.push(['prepare', Date.now()]);
-  const socket = path.join(dir, `${spec.id}.sock`);
-  const server = await RunningServer.start(spec, dir, socket);
+  const where = `${suite.name} / ${w.label} / ${spec.label} (round ${round})`;
+  let server: RunningServer;
+  try {
+    await spec.prepare(dir);
+    phases.push(['prepare', Date.now()]);
+    server = await RunningServer.start(spec, dir, path.join(dir, `${spec.id}.sock`));
+  } catch (e) {
+    throw new Error(`${where}: ${(e as Error).message}`);
+  }
   phases.push(['start', Date.now()]);
   current = server;
   const tag = `${suite.name}-${w.id}-${spec.id}-r${round}`;
@@ -151,9 +156,14 @@ async function measure(c: BenchConfig, suite: Suite, w: Workload, spec: ServerSp
   } catch (e) {
     await server.kill();
     current = undefined;
-    throw new Error(`${suite.name} / ${w.label} / ${spec.label} (round ${round}): ${(e as Error).message}\n  server log: ${server.stderr.trim().split('\n').slice(-3).map((l) => l.slice(0, 300)).join(' | ') || '(empty)'}`);
+    throw new Error(`${where}: ${(e as Error).message}\n  server log: ${server.stderr.trim().split('\n').slice(-3).map((l) => l.slice(0, 300)).join(' | ') || '(empty)'}`);
   }
-  await server.stop();
+  try {
+    await server.stop();
+  } catch (e) {
+    current = undefined;
+    throw new Error(`${where}: ${(e as Error).message}`);
+  }
   phases.push(['stop', Date.now()]);
   current = undefined;
   await spec.cleanup(dir);
