@@ -16,6 +16,7 @@
 import type { Duplex } from 'stream';
 import type { Logger } from '../util/log';
 import type { Volume } from '../volume/types';
+import { BufferPool, sharedBufferPool } from './buffer-pool';
 import { toNbdError } from './errors';
 import * as P from './protocol';
 import {
@@ -63,10 +64,13 @@ export class Transmission {
     this.volume = s.volume;
     this.readOnly = (s.transmissionFlags & P.TFLAG_READ_ONLY) !== 0;
     this.closed = new Promise((r) => (this.resolveClosed = r));
-    this.parser = new RequestParser({
-      onRequest: (req) => this.onRequest(req),
-      onFramingError: (msg) => this.abort(msg),
-    });
+    this.parser = new RequestParser(
+      {
+        onRequest: (req) => this.onRequest(req),
+        onFramingError: (msg) => this.abort(msg),
+      },
+      sharedBufferPool,
+    );
     const sock = s.socket;
     sock.on('data', this.onData);
     sock.on('drain', this.maybeResume);
@@ -159,14 +163,23 @@ export class Transmission {
     }
   };
 
-  private send(b: Buffer): void {
-    if (this.disconnected) return;
-    if (!this.corked) {
+  /**
+   * Queues one reply. Replies made in the same tick go out corked in one writev; with a
+   * single request in flight there is nothing to batch, so it is written at once.
+   * `pooled` (a pool buffer behind b) is released once the socket has taken the bytes.
+   */
+  private send(b: Buffer, pooled?: Buffer): void {
+    if (this.disconnected) {
+      if (pooled) sharedBufferPool.release(pooled);
+      return;
+    }
+    if (!this.corked && this.inflightRequests > 1) {
       this.corked = true;
       this.s.socket.cork();
       process.nextTick(this.uncork);
     }
-    this.s.socket.write(b);
+    if (pooled) this.s.socket.write(b, () => sharedBufferPool.release(pooled));
+    else this.s.socket.write(b);
   }
 
   private replySimple(req: Request, error: number): void {
@@ -184,7 +197,7 @@ export class Transmission {
   // ---------------------------------------------------------------- requests
 
   private onRequest(req: Request): void {
-    if (this.stopping) return;
+    if (this.stopping) return this.dropPayload(req);
     if (req.type === P.CMD_DISC) {
       this.log.debug('client sent DISC');
       this.stopping = true;
@@ -194,6 +207,7 @@ export class Transmission {
     }
     const bad = this.validate(req);
     if (bad !== 0) {
+      this.dropPayload(req);
       this.replyError(req, bad, 'invalid request');
       return;
     }
@@ -233,6 +247,12 @@ export class Transmission {
         void this.doBlockStatus(req);
         return;
     }
+  }
+
+  private dropPayload(req: Request): void {
+    if (req.pooled) sharedBufferPool.release(req.pooled);
+    req.pooled = undefined;
+    req.payload = undefined;
   }
 
   /** Returns 0 if the request may go to the volume, else the NBD error to reply with. */
@@ -281,6 +301,7 @@ export class Transmission {
 
   private async doRead(req: Request): Promise<void> {
     const len = req.length;
+    let pooled: Buffer | undefined;
     this.begin(len);
     try {
       if (this.s.structuredReplies) {
@@ -293,20 +314,25 @@ export class Transmission {
           return;
         }
         const hdr = P.STRUCTURED_REPLY_HEADER_BYTES + 8;
-        const b = Buffer.allocUnsafe(hdr + len);
+        pooled = BufferPool.pooled(hdr + len) ? sharedBufferPool.take(hdr + len) : undefined;
+        const b = pooled ? pooled.subarray(0, hdr + len) : Buffer.allocUnsafe(hdr + len);
         await this.volume.read(req.offset, len, b.subarray(hdr));
         writeStructuredHeader(b, 0, P.REPLY_FLAG_DONE, P.REPLY_TYPE_OFFSET_DATA, req.cookieHi, req.cookieLo, 8 + len);
         writeU64(b, req.offset, P.STRUCTURED_REPLY_HEADER_BYTES);
-        this.send(b);
+        this.send(b, pooled);
       } else {
-        const b = Buffer.allocUnsafe(P.SIMPLE_REPLY_HEADER_BYTES + len);
-        if (len > 0) await this.volume.read(req.offset, len, b.subarray(P.SIMPLE_REPLY_HEADER_BYTES));
+        const hdr = P.SIMPLE_REPLY_HEADER_BYTES;
+        pooled = BufferPool.pooled(hdr + len) ? sharedBufferPool.take(hdr + len) : undefined;
+        const b = pooled ? pooled.subarray(0, hdr + len) : Buffer.allocUnsafe(hdr + len);
+        if (len > 0) await this.volume.read(req.offset, len, b.subarray(hdr));
         encodeSimpleReply(0, req.cookieHi, req.cookieLo, b);
-        this.send(b);
+        this.send(b, pooled);
       }
+      pooled = undefined; // owned by the socket write now
     } catch (e) {
       this.replyError(req, toNbdError(e, this.log, `read ${len}@${req.offset}`), 'read failed');
     } finally {
+      if (pooled) sharedBufferPool.release(pooled);
       this.end(len);
     }
   }
@@ -322,6 +348,8 @@ export class Transmission {
     } catch (e) {
       this.replySimple(req, toNbdError(e, this.log, `write ${len}@${req.offset}`));
     } finally {
+      // The volume keeps no reference to the payload once its write settled.
+      if (req.pooled) sharedBufferPool.release(req.pooled);
       this.end(len);
     }
   }

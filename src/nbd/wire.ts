@@ -10,6 +10,7 @@
  *   chunking of its input.
  */
 import { assert } from '../util/assert';
+import { BufferPool } from './buffer-pool';
 import * as P from './protocol';
 
 const TWO_32 = 2 ** 32;
@@ -253,6 +254,8 @@ export interface Request {
   length: number;
   /** WRITE payload when length <= MAX_PAYLOAD_BYTES; undefined otherwise (skipped). */
   payload: Buffer | undefined;
+  /** The pool buffer behind `payload`, to release once the write has settled. */
+  pooled: Buffer | undefined;
 }
 
 export interface RequestSink {
@@ -281,7 +284,10 @@ export class RequestParser {
   private payloadFill = 0;
   private skipRemaining = 0;
 
-  constructor(private readonly sink: RequestSink) {}
+  constructor(
+    private readonly sink: RequestSink,
+    private readonly pool?: BufferPool,
+  ) {}
 
   feed(chunk: Buffer): void {
     let pos = 0;
@@ -314,7 +320,14 @@ export class RequestParser {
             this.finishRequest();
           } else {
             // The payload spans chunks: allocate it once (length is capped), then fill.
-            if (this.payloadFill === 0) req.payload = Buffer.allocUnsafe(req.length);
+            if (this.payloadFill === 0) {
+              if (this.pool && BufferPool.pooled(req.length)) {
+                req.pooled = this.pool.take(req.length);
+                req.payload = req.pooled.subarray(0, req.length);
+              } else {
+                req.payload = Buffer.allocUnsafe(req.length);
+              }
+            }
             const k = Math.min(need, n - pos);
             chunk.copy(req.payload, this.payloadFill, pos, pos + k);
             this.payloadFill += k;
@@ -355,6 +368,7 @@ export class RequestParser {
       offset: readU64(b, off + 16),
       length: b.readUInt32BE(off + 24),
       payload: undefined,
+      pooled: undefined,
     };
     if (req.type === P.CMD_WRITE && req.length > 0) {
       if (req.length <= P.MAX_PAYLOAD_BYTES) {

@@ -54,7 +54,11 @@ export interface Volume {
 
   /** Reads `length` bytes at `offset` into a fresh buffer (or `dst` if given, which must be exactly length bytes). */
   read(offset: number, length: number, dst?: Buffer): Promise<Buffer>;
-  /** Writes data; when fua, resolves only once the data is on stable storage. */
+  /**
+   * Writes data; when fua, resolves only once the data is on stable storage. The volume
+   * must not keep a reference to `data` once the promise settles (the NBD layer reuses
+   * payload buffers).
+   */
   write(offset: number, data: Buffer, fua: boolean): Promise<void>;
   /** Resolves once every write that resolved before this call is on stable storage. */
   flush(): Promise<void>;
