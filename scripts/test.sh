@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the tests need (Debian packages via apt-get when missing, npm
 # dependencies, the native addon and the TypeScript build), then runs every test:
-# unit, end-to-end with real NBD clients, crash tests and the kernel VM tests.
+# unit, end-to-end with real NBD clients, the seeded fault-injecting simulator, crash
+# tests (kill -9 and power-loss enumeration) and the kernel VM tests.
 # In CI (CI=true) a missing tool is a failure, never a skip.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -32,8 +33,9 @@ run() {
 }
 run unit 600 'dist/test/unit/**/*.test.js'
 run e2e 900 'dist/test/e2e/**/*.test.js'
-if compgen -G 'dist/test/crash/*.test.js' >/dev/null; then run crash 900 'dist/test/crash/**/*.test.js'; fi
-if compgen -G 'dist/test/kernel/*.test.js' >/dev/null; then run kernel 600 'dist/test/kernel/**/*.test.js'; fi
+run sim 300 'dist/test/sim/**/*.test.js'
+run crash 900 'dist/test/crash/**/*.test.js'
+run kernel 600 'dist/test/kernel/**/*.test.js'
 echo
 echo "tests: $passed passed, $failed failed, $skipped skipped"
 exit $status
