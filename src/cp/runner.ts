@@ -193,12 +193,21 @@ export class CpRunner {
   }
 
   /** Waits for the running CP, commits everything logged, and stops the timer. */
+  /**
+   * Runs a final CP and stops. Rejects if any CP failed (then, or earlier): a close that
+   * could not commit everything acknowledged must not look clean (the NVRAM still holds
+   * the records, and the next open replays them).
+   */
   async close(): Promise<void> {
     this.armTimerCancel();
-    if (!this.failure) await this.requestCp();
-    this.stopped = true;
-    this.armTimerCancel();
-    await this.loopPromise;
+    try {
+      if (!this.failure) await this.requestCp();
+    } finally {
+      this.stopped = true;
+      this.armTimerCancel();
+      await this.loopPromise;
+    }
+    if (this.failure) throw this.failure;
   }
 
   private armTimerCancel(): void {
