@@ -196,6 +196,43 @@ class PwritevJob final : public Job {
   bool sync_;
 };
 
+// Independent writes (each its own buffer and position) in one thread-pool job, so a burst
+// of small writes pays one hop to the pool instead of one each. Each write's outcome is
+// reported separately: results[i] is 0 or the errno of write i.
+class PwriteBatchJob final : public Job {
+ public:
+  PwriteBatchJob(const Napi::Function& cb, int fd, std::vector<Napi::Buffer<uint8_t>>& bufs, std::vector<int64_t>& positions)
+      : Job(cb, "pwrite"), fd_(fd), positions_(std::move(positions)) {
+    refs_.reserve(bufs.size());
+    data_.reserve(bufs.size());
+    for (auto& b : bufs) {
+      refs_.push_back(Napi::Persistent(b));
+      data_.push_back(std::make_pair(b.Data(), b.Length()));
+    }
+    results_.assign(bufs.size(), 0);
+  }
+
+  void Execute() override {
+    for (size_t i = 0; i < data_.size(); i++) results_[i] = WriteAll(fd_, data_[i].first, data_[i].second, positions_[i]);
+  }
+
+  void Results(Napi::Env env, std::vector<napi_value>* out) override {
+    Napi::Array r = Napi::Array::New(env, results_.size());
+    for (size_t i = 0; i < results_.size(); i++) {
+      int e = results_[i];
+      r.Set(static_cast<uint32_t>(i), e == 0 ? env.Null() : ErrnoError(env, e, "pwrite").Value());
+    }
+    out->push_back(r);
+  }
+
+ private:
+  int fd_;
+  std::vector<int64_t> positions_;
+  std::vector<Napi::Reference<Napi::Buffer<uint8_t>>> refs_;
+  std::vector<std::pair<const uint8_t*, size_t>> data_;
+  std::vector<int> results_;
+};
+
 class FdatasyncJob final : public Job {
  public:
   FdatasyncJob(const Napi::Function& cb, int fd) : Job(cb, "fdatasync"), fd_(fd) {}
@@ -338,6 +375,53 @@ Napi::Value Pwritev(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// pwriteBatch(fd, bufs, positions, cb): cb(null, errors[]) with errors[i] null or an Error.
+Napi::Value PwriteBatch(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  Napi::Function cb;
+  if (!GetFd(info, 0, "pwriteBatch", &fd)) return env.Undefined();
+  if (info.Length() < 3 || !info[1].IsArray() || !info[2].IsArray()) {
+    ThrowType(env, "pwriteBatch: bufs and positions must be arrays");
+    return env.Undefined();
+  }
+  if (!GetCallback(info, 3, "pwriteBatch", &cb)) return env.Undefined();
+  Napi::Array bufs = info[1].As<Napi::Array>();
+  Napi::Array positions = info[2].As<Napi::Array>();
+  uint32_t n = bufs.Length();
+  if (n < 1 || n > static_cast<uint32_t>(kMaxIovecs) || positions.Length() != n) {
+    ThrowRange(env, "pwriteBatch: 1.." + std::to_string(kMaxIovecs) + " buffers with as many positions");
+    return env.Undefined();
+  }
+  std::vector<Napi::Buffer<uint8_t>> bv;
+  std::vector<int64_t> pv;
+  bv.reserve(n);
+  pv.reserve(n);
+  for (uint32_t i = 0; i < n; i++) {
+    Napi::Value b = bufs.Get(i);
+    Napi::Value p = positions.Get(i);
+    if (!b.IsBuffer()) {
+      ThrowType(env, "pwriteBatch: bufs[" + std::to_string(i) + "] must be a Buffer");
+      return env.Undefined();
+    }
+    if (!p.IsNumber()) {
+      ThrowType(env, "pwriteBatch: positions[" + std::to_string(i) + "] must be a number");
+      return env.Undefined();
+    }
+    double d = p.As<Napi::Number>().DoubleValue();
+    Napi::Buffer<uint8_t> buf = b.As<Napi::Buffer<uint8_t>>();
+    if (!(d >= 0) || d > static_cast<double>(kMaxSafeInteger) || d != static_cast<double>(static_cast<int64_t>(d)) ||
+        static_cast<uint64_t>(d) + buf.Length() > static_cast<uint64_t>(kMaxSafeInteger)) {
+      ThrowRange(env, "pwriteBatch: positions[" + std::to_string(i) + "] must be a safe non-negative integer");
+      return env.Undefined();
+    }
+    bv.push_back(buf);
+    pv.push_back(static_cast<int64_t>(d));
+  }
+  (new PwriteBatchJob(cb, fd, bv, pv))->Queue();
+  return env.Undefined();
+}
+
 // fdatasync(fd, cb)
 Napi::Value Fdatasync(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -458,6 +542,7 @@ void InitIo(Napi::Env env, Napi::Object exports) {
   exports.Set("pread", Napi::Function::New(env, Pread, "pread"));
   exports.Set("pwrite", Napi::Function::New(env, Pwrite, "pwrite"));
   exports.Set("pwritev", Napi::Function::New(env, Pwritev, "pwritev"));
+  exports.Set("pwriteBatch", Napi::Function::New(env, PwriteBatch, "pwriteBatch"));
   exports.Set("fdatasync", Napi::Function::New(env, Fdatasync, "fdatasync"));
   exports.Set("fallocate", Napi::Function::New(env, Fallocate, "fallocate"));
   exports.Set("seek", Napi::Function::New(env, Seek, "seek"));

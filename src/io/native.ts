@@ -15,6 +15,8 @@ interface RawAddon {
   pwrite(fd: number, buf: Buffer, bufOffset: number, length: number, position: number, sync: boolean, cb: (err: Error | null) => void): void;
   /** pwritev of several buffers at consecutive positions starting at `position`; if sync, fdatasync afterwards. */
   pwritev(fd: number, bufs: Buffer[], position: number, sync: boolean, cb: (err: Error | null) => void): void;
+  /** Independent writes in one thread-pool job; errors[i] is null or write i's Error. */
+  pwriteBatch(fd: number, bufs: Buffer[], positions: number[], cb: (err: Error | null, errors: Array<Error | null>) => void): void;
   fdatasync(fd: number, cb: (err: Error | null) => void): void;
   /**
    * Synchronous preadv2/pwritev2(RWF_NOWAIT), length <= 1 MiB: touches only the page cache, never
@@ -95,6 +97,22 @@ export function preadNowait(fd: number, buf: Buffer, bufOffset: number, length: 
 /** Page-cache-only write on the calling thread; see RawAddon.pwriteNowait. */
 export function pwriteNowait(fd: number, buf: Buffer, bufOffset: number, length: number, position: number): number {
   return addon().pwriteNowait(fd, buf, bufOffset, length, position);
+}
+
+/** Most writes one pwriteBatch call takes (the addon's cap). */
+export const PWRITE_BATCH_MAX = 1024;
+
+/**
+ * Writes each buffer at its own position in one thread-pool job. Resolves with one entry
+ * per write: null if it was written whole, else its Error.
+ */
+export function pwriteBatch(fd: number, bufs: Buffer[], positions: number[]): Promise<Array<Error | null>> {
+  checkInt('fd', fd);
+  if (bufs.length === 0 || bufs.length > PWRITE_BATCH_MAX || positions.length !== bufs.length) {
+    throw new RangeError(`pwriteBatch: 1..${PWRITE_BATCH_MAX} buffers with as many positions, got ${bufs.length}/${positions.length}`);
+  }
+  for (const p of positions) checkInt('position', p);
+  return new Promise((resolve, reject) => addon().pwriteBatch(fd, bufs, positions, (err, errors) => (err ? reject(err) : resolve(errors))));
 }
 
 export function fdatasync(fd: number): Promise<void> {

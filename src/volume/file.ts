@@ -19,6 +19,10 @@
  *   the event loop (RWF_NOWAIT, <= 128 KiB: a few microseconds, never waits for the disk);
  *   whatever that did not transfer goes through the thread pool. The first "unsupported"
  *   answer turns the attempt off for this volume.
+ * - Plain (non-FUA) writes up to WRITE_BATCH_ITEM_MAX_BYTES made in the same tick go to
+ *   the thread pool as one batch job (one hop for the lot, not one each); each write's
+ *   promise settles with its own outcome. A batch holds at most PWRITE_BATCH_MAX writes
+ *   and WRITE_BATCH_MAX_BYTES.
  * - No call is accepted after close(); close() is idempotent.
  */
 import * as fs from 'fs';
@@ -40,6 +44,18 @@ const fsyncAsync = promisify(fs.fsync);
 export const FILE_MAX_PAYLOAD_BYTES = 32 * 1024 * 1024;
 /** Largest image we serve: 2^52 bytes keeps every offset exact in a JS number. */
 export const FILE_VOLUME_SIZE_MAX_BYTES = 2 ** 52;
+/** Plain writes up to this size are batched; larger ones go alone (they amortise the hop). */
+const WRITE_BATCH_ITEM_MAX_BYTES = 256 * 1024;
+/** A batch is submitted at once when it holds this many bytes. */
+const WRITE_BATCH_MAX_BYTES = 8 * 1024 * 1024;
+
+interface WriteBatch {
+  bufs: Buffer[];
+  positions: number[];
+  waiters: Array<{ resolve: () => void; reject: (e: unknown) => void }>;
+  bytes: number;
+}
+
 /** The slow zeroing path writes at most this much per pwrite. */
 const ZERO_WRITE_CHUNK_BYTES = 1024 * 1024;
 /** blockStatus issues at most this many lseek calls per request (bounded work). */
@@ -106,6 +122,10 @@ export class FileVolume implements Volume {
   private canAllocate = true;
   private tryNowaitReads = true;
   private tryNowaitWrites = true;
+  /** Plain writes gathered in this tick, submitted together at its end. */
+  private batch: WriteBatch | undefined;
+  /** Batch jobs running in the pool; close() waits for them before closing the fd. */
+  private readonly batchesInFlight = new Set<Promise<void>>();
 
   private constructor(filePath: string, fd: number, sizeBytes: number, readOnly: boolean) {
     assert(Number.isSafeInteger(sizeBytes) && sizeBytes >= 0 && sizeBytes <= FILE_VOLUME_SIZE_MAX_BYTES, 'bad size');
@@ -220,11 +240,48 @@ export class FileVolume implements Volume {
       if (n === native.NOWAIT_UNSUPPORTED) this.tryNowaitWrites = false;
       else if (n > 0) done = n;
     }
+    if (!fua && length - done <= WRITE_BATCH_ITEM_MAX_BYTES) return this.queueWrite(done === 0 ? data : data.subarray(done), offset + done);
     try {
       await native.pwrite(this.fd, data, done, length - done, offset + done, fua);
     } catch (e) {
       throw this.noteSyncFailure(e, `write ${this.path} at ${offset}`);
     }
+  }
+
+  private queueWrite(data: Buffer, position: number): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      let b = this.batch;
+      if (!b) {
+        b = { bufs: [], positions: [], waiters: [], bytes: 0 };
+        this.batch = b;
+        process.nextTick(() => this.submitBatch(b as WriteBatch));
+      }
+      b.bufs.push(data);
+      b.positions.push(position);
+      b.waiters.push({ resolve, reject });
+      b.bytes += data.length;
+      if (b.bufs.length >= native.PWRITE_BATCH_MAX || b.bytes >= WRITE_BATCH_MAX_BYTES) this.submitBatch(b);
+    });
+  }
+
+  private submitBatch(b: WriteBatch): void {
+    if (this.batch !== b) return; // already submitted (it filled up)
+    this.batch = undefined;
+    const job: Promise<void> = native.pwriteBatch(this.fd, b.bufs, b.positions).then(
+      (errors) => {
+        assert(errors.length === b.waiters.length, 'pwriteBatch: one result per write');
+        b.waiters.forEach((w, i) => {
+          const e = errors[i];
+          if (e) w.reject(this.noteSyncFailure(e, `write ${this.path} at ${b.positions[i]}`));
+          else w.resolve();
+        });
+      },
+      (e: unknown) => {
+        for (const w of b.waiters) w.reject(this.noteSyncFailure(e, `write ${this.path}`));
+      },
+    );
+    this.batchesInFlight.add(job);
+    void job.finally(() => this.batchesInFlight.delete(job));
   }
 
   /** Marks the volume failed if e came from fdatasync, and returns the VolumeError to throw. */
@@ -393,6 +450,8 @@ export class FileVolume implements Volume {
   async close(): Promise<void> {
     if (this.closed) return;
     let err: unknown;
+    if (this.batch) this.submitBatch(this.batch);
+    await Promise.allSettled([...this.batchesInFlight]);
     if (!this.caps.readOnly) {
       try {
         await this.flush();
