@@ -14,6 +14,7 @@ import type { ExportInfo, ExportRegistry } from '../nbd/exports';
 import type { BlockTreeApi } from '../tree/types';
 import { BLOCK_SIZE_BYTES } from '../io/types';
 import { assert } from '../util/assert';
+import { clipExtents } from './extents';
 import { VolumeError } from './errors';
 import { readFromTree, type EngineVolume } from './engine';
 import type { Extent, Volume, VolumeCapabilities, ZeroOptions } from './types';
@@ -76,20 +77,7 @@ export class SnapshotVolume implements Volume {
     const startLbn = Math.floor(offset / BS);
     const endLbn = Math.ceil((offset + length) / BS);
     const ext = await r.blockStatus(startLbn, endLbn - startLbn, maxExtents);
-    const out: Extent[] = [];
-    let skip = offset - startLbn * BS;
-    let remaining = length;
-    for (const e of ext) {
-      if (remaining === 0 || out.length >= maxExtents) break;
-      let len = e.lengthBytes;
-      const s = Math.min(skip, len);
-      len -= s;
-      skip -= s;
-      len = Math.min(len, remaining);
-      if (len <= 0) continue;
-      out.push({ lengthBytes: len, flags: e.flags });
-      remaining -= len;
-    }
+    const out = clipExtents(ext, offset - startLbn * BS, length, maxExtents);
     assert(out.length >= 1, 'snapshot blockStatus produced nothing');
     return out;
   }

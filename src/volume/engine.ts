@@ -30,6 +30,7 @@ import { CpRunner, CP_INTERVAL_MS_DEFAULT, type CpStats } from '../cp/runner';
 import { assert } from '../util/assert';
 import { formatSize } from '../util/size';
 import { log as logger } from '../util/log';
+import { clipExtents } from './extents';
 import { VolumeError } from './errors';
 import { EXTENT_HOLE, EXTENT_ZERO, type Extent, type Volume, type VolumeCapabilities, type ZeroOptions } from './types';
 import { BlockLocks } from './engine-locks';
@@ -412,22 +413,7 @@ export class EngineVolume implements Volume {
       if (covered < run.count * BS) break; // the tree answered short: stop here, stay contiguous
     }
     // Clip to [offset, offset+length) and to maxExtents.
-    const out: Extent[] = [];
-    let skip = offset - startLbn * BS;
-    let remaining = length;
-    for (const e of blocks) {
-      if (out.length >= maxExtents || remaining === 0) break;
-      let len = e.lengthBytes;
-      if (skip > 0) {
-        const s = Math.min(skip, len);
-        len -= s;
-        skip -= s;
-      }
-      len = Math.min(len, remaining);
-      if (len <= 0) continue;
-      out.push({ lengthBytes: len, flags: e.flags });
-      remaining -= len;
-    }
+    const out = clipExtents(blocks, offset - startLbn * BS, length, maxExtents);
     assert(out.length >= 1, 'blockStatus produced nothing');
     return out;
   }
