@@ -42,7 +42,7 @@ import {
 import { NodeCache } from './node-cache';
 import { NewBlock, SpaceMap, SpaceMapLoader } from './spacemap';
 import type {
-  BlockChange, BlockTreeApi, CheckReport, CommitResult, CpMeta, SnapshotInfo, SnapshotOp, TreeReader, TreeStats,
+  BlockChange, BlockTreeApi, CheckReport, CommitResult, CpMeta, SnapshotInfo, SnapshotOp, TreeReader, TreeStats, TreeRollback,
 } from './types';
 import { Slicer, forEachLimit } from './work';
 
@@ -148,6 +148,8 @@ class PinnedReader implements TreeReader {
 export class BlockTree implements BlockTreeApi {
   readonly sizeBytes: number;
   readonly volumeUuid: string;
+  /** Set by open() when it fell back past a durable newer CP (see TreeRollback). */
+  rollback: TreeRollback | undefined = undefined;
   readonly lbnCount: number;
   readonly height: number;
   private readonly uuidBytes: Buffer;
@@ -247,8 +249,23 @@ export class BlockTree implements BlockTreeApi {
         continue;
       }
       try {
-        const tree = await BlockTree.mount(dev, sb, opts);
-        if (sb !== newest) log().error({ cp: sb.cpNumber, newest: newest.cpNumber, skipped: failures }, 'block tree: mounted an older CP because newer superblocks did not verify (newer CPs are lost)');
+        let tree: BlockTree;
+        try {
+          tree = await BlockTree.mount(dev, sb, opts);
+        } catch (e) {
+          if (e instanceof DeviceReadError) throw e;
+          // Read it again before giving up on a durable CP: a one-off bad read must not roll back.
+          tree = await BlockTree.mount(dev, sb, opts);
+        }
+        if (sb !== newest) {
+          log().error({ cp: sb.cpNumber, newest: newest.cpNumber, skipped: failures }, 'block tree: mounted an older CP because newer superblocks did not verify');
+          tree.rollback = {
+            mountedCp: sb.cpNumber,
+            newestCp: newest.cpNumber,
+            newestMeta: { nvlogSeq: newest.nvlogSeq, nvlogEpoch: newest.nvlogEpoch },
+            reasons: failures.slice(),
+          };
+        }
         return tree;
       } catch (e) {
         // A device error is not corruption: rolling back to an older CP would lose committed data.

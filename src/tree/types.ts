@@ -73,9 +73,24 @@ export interface TreeStats {
   meta: CpMeta;
 }
 
+/**
+ * Set when mount had to fall back past a newer CP whose superblock slot verified (so it
+ * was durably committed) but whose tree did not. The engine decides whether the NVRAM
+ * still covers the writes of the skipped CPs; if not, opening would lose them.
+ */
+export interface TreeRollback {
+  mountedCp: number;
+  newestCp: number;
+  /** The NVRAM watermark the newest (skipped) CP had committed. */
+  newestMeta: CpMeta;
+  reasons: string[];
+}
+
 export interface BlockTreeApi extends TreeReader {
   readonly sizeBytes: number;
   readonly volumeUuid: string;
+  /** Undefined when the newest durable CP mounted. */
+  readonly rollback: TreeRollback | undefined;
   stats(): TreeStats;
   /**
    * Atomically commits one CP: write changed data blocks and the address-block paths

@@ -173,6 +173,22 @@ export class EngineVolume implements Volume {
     if (replay.records > 0 || replay.orphanedRecords > 0) {
       logger().info({ records: replay.records, firstSeq: replay.firstSeq, lastSeq: replay.lastSeq, orphaned: replay.orphanedRecords }, 'NVRAM replay');
     }
+    const rb = opts.tree.rollback;
+    if (rb) {
+      // The tree mounted an older CP than the newest durable one. Acknowledged writes up to
+      // the newest CP's watermark survive only if the replay chain reaches it.
+      const reached = replay.records > 0 ? replay.lastSeq : committed.nvlogSeq;
+      if (reached < rb.newestMeta.nvlogSeq) {
+        const msg =
+          `the newest committed CP ${rb.newestCp} does not verify (${rb.reasons.join('; ')}), and the NVRAM log no longer ` +
+          `holds its writes (replay reaches seq ${reached}, CP ${rb.newestCp} had committed up to seq ${rb.newestMeta.nvlogSeq}): ` +
+          `opening CP ${rb.mountedCp} would silently lose acknowledged writes`;
+        if (!opts.readOnly) throw new VolumeError('EIO', `${msg}; refusing to open read-write (serve it --read-only to salvage; run nvmirror check)`);
+        logger().error({ mountedCp: rb.mountedCp, newestCp: rb.newestCp }, `${msg}; serving read-only as asked`);
+      } else {
+        logger().warn({ mountedCp: rb.mountedCp, newestCp: rb.newestCp }, 'newest CP did not verify; its writes are replayed from the NVRAM log');
+      }
+    }
     if (!opts.readOnly) {
       const epoch = log.nextEpoch;
       for (const half of log.recoveryHalves()) {
