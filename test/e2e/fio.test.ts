@@ -26,7 +26,8 @@ function jobFile(dir: string, name: string, uri: string, body: string): string {
 }
 
 async function fio(file: string): Promise<FioJobResult[]> {
-  const out = await runOk('fio', ['--output-format=json', file], { timeoutMs: 60_000 });
+  // Run in the job's temp dir: fio writes its verify state files into the working directory.
+  const out = await runOk('fio', ['--output-format=json', file], { timeoutMs: 60_000, cwd: path.dirname(file) });
   // fio may print notes before the JSON document.
   const start = out.indexOf('{');
   const parsed = JSON.parse(out.slice(start)) as { jobs: FioJobResult[] };
@@ -93,7 +94,7 @@ for (const backend of BACKENDS) {
       const verifyOnly = jobFile(tmp, 'vo-check', server.uri, `verify_only=1\n${body}`);
       await fio(verifyOnly);
       await runOk('qemu-io', ['-f', 'raw', '-c', 'write -P 0x00 1M 4k', server.uri]);
-      const r = await run('fio', ['--output-format=json', verifyOnly], { timeoutMs: 60_000 });
+      const r = await run('fio', ['--output-format=json', verifyOnly], { timeoutMs: 60_000, cwd: tmp });
       assert.notEqual(r.code, 0, `fio verify_only should fail on the corrupted block:\n${r.stdout.slice(-2000)}`);
       assert.match(`${r.stdout}${r.stderr}`, /verify|bad magic|crc32c/i);
     });
