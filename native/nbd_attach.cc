@@ -392,6 +392,13 @@ Status IoctlDetach(const std::string& device) {
 // The nbd driver is missing when neither the genl family nor the device node exists.
 const char* kNoDriver = "nbd-driver";
 
+// The ioctl path failed to open /dev/nbdN and no nbd module is loaded: say "no driver"
+// rather than a bare ENOENT, so the wrapper can tell the user to `modprobe nbd`.
+Status NoDriverIfAbsent(Status st) {
+  if (st.err == ENOENT && std::strcmp(st.syscall, "open") == 0 && !FileExists("/sys/module/nbd")) return Status::Fail(ENODEV, kNoDriver);
+  return st;
+}
+
 class AttachJob final : public Napi::AsyncWorker {
  public:
   AttachJob(const Napi::Function& cb, AttachParams p) : Napi::AsyncWorker(cb, "nbdAttach"), p_(std::move(p)) {}
@@ -415,9 +422,7 @@ class AttachJob final : public Napi::AsyncWorker {
     used_ = Method::kIoctl;
     index_ = p_.index;
     status_ = IoctlAttach(p_);
-    if (status_.err == ENOENT && std::strcmp(status_.syscall, "open") == 0 && !FileExists("/sys/module/nbd")) {
-      status_ = Status::Fail(ENODEV, kNoDriver);
-    }
+    status_ = NoDriverIfAbsent(status_);
   }
 
   void OnOK() override {
@@ -451,9 +456,7 @@ class DetachJob final : public Napi::AsyncWorker {
       return;
     }
     status_ = IoctlDetach(device_);
-    if (status_.err == ENOENT && std::strcmp(status_.syscall, "open") == 0 && !FileExists("/sys/module/nbd")) {
-      status_ = Status::Fail(ENODEV, kNoDriver);
-    }
+    status_ = NoDriverIfAbsent(status_);
   }
 
   void OnOK() override {
