@@ -5,8 +5,7 @@
  */
 import { assert } from '../util/assert';
 
-export const NBDMAGIC = 0x4e42444d41474943n;
-export const IHAVEOPT = 0x49484156454f5054n;
+// NBDMAGIC 0x4e42444d41474943 and IHAVEOPT 0x49484156454f5054, as 32-bit halves.
 export const NBDMAGIC_HI = 0x4e42444d;
 export const NBDMAGIC_LO = 0x41474943;
 export const IHAVEOPT_HI = 0x49484156;

@@ -220,17 +220,16 @@ export class Transmission {
         void this.doWrite(req);
         return;
       case P.CMD_FLUSH:
-        void this.doSimple(req, 0, this.volume.flush(), 'flush');
+        void this.doSimple(req, this.volume.flush(), 'flush');
         return;
       case P.CMD_TRIM:
         if (req.length === 0) return this.replySimple(req, 0);
-        void this.doSimple(req, 0, this.volume.trim(req.offset, req.length, (req.flags & P.CMD_FLAG_FUA) !== 0), 'trim');
+        void this.doSimple(req, this.volume.trim(req.offset, req.length, (req.flags & P.CMD_FLAG_FUA) !== 0), 'trim');
         return;
       case P.CMD_WRITE_ZEROES:
         if (req.length === 0) return this.replySimple(req, 0);
         void this.doSimple(
           req,
-          0,
           this.volume.zero(req.offset, req.length, {
             noHole: (req.flags & P.CMD_FLAG_NO_HOLE) !== 0,
             fastZero: (req.flags & P.CMD_FLAG_FAST_ZERO) !== 0,
@@ -241,7 +240,7 @@ export class Transmission {
         return;
       case P.CMD_CACHE:
         if (req.length === 0) return this.replySimple(req, 0);
-        void this.doSimple(req, 0, this.volume.cache(req.offset, req.length), 'cache');
+        void this.doSimple(req, this.volume.cache(req.offset, req.length), 'cache');
         return;
       case P.CMD_BLOCK_STATUS:
         void this.doBlockStatus(req);
@@ -354,15 +353,16 @@ export class Transmission {
     }
   }
 
-  private async doSimple(req: Request, bytes: number, op: Promise<void>, what: string): Promise<void> {
-    this.begin(bytes);
+  /** A request with no payload either way: reply once `op` settles. */
+  private async doSimple(req: Request, op: Promise<void>, what: string): Promise<void> {
+    this.begin(0);
     try {
       await op;
       this.replySimple(req, 0);
     } catch (e) {
       this.replySimple(req, toNbdError(e, this.log, `${what} ${req.length}@${req.offset}`));
     } finally {
-      this.end(bytes);
+      this.end(0);
     }
   }
 
