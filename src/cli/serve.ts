@@ -2,7 +2,7 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import { Command, Option } from 'commander';
-import { NbdServer } from '../nbd/server';
+import { NbdServer, type TlsFiles } from '../nbd/server';
 import { openVolume } from '../volume/open';
 import { createVolumeDir, LABEL_NAME } from '../volume/dir';
 import { createLogger } from '../util/log';
@@ -83,27 +83,22 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
     await opened.close();
     logger.info('stopped cleanly');
   }, logger);
+  const tlsFiles: TlsFiles | undefined =
+    o.tlsCert !== undefined || o.tlsPsk !== undefined
+      ? {
+          ...(o.tlsCert !== undefined ? { certPath: o.tlsCert } : {}),
+          ...(o.tlsKey !== undefined ? { keyPath: o.tlsKey } : {}),
+          ...(o.tlsCa !== undefined ? { caPath: o.tlsCa } : {}),
+          ...(o.tlsPsk !== undefined ? { pskPath: o.tlsPsk } : {}),
+          required: o.tlsRequired === true,
+        }
+      : undefined;
+  const tls = tlsFiles !== undefined;
   try {
-    server = new NbdServer({
-      exports: opened.exports,
-      logger,
-      maxConnections: o.maxConnections,
-      ...(o.tlsCert !== undefined || o.tlsPsk !== undefined
-        ? {
-            tls: {
-              ...(o.tlsCert !== undefined ? { certPath: o.tlsCert } : {}),
-              ...(o.tlsKey !== undefined ? { keyPath: o.tlsKey } : {}),
-              ...(o.tlsCa !== undefined ? { caPath: o.tlsCa } : {}),
-              ...(o.tlsPsk !== undefined ? { pskPath: o.tlsPsk } : {}),
-              required: o.tlsRequired === true,
-            },
-          }
-        : {}),
-    });
-    const srv = server;
+    const srv = new NbdServer({ exports: opened.exports, logger, maxConnections: o.maxConnections, ...(tlsFiles ? { tls: tlsFiles } : {}) });
+    server = srv;
     const tcp = o.listen ?? (o.socket === undefined ? DEFAULT_LISTEN : undefined);
     const uris: string[] = [];
-    const tls = o.tlsCert !== undefined || o.tlsPsk !== undefined;
     if (o.socket !== undefined) {
       await srv.listenUnix(path.resolve(o.socket));
       uris.push(uriFor({ unix: path.resolve(o.socket) }, o.export, tls));
