@@ -93,7 +93,7 @@ export async function commitHalf(log: NvLog, tree: BlockTreeApi, half: Half, met
     }
   }
   for (const [lbn, regionOffset] of blocks) {
-    if (add({ lbn, data: log.blockView(regionOffset) })) await commit(false);
+    if (add({ lbn, data: log.blockView(regionOffset), origin: log.originOf(half, regionOffset) })) await commit(false);
   }
   await commit(true);
   return out;

@@ -192,6 +192,7 @@ export class NbdServer {
         const t = new Transmission(session, log);
         conn.transmission = t;
         void t.closed.then(() => {
+          session.volume.detach?.();
           this.conns.delete(conn);
           log.info({ requests: t.requestsServed }, 'client disconnected');
         });

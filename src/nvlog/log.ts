@@ -34,7 +34,7 @@ import { VolumeError } from '../volume/errors';
 import { assert } from '../util/assert';
 import {
   encodeHeaderSlot, encodeRecord, halfLayout, headerSlotFor, HEADER_PAGE_BYTES, HEADER_SLOT_OFFSETS,
-  recordSizeBytes, RecordType, type HalfLayout, type RegionHeader,
+  recordSizeBytes, RecordType, RECORD_HEADER_BYTES, type HalfLayout, type RegionHeader,
 } from './format';
 import { HalfIndex, type IndexHit, type LbnRange } from './half-index';
 import { scanRegion, type LocatedRecord, type ScanResult } from './replay';
@@ -60,6 +60,9 @@ export class Half {
   records = 0;
   /** Incremented each time the half is reset, so stale persist rounds can tell. */
   generation = 0;
+  /** Write records of this half in seq order: payload region offsets and their seqs. */
+  readonly writePayloadOffsets: number[] = [];
+  readonly writeSeqs: number[] = [];
   constructor(readonly id: 0 | 1, readonly start: number, readonly sizeBytes: number) {
     this.writeEnd = start;
     this.persistedEnd = start;
@@ -77,6 +80,8 @@ export class Half {
     this.firstSeq = 0;
     this.lastSeq = 0;
     this.records = 0;
+    this.writePayloadOffsets.length = 0;
+    this.writeSeqs.length = 0;
     this.generation++;
   }
 }
@@ -111,6 +116,17 @@ export interface NvLogStats {
   frozenUsedBytes: number;
   spaceWaiters: number;
   persistRounds: number;
+}
+
+/** A record as the append hook sees it. */
+export interface AppendedRecord {
+  seq: number;
+  type: RecordType;
+  flags: number;
+  offsetBytes: number;
+  lengthBytes: number;
+  /** Write payload (concatenated: lengthBytes), empty for trim/zero. */
+  payload: readonly Buffer[];
 }
 
 interface PendingAppend {
@@ -167,6 +183,12 @@ export class NvLog {
   private readonly populateQueue: Half[] = [];
   private populating = false;
   onFrozen: (() => void) | undefined;
+  /**
+   * The append hook: called synchronously for each record as it is written into the
+   * region, in seq order (a mirror forwards it). The payload views are valid only
+   * during the call.
+   */
+  onAppend: ((rec: AppendedRecord) => void) | undefined;
 
   /** Initialises a region for a volume: header epoch 1, fresh salt; persists the header page. */
   static async format(region: NvramRegion, volumeUuid: string, random?: Random): Promise<void> {
@@ -225,7 +247,7 @@ export class NvLog {
         half.state = 'frozen';
         half.firstSeq = r.header.seq;
       }
-      this.indexRecord(half, r.header.type, r.header.offsetBytes, r.header.lengthBytes, r.payloadOffset);
+      this.indexRecord(half, r.header.type, r.header.offsetBytes, r.header.lengthBytes, r.payloadOffset, r.header.seq);
       half.lastSeq = r.header.seq;
       half.records++;
       half.writeEnd = r.regionOffset + recordSizeBytes(r.header.payloadBytes);
@@ -233,11 +255,35 @@ export class NvLog {
     }
   }
 
-  private indexRecord(half: Half, type: RecordType, offsetBytes: number, lengthBytes: number, payloadOffset: number): void {
+  private indexRecord(half: Half, type: RecordType, offsetBytes: number, lengthBytes: number, payloadOffset: number, seq: number): void {
     const startLbn = offsetBytes / BLOCK_SIZE_BYTES;
     const count = lengthBytes / BLOCK_SIZE_BYTES;
-    if (type === RecordType.Write) half.index.addWrite(startLbn, count, payloadOffset);
-    else half.index.addZero(startLbn, startLbn + count);
+    if (type === RecordType.Write) {
+      half.index.addWrite(startLbn, count, payloadOffset);
+      half.writePayloadOffsets.push(payloadOffset);
+      half.writeSeqs.push(seq);
+    } else {
+      half.index.addZero(startLbn, startLbn + count);
+    }
+  }
+
+  /**
+   * The record (seq) and block index within it that a logged block at `regionOffset`
+   * (from the half's index) belongs to. Binary search over the half's write records.
+   */
+  originOf(half: Half, regionOffset: number): { seq: number; index: number } {
+    const offs = half.writePayloadOffsets;
+    let lo = 0;
+    let hi = offs.length - 1;
+    assert(hi >= 0 && regionOffset >= offs[0]!, 'originOf: offset before the first write record');
+    while (lo < hi) {
+      const mid = (lo + hi + 1) >> 1;
+      if (offs[mid]! <= regionOffset) lo = mid;
+      else hi = mid - 1;
+    }
+    const delta = regionOffset - offs[lo]!;
+    assert(delta % BLOCK_SIZE_BYTES === 0, 'originOf: offset not on a block of a record');
+    return { seq: half.writeSeqs[lo]!, index: delta / BLOCK_SIZE_BYTES };
   }
 
   // ---- recovery ----
@@ -410,7 +456,8 @@ export class NvLog {
     if (half.records === 0) half.firstSeq = seq;
     half.lastSeq = seq;
     half.records++;
-    this.indexRecord(half, a.type, a.offsetBytes, a.lengthBytes, at + 64);
+    this.indexRecord(half, a.type, a.offsetBytes, a.lengthBytes, at + RECORD_HEADER_BYTES, seq);
+    this.onAppend?.({ seq, type: a.type, flags: a.flags, offsetBytes: a.offsetBytes, lengthBytes: a.lengthBytes, payload: a.payload });
     return seq;
   }
 

@@ -42,7 +42,8 @@ import {
 import { NodeCache } from './node-cache';
 import { NewBlock, SpaceMap, SpaceMapLoader } from './spacemap';
 import type {
-  BlockChange, BlockTreeApi, CheckReport, CommitResult, CpMeta, SnapshotInfo, SnapshotOp, TreeReader, TreeStats, TreeRollback,
+  BlockChange, BlockOrigin, BlockTreeApi, CheckReport, CommitResult, CommittedView, CpBlock, CpMeta, CpSink, SnapshotInfo, SnapshotOp,
+  TreeReader, TreeStats, TreeRollback,
 } from './types';
 import { Slicer, forEachLimit } from './work';
 
@@ -121,6 +122,7 @@ interface CommitWork {
   lbns: number[];
   datas: (Buffer | null)[];
   dataCrcs: number[];
+  origins: (BlockOrigin | undefined)[];
   dataCount: number;
   plan: PathLevel[];
   nodesMax: number;
@@ -168,6 +170,9 @@ export class BlockTree implements BlockTreeApi {
   private rotatedForCp = -1;
   private failedReason: string | null = null;
   private closed = false;
+  private sink: CpSink | undefined;
+  /** Pins taken by pinCommitted() that are not released yet. */
+  private readonly pins = new Set<RootHandle[]>();
 
   private constructor(
     private readonly dev: BlockDevice,
@@ -276,6 +281,28 @@ export class BlockTree implements BlockTreeApi {
       }
     }
     throw new Error(`no superblock verifies (${failures.join('; ')})`);
+  }
+
+  /**
+   * A read-only view of the committed state a superblock describes (e.g. a mirror's
+   * newest CP): verifies the root blocks, loads no space map, refuses commits. Reads are
+   * as safe as the caller's guarantee that nothing it references is overwritten.
+   */
+  static async openView(dev: BlockDevice, superblock: Buffer, opts: OpenOptions = {}): Promise<BlockTree> {
+    const sb = decodeSuperblock(superblock);
+    if (typeof sb === 'string') throw new VolumeError('EIO', `superblock does not verify: ${sb}`);
+    const uuid = uuidToBytes(sb.volumeUuid);
+    const roots = [sb.root, ...sb.snapshots.map((s) => s.root)];
+    for (const r of roots) {
+      if (r === null) continue;
+      const buf = Buffer.alloc(BLOCK);
+      await dev.readBlocks(r.pba, 1, buf);
+      const problem = verifyNode(buf, r, { type: NODE_TYPE_DATA_TREE, level: sb.treeHeight - 1, index: 0 }, uuid);
+      if (problem) throw new VolumeError('EIO', `CP ${sb.cpNumber} root block at pba ${r.pba}: ${problem}`);
+    }
+    const tree = new BlockTree(dev, sb, SpaceMap.createEmpty(sb.deviceBlocks), opts.clock ?? systemClock, { cacheBlocks: 256, ...opts, discardFreed: false });
+    tree.failedReason = 'a read-only view';
+    return tree;
   }
 
   private static async mount(dev: BlockDevice, sb: Superblock, opts: OpenOptions): Promise<BlockTree> {
@@ -549,13 +576,13 @@ export class BlockTree implements BlockTreeApi {
       if (!Number.isSafeInteger(v) || (v as number) < 0) throw new VolumeError('EINVAL', `CpMeta.${k} must be a non-negative safe integer, got ${String(v)}`);
     }
     // Collect and validate the changes (the last change to an lbn wins).
-    const byLbn = new Map<number, Buffer | null>();
+    const byLbn = new Map<number, BlockChange>();
     const slicer = new Slicer();
     for (const c of changesIn) {
       if ((byLbn.size & 1023) === 1023) await slicer.maybeYield();
       if (!Number.isSafeInteger(c.lbn) || c.lbn < 0 || c.lbn >= this.lbnCount) throw new VolumeError('EINVAL', `change to lbn ${c.lbn} outside the volume [0, ${this.lbnCount})`);
       if (c.data !== null && c.data.length !== BLOCK) throw new VolumeError('EINVAL', `change to lbn ${c.lbn} has ${c.data.length} bytes, not ${BLOCK}`);
-      byLbn.set(c.lbn, c.data);
+      byLbn.set(c.lbn, c);
       if (byLbn.size > MAX_CHANGES_PER_CP) throw new VolumeError('EINVAL', `a CP may change at most ${MAX_CHANGES_PER_CP} blocks`);
     }
     const snapPlan = this.planSnapshots(snapshotOps, cp);
@@ -563,13 +590,16 @@ export class BlockTree implements BlockTreeApi {
     // Data blocks: all-zero blocks become holes; checksum the rest.
     const datas: (Buffer | null)[] = new Array<Buffer | null>(lbns.length);
     const dataCrcs: number[] = new Array<number>(lbns.length).fill(0);
+    const origins: (BlockOrigin | undefined)[] = new Array<BlockOrigin | undefined>(lbns.length);
     let dataCount = 0;
     for (let i = 0; i < lbns.length; i++) {
-      const d = byLbn.get(lbns[i]!)!;
+      const ch = byLbn.get(lbns[i]!)!;
+      const d = ch.data;
       const keep = d !== null && !d.equals(ZERO_BLOCK);
       datas[i] = keep ? d : null;
       if (keep) {
         dataCrcs[i] = crc32c(d);
+        origins[i] = ch.origin;
         dataCount++;
       }
       if ((i & 255) === 255) await slicer.maybeYield();
@@ -583,13 +613,20 @@ export class BlockTree implements BlockTreeApi {
     let newSummary: Buffer | null = null;
     if (snapPlan.deleted.length > 0) newSummary = await this.summaryWithout(snapPlan.deleted);
     // Space: rotate the reserved generations once per CP number, then check room.
+    // Releasing at the start of CP c makes the frees of CPs <= c-2 reusable: a sink's
+    // oldest needed CP must be at least c-2, or the frees stay held.
+    const needed0 = this.sink?.oldestNeededCp();
     if (this.rotatedForCp !== cp) {
       this.rotatedForCp = cp;
-      await this.discard(this.smap.beginCommit(this.retiredIdle()));
+      const holdOk = needed0 === undefined || needed0 >= cp - 2;
+      await this.discard(this.smap.beginCommit(this.retiredIdle() && holdOk));
     }
     const needed = dataCount + nodesMax + this.smap.treeBlocksMax;
     if (needed > this.smap.free && this.smap.reserved > 0) {
       // Space pressure: reuse blocks freed by the last CP now (it is durable) once no read is in flight on an old root.
+      if (needed0 !== undefined && needed0 < cp - 1) {
+        this.sink?.holdBroken(cp, `CP ${cp} needs ${needed} blocks, ${this.smap.free} free: reusing blocks held for CP ${needed0}`);
+      }
       await Promise.all([...this.retired].map((h) => h.idle()));
       this.retiredIdle();
       await this.discard(this.smap.beginCommit(true));
@@ -600,7 +637,7 @@ export class BlockTree implements BlockTreeApi {
     }
     // From here on the in-memory space map changes: a failure poisons the tree.
     try {
-      return await this.commitMutating({ cp, t0, meta, lbns, datas, dataCrcs, dataCount, plan, nodesMax, newSummary, snapPlan, slicer });
+      return await this.commitMutating({ cp, t0, meta, lbns, datas, dataCrcs, origins, dataCount, plan, nodesMax, newSummary, snapPlan, slicer });
     } catch (e) {
       const msg = e instanceof Error ? e.message : String(e);
       this.failedReason = `CP ${cp}: ${msg}`;
@@ -665,18 +702,20 @@ export class BlockTree implements BlockTreeApi {
     for (const r of this.smap.allocate(c.dataCount + c.nodesMax)) for (let k = 0; k < r.count; k++) pbas.push(r.pba + k);
     let next = 0;
     const dataPtrs: (BlockPtr | null)[] = new Array<BlockPtr | null>(lbns.length).fill(null);
-    const dataWrites: NewBlock[] = [];
+    const dataWrites: CpBlock[] = [];
     for (let i = 0; i < lbns.length; i++) {
       const d = datas[i];
       if (!d) continue;
       const pba = pbas[next++]!;
-      dataPtrs[i] = { pba, birth: cp, crc: c.dataCrcs[i]! };
-      dataWrites.push({ pba, buf: d });
+      const crc = c.dataCrcs[i]!;
+      dataPtrs[i] = { pba, birth: cp, crc };
+      const origin = c.origins[i];
+      dataWrites.push(origin ? { pba, buf: d, origin, crc } : { pba, buf: d });
     }
     for (const lvl of plan) for (let k = 0; k < lvl.index.length; k++) lvl.pba.push(pbas[next++]!);
     assert(next === pbas.length, 'allocated blocks left over');
     pbas.length = 0;
-    await this.writeAll(dataWrites, slicer);
+    await this.writeAll(dataWrites, slicer, cp);
     blocksWritten += dataWrites.length;
     dataWrites.length = 0;
     // Address blocks bottom-up, streamed in batches: copy the old node (or start empty),
@@ -742,7 +781,7 @@ export class BlockTree implements BlockTreeApi {
           this.cache.put(ptr, buf);
         });
         const writes = out.filter((w): w is NewBlock => w !== null);
-        await this.writeAll(writes, slicer);
+        await this.writeAll(writes, slicer, cp);
         blocksWritten += writes.length;
       }
       if (below) below.newPtr.length = 0;
@@ -750,7 +789,7 @@ export class BlockTree implements BlockTreeApi {
     const newRoot = plan.length > 0 ? plan[plan.length - 1]!.newPtr[0]! : this.sb.root;
     // The space map's own blocks (every allocation and free of the CP is final now).
     const smapBlocks = this.smap.buildCommit(cp, this.uuidBytes);
-    await this.writeAll(smapBlocks, slicer);
+    await this.writeAll(smapBlocks, slicer, cp);
     blocksWritten += smapBlocks.length;
     await this.dev.sync();
     // The new superblock, into the next ring slot, then sync: the CP is durable.
@@ -765,7 +804,8 @@ export class BlockTree implements BlockTreeApi {
       ...this.sb, cpNumber: cp, timestampMs: nowMs, lastCpDurationMs: durationMs, nvlogSeq: c.meta.nvlogSeq, nvlogEpoch: c.meta.nvlogEpoch,
       root: newRoot, smapRoot: this.smap.root, usedBlocks: this.smap.used, snapshots,
     };
-    await this.dev.writeBlocks(cp % RING_SLOTS, encodeSuperblock(sb));
+    const sbBlock = encodeSuperblock(sb);
+    await this.dev.writeBlocks(cp % RING_SLOTS, sbBlock);
     await this.dev.sync();
     // Durable: switch the in-memory state.
     this.sb = sb;
@@ -781,6 +821,8 @@ export class BlockTree implements BlockTreeApi {
     }
     if (c.snapPlan.created.length > 0) this.smap.addActiveToSummary();
     for (const name of c.snapPlan.created) this.snapHandles.set(name, new RootHandle(cp, newRoot, `snapshot ${name}`));
+    // The CP hook last: the next CP starts only after a mirror has taken this one.
+    if (this.sink) await this.sink.committed(cp, cp % RING_SLOTS, sbBlock, c.meta);
     return { cpNumber: cp, durationMs, blocksWritten, blocksFreed };
   }
 
@@ -855,7 +897,7 @@ export class BlockTree implements BlockTreeApi {
   }
 
   /** Writes blocks sorted by address, coalesced into runs split at writeChunkBlocks boundaries. */
-  private async writeAll(blocks: NewBlock[], slicer: Slicer): Promise<void> {
+  private async writeAll(blocks: CpBlock[], slicer: Slicer, cp: number): Promise<void> {
     blocks.sort((a, b) => a.pba - b.pba);
     const chunks: NewBlock[][] = [];
     let cur: NewBlock[] = [];
@@ -870,6 +912,8 @@ export class BlockTree implements BlockTreeApi {
       cur.push(b);
     }
     if (cur.length > 0) chunks.push(cur);
+    // The sink (a mirror) takes the same blocks at the same time as the device.
+    const shipped = this.sink ? this.sink.blocks(cp, blocks) : undefined;
     await forEachLimit(chunks, this.ioConcurrency, async (c) => {
       await slicer.maybeYield();
       if (c.length === 1) {
@@ -886,6 +930,43 @@ export class BlockTree implements BlockTreeApi {
         }
       }
     });
+    if (shipped) await shipped;
+  }
+
+  // ---------------------------------------------------------------- seams for a mirror
+
+  setCpSink(sink: CpSink | undefined): void {
+    this.sink = sink;
+  }
+
+  /**
+   * Pins the committed state (live root and every snapshot) the way an in-flight read
+   * does: none of its blocks is reused until release(). For sending it elsewhere.
+   */
+  pinCommitted(): CommittedView {
+    if (this.closed) throw new VolumeError('ESHUTDOWN', 'block tree is closed');
+    const handles = [this.live, ...this.snapHandles.values()];
+    for (const h of handles) h.enter();
+    this.pins.add(handles);
+    let released = false;
+    const sb = this.sb;
+    return {
+      cpNumber: sb.cpNumber,
+      slot: sb.cpNumber % RING_SLOTS,
+      superblock: encodeSuperblock(sb),
+      deviceBlocks: sb.deviceBlocks,
+      readRaw: (pba, count, dst) => {
+        if (released) return Promise.reject(new VolumeError('ESHUTDOWN', 'committed view released'));
+        if (!(pba >= 0 && count >= 1 && pba + count <= sb.deviceBlocks && dst.length === count * BLOCK)) assert(false, `readRaw [${pba}, +${count})`);
+        return this.dev.readBlocks(pba, count, dst);
+      },
+      release: () => {
+        if (released) return;
+        released = true;
+        this.pins.delete(handles);
+        for (const h of handles) h.exit();
+      },
+    };
   }
 
   // ---------------------------------------------------------------- check / close

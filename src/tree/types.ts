@@ -15,6 +15,55 @@ import type { Extent } from '../volume/types';
 export interface BlockChange {
   lbn: number;
   data: Buffer | null;
+  /** The log record that wrote this whole block (a mirror may send it as a reference). */
+  origin?: BlockOrigin;
+}
+
+/** A block's source in the NVRAM log: record seq (the transfer id) and block index in it. */
+export interface BlockOrigin {
+  seq: number;
+  index: number;
+}
+
+/** One block a CP writes, as the CP sink sees it. */
+export interface CpBlock {
+  pba: number;
+  /** 4 KiB; a view that is only valid until the promise returned by the sink settles. */
+  buf: Buffer;
+  /** Data blocks written whole by one log record: where the record holds it, and its crc32c. */
+  origin?: BlockOrigin;
+  crc?: number;
+}
+
+/**
+ * The CP hook (a mirror): sees every block a CP writes, then the new superblock. The
+ * tree awaits each call, so a sink applies backpressure to the CP; a sink never rejects
+ * (it deals with its own failures).
+ */
+export interface CpSink {
+  /**
+   * The oldest committed CP whose blocks must stay intact (a mirror's committed root, or
+   * a root its readers use), or undefined. Freed blocks are not reused while it is older
+   * than the CP that freed them.
+   */
+  oldestNeededCp(): number | undefined;
+  /** Space ran out while blocks were held for oldestNeededCp(): they are being reused. */
+  holdBroken(cp: number, reason: string): void;
+  /** Blocks of CP `cp`, as they go to the device (data, address and space-map blocks). */
+  blocks(cp: number, blocks: readonly CpBlock[]): Promise<void>;
+  /** CP `cp` is durable locally: its superblock (one block) and the ring slot it went to. */
+  committed(cp: number, slot: number, superblock: Buffer, meta: CpMeta): Promise<void>;
+}
+
+/** A committed state pinned against reuse (for incremental sends): release() when done. */
+export interface CommittedView {
+  readonly cpNumber: number;
+  readonly slot: number;
+  /** The superblock block of this CP (as written into its ring slot). */
+  readonly superblock: Buffer;
+  readonly deviceBlocks: number;
+  readRaw(pba: number, count: number, dst: Buffer): Promise<void>;
+  release(): void;
 }
 
 /** What the engine records in the superblock besides the tree (e.g. NVRAM replay watermark). */
@@ -101,6 +150,10 @@ export interface BlockTreeApi extends TreeReader {
   listSnapshots(): SnapshotInfo[];
   /** A reader pinned to a kept snapshot root, or undefined. */
   snapshotReader(name: string): TreeReader | undefined;
+  /** Installs (or removes) the CP hook. */
+  setCpSink(sink: CpSink | undefined): void;
+  /** Pins the committed state (live root and every snapshot) until release(). */
+  pinCommitted(): CommittedView;
   /** Full walk: verify every checksum, that accounting matches reachability. */
   check(): Promise<CheckReport>;
   close(): Promise<void>;

@@ -390,6 +390,8 @@ export interface VolumeStatus {
   lastCpDurationMs: number;
   cpsThisSession: number;
   nvram: { path: string; sizeBytes: number; usedBytes: number; fillPercent: number; epoch: number; lastSeq: number; durableSeq: number; unreplayedRecords: number };
+  /** Sections added by what runs beside the engine (e.g. `mirror`). */
+  sections?: Record<string, unknown>;
 }
 
 export function engineStatus(dir: string, label: VolumeLabel, volume: EngineVolume, served: boolean): VolumeStatus {
@@ -420,6 +422,7 @@ export function engineStatus(dir: string, label: VolumeLabel, volume: EngineVolu
       durableSeq: s.nvlog.durableSeq,
       unreplayedRecords: s.readOnly ? s.replay.records : 0,
     },
+    ...(volume.statusSections.size > 0 ? { sections: Object.fromEntries([...volume.statusSections].map(([k, f]) => [k, f()])) } : {}),
   };
 }
 

@@ -95,6 +95,15 @@ export function placeBlock(lbn: number, src: Buffer | null, offset: number, leng
   else src.copy(out, dstAt, from - blockStart, to - blockStart);
 }
 
+/**
+ * A replica that must hold each record before the client hears back (a sync mirror). The
+ * log's append hook feeds it; the engine awaits it on every write's reply path.
+ */
+export interface ReplicaGate {
+  /** Resolves once records <= seq are held by the replica (durably there if `durable`); rejects with a VolumeError to fail the request. */
+  wait(seq: number, durable: boolean): Promise<void>;
+}
+
 export interface EngineOptions {
   tree: BlockTreeApi;
   region: NvramRegion;
@@ -127,6 +136,9 @@ export class EngineVolume implements Volume {
   private readonly pendingSnapshotNames = new Set<string>();
   private closed = false;
   private closing: Promise<void> | undefined;
+  private replica: ReplicaGate | undefined;
+  /** Extra sections for `status` (e.g. "mirror"), each a function returning plain data. */
+  readonly statusSections = new Map<string, () => unknown>();
 
   private constructor(opts: EngineOptions, log: NvLog) {
     this.tree = opts.tree;
@@ -198,6 +210,18 @@ export class EngineVolume implements Volume {
       prefault(opts.region.buffer);
     }
     return new EngineVolume(opts, log);
+  }
+
+  /** Installs (or removes) the replica gate; every later reply waits for it. */
+  setReplicaGate(gate: ReplicaGate | undefined): void {
+    this.replica = gate;
+  }
+
+  /** The reply path of a mutation that ended with record `seq`: local durability (FUA) and the replica. */
+  private settle(seq: number, fua: boolean): Promise<unknown> {
+    const replica = this.replica;
+    if (!replica) return fua ? this.log.waitDurable(seq) : Promise.resolve();
+    return fua ? Promise.all([this.log.waitDurable(seq), replica.wait(seq, true)]) : replica.wait(seq, false);
   }
 
   private checkOpen(): void {
@@ -350,13 +374,14 @@ export class EngineVolume implements Volume {
     assert(data.length <= ENGINE_MAX_PAYLOAD_BYTES, 'write larger than maxPayloadBytes');
     if (data.length === 0) return;
     const seq = await this.mutate(offset, data.length, data, RecordType.Write, fua ? RECORD_FLAG_FUA : 0);
-    if (fua) await this.log.waitDurable(seq);
+    await this.settle(seq, fua);
   }
 
   async flush(): Promise<void> {
     this.checkOpen();
     if (this.caps.readOnly) return;
-    await this.log.flush();
+    if (this.replica) await Promise.all([this.log.flush(), this.replica.wait(this.log.lastSeq, true)]);
+    else await this.log.flush();
   }
 
   async trim(offset: number, length: number, fua: boolean): Promise<void> {
@@ -364,7 +389,7 @@ export class EngineVolume implements Volume {
     this.checkRange(offset, length);
     if (length === 0) return;
     const seq = await this.mutate(offset, length, undefined, RecordType.Trim, fua ? RECORD_FLAG_FUA : 0);
-    if (fua) await this.log.waitDurable(seq);
+    await this.settle(seq, fua);
   }
 
   /** Zeroes a range. Whole blocks become holes (NO_HOLE is a hint we do not follow: holes read as zeroes). */
@@ -373,7 +398,7 @@ export class EngineVolume implements Volume {
     this.checkRange(offset, length);
     if (length === 0) return;
     const seq = await this.mutate(offset, length, undefined, RecordType.Zero, opts.fua ? RECORD_FLAG_FUA : 0);
-    if (opts.fua) await this.log.waitDurable(seq);
+    await this.settle(seq, opts.fua);
   }
 
   async cache(offset: number, length: number): Promise<void> {

@@ -75,5 +75,7 @@ export interface Volume {
    */
   blockStatus(offset: number, length: number, maxExtents: number): Promise<Extent[]>;
   /** Flushes and releases resources; no further calls after it resolves. */
+  /** Called once when an NBD connection that looked this volume up ends (views pinned per connection release their root). */
+  detach?(): void;
   close(): Promise<void>;
 }
