@@ -32,6 +32,8 @@ declare -a CHECKS=(
   "losetup:mount"
   "fusermount3:fuse3"
   "ip:iproute2"
+  "tc:iproute2"
+  "nft:nftables"
   "openssl:openssl"
   "certtool:gnutls-bin"
   "truncate:coreutils"
