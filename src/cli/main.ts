@@ -10,6 +10,7 @@ import { registerCreate } from './create';
 import { registerSnapshot } from './snapshot';
 import { registerStatus } from './status';
 import { registerCheck } from './check';
+import { registerReceive } from './receive';
 
 const program = new Command();
 program
@@ -26,6 +27,7 @@ registerCreate(program);
 registerSnapshot(program);
 registerStatus(program);
 registerCheck(program);
+registerReceive(program);
 
 program.parseAsync(process.argv).catch((e: unknown) => {
   if (e instanceof CommanderError) process.exit(e.exitCode === 0 ? 0 : 2);

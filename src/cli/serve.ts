@@ -7,9 +7,16 @@ import { openVolume } from '../volume/open';
 import { createVolumeDir, LABEL_NAME } from '../volume/dir';
 import { createLogger } from '../util/log';
 import { formatSize } from '../util/size';
+import { MirrorSource, type MirrorPolicy } from '../mirror/source';
+import { clientTls, linkSecurity, type LinkArgs } from '../mirror/link';
+import { EngineVolume } from '../volume/engine';
 import { hostPortArg, logLevelArg, onStopSignals, sizeArg, intArg, volumeSpecFromArgs } from './common';
 
-interface ServeOpts {
+interface ServeOpts extends LinkArgs {
+  mirrorTo?: { host: string; port: number };
+  mirrorMode?: string;
+  mirrorPolicy?: string;
+  mirrorStallTimeout?: number;
   memory?: number;
   file?: string;
   listen?: { host: string; port: number };
@@ -57,6 +64,15 @@ export function registerServe(program: Command): void {
     .option('--cp-interval <MS>', 'consistency point interval for volume directories, in ms', intArg(10, 3_600_000))
     .option('--create <SIZE>', 'create the volume directory DIR with SIZE first if it does not exist yet', sizeArg)
     .option('--max-connections <N>', 'maximum concurrent connections', intArg(1, 4096), 128)
+    .option('--mirror-to <HOST:PORT>', 'mirror the volume directory to `nvmirror receive` at HOST:PORT', hostPortArg)
+    .addOption(new Option('--mirror-mode <MODE>', 'sync: a write is acknowledged once the peer holds it; async: CPs only').choices(['sync', 'async']))
+    .addOption(new Option('--mirror-policy <POLICY>', 'while the peer is unreachable: keep serving (available) or fail writes with EIO (strict)').choices(['available', 'strict']))
+    .option('--mirror-psk <FILE>', 'TLS-PSK keys for the mirror link (psktool format; the same file on the receiver)')
+    .option('--mirror-tls-cert <FILE>', 'TLS certificate for the mirror link (PEM)')
+    .option('--mirror-tls-key <FILE>', 'TLS private key for the mirror link (PEM)')
+    .option('--mirror-tls-ca <FILE>', 'CA that signed the receiver\'s certificate (PEM)')
+    .option('--mirror-insecure', 'mirror over plaintext TCP, unauthenticated')
+    .option('--mirror-stall-timeout <MS>', 'drop the mirror connection when the peer acknowledges nothing for this long', intArg(100, 3_600_000))
     .action(async (dir: string | undefined, o: ServeOpts) => {
       await serve(dir, o);
     });
@@ -74,13 +90,38 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
     }
   }
   const spec = volumeSpecFromArgs(dir, o);
+  const mirrorArgs = o.mirrorTo !== undefined || o.mirrorMode !== undefined || o.mirrorPolicy !== undefined;
+  if (mirrorArgs && dir === undefined) throw new Error('--mirror-to needs a volume directory (memory and file volumes are not mirrored)');
+  if ((o.mirrorMode !== undefined || o.mirrorPolicy !== undefined) && o.mirrorTo === undefined) throw new Error('--mirror-mode and --mirror-policy need --mirror-to');
+  const mirrorSec = o.mirrorTo !== undefined ? linkSecurity(o) : undefined;
   const logger = createLogger(o.logLevel);
   const opened = await openVolume(spec);
   let server: NbdServer | undefined;
+  let mirror: MirrorSource | undefined;
+  if (o.mirrorTo !== undefined && dir !== undefined && mirrorSec) {
+    const v = opened.volume;
+    if (!(v instanceof EngineVolume) || v.caps.readOnly) {
+      await opened.close();
+      throw new Error('--mirror-to needs a volume directory served read-write');
+    }
+    const tlsOpts = clientTls(mirrorSec);
+    mirror = new MirrorSource({
+      volume: v, dir: path.resolve(dir), peer: o.mirrorTo, mode: (o.mirrorMode ?? 'sync') as 'sync' | 'async',
+      policy: (o.mirrorPolicy ?? 'available') as MirrorPolicy, logger, nvramBytes: v.region.sizeBytes,
+      deviceBlocks: v.tree.stats().totalBlocks, ...(tlsOpts ? { tls: tlsOpts } : {}),
+      ...(o.mirrorStallTimeout !== undefined ? { stallTimeoutMs: o.mirrorStallTimeout } : {}),
+    });
+    const m = mirror;
+    v.statusSections.set('mirror', () => m.stats());
+  }
   // Handlers go in before the URI is printed: a client may signal as soon as it sees it.
   onStopSignals(async () => {
     await server?.close();
-    await opened.close();
+    await opened.close(); // the final CP is shipped to the mirror too
+    if (mirror) {
+      await mirror.stop();
+      mirror.detach();
+    }
     logger.info('stopped cleanly');
   }, logger);
   const tlsFiles: TlsFiles | undefined =

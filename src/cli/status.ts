@@ -1,6 +1,11 @@
 /** `nvmirror status DIR [--json]`: size, space used, snapshots, CPs, NVRAM fill, whether served. */
 import { Command } from 'commander';
-import { volumeDirStatus, type VolumeStatus } from '../volume/dir';
+import * as fs from 'fs';
+import * as path from 'path';
+import { volumeDirStatus, LABEL_NAME, type VolumeStatus } from '../volume/dir';
+import { controlRequest } from '../volume/engine-control';
+import { RECEIVER_SOCKET_NAME, type ReceiverStats } from '../mirror/receiver';
+import type { MirrorSourceStats } from '../mirror/source';
 import { formatSize } from '../util/size';
 
 function when(ms: number): string {
@@ -18,7 +23,34 @@ export function formatStatus(s: VolumeStatus): string {
     `NVRAM      ${formatSize(s.nvram.sizeBytes)}, ${s.nvram.fillPercent}% full (${formatSize(s.nvram.usedBytes)})` +
       (s.nvram.unreplayedRecords > 0 ? `, ${s.nvram.unreplayedRecords} records to replay at next open` : ''),
     `snapshots  ${snaps}`,
+    ...(s.sections?.mirror ? formatMirror(s.sections.mirror as MirrorSourceStats) : []),
   ].join('\n');
+}
+
+function ratio(wire: number, client: number): string {
+  return client > 0 ? `${(wire / client).toFixed(2)}x` : '-';
+}
+
+export function formatMirror(m: MirrorSourceStats): string[] {
+  const lines = [
+    `mirror     ${m.mode} to ${m.peer} (${m.policy}): ${m.state}${m.connected ? '' : ', not connected'}`,
+    `           CP ${m.sourceCp} here, CP ${m.destCp} there (${m.rootsEqual ? 'roots equal' : `${m.lagCps} CPs behind`})` + (m.lagSeconds > 0 ? `, behind for ${m.lagSeconds} s` : ''),
+    `           ${formatSize(m.bytesOnWire)} on the wire for ${formatSize(m.clientBytes)} written (${ratio(m.bytesOnWire, m.clientBytes)}), ${m.refsSent} blocks sent as references`,
+  ];
+  if (m.resync) lines.push(`           ${m.resync.baseCp < 0 ? 'baseline' : `resync from CP ${m.resync.baseCp}`} to CP ${m.resync.targetCp}: ${m.resync.blocksSent} blocks sent`);
+  if (m.lastError && m.state !== 'in-sync') lines.push(`           last error: ${m.lastError}`);
+  return lines;
+}
+
+export function formatReceiver(dir: string, r: ReceiverStats): string {
+  const lines = [`receiver   ${dir}, ${r.connections} source(s) connected`];
+  for (const m of r.mirrors) {
+    lines.push(
+      `mirror     ${m.sourceUuid}: ${m.baselinePartial ? 'INCONSISTENT (baseline in progress)' : `CP ${m.committedCp}`}, ${m.connected ? 'source connected' : 'source not connected'}`,
+      `           ${m.cpsApplied} CPs applied, ${m.blocksApplied} blocks as data, ${m.refsApplied} from the log; log ${formatSize(m.logUsedBytes)} (${m.recordsStored} records stored, ${m.recordsDropped} dropped)`,
+    );
+  }
+  return lines.join('\n');
 }
 
 export function registerStatus(program: Command): void {
@@ -28,6 +60,14 @@ export function registerStatus(program: Command): void {
     .argument('<DIR>', 'the volume directory')
     .option('--json', 'print JSON')
     .action(async (dir: string, o: { json?: boolean }) => {
+      const rxSock = path.join(path.resolve(dir), RECEIVER_SOCKET_NAME);
+      if (!fs.existsSync(path.join(dir, LABEL_NAME)) && fs.existsSync(rxSock)) {
+        const r = await controlRequest(rxSock, { op: 'status' }, 10_000);
+        if (!r.ok) throw new Error(`receiver: ${r.error}`);
+        const st = r.receiver as ReceiverStats;
+        process.stdout.write(o.json ? `${JSON.stringify(st, null, 2)}\n` : `${formatReceiver(path.resolve(dir), st)}\n`);
+        return;
+      }
       const s = await volumeDirStatus(dir);
       process.stdout.write(o.json ? `${JSON.stringify(s, null, 2)}\n` : `${formatStatus(s)}\n`);
     });

@@ -1,0 +1,70 @@
+/** `nvmirror receive`: the mirror destination (src/mirror/receiver.ts), with read-only NBD exports of each mirror. */
+import * as path from 'path';
+import * as fs from 'fs';
+import { Command, Option } from 'commander';
+import { NbdServer } from '../nbd/server';
+import { MirrorReceiver, RECEIVER_SOCKET_NAME } from '../mirror/receiver';
+import { ControlServer } from '../volume/engine-control';
+import { MirrorExports } from '../mirror/exports';
+import { linkSecurity, serverTls, type LinkArgs } from '../mirror/link';
+import { createLogger } from '../util/log';
+import { hostPortArg, logLevelArg, onStopSignals } from './common';
+
+interface ReceiveOpts extends LinkArgs {
+  listen: { host: string; port: number };
+  exportListen?: { host: string; port: number };
+  exportSocket?: string;
+  logLevel: string;
+}
+
+export function registerReceive(program: Command): void {
+  program
+    .command('receive')
+    .description('receive mirror streams from sources into DIR/<source-uuid>/ and export them read-only')
+    .argument('<DIR>', 'directory holding one mirror per source volume')
+    .requiredOption('--listen <HOST:PORT>', 'where sources connect', hostPortArg)
+    .option('--export-listen <HOST:PORT>', 'serve each mirror read-only over NBD on TCP (export name: the source uuid)', hostPortArg)
+    .option('--export-socket <PATH>', 'serve each mirror read-only over NBD on a Unix socket')
+    .option('--mirror-psk <FILE>', 'TLS-PSK keys (psktool format), the same file as the sources')
+    .option('--mirror-tls-cert <FILE>', 'TLS certificate (PEM)')
+    .option('--mirror-tls-key <FILE>', 'TLS private key (PEM)')
+    .option('--mirror-tls-ca <FILE>', 'CA that signed the sources\' certificates (PEM)')
+    .option('--mirror-insecure', 'accept plaintext, unauthenticated sources')
+    .addOption(new Option('--log-level <LEVEL>', 'log level').default('info').argParser(logLevelArg))
+    .action(async (dir: string, o: ReceiveOpts) => {
+      const sec = linkSecurity(o);
+      const logger = createLogger(o.logLevel);
+      const abs = path.resolve(dir);
+      await fs.promises.mkdir(abs, { recursive: true });
+      const exports = new MirrorExports(logger);
+      const tlsOpts = serverTls(sec);
+      const rx = new MirrorReceiver({ dir: abs, logger, exports, ...(tlsOpts ? { tls: tlsOpts } : {}) });
+      let nbd: NbdServer | undefined;
+      let control: ControlServer | undefined;
+      onStopSignals(async () => {
+        await nbd?.close();
+        await control?.close();
+        await rx.close();
+        logger.info('stopped cleanly');
+      }, logger);
+      const addr = await rx.listen(o.listen.host, o.listen.port);
+      control = await ControlServer.listen(path.join(abs, RECEIVER_SOCKET_NAME), async (req) => {
+        if (req.op !== 'status') throw new Error(`a receiver answers only status, not ${req.op}`);
+        return { receiver: rx.stats() };
+      });
+      const lines = [`nvmirror: receiving mirrors into ${abs} on ${o.listen.host}:${addr.port} (${sec.kind === 'insecure' ? 'plaintext' : `TLS ${sec.kind}`})`];
+      if (o.exportListen || o.exportSocket) {
+        nbd = new NbdServer({ exports, logger, maxConnections: 128 });
+        if (o.exportSocket) {
+          await nbd.listenUnix(path.resolve(o.exportSocket));
+          lines.push(`  mirrors read-only at nbd+unix:///<source-uuid>?socket=${path.resolve(o.exportSocket)}`);
+        }
+        if (o.exportListen) {
+          const a = await nbd.listenTcp(o.exportListen.host, o.exportListen.port);
+          lines.push(`  mirrors read-only at nbd://${o.exportListen.host}:${a.port}/<source-uuid>`);
+        }
+      }
+      process.stdout.write(lines.join('\n') + '\n');
+      logger.info({ dir: abs, port: addr.port }, 'receiving');
+    });
+}

@@ -1,0 +1,288 @@
+/**
+ * The destination's log file for one source (seeds 002/004): every record the source
+ * forwards in sync mode is stored here, in a memory-mapped file (MAP_SHARED: a stored
+ * record survives a crash of the receiving process at once; persist() makes it survive
+ * power loss), until a committed CP covers it.
+ *
+ *   [0, 4096)        header: magic "NVMDLOG1", source uuid, size, salt, crc32c
+ *   [4096, size)     a ring of records: 64-byte header + payload (whole 4 KiB blocks)
+ *
+ * Record header: u32 magic "NVDR" | u32 crc32c (seeded with the salt, over bytes 8..64
+ * and the payload) | u64 seq | u8 type | u8 flags | 6 zero | u64 offset | u64 length |
+ * u64 payload bytes | 16 zero.
+ *
+ * Invariants:
+ * - Records are stored in seq order with no gap: a record is stored only if its seq is
+ *   exactly lastStoredSeq + 1 or it starts a new stream (start()); stored records are
+ *   [storedFromSeq, lastStoredSeq].
+ * - `heldSeq`: every record <= heldSeq is stored here or covered by a committed CP. When
+ *   the ring is full, records are dropped (overflow): they are then held only once a
+ *   committed CP covers them, so heldSeq does not move past the last stored record until
+ *   then, and the source's writes wait for that CP (bounded memory, never a lost ack).
+ * - A record is released only when a committed CP's watermark covers it.
+ * - Memory: the index holds one small entry per stored record, at most
+ *   (size - 4096) / 64 entries.
+ */
+import * as crypto from 'crypto';
+import { MmapNvram } from '../io/mmap-nvram';
+import { crc32c } from '../io/native';
+import { assert } from '../util/assert';
+import { BLOCK_BYTES } from './wire';
+
+export const DEST_LOG_NAME = 'source.log';
+const HEADER_BYTES = 4096;
+const HEADER_MAGIC = Buffer.from('NVMDLOG1', 'latin1');
+const RECORD_MAGIC = 0x5244564e; // "NVDR"
+const RECORD_HEADER_BYTES = 64;
+export const DEST_LOG_MIN_BYTES = 16 * 1024 * 1024;
+export const DEST_LOG_MAX_BYTES = 1024 * 1024 * 1024;
+
+/** Log size for a source with an NVRAM of `nvramBytes`: room for both halves twice over. */
+export function destLogBytesFor(nvramBytes: number): number {
+  const want = Math.ceil((4 * nvramBytes) / BLOCK_BYTES) * BLOCK_BYTES;
+  return Math.min(DEST_LOG_MAX_BYTES, Math.max(DEST_LOG_MIN_BYTES, want));
+}
+
+interface Entry {
+  seq: number;
+  at: number;
+  size: number;
+  type: number;
+  lengthBytes: number;
+}
+
+export interface StoredRecord {
+  seq: number;
+  type: number;
+  flags: number;
+  offsetBytes: number;
+  lengthBytes: number;
+  payload: Buffer;
+}
+
+export class DestLog {
+  private readonly entries: Entry[] = [];
+  private head = 0;
+  private readonly bySeq = new Map<number, Entry>();
+  private writeAt = HEADER_BYTES;
+  private salt = 0;
+  /** Records from this seq on were dropped (ring full) until droppedThrough; 0: none. */
+  private dropFrom = 0;
+  private droppedThrough = 0;
+  private lastStoredSeq = 0;
+  private persistedSeq = 0;
+  private committedSeq = 0;
+  /** The first seq of the current stream: records between the committed watermark and it are missing until a CP covers them. */
+  private streamFrom = 1;
+  /** The byte range [lo, hi) of records written since the last persist (a wrap widens it to the ring). */
+  private dirtyLo = Infinity;
+  private dirtyHi = 0;
+  recordsStored = 0;
+  recordsDropped = 0;
+
+  private constructor(private readonly region: MmapNvram, private readonly uuid: string) {}
+
+  /** Opens (creating if needed) the log of source `uuid`; records from an earlier run are discarded (a new stream resends what is not in a CP). */
+  static async open(path: string, uuid: string, sizeBytes: number): Promise<DestLog> {
+    assert(sizeBytes >= DEST_LOG_MIN_BYTES && sizeBytes % BLOCK_BYTES === 0, `dest log size ${sizeBytes}`);
+    let region: MmapNvram;
+    try {
+      region = await MmapNvram.open(path, { sizeBytes });
+    } catch {
+      // Missing, or another size (the source's NVRAM changed): make a new one.
+      const fs = await import('fs');
+      await fs.promises.rm(path, { force: true });
+      region = await MmapNvram.open(path, { sizeBytes, create: true });
+    }
+    const log = new DestLog(region, uuid);
+    await log.writeHeader();
+    return log;
+  }
+
+  private async writeHeader(): Promise<void> {
+    const b = this.region.buffer;
+    b.fill(0, 0, HEADER_BYTES);
+    HEADER_MAGIC.copy(b, 0);
+    Buffer.from(this.uuid.replace(/-/g, ''), 'hex').copy(b, 8);
+    b.writeBigUInt64LE(BigInt(this.region.sizeBytes), 24);
+    this.salt = crypto.randomBytes(4).readUInt32LE(0);
+    b.writeUInt32LE(this.salt, 32);
+    b.writeUInt32LE(crc32c(b, 0, 36), 36);
+    // Invalidate the first record slot so a scan of this generation starts clean.
+    b.fill(0, HEADER_BYTES, HEADER_BYTES + RECORD_HEADER_BYTES);
+    await this.region.persist(0, HEADER_BYTES + RECORD_HEADER_BYTES);
+  }
+
+  get sizeBytes(): number {
+    return this.region.sizeBytes;
+  }
+
+  /** The highest seq <= `stored` such that every record up to it is stored or committed. */
+  private held(stored: number): number {
+    if (this.committedSeq < this.streamFrom - 1) return this.committedSeq;
+    const top = this.dropFrom > 0 ? Math.min(stored, this.dropFrom - 1) : stored;
+    return Math.max(this.committedSeq, top);
+  }
+
+  /** Every record <= heldSeq is stored here or covered by a committed CP. */
+  get heldSeq(): number {
+    return this.held(this.lastStoredSeq);
+  }
+
+  /** ... and durably so. */
+  get durableSeq(): number {
+    return this.held(Math.min(this.persistedSeq, this.lastStoredSeq));
+  }
+
+  get storedFromSeq(): number {
+    return this.entries.length > this.head ? this.entries[this.head]!.seq : this.lastStoredSeq + 1;
+  }
+
+  get usedBytes(): number {
+    let n = 0;
+    for (let i = this.head; i < this.entries.length; i++) n += this.entries[i]!.size;
+    return n;
+  }
+
+  /**
+   * A new stream from the source starts at `fromSeq` with its committed watermark at
+   * `committedSeq`: drops every stored record >= fromSeq (the source may have lost and
+   * reused those seqs) and resets the held marks.
+   */
+  start(fromSeq: number, committedSeq: number): void {
+    assert(fromSeq >= 1, 'stream seqs start at 1');
+    while (this.entries.length > this.head && this.entries[this.entries.length - 1]!.seq >= fromSeq) {
+      const e = this.entries.pop()!;
+      this.bySeq.delete(e.seq);
+      this.writeAt = e.at;
+    }
+    this.committedSeq = Math.max(this.committedSeq, committedSeq);
+    // Records of the old stream below fromSeq are kept, but only count when contiguous with the new one.
+    const storedTop = this.entries.length > this.head ? this.entries[this.entries.length - 1]!.seq : 0;
+    this.streamFrom = storedTop === fromSeq - 1 && this.entries.length > this.head ? this.entries[this.head]!.seq : fromSeq;
+    this.lastStoredSeq = fromSeq - 1;
+    this.persistedSeq = Math.min(this.persistedSeq, this.lastStoredSeq);
+    this.dropFrom = 0;
+    this.droppedThrough = 0;
+  }
+
+  /** Where a record of `size` bytes would go, or undefined if the ring has no room. */
+  private placeFor(size: number): number | undefined {
+    const end = this.region.sizeBytes;
+    const tail = this.entries.length > this.head ? this.entries[this.head]!.at : undefined;
+    if (tail === undefined) {
+      this.writeAt = HEADER_BYTES;
+      return size <= end - HEADER_BYTES ? HEADER_BYTES : undefined;
+    }
+    if (this.writeAt >= tail) {
+      if (this.writeAt + size <= end) return this.writeAt;
+      if (HEADER_BYTES + size <= tail) return HEADER_BYTES; // wrap
+      return undefined;
+    }
+    return this.writeAt + size <= tail ? this.writeAt : undefined;
+  }
+
+  /**
+   * Stores a record arriving in stream order. A seq that is not the next one is a
+   * protocol error (thrown as an Error naming both). Returns whether it was stored
+   * (false: the ring was full, it is dropped and held only once a CP covers it).
+   */
+  append(seq: number, type: number, flags: number, offsetBytes: number, lengthBytes: number, payload: Buffer): boolean {
+    const expected = Math.max(this.lastStoredSeq, this.droppedThrough) + 1;
+    if (seq !== expected) throw new Error(`record seq ${seq} where ${expected} was due (gap or replay in the stream)`);
+    const size = RECORD_HEADER_BYTES + payload.length;
+    const at = this.droppedThrough > 0 ? undefined : this.placeFor(size);
+    if (at === undefined) {
+      if (this.dropFrom === 0) this.dropFrom = seq;
+      this.droppedThrough = seq;
+      this.recordsDropped++;
+      return false;
+    }
+    const b = this.region.buffer;
+    b.fill(0, at, at + RECORD_HEADER_BYTES);
+    b.writeUInt32LE(RECORD_MAGIC, at);
+    b.writeBigUInt64LE(BigInt(seq), at + 8);
+    b.writeUInt8(type, at + 16);
+    b.writeUInt8(flags, at + 17);
+    b.writeBigUInt64LE(BigInt(offsetBytes), at + 24);
+    b.writeBigUInt64LE(BigInt(lengthBytes), at + 32);
+    b.writeBigUInt64LE(BigInt(payload.length), at + 40);
+    payload.copy(b, at + RECORD_HEADER_BYTES);
+    let crc = crc32c(b, at + 8, RECORD_HEADER_BYTES - 8, this.salt);
+    crc = crc32c(b, at + RECORD_HEADER_BYTES, payload.length, crc);
+    b.writeUInt32LE(crc, at + 4);
+    const e: Entry = { seq, at, size, type, lengthBytes };
+    this.entries.push(e);
+    this.bySeq.set(seq, e);
+    this.writeAt = at + size;
+    this.lastStoredSeq = seq;
+    this.dirtyLo = Math.min(this.dirtyLo, at);
+    this.dirtyHi = Math.max(this.dirtyHi, at + size);
+    this.recordsStored++;
+    return true;
+  }
+
+  /** Makes every stored record durable (msync of what was written since the last call). */
+  async persist(): Promise<void> {
+    const target = this.lastStoredSeq;
+    if (this.dirtyHi > 0) {
+      const lo = Math.floor(this.dirtyLo / 4096) * 4096;
+      const hi = Math.min(this.region.sizeBytes, Math.ceil(this.dirtyHi / 4096) * 4096);
+      this.dirtyLo = Infinity;
+      this.dirtyHi = 0;
+      await this.region.persist(lo, hi - lo);
+    }
+    this.persistedSeq = Math.max(this.persistedSeq, target);
+  }
+
+  /** A copy of block `index` of stored write record `seq`, or a reason it is not here. */
+  block(seq: number, index: number): Buffer | string {
+    const e = this.bySeq.get(seq);
+    if (!e) return `record ${seq} is not in the log (it holds ${this.storedFromSeq}..${this.lastStoredSeq})`;
+    if (e.type !== 1) return `record ${seq} is not a write`;
+    if (!(index >= 0 && (index + 1) * BLOCK_BYTES <= e.lengthBytes)) return `record ${seq} has no block ${index}`;
+    const from = e.at + RECORD_HEADER_BYTES + index * BLOCK_BYTES;
+    return Buffer.from(this.region.buffer.subarray(from, from + BLOCK_BYTES));
+  }
+
+  /** A committed CP covers every record <= seq: release them, and dropped ones are held now. */
+  committed(seq: number): void {
+    this.committedSeq = Math.max(this.committedSeq, seq);
+    while (this.entries.length > this.head && this.entries[this.head]!.seq <= seq) {
+      this.bySeq.delete(this.entries[this.head]!.seq);
+      this.head++;
+    }
+    if (this.head > 1024 && this.head * 2 > this.entries.length) {
+      this.entries.splice(0, this.head);
+      this.head = 0;
+    }
+    if (this.droppedThrough > 0 && seq >= this.droppedThrough) {
+      // Every dropped record is covered: the log is contiguous again from seq + 1.
+      this.lastStoredSeq = this.droppedThrough;
+      this.persistedSeq = Math.max(this.persistedSeq, this.droppedThrough);
+      this.dropFrom = 0;
+      this.droppedThrough = 0;
+    }
+  }
+
+  /** Stored records after `seq`, in order (for promote / replay). */
+  *recordsAfter(seq: number): Generator<StoredRecord> {
+    for (let i = this.head; i < this.entries.length; i++) {
+      const e = this.entries[i]!;
+      if (e.seq <= seq) continue;
+      const b = this.region.buffer;
+      yield {
+        seq: e.seq,
+        type: e.type,
+        flags: b.readUInt8(e.at + 17),
+        offsetBytes: Number(b.readBigUInt64LE(e.at + 24)),
+        lengthBytes: e.lengthBytes,
+        payload: b.subarray(e.at + RECORD_HEADER_BYTES, e.at + e.size),
+      };
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.region.close();
+  }
+}

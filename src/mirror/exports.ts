@@ -1,0 +1,202 @@
+/**
+ * The destination's read-only NBD exports: each mirror as `<source-uuid>` and its
+ * snapshots as `<source-uuid>@SNAP`, always from a committed CP.
+ *
+ * Invariants:
+ * - A connection stays on the root it connected to (its MirrorView holds that CP's tree
+ *   view) while newer CPs land: a filesystem mounted read-only never sees blocks change.
+ * - The oldest CP any live view uses is reported to the source (onPinChange), which
+ *   keeps that CP's blocks from being reused; a view held longer than pinHoldMsMax is
+ *   expired (its reads fail with ESHUTDOWN, a log line says so) so a forgotten client
+ *   cannot hold space on the source forever.
+ * - A mirror with a partial baseline is not exported (lookup finds nothing).
+ * - Memory: one view object per NBD connection (the NBD server caps connections).
+ */
+import type { Logger } from 'pino';
+import type { ExportInfo, ExportRegistry } from '../nbd/exports';
+import type { BlockTree } from '../tree/tree';
+import type { TreeReader } from '../tree/types';
+import { BLOCK_SIZE_BYTES } from '../io/types';
+import { readFromTree } from '../volume/engine';
+import { clipExtents } from '../volume/extents';
+import { VolumeError } from '../volume/errors';
+import type { Extent, Volume, VolumeCapabilities, ZeroOptions } from '../volume/types';
+import { assert } from '../util/assert';
+import type { MirrorDir } from './mirror-dir';
+
+const BS = BLOCK_SIZE_BYTES;
+const READ_CHUNK_BLOCKS = 256;
+export const PIN_HOLD_MS_MAX_DEFAULT = 10 * 60_000;
+const PIN_CHECK_INTERVAL_MS = 1000;
+export const SNAPSHOT_SEPARATOR = '@';
+
+const CAPS: VolumeCapabilities = {
+  readOnly: true, canFlush: true, canFua: false, canTrim: false, canZero: false, canFastZero: false, canCache: true,
+  canMultiConn: true, rotational: false, minBlockSizeBytes: 1, preferredBlockSizeBytes: BS, maxPayloadBytes: 32 * 1024 * 1024,
+};
+
+/** A read-only volume pinned to one committed CP of a mirror (one per NBD connection). */
+export class MirrorView implements Volume {
+  readonly sizeBytes: number;
+  readonly caps = CAPS;
+  readonly description: string;
+  readonly sinceMs = Date.now();
+  expired = false;
+
+  constructor(
+    private readonly owner: MirrorExports,
+    readonly sourceUuid: string,
+    readonly cp: number,
+    private readonly reader: TreeReader,
+    sizeBytes: number,
+    what: string,
+  ) {
+    this.sizeBytes = sizeBytes;
+    this.description = `read-only mirror of ${sourceUuid}, ${what} at CP ${cp}`;
+  }
+
+  private check(): void {
+    if (this.expired) throw new VolumeError('ESHUTDOWN', `this connection held mirror CP ${this.cp} longer than allowed; reconnect for the newest CP`);
+  }
+
+  async read(offset: number, length: number, dst?: Buffer): Promise<Buffer> {
+    this.check();
+    assert(offset >= 0 && length >= 0 && offset + length <= this.sizeBytes, 'mirror read out of range');
+    const out = dst ?? Buffer.allocUnsafe(length);
+    if (length === 0) return out;
+    const endLbn = Math.ceil((offset + length) / BS);
+    for (let lbn = Math.floor(offset / BS); lbn < endLbn; lbn += READ_CHUNK_BLOCKS) {
+      const lbns: number[] = [];
+      for (let l = lbn; l < Math.min(endLbn, lbn + READ_CHUNK_BLOCKS); l++) lbns.push(l);
+      await readFromTree(this.reader, lbns, offset, length, out);
+    }
+    this.check();
+    return out;
+  }
+
+  write(): Promise<void> {
+    return Promise.reject(new VolumeError('EPERM', 'a mirror is read-only'));
+  }
+  async flush(): Promise<void> {}
+  trim(): Promise<void> {
+    return Promise.reject(new VolumeError('EPERM', 'a mirror is read-only'));
+  }
+  zero(_o: number, _l: number, _z: ZeroOptions): Promise<void> {
+    return Promise.reject(new VolumeError('EPERM', 'a mirror is read-only'));
+  }
+  async cache(): Promise<void> {}
+
+  async blockStatus(offset: number, length: number, maxExtents: number): Promise<Extent[]> {
+    this.check();
+    const startLbn = Math.floor(offset / BS);
+    const endLbn = Math.ceil((offset + length) / BS);
+    const ext = await this.reader.blockStatus(startLbn, endLbn - startLbn, maxExtents);
+    return clipExtents(ext, offset - startLbn * BS, length, maxExtents);
+  }
+
+  detach(): void {
+    this.owner.unpin(this);
+  }
+
+  async close(): Promise<void> {}
+}
+
+export class MirrorExports implements ExportRegistry {
+  private readonly mirrors = new Map<string, MirrorDir>();
+  private readonly pins = new Map<string, Set<MirrorView>>();
+  private readonly lastReported = new Map<string, number>();
+  private pinListener: ((uuid: string, cp: number) => void) | undefined;
+  private readonly timer: NodeJS.Timeout;
+
+  constructor(private readonly log: Logger, private readonly pinHoldMsMax = PIN_HOLD_MS_MAX_DEFAULT) {
+    this.timer = setInterval(() => this.expireOld(), PIN_CHECK_INTERVAL_MS);
+    this.timer.unref();
+  }
+
+  onPinChange(f: (uuid: string, cp: number) => void): void {
+    this.pinListener = f;
+  }
+
+  attach(m: MirrorDir): void {
+    this.mirrors.set(m.label.sourceUuid, m);
+  }
+
+  /** The source is gone and its mirror closed: views on it fail from now on. */
+  detachSource(m: MirrorDir): void {
+    if (this.mirrors.get(m.label.sourceUuid) === m) this.mirrors.delete(m.label.sourceUuid);
+    for (const v of this.pins.get(m.label.sourceUuid) ?? []) v.expired = true;
+    this.pins.delete(m.label.sourceUuid);
+  }
+
+  /** A partial baseline began: no new view of it. */
+  invalidate(uuid: string): void {
+    for (const v of this.pins.get(uuid) ?? []) v.expired = true;
+    this.pins.delete(uuid);
+  }
+
+  committed(m: MirrorDir): void {
+    this.mirrors.set(m.label.sourceUuid, m);
+  }
+
+  list(): ExportInfo[] {
+    const out: ExportInfo[] = [];
+    for (const [uuid, m] of this.mirrors) {
+      if (!m.view || m.baselinePartial) continue;
+      out.push({ name: uuid, description: `read-only mirror of ${uuid} at CP ${m.committedCp}` });
+      for (const s of m.view.listSnapshots()) out.push({ name: `${uuid}${SNAPSHOT_SEPARATOR}${s.name}`, description: `snapshot ${s.name} of the mirror of ${uuid}` });
+    }
+    return out;
+  }
+
+  lookup(name: string): Volume | undefined {
+    const [uuid, snap] = name.split(SNAPSHOT_SEPARATOR, 2) as [string, string | undefined];
+    const m = this.mirrors.get(uuid);
+    if (!m || !m.view || m.baselinePartial) return undefined;
+    const tree: BlockTree = m.view;
+    const reader = snap === undefined ? tree : tree.snapshotReader(snap);
+    if (!reader) return undefined;
+    const v = new MirrorView(this, uuid, m.committedCp, reader, m.label.sizeBytes, snap === undefined ? 'live' : `snapshot ${snap}`);
+    let set = this.pins.get(uuid);
+    if (!set) this.pins.set(uuid, (set = new Set()));
+    set.add(v);
+    this.report(uuid);
+    return v;
+  }
+
+  unpin(v: MirrorView): void {
+    this.pins.get(v.sourceUuid)?.delete(v);
+    this.report(v.sourceUuid);
+  }
+
+  /** The oldest CP a live view of this mirror uses, or -1. */
+  oldestPinnedCp(uuid: string): number {
+    let min = -1;
+    for (const v of this.pins.get(uuid) ?? []) if (!v.expired && (min === -1 || v.cp < min)) min = v.cp;
+    return min;
+  }
+
+  private report(uuid: string): void {
+    const cp = this.oldestPinnedCp(uuid);
+    if (this.lastReported.get(uuid) === cp) return;
+    this.lastReported.set(uuid, cp);
+    this.pinListener?.(uuid, cp);
+  }
+
+  private expireOld(): void {
+    const now = Date.now();
+    for (const [uuid, set] of this.pins) {
+      for (const v of set) {
+        if (now - v.sinceMs > this.pinHoldMsMax) {
+          v.expired = true;
+          set.delete(v);
+          this.log.warn({ source: uuid, cp: v.cp, heldMs: now - v.sinceMs }, 'mirror reader held its CP longer than allowed: released (its reads now fail; a reconnect gets the newest CP)');
+        }
+      }
+      this.report(uuid);
+    }
+  }
+
+  close(): void {
+    clearInterval(this.timer);
+  }
+}

@@ -1,0 +1,191 @@
+/**
+ * One source's mirror on the destination: DIR/<source-uuid>/ holds
+ *
+ *   mirror.json        the relationship label: source uuid, volume size, device blocks
+ *   member-0.img       the mirror's member: the source's physical block space, block for block
+ *   source.log         the source's forwarded records (dest-log.ts)
+ *   baseline.partial   present while a full baseline overwrites an older image (the image
+ *                      is then inconsistent: not exported, and `check` says so)
+ *   mirror.lock        flock'ed by the receiver that holds this mirror
+ *
+ * Invariants:
+ * - The committed image is the newest superblock in the member's ring that verifies;
+ *   blocks of a CP are written and synced before its superblock, which is synced before
+ *   the CP is acknowledged (applyCommit).
+ * - A CP applies only on top of the CP it was built from (its base): anything else is
+ *   refused before a block is written.
+ * - Only blocks outside the superblock ring and inside the device are written by CP
+ *   frames; the ring slot is written only by a verified superblock of this source.
+ */
+import * as fs from 'fs';
+import * as path from 'path';
+import type { Logger } from 'pino';
+import { FileBlockDevice, syncDirectory } from '../io/file-device';
+import * as native from '../io/native';
+import { BlockTree } from '../tree/tree';
+import { BLOCK, RING_SLOTS, decodeSuperblock, encodePtr, type Superblock } from '../tree/layout';
+import { assert } from '../util/assert';
+import { DestLog, DEST_LOG_NAME, destLogBytesFor } from './dest-log';
+
+export const MIRROR_LABEL_NAME = 'mirror.json';
+export const MIRROR_LOCK_NAME = 'mirror.lock';
+export const BASELINE_MARKER_NAME = 'baseline.partial';
+const MEMBER_NAME = 'member-0.img';
+/** Device writes of a CP in flight at once. */
+export const APPLY_WRITES_MAX = 16;
+
+export interface MirrorLabel {
+  format: 'nvmirror-mirror';
+  version: 1;
+  sourceUuid: string;
+  sizeBytes: number;
+  deviceBlocks: number;
+  createdMs: number;
+}
+
+export class MirrorDirError extends Error {
+  override name = 'MirrorDirError';
+}
+
+/** The newest superblock in a member's ring that decodes (the committed image), or undefined. */
+export async function newestSuperblock(dev: FileBlockDevice, uuid: string): Promise<{ sb: Superblock; raw: Buffer } | undefined> {
+  const ring = Buffer.alloc(RING_SLOTS * BLOCK);
+  await dev.readBlocks(0, RING_SLOTS, ring);
+  let best: { sb: Superblock; raw: Buffer } | undefined;
+  for (let s = 0; s < RING_SLOTS; s++) {
+    const raw = ring.subarray(s * BLOCK, (s + 1) * BLOCK);
+    const d = decodeSuperblock(raw);
+    if (typeof d === 'string' || d.volumeUuid !== uuid || d.cpNumber % RING_SLOTS !== s) continue;
+    if (!best || d.cpNumber > best.sb.cpNumber) best = { sb: d, raw: Buffer.from(raw) };
+  }
+  return best;
+}
+
+export function rootBytes(sb: Superblock | undefined): Buffer {
+  const b = Buffer.alloc(24);
+  if (sb) encodePtr(b, 0, sb.root);
+  return b;
+}
+
+export class MirrorDir {
+  /** The committed image's superblock (undefined: nothing committed yet). */
+  committed: { sb: Superblock; raw: Buffer } | undefined;
+  /** A read-only tree view of the committed image (for exports and verify). */
+  view: BlockTree | undefined;
+  baselinePartial: boolean;
+  lastCommitMs = 0;
+  cpsApplied = 0;
+  blocksApplied = 0;
+  refsApplied = 0;
+  /** Bytes received from earlier connections. */
+  bytesIn = 0;
+  private lockFd: number;
+
+  private constructor(
+    readonly dir: string,
+    readonly label: MirrorLabel,
+    readonly dev: FileBlockDevice,
+    readonly log: DestLog,
+    lockFd: number,
+    baselinePartial: boolean,
+  ) {
+    this.lockFd = lockFd;
+    this.baselinePartial = baselinePartial;
+  }
+
+  static async openOrCreate(root: string, hello: { sourceUuid: string; sizeBytes: number; deviceBlocks: number; nvramBytes: number }, logger: Logger): Promise<MirrorDir> {
+    const dir = path.join(root, hello.sourceUuid);
+    await fs.promises.mkdir(dir, { recursive: true });
+    const lockFd = fs.openSync(path.join(dir, MIRROR_LOCK_NAME), 'a');
+    try {
+      if (!native.flockExclusive(lockFd)) throw new MirrorDirError(`mirror ${dir} is already in use by another connection or process`);
+      const labelPath = path.join(dir, MIRROR_LABEL_NAME);
+      let label: MirrorLabel;
+      if (fs.existsSync(labelPath)) {
+        label = JSON.parse(await fs.promises.readFile(labelPath, 'utf8')) as MirrorLabel;
+        if (label.format !== 'nvmirror-mirror' || label.sourceUuid !== hello.sourceUuid) throw new MirrorDirError(`${labelPath}: not a mirror of ${hello.sourceUuid}`);
+        if (label.sizeBytes !== hello.sizeBytes || label.deviceBlocks !== hello.deviceBlocks) {
+          throw new MirrorDirError(`mirror ${dir} was made for ${label.sizeBytes} bytes on ${label.deviceBlocks} blocks; the source now has ${hello.sizeBytes} on ${hello.deviceBlocks}`);
+        }
+      } else {
+        label = { format: 'nvmirror-mirror', version: 1, sourceUuid: hello.sourceUuid, sizeBytes: hello.sizeBytes, deviceBlocks: hello.deviceBlocks, createdMs: Date.now() };
+        const memberPath = path.join(dir, MEMBER_NAME);
+        await fs.promises.rm(memberPath, { force: true });
+        const dev = await FileBlockDevice.create(memberPath, hello.deviceBlocks);
+        await dev.close();
+        const tmp = `${labelPath}.tmp`;
+        await fs.promises.writeFile(tmp, JSON.stringify(label, null, 2) + '\n');
+        const fd = fs.openSync(tmp, 'r');
+        fs.fsyncSync(fd);
+        fs.closeSync(fd);
+        await fs.promises.rename(tmp, labelPath);
+        await syncDirectory(dir);
+        logger.info({ dir, source: hello.sourceUuid }, 'new mirror created');
+      }
+      const dev = await FileBlockDevice.open(path.join(dir, MEMBER_NAME), {});
+      if (dev.blockCount < label.deviceBlocks) throw new MirrorDirError(`mirror member has ${dev.blockCount} blocks, needs ${label.deviceBlocks}`);
+      const log = await DestLog.open(path.join(dir, DEST_LOG_NAME), hello.sourceUuid, destLogBytesFor(hello.nvramBytes));
+      const m = new MirrorDir(dir, label, dev, log, lockFd, fs.existsSync(path.join(dir, BASELINE_MARKER_NAME)));
+      m.committed = await newestSuperblock(dev, label.sourceUuid);
+      if (m.committed && !m.baselinePartial) m.view = await BlockTree.openView(dev, m.committed.raw);
+      if (m.committed) log.committed(m.committed.sb.nvlogSeq);
+      return m;
+    } catch (e) {
+      fs.closeSync(lockFd);
+      throw e;
+    }
+  }
+
+  get committedCp(): number {
+    return this.committed ? this.committed.sb.cpNumber : -1;
+  }
+
+  async setBaselinePartial(on: boolean): Promise<void> {
+    const p = path.join(this.dir, BASELINE_MARKER_NAME);
+    if (on) {
+      await fs.promises.writeFile(p, `full baseline in progress since ${new Date().toISOString()}\n`);
+      const fd = fs.openSync(p, 'r');
+      fs.fsyncSync(fd);
+      fs.closeSync(fd);
+    } else {
+      await fs.promises.rm(p, { force: true });
+    }
+    await syncDirectory(this.dir);
+    this.baselinePartial = on;
+    if (on) this.view = undefined;
+  }
+
+  /** Writes blocks of a CP being applied (never the ring; inside the device). */
+  writeBlocks(pba: number, data: Buffer): Promise<void> {
+    assert(data.length % BLOCK === 0 && data.length > 0, 'whole blocks');
+    const n = data.length / BLOCK;
+    if (!(pba >= RING_SLOTS && pba + n <= this.label.deviceBlocks)) throw new MirrorDirError(`CP block at pba ${pba} outside [${RING_SLOTS}, ${this.label.deviceBlocks})`);
+    return this.dev.writeBlocks(pba, data);
+  }
+
+  /** Commits a CP whose blocks are all written: sync, superblock into its slot, sync. */
+  async applyCommit(cp: number, slot: number, superblock: Buffer): Promise<Superblock> {
+    const d = decodeSuperblock(superblock);
+    if (typeof d === 'string') throw new MirrorDirError(`CP ${cp}: superblock does not verify (${d})`);
+    if (d.volumeUuid !== this.label.sourceUuid) throw new MirrorDirError(`CP ${cp}: superblock of volume ${d.volumeUuid}, this is a mirror of ${this.label.sourceUuid}`);
+    if (d.cpNumber !== cp || slot !== cp % RING_SLOTS) throw new MirrorDirError(`CP ${cp}: superblock says CP ${d.cpNumber} in slot ${slot}`);
+    if (d.deviceBlocks !== this.label.deviceBlocks || d.sizeBytes !== this.label.sizeBytes) throw new MirrorDirError(`CP ${cp}: superblock geometry differs from the mirror's`);
+    if (cp <= this.committedCp) throw new MirrorDirError(`CP ${cp} is not newer than the committed CP ${this.committedCp}`);
+    await this.dev.sync();
+    await this.dev.writeBlocks(slot, superblock);
+    await this.dev.sync();
+    this.committed = { sb: d, raw: Buffer.from(superblock) };
+    this.lastCommitMs = Date.now();
+    if (this.baselinePartial) await this.setBaselinePartial(false);
+    this.view = await BlockTree.openView(this.dev, this.committed.raw);
+    this.log.committed(d.nvlogSeq);
+    return d;
+  }
+
+  async close(): Promise<void> {
+    await this.view?.close().catch(() => undefined);
+    await this.log.close().catch(() => undefined);
+    await this.dev.close().catch(() => undefined);
+    fs.closeSync(this.lockFd);
+  }
+}

@@ -1,0 +1,431 @@
+/**
+ * The destination (`nvmirror receive DIR --listen HOST:PORT`): accepts mirror streams
+ * from any number of sources, one connection per source, each into its own mirror
+ * directory DIR/<source-uuid>/ (mirror-dir.ts).
+ *
+ * Per connection: HELLO -> WELCOME (our committed CP, root and held records), then
+ *   RECORD      stored in the source's log file, acknowledged (RECORD_ACK, cumulative)
+ *   DURABLE_REQ the log is persisted, then acknowledged with durableSeq
+ *   CP_BEGIN, CP_BLOCKS / CP_REFS..., CP_COMMIT   applied at the same pbas, then the
+ *               superblock; acknowledged with CP_ACK once durable
+ *
+ * Invariants:
+ * - A CP is applied only on top of its base CP (refused otherwise, before any write),
+ *   and committed only when every block it announced was written, synced, and its
+ *   superblock verifies for this source: the committed image changes only by a whole,
+ *   verified CP. A referenced block must be in the log and match the crc32c the source
+ *   sent, or the stream is refused.
+ * - A protocol error, a checksum failure or a closed socket ends the connection; the
+ *   committed image is what the last CP_COMMIT made it.
+ * - Memory per connection: one frame being parsed (<= FRAME_BODY_MAX_BYTES) plus at
+ *   most APPLY_WRITES_MAX block writes in flight (reading pauses beyond that); the
+ *   whole receiver: at most CONNECTIONS_MAX connections.
+ */
+import * as net from 'net';
+import * as tls from 'tls';
+import type { Logger } from 'pino';
+import { assert } from '../util/assert';
+import { crc32c } from '../io/native';
+import { FrameParser, FrameWriter, MirrorProtocolError, MsgType, WIRE_VERSION, type Message } from './wire';
+import { APPLY_WRITES_MAX, MirrorDir, MirrorDirError, rootBytes } from './mirror-dir';
+import type { MirrorExports } from './exports';
+
+export const CONNECTIONS_MAX = 64;
+/** The receiver's control socket in its directory (`nvmirror status DIR`). */
+export const RECEIVER_SOCKET_NAME = 'receiver.sock';
+/** A connection that sends nothing for this long (the source pings every few seconds) is dropped. */
+export const RECEIVER_IDLE_TIMEOUT_MS = 60_000;
+/** A connection must finish HELLO within this time. */
+const HELLO_TIMEOUT_MS = 10_000;
+
+export interface ReceiverStats {
+  connections: number;
+  mirrors: Array<{
+    sourceUuid: string;
+    dir: string;
+    connected: boolean;
+    committedCp: number;
+    root: string;
+    heldSeq: number;
+    durableSeq: number;
+    logUsedBytes: number;
+    recordsStored: number;
+    recordsDropped: number;
+    cpsApplied: number;
+    blocksApplied: number;
+    refsApplied: number;
+    bytesIn: number;
+    baselinePartial: boolean;
+    lastCommitMs: number;
+  }>;
+}
+
+interface Applying {
+  cp: number;
+  baseCp: number;
+  kind: 'cp' | 'resync';
+  blocks: number;
+}
+
+class Session {
+  private readonly parser = new FrameParser();
+  private readonly writer = new FrameWriter();
+  private mirror: MirrorDir | undefined;
+  private applying: Applying | undefined;
+  private writesInFlight = 0;
+  private writeWaiters: Array<() => void> = [];
+  private writeError: Error | undefined;
+  private queue: Message[] = [];
+  private processing = false;
+  private closed = false;
+  private idleTimer: NodeJS.Timeout | undefined;
+
+  constructor(private readonly rx: MirrorReceiver, readonly socket: net.Socket, private readonly log: Logger) {
+    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('error', (e) => this.end(`socket error: ${e.message}`));
+    socket.on('close', () => this.end('connection closed'));
+    this.idleTimer = setTimeout(() => this.end('no HELLO in time'), HELLO_TIMEOUT_MS);
+  }
+
+  get sourceUuid(): string | undefined {
+    return this.mirror?.label.sourceUuid;
+  }
+
+  get bytesIn(): number {
+    return this.parser.bytesIn;
+  }
+
+  get mirrorDir(): MirrorDir | undefined {
+    return this.mirror;
+  }
+
+  private armIdle(): void {
+    if (this.idleTimer) clearTimeout(this.idleTimer);
+    this.idleTimer = setTimeout(() => this.end(`nothing received for ${RECEIVER_IDLE_TIMEOUT_MS} ms`), RECEIVER_IDLE_TIMEOUT_MS);
+  }
+
+  private onData(chunk: Buffer): void {
+    if (this.closed) return;
+    let msgs: Message[];
+    try {
+      msgs = this.parser.push(chunk);
+    } catch (e) {
+      this.end(`refused the stream: ${(e as Error).message}`, true);
+      return;
+    }
+    if (this.mirror) this.armIdle();
+    for (const m of msgs) this.queue.push(m);
+    if (this.queue.length > 0) void this.drain();
+  }
+
+  private send(m: Message): void {
+    if (this.closed) return;
+    for (const part of this.writer.frame(m)) this.socket.write(part);
+  }
+
+  private async drain(): Promise<void> {
+    if (this.processing) return;
+    this.processing = true;
+    try {
+      while (this.queue.length > 0 && !this.closed) {
+        const batch = this.queue;
+        this.queue = [];
+        let acked = false;
+        for (const m of batch) {
+          if (this.closed) return;
+          acked = (await this.handle(m)) || acked;
+        }
+        if (acked && this.mirror && !this.closed) this.sendAck();
+      }
+    } catch (e) {
+      const msg = e instanceof Error ? e.message : String(e);
+      this.end(`refused the stream: ${msg}`, e instanceof MirrorProtocolError || e instanceof MirrorDirError);
+    } finally {
+      this.processing = false;
+    }
+  }
+
+  private sendAck(): void {
+    const log = this.mirror!.log;
+    this.send({ type: MsgType.RecordAck, heldSeq: log.heldSeq, durableSeq: log.durableSeq, storedFromSeq: log.storedFromSeq });
+  }
+
+  /** Handles one message; returns true if the record ack should be sent after the batch. */
+  private async handle(m: Message): Promise<boolean> {
+    if (!this.mirror) {
+      if (m.type !== MsgType.Hello) throw new MirrorProtocolError(`expected HELLO, got frame type ${m.type}`);
+      await this.hello(m);
+      return false;
+    }
+    const mirror = this.mirror;
+    switch (m.type) {
+      case MsgType.Record:
+        mirror.log.append(m.seq, m.recordType, m.flags, m.offsetBytes, m.lengthBytes, m.payload);
+        return true;
+      case MsgType.DurableReq:
+        await mirror.log.persist();
+        return true;
+      case MsgType.Ping:
+        return false;
+      case MsgType.CpBegin: {
+        if (this.applying) throw new MirrorProtocolError(`CP ${m.cp} begins while CP ${this.applying.cp} is being applied`);
+        if (m.baseCp !== mirror.committedCp && m.baseCp !== -1) {
+          throw new MirrorProtocolError(`CP ${m.cp} is built on CP ${m.baseCp}, but this mirror holds CP ${mirror.committedCp}`);
+        }
+        if (m.cp <= mirror.committedCp) throw new MirrorProtocolError(`CP ${m.cp} is not newer than the committed CP ${mirror.committedCp}`);
+        if (m.baseCp === -1 && mirror.committedCp !== -1) {
+          this.log.warn({ cp: m.cp, committedCp: mirror.committedCp }, 'full baseline over an older image: the mirror is inconsistent until it completes');
+          await mirror.setBaselinePartial(true);
+          this.rx.exports?.invalidate(mirror.label.sourceUuid);
+        }
+        this.applying = { cp: m.cp, baseCp: m.baseCp, kind: m.kind, blocks: 0 };
+        return false;
+      }
+      case MsgType.CpBlocks: {
+        const a = this.checkApplying(m.cp);
+        // Coalesce physically contiguous blocks into one write.
+        let i = 0;
+        while (i < m.pbas.length) {
+          let j = i + 1;
+          while (j < m.pbas.length && m.pbas[j] === m.pbas[j - 1]! + 1) j++;
+          await this.write(m.pbas[i]!, m.data.subarray(i * 4096, j * 4096));
+          i = j;
+        }
+        a.blocks += m.pbas.length;
+        mirror.blocksApplied += m.pbas.length;
+        return false;
+      }
+      case MsgType.CpRefs: {
+        const a = this.checkApplying(m.cp);
+        for (const r of m.refs) {
+          const b = mirror.log.block(r.seq, r.index);
+          if (typeof b === 'string') throw new MirrorProtocolError(`CP ${m.cp}: reference to ${b}`);
+          const crc = crc32c(b);
+          if (crc !== r.crc) throw new MirrorProtocolError(`CP ${m.cp}: referenced block ${r.seq}/${r.index} has crc ${crc.toString(16)}, the source says ${r.crc.toString(16)}`);
+          await this.write(r.pba, b);
+        }
+        a.blocks += m.refs.length;
+        mirror.refsApplied += m.refs.length;
+        return false;
+      }
+      case MsgType.CpCommit: {
+        const a = this.checkApplying(m.cp);
+        if (m.blockCount !== a.blocks) throw new MirrorProtocolError(`CP ${m.cp}: ${a.blocks} blocks arrived, the commit says ${m.blockCount}`);
+        await this.waitWrites(0);
+        if (this.writeError) throw this.writeError;
+        const sb = await mirror.applyCommit(m.cp, m.slot, m.superblock);
+        this.applying = undefined;
+        mirror.cpsApplied++;
+        this.rx.exports?.committed(mirror);
+        this.send({ type: MsgType.CpAck, cp: m.cp, root: rootBytes(sb) });
+        this.log.debug({ cp: m.cp, kind: a.kind, blocks: a.blocks }, 'mirror CP committed');
+        return true;
+      }
+      default:
+        throw new MirrorProtocolError(`unexpected frame type ${m.type} from a source`);
+    }
+  }
+
+  private checkApplying(cp: number): Applying {
+    const a = this.applying;
+    if (!a || a.cp !== cp) throw new MirrorProtocolError(`blocks for CP ${cp} outside CP_BEGIN/CP_COMMIT`);
+    return a;
+  }
+
+  private async write(pba: number, data: Buffer): Promise<void> {
+    if (this.writeError) throw this.writeError;
+    await this.waitWrites(APPLY_WRITES_MAX - 1);
+    this.writesInFlight++;
+    this.mirror!.writeBlocks(pba, data).then(
+      () => this.writeDone(),
+      (e: unknown) => {
+        this.writeError = e instanceof Error ? e : new Error(String(e));
+        this.writeDone();
+      },
+    );
+  }
+
+  private writeDone(): void {
+    this.writesInFlight--;
+    const w = this.writeWaiters;
+    this.writeWaiters = [];
+    for (const f of w) f();
+  }
+
+  private async waitWrites(max: number): Promise<void> {
+    while (this.writesInFlight > max) {
+      // Backpressure: stop reading while the device is behind.
+      this.socket.pause();
+      await new Promise<void>((r) => this.writeWaiters.push(r));
+    }
+    if (!this.closed) this.socket.resume();
+  }
+
+  private async hello(m: Message & { type: MsgType.Hello }): Promise<void> {
+    if (this.rx.sessionFor(m.sourceUuid)) throw new MirrorDirError(`source ${m.sourceUuid} is already connected`);
+    const mirror = await this.rx.openMirror(m, this.log);
+    if (this.closed) return;
+    this.mirror = mirror;
+    this.rx.exports?.attach(mirror);
+    this.armIdle();
+    mirror.log.start(Math.max(1, m.streamFromSeq), mirror.committed?.sb.nvlogSeq ?? 0);
+    this.log.info({ source: m.sourceUuid, mode: m.mode, sourceCp: m.sourceCp, committedCp: mirror.committedCp, dir: mirror.dir }, 'source connected');
+    this.send({
+      type: MsgType.Welcome,
+      committedCp: mirror.baselinePartial ? -1 : mirror.committedCp,
+      root: rootBytes(mirror.committed?.sb),
+      storedFromSeq: mirror.log.storedFromSeq,
+      heldSeq: mirror.log.heldSeq,
+      oldestPinnedCp: this.rx.exports?.oldestPinnedCp(m.sourceUuid) ?? -1,
+    });
+  }
+
+  /** Sends the oldest CP a reader pins (so the source keeps its blocks). */
+  sendPin(cp: number): void {
+    if (this.mirror) this.send({ type: MsgType.Pin, oldestPinnedCp: cp });
+  }
+
+  end(reason: string, refused = false): void {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.idleTimer) clearTimeout(this.idleTimer);
+    if (refused) {
+      this.log.warn({ source: this.sourceUuid, reason }, 'mirror stream refused; the committed image is unchanged');
+      try {
+        for (const part of this.writer.frame({ type: MsgType.Refuse, reason })) this.socket.write(part);
+      } catch {
+        /* the socket may be gone */
+      }
+      this.socket.end();
+      setTimeout(() => this.socket.destroy(), 1000).unref();
+    } else {
+      this.log.info({ source: this.sourceUuid, reason }, 'source disconnected');
+      this.socket.destroy();
+    }
+    const w = this.writeWaiters;
+    this.writeWaiters = [];
+    for (const f of w) f();
+    void this.rx.sessionEnded(this);
+  }
+
+  /** Waits for writes in flight, then releases the mirror directory. */
+  async release(): Promise<void> {
+    while (this.writesInFlight > 0) await new Promise<void>((r) => this.writeWaiters.push(r));
+    if (this.mirror) this.mirror.bytesIn += this.parser.bytesIn;
+  }
+}
+
+export interface ReceiverOptions {
+  dir: string;
+  logger: Logger;
+  /** TLS context options (PSK or certificates); undefined = plaintext (--mirror-insecure). */
+  tls?: tls.TlsOptions;
+  exports?: MirrorExports;
+}
+
+export class MirrorReceiver {
+  readonly dir: string;
+  readonly exports: MirrorExports | undefined;
+  private readonly log: Logger;
+  private readonly sessions = new Set<Session>();
+  private server: net.Server | undefined;
+  /** Open mirrors (kept open while the receiver runs, so their exports outlive a source's connection). */
+  private readonly mirrors = new Map<string, MirrorDir>();
+  private closing = false;
+
+  constructor(private readonly opts: ReceiverOptions) {
+    this.dir = opts.dir;
+    this.log = opts.logger;
+    this.exports = opts.exports;
+    this.exports?.onPinChange((uuid, cp) => this.sessionFor(uuid)?.sendPin(cp));
+    assert(WIRE_VERSION === 1, 'wire version');
+  }
+
+  listen(host: string, port: number): Promise<net.AddressInfo> {
+    const onConn = (sock: net.Socket): void => {
+      if (this.closing || this.sessions.size >= CONNECTIONS_MAX) {
+        this.log.warn({ remote: sock.remoteAddress }, `mirror connection refused: ${this.closing ? 'shutting down' : `${CONNECTIONS_MAX} connections already`}`);
+        sock.destroy();
+        return;
+      }
+      sock.setNoDelay(true);
+      const s = new Session(this, sock, this.log.child({ remote: `${sock.remoteAddress}:${sock.remotePort}` }));
+      this.sessions.add(s);
+    };
+    const srv = this.opts.tls
+      ? tls.createServer({ ...this.opts.tls, minVersion: 'TLSv1.3' }, onConn)
+      : net.createServer(onConn);
+    if (this.opts.tls) {
+      (srv as tls.Server).on('tlsClientError', (e, sock) => {
+        this.log.warn({ remote: sock.remoteAddress, err: e.message }, 'mirror connection refused: TLS authentication failed');
+      });
+    }
+    this.server = srv;
+    return new Promise((resolve, reject) => {
+      srv.once('error', reject);
+      srv.listen(port, host, () => {
+        srv.off('error', reject);
+        resolve(srv.address() as net.AddressInfo);
+      });
+    });
+  }
+
+  sessionFor(uuid: string): Session | undefined {
+    for (const s of this.sessions) if (s.sourceUuid === uuid) return s;
+    return undefined;
+  }
+
+  async openMirror(hello: { sourceUuid: string; sizeBytes: number; deviceBlocks: number; nvramBytes: number }, log: Logger): Promise<MirrorDir> {
+    let m = this.mirrors.get(hello.sourceUuid);
+    if (m && (m.label.sizeBytes !== hello.sizeBytes || m.label.deviceBlocks !== hello.deviceBlocks)) {
+      throw new MirrorDirError(`mirror of ${hello.sourceUuid} holds ${m.label.sizeBytes} bytes on ${m.label.deviceBlocks} blocks; the source now has ${hello.sizeBytes} on ${hello.deviceBlocks}`);
+    }
+    if (!m) {
+      m = await MirrorDir.openOrCreate(this.dir, hello, log);
+      this.mirrors.set(hello.sourceUuid, m);
+    }
+    return m;
+  }
+
+  async sessionEnded(s: Session): Promise<void> {
+    await s.release();
+    this.sessions.delete(s);
+  }
+
+  stats(): ReceiverStats {
+    const mirrors: ReceiverStats['mirrors'] = [];
+    for (const m of this.mirrors.values()) {
+      const s = this.sessionFor(m.label.sourceUuid);
+      mirrors.push({
+        sourceUuid: m.label.sourceUuid,
+        dir: m.dir,
+        connected: s !== undefined,
+        committedCp: m.committedCp,
+        root: rootBytes(m.committed?.sb).toString('hex'),
+        heldSeq: m.log.heldSeq,
+        durableSeq: m.log.durableSeq,
+        logUsedBytes: m.log.usedBytes,
+        recordsStored: m.log.recordsStored,
+        recordsDropped: m.log.recordsDropped,
+        cpsApplied: m.cpsApplied,
+        blocksApplied: m.blocksApplied,
+        refsApplied: m.refsApplied,
+        bytesIn: m.bytesIn + (s?.bytesIn ?? 0),
+        baselinePartial: m.baselinePartial,
+        lastCommitMs: m.lastCommitMs,
+      });
+    }
+    return { connections: this.sessions.size, mirrors };
+  }
+
+  async close(): Promise<void> {
+    this.closing = true;
+    await new Promise<void>((r) => (this.server ? this.server.close(() => r()) : r()));
+    const all = [...this.sessions];
+    for (const s of all) s.end('receiver stopping');
+    while (this.sessions.size > 0) await new Promise((r) => setTimeout(r, 10));
+    for (const m of this.mirrors.values()) await m.close();
+    this.mirrors.clear();
+    this.exports?.close();
+  }
+}

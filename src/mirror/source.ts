@@ -1,0 +1,582 @@
+/**
+ * The source side of a mirror relationship (`serve DIR --mirror-to HOST:PORT`): plugs
+ * into the engine's three seams (the log's append hook, the engine's replica gate, the
+ * tree's CP sink) and keeps one connection to the destination.
+ *
+ *   sync:  every record is forwarded as it is appended; a client's reply waits for the
+ *          destination's RECORD_ACK (FLUSH/FUA: its durable ack). At each CP, data
+ *          blocks the destination holds in its log go as references, the rest as data,
+ *          then the superblock; the next CP starts once the destination committed it.
+ *   async: no forwarding; each CP is shipped the same way, all blocks as data.
+ *   behind (link lost, new destination): a resync sends every block of a pinned
+ *          committed state born after the destination's CP (a baseline: all of them),
+ *          then its superblock; repeated until the destination holds the newest CP.
+ *
+ * Invariants:
+ * - The tree never reuses a block the destination's committed CP or a CP its readers pin
+ *   references (oldestNeededCp): the destination's committed image survives any crash
+ *   or link loss, and resync is "born after the base". Those frees are held only from
+ *   holdValidFromCp (this process's first CP) on; an older base gets a full baseline.
+ * - A CP is shipped only when the destination holds exactly the CP before it; anything
+ *   else goes through resync. A reference names a record inside [storedFromSeq, heldSeq]
+ *   of the destination's last ack.
+ * - Bounded: bytes queued on the socket never exceed QUEUED_BYTES_MAX (writers wait for
+ *   'drain'); an ack not received within stallTimeoutMs, or a queue that stays full,
+ *   drops the connection (policy available: the mirror is marked behind and client I/O
+ *   goes on; strict: writes fail with EIO until it is back in sync).
+ */
+import * as fs from 'fs';
+import * as net from 'net';
+import * as path from 'path';
+import * as tls from 'tls';
+import type { Logger } from 'pino';
+import type { EngineVolume, ReplicaGate } from '../volume/engine';
+import type { AppendedRecord } from '../nvlog/log';
+import type { CommittedView, CpBlock, CpMeta, CpSink } from '../tree/types';
+import { walkBornAfter } from '../tree/born-after';
+import { VolumeError } from '../volume/errors';
+import { assert } from '../util/assert';
+import {
+  BLOCKS_PER_FRAME_MAX, FrameParser, FrameWriter, MsgType, REFS_PER_FRAME_MAX, type CpRef, type Message, type MirrorMode,
+} from './wire';
+
+export type MirrorPolicy = 'available' | 'strict';
+export type MirrorState = 'disconnected' | 'baseline' | 'resyncing' | 'in-sync' | 'behind';
+export const MIRROR_STATE_NAME = 'mirror-source.json';
+/** Bytes queued on the mirror socket before senders wait for it to drain. */
+export const QUEUED_BYTES_MAX = 32 * 1024 * 1024;
+export const STALL_TIMEOUT_MS_DEFAULT = 15_000;
+const CONNECT_TIMEOUT_MS = 5_000;
+const RECONNECT_MS_MIN = 200;
+const RECONNECT_MS_MAX = 5_000;
+const PING_INTERVAL_MS = 5_000;
+/** Pending reply gates (one per client request in flight; the NBD server bounds those). */
+const WAITERS_MAX = 1 << 20;
+
+export interface MirrorSourceOptions {
+  volume: EngineVolume;
+  dir: string;
+  peer: { host: string; port: number };
+  mode: MirrorMode;
+  policy: MirrorPolicy;
+  logger: Logger;
+  nvramBytes: number;
+  deviceBlocks: number;
+  tls?: tls.ConnectionOptions;
+  stallTimeoutMs?: number;
+}
+
+export interface MirrorSourceStats {
+  peer: string;
+  mode: MirrorMode;
+  policy: MirrorPolicy;
+  state: MirrorState;
+  connected: boolean;
+  sourceCp: number;
+  destCp: number;
+  lagCps: number;
+  lagSeconds: number;
+  rootsEqual: boolean;
+  heldSeq: number;
+  lastSeq: number;
+  bytesOnWire: number;
+  clientBytes: number;
+  dataBlocksSent: number;
+  refsSent: number;
+  bytesSavedByRefs: number;
+  resync: { baseCp: number; targetCp: number; blocksSent: number } | undefined;
+  lastError: string | undefined;
+}
+
+interface Waiter {
+  seq: number;
+  durable: boolean;
+  sinceMs: number;
+  resolve: () => void;
+  reject: (e: Error) => void;
+}
+
+interface Conn {
+  socket: net.Socket;
+  parser: FrameParser;
+  writer: FrameWriter;
+  welcome: Promise<Message & { type: MsgType.Welcome }>;
+  cpAck: { cp: number; sinceMs: number; resolve: () => void } | undefined;
+  closed: boolean;
+}
+
+export class MirrorSource implements CpSink, ReplicaGate {
+  private readonly o: MirrorSourceOptions;
+  private readonly log: Logger;
+  private conn: Conn | undefined;
+  private state: MirrorState = 'disconnected';
+  private stopped = false;
+  /** The destination's committed CP (-1: nothing, or unknown). */
+  private destCp = -1;
+  private destRoot: Buffer = Buffer.alloc(24);
+  private pinnedCp = -1;
+  /** Frees are held for a base only from this CP on (blocks freed before it may be reused). */
+  private holdValidFromCp: number;
+  private heldSeq = 0;
+  private durableSeq = 0;
+  private storedFromSeq = 1;
+  private forwardFromSeq = 0;
+  private lastDurableReq = 0;
+  private readonly waiters: Waiter[] = [];
+  private shipping: { cp: number; blocks: number } | undefined;
+  private cpInProgress: number | undefined;
+  private resyncRunning = false;
+  private resync: MirrorSourceStats['resync'];
+  private behindSinceMs = 0;
+  private reconnectMs = RECONNECT_MS_MIN;
+  private reconnectTimer: NodeJS.Timeout | undefined;
+  private readonly ticker: NodeJS.Timeout;
+  private bytesOnWirePrev = 0;
+  private clientBytes = 0;
+  private dataBlocksSent = 0;
+  private refsSent = 0;
+  private lastError: string | undefined;
+  private drainWaiters: Array<() => void> = [];
+
+  constructor(opts: MirrorSourceOptions) {
+    this.o = opts;
+    this.log = opts.logger.child({ mirror: `${opts.peer.host}:${opts.peer.port}` });
+    const v = opts.volume;
+    this.holdValidFromCp = v.tree.stats().cpNumber;
+    v.tree.setCpSink(this);
+    if (opts.mode === 'sync') {
+      v.log.onAppend = (r) => this.onAppend(r);
+      v.setReplicaGate(this);
+    }
+    this.ticker = setInterval(() => this.tick(), 1000);
+    this.ticker.unref();
+    void this.saveState();
+    this.connect();
+  }
+
+  // ---- state file (the relationship persists; serve DIR resumes it) ----
+
+  private async saveState(): Promise<void> {
+    const st = { peer: `${this.o.peer.host}:${this.o.peer.port}`, mode: this.o.mode, policy: this.o.policy, destCp: this.destCp, updatedMs: Date.now() };
+    const p = path.join(this.o.dir, MIRROR_STATE_NAME);
+    await fs.promises.writeFile(`${p}.tmp`, JSON.stringify(st) + '\n').then(() => fs.promises.rename(`${p}.tmp`, p)).catch(() => undefined);
+  }
+
+  static readState(dir: string): { peer: string; mode: MirrorMode; policy: MirrorPolicy; destCp: number } | undefined {
+    try {
+      const v = JSON.parse(fs.readFileSync(path.join(dir, MIRROR_STATE_NAME), 'utf8')) as Record<string, unknown>;
+      if (typeof v.peer !== 'string' || (v.mode !== 'sync' && v.mode !== 'async') || (v.policy !== 'available' && v.policy !== 'strict')) return undefined;
+      return { peer: v.peer, mode: v.mode, policy: v.policy, destCp: typeof v.destCp === 'number' ? v.destCp : -1 };
+    } catch {
+      return undefined;
+    }
+  }
+
+  // ---- connection ----
+
+  private connect(): void {
+    if (this.stopped || this.conn) return;
+    const { host, port } = this.o.peer;
+    const socket = this.o.tls ? tls.connect({ ...this.o.tls, host, port, minVersion: 'TLSv1.3' }) : net.connect({ host, port });
+    socket.setNoDelay(true);
+    const parser = new FrameParser();
+    const writer = new FrameWriter();
+    let welcomeResolve!: (m: Message & { type: MsgType.Welcome }) => void;
+    let welcomeReject!: (e: Error) => void;
+    const welcome = new Promise<Message & { type: MsgType.Welcome }>((res, rej) => {
+      welcomeResolve = res;
+      welcomeReject = rej;
+    });
+    welcome.catch(() => undefined);
+    const conn: Conn = { socket, parser, writer, welcome, cpAck: undefined, closed: false };
+    this.conn = conn;
+    const timer = setTimeout(() => this.drop(conn, 'connect timed out'), CONNECT_TIMEOUT_MS);
+    socket.once(this.o.tls ? 'secureConnect' : 'connect', () => {
+      clearTimeout(timer);
+      this.onConnected(conn);
+    });
+    socket.on('data', (chunk: Buffer) => {
+      let msgs: Message[];
+      try {
+        msgs = parser.push(chunk);
+      } catch (e) {
+        this.drop(conn, `bad stream from the destination: ${(e as Error).message}`);
+        return;
+      }
+      for (const m of msgs) {
+        if (m.type === MsgType.Welcome) welcomeResolve(m);
+        else this.onMessage(conn, m);
+      }
+    });
+    socket.on('drain', () => this.wakeDrain());
+    socket.on('error', (e) => this.drop(conn, e.message));
+    socket.on('close', () => {
+      welcomeReject(new Error('closed'));
+      this.drop(conn, 'connection closed');
+    });
+  }
+
+  private onConnected(conn: Conn): void {
+    const v = this.o.volume;
+    const tree = v.tree.stats();
+    // Forwarding starts now (same tick as HELLO): every later record goes on the wire.
+    this.forwardFromSeq = this.o.mode === 'sync' ? v.log.lastSeq + 1 : 0;
+    this.send(conn, {
+      type: MsgType.Hello, sourceUuid: v.tree.volumeUuid, sizeBytes: v.sizeBytes, deviceBlocks: this.o.deviceBlocks,
+      nvramBytes: this.o.nvramBytes, mode: this.o.mode, sourceCp: tree.cpNumber, streamFromSeq: Math.max(1, this.forwardFromSeq),
+    });
+    conn.welcome.then(
+      (w) => this.onWelcome(conn, w),
+      () => undefined,
+    );
+  }
+
+  private onWelcome(conn: Conn, w: Message & { type: MsgType.Welcome }): void {
+    if (conn.closed) return;
+    this.reconnectMs = RECONNECT_MS_MIN;
+    this.destCp = w.committedCp;
+    this.destRoot = w.root;
+    this.pinnedCp = w.oldestPinnedCp;
+    this.heldSeq = w.heldSeq;
+    this.durableSeq = 0;
+    this.storedFromSeq = w.storedFromSeq;
+    this.lastDurableReq = 0;
+    this.log.info({ destCp: w.committedCp, sourceCp: this.o.volume.tree.stats().cpNumber }, 'mirror connected');
+    this.settleWaiters();
+    void this.catchUp(conn);
+  }
+
+  private onMessage(conn: Conn, m: Message): void {
+    switch (m.type) {
+      case MsgType.RecordAck:
+        this.heldSeq = Math.max(this.heldSeq, m.heldSeq);
+        this.durableSeq = Math.max(this.durableSeq, m.durableSeq);
+        this.storedFromSeq = m.storedFromSeq;
+        this.settleWaiters();
+        return;
+      case MsgType.CpAck:
+        if (!conn.cpAck || conn.cpAck.cp !== m.cp) {
+          this.drop(conn, `destination acknowledged CP ${m.cp}, which was not sent`);
+          return;
+        }
+        this.destCp = m.cp;
+        this.destRoot = m.root;
+        conn.cpAck.resolve();
+        conn.cpAck = undefined;
+        void this.saveState();
+        return;
+      case MsgType.Pin:
+        this.pinnedCp = m.oldestPinnedCp;
+        return;
+      case MsgType.Refuse:
+        this.lastError = `destination refused: ${m.reason}`;
+        this.log.error({ reason: m.reason }, 'the destination refused the mirror stream');
+        this.drop(conn, `refused: ${m.reason}`);
+        return;
+      default:
+        this.drop(conn, `unexpected frame type ${m.type} from the destination`);
+    }
+  }
+
+  private drop(conn: Conn, reason: string): void {
+    if (conn.closed) return;
+    conn.closed = true;
+    this.bytesOnWirePrev += conn.writer.bytesOut + conn.parser.bytesIn;
+    conn.socket.destroy();
+    if (this.conn === conn) this.conn = undefined;
+    if (reason !== 'connection closed' || this.state !== 'disconnected') {
+      if (!this.stopped) this.log.warn({ reason }, 'mirror disconnected');
+    }
+    if (!this.stopped) this.lastError = reason;
+    if (this.state !== 'disconnected') this.behindSinceMs = Date.now();
+    this.state = 'disconnected';
+    this.shipping = undefined;
+    conn.cpAck?.resolve(); // the CP goes on locally; the destination catches up by resync
+    conn.cpAck = undefined;
+    this.wakeDrain();
+    this.settleWaiters();
+    if (!this.stopped && !this.reconnectTimer) {
+      this.reconnectTimer = setTimeout(() => {
+        this.reconnectTimer = undefined;
+        this.connect();
+      }, this.reconnectMs);
+      this.reconnectMs = Math.min(RECONNECT_MS_MAX, this.reconnectMs * 2);
+    }
+  }
+
+  private send(conn: Conn, m: Message): void {
+    if (conn.closed) return;
+    for (const part of conn.writer.frame(m)) conn.socket.write(part);
+  }
+
+  /** Waits while the socket queue is over QUEUED_BYTES_MAX (the connection may drop meanwhile). */
+  private async room(conn: Conn): Promise<void> {
+    while (!conn.closed && conn.socket.writableLength > QUEUED_BYTES_MAX) {
+      await new Promise<void>((r) => this.drainWaiters.push(r));
+    }
+  }
+
+  private wakeDrain(): void {
+    const w = this.drainWaiters;
+    this.drainWaiters = [];
+    for (const f of w) f();
+  }
+
+  private tick(): void {
+    const conn = this.conn;
+    const now = Date.now();
+    const stall = this.o.stallTimeoutMs ?? STALL_TIMEOUT_MS_DEFAULT;
+    if (conn && !conn.closed) {
+      const oldest = this.waiters.length > 0 ? this.waiters.reduce((a, w) => Math.min(a, w.sinceMs), now) : now;
+      if (now - oldest > stall) this.drop(conn, `no acknowledgement from the destination for ${stall} ms (stalled peer)`);
+      else if (conn.cpAck && now - conn.cpAck.sinceMs > stall) this.drop(conn, `CP ${conn.cpAck.cp} not acknowledged within ${stall} ms (stalled peer)`);
+      else this.send(conn, { type: MsgType.Ping, nowMs: now });
+    }
+  }
+
+  // ---- sync: the append hook and the reply gate ----
+
+  private onAppend(r: AppendedRecord): void {
+    this.clientBytes += r.type === 1 ? r.lengthBytes : 0;
+    const conn = this.conn;
+    if (!conn || conn.closed || r.seq < this.forwardFromSeq || this.forwardFromSeq === 0) return;
+    const payload = r.payload.length === 0 ? Buffer.alloc(0) : Buffer.concat(r.payload as Buffer[]); // a copy: the views die with the half
+    this.send(conn, { type: MsgType.Record, seq: r.seq, recordType: r.type, flags: r.flags, offsetBytes: r.offsetBytes, lengthBytes: r.lengthBytes, payload });
+  }
+
+  wait(seq: number, durable: boolean): Promise<void> {
+    const ok = durable ? this.durableSeq : this.heldSeq;
+    if (seq <= ok) return Promise.resolve();
+    const conn = this.conn;
+    const streaming = conn !== undefined && !conn.closed && this.forwardFromSeq > 0;
+    if (!streaming) return this.unreachable();
+    if (this.waiters.length >= WAITERS_MAX) return Promise.reject(new VolumeError('ENOMEM', 'too many requests waiting for the mirror'));
+    if (durable && seq > this.lastDurableReq) {
+      this.lastDurableReq = seq;
+      this.send(conn, { type: MsgType.DurableReq, seq });
+    }
+    return new Promise((resolve, reject) => this.waiters.push({ seq, durable, sinceMs: Date.now(), resolve, reject }));
+  }
+
+  private unreachable(): Promise<void> {
+    if (this.o.policy === 'strict') return Promise.reject(new VolumeError('EIO', 'the mirror is not in sync and the policy is strict'));
+    return Promise.resolve();
+  }
+
+  private settleWaiters(): void {
+    if (this.waiters.length === 0) return;
+    const conn = this.conn;
+    const streaming = conn !== undefined && !conn.closed && this.forwardFromSeq > 0;
+    let kept = 0;
+    for (const w of this.waiters) {
+      const ok = w.durable ? this.durableSeq : this.heldSeq;
+      if (w.seq <= ok) w.resolve();
+      else if (!streaming) {
+        if (this.o.policy === 'strict') w.reject(new VolumeError('EIO', 'the mirror connection was lost and the policy is strict'));
+        else w.resolve();
+      } else this.waiters[kept++] = w;
+    }
+    this.waiters.length = kept;
+  }
+
+  // ---- the CP sink ----
+
+  oldestNeededCp(): number | undefined {
+    if (this.destCp < this.holdValidFromCp) return undefined; // nothing we can keep intact: a baseline follows
+    return this.pinnedCp >= 0 ? Math.min(this.destCp, this.pinnedCp) : this.destCp;
+  }
+
+  holdBroken(cp: number, reason: string): void {
+    this.log.error({ cp, reason }, 'mirror base lost: out of space while keeping the destination\'s blocks; the destination gets a full baseline');
+    this.holdValidFromCp = cp + 1;
+  }
+
+  async blocks(cp: number, blocks: readonly CpBlock[]): Promise<void> {
+    if (this.cpInProgress !== cp) this.cpInProgress = cp;
+    const conn = this.conn;
+    if (!conn || conn.closed || this.state !== 'in-sync') return;
+    if (!this.shipping) {
+      if (this.destCp !== cp - 1) {
+        this.state = 'behind';
+        return;
+      }
+      this.shipping = { cp, blocks: 0 };
+      this.send(conn, { type: MsgType.CpBegin, cp, baseCp: cp - 1, kind: 'cp' });
+    }
+    const ship = this.shipping;
+    if (ship.cp !== cp) return;
+    const refs: CpRef[] = [];
+    const data: CpBlock[] = [];
+    for (const b of blocks) {
+      const o = b.origin;
+      if (this.o.mode === 'sync' && o && b.crc !== undefined && o.seq >= this.storedFromSeq && o.seq <= this.heldSeq && o.seq >= this.forwardFromSeq) {
+        refs.push({ pba: b.pba, seq: o.seq, index: o.index, crc: b.crc });
+      } else {
+        data.push(b);
+      }
+    }
+    for (let i = 0; i < refs.length; i += REFS_PER_FRAME_MAX) {
+      await this.room(conn);
+      this.send(conn, { type: MsgType.CpRefs, cp, refs: refs.slice(i, i + REFS_PER_FRAME_MAX) });
+    }
+    await this.sendBlocks(conn, cp, data.map((b) => ({ pba: b.pba, buf: b.buf })));
+    ship.blocks += refs.length + data.length;
+    this.refsSent += refs.length;
+  }
+
+  private async sendBlocks(conn: Conn, cp: number, blocks: { pba: number; buf: Buffer }[]): Promise<void> {
+    for (let i = 0; i < blocks.length && !conn.closed; i += BLOCKS_PER_FRAME_MAX) {
+      await this.room(conn);
+      const part = blocks.slice(i, i + BLOCKS_PER_FRAME_MAX);
+      const data = Buffer.allocUnsafe(part.length * 4096);
+      part.forEach((b, k) => b.buf.copy(data, k * 4096));
+      this.send(conn, { type: MsgType.CpBlocks, cp, pbas: part.map((b) => b.pba), data });
+      this.dataBlocksSent += part.length;
+    }
+  }
+
+  async committed(cp: number, slot: number, superblock: Buffer, _meta: CpMeta): Promise<void> {
+    this.cpInProgress = undefined;
+    const conn = this.conn;
+    if (conn && !conn.closed && this.state === 'in-sync' && !this.shipping && this.destCp === cp - 1) {
+      // A CP that wrote no blocks (e.g. only a snapshot op).
+      this.shipping = { cp, blocks: 0 };
+      this.send(conn, { type: MsgType.CpBegin, cp, baseCp: cp - 1, kind: 'cp' });
+    }
+    const ship = this.shipping;
+    this.shipping = undefined;
+    if (conn && !conn.closed && ship && ship.cp === cp) {
+      await this.commitOnDest(conn, cp, slot, ship.blocks, superblock);
+    }
+    if (this.destCp < cp && this.state === 'in-sync') this.state = 'behind';
+    if (conn && !conn.closed && this.state !== 'in-sync') void this.catchUp(conn);
+  }
+
+  private async commitOnDest(conn: Conn, cp: number, slot: number, blockCount: number, superblock: Buffer): Promise<void> {
+    const acked = new Promise<void>((resolve) => (conn.cpAck = { cp, sinceMs: Date.now(), resolve }));
+    this.send(conn, { type: MsgType.CpCommit, cp, slot, blockCount, superblock });
+    await acked;
+  }
+
+  // ---- resync / baseline ----
+
+  /** Brings the destination to the newest committed CP, then switches to CP shipping. */
+  private async catchUp(conn: Conn): Promise<void> {
+    if (this.resyncRunning) return;
+    this.resyncRunning = true;
+    try {
+      while (!conn.closed && !this.stopped) {
+        const tree = this.o.volume.tree;
+        if (this.destCp === tree.stats().cpNumber && this.cpInProgress === undefined && !conn.cpAck) {
+          if (this.state !== 'in-sync') this.log.info({ cp: this.destCp }, 'mirror in sync');
+          this.state = 'in-sync';
+          this.behindSinceMs = 0;
+          return;
+        }
+        if (this.cpInProgress !== undefined || conn.cpAck) {
+          await new Promise((r) => setTimeout(r, 5));
+          continue;
+        }
+        const intact = this.destCp >= 0 && this.destCp >= this.holdValidFromCp;
+        const base = intact ? this.destCp : -1;
+        const view = tree.pinCommitted();
+        try {
+          await this.sendResync(conn, view, base);
+        } finally {
+          view.release();
+        }
+      }
+    } catch (e) {
+      this.drop(conn, `resync failed: ${e instanceof Error ? e.message : String(e)}`);
+    } finally {
+      this.resyncRunning = false;
+      this.resync = undefined;
+    }
+  }
+
+  private async sendResync(conn: Conn, view: CommittedView, baseCp: number): Promise<void> {
+    this.state = baseCp < 0 ? 'baseline' : 'resyncing';
+    this.resync = { baseCp, targetCp: view.cpNumber, blocksSent: 0 };
+    this.log.info({ baseCp, targetCp: view.cpNumber }, baseCp < 0 ? 'mirror baseline started' : 'mirror resync started');
+    const t0 = Date.now();
+    this.send(conn, { type: MsgType.CpBegin, cp: view.cpNumber, baseCp, kind: 'resync' });
+    let batch: { pba: number; buf: Buffer }[] = [];
+    let count = 0;
+    const flush = async (): Promise<void> => {
+      const b = batch;
+      batch = [];
+      await this.sendBlocks(conn, view.cpNumber, b);
+      if (this.resync) this.resync.blocksSent += b.length;
+    };
+    await walkBornAfter(view, baseCp, async (blk) => {
+      batch.push(blk);
+      count++;
+      if (batch.length >= BLOCKS_PER_FRAME_MAX) await flush();
+    }, () => conn.closed || this.stopped);
+    await flush();
+    if (conn.closed) return;
+    await this.commitOnDest(conn, view.cpNumber, view.slot, count, view.superblock);
+    this.log.info({ baseCp, cp: view.cpNumber, blocks: count, ms: Date.now() - t0 }, baseCp < 0 ? 'mirror baseline done' : 'mirror resync done');
+  }
+
+  // ---- status / stop ----
+
+  stats(): MirrorSourceStats {
+    const tree = this.o.volume.tree.stats();
+    const conn = this.conn;
+    const wire = (conn?.writer.bytesOut ?? 0) + (conn?.parser.bytesIn ?? 0) + this.bytesOnWirePrev;
+    const rootEq = this.destCp === tree.cpNumber && this.destCp >= 0;
+    return {
+      peer: `${this.o.peer.host}:${this.o.peer.port}`,
+      mode: this.o.mode,
+      policy: this.o.policy,
+      state: this.state,
+      connected: conn !== undefined && !conn.closed,
+      sourceCp: tree.cpNumber,
+      destCp: this.destCp,
+      lagCps: this.destCp < 0 ? tree.cpNumber : tree.cpNumber - this.destCp,
+      lagSeconds: this.behindSinceMs > 0 ? Math.round((Date.now() - this.behindSinceMs) / 100) / 10 : 0,
+      rootsEqual: rootEq,
+      heldSeq: this.heldSeq,
+      lastSeq: this.o.volume.log.lastSeq,
+      bytesOnWire: wire,
+      clientBytes: this.clientBytes,
+      dataBlocksSent: this.dataBlocksSent,
+      refsSent: this.refsSent,
+      bytesSavedByRefs: this.refsSent * (4096 - 24),
+      resync: this.resync ? { ...this.resync } : undefined,
+      lastError: this.lastError,
+    };
+  }
+
+  /** Root pointer bytes the destination reported for its committed CP. */
+  get destinationRoot(): Buffer {
+    return this.destRoot;
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    clearInterval(this.ticker);
+    if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
+    const conn = this.conn;
+    if (conn) {
+      await new Promise<void>((r) => {
+        if (conn.socket.writableLength === 0) return r();
+        conn.socket.once('drain', () => r());
+        setTimeout(r, 2000).unref();
+      });
+      this.drop(conn, 'stopping');
+    }
+    this.settleWaiters();
+    assert(this.waiters.length === 0, 'reply gates left after stop');
+    await this.saveState();
+  }
+
+  /** Detaches from the engine (after the volume's final CP). */
+  detach(): void {
+    const v = this.o.volume;
+    v.tree.setCpSink(undefined);
+    v.log.onAppend = undefined;
+    v.setReplicaGate(undefined);
+  }
+}

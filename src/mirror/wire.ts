@@ -1,0 +1,557 @@
+/**
+ * The mirror wire protocol (docs/mirror.md): framed messages between a source
+ * (`serve --mirror-to`) and a destination (`receive`), one TCP or TLS connection per
+ * relationship.
+ *
+ * Frame: a 24-byte header, then the body.
+ *   0  u32 magic "NVMW"      4  u8 type    5  u8 version   6  u16 zero
+ *   8  u32 body length       12 u64 frame number (0, 1, 2, ... per direction and connection)
+ *   20 u32 crc32c of header bytes 0..20 and the body
+ *
+ * Invariants:
+ * - A frame is accepted only if magic, version, type, length cap (per type), frame
+ *   number (exactly the next one: a replayed, dropped or reordered frame is rejected)
+ *   and checksum all verify; the body is then decoded with every field range-checked.
+ *   Any failure is a MirrorProtocolError naming the problem; the connection is dropped
+ *   and nothing the frame carried is applied.
+ * - The parser never buffers more than one frame: at most FRAME_BODY_MAX_BYTES plus the
+ *   header, whatever the input.
+ * - Encoders assert what the decoders check, so a frame we send always decodes.
+ */
+import { crc32c } from '../io/native';
+import { assert } from '../util/assert';
+
+export const FRAME_MAGIC = 0x574d564e; // "NVMW" little-endian
+export const WIRE_VERSION = 1;
+export const FRAME_HEADER_BYTES = 24;
+export const BLOCK_BYTES = 4096;
+/** Largest write record payload forwarded in one frame (the NVRAM's record cap). */
+export const RECORD_PAYLOAD_MAX_BYTES = 1024 * 1024;
+/** Blocks per CP_BLOCKS frame and references per CP_REFS frame. */
+export const BLOCKS_PER_FRAME_MAX = 64;
+export const REFS_PER_FRAME_MAX = 4096;
+const REF_BYTES = 24;
+/** Largest body of any frame (a record of 1 MiB with its 40-byte header). */
+export const FRAME_BODY_MAX_BYTES = RECORD_PAYLOAD_MAX_BYTES + 64;
+const TEXT_MAX_BYTES = 1024;
+
+export const enum MsgType {
+  Hello = 1,
+  Welcome = 2,
+  Refuse = 3,
+  Record = 4,
+  RecordAck = 5,
+  DurableReq = 6,
+  CpBegin = 7,
+  CpBlocks = 8,
+  CpRefs = 9,
+  CpCommit = 10,
+  CpAck = 11,
+  Pin = 12,
+  Ping = 13,
+}
+
+export type MirrorMode = 'sync' | 'async';
+export type CpKind = 'cp' | 'resync';
+
+export interface Hello {
+  type: MsgType.Hello;
+  sourceUuid: string;
+  sizeBytes: number;
+  deviceBlocks: number;
+  nvramBytes: number;
+  mode: MirrorMode;
+  /** The source's committed CP at connect time. */
+  sourceCp: number;
+  /** First record seq this connection will forward (sync), or 0. */
+  streamFromSeq: number;
+}
+
+export interface Welcome {
+  type: MsgType.Welcome;
+  /** The destination's newest committed CP, or -1 when it holds nothing yet. */
+  committedCp: number;
+  /** Its root pointer bytes (24) as in the superblock, zero when it holds nothing. */
+  root: Buffer;
+  /** Records held in its log: [storedFromSeq, heldSeq] (storedFromSeq > heldSeq: none). */
+  storedFromSeq: number;
+  heldSeq: number;
+  /** The oldest CP a reader of the mirror still uses (-1: none beyond committedCp). */
+  oldestPinnedCp: number;
+}
+
+export interface Refuse {
+  type: MsgType.Refuse;
+  reason: string;
+}
+
+export interface RecordMsg {
+  type: MsgType.Record;
+  seq: number;
+  recordType: number;
+  flags: number;
+  offsetBytes: number;
+  lengthBytes: number;
+  /** Write payload (lengthBytes), empty for trim/zero. */
+  payload: Buffer;
+}
+
+export interface RecordAck {
+  type: MsgType.RecordAck;
+  /** Every record <= heldSeq is in the log or in a committed CP. */
+  heldSeq: number;
+  /** ... and durably so. */
+  durableSeq: number;
+  /** The log holds records [storedFromSeq, heldSeq]: only those may be referenced. */
+  storedFromSeq: number;
+}
+
+export interface DurableReq {
+  type: MsgType.DurableReq;
+  seq: number;
+}
+
+export interface CpBegin {
+  type: MsgType.CpBegin;
+  cp: number;
+  /** The CP the destination must hold for these blocks to apply (-1: a full baseline). */
+  baseCp: number;
+  kind: CpKind;
+}
+
+export interface CpBlocks {
+  type: MsgType.CpBlocks;
+  cp: number;
+  pbas: number[];
+  /** pbas.length * 4096 bytes. */
+  data: Buffer;
+}
+
+export interface CpRef {
+  pba: number;
+  seq: number;
+  index: number;
+  crc: number;
+}
+
+export interface CpRefs {
+  type: MsgType.CpRefs;
+  cp: number;
+  refs: CpRef[];
+}
+
+export interface CpCommit {
+  type: MsgType.CpCommit;
+  cp: number;
+  slot: number;
+  /** Blocks and references sent for this CP (the receiver checks it got them all). */
+  blockCount: number;
+  superblock: Buffer;
+}
+
+export interface CpAck {
+  type: MsgType.CpAck;
+  cp: number;
+  root: Buffer;
+}
+
+export interface Pin {
+  type: MsgType.Pin;
+  oldestPinnedCp: number;
+}
+
+export interface Ping {
+  type: MsgType.Ping;
+  nowMs: number;
+}
+
+export type Message = Hello | Welcome | Refuse | RecordMsg | RecordAck | DurableReq | CpBegin | CpBlocks | CpRefs | CpCommit | CpAck | Pin | Ping;
+
+export class MirrorProtocolError extends Error {
+  override name = 'MirrorProtocolError';
+}
+
+const MAX_U53 = Number.MAX_SAFE_INTEGER;
+
+/** Per type: the body length cap. */
+function bodyCap(type: number): number | undefined {
+  switch (type) {
+    case MsgType.Hello: return 16 + 8 * 5 + 8;
+    case MsgType.Welcome: return 8 + 24 + 8 * 3;
+    case MsgType.Refuse: return 2 + TEXT_MAX_BYTES;
+    case MsgType.Record: return 40 + RECORD_PAYLOAD_MAX_BYTES;
+    case MsgType.RecordAck: return 24;
+    case MsgType.DurableReq: return 8;
+    case MsgType.CpBegin: return 17;
+    case MsgType.CpBlocks: return 12 + BLOCKS_PER_FRAME_MAX * (8 + BLOCK_BYTES);
+    case MsgType.CpRefs: return 12 + REFS_PER_FRAME_MAX * REF_BYTES;
+    case MsgType.CpCommit: return 20 + BLOCK_BYTES;
+    case MsgType.CpAck: return 8 + 24;
+    case MsgType.Pin: return 8;
+    case MsgType.Ping: return 8;
+    default: return undefined;
+  }
+}
+assert(Math.max(...[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13].map((t) => bodyCap(t)!)) <= FRAME_BODY_MAX_BYTES, 'a body cap exceeds FRAME_BODY_MAX_BYTES');
+
+// ---- a cursor over a body ----
+
+class Reader {
+  private at = 0;
+  constructor(private readonly b: Buffer, private readonly what: string) {}
+  private need(n: number): void {
+    if (this.at + n > this.b.length) throw new MirrorProtocolError(`${this.what}: body too short`);
+  }
+  u8(): number {
+    this.need(1);
+    return this.b.readUInt8(this.at++);
+  }
+  u16(): number {
+    this.need(2);
+    const v = this.b.readUInt16LE(this.at);
+    this.at += 2;
+    return v;
+  }
+  u32(): number {
+    this.need(4);
+    const v = this.b.readUInt32LE(this.at);
+    this.at += 4;
+    return v;
+  }
+  /** A u64 that must fit a safe integer. */
+  u64(field: string): number {
+    this.need(8);
+    const v = this.b.readBigUInt64LE(this.at);
+    this.at += 8;
+    if (v > BigInt(MAX_U53)) throw new MirrorProtocolError(`${this.what}: ${field} out of range`);
+    return Number(v);
+  }
+  /** A signed i64 that must be >= -1 (CP numbers, -1 = none). */
+  cp(field: string): number {
+    this.need(8);
+    const v = this.b.readBigInt64LE(this.at);
+    this.at += 8;
+    if (v < -1n || v > BigInt(MAX_U53)) throw new MirrorProtocolError(`${this.what}: ${field} out of range`);
+    return Number(v);
+  }
+  bytes(n: number): Buffer {
+    this.need(n);
+    const v = this.b.subarray(this.at, this.at + n);
+    this.at += n;
+    return v;
+  }
+  end(): void {
+    if (this.at !== this.b.length) throw new MirrorProtocolError(`${this.what}: ${this.b.length - this.at} unexpected trailing bytes`);
+  }
+}
+
+function uuidBytes(uuid: string): Buffer {
+  const hex = uuid.replace(/-/g, '');
+  assert(/^[0-9a-f]{32}$/.test(hex), `bad uuid ${uuid}`);
+  return Buffer.from(hex, 'hex');
+}
+
+function uuidString(b: Buffer): string {
+  const h = b.toString('hex');
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}
+
+// ---- encoding ----
+
+/** Encodes the body of a message (the frame header is added by FrameWriter). Returns the body as parts. */
+export function encodeBody(m: Message): Buffer[] {
+  const u64 = (v: number): Buffer => {
+    assert(Number.isSafeInteger(v) && v >= 0, `u64 field ${v}`);
+    const b = Buffer.allocUnsafe(8);
+    b.writeBigUInt64LE(BigInt(v));
+    return b;
+  };
+  const i64 = (v: number): Buffer => {
+    assert(Number.isSafeInteger(v) && v >= -1, `cp field ${v}`);
+    const b = Buffer.allocUnsafe(8);
+    b.writeBigInt64LE(BigInt(v));
+    return b;
+  };
+  switch (m.type) {
+    case MsgType.Hello:
+      return [uuidBytes(m.sourceUuid), u64(m.sizeBytes), u64(m.deviceBlocks), u64(m.nvramBytes), u64(m.mode === 'sync' ? 1 : 2), i64(m.sourceCp), u64(m.streamFromSeq)];
+    case MsgType.Welcome:
+      assert(m.root.length === 24, 'root pointer is 24 bytes');
+      return [i64(m.committedCp), m.root, u64(m.storedFromSeq), u64(m.heldSeq), i64(m.oldestPinnedCp)];
+    case MsgType.Refuse: {
+      const t = Buffer.from(m.reason.slice(0, TEXT_MAX_BYTES), 'utf8').subarray(0, TEXT_MAX_BYTES);
+      const len = Buffer.allocUnsafe(2);
+      len.writeUInt16LE(t.length);
+      return [len, t];
+    }
+    case MsgType.Record: {
+      assert(m.payload.length === (m.recordType === 1 ? m.lengthBytes : 0) && m.payload.length <= RECORD_PAYLOAD_MAX_BYTES, 'record payload length');
+      const h = Buffer.alloc(8);
+      h.writeUInt8(m.recordType, 0);
+      h.writeUInt8(m.flags, 1);
+      return [u64(m.seq), h, u64(m.offsetBytes), u64(m.lengthBytes), u64(m.payload.length), m.payload];
+    }
+    case MsgType.RecordAck:
+      return [u64(m.heldSeq), u64(m.durableSeq), u64(m.storedFromSeq)];
+    case MsgType.DurableReq:
+      return [u64(m.seq)];
+    case MsgType.CpBegin:
+      return [u64(m.cp), i64(m.baseCp), Buffer.from([m.kind === 'cp' ? 1 : 2])];
+    case MsgType.CpBlocks: {
+      assert(m.pbas.length >= 1 && m.pbas.length <= BLOCKS_PER_FRAME_MAX && m.data.length === m.pbas.length * BLOCK_BYTES, 'CpBlocks shape');
+      const h = Buffer.allocUnsafe(12 + 8 * m.pbas.length);
+      h.writeBigUInt64LE(BigInt(m.cp), 0);
+      h.writeUInt32LE(m.pbas.length, 8);
+      m.pbas.forEach((p, i) => h.writeBigUInt64LE(BigInt(p), 12 + 8 * i));
+      return [h, m.data];
+    }
+    case MsgType.CpRefs: {
+      assert(m.refs.length >= 1 && m.refs.length <= REFS_PER_FRAME_MAX, 'CpRefs shape');
+      const b = Buffer.allocUnsafe(12 + REF_BYTES * m.refs.length);
+      b.writeBigUInt64LE(BigInt(m.cp), 0);
+      b.writeUInt32LE(m.refs.length, 8);
+      m.refs.forEach((r, i) => {
+        const o = 12 + REF_BYTES * i;
+        b.writeBigUInt64LE(BigInt(r.pba), o);
+        b.writeBigUInt64LE(BigInt(r.seq), o + 8);
+        b.writeUInt32LE(r.index, o + 16);
+        b.writeUInt32LE(r.crc >>> 0, o + 20);
+      });
+      return [b];
+    }
+    case MsgType.CpCommit: {
+      assert(m.superblock.length === BLOCK_BYTES, 'superblock is one block');
+      const h = Buffer.allocUnsafe(20);
+      h.writeBigUInt64LE(BigInt(m.cp), 0);
+      h.writeUInt32LE(m.slot, 8);
+      h.writeBigUInt64LE(BigInt(m.blockCount), 12);
+      return [h, m.superblock];
+    }
+    case MsgType.CpAck:
+      assert(m.root.length === 24, 'root pointer is 24 bytes');
+      return [u64(m.cp), m.root];
+    case MsgType.Pin:
+      return [i64(m.oldestPinnedCp)];
+    case MsgType.Ping:
+      return [u64(m.nowMs)];
+  }
+}
+
+/** Decodes a verified frame body. Throws MirrorProtocolError on any bad field. */
+export function decodeBody(type: number, body: Buffer): Message {
+  const what = `frame type ${type}`;
+  const r = new Reader(body, what);
+  let m: Message;
+  switch (type) {
+    case MsgType.Hello: {
+      const sourceUuid = uuidString(r.bytes(16));
+      const sizeBytes = r.u64('sizeBytes');
+      const deviceBlocks = r.u64('deviceBlocks');
+      const nvramBytes = r.u64('nvramBytes');
+      const modeCode = r.u64('mode');
+      if (modeCode !== 1 && modeCode !== 2) throw new MirrorProtocolError(`hello: unknown mode ${modeCode}`);
+      const sourceCp = r.cp('sourceCp');
+      const streamFromSeq = r.u64('streamFromSeq');
+      if (sizeBytes === 0 || sizeBytes % BLOCK_BYTES !== 0) throw new MirrorProtocolError(`hello: bad volume size ${sizeBytes}`);
+      m = { type, sourceUuid, sizeBytes, deviceBlocks, nvramBytes, mode: modeCode === 1 ? 'sync' : 'async', sourceCp, streamFromSeq };
+      break;
+    }
+    case MsgType.Welcome:
+      m = { type, committedCp: r.cp('committedCp'), root: Buffer.from(r.bytes(24)), storedFromSeq: r.u64('storedFromSeq'), heldSeq: r.u64('heldSeq'), oldestPinnedCp: r.cp('oldestPinnedCp') };
+      break;
+    case MsgType.Refuse: {
+      const n = r.u16();
+      if (n > TEXT_MAX_BYTES) throw new MirrorProtocolError('refuse: reason too long');
+      m = { type, reason: r.bytes(n).toString('utf8') };
+      break;
+    }
+    case MsgType.Record: {
+      const seq = r.u64('seq');
+      const recordType = r.u8();
+      const flags = r.u8();
+      r.bytes(6);
+      const offsetBytes = r.u64('offset');
+      const lengthBytes = r.u64('length');
+      const payloadBytes = r.u64('payload length');
+      if (recordType < 1 || recordType > 3) throw new MirrorProtocolError(`record ${seq}: unknown type ${recordType}`);
+      if (seq === 0 || offsetBytes % BLOCK_BYTES !== 0 || lengthBytes % BLOCK_BYTES !== 0 || lengthBytes === 0) throw new MirrorProtocolError(`record ${seq}: bad range`);
+      if (payloadBytes !== (recordType === 1 ? lengthBytes : 0) || payloadBytes > RECORD_PAYLOAD_MAX_BYTES) throw new MirrorProtocolError(`record ${seq}: bad payload length ${payloadBytes}`);
+      m = { type, seq, recordType, flags, offsetBytes, lengthBytes, payload: r.bytes(payloadBytes) };
+      break;
+    }
+    case MsgType.RecordAck:
+      m = { type, heldSeq: r.u64('heldSeq'), durableSeq: r.u64('durableSeq'), storedFromSeq: r.u64('storedFromSeq') };
+      break;
+    case MsgType.DurableReq:
+      m = { type, seq: r.u64('seq') };
+      break;
+    case MsgType.CpBegin: {
+      const cp = r.u64('cp');
+      const baseCp = r.cp('baseCp');
+      const k = r.u8();
+      if (k !== 1 && k !== 2) throw new MirrorProtocolError(`cp begin: unknown kind ${k}`);
+      if (baseCp >= cp) throw new MirrorProtocolError(`cp begin: base CP ${baseCp} is not before CP ${cp}`);
+      m = { type, cp, baseCp, kind: k === 1 ? 'cp' : 'resync' };
+      break;
+    }
+    case MsgType.CpBlocks: {
+      const cp = r.u64('cp');
+      const n = r.u32();
+      if (n < 1 || n > BLOCKS_PER_FRAME_MAX) throw new MirrorProtocolError(`cp blocks: count ${n}`);
+      const pbas: number[] = [];
+      for (let i = 0; i < n; i++) pbas.push(r.u64('pba'));
+      m = { type, cp, pbas, data: r.bytes(n * BLOCK_BYTES) };
+      break;
+    }
+    case MsgType.CpRefs: {
+      const cp = r.u64('cp');
+      const n = r.u32();
+      if (n < 1 || n > REFS_PER_FRAME_MAX) throw new MirrorProtocolError(`cp refs: count ${n}`);
+      const refs: CpRef[] = [];
+      for (let i = 0; i < n; i++) refs.push({ pba: r.u64('pba'), seq: r.u64('seq'), index: r.u32(), crc: r.u32() });
+      m = { type, cp, refs };
+      break;
+    }
+    case MsgType.CpCommit: {
+      const cp = r.u64('cp');
+      const slot = r.u32();
+      const blockCount = r.u64('blockCount');
+      m = { type, cp, slot, blockCount, superblock: Buffer.from(r.bytes(BLOCK_BYTES)) };
+      break;
+    }
+    case MsgType.CpAck:
+      m = { type, cp: r.u64('cp'), root: Buffer.from(r.bytes(24)) };
+      break;
+    case MsgType.Pin:
+      m = { type, oldestPinnedCp: r.cp('oldestPinnedCp') };
+      break;
+    case MsgType.Ping:
+      m = { type, nowMs: r.u64('nowMs') };
+      break;
+    default:
+      throw new MirrorProtocolError(`unknown frame type ${type}`);
+  }
+  r.end();
+  return m;
+}
+
+// ---- framing ----
+
+/** Numbers and checksums outgoing frames. */
+export class FrameWriter {
+  private frameNo = 0;
+  /** Bytes of frames produced (headers included). */
+  bytesOut = 0;
+
+  /** The frame for `m` as parts to write in order (the body parts are not copied). */
+  frame(m: Message): Buffer[] {
+    const body = encodeBody(m);
+    let len = 0;
+    for (const b of body) len += b.length;
+    const cap = bodyCap(m.type);
+    assert(cap !== undefined && len <= cap, `frame type ${m.type} body of ${len} bytes exceeds its cap`);
+    const h = Buffer.allocUnsafe(FRAME_HEADER_BYTES);
+    h.writeUInt32LE(FRAME_MAGIC, 0);
+    h.writeUInt8(m.type, 4);
+    h.writeUInt8(WIRE_VERSION, 5);
+    h.writeUInt16LE(0, 6);
+    h.writeUInt32LE(len, 8);
+    h.writeBigUInt64LE(BigInt(this.frameNo++), 12);
+    let crc = crc32c(h, 0, 20);
+    for (const b of body) crc = crc32c(b, 0, b.length, crc);
+    h.writeUInt32LE(crc, 20);
+    this.bytesOut += FRAME_HEADER_BYTES + len;
+    return [h, ...body];
+  }
+}
+
+/**
+ * Incremental frame parser: push() chunks as they arrive, get whole verified messages
+ * back in order. Holds at most one frame's bytes.
+ */
+export class FrameParser {
+  private chunks: Buffer[] = [];
+  private buffered = 0;
+  private expectFrameNo = 0;
+  private header: { type: number; len: number; frameNo: number; crc: number; raw: Buffer } | undefined;
+  bytesIn = 0;
+  private failed: MirrorProtocolError | undefined;
+
+  /** Feeds bytes; returns the messages completed by them. Throws MirrorProtocolError (and stays failed). */
+  push(chunk: Buffer): Message[] {
+    if (this.failed) throw this.failed;
+    try {
+      return this.pushInner(chunk);
+    } catch (e) {
+      this.failed = e instanceof MirrorProtocolError ? e : new MirrorProtocolError(String(e));
+      this.chunks = [];
+      this.buffered = 0;
+      throw this.failed;
+    }
+  }
+
+  private take(n: number): Buffer {
+    assert(n <= this.buffered, 'take beyond buffered');
+    let out: Buffer;
+    const first = this.chunks[0]!;
+    if (first.length >= n) {
+      out = first.subarray(0, n);
+      if (first.length === n) this.chunks.shift();
+      else this.chunks[0] = first.subarray(n);
+    } else {
+      out = Buffer.allocUnsafe(n);
+      let at = 0;
+      while (at < n) {
+        const c = this.chunks[0]!;
+        const k = Math.min(c.length, n - at);
+        c.copy(out, at, 0, k);
+        at += k;
+        if (k === c.length) this.chunks.shift();
+        else this.chunks[0] = c.subarray(k);
+      }
+    }
+    this.buffered -= n;
+    return out;
+  }
+
+  private pushInner(chunk: Buffer): Message[] {
+    this.bytesIn += chunk.length;
+    if (chunk.length > 0) {
+      this.chunks.push(chunk);
+      this.buffered += chunk.length;
+    }
+    const out: Message[] = [];
+    for (;;) {
+      if (!this.header) {
+        if (this.buffered < FRAME_HEADER_BYTES) break;
+        const raw = Buffer.from(this.take(FRAME_HEADER_BYTES));
+        if (raw.readUInt32LE(0) !== FRAME_MAGIC) throw new MirrorProtocolError('bad frame magic (not an nvmirror mirror stream)');
+        const version = raw.readUInt8(5);
+        if (version !== WIRE_VERSION) throw new MirrorProtocolError(`unsupported wire version ${version}`);
+        const type = raw.readUInt8(4);
+        const len = raw.readUInt32LE(8);
+        const cap = bodyCap(type);
+        if (cap === undefined) throw new MirrorProtocolError(`unknown frame type ${type}`);
+        if (len > cap) throw new MirrorProtocolError(`frame type ${type}: body of ${len} bytes exceeds its cap of ${cap}`);
+        const frameNoBig = raw.readBigUInt64LE(12);
+        if (frameNoBig !== BigInt(this.expectFrameNo)) throw new MirrorProtocolError(`frame number ${frameNoBig} where ${this.expectFrameNo} was due (replayed, lost or reordered frame)`);
+        this.header = { type, len, frameNo: this.expectFrameNo, crc: raw.readUInt32LE(20), raw };
+      }
+      const h = this.header;
+      if (this.buffered < h.len) break;
+      const body = h.len > 0 ? this.take(h.len) : Buffer.alloc(0);
+      let crc = crc32c(h.raw, 0, 20);
+      crc = crc32c(body, 0, body.length, crc);
+      if (crc !== h.crc) throw new MirrorProtocolError(`frame ${h.frameNo} (type ${h.type}): checksum mismatch`);
+      this.header = undefined;
+      this.expectFrameNo++;
+      out.push(decodeBody(h.type, body));
+    }
+    return out;
+  }
+
+  /** Bytes held for an incomplete frame (bounded by FRAME_HEADER_BYTES + FRAME_BODY_MAX_BYTES). */
+  get bufferedBytes(): number {
+    return this.buffered;
+  }
+}
