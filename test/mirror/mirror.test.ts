@@ -181,6 +181,28 @@ describe('mirror: two hosts (network namespaces)', function () {
     await inSyncAndIdentical(s);
   });
 
+  it('a reader connected to the mirror keeps its CP while newer CPs land', async () => {
+    const s = await start('sync');
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x41 0 1M', `nbd+unix:///?socket=${s.srcSock}`]);
+    await inSyncAndIdentical(s);
+    // One qemu-io session: read, wait (the source writes and CPs land meanwhile), read again.
+    const reader = cp.spawn('qemu-io', ['-r', '-f', 'raw', `nbd+unix:///${s.uuid}?socket=${s.expSock}`], { stdio: ['pipe', 'pipe', 'pipe'] });
+    let out = '';
+    reader.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    reader.stdin.write('read -P 0x41 0 1M\n');
+    await until('first read', () => /read 1048576/.test(out));
+    const cpBefore = sourceStatus(s.src)!.destCp;
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x42 0 1M', `nbd+unix:///?socket=${s.srcSock}`]);
+    await until('newer CPs on the mirror', () => (sourceStatus(s.src)?.destCp ?? 0) >= cpBefore + 1 && sourceStatus(s.src)?.rootsEqual);
+    reader.stdin.write('read -P 0x41 0 1M\n');
+    await until('second read', () => (out.match(/read 1048576/g) ?? []).length >= 2 || /verification failed|error/i.test(out), 30_000);
+    reader.stdin.end('quit\n');
+    setTimeout(() => reader.kill('SIGKILL'), 5000).unref();
+    assert.doesNotMatch(out, /Pattern verification failed/, 'the pinned reader saw blocks change');
+    assert.strictEqual((out.match(/read 1048576/g) ?? []).length, 2);
+    sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x42 0 1M', `nbd+unix:///${s.uuid}?socket=${s.expSock}`]);
+  });
+
   it('hostile peer: random bytes and a wrong-magic stream are refused and the mirror is unchanged', async () => {
     const s = await start('sync');
     sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x77 0 1M', `nbd+unix:///?socket=${s.srcSock}`]);
