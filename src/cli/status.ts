@@ -35,7 +35,7 @@ export function formatMirror(m: MirrorSourceStats): string[] {
   const lines = [
     `mirror     ${m.mode} to ${m.peer} (${m.policy}): ${m.state}${m.connected ? '' : ', not connected'}`,
     `           CP ${m.sourceCp} here, CP ${m.destCp} there (${m.rootsEqual ? 'roots equal' : `${m.lagCps} CPs behind`})` + (m.lagSeconds > 0 ? `, behind for ${m.lagSeconds} s` : ''),
-    `           ${formatSize(m.bytesOnWire)} on the wire for ${formatSize(m.clientBytes)} written (${ratio(m.bytesOnWire, m.clientBytes)}), ${m.refsSent} blocks sent as references`,
+    `           ${formatSize(m.bytesOnWire)} on the wire for ${formatSize(m.clientBytes)} written (${ratio(m.bytesOnWire, m.clientBytes)}); CP blocks as references ${m.refsSent}, as deltas ${m.deltasSent}, as data ${m.dataBlocksSent}`,
   ];
   if (m.resync) lines.push(`           ${m.resync.baseCp < 0 ? 'baseline' : `resync from CP ${m.resync.baseCp}`} to CP ${m.resync.targetCp}: ${m.resync.blocksSent} blocks sent`);
   if (m.lastError && m.state !== 'in-sync') lines.push(`           last error: ${m.lastError}`);
@@ -47,7 +47,7 @@ export function formatReceiver(dir: string, r: ReceiverStats): string {
   for (const m of r.mirrors) {
     lines.push(
       `mirror     ${m.sourceUuid}: ${m.baselinePartial ? 'INCONSISTENT (baseline in progress)' : `CP ${m.committedCp}`}, ${m.connected ? 'source connected' : 'source not connected'}`,
-      `           ${m.cpsApplied} CPs applied, ${m.blocksApplied} blocks as data, ${m.refsApplied} from the log; log ${formatSize(m.logUsedBytes)} (${m.recordsStored} records stored, ${m.recordsDropped} dropped)`,
+      `           ${m.cpsApplied} CPs applied, ${m.blocksApplied} blocks as data, ${m.refsApplied} from the log, ${m.deltasApplied} rebuilt from deltas; log ${formatSize(m.logUsedBytes)} (${m.recordsStored} records stored, ${m.recordsDropped} dropped)`,
     );
   }
   return lines.join('\n');

@@ -77,6 +77,7 @@ export class MirrorDir {
   cpsApplied = 0;
   blocksApplied = 0;
   refsApplied = 0;
+  deltasApplied = 0;
   /** Bytes received from earlier connections. */
   bytesIn = 0;
   private lockFd: number;
@@ -161,6 +162,14 @@ export class MirrorDir {
     const n = data.length / BLOCK;
     if (!(pba >= RING_SLOTS && pba + n <= this.label.deviceBlocks)) throw new MirrorDirError(`CP block at pba ${pba} outside [${RING_SLOTS}, ${this.label.deviceBlocks})`);
     return this.dev.writeBlocks(pba, data);
+  }
+
+  /** Reads one block of the committed image (the base a delta applies to). */
+  async readBlock(pba: number): Promise<Buffer> {
+    if (!(pba >= RING_SLOTS && pba < this.label.deviceBlocks)) throw new MirrorDirError(`block at pba ${pba} outside [${RING_SLOTS}, ${this.label.deviceBlocks})`);
+    const b = Buffer.allocUnsafe(BLOCK);
+    await this.dev.readBlocks(pba, 1, b);
+    return b;
   }
 
   /** Commits a CP whose blocks are all written: sync, superblock into its slot, sync. */

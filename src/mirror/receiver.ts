@@ -29,6 +29,9 @@ import { crc32c } from '../io/native';
 import { FrameParser, FrameWriter, MirrorProtocolError, MsgType, WIRE_VERSION, type Message } from './wire';
 import { APPLY_WRITES_MAX, MirrorDir, MirrorDirError, rootBytes } from './mirror-dir';
 import type { MirrorExports } from './exports';
+import { applyDelta, DELTA_FROM_ZEROES } from './delta';
+
+const ZERO_BLOCK = Buffer.alloc(4096);
 
 export const CONNECTIONS_MAX = 64;
 /** The receiver's control socket in its directory (`nvmirror status DIR`). */
@@ -54,6 +57,7 @@ export interface ReceiverStats {
     cpsApplied: number;
     blocksApplied: number;
     refsApplied: number;
+    deltasApplied: number;
     bytesIn: number;
     baselinePartial: boolean;
     lastCommitMs: number;
@@ -206,6 +210,20 @@ class Session {
         }
         a.blocks += m.refs.length;
         mirror.refsApplied += m.refs.length;
+        return false;
+      }
+      case MsgType.CpDeltas: {
+        const a = this.checkApplying(m.cp);
+        for (const d of m.deltas) {
+          const prev = d.prevPba === DELTA_FROM_ZEROES ? ZERO_BLOCK : await mirror.readBlock(d.prevPba);
+          const b = applyDelta(prev, d.delta);
+          if (typeof b === 'string') throw new MirrorProtocolError(`CP ${m.cp}: delta for pba ${d.pba}: ${b}`);
+          const crc = crc32c(b);
+          if (crc !== d.crc) throw new MirrorProtocolError(`CP ${m.cp}: block at pba ${d.pba} rebuilt from pba ${d.prevPba} has crc ${crc.toString(16)}, the source says ${d.crc.toString(16)}`);
+          await this.write(d.pba, b);
+        }
+        a.blocks += m.deltas.length;
+        mirror.deltasApplied += m.deltas.length;
         return false;
       }
       case MsgType.CpCommit: {
@@ -410,6 +428,7 @@ export class MirrorReceiver {
         cpsApplied: m.cpsApplied,
         blocksApplied: m.blocksApplied,
         refsApplied: m.refsApplied,
+        deltasApplied: m.deltasApplied,
         bytesIn: m.bytesIn + (s?.bytesIn ?? 0),
         baselinePartial: m.baselinePartial,
         lastCommitMs: m.lastCommitMs,

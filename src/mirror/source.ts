@@ -36,8 +36,13 @@ import type { CommittedView, CpBlock, CpMeta, CpSink } from '../tree/types';
 import { walkBornAfter } from '../tree/born-after';
 import { VolumeError } from '../volume/errors';
 import { assert } from '../util/assert';
+import { crc32c } from '../io/native';
+import { DELTA_FROM_ZEROES, encodeDelta } from './delta';
+
+const ZERO_BLOCK = Buffer.alloc(4096);
 import {
-  BLOCKS_PER_FRAME_MAX, FrameParser, FrameWriter, MsgType, REFS_PER_FRAME_MAX, type CpRef, type Message, type MirrorMode,
+  BLOCKS_PER_FRAME_MAX, DELTAS_BODY_MAX_BYTES, DELTAS_PER_FRAME_MAX, FrameParser, FrameWriter, MsgType, REFS_PER_FRAME_MAX, deltaEntryBytes,
+  type CpDelta, type CpRef, type Message, type MirrorMode,
 } from './wire';
 
 export type MirrorPolicy = 'available' | 'strict';
@@ -83,6 +88,7 @@ export interface MirrorSourceStats {
   clientBytes: number;
   dataBlocksSent: number;
   refsSent: number;
+  deltasSent: number;
   bytesSavedByRefs: number;
   resync: { baseCp: number; targetCp: number; blocksSent: number } | undefined;
   lastError: string | undefined;
@@ -135,6 +141,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private clientBytes = 0;
   private dataBlocksSent = 0;
   private refsSent = 0;
+  private deltasSent = 0;
   private lastError: string | undefined;
   private drainWaiters: Array<() => void> = [];
 
@@ -406,22 +413,43 @@ export class MirrorSource implements CpSink, ReplicaGate {
     const ship = this.shipping;
     if (ship.cp !== cp) return;
     const refs: CpRef[] = [];
+    const deltas: CpDelta[] = [];
     const data: CpBlock[] = [];
+    const prevBuf = Buffer.allocUnsafe(4096);
     for (const b of blocks) {
       const o = b.origin;
       if (this.o.mode === 'sync' && o && b.crc !== undefined && o.seq >= this.storedFromSeq && o.seq <= this.heldSeq && o.seq >= this.forwardFromSeq) {
         refs.push({ pba: b.pba, seq: o.seq, index: o.index, crc: b.crc });
-      } else {
-        data.push(b);
+        continue;
       }
+      // The destination holds the committed block this one replaces (or, for a new block,
+      // starts from zeroes, prevPba 0): send the difference when it is small.
+      let prev = b.prev;
+      if (!prev && b.prevPba !== undefined) {
+        await this.o.volume.tree.readRaw(b.prevPba, 1, prevBuf);
+        prev = prevBuf;
+      }
+      const delta = encodeDelta(prev ?? ZERO_BLOCK, b.buf);
+      if (delta) deltas.push({ pba: b.pba, prevPba: b.prevPba ?? DELTA_FROM_ZEROES, crc: b.crc ?? crc32c(b.buf), delta });
+      else data.push(b);
     }
     for (let i = 0; i < refs.length; i += REFS_PER_FRAME_MAX) {
       await this.room(conn);
       this.send(conn, { type: MsgType.CpRefs, cp, refs: refs.slice(i, i + REFS_PER_FRAME_MAX) });
     }
+    let i = 0;
+    while (i < deltas.length) {
+      let bytes = 12;
+      let j = i;
+      while (j < deltas.length && j - i < DELTAS_PER_FRAME_MAX && bytes + deltaEntryBytes(deltas[j]!) <= DELTAS_BODY_MAX_BYTES) bytes += deltaEntryBytes(deltas[j++]!);
+      await this.room(conn);
+      this.send(conn, { type: MsgType.CpDeltas, cp, deltas: deltas.slice(i, j) });
+      i = j;
+    }
     await this.sendBlocks(conn, cp, data.map((b) => ({ pba: b.pba, buf: b.buf })));
-    ship.blocks += refs.length + data.length;
+    ship.blocks += refs.length + deltas.length + data.length;
     this.refsSent += refs.length;
+    this.deltasSent += deltas.length;
   }
 
   private async sendBlocks(conn: Conn, cp: number, blocks: { pba: number; buf: Buffer }[]): Promise<void> {
@@ -543,6 +571,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       clientBytes: this.clientBytes,
       dataBlocksSent: this.dataBlocksSent,
       refsSent: this.refsSent,
+      deltasSent: this.deltasSent,
       bytesSavedByRefs: this.refsSent * (4096 - 24),
       resync: this.resync ? { ...this.resync } : undefined,
       lastError: this.lastError,

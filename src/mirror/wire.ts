@@ -49,6 +49,7 @@ export const enum MsgType {
   CpAck = 11,
   Pin = 12,
   Ping = 13,
+  CpDeltas = 14,
 }
 
 export type MirrorMode = 'sync' | 'async';
@@ -140,6 +141,30 @@ export interface CpRefs {
   refs: CpRef[];
 }
 
+/** A metadata block rebuilt on the destination from the block it replaces plus a delta (delta.ts). */
+export interface CpDelta {
+  pba: number;
+  prevPba: number;
+  /** crc32c of the rebuilt block: the destination checks it before writing. */
+  crc: number;
+  delta: Buffer;
+}
+
+export interface CpDeltas {
+  type: MsgType.CpDeltas;
+  cp: number;
+  deltas: CpDelta[];
+}
+
+/** Body bytes a CP_DELTAS frame may carry (the sender fills frames up to it). */
+export const DELTAS_BODY_MAX_BYTES = 256 * 1024;
+export const DELTAS_PER_FRAME_MAX = 4096;
+const DELTA_ENTRY_HEADER_BYTES = 22;
+
+export function deltaEntryBytes(d: CpDelta): number {
+  return DELTA_ENTRY_HEADER_BYTES + d.delta.length;
+}
+
 export interface CpCommit {
   type: MsgType.CpCommit;
   cp: number;
@@ -165,7 +190,7 @@ export interface Ping {
   nowMs: number;
 }
 
-export type Message = Hello | Welcome | Refuse | RecordMsg | RecordAck | DurableReq | CpBegin | CpBlocks | CpRefs | CpCommit | CpAck | Pin | Ping;
+export type Message = Hello | Welcome | Refuse | RecordMsg | RecordAck | DurableReq | CpBegin | CpBlocks | CpRefs | CpDeltas | CpCommit | CpAck | Pin | Ping;
 
 export class MirrorProtocolError extends Error {
   override name = 'MirrorProtocolError';
@@ -189,10 +214,11 @@ function bodyCap(type: number): number | undefined {
     case MsgType.CpAck: return 8 + 24;
     case MsgType.Pin: return 8;
     case MsgType.Ping: return 8;
+    case MsgType.CpDeltas: return DELTAS_BODY_MAX_BYTES;
     default: return undefined;
   }
 }
-assert(Math.max(...[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13].map((t) => bodyCap(t)!)) <= FRAME_BODY_MAX_BYTES, 'a body cap exceeds FRAME_BODY_MAX_BYTES');
+assert(Math.max(...[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14].map((t) => bodyCap(t)!)) <= FRAME_BODY_MAX_BYTES, 'a body cap exceeds FRAME_BODY_MAX_BYTES');
 
 // ---- a cursor over a body ----
 
@@ -319,6 +345,23 @@ export function encodeBody(m: Message): Buffer[] {
       });
       return [b];
     }
+    case MsgType.CpDeltas: {
+      assert(m.deltas.length >= 1 && m.deltas.length <= DELTAS_PER_FRAME_MAX, 'CpDeltas shape');
+      const h = Buffer.allocUnsafe(12);
+      h.writeBigUInt64LE(BigInt(m.cp), 0);
+      h.writeUInt32LE(m.deltas.length, 8);
+      const parts: Buffer[] = [h];
+      for (const d of m.deltas) {
+        assert(d.delta.length <= 0xffff, 'delta too long');
+        const e = Buffer.allocUnsafe(DELTA_ENTRY_HEADER_BYTES);
+        e.writeBigUInt64LE(BigInt(d.pba), 0);
+        e.writeBigUInt64LE(BigInt(d.prevPba), 8);
+        e.writeUInt32LE(d.crc >>> 0, 16);
+        e.writeUInt16LE(d.delta.length, 20);
+        parts.push(e, d.delta);
+      }
+      return parts;
+    }
     case MsgType.CpCommit: {
       assert(m.superblock.length === BLOCK_BYTES, 'superblock is one block');
       const h = Buffer.allocUnsafe(20);
@@ -410,6 +453,21 @@ export function decodeBody(type: number, body: Buffer): Message {
       const refs: CpRef[] = [];
       for (let i = 0; i < n; i++) refs.push({ pba: r.u64('pba'), seq: r.u64('seq'), index: r.u32(), crc: r.u32() });
       m = { type, cp, refs };
+      break;
+    }
+    case MsgType.CpDeltas: {
+      const cp = r.u64('cp');
+      const n = r.u32();
+      if (n < 1 || n > DELTAS_PER_FRAME_MAX) throw new MirrorProtocolError(`cp deltas: count ${n}`);
+      const deltas: CpDelta[] = [];
+      for (let i = 0; i < n; i++) {
+        const pba = r.u64('pba');
+        const prevPba = r.u64('prevPba');
+        const crc = r.u32();
+        const len = r.u16();
+        deltas.push({ pba, prevPba, crc, delta: r.bytes(len) });
+      }
+      m = { type, cp, deltas };
       break;
     }
     case MsgType.CpCommit: {

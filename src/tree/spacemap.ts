@@ -47,6 +47,8 @@ export interface Run {
 export interface NewBlock {
   pba: number;
   buf: Buffer;
+  /** The block this one replaces (its previous version in the committed state), if any. */
+  prevPba?: number;
 }
 
 /** Reads and verifies space-map blocks (supplied by the tree, which owns the device). */
@@ -351,6 +353,9 @@ export class SpaceMap {
   buildCommit(cp: number, uuid: Buffer): NewBlock[] {
     const reservedForMap: number[] = [];
     const dirtyNodes: Set<number>[] = [];
+    // The committed versions being replaced, by leaf index and by (level, index).
+    const prevLeaf = new Map<number, number>();
+    const prevNode = new Map<string, number>();
     for (let rounds = 0; ; rounds++) {
       assert(rounds < 64, 'space-map fixpoint does not converge');
       const before = this.dirtyLeaves.size;
@@ -366,6 +371,7 @@ export class SpaceMap {
       for (const i of [...this.dirtyLeaves]) {
         const old = this.leafPtrs[i];
         if (old) {
+          if (!prevLeaf.has(i)) prevLeaf.set(i, old.pba);
           this.freeFromLive(old.pba);
           this.leafPtrs[i] = null;
         }
@@ -374,6 +380,7 @@ export class SpaceMap {
         for (const i of dirtyNodes[l]!) {
           const old = this.nodePtrs[l]![i];
           if (old) {
+            if (!prevNode.has(`${l}/${i}`)) prevNode.set(`${l}/${i}`, old.pba);
             this.freeFromLive(old.pba);
             this.nodePtrs[l]![i] = null;
           }
@@ -422,7 +429,8 @@ export class SpaceMap {
       if (!leafNonEmpty(i)) continue;
       const buf = Buffer.from(this.active.subarray(i * BLOCK, (i + 1) * BLOCK));
       const pba = take();
-      out.push({ pba, buf });
+      const prevPba = prevLeaf.get(i);
+      out.push(prevPba !== undefined ? { pba, buf, prevPba } : { pba, buf });
       this.leafPtrs[i] = { pba, birth: cp, crc: crc32c(buf) };
     }
     for (let l = 0; l < this.height; l++) {
@@ -435,7 +443,8 @@ export class SpaceMap {
         writeNodeHeader(buf, { type: NODE_TYPE_SPACE_MAP, level: l, index: i }, pba, cp, uuid);
         for (let c = i * FANOUT; c < Math.min(childCount, (i + 1) * FANOUT); c++) encodePtr(buf, ptrSlotOffset(c - i * FANOUT), children[c]!);
         this.nodePtrs[l]![i] = { pba, birth: cp, crc: crc32c(buf) };
-        out.push({ pba, buf });
+        const prevPba = prevNode.get(`${l}/${i}`);
+        out.push(prevPba !== undefined ? { pba, buf, prevPba } : { pba, buf });
       }
     }
     assert(next === reservedForMap.length, `space map used ${next} of ${reservedForMap.length} reserved blocks`);

@@ -738,7 +738,7 @@ export class BlockTree implements BlockTreeApi {
         else batches.push([k]);
       }
       for (const ks of batches) {
-        const out: (NewBlock | null)[] = new Array<NewBlock | null>(ks.length).fill(null);
+        const out: (CpBlock | null)[] = new Array<CpBlock | null>(ks.length).fill(null);
         await forEachLimit(ks, this.ioConcurrency, async (k, j) => {
           // Cached old nodes resolve in microtasks: yield to the event loop between them.
           await slicer.maybeYield();
@@ -776,11 +776,11 @@ export class BlockTree implements BlockTreeApi {
           writeNodeHeader(buf, { type: NODE_TYPE_DATA_TREE, level: l, index }, pba, cp, this.uuidBytes);
           const ptr: BlockPtr = { pba, birth: cp, crc: crc32c(buf) };
           lvl.newPtr[k] = ptr;
-          out[j] = { pba, buf };
+          out[j] = old && oldPtr ? { pba, buf, prevPba: oldPtr.pba, prev: old } : { pba, buf };
           // Safe before the CP is durable: only a pointer with this pba, birth and crc can hit it.
           this.cache.put(ptr, buf);
         });
-        const writes = out.filter((w): w is NewBlock => w !== null);
+        const writes = out.filter((w): w is CpBlock => w !== null);
         await this.writeAll(writes, slicer, cp);
         blocksWritten += writes.length;
       }
@@ -934,6 +934,11 @@ export class BlockTree implements BlockTreeApi {
   }
 
   // ---------------------------------------------------------------- seams for a mirror
+
+  readRaw(pba: number, count: number, dst: Buffer): Promise<void> {
+    if (!(pba >= 0 && count >= 1 && pba + count <= this.sb.deviceBlocks && dst.length === count * BLOCK)) assert(false, `readRaw [${pba}, +${count})`);
+    return this.dev.readBlocks(pba, count, dst);
+  }
 
   setCpSink(sink: CpSink | undefined): void {
     this.sink = sink;

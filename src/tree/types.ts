@@ -33,6 +33,9 @@ export interface CpBlock {
   /** Data blocks written whole by one log record: where the record holds it, and its crc32c. */
   origin?: BlockOrigin;
   crc?: number;
+  /** Metadata blocks: the committed block this one replaces (a mirror may send a delta against it), and its contents if at hand. */
+  prevPba?: number;
+  prev?: Buffer;
 }
 
 /**
@@ -152,6 +155,8 @@ export interface BlockTreeApi extends TreeReader {
   snapshotReader(name: string): TreeReader | undefined;
   /** Installs (or removes) the CP hook. */
   setCpSink(sink: CpSink | undefined): void;
+  /** Reads raw blocks of the device (a block of the committed state, e.g. a CpBlock's prevPba, before the CP that replaces it is durable). */
+  readRaw(pba: number, count: number, dst: Buffer): Promise<void>;
   /** Pins the committed state (live root and every snapshot) until release(). */
   pinCommitted(): CommittedView;
   /** Full walk: verify every checksum, that accounting matches reachability. */

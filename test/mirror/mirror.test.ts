@@ -98,11 +98,11 @@ describe('mirror: two hosts (network namespaces)', function () {
     pair.spawn('b', BIN, ['receive', path.join(tmp, 'dst'), '--listen', `${b.addr}:${PORT}`, '--export-socket', expSock, '--mirror-insecure'], {
       stdio: ['ignore', 'ignore', fs.openSync(path.join(tmp, 'rx.log'), 'w')],
     });
-    await until('receiver socket', () => fs.existsSync(expSock));
+    await until('receiver socket', () => fs.existsSync(expSock), 90_000);
     pair.spawn('a', BIN, ['serve', src, '--socket', srcSock, '--cp-interval', '300', '--mirror-to', `${b.addr}:${PORT}`, '--mirror-mode', mode, '--mirror-insecure', '--mirror-stall-timeout', '2000', ...extra], {
       stdio: ['ignore', 'ignore', fs.openSync(path.join(tmp, 'sv.log'), 'w')],
     });
-    await until('source socket', () => fs.existsSync(srcSock));
+    await until('source socket', () => fs.existsSync(srcSock), 90_000);
     await until('mirror in sync', () => sourceStatus(src)?.state === 'in-sync');
     return { src, srcSock, expSock, uuid };
   }

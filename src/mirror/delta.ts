@@ -1,0 +1,74 @@
+/**
+ * Block deltas: a metadata block a CP rewrites (an address block with a few new
+ * pointers, a space-map leaf with a few bits changed) differs from the committed block
+ * it replaces in a few 8-byte words. The mirror sends those words instead of 4 KiB; the
+ * destination, which holds the replaced block, rebuilds the new one and checks its
+ * crc32c before writing it.
+ *
+ * Format: runs of changed words, each `u16 firstWord | u16 wordCount | wordCount * 8
+ * bytes`, in increasing, non-overlapping order. An empty delta means "identical".
+ *
+ * Invariants:
+ * - applyDelta(prev, encodeDelta(prev, next)) equals next, byte for byte.
+ * - applyDelta checks every run against the block bounds and the order, and never
+ *   reads past the delta: a malformed delta is an error string, never a wrong block.
+ */
+import { BLOCK_BYTES } from './wire';
+
+const WORD_BYTES = 8;
+const WORDS = BLOCK_BYTES / WORD_BYTES;
+const RUN_HEADER_BYTES = 4;
+/** prevPba of a delta against a block of zeroes (a new block; pba 0 is a superblock slot, never a base). */
+export const DELTA_FROM_ZEROES = 0;
+/** A delta larger than this is not worth it: send the block. */
+export const DELTA_MAX_BYTES = 2048;
+
+/** The delta from prev to next, or undefined when it would exceed DELTA_MAX_BYTES. */
+export function encodeDelta(prev: Buffer, next: Buffer): Buffer | undefined {
+  if (prev.length !== BLOCK_BYTES || next.length !== BLOCK_BYTES) throw new RangeError('deltas are between 4 KiB blocks');
+  const parts: Buffer[] = [];
+  let size = 0;
+  let w = 0;
+  while (w < WORDS) {
+    if (prev.readBigUInt64LE(w * WORD_BYTES) === next.readBigUInt64LE(w * WORD_BYTES)) {
+      w++;
+      continue;
+    }
+    let end = w + 1;
+    // Extend over runs of differing words, bridging a single equal word (a header is cheaper than a split).
+    while (end < WORDS) {
+      if (prev.readBigUInt64LE(end * WORD_BYTES) !== next.readBigUInt64LE(end * WORD_BYTES)) end++;
+      else if (end + 1 < WORDS && prev.readBigUInt64LE((end + 1) * WORD_BYTES) !== next.readBigUInt64LE((end + 1) * WORD_BYTES)) end += 2;
+      else break;
+    }
+    const h = Buffer.allocUnsafe(RUN_HEADER_BYTES);
+    h.writeUInt16LE(w, 0);
+    h.writeUInt16LE(end - w, 2);
+    parts.push(h, next.subarray(w * WORD_BYTES, end * WORD_BYTES));
+    size += RUN_HEADER_BYTES + (end - w) * WORD_BYTES;
+    if (size > DELTA_MAX_BYTES) return undefined;
+    w = end;
+  }
+  return Buffer.concat(parts, size);
+}
+
+/** next = prev with the delta's runs applied (a new buffer), or a one-line reason the delta is malformed. */
+export function applyDelta(prev: Buffer, delta: Buffer): Buffer | string {
+  if (prev.length !== BLOCK_BYTES) return 'previous block is not 4 KiB';
+  const out = Buffer.from(prev);
+  let at = 0;
+  let minWord = 0;
+  while (at < delta.length) {
+    if (at + RUN_HEADER_BYTES > delta.length) return 'truncated run header';
+    const first = delta.readUInt16LE(at);
+    const count = delta.readUInt16LE(at + 2);
+    at += RUN_HEADER_BYTES;
+    if (count === 0 || first < minWord || first + count > WORDS) return `run of ${count} words at word ${first} out of order or out of the block`;
+    const bytes = count * WORD_BYTES;
+    if (at + bytes > delta.length) return 'truncated run';
+    delta.copy(out, first * WORD_BYTES, at, at + bytes);
+    at += bytes;
+    minWord = first + count;
+  }
+  return out;
+}
