@@ -4,15 +4,18 @@
  * there is any.
  */
 import { Command } from 'commander';
+import * as fs from 'fs';
+import * as path from 'path';
 import { checkVolumeDir } from '../volume/dir';
+import { checkMirrorDir, MIRROR_LABEL_NAME } from '../mirror/mirror-dir';
 
 export function registerCheck(program: Command): void {
   program
     .command('check')
-    .description('verify a volume directory that is not being served (tree checksums, space accounting, NVRAM records)')
-    .argument('<DIR>', 'the volume directory')
+    .description('verify a volume directory that is not being served (tree checksums, space accounting, NVRAM records), or a mirror DIR/<source-uuid> (also while receiving)')
+    .argument('<DIR>', 'the volume directory, or a mirror directory')
     .action(async (dir: string) => {
-      const r = await checkVolumeDir(dir);
+      const r = fs.existsSync(path.join(dir, MIRROR_LABEL_NAME)) ? await checkMirrorDir(dir) : await checkVolumeDir(dir);
       for (const n of r.notes) process.stdout.write(`${n}\n`);
       for (const p of r.problems) process.stdout.write(`problem: ${p}\n`);
       if (r.ok) {

@@ -10,6 +10,7 @@ import { formatSize } from '../util/size';
 import { MirrorSource, type MirrorPolicy } from '../mirror/source';
 import { clientTls, linkSecurity, type LinkArgs } from '../mirror/link';
 import { EngineVolume } from '../volume/engine';
+import { assert } from '../util/assert';
 import { hostPortArg, logLevelArg, onStopSignals, sizeArg, intArg, volumeSpecFromArgs } from './common';
 
 interface ServeOpts extends LinkArgs {
@@ -95,22 +96,24 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
   if ((o.mirrorMode !== undefined || o.mirrorPolicy !== undefined) && o.mirrorTo === undefined) throw new Error('--mirror-mode and --mirror-policy need --mirror-to');
   const mirrorSec = o.mirrorTo !== undefined ? linkSecurity(o) : undefined;
   const logger = createLogger(o.logLevel);
-  const opened = await openVolume(spec);
-  let server: NbdServer | undefined;
   let mirror: MirrorSource | undefined;
   if (o.mirrorTo !== undefined && dir !== undefined && mirrorSec) {
-    const v = opened.volume;
-    if (!(v instanceof EngineVolume) || v.caps.readOnly) {
-      await opened.close();
-      throw new Error('--mirror-to needs a volume directory served read-write');
-    }
+    if (spec.readOnly) throw new Error('--mirror-to needs the volume served read-write');
     const tlsOpts = clientTls(mirrorSec);
-    mirror = new MirrorSource({
-      volume: v, dir: path.resolve(dir), peer: o.mirrorTo, mode: (o.mirrorMode ?? 'sync') as 'sync' | 'async',
-      policy: (o.mirrorPolicy ?? 'available') as MirrorPolicy, logger, nvramBytes: v.region.sizeBytes,
-      deviceBlocks: v.tree.stats().totalBlocks, ...(tlsOpts ? { tls: tlsOpts } : {}),
+    const m = new MirrorSource({
+      dir: path.resolve(dir), peer: o.mirrorTo, mode: (o.mirrorMode ?? 'sync') as 'sync' | 'async',
+      policy: (o.mirrorPolicy ?? 'available') as MirrorPolicy, logger, ...(tlsOpts ? { tls: tlsOpts } : {}),
       ...(o.mirrorStallTimeout !== undefined ? { stallTimeoutMs: o.mirrorStallTimeout } : {}),
     });
+    mirror = m;
+    spec.beforeRecovery = (tree) => m.attachTree(tree);
+  }
+  const opened = await openVolume(spec);
+  let server: NbdServer | undefined;
+  if (mirror) {
+    const v = opened.volume;
+    assert(v instanceof EngineVolume, 'a volume directory opens as an engine volume');
+    mirror.attachVolume(v);
     const m = mirror;
     v.statusSections.set('mirror', () => m.stats());
   }

@@ -32,7 +32,7 @@ import * as tls from 'tls';
 import type { Logger } from 'pino';
 import type { EngineVolume, ReplicaGate } from '../volume/engine';
 import type { AppendedRecord } from '../nvlog/log';
-import type { CommittedView, CpBlock, CpMeta, CpSink } from '../tree/types';
+import type { BlockTreeApi, CommittedView, CpBlock, CpMeta, CpSink } from '../tree/types';
 import { walkBornAfter } from '../tree/born-after';
 import { VolumeError } from '../volume/errors';
 import { assert } from '../util/assert';
@@ -59,14 +59,11 @@ const PING_INTERVAL_MS = 5_000;
 const WAITERS_MAX = 1 << 20;
 
 export interface MirrorSourceOptions {
-  volume: EngineVolume;
   dir: string;
   peer: { host: string; port: number };
   mode: MirrorMode;
   policy: MirrorPolicy;
   logger: Logger;
-  nvramBytes: number;
-  deviceBlocks: number;
   tls?: tls.ConnectionOptions;
   stallTimeoutMs?: number;
 }
@@ -114,6 +111,8 @@ interface Conn {
 export class MirrorSource implements CpSink, ReplicaGate {
   private readonly o: MirrorSourceOptions;
   private readonly log: Logger;
+  private tree!: BlockTreeApi;
+  private volume: EngineVolume | undefined;
   private conn: Conn | undefined;
   private state: MirrorState = 'disconnected';
   private stopped = false;
@@ -148,25 +147,63 @@ export class MirrorSource implements CpSink, ReplicaGate {
   constructor(opts: MirrorSourceOptions) {
     this.o = opts;
     this.log = opts.logger.child({ mirror: `${opts.peer.host}:${opts.peer.port}` });
-    const v = opts.volume;
-    this.holdValidFromCp = v.tree.stats().cpNumber;
-    v.tree.setCpSink(this);
-    if (opts.mode === 'sync') {
+    this.holdValidFromCp = Number.MAX_SAFE_INTEGER;
+    this.ticker = setInterval(() => this.tick(), 1000);
+    this.ticker.unref();
+  }
+
+  /**
+   * Step 1, before NVRAM recovery: becomes the tree's CP sink, so recovery's CPs are
+   * held for the destination too. If the destination last acknowledged an older CP that
+   * is still in the superblock ring, its blocks are held again (as before the restart),
+   * so the relationship resumes with a resync instead of a new baseline.
+   */
+  async attachTree(tree: BlockTreeApi): Promise<void> {
+    this.tree = tree;
+    const cpNow = tree.stats().cpNumber;
+    this.holdValidFromCp = cpNow;
+    const prev = MirrorSource.readState(this.o.dir);
+    if (prev && prev.destCp >= 0 && prev.destCp <= cpNow) {
+      const why = await tree.holdCommitted(prev.destCp);
+      if (why === null) {
+        this.holdValidFromCp = prev.destCp;
+        this.destCp = prev.destCp;
+      } else {
+        this.log.warn({ destCp: prev.destCp, reason: why }, 'the destination\'s CP can no longer be kept: it gets a full baseline');
+      }
+    }
+    tree.setCpSink(this);
+  }
+
+  /** Step 2, once the volume is open: forwarding (sync), the reply gate, and the connection. */
+  attachVolume(v: EngineVolume): void {
+    assert(v.tree === this.tree, 'attachVolume: another tree');
+    this.volume = v;
+    if (this.o.mode === 'sync') {
       v.log.onAppend = (r) => this.onAppend(r);
       v.setReplicaGate(this);
     }
-    this.ticker = setInterval(() => this.tick(), 1000);
-    this.ticker.unref();
-    void this.saveState();
+    this.saveState();
     this.connect();
   }
 
   // ---- state file (the relationship persists; serve DIR resumes it) ----
 
-  private async saveState(): Promise<void> {
-    const st = { peer: `${this.o.peer.host}:${this.o.peer.port}`, mode: this.o.mode, policy: this.o.policy, destCp: this.destCp, updatedMs: Date.now() };
+  /** The state file names the destination's CP only while its blocks are held here (else -1: a baseline is due). */
+  private stateText(): string {
+    const destCp = this.destCp >= this.holdValidFromCp ? this.destCp : -1;
+    return JSON.stringify({ peer: `${this.o.peer.host}:${this.o.peer.port}`, mode: this.o.mode, policy: this.o.policy, destCp, updatedMs: Date.now() }) + '\n';
+  }
+
+  /** Synchronous (a few hundred bytes, no fsync, once per CP) so writes never land out of order. */
+  private saveState(): void {
     const p = path.join(this.o.dir, MIRROR_STATE_NAME);
-    await fs.promises.writeFile(`${p}.tmp`, JSON.stringify(st) + '\n').then(() => fs.promises.rename(`${p}.tmp`, p)).catch(() => undefined);
+    try {
+      fs.writeFileSync(`${p}.tmp`, this.stateText());
+      fs.renameSync(`${p}.tmp`, p);
+    } catch (e) {
+      this.log.warn({ err: (e as Error).message }, 'cannot write the mirror state file');
+    }
   }
 
   static readState(dir: string): { peer: string; mode: MirrorMode; policy: MirrorPolicy; destCp: number } | undefined {
@@ -224,13 +261,13 @@ export class MirrorSource implements CpSink, ReplicaGate {
   }
 
   private onConnected(conn: Conn): void {
-    const v = this.o.volume;
+    const v = this.volume!;
     const tree = v.tree.stats();
     // Forwarding starts now (same tick as HELLO): every later record goes on the wire.
     this.forwardFromSeq = this.o.mode === 'sync' ? v.log.lastSeq + 1 : 0;
     this.send(conn, {
-      type: MsgType.Hello, sourceUuid: v.tree.volumeUuid, sizeBytes: v.sizeBytes, deviceBlocks: this.o.deviceBlocks,
-      nvramBytes: this.o.nvramBytes, mode: this.o.mode, sourceCp: tree.cpNumber, streamFromSeq: Math.max(1, this.forwardFromSeq),
+      type: MsgType.Hello, sourceUuid: v.tree.volumeUuid, sizeBytes: v.sizeBytes, deviceBlocks: tree.totalBlocks,
+      nvramBytes: v.region.sizeBytes, mode: this.o.mode, sourceCp: tree.cpNumber, streamFromSeq: Math.max(1, this.forwardFromSeq),
     });
     conn.welcome.then(
       (w) => this.onWelcome(conn, w),
@@ -248,7 +285,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.durableSeq = 0;
     this.storedFromSeq = w.storedFromSeq;
     this.lastDurableReq = 0;
-    this.log.info({ destCp: w.committedCp, sourceCp: this.o.volume.tree.stats().cpNumber }, 'mirror connected');
+    this.log.info({ destCp: w.committedCp, sourceCp: this.tree.stats().cpNumber }, 'mirror connected');
     this.settleWaiters();
     void this.catchUp(conn);
   }
@@ -270,7 +307,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
         this.destRoot = m.root;
         conn.cpAck.resolve();
         conn.cpAck = undefined;
-        void this.saveState();
+        this.saveState();
         return;
       case MsgType.Pin:
         this.pinnedCp = m.oldestPinnedCp;
@@ -396,6 +433,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
   holdBroken(cp: number, reason: string): void {
     this.log.error({ cp, reason }, 'mirror base lost: out of space while keeping the destination\'s blocks; the destination gets a full baseline');
     this.holdValidFromCp = cp + 1;
+    this.saveState(); // at once, before any block is reused: a restart must not trust the old base
   }
 
   async blocks(cp: number, blocks: readonly CpBlock[]): Promise<void> {
@@ -426,7 +464,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       // starts from zeroes, prevPba 0): send the difference when it is small.
       let prev = b.prev;
       if (!prev && b.prevPba !== undefined) {
-        await this.o.volume.tree.readRaw(b.prevPba, 1, prevBuf);
+        await this.tree.readRaw(b.prevPba, 1, prevBuf);
         prev = prevBuf;
       }
       const delta = encodeDelta(prev ?? ZERO_BLOCK, b.buf);
@@ -494,7 +532,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.resyncRunning = true;
     try {
       while (!conn.closed && !this.stopped) {
-        const tree = this.o.volume.tree;
+        const tree = this.tree;
         if (this.destCp === tree.stats().cpNumber && this.cpInProgress === undefined && !conn.cpAck) {
           if (this.state !== 'in-sync') this.log.info({ cp: this.destCp }, 'mirror in sync');
           this.state = 'in-sync';
@@ -550,7 +588,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
   // ---- status / stop ----
 
   stats(): MirrorSourceStats {
-    const tree = this.o.volume.tree.stats();
+    const tree = this.tree.stats();
     const conn = this.conn;
     const wire = (conn?.writer.bytesOut ?? 0) + (conn?.parser.bytesIn ?? 0) + this.bytesOnWirePrev;
     const rootEq = this.destCp === tree.cpNumber && this.destCp >= 0;
@@ -566,7 +604,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       lagSeconds: this.behindSinceMs > 0 ? Math.round((Date.now() - this.behindSinceMs) / 100) / 10 : 0,
       rootsEqual: rootEq,
       heldSeq: this.heldSeq,
-      lastSeq: this.o.volume.log.lastSeq,
+      lastSeq: this.volume?.log.lastSeq ?? 0,
       bytesOnWire: wire,
       clientBytes: this.clientBytes,
       dataBlocksSent: this.dataBlocksSent,
@@ -598,14 +636,16 @@ export class MirrorSource implements CpSink, ReplicaGate {
     }
     this.settleWaiters();
     assert(this.waiters.length === 0, 'reply gates left after stop');
-    await this.saveState();
+    this.saveState();
   }
 
   /** Detaches from the engine (after the volume's final CP). */
   detach(): void {
-    const v = this.o.volume;
-    v.tree.setCpSink(undefined);
-    v.log.onAppend = undefined;
-    v.setReplicaGate(undefined);
+    this.tree.setCpSink(undefined);
+    const v = this.volume;
+    if (v) {
+      v.log.onAppend = undefined;
+      v.setReplicaGate(undefined);
+    }
   }
 }

@@ -335,6 +335,24 @@ export class SpaceMap {
     return freed;
   }
 
+  /**
+   * Holds the blocks of `map` (the space map of an older committed CP a peer still
+   * uses) that are free now: they become reserved, released only by a later rotation.
+   * Returns how many blocks it reserved.
+   */
+  reserveHeld(map: Buffer): number {
+    assert(map.length === this.active.length, 'held map length');
+    let n = 0;
+    for (let i = 0; i < map.length; i++) {
+      const add = map[i]! & ~this.active[i]! & ~this.summary[i]! & ~this.reservedOld[i]! & ~this.reservedNew[i]!;
+      if (add === 0) continue;
+      this.reservedOld[i] = this.reservedOld[i]! | add;
+      n += pop8(add);
+    }
+    this.reservedCountOld += n;
+    return n;
+  }
+
   /** After a snapshot of the current active map is taken: it holds everything active holds. */
   addActiveToSummary(): void {
     orInto(this.summary, this.active);

@@ -854,26 +854,55 @@ export class BlockTree implements BlockTreeApi {
     return { created, deleted };
   }
 
-  /** OR of the space maps of every kept snapshot not in `without` (reads them). */
-  private async summaryWithout(without: string[]): Promise<Buffer> {
-    const out = Buffer.alloc(this.smap.summary.length);
+  /**
+   * Keeps the blocks of an older committed CP (still in the superblock ring) from being
+   * reused, as if it were a kept snapshot until the CP sink's oldestNeededCp() moves
+   * past it: a mirror whose destination holds that CP resumes after a restart without a
+   * new baseline. Returns null, or why the CP cannot be held (then it is not).
+   */
+  async holdCommitted(cp: number): Promise<string | null> {
+    if (cp === this.sb.cpNumber) return null;
+    if (cp > this.sb.cpNumber || cp < 0) return `CP ${cp} is not an older CP of this volume (it is at CP ${this.sb.cpNumber})`;
+    const raw = Buffer.alloc(BLOCK);
+    await this.devRead(cp % RING_SLOTS, 1, raw, `superblock slot ${cp % RING_SLOTS}`);
+    const old = decodeSuperblock(raw);
+    if (typeof old === 'string') return `superblock slot of CP ${cp}: ${old}`;
+    if (old.cpNumber !== cp || old.volumeUuid !== this.volumeUuid) return `CP ${cp} is no longer in the superblock ring (slot holds CP ${old.cpNumber})`;
+    const map = Buffer.alloc(this.smap.active.length);
+    try {
+      for (const r of [old.smapRoot, ...old.snapshots.map((s) => s.smapRoot)]) await this.smap.loadTree(r, this.smapLoader('held CP'), map, false);
+    } catch (e) {
+      return `space map of CP ${cp}: ${e instanceof Error ? e.message : String(e)}`;
+    }
+    const n = this.smap.reserveHeld(map);
+    log().info({ cp, blocks: n }, 'block tree: holding the blocks of an older CP for a mirror');
+    return null;
+  }
+
+  private smapLoader(what: string): SpaceMapLoader {
     const deviceBlocks = this.sb.deviceBlocks;
-    const read = async (ptr: BlockPtr, what: string, id: NodeId | null): Promise<Buffer> => {
+    const read = async (ptr: BlockPtr, name: string, id: NodeId | null): Promise<Buffer> => {
       const buf = Buffer.alloc(BLOCK);
-      await this.devRead(ptr.pba, 1, buf, what);
+      await this.devRead(ptr.pba, 1, buf, name);
       const problem = id ? verifyNode(buf, ptr, id, this.uuidBytes) : crc32c(buf) === ptr.crc ? null : 'checksum mismatch';
-      if (problem) throw this.eio(`${what} at pba ${ptr.pba}: ${problem}`, { pba: ptr.pba });
+      if (problem) throw this.eio(`${name} at pba ${ptr.pba}: ${problem}`, { pba: ptr.pba });
       return buf;
     };
-    const loader: SpaceMapLoader = {
-      readNode: (ptr, id) => read(ptr, `snapshot space-map node level ${id.level} index ${id.index}`, id),
-      readLeaf: (ptr, i) => read(ptr, `snapshot space-map leaf ${i}`, null),
-      decodeChild: (node, slot, what) => {
+    return {
+      readNode: (ptr, id) => read(ptr, `${what} space-map node level ${id.level} index ${id.index}`, id),
+      readLeaf: (ptr, i) => read(ptr, `${what} space-map leaf ${i}`, null),
+      decodeChild: (node, slot, name) => {
         const p = decodePtr(node, ptrSlotOffset(slot), deviceBlocks);
-        if (typeof p === 'string') throw this.eio(`${what}: ${p}`, {});
+        if (typeof p === 'string') throw this.eio(`${name}: ${p}`, {});
         return p;
       },
     };
+  }
+
+  /** OR of the space maps of every kept snapshot not in `without` (reads them). */
+  private async summaryWithout(without: string[]): Promise<Buffer> {
+    const out = Buffer.alloc(this.smap.summary.length);
+    const loader = this.smapLoader('snapshot');
     for (const s of this.sb.snapshots) if (!without.includes(s.name)) await this.smap.loadTree(s.smapRoot, loader, out, false);
     return out;
   }

@@ -26,6 +26,7 @@ import { FileBlockDevice, syncDirectory } from '../io/file-device';
 import { MmapNvram } from '../io/mmap-nvram';
 import * as native from '../io/native';
 import { BlockTree } from '../tree/tree';
+import type { BlockTreeApi } from '../tree/types';
 import { MAX_DEVICE_BLOCKS, MAX_VOLUME_BYTES } from '../tree/layout';
 import { NvLog } from '../nvlog/log';
 import { REGION_MIN_BYTES, REGION_MAX_BYTES } from '../nvlog/format';
@@ -73,6 +74,8 @@ export interface OpenVolumeDirOptions {
   clock?: Clock;
   /** Listen on DIR/control.sock (default true). */
   control?: boolean;
+  /** Called with the mounted tree before NVRAM recovery commits anything (a mirror attaches its CP sink here). */
+  beforeRecovery?: (tree: BlockTreeApi) => Promise<void>;
 }
 
 export interface OpenedVolumeDir {
@@ -318,6 +321,7 @@ export async function openVolumeDir(dir: string, opts: OpenVolumeDirOptions): Pr
   const parts = await openVolumeParts(absDir, opts.readOnly, opts.clock);
   let volume: EngineVolume;
   try {
+    if (opts.beforeRecovery) await opts.beforeRecovery(parts.tree);
     volume = await EngineVolume.open({
       tree: parts.tree,
       region: parts.region,

@@ -6,6 +6,7 @@
 import type { ExportRegistry } from '../nbd/exports';
 import { StaticExports } from '../nbd/exports';
 import type { Volume } from './types';
+import type { BlockTreeApi } from '../tree/types';
 
 export interface VolumeSpec {
   memory?: number;
@@ -15,6 +16,8 @@ export interface VolumeSpec {
   exportName: string;
   /** Engine tuning, passed through to volume directories. */
   cpIntervalMs?: number;
+  /** Volume directories: called with the mounted tree before NVRAM recovery commits anything (a mirror attaches its CP sink here). */
+  beforeRecovery?: (tree: BlockTreeApi) => Promise<void>;
 }
 
 export interface OpenedVolume {
@@ -44,6 +47,7 @@ export async function openVolume(spec: VolumeSpec): Promise<OpenedVolume> {
     readOnly: spec.readOnly,
     exportName: spec.exportName,
     ...(spec.cpIntervalMs !== undefined ? { cpIntervalMs: spec.cpIntervalMs } : {}),
+    ...(spec.beforeRecovery ? { beforeRecovery: spec.beforeRecovery } : {}),
   });
   return { volume: opened.volume, exports: opened.exports, what: `volume ${dir}`, close: () => opened.close() };
 }

@@ -88,26 +88,63 @@ describe('mirror: two hosts (network namespaces)', function () {
     fs.rmSync(tmp, { recursive: true, force: true });
   });
 
-  async function start(mode: 'sync' | 'async', extra: string[] = []): Promise<{ src: string; srcSock: string; expSock: string; uuid: string }> {
-    const src = path.join(tmp, 'src');
-    sh(BIN, ['create', src, '--size', '256M', '--nvram-size', '8M']);
-    const uuid = (JSON.parse(fs.readFileSync(path.join(src, 'nvmirror.json'), 'utf8')) as { uuid: string }).uuid;
-    const expSock = path.join(tmp, 'exp.sock');
-    const srcSock = path.join(tmp, 'src.sock');
-    const b = pair.host('b');
-    pair.spawn('b', BIN, ['receive', path.join(tmp, 'dst'), '--listen', `${b.addr}:${PORT}`, '--export-socket', expSock, '--mirror-insecure'], {
-      stdio: ['ignore', 'ignore', fs.openSync(path.join(tmp, 'rx.log'), 'w')],
-    });
-    await until('receiver socket', () => fs.existsSync(expSock), 90_000);
-    pair.spawn('a', BIN, ['serve', src, '--socket', srcSock, '--cp-interval', '300', '--mirror-to', `${b.addr}:${PORT}`, '--mirror-mode', mode, '--mirror-insecure', '--mirror-stall-timeout', '2000', ...extra], {
-      stdio: ['ignore', 'ignore', fs.openSync(path.join(tmp, 'sv.log'), 'w')],
-    });
-    await until('source socket', () => fs.existsSync(srcSock), 90_000);
-    await until('mirror in sync', () => sourceStatus(src)?.state === 'in-sync');
-    return { src, srcSock, expSock, uuid };
+  interface Setup {
+    src: string;
+    srcSock: string;
+    expSock: string;
+    uuid: string;
+    mode: 'sync' | 'async';
+    extra: string[];
+    source?: cp.ChildProcess;
+    receiver?: cp.ChildProcess;
   }
 
-  async function inSyncAndIdentical(s: { src: string; srcSock: string; expSock: string; uuid: string }): Promise<void> {
+  async function startReceiver(s: Setup): Promise<void> {
+    fs.rmSync(s.expSock, { force: true });
+    const b = pair.host('b');
+    s.receiver = pair.spawn('b', BIN, ['receive', path.join(tmp, 'dst'), '--listen', `${b.addr}:${PORT}`, '--export-socket', s.expSock, '--mirror-insecure'], {
+      stdio: ['ignore', 'ignore', fs.openSync(path.join(tmp, 'rx.log'), 'a')],
+    });
+    await until('receiver socket', () => fs.existsSync(s.expSock), 90_000);
+  }
+
+  async function startSource(s: Setup): Promise<void> {
+    fs.rmSync(s.srcSock, { force: true });
+    const b = pair.host('b');
+    s.source = pair.spawn('a', BIN, ['serve', s.src, '--socket', s.srcSock, '--cp-interval', '300', '--mirror-to', `${b.addr}:${PORT}`, '--mirror-mode', s.mode, '--mirror-insecure', '--mirror-stall-timeout', '2000', ...s.extra], {
+      stdio: ['ignore', 'ignore', fs.openSync(path.join(tmp, 'sv.log'), 'a')],
+    });
+    await until('source socket', () => fs.existsSync(s.srcSock), 90_000);
+  }
+
+  async function stop(p: cp.ChildProcess | undefined, signal: NodeJS.Signals): Promise<void> {
+    if (!p || p.exitCode !== null) return;
+    const done = new Promise((r) => p.once('exit', r));
+    p.kill(signal);
+    await done;
+  }
+
+  async function start(mode: 'sync' | 'async', extra: string[] = [], sizeArg = '256M'): Promise<Setup> {
+    const src = path.join(tmp, 'src');
+    sh(BIN, ['create', src, '--size', sizeArg, '--nvram-size', '8M']);
+    const uuid = (JSON.parse(fs.readFileSync(path.join(src, 'nvmirror.json'), 'utf8')) as { uuid: string }).uuid;
+    const s: Setup = { src, srcSock: path.join(tmp, 'src.sock'), expSock: path.join(tmp, 'exp.sock'), uuid, mode, extra };
+    await startReceiver(s);
+    await startSource(s);
+    await until('mirror in sync', () => sourceStatus(src)?.state === 'in-sync');
+    return s;
+  }
+
+  function baselines(): number {
+    return (fs.readFileSync(path.join(tmp, 'sv.log'), 'utf8').match(/mirror baseline started/g) ?? []).length;
+  }
+
+  function checkMirror(s: Setup): void {
+    const out = sh(BIN, ['check', path.join(tmp, 'dst', s.uuid)]);
+    assert.match(out, /: ok$/m, out);
+  }
+
+  async function inSyncAndIdentical(s: Setup): Promise<void> {
     // A CP that holds every write so far, then the destination's root must equal the source's.
     const r = await controlRequest(path.join(s.src, 'control.sock'), { op: 'checkpoint' }, 60_000);
     assert.ok(r.ok, `checkpoint: ${String(r.error)}`);
@@ -201,6 +238,59 @@ describe('mirror: two hosts (network namespaces)', function () {
     assert.doesNotMatch(out, /Pattern verification failed/, 'the pinned reader saw blocks change');
     assert.strictEqual((out.match(/read 1048576/g) ?? []).length, 2);
     sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x42 0 1M', `nbd+unix:///${s.uuid}?socket=${s.expSock}`]);
+  });
+
+  it('both sides stop and restart: the relationship resumes without a new baseline', async () => {
+    const s = await start('sync');
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x51 0 4M', `nbd+unix:///?socket=${s.srcSock}`]);
+    await inSyncAndIdentical(s);
+    await stop(s.source, 'SIGTERM');
+    await stop(s.receiver, 'SIGTERM');
+    checkMirror(s);
+    await startReceiver(s);
+    await startSource(s);
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x52 8M 4M', `nbd+unix:///?socket=${s.srcSock}`]);
+    await inSyncAndIdentical(s);
+    assert.strictEqual(baselines(), 1, 'a restart started a new baseline');
+  });
+
+  it('kill -9 of the source under writes: after restart it resyncs from the held base (no baseline), devices identical', async () => {
+    const s = await start('sync');
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x61 0 8M', `nbd+unix:///?socket=${s.srcSock}`]);
+    await inSyncAndIdentical(s);
+    const fio = cp.spawn('fio', ['--name=k', '--ioengine=nbd', `--uri=nbd+unix:///?socket=${s.srcSock}`, '--rw=randwrite', '--bs=4k', '--size=128M',
+      '--time_based', '--runtime=30', '--iodepth=16', '--thread', `--directory=${tmp}`], { stdio: 'ignore' });
+    await new Promise((r) => setTimeout(r, 1500));
+    await stop(s.source, 'SIGKILL');
+    fio.kill('SIGKILL');
+    checkMirror(s);
+    await startSource(s);
+    await inSyncAndIdentical(s);
+    assert.strictEqual(baselines(), 1, 'the crash restart fell back to a full baseline');
+    assert.match(fs.readFileSync(path.join(tmp, 'sv.log'), 'utf8'), /mirror resync started/);
+  });
+
+  it('kill -9 of the destination mid-CP and mid-baseline: its committed image checks clean every time and it resumes', async () => {
+    const s = await start('async', [], '1G');
+    for (let round = 0; round < 3; round++) {
+      const fio = cp.spawn('fio', ['--name=d', '--ioengine=nbd', `--uri=nbd+unix:///?socket=${s.srcSock}`, '--rw=randwrite', '--bs=64k', '--size=512M',
+        '--time_based', '--runtime=30', '--iodepth=8', '--thread', `--directory=${tmp}`], { stdio: 'ignore' });
+      await new Promise((r) => setTimeout(r, 700 + round * 400));
+      await stop(s.receiver, 'SIGKILL');
+      fio.kill('SIGKILL');
+      checkMirror(s);
+      await startReceiver(s);
+      await inSyncAndIdentical(s);
+    }
+    // Mid-baseline: a fresh destination directory, killed while the baseline streams.
+    await stop(s.receiver, 'SIGKILL');
+    fs.rmSync(path.join(tmp, 'dst'), { recursive: true, force: true });
+    await startReceiver(s);
+    await until('baseline running', () => sourceStatus(s.src)?.state === 'baseline' || undefined, 30_000);
+    await stop(s.receiver, 'SIGKILL');
+    checkMirror(s);
+    await startReceiver(s);
+    await inSyncAndIdentical(s);
   });
 
   it('hostile peer: random bytes and a wrong-magic stream are refused and the mirror is unchanged', async () => {
