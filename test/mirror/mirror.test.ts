@@ -99,19 +99,19 @@ describe('mirror: two hosts (network namespaces)', function () {
     receiver?: cp.ChildProcess;
   }
 
-  async function startReceiver(s: Setup): Promise<void> {
+  async function startReceiver(s: Setup, link: string[] = ['--mirror-insecure']): Promise<void> {
     fs.rmSync(s.expSock, { force: true });
     const b = pair.host('b');
-    s.receiver = pair.spawn('b', BIN, ['receive', path.join(tmp, 'dst'), '--listen', `${b.addr}:${PORT}`, '--export-socket', s.expSock, '--mirror-insecure'], {
+    s.receiver = pair.spawn('b', BIN, ['receive', path.join(tmp, 'dst'), '--listen', `${b.addr}:${PORT}`, '--export-socket', s.expSock, ...link], {
       stdio: ['ignore', 'ignore', fs.openSync(path.join(tmp, 'rx.log'), 'a')],
     });
     await until('receiver socket', () => fs.existsSync(s.expSock), 90_000);
   }
 
-  async function startSource(s: Setup): Promise<void> {
+  async function startSource(s: Setup, link: string[] = ['--mirror-insecure']): Promise<void> {
     fs.rmSync(s.srcSock, { force: true });
     const b = pair.host('b');
-    s.source = pair.spawn('a', BIN, ['serve', s.src, '--socket', s.srcSock, '--cp-interval', '300', '--mirror-to', `${b.addr}:${PORT}`, '--mirror-mode', s.mode, '--mirror-insecure', '--mirror-stall-timeout', '2000', ...s.extra], {
+    s.source = pair.spawn('a', BIN, ['serve', s.src, '--socket', s.srcSock, '--cp-interval', '300', '--mirror-to', `${b.addr}:${PORT}`, '--mirror-mode', s.mode, ...link, '--mirror-stall-timeout', '2000', ...s.extra], {
       stdio: ['ignore', 'ignore', fs.openSync(path.join(tmp, 'sv.log'), 'a')],
     });
     await until('source socket', () => fs.existsSync(s.srcSock), 90_000);
@@ -124,13 +124,18 @@ describe('mirror: two hosts (network namespaces)', function () {
     await done;
   }
 
-  async function start(mode: 'sync' | 'async', extra: string[] = [], sizeArg = '256M'): Promise<Setup> {
+  function setup(mode: 'sync' | 'async', extra: string[] = [], sizeArg = '256M'): Setup {
     const src = path.join(tmp, 'src');
     sh(BIN, ['create', src, '--size', sizeArg, '--nvram-size', '8M']);
     const uuid = (JSON.parse(fs.readFileSync(path.join(src, 'nvmirror.json'), 'utf8')) as { uuid: string }).uuid;
-    const s: Setup = { src, srcSock: path.join(tmp, 'src.sock'), expSock: path.join(tmp, 'exp.sock'), uuid, mode, extra };
-    await startReceiver(s);
-    await startSource(s);
+    return { src, srcSock: path.join(tmp, 'src.sock'), expSock: path.join(tmp, 'exp.sock'), uuid, mode, extra };
+  }
+
+  async function start(mode: 'sync' | 'async', extra: string[] = [], sizeArg = '256M', link?: string[]): Promise<Setup> {
+    const s = setup(mode, extra, sizeArg);
+    const src = s.src;
+    await startReceiver(s, link);
+    await startSource(s, link);
     await until('mirror in sync', () => sourceStatus(src)?.state === 'in-sync');
     return s;
   }
@@ -290,6 +295,29 @@ describe('mirror: two hosts (network namespaces)', function () {
     await stop(s.receiver, 'SIGKILL');
     checkMirror(s);
     await startReceiver(s);
+    await inSyncAndIdentical(s);
+  });
+
+  it('TLS-PSK link: the same key mirrors; a wrong key and a plaintext source are refused and create nothing', async () => {
+    const keys = path.join(tmp, 'keys.psk');
+    fs.writeFileSync(keys, `mirror:${'ab'.repeat(32)}\n`);
+    const wrong = path.join(tmp, 'wrong.psk');
+    fs.writeFileSync(wrong, `mirror:${'cd'.repeat(32)}\n`);
+    const s = setup('sync');
+    await startReceiver(s, ['--mirror-psk', keys]);
+    // A wrong key, then a plaintext source: refused at the TLS handshake, nothing created.
+    for (const link of [['--mirror-psk', wrong], ['--mirror-insecure']]) {
+      await startSource(s, link);
+      await until('refusal logged', () => (fs.readFileSync(path.join(tmp, 'rx.log'), 'utf8').match(/TLS authentication failed/g) ?? []).length > 0 || undefined, 30_000);
+      const st = sourceStatus(s.src);
+      assert.ok(st && !st.connected && st.destCp === -1, 'an unauthenticated source got through');
+      assert.ok(!fs.existsSync(path.join(tmp, 'dst', s.uuid)), 'the receiver created a mirror for an unauthenticated source');
+      await stop(s.source, 'SIGTERM');
+      fs.writeFileSync(path.join(tmp, 'rx.log'), '');
+    }
+    await startSource(s, ['--mirror-psk', keys]);
+    await until('mirror in sync', () => sourceStatus(s.src)?.state === 'in-sync');
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x71 0 2M', `nbd+unix:///?socket=${s.srcSock}`]);
     await inSyncAndIdentical(s);
   });
 
