@@ -11,6 +11,7 @@ import { registerSnapshot } from './snapshot';
 import { registerStatus } from './status';
 import { registerCheck } from './check';
 import { registerReceive } from './receive';
+import { registerVerify } from './verify';
 
 const program = new Command();
 program
@@ -28,6 +29,7 @@ registerSnapshot(program);
 registerStatus(program);
 registerCheck(program);
 registerReceive(program);
+registerVerify(program);
 
 program.parseAsync(process.argv).catch((e: unknown) => {
   if (e instanceof CommanderError) process.exit(e.exitCode === 0 ? 0 : 2);

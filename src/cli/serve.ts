@@ -116,6 +116,7 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
     mirror.attachVolume(v);
     const m = mirror;
     v.statusSections.set('mirror', () => m.stats());
+    v.controlActions.set('verify', async () => ({ verify: await m.verify() }));
   }
   // Handlers go in before the URI is printed: a client may signal as soon as it sees it.
   onStopSignals(async () => {

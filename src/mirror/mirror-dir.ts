@@ -200,6 +200,17 @@ export class MirrorDir {
     return this.dev.writeBlocks(pba, data);
   }
 
+  /** Reads raw blocks for verify (the ring included: the source compares superblocks). */
+  async readRaw(pbas: number[]): Promise<Buffer> {
+    const out = Buffer.allocUnsafe(pbas.length * BLOCK);
+    for (let i = 0; i < pbas.length; i++) {
+      const p = pbas[i]!;
+      if (!(p >= 0 && p < this.label.deviceBlocks)) throw new MirrorDirError(`read of pba ${p} outside the device`);
+      await this.dev.readBlocks(p, 1, out.subarray(i * BLOCK, (i + 1) * BLOCK));
+    }
+    return out;
+  }
+
   /** Reads one block of the committed image (the base a delta applies to). */
   async readBlock(pba: number): Promise<Buffer> {
     if (!(pba >= RING_SLOTS && pba < this.label.deviceBlocks)) throw new MirrorDirError(`block at pba ${pba} outside [${RING_SLOTS}, ${this.label.deviceBlocks})`);

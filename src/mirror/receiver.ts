@@ -171,6 +171,9 @@ class Session {
         return true;
       case MsgType.Ping:
         return false;
+      case MsgType.ReadReq:
+        this.send({ type: MsgType.ReadResp, id: m.id, pbas: m.pbas, data: await mirror.readRaw(m.pbas) });
+        return false;
       case MsgType.CpBegin: {
         if (this.applying) throw new MirrorProtocolError(`CP ${m.cp} begins while CP ${this.applying.cp} is being applied`);
         if (m.baseCp !== mirror.committedCp && m.baseCp !== -1) {

@@ -34,6 +34,8 @@ import type { EngineVolume, ReplicaGate } from '../volume/engine';
 import type { AppendedRecord } from '../nvlog/log';
 import type { BlockTreeApi, CommittedView, CpBlock, CpMeta, CpSink } from '../tree/types';
 import { walkBornAfter } from '../tree/born-after';
+import { diffTrees, type NodeSide } from '../tree/diff';
+import { RING_SLOTS, decodeSuperblock, type BlockPtr } from '../tree/layout';
 import { VolumeError } from '../volume/errors';
 import { assert } from '../util/assert';
 import { crc32c } from '../io/native';
@@ -91,6 +93,15 @@ export interface MirrorSourceStats {
   lastError: string | undefined;
 }
 
+export interface VerifyReport {
+  cp: number;
+  superblocksEqual: boolean;
+  rootsEqual: boolean;
+  /** Data blocks whose pointers differ (-1: could not compare). */
+  blocksDiffering: number;
+  differences: string[];
+}
+
 interface Waiter {
   seq: number;
   durable: boolean;
@@ -143,6 +154,10 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private deltasSent = 0;
   private lastError: string | undefined;
   private drainWaiters: Array<() => void> = [];
+  /** A CP verify is reading on both sides (held like the base while it runs). */
+  private verifyCp: number | undefined;
+  private readId = 0;
+  private readonly reads = new Map<number, { resolve: (b: Buffer) => void; reject: (e: Error) => void }>();
 
   constructor(opts: MirrorSourceOptions) {
     this.o = opts;
@@ -277,6 +292,13 @@ export class MirrorSource implements CpSink, ReplicaGate {
 
   private onWelcome(conn: Conn, w: Message & { type: MsgType.Welcome }): void {
     if (conn.closed) return;
+    const cpNow = this.tree.stats().cpNumber;
+    if (w.committedCp > cpNow) {
+      // The destination holds a CP this volume never had: another history. Never overwrite it.
+      this.log.error({ destCp: w.committedCp, sourceCp: cpNow }, 'the destination holds a newer CP than this volume: histories diverged; refusing to mirror over it');
+      this.drop(conn, `the destination is at CP ${w.committedCp}, ahead of this volume (CP ${cpNow}): diverged histories`);
+      return;
+    }
     this.reconnectMs = RECONNECT_MS_MIN;
     this.destCp = w.committedCp;
     this.destRoot = w.root;
@@ -312,6 +334,16 @@ export class MirrorSource implements CpSink, ReplicaGate {
       case MsgType.Pin:
         this.pinnedCp = m.oldestPinnedCp;
         return;
+      case MsgType.ReadResp: {
+        const r = this.reads.get(m.id);
+        if (!r) {
+          this.drop(conn, `read response ${m.id} that was not asked for`);
+          return;
+        }
+        this.reads.delete(m.id);
+        r.resolve(Buffer.from(m.data));
+        return;
+      }
       case MsgType.Refuse:
         this.lastError = `destination refused: ${m.reason}`;
         this.log.error({ reason: m.reason }, 'the destination refused the mirror stream');
@@ -337,6 +369,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.shipping = undefined;
     conn.cpAck?.resolve(); // the CP goes on locally; the destination catches up by resync
     conn.cpAck = undefined;
+    for (const r of this.reads.values()) r.reject(new Error(`mirror connection lost: ${reason}`));
+    this.reads.clear();
     this.wakeDrain();
     this.settleWaiters();
     if (!this.stopped && !this.reconnectTimer) {
@@ -427,7 +461,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
 
   oldestNeededCp(): number | undefined {
     if (this.destCp < this.holdValidFromCp) return undefined; // nothing we can keep intact: a baseline follows
-    return this.pinnedCp >= 0 ? Math.min(this.destCp, this.pinnedCp) : this.destCp;
+    let cp = this.pinnedCp >= 0 ? Math.min(this.destCp, this.pinnedCp) : this.destCp;
+    if (this.verifyCp !== undefined) cp = Math.min(cp, this.verifyCp);
+    return cp;
   }
 
   holdBroken(cp: number, reason: string): void {
@@ -583,6 +619,81 @@ export class MirrorSource implements CpSink, ReplicaGate {
     if (conn.closed) return;
     await this.commitOnDest(conn, view.cpNumber, view.slot, count, view.superblock);
     this.log.info({ baseCp, cp: view.cpNumber, blocks: count, ms: Date.now() - t0 }, baseCp < 0 ? 'mirror baseline done' : 'mirror resync done');
+  }
+
+  // ---- online verify ----
+
+  private remoteRead(conn: Conn, pba: number): Promise<Buffer> {
+    const id = (this.readId = (this.readId + 1) >>> 0);
+    return new Promise<Buffer>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.reads.delete(id);
+        reject(new Error('the destination did not answer a verify read within 30 s'));
+      }, 30_000);
+      this.reads.set(id, {
+        resolve: (b) => {
+          clearTimeout(timer);
+          resolve(b);
+        },
+        reject: (e) => {
+          clearTimeout(timer);
+          reject(e);
+        },
+      });
+      this.send(conn, { type: MsgType.ReadReq, id, pbas: [pba] });
+    });
+  }
+
+  /**
+   * Compares the last common CP on both sides: its superblocks, then every root (live and
+   * snapshots), descending only where pointers differ (tree/diff.ts). No data block is
+   * read on either side.
+   */
+  async verify(): Promise<VerifyReport> {
+    const conn = this.conn;
+    if (!conn || conn.closed || this.state === 'disconnected') throw new Error('the mirror is not connected');
+    const cp = this.destCp;
+    if (cp < 0) throw new Error('the destination holds no CP yet (baseline not done)');
+    if (this.verifyCp !== undefined) throw new Error('a verify is already running');
+    this.verifyCp = cp;
+    try {
+      const slot = cp % RING_SLOTS;
+      const mineRaw = Buffer.allocUnsafe(4096);
+      await this.tree.readRaw(slot, 1, mineRaw);
+      const theirsRaw = await this.remoteRead(conn, slot);
+      const mine = decodeSuperblock(mineRaw);
+      const theirs = decodeSuperblock(theirsRaw);
+      if (typeof mine === 'string' || mine.cpNumber !== cp) throw new Error(`this side no longer holds CP ${cp} in its superblock ring`);
+      if (typeof theirs === 'string') return { cp, superblocksEqual: false, rootsEqual: false, blocksDiffering: -1, differences: [`the destination's superblock of CP ${cp} does not verify: ${theirs}`] };
+      if (theirs.cpNumber !== cp) return { cp, superblocksEqual: false, rootsEqual: false, blocksDiffering: -1, differences: [`the destination's slot holds CP ${theirs.cpNumber}, not CP ${cp}`] };
+      const geometry = { height: mine.treeHeight, lbnCount: mine.sizeBytes / 4096, deviceBlocks: mine.deviceBlocks, volumeUuid: mine.volumeUuid };
+      const local: NodeSide = { read: async (pba) => {
+        const b = Buffer.allocUnsafe(4096);
+        await this.tree.readRaw(pba, 1, b);
+        return b;
+      } };
+      const remote: NodeSide = { read: (pba) => this.remoteRead(conn, pba) };
+      const differences: string[] = [];
+      let blocks = 0;
+      const compare = async (what: string, a: BlockPtr | null, b: BlockPtr | null): Promise<boolean> => {
+        const d = await diffTrees(local, remote, a, b, geometry);
+        blocks += d.blocksDiffering;
+        for (const r of d.ranges) differences.push(`${what}: lbns ${r.startLbn}-${r.endLbn - 1} differ`);
+        if (d.blocksDiffering > 0) differences.push(`${what}: ${d.blocksDiffering} blocks differ (${d.nodesRead} address blocks read)`);
+        return d.blocksDiffering === 0;
+      };
+      const rootsEqual = await compare('live tree', mine.root, theirs.root);
+      const names = new Set([...mine.snapshots.map((s) => s.name), ...theirs.snapshots.map((s) => s.name)]);
+      for (const n of names) {
+        const a = mine.snapshots.find((s) => s.name === n);
+        const b = theirs.snapshots.find((s) => s.name === n);
+        if (!a || !b) differences.push(`snapshot ${n}: only on ${a ? 'this side' : 'the destination'}`);
+        else await compare(`snapshot ${n}`, a.root, b.root);
+      }
+      return { cp, superblocksEqual: mineRaw.equals(theirsRaw), rootsEqual, blocksDiffering: blocks, differences };
+    } finally {
+      this.verifyCp = undefined;
+    }
   }
 
   // ---- status / stop ----

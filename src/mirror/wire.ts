@@ -50,6 +50,8 @@ export const enum MsgType {
   Pin = 12,
   Ping = 13,
   CpDeltas = 14,
+  ReadReq = 15,
+  ReadResp = 16,
 }
 
 export type MirrorMode = 'sync' | 'async';
@@ -190,7 +192,22 @@ export interface Ping {
   nowMs: number;
 }
 
-export type Message = Hello | Welcome | Refuse | RecordMsg | RecordAck | DurableReq | CpBegin | CpBlocks | CpRefs | CpDeltas | CpCommit | CpAck | Pin | Ping;
+/** Verify: the source asks for raw blocks of the destination's member (its committed image). */
+export interface ReadReq {
+  type: MsgType.ReadReq;
+  id: number;
+  pbas: number[];
+}
+
+export interface ReadResp {
+  type: MsgType.ReadResp;
+  id: number;
+  pbas: number[];
+  /** pbas.length * 4096 bytes. */
+  data: Buffer;
+}
+
+export type Message = Hello | Welcome | Refuse | RecordMsg | RecordAck | DurableReq | CpBegin | CpBlocks | CpRefs | CpDeltas | CpCommit | CpAck | Pin | Ping | ReadReq | ReadResp;
 
 export class MirrorProtocolError extends Error {
   override name = 'MirrorProtocolError';
@@ -215,10 +232,12 @@ function bodyCap(type: number): number | undefined {
     case MsgType.Pin: return 8;
     case MsgType.Ping: return 8;
     case MsgType.CpDeltas: return DELTAS_BODY_MAX_BYTES;
+    case MsgType.ReadReq: return 8 + BLOCKS_PER_FRAME_MAX * 8;
+    case MsgType.ReadResp: return 8 + BLOCKS_PER_FRAME_MAX * (8 + BLOCK_BYTES);
     default: return undefined;
   }
 }
-assert(Math.max(...[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14].map((t) => bodyCap(t)!)) <= FRAME_BODY_MAX_BYTES, 'a body cap exceeds FRAME_BODY_MAX_BYTES');
+assert(Math.max(...[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16].map((t) => bodyCap(t)!)) <= FRAME_BODY_MAX_BYTES, 'a body cap exceeds FRAME_BODY_MAX_BYTES');
 
 // ---- a cursor over a body ----
 
@@ -370,6 +389,17 @@ export function encodeBody(m: Message): Buffer[] {
       h.writeBigUInt64LE(BigInt(m.blockCount), 12);
       return [h, m.superblock];
     }
+    case MsgType.ReadReq:
+    case MsgType.ReadResp: {
+      assert(m.pbas.length >= 1 && m.pbas.length <= BLOCKS_PER_FRAME_MAX, 'read shape');
+      const h = Buffer.allocUnsafe(8 + 8 * m.pbas.length);
+      h.writeUInt32LE(m.id >>> 0, 0);
+      h.writeUInt32LE(m.pbas.length, 4);
+      m.pbas.forEach((p, i) => h.writeBigUInt64LE(BigInt(p), 8 + 8 * i));
+      if (m.type === MsgType.ReadReq) return [h];
+      assert(m.data.length === m.pbas.length * BLOCK_BYTES, 'read response data');
+      return [h, m.data];
+    }
     case MsgType.CpAck:
       assert(m.root.length === 24, 'root pointer is 24 bytes');
       return [u64(m.cp), m.root];
@@ -480,6 +510,16 @@ export function decodeBody(type: number, body: Buffer): Message {
     case MsgType.CpAck:
       m = { type, cp: r.u64('cp'), root: Buffer.from(r.bytes(24)) };
       break;
+    case MsgType.ReadReq:
+    case MsgType.ReadResp: {
+      const id = r.u32();
+      const n = r.u32();
+      if (n < 1 || n > BLOCKS_PER_FRAME_MAX) throw new MirrorProtocolError(`read: count ${n}`);
+      const pbas: number[] = [];
+      for (let i = 0; i < n; i++) pbas.push(r.u64('pba'));
+      m = type === MsgType.ReadReq ? { type, id, pbas } : { type, id, pbas, data: r.bytes(n * BLOCK_BYTES) };
+      break;
+    }
     case MsgType.Pin:
       m = { type, oldestPinnedCp: r.cp('oldestPinnedCp') };
       break;

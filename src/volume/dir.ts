@@ -441,6 +441,11 @@ async function handleControl(dir: string, label: VolumeLabel, volume: EngineVolu
       const r = await volume.checkpoint();
       return { cpNumber: r?.cpNumber ?? volume.stats().tree.cpNumber };
     }
+    case 'verify': {
+      const f = volume.controlActions.get('verify');
+      if (!f) throw new Error('this volume is not mirrored (serve it with --mirror-to)');
+      return f();
+    }
     case 'snapshot': {
       if (volume.caps.readOnly) throw new Error('the volume is served read-only: snapshots cannot be changed');
       const r = await volume.snapshot({ kind: req.kind, name: req.name });

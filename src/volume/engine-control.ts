@@ -29,6 +29,7 @@ export type ControlRequest =
   | { op: 'status' }
   | { op: 'list' }
   | { op: 'checkpoint' }
+  | { op: 'verify' }
   | { op: 'snapshot'; kind: 'create' | 'delete'; name: string };
 
 export type ControlResponse = { ok: true; [k: string]: unknown } | { ok: false; error: string };
@@ -46,6 +47,7 @@ export function parseControlRequest(line: string): ControlRequest {
     case 'status':
     case 'list':
     case 'checkpoint':
+    case 'verify':
       return { op: o.op };
     case 'snapshot':
       if (o.kind !== 'create' && o.kind !== 'delete') throw new Error('snapshot kind must be "create" or "delete"');

@@ -139,6 +139,8 @@ export class EngineVolume implements Volume {
   private replica: ReplicaGate | undefined;
   /** Extra sections for `status` (e.g. "mirror"), each a function returning plain data. */
   readonly statusSections = new Map<string, () => unknown>();
+  /** Control-socket operations added by what runs beside the engine (e.g. a mirror's "verify"). */
+  readonly controlActions = new Map<string, () => Promise<Record<string, unknown>>>();
 
   private constructor(opts: EngineOptions, log: NvLog) {
     this.tree = opts.tree;

@@ -175,10 +175,14 @@ describe('mirror: two hosts (network namespaces)', function () {
       const wire = (await txBytes(pair)) - before;
       const client = 16 * 1024 * 1024 + 8 * 1024 * 1024;
       process.stdout.write(`      ${mode}: ${wire} bytes on the veth for ${client} client bytes written (${(wire / client).toFixed(2)}x)\n`);
+      // Every byte on the veth, TCP/IP headers and acks included: resending the data at the CP would be >= 2x.
+      assert.ok(wire / client < 1.6, `wire/client ${(wire / client).toFixed(2)}: data travels twice`);
       if (mode === 'sync') {
         const m = sourceStatus(s.src)!;
         assert.ok(m.refsSent > 0, 'sync CPs sent no block as a reference');
       }
+      const v = sh(BIN, ['verify', s.src]);
+      assert.match(v, /^identical at CP \d+ \(roots equal, superblocks equal\)$/m, v);
     });
   }
 
