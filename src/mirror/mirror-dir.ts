@@ -33,6 +33,8 @@ export const BASELINE_MARKER_NAME = 'baseline.partial';
 const MEMBER_NAME = 'member-0.img';
 /** Device writes of a CP in flight at once. */
 export const APPLY_WRITES_MAX = 16;
+/** A baseline's progress is made durable (member synced, marker rewritten) every this many blocks, so it resumes there. */
+export const BASELINE_PROGRESS_BLOCKS = 8192;
 
 export interface MirrorLabel {
   format: 'nvmirror-mirror';
@@ -76,14 +78,16 @@ export async function checkMirrorDir(dir: string): Promise<{ ok: boolean; proble
   const problems: string[] = [];
   const notes: string[] = [];
   const label = JSON.parse(await fs.promises.readFile(path.join(dir, MIRROR_LABEL_NAME), 'utf8')) as MirrorLabel;
-  if (fs.existsSync(path.join(dir, BASELINE_MARKER_NAME))) problems.push('a full baseline is in progress: the image is inconsistent until it completes');
+  const partial = fs.existsSync(path.join(dir, BASELINE_MARKER_NAME)) ? readBaselineMarker(path.join(dir, BASELINE_MARKER_NAME)) ?? { cp: -1, blocks: 0 } : undefined;
   const dev = await FileBlockDevice.open(path.join(dir, MEMBER_NAME), { readOnly: true });
   try {
     const newest = await newestSuperblock(dev, label.sourceUuid);
     if (!newest) {
-      notes.push(`mirror of ${label.sourceUuid}: no CP received yet`);
+      notes.push(`mirror of ${label.sourceUuid}: no CP committed yet` + (partial ? `; a baseline toward CP ${partial.cp} has ${partial.blocks} blocks durable` : ''));
       return { ok: problems.length === 0, problems, notes };
     }
+    // A baseline over an older image writes where that image's blocks are: it is not trustworthy until the baseline commits.
+    if (partial) problems.push(`a full baseline toward CP ${partial.cp} is in progress over CP ${newest.sb.cpNumber}: the image is inconsistent until it completes`);
     let tree: BlockTree | undefined;
     try {
       tree = await BlockTree.open(dev);
@@ -103,12 +107,26 @@ export async function checkMirrorDir(dir: string): Promise<{ ok: boolean; proble
   return { ok: problems.length === 0, problems, notes };
 }
 
+function readBaselineMarker(p: string): { cp: number; blocks: number } | undefined {
+  try {
+    const v = JSON.parse(fs.readFileSync(p, 'utf8')) as Record<string, unknown>;
+    if (typeof v.targetCp === 'number' && typeof v.blocks === 'number' && Number.isSafeInteger(v.targetCp) && Number.isSafeInteger(v.blocks) && v.blocks >= 0) {
+      return { cp: v.targetCp, blocks: v.blocks };
+    }
+  } catch {
+    /* an older or torn marker: the baseline starts over */
+  }
+  return undefined;
+}
+
 export class MirrorDir {
   /** The committed image's superblock (undefined: nothing committed yet). */
   committed: { sb: Superblock; raw: Buffer } | undefined;
   /** A read-only tree view of the committed image (for exports and verify). */
   view: BlockTree | undefined;
   baselinePartial: boolean;
+  /** The durable progress of an interrupted baseline (from the marker), if any. */
+  baselineResume: { cp: number; blocks: number } | undefined;
   lastCommitMs = 0;
   cpsApplied = 0;
   blocksApplied = 0;
@@ -163,6 +181,7 @@ export class MirrorDir {
       if (dev.blockCount < label.deviceBlocks) throw new MirrorDirError(`mirror member has ${dev.blockCount} blocks, needs ${label.deviceBlocks}`);
       const log = await DestLog.open(path.join(dir, DEST_LOG_NAME), hello.sourceUuid, destLogBytesFor(hello.nvramBytes));
       const m = new MirrorDir(dir, label, dev, log, lockFd, fs.existsSync(path.join(dir, BASELINE_MARKER_NAME)));
+      if (m.baselinePartial) m.baselineResume = readBaselineMarker(path.join(dir, BASELINE_MARKER_NAME));
       m.committed = await newestSuperblock(dev, label.sourceUuid);
       if (m.committed && !m.baselinePartial) m.view = await BlockTree.openView(dev, m.committed.raw);
       if (m.committed) log.committed(m.committed.sb.nvlogSeq);
@@ -177,19 +196,33 @@ export class MirrorDir {
     return this.committed ? this.committed.sb.cpNumber : -1;
   }
 
-  async setBaselinePartial(on: boolean): Promise<void> {
+  /**
+   * Marks a baseline toward CP `targetCp` in progress with `blocks` of it durable (the
+   * image is inconsistent until it commits), or clears the mark (targetCp undefined).
+   */
+  async setBaselinePartial(targetCp: number | undefined, blocks = 0): Promise<void> {
     const p = path.join(this.dir, BASELINE_MARKER_NAME);
-    if (on) {
-      await fs.promises.writeFile(p, `full baseline in progress since ${new Date().toISOString()}\n`);
-      const fd = fs.openSync(p, 'r');
+    if (targetCp !== undefined) {
+      const tmp = `${p}.tmp`;
+      await fs.promises.writeFile(tmp, JSON.stringify({ targetCp, blocks, updated: new Date().toISOString() }) + '\n');
+      const fd = fs.openSync(tmp, 'r');
       fs.fsyncSync(fd);
       fs.closeSync(fd);
+      await fs.promises.rename(tmp, p);
+      this.baselineResume = { cp: targetCp, blocks };
     } else {
       await fs.promises.rm(p, { force: true });
+      this.baselineResume = undefined;
     }
     await syncDirectory(this.dir);
-    this.baselinePartial = on;
-    if (on) this.view = undefined;
+    this.baselinePartial = targetCp !== undefined;
+    if (this.baselinePartial) this.view = undefined;
+  }
+
+  /** Makes the first `blocks` blocks of the baseline toward `targetCp` durable and records it (the caller has no write in flight). */
+  async baselineProgress(targetCp: number, blocks: number): Promise<void> {
+    await this.dev.sync();
+    await this.setBaselinePartial(targetCp, blocks);
   }
 
   /** Writes blocks of a CP being applied (never the ring; inside the device). */
@@ -232,7 +265,7 @@ export class MirrorDir {
     await this.dev.sync();
     this.committed = { sb: d, raw: Buffer.from(superblock) };
     this.lastCommitMs = Date.now();
-    if (this.baselinePartial) await this.setBaselinePartial(false);
+    if (this.baselinePartial) await this.setBaselinePartial(undefined);
     this.view = await BlockTree.openView(this.dev, this.committed.raw);
     this.log.committed(d.nvlogSeq);
     return d;

@@ -26,8 +26,8 @@ import * as tls from 'tls';
 import type { Logger } from 'pino';
 import { assert } from '../util/assert';
 import { crc32c } from '../io/native';
-import { FrameParser, FrameWriter, MirrorProtocolError, MsgType, WIRE_VERSION, type Message } from './wire';
-import { APPLY_WRITES_MAX, MirrorDir, MirrorDirError, rootBytes } from './mirror-dir';
+import { FrameParser, FrameWriter, MirrorProtocolError, MsgType, WIRE_VERSION, type CpKind, type Message } from './wire';
+import { APPLY_WRITES_MAX, BASELINE_PROGRESS_BLOCKS, MirrorDir, MirrorDirError, rootBytes } from './mirror-dir';
 import type { MirrorExports } from './exports';
 import { applyDelta, DELTA_FROM_ZEROES } from './delta';
 
@@ -67,7 +67,7 @@ export interface ReceiverStats {
 interface Applying {
   cp: number;
   baseCp: number;
-  kind: 'cp' | 'resync';
+  kind: CpKind;
   blocks: number;
 }
 
@@ -176,13 +176,20 @@ class Session {
         return false;
       case MsgType.CpBegin: {
         if (this.applying) throw new MirrorProtocolError(`CP ${m.cp} begins while CP ${this.applying.cp} is being applied`);
+        if (m.kind === 'resume') {
+          const r = mirror.baselineResume;
+          if (!r || r.cp !== m.cp) throw new MirrorProtocolError(`resume of a baseline toward CP ${m.cp}, but this mirror has ${r ? `one toward CP ${r.cp}` : 'none'} in progress`);
+          this.log.info({ cp: m.cp, blocks: r.blocks }, 'baseline resumed');
+          this.applying = { cp: m.cp, baseCp: -1, kind: m.kind, blocks: r.blocks };
+          return false;
+        }
         if (m.baseCp !== mirror.committedCp && m.baseCp !== -1) {
           throw new MirrorProtocolError(`CP ${m.cp} is built on CP ${m.baseCp}, but this mirror holds CP ${mirror.committedCp}`);
         }
         if (m.cp <= mirror.committedCp) throw new MirrorProtocolError(`CP ${m.cp} is not newer than the committed CP ${mirror.committedCp}`);
-        if (m.baseCp === -1 && mirror.committedCp !== -1) {
-          this.log.warn({ cp: m.cp, committedCp: mirror.committedCp }, 'full baseline over an older image: the mirror is inconsistent until it completes');
-          await mirror.setBaselinePartial(true);
+        if (m.baseCp === -1) {
+          if (mirror.committedCp !== -1) this.log.warn({ cp: m.cp, committedCp: mirror.committedCp }, 'full baseline over an older image: the mirror is inconsistent until it completes');
+          await mirror.setBaselinePartial(m.cp, 0);
           this.rx.exports?.invalidate(mirror.label.sourceUuid);
         }
         this.applying = { cp: m.cp, baseCp: m.baseCp, kind: m.kind, blocks: 0 };
@@ -198,8 +205,14 @@ class Session {
           await this.write(m.pbas[i]!, m.data.subarray(i * 4096, j * 4096));
           i = j;
         }
+        const before = a.blocks;
         a.blocks += m.pbas.length;
         mirror.blocksApplied += m.pbas.length;
+        if (a.baseCp === -1 && Math.floor(a.blocks / BASELINE_PROGRESS_BLOCKS) > Math.floor(before / BASELINE_PROGRESS_BLOCKS)) {
+          await this.waitWrites(0);
+          if (this.writeError) throw this.writeError;
+          await mirror.baselineProgress(a.cp, a.blocks);
+        }
         return false;
       }
       case MsgType.CpRefs: {
@@ -298,6 +311,8 @@ class Session {
       storedFromSeq: mirror.log.storedFromSeq,
       heldSeq: mirror.log.heldSeq,
       oldestPinnedCp: this.rx.exports?.oldestPinnedCp(m.sourceUuid) ?? -1,
+      resumeCp: mirror.baselineResume?.cp ?? -1,
+      resumeBlocks: mirror.baselineResume?.blocks ?? 0,
     });
   }
 

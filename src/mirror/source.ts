@@ -34,6 +34,7 @@ import type { EngineVolume, ReplicaGate } from '../volume/engine';
 import type { AppendedRecord } from '../nvlog/log';
 import type { BlockTreeApi, CommittedView, CpBlock, CpMeta, CpSink } from '../tree/types';
 import { walkBornAfter } from '../tree/born-after';
+import { ProgressLine } from '../util/progress';
 import { diffTrees, type NodeSide } from '../tree/diff';
 import { RING_SLOTS, decodeSuperblock, type BlockPtr } from '../tree/layout';
 import { VolumeError } from '../volume/errors';
@@ -57,6 +58,8 @@ const CONNECT_TIMEOUT_MS = 5_000;
 const RECONNECT_MS_MIN = 200;
 const RECONNECT_MS_MAX = 5_000;
 const PING_INTERVAL_MS = 5_000;
+/** How long an interrupted baseline's pinned state is kept for a resume (it holds its blocks from reuse meanwhile). */
+export const BASELINE_KEEP_MS_MAX = 10 * 60_000;
 /** Pending reply gates (one per client request in flight; the NBD server bounds those). */
 const WAITERS_MAX = 1 << 20;
 
@@ -89,7 +92,7 @@ export interface MirrorSourceStats {
   refsSent: number;
   deltasSent: number;
   bytesSavedByRefs: number;
-  resync: { baseCp: number; targetCp: number; blocksSent: number } | undefined;
+  resync: { baseCp: number; targetCp: number; blocksSent: number; bytesPerSec: number; totalBytes: number | undefined; etaSeconds: number | undefined } | undefined;
   lastError: string | undefined;
 }
 
@@ -142,7 +145,10 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private shipping: { cp: number; blocks: number } | undefined;
   private cpInProgress: number | undefined;
   private resyncRunning = false;
-  private resync: MirrorSourceStats['resync'];
+  private resync: { baseCp: number; targetCp: number; blocksSent: number; progress: ProgressLine } | undefined;
+  /** The pinned state of an interrupted baseline, kept (for BASELINE_KEEP_MS_MAX) so the destination can resume it. */
+  private keptBaseline: { view: CommittedView; sinceMs: number } | undefined;
+  private resumeOffer: { cp: number; blocks: number } = { cp: -1, blocks: 0 };
   private behindSinceMs = 0;
   private reconnectMs = RECONNECT_MS_MIN;
   private reconnectTimer: NodeJS.Timeout | undefined;
@@ -307,6 +313,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.durableSeq = 0;
     this.storedFromSeq = w.storedFromSeq;
     this.lastDurableReq = 0;
+    this.resumeOffer = { cp: w.resumeCp, blocks: w.resumeBlocks };
     this.log.info({ destCp: w.committedCp, sourceCp: this.tree.stats().cpNumber }, 'mirror connected');
     this.settleWaiters();
     void this.catchUp(conn);
@@ -404,6 +411,11 @@ export class MirrorSource implements CpSink, ReplicaGate {
     const conn = this.conn;
     const now = Date.now();
     const stall = this.o.stallTimeoutMs ?? STALL_TIMEOUT_MS_DEFAULT;
+    if (this.keptBaseline && now - this.keptBaseline.sinceMs > BASELINE_KEEP_MS_MAX) {
+      this.log.warn({ cp: this.keptBaseline.view.cpNumber }, 'an interrupted baseline was not resumed in time: its pinned blocks are released (the next baseline starts over)');
+      this.keptBaseline.view.release();
+      this.keptBaseline = undefined;
+    }
     if (conn && !conn.closed) {
       const oldest = this.waiters.length > 0 ? this.waiters.reduce((a, w) => Math.min(a, w.sinceMs), now) : now;
       if (now - oldest > stall) this.drop(conn, `no acknowledgement from the destination for ${stall} ms (stalled peer)`);
@@ -581,11 +593,25 @@ export class MirrorSource implements CpSink, ReplicaGate {
         }
         const intact = this.destCp >= 0 && this.destCp >= this.holdValidFromCp;
         const base = intact ? this.destCp : -1;
-        const view = tree.pinCommitted();
+        let view: CommittedView;
+        let skip = 0;
+        const kept = this.keptBaseline;
+        this.keptBaseline = undefined;
+        if (base < 0 && kept && this.resumeOffer.cp === kept.view.cpNumber && this.resumeOffer.blocks > 0) {
+          view = kept.view;
+          skip = this.resumeOffer.blocks;
+        } else {
+          kept?.view.release();
+          view = tree.pinCommitted();
+        }
+        let ok = false;
         try {
-          await this.sendResync(conn, view, base);
+          await this.sendResync(conn, view, base, skip);
+          ok = !conn.closed;
         } finally {
-          view.release();
+          // An interrupted baseline keeps its pinned state: the destination resumes where its progress is durable.
+          if (!ok && base < 0 && !this.stopped) this.keptBaseline = { view, sinceMs: Date.now() };
+          else view.release();
         }
       }
     } catch (e) {
@@ -596,29 +622,47 @@ export class MirrorSource implements CpSink, ReplicaGate {
     }
   }
 
-  private async sendResync(conn: Conn, view: CommittedView, baseCp: number): Promise<void> {
+  /**
+   * Sends every block of `view` born after baseCp, then its superblock. `skip` > 0
+   * resumes an interrupted baseline: the walk's order is deterministic for a view, so
+   * the first `skip` blocks (durable on the destination) are walked but not sent.
+   */
+  private async sendResync(conn: Conn, view: CommittedView, baseCp: number, skip: number): Promise<void> {
     this.state = baseCp < 0 ? 'baseline' : 'resyncing';
-    this.resync = { baseCp, targetCp: view.cpNumber, blocksSent: 0 };
-    this.log.info({ baseCp, targetCp: view.cpNumber }, baseCp < 0 ? 'mirror baseline started' : 'mirror resync started');
+    const sb = decodeSuperblock(view.superblock);
+    const total = baseCp < 0 && typeof sb !== 'string' ? sb.usedBlocks * 4096 : undefined;
+    const what = baseCp < 0 ? `mirror baseline to CP ${view.cpNumber}` : `mirror resync CP ${baseCp} -> ${view.cpNumber}`;
+    this.resync = { baseCp, targetCp: view.cpNumber, blocksSent: skip, progress: new ProgressLine(what, total) };
+    const progress = this.resync.progress;
+    this.log.info({ baseCp, targetCp: view.cpNumber, resumeAtBlock: skip }, skip > 0 ? 'mirror baseline resumed' : baseCp < 0 ? 'mirror baseline started' : 'mirror resync started');
     const t0 = Date.now();
-    this.send(conn, { type: MsgType.CpBegin, cp: view.cpNumber, baseCp, kind: 'resync' });
+    this.send(conn, { type: MsgType.CpBegin, cp: view.cpNumber, baseCp, kind: skip > 0 ? 'resume' : 'resync' });
     let batch: { pba: number; buf: Buffer }[] = [];
     let count = 0;
     const flush = async (): Promise<void> => {
       const b = batch;
       batch = [];
       await this.sendBlocks(conn, view.cpNumber, b);
-      if (this.resync) this.resync.blocksSent += b.length;
+      if (this.resync) {
+        this.resync.blocksSent += b.length;
+        progress.update(this.resync.blocksSent * 4096);
+      }
     };
-    await walkBornAfter(view, baseCp, async (blk) => {
-      batch.push(blk);
-      count++;
-      if (batch.length >= BLOCKS_PER_FRAME_MAX) await flush();
-    }, () => conn.closed || this.stopped);
-    await flush();
+    try {
+      await walkBornAfter(view, baseCp, async (blk) => {
+        count++;
+        if (count <= skip) return;
+        batch.push(blk);
+        if (batch.length >= BLOCKS_PER_FRAME_MAX) await flush();
+      }, () => conn.closed || this.stopped);
+      await flush();
+      if (conn.closed) return;
+      await this.commitOnDest(conn, view.cpNumber, view.slot, count, view.superblock);
+    } finally {
+      progress.finish();
+    }
     if (conn.closed) return;
-    await this.commitOnDest(conn, view.cpNumber, view.slot, count, view.superblock);
-    this.log.info({ baseCp, cp: view.cpNumber, blocks: count, ms: Date.now() - t0 }, baseCp < 0 ? 'mirror baseline done' : 'mirror resync done');
+    this.log.info({ baseCp, cp: view.cpNumber, blocks: count, resumedAt: skip, ms: Date.now() - t0 }, baseCp < 0 ? 'mirror baseline done' : 'mirror resync done');
   }
 
   // ---- online verify ----
@@ -722,7 +766,12 @@ export class MirrorSource implements CpSink, ReplicaGate {
       refsSent: this.refsSent,
       deltasSent: this.deltasSent,
       bytesSavedByRefs: this.refsSent * (4096 - 24),
-      resync: this.resync ? { ...this.resync } : undefined,
+      resync: this.resync
+        ? (() => {
+            const f = this.resync.progress.figures();
+            return { baseCp: this.resync.baseCp, targetCp: this.resync.targetCp, blocksSent: this.resync.blocksSent, bytesPerSec: f.bytesPerSec, totalBytes: f.totalBytes, etaSeconds: f.etaSeconds };
+          })()
+        : undefined,
       lastError: this.lastError,
     };
   }
@@ -734,6 +783,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
 
   async stop(): Promise<void> {
     this.stopped = true;
+    this.keptBaseline?.view.release();
+    this.keptBaseline = undefined;
     clearInterval(this.ticker);
     if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
     const conn = this.conn;

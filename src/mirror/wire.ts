@@ -55,7 +55,8 @@ export const enum MsgType {
 }
 
 export type MirrorMode = 'sync' | 'async';
-export type CpKind = 'cp' | 'resync';
+/** cp: one CP on top of its base; resync: blocks born after the base; resume: the rest of an interrupted baseline. */
+export type CpKind = 'cp' | 'resync' | 'resume';
 
 export interface Hello {
   type: MsgType.Hello;
@@ -81,6 +82,9 @@ export interface Welcome {
   heldSeq: number;
   /** The oldest CP a reader of the mirror still uses (-1: none beyond committedCp). */
   oldestPinnedCp: number;
+  /** An interrupted baseline toward this CP (-1: none) holds its first resumeBlocks blocks durably. */
+  resumeCp: number;
+  resumeBlocks: number;
 }
 
 export interface Refuse {
@@ -219,7 +223,7 @@ const MAX_U53 = Number.MAX_SAFE_INTEGER;
 function bodyCap(type: number): number | undefined {
   switch (type) {
     case MsgType.Hello: return 16 + 8 * 5 + 8;
-    case MsgType.Welcome: return 8 + 24 + 8 * 3;
+    case MsgType.Welcome: return 8 + 24 + 8 * 5;
     case MsgType.Refuse: return 2 + TEXT_MAX_BYTES;
     case MsgType.Record: return 40 + RECORD_PAYLOAD_MAX_BYTES;
     case MsgType.RecordAck: return 24;
@@ -322,7 +326,7 @@ export function encodeBody(m: Message): Buffer[] {
       return [uuidBytes(m.sourceUuid), u64(m.sizeBytes), u64(m.deviceBlocks), u64(m.nvramBytes), u64(m.mode === 'sync' ? 1 : 2), i64(m.sourceCp), u64(m.streamFromSeq)];
     case MsgType.Welcome:
       assert(m.root.length === 24, 'root pointer is 24 bytes');
-      return [i64(m.committedCp), m.root, u64(m.storedFromSeq), u64(m.heldSeq), i64(m.oldestPinnedCp)];
+      return [i64(m.committedCp), m.root, u64(m.storedFromSeq), u64(m.heldSeq), i64(m.oldestPinnedCp), i64(m.resumeCp), u64(m.resumeBlocks)];
     case MsgType.Refuse: {
       const t = Buffer.from(m.reason.slice(0, TEXT_MAX_BYTES), 'utf8').subarray(0, TEXT_MAX_BYTES);
       const len = Buffer.allocUnsafe(2);
@@ -341,7 +345,7 @@ export function encodeBody(m: Message): Buffer[] {
     case MsgType.DurableReq:
       return [u64(m.seq)];
     case MsgType.CpBegin:
-      return [u64(m.cp), i64(m.baseCp), Buffer.from([m.kind === 'cp' ? 1 : 2])];
+      return [u64(m.cp), i64(m.baseCp), Buffer.from([m.kind === 'cp' ? 1 : m.kind === 'resync' ? 2 : 3])];
     case MsgType.CpBlocks: {
       assert(m.pbas.length >= 1 && m.pbas.length <= BLOCKS_PER_FRAME_MAX && m.data.length === m.pbas.length * BLOCK_BYTES, 'CpBlocks shape');
       const h = Buffer.allocUnsafe(12 + 8 * m.pbas.length);
@@ -430,7 +434,10 @@ export function decodeBody(type: number, body: Buffer): Message {
       break;
     }
     case MsgType.Welcome:
-      m = { type, committedCp: r.cp('committedCp'), root: Buffer.from(r.bytes(24)), storedFromSeq: r.u64('storedFromSeq'), heldSeq: r.u64('heldSeq'), oldestPinnedCp: r.cp('oldestPinnedCp') };
+      m = {
+        type, committedCp: r.cp('committedCp'), root: Buffer.from(r.bytes(24)), storedFromSeq: r.u64('storedFromSeq'), heldSeq: r.u64('heldSeq'),
+        oldestPinnedCp: r.cp('oldestPinnedCp'), resumeCp: r.cp('resumeCp'), resumeBlocks: r.u64('resumeBlocks'),
+      };
       break;
     case MsgType.Refuse: {
       const n = r.u16();
@@ -462,9 +469,10 @@ export function decodeBody(type: number, body: Buffer): Message {
       const cp = r.u64('cp');
       const baseCp = r.cp('baseCp');
       const k = r.u8();
-      if (k !== 1 && k !== 2) throw new MirrorProtocolError(`cp begin: unknown kind ${k}`);
+      if (k !== 1 && k !== 2 && k !== 3) throw new MirrorProtocolError(`cp begin: unknown kind ${k}`);
       if (baseCp >= cp) throw new MirrorProtocolError(`cp begin: base CP ${baseCp} is not before CP ${cp}`);
-      m = { type, cp, baseCp, kind: k === 1 ? 'cp' : 'resync' };
+      if (k === 3 && baseCp !== -1) throw new MirrorProtocolError('cp begin: only a baseline resumes');
+      m = { type, cp, baseCp, kind: k === 1 ? 'cp' : k === 2 ? 'resync' : 'resume' };
       break;
     }
     case MsgType.CpBlocks: {

@@ -291,14 +291,21 @@ describe('mirror: two hosts (network namespaces)', function () {
       await startReceiver(s);
       await inSyncAndIdentical(s);
     }
-    // Mid-baseline: a fresh destination directory, killed while the baseline streams.
+    // Mid-baseline: a fresh destination directory on a slow link, killed once the baseline
+    // has made progress durable; the restarted receiver resumes it (no block resent twice
+    // before that point).
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x3c 0 192M', `nbd+unix:///?socket=${s.srcSock}`], 120_000); // >= 49152 blocks to send
+    await inSyncAndIdentical(s);
     await stop(s.receiver, 'SIGKILL');
     fs.rmSync(path.join(tmp, 'dst'), { recursive: true, force: true });
+    await pair.rateLimit(200);
     await startReceiver(s);
-    await until('baseline running', () => sourceStatus(s.src)?.state === 'baseline' || undefined, 30_000);
+    await until('baseline past its first durable progress', () => ((sourceStatus(s.src) as { resync?: { blocksSent: number } } | undefined)?.resync?.blocksSent ?? 0) > 12_000 || undefined, 60_000);
     await stop(s.receiver, 'SIGKILL');
     checkMirror(s);
     await startReceiver(s);
+    await until('baseline resumed', () => /mirror baseline resumed/.test(fs.readFileSync(path.join(tmp, 'sv.log'), 'utf8')) || undefined, 30_000);
+    await pair.rateLimit(null);
     await inSyncAndIdentical(s);
   });
 
