@@ -34,10 +34,16 @@ function ratio(wire: number, client: number): string {
 export function formatMirror(m: MirrorSourceStats): string[] {
   const lines = [
     `mirror     ${m.mode} to ${m.peer} (${m.policy}): ${m.state}${m.connected ? '' : ', not connected'}`,
-    `           CP ${m.sourceCp} here, CP ${m.destCp} there (${m.rootsEqual ? 'roots equal' : `${m.lagCps} CPs behind`})` + (m.lagSeconds > 0 ? `, behind for ${m.lagSeconds} s` : ''),
+    `           CP ${m.sourceCp} here, CP ${m.destCp} there (${m.rootsEqual ? 'roots equal' : `${m.lagCps} CPs behind`})` + (m.lagSeconds > 0 ? `, behind for ${m.lagSeconds} s` : '') +
+      `, ${formatSize(m.lagBytes)} written since its CP, link ${formatSize(m.wireBytesPerSec)}/s`,
     `           ${formatSize(m.bytesOnWire)} on the wire for ${formatSize(m.clientBytes)} written (${ratio(m.bytesOnWire, m.clientBytes)}); CP blocks as references ${m.refsSent}, as deltas ${m.deltasSent}, as data ${m.dataBlocksSent}`,
   ];
-  if (m.resync) lines.push(`           ${m.resync.baseCp < 0 ? 'baseline' : `resync from CP ${m.resync.baseCp}`} to CP ${m.resync.targetCp}: ${m.resync.blocksSent} blocks sent`);
+  if (m.resync) {
+    const r = m.resync;
+    const of = r.totalBytes ? ` of ~${formatSize(r.totalBytes)}` : '';
+    const eta = r.etaSeconds !== undefined ? `, ETA ${r.etaSeconds} s` : '';
+    lines.push(`           ${r.baseCp < 0 ? 'baseline' : `resync from CP ${r.baseCp}`} to CP ${r.targetCp}: ${formatSize(r.blocksSent * 4096)}${of} sent, ${formatSize(r.bytesPerSec)}/s${eta}`);
+  }
   if (m.lastError && m.state !== 'in-sync') lines.push(`           last error: ${m.lastError}`);
   return lines;
 }

@@ -83,6 +83,10 @@ export interface MirrorSourceStats {
   destCp: number;
   lagCps: number;
   lagSeconds: number;
+  /** Client bytes written since the destination's newest CP was shipped (what a failover now could miss, in async mode). */
+  lagBytes: number;
+  /** Bytes per second on the mirror link over the last second. */
+  wireBytesPerSec: number;
   rootsEqual: boolean;
   heldSeq: number;
   lastSeq: number;
@@ -118,7 +122,7 @@ interface Conn {
   parser: FrameParser;
   writer: FrameWriter;
   welcome: Promise<Message & { type: MsgType.Welcome }>;
-  cpAck: { cp: number; sinceMs: number; resolve: () => void } | undefined;
+  cpAck: { cp: number; sinceMs: number; clientBytes: number; resolve: () => void } | undefined;
   closed: boolean;
 }
 
@@ -155,6 +159,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private readonly ticker: NodeJS.Timeout;
   private bytesOnWirePrev = 0;
   private clientBytes = 0;
+  private clientBytesAtDestCp = 0;
+  private wireAtLastTick = 0;
+  private wireRate = 0;
   private dataBlocksSent = 0;
   private refsSent = 0;
   private deltasSent = 0;
@@ -200,10 +207,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
   attachVolume(v: EngineVolume): void {
     assert(v.tree === this.tree, 'attachVolume: another tree');
     this.volume = v;
-    if (this.o.mode === 'sync') {
-      v.log.onAppend = (r) => this.onAppend(r);
-      v.setReplicaGate(this);
-    }
+    v.log.onAppend = (r) => this.onAppend(r); // counts client bytes; forwards in sync mode
+    if (this.o.mode === 'sync') v.setReplicaGate(this);
     this.saveState();
     this.connect();
   }
@@ -334,6 +339,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
         }
         this.destCp = m.cp;
         this.destRoot = m.root;
+        this.clientBytesAtDestCp = conn.cpAck.clientBytes;
         conn.cpAck.resolve();
         conn.cpAck = undefined;
         this.saveState();
@@ -407,9 +413,17 @@ export class MirrorSource implements CpSink, ReplicaGate {
     for (const f of w) f();
   }
 
+  private wireBytes(): number {
+    const conn = this.conn;
+    return (conn?.writer.bytesOut ?? 0) + (conn?.parser.bytesIn ?? 0) + this.bytesOnWirePrev;
+  }
+
   private tick(): void {
     const conn = this.conn;
     const now = Date.now();
+    const wire = this.wireBytes();
+    this.wireRate = Math.max(0, wire - this.wireAtLastTick);
+    this.wireAtLastTick = wire;
     const stall = this.o.stallTimeoutMs ?? STALL_TIMEOUT_MS_DEFAULT;
     if (this.keptBaseline && now - this.keptBaseline.sinceMs > BASELINE_KEEP_MS_MAX) {
       this.log.warn({ cp: this.keptBaseline.view.cpNumber }, 'an interrupted baseline was not resumed in time: its pinned blocks are released (the next baseline starts over)');
@@ -429,7 +443,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private onAppend(r: AppendedRecord): void {
     this.clientBytes += r.type === 1 ? r.lengthBytes : 0;
     const conn = this.conn;
-    if (!conn || conn.closed || r.seq < this.forwardFromSeq || this.forwardFromSeq === 0) return;
+    if (this.o.mode !== 'sync' || !conn || conn.closed || r.seq < this.forwardFromSeq || this.forwardFromSeq === 0) return;
     const payload = r.payload.length === 0 ? Buffer.alloc(0) : Buffer.concat(r.payload as Buffer[]); // a copy: the views die with the half
     this.send(conn, { type: MsgType.Record, seq: r.seq, recordType: r.type, flags: r.flags, offsetBytes: r.offsetBytes, lengthBytes: r.lengthBytes, payload });
   }
@@ -567,7 +581,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
   }
 
   private async commitOnDest(conn: Conn, cp: number, slot: number, blockCount: number, superblock: Buffer): Promise<void> {
-    const acked = new Promise<void>((resolve) => (conn.cpAck = { cp, sinceMs: Date.now(), resolve }));
+    const acked = new Promise<void>((resolve) => (conn.cpAck = { cp, sinceMs: Date.now(), clientBytes: this.clientBytes, resolve }));
     this.send(conn, { type: MsgType.CpCommit, cp, slot, blockCount, superblock });
     await acked;
   }
@@ -745,7 +759,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
   stats(): MirrorSourceStats {
     const tree = this.tree.stats();
     const conn = this.conn;
-    const wire = (conn?.writer.bytesOut ?? 0) + (conn?.parser.bytesIn ?? 0) + this.bytesOnWirePrev;
+    const wire = this.wireBytes();
     const rootEq = this.destCp === tree.cpNumber && this.destCp >= 0;
     return {
       peer: `${this.o.peer.host}:${this.o.peer.port}`,
@@ -757,6 +771,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
       destCp: this.destCp,
       lagCps: this.destCp < 0 ? tree.cpNumber : tree.cpNumber - this.destCp,
       lagSeconds: this.behindSinceMs > 0 ? Math.round((Date.now() - this.behindSinceMs) / 100) / 10 : 0,
+      lagBytes: Math.max(0, this.clientBytes - this.clientBytesAtDestCp),
+      wireBytesPerSec: this.wireRate,
       rootsEqual: rootEq,
       heldSeq: this.heldSeq,
       lastSeq: this.volume?.log.lastSeq ?? 0,
