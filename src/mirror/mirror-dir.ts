@@ -63,9 +63,10 @@ export async function newestSuperblock(dev: FileBlockDevice, uuid: string): Prom
   return best;
 }
 
+/** The root pointer as the superblock holds it (24 bytes; zeroes for none). */
 export function rootBytes(sb: Superblock | undefined): Buffer {
   const b = Buffer.alloc(24);
-  if (sb) encodePtr(b, 0, sb.root);
+  if (sb?.root) encodePtr(b, 0, sb.root);
   return b;
 }
 

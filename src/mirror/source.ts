@@ -36,7 +36,7 @@ import type { BlockTreeApi, CommittedView, CpBlock, CpMeta, CpSink } from '../tr
 import { walkBornAfter } from '../tree/born-after';
 import { ProgressLine } from '../util/progress';
 import { diffTrees, type NodeSide } from '../tree/diff';
-import { RING_SLOTS, decodeSuperblock, type BlockPtr } from '../tree/layout';
+import { RING_SLOTS, SUPERBLOCK_ROOT_OFFSET, decodeSuperblock, type BlockPtr } from '../tree/layout';
 import { VolumeError } from '../volume/errors';
 import { assert } from '../util/assert';
 import { crc32c } from '../io/native';
@@ -88,6 +88,9 @@ export interface MirrorSourceStats {
   /** Bytes per second on the mirror link over the last second. */
   wireBytesPerSec: number;
   rootsEqual: boolean;
+  /** CPs (and resyncs) the destination committed on this run, each with its root checked equal to ours. */
+  cpsAcknowledged: number;
+  rootMismatches: number;
   heldSeq: number;
   lastSeq: number;
   bytesOnWire: number;
@@ -122,7 +125,7 @@ interface Conn {
   parser: FrameParser;
   writer: FrameWriter;
   welcome: Promise<Message & { type: MsgType.Welcome }>;
-  cpAck: { cp: number; sinceMs: number; clientBytes: number; resolve: () => void } | undefined;
+  cpAck: { cp: number; sinceMs: number; clientBytes: number; root: Buffer; resolve: () => void } | undefined;
   closed: boolean;
 }
 
@@ -159,6 +162,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private readonly ticker: NodeJS.Timeout;
   private bytesOnWirePrev = 0;
   private clientBytes = 0;
+  private rootMismatches = 0;
+  private cpsShipped = 0;
   private clientBytesAtDestCp = 0;
   private wireAtLastTick = 0;
   private wireRate = 0;
@@ -337,8 +342,16 @@ export class MirrorSource implements CpSink, ReplicaGate {
           this.drop(conn, `destination acknowledged CP ${m.cp}, which was not sent`);
           return;
         }
+        if (!m.root.equals(conn.cpAck.root)) {
+          // Block-identical by construction: a different root means the destination did not apply what was sent.
+          this.rootMismatches++;
+          this.log.error({ cp: m.cp, sent: conn.cpAck.root.toString('hex'), got: m.root.toString('hex') }, 'the destination committed a different root than the source');
+          this.drop(conn, `CP ${m.cp}: the destination's root differs from the source's`);
+          return;
+        }
         this.destCp = m.cp;
         this.destRoot = m.root;
+        this.cpsShipped++;
         this.clientBytesAtDestCp = conn.cpAck.clientBytes;
         conn.cpAck.resolve();
         conn.cpAck = undefined;
@@ -581,7 +594,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
   }
 
   private async commitOnDest(conn: Conn, cp: number, slot: number, blockCount: number, superblock: Buffer): Promise<void> {
-    const acked = new Promise<void>((resolve) => (conn.cpAck = { cp, sinceMs: Date.now(), clientBytes: this.clientBytes, resolve }));
+    const root = superblock.subarray(SUPERBLOCK_ROOT_OFFSET, SUPERBLOCK_ROOT_OFFSET + 24);
+    const acked = new Promise<void>((resolve) => (conn.cpAck = { cp, sinceMs: Date.now(), clientBytes: this.clientBytes, root, resolve }));
     this.send(conn, { type: MsgType.CpCommit, cp, slot, blockCount, superblock });
     await acked;
   }
@@ -774,6 +788,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
       lagBytes: Math.max(0, this.clientBytes - this.clientBytesAtDestCp),
       wireBytesPerSec: this.wireRate,
       rootsEqual: rootEq,
+      cpsAcknowledged: this.cpsShipped,
+      rootMismatches: this.rootMismatches,
       heldSeq: this.heldSeq,
       lastSeq: this.volume?.log.lastSeq ?? 0,
       bytesOnWire: wire,

@@ -195,6 +195,8 @@ export function verifyNode(buf: Buffer, p: BlockPtr, id: NodeId, uuid: Buffer): 
 // 56 u64 usedBlocks | 64 root ptr[24] | 88 smap root ptr[24]
 
 export const SUPER_MAGIC = Buffer.from('NVMSUPER', 'latin1');
+/** Where the superblock holds the root pointer (24 bytes). */
+export const SUPERBLOCK_ROOT_OFFSET = 96;
 export const SUPER_VERSION = 1;
 export const MAX_SNAPSHOTS = 32;
 export const MAX_SNAPSHOT_NAME_BYTES = 39;
@@ -254,7 +256,7 @@ export function encodeSuperblock(sb: Superblock): Buffer {
   writeU64(b, 80, sb.nvlogEpoch);
   b.writeUInt32LE(sb.treeHeight, 88);
   b.writeUInt32LE(sb.smapHeight, 92);
-  encodePtr(b, 96, sb.root);
+  encodePtr(b, SUPERBLOCK_ROOT_OFFSET, sb.root);
   encodePtr(b, 120, sb.smapRoot);
   writeU64(b, 144, sb.usedBlocks);
   b.writeUInt32LE(sb.snapshots.length, 152);

@@ -36,6 +36,8 @@ async function until<T>(what: string, f: () => T | undefined | false, timeoutMs 
 
 interface MirrorStats {
   state: string;
+  cpsAcknowledged: number;
+  rootMismatches: number;
   sourceCp: number;
   destCp: number;
   rootsEqual: boolean;
@@ -181,6 +183,10 @@ describe('mirror: two hosts (network namespaces)', function () {
         const m = sourceStatus(s.src)!;
         assert.ok(m.refsSent > 0, 'sync CPs sent no block as a reference');
       }
+      // Every CP the destination committed came back with a root equal to the source's.
+      const m = sourceStatus(s.src)!;
+      assert.ok(m.cpsAcknowledged >= 3, `only ${m.cpsAcknowledged} CPs acknowledged`);
+      assert.strictEqual(m.rootMismatches, 0);
       const v = sh(BIN, ['verify', s.src]);
       assert.match(v, /^identical at CP \d+ \(roots equal, superblocks equal\)$/m, v);
     });
@@ -329,6 +335,49 @@ describe('mirror: two hosts (network namespaces)', function () {
     await startSource(s, ['--mirror-psk', keys]);
     await until('mirror in sync', () => sourceStatus(s.src)?.state === 'in-sync');
     sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x71 0 2M', `nbd+unix:///?socket=${s.srcSock}`]);
+    await inSyncAndIdentical(s);
+  });
+
+  it('hostile source stream (bad checksum, replayed frame, wrong base, short CP, truncation) is refused and the mirror is unchanged', async () => {
+    const s = await start('sync');
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5e 0 2M', `nbd+unix:///?socket=${s.srcSock}`]);
+    await inSyncAndIdentical(s);
+    const cpBefore = sourceStatus(s.src)!.destCp;
+    const md5Before = md5OfExport(`nbd+unix:///${s.uuid}?socket=${s.expSock}`);
+    await stop(s.source, 'SIGTERM');
+    const label = JSON.parse(fs.readFileSync(path.join(s.src, 'nvmirror.json'), 'utf8')) as { uuid: string; sizeBytes: number; members: { blockCount: number }[] };
+    const b = pair.host('b');
+    // Each case: a HELLO that the receiver accepts, then one kind of bad stream.
+    const script = (attack: string): string => `
+      const net = require('net'); const w = require(${JSON.stringify(path.join(ROOT, 'dist/src/mirror/wire.js'))});
+      const fw = new w.FrameWriter(); const sock = net.connect(${PORT}, '${b.addr}');
+      const send = (m) => { for (const p of fw.frame(m)) sock.write(p); };
+      const frames = (m) => Buffer.concat(fw.frame(m));
+      let got = Buffer.alloc(0); sock.on('data', (d) => { got = Buffer.concat([got, d]); });
+      sock.on('connect', () => {
+        send({ type: 1, sourceUuid: '${label.uuid}', sizeBytes: ${label.sizeBytes}, deviceBlocks: ${label.members[0]!.blockCount}, nvramBytes: 8388608, mode: 'sync', sourceCp: ${cpBefore}, streamFromSeq: 1 });
+        const cp = ${cpBefore + 1}; const blk = { type: 8, cp, pbas: [5000], data: Buffer.alloc(4096, 0xee) };
+        ${attack}
+      });
+      sock.on('close', () => process.exit(0)); setTimeout(() => process.exit(0), 3000);`;
+    const attacks: Record<string, string> = {
+      badChecksum: `send({ type: 7, cp, baseCp: cp - 1, kind: 'cp' }); const f = frames(blk); f[100] ^= 1; sock.write(f);`,
+      replayedFrame: `send({ type: 7, cp, baseCp: cp - 1, kind: 'cp' }); const f = frames(blk); sock.write(f); sock.write(f);`,
+      wrongBase: `send({ type: 7, cp: cp + 5, baseCp: cp + 3, kind: 'cp' }); send(blk);`,
+      shortCp: `send({ type: 7, cp, baseCp: cp - 1, kind: 'cp' }); send(blk); send({ type: 10, cp, slot: cp % 8, blockCount: 2, superblock: Buffer.alloc(4096) });`,
+      badSuperblock: `send({ type: 7, cp, baseCp: cp - 1, kind: 'cp' }); send(blk); send({ type: 10, cp, slot: cp % 8, blockCount: 1, superblock: Buffer.alloc(4096, 1) });`,
+      truncated: `send({ type: 7, cp, baseCp: cp - 1, kind: 'cp' }); const f = frames(blk); sock.write(f.subarray(0, 1000)); setTimeout(() => sock.destroy(), 300);`,
+    };
+    for (const [name, attack] of Object.entries(attacks)) {
+      fs.writeFileSync(path.join(tmp, 'rx.log'), '');
+      await pair.exec('a', 'node', ['-e', script(attack)], { timeoutMs: 10_000 });
+      const log = fs.readFileSync(path.join(tmp, 'rx.log'), 'utf8');
+      if (name !== 'truncated') assert.match(log, /mirror stream refused/, `${name}: not refused`);
+      checkMirror(s);
+      assert.strictEqual(md5OfExport(`nbd+unix:///${s.uuid}?socket=${s.expSock}`), md5Before, `${name} changed the mirror`);
+    }
+    await startSource(s);
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5f 4M 1M', `nbd+unix:///?socket=${s.srcSock}`]);
     await inSyncAndIdentical(s);
   });
 
