@@ -5,15 +5,16 @@ import { Command, Option } from 'commander';
 import { NbdServer } from '../nbd/server';
 import { MirrorReceiver, RECEIVER_SOCKET_NAME } from '../mirror/receiver';
 import { ControlServer } from '../volume/engine-control';
-import { MirrorExports } from '../mirror/exports';
+import { MirrorExports, PIN_HOLD_MS_MAX_DEFAULT } from '../mirror/exports';
 import { linkSecurity, serverTls, type LinkArgs } from '../mirror/link';
 import { createLogger } from '../util/log';
-import { hostPortArg, logLevelArg, onStopSignals } from './common';
+import { hostPortArg, intArg, logLevelArg, onStopSignals } from './common';
 
 interface ReceiveOpts extends LinkArgs {
   listen: { host: string; port: number };
   exportListen?: { host: string; port: number };
   exportSocket?: string;
+  readerPinMax: number;
   logLevel: string;
 }
 
@@ -30,13 +31,14 @@ export function registerReceive(program: Command): void {
     .option('--mirror-tls-key <FILE>', 'TLS private key (PEM)')
     .option('--mirror-tls-ca <FILE>', 'CA that signed the sources\' certificates (PEM)')
     .option('--mirror-insecure', 'accept plaintext, unauthenticated sources')
+    .option('--reader-pin-max <SECONDS>', 'longest a mirror reader may stay on one CP (its source keeps that CP\'s blocks meanwhile); then its reads fail and it must reconnect', intArg(1, 7 * 24 * 3600), PIN_HOLD_MS_MAX_DEFAULT / 1000)
     .addOption(new Option('--log-level <LEVEL>', 'log level').default('info').argParser(logLevelArg))
     .action(async (dir: string, o: ReceiveOpts) => {
       const sec = linkSecurity(o);
       const logger = createLogger(o.logLevel);
       const abs = path.resolve(dir);
       await fs.promises.mkdir(abs, { recursive: true });
-      const exports = new MirrorExports(logger);
+      const exports = new MirrorExports(logger, o.readerPinMax * 1000);
       const tlsOpts = serverTls(sec);
       const rx = new MirrorReceiver({ dir: abs, logger, exports, ...(tlsOpts ? { tls: tlsOpts } : {}) });
       let nbd: NbdServer | undefined;

@@ -135,7 +135,7 @@ export class DestLog {
   }
 
   get storedFromSeq(): number {
-    return this.entries.length > this.head ? this.entries[this.head]!.seq : this.lastStoredSeq + 1;
+    return this.entries.length > this.head ? this.entries[this.head]!.seq : Math.max(this.lastStoredSeq, this.committedSeq) + 1;
   }
 
   get usedBytes(): number {
@@ -157,9 +157,11 @@ export class DestLog {
       this.writeAt = e.at;
     }
     this.committedSeq = Math.max(this.committedSeq, committedSeq);
-    // Records of the old stream below fromSeq are kept, but only count when contiguous with the new one.
-    const storedTop = this.entries.length > this.head ? this.entries[this.entries.length - 1]!.seq : 0;
-    this.streamFrom = storedTop === fromSeq - 1 && this.entries.length > this.head ? this.entries[this.head]!.seq : fromSeq;
+    // Records of the old stream below fromSeq are kept, but only count when they form an
+    // unbroken run ending at fromSeq - 1 (the new stream continues it).
+    let runStart = fromSeq;
+    for (let i = this.entries.length - 1; i >= this.head && this.entries[i]!.seq === runStart - 1; i--) runStart = this.entries[i]!.seq;
+    this.streamFrom = runStart;
     this.lastStoredSeq = fromSeq - 1;
     this.persistedSeq = Math.min(this.persistedSeq, this.lastStoredSeq);
     this.dropFrom = 0;
@@ -174,7 +176,9 @@ export class DestLog {
       this.writeAt = HEADER_BYTES;
       return size <= end - HEADER_BYTES ? HEADER_BYTES : undefined;
     }
-    if (this.writeAt >= tail) {
+    // Records occupy [tail, writeAt) when writeAt > tail; otherwise they wrapped, and
+    // writeAt === tail (with records present) means the ring is full.
+    if (this.writeAt > tail) {
       if (this.writeAt + size <= end) return this.writeAt;
       if (HEADER_BYTES + size <= tail) return HEADER_BYTES; // wrap
       return undefined;

@@ -40,8 +40,10 @@ export class MirrorView implements Volume {
   readonly sizeBytes: number;
   readonly caps = CAPS;
   readonly description: string;
-  readonly sinceMs = Date.now();
+  sinceMs = Date.now();
   expired = false;
+  private pinned = false;
+  private revoke: (() => void) | undefined;
 
   constructor(
     private readonly owner: MirrorExports,
@@ -55,7 +57,19 @@ export class MirrorView implements Volume {
     this.description = `read-only mirror of ${sourceUuid}, ${what} at CP ${cp}`;
   }
 
+  /**
+   * Pins the view's CP (reported to the source) once it serves a connection: the
+   * handshake also looks exports up (INFO, LIST), and those lookups must not pin.
+   */
+  private pin(): void {
+    if (this.pinned || this.expired) return;
+    this.pinned = true;
+    this.sinceMs = Date.now();
+    this.owner.pin(this);
+  }
+
   private check(): void {
+    this.pin();
     if (this.expired) throw new VolumeError('ESHUTDOWN', `this connection held mirror CP ${this.cp} longer than allowed; reconnect for the newest CP`);
   }
 
@@ -95,7 +109,18 @@ export class MirrorView implements Volume {
   }
 
   detach(): void {
-    this.owner.unpin(this);
+    if (this.pinned) this.owner.unpin(this);
+  }
+
+  onRevoke(revoke: () => void): void {
+    this.revoke = revoke;
+    this.pin();
+  }
+
+  /** Ends this view: reads fail from now on, and its NBD connection is closed. */
+  expire(): void {
+    this.expired = true;
+    this.revoke?.();
   }
 
   async close(): Promise<void> {}
@@ -124,13 +149,13 @@ export class MirrorExports implements ExportRegistry {
   /** The source is gone and its mirror closed: views on it fail from now on. */
   detachSource(m: MirrorDir): void {
     if (this.mirrors.get(m.label.sourceUuid) === m) this.mirrors.delete(m.label.sourceUuid);
-    for (const v of this.pins.get(m.label.sourceUuid) ?? []) v.expired = true;
+    for (const v of this.pins.get(m.label.sourceUuid) ?? []) v.expire();
     this.pins.delete(m.label.sourceUuid);
   }
 
   /** A partial baseline began: no new view of it. */
   invalidate(uuid: string): void {
-    for (const v of this.pins.get(uuid) ?? []) v.expired = true;
+    for (const v of this.pins.get(uuid) ?? []) v.expire();
     this.pins.delete(uuid);
   }
 
@@ -155,12 +180,14 @@ export class MirrorExports implements ExportRegistry {
     const tree: BlockTree = m.view;
     const reader = snap === undefined ? tree : tree.snapshotReader(snap);
     if (!reader) return undefined;
-    const v = new MirrorView(this, uuid, m.committedCp, reader, m.label.sizeBytes, snap === undefined ? 'live' : `snapshot ${snap}`);
-    let set = this.pins.get(uuid);
-    if (!set) this.pins.set(uuid, (set = new Set()));
+    return new MirrorView(this, uuid, m.committedCp, reader, m.label.sizeBytes, snap === undefined ? 'live' : `snapshot ${snap}`);
+  }
+
+  pin(v: MirrorView): void {
+    let set = this.pins.get(v.sourceUuid);
+    if (!set) this.pins.set(v.sourceUuid, (set = new Set()));
     set.add(v);
-    this.report(uuid);
-    return v;
+    this.report(v.sourceUuid);
   }
 
   unpin(v: MirrorView): void {
@@ -187,9 +214,9 @@ export class MirrorExports implements ExportRegistry {
     for (const [uuid, set] of this.pins) {
       for (const v of set) {
         if (now - v.sinceMs > this.pinHoldMsMax) {
-          v.expired = true;
           set.delete(v);
-          this.log.warn({ source: uuid, cp: v.cp, heldMs: now - v.sinceMs }, 'mirror reader held its CP longer than allowed: released (its reads now fail; a reconnect gets the newest CP)');
+          this.log.warn({ source: uuid, cp: v.cp, heldMs: now - v.sinceMs }, 'mirror reader held its CP longer than allowed: its connection is closed (a reconnect gets the newest CP)');
+          v.expire();
         }
       }
       this.report(uuid);

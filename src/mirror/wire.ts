@@ -323,6 +323,7 @@ export function encodeBody(m: Message): Buffer[] {
   };
   switch (m.type) {
     case MsgType.Hello:
+      assert(m.sizeBytes > 0 && m.sizeBytes % BLOCK_BYTES === 0, `hello: volume size ${m.sizeBytes}`);
       return [uuidBytes(m.sourceUuid), u64(m.sizeBytes), u64(m.deviceBlocks), u64(m.nvramBytes), u64(m.mode === 'sync' ? 1 : 2), i64(m.sourceCp), u64(m.streamFromSeq)];
     case MsgType.Welcome:
       assert(m.root.length === 24, 'root pointer is 24 bytes');
@@ -335,6 +336,7 @@ export function encodeBody(m: Message): Buffer[] {
     }
     case MsgType.Record: {
       assert(m.payload.length === (m.recordType === 1 ? m.lengthBytes : 0) && m.payload.length <= RECORD_PAYLOAD_MAX_BYTES, 'record payload length');
+      assert(m.seq >= 1 && m.recordType >= 1 && m.recordType <= 3 && m.lengthBytes > 0 && m.offsetBytes % BLOCK_BYTES === 0 && m.lengthBytes % BLOCK_BYTES === 0, `record ${m.seq}: bad fields`);
       const h = Buffer.alloc(8);
       h.writeUInt8(m.recordType, 0);
       h.writeUInt8(m.flags, 1);
@@ -345,6 +347,7 @@ export function encodeBody(m: Message): Buffer[] {
     case MsgType.DurableReq:
       return [u64(m.seq)];
     case MsgType.CpBegin:
+      assert(m.baseCp < m.cp && (m.kind !== 'resume' || m.baseCp === -1), `cp begin ${m.cp} on base ${m.baseCp} (${m.kind})`);
       return [u64(m.cp), i64(m.baseCp), Buffer.from([m.kind === 'cp' ? 1 : m.kind === 'resync' ? 2 : 3])];
     case MsgType.CpBlocks: {
       assert(m.pbas.length >= 1 && m.pbas.length <= BLOCKS_PER_FRAME_MAX && m.data.length === m.pbas.length * BLOCK_BYTES, 'CpBlocks shape');
@@ -360,6 +363,7 @@ export function encodeBody(m: Message): Buffer[] {
       b.writeBigUInt64LE(BigInt(m.cp), 0);
       b.writeUInt32LE(m.refs.length, 8);
       m.refs.forEach((r, i) => {
+        assert(Number.isSafeInteger(r.pba) && r.pba >= 0 && Number.isSafeInteger(r.seq) && r.seq >= 0 && r.index >= 0 && r.index <= 0xffffffff, 'ref fields');
         const o = 12 + REF_BYTES * i;
         b.writeBigUInt64LE(BigInt(r.pba), o);
         b.writeBigUInt64LE(BigInt(r.seq), o + 8);

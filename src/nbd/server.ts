@@ -191,6 +191,7 @@ export class NbdServer {
         conn.socket = session.socket;
         const t = new Transmission(session, log);
         conn.transmission = t;
+        session.volume.onRevoke?.(() => void t.shutdown());
         void t.closed.then(() => {
           session.volume.detach?.();
           this.conns.delete(conn);

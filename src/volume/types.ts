@@ -77,5 +77,7 @@ export interface Volume {
   /** Flushes and releases resources; no further calls after it resolves. */
   /** Called once when an NBD connection that looked this volume up ends (views pinned per connection release their root). */
   detach?(): void;
+  /** Lets the volume end the connection that looked it up (e.g. a mirror reader pinned too long); called once per connection. */
+  onRevoke?(revoke: () => void): void;
   close(): Promise<void>;
 }

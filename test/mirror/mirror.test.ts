@@ -101,10 +101,10 @@ describe('mirror: two hosts (network namespaces)', function () {
     receiver?: cp.ChildProcess;
   }
 
-  async function startReceiver(s: Setup, link: string[] = ['--mirror-insecure']): Promise<void> {
+  async function startReceiver(s: Setup, link: string[] = ['--mirror-insecure'], extra: string[] = []): Promise<void> {
     fs.rmSync(s.expSock, { force: true });
     const b = pair.host('b');
-    s.receiver = pair.spawn('b', BIN, ['receive', path.join(tmp, 'dst'), '--listen', `${b.addr}:${PORT}`, '--export-socket', s.expSock, ...link], {
+    s.receiver = pair.spawn('b', BIN, ['receive', path.join(tmp, 'dst'), '--listen', `${b.addr}:${PORT}`, '--export-socket', s.expSock, ...link, ...extra], {
       stdio: ['ignore', 'ignore', fs.openSync(path.join(tmp, 'rx.log'), 'a')],
     });
     await until('receiver socket', () => fs.existsSync(s.expSock), 90_000);
@@ -253,6 +253,42 @@ describe('mirror: two hosts (network namespaces)', function () {
     assert.doesNotMatch(out, /Pattern verification failed/, 'the pinned reader saw blocks change');
     assert.strictEqual((out.match(/read 1048576/g) ?? []).length, 2);
     sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x42 0 1M', `nbd+unix:///${s.uuid}?socket=${s.expSock}`]);
+  });
+
+  it('snapshots of the source appear on the mirror as <uuid>@NAME with their own contents', async () => {
+    const s = await start('sync');
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x81 0 1M', `nbd+unix:///?socket=${s.srcSock}`]);
+    sh(BIN, ['snapshot', 'create', s.src, 'before']);
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x82 0 1M', `nbd+unix:///?socket=${s.srcSock}`]);
+    await inSyncAndIdentical(s);
+    const list = sh('nbdinfo', ['--list', `nbd+unix:///?socket=${s.expSock}`]);
+    assert.match(list, new RegExp(`${s.uuid}@before`));
+    sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x81 0 1M', `nbd+unix:///${s.uuid}@before?socket=${s.expSock}`]);
+    sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x82 0 1M', `nbd+unix:///${s.uuid}?socket=${s.expSock}`]);
+    assert.strictEqual(md5OfExport(`nbd+unix:///${s.uuid}@before?socket=${s.expSock}`), md5OfExport(`nbd+unix:///before?socket=${s.srcSock}`.replace('///before', '///@before')));
+  });
+
+  it('a reader pinned longer than --reader-pin-max is released: its connection is closed with a log line, a reconnect reads the newest CP', async () => {
+    const s = setup('sync');
+    await startReceiver(s, ['--mirror-insecure'], ['--reader-pin-max', '2']);
+    await startSource(s);
+    await until('mirror in sync', () => sourceStatus(s.src)?.state === 'in-sync');
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x91 0 64k', `nbd+unix:///?socket=${s.srcSock}`]);
+    await inSyncAndIdentical(s);
+    const reader = cp.spawn('qemu-io', ['-r', '-f', 'raw', `nbd+unix:///${s.uuid}?socket=${s.expSock}`], { stdio: ['pipe', 'pipe', 'pipe'] });
+    let out = '';
+    reader.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    reader.stderr.on('data', (d: Buffer) => (out += d.toString()));
+    reader.stdin.write('read -P 0x91 0 64k\n');
+    await until('first read', () => /read 65536/.test(out));
+    await until('pin released', () => /held its CP longer than allowed/.test(fs.readFileSync(path.join(tmp, 'rx.log'), 'utf8')) || undefined, 15_000);
+    reader.stdin.write('read 0 64k\n');
+    await until('second read fails', () => /(failed|error)/i.test(out) || undefined, 15_000).catch((e) => {
+      throw new Error(`${(e as Error).message}; reader said: ${out}`);
+    });
+    reader.stdin.end('quit\n');
+    setTimeout(() => reader.kill('SIGKILL'), 3000).unref();
+    sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x91 0 64k', `nbd+unix:///${s.uuid}?socket=${s.expSock}`]);
   });
 
   it('both sides stop and restart: the relationship resumes without a new baseline', async () => {

@@ -1,0 +1,757 @@
+/**
+ * The mirror wire codec (src/mirror/wire.ts): every message type round-trips through
+ * FrameWriter / FrameParser; a stream parses identically however it is chunked; hostile
+ * input (bad magic, version, type, lengths, checksums, frame numbers, field ranges) is a
+ * MirrorProtocolError with a precise message, after which the parser stays failed and
+ * holds nothing. Random tests are seeded: MIRROR_FC_SEED=N replays a run.
+ */
+import { strict as assert } from 'assert';
+import fc from 'fast-check';
+import { crc32c } from '../../src/io/native';
+import {
+  BLOCK_BYTES,
+  BLOCKS_PER_FRAME_MAX,
+  decodeBody,
+  DELTAS_BODY_MAX_BYTES,
+  DELTAS_PER_FRAME_MAX,
+  encodeBody,
+  FRAME_BODY_MAX_BYTES,
+  FRAME_HEADER_BYTES,
+  FRAME_MAGIC,
+  FrameParser,
+  FrameWriter,
+  MirrorProtocolError,
+  MsgType,
+  RECORD_PAYLOAD_MAX_BYTES,
+  REFS_PER_FRAME_MAX,
+  WIRE_VERSION,
+  type Message,
+} from '../../src/mirror/wire';
+
+const SEED = process.env.MIRROR_FC_SEED !== undefined ? Number(process.env.MIRROR_FC_SEED) : Date.now() % 0x7fffffff;
+const U53_MAX = Number.MAX_SAFE_INTEGER;
+const UUID = '0123abcd-4567-89ef-0011-223344556677';
+
+/** Per type, the body cap the header check enforces (as documented in wire.ts). */
+const BODY_CAP: Record<number, number> = {
+  [MsgType.Hello]: 64,
+  [MsgType.Welcome]: 72,
+  [MsgType.Refuse]: 2 + 1024,
+  [MsgType.Record]: 40 + RECORD_PAYLOAD_MAX_BYTES,
+  [MsgType.RecordAck]: 24,
+  [MsgType.DurableReq]: 8,
+  [MsgType.CpBegin]: 17,
+  [MsgType.CpBlocks]: 12 + BLOCKS_PER_FRAME_MAX * (8 + BLOCK_BYTES),
+  [MsgType.CpRefs]: 12 + REFS_PER_FRAME_MAX * 24,
+  [MsgType.CpDeltas]: DELTAS_BODY_MAX_BYTES,
+  [MsgType.CpCommit]: 20 + BLOCK_BYTES,
+  [MsgType.CpAck]: 32,
+  [MsgType.Pin]: 8,
+  [MsgType.Ping]: 8,
+  [MsgType.ReadReq]: 8 + BLOCKS_PER_FRAME_MAX * 8,
+  [MsgType.ReadResp]: 8 + BLOCKS_PER_FRAME_MAX * (8 + BLOCK_BYTES),
+};
+const TYPE_NAME: Record<number, string> = {
+  [MsgType.Hello]: 'HELLO', [MsgType.Welcome]: 'WELCOME', [MsgType.Refuse]: 'REFUSE', [MsgType.Record]: 'RECORD',
+  [MsgType.RecordAck]: 'RECORD_ACK', [MsgType.DurableReq]: 'DURABLE_REQ', [MsgType.CpBegin]: 'CP_BEGIN', [MsgType.CpBlocks]: 'CP_BLOCKS',
+  [MsgType.CpRefs]: 'CP_REFS', [MsgType.CpDeltas]: 'CP_DELTAS', [MsgType.CpCommit]: 'CP_COMMIT', [MsgType.CpAck]: 'CP_ACK',
+  [MsgType.Pin]: 'PIN', [MsgType.Ping]: 'PING', [MsgType.ReadReq]: 'READ_REQ', [MsgType.ReadResp]: 'READ_RESP',
+};
+/** Type codes no message uses. */
+const UNKNOWN_TYPES = [0, 200, 254, 255];
+const ALL_TYPES = Object.keys(BODY_CAP).map(Number);
+
+/** Every message a protocol error may be reported with (anything else is a wrapped internal error). */
+const KNOWN_ERROR =
+  /^(bad frame magic \(not an nvmirror mirror stream\)|unsupported wire version \d+|unknown frame type \d+|frame type \d+: body of \d+ bytes exceeds its cap of \d+|frame number \d+ where \d+ was due \(replayed, lost or reordered frame\)|frame \d+ \(type \d+\): checksum mismatch|frame type \d+: body too short|frame type \d+: \d+ unexpected trailing bytes|frame type \d+: \w+( length)? out of range|hello: unknown mode \d+|hello: bad volume size \d+|refuse: reason too long|record \d+: unknown type \d+|record \d+: bad range|record \d+: bad payload length \d+|cp begin: unknown kind \d+|cp begin: base CP -?\d+ is not before CP \d+|cp blocks: count \d+|cp refs: count \d+|cp deltas: count \d+|cp begin: only a baseline resumes|read: count \d+)$/;
+
+function pattern(len: number, seed: number): Buffer {
+  const b = Buffer.allocUnsafe(len);
+  let x = (seed * 2654435761) >>> 0 || 1;
+  for (let i = 0; i < len; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    b[i] = x & 0xff;
+  }
+  return b;
+}
+
+function root(seed: number): Buffer {
+  return pattern(24, seed);
+}
+
+/** One or more messages of every type, with fields at their extremes. */
+function samples(): Message[] {
+  const refs = (n: number) => Array.from({ length: n }, (_, i) => ({ pba: i * 7 + 1, seq: U53_MAX - i, index: (i * 31) % 257, crc: (0xfedcba98 + i) >>> 0 }));
+  return [
+    { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 1024 ** 4, deviceBlocks: 12345, nvramBytes: 64 << 20, mode: 'sync', sourceCp: -1, streamFromSeq: 0 },
+    { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 4096, deviceBlocks: U53_MAX, nvramBytes: 0, mode: 'async', sourceCp: U53_MAX, streamFromSeq: U53_MAX },
+    { type: MsgType.Welcome, committedCp: -1, root: Buffer.alloc(24), storedFromSeq: 1, heldSeq: 0, oldestPinnedCp: -1, resumeCp: -1, resumeBlocks: 0 },
+    { type: MsgType.Welcome, committedCp: 77, root: root(1), storedFromSeq: U53_MAX, heldSeq: U53_MAX - 1, oldestPinnedCp: 70, resumeCp: U53_MAX, resumeBlocks: U53_MAX },
+    { type: MsgType.Refuse, reason: '' },
+    { type: MsgType.Refuse, reason: 'source 0123 is already connected: ünïcødé ✓' },
+    { type: MsgType.Refuse, reason: 'x'.repeat(1024) },
+    { type: MsgType.Record, seq: 1, recordType: 1, flags: 0, offsetBytes: 0, lengthBytes: BLOCK_BYTES, payload: pattern(BLOCK_BYTES, 2) },
+    { type: MsgType.Record, seq: U53_MAX, recordType: 1, flags: 0xff, offsetBytes: U53_MAX - (U53_MAX % BLOCK_BYTES), lengthBytes: RECORD_PAYLOAD_MAX_BYTES, payload: pattern(RECORD_PAYLOAD_MAX_BYTES, 3) },
+    { type: MsgType.Record, seq: 42, recordType: 2, flags: 1, offsetBytes: 8192, lengthBytes: 1024 ** 3, payload: Buffer.alloc(0) },
+    { type: MsgType.Record, seq: 43, recordType: 3, flags: 2, offsetBytes: 4096 * 1000, lengthBytes: 4096, payload: Buffer.alloc(0) },
+    { type: MsgType.RecordAck, heldSeq: 10, durableSeq: 9, storedFromSeq: 1 },
+    { type: MsgType.RecordAck, heldSeq: U53_MAX, durableSeq: 0, storedFromSeq: U53_MAX },
+    { type: MsgType.DurableReq, seq: 0 },
+    { type: MsgType.DurableReq, seq: U53_MAX },
+    { type: MsgType.CpBegin, cp: 0, baseCp: -1, kind: 'resync' },
+    { type: MsgType.CpBegin, cp: U53_MAX, baseCp: U53_MAX - 1, kind: 'cp' },
+    { type: MsgType.CpBegin, cp: 12, baseCp: -1, kind: 'resume' },
+    { type: MsgType.CpBlocks, cp: 5, pbas: [U53_MAX], data: pattern(BLOCK_BYTES, 4) },
+    { type: MsgType.CpBlocks, cp: 6, pbas: Array.from({ length: BLOCKS_PER_FRAME_MAX }, (_, i) => 1000 + 2 * i), data: pattern(BLOCKS_PER_FRAME_MAX * BLOCK_BYTES, 5) },
+    { type: MsgType.CpRefs, cp: 5, refs: refs(1) },
+    { type: MsgType.CpRefs, cp: 6, refs: refs(REFS_PER_FRAME_MAX) },
+    { type: MsgType.CpDeltas, cp: 5, deltas: [{ pba: 9, prevPba: U53_MAX, crc: 0xffffffff, delta: Buffer.alloc(0) }, { pba: 10, prevPba: 3, crc: 1, delta: pattern(100, 8) }] },
+    { type: MsgType.CpDeltas, cp: 6, deltas: [{ pba: U53_MAX, prevPba: 0, crc: 0, delta: pattern(0xffff, 9) }, ...Array.from({ length: 300 }, (_, i) => ({ pba: i, prevPba: i + 1, crc: i * 3, delta: pattern(i, i) }))] },
+    { type: MsgType.CpCommit, cp: 5, slot: 0xffffffff, blockCount: U53_MAX, superblock: pattern(BLOCK_BYTES, 6) },
+    { type: MsgType.CpCommit, cp: 0, slot: 0, blockCount: 0, superblock: Buffer.alloc(BLOCK_BYTES) },
+    { type: MsgType.CpAck, cp: 5, root: root(7) },
+    { type: MsgType.Pin, oldestPinnedCp: -1 },
+    { type: MsgType.Pin, oldestPinnedCp: U53_MAX },
+    { type: MsgType.Ping, nowMs: 0 },
+    { type: MsgType.Ping, nowMs: 1_764_500_000_000 },
+    { type: MsgType.ReadReq, id: 0, pbas: [U53_MAX] },
+    { type: MsgType.ReadReq, id: 0xffffffff, pbas: Array.from({ length: BLOCKS_PER_FRAME_MAX }, (_, i) => i * 3) },
+    { type: MsgType.ReadResp, id: 7, pbas: [5], data: pattern(BLOCK_BYTES, 10) },
+    { type: MsgType.ReadResp, id: 8, pbas: Array.from({ length: BLOCKS_PER_FRAME_MAX }, (_, i) => U53_MAX - i), data: pattern(BLOCKS_PER_FRAME_MAX * BLOCK_BYTES, 11) },
+  ];
+}
+
+/** Small frames only (a few hundred bytes in all), for exhaustive splitting. */
+function smallSamples(): Message[] {
+  return samples().filter((m) => {
+    const n = encodeBody(m).reduce((a, b) => a + b.length, 0);
+    return n <= 200;
+  });
+}
+
+function frameOf(w: FrameWriter, m: Message): Buffer {
+  return Buffer.concat(w.frame(m));
+}
+
+function streamOf(msgs: Message[]): Buffer {
+  const w = new FrameWriter();
+  const s = Buffer.concat(msgs.map((m) => frameOf(w, m)));
+  assert.equal(w.bytesOut, s.length);
+  return s;
+}
+
+/** A frame built by hand: any type, body, frame number, magic and version, with a valid checksum unless given. */
+function rawFrame(type: number, body: Buffer, o: { frameNo?: number; magic?: number; version?: number; lengthBytes?: number; crc?: number } = {}): Buffer {
+  const h = Buffer.alloc(FRAME_HEADER_BYTES);
+  h.writeUInt32LE(o.magic ?? FRAME_MAGIC, 0);
+  h.writeUInt8(type, 4);
+  h.writeUInt8(o.version ?? WIRE_VERSION, 5);
+  h.writeUInt32LE(o.lengthBytes ?? body.length, 8);
+  h.writeBigUInt64LE(BigInt(o.frameNo ?? 0), 12);
+  const crc = o.crc ?? crc32c(body, 0, body.length, crc32c(h, 0, 20));
+  h.writeUInt32LE(crc, 20);
+  return Buffer.concat([h, body]);
+}
+
+function bodyOf(m: Message): Buffer {
+  return Buffer.concat(encodeBody(m));
+}
+
+function parseChunks(chunks: Buffer[]): Message[] {
+  const p = new FrameParser();
+  const out: Message[] = [];
+  let total = 0;
+  for (const c of chunks) {
+    for (const m of p.push(c)) out.push(m);
+    total += c.length;
+    assert.ok(p.bufferedBytes < FRAME_HEADER_BYTES + FRAME_BODY_MAX_BYTES, `parser holds ${p.bufferedBytes} bytes`);
+  }
+  assert.equal(p.bufferedBytes, 0, 'a whole stream leaves nothing buffered');
+  assert.equal(p.bytesIn, total);
+  return out;
+}
+
+/** Asserts `f` throws a MirrorProtocolError whose message matches `re`; returns it. */
+function protocolError(f: () => unknown, re: RegExp): MirrorProtocolError {
+  let caught: unknown;
+  try {
+    f();
+  } catch (e) {
+    caught = e;
+  }
+  assert.ok(caught !== undefined, `expected a MirrorProtocolError matching ${re}, nothing was thrown`);
+  assert.ok(caught instanceof MirrorProtocolError, `expected a MirrorProtocolError, got ${String(caught)}`);
+  assert.match(caught.message, re);
+  assert.match(caught.message, KNOWN_ERROR, 'the message is one of the codec\'s own, not a wrapped internal error');
+  assert.equal(caught.name, 'MirrorProtocolError');
+  return caught;
+}
+
+/** Feeds `bad` to a parser (after `before`), expects the error, then checks that the parser stays failed and holds nothing. */
+function rejects(bad: Buffer, re: RegExp, before: Buffer[] = []): MirrorProtocolError {
+  const p = new FrameParser();
+  for (const b of before) p.push(b);
+  const e = protocolError(() => p.push(bad), re);
+  assert.equal(p.bufferedBytes, 0, 'a failed parser holds nothing');
+  // Stays failed: the same error for any later input, even a valid frame or nothing.
+  const next = frameOf(new FrameWriter(), { type: MsgType.Ping, nowMs: 1 });
+  assert.throws(() => p.push(next), (x: unknown) => x === e);
+  assert.throws(() => p.push(Buffer.alloc(0)), (x: unknown) => x === e);
+  assert.equal(p.bufferedBytes, 0);
+  return e;
+}
+
+describe('mirror wire codec', () => {
+  before(() => {
+    // eslint-disable-next-line no-console
+    console.log(`      mirror-wire: fast-check seed ${SEED} (replay with MIRROR_FC_SEED=${SEED})`);
+  });
+
+  describe('round trips', () => {
+    const seen = new Map<number, number>();
+    for (const m of samples()) {
+      const body = bodyOf(m);
+      const nth = (seen.get(m.type) ?? 0) + 1;
+      seen.set(m.type, nth);
+      it(`${TYPE_NAME[m.type]} #${nth} (${body.length}-byte body) parses back to the message FrameWriter framed`, () => {
+        const w = new FrameWriter();
+        const f = frameOf(w, m);
+        assert.equal(f.length, FRAME_HEADER_BYTES + body.length);
+        assert.equal(f.readUInt32LE(0), FRAME_MAGIC);
+        assert.equal(f.readUInt8(4), m.type);
+        assert.equal(f.readUInt8(5), WIRE_VERSION);
+        assert.equal(f.readUInt16LE(6), 0);
+        assert.equal(f.readUInt32LE(8), body.length);
+        assert.equal(f.readBigUInt64LE(12), 0n);
+        assert.equal(f.readUInt32LE(20), crc32c(f, FRAME_HEADER_BYTES, body.length, crc32c(f, 0, 20)), 'crc32c of header bytes 0..20, then the body');
+        assert.ok(f.subarray(FRAME_HEADER_BYTES).equals(body));
+        assert.ok(body.length <= BODY_CAP[m.type]!);
+        const p = new FrameParser();
+        const got = p.push(f);
+        assert.deepStrictEqual(got, [m]);
+        assert.equal(p.bufferedBytes, 0);
+        assert.equal(p.bytesIn, f.length);
+        assert.deepStrictEqual(decodeBody(m.type, body), m);
+      });
+    }
+
+    it('covers every message type', () => {
+      assert.deepStrictEqual([...new Set(samples().map((m) => m.type as number))].sort((a, b) => a - b), [...ALL_TYPES].sort((a, b) => a - b));
+      for (const t of ALL_TYPES) assert.ok(TYPE_NAME[t] !== undefined);
+      // And no other code decodes: every other type byte is unknown.
+      for (let t = 0; t < 256; t++) {
+        if (ALL_TYPES.includes(t)) continue;
+        protocolError(() => decodeBody(t, Buffer.alloc(64)), new RegExp(`^unknown frame type ${t}$`));
+      }
+    });
+
+    it('frame numbers count up per writer and the parser follows them', () => {
+      const w = new FrameWriter();
+      const p = new FrameParser();
+      for (let i = 0; i < 300; i++) {
+        const f = frameOf(w, { type: MsgType.Ping, nowMs: i });
+        assert.equal(f.readBigUInt64LE(12), BigInt(i));
+        assert.deepStrictEqual(p.push(f), [{ type: MsgType.Ping, nowMs: i }]);
+      }
+    });
+
+    it('a Refuse reason longer than 1024 bytes is cut to fit, and still parses', () => {
+      const f = frameOf(new FrameWriter(), { type: MsgType.Refuse, reason: 'y'.repeat(5000) });
+      const [m] = new FrameParser().push(f);
+      assert.deepStrictEqual(m, { type: MsgType.Refuse, reason: 'y'.repeat(1024) });
+    });
+  });
+
+  describe('chunking', () => {
+    const msgs = smallSamples();
+    const stream = streamOf(msgs);
+
+    it('parses a stream of small frames of every type', () => {
+      assert.ok(msgs.length >= 20, `${msgs.length} small samples`);
+      // Every type but those over 4 KiB (the long stream below has them).
+      const big = [MsgType.CpBlocks, MsgType.CpCommit, MsgType.ReadResp] as number[];
+      assert.deepStrictEqual([...new Set(msgs.map((m) => m.type as number))].sort((a, b) => a - b), ALL_TYPES.filter((t) => !big.includes(t)).sort((a, b) => a - b));
+      assert.deepStrictEqual(parseChunks([stream]), msgs);
+    });
+
+    it('parses identically when split at every byte offset', () => {
+      for (let i = 0; i <= stream.length; i++) {
+        assert.deepStrictEqual(parseChunks([stream.subarray(0, i), stream.subarray(i)]), msgs, `split at ${i}`);
+      }
+    });
+
+    it('parses identically when split at many pairs of offsets (three chunks)', () => {
+      for (let i = 0; i <= stream.length; i += 7) {
+        for (let j = i; j <= stream.length; j += 11) {
+          assert.deepStrictEqual(parseChunks([stream.subarray(0, i), stream.subarray(i, j), stream.subarray(j)]), msgs, `split at ${i},${j}`);
+        }
+      }
+    });
+
+    it('parses identically when fed one byte at a time', () => {
+      const chunks: Buffer[] = [];
+      for (let i = 0; i < stream.length; i++) chunks.push(stream.subarray(i, i + 1));
+      assert.deepStrictEqual(parseChunks(chunks), msgs);
+    });
+
+    it('gives no message and no error for any truncated frame, then the message once it completes', () => {
+      for (const m of msgs) {
+        const f = frameOf(new FrameWriter(), m);
+        for (let i = 0; i < f.length; i++) {
+          const p = new FrameParser();
+          assert.deepStrictEqual(p.push(f.subarray(0, i)), [], `${i} of ${f.length} bytes of type ${m.type}`);
+          assert.ok(p.bufferedBytes <= i);
+          assert.deepStrictEqual(p.push(f.subarray(i)), [m]);
+          assert.equal(p.bufferedBytes, 0);
+        }
+      }
+    });
+
+    it('a long stream with big frames parses identically under random chunkings (seeded)', function () {
+      this.timeout(30_000);
+      // 400 frames: every sample once (1 MiB record, 64-block frames, 4096 refs...) spread among small ones.
+      const all = samples();
+      const small = smallSamples();
+      const long: Message[] = [];
+      for (let i = 0; i < 400; i++) long.push(i % 11 === 0 && i / 11 < all.length ? all[i / 11]! : small[(i * 7) % small.length]!);
+      assert.ok(all.every((m) => long.includes(m)));
+      const s = streamOf(long);
+      const expectTypes = long.map((m) => m.type);
+      const whole = parseChunks([s]);
+      assert.deepStrictEqual(whole, long);
+      fc.assert(
+        fc.property(fc.array(fc.integer({ min: 0, max: s.length }), { minLength: 1, maxLength: 300 }), fc.boolean(), (cuts, tiny) => {
+          const at = [...new Set(cuts)].sort((a, b) => a - b);
+          if (tiny) {
+            // Cluster cuts around frame boundaries: many 1..30-byte chunks.
+            const extra: number[] = [];
+            for (const c of at) for (let k = 1; k < 30; k += 3) extra.push(Math.min(s.length, c + k));
+            at.push(...extra);
+            at.sort((a, b) => a - b);
+          }
+          const chunks: Buffer[] = [];
+          let from = 0;
+          for (const c of at) {
+            chunks.push(s.subarray(from, c));
+            from = c;
+          }
+          chunks.push(s.subarray(from));
+          const got = parseChunks(chunks);
+          assert.deepStrictEqual(got.map((m) => m.type), expectTypes);
+          assert.deepStrictEqual(got, long);
+        }),
+        { seed: SEED, numRuns: 30 },
+      );
+    });
+  });
+
+  describe('hostile frames', () => {
+    const ping = (n: number): Message => ({ type: MsgType.Ping, nowMs: n });
+
+    it('rejects bad magic at once', () => {
+      const f = frameOf(new FrameWriter(), ping(1));
+      f.writeUInt32LE(0x574d564f, 0);
+      rejects(f, /^bad frame magic/);
+      // Even from the header alone, and not only at the start of the stream.
+      rejects(rawFrame(MsgType.Ping, Buffer.alloc(8), { magic: 0 }).subarray(0, FRAME_HEADER_BYTES), /^bad frame magic/);
+      const w = new FrameWriter();
+      const first = frameOf(w, ping(1));
+      const second = frameOf(w, ping(2));
+      second.write('HTTP', 0, 'latin1');
+      rejects(second, /^bad frame magic/, [first]);
+    });
+
+    it('rejects an unknown frame type', () => {
+      for (const t of UNKNOWN_TYPES) rejects(rawFrame(t, Buffer.alloc(8)), new RegExp(`^unknown frame type ${t}$`));
+      protocolError(() => decodeBody(99, Buffer.alloc(0)), /^unknown frame type 99$/);
+    });
+
+    it('rejects a wrong wire version', () => {
+      for (const v of [0, 2, 255]) rejects(rawFrame(MsgType.Ping, Buffer.alloc(8), { version: v }), new RegExp(`^unsupported wire version ${v}$`));
+    });
+
+    it('rejects a length over the type\'s cap from the header alone, without buffering the body', () => {
+      for (const t of ALL_TYPES) {
+        const cap = BODY_CAP[t]!;
+        for (const len of [cap + 1, FRAME_BODY_MAX_BYTES + 1, 0xffffffff]) {
+          const h = rawFrame(t, Buffer.alloc(0), { lengthBytes: len });
+          rejects(h, new RegExp(`^frame type ${t}: body of ${len} bytes exceeds its cap of ${cap}$`));
+        }
+        // Exactly the cap is accepted by the header check (the body is then awaited).
+        const p = new FrameParser();
+        assert.deepStrictEqual(p.push(rawFrame(t, Buffer.alloc(0), { lengthBytes: cap })), []);
+        assert.equal(p.bufferedBytes, 0);
+      }
+    });
+
+    it('a header claiming a huge length fails before its body arrives: bufferedBytes stays small', () => {
+      const p = new FrameParser();
+      const h = rawFrame(MsgType.Ping, Buffer.alloc(0), { lengthBytes: 0xfffffff0 });
+      // The header trickles in: nothing is held beyond the header's bytes.
+      for (let i = 0; i < FRAME_HEADER_BYTES - 1; i++) {
+        assert.deepStrictEqual(p.push(h.subarray(i, i + 1)), []);
+        assert.equal(p.bufferedBytes, i + 1);
+      }
+      protocolError(() => p.push(h.subarray(FRAME_HEADER_BYTES - 1)), /exceeds its cap of 8$/);
+      assert.equal(p.bufferedBytes, 0);
+      // Body bytes that follow are not buffered either.
+      for (let i = 0; i < 16; i++) assert.throws(() => p.push(Buffer.alloc(64 * 1024)), MirrorProtocolError);
+      assert.equal(p.bufferedBytes, 0);
+    });
+
+    it('holds at most one frame: a header at the cap then its body in pieces', () => {
+      const cap = BODY_CAP[MsgType.Record]!;
+      const p = new FrameParser();
+      p.push(rawFrame(MsgType.Record, Buffer.alloc(0), { lengthBytes: cap }));
+      const piece = Buffer.alloc(64 * 1024);
+      let max = 0;
+      for (let sent = 0; sent + piece.length < cap; sent += piece.length) {
+        assert.deepStrictEqual(p.push(piece), []);
+        max = Math.max(max, p.bufferedBytes);
+      }
+      assert.ok(max < cap, `${max} bytes held`);
+      // The rest completes it: zeroes fail the checksum (the crc was for an empty body).
+      protocolError(() => p.push(Buffer.alloc(cap)), /^frame 0 \(type 4\): checksum mismatch$/);
+      assert.equal(p.bufferedBytes, 0);
+    });
+
+    it('rejects a flipped bit anywhere in a frame\'s header or body, and never yields its message', () => {
+      const w = new FrameWriter();
+      const first = frameOf(w, ping(1));
+      const msgs: Message[] = [
+        { type: MsgType.CpRefs, cp: 9, refs: [{ pba: 1, seq: 2, index: 3, crc: 4 }, { pba: 5, seq: 6, index: 7, crc: 8 }] },
+        { type: MsgType.RecordAck, heldSeq: 10, durableSeq: 9, storedFromSeq: 1 },
+        { type: MsgType.Record, seq: 3, recordType: 1, flags: 0, offsetBytes: 4096, lengthBytes: 4096, payload: pattern(4096, 9) },
+      ];
+      const filler = Buffer.alloc(FRAME_HEADER_BYTES + FRAME_BODY_MAX_BYTES + 1);
+      for (const m of msgs) {
+        const good = frameOf(new FrameWriter(), m);
+        // As frame 1 of a stream whose frame 0 was fine.
+        good.writeBigUInt64LE(1n, 12);
+        good.writeUInt32LE(crc32c(good, FRAME_HEADER_BYTES, good.length - FRAME_HEADER_BYTES, crc32c(good, 0, 20)), 20);
+        {
+          const p = new FrameParser();
+          p.push(first);
+          assert.deepStrictEqual(p.push(good), [m], 'the unflipped frame is accepted');
+        }
+        const bits = good.length * 8;
+        const step = good.length > 1024 ? 13 : 1;
+        for (let bit = 0; bit < bits; bit += bit < FRAME_HEADER_BYTES * 8 ? 1 : step) {
+          const bad = Buffer.from(good);
+          bad[bit >> 3] = bad[bit >> 3]! ^ (1 << (bit & 7));
+          const p = new FrameParser();
+          assert.equal(p.push(first).length, 1);
+          let err: unknown;
+          try {
+            // A flip in the length field may make the parser wait for more: feed it.
+            assert.deepStrictEqual(p.push(bad), [], `bit ${bit}: no message`);
+            assert.deepStrictEqual(p.push(filler), [], `bit ${bit}: no message`);
+          } catch (e) {
+            err = e;
+          }
+          assert.ok(err instanceof MirrorProtocolError, `bit ${bit} of type ${m.type}: ${String(err)}`);
+          assert.match(err.message, KNOWN_ERROR);
+          const byte = bit >> 3;
+          if (byte < 4) assert.match(err.message, /^bad frame magic/, `bit ${bit}`);
+          else if (byte === 5) assert.match(err.message, /^unsupported wire version/, `bit ${bit}`);
+          else if (byte >= 12 && byte < 20) assert.match(err.message, /^frame number \d+ where 1 was due/, `bit ${bit}`);
+          else if (byte === 6 || byte === 7 || byte >= 20) assert.match(err.message, new RegExp(`^frame 1 \\(type ${m.type}\\): checksum mismatch$`), `bit ${bit}`);
+          assert.equal(p.bufferedBytes, 0);
+        }
+      }
+    });
+
+    it('rejects a replayed frame (its number repeated)', () => {
+      const w = new FrameWriter();
+      const f0 = frameOf(w, ping(0));
+      const f1 = frameOf(w, ping(1));
+      rejects(f1, /^frame number 1 where 2 was due \(replayed, lost or reordered frame\)$/, [f0, f1]);
+      rejects(f0, /^frame number 0 where 1 was due/, [f0]);
+    });
+
+    it('rejects a skipped frame and a reordered one', () => {
+      const w = new FrameWriter();
+      const f0 = frameOf(w, ping(0));
+      const f1 = frameOf(w, ping(1));
+      const f2 = frameOf(w, ping(2));
+      rejects(f2, /^frame number 2 where 1 was due/, [f0]);
+      rejects(f1, /^frame number 1 where 0 was due/);
+      rejects(rawFrame(MsgType.Ping, Buffer.alloc(8), { frameNo: 2 ** 63 }), /^frame number 9223372036854775808 where 0 was due/);
+      // A skipped frame inside one chunk: the good frame before it is not returned either (the connection is dropped).
+      rejects(Buffer.concat([f0, f2]), /^frame number 2 where 1 was due/);
+    });
+
+    it('rejects trailing bytes after a body', () => {
+      const extra = (m: Message, n: number) => Buffer.concat([bodyOf(m), Buffer.alloc(n, 0xee)]);
+      rejects(rawFrame(MsgType.Refuse, extra({ type: MsgType.Refuse, reason: 'no' }, 1)), /^frame type 3: 1 unexpected trailing bytes$/);
+      rejects(rawFrame(MsgType.Record, extra({ type: MsgType.Record, seq: 5, recordType: 2, flags: 0, offsetBytes: 0, lengthBytes: 4096, payload: Buffer.alloc(0) }, 3)), /^frame type 4: 3 unexpected trailing bytes$/);
+      rejects(rawFrame(MsgType.CpBlocks, extra({ type: MsgType.CpBlocks, cp: 1, pbas: [7], data: Buffer.alloc(4096) }, 8)), /^frame type 8: 8 unexpected trailing bytes$/);
+      rejects(rawFrame(MsgType.CpRefs, extra({ type: MsgType.CpRefs, cp: 1, refs: [{ pba: 1, seq: 1, index: 0, crc: 0 }] }, 24)), /^frame type 9: 24 unexpected trailing bytes$/);
+      // Fixed-size bodies (their cap is their size) through decodeBody itself.
+      for (const m of samples()) {
+        if (bodyOf(m).length !== BODY_CAP[m.type]) continue;
+        protocolError(() => decodeBody(m.type, extra(m, 1)), new RegExp(`^frame type ${m.type}: 1 unexpected trailing bytes$`));
+      }
+    });
+
+    it('rejects a body cut short, for every type at every length', () => {
+      for (const m of samples()) {
+        const b = bodyOf(m);
+        if (b.length > 5000) continue;
+        for (let n = 0; n < b.length; n++) {
+          const e = protocolError(() => decodeBody(m.type, b.subarray(0, n)), /./);
+          assert.match(e.message, /body too short|out of range|bad volume size|unknown mode|bad range|unknown type|bad payload length|unknown kind|count|not before/, `type ${m.type} cut to ${n}`);
+        }
+        rejects(rawFrame(m.type, b.subarray(0, b.length - 1)), /./);
+      }
+    });
+
+    describe('out-of-range fields', () => {
+      const rec = (o: Partial<{ seq: number; recordType: number; offsetBytes: number; lengthBytes: number; payload: Buffer }> = {}): Buffer => {
+        const b = bodyOf({ type: MsgType.Record, seq: 5, recordType: 1, flags: 0, offsetBytes: 8192, lengthBytes: 4096, payload: Buffer.alloc(4096, 1) });
+        const body = o.payload ? Buffer.concat([b.subarray(0, 40), o.payload]) : b;
+        if (o.seq !== undefined) body.writeBigUInt64LE(BigInt(o.seq), 0);
+        if (o.recordType !== undefined) body.writeUInt8(o.recordType, 8);
+        if (o.offsetBytes !== undefined) body.writeBigUInt64LE(BigInt(o.offsetBytes), 16);
+        if (o.lengthBytes !== undefined) body.writeBigUInt64LE(BigInt(o.lengthBytes), 24);
+        if (o.payload) body.writeBigUInt64LE(BigInt(o.payload.length), 32);
+        return body;
+      };
+
+      it('record: seq 0, unaligned offset or length, zero length', () => {
+        rejects(rawFrame(MsgType.Record, rec({ seq: 0 })), /^record 0: bad range$/);
+        rejects(rawFrame(MsgType.Record, rec({ offsetBytes: 4095 })), /^record 5: bad range$/);
+        rejects(rawFrame(MsgType.Record, rec({ offsetBytes: 512 })), /^record 5: bad range$/);
+        protocolError(() => decodeBody(MsgType.Record, rec({ lengthBytes: 512, payload: Buffer.alloc(512) })), /^record 5: bad range$/);
+        protocolError(() => decodeBody(MsgType.Record, rec({ recordType: 2, lengthBytes: 0, payload: Buffer.alloc(0) })), /^record 5: bad range$/);
+        protocolError(() => decodeBody(MsgType.Record, rec({ recordType: 3, lengthBytes: 100, payload: Buffer.alloc(0) })), /^record 5: bad range$/);
+      });
+
+      it('record: payload length that does not match the type and length', () => {
+        rejects(rawFrame(MsgType.Record, rec({ lengthBytes: 8192 })), /^record 5: bad payload length 4096$/);
+        rejects(rawFrame(MsgType.Record, rec({ payload: Buffer.alloc(0) })), /^record 5: bad payload length 0$/);
+        rejects(rawFrame(MsgType.Record, rec({ recordType: 2 })), /^record 5: bad payload length 4096$/);
+        rejects(rawFrame(MsgType.Record, rec({ recordType: 3 })), /^record 5: bad payload length 4096$/);
+        // A write whose length is over the payload cap: refused whatever the payload.
+        const over = rec();
+        over.writeBigUInt64LE(BigInt(RECORD_PAYLOAD_MAX_BYTES + 4096), 24);
+        over.writeBigUInt64LE(BigInt(RECORD_PAYLOAD_MAX_BYTES + 4096), 32);
+        protocolError(() => decodeBody(MsgType.Record, over), /^record 5: bad payload length 1052672$/);
+        // Payload length says more than the body holds.
+        const short = rec();
+        short.writeBigUInt64LE(8192n, 24);
+        short.writeBigUInt64LE(8192n, 32);
+        protocolError(() => decodeBody(MsgType.Record, short), /^frame type 4: body too short$/);
+      });
+
+      it('record: unknown record type, and u64 fields beyond 2^53', () => {
+        for (const t of [0, 4, 255]) rejects(rawFrame(MsgType.Record, rec({ recordType: t })), new RegExp(`^record 5: unknown type ${t}$`));
+        const big = rec();
+        big.writeBigUInt64LE(2n ** 53n, 0);
+        rejects(rawFrame(MsgType.Record, big), /^frame type 4: seq out of range$/);
+        const bigOff = rec();
+        bigOff.writeBigUInt64LE(0xffffffffffff0000n, 16);
+        protocolError(() => decodeBody(MsgType.Record, bigOff), /^frame type 4: offset out of range$/);
+      });
+
+      it('cp begin: base at or after the CP, base below -1, unknown kind', () => {
+        const begin = (cp: bigint, base: bigint, kind = 1): Buffer => {
+          const b = Buffer.alloc(17);
+          b.writeBigUInt64LE(cp, 0);
+          b.writeBigInt64LE(base, 8);
+          b.writeUInt8(kind, 16);
+          return b;
+        };
+        rejects(rawFrame(MsgType.CpBegin, begin(7n, 7n)), /^cp begin: base CP 7 is not before CP 7$/);
+        rejects(rawFrame(MsgType.CpBegin, begin(7n, 8n)), /^cp begin: base CP 8 is not before CP 7$/);
+        rejects(rawFrame(MsgType.CpBegin, begin(0n, 0n)), /^cp begin: base CP 0 is not before CP 0$/);
+        rejects(rawFrame(MsgType.CpBegin, begin(7n, -2n)), /^frame type 7: baseCp out of range$/);
+        rejects(rawFrame(MsgType.CpBegin, begin(7n, 6n, 255)), /^cp begin: unknown kind 255$/);
+        rejects(rawFrame(MsgType.CpBegin, begin(7n, 6n, 0)), /^cp begin: unknown kind 0$/);
+        rejects(rawFrame(MsgType.CpBegin, begin(7n, 6n, 4)), /^cp begin: unknown kind 4$/);
+        rejects(rawFrame(MsgType.CpBegin, begin(7n, 5n, 3)), /^cp begin: only a baseline resumes$/);
+        assert.deepStrictEqual(decodeBody(MsgType.CpBegin, begin(7n, -1n, 3)), { type: MsgType.CpBegin, cp: 7, baseCp: -1, kind: 'resume' });
+        assert.deepStrictEqual(decodeBody(MsgType.CpBegin, begin(7n, -1n, 2)), { type: MsgType.CpBegin, cp: 7, baseCp: -1, kind: 'resync' });
+      });
+
+      it('cp blocks, refs, deltas and reads: a count of 0 or over the max', () => {
+        const head = (cp: number, n: number, rest = 0): Buffer => {
+          const b = Buffer.alloc(12 + rest);
+          b.writeBigUInt64LE(BigInt(cp), 0);
+          b.writeUInt32LE(n, 8);
+          return b;
+        };
+        rejects(rawFrame(MsgType.CpBlocks, head(1, 0)), /^cp blocks: count 0$/);
+        rejects(rawFrame(MsgType.CpBlocks, head(1, BLOCKS_PER_FRAME_MAX + 1, 8)), /^cp blocks: count 65$/);
+        rejects(rawFrame(MsgType.CpBlocks, head(1, 0xffffffff)), /^cp blocks: count 4294967295$/);
+        rejects(rawFrame(MsgType.CpRefs, head(1, 0)), /^cp refs: count 0$/);
+        rejects(rawFrame(MsgType.CpRefs, head(1, REFS_PER_FRAME_MAX + 1, 24)), /^cp refs: count 4097$/);
+        rejects(rawFrame(MsgType.CpRefs, head(1, 0xffffffff)), /^cp refs: count 4294967295$/);
+        rejects(rawFrame(MsgType.CpDeltas, head(1, 0)), /^cp deltas: count 0$/);
+        rejects(rawFrame(MsgType.CpDeltas, head(1, DELTAS_PER_FRAME_MAX + 1, 22)), /^cp deltas: count 4097$/);
+        // A delta length that promises more than the body holds.
+        const d = head(1, 1, 22 + 10);
+        d.writeUInt16LE(11, 12 + 20);
+        rejects(rawFrame(MsgType.CpDeltas, d), /^frame type 14: body too short$/);
+        for (const t of [MsgType.ReadReq, MsgType.ReadResp]) {
+          rejects(rawFrame(t, head(1, 0).subarray(4)), /^read: count 0$/);
+          rejects(rawFrame(t, head(1, BLOCKS_PER_FRAME_MAX + 1).subarray(4)), /^read: count 65$/);
+        }
+        // A count that promises more than the body holds.
+        rejects(rawFrame(MsgType.ReadResp, Buffer.concat([head(1, 1).subarray(4), Buffer.alloc(8 + 4095)])), /^frame type 16: body too short$/);
+        rejects(rawFrame(MsgType.CpBlocks, head(1, 2, 8 + 8 + 4096)), /^frame type 8: body too short$/);
+        rejects(rawFrame(MsgType.CpRefs, head(1, 3, 48)), /^frame type 9: body too short$/);
+      });
+
+      it('hello: unknown mode, zero or unaligned volume size', () => {
+        const hello = bodyOf(samples()[0]!);
+        const mode = Buffer.from(hello);
+        mode.writeBigUInt64LE(3n, 40);
+        rejects(rawFrame(MsgType.Hello, mode), /^hello: unknown mode 3$/);
+        const zero = Buffer.from(hello);
+        zero.writeBigUInt64LE(0n, 16);
+        rejects(rawFrame(MsgType.Hello, zero), /^hello: bad volume size 0$/);
+        const odd = Buffer.from(hello);
+        odd.writeBigUInt64LE(4096n * 10n + 512n, 16);
+        rejects(rawFrame(MsgType.Hello, odd), /^hello: bad volume size 41472$/);
+        const cp = Buffer.from(hello);
+        cp.writeBigInt64LE(-2n, 48);
+        rejects(rawFrame(MsgType.Hello, cp), /^frame type 1: sourceCp out of range$/);
+      });
+
+      it('refuse: a reason length over 1024; welcome and pin: CPs below -1 or beyond 2^53', () => {
+        const r = Buffer.alloc(2);
+        r.writeUInt16LE(1025);
+        rejects(rawFrame(MsgType.Refuse, r), /^refuse: reason too long$/);
+        const wel = bodyOf(samples()[3]!);
+        wel.writeBigInt64LE(-2n, 0);
+        rejects(rawFrame(MsgType.Welcome, wel), /^frame type 2: committedCp out of range$/);
+        const pin = Buffer.alloc(8);
+        pin.writeBigInt64LE(2n ** 53n, 0);
+        rejects(rawFrame(MsgType.Pin, pin), /^frame type 12: oldestPinnedCp out of range$/);
+        pin.writeBigInt64LE(-(2n ** 62n), 0);
+        rejects(rawFrame(MsgType.Pin, pin), /^frame type 12: oldestPinnedCp out of range$/);
+      });
+    });
+
+    describe('encoders assert what the decoders check (a frame we send always decodes)', () => {
+      const bad: Array<[string, Message]> = [
+        ['record with seq 0', { type: MsgType.Record, seq: 0, recordType: 2, flags: 0, offsetBytes: 0, lengthBytes: 4096, payload: Buffer.alloc(0) }],
+        ['record at an unaligned offset', { type: MsgType.Record, seq: 1, recordType: 1, flags: 0, offsetBytes: 512, lengthBytes: 4096, payload: Buffer.alloc(4096) }],
+        ['trim of length 0', { type: MsgType.Record, seq: 1, recordType: 2, flags: 0, offsetBytes: 0, lengthBytes: 0, payload: Buffer.alloc(0) }],
+        ['record of unknown type 9', { type: MsgType.Record, seq: 1, recordType: 9, flags: 0, offsetBytes: 0, lengthBytes: 4096, payload: Buffer.alloc(0) }],
+        ['CP begin with base == cp', { type: MsgType.CpBegin, cp: 4, baseCp: 4, kind: 'cp' }],
+        ['hello with an unaligned size', { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 1000, deviceBlocks: 1, nvramBytes: 1, mode: 'sync', sourceCp: -1, streamFromSeq: 0 }],
+        ['CP refs with a seq beyond 2^53', { type: MsgType.CpRefs, cp: 1, refs: [{ pba: 1, seq: 2 ** 60, index: 0, crc: 0 }] }],
+        ['CP blocks with no block', { type: MsgType.CpBlocks, cp: 1, pbas: [], data: Buffer.alloc(0) }],
+        ['CP refs over the max', { type: MsgType.CpRefs, cp: 1, refs: Array.from({ length: REFS_PER_FRAME_MAX + 1 }, () => ({ pba: 1, seq: 1, index: 0, crc: 0 })) }],
+        ['welcome with a 23-byte root', { type: MsgType.Welcome, committedCp: 1, root: Buffer.alloc(23), storedFromSeq: 1, heldSeq: 0, oldestPinnedCp: -1, resumeCp: -1, resumeBlocks: 0 }],
+        ['resume of a CP on top of a base', { type: MsgType.CpBegin, cp: 9, baseCp: 8, kind: 'resume' }],
+      ];
+      it('FrameWriter throws (an assertion) or frames a message FrameParser accepts, for every invalid message', () => {
+        const slipped: string[] = [];
+        for (const [what, m] of bad) {
+          let parts: Buffer[];
+          try {
+            parts = new FrameWriter().frame(m);
+          } catch (e) {
+            assert.ok(!(e instanceof MirrorProtocolError), 'an encoder failure is an assertion, not a protocol error');
+            continue;
+          }
+          try {
+            new FrameParser().push(Buffer.concat(parts));
+          } catch (e) {
+            slipped.push(`${what} (the parser says: ${(e as Error).message})`);
+          }
+        }
+        assert.deepStrictEqual(slipped, [], `FrameWriter framed messages that FrameParser rejects:\n  ${slipped.join('\n  ')}`);
+      });
+    });
+  });
+
+  describe('random input (seeded)', () => {
+    it('random bytes never throw anything but a MirrorProtocolError, and the parser then stays failed', () => {
+      fc.assert(
+        fc.property(fc.array(fc.uint8Array({ minLength: 0, maxLength: 200 }), { minLength: 1, maxLength: 10 }), fc.boolean(), (chunks, withMagic) => {
+          const p = new FrameParser();
+          let failed: unknown;
+          for (const [i, c] of chunks.entries()) {
+            const b = Buffer.from(c);
+            if (withMagic && i === 0 && b.length >= 6) {
+              b.writeUInt32LE(FRAME_MAGIC, 0);
+              b[5] = WIRE_VERSION;
+            }
+            let got: Message[] | undefined;
+            let err: unknown;
+            try {
+              got = p.push(b);
+            } catch (e) {
+              err = e;
+            }
+            if (err === undefined) {
+              assert.equal(failed, undefined, 'no message after a failure');
+              assert.ok(got!.every((m) => ALL_TYPES.includes(m.type)));
+            } else {
+              assert.ok(err instanceof MirrorProtocolError, String(err));
+              assert.match(err.message, KNOWN_ERROR);
+              if (failed !== undefined) assert.equal(err, failed);
+              failed = err;
+              assert.equal(p.bufferedBytes, 0);
+            }
+            assert.ok(p.bufferedBytes <= FRAME_HEADER_BYTES + FRAME_BODY_MAX_BYTES);
+          }
+        }),
+        { seed: SEED, numRuns: 2000 },
+      );
+    });
+
+    it('well-framed random and mutated bodies decode or fail only with a MirrorProtocolError; what decodes re-encodes', () => {
+      const all = samples().filter((m) => bodyOf(m).length <= 8192);
+      const arb = fc.record({
+        base: fc.integer({ min: 0, max: all.length - 1 }),
+        type: fc.oneof({ weight: 4, arbitrary: fc.constant(-1) }, { weight: 1, arbitrary: fc.integer({ min: 0, max: 20 }) }),
+        edits: fc.array(fc.record({ at: fc.nat(), byte: fc.integer({ min: 0, max: 255 }) }), { maxLength: 6 }),
+        cut: fc.oneof(fc.constant(-1), fc.nat()),
+        tail: fc.uint8Array({ maxLength: 40 }),
+        random: fc.oneof({ weight: 3, arbitrary: fc.constant(null) }, { weight: 1, arbitrary: fc.uint8Array({ maxLength: 300 }) }),
+      });
+      let decoded = 0;
+      fc.assert(
+        fc.property(arb, (g) => {
+          const m = all[g.base]!;
+          const type = g.type === -1 ? m.type : g.type;
+          let body = g.random !== null ? Buffer.from(g.random) : bodyOf(m);
+          for (const e of g.edits) if (body.length > 0) body[e.at % body.length] = e.byte;
+          if (g.cut >= 0 && body.length > 0) body = body.subarray(0, g.cut % (body.length + 1));
+          if (g.tail.length > 0 && g.edits.length % 2 === 1) body = Buffer.concat([body, Buffer.from(g.tail)]);
+          let direct: Message | undefined;
+          try {
+            direct = decodeBody(type, body);
+          } catch (e) {
+            assert.ok(e instanceof MirrorProtocolError, `decodeBody threw ${String(e)}`);
+            assert.match(e.message, KNOWN_ERROR);
+          }
+          const p = new FrameParser();
+          let viaParser: Message[] | undefined;
+          try {
+            viaParser = p.push(rawFrame(type, body));
+          } catch (e) {
+            assert.ok(e instanceof MirrorProtocolError, String(e));
+            assert.match(e.message, KNOWN_ERROR);
+          }
+          if (direct === undefined) return;
+          decoded++;
+          assert.deepStrictEqual(viaParser, [direct]);
+          if (direct.type === MsgType.Refuse) return; // invalid UTF-8 does not survive a round trip
+          // What we accept we can send again, identically.
+          const again = new FrameParser().push(frameOf(new FrameWriter(), direct));
+          assert.deepStrictEqual(again, [direct]);
+        }),
+        { seed: SEED, numRuns: 3000 },
+      );
+      assert.ok(decoded > 100, `only ${decoded} bodies decoded`);
+    });
+  });
+});
