@@ -44,7 +44,7 @@ import { DELTA_FROM_ZEROES, encodeDelta } from './delta';
 
 const ZERO_BLOCK = Buffer.alloc(4096);
 import {
-  BLOCKS_PER_FRAME_MAX, DELTAS_BODY_MAX_BYTES, DELTAS_PER_FRAME_MAX, FrameParser, FrameWriter, MsgType, REFS_PER_FRAME_MAX, deltaEntryBytes,
+  BLOCKS_PER_FRAME_MAX, DELTAS_RAW_MAX_BYTES, DELTAS_PER_FRAME_MAX, FrameParser, FrameWriter, MsgType, REFS_PER_FRAME_MAX, deltaEntryBytes,
   type CpDelta, type CpRef, type Message, type MirrorMode,
 } from './wire';
 
@@ -94,6 +94,8 @@ export interface MirrorSourceStats {
   heldSeq: number;
   lastSeq: number;
   bytesOnWire: number;
+  /** Frame bytes (headers included) by kind; fromDestination = acknowledgements and the rest it sent. */
+  wireBytesByKind: { log: number; references: number; deltas: number; blocks: number; commits: number; fromDestination: number };
   clientBytes: number;
   dataBlocksSent: number;
   refsSent: number;
@@ -161,8 +163,11 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private reconnectTimer: NodeJS.Timeout | undefined;
   private readonly ticker: NodeJS.Timeout;
   private bytesOnWirePrev = 0;
+  /** Bytes sent by message type on earlier connections (the live one is added in stats()). */
+  private readonly bytesByTypePrev: number[] = new Array<number>(32).fill(0);
   private clientBytes = 0;
   private rootMismatches = 0;
+  private bytesFromDestPrev = 0;
   private cpsShipped = 0;
   private clientBytesAtDestCp = 0;
   private wireAtLastTick = 0;
@@ -384,6 +389,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
     if (conn.closed) return;
     conn.closed = true;
     this.bytesOnWirePrev += conn.writer.bytesOut + conn.parser.bytesIn;
+    conn.writer.bytesByType.forEach((n, t) => (this.bytesByTypePrev[t] = (this.bytesByTypePrev[t] ?? 0) + n));
+    this.bytesFromDestPrev += conn.parser.bytesIn;
     conn.socket.destroy();
     if (this.conn === conn) this.conn = undefined;
     if (reason !== 'connection closed' || this.state !== 'disconnected') {
@@ -552,9 +559,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
     }
     let i = 0;
     while (i < deltas.length) {
-      let bytes = 12;
+      let bytes = 0;
       let j = i;
-      while (j < deltas.length && j - i < DELTAS_PER_FRAME_MAX && bytes + deltaEntryBytes(deltas[j]!) <= DELTAS_BODY_MAX_BYTES) bytes += deltaEntryBytes(deltas[j++]!);
+      while (j < deltas.length && j - i < DELTAS_PER_FRAME_MAX && bytes + deltaEntryBytes(deltas[j]!) <= DELTAS_RAW_MAX_BYTES) bytes += deltaEntryBytes(deltas[j++]!);
       await this.room(conn);
       this.send(conn, { type: MsgType.CpDeltas, cp, deltas: deltas.slice(i, j) });
       i = j;
@@ -793,6 +800,17 @@ export class MirrorSource implements CpSink, ReplicaGate {
       heldSeq: this.heldSeq,
       lastSeq: this.volume?.log.lastSeq ?? 0,
       bytesOnWire: wire,
+      wireBytesByKind: (() => {
+        const by = (t: MsgType): number => (this.bytesByTypePrev[t] ?? 0) + (conn?.writer.bytesByType[t] ?? 0);
+        return {
+          log: by(MsgType.Record) + by(MsgType.DurableReq),
+          references: by(MsgType.CpRefs),
+          deltas: by(MsgType.CpDeltas),
+          blocks: by(MsgType.CpBlocks),
+          commits: by(MsgType.CpBegin) + by(MsgType.CpCommit),
+          fromDestination: this.bytesFromDestPrev + (conn?.parser.bytesIn ?? 0),
+        };
+      })(),
       clientBytes: this.clientBytes,
       dataBlocksSent: this.dataBlocksSent,
       refsSent: this.refsSent,

@@ -18,6 +18,7 @@
  *   header, whatever the input.
  * - Encoders assert what the decoders check, so a frame we send always decodes.
  */
+import * as zlib from 'zlib';
 import { crc32c } from '../io/native';
 import { assert } from '../util/assert';
 
@@ -162,8 +163,9 @@ export interface CpDeltas {
   deltas: CpDelta[];
 }
 
-/** Body bytes a CP_DELTAS frame may carry (the sender fills frames up to it). */
-export const DELTAS_BODY_MAX_BYTES = 256 * 1024;
+/** Body bytes a CP_DELTAS frame may carry, and its entries inflated (the sender fills frames up to the latter). */
+export const DELTAS_BODY_MAX_BYTES = 256 * 1024 + 1024;
+export const DELTAS_RAW_MAX_BYTES = 256 * 1024;
 export const DELTAS_PER_FRAME_MAX = 4096;
 const DELTA_ENTRY_HEADER_BYTES = 22;
 
@@ -283,6 +285,12 @@ class Reader {
     if (v < -1n || v > BigInt(MAX_U53)) throw new MirrorProtocolError(`${this.what}: ${field} out of range`);
     return Number(v);
   }
+  /** The rest of the body. */
+  rest(): Buffer {
+    const v = this.b.subarray(this.at);
+    this.at = this.b.length;
+    return v;
+  }
   bytes(n: number): Buffer {
     this.need(n);
     const v = this.b.subarray(this.at, this.at + n);
@@ -373,11 +381,12 @@ export function encodeBody(m: Message): Buffer[] {
       return [b];
     }
     case MsgType.CpDeltas: {
+      // The entries travel deflated: metadata deltas are repetitive (headers, pointers).
       assert(m.deltas.length >= 1 && m.deltas.length <= DELTAS_PER_FRAME_MAX, 'CpDeltas shape');
-      const h = Buffer.allocUnsafe(12);
+      const h = Buffer.allocUnsafe(16);
       h.writeBigUInt64LE(BigInt(m.cp), 0);
       h.writeUInt32LE(m.deltas.length, 8);
-      const parts: Buffer[] = [h];
+      const parts: Buffer[] = [];
       for (const d of m.deltas) {
         assert(d.delta.length <= 0xffff, 'delta too long');
         const e = Buffer.allocUnsafe(DELTA_ENTRY_HEADER_BYTES);
@@ -387,7 +396,12 @@ export function encodeBody(m: Message): Buffer[] {
         e.writeUInt16LE(d.delta.length, 20);
         parts.push(e, d.delta);
       }
-      return parts;
+      const raw = Buffer.concat(parts);
+      assert(raw.length <= DELTAS_RAW_MAX_BYTES, `deltas of ${raw.length} bytes`);
+      h.writeUInt32LE(raw.length, 12);
+      const packed = zlib.deflateRawSync(raw, { level: 1 });
+      assert(16 + packed.length <= DELTAS_BODY_MAX_BYTES, 'deflated deltas exceed the frame cap');
+      return [h, packed];
     }
     case MsgType.CpCommit: {
       assert(m.superblock.length === BLOCK_BYTES, 'superblock is one block');
@@ -501,14 +515,26 @@ export function decodeBody(type: number, body: Buffer): Message {
       const cp = r.u64('cp');
       const n = r.u32();
       if (n < 1 || n > DELTAS_PER_FRAME_MAX) throw new MirrorProtocolError(`cp deltas: count ${n}`);
+      const rawLen = r.u32();
+      if (rawLen > DELTAS_RAW_MAX_BYTES) throw new MirrorProtocolError(`cp deltas: ${rawLen} bytes inflated exceed the cap of ${DELTAS_RAW_MAX_BYTES}`);
+      let raw: Buffer;
+      try {
+        // Capped before inflating: a deflate bomb stops at the cap.
+        raw = zlib.inflateRawSync(r.rest(), { maxOutputLength: Math.max(1, rawLen) });
+      } catch (e) {
+        throw new MirrorProtocolError(`cp deltas: entries do not inflate (${e instanceof Error ? e.message : String(e)})`);
+      }
+      if (raw.length !== rawLen) throw new MirrorProtocolError(`cp deltas: entries inflate to ${raw.length} bytes, the header says ${rawLen}`);
+      const er = new Reader(raw, what);
       const deltas: CpDelta[] = [];
       for (let i = 0; i < n; i++) {
-        const pba = r.u64('pba');
-        const prevPba = r.u64('prevPba');
-        const crc = r.u32();
-        const len = r.u16();
-        deltas.push({ pba, prevPba, crc, delta: r.bytes(len) });
+        const pba = er.u64('pba');
+        const prevPba = er.u64('prevPba');
+        const crc = er.u32();
+        const len = er.u16();
+        deltas.push({ pba, prevPba, crc, delta: er.bytes(len) });
       }
+      er.end();
       m = { type, cp, deltas };
       break;
     }
@@ -550,8 +576,9 @@ export function decodeBody(type: number, body: Buffer): Message {
 /** Numbers and checksums outgoing frames. */
 export class FrameWriter {
   private frameNo = 0;
-  /** Bytes of frames produced (headers included). */
+  /** Bytes of frames produced (headers included), in all and by message type. */
   bytesOut = 0;
+  readonly bytesByType: number[] = new Array<number>(32).fill(0);
 
   /** The frame for `m` as parts to write in order (the body parts are not copied). */
   frame(m: Message): Buffer[] {
@@ -571,6 +598,7 @@ export class FrameWriter {
     for (const b of body) crc = crc32c(b, 0, b.length, crc);
     h.writeUInt32LE(crc, 20);
     this.bytesOut += FRAME_HEADER_BYTES + len;
+    this.bytesByType[m.type] = (this.bytesByType[m.type] ?? 0) + FRAME_HEADER_BYTES + len;
     return [h, ...body];
   }
 }

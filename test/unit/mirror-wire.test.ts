@@ -5,6 +5,7 @@
  * MirrorProtocolError with a precise message, after which the parser stays failed and
  * holds nothing. Random tests are seeded: MIRROR_FC_SEED=N replays a run.
  */
+import * as zlib from 'zlib';
 import { strict as assert } from 'assert';
 import fc from 'fast-check';
 import { crc32c } from '../../src/io/native';
@@ -63,7 +64,7 @@ const ALL_TYPES = Object.keys(BODY_CAP).map(Number);
 
 /** Every message a protocol error may be reported with (anything else is a wrapped internal error). */
 const KNOWN_ERROR =
-  /^(bad frame magic \(not an nvmirror mirror stream\)|unsupported wire version \d+|unknown frame type \d+|frame type \d+: body of \d+ bytes exceeds its cap of \d+|frame number \d+ where \d+ was due \(replayed, lost or reordered frame\)|frame \d+ \(type \d+\): checksum mismatch|frame type \d+: body too short|frame type \d+: \d+ unexpected trailing bytes|frame type \d+: \w+( length)? out of range|hello: unknown mode \d+|hello: bad volume size \d+|refuse: reason too long|record \d+: unknown type \d+|record \d+: bad range|record \d+: bad payload length \d+|cp begin: unknown kind \d+|cp begin: base CP -?\d+ is not before CP \d+|cp blocks: count \d+|cp refs: count \d+|cp deltas: count \d+|cp begin: only a baseline resumes|read: count \d+)$/;
+  /^(bad frame magic \(not an nvmirror mirror stream\)|unsupported wire version \d+|unknown frame type \d+|frame type \d+: body of \d+ bytes exceeds its cap of \d+|frame number \d+ where \d+ was due \(replayed, lost or reordered frame\)|frame \d+ \(type \d+\): checksum mismatch|frame type \d+: body too short|frame type \d+: \d+ unexpected trailing bytes|frame type \d+: \w+( length)? out of range|hello: unknown mode \d+|hello: bad volume size \d+|refuse: reason too long|record \d+: unknown type \d+|record \d+: bad range|record \d+: bad payload length \d+|cp begin: unknown kind \d+|cp begin: base CP -?\d+ is not before CP \d+|cp blocks: count \d+|cp refs: count \d+|cp deltas: count \d+|cp deltas: entries do not inflate \(.*\)|cp deltas: entries inflate to \d+ bytes, the header says \d+|cp deltas: \d+ bytes inflated exceed the cap of \d+|cp begin: only a baseline resumes|read: count \d+)$/;
 
 function pattern(len: number, seed: number): Buffer {
   const b = Buffer.allocUnsafe(len);
@@ -502,7 +503,7 @@ describe('mirror wire codec', () => {
         if (b.length > 5000) continue;
         for (let n = 0; n < b.length; n++) {
           const e = protocolError(() => decodeBody(m.type, b.subarray(0, n)), /./);
-          assert.match(e.message, /body too short|out of range|bad volume size|unknown mode|bad range|unknown type|bad payload length|unknown kind|count|not before/, `type ${m.type} cut to ${n}`);
+          assert.match(e.message, /body too short|out of range|bad volume size|unknown mode|bad range|unknown type|bad payload length|unknown kind|count|not before|inflate/, `type ${m.type} cut to ${n}`);
         }
         rejects(rawFrame(m.type, b.subarray(0, b.length - 1)), /./);
       }
@@ -591,10 +592,24 @@ describe('mirror wire codec', () => {
         rejects(rawFrame(MsgType.CpRefs, head(1, 0xffffffff)), /^cp refs: count 4294967295$/);
         rejects(rawFrame(MsgType.CpDeltas, head(1, 0)), /^cp deltas: count 0$/);
         rejects(rawFrame(MsgType.CpDeltas, head(1, DELTAS_PER_FRAME_MAX + 1, 22)), /^cp deltas: count 4097$/);
-        // A delta length that promises more than the body holds.
-        const d = head(1, 1, 22 + 10);
-        d.writeUInt16LE(11, 12 + 20);
-        rejects(rawFrame(MsgType.CpDeltas, d), /^frame type 14: body too short$/);
+        // CP_DELTAS entries travel deflated after a u32 of their inflated length.
+        const deflated = (raw: Buffer, rawLen = raw.length): Buffer => {
+          const l = Buffer.alloc(4);
+          l.writeUInt32LE(rawLen);
+          return Buffer.concat([head(1, 1), l, zlib.deflateRawSync(raw)]);
+        };
+        // A delta length that promises more than the entries hold.
+        const entry = Buffer.alloc(22 + 10);
+        entry.writeUInt16LE(11, 20);
+        rejects(rawFrame(MsgType.CpDeltas, deflated(entry)), /^frame type 14: body too short$/);
+        // An inflated length that lies, entries that do not inflate, and a deflate bomb past the cap.
+        rejects(rawFrame(MsgType.CpDeltas, deflated(Buffer.alloc(22), 30)), /^cp deltas: entries inflate to 22 bytes, the header says 30$/);
+        rejects(rawFrame(MsgType.CpDeltas, Buffer.concat([head(1, 1), Buffer.from([22, 0, 0, 0]), Buffer.from('not deflate at all')])), /^cp deltas: entries do not inflate/);
+        const bomb = Buffer.concat([head(1, 1), Buffer.from([0, 0, 4, 0]), zlib.deflateRawSync(Buffer.alloc(8 * 1024 * 1024))]);
+        assert.ok(bomb.length < 64 * 1024, 'the bomb is small on the wire');
+        rejects(rawFrame(MsgType.CpDeltas, bomb), /^cp deltas: (entries do not inflate|entries inflate to)/);
+        const tooBig = Buffer.concat([head(1, 1), Buffer.from([0, 0, 8, 0])]);
+        rejects(rawFrame(MsgType.CpDeltas, tooBig), /^cp deltas: \d+ bytes inflated exceed the cap/);
         for (const t of [MsgType.ReadReq, MsgType.ReadResp]) {
           rejects(rawFrame(t, head(1, 0).subarray(4)), /^read: count 0$/);
           rejects(rawFrame(t, head(1, BLOCKS_PER_FRAME_MAX + 1).subarray(4)), /^read: count 65$/);
