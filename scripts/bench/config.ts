@@ -13,7 +13,9 @@ import * as os from 'os';
 import * as path from 'path';
 import { parseSize } from '../../src/util/size';
 
-export const SUITES = ['memory', 'file', 'engine'] as const;
+export const SUITES = ['memory', 'file', 'engine', 'mirror'] as const;
+/** Suites run when BENCH_SUITES is not set ('mirror' needs root and two namespaces: only when named). */
+export const DEFAULT_SUITES: readonly SuiteName[] = ['memory', 'file', 'engine'];
 export type SuiteName = (typeof SUITES)[number];
 const ROUNDS_MAX = 50;
 const MIB = 1024 * 1024;
@@ -49,6 +51,15 @@ export interface BenchConfig {
   only: string[];
   repoRoot: string;
   nbdkitThreads: number | undefined;
+  /** The mirror suite (BENCH_SUITES=mirror): see scripts/bench/mirror.ts. */
+  mirror: {
+    sizeBytes: number;
+    nvramBytes: number;
+    cpIntervalMs: number;
+    runtimeS: number;
+    rttMs: number;
+    stallS: number;
+  };
 }
 
 function envInt(name: string, def: number, min: number, max: number): number {
@@ -94,7 +105,7 @@ environment:
   BENCH_RAMP=S           fio ramp_time seconds, not measured (default 1; quick 0)
   BENCH_QUICK=1          ~1-minute smoke run (1 round, 1 s runs, small sizes; the engine
                          suite only with BENCH_ENGINE=1, then ~2.5 minutes)
-  BENCH_SUITES=a,b       suites: memory,file,engine (default: all available)
+  BENCH_SUITES=a,b       suites: memory,file,engine,mirror (default: memory,file,engine)
   BENCH_ENGINE=auto|1|0  engine suite: auto = when 'nvmirror create' exists (default auto;
                          default 0 with BENCH_QUICK)
   BENCH_SIZE=1G          volume size for the memory and file suites (quick 256M)
@@ -108,7 +119,14 @@ environment:
   BENCH_DIR=PATH         scratch directory (default: a fresh one under $TMPDIR)
   BENCH_KEEP=1           keep the scratch directory (fio outputs, images)
   BENCH_VERBOSE=1        print where each measurement's time went
-  BENCH_NBDKIT_THREADS=N nbdkit -t N (default: nbdkit's own default)`;
+  BENCH_NBDKIT_THREADS=N nbdkit -t N (default: nbdkit's own default)
+mirror suite (only when named: BENCH_SUITES=mirror; needs root for network namespaces):
+  BENCH_MIRROR_SIZE=16G      thin volume size (the random write range)
+  BENCH_MIRROR_NVRAM=32M     NVRAM size of the mirrored volume
+  BENCH_MIRROR_RUNTIME=S     seconds per fio run, no ramp (default 10; quick 3)
+  BENCH_MIRROR_RTT_MS=1      median RTT through the relay in the delayed runs (delayMs is calibrated to it)
+  BENCH_MIRROR_STALL=S       seconds the peer is stalled in the stall run (default 5; quick 3)
+  (BENCH_ROUNDS, BENCH_CP_INTERVAL and BENCH_ONLY apply; the stall run's id is mirror-stall)`;
 
 export function loadConfig(argv: string[]): BenchConfig | 'help' {
   let jsonToStdout = false;
@@ -129,7 +147,7 @@ export function loadConfig(argv: string[]): BenchConfig | 'help' {
   else if (engineRaw === '0' || engineRaw === 'false' || engineRaw === 'off') engine = 'off';
   else throw new Error(`BENCH_ENGINE must be auto, 1 or 0, got "${engineRaw}"`);
 
-  let suites: SuiteName[] = [...SUITES];
+  let suites: SuiteName[] = [...DEFAULT_SUITES];
   const suitesRaw = process.env.BENCH_SUITES;
   if (suitesRaw !== undefined && suitesRaw !== '') {
     suites = [];
@@ -148,6 +166,15 @@ export function loadConfig(argv: string[]): BenchConfig | 'help' {
   if (burstBytes < MIB) throw new Error('BENCH_NVRAM_SIZE is too small for a burst run (need >= 3M)');
   if (sustainedBytes > engineSizeBytes * 64) throw new Error('BENCH_NVRAM_SIZE is out of proportion to BENCH_ENGINE_SIZE');
   const rssVolumeBytes = envSize('BENCH_RSS_SIZE', '100G');
+
+  const mirror = {
+    sizeBytes: envSize('BENCH_MIRROR_SIZE', '16G'),
+    nvramBytes: envSize('BENCH_MIRROR_NVRAM', '32M'),
+    cpIntervalMs: envInt('BENCH_CP_INTERVAL', 1000, 10, 3_600_000),
+    runtimeS: envInt('BENCH_MIRROR_RUNTIME', quick ? 3 : 10, 1, 3600),
+    rttMs: envNumber('BENCH_MIRROR_RTT_MS', 1, 0.05, 1000),
+    stallS: envInt('BENCH_MIRROR_STALL', quick ? 3 : 5, 1, 600),
+  };
 
   const jsonEnv = process.env.BENCH_JSON;
   const onlyRaw = process.env.BENCH_ONLY ?? '';
@@ -175,6 +202,7 @@ export function loadConfig(argv: string[]): BenchConfig | 'help' {
     only: onlyRaw.split(',').map((x) => x.trim()).filter((x) => x !== ''),
     repoRoot: path.resolve(__dirname, '..', '..', '..'),
     nbdkitThreads: threads === undefined || threads === '' ? undefined : envInt('BENCH_NBDKIT_THREADS', 16, 1, 1024),
+    mirror,
   };
 }
 

@@ -21,6 +21,7 @@ import { BenchConfig, defaultWorkDirParent, loadConfig, SuiteName, USAGE } from 
 import { runFio } from './fio';
 import { buildRows, formatTable, Sample, SuiteReport } from './report';
 import { CpLatencyResult, measureCpLatency, measureRss, RssResult } from './engine-extras';
+import { formatMirror, MirrorReport, mirrorWorkloads, runMirrorSuite } from './mirror';
 import {
   engineAvailable,
   nbdkitFile,
@@ -209,6 +210,10 @@ function estimateS(c: BenchConfig, suites: Suite[], withEngine: boolean): number
     }
   }
   if (withEngine) s += c.cpLatencyRuntimeS + 5 + c.sustainedBytes / 4096 / 10_000 + 5;
+  if (c.suites.includes('mirror')) {
+    // 5 configurations per workload: fio, start-up and the wait for the final in-sync point; RTT calibration; 2 stall runs.
+    s += c.rounds * mirrorWorkloads(c.mirror).length * 5 * (c.mirror.runtimeS + 8) + 40 + 2 * (c.mirror.stallS + 15);
+  }
   return s;
 }
 
@@ -219,6 +224,8 @@ async function main(): Promise<number> {
     return 0;
   }
   const c = loaded;
+  const wantMirror = c.suites.includes('mirror');
+  if (wantMirror && process.getuid?.() !== 0) throw new Error('the mirror suite needs root (network namespaces): run it as root, or leave mirror out of BENCH_SUITES');
   const distMain = path.join(c.repoRoot, 'dist', 'src', 'cli', 'main.js');
   if (!fs.existsSync(distMain)) throw new Error(`${distMain} is missing: run npm run build first`);
   const versions = { fio: tool('fio', ['--version']), nbdkit: tool('nbdkit', ['--version']), node: process.version };
@@ -242,7 +249,7 @@ async function main(): Promise<number> {
   const suites = buildSuites(c, root, withEngine);
   const wantCpLatency = withEngine && (c.only.length === 0 || c.only.some((o) => 'cp-latency'.includes(o)));
   const wantRss = withEngine && (c.only.length === 0 || c.only.some((o) => 'rss'.includes(o)));
-  if (suites.length === 0 && !wantCpLatency && !wantRss) throw new Error('no workload selected (check BENCH_SUITES / BENCH_ONLY)');
+  if (suites.length === 0 && !wantCpLatency && !wantRss && !wantMirror) throw new Error('no workload selected (check BENCH_SUITES / BENCH_ONLY)');
   let gitRev = 'unknown';
   try {
     gitRev = execFileSync('git', ['-C', c.repoRoot, 'rev-parse', '--short', 'HEAD'], { encoding: 'utf8' }).trim();
@@ -250,7 +257,7 @@ async function main(): Promise<number> {
     /* not a git checkout */
   }
   const roundsNote = `median of ${c.rounds} round${c.rounds > 1 ? 's' : ''}, ${c.runtimeS} s runs${c.rampS > 0 ? ` after ${c.rampS} s ramp` : ''}`;
-  say(`nvmirror bench: ${suites.map((s) => s.name).join(', ')}${c.suites.includes('engine') && !withEngine ? ' (engine suite skipped: no `nvmirror create` yet)' : ''}; ${roundsNote}; ` +
+  say(`nvmirror bench: ${[...suites.map((s) => s.name), ...(wantMirror ? ['mirror'] : [])].join(', ')}${c.suites.includes('engine') && !withEngine ? ' (engine suite skipped: no `nvmirror create` yet)' : ''}; ${suites.length > 0 ? roundsNote : mirrorRoundsNote(c)}; ` +
     `about ${Math.ceil(estimateS(c, suites, withEngine) / 60)} min; ${os.cpus().length} CPUs; ${versions.fio}, ${versions.nbdkit}, node ${versions.node}; scratch ${c.workDir}`);
 
   const started = Date.now();
@@ -258,6 +265,7 @@ async function main(): Promise<number> {
   const reports: SuiteReport[] = [];
   let cpLatency: CpLatencyResult | undefined;
   let rss: RssResult | undefined;
+  let mirror: MirrorReport | undefined;
   try {
     for (const suite of suites) {
       const rep = await runSuite(c, suite);
@@ -277,6 +285,11 @@ async function main(): Promise<number> {
       const eng = nvmirrorEngine(root, { sizeBytes: c.rssVolumeBytes, nvramBytes: c.nvramBytes, cpIntervalMs: c.cpIntervalMs }, 'engine', 'engine-rss');
       say(`  [engine] peak RSS: ${formatSize(c.sustainedBytes)} of 4k random writes over a ${formatSize(c.rssVolumeBytes)} thin volume...`);
       rss = await measureRss(eng, dir, c.rssVolumeBytes, c.sustainedBytes, 600);
+    }
+    if (wantMirror) {
+      say(`  [mirror] ${formatSize(c.mirror.sizeBytes)} thin volumes, NVRAM ${formatSize(c.mirror.nvramBytes)}, ${c.mirror.runtimeS} s fio runs...`);
+      mirror = await runMirrorSuite(c, root, c.mirror);
+      say('\n' + formatMirror(mirror, mirrorRoundsNote(c)) + '\n');
     }
   } finally {
     if (current) await current.kill();
@@ -300,6 +313,7 @@ async function main(): Promise<number> {
     out.push('', `== engine: peak RSS (VmHWM) under the sustained run (target < 256 MiB) ==`);
     out.push(`   ${formatSize(rss.volumeBytes)} thin volume, ${formatSize(rss.writtenBytes)} of 4k random writes at QD32 (${Math.round(rss.iops)} IOPS): peak RSS ${(rss.peakRssBytes / 1024 / 1024).toFixed(0)} MiB`);
   }
+  if (mirror) out.push('', formatMirror(mirror, mirrorRoundsNote(c)));
   // With --json, stdout carries only the JSON document; the tables go to stderr.
   if (c.jsonToStdout) say(out.join('\n'));
   else process.stdout.write(out.join('\n') + '\n');
@@ -314,11 +328,16 @@ async function main(): Promise<number> {
     suites: reports,
     engineCpLatency: cpLatency ?? null,
     engineRss: rss ?? null,
+    mirror: mirror ?? null,
   };
   const text = JSON.stringify(json, null, 2);
   if (c.jsonPath) fs.writeFileSync(c.jsonPath, text + '\n');
   if (c.jsonToStdout) process.stdout.write(text + '\n');
   return 0;
+}
+
+function mirrorRoundsNote(c: BenchConfig): string {
+  return `median of ${c.rounds} round${c.rounds > 1 ? 's' : ''}, ${c.mirror.runtimeS} s runs, no ramp`;
 }
 
 function removeScratch(): void {

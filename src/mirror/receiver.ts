@@ -118,8 +118,57 @@ class Session {
       return;
     }
     if (this.mirror) this.armIdle();
-    for (const m of msgs) this.queue.push(m);
+    // Records (and durability requests) take a fast path once the mirror is open: they
+    // are stored and acknowledged at once, not behind a CP being applied (a client's
+    // write waits for that ack). A record always precedes the CP frames that refer to
+    // it in the stream, so storing records early never breaks a reference.
+    let ack = false;
+    try {
+      for (const m of msgs) {
+        if (this.mirror && m.type === MsgType.Record && this.applyingOnly()) {
+          this.mirror.log.append(m.seq, m.recordType, m.flags, m.offsetBytes, m.lengthBytes, m.payload);
+          ack = true;
+        } else if (this.mirror && m.type === MsgType.DurableReq && this.applyingOnly()) {
+          void this.persistAndAck();
+        } else {
+          this.queue.push(m);
+        }
+      }
+    } catch (e) {
+      this.end(`refused the stream: ${e instanceof Error ? e.message : String(e)}`, true);
+      return;
+    }
+    if (ack) this.sendAck();
     if (this.queue.length > 0) void this.drain();
+  }
+
+  /** True when everything queued is CP application (records may pass it). */
+  private applyingOnly(): boolean {
+    for (const q of this.queue) if (q.type === MsgType.Record || q.type === MsgType.DurableReq || q.type === MsgType.Hello) return false;
+    return true;
+  }
+
+  private persisting: Promise<void> | undefined;
+  private persistAgain = false;
+
+  /** Group commit of the log: one msync at a time; requests during it share the next. */
+  private async persistAndAck(): Promise<void> {
+    if (this.persisting) {
+      this.persistAgain = true;
+      return;
+    }
+    try {
+      do {
+        this.persistAgain = false;
+        this.persisting = this.mirror!.log.persist();
+        await this.persisting;
+        if (!this.closed) this.sendAck();
+      } while (this.persistAgain && !this.closed);
+    } catch (e) {
+      this.end(`log persist failed: ${e instanceof Error ? e.message : String(e)}`);
+    } finally {
+      this.persisting = undefined;
+    }
   }
 
   private send(m: Message): void {

@@ -58,6 +58,10 @@ const CONNECT_TIMEOUT_MS = 5_000;
 const RECONNECT_MS_MIN = 200;
 const RECONNECT_MS_MAX = 5_000;
 const PING_INTERVAL_MS = 5_000;
+/** CP commits sent but not acknowledged before the next CP waits (the destination applies while we write the next). */
+const CPS_UNACKED_MAX = 1;
+/** An acknowledgement older than this shows as `behind` in status (the link is up but the peer is slow or stalled). */
+const STALE_ACK_MS = 1000;
 /** How long an interrupted baseline's pinned state is kept for a resume (it holds its blocks from reuse meanwhile). */
 export const BASELINE_KEEP_MS_MAX = 10 * 60_000;
 /** Pending reply gates (one per client request in flight; the NBD server bounds those). */
@@ -127,7 +131,10 @@ interface Conn {
   parser: FrameParser;
   writer: FrameWriter;
   welcome: Promise<Message & { type: MsgType.Welcome }>;
-  cpAck: { cp: number; sinceMs: number; clientBytes: number; root: Buffer; resolve: () => void } | undefined;
+  /** CP commits sent and not yet acknowledged, oldest first (at most CPS_UNACKED_MAX + 1). */
+  cpAcks: Array<{ cp: number; sinceMs: number; clientBytes: number; root: Buffer; resolve: () => void; done: Promise<void> }>;
+  /** The newest CP whose commit went out on this connection (the destination applies in stream order). */
+  shippedCp: number;
   closed: boolean;
 }
 
@@ -268,7 +275,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       welcomeReject = rej;
     });
     welcome.catch(() => undefined);
-    const conn: Conn = { socket, parser, writer, welcome, cpAck: undefined, closed: false };
+    const conn: Conn = { socket, parser, writer, welcome, cpAcks: [], shippedCp: -1, closed: false };
     this.conn = conn;
     const timer = setTimeout(() => this.drop(conn, 'connect timed out'), CONNECT_TIMEOUT_MS);
     socket.once(this.o.tls ? 'secureConnect' : 'connect', () => {
@@ -322,6 +329,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     }
     this.reconnectMs = RECONNECT_MS_MIN;
     this.destCp = w.committedCp;
+    conn.shippedCp = w.committedCp;
     this.destRoot = w.root;
     this.pinnedCp = w.oldestPinnedCp;
     this.heldSeq = w.heldSeq;
@@ -343,23 +351,24 @@ export class MirrorSource implements CpSink, ReplicaGate {
         this.settleWaiters();
         return;
       case MsgType.CpAck:
-        if (!conn.cpAck || conn.cpAck.cp !== m.cp) {
-          this.drop(conn, `destination acknowledged CP ${m.cp}, which was not sent`);
+        const head = conn.cpAcks[0];
+        if (!head || head.cp !== m.cp) {
+          this.drop(conn, `destination acknowledged CP ${m.cp}, which was not the next one sent`);
           return;
         }
-        if (!m.root.equals(conn.cpAck.root)) {
+        if (!m.root.equals(head.root)) {
           // Block-identical by construction: a different root means the destination did not apply what was sent.
           this.rootMismatches++;
-          this.log.error({ cp: m.cp, sent: conn.cpAck.root.toString('hex'), got: m.root.toString('hex') }, 'the destination committed a different root than the source');
+          this.log.error({ cp: m.cp, sent: head.root.toString('hex'), got: m.root.toString('hex') }, 'the destination committed a different root than the source');
           this.drop(conn, `CP ${m.cp}: the destination's root differs from the source's`);
           return;
         }
+        conn.cpAcks.shift();
         this.destCp = m.cp;
         this.destRoot = m.root;
         this.cpsShipped++;
-        this.clientBytesAtDestCp = conn.cpAck.clientBytes;
-        conn.cpAck.resolve();
-        conn.cpAck = undefined;
+        this.clientBytesAtDestCp = head.clientBytes;
+        head.resolve();
         this.saveState();
         return;
       case MsgType.Pin:
@@ -400,8 +409,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     if (this.state !== 'disconnected') this.behindSinceMs = Date.now();
     this.state = 'disconnected';
     this.shipping = undefined;
-    conn.cpAck?.resolve(); // the CP goes on locally; the destination catches up by resync
-    conn.cpAck = undefined;
+    for (const a of conn.cpAcks.splice(0)) a.resolve(); // CPs go on locally; the destination catches up by resync
     for (const r of this.reads.values()) r.reject(new Error(`mirror connection lost: ${reason}`));
     this.reads.clear();
     this.wakeDrain();
@@ -433,6 +441,15 @@ export class MirrorSource implements CpSink, ReplicaGate {
     for (const f of w) f();
   }
 
+  /** How long the oldest unacknowledged record or CP has waited (0: none). */
+  private unackedMs(): number {
+    const conn = this.conn;
+    let oldest = Date.now();
+    for (const w of this.waiters) oldest = Math.min(oldest, w.sinceMs);
+    if (conn && conn.cpAcks.length > 0) oldest = Math.min(oldest, conn.cpAcks[0]!.sinceMs);
+    return Date.now() - oldest;
+  }
+
   private wireBytes(): number {
     const conn = this.conn;
     return (conn?.writer.bytesOut ?? 0) + (conn?.parser.bytesIn ?? 0) + this.bytesOnWirePrev;
@@ -453,7 +470,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     if (conn && !conn.closed) {
       const oldest = this.waiters.length > 0 ? this.waiters.reduce((a, w) => Math.min(a, w.sinceMs), now) : now;
       if (now - oldest > stall) this.drop(conn, `no acknowledgement from the destination for ${stall} ms (stalled peer)`);
-      else if (conn.cpAck && now - conn.cpAck.sinceMs > stall) this.drop(conn, `CP ${conn.cpAck.cp} not acknowledged within ${stall} ms (stalled peer)`);
+      else if (conn.cpAcks.length > 0 && now - conn.cpAcks[0]!.sinceMs > stall) this.drop(conn, `CP ${conn.cpAcks[0]!.cp} not acknowledged within ${stall} ms (stalled peer)`);
       else this.send(conn, { type: MsgType.Ping, nowMs: now });
     }
   }
@@ -523,7 +540,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     const conn = this.conn;
     if (!conn || conn.closed || this.state !== 'in-sync') return;
     if (!this.shipping) {
-      if (this.destCp !== cp - 1) {
+      if (conn.shippedCp !== cp - 1) {
         this.state = 'behind';
         return;
       }
@@ -586,7 +603,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
   async committed(cp: number, slot: number, superblock: Buffer, _meta: CpMeta): Promise<void> {
     this.cpInProgress = undefined;
     const conn = this.conn;
-    if (conn && !conn.closed && this.state === 'in-sync' && !this.shipping && this.destCp === cp - 1) {
+    if (conn && !conn.closed && this.state === 'in-sync' && !this.shipping && conn.shippedCp === cp - 1) {
       // A CP that wrote no blocks (e.g. only a snapshot op).
       this.shipping = { cp, blocks: 0 };
       this.send(conn, { type: MsgType.CpBegin, cp, baseCp: cp - 1, kind: 'cp' });
@@ -594,17 +611,23 @@ export class MirrorSource implements CpSink, ReplicaGate {
     const ship = this.shipping;
     this.shipping = undefined;
     if (conn && !conn.closed && ship && ship.cp === cp) {
-      await this.commitOnDest(conn, cp, slot, ship.blocks, superblock);
+      // Pipelined: the next CP may start while the destination applies this one (it
+      // applies in stream order); reuse stays gated on acknowledged CPs (oldestNeededCp).
+      void this.commitOnDest(conn, cp, slot, ship.blocks, superblock);
+      while (conn.cpAcks.length > CPS_UNACKED_MAX && !conn.closed) await conn.cpAcks[0]!.done;
     }
-    if (this.destCp < cp && this.state === 'in-sync') this.state = 'behind';
+    if (conn?.shippedCp !== cp && this.state === 'in-sync') this.state = 'behind';
     if (conn && !conn.closed && this.state !== 'in-sync') void this.catchUp(conn);
   }
 
   private async commitOnDest(conn: Conn, cp: number, slot: number, blockCount: number, superblock: Buffer): Promise<void> {
     const root = superblock.subarray(SUPERBLOCK_ROOT_OFFSET, SUPERBLOCK_ROOT_OFFSET + 24);
-    const acked = new Promise<void>((resolve) => (conn.cpAck = { cp, sinceMs: Date.now(), clientBytes: this.clientBytes, root, resolve }));
+    let resolve!: () => void;
+    const done = new Promise<void>((r) => (resolve = r));
+    conn.cpAcks.push({ cp, sinceMs: Date.now(), clientBytes: this.clientBytes, root, resolve, done });
     this.send(conn, { type: MsgType.CpCommit, cp, slot, blockCount, superblock });
-    await acked;
+    conn.shippedCp = cp;
+    await done;
   }
 
   // ---- resync / baseline ----
@@ -616,13 +639,13 @@ export class MirrorSource implements CpSink, ReplicaGate {
     try {
       while (!conn.closed && !this.stopped) {
         const tree = this.tree;
-        if (this.destCp === tree.stats().cpNumber && this.cpInProgress === undefined && !conn.cpAck) {
+        if (this.destCp === tree.stats().cpNumber && this.cpInProgress === undefined && conn.cpAcks.length === 0) {
           if (this.state !== 'in-sync') this.log.info({ cp: this.destCp }, 'mirror in sync');
           this.state = 'in-sync';
           this.behindSinceMs = 0;
           return;
         }
-        if (this.cpInProgress !== undefined || conn.cpAck) {
+        if (this.cpInProgress !== undefined || conn.cpAcks.length > 0) {
           await new Promise((r) => setTimeout(r, 5));
           continue;
         }
@@ -786,7 +809,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       peer: `${this.o.peer.host}:${this.o.peer.port}`,
       mode: this.o.mode,
       policy: this.o.policy,
-      state: this.state,
+      state: this.state === 'in-sync' && this.unackedMs() > STALE_ACK_MS ? 'behind' : this.state,
       connected: conn !== undefined && !conn.closed,
       sourceCp: tree.cpNumber,
       destCp: this.destCp,
