@@ -26,7 +26,7 @@ import * as tls from 'tls';
 import type { Logger } from 'pino';
 import { assert } from '../util/assert';
 import { crc32c } from '../io/native';
-import { FrameParser, FrameWriter, MirrorProtocolError, MsgType, WIRE_VERSION, type CpKind, type Message } from './wire';
+import { FrameParser, FrameWriter, MirrorProtocolError, MsgType, WIRE_VERSION, writeFrame, type CpKind, type Message } from './wire';
 import { APPLY_WRITES_MAX, BASELINE_PROGRESS_BLOCKS, MirrorDir, MirrorDirError, rootBytes } from './mirror-dir';
 import type { MirrorExports } from './exports';
 import { applyDelta, DELTA_FROM_ZEROES } from './delta';
@@ -34,6 +34,8 @@ import { applyDelta, DELTA_FROM_ZEROES } from './delta';
 const ZERO_BLOCK = Buffer.alloc(4096);
 
 export const CONNECTIONS_MAX = 64;
+/** Largest combined write while applying a CP (1 MiB). */
+const COMBINE_BLOCKS_MAX = 256;
 /** The receiver's control socket in its directory (`nvmirror status DIR`). */
 export const RECEIVER_SOCKET_NAME = 'receiver.sock';
 /** A connection that sends nothing for this long (the source pings every few seconds) is dropped. */
@@ -78,6 +80,8 @@ class Session {
   private applying: Applying | undefined;
   private writesInFlight = 0;
   private writeWaiters: Array<() => void> = [];
+  /** Contiguous blocks staged for one write. */
+  private run: { pba: number; blocks: number; parts: Buffer[] } | undefined;
   private writeError: Error | undefined;
   private queue: Message[] = [];
   private processing = false;
@@ -173,7 +177,7 @@ class Session {
 
   private send(m: Message): void {
     if (this.closed) return;
-    for (const part of this.writer.frame(m)) this.socket.write(part);
+    writeFrame(this.socket, this.writer, m);
   }
 
   private async drain(): Promise<void> {
@@ -251,13 +255,14 @@ class Session {
         while (i < m.pbas.length) {
           let j = i + 1;
           while (j < m.pbas.length && m.pbas[j] === m.pbas[j - 1]! + 1) j++;
-          await this.write(m.pbas[i]!, m.data.subarray(i * 4096, j * 4096));
+          await this.stage(m.pbas[i]!, m.data.subarray(i * 4096, j * 4096));
           i = j;
         }
         const before = a.blocks;
         a.blocks += m.pbas.length;
         mirror.blocksApplied += m.pbas.length;
         if (a.baseCp === -1 && Math.floor(a.blocks / BASELINE_PROGRESS_BLOCKS) > Math.floor(before / BASELINE_PROGRESS_BLOCKS)) {
+          await this.flushRun();
           await this.waitWrites(0);
           if (this.writeError) throw this.writeError;
           await mirror.baselineProgress(a.cp, a.blocks);
@@ -271,7 +276,7 @@ class Session {
           if (typeof b === 'string') throw new MirrorProtocolError(`CP ${m.cp}: reference to ${b}`);
           const crc = crc32c(b);
           if (crc !== r.crc) throw new MirrorProtocolError(`CP ${m.cp}: referenced block ${r.seq}/${r.index} has crc ${crc.toString(16)}, the source says ${r.crc.toString(16)}`);
-          await this.write(r.pba, b);
+          await this.stage(r.pba, b);
         }
         a.blocks += m.refs.length;
         mirror.refsApplied += m.refs.length;
@@ -285,7 +290,7 @@ class Session {
           if (typeof b === 'string') throw new MirrorProtocolError(`CP ${m.cp}: delta for pba ${d.pba}: ${b}`);
           const crc = crc32c(b);
           if (crc !== d.crc) throw new MirrorProtocolError(`CP ${m.cp}: block at pba ${d.pba} rebuilt from pba ${d.prevPba} has crc ${crc.toString(16)}, the source says ${d.crc.toString(16)}`);
-          await this.write(d.pba, b);
+          await this.stage(d.pba, b);
         }
         a.blocks += m.deltas.length;
         mirror.deltasApplied += m.deltas.length;
@@ -294,6 +299,7 @@ class Session {
       case MsgType.CpCommit: {
         const a = this.checkApplying(m.cp);
         if (m.blockCount !== a.blocks) throw new MirrorProtocolError(`CP ${m.cp}: ${a.blocks} blocks arrived, the commit says ${m.blockCount}`);
+        await this.flushRun();
         await this.waitWrites(0);
         if (this.writeError) throw this.writeError;
         const sb = await mirror.applyCommit(m.cp, m.slot, m.superblock);
@@ -313,6 +319,29 @@ class Session {
     const a = this.applying;
     if (!a || a.cp !== cp) throw new MirrorProtocolError(`blocks for CP ${cp} outside CP_BEGIN/CP_COMMIT`);
     return a;
+  }
+
+  /**
+   * Stages blocks for writing, combining physically contiguous ones (a CP allocates in
+   * runs, but references and deltas arrive one block each) into writes of up to
+   * COMBINE_BLOCKS_MAX blocks.
+   */
+  private async stage(pba: number, data: Buffer): Promise<void> {
+    const run = this.run;
+    if (run && run.pba + run.blocks === pba && run.blocks + data.length / 4096 <= COMBINE_BLOCKS_MAX) {
+      run.parts.push(data);
+      run.blocks += data.length / 4096;
+      return;
+    }
+    await this.flushRun();
+    this.run = { pba, blocks: data.length / 4096, parts: [data] };
+  }
+
+  private async flushRun(): Promise<void> {
+    const run = this.run;
+    if (!run) return;
+    this.run = undefined;
+    await this.write(run.pba, run.parts.length === 1 ? run.parts[0]! : Buffer.concat(run.parts));
   }
 
   private async write(pba: number, data: Buffer): Promise<void> {

@@ -44,7 +44,7 @@ import { DELTA_FROM_ZEROES, encodeDelta } from './delta';
 
 const ZERO_BLOCK = Buffer.alloc(4096);
 import {
-  BLOCKS_PER_FRAME_MAX, DELTAS_RAW_MAX_BYTES, DELTAS_PER_FRAME_MAX, FrameParser, FrameWriter, MsgType, REFS_PER_FRAME_MAX, deltaEntryBytes,
+  writeFrame, BLOCKS_PER_FRAME_MAX, DELTAS_RAW_MAX_BYTES, DELTAS_PER_FRAME_MAX, FrameParser, FrameWriter, MsgType, REFS_PER_FRAME_MAX, deltaEntryBytes,
   type CpDelta, type CpRef, type Message, type MirrorMode,
 } from './wire';
 
@@ -425,7 +425,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
 
   private send(conn: Conn, m: Message): void {
     if (conn.closed) return;
-    for (const part of conn.writer.frame(m)) conn.socket.write(part);
+    writeFrame(conn.socket, conn.writer, m);
   }
 
   /** Waits while the socket queue is over QUEUED_BYTES_MAX (the connection may drop meanwhile). */

@@ -604,6 +604,19 @@ export class FrameWriter {
 }
 
 /**
+ * Writes frames to a socket, all frames of one tick in one writev: the socket is corked
+ * at the first frame of a tick and uncorked on the next tick (a frame is several parts;
+ * a sync mirror sends one or two frames per client write).
+ */
+export function writeFrame(socket: import('net').Socket, writer: FrameWriter, m: Message): void {
+  if (socket.writableCorked === 0) {
+    socket.cork();
+    process.nextTick(() => socket.uncork());
+  }
+  for (const part of writer.frame(m)) socket.write(part);
+}
+
+/**
  * Incremental frame parser: push() chunks as they arrive, get whole verified messages
  * back in order. Holds at most one frame's bytes.
  */
