@@ -18,8 +18,10 @@
  *   or link loss, and resync is "born after the base". Those frees are held only from
  *   holdValidFromCp (this process's first CP) on; an older base gets a full baseline.
  * - A CP is shipped only when the destination holds exactly the CP before it; anything
- *   else goes through resync. A reference names a record inside [storedFromSeq, heldSeq]
- *   of the destination's last ack.
+ *   else goes through resync. A reference names a record sent on this connection (the
+ *   destination reads it before the CP frame) and not released by the destination
+ *   (>= storedFromSeq of its last ack); if the destination had to drop it (log full),
+ *   it refuses the CP and the next connection resyncs.
  * - Bounded: bytes queued on the socket never exceed QUEUED_BYTES_MAX (writers wait for
  *   'drain'); an ack not received within stallTimeoutMs, or a queue that stays full,
  *   drops the connection (policy available: the mirror is marked behind and client I/O
@@ -156,6 +158,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private durableSeq = 0;
   private storedFromSeq = 1;
   private forwardFromSeq = 0;
+  /** The newest record sent on this connection: the destination reads it before any later CP frame. */
+  private lastForwardedSeq = 0;
   private lastDurableReq = 0;
   private readonly waiters: Waiter[] = [];
   private shipping: { cp: number; blocks: number } | undefined;
@@ -308,6 +312,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     const tree = v.tree.stats();
     // Forwarding starts now (same tick as HELLO): every later record goes on the wire.
     this.forwardFromSeq = this.o.mode === 'sync' ? v.log.lastSeq + 1 : 0;
+    this.lastForwardedSeq = this.forwardFromSeq - 1;
     this.send(conn, {
       type: MsgType.Hello, sourceUuid: v.tree.volumeUuid, sizeBytes: v.sizeBytes, deviceBlocks: tree.totalBlocks,
       nvramBytes: v.region.sizeBytes, mode: this.o.mode, sourceCp: tree.cpNumber, streamFromSeq: Math.max(1, this.forwardFromSeq),
@@ -482,6 +487,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     const conn = this.conn;
     if (this.o.mode !== 'sync' || !conn || conn.closed || r.seq < this.forwardFromSeq || this.forwardFromSeq === 0) return;
     const payload = r.payload.length === 0 ? Buffer.alloc(0) : Buffer.concat(r.payload as Buffer[]); // a copy: the views die with the half
+    this.lastForwardedSeq = r.seq;
     this.send(conn, { type: MsgType.Record, seq: r.seq, recordType: r.type, flags: r.flags, offsetBytes: r.offsetBytes, lengthBytes: r.lengthBytes, payload });
   }
 
@@ -555,7 +561,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     const prevBuf = Buffer.allocUnsafe(4096);
     for (const b of blocks) {
       const o = b.origin;
-      if (this.o.mode === 'sync' && o && b.crc !== undefined && o.seq >= this.storedFromSeq && o.seq <= this.heldSeq && o.seq >= this.forwardFromSeq) {
+      if (this.o.mode === 'sync' && o && b.crc !== undefined && o.seq >= this.storedFromSeq && o.seq <= this.lastForwardedSeq && o.seq >= this.forwardFromSeq) {
         refs.push({ pba: b.pba, seq: o.seq, index: o.index, crc: b.crc });
         continue;
       }
