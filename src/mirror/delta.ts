@@ -23,6 +23,14 @@ export const DELTA_FROM_ZEROES = 0;
 /** A delta larger than this is not worth it: send the block. */
 export const DELTA_MAX_BYTES = 2048;
 
+/** Lines compared with one native memcmp first: most of a metadata block is unchanged. */
+const LINE_BYTES = 256;
+
+function wordDiffers(a: Buffer, b: Buffer, w: number): boolean {
+  const o = w * WORD_BYTES;
+  return a.readUInt32LE(o) !== b.readUInt32LE(o) || a.readUInt32LE(o + 4) !== b.readUInt32LE(o + 4);
+}
+
 /** The delta from prev to next, or undefined when it would exceed DELTA_MAX_BYTES. */
 export function encodeDelta(prev: Buffer, next: Buffer): Buffer | undefined {
   if (prev.length !== BLOCK_BYTES || next.length !== BLOCK_BYTES) throw new RangeError('deltas are between 4 KiB blocks');
@@ -30,15 +38,23 @@ export function encodeDelta(prev: Buffer, next: Buffer): Buffer | undefined {
   let size = 0;
   let w = 0;
   while (w < WORDS) {
-    if (prev.readBigUInt64LE(w * WORD_BYTES) === next.readBigUInt64LE(w * WORD_BYTES)) {
+    // Skip whole equal lines at once (native compare), then find the first differing word.
+    if (w % (LINE_BYTES / WORD_BYTES) === 0) {
+      const at = w * WORD_BYTES;
+      if (prev.compare(next, at, at + LINE_BYTES, at, at + LINE_BYTES) === 0) {
+        w += LINE_BYTES / WORD_BYTES;
+        continue;
+      }
+    }
+    if (!wordDiffers(prev, next, w)) {
       w++;
       continue;
     }
     let end = w + 1;
     // Extend over runs of differing words, bridging a single equal word (a header is cheaper than a split).
     while (end < WORDS) {
-      if (prev.readBigUInt64LE(end * WORD_BYTES) !== next.readBigUInt64LE(end * WORD_BYTES)) end++;
-      else if (end + 1 < WORDS && prev.readBigUInt64LE((end + 1) * WORD_BYTES) !== next.readBigUInt64LE((end + 1) * WORD_BYTES)) end += 2;
+      if (wordDiffers(prev, next, end)) end++;
+      else if (end + 1 < WORDS && wordDiffers(prev, next, end + 1)) end += 2;
       else break;
     }
     const h = Buffer.allocUnsafe(RUN_HEADER_BYTES);

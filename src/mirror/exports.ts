@@ -30,9 +30,10 @@ export const PIN_HOLD_MS_MAX_DEFAULT = 10 * 60_000;
 const PIN_CHECK_INTERVAL_MS = 1000;
 export const SNAPSHOT_SEPARATOR = '@';
 
+/** Not multi-conn: each connection is pinned to the CP it connected at, so two connections of one client could see two CPs. */
 const CAPS: VolumeCapabilities = {
   readOnly: true, canFlush: true, canFua: false, canTrim: false, canZero: false, canFastZero: false, canCache: true,
-  canMultiConn: true, rotational: false, minBlockSizeBytes: 1, preferredBlockSizeBytes: BS, maxPayloadBytes: 32 * 1024 * 1024,
+  canMultiConn: false, rotational: false, minBlockSizeBytes: 1, preferredBlockSizeBytes: BS, maxPayloadBytes: 32 * 1024 * 1024,
 };
 
 /** A read-only volume pinned to one committed CP of a mirror (one per NBD connection). */

@@ -264,10 +264,13 @@ export class MirrorDir {
     await this.dev.sync();
     await this.dev.writeBlocks(slot, superblock);
     await this.dev.sync();
-    this.committed = { sb: d, raw: Buffer.from(superblock) };
-    this.lastCommitMs = Date.now();
+    const raw = Buffer.from(superblock);
+    const view = await BlockTree.openView(this.dev, raw);
     if (this.baselinePartial) await this.setBaselinePartial(undefined);
-    this.view = await BlockTree.openView(this.dev, this.committed.raw);
+    // The committed CP and its view change together: a reader never gets one CP's label with another's root.
+    this.committed = { sb: d, raw };
+    this.view = view;
+    this.lastCommitMs = Date.now();
     this.log.committed(d.nvlogSeq);
     return d;
   }

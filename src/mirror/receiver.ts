@@ -535,9 +535,10 @@ export class MirrorReceiver {
 
   async close(): Promise<void> {
     this.closing = true;
-    await new Promise<void>((r) => (this.server ? this.server.close(() => r()) : r()));
-    const all = [...this.sessions];
-    for (const s of all) s.end('receiver stopping');
+    // End the sessions first: server.close() resolves only once every connection is gone.
+    const closed = new Promise<void>((r) => (this.server ? this.server.close(() => r()) : r()));
+    for (const s of [...this.sessions]) s.end('receiver stopping');
+    await closed;
     while (this.sessions.size > 0) await new Promise((r) => setTimeout(r, 10));
     for (const m of this.mirrors.values()) await m.close();
     this.mirrors.clear();

@@ -43,7 +43,7 @@ const IN_CI = process.env.CI === 'true';
 /** How long detach() waits for the kernel to let go of a loop device after `losetup -d`. */
 const LOOP_RELEASE_MS = 5_000;
 /** Filler written and trimmed before the mirror is mounted (moves the source's allocator on). */
-const FILLER_ROUNDS = 2;
+const FILLER_ROUNDS = 3;
 const FILLER_BYTES = 60 * MiB;
 /** Churn rounds after the allocator wrapped round the source's member, and at most in all. */
 const WRAPPED_ROUNDS = 2;
