@@ -7,13 +7,15 @@ import { openVolume } from '../volume/open';
 import { createVolumeDir, LABEL_NAME } from '../volume/dir';
 import { createLogger } from '../util/log';
 import { formatSize } from '../util/size';
-import { MirrorSource, type MirrorPolicy } from '../mirror/source';
+import { MIRROR_STATE_NAME, MirrorSource, type MirrorPolicy, type MirrorRelationship } from '../mirror/source';
+import type { MirrorMode } from '../mirror/wire';
 import { clientTls, linkSecurity, type LinkArgs } from '../mirror/link';
 import { EngineVolume } from '../volume/engine';
 import { assert } from '../util/assert';
 import { hostPortArg, logLevelArg, onStopSignals, sizeArg, intArg, volumeSpecFromArgs } from './common';
 
 interface ServeOpts extends LinkArgs {
+  mirror?: boolean;
   mirrorTo?: { host: string; port: number };
   mirrorMode?: string;
   mirrorPolicy?: string;
@@ -73,10 +75,31 @@ export function registerServe(program: Command): void {
     .option('--mirror-tls-key <FILE>', 'TLS private key for the mirror link (PEM)')
     .option('--mirror-tls-ca <FILE>', 'CA that signed the receiver\'s certificate (PEM)')
     .option('--mirror-insecure', 'mirror over plaintext TCP, unauthenticated')
+    .option('--no-mirror', 'serve a volume directory without the mirror relationship it has recorded')
     .option('--mirror-stall-timeout <MS>', 'drop the mirror connection when the peer acknowledges nothing for this long', intArg(100, 3_600_000))
     .action(async (dir: string | undefined, o: ServeOpts) => {
       await serve(dir, o);
     });
+}
+
+/**
+ * The mirror relationship to run: from the flags, or (a volume directory served without
+ * them and without --no-mirror) the one recorded in DIR/mirror-source.json, so a restart
+ * resumes it. Link files are kept as absolute paths.
+ */
+function mirrorRelationship(dir: string | undefined, o: ServeOpts): Omit<MirrorRelationship, 'destCp'> | undefined {
+  if (o.mirrorTo !== undefined) {
+    const abs = (p: string | undefined): string | undefined => (p === undefined ? undefined : path.resolve(p));
+    const link: LinkArgs = {};
+    for (const k of ['mirrorPsk', 'mirrorTlsCert', 'mirrorTlsKey', 'mirrorTlsCa'] as const) {
+      const v = abs(o[k]);
+      if (v !== undefined) link[k] = v;
+    }
+    if (o.mirrorInsecure) link.mirrorInsecure = true;
+    return { peer: `${o.mirrorTo.host}:${o.mirrorTo.port}`, mode: (o.mirrorMode ?? 'sync') as MirrorMode, policy: (o.mirrorPolicy ?? 'available') as MirrorPolicy, link };
+  }
+  if (dir === undefined || o.mirror === false) return undefined;
+  return MirrorSource.readState(path.resolve(dir));
 }
 
 async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
@@ -94,15 +117,17 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
   const mirrorArgs = o.mirrorTo !== undefined || o.mirrorMode !== undefined || o.mirrorPolicy !== undefined;
   if (mirrorArgs && dir === undefined) throw new Error('--mirror-to needs a volume directory (memory and file volumes are not mirrored)');
   if ((o.mirrorMode !== undefined || o.mirrorPolicy !== undefined) && o.mirrorTo === undefined) throw new Error('--mirror-mode and --mirror-policy need --mirror-to');
-  const mirrorSec = o.mirrorTo !== undefined ? linkSecurity(o) : undefined;
+  const rel = mirrorRelationship(dir, o);
+  const mirrorSec = rel ? linkSecurity(rel.link) : undefined;
   const logger = createLogger(o.logLevel);
   let mirror: MirrorSource | undefined;
-  if (o.mirrorTo !== undefined && dir !== undefined && mirrorSec) {
-    if (spec.readOnly) throw new Error('--mirror-to needs the volume served read-write');
+  if (rel && dir !== undefined && mirrorSec) {
+    if (spec.readOnly) throw new Error('mirroring needs the volume served read-write (or --no-mirror)');
+    if (o.mirrorTo === undefined) process.stdout.write(`nvmirror: resuming the mirror to ${rel.peer} (${rel.mode}) recorded in ${path.join(path.resolve(dir), MIRROR_STATE_NAME)}; --no-mirror to serve without it\n`);
     const tlsOpts = clientTls(mirrorSec);
     const m = new MirrorSource({
-      dir: path.resolve(dir), peer: o.mirrorTo, mode: (o.mirrorMode ?? 'sync') as 'sync' | 'async',
-      policy: (o.mirrorPolicy ?? 'available') as MirrorPolicy, logger, ...(tlsOpts ? { tls: tlsOpts } : {}),
+      dir: path.resolve(dir), peer: hostPortArg(rel.peer), mode: rel.mode, policy: rel.policy, logger, link: rel.link,
+      ...(tlsOpts ? { tls: tlsOpts } : {}),
       ...(o.mirrorStallTimeout !== undefined ? { stallTimeoutMs: o.mirrorStallTimeout } : {}),
     });
     mirror = m;

@@ -5,9 +5,11 @@
  *
  *   sync:  every record is forwarded as it is appended; a client's reply waits for the
  *          destination's RECORD_ACK (FLUSH/FUA: its durable ack). At each CP, data
- *          blocks the destination holds in its log go as references, the rest as data,
- *          then the superblock; the next CP starts once the destination committed it.
- *   async: no forwarding; each CP is shipped the same way, all blocks as data.
+ *          blocks the destination holds in its log go as references, metadata blocks
+ *          as deltas against the blocks they replace, the rest as data, then the
+ *          superblock. CPs are pipelined one deep: the next CP may start while the
+ *          destination applies this one, not the one after.
+ *   async: no forwarding; each CP is shipped the same way (data blocks as data).
  *   behind (link lost, new destination): a resync sends every block of a pinned
  *          committed state born after the destination's CP (a baseline: all of them),
  *          then its superblock; repeated until the destination holds the newest CP.
@@ -15,8 +17,9 @@
  * Invariants:
  * - The tree never reuses a block the destination's committed CP or a CP its readers pin
  *   references (oldestNeededCp): the destination's committed image survives any crash
- *   or link loss, and resync is "born after the base". Those frees are held only from
- *   holdValidFromCp (this process's first CP) on; an older base gets a full baseline.
+ *   or link loss, and resync is "born after the base". Frees are held from
+ *   holdValidFromCp on (the tree's CP at start, or the destination's older CP re-held
+ *   from the superblock ring); an older base gets a full baseline.
  * - A CP is shipped only when the destination holds exactly the CP before it; anything
  *   else goes through resync. A reference names a record sent on this connection (the
  *   destination reads it before the CP frame) and not released by the destination
@@ -43,12 +46,13 @@ import { VolumeError } from '../volume/errors';
 import { assert } from '../util/assert';
 import { crc32c } from '../io/native';
 import { DELTA_FROM_ZEROES, encodeDelta } from './delta';
-
-const ZERO_BLOCK = Buffer.alloc(4096);
+import type { LinkArgs } from './link';
 import {
   writeFrame, BLOCKS_PER_FRAME_MAX, DELTAS_RAW_MAX_BYTES, DELTAS_PER_FRAME_MAX, FrameParser, FrameWriter, MsgType, REFS_PER_FRAME_MAX, deltaEntryBytes,
   type CpDelta, type CpRef, type Message, type MirrorMode,
 } from './wire';
+
+const ZERO_BLOCK = Buffer.alloc(4096);
 
 export type MirrorPolicy = 'available' | 'strict';
 export type MirrorState = 'disconnected' | 'baseline' | 'resyncing' | 'in-sync' | 'behind';
@@ -76,7 +80,19 @@ export interface MirrorSourceOptions {
   policy: MirrorPolicy;
   logger: Logger;
   tls?: tls.ConnectionOptions;
+  /** How the link is secured, as given on the command line (persisted so a restart resumes). */
+  link: LinkArgs;
   stallTimeoutMs?: number;
+}
+
+/** What DIR/mirror-source.json keeps of the relationship. */
+export interface MirrorRelationship {
+  peer: string;
+  mode: MirrorMode;
+  policy: MirrorPolicy;
+  link: LinkArgs;
+  /** The destination's CP whose blocks this volume holds, or -1. */
+  destCp: number;
 }
 
 export interface MirrorSourceStats {
@@ -182,6 +198,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private cpsShipped = 0;
   private clientBytesAtDestCp = 0;
   private wireAtLastTick = 0;
+  private lastPingMs = 0;
   private wireRate = 0;
   private dataBlocksSent = 0;
   private refsSent = 0;
@@ -239,7 +256,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
   /** The state file names the destination's CP only while its blocks are held here (else -1: a baseline is due). */
   private stateText(): string {
     const destCp = this.destCp >= this.holdValidFromCp ? this.destCp : -1;
-    return JSON.stringify({ peer: `${this.o.peer.host}:${this.o.peer.port}`, mode: this.o.mode, policy: this.o.policy, destCp, updatedMs: Date.now() }) + '\n';
+    return JSON.stringify({ peer: `${this.o.peer.host}:${this.o.peer.port}`, mode: this.o.mode, policy: this.o.policy, link: this.o.link, destCp, updatedMs: Date.now() }) + '\n';
   }
 
   /** Synchronous (a few hundred bytes, no fsync, once per CP) so writes never land out of order. */
@@ -253,11 +270,15 @@ export class MirrorSource implements CpSink, ReplicaGate {
     }
   }
 
-  static readState(dir: string): { peer: string; mode: MirrorMode; policy: MirrorPolicy; destCp: number } | undefined {
+  static readState(dir: string): MirrorRelationship | undefined {
     try {
       const v = JSON.parse(fs.readFileSync(path.join(dir, MIRROR_STATE_NAME), 'utf8')) as Record<string, unknown>;
       if (typeof v.peer !== 'string' || (v.mode !== 'sync' && v.mode !== 'async') || (v.policy !== 'available' && v.policy !== 'strict')) return undefined;
-      return { peer: v.peer, mode: v.mode, policy: v.policy, destCp: typeof v.destCp === 'number' ? v.destCp : -1 };
+      const l = (typeof v.link === 'object' && v.link !== null ? v.link : {}) as Record<string, unknown>;
+      const link: LinkArgs = {};
+      for (const k of ['mirrorPsk', 'mirrorTlsCert', 'mirrorTlsKey', 'mirrorTlsCa'] as const) if (typeof l[k] === 'string') link[k] = l[k] as string;
+      if (l.mirrorInsecure === true) link.mirrorInsecure = true;
+      return { peer: v.peer, mode: v.mode, policy: v.policy, link, destCp: typeof v.destCp === 'number' ? v.destCp : -1 };
     } catch {
       return undefined;
     }
@@ -476,7 +497,10 @@ export class MirrorSource implements CpSink, ReplicaGate {
       const oldest = this.waiters.length > 0 ? this.waiters.reduce((a, w) => Math.min(a, w.sinceMs), now) : now;
       if (now - oldest > stall) this.drop(conn, `no acknowledgement from the destination for ${stall} ms (stalled peer)`);
       else if (conn.cpAcks.length > 0 && now - conn.cpAcks[0]!.sinceMs > stall) this.drop(conn, `CP ${conn.cpAcks[0]!.cp} not acknowledged within ${stall} ms (stalled peer)`);
-      else this.send(conn, { type: MsgType.Ping, nowMs: now });
+      else if (now - this.lastPingMs >= PING_INTERVAL_MS) {
+        this.lastPingMs = now;
+        this.send(conn, { type: MsgType.Ping, nowMs: now });
+      }
     }
   }
 

@@ -110,10 +110,11 @@ describe('mirror: two hosts (network namespaces)', function () {
     await until('receiver socket', () => fs.existsSync(s.expSock), 90_000);
   }
 
-  async function startSource(s: Setup, link: string[] = ['--mirror-insecure']): Promise<void> {
+  async function startSource(s: Setup, link: string[] = ['--mirror-insecure'], resume = false): Promise<void> {
     fs.rmSync(s.srcSock, { force: true });
     const b = pair.host('b');
-    s.source = pair.spawn('a', BIN, ['serve', s.src, '--socket', s.srcSock, '--cp-interval', '300', '--mirror-to', `${b.addr}:${PORT}`, '--mirror-mode', s.mode, ...link, '--mirror-stall-timeout', '2000', ...s.extra], {
+    const mirrorArgs = resume ? [] : ['--mirror-to', `${b.addr}:${PORT}`, '--mirror-mode', s.mode, ...link];
+    s.source = pair.spawn('a', BIN, ['serve', s.src, '--socket', s.srcSock, '--cp-interval', '300', ...mirrorArgs, '--mirror-stall-timeout', '2000', ...s.extra], {
       stdio: ['ignore', 'ignore', fs.openSync(path.join(tmp, 'sv.log'), 'a')],
     });
     await until('source socket', () => fs.existsSync(s.srcSock), 90_000);
@@ -291,7 +292,7 @@ describe('mirror: two hosts (network namespaces)', function () {
     sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x91 0 64k', `nbd+unix:///${s.uuid}?socket=${s.expSock}`]);
   });
 
-  it('both sides stop and restart: the relationship resumes without a new baseline', async () => {
+  it('both sides stop and restart: the relationship (recorded in the volume) resumes without flags and without a new baseline', async () => {
     const s = await start('sync');
     sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x51 0 4M', `nbd+unix:///?socket=${s.srcSock}`]);
     await inSyncAndIdentical(s);
@@ -302,7 +303,7 @@ describe('mirror: two hosts (network namespaces)', function () {
     await stop(s.source, 'SIGTERM');
     checkMirror(s);
     await startReceiver(s);
-    await startSource(s);
+    await startSource(s, [], true); // no mirror flags: DIR/mirror-source.json has the relationship
     sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x52 8M 4M', `nbd+unix:///?socket=${s.srcSock}`]);
     await inSyncAndIdentical(s);
     assert.strictEqual(baselines(), 1, 'a restart started a new baseline');
