@@ -71,38 +71,77 @@ export async function walkBornAfter(
   };
 
   // Data tree: address blocks carry a verified header; level-0 children are data blocks.
-  const dataTree = async (ptr: BlockPtr, level: number, index: number): Promise<void> => {
-    if (ptr.birth <= baseCp || !firstTime(ptr.pba)) return;
+  // A level-0 node is loaded (its block read, the reads of its data runs started) one
+  // ahead of the one being emitted, so the device and the receiver work at once. Loads
+  // and emits follow the same child order, so the emitted order is deterministic.
+  interface Leaf {
+    ptr: BlockPtr;
+    node: Buffer;
+    runs: Array<{ ptrs: BlockPtr[]; buf: Promise<Buffer> }>;
+  }
+  const loadLeaf = async (ptr: BlockPtr, index: number): Promise<Leaf | null> => {
+    if (ptr.birth <= baseCp || !firstTime(ptr.pba)) return null;
     const node = await readOne(ptr);
-    const problem = verifyNode(node, ptr, { type: NODE_TYPE_DATA_TREE, level, index }, uuid);
-    if (problem) throw new VolumeError('EIO', `address block at pba ${ptr.pba} (level ${level}): ${problem}`);
-    await out(ptr.pba, node);
-    if (level > 0) {
-      for (let s = 0; s < FANOUT; s++) {
-        const c = child(node, ptr, s, 'address block');
-        if (c) await dataTree(c, level - 1, index * FANOUT + s);
-      }
-      return;
-    }
-    // Data blocks: read physically contiguous runs at once.
+    const problem = verifyNode(node, ptr, { type: NODE_TYPE_DATA_TREE, level: 0, index }, uuid);
+    if (problem) throw new VolumeError('EIO', `address block at pba ${ptr.pba} (level 0): ${problem}`);
     const want: BlockPtr[] = [];
     for (let s = 0; s < FANOUT; s++) {
       const c = child(node, ptr, s, 'address block');
       if (c && c.birth > baseCp && firstTime(c.pba)) want.push(c);
     }
     want.sort((a, b) => a.pba - b.pba);
+    const runs: Leaf['runs'] = [];
     let i = 0;
     while (i < want.length) {
       let j = i + 1;
       while (j < want.length && want[j]!.pba === want[j - 1]!.pba + 1) j++;
-      const run = Buffer.allocUnsafe((j - i) * BLOCK);
-      await view.readRaw(want[i]!.pba, j - i, run);
-      for (let k = i; k < j; k++) {
-        const b = run.subarray((k - i) * BLOCK, (k - i + 1) * BLOCK);
-        if (crc32c(b) !== want[k]!.crc) throw new VolumeError('EIO', `data block at pba ${want[k]!.pba}: checksum mismatch`);
-        await out(want[k]!.pba, b);
-      }
+      const ptrs = want.slice(i, j);
+      const buf = Buffer.allocUnsafe(ptrs.length * BLOCK);
+      const read = view.readRaw(ptrs[0]!.pba, ptrs.length, buf).then(() => buf);
+      read.catch(() => undefined); // awaited in emitLeaf; never an unhandled rejection meanwhile
+      runs.push({ ptrs, buf: read });
       i = j;
+    }
+    return { ptr, node, runs };
+  };
+  const emitLeaf = async (leaf: Leaf): Promise<void> => {
+    await out(leaf.ptr.pba, leaf.node);
+    for (const r of leaf.runs) {
+      const run = await r.buf;
+      for (let k = 0; k < r.ptrs.length; k++) {
+        const b = run.subarray(k * BLOCK, (k + 1) * BLOCK);
+        if (crc32c(b) !== r.ptrs[k]!.crc) throw new VolumeError('EIO', `data block at pba ${r.ptrs[k]!.pba}: checksum mismatch`);
+        await out(r.ptrs[k]!.pba, b);
+      }
+    }
+  };
+  const dataTree = async (ptr: BlockPtr, level: number, index: number): Promise<void> => {
+    if (level === 0) {
+      const leaf = await loadLeaf(ptr, index);
+      if (leaf) await emitLeaf(leaf);
+      return;
+    }
+    if (ptr.birth <= baseCp || !firstTime(ptr.pba)) return;
+    const node = await readOne(ptr);
+    const problem = verifyNode(node, ptr, { type: NODE_TYPE_DATA_TREE, level, index }, uuid);
+    if (problem) throw new VolumeError('EIO', `address block at pba ${ptr.pba} (level ${level}): ${problem}`);
+    await out(ptr.pba, node);
+    const kids: Array<{ c: BlockPtr; index: number }> = [];
+    for (let s = 0; s < FANOUT; s++) {
+      const c = child(node, ptr, s, 'address block');
+      if (c) kids.push({ c, index: index * FANOUT + s });
+    }
+    if (level > 1) {
+      for (const k of kids) await dataTree(k.c, level - 1, k.index);
+      return;
+    }
+    let next: Promise<Leaf | null> | undefined = kids.length > 0 ? loadLeaf(kids[0]!.c, kids[0]!.index) : undefined;
+    for (let i = 0; i < kids.length; i++) {
+      const cur = next!;
+      next = i + 1 < kids.length ? loadLeaf(kids[i + 1]!.c, kids[i + 1]!.index) : undefined;
+      next?.catch(() => undefined);
+      const leaf = await cur;
+      if (leaf) await emitLeaf(leaf);
     }
   };
 
