@@ -589,15 +589,19 @@ export class MirrorSource implements CpSink, ReplicaGate {
         refs.push({ pba: b.pba, seq: o.seq, index: o.index, crc: b.crc });
         continue;
       }
-      // The destination holds the committed block this one replaces (or, for a new block,
-      // starts from zeroes, prevPba 0): send the difference when it is small.
+      if (b.crc !== undefined) {
+        data.push(b); // client data: no delta worth computing
+        continue;
+      }
+      // A metadata block: the destination holds the committed block this one replaces (or,
+      // for a new block, starts from zeroes, prevPba 0): send the difference when it is small.
       let prev = b.prev;
       if (!prev && b.prevPba !== undefined) {
         await this.tree.readRaw(b.prevPba, 1, prevBuf);
         prev = prevBuf;
       }
       const delta = encodeDelta(prev ?? ZERO_BLOCK, b.buf);
-      if (delta) deltas.push({ pba: b.pba, prevPba: b.prevPba ?? DELTA_FROM_ZEROES, crc: b.crc ?? crc32c(b.buf), delta });
+      if (delta) deltas.push({ pba: b.pba, prevPba: b.prevPba ?? DELTA_FROM_ZEROES, crc: crc32c(b.buf), delta });
       else data.push(b);
     }
     for (let i = 0; i < refs.length; i += REFS_PER_FRAME_MAX) {

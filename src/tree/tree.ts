@@ -710,7 +710,7 @@ export class BlockTree implements BlockTreeApi {
       const crc = c.dataCrcs[i]!;
       dataPtrs[i] = { pba, birth: cp, crc };
       const origin = c.origins[i];
-      dataWrites.push(origin ? { pba, buf: d, origin, crc } : { pba, buf: d });
+      dataWrites.push(origin ? { pba, buf: d, origin, crc } : { pba, buf: d, crc });
     }
     for (const lvl of plan) for (let k = 0; k < lvl.index.length; k++) lvl.pba.push(pbas[next++]!);
     assert(next === pbas.length, 'allocated blocks left over');

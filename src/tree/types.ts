@@ -30,8 +30,9 @@ export interface CpBlock {
   pba: number;
   /** 4 KiB; a view that is only valid until the promise returned by the sink settles. */
   buf: Buffer;
-  /** Data blocks written whole by one log record: where the record holds it, and its crc32c. */
+  /** Data blocks written whole by one log record: where the record holds it. */
   origin?: BlockOrigin;
+  /** Set on data blocks (their crc32c), absent on metadata blocks. */
   crc?: number;
   /** Metadata blocks: the committed block this one replaces (a mirror may send a delta against it), and its contents if at hand. */
   prevPba?: number;
