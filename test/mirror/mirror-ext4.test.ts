@@ -32,9 +32,8 @@ import * as os from 'os';
 import * as path from 'path';
 import { createHostPair, netnsAvailable, type HostPair } from '../net/netns';
 import { controlRequest } from '../../src/volume/engine-control';
+import { BIN, TOOL_ENV, sh, sleep, sourceStatus, until, type MirrorStats } from './helpers';
 
-const ROOT = path.resolve(__dirname, '../../..');
-const BIN = path.join(ROOT, 'bin', 'nvmirror');
 const PORT = 17021;
 const MiB = 1024 * 1024;
 const VOLUME_SIZE = '128M';
@@ -50,7 +49,7 @@ const WRAPPED_ROUNDS = 2;
 const CHURN_ROUNDS_MAX = 14;
 
 /** /usr/bin first (nbdfuse and friends), then the sbin directories (losetup, mkfs, e2fsck). */
-const ENV: NodeJS.ProcessEnv = { ...process.env, PATH: `/usr/bin:${process.env.PATH ?? '/bin'}:/usr/local/sbin:/usr/sbin:/sbin` };
+const ENV = TOOL_ENV;
 
 // ---- processes ----
 
@@ -86,23 +85,8 @@ async function runOk(cmd: string, args: string[], timeoutMs = 30_000): Promise<s
   return r.stdout;
 }
 
-function sh(cmd: string, args: string[], timeoutMs = 60_000): string {
-  return cp.execFileSync(cmd, args, { encoding: 'utf8', timeout: timeoutMs, env: ENV, stdio: ['ignore', 'pipe', 'pipe'] });
-}
 
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
 
-async function until<T>(what: string, f: () => T | undefined | false, timeoutMs = 30_000): Promise<T> {
-  const t0 = Date.now();
-  for (;;) {
-    const v = f();
-    if (v) return v;
-    if (Date.now() - t0 > timeoutMs) throw new Error(`timed out waiting for ${what}`);
-    await sleep(100);
-  }
-}
 
 function toolMissing(tool: string): boolean {
   return !(ENV.PATH ?? '').split(':').some((d) => {
@@ -117,23 +101,6 @@ function toolMissing(tool: string): boolean {
 
 // ---- mirror status ----
 
-interface MirrorStats {
-  state: string;
-  sourceCp: number;
-  destCp: number;
-  rootsEqual: boolean;
-  connected: boolean;
-  lastError?: string;
-}
-
-function sourceStatus(dir: string): MirrorStats | undefined {
-  try {
-    const s = JSON.parse(sh(BIN, ['status', dir, '--json'])) as { sections?: { mirror?: MirrorStats } };
-    return s.sections?.mirror;
-  } catch {
-    return undefined;
-  }
-}
 
 // ---- mounts, loops, nbdfuse (each registered for cleanup as soon as it exists) ----
 

@@ -10,49 +10,10 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { createHostPair, netnsAvailable, type HostPair } from '../net/netns';
+import { BIN, ROOT, md5OfExport, sh, sourceStatus, until } from './helpers';
 import { controlRequest } from '../../src/volume/engine-control';
 
-const ROOT = path.resolve(__dirname, '../../..');
-const BIN = path.join(ROOT, 'bin', 'nvmirror');
 const PORT = 17011;
-
-function sh(cmd: string, args: string[], timeoutMs = 60_000): string {
-  return cp.execFileSync(cmd, args, { encoding: 'utf8', timeout: timeoutMs, stdio: ['ignore', 'pipe', 'pipe'] });
-}
-
-function md5OfExport(uri: string): string {
-  return sh('bash', ['-c', `nbdcopy '${uri}' - | md5sum | cut -d' ' -f1`], 120_000).trim();
-}
-
-async function until<T>(what: string, f: () => T | undefined | false, timeoutMs = 30_000): Promise<T> {
-  const t0 = Date.now();
-  for (;;) {
-    const v = f();
-    if (v) return v;
-    if (Date.now() - t0 > timeoutMs) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
-
-interface MirrorStats {
-  state: string;
-  cpsAcknowledged: number;
-  rootMismatches: number;
-  sourceCp: number;
-  destCp: number;
-  rootsEqual: boolean;
-  refsSent: number;
-  connected: boolean;
-}
-
-function sourceStatus(dir: string): MirrorStats | undefined {
-  try {
-    const s = JSON.parse(sh(BIN, ['status', dir, '--json'])) as { sections?: { mirror?: MirrorStats } };
-    return s.sections?.mirror;
-  } catch {
-    return undefined;
-  }
-}
 
 async function txBytes(pair: HostPair): Promise<number> {
   const a = pair.host('a');
