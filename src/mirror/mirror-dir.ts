@@ -26,6 +26,7 @@ import { BlockTree } from '../tree/tree';
 import { BLOCK, RING_SLOTS, decodeSuperblock, encodePtr, type Superblock } from '../tree/layout';
 import { assert } from '../util/assert';
 import { DestLog, DEST_LOG_NAME, destLogBytesFor } from './dest-log';
+import { LABEL_NAME, readLabel } from '../volume/dir';
 
 export const MIRROR_LABEL_NAME = 'mirror.json';
 export const MIRROR_LOCK_NAME = 'mirror.lock';
@@ -43,6 +44,14 @@ export interface MirrorLabel {
   sizeBytes: number;
   deviceBlocks: number;
   createdMs: number;
+  /** The member, when it is not DIR/member-0.img (a directory pre-created with `nvmirror create`); relative paths are relative to DIR. */
+  memberPath?: string;
+}
+
+/** Where a mirror's member lives. */
+function memberOf(dir: string, label: MirrorLabel): string {
+  const p = label.memberPath ?? MEMBER_NAME;
+  return path.isAbsolute(p) ? p : path.join(dir, p);
 }
 
 export class MirrorDirError extends Error {
@@ -80,7 +89,7 @@ export async function checkMirrorDir(dir: string): Promise<{ ok: boolean; proble
   const notes: string[] = [];
   const label = JSON.parse(await fs.promises.readFile(path.join(dir, MIRROR_LABEL_NAME), 'utf8')) as MirrorLabel;
   const partial = fs.existsSync(path.join(dir, BASELINE_MARKER_NAME)) ? readBaselineMarker(path.join(dir, BASELINE_MARKER_NAME)) ?? { cp: -1, blocks: 0 } : undefined;
-  const dev = await FileBlockDevice.open(path.join(dir, MEMBER_NAME), { readOnly: true });
+  const dev = await FileBlockDevice.open(memberOf(dir, label), { readOnly: true });
   try {
     const newest = await newestSuperblock(dev, label.sourceUuid);
     if (!newest) {
@@ -106,6 +115,18 @@ export async function checkMirrorDir(dir: string): Promise<{ ok: boolean; proble
     await dev.close();
   }
   return { ok: problems.length === 0, problems, notes };
+}
+
+/** Writes mirror.json durably (temp file, fsync, rename, fsync DIR). */
+async function writeMirrorLabel(dir: string, label: MirrorLabel): Promise<void> {
+  const labelPath = path.join(dir, MIRROR_LABEL_NAME);
+  const tmp = `${labelPath}.tmp`;
+  await fs.promises.writeFile(tmp, JSON.stringify(label, null, 2) + '\n');
+  const fd = fs.openSync(tmp, 'r');
+  fs.fsyncSync(fd);
+  fs.closeSync(fd);
+  await fs.promises.rename(tmp, labelPath);
+  await syncDirectory(dir);
 }
 
 function readBaselineMarker(p: string): { cp: number; blocks: number } | undefined {
@@ -163,22 +184,30 @@ export class MirrorDir {
         if (label.sizeBytes !== hello.sizeBytes || label.deviceBlocks !== hello.deviceBlocks) {
           throw new MirrorDirError(`mirror ${dir} was made for ${label.sizeBytes} bytes on ${label.deviceBlocks} blocks; the source now has ${hello.sizeBytes} on ${hello.deviceBlocks}`);
         }
+      } else if (fs.existsSync(path.join(dir, LABEL_NAME))) {
+        // Pre-created with `nvmirror create DIR/<source-uuid> --size S [--member PATH]`: its
+        // member (on the disk the operator chose) becomes the mirror's. Its own label is set
+        // aside so nothing serves that directory as the volume it was formatted as.
+        const vol = await readLabel(dir);
+        const member = vol.members[0]!;
+        const memberPath = path.isAbsolute(member.path) ? member.path : path.join(dir, member.path);
+        if (vol.sizeBytes !== hello.sizeBytes) throw new MirrorDirError(`${dir} was created for ${vol.sizeBytes} bytes; the source has ${hello.sizeBytes}`);
+        if (member.blockCount < hello.deviceBlocks) throw new MirrorDirError(`${dir}: its member has ${member.blockCount} blocks; the source's block space needs ${hello.deviceBlocks}`);
+        label = { format: 'nvmirror-mirror', version: 1, sourceUuid: hello.sourceUuid, sizeBytes: hello.sizeBytes, deviceBlocks: hello.deviceBlocks, createdMs: Date.now(), memberPath: member.path };
+        await fs.promises.rename(path.join(dir, LABEL_NAME), path.join(dir, `${LABEL_NAME}.before-mirror`));
+        await writeMirrorLabel(dir, label);
+        logger.info({ dir, source: hello.sourceUuid, member: memberPath }, 'pre-created volume directory taken as the mirror');
       } else {
         label = { format: 'nvmirror-mirror', version: 1, sourceUuid: hello.sourceUuid, sizeBytes: hello.sizeBytes, deviceBlocks: hello.deviceBlocks, createdMs: Date.now() };
         const memberPath = path.join(dir, MEMBER_NAME);
         await fs.promises.rm(memberPath, { force: true });
         const dev = await FileBlockDevice.create(memberPath, hello.deviceBlocks);
         await dev.close();
-        const tmp = `${labelPath}.tmp`;
-        await fs.promises.writeFile(tmp, JSON.stringify(label, null, 2) + '\n');
-        const fd = fs.openSync(tmp, 'r');
-        fs.fsyncSync(fd);
-        fs.closeSync(fd);
-        await fs.promises.rename(tmp, labelPath);
-        await syncDirectory(dir);
+        await writeMirrorLabel(dir, label);
         logger.info({ dir, source: hello.sourceUuid }, 'new mirror created');
       }
-      const dev = await FileBlockDevice.open(path.join(dir, MEMBER_NAME), {});
+      const dev = await FileBlockDevice.open(memberOf(dir, label), {});
+
       if (dev.blockCount < label.deviceBlocks) throw new MirrorDirError(`mirror member has ${dev.blockCount} blocks, needs ${label.deviceBlocks}`);
       const log = await DestLog.open(path.join(dir, DEST_LOG_NAME), hello.sourceUuid, destLogBytesFor(hello.nvramBytes));
       const m = new MirrorDir(dir, label, dev, log, lockFd, fs.existsSync(path.join(dir, BASELINE_MARKER_NAME)));

@@ -253,6 +253,21 @@ describe('mirror: two hosts (network namespaces)', function () {
     sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x91 0 64k', `nbd+unix:///${s.uuid}?socket=${s.expSock}`]);
   });
 
+  it('a destination pre-created with nvmirror create (its member elsewhere) becomes the mirror', async () => {
+    const s = setup('sync');
+    const member = path.join(tmp, 'elsewhere', 'mirror-member.img');
+    fs.mkdirSync(path.dirname(member));
+    sh(BIN, ['create', path.join(tmp, 'dst', s.uuid), '--size', '256M', '--nvram-size', '8M', '--member', member]);
+    await startReceiver(s);
+    await startSource(s);
+    await until('mirror in sync', () => sourceStatus(s.src)?.state === 'in-sync');
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0xa1 0 4M', `nbd+unix:///?socket=${s.srcSock}`]);
+    await inSyncAndIdentical(s);
+    assert.ok(!fs.existsSync(path.join(tmp, 'dst', s.uuid, 'member-0.img')), 'a member was created in the mirror directory');
+    assert.ok(fs.existsSync(path.join(tmp, 'dst', s.uuid, 'nvmirror.json.before-mirror')), 'the pre-created label was not set aside');
+    checkMirror(s);
+  });
+
   it('both sides stop and restart: the relationship (recorded in the volume) resumes without flags and without a new baseline', async () => {
     const s = await start('sync');
     sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x51 0 4M', `nbd+unix:///?socket=${s.srcSock}`]);
