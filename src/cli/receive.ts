@@ -51,8 +51,9 @@ export function registerReceive(program: Command): void {
       }, logger);
       const addr = await rx.listen(o.listen.host, o.listen.port);
       control = await ControlServer.listen(path.join(abs, RECEIVER_SOCKET_NAME), async (req) => {
-        if (req.op !== 'status') throw new Error(`a receiver answers only status, not ${req.op}`);
-        return { receiver: rx.stats() };
+        if (req.op === 'status') return { receiver: rx.stats() };
+        if (req.op === 'verify' && req.source !== undefined) return { verify: await rx.verify(req.source) };
+        throw new Error(`a receiver answers status and verify of a source, not ${req.op}`);
       });
       const lines = [`nvmirror: receiving mirrors into ${abs} on ${o.listen.host}:${addr.port} (${sec.kind === 'insecure' ? 'plaintext' : `TLS ${sec.kind}`})`];
       if (o.exportListen || o.exportSocket) {

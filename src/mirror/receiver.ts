@@ -28,7 +28,8 @@ import { assert } from '../util/assert';
 import { crc32c } from '../io/native';
 import { FrameParser, FrameWriter, MirrorProtocolError, MsgType, WIRE_VERSION, writeFrame, type CpKind, type Message } from './wire';
 import { APPLY_WRITES_MAX, BASELINE_PROGRESS_BLOCKS, MirrorDir, MirrorDirError, rootBytes } from './mirror-dir';
-import type { MirrorExports } from './exports';
+import { MirrorView, type MirrorExports } from './exports';
+import { verifyCp, type VerifyReport } from './verify';
 import { applyDelta, DELTA_FROM_ZEROES } from './delta';
 
 const ZERO_BLOCK = Buffer.alloc(4096);
@@ -227,6 +228,13 @@ class Session {
       case MsgType.ReadReq:
         this.send({ type: MsgType.ReadResp, id: m.id, pbas: m.pbas, data: await mirror.readRaw(m.pbas) });
         return false;
+      case MsgType.ReadResp: {
+        const r = this.reads.get(m.id);
+        if (!r) throw new MirrorProtocolError(`read response ${m.id} that was not asked for`);
+        this.reads.delete(m.id);
+        r.resolve(Buffer.from(m.data));
+        return false;
+      }
       case MsgType.CpBegin: {
         if (this.applying) throw new MirrorProtocolError(`CP ${m.cp} begins while CP ${this.applying.cp} is being applied`);
         if (m.kind === 'resume') {
@@ -394,6 +402,47 @@ class Session {
     });
   }
 
+  private readonly reads = new Map<number, { resolve: (b: Buffer) => void; reject: (e: Error) => void }>();
+  private readId = 0;
+
+  /** Reads one block of the source's device (verify), or fails if the connection ends first. */
+  private remoteRead(pba: number): Promise<Buffer> {
+    if (this.closed) return Promise.reject(new Error('the source is not connected'));
+    const id = (this.readId = (this.readId + 1) >>> 0);
+    return new Promise<Buffer>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.reads.delete(id);
+        reject(new Error('the source did not answer a verify read within 30 s'));
+      }, 30_000);
+      this.reads.set(id, {
+        resolve: (b) => {
+          clearTimeout(timer);
+          resolve(b);
+        },
+        reject: (e) => {
+          clearTimeout(timer);
+          reject(e);
+        },
+      });
+      this.send({ type: MsgType.ReadReq, id, pbas: [pba] });
+    });
+  }
+
+  /** Verifies this mirror's committed CP against the source (the CP is pinned like a reader's meanwhile). */
+  async verify(): Promise<VerifyReport> {
+    const mirror = this.mirror;
+    if (!mirror || this.closed) throw new Error('the source is not connected');
+    const view = this.rx.exports?.lookup(mirror.label.sourceUuid);
+    if (!view || !(view instanceof MirrorView)) throw new Error('the mirror holds no committed CP yet');
+    view.onRevoke(() => undefined); // pins the CP: the source keeps its blocks while we read them
+    try {
+      const here = { read: async (pba: number) => (await mirror.readRaw([pba])) };
+      return await verifyCp(view.cp, here, { read: (pba) => this.remoteRead(pba) }, 'the source');
+    } finally {
+      view.detach();
+    }
+  }
+
   /** Sends the oldest CP a reader pins (so the source keeps its blocks). */
   sendPin(cp: number): void {
     if (this.mirror) this.send({ type: MsgType.Pin, oldestPinnedCp: cp });
@@ -419,6 +468,8 @@ class Session {
     const w = this.writeWaiters;
     this.writeWaiters = [];
     for (const f of w) f();
+    for (const r of this.reads.values()) r.reject(new Error(`the source disconnected: ${reason}`));
+    this.reads.clear();
     void this.rx.sessionEnded(this);
   }
 
@@ -482,6 +533,13 @@ export class MirrorReceiver {
         resolve(srv.address() as net.AddressInfo);
       });
     });
+  }
+
+  /** Verify of one mirror against its connected source (`nvmirror verify DIR/<uuid>`). */
+  async verify(uuid: string): Promise<VerifyReport> {
+    const s = this.sessionFor(uuid);
+    if (!s) throw new Error(`source ${uuid} is not connected: verify needs both sides running`);
+    return s.verify();
   }
 
   sessionFor(uuid: string): Session | undefined {

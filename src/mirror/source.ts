@@ -40,8 +40,9 @@ import type { AppendedRecord } from '../nvlog/log';
 import type { BlockTreeApi, CommittedView, CpBlock, CpMeta, CpSink } from '../tree/types';
 import { walkBornAfter } from '../tree/born-after';
 import { ProgressLine } from '../util/progress';
-import { diffTrees, type NodeSide } from '../tree/diff';
-import { RING_SLOTS, SUPERBLOCK_ROOT_OFFSET, decodeSuperblock, type BlockPtr } from '../tree/layout';
+import type { NodeSide } from '../tree/diff';
+import { SUPERBLOCK_ROOT_OFFSET, decodeSuperblock } from '../tree/layout';
+import { verifyCp, type VerifyReport } from './verify';
 import { VolumeError } from '../volume/errors';
 import { assert } from '../util/assert';
 import { crc32c } from '../io/native';
@@ -66,6 +67,8 @@ const RECONNECT_MS_MAX = 5_000;
 const PING_INTERVAL_MS = 5_000;
 /** CP commits sent but not acknowledged before the next CP waits (the destination applies while we write the next). */
 const CPS_UNACKED_MAX = 1;
+/** Reads a destination may have outstanding (verify asks one at a time). */
+const READS_ANSWERED_MAX = 4;
 /** An acknowledgement older than this shows as `behind` in status (the link is up but the peer is slow or stalled). */
 const STALE_ACK_MS = 1000;
 /** How long an interrupted baseline's pinned state is kept for a resume (it holds its blocks from reuse meanwhile). */
@@ -125,15 +128,6 @@ export interface MirrorSourceStats {
   bytesSavedByRefs: number;
   resync: { baseCp: number; targetCp: number; blocksSent: number; bytesPerSec: number; totalBytes: number | undefined; etaSeconds: number | undefined } | undefined;
   lastError: string | undefined;
-}
-
-export interface VerifyReport {
-  cp: number;
-  superblocksEqual: boolean;
-  rootsEqual: boolean;
-  /** Data blocks whose pointers differ (-1: could not compare). */
-  blocksDiffering: number;
-  differences: string[];
 }
 
 interface Waiter {
@@ -208,6 +202,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
   /** A CP verify is reading on both sides (held like the base while it runs). */
   private verifyCp: number | undefined;
   private readId = 0;
+  private answering = 0;
   private readonly reads = new Map<number, { resolve: (b: Buffer) => void; reject: (e: Error) => void }>();
 
   constructor(opts: MirrorSourceOptions) {
@@ -399,6 +394,14 @@ export class MirrorSource implements CpSink, ReplicaGate {
         return;
       case MsgType.Pin:
         this.pinnedCp = m.oldestPinnedCp;
+        return;
+      case MsgType.ReadReq:
+        if (this.answering >= READS_ANSWERED_MAX) {
+          this.drop(conn, `the destination has more than ${READS_ANSWERED_MAX} reads outstanding`);
+          return;
+        }
+        this.answering++;
+        void this.answerRead(conn, m).finally(() => this.answering--);
         return;
       case MsgType.ReadResp: {
         const r = this.reads.get(m.id);
@@ -793,44 +796,37 @@ export class MirrorSource implements CpSink, ReplicaGate {
     if (this.verifyCp !== undefined) throw new Error('a verify is already running');
     this.verifyCp = cp;
     try {
-      const slot = cp % RING_SLOTS;
-      const mineRaw = Buffer.allocUnsafe(4096);
-      await this.tree.readRaw(slot, 1, mineRaw);
-      const theirsRaw = await this.remoteRead(conn, slot);
-      const mine = decodeSuperblock(mineRaw);
-      const theirs = decodeSuperblock(theirsRaw);
-      if (typeof mine === 'string' || mine.cpNumber !== cp) throw new Error(`this side no longer holds CP ${cp} in its superblock ring`);
-      if (typeof theirs === 'string') return { cp, superblocksEqual: false, rootsEqual: false, blocksDiffering: -1, differences: [`the destination's superblock of CP ${cp} does not verify: ${theirs}`] };
-      if (theirs.cpNumber !== cp) return { cp, superblocksEqual: false, rootsEqual: false, blocksDiffering: -1, differences: [`the destination's slot holds CP ${theirs.cpNumber}, not CP ${cp}`] };
-      const geometry = { height: mine.treeHeight, lbnCount: mine.sizeBytes / 4096, deviceBlocks: mine.deviceBlocks, volumeUuid: mine.volumeUuid };
-      const local: NodeSide = { read: async (pba) => {
-        const b = Buffer.allocUnsafe(4096);
-        await this.tree.readRaw(pba, 1, b);
-        return b;
-      } };
-      const remote: NodeSide = { read: (pba) => this.remoteRead(conn, pba) };
-      const differences: string[] = [];
-      let blocks = 0;
-      const compare = async (what: string, a: BlockPtr | null, b: BlockPtr | null): Promise<boolean> => {
-        const d = await diffTrees(local, remote, a, b, geometry);
-        blocks += d.blocksDiffering;
-        for (const r of d.ranges) differences.push(`${what}: lbns ${r.startLbn}-${r.endLbn - 1} differ`);
-        if (d.blocksDiffering > 0) differences.push(`${what}: ${d.blocksDiffering} blocks differ (${d.nodesRead} address blocks read)`);
-        return d.blocksDiffering === 0;
-      };
-      const rootsEqual = await compare('live tree', mine.root, theirs.root);
-      const names = new Set([...mine.snapshots.map((s) => s.name), ...theirs.snapshots.map((s) => s.name)]);
-      for (const n of names) {
-        const a = mine.snapshots.find((s) => s.name === n);
-        const b = theirs.snapshots.find((s) => s.name === n);
-        if (!a || !b) differences.push(`snapshot ${n}: only on ${a ? 'this side' : 'the destination'}`);
-        else await compare(`snapshot ${n}`, a.root, b.root);
-      }
-      return { cp, superblocksEqual: mineRaw.equals(theirsRaw), rootsEqual, blocksDiffering: blocks, differences };
+      return await verifyCp(cp, this.localSide(), { read: (pba) => this.remoteRead(conn, pba) }, 'the destination');
     } finally {
       this.verifyCp = undefined;
     }
   }
+
+  private localSide(): NodeSide {
+    return {
+      read: async (pba) => {
+        const b = Buffer.allocUnsafe(4096);
+        await this.tree.readRaw(pba, 1, b);
+        return b;
+      },
+    };
+  }
+
+  /** The destination verifies too: answer its reads of our blocks (one request at a time per connection). */
+  private async answerRead(conn: Conn, m: Message & { type: MsgType.ReadReq }): Promise<void> {
+    const deviceBlocks = this.tree.stats().totalBlocks;
+    const data = Buffer.allocUnsafe(m.pbas.length * 4096);
+    for (let i = 0; i < m.pbas.length; i++) {
+      const p = m.pbas[i]!;
+      if (!(p >= 0 && p < deviceBlocks)) {
+        this.drop(conn, `the destination asked for pba ${p}, outside the device`);
+        return;
+      }
+      await this.tree.readRaw(p, 1, data.subarray(i * 4096, (i + 1) * 4096));
+    }
+    this.send(conn, { type: MsgType.ReadResp, id: m.id, pbas: m.pbas, data });
+  }
+
 
   // ---- status / stop ----
 

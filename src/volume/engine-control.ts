@@ -29,7 +29,7 @@ export type ControlRequest =
   | { op: 'status' }
   | { op: 'list' }
   | { op: 'checkpoint' }
-  | { op: 'verify' }
+  | { op: 'verify'; source?: string }
   | { op: 'snapshot'; kind: 'create' | 'delete'; name: string };
 
 export type ControlResponse = { ok: true; [k: string]: unknown } | { ok: false; error: string };
@@ -47,8 +47,10 @@ export function parseControlRequest(line: string): ControlRequest {
     case 'status':
     case 'list':
     case 'checkpoint':
-    case 'verify':
       return { op: o.op };
+    case 'verify':
+      if (o.source !== undefined && (typeof o.source !== 'string' || !/^[0-9a-f-]{36}$/.test(o.source))) throw new Error('verify source must be a volume uuid');
+      return typeof o.source === 'string' ? { op: 'verify', source: o.source } : { op: 'verify' };
     case 'snapshot':
       if (o.kind !== 'create' && o.kind !== 'delete') throw new Error('snapshot kind must be "create" or "delete"');
       if (typeof o.name !== 'string' || o.name.length === 0 || o.name.length > 256) throw new Error('snapshot name must be a non-empty string');

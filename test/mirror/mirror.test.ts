@@ -151,6 +151,9 @@ describe('mirror: two hosts (network namespaces)', function () {
       assert.strictEqual(m.rootMismatches, 0);
       const v = sh(BIN, ['verify', s.src]);
       assert.match(v, /^identical at CP \d+ \(roots equal, superblocks equal\)$/m, v);
+      // And from the destination's side.
+      const vd = sh(BIN, ['verify', path.join(tmp, 'dst', s.uuid)]);
+      assert.match(vd, /^identical at CP \d+ \(roots equal, superblocks equal\)$/m, vd);
     });
   }
 
