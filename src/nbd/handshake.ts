@@ -307,7 +307,7 @@ export async function negotiate(raw: Duplex, opts: HandshakeOptions): Promise<Ne
           if (parsed.infos.includes(P.INFO_DESCRIPTION)) reply(option, P.REP_INFO, encodeInfoString(P.INFO_DESCRIPTION, volume.description));
           // Our minimum block size is 1, so sending BLOCK_SIZE unrequested is harmless and informative.
           const c = volume.caps;
-          reply(option, P.REP_INFO, encodeInfoBlockSize(c.minBlockSizeBytes, c.preferredBlockSizeBytes, c.maxPayloadBytes));
+          reply(option, P.REP_INFO, encodeInfoBlockSize(c.minBlockSizeBytes, c.preferredBlockSizeBytes, P.MAX_PAYLOAD_BYTES));
           reply(option, P.REP_ACK);
           if (option === P.OPT_GO) return finish(parsed.name, volume, structured, metaExport === parsed.name, tflags);
           break;

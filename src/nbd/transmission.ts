@@ -16,6 +16,7 @@
 import type { Duplex } from 'stream';
 import type { Logger } from '../util/log';
 import type { Volume } from '../volume/types';
+import { assert } from '../util/assert';
 import { BufferPool, sharedBufferPool } from './buffer-pool';
 import { toNbdError } from './errors';
 import * as P from './protocol';
@@ -264,12 +265,13 @@ export class Transmission {
     const end = req.offset + req.length;
     switch (req.type) {
       case P.CMD_READ:
-        if (req.length > caps.maxPayloadBytes) return this.s.structuredReplies ? P.EOVERFLOW : P.EINVAL;
+        if (req.length > P.MAX_PAYLOAD_BYTES) return this.s.structuredReplies ? P.EOVERFLOW : P.EINVAL;
         if ((req.flags & P.CMD_FLAG_DF) !== 0 && !this.s.structuredReplies) return P.EINVAL;
-        if (end > size) return P.EINVAL;
+        // As nbdkit: a zero-length READ is EINVAL (a data chunk must cover >= 1 byte).
+        if (req.length === 0 || end > size) return P.EINVAL;
         return 0;
       case P.CMD_WRITE:
-        if (req.length > caps.maxPayloadBytes) return this.s.structuredReplies ? P.EOVERFLOW : P.EINVAL;
+        if (req.length > P.MAX_PAYLOAD_BYTES) return this.s.structuredReplies ? P.EOVERFLOW : P.EINVAL;
         if (this.readOnly) return P.EPERM;
         if (end > size) return P.ENOSPC;
         return 0;
@@ -304,18 +306,10 @@ export class Transmission {
     this.begin(len);
     try {
       if (this.s.structuredReplies) {
-        if (len === 0) {
-          // A zero-length read still needs a structured reply: an empty DONE data chunk.
-          const b = Buffer.allocUnsafe(P.STRUCTURED_REPLY_HEADER_BYTES + 8);
-          writeStructuredHeader(b, 0, P.REPLY_FLAG_DONE, P.REPLY_TYPE_OFFSET_DATA, req.cookieHi, req.cookieLo, 8);
-          writeU64(b, req.offset, P.STRUCTURED_REPLY_HEADER_BYTES);
-          this.send(b);
-          return;
-        }
         const hdr = P.STRUCTURED_REPLY_HEADER_BYTES + 8;
         pooled = BufferPool.pooled(hdr + len) ? sharedBufferPool.take(hdr + len) : undefined;
         const b = pooled ? pooled.subarray(0, hdr + len) : Buffer.allocUnsafe(hdr + len);
-        await this.volume.read(req.offset, len, b.subarray(hdr));
+        await this.readPieces(req.offset, b.subarray(hdr));
         writeStructuredHeader(b, 0, P.REPLY_FLAG_DONE, P.REPLY_TYPE_OFFSET_DATA, req.cookieHi, req.cookieLo, 8 + len);
         writeU64(b, req.offset, P.STRUCTURED_REPLY_HEADER_BYTES);
         this.send(b, pooled);
@@ -323,7 +317,7 @@ export class Transmission {
         const hdr = P.SIMPLE_REPLY_HEADER_BYTES;
         pooled = BufferPool.pooled(hdr + len) ? sharedBufferPool.take(hdr + len) : undefined;
         const b = pooled ? pooled.subarray(0, hdr + len) : Buffer.allocUnsafe(hdr + len);
-        if (len > 0) await this.volume.read(req.offset, len, b.subarray(hdr));
+        if (len > 0) await this.readPieces(req.offset, b.subarray(hdr));
         encodeSimpleReply(0, req.cookieHi, req.cookieLo, b);
         this.send(b, pooled);
       }
@@ -342,7 +336,7 @@ export class Transmission {
     this.begin(len);
     try {
       if (data === undefined || data.length !== len) throw new Error('internal: write without its payload');
-      await this.volume.write(req.offset, data, (req.flags & P.CMD_FLAG_FUA) !== 0);
+      await this.writePieces(req.offset, data, (req.flags & P.CMD_FLAG_FUA) !== 0);
       this.replySimple(req, 0);
     } catch (e) {
       this.replySimple(req, toNbdError(e, this.log, `write ${len}@${req.offset}`));
@@ -350,6 +344,29 @@ export class Transmission {
       // The volume keeps no reference to the payload once its write settled.
       if (req.pooled) sharedBufferPool.release(req.pooled);
       this.end(len);
+    }
+  }
+
+  /**
+   * The volume takes at most caps.maxPayloadBytes per call; a larger request (we accept
+   * up to MAX_PAYLOAD_BYTES) goes to it in consecutive pieces. NBD promises no atomicity
+   * for a write, so this is only visible as several backend calls.
+   */
+  private async readPieces(offset: number, dst: Buffer): Promise<void> {
+    const piece = this.volume.caps.maxPayloadBytes;
+    assert(piece > 0, 'volume maxPayloadBytes must be positive');
+    for (let done = 0; done < dst.length; done += piece) {
+      const n = Math.min(piece, dst.length - done);
+      await this.volume.read(offset + done, n, dst.subarray(done, done + n));
+    }
+  }
+
+  private async writePieces(offset: number, data: Buffer, fua: boolean): Promise<void> {
+    const piece = this.volume.caps.maxPayloadBytes;
+    assert(piece > 0, 'volume maxPayloadBytes must be positive');
+    for (let done = 0; done < data.length; done += piece) {
+      const n = Math.min(piece, data.length - done);
+      await this.volume.write(offset + done, data.subarray(done, done + n), fua);
     }
   }
 
