@@ -7,7 +7,16 @@ import { openVolume } from '../volume/open';
 import { createVolumeDir, LABEL_NAME } from '../volume/dir';
 import { createLogger } from '../util/log';
 import { formatSize } from '../util/size';
-import { hostPortArg, logLevelArg, onStopSignals, sizeArg, intArg, volumeSpecFromArgs } from './common';
+import { hostPortArg, logLevelArg, onStopSignals, sizeArg, sizeRangeArg, intArg, durationArg, volumeSpecFromArgs } from './common';
+import {
+  IDLE_TIMEOUT_MS_DEFAULT,
+  MAX_CONNECTIONS_DEFAULT,
+  MEMORY_BUDGET_BYTES_DEFAULT,
+  MEMORY_BUDGET_BYTES_MAX,
+  MEMORY_BUDGET_BYTES_MIN,
+  STALL_TIMEOUT_MS_DEFAULT,
+} from '../nbd/limits';
+import { formatDurationMs } from '../util/duration';
 
 interface ServeOpts {
   memory?: number;
@@ -24,6 +33,9 @@ interface ServeOpts {
   tlsPsk?: string;
   cpInterval?: number;
   maxConnections: number;
+  memoryBudget: number;
+  stallTimeout: number;
+  idleTimeout: number;
   create?: number;
 }
 
@@ -56,7 +68,26 @@ export function registerServe(program: Command): void {
     .option('--tls-required', 'refuse clients that do not upgrade to TLS')
     .option('--cp-interval <MS>', 'consistency point interval for volume directories, in ms', intArg(10, 3_600_000))
     .option('--create <SIZE>', 'create the volume directory DIR with SIZE first if it does not exist yet', sizeArg)
-    .option('--max-connections <N>', 'maximum concurrent connections', intArg(1, 4096), 128)
+    .addOption(
+      new Option('--max-connections <N>', 'maximum concurrent connections; when all are taken, the longest-idle one makes room')
+        .argParser(intArg(1, 4096))
+        .default(MAX_CONNECTIONS_DEFAULT),
+    )
+    .addOption(
+      new Option('--memory-budget <SIZE>', 'server-wide cap on request and reply bytes in flight; reading pauses while it is reached')
+        .argParser(sizeRangeArg(MEMORY_BUDGET_BYTES_MIN, MEMORY_BUDGET_BYTES_MAX))
+        .default(MEMORY_BUDGET_BYTES_DEFAULT, formatSize(MEMORY_BUDGET_BYTES_DEFAULT)),
+    )
+    .addOption(
+      new Option('--stall-timeout <DURATION>', 'drop a client that reads none of its replies, or stops mid-request, this long (0: never; a bare number is s)')
+        .argParser(durationArg(100, 24 * 3_600_000, 's', true))
+        .default(STALL_TIMEOUT_MS_DEFAULT, formatDurationMs(STALL_TIMEOUT_MS_DEFAULT)),
+    )
+    .addOption(
+      new Option('--idle-timeout <DURATION>', 'drop a client with nothing in flight that sends nothing this long (0: never; a bare number is s)')
+        .argParser(durationArg(100, 30 * 24 * 3_600_000, 's', true))
+        .default(IDLE_TIMEOUT_MS_DEFAULT, IDLE_TIMEOUT_MS_DEFAULT === 0 ? 'never' : formatDurationMs(IDLE_TIMEOUT_MS_DEFAULT)),
+    )
     .action(async (dir: string | undefined, o: ServeOpts) => {
       await serve(dir, o);
     });
@@ -93,9 +124,17 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
           required: o.tlsRequired === true,
         }
       : undefined;
-  const tls = tlsFiles !== undefined;
   try {
-    const srv = new NbdServer({ exports: opened.exports, logger, maxConnections: o.maxConnections, ...(tlsFiles ? { tls: tlsFiles } : {}) });
+    const tls = tlsFiles !== undefined;
+    const srv = new NbdServer({
+      exports: opened.exports,
+      logger,
+      maxConnections: o.maxConnections,
+      memoryBudgetBytes: o.memoryBudget,
+      stallTimeoutMs: o.stallTimeout,
+      idleTimeoutMs: o.idleTimeout,
+      ...(tlsFiles ? { tls: tlsFiles } : {}),
+    });
     server = srv;
     const tcp = o.listen ?? (o.socket === undefined ? DEFAULT_LISTEN : undefined);
     const uris: string[] = [];
