@@ -36,6 +36,7 @@ import {
   SWEEP_INTERVAL_MS_MAX,
 } from './limits';
 import { Transmission, TransmissionLimits } from './transmission';
+import { prepareUnixSocketPath } from './unix-socket';
 
 export interface TlsFiles {
   /** X.509: certificate and key (both or neither). */
@@ -192,20 +193,7 @@ export class NbdServer {
   }
 
   async listenUnix(path: string): Promise<void> {
-    // A stale socket file from a dead server would make listen fail with EADDRINUSE;
-    // remove it only if nothing answers on it.
-    if (fs.existsSync(path)) {
-      const alive = await new Promise<boolean>((resolve) => {
-        const c = net.connect(path);
-        c.once('connect', () => {
-          c.destroy();
-          resolve(true);
-        });
-        c.once('error', () => resolve(false));
-      });
-      if (alive) throw new Error(`socket ${path} is in use by another server`);
-      fs.unlinkSync(path);
-    }
+    await prepareUnixSocketPath(path);
     await this.listen((srv, cb) => srv.listen(path, cb), path);
   }
 
