@@ -17,6 +17,7 @@ import {
   STALL_TIMEOUT_MS_DEFAULT,
 } from '../nbd/limits';
 import { formatDurationMs } from '../util/duration';
+import { parsePskFile } from '../nbd/server';
 
 interface ServeOpts {
   memory?: number;
@@ -41,12 +42,35 @@ interface ServeOpts {
 
 export const DEFAULT_LISTEN = { host: '127.0.0.1', port: 10809 };
 
-export function uriFor(endpoint: { tcp?: { host: string; port: number }; unix?: string }, exportName: string, tls: boolean): string {
+export interface UriTls {
+  /** TLS-PSK: the identity to connect as and the keys file (libnbd's tls-psk-file). */
+  psk?: { user: string; file: string };
+}
+
+/**
+ * The NBD URI (libnbd's syntax) of an endpoint; with TLS-PSK it carries the user and the
+ * keys file, so that `nbdinfo URI` works as printed.
+ */
+export function uriFor(endpoint: { tcp?: { host: string; port: number }; unix?: string }, exportName: string, tls: UriTls | false): string {
   const name = encodeURIComponent(exportName);
-  if (endpoint.unix !== undefined) return `nbd${tls ? 's' : ''}+unix:///${name}?socket=${endpoint.unix}`;
+  const scheme = `nbd${tls ? 's' : ''}`;
+  const user = tls && tls.psk ? `${encodeURIComponent(tls.psk.user)}@` : '';
+  const query: string[] = [];
+  if (endpoint.unix !== undefined) query.push(`socket=${endpoint.unix}`);
+  if (tls && tls.psk) query.push(`tls-psk-file=${tls.psk.file}`);
+  const q = query.length > 0 ? `?${query.join('&')}` : '';
+  if (endpoint.unix !== undefined) return `${scheme}+unix://${user}/${name}${q}`;
   const t = endpoint.tcp as { host: string; port: number };
   const host = t.host.includes(':') ? `[${t.host}]` : t.host;
-  return `nbd${tls ? 's' : ''}://${host}:${t.port}/${name}`;
+  return `${scheme}://${user}${host}:${t.port}/${name}${q}`;
+}
+
+/** The first identity of a PSK keys file (what the printed URI connects as). */
+function firstPskUser(file: string): string {
+  const keys = parsePskFile(fs.readFileSync(file, 'utf8'), file);
+  const first = keys.keys().next();
+  if (first.done === true) throw new Error(`PSK file ${file} has no keys`);
+  return first.value;
 }
 
 export function registerServe(program: Command): void {
@@ -66,7 +90,7 @@ export function registerServe(program: Command): void {
     .option('--tls-ca <FILE>', 'CA certificate (PEM): require client certificates signed by it')
     .option('--tls-psk <FILE>', 'TLS-PSK keys file (psktool format: identity:hexkey per line); enables STARTTLS')
     .option('--tls-required', 'refuse clients that do not upgrade to TLS')
-    .option('--cp-interval <MS>', 'consistency point interval for volume directories, in ms', intArg(10, 3_600_000))
+    .option('--cp-interval <DURATION>', 'consistency point interval for volume directories, e.g. 10s, 500ms (a bare number is ms)', durationArg(10, 3_600_000, 'ms'))
     .option('--create <SIZE>', 'create the volume directory DIR with SIZE first if it does not exist yet', sizeArg)
     .addOption(
       new Option('--max-connections <N>', 'maximum concurrent connections; when all are taken, the longest-idle one makes room')
@@ -125,7 +149,8 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
         }
       : undefined;
   try {
-    const tls = tlsFiles !== undefined;
+    const tls: UriTls | false =
+      tlsFiles === undefined ? false : o.tlsPsk !== undefined ? { psk: { user: firstPskUser(o.tlsPsk), file: path.resolve(o.tlsPsk) } } : {};
     const srv = new NbdServer({
       exports: opened.exports,
       logger,
