@@ -19,6 +19,10 @@ const MiB = 1024 * 1024;
 export const MEMORY_BUDGET_BYTES_DEFAULT = 192 * MiB;
 /** Smallest budget accepted: room for one maximal request and a few small ones. */
 export const MEMORY_BUDGET_BYTES_MIN = MAX_PAYLOAD_BYTES + 4 * MiB;
+/** A charge this small may pass waiting large ones (the budget's small lane)... */
+export const SMALL_CHARGE_BYTES_MAX = 1 * MiB;
+/** ...as long as such passing charges outstanding stay within this. */
+export const SMALL_LANE_BYTES = 4 * MiB;
 /** Largest budget accepted (a typo guard). */
 export const MEMORY_BUDGET_BYTES_MAX = 64 * 1024 * MiB;
 /** Documented bound on the server's resident memory with the default budget. */

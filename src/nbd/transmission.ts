@@ -31,7 +31,7 @@ import type { Duplex } from 'stream';
 import type { Logger } from '../util/log';
 import type { Volume } from '../volume/types';
 import { assert } from '../util/assert';
-import type { MemoryBudget } from './budget';
+import type { Charge, MemoryBudget } from './budget';
 import { BufferPool, sharedBufferPool } from './buffer-pool';
 import { toNbdError } from './errors';
 import {
@@ -230,7 +230,7 @@ export class Transmission {
    * while the server-wide budget is spent.
    */
   private admit(req: Request): boolean {
-    assert(req.chargedBytes === 0 && req.length > 0 && req.length <= P.MAX_PAYLOAD_BYTES);
+    assert(req.charge === undefined && req.length > 0 && req.length <= P.MAX_PAYLOAD_BYTES);
     assert(this.waitingReq === undefined, 'admit while a request waits');
     if (this.stopping) return true; // onRequest drops it; a WRITE's payload is never read
     if (this.tryAdmit(req)) return true;
@@ -243,22 +243,23 @@ export class Transmission {
     const bytes = req.length;
     if (this.connChargedBytes > 0 && this.connChargedBytes + bytes > MAX_INFLIGHT_BYTES_PER_CONNECTION) return false; // our own releases retry
     const budget = this.limits.budget;
-    if (budget.tryCharge(bytes)) {
-      this.hold(req, bytes);
+    const charge = budget.tryCharge(bytes);
+    if (charge) {
+      this.hold(req, charge);
       return true;
     }
     this.log.debug({ bytes, usedBytes: budget.usedBytes }, 'memory budget spent: waiting');
-    this.cancelBudgetWait = budget.wait(bytes, () => this.onGranted(req, bytes));
+    this.cancelBudgetWait = budget.wait(bytes, (c) => this.onGranted(req, c));
     return false;
   }
 
-  private onGranted(req: Request, bytes: number): void {
+  private onGranted(req: Request, charge: Charge): void {
     this.cancelBudgetWait = undefined;
     if (this.stopping) {
-      this.limits.budget.release(bytes);
+      this.limits.budget.release(charge);
       return;
     }
-    this.hold(req, bytes);
+    this.hold(req, charge);
     this.admitted();
   }
 
@@ -268,18 +269,19 @@ export class Transmission {
     this.updateReading();
   }
 
-  private hold(req: Request, bytes: number): void {
-    req.chargedBytes = bytes;
-    this.connChargedBytes += bytes;
+  private hold(req: Request, charge: Charge): void {
+    req.charge = charge;
+    this.connChargedBytes += charge.bytes;
     this.held.add(req);
   }
 
   private uncharge(req: Request): void {
     this.held.delete(req);
-    if (req.chargedBytes === 0) return;
-    this.limits.budget.release(req.chargedBytes);
-    this.connChargedBytes -= req.chargedBytes;
-    req.chargedBytes = 0;
+    const charge = req.charge;
+    if (charge === undefined) return;
+    req.charge = undefined;
+    this.limits.budget.release(charge);
+    this.connChargedBytes -= charge.bytes;
     assert(this.connChargedBytes >= 0);
     // A request waiting on this connection's own share: retry (on a later tick, as this
     // runs inside request handling).

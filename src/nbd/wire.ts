@@ -256,8 +256,8 @@ export interface Request {
   payload: Buffer | undefined;
   /** The pool buffer behind `payload`, to release once the write has settled. */
   pooled: Buffer | undefined;
-  /** Bytes charged to the server's memory budget for this request (0 once released). */
-  chargedBytes: number;
+  /** Its charge to the server's memory budget (budget.ts), undefined once released. */
+  charge: { readonly bytes: number; readonly lane: boolean } | undefined;
 }
 
 export interface RequestSink {
@@ -419,7 +419,7 @@ export class RequestParser {
       length: b.readUInt32BE(off + 24),
       payload: undefined,
       pooled: undefined,
-      chargedBytes: 0,
+      charge: undefined,
     };
     const next = off + P.REQUEST_HEADER_BYTES;
     const admissible = (req.type === P.CMD_WRITE || req.type === P.CMD_READ) && req.length > 0 && req.length <= P.MAX_PAYLOAD_BYTES;

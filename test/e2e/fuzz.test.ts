@@ -36,13 +36,22 @@ const RSS_BOUND_BYTES = 512 * MiB;
 const SLOTS = 16;
 const MAX_CONNECTIONS = 32;
 const STALL_TIMEOUT_S = 3;
+/** An actor still running after this is reported as hung and cut off. */
+const ACTOR_TIMEOUT_MS = 25_000;
 /** The probe's own region, far from what actors write (they stay below it). */
 const PROBE_BASE = SIZE_BYTES - 4 * MiB;
 const ACTOR_SPAN_BYTES = PROBE_BASE;
 
+/** Open sockets of a process; -1 once it has exited. */
 function socketCount(pid: number): number {
   let n = 0;
-  for (const fd of fs.readdirSync(`/proc/${pid}/fd`)) {
+  let fds: string[];
+  try {
+    fds = fs.readdirSync(`/proc/${pid}/fd`);
+  } catch {
+    return -1;
+  }
+  for (const fd of fds) {
     try {
       if (fs.readlinkSync(`/proc/${pid}/fd/${fd}`).startsWith('socket:')) n++;
     } catch {
@@ -164,6 +173,16 @@ class ReplyChecker {
   }
 }
 
+/** Distinct kinds of violation (numbers and tags stripped), with counts, most frequent first. */
+function kinds(vs: string[]): string[] {
+  const m = new Map<string, number>();
+  for (const v of vs) {
+    const k = v.replace(/^seed \d+ slot \d+ actor \d+ /, '').replace(/0x[0-9a-f]+|\d+/g, 'N').slice(0, 120);
+    m.set(k, (m.get(k) ?? 0) + 1);
+  }
+  return [...m].sort((a, b) => b[1] - a[1]).slice(0, 6).map(([k, n]) => `${n} x ${k}`);
+}
+
 const LENGTHS = [0, 1, 512, 4096, 65536, MiB, 32 * MiB, 64 * MiB, 64 * MiB + 1];
 
 describe(`e2e NBD protocol fuzzer (seed ${SEED}, ${DURATION_MS / 1000} s)`, function () {
@@ -184,10 +203,18 @@ describe(`e2e NBD protocol fuzzer (seed ${SEED}, ${DURATION_MS / 1000} s)`, func
     await cleanupAll();
   });
 
+  /** The connections of the actor running in each slot, destroyed if it overruns. */
+  const slotConns = new Map<number, Set<RawConn>>();
+  let currentSlot = -1;
   async function connect(): Promise<RawConn> {
+    const slot = currentSlot;
     const c = await RawConn.connect(targetOf(server), 5000);
     live.add(c);
-    c.socket.once('close', () => live.delete(c));
+    slotConns.get(slot)?.add(c);
+    c.socket.once('close', () => {
+      live.delete(c);
+      slotConns.get(slot)?.delete(c);
+    });
     return c;
   }
 
@@ -227,7 +254,7 @@ describe(`e2e NBD protocol fuzzer (seed ${SEED}, ${DURATION_MS / 1000} s)`, func
     const checker = new ReplyChecker(structured, violations, tag);
     s.conn.socket.removeAllListeners('data');
     s.conn.socket.on('data', (b: Buffer) => checker.feed(b));
-    const n = r.int(40) + 1;
+    const n = r.int(24) + 1;
     for (let i = 0; i < n && !s.conn.isClosed; i++) {
       const type = r.chance(0.9) ? r.int(8) : r.int(20);
       if (type === CMD.DISC) continue;
@@ -260,10 +287,10 @@ describe(`e2e NBD protocol fuzzer (seed ${SEED}, ${DURATION_MS / 1000} s)`, func
       await s.conn.write(request({ type, flags, cookie, offset, length }));
       if (type === CMD.WRITE && length <= 64 * MiB + 1) await s.conn.writeFiller(length, r.int(256));
     }
-    const deadline = Date.now() + 20_000;
+    const deadline = Date.now() + 15_000;
     while (checker.pending.size > 0 && !s.conn.isClosed && Date.now() < deadline) await sleep(20);
     if (checker.pending.size > 0 && !s.conn.isClosed) {
-      violations.push(`${tag}: ${checker.pending.size} requests unanswered after 20 s: ${[...checker.pending.values()].map((p) => p.what).slice(0, 3).join('; ')}`);
+      violations.push(`${tag}: ${checker.pending.size} requests unanswered after 15 s: ${[...checker.pending.values()].map((p) => p.what).slice(0, 3).join('; ')}`);
     }
     s.conn.destroy();
   }
@@ -326,21 +353,36 @@ describe(`e2e NBD protocol fuzzer (seed ${SEED}, ${DURATION_MS / 1000} s)`, func
       const ar = r.fork(1000 + i++);
       counts.set(name, (counts.get(name) ?? 0) + 1);
       const tag = `seed ${SEED} slot ${slot} actor ${i} ${name}`;
-      try {
+      slotConns.set(slot, new Set());
+      const actor = async (): Promise<void> => {
         switch (name) {
-          case 'garbageHandshake': await garbageHandshake(ar); break;
-          case 'randomOptions': await randomOptions(ar); break;
-          case 'randomRequests': await randomRequests(ar, tag); break;
-          case 'pipelineAndClose': await pipelineAndClose(ar); break;
-          case 'neverRead': await neverRead(ar); break;
-          case 'discAndJunk': await discAndJunk(ar); break;
-          case 'idleHolder': await idleHolder(ar); break;
-          case 'midPayloadStall': await midPayloadStall(ar); break;
+          case 'garbageHandshake': return garbageHandshake(ar);
+          case 'randomOptions': return randomOptions(ar);
+          case 'randomRequests': return randomRequests(ar, tag);
+          case 'pipelineAndClose': return pipelineAndClose(ar);
+          case 'neverRead': return neverRead(ar);
+          case 'discAndJunk': return discAndJunk(ar);
+          case 'idleHolder': return idleHolder(ar);
+          case 'midPayloadStall': return midPayloadStall(ar);
+        }
+      };
+      currentSlot = slot; // read synchronously by connect() before its first await
+      const run = actor();
+      currentSlot = -1;
+      let timer: NodeJS.Timeout | undefined;
+      const overran = new Promise<'overran'>((r) => (timer = setTimeout(() => r('overran'), ACTOR_TIMEOUT_MS)));
+      try {
+        if ((await Promise.race([run, overran])) === 'overran') {
+          violations.push(`${tag}: hung for ${ACTOR_TIMEOUT_MS} ms (the server neither served nor dropped it)`);
+          for (const c of slotConns.get(slot) ?? []) c.destroy();
+          await run.catch(() => undefined);
         }
       } catch (e) {
         // A hostile actor being cut off is expected; failing to connect or to negotiate is not.
         const msg = (e as Error).message;
         if (/ECONNREFUSED|ENOENT|reading the server greeting|connect timed out/.test(msg)) violations.push(`${tag}: could not connect: ${msg}`);
+      } finally {
+        clearTimeout(timer);
       }
     }
   }
@@ -394,7 +436,7 @@ describe(`e2e NBD protocol fuzzer (seed ${SEED}, ${DURATION_MS / 1000} s)`, func
     for (const c of live) c.destroy();
     // Everything the actors opened is closed; the server must let go of all of it.
     const settle = Date.now() + (STALL_TIMEOUT_S + 5) * 1000;
-    while (socketCount(server.pid) > baselineSockets && Date.now() < settle) await sleep(200);
+    while (server.alive() && socketCount(server.pid) > baselineSockets && Date.now() < settle) await sleep(200);
     clearInterval(sampler);
     const afterSockets = socketCount(server.pid);
     const alive = server.alive();
@@ -403,9 +445,10 @@ describe(`e2e NBD protocol fuzzer (seed ${SEED}, ${DURATION_MS / 1000} s)`, func
       `probes ok ${probes}, failed ${probeFailures.length}, slowest ${probeMaxMs} ms (its write ${probeWriteMaxMs} ms)`,
       `server RSS ${(startRss / MiB).toFixed(0)} MiB at start, peak ${(peakRss / MiB).toFixed(0)} MiB; sockets: ${baselineSockets} before, peak ${peakSockets}, ${afterSockets} after`,
       `violations ${violations.length}`,
+      ...kinds(violations).map((k) => `  ${k}`),
     ];
     process.stdout.write(report.map((l) => `      ${l}\n`).join(''));
-    assert.ok(alive, `server died (seed ${SEED}):\n${server.stderr().slice(-3000)}`);
+    assert.ok(alive, `server died (seed ${SEED}):\n${server.stderr().slice(-1500)}`);
     assert.deepEqual(violations.slice(0, 10), [], `protocol violations (seed ${SEED})`);
     assert.deepEqual(probeFailures.slice(0, 10), [], `the well-behaved client failed (seed ${SEED})`);
     assert.ok(peakRss < RSS_BOUND_BYTES, `peak RSS ${(peakRss / MiB).toFixed(0)} MiB >= ${RSS_BOUND_BYTES / MiB} MiB (seed ${SEED})`);

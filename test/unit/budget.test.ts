@@ -4,8 +4,8 @@
  * delivers the same requests whatever the chunking and wherever it blocked.
  */
 import { strict as assert } from 'assert';
-import { MemoryBudget } from '../../src/nbd/budget';
-import { MEMORY_BUDGET_BYTES_MIN } from '../../src/nbd/limits';
+import { Charge, MemoryBudget } from '../../src/nbd/budget';
+import { MEMORY_BUDGET_BYTES_MIN, SMALL_CHARGE_BYTES_MAX, SMALL_LANE_BYTES } from '../../src/nbd/limits';
 import * as P from '../../src/nbd/protocol';
 import { Request, RequestParser, writeU64 } from '../../src/nbd/wire';
 
@@ -13,40 +13,65 @@ const MiB = 1024 * 1024;
 const tick = (): Promise<void> => new Promise((r) => setImmediate(r));
 
 describe('MemoryBudget', function () {
-  it('never charges over its capacity and grants waiters in arrival order', async function () {
+  it('never charges over its capacity and grants large waiters in arrival order', async function () {
     const cap = MEMORY_BUDGET_BYTES_MIN;
     const b = new MemoryBudget(cap);
-    assert.ok(b.tryCharge(cap - MiB));
-    assert.ok(!b.tryCharge(2 * MiB), 'over the cap');
+    const first = b.tryCharge(cap - 8 * MiB);
+    assert.ok(first);
+    assert.equal(b.tryCharge(16 * MiB), undefined, 'over the cap');
     const order: string[] = [];
-    b.wait(2 * MiB, () => order.push('big'));
-    assert.ok(!b.tryCharge(MiB / 2), 'no overtaking a waiter, even when it would fit');
-    b.wait(MiB / 2, () => order.push('small'));
+    b.wait(16 * MiB, () => order.push('big1'));
+    b.wait(2 * MiB, () => order.push('big2')); // above SMALL_CHARGE_BYTES_MAX: no lane
+    assert.equal(b.tryCharge(2 * MiB), undefined, 'a large charge does not pass a waiter, even when it would fit');
     await tick();
     assert.deepEqual(order, []);
-    b.release(cap - MiB);
+    b.release(first);
     await tick();
-    assert.deepEqual(order, ['big', 'small']);
-    assert.equal(b.usedBytes, 2 * MiB + MiB / 2);
+    assert.deepEqual(order, ['big1', 'big2']);
+    assert.equal(b.usedBytes, 18 * MiB);
     assert.ok(b.peakBytes <= cap);
+  });
+
+  it('lets small charges pass waiting large ones through a bounded lane', async function () {
+    const cap = MEMORY_BUDGET_BYTES_MIN;
+    const b = new MemoryBudget(cap);
+    const bulk = b.tryCharge(cap - SMALL_LANE_BYTES - MiB);
+    assert.ok(bulk);
+    let bigGranted = false;
+    b.wait(P.MAX_PAYLOAD_BYTES, () => (bigGranted = true));
+    const smalls: Charge[] = [];
+    for (;;) {
+      const c = b.tryCharge(SMALL_CHARGE_BYTES_MAX);
+      if (!c) break;
+      assert.ok(c.lane, 'passing a waiter is a lane charge');
+      smalls.push(c);
+    }
+    assert.equal(smalls.length * SMALL_CHARGE_BYTES_MAX, SMALL_LANE_BYTES, 'the lane is bounded');
+    b.release(bulk);
+    await tick();
+    assert.ok(bigGranted, 'the large waiter fits beside a full lane');
+    for (const c of smalls) b.release(c);
+    assert.equal(b.usedBytes, P.MAX_PAYLOAD_BYTES);
   });
 
   it('a cancelled waiter is skipped and the next one granted', async function () {
     const b = new MemoryBudget(MEMORY_BUDGET_BYTES_MIN);
-    assert.ok(b.tryCharge(MEMORY_BUDGET_BYTES_MIN));
+    assert.ok(b.tryCharge(MEMORY_BUDGET_BYTES_MIN - SMALL_LANE_BYTES));
+    const all = b.tryCharge(SMALL_LANE_BYTES); // the budget is now full
+    assert.ok(all);
     let got = 0;
-    const cancel = b.wait(MiB, () => (got += 1));
-    b.wait(MiB, () => (got += 10));
+    const cancel = b.wait(2 * MiB, () => (got += 1));
+    b.wait(2 * MiB, () => (got += 10));
     cancel();
-    b.release(MiB);
+    b.release(all);
     await tick();
     assert.equal(got, 10);
     assert.equal(b.waiting, 0);
   });
 
-  it('refuses a charge larger than its capacity (an internal error, not a wait forever)', function () {
+  it('refuses a charge it could never grant (an internal error, not a wait forever)', function () {
     const b = new MemoryBudget(MEMORY_BUDGET_BYTES_MIN);
-    assert.throws(() => b.tryCharge(MEMORY_BUDGET_BYTES_MIN + 1));
+    assert.throws(() => b.tryCharge(MEMORY_BUDGET_BYTES_MIN));
   });
 });
 
