@@ -8,7 +8,8 @@
  *   unbounded queue, and is dropped after --stall-timeout; so is one that stops in the
  *   middle of a WRITE payload;
  * - 6: DISC followed by >= 64 KiB of bytes, then close, leaks no connection (130 of them,
- *   more than the 128 slots, and a new client still gets in);
+ *   more than the 128 slots, and a new client still gets in); nor does ABORT (found by
+ *   the fuzzer: the server half-closed, stopped reading, and never saw the FIN);
  * - 7: --idle-timeout drops idle clients (not busy ones); when every slot is taken, the
  *   longest-idle connection, or the oldest stalled handshake, makes room for a new one.
  */
@@ -16,7 +17,10 @@ import { strict as assert } from 'assert';
 import * as crypto from 'crypto';
 import * as fs from 'fs';
 import { MiB, Server, cleanupAll, rssBytes, sleep, startServer } from './harness';
-import { CMD, RawConn, Session, negotiate, nextCookie, readGreeting, request, simpleCommand, simpleRead, targetOf } from './rawnbd';
+import {
+  CMD, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, OPT, RawConn, Session, clientFlags, negotiate, nextCookie, option, readGreeting, request, simpleCommand, simpleRead,
+  targetOf,
+} from './rawnbd';
 
 const RSS_BOUND_BYTES = 512 * MiB;
 
@@ -169,6 +173,30 @@ describe('e2e bounded under hostile clients (issue 11 points 4-7)', function () 
     assert.ok(after <= baseline, `server holds ${after - baseline} leaked connections`);
     await healthy(server);
     assert.equal(await server.stop(), 0);
+  });
+
+  it('6: 40 clients sending ABORT and 256 KiB more, then closing, leak no connection, and the server stops promptly', async function () {
+    const server = await startServer({ backend: 'memory', transport: 'unix', sizeBytes: 64 * MiB });
+    const baseline = socketCount(server.pid);
+    await Promise.all(
+      Array.from({ length: 40 }, async () => {
+        const c = await RawConn.connect(targetOf(server));
+        conns.push(c);
+        await readGreeting(c);
+        await c.write(Buffer.concat([clientFlags(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES), option(OPT.ABORT)]));
+        await c.read(20, 'reading the ABORT reply');
+        // More bytes after ABORT, then close (as with DISC: they must not keep it open).
+        c.socket.write(Buffer.alloc(256 * 1024, 0x33));
+        await sleep(50);
+        c.destroy();
+      }),
+    );
+    const deadline = Date.now() + 5000;
+    while (socketCount(server.pid) > baseline && Date.now() < deadline) await sleep(100);
+    assert.ok(socketCount(server.pid) <= baseline, `server holds ${socketCount(server.pid) - baseline} connections after ABORT`);
+    const t0 = Date.now();
+    assert.equal(await server.stop(), 0);
+    assert.ok(Date.now() - t0 < 5000, `stop took ${Date.now() - t0} ms`);
   });
 
   it('7: --idle-timeout drops an idle client but not a busy one', async function () {
