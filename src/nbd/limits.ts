@@ -16,7 +16,7 @@ import { MAX_PAYLOAD_BYTES } from './protocol';
 const MiB = 1024 * 1024;
 
 /** Default server-wide budget for bytes in flight (`serve --memory-budget`). */
-export const MEMORY_BUDGET_BYTES_DEFAULT = 192 * MiB;
+export const MEMORY_BUDGET_BYTES_DEFAULT = 128 * MiB;
 /** Smallest budget accepted: room for one maximal request and a few small ones. */
 export const MEMORY_BUDGET_BYTES_MIN = MAX_PAYLOAD_BYTES + 4 * MiB;
 /** A charge this small may pass waiting large ones (the budget's small lane)... */
@@ -44,7 +44,7 @@ export const EVICT_IDLE_MS_MIN = 1_000;
 /** Requests in flight on one connection; beyond that we stop reading its socket. */
 export const MAX_INFLIGHT_REQUESTS_PER_CONNECTION = 256;
 /** READ/WRITE bytes in flight on one connection (fairness under the shared budget). */
-export const MAX_INFLIGHT_BYTES_PER_CONNECTION = 96 * MiB;
+export const MAX_INFLIGHT_BYTES_PER_CONNECTION = 64 * MiB;
 /** Reply bytes queued in one socket (not yet taken by the kernel) before we stop reading. */
 export const MAX_QUEUED_REPLY_BYTES_PER_CONNECTION = 16 * MiB;
 
@@ -61,6 +61,8 @@ export const STALL_TIMEOUT_MS_DEFAULT = 30_000;
 export const IDLE_TIMEOUT_MS_DEFAULT = 0;
 /** After DISC or on shutdown, a client that does not close within this is destroyed. */
 export const LINGER_MS = 2_000;
+/** While a shutdown waits this long and more, it logs what each connection is waiting for. */
+export const SHUTDOWN_REPORT_MS = 5_000;
 /** How often connections are checked against the timeouts (at most). */
 export const SWEEP_INTERVAL_MS_MAX = 1_000;
 

@@ -32,6 +32,7 @@ import {
   IDLE_TIMEOUT_MS_DEFAULT,
   MAX_CONNECTIONS_DEFAULT,
   MEMORY_BUDGET_BYTES_DEFAULT,
+  SHUTDOWN_REPORT_MS,
   STALL_TIMEOUT_MS_DEFAULT,
   SWEEP_INTERVAL_MS_MAX,
 } from './limits';
@@ -243,10 +244,8 @@ export class NbdServer {
     })
       .then((session) => {
         clearTimeout(timer);
-        if (!session) {
-          this.conns.delete(conn);
-          return;
-        }
+        // No session: the socket is destroyed or lingering after ABORT; its 'close' removes it.
+        if (!session) return;
         if (session.socket.destroyed) {
           this.conns.delete(conn);
           return;
@@ -312,8 +311,19 @@ export class NbdServer {
       if (c.transmission) pending.push(c.transmission.shutdown());
       else c.socket.destroy();
     }
-    await Promise.all(pending);
-    await Promise.all(listenersClosed);
+    this.log.info({ connections: this.conns.size, transmissions: pending.length }, 'closing: finishing in-flight requests');
+    // Say what a slow shutdown waits for (a request stuck in the volume, a client...).
+    const slow = setInterval(() => {
+      for (const c of this.conns) this.log.warn({ conn: c.id, state: c.transmission?.state() ?? 'handshake' }, 'shutdown still waiting for this connection');
+    }, SHUTDOWN_REPORT_MS);
+    slow.unref();
+    try {
+      await Promise.all(pending);
+      await Promise.all(listenersClosed);
+    } finally {
+      clearInterval(slow);
+    }
+    this.log.debug('closing: every connection and listener closed');
   }
 }
 

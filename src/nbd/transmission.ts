@@ -159,6 +159,24 @@ export class Transmission {
     return Math.max(this.lastRxMs, this.lastTxMs);
   }
 
+  /** What the connection is doing, for diagnostics (a slow shutdown says what it waits for). */
+  state(): Record<string, number | boolean> {
+    return {
+      inflightRequests: this.inflightRequests,
+      chargedBytes: this.connChargedBytes,
+      heldCharges: this.held.size,
+      waitingBytes: this.waitingReq?.length ?? 0,
+      waitingOnBudget: this.cancelBudgetWait !== undefined,
+      readingPaused: this.readingPaused,
+      stopping: this.stopping,
+      disconnected: this.disconnected,
+      socketClosed: this.socketClosed,
+      queuedReplyBytes: this.s.socket.writableLength,
+      midRequest: this.parser.midRequest,
+      msSinceRx: Date.now() - this.lastRxMs,
+    };
+  }
+
   /** Checks the timeouts; drops the connection (and says why) when one has passed. */
   sweep(nowMs: number): void {
     if (this.disconnected) return;
