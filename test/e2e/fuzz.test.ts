@@ -14,7 +14,8 @@
  *
  * Seed: NVM_FUZZ_SEED (printed on every run; a failure is replayed with it). Time:
  * NVM_FUZZ_SECONDS (default 30, within CI's 60 s bound; run longer by hand).
- * NVM_FUZZ_BACKEND picks the backend (default engine). NVM_FUZZ_LEGACY=1 starts the server without the timeout options (to measure builds
+ * NVM_FUZZ_BACKEND picks the backend (default engine), NVM_FUZZ_SERVER_ARGS adds serve
+ * arguments (e.g. "--log-level debug"), NVM_FUZZ_LOG=FILE saves the server's log. NVM_FUZZ_LEGACY=1 starts the server without the timeout options (to measure builds
  * that predate them).
  */
 import { strict as assert } from 'assert';
@@ -37,7 +38,7 @@ const SLOTS = 16;
 const MAX_CONNECTIONS = 32;
 const STALL_TIMEOUT_S = 3;
 /** An actor still running after this is reported as hung and cut off. */
-const ACTOR_TIMEOUT_MS = 25_000;
+const ACTOR_TIMEOUT_MS = 30_000;
 /** The probe's own region, far from what actors write (they stay below it). */
 const PROBE_BASE = SIZE_BYTES - 4 * MiB;
 const ACTOR_SPAN_BYTES = PROBE_BASE;
@@ -195,12 +196,17 @@ describe(`e2e NBD protocol fuzzer (seed ${SEED}, ${DURATION_MS / 1000} s)`, func
     process.stdout.write(`      fuzz seed ${SEED} (replay: NVM_FUZZ_SEED=${SEED} NVM_FUZZ_SECONDS=${DURATION_MS / 1000})\n`);
     const extra = ['--max-connections', String(MAX_CONNECTIONS)];
     if (!LEGACY) extra.push('--stall-timeout', `${STALL_TIMEOUT_S}s`);
+    extra.push(...(process.env['NVM_FUZZ_SERVER_ARGS'] ?? '').split(' ').filter(Boolean));
     server = await startServer({ backend: BACKEND, transport: 'unix', sizeBytes: SIZE_BYTES, extraArgs: extra });
   });
   after(async function () {
     for (const c of live) c.destroy();
-    if (server?.alive()) await server.stop();
-    await cleanupAll();
+    try {
+      if (server?.alive()) await server.stop();
+    } finally {
+      if (process.env['NVM_FUZZ_LOG'] !== undefined && server) fs.writeFileSync(process.env['NVM_FUZZ_LOG'], server.stderr());
+      await cleanupAll();
+    }
   });
 
   /** The connections of the actor running in each slot, destroyed if it overruns. */
@@ -287,10 +293,10 @@ describe(`e2e NBD protocol fuzzer (seed ${SEED}, ${DURATION_MS / 1000} s)`, func
       await s.conn.write(request({ type, flags, cookie, offset, length }));
       if (type === CMD.WRITE && length <= 64 * MiB + 1) await s.conn.writeFiller(length, r.int(256));
     }
-    const deadline = Date.now() + 15_000;
+    const deadline = Date.now() + 20_000;
     while (checker.pending.size > 0 && !s.conn.isClosed && Date.now() < deadline) await sleep(20);
     if (checker.pending.size > 0 && !s.conn.isClosed) {
-      violations.push(`${tag}: ${checker.pending.size} requests unanswered after 15 s: ${[...checker.pending.values()].map((p) => p.what).slice(0, 3).join('; ')}`);
+      violations.push(`${tag}: ${checker.pending.size} requests unanswered after 20 s: ${[...checker.pending.values()].map((p) => p.what).slice(0, 3).join('; ')}`);
     }
     s.conn.destroy();
   }
@@ -348,7 +354,7 @@ describe(`e2e NBD protocol fuzzer (seed ${SEED}, ${DURATION_MS / 1000} s)`, func
   async function runSlot(slot: number, deadline: number, counts: Map<string, number>): Promise<void> {
     const r = new SeededRandom(SEED).fork(slot + 1);
     let i = 0;
-    while (Date.now() < deadline) {
+    while (Date.now() < deadline && server.alive()) {
       const name = (ACTORS[r.weighted(ACTORS.map((a) => a[1]))] as [string, number])[0];
       const ar = r.fork(1000 + i++);
       counts.set(name, (counts.get(name) ?? 0) + 1);
@@ -410,7 +416,7 @@ describe(`e2e NBD protocol fuzzer (seed ${SEED}, ${DURATION_MS / 1000} s)`, func
     const probeFailures: string[] = [];
     let probeMaxMs = 0;
     let probeWriteMaxMs = 0;
-    while (Date.now() < deadline) {
+    while (Date.now() < deadline && server.alive()) {
       const t0 = Date.now();
       let s: Session | undefined;
       try {
@@ -448,6 +454,7 @@ describe(`e2e NBD protocol fuzzer (seed ${SEED}, ${DURATION_MS / 1000} s)`, func
       ...kinds(violations).map((k) => `  ${k}`),
     ];
     process.stdout.write(report.map((l) => `      ${l}\n`).join(''));
+    if (process.env['NVM_FUZZ_LOG'] !== undefined) fs.writeFileSync(process.env['NVM_FUZZ_LOG'], server.stderr());
     assert.ok(alive, `server died (seed ${SEED}):\n${server.stderr().slice(-1500)}`);
     assert.deepEqual(violations.slice(0, 10), [], `protocol violations (seed ${SEED})`);
     assert.deepEqual(probeFailures.slice(0, 10), [], `the well-behaved client failed (seed ${SEED})`);
