@@ -346,7 +346,7 @@ for (const [backend, transport] of runs) {
       assert.ok(r.data?.equals(data), 'the last block holds the in-range write');
     });
 
-    it('accepts a 32 MiB write and a 32 MiB read (the advertised maximum payload)', async function () {
+    it('accepts a 32 MiB write and a 32 MiB read (the spec floor for the maximum payload)', async function () {
       const s = await session();
       const data = crypto.randomBytes(32 * MiB);
       assert.equal(await simpleCommand(s, { type: CMD.WRITE, offset: 32 * MiB, length: data.length }, data), 0);
