@@ -49,7 +49,7 @@ export const MAX_INFLIGHT_BYTES_PER_CONNECTION = 64 * MiB;
 export const MAX_QUEUED_REPLY_BYTES_PER_CONNECTION = 16 * MiB;
 
 /**
- * A client that leaves replies unread (nothing taken by the kernel), or stops in the
+ * A client that leaves replies unread (no byte taken by the kernel), or stops in the
  * middle of a request, for this long is dropped (`serve --stall-timeout`; 0 = never).
  */
 export const STALL_TIMEOUT_MS_DEFAULT = 30_000;

@@ -44,6 +44,15 @@ import * as P from './protocol';
 import { validateRequest, ValidationContext } from './validate';
 import { encodeBlockStatus, encodeSimpleReply, encodeStructuredError, Request, RequestParser, writeStructuredHeader, writeU64 } from './wire';
 
+/**
+ * Bytes the socket's handle has not yet handed to the kernel (libuv's write queue, which
+ * shrinks as a large write progresses), when Node exposes it; undefined otherwise.
+ */
+function handleQueuedBytes(sock: Duplex): number | undefined {
+  const h = (sock as unknown as { _handle?: { writeQueueSize?: unknown } | null })._handle;
+  return typeof h?.writeQueueSize === 'number' ? h.writeQueueSize : undefined;
+}
+
 export interface TransmissionSession {
   socket: Duplex;
   volume: Volume;
@@ -93,6 +102,7 @@ export class Transmission {
   closeReason: string | undefined;
   private lastRxMs = Date.now();
   private lastTxMs = Date.now();
+  private lastHandleQueuedBytes = 0;
 
   constructor(
     private readonly s: TransmissionSession,
@@ -181,6 +191,13 @@ export class Transmission {
   sweep(nowMs: number): void {
     if (this.disconnected) return;
     const { stallTimeoutMs, idleTimeoutMs } = this.limits;
+    // Progress inside one large write (its callback fires only at the end): the handle's
+    // queue shrinks as the kernel takes bytes, so a slow but steady reader is not stalled.
+    const queued = handleQueuedBytes(this.s.socket);
+    if (queued !== undefined) {
+      if (queued < this.lastHandleQueuedBytes) this.lastTxMs = nowMs;
+      this.lastHandleQueuedBytes = queued;
+    }
     if (stallTimeoutMs > 0) {
       if (this.s.socket.writableLength > 0 && nowMs - this.lastTxMs > stallTimeoutMs) {
         return this.drop(`client read none of its ${this.s.socket.writableLength} queued reply bytes for ${stallTimeoutMs} ms`);

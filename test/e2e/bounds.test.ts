@@ -136,6 +136,33 @@ describe('e2e bounded under hostile clients (issue 11 points 4-7)', function () 
     assert.equal(await server.stop(), 0);
   });
 
+  it('5: a slow but steady reader of an 8 MiB reply is not mistaken for a stalled one', async function () {
+    const server = await startServer({ backend: 'memory', transport: 'unix', sizeBytes: 64 * MiB, extraArgs: ['--stall-timeout', '1500ms'] });
+    const s = await session(server);
+    const sock = s.conn.socket;
+    sock.removeAllListeners('data');
+    sock.pause();
+    let got = 0;
+    const total = 8 * MiB + 16;
+    await s.conn.write(request({ type: CMD.READ, cookie: nextCookie(), offset: 0, length: 8 * MiB }));
+    // Read up to 512 KiB every 50 ms: the whole reply takes longer than the stall timeout.
+    const t0 = Date.now();
+    while (got < total && !s.conn.isClosed && Date.now() - t0 < 30_000) {
+      for (let k = 0; k < 8 && got < total; k++) {
+        const b = sock.read(Math.min(65536, total - got)) as Buffer | null;
+        if (b === null) break;
+        got += b.length;
+      }
+      await sleep(50);
+    }
+    const ms = Date.now() - t0;
+    process.stdout.write(`      8 MiB reply read in ${ms} ms\n`);
+    assert.ok(!s.conn.isClosed, `a steady reader was dropped after ${got} bytes:\n${server.stderr().slice(-800)}`);
+    assert.equal(got, total);
+    assert.ok(ms > 3000, `the reader was slower than the stall timeout (${ms} ms), else this proves nothing`);
+    assert.equal(await server.stop(), 0);
+  });
+
   it('5: a client that stops in the middle of a 64 MiB WRITE payload is dropped after --stall-timeout, its budget released', async function () {
     const server = await startServer({ backend: 'memory', transport: 'unix', sizeBytes: 256 * MiB, extraArgs: ['--stall-timeout', '1s', '--memory-budget', '100M'] });
     const s = await session(server);
