@@ -8,7 +8,7 @@ import { attachVolume } from '../attach/attach';
 import { BLOCK_SIZES_BYTES, MAX_CONNECTIONS, MAX_TIMEOUT_S, AttachMethod } from '../attach/kernel';
 import { createLogger } from '../util/log';
 import { formatSize } from '../util/size';
-import { intArg, logLevelArg, onStopSignals, sizeArg, volumeSpecFromArgs } from './common';
+import { durationArg, intArg, logLevelArg, onStopSignals, sizeArg, volumeSpecFromArgs } from './common';
 
 interface AttachCliOpts {
   memory?: number;
@@ -44,7 +44,7 @@ export function registerAttach(program: Command): void {
     .option('--connections <N>', 'number of connections (sockets) to the kernel', intArg(1, MAX_CONNECTIONS), 1)
     .option('--timeout <S>', 'seconds before the kernel fails a request that got no reply (and drops the connection)', intArg(1, MAX_TIMEOUT_S), 30)
     .addOption(new Option('--interface <WHICH>', 'kernel interface').choices(['auto', 'netlink', 'ioctl']).default('auto'))
-    .option('--cp-interval <MS>', 'consistency point interval for volume directories, in ms', intArg(10, 3_600_000))
+    .option('--cp-interval <DURATION>', 'consistency point interval for volume directories, e.g. 10s, 500ms (a bare number is ms)', durationArg(10, 3_600_000, 'ms'))
     .addOption(new Option('--log-level <LEVEL>', 'log level').default('info').argParser(logLevelArg))
     .action(async (first: string, second: string | undefined, o: AttachCliOpts) => {
       await attach(second === undefined ? undefined : first, second ?? first, o);

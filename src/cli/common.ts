@@ -2,6 +2,7 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import { InvalidArgumentError } from 'commander';
+import { DurationUnit, formatDurationMs, parseDurationMs } from '../util/duration';
 import { parseSize } from '../util/size';
 import type { VolumeSpec } from '../volume/open';
 
@@ -13,6 +14,32 @@ export function sizeArg(value: string): number {
   } catch (e) {
     throw new InvalidArgumentError((e as Error).message);
   }
+}
+
+/** A size argument within [minBytes, maxBytes]. */
+export function sizeRangeArg(minBytes: number, maxBytes: number) {
+  return (value: string): number => {
+    const n = sizeArg(value);
+    if (n < minBytes || n > maxBytes) throw new InvalidArgumentError(`expected a size from ${minBytes} to ${maxBytes} bytes, got "${value}"`);
+    return n;
+  };
+}
+
+/** A duration argument ("10s", "500ms", "2m"; a bare number is in bareUnit), in ms within [minMs, maxMs]; 0 allowed when allowZero. */
+export function durationArg(minMs: number, maxMs: number, bareUnit: DurationUnit, allowZero = false) {
+  return (value: string): number => {
+    let ms: number;
+    try {
+      ms = parseDurationMs(value, bareUnit);
+    } catch (e) {
+      throw new InvalidArgumentError((e as Error).message);
+    }
+    if (allowZero && ms === 0) return 0;
+    if (ms < minMs || ms > maxMs) {
+      throw new InvalidArgumentError(`expected a duration from ${formatDurationMs(minMs)} to ${formatDurationMs(maxMs)}${allowZero ? ' (or 0 for never)' : ''}, got "${value}"`);
+    }
+    return ms;
+  };
 }
 
 export function intArg(min: number, max: number) {

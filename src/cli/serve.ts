@@ -12,7 +12,17 @@ import type { MirrorMode } from '../mirror/wire';
 import { clientTls, linkSecurity, type LinkArgs } from '../mirror/link';
 import { EngineVolume } from '../volume/engine';
 import { assert } from '../util/assert';
-import { hostPortArg, logLevelArg, onStopSignals, sizeArg, intArg, volumeSpecFromArgs } from './common';
+import { hostPortArg, logLevelArg, onStopSignals, sizeArg, sizeRangeArg, intArg, durationArg, volumeSpecFromArgs } from './common';
+import {
+  IDLE_TIMEOUT_MS_DEFAULT,
+  MAX_CONNECTIONS_DEFAULT,
+  MEMORY_BUDGET_BYTES_DEFAULT,
+  MEMORY_BUDGET_BYTES_MAX,
+  MEMORY_BUDGET_BYTES_MIN,
+  STALL_TIMEOUT_MS_DEFAULT,
+} from '../nbd/limits';
+import { formatDurationMs } from '../util/duration';
+import { parsePskFile } from '../nbd/server';
 
 interface ServeOpts extends LinkArgs {
   mirror?: boolean;
@@ -34,17 +44,43 @@ interface ServeOpts extends LinkArgs {
   tlsPsk?: string;
   cpInterval?: number;
   maxConnections: number;
+  memoryBudget: number;
+  stallTimeout: number;
+  idleTimeout: number;
   create?: number;
 }
 
 export const DEFAULT_LISTEN = { host: '127.0.0.1', port: 10809 };
 
-export function uriFor(endpoint: { tcp?: { host: string; port: number }; unix?: string }, exportName: string, tls: boolean): string {
+export interface UriTls {
+  /** TLS-PSK: the identity to connect as and the keys file (libnbd's tls-psk-file). */
+  psk?: { user: string; file: string };
+}
+
+/**
+ * The NBD URI (libnbd's syntax) of an endpoint; with TLS-PSK it carries the user and the
+ * keys file, so that `nbdinfo URI` works as printed.
+ */
+export function uriFor(endpoint: { tcp?: { host: string; port: number }; unix?: string }, exportName: string, tls: UriTls | false): string {
   const name = encodeURIComponent(exportName);
-  if (endpoint.unix !== undefined) return `nbd${tls ? 's' : ''}+unix:///${name}?socket=${endpoint.unix}`;
+  const scheme = `nbd${tls ? 's' : ''}`;
+  const user = tls && tls.psk ? `${encodeURIComponent(tls.psk.user)}@` : '';
+  const query: string[] = [];
+  if (endpoint.unix !== undefined) query.push(`socket=${endpoint.unix}`);
+  if (tls && tls.psk) query.push(`tls-psk-file=${tls.psk.file}`);
+  const q = query.length > 0 ? `?${query.join('&')}` : '';
+  if (endpoint.unix !== undefined) return `${scheme}+unix://${user}/${name}${q}`;
   const t = endpoint.tcp as { host: string; port: number };
   const host = t.host.includes(':') ? `[${t.host}]` : t.host;
-  return `nbd${tls ? 's' : ''}://${host}:${t.port}/${name}`;
+  return `${scheme}://${user}${host}:${t.port}/${name}${q}`;
+}
+
+/** The first identity of a PSK keys file (what the printed URI connects as). */
+function firstPskUser(file: string): string {
+  const keys = parsePskFile(fs.readFileSync(file, 'utf8'), file);
+  const first = keys.keys().next();
+  if (first.done === true) throw new Error(`PSK file ${file} has no keys`);
+  return first.value;
 }
 
 export function registerServe(program: Command): void {
@@ -64,9 +100,28 @@ export function registerServe(program: Command): void {
     .option('--tls-ca <FILE>', 'CA certificate (PEM): require client certificates signed by it')
     .option('--tls-psk <FILE>', 'TLS-PSK keys file (psktool format: identity:hexkey per line); enables STARTTLS')
     .option('--tls-required', 'refuse clients that do not upgrade to TLS')
-    .option('--cp-interval <MS>', 'consistency point interval for volume directories, in ms', intArg(10, 3_600_000))
+    .option('--cp-interval <DURATION>', 'consistency point interval for volume directories, e.g. 10s, 500ms (a bare number is ms)', durationArg(10, 3_600_000, 'ms'))
     .option('--create <SIZE>', 'create the volume directory DIR with SIZE first if it does not exist yet', sizeArg)
-    .option('--max-connections <N>', 'maximum concurrent connections', intArg(1, 4096), 128)
+    .addOption(
+      new Option('--max-connections <N>', 'maximum concurrent connections; when all are taken, the longest-idle one makes room')
+        .argParser(intArg(1, 4096))
+        .default(MAX_CONNECTIONS_DEFAULT),
+    )
+    .addOption(
+      new Option('--memory-budget <SIZE>', 'server-wide cap on request and reply bytes in flight; reading pauses while it is reached')
+        .argParser(sizeRangeArg(MEMORY_BUDGET_BYTES_MIN, MEMORY_BUDGET_BYTES_MAX))
+        .default(MEMORY_BUDGET_BYTES_DEFAULT, formatSize(MEMORY_BUDGET_BYTES_DEFAULT)),
+    )
+    .addOption(
+      new Option('--stall-timeout <DURATION>', 'drop a client that reads none of its replies, or stops mid-request, this long (0: never; a bare number is s)')
+        .argParser(durationArg(100, 24 * 3_600_000, 's', true))
+        .default(STALL_TIMEOUT_MS_DEFAULT, formatDurationMs(STALL_TIMEOUT_MS_DEFAULT)),
+    )
+    .addOption(
+      new Option('--idle-timeout <DURATION>', 'drop a client with nothing in flight that sends nothing this long (0: never; a bare number is s)')
+        .argParser(durationArg(100, 30 * 24 * 3_600_000, 's', true))
+        .default(IDLE_TIMEOUT_MS_DEFAULT, IDLE_TIMEOUT_MS_DEFAULT === 0 ? 'never' : formatDurationMs(IDLE_TIMEOUT_MS_DEFAULT)),
+    )
     .option('--mirror-to <HOST:PORT>', 'mirror the volume directory to `nvmirror receive` at HOST:PORT', hostPortArg)
     .addOption(new Option('--mirror-mode <MODE>', 'sync: a write is acknowledged once the peer holds it; async: CPs only').choices(['sync', 'async']))
     .addOption(new Option('--mirror-policy <POLICY>', 'while the peer is unreachable: keep serving (available) or fail writes with EIO (strict)').choices(['available', 'strict']))
@@ -76,7 +131,7 @@ export function registerServe(program: Command): void {
     .option('--mirror-tls-ca <FILE>', 'CA that signed the receiver\'s certificate (PEM)')
     .option('--mirror-insecure', 'mirror over plaintext TCP, unauthenticated')
     .option('--no-mirror', 'serve a volume directory without the mirror relationship it has recorded')
-    .option('--mirror-stall-timeout <MS>', 'drop the mirror connection when the peer acknowledges nothing for this long', intArg(100, 3_600_000))
+    .option('--mirror-stall-timeout <DURATION>', 'drop the mirror connection when the peer acknowledges nothing this long, e.g. 15s (a bare number is ms)', durationArg(100, 3_600_000, 'ms'))
     .action(async (dir: string | undefined, o: ServeOpts) => {
       await serve(dir, o);
     });
@@ -163,9 +218,18 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
           required: o.tlsRequired === true,
         }
       : undefined;
-  const tls = tlsFiles !== undefined;
   try {
-    const srv = new NbdServer({ exports: opened.exports, logger, maxConnections: o.maxConnections, ...(tlsFiles ? { tls: tlsFiles } : {}) });
+    const tls: UriTls | false =
+      tlsFiles === undefined ? false : o.tlsPsk !== undefined ? { psk: { user: firstPskUser(o.tlsPsk), file: path.resolve(o.tlsPsk) } } : {};
+    const srv = new NbdServer({
+      exports: opened.exports,
+      logger,
+      maxConnections: o.maxConnections,
+      memoryBudgetBytes: o.memoryBudget,
+      stallTimeoutMs: o.stallTimeout,
+      idleTimeoutMs: o.idleTimeout,
+      ...(tlsFiles ? { tls: tlsFiles } : {}),
+    });
     server = srv;
     const tcp = o.listen ?? (o.socket === undefined ? DEFAULT_LISTEN : undefined);
     const uris: string[] = [];

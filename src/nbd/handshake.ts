@@ -9,6 +9,8 @@
  * - Nothing but STARTTLS/ABORT is honoured before TLS when TLS is required.
  * - All negotiated state (structured replies, meta contexts) resets after STARTTLS.
  * - Transmission starts only with an export that exists, via EXPORT_NAME or GO.
+ * - Every way out of the handshake ends with the socket destroyed (at once, or after
+ *   ABORT's reply within LINGER_MS): no half-closed socket is left behind.
  */
 import type { Duplex } from 'stream';
 import * as net from 'net';
@@ -16,6 +18,7 @@ import * as tls from 'tls';
 import type { Logger } from '../util/log';
 import type { Volume } from '../volume/types';
 import type { ExportRegistry } from './exports';
+import { LINGER_MS } from './limits';
 import * as P from './protocol';
 import {
   ByteQueue,
@@ -203,9 +206,13 @@ export async function negotiate(raw: Duplex, opts: HandshakeOptions): Promise<Ne
         case P.OPT_ABORT:
           if (lengthBytes === 0) reply(option, P.REP_ACK);
           else error(option, P.REP_ERR_INVALID, 'ABORT takes no data');
-          // Either way the client wants out; close after the reply is written.
+          // Either way the client wants out: close after the reply is written. Keep reading
+          // (and discarding) so the client's FIN is seen, and destroy after LINGER_MS at
+          // most: a paused, half-closed socket would never be noticed closing (a leak).
           reader.detach();
+          socket.resume();
           socket.end();
+          setTimeout(() => socket.destroy(), LINGER_MS).unref();
           return undefined;
 
         case P.OPT_EXPORT_NAME: {
@@ -307,7 +314,7 @@ export async function negotiate(raw: Duplex, opts: HandshakeOptions): Promise<Ne
           if (parsed.infos.includes(P.INFO_DESCRIPTION)) reply(option, P.REP_INFO, encodeInfoString(P.INFO_DESCRIPTION, volume.description));
           // Our minimum block size is 1, so sending BLOCK_SIZE unrequested is harmless and informative.
           const c = volume.caps;
-          reply(option, P.REP_INFO, encodeInfoBlockSize(c.minBlockSizeBytes, c.preferredBlockSizeBytes, c.maxPayloadBytes));
+          reply(option, P.REP_INFO, encodeInfoBlockSize(c.minBlockSizeBytes, c.preferredBlockSizeBytes, P.MAX_PAYLOAD_BYTES));
           reply(option, P.REP_ACK);
           if (option === P.OPT_GO) return finish(parsed.name, volume, structured, metaExport === parsed.name, tflags);
           break;

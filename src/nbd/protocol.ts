@@ -89,16 +89,20 @@ export const CMD_FLAG_DF = 1 << 2;
 export const CMD_FLAG_REQ_ONE = 1 << 3;
 export const CMD_FLAG_FAST_ZERO = 1 << 4;
 
-/** Which command flags are meaningful for each command; anything else is EINVAL. */
+/**
+ * Which command flags each command accepts; anything else is EINVAL. FUA is accepted on
+ * every command (the spec: a server that advertises SEND_FUA MUST accept it on all of
+ * them) and ignored where it means nothing (READ, FLUSH, CACHE, BLOCK_STATUS, DISC).
+ */
 export const ALLOWED_CMD_FLAGS: Record<number, number> = {
-  [CMD_READ]: CMD_FLAG_DF,
+  [CMD_READ]: CMD_FLAG_FUA | CMD_FLAG_DF,
   [CMD_WRITE]: CMD_FLAG_FUA,
-  [CMD_DISC]: 0,
-  [CMD_FLUSH]: 0,
+  [CMD_DISC]: CMD_FLAG_FUA,
+  [CMD_FLUSH]: CMD_FLAG_FUA,
   [CMD_TRIM]: CMD_FLAG_FUA,
-  [CMD_CACHE]: 0,
+  [CMD_CACHE]: CMD_FLAG_FUA,
   [CMD_WRITE_ZEROES]: CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
-  [CMD_BLOCK_STATUS]: CMD_FLAG_REQ_ONE,
+  [CMD_BLOCK_STATUS]: CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
 };
 
 // Structured reply.
@@ -132,8 +136,16 @@ export const OPTION_HEADER_BYTES = 16;
 export const OPTION_REPLY_HEADER_BYTES = 20;
 
 // Limits (hostile-input protection).
-/** Largest WRITE payload / READ length we accept: the spec's 2^25 portability floor. */
-export const MAX_PAYLOAD_BYTES = 32 * 1024 * 1024;
+/**
+ * Largest WRITE payload / READ length we accept, and advertise in NBD_INFO_BLOCK_SIZE:
+ * 64 MiB, as nbdkit (clients that never see BLOCK_SIZE, e.g. over EXPORT_NAME, send up
+ * to this). Above the spec's 32 MiB floor; a volume whose own per-call limit is lower is
+ * served in pieces (see transmission.ts). Every byte of it is charged to the server-wide
+ * memory budget (budget.ts) before it is buffered.
+ */
+export const MAX_PAYLOAD_BYTES = 64 * 1024 * 1024;
+/** The spec's floor: a server must accept payloads up to this without BLOCK_SIZE. */
+export const SPEC_MIN_MAX_PAYLOAD_BYTES = 32 * 1024 * 1024;
 /** Largest option payload we read; anything bigger is refused without being buffered. */
 export const MAX_OPTION_BYTES = 64 * 1024;
 /** Strings (names, descriptions, queries) are at most 4096 bytes per the spec. */
@@ -144,7 +156,8 @@ export const MAX_OPTIONS = 128;
 export const MAX_EXTENTS_PER_REPLY = 2048;
 
 assert(MAX_OPTION_BYTES >= 4 + MAX_STRING_BYTES + 2 + 2 * 16, 'an INFO/GO with a maximal name must fit');
-assert(MAX_PAYLOAD_BYTES <= 2 ** 25, 'must not exceed what we advertise');
+assert(MAX_PAYLOAD_BYTES >= SPEC_MIN_MAX_PAYLOAD_BYTES, 'payloads up to 32 MiB must be accepted');
+assert(MAX_PAYLOAD_BYTES < 2 ** 32, 'a request length is a u32');
 
 // base:allocation bits (same values as EXTENT_HOLE / EXTENT_ZERO in src/volume/types.ts).
 export const EXTENT_HOLE_BIT = 1;

@@ -3,9 +3,17 @@
  * the transmission phase. Also serves pre-connected sockets in transmission mode only
  * (the kernel attach path, where the kernel speaks no handshake).
  *
+ * Limits (limits.ts): MAX_CONNECTIONS_DEFAULT, HANDSHAKE_TIMEOUT_MS,
+ * EVICT_HANDSHAKE_AGE_MS_MIN, one MemoryBudget (MEMORY_BUDGET_BYTES_DEFAULT) shared by
+ * every connection, stall and idle timeouts checked every SWEEP_INTERVAL_MS_MAX at most.
+ *
  * Invariants:
- * - At most maxConnections connections exist at once; more are closed at accept.
+ * - At most maxConnections connections exist at once. When all slots are taken, a new
+ *   client takes the slot of the connection idle the longest (nothing in flight), else
+ *   of the oldest handshake older than EVICT_HANDSHAKE_AGE_MS_MIN; else it is refused.
+ *   Kernel (attach) connections are never evicted nor timed out.
  * - A handshake that does not finish within handshakeTimeoutMs is dropped.
+ * - One info log line per connection (when it ends), with why it ended.
  * - close(): stop accepting, finish in-flight requests on every connection, then resolve.
  */
 import * as fs from 'fs';
@@ -15,8 +23,21 @@ import type { Duplex } from 'stream';
 import type { Logger } from '../util/log';
 import type { Volume } from '../volume/types';
 import type { ExportRegistry } from './exports';
+import { MemoryBudget } from './budget';
 import { negotiate, TlsConfig, transmissionFlags } from './handshake';
-import { Transmission } from './transmission';
+import {
+  EVICT_HANDSHAKE_AGE_MS_MIN,
+  EVICT_IDLE_MS_MIN,
+  HANDSHAKE_TIMEOUT_MS,
+  IDLE_TIMEOUT_MS_DEFAULT,
+  MAX_CONNECTIONS_DEFAULT,
+  MEMORY_BUDGET_BYTES_DEFAULT,
+  SHUTDOWN_REPORT_MS,
+  STALL_TIMEOUT_MS_DEFAULT,
+  SWEEP_INTERVAL_MS_MAX,
+} from './limits';
+import { Transmission, TransmissionLimits } from './transmission';
+import { prepareUnixSocketPath } from './unix-socket';
 
 export interface TlsFiles {
   /** X.509: certificate and key (both or neither). */
@@ -50,6 +71,12 @@ export interface NbdServerOptions {
   tls?: TlsFiles;
   maxConnections?: number;
   handshakeTimeoutMs?: number;
+  /** Server-wide budget for bytes in flight (default MEMORY_BUDGET_BYTES_DEFAULT). */
+  memoryBudgetBytes?: number;
+  /** Default STALL_TIMEOUT_MS_DEFAULT; 0 = never. */
+  stallTimeoutMs?: number;
+  /** Default IDLE_TIMEOUT_MS_DEFAULT (off); 0 = never. */
+  idleTimeoutMs?: number;
 }
 
 export function loadTlsConfig(files: TlsFiles): TlsConfig {
@@ -85,6 +112,9 @@ interface Conn {
   socket: Duplex;
   transmission?: Transmission;
   id: number;
+  startedMs: number;
+  /** A kernel (attach) connection: never evicted nor timed out. */
+  kernel: boolean;
 }
 
 export class NbdServer {
@@ -96,16 +126,65 @@ export class NbdServer {
   private shuttingDown = false;
   private nextId = 1;
   private readonly log: Logger;
+  readonly budget: MemoryBudget;
+  private readonly limits: TransmissionLimits;
+  private readonly sweepTimer: NodeJS.Timeout;
 
   constructor(private readonly opts: NbdServerOptions) {
     this.log = opts.logger;
     this.tls = opts.tls ? loadTlsConfig(opts.tls) : undefined;
-    this.maxConnections = opts.maxConnections ?? 128;
-    this.handshakeTimeoutMs = opts.handshakeTimeoutMs ?? 60_000;
+    this.maxConnections = opts.maxConnections ?? MAX_CONNECTIONS_DEFAULT;
+    this.handshakeTimeoutMs = opts.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS;
+    this.budget = new MemoryBudget(opts.memoryBudgetBytes ?? MEMORY_BUDGET_BYTES_DEFAULT);
+    this.limits = {
+      budget: this.budget,
+      stallTimeoutMs: opts.stallTimeoutMs ?? STALL_TIMEOUT_MS_DEFAULT,
+      idleTimeoutMs: opts.idleTimeoutMs ?? IDLE_TIMEOUT_MS_DEFAULT,
+    };
+    const timeouts = [this.limits.stallTimeoutMs, this.limits.idleTimeoutMs].filter((t) => t > 0);
+    const sweepMs = Math.max(50, Math.min(SWEEP_INTERVAL_MS_MAX, ...timeouts.map((t) => t / 4)));
+    this.sweepTimer = setInterval(() => this.sweep(), sweepMs);
+    this.sweepTimer.unref();
   }
 
   get connectionCount(): number {
     return this.conns.size;
+  }
+
+  private sweep(): void {
+    const now = Date.now();
+    for (const c of this.conns) if (c.transmission && !c.kernel) c.transmission.sweep(now);
+  }
+
+  /**
+   * Frees one slot for a new client: the transmission connection idle the longest, else
+   * the oldest handshake older than EVICT_HANDSHAKE_AGE_MS_MIN. False if neither exists.
+   */
+  private evictOne(): boolean {
+    const now = Date.now();
+    let idle: Conn | undefined;
+    let handshake: Conn | undefined;
+    for (const c of this.conns) {
+      if (c.kernel) continue;
+      const t = c.transmission;
+      if (t) {
+        if (t.isIdle && now - t.lastActivityMs >= EVICT_IDLE_MS_MIN && (!idle || t.lastActivityMs < (idle.transmission as Transmission).lastActivityMs)) idle = c;
+      } else if (now - c.startedMs >= EVICT_HANDSHAKE_AGE_MS_MIN && (!handshake || c.startedMs < handshake.startedMs)) {
+        handshake = c;
+      }
+    }
+    if (idle?.transmission) {
+      idle.transmission.drop('evicted: every connection slot was taken and this one was idle the longest');
+      this.conns.delete(idle);
+      return true;
+    }
+    if (handshake) {
+      this.log.info({ conn: handshake.id }, 'evicting the oldest unfinished handshake: every connection slot was taken');
+      handshake.socket.destroy();
+      this.conns.delete(handshake);
+      return true;
+    }
+    return false;
   }
 
   listenTcp(host: string, port: number): Promise<net.AddressInfo> {
@@ -115,20 +194,7 @@ export class NbdServer {
   }
 
   async listenUnix(path: string): Promise<void> {
-    // A stale socket file from a dead server would make listen fail with EADDRINUSE;
-    // remove it only if nothing answers on it.
-    if (fs.existsSync(path)) {
-      const alive = await new Promise<boolean>((resolve) => {
-        const c = net.connect(path);
-        c.once('connect', () => {
-          c.destroy();
-          resolve(true);
-        });
-        c.once('error', () => resolve(false));
-      });
-      if (alive) throw new Error(`socket ${path} is in use by another server`);
-      fs.unlinkSync(path);
-    }
+    await prepareUnixSocketPath(path);
     await this.listen((srv, cb) => srv.listen(path, cb), path);
   }
 
@@ -151,19 +217,19 @@ export class NbdServer {
   }
 
   private accept(socket: net.Socket): void {
-    if (this.shuttingDown || this.conns.size >= this.maxConnections) {
+    if (this.shuttingDown || (this.conns.size >= this.maxConnections && !this.evictOne())) {
       this.log.warn({ connections: this.conns.size }, 'refusing connection (limit reached or shutting down)');
       socket.destroy();
       return;
     }
     socket.setNoDelay(true);
-    const conn: Conn = { socket, id: this.nextId++ };
+    const conn: Conn = { socket, id: this.nextId++, startedMs: Date.now(), kernel: false };
     this.conns.add(conn);
     const log = this.log.child({ conn: conn.id, peer: socket.remoteAddress ?? 'unix' });
     log.debug('connection accepted');
     socket.on('error', () => undefined);
     const timer = setTimeout(() => {
-      log.warn('handshake timed out');
+      log.info('handshake timed out: disconnecting client');
       socket.destroy();
     }, this.handshakeTimeoutMs);
     socket.once('close', () => {
@@ -178,24 +244,24 @@ export class NbdServer {
     })
       .then((session) => {
         clearTimeout(timer);
-        if (!session) {
-          this.conns.delete(conn);
-          return;
-        }
+        // No session: the socket is destroyed or lingering after ABORT; its 'close' removes it.
+        if (!session) return;
         if (session.socket.destroyed) {
           this.conns.delete(conn);
           return;
         }
         session.socket.on('error', () => undefined);
-        log.info({ export: session.exportName, structured: session.structuredReplies, tls: session.tls }, 'client connected');
+        const what = { export: session.exportName, structured: session.structuredReplies, tls: session.tls };
+        log.debug(what, 'client connected');
         conn.socket = session.socket;
-        const t = new Transmission(session, log);
+        const t = new Transmission(session, log, this.limits);
         conn.transmission = t;
         session.volume.onRevoke?.(() => void t.shutdown());
         void t.closed.then(() => {
           session.volume.detach?.();
           this.conns.delete(conn);
-          log.info({ requests: t.requestsServed }, 'client disconnected');
+          const info = { ...what, requests: t.requestsServed, bytesReceived: t.bytesReceived, durationMs: Date.now() - conn.startedMs };
+          log.info(t.closeReason !== undefined ? { ...info, why: t.closeReason } : info, 'client disconnected');
         });
       })
       .catch((e: unknown) => {
@@ -211,7 +277,7 @@ export class NbdServer {
    * replies, e.g. one end of a socketpair handed to the kernel's nbd driver.
    */
   serveTransmission(socket: net.Socket, volume: Volume, opts: { exportName: string }): { closed: Promise<void>; close(): Promise<void> } {
-    const conn: Conn = { socket, id: this.nextId++ };
+    const conn: Conn = { socket, id: this.nextId++, startedMs: Date.now(), kernel: true };
     this.conns.add(conn);
     const log = this.log.child({ conn: conn.id, export: opts.exportName });
     socket.on('error', () => undefined);
@@ -226,6 +292,7 @@ export class NbdServer {
         leftover: [],
       },
       log,
+      this.limits,
     );
     conn.transmission = t;
     const closed = t.closed.then(() => {
@@ -237,6 +304,7 @@ export class NbdServer {
   /** Stops accepting, lets in-flight requests finish, closes every connection. */
   async close(): Promise<void> {
     this.shuttingDown = true;
+    clearInterval(this.sweepTimer);
     // net.Server.close() calls back only once every connection has ended, so start it
     // (no new connections from here on) and wait for it after closing the connections.
     const listenersClosed = this.servers.map((s) => new Promise<void>((r) => s.close(() => r())));
@@ -245,8 +313,19 @@ export class NbdServer {
       if (c.transmission) pending.push(c.transmission.shutdown());
       else c.socket.destroy();
     }
-    await Promise.all(pending);
-    await Promise.all(listenersClosed);
+    this.log.info({ connections: this.conns.size, transmissions: pending.length }, 'closing: finishing in-flight requests');
+    // Say what a slow shutdown waits for (a request stuck in the volume, a client...).
+    const slow = setInterval(() => {
+      for (const c of this.conns) this.log.warn({ conn: c.id, state: c.transmission?.state() ?? 'handshake' }, 'shutdown still waiting for this connection');
+    }, SHUTDOWN_REPORT_MS);
+    slow.unref();
+    try {
+      await Promise.all(pending);
+      await Promise.all(listenersClosed);
+    } finally {
+      clearInterval(slow);
+    }
+    this.log.debug('closing: every connection and listener closed');
   }
 }
 

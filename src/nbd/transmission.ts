@@ -1,38 +1,57 @@
 /**
- * Transmission phase: parse requests in place, validate them at the edge (turning bad
- * input into NBD errors), run them against the volume concurrently and reply as each
- * completes (out of order). Replies produced in one tick are corked into one writev.
+ * Transmission phase: parse requests in place, validate them at the edge (validate.ts),
+ * run them against the volume concurrently and reply as each completes (out of order).
+ * Replies produced in one tick are corked into one writev.
+ *
+ * Limits (limits.ts): MAX_INFLIGHT_REQUESTS_PER_CONNECTION, MAX_INFLIGHT_BYTES_PER_CONNECTION,
+ * MAX_QUEUED_REPLY_BYTES_PER_CONNECTION, the server-wide MemoryBudget, stallTimeoutMs,
+ * idleTimeoutMs, LINGER_MS.
  *
  * Invariants:
- * - At most MAX_INFLIGHT_REQUESTS requests and MAX_INFLIGHT_BYTES payload/read bytes are
- *   in progress per connection; beyond that, and while the socket is not draining, we
- *   stop reading from the socket (backpressure), we never buffer without bound.
+ * - Every READ/WRITE byte is charged to the server-wide budget before it is buffered
+ *   (the parser asks admit() at the header) and released exactly once: a WRITE when the
+ *   volume's write settled (or it was refused), a READ when the socket has taken its
+ *   reply. While a charge waits we read nothing from this socket.
+ * - A connection's charges (held or inside the volume) stay within
+ *   MAX_INFLIGHT_BYTES_PER_CONNECTION (a first request always fits).
+ * - We read from the socket only while: not stopping, no charge waiting, fewer than
+ *   MAX_INFLIGHT_REQUESTS_PER_CONNECTION in flight, and fewer than
+ *   MAX_QUEUED_REPLY_BYTES_PER_CONNECTION reply bytes queued (checked on every send).
+ * - Once the socket is closed, what the connection still holds in the budget (replies
+ *   queued in the dead socket, a half-received payload) is released at once; requests
+ *   still inside the volume release theirs when they settle.
+ * - After DISC: no reply to it, in-flight requests finish, input is read and discarded
+ *   (so the client's FIN is seen), and the socket is destroyed LINGER_MS later at most.
  * - Every request gets exactly one reply, except DISC (none) and requests that arrive
  *   after DISC (ignored, as the spec allows).
  * - With structured replies negotiated, READ and BLOCK_STATUS always get structured
  *   replies; everything else gets a simple reply (the spec allows both).
- * - The volume is only called with in-range, supported, well-formed requests.
  */
 import type { Duplex } from 'stream';
 import type { Logger } from '../util/log';
 import type { Volume } from '../volume/types';
+import { assert } from '../util/assert';
+import type { Charge, MemoryBudget } from './budget';
 import { BufferPool, sharedBufferPool } from './buffer-pool';
 import { toNbdError } from './errors';
-import * as P from './protocol';
 import {
-  encodeBlockStatus,
-  encodeSimpleReply,
-  encodeStructuredError,
-  Request,
-  RequestParser,
-  writeStructuredHeader,
-  writeU64,
-} from './wire';
+  LINGER_MS,
+  MAX_INFLIGHT_BYTES_PER_CONNECTION,
+  MAX_INFLIGHT_REQUESTS_PER_CONNECTION,
+  MAX_QUEUED_REPLY_BYTES_PER_CONNECTION,
+} from './limits';
+import * as P from './protocol';
+import { validateRequest, ValidationContext } from './validate';
+import { encodeBlockStatus, encodeSimpleReply, encodeStructuredError, Request, RequestParser, writeStructuredHeader, writeU64 } from './wire';
 
-export const MAX_INFLIGHT_REQUESTS = 256;
-export const MAX_INFLIGHT_BYTES = 96 * 1024 * 1024;
-/** Stop reading while this much reply data waits in the socket. */
-const MAX_PENDING_WRITE_BYTES = 16 * 1024 * 1024;
+/**
+ * Bytes the socket's handle has not yet handed to the kernel (libuv's write queue, which
+ * shrinks as a large write progresses), when Node exposes it; undefined otherwise.
+ */
+function handleQueuedBytes(sock: Duplex): number | undefined {
+  const h = (sock as unknown as { _handle?: { writeQueueSize?: unknown } | null })._handle;
+  return typeof h?.writeQueueSize === 'number' ? h.writeQueueSize : undefined;
+}
 
 export interface TransmissionSession {
   socket: Duplex;
@@ -44,63 +63,162 @@ export interface TransmissionSession {
   leftover: Buffer[];
 }
 
+export interface TransmissionLimits {
+  /** The server-wide budget for bytes in flight. */
+  budget: MemoryBudget;
+  /** Drop a client that leaves replies unread or stops mid-request this long; 0 = never. */
+  stallTimeoutMs: number;
+  /** Drop a client with nothing in flight that sends nothing this long; 0 = never. */
+  idleTimeoutMs: number;
+}
+
 export class Transmission {
   private readonly parser: RequestParser;
   private readonly volume: Volume;
-  private readonly readOnly: boolean;
+  private readonly vc: ValidationContext;
   private inflightRequests = 0;
-  private inflightBytes = 0;
   private corked = false;
   private readingPaused = false;
   private stopping = false;
+  /** DISC received: read and discard until the client closes or LINGER_MS passes. */
+  private discarding = false;
   private disconnected = false;
+  private socketClosed = false;
+  private cancelBudgetWait: (() => void) | undefined;
+  /** The request whose admission waits (parser blocked), on the budget or our own share. */
+  private waitingReq: Request | undefined;
+  private retryScheduled = false;
+  /** Budget bytes charged to this connection's requests (held or inside the volume). */
+  private connChargedBytes = 0;
+  /** Charges the connection itself holds (queued replies, a payload being received). */
+  private readonly held = new Set<Request>();
   private idleWaiters: Array<() => void> = [];
   private resolveClosed!: () => void;
   /** Resolves when the connection is closed and every in-flight request has finished. */
   readonly closed: Promise<void>;
   requestsServed = 0;
+  bytesReceived = 0;
+  /** Why the server ended the connection (undefined: the client did, or DISC). */
+  closeReason: string | undefined;
+  private lastRxMs = Date.now();
+  private lastTxMs = Date.now();
+  private lastHandleQueuedBytes = 0;
 
-  constructor(private readonly s: TransmissionSession, private readonly log: Logger) {
+  constructor(
+    private readonly s: TransmissionSession,
+    private readonly log: Logger,
+    private readonly limits: TransmissionLimits,
+  ) {
     this.volume = s.volume;
-    this.readOnly = (s.transmissionFlags & P.TFLAG_READ_ONLY) !== 0;
+    this.vc = {
+      sizeBytes: s.volume.sizeBytes,
+      caps: s.volume.caps,
+      readOnly: (s.transmissionFlags & P.TFLAG_READ_ONLY) !== 0,
+      structuredReplies: s.structuredReplies,
+      baseAllocation: s.baseAllocation,
+    };
+    assert(s.volume.caps.maxPayloadBytes > 0, 'volume maxPayloadBytes must be positive');
     this.closed = new Promise((r) => (this.resolveClosed = r));
     this.parser = new RequestParser(
       {
         onRequest: (req) => this.onRequest(req),
         onFramingError: (msg) => this.abort(msg),
+        admit: (req) => this.admit(req),
       },
       sharedBufferPool,
     );
     const sock = s.socket;
     sock.on('data', this.onData);
-    sock.on('drain', this.maybeResume);
+    sock.on('drain', this.updateReading);
     sock.on('error', (e: Error) => {
       this.log.debug({ err: e.message }, 'connection error');
       this.markDisconnected();
     });
-    sock.on('close', () => this.markDisconnected());
     sock.on('end', () => this.markDisconnected());
-    for (const c of s.leftover) this.parser.feed(c);
+    sock.on('close', () => {
+      this.socketClosed = true;
+      this.markDisconnected();
+      this.releaseHeld();
+    });
+    for (const c of s.leftover) this.onData(c);
     sock.resume();
   }
 
   private readonly onData = (chunk: Buffer): void => {
-    if (this.stopping) return;
+    this.lastRxMs = Date.now();
+    this.bytesReceived += chunk.length;
+    if (this.stopping) return; // after DISC or shutdown: discarded
     this.parser.feed(chunk);
   };
 
   /** Graceful stop: read nothing more, finish in-flight requests, close. */
   async shutdown(): Promise<void> {
     this.stopping = true;
-    this.s.socket.pause();
+    this.updateReading();
     await this.idle();
-    this.s.socket.end();
-    if (!this.disconnected) {
-      // Give the client a moment to read our last replies, then make sure it is gone.
-      const t = setTimeout(() => this.s.socket.destroy(), 2000);
-      t.unref();
-    }
+    this.endAndLinger();
     await this.closed;
+  }
+
+  /** True when nothing is in flight, queued or half-received (an eviction candidate). */
+  get isIdle(): boolean {
+    return this.inflightRequests === 0 && this.s.socket.writableLength === 0 && !this.parser.midRequest && !this.stopping;
+  }
+
+  get lastActivityMs(): number {
+    return Math.max(this.lastRxMs, this.lastTxMs);
+  }
+
+  /** What the connection is doing, for diagnostics (a slow shutdown says what it waits for). */
+  state(): Record<string, number | boolean> {
+    return {
+      inflightRequests: this.inflightRequests,
+      chargedBytes: this.connChargedBytes,
+      heldCharges: this.held.size,
+      waitingBytes: this.waitingReq?.length ?? 0,
+      waitingOnBudget: this.cancelBudgetWait !== undefined,
+      readingPaused: this.readingPaused,
+      stopping: this.stopping,
+      disconnected: this.disconnected,
+      socketClosed: this.socketClosed,
+      queuedReplyBytes: this.s.socket.writableLength,
+      midRequest: this.parser.midRequest,
+      msSinceRx: Date.now() - this.lastRxMs,
+    };
+  }
+
+  /** Checks the timeouts; drops the connection (and says why) when one has passed. */
+  sweep(nowMs: number): void {
+    if (this.disconnected) return;
+    const { stallTimeoutMs, idleTimeoutMs } = this.limits;
+    // Progress inside one large write (its callback fires only at the end): the handle's
+    // queue shrinks as the kernel takes bytes, so a slow but steady reader is not stalled.
+    const queued = handleQueuedBytes(this.s.socket);
+    if (queued !== undefined) {
+      if (queued < this.lastHandleQueuedBytes) this.lastTxMs = nowMs;
+      this.lastHandleQueuedBytes = queued;
+    }
+    if (stallTimeoutMs > 0) {
+      if (this.s.socket.writableLength > 0 && nowMs - this.lastTxMs > stallTimeoutMs) {
+        return this.drop(`client read none of its ${this.s.socket.writableLength} queued reply bytes for ${stallTimeoutMs} ms`);
+      }
+      if (this.parser.midRequest && !this.parser.isBlocked && nowMs - this.lastRxMs > stallTimeoutMs) {
+        return this.drop(`client stopped in the middle of a request for ${stallTimeoutMs} ms`);
+      }
+    }
+    if (idleTimeoutMs > 0 && this.isIdle && nowMs - this.lastActivityMs > idleTimeoutMs) {
+      return this.drop(`idle for ${idleTimeoutMs} ms`);
+    }
+  }
+
+  /** Ends the connection now (timeout, eviction): in-flight requests still finish. */
+  drop(reason: string): void {
+    if (this.disconnected) return;
+    this.closeReason = reason;
+    this.log.debug({ why: reason }, 'dropping client');
+    this.stopping = true;
+    this.s.socket.destroy();
+    this.markDisconnected();
   }
 
   private idle(): Promise<void> {
@@ -112,74 +230,177 @@ export class Transmission {
     if (this.disconnected) return;
     this.disconnected = true;
     this.stopping = true;
-    void this.idle().then(() => this.resolveClosed());
+    this.parser.kill();
+    this.cancelBudgetWait?.();
+    this.cancelBudgetWait = undefined;
+    this.waitingReq = undefined;
+    void this.idle().then(() => {
+      // No request of ours is left in the volume; make sure the socket is gone too.
+      if (!this.socketClosed) this.s.socket.destroy();
+      this.releaseHeld();
+      this.resolveClosed();
+    });
+  }
+
+  /** Ends our side after our last replies; a client that does not close is destroyed after LINGER_MS. */
+  private endAndLinger(): void {
+    const sock = this.s.socket;
+    if (this.socketClosed) return;
+    sock.end();
+    const t = setTimeout(() => sock.destroy(), LINGER_MS);
+    t.unref();
+    sock.once('close', () => clearTimeout(t));
   }
 
   private abort(msg: string): void {
     this.log.warn({ why: msg }, 'protocol violation: disconnecting client');
-    this.stopping = true;
-    this.s.socket.destroy();
-    this.markDisconnected();
+    this.drop(`protocol violation: ${msg}`);
+  }
+
+  // ----------------------------------------------------------------- memory budget
+
+  /**
+   * Charges a READ/WRITE before anything is buffered for it. It waits (and we stop
+   * reading) while this connection already holds MAX_INFLIGHT_BYTES_PER_CONNECTION, or
+   * while the server-wide budget is spent.
+   */
+  private admit(req: Request): boolean {
+    assert(req.charge === undefined && req.length > 0 && req.length <= P.MAX_PAYLOAD_BYTES);
+    assert(this.waitingReq === undefined, 'admit while a request waits');
+    if (this.stopping) return true; // onRequest drops it; a WRITE's payload is never read
+    if (this.tryAdmit(req)) return true;
+    this.waitingReq = req;
+    this.updateReading();
+    return false;
+  }
+
+  private tryAdmit(req: Request): boolean {
+    const bytes = req.length;
+    if (this.connChargedBytes > 0 && this.connChargedBytes + bytes > MAX_INFLIGHT_BYTES_PER_CONNECTION) return false; // our own releases retry
+    const budget = this.limits.budget;
+    const charge = budget.tryCharge(bytes);
+    if (charge) {
+      this.hold(req, charge);
+      return true;
+    }
+    this.log.debug({ bytes, usedBytes: budget.usedBytes }, 'memory budget spent: waiting');
+    this.cancelBudgetWait = budget.wait(bytes, (c) => this.onGranted(req, c));
+    return false;
+  }
+
+  private onGranted(req: Request, charge: Charge): void {
+    this.cancelBudgetWait = undefined;
+    if (this.stopping) {
+      this.limits.budget.release(charge);
+      return;
+    }
+    this.hold(req, charge);
+    this.admitted();
+  }
+
+  private admitted(): void {
+    this.waitingReq = undefined;
+    this.parser.unblock();
+    this.updateReading();
+  }
+
+  private hold(req: Request, charge: Charge): void {
+    req.charge = charge;
+    this.connChargedBytes += charge.bytes;
+    this.held.add(req);
+  }
+
+  private uncharge(req: Request): void {
+    this.held.delete(req);
+    const charge = req.charge;
+    if (charge === undefined) return;
+    req.charge = undefined;
+    this.limits.budget.release(charge);
+    this.connChargedBytes -= charge.bytes;
+    assert(this.connChargedBytes >= 0);
+    // A request waiting on this connection's own share: retry (on a later tick, as this
+    // runs inside request handling).
+    const w = this.waitingReq;
+    if (w !== undefined && this.cancelBudgetWait === undefined && !this.stopping && !this.retryScheduled) {
+      this.retryScheduled = true;
+      process.nextTick(() => {
+        this.retryScheduled = false;
+        if (this.stopping || this.waitingReq !== w || this.cancelBudgetWait !== undefined) return;
+        if (this.tryAdmit(w)) this.admitted();
+      });
+    }
+  }
+
+  /** The socket is gone: release the queued replies' and half-received payload's charges. */
+  private releaseHeld(): void {
+    if (!this.socketClosed) return;
+    for (const req of [...this.held]) this.uncharge(req);
   }
 
   // ------------------------------------------------------------- flow control
 
-  private begin(bytes: number): void {
+  private begin(): void {
     this.inflightRequests++;
-    this.inflightBytes += bytes;
-    if (!this.readingPaused && (this.inflightRequests >= MAX_INFLIGHT_REQUESTS || this.inflightBytes >= MAX_INFLIGHT_BYTES)) {
-      this.readingPaused = true;
-      this.s.socket.pause();
-    }
+    this.updateReading();
   }
 
-  private end(bytes: number): void {
+  private end(): void {
     this.inflightRequests--;
-    this.inflightBytes -= bytes;
     this.requestsServed++;
+    assert(this.inflightRequests >= 0);
     if (this.inflightRequests === 0 && this.idleWaiters.length > 0) {
       const w = this.idleWaiters;
       this.idleWaiters = [];
       for (const f of w) f();
     }
-    this.maybeResume();
+    this.updateReading();
   }
 
-  private readonly maybeResume = (): void => {
-    if (!this.readingPaused || this.stopping) return;
-    if (this.inflightRequests < MAX_INFLIGHT_REQUESTS && this.inflightBytes < MAX_INFLIGHT_BYTES && this.s.socket.writableLength < MAX_PENDING_WRITE_BYTES) {
-      this.readingPaused = false;
-      this.s.socket.resume();
-    }
+  /** Reads from the socket exactly while the invariants above allow it. */
+  private readonly updateReading = (): void => {
+    if (this.disconnected) return;
+    const sock = this.s.socket;
+    const want =
+      this.discarding ||
+      (!this.stopping &&
+        this.waitingReq === undefined &&
+        this.inflightRequests < MAX_INFLIGHT_REQUESTS_PER_CONNECTION &&
+        sock.writableLength < MAX_QUEUED_REPLY_BYTES_PER_CONNECTION);
+    if (want === !this.readingPaused) return;
+    this.readingPaused = !want;
+    if (want) sock.resume();
+    else sock.pause();
   };
 
   private readonly uncork = (): void => {
     this.corked = false;
-    const sock = this.s.socket;
-    sock.uncork();
-    if (sock.writableLength >= MAX_PENDING_WRITE_BYTES && !this.readingPaused) {
-      this.readingPaused = true;
-      sock.pause();
-    }
+    this.s.socket.uncork();
+    this.updateReading();
   };
 
   /**
    * Queues one reply. Replies made in the same tick go out corked in one writev; with a
    * single request in flight there is nothing to batch, so it is written at once.
-   * `pooled` (a pool buffer behind b) is released once the socket has taken the bytes.
+   * `onTaken` runs once the socket has handed the bytes to the kernel, or failed.
    */
-  private send(b: Buffer, pooled?: Buffer): void {
+  private send(b: Buffer, onTaken?: () => void): void {
     if (this.disconnected) {
-      if (pooled) sharedBufferPool.release(pooled);
+      onTaken?.();
       return;
     }
+    const sock = this.s.socket;
+    if (sock.writableLength === 0) this.lastTxMs = Date.now();
     if (!this.corked && this.inflightRequests > 1) {
       this.corked = true;
-      this.s.socket.cork();
+      sock.cork();
       process.nextTick(this.uncork);
     }
-    if (pooled) this.s.socket.write(b, () => sharedBufferPool.release(pooled));
-    else this.s.socket.write(b);
+    sock.write(b, () => {
+      this.lastTxMs = Date.now();
+      onTaken?.();
+      if (this.readingPaused) this.updateReading();
+    });
+    this.updateReading();
   }
 
   private replySimple(req: Request, error: number): void {
@@ -197,20 +418,24 @@ export class Transmission {
   // ---------------------------------------------------------------- requests
 
   private onRequest(req: Request): void {
+    // From here the request's charge belongs to its operation, not to the connection.
+    this.held.delete(req);
     if (this.stopping) return this.dropPayload(req);
     if (req.type === P.CMD_DISC) {
       this.log.debug('client sent DISC');
       this.stopping = true;
-      this.s.socket.pause();
-      void this.idle().then(() => this.s.socket.end());
+      this.discarding = true;
+      this.updateReading();
+      void this.idle().then(() => this.endAndLinger());
       return;
     }
-    const bad = this.validate(req);
+    const bad = validateRequest(req, this.vc);
     if (bad !== 0) {
       this.dropPayload(req);
       this.replyError(req, bad, 'invalid request');
       return;
     }
+    const fua = (req.flags & P.CMD_FLAG_FUA) !== 0;
     switch (req.type) {
       case P.CMD_READ:
         void this.doRead(req);
@@ -224,7 +449,7 @@ export class Transmission {
         return;
       case P.CMD_TRIM:
         if (req.length === 0) return this.replySimple(req, 0);
-        void this.doSimple(req, this.volume.trim(req.offset, req.length, (req.flags & P.CMD_FLAG_FUA) !== 0), 'trim');
+        void this.doSimple(req, this.volume.trim(req.offset, req.length, fua), 'trim');
         return;
       case P.CMD_WRITE_ZEROES:
         if (req.length === 0) return this.replySimple(req, 0);
@@ -233,7 +458,7 @@ export class Transmission {
           this.volume.zero(req.offset, req.length, {
             noHole: (req.flags & P.CMD_FLAG_NO_HOLE) !== 0,
             fastZero: (req.flags & P.CMD_FLAG_FAST_ZERO) !== 0,
-            fua: (req.flags & P.CMD_FLAG_FUA) !== 0,
+            fua,
           }),
           'write zeroes',
         );
@@ -252,122 +477,95 @@ export class Transmission {
     if (req.pooled) sharedBufferPool.release(req.pooled);
     req.pooled = undefined;
     req.payload = undefined;
-  }
-
-  /** Returns 0 if the request may go to the volume, else the NBD error to reply with. */
-  private validate(req: Request): number {
-    const allowed = P.ALLOWED_CMD_FLAGS[req.type];
-    if (allowed === undefined) return P.EINVAL; // unknown command
-    if ((req.flags & ~allowed) !== 0) return P.EINVAL;
-    const size = this.volume.sizeBytes;
-    const caps = this.volume.caps;
-    const end = req.offset + req.length;
-    switch (req.type) {
-      case P.CMD_READ:
-        if (req.length > caps.maxPayloadBytes) return this.s.structuredReplies ? P.EOVERFLOW : P.EINVAL;
-        if ((req.flags & P.CMD_FLAG_DF) !== 0 && !this.s.structuredReplies) return P.EINVAL;
-        if (end > size) return P.EINVAL;
-        return 0;
-      case P.CMD_WRITE:
-        if (req.length > caps.maxPayloadBytes) return this.s.structuredReplies ? P.EOVERFLOW : P.EINVAL;
-        if (this.readOnly) return P.EPERM;
-        if (end > size) return P.ENOSPC;
-        return 0;
-      case P.CMD_FLUSH:
-        return 0;
-      case P.CMD_TRIM:
-        if (this.readOnly) return P.EPERM;
-        if (!caps.canTrim) return P.EINVAL;
-        if (end > size) return P.EINVAL;
-        return 0;
-      case P.CMD_WRITE_ZEROES:
-        if (this.readOnly) return P.EPERM;
-        if (!caps.canZero) return P.EINVAL;
-        if ((req.flags & P.CMD_FLAG_FAST_ZERO) !== 0 && !caps.canFastZero) return P.EINVAL;
-        if (end > size) return P.ENOSPC;
-        return 0;
-      case P.CMD_CACHE:
-        if (!caps.canCache) return P.EINVAL;
-        if (end > size) return P.EINVAL;
-        return 0;
-      case P.CMD_BLOCK_STATUS:
-        if (!this.s.structuredReplies || !this.s.baseAllocation) return P.EINVAL;
-        if (req.length === 0 || end > size) return P.EINVAL;
-        return 0;
-    }
-    return P.EINVAL;
+    this.uncharge(req);
   }
 
   private async doRead(req: Request): Promise<void> {
     const len = req.length;
-    let pooled: Buffer | undefined;
-    this.begin(len);
+    const hdr = this.s.structuredReplies ? P.STRUCTURED_REPLY_HEADER_BYTES + 8 : P.SIMPLE_REPLY_HEADER_BYTES;
+    let pooled = BufferPool.pooled(hdr + len) ? sharedBufferPool.take(hdr + len) : undefined;
+    let sent = false;
+    this.begin();
     try {
+      const b = pooled ? pooled.subarray(0, hdr + len) : Buffer.allocUnsafe(hdr + len);
+      await this.readPieces(req.offset, b.subarray(hdr));
       if (this.s.structuredReplies) {
-        if (len === 0) {
-          // A zero-length read still needs a structured reply: an empty DONE data chunk.
-          const b = Buffer.allocUnsafe(P.STRUCTURED_REPLY_HEADER_BYTES + 8);
-          writeStructuredHeader(b, 0, P.REPLY_FLAG_DONE, P.REPLY_TYPE_OFFSET_DATA, req.cookieHi, req.cookieLo, 8);
-          writeU64(b, req.offset, P.STRUCTURED_REPLY_HEADER_BYTES);
-          this.send(b);
-          return;
-        }
-        const hdr = P.STRUCTURED_REPLY_HEADER_BYTES + 8;
-        pooled = BufferPool.pooled(hdr + len) ? sharedBufferPool.take(hdr + len) : undefined;
-        const b = pooled ? pooled.subarray(0, hdr + len) : Buffer.allocUnsafe(hdr + len);
-        await this.volume.read(req.offset, len, b.subarray(hdr));
         writeStructuredHeader(b, 0, P.REPLY_FLAG_DONE, P.REPLY_TYPE_OFFSET_DATA, req.cookieHi, req.cookieLo, 8 + len);
         writeU64(b, req.offset, P.STRUCTURED_REPLY_HEADER_BYTES);
-        this.send(b, pooled);
       } else {
-        const hdr = P.SIMPLE_REPLY_HEADER_BYTES;
-        pooled = BufferPool.pooled(hdr + len) ? sharedBufferPool.take(hdr + len) : undefined;
-        const b = pooled ? pooled.subarray(0, hdr + len) : Buffer.allocUnsafe(hdr + len);
-        if (len > 0) await this.volume.read(req.offset, len, b.subarray(hdr));
         encodeSimpleReply(0, req.cookieHi, req.cookieLo, b);
-        this.send(b, pooled);
       }
-      pooled = undefined; // owned by the socket write now
+      // The reply's charge now waits on the socket: held by the connection.
+      this.held.add(req);
+      const owned = pooled;
+      pooled = undefined;
+      sent = true;
+      this.send(b, () => {
+        if (owned) sharedBufferPool.release(owned);
+        this.uncharge(req);
+      });
     } catch (e) {
       this.replyError(req, toNbdError(e, this.log, `read ${len}@${req.offset}`), 'read failed');
     } finally {
       if (pooled) sharedBufferPool.release(pooled);
-      this.end(len);
+      if (!sent) this.uncharge(req);
+      this.end();
     }
   }
 
   private async doWrite(req: Request): Promise<void> {
     const data = req.payload;
     const len = req.length;
-    this.begin(len);
+    this.begin();
     try {
       if (data === undefined || data.length !== len) throw new Error('internal: write without its payload');
-      await this.volume.write(req.offset, data, (req.flags & P.CMD_FLAG_FUA) !== 0);
+      await this.writePieces(req.offset, data, (req.flags & P.CMD_FLAG_FUA) !== 0);
       this.replySimple(req, 0);
     } catch (e) {
       this.replySimple(req, toNbdError(e, this.log, `write ${len}@${req.offset}`));
     } finally {
       // The volume keeps no reference to the payload once its write settled.
-      if (req.pooled) sharedBufferPool.release(req.pooled);
-      this.end(len);
+      this.dropPayload(req);
+      this.end();
+    }
+  }
+
+  /**
+   * The volume takes at most caps.maxPayloadBytes per call; a larger request (we accept
+   * up to MAX_PAYLOAD_BYTES) goes to it in consecutive pieces. NBD promises no atomicity
+   * for a write, so this is only visible as several backend calls.
+   */
+  private async readPieces(offset: number, dst: Buffer): Promise<void> {
+    const piece = this.volume.caps.maxPayloadBytes;
+    for (let done = 0; done < dst.length; done += piece) {
+      const n = Math.min(piece, dst.length - done);
+      await this.volume.read(offset + done, n, dst.subarray(done, done + n));
+    }
+  }
+
+  private async writePieces(offset: number, data: Buffer, fua: boolean): Promise<void> {
+    const piece = this.volume.caps.maxPayloadBytes;
+    for (let done = 0; done < data.length; done += piece) {
+      const n = Math.min(piece, data.length - done);
+      await this.volume.write(offset + done, data.subarray(done, done + n), fua);
     }
   }
 
   /** A request with no payload either way: reply once `op` settles. */
   private async doSimple(req: Request, op: Promise<void>, what: string): Promise<void> {
-    this.begin(0);
+    this.begin();
     try {
       await op;
       this.replySimple(req, 0);
     } catch (e) {
       this.replySimple(req, toNbdError(e, this.log, `${what} ${req.length}@${req.offset}`));
     } finally {
-      this.end(0);
+      this.end();
     }
   }
 
   private async doBlockStatus(req: Request): Promise<void> {
-    this.begin(0);
+    this.begin();
     try {
       const max = (req.flags & P.CMD_FLAG_REQ_ONE) !== 0 ? 1 : P.MAX_EXTENTS_PER_REPLY;
       const extents = await this.volume.blockStatus(req.offset, req.length, max);
@@ -386,7 +584,7 @@ export class Transmission {
     } catch (e) {
       this.replyError(req, toNbdError(e, this.log, `block status ${req.length}@${req.offset}`), 'block status failed');
     } finally {
-      this.end(0);
+      this.end();
     }
   }
 }

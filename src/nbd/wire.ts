@@ -256,18 +256,27 @@ export interface Request {
   payload: Buffer | undefined;
   /** The pool buffer behind `payload`, to release once the write has settled. */
   pooled: Buffer | undefined;
+  /** Its charge to the server's memory budget (budget.ts), undefined once released. */
+  charge: { readonly bytes: number; readonly lane: boolean } | undefined;
 }
 
 export interface RequestSink {
   onRequest(req: Request): void;
   /** Unrecoverable framing error (bad request magic): the caller must disconnect. */
   onFramingError(message: string): void;
+  /**
+   * Asked before a READ or WRITE of 1..MAX_PAYLOAD_BYTES is delivered or its payload is
+   * buffered (the caller charges its memory budget here). false: the parser holds
+   * everything after this header until unblock() (the caller stops reading meanwhile).
+   */
+  admit?(req: Request): boolean;
 }
 
 const enum ParseState {
   Header,
   Payload,
   Skip,
+  Blocked,
   Dead,
 }
 
@@ -283,6 +292,9 @@ export class RequestParser {
   private current: Request | undefined;
   private payloadFill = 0;
   private skipRemaining = 0;
+  /** While Blocked: the request waiting for admission, and the input after its header. */
+  private blocked: Request | undefined;
+  private held: Buffer[] = [];
 
   constructor(
     private readonly sink: RequestSink,
@@ -293,6 +305,10 @@ export class RequestParser {
     let pos = 0;
     const n = chunk.length;
     while (pos < n) {
+      if (this.state === ParseState.Blocked) {
+        this.held.push(pos === 0 ? chunk : chunk.subarray(pos));
+        return;
+      }
       switch (this.state) {
         case ParseState.Header: {
           if (this.headerFill === 0 && n - pos >= P.REQUEST_HEADER_BYTES) {
@@ -349,6 +365,40 @@ export class RequestParser {
     }
   }
 
+  /** True while a request waits for admission (see RequestSink.admit). */
+  get isBlocked(): boolean {
+    return this.state === ParseState.Blocked;
+  }
+
+  /** Bytes held back while blocked. */
+  get heldBytes(): number {
+    return this.held.reduce((a, b) => a + b.length, 0);
+  }
+
+  /** The blocked request was admitted: deliver it and parse what was held back. */
+  unblock(): void {
+    assert(this.state === ParseState.Blocked && this.blocked !== undefined, 'unblock while not blocked');
+    const req = this.blocked;
+    this.blocked = undefined;
+    this.state = ParseState.Header;
+    this.dispatch(req);
+    const held = this.held;
+    this.held = [];
+    for (const c of held) this.feed(c);
+  }
+
+  /** Stops parsing for good (the connection is going away); drops held input. */
+  kill(): void {
+    this.state = ParseState.Dead;
+    this.blocked = undefined;
+    this.held = [];
+  }
+
+  /** A WRITE whose payload was partly received (its budget charge is the caller's to release). */
+  get partialRequest(): Request | undefined {
+    return this.state === ParseState.Payload ? this.current : this.blocked;
+  }
+
   /** True while bytes of an unfinished request are pending. */
   get midRequest(): boolean {
     return this.state !== ParseState.Header || this.headerFill !== 0;
@@ -369,7 +419,20 @@ export class RequestParser {
       length: b.readUInt32BE(off + 24),
       payload: undefined,
       pooled: undefined,
+      charge: undefined,
     };
+    const next = off + P.REQUEST_HEADER_BYTES;
+    const admissible = (req.type === P.CMD_WRITE || req.type === P.CMD_READ) && req.length > 0 && req.length <= P.MAX_PAYLOAD_BYTES;
+    if (admissible && this.sink.admit !== undefined && !this.sink.admit(req)) {
+      this.blocked = req;
+      this.state = ParseState.Blocked;
+      return next;
+    }
+    this.dispatch(req);
+    return next;
+  }
+
+  private dispatch(req: Request): void {
     if (req.type === P.CMD_WRITE && req.length > 0) {
       if (req.length <= P.MAX_PAYLOAD_BYTES) {
         // Filled in the Payload state: a zero-copy view if it arrives in one chunk.
@@ -386,7 +449,6 @@ export class RequestParser {
     } else {
       this.sink.onRequest(req);
     }
-    return off + P.REQUEST_HEADER_BYTES;
   }
 
   private finishRequest(): void {

@@ -346,7 +346,7 @@ for (const [backend, transport] of runs) {
       assert.ok(r.data?.equals(data), 'the last block holds the in-range write');
     });
 
-    it('accepts a 32 MiB write and a 32 MiB read (the advertised maximum payload)', async function () {
+    it('accepts a 32 MiB write and a 32 MiB read (the spec floor for the maximum payload)', async function () {
       const s = await session();
       const data = crypto.randomBytes(32 * MiB);
       assert.equal(await simpleCommand(s, { type: CMD.WRITE, offset: 32 * MiB, length: data.length }, data), 0);
@@ -355,19 +355,19 @@ for (const [backend, transport] of runs) {
       assert.ok(r.data?.equals(data), '32 MiB reads back');
     });
 
-    it('refuses a 64 MiB write (above the maximum payload) without buffering it', async function () {
+    it('refuses a 96 MiB write (above the 64 MiB maximum payload) without buffering it', async function () {
       const s = await session();
       const cookie = nextCookie();
-      await s.conn.write(request({ type: CMD.WRITE, cookie, offset: 0, length: 64 * MiB }));
-      await s.conn.writeFiller(64 * MiB);
+      await s.conn.write(request({ type: CMD.WRITE, cookie, offset: 0, length: 96 * MiB }));
+      await s.conn.writeFiller(96 * MiB);
       const got = await simpleReplyOrClose(s.conn, cookie, 20_000);
       assert.ok(
         got === 'closed' || got === ERR.EINVAL || got === ERR.EOVERFLOW || got === ERR.ENOMEM,
-        `64 MiB write answered ${got}: it must be refused (EINVAL/EOVERFLOW/ENOMEM) or the connection closed`,
+        `96 MiB write answered ${got}: it must be refused (EINVAL/EOVERFLOW/ENOMEM) or the connection closed`,
       );
       if (got !== 'closed') assert.equal((await simpleRead(s, 0, 4096)).error, 0, 'stays usable after draining');
       const rss = rssBytes(server.pid);
-      assert.ok(rss < RSS_LIMIT_BYTES, `RSS ${(rss / MiB).toFixed(1)} MiB after a 64 MiB write`);
+      assert.ok(rss < RSS_LIMIT_BYTES, `RSS ${(rss / MiB).toFixed(1)} MiB after a 96 MiB write`);
     });
 
     it('refuses a 4 GiB write length without buffering it (error or disconnect, never OOM)', async function () {

@@ -89,7 +89,7 @@ for (const backend of BACKENDS) {
         assert.equal(typeof min, 'number', `block sizes advertised: ${out}`);
         assert.ok(typeof min === 'number' && min >= 1 && min <= 65536 && (min & (min - 1)) === 0, `minimum ${min} is a power of 2 <= 64 KiB`);
         assert.equal(pref, 4096);
-        assert.equal(max, 32 * MiB);
+        assert.equal(max, 64 * MiB);
       });
 
       it('--map shows data where written and holes after trim and write -z', async function () {

@@ -1,0 +1,144 @@
+/**
+ * `nvmirror serve` command-line behaviour from issue 11 (points 13 and 18):
+ * - `--socket PATH` removes only a stale socket: an existing regular file, directory or
+ *   live socket at PATH is refused and left alone; a missing parent directory is named
+ *   as such (not "permission denied");
+ * - one info log line per connection;
+ * - `--cp-interval` takes durations like `10s` (a bare number stays milliseconds);
+ * - with `--tls-psk`, the printed URI carries the PSK user and keys file, and works
+ *   as printed with nbdinfo.
+ */
+import { strict as assert } from 'assert';
+import { spawn } from 'child_process';
+import * as fs from 'fs';
+import * as crypto from 'crypto';
+import * as net from 'net';
+import * as path from 'path';
+import { MiB, NVMIRROR_BIN, cleanupAll, makeTempDir, requireTools, run, runOk, sleep, startServer } from './harness';
+import { CMD, RawConn, negotiate, nextCookie, request, simpleRead, targetOf } from './rawnbd';
+
+async function serveFails(args: string[]): Promise<string> {
+  const r = await run(process.execPath, [NVMIRROR_BIN, 'serve', ...args], { timeoutMs: 15_000 });
+  assert.notEqual(r.code, 0, `serve ${args.join(' ')} should fail:\n${r.stdout}${r.stderr}`);
+  assert.notEqual(r.code, null, `serve ${args.join(' ')} did not exit by itself`);
+  assert.doesNotMatch(r.stderr, /^\s+at /m, `no stack trace for a user error:\n${r.stderr}`);
+  return r.stderr;
+}
+
+describe('e2e serve command line (issue 11 points 13, 18)', function () {
+  this.timeout(60_000);
+  after(async function () {
+    await cleanupAll();
+  });
+
+  it('13: --socket refuses an existing regular file and leaves it intact', async function () {
+    const dir = makeTempDir('nvm-e2e-sock-');
+    const file = path.join(dir, 'precious.txt');
+    fs.writeFileSync(file, 'do not delete me');
+    const err = await serveFails(['--memory', '1M', '--socket', file]);
+    assert.match(err, /exists and is a regular file, not a stale socket/);
+    assert.equal(fs.readFileSync(file, 'utf8'), 'do not delete me', 'the file is untouched');
+  });
+
+  it('13: --socket refuses a directory and a socket in use, and replaces a stale socket', async function () {
+    const dir = makeTempDir('nvm-e2e-sock-');
+    const sub = path.join(dir, 'adir');
+    fs.mkdirSync(sub);
+    assert.match(await serveFails(['--memory', '1M', '--socket', sub]), /is a directory, not a stale socket/);
+    // In use: something listens there.
+    const live = path.join(dir, 'live.sock');
+    const srv = net.createServer((s) => s.destroy());
+    await new Promise<void>((r) => srv.listen(live, r));
+    try {
+      assert.match(await serveFails(['--memory', '1M', '--socket', live]), /in use by another server/);
+    } finally {
+      await new Promise<void>((r) => srv.close(() => r()));
+    }
+    // Stale: the socket file of a listener killed with SIGKILL (no chance to unlink it).
+    const stale = path.join(dir, 'stale.sock');
+    const child = spawn(process.execPath, ['-e', `require('net').createServer().listen(${JSON.stringify(stale)}, () => console.log('up'))`], { stdio: ['ignore', 'pipe', 'inherit'] });
+    await new Promise<void>((r) => child.stdout.once('data', () => r()));
+    child.kill('SIGKILL');
+    await new Promise<void>((r) => child.once('exit', () => r()));
+    assert.ok(fs.lstatSync(stale).isSocket(), 'a stale socket file exists');
+    const server = await startServer({ backend: 'memory', transport: 'tcp', sizeBytes: MiB, extraArgs: ['--socket', stale] });
+    try {
+      const s = await negotiate(await RawConn.connect({ socketPath: stale }));
+      assert.equal((await simpleRead(s, 0, 512)).error, 0);
+      s.conn.destroy();
+    } finally {
+      assert.equal(await server.stop(), 0);
+    }
+  });
+
+  it('13: --socket in a missing directory says the directory does not exist', async function () {
+    const dir = makeTempDir('nvm-e2e-sock-');
+    const err = await serveFails(['--memory', '1M', '--socket', path.join(dir, 'no', 'such', 'x.sock')]);
+    assert.match(err, /directory .*no\/such does not exist/);
+    assert.doesNotMatch(err, /permission denied/i);
+  });
+
+  it('18: logs one info line per connection, with why it ended', async function () {
+    requireTools(this, 'nbdinfo');
+    const server = await startServer({ backend: 'memory', transport: 'unix', sizeBytes: 16 * MiB });
+    try {
+      await runOk('nbdinfo', ['--json', server.uri]);
+      await runOk('nbdinfo', ['--list', server.uri]);
+      const s = await negotiate(await RawConn.connect(targetOf(server)));
+      assert.equal((await simpleRead(s, 0, 512)).error, 0);
+      await s.conn.write(request({ type: CMD.DISC, cookie: nextCookie(), offset: 0, length: 0 }));
+      assert.ok(await s.conn.waitClosed(5000));
+      const bad = await negotiate(await RawConn.connect(targetOf(server)));
+      await bad.conn.write(Buffer.alloc(28, 0xee)); // bad magic: dropped
+      assert.ok(await bad.conn.waitClosed(5000));
+      await sleep(300);
+      const perConn = new Map<number, string[]>();
+      for (const line of server.stderr().split('\n')) {
+        if (!line.startsWith('{')) continue;
+        const j = JSON.parse(line) as { level: number; conn?: number; msg: string };
+        if (j.conn === undefined || j.level < 30) continue;
+        perConn.set(j.conn, [...(perConn.get(j.conn) ?? []), j.msg]);
+      }
+      assert.ok(perConn.size >= 3, `info lines for at least the 3 connections that reached transmission: ${JSON.stringify([...perConn])}`);
+      for (const [conn, msgs] of perConn) {
+        const info = msgs.filter((m) => !/protocol violation/.test(m)); // a warning is allowed on top
+        assert.equal(info.length, 1, `connection ${conn} logged ${JSON.stringify(msgs)}`);
+      }
+      assert.match(server.stderr(), /"why":"protocol violation: bad request magic/);
+    } finally {
+      assert.equal(await server.stop(), 0);
+    }
+  });
+
+  it('18: --cp-interval takes 10s-style durations and refuses nonsense with a one-line error', async function () {
+    const server = await startServer({ backend: 'engine', transport: 'unix', sizeBytes: 16 * MiB, extraArgs: ['--cp-interval', '10s'] });
+    assert.equal(await server.stop(), 0);
+    const err = await serveFails(['--memory', '1M', '--socket', path.join(makeTempDir('nvm-e2e-cp-'), 's'), '--cp-interval', '10 parsecs']);
+    assert.match(err, /bad duration "10 parsecs"/);
+  });
+
+  it('18: with --tls-psk, the printed URIs carry the PSK user and keys file and work as printed', async function () {
+    requireTools(this, 'nbdinfo');
+    const dir = makeTempDir('nvm-e2e-psk-uri-');
+    const keys = path.join(dir, 'keys.psk');
+    fs.writeFileSync(keys, `alice:${crypto.randomBytes(32).toString('hex')}\n`, { mode: 0o600 });
+    const sock = path.join(dir, 'psk.sock');
+    const server = await startServer({
+      backend: 'memory', transport: 'tcp', sizeBytes: 16 * MiB, exportName: 'vol',
+      extraArgs: ['--tls-psk', keys, '--tls-required', '--socket', sock],
+    });
+    try {
+      await sleep(200); // every URI line is out
+      const uris = server.printed.filter((l) => !l.startsWith('connect with')).map((l) => l.trim());
+      assert.equal(uris.length, 2, `printed: ${JSON.stringify(server.printed)}`);
+      for (const uri of uris) {
+        assert.match(uri, /^nbds(\+unix)?:\/\/alice@/, `user in ${uri}`);
+        assert.ok(uri.includes(`tls-psk-file=${keys}`), `keys file in ${uri}`);
+        const j = JSON.parse(await runOk('nbdinfo', ['--json', uri])) as { TLS: boolean };
+        assert.equal(j.TLS, true, `nbdinfo '${uri}' connects over TLS`);
+      }
+    } finally {
+      assert.equal(await server.stop(), 0);
+    }
+  });
+});
