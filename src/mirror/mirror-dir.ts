@@ -16,6 +16,10 @@
  *   refused before a block is written.
  * - Only blocks outside the superblock ring and inside the device are written by CP
  *   frames; the ring slot is written only by a verified superblock of this source.
+ * - A CP (other than a full baseline) never writes a block the committed CP uses: the
+ *   source allocates only from blocks free in its base, so such a write is a confused or
+ *   hostile peer, refused before it lands (the committed CP's space map is kept in memory:
+ *   two bits per device block).
  */
 import * as fs from 'fs';
 import * as path from 'path';
@@ -27,6 +31,7 @@ import { BLOCK, RING_SLOTS, decodeSuperblock, encodePtr, type Superblock } from 
 import { assert } from '../util/assert';
 import { DestLog, DEST_LOG_NAME, destLogBytesFor } from './dest-log';
 import { LABEL_NAME, readLabel } from '../volume/dir';
+import { bitmapBytes, readActiveMap, readSummaryMap } from '../tree/spacemap-read';
 
 export const MIRROR_LABEL_NAME = 'mirror.json';
 export const MIRROR_LOCK_NAME = 'mirror.lock';
@@ -147,6 +152,8 @@ export class MirrorDir {
   /** A read-only tree view of the committed image (for exports and verify). */
   view: BlockTree | undefined;
   baselinePartial: boolean;
+  /** The committed CP's space map (live and snapshots): blocks no CP may overwrite. */
+  private inUse: { active: Buffer; summary: Buffer } | undefined;
   /** The durable progress of an interrupted baseline (from the marker), if any. */
   baselineResume: { cp: number; blocks: number } | undefined;
   lastCommitMs = 0;
@@ -213,7 +220,10 @@ export class MirrorDir {
       const m = new MirrorDir(dir, label, dev, log, lockFd, fs.existsSync(path.join(dir, BASELINE_MARKER_NAME)));
       if (m.baselinePartial) m.baselineResume = readBaselineMarker(path.join(dir, BASELINE_MARKER_NAME));
       m.committed = await newestSuperblock(dev, label.sourceUuid);
-      if (m.committed && !m.baselinePartial) m.view = await BlockTree.openView(dev, m.committed.raw);
+      if (m.committed && !m.baselinePartial) {
+        m.view = await BlockTree.openView(dev, m.committed.raw);
+        await m.loadInUse(m.committed.sb, undefined);
+      }
       if (m.committed) log.committed(m.committed.sb.nvlogSeq);
       return m;
     } catch (e) {
@@ -255,12 +265,46 @@ export class MirrorDir {
     await this.setBaselinePartial(targetCp, blocks);
   }
 
-  /** Writes blocks of a CP being applied (never the ring; inside the device). */
-  writeBlocks(pba: number, data: Buffer): Promise<void> {
+  /**
+   * The space map of `sb` (now committed): only the live leaves born after `prev`'s CP
+   * when the snapshot set is unchanged, else all of it.
+   */
+  private async loadInUse(sb: Superblock, prev: Superblock | undefined): Promise<void> {
+    const read = (pba: number): Promise<Buffer> => this.readBlock(pba);
+    const sameSnapshots = prev !== undefined && prev.snapshots.length === sb.snapshots.length && prev.snapshots.every((s, i) => s.name === sb.snapshots[i]!.name && s.cp === sb.snapshots[i]!.cp);
+    if (this.inUse && prev && sameSnapshots) {
+      await readActiveMap(read, sb, this.inUse.active, prev.cpNumber);
+      return;
+    }
+    const active = Buffer.alloc(bitmapBytes(sb));
+    const summary = Buffer.alloc(bitmapBytes(sb));
+    await readActiveMap(read, sb, active, -1);
+    await readSummaryMap(read, sb, summary);
+    this.inUse = { active, summary };
+  }
+
+  /**
+   * Writes blocks of a CP being applied (never the ring; inside the device; with
+   * `checkInUse`, never a block the committed CP uses).
+   */
+  writeBlocks(pba: number, data: Buffer, checkInUse: boolean): Promise<void> {
     assert(data.length % BLOCK === 0 && data.length > 0, 'whole blocks');
-    const n = data.length / BLOCK;
-    if (!(pba >= RING_SLOTS && pba + n <= this.label.deviceBlocks)) throw new MirrorDirError(`CP block at pba ${pba} outside [${RING_SLOTS}, ${this.label.deviceBlocks})`);
+    this.checkWritable(pba, data.length / BLOCK, checkInUse);
     return this.dev.writeBlocks(pba, data);
+  }
+
+  /** Throws a MirrorDirError if a CP may not write [pba, pba+n) (see writeBlocks). */
+  checkWritable(pba: number, n: number, checkInUse: boolean): void {
+    if (!(pba >= RING_SLOTS && pba + n <= this.label.deviceBlocks)) throw new MirrorDirError(`CP block at pba ${pba} outside [${RING_SLOTS}, ${this.label.deviceBlocks})`);
+    const u = this.inUse;
+    if (checkInUse && u) {
+      for (let p = pba; p < pba + n; p++) {
+        const m = 1 << (p & 7);
+        if (((u.active[p >>> 3]! | u.summary[p >>> 3]!) & m) !== 0) {
+          throw new MirrorDirError(`the CP writes pba ${p}, which the committed CP ${this.committedCp} uses (a confused or hostile source): refused`);
+        }
+      }
+    }
   }
 
   /** Reads raw blocks for verify (the ring included: the source compares superblocks). */
@@ -295,6 +339,7 @@ export class MirrorDir {
     await this.dev.sync();
     const raw = Buffer.from(superblock);
     const view = await BlockTree.openView(this.dev, raw);
+    await this.loadInUse(d, this.baselinePartial ? undefined : this.committed?.sb);
     if (this.baselinePartial) await this.setBaselinePartial(undefined);
     // The committed CP and its view change together: a reader never gets one CP's label with another's root.
     this.committed = { sb: d, raw };

@@ -335,6 +335,8 @@ class Session {
    * COMBINE_BLOCKS_MAX blocks.
    */
   private async stage(pba: number, data: Buffer): Promise<void> {
+    // Refused as it arrives, not when the run is flushed.
+    this.mirror!.checkWritable(pba, data.length / 4096, this.applying !== undefined && this.applying.baseCp !== -1);
     const run = this.run;
     if (run && run.pba + run.blocks === pba && run.blocks + data.length / 4096 <= COMBINE_BLOCKS_MAX) {
       run.parts.push(data);
@@ -356,7 +358,15 @@ class Session {
     if (this.writeError) throw this.writeError;
     await this.waitWrites(APPLY_WRITES_MAX - 1);
     this.writesInFlight++;
-    this.mirror!.writeBlocks(pba, data).then(
+    // writeBlocks refuses a block synchronously, before any I/O starts.
+    let io: Promise<void>;
+    try {
+      io = this.mirror!.writeBlocks(pba, data, this.applying !== undefined && this.applying.baseCp !== -1);
+    } catch (e) {
+      this.writesInFlight--;
+      throw e;
+    }
+    io.then(
       () => this.writeDone(),
       (e: unknown) => {
         this.writeError = e instanceof Error ? e : new Error(String(e));

@@ -379,7 +379,14 @@ describe('mirror: two hosts (network namespaces)', function () {
         ${attack}
       });
       sock.on('close', () => process.exit(0)); setTimeout(() => process.exit(0), 3000);`;
+    // A block the committed CP uses (its root), for a CP that would overwrite it.
+    const member = fs.openSync(path.join(tmp, 'dst', s.uuid, 'member-0.img'), 'r');
+    const sbBuf = Buffer.alloc(4096);
+    fs.readSync(member, sbBuf, 0, 4096, (cpBefore % 8) * 4096);
+    fs.closeSync(member);
+    const rootPba = Number(sbBuf.readBigUInt64LE(96));
     const attacks: Record<string, string> = {
+      overwritesCommitted: `send({ type: 7, cp, baseCp: cp - 1, kind: 'cp' }); send({ type: 8, cp, pbas: [${rootPba}], data: Buffer.alloc(4096, 0xee) });`,
       badChecksum: `send({ type: 7, cp, baseCp: cp - 1, kind: 'cp' }); const f = frames(blk); f[100] ^= 1; sock.write(f);`,
       replayedFrame: `send({ type: 7, cp, baseCp: cp - 1, kind: 'cp' }); const f = frames(blk); sock.write(f); sock.write(f);`,
       wrongBase: `send({ type: 7, cp: cp + 5, baseCp: cp + 3, kind: 'cp' }); send(blk);`,
@@ -392,6 +399,7 @@ describe('mirror: two hosts (network namespaces)', function () {
       await pair.exec('a', 'node', ['-e', script(attack)], { timeoutMs: 10_000 });
       const log = fs.readFileSync(path.join(tmp, 'rx.log'), 'utf8');
       if (name !== 'truncated') assert.match(log, /mirror stream refused/, `${name}: not refused`);
+      if (name === 'overwritesCommitted') assert.match(log, /which the committed CP \d+ uses/);
       checkMirror(s);
       assert.strictEqual(md5OfExport(`nbd+unix:///${s.uuid}?socket=${s.expSock}`), md5Before, `${name} changed the mirror`);
     }

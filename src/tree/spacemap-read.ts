@@ -1,0 +1,64 @@
+/**
+ * Reads the space map a committed superblock describes into bitmaps, for a reader that
+ * is not the tree's owner (a mirror destination checking that no CP it applies writes a
+ * block its committed CP uses). `bornAfter` limits the work to leaves a later CP wrote
+ * (a subtree born at or before it is unchanged and skipped).
+ *
+ * Invariants:
+ * - Every node is verified (header, parent crc32c) and every leaf by its parent's crc32c
+ *   before its bits are used; a bad block is an error, never a wrong map.
+ * - The live tree's leaves overwrite `active`; snapshot maps are ORed into `summary`.
+ */
+import { VolumeError } from '../volume/errors';
+import { crc32c } from './checksum';
+import {
+  BLOCK, FANOUT, NODE_TYPE_SPACE_MAP, decodePtr, ptrSlotOffset, uuidToBytes, verifyNode, type BlockPtr, type Superblock,
+} from './layout';
+
+export type ReadBlock = (pba: number) => Promise<Buffer>;
+
+/** Bytes of a bitmap with one bit per block of the superblock's device. */
+export function bitmapBytes(sb: Superblock): number {
+  return Math.ceil(sb.deviceBlocks / (BLOCK * 8)) * BLOCK;
+}
+
+async function walkMap(read: ReadBlock, sb: Superblock, root: BlockPtr, bornAfter: number, onLeaf: (index: number, leaf: Buffer) => void): Promise<void> {
+  const uuid = uuidToBytes(sb.volumeUuid);
+  const visit = async (ptr: BlockPtr, level: number, index: number): Promise<void> => {
+    if (ptr.birth <= bornAfter) return;
+    const node = await read(ptr.pba);
+    const problem = verifyNode(node, ptr, { type: NODE_TYPE_SPACE_MAP, level, index }, uuid);
+    if (problem) throw new VolumeError('EIO', `space-map node at pba ${ptr.pba}: ${problem}`);
+    for (let s = 0; s < FANOUT; s++) {
+      const c = decodePtr(node, ptrSlotOffset(s), sb.deviceBlocks);
+      if (typeof c === 'string') throw new VolumeError('EIO', `space-map node at pba ${ptr.pba} slot ${s}: ${c}`);
+      if (c === null || c.birth <= bornAfter) continue;
+      if (level > 0) {
+        await visit(c, level - 1, index * FANOUT + s);
+      } else {
+        const leaf = await read(c.pba);
+        if (crc32c(leaf) !== c.crc) throw new VolumeError('EIO', `space-map leaf at pba ${c.pba}: checksum mismatch`);
+        onLeaf(index * FANOUT + s, leaf);
+      }
+    }
+  };
+  await visit(root, sb.smapHeight - 1, 0);
+}
+
+/** The live map's leaves born after `bornAfter` into `active` (-1: all of them, after zeroing it). */
+export async function readActiveMap(read: ReadBlock, sb: Superblock, active: Buffer, bornAfter: number): Promise<void> {
+  if (bornAfter < 0) active.fill(0);
+  await walkMap(read, sb, sb.smapRoot, bornAfter, (i, leaf) => {
+    if ((i + 1) * BLOCK <= active.length) leaf.copy(active, i * BLOCK);
+  });
+}
+
+/** The OR of every kept snapshot's map into `summary` (zeroed first). */
+export async function readSummaryMap(read: ReadBlock, sb: Superblock, summary: Buffer): Promise<void> {
+  summary.fill(0);
+  for (const s of sb.snapshots) {
+    await walkMap(read, sb, s.smapRoot, -1, (i, leaf) => {
+      for (let k = 0; k < BLOCK && i * BLOCK + k < summary.length; k++) summary[i * BLOCK + k] = summary[i * BLOCK + k]! | leaf[k]!;
+    });
+  }
+}
