@@ -7,7 +7,8 @@ import { openVolume } from '../volume/open';
 import { createVolumeDir, LABEL_NAME } from '../volume/dir';
 import { createLogger } from '../util/log';
 import { formatSize } from '../util/size';
-import { MIRROR_STATE_NAME, MirrorSource, type MirrorPolicy, type MirrorRelationship } from '../mirror/source';
+import { MirrorSource } from '../mirror/source';
+import { MIRROR_STATE_NAME, readRelationship, type MirrorPolicy, type MirrorRelationship } from '../mirror/relationship';
 import type { MirrorMode } from '../mirror/wire';
 import { clientTls, linkSecurity, type LinkArgs } from '../mirror/link';
 import { EngineVolume } from '../volume/engine';
@@ -154,7 +155,7 @@ function mirrorRelationship(dir: string | undefined, o: ServeOpts): Omit<MirrorR
     return { peer: `${o.mirrorTo.host}:${o.mirrorTo.port}`, mode: (o.mirrorMode ?? 'sync') as MirrorMode, policy: (o.mirrorPolicy ?? 'available') as MirrorPolicy, link };
   }
   if (dir === undefined || o.mirror === false) return undefined;
-  return MirrorSource.readState(path.resolve(dir));
+  return readRelationship(path.resolve(dir));
 }
 
 async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {

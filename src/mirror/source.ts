@@ -30,9 +30,7 @@
  *   drops the connection (policy available: the mirror is marked behind and client I/O
  *   goes on; strict: writes fail with EIO until it is back in sync).
  */
-import * as fs from 'fs';
 import * as net from 'net';
-import * as path from 'path';
 import * as tls from 'tls';
 import type { Logger } from 'pino';
 import type { EngineVolume, ReplicaGate } from '../volume/engine';
@@ -45,19 +43,14 @@ import { SUPERBLOCK_ROOT_OFFSET, decodeSuperblock } from '../tree/layout';
 import { verifyCp, type VerifyReport } from './verify';
 import { VolumeError } from '../volume/errors';
 import { assert } from '../util/assert';
-import { crc32c } from '../io/native';
-import { DELTA_FROM_ZEROES, encodeDelta } from './delta';
+import { deltaFrames, encodeCpBlocks, refFrames } from './cp-encode';
 import type { LinkArgs } from './link';
+import { readRelationship, writeRelationship, type MirrorPolicy } from './relationship';
 import {
-  writeFrame, BLOCKS_PER_FRAME_MAX, DELTAS_RAW_MAX_BYTES, DELTAS_PER_FRAME_MAX, FrameParser, FrameWriter, MsgType, REFS_PER_FRAME_MAX, deltaEntryBytes,
-  type CpDelta, type CpRef, type Message, type MirrorMode,
+  writeFrame, BLOCKS_PER_FRAME_MAX, FrameParser, FrameWriter, MsgType, type Message, type MirrorMode,
 } from './wire';
 
-const ZERO_BLOCK = Buffer.alloc(4096);
-
-export type MirrorPolicy = 'available' | 'strict';
 export type MirrorState = 'disconnected' | 'baseline' | 'resyncing' | 'in-sync' | 'behind';
-export const MIRROR_STATE_NAME = 'mirror-source.json';
 /** Bytes queued on the mirror socket before senders wait for it to drain. */
 export const QUEUED_BYTES_MAX = 32 * 1024 * 1024;
 export const STALL_TIMEOUT_MS_DEFAULT = 15_000;
@@ -88,15 +81,6 @@ export interface MirrorSourceOptions {
   stallTimeoutMs?: number;
 }
 
-/** What DIR/mirror-source.json keeps of the relationship. */
-export interface MirrorRelationship {
-  peer: string;
-  mode: MirrorMode;
-  policy: MirrorPolicy;
-  link: LinkArgs;
-  /** The destination's CP whose blocks this volume holds, or -1. */
-  destCp: number;
-}
 
 export interface MirrorSourceStats {
   peer: string;
@@ -223,7 +207,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.tree = tree;
     const cpNow = tree.stats().cpNumber;
     this.holdValidFromCp = cpNow;
-    const prev = MirrorSource.readState(this.o.dir);
+    const prev = readRelationship(this.o.dir);
     if (prev && prev.destCp >= 0 && prev.destCp <= cpNow) {
       const why = await tree.holdCommitted(prev.destCp);
       if (why === null) {
@@ -246,36 +230,15 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.connect();
   }
 
-  // ---- state file (the relationship persists; serve DIR resumes it) ----
+  // ---- the recorded relationship (relationship.ts) ----
 
-  /** The state file names the destination's CP only while its blocks are held here (else -1: a baseline is due). */
-  private stateText(): string {
-    const destCp = this.destCp >= this.holdValidFromCp ? this.destCp : -1;
-    return JSON.stringify({ peer: `${this.o.peer.host}:${this.o.peer.port}`, mode: this.o.mode, policy: this.o.policy, link: this.o.link, destCp, updatedMs: Date.now() }) + '\n';
-  }
-
-  /** Synchronous (a few hundred bytes, no fsync, once per CP) so writes never land out of order. */
+  /** Names the destination's CP only while its blocks are held here (else -1: a baseline is due). */
   private saveState(): void {
-    const p = path.join(this.o.dir, MIRROR_STATE_NAME);
+    const destCp = this.destCp >= this.holdValidFromCp ? this.destCp : -1;
     try {
-      fs.writeFileSync(`${p}.tmp`, this.stateText());
-      fs.renameSync(`${p}.tmp`, p);
+      writeRelationship(this.o.dir, { peer: `${this.o.peer.host}:${this.o.peer.port}`, mode: this.o.mode, policy: this.o.policy, link: this.o.link, destCp });
     } catch (e) {
       this.log.warn({ err: (e as Error).message }, 'cannot write the mirror state file');
-    }
-  }
-
-  static readState(dir: string): MirrorRelationship | undefined {
-    try {
-      const v = JSON.parse(fs.readFileSync(path.join(dir, MIRROR_STATE_NAME), 'utf8')) as Record<string, unknown>;
-      if (typeof v.peer !== 'string' || (v.mode !== 'sync' && v.mode !== 'async') || (v.policy !== 'available' && v.policy !== 'strict')) return undefined;
-      const l = (typeof v.link === 'object' && v.link !== null ? v.link : {}) as Record<string, unknown>;
-      const link: LinkArgs = {};
-      for (const k of ['mirrorPsk', 'mirrorTlsCert', 'mirrorTlsKey', 'mirrorTlsCa'] as const) if (typeof l[k] === 'string') link[k] = l[k] as string;
-      if (l.mirrorInsecure === true) link.mirrorInsecure = true;
-      return { peer: v.peer, mode: v.mode, policy: v.policy, link, destCp: typeof v.destCp === 'number' ? v.destCp : -1 };
-    } catch {
-      return undefined;
     }
   }
 
@@ -582,43 +545,19 @@ export class MirrorSource implements CpSink, ReplicaGate {
     }
     const ship = this.shipping;
     if (ship.cp !== cp) return;
-    const refs: CpRef[] = [];
-    const deltas: CpDelta[] = [];
-    const data: CpBlock[] = [];
-    const prevBuf = Buffer.allocUnsafe(4096);
-    for (const b of blocks) {
-      const o = b.origin;
-      if (this.o.mode === 'sync' && o && b.crc !== undefined && o.seq >= this.storedFromSeq && o.seq <= this.lastForwardedSeq && o.seq >= this.forwardFromSeq) {
-        refs.push({ pba: b.pba, seq: o.seq, index: o.index, crc: b.crc });
-        continue;
-      }
-      if (b.crc !== undefined) {
-        data.push(b); // client data: no delta worth computing
-        continue;
-      }
-      // A metadata block: the destination holds the committed block this one replaces (or,
-      // for a new block, starts from zeroes, prevPba 0): send the difference when it is small.
-      let prev = b.prev;
-      if (!prev && b.prevPba !== undefined) {
-        await this.tree.readRaw(b.prevPba, 1, prevBuf);
-        prev = prevBuf;
-      }
-      const delta = encodeDelta(prev ?? ZERO_BLOCK, b.buf);
-      if (delta) deltas.push({ pba: b.pba, prevPba: b.prevPba ?? DELTA_FROM_ZEROES, crc: crc32c(b.buf), delta });
-      else data.push(b);
-    }
-    for (let i = 0; i < refs.length; i += REFS_PER_FRAME_MAX) {
+    const sync = this.o.mode === 'sync';
+    const { refs, deltas, data } = await encodeCpBlocks(
+      blocks,
+      (seq) => sync && seq >= this.storedFromSeq && seq <= this.lastForwardedSeq && seq >= this.forwardFromSeq,
+      (pba, count, dst) => this.tree.readRaw(pba, count, dst),
+    );
+    for (const group of refFrames(refs)) {
       await this.room(conn);
-      this.send(conn, { type: MsgType.CpRefs, cp, refs: refs.slice(i, i + REFS_PER_FRAME_MAX) });
+      this.send(conn, { type: MsgType.CpRefs, cp, refs: group });
     }
-    let i = 0;
-    while (i < deltas.length) {
-      let bytes = 0;
-      let j = i;
-      while (j < deltas.length && j - i < DELTAS_PER_FRAME_MAX && bytes + deltaEntryBytes(deltas[j]!) <= DELTAS_RAW_MAX_BYTES) bytes += deltaEntryBytes(deltas[j++]!);
+    for (const group of deltaFrames(deltas)) {
       await this.room(conn);
-      this.send(conn, { type: MsgType.CpDeltas, cp, deltas: deltas.slice(i, j) });
-      i = j;
+      this.send(conn, { type: MsgType.CpDeltas, cp, deltas: group });
     }
     await this.sendBlocks(conn, cp, data.map((b) => ({ pba: b.pba, buf: b.buf })));
     ship.blocks += refs.length + deltas.length + data.length;

@@ -1,0 +1,50 @@
+/**
+ * The mirror relationship as a source volume directory records it:
+ * DIR/mirror-source.json = { peer, mode, policy, link, destCp, updatedMs }.
+ * `serve DIR` resumes it without flags; `destCp` is the destination's CP whose blocks
+ * this volume holds (-1: only a baseline can follow).
+ *
+ * Invariants:
+ * - Written synchronously (a few hundred bytes, temp file + rename, no fsync) so two
+ *   writes never land out of order; a lost base is written before any block is reused.
+ * - A file that does not parse or lacks a field is treated as absent (no relationship),
+ *   never half-used.
+ */
+import * as fs from 'fs';
+import * as path from 'path';
+import type { LinkArgs } from './link';
+import type { MirrorMode } from './wire';
+
+export const MIRROR_STATE_NAME = 'mirror-source.json';
+
+export type MirrorPolicy = 'available' | 'strict';
+
+export interface MirrorRelationship {
+  peer: string;
+  mode: MirrorMode;
+  policy: MirrorPolicy;
+  link: LinkArgs;
+  /** The destination's CP whose blocks this volume holds, or -1. */
+  destCp: number;
+}
+
+/** Writes the relationship (throws on an I/O error; the caller logs it). */
+export function writeRelationship(dir: string, rel: MirrorRelationship): void {
+  const p = path.join(dir, MIRROR_STATE_NAME);
+  fs.writeFileSync(`${p}.tmp`, JSON.stringify({ ...rel, updatedMs: Date.now() }) + '\n');
+  fs.renameSync(`${p}.tmp`, p);
+}
+
+export function readRelationship(dir: string): MirrorRelationship | undefined {
+  try {
+    const v = JSON.parse(fs.readFileSync(path.join(dir, MIRROR_STATE_NAME), 'utf8')) as Record<string, unknown>;
+    if (typeof v.peer !== 'string' || (v.mode !== 'sync' && v.mode !== 'async') || (v.policy !== 'available' && v.policy !== 'strict')) return undefined;
+    const l = (typeof v.link === 'object' && v.link !== null ? v.link : {}) as Record<string, unknown>;
+    const link: LinkArgs = {};
+    for (const k of ['mirrorPsk', 'mirrorTlsCert', 'mirrorTlsKey', 'mirrorTlsCa'] as const) if (typeof l[k] === 'string') link[k] = l[k] as string;
+    if (l.mirrorInsecure === true) link.mirrorInsecure = true;
+    return { peer: v.peer, mode: v.mode, policy: v.policy, link, destCp: typeof v.destCp === 'number' ? v.destCp : -1 };
+  } catch {
+    return undefined;
+  }
+}
