@@ -15,6 +15,14 @@ import { controlRequest } from '../../src/volume/engine-control';
 
 const PORT = 17011;
 
+function nvramLastSeq(dir: string): number {
+  try {
+    return (JSON.parse(sh(BIN, ['status', dir, '--json'])) as { nvram: { lastSeq: number } }).nvram.lastSeq;
+  } catch {
+    return 0;
+  }
+}
+
 async function txBytes(pair: HostPair): Promise<number> {
   const a = pair.host('a');
   const r = await pair.exec('a', 'cat', [`/sys/class/net/${a.dev}/statistics/tx_bytes`]);
@@ -294,13 +302,16 @@ describe('mirror: two hosts (network namespaces)', function () {
     await inSyncAndIdentical(s);
     const fio = cp.spawn('fio', ['--name=k', '--ioengine=nbd', `--uri=nbd+unix:///?socket=${s.srcSock}`, '--rw=randwrite', '--bs=4k', '--size=128M',
       '--time_based', '--runtime=30', '--iodepth=16', '--thread', `--directory=${tmp}`], { stdio: 'ignore' });
-    await new Promise((r) => setTimeout(r, 1500));
+    // Kill only once writes are flowing (a loaded machine can take a while to start fio).
+    const seq0 = nvramLastSeq(s.src);
+    await until('writes in flight', () => nvramLastSeq(s.src) > seq0 + 200 || undefined, 30_000);
     await stop(s.source, 'SIGKILL');
     fio.kill('SIGKILL');
     checkMirror(s);
     await startSource(s);
     await inSyncAndIdentical(s);
     assert.strictEqual(baselines(), 1, 'the crash restart fell back to a full baseline');
+    // Writes were flowing at the kill: recovery committed CPs the destination lacked.
     assert.match(fs.readFileSync(path.join(tmp, 'sv.log'), 'utf8'), /mirror resync started/);
   });
 
