@@ -226,8 +226,24 @@ export class DestLog {
     return true;
   }
 
-  /** Makes every stored record durable (msync of what was written since the last call). */
-  async persist(): Promise<void> {
+  /**
+   * Makes every stored record durable (msync of what was written since the last call).
+   * Calls run one after another: a call that found nothing dirty must not report records
+   * durable while an earlier call is still syncing them.
+   */
+  persist(): Promise<void> {
+    // Idle: start now (what is stored at this call is what this call syncs); else queue.
+    const p = this.persistsInFlight === 0 ? this.persistNow() : this.persistChain.then(() => this.persistNow());
+    this.persistsInFlight++;
+    const done = p.finally(() => this.persistsInFlight--);
+    this.persistChain = done.catch(() => undefined);
+    return done;
+  }
+
+  private persistChain: Promise<void> = Promise.resolve();
+  private persistsInFlight = 0;
+
+  private async persistNow(): Promise<void> {
     const target = this.lastStoredSeq;
     if (this.dirtyHi > 0) {
       const lo = Math.floor(this.dirtyLo / 4096) * 4096;

@@ -353,6 +353,21 @@ describe('mirror destination log', () => {
     expectMarks(log, 5, 5, 1);
   });
 
+  it('a persist that finds nothing new still waits for an earlier one still syncing (no early durable ack)', async () => {
+    const log = await fresh();
+    log.start(1, 0);
+    for (let seq = 1; seq <= 3; seq++) appendWrite(log, seq, 256);
+    let firstDone = false;
+    const first = log.persist().then(() => {
+      firstDone = true;
+    });
+    const second = log.persist(); // nothing dirty of its own: the first one is syncing records 1-3
+    await second;
+    assert.ok(firstDone, 'the second persist resolved before the first had synced the records');
+    await first;
+    assert.equal(log.durableSeq, 3);
+  });
+
   it('committed() releases records: block() says they are not in the log, storedFromSeq moves on', async () => {
     const log = await fresh();
     log.start(1, 0);
