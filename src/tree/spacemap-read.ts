@@ -11,11 +11,13 @@
  */
 import { VolumeError } from '../volume/errors';
 import { crc32c } from './checksum';
+import { forEachLimit } from './work';
 import {
   BLOCK, FANOUT, NODE_TYPE_SPACE_MAP, decodePtr, ptrSlotOffset, uuidToBytes, verifyNode, type BlockPtr, type Superblock,
 } from './layout';
 
 export type ReadBlock = (pba: number) => Promise<Buffer>;
+const READS_IN_FLIGHT_MAX = 16;
 
 /** Bytes of a bitmap with one bit per block of the superblock's device. */
 export function bitmapBytes(sb: Superblock): number {
@@ -29,18 +31,20 @@ async function walkMap(read: ReadBlock, sb: Superblock, root: BlockPtr, bornAfte
     const node = await read(ptr.pba);
     const problem = verifyNode(node, ptr, { type: NODE_TYPE_SPACE_MAP, level, index }, uuid);
     if (problem) throw new VolumeError('EIO', `space-map node at pba ${ptr.pba}: ${problem}`);
+    const leaves: Array<{ c: BlockPtr; i: number }> = [];
     for (let s = 0; s < FANOUT; s++) {
       const c = decodePtr(node, ptrSlotOffset(s), sb.deviceBlocks);
       if (typeof c === 'string') throw new VolumeError('EIO', `space-map node at pba ${ptr.pba} slot ${s}: ${c}`);
       if (c === null || c.birth <= bornAfter) continue;
-      if (level > 0) {
-        await visit(c, level - 1, index * FANOUT + s);
-      } else {
-        const leaf = await read(c.pba);
-        if (crc32c(leaf) !== c.crc) throw new VolumeError('EIO', `space-map leaf at pba ${c.pba}: checksum mismatch`);
-        onLeaf(index * FANOUT + s, leaf);
-      }
+      if (level > 0) await visit(c, level - 1, index * FANOUT + s);
+      else leaves.push({ c, i: index * FANOUT + s });
     }
+    // Leaves of one node are read READS_IN_FLIGHT_MAX at a time (a CP of scattered frees rewrites most of them).
+    await forEachLimit(leaves, READS_IN_FLIGHT_MAX, async ({ c, i }) => {
+      const leaf = await read(c.pba);
+      if (crc32c(leaf) !== c.crc) throw new VolumeError('EIO', `space-map leaf at pba ${c.pba}: checksum mismatch`);
+      onLeaf(i, leaf);
+    });
   };
   await visit(root, sb.smapHeight - 1, 0);
 }
