@@ -17,9 +17,11 @@
  *   sent, or the stream is refused.
  * - A protocol error, a checksum failure or a closed socket ends the connection; the
  *   committed image is what the last CP_COMMIT made it.
- * - Memory per connection: one frame being parsed (<= FRAME_BODY_MAX_BYTES) plus at
- *   most APPLY_WRITES_MAX block writes in flight (reading pauses beyond that); the
- *   whole receiver: at most CONNECTIONS_MAX connections.
+ * - Memory per connection: one frame being parsed (<= FRAME_BODY_MAX_BYTES), parsed
+ *   frames waiting (reading pauses beyond QUEUED_BYTES_MAX) and at most
+ *   APPLY_WRITES_MAX combined writes (<= 1 MiB each) in flight; the whole receiver: at
+ *   most CONNECTIONS_MAX connections. Each open mirror also keeps its committed CP's
+ *   space map (two bits per device block).
  */
 import * as net from 'net';
 import * as tls from 'tls';
@@ -35,6 +37,20 @@ import { applyDelta, DELTA_FROM_ZEROES } from './delta';
 const ZERO_BLOCK = Buffer.alloc(4096);
 
 export const CONNECTIONS_MAX = 64;
+/** Parsed frames waiting to be applied, per connection, before reading pauses. */
+const QUEUED_BYTES_MAX = 16 * 1024 * 1024;
+
+/** Roughly what a message holds in memory (its payload). */
+function messageBytes(m: Message): number {
+  switch (m.type) {
+    case MsgType.Record: return 64 + m.payload.length;
+    case MsgType.CpBlocks: return 64 + m.data.length;
+    case MsgType.CpRefs: return 64 + m.refs.length * 48;
+    case MsgType.CpDeltas: return 64 + m.deltas.reduce((n, d) => n + 64 + d.delta.length, 0);
+    case MsgType.CpCommit: return 4200;
+    default: return 64;
+  }
+}
 /** Largest combined write while applying a CP (1 MiB). */
 const COMBINE_BLOCKS_MAX = 256;
 /** The receiver's control socket in its directory (`nvmirror status DIR`). */
@@ -86,6 +102,8 @@ class Session {
   private writeError: Error | undefined;
   private queue: Message[] = [];
   private processing = false;
+  /** Bytes of parsed messages not yet handled (queued or being handled). */
+  private pendingBytes = 0;
   private closed = false;
   private idleTimer: NodeJS.Timeout | undefined;
 
@@ -137,6 +155,7 @@ class Session {
           void this.persistAndAck();
         } else {
           this.queue.push(m);
+          this.pendingBytes += messageBytes(m);
         }
       }
     } catch (e) {
@@ -144,7 +163,16 @@ class Session {
       return;
     }
     if (ack) this.sendAck();
+    this.flow();
     if (this.queue.length > 0) void this.drain();
+  }
+
+  /** Reads from the socket only while the queue and the device keep up (bounded memory per connection). */
+  private flow(): void {
+    if (this.closed) return;
+    const full = this.pendingBytes > QUEUED_BYTES_MAX || this.writesInFlight >= APPLY_WRITES_MAX;
+    if (full && !this.socket.isPaused()) this.socket.pause();
+    else if (!full && this.socket.isPaused()) this.socket.resume();
   }
 
   /** True when everything queued is CP application (records may pass it). */
@@ -192,6 +220,8 @@ class Session {
         for (const m of batch) {
           if (this.closed) return;
           acked = (await this.handle(m)) || acked;
+          this.pendingBytes -= messageBytes(m);
+          this.flow();
         }
         if (acked && this.mirror && !this.closed) this.sendAck();
       }
@@ -380,15 +410,16 @@ class Session {
     const w = this.writeWaiters;
     this.writeWaiters = [];
     for (const f of w) f();
+    this.flow(); // reading may have paused on the device; nothing else may wake it
   }
 
   private async waitWrites(max: number): Promise<void> {
     while (this.writesInFlight > max) {
       // Backpressure: stop reading while the device is behind.
-      this.socket.pause();
+      this.flow();
       await new Promise<void>((r) => this.writeWaiters.push(r));
     }
-    if (!this.closed) this.socket.resume();
+    this.flow();
   }
 
   private async hello(m: Message & { type: MsgType.Hello }): Promise<void> {
