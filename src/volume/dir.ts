@@ -488,6 +488,12 @@ export async function checkVolumeDir(dir: string): Promise<DirCheckReport> {
     } catch (e) {
       problems.push(`tree: ${e instanceof Error ? e.message : String(e)}`);
     }
+    if (tree?.rollback) {
+      // Mount skipped a durably committed CP: its blocks are damaged, and its writes are
+      // safe only if the NVRAM replay still reaches its watermark (checked below).
+      const rb = tree.rollback;
+      problems.push(`tree: the newest committed CP ${rb.newestCp} does not verify, CP ${rb.mountedCp} was mounted instead (${rb.reasons.join('; ')})`);
+    }
     if (tree) {
       if (tree.volumeUuid !== label.uuid) problems.push(`tree: belongs to volume ${tree.volumeUuid}, the label says ${label.uuid}`);
       const r = await tree.check();
@@ -502,6 +508,15 @@ export async function checkVolumeDir(dir: string): Promise<DirCheckReport> {
       for (const r of scan.chain) {
         if (r.header.offsetBytes + r.header.lengthBytes > label.sizeBytes) {
           problems.push(`NVRAM: record seq ${r.header.seq} covers [${r.header.offsetBytes}, ${r.header.offsetBytes + r.header.lengthBytes}) beyond the volume size ${label.sizeBytes}`);
+        }
+      }
+      const rb = tree?.rollback;
+      if (rb) {
+        const reached = scan.chain.length > 0 ? scan.chain[scan.chain.length - 1]!.header.seq : watermark;
+        if (reached < rb.newestMeta.nvlogSeq) {
+          problems.push(`NVRAM: replay reaches seq ${reached}, CP ${rb.newestCp} had committed up to seq ${rb.newestMeta.nvlogSeq}: writes ${reached + 1}..${rb.newestMeta.nvlogSeq} are lost`);
+        } else {
+          notes.push(`NVRAM: the replay (to seq ${reached}) still covers CP ${rb.newestCp}'s writes (up to seq ${rb.newestMeta.nvlogSeq})`);
         }
       }
       const valid = scan.halves[0].records.length + scan.halves[1].records.length;
