@@ -519,6 +519,13 @@ export async function checkVolumeDir(dir: string): Promise<DirCheckReport> {
           notes.push(`NVRAM: the replay (to seq ${reached}) still covers CP ${rb.newestCp}'s writes (up to seq ${rb.newestMeta.nvlogSeq})`);
         }
       }
+      if (scan.damage) {
+        const d = scan.damage;
+        problems.push(`NVRAM: damaged mid-log: records seq ${d.firstLostSeq}..${d.lastLostSeq} cannot be replayed (seq ${d.firstLostSeq} does not verify; ${d.validRecordsAfter} valid record(s) follow it, and records up to seq ${d.lastDurableLostSeq} were durable)`);
+      } else if (scan.unflushedGap) {
+        const g = scan.unflushedGap;
+        notes.push(`NVRAM: records seq ${g.firstLostSeq}..${g.lastLostSeq} follow a torn record and will be dropped (none was flushed: a torn tail)`);
+      }
       const valid = scan.halves[0].records.length + scan.halves[1].records.length;
       notes.push(`NVRAM: epoch ${scan.header.epoch}, ${valid} valid record(s), ${scan.chain.length} to replay after seq ${watermark}` +
         (scan.orphanedRecords > 0 ? `, ${scan.orphanedRecords} after a gap (never replayed)` : ''));

@@ -187,6 +187,18 @@ export class EngineVolume implements Volume {
     if (replay.records > 0 || replay.orphanedRecords > 0) {
       logger().info({ records: replay.records, firstSeq: replay.firstSeq, lastSeq: replay.lastSeq, orphaned: replay.orphanedRecords }, 'NVRAM replay');
     }
+    if (replay.damage) {
+      const d = replay.damage;
+      const msg =
+        `NVRAM log damaged mid-log: records seq ${d.firstLostSeq}..${d.lastLostSeq} cannot be replayed (seq ${d.firstLostSeq} does not verify, ` +
+        `${d.validRecordsAfter} valid record(s) follow it, and records up to seq ${d.lastDurableLostSeq} were durable): replay stops at seq ${d.firstLostSeq - 1}`;
+      if (!opts.readOnly) throw new VolumeError('EIO', `${msg}; refusing to open read-write (serve it --read-only to salvage; run nvmirror check)`);
+      logger().error({ firstLostSeq: d.firstLostSeq, lastLostSeq: d.lastLostSeq, lastDurableLostSeq: d.lastDurableLostSeq }, `${msg}; opened read-only to salvage: writes in that range are missing`);
+    } else if (replay.unflushedGap) {
+      const g = replay.unflushedGap;
+      logger().warn({ firstLostSeq: g.firstLostSeq, lastLostSeq: g.lastLostSeq },
+        `NVRAM log: records seq ${g.firstLostSeq}..${g.lastLostSeq} after a torn record are dropped (none of them was flushed; a power loss may leave such a tail)`);
+    }
     const rb = opts.tree.rollback;
     if (rb) {
       // The tree mounted an older CP than the newest durable one. Acknowledged writes up to
