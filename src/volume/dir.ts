@@ -12,7 +12,11 @@
  * - The label is written last during create (temp file, fsync, rename, fsync DIR): a
  *   directory with a label holds a complete, formatted volume.
  * - A volume is open in at most one process: open takes the lock before touching
- *   anything else and keeps it until close() has closed everything.
+ *   anything else and keeps it until close() has closed everything. Read-only opens
+ *   (status, check, serve --read-only) write nothing in DIR: they open the lock file
+ *   O_RDONLY, read a copy of the NVRAM, and on a read-only file system where the lock
+ *   file does not exist they go without it (no process can hold a lock there, and none
+ *   can write the volume). The control socket is then skipped with a warning.
  * - Relative member/NVRAM paths in the label are relative to DIR.
  * - Every bad argument or bad directory is a one-line Error naming what is wrong.
  */
@@ -20,10 +24,10 @@ import * as crypto from 'crypto';
 import * as fs from 'fs';
 import * as path from 'path';
 import type { ExportRegistry } from '../nbd/exports';
-import type { Clock } from '../io/types';
+import type { Clock, NvramRegion } from '../io/types';
 import { BLOCK_SIZE_BYTES, systemClock } from '../io/types';
 import { FileBlockDevice, syncDirectory } from '../io/file-device';
-import { MmapNvram } from '../io/mmap-nvram';
+import { MmapNvram, NvramFileCopy } from '../io/mmap-nvram';
 import * as native from '../io/native';
 import { BlockTree } from '../tree/tree';
 import type { BlockTreeApi } from '../tree/types';
@@ -179,9 +183,40 @@ export interface DirLock {
   release(): Promise<void>;
 }
 
-/** Takes the volume's exclusive lock; throws "volume DIR is already in use by another process". */
-export async function lockVolumeDir(dir: string): Promise<DirLock> {
-  const fh = await fs.promises.open(path.join(dir, LOCK_NAME), fs.constants.O_RDWR | fs.constants.O_CREAT, 0o644);
+const NO_LOCK: DirLock = { release: () => Promise.resolve() };
+
+function isReadOnlyFs(e: unknown): boolean {
+  return native.errnoCode(e) === 'EROFS';
+}
+
+/** Opens the lock file: read-write (created if missing), or for a read-only open without writing anything; undefined when there is no lock file on a read-only file system. */
+async function openLockFile(dir: string, readOnly: boolean): Promise<fs.promises.FileHandle | undefined> {
+  const p = path.join(dir, LOCK_NAME);
+  if (readOnly) {
+    try {
+      return await fs.promises.open(p, fs.constants.O_RDONLY);
+    } catch (e) {
+      if (native.errnoCode(e) !== 'ENOENT') throw new Error(`cannot open the lock file ${p}: ${(e as Error).message}`);
+    }
+  }
+  try {
+    return await fs.promises.open(p, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o644);
+  } catch (e) {
+    if (isReadOnlyFs(e)) {
+      if (readOnly) return undefined;
+      throw new Error(`volume ${dir} is on a read-only file system: it can only be opened read-only (serve --read-only, status, check)`);
+    }
+    throw new Error(`cannot open the lock file ${p}: ${(e as Error).message}`);
+  }
+}
+
+/**
+ * Takes the volume's exclusive lock; throws "volume DIR is already in use by another
+ * process". `readOnly`: writes nothing in DIR (see the invariants above).
+ */
+export async function lockVolumeDir(dir: string, readOnly = false): Promise<DirLock> {
+  const fh = await openLockFile(dir, readOnly);
+  if (fh === undefined) return NO_LOCK;
   let locked = false;
   try {
     locked = native.flockExclusive(fh.fd);
@@ -202,7 +237,7 @@ export async function lockVolumeDir(dir: string): Promise<DirLock> {
 /** True if another process holds the volume's lock (it is being served). */
 export async function volumeDirInUse(dir: string): Promise<boolean> {
   try {
-    const l = await lockVolumeDir(dir);
+    const l = await lockVolumeDir(dir, true);
     await l.release();
     return false;
   } catch (e) {
@@ -288,15 +323,21 @@ interface OpenedParts {
   label: VolumeLabel;
   dev: FileBlockDevice;
   tree: BlockTree;
-  region: MmapNvram;
+  region: NvramRegion;
   lock: DirLock;
+}
+
+/** The volume's NVRAM: the shared mapping, or for a read-only open a copy read without writing. */
+function openNvram(absDir: string, label: VolumeLabel, readOnly: boolean): Promise<NvramRegion> {
+  const p = resolveIn(absDir, label.nvram.path);
+  return readOnly ? NvramFileCopy.open(p, label.nvram.sizeBytes) : MmapNvram.open(p, { sizeBytes: label.nvram.sizeBytes });
 }
 
 /** Opens label, lock, member, tree and NVRAM (no replay). The caller owns what is returned. */
 export async function openVolumeParts(dir: string, readOnly: boolean, clock?: Clock): Promise<OpenedParts> {
   const absDir = path.resolve(dir);
   const label = await readLabel(absDir);
-  const lock = await lockVolumeDir(absDir);
+  const lock = await lockVolumeDir(absDir, readOnly);
   const undo: Array<() => Promise<void>> = [() => lock.release()];
   try {
     const member = label.members[0]!;
@@ -307,7 +348,7 @@ export async function openVolumeParts(dir: string, readOnly: boolean, clock?: Cl
     undo.unshift(() => tree.close());
     if (tree.volumeUuid !== label.uuid) throw new Error(`member ${member.path} belongs to volume ${tree.volumeUuid}, the label says ${label.uuid}`);
     if (tree.sizeBytes !== label.sizeBytes) throw new Error(`member ${member.path} holds a volume of ${tree.sizeBytes} bytes, the label says ${label.sizeBytes}`);
-    const region = await MmapNvram.open(resolveIn(absDir, label.nvram.path), { sizeBytes: label.nvram.sizeBytes });
+    const region = await openNvram(absDir, label, readOnly);
     return { label, dev, tree, region, lock };
   } catch (e) {
     for (const f of undo) await f().catch(() => undefined);
@@ -360,8 +401,12 @@ export async function openVolumeDir(dir: string, opts: OpenVolumeDirOptions): Pr
       try {
         control = await ControlServer.listen(sockPath, (req) => handleControl(absDir, parts.label, volume, req));
       } catch (e) {
-        await closeAll();
-        throw e;
+        if (opts.readOnly && isReadOnlyFs(e)) {
+          logger().warn({ path: sockPath }, 'read-only file system: no control socket; `nvmirror status` cannot reach this process');
+        } else {
+          await closeAll();
+          throw e;
+        }
       }
     }
   }
@@ -474,12 +519,13 @@ export async function checkVolumeDir(dir: string): Promise<DirCheckReport> {
   const problems: string[] = [];
   const notes: string[] = [];
   const label = await readLabel(absDir);
-  const lock = await lockVolumeDir(absDir).catch((e: unknown) => {
-    throw new Error(`${e instanceof Error ? e.message : String(e)}; stop it before running check`);
+  const lock = await lockVolumeDir(absDir, true).catch((e: unknown) => {
+    const msg = e instanceof Error ? e.message : String(e);
+    throw new Error(msg.includes('already in use') ? `${msg}; stop it before running check` : msg);
   });
   let dev: FileBlockDevice | undefined;
   let tree: BlockTree | undefined;
-  let region: MmapNvram | undefined;
+  let region: NvramRegion | undefined;
   try {
     const member = label.members[0]!;
     dev = await FileBlockDevice.open(resolveIn(absDir, member.path), { readOnly: true });
@@ -501,7 +547,7 @@ export async function checkVolumeDir(dir: string): Promise<DirCheckReport> {
       const st = tree.stats();
       notes.push(`tree: CP ${st.cpNumber}, ${r.blocksReachable} blocks reachable, ${r.blocksAccounted} accounted, ${st.snapshots.length} snapshot(s)`);
     }
-    region = await MmapNvram.open(resolveIn(absDir, label.nvram.path), { sizeBytes: label.nvram.sizeBytes });
+    region = await openNvram(absDir, label, true);
     const watermark = tree ? tree.stats().meta.nvlogSeq : 0;
     try {
       const scan = scanRegion(region, label.uuid, watermark);
@@ -549,7 +595,11 @@ export async function volumeDirStatus(dir: string, timeoutMs = 10_000): Promise<
   const absDir = path.resolve(dir);
   const label = await readLabel(absDir);
   if (await volumeDirInUse(absDir)) {
-    const r = await controlRequest(path.join(absDir, CONTROL_SOCKET_NAME), { op: 'status' }, timeoutMs);
+    const sockPath = path.join(absDir, CONTROL_SOCKET_NAME);
+    if (!(await exists(sockPath))) {
+      throw new Error(`volume ${absDir} is open in another process that has no control socket (on a read-only file system \`serve --read-only\` cannot create one)`);
+    }
+    const r = await controlRequest(sockPath, { op: 'status' }, timeoutMs);
     if (!r.ok) throw new Error(`serving process: ${r.error}`);
     return r.status as VolumeStatus;
   }
