@@ -7,6 +7,8 @@
  *   DIR/nvram.log       the NVRAM region (default; preallocated, zeroed)
  *   DIR/member-0.img    the member (default; sparse)
  *   DIR/control.sock    the serving process's control socket (engine-control.ts)
+ *   DIR/nvram.clean     clean-stop record: the last read-write session committed every
+ *                       NVRAM record (CP n, watermark seq s) and stopped
  *
  * Invariants:
  * - The label is written last during create (temp file, fsync, rename, fsync DIR): a
@@ -17,6 +19,11 @@
  *   O_RDONLY, read a copy of the NVRAM, and on a read-only file system where the lock
  *   file does not exist they go without it (no process can hold a lock there, and none
  *   can write the volume). The control socket is then skipped with a warning.
+ * - DIR/nvram.clean exists only while no read-write session is open and the last one
+ *   stopped after a final CP whose watermark is its last NVRAM seq: it is written (temp,
+ *   fsync, rename, fsync DIR) after that CP and removed (fsync DIR) by a read-write open
+ *   before any record can be appended. It is what lets `repair --recreate-nvram` prove
+ *   that a lost NVRAM log held nothing the tree lacks.
  * - Relative member/NVRAM paths in the label are relative to DIR.
  * - Every bad argument or bad directory is a one-line Error naming what is wrong.
  */
@@ -45,6 +52,8 @@ export const LABEL_NAME = 'nvmirror.json';
 export const LOCK_NAME = 'nvmirror.lock';
 export const NVRAM_DEFAULT_NAME = 'nvram.log';
 export const NVRAM_DEFAULT_BYTES = 32 * 1024 * 1024;
+export const CLEAN_STOP_NAME = 'nvram.clean';
+const CLEAN_STOP_MAX_BYTES = 4096;
 export const LABEL_FORMAT = 'nvmirror-volume';
 export const LABEL_VERSION = 1;
 const LABEL_MAX_BYTES = 64 * 1024;
@@ -175,6 +184,62 @@ async function writeLabel(dir: string, label: VolumeLabel): Promise<void> {
   }
   await fs.promises.rename(tmp, p);
   await syncDirectory(dir);
+}
+
+// ---- clean-stop record ----
+
+export interface CleanStop {
+  uuid: string;
+  cpNumber: number;
+  nvlogSeq: number;
+  stoppedMs: number;
+}
+
+async function writeCleanStop(dir: string, rec: CleanStop): Promise<void> {
+  const p = path.join(dir, CLEAN_STOP_NAME);
+  const tmp = `${p}.tmp-${process.pid}`;
+  const fh = await fs.promises.open(tmp, 'w', 0o644);
+  try {
+    await fh.writeFile(`${JSON.stringify(rec)}\n`);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  await fs.promises.rename(tmp, p);
+  await syncDirectory(dir);
+}
+
+/** Removes the clean-stop record (durably) before a read-write session can append. */
+async function clearCleanStop(dir: string): Promise<void> {
+  const p = path.join(dir, CLEAN_STOP_NAME);
+  if (!(await exists(p))) return;
+  await fs.promises.rm(p);
+  await syncDirectory(dir);
+}
+
+/** The clean-stop record, or undefined if there is none (or it is not one). */
+export async function readCleanStop(dir: string): Promise<CleanStop | undefined> {
+  let text: string;
+  try {
+    const fh = await fs.promises.open(path.join(dir, CLEAN_STOP_NAME), 'r');
+    try {
+      const buf = Buffer.alloc(CLEAN_STOP_MAX_BYTES);
+      const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
+      text = buf.toString('utf8', 0, bytesRead);
+    } finally {
+      await fh.close();
+    }
+  } catch {
+    return undefined;
+  }
+  try {
+    const o = JSON.parse(text) as Record<string, unknown>;
+    const int = (v: unknown): v is number => typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
+    if (typeof o.uuid !== 'string' || !int(o.cpNumber) || !int(o.nvlogSeq) || !int(o.stoppedMs)) return undefined;
+    return { uuid: o.uuid, cpNumber: o.cpNumber, nvlogSeq: o.nvlogSeq, stoppedMs: o.stoppedMs };
+  } catch {
+    return undefined;
+  }
 }
 
 // ---- lock ----
@@ -330,7 +395,11 @@ interface OpenedParts {
 /** The volume's NVRAM: the shared mapping, or for a read-only open a copy read without writing. */
 function openNvram(absDir: string, label: VolumeLabel, readOnly: boolean): Promise<NvramRegion> {
   const p = resolveIn(absDir, label.nvram.path);
-  return readOnly ? NvramFileCopy.open(p, label.nvram.sizeBytes) : MmapNvram.open(p, { sizeBytes: label.nvram.sizeBytes });
+  const opening = readOnly ? NvramFileCopy.open(p, label.nvram.sizeBytes) : MmapNvram.open(p, { sizeBytes: label.nvram.sizeBytes });
+  return opening.catch(async (e: unknown) => {
+    if (await exists(p)) throw e;
+    throw new Error(`the NVRAM log ${p} is missing (if the last session stopped cleanly: nvmirror repair ${absDir} --recreate-nvram)`);
+  });
 }
 
 /** Opens label, lock, member, tree and NVRAM (no replay). The caller owns what is returned. */
@@ -356,12 +425,24 @@ export async function openVolumeParts(dir: string, readOnly: boolean, clock?: Cl
   }
 }
 
+/** After a read-write session closed: records the clean stop if its final CP holds every NVRAM record. */
+async function recordCleanStop(absDir: string, label: VolumeLabel, volume: EngineVolume): Promise<void> {
+  const st = volume.tree.stats();
+  const lastSeq = volume.log.lastSeq;
+  if (st.meta.nvlogSeq !== lastSeq) {
+    logger().warn({ watermark: st.meta.nvlogSeq, lastSeq }, 'the final CP does not hold every NVRAM record: no clean-stop record');
+    return;
+  }
+  await writeCleanStop(absDir, { uuid: label.uuid, cpNumber: st.cpNumber, nvlogSeq: lastSeq, stoppedMs: Date.now() });
+}
+
 /** Opens a volume directory for serving: recovery (replay), exports, control socket. */
 export async function openVolumeDir(dir: string, opts: OpenVolumeDirOptions): Promise<OpenedVolumeDir> {
   const absDir = path.resolve(dir);
   const parts = await openVolumeParts(absDir, opts.readOnly, opts.clock);
   let volume: EngineVolume;
   try {
+    if (!opts.readOnly) await clearCleanStop(absDir);
     if (opts.beforeRecovery) await opts.beforeRecovery(parts.tree);
     volume = await EngineVolume.open({
       tree: parts.tree,
@@ -385,6 +466,7 @@ export async function openVolumeDir(dir: string, opts: OpenVolumeDirOptions): Pr
     await control?.close().catch(() => undefined);
     try {
       await volume.close();
+      if (!opts.readOnly) await recordCleanStop(absDir, parts.label, volume);
     } catch (e) {
       err = e;
     }
@@ -636,4 +718,80 @@ export async function volumeDirSnapshot(dir: string, op: { kind: 'create' | 'del
 /** Snapshots of a volume directory (served or not). */
 export async function volumeDirSnapshots(dir: string): Promise<VolumeStatus['snapshots']> {
   return (await volumeDirStatus(dir)).snapshots;
+}
+
+// ---- repair: recreate the NVRAM log ----
+
+export interface RecreateNvramResult {
+  nvramPath: string;
+  cpNumber: number;
+  nvlogSeq: number;
+  /** Where an unreadable NVRAM file was moved, if there was one. */
+  movedAside: string | undefined;
+}
+
+/**
+ * Recreates a deleted or unreadable NVRAM log, only when the tree provably holds
+ * everything: the newest CP mounts without a rollback and the clean-stop record names
+ * exactly that CP and its watermark (the last session stopped after committing every
+ * record, and no read-write session ran since). A readable log is left alone. An
+ * unreadable file is kept beside the new one (PATH.unreadable-MS).
+ */
+export async function recreateNvram(dir: string): Promise<RecreateNvramResult> {
+  const absDir = path.resolve(dir);
+  const label = await readLabel(absDir);
+  const lock = await lockVolumeDir(absDir).catch((e: unknown) => {
+    const msg = e instanceof Error ? e.message : String(e);
+    throw new Error(msg.includes('already in use') ? `${msg}; stop it before repairing` : msg);
+  });
+  try {
+    const nvramPath = resolveIn(absDir, label.nvram.path);
+    let unreadable: string | undefined;
+    if (await exists(nvramPath)) {
+      try {
+        const copy = await NvramFileCopy.open(nvramPath, label.nvram.sizeBytes);
+        scanRegion(copy, label.uuid, 0);
+      } catch (e) {
+        unreadable = e instanceof Error ? e.message : String(e);
+      }
+      if (unreadable === undefined) throw new Error(`the NVRAM log ${nvramPath} is readable: nothing to recreate (run nvmirror check ${dir})`);
+    }
+    const dev = await FileBlockDevice.open(resolveIn(absDir, label.members[0]!.path), { readOnly: true });
+    let st: ReturnType<BlockTree['stats']>;
+    try {
+      const tree = await BlockTree.open(dev);
+      try {
+        if (tree.rollback) {
+          throw new Error(`cannot recreate the NVRAM log: the newest committed CP ${tree.rollback.newestCp} does not verify (CP ${tree.rollback.mountedCp} mounted), so the log may hold writes the tree lacks`);
+        }
+        if (tree.volumeUuid !== label.uuid) throw new Error(`member belongs to volume ${tree.volumeUuid}, the label says ${label.uuid}`);
+        st = tree.stats();
+      } finally {
+        await tree.close();
+      }
+    } finally {
+      await dev.close();
+    }
+    const clean = await readCleanStop(absDir);
+    if (!clean || clean.uuid !== label.uuid || clean.cpNumber !== st.cpNumber || clean.nvlogSeq !== st.meta.nvlogSeq) {
+      const why = clean ? `it names CP ${clean.cpNumber} seq ${clean.nvlogSeq}, the tree is at CP ${st.cpNumber} seq ${st.meta.nvlogSeq}` : 'there is none';
+      throw new Error(`cannot prove the NVRAM log held nothing the tree lacks: no clean-stop record for CP ${st.cpNumber} (${why}; the last read-write session did not stop cleanly): refusing to recreate it`);
+    }
+    let movedAside: string | undefined;
+    if (unreadable !== undefined) {
+      movedAside = `${nvramPath}.unreadable-${Date.now()}`;
+      await fs.promises.rename(nvramPath, movedAside);
+      logger().warn({ from: nvramPath, to: movedAside, err: unreadable }, 'unreadable NVRAM log moved aside');
+    }
+    const region = await MmapNvram.open(nvramPath, { sizeBytes: label.nvram.sizeBytes, create: true });
+    try {
+      await NvLog.format(region, label.uuid);
+    } finally {
+      await region.close();
+    }
+    await syncDirectory(path.dirname(nvramPath));
+    return { nvramPath, cpNumber: st.cpNumber, nvlogSeq: st.meta.nvlogSeq, movedAside };
+  } finally {
+    await lock.release();
+  }
 }
