@@ -89,6 +89,8 @@ export interface OpenVolumeDirOptions {
   control?: boolean;
   /** Called with the mounted tree before NVRAM recovery commits anything (a mirror attaches its CP sink here). */
   beforeRecovery?: (tree: BlockTreeApi) => Promise<void>;
+  /** Open read-write although the NVRAM log is damaged mid-log, dropping what cannot replay (repair --accept-nvram-loss). */
+  acceptNvramLoss?: boolean;
 }
 
 export interface OpenedVolumeDir {
@@ -450,6 +452,7 @@ export async function openVolumeDir(dir: string, opts: OpenVolumeDirOptions): Pr
       readOnly: opts.readOnly,
       ...(opts.clock ? { clock: opts.clock } : {}),
       ...(opts.cpIntervalMs !== undefined ? { cpIntervalMs: opts.cpIntervalMs } : {}),
+      ...(opts.acceptNvramLoss === true ? { acceptNvramLoss: true } : {}),
       description: `nvmirror volume ${absDir} (${formatSize(parts.label.sizeBytes)})`,
     });
   } catch (e) {
@@ -794,4 +797,19 @@ export async function recreateNvram(dir: string): Promise<RecreateNvramResult> {
   } finally {
     await lock.release();
   }
+}
+
+/**
+ * Opens a volume whose NVRAM log is damaged mid-log read-write, commits the records that
+ * replay, drops the rest (a new log epoch) and closes it. Returns the dropped range, or
+ * undefined if the log was not damaged (then it is an ordinary open and close).
+ */
+export async function acceptNvramLoss(dir: string): Promise<{ firstLostSeq: number; lastLostSeq: number } | undefined> {
+  const absDir = path.resolve(dir);
+  await readLabel(absDir);
+  if (await volumeDirInUse(absDir)) throw new Error(`volume ${absDir} is already in use by another process; stop it before repairing`);
+  const opened = await openVolumeDir(absDir, { readOnly: false, control: false, cpIntervalMs: 0, acceptNvramLoss: true });
+  const d = opened.volume.log.replaySummary.damage;
+  await opened.close();
+  return d && { firstLostSeq: d.firstLostSeq, lastLostSeq: d.lastLostSeq };
 }

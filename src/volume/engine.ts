@@ -113,6 +113,11 @@ export interface EngineOptions {
   /** CP timer period (default 10 s; 0 disables the timer). */
   cpIntervalMs?: number;
   description?: string;
+  /**
+   * Read-write open of a log damaged mid-log (see ScanResult.damage): commit the records
+   * that replay and drop the rest (the operator salvaged what they need). Default false.
+   */
+  acceptNvramLoss?: boolean;
 }
 
 export interface EngineStats {
@@ -192,8 +197,11 @@ export class EngineVolume implements Volume {
       const msg =
         `NVRAM log damaged mid-log: records seq ${d.firstLostSeq}..${d.lastLostSeq} cannot be replayed (seq ${d.firstLostSeq} does not verify, ` +
         `${d.validRecordsAfter} valid record(s) follow it, and records up to seq ${d.lastDurableLostSeq} were durable): replay stops at seq ${d.firstLostSeq - 1}`;
-      if (!opts.readOnly) throw new VolumeError('EIO', `${msg}; refusing to open read-write (serve it --read-only to salvage; run nvmirror check)`);
-      logger().error({ firstLostSeq: d.firstLostSeq, lastLostSeq: d.lastLostSeq, lastDurableLostSeq: d.lastDurableLostSeq }, `${msg}; opened read-only to salvage: writes in that range are missing`);
+      if (!opts.readOnly && opts.acceptNvramLoss !== true) {
+        throw new VolumeError('EIO', `${msg}; refusing to open read-write (serve it --read-only to salvage; nvmirror check; then nvmirror repair --accept-nvram-loss)`);
+      }
+      const what = opts.readOnly ? 'opened read-only to salvage: writes in that range are missing' : 'accepting the loss as asked: those records are dropped for good';
+      logger().error({ firstLostSeq: d.firstLostSeq, lastLostSeq: d.lastLostSeq, lastDurableLostSeq: d.lastDurableLostSeq }, `${msg}; ${what}`);
     } else if (replay.unflushedGap) {
       const g = replay.unflushedGap;
       logger().warn({ firstLostSeq: g.firstLostSeq, lastLostSeq: g.lastLostSeq },

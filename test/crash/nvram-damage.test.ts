@@ -4,7 +4,8 @@
  * flipped byte.
  * - In the middle of the log (valid, later records follow it): a read-write open is
  *   refused with an error naming the lost sequence range; `serve --read-only` salvages
- *   what replays (and says so); `check` reports the damage and exits 1.
+ *   what replays (and says so); `check` reports the damage and exits 1; `repair
+ *   --accept-nvram-loss` then commits what replays and the volume serves read-write.
  * - In the last record (nothing valid after it, a torn tail): the volume opens as before
  *   and every earlier write reads back.
  */
@@ -89,6 +90,18 @@ describe('crash: NVRAM log damage after kill -9', function () {
     assert.match(ro.stderr, /NVRAM log damaged mid-log: records seq 10\.\.50.*opened read-only to salvage/);
     // The salvage wrote nothing: still refused read-write.
     await assert.rejects(ServedVolume.start(dir, sock), /records seq 10\.\.50 cannot be replayed/);
+
+    // The operator accepts the loss: what replayed is committed, the rest dropped for good.
+    const acc = await runCli(['repair', dir, '--accept-nvram-loss']);
+    assert.equal(acc.code, 0, acc.stderr);
+    assert.match(acc.stdout, /dropped NVRAM records seq 10\.\.50; the volume opens read-write again/);
+    assert.equal((await runCli(['check', dir])).code, 0);
+    const rw = await ServedVolume.start(dir, sock);
+    const c2 = await NbdClient.connect(sock, '');
+    for (let i = 0; i < 9; i++) assert.deepEqual(await c2.read((10 + i) * BS, BS), content(i));
+    assert.deepEqual(await c2.read((10 + 9) * BS, BS), ZERO);
+    await c2.close();
+    assert.equal(await rw.stop(), 0, rw.stderr);
   });
 
   it('a torn tail (damage in the last record) opens read-write as before', async () => {
