@@ -12,6 +12,7 @@ import { registerStatus } from './status';
 import { registerCheck } from './check';
 import { registerReceive } from './receive';
 import { registerVerify } from './verify';
+import { registerRepair } from './repair';
 
 const program = new Command();
 program
@@ -30,6 +31,7 @@ registerStatus(program);
 registerCheck(program);
 registerReceive(program);
 registerVerify(program);
+registerRepair(program);
 
 program.parseAsync(process.argv).catch((e: unknown) => {
   if (e instanceof CommanderError) process.exit(e.exitCode === 0 ? 0 : 2);

@@ -140,3 +140,51 @@ export class MmapNvram implements NvramRegion {
     await closeAsync(this.fd);
   }
 }
+
+/**
+ * A read-only copy of an NVRAM file, for read-only opens (status, check, serve
+ * --read-only): opened O_RDONLY, so it works on a read-only file system, where a shared
+ * writable mapping cannot be made. Holds the whole region in memory (its size: 32 MiB by
+ * default); persist() must never be called.
+ */
+export class NvramFileCopy implements NvramRegion {
+  readonly sizeBytes: number;
+  private constructor(readonly path: string, readonly buffer: Buffer) {
+    this.sizeBytes = buffer.length;
+  }
+
+  static async open(filePath: string, sizeBytes: number): Promise<NvramFileCopy> {
+    checkSize(sizeBytes);
+    let fh: fs.promises.FileHandle;
+    try {
+      fh = await fs.promises.open(filePath, fs.constants.O_RDONLY);
+    } catch (e) {
+      throw new Error(native.errnoCode(e) === 'ENOENT' ? `no such file: ${filePath}` : `${filePath}: ${(e as Error).message}`);
+    }
+    try {
+      const st = await fh.stat();
+      if (!st.isFile()) throw new Error(`not a regular file: ${filePath}`);
+      if (st.size !== sizeBytes) throw new Error(`NVRAM file ${filePath} is ${st.size} bytes, expected ${sizeBytes}`);
+      const buffer = Buffer.alloc(sizeBytes);
+      let at = 0;
+      // Bounded: each read returns > 0 bytes until sizeBytes, or the file shrank (an error).
+      while (at < sizeBytes) {
+        const { bytesRead } = await fh.read(buffer, at, Math.min(ZERO_FILL_CHUNK_BYTES, sizeBytes - at), at);
+        if (bytesRead === 0) throw new Error(`NVRAM file ${filePath} ended at ${at} bytes, expected ${sizeBytes}`);
+        at += bytesRead;
+      }
+      return new NvramFileCopy(filePath, buffer);
+    } finally {
+      await fh.close();
+    }
+  }
+
+  persist(): Promise<void> {
+    assert(false, `${this.path}: persist on a read-only NVRAM copy`);
+    return Promise.resolve();
+  }
+
+  close(): Promise<void> {
+    return Promise.resolve();
+  }
+}

@@ -19,6 +19,11 @@
  *   that happen to look like a record (client data) cannot pass as one.
  * - Record payloads are whole, block-aligned 4 KiB blocks: offset and length of a record
  *   are multiples of 4096; a write record's payload is exactly `length` bytes.
+ * - A record's `durableSeq` is lower than its seq, and every record with seq <= durableSeq
+ *   was on stable storage (persisted, or in a durable CP) before this record was written:
+ *   a valid record thus proves that those earlier records once were durable (replay
+ *   uses it to tell mid-log damage from a torn or power-loss-reordered tail). Records
+ *   written before the field existed carry 0, which proves nothing.
  */
 import { crc32c } from '../io/native';
 import { BLOCK_SIZE_BYTES } from '../io/types';
@@ -69,6 +74,8 @@ export interface RecordHeader {
   transferId: number;
   /** Payload length: lengthBytes for writes, 0 otherwise. */
   payloadBytes: number;
+  /** Every record up to this seq was durable before this one was written (< seq; 0 = no claim). */
+  durableSeq: number;
 }
 
 export interface HalfLayout {
@@ -163,7 +170,7 @@ export function headerSlotFor(epoch: number): number {
 // ---- records ----
 // 0 u32 magic | 4 u32 crc | 8 u32 epoch | 12 u16 type | 14 u16 flags | 16 u64 seq
 // 24 u64 offsetBytes | 32 u64 lengthBytes | 40 u64 transferId | 48 u32 payloadBytes
-// 52..64 zero | payload
+// 52 u32 zero | 56 u64 durableSeq | payload
 
 /**
  * Writes a record into `dst` at `at`: payload first, then the header fields, then the
@@ -176,6 +183,7 @@ export function encodeRecord(dst: Buffer, at: number, h: RecordHeader, salt: num
   assert(at + size <= dst.length, 'record exceeds region');
   assert(h.offsetBytes % BLOCK_SIZE_BYTES === 0 && h.lengthBytes % BLOCK_SIZE_BYTES === 0 && h.lengthBytes > 0, 'record range not block aligned');
   assert(h.type === RecordType.Write ? h.payloadBytes === h.lengthBytes : h.payloadBytes === 0, 'payload length does not match type');
+  assert(Number.isSafeInteger(h.durableSeq) && h.durableSeq >= 0 && h.durableSeq < h.seq, `record seq ${h.seq} claims durable seq ${h.durableSeq}`);
   // Invalidate any stale magic first (a kill between these steps leaves no valid record).
   dst.writeUInt32LE(0, at);
   let p = at + RECORD_HEADER_BYTES;
@@ -195,7 +203,8 @@ export function encodeRecord(dst: Buffer, at: number, h: RecordHeader, salt: num
   dst.writeBigUInt64LE(BigInt(h.lengthBytes), at + 32);
   dst.writeBigUInt64LE(BigInt(h.transferId), at + 40);
   dst.writeUInt32LE(h.payloadBytes, at + 48);
-  dst.fill(0, at + 52, at + 64);
+  dst.fill(0, at + 52, at + 56);
+  dst.writeBigUInt64LE(BigInt(h.durableSeq), at + 56);
   dst.writeUInt32LE(crc32c(dst, at + 8, size - 8, salt), at + 4);
   dst.writeUInt32LE(RECORD_MAGIC, at);
   return size;
@@ -220,8 +229,10 @@ export function decodeRecord(src: Buffer, at: number, limit: number, epoch: numb
   const offsetBytes = src.readBigUInt64LE(at + 24);
   const lengthBytes = src.readBigUInt64LE(at + 32);
   const transferId = src.readBigUInt64LE(at + 40);
+  const durableSeq = src.readBigUInt64LE(at + 56);
   const max = BigInt(Number.MAX_SAFE_INTEGER);
   if (seq > max || offsetBytes > max || lengthBytes > max || transferId > max) return undefined;
+  if (durableSeq >= seq && durableSeq !== 0n) return undefined;
   const h: RecordHeader = {
     epoch,
     seq: Number(seq),
@@ -231,6 +242,7 @@ export function decodeRecord(src: Buffer, at: number, limit: number, epoch: numb
     lengthBytes: Number(lengthBytes),
     transferId: Number(transferId),
     payloadBytes,
+    durableSeq: Number(durableSeq),
   };
   // A record that verifies but is malformed cannot come from our writer: treat it as invalid.
   if (h.offsetBytes % BLOCK_SIZE_BYTES !== 0 || h.lengthBytes % BLOCK_SIZE_BYTES !== 0 || h.lengthBytes === 0) return undefined;

@@ -37,7 +37,7 @@ import {
   recordSizeBytes, RecordType, RECORD_HEADER_BYTES, type HalfLayout, type RegionHeader,
 } from './format';
 import { HalfIndex, type IndexHit, type LbnRange } from './half-index';
-import { scanRegion, type LocatedRecord, type ScanResult } from './replay';
+import { scanRegion, type LocatedRecord, type NvramGap, type ScanResult } from './replay';
 
 export const SPACE_WAITERS_MAX_DEFAULT = 65536;
 /** Persist rounds in flight at once (concurrent syncs let the device merge its flushes). */
@@ -103,6 +103,10 @@ export interface ReplaySummary {
   firstSeq: number;
   lastSeq: number;
   orphanedRecords: number;
+  /** Mid-log damage: records after the replay's end that were durable are lost (see replay.ts). */
+  damage: NvramGap | undefined;
+  /** Records after a gap that were never made durable (a torn or reordered tail): dropped. */
+  unflushedGap: NvramGap | undefined;
 }
 
 export interface NvLogStats {
@@ -233,6 +237,8 @@ export class NvLog {
       firstSeq: scan.chain.length > 0 ? scan.chain[0]!.header.seq : 0,
       lastSeq: scan.chain.length > 0 ? chainLast : 0,
       orphanedRecords: scan.orphanedRecords,
+      damage: scan.damage,
+      unflushedGap: scan.unflushedGap,
     };
     // The newest replayed half acts as active for lookups; a fresh log starts on half 0.
     this.active = this.replayHalves[this.replayHalves.length - 1] ?? this.halves[0];
@@ -289,7 +295,7 @@ export class NvLog {
   // ---- recovery ----
 
   get replaySummary(): ReplaySummary {
-    return { ...this.replay };
+    return { ...this.replay, damage: this.replay.damage && { ...this.replay.damage }, unflushedGap: this.replay.unflushedGap && { ...this.replay.unflushedGap } };
   }
 
   /** Halves holding replayed records, oldest first (apply in this order; newer wins). */
@@ -450,7 +456,7 @@ export class NvLog {
     const payloadBytes = a.type === RecordType.Write ? a.lengthBytes : 0;
     const size = encodeRecord(this.region.buffer, at, {
       epoch: this.header.epoch, seq, type: a.type, flags: a.flags, offsetBytes: a.offsetBytes,
-      lengthBytes: a.lengthBytes, transferId: seq, payloadBytes,
+      lengthBytes: a.lengthBytes, transferId: seq, payloadBytes, durableSeq: this.durable,
     }, this.header.salt, a.payload);
     half.writeEnd = at + size;
     if (half.records === 0) half.firstSeq = seq;

@@ -7,12 +7,23 @@
  *   DIR/nvram.log       the NVRAM region (default; preallocated, zeroed)
  *   DIR/member-0.img    the member (default; sparse)
  *   DIR/control.sock    the serving process's control socket (engine-control.ts)
+ *   DIR/nvram.clean     clean-stop record: the last read-write session committed every
+ *                       NVRAM record (CP n, watermark seq s) and stopped
  *
  * Invariants:
  * - The label is written last during create (temp file, fsync, rename, fsync DIR): a
  *   directory with a label holds a complete, formatted volume.
  * - A volume is open in at most one process: open takes the lock before touching
- *   anything else and keeps it until close() has closed everything.
+ *   anything else and keeps it until close() has closed everything. Read-only opens
+ *   (status, check, serve --read-only) write nothing in DIR: they open the lock file
+ *   O_RDONLY, read a copy of the NVRAM, and on a read-only file system where the lock
+ *   file does not exist they go without it (no process can hold a lock there, and none
+ *   can write the volume). The control socket is then skipped with a warning.
+ * - DIR/nvram.clean exists only while no read-write session is open and the last one
+ *   stopped after a final CP whose watermark is its last NVRAM seq: it is written (temp,
+ *   fsync, rename, fsync DIR) after that CP and removed (fsync DIR) by a read-write open
+ *   before any record can be appended. It is what lets `repair --recreate-nvram` prove
+ *   that a lost NVRAM log held nothing the tree lacks.
  * - Relative member/NVRAM paths in the label are relative to DIR.
  * - Every bad argument or bad directory is a one-line Error naming what is wrong.
  */
@@ -20,10 +31,10 @@ import * as crypto from 'crypto';
 import * as fs from 'fs';
 import * as path from 'path';
 import type { ExportRegistry } from '../nbd/exports';
-import type { Clock } from '../io/types';
+import type { Clock, NvramRegion } from '../io/types';
 import { BLOCK_SIZE_BYTES, systemClock } from '../io/types';
 import { FileBlockDevice, syncDirectory } from '../io/file-device';
-import { MmapNvram } from '../io/mmap-nvram';
+import { MmapNvram, NvramFileCopy } from '../io/mmap-nvram';
 import * as native from '../io/native';
 import { BlockTree } from '../tree/tree';
 import type { BlockTreeApi } from '../tree/types';
@@ -41,6 +52,8 @@ export const LABEL_NAME = 'nvmirror.json';
 export const LOCK_NAME = 'nvmirror.lock';
 export const NVRAM_DEFAULT_NAME = 'nvram.log';
 export const NVRAM_DEFAULT_BYTES = 32 * 1024 * 1024;
+export const CLEAN_STOP_NAME = 'nvram.clean';
+const CLEAN_STOP_MAX_BYTES = 4096;
 export const LABEL_FORMAT = 'nvmirror-volume';
 export const LABEL_VERSION = 1;
 const LABEL_MAX_BYTES = 64 * 1024;
@@ -76,6 +89,8 @@ export interface OpenVolumeDirOptions {
   control?: boolean;
   /** Called with the mounted tree before NVRAM recovery commits anything (a mirror attaches its CP sink here). */
   beforeRecovery?: (tree: BlockTreeApi) => Promise<void>;
+  /** Open read-write although the NVRAM log is damaged mid-log, dropping what cannot replay (repair --accept-nvram-loss). */
+  acceptNvramLoss?: boolean;
 }
 
 export interface OpenedVolumeDir {
@@ -173,15 +188,102 @@ async function writeLabel(dir: string, label: VolumeLabel): Promise<void> {
   await syncDirectory(dir);
 }
 
+// ---- clean-stop record ----
+
+export interface CleanStop {
+  uuid: string;
+  cpNumber: number;
+  nvlogSeq: number;
+  stoppedMs: number;
+}
+
+async function writeCleanStop(dir: string, rec: CleanStop): Promise<void> {
+  const p = path.join(dir, CLEAN_STOP_NAME);
+  const tmp = `${p}.tmp-${process.pid}`;
+  const fh = await fs.promises.open(tmp, 'w', 0o644);
+  try {
+    await fh.writeFile(`${JSON.stringify(rec)}\n`);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  await fs.promises.rename(tmp, p);
+  await syncDirectory(dir);
+}
+
+/** Removes the clean-stop record (durably) before a read-write session can append. */
+async function clearCleanStop(dir: string): Promise<void> {
+  const p = path.join(dir, CLEAN_STOP_NAME);
+  if (!(await exists(p))) return;
+  await fs.promises.rm(p);
+  await syncDirectory(dir);
+}
+
+/** The clean-stop record, or undefined if there is none (or it is not one). */
+export async function readCleanStop(dir: string): Promise<CleanStop | undefined> {
+  let text: string;
+  try {
+    const fh = await fs.promises.open(path.join(dir, CLEAN_STOP_NAME), 'r');
+    try {
+      const buf = Buffer.alloc(CLEAN_STOP_MAX_BYTES);
+      const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
+      text = buf.toString('utf8', 0, bytesRead);
+    } finally {
+      await fh.close();
+    }
+  } catch {
+    return undefined;
+  }
+  try {
+    const o = JSON.parse(text) as Record<string, unknown>;
+    const int = (v: unknown): v is number => typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
+    if (typeof o.uuid !== 'string' || !int(o.cpNumber) || !int(o.nvlogSeq) || !int(o.stoppedMs)) return undefined;
+    return { uuid: o.uuid, cpNumber: o.cpNumber, nvlogSeq: o.nvlogSeq, stoppedMs: o.stoppedMs };
+  } catch {
+    return undefined;
+  }
+}
+
 // ---- lock ----
 
 export interface DirLock {
   release(): Promise<void>;
 }
 
-/** Takes the volume's exclusive lock; throws "volume DIR is already in use by another process". */
-export async function lockVolumeDir(dir: string): Promise<DirLock> {
-  const fh = await fs.promises.open(path.join(dir, LOCK_NAME), fs.constants.O_RDWR | fs.constants.O_CREAT, 0o644);
+const NO_LOCK: DirLock = { release: () => Promise.resolve() };
+
+function isReadOnlyFs(e: unknown): boolean {
+  return native.errnoCode(e) === 'EROFS';
+}
+
+/** Opens the lock file: read-write (created if missing), or for a read-only open without writing anything; undefined when there is no lock file on a read-only file system. */
+async function openLockFile(dir: string, readOnly: boolean): Promise<fs.promises.FileHandle | undefined> {
+  const p = path.join(dir, LOCK_NAME);
+  if (readOnly) {
+    try {
+      return await fs.promises.open(p, fs.constants.O_RDONLY);
+    } catch (e) {
+      if (native.errnoCode(e) !== 'ENOENT') throw new Error(`cannot open the lock file ${p}: ${(e as Error).message}`);
+    }
+  }
+  try {
+    return await fs.promises.open(p, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o644);
+  } catch (e) {
+    if (isReadOnlyFs(e)) {
+      if (readOnly) return undefined;
+      throw new Error(`volume ${dir} is on a read-only file system: it can only be opened read-only (serve --read-only, status, check)`);
+    }
+    throw new Error(`cannot open the lock file ${p}: ${(e as Error).message}`);
+  }
+}
+
+/**
+ * Takes the volume's exclusive lock; throws "volume DIR is already in use by another
+ * process". `readOnly`: writes nothing in DIR (see the invariants above).
+ */
+export async function lockVolumeDir(dir: string, readOnly = false): Promise<DirLock> {
+  const fh = await openLockFile(dir, readOnly);
+  if (fh === undefined) return NO_LOCK;
   let locked = false;
   try {
     locked = native.flockExclusive(fh.fd);
@@ -202,7 +304,7 @@ export async function lockVolumeDir(dir: string): Promise<DirLock> {
 /** True if another process holds the volume's lock (it is being served). */
 export async function volumeDirInUse(dir: string): Promise<boolean> {
   try {
-    const l = await lockVolumeDir(dir);
+    const l = await lockVolumeDir(dir, true);
     await l.release();
     return false;
   } catch (e) {
@@ -288,15 +390,25 @@ interface OpenedParts {
   label: VolumeLabel;
   dev: FileBlockDevice;
   tree: BlockTree;
-  region: MmapNvram;
+  region: NvramRegion;
   lock: DirLock;
+}
+
+/** The volume's NVRAM: the shared mapping, or for a read-only open a copy read without writing. */
+function openNvram(absDir: string, label: VolumeLabel, readOnly: boolean): Promise<NvramRegion> {
+  const p = resolveIn(absDir, label.nvram.path);
+  const opening = readOnly ? NvramFileCopy.open(p, label.nvram.sizeBytes) : MmapNvram.open(p, { sizeBytes: label.nvram.sizeBytes });
+  return opening.catch(async (e: unknown) => {
+    if (await exists(p)) throw e;
+    throw new Error(`the NVRAM log ${p} is missing (if the last session stopped cleanly: nvmirror repair ${absDir} --recreate-nvram)`);
+  });
 }
 
 /** Opens label, lock, member, tree and NVRAM (no replay). The caller owns what is returned. */
 export async function openVolumeParts(dir: string, readOnly: boolean, clock?: Clock): Promise<OpenedParts> {
   const absDir = path.resolve(dir);
   const label = await readLabel(absDir);
-  const lock = await lockVolumeDir(absDir);
+  const lock = await lockVolumeDir(absDir, readOnly);
   const undo: Array<() => Promise<void>> = [() => lock.release()];
   try {
     const member = label.members[0]!;
@@ -307,12 +419,23 @@ export async function openVolumeParts(dir: string, readOnly: boolean, clock?: Cl
     undo.unshift(() => tree.close());
     if (tree.volumeUuid !== label.uuid) throw new Error(`member ${member.path} belongs to volume ${tree.volumeUuid}, the label says ${label.uuid}`);
     if (tree.sizeBytes !== label.sizeBytes) throw new Error(`member ${member.path} holds a volume of ${tree.sizeBytes} bytes, the label says ${label.sizeBytes}`);
-    const region = await MmapNvram.open(resolveIn(absDir, label.nvram.path), { sizeBytes: label.nvram.sizeBytes });
+    const region = await openNvram(absDir, label, readOnly);
     return { label, dev, tree, region, lock };
   } catch (e) {
     for (const f of undo) await f().catch(() => undefined);
     throw e;
   }
+}
+
+/** After a read-write session closed: records the clean stop if its final CP holds every NVRAM record. */
+async function recordCleanStop(absDir: string, label: VolumeLabel, volume: EngineVolume): Promise<void> {
+  const st = volume.tree.stats();
+  const lastSeq = volume.log.lastSeq;
+  if (st.meta.nvlogSeq !== lastSeq) {
+    logger().warn({ watermark: st.meta.nvlogSeq, lastSeq }, 'the final CP does not hold every NVRAM record: no clean-stop record');
+    return;
+  }
+  await writeCleanStop(absDir, { uuid: label.uuid, cpNumber: st.cpNumber, nvlogSeq: lastSeq, stoppedMs: Date.now() });
 }
 
 /** Opens a volume directory for serving: recovery (replay), exports, control socket. */
@@ -321,6 +444,7 @@ export async function openVolumeDir(dir: string, opts: OpenVolumeDirOptions): Pr
   const parts = await openVolumeParts(absDir, opts.readOnly, opts.clock);
   let volume: EngineVolume;
   try {
+    if (!opts.readOnly) await clearCleanStop(absDir);
     if (opts.beforeRecovery) await opts.beforeRecovery(parts.tree);
     volume = await EngineVolume.open({
       tree: parts.tree,
@@ -328,6 +452,7 @@ export async function openVolumeDir(dir: string, opts: OpenVolumeDirOptions): Pr
       readOnly: opts.readOnly,
       ...(opts.clock ? { clock: opts.clock } : {}),
       ...(opts.cpIntervalMs !== undefined ? { cpIntervalMs: opts.cpIntervalMs } : {}),
+      ...(opts.acceptNvramLoss === true ? { acceptNvramLoss: true } : {}),
       description: `nvmirror volume ${absDir} (${formatSize(parts.label.sizeBytes)})`,
     });
   } catch (e) {
@@ -344,6 +469,7 @@ export async function openVolumeDir(dir: string, opts: OpenVolumeDirOptions): Pr
     await control?.close().catch(() => undefined);
     try {
       await volume.close();
+      if (!opts.readOnly) await recordCleanStop(absDir, parts.label, volume);
     } catch (e) {
       err = e;
     }
@@ -360,8 +486,12 @@ export async function openVolumeDir(dir: string, opts: OpenVolumeDirOptions): Pr
       try {
         control = await ControlServer.listen(sockPath, (req) => handleControl(absDir, parts.label, volume, req));
       } catch (e) {
-        await closeAll();
-        throw e;
+        if (opts.readOnly && isReadOnlyFs(e)) {
+          logger().warn({ path: sockPath }, 'read-only file system: no control socket; `nvmirror status` cannot reach this process');
+        } else {
+          await closeAll();
+          throw e;
+        }
       }
     }
   }
@@ -474,12 +604,13 @@ export async function checkVolumeDir(dir: string): Promise<DirCheckReport> {
   const problems: string[] = [];
   const notes: string[] = [];
   const label = await readLabel(absDir);
-  const lock = await lockVolumeDir(absDir).catch((e: unknown) => {
-    throw new Error(`${e instanceof Error ? e.message : String(e)}; stop it before running check`);
+  const lock = await lockVolumeDir(absDir, true).catch((e: unknown) => {
+    const msg = e instanceof Error ? e.message : String(e);
+    throw new Error(msg.includes('already in use') ? `${msg}; stop it before running check` : msg);
   });
   let dev: FileBlockDevice | undefined;
   let tree: BlockTree | undefined;
-  let region: MmapNvram | undefined;
+  let region: NvramRegion | undefined;
   try {
     const member = label.members[0]!;
     dev = await FileBlockDevice.open(resolveIn(absDir, member.path), { readOnly: true });
@@ -488,6 +619,12 @@ export async function checkVolumeDir(dir: string): Promise<DirCheckReport> {
     } catch (e) {
       problems.push(`tree: ${e instanceof Error ? e.message : String(e)}`);
     }
+    if (tree?.rollback) {
+      // Mount skipped a durably committed CP: its blocks are damaged, and its writes are
+      // safe only if the NVRAM replay still reaches its watermark (checked below).
+      const rb = tree.rollback;
+      problems.push(`tree: the newest committed CP ${rb.newestCp} does not verify, CP ${rb.mountedCp} was mounted instead (${rb.reasons.join('; ')})`);
+    }
     if (tree) {
       if (tree.volumeUuid !== label.uuid) problems.push(`tree: belongs to volume ${tree.volumeUuid}, the label says ${label.uuid}`);
       const r = await tree.check();
@@ -495,7 +632,7 @@ export async function checkVolumeDir(dir: string): Promise<DirCheckReport> {
       const st = tree.stats();
       notes.push(`tree: CP ${st.cpNumber}, ${r.blocksReachable} blocks reachable, ${r.blocksAccounted} accounted, ${st.snapshots.length} snapshot(s)`);
     }
-    region = await MmapNvram.open(resolveIn(absDir, label.nvram.path), { sizeBytes: label.nvram.sizeBytes });
+    region = await openNvram(absDir, label, true);
     const watermark = tree ? tree.stats().meta.nvlogSeq : 0;
     try {
       const scan = scanRegion(region, label.uuid, watermark);
@@ -503,6 +640,22 @@ export async function checkVolumeDir(dir: string): Promise<DirCheckReport> {
         if (r.header.offsetBytes + r.header.lengthBytes > label.sizeBytes) {
           problems.push(`NVRAM: record seq ${r.header.seq} covers [${r.header.offsetBytes}, ${r.header.offsetBytes + r.header.lengthBytes}) beyond the volume size ${label.sizeBytes}`);
         }
+      }
+      const rb = tree?.rollback;
+      if (rb) {
+        const reached = scan.chain.length > 0 ? scan.chain[scan.chain.length - 1]!.header.seq : watermark;
+        if (reached < rb.newestMeta.nvlogSeq) {
+          problems.push(`NVRAM: replay reaches seq ${reached}, CP ${rb.newestCp} had committed up to seq ${rb.newestMeta.nvlogSeq}: writes ${reached + 1}..${rb.newestMeta.nvlogSeq} are lost`);
+        } else {
+          notes.push(`NVRAM: the replay (to seq ${reached}) still covers CP ${rb.newestCp}'s writes (up to seq ${rb.newestMeta.nvlogSeq})`);
+        }
+      }
+      if (scan.damage) {
+        const d = scan.damage;
+        problems.push(`NVRAM: damaged mid-log: records seq ${d.firstLostSeq}..${d.lastLostSeq} cannot be replayed (seq ${d.firstLostSeq} does not verify; ${d.validRecordsAfter} valid record(s) follow it, and records up to seq ${d.lastDurableLostSeq} were durable)`);
+      } else if (scan.unflushedGap) {
+        const g = scan.unflushedGap;
+        notes.push(`NVRAM: records seq ${g.firstLostSeq}..${g.lastLostSeq} follow a torn record and will be dropped (none was flushed: a torn tail)`);
       }
       const valid = scan.halves[0].records.length + scan.halves[1].records.length;
       notes.push(`NVRAM: epoch ${scan.header.epoch}, ${valid} valid record(s), ${scan.chain.length} to replay after seq ${watermark}` +
@@ -527,7 +680,11 @@ export async function volumeDirStatus(dir: string, timeoutMs = 10_000): Promise<
   const absDir = path.resolve(dir);
   const label = await readLabel(absDir);
   if (await volumeDirInUse(absDir)) {
-    const r = await controlRequest(path.join(absDir, CONTROL_SOCKET_NAME), { op: 'status' }, timeoutMs);
+    const sockPath = path.join(absDir, CONTROL_SOCKET_NAME);
+    if (!(await exists(sockPath))) {
+      throw new Error(`volume ${absDir} is open in another process that has no control socket (on a read-only file system \`serve --read-only\` cannot create one)`);
+    }
+    const r = await controlRequest(sockPath, { op: 'status' }, timeoutMs);
     if (!r.ok) throw new Error(`serving process: ${r.error}`);
     return r.status as VolumeStatus;
   }
@@ -564,4 +721,95 @@ export async function volumeDirSnapshot(dir: string, op: { kind: 'create' | 'del
 /** Snapshots of a volume directory (served or not). */
 export async function volumeDirSnapshots(dir: string): Promise<VolumeStatus['snapshots']> {
   return (await volumeDirStatus(dir)).snapshots;
+}
+
+// ---- repair: recreate the NVRAM log ----
+
+export interface RecreateNvramResult {
+  nvramPath: string;
+  cpNumber: number;
+  nvlogSeq: number;
+  /** Where an unreadable NVRAM file was moved, if there was one. */
+  movedAside: string | undefined;
+}
+
+/**
+ * Recreates a deleted or unreadable NVRAM log, only when the tree provably holds
+ * everything: the newest CP mounts without a rollback and the clean-stop record names
+ * exactly that CP and its watermark (the last session stopped after committing every
+ * record, and no read-write session ran since). A readable log is left alone. An
+ * unreadable file is kept beside the new one (PATH.unreadable-MS).
+ */
+export async function recreateNvram(dir: string): Promise<RecreateNvramResult> {
+  const absDir = path.resolve(dir);
+  const label = await readLabel(absDir);
+  const lock = await lockVolumeDir(absDir).catch((e: unknown) => {
+    const msg = e instanceof Error ? e.message : String(e);
+    throw new Error(msg.includes('already in use') ? `${msg}; stop it before repairing` : msg);
+  });
+  try {
+    const nvramPath = resolveIn(absDir, label.nvram.path);
+    let unreadable: string | undefined;
+    if (await exists(nvramPath)) {
+      try {
+        const copy = await NvramFileCopy.open(nvramPath, label.nvram.sizeBytes);
+        scanRegion(copy, label.uuid, 0);
+      } catch (e) {
+        unreadable = e instanceof Error ? e.message : String(e);
+      }
+      if (unreadable === undefined) throw new Error(`the NVRAM log ${nvramPath} is readable: nothing to recreate (run nvmirror check ${dir})`);
+    }
+    const dev = await FileBlockDevice.open(resolveIn(absDir, label.members[0]!.path), { readOnly: true });
+    let st: ReturnType<BlockTree['stats']>;
+    try {
+      const tree = await BlockTree.open(dev);
+      try {
+        if (tree.rollback) {
+          throw new Error(`cannot recreate the NVRAM log: the newest committed CP ${tree.rollback.newestCp} does not verify (CP ${tree.rollback.mountedCp} mounted), so the log may hold writes the tree lacks`);
+        }
+        if (tree.volumeUuid !== label.uuid) throw new Error(`member belongs to volume ${tree.volumeUuid}, the label says ${label.uuid}`);
+        st = tree.stats();
+      } finally {
+        await tree.close();
+      }
+    } finally {
+      await dev.close();
+    }
+    const clean = await readCleanStop(absDir);
+    if (!clean || clean.uuid !== label.uuid || clean.cpNumber !== st.cpNumber || clean.nvlogSeq !== st.meta.nvlogSeq) {
+      const why = clean ? `it names CP ${clean.cpNumber} seq ${clean.nvlogSeq}, the tree is at CP ${st.cpNumber} seq ${st.meta.nvlogSeq}` : 'there is none';
+      throw new Error(`cannot prove the NVRAM log held nothing the tree lacks: no clean-stop record for CP ${st.cpNumber} (${why}; the last read-write session did not stop cleanly): refusing to recreate it`);
+    }
+    let movedAside: string | undefined;
+    if (unreadable !== undefined) {
+      movedAside = `${nvramPath}.unreadable-${Date.now()}`;
+      await fs.promises.rename(nvramPath, movedAside);
+      logger().warn({ from: nvramPath, to: movedAside, err: unreadable }, 'unreadable NVRAM log moved aside');
+    }
+    const region = await MmapNvram.open(nvramPath, { sizeBytes: label.nvram.sizeBytes, create: true });
+    try {
+      await NvLog.format(region, label.uuid);
+    } finally {
+      await region.close();
+    }
+    await syncDirectory(path.dirname(nvramPath));
+    return { nvramPath, cpNumber: st.cpNumber, nvlogSeq: st.meta.nvlogSeq, movedAside };
+  } finally {
+    await lock.release();
+  }
+}
+
+/**
+ * Opens a volume whose NVRAM log is damaged mid-log read-write, commits the records that
+ * replay, drops the rest (a new log epoch) and closes it. Returns the dropped range, or
+ * undefined if the log was not damaged (then it is an ordinary open and close).
+ */
+export async function acceptNvramLoss(dir: string): Promise<{ firstLostSeq: number; lastLostSeq: number } | undefined> {
+  const absDir = path.resolve(dir);
+  await readLabel(absDir);
+  if (await volumeDirInUse(absDir)) throw new Error(`volume ${absDir} is already in use by another process; stop it before repairing`);
+  const opened = await openVolumeDir(absDir, { readOnly: false, control: false, cpIntervalMs: 0, acceptNvramLoss: true });
+  const d = opened.volume.log.replaySummary.damage;
+  await opened.close();
+  return d && { firstLostSeq: d.firstLostSeq, lastLostSeq: d.lastLostSeq };
 }

@@ -113,6 +113,11 @@ export interface EngineOptions {
   /** CP timer period (default 10 s; 0 disables the timer). */
   cpIntervalMs?: number;
   description?: string;
+  /**
+   * Read-write open of a log damaged mid-log (see ScanResult.damage): commit the records
+   * that replay and drop the rest (the operator salvaged what they need). Default false.
+   */
+  acceptNvramLoss?: boolean;
 }
 
 export interface EngineStats {
@@ -186,6 +191,21 @@ export class EngineVolume implements Volume {
     const replay = log.replaySummary;
     if (replay.records > 0 || replay.orphanedRecords > 0) {
       logger().info({ records: replay.records, firstSeq: replay.firstSeq, lastSeq: replay.lastSeq, orphaned: replay.orphanedRecords }, 'NVRAM replay');
+    }
+    if (replay.damage) {
+      const d = replay.damage;
+      const msg =
+        `NVRAM log damaged mid-log: records seq ${d.firstLostSeq}..${d.lastLostSeq} cannot be replayed (seq ${d.firstLostSeq} does not verify, ` +
+        `${d.validRecordsAfter} valid record(s) follow it, and records up to seq ${d.lastDurableLostSeq} were durable): replay stops at seq ${d.firstLostSeq - 1}`;
+      if (!opts.readOnly && opts.acceptNvramLoss !== true) {
+        throw new VolumeError('EIO', `${msg}; refusing to open read-write (serve it --read-only to salvage; nvmirror check; then nvmirror repair --accept-nvram-loss)`);
+      }
+      const what = opts.readOnly ? 'opened read-only to salvage: writes in that range are missing' : 'accepting the loss as asked: those records are dropped for good';
+      logger().error({ firstLostSeq: d.firstLostSeq, lastLostSeq: d.lastLostSeq, lastDurableLostSeq: d.lastDurableLostSeq }, `${msg}; ${what}`);
+    } else if (replay.unflushedGap) {
+      const g = replay.unflushedGap;
+      logger().warn({ firstLostSeq: g.firstLostSeq, lastLostSeq: g.lastLostSeq },
+        `NVRAM log: records seq ${g.firstLostSeq}..${g.lastLostSeq} after a torn record are dropped (none of them was flushed; a power loss may leave such a tail)`);
     }
     const rb = opts.tree.rollback;
     if (rb) {

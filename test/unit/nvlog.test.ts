@@ -122,6 +122,34 @@ describe('nvlog', () => {
     assert.equal(logged(after, 4), undefined);
   });
 
+  it('tells mid-log damage (a later record proves the lost ones durable) from an unflushed gap', async () => {
+    const region = new MemoryNvram(1024 * 1024);
+    await NvLog.format(region, UUID);
+    const log = await freshLog(region);
+    for (let i = 0; i < 5; i++) {
+      await log.appendWrite(i * BS, [block(i + 1)], 0);
+      await log.flush();
+    }
+    const copy = crashCopy(region);
+    const third = halfLayout(copy.sizeBytes).halfOffsets[0] + 2 * (RECORD_HEADER_BYTES + BS);
+    flip(copy.buffer, third + RECORD_HEADER_BYTES + 100);
+    const scan = scanRegion(copy, UUID, 0);
+    assert.equal(scan.chain.length, 2);
+    assert.deepEqual(scan.damage, { firstLostSeq: 3, lastLostSeq: 5, lastDurableLostSeq: 4, validRecordsAfter: 2 });
+    assert.equal(scan.unflushedGap, undefined);
+
+    // The same damage without flushes proves nothing: a torn, unflushed tail.
+    const region2 = new MemoryNvram(1024 * 1024);
+    await NvLog.format(region2, UUID);
+    const log2 = await freshLog(region2);
+    for (let i = 0; i < 5; i++) await log2.appendWrite(i * BS, [block(i + 1)], 0);
+    const copy2 = crashCopy(region2);
+    flip(copy2.buffer, third + RECORD_HEADER_BYTES + 100);
+    const scan2 = scanRegion(copy2, UUID, 0);
+    assert.equal(scan2.damage, undefined);
+    assert.deepEqual(scan2.unflushedGap, { firstLostSeq: 3, lastLostSeq: 5, lastDurableLostSeq: 0, validRecordsAfter: 2 });
+  });
+
   it('never replays records of an earlier epoch, even with higher seqs', async () => {
     const region = new MemoryNvram(1024 * 1024);
     await NvLog.format(region, UUID);
