@@ -23,6 +23,7 @@ import {
 } from '../nbd/limits';
 import { formatDurationMs } from '../util/duration';
 import { parsePskFile } from '../nbd/server';
+import { takeListenFds } from '../nbd/socket-activation';
 
 interface ServeOpts extends LinkArgs {
   mirror?: boolean;
@@ -231,8 +232,13 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
       ...(tlsFiles ? { tls: tlsFiles } : {}),
     });
     server = srv;
-    const tcp = o.listen ?? (o.socket === undefined ? DEFAULT_LISTEN : undefined);
+    // Socket activation (LISTEN_FDS, systemd-socket-activate) replaces --listen/--socket.
+    const act = takeListenFds(process.env, process.pid);
+    if (act.kind === 'refused') logger.warn({ why: act.reason }, 'ignoring socket activation');
+    if (act.kind === 'activated' && (o.listen !== undefined || o.socket !== undefined)) throw new Error('--listen and --socket cannot be used with socket activation (LISTEN_FDS)');
+    const tcp = act.kind === 'activated' ? undefined : o.listen ?? (o.socket === undefined ? DEFAULT_LISTEN : undefined);
     const uris: string[] = [];
+    if (act.kind === 'activated') for (const s of act.sockets) uris.push(uriFor(await srv.listenFd(s.fd), o.export, tls));
     if (o.socket !== undefined) {
       await srv.listenUnix(path.resolve(o.socket));
       uris.push(uriFor({ unix: path.resolve(o.socket) }, o.export, tls));

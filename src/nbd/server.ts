@@ -37,7 +37,7 @@ import {
   SWEEP_INTERVAL_MS_MAX,
 } from './limits';
 import { Transmission, TransmissionLimits } from './transmission';
-import { prepareUnixSocketPath } from './unix-socket';
+import { prepareUnixSocketPath, unixSocketPathOfFd } from './unix-socket';
 
 export interface TlsFiles {
   /** X.509: certificate and key (both or neither). */
@@ -196,6 +196,18 @@ export class NbdServer {
   async listenUnix(path: string): Promise<void> {
     await prepareUnixSocketPath(path);
     await this.listen((srv, cb) => srv.listen(path, cb), path);
+  }
+
+  /**
+   * Serves a listening socket the service manager passed (socket activation,
+   * socket-activation.ts); returns where it listens, for the printed URI.
+   */
+  async listenFd(fd: number): Promise<{ tcp: { host: string; port: number } } | { unix: string }> {
+    const srv = await this.listen((srv, cb) => srv.listen({ fd }, cb), `passed fd ${fd}`);
+    const a = srv.address();
+    if (typeof a === 'string') return { unix: a };
+    if (a === null || a.port === undefined) return { unix: unixSocketPathOfFd(fd) ?? `(passed fd ${fd})` };
+    return { tcp: { host: a.address, port: a.port } };
   }
 
   private listen(start: (srv: net.Server, cb: () => void) => void, where: string): Promise<net.Server> {
