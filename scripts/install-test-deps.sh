@@ -38,6 +38,7 @@ declare -a CHECKS=(
   "certtool:gnutls-bin"
   "truncate:coreutils"
   "sha256sum:coreutils"
+  "systemd-socket-activate:systemd"
 )
 
 # PATH as root's, so /sbin tools (losetup, mkfs.*) are found when run as a user.

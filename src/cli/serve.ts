@@ -24,6 +24,8 @@ import {
 } from '../nbd/limits';
 import { formatDurationMs } from '../util/duration';
 import { parsePskFile } from '../nbd/server';
+import { takeListenFds } from '../nbd/socket-activation';
+import { startServeMetrics, type ServeMetrics } from '../metrics/serve-metrics';
 
 interface ServeOpts extends LinkArgs {
   mirror?: boolean;
@@ -49,6 +51,7 @@ interface ServeOpts extends LinkArgs {
   stallTimeout: number;
   idleTimeout: number;
   create?: number;
+  metrics?: { host: string; port: number };
 }
 
 export const DEFAULT_LISTEN = { host: '127.0.0.1', port: 10809 };
@@ -132,6 +135,7 @@ export function registerServe(program: Command): void {
     .option('--mirror-tls-ca <FILE>', 'CA that signed the receiver\'s certificate (PEM)')
     .option('--mirror-insecure', 'mirror over plaintext TCP, unauthenticated')
     .option('--no-mirror', 'serve a volume directory without the mirror relationship it has recorded')
+    .option('--metrics <HOST:PORT>', 'serve Prometheus metrics at http://HOST:PORT/metrics', hostPortArg)
     .option('--mirror-stall-timeout <DURATION>', 'drop the mirror connection when the peer acknowledges nothing this long, e.g. 15s (a bare number is ms)', durationArg(100, 3_600_000, 'ms'))
     .action(async (dir: string | undefined, o: ServeOpts) => {
       await serve(dir, o);
@@ -191,6 +195,7 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
   }
   const opened = await openVolume(spec);
   let server: NbdServer | undefined;
+  let metrics: ServeMetrics | undefined;
   if (mirror) {
     const v = opened.volume;
     assert(v instanceof EngineVolume, 'a volume directory opens as an engine volume');
@@ -202,6 +207,7 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
   // Handlers go in before the URI is printed: a client may signal as soon as it sees it.
   onStopSignals(async () => {
     await server?.close();
+    await metrics?.close();
     await opened.close(); // the final CP is shipped to the mirror too
     if (mirror) {
       await mirror.stop();
@@ -222,6 +228,7 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
   try {
     const tls: UriTls | false =
       tlsFiles === undefined ? false : o.tlsPsk !== undefined ? { psk: { user: firstPskUser(o.tlsPsk), file: path.resolve(o.tlsPsk) } } : {};
+    if (o.metrics) metrics = await startServeMetrics(o.metrics, opened.volume);
     const srv = new NbdServer({
       exports: opened.exports,
       logger,
@@ -230,10 +237,17 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
       stallTimeoutMs: o.stallTimeout,
       idleTimeoutMs: o.idleTimeout,
       ...(tlsFiles ? { tls: tlsFiles } : {}),
+      ...(metrics ? { observer: metrics.nbd } : {}),
     });
     server = srv;
-    const tcp = o.listen ?? (o.socket === undefined ? DEFAULT_LISTEN : undefined);
+    metrics?.nbd.attachServer(srv);
+    // Socket activation (LISTEN_FDS, systemd-socket-activate) replaces --listen/--socket.
+    const act = takeListenFds(process.env, process.pid);
+    if (act.kind === 'refused') logger.warn({ why: act.reason }, 'ignoring socket activation');
+    if (act.kind === 'activated' && (o.listen !== undefined || o.socket !== undefined)) throw new Error('--listen and --socket cannot be used with socket activation (LISTEN_FDS)');
+    const tcp = act.kind === 'activated' ? undefined : o.listen ?? (o.socket === undefined ? DEFAULT_LISTEN : undefined);
     const uris: string[] = [];
+    if (act.kind === 'activated') for (const s of act.sockets) uris.push(uriFor(await srv.listenFd(s.fd), o.export, tls));
     if (o.socket !== undefined) {
       await srv.listenUnix(path.resolve(o.socket));
       uris.push(uriFor({ unix: path.resolve(o.socket) }, o.export, tls));
@@ -246,12 +260,14 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
     const lines = [
       `nvmirror: serving ${opened.what} (${formatSize(v.sizeBytes)}${v.caps.readOnly ? ', read-only' : ''}) as export "${o.export}"`,
       ...uris.map((u) => `  ${u}`),
+      ...(metrics ? [`metrics: ${metrics.url}`] : []),
       `connect with: nbdinfo '${uris[0]}'   (Ctrl-C to stop)`,
     ];
     process.stdout.write(lines.join('\n') + '\n');
     logger.info({ uris, what: opened.what, sizeBytes: v.sizeBytes }, 'serving');
   } catch (e) {
     await server?.close().catch(() => undefined);
+    await metrics?.close().catch(() => undefined);
     await opened.close().catch(() => undefined);
     throw e;
   }

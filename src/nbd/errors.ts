@@ -1,6 +1,6 @@
 /**
  * The one place that maps internal errors to NBD wire errors. The real cause is logged
- * first; the client only sees an errno.
+ * first; the client only sees an errno. errorKind() names the same mapping for metrics.
  */
 import type { Logger } from '../util/log';
 import { isVolumeError } from '../volume/errors';
@@ -31,4 +31,24 @@ export function toNbdError(e: unknown, logger: Logger, what: string): number {
     logger.error({ err: message, code, stack: e instanceof Error && !isVolumeError(e) ? e.stack : undefined }, `${what} failed`);
   }
   return nbd;
+}
+
+const NAME_BY_NBD: Record<number, string> = {
+  [P.EPERM]: 'EPERM',
+  [P.EIO]: 'EIO',
+  [P.ENOMEM]: 'ENOMEM',
+  [P.EINVAL]: 'EINVAL',
+  [P.ENOSPC]: 'ENOSPC',
+  [P.EOVERFLOW]: 'EOVERFLOW',
+  [P.ENOTSUP]: 'ENOTSUP',
+  [P.ESHUTDOWN]: 'ESHUTDOWN',
+};
+
+/**
+ * The kind of a failed reply, for metrics: the errno name sent, or "checksum" when the
+ * cause is a block that failed its checksum (the block tree's EIO says so).
+ */
+export function errorKind(nbdErrno: number, cause?: unknown): string {
+  if (nbdErrno === P.EIO && isVolumeError(cause) && /checksum mismatch/.test(cause.message)) return 'checksum';
+  return NAME_BY_NBD[nbdErrno] ?? `errno_${nbdErrno}`;
 }

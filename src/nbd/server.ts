@@ -37,7 +37,8 @@ import {
   SWEEP_INTERVAL_MS_MAX,
 } from './limits';
 import { Transmission, TransmissionLimits } from './transmission';
-import { prepareUnixSocketPath } from './unix-socket';
+import type { NbdObserver } from './observer';
+import { prepareUnixSocketPath, unixSocketPathOfFd } from './unix-socket';
 
 export interface TlsFiles {
   /** X.509: certificate and key (both or neither). */
@@ -77,6 +78,8 @@ export interface NbdServerOptions {
   stallTimeoutMs?: number;
   /** Default IDLE_TIMEOUT_MS_DEFAULT (off); 0 = never. */
   idleTimeoutMs?: number;
+  /** Told of connections and replies (metrics). */
+  observer?: NbdObserver;
 }
 
 export function loadTlsConfig(files: TlsFiles): TlsConfig {
@@ -140,6 +143,7 @@ export class NbdServer {
       budget: this.budget,
       stallTimeoutMs: opts.stallTimeoutMs ?? STALL_TIMEOUT_MS_DEFAULT,
       idleTimeoutMs: opts.idleTimeoutMs ?? IDLE_TIMEOUT_MS_DEFAULT,
+      ...(opts.observer ? { observer: opts.observer } : {}),
     };
     const timeouts = [this.limits.stallTimeoutMs, this.limits.idleTimeoutMs].filter((t) => t > 0);
     const sweepMs = Math.max(50, Math.min(SWEEP_INTERVAL_MS_MAX, ...timeouts.map((t) => t / 4)));
@@ -198,6 +202,18 @@ export class NbdServer {
     await this.listen((srv, cb) => srv.listen(path, cb), path);
   }
 
+  /**
+   * Serves a listening socket the service manager passed (socket activation,
+   * socket-activation.ts); returns where it listens, for the printed URI.
+   */
+  async listenFd(fd: number): Promise<{ tcp: { host: string; port: number } } | { unix: string }> {
+    const srv = await this.listen((srv, cb) => srv.listen({ fd }, cb), `passed fd ${fd}`);
+    const a = srv.address();
+    if (typeof a === 'string') return { unix: a };
+    if (a === null || a.port === undefined) return { unix: unixSocketPathOfFd(fd) ?? `(passed fd ${fd})` };
+    return { tcp: { host: a.address, port: a.port } };
+  }
+
   private listen(start: (srv: net.Server, cb: () => void) => void, where: string): Promise<net.Server> {
     return new Promise((resolve, reject) => {
       const srv = net.createServer({ noDelay: true, pauseOnConnect: false }, (s) => this.accept(s));
@@ -219,12 +235,14 @@ export class NbdServer {
   private accept(socket: net.Socket): void {
     if (this.shuttingDown || (this.conns.size >= this.maxConnections && !this.evictOne())) {
       this.log.warn({ connections: this.conns.size }, 'refusing connection (limit reached or shutting down)');
+      this.opts.observer?.connectionRefused();
       socket.destroy();
       return;
     }
     socket.setNoDelay(true);
     const conn: Conn = { socket, id: this.nextId++, startedMs: Date.now(), kernel: false };
     this.conns.add(conn);
+    this.opts.observer?.connectionAccepted();
     const log = this.log.child({ conn: conn.id, peer: socket.remoteAddress ?? 'unix' });
     log.debug('connection accepted');
     socket.on('error', () => undefined);
@@ -267,6 +285,7 @@ export class NbdServer {
       .catch((e: unknown) => {
         clearTimeout(timer);
         log.error({ err: (e as Error).message }, 'handshake failed');
+        this.opts.observer?.clientError('handshake');
         socket.destroy();
         this.conns.delete(conn);
       });
@@ -279,6 +298,7 @@ export class NbdServer {
   serveTransmission(socket: net.Socket, volume: Volume, opts: { exportName: string }): { closed: Promise<void>; close(): Promise<void> } {
     const conn: Conn = { socket, id: this.nextId++, startedMs: Date.now(), kernel: true };
     this.conns.add(conn);
+    this.opts.observer?.connectionAccepted();
     const log = this.log.child({ conn: conn.id, export: opts.exportName });
     socket.on('error', () => undefined);
     const t = new Transmission(

@@ -26,6 +26,7 @@
  *   after DISC (ignored, as the spec allows).
  * - With structured replies negotiated, READ and BLOCK_STATUS always get structured
  *   replies; everything else gets a simple reply (the spec allows both).
+ * - Each reply is reported once to the observer (limits.observer), when it is queued.
  */
 import type { Duplex } from 'stream';
 import type { Logger } from '../util/log';
@@ -33,7 +34,8 @@ import type { Volume } from '../volume/types';
 import { assert } from '../util/assert';
 import type { Charge, MemoryBudget } from './budget';
 import { BufferPool, sharedBufferPool } from './buffer-pool';
-import { toNbdError } from './errors';
+import { errorKind, toNbdError } from './errors';
+import type { NbdObserver } from './observer';
 import {
   LINGER_MS,
   MAX_INFLIGHT_BYTES_PER_CONNECTION,
@@ -70,6 +72,8 @@ export interface TransmissionLimits {
   stallTimeoutMs: number;
   /** Drop a client with nothing in flight that sends nothing this long; 0 = never. */
   idleTimeoutMs: number;
+  /** Told of every reply (metrics); optional. */
+  observer?: NbdObserver;
 }
 
 export class Transmission {
@@ -253,6 +257,7 @@ export class Transmission {
   }
 
   private abort(msg: string): void {
+    this.limits.observer?.clientError('protocol');
     this.log.warn({ why: msg }, 'protocol violation: disconnecting client');
     this.drop(`protocol violation: ${msg}`);
   }
@@ -403,15 +408,23 @@ export class Transmission {
     this.updateReading();
   }
 
-  private replySimple(req: Request, error: number): void {
+  /** Reports a reply to the observer: its error (0: none) and what caused it. */
+  private observe(req: Request, error: number, cause?: unknown): void {
+    const o = this.limits.observer;
+    if (o) o.request(req.type, req.length, error === 0 ? undefined : errorKind(error, cause), performance.now() - req.headerMs);
+  }
+
+  private replySimple(req: Request, error: number, cause?: unknown): void {
+    this.observe(req, error, cause);
     this.send(encodeSimpleReply(error, req.cookieHi, req.cookieLo));
   }
 
-  private replyError(req: Request, error: number, message: string): void {
+  private replyError(req: Request, error: number, message: string, cause?: unknown): void {
     if (this.s.structuredReplies && (req.type === P.CMD_READ || req.type === P.CMD_BLOCK_STATUS)) {
+      this.observe(req, error, cause);
       this.send(encodeStructuredError(req.cookieHi, req.cookieLo, error, message));
     } else {
-      this.replySimple(req, error);
+      this.replySimple(req, error, cause);
     }
   }
 
@@ -500,12 +513,13 @@ export class Transmission {
       const owned = pooled;
       pooled = undefined;
       sent = true;
+      this.observe(req, 0);
       this.send(b, () => {
         if (owned) sharedBufferPool.release(owned);
         this.uncharge(req);
       });
     } catch (e) {
-      this.replyError(req, toNbdError(e, this.log, `read ${len}@${req.offset}`), 'read failed');
+      this.replyError(req, toNbdError(e, this.log, `read ${len}@${req.offset}`), 'read failed', e);
     } finally {
       if (pooled) sharedBufferPool.release(pooled);
       if (!sent) this.uncharge(req);
@@ -522,7 +536,7 @@ export class Transmission {
       await this.writePieces(req.offset, data, (req.flags & P.CMD_FLAG_FUA) !== 0);
       this.replySimple(req, 0);
     } catch (e) {
-      this.replySimple(req, toNbdError(e, this.log, `write ${len}@${req.offset}`));
+      this.replySimple(req, toNbdError(e, this.log, `write ${len}@${req.offset}`), e);
     } finally {
       // The volume keeps no reference to the payload once its write settled.
       this.dropPayload(req);
@@ -558,7 +572,7 @@ export class Transmission {
       await op;
       this.replySimple(req, 0);
     } catch (e) {
-      this.replySimple(req, toNbdError(e, this.log, `${what} ${req.length}@${req.offset}`));
+      this.replySimple(req, toNbdError(e, this.log, `${what} ${req.length}@${req.offset}`), e);
     } finally {
       this.end();
     }
@@ -580,9 +594,10 @@ export class Transmission {
         total += l;
       }
       if (out.length === 0) throw new Error('internal: backend returned no extents');
+      this.observe(req, 0);
       this.send(encodeBlockStatus(req.cookieHi, req.cookieLo, P.META_CONTEXT_BASE_ALLOCATION_ID, out));
     } catch (e) {
-      this.replyError(req, toNbdError(e, this.log, `block status ${req.length}@${req.offset}`), 'block status failed');
+      this.replyError(req, toNbdError(e, this.log, `block status ${req.length}@${req.offset}`), 'block status failed', e);
     } finally {
       this.end();
     }

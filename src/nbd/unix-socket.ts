@@ -55,3 +55,22 @@ export async function prepareUnixSocketPath(p: string): Promise<void> {
   if (await answers(p)) throw new Error(`socket ${p} is in use by another server`);
   fs.unlinkSync(p);
 }
+
+/**
+ * The path a listening Unix socket fd is bound to (Linux: the fd's inode looked up in
+ * /proc/net/unix), or undefined when it cannot be told (abstract, unnamed, no /proc).
+ * Node's server.address() knows only paths it bound itself.
+ */
+export function unixSocketPathOfFd(fd: number): string | undefined {
+  try {
+    const m = /^socket:\[([0-9]+)\]$/.exec(fs.readlinkSync(`/proc/self/fd/${fd}`));
+    if (!m) return undefined;
+    for (const line of fs.readFileSync('/proc/net/unix', 'utf8').split('\n')) {
+      const f = line.trim().split(/\s+/);
+      if (f[6] === m[1] && f[7] !== undefined && f[7].startsWith('/')) return f[7];
+    }
+  } catch {
+    // no /proc: the caller prints the fd instead
+  }
+  return undefined;
+}

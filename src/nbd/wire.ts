@@ -258,6 +258,8 @@ export interface Request {
   pooled: Buffer | undefined;
   /** Its charge to the server's memory budget (budget.ts), undefined once released. */
   charge: { readonly bytes: number; readonly lane: boolean } | undefined;
+  /** performance.now() when its header was parsed (request latency is measured from it). */
+  headerMs: number;
 }
 
 export interface RequestSink {
@@ -420,6 +422,7 @@ export class RequestParser {
       payload: undefined,
       pooled: undefined,
       charge: undefined,
+      headerMs: performance.now(),
     };
     const next = off + P.REQUEST_HEADER_BYTES;
     const admissible = (req.type === P.CMD_WRITE || req.type === P.CMD_READ) && req.length > 0 && req.length <= P.MAX_PAYLOAD_BYTES;

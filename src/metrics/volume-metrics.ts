@@ -1,0 +1,52 @@
+/**
+ * Metrics of a volume directory (the engine): consistency points, NVRAM log fill,
+ * space, checksum errors. Read from EngineVolume.stats() at each scrape, so the engine
+ * keeps no metrics state of its own.
+ *
+ * Invariants:
+ * - Totals (CPs, checksum errors) are exposed as counters mirroring monotonic sources;
+ *   a source that restarts lower (never, within one open) cannot make them go down.
+ * - nvram_fill_ratio = nvram_used_bytes / nvram_size_bytes, in [0, 1].
+ */
+import { BLOCK_SIZE_BYTES } from '../io/types';
+import { assert } from '../util/assert';
+import type { EngineVolume } from '../volume/engine';
+import type { MetricsRegistry } from './registry';
+
+/** Where checksum errors are counted: the EIOs served for a block that failed its checksum. */
+export interface ChecksumErrorSource {
+  checksumErrors(): number;
+}
+
+export function registerEngineMetrics(registry: MetricsRegistry, volume: EngineVolume, source: ChecksumErrorSource): void {
+  const g = (name: string, help: string) => registry.gauge(name, help).labels();
+  const cps = registry.counter('nvmirror_volume_cps_total', 'Consistency points committed since the volume was opened').labels();
+  const cpNumber = g('nvmirror_volume_cp_number', 'Number of the newest committed consistency point');
+  const cpLast = g('nvmirror_volume_cp_last_duration_seconds', 'Duration of the last consistency point');
+  const cpMax = g('nvmirror_volume_cp_duration_seconds_max', 'Longest consistency point since open');
+  const cpRunning = g('nvmirror_volume_cp_running', '1 while a consistency point runs');
+  const nvUsed = g('nvmirror_volume_nvram_used_bytes', 'NVRAM log bytes holding records not yet committed by a CP (active and frozen halves)');
+  const nvSize = g('nvmirror_volume_nvram_size_bytes', 'NVRAM log region size');
+  const nvFill = g('nvmirror_volume_nvram_fill_ratio', 'NVRAM log fill: used / size');
+  const nvWaiters = g('nvmirror_volume_nvram_space_waiters', 'Writes waiting for NVRAM log space');
+  const used = g('nvmirror_volume_used_bytes', 'Bytes of the member in use by the committed tree');
+  const size = g('nvmirror_volume_size_bytes', 'Volume size');
+  const checksum = registry.counter('nvmirror_volume_checksum_errors_total', 'Reads refused with EIO because a block failed its checksum').labels();
+  registry.onCollect(() => {
+    const st = volume.stats();
+    cps.setTotal(st.cp.cpsRun);
+    cpNumber.set(st.tree.cpNumber);
+    cpLast.set(st.cp.lastCpDurationMs / 1000);
+    cpMax.set(st.cp.cpDurationMsMax / 1000);
+    cpRunning.set(st.cp.running ? 1 : 0);
+    nvUsed.set(st.nvlog.usedBytes);
+    nvSize.set(st.nvlog.regionSizeBytes);
+    const fill = st.nvlog.regionSizeBytes > 0 ? st.nvlog.usedBytes / st.nvlog.regionSizeBytes : 0;
+    assert(fill >= 0 && fill <= 1, `NVRAM fill ${fill} out of range`);
+    nvFill.set(fill);
+    nvWaiters.set(st.nvlog.spaceWaiters);
+    used.set(st.tree.usedBlocks * BLOCK_SIZE_BYTES);
+    size.set(st.sizeBytes);
+    checksum.setTotal(source.checksumErrors());
+  });
+}

@@ -1,0 +1,133 @@
+/**
+ * `serve --metrics HOST:PORT` (issue 11 point 15): scraped with a plain HTTP GET while a
+ * client does I/O on a volume directory, the exposition parses strictly and its counters
+ * move: requests and bytes by command, latency histograms, errors by kind, connections,
+ * CPs and NVRAM fill. A block corrupted on disk and read shows up as a checksum error.
+ */
+import { strict as assert } from 'assert';
+import * as fs from 'fs';
+import * as http from 'http';
+import * as path from 'path';
+import { MiB, cleanupAll, freePort, restartServer, sleep, startServer, type Server } from './harness';
+import { parseExposition, type Exposition } from './exposition';
+import { CMD, ERR, RawConn, negotiate, simpleCommand, simpleRead, targetOf } from './rawnbd';
+
+const BS = 4096;
+
+function get(url: string): Promise<{ status: number; type: string; body: string }> {
+  return new Promise((resolve, reject) => {
+    const req = http.get(url, { timeout: 5_000 }, (res) => {
+      let body = '';
+      res.setEncoding('utf8');
+      res.on('data', (s: string) => (body += s));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, type: String(res.headers['content-type']), body }));
+    });
+    req.on('timeout', () => req.destroy(new Error(`GET ${url} timed out`)));
+    req.on('error', reject);
+  });
+}
+
+async function scrape(url: string): Promise<Exposition> {
+  const r = await get(url);
+  assert.equal(r.status, 200);
+  assert.match(r.type, /^text\/plain; version=0\.0\.4/);
+  return parseExposition(r.body);
+}
+
+async function startWithMetrics(): Promise<{ server: Server; url: string }> {
+  const port = await freePort();
+  const server = await startServer({ backend: 'engine', transport: 'unix', sizeBytes: 64 * MiB, extraArgs: ['--metrics', `127.0.0.1:${port}`, '--cp-interval', '300ms'] });
+  return { server, url: `http://127.0.0.1:${port}/metrics` };
+}
+
+function block(tag: number): Buffer {
+  const b = Buffer.alloc(BS);
+  for (let i = 0; i < BS; i += 4) b.writeUInt32LE((Math.imul(i + 1, 2654435761) ^ (0x5eed0000 + tag)) >>> 0, i);
+  return b;
+}
+
+describe('e2e metrics endpoint (issue 11 point 15)', function () {
+  this.timeout(30_000);
+  after(async function () {
+    await cleanupAll();
+  });
+
+  it('counters move while a client does I/O, and every scrape parses', async function () {
+    const { server, url } = await startWithMetrics();
+    try {
+      const before = await scrape(url);
+      assert.equal(before.get('nvmirror_nbd_requests_total', { command: 'write' }), 0);
+      assert.equal(before.get('nvmirror_volume_nvram_size_bytes'), 16 * MiB);
+      const s = await negotiate(await RawConn.connect(targetOf(server)));
+      const scrapes: Exposition[] = [];
+      let writes = 0;
+      const stopAt = Date.now() + 1_500;
+      const payload = Buffer.alloc(64 * 1024, 0xa5);
+      while (Date.now() < stopAt) {
+        for (let i = 0; i < 16; i++, writes++) {
+          assert.equal(await simpleCommand(s, { type: CMD.WRITE, offset: ((writes * 64 * 1024) % (60 * MiB)), length: payload.length }, payload), 0);
+        }
+        assert.equal((await simpleRead(s, 0, 64 * 1024)).error, 0);
+        scrapes.push(await scrape(url)); // while the connection is open
+      }
+      assert.equal(await simpleCommand(s, { type: CMD.FLUSH, offset: 0, length: 0 }), 0);
+      assert.equal((await simpleRead(s, 64 * MiB - 512, 1024)).error, ERR.EINVAL, 'a read past the end');
+      await sleep(700); // a CP or two at --cp-interval 300ms
+      const after = await scrape(url);
+      s.conn.destroy();
+
+      // Monotonic across scrapes, and moving.
+      const series = [before, ...scrapes, after].map((e) => e.get('nvmirror_nbd_requests_total', { command: 'write' }) ?? -1);
+      for (let i = 1; i < series.length; i++) assert.ok((series[i] as number) >= (series[i - 1] as number), `write counter went down: ${series.join(',')}`);
+      assert.equal(after.get('nvmirror_nbd_requests_total', { command: 'write' }), writes);
+      assert.equal(after.get('nvmirror_nbd_bytes_total', { command: 'write' }), writes * payload.length);
+      assert.equal(after.get('nvmirror_nbd_requests_total', { command: 'flush' }), 1);
+      assert.ok((after.get('nvmirror_nbd_bytes_total', { command: 'read' }) ?? 0) >= scrapes.length * 64 * 1024);
+      assert.equal(after.get('nvmirror_nbd_request_duration_seconds_count', { command: 'write' }), writes);
+      assert.ok((after.get('nvmirror_nbd_request_duration_seconds_sum', { command: 'write' }) ?? 0) > 0);
+      assert.equal(after.get('nvmirror_nbd_errors_total', { kind: 'EINVAL' }), 1);
+      assert.ok(scrapes.every((e) => e.get('nvmirror_nbd_connections') === 1), 'one open connection while it did I/O');
+      assert.equal(after.get('nvmirror_nbd_connections_total', { outcome: 'accepted' }), 1);
+      // The engine: CPs ran, the NVRAM filled and drained, space is in use.
+      assert.ok((after.get('nvmirror_volume_cps_total') ?? 0) > (before.get('nvmirror_volume_cps_total') ?? 0), 'CPs counted');
+      const fills = scrapes.map((e) => e.get('nvmirror_volume_nvram_fill_ratio') ?? -1);
+      assert.ok(fills.every((f) => f >= 0 && f <= 1) && fills.some((f) => f > 0), `NVRAM fill seen: ${fills.join(',')}`);
+      assert.ok((after.get('nvmirror_volume_used_bytes') ?? 0) > (before.get('nvmirror_volume_used_bytes') ?? 0));
+      assert.equal(after.get('nvmirror_volume_checksum_errors_total'), 0);
+      // Only GET /metrics is served.
+      assert.equal((await get(url.replace('/metrics', '/nope'))).status, 404);
+      process.stdout.write(`      (${writes} writes, ${scrapes.length} scrapes, ${after.get('nvmirror_volume_cps_total')} CPs, fill max ${Math.max(...fills).toFixed(3)})\n`);
+    } finally {
+      assert.equal(await server.stop(), 0);
+    }
+  });
+
+  it('a block corrupted on disk, then read, counts as a checksum error', async function () {
+    const { server, url } = await startWithMetrics();
+    const data = block(7);
+    const s = await negotiate(await RawConn.connect(targetOf(server)));
+    assert.equal(await simpleCommand(s, { type: CMD.WRITE, offset: 100 * BS, length: BS }, data), 0);
+    s.conn.destroy();
+    assert.equal(await server.stop(), 0); // final CP: the block is in the member file
+    const member = path.join(server.volumeDir as string, 'member-0.img');
+    const image = fs.readFileSync(member);
+    const at = image.indexOf(data);
+    assert.ok(at >= 0 && at % BS === 0, 'the block is stored verbatim');
+    const fd = fs.openSync(member, 'r+');
+    fs.writeSync(fd, Buffer.from([image[at + 1234]! ^ 0xff]), 0, 1, at + 1234);
+    fs.closeSync(fd);
+    const again = await restartServer(server);
+    try {
+      const s2 = await negotiate(await RawConn.connect(targetOf(again)));
+      assert.equal((await simpleRead(s2, 100 * BS, BS)).error, ERR.EIO);
+      assert.equal((await simpleRead(s2, 0, BS)).error, 0, 'other blocks still read');
+      s2.conn.destroy();
+      const e = await scrape(url);
+      assert.equal(e.get('nvmirror_volume_checksum_errors_total'), 1);
+      assert.equal(e.get('nvmirror_nbd_errors_total', { kind: 'checksum' }), 1);
+      assert.equal(e.get('nvmirror_nbd_requests_total', { command: 'read' }), 2);
+    } finally {
+      assert.equal(await again.stop(), 0);
+    }
+  });
+});
