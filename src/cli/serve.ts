@@ -26,6 +26,7 @@ import { formatDurationMs } from '../util/duration';
 import { parsePskFile } from '../nbd/server';
 import { takeListenFds } from '../nbd/socket-activation';
 import { startServeMetrics, type ServeMetrics } from '../metrics/serve-metrics';
+import { registerMirrorMetrics } from '../mirror/metrics';
 
 interface ServeOpts extends LinkArgs {
   mirror?: boolean;
@@ -228,7 +229,10 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
   try {
     const tls: UriTls | false =
       tlsFiles === undefined ? false : o.tlsPsk !== undefined ? { psk: { user: firstPskUser(o.tlsPsk), file: path.resolve(o.tlsPsk) } } : {};
-    if (o.metrics) metrics = await startServeMetrics(o.metrics, opened.volume);
+    if (o.metrics) {
+      metrics = await startServeMetrics(o.metrics, opened.volume);
+      if (mirror) registerMirrorMetrics(metrics.registry, mirror);
+    }
     const srv = new NbdServer({
       exports: opened.exports,
       logger,

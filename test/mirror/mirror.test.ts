@@ -14,6 +14,8 @@ import { BIN, ROOT, md5OfExport, sh, sourceStatus, until } from './helpers';
 import { controlRequest } from '../../src/volume/engine-control';
 
 const PORT = 17011;
+/** The source's --metrics port, on the loopback of namespace a (scraped from inside it). */
+const METRICS_PORT = 17012;
 
 function nvramLastSeq(dir: string): number {
   try {
@@ -138,7 +140,7 @@ describe('mirror: two hosts (network namespaces)', function () {
 
   for (const mode of ['sync', 'async'] as const) {
     it(`${mode}: after fio with verify the mirror's root equals the source's and both exports are byte-identical`, async () => {
-      const s = await start(mode);
+      const s = await start(mode, mode === 'sync' ? ['--metrics', `127.0.0.1:${METRICS_PORT}`] : []);
       const before = await txBytes(pair);
       sh('fio', ['--name=m', '--ioengine=nbd', `--uri=nbd+unix:///?socket=${s.srcSock}`, '--rw=randwrite', '--bs=4k', '--size=64M', '--io_size=16M',
         '--iodepth=16', '--verify=crc32c', '--verify_fatal=1', '--randrepeat=1', `--directory=${tmp}`], 120_000);
@@ -157,6 +159,15 @@ describe('mirror: two hosts (network namespaces)', function () {
       const m = sourceStatus(s.src)!;
       assert.ok(m.cpsAcknowledged >= 3, `only ${m.cpsAcknowledged} CPs acknowledged`);
       assert.strictEqual(m.rootMismatches, 0);
+      if (mode === 'sync') {
+        // The same figures in the Prometheus exposition.
+        const get = `require('http').get('http://127.0.0.1:${METRICS_PORT}/metrics', (r) => { let b = ''; r.on('data', (d) => (b += d)); r.on('end', () => process.stdout.write(b)); })`;
+        const text = (await pair.exec('a', 'node', ['-e', get], { timeoutMs: 10_000 })).stdout;
+        assert.match(text, /^nvmirror_mirror_state\{state="in-sync"\} 1$/m);
+        assert.match(text, /^nvmirror_mirror_root_mismatches 0$/m);
+        const refs = /^nvmirror_mirror_cp_blocks\{as="reference"\} (\d+)$/m.exec(text);
+        assert.ok(refs && Number(refs[1]) > 0, 'no references counted in the metrics');
+      }
       const v = sh(BIN, ['verify', s.src]);
       assert.match(v, /^identical at CP \d+ \(roots equal, superblocks equal\)$/m, v);
       // And from the destination's side.
