@@ -100,7 +100,7 @@ export class Counter extends Family<{ v: number }> {
     const s = this.child(values);
     return {
       inc: (amount = 1) => {
-        assert(amount >= 0 && Number.isFinite(amount), `counter ${this.name} cannot go down`);
+        if (!(amount >= 0 && amount !== Infinity)) assert(false, `counter ${this.name} cannot go down (inc ${amount})`);
         s.v += amount;
       },
       setTotal: (total) => {

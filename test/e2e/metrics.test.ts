@@ -7,8 +7,9 @@
 import { strict as assert } from 'assert';
 import * as fs from 'fs';
 import * as http from 'http';
+import * as net from 'net';
 import * as path from 'path';
-import { MiB, cleanupAll, freePort, restartServer, sleep, startServer, type Server } from './harness';
+import { MiB, NVMIRROR_BIN, cleanupAll, freePort, makeTempDir, restartServer, run, sleep, startServer, type Server } from './harness';
 import { parseExposition, type Exposition } from './exposition';
 import { CMD, ERR, RawConn, negotiate, simpleCommand, simpleRead, targetOf } from './rawnbd';
 
@@ -99,6 +100,25 @@ describe('e2e metrics endpoint (issue 11 point 15)', function () {
       process.stdout.write(`      (${writes} writes, ${scrapes.length} scrapes, ${after.get('nvmirror_volume_cps_total')} CPs, fill max ${Math.max(...fills).toFixed(3)})\n`);
     } finally {
       assert.equal(await server.stop(), 0);
+    }
+  });
+
+  it('a metrics address in use is a one-line error, and the volume is left closed', async function () {
+    const blocker = net.createServer();
+    await new Promise<void>((r) => blocker.listen(0, '127.0.0.1', r));
+    const port = (blocker.address() as net.AddressInfo).port;
+    const dir = makeTempDir('nvm-e2e-metrics-');
+    try {
+      const vol = path.join(dir, 'vol');
+      const r = await run(process.execPath, [NVMIRROR_BIN, 'serve', vol, '--create', '16M', '--socket', path.join(dir, 's.sock'), '--metrics', `127.0.0.1:${port}`], { timeoutMs: 20_000 });
+      assert.notEqual(r.code, 0);
+      assert.match(r.stderr, new RegExp(`metrics: 127\\.0\\.0\\.1:${port} is already in use`));
+      assert.doesNotMatch(r.stderr, /^\s+at /m, 'no stack trace');
+      const st = await run(process.execPath, [NVMIRROR_BIN, 'status', vol, '--json'], { timeoutMs: 20_000 });
+      assert.equal(st.code, 0, st.stderr);
+      assert.doesNotMatch(st.stdout, /"served":\s*true/, 'not left served or locked');
+    } finally {
+      await new Promise<void>((r) => blocker.close(() => r()));
     }
   });
 
