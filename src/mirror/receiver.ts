@@ -31,7 +31,7 @@ import { crc32c } from '../io/native';
 import { FrameParser, FrameWriter, MirrorProtocolError, MsgType, WIRE_VERSION, writeFrame, type CpKind, type Message } from './wire';
 import { APPLY_WRITES_MAX, BASELINE_PROGRESS_BLOCKS, MirrorDir, MirrorDirError, rootBytes } from './mirror-dir';
 import { MirrorView, type MirrorExports } from './exports';
-import { verifyCp, type VerifyReport } from './verify';
+import { RemoteReads, verifyCp, type VerifyReport } from './verify';
 import { applyDelta, DELTA_FROM_ZEROES } from './delta';
 
 const ZERO_BLOCK = Buffer.alloc(4096);
@@ -259,10 +259,7 @@ class Session {
         this.send({ type: MsgType.ReadResp, id: m.id, pbas: m.pbas, data: await mirror.readRaw(m.pbas) });
         return false;
       case MsgType.ReadResp: {
-        const r = this.reads.get(m.id);
-        if (!r) throw new MirrorProtocolError(`read response ${m.id} that was not asked for`);
-        this.reads.delete(m.id);
-        r.resolve(Buffer.from(m.data));
+        if (!this.reads.answer(m.id, m.data)) throw new MirrorProtocolError(`read response ${m.id} that was not asked for`);
         return false;
       }
       case MsgType.CpBegin: {
@@ -443,30 +440,12 @@ class Session {
     });
   }
 
-  private readonly reads = new Map<number, { resolve: (b: Buffer) => void; reject: (e: Error) => void }>();
-  private readId = 0;
+  private readonly reads = new RemoteReads('the source');
 
   /** Reads one block of the source's device (verify), or fails if the connection ends first. */
   private remoteRead(pba: number): Promise<Buffer> {
     if (this.closed) return Promise.reject(new Error('the source is not connected'));
-    const id = (this.readId = (this.readId + 1) >>> 0);
-    return new Promise<Buffer>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.reads.delete(id);
-        reject(new Error('the source did not answer a verify read within 30 s'));
-      }, 30_000);
-      this.reads.set(id, {
-        resolve: (b) => {
-          clearTimeout(timer);
-          resolve(b);
-        },
-        reject: (e) => {
-          clearTimeout(timer);
-          reject(e);
-        },
-      });
-      this.send({ type: MsgType.ReadReq, id, pbas: [pba] });
-    });
+    return this.reads.read((id) => this.send({ type: MsgType.ReadReq, id, pbas: [pba] }));
   }
 
   /** Verifies this mirror's committed CP against the source (the CP is pinned like a reader's meanwhile). */
@@ -509,8 +488,7 @@ class Session {
     const w = this.writeWaiters;
     this.writeWaiters = [];
     for (const f of w) f();
-    for (const r of this.reads.values()) r.reject(new Error(`the source disconnected: ${reason}`));
-    this.reads.clear();
+    this.reads.failAll(new Error(`the source disconnected: ${reason}`));
     void this.rx.sessionEnded(this);
   }
 

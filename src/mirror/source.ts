@@ -40,7 +40,7 @@ import { walkBornAfter } from '../tree/born-after';
 import { ProgressLine } from '../util/progress';
 import type { NodeSide } from '../tree/diff';
 import { SUPERBLOCK_ROOT_OFFSET, decodeSuperblock } from '../tree/layout';
-import { verifyCp, type VerifyReport } from './verify';
+import { RemoteReads, verifyCp, type VerifyReport } from './verify';
 import { VolumeError } from '../volume/errors';
 import { assert } from '../util/assert';
 import { deltaFrames, encodeCpBlocks, refFrames } from './cp-encode';
@@ -185,9 +185,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private drainWaiters: Array<() => void> = [];
   /** A CP verify is reading on both sides (held like the base while it runs). */
   private verifyCp: number | undefined;
-  private readId = 0;
   private answering = 0;
-  private readonly reads = new Map<number, { resolve: (b: Buffer) => void; reject: (e: Error) => void }>();
+  private readonly reads = new RemoteReads('the destination');
 
   constructor(opts: MirrorSourceOptions) {
     this.o = opts;
@@ -366,16 +365,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
         this.answering++;
         void this.answerRead(conn, m).finally(() => this.answering--);
         return;
-      case MsgType.ReadResp: {
-        const r = this.reads.get(m.id);
-        if (!r) {
-          this.drop(conn, `read response ${m.id} that was not asked for`);
-          return;
-        }
-        this.reads.delete(m.id);
-        r.resolve(Buffer.from(m.data));
+      case MsgType.ReadResp:
+        if (!this.reads.answer(m.id, m.data)) this.drop(conn, `read response ${m.id} that was not asked for`);
         return;
-      }
       case MsgType.Refuse:
         this.lastError = `destination refused: ${m.reason}`;
         this.log.error({ reason: m.reason }, 'the destination refused the mirror stream');
@@ -402,8 +394,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.state = 'disconnected';
     this.shipping = undefined;
     for (const a of conn.cpAcks.splice(0)) a.resolve(); // CPs go on locally; the destination catches up by resync
-    for (const r of this.reads.values()) r.reject(new Error(`mirror connection lost: ${reason}`));
-    this.reads.clear();
+    this.reads.failAll(new Error(`mirror connection lost: ${reason}`));
     this.wakeDrain();
     this.settleWaiters();
     if (!this.stopped && !this.reconnectTimer) {
@@ -702,24 +693,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
   // ---- online verify ----
 
   private remoteRead(conn: Conn, pba: number): Promise<Buffer> {
-    const id = (this.readId = (this.readId + 1) >>> 0);
-    return new Promise<Buffer>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.reads.delete(id);
-        reject(new Error('the destination did not answer a verify read within 30 s'));
-      }, 30_000);
-      this.reads.set(id, {
-        resolve: (b) => {
-          clearTimeout(timer);
-          resolve(b);
-        },
-        reject: (e) => {
-          clearTimeout(timer);
-          reject(e);
-        },
-      });
-      this.send(conn, { type: MsgType.ReadReq, id, pbas: [pba] });
-    });
+    return this.reads.read((id) => this.send(conn, { type: MsgType.ReadReq, id, pbas: [pba] }));
   }
 
   /**

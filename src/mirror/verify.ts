@@ -55,3 +55,49 @@ export async function verifyCp(cp: number, here: NodeSide, there: NodeSide, ther
   }
   return { cp, superblocksEqual: mineRaw.equals(theirsRaw), rootsEqual, blocksDiffering: blocks, differences };
 }
+
+/** Verify's reads of the other side's blocks over the mirror connection: ids, answers, a timeout. */
+export class RemoteReads {
+  /** A read not answered in this time fails. */
+  static readonly TIMEOUT_MS = 30_000;
+  private nextId = 0;
+  private readonly pending = new Map<number, { resolve: (b: Buffer) => void; reject: (e: Error) => void }>();
+
+  constructor(private readonly peerName: string) {}
+
+  /** Sends READ_REQ for one block through `send(id)` and resolves with the answer. */
+  read(send: (id: number) => void): Promise<Buffer> {
+    const id = (this.nextId = (this.nextId + 1) >>> 0);
+    return new Promise<Buffer>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        reject(new Error(`${this.peerName} did not answer a verify read within ${RemoteReads.TIMEOUT_MS / 1000} s`));
+      }, RemoteReads.TIMEOUT_MS);
+      this.pending.set(id, {
+        resolve: (b) => {
+          clearTimeout(timer);
+          resolve(b);
+        },
+        reject: (e) => {
+          clearTimeout(timer);
+          reject(e);
+        },
+      });
+      send(id);
+    });
+  }
+
+  /** Delivers READ_RESP `id`; false if it was not asked for (a protocol error for the caller). */
+  answer(id: number, data: Buffer): boolean {
+    const r = this.pending.get(id);
+    if (!r) return false;
+    this.pending.delete(id);
+    r.resolve(Buffer.from(data));
+    return true;
+  }
+
+  failAll(e: Error): void {
+    for (const r of this.pending.values()) r.reject(e);
+    this.pending.clear();
+  }
+}
