@@ -124,6 +124,13 @@ export interface TreeStats {
   totalBlocks: number;
   snapshots: SnapshotInfo[];
   meta: CpMeta;
+  /** Reads refused since open: a block that failed verification, a failed device read. */
+  errors: BlockErrorCounts;
+}
+
+export interface BlockErrorCounts {
+  checksum: number;
+  io: number;
 }
 
 /**

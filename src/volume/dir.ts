@@ -37,13 +37,13 @@ import { FileBlockDevice, syncDirectory } from '../io/file-device';
 import { MmapNvram, NvramFileCopy } from '../io/mmap-nvram';
 import * as native from '../io/native';
 import { BlockTree } from '../tree/tree';
-import type { BlockTreeApi } from '../tree/types';
+import type { BlockErrorCounts, BlockTreeApi } from '../tree/types';
 import { MAX_DEVICE_BLOCKS, MAX_VOLUME_BYTES } from '../tree/layout';
 import { NvLog } from '../nvlog/log';
 import { REGION_MIN_BYTES, REGION_MAX_BYTES } from '../nvlog/format';
 import { formatSize } from '../util/size';
 import { log as logger } from '../util/log';
-import { EngineVolume } from './engine';
+import { EngineVolume, type ServedBy } from './engine';
 import { VolumeDirExports } from './engine-snapshot';
 import { ControlServer, CONTROL_SOCKET_NAME, UNIX_PATH_MAX_BYTES, controlRequest, type ControlRequest } from './engine-control';
 import { NvramFormatError, scanRegion } from '../nvlog/replay';
@@ -524,6 +524,10 @@ export interface VolumeStatus {
   lastCpDurationMs: number;
   cpsThisSession: number;
   nvram: { path: string; sizeBytes: number; usedBytes: number; fillPercent: number; epoch: number; lastSeq: number; durableSeq: number; unreplayedRecords: number };
+  /** The serving process (absent when not served): its pid, and its URIs, exports and clients when it serves over NBD. */
+  server?: { pid: number } & Partial<ServedBy>;
+  /** Reads refused since the volume was opened (by the serving process, or by this status). */
+  errors: BlockErrorCounts;
   /** Sections added by what runs beside the engine (e.g. `mirror`). */
   sections?: Record<string, unknown>;
 }
@@ -556,6 +560,8 @@ export function engineStatus(dir: string, label: VolumeLabel, volume: EngineVolu
       durableSeq: s.nvlog.durableSeq,
       unreplayedRecords: s.readOnly ? s.replay.records : 0,
     },
+    ...(served ? { server: { pid: process.pid, ...(volume.servedBy?.() ?? {}) } } : {}),
+    errors: s.tree.errors,
     ...(volume.statusSections.size > 0 ? { sections: Object.fromEntries([...volume.statusSections].map(([k, f]) => [k, f()])) } : {}),
   };
 }
