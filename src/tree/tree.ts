@@ -1010,7 +1010,7 @@ export class BlockTree implements BlockTreeApi {
 
   // ---------------------------------------------------------------- check / close
 
-  async check(): Promise<CheckReport> {
+  async check(onBlocksRead?: (blocks: number) => void): Promise<CheckReport> {
     if (this.closed) throw new VolumeError('ESHUTDOWN', 'block tree is closed');
     while (this.commitRunning) await this.commitRunning.catch(() => undefined);
     const handles = [this.live, ...this.snapHandles.values()];
@@ -1025,6 +1025,7 @@ export class BlockTree implements BlockTreeApi {
         used: this.smap.used,
         counterProblems: this.smap.verifyCounters(),
         ioConcurrency: this.ioConcurrency,
+        ...(onBlocksRead ? { onBlocksRead } : {}),
       });
     } finally {
       for (const h of handles) h.exit();

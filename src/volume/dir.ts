@@ -577,6 +577,10 @@ async function handleControl(dir: string, label: VolumeLabel, volume: EngineVolu
       const r = await volume.checkpoint();
       return { cpNumber: r?.cpNumber ?? volume.stats().tree.cpNumber };
     }
+    case 'check':
+      return { check: await checkServed(dir, label, volume) };
+    case 'check-progress':
+      return { progress: checksRunning.get(volume) ?? null };
     case 'verify': {
       const f = volume.controlActions.get('verify');
       if (!f) throw new Error('this volume is not mirrored (serve it with --mirror-to)');
@@ -598,21 +602,98 @@ export interface DirCheckReport {
   problems: string[];
   /** Plain facts for the human summary. */
   notes: string[];
+  /** Pid of the process that ran the check on the served volume; absent when check opened the volume itself. */
+  servedBy?: number;
+  /** Blocks the tree check read (for the final progress figure). */
+  blocksRead?: number;
 }
 
+/** Blocks read so far by a check; blocksTotal is an estimate (blocks in use). */
+export interface CheckProgress {
+  blocksRead: number;
+  blocksTotal: number;
+}
+
+/** The check running in this (serving) process, per volume: at most one at a time. */
+const checksRunning = new WeakMap<EngineVolume, CheckProgress>();
+
 /**
- * Checks a volume that no process is serving: the tree (every checksum, accounting vs
- * reachability, on every root) and the NVRAM (header, record validity, replay chain).
- * Opens nothing for writing.
+ * In the serving process: the tree check on the committed roots (BlockTree.check() pins
+ * them, so CPs go on meanwhile and nothing it reads is overwritten). The NVRAM belongs to
+ * the writer and is not checked here.
  */
-export async function checkVolumeDir(dir: string): Promise<DirCheckReport> {
+async function checkServed(dir: string, label: VolumeLabel, volume: EngineVolume): Promise<DirCheckReport> {
+  if (checksRunning.has(volume)) throw new Error(`a check of ${dir} is already running in the serving process`);
+  const progress: CheckProgress = { blocksRead: 0, blocksTotal: volume.stats().tree.usedBlocks };
+  checksRunning.set(volume, progress);
+  try {
+    const problems: string[] = [];
+    const notes: string[] = [];
+    const tree = volume.tree;
+    if (tree.volumeUuid !== label.uuid) problems.push(`tree: belongs to volume ${tree.volumeUuid}, the label says ${label.uuid}`);
+    const r = await tree.check((n) => { progress.blocksRead = n; });
+    for (const p of r.problems) problems.push(`tree: ${p}`);
+    const st = tree.stats();
+    notes.push(`served by pid ${process.pid}: checked the committed roots (CP ${st.cpNumber} and its snapshots) while serving`);
+    notes.push(`tree: CP ${st.cpNumber}, ${r.blocksReachable} blocks reachable, ${r.blocksAccounted} accounted, ${st.snapshots.length} snapshot(s)`);
+    notes.push(`NVRAM: in use by the serving process, not checked (stop it for a full check)`);
+    return { ok: problems.length === 0, problems, notes, servedBy: process.pid, blocksRead: progress.blocksRead };
+  } finally {
+    checksRunning.delete(volume);
+  }
+}
+
+/** Polls the serving process's check progress every CHECK_PROGRESS_POLL_MS while `done` is pending. */
+const CHECK_PROGRESS_POLL_MS = 250;
+
+/** Asks the serving process to check its committed roots; `onProgress` (if given) is polled meanwhile. */
+async function checkThroughControl(absDir: string, onProgress: ((p: CheckProgress) => void) | undefined): Promise<DirCheckReport> {
+  const sockPath = path.join(absDir, CONTROL_SOCKET_NAME);
+  if (!(await exists(sockPath))) {
+    throw new Error(`volume ${absDir} is open in another process that has no control socket; stop it before running check`);
+  }
+  let finished = false;
+  const poll = async (): Promise<void> => {
+    // The first poll right away: the progress line's rate counts from it.
+    for (let first = true; !finished && onProgress; first = false) {
+      if (!first) await new Promise((r) => setTimeout(r, CHECK_PROGRESS_POLL_MS));
+      if (finished) return;
+      const r = await controlRequest(sockPath, { op: 'check-progress' }, 10_000).catch(() => undefined);
+      if (!finished && r?.ok && r.progress) onProgress(r.progress as CheckProgress);
+    }
+  };
+  const polling = poll();
+  try {
+    const r = await controlRequest(sockPath, { op: 'check' }, CHECK_ANSWER_TIMEOUT_MS);
+    if (!r.ok) throw new Error(`serving process: ${r.error}`);
+    const report = r.check as DirCheckReport;
+    finished = true;
+    if (onProgress && report.blocksRead !== undefined) onProgress({ blocksRead: report.blocksRead, blocksTotal: report.blocksRead });
+    return report;
+  } finally {
+    finished = true;
+    await polling;
+  }
+}
+
+/** How long `check` waits for the serving process's answer (a full walk of a large volume). */
+const CHECK_ANSWER_TIMEOUT_MS = 24 * 3600 * 1000;
+
+/**
+ * Checks a volume: the tree (every checksum, accounting vs reachability, on every root)
+ * and the NVRAM (header, record validity, replay chain). Opens nothing for writing. A
+ * served volume is checked by the serving process, through its control socket (the tree
+ * only, on its committed roots).
+ */
+export async function checkVolumeDir(dir: string, onProgress?: (p: CheckProgress) => void): Promise<DirCheckReport> {
   const absDir = path.resolve(dir);
   const problems: string[] = [];
   const notes: string[] = [];
   const label = await readLabel(absDir);
+  if (await volumeDirInUse(absDir)) return checkThroughControl(absDir, onProgress);
   const lock = await lockVolumeDir(absDir, true).catch((e: unknown) => {
     const msg = e instanceof Error ? e.message : String(e);
-    throw new Error(msg.includes('already in use') ? `${msg}; stop it before running check` : msg);
+    throw new Error(msg.includes('already in use') ? `${msg}; run check again to check it through the serving process` : msg);
   });
   let dev: FileBlockDevice | undefined;
   let tree: BlockTree | undefined;
@@ -633,7 +714,8 @@ export async function checkVolumeDir(dir: string): Promise<DirCheckReport> {
     }
     if (tree) {
       if (tree.volumeUuid !== label.uuid) problems.push(`tree: belongs to volume ${tree.volumeUuid}, the label says ${label.uuid}`);
-      const r = await tree.check();
+      const total = tree.stats().usedBlocks;
+      const r = await tree.check(onProgress && ((n) => onProgress({ blocksRead: n, blocksTotal: total })));
       for (const p of r.problems) problems.push(`tree: ${p}`);
       const st = tree.stats();
       notes.push(`tree: CP ${st.cpNumber}, ${r.blocksReachable} blocks reachable, ${r.blocksAccounted} accounted, ${st.snapshots.length} snapshot(s)`);
