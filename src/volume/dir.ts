@@ -3,7 +3,8 @@
  * `status`/`check` open it.
  *
  *   DIR/nvmirror.json   label: format version, uuid, size, block size, members, NVRAM
- *   DIR/nvmirror.lock   flock'ed exclusively by the one process that has the volume open
+ *   DIR/nvmirror.lock   flock'ed exclusively by the one process that has the volume open;
+ *                       a read-write holder writes its pid there (emptied on release)
  *   DIR/nvram.log       the NVRAM region (default; preallocated, zeroed)
  *   DIR/member-0.img    the member (default; sparse)
  *   DIR/control.sock    the serving process's control socket (engine-control.ts)
@@ -277,25 +278,52 @@ async function openLockFile(dir: string, readOnly: boolean): Promise<fs.promises
   }
 }
 
+const LOCK_PID_MAX_BYTES = 32;
+
+/** The pid a lock file names, if it names a live process (a kill -9 leaves a stale one, and read-only holders write none). */
+async function lockHolderPid(fh: fs.promises.FileHandle): Promise<number | undefined> {
+  let pid = 0;
+  try {
+    const buf = Buffer.alloc(LOCK_PID_MAX_BYTES);
+    const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
+    const m = /^(\d{1,10})\n/.exec(buf.toString('latin1', 0, bytesRead));
+    pid = m ? Number(m[1]) : 0;
+    if (pid <= 0 || pid === process.pid) return undefined;
+    process.kill(pid, 0); // signal 0: only whether it exists
+    return pid;
+  } catch (e) {
+    return native.errnoCode(e) === 'EPERM' && pid > 0 ? pid : undefined; // EPERM: alive, another user's
+  }
+}
+
 /**
  * Takes the volume's exclusive lock; throws "volume DIR is already in use by another
- * process". `readOnly`: writes nothing in DIR (see the invariants above).
+ * process (pid N)". A read-write holder writes its pid into the lock file (and empties
+ * it on release), so the error can name it. `readOnly`: writes nothing in DIR (see the
+ * invariants above).
  */
 export async function lockVolumeDir(dir: string, readOnly = false): Promise<DirLock> {
   const fh = await openLockFile(dir, readOnly);
   if (fh === undefined) return NO_LOCK;
   let locked = false;
+  let holder: number | undefined;
   try {
     locked = native.flockExclusive(fh.fd);
+    if (!locked) holder = await lockHolderPid(fh);
   } finally {
     if (!locked) await fh.close();
   }
-  if (!locked) throw new Error(`volume ${dir} is already in use by another process`);
+  if (!locked) throw new Error(`volume ${dir} is already in use by another process${holder !== undefined ? ` (pid ${holder})` : ''}`);
+  if (!readOnly) {
+    await fh.truncate(0);
+    await fh.write(`${process.pid}\n`, 0);
+  }
   let released = false;
   return {
     release: async () => {
       if (released) return;
       released = true;
+      if (!readOnly) await fh.truncate(0).catch(() => undefined);
       await fh.close(); // closing the last descriptor drops the flock
     },
   };

@@ -53,7 +53,7 @@ describe('engine CLI: create, serve lock, status, snapshot, check', function () 
     try {
       const second = await runCli(['serve', dir, '--socket', path.join(tmp, 'other.sock')]);
       assert.notEqual(second.code, 0);
-      assert.match(second.stderr, /volume .*v2 is already in use by another process/);
+      assert.match(second.stderr, new RegExp(`volume .*v2 is already in use by another process \\(pid ${server.pid}\\)`));
 
       const c = await NbdClient.connect(sock, 'vol');
       await c.write(0, Buffer.alloc(2 * BS, 0x11), false);
