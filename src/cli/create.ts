@@ -1,6 +1,10 @@
-/** `nvmirror create DIR --size SIZE`: lays out a new volume directory (label, NVRAM, member). */
+/**
+ * `nvmirror create DIR --size SIZE`: lays out a new volume directory (label, NVRAM, member).
+ * Warns (one line on stderr, the volume is still created) when the thin member could
+ * outgrow the free space of its file system.
+ */
 import { Command } from 'commander';
-import { createVolumeDir } from '../volume/dir';
+import { createVolumeDir, memberSpaceWarning } from '../volume/dir';
 import { formatSize } from '../util/size';
 import { sizeArg } from './common';
 
@@ -32,5 +36,7 @@ export function registerCreate(program: Command): void {
         ...(o.nvramSize !== undefined ? { nvramSizeBytes: o.nvramSize } : {}),
       });
       process.stdout.write(`created volume ${dir}: ${formatSize(label.sizeBytes)}, uuid ${label.uuid}, NVRAM ${formatSize(label.nvram.sizeBytes)}\n`);
+      const warning = await memberSpaceWarning(dir, label);
+      if (warning !== undefined) process.stderr.write(`nvmirror: ${warning}\n`);
     });
 }

@@ -245,6 +245,22 @@ export async function readCleanStop(dir: string): Promise<CleanStop | undefined>
   }
 }
 
+/**
+ * A thin member grows as blocks are first written. The warning line for `create` when
+ * the member could outgrow the free space of its file system, or undefined.
+ */
+export async function memberSpaceWarning(dir: string, label: VolumeLabel): Promise<string | undefined> {
+  const member = label.members[0]!;
+  const memberPath = resolveIn(path.resolve(dir), member.path);
+  const st = await fs.promises.stat(memberPath);
+  const fsst = await fs.promises.statfs(path.dirname(memberPath));
+  const fullBytes = member.blockCount * BS;
+  const growthBytes = fullBytes - st.blocks * 512;
+  const freeBytes = fsst.bavail * fsst.bsize;
+  if (growthBytes <= freeBytes) return undefined;
+  return `warning: member ${memberPath} is thin and can grow to ${formatSize(fullBytes)}, but its file system has ${formatSize(freeBytes)} free`;
+}
+
 // ---- lock ----
 
 export interface DirLock {
