@@ -25,7 +25,7 @@ export function registerCreate(program: Command): void {
     .description('create a volume directory (NVRAM log + copy-on-write block tree)')
     .argument('<DIR>', 'the volume directory (created; must be empty if it exists)')
     .requiredOption('--size <SIZE>', 'volume size (K/M/G/T suffixes; a multiple of 4 KiB)', sizeArg)
-    .option('--member <PATH>', 'member file (default DIR/member-0.img; created sparse)', collect, [])
+    .option('--member <PATH>', 'member file (default DIR/member-0.img; created sparse; at most once until RAID)', collect, [])
     .option('--nvram <PATH>', 'NVRAM log file (default DIR/nvram.log; preallocated and zeroed)')
     .option('--nvram-size <SIZE>', 'NVRAM log size (default 32M)', sizeArg)
     .action(async (dir: string, o: CreateOpts) => {
