@@ -261,6 +261,10 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
       uris.push(uriFor({ tcp: { host: tcp.host, port: addr.port } }, o.export, tls));
     }
     const v = opened.volume;
+    if (v instanceof EngineVolume) {
+      const exps = opened.exports;
+      v.servedBy = () => ({ uris, exports: exps.list().map((e) => e.name), clients: srv.connectionCount });
+    }
     const lines = [
       `nvmirror: serving ${opened.what} (${formatSize(v.sizeBytes)}${v.caps.readOnly ? ', read-only' : ''}) as export "${o.export}"`,
       ...uris.map((u) => `  ${u}`),

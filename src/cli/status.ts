@@ -1,4 +1,9 @@
-/** `nvmirror status DIR [--json]`: size, space used, snapshots, CPs, NVRAM fill, whether served. */
+/**
+ * `nvmirror status DIR [--json]`, a health view like `zpool status`: who serves the volume
+ * (pid, URIs, exports, clients), size and space, CPs, NVRAM fill, snapshots, the sections
+ * added beside the engine (mirror), and an `errors:` line with the reads refused since the
+ * serving process opened the volume. `--json` prints the same VolumeStatus.
+ */
 import { Command } from 'commander';
 import * as fs from 'fs';
 import * as path from 'path';
@@ -18,13 +23,32 @@ export function formatStatus(s: VolumeStatus): string {
     `volume     ${s.dir}`,
     `uuid       ${s.uuid}`,
     `size       ${formatSize(s.sizeBytes)}, ${formatSize(s.usedBytes)} used on a ${formatSize(s.deviceBytes)} member`,
-    `served     ${s.served ? (s.readOnly ? 'yes (read-only)' : 'yes') : 'no'}`,
+    ...formatServed(s),
     `CPs        ${s.cpNumber}, last at ${when(s.lastCpMs)} took ${s.lastCpDurationMs} ms`,
     `NVRAM      ${formatSize(s.nvram.sizeBytes)}, ${s.nvram.fillPercent}% full (${formatSize(s.nvram.usedBytes)})` +
       (s.nvram.unreplayedRecords > 0 ? `, ${s.nvram.unreplayedRecords} records to replay at next open` : ''),
     `snapshots  ${snaps}`,
     ...(s.sections?.mirror ? formatMirror(s.sections.mirror as MirrorSourceStats) : []),
+    formatErrors(s),
   ].join('\n');
+}
+
+function formatServed(s: VolumeStatus): string[] {
+  if (!s.served) return ['served     no'];
+  const srv = s.server;
+  const lines = [`served     yes${s.readOnly ? ' (read-only)' : ''}${srv ? `, by pid ${srv.pid}` : ''}`];
+  for (const u of srv?.uris ?? []) lines.push(`           ${u}`);
+  if (srv?.exports) lines.push(`exports    ${srv.exports.length > 0 ? srv.exports.join(', ') : 'none'}`);
+  if (srv?.clients !== undefined) lines.push(`clients    ${srv.clients} connected`);
+  return lines;
+}
+
+/** The `errors:` line: reads refused since open (a served volume), as zpool status says it. */
+export function formatErrors(s: VolumeStatus): string {
+  const e = s.errors;
+  const since = s.served ? 'since the volume was opened' : 'by this status (not served: `nvmirror check` reads every block)';
+  if (e.checksum === 0 && e.io === 0) return `errors:    No known data errors ${since.startsWith('since') ? '' : `(${since})`}`.trimEnd();
+  return `errors:    ${e.checksum} checksum error(s), ${e.io} I/O error(s) ${since}: reads refused with EIO (the log names the blocks; run \`nvmirror check\`)`;
 }
 
 function ratio(wire: number, client: number): string {
@@ -62,7 +86,7 @@ export function formatReceiver(dir: string, r: ReceiverStats): string {
 export function registerStatus(program: Command): void {
   program
     .command('status')
-    .description('show a volume directory: size, space used, snapshots, CPs, NVRAM fill, whether served')
+    .description('show a volume directory\'s health: who serves it (pid, URIs, exports, clients), errors since open, size, space used, snapshots, CPs, NVRAM fill')
     .argument('<DIR>', 'the volume directory')
     .option('--json', 'print JSON')
     .action(async (dir: string, o: { json?: boolean }) => {

@@ -11,7 +11,6 @@
  */
 import type { NbdObserver } from '../nbd/observer';
 import * as P from '../nbd/protocol';
-import type { ChecksumErrorSource } from './volume-metrics';
 import type { Counter, CounterChild, HistogramChild, MetricsRegistry } from './registry';
 
 /** Latency buckets in seconds: 50 µs to 10 s. */
@@ -40,7 +39,7 @@ export interface ServerGauges {
   readonly budget: { readonly usedBytes: number };
 }
 
-export class NbdMetrics implements NbdObserver, ChecksumErrorSource {
+export class NbdMetrics implements NbdObserver {
   private readonly perCommand: PerCommand[] = [];
   private readonly errors: Counter;
   private readonly accepted: CounterChild;
@@ -78,7 +77,7 @@ export class NbdMetrics implements NbdObserver, ChecksumErrorSource {
     else this.errors.labels(errorKind).inc();
   }
 
-  /** EIOs served because a block failed its checksum (volume-metrics reads this). */
+  /** EIOs served over NBD because a block failed its checksum (by the error's text). */
   checksumErrors(): number {
     return this.errors.labels('checksum').get();
   }

@@ -27,7 +27,7 @@ export interface ServeMetrics {
 export async function startServeMetrics(listen: { host: string; port: number }, volume: Volume): Promise<ServeMetrics> {
   const registry = new MetricsRegistry();
   const nbd = new NbdMetrics(registry);
-  if (volume instanceof EngineVolume) registerEngineMetrics(registry, volume, nbd);
+  if (volume instanceof EngineVolume) registerEngineMetrics(registry, volume);
   const rss = registry.gauge('process_resident_memory_bytes', 'Resident memory size').labels();
   registry.gauge('process_start_time_seconds', 'Start time of the process since the Unix epoch').labels().set(Math.round(Date.now() / 1000 - process.uptime()));
   registry.onCollect(() => rss.set(process.memoryUsage.rss()));

@@ -13,12 +13,11 @@ import { assert } from '../util/assert';
 import type { EngineVolume } from '../volume/engine';
 import type { MetricsRegistry } from './registry';
 
-/** Where checksum errors are counted: the EIOs served for a block that failed its checksum. */
-export interface ChecksumErrorSource {
-  checksumErrors(): number;
-}
-
-export function registerEngineMetrics(registry: MetricsRegistry, volume: EngineVolume, source: ChecksumErrorSource): void {
+/**
+ * Checksum errors come from the engine's own counter (BlockTree.errorCounts, the one
+ * `status` shows), counted where the EIO is raised, not from NBD error texts.
+ */
+export function registerEngineMetrics(registry: MetricsRegistry, volume: EngineVolume): void {
   const g = (name: string, help: string) => registry.gauge(name, help).labels();
   const cps = registry.counter('nvmirror_volume_cps_total', 'Consistency points committed since the volume was opened').labels();
   const cpNumber = g('nvmirror_volume_cp_number', 'Number of the newest committed consistency point');
@@ -47,6 +46,6 @@ export function registerEngineMetrics(registry: MetricsRegistry, volume: EngineV
     nvWaiters.set(st.nvlog.spaceWaiters);
     used.set(st.tree.usedBlocks * BLOCK_SIZE_BYTES);
     size.set(st.sizeBytes);
-    checksum.setTotal(source.checksumErrors());
+    checksum.setTotal(st.tree.errors.checksum);
   });
 }

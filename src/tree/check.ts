@@ -38,6 +38,8 @@ export interface CheckInput {
   used: number;
   counterProblems: string[];
   ioConcurrency: number;
+  /** Progress: called with the running count of blocks read (no more than once per read). */
+  onBlocksRead?: (blocks: number) => void;
 }
 
 export async function runCheck(input: CheckInput): Promise<CheckReport> {
@@ -59,10 +61,13 @@ export async function runCheck(input: CheckInput): Promise<CheckReport> {
   const slicer = new Slicer();
 
   /** Reads blocks; a device error becomes a problem line and null. */
+  let blocksRead = 0;
   const readBlocks = async (pba: number, count: number, what: string): Promise<Buffer | null> => {
     const b = Buffer.alloc(count * BLOCK);
     try {
       await dev.readBlocks(pba, count, b);
+      blocksRead += count;
+      input.onBlocksRead?.(blocksRead);
       return b;
     } catch (e) {
       problem(`device read of ${what} at pba ${pba} failed: ${e instanceof Error ? e.message : String(e)}`);

@@ -18,8 +18,9 @@
  *   later in steady state; one CP later under space pressure).
  * - Every block read is verified: address blocks by the parent's crc32c and their header
  *   (magic, type, level, own pba, birth, volume, index), data blocks by the parent's
- *   crc32c. A mismatch is a VolumeError('EIO') and an error log line; wrong data is never
- *   returned.
+ *   crc32c. A mismatch is a VolumeError('EIO'), an error log line and one more in
+ *   `errorCounts.checksum` (a failed device read: `errorCounts.io`); wrong data is never
+ *   returned. The counts only grow while the tree is open (`status` reports them).
  * - One commit at a time. In-memory state (root, snapshots, space map) changes only after
  *   the new superblock is durable, except the space map's in-flight bookkeeping; if a
  *   commit fails after it started changing that bookkeeping, the tree refuses further
@@ -43,7 +44,7 @@ import { NodeCache } from './node-cache';
 import { NewBlock, SpaceMap, SpaceMapLoader } from './spacemap';
 import type {
   BlockChange, BlockOrigin, BlockTreeApi, CheckReport, CommitResult, CommittedView, CpBlock, CpMeta, CpSink, SnapshotInfo, SnapshotOp,
-  TreeReader, TreeStats, TreeRollback,
+  TreeReader, TreeStats, TreeRollback, BlockErrorCounts,
 } from './types';
 import { Slicer, forEachLimit } from './work';
 
@@ -152,6 +153,8 @@ export class BlockTree implements BlockTreeApi {
   readonly volumeUuid: string;
   /** Set by open() when it fell back past a durable newer CP (see TreeRollback). */
   rollback: TreeRollback | undefined = undefined;
+  /** Reads refused since open (see the invariants); only ever incremented. */
+  readonly errorCounts: BlockErrorCounts = { checksum: 0, io: 0 };
   readonly lbnCount: number;
   readonly height: number;
   private readonly uuidBytes: Buffer;
@@ -342,7 +345,8 @@ export class BlockTree implements BlockTreeApi {
 
   // ---------------------------------------------------------------- block verification
 
-  private eio(message: string, fields: Record<string, unknown>): VolumeError {
+  private eio(message: string, fields: Record<string, unknown>, kind: 'checksum' | 'io' = 'checksum'): VolumeError {
+    this.errorCounts[kind]++;
     log().error({ ...fields, volume: this.volumeUuid }, `block tree: ${message}`);
     return new VolumeError('EIO', message);
   }
@@ -359,7 +363,7 @@ export class BlockTree implements BlockTreeApi {
     try {
       await this.dev.readBlocks(pba, count, dst);
     } catch (e) {
-      throw this.eio(`device read of ${what} at pba ${pba} failed: ${e instanceof Error ? e.message : String(e)}`, { pba, count });
+      throw this.eio(`device read of ${what} at pba ${pba} failed: ${e instanceof Error ? e.message : String(e)}`, { pba, count }, 'io');
     }
   }
 
@@ -546,6 +550,7 @@ export class BlockTree implements BlockTreeApi {
       totalBlocks: this.sb.deviceBlocks,
       snapshots: this.listSnapshots(),
       meta: { nvlogSeq: this.sb.nvlogSeq, nvlogEpoch: this.sb.nvlogEpoch },
+      errors: { ...this.errorCounts },
     };
   }
 
@@ -1005,7 +1010,7 @@ export class BlockTree implements BlockTreeApi {
 
   // ---------------------------------------------------------------- check / close
 
-  async check(): Promise<CheckReport> {
+  async check(onBlocksRead?: (blocks: number) => void): Promise<CheckReport> {
     if (this.closed) throw new VolumeError('ESHUTDOWN', 'block tree is closed');
     while (this.commitRunning) await this.commitRunning.catch(() => undefined);
     const handles = [this.live, ...this.snapHandles.values()];
@@ -1020,6 +1025,7 @@ export class BlockTree implements BlockTreeApi {
         used: this.smap.used,
         counterProblems: this.smap.verifyCounters(),
         ioConcurrency: this.ioConcurrency,
+        ...(onBlocksRead ? { onBlocksRead } : {}),
       });
     } finally {
       for (const h of handles) h.exit();

@@ -124,6 +124,13 @@ export interface TreeStats {
   totalBlocks: number;
   snapshots: SnapshotInfo[];
   meta: CpMeta;
+  /** Reads refused since open: a block that failed verification, a failed device read. */
+  errors: BlockErrorCounts;
+}
+
+export interface BlockErrorCounts {
+  checksum: number;
+  io: number;
 }
 
 /**
@@ -162,8 +169,8 @@ export interface BlockTreeApi extends TreeReader {
   holdCommitted(cp: number): Promise<string | null>;
   /** Pins the committed state (live root and every snapshot) until release(). */
   pinCommitted(): CommittedView;
-  /** Full walk: verify every checksum, that accounting matches reachability. */
-  check(): Promise<CheckReport>;
+  /** Full walk: verify every checksum, that accounting matches reachability. `onBlocksRead` gets the running count of blocks read. */
+  check(onBlocksRead?: (blocks: number) => void): Promise<CheckReport>;
   close(): Promise<void>;
 }
 

@@ -3,7 +3,8 @@
  * `status`/`check` open it.
  *
  *   DIR/nvmirror.json   label: format version, uuid, size, block size, members, NVRAM
- *   DIR/nvmirror.lock   flock'ed exclusively by the one process that has the volume open
+ *   DIR/nvmirror.lock   flock'ed exclusively by the one process that has the volume open;
+ *                       a read-write holder writes its pid there (emptied on release)
  *   DIR/nvram.log       the NVRAM region (default; preallocated, zeroed)
  *   DIR/member-0.img    the member (default; sparse)
  *   DIR/control.sock    the serving process's control socket (engine-control.ts)
@@ -37,13 +38,13 @@ import { FileBlockDevice, syncDirectory } from '../io/file-device';
 import { MmapNvram, NvramFileCopy } from '../io/mmap-nvram';
 import * as native from '../io/native';
 import { BlockTree } from '../tree/tree';
-import type { BlockTreeApi } from '../tree/types';
+import type { BlockErrorCounts, BlockTreeApi } from '../tree/types';
 import { MAX_DEVICE_BLOCKS, MAX_VOLUME_BYTES } from '../tree/layout';
 import { NvLog } from '../nvlog/log';
 import { REGION_MIN_BYTES, REGION_MAX_BYTES } from '../nvlog/format';
 import { formatSize } from '../util/size';
 import { log as logger } from '../util/log';
-import { EngineVolume } from './engine';
+import { EngineVolume, type ServedBy } from './engine';
 import { VolumeDirExports } from './engine-snapshot';
 import { ControlServer, CONTROL_SOCKET_NAME, UNIX_PATH_MAX_BYTES, controlRequest, type ControlRequest } from './engine-control';
 import { NvramFormatError, scanRegion } from '../nvlog/replay';
@@ -244,6 +245,22 @@ export async function readCleanStop(dir: string): Promise<CleanStop | undefined>
   }
 }
 
+/**
+ * A thin member grows as blocks are first written. The warning line for `create` when
+ * the member could outgrow the free space of its file system, or undefined.
+ */
+export async function memberSpaceWarning(dir: string, label: VolumeLabel): Promise<string | undefined> {
+  const member = label.members[0]!;
+  const memberPath = resolveIn(path.resolve(dir), member.path);
+  const st = await fs.promises.stat(memberPath);
+  const fsst = await fs.promises.statfs(path.dirname(memberPath));
+  const fullBytes = member.blockCount * BS;
+  const growthBytes = fullBytes - st.blocks * 512;
+  const freeBytes = fsst.bavail * fsst.bsize;
+  if (growthBytes <= freeBytes) return undefined;
+  return `warning: member ${memberPath} is thin and can grow to ${formatSize(fullBytes)}, but its file system has ${formatSize(freeBytes)} free`;
+}
+
 // ---- lock ----
 
 export interface DirLock {
@@ -277,25 +294,52 @@ async function openLockFile(dir: string, readOnly: boolean): Promise<fs.promises
   }
 }
 
+const LOCK_PID_MAX_BYTES = 32;
+
+/** The pid a lock file names, if it names a live process (a kill -9 leaves a stale one, and read-only holders write none). */
+async function lockHolderPid(fh: fs.promises.FileHandle): Promise<number | undefined> {
+  let pid = 0;
+  try {
+    const buf = Buffer.alloc(LOCK_PID_MAX_BYTES);
+    const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
+    const m = /^(\d{1,10})\n/.exec(buf.toString('latin1', 0, bytesRead));
+    pid = m ? Number(m[1]) : 0;
+    if (pid <= 0 || pid === process.pid) return undefined;
+    process.kill(pid, 0); // signal 0: only whether it exists
+    return pid;
+  } catch (e) {
+    return native.errnoCode(e) === 'EPERM' && pid > 0 ? pid : undefined; // EPERM: alive, another user's
+  }
+}
+
 /**
  * Takes the volume's exclusive lock; throws "volume DIR is already in use by another
- * process". `readOnly`: writes nothing in DIR (see the invariants above).
+ * process (pid N)". A read-write holder writes its pid into the lock file (and empties
+ * it on release), so the error can name it. `readOnly`: writes nothing in DIR (see the
+ * invariants above).
  */
 export async function lockVolumeDir(dir: string, readOnly = false): Promise<DirLock> {
   const fh = await openLockFile(dir, readOnly);
   if (fh === undefined) return NO_LOCK;
   let locked = false;
+  let holder: number | undefined;
   try {
     locked = native.flockExclusive(fh.fd);
+    if (!locked) holder = await lockHolderPid(fh);
   } finally {
     if (!locked) await fh.close();
   }
-  if (!locked) throw new Error(`volume ${dir} is already in use by another process`);
+  if (!locked) throw new Error(`volume ${dir} is already in use by another process${holder !== undefined ? ` (pid ${holder})` : ''}`);
+  if (!readOnly) {
+    await fh.truncate(0);
+    await fh.write(`${process.pid}\n`, 0);
+  }
   let released = false;
   return {
     release: async () => {
       if (released) return;
       released = true;
+      if (!readOnly) await fh.truncate(0).catch(() => undefined);
       await fh.close(); // closing the last descriptor drops the flock
     },
   };
@@ -524,6 +568,10 @@ export interface VolumeStatus {
   lastCpDurationMs: number;
   cpsThisSession: number;
   nvram: { path: string; sizeBytes: number; usedBytes: number; fillPercent: number; epoch: number; lastSeq: number; durableSeq: number; unreplayedRecords: number };
+  /** The serving process (absent when not served): its pid, and its URIs, exports and clients when it serves over NBD. */
+  server?: { pid: number } & Partial<ServedBy>;
+  /** Reads refused since the volume was opened (by the serving process, or by this status). */
+  errors: BlockErrorCounts;
   /** Sections added by what runs beside the engine (e.g. `mirror`). */
   sections?: Record<string, unknown>;
 }
@@ -556,6 +604,8 @@ export function engineStatus(dir: string, label: VolumeLabel, volume: EngineVolu
       durableSeq: s.nvlog.durableSeq,
       unreplayedRecords: s.readOnly ? s.replay.records : 0,
     },
+    ...(served ? { server: { pid: process.pid, ...(volume.servedBy?.() ?? {}) } } : {}),
+    errors: s.tree.errors,
     ...(volume.statusSections.size > 0 ? { sections: Object.fromEntries([...volume.statusSections].map(([k, f]) => [k, f()])) } : {}),
   };
 }
@@ -571,6 +621,10 @@ async function handleControl(dir: string, label: VolumeLabel, volume: EngineVolu
       const r = await volume.checkpoint();
       return { cpNumber: r?.cpNumber ?? volume.stats().tree.cpNumber };
     }
+    case 'check':
+      return { check: await checkServed(dir, label, volume) };
+    case 'check-progress':
+      return { progress: checksRunning.get(volume) ?? null };
     case 'verify': {
       const f = volume.controlActions.get('verify');
       if (!f) throw new Error('this volume is not mirrored (serve it with --mirror-to)');
@@ -592,21 +646,98 @@ export interface DirCheckReport {
   problems: string[];
   /** Plain facts for the human summary. */
   notes: string[];
+  /** Pid of the process that ran the check on the served volume; absent when check opened the volume itself. */
+  servedBy?: number;
+  /** Blocks the tree check read (for the final progress figure). */
+  blocksRead?: number;
 }
 
+/** Blocks read so far by a check; blocksTotal is an estimate (blocks in use). */
+export interface CheckProgress {
+  blocksRead: number;
+  blocksTotal: number;
+}
+
+/** The check running in this (serving) process, per volume: at most one at a time. */
+const checksRunning = new WeakMap<EngineVolume, CheckProgress>();
+
 /**
- * Checks a volume that no process is serving: the tree (every checksum, accounting vs
- * reachability, on every root) and the NVRAM (header, record validity, replay chain).
- * Opens nothing for writing.
+ * In the serving process: the tree check on the committed roots (BlockTree.check() pins
+ * them, so CPs go on meanwhile and nothing it reads is overwritten). The NVRAM belongs to
+ * the writer and is not checked here.
  */
-export async function checkVolumeDir(dir: string): Promise<DirCheckReport> {
+async function checkServed(dir: string, label: VolumeLabel, volume: EngineVolume): Promise<DirCheckReport> {
+  if (checksRunning.has(volume)) throw new Error(`a check of ${dir} is already running in the serving process`);
+  const progress: CheckProgress = { blocksRead: 0, blocksTotal: volume.stats().tree.usedBlocks };
+  checksRunning.set(volume, progress);
+  try {
+    const problems: string[] = [];
+    const notes: string[] = [];
+    const tree = volume.tree;
+    if (tree.volumeUuid !== label.uuid) problems.push(`tree: belongs to volume ${tree.volumeUuid}, the label says ${label.uuid}`);
+    const r = await tree.check((n) => { progress.blocksRead = n; });
+    for (const p of r.problems) problems.push(`tree: ${p}`);
+    const st = tree.stats();
+    notes.push(`served by pid ${process.pid}: checked the committed roots (CP ${st.cpNumber} and its snapshots) while serving`);
+    notes.push(`tree: CP ${st.cpNumber}, ${r.blocksReachable} blocks reachable, ${r.blocksAccounted} accounted, ${st.snapshots.length} snapshot(s)`);
+    notes.push(`NVRAM: in use by the serving process, not checked (stop it for a full check)`);
+    return { ok: problems.length === 0, problems, notes, servedBy: process.pid, blocksRead: progress.blocksRead };
+  } finally {
+    checksRunning.delete(volume);
+  }
+}
+
+/** Polls the serving process's check progress every CHECK_PROGRESS_POLL_MS while `done` is pending. */
+const CHECK_PROGRESS_POLL_MS = 250;
+
+/** Asks the serving process to check its committed roots; `onProgress` (if given) is polled meanwhile. */
+async function checkThroughControl(absDir: string, onProgress: ((p: CheckProgress) => void) | undefined): Promise<DirCheckReport> {
+  const sockPath = path.join(absDir, CONTROL_SOCKET_NAME);
+  if (!(await exists(sockPath))) {
+    throw new Error(`volume ${absDir} is open in another process that has no control socket; stop it before running check`);
+  }
+  let finished = false;
+  const poll = async (): Promise<void> => {
+    // The first poll right away: the progress line's rate counts from it.
+    for (let first = true; !finished && onProgress; first = false) {
+      if (!first) await new Promise((r) => setTimeout(r, CHECK_PROGRESS_POLL_MS));
+      if (finished) return;
+      const r = await controlRequest(sockPath, { op: 'check-progress' }, 10_000).catch(() => undefined);
+      if (!finished && r?.ok && r.progress) onProgress(r.progress as CheckProgress);
+    }
+  };
+  const polling = poll();
+  try {
+    const r = await controlRequest(sockPath, { op: 'check' }, CHECK_ANSWER_TIMEOUT_MS);
+    if (!r.ok) throw new Error(`serving process: ${r.error}`);
+    const report = r.check as DirCheckReport;
+    finished = true;
+    if (onProgress && report.blocksRead !== undefined) onProgress({ blocksRead: report.blocksRead, blocksTotal: report.blocksRead });
+    return report;
+  } finally {
+    finished = true;
+    await polling;
+  }
+}
+
+/** How long `check` waits for the serving process's answer (a full walk of a large volume). */
+const CHECK_ANSWER_TIMEOUT_MS = 24 * 3600 * 1000;
+
+/**
+ * Checks a volume: the tree (every checksum, accounting vs reachability, on every root)
+ * and the NVRAM (header, record validity, replay chain). Opens nothing for writing. A
+ * served volume is checked by the serving process, through its control socket (the tree
+ * only, on its committed roots).
+ */
+export async function checkVolumeDir(dir: string, onProgress?: (p: CheckProgress) => void): Promise<DirCheckReport> {
   const absDir = path.resolve(dir);
   const problems: string[] = [];
   const notes: string[] = [];
   const label = await readLabel(absDir);
+  if (await volumeDirInUse(absDir)) return checkThroughControl(absDir, onProgress);
   const lock = await lockVolumeDir(absDir, true).catch((e: unknown) => {
     const msg = e instanceof Error ? e.message : String(e);
-    throw new Error(msg.includes('already in use') ? `${msg}; stop it before running check` : msg);
+    throw new Error(msg.includes('already in use') ? `${msg}; run check again to check it through the serving process` : msg);
   });
   let dev: FileBlockDevice | undefined;
   let tree: BlockTree | undefined;
@@ -627,7 +758,8 @@ export async function checkVolumeDir(dir: string): Promise<DirCheckReport> {
     }
     if (tree) {
       if (tree.volumeUuid !== label.uuid) problems.push(`tree: belongs to volume ${tree.volumeUuid}, the label says ${label.uuid}`);
-      const r = await tree.check();
+      const total = tree.stats().usedBlocks;
+      const r = await tree.check(onProgress && ((n) => onProgress({ blocksRead: n, blocksTotal: total })));
       for (const p of r.problems) problems.push(`tree: ${p}`);
       const st = tree.stats();
       notes.push(`tree: CP ${st.cpNumber}, ${r.blocksReachable} blocks reachable, ${r.blocksAccounted} accounted, ${st.snapshots.length} snapshot(s)`);

@@ -4,7 +4,9 @@
  * and `nvmirror snapshot` talk to the process that holds the volume's lock.
  *
  * Requests:  {"op":"status"} | {"op":"snapshot","kind":"create"|"delete","name":N}
- *            | {"op":"list"} | {"op":"checkpoint"}
+ *            | {"op":"list"} | {"op":"checkpoint"} | {"op":"verify"}
+ *            | {"op":"check"} (the tree check on the committed roots; answers when done)
+ *            | {"op":"check-progress"} (blocks read so far by a running check, or null)
  * Responses: {"ok":true,...} | {"ok":false,"error":"one line"}
  *
  * Invariants:
@@ -29,6 +31,8 @@ export type ControlRequest =
   | { op: 'status' }
   | { op: 'list' }
   | { op: 'checkpoint' }
+  | { op: 'check' }
+  | { op: 'check-progress' }
   | { op: 'verify'; source?: string }
   | { op: 'snapshot'; kind: 'create' | 'delete'; name: string };
 
@@ -47,6 +51,8 @@ export function parseControlRequest(line: string): ControlRequest {
     case 'status':
     case 'list':
     case 'checkpoint':
+    case 'check':
+    case 'check-progress':
       return { op: o.op };
     case 'verify':
       if (o.source !== undefined && (typeof o.source !== 'string' || !/^[0-9a-f-]{36}$/.test(o.source))) throw new Error('verify source must be a volume uuid');

@@ -129,6 +129,14 @@ export interface EngineStats {
   replay: ReplaySummary;
 }
 
+/** Who serves the volume, as `status` shows it (set by `serve`). */
+export interface ServedBy {
+  uris: string[];
+  exports: string[];
+  /** Open NBD connections (handshake and transmission). */
+  clients: number;
+}
+
 export class EngineVolume implements Volume {
   readonly sizeBytes: number;
   readonly caps: VolumeCapabilities;
@@ -146,6 +154,8 @@ export class EngineVolume implements Volume {
   readonly statusSections = new Map<string, () => unknown>();
   /** Control-socket operations added by what runs beside the engine (e.g. a mirror's "verify"). */
   readonly controlActions = new Map<string, () => Promise<Record<string, unknown>>>();
+  /** Set by the process serving the volume over NBD: its URIs, exports and clients for `status`. */
+  servedBy: (() => ServedBy) | undefined = undefined;
 
   private constructor(opts: EngineOptions, log: NvLog) {
     this.tree = opts.tree;
