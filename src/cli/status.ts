@@ -38,7 +38,7 @@ function formatServed(s: VolumeStatus): string[] {
   const srv = s.server;
   const lines = [`served     yes${s.readOnly ? ' (read-only)' : ''}${srv ? `, by pid ${srv.pid}` : ''}`];
   for (const u of srv?.uris ?? []) lines.push(`           ${u}`);
-  if (srv?.exports) lines.push(`exports    ${srv.exports.length > 0 ? srv.exports.join(', ') : 'none'}`);
+  if (srv?.exports) lines.push(`exports    ${srv.exports.length > 0 ? srv.exports.map((e) => (e === '' ? '"" (the default)' : e)).join(', ') : 'none'}`);
   if (srv?.clients !== undefined) lines.push(`clients    ${srv.clients} connected`);
   return lines;
 }
@@ -59,7 +59,7 @@ export function formatMirror(m: MirrorSourceStats): string[] {
   const lines = [
     `mirror     ${m.mode} to ${m.peer} (${m.policy}): ${m.state}${m.connected ? '' : ', not connected'}`,
     `           CP ${m.sourceCp} here, CP ${m.destCp} there (${m.rootsEqual ? 'roots equal' : `${m.lagCps} CPs behind`})` + (m.lagSeconds > 0 ? `, behind for ${m.lagSeconds} s` : '') +
-      `, ${formatSize(m.lagBytes)} written since its CP, link ${formatSize(m.wireBytesPerSec)}/s`,
+      `, ${formatSize(m.lagBytes)} not yet there, link ${formatSize(m.wireBytesPerSec)}/s`,
     `           ${formatSize(m.bytesOnWire)} on the wire for ${formatSize(m.clientBytes)} written (${ratio(m.bytesOnWire, m.clientBytes)}); CP blocks as references ${m.refsSent}, as deltas ${m.deltasSent}, as data ${m.dataBlocksSent}`,
   ];
   if (m.resync) {

@@ -11,7 +11,7 @@ export function registerMirrorMetrics(registry: MetricsRegistry, mirror: MirrorS
   const state = registry.gauge('nvmirror_mirror_state', 'Mirror relationship state (1 for the current one)', ['state']);
   const cps = registry.gauge('nvmirror_mirror_cp', 'Newest committed CP on each side', ['side']);
   const lagCps = registry.gauge('nvmirror_mirror_lag_cps', 'CPs the destination is behind').labels();
-  const lagBytes = registry.gauge('nvmirror_mirror_lag_bytes', 'Client bytes written since the destination\'s CP').labels();
+  const lagBytes = registry.gauge('nvmirror_mirror_lag_bytes', 'Client bytes the destination does not hold yet').labels();
   const lagSeconds = registry.gauge('nvmirror_mirror_behind_seconds', 'How long the mirror has been behind (0: in sync)').labels();
   const wire = registry.gauge('nvmirror_mirror_wire_bytes', 'Frame bytes on the mirror link by kind, since start', ['kind']);
   const client = registry.gauge('nvmirror_mirror_client_bytes', 'Client bytes written since start').labels();

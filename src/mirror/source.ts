@@ -92,7 +92,7 @@ export interface MirrorSourceStats {
   destCp: number;
   lagCps: number;
   lagSeconds: number;
-  /** Client bytes written since the destination's newest CP was shipped (what a failover now could miss, in async mode). */
+  /** Client bytes the destination does not hold yet (sync: 0 while every record is held; else written since its CP). */
   lagBytes: number;
   /** Bytes per second on the mirror link over the last second. */
   wireBytesPerSec: number;
@@ -758,7 +758,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
       destCp: this.destCp,
       lagCps: this.destCp < 0 ? tree.cpNumber : tree.cpNumber - this.destCp,
       lagSeconds: this.behindSinceMs > 0 ? Math.round((Date.now() - this.behindSinceMs) / 100) / 10 : 0,
-      lagBytes: Math.max(0, this.clientBytes - this.clientBytesAtDestCp),
+      // Sync with every record held there: nothing is missing; else what its CP lacks.
+      lagBytes: this.o.mode === 'sync' && conn !== undefined && !conn.closed && this.heldSeq >= (this.volume?.log.lastSeq ?? 0) ? 0 : Math.max(0, this.clientBytes - this.clientBytesAtDestCp),
       wireBytesPerSec: this.wireRate,
       rootsEqual: rootEq,
       cpsAcknowledged: this.cpsShipped,
