@@ -12,6 +12,7 @@
 import * as os from 'os';
 import * as path from 'path';
 import { parseSize } from '../../src/util/size';
+import type { MirrorBenchOptions } from './mirror';
 
 export const SUITES = ['memory', 'file', 'engine', 'mirror'] as const;
 /** Suites run when BENCH_SUITES is not set ('mirror' needs root and two namespaces: only when named). */
@@ -52,14 +53,7 @@ export interface BenchConfig {
   repoRoot: string;
   nbdkitThreads: number | undefined;
   /** The mirror suite (BENCH_SUITES=mirror): see scripts/bench/mirror.ts. */
-  mirror: {
-    sizeBytes: number;
-    nvramBytes: number;
-    cpIntervalMs: number;
-    runtimeS: number;
-    rttMs: number;
-    stallS: number;
-  };
+  mirror: MirrorBenchOptions;
 }
 
 function envInt(name: string, def: number, min: number, max: number): number {

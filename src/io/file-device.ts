@@ -48,6 +48,24 @@ export async function syncDirectory(dirPath: string): Promise<void> {
   }
 }
 
+/**
+ * Replaces DIR/NAME with `text` durably: a temp file written and fsynced, renamed over
+ * NAME, the directory fsynced. A crash leaves the old file or the new one, never half.
+ */
+export async function writeFileDurably(dir: string, name: string, text: string): Promise<void> {
+  const p = path.join(dir, name);
+  const tmp = `${p}.tmp-${process.pid}`;
+  const fh = await fs.promises.open(tmp, 'w', 0o644);
+  try {
+    await fh.writeFile(text);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  await fs.promises.rename(tmp, p);
+  await syncDirectory(dir);
+}
+
 function describeOpenError(e: unknown, filePath: string): Error {
   const code = native.errnoCode(e);
   if (code === 'ENOENT') return new Error(`no such file: ${filePath}`);

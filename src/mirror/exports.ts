@@ -17,7 +17,8 @@ import type { ExportInfo, ExportRegistry } from '../nbd/exports';
 import type { BlockTree } from '../tree/tree';
 import type { TreeReader } from '../tree/types';
 import { BLOCK_SIZE_BYTES } from '../io/types';
-import { readFromTree } from '../volume/engine';
+import { readTreeRange } from '../volume/engine';
+import { SNAPSHOT_SEPARATOR } from '../volume/engine-snapshot';
 import { clipExtents } from '../volume/extents';
 import { VolumeError } from '../volume/errors';
 import type { Extent, Volume, VolumeCapabilities, ZeroOptions } from '../volume/types';
@@ -25,10 +26,8 @@ import { assert } from '../util/assert';
 import type { MirrorDir } from './mirror-dir';
 
 const BS = BLOCK_SIZE_BYTES;
-const READ_CHUNK_BLOCKS = 256;
 export const PIN_HOLD_MS_MAX_DEFAULT = 10 * 60_000;
 const PIN_CHECK_INTERVAL_MS = 1000;
-export const SNAPSHOT_SEPARATOR = '@';
 
 /** Not multi-conn: each connection is pinned to the CP it connected at, so two connections of one client could see two CPs. */
 const CAPS: VolumeCapabilities = {
@@ -77,14 +76,10 @@ export class MirrorView implements Volume {
   async read(offset: number, length: number, dst?: Buffer): Promise<Buffer> {
     this.check();
     assert(offset >= 0 && length >= 0 && offset + length <= this.sizeBytes, 'mirror read out of range');
+    assert(dst === undefined || dst.length === length, 'read: dst must be exactly length bytes');
     const out = dst ?? Buffer.allocUnsafe(length);
     if (length === 0) return out;
-    const endLbn = Math.ceil((offset + length) / BS);
-    for (let lbn = Math.floor(offset / BS); lbn < endLbn; lbn += READ_CHUNK_BLOCKS) {
-      const lbns: number[] = [];
-      for (let l = lbn; l < Math.min(endLbn, lbn + READ_CHUNK_BLOCKS); l++) lbns.push(l);
-      await readFromTree(this.reader, lbns, offset, length, out);
-    }
+    await readTreeRange(this.reader, offset, length, out);
     this.check();
     return out;
   }

@@ -24,7 +24,7 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import type { Logger } from 'pino';
-import { FileBlockDevice, syncDirectory } from '../io/file-device';
+import { FileBlockDevice, syncDirectory, writeFileDurably } from '../io/file-device';
 import * as native from '../io/native';
 import { BlockTree } from '../tree/tree';
 import { BLOCK, RING_SLOTS, decodeSuperblock, encodePtr, type Superblock } from '../tree/layout';
@@ -124,14 +124,7 @@ export async function checkMirrorDir(dir: string): Promise<{ ok: boolean; proble
 
 /** Writes mirror.json durably (temp file, fsync, rename, fsync DIR). */
 async function writeMirrorLabel(dir: string, label: MirrorLabel): Promise<void> {
-  const labelPath = path.join(dir, MIRROR_LABEL_NAME);
-  const tmp = `${labelPath}.tmp`;
-  await fs.promises.writeFile(tmp, JSON.stringify(label, null, 2) + '\n');
-  const fd = fs.openSync(tmp, 'r');
-  fs.fsyncSync(fd);
-  fs.closeSync(fd);
-  await fs.promises.rename(tmp, labelPath);
-  await syncDirectory(dir);
+  await writeFileDurably(dir, MIRROR_LABEL_NAME, JSON.stringify(label, null, 2) + '\n');
 }
 
 function readBaselineMarker(p: string): { cp: number; blocks: number } | undefined {
@@ -243,18 +236,13 @@ export class MirrorDir {
   async setBaselinePartial(targetCp: number | undefined, blocks = 0): Promise<void> {
     const p = path.join(this.dir, BASELINE_MARKER_NAME);
     if (targetCp !== undefined) {
-      const tmp = `${p}.tmp`;
-      await fs.promises.writeFile(tmp, JSON.stringify({ targetCp, blocks, updated: new Date().toISOString() }) + '\n');
-      const fd = fs.openSync(tmp, 'r');
-      fs.fsyncSync(fd);
-      fs.closeSync(fd);
-      await fs.promises.rename(tmp, p);
+      await writeFileDurably(this.dir, BASELINE_MARKER_NAME, JSON.stringify({ targetCp, blocks, updated: new Date().toISOString() }) + '\n');
       this.baselineResume = { cp: targetCp, blocks };
     } else {
       await fs.promises.rm(p, { force: true });
+      await syncDirectory(this.dir);
       this.baselineResume = undefined;
     }
-    await syncDirectory(this.dir);
     this.baselinePartial = targetCp !== undefined;
     if (this.baselinePartial) this.view = undefined;
   }

@@ -21,6 +21,7 @@
 import * as zlib from 'zlib';
 import { crc32c } from '../io/native';
 import { assert } from '../util/assert';
+import { bytesToUuid, uuidToBytes } from '../tree/layout';
 
 export const FRAME_MAGIC = 0x574d564e; // "NVMW" little-endian
 export const WIRE_VERSION = 1;
@@ -302,17 +303,6 @@ class Reader {
   }
 }
 
-function uuidBytes(uuid: string): Buffer {
-  const hex = uuid.replace(/-/g, '');
-  assert(/^[0-9a-f]{32}$/.test(hex), `bad uuid ${uuid}`);
-  return Buffer.from(hex, 'hex');
-}
-
-function uuidString(b: Buffer): string {
-  const h = b.toString('hex');
-  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
-}
-
 // ---- encoding ----
 
 /** Encodes the body of a message (the frame header is added by FrameWriter). Returns the body as parts. */
@@ -332,7 +322,7 @@ export function encodeBody(m: Message): Buffer[] {
   switch (m.type) {
     case MsgType.Hello:
       assert(m.sizeBytes > 0 && m.sizeBytes % BLOCK_BYTES === 0, `hello: volume size ${m.sizeBytes}`);
-      return [uuidBytes(m.sourceUuid), u64(m.sizeBytes), u64(m.deviceBlocks), u64(m.nvramBytes), u64(m.mode === 'sync' ? 1 : 2), i64(m.sourceCp), u64(m.streamFromSeq)];
+      return [uuidToBytes(m.sourceUuid), u64(m.sizeBytes), u64(m.deviceBlocks), u64(m.nvramBytes), u64(m.mode === 'sync' ? 1 : 2), i64(m.sourceCp), u64(m.streamFromSeq)];
     case MsgType.Welcome:
       assert(m.root.length === 24, 'root pointer is 24 bytes');
       return [i64(m.committedCp), m.root, u64(m.storedFromSeq), u64(m.heldSeq), i64(m.oldestPinnedCp), i64(m.resumeCp), u64(m.resumeBlocks)];
@@ -439,7 +429,7 @@ export function decodeBody(type: number, body: Buffer): Message {
   let m: Message;
   switch (type) {
     case MsgType.Hello: {
-      const sourceUuid = uuidString(r.bytes(16));
+      const sourceUuid = bytesToUuid(r.bytes(16));
       const sizeBytes = r.u64('sizeBytes');
       const deviceBlocks = r.u64('deviceBlocks');
       const nvramBytes = r.u64('nvramBytes');

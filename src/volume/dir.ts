@@ -34,7 +34,7 @@ import * as path from 'path';
 import type { ExportRegistry } from '../nbd/exports';
 import type { Clock, NvramRegion } from '../io/types';
 import { BLOCK_SIZE_BYTES, systemClock } from '../io/types';
-import { FileBlockDevice, syncDirectory } from '../io/file-device';
+import { FileBlockDevice, syncDirectory, writeFileDurably } from '../io/file-device';
 import { MmapNvram, NvramFileCopy } from '../io/mmap-nvram';
 import * as native from '../io/native';
 import { BlockTree } from '../tree/tree';
@@ -176,17 +176,7 @@ export async function readLabel(dir: string): Promise<VolumeLabel> {
 }
 
 async function writeLabel(dir: string, label: VolumeLabel): Promise<void> {
-  const p = path.join(dir, LABEL_NAME);
-  const tmp = `${p}.tmp-${process.pid}`;
-  const fh = await fs.promises.open(tmp, 'w', 0o644);
-  try {
-    await fh.writeFile(`${JSON.stringify(label, null, 2)}\n`);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  await fs.promises.rename(tmp, p);
-  await syncDirectory(dir);
+  await writeFileDurably(dir, LABEL_NAME, `${JSON.stringify(label, null, 2)}\n`);
 }
 
 // ---- clean-stop record ----

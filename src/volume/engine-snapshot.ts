@@ -16,11 +16,10 @@ import { BLOCK_SIZE_BYTES } from '../io/types';
 import { assert } from '../util/assert';
 import { clipExtents } from './extents';
 import { VolumeError } from './errors';
-import { readFromTree, type EngineVolume } from './engine';
+import { readTreeRange, type EngineVolume } from './engine';
 import type { Extent, Volume, VolumeCapabilities, ZeroOptions } from './types';
 
 const BS = BLOCK_SIZE_BYTES;
-const READ_CHUNK_BLOCKS = 256;
 
 export class SnapshotVolume implements Volume {
   readonly sizeBytes: number;
@@ -45,13 +44,7 @@ export class SnapshotVolume implements Volume {
     assert(dst === undefined || dst.length === length, 'read: dst must be exactly length bytes');
     const out = dst ?? Buffer.allocUnsafe(length);
     if (length === 0) return out;
-    const r = this.reader();
-    const endLbn = Math.ceil((offset + length) / BS);
-    for (let lbn = Math.floor(offset / BS); lbn < endLbn; lbn += READ_CHUNK_BLOCKS) {
-      const lbns: number[] = [];
-      for (let l = lbn; l < Math.min(endLbn, lbn + READ_CHUNK_BLOCKS); l++) lbns.push(l);
-      await readFromTree(r, lbns, offset, length, out);
-    }
+    await readTreeRange(this.reader(), offset, length, out);
     this.reader(); // deleted while we read: the blocks may have been reused
     return out;
   }

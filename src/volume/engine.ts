@@ -84,6 +84,19 @@ export async function readFromTree(tree: TreeReader, lbns: readonly number[], of
   await Promise.all(reads);
 }
 
+/**
+ * Reads [offset, offset+length) of a tree view (a snapshot, a mirror's CP) into `out`, in
+ * steps of READ_CHUNK_BLOCKS blocks (bounds the tree reads in flight per request).
+ */
+export async function readTreeRange(tree: TreeReader, offset: number, length: number, out: Buffer): Promise<void> {
+  const endLbn = Math.ceil((offset + length) / BS);
+  for (let lbn = Math.floor(offset / BS); lbn < endLbn; lbn += READ_CHUNK_BLOCKS) {
+    const lbns: number[] = [];
+    for (let l = lbn; l < Math.min(endLbn, lbn + READ_CHUNK_BLOCKS); l++) lbns.push(l);
+    await readFromTree(tree, lbns, offset, length, out);
+  }
+}
+
 /** Copies the part of block `lbn` that overlaps [offset, offset+length) into out. src null = zeroes. */
 export function placeBlock(lbn: number, src: Buffer | null, offset: number, length: number, out: Buffer): void {
   const blockStart = lbn * BS;
