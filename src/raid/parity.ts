@@ -13,40 +13,28 @@
  * - The async forms run on the libuv thread pool; the caller must not touch the buffers
  *   until the promise settles (the native job holds references to all of them).
  */
-import * as ref from './parity-ref';
+import bindings from 'bindings';
 
 /** Operation codes of the addon's parity(op, ...) (native/parity.cc keeps the same numbers). */
-const PARITY_OP_P = 0;
-const PARITY_OP_PQ = 1;
+export const PARITY_OP_P = 0;
+export const PARITY_OP_PQ = 1;
 /** + parityCount - 1: 2 = reconstruct with P only, 3 = with P+Q. */
-const PARITY_OP_RECONSTRUCT = 2;
+export const PARITY_OP_RECONSTRUCT = 2;
 
 /** The addon's parity functions. columns: data (k), then P, then Q for the P+Q operations. */
-interface RawParity {
-  parity(op: number, columns: Buffer[], k: number, lost0: number, lost1: number): void;
+export interface RawParity {
+  /** path: 0 = the fastest kernels this CPU runs (AVX2), 1 = the portable ones (tests compare them). */
+  parity(op: number, columns: Buffer[], k: number, lost0: number, lost1: number, path?: number): void;
   parityAsync(op: number, columns: Buffer[], k: number, lost0: number, lost1: number, cb: (err: Error | null) => void): void;
+  /** True when the AVX2 kernels run. */
+  readonly parityAvx2: boolean;
 }
 
-/** Until the native code lands: the reference, with the same surface. */
-function refRun(op: number, columns: Buffer[], k: number, lost0: number, lost1: number): void {
-  const data = columns.slice(0, k);
-  if (op === PARITY_OP_P) ref.computeP(data, columns[k]!);
-  else if (op === PARITY_OP_PQ) ref.computePQ(data, columns[k]!, columns[k + 1]!);
-  else ref.reconstruct(columns, lost1 < 0 ? [lost0] : [lost0, lost1], op === PARITY_OP_RECONSTRUCT ? 1 : 2);
-}
-
-const refParity: RawParity = {
-  parity: refRun,
-  parityAsync(op, columns, k, lost0, lost1, cb) {
-    setImmediate(() => {
-      refRun(op, columns, k, lost0, lost1);
-      cb(null);
-    });
-  },
-};
-
-function nativeParity(): RawParity {
-  return refParity;
+let raw: RawParity | undefined;
+/** The addon's parity surface (exported for tests and the benchmark). */
+export function nativeParity(): RawParity {
+  if (!raw) raw = bindings('nvmirror_native') as RawParity;
+  return raw;
 }
 
 /** Columns are processed in units of this many bytes (one cache line, two AVX2 registers). */
