@@ -14,9 +14,10 @@
 // - Only the output columns (P, Q, or the lost columns) are written. Every kernel reads a
 //   word of all its inputs before it writes that word of its outputs, and no output is
 //   also an input of the same kernel.
-// - The AVX2 kernels (target("avx2"), chosen at run time with __builtin_cpu_supports) and
-//   the portable kernels (GCC vectors of 16 bytes: SSE2 on x86-64, plus byte tables) give
-//   identical results; tests compare them through the `path` argument.
+// - Three kernel sets give identical results (tests compare them through the `path`
+//   argument): AVX-512BW and AVX2 (each compiled with its own target attribute, chosen at
+//   run time with __builtin_cpu_supports, so the rest of the addon keeps default flags)
+//   and portable (GCC vectors of 16 bytes: SSE2 on x86-64, plus byte tables).
 // - A job holds a reference to every column Buffer until its callback has run; Execute()
 //   touches no JS value.
 #include "common.h"
@@ -55,14 +56,18 @@ constexpr int kOpPq = 1;
 constexpr int kOpReconstructP = 2;   // columns = k data + P
 constexpr int kOpReconstructPq = 3;  // columns = k data + P + Q
 
+// Kernel choice (the `path` argument, and what "best" resolves to on this CPU).
 constexpr int kPathBest = 0;
 constexpr int kPathPortable = 1;
+constexpr int kPathAvx2 = 2;
+constexpr int kPathAvx512 = 3;
 
 constexpr unsigned kPoly = 0x11d;
 
 uint8_t g_exp[510];  // g_exp[i] = g^i, doubled so g_exp[log a + log b] needs no modulo
 uint8_t g_log[256];
 bool g_avx2 = false;
+bool g_avx512 = false;  // AVX-512F + BW (byte ops on 64-byte registers)
 
 void BuildGf() {
   unsigned x = 1;
@@ -357,6 +362,149 @@ NVM_AVX2 void FinishDataAndQAvx2(const uint8_t* p, uint8_t* dx, uint8_t* q, cons
 
 const Kernels kAvx2 = {XorGenAvx2, PqGenAvx2, Recover2Avx2, FinishDataAndPAvx2, FinishDataAndQAvx2};
 
+// --- AVX-512BW (64-byte registers; ISA-L's own kernels on such CPUs are AVX-512) -------
+#define NVM_AVX512 __attribute__((target("avx512f,avx512bw")))
+// GCC 12's own avx512fintrin.h (_mm512_undefined_epi32 inside srli/broadcast) trips
+// -Wuninitialized; the warning is about the header, not this code.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+NVM_AVX512 inline __m512i Ld5(const uint8_t* p) { return _mm512_loadu_si512(p); }
+NVM_AVX512 inline void St5(uint8_t* p, __m512i v) { _mm512_storeu_si512(p, v); }
+NVM_AVX512 inline __m512i X5(__m512i a, __m512i b) { return _mm512_xor_si512(a, b); }
+// Multiply each byte by {02}: the sign bits become a mask that selects 0x1d.
+NVM_AVX512 inline __m512i Mul2x5(__m512i v, __m512i poly) {
+  __mmask64 top = _mm512_movepi8_mask(v);
+  return X5(_mm512_add_epi8(v, v), _mm512_maskz_mov_epi8(top, poly));
+}
+NVM_AVX512 inline __m512i MulC5(__m512i v, __m512i lo, __m512i hi, __m512i mask) {
+  __m512i l = _mm512_and_si512(v, mask);
+  __m512i h = _mm512_and_si512(_mm512_srli_epi64(v, 4), mask);
+  return X5(_mm512_shuffle_epi8(lo, l), _mm512_shuffle_epi8(hi, h));
+}
+NVM_AVX512 inline __m512i Bcast16x5(const uint8_t* t) {
+  return _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(t)));
+}
+
+NVM_AVX512 void XorGenAvx512(const uint8_t* const* src, size_t nsrc, uint8_t* dst, size_t n) {
+  size_t j = 0;
+  for (; j + 256 <= n; j += 256) {
+    __m512i a = Ld5(src[0] + j), b = Ld5(src[0] + j + 64), c = Ld5(src[0] + j + 128), d = Ld5(src[0] + j + 192);
+    for (size_t i = 1; i < nsrc; i++) {
+      const uint8_t* s = src[i] + j;
+      a = X5(a, Ld5(s));
+      b = X5(b, Ld5(s + 64));
+      c = X5(c, Ld5(s + 128));
+      d = X5(d, Ld5(s + 192));
+    }
+    St5(dst + j, a);
+    St5(dst + j + 64, b);
+    St5(dst + j + 128, c);
+    St5(dst + j + 192, d);
+  }
+  for (; j < n; j += 64) {
+    __m512i a = Ld5(src[0] + j);
+    for (size_t i = 1; i < nsrc; i++) a = X5(a, Ld5(src[i] + j));
+    St5(dst + j, a);
+  }
+}
+
+NVM_AVX512 void PqGenAvx512(const uint8_t* const* cols, size_t k, uint8_t* p, uint8_t* q, size_t n) {
+  const __m512i poly = _mm512_set1_epi8(0x1d);
+  const __m512i zero = _mm512_setzero_si512();
+  const size_t top = k - 1;
+  size_t j = 0;
+  for (; j + 256 <= n; j += 256) {
+    __m512i p0 = zero, p1 = zero, p2 = zero, p3 = zero;
+    if (cols[top] != nullptr) {
+      const uint8_t* c = cols[top] + j;
+      p0 = Ld5(c);
+      p1 = Ld5(c + 64);
+      p2 = Ld5(c + 128);
+      p3 = Ld5(c + 192);
+    }
+    __m512i q0 = p0, q1 = p1, q2 = p2, q3 = p3;
+    for (size_t i = top; i-- > 0;) {
+      q0 = Mul2x5(q0, poly);
+      q1 = Mul2x5(q1, poly);
+      q2 = Mul2x5(q2, poly);
+      q3 = Mul2x5(q3, poly);
+      if (cols[i] == nullptr) continue;
+      const uint8_t* c = cols[i] + j;
+      __m512i d0 = Ld5(c), d1 = Ld5(c + 64), d2 = Ld5(c + 128), d3 = Ld5(c + 192);
+      p0 = X5(p0, d0);
+      p1 = X5(p1, d1);
+      p2 = X5(p2, d2);
+      p3 = X5(p3, d3);
+      q0 = X5(q0, d0);
+      q1 = X5(q1, d1);
+      q2 = X5(q2, d2);
+      q3 = X5(q3, d3);
+    }
+    if (p != nullptr) {
+      St5(p + j, p0);
+      St5(p + j + 64, p1);
+      St5(p + j + 128, p2);
+      St5(p + j + 192, p3);
+    }
+    St5(q + j, q0);
+    St5(q + j + 64, q1);
+    St5(q + j + 128, q2);
+    St5(q + j + 192, q3);
+  }
+  for (; j < n; j += 64) {
+    __m512i p0 = cols[top] != nullptr ? Ld5(cols[top] + j) : zero;
+    __m512i q0 = p0;
+    for (size_t i = top; i-- > 0;) {
+      q0 = Mul2x5(q0, poly);
+      if (cols[i] == nullptr) continue;
+      __m512i d0 = Ld5(cols[i] + j);
+      p0 = X5(p0, d0);
+      q0 = X5(q0, d0);
+    }
+    if (p != nullptr) St5(p + j, p0);
+    St5(q + j, q0);
+  }
+}
+
+NVM_AVX512 void Recover2Avx512(const uint8_t* p, const uint8_t* q, uint8_t* dx, uint8_t* dy, const MulTable* a,
+                               const MulTable* b, size_t n) {
+  const __m512i mask = _mm512_set1_epi8(0x0f);
+  const __m512i alo = Bcast16x5(a->lo), ahi = Bcast16x5(a->hi), blo = Bcast16x5(b->lo), bhi = Bcast16x5(b->hi);
+  for (size_t j = 0; j < n; j += 64) {
+    __m512i pd = X5(Ld5(p + j), Ld5(dx + j));
+    __m512i qd = X5(Ld5(q + j), Ld5(dy + j));
+    __m512i x = X5(MulC5(pd, alo, ahi, mask), MulC5(qd, blo, bhi, mask));
+    St5(dx + j, x);
+    St5(dy + j, X5(pd, x));
+  }
+}
+
+NVM_AVX512 void FinishDataAndPAvx512(const uint8_t* q, uint8_t* dx, uint8_t* p, const MulTable* inv, size_t n) {
+  const __m512i mask = _mm512_set1_epi8(0x0f);
+  const __m512i lo = Bcast16x5(inv->lo), hi = Bcast16x5(inv->hi);
+  for (size_t j = 0; j < n; j += 64) {
+    __m512i x = MulC5(X5(Ld5(q + j), Ld5(dx + j)), lo, hi, mask);
+    St5(dx + j, x);
+    St5(p + j, X5(Ld5(p + j), x));
+  }
+}
+
+NVM_AVX512 void FinishDataAndQAvx512(const uint8_t* p, uint8_t* dx, uint8_t* q, const MulTable* gx, size_t n) {
+  const __m512i mask = _mm512_set1_epi8(0x0f);
+  const __m512i lo = Bcast16x5(gx->lo), hi = Bcast16x5(gx->hi);
+  for (size_t j = 0; j < n; j += 64) {
+    __m512i x = X5(Ld5(p + j), Ld5(dx + j));
+    St5(dx + j, x);
+    St5(q + j, X5(Ld5(q + j), MulC5(x, lo, hi, mask)));
+  }
+}
+
+#pragma GCC diagnostic pop
+
+const Kernels kAvx512 = {XorGenAvx512, PqGenAvx512, Recover2Avx512, FinishDataAndPAvx512, FinishDataAndQAvx512};
+
 // ---------------------------------------------------------------------------------------
 // One validated call: plain data, safe to run on any thread.
 struct Task {
@@ -365,8 +513,9 @@ struct Task {
   size_t n = 0;
   int lost0 = -1;  // lost0 < lost1, or lost1 == -1
   int lost1 = -1;
-  bool portable = false;
-  std::vector<uint8_t*> cols;  // k data, P, then Q for kOpPq / kOpReconstructPq
+  const Kernels* kernels = nullptr;  // chosen on the main thread (path), never null when run
+  size_t ncols = 0;
+  uint8_t* cols[kColumnsMax];  // k data, P, then Q for kOpPq / kOpReconstructPq
 };
 
 void RunReconstruct(const Task& t, const Kernels& kn) {
@@ -375,10 +524,10 @@ void RunReconstruct(const Task& t, const Kernels& kn) {
   const size_t qIdx = k + 1;
   const bool hasQ = t.op == kOpReconstructPq;
   const uint8_t* in[kColumnsMax];
-  uint8_t* const* c = t.cols.data();
+  uint8_t* const* c = t.cols;
   const int x = t.lost0;
   const int y = t.lost1;
-  const size_t ncols = t.cols.size();
+  const size_t ncols = t.ncols;
 
   if (y < 0) {
     if (static_cast<size_t>(x) == qIdx) {  // Q: recompute from the data
@@ -427,9 +576,10 @@ void RunReconstruct(const Task& t, const Kernels& kn) {
 
 void RunTask(const Task& t) {
   NVM_PARITY_ASSERT(t.k >= 1 && t.n > 0 && t.n % kAlignBytes == 0 && t.n <= kColumnBytesMax);
-  NVM_PARITY_ASSERT(t.cols.size() == t.k + ((t.op == kOpPq || t.op == kOpReconstructPq) ? 2 : 1));
-  const Kernels& kn = (g_avx2 && !t.portable) ? kAvx2 : kPortable;
-  uint8_t* const* c = t.cols.data();
+  NVM_PARITY_ASSERT(t.ncols == t.k + ((t.op == kOpPq || t.op == kOpReconstructPq) ? 2 : 1));
+  NVM_PARITY_ASSERT(t.kernels != nullptr);
+  const Kernels& kn = *t.kernels;
+  uint8_t* const* c = t.cols;
   switch (t.op) {
     case kOpP:
       kn.xorGen(c, t.k, c[t.k], t.n);
@@ -448,8 +598,9 @@ void RunTask(const Task& t) {
 
 bool Overlap(const uint8_t* a, const uint8_t* b, size_t n) { return a < b + n && b < a + n; }
 
-bool ParseTask(const Napi::CallbackInfo& info, const char* fn, Task* t,
-               std::vector<Napi::Buffer<uint8_t>>* bufs) {
+// values (optional) receives the column values, for the references an async job holds.
+// Columns are read with the C API: this runs on every call, next to microseconds of work.
+bool ParseTask(const Napi::CallbackInfo& info, const char* fn, Task* t, napi_value* values) {
   Napi::Env env = info.Env();
   int64_t op, k, lost0, lost1;
   if (!GetInt(info, 0, fn, "op", kOpP, kOpReconstructPq, &op)) return false;
@@ -490,26 +641,30 @@ bool ParseTask(const Napi::CallbackInfo& info, const char* fn, Task* t,
   t->k = static_cast<size_t>(k);
   t->lost0 = static_cast<int>(lost0);
   t->lost1 = static_cast<int>(lost1);
-  t->cols.resize(ncols);
-  bufs->clear();
-  bufs->reserve(ncols);
+  t->ncols = ncols;
+  size_t lens[kColumnsMax];
   for (uint32_t i = 0; i < ncols; i++) {
-    Napi::Value v = arr.Get(i);
-    if (!v.IsBuffer()) {
-      ThrowType(env, std::string(fn) + ": columns[" + std::to_string(i) + "] must be a Buffer");
+    napi_value v;
+    void* data = nullptr;
+    size_t len = 0;
+    // napi_get_buffer_info fails on anything but a Buffer/ArrayBufferView (and then its
+    // byte range is what is read or written): no separate napi_is_buffer call.
+    if (napi_get_element(env, arr, i, &v) != napi_ok || napi_get_buffer_info(env, v, &data, &len) != napi_ok) {
+      if (!env.IsExceptionPending()) ThrowType(env, std::string(fn) + ": columns[" + std::to_string(i) + "] must be a Buffer");
       return false;
     }
-    bufs->push_back(v.As<Napi::Buffer<uint8_t>>());
-    t->cols[i] = bufs->back().Data();
+    t->cols[i] = static_cast<uint8_t*>(data);
+    lens[i] = len;
+    if (values != nullptr) values[i] = v;
   }
-  t->n = (*bufs)[0].Length();
+  t->n = lens[0];
   if (t->n == 0 || t->n % kAlignBytes != 0 || t->n > kColumnBytesMax) {
     ThrowRange(env, std::string(fn) + ": column length must be a positive multiple of " + std::to_string(kAlignBytes) +
                         " up to " + std::to_string(kColumnBytesMax) + ", got " + std::to_string(t->n));
     return false;
   }
   for (size_t i = 1; i < ncols; i++) {
-    if ((*bufs)[i].Length() != t->n) {
+    if (lens[i] != t->n) {
       ThrowRange(env, std::string(fn) + ": all columns must have the same length");
       return false;
     }
@@ -536,16 +691,26 @@ bool ParseTask(const Napi::CallbackInfo& info, const char* fn, Task* t,
   return true;
 }
 
-// parity(op, columns, k, lost0, lost1[, path]): synchronous; path 1 forces the portable kernels.
+const Kernels* BestKernels() { return g_avx512 ? &kAvx512 : g_avx2 ? &kAvx2 : &kPortable; }
+
+// parity(op, columns, k, lost0, lost1[, path]): synchronous. path: 0 = the best kernels this
+// CPU runs, 1 = portable, 2 = AVX2, 3 = AVX-512 (RangeError when the CPU lacks it), so tests
+// can compare every kernel set the machine has.
 Napi::Value Parity(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Task t;
-  std::vector<Napi::Buffer<uint8_t>> bufs;
-  if (!ParseTask(info, "parity", &t, &bufs)) return env.Undefined();
+  if (!ParseTask(info, "parity", &t, nullptr)) return env.Undefined();
+  t.kernels = BestKernels();
   if (info.Length() > 5 && !info[5].IsUndefined()) {
     int64_t path;
-    if (!GetInt(info, 5, "parity", "path", kPathBest, kPathPortable, &path)) return env.Undefined();
-    t.portable = path == kPathPortable;
+    if (!GetInt(info, 5, "parity", "path", kPathBest, kPathAvx512, &path)) return env.Undefined();
+    if ((path == kPathAvx2 && !g_avx2) || (path == kPathAvx512 && !g_avx512)) {
+      ThrowRange(env, "parity: this CPU does not run the " + std::string(path == kPathAvx2 ? "AVX2" : "AVX-512") + " kernels");
+      return env.Undefined();
+    }
+    if (path == kPathPortable) t.kernels = &kPortable;
+    if (path == kPathAvx2) t.kernels = &kAvx2;
+    if (path == kPathAvx512) t.kernels = &kAvx512;
   }
   RunTask(t);
   return env.Undefined();
@@ -553,10 +718,10 @@ Napi::Value Parity(const Napi::CallbackInfo& info) {
 
 class ParityJob final : public Napi::AsyncWorker {
  public:
-  ParityJob(const Napi::Function& cb, Task task, const std::vector<Napi::Buffer<uint8_t>>& bufs)
-      : Napi::AsyncWorker(cb, "parity"), task_(std::move(task)) {
-    refs_.reserve(bufs.size());
-    for (const auto& b : bufs) refs_.push_back(Napi::Persistent(b));
+  ParityJob(const Napi::Function& cb, const Task& task, const napi_value* values)
+      : Napi::AsyncWorker(cb, "parity"), task_(task) {
+    refs_.reserve(task.ncols);
+    for (size_t i = 0; i < task.ncols; i++) refs_.push_back(Napi::Persistent(Napi::Value(cb.Env(), values[i])));
   }
 
   void Execute() override { RunTask(task_); }
@@ -565,17 +730,18 @@ class ParityJob final : public Napi::AsyncWorker {
 
  private:
   Task task_;
-  std::vector<Napi::Reference<Napi::Buffer<uint8_t>>> refs_;
+  std::vector<Napi::Reference<Napi::Value>> refs_;
 };
 
 // parityAsync(op, columns, k, lost0, lost1, cb): the same work on the libuv thread pool.
 Napi::Value ParityAsync(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Task t;
-  std::vector<Napi::Buffer<uint8_t>> bufs;
+  napi_value values[kColumnsMax];
   Napi::Function cb;
-  if (!GetCallback(info, 5, "parityAsync", &cb) || !ParseTask(info, "parityAsync", &t, &bufs)) return env.Undefined();
-  auto* job = new ParityJob(cb, std::move(t), bufs);
+  if (!GetCallback(info, 5, "parityAsync", &cb) || !ParseTask(info, "parityAsync", &t, values)) return env.Undefined();
+  t.kernels = BestKernels();
+  auto* job = new ParityJob(cb, t, values);
   job->Queue();
   return env.Undefined();
 }
@@ -588,10 +754,12 @@ void InitParity(Napi::Env env, Napi::Object exports) {
     BuildGf();
     __builtin_cpu_init();
     g_avx2 = __builtin_cpu_supports("avx2");
+    g_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
   });
   exports.Set("parity", Napi::Function::New(env, Parity, "parity"));
   exports.Set("parityAsync", Napi::Function::New(env, ParityAsync, "parityAsync"));
   exports.Set("parityAvx2", Napi::Boolean::New(env, g_avx2));
+  exports.Set("parityAvx512", Napi::Boolean::New(env, g_avx512));
 }
 
 }  // namespace nvm

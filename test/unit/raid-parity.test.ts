@@ -52,8 +52,11 @@ function erasures(n: number, maxLost: number): number[][] {
 }
 
 const garbage = (length: number): Buffer => Buffer.alloc(length, 0xa5);
-/** The addon's `path` argument: force the portable kernels (0 = the fastest, AVX2 here). */
-const PATH_PORTABLE = 1;
+/** The addon's `path` argument for each kernel set this CPU runs besides path 0 (the best one). */
+function kernelPaths(): Array<[string, number]> {
+  const raw = parity.nativeParity();
+  return [['portable', 1] as [string, number], ...(raw.parityAvx2 ? [['AVX2', 2] as [string, number]] : []), ...(raw.parityAvx512 ? [['AVX-512', 3] as [string, number]] : [])];
+}
 /** Column lengths in 64-byte units: the 64-byte tail alone, 128-byte steps with and without a tail, a 4 KiB block. */
 const UNITS = fc.oneof(fc.integer({ min: 1, max: 4 }), fc.constantFrom(17, 64));
 
@@ -106,12 +109,14 @@ describe('RAID parity', () => {
           const aq = garbage(length);
           await parity.computePQAsync(data, ap, aq);
           assert.ok(ap.equals(p) && aq.equals(q), 'computePQAsync differs from computePQ');
-          const portable = [...data, garbage(length), garbage(length)];
-          parity.nativeParity().parity(parity.PARITY_OP_PQ, portable, k, -1, -1, PATH_PORTABLE);
-          assert.ok(portable[k]!.equals(p) && portable[k + 1]!.equals(q), 'portable P+Q differs from the AVX2 one');
-          const portableP = [...data, garbage(length)];
-          parity.nativeParity().parity(parity.PARITY_OP_P, portableP, k, -1, -1, PATH_PORTABLE);
-          assert.ok(portableP[k]!.equals(p), 'portable P differs from the AVX2 one');
+          for (const [kernels, path] of kernelPaths()) {
+            const pq = [...data, garbage(length), garbage(length)];
+            parity.nativeParity().parity(parity.PARITY_OP_PQ, pq, k, -1, -1, path);
+            assert.ok(pq[k]!.equals(p) && pq[k + 1]!.equals(q), `${kernels} P+Q differs from path 0's`);
+            const pOnly = [...data, garbage(length)];
+            parity.nativeParity().parity(parity.PARITY_OP_P, pOnly, k, -1, -1, path);
+            assert.ok(pOnly[k]!.equals(p), `${kernels} P differs from path 0's`);
+          }
           const pOnly = garbage(length);
           parity.computeP(data, pOnly);
           assert.ok(pOnly.equals(p), 'computeP differs from computePQ');
@@ -125,14 +130,16 @@ describe('RAID parity', () => {
             for (const i of lost) cols[i]!.fill(0x5a);
             const refCols = cols.map((b) => Buffer.from(b));
             const asyncCols = cols.map((b) => Buffer.from(b));
-            const portableCols = cols.map((b) => Buffer.from(b));
             parity.reconstruct(cols, lost, 2);
             ref.reconstruct(refCols, lost, 2);
             await parity.reconstructAsync(asyncCols, lost, 2);
             const [l0, l1] = [...lost].sort((a, b) => a - b);
-            parity.nativeParity().parity(parity.PARITY_OP_RECONSTRUCT + 1, portableCols, k, l0!, l1 ?? -1, PATH_PORTABLE);
+            for (const [kernels, path] of kernelPaths()) {
+              const kernelCols = good.map((b, i) => (lost.includes(i) ? Buffer.alloc(length, 0x5a) : Buffer.from(b)));
+              parity.nativeParity().parity(parity.PARITY_OP_RECONSTRUCT + 1, kernelCols, k, l0!, l1 ?? -1, path);
+              kernelCols.forEach((b, i) => assert.ok(b.equals(good[i]!), `${kernels} reconstruct of [${lost}] differs at column ${i} (k ${k}, seed ${contentSeed})`));
+            }
             cols.forEach((b, i) => {
-              assert.ok(portableCols[i]!.equals(good[i]!), `portable reconstruct of [${lost}] differs at column ${i} (k ${k}, seed ${contentSeed})`);
               assert.ok(b.equals(good[i]!), `reconstruct of [${lost}] differs at column ${i} (k ${k}, seed ${contentSeed})`);
               assert.ok(refCols[i]!.equals(good[i]!), `reference reconstruct of [${lost}] differs at column ${i}`);
               assert.ok(asyncCols[i]!.equals(good[i]!), `reconstructAsync of [${lost}] differs at column ${i}`);
@@ -293,7 +300,7 @@ describe('RAID parity', () => {
         ['lengths differ', () => raw.parity!(1, [cols[0], cols[1]!.subarray(64), cols[2], cols[3]], 2, -1, -1), RangeError],
         ['length 0', () => raw.parity!(0, [Buffer.alloc(0), Buffer.alloc(0)], 1, -1, -1), RangeError],
         ['output overlaps an input', () => raw.parity!(0, [cols[0], cols[0]!.subarray(0)], 1, -1, -1), RangeError],
-        ['path out of range', () => raw.parity!(1, cols, 2, -1, -1, 2), RangeError],
+        ['path out of range', () => raw.parity!(1, cols, 2, -1, -1, 4), RangeError],
         ['async without a callback', () => raw.parityAsync!(1, cols, 2, -1, -1), TypeError],
       ];
       for (const [name, call, type] of bad) assert.throws(call, type, name);
