@@ -389,19 +389,15 @@ NVM_AVX512 inline __m512i Bcast16x5(const uint8_t* t) {
 
 NVM_AVX512 void XorGenAvx512(const uint8_t* const* src, size_t nsrc, uint8_t* dst, size_t n) {
   size_t j = 0;
-  for (; j + 256 <= n; j += 256) {
-    __m512i a = Ld5(src[0] + j), b = Ld5(src[0] + j + 64), c = Ld5(src[0] + j + 128), d = Ld5(src[0] + j + 192);
+  for (; j + 128 <= n; j += 128) {
+    __m512i a = Ld5(src[0] + j), b = Ld5(src[0] + j + 64);
     for (size_t i = 1; i < nsrc; i++) {
       const uint8_t* s = src[i] + j;
       a = X5(a, Ld5(s));
       b = X5(b, Ld5(s + 64));
-      c = X5(c, Ld5(s + 128));
-      d = X5(d, Ld5(s + 192));
     }
     St5(dst + j, a);
     St5(dst + j + 64, b);
-    St5(dst + j + 128, c);
-    St5(dst + j + 192, d);
   }
   for (; j < n; j += 64) {
     __m512i a = Ld5(src[0] + j);

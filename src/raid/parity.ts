@@ -64,11 +64,6 @@ function describe(v: unknown): string {
 /** Names column i in messages; only called to build an error. */
 type Namer = (i: number) => string;
 
-function overlaps(a: Buffer, b: Buffer): boolean {
-  if (a.buffer !== b.buffer) return false;
-  return a.byteOffset < b.byteOffset + b.length && b.byteOffset < a.byteOffset + a.length;
-}
-
 /**
  * Every column a Buffer of the same length (a positive multiple of PARITY_ALIGN_BYTES, at
  * most PARITY_COLUMN_BYTES_MAX), and the written columns out0/out1 (-1: none) sharing no
@@ -89,11 +84,22 @@ function checkColumns(fn: string, cols: readonly unknown[], name: Namer, out0: n
     const len = bufs[i]!.length;
     if (len !== n) throw new RangeError(`${fn}: all columns must have the same length: ${name(0)} has ${n}, ${name(i)} has ${len}`);
   }
-  for (const o of [out0, out1]) {
-    if (o < 0) continue;
-    const ob = bufs[o]!;
-    for (let i = 0; i < count; i++) {
-      if (i !== o && overlaps(ob, bufs[i]!)) throw new RangeError(`${fn}: ${name(o)} (written) overlaps ${name(i)} in memory`);
+  // Only columns on the same ArrayBuffer can overlap: look at .buffer once per column.
+  const backing = new Array<ArrayBufferLike>(count);
+  for (let i = 0; i < count; i++) backing[i] = bufs[i]!.buffer;
+  checkWritten(fn, bufs, backing, name, out0);
+  checkWritten(fn, bufs, backing, name, out1);
+}
+
+/** Written column o (-1: none) shares no memory with any other column. */
+function checkWritten(fn: string, bufs: readonly Buffer[], backing: readonly ArrayBufferLike[], name: Namer, o: number): void {
+  if (o < 0) return;
+  const ob = bufs[o]!;
+  for (let i = 0; i < bufs.length; i++) {
+    if (i === o || backing[i] !== backing[o]) continue;
+    const b = bufs[i]!;
+    if (ob.byteOffset < b.byteOffset + b.length && b.byteOffset < ob.byteOffset + ob.length) {
+      throw new RangeError(`${fn}: ${name(o)} (written) overlaps ${name(i)} in memory`);
     }
   }
 }
