@@ -22,7 +22,14 @@
 //   touches no JS value.
 #include "common.h"
 
+// The SIMD kernels are x86-64 only; elsewhere the portable ones run (and the path
+// argument refuses AVX2/AVX-512 as on a CPU without them).
+#if defined(__x86_64__)
+#define NVM_PARITY_X86 1
 #include <immintrin.h>
+#else
+#define NVM_PARITY_X86 0
+#endif
 
 #include <cstdio>
 #include <cstdlib>
@@ -207,6 +214,7 @@ void FinishDataAndQPortable(const uint8_t* p, uint8_t* dx, uint8_t* q, const Mul
 const Kernels kPortable = {XorGenPortable, PqGenPortable, Recover2Portable, FinishDataAndPPortable,
                            FinishDataAndQPortable};
 
+#if NVM_PARITY_X86
 // --- AVX2 -------------------------------------------------------------------------------
 #define NVM_AVX2 __attribute__((target("avx2")))
 
@@ -500,6 +508,11 @@ NVM_AVX512 void FinishDataAndQAvx512(const uint8_t* p, uint8_t* dx, uint8_t* q, 
 #pragma GCC diagnostic pop
 
 const Kernels kAvx512 = {XorGenAvx512, PqGenAvx512, Recover2Avx512, FinishDataAndPAvx512, FinishDataAndQAvx512};
+#else
+// Never selected (g_avx2 and g_avx512 stay false): the portable kernels stand in.
+const Kernels kAvx2 = kPortable;
+const Kernels kAvx512 = kPortable;
+#endif  // NVM_PARITY_X86
 
 // ---------------------------------------------------------------------------------------
 // One validated call: plain data, safe to run on any thread.
@@ -748,9 +761,11 @@ void InitParity(Napi::Env env, Napi::Object exports) {
   static std::once_flag once;
   std::call_once(once, [] {
     BuildGf();
+#if NVM_PARITY_X86
     __builtin_cpu_init();
     g_avx2 = __builtin_cpu_supports("avx2");
     g_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+#endif
   });
   exports.Set("parity", Napi::Function::New(env, Parity, "parity"));
   exports.Set("parityAsync", Napi::Function::New(env, ParityAsync, "parityAsync"));
