@@ -651,20 +651,28 @@ bool ParseTask(const Napi::CallbackInfo& info, const char* fn, Task* t, napi_val
   t->lost0 = static_cast<int>(lost0);
   t->lost1 = static_cast<int>(lost1);
   t->ncols = ncols;
+  // First every element (an accessor on the array could run JS, even detach a Buffer),
+  // then every buffer's memory: no JS runs between reading the pointers and using them.
+  napi_value vals[kColumnsMax];
+  for (uint32_t i = 0; i < ncols; i++) {
+    if (napi_get_element(env, arr, i, &vals[i]) != napi_ok) {
+      if (!env.IsExceptionPending()) ThrowType(env, std::string(fn) + ": columns[" + std::to_string(i) + "] unreadable");
+      return false;
+    }
+  }
   size_t lens[kColumnsMax];
   for (uint32_t i = 0; i < ncols; i++) {
-    napi_value v;
     void* data = nullptr;
     size_t len = 0;
     // napi_get_buffer_info fails on anything but a Buffer/ArrayBufferView (and then its
     // byte range is what is read or written): no separate napi_is_buffer call.
-    if (napi_get_element(env, arr, i, &v) != napi_ok || napi_get_buffer_info(env, v, &data, &len) != napi_ok) {
-      if (!env.IsExceptionPending()) ThrowType(env, std::string(fn) + ": columns[" + std::to_string(i) + "] must be a Buffer");
+    if (napi_get_buffer_info(env, vals[i], &data, &len) != napi_ok) {
+      ThrowType(env, std::string(fn) + ": columns[" + std::to_string(i) + "] must be a Buffer");
       return false;
     }
     t->cols[i] = static_cast<uint8_t*>(data);
     lens[i] = len;
-    if (values != nullptr) values[i] = v;
+    if (values != nullptr) values[i] = vals[i];
   }
   t->n = lens[0];
   if (t->n == 0 || t->n % kAlignBytes != 0 || t->n > kColumnBytesMax) {

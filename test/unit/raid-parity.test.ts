@@ -357,5 +357,20 @@ describe('RAID parity', () => {
       for (const [name, call, type] of bad) assert.throws(call, type, name);
       cols.forEach((c, i) => assert.ok(c.equals(before[i]!), `column ${i} was written`));
     });
+
+    it('the addon reads every column before it takes any pointer: an accessor that detaches a column is refused', () => {
+      const raw = parity.nativeParity();
+      const victim = Buffer.alloc(128, 1);
+      const out = Buffer.alloc(128, 7);
+      const cols: Buffer[] = [victim, Buffer.alloc(128, 2), out];
+      Object.defineProperty(cols, 1, {
+        get: () => {
+          structuredClone(victim.buffer, { transfer: [victim.buffer] }); // victim is now detached, length 0
+          return Buffer.alloc(128, 2);
+        },
+      });
+      assert.throws(() => raw.parity(parity.PARITY_OP_P, cols, 2, -1, -1), /column length must be a positive multiple of 64/);
+      assert.ok(out.equals(Buffer.alloc(128, 7)), 'p was written');
+    });
   });
 });
