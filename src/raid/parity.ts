@@ -134,7 +134,9 @@ interface Call {
 
 function validateReconstruct(fn: string, columnsArg: unknown, lostArg: unknown, parityCountArg: unknown): Call {
   if (!Array.isArray(columnsArg)) throw new TypeError(`${fn}: columns must be an array of Buffers, got ${describe(columnsArg)}`);
-  const columns = columnsArg as unknown[];
+  // A plain copy, checked and then handed to the addon: an accessor on the caller's array
+  // could answer differently on a second read.
+  const columns = (columnsArg as unknown[]).slice();
   if (parityCountArg !== 1 && parityCountArg !== 2) {
     throw new TypeError(`${fn}: parityCount must be 1 (P: columns = k data + P) or 2 (P+Q: k data + P + Q), got ${String(parityCountArg)}`);
   }
