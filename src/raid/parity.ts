@@ -144,7 +144,7 @@ function validateReconstruct(fn: string, columnsArg: unknown, lostArg: unknown, 
   const k = columns.length - parityCount;
   checkK(fn, k, parityCount === 1 ? PARITY_P_DATA_COLUMNS_MAX : PARITY_PQ_DATA_COLUMNS_MAX);
   if (!Array.isArray(lostArg)) throw new TypeError(`${fn}: lost must be an array of column indexes, got ${describe(lostArg)}`);
-  const lost = lostArg as unknown[];
+  const lost = (lostArg as unknown[]).slice(); // read once (see columns)
   if (lost.length < 1 || lost.length > parityCount) {
     throw new RangeError(`${fn}: lost must name 1..${parityCount} columns with ${parityCount === 1 ? 'P' : 'P+Q'} parity, got ${lost.length}`);
   }
