@@ -85,7 +85,7 @@ describe('mirror failover: promote (two hosts)', function () {
         process.stderr.write(`--- ${f}\n${fs.readFileSync(path.join(tmp, f), 'utf8').split('\n').slice(-25).join('\n')}\n`);
       }
     }
-    for (const p of [...procs, receiver]) if (p && p.exitCode === null) p.kill('SIGKILL');
+    for (const p of [...procs, receiver]) if (p && !exited(p)) p.kill('SIGKILL');
     procs.length = 0;
     receiver = undefined;
     await pair.destroy();
@@ -123,8 +123,13 @@ describe('mirror failover: promote (two hosts)', function () {
     return ['--cp-interval', '100', '--mirror-to', `${pair.host('b').addr}:${PORT}`, '--mirror-mode', mode, '--mirror-policy', policy, '--mirror-insecure', '--mirror-stall-timeout', '5000'];
   }
 
+  /** A process killed by a signal has signalCode set and exitCode null. */
+  function exited(p: cp.ChildProcess): boolean {
+    return p.exitCode !== null || p.signalCode !== null;
+  }
+
   async function kill9(p: cp.ChildProcess): Promise<void> {
-    if (p.exitCode !== null) return;
+    if (exited(p)) return;
     const done = new Promise((r) => p.once('exit', r));
     p.kill('SIGKILL');
     await done;
@@ -155,7 +160,7 @@ describe('mirror failover: promote (two hosts)', function () {
   }
 
   async function stopGracefully(p: cp.ChildProcess): Promise<void> {
-    if (p.exitCode !== null) return;
+    if (exited(p)) return;
     const done = new Promise((r) => p.once('exit', r));
     p.kill('SIGTERM');
     await done;
