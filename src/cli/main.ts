@@ -14,6 +14,7 @@ import { registerReceive } from './receive';
 import { registerVerify } from './verify';
 import { registerRepair } from './repair';
 import { registerPromote } from './promote';
+import { registerDemote } from './demote';
 
 const program = new Command();
 program
@@ -34,6 +35,7 @@ registerReceive(program);
 registerVerify(program);
 registerRepair(program);
 registerPromote(program);
+registerDemote(program);
 
 program.parseAsync(process.argv).catch((e: unknown) => {
   if (e instanceof CommanderError) process.exit(e.exitCode === 0 ? 0 : 2);

@@ -33,7 +33,7 @@ import { readRole } from './role';
 import { assert } from '../util/assert';
 import { crc32c } from '../io/native';
 import { FrameParser, FrameWriter, MirrorProtocolError, MsgType, WIRE_VERSION, writeFrame, type CpKind, type Message } from './wire';
-import { APPLY_WRITES_MAX, BASELINE_PROGRESS_BLOCKS, MirrorDir, MirrorDirError, newestSuperblock, rootBytes } from './mirror-dir';
+import { APPLY_WRITES_MAX, BASELINE_PROGRESS_BLOCKS, MirrorDir, MirrorDirError, newestSuperblock, rootBytes, type MirrorHello } from './mirror-dir';
 import { MirrorView, type MirrorExports } from './exports';
 import { RemoteReads, verifyCp, type VerifyReport } from './verify';
 import { applyDelta, DELTA_FROM_ZEROES } from './delta';
@@ -570,7 +570,7 @@ export class MirrorReceiver {
     return undefined;
   }
 
-  async openMirror(hello: { sourceUuid: string; sizeBytes: number; deviceBlocks: number; nvramBytes: number; sourceCp: number }, log: Logger): Promise<MirrorDir> {
+  async openMirror(hello: MirrorHello & { sourceCp: number }, log: Logger): Promise<MirrorDir> {
     const promoted = await promotedRefusal(path.join(this.dir, hello.sourceUuid), hello.sourceCp);
     if (promoted) throw new MirrorDirError(promoted);
     let m = this.mirrors.get(hello.sourceUuid);

@@ -46,6 +46,7 @@ import { assert } from '../util/assert';
 import { deltaFrames, encodeCpBlocks, refFrames } from './cp-encode';
 import type { LinkArgs } from './link';
 import { readRelationship, writeRelationship, type MirrorPolicy } from './relationship';
+import { readRole } from './role';
 import {
   writeFrame, BLOCKS_PER_FRAME_MAX, FrameParser, FrameWriter, MsgType, type Message, type MirrorMode,
 } from './wire';
@@ -145,6 +146,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private volume: EngineVolume | undefined;
   private conn: Conn | undefined;
   private state: MirrorState = 'disconnected';
+  /** The CP this volume was promoted from (kept by a snapshot), offered as a failback base until the destination acknowledges a CP. */
+  private promotedBase: { cp: number; root: Buffer } | undefined;
   /** The destination refused us because its mirror was promoted (both sides are primary). */
   private splitBrain = false;
   private stopped = false;
@@ -221,6 +224,15 @@ export class MirrorSource implements CpSink, ReplicaGate {
       } else {
         this.log.warn({ destCp: prev.destCp, reason: why }, 'the destination\'s CP can no longer be kept: it gets a full baseline');
       }
+    }
+    // A volume promoted from a mirror, with no relationship of its own yet: the CP it was
+    // promoted from is kept by a snapshot, so a demoted old primary that holds it too
+    // (failback) resyncs from there instead of taking a full baseline.
+    const role = readRole(this.o.dir);
+    if ((!prev || prev.destCp < 0) && role && role.promotedFromCp <= cpNow && tree.listSnapshots().some((x) => x.name === role.baseSnapshot)) {
+      this.promotedBase = { cp: role.promotedFromCp, root: Buffer.from(role.promotedRoot, 'hex') };
+      this.holdValidFromCp = Math.min(this.holdValidFromCp, role.promotedFromCp);
+      this.log.info({ baseCp: role.promotedFromCp, snapshot: role.baseSnapshot }, 'promoted volume: offering the CP it was promoted from as the base of a failback');
     }
     tree.setCpSink(this);
   }
@@ -300,6 +312,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.send(conn, {
       type: MsgType.Hello, sourceUuid: v.tree.volumeUuid, sizeBytes: v.sizeBytes, deviceBlocks: tree.totalBlocks,
       nvramBytes: v.region.sizeBytes, mode: this.o.mode, sourceCp: tree.cpNumber, streamFromSeq: Math.max(1, this.forwardFromSeq),
+      baseCp: this.promotedBase?.cp ?? -1, baseRoot: this.promotedBase?.root ?? Buffer.alloc(24),
     });
     conn.welcome.then(
       (w) => this.onWelcome(conn, w),
@@ -319,6 +332,13 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.reconnectMs = RECONNECT_MS_MIN;
     this.splitBrain = false;
     this.destCp = w.committedCp;
+    const pb = this.promotedBase;
+    if (pb && !(w.committedCp === pb.cp && w.root.equals(pb.root))) {
+      // Until a CP of ours is acknowledged, the only common state we can prove is the
+      // promote's base (same CP number, same root): anything else gets a baseline.
+      if (w.committedCp >= 0) this.log.warn({ destCp: w.committedCp, baseCp: pb.cp }, 'the destination does not hold the CP this volume was promoted from: full baseline');
+      this.destCp = -1;
+    }
     conn.shippedCp = w.committedCp;
     this.destRoot = w.root;
     this.pinnedCp = w.oldestPinnedCp;
@@ -355,6 +375,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
         }
         conn.cpAcks.shift();
         this.destCp = m.cp;
+        this.promotedBase = undefined; // the relationship has its own base now
         this.destRoot = m.root;
         this.cpsShipped++;
         this.clientBytesAtDestCp = head.clientBytes;

@@ -163,6 +163,7 @@ export async function readLabel(dir: string): Promise<VolumeLabel> {
     if (fst.size > LABEL_MAX_BYTES) throw new Error(`${p}: label is larger than ${LABEL_MAX_BYTES} bytes`);
     text = await fs.promises.readFile(p, 'utf8');
   } catch (e) {
+    if (native.errnoCode(e) === 'ENOENT' && (await exists(`${p}.demoted`))) throw new Error(`${dir} was demoted: its member is now a mirror (see ${path.join(dir, 'DEMOTED.json')})`);
     if (native.errnoCode(e) === 'ENOENT') throw new Error(`${dir} is not an nvmirror volume directory (no ${LABEL_NAME}; create one with \`nvmirror create\`)`);
     throw e;
   }
