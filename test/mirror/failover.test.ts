@@ -32,6 +32,9 @@ import { controlRequest } from '../../src/volume/engine-control';
 
 const PORT = 17031;
 const ROUNDS = Number(process.env.NVMIRROR_FAILOVER_ROUNDS ?? 20);
+/** The old primary's receiver (failback), on namespace a. */
+const PORT_BACK = 17032;
+const SPLIT_ROUNDS = Number(process.env.NVMIRROR_SPLIT_ROUNDS ?? 10);
 
 interface PromoteJson {
   promotedFromCp: number;
@@ -57,6 +60,13 @@ function ringRoots(member: string, uuid: string): Map<number, string> {
     fs.closeSync(fd);
   }
   return out;
+}
+
+async function vethBytes(pair: HostPair): Promise<number> {
+  const a = pair.host('a');
+  let n = 0;
+  for (const k of ['tx_bytes', 'rx_bytes']) n += Number((await pair.exec('a', 'cat', [`/sys/class/net/${a.dev}/statistics/${k}`])).stdout.trim());
+  return n;
 }
 
 describe('mirror failover: promote (two hosts)', function () {
@@ -288,5 +298,80 @@ describe('mirror failover: promote (two hosts)', function () {
     const js = JSON.parse(text) as { role?: { state: string; promotedFromCp: number } };
     assert.equal(js.role?.state, 'promoted');
     assert.equal(js.role?.promotedFromCp, p.promotedFromCp);
+  });
+
+  it(`split brain, ${SPLIT_ROUNDS} times with different timings: refused until the old primary is demoted; failback resyncs only what changed, both sides identical, its own writes kept`, async () => {
+    const seed = seedFromEnv();
+    const rnd = prng(seed + 2);
+    process.stdout.write(`      seed ${seed} (NVMIRROR_SEED=${seed} reruns it)\n`);
+    await startReceiver();
+    let refusals = 0;
+    let resyncWire = 0;
+    let changed = 0;
+    for (let round = 0; round < SPLIT_ROUNDS; round++) {
+      const tag = `seed ${seed} round ${round}`;
+      const s = createSource(`b${round}`);
+      const src = await startSource(s, `svb${round}`, mirrorArgs('sync'));
+      await until('in sync', () => sourceStatus(s.dir)?.state === 'in-sync', 60_000);
+      sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x31 0 24M', `nbd+unix:///?socket=${s.sock}`]);
+      await kill9(src);
+      await promote(s.uuid);
+      // The new primary writes 1-4 MiB; the old primary comes back on its own (split brain) and writes too.
+      const bMiB = 1 + Math.floor(rnd() * 4);
+      const promotedDir = path.join(tmp, 'dst', s.uuid);
+      const bSock = path.join(tmp, `nb${round}.sock`);
+      let b = pair.spawn('b', BIN, ['serve', promotedDir, '--socket', bSock], { stdio: ['ignore', 'ignore', logFd(`nb${round}`)] });
+      procs.push(b);
+      await until('promoted volume served', () => fs.existsSync(bSock), 60_000);
+      sh('qemu-io', ['-f', 'raw', '-c', `write -P 0x32 32M ${bMiB}M`, `nbd+unix:///?socket=${bSock}`]);
+      const old = await startSource(s, `svo${round}`, []);
+      await new Promise((r) => setTimeout(r, Math.floor(rnd() * 400)));
+      sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x33 48M 1M', `nbd+unix:///?socket=${s.sock}`]);
+      const st = await until('split brain refused', () => {
+        const m = sourceStatus(s.dir);
+        return m?.state === 'split-brain' ? m : undefined;
+      }, 30_000);
+      assert.match(st.lastError ?? '', /split brain refused: .* was promoted at CP \d+ \(the last CP both sides hold\)/, tag);
+      refusals++;
+      await stopGracefully(old);
+      // Resolution: the old primary is demoted (its state kept), then mirrors the new one.
+      const dem = JSON.parse(sh(BIN, ['demote', s.dir, '--into', path.join(tmp, `back${round}`), '--json'])) as { keptIn: string; mirrorDir: string };
+      const backSock = path.join(tmp, `back${round}.sock`);
+      const back = pair.spawn('a', BIN, ['receive', path.join(tmp, `back${round}`), '--listen', `${pair.host('a').addr}:${PORT_BACK}`, '--export-socket', backSock, '--mirror-insecure'], {
+        stdio: ['ignore', 'ignore', logFd(`back${round}`)],
+      });
+      procs.push(back);
+      await until('receiver on the old primary', () => fs.existsSync(backSock), 60_000);
+      await stopGracefully(b);
+      const wire0 = await vethBytes(pair);
+      b = pair.spawn('b', BIN, ['serve', promotedDir, '--socket', bSock, '--cp-interval', '200', '--mirror-to', `${pair.host('a').addr}:${PORT_BACK}`, '--mirror-mode', 'sync', '--mirror-insecure'], {
+        stdio: ['ignore', 'ignore', logFd(`nb${round}`)],
+      });
+      procs.push(b);
+      // (status of a volume nobody serves takes its lock for a moment: wait until it is served)
+      await until('promoted volume served again', () => fs.existsSync(path.join(promotedDir, 'control.sock')), 60_000);
+      await until('failback in sync', () => {
+        const m = sourceStatus(promotedDir);
+        return m && m.state === 'in-sync' && m.rootsEqual ? m : undefined;
+      }, 60_000);
+      const wire = (await vethBytes(pair)) - wire0;
+      resyncWire += wire;
+      changed += bMiB * 1024 * 1024;
+      // Only what changed since the common CP travels (a full copy would be over 24 MiB).
+      assert.ok(wire < bMiB * 1024 * 1024 + 2 * 1024 * 1024, `${tag}: the failback resync moved ${wire} bytes for ${bMiB} MiB changed`);
+      const rxLog = fs.readFileSync(path.join(tmp, `back${round}.log`), 'utf8');
+      assert.match(rxLog, /failback: rolled back to CP \d+/, tag);
+      assert.doesNotMatch(fs.readFileSync(path.join(tmp, `nb${round}.log`), 'utf8'), /mirror baseline started/, `${tag}: a full baseline`);
+      // Both sides identical; the old primary's own write is in what demote kept.
+      assert.equal(md5OfExport(`nbd+unix:///${s.uuid}?socket=${backSock}`), md5OfExport(`nbd+unix:///?socket=${bSock}`), `${tag}: the two sides differ after failback`);
+      const keptSock = path.join(tmp, `kept${round}.sock`);
+      const kept = cp.spawn(BIN, ['serve', dem.keptIn, '--read-only', '--socket', keptSock], { stdio: ['ignore', 'ignore', logFd(`kept${round}`)] });
+      procs.push(kept);
+      await until('kept copy served', () => fs.existsSync(keptSock), 60_000);
+      sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x33 48M 1M', '-c', 'read -P 0x31 0 24M', `nbd+unix:///?socket=${keptSock}`]);
+      sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0 48M 1M', '-c', `read -P 0x32 32M ${bMiB}M`, `nbd+unix:///${s.uuid}?socket=${backSock}`]);
+      for (const p of [kept, b, back]) await stopGracefully(p);
+    }
+    process.stdout.write(`      ${SPLIT_ROUNDS} split brains: ${refusals} refused until demoted; failback resync ${resyncWire} bytes on the wire for ${changed} bytes changed on the new primaries\n`);
   });
 });
