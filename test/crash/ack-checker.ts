@@ -26,6 +26,12 @@ export interface World {
   ackedWrites: number;
   killedInFlight: number;
   landedInFlight: number;
+  /**
+   * Contents of writes that failed with an error (not a closed connection) since the
+   * block's last acknowledged write, when errors leave the outcome open (a mirror's strict
+   * policy fails a write with EIO after it reached the NVRAM): any of them may be there.
+   */
+  failed?: Map<number, Buffer[]>;
 }
 
 /** A recognisable block: lbn and write id in the first 16 bytes, then PRNG bytes. */
@@ -47,7 +53,7 @@ export function describeBlock(b: Buffer): string {
 
 /** Reads every block the world knows about; returns the problems; adopts what it read. */
 export async function verify(c: NbdClient, w: World, adopt: boolean): Promise<string[]> {
-  const lbns = [...new Set([...w.acked.keys(), ...w.inflight.keys()])].sort((a, b) => a - b);
+  const lbns = [...new Set([...w.acked.keys(), ...w.inflight.keys(), ...(w.failed?.keys() ?? [])])].sort((a, b) => a - b);
   const problems: string[] = [];
   for (let i = 0; i < lbns.length; i += 64) {
     const batch = lbns.slice(i, i + 64);
@@ -62,6 +68,7 @@ export async function verify(c: NbdClient, w: World, adopt: boolean): Promise<st
         if (adopt) w.acked.set(lbn, alt);
         return;
       }
+      if (w.failed?.get(lbn)?.some((f) => g.equals(f))) return;
       problems.push(`lbn ${lbn}: holds ${describeBlock(g)}, expected ${describeBlock(want)}${alt ? ` or in-flight ${describeBlock(alt)}` : ''}`);
     });
   }
@@ -87,7 +94,9 @@ export async function load(c: NbdClient, w: World, mode: Mode, rnd: () => number
       const contents: Buffer[] = [];
       let send: () => Promise<void>;
       const fua = mode === 'fua';
-      if (r >= 0.1 && r < 0.16) {
+      // A sector write merges with what the block holds: not modelled after a failed write
+      // whose outcome is open (the block may hold either), so such a block gets whole writes.
+      if (r >= 0.1 && r < 0.16 && !w.failed?.has(lbn)) {
         // A 512-byte write into the middle of a block: merges with the current contents.
         const sector = Math.floor(rnd() * 8);
         const id = ++w.writeId;
@@ -107,13 +116,19 @@ export async function load(c: NbdClient, w: World, mode: Mode, rnd: () => number
       for (const l of lbns) busy.add(l);
       const p = send().then(
         () => {
-          lbns.forEach((l, i) => w.acked.set(l, contents[i]!));
+          lbns.forEach((l, i) => {
+            w.acked.set(l, contents[i]!);
+            w.failed?.delete(l);
+          });
           w.ackedWrites++;
         },
         (e: unknown) => {
           if (e instanceof NbdClosedError) {
             lbns.forEach((l, i) => w.inflight.set(l, contents[i]!));
             w.killedInFlight++;
+          } else if (w.failed) {
+            lbns.forEach((l, i) => w.failed!.set(l, [...(w.failed!.get(l) ?? []), contents[i]!]));
+            errors.push(`request on lbn ${lbn}: ${(e as Error).message}`);
           } else {
             errors.push(`request on lbn ${lbn}: ${(e as Error).message}`);
           }

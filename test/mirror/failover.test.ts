@@ -35,6 +35,8 @@ const ROUNDS = Number(process.env.NVMIRROR_FAILOVER_ROUNDS ?? 20);
 /** The old primary's receiver (failback), on namespace a. */
 const PORT_BACK = 17032;
 const SPLIT_ROUNDS = Number(process.env.NVMIRROR_SPLIT_ROUNDS ?? 10);
+/** Every this many RPO rounds, the receiver is killed mid-load too. */
+const RX_CRASH_EVERY = Number(process.env.NVMIRROR_RX_CRASH_EVERY ?? 4);
 
 interface PromoteJson {
   promotedFromCp: number;
@@ -108,6 +110,7 @@ describe('mirror failover: promote (two hosts)', function () {
 
   async function startReceiver(): Promise<void> {
     const expSock = path.join(tmp, 'exp.sock');
+    fs.rmSync(expSock, { force: true });
     receiver = pair.spawn('b', BIN, ['receive', path.join(tmp, 'dst'), '--listen', `${pair.host('b').addr}:${PORT}`, '--export-socket', expSock, '--mirror-insecure'], {
       stdio: ['ignore', 'ignore', logFd('rx')],
     });
@@ -176,7 +179,7 @@ describe('mirror failover: promote (two hosts)', function () {
     await done;
   }
 
-  it(`sync, RPO 0: ${ROUNDS} kill -9s of the primary under load (plain, FUA, FLUSH; mid-CP); each promoted mirror holds every acknowledged write`, async () => {
+  it(`sync, RPO 0: ${ROUNDS} kill -9s of the primary under load (plain, FUA, FLUSH; mid-CP; every 4th with the receiver killed too, mid-resync); each promoted mirror holds every acknowledged write`, async () => {
     const seed = seedFromEnv();
     const rnd = prng(seed);
     process.stdout.write(`      seed ${seed} (NVMIRROR_SEED=${seed} reruns it)\n`);
@@ -185,21 +188,49 @@ describe('mirror failover: promote (two hosts)', function () {
     let checked = 0;
     let inflightLanded = 0;
     let replayed = 0;
+    let receiverCrashes = 0;
+    let killedMidResync = 0;
     for (let round = 0; round < ROUNDS; round++) {
       const s = createSource(`s${round}`);
       const src = await startSource(s, `sv${round}`, mirrorArgs('sync', 'strict'));
       await until(`round ${round}: mirror in sync`, () => sourceStatus(s.dir)?.state === 'in-sync', 60_000);
       const mode: Mode = (['plain', 'fua', 'flush'] as const)[round % 3]!;
-      const w: World = { acked: new Map(), inflight: new Map(), writeId: round * 10_000_000, ackedWrites: 0, killedInFlight: 0, landedInFlight: 0 };
+      // Every 4th round the receiver is killed mid-load and restarted: the source resyncs
+      // (strict policy: writes fail with EIO meanwhile, so their outcome is open) and the
+      // primary dies at a random moment, often mid-resync; the mirror's log must have kept
+      // what it held across its own crash.
+      const receiverCrash = round % RX_CRASH_EVERY === RX_CRASH_EVERY - 1;
+      const w: World = { acked: new Map(), inflight: new Map(), writeId: round * 10_000_000, ackedWrites: 0, killedInFlight: 0, landedInFlight: 0, ...(receiverCrash ? { failed: new Map() } : {}) };
       const c = await NbdClient.connect(s.sock, '');
       const errors: string[] = [];
       const killAfterMs = 200 + Math.floor(rnd() * 800);
-      const killer = setTimeout(() => void kill9(src), killAfterMs);
+      // Receiver-crash rounds: the primary dies 0-1 s after the receiver is back (while the
+      // source reconnects and resyncs, or just after), not on the timer.
+      const killer = receiverCrash ? undefined : setTimeout(() => void kill9(src), killAfterMs);
+      let restarted: Promise<void> = Promise.resolve();
+      const afterRestartMs = Math.floor(rnd() * 1000);
+      const when = receiverCrash ? `the receiver killed and restarted, the primary killed ${afterRestartMs} ms later` : `kill at ${killAfterMs} ms`;
+      const rxKiller = receiverCrash ? setTimeout(() => {
+        restarted = (async () => {
+          await kill9(receiver!);
+          await startReceiver();
+          await new Promise((r) => setTimeout(r, afterRestartMs));
+          await kill9(src);
+        })();
+      }, 100 + Math.floor(rnd() * 300)) : undefined;
       await load(c, w, mode, rnd, errors);
-      clearTimeout(killer);
+      if (killer) clearTimeout(killer);
+      await restarted;
       await kill9(src);
-      assert.deepEqual(errors, [], `seed ${seed} round ${round}: requests failed before the kill`);
-      assert.ok(w.ackedWrites > 0, `seed ${seed} round ${round}: no write was acknowledged before the kill at ${killAfterMs} ms`);
+      if (receiverCrash) {
+        const log = fs.readFileSync(path.join(tmp, `sv${round}.log`), 'utf8');
+        const lastStart = log.lastIndexOf('mirror resync started');
+        if (lastStart >= 0 && log.indexOf('mirror resync done', lastStart) < 0) killedMidResync++;
+        receiverCrashes++;
+      } else {
+        assert.deepEqual(errors, [], `seed ${seed} round ${round}: requests failed before the kill`);
+      }
+      assert.ok(w.ackedWrites > 0, `seed ${seed} round ${round}: no write was acknowledged (${when})`);
       const p = await promote(s.uuid);
       replayed += p.recordsReplayed;
       const served = await servePromoted(s.uuid, `p${round}`);
@@ -207,13 +238,15 @@ describe('mirror failover: promote (two hosts)', function () {
       const problems = await verify(c2, w, false);
       await c2.close();
       await stopGracefully(served.proc);
-      assert.deepEqual(problems.slice(0, 10), [], `seed ${seed} round ${round} (${mode}, kill at ${killAfterMs} ms): ${problems.length} acknowledged block(s) lost on the promoted mirror`);
+      if (problems.length > 0) process.stderr.write(`errors ${errors.length} (${errors.slice(0, 3).join('; ')}), failed blocks ${w.failed?.size}, inflight ${w.inflight.size}, acked ${w.ackedWrites}\n`);
+      assert.deepEqual(problems.slice(0, 10), [], `seed ${seed} round ${round} (${mode}, ${when}): ${problems.length} acknowledged block(s) lost on the promoted mirror`);
       acked += w.ackedWrites;
       checked += w.acked.size;
       inflightLanded += w.landedInFlight;
     }
     process.stdout.write(`      ${ROUNDS} failovers: ${acked} acknowledged writes, ${checked} blocks checked on the promoted mirrors, 0 lost; ` +
-      `${replayed} log records replayed by promote; ${inflightLanded} in-flight blocks had landed\n`);
+      `${replayed} log records replayed by promote; ${inflightLanded} in-flight blocks had landed; ` +
+      `${receiverCrashes} rounds with the receiver killed mid-load (${killedMidResync} primaries killed mid-resync)\n`);
   });
 
   it('async: after a kill -9 the promoted mirror is exactly one of the source\'s committed CPs', async () => {
@@ -335,7 +368,10 @@ describe('mirror failover: promote (two hosts)', function () {
       refusals++;
       await stopGracefully(old);
       // Resolution: the old primary is demoted (its state kept), then mirrors the new one.
-      const dem = JSON.parse(sh(BIN, ['demote', s.dir, '--into', path.join(tmp, `back${round}`), '--json'])) as { keptIn: string; mirrorDir: string };
+      const refused = cp.spawnSync(BIN, ['demote', s.dir, '--into', path.join(tmp, `back${round}`)], { encoding: 'utf8' });
+      assert.notEqual(refused.status, 0, `${tag}: demote without --discard-my-changes`);
+      assert.match(refused.stderr, /--discard-my-changes/);
+      const dem = JSON.parse(sh(BIN, ['demote', s.dir, '--into', path.join(tmp, `back${round}`), '--discard-my-changes', '--json'])) as { keptIn: string; mirrorDir: string };
       const backSock = path.join(tmp, `back${round}.sock`);
       const back = pair.spawn('a', BIN, ['receive', path.join(tmp, `back${round}`), '--listen', `${pair.host('a').addr}:${PORT_BACK}`, '--export-socket', backSock, '--mirror-insecure'], {
         stdio: ['ignore', 'ignore', logFd(`back${round}`)],
