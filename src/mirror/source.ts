@@ -133,7 +133,7 @@ interface Conn {
   writer: FrameWriter;
   welcome: Promise<Message & { type: MsgType.Welcome }>;
   /** CP commits sent and not yet acknowledged, oldest first (at most CPS_UNACKED_MAX + 1). */
-  cpAcks: Array<{ cp: number; sinceMs: number; clientBytes: number; root: Buffer; resolve: () => void; done: Promise<void> }>;
+  cpAcks: Array<{ cp: number; sinceMs: number; clientBytes: number; root: Buffer; superblock: Buffer; resolve: () => void; done: Promise<void> }>;
   /** The newest CP whose commit went out on this connection (the destination applies in stream order). */
   shippedCp: number;
   closed: boolean;
@@ -146,6 +146,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private volume: EngineVolume | undefined;
   private conn: Conn | undefined;
   private state: MirrorState = 'disconnected';
+  /** The superblock of the destination's CP (persisted with it: holdCommitted needs it once that CP leaves the ring). */
+  private destSuperblock: { cp: number; raw: Buffer } | undefined;
   /** The CP this volume was promoted from (kept by a snapshot), offered as a failback base until the destination acknowledges a CP. */
   private promotedBase: { cp: number; root: Buffer } | undefined;
   /** The destination refused us because its mirror was promoted (both sides are primary). */
@@ -217,10 +219,12 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.holdValidFromCp = cpNow;
     const prev = readRelationship(this.o.dir);
     if (prev && prev.destCp >= 0 && prev.destCp <= cpNow) {
-      const why = await tree.holdCommitted(prev.destCp);
+      const kept = prev.destSuperblock !== undefined ? Buffer.from(prev.destSuperblock, 'base64') : undefined;
+      const why = await tree.holdCommitted(prev.destCp, kept);
       if (why === null) {
         this.holdValidFromCp = prev.destCp;
         this.destCp = prev.destCp;
+        if (kept) this.destSuperblock = { cp: prev.destCp, raw: kept };
       } else {
         this.log.warn({ destCp: prev.destCp, reason: why }, 'the destination\'s CP can no longer be kept: it gets a full baseline');
       }
@@ -252,8 +256,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
   /** Names the destination's CP only while its blocks are held here (else -1: a baseline is due). */
   private saveState(): void {
     const destCp = this.destCp >= this.holdValidFromCp ? this.destCp : -1;
+    const sb = destCp >= 0 && this.destSuperblock?.cp === destCp ? this.destSuperblock.raw.toString('base64') : undefined;
     try {
-      writeRelationship(this.o.dir, { peer: `${this.o.peer.host}:${this.o.peer.port}`, mode: this.o.mode, policy: this.o.policy, link: this.o.link, destCp });
+      writeRelationship(this.o.dir, { peer: `${this.o.peer.host}:${this.o.peer.port}`, mode: this.o.mode, policy: this.o.policy, link: this.o.link, destCp, ...(sb ? { destSuperblock: sb } : {}) });
     } catch (e) {
       this.log.warn({ err: (e as Error).message }, 'cannot write the mirror state file');
     }
@@ -375,6 +380,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
         }
         conn.cpAcks.shift();
         this.destCp = m.cp;
+        this.destSuperblock = { cp: m.cp, raw: head.superblock };
         this.promotedBase = undefined; // the relationship has its own base now
         this.destRoot = m.root;
         this.cpsShipped++;
@@ -620,7 +626,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     const root = superblock.subarray(SUPERBLOCK_ROOT_OFFSET, SUPERBLOCK_ROOT_OFFSET + 24);
     let resolve!: () => void;
     const done = new Promise<void>((r) => (resolve = r));
-    conn.cpAcks.push({ cp, sinceMs: Date.now(), clientBytes: this.clientBytes, root, resolve, done });
+    conn.cpAcks.push({ cp, sinceMs: Date.now(), clientBytes: this.clientBytes, root, superblock: Buffer.from(superblock), resolve, done });
     this.send(conn, { type: MsgType.CpCommit, cp, slot, blockCount, superblock });
     conn.shippedCp = cp;
     await done;

@@ -860,19 +860,26 @@ export class BlockTree implements BlockTreeApi {
   }
 
   /**
-   * Keeps the blocks of an older committed CP (still in the superblock ring) from being
-   * reused, as if it were a kept snapshot until the CP sink's oldestNeededCp() moves
+   * Keeps the blocks of an older committed CP (in the superblock ring, or given as the
+   * copy of its superblock a mirror kept) from being reused, as if it were a kept snapshot until the CP sink's oldestNeededCp() moves
    * past it: a mirror whose destination holds that CP resumes after a restart without a
    * new baseline. Returns null, or why the CP cannot be held (then it is not).
    */
-  async holdCommitted(cp: number): Promise<string | null> {
+  async holdCommitted(cp: number, superblock?: Buffer): Promise<string | null> {
     if (cp === this.sb.cpNumber) return null;
     if (cp > this.sb.cpNumber || cp < 0) return `CP ${cp} is not an older CP of this volume (it is at CP ${this.sb.cpNumber})`;
     const raw = Buffer.alloc(BLOCK);
     await this.devRead(cp % RING_SLOTS, 1, raw, `superblock slot ${cp % RING_SLOTS}`);
-    const old = decodeSuperblock(raw);
+    let old = decodeSuperblock(raw);
+    if (typeof old !== 'string' && (old.cpNumber !== cp || old.volumeUuid !== this.volumeUuid) && superblock) {
+      // Out of the ring: the copy the caller kept (its blocks were held since, so they are
+      // intact; the space map below is read with its checksums, so a copy that lies fails).
+      old = decodeSuperblock(superblock);
+      if (typeof old === 'string') return `the kept superblock of CP ${cp}: ${old}`;
+    }
     if (typeof old === 'string') return `superblock slot of CP ${cp}: ${old}`;
     if (old.cpNumber !== cp || old.volumeUuid !== this.volumeUuid) return `CP ${cp} is no longer in the superblock ring (slot holds CP ${old.cpNumber})`;
+    if (old.deviceBlocks !== this.sb.deviceBlocks) return `CP ${cp}: its superblock describes another device size`;
     const map = Buffer.alloc(this.smap.active.length);
     try {
       for (const r of [old.smapRoot, ...old.snapshots.map((s) => s.smapRoot)]) await this.smap.loadTree(r, this.smapLoader('held CP'), map, false);
