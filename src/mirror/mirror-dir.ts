@@ -154,21 +154,50 @@ async function rollBackForFailback(dir: string, dev: FileBlockDevice, label: Mir
   const ring = Buffer.alloc(RING_SLOTS * BLOCK);
   await dev.readBlocks(0, RING_SLOTS, ring);
   const held: number[] = [];
-  let found = false;
+  let found: Buffer | undefined;
   const later: number[] = [];
   for (let s = 0; s < RING_SLOTS; s++) {
-    const sb = decodeSuperblock(ring.subarray(s * BLOCK, (s + 1) * BLOCK));
+    const raw = ring.subarray(s * BLOCK, (s + 1) * BLOCK);
+    const sb = decodeSuperblock(raw);
     if (typeof sb === 'string' || sb.volumeUuid !== label.sourceUuid || sb.cpNumber % RING_SLOTS !== s) continue;
     held.push(sb.cpNumber);
-    if (sb.cpNumber === baseCp && rootBytes(sb).equals(hello.baseRoot)) found = true;
+    if (sb.cpNumber === baseCp && rootBytes(sb).equals(hello.baseRoot)) found = Buffer.from(raw);
     if (sb.cpNumber > baseCp) later.push(s);
   }
   if (!found) {
     throw new MirrorDirError(`mirror ${dir} (demoted from ${d.fromDir}) does not hold CP ${baseCp} with the promoted volume's root (its ring holds CPs ${held.sort((a, b) => a - b).join(', ') || 'none'}): ` +
       `no common CP, so no failback without a full copy; remove ${dir} to take a full baseline`);
   }
+  // The base becomes the newest CP in the ring: this side's later ones are cleared (their
+  // state is in the demote's copy).
   for (const s of later) await dev.writeBlocks(s, Buffer.alloc(BLOCK));
   await dev.sync();
+  // Equal root pointers prove the trees equal only if every block of the base is still
+  // what it was here: a block this side reused after the base (a restart that did not hold
+  // it) would otherwise go unnoticed. Mount the base and check all of it once (local I/O).
+  let damage: string | undefined;
+  try {
+    const tree = await BlockTree.open(dev, { discardFreed: false });
+    try {
+      if (tree.stats().cpNumber !== baseCp) damage = `the ring mounts CP ${tree.stats().cpNumber}, not CP ${baseCp}`;
+      else {
+        const r = await tree.check();
+        if (r.problems.length > 0) damage = r.problems.slice(0, 3).join('; ');
+      }
+    } finally {
+      await tree.close();
+    }
+  } catch (e) {
+    damage = e instanceof Error ? e.message : String(e);
+  }
+  if (damage !== undefined) {
+    // Not a usable base: the member holds no CP for this mirror any more (every ring slot
+    // cleared), so the source sends a full baseline; this side's state is in the demote's copy.
+    logger.error({ dir, baseCp, damage, keptIn: d.keptIn }, `failback: this side's copy of CP ${baseCp} no longer verifies (${damage}): a full baseline follows instead`);
+    for (let s = 0; s < RING_SLOTS; s++) await dev.writeBlocks(s, Buffer.alloc(BLOCK));
+    await dev.sync();
+    return;
+  }
   logger.warn({ dir, baseCp, discardedSlots: later.length, ownNewestCp: d.cp, keptIn: d.keptIn },
     `failback: rolled back to CP ${baseCp}, the last CP both sides hold; this side's CPs after it are discarded here (its whole state is kept in ${d.keptIn})`);
 }

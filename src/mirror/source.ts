@@ -39,7 +39,7 @@ import type { BlockTreeApi, CommittedView, CpBlock, CpMeta, CpSink } from '../tr
 import { walkBornAfter } from '../tree/born-after';
 import { ProgressLine } from '../util/progress';
 import type { NodeSide } from '../tree/diff';
-import { SUPERBLOCK_ROOT_OFFSET, decodeSuperblock } from '../tree/layout';
+import { RING_SLOTS, SUPERBLOCK_ROOT_OFFSET, decodeSuperblock } from '../tree/layout';
 import { RemoteReads, verifyCp, type VerifyReport } from './verify';
 import { VolumeError } from '../volume/errors';
 import { assert } from '../util/assert';
@@ -225,6 +225,13 @@ export class MirrorSource implements CpSink, ReplicaGate {
         this.holdValidFromCp = prev.destCp;
         this.destCp = prev.destCp;
         if (kept) this.destSuperblock = { cp: prev.destCp, raw: kept };
+        // The destination may have committed any CP shipped after it (its ack lost with
+        // the crash), and a failback rolls back to such a CP: hold every later one the
+        // ring still has, as the run before the restart did.
+        for (let c = Math.max(prev.destCp + 1, cpNow - RING_SLOTS + 1); c < cpNow; c++) {
+          const w = await tree.holdCommitted(c);
+          if (w !== null) this.log.warn({ cp: c, reason: w }, 'a CP after the destination\'s cannot be held');
+        }
       } else {
         this.log.warn({ destCp: prev.destCp, reason: why }, 'the destination\'s CP can no longer be kept: it gets a full baseline');
       }

@@ -174,6 +174,8 @@ export class BlockTree implements BlockTreeApi {
   private failedReason: string | null = null;
   private closed = false;
   private sink: CpSink | undefined;
+  /** The newest CP holdCommitted() holds blocks of (SpaceMap held), until the sink needs none of them. */
+  private heldThroughCp: number | undefined;
   /** Pins taken by pinCommitted() that are not released yet. */
   private readonly pins = new Set<RootHandle[]>();
 
@@ -621,6 +623,11 @@ export class BlockTree implements BlockTreeApi {
     // Releasing at the start of CP c makes the frees of CPs <= c-2 reusable: a sink's
     // oldest needed CP must be at least c-2, or the frees stay held.
     const needed0 = this.sink?.oldestNeededCp();
+    if (this.heldThroughCp !== undefined && (needed0 === undefined || needed0 > this.heldThroughCp)) {
+      // The peer no longer needs the CPs held since the open (holdCommitted).
+      this.heldThroughCp = undefined;
+      await this.discard(this.smap.releaseHeld());
+    }
     if (this.rotatedForCp !== cp) {
       this.rotatedForCp = cp;
       const holdOk = needed0 === undefined || needed0 >= cp - 2;
@@ -636,6 +643,11 @@ export class BlockTree implements BlockTreeApi {
       this.retiredIdle();
       await this.discard(this.smap.beginCommit(true));
       await this.discard(this.smap.beginCommit(true));
+      if (needed > this.smap.free && this.smap.heldBlocks > 0) {
+        this.sink?.holdBroken(cp, `CP ${cp} needs ${needed} blocks, ${this.smap.free} free: reusing the blocks held for CP ${this.heldThroughCp}`);
+        this.heldThroughCp = undefined;
+        await this.discard(this.smap.releaseHeld());
+      }
     }
     if (needed > this.smap.free) {
       throw new VolumeError('ENOSPC', `CP ${cp} needs up to ${needed} blocks but only ${this.smap.free} of ${this.sb.deviceBlocks} are free`);
@@ -887,6 +899,9 @@ export class BlockTree implements BlockTreeApi {
       return `space map of CP ${cp}: ${e instanceof Error ? e.message : String(e)}`;
     }
     const n = this.smap.reserveHeld(map);
+    // Released once the sink's oldest needed CP is past every held CP (not by the reserved
+    // generations' rotation: these blocks were freed by CPs after `cp`, before the open).
+    this.heldThroughCp = Math.max(this.heldThroughCp ?? -1, cp);
     log().info({ cp, blocks: n }, 'block tree: holding the blocks of an older CP for a mirror');
     return null;
   }

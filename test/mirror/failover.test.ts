@@ -410,4 +410,42 @@ describe('mirror failover: promote (two hosts)', function () {
     }
     process.stdout.write(`      ${SPLIT_ROUNDS} split brains: ${refusals} refused until demoted; failback resync ${resyncWire} bytes on the wire for ${changed} bytes changed on the new primaries\n`);
   });
+
+  it('failback over a damaged base: the old primary\'s copy of the common CP no longer verifies, so a full baseline follows (logged), never a silently different mirror', async () => {
+    await startReceiver();
+    const s = createSource('dmg');
+    const src = await startSource(s, 'svdmg', mirrorArgs('sync'));
+    await until('in sync', () => sourceStatus(s.dir)?.state === 'in-sync', 60_000);
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x41 0 8M', `nbd+unix:///?socket=${s.sock}`]);
+    await kill9(src);
+    const p = await promote(s.uuid);
+    const promotedDir = path.join(tmp, 'dst', s.uuid);
+    sh(BIN, ['demote', s.dir, '--into', path.join(tmp, 'backd'), '--discard-my-changes']);
+    // Damage the old primary's copy of the common CP: its root block.
+    const member = path.join(s.dir, 'member-0.img');
+    const fd = fs.openSync(member, 'r+');
+    const ring = Buffer.alloc(RING_SLOTS * BLOCK);
+    fs.readSync(fd, ring, 0, ring.length, 0);
+    const sb = decodeSuperblock(ring.subarray((p.promotedFromCp % RING_SLOTS) * BLOCK, (p.promotedFromCp % RING_SLOTS + 1) * BLOCK));
+    assert.ok(typeof sb !== 'string' && sb.cpNumber === p.promotedFromCp && sb.root, 'the base is in the ring');
+    fs.writeSync(fd, Buffer.alloc(BLOCK, 0xee), 0, BLOCK, sb.root.pba * BLOCK);
+    fs.closeSync(fd);
+    const backSock = path.join(tmp, 'backd.sock');
+    procs.push(pair.spawn('a', BIN, ['receive', path.join(tmp, 'backd'), '--listen', `${pair.host('a').addr}:${PORT_BACK}`, '--export-socket', backSock, '--mirror-insecure'], { stdio: ['ignore', 'ignore', logFd('backd')] }));
+    await until('receiver on the old primary', () => fs.existsSync(backSock), 60_000);
+    const bSock = path.join(tmp, 'nbd.sock');
+    procs.push(pair.spawn('b', BIN, ['serve', promotedDir, '--socket', bSock, '--mirror-to', `${pair.host('a').addr}:${PORT_BACK}`, '--mirror-mode', 'sync', '--mirror-insecure'], { stdio: ['ignore', 'ignore', logFd('nbd')] }));
+    await until('promoted volume served', () => fs.existsSync(path.join(promotedDir, 'control.sock')), 60_000);
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x42 16M 1M', `nbd+unix:///?socket=${bSock}`]);
+    // A CP that holds that write, then the mirror must hold that CP (the exports show committed CPs).
+    const r = await controlRequest(path.join(promotedDir, 'control.sock'), { op: 'checkpoint' }, 60_000);
+    assert.ok(r.ok, `checkpoint: ${String(r.error)}`);
+    await until('in sync after a full baseline', () => {
+      const m = sourceStatus(promotedDir);
+      return m && m.state === 'in-sync' && m.rootsEqual && m.destCp >= (r.cpNumber as number) ? m : undefined;
+    }, 60_000);
+    assert.match(fs.readFileSync(path.join(tmp, 'backd.log'), 'utf8'), new RegExp(`copy of CP ${p.promotedFromCp} no longer verifies`));
+    assert.match(fs.readFileSync(path.join(tmp, 'nbd.log'), 'utf8'), /mirror baseline started/);
+    assert.equal(md5OfExport(`nbd+unix:///${s.uuid}?socket=${backSock}`), md5OfExport(`nbd+unix:///?socket=${bSock}`));
+  });
 });
