@@ -17,8 +17,8 @@ describe('raid geometry', () => {
     for (const level of RAID_LEVELS) {
       for (let n = minMembers(level); n <= 9; n++) {
         for (const unit of [4 * KiB, 16 * KiB]) {
-          const stripes = 2 * n + 1; // every rotation at least twice
-          const g = new RaidGeometry(level, n, unit, LABEL_AREA_BLOCKS + stripes * (unit / 4096) + 3, 8);
+          const stripes = 2 * n + 9; // every rotation at least twice, and more than the head
+          const g = new RaidGeometry(level, n, unit, LABEL_AREA_BLOCKS + stripes * (unit / 4096) + unit / 4096 - 1, 8);
           assert.equal(g.stripes, stripes);
           const seen = new Set<string>();
           for (let p = g.headBlocks; p < g.logicalBlocks; p++) {
