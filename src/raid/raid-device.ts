@@ -132,6 +132,8 @@ export class RaidDevice implements BlockDevice {
   private readonly pending = new Map<number, PendingStripe>();
   private readonly locks = new Map<number, Promise<void>>();
   private labelsDirty = false;
+  /** Stripes written whole from new data, and stripes completed by read-modify-write. */
+  readonly stats = { fullStripeWrites: 0, rmwStripeWrites: 0 };
   private failure: string | undefined;
   private closed = false;
 
@@ -532,6 +534,8 @@ export class RaidDevice implements BlockDevice {
     const k = g.dataMembers;
     const dirty: boolean[] = [];
     for (let c = 0; c < k; c++) dirty.push(e.have.subarray(c * g.unitBlocks, (c + 1) * g.unitBlocks).some((h) => h === 1));
+    if (e.count === g.stripeDataBlocks) this.stats.fullStripeWrites++;
+    else this.stats.rmwStripeWrites++;
     if (e.count < g.stripeDataBlocks) {
       const old = await this.rebuildColumns(stripe, 0, g.unitBlocks, []);
       for (let q = 0; q < g.stripeDataBlocks; q++) if (e.have[q] === 0) old[Math.floor(q / g.unitBlocks)]!.copy(e.buf, q * B, (q % g.unitBlocks) * B, (q % g.unitBlocks + 1) * B);
@@ -563,11 +567,6 @@ export class RaidDevice implements BlockDevice {
       this.pending.delete(s);
       await this.flushStripe(s, e);
     }));
-  }
-
-  /** Stripes written by read-modify-write so far would show here; kept simple: the buffer's size. */
-  get pendingStripes(): number {
-    return this.pending.size;
   }
 
   async sync(): Promise<void> {
