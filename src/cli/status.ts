@@ -44,6 +44,9 @@ export function formatRaid(r: RaidHealth): string[] {
       (r.state === 'online' ? '' : `, ${lost.length} of ${r.members} members out of service (tolerates ${r.tolerance})`),
   ];
   if (r.failure) lines.push(`           ${r.failure}`);
+  if (r.stripeWrites.full + r.stripeWrites.readModifyWrite > 0) {
+    lines.push(`           stripes written since open: ${r.stripeWrites.full} whole, ${r.stripeWrites.readModifyWrite} by read-modify-write`);
+  }
   const width = Math.max(6, ...r.memberStatus.map((m) => m.name.length));
   lines.push(`           ${'member'.padEnd(width + 4)} ${'STATE'.padEnd(8)} ${'READ'.padStart(5)} ${'WRITE'.padStart(5)} ${'CKSUM'.padStart(5)} ${'HEALED'.padStart(6)}`);
   for (const m of r.memberStatus) {

@@ -73,6 +73,8 @@ export interface RaidHealth {
   generation: number;
   failure?: string;
   memberStatus: MemberStatus[];
+  /** Stripes written whole from new data, and by read-modify-write, since open. */
+  stripeWrites: { full: number; readModifyWrite: number };
 }
 
 export interface RaidMemberSpec {
@@ -203,6 +205,7 @@ export class RaidDevice implements BlockDevice {
       generation: this.generation,
       ...(this.failure !== undefined ? { failure: this.failure } : {}),
       memberStatus: this.members.map((m, index) => ({ index, name: m.name, state: m.state, ...(m.reason !== undefined ? { reason: m.reason } : {}), errors: { ...m.errors } })),
+      stripeWrites: { full: this.stats.fullStripeWrites, readModifyWrite: this.stats.rmwStripeWrites },
     };
   }
 
