@@ -22,7 +22,14 @@
 //   touches no JS value.
 #include "common.h"
 
+// The SIMD kernels are x86-64 only; elsewhere the portable ones run (and the path
+// argument refuses AVX2/AVX-512 as on a CPU without them).
+#if defined(__x86_64__)
+#define NVM_PARITY_X86 1
 #include <immintrin.h>
+#else
+#define NVM_PARITY_X86 0
+#endif
 
 #include <cstdio>
 #include <cstdlib>
@@ -207,6 +214,7 @@ void FinishDataAndQPortable(const uint8_t* p, uint8_t* dx, uint8_t* q, const Mul
 const Kernels kPortable = {XorGenPortable, PqGenPortable, Recover2Portable, FinishDataAndPPortable,
                            FinishDataAndQPortable};
 
+#if NVM_PARITY_X86
 // --- AVX2 -------------------------------------------------------------------------------
 #define NVM_AVX2 __attribute__((target("avx2")))
 
@@ -389,19 +397,15 @@ NVM_AVX512 inline __m512i Bcast16x5(const uint8_t* t) {
 
 NVM_AVX512 void XorGenAvx512(const uint8_t* const* src, size_t nsrc, uint8_t* dst, size_t n) {
   size_t j = 0;
-  for (; j + 256 <= n; j += 256) {
-    __m512i a = Ld5(src[0] + j), b = Ld5(src[0] + j + 64), c = Ld5(src[0] + j + 128), d = Ld5(src[0] + j + 192);
+  for (; j + 128 <= n; j += 128) {
+    __m512i a = Ld5(src[0] + j), b = Ld5(src[0] + j + 64);
     for (size_t i = 1; i < nsrc; i++) {
       const uint8_t* s = src[i] + j;
       a = X5(a, Ld5(s));
       b = X5(b, Ld5(s + 64));
-      c = X5(c, Ld5(s + 128));
-      d = X5(d, Ld5(s + 192));
     }
     St5(dst + j, a);
     St5(dst + j + 64, b);
-    St5(dst + j + 128, c);
-    St5(dst + j + 192, d);
   }
   for (; j < n; j += 64) {
     __m512i a = Ld5(src[0] + j);
@@ -504,6 +508,11 @@ NVM_AVX512 void FinishDataAndQAvx512(const uint8_t* p, uint8_t* dx, uint8_t* q, 
 #pragma GCC diagnostic pop
 
 const Kernels kAvx512 = {XorGenAvx512, PqGenAvx512, Recover2Avx512, FinishDataAndPAvx512, FinishDataAndQAvx512};
+#else
+// Never selected (g_avx2 and g_avx512 stay false): the portable kernels stand in.
+const Kernels kAvx2 = kPortable;
+const Kernels kAvx512 = kPortable;
+#endif  // NVM_PARITY_X86
 
 // ---------------------------------------------------------------------------------------
 // One validated call: plain data, safe to run on any thread.
@@ -642,20 +651,28 @@ bool ParseTask(const Napi::CallbackInfo& info, const char* fn, Task* t, napi_val
   t->lost0 = static_cast<int>(lost0);
   t->lost1 = static_cast<int>(lost1);
   t->ncols = ncols;
+  // First every element (an accessor on the array could run JS, even detach a Buffer),
+  // then every buffer's memory: no JS runs between reading the pointers and using them.
+  napi_value vals[kColumnsMax];
+  for (uint32_t i = 0; i < ncols; i++) {
+    if (napi_get_element(env, arr, i, &vals[i]) != napi_ok) {
+      if (!env.IsExceptionPending()) ThrowType(env, std::string(fn) + ": columns[" + std::to_string(i) + "] unreadable");
+      return false;
+    }
+  }
   size_t lens[kColumnsMax];
   for (uint32_t i = 0; i < ncols; i++) {
-    napi_value v;
     void* data = nullptr;
     size_t len = 0;
     // napi_get_buffer_info fails on anything but a Buffer/ArrayBufferView (and then its
     // byte range is what is read or written): no separate napi_is_buffer call.
-    if (napi_get_element(env, arr, i, &v) != napi_ok || napi_get_buffer_info(env, v, &data, &len) != napi_ok) {
-      if (!env.IsExceptionPending()) ThrowType(env, std::string(fn) + ": columns[" + std::to_string(i) + "] must be a Buffer");
+    if (napi_get_buffer_info(env, vals[i], &data, &len) != napi_ok) {
+      ThrowType(env, std::string(fn) + ": columns[" + std::to_string(i) + "] must be a Buffer");
       return false;
     }
     t->cols[i] = static_cast<uint8_t*>(data);
     lens[i] = len;
-    if (values != nullptr) values[i] = v;
+    if (values != nullptr) values[i] = vals[i];
   }
   t->n = lens[0];
   if (t->n == 0 || t->n % kAlignBytes != 0 || t->n > kColumnBytesMax) {
@@ -752,9 +769,11 @@ void InitParity(Napi::Env env, Napi::Object exports) {
   static std::once_flag once;
   std::call_once(once, [] {
     BuildGf();
+#if NVM_PARITY_X86
     __builtin_cpu_init();
     g_avx2 = __builtin_cpu_supports("avx2");
     g_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+#endif
   });
   exports.Set("parity", Napi::Function::New(env, Parity, "parity"));
   exports.Set("parityAsync", Napi::Function::New(env, ParityAsync, "parityAsync"));

@@ -209,10 +209,13 @@ export class MirrorDir {
       const dev = await FileBlockDevice.open(memberOf(dir, label), {});
 
       if (dev.blockCount < label.deviceBlocks) throw new MirrorDirError(`mirror member has ${dev.blockCount} blocks, needs ${label.deviceBlocks}`);
-      const log = await DestLog.open(path.join(dir, DEST_LOG_NAME), hello.sourceUuid, destLogBytesFor(hello.nvramBytes));
+      const committed = await newestSuperblock(dev, label.sourceUuid);
+      // The log keeps what an earlier run stored after the committed CP (a receiver restart loses no record).
+      const log = await DestLog.open(path.join(dir, DEST_LOG_NAME), hello.sourceUuid, destLogBytesFor(hello.nvramBytes), 'recover', committed?.sb.nvlogSeq ?? 0);
+      if (log.recordsRecovered > 0) logger.info({ dir, records: log.recordsRecovered }, 'records of an earlier run kept in the mirror\'s log');
       const m = new MirrorDir(dir, label, dev, log, lockFd, fs.existsSync(path.join(dir, BASELINE_MARKER_NAME)));
       if (m.baselinePartial) m.baselineResume = readBaselineMarker(path.join(dir, BASELINE_MARKER_NAME));
-      m.committed = await newestSuperblock(dev, label.sourceUuid);
+      m.committed = committed;
       if (m.committed && !m.baselinePartial) {
         m.view = await BlockTree.openView(dev, m.committed.raw);
         await m.loadInUse(m.committed.sb, undefined);

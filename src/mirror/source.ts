@@ -51,6 +51,10 @@ import {
 } from './wire';
 
 export type MirrorState = 'disconnected' | 'baseline' | 'resyncing' | 'in-sync' | 'behind';
+/** What status reports: a refused split brain shows as such, not as a plain disconnection. */
+export type MirrorStatusState = MirrorState | 'split-brain';
+/** The destination's refusal reason when its mirror of us was promoted (receiver.ts promotedRefusal). */
+const SPLIT_BRAIN_PREFIX = 'split brain refused';
 /** Bytes queued on the mirror socket before senders wait for it to drain. */
 export const QUEUED_BYTES_MAX = 32 * 1024 * 1024;
 export const STALL_TIMEOUT_MS_DEFAULT = 15_000;
@@ -86,7 +90,7 @@ export interface MirrorSourceStats {
   peer: string;
   mode: MirrorMode;
   policy: MirrorPolicy;
-  state: MirrorState;
+  state: MirrorStatusState;
   connected: boolean;
   sourceCp: number;
   destCp: number;
@@ -141,6 +145,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private volume: EngineVolume | undefined;
   private conn: Conn | undefined;
   private state: MirrorState = 'disconnected';
+  /** The destination refused us because its mirror was promoted (both sides are primary). */
+  private splitBrain = false;
   private stopped = false;
   /** The destination's committed CP (-1: nothing, or unknown). */
   private destCp = -1;
@@ -311,6 +317,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       return;
     }
     this.reconnectMs = RECONNECT_MS_MIN;
+    this.splitBrain = false;
     this.destCp = w.committedCp;
     conn.shippedCp = w.committedCp;
     this.destRoot = w.root;
@@ -370,6 +377,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
         return;
       case MsgType.Refuse:
         this.lastError = `destination refused: ${m.reason}`;
+        this.splitBrain = m.reason.includes(SPLIT_BRAIN_PREFIX);
         this.log.error({ reason: m.reason }, 'the destination refused the mirror stream');
         this.drop(conn, `refused: ${m.reason}`);
         return;
@@ -752,7 +760,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       peer: `${this.o.peer.host}:${this.o.peer.port}`,
       mode: this.o.mode,
       policy: this.o.policy,
-      state: this.state === 'in-sync' && this.unackedMs() > STALE_ACK_MS ? 'behind' : this.state,
+      state: this.state === 'disconnected' && this.splitBrain ? 'split-brain' : this.state === 'in-sync' && this.unackedMs() > STALE_ACK_MS ? 'behind' : this.state,
       connected: conn !== undefined && !conn.closed,
       sourceCp: tree.cpNumber,
       destCp: this.destCp,

@@ -64,11 +64,6 @@ function describe(v: unknown): string {
 /** Names column i in messages; only called to build an error. */
 type Namer = (i: number) => string;
 
-function overlaps(a: Buffer, b: Buffer): boolean {
-  if (a.buffer !== b.buffer) return false;
-  return a.byteOffset < b.byteOffset + b.length && b.byteOffset < a.byteOffset + a.length;
-}
-
 /**
  * Every column a Buffer of the same length (a positive multiple of PARITY_ALIGN_BYTES, at
  * most PARITY_COLUMN_BYTES_MAX), and the written columns out0/out1 (-1: none) sharing no
@@ -89,11 +84,22 @@ function checkColumns(fn: string, cols: readonly unknown[], name: Namer, out0: n
     const len = bufs[i]!.length;
     if (len !== n) throw new RangeError(`${fn}: all columns must have the same length: ${name(0)} has ${n}, ${name(i)} has ${len}`);
   }
-  for (const o of [out0, out1]) {
-    if (o < 0) continue;
-    const ob = bufs[o]!;
-    for (let i = 0; i < count; i++) {
-      if (i !== o && overlaps(ob, bufs[i]!)) throw new RangeError(`${fn}: ${name(o)} (written) overlaps ${name(i)} in memory`);
+  // Only columns on the same ArrayBuffer can overlap: look at .buffer once per column.
+  const backing = new Array<ArrayBufferLike>(count);
+  for (let i = 0; i < count; i++) backing[i] = bufs[i]!.buffer;
+  checkWritten(fn, bufs, backing, name, out0);
+  checkWritten(fn, bufs, backing, name, out1);
+}
+
+/** Written column o (-1: none) shares no memory with any other column. */
+function checkWritten(fn: string, bufs: readonly Buffer[], backing: readonly ArrayBufferLike[], name: Namer, o: number): void {
+  if (o < 0) return;
+  const ob = bufs[o]!;
+  for (let i = 0; i < bufs.length; i++) {
+    if (i === o || backing[i] !== backing[o]) continue;
+    const b = bufs[i]!;
+    if (ob.byteOffset < b.byteOffset + b.length && b.byteOffset < ob.byteOffset + ob.length) {
+      throw new RangeError(`${fn}: ${name(o)} (written) overlaps ${name(i)} in memory`);
     }
   }
 }
@@ -128,7 +134,9 @@ interface Call {
 
 function validateReconstruct(fn: string, columnsArg: unknown, lostArg: unknown, parityCountArg: unknown): Call {
   if (!Array.isArray(columnsArg)) throw new TypeError(`${fn}: columns must be an array of Buffers, got ${describe(columnsArg)}`);
-  const columns = columnsArg as unknown[];
+  // A plain copy, checked and then handed to the addon: an accessor on the caller's array
+  // could answer differently on a second read.
+  const columns = (columnsArg as unknown[]).slice();
   if (parityCountArg !== 1 && parityCountArg !== 2) {
     throw new TypeError(`${fn}: parityCount must be 1 (P: columns = k data + P) or 2 (P+Q: k data + P + Q), got ${String(parityCountArg)}`);
   }
@@ -136,7 +144,7 @@ function validateReconstruct(fn: string, columnsArg: unknown, lostArg: unknown, 
   const k = columns.length - parityCount;
   checkK(fn, k, parityCount === 1 ? PARITY_P_DATA_COLUMNS_MAX : PARITY_PQ_DATA_COLUMNS_MAX);
   if (!Array.isArray(lostArg)) throw new TypeError(`${fn}: lost must be an array of column indexes, got ${describe(lostArg)}`);
-  const lost = lostArg as unknown[];
+  const lost = (lostArg as unknown[]).slice(); // read once (see columns)
   if (lost.length < 1 || lost.length > parityCount) {
     throw new RangeError(`${fn}: lost must name 1..${parityCount} columns with ${parityCount === 1 ? 'P' : 'P+Q'} parity, got ${lost.length}`);
   }

@@ -692,6 +692,8 @@ async function handleControl(dir: string, label: VolumeLabel, volume: EngineVolu
       logger().info({ kind: req.kind, name: req.name, cp: r?.cpNumber }, 'snapshot changed');
       return { cpNumber: r?.cpNumber ?? volume.stats().tree.cpNumber, snapshots: volume.listSnapshots() };
     }
+    case 'release':
+      throw new Error('release is a receiver\'s request (for promote), not a volume\'s');
   }
 }
 

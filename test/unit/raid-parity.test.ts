@@ -178,6 +178,57 @@ describe('RAID parity', () => {
     });
   });
 
+  describe('the edges of k', () => {
+    it('k = 1: P = Q = D0, and every erasure of the three columns rebuilds', () => {
+      const length = 128;
+      const [d0] = columnsFrom(11, 1, length) as [Buffer];
+      const p = garbage(length);
+      const q = garbage(length);
+      parity.computePQ([d0], p, q);
+      assert.ok(p.equals(d0) && q.equals(d0), 'with one data column P and Q are copies of it');
+      const good = [d0, p, q];
+      for (const lost of erasures(3, 2)) {
+        const cols = good.map((b, i) => (lost.includes(i) ? garbage(length) : Buffer.from(b)));
+        parity.reconstruct(cols, lost, 2);
+        cols.forEach((b, i) => assert.ok(b.equals(good[i]!), `k 1, lost [${lost}]: column ${i}`));
+      }
+      const pCols = [garbage(length), Buffer.from(d0)];
+      parity.reconstruct(pCols, [0], 1);
+      assert.ok(pCols[0]!.equals(d0), 'k 1 with P only');
+    });
+
+    it('k = 253 (P+Q) and 255 (P): parity matches the reference, and erasures at both ends rebuild', () => {
+      const length = 64;
+      const data = columnsFrom(12, parity.PARITY_PQ_DATA_COLUMNS_MAX, length);
+      const k = data.length;
+      const p = garbage(length);
+      const q = garbage(length);
+      parity.computePQ(data, p, q);
+      const rp = Buffer.alloc(length);
+      const rq = Buffer.alloc(length);
+      ref.computePQ(data, rp, rq);
+      assert.ok(p.equals(rp) && q.equals(rq), 'k 253: P and Q equal the reference');
+      const good = [...data, p, q];
+      for (const lost of [[0, 1], [0, k - 1], [k - 2, k - 1], [k - 1, k], [k - 1, k + 1], [0, k], [k, k + 1], [126, 200]]) {
+        const cols = good.map((b, i) => (lost.includes(i) ? garbage(length) : b));
+        parity.reconstruct(cols, lost, 2);
+        for (const i of lost) assert.ok(cols[i]!.equals(good[i]!), `k 253, lost [${lost}]: column ${i}`);
+      }
+      const pData = columnsFrom(13, parity.PARITY_P_DATA_COLUMNS_MAX, length);
+      const pp = garbage(length);
+      parity.computeP(pData, pp);
+      const rpp = Buffer.alloc(length);
+      ref.computeP(pData, rpp);
+      assert.ok(pp.equals(rpp), 'k 255: P equals the reference');
+      const pGood = [...pData, pp];
+      for (const x of [0, 254, 255]) {
+        const cols = pGood.map((b, i) => (i === x ? garbage(length) : b));
+        parity.reconstruct(cols, [x], 1);
+        assert.ok(cols[x]!.equals(pGood[x]!), `k 255, lost [${x}]`);
+      }
+    });
+  });
+
   describe('ISA-L as an independent oracle', () => {
     let binary = '';
     before(function () {
@@ -305,6 +356,21 @@ describe('RAID parity', () => {
       ];
       for (const [name, call, type] of bad) assert.throws(call, type, name);
       cols.forEach((c, i) => assert.ok(c.equals(before[i]!), `column ${i} was written`));
+    });
+
+    it('the addon reads every column before it takes any pointer: an accessor that detaches a column is refused', () => {
+      const raw = parity.nativeParity();
+      const victim = Buffer.alloc(128, 1);
+      const out = Buffer.alloc(128, 7);
+      const cols: Buffer[] = [victim, Buffer.alloc(128, 2), out];
+      Object.defineProperty(cols, 1, {
+        get: () => {
+          structuredClone(victim.buffer, { transfer: [victim.buffer] }); // victim is now detached, length 0
+          return Buffer.alloc(128, 2);
+        },
+      });
+      assert.throws(() => raw.parity(parity.PARITY_OP_P, cols, 2, -1, -1), /column length must be a positive multiple of 64/);
+      assert.ok(out.equals(Buffer.alloc(128, 7)), 'p was written');
     });
   });
 });
