@@ -6,7 +6,8 @@
  *
  * Writes (parity levels): blocks are gathered per stripe in a bounded write-back buffer.
  * A stripe whose data blocks are all written is written as a full stripe, its parity
- * computed from the new data only. A stripe still partial at sync() (or when the buffer
+ * computed from the new data only (a call that covers whole stripes skips the buffer:
+ * parity straight from the caller's buffer). A stripe still partial at sync() (or when the buffer
  * is full) is completed by reading the rest of its data (read-modify-write, correct but
  * slower; the tree's allocator avoids it by handing a CP whole free stripes and padding
  * the last one). Reads serve buffered blocks from the buffer.
@@ -132,6 +133,8 @@ export class RaidDevice implements BlockDevice {
   private readonly probe: ((index: number) => Promise<string | null>) | undefined;
   private readonly pendingBytesMax: number;
   private readonly pending = new Map<number, PendingStripe>();
+  /** `have` of a stripe whose every data block is present. */
+  private readonly allPresent: Uint8Array;
   private readonly locks = new Map<number, Promise<void>>();
   private labelsDirty = false;
   /** Stripes written whole from new data, and stripes completed by read-modify-write. */
@@ -151,6 +154,7 @@ export class RaidDevice implements BlockDevice {
     this.headPick = opts.headPick;
     this.probe = opts.probe;
     this.pendingBytesMax = opts.pendingBytesMax ?? PENDING_BYTES_MAX_DEFAULT;
+    this.allPresent = new Uint8Array(g.stripeDataBlocks).fill(1);
     this.members = opts.members.map((m) => {
       if (m.dev === null) return { name: m.name, dev: null, state: 'missing' as const, reason: m.missingReason ?? 'missing', errors: { read: 0, write: 0, checksum: 0, healed: 0 } };
       assert(m.dev.blockCount >= LABEL_COPIES + g.headBlocks, `member ${m.name} too small for its label area`);
@@ -488,6 +492,11 @@ export class RaidDevice implements BlockDevice {
       const lo = Math.max(pba, base);
       const hi = Math.min(end, base + W);
       let e = this.pending.get(s);
+      if (!e && lo === base && hi === base + W && base >= g.headBlocks) {
+        // The whole stripe in this call: parity straight from the caller's buffer, no copy.
+        await this.flushStripe(s, { buf: data.subarray((lo - pba) * B, (hi - pba) * B), have: this.allPresent, count: W });
+        return;
+      }
       if (!e) {
         e = this.newPending(s);
         this.pending.set(s, e);
@@ -543,7 +552,8 @@ export class RaidDevice implements BlockDevice {
       const old = await this.rebuildColumns(stripe, 0, g.unitBlocks, []);
       for (let q = 0; q < g.stripeDataBlocks; q++) if (e.have[q] === 0) old[Math.floor(q / g.unitBlocks)]!.copy(e.buf, q * B, (q % g.unitBlocks) * B, (q % g.unitBlocks + 1) * B);
     }
-    e.buf.fill(0, 0, Math.max(0, Math.min(g.stripeDataBlocks, g.headBlocks - stripe * g.stripeDataBlocks)) * B);
+    const headInStripe = Math.max(0, Math.min(g.stripeDataBlocks, g.headBlocks - stripe * g.stripeDataBlocks));
+    if (headInStripe > 0) e.buf.fill(0, 0, headInStripe * B); // (only ever a buffer of our own: the head is never in a caller's whole stripe)
     const data: Buffer[] = [];
     for (let c = 0; c < k; c++) data.push(e.buf.subarray(c * U, (c + 1) * U));
     const P = Buffer.alloc(U);
