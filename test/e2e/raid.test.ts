@@ -5,7 +5,8 @@
  * bad columns), truncates a member and deletes one while fio runs: every read fio does
  * must still verify, `status` must show the lost members FAULTED with the reason, and the
  * self-healed blocks per member. After a restart the volume opens degraded and reads
- * right; a member of another volume put in a member's place is refused by name.
+ * right; a member of another volume put in a member's place is refused by name. Wrong
+ * member counts, levels and stripe units are one-line errors of `create`.
  */
 import { strict as assert } from 'assert';
 import * as fs from 'fs';
@@ -183,3 +184,25 @@ for (const [level, members, bad] of [[5, 4, [1]], [6, 6, [1, 4]]] as [5 | 6, num
     });
   });
 }
+
+describe('e2e RAID create: wrong member counts and levels are one-line errors', function () {
+  this.timeout(60_000);
+  after(cleanupAll);
+
+  it('refuses RAID-6 over 3 members, RAID-3, and several members without --raid, creating nothing', async function () {
+    const tmp = makeTempDir('nvm-e2e-raid-create-');
+    const vol = path.join(tmp, 'v');
+    const cases: [string[], RegExp][] = [
+      [['--raid', '6', '--member', 'a', '--member', 'b', '--member', 'c'], /^nvmirror: RAID-6 needs at least 4 members \(2 data \+ P \+ Q\), got 3\n$/],
+      [['--raid', '3', '--member', 'a', '--member', 'b', '--member', 'c'], /expected a RAID level 0, 1, 4, 5 or 6, got "3"/],
+      [['--member', 'a', '--member', 'b'], /^nvmirror: 2 members need a RAID level: give --raid 0\|1\|4\|5\|6 \(or one --member\)\n$/],
+      [['--raid', '5', '--member', 'a', '--member', 'b', '--member', 'c', '--stripe-unit', '6000'], /bad stripe unit 6000 bytes: a multiple of 4 KiB/],
+    ];
+    for (const [args, want] of cases) {
+      const r = await run(process.execPath, [NVMIRROR_BIN, 'create', vol, '--size', '64M', ...args], { timeoutMs: 30_000 });
+      assert.notEqual(r.code, 0, args.join(' '));
+      assert.match(r.stderr, want);
+      assert.ok(!fs.existsSync(path.join(vol, 'nvmirror.json')), 'nothing created');
+    }
+  });
+});
