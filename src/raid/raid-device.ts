@@ -29,6 +29,9 @@
  *   always computed over the whole stripe (the head's striped positions count as zeroes).
  * - The write-back buffer holds at most pendingBytesMax bytes (a stripe larger than that
  *   is written through at once).
+ * - Discards cover whole stripes only and run in the background (at most
+ *   DISCARDS_IN_FLIGHT_MAX): a write to a stripe starts only after every discard in
+ *   flight over it has finished on every member.
  * - A read-only RaidDevice writes nothing: no self-heal rewrite, no label update.
  */
 import type { BlockDevice } from '../io/types';
@@ -44,6 +47,8 @@ import { computePAsync, computePQAsync, reconstructAsync } from './parity';
 const B = BLOCK_SIZE_BYTES;
 /** Default bound of the write-back stripe buffer. */
 export const PENDING_BYTES_MAX_DEFAULT = 64 * 1024 * 1024;
+/** Discards in flight at once (each covers a run of whole stripes). */
+const DISCARDS_IN_FLIGHT_MAX = 64;
 /** Member I/Os in flight at once for one request. */
 const MEMBER_IO_CONCURRENCY = 8;
 
@@ -136,6 +141,8 @@ export class RaidDevice implements BlockDevice {
   /** `have` of a stripe whose every data block is present. */
   private readonly allPresent: Uint8Array;
   private readonly locks = new Map<number, Promise<void>>();
+  /** Discards in flight, by stripe range [first, last). */
+  private readonly discards = new Set<{ first: number; last: number; done: Promise<void> }>();
   private labelsDirty = false;
   /** Stripes written whole from new data, and stripes completed by read-modify-write. */
   readonly stats = { fullStripeWrites: 0, rmwStripeWrites: 0 };
@@ -463,6 +470,7 @@ export class RaidDevice implements BlockDevice {
     }
     if (p < pba + count) {
       const rest = data.subarray((p - pba) * B);
+      await this.discardsDone(g.stripeOf(p), g.stripeOf(pba + count - 1) + 1);
       if (g.parityMembers === 0) await this.writeThrough(p, rest);
       else await this.gather(p, rest);
     }
@@ -630,6 +638,12 @@ export class RaidDevice implements BlockDevice {
     log().info({ volume: this.uuid, generation: this.generation, outOfService }, 'raid: member labels updated');
   }
 
+  /**
+   * Discards whole stripes inside [pba, pba+count) on every member (data and parity, so
+   * parity stays consistent: punched holes read as zeroes). Returns once the discard is
+   * started, off the caller's critical path: a later write to those stripes waits for it
+   * (discardsDone), and at most DISCARDS_IN_FLIGHT_MAX run at once.
+   */
   async discard(pba: number, count: number): Promise<void> {
     this.checkRange(pba, count);
     if (this.readOnly || this.failure !== undefined) return;
@@ -640,17 +654,27 @@ export class RaidDevice implements BlockDevice {
     const last = Math.floor((pba + count) / W); // exclusive
     if (first >= last) return;
     for (let s = first; s < last; s++) assert(!this.pending.has(s), `discard of stripe ${s} while it is being written`);
-    await Promise.all(this.members.map(async (_, i) => {
+    while (this.discards.size >= DISCARDS_IN_FLIGHT_MAX) await Promise.race([...this.discards].map((d) => d.done));
+    const done = Promise.all(this.members.map(async (_, i) => {
       const dev = this.online(i);
       if (!dev) return;
       await dev.discard(g.unitStart(first), (last - first) * g.unitBlocks).catch((e: unknown) => {
         log().warn({ member: i, err: message(e) }, 'raid: discard failed (ignored: a hint)');
       });
-    }));
+    })).then(() => undefined);
+    const entry = { first, last, done };
+    this.discards.add(entry);
+    void done.then(() => this.discards.delete(entry));
+  }
+
+  /** Waits for the discards in flight that overlap stripes [first, last) (a write must land after them). */
+  private async discardsDone(first: number, last: number): Promise<void> {
+    for (const d of [...this.discards]) if (d.first < last && first < d.last) await d.done;
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
+    await Promise.all([...this.discards].map((d) => d.done));
     if (!this.readOnly && this.pending.size > 0 && this.failure === undefined) await this.flushAll().catch(() => undefined);
     this.closed = true;
     for (const m of this.members) await m.dev?.close().catch(() => undefined);

@@ -220,6 +220,29 @@ describe('raid device', () => {
     assert.equal(r.raid.health().state, 'failed');
   });
 
+  it('discards whole stripes in the background; a later write to them lands after the discard', async () => {
+    const injector = new FaultInjector(5, { ...NO_FAULTS, latency: 1, latencyMsMax: 20 });
+    const r = rig(5, 4, { wrap: (i, d) => new FaultyBlockDevice(d, { injector, clock: systemClock, name: `m${i}` }) });
+    const W = r.g.stripeDataBlocks;
+    await r.raid.discard(0, W * 2); // the head's stripe and a partial range: nothing whole to discard
+    for (let round = 0; round < 8; round++) {
+      const s0 = 2 + round;
+      await r.raid.writeBlocks(s0 * W, pattern(round, W));
+      await r.raid.sync();
+      const before = r.mems.reduce((n, m) => n + m.stats.blocksDiscarded, 0);
+      await r.raid.discard(s0 * W - 1, W + 2); // covers stripe s0 whole, and parts of its neighbours
+      assert.equal(r.mems.reduce((n, m) => n + m.stats.blocksDiscarded, 0), before, 'discard() returned before the members discarded');
+      const fresh = pattern(100 + round, W);
+      await r.raid.writeBlocks(s0 * W, fresh);
+      await r.raid.sync();
+      assert.equal(r.mems.reduce((n, m) => n + m.stats.blocksDiscarded, 0), before + 4 * r.g.unitBlocks, 'one unit per member, nothing of the neighbours');
+      const dst = Buffer.alloc(W * B);
+      await r.raid.readBlocks(s0 * W, W, dst);
+      assert.ok(dst.equals(fresh), `round ${round}: the write landed after the discard`);
+    }
+    checkParity(r);
+  });
+
   it('writes whole stripes without reading anything back; a partial stripe is completed by read-modify-write', async () => {
     const r = rig(6, 6);
     const W = r.g.stripeDataBlocks;
