@@ -60,12 +60,36 @@ function geometryFor(spec: RaidSpec, members: number, memberBlocks: number): Rai
   return new RaidGeometry(spec.level, members, spec.stripeUnitBytes, memberBlocks, RING_SLOTS);
 }
 
-/** Creates the member files (sparse, failing if one exists) with generation-1 labels; returns the open device. */
+/** True if path names an existing block device. */
+export async function isBlockDevice(p: string): Promise<boolean> {
+  return (await fs.promises.stat(p).catch(() => undefined))?.isBlockDevice() === true;
+}
+
+/**
+ * Creates the members with generation-1 labels and returns the open device: a member
+ * file is created sparse (failing if it exists); a block device is used as it is, if it
+ * is large enough and holds no nvmirror RAID label already (it is never overwritten
+ * blindly). On failure the files it created are removed again.
+ */
 export async function createRaidMembers(files: RaidMemberFile[], spec: RaidSpec, memberBlocks: number, volumeUuid: string): Promise<RaidDevice> {
   const g = geometryFor(spec, files.length, memberBlocks);
   const devs: FileBlockDevice[] = [];
+  const createdFiles: string[] = [];
   try {
-    for (const f of files) devs.push(await FileBlockDevice.create(f.path, memberBlocks));
+    for (const f of files) {
+      if (!(await isBlockDevice(f.path))) {
+        devs.push(await FileBlockDevice.create(f.path, memberBlocks));
+        createdFiles.push(f.path);
+        continue;
+      }
+      const dev = await FileBlockDevice.open(f.path, { lock: true });
+      devs.push(dev);
+      if (dev.blockCount < memberBlocks) throw new Error(`block device ${f.name} has ${dev.blockCount} blocks of 4 KiB, a member of this volume needs ${memberBlocks}`);
+      const area = Buffer.alloc(LABEL_COPIES * B);
+      await dev.readBlocks(0, LABEL_COPIES, area);
+      const old = newestLabel(area);
+      if (typeof old !== 'string') throw new Error(`block device ${f.name} holds member ${old.memberIndex} of nvmirror volume ${old.volumeUuid}: refusing to overwrite it (wipe its first ${LABEL_COPIES * 4} KiB if it is really free)`);
+    }
     const outOfService = files.map(() => false);
     for (let i = 0; i < devs.length; i++) {
       const label = encodeRaidLabel({
@@ -77,6 +101,7 @@ export async function createRaidMembers(files: RaidMemberFile[], spec: RaidSpec,
     }
   } catch (e) {
     for (const d of devs) await d.close().catch(() => undefined);
+    for (const p of createdFiles) await fs.promises.rm(p, { force: true });
     throw e;
   }
   return new RaidDevice({
@@ -102,7 +127,7 @@ function fileProbe(files: RaidMemberFile[], opened: (fs.Stats | undefined)[], me
     }
     if (ids[i] === undefined) ids[i] = idOf(st);
     if (ids[i] !== idOf(st)) return `member file ${f.name} was replaced by another file`;
-    if (st.size < memberBlocks * B) return `member file ${f.name} was truncated to ${st.size} bytes (it needs ${memberBlocks * B})`;
+    if (st.isFile() && st.size < memberBlocks * B) return `member file ${f.name} was truncated to ${st.size} bytes (it needs ${memberBlocks * B})`;
     return null;
   };
 }

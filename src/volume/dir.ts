@@ -50,7 +50,7 @@ import { VolumeDirExports } from './engine-snapshot';
 import { ControlServer, CONTROL_SOCKET_NAME, UNIX_PATH_MAX_BYTES, controlRequest, type ControlRequest } from './engine-control';
 import { NvramFormatError, scanRegion } from '../nvlog/replay';
 import { RAID_LEVELS, STRIPE_UNIT_DEFAULT_BYTES, geometryProblem, type RaidLevel } from '../raid/geometry';
-import { createRaidMembers, openRaidMembers, raidMemberBlocks, type RaidSpec } from '../raid/members';
+import { createRaidMembers, isBlockDevice, openRaidMembers, raidMemberBlocks, type RaidSpec } from '../raid/members';
 import { RaidDevice, type RaidHealth } from '../raid/raid-device';
 
 export const LABEL_NAME = 'nvmirror.json';
@@ -258,6 +258,7 @@ export async function memberSpaceWarning(dir: string, label: VolumeLabel): Promi
   const member = label.members[0]!;
   const memberPath = resolveIn(path.resolve(dir), member.path);
   const st = await fs.promises.stat(memberPath);
+  if (st.isBlockDevice()) return undefined; // not thin: its size is its size
   const fsst = await fs.promises.statfs(path.dirname(memberPath));
   const fullBytes = member.blockCount * BS;
   const growthBytes = fullBytes - st.blocks * 512;
@@ -403,7 +404,10 @@ export async function createVolumeDir(dir: string, opts: CreateVolumeDirOptions)
   const nvramRel = opts.nvramPath ?? NVRAM_DEFAULT_NAME;
   const nvramAbs = resolveIn(absDir, nvramRel);
   const memberAbs = memberPaths.map((m) => resolveIn(absDir, m));
-  for (const p of [nvramAbs, ...memberAbs]) if (await exists(p)) throw new Error(`${p} already exists`);
+  // A RAID member may be an existing block device (checked, labelled, never created or removed).
+  const blockDevs = new Set<string>();
+  if (raid) for (const p of memberAbs) if (await isBlockDevice(p)) blockDevs.add(p);
+  for (const p of [nvramAbs, ...memberAbs]) if (!blockDevs.has(p) && (await exists(p))) throw new Error(`${p} already exists`);
 
   const lock = await lockVolumeDir(absDir);
   const created: string[] = [];
@@ -413,7 +417,7 @@ export async function createVolumeDir(dir: string, opts: CreateVolumeDirOptions)
     let dev: BlockDevice;
     if (raid) {
       dev = await createRaidMembers(memberPaths.map((m, i) => ({ name: m, path: memberAbs[i]! })), raid, perMemberBlocks, uuid);
-      created.push(...memberAbs);
+      created.push(...memberAbs.filter((p) => !blockDevs.has(p)));
     } else {
       dev = await FileBlockDevice.create(memberAbs[0]!, blockCount);
       created.push(memberAbs[0]!);

@@ -11,7 +11,9 @@
 import { strict as assert } from 'assert';
 import * as fs from 'fs';
 import * as path from 'path';
-import { MiB, NVMIRROR_BIN, cleanupAll, makeTempDir, requireTools, run, runOk, startServer, sleep, type Server } from './harness';
+import {
+  MiB, NVMIRROR_BIN, cleanupAll, isRoot, makeTempDir, onCleanup, requireCondition, requireTools, run, runOk, startServer, sleep, type Server,
+} from './harness';
 import { RaidGeometry } from '../../src/raid/geometry';
 import type { VolumeStatus } from '../../src/volume/dir';
 
@@ -204,5 +206,45 @@ describe('e2e RAID create: wrong member counts and levels are one-line errors', 
       assert.match(r.stderr, want);
       assert.ok(!fs.existsSync(path.join(vol, 'nvmirror.json')), 'nothing created');
     }
+  });
+});
+
+describe('e2e RAID-5 over 4 block devices (loop devices)', function () {
+  this.timeout(120_000);
+  after(cleanupAll);
+
+  it('creates, serves and verifies a RAID-5 volume on block devices, and refuses to reuse a labelled one', async function () {
+    requireCondition(this, isRoot(), 'root (loop devices)');
+    requireTools(this, 'fio', 'losetup');
+    const tmp = makeTempDir('nvm-e2e-raid-blk-');
+    const loops: string[] = [];
+    for (let i = 0; i < 4; i++) {
+      const backing = path.join(tmp, `backing${i}.img`);
+      fs.writeFileSync(backing, '');
+      fs.truncateSync(backing, 96 * MiB);
+      const dev = (await runOk('losetup', ['--find', '--show', backing])).trim();
+      assert.match(dev, /^\/dev\/loop\d+$/);
+      loops.push(dev);
+      onCleanup(() => run('losetup', ['-d', dev]).then(() => undefined));
+    }
+    const vol = path.join(tmp, 'vol');
+    const args = ['create', vol, '--size', String(SIZE), '--nvram-size', '8M', '--raid', '5', '--stripe-unit', '16K', ...loops.flatMap((l) => ['--member', l])];
+    await runOk(process.execPath, [NVMIRROR_BIN, ...args], { timeoutMs: 60_000 });
+    const srv = await startServer({ backend: 'engine', transport: 'unix', sizeBytes: SIZE, existingStoragePath: vol, extraArgs: ['--cp-interval', '200ms'] });
+    serverLog = srv.stderr;
+    try {
+      await fio(tmp, 'blk', srv.uri, 'rw=randwrite\nbs=16k\niodepth=8\noffset=0\nsize=16M\n');
+      await waitForCp(vol);
+      await fio(tmp, 'blk', srv.uri, 'verify_only=1\nrw=randwrite\nbs=16k\niodepth=8\noffset=0\nsize=16M\n');
+      const s = await status(vol);
+      assert.equal(s.raid!.state, 'online');
+      assert.deepEqual(s.raid!.memberStatus.map((m) => m.name), loops);
+    } finally {
+      assert.equal(await srv.stop(), 0);
+    }
+    assert.equal((await run(process.execPath, [NVMIRROR_BIN, 'check', vol], { timeoutMs: 60_000 })).code, 0);
+    const again = await run(process.execPath, [NVMIRROR_BIN, 'create', path.join(tmp, 'vol2'), '--size', String(SIZE), '--nvram-size', '8M', '--raid', '5', ...loops.flatMap((l) => ['--member', l])], { timeoutMs: 60_000 });
+    assert.notEqual(again.code, 0);
+    assert.match(again.stderr, new RegExp(`block device ${loops[0]} holds member 0 of nvmirror volume [0-9a-f-]{36}: refusing to overwrite it`));
   });
 });
