@@ -33,7 +33,7 @@ export function registerCreate(program: Command): void {
     .description('create a volume directory (NVRAM log + copy-on-write block tree)')
     .argument('<DIR>', 'the volume directory (created; must be empty if it exists)')
     .requiredOption('--size <SIZE>', 'volume size (K/M/G/T suffixes; a multiple of 4 KiB)', sizeArg)
-    .option('--member <PATH>', 'member file (default DIR/member-0.img; created sparse); once per member with --raid', collect, [])
+    .option('--member <PATH>', 'member file (default DIR/member-0.img; created sparse), or with --raid an existing block device; once per member', collect, [])
     .option('--raid <LEVEL>', 'RAID level over the --member files: 0 (stripes), 1 (n-way mirror), 4 (dedicated parity), 5 (rotating parity), 6 (P+Q)', raidArg)
     .option('--stripe-unit <SIZE>', 'RAID stripe unit per member (default 64K; a multiple of 4K)', sizeArg)
     .option('--nvram <PATH>', 'NVRAM log file (default DIR/nvram.log; preallocated and zeroed)')
