@@ -89,6 +89,23 @@ function buildSuites(c: BenchConfig, root: string, withEngine: boolean): Suite[]
         sizeBytes: c.sizeBytes,
         workloads: filterWorkloads(baseWorkloads(c, c.sizeBytes), c.only),
       });
+    } else if (name === 'raid' && withEngine) {
+      const eng = { sizeBytes: c.engineSizeBytes, nvramBytes: c.nvramBytes, cpIntervalMs: c.cpIntervalMs };
+      const raid = (level: number, n: number): string[] => ['--raid', String(level), ...Array.from({ length: n }, (_, i) => ['--member', `m${i}.img`]).flat()];
+      const keep = ['engine-seqwrite-1m', 'engine-seqread-1m', 'engine-sustained-randwrite-4k'];
+      suites.push({
+        name,
+        title: `raid ${formatSize(c.engineSizeBytes)}, NVRAM ${formatSize(c.nvramBytes)}: engine volume on 1 member vs RAID-0 x4, RAID-5 x4, RAID-6 x6 (stripe unit 64 KiB, members on one disk)`,
+        servers: [
+          nvmirrorEngine(root, eng, 'single', 'nvm-single'),
+          nvmirrorEngine(root, { ...eng, createArgs: raid(0, 4) }, 'raid0x4', 'nvm-raid0'),
+          nvmirrorEngine(root, { ...eng, createArgs: raid(5, 4) }, 'raid5x4', 'nvm-raid5'),
+          nvmirrorEngine(root, { ...eng, createArgs: raid(6, 6) }, 'raid6x6', 'nvm-raid6'),
+        ],
+        reference: 'single',
+        sizeBytes: c.engineSizeBytes,
+        workloads: filterWorkloads(engineWorkloads(c, c.engineSizeBytes).filter((w) => keep.some((k) => w.id.startsWith(k))), c.only),
+      });
     } else if (name === 'engine' && withEngine) {
       const eng = { sizeBytes: c.engineSizeBytes, nvramBytes: c.nvramBytes, cpIntervalMs: c.cpIntervalMs };
       suites.push({
@@ -210,7 +227,7 @@ function estimateS(c: BenchConfig, suites: Suite[], withEngine: boolean): number
       s += c.rounds * su.servers.length * (w.expectedS + OVERHEAD_S + prefill);
     }
   }
-  if (withEngine) s += c.cpLatencyRuntimeS + 5 + c.sustainedBytes / 4096 / 10_000 + 5;
+  if (withEngine && c.suites.includes('engine')) s += c.cpLatencyRuntimeS + 5 + c.sustainedBytes / 4096 / 10_000 + 5;
   if (c.suites.includes('parity')) s += 20;
   if (c.suites.includes('mirror')) {
     // 5 configurations per workload: fio, start-up and the wait for the final in-sync point; RTT calibration; 2 stall runs.
@@ -242,16 +259,16 @@ async function main(): Promise<number> {
   const root = snapshotBuild(c.repoRoot, path.join(c.workDir, 'build-snapshot'));
 
   let withEngine = false;
-  if (c.suites.includes('engine') && c.engine !== 'off') {
+  if ((c.suites.includes('engine') || c.suites.includes('raid')) && c.engine !== 'off') {
     withEngine = engineAvailable(root);
-    if (!withEngine && (c.engine === 'on' || process.env.BENCH_SUITES?.includes('engine'))) {
+    if (!withEngine && (c.engine === 'on' || process.env.BENCH_SUITES?.includes('engine') || c.suites.includes('raid'))) {
       throw new Error('the engine suite was asked for but this nvmirror has no `create` command yet');
     }
   }
 
   const suites = buildSuites(c, root, withEngine);
-  const wantCpLatency = withEngine && (c.only.length === 0 || c.only.some((o) => 'cp-latency'.includes(o)));
-  const wantRss = withEngine && (c.only.length === 0 || c.only.some((o) => 'rss'.includes(o)));
+  const wantCpLatency = withEngine && c.suites.includes('engine') && (c.only.length === 0 || c.only.some((o) => 'cp-latency'.includes(o)));
+  const wantRss = withEngine && c.suites.includes('engine') && (c.only.length === 0 || c.only.some((o) => 'rss'.includes(o)));
   if (suites.length === 0 && !wantCpLatency && !wantRss && !wantMirror && !wantParity) throw new Error('no workload selected (check BENCH_SUITES / BENCH_ONLY)');
   let gitRev = 'unknown';
   try {

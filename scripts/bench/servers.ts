@@ -261,6 +261,8 @@ export interface EngineOptions {
   sizeBytes: number;
   nvramBytes: number;
   cpIntervalMs: number;
+  /** More `create` arguments (e.g. --raid 5 --member a.img ...). */
+  createArgs?: string[];
 }
 
 export function nvmirrorEngine(repoRoot: string, o: EngineOptions, label = 'engine', id = 'nvmirror-engine'): ServerSpec {
@@ -268,10 +270,10 @@ export function nvmirrorEngine(repoRoot: string, o: EngineOptions, label = 'engi
   return {
     label,
     id,
-    describe: `nvmirror create VOL --size ${o.sizeBytes} --nvram-size ${o.nvramBytes}; nvmirror serve VOL --cp-interval ${o.cpIntervalMs}`,
+    describe: `nvmirror create VOL --size ${o.sizeBytes} --nvram-size ${o.nvramBytes}${o.createArgs ? ` ${o.createArgs.join(' ')}` : ''}; nvmirror serve VOL --cp-interval ${o.cpIntervalMs}`,
     prepare: async (dir) => {
       fs.rmSync(volDir(dir), { recursive: true, force: true });
-      const args = [nvmirrorBin(repoRoot), 'create', volDir(dir), '--size', String(o.sizeBytes), '--nvram-size', String(o.nvramBytes)];
+      const args = [nvmirrorBin(repoRoot), 'create', volDir(dir), '--size', String(o.sizeBytes), '--nvram-size', String(o.nvramBytes), ...(o.createArgs ?? [])];
       try {
         execFileSync(node, args, { stdio: ['ignore', 'pipe', 'pipe'], timeout: 120_000 });
       } catch (e) {

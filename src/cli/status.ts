@@ -13,6 +13,7 @@ import { RECEIVER_SOCKET_NAME, type ReceiverStats } from '../mirror/receiver';
 import type { MirrorSourceStats } from '../mirror/source';
 import { readRole, type RoleRecord } from '../mirror/role';
 import { formatSize } from '../util/size';
+import type { RaidHealth } from '../raid/raid-device';
 
 function when(ms: number): string {
   return ms > 0 ? new Date(ms).toISOString() : 'never';
@@ -30,7 +31,8 @@ export function formatStatus(s: VolumeStatus & { role?: RoleRecord & { state: 'p
     `volume     ${s.dir}`,
     `uuid       ${s.uuid}`,
     ...formatRole(s.role),
-    `size       ${formatSize(s.sizeBytes)}, ${formatSize(s.usedBytes)} used on a ${formatSize(s.deviceBytes)} member`,
+    `size       ${formatSize(s.sizeBytes)}, ${formatSize(s.usedBytes)} used on a ${formatSize(s.deviceBytes)} ${s.raid ? 'RAID device' : 'member'}`,
+    ...(s.raid ? formatRaid(s.raid) : []),
     ...formatServed(s),
     `CPs        ${s.cpNumber}, last at ${when(s.lastCpMs)} took ${s.lastCpDurationMs} ms`,
     `NVRAM      ${formatSize(s.nvram.sizeBytes)}, ${s.nvram.fillPercent}% full (${formatSize(s.nvram.usedBytes)})` +
@@ -39,6 +41,28 @@ export function formatStatus(s: VolumeStatus & { role?: RoleRecord & { state: 'p
     ...(s.sections?.mirror ? formatMirror(s.sections.mirror as MirrorSourceStats) : []),
     formatErrors(s),
   ].join('\n');
+}
+
+/** The RAID section, like `zpool status`'s config table: state, then one row per member with its read/write/checksum counts. */
+export function formatRaid(r: RaidHealth): string[] {
+  const lost = r.memberStatus.filter((m) => m.state !== 'online');
+  const state = r.state === 'failed' ? 'FAILED' : r.state === 'degraded' ? 'DEGRADED' : 'ONLINE';
+  const lines = [
+    `raid       RAID-${r.level}, ${r.members} members, stripe unit ${formatSize(r.stripeUnitBytes)}: ${state}` +
+      (r.state === 'online' ? '' : `, ${lost.length} of ${r.members} members out of service (tolerates ${r.tolerance})`),
+  ];
+  if (r.failure) lines.push(`           ${r.failure}`);
+  if (r.stripeWrites.full + r.stripeWrites.readModifyWrite > 0) {
+    lines.push(`           stripes written since open: ${r.stripeWrites.full} whole, ${r.stripeWrites.readModifyWrite} by read-modify-write`);
+  }
+  const width = Math.max(6, ...r.memberStatus.map((m) => m.name.length));
+  lines.push(`           ${'member'.padEnd(width + 4)} ${'STATE'.padEnd(8)} ${'READ'.padStart(5)} ${'WRITE'.padStart(5)} ${'CKSUM'.padStart(5)} ${'HEALED'.padStart(6)}`);
+  for (const m of r.memberStatus) {
+    const e = m.errors;
+    lines.push(`           ${`${m.index}  ${m.name}`.padEnd(width + 4)} ${m.state.toUpperCase().padEnd(8)} ${String(e.read).padStart(5)} ${String(e.write).padStart(5)} ${String(e.checksum).padStart(5)} ${String(e.healed).padStart(6)}` +
+      (m.reason ? `  ${m.reason}` : ''));
+  }
+  return lines;
 }
 
 function formatServed(s: VolumeStatus): string[] {

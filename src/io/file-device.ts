@@ -1,9 +1,10 @@
 /**
- * FileBlockDevice: a BlockDevice over one member file, through the native addon
- * (pread/pwrite/fdatasync/punch-hole off the event loop).
+ * FileBlockDevice: a BlockDevice over one member file or block device, through the native
+ * addon (pread/pwrite/fdatasync/punch-hole off the event loop).
  *
  * Invariants:
- * - blockCount = floor(file size / 4096) at open; every request lies inside
+ * - blockCount = floor(size / 4096) at open (a block device's size comes from sysfs,
+ *   /sys/dev/block/MAJ:MIN/size, in 512-byte sectors); every request lies inside
  *   [0, blockCount) (asserted: the caller validated it).
  * - A read either fills every requested byte or rejects (a short read means the file was
  *   truncated under us, which is an I/O error, never silently zeroes).
@@ -66,6 +67,22 @@ export async function writeFileDurably(dir: string, name: string, text: string):
   await syncDirectory(dir);
 }
 
+/** Bytes of a block device (st.size is 0 for one): its sysfs size, in 512-byte sectors. */
+export async function blockDeviceBytes(rdev: number, filePath: string): Promise<number> {
+  const major = Math.floor(rdev / 256) & 0xfff;
+  const minor = (rdev & 0xff) | (Math.floor(rdev / 4096) & 0xfff00);
+  const sys = `/sys/dev/block/${major}:${minor}/size`;
+  let text: string;
+  try {
+    text = await fs.promises.readFile(sys, 'utf8');
+  } catch (e) {
+    throw new Error(`cannot read the size of block device ${filePath} (${sys}): ${e instanceof Error ? e.message : String(e)}`);
+  }
+  const sectors = Number(text.trim());
+  if (!Number.isSafeInteger(sectors) || sectors < 0) throw new Error(`bad size "${text.trim()}" in ${sys} for ${filePath}`);
+  return sectors * 512;
+}
+
 function describeOpenError(e: unknown, filePath: string): Error {
   const code = native.errnoCode(e);
   if (code === 'ENOENT') return new Error(`no such file: ${filePath}`);
@@ -102,9 +119,10 @@ export class FileBlockDevice implements BlockDevice {
     }
     try {
       const st = await fstatAsync(fd);
-      if (!st.isFile()) throw new Error(`not a regular file: ${filePath}`);
-      const blockCount = Math.floor(st.size / BLOCK_SIZE_BYTES);
-      if (blockCount > MEMBER_BLOCKS_MAX) throw new Error(`member too large: ${filePath} (${st.size} bytes)`);
+      if (!st.isFile() && !st.isBlockDevice()) throw new Error(`not a regular file: ${filePath}`);
+      const sizeBytes = st.isBlockDevice() ? await blockDeviceBytes(st.rdev, filePath) : st.size;
+      const blockCount = Math.floor(sizeBytes / BLOCK_SIZE_BYTES);
+      if (blockCount > MEMBER_BLOCKS_MAX) throw new Error(`member too large: ${filePath} (${sizeBytes} bytes)`);
       if (opts.lock === true && !native.flockExclusive(fd)) throw new Error(`in use by another process: ${filePath}`);
       return new FileBlockDevice(filePath, fd, blockCount, readOnly);
     } catch (e) {

@@ -19,6 +19,17 @@ export interface BlockDevice {
   /** Hints that blocks hold no data any more (may punch holes); contents become undefined. */
   discard(pba: number, count: number): Promise<void>;
   close(): Promise<void>;
+  /**
+   * Optional (a RAID device): the tree allocates in aligned units of this many blocks and
+   * reuses a unit only when all of it is free, so a CP writes whole stripes. Absent: 1.
+   */
+  readonly allocUnitBlocks?: number;
+  /**
+   * Optional (a device with redundancy): block pba failed the caller's check. Rebuilds it
+   * from the redundancy until `verify` accepts a version, puts that into dst (one block),
+   * rewrites the bad copy and returns true; false when no version verifies.
+   */
+  readRepaired?(pba: number, dst: Buffer, verify: (block: Buffer) => boolean): Promise<boolean>;
 }
 
 /** A persistent, byte-addressed log region (the NVRAM), e.g. an mmap of a file. */

@@ -14,6 +14,9 @@
  *   time per I/O slot. Problems are capped at MAX_PROBLEMS lines (plus a count).
  * - Within one tree (data tree + its space-map tree) no block is referenced twice.
  * - A child's birth CP never exceeds its parent's, nor the root's CP.
+ * - A block that fails verification on a device with redundancy (RAID: readRepaired) is
+ *   a problem only if no rebuilt version verifies (the device counts and, when writable,
+ *   heals the bad copy: a check of a served RAID volume repairs what it reads).
  */
 import type { BlockDevice } from '../io/types';
 import { clearBit, orInto, popcount, setBit, testBit } from './bitmap';
@@ -75,6 +78,12 @@ export async function runCheck(input: CheckInput): Promise<CheckReport> {
     }
   };
 
+  /** A block that failed verification: a device with redundancy (RAID) may rebuild one that verifies (and heal its bad copy). */
+  const repaired = async (pba: number, view: Buffer, ok: (b: Buffer) => boolean): Promise<boolean> => {
+    if (!dev.readRepaired) return false;
+    return dev.readRepaired(pba, view, ok).catch(() => false);
+  };
+
   /** Walks one root: data tree + space-map tree; returns reachable set and on-disk map. */
   const walkRoot = async (label: string, cp: number, root: BlockPtr | null, smapRoot: BlockPtr): Promise<{ reach: Buffer; map: Buffer }> => {
     const reach = Buffer.alloc(mapBytes);
@@ -107,8 +116,9 @@ export async function runCheck(input: CheckInput): Promise<CheckReport> {
       if (!mark(ptr, what)) return;
       const node = await readBlocks(ptr.pba, 1, `${label}: ${what}`);
       if (!node) return;
-      const bad = verifyNode(node, ptr, { type: NODE_TYPE_DATA_TREE, level, index }, uuid);
-      if (bad) {
+      const id = { type: NODE_TYPE_DATA_TREE, level, index };
+      const bad = verifyNode(node, ptr, id, uuid);
+      if (bad && !(await repaired(ptr.pba, node, (b) => verifyNode(b, ptr, id, uuid) === null))) {
         problem(`${label}: ${what} at pba ${ptr.pba}: ${bad}`);
         return;
       }
@@ -146,13 +156,14 @@ export async function runCheck(input: CheckInput): Promise<CheckReport> {
       await forEachLimit(runs, input.ioConcurrency, async (r) => {
         const buf = await readBlocks(r.ptrs[0]!.pba, r.ptrs.length, `${label}: data blocks lbn ${r.lbn}-${r.lbn + r.ptrs.length - 1}`);
         if (!buf) return;
-        r.ptrs.forEach((p, i) => {
+        for (let i = 0; i < r.ptrs.length; i++) {
+          const p = r.ptrs[i]!;
           const crc = crc32c(buf, i * BLOCK, BLOCK);
-          if (crc !== p.crc) {
+          if (crc !== p.crc && !(await repaired(p.pba, buf.subarray(i * BLOCK, (i + 1) * BLOCK), (b) => crc32c(b) === p.crc))) {
             problem(`${label}: data block lbn ${r.lbn + i} at pba ${p.pba}: checksum mismatch (expected ${p.crc.toString(16).padStart(8, '0')}, got ${crc.toString(16).padStart(8, '0')})`);
             clearBit(dataVerified, p.pba);
           }
-        });
+        }
       });
       await slicer.maybeYield();
     };
@@ -166,8 +177,9 @@ export async function runCheck(input: CheckInput): Promise<CheckReport> {
       if (!mark(ptr, what)) return;
       const node = await readBlocks(ptr.pba, 1, `${label}: ${what}`);
       if (!node) return;
-      const bad = verifyNode(node, ptr, { type: NODE_TYPE_SPACE_MAP, level, index }, uuid);
-      if (bad) {
+      const id = { type: NODE_TYPE_SPACE_MAP, level, index };
+      const bad = verifyNode(node, ptr, id, uuid);
+      if (bad && !(await repaired(ptr.pba, node, (b) => verifyNode(b, ptr, id, uuid) === null))) {
         problem(`${label}: ${what} at pba ${ptr.pba}: ${bad}`);
         return;
       }
@@ -188,7 +200,7 @@ export async function runCheck(input: CheckInput): Promise<CheckReport> {
         const leaf = await readBlocks(c.pba, 1, `${label}: space-map leaf ${ci}`);
         if (!leaf) continue;
         const crc = crc32c(leaf);
-        if (crc !== c.crc) {
+        if (crc !== c.crc && !(await repaired(c.pba, leaf, (b) => crc32c(b) === c.crc))) {
           problem(`${label}: space-map leaf ${ci} at pba ${c.pba}: checksum mismatch`);
           continue;
         }

@@ -29,6 +29,12 @@
  * - used == popcount(active | summary); reservedCount{Old,New} == popcount(reserved{Old,New}).
  * - Ring blocks [0, RING_SLOTS) are always set in active.
  * - Allocation sets a bit only if the block is allocatable; freeing clears only a set bit.
+ * - Allocation units (a RAID device's stripe, `unitBlocks` > 1): a CP is handed whole
+ *   units, aligned, every block of which was allocatable; the rest of its last unit is
+ *   its tail, used by its later allocations; a unit is handed out again only when all of
+ *   it is allocatable. Only when no whole unit is left does allocation fall back to single
+ *   blocks (logged: those stripes are written by read-modify-write). With unitBlocks 1
+ *   (a single member) allocation is exactly the block-level next fit.
  */
 import { assert } from '../util/assert';
 import { clearBit, isZero, orInto, pop8, popcount, popcountOr, setBit, testBit } from './bitmap';
@@ -38,6 +44,7 @@ import {
 } from './layout';
 import { crc32c } from './checksum';
 import { forEachLimit } from './work';
+import { log } from '../util/log';
 
 /** Space-map leaves read at once while loading. */
 const LOAD_CONCURRENCY = 8;
@@ -80,9 +87,18 @@ export class SpaceMap {
   private readonly nodePtrs: (BlockPtr | null)[][];
   private readonly dirtyLeaves = new Set<number>();
   private cursor = RING_SLOTS;
+  /** Allocation unit in blocks (1: block-level next fit). */
+  readonly unitBlocks: number;
+  /** Units handed out whole in the current CP (their free blocks are padded at its end). */
+  private readonly cpUnits = new Set<number>();
+  /** The unhanded rest of the current CP's last whole unit. */
+  private tail: Run = { pba: 0, count: 0 };
+  private unitCursor = 0;
 
-  constructor(deviceBlocks: number) {
+  constructor(deviceBlocks: number, unitBlocks = 1) {
     assert(Number.isSafeInteger(deviceBlocks) && deviceBlocks >= RING_SLOTS * 2, `device of ${deviceBlocks} blocks`);
+    assert(Number.isSafeInteger(unitBlocks) && unitBlocks >= 1 && unitBlocks <= deviceBlocks, `allocation unit of ${unitBlocks} blocks`);
+    this.unitBlocks = unitBlocks;
     this.deviceBlocks = deviceBlocks;
     this.leafCount = Math.ceil(deviceBlocks / BITS_PER_LEAF);
     this.height = heightFor(this.leafCount);
@@ -103,15 +119,15 @@ export class SpaceMap {
   }
 
   /** A new, empty map for format: only the ring is in use. */
-  static createEmpty(deviceBlocks: number): SpaceMap {
-    const m = new SpaceMap(deviceBlocks);
+  static createEmpty(deviceBlocks: number, unitBlocks = 1): SpaceMap {
+    const m = new SpaceMap(deviceBlocks, unitBlocks);
     for (let p = 0; p < RING_SLOTS; p++) m.allocateAt(p);
     return m;
   }
 
   /** Loads the live map from its root (verifying every block), then ORs in each snapshot map. */
-  static async load(deviceBlocks: number, root: BlockPtr, snapshotRoots: BlockPtr[], loader: SpaceMapLoader): Promise<SpaceMap> {
-    const m = new SpaceMap(deviceBlocks);
+  static async load(deviceBlocks: number, root: BlockPtr, snapshotRoots: BlockPtr[], loader: SpaceMapLoader, unitBlocks = 1): Promise<SpaceMap> {
+    const m = new SpaceMap(deviceBlocks, unitBlocks);
     await m.loadTree(root, loader, m.active, true);
     for (let p = 0; p < RING_SLOTS; p++) if (!testBit(m.active, p)) throw new Error(`space map does not mark superblock slot ${p} in use`);
     for (const r of snapshotRoots) await m.loadTree(r, loader, m.summary, false);
@@ -200,6 +216,8 @@ export class SpaceMap {
    */
   beginCommit(release: boolean): Run[] {
     assert(this.dirtyLeaves.size === 0, 'previous commit left dirty leaves');
+    this.cpUnits.clear();
+    this.tail = { pba: 0, count: 0 };
     let released: Run[] = [];
     if (release) {
       if (this.reservedCountOld > 0) {
@@ -252,11 +270,96 @@ export class SpaceMap {
     this.markDirty(p);
   }
 
-  /** Allocates count blocks in as few contiguous runs as the free space allows (next fit). */
+  /** Allocates count blocks in as few contiguous runs as the free space allows (next fit; whole units first, see the invariants). */
   allocate(count: number): Run[] {
     assert(Number.isSafeInteger(count) && count >= 0, `allocate ${count}`);
     assert(count <= this.free, `allocate ${count} with only ${this.free} free`);
+    if (this.unitBlocks === 1) return this.allocateBlocks(count, []);
     const runs: Run[] = [];
+    let left = count;
+    const take = (pba: number, n: number): void => {
+      for (let p = pba; p < pba + n; p++) this.allocateAt(p);
+      const last = runs[runs.length - 1];
+      if (last && last.pba + last.count === pba) last.count += n;
+      else runs.push({ pba, count: n });
+      left -= n;
+    };
+    if (left > 0 && this.tail.count > 0) {
+      const n = Math.min(left, this.tail.count);
+      take(this.tail.pba, n);
+      this.tail = { pba: this.tail.pba + n, count: this.tail.count - n };
+    }
+    const u = this.unitBlocks;
+    const units = Math.floor(this.deviceBlocks / u);
+    for (let scanned = 0; left > 0 && scanned < units; scanned++) {
+      const unit = this.unitCursor;
+      this.unitCursor = (this.unitCursor + 1) % units;
+      if (!this.unitFree(unit)) continue;
+      const n = Math.min(left, u);
+      this.cpUnits.add(unit);
+      take(unit * u, n);
+      this.tail = { pba: unit * u + n, count: u - n };
+    }
+    if (left > 0) {
+      log().warn({ blocks: left, unitBlocks: u }, 'space map: no whole free allocation unit left; allocating single blocks (their stripes are written by read-modify-write)');
+      return this.allocateBlocks(left, runs);
+    }
+    return runs;
+  }
+
+  /** True if every block of allocation unit `unit` is allocatable. */
+  private unitFree(unit: number): boolean {
+    const u = this.unitBlocks;
+    const lo = unit * u;
+    if (lo < RING_SLOTS) return false;
+    if ((u & 7) === 0) {
+      for (let i = lo >>> 3; i < (lo + u) >>> 3; i++) if ((this.active[i]! | this.summary[i]! | this.reservedOld[i]! | this.reservedNew[i]!) !== 0) return false;
+      return true;
+    }
+    for (let p = lo; p < lo + u; p++) if (!this.isAllocatable(p)) return false;
+    return true;
+  }
+
+  /**
+   * End of a CP's allocations: the free blocks of the units it was handed whole (its tail,
+   * and blocks it gave back). Nothing references them; writing them (zeroes) completes
+   * those stripes, so no stripe of the CP needs a read-modify-write.
+   */
+  takePadRuns(): Run[] {
+    const runs: Run[] = [];
+    const u = this.unitBlocks;
+    for (const unit of [...this.cpUnits].sort((a, b) => a - b)) {
+      for (let p = unit * u; p < (unit + 1) * u; p++) {
+        if (testBit(this.active, p)) continue;
+        if (!(this.isAllocatable(p))) assert(false, `pad block ${p} is not free`);
+        const last = runs[runs.length - 1];
+        if (last && last.pba + last.count === p) last.count++;
+        else runs.push({ pba: p, count: 1 });
+      }
+    }
+    this.cpUnits.clear();
+    this.tail = { pba: 0, count: 0 };
+    return runs;
+  }
+
+  /** Of released runs, the whole allocation units that are entirely allocatable now (what may be discarded). */
+  wholeFreeUnits(runs: Run[]): Run[] {
+    if (this.unitBlocks === 1) return runs;
+    const u = this.unitBlocks;
+    const units = new Set<number>();
+    for (const r of runs) for (let unit = Math.floor(r.pba / u); unit * u < r.pba + r.count; unit++) if ((unit + 1) * u <= this.deviceBlocks) units.add(unit);
+    const out: Run[] = [];
+    for (const unit of [...units].sort((a, b) => a - b)) {
+      if (!this.unitFree(unit)) continue;
+      const last = out[out.length - 1];
+      if (last && last.pba + last.count === unit * u) last.count += u;
+      else out.push({ pba: unit * u, count: u });
+    }
+    return out;
+  }
+
+  /** Block-level next fit, appending to runs. */
+  private allocateBlocks(count: number, runs: Run[]): Run[] {
     let left = count;
     let p = this.cursor;
     let scanned = 0;

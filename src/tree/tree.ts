@@ -20,7 +20,12 @@
  *   (magic, type, level, own pba, birth, volume, index), data blocks by the parent's
  *   crc32c. A mismatch is a VolumeError('EIO'), an error log line and one more in
  *   `errorCounts.checksum` (a failed device read: `errorCounts.io`); wrong data is never
- *   returned. The counts only grow while the tree is open (`status` reports them).
+ *   returned. The counts only grow while the tree is open (`status` reports them). A
+ *   device with redundancy (RAID: `readRepaired`) is first asked for a version that
+ *   verifies (self-heal); only if it has none is the read refused.
+ * - A device with an allocation unit (`allocUnitBlocks`, a RAID stripe) is handed whole
+ *   free units per CP, and the CP pads the free rest of its units with zeroes, so it
+ *   writes whole stripes; discards cover whole free units only.
  * - One commit at a time. In-memory state (root, snapshots, space map) changes only after
  *   the new superblock is durable, except the space map's in-flight bookkeeping; if a
  *   commit fails after it started changing that bookkeeping, the tree refuses further
@@ -71,6 +76,28 @@ export interface OpenOptions {
 }
 
 export const DEFAULT_CACHE_BLOCKS = 4096;
+
+/** The device's allocation unit (a RAID stripe's data blocks; 1 for a plain device). */
+function allocUnitOf(dev: BlockDevice): number {
+  const u = dev.allocUnitBlocks ?? 1;
+  assert(Number.isSafeInteger(u) && u >= 1, `device allocation unit ${u}`);
+  return u;
+}
+
+/**
+ * A block failed verification: a device with redundancy (RAID) may rebuild a version
+ * that passes `ok` (self-heal; it rewrites its bad copy and counts it). Writes it into
+ * buf and returns true; false if the device cannot (then the read fails as before).
+ */
+async function repairedRead(dev: BlockDevice, pba: number, buf: Buffer, ok: (b: Buffer) => boolean): Promise<boolean> {
+  if (!dev.readRepaired) return false;
+  try {
+    return await dev.readRepaired(pba, buf, ok);
+  } catch (e) {
+    log().warn({ pba, err: e instanceof Error ? e.message : String(e) }, 'block tree: the device could not rebuild a block that failed verification');
+    return false;
+  }
+}
 export const MAX_CHANGES_PER_CP = 1 << 18;
 const ZERO_BLOCK = Buffer.alloc(BLOCK);
 
@@ -193,7 +220,9 @@ export class BlockTree implements BlockTreeApi {
     this.lbnCount = sb.sizeBytes / BLOCK;
     this.height = sb.treeHeight;
     this.cache = new NodeCache(opts.cacheBlocks ?? DEFAULT_CACHE_BLOCKS);
-    this.writeChunkBlocks = opts.writeChunkBlocks ?? 256;
+    // A RAID device's stripes: write chunks are whole stripes (split at stripe boundaries).
+    const unit = allocUnitOf(dev);
+    this.writeChunkBlocks = opts.writeChunkBlocks ?? (unit === 1 ? 256 : Math.min(8192, unit * Math.max(1, Math.floor(256 / unit))));
     this.ioConcurrency = opts.ioConcurrency ?? 8;
     this.statusNodeBudget = opts.statusNodeBudget ?? 512;
     this.discardFreed = opts.discardFreed ?? true;
@@ -215,7 +244,7 @@ export class BlockTree implements BlockTreeApi {
     if (dev.blockCount < MIN_DEVICE_BLOCKS) throw new Error(`device too small: ${dev.blockCount} blocks of 4 KiB, need at least ${MIN_DEVICE_BLOCKS}`);
     const clock = opts.clock ?? systemClock;
     const deviceBlocks = Math.min(dev.blockCount, MAX_DEVICE_BLOCKS);
-    const smap = SpaceMap.createEmpty(deviceBlocks);
+    const smap = SpaceMap.createEmpty(deviceBlocks, allocUnitOf(dev));
     const blocks = smap.buildCommit(0, uuid);
     for (const b of blocks) await dev.writeBlocks(b.pba, b.buf);
     await dev.sync();
@@ -321,7 +350,9 @@ export class BlockTree implements BlockTreeApi {
         throw new DeviceReadError(`device read of ${what} at pba ${ptr.pba} failed: ${e instanceof Error ? e.message : String(e)}`);
       }
       const problem = id ? verifyNode(buf, ptr, id, uuid) : crc32c(buf) === ptr.crc ? null : 'checksum mismatch';
-      if (problem) throw new Error(`${what} at pba ${ptr.pba}: ${problem}`);
+      if (problem && !(await repairedRead(dev, ptr.pba, buf, (b) => (id ? verifyNode(b, ptr, id, uuid) : crc32c(b) === ptr.crc ? null : 'x') === null))) {
+        throw new Error(`${what} at pba ${ptr.pba}: ${problem}`);
+      }
       return buf;
     };
     const loader: SpaceMapLoader = {
@@ -340,7 +371,7 @@ export class BlockTree implements BlockTreeApi {
       if (r.root.birth > r.cp) throw new Error(`${r.name} root born at CP ${r.root.birth}, after its CP ${r.cp}`);
       await readVerified(r.root, `${r.name} root block`, { type: NODE_TYPE_DATA_TREE, level: sb.treeHeight - 1, index: 0 });
     }
-    const smap = await SpaceMap.load(deviceBlocks, sb.smapRoot, sb.snapshots.map((s) => s.smapRoot), loader);
+    const smap = await SpaceMap.load(deviceBlocks, sb.smapRoot, sb.snapshots.map((s) => s.smapRoot), loader, allocUnitOf(dev));
     if (smap.used !== sb.usedBlocks) log().warn({ recorded: sb.usedBlocks, counted: smap.used }, 'block tree: superblock used-block count differs from the space map');
     return new BlockTree(dev, sb, smap, opts.clock ?? systemClock, opts);
   }
@@ -375,8 +406,9 @@ export class BlockTree implements BlockTreeApi {
     if (hit) return hit;
     const buf = Buffer.alloc(BLOCK);
     await this.devRead(ptr.pba, 1, buf, `address block (level ${level}, ${this.nodeRange(level, index)})`);
-    const problem = verifyNode(buf, ptr, { type: NODE_TYPE_DATA_TREE, level, index }, this.uuidBytes);
-    if (problem) {
+    const id = { type: NODE_TYPE_DATA_TREE, level, index };
+    const problem = verifyNode(buf, ptr, id, this.uuidBytes);
+    if (problem && !(await repairedRead(this.dev, ptr.pba, buf, (b) => verifyNode(b, ptr, id, this.uuidBytes) === null))) {
       throw this.eio(`bad address block at pba ${ptr.pba} (level ${level}, ${this.nodeRange(level, index)}): ${problem}`, { pba: ptr.pba, level, index });
     }
     if (cacheIt) this.cache.put(ptr, buf);
@@ -392,9 +424,9 @@ export class BlockTree implements BlockTreeApi {
     return p;
   }
 
-  private verifyData(buf: Buffer, off: number, ptr: BlockPtr, lbn: number): void {
+  private async verifyData(buf: Buffer, off: number, ptr: BlockPtr, lbn: number): Promise<void> {
     const crc = crc32c(buf, off, BLOCK);
-    if (crc !== ptr.crc) {
+    if (crc !== ptr.crc && !(await repairedRead(this.dev, ptr.pba, buf.subarray(off, off + BLOCK), (b) => crc32c(b) === ptr.crc))) {
       throw this.eio(`checksum mismatch in data block: lbn ${lbn} at pba ${ptr.pba} (expected ${ptr.crc.toString(16).padStart(8, '0')}, got ${crc.toString(16).padStart(8, '0')})`, { lbn, pba: ptr.pba });
     }
   }
@@ -461,7 +493,7 @@ export class BlockTree implements BlockTreeApi {
       if (ptr === null) return null;
       const buf = Buffer.alloc(BLOCK);
       await this.devRead(ptr.pba, 1, buf, `data block lbn ${lbn}`);
-      this.verifyData(buf, 0, ptr, lbn);
+      await this.verifyData(buf, 0, ptr, lbn);
       return buf;
     });
   }
@@ -486,7 +518,7 @@ export class BlockTree implements BlockTreeApi {
         const off = (r.lbn - lbn) * BLOCK;
         const view = dst.subarray(off, off + r.ptrs.length * BLOCK);
         await this.devRead(r.ptrs[0]!.pba, r.ptrs.length, view, `data blocks lbn ${r.lbn}-${r.lbn + r.ptrs.length - 1}`);
-        r.ptrs.forEach((p, i) => this.verifyData(view, i * BLOCK, p, r.lbn + i));
+        for (let i = 0; i < r.ptrs.length; i++) await this.verifyData(view, i * BLOCK, r.ptrs[i]!, r.lbn + i);
       });
     });
   }
@@ -808,6 +840,7 @@ export class BlockTree implements BlockTreeApi {
     const smapBlocks = this.smap.buildCommit(cp, this.uuidBytes);
     await this.writeAll(smapBlocks, slicer, cp);
     blocksWritten += smapBlocks.length;
+    await this.writePads();
     await this.dev.sync();
     // The new superblock, into the next ring slot, then sync: the CP is durable.
     const nowMs = Math.max(0, Math.floor(this.clock.nowMs()));
@@ -911,8 +944,9 @@ export class BlockTree implements BlockTreeApi {
     const read = async (ptr: BlockPtr, name: string, id: NodeId | null): Promise<Buffer> => {
       const buf = Buffer.alloc(BLOCK);
       await this.devRead(ptr.pba, 1, buf, name);
+      const ok = (b: Buffer): boolean => (id ? verifyNode(b, ptr, id, this.uuidBytes) === null : crc32c(b) === ptr.crc);
       const problem = id ? verifyNode(buf, ptr, id, this.uuidBytes) : crc32c(buf) === ptr.crc ? null : 'checksum mismatch';
-      if (problem) throw this.eio(`${name} at pba ${ptr.pba}: ${problem}`, { pba: ptr.pba });
+      if (problem && !(await repairedRead(this.dev, ptr.pba, buf, ok))) throw this.eio(`${name} at pba ${ptr.pba}: ${problem}`, { pba: ptr.pba });
       return buf;
     };
     return {
@@ -940,8 +974,10 @@ export class BlockTree implements BlockTreeApi {
    * released, and this runs before anything is allocated. A failure is only logged:
    * discard is a hint.
    */
-  private async discard(runs: { pba: number; count: number }[]): Promise<void> {
-    if (!this.discardFreed || runs.length === 0) return;
+  private async discard(released: { pba: number; count: number }[]): Promise<void> {
+    if (!this.discardFreed || released.length === 0) return;
+    // Allocation units (RAID stripes): only whole free units, or parity would go stale.
+    const runs = this.smap.wholeFreeUnits(released);
     try {
       await forEachLimit(runs, this.ioConcurrency, async (r) => {
         if (!(r.pba >= RING_SLOTS && r.pba + r.count <= this.sb.deviceBlocks)) assert(false, `discard of [${r.pba}, +${r.count})`);
@@ -950,6 +986,26 @@ export class BlockTree implements BlockTreeApi {
     } catch (e) {
       log().warn({ err: e instanceof Error ? e.message : String(e) }, 'block tree: discarding freed blocks failed (ignored)');
     }
+  }
+
+  /**
+   * Allocation units (RAID stripes): zeroes into the free blocks of the units this CP was
+   * handed, so every stripe it wrote is whole (no read-modify-write). Nothing references
+   * them; a mirror does not need them (not sent to the sink).
+   */
+  private async writePads(): Promise<void> {
+    const runs = this.smap.takePadRuns();
+    if (runs.length === 0) return;
+    const chunks: { pba: number; count: number }[] = [];
+    for (const r of runs) {
+      for (let p = r.pba; p < r.pba + r.count;) {
+        const n = Math.min(r.pba + r.count - p, this.writeChunkBlocks - (p % this.writeChunkBlocks));
+        chunks.push({ pba: p, count: n });
+        p += n;
+      }
+    }
+    const zeroes = Buffer.alloc(this.writeChunkBlocks * BLOCK);
+    await forEachLimit(chunks, this.ioConcurrency, (c) => this.dev.writeBlocks(c.pba, zeroes.subarray(0, c.count * BLOCK)));
   }
 
   /** Writes blocks sorted by address, coalesced into runs split at writeChunkBlocks boundaries. */

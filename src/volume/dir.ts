@@ -6,7 +6,8 @@
  *   DIR/nvmirror.lock   flock'ed exclusively by the one process that has the volume open;
  *                       a read-write holder writes its pid there (emptied on release)
  *   DIR/nvram.log       the NVRAM region (default; preallocated, zeroed)
- *   DIR/member-0.img    the member (default; sparse)
+ *   DIR/member-0.img    the member (default; sparse); a RAID volume (label `raid`) has
+ *                       several, each with a RAID label (src/raid/members.ts)
  *   DIR/control.sock    the serving process's control socket (engine-control.ts)
  *   DIR/nvram.clean     clean-stop record: the last read-write session committed every
  *                       NVRAM record (CP n, watermark seq s) and stopped
@@ -32,7 +33,7 @@ import * as crypto from 'crypto';
 import * as fs from 'fs';
 import * as path from 'path';
 import type { ExportRegistry } from '../nbd/exports';
-import type { Clock, NvramRegion } from '../io/types';
+import type { BlockDevice, Clock, NvramRegion } from '../io/types';
 import { BLOCK_SIZE_BYTES, systemClock } from '../io/types';
 import { FileBlockDevice, syncDirectory, writeFileDurably } from '../io/file-device';
 import { MmapNvram, NvramFileCopy } from '../io/mmap-nvram';
@@ -48,6 +49,9 @@ import { EngineVolume, type ServedBy } from './engine';
 import { VolumeDirExports } from './engine-snapshot';
 import { ControlServer, CONTROL_SOCKET_NAME, UNIX_PATH_MAX_BYTES, controlRequest, type ControlRequest } from './engine-control';
 import { NvramFormatError, scanRegion } from '../nvlog/replay';
+import { RAID_LEVELS, STRIPE_UNIT_DEFAULT_BYTES, geometryProblem, type RaidLevel } from '../raid/geometry';
+import { createRaidMembers, isBlockDevice, openRaidMembers, raidMemberBlocks, type RaidSpec } from '../raid/members';
+import { RaidDevice, type RaidHealth } from '../raid/raid-device';
 
 export const LABEL_NAME = 'nvmirror.json';
 export const LOCK_NAME = 'nvmirror.lock';
@@ -69,12 +73,16 @@ export interface VolumeLabel {
   members: Array<{ path: string; blockCount: number }>;
   nvram: { path: string; sizeBytes: number };
   createdMs: number;
+  /** A RAID volume (several members); absent: one member. */
+  raid?: { level: RaidLevel; stripeUnitBytes: number };
 }
 
 export interface CreateVolumeDirOptions {
   sizeBytes: number;
-  /** Member file paths (default: DIR/member-0.img). One member until RAID lands. */
+  /** Member file paths (default: DIR/member-0.img). Several need `raid`. */
   members?: string[];
+  /** RAID level and stripe unit over the members. */
+  raid?: { level: number; stripeUnitBytes?: number };
   nvramPath?: string;
   nvramSizeBytes?: number;
   clock?: Clock;
@@ -137,7 +145,14 @@ function validateLabel(v: unknown, where: string): VolumeLabel {
   if (typeof o.uuid !== 'string' || !/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/.test(o.uuid)) bad('uuid');
   if (typeof o.sizeBytes !== 'number' || !Number.isSafeInteger(o.sizeBytes) || o.sizeBytes <= 0 || o.sizeBytes % BS !== 0) bad('sizeBytes');
   if (o.blockSizeBytes !== BS) bad(`blockSizeBytes must be ${BS}`);
-  if (!Array.isArray(o.members) || o.members.length !== 1) bad('exactly one member is supported');
+  const raid = o.raid as Record<string, unknown> | undefined;
+  if (raid !== undefined) {
+    if (typeof raid !== 'object' || raid === null || !Array.isArray(o.members)) bad('raid');
+    const problem = geometryProblem(Number(raid.level), (o.members as unknown[]).length, Number(raid.stripeUnitBytes));
+    if (problem !== null) bad(`raid: ${problem}`);
+  } else if (!Array.isArray(o.members) || o.members.length !== 1) {
+    bad('exactly one member without raid');
+  }
   for (const m of o.members as unknown[]) {
     const mm = m as Record<string, unknown>;
     if (typeof mm !== 'object' || mm === null || typeof mm.path !== 'string' || typeof mm.blockCount !== 'number' || !Number.isSafeInteger(mm.blockCount)) bad('member');
@@ -244,6 +259,7 @@ export async function memberSpaceWarning(dir: string, label: VolumeLabel): Promi
   const member = label.members[0]!;
   const memberPath = resolveIn(path.resolve(dir), member.path);
   const st = await fs.promises.stat(memberPath);
+  if (st.isBlockDevice()) return undefined; // not thin: its size is its size
   const fsst = await fs.promises.statfs(path.dirname(memberPath));
   const fullBytes = member.blockCount * BS;
   const growthBytes = fullBytes - st.blocks * 512;
@@ -371,10 +387,21 @@ export async function createVolumeDir(dir: string, opts: CreateVolumeDirOptions)
   }
   if (nvramSizeBytes > REGION_MAX_BYTES) throw new Error(`NVRAM size ${formatSize(nvramSizeBytes)} is too large: at most ${formatSize(REGION_MAX_BYTES)}`);
   if (nvramSizeBytes % BS !== 0) throw new Error(`NVRAM size ${formatSize(nvramSizeBytes)} must be a multiple of ${BS} bytes`);
+  let raid: RaidSpec | undefined;
+  if (opts.raid !== undefined) {
+    const members = opts.members?.length ?? 0;
+    const unit = opts.raid.stripeUnitBytes ?? STRIPE_UNIT_DEFAULT_BYTES;
+    const problem = geometryProblem(opts.raid.level, members, unit);
+    if (problem !== null) throw new Error(`${problem}${members < 2 ? ' (give each with --member PATH)' : ''}`);
+    raid = { level: opts.raid.level as RaidLevel, stripeUnitBytes: unit };
+  }
   const memberPaths = opts.members && opts.members.length > 0 ? opts.members : ['member-0.img'];
-  if (memberPaths.length !== 1) throw new Error(`give at most one --member (RAID levels over several members are not supported yet)`);
+  if (!raid && memberPaths.length !== 1) throw new Error(`${memberPaths.length} members need a RAID level: give --raid ${RAID_LEVELS.join('|')} (or one --member)`);
+  if (new Set(memberPaths.map((m) => path.resolve(dir, m))).size !== memberPaths.length) throw new Error('a member is given twice: every --member must be a different file');
+  // blockCount: the tree's device blocks (for RAID, the striped space over the members).
   const blockCount = memberBlocksFor(sizeBytes, nvramSizeBytes);
   if (blockCount > MAX_DEVICE_BLOCKS) throw new Error(`bad size ${formatSize(sizeBytes)}: the member would exceed ${formatSize(MAX_DEVICE_BLOCKS * BS)}`);
+  const perMemberBlocks = raid ? raidMemberBlocks(raid, memberPaths.length, blockCount) : blockCount;
 
   if (await exists(dir)) {
     const st = await fs.promises.stat(dir);
@@ -388,15 +415,24 @@ export async function createVolumeDir(dir: string, opts: CreateVolumeDirOptions)
   const nvramRel = opts.nvramPath ?? NVRAM_DEFAULT_NAME;
   const nvramAbs = resolveIn(absDir, nvramRel);
   const memberAbs = memberPaths.map((m) => resolveIn(absDir, m));
-  for (const p of [nvramAbs, ...memberAbs]) if (await exists(p)) throw new Error(`${p} already exists`);
+  // A RAID member may be an existing block device (checked, labelled, never created or removed).
+  const blockDevs = new Set<string>();
+  if (raid) for (const p of memberAbs) if (await isBlockDevice(p)) blockDevs.add(p);
+  for (const p of [nvramAbs, ...memberAbs]) if (!blockDevs.has(p) && (await exists(p))) throw new Error(`${p} already exists`);
 
   const lock = await lockVolumeDir(absDir);
   const created: string[] = [];
   try {
     const uuid = crypto.randomUUID();
     const clock = opts.clock ?? systemClock;
-    const dev = await FileBlockDevice.create(memberAbs[0]!, blockCount);
-    created.push(memberAbs[0]!);
+    let dev: BlockDevice;
+    if (raid) {
+      dev = await createRaidMembers(memberPaths.map((m, i) => ({ name: m, path: memberAbs[i]! })), raid, perMemberBlocks, uuid);
+      created.push(...memberAbs.filter((p) => !blockDevs.has(p)));
+    } else {
+      dev = await FileBlockDevice.create(memberAbs[0]!, blockCount);
+      created.push(memberAbs[0]!);
+    }
     try {
       await BlockTree.format(dev, { sizeBytes, volumeUuid: uuid, clock });
     } finally {
@@ -415,9 +451,10 @@ export async function createVolumeDir(dir: string, opts: CreateVolumeDirOptions)
       uuid,
       sizeBytes,
       blockSizeBytes: BS,
-      members: [{ path: memberPaths[0]!, blockCount }],
+      members: memberPaths.map((m) => ({ path: m, blockCount: perMemberBlocks })),
       nvram: { path: nvramRel, sizeBytes: nvramSizeBytes },
       createdMs: Math.floor(clock.nowMs()),
+      ...(raid ? { raid } : {}),
     };
     await writeLabel(absDir, label);
     return label;
@@ -433,7 +470,7 @@ export async function createVolumeDir(dir: string, opts: CreateVolumeDirOptions)
 
 interface OpenedParts {
   label: VolumeLabel;
-  dev: FileBlockDevice;
+  dev: BlockDevice;
   tree: BlockTree;
   region: NvramRegion;
   lock: DirLock;
@@ -449,6 +486,24 @@ function openNvram(absDir: string, label: VolumeLabel, readOnly: boolean): Promi
   });
 }
 
+/**
+ * The tree's device: the one member file, or a RaidDevice over the members (refusing a
+ * foreign or swapped member by name; see src/raid/members.ts).
+ */
+export async function openMemberDevice(absDir: string, label: VolumeLabel, readOnly: boolean): Promise<BlockDevice> {
+  if (label.raid) {
+    const files = label.members.map((m) => ({ name: m.path, path: resolveIn(absDir, m.path) }));
+    return openRaidMembers(files, label.raid, label.members[0]!.blockCount, label.uuid, readOnly);
+  }
+  const member = label.members[0]!;
+  const dev = await FileBlockDevice.open(resolveIn(absDir, member.path), { readOnly });
+  if (dev.blockCount < member.blockCount) {
+    await dev.close();
+    throw new Error(`member ${member.path} has ${dev.blockCount} blocks, the label says ${member.blockCount} (truncated?)`);
+  }
+  return dev;
+}
+
 /** Opens label, lock, member, tree and NVRAM (no replay). The caller owns what is returned. */
 export async function openVolumeParts(dir: string, readOnly: boolean, clock?: Clock): Promise<OpenedParts> {
   const absDir = path.resolve(dir);
@@ -456,10 +511,12 @@ export async function openVolumeParts(dir: string, readOnly: boolean, clock?: Cl
   const lock = await lockVolumeDir(absDir, readOnly);
   const undo: Array<() => Promise<void>> = [() => lock.release()];
   try {
-    const member = label.members[0]!;
-    const dev = await FileBlockDevice.open(resolveIn(absDir, member.path), { readOnly });
+    const member = { path: label.raid ? `the members` : label.members[0]!.path };
+    const dev = await openMemberDevice(absDir, label, readOnly);
     undo.unshift(() => dev.close());
-    if (dev.blockCount < member.blockCount) throw new Error(`member ${member.path} has ${dev.blockCount} blocks, the label says ${member.blockCount} (truncated?)`);
+    if (dev instanceof RaidDevice && !readOnly && dev.health().state === 'failed') {
+      throw new Error(`${dev.health().failure ?? 'too many members lost'}; open it read-only (serve --read-only, status, check)`);
+    }
     const tree = await BlockTree.open(dev, clock ? { clock } : {});
     undo.unshift(() => tree.close());
     if (tree.volumeUuid !== label.uuid) throw new Error(`member ${member.path} belongs to volume ${tree.volumeUuid}, the label says ${label.uuid}`);
@@ -507,6 +564,7 @@ export async function openVolumeDir(dir: string, opts: OpenVolumeDirOptions): Pr
     await parts.lock.release();
     throw e;
   }
+  if (parts.dev instanceof RaidDevice) raidOf.set(volume, parts.dev);
   const exports = new VolumeDirExports(opts.exportName ?? '', volume);
   let control: ControlServer | undefined;
   const closeAll = async (): Promise<void> => {
@@ -575,6 +633,17 @@ export interface VolumeStatus {
   errors: BlockErrorCounts;
   /** Sections added by what runs beside the engine (e.g. `mirror`). */
   sections?: Record<string, unknown>;
+  /** A RAID volume: level, state, and each member's state and error counts. */
+  raid?: RaidHealth;
+}
+
+/** The RAID device under each open RAID volume (for status). */
+const raidOf = new WeakMap<EngineVolume, RaidDevice>();
+
+/** One line per lost member, for check's notes. */
+function raidNotes(h: RaidHealth): string[] {
+  const lost = h.memberStatus.filter((m) => m.state !== 'online');
+  return [`RAID-${h.level}: ${h.state.toUpperCase()}, ${h.members - lost.length} of ${h.members} members in service`, ...lost.map((m) => `RAID member ${m.index} ${m.name}: ${m.state} (${m.reason ?? ''})`)];
 }
 
 export function engineStatus(dir: string, label: VolumeLabel, volume: EngineVolume, served: boolean): VolumeStatus {
@@ -607,6 +676,7 @@ export function engineStatus(dir: string, label: VolumeLabel, volume: EngineVolu
     },
     ...(served ? { server: { pid: process.pid, ...(volume.servedBy?.() ?? {}) } } : {}),
     errors: s.tree.errors,
+    ...(raidOf.has(volume) ? { raid: raidOf.get(volume)!.health() } : {}),
     ...(volume.statusSections.size > 0 ? { sections: Object.fromEntries([...volume.statusSections].map(([k, f]) => [k, f()])) } : {}),
   };
 }
@@ -742,12 +812,12 @@ export async function checkVolumeDir(dir: string, onProgress?: (p: CheckProgress
     const msg = e instanceof Error ? e.message : String(e);
     throw new Error(msg.includes('already in use') ? `${msg}; run check again to check it through the serving process` : msg);
   });
-  let dev: FileBlockDevice | undefined;
+  let dev: BlockDevice | undefined;
   let tree: BlockTree | undefined;
   let region: NvramRegion | undefined;
   try {
-    const member = label.members[0]!;
-    dev = await FileBlockDevice.open(resolveIn(absDir, member.path), { readOnly: true });
+    dev = await openMemberDevice(absDir, label, true);
+    if (dev instanceof RaidDevice) notes.push(...raidNotes(dev.health()));
     try {
       tree = await BlockTree.open(dev);
     } catch (e) {
@@ -894,7 +964,7 @@ export async function recreateNvram(dir: string): Promise<RecreateNvramResult> {
       }
       if (unreadable === undefined) throw new Error(`the NVRAM log ${nvramPath} is readable: nothing to recreate (run nvmirror check ${dir})`);
     }
-    const dev = await FileBlockDevice.open(resolveIn(absDir, label.members[0]!.path), { readOnly: true });
+    const dev = await openMemberDevice(absDir, label, true);
     let st: ReturnType<BlockTree['stats']>;
     try {
       const tree = await BlockTree.open(dev);

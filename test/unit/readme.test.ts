@@ -32,13 +32,13 @@ describe('README: claims match the code', function () {
     assert.ok(README.includes(`a 100 GiB volume's member is\n${formatSize(bigBytes)}`), formatSize(bigBytes));
   });
 
-  it('README says --member is given at most once, and create refuses a second one', async () => {
-    assert.match(README, /`--member PATH`[^.]*at most once/);
+  it('README says --member is given at most once without --raid, and create refuses a second one', async () => {
+    assert.match(README, /`--member PATH`[^.]*without\n`--raid` give it at most once/);
     const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'nvm-readme-'));
     try {
       const r = await runCli(['create', path.join(tmp, 'v'), '--size', '64M', '--member', 'a.img', '--member', 'b.img']);
       assert.notEqual(r.code, 0);
-      assert.match(r.stderr, /give at most one --member/);
+      assert.match(r.stderr, /2 members need a RAID level: give --raid 0\|1\|4\|5\|6 \(or one --member\)/);
     } finally {
       fs.rmSync(tmp, { recursive: true, force: true });
     }

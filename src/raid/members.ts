@@ -1,0 +1,202 @@
+/**
+ * A RAID volume's member set on disk: creating the member files with their labels, and
+ * opening them into one RaidDevice, recognising a missing, truncated, stale, swapped or
+ * foreign member by its label.
+ *
+ * Invariants:
+ * - A member that belongs to another volume, or sits in another member's place (swapped),
+ *   or whose label disagrees with the volume's geometry, is refused by name: the open
+ *   fails and nothing is written anywhere.
+ * - A member that is missing, unreadable, too small, has no label, or is stale (its label
+ *   generation is older than the newest among the members, or the newest label marks it
+ *   out of service) is opened as out of service: never read or written, the volume runs
+ *   degraded (or read-only past the level's tolerance, see RaidDevice).
+ * - Creation writes generation 1 labels to every member and syncs them before returning.
+ */
+import * as fs from 'fs';
+import { BLOCK_SIZE_BYTES } from '../io/types';
+import { FileBlockDevice } from '../io/file-device';
+import { decodeSuperblock } from '../tree/layout';
+import { RING_SLOTS } from '../tree/layout';
+import { assert } from '../util/assert';
+import { LABEL_COPIES, RaidGeometry, type RaidLevel } from './geometry';
+import { encodeRaidLabel, labelSlot, newestLabel, type RaidLabel } from './label';
+import { RaidDevice, type RaidMemberSpec } from './raid-device';
+
+const B = BLOCK_SIZE_BYTES;
+
+export interface RaidSpec {
+  level: RaidLevel;
+  stripeUnitBytes: number;
+}
+
+export interface RaidMemberFile {
+  /** As written in the volume label (relative to DIR or absolute), for messages. */
+  name: string;
+  /** Resolved path. */
+  path: string;
+}
+
+/** The head copy to serve: the newest superblock that verifies (members may disagree after a crash mid-write). */
+export function superblockPick(copies: Buffer[]): number {
+  let best = 0;
+  let bestCp = -1;
+  copies.forEach((c, i) => {
+    const d = decodeSuperblock(c);
+    if (typeof d !== 'string' && d.cpNumber > bestCp) {
+      best = i;
+      bestCp = d.cpNumber;
+    }
+  });
+  return best;
+}
+
+/** Member blocks each member needs for `logicalBlocks` of tree space. */
+export function raidMemberBlocks(spec: RaidSpec, members: number, logicalBlocks: number): number {
+  return RaidGeometry.memberBlocksFor(spec.level, members, spec.stripeUnitBytes, logicalBlocks);
+}
+
+function geometryFor(spec: RaidSpec, members: number, memberBlocks: number): RaidGeometry {
+  return new RaidGeometry(spec.level, members, spec.stripeUnitBytes, memberBlocks, RING_SLOTS);
+}
+
+/** True if path names an existing block device. */
+export async function isBlockDevice(p: string): Promise<boolean> {
+  return (await fs.promises.stat(p).catch(() => undefined))?.isBlockDevice() === true;
+}
+
+/**
+ * Creates the members with generation-1 labels and returns the open device: a member
+ * file is created sparse (failing if it exists); a block device is used as it is, if it
+ * is large enough and holds no nvmirror RAID label already (it is never overwritten
+ * blindly). On failure the files it created are removed again.
+ */
+export async function createRaidMembers(files: RaidMemberFile[], spec: RaidSpec, memberBlocks: number, volumeUuid: string): Promise<RaidDevice> {
+  const g = geometryFor(spec, files.length, memberBlocks);
+  const devs: FileBlockDevice[] = [];
+  const createdFiles: string[] = [];
+  try {
+    for (const f of files) {
+      if (!(await isBlockDevice(f.path))) {
+        devs.push(await FileBlockDevice.create(f.path, memberBlocks));
+        createdFiles.push(f.path);
+        continue;
+      }
+      const dev = await FileBlockDevice.open(f.path, { lock: true });
+      devs.push(dev);
+      if (dev.blockCount < memberBlocks) throw new Error(`block device ${f.name} has ${dev.blockCount} blocks of 4 KiB, a member of this volume needs ${memberBlocks}`);
+      const area = Buffer.alloc(LABEL_COPIES * B);
+      await dev.readBlocks(0, LABEL_COPIES, area);
+      const old = newestLabel(area);
+      if (typeof old !== 'string') throw new Error(`block device ${f.name} holds member ${old.memberIndex} of nvmirror volume ${old.volumeUuid}: refusing to overwrite it (wipe its first ${LABEL_COPIES * 4} KiB if it is really free)`);
+    }
+    const outOfService = files.map(() => false);
+    for (let i = 0; i < devs.length; i++) {
+      const label = encodeRaidLabel({
+        volumeUuid, memberIndex: i, members: files.length, level: spec.level, unitBytes: spec.stripeUnitBytes, headBlocks: g.headBlocks,
+        generation: 1, memberBlocks, logicalBlocks: g.logicalBlocks, outOfService,
+      });
+      await devs[i]!.writeBlocks(labelSlot(1), label);
+      await devs[i]!.sync();
+    }
+  } catch (e) {
+    for (const d of devs) await d.close().catch(() => undefined);
+    for (const p of createdFiles) await fs.promises.rm(p, { force: true });
+    throw e;
+  }
+  return new RaidDevice({
+    geometry: g, volumeUuid, generation: 1,
+    members: files.map((f, i) => ({ name: f.name, dev: devs[i]! })),
+    headPick: superblockPick,
+    probe: fileProbe(files, await Promise.all(files.map((f) => fs.promises.stat(f.path))), memberBlocks),
+  });
+}
+
+/** At every sync: a member file that was deleted, replaced or truncated under us leaves service. */
+function fileProbe(files: RaidMemberFile[], opened: (fs.Stats | undefined)[], memberBlocks: number): (i: number) => Promise<string | null> {
+  const idOf = (st: fs.Stats): string => `${st.dev}:${st.ino}`;
+  // The identity of each file as it was opened (undefined: take it at the first probe).
+  const ids: (string | undefined)[] = files.map((_, i) => (opened[i] ? idOf(opened[i]!) : undefined));
+  return async (i) => {
+    const f = files[i]!;
+    let st: fs.Stats;
+    try {
+      st = await fs.promises.stat(f.path);
+    } catch {
+      return `member file ${f.name} was deleted`;
+    }
+    if (ids[i] === undefined) ids[i] = idOf(st);
+    if (ids[i] !== idOf(st)) return `member file ${f.name} was replaced by another file`;
+    if (st.isFile() && st.size < memberBlocks * B) return `member file ${f.name} was truncated to ${st.size} bytes (it needs ${memberBlocks * B})`;
+    return null;
+  };
+}
+
+/**
+ * Opens a RAID volume's members. Refuses (throws) a foreign, swapped or mismatched member
+ * by name; opens missing, truncated, unlabelled and stale members as out of service.
+ */
+export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, memberBlocks: number, volumeUuid: string, readOnly: boolean): Promise<RaidDevice> {
+  const g = geometryFor(spec, files.length, memberBlocks);
+  const specs: RaidMemberSpec[] = [];
+  const labels: (RaidLabel | undefined)[] = [];
+  const stats: (fs.Stats | undefined)[] = [];
+  try {
+    for (let i = 0; i < files.length; i++) {
+      const f = files[i]!;
+      let dev: FileBlockDevice;
+      try {
+        dev = await FileBlockDevice.open(f.path, { readOnly });
+        stats.push(await fs.promises.stat(f.path).catch(() => undefined));
+      } catch (e) {
+        specs.push({ name: f.name, dev: null, missingReason: `cannot open: ${e instanceof Error ? e.message : String(e)}` });
+        labels.push(undefined);
+        stats.push(undefined);
+        continue;
+      }
+      specs.push({ name: f.name, dev });
+      labels.push(undefined);
+      if (dev.blockCount < LABEL_COPIES) {
+        specs[i]!.faultReason = `too small to hold a label (${dev.blockCount} blocks)`;
+        continue;
+      }
+      const area = Buffer.alloc(LABEL_COPIES * B);
+      try {
+        await dev.readBlocks(0, LABEL_COPIES, area);
+      } catch (e) {
+        specs[i]!.faultReason = `label unreadable: ${e instanceof Error ? e.message : String(e)}`;
+        continue;
+      }
+      const l = newestLabel(area);
+      if (typeof l === 'string') {
+        specs[i]!.faultReason = `${l}: not a member of this volume (a blank or replaced file?)`;
+        continue;
+      }
+      if (l.volumeUuid !== volumeUuid) throw new Error(`member ${i} ${f.name} belongs to another volume (uuid ${l.volumeUuid}), not to this one (${volumeUuid}): refusing to open; put this volume's member back`);
+      if (l.memberIndex !== i) throw new Error(`member ${i} ${f.name} holds member ${l.memberIndex} of this volume (members swapped?): refusing to open; restore the order the volume label lists`);
+      if (l.level !== spec.level || l.members !== files.length || l.unitBytes !== spec.stripeUnitBytes || l.memberBlocks !== memberBlocks || l.headBlocks !== g.headBlocks) {
+        throw new Error(`member ${i} ${f.name}: its label (RAID-${l.level}, ${l.members} members, unit ${l.unitBytes}, ${l.memberBlocks} blocks) disagrees with the volume label (RAID-${spec.level}, ${files.length} members, unit ${spec.stripeUnitBytes}, ${memberBlocks} blocks): refusing to open`);
+      }
+      labels[i] = l;
+      if (dev.blockCount < memberBlocks) specs[i]!.faultReason = `truncated: ${dev.blockCount} blocks, the volume needs ${memberBlocks}`;
+    }
+    let newest: RaidLabel | undefined;
+    for (const l of labels) if (l && (!newest || l.generation > newest.generation)) newest = l;
+    for (let i = 0; i < files.length; i++) {
+      const l = labels[i];
+      const s = specs[i]!;
+      if (!l || s.faultReason !== undefined || !newest) continue;
+      if (l.generation < newest.generation) s.faultReason = `stale: its label is generation ${l.generation}, the volume's is ${newest.generation} (it missed writes while out of service)`;
+      else if (newest.outOfService[i]) s.faultReason = `taken out of service earlier (label generation ${newest.generation}); it needs a rebuild`;
+    }
+    if (!newest) throw new Error(`no member of the volume has a label that verifies (${specs.map((s) => `${s.name}: ${s.missingReason ?? s.faultReason ?? '?'}`).join('; ')})`);
+    assert(newest.volumeUuid === volumeUuid, 'newest label volume');
+    return new RaidDevice({
+      geometry: g, volumeUuid, generation: newest.generation, members: specs, readOnly, headPick: superblockPick,
+      probe: fileProbe(files, stats, memberBlocks),
+    });
+  } catch (e) {
+    for (const s of specs) await s.dev?.close().catch(() => undefined);
+    throw e;
+  }
+}

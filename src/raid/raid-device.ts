@@ -1,0 +1,682 @@
+/**
+ * RaidDevice: one BlockDevice over several member BlockDevices (geometry.ts), so the
+ * block tree above stays unchanged. RAID-0 stripes, RAID-1 mirrors, RAID-4/5/6 keep
+ * parity (parity.ts, computed on the thread pool). The head (the tree's superblock ring)
+ * is mirrored in every member's label area.
+ *
+ * Writes (parity levels): blocks are gathered per stripe in a bounded write-back buffer.
+ * A stripe whose data blocks are all written is written as a full stripe, its parity
+ * computed from the new data only (a call that covers whole stripes skips the buffer:
+ * parity straight from the caller's buffer). A stripe still partial at sync() (or when the buffer
+ * is full) is completed by reading the rest of its data (read-modify-write, correct but
+ * slower; the tree's allocator avoids it by handing a CP whole free stripes and padding
+ * the last one). Reads serve buffered blocks from the buffer.
+ *
+ * Members: online, faulted (an I/O error, a deleted file, a stale label; the reason is
+ * kept) or missing (absent at open). A faulted or missing member is never read or
+ * written again in this session. Reads of its blocks are rebuilt from the other members;
+ * writes go on to the others. Every change of the members' states is written to the
+ * labels of the members still online (generation + 1) at the next sync(), before sync()
+ * returns, so a member that missed writes is known to be stale at the next open.
+ *
+ * Invariants:
+ * - Never returns data it cannot vouch for: a block that cannot be read or rebuilt is an
+ *   error (VolumeError EIO), never zeroes or a guess.
+ * - Once more members are lost than the level tolerates (`failure` set), every write and
+ *   sync is refused with one clear error: the volume is read-only; reads go on for what
+ *   can still be read or rebuilt.
+ * - A stripe's data and parity on disk change only under its stripe lock, and parity is
+ *   always computed over the whole stripe (the head's striped positions count as zeroes).
+ * - The write-back buffer holds at most pendingBytesMax bytes (a stripe larger than that
+ *   is written through at once).
+ * - Discards cover whole stripes only and run in the background (at most
+ *   DISCARDS_IN_FLIGHT_MAX): a write to a stripe starts only after every discard in
+ *   flight over it has finished on every member.
+ * - A read-only RaidDevice writes nothing: no self-heal rewrite, no label update.
+ */
+import type { BlockDevice } from '../io/types';
+import { BLOCK_SIZE_BYTES } from '../io/types';
+import { assert } from '../util/assert';
+import { log } from '../util/log';
+import { VolumeError } from '../volume/errors';
+import { forEachLimit } from '../tree/work';
+import { LABEL_COPIES, RaidGeometry, tolerance } from './geometry';
+import { encodeRaidLabel, labelSlot } from './label';
+import { computePAsync, computePQAsync, reconstructAsync } from './parity';
+
+const B = BLOCK_SIZE_BYTES;
+/** Default bound of the write-back stripe buffer. */
+export const PENDING_BYTES_MAX_DEFAULT = 64 * 1024 * 1024;
+/** Discards in flight at once (each covers a run of whole stripes). */
+const DISCARDS_IN_FLIGHT_MAX = 64;
+/** Member I/Os in flight at once for one request. */
+const MEMBER_IO_CONCURRENCY = 8;
+
+export type MemberState = 'online' | 'faulted' | 'missing';
+
+export interface MemberErrorCounts {
+  read: number;
+  write: number;
+  checksum: number;
+  healed: number;
+}
+
+export interface MemberStatus {
+  index: number;
+  name: string;
+  state: MemberState;
+  reason?: string;
+  errors: MemberErrorCounts;
+}
+
+export interface RaidHealth {
+  level: number;
+  members: number;
+  stripeUnitBytes: number;
+  /** online: every member in service; degraded: some lost, all data readable; failed: more lost than tolerated (read-only). */
+  state: 'online' | 'degraded' | 'failed';
+  tolerance: number;
+  generation: number;
+  failure?: string;
+  memberStatus: MemberStatus[];
+  /** Stripes written whole from new data, and by read-modify-write, since open. */
+  stripeWrites: { full: number; readModifyWrite: number };
+}
+
+export interface RaidMemberSpec {
+  name: string;
+  /** null: the member is missing (missingReason says why). */
+  dev: BlockDevice | null;
+  missingReason?: string;
+  /** Set: the member is present but not to be used (stale, truncated, ...). */
+  faultReason?: string;
+}
+
+export interface RaidDeviceOptions {
+  geometry: RaidGeometry;
+  volumeUuid: string;
+  /** The volume's newest label generation (labels written later carry generation + 1). */
+  generation: number;
+  members: RaidMemberSpec[];
+  readOnly?: boolean;
+  /** Which of the members' copies of a head block to serve (default: the first readable). */
+  headPick?: (copies: Buffer[]) => number;
+  /** Checked at every sync(): a reason the member must leave service (e.g. its file was deleted), or null. */
+  probe?: (index: number) => Promise<string | null>;
+  pendingBytesMax?: number;
+}
+
+interface Member {
+  name: string;
+  dev: BlockDevice | null;
+  state: MemberState;
+  reason: string | undefined;
+  errors: MemberErrorCounts;
+}
+
+/** A stripe being gathered: its data blocks in logical order, and which are present. */
+interface PendingStripe {
+  buf: Buffer;
+  have: Uint8Array;
+  count: number;
+}
+
+function message(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
+}
+
+export class RaidDevice implements BlockDevice {
+  readonly blockCount: number;
+  /** The tree allocates whole stripes on parity levels (1 block otherwise). */
+  readonly allocUnitBlocks: number;
+  readonly geometry: RaidGeometry;
+  private readonly members: Member[];
+  private readonly uuid: string;
+  private generation: number;
+  private readonly readOnly: boolean;
+  private readonly headPick: ((copies: Buffer[]) => number) | undefined;
+  private readonly probe: ((index: number) => Promise<string | null>) | undefined;
+  private readonly pendingBytesMax: number;
+  private readonly pending = new Map<number, PendingStripe>();
+  /** `have` of a stripe whose every data block is present. */
+  private readonly allPresent: Uint8Array;
+  private readonly locks = new Map<number, Promise<void>>();
+  /** Discards in flight, by stripe range [first, last). */
+  private readonly discards = new Set<{ first: number; last: number; done: Promise<void> }>();
+  private labelsDirty = false;
+  /** Stripes written whole from new data, and stripes completed by read-modify-write. */
+  readonly stats = { fullStripeWrites: 0, rmwStripeWrites: 0 };
+  private failure: string | undefined;
+  private closed = false;
+
+  constructor(opts: RaidDeviceOptions) {
+    const g = opts.geometry;
+    assert(opts.members.length === g.members, `RaidDevice: ${opts.members.length} member specs for ${g.members} members`);
+    this.geometry = g;
+    this.blockCount = g.logicalBlocks;
+    this.allocUnitBlocks = g.parityMembers > 0 ? g.stripeDataBlocks : 1;
+    this.uuid = opts.volumeUuid;
+    this.generation = opts.generation;
+    this.readOnly = opts.readOnly ?? false;
+    this.headPick = opts.headPick;
+    this.probe = opts.probe;
+    this.pendingBytesMax = opts.pendingBytesMax ?? PENDING_BYTES_MAX_DEFAULT;
+    this.allPresent = new Uint8Array(g.stripeDataBlocks).fill(1);
+    this.members = opts.members.map((m) => {
+      if (m.dev === null) return { name: m.name, dev: null, state: 'missing' as const, reason: m.missingReason ?? 'missing', errors: { read: 0, write: 0, checksum: 0, healed: 0 } };
+      assert(m.dev.blockCount >= LABEL_COPIES + g.headBlocks, `member ${m.name} too small for its label area`);
+      if (m.faultReason !== undefined) return { name: m.name, dev: m.dev, state: 'faulted' as const, reason: m.faultReason, errors: { read: 0, write: 0, checksum: 0, healed: 0 } };
+      return { name: m.name, dev: m.dev, state: 'online' as const, reason: undefined, errors: { read: 0, write: 0, checksum: 0, healed: 0 } };
+    });
+    if (this.members.some((m) => m.state !== 'online')) this.labelsDirty = true;
+    this.checkFailure();
+  }
+
+  // ---------------------------------------------------------------- state
+
+  private lostCount(): number {
+    return this.members.filter((m) => m.state !== 'online').length;
+  }
+
+  private checkFailure(): void {
+    const lost = this.members.map((m, i) => ({ m, i })).filter(({ m }) => m.state !== 'online');
+    const tol = tolerance(this.geometry.level, this.geometry.members);
+    if (this.failure === undefined && lost.length > tol) {
+      const names = lost.map(({ m, i }) => `member ${i} ${m.name}: ${m.state}, ${m.reason ?? ''}`).join('; ');
+      this.failure = `RAID-${this.geometry.level} volume has lost ${lost.length} of ${this.geometry.members} members, more than the ${tol} it tolerates (${names}): read-only, blocks on the lost members cannot be read`;
+      log().error({ volume: this.uuid }, `raid: ${this.failure}`);
+    }
+  }
+
+  /** Takes a member out of service (once); the labels say so at the next sync(). */
+  private fault(i: number, reason: string): void {
+    const m = this.members[i]!;
+    if (m.state !== 'online') return;
+    m.state = 'faulted';
+    m.reason = reason;
+    this.labelsDirty = true;
+    log().error({ volume: this.uuid, member: i, path: m.name, reason }, 'raid: member taken out of service');
+    this.checkFailure();
+  }
+
+  private online(i: number): BlockDevice | null {
+    const m = this.members[i]!;
+    return m.state === 'online' ? m.dev : null;
+  }
+
+  health(): RaidHealth {
+    const lost = this.lostCount();
+    const g = this.geometry;
+    return {
+      level: g.level,
+      members: g.members,
+      stripeUnitBytes: g.unitBlocks * B,
+      state: this.failure !== undefined ? 'failed' : lost > 0 ? 'degraded' : 'online',
+      tolerance: tolerance(g.level, g.members),
+      generation: this.generation,
+      ...(this.failure !== undefined ? { failure: this.failure } : {}),
+      memberStatus: this.members.map((m, index) => ({ index, name: m.name, state: m.state, ...(m.reason !== undefined ? { reason: m.reason } : {}), errors: { ...m.errors } })),
+      stripeWrites: { full: this.stats.fullStripeWrites, readModifyWrite: this.stats.rmwStripeWrites },
+    };
+  }
+
+  private refuseWrites(): void {
+    if (this.failure !== undefined) throw new VolumeError('EIO', this.failure);
+    assert(!this.readOnly, 'write to a read-only RAID device');
+  }
+
+  // ---------------------------------------------------------------- member I/O
+
+  private async memberRead(i: number, memberBlock: number, count: number, dst: Buffer): Promise<boolean> {
+    const dev = this.online(i);
+    if (!dev) return false;
+    try {
+      await dev.readBlocks(memberBlock, count, dst);
+      return true;
+    } catch (e) {
+      this.members[i]!.errors.read++;
+      this.fault(i, `read error: ${message(e)}`);
+      return false;
+    }
+  }
+
+  private async memberWrite(i: number, memberBlock: number, data: Buffer): Promise<void> {
+    const dev = this.online(i);
+    if (!dev) return;
+    try {
+      await dev.writeBlocks(memberBlock, data);
+    } catch (e) {
+      this.members[i]!.errors.write++;
+      this.fault(i, `write error: ${message(e)}`);
+    }
+  }
+
+  private async withStripe<T>(stripe: number, fn: () => Promise<T>): Promise<T> {
+    const prev = this.locks.get(stripe) ?? Promise.resolve();
+    let release!: () => void;
+    const mine = new Promise<void>((r) => { release = r; });
+    const tail = prev.then(() => mine);
+    this.locks.set(stripe, tail);
+    await prev;
+    try {
+      return await fn();
+    } finally {
+      release();
+      if (this.locks.get(stripe) === tail) this.locks.delete(stripe);
+    }
+  }
+
+  // ---------------------------------------------------------------- ranges
+
+  private checkRange(pba: number, count: number): void {
+    assert(!this.closed, 'RAID device is closed');
+    if (!(Number.isSafeInteger(pba) && pba >= 0 && Number.isSafeInteger(count) && count >= 1 && pba + count <= this.blockCount)) {
+      assert(false, `RAID device: blocks [${pba}, +${count}) outside [0, ${this.blockCount})`);
+    }
+  }
+
+  /** Splits [pba, pba+count) (outside the head) into runs that stay inside one stripe unit. */
+  private unitRuns(pba: number, count: number): { pba: number; count: number }[] {
+    const u = this.geometry.unitBlocks;
+    const runs: { pba: number; count: number }[] = [];
+    for (let p = pba; p < pba + count;) {
+      const n = Math.min(pba + count - p, u - (p % u));
+      runs.push({ pba: p, count: n });
+      p += n;
+    }
+    return runs;
+  }
+
+  // ---------------------------------------------------------------- reads
+
+  async readBlocks(pba: number, count: number, dst: Buffer): Promise<void> {
+    this.checkRange(pba, count);
+    assert(dst.length === count * B, `readBlocks: dst is ${dst.length} bytes, expected ${count * B}`);
+    const head = this.geometry.headBlocks;
+    let p = pba;
+    if (p < head) {
+      const n = Math.min(count, head - p);
+      for (let k = 0; k < n; k++) await this.readHead(p + k, dst.subarray(k * B, (k + 1) * B));
+      p += n;
+    }
+    if (p >= pba + count) return;
+    await forEachLimit(this.unitRuns(p, pba + count - p), MEMBER_IO_CONCURRENCY, async (r) => {
+      const off = (r.pba - pba) * B;
+      await this.readRun(r.pba, r.count, dst.subarray(off, off + r.count * B));
+    });
+  }
+
+  private async readHead(p: number, dst: Buffer): Promise<void> {
+    const copies: Buffer[] = [];
+    for (let i = 0; i < this.members.length; i++) {
+      const b = Buffer.alloc(B);
+      if (await this.memberRead(i, LABEL_COPIES + p, 1, b)) copies.push(b);
+    }
+    if (copies.length === 0) throw new VolumeError('EIO', `RAID: no member in service holds head block ${p}`);
+    const k = this.headPick ? this.headPick(copies) : 0;
+    assert(k >= 0 && k < copies.length, 'headPick out of range');
+    copies[k]!.copy(dst);
+  }
+
+  /** Reads a run inside one stripe unit: buffered blocks from the buffer, the rest from its member, else rebuilt. */
+  private async readRun(pba: number, count: number, dst: Buffer): Promise<void> {
+    const g = this.geometry;
+    const loc = g.locate(pba);
+    const pend = this.pending.get(loc.stripe);
+    if (pend) {
+      const base = loc.stripe * g.stripeDataBlocks;
+      let allThere = true;
+      for (let k = 0; k < count; k++) if (pend.have[pba + k - base] === 0) allThere = false;
+      if (allThere) {
+        pend.buf.copy(dst, 0, (pba - base) * B, (pba - base + count) * B);
+        return;
+      }
+      // Mixed: block by block (rare: a read of a stripe being gathered).
+      if (count > 1) {
+        for (let k = 0; k < count; k++) await this.readRun(pba + k, 1, dst.subarray(k * B, (k + 1) * B));
+        return;
+      }
+    }
+    if (g.level === 1) {
+      for (let i = 0; i < g.members; i++) if (await this.memberRead(i, loc.memberBlock, count, dst)) return;
+      throw new VolumeError('EIO', `RAID-1: no member in service can read blocks [${pba}, +${count})`);
+    }
+    if (await this.memberRead(loc.member, loc.memberBlock, count, dst)) return;
+    await this.withStripe(loc.stripe, async () => {
+      const cols = await this.rebuildColumns(loc.stripe, loc.memberBlock - g.unitStart(loc.stripe), count, [loc.column]);
+      cols[loc.column]!.copy(dst);
+    });
+  }
+
+  /** Column index (parity.ts order: data 0..k-1, P = k, Q = k+1) -> member, for a stripe. */
+  private columnMember(stripe: number, col: number): number {
+    const g = this.geometry;
+    if (col < g.dataMembers) return g.dataMember(stripe, col);
+    return col === g.dataMembers ? g.pMember(stripe) : g.qMember(stripe);
+  }
+
+  /**
+   * Reads every column of a stripe's blocks [off, off+count) within the unit from the
+   * members in service, treating `assumeBad` columns (and unreadable ones) as lost, and
+   * rebuilds the lost ones from parity. Throws EIO when more are lost than parity covers.
+   * The caller holds the stripe lock.
+   */
+  private async rebuildColumns(stripe: number, off: number, count: number, assumeBad: number[]): Promise<Buffer[]> {
+    const g = this.geometry;
+    const total = g.dataMembers + g.parityMembers;
+    const cols: Buffer[] = [];
+    const lost: number[] = [];
+    const start = g.unitStart(stripe) + off;
+    for (let c = 0; c < total; c++) cols.push(Buffer.alloc(count * B));
+    await forEachLimit(cols.map((_, c) => c), MEMBER_IO_CONCURRENCY, async (c) => {
+      if (assumeBad.includes(c) || !(await this.memberRead(this.columnMember(stripe, c), start, count, cols[c]!))) lost.push(c);
+    });
+    this.zeroHead(stripe, off, count, cols);
+    if (lost.length === 0) return cols;
+    if (lost.length > g.parityMembers) {
+      throw new VolumeError('EIO', `RAID-${g.level}: stripe ${stripe} has ${lost.length} columns lost (members ${lost.map((c) => this.columnMember(stripe, c)).join(', ')}), parity covers ${g.parityMembers}: the blocks cannot be rebuilt`);
+    }
+    lost.sort((a, b) => a - b);
+    await reconstructAsync(cols, lost, g.parityMembers as 1 | 2);
+    this.zeroHead(stripe, off, count, cols);
+    return cols;
+  }
+
+  /** The head's positions in the striped area are zeroes by definition (never written there). */
+  private zeroHead(stripe: number, off: number, count: number, cols: Buffer[]): void {
+    const g = this.geometry;
+    const base = stripe * g.stripeDataBlocks;
+    if (base >= g.headBlocks) return;
+    for (let c = 0; c < g.dataMembers; c++) {
+      for (let k = 0; k < count; k++) if (base + c * g.unitBlocks + off + k < g.headBlocks) cols[c]!.fill(0, k * B, (k + 1) * B);
+    }
+  }
+
+  /**
+   * Self-heal: block pba failed the caller's check (verify(block) false). Rebuilds it from
+   * the mirror copies or parity, assuming its member wrong (RAID-6 also: it and any one
+   * other column), until a version verifies; serves that (into dst), rewrites it on the
+   * member that held the bad copy, and counts the error and the heal there. Returns false
+   * (and counts a checksum error) when no version verifies.
+   */
+  async readRepaired(pba: number, dst: Buffer, verify: (block: Buffer) => boolean): Promise<boolean> {
+    this.checkRange(pba, 1);
+    assert(dst.length === B, 'readRepaired: one block');
+    const g = this.geometry;
+    if (pba < g.headBlocks || g.level === 0) return false;
+    const loc = g.locate(pba);
+    if (this.pending.get(loc.stripe)?.have[pba - loc.stripe * g.stripeDataBlocks] === 1) return false; // not on disk yet: not a device fault
+    return this.withStripe(loc.stripe, async () => {
+      const good = await this.findGood(loc.stripe, loc.column, loc.memberBlock, verify);
+      const holder = g.level === 1 ? good?.badMembers ?? [] : [loc.member];
+      if (good === undefined) {
+        for (const m of holder) this.members[m]!.errors.checksum++;
+        return false;
+      }
+      good.block.copy(dst);
+      for (const m of holder) {
+        const mm = this.members[m]!;
+        mm.errors.checksum++;
+        if (!this.readOnly && this.failure === undefined && mm.state === 'online') {
+          await this.memberWrite(m, loc.memberBlock, good.block);
+          if (mm.state === 'online') mm.errors.healed++;
+        }
+      }
+      log().warn({ volume: this.uuid, pba, members: holder, healed: !this.readOnly }, 'raid: block failed its checksum; served a rebuilt copy that verifies');
+      return true;
+    });
+  }
+
+  private async findGood(stripe: number, column: number, memberBlock: number, verify: (b: Buffer) => boolean): Promise<{ block: Buffer; badMembers: number[] } | undefined> {
+    const g = this.geometry;
+    if (g.level === 1) {
+      const bad: number[] = [];
+      for (let i = 0; i < g.members; i++) {
+        const b = Buffer.alloc(B);
+        if (!(await this.memberRead(i, memberBlock, 1, b))) continue;
+        if (verify(b)) return { block: b, badMembers: bad };
+        bad.push(i);
+      }
+      return undefined;
+    }
+    const off = memberBlock - g.unitStart(stripe);
+    const attempts: number[][] = [[column]];
+    if (g.parityMembers === 2) for (let c = 0; c < g.dataMembers + 2; c++) if (c !== column) attempts.push([column, c]);
+    for (const bad of attempts) {
+      let cols: Buffer[];
+      try {
+        cols = await this.rebuildColumns(stripe, off, 1, bad);
+      } catch {
+        continue; // too many lost with this assumption
+      }
+      if (verify(cols[column]!)) return { block: cols[column]!, badMembers: [] };
+    }
+    return undefined;
+  }
+
+  // ---------------------------------------------------------------- writes
+
+  async writeBlocks(pba: number, data: Buffer): Promise<void> {
+    assert(data.length > 0 && data.length % B === 0, `writeBlocks: ${data.length} bytes is not whole blocks`);
+    const count = data.length / B;
+    this.checkRange(pba, count);
+    this.refuseWrites();
+    const g = this.geometry;
+    let p = pba;
+    if (p < g.headBlocks) {
+      const n = Math.min(count, g.headBlocks - p);
+      await forEachLimit(this.members.map((_, i) => i), MEMBER_IO_CONCURRENCY, (i) => this.memberWrite(i, LABEL_COPIES + p, data.subarray(0, n * B)));
+      p += n;
+    }
+    if (p < pba + count) {
+      const rest = data.subarray((p - pba) * B);
+      await this.discardsDone(g.stripeOf(p), g.stripeOf(pba + count - 1) + 1);
+      if (g.parityMembers === 0) await this.writeThrough(p, rest);
+      else await this.gather(p, rest);
+    }
+    this.refuseWrites();
+  }
+
+  /** RAID-0/1: straight to the member(s). */
+  private async writeThrough(pba: number, data: Buffer): Promise<void> {
+    const g = this.geometry;
+    await forEachLimit(this.unitRuns(pba, data.length / B), MEMBER_IO_CONCURRENCY, async (r) => {
+      const loc = g.locate(r.pba);
+      const buf = data.subarray((r.pba - pba) * B, (r.pba - pba + r.count) * B);
+      if (g.level === 1) await Promise.all(this.members.map((_, i) => this.memberWrite(i, loc.memberBlock, buf)));
+      else await this.memberWrite(loc.member, loc.memberBlock, buf);
+    });
+  }
+
+  /** Parity levels: into the stripe buffer; complete stripes are written at once. */
+  private async gather(pba: number, data: Buffer): Promise<void> {
+    const g = this.geometry;
+    const W = g.stripeDataBlocks;
+    const end = pba + data.length / B;
+    const stripes: number[] = [];
+    for (let s = g.stripeOf(pba); s * W < end; s++) stripes.push(s);
+    await forEachLimit(stripes, MEMBER_IO_CONCURRENCY, (s) => this.withStripe(s, async () => {
+      const base = s * W;
+      const lo = Math.max(pba, base);
+      const hi = Math.min(end, base + W);
+      let e = this.pending.get(s);
+      if (!e && lo === base && hi === base + W && base >= g.headBlocks) {
+        // The whole stripe in this call: parity straight from the caller's buffer, no copy.
+        await this.flushStripe(s, { buf: data.subarray((lo - pba) * B, (hi - pba) * B), have: this.allPresent, count: W });
+        return;
+      }
+      if (!e) {
+        e = this.newPending(s);
+        this.pending.set(s, e);
+      }
+      data.copy(e.buf, (lo - base) * B, (lo - pba) * B, (hi - pba) * B);
+      for (let q = lo; q < hi; q++) {
+        if (e.have[q - base] === 0) {
+          e.have[q - base] = 1;
+          e.count++;
+        }
+      }
+      if (e.count === W || W * B > this.pendingBytesMax) {
+        this.pending.delete(s);
+        await this.flushStripe(s, e);
+      }
+    }));
+    // Bound the buffer: flush the oldest partial stripes (read-modify-write).
+    while (this.pending.size * W * B > this.pendingBytesMax) {
+      const s = this.pending.keys().next().value as number;
+      await this.withStripe(s, async () => {
+        const e = this.pending.get(s);
+        if (!e) return;
+        this.pending.delete(s);
+        await this.flushStripe(s, e);
+      });
+    }
+  }
+
+  private newPending(stripe: number): PendingStripe {
+    const g = this.geometry;
+    const W = g.stripeDataBlocks;
+    const e: PendingStripe = { buf: Buffer.alloc(W * B), have: new Uint8Array(W), count: 0 };
+    for (let q = stripe * W; q < Math.min(g.headBlocks, (stripe + 1) * W); q++) {
+      e.have[q - stripe * W] = 1;
+      e.count++;
+    }
+    return e;
+  }
+
+  /**
+   * Writes a gathered stripe (the caller holds its lock): a full one from its new data
+   * only; a partial one after reading the rest of its data (rebuilt if a member is out).
+   */
+  private async flushStripe(stripe: number, e: PendingStripe): Promise<void> {
+    const g = this.geometry;
+    const U = g.unitBlocks * B;
+    const k = g.dataMembers;
+    const dirty: boolean[] = [];
+    for (let c = 0; c < k; c++) dirty.push(e.have.subarray(c * g.unitBlocks, (c + 1) * g.unitBlocks).some((h) => h === 1));
+    if (e.count === g.stripeDataBlocks) this.stats.fullStripeWrites++;
+    else this.stats.rmwStripeWrites++;
+    if (e.count < g.stripeDataBlocks) {
+      const old = await this.rebuildColumns(stripe, 0, g.unitBlocks, []);
+      for (let q = 0; q < g.stripeDataBlocks; q++) if (e.have[q] === 0) old[Math.floor(q / g.unitBlocks)]!.copy(e.buf, q * B, (q % g.unitBlocks) * B, (q % g.unitBlocks + 1) * B);
+    }
+    const headInStripe = Math.max(0, Math.min(g.stripeDataBlocks, g.headBlocks - stripe * g.stripeDataBlocks));
+    if (headInStripe > 0) e.buf.fill(0, 0, headInStripe * B); // (only ever a buffer of our own: the head is never in a caller's whole stripe)
+    const data: Buffer[] = [];
+    for (let c = 0; c < k; c++) data.push(e.buf.subarray(c * U, (c + 1) * U));
+    const P = Buffer.alloc(U);
+    if (g.parityMembers === 2) {
+      const Q = Buffer.alloc(U);
+      await computePQAsync(data, P, Q);
+      data.push(P, Q);
+      dirty.push(true, true);
+    } else {
+      await computePAsync(data, P);
+      data.push(P);
+      dirty.push(true);
+    }
+    const start = g.unitStart(stripe);
+    await forEachLimit(data.map((_, c) => c).filter((c) => dirty[c]), MEMBER_IO_CONCURRENCY, (c) => this.memberWrite(this.columnMember(stripe, c), start, data[c]!));
+  }
+
+  /** Writes every gathered stripe (partial ones by read-modify-write). */
+  private async flushAll(): Promise<void> {
+    const stripes = [...this.pending.keys()].sort((a, b) => a - b);
+    await forEachLimit(stripes, MEMBER_IO_CONCURRENCY, (s) => this.withStripe(s, async () => {
+      const e = this.pending.get(s);
+      if (!e) return;
+      this.pending.delete(s);
+      await this.flushStripe(s, e);
+    }));
+  }
+
+  async sync(): Promise<void> {
+    assert(!this.closed, 'RAID device is closed');
+    if (this.readOnly) return;
+    this.refuseWrites();
+    await this.flushAll();
+    if (this.probe) {
+      for (let i = 0; i < this.members.length; i++) {
+        if (this.members[i]!.state !== 'online') continue;
+        const why = await this.probe(i).catch((e: unknown) => `probe failed: ${message(e)}`);
+        if (why !== null) this.fault(i, why);
+      }
+    }
+    await this.syncMembers();
+    for (let round = 0; this.labelsDirty && this.failure === undefined && round <= this.members.length; round++) await this.writeLabels();
+    this.refuseWrites();
+  }
+
+  private async syncMembers(): Promise<void> {
+    await Promise.all(this.members.map(async (m, i) => {
+      const dev = this.online(i);
+      if (!dev) return;
+      try {
+        await dev.sync();
+      } catch (e) {
+        m.errors.write++;
+        this.fault(i, `sync failed: ${message(e)}`);
+      }
+    }));
+  }
+
+  /** Writes generation + 1 (the members' states as they are now) to every member in service, and syncs them. */
+  private async writeLabels(): Promise<void> {
+    this.labelsDirty = false;
+    this.generation++;
+    const g = this.geometry;
+    const outOfService = this.members.map((m) => m.state !== 'online');
+    await Promise.all(this.members.map((_, i) => {
+      if (!this.online(i)) return Promise.resolve();
+      const label = encodeRaidLabel({
+        volumeUuid: this.uuid, memberIndex: i, members: g.members, level: g.level, unitBytes: g.unitBlocks * B, headBlocks: g.headBlocks,
+        generation: this.generation, memberBlocks: g.memberBlocks, logicalBlocks: g.logicalBlocks, outOfService,
+      });
+      return this.memberWrite(i, labelSlot(this.generation), label);
+    }));
+    await this.syncMembers();
+    log().info({ volume: this.uuid, generation: this.generation, outOfService }, 'raid: member labels updated');
+  }
+
+  /**
+   * Discards whole stripes inside [pba, pba+count) on every member (data and parity, so
+   * parity stays consistent: punched holes read as zeroes). Returns once the discard is
+   * started, off the caller's critical path: a later write to those stripes waits for it
+   * (discardsDone), and at most DISCARDS_IN_FLIGHT_MAX run at once.
+   */
+  async discard(pba: number, count: number): Promise<void> {
+    this.checkRange(pba, count);
+    if (this.readOnly || this.failure !== undefined) return;
+    const g = this.geometry;
+    const W = g.stripeDataBlocks;
+    // Whole stripes only: a partial one would leave its parity stale.
+    const first = Math.ceil(Math.max(pba, g.headBlocks) / W);
+    const last = Math.floor((pba + count) / W); // exclusive
+    if (first >= last) return;
+    for (let s = first; s < last; s++) assert(!this.pending.has(s), `discard of stripe ${s} while it is being written`);
+    while (this.discards.size >= DISCARDS_IN_FLIGHT_MAX) await Promise.race([...this.discards].map((d) => d.done));
+    const done = Promise.all(this.members.map(async (_, i) => {
+      const dev = this.online(i);
+      if (!dev) return;
+      await dev.discard(g.unitStart(first), (last - first) * g.unitBlocks).catch((e: unknown) => {
+        log().warn({ member: i, err: message(e) }, 'raid: discard failed (ignored: a hint)');
+      });
+    })).then(() => undefined);
+    const entry = { first, last, done };
+    this.discards.add(entry);
+    void done.then(() => this.discards.delete(entry));
+  }
+
+  /** Waits for the discards in flight that overlap stripes [first, last) (a write must land after them). */
+  private async discardsDone(first: number, last: number): Promise<void> {
+    for (const d of [...this.discards]) if (d.first < last && first < d.last) await d.done;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    await Promise.all([...this.discards].map((d) => d.done));
+    if (!this.readOnly && this.pending.size > 0 && this.failure === undefined) await this.flushAll().catch(() => undefined);
+    this.closed = true;
+    for (const m of this.members) await m.dev?.close().catch(() => undefined);
+  }
+}
