@@ -313,7 +313,7 @@ export class SpaceMap {
     const lo = unit * u;
     if (lo < RING_SLOTS) return false;
     if ((u & 7) === 0) {
-      for (let i = lo >>> 3; i < (lo + u) >>> 3; i++) if ((this.active[i]! | this.summary[i]! | this.reservedOld[i]! | this.reservedNew[i]!) !== 0) return false;
+      for (let i = lo >>> 3; i < (lo + u) >>> 3; i++) if ((this.active[i]! | this.summary[i]! | this.reservedOld[i]! | this.reservedNew[i]! | this.held[i]!) !== 0) return false;
       return true;
     }
     for (let p = lo; p < lo + u; p++) if (!this.isAllocatable(p)) return false;
