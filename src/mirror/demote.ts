@@ -84,7 +84,7 @@ export async function demoteVolume(dirArg: string, intoArg: string, opts: { logg
   const log = opts.logger;
   if (readRole(dir)) throw new Error(`${dir} is a volume promoted from a mirror: demoting it back is not supported (demote the old primary instead)`);
   const label: VolumeLabel = await readLabel(dir);
-  if (label.members.length !== 1) throw new Error(`${dir} has ${label.members.length} members: demote handles single-member volumes`);
+  if (label.raid || label.members.length !== 1) throw new Error(`${dir} is a RAID volume (${label.members.length} members): demote handles single-member volumes (a mirror into RAID is not supported yet)`);
   if (await volumeDirInUse(dir)) throw new Error(`volume ${dir} is being served: stop it before demoting it`);
   const mirrorDir = path.join(into, label.uuid);
   if (fs.existsSync(mirrorDir)) throw new Error(`${mirrorDir} already exists: remove it (or choose another receive directory) first`);

@@ -269,6 +269,9 @@ export class MirrorDir {
         // member (on the disk the operator chose) becomes the mirror's. Its own label is set
         // aside so nothing serves that directory as the volume it was formatted as.
         const vol = await readLabel(dir);
+        if (vol.raid || vol.members.length !== 1) {
+          throw new MirrorDirError(`${dir} was created as a RAID volume (${vol.members.length} members): mirroring into a RAID destination is not supported yet; create it with one --member`);
+        }
         const member = vol.members[0]!;
         const memberPath = path.isAbsolute(member.path) ? member.path : path.join(dir, member.path);
         if (vol.sizeBytes !== hello.sizeBytes) throw new MirrorDirError(`${dir} was created for ${vol.sizeBytes} bytes; the source has ${hello.sizeBytes}`);
