@@ -104,7 +104,44 @@ export function formatMirror(m: MirrorSourceStats): string[] {
   return lines;
 }
 
-export function formatReceiver(dir: string, r: ReceiverStats): string {
+/** A receive directory's other entries: promoted mirrors (primaries now) and demoted old primaries waiting for failback. */
+export interface ReceiveDirEntry {
+  uuid: string;
+  dir: string;
+  role: 'promoted' | 'demoted' | 'mirror';
+  /** promoted: the CP it was promoted from; demoted: its own newest CP when demoted. */
+  cp: number;
+  detail: string;
+}
+
+export function receiveDirEntries(dir: string, open: ReadonlySet<string>, running: boolean): ReceiveDirEntry[] {
+  const out: ReceiveDirEntry[] = [];
+  let names: string[] = [];
+  try {
+    names = fs.readdirSync(dir).filter((n) => /^[0-9a-f-]{36}$/.test(n)).sort();
+  } catch {
+    return out;
+  }
+  for (const uuid of names) {
+    const d = path.join(dir, uuid);
+    const role = readRole(d);
+    if (role) {
+      out.push({ uuid, dir: d, role: 'promoted', cp: role.promotedFromCp, detail: `promoted ${new Date(role.promotedMs).toISOString()}: a primary volume now (serve ${d}), promoted from CP ${role.promotedFromCp}` });
+      continue;
+    }
+    if (open.has(uuid)) continue;
+    try {
+      const ml = JSON.parse(fs.readFileSync(path.join(d, 'mirror.json'), 'utf8')) as { demoted?: { fromDir: string; cp: number } };
+      if (ml.demoted) out.push({ uuid, dir: d, role: 'demoted', cp: ml.demoted.cp, detail: `demoted old primary ${ml.demoted.fromDir} (its CP ${ml.demoted.cp}): waiting for the volume promoted from it to connect (failback)` });
+      else out.push({ uuid, dir: d, role: 'mirror', cp: -1, detail: running ? 'a mirror whose source has not connected since this receiver started' : 'a mirror (check it with nvmirror check)' });
+    } catch {
+      /* not a mirror directory */
+    }
+  }
+  return out;
+}
+
+export function formatReceiver(dir: string, r: ReceiverStats & { directories?: ReceiveDirEntry[] }): string {
   const lines = [`receiver   ${dir}, ${r.connections} source(s) connected`];
   for (const m of r.mirrors) {
     lines.push(
@@ -112,6 +149,7 @@ export function formatReceiver(dir: string, r: ReceiverStats): string {
       `           ${m.cpsApplied} CPs applied, ${m.blocksApplied} blocks as data, ${m.refsApplied} from the log, ${m.deltasApplied} rebuilt from deltas; log ${formatSize(m.logUsedBytes)} (${m.recordsStored} records stored, ${m.recordsDropped} dropped)`,
     );
   }
+  for (const e of r.directories ?? []) lines.push(`${e.role.padEnd(10)} ${e.uuid}: ${e.detail}`);
   return lines.join('\n');
 }
 
@@ -126,9 +164,18 @@ export function registerStatus(program: Command): void {
       if (!fs.existsSync(path.join(dir, LABEL_NAME)) && fs.existsSync(rxSock)) {
         const r = await controlRequest(rxSock, { op: 'status' }, 10_000);
         if (!r.ok) throw new Error(`receiver: ${r.error}`);
-        const st = r.receiver as ReceiverStats;
+        const rx = r.receiver as ReceiverStats;
+        const st = { ...rx, directories: receiveDirEntries(path.resolve(dir), new Set(rx.mirrors.map((m) => m.sourceUuid)), true) };
         process.stdout.write(o.json ? `${JSON.stringify(st, null, 2)}\n` : `${formatReceiver(path.resolve(dir), st)}\n`);
         return;
+      }
+      if (!fs.existsSync(path.join(dir, LABEL_NAME))) {
+        const entries = receiveDirEntries(path.resolve(dir), new Set(), false);
+        if (entries.length > 0) {
+          const st = { connections: 0, mirrors: [], running: false, directories: entries };
+          process.stdout.write(o.json ? `${JSON.stringify(st, null, 2)}\n` : `${formatReceiver(path.resolve(dir), st).replace(/, 0 source\(s\) connected$/m, ': no receiver running')}\n`);
+          return;
+        }
       }
       const role = readRole(path.resolve(dir));
       const s = { ...(await volumeDirStatus(dir)), ...(role ? { role: { ...role, state: 'promoted' as const } } : {}) };

@@ -327,6 +327,9 @@ describe('mirror failover: promote (two hosts)', function () {
     assert.match(rx, /split brain refused/);
     assert.equal(md5OfExport(`nbd+unix:///?socket=${served.sock}`), before, 'the promoted volume changed');
     sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x61 0 4M', '-c', 'read -P 0x62 4M 1M', `nbd+unix:///?socket=${served.sock}`]);
+    // The receive directory says which of its entries is a primary now.
+    const rxStatus = sh(BIN, ['status', path.join(tmp, 'dst')]);
+    assert.match(rxStatus, new RegExp(`^promoted +${s.uuid}: .*a primary volume now.*promoted from CP ${p.promotedFromCp}$`, 'm'), rxStatus);
     const text = sh(BIN, ['status', path.join(tmp, 'dst', s.uuid), '--json']);
     const js = JSON.parse(text) as { role?: { state: string; promotedFromCp: number } };
     assert.equal(js.role?.state, 'promoted');
@@ -372,6 +375,10 @@ describe('mirror failover: promote (two hosts)', function () {
       assert.notEqual(refused.status, 0, `${tag}: demote without --discard-my-changes`);
       assert.match(refused.stderr, /--discard-my-changes/);
       const dem = JSON.parse(sh(BIN, ['demote', s.dir, '--into', path.join(tmp, `back${round}`), '--discard-my-changes', '--json'])) as { keptIn: string; mirrorDir: string };
+      if (round === 0) {
+        const st0 = sh(BIN, ['status', path.join(tmp, `back${round}`)]);
+        assert.match(st0, new RegExp(`^demoted +${s.uuid}: demoted old primary .*waiting for the volume promoted from it`, 'm'), st0);
+      }
       const backSock = path.join(tmp, `back${round}.sock`);
       const back = pair.spawn('a', BIN, ['receive', path.join(tmp, `back${round}`), '--listen', `${pair.host('a').addr}:${PORT_BACK}`, '--export-socket', backSock, '--mirror-insecure'], {
         stdio: ['ignore', 'ignore', logFd(`back${round}`)],
