@@ -385,7 +385,12 @@ export class MirrorSource implements CpSink, ReplicaGate {
     conn.writer.bytesByType.forEach((n, t) => (this.bytesByTypePrev[t] = (this.bytesByTypePrev[t] ?? 0) + n));
     this.bytesFromDestPrev += conn.parser.bytesIn;
     conn.socket.destroy();
-    if (this.conn === conn) this.conn = undefined;
+    if (this.conn === conn) {
+      this.conn = undefined;
+      // The next connection forwards only after its own HELLO (onConnected sets this again):
+      // a record written on it before then would reach the destination ahead of the HELLO.
+      this.forwardFromSeq = 0;
+    }
     if (reason !== 'connection closed' || this.state !== 'disconnected') {
       if (!this.stopped) this.log.warn({ reason }, 'mirror disconnected');
     }
