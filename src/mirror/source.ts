@@ -132,6 +132,8 @@ interface Conn {
   /** The newest CP whose commit went out on this connection (the destination applies in stream order). */
   shippedCp: number;
   closed: boolean;
+  /** WELCOME arrived: destCp and the rest describe this connection's destination (not the last one's). */
+  welcomed: boolean;
 }
 
 export class MirrorSource implements CpSink, ReplicaGate {
@@ -257,7 +259,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       welcomeReject = rej;
     });
     welcome.catch(() => undefined);
-    const conn: Conn = { socket, parser, writer, welcome, cpAcks: [], shippedCp: -1, closed: false };
+    const conn: Conn = { socket, parser, writer, welcome, cpAcks: [], shippedCp: -1, closed: false, welcomed: false };
     this.conn = conn;
     const timer = setTimeout(() => this.drop(conn, 'connect timed out'), CONNECT_TIMEOUT_MS);
     socket.once(this.o.tls ? 'secureConnect' : 'connect', () => {
@@ -311,6 +313,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       return;
     }
     this.reconnectMs = RECONNECT_MS_MIN;
+    conn.welcomed = true;
     this.destCp = w.committedCp;
     conn.shippedCp = w.committedCp;
     this.destRoot = w.root;
@@ -589,7 +592,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
       while (conn.cpAcks.length > CPS_UNACKED_MAX && !conn.closed) await conn.cpAcks[0]!.done;
     }
     if (conn?.shippedCp !== cp && this.state === 'in-sync') this.state = 'behind';
-    if (conn && !conn.closed && this.state !== 'in-sync') void this.catchUp(conn);
+    // Not before WELCOME: until then destCp is the last connection's, and a resync from it
+    // is refused when the destination committed a CP whose ack the drop lost.
+    if (conn && !conn.closed && conn.welcomed && this.state !== 'in-sync') void this.catchUp(conn);
   }
 
   private async commitOnDest(conn: Conn, cp: number, slot: number, blockCount: number, superblock: Buffer): Promise<void> {
