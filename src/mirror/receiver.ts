@@ -57,6 +57,13 @@ const COMBINE_BLOCKS_MAX = 256;
 export const RECEIVER_SOCKET_NAME = 'receiver.sock';
 /** A connection that sends nothing for this long (the source pings every few seconds) is dropped. */
 export const RECEIVER_IDLE_TIMEOUT_MS = 60_000;
+/**
+ * A session that has heard nothing for this long (a live source pings every 5 s) gives
+ * way when the same source connects again: its peer went away without a FIN or RST (a
+ * cut link TCP did not notice), and it would otherwise refuse the source's reconnects
+ * until RECEIVER_IDLE_TIMEOUT_MS.
+ */
+export const SESSION_SILENT_REPLACE_MS = 10_000;
 /** A connection must finish HELLO within this time. */
 const HELLO_TIMEOUT_MS = 10_000;
 
@@ -106,6 +113,9 @@ class Session {
   private pendingBytes = 0;
   private closed = false;
   private idleTimer: NodeJS.Timeout | undefined;
+  private lastHeardMs = Date.now();
+  /** Settles when drain() has returned (no message of this session is being handled). */
+  private drained: Promise<void> = Promise.resolve();
 
   constructor(private readonly rx: MirrorReceiver, readonly socket: net.Socket, private readonly log: Logger) {
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
@@ -133,6 +143,7 @@ class Session {
 
   private onData(chunk: Buffer): void {
     if (this.closed) return;
+    this.lastHeardMs = Date.now();
     let msgs: Message[];
     try {
       msgs = this.parser.push(chunk);
@@ -212,6 +223,8 @@ class Session {
   private async drain(): Promise<void> {
     if (this.processing) return;
     this.processing = true;
+    let done!: () => void;
+    this.drained = new Promise<void>((r) => (done = r));
     try {
       while (this.queue.length > 0 && !this.closed) {
         const batch = this.queue;
@@ -230,6 +243,7 @@ class Session {
       this.end(`refused the stream: ${msg}`, e instanceof MirrorProtocolError || e instanceof MirrorDirError);
     } finally {
       this.processing = false;
+      done();
     }
   }
 
@@ -420,7 +434,14 @@ class Session {
   }
 
   private async hello(m: Message & { type: MsgType.Hello }): Promise<void> {
-    if (this.rx.sessionFor(m.sourceUuid)) throw new MirrorDirError(`source ${m.sourceUuid} is already connected`);
+    const old = this.rx.sessionFor(m.sourceUuid);
+    if (old && old.silentMs() < SESSION_SILENT_REPLACE_MS) throw new MirrorDirError(`source ${m.sourceUuid} is already connected`);
+    if (old) {
+      this.log.warn({ source: m.sourceUuid, silentMs: old.silentMs() }, 'the source connected again while its old connection was silent: the old one is ended');
+      await old.endSilent();
+      if (this.closed) return;
+      if (this.rx.sessionFor(m.sourceUuid)) throw new MirrorDirError(`source ${m.sourceUuid} is already connected`);
+    }
     const mirror = await this.rx.openMirror(m, this.log);
     if (this.closed) return;
     this.mirror = mirror;
@@ -466,6 +487,18 @@ class Session {
   /** Sends the oldest CP a reader pins (so the source keeps its blocks). */
   sendPin(cp: number): void {
     if (this.mirror) this.send({ type: MsgType.Pin, oldestPinnedCp: cp });
+  }
+
+  silentMs(): number {
+    return Date.now() - this.lastHeardMs;
+  }
+
+  /** Ends this session (its peer went silent) and waits until it no longer touches the mirror. */
+  async endSilent(): Promise<void> {
+    this.end(`replaced by a new connection from the same source after ${this.silentMs()} ms of silence`);
+    await this.drained;
+    await this.persisting?.catch(() => undefined);
+    await this.rx.sessionGone(this);
   }
 
   end(reason: string, refused = false): void {
@@ -578,9 +611,24 @@ export class MirrorReceiver {
     return m;
   }
 
-  async sessionEnded(s: Session): Promise<void> {
-    await s.release();
-    this.sessions.delete(s);
+  private readonly ending = new Map<Session, Promise<void>>();
+
+  sessionEnded(s: Session): Promise<void> {
+    let p = this.ending.get(s);
+    if (!p) {
+      p = (async () => {
+        await s.release();
+        this.sessions.delete(s);
+        this.ending.delete(s);
+      })();
+      this.ending.set(s, p);
+    }
+    return p;
+  }
+
+  /** Settles once an ended session is released and forgotten. */
+  async sessionGone(s: Session): Promise<void> {
+    await (this.ending.get(s) ?? Promise.resolve());
   }
 
   stats(): ReceiverStats {
