@@ -150,6 +150,8 @@ export class MirrorDir {
   /** The durable progress of an interrupted baseline (from the marker), if any. */
   baselineResume: { cp: number; blocks: number } | undefined;
   lastCommitMs = 0;
+  /** Why the last stream was refused or could not be applied (the receiver sets it; a commit clears it). */
+  lastError: string | undefined;
   cpsApplied = 0;
   blocksApplied = 0;
   refsApplied = 0;

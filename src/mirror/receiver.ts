@@ -87,6 +87,8 @@ export interface ReceiverStats {
     bytesIn: number;
     baselinePartial: boolean;
     lastCommitMs: number;
+    /** Why the last stream from this source was refused or could not be applied (cleared by the next commit). */
+    lastError: string | undefined;
   }>;
 }
 
@@ -240,7 +242,14 @@ class Session {
       }
     } catch (e) {
       const msg = e instanceof Error ? e.message : String(e);
-      this.end(`refused the stream: ${msg}`, e instanceof MirrorProtocolError || e instanceof MirrorDirError);
+      if (e instanceof MirrorProtocolError || e instanceof MirrorDirError) {
+        this.end(`refused the stream: ${msg}`, true);
+      } else {
+        // An I/O error applying it (a full or failing disk): logged as such, and refused
+        // too, so the source's status names the cause instead of a closed connection.
+        this.log.error({ source: this.sourceUuid, err: msg }, 'the mirror cannot apply the stream: I/O error; its committed image is unchanged');
+        this.end(`the destination cannot apply the stream: ${msg}`, true);
+      }
     } finally {
       this.processing = false;
       done();
@@ -352,6 +361,7 @@ class Session {
         await this.waitWrites(0);
         if (this.writeError) throw this.writeError;
         const sb = await mirror.applyCommit(m.cp, m.slot, m.superblock);
+        mirror.lastError = undefined;
         this.applying = undefined;
         mirror.cpsApplied++;
         this.rx.exports?.committed(mirror);
@@ -505,6 +515,7 @@ class Session {
     if (this.closed) return;
     this.closed = true;
     if (this.idleTimer) clearTimeout(this.idleTimer);
+    if (refused && this.mirror) this.mirror.lastError = reason;
     if (refused) {
       this.log.warn({ source: this.sourceUuid, reason }, 'mirror stream refused; the committed image is unchanged');
       try {
@@ -653,6 +664,7 @@ export class MirrorReceiver {
         bytesIn: m.bytesIn + (s?.bytesIn ?? 0),
         baselinePartial: m.baselinePartial,
         lastCommitMs: m.lastCommitMs,
+        lastError: m.lastError,
       });
     }
     return { connections: this.sessions.size, mirrors };
