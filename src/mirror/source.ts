@@ -312,7 +312,6 @@ export class MirrorSource implements CpSink, ReplicaGate {
       this.drop(conn, `the destination is at CP ${w.committedCp}, ahead of this volume (CP ${cpNow}): diverged histories`);
       return;
     }
-    this.reconnectMs = RECONNECT_MS_MIN;
     conn.welcomed = true;
     this.destCp = w.committedCp;
     conn.shippedCp = w.committedCp;
@@ -350,6 +349,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
           return;
         }
         conn.cpAcks.shift();
+        // Only a committed CP shows a healthy destination: one that welcomes and then
+        // refuses (a full or failing disk) keeps the backoff growing.
+        this.reconnectMs = RECONNECT_MS_MIN;
         this.destCp = m.cp;
         this.destRoot = m.root;
         this.cpsShipped++;
