@@ -1,0 +1,178 @@
+/**
+ * The mirror under disk faults on the destination (issue 8, "Disk faults"): the
+ * receiver's directory on a small tmpfs that fills up, its member on an ext4 that shuts
+ * down (every I/O fails, as a dead disk), and its member truncated. Each time: a clear
+ * error in the receiver's log, the source's `status` says the mirror is not in sync and
+ * why (`lastError`), the mirror's committed image is never changed into something else
+ * (its export and `check` stay as they were, or it is refused), and once the fault is
+ * repaired the mirror converges to a byte-identical copy.
+ *
+ * Invariants: mounts and loop devices are made under this run's temporary directory and
+ * undone in after hooks (lazy unmount, loop detached), also when a test fails; the seed
+ * is printed on failure.
+ */
+import * as assert from 'assert';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { netnsAvailable } from '../net/netns';
+import { AckedWriter, Rig, seedFromEnv, sleep, until } from './faults-harness';
+import { BIN, sh } from './helpers';
+
+const RECEIVER_PORT = 17210;
+const RELAY_PORT = 17211;
+/** The tmpfs that fills: the log file (32 MiB, allocated at open) and 16 MiB for a thin member that needs more. */
+const SMALL_TMPFS_MIB = 48;
+const LOOP_FS_MIB = 400;
+
+describe('mirror faults: disk faults on the destination', function () {
+  this.timeout(300_000);
+  const seed = seedFromEnv();
+  let rig: Rig | undefined;
+  let mnt: string | undefined;
+  let loopImage: string | undefined;
+  const figures: string[] = [];
+
+  before(async function () {
+    const why = await netnsAvailable();
+    if (why !== null) {
+      if (process.env.CI === 'true') throw new Error(`network namespaces unavailable in CI: ${why}`);
+      this.skip();
+    }
+  });
+
+  beforeEach(() => {
+    mnt = fs.mkdtempSync(path.join(os.tmpdir(), 'nvf-mnt-'));
+  });
+
+  afterEach(async function () {
+    if (this.currentTest?.state === 'failed') rig?.printFailure(this.currentTest.fullTitle());
+    await rig?.destroy();
+    rig = undefined;
+    if (mnt) {
+      try {
+        sh('umount', ['-l', mnt]);
+      } catch {
+        /* not mounted */
+      }
+      fs.rmSync(mnt, { recursive: true, force: true });
+      mnt = undefined;
+    }
+    if (loopImage) fs.rmSync(loopImage, { force: true });
+    loopImage = undefined;
+  });
+
+  after(() => {
+    if (figures.length > 0) process.stdout.write(`      figures (seed ${seed}):\n${figures.map((f) => `        ${f}`).join('\n')}\n`);
+  });
+
+  /** Writes until `untilAcked` requests were acknowledged, then waits for every reply. */
+  async function write(r: Rig, w: AckedWriter, untilAcked: number): Promise<void> {
+    await w.start();
+    await until('writes acknowledged', () => w.ackedWrites >= untilAcked, 120_000);
+    await w.stop();
+    assert.deepStrictEqual(w.errors, [], 'the client got errors');
+  }
+
+  it('the destination directory fills up (tmpfs): a clear error, status says why, the committed image unchanged; room again: converges', async () => {
+    sh('mount', ['-t', 'tmpfs', '-o', `size=${SMALL_TMPFS_MIB}m`, 'nvf-tmpfs', mnt!]);
+    rig = await Rig.start({ mode: 'sync', prefix: 'nvf', receiverPort: RECEIVER_PORT, relayPort: RELAY_PORT, seed, dstDir: path.join(mnt!, 'dst') });
+    const r = rig;
+    const w0 = new AckedWriter(r.srcSock, seed, undefined, 8192);
+    await write(r, w0, 200);
+    await r.converge();
+    const cp0 = r.receiverStatus()!.committedCp;
+    const md5Before = r.mirrorMd5();
+    // Writes over 32 MiB of blocks: copy-on-write spreads them over more of the member than fits.
+    const w = new AckedWriter(r.srcSock, seed + 1, w0, 8192);
+    await w.start();
+    await until('the receiver fails for lack of space', () => /ENOSPC|no space/i.test(r.readLog('receiver')), 120_000);
+    await until('the source reports it', () => /ENOSPC|no space/i.test(r.status()?.lastError ?? '') && r.status()?.state !== 'in-sync', 30_000);
+    await w.stop();
+    assert.deepStrictEqual(w.errors, [], 'the client got errors (policy available)');
+    const st = r.status()!;
+    figures.push(`full: source state ${st.state}, lastError "${st.lastError}"`);
+    assert.match(r.receiverStatus()?.lastError ?? '', /ENOSPC|no space/i, 'the receiver\'s status does not say why');
+    // The committed image is the last CP that fitted, intact.
+    const rx = r.receiverStatus()!;
+    assert.ok(rx.committedCp >= cp0, 'the committed CP went back');
+    if (rx.committedCp === cp0) assert.strictEqual(r.mirrorMd5(), md5Before, 'the mirror changed without a new CP');
+    sh('mount', ['-o', 'remount,size=512m', mnt!]);
+    const c = await r.converge();
+    assert.deepStrictEqual(await w.check(r.expSock, r.uuid), [], 'an acknowledged write is missing on the mirror');
+    figures.push(`full: converged ${c.ms} ms after the tmpfs grew, ${(c.bytesToReceiver / 1048576).toFixed(1)} MiB sent`);
+  });
+
+  it('the member\'s file system dies (ext4 shut down: every I/O fails): a clear error, status says why; repaired: converges', async () => {
+    loopImage = path.join(os.tmpdir(), `nvf-loop-${process.pid}.img`);
+    fs.writeFileSync(loopImage, '');
+    fs.truncateSync(loopImage, LOOP_FS_MIB * 1048576);
+    sh('mkfs.ext4', ['-q', '-F', loopImage]);
+    sh('mount', ['-o', 'loop', loopImage, mnt!]);
+    rig = await Rig.start({ mode: 'async', prefix: 'nvf', receiverPort: RECEIVER_PORT, relayPort: RELAY_PORT, seed, dstDir: path.join(mnt!, 'dst') });
+    const r = rig;
+    const w0 = new AckedWriter(r.srcSock, seed, undefined, 4096);
+    await write(r, w0, 200);
+    await r.converge();
+    sh('xfs_io', ['-x', '-c', 'shutdown', mnt!]);
+    const w = new AckedWriter(r.srcSock, seed + 1, w0, 4096);
+    await w.start();
+    await until('the receiver fails on I/O', () => /EIO|input\/output error/i.test(r.readLog('receiver')), 60_000);
+    await until('the source reports it', () => /EIO|input\/output error/i.test(r.status()?.lastError ?? '') && r.status()?.state !== 'in-sync', 30_000);
+    const tries0 = r.count('source', /mirror (resync|baseline) started/);
+    const wire0 = (await r.relay.stats()).bytes.toTarget;
+    await sleep(5000);
+    figures.push(`dead fs: ${r.count('source', /mirror (resync|baseline) started/) - tries0} resyncs tried, ` +
+      `${(((await r.relay.stats()).bytes.toTarget - wire0) / 1048576).toFixed(1)} MiB sent toward it in 5 s`);
+    await w.stop();
+    assert.deepStrictEqual(w.errors, [], 'the client got errors (policy available)');
+    const st = r.status()!;
+    figures.push(`dead fs: source state ${st.state}, lastError "${st.lastError}"`);
+    assert.match(r.receiverStatus()?.lastError ?? '', /EIO|input\/output error/i, 'the receiver\'s status does not say why');
+    // Repair: stop the receiver and mount the disk again (ext4 replays its journal). The
+    // processes `ip netns exec` started hold copies of the mount in their own mount
+    // namespaces, which keep the shut-down file system alive, so the "disk" is moved: the
+    // image is copied and the copy mounted.
+    await r.stop('receiver');
+    sh('umount', ['-l', mnt!]);
+    const repaired = `${loopImage}.repaired`;
+    sh('cp', ['--sparse=always', loopImage, repaired]);
+    fs.rmSync(loopImage, { force: true });
+    loopImage = repaired;
+    sh('mount', ['-o', 'loop', loopImage, mnt!]);
+    const chk = sh(BIN, ['check', path.join(r.dst, r.uuid)]);
+    assert.match(chk, /: ok$/m, `the committed image after the shutdown: ${chk}`);
+    await r.startReceiver();
+    const c = await r.converge();
+    assert.deepStrictEqual(await w.check(r.expSock, r.uuid), [], 'an acknowledged write is missing on the mirror');
+    figures.push(`dead fs: converged ${c.ms} ms after the repair, ${(c.bytesToReceiver / 1048576).toFixed(1)} MiB sent`);
+  });
+
+  it('the member truncated (receiver stopped): refused with a clear error, status says why; a new mirror directory: converges', async () => {
+    rig = await Rig.start({ mode: 'sync', prefix: 'nvf', receiverPort: RECEIVER_PORT, relayPort: RELAY_PORT, seed });
+    const r = rig;
+    const w0 = new AckedWriter(r.srcSock, seed, undefined, 4096);
+    await write(r, w0, 200);
+    await r.converge();
+    await r.stop('receiver');
+    const member = path.join(r.dst, r.uuid, 'member-0.img');
+    fs.truncateSync(member, Math.floor(fs.statSync(member).size / 2));
+    await r.startReceiver();
+    const w = new AckedWriter(r.srcSock, seed + 1, w0, 4096);
+    await w.start();
+    await until('the receiver refuses the truncated member', () => /member has \d+ blocks, needs \d+/.test(r.readLog('receiver')), 60_000);
+    await until('the source reports it', () => /member has \d+ blocks/.test(r.status()?.lastError ?? '') && r.status()?.state !== 'in-sync', 30_000);
+    await sleep(1000);
+    await w.stop();
+    assert.deepStrictEqual(w.errors, [], 'the client got errors (policy available)');
+    const st = r.status()!;
+    figures.push(`truncated: source state ${st.state}, lastError "${st.lastError}"`);
+    // The operator's repair: the damaged mirror directory goes; the source sends a new baseline.
+    await r.stop('receiver');
+    fs.rmSync(path.join(r.dst, r.uuid), { recursive: true, force: true });
+    await r.startReceiver();
+    const c = await r.converge();
+    assert.deepStrictEqual(await w.check(r.expSock, r.uuid), [], 'an acknowledged write is missing on the mirror');
+    figures.push(`truncated: a new baseline converged in ${c.ms} ms, ${(c.bytesToReceiver / 1048576).toFixed(1)} MiB sent`);
+  });
+});
