@@ -454,6 +454,7 @@ class Session {
     }
     const mirror = await this.rx.openMirror(m, this.log);
     if (this.closed) return;
+    mirror.checkMember(); // it may have stayed open since another connection
     this.mirror = mirror;
     this.rx.exports?.attach(mirror);
     this.armIdle();
