@@ -148,6 +148,35 @@ describe('mirror faults: disk faults on the destination', function () {
     figures.push(`dead fs: converged ${c.ms} ms after the repair, ${(c.bytesToReceiver / 1048576).toFixed(1)} MiB sent`);
   });
 
+  it('the member truncated under a running receiver: refused with a clear error, never a silently different mirror; a new mirror directory: converges', async () => {
+    rig = await Rig.start({ mode: 'sync', prefix: 'nvf', receiverPort: RECEIVER_PORT, relayPort: RELAY_PORT, seed });
+    const r = rig;
+    const w0 = new AckedWriter(r.srcSock, seed, undefined, 4096);
+    await write(r, w0, 400);
+    await r.converge();
+    const member = path.join(r.dst, r.uuid, 'member-0.img');
+    // Past the superblock ring (8 blocks), below every block the tree uses: the next CP's
+    // writes would extend the file again, with holes where the committed blocks were.
+    fs.truncateSync(member, 64 * 1024);
+    const w = new AckedWriter(r.srcSock, seed + 1, w0, 4096);
+    await w.start();
+    await until('the receiver refuses the truncated member', () => /member .* was truncated/.test(r.readLog('receiver')), 60_000);
+    await until('the source reports it', () => /was truncated/.test(r.status()?.lastError ?? '') && r.status()?.state !== 'in-sync', 30_000);
+    await sleep(2000);
+    await w.stop();
+    assert.deepStrictEqual(w.errors, [], 'the client got errors (policy available)');
+    const st = r.status()!;
+    assert.notStrictEqual(st.state, 'in-sync', 'in sync over a truncated member');
+    assert.match(r.receiverStatus()?.lastError ?? '', /was truncated/, 'the receiver\'s status does not say why');
+    figures.push(`truncated under the receiver: source state ${st.state}, lastError "${st.lastError}"`);
+    await r.stop('receiver');
+    fs.rmSync(path.join(r.dst, r.uuid), { recursive: true, force: true });
+    await r.startReceiver();
+    const c = await r.converge();
+    assert.deepStrictEqual(await w.check(r.expSock, r.uuid), [], 'an acknowledged write is missing on the mirror');
+    figures.push(`truncated under the receiver: a new baseline converged in ${c.ms} ms, ${(c.bytesToReceiver / 1048576).toFixed(1)} MiB sent`);
+  });
+
   it('the member truncated (receiver stopped): refused with a clear error, status says why; a new mirror directory: converges', async () => {
     rig = await Rig.start({ mode: 'sync', prefix: 'nvf', receiverPort: RECEIVER_PORT, relayPort: RELAY_PORT, seed });
     const r = rig;
