@@ -1,7 +1,8 @@
 /**
  * The mirror under disk faults on the destination (issue 8, "Disk faults"): the
  * receiver's directory on a small tmpfs that fills up, its member on an ext4 that shuts
- * down (every I/O fails, as a dead disk), and its member truncated. Each time: a clear
+ * down (every I/O fails, as a dead disk), its member made read-only, and its member
+ * truncated (under the running receiver, and while it was stopped). Each time: a clear
  * error in the receiver's log, the source's `status` says the mirror is not in sync and
  * why (`lastError`), the mirror's committed image is never changed into something else
  * (its export and `check` stay as they were, or it is refused), and once the fault is
@@ -31,6 +32,8 @@ describe('mirror faults: disk faults on the destination', function () {
   let rig: Rig | undefined;
   let mnt: string | undefined;
   let loopImage: string | undefined;
+  /** A member with a read-only bind mount over it (undone in afterEach). */
+  let roMember: string | undefined;
   const figures: string[] = [];
 
   before(async function () {
@@ -47,6 +50,14 @@ describe('mirror faults: disk faults on the destination', function () {
 
   afterEach(async function () {
     if (this.currentTest?.state === 'failed') rig?.printFailure(this.currentTest.fullTitle());
+    if (roMember) {
+      try {
+        sh('umount', ['-l', roMember]);
+      } catch {
+        /* already gone */
+      }
+      roMember = undefined;
+    }
     await rig?.destroy();
     rig = undefined;
     if (mnt) {
@@ -146,6 +157,37 @@ describe('mirror faults: disk faults on the destination', function () {
     const c = await r.converge();
     assert.deepStrictEqual(await w.check(r.expSock, r.uuid), [], 'an acknowledged write is missing on the mirror');
     figures.push(`dead fs: converged ${c.ms} ms after the repair, ${(c.bytesToReceiver / 1048576).toFixed(1)} MiB sent`);
+  });
+
+  it('the member made read-only (a read-only bind mount over it, receiver restarted): a clear error, status says why; writable again: converges', async () => {
+    rig = await Rig.start({ mode: 'async', prefix: 'nvf', receiverPort: RECEIVER_PORT, relayPort: RELAY_PORT, seed });
+    const r = rig;
+    const w0 = new AckedWriter(r.srcSock, seed, undefined, 4096);
+    await write(r, w0, 200);
+    await r.converge();
+    await r.stop('receiver');
+    const member = path.join(r.dst, r.uuid, 'member-0.img');
+    sh('mount', ['--bind', member, member]);
+    roMember = member;
+    sh('mount', ['-o', 'remount,bind,ro', member]);
+    await r.startReceiver();
+    const w = new AckedWriter(r.srcSock, seed + 1, w0, 4096);
+    await w.start();
+    await until('the receiver cannot open the member for writing', () => /EROFS|read-only file system/i.test(r.readLog('receiver')), 60_000);
+    await until('the source reports it', () => /EROFS|read-only file system/i.test(r.status()?.lastError ?? '') && r.status()?.state !== 'in-sync', 30_000);
+    await w.stop();
+    assert.deepStrictEqual(w.errors, [], 'the client got errors (policy available)');
+    const st = r.status()!;
+    figures.push(`read-only member: source state ${st.state}, lastError "${st.lastError}"`);
+    await r.stop('receiver');
+    sh('umount', [member]);
+    roMember = undefined;
+    const chk = sh(BIN, ['check', path.join(r.dst, r.uuid)]);
+    assert.match(chk, /: ok$/m, `the committed image: ${chk}`);
+    await r.startReceiver();
+    const c = await r.converge();
+    assert.deepStrictEqual(await w.check(r.expSock, r.uuid), [], 'an acknowledged write is missing on the mirror');
+    figures.push(`read-only member: converged ${c.ms} ms after it was writable again, ${(c.bytesToReceiver / 1048576).toFixed(1)} MiB sent`);
   });
 
   it('the member truncated under a running receiver: refused with a clear error, never a silently different mirror; a new mirror directory: converges', async () => {
