@@ -192,17 +192,17 @@ export class AckedWriter {
 
   /**
    * Reads the working blocks back through `socket` (export `name`) and returns one line
-   * per block whose contents are not those of its last acknowledged write (at most 10).
+   * per block whose contents are not those of its last acknowledged write (at most `limit`).
    */
-  async check(socket: string, name: string): Promise<string[]> {
+  async check(socket: string, name: string, limit = 10): Promise<string[]> {
     const c = await NbdClient.connect(socket, name);
     const bad: string[] = [];
     const CHUNK_BLOCKS = 256;
     try {
-      for (let lbn0 = 0; lbn0 < this.blocks && bad.length < 10; lbn0 += CHUNK_BLOCKS) {
+      for (let lbn0 = 0; lbn0 < this.blocks && bad.length < limit; lbn0 += CHUNK_BLOCKS) {
         const n = Math.min(CHUNK_BLOCKS, this.blocks - lbn0);
         const got = await c.read(lbn0 * BS, n * BS);
-        for (let i = 0; i < n && bad.length < 10; i++) {
+        for (let i = 0; i < n && bad.length < limit; i++) {
           const want = blockContent(lbn0 + i, this.acked.get(lbn0 + i) ?? 0);
           const have = got.subarray(i * BS, (i + 1) * BS);
           if (!have.equals(want)) bad.push(`block ${lbn0 + i}: want write ${this.acked.get(lbn0 + i) ?? 0}, have write ${have.readUInt32LE(4)} (lbn tag ${have.readUInt32LE(0)})`);
@@ -228,6 +228,8 @@ export interface RigOptions {
   size?: string;
   /** Where the receiver's DIR lives (default: in the rig's temporary directory). */
   dstDir?: string;
+  /** Where the source's volume directory lives (default: in the rig's temporary directory). */
+  srcDir?: string;
 }
 
 export interface Convergence {
@@ -238,6 +240,15 @@ export interface Convergence {
   /** Data blocks the source sent meanwhile (resync, CP data). */
   dataBlocksSent: number;
   cp: number;
+}
+
+/** The fields of the receiver's `status --json` (per mirror) the tests read. */
+export interface ReceiverMirrorStatus {
+  sourceUuid: string;
+  committedCp: number;
+  connected: boolean;
+  heldSeq: number;
+  lastError?: string;
 }
 
 interface SourceStats {
@@ -265,7 +276,7 @@ export class Rig {
     readonly tmp: string,
     readonly relay: RemoteRelay,
   ) {
-    this.src = path.join(tmp, 'src');
+    this.src = o.srcDir ?? path.join(tmp, 'src');
     this.dst = o.dstDir ?? path.join(tmp, 'dst');
     this.srcSock = path.join(tmp, 'src.sock');
     this.expSock = path.join(tmp, 'exp.sock');
@@ -340,9 +351,9 @@ export class Rig {
   }
 
   /** The receiver's own status (`status DIR --json` on its directory). */
-  receiverStatus(): { committedCp: number; connected: boolean; lastError?: string; state?: string } | undefined {
+  receiverStatus(): ReceiverMirrorStatus | undefined {
     try {
-      const s = JSON.parse(sh(BIN, ['status', this.dst, '--json'])) as { mirrors?: Array<{ sourceUuid: string; committedCp: number; connected: boolean; lastError?: string; state?: string }> };
+      const s = JSON.parse(sh(BIN, ['status', this.dst, '--json'])) as { mirrors?: ReceiverMirrorStatus[] };
       return s.mirrors?.find((m) => m.sourceUuid === this.uuid);
     } catch {
       return undefined;
