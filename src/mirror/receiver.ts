@@ -51,6 +51,10 @@ function messageBytes(m: Message): number {
     default: return 64;
   }
 }
+/** Frames that records arriving later must not overtake on the fast path (stream order). */
+function mustKeepOrder(m: Message): boolean {
+  return m.type === MsgType.Record || m.type === MsgType.DurableReq || m.type === MsgType.Hello;
+}
 /** Largest combined write while applying a CP (1 MiB). */
 const COMBINE_BLOCKS_MAX = 256;
 /** The receiver's control socket in its directory (`nvmirror status DIR`). */
@@ -116,6 +120,8 @@ class Session {
   private closed = false;
   private idleTimer: NodeJS.Timeout | undefined;
   private lastHeardMs = Date.now();
+  /** Messages of the batch drain() is handling that records must not overtake (see applyingOnly). */
+  private orderedInBatch = 0;
   /** Settles when drain() has returned (no message of this session is being handled). */
   private drained: Promise<void> = Promise.resolve();
 
@@ -190,7 +196,8 @@ class Session {
 
   /** True when everything queued is CP application (records may pass it). */
   private applyingOnly(): boolean {
-    for (const q of this.queue) if (q.type === MsgType.Record || q.type === MsgType.DurableReq || q.type === MsgType.Hello) return false;
+    if (this.orderedInBatch > 0) return false;
+    for (const q of this.queue) if (mustKeepOrder(q)) return false;
     return true;
   }
 
@@ -231,10 +238,14 @@ class Session {
       while (this.queue.length > 0 && !this.closed) {
         const batch = this.queue;
         this.queue = [];
+        // The batch left the queue but not the stream order: while any of its records (or
+        // its HELLO) is unhandled, later records must not take the fast path past it.
+        this.orderedInBatch = batch.filter(mustKeepOrder).length;
         let acked = false;
         for (const m of batch) {
           if (this.closed) return;
           acked = (await this.handle(m)) || acked;
+          if (mustKeepOrder(m)) this.orderedInBatch--;
           this.pendingBytes -= messageBytes(m);
           this.flow();
         }
