@@ -464,7 +464,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
       const oldest = this.waiters.length > 0 ? this.waiters.reduce((a, w) => Math.min(a, w.sinceMs), now) : now;
       if (now - oldest > stall) this.drop(conn, `no acknowledgement from the destination for ${stall} ms (stalled peer)`);
       else if (conn.cpAcks.length > 0 && now - conn.cpAcks[0]!.sinceMs > stall) this.drop(conn, `CP ${conn.cpAcks[0]!.cp} not acknowledged within ${stall} ms (stalled peer)`);
-      else if (now - this.lastPingMs >= PING_INTERVAL_MS) {
+      // Not before WELCOME: a connection still connecting would queue the PING ahead of its HELLO.
+      else if (conn.welcomed && now - this.lastPingMs >= PING_INTERVAL_MS) {
         this.lastPingMs = now;
         this.send(conn, { type: MsgType.Ping, nowMs: now });
       }
