@@ -47,7 +47,7 @@ describe('mirror faults: disk faults on either side', function () {
   });
 
   beforeEach(() => {
-    mnt = fs.mkdtempSync(path.join(os.tmpdir(), 'nvf-mnt-'));
+    mnt = fs.mkdtempSync(path.join(os.tmpdir(), 'nvfault-mnt-'));
   });
 
   afterEach(async function () {
@@ -88,8 +88,8 @@ describe('mirror faults: disk faults on either side', function () {
   }
 
   it('the destination directory fills up (tmpfs): a clear error, status says why, the committed image unchanged; room again: converges', async () => {
-    sh('mount', ['-t', 'tmpfs', '-o', `size=${SMALL_TMPFS_MIB}m`, 'nvf-tmpfs', mnt!]);
-    rig = await Rig.start({ mode: 'sync', prefix: 'nvf', receiverPort: RECEIVER_PORT, relayPort: RELAY_PORT, seed, dstDir: path.join(mnt!, 'dst') });
+    sh('mount', ['-t', 'tmpfs', '-o', `size=${SMALL_TMPFS_MIB}m`, 'nvfault-tmpfs', mnt!]);
+    rig = await Rig.start({ mode: 'sync', prefix: 'nvfault', receiverPort: RECEIVER_PORT, relayPort: RELAY_PORT, seed, dstDir: path.join(mnt!, 'dst') });
     const r = rig;
     const w0 = new AckedWriter(r.srcSock, seed, undefined, 8192);
     await write(r, w0, 200);
@@ -117,12 +117,12 @@ describe('mirror faults: disk faults on either side', function () {
   });
 
   it('the member\'s file system dies (ext4 shut down: every I/O fails): a clear error, status says why; repaired: converges', async () => {
-    loopImage = path.join(os.tmpdir(), `nvf-loop-${process.pid}.img`);
+    loopImage = path.join(os.tmpdir(), `nvfault-loop-${process.pid}.img`);
     fs.writeFileSync(loopImage, '');
     fs.truncateSync(loopImage, LOOP_FS_MIB * 1048576);
     sh('mkfs.ext4', ['-q', '-F', loopImage]);
     sh('mount', ['-o', 'loop', loopImage, mnt!]);
-    rig = await Rig.start({ mode: 'async', prefix: 'nvf', receiverPort: RECEIVER_PORT, relayPort: RELAY_PORT, seed, dstDir: path.join(mnt!, 'dst') });
+    rig = await Rig.start({ mode: 'async', prefix: 'nvfault', receiverPort: RECEIVER_PORT, relayPort: RELAY_PORT, seed, dstDir: path.join(mnt!, 'dst') });
     const r = rig;
     const w0 = new AckedWriter(r.srcSock, seed, undefined, 4096);
     await write(r, w0, 200);
@@ -162,7 +162,7 @@ describe('mirror faults: disk faults on either side', function () {
   });
 
   it('the member made read-only (a read-only bind mount over it, receiver restarted): a clear error, status says why; writable again: converges', async () => {
-    rig = await Rig.start({ mode: 'async', prefix: 'nvf', receiverPort: RECEIVER_PORT, relayPort: RELAY_PORT, seed });
+    rig = await Rig.start({ mode: 'async', prefix: 'nvfault', receiverPort: RECEIVER_PORT, relayPort: RELAY_PORT, seed });
     const r = rig;
     const w0 = new AckedWriter(r.srcSock, seed, undefined, 4096);
     await write(r, w0, 200);
@@ -193,12 +193,12 @@ describe('mirror faults: disk faults on either side', function () {
   });
 
   it('the source\'s file system dies under writes: the client gets EIO, the mirror\'s committed image stays clean; restarted on the repaired disk: converges', async () => {
-    loopImage = path.join(os.tmpdir(), `nvf-loop-${process.pid}.img`);
+    loopImage = path.join(os.tmpdir(), `nvfault-loop-${process.pid}.img`);
     fs.writeFileSync(loopImage, '');
     fs.truncateSync(loopImage, LOOP_FS_MIB * 1048576);
     sh('mkfs.ext4', ['-q', '-F', loopImage]);
     sh('mount', ['-o', 'loop', loopImage, mnt!]);
-    rig = await Rig.start({ mode: 'sync', prefix: 'nvf', receiverPort: RECEIVER_PORT, relayPort: RELAY_PORT, seed, srcDir: path.join(mnt!, 'src') });
+    rig = await Rig.start({ mode: 'sync', prefix: 'nvfault', receiverPort: RECEIVER_PORT, relayPort: RELAY_PORT, seed, srcDir: path.join(mnt!, 'src') });
     const r = rig;
     const w0 = new AckedWriter(r.srcSock, seed, undefined, 4096);
     await write(r, w0, 200);
@@ -239,7 +239,7 @@ describe('mirror faults: disk faults on either side', function () {
   });
 
   it('the member truncated under a running receiver: refused with a clear error, never a silently different mirror; a new mirror directory: converges', async () => {
-    rig = await Rig.start({ mode: 'sync', prefix: 'nvf', receiverPort: RECEIVER_PORT, relayPort: RELAY_PORT, seed });
+    rig = await Rig.start({ mode: 'sync', prefix: 'nvfault', receiverPort: RECEIVER_PORT, relayPort: RELAY_PORT, seed });
     const r = rig;
     const w0 = new AckedWriter(r.srcSock, seed, undefined, 4096);
     await write(r, w0, 400);
@@ -268,7 +268,7 @@ describe('mirror faults: disk faults on either side', function () {
   });
 
   it('the member truncated (receiver stopped): refused with a clear error, status says why; a new mirror directory: converges', async () => {
-    rig = await Rig.start({ mode: 'sync', prefix: 'nvf', receiverPort: RECEIVER_PORT, relayPort: RELAY_PORT, seed });
+    rig = await Rig.start({ mode: 'sync', prefix: 'nvfault', receiverPort: RECEIVER_PORT, relayPort: RELAY_PORT, seed });
     const r = rig;
     const w0 = new AckedWriter(r.srcSock, seed, undefined, 4096);
     await write(r, w0, 200);

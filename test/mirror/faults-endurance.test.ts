@@ -105,7 +105,7 @@ describe('mirror faults: endurance (a seeded random mix of network faults)', fun
     it(`${mode}: ${seconds} s of random faults under writes, then both sides identical and every acknowledged write on both`, async () => {
       const rnd = prng(seed + (mode === 'sync' ? 0 : 1));
       const schedule: string[] = [];
-      const rig = await Rig.start({ mode, prefix: 'nvf', receiverPort: RECEIVER_PORT, relayPort: RELAY_PORT, seed, stallTimeoutMs: STALL_TIMEOUT_MS });
+      const rig = await Rig.start({ mode, prefix: 'nvfault', receiverPort: RECEIVER_PORT, relayPort: RELAY_PORT, seed, stallTimeoutMs: STALL_TIMEOUT_MS });
       try {
         const w = new AckedWriter(rig.srcSock, seed + (mode === 'sync' ? 7 : 8));
         await w.start();

@@ -18,7 +18,7 @@
  * RSS peaks) are printed, not asserted on time.
  *
  * Invariants: the seed (NVMIRROR_SEED, else random) is printed on failure; each mode's
- * rig (namespaces nvf-<pid>-..., its processes and relay) is destroyed in after().
+ * rig (namespaces nvfault<pid>-..., its processes and relay) is destroyed in after().
  */
 import * as assert from 'assert';
 import { netnsAvailable } from '../net/netns';
@@ -64,7 +64,7 @@ describe('mirror faults: network (namespaces, nftables, fault-injecting relay)',
       let last: AckedWriter | undefined;
 
       before(async () => {
-        rig = await Rig.start({ mode, prefix: 'nvf', receiverPort: RECEIVER_PORT, relayPort: RELAY_PORT, seed, stallTimeoutMs: STALL_TIMEOUT_MS });
+        rig = await Rig.start({ mode, prefix: 'nvfault', receiverPort: RECEIVER_PORT, relayPort: RELAY_PORT, seed, stallTimeoutMs: STALL_TIMEOUT_MS });
       });
 
       after(async () => {
