@@ -7,6 +7,7 @@
         "native/io.cc",
         "native/nvram.cc",
         "native/checksum.cc",
+        "native/parity.cc",
         "native/nbd_attach.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],

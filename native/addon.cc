@@ -129,6 +129,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   nvm::InitIo(env, exports);
   nvm::InitNvram(env, exports);
   nvm::InitChecksum(env, exports);
+  nvm::InitParity(env, exports);
   InitNbdAttach(env, exports);
   return exports;
 }

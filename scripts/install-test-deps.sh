@@ -9,7 +9,7 @@
 #   once, and exits non-zero (with one line saying which) if a tool is still missing.
 set -euo pipefail
 
-# tool (command name or special check) -> Debian package that provides it
+# tool (command name or special check: py:MODULE, h:HEADER under /usr/include) -> Debian package that provides it
 declare -a CHECKS=(
   "nbdinfo:libnbd-bin"
   "nbdcopy:libnbd-bin"
@@ -39,6 +39,7 @@ declare -a CHECKS=(
   "truncate:coreutils"
   "sha256sum:coreutils"
   "systemd-socket-activate:systemd"
+  "h:isa-l/raid.h:libisal-dev"
 )
 
 # PATH as root's, so /sbin tools (losetup, mkfs.*) are found when run as a user.
@@ -48,6 +49,8 @@ have() {
   local tool="$1"
   if [[ "$tool" == py:* ]]; then
     /usr/bin/python3 -c "import ${tool#py:}" >/dev/null 2>&1
+  elif [[ "$tool" == h:* ]]; then
+    [[ -f "/usr/include/${tool#h:}" ]]
   else
     command -v "$tool" >/dev/null 2>&1
   fi

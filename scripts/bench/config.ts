@@ -14,9 +14,9 @@ import * as path from 'path';
 import { parseSize } from '../../src/util/size';
 import type { MirrorBenchOptions } from './mirror';
 
-export const SUITES = ['memory', 'file', 'engine', 'mirror'] as const;
+export const SUITES = ['memory', 'file', 'engine', 'mirror', 'parity'] as const;
 /** Suites run when BENCH_SUITES is not set ('mirror' needs root and two namespaces: only when named). */
-export const DEFAULT_SUITES: readonly SuiteName[] = ['memory', 'file', 'engine'];
+export const DEFAULT_SUITES: readonly SuiteName[] = ['parity', 'memory', 'file', 'engine'];
 export type SuiteName = (typeof SUITES)[number];
 const ROUNDS_MAX = 50;
 const MIB = 1024 * 1024;
@@ -99,7 +99,8 @@ environment:
   BENCH_RAMP=S           fio ramp_time seconds, not measured (default 1; quick 0)
   BENCH_QUICK=1          ~1-minute smoke run (1 round, 1 s runs, small sizes; the engine
                          suite only with BENCH_ENGINE=1, then ~2.5 minutes)
-  BENCH_SUITES=a,b       suites: memory,file,engine,mirror (default: memory,file,engine)
+  BENCH_SUITES=a,b       suites: parity,memory,file,engine,mirror (default: parity,memory,file,engine;
+                         parity: RAID parity MB/s vs ISA-L, needs libisal-dev)
   BENCH_ENGINE=auto|1|0  engine suite: auto = when 'nvmirror create' exists (default auto;
                          default 0 with BENCH_QUICK)
   BENCH_SIZE=1G          volume size for the memory and file suites (quick 256M)

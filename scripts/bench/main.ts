@@ -22,6 +22,7 @@ import { runFio } from './fio';
 import { buildRows, formatTable, Sample, SuiteReport } from './report';
 import { CpLatencyResult, measureCpLatency, measureRss, RssResult } from './engine-extras';
 import { formatMirror, MirrorReport, mirrorWorkloads, runMirrorSuite } from './mirror';
+import { formatParity, ParityReport, runParitySuite } from './parity';
 import {
   engineAvailable,
   nbdkitFile,
@@ -210,6 +211,7 @@ function estimateS(c: BenchConfig, suites: Suite[], withEngine: boolean): number
     }
   }
   if (withEngine) s += c.cpLatencyRuntimeS + 5 + c.sustainedBytes / 4096 / 10_000 + 5;
+  if (c.suites.includes('parity')) s += 20;
   if (c.suites.includes('mirror')) {
     // 5 configurations per workload: fio, start-up and the wait for the final in-sync point; RTT calibration; 2 stall runs.
     s += c.rounds * mirrorWorkloads(c.mirror).length * 5 * (c.mirror.runtimeS + 8) + 40 + 2 * (c.mirror.stallS + 15);
@@ -225,6 +227,7 @@ async function main(): Promise<number> {
   }
   const c = loaded;
   const wantMirror = c.suites.includes('mirror');
+  const wantParity = c.suites.includes('parity');
   if (wantMirror && process.getuid?.() !== 0) throw new Error('the mirror suite needs root (network namespaces): run it as root, or leave mirror out of BENCH_SUITES');
   const distMain = path.join(c.repoRoot, 'dist', 'src', 'cli', 'main.js');
   if (!fs.existsSync(distMain)) throw new Error(`${distMain} is missing: run npm run build first`);
@@ -249,7 +252,7 @@ async function main(): Promise<number> {
   const suites = buildSuites(c, root, withEngine);
   const wantCpLatency = withEngine && (c.only.length === 0 || c.only.some((o) => 'cp-latency'.includes(o)));
   const wantRss = withEngine && (c.only.length === 0 || c.only.some((o) => 'rss'.includes(o)));
-  if (suites.length === 0 && !wantCpLatency && !wantRss && !wantMirror) throw new Error('no workload selected (check BENCH_SUITES / BENCH_ONLY)');
+  if (suites.length === 0 && !wantCpLatency && !wantRss && !wantMirror && !wantParity) throw new Error('no workload selected (check BENCH_SUITES / BENCH_ONLY)');
   let gitRev = 'unknown';
   try {
     gitRev = execFileSync('git', ['-C', c.repoRoot, 'rev-parse', '--short', 'HEAD'], { encoding: 'utf8' }).trim();
@@ -257,7 +260,7 @@ async function main(): Promise<number> {
     /* not a git checkout */
   }
   const roundsNote = `median of ${c.rounds} round${c.rounds > 1 ? 's' : ''}, ${c.runtimeS} s runs${c.rampS > 0 ? ` after ${c.rampS} s ramp` : ''}`;
-  say(`nvmirror bench: ${[...suites.map((s) => s.name), ...(wantMirror ? ['mirror'] : [])].join(', ')}${c.suites.includes('engine') && !withEngine ? ' (engine suite skipped: no `nvmirror create` yet)' : ''}; ${suites.length > 0 ? roundsNote : mirrorRoundsNote(c)}; ` +
+  say(`nvmirror bench: ${[...(wantParity ? ['parity'] : []), ...suites.map((s) => s.name), ...(wantMirror ? ['mirror'] : [])].join(', ')}${c.suites.includes('engine') && !withEngine ? ' (engine suite skipped: no `nvmirror create` yet)' : ''}; ${suites.length > 0 ? roundsNote : mirrorRoundsNote(c)}; ` +
     `about ${Math.ceil(estimateS(c, suites, withEngine) / 60)} min; ${os.cpus().length} CPUs; ${versions.fio}, ${versions.nbdkit}, node ${versions.node}; scratch ${c.workDir}`);
 
   const started = Date.now();
@@ -266,7 +269,12 @@ async function main(): Promise<number> {
   let cpLatency: CpLatencyResult | undefined;
   let rss: RssResult | undefined;
   let mirror: MirrorReport | undefined;
+  let parityReport: ParityReport | undefined;
   try {
+    if (wantParity) {
+      parityReport = runParitySuite(say);
+      say('\n' + formatParity(parityReport) + '\n');
+    }
     for (const suite of suites) {
       const rep = await runSuite(c, suite);
       reports.push(rep);
@@ -300,6 +308,7 @@ async function main(): Promise<number> {
   const out: string[] = [];
   const loadEnd = os.loadavg()[0] ?? 0;
   out.push(`nvmirror ${gitRev}, ${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? '?'}), ${versions.fio}, ${versions.nbdkit}, node ${versions.node}; took ${Math.round((Date.now() - started) / 1000)} s; load average ${loadStart.toFixed(1)} at start, ${loadEnd.toFixed(1)} at end`);
+  if (parityReport) out.push('', formatParity(parityReport));
   for (const r of reports) out.push('', formatTable(r, roundsNote));
   if (cpLatency) {
     out.push('', '== engine: 4k randwrite QD1 p99 completion latency during vs outside CPs (target: during <= 3x outside) ==');
@@ -329,6 +338,7 @@ async function main(): Promise<number> {
     engineCpLatency: cpLatency ?? null,
     engineRss: rss ?? null,
     mirror: mirror ?? null,
+    parity: parityReport ?? null,
   };
   const text = JSON.stringify(json, null, 2);
   if (c.jsonPath) fs.writeFileSync(c.jsonPath, text + '\n');

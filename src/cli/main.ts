@@ -13,6 +13,8 @@ import { registerCheck } from './check';
 import { registerReceive } from './receive';
 import { registerVerify } from './verify';
 import { registerRepair } from './repair';
+import { registerPromote } from './promote';
+import { registerDemote } from './demote';
 
 const program = new Command();
 program
@@ -32,6 +34,8 @@ registerCheck(program);
 registerReceive(program);
 registerVerify(program);
 registerRepair(program);
+registerPromote(program);
+registerDemote(program);
 
 program.parseAsync(process.argv).catch((e: unknown) => {
   if (e instanceof CommanderError) process.exit(e.exitCode === 0 ? 0 : 2);

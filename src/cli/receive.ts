@@ -53,7 +53,8 @@ export function registerReceive(program: Command): void {
       control = await ControlServer.listen(path.join(abs, RECEIVER_SOCKET_NAME), async (req) => {
         if (req.op === 'status') return { receiver: rx.stats() };
         if (req.op === 'verify' && req.source !== undefined) return { verify: await rx.verify(req.source) };
-        throw new Error(`a receiver answers status and verify of a source, not ${req.op}`);
+        if (req.op === 'release' && typeof req.source === 'string') return { release: await rx.release(req.source, req.force === true) };
+        throw new Error(`a receiver answers status, verify and release (promote) of a source, not ${req.op}`);
       });
       const lines = [`nvmirror: receiving mirrors into ${abs} on ${o.listen.host}:${addr.port} (${sec.kind === 'insecure' ? 'plaintext' : `TLS ${sec.kind}`})`];
       if (o.exportListen || o.exportSocket) {

@@ -11,17 +11,25 @@ import { volumeDirStatus, LABEL_NAME, type VolumeStatus } from '../volume/dir';
 import { controlRequest } from '../volume/engine-control';
 import { RECEIVER_SOCKET_NAME, type ReceiverStats } from '../mirror/receiver';
 import type { MirrorSourceStats } from '../mirror/source';
+import { readRole, type RoleRecord } from '../mirror/role';
 import { formatSize } from '../util/size';
 
 function when(ms: number): string {
   return ms > 0 ? new Date(ms).toISOString() : 'never';
 }
 
-export function formatStatus(s: VolumeStatus): string {
+/** A volume that was a mirror and was promoted says so, and from which CP. */
+function formatRole(r: RoleRecord | undefined): string[] {
+  if (!r) return [];
+  return [`role       primary: promoted from a mirror at ${new Date(r.promotedMs).toISOString()}, from CP ${r.promotedFromCp} (kept as snapshot ${r.baseSnapshot}); ${r.recordsReplayed} log record(s) replayed, last seq ${r.lastSeq}`];
+}
+
+export function formatStatus(s: VolumeStatus & { role?: RoleRecord & { state: 'promoted' } }): string {
   const snaps = s.snapshots.length === 0 ? 'none' : s.snapshots.map((x) => `${x.name} (CP ${x.cpNumber})`).join(', ');
   return [
     `volume     ${s.dir}`,
     `uuid       ${s.uuid}`,
+    ...formatRole(s.role),
     `size       ${formatSize(s.sizeBytes)}, ${formatSize(s.usedBytes)} used on a ${formatSize(s.deviceBytes)} member`,
     ...formatServed(s),
     `CPs        ${s.cpNumber}, last at ${when(s.lastCpMs)} took ${s.lastCpDurationMs} ms`,
@@ -99,7 +107,8 @@ export function registerStatus(program: Command): void {
         process.stdout.write(o.json ? `${JSON.stringify(st, null, 2)}\n` : `${formatReceiver(path.resolve(dir), st)}\n`);
         return;
       }
-      const s = await volumeDirStatus(dir);
+      const role = readRole(path.resolve(dir));
+      const s = { ...(await volumeDirStatus(dir)), ...(role ? { role: { ...role, state: 'promoted' as const } } : {}) };
       process.stdout.write(o.json ? `${JSON.stringify(s, null, 2)}\n` : `${formatStatus(s)}\n`);
     });
 }

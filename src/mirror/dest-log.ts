@@ -4,12 +4,20 @@
  * record survives a crash of the receiving process at once; persist() makes it survive
  * power loss), until a committed CP covers it.
  *
- *   [0, 4096)        header: magic "NVMDLOG1", source uuid, size, salt, crc32c
+ *   [0, 4096)        header: magic "NVMDLOG2", source uuid, size, salt, stream number,
+ *                    the stream's first seq, crc32c
  *   [4096, size)     a ring of records: 64-byte header + payload (whole 4 KiB blocks)
  *
  * Record header: u32 magic "NVDR" | u32 crc32c (seeded with the salt, over bytes 8..64
- * and the payload) | u64 seq | u8 type | u8 flags | 6 zero | u64 offset | u64 length |
- * u64 payload bytes | 16 zero.
+ * and the payload) | u64 seq | u8 type | u8 flags | 2 zero | u32 stream | u64 offset |
+ * u64 length | u64 payload bytes | 16 zero.
+ *
+ * A stream is one connection's run of records (start()). The log survives a restart of
+ * the receiver (open() scans the ring, recover mode): the records kept are those after
+ * the committed watermark, in seq order, stopping at the first gap, at the first one that
+ * does not verify, and at one of an older stream at or past the newest stream's first
+ * seq (the source may have reused those seqs). That is also what promote replays (seed
+ * 004).
  *
  * Invariants:
  * - Records are stored in seq order with no gap: a record is stored only if its seq is
@@ -31,7 +39,9 @@ import { BLOCK_BYTES } from './wire';
 
 export const DEST_LOG_NAME = 'source.log';
 const HEADER_BYTES = 4096;
-const HEADER_MAGIC = Buffer.from('NVMDLOG1', 'latin1');
+const HEADER_MAGIC = Buffer.from('NVMDLOG2', 'latin1');
+/** Header bytes covered by its crc32c (stored right after them). */
+const HEADER_CRC_AT = 48;
 const RECORD_MAGIC = 0x5244564e; // "NVDR"
 const RECORD_HEADER_BYTES = 64;
 export const DEST_LOG_MIN_BYTES = 16 * 1024 * 1024;
@@ -74,6 +84,10 @@ export class DestLog {
   private committedSeq = 0;
   /** The first seq of the current stream: records between the committed watermark and it are missing until a CP covers them. */
   private streamFrom = 1;
+  /** The current stream's number (stored in each record; a later stream supersedes an earlier one's records from its first seq). */
+  private stream = 0;
+  /** Records found valid when the log was reopened (recover mode). */
+  recordsRecovered = 0;
   /** The byte range [lo, hi) of records written since the last persist (a wrap widens it to the ring). */
   private dirtyLo = Infinity;
   private dirtyHi = 0;
@@ -82,8 +96,13 @@ export class DestLog {
 
   private constructor(private readonly region: MmapNvram, private readonly uuid: string) {}
 
-  /** Opens (creating if needed) the log of source `uuid`; records from an earlier run are discarded (a new stream resends what is not in a CP). */
-  static async open(path: string, uuid: string, sizeBytes: number): Promise<DestLog> {
+  /**
+   * Opens (creating if needed) the log of source `uuid`. 'recover' keeps the records a
+   * previous run stored after `committedSeq` (the committed CP's watermark; see the file
+   * comment); 'fresh' starts an empty log (new salt: nothing of an earlier run verifies
+   * any more).
+   */
+  static async open(path: string, uuid: string, sizeBytes: number, mode: 'recover' | 'fresh' = 'recover', committedSeq = 0): Promise<DestLog> {
     assert(sizeBytes >= DEST_LOG_MIN_BYTES && sizeBytes % BLOCK_BYTES === 0, `dest log size ${sizeBytes}`);
     let region: MmapNvram;
     try {
@@ -95,19 +114,103 @@ export class DestLog {
       region = await MmapNvram.open(path, { sizeBytes, create: true });
     }
     const log = new DestLog(region, uuid);
-    await log.writeHeader();
+    if (mode === 'recover' && log.readHeader()) log.scan(committedSeq);
+    else await log.writeHeader();
     return log;
+  }
+
+  /** Reads a header of this source and size; false if there is none (then the log starts fresh). */
+  private readHeader(): boolean {
+    const b = this.region.buffer;
+    if (!b.subarray(0, 8).equals(HEADER_MAGIC)) return false;
+    if (b.readUInt32LE(HEADER_CRC_AT) !== crc32c(b, 0, HEADER_CRC_AT)) return false;
+    if (!b.subarray(8, 24).equals(Buffer.from(this.uuid.replace(/-/g, ''), 'hex'))) return false;
+    if (Number(b.readBigUInt64LE(24)) !== this.region.sizeBytes) return false;
+    this.salt = b.readUInt32LE(32);
+    this.stream = b.readUInt32LE(36);
+    this.headerStreamFrom = Number(b.readBigUInt64LE(40));
+    return true;
+  }
+
+  /**
+   * Rebuilds the index from the ring: every record that verifies, then the run kept (see
+   * the file comment). Records are 64-byte aligned; a valid record's payload is skipped
+   * (a block of data that looks like a header is not one).
+   */
+  private scan(committedSeq: number): void {
+    const b = this.region.buffer;
+    const end = this.region.sizeBytes;
+    const found = new Map<number, Entry & { stream: number }>();
+    for (let at = HEADER_BYTES; at + RECORD_HEADER_BYTES <= end; ) {
+      if (b.readUInt32LE(at) !== RECORD_MAGIC) {
+        at += RECORD_HEADER_BYTES;
+        continue;
+      }
+      const payloadBytes = Number(b.readBigUInt64LE(at + 40));
+      const size = RECORD_HEADER_BYTES + payloadBytes;
+      let ok = payloadBytes % BLOCK_BYTES === 0 && at + size <= end;
+      if (ok) {
+        let crc = crc32c(b, at + 8, RECORD_HEADER_BYTES - 8, this.salt);
+        crc = crc32c(b, at + RECORD_HEADER_BYTES, payloadBytes, crc);
+        ok = crc === b.readUInt32LE(at + 4);
+      }
+      if (!ok) {
+        at += RECORD_HEADER_BYTES;
+        continue;
+      }
+      const seq = Number(b.readBigUInt64LE(at + 8));
+      const stream = b.readUInt32LE(at + 20);
+      const e = { seq, at, size, type: b.readUInt8(at + 16), lengthBytes: Number(b.readBigUInt64LE(at + 32)), stream };
+      // Of two copies of a seq, the later stream's is the record (the other is a leftover).
+      const prev = found.get(seq);
+      if (stream <= this.stream && (!prev || prev.stream < stream) && !(stream < this.stream && seq >= this.headerStreamFrom)) found.set(seq, e);
+      at += size;
+    }
+    // The kept run: consecutive seqs from the committed watermark on, whose streams never go back.
+    const run: Array<Entry & { stream: number }> = [];
+    for (let seq = committedSeq + 1; ; seq++) {
+      const e = found.get(seq);
+      const last = run[run.length - 1];
+      if (!e || (last && e.stream < last.stream)) break;
+      run.push(e);
+    }
+    this.committedSeq = committedSeq;
+    for (const e of run) {
+      this.entries.push({ seq: e.seq, at: e.at, size: e.size, type: e.type, lengthBytes: e.lengthBytes });
+      this.bySeq.set(e.seq, this.entries[this.entries.length - 1]!);
+    }
+    const last = run[run.length - 1];
+    if (last) {
+      this.writeAt = last.at + last.size;
+      this.lastStoredSeq = last.seq;
+      this.persistedSeq = last.seq;
+      this.streamFrom = run[0]!.seq;
+    }
+    this.recordsRecovered = run.length;
+  }
+
+  /** The newest stream's first seq as the header records it. */
+  private headerStreamFrom = 1;
+
+  private writeHeaderFields(): void {
+    const b = this.region.buffer;
+    b.fill(0, 0, HEADER_CRC_AT + 4);
+    HEADER_MAGIC.copy(b, 0);
+    Buffer.from(this.uuid.replace(/-/g, ''), 'hex').copy(b, 8);
+    b.writeBigUInt64LE(BigInt(this.region.sizeBytes), 24);
+    b.writeUInt32LE(this.salt, 32);
+    b.writeUInt32LE(this.stream, 36);
+    b.writeBigUInt64LE(BigInt(this.headerStreamFrom), 40);
+    b.writeUInt32LE(crc32c(b, 0, HEADER_CRC_AT), HEADER_CRC_AT);
   }
 
   private async writeHeader(): Promise<void> {
     const b = this.region.buffer;
     b.fill(0, 0, HEADER_BYTES);
-    HEADER_MAGIC.copy(b, 0);
-    Buffer.from(this.uuid.replace(/-/g, ''), 'hex').copy(b, 8);
-    b.writeBigUInt64LE(BigInt(this.region.sizeBytes), 24);
     this.salt = crypto.randomBytes(4).readUInt32LE(0);
-    b.writeUInt32LE(this.salt, 32);
-    b.writeUInt32LE(crc32c(b, 0, 36), 36);
+    this.stream = 0;
+    this.headerStreamFrom = 1;
+    this.writeHeaderFields();
     // Invalidate the first record slot so a scan of this generation starts clean.
     b.fill(0, HEADER_BYTES, HEADER_BYTES + RECORD_HEADER_BYTES);
     await this.region.persist(0, HEADER_BYTES + RECORD_HEADER_BYTES);
@@ -166,7 +269,16 @@ export class DestLog {
     this.persistedSeq = Math.min(this.persistedSeq, this.lastStoredSeq);
     this.dropFrom = 0;
     this.droppedThrough = 0;
+    // A new stream number, stored before any of its records: a reopen then ignores the
+    // records of older streams from fromSeq on (written into the mapping at once: it
+    // survives a crash of this process; the next persist() makes it survive power loss).
+    this.stream++;
+    this.headerStreamFrom = fromSeq;
+    this.writeHeaderFields();
+    this.headerDirty = true;
   }
+
+  private headerDirty = false;
 
   /** Where a record of `size` bytes would go, or undefined if the ring has no room. */
   private placeFor(size: number): number | undefined {
@@ -208,6 +320,7 @@ export class DestLog {
     b.writeBigUInt64LE(BigInt(seq), at + 8);
     b.writeUInt8(type, at + 16);
     b.writeUInt8(flags, at + 17);
+    b.writeUInt32LE(this.stream, at + 20);
     b.writeBigUInt64LE(BigInt(offsetBytes), at + 24);
     b.writeBigUInt64LE(BigInt(lengthBytes), at + 32);
     b.writeBigUInt64LE(BigInt(payload.length), at + 40);
@@ -245,6 +358,10 @@ export class DestLog {
 
   private async persistNow(): Promise<void> {
     const target = this.lastStoredSeq;
+    if (this.headerDirty) {
+      this.headerDirty = false;
+      await this.region.persist(0, HEADER_BYTES);
+    }
     if (this.dirtyHi > 0) {
       const lo = Math.floor(this.dirtyLo / 4096) * 4096;
       const hi = Math.min(this.region.sizeBytes, Math.ceil(this.dirtyHi / 4096) * 4096);

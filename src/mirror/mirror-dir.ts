@@ -51,6 +51,23 @@ export interface MirrorLabel {
   createdMs: number;
   /** The member, when it is not DIR/member-0.img (a directory pre-created with `nvmirror create`); relative paths are relative to DIR. */
   memberPath?: string;
+  /**
+   * Set by `nvmirror demote` on an old primary's member: until the volume promoted from
+   * it connects and names the CP both hold, this mirror rolls back to that CP and
+   * nothing else (demote.ts).
+   */
+  demoted?: { fromDir: string; cp: number; destCp: number; keptIn: string; demotedMs: number };
+}
+
+/** What a HELLO tells openOrCreate. */
+export interface MirrorHello {
+  sourceUuid: string;
+  sizeBytes: number;
+  deviceBlocks: number;
+  nvramBytes: number;
+  /** The failback base the source offers (-1: none) and its root pointer. */
+  baseCp?: number;
+  baseRoot?: Buffer;
 }
 
 /** Where a mirror's member lives. */
@@ -122,6 +139,69 @@ export async function checkMirrorDir(dir: string): Promise<{ ok: boolean; proble
   return { ok: problems.length === 0, problems, notes };
 }
 
+/**
+ * Failback: a demoted old primary's member rolls back to the CP the promoted volume names
+ * (same CP number, same root pointer), found in the member's superblock ring; the ring
+ * slots of its own later CPs are cleared (their state was kept by demote). Refused, with
+ * nothing changed, when the source offers no base or the member does not hold it.
+ */
+async function rollBackForFailback(dir: string, dev: FileBlockDevice, label: MirrorLabel, hello: MirrorHello, logger: Logger): Promise<void> {
+  const d = label.demoted!;
+  const baseCp = hello.baseCp ?? -1;
+  if (baseCp < 0 || !hello.baseRoot) {
+    throw new MirrorDirError(`mirror ${dir} is a demoted primary (${d.fromDir}): only the volume promoted from it may resync it, naming the CP both hold; this source offers none`);
+  }
+  const ring = Buffer.alloc(RING_SLOTS * BLOCK);
+  await dev.readBlocks(0, RING_SLOTS, ring);
+  const held: number[] = [];
+  let found: Buffer | undefined;
+  const later: number[] = [];
+  for (let s = 0; s < RING_SLOTS; s++) {
+    const raw = ring.subarray(s * BLOCK, (s + 1) * BLOCK);
+    const sb = decodeSuperblock(raw);
+    if (typeof sb === 'string' || sb.volumeUuid !== label.sourceUuid || sb.cpNumber % RING_SLOTS !== s) continue;
+    held.push(sb.cpNumber);
+    if (sb.cpNumber === baseCp && rootBytes(sb).equals(hello.baseRoot)) found = Buffer.from(raw);
+    if (sb.cpNumber > baseCp) later.push(s);
+  }
+  if (!found) {
+    throw new MirrorDirError(`mirror ${dir} (demoted from ${d.fromDir}) does not hold CP ${baseCp} with the promoted volume's root (its ring holds CPs ${held.sort((a, b) => a - b).join(', ') || 'none'}): ` +
+      `no common CP, so no failback without a full copy; remove ${dir} to take a full baseline`);
+  }
+  // The base becomes the newest CP in the ring: this side's later ones are cleared (their
+  // state is in the demote's copy).
+  for (const s of later) await dev.writeBlocks(s, Buffer.alloc(BLOCK));
+  await dev.sync();
+  // Equal root pointers prove the trees equal only if every block of the base is still
+  // what it was here: a block this side reused after the base (a restart that did not hold
+  // it) would otherwise go unnoticed. Mount the base and check all of it once (local I/O).
+  let damage: string | undefined;
+  try {
+    const tree = await BlockTree.open(dev, { discardFreed: false });
+    try {
+      if (tree.stats().cpNumber !== baseCp) damage = `the ring mounts CP ${tree.stats().cpNumber}, not CP ${baseCp}`;
+      else {
+        const r = await tree.check();
+        if (r.problems.length > 0) damage = r.problems.slice(0, 3).join('; ');
+      }
+    } finally {
+      await tree.close();
+    }
+  } catch (e) {
+    damage = e instanceof Error ? e.message : String(e);
+  }
+  if (damage !== undefined) {
+    // Not a usable base: the member holds no CP for this mirror any more (every ring slot
+    // cleared), so the source sends a full baseline; this side's state is in the demote's copy.
+    logger.error({ dir, baseCp, damage, keptIn: d.keptIn }, `failback: this side's copy of CP ${baseCp} no longer verifies (${damage}): a full baseline follows instead`);
+    for (let s = 0; s < RING_SLOTS; s++) await dev.writeBlocks(s, Buffer.alloc(BLOCK));
+    await dev.sync();
+    return;
+  }
+  logger.warn({ dir, baseCp, discardedSlots: later.length, ownNewestCp: d.cp, keptIn: d.keptIn },
+    `failback: rolled back to CP ${baseCp}, the last CP both sides hold; this side's CPs after it are discarded here (its whole state is kept in ${d.keptIn})`);
+}
+
 /** Writes mirror.json durably (temp file, fsync, rename, fsync DIR). */
 async function writeMirrorLabel(dir: string, label: MirrorLabel): Promise<void> {
   await writeFileDurably(dir, MIRROR_LABEL_NAME, JSON.stringify(label, null, 2) + '\n');
@@ -172,7 +252,7 @@ export class MirrorDir {
     this.baselinePartial = baselinePartial;
   }
 
-  static async openOrCreate(root: string, hello: { sourceUuid: string; sizeBytes: number; deviceBlocks: number; nvramBytes: number }, logger: Logger): Promise<MirrorDir> {
+  static async openOrCreate(root: string, hello: MirrorHello, logger: Logger): Promise<MirrorDir> {
     const dir = path.join(root, hello.sourceUuid);
     await fs.promises.mkdir(dir, { recursive: true });
     const lockFd = fs.openSync(path.join(dir, MIRROR_LOCK_NAME), 'a');
@@ -211,10 +291,23 @@ export class MirrorDir {
       const dev = await FileBlockDevice.open(memberOf(dir, label), {});
 
       if (dev.blockCount < label.deviceBlocks) throw new MirrorDirError(`mirror member has ${dev.blockCount} blocks, needs ${label.deviceBlocks}`);
-      const log = await DestLog.open(path.join(dir, DEST_LOG_NAME), hello.sourceUuid, destLogBytesFor(hello.nvramBytes));
+      if (label.demoted) {
+        try {
+          await rollBackForFailback(dir, dev, label, hello, logger);
+        } catch (e) {
+          await dev.close();
+          throw e;
+        }
+        delete label.demoted;
+        await writeMirrorLabel(dir, label);
+      }
+      const committed = await newestSuperblock(dev, label.sourceUuid);
+      // The log keeps what an earlier run stored after the committed CP (a receiver restart loses no record).
+      const log = await DestLog.open(path.join(dir, DEST_LOG_NAME), hello.sourceUuid, destLogBytesFor(hello.nvramBytes), 'recover', committed?.sb.nvlogSeq ?? 0);
+      if (log.recordsRecovered > 0) logger.info({ dir, records: log.recordsRecovered }, 'records of an earlier run kept in the mirror\'s log');
       const m = new MirrorDir(dir, label, dev, log, lockFd, fs.existsSync(path.join(dir, BASELINE_MARKER_NAME)));
       if (m.baselinePartial) m.baselineResume = readBaselineMarker(path.join(dir, BASELINE_MARKER_NAME));
-      m.committed = await newestSuperblock(dev, label.sourceUuid);
+      m.committed = committed;
       if (m.committed && !m.baselinePartial) {
         m.view = await BlockTree.openView(dev, m.committed.raw);
         await m.loadInUse(m.committed.sb, undefined);

@@ -25,11 +25,15 @@
  */
 import * as net from 'net';
 import * as tls from 'tls';
+import * as path from 'path';
 import type { Logger } from 'pino';
+import { FileBlockDevice } from '../io/file-device';
+import { readLabel } from '../volume/dir';
+import { readRole } from './role';
 import { assert } from '../util/assert';
 import { crc32c } from '../io/native';
 import { FrameParser, FrameWriter, MirrorProtocolError, MsgType, WIRE_VERSION, writeFrame, type CpKind, type Message } from './wire';
-import { APPLY_WRITES_MAX, BASELINE_PROGRESS_BLOCKS, MirrorDir, MirrorDirError, rootBytes } from './mirror-dir';
+import { APPLY_WRITES_MAX, BASELINE_PROGRESS_BLOCKS, MirrorDir, MirrorDirError, newestSuperblock, rootBytes, type MirrorHello } from './mirror-dir';
 import { MirrorView, type MirrorExports } from './exports';
 import { RemoteReads, verifyCp, type VerifyReport } from './verify';
 import { applyDelta, DELTA_FROM_ZEROES } from './delta';
@@ -622,7 +626,9 @@ export class MirrorReceiver {
     return undefined;
   }
 
-  async openMirror(hello: { sourceUuid: string; sizeBytes: number; deviceBlocks: number; nvramBytes: number }, log: Logger): Promise<MirrorDir> {
+  async openMirror(hello: MirrorHello & { sourceCp: number }, log: Logger): Promise<MirrorDir> {
+    const promoted = await promotedRefusal(path.join(this.dir, hello.sourceUuid), hello.sourceCp);
+    if (promoted) throw new MirrorDirError(promoted);
     let m = this.mirrors.get(hello.sourceUuid);
     if (m && (m.label.sizeBytes !== hello.sizeBytes || m.label.deviceBlocks !== hello.deviceBlocks)) {
       throw new MirrorDirError(`mirror of ${hello.sourceUuid} holds ${m.label.sizeBytes} bytes on ${m.label.deviceBlocks} blocks; the source now has ${hello.sizeBytes} on ${hello.deviceBlocks}`);
@@ -632,6 +638,32 @@ export class MirrorReceiver {
       this.mirrors.set(hello.sourceUuid, m);
     }
     return m;
+  }
+
+  /**
+   * Lets go of the mirror of source `uuid` for `nvmirror promote`: refused while that
+   * source is connected (it is still primary) unless forced; then its session ends, its
+   * exports go, and the directory's lock is released. A later HELLO from that source
+   * finds the directory promoted and is refused.
+   */
+  async release(uuid: string, force: boolean): Promise<{ wasConnected: boolean }> {
+    const s = this.sessionFor(uuid);
+    if (s && !force) {
+      throw new Error(`source ${uuid} is connected and still primary: stop it (or cut it off) before promoting its mirror, or promote with --force`);
+    }
+    if (s) {
+      this.log.warn({ source: uuid }, 'promote --force: ending the connected source\'s stream');
+      s.end('the mirror is being promoted');
+      while (this.sessions.has(s)) await new Promise((r) => setTimeout(r, 10));
+    }
+    const m = this.mirrors.get(uuid);
+    if (m) {
+      this.exports?.detachSource(m);
+      this.mirrors.delete(uuid);
+      await m.close();
+    }
+    this.log.info({ source: uuid, wasConnected: s !== undefined }, 'mirror released for promote');
+    return { wasConnected: s !== undefined };
   }
 
   private readonly ending = new Map<Session, Promise<void>>();
@@ -693,4 +725,31 @@ export class MirrorReceiver {
     this.mirrors.clear();
     this.exports?.close();
   }
+}
+
+/**
+ * Why a source may not write into DIR/<uuid> because that mirror was promoted (a primary
+ * now: its old source writing into it would be split brain), or undefined. Names the
+ * last CP both sides hold and how far each has gone since.
+ */
+export async function promotedRefusal(dir: string, sourceCp: number): Promise<string | undefined> {
+  const role = readRole(dir);
+  if (!role) return undefined;
+  let nowCp = -1;
+  try {
+    const label = await readLabel(dir);
+    const memberPath = path.isAbsolute(label.members[0]!.path) ? label.members[0]!.path : path.join(dir, label.members[0]!.path);
+    const dev = await FileBlockDevice.open(memberPath, { readOnly: true });
+    try {
+      nowCp = (await newestSuperblock(dev, label.uuid))?.sb.cpNumber ?? -1;
+    } finally {
+      await dev.close();
+    }
+  } catch {
+    /* unreadable: the refusal stands without the figure */
+  }
+  const since = (cp: number): string => (cp < 0 ? 'unknown' : `${Math.max(0, cp - role.promotedFromCp)} CP(s) since`);
+  return `split brain refused: ${dir} was promoted at CP ${role.promotedFromCp} (the last CP both sides hold) and is a primary now ` +
+    `(at CP ${nowCp < 0 ? '?' : nowCp}, ${since(nowCp)}); this source is at CP ${sourceCp} (${since(sourceCp)}). ` +
+    'Nothing is merged: keep one side and rebuild the other from it';
 }

@@ -1,11 +1,11 @@
 /**
  * The mirror relationship as a source volume directory records it:
- * DIR/mirror-source.json = { peer, mode, policy, link, destCp, updatedMs }.
+ * DIR/mirror-source.json = { peer, mode, policy, link, destCp, destSuperblock, updatedMs }.
  * `serve DIR` resumes it without flags; `destCp` is the destination's CP whose blocks
  * this volume holds (-1: only a baseline can follow).
  *
  * Invariants:
- * - Written synchronously (a few hundred bytes, temp file + rename, no fsync) so two
+ * - Written synchronously (a few KiB with the base's superblock, temp file + rename, no fsync) so two
  *   writes never land out of order; a lost base is written before any block is reused.
  * - A file that does not parse or lacks a field is treated as absent (no relationship),
  *   never half-used.
@@ -26,6 +26,8 @@ export interface MirrorRelationship {
   link: LinkArgs;
   /** The destination's CP whose blocks this volume holds, or -1. */
   destCp: number;
+  /** That CP's superblock (base64), so it can be held again after a restart once it has left the ring. */
+  destSuperblock?: string;
 }
 
 /** Writes the relationship (throws on an I/O error; the caller logs it). */
@@ -43,7 +45,9 @@ export function readRelationship(dir: string): MirrorRelationship | undefined {
     const link: LinkArgs = {};
     for (const k of ['mirrorPsk', 'mirrorTlsCert', 'mirrorTlsKey', 'mirrorTlsCa'] as const) if (typeof l[k] === 'string') link[k] = l[k] as string;
     if (l.mirrorInsecure === true) link.mirrorInsecure = true;
-    return { peer: v.peer, mode: v.mode, policy: v.policy, link, destCp: typeof v.destCp === 'number' ? v.destCp : -1 };
+    const rel: MirrorRelationship = { peer: v.peer, mode: v.mode, policy: v.policy, link, destCp: typeof v.destCp === 'number' ? v.destCp : -1 };
+    if (typeof v.destSuperblock === 'string' && v.destSuperblock.length <= 8192) rel.destSuperblock = v.destSuperblock;
+    return rel;
   } catch {
     return undefined;
   }

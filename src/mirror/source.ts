@@ -39,18 +39,23 @@ import type { BlockTreeApi, CommittedView, CpBlock, CpMeta, CpSink } from '../tr
 import { walkBornAfter } from '../tree/born-after';
 import { ProgressLine } from '../util/progress';
 import type { NodeSide } from '../tree/diff';
-import { SUPERBLOCK_ROOT_OFFSET, decodeSuperblock } from '../tree/layout';
+import { RING_SLOTS, SUPERBLOCK_ROOT_OFFSET, decodeSuperblock } from '../tree/layout';
 import { RemoteReads, verifyCp, type VerifyReport } from './verify';
 import { VolumeError } from '../volume/errors';
 import { assert } from '../util/assert';
 import { deltaFrames, encodeCpBlocks, refFrames } from './cp-encode';
 import type { LinkArgs } from './link';
 import { readRelationship, writeRelationship, type MirrorPolicy } from './relationship';
+import { readRole } from './role';
 import {
   writeFrame, BLOCKS_PER_FRAME_MAX, FrameParser, FrameWriter, MsgType, type Message, type MirrorMode,
 } from './wire';
 
 export type MirrorState = 'disconnected' | 'baseline' | 'resyncing' | 'in-sync' | 'behind';
+/** What status reports: a refused split brain shows as such, not as a plain disconnection. */
+export type MirrorStatusState = MirrorState | 'split-brain';
+/** The destination's refusal reason when its mirror of us was promoted (receiver.ts promotedRefusal). */
+const SPLIT_BRAIN_PREFIX = 'split brain refused';
 /** Bytes queued on the mirror socket before senders wait for it to drain. */
 export const QUEUED_BYTES_MAX = 32 * 1024 * 1024;
 export const STALL_TIMEOUT_MS_DEFAULT = 15_000;
@@ -86,7 +91,7 @@ export interface MirrorSourceStats {
   peer: string;
   mode: MirrorMode;
   policy: MirrorPolicy;
-  state: MirrorState;
+  state: MirrorStatusState;
   connected: boolean;
   sourceCp: number;
   destCp: number;
@@ -128,7 +133,7 @@ interface Conn {
   writer: FrameWriter;
   welcome: Promise<Message & { type: MsgType.Welcome }>;
   /** CP commits sent and not yet acknowledged, oldest first (at most CPS_UNACKED_MAX + 1). */
-  cpAcks: Array<{ cp: number; sinceMs: number; clientBytes: number; root: Buffer; resolve: () => void; done: Promise<void> }>;
+  cpAcks: Array<{ cp: number; sinceMs: number; clientBytes: number; root: Buffer; superblock: Buffer; resolve: () => void; done: Promise<void> }>;
   /** The newest CP whose commit went out on this connection (the destination applies in stream order). */
   shippedCp: number;
   closed: boolean;
@@ -143,6 +148,12 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private volume: EngineVolume | undefined;
   private conn: Conn | undefined;
   private state: MirrorState = 'disconnected';
+  /** The superblock of the destination's CP (persisted with it: holdCommitted needs it once that CP leaves the ring). */
+  private destSuperblock: { cp: number; raw: Buffer } | undefined;
+  /** The CP this volume was promoted from (kept by a snapshot), offered as a failback base until the destination acknowledges a CP. */
+  private promotedBase: { cp: number; root: Buffer } | undefined;
+  /** The destination refused us because its mirror was promoted (both sides are primary). */
+  private splitBrain = false;
   private stopped = false;
   /** The destination's committed CP (-1: nothing, or unknown). */
   private destCp = -1;
@@ -210,13 +221,31 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.holdValidFromCp = cpNow;
     const prev = readRelationship(this.o.dir);
     if (prev && prev.destCp >= 0 && prev.destCp <= cpNow) {
-      const why = await tree.holdCommitted(prev.destCp);
+      const kept = prev.destSuperblock !== undefined ? Buffer.from(prev.destSuperblock, 'base64') : undefined;
+      const why = await tree.holdCommitted(prev.destCp, kept);
       if (why === null) {
         this.holdValidFromCp = prev.destCp;
         this.destCp = prev.destCp;
+        if (kept) this.destSuperblock = { cp: prev.destCp, raw: kept };
+        // The destination may have committed any CP shipped after it (its ack lost with
+        // the crash), and a failback rolls back to such a CP: hold every later one the
+        // ring still has, as the run before the restart did.
+        for (let c = Math.max(prev.destCp + 1, cpNow - RING_SLOTS + 1); c < cpNow; c++) {
+          const w = await tree.holdCommitted(c);
+          if (w !== null) this.log.warn({ cp: c, reason: w }, 'a CP after the destination\'s cannot be held');
+        }
       } else {
         this.log.warn({ destCp: prev.destCp, reason: why }, 'the destination\'s CP can no longer be kept: it gets a full baseline');
       }
+    }
+    // A volume promoted from a mirror, with no relationship of its own yet: the CP it was
+    // promoted from is kept by a snapshot, so a demoted old primary that holds it too
+    // (failback) resyncs from there instead of taking a full baseline.
+    const role = readRole(this.o.dir);
+    if ((!prev || prev.destCp < 0) && role && role.promotedFromCp <= cpNow && tree.listSnapshots().some((x) => x.name === role.baseSnapshot)) {
+      this.promotedBase = { cp: role.promotedFromCp, root: Buffer.from(role.promotedRoot, 'hex') };
+      this.holdValidFromCp = Math.min(this.holdValidFromCp, role.promotedFromCp);
+      this.log.info({ baseCp: role.promotedFromCp, snapshot: role.baseSnapshot }, 'promoted volume: offering the CP it was promoted from as the base of a failback');
     }
     tree.setCpSink(this);
   }
@@ -236,8 +265,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
   /** Names the destination's CP only while its blocks are held here (else -1: a baseline is due). */
   private saveState(): void {
     const destCp = this.destCp >= this.holdValidFromCp ? this.destCp : -1;
+    const sb = destCp >= 0 && this.destSuperblock?.cp === destCp ? this.destSuperblock.raw.toString('base64') : undefined;
     try {
-      writeRelationship(this.o.dir, { peer: `${this.o.peer.host}:${this.o.peer.port}`, mode: this.o.mode, policy: this.o.policy, link: this.o.link, destCp });
+      writeRelationship(this.o.dir, { peer: `${this.o.peer.host}:${this.o.peer.port}`, mode: this.o.mode, policy: this.o.policy, link: this.o.link, destCp, ...(sb ? { destSuperblock: sb } : {}) });
     } catch (e) {
       this.log.warn({ err: (e as Error).message }, 'cannot write the mirror state file');
     }
@@ -296,6 +326,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.send(conn, {
       type: MsgType.Hello, sourceUuid: v.tree.volumeUuid, sizeBytes: v.sizeBytes, deviceBlocks: tree.totalBlocks,
       nvramBytes: v.region.sizeBytes, mode: this.o.mode, sourceCp: tree.cpNumber, streamFromSeq: Math.max(1, this.forwardFromSeq),
+      baseCp: this.promotedBase?.cp ?? -1, baseRoot: this.promotedBase?.root ?? Buffer.alloc(24),
     });
     conn.welcome.then(
       (w) => this.onWelcome(conn, w),
@@ -312,8 +343,16 @@ export class MirrorSource implements CpSink, ReplicaGate {
       this.drop(conn, `the destination is at CP ${w.committedCp}, ahead of this volume (CP ${cpNow}): diverged histories`);
       return;
     }
+    this.splitBrain = false;
     conn.welcomed = true;
     this.destCp = w.committedCp;
+    const pb = this.promotedBase;
+    if (pb && !(w.committedCp === pb.cp && w.root.equals(pb.root))) {
+      // Until a CP of ours is acknowledged, the only common state we can prove is the
+      // promote's base (same CP number, same root): anything else gets a baseline.
+      if (w.committedCp >= 0) this.log.warn({ destCp: w.committedCp, baseCp: pb.cp }, 'the destination does not hold the CP this volume was promoted from: full baseline');
+      this.destCp = -1;
+    }
     conn.shippedCp = w.committedCp;
     this.destRoot = w.root;
     this.pinnedCp = w.oldestPinnedCp;
@@ -353,6 +392,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
         // refuses (a full or failing disk) keeps the backoff growing.
         this.reconnectMs = RECONNECT_MS_MIN;
         this.destCp = m.cp;
+        this.destSuperblock = { cp: m.cp, raw: head.superblock };
+        this.promotedBase = undefined; // the relationship has its own base now
         this.destRoot = m.root;
         this.cpsShipped++;
         this.clientBytesAtDestCp = head.clientBytes;
@@ -375,6 +416,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
         return;
       case MsgType.Refuse:
         this.lastError = `destination refused: ${m.reason}`;
+        this.splitBrain = m.reason.includes(SPLIT_BRAIN_PREFIX);
         this.log.error({ reason: m.reason }, 'the destination refused the mirror stream');
         this.drop(conn, `refused: ${m.reason}`);
         return;
@@ -604,7 +646,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     const root = superblock.subarray(SUPERBLOCK_ROOT_OFFSET, SUPERBLOCK_ROOT_OFFSET + 24);
     let resolve!: () => void;
     const done = new Promise<void>((r) => (resolve = r));
-    conn.cpAcks.push({ cp, sinceMs: Date.now(), clientBytes: this.clientBytes, root, resolve, done });
+    conn.cpAcks.push({ cp, sinceMs: Date.now(), clientBytes: this.clientBytes, root, superblock: Buffer.from(superblock), resolve, done });
     this.send(conn, { type: MsgType.CpCommit, cp, slot, blockCount, superblock });
     conn.shippedCp = cp;
     await done;
@@ -765,7 +807,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       peer: `${this.o.peer.host}:${this.o.peer.port}`,
       mode: this.o.mode,
       policy: this.o.policy,
-      state: this.state === 'in-sync' && this.unackedMs() > STALE_ACK_MS ? 'behind' : this.state,
+      state: this.state === 'disconnected' && this.splitBrain ? 'split-brain' : this.state === 'in-sync' && this.unackedMs() > STALE_ACK_MS ? 'behind' : this.state,
       connected: conn !== undefined && !conn.closed,
       sourceCp: tree.cpNumber,
       destCp: this.destCp,

@@ -71,6 +71,13 @@ export interface Hello {
   sourceCp: number;
   /** First record seq this connection will forward (sync), or 0. */
   streamFromSeq: number;
+  /**
+   * A CP the source holds that the destination may hold too, offered as the base of a
+   * failback (the CP a promoted volume was promoted from), with its root pointer; -1 and
+   * zeroes for none. A demoted destination rolls back to it (never anything else).
+   */
+  baseCp: number;
+  baseRoot: Buffer;
 }
 
 export interface Welcome {
@@ -225,7 +232,7 @@ const MAX_U53 = Number.MAX_SAFE_INTEGER;
 /** Per type: the body length cap. */
 function bodyCap(type: number): number | undefined {
   switch (type) {
-    case MsgType.Hello: return 16 + 8 * 5 + 8;
+    case MsgType.Hello: return 16 + 8 * 5 + 8 + 8 + 24;
     case MsgType.Welcome: return 8 + 24 + 8 * 5;
     case MsgType.Refuse: return 2 + TEXT_MAX_BYTES;
     case MsgType.Record: return 40 + RECORD_PAYLOAD_MAX_BYTES;
@@ -322,7 +329,8 @@ export function encodeBody(m: Message): Buffer[] {
   switch (m.type) {
     case MsgType.Hello:
       assert(m.sizeBytes > 0 && m.sizeBytes % BLOCK_BYTES === 0, `hello: volume size ${m.sizeBytes}`);
-      return [uuidToBytes(m.sourceUuid), u64(m.sizeBytes), u64(m.deviceBlocks), u64(m.nvramBytes), u64(m.mode === 'sync' ? 1 : 2), i64(m.sourceCp), u64(m.streamFromSeq)];
+      assert(m.baseRoot.length === 24, 'hello: base root pointer is 24 bytes');
+      return [uuidToBytes(m.sourceUuid), u64(m.sizeBytes), u64(m.deviceBlocks), u64(m.nvramBytes), u64(m.mode === 'sync' ? 1 : 2), i64(m.sourceCp), u64(m.streamFromSeq), i64(m.baseCp), m.baseRoot];
     case MsgType.Welcome:
       assert(m.root.length === 24, 'root pointer is 24 bytes');
       return [i64(m.committedCp), m.root, u64(m.storedFromSeq), u64(m.heldSeq), i64(m.oldestPinnedCp), i64(m.resumeCp), u64(m.resumeBlocks)];
@@ -437,8 +445,10 @@ export function decodeBody(type: number, body: Buffer): Message {
       if (modeCode !== 1 && modeCode !== 2) throw new MirrorProtocolError(`hello: unknown mode ${modeCode}`);
       const sourceCp = r.cp('sourceCp');
       const streamFromSeq = r.u64('streamFromSeq');
+      const baseCp = r.cp('baseCp');
+      const baseRoot = Buffer.from(r.bytes(24));
       if (sizeBytes === 0 || sizeBytes % BLOCK_BYTES !== 0) throw new MirrorProtocolError(`hello: bad volume size ${sizeBytes}`);
-      m = { type, sourceUuid, sizeBytes, deviceBlocks, nvramBytes, mode: modeCode === 1 ? 'sync' : 'async', sourceCp, streamFromSeq };
+      m = { type, sourceUuid, sizeBytes, deviceBlocks, nvramBytes, mode: modeCode === 1 ? 'sync' : 'async', sourceCp, streamFromSeq, baseCp, baseRoot };
       break;
     }
     case MsgType.Welcome:

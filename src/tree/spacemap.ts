@@ -20,7 +20,11 @@
  *   kept.
  *
  * Invariants (asserted):
- * - A block is allocatable iff it is in none of active, summary, reservedOld, reservedNew.
+ * - held: blocks of older committed CPs a peer still uses, reserved after a restart
+ *   (reserveHeld); released together (releaseHeld) when the peer no longer needs them.
+ *   Kept apart from the reserved generations, whose release follows the CP that freed a
+ *   block, not the CP a peer holds.
+ * - A block is allocatable iff it is in none of active, summary, reservedOld, reservedNew, held.
  * - reservedOld, reservedNew are disjoint from each other and from active | summary.
  * - used == popcount(active | summary); reservedCount{Old,New} == popcount(reserved{Old,New}).
  * - Ring blocks [0, RING_SLOTS) are always set in active.
@@ -68,6 +72,8 @@ export class SpaceMap {
   private reservedNew: Buffer;
   private reservedCountOld = 0;
   private reservedCountNew = 0;
+  private held: Buffer;
+  private heldCount = 0;
   private usedCount = 0;
   /** leafPtrs[i] points at bitmap leaf i; nodePtrs[l][i] at space-map node (level l, index i). */
   private readonly leafPtrs: (BlockPtr | null)[];
@@ -84,6 +90,7 @@ export class SpaceMap {
     this.active = Buffer.alloc(bytes);
     this.summary = Buffer.alloc(bytes);
     this.reservedOld = Buffer.alloc(bytes);
+    this.held = Buffer.alloc(bytes);
     this.reservedNew = Buffer.alloc(bytes);
     this.leafPtrs = new Array<BlockPtr | null>(this.leafCount).fill(null);
     this.nodePtrs = [];
@@ -165,11 +172,11 @@ export class SpaceMap {
   }
 
   get reserved(): number {
-    return this.reservedCountOld + this.reservedCountNew;
+    return this.reservedCountOld + this.reservedCountNew + this.heldCount;
   }
 
   get free(): number {
-    return this.deviceBlocks - this.usedCount - this.reservedCountOld - this.reservedCountNew;
+    return this.deviceBlocks - this.usedCount - this.reservedCountOld - this.reservedCountNew - this.heldCount;
   }
 
   isActive(p: number): boolean {
@@ -183,7 +190,7 @@ export class SpaceMap {
   isAllocatable(p: number): boolean {
     const i = p >>> 3;
     const m = 1 << (p & 7);
-    return ((this.active[i]! | this.summary[i]! | this.reservedOld[i]! | this.reservedNew[i]!) & m) === 0;
+    return ((this.active[i]! | this.summary[i]! | this.reservedOld[i]! | this.reservedNew[i]! | this.held[i]!) & m) === 0;
   }
 
   /**
@@ -260,7 +267,7 @@ export class SpaceMap {
       // Skip whole bytes with no free bit.
       if ((p & 7) === 0) {
         const i = p >>> 3;
-        if ((a[i]! | s[i]! | this.reservedOld[i]! | this.reservedNew[i]!) === 0xff) {
+        if ((a[i]! | s[i]! | this.reservedOld[i]! | this.reservedNew[i]! | this.held[i]!) === 0xff) {
           p += 8;
           scanned += 8;
           continue;
@@ -344,13 +351,27 @@ export class SpaceMap {
     assert(map.length === this.active.length, 'held map length');
     let n = 0;
     for (let i = 0; i < map.length; i++) {
-      const add = map[i]! & ~this.active[i]! & ~this.summary[i]! & ~this.reservedOld[i]! & ~this.reservedNew[i]!;
+      const add = map[i]! & ~this.active[i]! & ~this.summary[i]! & ~this.reservedOld[i]! & ~this.reservedNew[i]! & ~this.held[i]!;
       if (add === 0) continue;
-      this.reservedOld[i] = this.reservedOld[i]! | add;
+      this.held[i] = this.held[i]! | add;
       n += pop8(add);
     }
-    this.reservedCountOld += n;
+    this.heldCount += n;
     return n;
+  }
+
+  get heldBlocks(): number {
+    return this.heldCount;
+  }
+
+  /** Releases every held block (the peer no longer needs the CPs they belong to); returns them. */
+  releaseHeld(): Run[] {
+    if (this.heldCount === 0) return [];
+    const runs = SpaceMap.runsOf(this.held);
+    assert(runs.reduce((n, r) => n + r.count, 0) === this.heldCount, 'held runs disagree with the held count');
+    this.held.fill(0);
+    this.heldCount = 0;
+    return runs;
   }
 
   /** After a snapshot of the current active map is taken: it holds everything active holds. */
@@ -485,10 +506,12 @@ export class SpaceMap {
     const used = popcountOr(this.active, this.summary);
     if (used !== this.usedCount) problems.push(`space map: used counter ${this.usedCount} but ${used} blocks are set`);
     if (popcount(this.reservedOld) !== this.reservedCountOld || popcount(this.reservedNew) !== this.reservedCountNew) problems.push('space map: reserved counters disagree with the reserved bitmaps');
+    if (popcount(this.held) !== this.heldCount) problems.push('space map: the held counter disagrees with the held bitmap');
     let overlap = 0;
     for (let i = 0; i < this.active.length; i++) {
       const u = this.active[i]! | this.summary[i]!;
-      if ((u & this.reservedOld[i]!) !== 0 || (u & this.reservedNew[i]!) !== 0 || (this.reservedOld[i]! & this.reservedNew[i]!) !== 0) overlap++;
+      const h = this.held[i]!;
+      if ((u & this.reservedOld[i]!) !== 0 || (u & this.reservedNew[i]!) !== 0 || (this.reservedOld[i]! & this.reservedNew[i]!) !== 0 || ((u | this.reservedOld[i]! | this.reservedNew[i]!) & h) !== 0) overlap++;
     }
     if (overlap > 0) problems.push(`space map: ${overlap} bitmap bytes have blocks both reserved and in use`);
     return problems;

@@ -174,6 +174,8 @@ export class BlockTree implements BlockTreeApi {
   private failedReason: string | null = null;
   private closed = false;
   private sink: CpSink | undefined;
+  /** The newest CP holdCommitted() holds blocks of (SpaceMap held), until the sink needs none of them. */
+  private heldThroughCp: number | undefined;
   /** Pins taken by pinCommitted() that are not released yet. */
   private readonly pins = new Set<RootHandle[]>();
 
@@ -621,6 +623,11 @@ export class BlockTree implements BlockTreeApi {
     // Releasing at the start of CP c makes the frees of CPs <= c-2 reusable: a sink's
     // oldest needed CP must be at least c-2, or the frees stay held.
     const needed0 = this.sink?.oldestNeededCp();
+    if (this.heldThroughCp !== undefined && (needed0 === undefined || needed0 > this.heldThroughCp)) {
+      // The peer no longer needs the CPs held since the open (holdCommitted).
+      this.heldThroughCp = undefined;
+      await this.discard(this.smap.releaseHeld());
+    }
     if (this.rotatedForCp !== cp) {
       this.rotatedForCp = cp;
       const holdOk = needed0 === undefined || needed0 >= cp - 2;
@@ -636,6 +643,11 @@ export class BlockTree implements BlockTreeApi {
       this.retiredIdle();
       await this.discard(this.smap.beginCommit(true));
       await this.discard(this.smap.beginCommit(true));
+      if (needed > this.smap.free && this.smap.heldBlocks > 0) {
+        this.sink?.holdBroken(cp, `CP ${cp} needs ${needed} blocks, ${this.smap.free} free: reusing the blocks held for CP ${this.heldThroughCp}`);
+        this.heldThroughCp = undefined;
+        await this.discard(this.smap.releaseHeld());
+      }
     }
     if (needed > this.smap.free) {
       throw new VolumeError('ENOSPC', `CP ${cp} needs up to ${needed} blocks but only ${this.smap.free} of ${this.sb.deviceBlocks} are free`);
@@ -860,19 +872,26 @@ export class BlockTree implements BlockTreeApi {
   }
 
   /**
-   * Keeps the blocks of an older committed CP (still in the superblock ring) from being
-   * reused, as if it were a kept snapshot until the CP sink's oldestNeededCp() moves
+   * Keeps the blocks of an older committed CP (in the superblock ring, or given as the
+   * copy of its superblock a mirror kept) from being reused, as if it were a kept snapshot until the CP sink's oldestNeededCp() moves
    * past it: a mirror whose destination holds that CP resumes after a restart without a
    * new baseline. Returns null, or why the CP cannot be held (then it is not).
    */
-  async holdCommitted(cp: number): Promise<string | null> {
+  async holdCommitted(cp: number, superblock?: Buffer): Promise<string | null> {
     if (cp === this.sb.cpNumber) return null;
     if (cp > this.sb.cpNumber || cp < 0) return `CP ${cp} is not an older CP of this volume (it is at CP ${this.sb.cpNumber})`;
     const raw = Buffer.alloc(BLOCK);
     await this.devRead(cp % RING_SLOTS, 1, raw, `superblock slot ${cp % RING_SLOTS}`);
-    const old = decodeSuperblock(raw);
+    let old = decodeSuperblock(raw);
+    if (typeof old !== 'string' && (old.cpNumber !== cp || old.volumeUuid !== this.volumeUuid) && superblock) {
+      // Out of the ring: the copy the caller kept (its blocks were held since, so they are
+      // intact; the space map below is read with its checksums, so a copy that lies fails).
+      old = decodeSuperblock(superblock);
+      if (typeof old === 'string') return `the kept superblock of CP ${cp}: ${old}`;
+    }
     if (typeof old === 'string') return `superblock slot of CP ${cp}: ${old}`;
     if (old.cpNumber !== cp || old.volumeUuid !== this.volumeUuid) return `CP ${cp} is no longer in the superblock ring (slot holds CP ${old.cpNumber})`;
+    if (old.deviceBlocks !== this.sb.deviceBlocks) return `CP ${cp}: its superblock describes another device size`;
     const map = Buffer.alloc(this.smap.active.length);
     try {
       for (const r of [old.smapRoot, ...old.snapshots.map((s) => s.smapRoot)]) await this.smap.loadTree(r, this.smapLoader('held CP'), map, false);
@@ -880,6 +899,9 @@ export class BlockTree implements BlockTreeApi {
       return `space map of CP ${cp}: ${e instanceof Error ? e.message : String(e)}`;
     }
     const n = this.smap.reserveHeld(map);
+    // Released once the sink's oldest needed CP is past every held CP (not by the reserved
+    // generations' rotation: these blocks were freed by CPs after `cp`, before the open).
+    this.heldThroughCp = Math.max(this.heldThroughCp ?? -1, cp);
     log().info({ cp, blocks: n }, 'block tree: holding the blocks of an older CP for a mirror');
     return null;
   }

@@ -166,7 +166,7 @@ export interface BlockTreeApi extends TreeReader {
   /** Reads raw blocks of the device (a block of the committed state, e.g. a CpBlock's prevPba, before the CP that replaces it is durable). */
   readRaw(pba: number, count: number, dst: Buffer): Promise<void>;
   /** Keeps an older committed CP's blocks from reuse (a mirror's base after a restart); null, or why it cannot. */
-  holdCommitted(cp: number): Promise<string | null>;
+  holdCommitted(cp: number, superblock?: Buffer): Promise<string | null>;
   /** Pins the committed state (live root and every snapshot) until release(). */
   pinCommitted(): CommittedView;
   /** Full walk: verify every checksum, that accounting matches reachability. `onBlocksRead` gets the running count of blocks read. */

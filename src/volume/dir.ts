@@ -163,6 +163,7 @@ export async function readLabel(dir: string): Promise<VolumeLabel> {
     if (fst.size > LABEL_MAX_BYTES) throw new Error(`${p}: label is larger than ${LABEL_MAX_BYTES} bytes`);
     text = await fs.promises.readFile(p, 'utf8');
   } catch (e) {
+    if (native.errnoCode(e) === 'ENOENT' && (await exists(`${p}.demoted`))) throw new Error(`${dir} was demoted: its member is now a mirror (see ${path.join(dir, 'DEMOTED.json')})`);
     if (native.errnoCode(e) === 'ENOENT') throw new Error(`${dir} is not an nvmirror volume directory (no ${LABEL_NAME}; create one with \`nvmirror create\`)`);
     throw e;
   }
@@ -285,6 +286,8 @@ async function openLockFile(dir: string, readOnly: boolean): Promise<fs.promises
 }
 
 const LOCK_PID_MAX_BYTES = 32;
+/** How long taking the lock waits for a holder that wrote no pid (a read-only look) to let go. */
+const READER_LOCK_WAIT_MS = 3_000;
 
 /** The pid a lock file names, if it names a live process (a kill -9 leaves a stale one, and read-only holders write none). */
 async function lockHolderPid(fh: fs.promises.FileHandle): Promise<number | undefined> {
@@ -309,15 +312,23 @@ async function lockHolderPid(fh: fs.promises.FileHandle): Promise<number | undef
  * invariants above).
  */
 export async function lockVolumeDir(dir: string, readOnly = false): Promise<DirLock> {
-  const fh = await openLockFile(dir, readOnly);
-  if (fh === undefined) return NO_LOCK;
+  let fh: fs.promises.FileHandle | undefined;
   let locked = false;
   let holder: number | undefined;
-  try {
-    locked = native.flockExclusive(fh.fd);
-    if (!locked) holder = await lockHolderPid(fh);
-  } finally {
-    if (!locked) await fh.close();
+  const t0 = Date.now();
+  for (;;) {
+    fh = await openLockFile(dir, readOnly);
+    if (fh === undefined) return NO_LOCK;
+    try {
+      locked = native.flockExclusive(fh.fd);
+      if (!locked) holder = await lockHolderPid(fh);
+    } finally {
+      if (!locked) await fh.close();
+    }
+    // A holder that wrote no pid is a read-only look (status, check of an unserved volume):
+    // it lets go within moments, so a serve starting meanwhile waits instead of failing.
+    if (locked || holder !== undefined || Date.now() - t0 >= READER_LOCK_WAIT_MS) break;
+    await new Promise((r) => setTimeout(r, 50));
   }
   if (!locked) throw new Error(`volume ${dir} is already in use by another process${holder !== undefined ? ` (pid ${holder})` : ''}`);
   if (!readOnly) {
@@ -626,6 +637,8 @@ async function handleControl(dir: string, label: VolumeLabel, volume: EngineVolu
       logger().info({ kind: req.kind, name: req.name, cp: r?.cpNumber }, 'snapshot changed');
       return { cpNumber: r?.cpNumber ?? volume.stats().tree.cpNumber, snapshots: volume.listSnapshots() };
     }
+    case 'release':
+      throw new Error('release is a receiver\'s request (for promote), not a volume\'s');
   }
 }
 

@@ -34,6 +34,7 @@ export type ControlRequest =
   | { op: 'check' }
   | { op: 'check-progress' }
   | { op: 'verify'; source?: string }
+  | { op: 'release'; source: string; force: boolean }
   | { op: 'snapshot'; kind: 'create' | 'delete'; name: string };
 
 export type ControlResponse = { ok: true; [k: string]: unknown } | { ok: false; error: string };
@@ -61,6 +62,10 @@ export function parseControlRequest(line: string): ControlRequest {
       if (o.kind !== 'create' && o.kind !== 'delete') throw new Error('snapshot kind must be "create" or "delete"');
       if (typeof o.name !== 'string' || o.name.length === 0 || o.name.length > 256) throw new Error('snapshot name must be a non-empty string');
       return { op: 'snapshot', kind: o.kind, name: o.name };
+    case 'release':
+      if (typeof o.source !== 'string' || !/^[0-9a-f-]{36}$/.test(o.source)) throw new Error('release source must be a volume uuid');
+      if (typeof o.force !== 'boolean') throw new Error('release force must be true or false');
+      return { op: 'release', source: o.source, force: o.force };
     default:
       throw new Error(`unknown op ${JSON.stringify(o.op)}`);
   }

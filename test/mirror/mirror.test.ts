@@ -307,6 +307,29 @@ describe('mirror: two hosts (network namespaces)', function () {
     assert.strictEqual(baselines(), 1, 'a restart started a new baseline');
   });
 
+  it('a source restarted while its destination is more than 8 CPs behind resumes with a resync (the base superblock is kept with the relationship)', async () => {
+    const s = await start('sync');
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x71 0 4M', `nbd+unix:///?socket=${s.srcSock}`]);
+    await inSyncAndIdentical(s);
+    const destCp = sourceStatus(s.src)!.destCp;
+    await stop(s.receiver, 'SIGTERM');
+    // Twelve CPs with writes while the destination is away: its CP leaves the ring (8 slots).
+    for (let i = 0; i < 12; i++) {
+      sh('qemu-io', ['-f', 'raw', '-c', `write -P 0x${(0x72 + i).toString(16)} ${8 + i}M 256k`, `nbd+unix:///?socket=${s.srcSock}`]);
+      const r = await controlRequest(path.join(s.src, 'control.sock'), { op: 'checkpoint' }, 60_000);
+      assert.ok(r.ok);
+    }
+    const rel = JSON.parse(fs.readFileSync(path.join(s.src, 'mirror-source.json'), 'utf8')) as { destCp: number; destSuperblock?: string };
+    assert.equal(rel.destCp, destCp);
+    assert.ok(rel.destSuperblock && Buffer.from(rel.destSuperblock, 'base64').length === 4096, 'the base superblock is recorded');
+    await stop(s.source, 'SIGTERM');
+    await startReceiver(s);
+    await startSource(s, [], true);
+    await inSyncAndIdentical(s);
+    assert.strictEqual(baselines(), 1, 'the restart fell back to a full baseline');
+    assert.match(fs.readFileSync(path.join(tmp, 'sv.log'), 'utf8'), new RegExp(`"baseCp":${destCp},"targetCp":\\d+,"resumeAtBlock":0,"msg":"mirror resync started"`));
+  });
+
   it('kill -9 of the source under writes: after restart it resyncs from the held base (no baseline), devices identical', async () => {
     const s = await start('sync');
     sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x61 0 8M', `nbd+unix:///?socket=${s.srcSock}`]);

@@ -105,7 +105,7 @@ describe('mirror destination log', () => {
   });
 
   async function fresh(): Promise<DestLog> {
-    const log = await DestLog.open(file, UUID, LOG_BYTES);
+    const log = await DestLog.open(file, UUID, LOG_BYTES, 'fresh');
     open.push(log);
     assert.equal(log.sizeBytes, LOG_BYTES);
     assert.equal(log.usedBytes, 0);
@@ -175,16 +175,19 @@ describe('mirror destination log', () => {
     await log.persist();
     const f = fs.readFileSync(file);
     assert.equal(f.length, LOG_BYTES);
-    assert.equal(f.toString('latin1', 0, 8), 'NVMDLOG1');
+    assert.equal(f.toString('latin1', 0, 8), 'NVMDLOG2');
     assert.equal(f.toString('hex', 8, 24), UUID.replace(/-/g, ''));
     assert.equal(f.readBigUInt64LE(24), BigInt(LOG_BYTES));
-    assert.equal(f.readUInt32LE(36), crc32c(f, 0, 36));
+    assert.equal(f.readUInt32LE(36), 1, 'stream 1');
+    assert.equal(f.readBigUInt64LE(40), 1n, 'stream 1 starts at seq 1');
+    assert.equal(f.readUInt32LE(48), crc32c(f, 0, 48));
     const salt = f.readUInt32LE(32);
     let at = HEADER_BYTES;
     for (const [seq, type, payloadBytes] of [[1, WRITE, 2 * BLOCK_BYTES], [2, TRIM, 0]] as const) {
       assert.equal(f.readUInt32LE(at), 0x5244564e, `record ${seq} magic`);
       assert.equal(f.readBigUInt64LE(at + 8), BigInt(seq));
       assert.equal(f.readUInt8(at + 16), type);
+      assert.equal(f.readUInt32LE(at + 20), 1, `record ${seq} stream`);
       assert.equal(f.readBigUInt64LE(at + 40), BigInt(payloadBytes));
       const crc = crc32c(f, at + RECORD_HEADER_BYTES, payloadBytes, crc32c(f, at + 8, RECORD_HEADER_BYTES - 8, salt));
       assert.equal(f.readUInt32LE(at + 4), crc, `record ${seq} crc`);
@@ -193,7 +196,7 @@ describe('mirror destination log', () => {
     assert.ok(f.subarray(HEADER_BYTES + RECORD_HEADER_BYTES, HEADER_BYTES + RECORD_HEADER_BYTES + 2 * BLOCK_BYTES).equals(payloadOf(1, 2)));
   });
 
-  it('reopening discards the records of an earlier run; another size makes a new file of that size', async () => {
+  it('reopening fresh discards the records of an earlier run; another size makes a new file of that size', async () => {
     const log = await fresh();
     log.start(1, 0);
     for (let seq = 1; seq <= 5; seq++) appendWrite(log, seq, 1);
@@ -211,9 +214,68 @@ describe('mirror destination log', () => {
     assert.equal(fs.statSync(file).size, LOG_BYTES + 1024 * 1024);
     await open.pop()!.close();
     // Back to the size the other tests use.
-    open.push(await DestLog.open(file, UUID, LOG_BYTES));
+    open.push(await DestLog.open(file, UUID, LOG_BYTES, 'fresh'));
     assert.equal(fs.statSync(file).size, LOG_BYTES);
     await assert.rejects(DestLog.open(file, UUID, LOG_BYTES - BLOCK_BYTES), /dest log size/);
+  });
+
+  it('reopening recovers the records after the committed watermark, in order, up to the first gap or damaged record', async () => {
+    const log = await fresh();
+    log.start(1, 0);
+    for (let seq = 1; seq <= 8; seq++) assert.equal(seq % 3 === 0 ? log.append(seq, TRIM, 0, seq * 4096, 4096, Buffer.alloc(0)) : appendWrite(log, seq, 1 + (seq % 4)), true);
+    await log.persist();
+    await open.pop()!.close();
+    // A receiver restart: every record is back, exactly.
+    let again = await DestLog.open(file, UUID, LOG_BYTES, 'recover', 0);
+    open.push(again);
+    assert.equal(again.recordsRecovered, 8);
+    again.committed(2);
+    const got = [...again.recordsAfter(2)];
+    assert.deepEqual(got.map((r) => r.seq), [3, 4, 5, 6, 7, 8]);
+    for (const r of got) {
+      if (r.seq % 3 === 0) assert.equal(r.type, TRIM);
+      else assert.ok(r.payload.equals(payloadOf(r.seq, 1 + (r.seq % 4))), `record ${r.seq} payload`);
+    }
+    expectAllBlocks(again, 7, 4);
+    // The stream continues after the recovered records.
+    again.start(9, 2);
+    assert.equal(appendWrite(again, 9, 1), true);
+    expectMarks(again, 9, 8, 3, 'recovered records count as held, the new one is not durable yet');
+    await again.persist();
+    await open.pop()!.close();
+    // Damage record 7's payload on disk: recovery keeps 1..6 (7 and after are not replayable).
+    const fd = fs.openSync(file, 'r+');
+    const all = fs.readFileSync(file);
+    let at = HEADER_BYTES;
+    for (let seq = 1; seq < 7; seq++) at += RECORD_HEADER_BYTES + Number(all.readBigUInt64LE(at + 40));
+    assert.equal(Number(all.readBigUInt64LE(at + 8)), 7);
+    fs.writeSync(fd, Buffer.from([0xff]), 0, 1, at + RECORD_HEADER_BYTES + 100);
+    fs.closeSync(fd);
+    again = await DestLog.open(file, UUID, LOG_BYTES);
+    open.push(again);
+    assert.deepEqual([...again.recordsAfter(0)].map((r) => r.seq), [1, 2, 3, 4, 5, 6]);
+    await open.pop()!.close();
+    // Only what follows the committed watermark is kept.
+    again = await DestLog.open(file, UUID, LOG_BYTES, 'recover', 3);
+    open.push(again);
+    assert.deepEqual([...again.recordsAfter(0)].map((r) => r.seq), [4, 5, 6]);
+    assert.equal(again.heldSeq, 6);
+  });
+
+  it('a new stream supersedes the records an older stream stored from its first seq on, across a reopen', async () => {
+    const log = await fresh();
+    log.start(1, 0);
+    for (let seq = 1; seq <= 6; seq++) appendWrite(log, seq, 2);
+    // The source restarts from seq 4 (it lost 4..6): a new stream, which stores only 4.
+    log.start(4, 0);
+    assert.equal(log.append(4, TRIM, 0, 0, 4096, Buffer.alloc(0)), true);
+    await log.persist();
+    await open.pop()!.close();
+    const again = await DestLog.open(file, UUID, LOG_BYTES);
+    open.push(again);
+    const got = [...again.recordsAfter(0)];
+    assert.deepEqual(got.map((r) => r.seq), [1, 2, 3, 4]);
+    assert.equal(got[3]!.type, TRIM, 'seq 4 is the new stream\'s record, not the old one');
   });
 
   it('releasing more than 1024 records at once compacts the index and loses none of the rest', async () => {
@@ -512,7 +574,7 @@ describe('mirror destination log', () => {
     let runsDropping = 0;
     await fc.assert(
       fc.asyncProperty(fc.array(opArb, { minLength: 40, maxLength: 90, size: 'max' }), async (ops) => {
-        const log = await DestLog.open(file, UUID, LOG_BYTES);
+        const log = await DestLog.open(file, UUID, LOG_BYTES, 'fresh');
         try {
           log.start(1, 0);
           // Model: stored records (seq -> blocks, -1 for a trim), the committed watermark, the

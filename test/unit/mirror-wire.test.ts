@@ -35,7 +35,7 @@ const UUID = '0123abcd-4567-89ef-0011-223344556677';
 
 /** Per type, the body cap the header check enforces (as documented in wire.ts). */
 const BODY_CAP: Record<number, number> = {
-  [MsgType.Hello]: 64,
+  [MsgType.Hello]: 96,
   [MsgType.Welcome]: 72,
   [MsgType.Refuse]: 2 + 1024,
   [MsgType.Record]: 40 + RECORD_PAYLOAD_MAX_BYTES,
@@ -86,8 +86,8 @@ function root(seed: number): Buffer {
 function samples(): Message[] {
   const refs = (n: number) => Array.from({ length: n }, (_, i) => ({ pba: i * 7 + 1, seq: U53_MAX - i, index: (i * 31) % 257, crc: (0xfedcba98 + i) >>> 0 }));
   return [
-    { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 1024 ** 4, deviceBlocks: 12345, nvramBytes: 64 << 20, mode: 'sync', sourceCp: -1, streamFromSeq: 0 },
-    { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 4096, deviceBlocks: U53_MAX, nvramBytes: 0, mode: 'async', sourceCp: U53_MAX, streamFromSeq: U53_MAX },
+    { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 1024 ** 4, deviceBlocks: 12345, nvramBytes: 64 << 20, mode: 'sync', sourceCp: -1, streamFromSeq: 0, baseCp: -1, baseRoot: Buffer.alloc(24) },
+    { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 4096, deviceBlocks: U53_MAX, nvramBytes: 0, mode: 'async', sourceCp: U53_MAX, streamFromSeq: U53_MAX, baseCp: 7, baseRoot: Buffer.alloc(24, 0xa5) },
     { type: MsgType.Welcome, committedCp: -1, root: Buffer.alloc(24), storedFromSeq: 1, heldSeq: 0, oldestPinnedCp: -1, resumeCp: -1, resumeBlocks: 0 },
     { type: MsgType.Welcome, committedCp: 77, root: root(1), storedFromSeq: U53_MAX, heldSeq: U53_MAX - 1, oldestPinnedCp: 70, resumeCp: U53_MAX, resumeBlocks: U53_MAX },
     { type: MsgType.Refuse, reason: '' },
@@ -658,7 +658,7 @@ describe('mirror wire codec', () => {
         ['trim of length 0', { type: MsgType.Record, seq: 1, recordType: 2, flags: 0, offsetBytes: 0, lengthBytes: 0, payload: Buffer.alloc(0) }],
         ['record of unknown type 9', { type: MsgType.Record, seq: 1, recordType: 9, flags: 0, offsetBytes: 0, lengthBytes: 4096, payload: Buffer.alloc(0) }],
         ['CP begin with base == cp', { type: MsgType.CpBegin, cp: 4, baseCp: 4, kind: 'cp' }],
-        ['hello with an unaligned size', { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 1000, deviceBlocks: 1, nvramBytes: 1, mode: 'sync', sourceCp: -1, streamFromSeq: 0 }],
+        ['hello with an unaligned size', { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 1000, deviceBlocks: 1, nvramBytes: 1, mode: 'sync', sourceCp: -1, streamFromSeq: 0, baseCp: -1, baseRoot: Buffer.alloc(24) }],
         ['CP refs with a seq beyond 2^53', { type: MsgType.CpRefs, cp: 1, refs: [{ pba: 1, seq: 2 ** 60, index: 0, crc: 0 }] }],
         ['CP blocks with no block', { type: MsgType.CpBlocks, cp: 1, pbas: [], data: Buffer.alloc(0) }],
         ['CP refs over the max', { type: MsgType.CpRefs, cp: 1, refs: Array.from({ length: REFS_PER_FRAME_MAX + 1 }, () => ({ pba: 1, seq: 1, index: 0, crc: 0 })) }],

@@ -1,0 +1,148 @@
+/**
+ * `nvmirror demote DIR --into RECEIVE_DIR`: the old primary, back after a failover,
+ * becomes the mirror of the volume promoted from it (failback without a full copy).
+ *
+ *   1. The volume is opened once more (its NVRAM replayed and committed, with every CP
+ *      from the destination's last acknowledged one on held, so none of their blocks is
+ *      reused) and stopped cleanly.
+ *   2. Its whole state is kept: DIR/pre-failback-cp<N>/ is a complete volume directory
+ *      (the member copied sparse, with reflinks where the file system has them, and its
+ *      NVRAM), servable read-only. Nothing this side wrote is lost silently: what the
+ *      failback discards is there, and the log says so.
+ *   3. RECEIVE_DIR/<uuid>/mirror.json makes the member (in place, not copied) a mirror of
+ *      that volume, marked `demoted`; DIR stops being a volume (nvmirror.json is renamed
+ *      nvmirror.json.demoted, DIR/DEMOTED.json says where it went).
+ *   4. When the promoted volume connects (`serve --mirror-to`), it names the CP it was
+ *      promoted from and its root; the receiver rolls this member back to exactly that CP
+ *      (mirror-dir.ts) and the resync sends only the blocks born after it.
+ *
+ * Invariants:
+ * - Refused while the volume is served (its lock), for a promoted volume, and when the
+ *   target mirror directory exists: demote never overwrites anything.
+ * - The member is changed (by the receiver's roll-back) only after the copy in step 2
+ *   is complete and synced.
+ */
+import * as cp from 'child_process';
+import * as fs from 'fs';
+import * as path from 'path';
+import type { Logger } from 'pino';
+import { writeFileDurably, syncDirectory } from '../io/file-device';
+import { RING_SLOTS } from '../tree/layout';
+import type { BlockTreeApi, CpBlock, CpSink } from '../tree/types';
+import { CLEAN_STOP_NAME, LABEL_NAME, openVolumeDir, readLabel, volumeDirInUse, type VolumeLabel } from '../volume/dir';
+import { MIRROR_LABEL_NAME, type MirrorLabel } from './mirror-dir';
+import { MIRROR_STATE_NAME, readRelationship } from './relationship';
+import { readRole } from './role';
+
+export const DEMOTED_NAME = 'DEMOTED.json';
+export const DEMOTED_LABEL_NAME = `${LABEL_NAME}.demoted`;
+
+export interface DemoteReport {
+  dir: string;
+  volumeUuid: string;
+  /** The CP the volume stopped at (its own newest). */
+  cpNumber: number;
+  /** The destination's last acknowledged CP this side knew of (-1: none recorded). */
+  destCp: number;
+  /** Where this side's whole state is kept (a volume directory). */
+  keptIn: string;
+  /** The new mirror directory (RECEIVE_DIR/<uuid>). */
+  mirrorDir: string;
+}
+
+/** Keeps every CP from `fromCp` on intact while the volume recovers (frees are not reused). */
+class HoldSink implements CpSink {
+  constructor(private readonly fromCp: number) {}
+  oldestNeededCp(): number | undefined {
+    return this.fromCp;
+  }
+  holdBroken(): void {
+    /* the recovery CP found no room: the check at failback time (roots) still protects */
+  }
+  async blocks(_cp: number, _blocks: readonly CpBlock[]): Promise<void> {}
+  async committed(): Promise<void> {}
+}
+
+/** Copies a file sparse (reflink where possible) and syncs it. */
+function copyFileSparse(from: string, to: string): void {
+  cp.execFileSync('cp', ['--reflink=auto', '--sparse=always', from, to], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const fd = fs.openSync(to, 'r');
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+function resolveIn(dir: string, p: string): string {
+  return path.isAbsolute(p) ? p : path.join(dir, p);
+}
+
+export async function demoteVolume(dirArg: string, intoArg: string, opts: { logger: Logger }): Promise<DemoteReport> {
+  const dir = path.resolve(dirArg);
+  const into = path.resolve(intoArg);
+  const log = opts.logger;
+  if (readRole(dir)) throw new Error(`${dir} is a volume promoted from a mirror: demoting it back is not supported (demote the old primary instead)`);
+  const label: VolumeLabel = await readLabel(dir);
+  if (label.members.length !== 1) throw new Error(`${dir} has ${label.members.length} members: demote handles single-member volumes`);
+  if (await volumeDirInUse(dir)) throw new Error(`volume ${dir} is being served: stop it before demoting it`);
+  const mirrorDir = path.join(into, label.uuid);
+  if (fs.existsSync(mirrorDir)) throw new Error(`${mirrorDir} already exists: remove it (or choose another receive directory) first`);
+  const rel = readRelationship(dir);
+  const destCp = rel?.destCp ?? -1;
+
+  // 1. Replay and commit the NVRAM, holding the CPs the destination may hold.
+  const opened = await openVolumeDir(dir, {
+    readOnly: false,
+    control: false,
+    cpIntervalMs: 0,
+    beforeRecovery: async (tree: BlockTreeApi) => {
+      const now = tree.stats().cpNumber;
+      if (destCp < 0) return;
+      for (let c = Math.max(destCp, now - RING_SLOTS + 1); c < now; c++) {
+        const why = await tree.holdCommitted(c);
+        if (why !== null) log.warn({ cp: c, reason: why }, 'demote: an older CP cannot be held');
+      }
+      tree.setCpSink(new HoldSink(destCp));
+    },
+  });
+  let cpNumber: number;
+  let totalBlocks: number;
+  try {
+    cpNumber = opened.volume.tree.stats().cpNumber;
+    totalBlocks = opened.volume.tree.stats().totalBlocks;
+  } finally {
+    await opened.close();
+  }
+
+  // 2. Keep this side's whole state.
+  const keptIn = path.join(dir, `pre-failback-cp${cpNumber}`);
+  await fs.promises.mkdir(keptIn);
+  const memberAbs = resolveIn(dir, label.members[0]!.path);
+  copyFileSparse(memberAbs, path.join(keptIn, 'member-0.img'));
+  copyFileSparse(resolveIn(dir, label.nvram.path), path.join(keptIn, 'nvram.log'));
+  if (fs.existsSync(path.join(dir, CLEAN_STOP_NAME))) copyFileSparse(path.join(dir, CLEAN_STOP_NAME), path.join(keptIn, CLEAN_STOP_NAME));
+  const keptLabel: VolumeLabel = { ...label, members: [{ path: 'member-0.img', blockCount: label.members[0]!.blockCount }], nvram: { path: 'nvram.log', sizeBytes: label.nvram.sizeBytes } };
+  await writeFileDurably(keptIn, LABEL_NAME, `${JSON.stringify(keptLabel, null, 2)}\n`);
+  await syncDirectory(dir);
+
+  // 3. The member becomes a mirror (in place); the directory stops being a volume.
+  await fs.promises.mkdir(mirrorDir, { recursive: true });
+  const ml: MirrorLabel & { demoted: { fromDir: string; cp: number; destCp: number; keptIn: string; demotedMs: number } } = {
+    format: 'nvmirror-mirror',
+    version: 1,
+    sourceUuid: label.uuid,
+    sizeBytes: label.sizeBytes,
+    deviceBlocks: totalBlocks,
+    createdMs: Date.now(),
+    memberPath: memberAbs,
+    demoted: { fromDir: dir, cp: cpNumber, destCp, keptIn, demotedMs: Date.now() },
+  };
+  await writeFileDurably(mirrorDir, MIRROR_LABEL_NAME, `${JSON.stringify(ml, null, 2)}\n`);
+  await writeFileDurably(dir, DEMOTED_NAME, `${JSON.stringify({ mirrorDir, cp: cpNumber, keptIn, demotedMs: Date.now() }, null, 2)}\n`);
+  if (fs.existsSync(path.join(dir, MIRROR_STATE_NAME))) await fs.promises.rename(path.join(dir, MIRROR_STATE_NAME), path.join(dir, `${MIRROR_STATE_NAME}.demoted`));
+  await fs.promises.rename(path.join(dir, LABEL_NAME), path.join(dir, DEMOTED_LABEL_NAME));
+  await syncDirectory(dir);
+  log.warn({ dir, cp: cpNumber, destCp, keptIn, mirrorDir }, 'volume demoted: it becomes the mirror of the volume promoted from it; its CPs after the common one will be discarded there (all of its state is kept in keptIn)');
+  return { dir, volumeUuid: label.uuid, cpNumber, destCp, keptIn, mirrorDir };
+}

@@ -1,0 +1,190 @@
+/**
+ * `nvmirror promote DIR/<source-uuid>`: turns a mirror into a primary volume (seed 004).
+ *
+ *   1. The receiver, if one runs, lets go of this mirror (refused while the source is
+ *      connected, unless forced) and from then on refuses that source: a promoted mirror
+ *      is never written by its old source again (split brain is refused, not merged).
+ *   2. The committed image (the newest CP in the member's ring) is the base. A snapshot
+ *      of it, `promoted-cp<N>`, keeps its blocks: the last CP both sides hold, for a
+ *      later failback.
+ *   3. The source's log file is replayed: the records after the base's watermark, in seq
+ *      order, stopping at the first gap or record that does not verify (dest-log.ts).
+ *      In sync mode that is every acknowledged write.
+ *   4. Committed (a CP, then a clean stop); the directory becomes a volume directory
+ *      (nvmirror.json, its own NVRAM log) that `serve` opens, and role.json says it was
+ *      promoted, from which CP, and its new generation.
+ *
+ * Invariants:
+ * - The mirror's lock is held from before the receiver's state is read to the end: no
+ *   receiver can take the directory back meanwhile.
+ * - Nothing is written to the member before the base is known to be a complete CP (no
+ *   partial baseline); the log file is only read.
+ * - Re-running an interrupted promote is safe: replaying the same records again over the
+ *   same base gives the same image (each record overwrites its whole range, in order).
+ */
+import * as crypto from 'crypto';
+import * as fs from 'fs';
+import * as path from 'path';
+import type { Logger } from 'pino';
+import { FileBlockDevice, writeFileDurably } from '../io/file-device';
+import { MmapNvram } from '../io/mmap-nvram';
+import * as native from '../io/native';
+import { NvLog } from '../nvlog/log';
+import { RecordType } from '../nvlog/format';
+import { BLOCK } from '../tree/layout';
+import { controlRequest } from '../volume/engine-control';
+import { LABEL_FORMAT, LABEL_NAME, LABEL_VERSION, NVRAM_DEFAULT_BYTES, NVRAM_DEFAULT_NAME, openVolumeDir, type VolumeLabel } from '../volume/dir';
+import { DEST_LOG_MIN_BYTES, DEST_LOG_NAME, DestLog } from './dest-log';
+import { PROMOTED_LABEL_NAME, ROLE_NAME, readRole, type RoleRecord } from './role';
+import { BASELINE_MARKER_NAME, MIRROR_LABEL_NAME, MIRROR_LOCK_NAME, MirrorDirError, newestSuperblock, rootBytes, type MirrorLabel } from './mirror-dir';
+
+/** How long promote waits for a running receiver to let go of the mirror. */
+const RELEASE_TIMEOUT_MS = 30_000;
+
+export interface PromoteReport extends RoleRecord {
+  dir: string;
+  volumeUuid: string;
+  bytesReplayed: number;
+  /** The CP the promoted volume is at. */
+  cpNumber: number;
+  /** Why replay stopped where it did. */
+  replayEnd: string;
+}
+
+/** The receiver's control socket for a mirror directory (its parent directory holds it). */
+function receiverSocketOf(dir: string): string {
+  return path.join(path.dirname(dir), 'receiver.sock');
+}
+
+/** Asks a running receiver to let go of source `uuid`; resolves false when no receiver runs. */
+async function askReceiverToRelease(dir: string, uuid: string, force: boolean): Promise<boolean> {
+  const sock = receiverSocketOf(dir);
+  if (!fs.existsSync(sock)) return false;
+  let r;
+  try {
+    r = await controlRequest(sock, { op: 'release', source: uuid, force }, RELEASE_TIMEOUT_MS);
+  } catch (e) {
+    const msg = e instanceof Error ? e.message : String(e);
+    if (/ECONNREFUSED|ENOENT/.test(msg)) return false; // a stale socket: no receiver
+    throw new Error(`the receiver did not let go of the mirror: ${msg}`);
+  }
+  if (!r.ok) throw new Error(r.error);
+  return true;
+}
+
+export async function promoteMirror(dirArg: string, opts: { force: boolean; logger: Logger }): Promise<PromoteReport> {
+  const dir = path.resolve(dirArg);
+  const log = opts.logger;
+  const labelPath = path.join(dir, MIRROR_LABEL_NAME);
+  if (!fs.existsSync(labelPath)) {
+    if (readRole(dir)) throw new Error(`${dir} was already promoted: it is a primary volume (serve it with nvmirror serve ${dir})`);
+    throw new Error(`${dir} is not a mirror directory (no ${MIRROR_LABEL_NAME})`);
+  }
+  const label = JSON.parse(await fs.promises.readFile(labelPath, 'utf8')) as MirrorLabel;
+  if (label.format !== 'nvmirror-mirror' || typeof label.sourceUuid !== 'string') throw new Error(`${labelPath}: not a mirror label`);
+  const receiverLetGo = await askReceiverToRelease(dir, label.sourceUuid, opts.force);
+  const lockFd = fs.openSync(path.join(dir, MIRROR_LOCK_NAME), 'a');
+  try {
+    if (!native.flockExclusive(lockFd)) throw new MirrorDirError(`mirror ${dir} is in use by another process (a receiver whose control socket did not answer?)`);
+    if (fs.existsSync(path.join(dir, BASELINE_MARKER_NAME))) {
+      throw new MirrorDirError(`${dir} holds no consistent image: a full baseline was interrupted (${BASELINE_MARKER_NAME}); it cannot be promoted`);
+    }
+    const memberRel = label.memberPath ?? 'member-0.img';
+    const memberAbs = path.isAbsolute(memberRel) ? memberRel : path.join(dir, memberRel);
+
+    // The base: the committed CP.
+    const dev = await FileBlockDevice.open(memberAbs, {});
+    let baseCp: number;
+    let baseRoot: string;
+    let baseSeq: number;
+    let blockCount: number;
+    try {
+      const committed = await newestSuperblock(dev, label.sourceUuid);
+      if (!committed) throw new MirrorDirError(`${dir} has no committed CP yet: nothing to promote`);
+      baseCp = committed.sb.cpNumber;
+      baseRoot = rootBytes(committed.sb).toString('hex');
+      baseSeq = committed.sb.nvlogSeq;
+      blockCount = dev.blockCount;
+    } finally {
+      await dev.close();
+    }
+
+    // The records to replay (read-only: the log file is left as it is).
+    const logPath = path.join(dir, DEST_LOG_NAME);
+    let destLog: DestLog | undefined;
+    if (fs.existsSync(logPath)) {
+      const size = (await fs.promises.stat(logPath)).size;
+      if (size >= DEST_LOG_MIN_BYTES && size % BLOCK === 0) destLog = await DestLog.open(logPath, label.sourceUuid, size, 'recover', baseSeq);
+    }
+    const records = destLog ? [...destLog.recordsAfter(baseSeq)] : [];
+    const replayEnd = records.length === 0
+      ? `the log holds no record after the base's watermark (seq ${baseSeq})`
+      : `the log holds no valid record after seq ${records[records.length - 1]!.seq} (replay stops at the first gap or damaged record)`;
+
+    // A volume directory around the member (idempotent: an interrupted promote left it).
+    if (!fs.existsSync(path.join(dir, LABEL_NAME))) {
+      const nvramAbs = path.join(dir, NVRAM_DEFAULT_NAME);
+      await fs.promises.rm(nvramAbs, { force: true });
+      const region = await MmapNvram.open(nvramAbs, { sizeBytes: NVRAM_DEFAULT_BYTES, create: true });
+      try {
+        await NvLog.format(region, label.sourceUuid);
+      } finally {
+        await region.close();
+      }
+      const vol: VolumeLabel = {
+        format: LABEL_FORMAT,
+        version: LABEL_VERSION,
+        uuid: label.sourceUuid,
+        sizeBytes: label.sizeBytes,
+        blockSizeBytes: BLOCK,
+        members: [{ path: memberRel, blockCount }],
+        nvram: { path: NVRAM_DEFAULT_NAME, sizeBytes: NVRAM_DEFAULT_BYTES },
+        createdMs: Date.now(),
+      };
+      await writeFileDurably(dir, LABEL_NAME, `${JSON.stringify(vol, null, 2)}\n`);
+    }
+
+    const opened = await openVolumeDir(dir, { readOnly: false, control: false, cpIntervalMs: 0 });
+    let bytesReplayed = 0;
+    let lastSeq = baseSeq;
+    const baseSnapshot = `promoted-cp${baseCp}`;
+    let cpNumber: number;
+    try {
+      const v = opened.volume;
+      // Keep the base (the last CP both sides hold) before anything changes it.
+      if (!v.listSnapshots().some((s) => s.name === baseSnapshot)) await v.snapshot({ kind: 'create', name: baseSnapshot });
+      for (const r of records) {
+        if (r.type === RecordType.Write) await v.write(r.offsetBytes, r.payload.subarray(0, r.lengthBytes), false);
+        else if (r.type === RecordType.Trim) await v.trim(r.offsetBytes, r.lengthBytes, false);
+        else if (r.type === RecordType.Zero) await v.zero(r.offsetBytes, r.lengthBytes, { fua: false, noHole: false, fastZero: false });
+        else throw new Error(`record ${r.seq} has an unknown type ${r.type}`);
+        bytesReplayed += r.lengthBytes;
+        lastSeq = r.seq;
+      }
+      await v.flush();
+      await v.checkpoint();
+      cpNumber = v.tree.stats().cpNumber;
+    } finally {
+      await opened.close();
+      await destLog?.close();
+    }
+    const role: RoleRecord = {
+      format: 'nvmirror-role',
+      role: 'primary',
+      promotedFromCp: baseCp,
+      promotedRoot: baseRoot,
+      promotedMs: Date.now(),
+      baseSnapshot,
+      lastSeq,
+      recordsReplayed: records.length,
+      generation: readRole(dir)?.generation ?? crypto.randomUUID(),
+    };
+    await writeFileDurably(dir, ROLE_NAME, `${JSON.stringify(role, null, 2)}\n`);
+    // Last: the directory stops being a mirror (a receiver now refuses this source by role.json).
+    await fs.promises.rename(labelPath, path.join(dir, PROMOTED_LABEL_NAME));
+    log.info({ dir, fromCp: baseCp, records: records.length, bytes: bytesReplayed, lastSeq, cp: cpNumber, receiverLetGo }, 'mirror promoted: it is a primary volume now');
+    return { ...role, dir, volumeUuid: label.sourceUuid, bytesReplayed, cpNumber, replayEnd };
+  } finally {
+    fs.closeSync(lockFd);
+  }
+}
