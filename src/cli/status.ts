@@ -148,6 +148,7 @@ export function formatReceiver(dir: string, r: ReceiverStats & { directories?: R
       `mirror     ${m.sourceUuid}: ${m.baselinePartial ? 'INCONSISTENT (baseline in progress)' : `CP ${m.committedCp}`}, ${m.connected ? 'source connected' : 'source not connected'}`,
       `           ${m.cpsApplied} CPs applied, ${m.blocksApplied} blocks as data, ${m.refsApplied} from the log, ${m.deltasApplied} rebuilt from deltas; log ${formatSize(m.logUsedBytes)} (${m.recordsStored} records stored, ${m.recordsDropped} dropped)`,
     );
+    if (m.lastError) lines.push(`           last error: ${m.lastError}`);
   }
   for (const e of r.directories ?? []) lines.push(`${e.role.padEnd(10)} ${e.uuid}: ${e.detail}`);
   return lines.join('\n');

@@ -230,6 +230,8 @@ export class MirrorDir {
   /** The durable progress of an interrupted baseline (from the marker), if any. */
   baselineResume: { cp: number; blocks: number } | undefined;
   lastCommitMs = 0;
+  /** Why the last stream was refused or could not be applied (the receiver sets it; a commit clears it). */
+  lastError: string | undefined;
   cpsApplied = 0;
   blocksApplied = 0;
   refsApplied = 0;
@@ -374,7 +376,28 @@ export class MirrorDir {
   writeBlocks(pba: number, data: Buffer, checkInUse: boolean): Promise<void> {
     assert(data.length % BLOCK === 0 && data.length > 0, 'whole blocks');
     this.checkWritable(pba, data.length / BLOCK, checkInUse);
+    this.checkMember();
     return this.dev.writeBlocks(pba, data);
+  }
+
+  /**
+   * Throws a MirrorDirError if the member file is shorter than when it was opened (cut
+   * under us: the committed CP's blocks past the cut are gone). Checked before every
+   * write and commit, because a write past the cut would extend the file again with holes
+   * where those blocks were, and the next CP would commit a root over them: equal roots,
+   * different devices.
+   */
+  checkMember(): void {
+    let size: number;
+    try {
+      size = fs.statSync(this.dev.path).size;
+    } catch (e) {
+      throw new MirrorDirError(`mirror member ${this.dev.path}: ${(e as Error).message}`);
+    }
+    const want = this.dev.blockCount * BLOCK;
+    if (size < want) {
+      throw new MirrorDirError(`mirror member ${this.dev.path} was truncated to ${size} bytes (it had ${want}): the committed image is damaged; run nvmirror check, or remove ${this.dir} for a new baseline`);
+    }
   }
 
   /** Throws a MirrorDirError if a CP may not write [pba, pba+n) (see writeBlocks). */
@@ -418,6 +441,7 @@ export class MirrorDir {
     if (d.cpNumber !== cp || slot !== cp % RING_SLOTS) throw new MirrorDirError(`CP ${cp}: superblock says CP ${d.cpNumber} in slot ${slot}`);
     if (d.deviceBlocks !== this.label.deviceBlocks || d.sizeBytes !== this.label.sizeBytes) throw new MirrorDirError(`CP ${cp}: superblock geometry differs from the mirror's`);
     if (cp <= this.committedCp) throw new MirrorDirError(`CP ${cp} is not newer than the committed CP ${this.committedCp}`);
+    this.checkMember();
     await this.dev.sync();
     await this.dev.writeBlocks(slot, superblock);
     await this.dev.sync();

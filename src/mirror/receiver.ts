@@ -55,12 +55,23 @@ function messageBytes(m: Message): number {
     default: return 64;
   }
 }
+/** Frames that records arriving later must not overtake on the fast path (stream order). */
+function mustKeepOrder(m: Message): boolean {
+  return m.type === MsgType.Record || m.type === MsgType.DurableReq || m.type === MsgType.Hello;
+}
 /** Largest combined write while applying a CP (1 MiB). */
 const COMBINE_BLOCKS_MAX = 256;
 /** The receiver's control socket in its directory (`nvmirror status DIR`). */
 export const RECEIVER_SOCKET_NAME = 'receiver.sock';
 /** A connection that sends nothing for this long (the source pings every few seconds) is dropped. */
 export const RECEIVER_IDLE_TIMEOUT_MS = 60_000;
+/**
+ * A session that has heard nothing for this long (a live source pings every 5 s) gives
+ * way when the same source connects again: its peer went away without a FIN or RST (a
+ * cut link TCP did not notice), and it would otherwise refuse the source's reconnects
+ * until RECEIVER_IDLE_TIMEOUT_MS.
+ */
+export const SESSION_SILENT_REPLACE_MS = 10_000;
 /** A connection must finish HELLO within this time. */
 const HELLO_TIMEOUT_MS = 10_000;
 
@@ -84,6 +95,8 @@ export interface ReceiverStats {
     bytesIn: number;
     baselinePartial: boolean;
     lastCommitMs: number;
+    /** Why the last stream from this source was refused or could not be applied (cleared by the next commit). */
+    lastError: string | undefined;
   }>;
 }
 
@@ -110,6 +123,11 @@ class Session {
   private pendingBytes = 0;
   private closed = false;
   private idleTimer: NodeJS.Timeout | undefined;
+  private lastHeardMs = Date.now();
+  /** Messages of the batch drain() is handling that records must not overtake (see applyingOnly). */
+  private orderedInBatch = 0;
+  /** Settles when drain() has returned (no message of this session is being handled). */
+  private drained: Promise<void> = Promise.resolve();
 
   constructor(private readonly rx: MirrorReceiver, readonly socket: net.Socket, private readonly log: Logger) {
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
@@ -137,6 +155,7 @@ class Session {
 
   private onData(chunk: Buffer): void {
     if (this.closed) return;
+    this.lastHeardMs = Date.now();
     let msgs: Message[];
     try {
       msgs = this.parser.push(chunk);
@@ -181,7 +200,8 @@ class Session {
 
   /** True when everything queued is CP application (records may pass it). */
   private applyingOnly(): boolean {
-    for (const q of this.queue) if (q.type === MsgType.Record || q.type === MsgType.DurableReq || q.type === MsgType.Hello) return false;
+    if (this.orderedInBatch > 0) return false;
+    for (const q of this.queue) if (mustKeepOrder(q)) return false;
     return true;
   }
 
@@ -216,14 +236,20 @@ class Session {
   private async drain(): Promise<void> {
     if (this.processing) return;
     this.processing = true;
+    let done!: () => void;
+    this.drained = new Promise<void>((r) => (done = r));
     try {
       while (this.queue.length > 0 && !this.closed) {
         const batch = this.queue;
         this.queue = [];
+        // The batch left the queue but not the stream order: while any of its records (or
+        // its HELLO) is unhandled, later records must not take the fast path past it.
+        this.orderedInBatch = batch.filter(mustKeepOrder).length;
         let acked = false;
         for (const m of batch) {
           if (this.closed) return;
           acked = (await this.handle(m)) || acked;
+          if (mustKeepOrder(m)) this.orderedInBatch--;
           this.pendingBytes -= messageBytes(m);
           this.flow();
         }
@@ -231,9 +257,17 @@ class Session {
       }
     } catch (e) {
       const msg = e instanceof Error ? e.message : String(e);
-      this.end(`refused the stream: ${msg}`, e instanceof MirrorProtocolError || e instanceof MirrorDirError);
+      if (e instanceof MirrorProtocolError || e instanceof MirrorDirError) {
+        this.end(`refused the stream: ${msg}`, true);
+      } else {
+        // An I/O error applying it (a full or failing disk): logged as such, and refused
+        // too, so the source's status names the cause instead of a closed connection.
+        this.log.error({ source: this.sourceUuid, err: msg }, 'the mirror cannot apply the stream: I/O error; its committed image is unchanged');
+        this.end(`the destination cannot apply the stream: ${msg}`, true);
+      }
     } finally {
       this.processing = false;
+      done();
     }
   }
 
@@ -342,6 +376,7 @@ class Session {
         await this.waitWrites(0);
         if (this.writeError) throw this.writeError;
         const sb = await mirror.applyCommit(m.cp, m.slot, m.superblock);
+        mirror.lastError = undefined;
         this.applying = undefined;
         mirror.cpsApplied++;
         this.rx.exports?.committed(mirror);
@@ -424,9 +459,17 @@ class Session {
   }
 
   private async hello(m: Message & { type: MsgType.Hello }): Promise<void> {
-    if (this.rx.sessionFor(m.sourceUuid)) throw new MirrorDirError(`source ${m.sourceUuid} is already connected`);
+    const old = this.rx.sessionFor(m.sourceUuid);
+    if (old && old.silentMs() < SESSION_SILENT_REPLACE_MS) throw new MirrorDirError(`source ${m.sourceUuid} is already connected`);
+    if (old) {
+      this.log.warn({ source: m.sourceUuid, silentMs: old.silentMs() }, 'the source connected again while its old connection was silent: the old one is ended');
+      await old.endSilent();
+      if (this.closed) return;
+      if (this.rx.sessionFor(m.sourceUuid)) throw new MirrorDirError(`source ${m.sourceUuid} is already connected`);
+    }
     const mirror = await this.rx.openMirror(m, this.log);
     if (this.closed) return;
+    mirror.checkMember(); // it may have stayed open since another connection
     this.mirror = mirror;
     this.rx.exports?.attach(mirror);
     this.armIdle();
@@ -472,10 +515,23 @@ class Session {
     if (this.mirror) this.send({ type: MsgType.Pin, oldestPinnedCp: cp });
   }
 
+  silentMs(): number {
+    return Date.now() - this.lastHeardMs;
+  }
+
+  /** Ends this session (its peer went silent) and waits until it no longer touches the mirror. */
+  async endSilent(): Promise<void> {
+    this.end(`replaced by a new connection from the same source after ${this.silentMs()} ms of silence`);
+    await this.drained;
+    await this.persisting?.catch(() => undefined);
+    await this.rx.sessionGone(this);
+  }
+
   end(reason: string, refused = false): void {
     if (this.closed) return;
     this.closed = true;
     if (this.idleTimer) clearTimeout(this.idleTimer);
+    if (refused && this.mirror) this.mirror.lastError = reason;
     if (refused) {
       this.log.warn({ source: this.sourceUuid, reason }, 'mirror stream refused; the committed image is unchanged');
       try {
@@ -610,9 +666,24 @@ export class MirrorReceiver {
     return { wasConnected: s !== undefined };
   }
 
-  async sessionEnded(s: Session): Promise<void> {
-    await s.release();
-    this.sessions.delete(s);
+  private readonly ending = new Map<Session, Promise<void>>();
+
+  sessionEnded(s: Session): Promise<void> {
+    let p = this.ending.get(s);
+    if (!p) {
+      p = (async () => {
+        await s.release();
+        this.sessions.delete(s);
+        this.ending.delete(s);
+      })();
+      this.ending.set(s, p);
+    }
+    return p;
+  }
+
+  /** Settles once an ended session is released and forgotten. */
+  async sessionGone(s: Session): Promise<void> {
+    await (this.ending.get(s) ?? Promise.resolve());
   }
 
   stats(): ReceiverStats {
@@ -637,6 +708,7 @@ export class MirrorReceiver {
         bytesIn: m.bytesIn + (s?.bytesIn ?? 0),
         baselinePartial: m.baselinePartial,
         lastCommitMs: m.lastCommitMs,
+        lastError: m.lastError,
       });
     }
     return { connections: this.sessions.size, mirrors };

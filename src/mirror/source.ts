@@ -137,6 +137,8 @@ interface Conn {
   /** The newest CP whose commit went out on this connection (the destination applies in stream order). */
   shippedCp: number;
   closed: boolean;
+  /** WELCOME arrived: destCp and the rest describe this connection's destination (not the last one's). */
+  welcomed: boolean;
 }
 
 export class MirrorSource implements CpSink, ReplicaGate {
@@ -287,7 +289,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       welcomeReject = rej;
     });
     welcome.catch(() => undefined);
-    const conn: Conn = { socket, parser, writer, welcome, cpAcks: [], shippedCp: -1, closed: false };
+    const conn: Conn = { socket, parser, writer, welcome, cpAcks: [], shippedCp: -1, closed: false, welcomed: false };
     this.conn = conn;
     const timer = setTimeout(() => this.drop(conn, 'connect timed out'), CONNECT_TIMEOUT_MS);
     socket.once(this.o.tls ? 'secureConnect' : 'connect', () => {
@@ -341,8 +343,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
       this.drop(conn, `the destination is at CP ${w.committedCp}, ahead of this volume (CP ${cpNow}): diverged histories`);
       return;
     }
-    this.reconnectMs = RECONNECT_MS_MIN;
     this.splitBrain = false;
+    conn.welcomed = true;
     this.destCp = w.committedCp;
     const pb = this.promotedBase;
     if (pb && !(w.committedCp === pb.cp && w.root.equals(pb.root))) {
@@ -386,6 +388,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
           return;
         }
         conn.cpAcks.shift();
+        // Only a committed CP shows a healthy destination: one that welcomes and then
+        // refuses (a full or failing disk) keeps the backoff growing.
+        this.reconnectMs = RECONNECT_MS_MIN;
         this.destCp = m.cp;
         this.destSuperblock = { cp: m.cp, raw: head.superblock };
         this.promotedBase = undefined; // the relationship has its own base now
@@ -427,7 +432,12 @@ export class MirrorSource implements CpSink, ReplicaGate {
     conn.writer.bytesByType.forEach((n, t) => (this.bytesByTypePrev[t] = (this.bytesByTypePrev[t] ?? 0) + n));
     this.bytesFromDestPrev += conn.parser.bytesIn;
     conn.socket.destroy();
-    if (this.conn === conn) this.conn = undefined;
+    if (this.conn === conn) {
+      this.conn = undefined;
+      // The next connection forwards only after its own HELLO (onConnected sets this again):
+      // a record written on it before then would reach the destination ahead of the HELLO.
+      this.forwardFromSeq = 0;
+    }
     if (reason !== 'connection closed' || this.state !== 'disconnected') {
       if (!this.stopped) this.log.warn({ reason }, 'mirror disconnected');
     }
@@ -496,7 +506,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
       const oldest = this.waiters.length > 0 ? this.waiters.reduce((a, w) => Math.min(a, w.sinceMs), now) : now;
       if (now - oldest > stall) this.drop(conn, `no acknowledgement from the destination for ${stall} ms (stalled peer)`);
       else if (conn.cpAcks.length > 0 && now - conn.cpAcks[0]!.sinceMs > stall) this.drop(conn, `CP ${conn.cpAcks[0]!.cp} not acknowledged within ${stall} ms (stalled peer)`);
-      else if (now - this.lastPingMs >= PING_INTERVAL_MS) {
+      // Not before WELCOME: a connection still connecting would queue the PING ahead of its HELLO.
+      else if (conn.welcomed && now - this.lastPingMs >= PING_INTERVAL_MS) {
         this.lastPingMs = now;
         this.send(conn, { type: MsgType.Ping, nowMs: now });
       }
@@ -626,7 +637,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
       while (conn.cpAcks.length > CPS_UNACKED_MAX && !conn.closed) await conn.cpAcks[0]!.done;
     }
     if (conn?.shippedCp !== cp && this.state === 'in-sync') this.state = 'behind';
-    if (conn && !conn.closed && this.state !== 'in-sync') void this.catchUp(conn);
+    // Not before WELCOME: until then destCp is the last connection's, and a resync from it
+    // is refused when the destination committed a CP whose ack the drop lost.
+    if (conn && !conn.closed && conn.welcomed && this.state !== 'in-sync') void this.catchUp(conn);
   }
 
   private async commitOnDest(conn: Conn, cp: number, slot: number, blockCount: number, superblock: Buffer): Promise<void> {

@@ -10,7 +10,7 @@
  *   a delay holds each chunk `delayMs` after its arrival, in a FIFO (a later chunk never
  *   overtakes an earlier one, even when delayMs shrinks at run time);
  * - bounded memory: per direction at most maxBufferedBytes are queued (plus one socket
- *   chunk); the source socket is paused while the queue is full, while the destination's
+ *   chunk, twice when it is duplicated); the source socket is paused while the queue is full, while the destination's
  *   write() has returned false (until 'drain'), and while stalled;
  * - stall: while `stall` is set nothing is read or forwarded in either direction on any
  *   connection (the kernel's socket buffers fill and TCP's window closes); clearing it
@@ -27,6 +27,11 @@
  *   for faults set before the connection is accepted the corruption is a pure function of
  *   the seed and the byte stream, independent of how the stream is chunked. Every flip is
  *   logged in `flips` (the newest MAX_FLIP_LOG entries);
+ * - duplication: with duplicateProbability = p each chunk read from a socket (in
+ *   duplicateDirection) is forwarded twice in a row with probability p, decided by a PRNG
+ *   seeded like the flips' but a stream of its own (so turning duplication on never
+ *   changes which bits are flipped); a duplicate counts in `bytes` and `duplicates`, and
+ *   its bytes are not stream offsets (flip and cut offsets count the source's bytes);
  * - counting: `bytes` counts, per direction, the bytes handed to the destination socket
  *   (after corruption and truncation): the bytes on the wire beyond the relay;
  * - close() and dropConnections() leave no socket or timer behind.
@@ -53,6 +58,9 @@ export interface RelayFaults {
   /** Flip one bit of each byte with this probability (0: never). */
   flipProbability: number;
   flipDirection: Direction | 'both';
+  /** Forward each chunk twice with this probability (0: never). */
+  duplicateProbability: number;
+  duplicateDirection: Direction | 'both';
 }
 
 export const NO_FAULTS: Readonly<RelayFaults> = Object.freeze({
@@ -63,6 +71,8 @@ export const NO_FAULTS: Readonly<RelayFaults> = Object.freeze({
   flipEveryBytes: null,
   flipProbability: 0,
   flipDirection: 'both',
+  duplicateProbability: 0,
+  duplicateDirection: 'both',
 });
 
 /** Default bound on the bytes queued per direction of a connection. */
@@ -104,6 +114,8 @@ export interface RelayStats {
   accepted: number;
   live: number;
   flips: number;
+  /** Chunks forwarded twice (duplicateProbability). */
+  duplicates: number;
   /** Bytes held in the relay's queues right now, over all connections and directions. */
   queuedBytes: number;
 }
@@ -128,6 +140,7 @@ export class Relay {
   private readonly server: net.Server;
   private readonly conns = new Set<Connection>();
   private flipCount = 0;
+  private duplicateCount = 0;
   private closed = false;
   readonly seed: number;
   readonly maxBufferedBytes: number;
@@ -172,7 +185,7 @@ export class Relay {
   stats(): RelayStats {
     let queuedBytes = 0;
     for (const c of this.conns) queuedBytes += c.queuedBytes();
-    return { bytes: { ...this.bytes }, accepted: this.accepted, live: this.live, flips: this.flipCount, queuedBytes };
+    return { bytes: { ...this.bytes }, accepted: this.accepted, live: this.live, flips: this.flipCount, duplicates: this.duplicateCount, queuedBytes };
   }
 
   /** Changes faults at run time; unnamed faults keep their values. */
@@ -187,6 +200,9 @@ export class Relay {
     }
     if (!(next.flipProbability >= 0 && next.flipProbability <= 1)) {
       throw new Error(`relay: bad flipProbability ${next.flipProbability}`);
+    }
+    if (!(next.duplicateProbability >= 0 && next.duplicateProbability <= 1)) {
+      throw new Error(`relay: bad duplicateProbability ${next.duplicateProbability}`);
     }
     const flipChanged =
       next.flipEveryBytes !== this.current.flipEveryBytes ||
@@ -215,6 +231,11 @@ export class Relay {
     this.flipCount++;
     this.flips.push(f);
     if (this.flips.length > MAX_FLIP_LOG) this.flips.splice(0, this.flips.length - MAX_FLIP_LOG);
+  }
+
+  /** @internal */
+  recordDuplicate(): void {
+    this.duplicateCount++;
   }
 
   /** @internal */
@@ -354,6 +375,8 @@ class Pipe {
   private discarded = false;
   private timer: NodeJS.Timeout | undefined;
   private readonly rng: SeededRandom;
+  /** Duplication's own stream (so enabling it never shifts the flips). */
+  private readonly dupRng: SeededRandom;
   /** Next stream offsets to corrupt (Infinity: none). */
   private nextEvery = Infinity;
   private nextRandom = Infinity;
@@ -365,6 +388,7 @@ class Pipe {
     private readonly dst: net.Socket,
   ) {
     this.rng = new SeededRandom(hash32(conn.relay.seed, conn.index, dir === 'toTarget' ? 0 : 1));
+    this.dupRng = new SeededRandom(hash32(conn.relay.seed, conn.index, dir === 'toTarget' ? 2 : 3));
     src.on('data', (chunk: Buffer) => this.onData(chunk));
     src.once('end', () => this.sourceEnded());
     dst.on('drain', () => {
@@ -416,8 +440,15 @@ class Pipe {
     data = this.corrupt(data);
     this.received += data.length;
     if (data.length > 0) {
-      this.queue.push({ data, dueMs: Date.now() + f.delayMs });
+      const dueMs = Date.now() + f.delayMs;
+      this.queue.push({ data, dueMs });
       this.queuedBytes += data.length;
+      const dup = f.duplicateDirection === 'both' || f.duplicateDirection === this.dir;
+      if (dup && f.duplicateProbability > 0 && this.dupRng.next() < f.duplicateProbability) {
+        this.queue.push({ data, dueMs });
+        this.queuedBytes += data.length;
+        this.conn.relay.recordDuplicate();
+      }
     }
     if (cutHere) this.cutPending = true;
     this.pump();

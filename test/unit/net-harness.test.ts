@@ -291,6 +291,36 @@ describe('net harness: fault-injecting relay', function () {
     assert.ok(n > 700 && n < 1300, `${n} flips for p=${P} over ${data.length} bytes`);
   });
 
+  it('relay duplicates whole chunks by seed, and duplication leaves the flips as they were', async () => {
+    const CHUNK = 1000;
+    const data = pattern(50 * CHUNK, 13);
+    const runOnce = async (faults: Parameters<typeof startRelay>[0]['faults']): Promise<{ out: Buffer; dups: number; flips: number[] }> => {
+      const r = await setup('sink', faults, 8);
+      const writes: Buffer[] = [];
+      for (let i = 0; i < data.length; i += CHUNK) writes.push(data.subarray(i, i + CHUNK));
+      await talk(r.port, writes, 2); // 2 ms apart: one write is one chunk at the relay
+      const out = await withTimeout(server!.ended[0]!, WAIT_MS, 'sink EOF');
+      const res = { out, dups: r.stats().duplicates, flips: r.flips.map((f) => f.offset) };
+      await r.close();
+      await server!.close();
+      relay = undefined;
+      server = undefined;
+      return res;
+    };
+    const none = await runOnce({ duplicateProbability: 0 });
+    assert.ok(none.out.equals(data));
+    const all = await runOnce({ duplicateProbability: 1, duplicateDirection: 'toTarget' });
+    assert.equal(all.out.length, 2 * data.length, 'every chunk went twice');
+    assert.ok(all.dups >= 1 && all.dups <= 50, `${all.dups} duplicates for at most 50 chunks`);
+    const half = await runOnce({ duplicateProbability: 0.5, flipEveryBytes: 3001, flipDirection: 'toTarget' });
+    assert.ok(half.dups >= 1 && half.dups < 50, `${half.dups} of about 50 chunks duplicated at p=0.5`);
+    const extra = half.out.length - data.length;
+    assert.ok(extra > 0 && extra % CHUNK === 0, `${extra} extra bytes: duplicates are whole chunks`);
+    const noDup = await runOnce({ flipEveryBytes: 3001, flipDirection: 'toTarget' });
+    assert.deepEqual(half.flips, noDup.flips, 'duplication moved a flip');
+    assert.deepEqual(noDup.flips, Array.from({ length: 16 }, (_, i) => (i + 1) * 3001 - 1));
+  });
+
   it('relay stall holds the bytes then releases them in order', async () => {
     const r = await setup('echo', { stall: true });
     const data = pattern(300 * KiB, 11);
@@ -375,7 +405,7 @@ describe('net harness: fault-injecting relay', function () {
     assert.equal(a!.data.toString(), 'x');
     assert.equal(b!.data.toString(), 'y');
     assert.equal(r.live, 0);
-    assert.deepEqual(r.stats(), { bytes: { toTarget: 2, toClient: 2 }, accepted: 2, live: 0, flips: 0, queuedBytes: 0 });
+    assert.deepEqual(r.stats(), { bytes: { toTarget: 2, toClient: 2 }, accepted: 2, live: 0, flips: 0, duplicates: 0, queuedBytes: 0 });
   });
 });
 
