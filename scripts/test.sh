@@ -34,7 +34,7 @@ run() {
 run unit 600 'dist/test/unit/**/*.test.js'
 run e2e 900 'dist/test/e2e/**/*.test.js'
 run sim 300 'dist/test/sim/**/*.test.js'
-run mirror 600 'dist/test/mirror/**/*.test.js' --ignore 'dist/test/mirror/faults*.test.js'
+run mirror 900 'dist/test/mirror/**/*.test.js' --ignore 'dist/test/mirror/faults*.test.js'
 # The mirror's fault suite (network, disk, endurance: about 5 minutes) has its own budget.
 run mirror-faults 600 'dist/test/mirror/faults*.test.js'
 run crash 900 'dist/test/crash/**/*.test.js'
