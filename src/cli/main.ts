@@ -15,6 +15,7 @@ import { registerVerify } from './verify';
 import { registerRepair } from './repair';
 import { registerPromote } from './promote';
 import { registerDemote } from './demote';
+import { registerScrub } from './scrub';
 
 const program = new Command();
 program
@@ -36,6 +37,7 @@ registerVerify(program);
 registerRepair(program);
 registerPromote(program);
 registerDemote(program);
+registerScrub(program);
 
 program.parseAsync(process.argv).catch((e: unknown) => {
   if (e instanceof CommanderError) process.exit(e.exitCode === 0 ? 0 : 2);

@@ -399,7 +399,8 @@ export class RaidDevice implements BlockDevice {
    * member that held the bad copy, and counts the error and the heal there. Returns false
    * (and counts a checksum error) when no version verifies.
    */
-  async readRepaired(pba: number, dst: Buffer, verify: (block: Buffer) => boolean): Promise<boolean> {
+  async readRepaired(pba: number, dst: Buffer, verify: (block: Buffer) => boolean, opts?: { heal?: boolean }): Promise<boolean> {
+    const heal = opts?.heal ?? true;
     this.checkRange(pba, 1);
     assert(dst.length === B, 'readRepaired: one block');
     const g = this.geometry;
@@ -417,12 +418,12 @@ export class RaidDevice implements BlockDevice {
       for (const m of holder) {
         const mm = this.members[m]!;
         mm.errors.checksum++;
-        if (!this.readOnly && this.failure === undefined && mm.state === 'online') {
+        if (heal && !this.readOnly && this.failure === undefined && mm.state === 'online') {
           await this.memberWrite(m, loc.memberBlock, good.block);
           if (mm.state === 'online') mm.errors.healed++;
         }
       }
-      log().warn({ volume: this.uuid, pba, members: holder, healed: !this.readOnly }, 'raid: block failed its checksum; served a rebuilt copy that verifies');
+      log().warn({ volume: this.uuid, pba, members: holder, healed: heal && !this.readOnly }, 'raid: block failed its checksum; served a rebuilt copy that verifies');
       return true;
     });
   }
@@ -452,6 +453,67 @@ export class RaidDevice implements BlockDevice {
       if (verify(cols[column]!)) return { block: cols[column]!, badMembers: [] };
     }
     return undefined;
+  }
+
+  /**
+   * Scrub of one stripe's redundancy (the caller has verified its live blocks' checksums
+   * first, so the data as read is the truth): reads every column of the whole unit under
+   * the stripe lock, recomputes P (and Q) from the data (RAID-1: compares every copy with
+   * the first readable one) and names the members whose redundancy differs. With
+   * `repair` (and a writable device) rewrites those columns from the data and counts a
+   * checksum error and a heal on each; without, writes nothing and counts nothing.
+   * 'unverifiable': a column is out of service or unreadable, or the stripe is being
+   * gathered in the write-back buffer (it will be written whole).
+   */
+  async scrubStripe(stripe: number, repair: boolean): Promise<{ verdict: 'clean' | 'mismatch' | 'unverifiable'; members: number[]; rewritten: boolean }> {
+    assert(!this.closed, 'RAID device is closed');
+    const g = this.geometry;
+    assert(Number.isInteger(stripe) && stripe >= 0 && stripe < g.stripes, `scrub of stripe ${stripe} outside [0, ${g.stripes})`);
+    if (g.level === 0) return { verdict: 'clean', members: [], rewritten: false };
+    await this.discardsDone(stripe, stripe + 1);
+    return this.withStripe(stripe, async () => {
+      if (this.pending.has(stripe)) return { verdict: 'unverifiable' as const, members: [], rewritten: false };
+      const U = g.unitBlocks * B;
+      const start = g.unitStart(stripe);
+      const total = g.level === 1 ? g.members : g.dataMembers + g.parityMembers;
+      const memberOf = (c: number): number => (g.level === 1 ? c : this.columnMember(stripe, c));
+      const cols: Buffer[] = [];
+      for (let c = 0; c < total; c++) cols.push(Buffer.alloc(U));
+      const readable = await Promise.all(cols.map((b, c) => this.memberRead(memberOf(c), start, g.unitBlocks, b)));
+      let expected: Buffer[];
+      let checkCols: number[];
+      if (g.level === 1) {
+        const first = readable.indexOf(true);
+        if (first < 0 || readable.filter((r) => r).length < 2) return { verdict: 'unverifiable' as const, members: [], rewritten: false };
+        checkCols = cols.map((_, c) => c).filter((c) => readable[c] && c !== first);
+        expected = cols.map(() => cols[first]!);
+      } else {
+        if (readable.some((r) => !r)) return { verdict: 'unverifiable' as const, members: [], rewritten: false };
+        this.zeroHead(stripe, 0, g.unitBlocks, cols);
+        const data = cols.slice(0, g.dataMembers);
+        const P = Buffer.alloc(U);
+        const Q = Buffer.alloc(U);
+        if (g.parityMembers === 2) await computePQAsync(data, P, Q);
+        else await computePAsync(data, P);
+        expected = [...data, P, Q];
+        checkCols = g.parityMembers === 2 ? [g.dataMembers, g.dataMembers + 1] : [g.dataMembers];
+      }
+      const bad = checkCols.filter((c) => !cols[c]!.equals(expected[c]!));
+      const members = bad.map(memberOf);
+      if (bad.length === 0) return { verdict: 'clean' as const, members, rewritten: false };
+      let rewritten = false;
+      if (repair && !this.readOnly && this.failure === undefined) {
+        for (const c of bad) {
+          const m = memberOf(c);
+          this.members[m]!.errors.checksum++;
+          await this.memberWrite(m, start, expected[c]!);
+          if (this.members[m]!.state === 'online') this.members[m]!.errors.healed++;
+        }
+        rewritten = bad.every((c) => this.members[memberOf(c)]!.state === 'online');
+      }
+      log().warn({ volume: this.uuid, stripe, members, rewritten }, 'raid: scrub found a stripe whose redundancy does not match its data');
+      return { verdict: 'mismatch' as const, members, rewritten };
+    });
   }
 
   // ---------------------------------------------------------------- writes
