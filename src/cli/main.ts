@@ -16,6 +16,7 @@ import { registerRepair } from './repair';
 import { registerPromote } from './promote';
 import { registerDemote } from './demote';
 import { registerScrub } from './scrub';
+import { registerReplaceMember } from './replace-member';
 
 const program = new Command();
 program
@@ -38,6 +39,7 @@ registerRepair(program);
 registerPromote(program);
 registerDemote(program);
 registerScrub(program);
+registerReplaceMember(program);
 
 program.parseAsync(process.argv).catch((e: unknown) => {
   if (e instanceof CommanderError) process.exit(e.exitCode === 0 ? 0 : 2);

@@ -516,6 +516,45 @@ export class RaidDevice implements BlockDevice {
     });
   }
 
+  /**
+   * Rebuild: member `index`'s unit of a stripe, computed from the other members (its
+   * data column or parity from parity and the rest; RAID-1 a copy), under the stripe
+   * lock. The member must be out of service (it is never read). Throws EIO when the
+   * others cannot rebuild it.
+   */
+  async rebuildUnit(stripe: number, index: number): Promise<Buffer> {
+    assert(!this.closed, 'RAID device is closed');
+    const g = this.geometry;
+    assert(g.level !== 0, 'RAID-0 has no redundancy to rebuild from');
+    assert(this.members[index]?.state !== 'online', `rebuild of member ${index}, which is in service`);
+    await this.discardsDone(stripe, stripe + 1);
+    return this.withStripe(stripe, async () => {
+      const start = g.unitStart(stripe);
+      if (g.level === 1) {
+        const b = Buffer.alloc(g.unitBlocks * B);
+        for (let i = 0; i < g.members; i++) if (i !== index && (await this.memberRead(i, start, g.unitBlocks, b))) return b;
+        throw new VolumeError('EIO', `RAID-1: no member in service can read stripe ${stripe}`);
+      }
+      const role = g.roleOf(stripe, index);
+      const col = role === 'P' ? g.dataMembers : role === 'Q' ? g.dataMembers + 1 : role;
+      const cols = await this.rebuildColumns(stripe, 0, g.unitBlocks, [col]);
+      return cols[col]!;
+    });
+  }
+
+  /**
+   * Puts a rebuilt member in the place of member `index` (out of service): it is in
+   * service from now on, and the next sync() writes generation + 1 labels to every member
+   * in service (so the one it replaced is stale at the next open).
+   */
+  adoptMember(index: number, name: string, dev: BlockDevice): void {
+    const m = this.members[index];
+    assert(m !== undefined && m.state !== 'online', `adopt of member ${index}, which is in service`);
+    assert(dev.blockCount >= this.geometry.memberBlocks, `adopted member ${name} is too small`);
+    this.members[index] = { name, dev, state: 'online', reason: undefined, errors: { read: 0, write: 0, checksum: 0, healed: 0 } };
+    this.labelsDirty = true;
+  }
+
   // ---------------------------------------------------------------- writes
 
   async writeBlocks(pba: number, data: Buffer): Promise<void> {

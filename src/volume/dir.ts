@@ -192,7 +192,7 @@ export async function readLabel(dir: string): Promise<VolumeLabel> {
   return validateLabel(v, p);
 }
 
-async function writeLabel(dir: string, label: VolumeLabel): Promise<void> {
+export async function writeLabel(dir: string, label: VolumeLabel): Promise<void> {
   await writeFileDurably(dir, LABEL_NAME, `${JSON.stringify(label, null, 2)}\n`);
 }
 

@@ -4,6 +4,7 @@
  * - unserved: data blocks corrupted on member 1 and parity on member 2 (other stripes):
  *   scrub reports both and exits 1 without changing any member file; scrub --repair fixes
  *   them and exits 0; a second scrub is clean; the data reads back right.
+ * - replace-member: a deleted member rebuilt onto a new file (bad OLD is one line).
  * - served: with data corrupted behind the server's back, scrub --repair runs through the
  *   control socket while qemu-io writes another region; both regions read back right, a
  *   second scrub is clean, status shows the last scan, and check passes after stopping.
@@ -134,6 +135,26 @@ describe('e2e RAID-5 scrub', function () {
     const srv = await serve(vol);
     await runOk('qemu-io', ['-f', 'raw', '-c', 'read -P 0xab 0 8M', srv.uri]);
     assert.equal((await status(vol)).raid!.state, 'online');
+  });
+
+  it('replace-member: a deleted member rebuilt onto a new file; the volume is online again, scrubs clean and reads right', async () => {
+    const vol = path.join(tmp, 'replace');
+    await createAndFill(vol);
+    assert.equal(await server!.stop(), 0);
+    server = undefined;
+    fs.rmSync(path.join(vol, 'm2.img'));
+    const bad = await run(process.execPath, [NVMIRROR_BIN, 'replace-member', vol, 'm9.img', path.join(vol, 'n2.img')], { timeoutMs: 60_000 });
+    assert.equal(bad.code, 1);
+    assert.match(bad.stderr, /^nvmirror: m9\.img is not a member of .*\n$/);
+    const out = await runOk(process.execPath, [NVMIRROR_BIN, 'replace-member', vol, 'm2.img', path.join(vol, 'n2.img')], { timeoutMs: 120_000 });
+    assert.match(out, /^member 2: m2\.img replaced by n2\.img: \d+ stripes rebuilt, .* written in [\d.]+ s\n$/);
+    const s = await status(vol);
+    assert.equal(s.raid!.state, 'online');
+    assert.equal(s.raid!.memberStatus[2]!.name, 'n2.img');
+    const clean = await scrub(vol);
+    assert.deepEqual([clean.code, clean.r.checksumErrors, clean.r.parityErrors, clean.r.stripesUnverifiable], [0, 0, 0, 0]);
+    const srv = await serve(vol);
+    await runOk('qemu-io', ['-f', 'raw', '-c', 'read -P 0xab 0 8M', srv.uri]);
   });
 
   it('served: scrub --repair through the control socket while qemu-io writes stays correct', async () => {
