@@ -25,8 +25,9 @@
  * - Once more members are lost than the level tolerates (`failure` set), every write and
  *   sync is refused with one clear error: the volume is read-only; reads go on for what
  *   can still be read or rebuilt.
- * - A stripe's data and parity on disk change only under its stripe lock, and parity is
- *   always computed over the whole stripe (the head's striped positions count as zeroes).
+ * - A stripe's data and parity (RAID-1: its copies) on disk change only under its stripe
+ *   lock, and parity is always computed over the whole stripe (the head's striped
+ *   positions count as zeroes).
  * - The write-back buffer holds at most pendingBytesMax bytes (a stripe larger than that
  *   is written through at once).
  * - Discards cover whole stripes only and run in the background (at most
@@ -578,13 +579,14 @@ export class RaidDevice implements BlockDevice {
     this.refuseWrites();
   }
 
-  /** RAID-0/1: straight to the member(s). */
+  /** RAID-0/1: straight to the member(s) (RAID-1 under the stripe lock, for scrub). */
   private async writeThrough(pba: number, data: Buffer): Promise<void> {
     const g = this.geometry;
     await forEachLimit(this.unitRuns(pba, data.length / B), MEMBER_IO_CONCURRENCY, async (r) => {
       const loc = g.locate(r.pba);
       const buf = data.subarray((r.pba - pba) * B, (r.pba - pba + r.count) * B);
-      if (g.level === 1) await Promise.all(this.members.map((_, i) => this.memberWrite(i, loc.memberBlock, buf)));
+      // RAID-1 under the stripe lock: a scrub comparing the copies must not see a write land on some of them.
+      if (g.level === 1) await this.withStripe(loc.stripe, () => Promise.all(this.members.map((_, i) => this.memberWrite(i, loc.memberBlock, buf))));
       else await this.memberWrite(loc.member, loc.memberBlock, buf);
     });
   }
