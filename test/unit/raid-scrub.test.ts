@@ -14,7 +14,12 @@ import { RING_SLOTS } from '../../src/tree/layout';
 import { RaidGeometry, type RaidLevel } from '../../src/raid/geometry';
 import { RaidDevice } from '../../src/raid/raid-device';
 import { superblockPick } from '../../src/raid/members';
-import { scrubRaid, scrubState } from '../../src/raid/scrub';
+import { scrubRaid, scrubState, type ScrubProgress } from '../../src/raid/scrub';
+import { createVolumeDir } from '../../src/volume/dir';
+import { scrubVolumeDir } from '../../src/volume/scrub-dir';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
 
 const B = 4096;
 const UUID = '11111111-2222-4333-8444-555555555555';
@@ -180,6 +185,37 @@ describe('raid scrub', () => {
     assert.ok(mems[2]!.peekBlock(g.locate(pba).memberBlock).equals(mems[0]!.peekBlock(g.locate(pba).memberBlock)));
     const { r: again } = await scrub(mems, 1, false);
     assert.deepEqual([again.ok, again.parityErrors], [true, 0]);
+  });
+
+  it('progress is readable while it runs (status), through both passes, and a second scrub at once is refused', async () => {
+    const { mems } = await volume(5, 4);
+    const raid = raidOver(5, mems, true);
+    const tree = await BlockTree.open(raid);
+    const seen: ScrubProgress[] = [];
+    let refused = '';
+    const r = await scrubRaid(tree, raid, {
+      repair: false,
+      onProgress: (p) => {
+        assert.deepEqual(scrubState(raid).running, p, 'status reads the same figures');
+        if (seen.length === 0) void scrubRaid(tree, raid, { repair: false }).catch((e: Error) => { refused = e.message; });
+        seen.push(p);
+      },
+    });
+    assert.ok(seen.some((p) => p.phase === 'checksums') && seen.some((p) => p.phase === 'parity'));
+    for (let i = 1; i < seen.length; i++) assert.ok(seen[i]!.scannedBytes >= seen[i - 1]!.scannedBytes, 'scanned bytes only grow');
+    assert.equal(seen[seen.length - 1]!.scannedBytes, r.scannedBytes);
+    assert.equal(refused, 'a scrub of this volume is already running');
+    await tree.close();
+  });
+
+  it('a volume that is not RAID is refused with one line', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nvm-scrub-'));
+    try {
+      await createVolumeDir(path.join(dir, 'v'), { sizeBytes: 8 * MiB, nvramSizeBytes: 4 * MiB });
+      await assert.rejects(scrubVolumeDir(path.join(dir, 'v'), { repair: true }), /^Error: .*\/v is not a RAID volume: there is nothing to scrub \(use nvmirror check\)$/);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   for (const [level, n, cols] of [[5, 4, 2], [6, 6, 3]] as [RaidLevel, number, number][]) {
