@@ -15,6 +15,8 @@ import { registerVerify } from './verify';
 import { registerRepair } from './repair';
 import { registerPromote } from './promote';
 import { registerDemote } from './demote';
+import { registerScrub } from './scrub';
+import { registerReplaceMember } from './replace-member';
 
 const program = new Command();
 program
@@ -36,6 +38,8 @@ registerVerify(program);
 registerRepair(program);
 registerPromote(program);
 registerDemote(program);
+registerScrub(program);
+registerReplaceMember(program);
 
 program.parseAsync(process.argv).catch((e: unknown) => {
   if (e instanceof CommanderError) process.exit(e.exitCode === 0 ? 0 : 2);

@@ -14,6 +14,7 @@ import type { MirrorSourceStats } from '../mirror/source';
 import { readRole, type RoleRecord } from '../mirror/role';
 import { formatSize } from '../util/size';
 import type { RaidHealth } from '../raid/raid-device';
+import type { ScrubState } from '../raid/scrub';
 
 function when(ms: number): string {
   return ms > 0 ? new Date(ms).toISOString() : 'never';
@@ -44,7 +45,7 @@ export function formatStatus(s: VolumeStatus & { role?: RoleRecord & { state: 'p
 }
 
 /** The RAID section, like `zpool status`'s config table: state, then one row per member with its read/write/checksum counts. */
-export function formatRaid(r: RaidHealth): string[] {
+export function formatRaid(r: RaidHealth & { scrub?: ScrubState }): string[] {
   const lost = r.memberStatus.filter((m) => m.state !== 'online');
   const state = r.state === 'failed' ? 'FAILED' : r.state === 'degraded' ? 'DEGRADED' : 'ONLINE';
   const lines = [
@@ -52,6 +53,14 @@ export function formatRaid(r: RaidHealth): string[] {
       (r.state === 'online' ? '' : `, ${lost.length} of ${r.members} members out of service (tolerates ${r.tolerance})`),
   ];
   if (r.failure) lines.push(`           ${r.failure}`);
+  const run = r.scrub?.running;
+  if (run) {
+    const pct = run.totalBytes > 0 ? Math.min(100, Math.round((100 * run.scannedBytes) / run.totalBytes)) : 0;
+    lines.push(`scan       scrub${run.repair ? ' (repair)' : ''} in progress since ${new Date(run.startedMs).toISOString()}: ${run.phase}, ${formatSize(run.scannedBytes)} of ~${formatSize(run.totalBytes)} scanned (${pct}%)`);
+  } else if (r.scrub?.last) {
+    const l = r.scrub.last;
+    lines.push(`scan       scrub${l.repair ? ' repaired' : ' found'} ${l.repair ? l.corrected : l.checksumErrors + l.parityErrors} error(s) in ${(l.durationMs / 1000).toFixed(1)} s with ${l.uncorrectable} uncorrectable, ${new Date(l.startedMs + l.durationMs).toISOString()}`);
+  }
   if (r.stripeWrites.full + r.stripeWrites.readModifyWrite > 0) {
     lines.push(`           stripes written since open: ${r.stripeWrites.full} whole, ${r.stripeWrites.readModifyWrite} by read-modify-write`);
   }

@@ -136,7 +136,7 @@ function fileProbe(files: RaidMemberFile[], opened: (fs.Stats | undefined)[], me
  * Opens a RAID volume's members. Refuses (throws) a foreign, swapped or mismatched member
  * by name; opens missing, truncated, unlabelled and stale members as out of service.
  */
-export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, memberBlocks: number, volumeUuid: string, readOnly: boolean): Promise<RaidDevice> {
+export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, memberBlocks: number, volumeUuid: string, readOnly: boolean, replacing?: { index: number; file: RaidMemberFile }): Promise<RaidDevice> {
   const g = geometryFor(spec, files.length, memberBlocks);
   const specs: RaidMemberSpec[] = [];
   const labels: (RaidLabel | undefined)[] = [];
@@ -144,6 +144,13 @@ export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, m
   try {
     for (let i = 0; i < files.length; i++) {
       const f = files[i]!;
+      if (replacing?.index === i) {
+        // Being replaced (replace-member): not opened, never read; the probe watches its replacement.
+        specs.push({ name: f.name, dev: null, missingReason: `being replaced by ${replacing.file.name}` });
+        labels.push(undefined);
+        stats.push(undefined);
+        continue;
+      }
       let dev: FileBlockDevice;
       try {
         dev = await FileBlockDevice.open(f.path, { readOnly });
@@ -193,7 +200,7 @@ export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, m
     assert(newest.volumeUuid === volumeUuid, 'newest label volume');
     return new RaidDevice({
       geometry: g, volumeUuid, generation: newest.generation, members: specs, readOnly, headPick: superblockPick,
-      probe: fileProbe(files, stats, memberBlocks),
+      probe: fileProbe(replacing ? files.map((f, i) => (i === replacing.index ? replacing.file : f)) : files, stats, memberBlocks),
     });
   } catch (e) {
     for (const s of specs) await s.dev?.close().catch(() => undefined);

@@ -25,8 +25,9 @@
  * - Once more members are lost than the level tolerates (`failure` set), every write and
  *   sync is refused with one clear error: the volume is read-only; reads go on for what
  *   can still be read or rebuilt.
- * - A stripe's data and parity on disk change only under its stripe lock, and parity is
- *   always computed over the whole stripe (the head's striped positions count as zeroes).
+ * - A stripe's data and parity (RAID-1: its copies) on disk change only under its stripe
+ *   lock, and parity is always computed over the whole stripe (the head's striped
+ *   positions count as zeroes).
  * - The write-back buffer holds at most pendingBytesMax bytes (a stripe larger than that
  *   is written through at once).
  * - Discards cover whole stripes only and run in the background (at most
@@ -399,7 +400,8 @@ export class RaidDevice implements BlockDevice {
    * member that held the bad copy, and counts the error and the heal there. Returns false
    * (and counts a checksum error) when no version verifies.
    */
-  async readRepaired(pba: number, dst: Buffer, verify: (block: Buffer) => boolean): Promise<boolean> {
+  async readRepaired(pba: number, dst: Buffer, verify: (block: Buffer) => boolean, opts?: { heal?: boolean }): Promise<boolean> {
+    const heal = opts?.heal ?? true;
     this.checkRange(pba, 1);
     assert(dst.length === B, 'readRepaired: one block');
     const g = this.geometry;
@@ -417,12 +419,12 @@ export class RaidDevice implements BlockDevice {
       for (const m of holder) {
         const mm = this.members[m]!;
         mm.errors.checksum++;
-        if (!this.readOnly && this.failure === undefined && mm.state === 'online') {
+        if (heal && !this.readOnly && this.failure === undefined && mm.state === 'online') {
           await this.memberWrite(m, loc.memberBlock, good.block);
           if (mm.state === 'online') mm.errors.healed++;
         }
       }
-      log().warn({ volume: this.uuid, pba, members: holder, healed: !this.readOnly }, 'raid: block failed its checksum; served a rebuilt copy that verifies');
+      log().warn({ volume: this.uuid, pba, members: holder, healed: heal && !this.readOnly }, 'raid: block failed its checksum; served a rebuilt copy that verifies');
       return true;
     });
   }
@@ -454,6 +456,106 @@ export class RaidDevice implements BlockDevice {
     return undefined;
   }
 
+  /**
+   * Scrub of one stripe's redundancy (the caller has verified its live blocks' checksums
+   * first, so the data as read is the truth): reads every column of the whole unit under
+   * the stripe lock, recomputes P (and Q) from the data (RAID-1: compares every copy with
+   * the first readable one) and names the members whose redundancy differs. With
+   * `repair` (and a writable device) rewrites those columns from the data and counts a
+   * checksum error and a heal on each; without, writes nothing and counts nothing.
+   * 'unverifiable': a column is out of service or unreadable, or the stripe is being
+   * gathered in the write-back buffer (it will be written whole).
+   */
+  async scrubStripe(stripe: number, repair: boolean): Promise<{ verdict: 'clean' | 'mismatch' | 'unverifiable'; members: number[]; rewritten: boolean }> {
+    assert(!this.closed, 'RAID device is closed');
+    const g = this.geometry;
+    assert(Number.isInteger(stripe) && stripe >= 0 && stripe < g.stripes, `scrub of stripe ${stripe} outside [0, ${g.stripes})`);
+    if (g.level === 0) return { verdict: 'clean', members: [], rewritten: false };
+    await this.discardsDone(stripe, stripe + 1);
+    return this.withStripe(stripe, async () => {
+      if (this.pending.has(stripe)) return { verdict: 'unverifiable' as const, members: [], rewritten: false };
+      const U = g.unitBlocks * B;
+      const start = g.unitStart(stripe);
+      const total = g.level === 1 ? g.members : g.dataMembers + g.parityMembers;
+      const memberOf = (c: number): number => (g.level === 1 ? c : this.columnMember(stripe, c));
+      const cols: Buffer[] = [];
+      for (let c = 0; c < total; c++) cols.push(Buffer.alloc(U));
+      const readable = await Promise.all(cols.map((b, c) => this.memberRead(memberOf(c), start, g.unitBlocks, b)));
+      let expected: Buffer[];
+      let checkCols: number[];
+      if (g.level === 1) {
+        const first = readable.indexOf(true);
+        if (first < 0 || readable.filter((r) => r).length < 2) return { verdict: 'unverifiable' as const, members: [], rewritten: false };
+        checkCols = cols.map((_, c) => c).filter((c) => readable[c] && c !== first);
+        expected = cols.map(() => cols[first]!);
+      } else {
+        if (readable.some((r) => !r)) return { verdict: 'unverifiable' as const, members: [], rewritten: false };
+        this.zeroHead(stripe, 0, g.unitBlocks, cols);
+        const data = cols.slice(0, g.dataMembers);
+        const P = Buffer.alloc(U);
+        const Q = Buffer.alloc(U);
+        if (g.parityMembers === 2) await computePQAsync(data, P, Q);
+        else await computePAsync(data, P);
+        expected = [...data, P, Q];
+        checkCols = g.parityMembers === 2 ? [g.dataMembers, g.dataMembers + 1] : [g.dataMembers];
+      }
+      const bad = checkCols.filter((c) => !cols[c]!.equals(expected[c]!));
+      const members = bad.map(memberOf);
+      if (bad.length === 0) return { verdict: 'clean' as const, members, rewritten: false };
+      let rewritten = false;
+      if (repair && !this.readOnly && this.failure === undefined) {
+        for (const c of bad) {
+          const m = memberOf(c);
+          this.members[m]!.errors.checksum++;
+          await this.memberWrite(m, start, expected[c]!);
+          if (this.members[m]!.state === 'online') this.members[m]!.errors.healed++;
+        }
+        rewritten = bad.every((c) => this.members[memberOf(c)]!.state === 'online');
+      }
+      log().warn({ volume: this.uuid, stripe, members, rewritten }, 'raid: scrub found a stripe whose redundancy does not match its data');
+      return { verdict: 'mismatch' as const, members, rewritten };
+    });
+  }
+
+  /**
+   * Rebuild: member `index`'s unit of a stripe, computed from the other members (its
+   * data column or parity from parity and the rest; RAID-1 a copy), under the stripe
+   * lock. The member must be out of service (it is never read). Throws EIO when the
+   * others cannot rebuild it.
+   */
+  async rebuildUnit(stripe: number, index: number): Promise<Buffer> {
+    assert(!this.closed, 'RAID device is closed');
+    const g = this.geometry;
+    assert(g.level !== 0, 'RAID-0 has no redundancy to rebuild from');
+    assert(this.members[index]?.state !== 'online', `rebuild of member ${index}, which is in service`);
+    await this.discardsDone(stripe, stripe + 1);
+    return this.withStripe(stripe, async () => {
+      const start = g.unitStart(stripe);
+      if (g.level === 1) {
+        const b = Buffer.alloc(g.unitBlocks * B);
+        for (let i = 0; i < g.members; i++) if (i !== index && (await this.memberRead(i, start, g.unitBlocks, b))) return b;
+        throw new VolumeError('EIO', `RAID-1: no member in service can read stripe ${stripe}`);
+      }
+      const role = g.roleOf(stripe, index);
+      const col = role === 'P' ? g.dataMembers : role === 'Q' ? g.dataMembers + 1 : role;
+      const cols = await this.rebuildColumns(stripe, 0, g.unitBlocks, [col]);
+      return cols[col]!;
+    });
+  }
+
+  /**
+   * Puts a rebuilt member in the place of member `index` (out of service): it is in
+   * service from now on, and the next sync() writes generation + 1 labels to every member
+   * in service (so the one it replaced is stale at the next open).
+   */
+  adoptMember(index: number, name: string, dev: BlockDevice): void {
+    const m = this.members[index];
+    assert(m !== undefined && m.state !== 'online', `adopt of member ${index}, which is in service`);
+    assert(dev.blockCount >= this.geometry.memberBlocks, `adopted member ${name} is too small`);
+    this.members[index] = { name, dev, state: 'online', reason: undefined, errors: { read: 0, write: 0, checksum: 0, healed: 0 } };
+    this.labelsDirty = true;
+  }
+
   // ---------------------------------------------------------------- writes
 
   async writeBlocks(pba: number, data: Buffer): Promise<void> {
@@ -477,13 +579,14 @@ export class RaidDevice implements BlockDevice {
     this.refuseWrites();
   }
 
-  /** RAID-0/1: straight to the member(s). */
+  /** RAID-0/1: straight to the member(s) (RAID-1 under the stripe lock, for scrub). */
   private async writeThrough(pba: number, data: Buffer): Promise<void> {
     const g = this.geometry;
     await forEachLimit(this.unitRuns(pba, data.length / B), MEMBER_IO_CONCURRENCY, async (r) => {
       const loc = g.locate(r.pba);
       const buf = data.subarray((r.pba - pba) * B, (r.pba - pba + r.count) * B);
-      if (g.level === 1) await Promise.all(this.members.map((_, i) => this.memberWrite(i, loc.memberBlock, buf)));
+      // RAID-1 under the stripe lock: a scrub comparing the copies must not see a write land on some of them.
+      if (g.level === 1) await this.withStripe(loc.stripe, () => Promise.all(this.members.map((_, i) => this.memberWrite(i, loc.memberBlock, buf))));
       else await this.memberWrite(loc.member, loc.memberBlock, buf);
     });
   }

@@ -1088,14 +1088,23 @@ export class BlockTree implements BlockTreeApi {
 
   // ---------------------------------------------------------------- check / close
 
-  async check(onBlocksRead?: (blocks: number) => void): Promise<CheckReport> {
+  /** Blocks in use by the live state or any snapshot (a copy of active | summary). */
+  usedBitmap(): Buffer {
+    const b = Buffer.from(this.smap.active);
+    const s = this.smap.summary;
+    for (let i = 0; i < b.length; i++) b[i] = b[i]! | s[i]!;
+    return b;
+  }
+
+  /** @param dev read through this device instead (a wrapper over the tree's own, e.g. scrub's recording one) */
+  async check(onBlocksRead?: (blocks: number) => void, dev?: BlockDevice): Promise<CheckReport> {
     if (this.closed) throw new VolumeError('ESHUTDOWN', 'block tree is closed');
     while (this.commitRunning) await this.commitRunning.catch(() => undefined);
     const handles = [this.live, ...this.snapHandles.values()];
     for (const h of handles) h.enter();
     try {
       return await runCheck({
-        dev: this.dev,
+        dev: dev ?? this.dev,
         sb: this.sb,
         uuid: this.uuidBytes,
         active: Buffer.from(this.smap.active),

@@ -52,6 +52,7 @@ import { NvramFormatError, scanRegion } from '../nvlog/replay';
 import { RAID_LEVELS, STRIPE_UNIT_DEFAULT_BYTES, geometryProblem, type RaidLevel } from '../raid/geometry';
 import { createRaidMembers, isBlockDevice, openRaidMembers, raidMemberBlocks, type RaidSpec } from '../raid/members';
 import { RaidDevice, type RaidHealth } from '../raid/raid-device';
+import { scrubRaid, scrubState, type ScrubState } from '../raid/scrub';
 
 export const LABEL_NAME = 'nvmirror.json';
 export const LOCK_NAME = 'nvmirror.lock';
@@ -191,7 +192,7 @@ export async function readLabel(dir: string): Promise<VolumeLabel> {
   return validateLabel(v, p);
 }
 
-async function writeLabel(dir: string, label: VolumeLabel): Promise<void> {
+export async function writeLabel(dir: string, label: VolumeLabel): Promise<void> {
   await writeFileDurably(dir, LABEL_NAME, `${JSON.stringify(label, null, 2)}\n`);
 }
 
@@ -634,7 +635,7 @@ export interface VolumeStatus {
   /** Sections added by what runs beside the engine (e.g. `mirror`). */
   sections?: Record<string, unknown>;
   /** A RAID volume: level, state, and each member's state and error counts. */
-  raid?: RaidHealth;
+  raid?: RaidHealth & { scrub?: ScrubState };
 }
 
 /** The RAID device under each open RAID volume (for status). */
@@ -676,7 +677,7 @@ export function engineStatus(dir: string, label: VolumeLabel, volume: EngineVolu
     },
     ...(served ? { server: { pid: process.pid, ...(volume.servedBy?.() ?? {}) } } : {}),
     errors: s.tree.errors,
-    ...(raidOf.has(volume) ? { raid: raidOf.get(volume)!.health() } : {}),
+    ...(raidOf.has(volume) ? { raid: { ...raidOf.get(volume)!.health(), scrub: scrubState(raidOf.get(volume)!) } } : {}),
     ...(volume.statusSections.size > 0 ? { sections: Object.fromEntries([...volume.statusSections].map(([k, f]) => [k, f()])) } : {}),
   };
 }
@@ -696,6 +697,16 @@ async function handleControl(dir: string, label: VolumeLabel, volume: EngineVolu
       return { check: await checkServed(dir, label, volume) };
     case 'check-progress':
       return { progress: checksRunning.get(volume) ?? null };
+    case 'scrub': {
+      const raid = raidOf.get(volume);
+      if (!raid || !(volume.tree instanceof BlockTree)) throw new Error(`${dir} is not a RAID volume: there is nothing to scrub (use check)`);
+      if (req.repair && volume.caps.readOnly) throw new Error('the volume is served read-only: scrub --repair cannot rewrite anything (scrub without --repair reports)');
+      return { scrub: await scrubRaid(volume.tree, raid, { repair: req.repair }) };
+    }
+    case 'scrub-progress': {
+      const raid = raidOf.get(volume);
+      return { progress: raid ? scrubState(raid).running ?? null : null };
+    }
     case 'verify': {
       const f = volume.controlActions.get('verify');
       if (!f) throw new Error('this volume is not mirrored (serve it with --mirror-to)');

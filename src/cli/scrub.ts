@@ -1,0 +1,44 @@
+/**
+ * `nvmirror scrub DIR [--repair] [--json]`: reads everything a RAID volume holds in use
+ * (live and snapshots), verifies every block checksum and every in-use stripe's parity
+ * (RAID-1: copies); with --repair rewrites what redundancy can rebuild. A served volume
+ * is scrubbed by the serving process through DIR/control.sock (progress in `status`).
+ * Reports like `zpool status`; exit 1 when anything is uncorrectable, or (without
+ * --repair) when anything was found. A progress line on a terminal (stderr).
+ */
+import { Command } from 'commander';
+import { scrubVolumeDir } from '../volume/scrub-dir';
+import { formatScrubReport, type ScrubProgress } from '../raid/scrub';
+import { ProgressLine } from '../util/progress';
+import { formatSize } from '../util/size';
+
+export function registerScrub(program: Command): void {
+  program
+    .command('scrub')
+    .description('verify every checksum and every in-use stripe\'s parity of a RAID volume (also while served); --repair rewrites what redundancy can rebuild')
+    .argument('<DIR>', 'the volume directory')
+    .option('--repair', 'rewrite bad blocks from parity or a mirror copy once a rebuilt version verifies, and stale parity from the data')
+    .option('--json', 'print the report as JSON')
+    .action(async (dir: string, o: { repair?: boolean; json?: boolean }) => {
+      let line: ProgressLine | undefined;
+      const onProgress = process.stderr.isTTY
+        ? (p: ScrubProgress): void => {
+            line ??= new ProgressLine(p.repair ? 'scrub (repair)' : 'scrub', p.totalBytes);
+            line.update(p.scannedBytes);
+          }
+        : undefined;
+      let r;
+      try {
+        r = await scrubVolumeDir(dir, { repair: o.repair === true, ...(onProgress ? { onProgress } : {}) });
+      } finally {
+        line?.finish();
+      }
+      if (!r.ok) process.exitCode = 1;
+      if (o.json) {
+        process.stdout.write(`${JSON.stringify(r, null, 2)}\n`);
+        return;
+      }
+      process.stdout.write(`${r.dir}${r.served ? ' (scrubbed by the serving process)' : ''}\n`);
+      for (const l of formatScrubReport(r, formatSize)) process.stdout.write(`${l}\n`);
+    });
+}

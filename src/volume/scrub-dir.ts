@@ -1,0 +1,83 @@
+/**
+ * `scrub` of a RAID volume directory (src/raid/scrub.ts does the work): an unserved
+ * volume is opened here (read-only without --repair, so nothing can be written; read-write
+ * with it, the tree mounted on its committed roots and the NVRAM left alone: a repair
+ * rewrites blocks with the content their checksums name, so a later replay is unaffected);
+ * a served one is scrubbed by the serving process through DIR/control.sock, its progress
+ * polled meanwhile (and shown by `status`).
+ *
+ * Invariants:
+ * - A volume that is not RAID is refused with one line, before anything is opened for
+ *   writing; so is --repair on a volume whose RAID has failed (read-only).
+ * - The lock is held for the whole unserved scrub and released on every path.
+ */
+import * as path from 'path';
+import * as fs from 'fs';
+import { BlockTree } from '../tree/tree';
+import { RaidDevice } from '../raid/raid-device';
+import { scrubRaid, type ScrubProgress, type ScrubReport } from '../raid/scrub';
+import { CONTROL_SOCKET_NAME, controlRequest } from './engine-control';
+import { lockVolumeDir, openMemberDevice, readLabel, volumeDirInUse } from './dir';
+
+const SCRUB_PROGRESS_POLL_MS = 250;
+const SCRUB_ANSWER_TIMEOUT_MS = 24 * 3600 * 1000;
+
+export interface DirScrubReport extends ScrubReport {
+  dir: string;
+  /** Scrubbed by the serving process (through its control socket). */
+  served: boolean;
+}
+
+export async function scrubVolumeDir(dir: string, opts: { repair: boolean; onProgress?: (p: ScrubProgress) => void }): Promise<DirScrubReport> {
+  const absDir = path.resolve(dir);
+  const label = await readLabel(absDir);
+  if (!label.raid) throw new Error(`${absDir} is not a RAID volume: there is nothing to scrub (use nvmirror check)`);
+  if (await volumeDirInUse(absDir)) return scrubThroughControl(absDir, opts);
+  const lock = await lockVolumeDir(absDir, !opts.repair).catch((e: unknown) => {
+    const msg = e instanceof Error ? e.message : String(e);
+    throw new Error(msg.includes('already in use') ? `${msg}; run scrub again to scrub it through the serving process` : msg);
+  });
+  try {
+    const dev = await openMemberDevice(absDir, label, !opts.repair);
+    try {
+      if (!(dev instanceof RaidDevice)) throw new Error(`${absDir}: its device is not a RAID device`);
+      if (opts.repair && dev.health().state === 'failed') throw new Error(`${dev.health().failure ?? 'too many members lost'}; scrub without --repair reports what can still be read`);
+      const tree = await BlockTree.open(dev);
+      try {
+        if (tree.volumeUuid !== label.uuid) throw new Error(`the members belong to volume ${tree.volumeUuid}, the label says ${label.uuid}`);
+        const r = await scrubRaid(tree, dev, opts);
+        if (opts.repair) await dev.sync();
+        return { dir: absDir, served: false, ...r };
+      } finally {
+        await tree.close();
+      }
+    } finally {
+      await dev.close();
+    }
+  } finally {
+    await lock.release();
+  }
+}
+
+async function scrubThroughControl(absDir: string, opts: { repair: boolean; onProgress?: (p: ScrubProgress) => void }): Promise<DirScrubReport> {
+  const sockPath = path.join(absDir, CONTROL_SOCKET_NAME);
+  if (!fs.existsSync(sockPath)) throw new Error(`volume ${absDir} is open in another process that has no control socket; stop it before running scrub`);
+  let finished = false;
+  const poll = async (): Promise<void> => {
+    for (let first = true; !finished && opts.onProgress; first = false) {
+      if (!first) await new Promise((r) => setTimeout(r, SCRUB_PROGRESS_POLL_MS));
+      if (finished) return;
+      const r = await controlRequest(sockPath, { op: 'scrub-progress' }, 10_000).catch(() => undefined);
+      if (!finished && r?.ok && r.progress) opts.onProgress(r.progress as ScrubProgress);
+    }
+  };
+  const polling = poll();
+  try {
+    const r = await controlRequest(sockPath, { op: 'scrub', repair: opts.repair }, SCRUB_ANSWER_TIMEOUT_MS);
+    if (!r.ok) throw new Error(`serving process: ${r.error}`);
+    return { dir: absDir, served: true, ...(r.scrub as ScrubReport) };
+  } finally {
+    finished = true;
+    await polling;
+  }
+}
