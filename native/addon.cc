@@ -130,6 +130,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   nvm::InitNvram(env, exports);
   nvm::InitChecksum(env, exports);
   InitNbdAttach(env, exports);
+  nvm::InitNbdServe(env, exports);
   return exports;
 }
 

@@ -49,6 +49,7 @@ bool GetCallback(const Napi::CallbackInfo& info, size_t i, const char* fn, Napi:
 void InitIo(Napi::Env env, Napi::Object exports);
 void InitNvram(Napi::Env env, Napi::Object exports);
 void InitChecksum(Napi::Env env, Napi::Object exports);
+void InitNbdServe(Napi::Env env, Napi::Object exports);
 
 }  // namespace nvm
 
