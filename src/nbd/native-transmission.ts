@@ -25,8 +25,9 @@
  *   two KEPT limits; an idle connection's (or, while others wait, any connection's)
  *   unclaimed buffers are taken back by the sweep.
  * - READ charges are taken in arrival order before the request runs; while one waits, the
- *   requests after it wait behind it (in order, bounded by the thread's in-flight cap) and
- *   the thread is told to stop reading.
+ *   READs and a DISC after it wait behind it (in order, bounded by the thread's in-flight
+ *   cap) and no receive buffer is granted; requests that hold their charge (a received
+ *   WRITE) or need none run at once, so a waiting READ never waits on a request behind it.
  * - Reply buffers stay referenced here until the kernel has taken them or the thread has
  *   ended (then their onTaken runs, as the stream path does when its socket closes).
  * - `closed` resolves once the thread has ended (fd closed) and every request in the volume
@@ -233,22 +234,22 @@ export class NativeTransmission extends Transmission {
       this.drop('internal error: a receive buffer reported for a request without payload');
       return;
     }
-    if (this.backlog.length > 0) {
+    // Behind a waiting READ wait the READs after it and DISC (which must see every request
+    // before it answered); the rest runs now: it holds its charge already or needs none, and
+    // must not wait on a READ that may wait on this very connection's charges.
+    if (this.backlog.length > 0 && (this.needsCharge(req) || req.type === P.CMD_DISC)) {
       this.backlog.push(req);
       return;
     }
-    this.run(req);
-  }
-
-  /** Charges a READ (in order), then hands the request to the shared request code. */
-  private run(req: Request): void {
-    const needsCharge = req.type === P.CMD_READ && req.length > 0 && req.length <= P.MAX_PAYLOAD_BYTES && !this.stopping;
-    if (needsCharge && !this.tryChargeRead(req)) {
+    if (this.needsCharge(req) && !this.tryChargeRead(req)) {
       this.backlog.push(req);
-      this.updateReading();
       return;
     }
     this.onRequest(req);
+  }
+
+  private needsCharge(req: Request): boolean {
+    return req.type === P.CMD_READ && req.length > 0 && req.length <= P.MAX_PAYLOAD_BYTES && !this.stopping && req.charge === undefined;
   }
 
   private tryChargeRead(req: Request): boolean {
@@ -289,8 +290,7 @@ export class NativeTransmission extends Transmission {
       this.kickScheduled = false;
       while (this.backlog.length > 0 && this.cancelReadWait === undefined) {
         const req = this.backlog[0] as Request;
-        const needsCharge = req.type === P.CMD_READ && req.length > 0 && req.length <= P.MAX_PAYLOAD_BYTES && !this.stopping && req.charge === undefined;
-        if (needsCharge && !this.tryChargeRead(req)) break;
+        if (this.needsCharge(req) && !this.tryChargeRead(req)) break;
         this.backlog.shift();
         this.onRequest(req);
       }
@@ -314,7 +314,8 @@ export class NativeTransmission extends Transmission {
 
   private tryGrantNeed(): void {
     const bytes = this.needBytes;
-    if (bytes === undefined || this.stopping || this.cancelNeedWait !== undefined) return;
+    // A READ waiting for its charge goes first (kick() retries this after it).
+    if (bytes === undefined || this.stopping || this.cancelNeedWait !== undefined || this.backlog.length > 0) return;
     // Unclaimed buffers too small for this WRITE would only hold budget: give them back.
     if (this.bank.size > 0) this.giveBackBuffers();
     if (this.connChargedBytes > 0 && this.connChargedBytes + bytes > MAX_INFLIGHT_BYTES_PER_CONNECTION) return; // our releases kick
@@ -464,7 +465,10 @@ export class NativeTransmission extends Transmission {
 
   protected override readonly updateReading = (): void => {
     if (this.disconnected || this.threadEnded) return;
-    const want = this.discarding || (!this.stopping && this.backlog.length === 0);
+    // Unlike the stream path, reading goes on while a READ waits for its charge: a payload
+    // being received (charged already) completes, and the thread stops by itself at the
+    // next WRITE header (no buffer granted meanwhile) or at its in-flight cap.
+    const want = this.discarding || !this.stopping;
     if (want === this.nativeReading) return;
     this.nativeReading = want;
     serveAddon().nbdServeSetReading(this.handle, want);
