@@ -151,6 +151,8 @@ export class NativeTransmission extends Transmission {
   private resolveThreadEnded!: () => void;
   private readonly threadEndedP: Promise<void>;
   private lingerTimer: NodeJS.Timeout | undefined;
+  /** Bytes the thread took over from the handshake (counted as received, as the stream path does). */
+  private readonly leftoverBytes: number;
 
   /**
    * The native path for this session, or undefined when it does not apply (TLS, not a
@@ -179,6 +181,7 @@ export class NativeTransmission extends Transmission {
     const a = serveAddon();
     this.width = a.nbdServeEventWidth;
     this.threadEndedP = new Promise((r) => (this.resolveThreadEnded = r));
+    this.leftoverBytes = leftover.length;
     this.handle = a.nbdServeStart(fd, leftover, P.MAX_PAYLOAD_BYTES, MAX_INFLIGHT_REQUESTS_PER_CONNECTION, MAX_QUEUED_REPLY_BYTES_PER_CONNECTION, (ev) => this.onEvents(ev));
   }
 
@@ -504,6 +507,7 @@ export class NativeTransmission extends Transmission {
       queuedReplyBytes: st?.queuedBytes ?? 0,
       midRequest: st?.midRequest ?? false,
       msSinceRx: Date.now() - (st?.lastRxMs ?? this.lastRxMs),
+      bytesReceived: st !== undefined ? st.bytesReceived + this.leftoverBytes : this.bytesReceived,
     };
   }
 
@@ -574,7 +578,7 @@ export class NativeTransmission extends Transmission {
     if (errno !== 0) this.log.debug({ errno }, 'connection error');
     this.threadEnded = true;
     this.socketClosed = true;
-    this.bytesReceived = bytesReceived;
+    this.bytesReceived = bytesReceived + this.leftoverBytes;
     if (this.lingerTimer) clearTimeout(this.lingerTimer);
     // The thread is gone: every buffer it held is ours again, every queued reply dropped.
     for (const g of this.bank.values()) this.releaseGrant(g);

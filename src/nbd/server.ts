@@ -165,6 +165,11 @@ export class NbdServer {
     return this.conns.size;
   }
 
+  /** What each connection in transmission is doing (diagnostics; tests wait on bytesReceived). */
+  transmissionStates(): Array<Record<string, number | boolean>> {
+    return [...this.conns].flatMap((c) => (c.transmission ? [c.transmission.state()] : []));
+  }
+
   private sweep(): void {
     const now = Date.now();
     for (const c of this.conns) if (c.transmission && !c.kernel) c.transmission.sweep(now);

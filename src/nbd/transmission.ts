@@ -191,6 +191,7 @@ export class Transmission {
       queuedReplyBytes: this.s.socket.writableLength,
       midRequest: this.parser.midRequest,
       msSinceRx: Date.now() - this.lastRxMs,
+      bytesReceived: this.bytesReceived,
     };
   }
 
