@@ -287,7 +287,7 @@ export class NativeTransmission extends Transmission {
 
   /** Runs the backlog (and a pending NEED) as far as charges allow; on a later tick. */
   private kick(): void {
-    if (this.kickScheduled) return;
+    if (this.kickScheduled || (this.backlog.length === 0 && this.needBytes === undefined)) return;
     this.kickScheduled = true;
     process.nextTick(() => {
       this.kickScheduled = false;
