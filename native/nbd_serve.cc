@@ -12,7 +12,7 @@
 //   nbdServeStart(fd, leftover, maxPayloadBytes, maxInflight, maxQueuedBytes, onEvents) -> handle
 //       dups fd (the caller keeps its own); onEvents(Float64Array) gets events of
 //       kEventWidth numbers each (kinds below).
-//   nbdServeGrant(handle, id, buffer)      a receive buffer for one WRITE payload <= its length
+//   nbdServeGrant(handle, ids, buffers)    receive buffers, each for one WRITE payload <= its length
 //   nbdServeRevoke(handle) -> number[]     takes back the unclaimed buffers (their ids)
 //   nbdServeSend(handle, buffers, seq, replies) -> 1 written, 0 queued (TAKEN later), 2 closed
 //   nbdServeSetReading(handle, bool)       TypeScript's flow control (may read or not)
@@ -139,6 +139,7 @@ class Conn {
         }
         wantRecv = CanRecvLocked();
         wakeWanted_ = !wantRecv;
+        wantsInput_ = wantRecv && state_ != St::Discard;
         events = static_cast<short>((wantRecv ? POLLIN : 0) | (sendq_.empty() ? 0 : POLLOUT));
         PostLocked();
       }
@@ -189,16 +190,18 @@ class Conn {
 
   // ---- called on the JS thread
 
-  bool Grant(double id, uint8_t* data, size_t cap, std::string* why) {
+  bool Grant(const std::vector<Granted>& gs, std::string* why) {
     std::lock_guard<std::mutex> l(mu_);
-    if (granted_.size() >= kMaxGranted) {
+    if (granted_.size() + gs.size() > kMaxGranted) {
       *why = "too many receive buffers granted";
       return false;
     }
-    granted_.push_back(Granted{id, data, cap});
-    if (needPending_ && cap >= needBytes_) {
-      needPending_ = false;
-      WakeLocked();
+    for (const Granted& g : gs) {
+      granted_.push_back(g);
+      if (needPending_ && g.cap >= needBytes_) {
+        needPending_ = false;
+        WakeLocked();
+      }
     }
     return true;
   }
@@ -258,7 +261,7 @@ class Conn {
     Napi::Object o = Napi::Object::New(env);
     o.Set("queuedBytes", Napi::Number::New(env, static_cast<double>(queued_)));
     o.Set("midRequest", Napi::Boolean::New(env, midRequest_));
-    o.Set("wantsInput", Napi::Boolean::New(env, !closed_ && CanRecvLocked() && state_ != St::Discard));
+    o.Set("wantsInput", Napi::Boolean::New(env, !closed_ && wantsInput_));
     o.Set("needPending", Napi::Boolean::New(env, needPending_));
     o.Set("lastRxMs", Napi::Number::New(env, static_cast<double>(lastRxMs_)));
     o.Set("lastTxMs", Napi::Number::New(env, static_cast<double>(lastTxMs_)));
@@ -313,6 +316,10 @@ class Conn {
       if (errno == EINTR || errno == EAGAIN) return 0;
       return errno;
     }
+    if (n > 0) {
+      if (direct) payFill_ += static_cast<size_t>(n);
+      else sLen_ += static_cast<size_t>(n);
+    }
     std::lock_guard<std::mutex> l(mu_);
     if (n == 0) {
       inputDone_ = true;
@@ -322,12 +329,7 @@ class Conn {
     }
     rxBytes_ += static_cast<uint64_t>(n);
     lastRxMs_ = NowMs();
-    if (direct) {
-      payFill_ += static_cast<size_t>(n);
-      if (payFill_ == payLen_) FinishWriteLocked();
-    } else {
-      sLen_ += static_cast<size_t>(n);
-    }
+    if (direct && payFill_ == payLen_) FinishWriteLocked();
     midRequest_ = MidRequest();
     return 0;
   }
@@ -336,9 +338,9 @@ class Conn {
     return sPos_ < sLen_ || hdrFill_ > 0 || state_ == St::Payload || state_ == St::Skip;
   }
 
-  // Parses what the stage holds, as far as the limits allow.
+  // Parses what the stage holds, as far as the limits allow. The parser's fields are the
+  // thread's own; the mutex is taken only for what JS shares (claims, events, counters).
   void Process() {
-    std::lock_guard<std::mutex> l(mu_);
     while (true) {
       size_t avail = sLen_ - sPos_;
       if (state_ == St::Dead) {
@@ -363,21 +365,28 @@ class Conn {
         payFill_ += k;
         sPos_ += k;
         if (payFill_ < payLen_) break;
+        std::lock_guard<std::mutex> l(mu_);
         FinishWriteLocked();
         continue;
       }
       // Header
       if (hdrFill_ < kHeaderBytes) {
-        if (hdrFill_ == 0 && inflight_ >= maxInflight_) break;
+        if (hdrFill_ == 0) {
+          if (avail == 0) break;
+          std::lock_guard<std::mutex> l(mu_);
+          if (inflight_ >= maxInflight_) break;
+        }
         size_t k = std::min(kHeaderBytes - hdrFill_, avail);
         memcpy(hdr_ + hdrFill_, stage_ + sPos_, k);
         hdrFill_ += k;
         sPos_ += k;
         if (hdrFill_ < kHeaderBytes) break;
       }
+      std::lock_guard<std::mutex> l(mu_);
       if (!ParseHeaderLocked()) break;  // waits for a buffer
     }
     if (sPos_ == sLen_) sPos_ = sLen_ = 0;
+    std::lock_guard<std::mutex> l(mu_);
     midRequest_ = MidRequest();
   }
 
@@ -513,7 +522,9 @@ class Conn {
   std::mutex mu_;
   // Shared, under mu_.
   bool reading_ = true, endReq_ = false, abort_ = false, closed_ = false, shutWr_ = false;
-  bool needPending_ = false, inputDone_ = false, posted_ = false, wakeWanted_ = false, midRequest_ = false;
+  bool needPending_ = false, inputDone_ = false, posted_ = false, wakeWanted_ = false;
+  // Published by the thread for State(): whether input is mid-request, whether it would read.
+  bool midRequest_ = false, wantsInput_ = false;
   int sendErr_ = 0;
   size_t needBytes_ = 0;
   std::vector<Granted> granted_;
@@ -523,7 +534,7 @@ class Conn {
   std::vector<double> events_;
   int64_t lastRxMs_, lastTxMs_;
   uint64_t rxBytes_ = 0;
-  // Parser, touched by the thread (under mu_ where State() reads it).
+  // Parser: the thread's own (JS reads only what is published above).
   St state_ = St::Header;
   uint8_t stage_[kStageBytes];
   size_t sPos_ = 0, sLen_ = 0;
@@ -592,19 +603,42 @@ Napi::Value Start(const Napi::CallbackInfo& info) {
 
 Napi::Value Grant(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
+  const char* fn = "nbdServeGrant";
   ConnPtr c;
-  int64_t id;
-  Napi::Buffer<uint8_t> buf;
-  if (!GetConn(info, "nbdServeGrant", &c) || !GetInt(info, 1, "nbdServeGrant", "id", 0, kMaxSafeInteger, &id) ||
-      !GetBuffer(info, 2, "nbdServeGrant", "buffer", &buf)) {
+  if (!GetConn(info, fn, &c)) return env.Undefined();
+  if (info.Length() < 3 || !info[1].IsArray() || !info[2].IsArray()) {
+    ThrowType(env, std::string(fn) + ": ids and buffers must be arrays");
     return env.Undefined();
   }
-  if (buf.Length() == 0 || buf.Length() > static_cast<size_t>(kMaxPayloadLimit)) {
-    ThrowRange(env, "nbdServeGrant: buffer must hold 1.." + std::to_string(kMaxPayloadLimit) + " bytes");
+  Napi::Array ids = info[1].As<Napi::Array>();
+  Napi::Array bufs = info[2].As<Napi::Array>();
+  if (ids.Length() != bufs.Length() || ids.Length() == 0 || ids.Length() > kMaxGranted) {
+    ThrowRange(env, std::string(fn) + ": 1.." + std::to_string(kMaxGranted) + " ids, one per buffer");
     return env.Undefined();
+  }
+  std::vector<Granted> gs;
+  gs.reserve(ids.Length());
+  for (uint32_t i = 0; i < ids.Length(); i++) {
+    Napi::Value idv = ids.Get(i);
+    Napi::Value bv = bufs.Get(i);
+    double id = idv.IsNumber() ? idv.As<Napi::Number>().DoubleValue() : -1;
+    if (!(id >= 0 && id <= static_cast<double>(kMaxSafeInteger)) || id != static_cast<double>(static_cast<int64_t>(id))) {
+      ThrowRange(env, std::string(fn) + ": ids must be integers >= 0");
+      return env.Undefined();
+    }
+    if (!bv.IsBuffer()) {
+      ThrowType(env, std::string(fn) + ": buffers must be Buffers");
+      return env.Undefined();
+    }
+    Napi::Buffer<uint8_t> b = bv.As<Napi::Buffer<uint8_t>>();
+    if (b.Length() == 0 || b.Length() > static_cast<size_t>(kMaxPayloadLimit)) {
+      ThrowRange(env, std::string(fn) + ": a buffer must hold 1.." + std::to_string(kMaxPayloadLimit) + " bytes");
+      return env.Undefined();
+    }
+    gs.push_back(Granted{id, b.Data(), b.Length()});
   }
   std::string why;
-  if (!c->Grant(static_cast<double>(id), buf.Data(), buf.Length(), &why)) ThrowRange(env, "nbdServeGrant: " + why);
+  if (!c->Grant(gs, &why)) ThrowRange(env, std::string(fn) + ": " + why);
   return env.Undefined();
 }
 

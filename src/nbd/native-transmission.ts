@@ -59,6 +59,8 @@ const LEFTOVER_BYTES_MAX = 64 * 1024;
 const RECEIVE_BUFFERS_IDLE_MS = 1_000;
 /** Replies gathered in one tick go out in one writev of at most this many buffers. */
 const REPLIES_PER_SEND_MAX = 64;
+/** Receive buffers handed to the thread in one call at most. */
+const GRANTS_PER_CALL_MAX = 64;
 
 assert(RECEIVE_BUFFER_BYTES_KEPT_MAX < MAX_INFLIGHT_BYTES_PER_CONNECTION, 'kept buffers leave room for a maximal request');
 
@@ -87,7 +89,7 @@ type Handle = object;
 
 interface ServeAddon {
   nbdServeStart(fd: number, leftover: Buffer, maxPayloadBytes: number, maxInflight: number, maxQueuedBytes: number, onEvents: (ev: Float64Array) => void): Handle;
-  nbdServeGrant(h: Handle, id: number, buf: Buffer): void;
+  nbdServeGrant(h: Handle, ids: number[], bufs: Buffer[]): void;
   nbdServeRevoke(h: Handle): number[];
   nbdServeSend(h: Handle, bufs: Buffer[], seq: number, replies: number): number;
   nbdServeSetReading(h: Handle, on: boolean): void;
@@ -133,6 +135,9 @@ export class NativeTransmission extends Transmission {
   private readonly bank = new Map<number, Grant>();
   private bankBytes = 0;
   private nextGrantId = 1;
+  /** Grants not yet handed to the thread (see grant()); their buffers are in the bank already. */
+  private grantIds: number[] = [];
+  private grantBufs: Buffer[] = [];
   /** The receive buffer behind each WRITE reported with one, until the write settled. */
   private readonly grantOf = new Map<Request, Grant>();
   /** A WRITE header waits for a buffer of this many bytes (one NEED at a time). */
@@ -340,6 +345,10 @@ export class NativeTransmission extends Transmission {
     });
   }
 
+  /**
+   * Grants a receive buffer. A NEED's goes to the thread at once (it waits for it); a
+   * settled WRITE's buffer granted again goes with the others of this tick, in one call.
+   */
   private grant(charge: Charge, reuse?: Grant): void {
     const bytes = charge.bytes;
     let g = reuse;
@@ -353,8 +362,20 @@ export class NativeTransmission extends Transmission {
     this.bank.set(id, g);
     this.bankBytes += bytes;
     this.connChargedBytes += bytes;
-    serveAddon().nbdServeGrant(this.handle, id, g.buf);
+    this.grantIds.push(id);
+    this.grantBufs.push(g.buf);
+    if (reuse === undefined || this.grantIds.length >= GRANTS_PER_CALL_MAX) this.flushGrants();
+    else if (this.grantIds.length === 1) process.nextTick(this.flushGrants);
   }
+
+  private readonly flushGrants = (): void => {
+    if (this.grantIds.length === 0 || this.threadEnded) return;
+    const ids = this.grantIds;
+    const bufs = this.grantBufs;
+    this.grantIds = [];
+    this.grantBufs = [];
+    serveAddon().nbdServeGrant(this.handle, ids, bufs);
+  };
 
   /** A settled (or refused) WRITE's buffer: granted again while that is cheap, else released. */
   private recycle(g: Grant): void {
@@ -383,6 +404,7 @@ export class NativeTransmission extends Transmission {
   /** Takes back every unclaimed receive buffer (the thread never claims a revoked one). */
   private giveBackBuffers(): void {
     if (this.bank.size === 0 || this.threadEnded) return;
+    this.flushGrants();
     for (const id of serveAddon().nbdServeRevoke(this.handle)) {
       const g = this.bank.get(id);
       assert(g !== undefined, `native revoked buffer ${id} it was not granted`);
@@ -584,6 +606,8 @@ export class NativeTransmission extends Transmission {
     for (const g of this.bank.values()) this.releaseGrant(g);
     this.bank.clear();
     this.bankBytes = 0;
+    this.grantIds = [];
+    this.grantBufs = [];
     for (const p of this.pendingSends.splice(0)) for (const f of p.onTaken) f?.();
     this.markDisconnected();
     this.releaseHeld();
