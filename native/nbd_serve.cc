@@ -15,6 +15,8 @@
 //   nbdServeGrant(handle, ids, buffers)    receive buffers, each for one WRITE payload <= its length
 //   nbdServeRevoke(handle) -> number[]     takes back the unclaimed buffers (their ids)
 //   nbdServeSend(handle, buffers, seq, replies) -> 1 written, 0 queued (TAKEN later), 2 closed
+//   nbdServeDirect(handle, fd, sizeBytes)  dups fd: plain WRITEs inside sizeBytes are pwritten to it and
+//                                          answered by the thread (DONE events say so), see FinishWrite
 //   nbdServeSetReading(handle, bool)       TypeScript's flow control (may read or not)
 //   nbdServeEnd(handle)                    after queued replies: shut our side, discard until EOF
 //   nbdServeAbort(handle)                  shut the socket down now; the thread exits
@@ -25,8 +27,10 @@
 //   WRITE whose length fits it) and until it reported that WRITE; TypeScript keeps every
 //   granted buffer referenced until it is reported or revoked. A claimed buffer is never
 //   revoked. So a payload is only ever received into memory charged to the budget.
-// - Nothing is acknowledged here: a request is only reported; every reply comes from
-//   TypeScript once the volume settled it.
+// - The only reply made here is to a plain WRITE (no flags) inside the volume written
+//   completely with pwrite to the direct fd (a file volume's own fd, dup'd): exactly the
+//   file volume's own non-FUA write. Every other request, and a WRITE whose pwrite failed,
+//   is reported and answered by TypeScript once the volume settled it.
 // - Reading stops while: TypeScript says so, kMaxInflight reported requests are unreplied,
 //   queued reply bytes exceed maxQueuedBytes, or a WRITE waits for a buffer (one NEED
 //   event says so). Unparsed input held here is at most kStageBytes.
@@ -77,6 +81,9 @@ constexpr double kEvTaken = 3;    // seq: every send up to seq is taken by the k
 constexpr double kEvFraming = 4;  // magic: bad request magic, parsing stopped
 constexpr double kEvEof = 5;      // errno (0: the client closed its side)
 constexpr double kEvClosed = 6;   // errno, bytes received: the thread ended, fd closed
+constexpr double kEvDone = 7;     // length, microseconds: a WRITE written directly and answered here
+constexpr uint32_t kSimpleReplyMagic = 0x67446698;
+constexpr size_t kSimpleReplyBytes = 16;
 
 int64_t NowMs() {
   timespec ts{};
@@ -88,6 +95,33 @@ uint32_t Be32(const uint8_t* p) {
   return (uint32_t{p[0]} << 24) | (uint32_t{p[1]} << 16) | (uint32_t{p[2]} << 8) | uint32_t{p[3]};
 }
 uint16_t Be16(const uint8_t* p) { return static_cast<uint16_t>((p[0] << 8) | p[1]); }
+void PutBe32(uint8_t* p, uint32_t v) {
+  p[0] = static_cast<uint8_t>(v >> 24);
+  p[1] = static_cast<uint8_t>(v >> 16);
+  p[2] = static_cast<uint8_t>(v >> 8);
+  p[3] = static_cast<uint8_t>(v);
+}
+
+int64_t NowUs() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000 + ts.tv_nsec / 1000;
+}
+
+// pwrite of all of [data, data+len) at pos; 0 or an errno.
+int PwriteAll(int fd, const uint8_t* data, size_t len, uint64_t pos) {
+  size_t done = 0;
+  while (done < len) {
+    ssize_t n = ::pwrite(fd, data + done, len - done, static_cast<off_t>(pos + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (n == 0) return EIO;
+    done += static_cast<size_t>(n);
+  }
+  return 0;
+}
 
 struct Granted {
   double id;
@@ -96,8 +130,9 @@ struct Granted {
 };
 
 struct Send {
-  double seq;
+  double seq;  // -1: replies of the thread's own (no TAKEN event)
   std::vector<iovec> iov;
+  std::vector<uint8_t> own;  // the bytes of the thread's own replies (iov points here)
   size_t first = 0;
   size_t left = 0;
 };
@@ -181,6 +216,8 @@ class Conn {
     closed_ = true;
     ::close(fd_);
     ::close(wake_);
+    if (directFd_ >= 0) ::close(directFd_);
+    directFd_ = -1;
     sendq_.clear();
     queued_ = 0;
     Emit({kEvClosed, static_cast<double>(err), static_cast<double>(rxBytes_)});
@@ -221,18 +258,17 @@ class Conn {
     inflight_ = replies >= inflight_ ? 0 : inflight_ - replies;
     size_t total = 0;
     for (const iovec& v : iov) total += v.iov_len;
-    Send s{seq, std::move(iov), 0, total};
-    if (sendq_.empty() && sendErr_ == 0) {
-      Advance(&s);
-      if (s.left == 0) {
-        if (wakeWanted_) WakeLocked();
-        return 1;
-      }
-    }
-    queued_ += s.left;
-    sendq_.push_back(std::move(s));
-    WakeLocked();
-    return 0;
+    Send s{seq, std::move(iov), {}};
+    s.left = total;
+    return QueueLocked(std::move(s)) ? 1 : 0;
+  }
+
+  // Plain WRITEs inside [0, sizeBytes) are written to this fd (our own dup) and answered here.
+  void SetDirect(int fd, uint64_t sizeBytes) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (directFd_ >= 0) ::close(directFd_);
+    directFd_ = fd;
+    directSize_ = sizeBytes;
   }
 
   void SetReading(bool on) {
@@ -269,6 +305,7 @@ class Conn {
     o.Set("granted", Napi::Number::New(env, static_cast<double>(granted_.size())));
     o.Set("bytesReceived", Napi::Number::New(env, static_cast<double>(rxBytes_)));
     o.Set("closed", Napi::Boolean::New(env, closed_));
+    o.Set("directWrites", Napi::Number::New(env, static_cast<double>(directWrites_)));
     return o;
   }
 
@@ -320,16 +357,19 @@ class Conn {
       if (direct) payFill_ += static_cast<size_t>(n);
       else sLen_ += static_cast<size_t>(n);
     }
-    std::lock_guard<std::mutex> l(mu_);
-    if (n == 0) {
-      inputDone_ = true;
-      if (state_ == St::Discard || state_ == St::Dead) return -1;
-      Emit({kEvEof, 0});
-      return 0;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (n == 0) {
+        inputDone_ = true;
+        if (state_ == St::Discard || state_ == St::Dead) return -1;
+        Emit({kEvEof, 0});
+        return 0;
+      }
+      rxBytes_ += static_cast<uint64_t>(n);
+      lastRxMs_ = NowMs();
     }
-    rxBytes_ += static_cast<uint64_t>(n);
-    lastRxMs_ = NowMs();
-    if (direct && payFill_ == payLen_) FinishWriteLocked();
+    if (direct && payFill_ == payLen_) FinishWrite();
+    std::lock_guard<std::mutex> l(mu_);
     midRequest_ = MidRequest();
     return 0;
   }
@@ -365,8 +405,7 @@ class Conn {
         payFill_ += k;
         sPos_ += k;
         if (payFill_ < payLen_) break;
-        std::lock_guard<std::mutex> l(mu_);
-        FinishWriteLocked();
+        FinishWrite();
         continue;
       }
       // Header
@@ -388,6 +427,13 @@ class Conn {
     if (sPos_ == sLen_) sPos_ = sLen_ = 0;
     std::lock_guard<std::mutex> l(mu_);
     midRequest_ = MidRequest();
+    if (!ownReplies_.empty()) {  // the direct WRITEs' replies, in one writev
+      Send out{-1, {}, std::move(ownReplies_)};
+      ownReplies_.clear();
+      out.iov.push_back(iovec{out.own.data(), out.own.size()});
+      out.left = out.own.size();
+      QueueLocked(std::move(out));
+    }
   }
 
   // The header in hdr_ is complete. False: it must wait (no buffer fits its payload).
@@ -416,6 +462,7 @@ class Conn {
       }
       cur_ = granted_[best];
       granted_.erase(granted_.begin() + static_cast<std::ptrdiff_t>(best));
+      hdrUs_ = NowUs();
       payLen_ = len;
       payFill_ = 0;
       state_ = St::Payload;
@@ -436,9 +483,36 @@ class Conn {
     return true;
   }
 
-  void FinishWriteLocked() {
-    EmitRequestLocked(cur_.id);
-    inflight_++;
+  // The payload is in cur_. A plain WRITE inside the volume, when a direct fd is set, is
+  // written here (pwrite) and answered here; anything else, or a failed pwrite, goes to JS
+  // (which writes it through the volume and answers with the volume's own error).
+  void FinishWrite() {
+    int dfd;
+    uint64_t size;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      dfd = directFd_;
+      size = directSize_;
+    }
+    uint64_t off = (uint64_t{Be32(hdr_ + 16)} << 32) | Be32(hdr_ + 20);
+    bool plain = Be16(hdr_ + 4) == 0 && Be16(hdr_ + 6) == kCmdWrite;
+    if (dfd >= 0 && plain && payLen_ > 0 && off <= size && payLen_ <= size - off &&
+        PwriteAll(dfd, cur_.data, payLen_, off) == 0) {
+      size_t at = ownReplies_.size();
+      ownReplies_.resize(at + kSimpleReplyBytes);
+      uint8_t* r = ownReplies_.data() + at;
+      PutBe32(r, kSimpleReplyMagic);
+      PutBe32(r + 4, 0);
+      memcpy(r + 8, hdr_ + 8, 8);  // the cookie, verbatim
+      std::lock_guard<std::mutex> l(mu_);
+      granted_.push_back(cur_);  // still granted (and charged): free for the next WRITE
+      directWrites_++;
+      Emit({kEvDone, static_cast<double>(payLen_), static_cast<double>(NowUs() - hdrUs_)});
+    } else {
+      std::lock_guard<std::mutex> l(mu_);
+      EmitRequestLocked(cur_.id);
+      inflight_++;
+    }
     cur_ = Granted{-1, nullptr, 0};
     state_ = St::Header;
   }
@@ -469,6 +543,22 @@ class Conn {
     if (closed_) return;
     uint64_t one = 1;
     (void)!::write(wake_, &one, sizeof one);
+  }
+
+  // Writes s now if nothing is queued before it, else (or for what the socket did not take)
+  // queues it for the thread. True when all of it was written.
+  bool QueueLocked(Send&& s) {
+    if (sendq_.empty() && sendErr_ == 0) {
+      Advance(&s);
+      if (s.left == 0) {
+        if (wakeWanted_) WakeLocked();
+        return true;
+      }
+    }
+    queued_ += s.left;
+    sendq_.push_back(std::move(s));
+    WakeLocked();
+    return false;
   }
 
   // Writes as much of s as the socket takes now.
@@ -509,7 +599,7 @@ class Conn {
       Advance(&s);
       queued_ -= before - s.left;
       if (s.left > 0) return;
-      Emit({kEvTaken, s.seq});
+      if (s.seq >= 0) Emit({kEvTaken, s.seq});
       sendq_.pop_front();
     }
   }
@@ -527,6 +617,9 @@ class Conn {
   bool midRequest_ = false, wantsInput_ = false;
   int sendErr_ = 0;
   size_t needBytes_ = 0;
+  int directFd_ = -1;
+  uint64_t directSize_ = 0;
+  uint64_t directWrites_ = 0;
   std::vector<Granted> granted_;
   std::deque<Send> sendq_;
   size_t queued_ = 0;
@@ -543,6 +636,8 @@ class Conn {
   Granted cur_{-1, nullptr, 0};
   size_t payLen_ = 0, payFill_ = 0;
   uint64_t skipLeft_ = 0;
+  int64_t hdrUs_ = 0;
+  std::vector<uint8_t> ownReplies_;
 };
 
 using ConnPtr = std::shared_ptr<Conn>;
@@ -684,6 +779,24 @@ Napi::Value SendReply(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, c->SendNow(std::move(iov), static_cast<double>(seq), static_cast<uint32_t>(replies)));
 }
 
+Napi::Value SetDirect(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "nbdServeDirect";
+  ConnPtr c;
+  int fd;
+  int64_t size;
+  if (!GetConn(info, fn, &c) || !GetFd(info, 1, fn, &fd) || !GetInt(info, 2, fn, "sizeBytes", 0, kMaxSafeInteger, &size)) {
+    return env.Undefined();
+  }
+  int own = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (own < 0) {
+    ErrnoError(env, errno, "dup").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  c->SetDirect(own, static_cast<uint64_t>(size));
+  return env.Undefined();
+}
+
 Napi::Value SetReading(const Napi::CallbackInfo& info) {
   ConnPtr c;
   bool on;
@@ -716,6 +829,7 @@ void InitNbdServe(Napi::Env env, Napi::Object exports) {
   exports.Set("nbdServeGrant", Napi::Function::New(env, Grant, "nbdServeGrant"));
   exports.Set("nbdServeRevoke", Napi::Function::New(env, Revoke, "nbdServeRevoke"));
   exports.Set("nbdServeSend", Napi::Function::New(env, SendReply, "nbdServeSend"));
+  exports.Set("nbdServeDirect", Napi::Function::New(env, SetDirect, "nbdServeDirect"));
   exports.Set("nbdServeSetReading", Napi::Function::New(env, SetReading, "nbdServeSetReading"));
   exports.Set("nbdServeEnd", Napi::Function::New(env, End, "nbdServeEnd"));
   exports.Set("nbdServeAbort", Napi::Function::New(env, Abort, "nbdServeAbort"));

@@ -5,6 +5,10 @@
  * of requests (one callback per batch); replies go out with writev. Everything else
  * (validation, the volume, replies, errors, metrics, the budget and limits) is the same
  * code as the stream path: this class is a Transmission whose socket side is native.
+ * For a volume with a direct-write fd (the file volume, Volume.directWriteFd) the thread
+ * also writes each plain WRITE inside the volume itself (pwrite) and answers it; TypeScript
+ * is told afterwards (DONE events: metrics, request counts). FUA, errors and every other
+ * command take the shared path.
  * TLS connections and kernel (attach) sockets keep the stream path. NVMIRROR_NBD_NATIVE=0
  * (or NbdServerOptions.nativeTransmission: false) forces the stream path everywhere.
  *
@@ -71,6 +75,7 @@ const EV_TAKEN = 3;
 const EV_FRAMING = 4;
 const EV_EOF = 5;
 const EV_CLOSED = 6;
+const EV_DONE = 7;
 
 interface NativeState {
   queuedBytes: number;
@@ -83,6 +88,7 @@ interface NativeState {
   granted: number;
   bytesReceived: number;
   closed: boolean;
+  directWrites: number;
 }
 
 type Handle = object;
@@ -93,6 +99,7 @@ interface ServeAddon {
   nbdServeRevoke(h: Handle): number[];
   nbdServeSend(h: Handle, bufs: Buffer[], seq: number, replies: number): number;
   nbdServeSetReading(h: Handle, on: boolean): void;
+  nbdServeDirect(h: Handle, fd: number, sizeBytes: number): void;
   nbdServeEnd(h: Handle): void;
   nbdServeAbort(h: Handle): void;
   nbdServeState(h: Handle): NativeState;
@@ -188,6 +195,9 @@ export class NativeTransmission extends Transmission {
     this.threadEndedP = new Promise((r) => (this.resolveThreadEnded = r));
     this.leftoverBytes = leftover.length;
     this.handle = a.nbdServeStart(fd, leftover, P.MAX_PAYLOAD_BYTES, MAX_INFLIGHT_REQUESTS_PER_CONNECTION, MAX_QUEUED_REPLY_BYTES_PER_CONNECTION, (ev) => this.onEvents(ev));
+    // A file volume: the thread writes plain WRITEs itself (see Volume.directWriteFd).
+    const direct = this.vc.readOnly ? undefined : s.volume.directWriteFd?.();
+    if (direct !== undefined) a.nbdServeDirect(this.handle, direct, s.volume.sizeBytes);
   }
 
   // ------------------------------------------------------------------ events
@@ -203,6 +213,7 @@ export class NativeTransmission extends Transmission {
       else if (kind === EV_FRAMING) this.abort(`bad request magic 0x${(ev[i + 1] as number).toString(16)}`);
       else if (kind === EV_EOF) this.markDisconnected();
       else if (kind === EV_CLOSED) this.onThreadEnded(ev[i + 1] as number, ev[i + 2] as number);
+      else if (kind === EV_DONE) this.onDirectWrite(ev[i + 1] as number, ev[i + 2] as number);
       else throw new Error(`internal: unknown native event ${kind}`);
     }
   }
@@ -254,6 +265,13 @@ export class NativeTransmission extends Transmission {
       return;
     }
     this.onRequest(req);
+  }
+
+  /** A plain WRITE the thread wrote to the volume's fd and answered: count and report it. */
+  private onDirectWrite(length: number, durationUs: number): void {
+    this.requestsServed++;
+    this.lastRxMs = this.lastTxMs = Date.now();
+    this.limits.observer?.request(P.CMD_WRITE, length, undefined, durationUs / 1000);
   }
 
   private needsCharge(req: Request): boolean {
@@ -530,6 +548,7 @@ export class NativeTransmission extends Transmission {
       midRequest: st?.midRequest ?? false,
       msSinceRx: Date.now() - (st?.lastRxMs ?? this.lastRxMs),
       bytesReceived: st !== undefined ? st.bytesReceived + this.leftoverBytes : this.bytesReceived,
+      directWrites: st?.directWrites ?? 0,
     };
   }
 

@@ -79,5 +79,12 @@ export interface Volume {
   detach?(): void;
   /** Lets the volume end the connection that looked it up (e.g. a mirror reader pinned too long); called once per connection. */
   onRevoke?(revoke: () => void): void;
+  /**
+   * A file descriptor to which a plain write (not FUA) inside sizeBytes may be done with
+   * pwrite directly, bypassing write(), with the same effect (the native NBD data path
+   * writes such payloads from its thread: src/nbd/native-transmission.ts); undefined if
+   * the volume has none (memory, engine, read-only). The caller dups it.
+   */
+  directWriteFd?(): number | undefined;
   close(): Promise<void>;
 }

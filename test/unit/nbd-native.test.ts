@@ -9,6 +9,8 @@
  * - hostile input: bad magic, an oversized WRITE, an unknown command, a truncated header
  *   or payload then close, a half header then silence; after each, nothing is written
  *   that was not acknowledged, the budget is fully released and no connection is left;
+ * - a file volume's plain WRITEs are written by the thread itself (pwrite), FUA ones and
+ *   ones past the end by the shared path (the volume's write, its error);
  * - the switch: nativeTransmission: false serves the same requests on the stream path.
  */
 import { strict as assert } from 'assert';
@@ -27,7 +29,7 @@ import { MemoryBlockDevice } from '../../src/io/memory-device';
 import { MemoryNvram } from '../../src/nvlog/memory-region';
 import { NvLog } from '../../src/nvlog/log';
 import type { Volume } from '../../src/volume/types';
-import { CMD, ERR, RawConn, Session, negotiate, nextCookie, readSimpleReply, request, simpleCommand, simpleRead } from '../e2e/rawnbd';
+import { CMD, CMD_FLAG, ERR, RawConn, Session, negotiate, nextCookie, readSimpleReply, request, simpleCommand, simpleRead } from '../e2e/rawnbd';
 
 const MiB = 1024 * 1024;
 const SIZE_BYTES = 16 * MiB;
@@ -108,6 +110,10 @@ async function sendSplit(r: Rig, s: Session, msg: Buffer, at: number): Promise<v
   }
 }
 
+function directWrites(r: Rig): number {
+  return (r.server.transmissionStates()[0] as Record<string, number>)['directWrites'] as number;
+}
+
 /** Everything released: no connection, nothing charged to the budget. */
 async function settled(r: Rig): Promise<void> {
   await until('no connection left and the budget released', () => r.server.connectionCount === 0 && r.server.budget.usedBytes === 0);
@@ -139,6 +145,9 @@ for (const kind of ['memory', 'file', 'engine'] as const) {
         assert.ok((await r.volume.read(offset, PAYLOAD)).equals(data), `the write split at ${at} is in the volume`);
       }
       assert.equal(r.server.nativeTransmissions, 1, 'served by the native thread');
+      const direct = directWrites(r);
+      if (kind === 'file') assert.ok(direct > 0, 'the thread wrote plain WRITEs to the file itself');
+      else assert.equal(direct, 0, 'only a file volume offers direct writes');
       s.conn.destroy();
       await settled(r);
     });
@@ -206,6 +215,20 @@ for (const kind of ['memory', 'file', 'engine'] as const) {
         const got = await simpleRead(s, i * 8192, 4608);
         assert.ok(got.data?.equals(blocks[i] as Buffer), `block ${i} read back`);
       }
+      s.conn.destroy();
+      await settled(r);
+    });
+
+    it('FUA WRITEs and WRITEs past the end take the shared path: FUA lands, past the end is ENOSPC and changes nothing', async () => {
+      const s = await open(r);
+      const before = directWrites(r);
+      const data = crypto.randomBytes(8192);
+      assert.equal(await simpleCommand(s, { type: CMD.WRITE, flags: CMD_FLAG.FUA, offset: 3 * MiB, length: data.length }, data), 0);
+      assert.ok((await r.volume.read(3 * MiB, data.length)).equals(data), 'the FUA write is in the volume');
+      const tail = await r.volume.read(SIZE_BYTES - 4096, 4096);
+      assert.equal(await simpleCommand(s, { type: CMD.WRITE, offset: SIZE_BYTES - 4096, length: 8192 }, crypto.randomBytes(8192)), ERR.ENOSPC);
+      assert.ok((await r.volume.read(SIZE_BYTES - 4096, 4096)).equals(tail), 'a WRITE past the end changed nothing');
+      assert.equal(directWrites(r), before, 'neither was written by the thread itself');
       s.conn.destroy();
       await settled(r);
     });
