@@ -342,11 +342,19 @@ export class NativeTransmission extends Transmission {
     const bytes = this.needBytes;
     // A READ waiting for its charge goes first (kick() retries this after it).
     if (bytes === undefined || this.stopping || this.cancelNeedWait !== undefined || this.backlog.length > 0) return;
-    // Unclaimed buffers too small for this WRITE would only hold budget: give them back.
-    if (this.bank.size > 0) this.giveBackBuffers();
-    if (this.connChargedBytes > 0 && this.connChargedBytes + bytes > MAX_INFLIGHT_BYTES_PER_CONNECTION) return; // our releases kick
+    // Buffers of settled WRITEs waiting for this tick's end may be what the thread needs.
+    this.flushGrants();
+    // Unclaimed buffers are given back only when they stand in the way of this charge.
+    if (this.connChargedBytes > 0 && this.connChargedBytes + bytes > MAX_INFLIGHT_BYTES_PER_CONNECTION) {
+      this.giveBackBuffers();
+      if (this.connChargedBytes > 0 && this.connChargedBytes + bytes > MAX_INFLIGHT_BYTES_PER_CONNECTION) return; // our releases kick
+    }
     const budget = this.limits.budget;
-    const c = budget.tryCharge(bytes);
+    let c = budget.tryCharge(bytes);
+    if (!c && this.bank.size > 0) {
+      this.giveBackBuffers();
+      c = budget.tryCharge(bytes);
+    }
     if (c) {
       this.needBytes = undefined;
       this.grant(c);
