@@ -29,7 +29,10 @@ import { MemoryBlockDevice } from '../../src/io/memory-device';
 import { MemoryNvram } from '../../src/nvlog/memory-region';
 import { NvLog } from '../../src/nvlog/log';
 import type { Volume } from '../../src/volume/types';
-import { CMD, CMD_FLAG, ERR, RawConn, Session, negotiate, nextCookie, readSimpleReply, request, simpleCommand, simpleRead } from '../e2e/rawnbd';
+import {
+  CMD, CMD_FLAG, ERR, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, OPT, RawConn, Session, clientFlags, goData, negotiate, nextCookie, option, readGreeting, readInfoReplies,
+  readSimpleReply, request, simpleCommand, simpleRead,
+} from '../e2e/rawnbd';
 
 const MiB = 1024 * 1024;
 const SIZE_BYTES = 16 * MiB;
@@ -230,6 +233,31 @@ for (const kind of ['memory', 'file', 'engine'] as const) {
       assert.ok((await r.volume.read(SIZE_BYTES - 4096, 4096)).equals(tail), 'a WRITE past the end changed nothing');
       assert.equal(directWrites(r), before, 'neither was written by the thread itself');
       s.conn.destroy();
+      await settled(r);
+    });
+
+    it('serves requests the client sent together with its last option (handshake leftover)', async () => {
+      const c = await RawConn.connect({ socketPath: r.socketPath });
+      await readGreeting(c);
+      await c.write(clientFlags(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
+      const data = crypto.randomBytes(4096);
+      const cookies = [nextCookie(), nextCookie()];
+      await c.write(Buffer.concat([
+        option(OPT.GO, goData('')),
+        request({ type: CMD.WRITE, cookie: cookies[0] as bigint, offset: 8 * MiB, length: data.length }, data),
+        request({ type: CMD.FLUSH, cookie: cookies[1] as bigint, offset: 0, length: 0 }),
+      ]));
+      await readInfoReplies(c, OPT.GO);
+      const got = new Set<bigint>();
+      for (let i = 0; i < 2; i++) {
+        const rep = await readSimpleReply(c);
+        assert.equal(rep.error, 0);
+        got.add(rep.cookie);
+      }
+      assert.deepEqual([...got].sort(), [...cookies].sort());
+      assert.ok((await r.volume.read(8 * MiB, data.length)).equals(data));
+      assert.equal(r.server.nativeTransmissions, 1);
+      c.destroy();
       await settled(r);
     });
 
