@@ -21,6 +21,7 @@ import * as path from 'path';
 import { NbdServer } from '../../src/nbd/server';
 import { StaticExports } from '../../src/nbd/exports';
 import { createLogger } from '../../src/util/log';
+import { addon } from '../../src/io/native';
 import { MemoryVolume } from '../../src/volume/memory';
 import { FileVolume } from '../../src/volume/file';
 import { EngineVolume } from '../../src/volume/engine';
@@ -359,6 +360,57 @@ describe('native NBD transmission: the switch', function () {
       await settled(r);
     } finally {
       await stopRig(r);
+    }
+  });
+});
+
+describe('native NBD transmission: the addon re-checks its arguments', function () {
+  type Raw = Record<string, (...a: unknown[]) => unknown>;
+  const raw = (): Raw => addon() as unknown as Raw;
+  const call = (fn: string, ...args: unknown[]): unknown => (raw()[fn] as (...a: unknown[]) => unknown)(...args);
+
+  it('nbdServeStart refuses a descriptor that is not a stream socket, and overlong leftover', () => {
+    const fd = fs.openSync(__filename, 'r');
+    try {
+      assert.throws(() => call('nbdServeStart', fd, Buffer.alloc(0), 1024, 1, 1, () => undefined), TypeError);
+    } finally {
+      fs.closeSync(fd);
+    }
+    assert.throws(() => call('nbdServeStart', -1, Buffer.alloc(0), 1024, 1, 1, () => undefined), RangeError);
+    assert.throws(() => call('nbdServeStart', 0, Buffer.alloc(65537), 1024, 1, 1, () => undefined), RangeError);
+    assert.throws(() => call('nbdServeStart', 0, Buffer.alloc(0), 2 ** 40, 1, 1, () => undefined), RangeError);
+    assert.throws(() => call('nbdServeStart', 0, Buffer.alloc(0), 1024, 1, 1, 'not a function'), TypeError);
+  });
+
+  it('the per-connection calls refuse anything but a handle, and bad buffers or ids', () => {
+    for (const fn of ['nbdServeGrant', 'nbdServeRevoke', 'nbdServeSend', 'nbdServeSetReading', 'nbdServeEnd', 'nbdServeAbort', 'nbdServeState', 'nbdServeDirect']) {
+      assert.throws(() => call(fn, {}, [], []), TypeError, fn);
+    }
+  });
+
+  it('on a live handle: grants need ids and non-empty Buffers, sends need Buffers', async () => {
+    const [a, b] = call('socketpair') as [number, number];
+    let ended!: () => void;
+    const closed = new Promise<void>((res) => (ended = res));
+    const h = call('nbdServeStart', a, Buffer.alloc(0), 1024, 1, 1024, (ev: Float64Array) => {
+      for (let i = 0; i < ev.length; i += 10) if (ev[i] === 6) ended();
+    });
+    try {
+      assert.throws(() => call('nbdServeGrant', h, [1], []), RangeError);
+      assert.throws(() => call('nbdServeGrant', h, [-1], [Buffer.alloc(8)]), RangeError);
+      assert.throws(() => call('nbdServeGrant', h, [1.5], [Buffer.alloc(8)]), RangeError);
+      assert.throws(() => call('nbdServeGrant', h, [1], [Buffer.alloc(0)]), RangeError);
+      assert.throws(() => call('nbdServeGrant', h, [1], ['x']), TypeError);
+      assert.throws(() => call('nbdServeSend', h, ['x'], 1, 1), TypeError);
+      assert.throws(() => call('nbdServeSend', h, [], 1, 1), RangeError);
+      assert.throws(() => call('nbdServeSend', h, [Buffer.alloc(1)], -1, 1), RangeError);
+      assert.throws(() => call('nbdServeDirect', h, -1, 0), RangeError);
+      assert.deepEqual(call('nbdServeRevoke', h), [], 'nothing granted, nothing revoked');
+    } finally {
+      call('nbdServeAbort', h);
+      await closed;
+      fs.closeSync(a);
+      fs.closeSync(b);
     }
   });
 });
