@@ -17,6 +17,11 @@
 //   nbdServeSend(handle, buffers, seq, replies) -> 1 written, 0 queued (TAKEN later), 2 closed
 //   nbdServeDirect(handle, fd, sizeBytes)  dups fd: plain WRITEs inside sizeBytes are pwritten to it and
 //                                          answered by the thread (DONE events say so), see FinishWrite
+//   nbdServeDirectMemory(handle, store)    plain WRITEs inside a memory volume whose chunks all hold
+//                                          data are copied into them and answered by the thread
+//   nbdMemStoreNew(sizeBytes, chunkBytes) -> store; nbdMemStoreSet(store, index, chunk),
+//   nbdMemStoreDelete(store, index), nbdMemStoreZeroIn(store, index, from, to) -> unregistered,
+//   nbdMemStoreClose(store): the memory volume keeps it in step
 //   nbdServeSetReading(handle, bool)       TypeScript's flow control (may read or not)
 //   nbdServeEnd(handle)                    after queued replies: shut our side, discard until EOF
 //   nbdServeAbort(handle)                  shut the socket down now; the thread exits
@@ -29,7 +34,8 @@
 //   revoked. So a payload is only ever received into memory charged to the budget.
 // - The only reply made here is to a plain WRITE (no flags) inside the volume written
 //   completely with pwrite to the direct fd (a file volume's own fd, dup'd): exactly the
-//   file volume's own non-FUA write. Every other request, and a WRITE whose pwrite failed,
+//   file volume's own non-FUA write; or copied completely into a memory volume's chunks
+//   that all held data already (MemStore, under its mutex, so no chunk is freed meanwhile). Every other request, and a WRITE whose pwrite failed,
 //   is reported and answered by TypeScript once the volume settled it.
 // - Reading stops while: TypeScript says so, kMaxInflight reported requests are unreplied,
 //   queued reply bytes exceed maxQueuedBytes, or a WRITE waits for a buffer (one NEED
@@ -56,6 +62,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 namespace nvm {
@@ -138,6 +145,39 @@ struct Send {
 };
 
 enum class St { Header, Payload, Skip, Discard, Dead };
+
+// A memory volume's data chunks as the thread may address them (src/volume/memory.ts keeps
+// it in step: a chunk is registered once it holds data and unregistered before its memory
+// is freed or reused). The mutex makes a chunk's removal wait for a copy into it.
+class MemStore {
+ public:
+  MemStore(uint64_t sizeBytes, uint64_t chunkBytes) : sizeBytes_(sizeBytes), chunkBytes_(chunkBytes) {}
+  const uint64_t sizeBytes_;
+  const uint64_t chunkBytes_;
+  std::mutex mu;
+  std::unordered_map<uint64_t, uint8_t*> chunks;  // under mu
+  bool closed = false;                            // under mu
+
+  // Copies [data, data+len) to [off, off+len) if every chunk there holds data; else false
+  // (nothing copied). The caller checked off + len <= sizeBytes_.
+  bool CopyIn(uint64_t off, const uint8_t* data, size_t len) {
+    std::lock_guard<std::mutex> l(mu);
+    if (closed) return false;
+    for (uint64_t i = off / chunkBytes_; i <= (off + len - 1) / chunkBytes_; i++) {
+      if (chunks.find(i) == chunks.end()) return false;
+    }
+    size_t done = 0;
+    while (done < len) {
+      uint64_t pos = off + done;
+      uint64_t in = pos % chunkBytes_;
+      size_t k = static_cast<size_t>(std::min<uint64_t>(chunkBytes_ - in, len - done));
+      memcpy(chunks[pos / chunkBytes_] + in, data + done, k);
+      done += k;
+    }
+    return true;
+  }
+};
+using MemStorePtr = std::shared_ptr<MemStore>;
 
 class Conn {
  public:
@@ -269,6 +309,11 @@ class Conn {
     if (directFd_ >= 0) ::close(directFd_);
     directFd_ = fd;
     directSize_ = sizeBytes;
+  }
+
+  void SetDirectMem(MemStorePtr m) {
+    std::lock_guard<std::mutex> l(mu_);
+    mem_ = std::move(m);
   }
 
   void SetReading(bool on) {
@@ -489,15 +534,20 @@ class Conn {
   void FinishWrite() {
     int dfd;
     uint64_t size;
+    MemStorePtr mem;
     {
       std::lock_guard<std::mutex> l(mu_);
       dfd = directFd_;
       size = directSize_;
+      mem = mem_;
     }
+    if (mem) size = mem->sizeBytes_;
     uint64_t off = (uint64_t{Be32(hdr_ + 16)} << 32) | Be32(hdr_ + 20);
     bool plain = Be16(hdr_ + 4) == 0 && Be16(hdr_ + 6) == kCmdWrite;
-    if (dfd >= 0 && plain && payLen_ > 0 && off <= size && payLen_ <= size - off &&
-        PwriteAll(dfd, cur_.data, payLen_, off) == 0) {
+    bool inside = plain && payLen_ > 0 && off <= size && payLen_ <= size - off;
+    bool written = inside && ((dfd >= 0 && PwriteAll(dfd, cur_.data, payLen_, off) == 0) ||
+                              (mem && mem->CopyIn(off, cur_.data, payLen_)));
+    if (written) {
       size_t at = ownReplies_.size();
       ownReplies_.resize(at + kSimpleReplyBytes);
       uint8_t* r = ownReplies_.data() + at;
@@ -619,6 +669,7 @@ class Conn {
   size_t needBytes_ = 0;
   int directFd_ = -1;
   uint64_t directSize_ = 0;
+  MemStorePtr mem_;
   uint64_t directWrites_ = 0;
   std::vector<Granted> granted_;
   std::deque<Send> sendq_;
@@ -642,8 +693,18 @@ class Conn {
 
 using ConnPtr = std::shared_ptr<Conn>;
 
+// Type tags on the two kinds of handle, so one is never taken for the other.
+constexpr napi_type_tag kConnTag = {0x6e626473657276ULL, 0x636f6e6e656374ULL};
+constexpr napi_type_tag kStoreTag = {0x6e626473657276ULL, 0x6d656d73746f72ULL};
+
+bool HasTag(const Napi::CallbackInfo& info, size_t i, const napi_type_tag& tag) {
+  if (i >= info.Length() || !info[i].IsExternal()) return false;
+  bool ok = false;
+  return napi_check_object_type_tag(info.Env(), info[i], &tag, &ok) == napi_ok && ok;
+}
+
 bool GetConn(const Napi::CallbackInfo& info, const char* fn, ConnPtr* out) {
-  if (info.Length() < 1 || !info[0].IsExternal()) {
+  if (!HasTag(info, 0, kConnTag)) {
     ThrowType(info.Env(), std::string(fn) + ": handle must be an nbdServeStart handle");
     return false;
   }
@@ -693,7 +754,9 @@ Napi::Value Start(const Napi::CallbackInfo& info) {
   c->tsfn = Napi::ThreadSafeFunction::New(env, cb, "nbdServe", 0, 1, ctx,
                                           [](Napi::Env, ConnPtr* p) { delete p; });
   std::thread([c]() { c->Run(); }).detach();
-  return Napi::External<ConnPtr>::New(env, new ConnPtr(c), [](Napi::Env, ConnPtr* p) { delete p; });
+  auto handle = Napi::External<ConnPtr>::New(env, new ConnPtr(c), [](Napi::Env, ConnPtr* p) { delete p; });
+  napi_type_tag_object(env, handle, &kConnTag);
+  return handle;
 }
 
 Napi::Value Grant(const Napi::CallbackInfo& info) {
@@ -797,6 +860,105 @@ Napi::Value SetDirect(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+bool GetMemStore(const Napi::CallbackInfo& info, size_t i, const char* fn, MemStorePtr* out) {
+  if (!HasTag(info, i, kStoreTag)) {
+    ThrowType(info.Env(), std::string(fn) + ": store must be an nbdMemStoreNew handle");
+    return false;
+  }
+  *out = *info[i].As<Napi::External<MemStorePtr>>().Data();
+  return true;
+}
+
+Napi::Value MemStoreNew(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int64_t size, chunk;
+  if (!GetInt(info, 0, "nbdMemStoreNew", "sizeBytes", 0, kMaxSafeInteger, &size) ||
+      !GetInt(info, 1, "nbdMemStoreNew", "chunkBytes", 4096, 64 * 1024 * 1024, &chunk)) {
+    return env.Undefined();
+  }
+  auto handle = Napi::External<MemStorePtr>::New(env, new MemStorePtr(std::make_shared<MemStore>(size, chunk)),
+                                                 [](Napi::Env, MemStorePtr* p) { delete p; });
+  napi_type_tag_object(env, handle, &kStoreTag);
+  return handle;
+}
+
+Napi::Value MemStoreSet(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "nbdMemStoreSet";
+  MemStorePtr m;
+  int64_t index;
+  Napi::Buffer<uint8_t> b;
+  if (!GetMemStore(info, 0, fn, &m) || !GetInt(info, 1, fn, "index", 0, kMaxSafeInteger, &index) ||
+      !GetBuffer(info, 2, fn, "chunk", &b)) {
+    return env.Undefined();
+  }
+  if (b.Length() != m->chunkBytes_ || static_cast<uint64_t>(index) * m->chunkBytes_ >= m->sizeBytes_) {
+    ThrowRange(env, std::string(fn) + ": a chunk is chunkBytes long and starts inside the volume");
+    return env.Undefined();
+  }
+  std::lock_guard<std::mutex> l(m->mu);
+  m->chunks[static_cast<uint64_t>(index)] = b.Data();
+  return env.Undefined();
+}
+
+Napi::Value MemStoreDelete(const Napi::CallbackInfo& info) {
+  MemStorePtr m;
+  int64_t index;
+  if (GetMemStore(info, 0, "nbdMemStoreDelete", &m) && GetInt(info, 1, "nbdMemStoreDelete", "index", 0, kMaxSafeInteger, &index)) {
+    std::lock_guard<std::mutex> l(m->mu);
+    m->chunks.erase(static_cast<uint64_t>(index));
+  }
+  return info.Env().Undefined();
+}
+
+// Zeroes [from, to) of a registered chunk and, if the whole chunk is then zero, unregisters
+// it, both under the store's lock: a copy by the thread lands before (and the chunk is not
+// all zero) or never (it is gone). Returns whether it was unregistered.
+Napi::Value MemStoreZeroIn(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "nbdMemStoreZeroIn";
+  MemStorePtr m;
+  int64_t index, from, to;
+  if (!GetMemStore(info, 0, fn, &m) || !GetInt(info, 1, fn, "index", 0, kMaxSafeInteger, &index) ||
+      !GetInt(info, 2, fn, "from", 0, kMaxSafeInteger, &from) || !GetInt(info, 3, fn, "to", 0, kMaxSafeInteger, &to)) {
+    return env.Undefined();
+  }
+  if (from > to || static_cast<uint64_t>(to) > m->chunkBytes_) {
+    ThrowRange(env, std::string(fn) + ": need 0 <= from <= to <= chunkBytes");
+    return env.Undefined();
+  }
+  std::lock_guard<std::mutex> l(m->mu);
+  auto it = m->chunks.find(static_cast<uint64_t>(index));
+  if (it == m->chunks.end()) {
+    ThrowRange(env, std::string(fn) + ": chunk " + std::to_string(index) + " is not registered");
+    return env.Undefined();
+  }
+  uint8_t* c = it->second;
+  memset(c + from, 0, static_cast<size_t>(to - from));
+  for (uint64_t i = 0; i < m->chunkBytes_; i++) {
+    if (c[i] != 0) return Napi::Boolean::New(env, false);
+  }
+  m->chunks.erase(it);
+  return Napi::Boolean::New(env, true);
+}
+
+Napi::Value MemStoreClose(const Napi::CallbackInfo& info) {
+  MemStorePtr m;
+  if (GetMemStore(info, 0, "nbdMemStoreClose", &m)) {
+    std::lock_guard<std::mutex> l(m->mu);
+    m->closed = true;
+    m->chunks.clear();
+  }
+  return info.Env().Undefined();
+}
+
+Napi::Value SetDirectMem(const Napi::CallbackInfo& info) {
+  ConnPtr c;
+  MemStorePtr m;
+  if (GetConn(info, "nbdServeDirectMemory", &c) && GetMemStore(info, 1, "nbdServeDirectMemory", &m)) c->SetDirectMem(m);
+  return info.Env().Undefined();
+}
+
 Napi::Value SetReading(const Napi::CallbackInfo& info) {
   ConnPtr c;
   bool on;
@@ -830,6 +992,12 @@ void InitNbdServe(Napi::Env env, Napi::Object exports) {
   exports.Set("nbdServeRevoke", Napi::Function::New(env, Revoke, "nbdServeRevoke"));
   exports.Set("nbdServeSend", Napi::Function::New(env, SendReply, "nbdServeSend"));
   exports.Set("nbdServeDirect", Napi::Function::New(env, SetDirect, "nbdServeDirect"));
+  exports.Set("nbdServeDirectMemory", Napi::Function::New(env, SetDirectMem, "nbdServeDirectMemory"));
+  exports.Set("nbdMemStoreNew", Napi::Function::New(env, MemStoreNew, "nbdMemStoreNew"));
+  exports.Set("nbdMemStoreSet", Napi::Function::New(env, MemStoreSet, "nbdMemStoreSet"));
+  exports.Set("nbdMemStoreDelete", Napi::Function::New(env, MemStoreDelete, "nbdMemStoreDelete"));
+  exports.Set("nbdMemStoreZeroIn", Napi::Function::New(env, MemStoreZeroIn, "nbdMemStoreZeroIn"));
+  exports.Set("nbdMemStoreClose", Napi::Function::New(env, MemStoreClose, "nbdMemStoreClose"));
   exports.Set("nbdServeSetReading", Napi::Function::New(env, SetReading, "nbdServeSetReading"));
   exports.Set("nbdServeEnd", Napi::Function::New(env, End, "nbdServeEnd"));
   exports.Set("nbdServeAbort", Napi::Function::New(env, Abort, "nbdServeAbort"));

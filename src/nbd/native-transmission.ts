@@ -6,7 +6,9 @@
  * (validation, the volume, replies, errors, metrics, the budget and limits) is the same
  * code as the stream path: this class is a Transmission whose socket side is native.
  * For a volume with a direct-write fd (the file volume, Volume.directWriteFd) the thread
- * also writes each plain WRITE inside the volume itself (pwrite) and answers it; TypeScript
+ * also writes each plain WRITE inside the volume itself (pwrite) and answers it, and for
+ * one with a native store (the memory volume, Volume.directWriteStore) it copies each
+ * plain WRITE whose chunks all hold data already straight into them; TypeScript
  * is told afterwards (DONE events: metrics, request counts). FUA, errors and every other
  * command take the shared path.
  * TLS connections and kernel (attach) sockets keep the stream path. NVMIRROR_NBD_NATIVE=0
@@ -100,6 +102,7 @@ interface ServeAddon {
   nbdServeSend(h: Handle, bufs: Buffer[], seq: number, replies: number): number;
   nbdServeSetReading(h: Handle, on: boolean): void;
   nbdServeDirect(h: Handle, fd: number, sizeBytes: number): void;
+  nbdServeDirectMemory(h: Handle, store: object): void;
   nbdServeEnd(h: Handle): void;
   nbdServeAbort(h: Handle): void;
   nbdServeState(h: Handle): NativeState;
@@ -198,6 +201,9 @@ export class NativeTransmission extends Transmission {
     // A file volume: the thread writes plain WRITEs itself (see Volume.directWriteFd).
     const direct = this.vc.readOnly ? undefined : s.volume.directWriteFd?.();
     if (direct !== undefined) a.nbdServeDirect(this.handle, direct, s.volume.sizeBytes);
+    // A memory volume: plain WRITEs into chunks that hold data already (Volume.directWriteStore).
+    const store = this.vc.readOnly ? undefined : s.volume.directWriteStore?.();
+    if (store !== undefined) a.nbdServeDirectMemory(this.handle, store);
   }
 
   // ------------------------------------------------------------------ events

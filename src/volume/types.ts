@@ -86,5 +86,12 @@ export interface Volume {
    * the volume has none (memory, engine, read-only). The caller dups it.
    */
   directWriteFd?(): number | undefined;
+  /**
+   * A native store (native/nbd_serve.cc MemStore) into which the native NBD data path may
+   * copy a plain write whose range lies in chunks that already hold data, with the same
+   * effect as write(); the volume keeps it in step with its chunks. Undefined if none
+   * (file, engine, read-only).
+   */
+  directWriteStore?(): object | undefined;
   close(): Promise<void>;
 }

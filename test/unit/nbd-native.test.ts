@@ -9,8 +9,10 @@
  * - hostile input: bad magic, an oversized WRITE, an unknown command, a truncated header
  *   or payload then close, a half header then silence; after each, nothing is written
  *   that was not acknowledged, the budget is fully released and no connection is left;
- * - a file volume's plain WRITEs are written by the thread itself (pwrite), FUA ones and
- *   ones past the end by the shared path (the volume's write, its error);
+ * - a file volume's plain WRITEs are written by the thread itself (pwrite), a memory
+ *   volume's ones into chunks that hold data copied in by it; FUA ones and ones past the
+ *   end take the shared path (the volume's write, its error); WRITE/TRIM/WRITE_ZEROES on
+ *   shared chunks match a model;
  * - the switch: nativeTransmission: false serves the same requests on the stream path.
  */
 import { strict as assert } from 'assert';
@@ -150,8 +152,8 @@ for (const kind of ['memory', 'file', 'engine'] as const) {
       }
       assert.equal(r.server.nativeTransmissions, 1, 'served by the native thread');
       const direct = directWrites(r);
-      if (kind === 'file') assert.ok(direct > 0, 'the thread wrote plain WRITEs to the file itself');
-      else assert.equal(direct, 0, 'only a file volume offers direct writes');
+      if (kind === 'engine') assert.equal(direct, 0, 'the engine takes every WRITE through write()');
+      else assert.ok(direct > 0, 'the thread wrote plain WRITEs into the file / the memory chunks itself');
       s.conn.destroy();
       await settled(r);
     });
@@ -218,6 +220,35 @@ for (const kind of ['memory', 'file', 'engine'] as const) {
       for (let i = 0; i < 64; i++) {
         const got = await simpleRead(s, i * 8192, 4608);
         assert.ok(got.data?.equals(blocks[i] as Buffer), `block ${i} read back`);
+      }
+      s.conn.destroy();
+      await settled(r);
+    });
+
+    it('WRITEs, TRIMs and WRITE_ZEROES on the same chunks read back as if run one by one (a model says what)', async () => {
+      const s = await open(r);
+      const BASE = 6 * MiB;
+      const SPAN = 256 * 1024;
+      const model = Buffer.alloc(SPAN);
+      let seed = 12345;
+      const rnd = (n: number): number => {
+        seed = (seed * 1103515245 + 12345) % 2 ** 31;
+        return seed % n;
+      };
+      for (let i = 0; i < 300; i++) {
+        const off = rnd(SPAN - 1);
+        const len = 1 + rnd(Math.min(SPAN - off, 70_000));
+        const op = rnd(4);
+        if (op <= 1) {
+          const data = crypto.randomBytes(len);
+          assert.equal(await simpleCommand(s, { type: CMD.WRITE, offset: BASE + off, length: len }, data), 0);
+          data.copy(model, off);
+        } else {
+          const type = op === 2 ? CMD.TRIM : CMD.WRITE_ZEROES;
+          assert.equal(await simpleCommand(s, { type, offset: BASE + off, length: len }), 0);
+          model.fill(0, off, off + len);
+        }
+        assert.ok((await r.volume.read(BASE, SPAN)).equals(model), `after op ${i} (${op} ${len}@${off})`);
       }
       s.conn.destroy();
       await settled(r);
