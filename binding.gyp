@@ -8,7 +8,8 @@
         "native/nvram.cc",
         "native/checksum.cc",
         "native/parity.cc",
-        "native/nbd_attach.cc"
+        "native/nbd_attach.cc",
+        "native/nbd_serve.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_DISABLE_CPP_EXCEPTIONS"],

@@ -131,6 +131,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   nvm::InitChecksum(env, exports);
   nvm::InitParity(env, exports);
   InitNbdAttach(env, exports);
+  nvm::InitNbdServe(env, exports);
   return exports;
 }
 

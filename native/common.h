@@ -50,6 +50,7 @@ void InitIo(Napi::Env env, Napi::Object exports);
 void InitNvram(Napi::Env env, Napi::Object exports);
 void InitChecksum(Napi::Env env, Napi::Object exports);
 void InitParity(Napi::Env env, Napi::Object exports);
+void InitNbdServe(Napi::Env env, Napi::Object exports);
 
 }  // namespace nvm
 

@@ -52,6 +52,8 @@ export interface BenchConfig {
   only: string[];
   repoRoot: string;
   nbdkitThreads: number | undefined;
+  /** BENCH_STREAM=1: memory and file suites also run nvmirror on the stream data path (NVMIRROR_NBD_NATIVE=0), same rounds. */
+  streamToo: boolean;
   /** The mirror suite (BENCH_SUITES=mirror): see scripts/bench/mirror.ts. */
   mirror: MirrorBenchOptions;
 }
@@ -116,6 +118,7 @@ environment:
   BENCH_KEEP=1           keep the scratch directory (fio outputs, images)
   BENCH_VERBOSE=1        print where each measurement's time went
   BENCH_NBDKIT_THREADS=N nbdkit -t N (default: nbdkit's own default)
+  BENCH_STREAM=1         memory/file suites: also nvmirror on the stream data path (nvm-stream)
 mirror suite (only when named: BENCH_SUITES=mirror; needs root for network namespaces):
   BENCH_MIRROR_SIZE=16G      thin volume size (the random write range)
   BENCH_MIRROR_NVRAM=32M     NVRAM size of the mirrored volume
@@ -199,6 +202,7 @@ export function loadConfig(argv: string[]): BenchConfig | 'help' {
     repoRoot: path.resolve(__dirname, '..', '..', '..'),
     nbdkitThreads: threads === undefined || threads === '' ? undefined : envInt('BENCH_NBDKIT_THREADS', 16, 1, 1024),
     mirror,
+    streamToo: process.env.BENCH_STREAM === '1',
   };
 }
 

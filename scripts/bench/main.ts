@@ -33,6 +33,7 @@ import {
   RunningServer,
   ServerSpec,
   snapshotBuild,
+  streamPath,
 } from './servers';
 import { baseWorkloads, engineWorkloads, filterWorkloads, prefillOptions, Workload } from './workloads';
 import { formatSize } from '../../src/util/size';
@@ -75,7 +76,7 @@ function buildSuites(c: BenchConfig, root: string, withEngine: boolean): Suite[]
       suites.push({
         name,
         title: `memory ${formatSize(c.sizeBytes)}: nvmirror serve --memory vs nbdkit memory`,
-        servers: [nvmirrorMemory(root, c.sizeBytes), nbdkitMemory(c.sizeBytes, t)],
+        servers: [nvmirrorMemory(root, c.sizeBytes), ...(c.streamToo ? [streamPath(nvmirrorMemory(root, c.sizeBytes))] : []), nbdkitMemory(c.sizeBytes, t)],
         reference: 'nbdkit',
         sizeBytes: c.sizeBytes,
         workloads: filterWorkloads(baseWorkloads(c, c.sizeBytes), c.only),
@@ -84,7 +85,7 @@ function buildSuites(c: BenchConfig, root: string, withEngine: boolean): Suite[]
       suites.push({
         name,
         title: `file ${formatSize(c.sizeBytes)} (written image on ${fsType(c.workDir)}): nvmirror serve --file vs nbdkit file`,
-        servers: [nvmirrorFile(root, c.sizeBytes), nbdkitFile(c.sizeBytes, t)],
+        servers: [nvmirrorFile(root, c.sizeBytes), ...(c.streamToo ? [streamPath(nvmirrorFile(root, c.sizeBytes))] : []), nbdkitFile(c.sizeBytes, t)],
         reference: 'nbdkit',
         sizeBytes: c.sizeBytes,
         workloads: filterWorkloads(baseWorkloads(c, c.sizeBytes), c.only),

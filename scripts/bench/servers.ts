@@ -35,6 +35,13 @@ export interface ServerSpec {
   command(dir: string, socket: string, pidfile: string): { argv: string[]; ready: 'stdout-serving' | 'pidfile' };
   /** Removes per-run backing state after the server stopped (a shared image stays). */
   cleanup(dir: string): Promise<void>;
+  /** More environment for the server process. */
+  env?: Record<string, string>;
+}
+
+/** nvmirror on the stream data path (NVMIRROR_NBD_NATIVE=0), for before/after rows in one run. */
+export function streamPath(spec: ServerSpec): ServerSpec {
+  return { ...spec, label: 'nvm-stream', id: `${spec.id}-stream`, describe: `NVMIRROR_NBD_NATIVE=0 ${spec.describe}`, env: { NVMIRROR_NBD_NATIVE: '0' } };
 }
 
 export class RunningServer {
@@ -77,7 +84,7 @@ export class RunningServer {
     const [prog, ...args] = argv;
     if (prog === undefined) throw new Error(`${spec.label}: empty command`);
     const fullArgs = prog === process.execPath ? [...extraNodeArgs, ...args] : args;
-    const child = spawn(prog, fullArgs, { stdio: ['ignore', 'pipe', 'pipe'], cwd: dir });
+    const child = spawn(prog, fullArgs, { stdio: ['ignore', 'pipe', 'pipe'], cwd: dir, env: { ...process.env, ...spec.env } });
     const s = new RunningServer(spec, socket, child);
     const spawnError = new Promise<Error>((resolve) => child.once('error', resolve));
     const deadline = Date.now() + START_TIMEOUT_MS;

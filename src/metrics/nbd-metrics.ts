@@ -44,6 +44,7 @@ export class NbdMetrics implements NbdObserver {
   private readonly errors: Counter;
   private readonly accepted: CounterChild;
   private readonly refused: CounterChild;
+  private readonly transmissions: Counter;
 
   constructor(private readonly registry: MetricsRegistry) {
     const requests = registry.counter('nvmirror_nbd_requests_total', 'NBD requests answered, by command', ['command']);
@@ -57,6 +58,7 @@ export class NbdMetrics implements NbdObserver {
     const conns = registry.counter('nvmirror_nbd_connections_total', 'Client connections, by outcome (accepted into a slot, refused)', ['outcome']);
     this.accepted = conns.labels('accepted');
     this.refused = conns.labels('refused');
+    this.transmissions = registry.counter('nvmirror_nbd_transmissions_total', 'Connections that entered transmission, by data path (native thread, stream)', ['path']);
   }
 
   /** Gauges read from the server at each scrape: open connections, budget in use. */
@@ -92,5 +94,9 @@ export class NbdMetrics implements NbdObserver {
 
   connectionRefused(): void {
     this.refused.inc();
+  }
+
+  transmissionStarted(path: 'native' | 'stream'): void {
+    this.transmissions.labels(path).inc();
   }
 }

@@ -7,7 +7,8 @@
  * taken by the kernel are charged to ONE server-wide budget (budget.ts,
  * MEMORY_BUDGET_BYTES_DEFAULT); a connection stops reading while it waits for budget.
  * Outside the budget: the buffer pool's free lists (buffer-pool.ts, 64 MiB), each
- * connection's handshake queue (< 160 KiB) and reply headers. With the defaults the
+ * connection's handshake queue (< 160 KiB), the native data path's 64 KiB input stage per
+ * connection (native/nbd_serve.cc) and reply headers. With the defaults the
  * server's RSS stays below RSS_BOUND_BYTES (measured by test/e2e/fuzz.test.ts).
  */
 import { assert } from '../util/assert';

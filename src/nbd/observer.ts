@@ -21,4 +21,6 @@ export interface NbdObserver {
   clientError(kind: 'protocol' | 'handshake'): void;
   connectionAccepted(): void;
   connectionRefused(): void;
+  /** A connection entered transmission, on the native thread or the stream path. */
+  transmissionStarted?(path: 'native' | 'stream'): void;
 }

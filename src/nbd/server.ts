@@ -37,6 +37,7 @@ import {
   SWEEP_INTERVAL_MS_MAX,
 } from './limits';
 import { Transmission, TransmissionLimits } from './transmission';
+import { NativeTransmission, nativeTransmissionDefault } from './native-transmission';
 import type { NbdObserver } from './observer';
 import { prepareUnixSocketPath, unixSocketPathOfFd } from './unix-socket';
 
@@ -80,6 +81,11 @@ export interface NbdServerOptions {
   idleTimeoutMs?: number;
   /** Told of connections and replies (metrics). */
   observer?: NbdObserver;
+  /**
+   * Serve plain (non-TLS) connections' transmission phase on a native thread
+   * (native-transmission.ts). Default: on, unless NVMIRROR_NBD_NATIVE=0.
+   */
+  nativeTransmission?: boolean;
 }
 
 export function loadTlsConfig(files: TlsFiles): TlsConfig {
@@ -132,12 +138,16 @@ export class NbdServer {
   readonly budget: MemoryBudget;
   private readonly limits: TransmissionLimits;
   private readonly sweepTimer: NodeJS.Timeout;
+  private readonly native: boolean;
+  /** Connections whose transmission phase ran on the native path (native-transmission.ts). */
+  nativeTransmissions = 0;
 
   constructor(private readonly opts: NbdServerOptions) {
     this.log = opts.logger;
     this.tls = opts.tls ? loadTlsConfig(opts.tls) : undefined;
     this.maxConnections = opts.maxConnections ?? MAX_CONNECTIONS_DEFAULT;
     this.handshakeTimeoutMs = opts.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS;
+    this.native = opts.nativeTransmission ?? nativeTransmissionDefault();
     this.budget = new MemoryBudget(opts.memoryBudgetBytes ?? MEMORY_BUDGET_BYTES_DEFAULT);
     this.limits = {
       budget: this.budget,
@@ -153,6 +163,11 @@ export class NbdServer {
 
   get connectionCount(): number {
     return this.conns.size;
+  }
+
+  /** What each connection in transmission is doing (diagnostics; tests wait on bytesReceived). */
+  transmissionStates(): Array<Record<string, number | boolean>> {
+    return [...this.conns].flatMap((c) => (c.transmission ? [c.transmission.state()] : []));
   }
 
   private sweep(): void {
@@ -272,7 +287,10 @@ export class NbdServer {
         const what = { export: session.exportName, structured: session.structuredReplies, tls: session.tls };
         log.debug(what, 'client connected');
         conn.socket = session.socket;
-        const t = new Transmission(session, log, this.limits);
+        const native = this.native && !session.tls ? NativeTransmission.tryStart(session, log, this.limits) : undefined;
+        if (native) this.nativeTransmissions++;
+        this.opts.observer?.transmissionStarted?.(native ? 'native' : 'stream');
+        const t = native ?? new Transmission(session, log, this.limits);
         conn.transmission = t;
         session.volume.onRevoke?.(() => void t.shutdown());
         void t.closed.then(() => {

@@ -77,41 +77,43 @@ export interface TransmissionLimits {
 }
 
 export class Transmission {
-  private readonly parser: RequestParser;
-  private readonly volume: Volume;
-  private readonly vc: ValidationContext;
-  private inflightRequests = 0;
-  private corked = false;
-  private readingPaused = false;
-  private stopping = false;
+  protected readonly parser: RequestParser;
+  protected readonly volume: Volume;
+  protected readonly vc: ValidationContext;
+  protected inflightRequests = 0;
+  protected corked = false;
+  protected readingPaused = false;
+  protected stopping = false;
   /** DISC received: read and discard until the client closes or LINGER_MS passes. */
-  private discarding = false;
-  private disconnected = false;
-  private socketClosed = false;
-  private cancelBudgetWait: (() => void) | undefined;
+  protected discarding = false;
+  protected disconnected = false;
+  protected socketClosed = false;
+  protected cancelBudgetWait: (() => void) | undefined;
   /** The request whose admission waits (parser blocked), on the budget or our own share. */
-  private waitingReq: Request | undefined;
-  private retryScheduled = false;
+  protected waitingReq: Request | undefined;
+  protected retryScheduled = false;
   /** Budget bytes charged to this connection's requests (held or inside the volume). */
-  private connChargedBytes = 0;
+  protected connChargedBytes = 0;
   /** Charges the connection itself holds (queued replies, a payload being received). */
-  private readonly held = new Set<Request>();
-  private idleWaiters: Array<() => void> = [];
-  private resolveClosed!: () => void;
+  protected readonly held = new Set<Request>();
+  protected idleWaiters: Array<() => void> = [];
+  protected resolveClosed!: () => void;
   /** Resolves when the connection is closed and every in-flight request has finished. */
   readonly closed: Promise<void>;
   requestsServed = 0;
   bytesReceived = 0;
   /** Why the server ended the connection (undefined: the client did, or DISC). */
   closeReason: string | undefined;
-  private lastRxMs = Date.now();
-  private lastTxMs = Date.now();
-  private lastHandleQueuedBytes = 0;
+  protected lastRxMs = Date.now();
+  protected lastTxMs = Date.now();
+  protected lastHandleQueuedBytes = 0;
 
   constructor(
-    private readonly s: TransmissionSession,
-    private readonly log: Logger,
-    private readonly limits: TransmissionLimits,
+    protected readonly s: TransmissionSession,
+    protected readonly log: Logger,
+    protected readonly limits: TransmissionLimits,
+    /** The socket's I/O is done elsewhere (native-transmission.ts): wire nothing to it here. */
+    external = false,
   ) {
     this.volume = s.volume;
     this.vc = {
@@ -131,6 +133,7 @@ export class Transmission {
       },
       sharedBufferPool,
     );
+    if (external) return;
     const sock = s.socket;
     sock.on('data', this.onData);
     sock.on('drain', this.updateReading);
@@ -148,7 +151,7 @@ export class Transmission {
     sock.resume();
   }
 
-  private readonly onData = (chunk: Buffer): void => {
+  protected readonly onData = (chunk: Buffer): void => {
     this.lastRxMs = Date.now();
     this.bytesReceived += chunk.length;
     if (this.stopping) return; // after DISC or shutdown: discarded
@@ -188,6 +191,7 @@ export class Transmission {
       queuedReplyBytes: this.s.socket.writableLength,
       midRequest: this.parser.midRequest,
       msSinceRx: Date.now() - this.lastRxMs,
+      bytesReceived: this.bytesReceived,
     };
   }
 
@@ -225,12 +229,12 @@ export class Transmission {
     this.markDisconnected();
   }
 
-  private idle(): Promise<void> {
+  protected idle(): Promise<void> {
     if (this.inflightRequests === 0) return Promise.resolve();
     return new Promise((r) => this.idleWaiters.push(r));
   }
 
-  private markDisconnected(): void {
+  protected markDisconnected(): void {
     if (this.disconnected) return;
     this.disconnected = true;
     this.stopping = true;
@@ -247,7 +251,7 @@ export class Transmission {
   }
 
   /** Ends our side after our last replies; a client that does not close is destroyed after LINGER_MS. */
-  private endAndLinger(): void {
+  protected endAndLinger(): void {
     const sock = this.s.socket;
     if (this.socketClosed) return;
     sock.end();
@@ -256,7 +260,7 @@ export class Transmission {
     sock.once('close', () => clearTimeout(t));
   }
 
-  private abort(msg: string): void {
+  protected abort(msg: string): void {
     this.limits.observer?.clientError('protocol');
     this.log.warn({ why: msg }, 'protocol violation: disconnecting client');
     this.drop(`protocol violation: ${msg}`);
@@ -269,7 +273,7 @@ export class Transmission {
    * reading) while this connection already holds MAX_INFLIGHT_BYTES_PER_CONNECTION, or
    * while the server-wide budget is spent.
    */
-  private admit(req: Request): boolean {
+  protected admit(req: Request): boolean {
     assert(req.charge === undefined && req.length > 0 && req.length <= P.MAX_PAYLOAD_BYTES);
     assert(this.waitingReq === undefined, 'admit while a request waits');
     if (this.stopping) return true; // onRequest drops it; a WRITE's payload is never read
@@ -279,7 +283,7 @@ export class Transmission {
     return false;
   }
 
-  private tryAdmit(req: Request): boolean {
+  protected tryAdmit(req: Request): boolean {
     const bytes = req.length;
     if (this.connChargedBytes > 0 && this.connChargedBytes + bytes > MAX_INFLIGHT_BYTES_PER_CONNECTION) return false; // our own releases retry
     const budget = this.limits.budget;
@@ -293,7 +297,7 @@ export class Transmission {
     return false;
   }
 
-  private onGranted(req: Request, charge: Charge): void {
+  protected onGranted(req: Request, charge: Charge): void {
     this.cancelBudgetWait = undefined;
     if (this.stopping) {
       this.limits.budget.release(charge);
@@ -303,19 +307,19 @@ export class Transmission {
     this.admitted();
   }
 
-  private admitted(): void {
+  protected admitted(): void {
     this.waitingReq = undefined;
     this.parser.unblock();
     this.updateReading();
   }
 
-  private hold(req: Request, charge: Charge): void {
+  protected hold(req: Request, charge: Charge): void {
     req.charge = charge;
     this.connChargedBytes += charge.bytes;
     this.held.add(req);
   }
 
-  private uncharge(req: Request): void {
+  protected uncharge(req: Request): void {
     this.held.delete(req);
     const charge = req.charge;
     if (charge === undefined) return;
@@ -337,19 +341,19 @@ export class Transmission {
   }
 
   /** The socket is gone: release the queued replies' and half-received payload's charges. */
-  private releaseHeld(): void {
+  protected releaseHeld(): void {
     if (!this.socketClosed) return;
     for (const req of [...this.held]) this.uncharge(req);
   }
 
   // ------------------------------------------------------------- flow control
 
-  private begin(): void {
+  protected begin(): void {
     this.inflightRequests++;
     this.updateReading();
   }
 
-  private end(): void {
+  protected end(): void {
     this.inflightRequests--;
     this.requestsServed++;
     assert(this.inflightRequests >= 0);
@@ -362,7 +366,7 @@ export class Transmission {
   }
 
   /** Reads from the socket exactly while the invariants above allow it. */
-  private readonly updateReading = (): void => {
+  protected readonly updateReading = (): void => {
     if (this.disconnected) return;
     const sock = this.s.socket;
     const want =
@@ -377,7 +381,7 @@ export class Transmission {
     else sock.pause();
   };
 
-  private readonly uncork = (): void => {
+  protected readonly uncork = (): void => {
     this.corked = false;
     this.s.socket.uncork();
     this.updateReading();
@@ -388,7 +392,7 @@ export class Transmission {
    * single request in flight there is nothing to batch, so it is written at once.
    * `onTaken` runs once the socket has handed the bytes to the kernel, or failed.
    */
-  private send(b: Buffer, onTaken?: () => void): void {
+  protected send(b: Buffer, onTaken?: () => void): void {
     if (this.disconnected) {
       onTaken?.();
       return;
@@ -409,17 +413,17 @@ export class Transmission {
   }
 
   /** Reports a reply to the observer: its error (0: none) and what caused it. */
-  private observe(req: Request, error: number, cause?: unknown): void {
+  protected observe(req: Request, error: number, cause?: unknown): void {
     const o = this.limits.observer;
     if (o) o.request(req.type, req.length, error === 0 ? undefined : errorKind(error, cause), performance.now() - req.headerMs);
   }
 
-  private replySimple(req: Request, error: number, cause?: unknown): void {
+  protected replySimple(req: Request, error: number, cause?: unknown): void {
     this.observe(req, error, cause);
     this.send(encodeSimpleReply(error, req.cookieHi, req.cookieLo));
   }
 
-  private replyError(req: Request, error: number, message: string, cause?: unknown): void {
+  protected replyError(req: Request, error: number, message: string, cause?: unknown): void {
     if (this.s.structuredReplies && (req.type === P.CMD_READ || req.type === P.CMD_BLOCK_STATUS)) {
       this.observe(req, error, cause);
       this.send(encodeStructuredError(req.cookieHi, req.cookieLo, error, message));
@@ -430,7 +434,7 @@ export class Transmission {
 
   // ---------------------------------------------------------------- requests
 
-  private onRequest(req: Request): void {
+  protected onRequest(req: Request): void {
     // From here the request's charge belongs to its operation, not to the connection.
     this.held.delete(req);
     if (this.stopping) return this.dropPayload(req);
@@ -486,14 +490,14 @@ export class Transmission {
     }
   }
 
-  private dropPayload(req: Request): void {
+  protected dropPayload(req: Request): void {
     if (req.pooled) sharedBufferPool.release(req.pooled);
     req.pooled = undefined;
     req.payload = undefined;
     this.uncharge(req);
   }
 
-  private async doRead(req: Request): Promise<void> {
+  protected async doRead(req: Request): Promise<void> {
     const len = req.length;
     const hdr = this.s.structuredReplies ? P.STRUCTURED_REPLY_HEADER_BYTES + 8 : P.SIMPLE_REPLY_HEADER_BYTES;
     let pooled = BufferPool.pooled(hdr + len) ? sharedBufferPool.take(hdr + len) : undefined;
@@ -527,7 +531,7 @@ export class Transmission {
     }
   }
 
-  private async doWrite(req: Request): Promise<void> {
+  protected async doWrite(req: Request): Promise<void> {
     const data = req.payload;
     const len = req.length;
     this.begin();
@@ -549,7 +553,7 @@ export class Transmission {
    * up to MAX_PAYLOAD_BYTES) goes to it in consecutive pieces. NBD promises no atomicity
    * for a write, so this is only visible as several backend calls.
    */
-  private async readPieces(offset: number, dst: Buffer): Promise<void> {
+  protected async readPieces(offset: number, dst: Buffer): Promise<void> {
     const piece = this.volume.caps.maxPayloadBytes;
     for (let done = 0; done < dst.length; done += piece) {
       const n = Math.min(piece, dst.length - done);
@@ -557,7 +561,7 @@ export class Transmission {
     }
   }
 
-  private async writePieces(offset: number, data: Buffer, fua: boolean): Promise<void> {
+  protected async writePieces(offset: number, data: Buffer, fua: boolean): Promise<void> {
     const piece = this.volume.caps.maxPayloadBytes;
     for (let done = 0; done < data.length; done += piece) {
       const n = Math.min(piece, data.length - done);
@@ -566,7 +570,7 @@ export class Transmission {
   }
 
   /** A request with no payload either way: reply once `op` settles. */
-  private async doSimple(req: Request, op: Promise<void>, what: string): Promise<void> {
+  protected async doSimple(req: Request, op: Promise<void>, what: string): Promise<void> {
     this.begin();
     try {
       await op;
@@ -578,7 +582,7 @@ export class Transmission {
     }
   }
 
-  private async doBlockStatus(req: Request): Promise<void> {
+  protected async doBlockStatus(req: Request): Promise<void> {
     this.begin();
     try {
       const max = (req.flags & P.CMD_FLAG_REQ_ONE) !== 0 ? 1 : P.MAX_EXTENTS_PER_REPLY;

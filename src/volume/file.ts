@@ -227,6 +227,11 @@ export class FileVolume implements Volume {
     return out;
   }
 
+  /** The shared fd: a plain write is a pwrite to it (no state here tracks plain writes). */
+  directWriteFd(): number | undefined {
+    return this.caps.readOnly || this.closed ? undefined : this.fd;
+  }
+
   async write(offset: number, data: Buffer, fua: boolean): Promise<void> {
     assert(!this.caps.readOnly, 'write to a read-only volume');
     this.checkRange(offset, data.length);

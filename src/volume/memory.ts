@@ -23,8 +23,13 @@
  *   freed as soon as a chunk holds nothing but zeroes.
  * - The hot path (read/write) does only synchronous work inside an async function: no
  *   timers, no extra event-loop turns, no allocation on a read into `dst`.
+ * - Once directWriteStore() made the native store, every data chunk in `chunks` is
+ *   registered in it and nothing else: a chunk is registered when it enters `chunks` and
+ *   unregistered before its memory is freed or reused (the native data path copies plain
+ *   writes into registered chunks, under the store's lock).
  */
 import * as os from 'os';
+import { addon } from '../io/native';
 import { assert } from '../util/assert';
 import { formatSize } from '../util/size';
 import { VolumeError } from './errors';
@@ -70,6 +75,16 @@ interface DataChunk {
   readonly slot: number;
 }
 
+/** The addon's MemStore calls (native/nbd_serve.cc). */
+interface NativeStoreCalls {
+  nbdMemStoreNew(sizeBytes: number, chunkBytes: number): object;
+  nbdMemStoreSet(store: object, index: number, chunk: Buffer): void;
+  nbdMemStoreDelete(store: object, index: number): void;
+  /** Zeroes [from, to) of a registered chunk; true when the chunk is all zero and was unregistered. */
+  nbdMemStoreZeroIn(store: object, index: number, from: number, to: number): boolean;
+  nbdMemStoreClose(store: object): void;
+}
+
 /** undefined (absent) = hole, null = provisioned zeroes. */
 type Chunk = DataChunk | null;
 
@@ -84,6 +99,8 @@ export class MemoryVolume implements Volume {
   private dataChunkCount = 0;
   private slabCount = 0;
   private closed = false;
+  /** The native store of data chunks (see directWriteStore), made on first use. */
+  private store: object | undefined;
 
   private constructor(sizeBytes: number, readOnly: boolean, maxAllocatedBytes: number) {
     this.sizeBytes = sizeBytes;
@@ -186,14 +203,37 @@ export class MemoryVolume implements Volume {
   /** Replaces index's entry with `next` (after reserveEntry), freeing old data memory. */
   private setEntry(index: number, next: Chunk): void {
     const prev = this.chunks.get(index);
+    if (prev || next) this.storeSet(index, next); // before prev's memory can be reused
     if (prev) this.freeChunk(prev);
     this.chunks.set(index, next);
+  }
+
+  /** Registers index's data chunk in the native store (null: unregisters it). */
+  private storeSet(index: number, c: Chunk): void {
+    if (this.store === undefined) return;
+    const raw = addon() as unknown as NativeStoreCalls;
+    if (c) raw.nbdMemStoreSet(this.store, index, c.bytes);
+    else raw.nbdMemStoreDelete(this.store, index);
+  }
+
+  directWriteStore(): object | undefined {
+    if (this.caps.readOnly || this.closed) return undefined;
+    if (this.store === undefined) {
+      const raw = addon() as unknown as NativeStoreCalls;
+      const store = raw.nbdMemStoreNew(this.sizeBytes, MEMORY_CHUNK_BYTES);
+      for (const [index, c] of this.chunks) if (c) raw.nbdMemStoreSet(store, index, c.bytes);
+      this.store = store;
+    }
+    return this.store;
   }
 
   private deleteEntry(index: number): void {
     const prev = this.chunks.get(index);
     if (prev === undefined) return;
-    if (prev !== null) this.freeChunk(prev);
+    if (prev !== null) {
+      this.storeSet(index, null);
+      this.freeChunk(prev);
+    }
     this.chunks.delete(index);
     const g = Math.floor(index / GROUP_CHUNKS);
     const n = (this.groupEntries.get(g) ?? 0) - 1;
@@ -280,8 +320,13 @@ export class MemoryVolume implements Volume {
       }
       return;
     }
-    chunk.bytes.fill(0, from, to);
-    if (chunk.bytes.equals(ZERO_CHUNK)) {
+    // With the native store, zero-then-check happens under its lock (a concurrent copy by
+    // the native data path must not land between the check and the chunk's removal).
+    const allZero =
+      this.store !== undefined
+        ? (addon() as unknown as NativeStoreCalls).nbdMemStoreZeroIn(this.store, index, from, to)
+        : (chunk.bytes.fill(0, from, to), chunk.bytes.equals(ZERO_CHUNK));
+    if (allZero) {
       if (provision) this.setEntry(index, null);
       else this.deleteEntry(index);
     }
@@ -337,6 +382,8 @@ export class MemoryVolume implements Volume {
   }
 
   async close(): Promise<void> {
+    if (this.store !== undefined) (addon() as unknown as NativeStoreCalls).nbdMemStoreClose(this.store);
+    this.store = undefined;
     this.closed = true;
     this.chunks.clear();
     this.groupEntries.clear();

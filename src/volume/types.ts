@@ -79,5 +79,19 @@ export interface Volume {
   detach?(): void;
   /** Lets the volume end the connection that looked it up (e.g. a mirror reader pinned too long); called once per connection. */
   onRevoke?(revoke: () => void): void;
+  /**
+   * A file descriptor to which a plain write (not FUA) inside sizeBytes may be done with
+   * pwrite directly, bypassing write(), with the same effect (the native NBD data path
+   * writes such payloads from its thread: src/nbd/native-transmission.ts); undefined if
+   * the volume has none (memory, engine, read-only). The caller dups it.
+   */
+  directWriteFd?(): number | undefined;
+  /**
+   * A native store (native/nbd_serve.cc MemStore) into which the native NBD data path may
+   * copy a plain write whose range lies in chunks that already hold data, with the same
+   * effect as write(); the volume keeps it in step with its chunks. Undefined if none
+   * (file, engine, read-only).
+   */
+  directWriteStore?(): object | undefined;
   close(): Promise<void>;
 }

@@ -324,6 +324,8 @@ export interface ServerOptions {
    * directory ('engine') left by an earlier server (see restartServer).
    */
   existingStoragePath?: string;
+  /** More environment for the server (e.g. NVMIRROR_NBD_NATIVE=0: the stream data path). */
+  env?: Record<string, string>;
 }
 
 export interface Server {
@@ -464,7 +466,7 @@ interface LaunchInfo {
 function launch(args: string[], info: LaunchInfo): Promise<Server> {
   const child = spawn(process.execPath, args, {
     cwd: REPO_ROOT,
-    env: { ...CHILD_ENV, NODE_ENV: 'test' },
+    env: { ...CHILD_ENV, NODE_ENV: 'test', ...info.options.env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   liveChildren.add(child);

@@ -19,8 +19,9 @@ const RSS_LIMIT_BYTES = 200 * MiB;
 /** Offsets used by the health check, far from what the tests write. */
 const HEALTH_BASE = 120 * MiB;
 
-const runs: Array<[Backend, Transport]> = BACKENDS.map((b) => [b, 'unix'] as [Backend, Transport]);
-runs.push(['memory', 'tcp']);
+/** Plain connections are served on the native thread by default; 'stream' forces the stream path (NVMIRROR_NBD_NATIVE=0). */
+const runs: Array<[Backend, Transport, 'native' | 'stream']> = BACKENDS.map((b) => [b, 'unix', 'native'] as [Backend, Transport, 'native']);
+runs.push(['memory', 'tcp', 'native'], ['memory', 'unix', 'stream']);
 
 /** Reads either an option reply or a close; returns the reply type or 'closed'. */
 async function replyOrClose(c: RawConn, timeoutMs = 10_000): Promise<number | 'closed'> {
@@ -64,8 +65,8 @@ async function simpleCommandStructured(s: Session, fields: { type: number; offse
   return (rest.readUInt16BE(2) & 0x8000) !== 0 ? data.readUInt32BE(0) : 0;
 }
 
-for (const [backend, transport] of runs) {
-  describe(`e2e hostile input on a raw socket: ${backend} backend over ${transport}`, function () {
+for (const [backend, transport, dataPath] of runs) {
+  describe(`e2e hostile input on a raw socket: ${backend} backend over ${transport}${dataPath === 'stream' ? ' (stream data path)' : ''}`, function () {
     this.timeout(60_000);
     let server: Server;
     let healthSeq = 0;
@@ -96,7 +97,7 @@ for (const [backend, transport] of runs) {
     }
 
     before(async function () {
-      server = await startServer({ backend, transport, sizeBytes: SIZE_BYTES });
+      server = await startServer({ backend, transport, sizeBytes: SIZE_BYTES, ...(dataPath === 'stream' ? { env: { NVMIRROR_NBD_NATIVE: '0' } } : {}) });
     });
     afterEach(async function () {
       for (const c of conns.splice(0)) c.destroy();

@@ -9,7 +9,7 @@ import * as fs from 'fs';
 import * as http from 'http';
 import * as net from 'net';
 import * as path from 'path';
-import { MiB, NVMIRROR_BIN, cleanupAll, freePort, makeTempDir, restartServer, run, sleep, startServer, type Server } from './harness';
+import { MiB, NVMIRROR_BIN, cleanupAll, freePort, makeTempDir, requireTools, restartServer, run, runOk, sleep, startServer, type Server } from './harness';
 import { parseExposition, type Exposition } from './exposition';
 import { CMD, ERR, RawConn, negotiate, simpleCommand, simpleRead, targetOf } from './rawnbd';
 
@@ -100,6 +100,33 @@ describe('e2e metrics endpoint (issue 11 point 15)', function () {
       process.stdout.write(`      (${writes} writes, ${scrapes.length} scrapes, ${after.get('nvmirror_volume_cps_total')} CPs, fill max ${Math.max(...fills).toFixed(3)})\n`);
     } finally {
       assert.equal(await server.stop(), 0);
+    }
+  });
+
+  it('real clients (nbdinfo, qemu-io) are served on the native data path by default, and on the stream path with NVMIRROR_NBD_NATIVE=0', async function () {
+    requireTools(this, 'nbdinfo', 'qemu-io');
+    for (const dataPath of ['native', 'stream'] as const) {
+      const port = await freePort();
+      const server = await startServer({
+        backend: 'memory',
+        transport: 'unix',
+        sizeBytes: 64 * MiB,
+        extraArgs: ['--metrics', `127.0.0.1:${port}`],
+        ...(dataPath === 'stream' ? { env: { NVMIRROR_NBD_NATIVE: '0' } } : {}),
+      });
+      try {
+        const url = `http://127.0.0.1:${port}/metrics`;
+        await runOk('nbdinfo', ['--json', server.uri]);
+        const out = await runOk('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5c 0 1M', '-c', 'read -P 0x5c 0 1M', server.uri]);
+        assert.doesNotMatch(out, /fail|error|mismatch/i, out);
+        const e = await scrape(url);
+        const other = dataPath === 'native' ? 'stream' : 'native';
+        assert.equal(e.get('nvmirror_nbd_transmissions_total', { path: dataPath }), 2, `nbdinfo and qemu-io on the ${dataPath} path`);
+        assert.equal(e.get('nvmirror_nbd_transmissions_total', { path: other }) ?? 0, 0, `none on the ${other} path`);
+        assert.equal(e.get('nvmirror_nbd_requests_total', { command: 'write' }), 1);
+      } finally {
+        assert.equal(await server.stop(), 0);
+      }
     }
   });
 

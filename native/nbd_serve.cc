@@ -1,0 +1,1008 @@
+// The NBD transmission phase's socket I/O on a native thread (one per connection), for
+// plain TCP/Unix connections after the handshake. The thread reads request headers,
+// receives each WRITE payload straight into a receive buffer TypeScript granted in
+// advance (charged to the server's memory budget), and hands TypeScript batches of
+// events through one thread-safe function call per batch. Replies are written with
+// sendmsg (writev) by whichever thread queues them; what the kernel does not take at
+// once is queued and written by the connection's thread when the socket is writable.
+// Policy (validation, budget, limits, replies, errors) stays in TypeScript
+// (src/nbd/native-transmission.ts, the only user).
+//
+// Exports:
+//   nbdServeStart(fd, leftover, maxPayloadBytes, maxInflight, maxQueuedBytes, onEvents) -> handle
+//       dups fd (the caller keeps its own); onEvents(Float64Array) gets events of
+//       kEventWidth numbers each (kinds below).
+//   nbdServeGrant(handle, ids, buffers)    receive buffers, each for one WRITE payload <= its length
+//   nbdServeRevoke(handle) -> number[]     takes back the unclaimed buffers (their ids)
+//   nbdServeSend(handle, buffers, seq, replies) -> 1 written, 0 queued (TAKEN later), 2 closed
+//   nbdServeDirect(handle, fd, sizeBytes)  dups fd: plain WRITEs inside sizeBytes are pwritten to it and
+//                                          answered by the thread (DONE events say so), see FinishWrite
+//   nbdServeDirectMemory(handle, store)    plain WRITEs inside a memory volume whose chunks all hold
+//                                          data are copied into them and answered by the thread
+//   nbdMemStoreNew(sizeBytes, chunkBytes) -> store; nbdMemStoreSet(store, index, chunk),
+//   nbdMemStoreDelete(store, index), nbdMemStoreZeroIn(store, index, from, to) -> unregistered,
+//   nbdMemStoreClose(store): the memory volume keeps it in step
+//   nbdServeSetReading(handle, bool)       TypeScript's flow control (may read or not)
+//   nbdServeEnd(handle)                    after queued replies: shut our side, discard until EOF
+//   nbdServeAbort(handle)                  shut the socket down now; the thread exits
+//   nbdServeState(handle) -> object        for stall/idle checks and diagnostics
+//
+// Invariants:
+// - The thread touches a granted buffer only after claiming it (under the mutex, for one
+//   WRITE whose length fits it) and until it reported that WRITE; TypeScript keeps every
+//   granted buffer referenced until it is reported or revoked. A claimed buffer is never
+//   revoked. So a payload is only ever received into memory charged to the budget.
+// - The only reply made here is to a plain WRITE (no flags) inside the volume written
+//   completely with pwrite to the direct fd (a file volume's own fd, dup'd): exactly the
+//   file volume's own non-FUA write; or copied completely into a memory volume's chunks
+//   that all held data already (MemStore, under its mutex, so no chunk is freed meanwhile). Every other request, and a WRITE whose pwrite failed,
+//   is reported and answered by TypeScript once the volume settled it.
+// - Reading stops while: TypeScript says so, kMaxInflight reported requests are unreplied,
+//   queued reply bytes exceed maxQueuedBytes, or a WRITE waits for a buffer (one NEED
+//   event says so). Unparsed input held here is at most kStageBytes.
+// - A bad request magic stops all parsing (FRAMING event); after DISC or End every
+//   further byte is discarded.
+// - The fd is closed by the thread, under the mutex, after which sends are refused (2),
+//   so no thread writes to a closed (or reused) descriptor. The last event is CLOSED.
+// - Arguments are re-checked here (types, ranges, buffer counts) and bad ones throw.
+#include "common.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+namespace nvm {
+namespace {
+
+constexpr uint32_t kRequestMagic = 0x25609513;
+constexpr size_t kHeaderBytes = 28;
+constexpr uint16_t kCmdWrite = 1;
+constexpr uint16_t kCmdDisc = 2;
+constexpr size_t kStageBytes = 64 * 1024;       // unparsed input held at most
+constexpr size_t kDirectMinBytes = 16 * 1024;   // payload rest this large: recv straight into it
+constexpr size_t kMaxGranted = 1024;            // receive buffers held per connection
+constexpr uint32_t kMaxSendBuffers = 64;        // buffers in one reply
+constexpr int64_t kMaxPayloadLimit = 64 * 1024 * 1024;  // protocol.ts MAX_PAYLOAD_BYTES
+constexpr int64_t kMaxInflightLimit = 65536;
+constexpr int64_t kMaxQueuedLimit = 1LL << 30;
+constexpr int kEventWidth = 10;
+
+// Event kinds (field 0); fields 1.. per kind.
+constexpr double kEvRequest = 1;  // flags, type, cookieHi, cookieLo, offHi, offLo, length, bufferId (-1: none)
+constexpr double kEvNeed = 2;     // length: a WRITE of this length waits for a buffer that fits
+constexpr double kEvTaken = 3;    // seq: every send up to seq is taken by the kernel
+constexpr double kEvFraming = 4;  // magic: bad request magic, parsing stopped
+constexpr double kEvEof = 5;      // errno (0: the client closed its side)
+constexpr double kEvClosed = 6;   // errno, bytes received: the thread ended, fd closed
+constexpr double kEvDone = 7;     // length, microseconds: a WRITE written directly and answered here
+constexpr uint32_t kSimpleReplyMagic = 0x67446698;
+constexpr size_t kSimpleReplyBytes = 16;
+
+int64_t NowMs() {
+  timespec ts{};
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+}
+
+uint32_t Be32(const uint8_t* p) {
+  return (uint32_t{p[0]} << 24) | (uint32_t{p[1]} << 16) | (uint32_t{p[2]} << 8) | uint32_t{p[3]};
+}
+uint16_t Be16(const uint8_t* p) { return static_cast<uint16_t>((p[0] << 8) | p[1]); }
+void PutBe32(uint8_t* p, uint32_t v) {
+  p[0] = static_cast<uint8_t>(v >> 24);
+  p[1] = static_cast<uint8_t>(v >> 16);
+  p[2] = static_cast<uint8_t>(v >> 8);
+  p[3] = static_cast<uint8_t>(v);
+}
+
+int64_t NowUs() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000 + ts.tv_nsec / 1000;
+}
+
+// pwrite of all of [data, data+len) at pos; 0 or an errno.
+int PwriteAll(int fd, const uint8_t* data, size_t len, uint64_t pos) {
+  size_t done = 0;
+  while (done < len) {
+    ssize_t n = ::pwrite(fd, data + done, len - done, static_cast<off_t>(pos + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (n == 0) return EIO;
+    done += static_cast<size_t>(n);
+  }
+  return 0;
+}
+
+struct Granted {
+  double id;
+  uint8_t* data;
+  size_t cap;
+};
+
+struct Send {
+  double seq;  // -1: replies of the thread's own (no TAKEN event)
+  std::vector<iovec> iov;
+  std::vector<uint8_t> own;  // the bytes of the thread's own replies (iov points here)
+  size_t first = 0;
+  size_t left = 0;
+};
+
+enum class St { Header, Payload, Skip, Discard, Dead };
+
+// A memory volume's data chunks as the thread may address them (src/volume/memory.ts keeps
+// it in step: a chunk is registered once it holds data and unregistered before its memory
+// is freed or reused). The mutex makes a chunk's removal wait for a copy into it.
+class MemStore {
+ public:
+  MemStore(uint64_t sizeBytes, uint64_t chunkBytes) : sizeBytes_(sizeBytes), chunkBytes_(chunkBytes) {}
+  const uint64_t sizeBytes_;
+  const uint64_t chunkBytes_;
+  std::mutex mu;
+  std::unordered_map<uint64_t, uint8_t*> chunks;  // under mu
+  bool closed = false;                            // under mu
+
+  // Copies [data, data+len) to [off, off+len) if every chunk there holds data; else false
+  // (nothing copied). The caller checked off + len <= sizeBytes_.
+  bool CopyIn(uint64_t off, const uint8_t* data, size_t len) {
+    std::lock_guard<std::mutex> l(mu);
+    if (closed) return false;
+    for (uint64_t i = off / chunkBytes_; i <= (off + len - 1) / chunkBytes_; i++) {
+      if (chunks.find(i) == chunks.end()) return false;
+    }
+    size_t done = 0;
+    while (done < len) {
+      uint64_t pos = off + done;
+      uint64_t in = pos % chunkBytes_;
+      size_t k = static_cast<size_t>(std::min<uint64_t>(chunkBytes_ - in, len - done));
+      memcpy(chunks[pos / chunkBytes_] + in, data + done, k);
+      done += k;
+    }
+    return true;
+  }
+};
+using MemStorePtr = std::shared_ptr<MemStore>;
+
+class Conn {
+ public:
+  Conn(int fd, int wake, uint32_t maxPayload, uint32_t maxInflight, size_t maxQueued)
+      : fd_(fd), wake_(wake), maxPayload_(maxPayload), maxInflight_(maxInflight), maxQueued_(maxQueued) {
+    lastRxMs_ = lastTxMs_ = NowMs();
+  }
+
+  Napi::ThreadSafeFunction tsfn;
+
+  void Feed(const uint8_t* p, size_t n) {  // leftover from the handshake, before the thread runs
+    if (n > kStageBytes) n = kStageBytes;  // the caller checked; handshake input is < 160 KiB
+    memcpy(stage_, p, n);
+    sLen_ = n;
+  }
+
+  void Run() {
+    int err = 0;
+    for (;;) {
+      Process();
+      bool wantRecv;
+      short events;
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        if (abort_) break;
+        if (sendErr_ != 0) {
+          err = sendErr_;
+          break;
+        }
+        if (endReq_ && sendq_.empty() && !shutWr_) {
+          ::shutdown(fd_, SHUT_WR);
+          shutWr_ = true;
+          if (state_ != St::Dead) state_ = St::Discard;
+        }
+        wantRecv = CanRecvLocked();
+        wakeWanted_ = !wantRecv;
+        wantsInput_ = wantRecv && state_ != St::Discard;
+        events = static_cast<short>((wantRecv ? POLLIN : 0) | (sendq_.empty() ? 0 : POLLOUT));
+        PostLocked();
+      }
+      pollfd fds[2] = {{fd_, events, 0}, {wake_, POLLIN, 0}};
+      int r = ::poll(fds, 2, -1);
+      if (r < 0) {
+        if (errno == EINTR) continue;
+        err = errno;
+        break;
+      }
+      if (fds[1].revents & POLLIN) {
+        uint64_t v;
+        (void)!::read(wake_, &v, sizeof v);
+      }
+      short re = fds[0].revents;
+      if (re & POLLOUT) {
+        std::lock_guard<std::mutex> l(mu_);
+        FlushLocked();
+      }
+      if (re & POLLERR) {
+        int se = 0;
+        socklen_t sl = sizeof se;
+        ::getsockopt(fd_, SOL_SOCKET, SO_ERROR, &se, &sl);
+        err = se != 0 ? se : EIO;
+        break;
+      }
+      if ((re & POLLIN) || ((re & POLLHUP) && wantRecv)) {
+        int e = Recv();
+        if (e < 0) break;  // EOF while discarding: done
+        if (e > 0) {
+          err = e;
+          break;
+        }
+      } else if (re & POLLHUP) {
+        break;  // both directions shut and nothing to read: nothing more can happen
+      }
+    }
+    std::lock_guard<std::mutex> l(mu_);
+    closed_ = true;
+    ::close(fd_);
+    ::close(wake_);
+    if (directFd_ >= 0) ::close(directFd_);
+    directFd_ = -1;
+    sendq_.clear();
+    queued_ = 0;
+    Emit({kEvClosed, static_cast<double>(err), static_cast<double>(rxBytes_)});
+    PostLocked();
+    tsfn.Release();
+  }
+
+  // ---- called on the JS thread
+
+  bool Grant(const std::vector<Granted>& gs, std::string* why) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (granted_.size() + gs.size() > kMaxGranted) {
+      *why = "too many receive buffers granted";
+      return false;
+    }
+    for (const Granted& g : gs) {
+      granted_.push_back(g);
+      if (needPending_ && g.cap >= needBytes_) {
+        needPending_ = false;
+        WakeLocked();
+      }
+    }
+    return true;
+  }
+
+  std::vector<double> Revoke() {
+    std::lock_guard<std::mutex> l(mu_);
+    std::vector<double> ids;
+    for (const Granted& g : granted_) ids.push_back(g.id);
+    granted_.clear();
+    return ids;
+  }
+
+  // 1: all written now; 0: queued (a TAKEN event follows); 2: connection closed.
+  int SendNow(std::vector<iovec>&& iov, double seq, uint32_t replies) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (closed_) return 2;
+    inflight_ = replies >= inflight_ ? 0 : inflight_ - replies;
+    size_t total = 0;
+    for (const iovec& v : iov) total += v.iov_len;
+    Send s{seq, std::move(iov), {}};
+    s.left = total;
+    return QueueLocked(std::move(s)) ? 1 : 0;
+  }
+
+  // Plain WRITEs inside [0, sizeBytes) are written to this fd (our own dup) and answered here.
+  void SetDirect(int fd, uint64_t sizeBytes) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (directFd_ >= 0) ::close(directFd_);
+    directFd_ = fd;
+    directSize_ = sizeBytes;
+  }
+
+  void SetDirectMem(MemStorePtr m) {
+    std::lock_guard<std::mutex> l(mu_);
+    mem_ = std::move(m);
+  }
+
+  void SetReading(bool on) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (reading_ == on) return;
+    reading_ = on;
+    WakeLocked();
+  }
+
+  void End() {
+    std::lock_guard<std::mutex> l(mu_);
+    endReq_ = true;
+    WakeLocked();
+  }
+
+  void Abort() {
+    std::lock_guard<std::mutex> l(mu_);
+    if (closed_) return;
+    abort_ = true;
+    ::shutdown(fd_, SHUT_RDWR);
+    WakeLocked();
+  }
+
+  Napi::Object State(Napi::Env env) {
+    std::lock_guard<std::mutex> l(mu_);
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("queuedBytes", Napi::Number::New(env, static_cast<double>(queued_)));
+    o.Set("midRequest", Napi::Boolean::New(env, midRequest_));
+    o.Set("wantsInput", Napi::Boolean::New(env, !closed_ && wantsInput_));
+    o.Set("needPending", Napi::Boolean::New(env, needPending_));
+    o.Set("lastRxMs", Napi::Number::New(env, static_cast<double>(lastRxMs_)));
+    o.Set("lastTxMs", Napi::Number::New(env, static_cast<double>(lastTxMs_)));
+    o.Set("inflight", Napi::Number::New(env, inflight_));
+    o.Set("granted", Napi::Number::New(env, static_cast<double>(granted_.size())));
+    o.Set("bytesReceived", Napi::Number::New(env, static_cast<double>(rxBytes_)));
+    o.Set("closed", Napi::Boolean::New(env, closed_));
+    o.Set("directWrites", Napi::Number::New(env, static_cast<double>(directWrites_)));
+    return o;
+  }
+
+  // Runs on the JS thread (thread-safe function): hands the pending events over.
+  void Deliver(Napi::Env env, Napi::Function fn) {
+    std::vector<double> ev;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      posted_ = false;
+      ev.swap(events_);
+    }
+    if (ev.empty()) return;
+    Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, ev.size() * sizeof(double));
+    memcpy(ab.Data(), ev.data(), ev.size() * sizeof(double));
+    fn.Call({Napi::Float64Array::New(env, ev.size(), ab, 0)});
+  }
+
+ private:
+  // ---- thread side; fields marked (T) are touched by the thread only.
+
+  bool CanRecvLocked() const {
+    if (state_ == St::Dead || inputDone_) return false;
+    if (state_ == St::Discard) return true;
+    if (sPos_ < sLen_) return false;  // unparsed input waits (blocked)
+    return reading_ && !needPending_ && queued_ < maxQueued_ &&
+           !(state_ == St::Header && hdrFill_ == 0 && inflight_ >= maxInflight_);
+  }
+
+  // Returns 0 on progress, -1 on EOF, or an errno.
+  int Recv() {
+    uint8_t* into;
+    size_t room;
+    bool direct = false;
+    if (state_ == St::Payload && sPos_ == sLen_ && payLen_ - payFill_ >= kDirectMinBytes) {
+      into = cur_.data + payFill_;
+      room = payLen_ - payFill_;
+      direct = true;
+    } else {
+      into = stage_ + sLen_;
+      room = kStageBytes - sLen_;
+      if (room == 0) return 0;
+    }
+    ssize_t n = ::recv(fd_, into, room, MSG_DONTWAIT);
+    if (n < 0) {
+      if (errno == EINTR || errno == EAGAIN) return 0;
+      return errno;
+    }
+    if (n > 0) {
+      if (direct) payFill_ += static_cast<size_t>(n);
+      else sLen_ += static_cast<size_t>(n);
+    }
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (n == 0) {
+        inputDone_ = true;
+        if (state_ == St::Discard || state_ == St::Dead) return -1;
+        Emit({kEvEof, 0});
+        return 0;
+      }
+      rxBytes_ += static_cast<uint64_t>(n);
+      lastRxMs_ = NowMs();
+    }
+    if (direct && payFill_ == payLen_) FinishWrite();
+    std::lock_guard<std::mutex> l(mu_);
+    midRequest_ = MidRequest();
+    return 0;
+  }
+
+  bool MidRequest() const {
+    return sPos_ < sLen_ || hdrFill_ > 0 || state_ == St::Payload || state_ == St::Skip;
+  }
+
+  // Parses what the stage holds, as far as the limits allow. The parser's fields are the
+  // thread's own; the mutex is taken only for what JS shares (claims, events, counters).
+  void Process() {
+    while (true) {
+      size_t avail = sLen_ - sPos_;
+      if (state_ == St::Dead) {
+        sPos_ = sLen_;
+        break;
+      }
+      if (state_ == St::Discard) {
+        sPos_ = sLen_;
+        break;
+      }
+      if (state_ == St::Skip) {
+        size_t k = static_cast<size_t>(std::min<uint64_t>(skipLeft_, avail));
+        sPos_ += k;
+        skipLeft_ -= k;
+        if (skipLeft_ == 0) state_ = St::Header;
+        if (avail == 0 || state_ == St::Skip) break;
+        continue;
+      }
+      if (state_ == St::Payload) {
+        size_t k = std::min(payLen_ - payFill_, avail);
+        memcpy(cur_.data + payFill_, stage_ + sPos_, k);
+        payFill_ += k;
+        sPos_ += k;
+        if (payFill_ < payLen_) break;
+        FinishWrite();
+        continue;
+      }
+      // Header
+      if (hdrFill_ < kHeaderBytes) {
+        if (hdrFill_ == 0) {
+          if (avail == 0) break;
+          std::lock_guard<std::mutex> l(mu_);
+          if (inflight_ >= maxInflight_) break;
+        }
+        size_t k = std::min(kHeaderBytes - hdrFill_, avail);
+        memcpy(hdr_ + hdrFill_, stage_ + sPos_, k);
+        hdrFill_ += k;
+        sPos_ += k;
+        if (hdrFill_ < kHeaderBytes) break;
+      }
+      std::lock_guard<std::mutex> l(mu_);
+      if (!ParseHeaderLocked()) break;  // waits for a buffer
+    }
+    if (sPos_ == sLen_) sPos_ = sLen_ = 0;
+    std::lock_guard<std::mutex> l(mu_);
+    midRequest_ = MidRequest();
+    if (!ownReplies_.empty()) {  // the direct WRITEs' replies, in one writev
+      Send out{-1, {}, std::move(ownReplies_)};
+      ownReplies_.clear();
+      out.iov.push_back(iovec{out.own.data(), out.own.size()});
+      out.left = out.own.size();
+      QueueLocked(std::move(out));
+    }
+  }
+
+  // The header in hdr_ is complete. False: it must wait (no buffer fits its payload).
+  bool ParseHeaderLocked() {
+    uint32_t magic = Be32(hdr_);
+    if (magic != kRequestMagic) {
+      state_ = St::Dead;
+      hdrFill_ = 0;
+      Emit({kEvFraming, static_cast<double>(magic)});
+      return true;
+    }
+    uint16_t type = Be16(hdr_ + 6);
+    uint32_t len = Be32(hdr_ + 24);
+    if (type == kCmdWrite && len > 0 && len <= maxPayload_) {
+      size_t best = granted_.size();
+      for (size_t i = 0; i < granted_.size(); i++) {
+        if (granted_[i].cap >= len && (best == granted_.size() || granted_[i].cap < granted_[best].cap)) best = i;
+      }
+      if (best == granted_.size()) {
+        if (!needPending_) {
+          needPending_ = true;
+          needBytes_ = len;
+          Emit({kEvNeed, static_cast<double>(len)});
+        }
+        return false;
+      }
+      cur_ = granted_[best];
+      granted_.erase(granted_.begin() + static_cast<std::ptrdiff_t>(best));
+      hdrUs_ = NowUs();
+      payLen_ = len;
+      payFill_ = 0;
+      state_ = St::Payload;
+      hdrFill_ = 0;
+      return true;
+    }
+    EmitRequestLocked(-1);
+    hdrFill_ = 0;
+    if (type == kCmdDisc) {
+      state_ = St::Discard;
+    } else {
+      inflight_++;
+      if (type == kCmdWrite && len > maxPayload_) {  // refused; its payload streams past
+        skipLeft_ = len;
+        state_ = St::Skip;
+      }
+    }
+    return true;
+  }
+
+  // The payload is in cur_. A plain WRITE inside the volume, when a direct fd is set, is
+  // written here (pwrite) and answered here; anything else, or a failed pwrite, goes to JS
+  // (which writes it through the volume and answers with the volume's own error).
+  void FinishWrite() {
+    int dfd;
+    uint64_t size;
+    MemStorePtr mem;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      dfd = directFd_;
+      size = directSize_;
+      mem = mem_;
+    }
+    if (mem) size = mem->sizeBytes_;
+    uint64_t off = (uint64_t{Be32(hdr_ + 16)} << 32) | Be32(hdr_ + 20);
+    bool plain = Be16(hdr_ + 4) == 0 && Be16(hdr_ + 6) == kCmdWrite;
+    bool inside = plain && payLen_ > 0 && off <= size && payLen_ <= size - off;
+    bool written = inside && ((dfd >= 0 && PwriteAll(dfd, cur_.data, payLen_, off) == 0) ||
+                              (mem && mem->CopyIn(off, cur_.data, payLen_)));
+    if (written) {
+      size_t at = ownReplies_.size();
+      ownReplies_.resize(at + kSimpleReplyBytes);
+      uint8_t* r = ownReplies_.data() + at;
+      PutBe32(r, kSimpleReplyMagic);
+      PutBe32(r + 4, 0);
+      memcpy(r + 8, hdr_ + 8, 8);  // the cookie, verbatim
+      std::lock_guard<std::mutex> l(mu_);
+      granted_.push_back(cur_);  // still granted (and charged): free for the next WRITE
+      directWrites_++;
+      Emit({kEvDone, static_cast<double>(payLen_), static_cast<double>(NowUs() - hdrUs_)});
+    } else {
+      std::lock_guard<std::mutex> l(mu_);
+      EmitRequestLocked(cur_.id);
+      inflight_++;
+    }
+    cur_ = Granted{-1, nullptr, 0};
+    state_ = St::Header;
+  }
+
+  void EmitRequestLocked(double bufferId) {
+    const uint8_t* h = hdr_;
+    Emit({kEvRequest, static_cast<double>(Be16(h + 4)), static_cast<double>(Be16(h + 6)),
+          static_cast<double>(Be32(h + 8)), static_cast<double>(Be32(h + 12)), static_cast<double>(Be32(h + 16)),
+          static_cast<double>(Be32(h + 20)), static_cast<double>(Be32(h + 24)), bufferId});
+  }
+
+  void Emit(std::initializer_list<double> f) {
+    size_t at = events_.size();
+    events_.resize(at + kEventWidth, 0);
+    size_t i = 0;
+    for (double v : f) events_[at + i++] = v;
+  }
+
+  void PostLocked() {
+    if (events_.empty() || posted_) return;
+    posted_ = true;
+    tsfn.NonBlockingCall(this, [](Napi::Env env, Napi::Function fn, Conn* c) {
+      if (env != nullptr) c->Deliver(env, fn);
+    });
+  }
+
+  void WakeLocked() {
+    if (closed_) return;
+    uint64_t one = 1;
+    (void)!::write(wake_, &one, sizeof one);
+  }
+
+  // Writes s now if nothing is queued before it, else (or for what the socket did not take)
+  // queues it for the thread. True when all of it was written.
+  bool QueueLocked(Send&& s) {
+    if (sendq_.empty() && sendErr_ == 0) {
+      Advance(&s);
+      if (s.left == 0) {
+        if (wakeWanted_) WakeLocked();
+        return true;
+      }
+    }
+    queued_ += s.left;
+    sendq_.push_back(std::move(s));
+    WakeLocked();
+    return false;
+  }
+
+  // Writes as much of s as the socket takes now.
+  void Advance(Send* s) {
+    while (s->left > 0) {
+      msghdr m{};
+      m.msg_iov = &s->iov[s->first];
+      m.msg_iovlen = std::min<size_t>(s->iov.size() - s->first, IOV_MAX);
+      ssize_t n = ::sendmsg(fd_, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN) sendErr_ = errno;
+        return;
+      }
+      lastTxMs_ = NowMs();
+      size_t k = static_cast<size_t>(n);
+      s->left -= k;
+      while (k > 0) {
+        iovec& v = s->iov[s->first];
+        if (k >= v.iov_len) {
+          k -= v.iov_len;
+          v.iov_len = 0;
+          s->first++;
+        } else {
+          v.iov_base = static_cast<uint8_t*>(v.iov_base) + k;
+          v.iov_len -= k;
+          k = 0;
+        }
+      }
+      while (s->first < s->iov.size() && s->iov[s->first].iov_len == 0) s->first++;
+    }
+  }
+
+  void FlushLocked() {
+    while (!sendq_.empty() && sendErr_ == 0) {
+      Send& s = sendq_.front();
+      size_t before = s.left;
+      Advance(&s);
+      queued_ -= before - s.left;
+      if (s.left > 0) return;
+      if (s.seq >= 0) Emit({kEvTaken, s.seq});
+      sendq_.pop_front();
+    }
+  }
+
+  const int fd_;
+  const int wake_;
+  const uint32_t maxPayload_;
+  const uint32_t maxInflight_;
+  const size_t maxQueued_;
+  std::mutex mu_;
+  // Shared, under mu_.
+  bool reading_ = true, endReq_ = false, abort_ = false, closed_ = false, shutWr_ = false;
+  bool needPending_ = false, inputDone_ = false, posted_ = false, wakeWanted_ = false;
+  // Published by the thread for State(): whether input is mid-request, whether it would read.
+  bool midRequest_ = false, wantsInput_ = false;
+  int sendErr_ = 0;
+  size_t needBytes_ = 0;
+  int directFd_ = -1;
+  uint64_t directSize_ = 0;
+  MemStorePtr mem_;
+  uint64_t directWrites_ = 0;
+  std::vector<Granted> granted_;
+  std::deque<Send> sendq_;
+  size_t queued_ = 0;
+  uint32_t inflight_ = 0;
+  std::vector<double> events_;
+  int64_t lastRxMs_, lastTxMs_;
+  uint64_t rxBytes_ = 0;
+  // Parser: the thread's own (JS reads only what is published above).
+  St state_ = St::Header;
+  uint8_t stage_[kStageBytes];
+  size_t sPos_ = 0, sLen_ = 0;
+  uint8_t hdr_[kHeaderBytes];
+  size_t hdrFill_ = 0;
+  Granted cur_{-1, nullptr, 0};
+  size_t payLen_ = 0, payFill_ = 0;
+  uint64_t skipLeft_ = 0;
+  int64_t hdrUs_ = 0;
+  std::vector<uint8_t> ownReplies_;
+};
+
+using ConnPtr = std::shared_ptr<Conn>;
+
+// Type tags on the two kinds of handle, so one is never taken for the other.
+constexpr napi_type_tag kConnTag = {0x6e626473657276ULL, 0x636f6e6e656374ULL};
+constexpr napi_type_tag kStoreTag = {0x6e626473657276ULL, 0x6d656d73746f72ULL};
+
+bool HasTag(const Napi::CallbackInfo& info, size_t i, const napi_type_tag& tag) {
+  if (i >= info.Length() || !info[i].IsExternal()) return false;
+  bool ok = false;
+  return napi_check_object_type_tag(info.Env(), info[i], &tag, &ok) == napi_ok && ok;
+}
+
+bool GetConn(const Napi::CallbackInfo& info, const char* fn, ConnPtr* out) {
+  if (!HasTag(info, 0, kConnTag)) {
+    ThrowType(info.Env(), std::string(fn) + ": handle must be an nbdServeStart handle");
+    return false;
+  }
+  *out = *info[0].As<Napi::External<ConnPtr>>().Data();
+  return true;
+}
+
+Napi::Value Start(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "nbdServeStart";
+  int fd;
+  Napi::Buffer<uint8_t> leftover;
+  int64_t maxPayload, maxInflight, maxQueued;
+  Napi::Function cb;
+  if (!GetFd(info, 0, fn, &fd) || !GetBuffer(info, 1, fn, "leftover", &leftover) ||
+      !GetInt(info, 2, fn, "maxPayloadBytes", 1, kMaxPayloadLimit, &maxPayload) ||
+      !GetInt(info, 3, fn, "maxInflight", 1, kMaxInflightLimit, &maxInflight) ||
+      !GetInt(info, 4, fn, "maxQueuedBytes", 1, kMaxQueuedLimit, &maxQueued) || !GetCallback(info, 5, fn, &cb)) {
+    return env.Undefined();
+  }
+  if (leftover.Length() > kStageBytes) {
+    ThrowRange(env, std::string(fn) + ": leftover longer than " + std::to_string(kStageBytes) + " bytes");
+    return env.Undefined();
+  }
+  int sockType = 0;
+  socklen_t sl = sizeof sockType;
+  if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &sockType, &sl) != 0 || sockType != SOCK_STREAM) {
+    ThrowType(env, std::string(fn) + ": fd must be a stream socket");
+    return env.Undefined();
+  }
+  int own = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (own < 0) {
+    ErrnoError(env, errno, "dup").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  int wake = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (wake < 0) {
+    int e = errno;
+    ::close(own);
+    ErrnoError(env, e, "eventfd").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  ConnPtr c = std::make_shared<Conn>(own, wake, static_cast<uint32_t>(maxPayload), static_cast<uint32_t>(maxInflight),
+                                     static_cast<size_t>(maxQueued));
+  c->Feed(leftover.Data(), leftover.Length());
+  auto* ctx = new ConnPtr(c);
+  c->tsfn = Napi::ThreadSafeFunction::New(env, cb, "nbdServe", 0, 1, ctx,
+                                          [](Napi::Env, ConnPtr* p) { delete p; });
+  std::thread([c]() { c->Run(); }).detach();
+  auto handle = Napi::External<ConnPtr>::New(env, new ConnPtr(c), [](Napi::Env, ConnPtr* p) { delete p; });
+  napi_type_tag_object(env, handle, &kConnTag);
+  return handle;
+}
+
+Napi::Value Grant(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "nbdServeGrant";
+  ConnPtr c;
+  if (!GetConn(info, fn, &c)) return env.Undefined();
+  if (info.Length() < 3 || !info[1].IsArray() || !info[2].IsArray()) {
+    ThrowType(env, std::string(fn) + ": ids and buffers must be arrays");
+    return env.Undefined();
+  }
+  Napi::Array ids = info[1].As<Napi::Array>();
+  Napi::Array bufs = info[2].As<Napi::Array>();
+  if (ids.Length() != bufs.Length() || ids.Length() == 0 || ids.Length() > kMaxGranted) {
+    ThrowRange(env, std::string(fn) + ": 1.." + std::to_string(kMaxGranted) + " ids, one per buffer");
+    return env.Undefined();
+  }
+  std::vector<Granted> gs;
+  gs.reserve(ids.Length());
+  for (uint32_t i = 0; i < ids.Length(); i++) {
+    Napi::Value idv = ids.Get(i);
+    Napi::Value bv = bufs.Get(i);
+    double id = idv.IsNumber() ? idv.As<Napi::Number>().DoubleValue() : -1;
+    if (!(id >= 0 && id <= static_cast<double>(kMaxSafeInteger)) || id != static_cast<double>(static_cast<int64_t>(id))) {
+      ThrowRange(env, std::string(fn) + ": ids must be integers >= 0");
+      return env.Undefined();
+    }
+    if (!bv.IsBuffer()) {
+      ThrowType(env, std::string(fn) + ": buffers must be Buffers");
+      return env.Undefined();
+    }
+    Napi::Buffer<uint8_t> b = bv.As<Napi::Buffer<uint8_t>>();
+    if (b.Length() == 0 || b.Length() > static_cast<size_t>(kMaxPayloadLimit)) {
+      ThrowRange(env, std::string(fn) + ": a buffer must hold 1.." + std::to_string(kMaxPayloadLimit) + " bytes");
+      return env.Undefined();
+    }
+    gs.push_back(Granted{id, b.Data(), b.Length()});
+  }
+  std::string why;
+  if (!c->Grant(gs, &why)) ThrowRange(env, std::string(fn) + ": " + why);
+  return env.Undefined();
+}
+
+Napi::Value Revoke(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  ConnPtr c;
+  if (!GetConn(info, "nbdServeRevoke", &c)) return env.Undefined();
+  std::vector<double> ids = c->Revoke();
+  Napi::Array a = Napi::Array::New(env, ids.size());
+  for (size_t i = 0; i < ids.size(); i++) a.Set(static_cast<uint32_t>(i), Napi::Number::New(env, ids[i]));
+  return a;
+}
+
+Napi::Value SendReply(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "nbdServeSend";
+  ConnPtr c;
+  int64_t seq, replies;
+  if (!GetConn(info, fn, &c)) return env.Undefined();
+  if (info.Length() < 2 || !info[1].IsArray()) {
+    ThrowType(env, std::string(fn) + ": buffers must be an array of Buffers");
+    return env.Undefined();
+  }
+  if (!GetInt(info, 2, fn, "seq", 0, kMaxSafeInteger, &seq) || !GetInt(info, 3, fn, "replies", 0, kMaxSendBuffers, &replies)) {
+    return env.Undefined();
+  }
+  Napi::Array bufs = info[1].As<Napi::Array>();
+  if (bufs.Length() == 0 || bufs.Length() > kMaxSendBuffers) {
+    ThrowRange(env, std::string(fn) + ": 1.." + std::to_string(kMaxSendBuffers) + " buffers");
+    return env.Undefined();
+  }
+  std::vector<iovec> iov;
+  iov.reserve(bufs.Length());
+  for (uint32_t i = 0; i < bufs.Length(); i++) {
+    Napi::Value v = bufs.Get(i);
+    if (!v.IsBuffer()) {
+      ThrowType(env, std::string(fn) + ": buffers must be an array of Buffers");
+      return env.Undefined();
+    }
+    Napi::Buffer<uint8_t> b = v.As<Napi::Buffer<uint8_t>>();
+    if (b.Length() > 0) iov.push_back(iovec{b.Data(), b.Length()});
+  }
+  return Napi::Number::New(env, c->SendNow(std::move(iov), static_cast<double>(seq), static_cast<uint32_t>(replies)));
+}
+
+Napi::Value SetDirect(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "nbdServeDirect";
+  ConnPtr c;
+  int fd;
+  int64_t size;
+  if (!GetConn(info, fn, &c) || !GetFd(info, 1, fn, &fd) || !GetInt(info, 2, fn, "sizeBytes", 0, kMaxSafeInteger, &size)) {
+    return env.Undefined();
+  }
+  int own = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (own < 0) {
+    ErrnoError(env, errno, "dup").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  c->SetDirect(own, static_cast<uint64_t>(size));
+  return env.Undefined();
+}
+
+bool GetMemStore(const Napi::CallbackInfo& info, size_t i, const char* fn, MemStorePtr* out) {
+  if (!HasTag(info, i, kStoreTag)) {
+    ThrowType(info.Env(), std::string(fn) + ": store must be an nbdMemStoreNew handle");
+    return false;
+  }
+  *out = *info[i].As<Napi::External<MemStorePtr>>().Data();
+  return true;
+}
+
+Napi::Value MemStoreNew(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int64_t size, chunk;
+  if (!GetInt(info, 0, "nbdMemStoreNew", "sizeBytes", 0, kMaxSafeInteger, &size) ||
+      !GetInt(info, 1, "nbdMemStoreNew", "chunkBytes", 4096, 64 * 1024 * 1024, &chunk)) {
+    return env.Undefined();
+  }
+  auto handle = Napi::External<MemStorePtr>::New(env, new MemStorePtr(std::make_shared<MemStore>(size, chunk)),
+                                                 [](Napi::Env, MemStorePtr* p) { delete p; });
+  napi_type_tag_object(env, handle, &kStoreTag);
+  return handle;
+}
+
+Napi::Value MemStoreSet(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "nbdMemStoreSet";
+  MemStorePtr m;
+  int64_t index;
+  Napi::Buffer<uint8_t> b;
+  if (!GetMemStore(info, 0, fn, &m) || !GetInt(info, 1, fn, "index", 0, kMaxSafeInteger, &index) ||
+      !GetBuffer(info, 2, fn, "chunk", &b)) {
+    return env.Undefined();
+  }
+  if (b.Length() != m->chunkBytes_ || static_cast<uint64_t>(index) * m->chunkBytes_ >= m->sizeBytes_) {
+    ThrowRange(env, std::string(fn) + ": a chunk is chunkBytes long and starts inside the volume");
+    return env.Undefined();
+  }
+  std::lock_guard<std::mutex> l(m->mu);
+  m->chunks[static_cast<uint64_t>(index)] = b.Data();
+  return env.Undefined();
+}
+
+Napi::Value MemStoreDelete(const Napi::CallbackInfo& info) {
+  MemStorePtr m;
+  int64_t index;
+  if (GetMemStore(info, 0, "nbdMemStoreDelete", &m) && GetInt(info, 1, "nbdMemStoreDelete", "index", 0, kMaxSafeInteger, &index)) {
+    std::lock_guard<std::mutex> l(m->mu);
+    m->chunks.erase(static_cast<uint64_t>(index));
+  }
+  return info.Env().Undefined();
+}
+
+// Zeroes [from, to) of a registered chunk and, if the whole chunk is then zero, unregisters
+// it, both under the store's lock: a copy by the thread lands before (and the chunk is not
+// all zero) or never (it is gone). Returns whether it was unregistered.
+Napi::Value MemStoreZeroIn(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "nbdMemStoreZeroIn";
+  MemStorePtr m;
+  int64_t index, from, to;
+  if (!GetMemStore(info, 0, fn, &m) || !GetInt(info, 1, fn, "index", 0, kMaxSafeInteger, &index) ||
+      !GetInt(info, 2, fn, "from", 0, kMaxSafeInteger, &from) || !GetInt(info, 3, fn, "to", 0, kMaxSafeInteger, &to)) {
+    return env.Undefined();
+  }
+  if (from > to || static_cast<uint64_t>(to) > m->chunkBytes_) {
+    ThrowRange(env, std::string(fn) + ": need 0 <= from <= to <= chunkBytes");
+    return env.Undefined();
+  }
+  std::lock_guard<std::mutex> l(m->mu);
+  auto it = m->chunks.find(static_cast<uint64_t>(index));
+  if (it == m->chunks.end()) {
+    ThrowRange(env, std::string(fn) + ": chunk " + std::to_string(index) + " is not registered");
+    return env.Undefined();
+  }
+  uint8_t* c = it->second;
+  memset(c + from, 0, static_cast<size_t>(to - from));
+  for (uint64_t i = 0; i < m->chunkBytes_; i++) {
+    if (c[i] != 0) return Napi::Boolean::New(env, false);
+  }
+  m->chunks.erase(it);
+  return Napi::Boolean::New(env, true);
+}
+
+Napi::Value MemStoreClose(const Napi::CallbackInfo& info) {
+  MemStorePtr m;
+  if (GetMemStore(info, 0, "nbdMemStoreClose", &m)) {
+    std::lock_guard<std::mutex> l(m->mu);
+    m->closed = true;
+    m->chunks.clear();
+  }
+  return info.Env().Undefined();
+}
+
+Napi::Value SetDirectMem(const Napi::CallbackInfo& info) {
+  ConnPtr c;
+  MemStorePtr m;
+  if (GetConn(info, "nbdServeDirectMemory", &c) && GetMemStore(info, 1, "nbdServeDirectMemory", &m)) c->SetDirectMem(m);
+  return info.Env().Undefined();
+}
+
+Napi::Value SetReading(const Napi::CallbackInfo& info) {
+  ConnPtr c;
+  bool on;
+  if (GetConn(info, "nbdServeSetReading", &c) && GetBool(info, 1, "nbdServeSetReading", "on", &on)) c->SetReading(on);
+  return info.Env().Undefined();
+}
+
+Napi::Value End(const Napi::CallbackInfo& info) {
+  ConnPtr c;
+  if (GetConn(info, "nbdServeEnd", &c)) c->End();
+  return info.Env().Undefined();
+}
+
+Napi::Value Abort(const Napi::CallbackInfo& info) {
+  ConnPtr c;
+  if (GetConn(info, "nbdServeAbort", &c)) c->Abort();
+  return info.Env().Undefined();
+}
+
+Napi::Value StateOf(const Napi::CallbackInfo& info) {
+  ConnPtr c;
+  if (!GetConn(info, "nbdServeState", &c)) return info.Env().Undefined();
+  return c->State(info.Env());
+}
+
+}  // namespace
+
+void InitNbdServe(Napi::Env env, Napi::Object exports) {
+  exports.Set("nbdServeStart", Napi::Function::New(env, Start, "nbdServeStart"));
+  exports.Set("nbdServeGrant", Napi::Function::New(env, Grant, "nbdServeGrant"));
+  exports.Set("nbdServeRevoke", Napi::Function::New(env, Revoke, "nbdServeRevoke"));
+  exports.Set("nbdServeSend", Napi::Function::New(env, SendReply, "nbdServeSend"));
+  exports.Set("nbdServeDirect", Napi::Function::New(env, SetDirect, "nbdServeDirect"));
+  exports.Set("nbdServeDirectMemory", Napi::Function::New(env, SetDirectMem, "nbdServeDirectMemory"));
+  exports.Set("nbdMemStoreNew", Napi::Function::New(env, MemStoreNew, "nbdMemStoreNew"));
+  exports.Set("nbdMemStoreSet", Napi::Function::New(env, MemStoreSet, "nbdMemStoreSet"));
+  exports.Set("nbdMemStoreDelete", Napi::Function::New(env, MemStoreDelete, "nbdMemStoreDelete"));
+  exports.Set("nbdMemStoreZeroIn", Napi::Function::New(env, MemStoreZeroIn, "nbdMemStoreZeroIn"));
+  exports.Set("nbdMemStoreClose", Napi::Function::New(env, MemStoreClose, "nbdMemStoreClose"));
+  exports.Set("nbdServeSetReading", Napi::Function::New(env, SetReading, "nbdServeSetReading"));
+  exports.Set("nbdServeEnd", Napi::Function::New(env, End, "nbdServeEnd"));
+  exports.Set("nbdServeAbort", Napi::Function::New(env, Abort, "nbdServeAbort"));
+  exports.Set("nbdServeState", Napi::Function::New(env, StateOf, "nbdServeState"));
+  exports.Set("nbdServeEventWidth", Napi::Number::New(env, kEventWidth));
+}
+
+}  // namespace nvm

@@ -1,0 +1,447 @@
+/**
+ * The native transmission path (native/nbd_serve.cc, src/nbd/native-transmission.ts)
+ * against real memory, file and engine volumes served by an in-process NbdServer on a
+ * Unix socket, driven by the raw client of the e2e tests:
+ * - every WRITE message (header and payload) split in two at every byte offset, and every
+ *   other command's header split at every offset, with the second part sent only once
+ *   the server has received the first (so each split really reaches the thread apart);
+ *   every acknowledged write is read back from the volume itself, not over NBD;
+ * - hostile input: bad magic, an oversized WRITE, an unknown command, a truncated header
+ *   or payload then close, a half header then silence; after each, nothing is written
+ *   that was not acknowledged, the budget is fully released and no connection is left;
+ * - a file volume's plain WRITEs are written by the thread itself (pwrite), a memory
+ *   volume's ones into chunks that hold data copied in by it; FUA ones and ones past the
+ *   end take the shared path (the volume's write, its error); WRITE/TRIM/WRITE_ZEROES on
+ *   shared chunks match a model;
+ * - the switch: nativeTransmission: false serves the same requests on the stream path.
+ */
+import { strict as assert } from 'assert';
+import * as crypto from 'crypto';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { NbdServer } from '../../src/nbd/server';
+import { StaticExports } from '../../src/nbd/exports';
+import { createLogger } from '../../src/util/log';
+import { addon } from '../../src/io/native';
+import { MemoryVolume } from '../../src/volume/memory';
+import { FileVolume } from '../../src/volume/file';
+import { EngineVolume } from '../../src/volume/engine';
+import { BlockTree } from '../../src/tree/tree';
+import { MemoryBlockDevice } from '../../src/io/memory-device';
+import { MemoryNvram } from '../../src/nvlog/memory-region';
+import { NvLog } from '../../src/nvlog/log';
+import type { Volume } from '../../src/volume/types';
+import {
+  CMD, CMD_FLAG, ERR, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, OPT, RawConn, Session, clientFlags, goData, negotiate, nextCookie, option, readGreeting, readInfoReplies,
+  readSimpleReply, request, simpleCommand, simpleRead,
+} from '../e2e/rawnbd';
+
+const MiB = 1024 * 1024;
+const SIZE_BYTES = 16 * MiB;
+const UUID = '5eed0000-1111-4222-8333-444455556610';
+const MAX_PAYLOAD_BYTES = 64 * MiB;
+/** A bound on every wait below (they poll for a state, they do not measure time). */
+const WAIT_MS_MAX = 10_000;
+
+type Kind = 'memory' | 'file' | 'engine';
+
+async function makeVolume(kind: Kind, dir: string): Promise<Volume> {
+  if (kind === 'memory') return MemoryVolume.create(SIZE_BYTES);
+  if (kind === 'file') return FileVolume.create(path.join(dir, 'vol.img'), SIZE_BYTES);
+  const dev = new MemoryBlockDevice(4096);
+  await BlockTree.format(dev, { sizeBytes: SIZE_BYTES, volumeUuid: UUID });
+  const nvram = new MemoryNvram(8 * MiB);
+  await NvLog.format(nvram, UUID);
+  return EngineVolume.open({ tree: await BlockTree.open(dev), region: nvram, readOnly: false, cpIntervalMs: 0 });
+}
+
+async function until(what: string, done: () => boolean): Promise<void> {
+  const deadline = Date.now() + WAIT_MS_MAX;
+  while (!done()) {
+    if (Date.now() > deadline) throw new Error(`gave up waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 1));
+  }
+}
+
+interface Rig {
+  server: NbdServer;
+  volume: Volume;
+  socketPath: string;
+  dir: string;
+}
+
+async function startRig(kind: Kind, native: boolean): Promise<Rig> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), `nvm-native-${kind}-`));
+  const volume = await makeVolume(kind, dir);
+  const server = new NbdServer({
+    exports: new StaticExports([['', volume]]),
+    logger: createLogger('silent'),
+    nativeTransmission: native,
+    stallTimeoutMs: 1_000,
+  });
+  const socketPath = path.join(dir, 'nbd.sock');
+  await server.listenUnix(socketPath);
+  return { server, volume, socketPath, dir };
+}
+
+async function stopRig(r: Rig): Promise<void> {
+  await r.server.close();
+  await r.volume.close();
+  fs.rmSync(r.dir, { recursive: true, force: true });
+}
+
+/** A session, and the server-side count of bytes it has received so far. */
+async function open(r: Rig, structured = false): Promise<Session> {
+  const s = await negotiate(await RawConn.connect({ socketPath: r.socketPath }), { structured });
+  await until('the connection in transmission', () => r.server.transmissionStates().length === 1);
+  return s;
+}
+
+function received(r: Rig): number {
+  const st = r.server.transmissionStates();
+  assert.equal(st.length, 1, 'one connection');
+  return (st[0] as Record<string, number>)['bytesReceived'] as number;
+}
+
+/** Sends msg in two writes split at `at`, the second once the server holds the first. */
+async function sendSplit(r: Rig, s: Session, msg: Buffer, at: number): Promise<void> {
+  const base = received(r);
+  if (at > 0 && at < msg.length) {
+    await s.conn.write(msg.subarray(0, at));
+    await until(`the first ${at} bytes at the server`, () => received(r) >= base + at);
+    await s.conn.write(msg.subarray(at));
+  } else {
+    await s.conn.write(msg);
+  }
+}
+
+function directWrites(r: Rig): number {
+  return (r.server.transmissionStates()[0] as Record<string, number>)['directWrites'] as number;
+}
+
+/** Everything released: no connection, nothing charged to the budget. */
+async function settled(r: Rig): Promise<void> {
+  await until('no connection left and the budget released', () => r.server.connectionCount === 0 && r.server.budget.usedBytes === 0);
+}
+
+for (const kind of ['memory', 'file', 'engine'] as const) {
+  describe(`native NBD transmission: ${kind} volume`, function () {
+    this.timeout(120_000);
+    let r: Rig;
+    beforeEach(async () => {
+      r = await startRig(kind, true);
+    });
+    afterEach(async () => {
+      await stopRig(r);
+    });
+
+    it('serves a WRITE split at every byte offset of header and payload; each acknowledged write is in the volume', async () => {
+      const s = await open(r);
+      const PAYLOAD = 512;
+      const msgBytes = 28 + PAYLOAD;
+      for (let at = 0; at <= msgBytes; at++) {
+        const data = crypto.randomBytes(PAYLOAD);
+        const offset = (at % 64) * PAYLOAD + 4096 * 3 + (at % 7);
+        const cookie = nextCookie();
+        await sendSplit(r, s, request({ type: CMD.WRITE, cookie, offset, length: PAYLOAD }, data), at);
+        const reply = await readSimpleReply(s.conn);
+        assert.equal(reply.cookie, cookie);
+        assert.equal(reply.error, 0, `write split at ${at}`);
+        assert.ok((await r.volume.read(offset, PAYLOAD)).equals(data), `the write split at ${at} is in the volume`);
+      }
+      assert.equal(r.server.nativeTransmissions, 1, 'served by the native thread');
+      const direct = directWrites(r);
+      if (kind === 'engine') assert.equal(direct, 0, 'the engine takes every WRITE through write()');
+      else assert.ok(direct > 0, 'the thread wrote plain WRITEs into the file / the memory chunks itself');
+      s.conn.destroy();
+      await settled(r);
+    });
+
+    it('serves a 100 KiB WRITE split around the header, the thread\'s 16 KiB direct-receive threshold and every 997th offset', async () => {
+      const s = await open(r);
+      const PAYLOAD = 100 * 1024;
+      const msgBytes = 28 + PAYLOAD;
+      const points = new Set<number>();
+      for (let at = 0; at <= msgBytes; at += 997) points.add(at);
+      for (const edge of [28, 28 + 16 * 1024, msgBytes - 16 * 1024, 64 * 1024, msgBytes]) for (let d = -2; d <= 2; d++) points.add(Math.max(0, Math.min(msgBytes, edge + d)));
+      for (const at of points) {
+        const data = crypto.randomBytes(PAYLOAD);
+        const offset = 4 * MiB + (at % 5) * 4096;
+        const cookie = nextCookie();
+        await sendSplit(r, s, request({ type: CMD.WRITE, cookie, offset, length: PAYLOAD }, data), at);
+        const reply = await readSimpleReply(s.conn);
+        assert.equal(reply.cookie, cookie);
+        assert.equal(reply.error, 0, `write split at ${at}`);
+        assert.ok((await r.volume.read(offset, PAYLOAD)).equals(data), `the write split at ${at} is in the volume`);
+      }
+      s.conn.destroy();
+      await settled(r);
+    });
+
+    it('serves READ, FLUSH, TRIM, WRITE_ZEROES and CACHE with their header split at every offset', async () => {
+      const s = await open(r);
+      const data = crypto.randomBytes(8192);
+      await r.volume.write(65536, data, false);
+      const cmds = [
+        { type: CMD.READ, offset: 65536, length: 8192 },
+        { type: CMD.FLUSH, offset: 0, length: 0 },
+        { type: CMD.TRIM, offset: 1 * MiB, length: 65536 },
+        { type: CMD.WRITE_ZEROES, offset: 2 * MiB, length: 4096 },
+        { type: CMD.CACHE, offset: 0, length: 4096 },
+      ];
+      for (const c of cmds) {
+        for (let at = 0; at <= 28; at++) {
+          const cookie = nextCookie();
+          await sendSplit(r, s, request({ ...c, cookie }), at);
+          const reply = await readSimpleReply(s.conn);
+          assert.equal(reply.cookie, cookie);
+          assert.equal(reply.error, 0, `command ${c.type} split at ${at}`);
+          if (c.type === CMD.READ) assert.ok((await s.conn.read(c.length)).equals(data), `READ split at ${at} returns the data`);
+        }
+      }
+      s.conn.destroy();
+      await settled(r);
+    });
+
+    it('answers 64 pipelined WRITEs then 64 READs, each by its cookie', async () => {
+      const s = await open(r);
+      const blocks = Array.from({ length: 64 }, () => crypto.randomBytes(4096 + 512));
+      const writes = Buffer.concat(blocks.map((b, i) => request({ type: CMD.WRITE, cookie: BigInt(1000 + i), offset: i * 8192, length: b.length }, b)));
+      await s.conn.write(writes);
+      const seen = new Set<bigint>();
+      for (let i = 0; i < 64; i++) {
+        const rep = await readSimpleReply(s.conn);
+        assert.equal(rep.error, 0);
+        seen.add(rep.cookie);
+      }
+      assert.equal(seen.size, 64, 'one reply per WRITE');
+      for (let i = 0; i < 64; i++) assert.ok((await r.volume.read(i * 8192, 4608)).equals(blocks[i] as Buffer), `block ${i} in the volume`);
+      for (let i = 0; i < 64; i++) {
+        const got = await simpleRead(s, i * 8192, 4608);
+        assert.ok(got.data?.equals(blocks[i] as Buffer), `block ${i} read back`);
+      }
+      s.conn.destroy();
+      await settled(r);
+    });
+
+    it('WRITEs, TRIMs and WRITE_ZEROES on the same chunks read back as if run one by one (a model says what)', async () => {
+      const s = await open(r);
+      const BASE = 6 * MiB;
+      const SPAN = 256 * 1024;
+      const model = Buffer.alloc(SPAN);
+      let seed = 12345;
+      const rnd = (n: number): number => {
+        seed = (seed * 1103515245 + 12345) % 2 ** 31;
+        return seed % n;
+      };
+      for (let i = 0; i < 300; i++) {
+        const off = rnd(SPAN - 1);
+        const len = 1 + rnd(Math.min(SPAN - off, 70_000));
+        const op = rnd(4);
+        if (op <= 1) {
+          const data = crypto.randomBytes(len);
+          assert.equal(await simpleCommand(s, { type: CMD.WRITE, offset: BASE + off, length: len }, data), 0);
+          data.copy(model, off);
+        } else {
+          const type = op === 2 ? CMD.TRIM : CMD.WRITE_ZEROES;
+          assert.equal(await simpleCommand(s, { type, offset: BASE + off, length: len }), 0);
+          model.fill(0, off, off + len);
+        }
+        assert.ok((await r.volume.read(BASE, SPAN)).equals(model), `after op ${i} (${op} ${len}@${off})`);
+      }
+      s.conn.destroy();
+      await settled(r);
+    });
+
+    it('FUA WRITEs and WRITEs past the end take the shared path: FUA lands, past the end is ENOSPC and changes nothing', async () => {
+      const s = await open(r);
+      const before = directWrites(r);
+      const data = crypto.randomBytes(8192);
+      assert.equal(await simpleCommand(s, { type: CMD.WRITE, flags: CMD_FLAG.FUA, offset: 3 * MiB, length: data.length }, data), 0);
+      assert.ok((await r.volume.read(3 * MiB, data.length)).equals(data), 'the FUA write is in the volume');
+      const tail = await r.volume.read(SIZE_BYTES - 4096, 4096);
+      assert.equal(await simpleCommand(s, { type: CMD.WRITE, offset: SIZE_BYTES - 4096, length: 8192 }, crypto.randomBytes(8192)), ERR.ENOSPC);
+      assert.ok((await r.volume.read(SIZE_BYTES - 4096, 4096)).equals(tail), 'a WRITE past the end changed nothing');
+      assert.equal(directWrites(r), before, 'neither was written by the thread itself');
+      s.conn.destroy();
+      await settled(r);
+    });
+
+    it('serves requests the client sent together with its last option (handshake leftover)', async () => {
+      const c = await RawConn.connect({ socketPath: r.socketPath });
+      await readGreeting(c);
+      await c.write(clientFlags(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
+      const data = crypto.randomBytes(4096);
+      const cookies = [nextCookie(), nextCookie()];
+      await c.write(Buffer.concat([
+        option(OPT.GO, goData('')),
+        request({ type: CMD.WRITE, cookie: cookies[0] as bigint, offset: 8 * MiB, length: data.length }, data),
+        request({ type: CMD.FLUSH, cookie: cookies[1] as bigint, offset: 0, length: 0 }),
+      ]));
+      await readInfoReplies(c, OPT.GO);
+      const got = new Set<bigint>();
+      for (let i = 0; i < 2; i++) {
+        const rep = await readSimpleReply(c);
+        assert.equal(rep.error, 0);
+        got.add(rep.cookie);
+      }
+      assert.deepEqual([...got].sort(), [...cookies].sort());
+      assert.ok((await r.volume.read(8 * MiB, data.length)).equals(data));
+      assert.equal(r.server.nativeTransmissions, 1);
+      c.destroy();
+      await settled(r);
+    });
+
+    it('answers an unknown command with EINVAL and keeps serving', async () => {
+      const s = await open(r);
+      assert.equal(await simpleCommand(s, { type: 99, offset: 0, length: 0 }), ERR.EINVAL);
+      const data = crypto.randomBytes(4096);
+      assert.equal(await simpleCommand(s, { type: CMD.WRITE, offset: 8192, length: 4096 }, data), 0);
+      assert.ok((await r.volume.read(8192, 4096)).equals(data));
+      s.conn.destroy();
+      await settled(r);
+    });
+
+    it('refuses a WRITE longer than 64 MiB, skips its payload, and keeps serving', async () => {
+      const s = await open(r);
+      const cookie = nextCookie();
+      const before = await r.volume.read(0, 4096);
+      await s.conn.write(request({ type: CMD.WRITE, cookie, offset: 0, length: MAX_PAYLOAD_BYTES + 4096 }));
+      const sent = await s.conn.writeFiller(MAX_PAYLOAD_BYTES + 4096, 0x77);
+      assert.equal(sent, MAX_PAYLOAD_BYTES + 4096);
+      const rep = await readSimpleReply(s.conn, WAIT_MS_MAX);
+      assert.equal(rep.cookie, cookie);
+      assert.equal(rep.error, ERR.EINVAL, 'an oversized WRITE is refused');
+      assert.ok((await r.volume.read(0, 4096)).equals(before), 'nothing of it was written');
+      const data = crypto.randomBytes(4096);
+      assert.equal(await simpleCommand(s, { type: CMD.WRITE, offset: 4096, length: 4096 }, data), 0, 'the next request is served');
+      assert.ok((await r.volume.read(4096, 4096)).equals(data));
+      s.conn.destroy();
+      await settled(r);
+    });
+
+    it('drops a client with a bad request magic, replies nothing, and serves the next client', async () => {
+      const s = await open(r);
+      const bad = request({ type: CMD.WRITE, cookie: nextCookie(), offset: 0, length: 4096 }, Buffer.alloc(4096, 1));
+      bad.writeUInt32BE(0x12345678, 0);
+      await s.conn.write(bad);
+      assert.ok(await s.conn.waitClosed(WAIT_MS_MAX), 'the server closes the connection');
+      assert.equal(s.conn.available, 0, 'no reply');
+      assert.ok((await r.volume.read(0, 4096)).equals(Buffer.alloc(4096)), 'nothing written');
+      await settled(r);
+      const t = await open(r);
+      assert.equal(await simpleCommand(t, { type: CMD.FLUSH, offset: 0, length: 0 }), 0);
+      t.conn.destroy();
+      await settled(r);
+    });
+
+    for (const cut of ['in the header', 'in the payload', 'right after the header']) {
+      it(`a client that closes ${cut} of a WRITE: nothing written, budget released, no connection left`, async () => {
+        const s = await open(r);
+        const data = Buffer.alloc(256 * 1024, 0xab);
+        const msg = request({ type: CMD.WRITE, cookie: nextCookie(), offset: 1 * MiB, length: data.length }, data);
+        const at = cut === 'in the header' ? 13 : cut === 'right after the header' ? 28 : 28 + 100_000;
+        const base = received(r);
+        await s.conn.write(msg.subarray(0, at));
+        await until('the partial message at the server', () => received(r) >= base + at);
+        s.conn.destroy();
+        await settled(r);
+        assert.ok((await r.volume.read(1 * MiB, data.length)).equals(Buffer.alloc(data.length)), 'nothing of the cut WRITE landed');
+      });
+    }
+
+    it('drops a client that sends half a header then nothing, after the stall timeout', async () => {
+      const s = await open(r);
+      await s.conn.write(request({ type: CMD.READ, cookie: nextCookie(), offset: 0, length: 4096 }).subarray(0, 11));
+      assert.ok(await s.conn.waitClosed(WAIT_MS_MAX), 'dropped');
+      await settled(r);
+    });
+
+    it('after DISC answers what came before it and closes', async () => {
+      const s = await open(r);
+      const data = crypto.randomBytes(65536);
+      const c1 = nextCookie();
+      await s.conn.write(Buffer.concat([
+        request({ type: CMD.WRITE, cookie: c1, offset: 0, length: data.length }, data),
+        request({ type: CMD.DISC, cookie: nextCookie(), offset: 0, length: 0 }),
+      ]));
+      const rep = await readSimpleReply(s.conn);
+      assert.equal(rep.cookie, c1);
+      assert.equal(rep.error, 0);
+      assert.ok(await s.conn.waitClosed(WAIT_MS_MAX), 'closed after DISC');
+      await settled(r);
+      assert.ok((await r.volume.read(0, data.length)).equals(data));
+    });
+  });
+}
+
+describe('native NBD transmission: the switch', function () {
+  this.timeout(60_000);
+  it('nativeTransmission: false serves on the stream path', async () => {
+    const r = await startRig('memory', false);
+    try {
+      const s = await open(r);
+      const data = crypto.randomBytes(4096);
+      assert.equal(await simpleCommand(s, { type: CMD.WRITE, offset: 0, length: 4096 }, data), 0);
+      assert.ok((await simpleRead(s, 0, 4096)).data?.equals(data));
+      assert.equal(r.server.transmissionStates()[0]?.['native'], undefined, 'a stream transmission');
+      assert.equal(r.server.nativeTransmissions, 0);
+      s.conn.destroy();
+      await settled(r);
+    } finally {
+      await stopRig(r);
+    }
+  });
+});
+
+describe('native NBD transmission: the addon re-checks its arguments', function () {
+  type Raw = Record<string, (...a: unknown[]) => unknown>;
+  const raw = (): Raw => addon() as unknown as Raw;
+  const call = (fn: string, ...args: unknown[]): unknown => (raw()[fn] as (...a: unknown[]) => unknown)(...args);
+
+  it('nbdServeStart refuses a descriptor that is not a stream socket, and overlong leftover', () => {
+    const fd = fs.openSync(__filename, 'r');
+    try {
+      assert.throws(() => call('nbdServeStart', fd, Buffer.alloc(0), 1024, 1, 1, () => undefined), TypeError);
+    } finally {
+      fs.closeSync(fd);
+    }
+    assert.throws(() => call('nbdServeStart', -1, Buffer.alloc(0), 1024, 1, 1, () => undefined), RangeError);
+    assert.throws(() => call('nbdServeStart', 0, Buffer.alloc(65537), 1024, 1, 1, () => undefined), RangeError);
+    assert.throws(() => call('nbdServeStart', 0, Buffer.alloc(0), 2 ** 40, 1, 1, () => undefined), RangeError);
+    assert.throws(() => call('nbdServeStart', 0, Buffer.alloc(0), 1024, 1, 1, 'not a function'), TypeError);
+  });
+
+  it('the per-connection calls refuse anything but a handle, and bad buffers or ids', () => {
+    for (const fn of ['nbdServeGrant', 'nbdServeRevoke', 'nbdServeSend', 'nbdServeSetReading', 'nbdServeEnd', 'nbdServeAbort', 'nbdServeState', 'nbdServeDirect']) {
+      assert.throws(() => call(fn, {}, [], []), TypeError, fn);
+    }
+  });
+
+  it('on a live handle: grants need ids and non-empty Buffers, sends need Buffers', async () => {
+    const [a, b] = call('socketpair') as [number, number];
+    let ended!: () => void;
+    const closed = new Promise<void>((res) => (ended = res));
+    const h = call('nbdServeStart', a, Buffer.alloc(0), 1024, 1, 1024, (ev: Float64Array) => {
+      for (let i = 0; i < ev.length; i += 10) if (ev[i] === 6) ended();
+    });
+    try {
+      assert.throws(() => call('nbdServeGrant', h, [1], []), RangeError);
+      assert.throws(() => call('nbdServeGrant', h, [-1], [Buffer.alloc(8)]), RangeError);
+      assert.throws(() => call('nbdServeGrant', h, [1.5], [Buffer.alloc(8)]), RangeError);
+      assert.throws(() => call('nbdServeGrant', h, [1], [Buffer.alloc(0)]), RangeError);
+      assert.throws(() => call('nbdServeGrant', h, [1], ['x']), TypeError);
+      assert.throws(() => call('nbdServeSend', h, ['x'], 1, 1), TypeError);
+      assert.throws(() => call('nbdServeSend', h, [], 1, 1), RangeError);
+      assert.throws(() => call('nbdServeSend', h, [Buffer.alloc(1)], -1, 1), RangeError);
+      assert.throws(() => call('nbdServeDirect', h, -1, 0), RangeError);
+      assert.deepEqual(call('nbdServeRevoke', h), [], 'nothing granted, nothing revoked');
+    } finally {
+      call('nbdServeAbort', h);
+      await closed;
+      fs.closeSync(a);
+      fs.closeSync(b);
+    }
+  });
+});
