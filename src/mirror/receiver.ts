@@ -576,6 +576,8 @@ export class MirrorReceiver {
   /** Open mirrors (kept open while the receiver runs, so their exports outlive a source's connection). */
   private readonly mirrors = new Map<string, MirrorDir>();
   private closing = false;
+  /** Sources whose mirror was released for promote (refused from then on). */
+  private readonly released = new Set<string>();
 
   constructor(private readonly opts: ReceiverOptions) {
     this.dir = opts.dir;
@@ -629,6 +631,7 @@ export class MirrorReceiver {
   async openMirror(hello: MirrorHello & { sourceCp: number }, log: Logger): Promise<MirrorDir> {
     const promoted = await promotedRefusal(path.join(this.dir, hello.sourceUuid), hello.sourceCp);
     if (promoted) throw new MirrorDirError(promoted);
+    if (this.released.has(hello.sourceUuid)) throw new MirrorDirError(`the mirror of ${hello.sourceUuid} was released for promote: refused`);
     let m = this.mirrors.get(hello.sourceUuid);
     if (m && (m.label.sizeBytes !== hello.sizeBytes || m.label.deviceBlocks !== hello.deviceBlocks)) {
       throw new MirrorDirError(`mirror of ${hello.sourceUuid} holds ${m.label.sizeBytes} bytes on ${m.label.deviceBlocks} blocks; the source now has ${hello.sizeBytes} on ${hello.deviceBlocks}`);
@@ -656,6 +659,8 @@ export class MirrorReceiver {
       s.end('the mirror is being promoted');
       while (this.sessions.has(s)) await new Promise((r) => setTimeout(r, 10));
     }
+    // Until promote has marked the directory (role.json), this receiver must not take it back.
+    this.released.add(uuid);
     const m = this.mirrors.get(uuid);
     if (m) {
       this.exports?.detachSource(m);
