@@ -99,6 +99,10 @@ export async function demoteVolume(dirArg: string, intoArg: string, opts: { logg
     beforeRecovery: async (tree: BlockTreeApi) => {
       const now = tree.stats().cpNumber;
       if (destCp < 0) return;
+      if (rel?.destSuperblock !== undefined) {
+        const why = await tree.holdCommitted(destCp, Buffer.from(rel.destSuperblock, 'base64'));
+        if (why !== null) log.warn({ cp: destCp, reason: why }, 'demote: the destination\'s CP cannot be held');
+      }
       for (let c = Math.max(destCp, now - RING_SLOTS + 1); c < now; c++) {
         const why = await tree.holdCommitted(c);
         if (why !== null) log.warn({ cp: c, reason: why }, 'demote: an older CP cannot be held');
@@ -128,7 +132,7 @@ export async function demoteVolume(dirArg: string, intoArg: string, opts: { logg
 
   // 3. The member becomes a mirror (in place); the directory stops being a volume.
   await fs.promises.mkdir(mirrorDir, { recursive: true });
-  const ml: MirrorLabel & { demoted: { fromDir: string; cp: number; destCp: number; keptIn: string; demotedMs: number } } = {
+  const ml: MirrorLabel = {
     format: 'nvmirror-mirror',
     version: 1,
     sourceUuid: label.uuid,
@@ -136,7 +140,7 @@ export async function demoteVolume(dirArg: string, intoArg: string, opts: { logg
     deviceBlocks: totalBlocks,
     createdMs: Date.now(),
     memberPath: memberAbs,
-    demoted: { fromDir: dir, cp: cpNumber, destCp, keptIn, demotedMs: Date.now() },
+    demoted: { fromDir: dir, cp: cpNumber, destCp, keptIn, demotedMs: Date.now(), ...(rel?.destSuperblock && destCp >= 0 ? { destSuperblock: rel.destSuperblock } : {}) },
   };
   await writeFileDurably(mirrorDir, MIRROR_LABEL_NAME, `${JSON.stringify(ml, null, 2)}\n`);
   await writeFileDurably(dir, DEMOTED_NAME, `${JSON.stringify({ mirrorDir, cp: cpNumber, keptIn, demotedMs: Date.now() }, null, 2)}\n`);

@@ -56,7 +56,15 @@ export interface MirrorLabel {
    * it connects and names the CP both hold, this mirror rolls back to that CP and
    * nothing else (demote.ts).
    */
-  demoted?: { fromDir: string; cp: number; destCp: number; keptIn: string; demotedMs: number };
+  demoted?: {
+    fromDir: string;
+    cp: number;
+    destCp: number;
+    keptIn: string;
+    demotedMs: number;
+    /** The superblock (base64) of destCp as the old primary kept it: the base when it has left the ring. */
+    destSuperblock?: string;
+  };
 }
 
 /** What a HELLO tells openOrCreate. */
@@ -163,6 +171,22 @@ async function rollBackForFailback(dir: string, dev: FileBlockDevice, label: Mir
     held.push(sb.cpNumber);
     if (sb.cpNumber === baseCp && rootBytes(sb).equals(hello.baseRoot)) found = Buffer.from(raw);
     if (sb.cpNumber > baseCp) later.push(s);
+  }
+  if (!found && d.destSuperblock !== undefined) {
+    // Out of the ring: the old primary kept its destination's CP's superblock, and held that
+    // CP's blocks since (the check below proves it); put it back into its slot.
+    const kept = Buffer.from(d.destSuperblock, 'base64');
+    const sb = kept.length === BLOCK ? decodeSuperblock(kept) : 'not one block';
+    if (typeof sb !== 'string' && sb.volumeUuid === label.sourceUuid && sb.cpNumber === baseCp && rootBytes(sb).equals(hello.baseRoot)) {
+      await dev.writeBlocks(baseCp % RING_SLOTS, kept);
+      found = kept;
+      later.length = 0;
+      for (let s = 0; s < RING_SLOTS; s++) {
+        if (s === baseCp % RING_SLOTS) continue;
+        const o = decodeSuperblock(ring.subarray(s * BLOCK, (s + 1) * BLOCK));
+        if (typeof o !== 'string' && o.volumeUuid === label.sourceUuid && o.cpNumber > baseCp) later.push(s);
+      }
+    }
   }
   if (!found) {
     throw new MirrorDirError(`mirror ${dir} (demoted from ${d.fromDir}) does not hold CP ${baseCp} with the promoted volume's root (its ring holds CPs ${held.sort((a, b) => a - b).join(', ') || 'none'}): ` +

@@ -455,4 +455,43 @@ describe('mirror failover: promote (two hosts)', function () {
     assert.match(fs.readFileSync(path.join(tmp, 'nbd.log'), 'utf8'), /mirror baseline started/);
     assert.equal(md5OfExport(`nbd+unix:///${s.uuid}?socket=${backSock}`), md5OfExport(`nbd+unix:///?socket=${bSock}`));
   });
+
+  it('failback after the old primary went on for more than 8 CPs on its own: the base comes from the superblock it kept, no full copy', async () => {
+    await startReceiver();
+    const s = createSource('far');
+    const src = await startSource(s, 'svfar', mirrorArgs('sync'));
+    await until('in sync', () => sourceStatus(s.dir)?.state === 'in-sync', 60_000);
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x51 0 8M', `nbd+unix:///?socket=${s.sock}`]);
+    const r0 = await controlRequest(path.join(s.dir, 'control.sock'), { op: 'checkpoint' }, 60_000);
+    assert.ok(r0.ok);
+    await until('the destination holds that CP', () => {
+      const m = sourceStatus(s.dir);
+      return m && m.rootsEqual && m.destCp >= (r0.cpNumber as number) ? m : undefined;
+    }, 60_000);
+    await kill9(src);
+    const p = await promote(s.uuid);
+    // The old primary comes back (its recorded relationship: refused as split brain, but it
+    // keeps holding the destination's CP) and commits twelve CPs on its own (its ring holds eight).
+    const old = await startSource(s, 'svfar2', []);
+    for (let i = 0; i < 12; i++) {
+      sh('qemu-io', ['-f', 'raw', '-c', `write -P 0x${(0x60 + i).toString(16)} ${16 + i}M 256k`, `nbd+unix:///?socket=${s.sock}`]);
+      assert.ok((await controlRequest(path.join(s.dir, 'control.sock'), { op: 'checkpoint' }, 60_000)).ok);
+    }
+    await stopGracefully(old);
+    sh(BIN, ['demote', s.dir, '--into', path.join(tmp, 'backf'), '--discard-my-changes']);
+    const backSock = path.join(tmp, 'backf.sock');
+    procs.push(pair.spawn('a', BIN, ['receive', path.join(tmp, 'backf'), '--listen', `${pair.host('a').addr}:${PORT_BACK}`, '--export-socket', backSock, '--mirror-insecure'], { stdio: ['ignore', 'ignore', logFd('backf')] }));
+    await until('receiver on the old primary', () => fs.existsSync(backSock), 60_000);
+    const promotedDir = path.join(tmp, 'dst', s.uuid);
+    const bSock = path.join(tmp, 'nbf.sock');
+    procs.push(pair.spawn('b', BIN, ['serve', promotedDir, '--socket', bSock, '--mirror-to', `${pair.host('a').addr}:${PORT_BACK}`, '--mirror-mode', 'sync', '--mirror-insecure'], { stdio: ['ignore', 'ignore', logFd('nbf')] }));
+    await until('promoted volume served', () => fs.existsSync(path.join(promotedDir, 'control.sock')), 60_000);
+    await until('failback in sync', () => {
+      const m = sourceStatus(promotedDir);
+      return m && m.state === 'in-sync' && m.rootsEqual ? m : undefined;
+    }, 60_000);
+    assert.match(fs.readFileSync(path.join(tmp, 'backf.log'), 'utf8'), new RegExp(`failback: rolled back to CP ${p.promotedFromCp}`));
+    assert.doesNotMatch(fs.readFileSync(path.join(tmp, 'nbf.log'), 'utf8'), /mirror baseline started/);
+    assert.equal(md5OfExport(`nbd+unix:///${s.uuid}?socket=${backSock}`), md5OfExport(`nbd+unix:///?socket=${bSock}`));
+  });
 });
