@@ -15,10 +15,15 @@
 //   nbdServeGrant(handle, ids, buffers)    receive buffers, each for one WRITE payload <= its length
 //   nbdServeRevoke(handle) -> number[]     takes back the unclaimed buffers (their ids)
 //   nbdServeSend(handle, buffers, seq, replies) -> 1 written, 0 queued (TAKEN later), 2 closed
-//   nbdServeDirect(handle, fd, sizeBytes)  dups fd: plain WRITEs inside sizeBytes are pwritten to it and
-//                                          answered by the thread (DONE events say so), see FinishWrite
-//   nbdServeDirectMemory(handle, store)    plain WRITEs inside a memory volume whose chunks all hold
-//                                          data are copied into them and answered by the thread
+//   nbdServeDirect(handle, fd, sizeBytes, modes)  dups fd; with kModeWrites plain WRITEs inside
+//                                          sizeBytes are pwritten to it and answered by the thread (DONE
+//                                          events say so), see FinishWrite; with kModeReads plain READs
+//                                          inside it are read from it (page cache only), see TryDirectRead
+//   nbdServeDirectMemory(handle, store, modes)  the same for a memory volume: WRITEs whose chunks all
+//                                          hold data are copied into them, READs copied out of them
+//                                          (chunks not registered read as zeroes)
+//   modes: kModeWrites | kModeReads | kModeStructured (the connection negotiated structured
+//   replies: a direct READ gets one OFFSET_DATA chunk with the DONE flag, as transmission.ts doRead)
 //   nbdMemStoreNew(sizeBytes, chunkBytes) -> store; nbdMemStoreSet(store, index, chunk),
 //   nbdMemStoreDelete(store, index), nbdMemStoreZeroIn(store, index, from, to) -> unregistered,
 //   nbdMemStoreClose(store): the memory volume keeps it in step
@@ -35,8 +40,19 @@
 // - The only reply made here is to a plain WRITE (no flags) inside the volume written
 //   completely with pwrite to the direct fd (a file volume's own fd, dup'd): exactly the
 //   file volume's own non-FUA write; or copied completely into a memory volume's chunks
-//   that all held data already (MemStore, under its mutex, so no chunk is freed meanwhile). Every other request, and a WRITE whose pwrite failed,
+//   that all held data already (MemStore, under its mutex, so no chunk is freed meanwhile);
+//   and to a plain READ (no flags, 1..maxPayload bytes, inside the volume) for which a
+//   granted buffer fits, read completely into that buffer with preadv2(RWF_NOWAIT) from the
+//   direct fd or copied out of the MemStore under its mutex, the buffer sent as the reply's
+//   data and granted again once the kernel took it. A READ with no buffer that fits is
+//   reported with buffer id kWantsBuffer (TypeScript may grant one for the next). Every
+//   other request, a READ that would block or failed, and a WRITE whose pwrite failed,
 //   is reported and answered by TypeScript once the volume settled it.
+// - Ordering: the thread reads the volume when it parses the READ, after every reply sent
+//   before the READ arrived (a reply is sent under mu_, the READ parsed after taking mu_):
+//   every acknowledged WRITE, the thread's own or TypeScript's, is in the file (pwrite
+//   returned) or the chunks before its reply. A WRITE still in flight may or may not be
+//   seen (NBD does not order in-flight requests).
 // - Reading stops while: TypeScript says so, kMaxInflight reported requests are unreplied,
 //   queued reply bytes exceed maxQueuedBytes, or a WRITE waits for a buffer (one NEED
 //   event says so). Unparsed input held here is at most kStageBytes.
@@ -88,9 +104,16 @@ constexpr double kEvTaken = 3;    // seq: every send up to seq is taken by the k
 constexpr double kEvFraming = 4;  // magic: bad request magic, parsing stopped
 constexpr double kEvEof = 5;      // errno (0: the client closed its side)
 constexpr double kEvClosed = 6;   // errno, bytes received: the thread ended, fd closed
-constexpr double kEvDone = 7;     // length, microseconds: a WRITE written directly and answered here
+constexpr double kEvDone = 7;     // length, microseconds, type: a WRITE or READ served and answered here
 constexpr uint32_t kSimpleReplyMagic = 0x67446698;
 constexpr size_t kSimpleReplyBytes = 16;
+constexpr uint32_t kStructuredReplyMagic = 0x668e33ef;
+constexpr uint16_t kReplyFlagDone = 1;
+constexpr uint16_t kReplyTypeOffsetData = 1;
+constexpr size_t kStructuredReadHeaderBytes = 20 + 8;  // header + the chunk's offset
+constexpr uint16_t kCmdRead = 0;
+constexpr double kWantsBuffer = -2;  // REQUEST's bufferId: a plain READ no granted buffer fitted
+constexpr int64_t kModeWrites = 1, kModeReads = 2, kModeStructured = 4;
 
 int64_t NowMs() {
   timespec ts{};
@@ -107,6 +130,11 @@ void PutBe32(uint8_t* p, uint32_t v) {
   p[1] = static_cast<uint8_t>(v >> 16);
   p[2] = static_cast<uint8_t>(v >> 8);
   p[3] = static_cast<uint8_t>(v);
+}
+
+void PutBe16(uint8_t* p, uint16_t v) {
+  p[0] = static_cast<uint8_t>(v >> 8);
+  p[1] = static_cast<uint8_t>(v);
 }
 
 int64_t NowUs() {
@@ -130,6 +158,21 @@ int PwriteAll(int fd, const uint8_t* data, size_t len, uint64_t pos) {
   return 0;
 }
 
+// preadv2(RWF_NOWAIT) of all of [data, data+len) at pos: true only if all of it came from
+// the page cache (a short read, would-block, EOF or error: false, the caller leaves it to
+// TypeScript, which reads with the volume's own code and reports its errors).
+bool PreadCached(int fd, uint8_t* data, size_t len, uint64_t pos) {
+  size_t done = 0;
+  while (done < len) {
+    iovec v{data + done, len - done};
+    ssize_t n = ::preadv2(fd, &v, 1, static_cast<off_t>(pos + done), RWF_NOWAIT);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    done += static_cast<size_t>(n);
+  }
+  return true;
+}
+
 struct Granted {
   double id;
   uint8_t* data;
@@ -139,9 +182,18 @@ struct Granted {
 struct Send {
   double seq;  // -1: replies of the thread's own (no TAKEN event)
   std::vector<iovec> iov;
-  std::vector<uint8_t> own;  // the bytes of the thread's own replies (iov points here)
+  std::vector<uint8_t> own;   // the bytes of the thread's own replies (iov points here)
+  std::vector<Granted> give;  // buffers of direct READs sent here: granted again once all is taken
   size_t first = 0;
   size_t left = 0;
+};
+
+// One piece of the thread's own replies gathered in a Process pass: bytes of ownReplies_
+// (data == nullptr, at = offset there) or a direct READ's buffer.
+struct Piece {
+  const uint8_t* data;
+  size_t at;
+  size_t len;
 };
 
 enum class St { Header, Payload, Skip, Discard, Dead };
@@ -172,6 +224,24 @@ class MemStore {
       uint64_t in = pos % chunkBytes_;
       size_t k = static_cast<size_t>(std::min<uint64_t>(chunkBytes_ - in, len - done));
       memcpy(chunks[pos / chunkBytes_] + in, data + done, k);
+      done += k;
+    }
+    return true;
+  }
+
+  // Copies [off, off+len) out to dst (chunks not registered read as zeroes); false only
+  // when the store is closed. The caller checked off + len <= sizeBytes_.
+  bool CopyOut(uint64_t off, uint8_t* dst, size_t len) {
+    std::lock_guard<std::mutex> l(mu);
+    if (closed) return false;
+    size_t done = 0;
+    while (done < len) {
+      uint64_t pos = off + done;
+      uint64_t in = pos % chunkBytes_;
+      size_t k = static_cast<size_t>(std::min<uint64_t>(chunkBytes_ - in, len - done));
+      auto it = chunks.find(pos / chunkBytes_);
+      if (it == chunks.end()) memset(dst + done, 0, k);
+      else memcpy(dst + done, it->second + in, k);
       done += k;
     }
     return true;
@@ -298,22 +368,24 @@ class Conn {
     inflight_ = replies >= inflight_ ? 0 : inflight_ - replies;
     size_t total = 0;
     for (const iovec& v : iov) total += v.iov_len;
-    Send s{seq, std::move(iov), {}};
+    Send s{seq, std::move(iov), {}, {}};
     s.left = total;
     return QueueLocked(std::move(s)) ? 1 : 0;
   }
 
   // Plain WRITEs inside [0, sizeBytes) are written to this fd (our own dup) and answered here.
-  void SetDirect(int fd, uint64_t sizeBytes) {
+  void SetDirect(int fd, uint64_t sizeBytes, int64_t modes) {
     std::lock_guard<std::mutex> l(mu_);
     if (directFd_ >= 0) ::close(directFd_);
     directFd_ = fd;
     directSize_ = sizeBytes;
+    modes_ = modes;
   }
 
-  void SetDirectMem(MemStorePtr m) {
+  void SetDirectMem(MemStorePtr m, int64_t modes) {
     std::lock_guard<std::mutex> l(mu_);
     mem_ = std::move(m);
+    modes_ = modes;
   }
 
   void SetReading(bool on) {
@@ -351,6 +423,7 @@ class Conn {
     o.Set("bytesReceived", Napi::Number::New(env, static_cast<double>(rxBytes_)));
     o.Set("closed", Napi::Boolean::New(env, closed_));
     o.Set("directWrites", Napi::Number::New(env, static_cast<double>(directWrites_)));
+    o.Set("directReads", Napi::Number::New(env, static_cast<double>(directReads_)));
     return o;
   }
 
@@ -466,19 +539,101 @@ class Conn {
         sPos_ += k;
         if (hdrFill_ < kHeaderBytes) break;
       }
+      if (TryDirectRead()) {
+        hdrFill_ = 0;
+        continue;
+      }
       std::lock_guard<std::mutex> l(mu_);
       if (!ParseHeaderLocked()) break;  // waits for a buffer
     }
     if (sPos_ == sLen_) sPos_ = sLen_ = 0;
     std::lock_guard<std::mutex> l(mu_);
     midRequest_ = MidRequest();
-    if (!ownReplies_.empty()) {  // the direct WRITEs' replies, in one writev
-      Send out{-1, {}, std::move(ownReplies_)};
+    if (!pieces_.empty()) {  // the direct WRITEs' and READs' replies, in one writev
+      Send out{-1, {}, std::move(ownReplies_), std::move(gives_)};
       ownReplies_.clear();
-      out.iov.push_back(iovec{out.own.data(), out.own.size()});
-      out.left = out.own.size();
+      gives_.clear();
+      size_t total = 0;
+      for (const Piece& p : pieces_) {
+        const uint8_t* base = p.data != nullptr ? p.data : out.own.data() + p.at;
+        out.iov.push_back(iovec{const_cast<uint8_t*>(base), p.len});
+        total += p.len;
+      }
+      pieces_.clear();
+      out.left = total;
       QueueLocked(std::move(out));
     }
+  }
+
+  // Appends n bytes to the thread's own replies of this pass; returns where they start.
+  uint8_t* OwnBytes(size_t n) {
+    size_t at = ownReplies_.size();
+    ownReplies_.resize(at + n);
+    if (!pieces_.empty() && pieces_.back().data == nullptr) pieces_.back().len += n;
+    else pieces_.push_back(Piece{nullptr, at, n});
+    return ownReplies_.data() + at;
+  }
+
+  // The header in hdr_ is complete. A plain READ inside the volume, when direct reads are
+  // on and a granted buffer fits, is read here into that buffer and answered here (true).
+  // False: ParseHeaderLocked reports it (wantBuf_ set if only a buffer was missing).
+  bool TryDirectRead() {
+    wantBuf_ = false;
+    if (Be32(hdr_) != kRequestMagic || Be16(hdr_ + 4) != 0 || Be16(hdr_ + 6) != kCmdRead) return false;
+    uint32_t len = Be32(hdr_ + 24);
+    uint64_t off = (uint64_t{Be32(hdr_ + 16)} << 32) | Be32(hdr_ + 20);
+    int dfd;
+    uint64_t size;
+    int64_t modes;
+    MemStorePtr mem;
+    Granted g{-1, nullptr, 0};
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      modes = modes_;
+      dfd = directFd_;
+      size = directSize_;
+      mem = mem_;
+      if (mem) size = mem->sizeBytes_;
+      if (!(modes & kModeReads) || (dfd < 0 && !mem)) return false;
+      if (len == 0 || len > maxPayload_ || off > size || len > size - off) return false;
+      size_t best = granted_.size();
+      for (size_t i = 0; i < granted_.size(); i++) {
+        if (granted_[i].cap >= len && (best == granted_.size() || granted_[i].cap < granted_[best].cap)) best = i;
+      }
+      if (best == granted_.size()) {
+        wantBuf_ = true;
+        return false;
+      }
+      g = granted_[best];
+      granted_.erase(granted_.begin() + static_cast<std::ptrdiff_t>(best));
+    }
+    int64_t t0 = NowUs();
+    bool ok = mem ? mem->CopyOut(off, g.data, len) : PreadCached(dfd, g.data, len, off);
+    if (!ok) {
+      std::lock_guard<std::mutex> l(mu_);
+      granted_.push_back(g);  // unclaimed again; TypeScript reads it with the volume's code
+      return false;
+    }
+    if (modes & kModeStructured) {
+      uint8_t* r = OwnBytes(kStructuredReadHeaderBytes);
+      PutBe32(r, kStructuredReplyMagic);
+      PutBe16(r + 4, kReplyFlagDone);
+      PutBe16(r + 6, kReplyTypeOffsetData);
+      memcpy(r + 8, hdr_ + 8, 8);  // the cookie, verbatim
+      PutBe32(r + 16, 8 + len);
+      memcpy(r + 20, hdr_ + 16, 8);  // the offset, verbatim
+    } else {
+      uint8_t* r = OwnBytes(kSimpleReplyBytes);
+      PutBe32(r, kSimpleReplyMagic);
+      PutBe32(r + 4, 0);
+      memcpy(r + 8, hdr_ + 8, 8);
+    }
+    pieces_.push_back(Piece{g.data, 0, len});
+    gives_.push_back(g);
+    std::lock_guard<std::mutex> l(mu_);
+    directReads_++;
+    Emit({kEvDone, static_cast<double>(len), static_cast<double>(NowUs() - t0), static_cast<double>(kCmdRead)});
+    return true;
   }
 
   // The header in hdr_ is complete. False: it must wait (no buffer fits its payload).
@@ -514,7 +669,8 @@ class Conn {
       hdrFill_ = 0;
       return true;
     }
-    EmitRequestLocked(-1);
+    EmitRequestLocked(wantBuf_ ? kWantsBuffer : -1);
+    wantBuf_ = false;
     hdrFill_ = 0;
     if (type == kCmdDisc) {
       state_ = St::Discard;
@@ -537,9 +693,10 @@ class Conn {
     MemStorePtr mem;
     {
       std::lock_guard<std::mutex> l(mu_);
-      dfd = directFd_;
+      bool writes = (modes_ & kModeWrites) != 0;
+      dfd = writes ? directFd_ : -1;
       size = directSize_;
-      mem = mem_;
+      mem = writes ? mem_ : nullptr;
     }
     if (mem) size = mem->sizeBytes_;
     uint64_t off = (uint64_t{Be32(hdr_ + 16)} << 32) | Be32(hdr_ + 20);
@@ -548,16 +705,14 @@ class Conn {
     bool written = inside && ((dfd >= 0 && PwriteAll(dfd, cur_.data, payLen_, off) == 0) ||
                               (mem && mem->CopyIn(off, cur_.data, payLen_)));
     if (written) {
-      size_t at = ownReplies_.size();
-      ownReplies_.resize(at + kSimpleReplyBytes);
-      uint8_t* r = ownReplies_.data() + at;
+      uint8_t* r = OwnBytes(kSimpleReplyBytes);
       PutBe32(r, kSimpleReplyMagic);
       PutBe32(r + 4, 0);
       memcpy(r + 8, hdr_ + 8, 8);  // the cookie, verbatim
       std::lock_guard<std::mutex> l(mu_);
       granted_.push_back(cur_);  // still granted (and charged): free for the next WRITE
       directWrites_++;
-      Emit({kEvDone, static_cast<double>(payLen_), static_cast<double>(NowUs() - hdrUs_)});
+      Emit({kEvDone, static_cast<double>(payLen_), static_cast<double>(NowUs() - hdrUs_), static_cast<double>(kCmdWrite)});
     } else {
       std::lock_guard<std::mutex> l(mu_);
       EmitRequestLocked(cur_.id);
@@ -601,6 +756,7 @@ class Conn {
     if (sendq_.empty() && sendErr_ == 0) {
       Advance(&s);
       if (s.left == 0) {
+        GiveBackLocked(&s);
         if (wakeWanted_) WakeLocked();
         return true;
       }
@@ -650,8 +806,19 @@ class Conn {
       queued_ -= before - s.left;
       if (s.left > 0) return;
       if (s.seq >= 0) Emit({kEvTaken, s.seq});
+      GiveBackLocked(&s);
       sendq_.pop_front();
     }
+  }
+
+  // The kernel took all of s: its direct READs' buffers are free (and still charged) for
+  // the next READ or WRITE.
+  void GiveBackLocked(Send* s) {
+    for (const Granted& g : s->give) {
+      granted_.push_back(g);
+      if (needPending_ && g.cap >= needBytes_) needPending_ = false;  // the thread parses on
+    }
+    s->give.clear();
   }
 
   const int fd_;
@@ -670,7 +837,8 @@ class Conn {
   int directFd_ = -1;
   uint64_t directSize_ = 0;
   MemStorePtr mem_;
-  uint64_t directWrites_ = 0;
+  int64_t modes_ = 0;
+  uint64_t directWrites_ = 0, directReads_ = 0;
   std::vector<Granted> granted_;
   std::deque<Send> sendq_;
   size_t queued_ = 0;
@@ -689,6 +857,9 @@ class Conn {
   uint64_t skipLeft_ = 0;
   int64_t hdrUs_ = 0;
   std::vector<uint8_t> ownReplies_;
+  std::vector<Piece> pieces_;   // this pass's own replies, in order (ownReplies_ bytes, READ buffers)
+  std::vector<Granted> gives_;  // this pass's direct READs' buffers
+  bool wantBuf_ = false;        // the header being reported is a plain READ no buffer fitted
 };
 
 using ConnPtr = std::shared_ptr<Conn>;
@@ -847,8 +1018,9 @@ Napi::Value SetDirect(const Napi::CallbackInfo& info) {
   const char* fn = "nbdServeDirect";
   ConnPtr c;
   int fd;
-  int64_t size;
-  if (!GetConn(info, fn, &c) || !GetFd(info, 1, fn, &fd) || !GetInt(info, 2, fn, "sizeBytes", 0, kMaxSafeInteger, &size)) {
+  int64_t size, modes;
+  if (!GetConn(info, fn, &c) || !GetFd(info, 1, fn, &fd) || !GetInt(info, 2, fn, "sizeBytes", 0, kMaxSafeInteger, &size) ||
+      !GetInt(info, 3, fn, "modes", 1, kModeWrites | kModeReads | kModeStructured, &modes)) {
     return env.Undefined();
   }
   int own = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
@@ -856,7 +1028,7 @@ Napi::Value SetDirect(const Napi::CallbackInfo& info) {
     ErrnoError(env, errno, "dup").ThrowAsJavaScriptException();
     return env.Undefined();
   }
-  c->SetDirect(own, static_cast<uint64_t>(size));
+  c->SetDirect(own, static_cast<uint64_t>(size), modes);
   return env.Undefined();
 }
 
@@ -953,9 +1125,14 @@ Napi::Value MemStoreClose(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value SetDirectMem(const Napi::CallbackInfo& info) {
+  const char* fn = "nbdServeDirectMemory";
   ConnPtr c;
   MemStorePtr m;
-  if (GetConn(info, "nbdServeDirectMemory", &c) && GetMemStore(info, 1, "nbdServeDirectMemory", &m)) c->SetDirectMem(m);
+  int64_t modes;
+  if (GetConn(info, fn, &c) && GetMemStore(info, 1, fn, &m) &&
+      GetInt(info, 2, fn, "modes", 1, kModeWrites | kModeReads | kModeStructured, &modes)) {
+    c->SetDirectMem(m, modes);
+  }
   return info.Env().Undefined();
 }
 

@@ -9,7 +9,13 @@
  * also writes each plain WRITE inside the volume itself (pwrite) and answers it, and for
  * one with a native store (the memory volume, Volume.directWriteStore) it copies each
  * plain WRITE whose chunks all hold data already straight into them; TypeScript
- * is told afterwards (DONE events: metrics, request counts). FUA, errors and every other
+ * is told afterwards (DONE events: metrics, request counts). With either, the thread also
+ * answers each plain READ inside the volume itself when a granted buffer fits it: read
+ * from the page cache (preadv2 RWF_NOWAIT) or copied out of the chunks into that buffer,
+ * which goes out as the reply's data (simple or structured, as negotiated) and is granted
+ * again once sent. A READ it could have served but for a buffer comes here marked, and is
+ * answered here; a buffer of its size is then granted (offerReadBuffer) within the same
+ * KEPT limits as a settled WRITE's. FUA, errors, a READ that would block, and every other
  * command take the shared path.
  * TLS connections and kernel (attach) sockets keep the stream path. NVMIRROR_NBD_NATIVE=0
  * (or NbdServerOptions.nativeTransmission: false) forces the stream path everywhere.
@@ -25,7 +31,8 @@
  *   MAX_INFLIGHT_BYTES_PER_CONNECTION (a first charge always fits).
  * - A buffer is referenced here (bank) from its grant until the thread reports its WRITE
  *   or gives it back (revoke, or the thread ended): the thread never writes into memory
- *   the garbage collector could free. A WRITE reported with a buffer must match it
+ *   the garbage collector could free. A buffer the thread is using for a direct READ
+ *   stays in the bank (it is not revocable until the thread granted it to itself again). A WRITE reported with a buffer must match it
  *   (granted, large enough), else the connection is dropped as an internal error.
  * - Receive buffers are kept granted only while nobody waits on the budget and within the
  *   two KEPT limits; an idle connection's (or, while others wait, any connection's)
@@ -78,6 +85,12 @@ const EV_FRAMING = 4;
 const EV_EOF = 5;
 const EV_CLOSED = 6;
 const EV_DONE = 7;
+/** A REQUEST's buffer id for a plain READ the thread would have served with a buffer that fit. */
+const WANTS_BUFFER = -2;
+/** nbdServeDirect / nbdServeDirectMemory modes. */
+const MODE_WRITES = 1;
+const MODE_READS = 2;
+const MODE_STRUCTURED = 4;
 
 interface NativeState {
   queuedBytes: number;
@@ -91,6 +104,7 @@ interface NativeState {
   bytesReceived: number;
   closed: boolean;
   directWrites: number;
+  directReads: number;
 }
 
 type Handle = object;
@@ -101,8 +115,8 @@ interface ServeAddon {
   nbdServeRevoke(h: Handle): number[];
   nbdServeSend(h: Handle, bufs: Buffer[], seq: number, replies: number): number;
   nbdServeSetReading(h: Handle, on: boolean): void;
-  nbdServeDirect(h: Handle, fd: number, sizeBytes: number): void;
-  nbdServeDirectMemory(h: Handle, store: object): void;
+  nbdServeDirect(h: Handle, fd: number, sizeBytes: number, modes: number): void;
+  nbdServeDirectMemory(h: Handle, store: object, modes: number): void;
   nbdServeEnd(h: Handle): void;
   nbdServeAbort(h: Handle): void;
   nbdServeState(h: Handle): NativeState;
@@ -198,12 +212,14 @@ export class NativeTransmission extends Transmission {
     this.threadEndedP = new Promise((r) => (this.resolveThreadEnded = r));
     this.leftoverBytes = leftover.length;
     this.handle = a.nbdServeStart(fd, leftover, P.MAX_PAYLOAD_BYTES, MAX_INFLIGHT_REQUESTS_PER_CONNECTION, MAX_QUEUED_REPLY_BYTES_PER_CONNECTION, (ev) => this.onEvents(ev));
-    // A file volume: the thread writes plain WRITEs itself (see Volume.directWriteFd).
-    const direct = this.vc.readOnly ? undefined : s.volume.directWriteFd?.();
-    if (direct !== undefined) a.nbdServeDirect(this.handle, direct, s.volume.sizeBytes);
-    // A memory volume: plain WRITEs into chunks that hold data already (Volume.directWriteStore).
-    const store = this.vc.readOnly ? undefined : s.volume.directWriteStore?.();
-    if (store !== undefined) a.nbdServeDirectMemory(this.handle, store);
+    // A file volume: the thread writes plain WRITEs (unless the export is read-only) and
+    // reads plain READs itself (see Volume.directWriteFd); a memory volume: plain WRITEs
+    // into chunks that hold data already, READs out of them (Volume.directWriteStore).
+    const modes = (this.vc.readOnly ? 0 : MODE_WRITES) | MODE_READS | (s.structuredReplies ? MODE_STRUCTURED : 0);
+    const direct = s.volume.directWriteFd?.();
+    const store = direct === undefined ? s.volume.directWriteStore?.() : undefined;
+    if (direct !== undefined) a.nbdServeDirect(this.handle, direct, s.volume.sizeBytes, modes);
+    else if (store !== undefined) a.nbdServeDirectMemory(this.handle, store, modes);
   }
 
   // ------------------------------------------------------------------ events
@@ -219,7 +235,7 @@ export class NativeTransmission extends Transmission {
       else if (kind === EV_FRAMING) this.abort(`bad request magic 0x${(ev[i + 1] as number).toString(16)}`);
       else if (kind === EV_EOF) this.markDisconnected();
       else if (kind === EV_CLOSED) this.onThreadEnded(ev[i + 1] as number, ev[i + 2] as number);
-      else if (kind === EV_DONE) this.onDirectWrite(ev[i + 1] as number, ev[i + 2] as number);
+      else if (kind === EV_DONE) this.onDirect(ev[i + 1] as number, ev[i + 2] as number, ev[i + 3] as number);
       else throw new Error(`internal: unknown native event ${kind}`);
     }
   }
@@ -241,6 +257,7 @@ export class NativeTransmission extends Transmission {
     };
     this.lastRxMs = Date.now();
     const id = ev[i + 8] as number;
+    const wantsBuffer = id === WANTS_BUFFER && req.type === P.CMD_READ;
     const withPayload = req.type === P.CMD_WRITE && req.length > 0 && req.length <= P.MAX_PAYLOAD_BYTES;
     if (withPayload) {
       const g = id >= 0 ? this.bank.get(id) : undefined;
@@ -255,10 +272,11 @@ export class NativeTransmission extends Transmission {
       req.charge = g.charge;
       this.grantOf.set(req, g);
       this.held.add(req);
-    } else if (id !== -1) {
+    } else if (id !== -1 && !wantsBuffer) {
       this.drop('internal error: a receive buffer reported for a request without payload');
       return;
     }
+    if (wantsBuffer) this.offerReadBuffer(req.length);
     // Behind a waiting READ wait the READs after it and DISC (which must see every request
     // before it answered); the rest runs now: it holds its charge already or needs none, and
     // must not wait on a READ that may wait on this very connection's charges.
@@ -273,11 +291,26 @@ export class NativeTransmission extends Transmission {
     this.onRequest(req);
   }
 
-  /** A plain WRITE the thread wrote to the volume's fd and answered: count and report it. */
-  private onDirectWrite(length: number, durationUs: number): void {
+  /** A plain WRITE or READ the thread served and answered itself: count and report it. */
+  private onDirect(length: number, durationUs: number, type: number): void {
+    assert(type === P.CMD_WRITE || type === P.CMD_READ, `native DONE for command ${type}`);
     this.requestsServed++;
     this.lastRxMs = this.lastTxMs = Date.now();
-    this.limits.observer?.request(P.CMD_WRITE, length, undefined, durationUs / 1000);
+    this.limits.observer?.request(type, length, undefined, durationUs / 1000);
+  }
+
+  /**
+   * A plain READ the thread would have served but no granted buffer fit: grant one of its
+   * size for the next such READ, charged now, within the limits a settled WRITE's buffer is
+   * kept under (and never while anyone waits on the budget).
+   */
+  private offerReadBuffer(bytes: number): void {
+    if (this.stopping || this.backlog.length > 0 || this.cancelNeedWait !== undefined || this.limits.budget.waiting > 0) return;
+    if (!(Number.isSafeInteger(bytes) && bytes > 0 && bytes <= SMALL_CHARGE_BYTES_MAX * 4)) return;
+    if (this.bank.size >= RECEIVE_BUFFERS_KEPT_MAX || this.bankBytes + bytes > RECEIVE_BUFFER_BYTES_KEPT_MAX) return;
+    if (this.connChargedBytes + bytes > MAX_INFLIGHT_BYTES_PER_CONNECTION) return;
+    const c = this.limits.budget.tryCharge(bytes);
+    if (c) this.grant(c, undefined, true);
   }
 
   private needsCharge(req: Request): boolean {
@@ -379,9 +412,10 @@ export class NativeTransmission extends Transmission {
 
   /**
    * Grants a receive buffer. A NEED's goes to the thread at once (it waits for it); a
-   * settled WRITE's buffer granted again goes with the others of this tick, in one call.
+   * settled WRITE's buffer granted again, and a READ's offered one, go with the others of
+   * this tick, in one call.
    */
-  private grant(charge: Charge, reuse?: Grant): void {
+  private grant(charge: Charge, reuse?: Grant, batched = reuse !== undefined): void {
     const bytes = charge.bytes;
     let g = reuse;
     if (g === undefined) {
@@ -396,7 +430,7 @@ export class NativeTransmission extends Transmission {
     this.connChargedBytes += bytes;
     this.grantIds.push(id);
     this.grantBufs.push(g.buf);
-    if (reuse === undefined || this.grantIds.length >= GRANTS_PER_CALL_MAX) this.flushGrants();
+    if (!batched || this.grantIds.length >= GRANTS_PER_CALL_MAX) this.flushGrants();
     else if (this.grantIds.length === 1) process.nextTick(this.flushGrants);
   }
 
@@ -563,6 +597,7 @@ export class NativeTransmission extends Transmission {
       msSinceRx: Date.now() - (st?.lastRxMs ?? this.lastRxMs),
       bytesReceived: st !== undefined ? st.bytesReceived + this.leftoverBytes : this.bytesReceived,
       directWrites: st?.directWrites ?? 0,
+      directReads: st?.directReads ?? 0,
     };
   }
 

@@ -13,6 +13,13 @@
  *   volume's ones into chunks that hold data copied in by it; FUA ones and ones past the
  *   end take the shared path (the volume's write, its error); WRITE/TRIM/WRITE_ZEROES on
  *   shared chunks match a model;
+ * - plain READs of a file / memory volume are served by the thread itself once a buffer of
+ *   their size is granted (the first one of a size goes to TypeScript, which grants one):
+ *   every size and alignment class, holes, simple and structured replies, compared with the
+ *   volume's own read; a READ at the end is served, one past it or of 0 bytes is EINVAL as
+ *   before; READs racing WRITEs (plain, FUA, into new memory chunks) return for every byte
+ *   a version no older than the last acknowledged one; clients that leave READ replies
+ *   unread or close mid-way leave the budget at 0;
  * - the switch: nativeTransmission: false serves the same requests on the stream path.
  */
 import { strict as assert } from 'assert';
@@ -33,7 +40,7 @@ import { MemoryNvram } from '../../src/nvlog/memory-region';
 import { NvLog } from '../../src/nvlog/log';
 import type { Volume } from '../../src/volume/types';
 import {
-  CMD, CMD_FLAG, ERR, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, OPT, RawConn, Session, clientFlags, goData, negotiate, nextCookie, option, readGreeting, readInfoReplies,
+  CHUNK, CHUNK_FLAG_DONE, CMD, CMD_FLAG, ERR, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, OPT, RawConn, Session, clientFlags, goData, negotiate, nextCookie, option, readGreeting, readInfoReplies,
   readSimpleReply, request, simpleCommand, simpleRead,
 } from '../e2e/rawnbd';
 
@@ -118,6 +125,56 @@ async function sendSplit(r: Rig, s: Session, msg: Buffer, at: number): Promise<v
 
 function directWrites(r: Rig): number {
   return (r.server.transmissionStates()[0] as Record<string, number>)['directWrites'] as number;
+}
+
+function directReads(r: Rig): number {
+  return (r.server.transmissionStates()[0] as Record<string, number>)['directReads'] as number;
+}
+
+interface AnyReply {
+  cookie: bigint;
+  error: number;
+  /** A READ's data (simple reply with error 0, or the OFFSET_DATA chunk's data). */
+  data?: Buffer;
+}
+
+/**
+ * Reads one reply, simple or structured. readLen(cookie) says how many data bytes a simple
+ * READ reply carries (undefined: not a READ); a structured READ reply must be a single
+ * OFFSET_DATA chunk with the DONE flag at offsetOf(cookie), or a single ERROR chunk.
+ */
+async function readAnyReply(s: Session, readLen: (c: bigint) => number | undefined, offsetOf: (c: bigint) => number): Promise<AnyReply> {
+  const h = await s.conn.read(16, 'a reply header');
+  const magic = h.readUInt32BE(0);
+  if (magic === SIMPLE_REPLY_MAGIC) {
+    const cookie = h.readBigUInt64BE(8);
+    const error = h.readUInt32BE(4);
+    const n = readLen(cookie);
+    if (n === undefined || error !== 0) return { cookie, error };
+    return { cookie, error, data: await s.conn.read(n, 'READ data') };
+  }
+  assert.equal(magic, STRUCTURED_REPLY_MAGIC, 'a reply magic');
+  assert.ok(s.structured, 'structured replies only when negotiated');
+  const rest = await s.conn.read(4, 'a structured reply header');
+  const flags = h.readUInt16BE(4);
+  const type = h.readUInt16BE(6);
+  const cookie = h.readBigUInt64BE(8);
+  const len = rest.readUInt32BE(0);
+  const payload = await s.conn.read(len, 'a chunk payload');
+  assert.equal(flags & CHUNK_FLAG_DONE, CHUNK_FLAG_DONE, 'a READ reply is one chunk, flagged DONE');
+  if (type === CHUNK.ERROR) return { cookie, error: payload.readUInt32BE(0) };
+  assert.equal(type, CHUNK.OFFSET_DATA, 'an OFFSET_DATA chunk');
+  assert.equal(Number(payload.readBigUInt64BE(0)), offsetOf(cookie), 'the chunk at the READ\'s offset');
+  return { cookie, error: 0, data: payload.subarray(8) };
+}
+
+/** One READ, simple or structured as the session negotiated. */
+async function readOne(s: Session, offset: number, length: number): Promise<AnyReply> {
+  const cookie = nextCookie();
+  await s.conn.write(request({ type: CMD.READ, cookie, offset, length }));
+  const rep = await readAnyReply(s, () => length, () => offset);
+  assert.equal(rep.cookie, cookie);
+  return rep;
 }
 
 /** Everything released: no connection, nothing charged to the budget. */
@@ -376,6 +433,186 @@ for (const kind of ['memory', 'file', 'engine'] as const) {
   });
 }
 
+for (const kind of ['memory', 'file'] as const) {
+  describe(`native NBD transmission: READs served by the thread, ${kind} volume`, function () {
+    this.timeout(120_000);
+    let r: Rig;
+    beforeEach(async () => {
+      r = await startRig(kind, true);
+    });
+    afterEach(async () => {
+      await stopRig(r);
+    });
+
+    /** Data in every other 64 KiB chunk of the first 2 MiB and the last 256 KiB; the rest holes. */
+    async function fill(): Promise<void> {
+      for (let off = 0; off < 2 * MiB; off += 128 * 1024) await r.volume.write(off, crypto.randomBytes(64 * 1024), false);
+      await r.volume.write(SIZE_BYTES - 256 * 1024, crypto.randomBytes(256 * 1024), false);
+    }
+
+    const SIZES = [1, 511, 512, 513, 4095, 4096, 4097, 65535, 65536, 65537, 200_000, 1 * MiB, 1 * MiB + 1];
+    const OFFSETS = [0, 1, 511, 4095, 4096, 65535, 65536, 65536 + 4096, 128 * 1024 - 3, 1 * MiB + 7];
+
+    for (const structured of [false, true]) {
+      it(`serves plain READs of every size and alignment with ${structured ? 'structured' : 'simple'} replies; data equals the volume's own read`, async () => {
+        await fill();
+        const s = await open(r, structured);
+        let served = 0;
+        for (const len of SIZES) {
+          const offsets = [...OFFSETS, SIZE_BYTES - len, SIZE_BYTES - len - 1];
+          for (const off of offsets) {
+            const before = directReads(r);
+            const rep = await readOne(s, off, len);
+            assert.equal(rep.error, 0, `READ ${len}@${off}`);
+            assert.ok(rep.data?.equals(await r.volume.read(off, len)), `READ ${len}@${off} returns the volume's data`);
+            served += directReads(r) - before;
+          }
+          // The first READ of a size went to TypeScript, which granted a buffer of that size.
+          const before = directReads(r);
+          const rep = await readOne(s, 4096, len);
+          assert.ok(rep.data?.equals(await r.volume.read(4096, len)));
+          assert.equal(directReads(r), before + 1, `a READ of ${len} bytes after one of that size is served by the thread`);
+        }
+        assert.ok(served >= SIZES.length * (OFFSETS.length + 1), `most READs served by the thread (${served})`);
+        s.conn.destroy();
+        await settled(r);
+      });
+    }
+
+    it('a READ ending at the end is served; past the end, of 0 bytes or with flags it is answered as before', async () => {
+      await fill();
+      for (const structured of [false, true]) {
+        const s = await open(r, structured);
+        await readOne(s, 0, 4096); // grants a 4 KiB buffer
+        const before = directReads(r);
+        const end = await readOne(s, SIZE_BYTES - 4096, 4096);
+        assert.equal(end.error, 0);
+        assert.ok(end.data?.equals(await r.volume.read(SIZE_BYTES - 4096, 4096)));
+        assert.equal(directReads(r), before + 1, 'the READ ending at the end is served by the thread');
+        assert.equal((await readOne(s, SIZE_BYTES - 4096, 8192)).error, ERR.EINVAL, 'past the end');
+        assert.equal((await readOne(s, SIZE_BYTES, 1)).error, ERR.EINVAL, 'at the end');
+        assert.equal((await readOne(s, 2 ** 52, 4096)).error, ERR.EINVAL, 'far past the end');
+        assert.equal((await readOne(s, 0, 0)).error, ERR.EINVAL, '0 bytes');
+        const big = await readOne(s, 0, MAX_PAYLOAD_BYTES + 1);
+        assert.equal(big.error, structured ? ERR.EOVERFLOW : ERR.EINVAL, 'longer than 64 MiB');
+        // DF: EINVAL without structured replies; with them a READ in one chunk (by TypeScript).
+        const cookie = nextCookie();
+        await s.conn.write(request({ type: CMD.READ, flags: CMD_FLAG.DF, cookie, offset: 0, length: 4096 }));
+        const df = await readAnyReply(s, () => 4096, () => 0);
+        if (structured) assert.ok(df.data?.equals(await r.volume.read(0, 4096)));
+        else assert.equal(df.error, ERR.EINVAL);
+        assert.equal(directReads(r), before + 1, 'none of these by the thread');
+        s.conn.destroy();
+        await settled(r);
+      }
+    });
+
+    it('READs racing WRITEs (plain, FUA, into holes) never return a byte older than the last acknowledged WRITE', async () => {
+      // 32 blocks of 16 KiB; version v of a block is 16 KiB of the byte v (0: never written).
+      // One WRITE per block in flight at most, so a block's versions land in order: a READ
+      // may return, per byte, any version from the block's last acknowledged one when the
+      // READ was sent up to the newest sent before its reply arrived.
+      const BLOCK = 16 * 1024;
+      const BLOCKS = 32;
+      const BASE = 4 * MiB; // holes in the memory volume until written
+      const acked = new Array<number>(BLOCKS).fill(0);
+      const sent = new Array<number>(BLOCKS).fill(0);
+      for (let b = 0; b < BLOCKS; b += 2) {
+        await r.volume.write(BASE + b * BLOCK, Buffer.alloc(BLOCK, 1), false);
+        acked[b] = sent[b] = 1;
+      }
+      const s = await open(r);
+      type Op = { kind: 'w'; block: number; v: number } | { kind: 'r'; off: number; len: number; floor: number[] };
+      const inflight = new Map<bigint, Op>();
+      let seed = 4242;
+      const rnd = (n: number): number => {
+        seed = (seed * 1103515245 + 12345) % 2 ** 31;
+        return seed % n;
+      };
+      let reads = 0;
+      let racing = 0;
+      const send = async (): Promise<void> => {
+        const cookie = nextCookie();
+        const b = rnd(BLOCKS);
+        const busy = [...inflight.values()].some((o) => o.kind === 'w' && o.block === b);
+        if (rnd(2) === 0 && !busy && (sent[b] as number) < 250) {
+          const v = (sent[b] as number) + 1;
+          sent[b] = v;
+          inflight.set(cookie, { kind: 'w', block: b, v });
+          const flags = rnd(4) === 0 ? CMD_FLAG.FUA : 0;
+          await s.conn.write(request({ type: CMD.WRITE, flags, cookie, offset: BASE + b * BLOCK, length: BLOCK }, Buffer.alloc(BLOCK, v)));
+        } else {
+          const off = rnd(BLOCKS * BLOCK - 1);
+          const len = 1 + rnd(Math.min(BLOCKS * BLOCK - off, 3 * BLOCK));
+          if ([...inflight.values()].some((o) => o.kind === 'w')) racing++;
+          inflight.set(cookie, { kind: 'r', off, len, floor: [...acked] });
+          await s.conn.write(request({ type: CMD.READ, cookie, offset: BASE + off, length: len }));
+        }
+      };
+      const readLen = (c: bigint): number | undefined => {
+        const o = inflight.get(c);
+        return o?.kind === 'r' ? o.len : undefined;
+      };
+      const offsetOf = (c: bigint): number => {
+        const o = inflight.get(c);
+        return o?.kind === 'r' ? BASE + o.off : -1;
+      };
+      for (let i = 0; i < 16; i++) await send();
+      for (let n = 0; n < 3000; n++) {
+        const rep = await readAnyReply(s, readLen, offsetOf);
+        const op = inflight.get(rep.cookie);
+        assert.ok(op !== undefined, 'a reply to a request in flight');
+        inflight.delete(rep.cookie);
+        assert.equal(rep.error, 0);
+        if (op.kind === 'w') {
+          acked[op.block] = op.v;
+        } else {
+          reads++;
+          const data = rep.data as Buffer;
+          for (let i = 0; i < op.len; i++) {
+            const b = Math.floor((op.off + i) / BLOCK);
+            const v = data[i] as number;
+            if (v < (op.floor[b] as number) || v > (sent[b] as number)) {
+              assert.fail(`READ ${op.len}@${op.off}: byte ${i} (block ${b}) is version ${v}; acknowledged before the READ: ${op.floor[b]}, newest sent: ${sent[b]}`);
+            }
+          }
+        }
+        if (n < 3000 - 16) await send();
+      }
+      assert.equal(inflight.size, 0);
+      for (let b = 0; b < BLOCKS; b++) {
+        assert.ok((await r.volume.read(BASE + b * BLOCK, BLOCK)).equals(Buffer.alloc(BLOCK, acked[b] as number)), `block ${b} holds its last version`);
+      }
+      assert.ok(reads > 1000 && racing > 500, `READs (${reads}) raced WRITEs in flight (${racing})`);
+      assert.ok(directReads(r) > reads / 2, `the thread served most READs (${directReads(r)} of ${reads})`);
+      s.conn.destroy();
+      await settled(r);
+    });
+
+    it('clients that leave READ replies unread, or close with READs in flight, leave the budget at 0', async () => {
+      await fill();
+      // Unread replies: 1 MiB READs until the thread stops reading; dropped at the stall timeout.
+      const s = await open(r);
+      await readOne(s, 0, 1 * MiB); // a 1 MiB buffer for the thread
+      (s.conn as unknown as { sock: { pause(): void } }).sock.pause();
+      const many = Buffer.concat(Array.from({ length: 256 }, (_, i) => request({ type: CMD.READ, cookie: nextCookie(), offset: (i % 8) * MiB, length: 1 * MiB })));
+      void s.conn.write(many).catch(() => undefined);
+      // (A paused client socket does not see the close: the server's side is watched.)
+      await settled(r);
+      s.conn.destroy();
+      // READs in flight, then close at once; then READs and a cut header.
+      for (let round = 0; round < 3; round++) {
+        const t = await open(r, round === 1);
+        await readOne(t, 0, 4096);
+        const reads = Buffer.concat(Array.from({ length: 64 }, (_, i) => request({ type: CMD.READ, cookie: nextCookie(), offset: i * 8192, length: 4096 + (i % 3) * 65536 })));
+        await t.conn.write(round === 2 ? Buffer.concat([reads, reads.subarray(0, 13)]) : reads);
+        t.conn.destroy();
+        await settled(r);
+      }
+    });
+  });
+}
+
 describe('native NBD transmission: the switch', function () {
   this.timeout(60_000);
   it('nativeTransmission: false serves on the stream path', async () => {
@@ -435,7 +672,18 @@ describe('native NBD transmission: the addon re-checks its arguments', function 
       assert.throws(() => call('nbdServeSend', h, ['x'], 1, 1), TypeError);
       assert.throws(() => call('nbdServeSend', h, [], 1, 1), RangeError);
       assert.throws(() => call('nbdServeSend', h, [Buffer.alloc(1)], -1, 1), RangeError);
-      assert.throws(() => call('nbdServeDirect', h, -1, 0), RangeError);
+      assert.throws(() => call('nbdServeDirect', h, -1, 0, 1), RangeError);
+      const fd = fs.openSync(__filename, 'r');
+      try {
+        assert.throws(() => call('nbdServeDirect', h, fd, 0, 0), RangeError, 'no mode');
+        assert.throws(() => call('nbdServeDirect', h, fd, 0, 8), RangeError, 'an unknown mode');
+        assert.throws(() => call('nbdServeDirect', h, fd, 0), TypeError, 'modes missing');
+      } finally {
+        fs.closeSync(fd);
+      }
+      const store = call('nbdMemStoreNew', 65536, 65536);
+      assert.throws(() => call('nbdServeDirectMemory', h, store, 0), RangeError, 'no mode');
+      assert.throws(() => call('nbdServeDirectMemory', h, {}, 1), TypeError, 'not a store');
       assert.deepEqual(call('nbdServeRevoke', h), [], 'nothing granted, nothing revoked');
     } finally {
       call('nbdServeAbort', h);
