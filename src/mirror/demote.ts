@@ -29,7 +29,7 @@ import type { Logger } from 'pino';
 import { writeFileDurably, syncDirectory } from '../io/file-device';
 import { RING_SLOTS } from '../tree/layout';
 import type { BlockTreeApi, CpBlock, CpSink } from '../tree/types';
-import { CLEAN_STOP_NAME, LABEL_NAME, openVolumeDir, readLabel, volumeDirInUse, type VolumeLabel } from '../volume/dir';
+import { CLEAN_STOP_NAME, LABEL_NAME, openVolumeDir, readLabel, resolveIn, volumeDirInUse, type VolumeLabel } from '../volume/dir';
 import { MIRROR_LABEL_NAME, type MirrorLabel } from './mirror-dir';
 import { MIRROR_STATE_NAME, readRelationship } from './relationship';
 import { readRole } from './role';
@@ -72,10 +72,6 @@ function copyFileSparse(from: string, to: string): void {
   } finally {
     fs.closeSync(fd);
   }
-}
-
-function resolveIn(dir: string, p: string): string {
-  return path.isAbsolute(p) ? p : path.join(dir, p);
 }
 
 export async function demoteVolume(dirArg: string, intoArg: string, opts: { logger: Logger }): Promise<DemoteReport> {

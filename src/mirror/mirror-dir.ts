@@ -30,13 +30,13 @@ import { BlockTree } from '../tree/tree';
 import { BLOCK, RING_SLOTS, decodeSuperblock, encodePtr, type Superblock } from '../tree/layout';
 import { assert } from '../util/assert';
 import { DestLog, DEST_LOG_NAME, destLogBytesFor } from './dest-log';
-import { LABEL_NAME, readLabel } from '../volume/dir';
+import { LABEL_NAME, readLabel, resolveIn } from '../volume/dir';
 import { bitmapBytes, readActiveMap, readSummaryMap } from '../tree/spacemap-read';
 
 export const MIRROR_LABEL_NAME = 'mirror.json';
 export const MIRROR_LOCK_NAME = 'mirror.lock';
 export const BASELINE_MARKER_NAME = 'baseline.partial';
-const MEMBER_NAME = 'member-0.img';
+export const MEMBER_NAME = 'member-0.img';
 /** Device writes of a CP in flight at once. */
 export const APPLY_WRITES_MAX = 16;
 /** A baseline's progress is made durable (member synced, marker rewritten) every this many blocks, so it resumes there. */
@@ -79,26 +79,31 @@ export interface MirrorHello {
 }
 
 /** Where a mirror's member lives. */
-function memberOf(dir: string, label: MirrorLabel): string {
-  const p = label.memberPath ?? MEMBER_NAME;
-  return path.isAbsolute(p) ? p : path.join(dir, p);
+export function memberOf(dir: string, label: MirrorLabel): string {
+  return resolveIn(dir, label.memberPath ?? MEMBER_NAME);
 }
 
 export class MirrorDirError extends Error {
   override name = 'MirrorDirError';
 }
 
-/** The newest superblock in a member's ring that decodes (the committed image), or undefined. */
-export async function newestSuperblock(dev: FileBlockDevice, uuid: string): Promise<{ sb: Superblock; raw: Buffer } | undefined> {
+/** The superblocks of source `uuid` in a member's ring, each in its own slot, by slot. */
+export async function ringSuperblocks(dev: FileBlockDevice, uuid: string): Promise<Array<{ slot: number; sb: Superblock; raw: Buffer }>> {
   const ring = Buffer.alloc(RING_SLOTS * BLOCK);
   await dev.readBlocks(0, RING_SLOTS, ring);
-  let best: { sb: Superblock; raw: Buffer } | undefined;
-  for (let s = 0; s < RING_SLOTS; s++) {
-    const raw = ring.subarray(s * BLOCK, (s + 1) * BLOCK);
+  const out: Array<{ slot: number; sb: Superblock; raw: Buffer }> = [];
+  for (let slot = 0; slot < RING_SLOTS; slot++) {
+    const raw = ring.subarray(slot * BLOCK, (slot + 1) * BLOCK);
     const d = decodeSuperblock(raw);
-    if (typeof d === 'string' || d.volumeUuid !== uuid || d.cpNumber % RING_SLOTS !== s) continue;
-    if (!best || d.cpNumber > best.sb.cpNumber) best = { sb: d, raw: Buffer.from(raw) };
+    if (typeof d !== 'string' && d.volumeUuid === uuid && d.cpNumber % RING_SLOTS === slot) out.push({ slot, sb: d, raw });
   }
+  return out;
+}
+
+/** The newest superblock in a member's ring that decodes (the committed image), or undefined. */
+export async function newestSuperblock(dev: FileBlockDevice, uuid: string): Promise<{ sb: Superblock; raw: Buffer } | undefined> {
+  let best: { sb: Superblock; raw: Buffer } | undefined;
+  for (const e of await ringSuperblocks(dev, uuid)) if (!best || e.sb.cpNumber > best.sb.cpNumber) best = { sb: e.sb, raw: Buffer.from(e.raw) };
   return best;
 }
 
@@ -159,19 +164,9 @@ async function rollBackForFailback(dir: string, dev: FileBlockDevice, label: Mir
   if (baseCp < 0 || !hello.baseRoot) {
     throw new MirrorDirError(`mirror ${dir} is a demoted primary (${d.fromDir}): only the volume promoted from it may resync it, naming the CP both hold; this source offers none`);
   }
-  const ring = Buffer.alloc(RING_SLOTS * BLOCK);
-  await dev.readBlocks(0, RING_SLOTS, ring);
-  const held: number[] = [];
-  let found: Buffer | undefined;
-  const later: number[] = [];
-  for (let s = 0; s < RING_SLOTS; s++) {
-    const raw = ring.subarray(s * BLOCK, (s + 1) * BLOCK);
-    const sb = decodeSuperblock(raw);
-    if (typeof sb === 'string' || sb.volumeUuid !== label.sourceUuid || sb.cpNumber % RING_SLOTS !== s) continue;
-    held.push(sb.cpNumber);
-    if (sb.cpNumber === baseCp && rootBytes(sb).equals(hello.baseRoot)) found = Buffer.from(raw);
-    if (sb.cpNumber > baseCp) later.push(s);
-  }
+  const ring = await ringSuperblocks(dev, label.sourceUuid);
+  const held = ring.map((e) => e.sb.cpNumber);
+  let found = ring.find((e) => e.sb.cpNumber === baseCp && rootBytes(e.sb).equals(hello.baseRoot!))?.raw;
   if (!found && d.destSuperblock !== undefined) {
     // Out of the ring: the old primary kept its destination's CP's superblock, and held that
     // CP's blocks since (the check below proves it); put it back into its slot.
@@ -180,14 +175,10 @@ async function rollBackForFailback(dir: string, dev: FileBlockDevice, label: Mir
     if (typeof sb !== 'string' && sb.volumeUuid === label.sourceUuid && sb.cpNumber === baseCp && rootBytes(sb).equals(hello.baseRoot)) {
       await dev.writeBlocks(baseCp % RING_SLOTS, kept);
       found = kept;
-      later.length = 0;
-      for (let s = 0; s < RING_SLOTS; s++) {
-        if (s === baseCp % RING_SLOTS) continue;
-        const o = decodeSuperblock(ring.subarray(s * BLOCK, (s + 1) * BLOCK));
-        if (typeof o !== 'string' && o.volumeUuid === label.sourceUuid && o.cpNumber > baseCp) later.push(s);
-      }
     }
   }
+  // This side's CPs after the base (the slot the base went back into no longer holds one).
+  const later = ring.filter((e) => e.sb.cpNumber > baseCp && e.slot !== baseCp % RING_SLOTS).map((e) => e.slot);
   if (!found) {
     throw new MirrorDirError(`mirror ${dir} (demoted from ${d.fromDir}) does not hold CP ${baseCp} with the promoted volume's root (its ring holds CPs ${held.sort((a, b) => a - b).join(', ') || 'none'}): ` +
       `no common CP, so no failback without a full copy; remove ${dir} to take a full baseline`);
@@ -299,7 +290,7 @@ export class MirrorDir {
           throw new MirrorDirError(`${dir} was created as a RAID volume (${vol.members.length} members): mirroring into a RAID destination is not supported yet; create it with one --member`);
         }
         const member = vol.members[0]!;
-        const memberPath = path.isAbsolute(member.path) ? member.path : path.join(dir, member.path);
+        const memberPath = resolveIn(dir, member.path);
         if (vol.sizeBytes !== hello.sizeBytes) throw new MirrorDirError(`${dir} was created for ${vol.sizeBytes} bytes; the source has ${hello.sizeBytes}`);
         if (member.blockCount < hello.deviceBlocks) throw new MirrorDirError(`${dir}: its member has ${member.blockCount} blocks; the source's block space needs ${hello.deviceBlocks}`);
         label = { format: 'nvmirror-mirror', version: 1, sourceUuid: hello.sourceUuid, sizeBytes: hello.sizeBytes, deviceBlocks: hello.deviceBlocks, createdMs: Date.now(), memberPath: member.path };

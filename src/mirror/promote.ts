@@ -35,8 +35,9 @@ import { BLOCK } from '../tree/layout';
 import { controlRequest } from '../volume/engine-control';
 import { LABEL_FORMAT, LABEL_NAME, LABEL_VERSION, NVRAM_DEFAULT_BYTES, NVRAM_DEFAULT_NAME, openVolumeDir, type VolumeLabel } from '../volume/dir';
 import { DEST_LOG_MIN_BYTES, DEST_LOG_NAME, DestLog } from './dest-log';
+import { RECEIVER_SOCKET_NAME } from './receiver';
 import { PROMOTED_LABEL_NAME, ROLE_NAME, readRole, type RoleRecord } from './role';
-import { BASELINE_MARKER_NAME, MIRROR_LABEL_NAME, MIRROR_LOCK_NAME, MirrorDirError, newestSuperblock, rootBytes, type MirrorLabel } from './mirror-dir';
+import { MEMBER_NAME, memberOf, BASELINE_MARKER_NAME, MIRROR_LABEL_NAME, MIRROR_LOCK_NAME, MirrorDirError, newestSuperblock, rootBytes, type MirrorLabel } from './mirror-dir';
 
 /** How long promote waits for a running receiver to let go of the mirror. */
 const RELEASE_TIMEOUT_MS = 30_000;
@@ -53,7 +54,7 @@ export interface PromoteReport extends RoleRecord {
 
 /** The receiver's control socket for a mirror directory (its parent directory holds it). */
 function receiverSocketOf(dir: string): string {
-  return path.join(path.dirname(dir), 'receiver.sock');
+  return path.join(path.dirname(dir), RECEIVER_SOCKET_NAME);
 }
 
 /** Asks a running receiver to let go of source `uuid`; resolves false when no receiver runs. */
@@ -89,8 +90,8 @@ export async function promoteMirror(dirArg: string, opts: { force: boolean; logg
     if (fs.existsSync(path.join(dir, BASELINE_MARKER_NAME))) {
       throw new MirrorDirError(`${dir} holds no consistent image: a full baseline was interrupted (${BASELINE_MARKER_NAME}); it cannot be promoted`);
     }
-    const memberRel = label.memberPath ?? 'member-0.img';
-    const memberAbs = path.isAbsolute(memberRel) ? memberRel : path.join(dir, memberRel);
+    const memberRel = label.memberPath ?? MEMBER_NAME;
+    const memberAbs = memberOf(dir, label);
 
     // The base: the committed CP.
     const dev = await FileBlockDevice.open(memberAbs, {});

@@ -28,7 +28,7 @@ import * as tls from 'tls';
 import * as path from 'path';
 import type { Logger } from 'pino';
 import { FileBlockDevice } from '../io/file-device';
-import { readLabel } from '../volume/dir';
+import { readLabel, resolveIn } from '../volume/dir';
 import { readRole } from './role';
 import { assert } from '../util/assert';
 import { crc32c } from '../io/native';
@@ -743,7 +743,7 @@ export async function promotedRefusal(dir: string, sourceCp: number): Promise<st
   let nowCp = -1;
   try {
     const label = await readLabel(dir);
-    const memberPath = path.isAbsolute(label.members[0]!.path) ? label.members[0]!.path : path.join(dir, label.members[0]!.path);
+    const memberPath = resolveIn(dir, label.members[0]!.path);
     const dev = await FileBlockDevice.open(memberPath, { readOnly: true });
     try {
       nowCp = (await newestSuperblock(dev, label.uuid))?.sb.cpNumber ?? -1;

@@ -120,7 +120,8 @@ export function memberBlocksFor(sizeBytes: number, nvramSizeBytes: number): numb
   return data + metadata + snapshotHeadroom + cpHeadroom;
 }
 
-function resolveIn(dir: string, p: string): string {
+/** A path of a volume directory's label: absolute as given, else relative to DIR. */
+export function resolveIn(dir: string, p: string): string {
   return path.isAbsolute(p) ? p : path.join(dir, p);
 }
 

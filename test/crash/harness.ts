@@ -25,7 +25,10 @@ export function prng(seed: number): () => number {
 
 export function seedFromEnv(): number {
   const s = process.env.NVMIRROR_SEED;
-  return s !== undefined ? Number(s) : Math.floor(Math.random() * 0x7fffffff);
+  if (s === undefined) return Math.floor(Math.random() * 0x7fffffff);
+  const n = Number(s);
+  if (!Number.isSafeInteger(n) || n < 0) throw new Error(`NVMIRROR_SEED must be a non-negative integer, got ${s}`);
+  return n;
 }
 
 export interface CliResult {

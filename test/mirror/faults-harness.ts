@@ -29,6 +29,7 @@ import { NO_FAULTS, startRelayIn, type RemoteRelay } from '../net/relay';
 import { NbdClient, NbdClosedError } from '../crash/nbd-client';
 import { controlRequest } from '../../src/volume/engine-control';
 import { BIN, md5OfExport, sh, sleep, sourceStatus, until } from './helpers';
+import { prng, seedFromEnv } from '../crash/harness';
 
 export const BS = 4096;
 /** Longest wait for the mirror to converge once every fault is lifted. */
@@ -36,25 +37,8 @@ export const CONVERGE_TIMEOUT_MS = 120_000;
 /** Lines of each log printed when a test fails. */
 const LOG_TAIL_LINES = 40;
 
-export function seedFromEnv(): number {
-  const s = process.env.NVMIRROR_SEED;
-  if (s === undefined) return Math.floor(Math.random() * 0x7fffffff);
-  const n = Number(s);
-  if (!Number.isSafeInteger(n) || n < 0) throw new Error(`NVMIRROR_SEED must be a non-negative integer, got ${s}`);
-  return n;
-}
-
-/** mulberry32, uniform in [0, 1): the schedule's and the writer's randomness. */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+// The seed and the PRNG are the crash tests' (NVMIRROR_SEED reruns a run).
+export { prng, seedFromEnv };
 
 /** Contents of block `lbn` written by write `id` (id 0: never written, zeroes). */
 export function blockContent(lbn: number, id: number): Buffer {
