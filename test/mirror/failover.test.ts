@@ -283,9 +283,11 @@ describe('mirror failover: promote (two hosts)', function () {
     for (let i = 0; i < 3; i++) sh('qemu-io', ['-f', 'raw', '-c', `write -P 0x${(0x41 + i).toString(16)} 0 8M`, `nbd+unix:///?socket=${srcs[i]!.sock}`]);
     // Source 1 dies mid-write; the others keep writing.
     const w1 = cp.spawn('qemu-io', ['-f', 'raw', '-c', 'write -P 0x99 8M 32M', `nbd+unix:///?socket=${srcs[1]!.sock}`], { stdio: 'ignore' });
+    // Listen from the start: the write may end before the kill (then a later once('exit') never fires).
+    const w1Exited = new Promise((r) => w1.once('exit', r));
     await new Promise((r) => setTimeout(r, 300));
     await kill9(procsF[1]!);
-    await new Promise((r) => w1.once('exit', r));
+    await w1Exited;
     const p = await promote(srcs[1]!.uuid);
     assert.ok(p.cpNumber > p.promotedFromCp);
     for (const i of [0, 2]) sh('qemu-io', ['-f', 'raw', '-c', `write -P 0x${(0x51 + i).toString(16)} 4M 4M`, `nbd+unix:///?socket=${srcs[i]!.sock}`]);
