@@ -248,6 +248,8 @@ export class MirrorDir {
   /** Why the last stream was refused or could not be applied (the receiver sets it; a commit clears it). */
   lastError: string | undefined;
   cpsApplied = 0;
+  /** CPs the source began and abandoned (async, a slow peer): never committed. */
+  cpsAborted = 0;
   blocksApplied = 0;
   refsApplied = 0;
   deltasApplied = 0;

@@ -89,6 +89,7 @@ export interface ReceiverStats {
     recordsStored: number;
     recordsDropped: number;
     cpsApplied: number;
+    cpsAborted: number;
     blocksApplied: number;
     refsApplied: number;
     deltasApplied: number;
@@ -383,6 +384,20 @@ class Session {
         this.send({ type: MsgType.CpAck, cp: m.cp, root: rootBytes(sb) });
         this.log.debug({ cp: m.cp, kind: a.kind, blocks: a.blocks }, 'mirror CP committed');
         return true;
+      }
+      case MsgType.CpAbort: {
+        const a = this.checkApplying(m.cp);
+        if (a.kind !== 'cp') throw new MirrorProtocolError(`abort of a ${a.kind} toward CP ${m.cp}: only a CP may be abandoned`);
+        // Its blocks went to blocks the committed CP does not use (refused as they
+        // arrived otherwise); the staged run is dropped, and the writes in flight end
+        // before anything that follows (the resync) may write the same blocks.
+        this.run = undefined;
+        await this.waitWrites(0);
+        if (this.writeError) throw this.writeError;
+        this.applying = undefined;
+        mirror.cpsAborted++;
+        this.log.info({ cp: m.cp, blocks: a.blocks, committedCp: mirror.committedCp }, 'CP abandoned by the source (async, peer slower than its CPs): the mirror stays at its committed CP');
+        return false;
       }
       default:
         throw new MirrorProtocolError(`unexpected frame type ${m.type} from a source`);
@@ -707,6 +722,7 @@ export class MirrorReceiver {
         recordsStored: m.log.recordsStored,
         recordsDropped: m.log.recordsDropped,
         cpsApplied: m.cpsApplied,
+        cpsAborted: m.cpsAborted,
         blocksApplied: m.blocksApplied,
         refsApplied: m.refsApplied,
         deltasApplied: m.deltasApplied,

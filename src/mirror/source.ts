@@ -114,6 +114,8 @@ export interface MirrorSourceStats {
   dataBlocksSent: number;
   refsSent: number;
   deltasSent: number;
+  /** async CPs begun and abandoned (CP_ABORT) because the peer was slower than the CPs; a resync followed. */
+  cpsAbandoned: number;
   bytesSavedByRefs: number;
   resync: { baseCp: number; targetCp: number; blocksSent: number; bytesPerSec: number; totalBytes: number | undefined; etaSeconds: number | undefined } | undefined;
   lastError: string | undefined;
@@ -193,6 +195,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private wireRate = 0;
   private dataBlocksSent = 0;
   private refsSent = 0;
+  /** async CPs begun and abandoned because the peer was slower than the CPs. */
+  private cpsAbandoned = 0;
   private deltasSent = 0;
   private lastError: string | undefined;
   private drainWaiters: Array<() => void> = [];
@@ -464,7 +468,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
   }
 
   /** Waits while the socket queue is over QUEUED_BYTES_MAX (the connection may drop meanwhile). */
-  private async room(conn: Conn): Promise<void> {
+  private async waitRoom(conn: Conn): Promise<void> {
     while (!conn.closed && conn.socket.writableLength > QUEUED_BYTES_MAX) {
       await new Promise<void>((r) => this.drainWaiters.push(r));
     }
@@ -584,6 +588,11 @@ export class MirrorSource implements CpSink, ReplicaGate {
         this.state = 'behind';
         return;
       }
+      if (this.o.mode === 'async' && conn.cpAcks.length > CPS_UNACKED_MAX) {
+        // async never waits for the peer: it falls behind and catches up by resync.
+        this.fallBehind(`CP ${conn.cpAcks[0]!.cp} still unacknowledged`);
+        return;
+      }
       this.shipping = { cp, blocks: 0 };
       this.send(conn, { type: MsgType.CpBegin, cp, baseCp: cp - 1, kind: 'cp' });
     }
@@ -596,34 +605,71 @@ export class MirrorSource implements CpSink, ReplicaGate {
       (pba, count, dst) => this.tree.readRaw(pba, count, dst),
     );
     for (const group of refFrames(refs)) {
-      await this.room(conn);
+      if (!(await this.room(conn, cp))) return;
       this.send(conn, { type: MsgType.CpRefs, cp, refs: group });
     }
     for (const group of deltaFrames(deltas)) {
-      await this.room(conn);
+      if (!(await this.room(conn, cp))) return;
       this.send(conn, { type: MsgType.CpDeltas, cp, deltas: group });
     }
-    await this.sendBlocks(conn, cp, data.map((b) => ({ pba: b.pba, buf: b.buf })));
+    if (!(await this.sendBlocks(conn, cp, data.map((b) => ({ pba: b.pba, buf: b.buf }))))) return;
     ship.blocks += refs.length + deltas.length + data.length;
     this.refsSent += refs.length;
     this.deltasSent += deltas.length;
   }
 
-  private async sendBlocks(conn: Conn, cp: number, blocks: { pba: number; buf: Buffer }[]): Promise<void> {
-    for (let i = 0; i < blocks.length && !conn.closed; i += BLOCKS_PER_FRAME_MAX) {
-      await this.room(conn);
+  /**
+   * Sends data blocks of CP `cp` (a resync always waits for room; a CP as room() says);
+   * false when the CP was abandoned (async) or the connection dropped meanwhile.
+   */
+  private async sendBlocks(conn: Conn, cp: number, blocks: { pba: number; buf: Buffer }[], resync = false): Promise<boolean> {
+    for (let i = 0; i < blocks.length; i += BLOCKS_PER_FRAME_MAX) {
+      if (resync) {
+        await this.waitRoom(conn);
+        if (conn.closed) return false;
+      } else if (!(await this.room(conn, cp))) return false;
       const part = blocks.slice(i, i + BLOCKS_PER_FRAME_MAX);
       const data = Buffer.allocUnsafe(part.length * 4096);
       part.forEach((b, k) => b.buf.copy(data, k * 4096));
       this.send(conn, { type: MsgType.CpBlocks, cp, pbas: part.map((b) => b.pba), data });
       this.dataBlocksSent += part.length;
     }
+    return !conn.closed;
+  }
+
+  /**
+   * Room on the socket for the next frame of CP `cp`. sync waits for it (the peer's pace
+   * is the clients' pace); async never makes a CP wait for the peer: with the queue full
+   * it abandons the CP (CP_ABORT) and the mirror catches up by resync, off the CP path.
+   */
+  private async room(conn: Conn, cp: number): Promise<boolean> {
+    if (this.o.mode === 'async' && conn.socket.writableLength > QUEUED_BYTES_MAX) {
+      if (!conn.closed && this.shipping?.cp === cp) {
+        this.shipping = undefined;
+        this.send(conn, { type: MsgType.CpAbort, cp });
+        this.cpsAbandoned++;
+        this.fallBehind(`CP ${cp} abandoned: ${QUEUED_BYTES_MAX} bytes queued for the peer`);
+      }
+      return false;
+    }
+    await this.waitRoom(conn);
+    return !conn.closed && (this.o.mode === 'sync' || this.shipping?.cp === cp);
+  }
+
+  /** async: the peer is slower than the CPs; the next commit starts a resync (catchUp). */
+  private fallBehind(why: string): void {
+    if (this.state === 'in-sync') {
+      this.log.info({ why }, 'mirror behind: the peer is slower than the CPs (async); it catches up by resync');
+      this.behindSinceMs = Date.now();
+    }
+    this.state = 'behind';
   }
 
   async committed(cp: number, slot: number, superblock: Buffer, _meta: CpMeta): Promise<void> {
     this.cpInProgress = undefined;
     const conn = this.conn;
-    if (conn && !conn.closed && this.state === 'in-sync' && !this.shipping && conn.shippedCp === cp - 1) {
+    if (conn && !conn.closed && this.state === 'in-sync' && !this.shipping && conn.shippedCp === cp - 1
+      && (this.o.mode === 'sync' || conn.cpAcks.length <= CPS_UNACKED_MAX)) {
       // A CP that wrote no blocks (e.g. only a snapshot op).
       this.shipping = { cp, blocks: 0 };
       this.send(conn, { type: MsgType.CpBegin, cp, baseCp: cp - 1, kind: 'cp' });
@@ -634,7 +680,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
       // Pipelined: the next CP may start while the destination applies this one (it
       // applies in stream order); reuse stays gated on acknowledged CPs (oldestNeededCp).
       void this.commitOnDest(conn, cp, slot, ship.blocks, superblock);
-      while (conn.cpAcks.length > CPS_UNACKED_MAX && !conn.closed) await conn.cpAcks[0]!.done;
+      // async goes on at once: its next CP falls behind instead if this one is still unacknowledged then.
+      while (this.o.mode === 'sync' && conn.cpAcks.length > CPS_UNACKED_MAX && !conn.closed) await conn.cpAcks[0]!.done;
     }
     if (conn?.shippedCp !== cp && this.state === 'in-sync') this.state = 'behind';
     // Not before WELCOME: until then destCp is the last connection's, and a resync from it
@@ -722,7 +769,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     const flush = async (): Promise<void> => {
       const b = batch;
       batch = [];
-      await this.sendBlocks(conn, view.cpNumber, b);
+      await this.sendBlocks(conn, view.cpNumber, b, true);
       if (this.resync) {
         this.resync.blocksSent += b.length;
         progress.update(this.resync.blocksSent * 4096);
@@ -837,6 +884,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       dataBlocksSent: this.dataBlocksSent,
       refsSent: this.refsSent,
       deltasSent: this.deltasSent,
+      cpsAbandoned: this.cpsAbandoned,
       bytesSavedByRefs: this.refsSent * (4096 - 24),
       resync: this.resync
         ? (() => {

@@ -54,6 +54,7 @@ export const enum MsgType {
   CpDeltas = 14,
   ReadReq = 15,
   ReadResp = 16,
+  CpAbort = 17,
 }
 
 export type MirrorMode = 'sync' | 'async';
@@ -206,6 +207,16 @@ export interface Ping {
   nowMs: number;
 }
 
+/**
+ * The source abandons the CP it began (async mode, a peer slower than the CPs): what the
+ * destination staged for it is never committed; it stays at its committed CP, and a
+ * resync follows on the same connection.
+ */
+export interface CpAbort {
+  type: MsgType.CpAbort;
+  cp: number;
+}
+
 /** Verify: the source asks for raw blocks of the destination's member (its committed image). */
 export interface ReadReq {
   type: MsgType.ReadReq;
@@ -221,7 +232,7 @@ export interface ReadResp {
   data: Buffer;
 }
 
-export type Message = Hello | Welcome | Refuse | RecordMsg | RecordAck | DurableReq | CpBegin | CpBlocks | CpRefs | CpDeltas | CpCommit | CpAck | Pin | Ping | ReadReq | ReadResp;
+export type Message = Hello | Welcome | Refuse | RecordMsg | RecordAck | DurableReq | CpBegin | CpBlocks | CpRefs | CpDeltas | CpCommit | CpAck | Pin | Ping | ReadReq | ReadResp | CpAbort;
 
 export class MirrorProtocolError extends Error {
   override name = 'MirrorProtocolError';
@@ -248,10 +259,11 @@ function bodyCap(type: number): number | undefined {
     case MsgType.CpDeltas: return DELTAS_BODY_MAX_BYTES;
     case MsgType.ReadReq: return 8 + BLOCKS_PER_FRAME_MAX * 8;
     case MsgType.ReadResp: return 8 + BLOCKS_PER_FRAME_MAX * (8 + BLOCK_BYTES);
+    case MsgType.CpAbort: return 8;
     default: return undefined;
   }
 }
-assert(Math.max(...[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16].map((t) => bodyCap(t)!)) <= FRAME_BODY_MAX_BYTES, 'a body cap exceeds FRAME_BODY_MAX_BYTES');
+assert(Math.max(...[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17].map((t) => bodyCap(t)!)) <= FRAME_BODY_MAX_BYTES, 'a body cap exceeds FRAME_BODY_MAX_BYTES');
 
 // ---- a cursor over a body ----
 
@@ -427,6 +439,8 @@ export function encodeBody(m: Message): Buffer[] {
       return [i64(m.oldestPinnedCp)];
     case MsgType.Ping:
       return [u64(m.nowMs)];
+    case MsgType.CpAbort:
+      return [u64(m.cp)];
   }
 }
 
@@ -563,6 +577,9 @@ export function decodeBody(type: number, body: Buffer): Message {
       break;
     case MsgType.Ping:
       m = { type, nowMs: r.u64('nowMs') };
+      break;
+    case MsgType.CpAbort:
+      m = { type, cp: r.u64('cp') };
       break;
     default:
       throw new MirrorProtocolError(`unknown frame type ${type}`);

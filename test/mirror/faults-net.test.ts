@@ -209,6 +209,35 @@ describe('mirror faults: network (namespaces, nftables, fault-injecting relay)',
         assert.ok(growth.receiver <= RECEIVER_STALL_RSS_GROWTH_MAX_KIB, `receiver RSS grew ${growth.receiver} KiB under a stall`);
       });
 
+      if (mode === 'async') {
+        it('a stalled peer never makes an async client wait: 10x the NVRAM acknowledged while the peer reads nothing and the link stays up', async () => {
+          const r = rig!;
+          // No stall timeout to rescue the client: only CPs that do not wait for the peer can.
+          await r.stop('source');
+          r.o.stallTimeoutMs = 3_600_000;
+          await r.startSource();
+          await until('mirror in sync', () => r.status()?.state === 'in-sync', 90_000);
+          try {
+            await underLoad('stalled peer, no stall timeout', async (rr, w) => {
+              await rr.relay.set({ stall: true });
+              const n0 = w.ackedWrites;
+              // About 10 KiB per write: 8000 writes are ~10x the rig's 8 MiB NVRAM, which a
+              // CP waiting for the peer would fill long before.
+              await until('writes acknowledged while the peer is stalled', () => w.ackedWrites > n0 + 8000, 120_000);
+              const s = rr.status()!;
+              assert.ok(s.connected, `the link was dropped (${s.lastError ?? ''}): the test wants it up and stalled`);
+              assert.notStrictEqual(s.state, 'in-sync', 'status says in-sync while the peer is stalled');
+              assert.match(rr.readLog('source'), /mirror behind: the peer is slower than the CPs/);
+            });
+          } finally {
+            await r.stop('source');
+            r.o.stallTimeoutMs = STALL_TIMEOUT_MS;
+            await r.startSource();
+          }
+          await r.converge();
+        });
+      }
+
       const corruptions = {
         'a flipped bit every 4 KiB': { flipEveryBytes: 4096, flipDirection: 'toTarget' as const },
         'a truncated stream (cut after 1000 bytes)': { cutAfterBytes: 1000, cutDirection: 'toTarget' as const },

@@ -51,12 +51,14 @@ const BODY_CAP: Record<number, number> = {
   [MsgType.Ping]: 8,
   [MsgType.ReadReq]: 8 + BLOCKS_PER_FRAME_MAX * 8,
   [MsgType.ReadResp]: 8 + BLOCKS_PER_FRAME_MAX * (8 + BLOCK_BYTES),
+  [MsgType.CpAbort]: 8,
 };
 const TYPE_NAME: Record<number, string> = {
   [MsgType.Hello]: 'HELLO', [MsgType.Welcome]: 'WELCOME', [MsgType.Refuse]: 'REFUSE', [MsgType.Record]: 'RECORD',
   [MsgType.RecordAck]: 'RECORD_ACK', [MsgType.DurableReq]: 'DURABLE_REQ', [MsgType.CpBegin]: 'CP_BEGIN', [MsgType.CpBlocks]: 'CP_BLOCKS',
   [MsgType.CpRefs]: 'CP_REFS', [MsgType.CpDeltas]: 'CP_DELTAS', [MsgType.CpCommit]: 'CP_COMMIT', [MsgType.CpAck]: 'CP_ACK',
   [MsgType.Pin]: 'PIN', [MsgType.Ping]: 'PING', [MsgType.ReadReq]: 'READ_REQ', [MsgType.ReadResp]: 'READ_RESP',
+  [MsgType.CpAbort]: 'CP_ABORT',
 };
 /** Type codes no message uses. */
 const UNKNOWN_TYPES = [0, 200, 254, 255];
@@ -117,6 +119,8 @@ function samples(): Message[] {
     { type: MsgType.Pin, oldestPinnedCp: U53_MAX },
     { type: MsgType.Ping, nowMs: 0 },
     { type: MsgType.Ping, nowMs: 1_764_500_000_000 },
+    { type: MsgType.CpAbort, cp: 0 },
+    { type: MsgType.CpAbort, cp: U53_MAX },
     { type: MsgType.ReadReq, id: 0, pbas: [U53_MAX] },
     { type: MsgType.ReadReq, id: 0xffffffff, pbas: Array.from({ length: BLOCKS_PER_FRAME_MAX }, (_, i) => i * 3) },
     { type: MsgType.ReadResp, id: 7, pbas: [5], data: pattern(BLOCK_BYTES, 10) },
