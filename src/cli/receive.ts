@@ -8,13 +8,17 @@ import { ControlServer } from '../volume/engine-control';
 import { MirrorExports, PIN_HOLD_MS_MAX_DEFAULT } from '../mirror/exports';
 import { linkSecurity, serverTls, type LinkArgs } from '../mirror/link';
 import { createLogger } from '../util/log';
-import { hostPortArg, intArg, logLevelArg, onStopSignals } from './common';
+import { hostPortArg, intArg, logLevelArg, onStopSignals, sizeRangeArg } from './common';
+import { MemoryBudget } from '../nbd/budget';
+import { MEMORY_BUDGET_BYTES_DEFAULT, MEMORY_BUDGET_BYTES_MAX, MEMORY_BUDGET_BYTES_MIN } from '../nbd/limits';
+import { formatSize } from '../util/size';
 
 interface ReceiveOpts extends LinkArgs {
   listen: { host: string; port: number };
   exportListen?: { host: string; port: number };
   exportSocket?: string;
   readerPinMax: number;
+  memoryBudget: number;
   logLevel: string;
 }
 
@@ -32,6 +36,11 @@ export function registerReceive(program: Command): void {
     .option('--mirror-tls-ca <FILE>', 'CA that signed the sources\' certificates (PEM)')
     .option('--mirror-insecure', 'accept plaintext, unauthenticated sources')
     .option('--reader-pin-max <SECONDS>', 'longest a mirror reader may stay on one CP (its source keeps that CP\'s blocks meanwhile); then its reads fail and it must reconnect', intArg(1, 7 * 24 * 3600), PIN_HOLD_MS_MAX_DEFAULT / 1000)
+    .addOption(
+      new Option('--memory-budget <SIZE>', 'process-wide cap on mirror frames waiting to be applied (every source) and NBD request and reply bytes in flight (the exports); reading pauses while it is reached')
+        .argParser(sizeRangeArg(MEMORY_BUDGET_BYTES_MIN, MEMORY_BUDGET_BYTES_MAX))
+        .default(MEMORY_BUDGET_BYTES_DEFAULT, formatSize(MEMORY_BUDGET_BYTES_DEFAULT)),
+    )
     .addOption(new Option('--log-level <LEVEL>', 'log level').default('info').argParser(logLevelArg))
     .action(async (dir: string, o: ReceiveOpts) => {
       const sec = linkSecurity(o);
@@ -40,7 +49,9 @@ export function registerReceive(program: Command): void {
       await fs.promises.mkdir(abs, { recursive: true });
       const exports = new MirrorExports(logger, o.readerPinMax * 1000);
       const tlsOpts = serverTls(sec);
-      const rx = new MirrorReceiver({ dir: abs, logger, exports, ...(tlsOpts ? { tls: tlsOpts } : {}) });
+      // One budget for the process: every source's frames and every export client's bytes.
+      const budget = new MemoryBudget(o.memoryBudget);
+      const rx = new MirrorReceiver({ dir: abs, logger, exports, budget, ...(tlsOpts ? { tls: tlsOpts } : {}) });
       let nbd: NbdServer | undefined;
       let control: ControlServer | undefined;
       onStopSignals(async () => {
@@ -58,7 +69,7 @@ export function registerReceive(program: Command): void {
       });
       const lines = [`nvmirror: receiving mirrors into ${abs} on ${o.listen.host}:${addr.port} (${sec.kind === 'insecure' ? 'plaintext' : `TLS ${sec.kind}`})`];
       if (o.exportListen || o.exportSocket) {
-        nbd = new NbdServer({ exports, logger, maxConnections: 128 });
+        nbd = new NbdServer({ exports, logger, maxConnections: 128, budget });
         if (o.exportSocket) {
           await nbd.listenUnix(path.resolve(o.exportSocket));
           lines.push(`  mirrors read-only at nbd+unix:///<source-uuid>?socket=${path.resolve(o.exportSocket)}`);

@@ -152,6 +152,7 @@ export function receiveDirEntries(dir: string, open: ReadonlySet<string>, runnin
 
 export function formatReceiver(dir: string, r: ReceiverStats & { directories?: ReceiveDirEntry[] }): string {
   const lines = [`receiver   ${dir}, ${r.connections} source(s) connected`];
+  if (r.memory) lines.push(`memory     ${formatSize(r.memory.usedBytes)} of ${formatSize(r.memory.budgetBytes)} budget in use (peak ${formatSize(r.memory.peakBytes)})${r.memory.waiting > 0 ? `, ${r.memory.waiting} waiting` : ''}`);
   for (const m of r.mirrors) {
     lines.push(
       `mirror     ${m.sourceUuid}: ${m.baselinePartial ? 'INCONSISTENT (baseline in progress)' : `CP ${m.committedCp}`}, ${m.connected ? 'source connected' : 'source not connected'}`,

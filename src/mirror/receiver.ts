@@ -17,11 +17,15 @@
  *   sent, or the stream is refused.
  * - A protocol error, a checksum failure or a closed socket ends the connection; the
  *   committed image is what the last CP_COMMIT made it.
- * - Memory per connection: one frame being parsed (<= FRAME_BODY_MAX_BYTES), parsed
- *   frames waiting (reading pauses beyond QUEUED_BYTES_MAX) and at most
- *   APPLY_WRITES_MAX combined writes (<= 1 MiB each) in flight; the whole receiver: at
- *   most CONNECTIONS_MAX connections. Each open mirror also keeps its committed CP's
- *   space map (two bits per device block).
+ * - Memory: parsed frames waiting to be applied are charged to the process's one
+ *   MemoryBudget (nbd/budget.ts; `receive --memory-budget`), shared by every source and
+ *   by the NBD clients of the exports; a frame parsed while the budget is spent pauses
+ *   its connection's reading until it is granted. Per connection, on top of that: one
+ *   frame being parsed and the rest of one socket read (<= FRAME_BODY_MAX_BYTES + 64
+ *   KiB), records on the fast path (stored at once), at most APPLY_WRITES_MAX combined
+ *   writes (<= 1 MiB each) in flight, and reading pauses beyond QUEUED_BYTES_MAX queued;
+ *   the whole receiver: at most CONNECTIONS_MAX connections. Each open mirror also keeps
+ *   its committed CP's space map (two bits per device block).
  */
 import * as net from 'net';
 import * as tls from 'tls';
@@ -37,6 +41,7 @@ import { APPLY_WRITES_MAX, BASELINE_PROGRESS_BLOCKS, MirrorDir, MirrorDirError, 
 import { MirrorView, type MirrorExports } from './exports';
 import { RemoteReads, verifyCp, type VerifyReport } from './verify';
 import { applyDelta, DELTA_FROM_ZEROES } from './delta';
+import type { Charge, MemoryBudget } from '../nbd/budget';
 
 const ZERO_BLOCK = Buffer.alloc(4096);
 
@@ -77,6 +82,8 @@ const HELLO_TIMEOUT_MS = 10_000;
 
 export interface ReceiverStats {
   connections: number;
+  /** The process's one budget (mirror frames waiting and the exports' NBD bytes in flight). */
+  memory?: { budgetBytes: number; usedBytes: number; peakBytes: number; waiting: number };
   mirrors: Array<{
     sourceUuid: string;
     dir: string;
@@ -122,6 +129,12 @@ class Session {
   private processing = false;
   /** Bytes of parsed messages not yet handled (queued or being handled). */
   private pendingBytes = 0;
+  /** The budget's charge of each queued message (none without a budget). */
+  private readonly charges = new Map<Message, Charge>();
+  /** Queued messages parsed while the budget was spent, oldest first: reading pauses until each is granted. */
+  private uncharged: Message[] = [];
+  /** The message a budget wait is for, and how to cancel that wait. */
+  private budgetWait: { m: Message; cancel: () => void } | undefined;
   private closed = false;
   private idleTimer: NodeJS.Timeout | undefined;
   private lastHeardMs = Date.now();
@@ -180,6 +193,7 @@ class Session {
         } else {
           this.queue.push(m);
           this.pendingBytes += messageBytes(m);
+          this.charge(m);
         }
       }
     } catch (e) {
@@ -191,10 +205,71 @@ class Session {
     if (this.queue.length > 0) void this.drain();
   }
 
-  /** Reads from the socket only while the queue and the device keep up (bounded memory per connection). */
+  /** Charges a queued message to the process's budget, or queues it for a grant (reading pauses meanwhile). */
+  private charge(m: Message): void {
+    const budget = this.rx.budget;
+    if (!budget) return;
+    if (this.uncharged.length === 0) {
+      const c = budget.tryCharge(messageBytes(m));
+      if (c) {
+        this.charges.set(m, c);
+        return;
+      }
+    }
+    this.uncharged.push(m);
+    this.waitBudget();
+  }
+
+  private waitBudget(): void {
+    const budget = this.rx.budget;
+    const m = this.uncharged[0];
+    if (!budget || !m || this.budgetWait || this.closed) return;
+    const wait = {
+      m,
+      cancel: budget.wait(messageBytes(m), (c) => {
+        if (this.budgetWait === wait) this.budgetWait = undefined;
+        if (this.closed || this.uncharged[0] !== m) budget.release(c); // handled or gone meanwhile
+        else {
+          this.uncharged.shift();
+          this.charges.set(m, c);
+        }
+        this.waitBudget();
+        this.flow();
+      }),
+    };
+    this.budgetWait = wait;
+  }
+
+  /** A message was handled: its charge goes back (or its wait for one ends). */
+  private discharge(m: Message): void {
+    const c = this.charges.get(m);
+    if (c) {
+      this.charges.delete(m);
+      this.rx.budget!.release(c);
+      return;
+    }
+    const i = this.uncharged.indexOf(m);
+    if (i < 0) return;
+    this.uncharged.splice(i, 1);
+    if (this.budgetWait?.m === m) {
+      this.budgetWait.cancel(); // a grant already on its way is released by its callback
+      this.budgetWait = undefined;
+      this.waitBudget();
+    }
+  }
+
+  private releaseBudget(): void {
+    this.budgetWait?.cancel();
+    this.budgetWait = undefined;
+    this.uncharged = [];
+    for (const c of this.charges.values()) this.rx.budget!.release(c);
+    this.charges.clear();
+  }
+
+  /** Reads from the socket only while the queue, the device and the budget keep up. */
   private flow(): void {
     if (this.closed) return;
-    const full = this.pendingBytes > QUEUED_BYTES_MAX || this.writesInFlight >= APPLY_WRITES_MAX;
+    const full = this.pendingBytes > QUEUED_BYTES_MAX || this.writesInFlight >= APPLY_WRITES_MAX || this.uncharged.length > 0;
     if (full && !this.socket.isPaused()) this.socket.pause();
     else if (!full && this.socket.isPaused()) this.socket.resume();
   }
@@ -252,6 +327,7 @@ class Session {
           acked = (await this.handle(m)) || acked;
           if (mustKeepOrder(m)) this.orderedInBatch--;
           this.pendingBytes -= messageBytes(m);
+          this.discharge(m);
           this.flow();
         }
         if (acked && this.mirror && !this.closed) this.sendAck();
@@ -546,6 +622,7 @@ class Session {
     if (this.closed) return;
     this.closed = true;
     if (this.idleTimer) clearTimeout(this.idleTimer);
+    this.releaseBudget(); // what is still queued is never handled
     if (refused && this.mirror) this.mirror.lastError = reason;
     if (refused) {
       this.log.warn({ source: this.sourceUuid, reason }, 'mirror stream refused; the committed image is unchanged');
@@ -580,11 +657,14 @@ export interface ReceiverOptions {
   /** TLS context options (PSK or certificates); undefined = plaintext (--mirror-insecure). */
   tls?: tls.TlsOptions;
   exports?: MirrorExports;
+  /** The process's one memory budget (shared with the exports' NBD server); none: per-connection bounds only. */
+  budget?: MemoryBudget;
 }
 
 export class MirrorReceiver {
   readonly dir: string;
   readonly exports: MirrorExports | undefined;
+  readonly budget: MemoryBudget | undefined;
   private readonly log: Logger;
   private readonly sessions = new Set<Session>();
   private server: net.Server | undefined;
@@ -598,6 +678,7 @@ export class MirrorReceiver {
     this.dir = opts.dir;
     this.log = opts.logger;
     this.exports = opts.exports;
+    this.budget = opts.budget;
     this.exports?.onPinChange((uuid, cp) => this.sessionFor(uuid)?.sendPin(cp));
     assert(WIRE_VERSION === 1, 'wire version');
   }
@@ -732,7 +813,12 @@ export class MirrorReceiver {
         lastError: m.lastError,
       });
     }
-    return { connections: this.sessions.size, mirrors };
+    const b = this.budget;
+    return {
+      connections: this.sessions.size,
+      ...(b ? { memory: { budgetBytes: b.capacityBytes, usedBytes: b.usedBytes, peakBytes: b.peakBytes, waiting: b.waiting } } : {}),
+      mirrors,
+    };
   }
 
   async close(): Promise<void> {

@@ -75,6 +75,8 @@ export interface NbdServerOptions {
   handshakeTimeoutMs?: number;
   /** Server-wide budget for bytes in flight (default MEMORY_BUDGET_BYTES_DEFAULT). */
   memoryBudgetBytes?: number;
+  /** The process's budget when others share it (the mirror receiver's frames); overrides memoryBudgetBytes. */
+  budget?: MemoryBudget;
   /** Default STALL_TIMEOUT_MS_DEFAULT; 0 = never. */
   stallTimeoutMs?: number;
   /** Default IDLE_TIMEOUT_MS_DEFAULT (off); 0 = never. */
@@ -148,7 +150,7 @@ export class NbdServer {
     this.maxConnections = opts.maxConnections ?? MAX_CONNECTIONS_DEFAULT;
     this.handshakeTimeoutMs = opts.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS;
     this.native = opts.nativeTransmission ?? nativeTransmissionDefault();
-    this.budget = new MemoryBudget(opts.memoryBudgetBytes ?? MEMORY_BUDGET_BYTES_DEFAULT);
+    this.budget = opts.budget ?? new MemoryBudget(opts.memoryBudgetBytes ?? MEMORY_BUDGET_BYTES_DEFAULT);
     this.limits = {
       budget: this.budget,
       stallTimeoutMs: opts.stallTimeoutMs ?? STALL_TIMEOUT_MS_DEFAULT,

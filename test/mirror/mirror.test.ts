@@ -12,6 +12,7 @@ import * as path from 'path';
 import { createHostPair, netnsAvailable, type HostPair } from '../net/netns';
 import { BIN, ROOT, md5OfExport, sh, sourceStatus, until } from './helpers';
 import { controlRequest } from '../../src/volume/engine-control';
+import { CMD, RawConn, negotiate, request } from '../e2e/rawnbd';
 
 const PORT = 17011;
 /** The source's --metrics port, on the loopback of namespace a (scraped from inside it). */
@@ -250,6 +251,54 @@ describe('mirror: two hosts (network namespaces)', function () {
     sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x81 0 1M', `nbd+unix:///${s.uuid}@before?socket=${s.expSock}`]);
     sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x82 0 1M', `nbd+unix:///${s.uuid}?socket=${s.expSock}`]);
     assert.strictEqual(md5OfExport(`nbd+unix:///${s.uuid}@before?socket=${s.expSock}`), md5OfExport(`nbd+unix:///before?socket=${s.srcSock}`.replace('///before', '///@before')));
+  });
+
+  it('one memory budget for the receiver: the mirror\'s frames and the export clients\' bytes are charged to it, never past it, and all of it comes back', async () => {
+    const s = setup('sync');
+    await startReceiver(s, ['--mirror-insecure'], ['--memory-budget', '68M']);
+    await startSource(s);
+    await until('mirror in sync', () => sourceStatus(s.src)?.state === 'in-sync');
+    type RxStatus = { memory: { budgetBytes: number; usedBytes: number; peakBytes: number; waiting: number }; mirrors: { committedCp: number }[] };
+    const rxStatus = (): RxStatus => JSON.parse(sh(BIN, ['status', path.join(tmp, 'dst'), '--json'])) as RxStatus;
+    // Mirror traffic only (no export client yet): its CP frames are charged.
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x31 0 8M', `nbd+unix:///?socket=${s.srcSock}`]);
+    const cp = await controlRequest(path.join(s.src, 'control.sock'), { op: 'checkpoint' }, 30_000);
+    assert.ok(cp.ok);
+    await until('the CP on the mirror', () => rxStatus().mirrors[0]!.committedCp >= (cp.cpNumber as number) || undefined);
+    const m0 = rxStatus().memory;
+    assert.strictEqual(m0.budgetBytes, 68 * 1024 * 1024);
+    assert.ok(m0.peakBytes > 0, 'the mirror\'s frames were never charged to the budget');
+    // Export clients that send 4 MiB READs and never read a reply hold the same budget;
+    // the mirror goes on through what they leave (and the budget's small lane).
+    const hogs: RawConn[] = [];
+    let cookie = 1n;
+    try {
+      for (let i = 0; i < 12; i++) {
+        const c = await RawConn.connect({ socketPath: s.expSock });
+        await negotiate(c, { exportName: s.uuid });
+        c.socket.pause();
+        for (let k = 0; k < 4; k++) c.socket.write(request({ type: CMD.READ, cookie: cookie++, offset: k * 4 * 1024 * 1024, length: 4 * 1024 * 1024 }));
+        hogs.push(c);
+      }
+      await until('export clients hold the budget', () => rxStatus().memory.usedBytes > 64 * 1024 * 1024 || undefined, 20_000);
+      const cpBefore = rxStatus().mirrors[0]!.committedCp;
+      sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x32 0 8M', `nbd+unix:///?socket=${s.srcSock}`]);
+      const r = await controlRequest(path.join(s.src, 'control.sock'), { op: 'checkpoint' }, 30_000);
+      assert.ok(r.ok);
+      await until('the CP applied beside the export clients', () => {
+        const st = rxStatus();
+        assert.ok(st.memory.usedBytes <= st.memory.budgetBytes, `${st.memory.usedBytes} bytes charged of ${st.memory.budgetBytes}`);
+        return st.mirrors[0]!.committedCp >= (r.cpNumber as number) || undefined;
+      }, 25_000);
+      assert.ok(rxStatus().mirrors[0]!.committedCp > cpBefore);
+    } finally {
+      for (const c of hogs) c.destroy();
+    }
+    await inSyncAndIdentical(s);
+    sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x32 0 8M', `nbd+unix:///${s.uuid}?socket=${s.expSock}`]);
+    // Every charge came back: nothing in use at rest.
+    const after = await until('the budget back to 0', () => { const m = rxStatus().memory; return m.usedBytes === 0 ? m : undefined; }, 10_000);
+    assert.ok(after.peakBytes <= after.budgetBytes && after.peakBytes > 64 * 1024 * 1024, `peak ${after.peakBytes}`);
   });
 
   it('a reader pinned longer than --reader-pin-max is released: its connection is closed with a log line, a reconnect reads the newest CP', async () => {
