@@ -337,7 +337,7 @@ async function main(): Promise<number> {
     }
   }
   if (rss) {
-    out.push('', `== engine: peak RSS (VmHWM) under the sustained run (target < 256 MiB) ==`);
+    out.push('', `== engine: peak RSS (VmHWM) under the sustained run (target < 384 MiB on 1 TiB) ==`);
     out.push(`   ${formatSize(rss.volumeBytes)} thin volume, ${formatSize(rss.writtenBytes)} of 4k random writes at QD32 (${Math.round(rss.iops)} IOPS): peak RSS ${(rss.peakRssBytes / 1024 / 1024).toFixed(0)} MiB`);
   }
   if (mirror) out.push('', formatMirror(mirror, mirrorRoundsNote(c)));
