@@ -244,6 +244,8 @@ lane_b() {
 # attached again without that member (degraded from the open): status says so, both file
 # sets' checksums match and xfs_repair -n is clean.
 RAID_MEMBERS=4
+# Longest wait for status to show the deleted member out of service (its next CP's sync).
+RAID_NOTICE_S=60
 # The files written after the member is gone (fewer than SIZES: the guest is slow).
 RAID_SIZES_AFTER="1 4096 65537 1048583 2097169"
 raid_status() { # DIR: "<state> <member 1's state>: <its reason>" from status --json
@@ -265,7 +267,8 @@ raid5_check() {
   # Member 1 goes away under the mounted filesystem; the next CP's sync notices.
   rm "$dir/m1.img"
   for s in $RAID_SIZES_AFTER; do timeout 60 cp "$W/src2/g$s" "$mnt/g$s" && timeout 60 sync "$mnt/g$s" || { fail $name "write/fsync of g$s after the member was deleted failed"; umount -l "$mnt"; kill -9 "$APID"; return 1; }; done
-  for i in $(seq 60); do st=$(raid_status "$dir"); [[ $st == "degraded faulted: member file m1.img was deleted" ]] && break; sleep 1; done
+  local until=$(( $(now_ms) + RAID_NOTICE_S * 1000 ))
+  while st=$(raid_status "$dir"); [[ $st != "degraded faulted: member file m1.img was deleted" ]] && [ "$(now_ms)" -lt $until ]; do sleep 1; done
   if [[ $st != "degraded faulted: member file m1.img was deleted" ]]; then fail $name "status after deleting m1.img: $st"; umount -l "$mnt"; kill -9 "$APID"; return 1; fi
   # Everything read back through nbd, with member 1 out of service.
   echo 3 > /proc/sys/vm/drop_caches
@@ -366,7 +369,8 @@ mirror_netem_check() {
 
   # Converged: the source's CP holds every write (NVRAM empty) and the receiver committed it.
   local tc; tc=$(now_ms)
-  for i in $(seq $NETEM_CONVERGE_S); do
+  local until=$(( $(now_ms) + NETEM_CONVERGE_S * 1000 ))
+  while [ "$(now_ms)" -lt $until ]; do
     st=$(timeout 60 "${NV[@]}" status "$src" --json 2>/dev/null | jq -r 'if .sections.mirror.state == "in-sync" and .sections.mirror.rootsEqual and .sections.mirror.rootMismatches == 0 and .sections.mirror.destCp == .cpNumber and .nvram.usedBytes == 0 then .cpNumber else "no \(.sections.mirror.state) cp \(.cpNumber) dest \(.sections.mirror.destCp) nvram \(.nvram.usedBytes)" end')
     [[ $st =~ ^[0-9]+$ ]] && break
     kill -0 $spid 2>/dev/null && kill -0 $rpid 2>/dev/null || break; sleep 1
@@ -382,8 +386,10 @@ mirror_netem_check() {
   if [ "$a" != "$want" ] || [ "$b" != "$want" ]; then fail $name "exports differ at CP $cp: source $a, mirror $b, written $want"; kill -9 $spid $rpid; return 1; fi
   # Nobody crashed: both still run, and both exit 0 on SIGTERM.
   kill -0 $spid 2>/dev/null && kill -0 $rpid 2>/dev/null || { fail $name "a process died: $(tail -c 300 "$W/$name.sv.log" "$W/$name.rx.log" | tr '\n' ' ')"; kill -9 $spid $rpid 2>/dev/null; return 1; }
-  kill -TERM $spid; wait $spid; a=$?
-  kill -TERM $rpid; wait $rpid; b=$?
+  kill -TERM $spid; timeout 60 tail --pid=$spid -f /dev/null
+  kill -TERM $rpid; timeout 60 tail --pid=$rpid -f /dev/null
+  kill -9 $spid $rpid 2>/dev/null  # still there after 60 s: the exit codes below say so
+  wait $spid; a=$?; wait $rpid; b=$?
   [ $a = 0 ] && [ $b = 0 ] || { fail $name "exit codes after SIGTERM: serve $a, receive $b"; return 1; }
   timed $name "$t"
   pass $name
