@@ -3,18 +3,23 @@
 # One boot runs every kernel check; each check prints exactly one line
 #   PASS <name>            or   FAIL <name>: <reason>
 # plus "TIME <name> <ms>" lines; test/kernel/attach.test.ts asserts on them.
-# Usage: guest-suite.sh [--app DIR] [--serve HOST:PORT:EXPORT] [--engine]
+# Usage: guest-suite.sh [--app DIR] [--serve HOST:PORT:EXPORT] [--engine] [--raid] [--netem]
 #   --app: a copy of the build to run (package.json, dist/, build/Release/, node_modules),
 #          so that a rebuild in the checkout during the run cannot change files under us;
 #          default: the checkout itself.
 #   --serve: an `nvmirror serve` on the host to check with nbd-client.
 #   --engine: also attach an engine volume directory (nvmirror create DIR).
+#   --raid: also a RAID-5 volume over 4 member files, with a member deleted while
+#           attached (XFS, xfs_repair -n clean), attached again degraded.
+#   --netem: also the mirror between two network namespaces joined by a veth pair, with
+#           netem on the link (reordering; loss and duplication; 100 ms delay) while a
+#           client writes; it converges once the fault ends.
 # Every step that talks to a device is bounded with `timeout`, so a hung kernel request
 # shows up as a FAIL line, never as a stuck guest.
 set -u
 APP=$(pwd)
-serve=""; engine=0
-while [ $# -gt 0 ]; do case "$1" in --app) APP=$2; shift 2;; --serve) serve=$2; shift 2;; --engine) engine=1; shift;; *) echo "FAIL args: unknown $1"; exit 2;; esac; done
+serve=""; engine=0; raid=0; netem=0
+while [ $# -gt 0 ]; do case "$1" in --app) APP=$2; shift 2;; --serve) serve=$2; shift 2;; --engine) engine=1; shift;; --raid) raid=1; shift;; --netem) netem=1; shift;; *) echo "FAIL args: unknown $1"; exit 2;; esac; done
 NV=(node "$APP/dist/src/cli/main.js")
 
 export NVMIRROR_LOG_LEVEL=info
@@ -86,7 +91,9 @@ fs_cycle() {
 
 # Two lanes run side by side (the guest has two vCPUs); each uses its own devices and
 # never stalls a device the other touches. Lane A: nbd0, nbd3, nbd4. Lane B: nbd2, nbd6,
-# nbd7, nbd8. The no-driver check runs after both.
+# nbd7, nbd8, nbd9. Lane A ends with the mirror check (--netem, no nbd device), lane B
+# with the RAID-5 one (--raid): the guest is CPU-bound, so a third lane would only slow
+# the others. The no-driver check runs after both.
 
 # expect_out NAME WANT_RC PATTERN CMD...: runs CMD, passes if it exits WANT_RC and its
 # output contains PATTERN (a fixed string).
@@ -172,6 +179,7 @@ lane_a() {
       if [ $rc = 0 ] && [ ! -e /sys/block/nbd4/pid ]; then pass kill-detach; else fail kill-detach "detach rc=$rc: $out"; fi
     else fail kill-io-error "mkfs/mount/write failed"; kill -9 "$APID"; fi
   fi
+  if [ $netem = 1 ]; then mirror_netem_check; fi
 }
 
 lane_b() {
@@ -226,10 +234,169 @@ lane_b() {
       fi
     else fail attach-engine "nvmirror create failed: $(tail -c 200 "$W/engine-create.out" | tr '\n' ' ')"; fi
   fi
+  if [ $raid = 1 ]; then need_tools raid5-xfs-degraded jq mkfs.xfs xfs_repair && raid5_check; fi
 }
 
-lane_a & LA=$!
-lane_b & LB=$!
+# --- a RAID-5 volume over 4 member files, a member deleted while attached ---------------
+# XFS on the volume; member 1's file is deleted while mounted, the engine takes it out of
+# service (status: FAULTED, "was deleted"), more files are written and everything is read
+# back (m1's units rebuilt from parity), xfs_repair -n is clean. Then the volume is
+# attached again without that member (degraded from the open): status says so, both file
+# sets' checksums match and xfs_repair -n is clean.
+RAID_MEMBERS=4
+# Longest wait for status to show the deleted member out of service (its next CP's sync).
+RAID_NOTICE_S=60
+# The files written after the member is gone (fewer than SIZES: the guest is slow).
+RAID_SIZES_AFTER="1 4096 65537 1048583 2097169"
+raid_status() { # DIR: "<state> <member 1's state>: <its reason>" from status --json
+  timeout 60 "${NV[@]}" status "$1" --json 2>/dev/null | jq -r '"\(.raid.state) \(.raid.memberStatus[1].state): \(.raid.memberStatus[1].reason // "")"'
+}
+raid5_check() {
+  local name=raid5-xfs-degraded dir="$W/raid5" dev=/dev/nbd9 mnt="$W/mnt/raid5" t s st i members=()
+  t=$(now_ms)
+  mkdir -p "$mnt" "$W/src2"
+  for s in $RAID_SIZES_AFTER; do head -c "$s" /dev/urandom > "$W/src2/g$s"; done
+  (cd "$W/src2" && sha256sum g* > "$W/sums2")
+  for i in $(seq 0 $((RAID_MEMBERS - 1))); do members+=(--member "m$i.img"); done
+  timeout 120 "${NV[@]}" create "$dir" --size 320M --nvram-size 16M --raid 5 --stripe-unit 64K "${members[@]}" > "$W/raid5-create.out" 2>&1 \
+    || { fail $name "nvmirror create --raid 5 failed: $(tail -c 200 "$W/raid5-create.out" | tr '\n' ' ')"; return 1; }
+  attach_bg $name $dev "$dir" --block-size 4096 --cp-interval 500ms || return 1
+  timeout 120 mkfs.xfs -q -f $dev > "$W/$name.mkfs" 2>&1 || { fail $name "mkfs.xfs failed: $(tail -c 200 "$W/$name.mkfs" | tr '\n' ' ')"; kill -9 "$APID"; return 1; }
+  timeout 60 mount -t xfs $dev "$mnt" || { fail $name "mount failed"; kill -9 "$APID"; return 1; }
+  for s in $SIZES; do timeout 60 cp "$W/src/f$s" "$mnt/f$s" && timeout 60 sync "$mnt/f$s" || { fail $name "write/fsync of f$s failed"; umount -l "$mnt"; kill -9 "$APID"; return 1; }; done
+  # Member 1 goes away under the mounted filesystem; the next CP's sync notices.
+  rm "$dir/m1.img"
+  for s in $RAID_SIZES_AFTER; do timeout 60 cp "$W/src2/g$s" "$mnt/g$s" && timeout 60 sync "$mnt/g$s" || { fail $name "write/fsync of g$s after the member was deleted failed"; umount -l "$mnt"; kill -9 "$APID"; return 1; }; done
+  local until=$(( $(now_ms) + RAID_NOTICE_S * 1000 ))
+  while st=$(raid_status "$dir"); [[ $st != "degraded faulted: member file m1.img was deleted" ]] && [ "$(now_ms)" -lt $until ]; do sleep 1; done
+  if [[ $st != "degraded faulted: member file m1.img was deleted" ]]; then fail $name "status after deleting m1.img: $st"; umount -l "$mnt"; kill -9 "$APID"; return 1; fi
+  # Everything read back through nbd, with member 1 out of service.
+  echo 3 > /proc/sys/vm/drop_caches
+  (cd "$mnt" && timeout 60 sha256sum -c --quiet "$W/sums" && timeout 60 sha256sum -c --quiet "$W/sums2") > "$W/$name.sums" 2>&1 \
+    || { fail $name "checksums differ with a member removed: $(head -c 200 "$W/$name.sums" | tr '\n' ' ')"; umount -l "$mnt"; kill -9 "$APID"; return 1; }
+  timeout 60 umount "$mnt" || { fail $name "umount failed"; kill -9 "$APID"; return 1; }
+  timeout 120 xfs_repair -n $dev > "$W/$name.fsck" 2>&1 || { fail $name "xfs_repair -n not clean with a member removed: $(tail -c 300 "$W/$name.fsck" | tr '\n' ' ')"; kill -9 "$APID"; return 1; }
+  stop_attach $name TERM $dev || return 1
+  timed $name "$t"
+  pass $name
+
+  # Attached again: member 1 is missing at the open.
+  name=raid5-reattach-degraded
+  attach_bg $name $dev "$dir" --block-size 4096 || return 1
+  st=$(raid_status "$dir")
+  if [[ $st != "degraded missing: "* ]]; then fail $name "status after re-attach without m1.img: $st"
+  elif ! timeout 60 mount -t xfs $dev "$mnt"; then fail $name "mount failed"
+  else
+    if ! (cd "$mnt" && timeout 60 sha256sum -c --quiet "$W/sums" && timeout 60 sha256sum -c --quiet "$W/sums2") > "$W/$name.sums" 2>&1; then fail $name "checksums differ: $(head -c 200 "$W/$name.sums" | tr '\n' ' ')"; timeout 60 umount "$mnt" || umount -l "$mnt"
+    elif ! timeout 60 umount "$mnt"; then fail $name "umount failed"
+    elif ! timeout 120 xfs_repair -n $dev > "$W/$name.fsck" 2>&1; then fail $name "xfs_repair -n not clean: $(tail -c 300 "$W/$name.fsck" | tr '\n' ' ')"
+    else pass $name; fi
+  fi
+  stop_attach $name TERM $dev || true
+}
+
+# --- the mirror across a veth pair with netem on it (two network namespaces) ------------
+# `receive` in namespace nvmb, `serve --mirror-to ... --mirror-mode sync` in nvma, netem
+# on both ends of the link (so both directions), one fault per phase while nbdcopy writes
+# one region of a known random image into the source (holes skipped): reordering, then
+# loss + duplication, then 100 ms delay each way. Then netem goes and the mirror must
+# converge: a CP holding every write with equal roots on both sides (status --json of
+# each: the source's CP acknowledged with its root equal, the receiver committed it), and
+# both exports byte-identical to the image.
+# Neither process may crash (both alive at the end, exit 0 on SIGTERM).
+NETEM_PHASES=("reorder:delay 10ms reorder 25% 50%" "loss-dup:loss 10% duplicate 10%" "delay-100ms:delay 100ms")
+NETEM_REGION_MIB=2
+NETEM_SIZE_MIB=16
+NETEM_PORT=7301
+NETEM_CONVERGE_S=120
+need_tools() { # NAME TOOL...: FAIL NAME naming the missing tools
+  local name=$1 miss=() x; shift
+  for x in "$@"; do command -v "$x" > /dev/null || miss+=("$x"); done
+  [ ${#miss[@]} = 0 ] || { fail "$name" "missing tools: ${miss[*]}"; return 1; }
+}
+# netem_set SPEC: the same netem on both ends (empty SPEC: none).
+netem_set() {
+  local ns dev
+  for ns in nvma:nvva nvmb:nvvb; do
+    dev=${ns#*:}; ns=${ns%:*}
+    ip netns exec "$ns" tc qdisc del dev "$dev" root 2>/dev/null
+    if [ -n "$1" ]; then ip netns exec "$ns" tc qdisc add dev "$dev" root netem $1 || return 1; fi
+  done
+}
+# netem_counts: "<packets sent> <dropped>" summed over both ends' netem qdiscs.
+netem_counts() {
+  { ip netns exec nvma tc -s qdisc show dev nvva; ip netns exec nvmb tc -s qdisc show dev nvvb; } \
+    | sed -n 's/.*Sent [0-9]* bytes \([0-9]*\) pkt (dropped \([0-9]*\),.*/\1 \2/p' | awk '{p+=$1; d+=$2} END {print p+0, d+0}'
+}
+mirror_netem_check() {
+  local name=mirror-netem t src="$W/msrc" dst="$W/mdst" ssock="$W/msrc.sock" xsock="$W/mexp.sock" spid rpid uuid ph k out st i cp want a b rc
+  need_tools $name ip tc nbdcopy jq md5sum || return 1
+  t=$(now_ms)
+  ip netns add nvma && ip netns add nvmb && ip link add nvva type veth peer name nvvb \
+    && ip link set nvva netns nvma && ip link set nvvb netns nvmb \
+    && ip -n nvma addr add 10.77.0.1/24 dev nvva && ip -n nvmb addr add 10.77.0.2/24 dev nvvb \
+    && ip -n nvma link set nvva up && ip -n nvmb link set nvvb up && ip -n nvma link set lo up && ip -n nvmb link set lo up \
+    || { fail $name "could not set up the namespaces and the veth pair"; return 1; }
+  out=$(ip netns exec nvma tc qdisc add dev nvva root netem delay 1ms 2>&1) || { fail $name "netem unavailable: tc qdisc add ... netem: $out"; return 1; }
+  ip netns exec nvma tc qdisc del dev nvva root
+  ip netns exec nvmb "${NV[@]}" receive "$dst" --listen 10.77.0.2:$NETEM_PORT --export-socket "$xsock" --mirror-insecure > /dev/null 2> "$W/$name.rx.log" & rpid=$!
+  for i in $(seq 600); do [ -S "$xsock" ] && break; kill -0 $rpid 2>/dev/null || break; sleep 0.1; done
+  [ -S "$xsock" ] || { fail $name "receive did not come up: $(tail -c 300 "$W/$name.rx.log" | tr '\n' ' ')"; kill -9 $rpid; return 1; }
+  ip netns exec nvma "${NV[@]}" serve "$src" --create ${NETEM_SIZE_MIB}M --socket "$ssock" --cp-interval 300ms --mirror-to 10.77.0.2:$NETEM_PORT --mirror-mode sync --mirror-insecure > /dev/null 2> "$W/$name.sv.log" & spid=$!
+  # The baseline done: the source logs it (cheaper than polling status under emulation).
+  for i in $(seq 1200); do grep -q '"msg":"mirror in sync"' "$W/$name.sv.log" && break; kill -0 $spid 2>/dev/null || break; sleep 0.1; done
+  grep -q '"msg":"mirror in sync"' "$W/$name.sv.log" || { fail $name "the mirror did not come in sync: $(tail -c 300 "$W/$name.sv.log" | tr '\n' ' ')"; kill -9 $spid $rpid; return 1; }
+  uuid=$(jq -r .uuid "$src/nvmirror.json")
+  timed $name-up "$t"
+
+  # The image: one random region per phase; each phase writes only its own (holes skipped).
+  head -c $(( ${#NETEM_PHASES[@]} * NETEM_REGION_MIB ))M /dev/urandom > "$W/$name.img"
+  k=0
+  for ph in "${NETEM_PHASES[@]}"; do
+    local pname=${ph%%:*} spec=${ph#*:} tp; tp=$(now_ms)
+    truncate -s 0 "$W/$name.part"; truncate -s $(( ${#NETEM_PHASES[@]} * NETEM_REGION_MIB ))M "$W/$name.part"
+    dd if="$W/$name.img" of="$W/$name.part" bs=1M skip=$((k * NETEM_REGION_MIB)) seek=$((k * NETEM_REGION_MIB)) count=$NETEM_REGION_MIB conv=notrunc status=none
+    netem_set "$spec" || { fail $name "tc qdisc add ... netem $spec failed"; kill -9 $spid $rpid; return 1; }
+    out=$(timeout 120 nbdcopy --destination-is-zero --flush "$W/$name.part" "nbd+unix:///?socket=$ssock" 2>&1); rc=$?
+    read -r a b <<<"$(netem_counts)"
+    echo "NETEM $pname: $spec; $a packets through netem, $b dropped"
+    timed $name-$pname "$tp"
+    if [ $rc != 0 ]; then fail $name "nbdcopy during $pname failed (rc $rc): $(tail -c 200 <<<"$out" | tr '\n' ' ')"; kill -9 $spid $rpid; return 1; fi
+    if [ "$a" -le 0 ] || { [[ $spec == *loss* ]] && [ "$b" -le 0 ]; }; then fail $name "netem did not act during $pname ($a packets, $b dropped)"; kill -9 $spid $rpid; return 1; fi
+    k=$((k + 1))
+  done
+  netem_set ""
+
+  # Converged: the source's CP holds every write (NVRAM empty) and the receiver committed it.
+  local tc; tc=$(now_ms)
+  local until=$(( $(now_ms) + NETEM_CONVERGE_S * 1000 ))
+  while [ "$(now_ms)" -lt $until ]; do
+    st=$(timeout 60 "${NV[@]}" status "$src" --json 2>/dev/null | jq -r 'if .sections.mirror.state == "in-sync" and .sections.mirror.rootsEqual and .sections.mirror.rootMismatches == 0 and .sections.mirror.destCp == .cpNumber and .nvram.usedBytes == 0 then .cpNumber else "no \(.sections.mirror.state) cp \(.cpNumber) dest \(.sections.mirror.destCp) nvram \(.nvram.usedBytes)" end')
+    [[ $st =~ ^[0-9]+$ ]] && break
+    kill -0 $spid 2>/dev/null && kill -0 $rpid 2>/dev/null || break; sleep 1
+  done
+  [[ $st =~ ^[0-9]+$ ]] || { fail $name "did not converge: $st; $(tail -c 300 "$W/$name.sv.log" | tr '\n' ' ')"; kill -9 $spid $rpid; return 1; }
+  cp=$st
+  st=$(timeout 60 "${NV[@]}" status "$dst" --json 2>/dev/null | jq -r --arg u "$uuid" '.mirrors[] | select(.sourceUuid == $u) | "\(.committedCp) \(.connected)"')
+  [ "$st" = "$cp true" ] || { fail $name "the receiver's status: committed CP and connected '$st', the source is at CP $cp"; kill -9 $spid $rpid; return 1; }
+  want=$({ cat "$W/$name.img"; head -c $(( NETEM_SIZE_MIB - ${#NETEM_PHASES[@]} * NETEM_REGION_MIB ))M /dev/zero; } | md5sum | cut -d' ' -f1)
+  a=$(timeout 120 nbdcopy "nbd+unix:///?socket=$ssock" - | md5sum | cut -d' ' -f1)
+  b=$(timeout 120 nbdcopy "nbd+unix:///$uuid?socket=$xsock" - | md5sum | cut -d' ' -f1)
+  timed $name-converge "$tc"
+  if [ "$a" != "$want" ] || [ "$b" != "$want" ]; then fail $name "exports differ at CP $cp: source $a, mirror $b, written $want"; kill -9 $spid $rpid; return 1; fi
+  # Nobody crashed: both still run, and both exit 0 on SIGTERM.
+  kill -0 $spid 2>/dev/null && kill -0 $rpid 2>/dev/null || { fail $name "a process died: $(tail -c 300 "$W/$name.sv.log" "$W/$name.rx.log" | tr '\n' ' ')"; kill -9 $spid $rpid 2>/dev/null; return 1; }
+  kill -TERM $spid; timeout 60 tail --pid=$spid -f /dev/null
+  kill -TERM $rpid; timeout 60 tail --pid=$rpid -f /dev/null
+  kill -9 $spid $rpid 2>/dev/null  # still there after 60 s: the exit codes below say so
+  wait $spid; a=$?; wait $rpid; b=$?
+  [ $a = 0 ] && [ $b = 0 ] || { fail $name "exit codes after SIGTERM: serve $a, receive $b"; return 1; }
+  timed $name "$t"
+  pass $name
+}
+
+{ lane_a; timed lane-a "$T0"; } & LA=$!
+{ lane_b; timed lane-b "$T0"; } & LB=$!
 wait $LA $LB
 
 # --- no nbd driver: a clear message (last: it unloads the driver) -----------------------
