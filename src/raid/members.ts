@@ -27,6 +27,7 @@ import { assert } from '../util/assert';
 import { LABEL_COPIES, RaidGeometry, type RaidLevel } from './geometry';
 import { encodeRaidLabel, labelSlot, newestLabel, type RaidLabel } from './label';
 import { RaidDevice, type RaidMemberSpec } from './raid-device';
+import type { ParityOps } from './parity';
 
 const B = BLOCK_SIZE_BYTES;
 
@@ -180,7 +181,7 @@ export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, m
     throw e;
   }
   const probe = fileProbe(replacing ? files.map((f, i) => (i === replacing.index ? replacing.file : f)) : files, stats, memberBlocks);
-  return assembleRaidMembers(members, spec, memberBlocks, volumeUuid, readOnly, probe);
+  return assembleRaidMembers(members, spec, memberBlocks, volumeUuid, readOnly, { probe });
 }
 
 /**
@@ -188,7 +189,7 @@ export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, m
  * as openRaidMembers, for any BlockDevice: the crash tests assemble recorded images).
  * On a refusal every member device is closed.
  */
-export async function assembleRaidMembers(members: RaidMemberDevice[], spec: RaidSpec, memberBlocks: number, volumeUuid: string, readOnly: boolean, probe?: (i: number) => Promise<string | null>): Promise<RaidDevice> {
+export async function assembleRaidMembers(members: RaidMemberDevice[], spec: RaidSpec, memberBlocks: number, volumeUuid: string, readOnly: boolean, extra: { probe?: (i: number) => Promise<string | null>; parity?: ParityOps } = {}): Promise<RaidDevice> {
   const g = geometryFor(spec, members.length, memberBlocks);
   const specs: RaidMemberSpec[] = members.map((m) => (m.dev === null ? { name: m.name, dev: null, missingReason: m.missingReason ?? 'missing' } : { name: m.name, dev: m.dev }));
   const labels: (RaidLabel | undefined)[] = members.map(() => undefined);
@@ -238,7 +239,8 @@ export async function assembleRaidMembers(members: RaidMemberDevice[], spec: Rai
     assert(newest.volumeUuid === volumeUuid, 'newest label volume');
     return new RaidDevice({
       geometry: g, volumeUuid, generation: newest.generation, members: specs, readOnly, headPick: superblockPick,
-      ...(probe ? { probe } : {}),
+      ...(extra.probe ? { probe: extra.probe } : {}),
+      ...(extra.parity ? { parity: extra.parity } : {}),
     });
   } catch (e) {
     for (const s of specs) await s.dev?.close().catch(() => undefined);
