@@ -709,12 +709,23 @@ export class RaidDevice implements BlockDevice {
         if (why !== null) this.fault(i, why);
       }
     }
-    await this.syncMembers();
+    await this.syncMemberDevices();
     for (let round = 0; this.labelsDirty && this.failure === undefined && round <= this.members.length; round++) await this.writeLabels();
     this.refuseWrites();
   }
 
-  private async syncMembers(): Promise<void> {
+  /**
+   * Syncs the members in service and nothing else: no write-back stripe is flushed (a CP
+   * gathering stripes is not disturbed), no label written. Scrub calls it to make its
+   * rewrites durable before it records its progress.
+   */
+  async syncMembers(): Promise<void> {
+    assert(!this.closed, 'RAID device is closed');
+    if (this.readOnly) return;
+    await this.syncMemberDevices();
+  }
+
+  private async syncMemberDevices(): Promise<void> {
     await Promise.all(this.members.map(async (m, i) => {
       const dev = this.online(i);
       if (!dev) return;
@@ -741,7 +752,7 @@ export class RaidDevice implements BlockDevice {
       });
       return this.memberWrite(i, labelSlot(this.generation), label);
     }));
-    await this.syncMembers();
+    await this.syncMemberDevices();
     log().info({ volume: this.uuid, generation: this.generation, outOfService }, 'raid: member labels updated');
   }
 
