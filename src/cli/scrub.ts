@@ -4,13 +4,14 @@
  * (RAID-1: copies); with --repair rewrites what redundancy can rebuild. A served volume
  * is scrubbed by the serving process through DIR/control.sock (progress in `status`).
  * Reports like `zpool status`; exit 1 when anything is uncorrectable, or (without
- * --repair) when anything was found. A progress line on a terminal (stderr).
+ * --repair) when anything was found. A progress line on a terminal (stderr). --rate paces
+ * the reads; a scrub killed in its parity pass goes on from its checkpoint when run again.
  */
 import { Command } from 'commander';
 import { scrubVolumeDir } from '../volume/scrub-dir';
 import { formatScrubReport, type ScrubProgress } from '../raid/scrub';
 import { ProgressLine } from '../util/progress';
-import { formatSize } from '../util/size';
+import { formatSize, parseSize } from '../util/size';
 
 export function registerScrub(program: Command): void {
   program
@@ -18,8 +19,14 @@ export function registerScrub(program: Command): void {
     .description('verify every checksum and every in-use stripe\'s parity of a RAID volume (also while served); --repair rewrites what redundancy can rebuild')
     .argument('<DIR>', 'the volume directory')
     .option('--repair', 'rewrite bad blocks from parity or a mirror copy once a rebuilt version verifies, and stale parity from the data')
+    .option('--rate <SIZE>', 'read at most SIZE per second on average (e.g. 50M)')
     .option('--json', 'print the report as JSON')
-    .action(async (dir: string, o: { repair?: boolean; json?: boolean }) => {
+    .action(async (dir: string, o: { repair?: boolean; json?: boolean; rate?: string }) => {
+      let rateBytesPerSec: number | undefined;
+      if (o.rate !== undefined) {
+        rateBytesPerSec = parseSize(o.rate);
+        if (!(rateBytesPerSec > 0)) throw new Error(`--rate ${o.rate}: must be a size per second above 0 (e.g. 50M)`);
+      }
       let line: ProgressLine | undefined;
       const onProgress = process.stderr.isTTY
         ? (p: ScrubProgress): void => {
@@ -29,7 +36,7 @@ export function registerScrub(program: Command): void {
         : undefined;
       let r;
       try {
-        r = await scrubVolumeDir(dir, { repair: o.repair === true, ...(onProgress ? { onProgress } : {}) });
+        r = await scrubVolumeDir(dir, { repair: o.repair === true, ...(onProgress ? { onProgress } : {}), ...(rateBytesPerSec !== undefined ? { rateBytesPerSec } : {}) });
       } finally {
         line?.finish();
       }

@@ -20,6 +20,9 @@
  * - Corruption only alters the caller's buffer, never the stored blocks.
  * - After crash() a wrapper never touches its inner object again and every call from
  *   then on stays pending forever: the process that issued it is dead.
+ * - After lose() a block device wrapper fails every read, write, sync and discard with an
+ *   injected EIO (counted) and never touches its inner device again: a pulled disk.
+ * - A wrapper injects only the kinds its options allow (all by default).
  * - The injector remembers the last RECENT_MAX faults (for failure reports) and counts
  *   every kind.
  */
@@ -167,6 +170,8 @@ export interface FaultyOptions {
   clock: Clock;
   /** Names the device in decisions and reports; distinct wrappers over one store should share it. */
   name: string;
+  /** The fault kinds this wrapper may inject (default: every kind). A RAID simulation gives most members only 'corrupt' and 'latency'. */
+  kinds?: readonly FaultKind[];
 }
 
 function never<T>(): Promise<T> {
@@ -177,12 +182,26 @@ export class FaultyBlockDevice implements BlockDevice {
   private readonly injector: FaultInjector;
   private readonly clock: Clock;
   readonly name: string;
+  private readonly kinds: ReadonlySet<FaultKind>;
   private crashed = false;
+  private lost = false;
 
   constructor(readonly inner: BlockDevice, opts: FaultyOptions) {
     this.injector = opts.injector;
     this.clock = opts.clock;
     this.name = opts.name;
+    this.kinds = new Set(opts.kinds ?? FAULT_KINDS);
+  }
+
+  /** The device is gone (a pulled disk): every later call fails with an injected EIO, nothing more reaches the inner device. */
+  lose(): void {
+    this.lost = true;
+  }
+
+  private decide(kind: FaultKind, pba: number, count: number): number | undefined {
+    if (this.lost && kind !== 'corrupt' && kind !== 'latency') return 0;
+    if (!this.kinds.has(kind)) return undefined;
+    return this.injector.decide(kind, this.name, pba, count);
   }
 
   get blockCount(): number {
@@ -199,7 +218,7 @@ export class FaultyBlockDevice implements BlockDevice {
   }
 
   private async delay(pba: number, count: number): Promise<boolean> {
-    const ms = this.injector.latencyMs(this.name, pba, count);
+    const ms = this.kinds.has('latency') ? this.injector.latencyMs(this.name, pba, count) : 0;
     if (ms > 0) await new Promise<void>((resolve) => this.clock.setTimeout(resolve, ms));
     return !this.crashed;
   }
@@ -211,10 +230,10 @@ export class FaultyBlockDevice implements BlockDevice {
 
   async readBlocks(pba: number, count: number, dst: Buffer): Promise<void> {
     if (this.crashed || !(await this.delay(pba, count))) return never();
-    if (this.injector.decide('read', this.name, pba, count) !== undefined) throw this.fail('read', pba, count);
+    if (this.decide('read', pba, count) !== undefined) throw this.fail('read', pba, count);
     await this.inner.readBlocks(pba, count, dst);
     if (this.crashed) return never();
-    const h = this.injector.decide('corrupt', this.name, pba, count);
+    const h = this.decide('corrupt', pba, count);
     if (h !== undefined) {
       const bit = h % (count * BLOCK_SIZE_BYTES * 8);
       const byte = bit >>> 3;
@@ -226,9 +245,9 @@ export class FaultyBlockDevice implements BlockDevice {
   async writeBlocks(pba: number, data: Buffer): Promise<void> {
     const count = data.length / BLOCK_SIZE_BYTES;
     if (this.crashed || !(await this.delay(pba, count))) return never();
-    const h = this.injector.decide('write', this.name, pba, count);
+    const h = this.decide('write', pba, count);
     if (h !== undefined) {
-      const torn = h % (count + 1); // blocks that made it before the error
+      const torn = this.lost ? 0 : h % (count + 1); // blocks that made it before the error
       if (torn > 0) await this.inner.writeBlocks(pba, data.subarray(0, torn * BLOCK_SIZE_BYTES));
       throw this.fail('write', pba, count, `${torn} of ${count} blocks written`);
     }
@@ -238,14 +257,14 @@ export class FaultyBlockDevice implements BlockDevice {
 
   async sync(): Promise<void> {
     if (this.crashed || !(await this.delay(0, 0))) return never();
-    if (this.injector.decide('sync', this.name, 0, 0) !== undefined) throw this.fail('sync', 0, 0);
+    if (this.decide('sync', 0, 0) !== undefined) throw this.fail('sync', 0, 0);
     await this.inner.sync();
     if (this.crashed) return never();
   }
 
   async discard(pba: number, count: number): Promise<void> {
     if (this.crashed || !(await this.delay(pba, count))) return never();
-    if (this.injector.decide('discard', this.name, pba, count) !== undefined) throw this.fail('discard', pba, count);
+    if (this.decide('discard', pba, count) !== undefined) throw this.fail('discard', pba, count);
     await this.inner.discard(pba, count);
     if (this.crashed) return never();
   }

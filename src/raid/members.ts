@@ -7,14 +7,19 @@
  * - A member that belongs to another volume, or sits in another member's place (swapped),
  *   or whose label disagrees with the volume's geometry, is refused by name: the open
  *   fails and nothing is written anywhere.
- * - A member that is missing, unreadable, too small, has no label, or is stale (its label
- *   generation is older than the newest among the members, or the newest label marks it
- *   out of service) is opened as out of service: never read or written, the volume runs
- *   degraded (or read-only past the level's tolerance, see RaidDevice).
+ * - A member that is missing, unreadable, too small, has no label, or is stale (the newest
+ *   label among the members marks it out of service, or its own label is more than one
+ *   generation older than the newest) is opened as out of service: never read or written,
+ *   the volume runs degraded (or read-only past the level's tolerance, see RaidDevice).
+ * - A member one generation behind that the newest label names in service is in service:
+ *   labels are written to every member in service and then synced, and a member whose
+ *   write or sync fails is named out of service in the next generation before anything
+ *   else is written; so being one behind means only that a crash kept the newest label
+ *   from it (power-loss-raid.test.ts enumerates those states).
  * - Creation writes generation 1 labels to every member and syncs them before returning.
  */
 import * as fs from 'fs';
-import { BLOCK_SIZE_BYTES } from '../io/types';
+import { BLOCK_SIZE_BYTES, type BlockDevice } from '../io/types';
 import { FileBlockDevice } from '../io/file-device';
 import { decodeSuperblock } from '../tree/layout';
 import { RING_SLOTS } from '../tree/layout';
@@ -22,6 +27,7 @@ import { assert } from '../util/assert';
 import { LABEL_COPIES, RaidGeometry, type RaidLevel } from './geometry';
 import { encodeRaidLabel, labelSlot, newestLabel, type RaidLabel } from './label';
 import { RaidDevice, type RaidMemberSpec } from './raid-device';
+import type { ParityOps } from './parity';
 
 const B = BLOCK_SIZE_BYTES;
 
@@ -90,15 +96,7 @@ export async function createRaidMembers(files: RaidMemberFile[], spec: RaidSpec,
       const old = newestLabel(area);
       if (typeof old !== 'string') throw new Error(`block device ${f.name} holds member ${old.memberIndex} of nvmirror volume ${old.volumeUuid}: refusing to overwrite it (wipe its first ${LABEL_COPIES * 4} KiB if it is really free)`);
     }
-    const outOfService = files.map(() => false);
-    for (let i = 0; i < devs.length; i++) {
-      const label = encodeRaidLabel({
-        volumeUuid, memberIndex: i, members: files.length, level: spec.level, unitBytes: spec.stripeUnitBytes, headBlocks: g.headBlocks,
-        generation: 1, memberBlocks, logicalBlocks: g.logicalBlocks, outOfService,
-      });
-      await devs[i]!.writeBlocks(labelSlot(1), label);
-      await devs[i]!.sync();
-    }
+    await labelNewMembers(devs, spec, memberBlocks, volumeUuid);
   } catch (e) {
     for (const d of devs) await d.close().catch(() => undefined);
     for (const p of createdFiles) await fs.promises.rm(p, { force: true });
@@ -132,37 +130,74 @@ function fileProbe(files: RaidMemberFile[], opened: (fs.Stats | undefined)[], me
   };
 }
 
+/** A member to assemble: its device (null: missing, with the reason). */
+export interface RaidMemberDevice {
+  name: string;
+  dev: BlockDevice | null;
+  missingReason?: string;
+}
+
+/** Writes generation-1 labels to every member of a new volume and syncs each (create). */
+export async function labelNewMembers(devs: BlockDevice[], spec: RaidSpec, memberBlocks: number, volumeUuid: string): Promise<void> {
+  const g = geometryFor(spec, devs.length, memberBlocks);
+  const outOfService = devs.map(() => false);
+  for (let i = 0; i < devs.length; i++) {
+    const label = encodeRaidLabel({
+      volumeUuid, memberIndex: i, members: devs.length, level: spec.level, unitBytes: spec.stripeUnitBytes, headBlocks: g.headBlocks,
+      generation: 1, memberBlocks, logicalBlocks: g.logicalBlocks, outOfService,
+    });
+    await devs[i]!.writeBlocks(labelSlot(1), label);
+    await devs[i]!.sync();
+  }
+}
+
 /**
  * Opens a RAID volume's members. Refuses (throws) a foreign, swapped or mismatched member
  * by name; opens missing, truncated, unlabelled and stale members as out of service.
  */
 export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, memberBlocks: number, volumeUuid: string, readOnly: boolean, replacing?: { index: number; file: RaidMemberFile }): Promise<RaidDevice> {
-  const g = geometryFor(spec, files.length, memberBlocks);
-  const specs: RaidMemberSpec[] = [];
-  const labels: (RaidLabel | undefined)[] = [];
+  const members: RaidMemberDevice[] = [];
   const stats: (fs.Stats | undefined)[] = [];
   try {
     for (let i = 0; i < files.length; i++) {
       const f = files[i]!;
       if (replacing?.index === i) {
         // Being replaced (replace-member): not opened, never read; the probe watches its replacement.
-        specs.push({ name: f.name, dev: null, missingReason: `being replaced by ${replacing.file.name}` });
-        labels.push(undefined);
+        members.push({ name: f.name, dev: null, missingReason: `being replaced by ${replacing.file.name}` });
         stats.push(undefined);
         continue;
       }
-      let dev: FileBlockDevice;
       try {
-        dev = await FileBlockDevice.open(f.path, { readOnly });
+        const dev = await FileBlockDevice.open(f.path, { readOnly });
+        members.push({ name: f.name, dev });
         stats.push(await fs.promises.stat(f.path).catch(() => undefined));
       } catch (e) {
-        specs.push({ name: f.name, dev: null, missingReason: `cannot open: ${e instanceof Error ? e.message : String(e)}` });
-        labels.push(undefined);
+        members.push({ name: f.name, dev: null, missingReason: `cannot open: ${e instanceof Error ? e.message : String(e)}` });
         stats.push(undefined);
-        continue;
       }
-      specs.push({ name: f.name, dev });
-      labels.push(undefined);
+    }
+  } catch (e) {
+    for (const m of members) await m.dev?.close().catch(() => undefined);
+    throw e;
+  }
+  const probe = fileProbe(replacing ? files.map((f, i) => (i === replacing.index ? replacing.file : f)) : files, stats, memberBlocks);
+  return assembleRaidMembers(members, spec, memberBlocks, volumeUuid, readOnly, { probe });
+}
+
+/**
+ * Assembles opened member devices into a RaidDevice by their labels (the same decisions
+ * as openRaidMembers, for any BlockDevice: the crash tests assemble recorded images).
+ * On a refusal every member device is closed.
+ */
+export async function assembleRaidMembers(members: RaidMemberDevice[], spec: RaidSpec, memberBlocks: number, volumeUuid: string, readOnly: boolean, extra: { probe?: (i: number) => Promise<string | null>; parity?: ParityOps } = {}): Promise<RaidDevice> {
+  const g = geometryFor(spec, members.length, memberBlocks);
+  const specs: RaidMemberSpec[] = members.map((m) => (m.dev === null ? { name: m.name, dev: null, missingReason: m.missingReason ?? 'missing' } : { name: m.name, dev: m.dev }));
+  const labels: (RaidLabel | undefined)[] = members.map(() => undefined);
+  try {
+    for (let i = 0; i < members.length; i++) {
+      const f = members[i]!;
+      const dev = f.dev;
+      if (dev === null) continue;
       if (dev.blockCount < LABEL_COPIES) {
         specs[i]!.faultReason = `too small to hold a label (${dev.blockCount} blocks)`;
         continue;
@@ -181,26 +216,31 @@ export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, m
       }
       if (l.volumeUuid !== volumeUuid) throw new Error(`member ${i} ${f.name} belongs to another volume (uuid ${l.volumeUuid}), not to this one (${volumeUuid}): refusing to open; put this volume's member back`);
       if (l.memberIndex !== i) throw new Error(`member ${i} ${f.name} holds member ${l.memberIndex} of this volume (members swapped?): refusing to open; restore the order the volume label lists`);
-      if (l.level !== spec.level || l.members !== files.length || l.unitBytes !== spec.stripeUnitBytes || l.memberBlocks !== memberBlocks || l.headBlocks !== g.headBlocks) {
-        throw new Error(`member ${i} ${f.name}: its label (RAID-${l.level}, ${l.members} members, unit ${l.unitBytes}, ${l.memberBlocks} blocks) disagrees with the volume label (RAID-${spec.level}, ${files.length} members, unit ${spec.stripeUnitBytes}, ${memberBlocks} blocks): refusing to open`);
+      if (l.level !== spec.level || l.members !== members.length || l.unitBytes !== spec.stripeUnitBytes || l.memberBlocks !== memberBlocks || l.headBlocks !== g.headBlocks) {
+        throw new Error(`member ${i} ${f.name}: its label (RAID-${l.level}, ${l.members} members, unit ${l.unitBytes}, ${l.memberBlocks} blocks) disagrees with the volume label (RAID-${spec.level}, ${members.length} members, unit ${spec.stripeUnitBytes}, ${memberBlocks} blocks): refusing to open`);
       }
       labels[i] = l;
       if (dev.blockCount < memberBlocks) specs[i]!.faultReason = `truncated: ${dev.blockCount} blocks, the volume needs ${memberBlocks}`;
     }
     let newest: RaidLabel | undefined;
     for (const l of labels) if (l && (!newest || l.generation > newest.generation)) newest = l;
-    for (let i = 0; i < files.length; i++) {
+    for (let i = 0; i < members.length; i++) {
       const l = labels[i];
       const s = specs[i]!;
       if (!l || s.faultReason !== undefined || !newest) continue;
-      if (l.generation < newest.generation) s.faultReason = `stale: its label is generation ${l.generation}, the volume's is ${newest.generation} (it missed writes while out of service)`;
+      // One generation behind and in service by the newest label: it was online when that
+      // label was written and missed only its own copy of it (a crash between the label
+      // writes and their sync); a member that missed anything else is named out of service.
+      const stale = newest.outOfService[i] ? l.generation < newest.generation : l.generation < newest.generation - 1;
+      if (stale) s.faultReason = `stale: its label is generation ${l.generation}, the volume's is ${newest.generation} (it missed writes while out of service)`;
       else if (newest.outOfService[i]) s.faultReason = `taken out of service earlier (label generation ${newest.generation}); it needs a rebuild`;
     }
     if (!newest) throw new Error(`no member of the volume has a label that verifies (${specs.map((s) => `${s.name}: ${s.missingReason ?? s.faultReason ?? '?'}`).join('; ')})`);
     assert(newest.volumeUuid === volumeUuid, 'newest label volume');
     return new RaidDevice({
       geometry: g, volumeUuid, generation: newest.generation, members: specs, readOnly, headPick: superblockPick,
-      probe: fileProbe(replacing ? files.map((f, i) => (i === replacing.index ? replacing.file : f)) : files, stats, memberBlocks),
+      ...(extra.probe ? { probe: extra.probe } : {}),
+      ...(extra.parity ? { parity: extra.parity } : {}),
     });
   } catch (e) {
     for (const s of specs) await s.dev?.close().catch(() => undefined);

@@ -218,3 +218,19 @@ export function computePQAsync(data: readonly Buffer[], p: Buffer, q: Buffer): P
 export function reconstructAsync(columns: Buffer[], lost: readonly number[], parityCount: 1 | 2): Promise<void> {
   return runAsync(() => validateReconstruct('reconstructAsync', columns, lost, parityCount));
 }
+
+/** The parity work a RaidDevice calls: on the thread pool in production; a simulator injects the synchronous forms (deterministic, no real time). */
+export interface ParityOps {
+  computeP(data: readonly Buffer[], p: Buffer): Promise<void>;
+  computePQ(data: readonly Buffer[], p: Buffer, q: Buffer): Promise<void>;
+  reconstruct(columns: Buffer[], lost: readonly number[], parityCount: 1 | 2): Promise<void>;
+}
+
+export const PARITY_THREAD_POOL: ParityOps = Object.freeze({ computeP: computePAsync, computePQ: computePQAsync, reconstruct: reconstructAsync });
+
+/** The same work on the caller's thread (a settled promise): for the seeded simulator. */
+export const PARITY_INLINE: ParityOps = Object.freeze({
+  computeP: async (data: readonly Buffer[], p: Buffer) => computeP(data, p),
+  computePQ: async (data: readonly Buffer[], p: Buffer, q: Buffer) => computePQ(data, p, q),
+  reconstruct: async (columns: Buffer[], lost: readonly number[], parityCount: 1 | 2) => reconstruct(columns, lost, parityCount),
+});

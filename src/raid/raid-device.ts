@@ -43,7 +43,7 @@ import { VolumeError } from '../volume/errors';
 import { forEachLimit } from '../tree/work';
 import { LABEL_COPIES, RaidGeometry, tolerance } from './geometry';
 import { encodeRaidLabel, labelSlot } from './label';
-import { computePAsync, computePQAsync, reconstructAsync } from './parity';
+import { PARITY_THREAD_POOL, type ParityOps } from './parity';
 
 const B = BLOCK_SIZE_BYTES;
 /** Default bound of the write-back stripe buffer. */
@@ -105,6 +105,8 @@ export interface RaidDeviceOptions {
   /** Checked at every sync(): a reason the member must leave service (e.g. its file was deleted), or null. */
   probe?: (index: number) => Promise<string | null>;
   pendingBytesMax?: number;
+  /** Parity work (default: the thread pool; the simulator injects PARITY_INLINE). */
+  parity?: ParityOps;
 }
 
 interface Member {
@@ -138,6 +140,7 @@ export class RaidDevice implements BlockDevice {
   private readonly headPick: ((copies: Buffer[]) => number) | undefined;
   private readonly probe: ((index: number) => Promise<string | null>) | undefined;
   private readonly pendingBytesMax: number;
+  private readonly parity: ParityOps;
   private readonly pending = new Map<number, PendingStripe>();
   /** `have` of a stripe whose every data block is present. */
   private readonly allPresent: Uint8Array;
@@ -162,6 +165,7 @@ export class RaidDevice implements BlockDevice {
     this.headPick = opts.headPick;
     this.probe = opts.probe;
     this.pendingBytesMax = opts.pendingBytesMax ?? PENDING_BYTES_MAX_DEFAULT;
+    this.parity = opts.parity ?? PARITY_THREAD_POOL;
     this.allPresent = new Uint8Array(g.stripeDataBlocks).fill(1);
     this.members = opts.members.map((m) => {
       if (m.dev === null) return { name: m.name, dev: null, state: 'missing' as const, reason: m.missingReason ?? 'missing', errors: { read: 0, write: 0, checksum: 0, healed: 0 } };
@@ -378,7 +382,7 @@ export class RaidDevice implements BlockDevice {
       throw new VolumeError('EIO', `RAID-${g.level}: stripe ${stripe} has ${lost.length} columns lost (members ${lost.map((c) => this.columnMember(stripe, c)).join(', ')}), parity covers ${g.parityMembers}: the blocks cannot be rebuilt`);
     }
     lost.sort((a, b) => a - b);
-    await reconstructAsync(cols, lost, g.parityMembers as 1 | 2);
+    await this.parity.reconstruct(cols, lost, g.parityMembers as 1 | 2);
     this.zeroHead(stripe, off, count, cols);
     return cols;
   }
@@ -494,8 +498,8 @@ export class RaidDevice implements BlockDevice {
         const data = cols.slice(0, g.dataMembers);
         const P = Buffer.alloc(U);
         const Q = Buffer.alloc(U);
-        if (g.parityMembers === 2) await computePQAsync(data, P, Q);
-        else await computePAsync(data, P);
+        if (g.parityMembers === 2) await this.parity.computePQ(data, P, Q);
+        else await this.parity.computeP(data, P);
         expected = [...data, P, Q];
         checkCols = g.parityMembers === 2 ? [g.dataMembers, g.dataMembers + 1] : [g.dataMembers];
       }
@@ -670,11 +674,11 @@ export class RaidDevice implements BlockDevice {
     const P = Buffer.alloc(U);
     if (g.parityMembers === 2) {
       const Q = Buffer.alloc(U);
-      await computePQAsync(data, P, Q);
+      await this.parity.computePQ(data, P, Q);
       data.push(P, Q);
       dirty.push(true, true);
     } else {
-      await computePAsync(data, P);
+      await this.parity.computeP(data, P);
       data.push(P);
       dirty.push(true);
     }
@@ -705,12 +709,23 @@ export class RaidDevice implements BlockDevice {
         if (why !== null) this.fault(i, why);
       }
     }
-    await this.syncMembers();
+    await this.syncMemberDevices();
     for (let round = 0; this.labelsDirty && this.failure === undefined && round <= this.members.length; round++) await this.writeLabels();
     this.refuseWrites();
   }
 
-  private async syncMembers(): Promise<void> {
+  /**
+   * Syncs the members in service and nothing else: no write-back stripe is flushed (a CP
+   * gathering stripes is not disturbed), no label written. Scrub calls it to make its
+   * rewrites durable before it records its progress.
+   */
+  async syncMembers(): Promise<void> {
+    assert(!this.closed, 'RAID device is closed');
+    if (this.readOnly) return;
+    await this.syncMemberDevices();
+  }
+
+  private async syncMemberDevices(): Promise<void> {
     await Promise.all(this.members.map(async (m, i) => {
       const dev = this.online(i);
       if (!dev) return;
@@ -737,7 +752,7 @@ export class RaidDevice implements BlockDevice {
       });
       return this.memberWrite(i, labelSlot(this.generation), label);
     }));
-    await this.syncMembers();
+    await this.syncMemberDevices();
     log().info({ volume: this.uuid, generation: this.generation, outOfService }, 'raid: member labels updated');
   }
 

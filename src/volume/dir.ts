@@ -53,6 +53,7 @@ import { RAID_LEVELS, STRIPE_UNIT_DEFAULT_BYTES, geometryProblem, type RaidLevel
 import { createRaidMembers, isBlockDevice, openRaidMembers, raidMemberBlocks, type RaidSpec } from '../raid/members';
 import { RaidDevice, type RaidHealth } from '../raid/raid-device';
 import { scrubRaid, scrubState, type ScrubState } from '../raid/scrub';
+import { scrubCheckpointStore } from './scrub-progress';
 
 export const LABEL_NAME = 'nvmirror.json';
 export const LOCK_NAME = 'nvmirror.lock';
@@ -702,7 +703,7 @@ async function handleControl(dir: string, label: VolumeLabel, volume: EngineVolu
       const raid = raidOf.get(volume);
       if (!raid || !(volume.tree instanceof BlockTree)) throw new Error(`${dir} is not a RAID volume: there is nothing to scrub (use check)`);
       if (req.repair && volume.caps.readOnly) throw new Error('the volume is served read-only: scrub --repair cannot rewrite anything (scrub without --repair reports)');
-      return { scrub: await scrubRaid(volume.tree, raid, { repair: req.repair }) };
+      return { scrub: await scrubRaid(volume.tree, raid, { repair: req.repair, store: scrubCheckpointStore(dir, label.uuid), ...(req.rateBytesPerSec !== undefined ? { rateBytesPerSec: req.rateBytesPerSec } : {}) }) };
     }
     case 'scrub-progress': {
       const raid = raidOf.get(volume);

@@ -7,7 +7,7 @@
  *            | {"op":"list"} | {"op":"checkpoint"} | {"op":"verify"}
  *            | {"op":"check"} (the tree check on the committed roots; answers when done)
  *            | {"op":"check-progress"} (blocks read so far by a running check, or null)
- *            | {"op":"scrub","repair":B} (RAID scrub; answers when done) | {"op":"scrub-progress"}
+ *            | {"op":"scrub","repair":B[,"rateBytesPerSec":N]} (RAID scrub; answers when done) | {"op":"scrub-progress"}
  * Responses: {"ok":true,...} | {"ok":false,"error":"one line"}
  *
  * Invariants:
@@ -34,7 +34,7 @@ export type ControlRequest =
   | { op: 'checkpoint' }
   | { op: 'check' }
   | { op: 'check-progress' }
-  | { op: 'scrub'; repair: boolean }
+  | { op: 'scrub'; repair: boolean; rateBytesPerSec?: number }
   | { op: 'scrub-progress' }
   | { op: 'verify'; source?: string }
   | { op: 'release'; source: string; force: boolean }
@@ -61,7 +61,8 @@ export function parseControlRequest(line: string): ControlRequest {
       return { op: o.op };
     case 'scrub':
       if (typeof o.repair !== 'boolean') throw new Error('scrub repair must be true or false');
-      return { op: 'scrub', repair: o.repair };
+      if (o.rateBytesPerSec !== undefined && !(typeof o.rateBytesPerSec === 'number' && Number.isSafeInteger(o.rateBytesPerSec) && o.rateBytesPerSec > 0)) throw new Error('scrub rateBytesPerSec must be a positive integer');
+      return typeof o.rateBytesPerSec === 'number' ? { op: 'scrub', repair: o.repair, rateBytesPerSec: o.rateBytesPerSec } : { op: 'scrub', repair: o.repair };
     case 'verify':
       if (o.source !== undefined && (typeof o.source !== 'string' || !/^[0-9a-f-]{36}$/.test(o.source))) throw new Error('verify source must be a volume uuid');
       return typeof o.source === 'string' ? { op: 'verify', source: o.source } : { op: 'verify' };

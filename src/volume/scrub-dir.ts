@@ -6,6 +6,9 @@
  * a served one is scrubbed by the serving process through DIR/control.sock, its progress
  * polled meanwhile (and shown by `status`).
  *
+ * Both keep the scrub's checkpoint in DIR/scrub-progress.json (scrub-progress.ts): a scrub
+ * killed in its parity pass goes on from there when run again (served or not).
+ *
  * Invariants:
  * - A volume that is not RAID is refused with one line, before anything is opened for
  *   writing; so is --repair on a volume whose RAID has failed (read-only).
@@ -16,6 +19,7 @@ import * as fs from 'fs';
 import { BlockTree } from '../tree/tree';
 import { RaidDevice } from '../raid/raid-device';
 import { scrubRaid, type ScrubProgress, type ScrubReport } from '../raid/scrub';
+import { scrubCheckpointStore } from './scrub-progress';
 import { CONTROL_SOCKET_NAME, controlRequest } from './engine-control';
 import { lockVolumeDir, openMemberDevice, readLabel, volumeDirInUse } from './dir';
 
@@ -28,7 +32,14 @@ export interface DirScrubReport extends ScrubReport {
   served: boolean;
 }
 
-export async function scrubVolumeDir(dir: string, opts: { repair: boolean; onProgress?: (p: ScrubProgress) => void }): Promise<DirScrubReport> {
+export interface DirScrubOptions {
+  repair: boolean;
+  onProgress?: (p: ScrubProgress) => void;
+  /** Average read rate limit, bytes per second. */
+  rateBytesPerSec?: number;
+}
+
+export async function scrubVolumeDir(dir: string, opts: DirScrubOptions): Promise<DirScrubReport> {
   const absDir = path.resolve(dir);
   const label = await readLabel(absDir);
   if (!label.raid) throw new Error(`${absDir} is not a RAID volume: there is nothing to scrub (use nvmirror check)`);
@@ -45,7 +56,7 @@ export async function scrubVolumeDir(dir: string, opts: { repair: boolean; onPro
       const tree = await BlockTree.open(dev);
       try {
         if (tree.volumeUuid !== label.uuid) throw new Error(`the members belong to volume ${tree.volumeUuid}, the label says ${label.uuid}`);
-        const r = await scrubRaid(tree, dev, opts);
+        const r = await scrubRaid(tree, dev, { ...opts, store: scrubCheckpointStore(absDir, label.uuid) });
         if (opts.repair) await dev.sync();
         return { dir: absDir, served: false, ...r };
       } finally {
@@ -59,7 +70,7 @@ export async function scrubVolumeDir(dir: string, opts: { repair: boolean; onPro
   }
 }
 
-async function scrubThroughControl(absDir: string, opts: { repair: boolean; onProgress?: (p: ScrubProgress) => void }): Promise<DirScrubReport> {
+async function scrubThroughControl(absDir: string, opts: DirScrubOptions): Promise<DirScrubReport> {
   const sockPath = path.join(absDir, CONTROL_SOCKET_NAME);
   if (!fs.existsSync(sockPath)) throw new Error(`volume ${absDir} is open in another process that has no control socket; stop it before running scrub`);
   let finished = false;
@@ -73,7 +84,7 @@ async function scrubThroughControl(absDir: string, opts: { repair: boolean; onPr
   };
   const polling = poll();
   try {
-    const r = await controlRequest(sockPath, { op: 'scrub', repair: opts.repair }, SCRUB_ANSWER_TIMEOUT_MS);
+    const r = await controlRequest(sockPath, { op: 'scrub', repair: opts.repair, ...(opts.rateBytesPerSec !== undefined ? { rateBytesPerSec: opts.rateBytesPerSec } : {}) }, SCRUB_ANSWER_TIMEOUT_MS);
     if (!r.ok) throw new Error(`serving process: ${r.error}`);
     return { dir: absDir, served: true, ...(r.scrub as ScrubReport) };
   } finally {

@@ -8,6 +8,7 @@
  *   SIM_OPS=400          ops per seed (default 250)
  *   SIM_SEED_BASE=10000  first seed of the range (default 1)
  *   SIM_TRACE=1          print every op as it runs
+ *   SIM_RAID_SEEDS=40    seeds per RAID level (default 6; RAID-5 and RAID-6 volumes)
  */
 import { strict as assert } from 'assert';
 import { log } from '../../src/util/log';
@@ -64,6 +65,28 @@ describe('engine simulator (seeded, fault-injecting)', function () {
     console.log(`    ${seeds.length} seeds, ${totals.ops} ops, ${totals.faults} injected errors, ${totals.failedOps} failed ops, ${totals.crashes} crashes, ${totals.reopens} close+reopen, ${totals.checks} tree checks, ${(totals.bytes / 1048576).toFixed(1)} MiB verified, ${totals.ms} simulated ms in ${Date.now() - t0} ms (slowest seed ${slowest.seed}: ${slowest.ms} ms)`);
     assert.ok(totals.ops > 0 && totals.checks >= seeds.length);
   });
+
+  for (const level of [5, 6] as const) {
+    const raidSeeds = one !== undefined && one !== '' ? seeds : Array.from({ length: envInt('SIM_RAID_SEEDS', 6) }, (_, i) => envInt('SIM_SEED_BASE', 1) + i);
+    it(`holds every invariant on RAID-${level} volumes, faults on the members within the level's tolerance, for ${raidSeeds.length} seeds`, async () => {
+      const totals = { ops: 0, failedOps: 0, crashes: 0, checks: 0, faults: 0, lost: 0, faulted: 0 };
+      const t0 = Date.now();
+      for (const seed of raidSeeds) {
+        // RAID-5 over 3 or 4 members, RAID-6 over 4 or 5, by seed.
+        const members = (level === 5 ? 3 : 4) + (seed % 2);
+        const st = await runSimulation({ seed, ops, raid: { level, members }, ...(process.env.SIM_TRACE ? { onTrace: (l: string) => console.log(`    ${l}`) } : {}) });
+        totals.ops += st.ops;
+        totals.failedOps += st.failedOps;
+        totals.crashes += st.crashes;
+        totals.checks += st.checks;
+        totals.faults += Object.entries(st.faults).filter(([k]) => k !== 'latency').reduce((a, [, v]) => a + v, 0);
+        totals.lost += st.membersLost;
+        totals.faulted += st.membersFaulted;
+      }
+      console.log(`    RAID-${level}: ${raidSeeds.length} seeds, ${totals.ops} ops, ${totals.faults} injected errors, ${totals.lost} members pulled, ${totals.faulted} members out of service at some open, ${totals.failedOps} failed ops, ${totals.crashes} crashes, ${totals.checks} tree+parity checks in ${Date.now() - t0} ms`);
+      assert.ok(totals.ops > 0 && totals.checks >= raidSeeds.length);
+    });
+  }
 
   it('never loses a committed CP when reads are corrupted during open too (seeds 1..10)', async () => {
     // Before mount re-read a failing durable CP and refused rollbacks the NVRAM cannot

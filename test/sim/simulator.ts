@@ -23,6 +23,9 @@
  *   snapshot reads back its point-in-time contents.
  * - A read-only open of crashed storage shows the same contents (NVRAM as an overlay).
  * - Nothing hangs: a pending op with no timer to fire is a SimStallError.
+ * - RAID runs (opts.raid): only the victims (at most the level's tolerance) ever leave
+ *   service, the RAID never fails, and after every reopen every stripe holding a block
+ *   in use has parity that matches its data (with every member in service).
  * On failure a SimFailure carries the seed and the tail of the op trace.
  *
  * Bounded: ops per run (opts.ops), volume <= 512 KiB, <= SNAPSHOTS_SIM_MAX snapshots,
@@ -42,6 +45,12 @@ import {
   FaultInjector, FaultyBlockDevice, FaultyNvramRegion, NO_FAULTS, FAULT_KINDS, type FaultKind, type FaultRates,
 } from '../../src/io/faulty';
 import { SimClock, SimStallError } from '../../src/sim/clock';
+import { RING_SLOTS } from '../../src/tree/layout';
+import { testBit } from '../../src/tree/bitmap';
+import { RaidGeometry, tolerance } from '../../src/raid/geometry';
+import { RaidDevice } from '../../src/raid/raid-device';
+import { assembleRaidMembers, labelNewMembers } from '../../src/raid/members';
+import { PARITY_INLINE } from '../../src/raid/parity';
 import { SeededRandom } from '../../src/sim/random';
 import { Image } from './model';
 
@@ -68,6 +77,39 @@ export interface SimOptions {
   wrapDevice?: (dev: BlockDevice, rnd: SeededRandom) => BlockDevice;
   /** ...or around each engine volume the workload talks to. */
   wrapVolume?: (v: Volume, rnd: SeededRandom) => Volume;
+  /**
+   * A RAID-5/6 volume over `members` memory members (assembled by their labels at every
+   * open) instead of one member. I/O errors and a lost member (one for RAID-5, two for
+   * RAID-6 at most) go only to the victims; corrupted reads and latency to every member.
+   */
+  raid?: { level: 5 | 6; members: number };
+}
+
+/** Stripe units a RAID simulation picks from. */
+const RAID_UNIT_BYTES = [4096, 8192, 16384];
+/** Tree blocks of the device (single member: the member itself). */
+const DEVICE_BLOCKS = 4096;
+
+/** The block devices of one incarnation: what the tree mounts, and the wrappers to fence when it ends. */
+interface Storage {
+  dev: BlockDevice;
+  members: FaultyBlockDevice[];
+}
+
+function crashAll(st: Storage): void {
+  for (const m of st.members) m.crash();
+}
+
+/** A member device whose close() leaves the memory behind it alone (storage outlives incarnations). */
+function keepOpen(d: BlockDevice): BlockDevice {
+  return {
+    get blockCount() { return d.blockCount; },
+    readBlocks: (pba, count, dst) => d.readBlocks(pba, count, dst),
+    writeBlocks: (pba, data) => d.writeBlocks(pba, data),
+    sync: () => d.sync(),
+    discard: (pba, count) => d.discard(pba, count),
+    close: () => Promise.resolve(),
+  };
 }
 
 export interface SimStats {
@@ -83,6 +125,9 @@ export interface SimStats {
   faults: Record<FaultKind, number>;
   simulatedMs: number;
   faultsOn: boolean;
+  /** RAID runs: members lost (pulled) during the run, and members faulted by the RAID layer (counted at each open). */
+  membersLost: number;
+  membersFaulted: number;
 }
 
 export class SimFailure extends Error {
@@ -99,7 +144,9 @@ interface SnapModel {
 }
 
 interface Incarnation {
-  dev: FaultyBlockDevice;
+  dev: Storage;
+  /** The tree the engine mounted (the engine's own handle has no space map). */
+  tree: BlockTree;
   region: FaultyNvramRegion;
   engine: EngineVolume;
   view: Volume;
@@ -126,8 +173,15 @@ export class Simulator {
   private readonly sizeBytes: number;
   private readonly nvramBytes: number;
   private readonly cpIntervalMs: number;
-  private readonly mem: MemoryBlockDevice;
-  private readonly below: BlockDevice;
+  private readonly mems: MemoryBlockDevice[];
+  private readonly below: BlockDevice[];
+  private readonly raidSpec: { level: 5 | 6; stripeUnitBytes: number } | undefined;
+  private readonly memberBlocks: number;
+  /** RAID: members that may get I/O errors and be lost (at most the level's tolerance). */
+  private readonly victims: number[] = [];
+  /** RAID: op index at which a victim is pulled (-1: never), and the members pulled so far. */
+  private readonly loseAtOp: number;
+  private readonly pulled = new Set<number>();
   private nvram: Buffer;
   private inc: Incarnation | undefined;
   private readonly model: Image;
@@ -162,13 +216,29 @@ export class Simulator {
     this.injector = new FaultInjector(this.rnd.fork(2).next32(), this.faultsOn ? this.rates : NO_FAULTS);
     this.injector.enabled = false;
     this.clock.activity = () => this.injector.calls;
-    this.mem = new MemoryBlockDevice(4096);
-    this.below = opts.wrapDevice ? opts.wrapDevice(this.mem, this.rnd.fork(3)) : this.mem;
+    if (opts.raid) {
+      const rs = this.rnd.fork(5);
+      const { level, members } = opts.raid;
+      if (opts.wrapDevice) throw new Error('wrapDevice is for single-member runs');
+      this.raidSpec = { level, stripeUnitBytes: rs.pick(RAID_UNIT_BYTES) };
+      this.memberBlocks = RaidGeometry.memberBlocksFor(level, members, this.raidSpec.stripeUnitBytes, DEVICE_BLOCKS);
+      const order = Array.from({ length: members }, (_, i) => i);
+      for (let k = 0; k < tolerance(level, members); k++) this.victims.push(order.splice(rs.int(order.length), 1)[0]!);
+      this.loseAtOp = this.faultsOn && rs.chance(0.6) ? rs.range(1, opts.ops ?? 150) : -1;
+      this.mems = order.concat(this.victims).map(() => new MemoryBlockDevice(this.memberBlocks));
+      this.below = this.mems.map(keepOpen);
+    } else {
+      this.raidSpec = undefined;
+      this.memberBlocks = DEVICE_BLOCKS;
+      this.loseAtOp = -1;
+      this.mems = [new MemoryBlockDevice(DEVICE_BLOCKS)];
+      this.below = [opts.wrapDevice ? opts.wrapDevice(this.mems[0]!, this.rnd.fork(3)) : this.mems[0]!];
+    }
     this.nvram = Buffer.alloc(this.nvramBytes);
     this.model = new Image(this.sizeBytes);
     this.stats = {
       seed: opts.seed, ops: 0, opsByKind: {}, failedOps: 0, crashes: 0, cleanReopens: 0, openRetries: 0, checks: 0,
-      bytesVerified: 0, faults: this.injector.counts, simulatedMs: 0, faultsOn: this.faultsOn,
+      bytesVerified: 0, faults: this.injector.counts, simulatedMs: 0, faultsOn: this.faultsOn, membersLost: 0, membersFaulted: 0,
     };
   }
 
@@ -188,6 +258,7 @@ export class Simulator {
       `simulation seed ${this.opts.seed} failed at op #${this.opIndex}: ${message}`,
       `replay: SIM_SEED=${this.opts.seed} npx mocha dist/test/sim/simulator.test.js`,
       `volume ${this.sizeBytes / BS} blocks, NVRAM ${this.nvramBytes} bytes, cpIntervalMs ${this.cpIntervalMs}, faults ${this.faultsOn ? JSON.stringify(this.rates) : 'off'}`,
+      ...(this.raidSpec ? [`RAID-${this.raidSpec.level} x${this.mems.length}, unit ${this.raidSpec.stripeUnitBytes} bytes, victims ${this.victims.join(', ')}, pulled ${[...this.pulled].join(', ') || 'none'} (pull at op ${this.loseAtOp})`] : []),
       `last ${tail.length} ops:`,
       ...tail.map((l) => `  ${l}`),
       `last injected faults: ${faults.length === 0 ? 'none' : ''}`,
@@ -226,7 +297,16 @@ export class Simulator {
   // ---- incarnations ----
 
   private async format(): Promise<void> {
-    await BlockTree.format(this.mem, { sizeBytes: this.sizeBytes, volumeUuid: UUID, clock: this.clock });
+    let dev: BlockDevice = this.mems[0]!;
+    if (this.raidSpec) {
+      await labelNewMembers(this.below, this.raidSpec, this.memberBlocks, UUID);
+      dev = await assembleRaidMembers(this.below.map((d, i) => ({ name: `member${i}`, dev: d })), this.raidSpec, this.memberBlocks, UUID, false, { parity: PARITY_INLINE });
+    }
+    await BlockTree.format(dev, { sizeBytes: this.sizeBytes, volumeUuid: UUID, clock: this.clock });
+    if (dev !== this.mems[0]) {
+      await dev.sync();
+      await dev.close();
+    }
     const region = new MemoryNvram(this.nvramBytes);
     await NvLog.format(region, UUID, this.rnd.fork(4));
     this.nvram = Buffer.from(region.buffer);
@@ -236,7 +316,7 @@ export class Simulator {
   private crashNow(): void {
     const inc = this.inc;
     if (!inc) return;
-    inc.dev.crash();
+    crashAll(inc.dev);
     inc.region.crash();
     this.clock.cancelAll();
     this.nvram = Buffer.from(inc.region.buffer);
@@ -244,12 +324,54 @@ export class Simulator {
     this.cleanlyClosed = false;
   }
 
-  private wrappers(): { dev: FaultyBlockDevice; region: FaultyNvramRegion } {
+  private async wrappers(): Promise<{ dev: Storage; region: FaultyNvramRegion }> {
     const common = { injector: this.injector, clock: this.clock };
-    return {
-      dev: new FaultyBlockDevice(this.below, { ...common, name: 'member0' }),
-      region: new FaultyNvramRegion(new MemoryNvram(this.nvramBytes, this.nvram), { ...common, name: 'nvram' }),
-    };
+    const region = new FaultyNvramRegion(new MemoryNvram(this.nvramBytes, this.nvram), { ...common, name: 'nvram' });
+    const members = this.below.map((d, i) => new FaultyBlockDevice(d, {
+      ...common, name: `member${i}`, ...(this.raidSpec && !this.victims.includes(i) ? { kinds: ['corrupt', 'latency'] as const } : {}),
+    }));
+    if (!this.raidSpec) return { dev: { dev: members[0]!, members }, region };
+    // A pulled member is missing at every later open.
+    const raid = await assembleRaidMembers(members.map((m, i) => (this.pulled.has(i) ? { name: `member${i}`, dev: null, missingReason: 'pulled by the simulator' } : { name: `member${i}`, dev: m })), this.raidSpec, this.memberBlocks, UUID, false, { parity: PARITY_INLINE });
+    return { dev: { dev: raid, members }, region };
+  }
+
+  /** RAID: the members out of service must be victims only, and no more than the level tolerates. */
+  private checkRaid(dev: BlockDevice, what: string): void {
+    if (!(dev instanceof RaidDevice)) return;
+    const h = dev.health();
+    const out = h.memberStatus.filter((m) => m.state !== 'online');
+    this.stats.membersFaulted = Math.max(this.stats.membersFaulted, out.length);
+    for (const m of out) if (!this.victims.includes(m.index)) this.fail(`${what}: member ${m.index} is out of service but no I/O error was injected into it (${m.reason ?? ''})`);
+    if (h.state === 'failed') this.fail(`${what}: the RAID failed within the level's tolerance: ${h.failure ?? ''}`);
+  }
+
+  /** RAID, faults off: every stripe holding a block in use has parity that matches its data. */
+  private async checkParity(tree: BlockTree, dev: BlockDevice): Promise<void> {
+    if (!(dev instanceof RaidDevice)) return;
+    if (dev.health().state !== 'online') return;
+    const g = dev.geometry;
+    const W = g.stripeDataBlocks;
+    const used = tree.usedBitmap();
+    for (let s = 0; s < g.stripes; s++) {
+      let live = false;
+      for (let p = s * W; p < (s + 1) * W && !live; p++) live = testBit(used, p);
+      if (!live) continue;
+      const r = await this.clock.run(dev.scrubStripe(s, false));
+      if (r.verdict === 'mismatch') this.fail(`live stripe ${s}: parity does not match its data (member(s) ${r.members.join(', ')})`);
+    }
+  }
+
+  /** RAID: pulls a victim now (every later call on it fails; it is missing at every later open). */
+  private maybePull(): void {
+    if (this.opIndex !== this.loseAtOp || !this.inc) return;
+    const candidates = this.victims.filter((v) => !this.pulled.has(v));
+    if (candidates.length === 0) return;
+    const i = this.rnd.pick(candidates);
+    this.pulled.add(i);
+    this.inc.dev.members[i]!.lose();
+    this.stats.membersLost++;
+    this.trace(`member ${i} pulled`);
   }
 
   /** Opens an engine on the storage (retrying failed opens, last with faults off), then verifies it. */
@@ -262,12 +384,14 @@ export class Simulator {
       const saved = this.injector.rates;
       if (!this.opts.corruptDuringOpen) this.injector.rates = { ...saved, corruptRead: 0 };
       const errorsAtStart = this.injector.errorsInjected;
-      const { dev, region } = this.wrappers();
+      let dev: Storage | undefined;
+      let region: FaultyNvramRegion | undefined;
       try {
-        const tree = await this.clock.run(BlockTree.open(dev, { clock: this.clock, cacheBlocks: rnd.pick([16, 64, 1024]), writeChunkBlocks: rnd.pick([1, 4, 256]), ioConcurrency: rnd.pick([1, 3, 8]) }));
+        ({ dev, region } = await this.clock.run(this.wrappers()));
+        const tree = await this.clock.run(BlockTree.open(dev.dev, { clock: this.clock, cacheBlocks: rnd.pick([16, 64, 1024]), writeChunkBlocks: rnd.pick([1, 4, 256]), ioConcurrency: rnd.pick([1, 3, 8]) }));
         const engine = await this.clock.run(EngineVolume.open({ tree, region, readOnly: false, clock: this.clock, random: rnd.fork(7), cpIntervalMs: this.cpIntervalMs }));
         const view = this.opts.wrapVolume ? this.opts.wrapVolume(engine, rnd.fork(8)) : engine;
-        this.inc = { dev, region, engine, view, errorsAtStart };
+        this.inc = { dev, tree, region, engine, view, errorsAtStart };
         this.trace(`opened (attempt ${attempt + 1}, faults ${withFaults ? 'on' : 'off'}, replayed ${engine.stats().replay.records} records)`);
         // A close that resolved must have left everything in the tree. (Known engine gap: a
         // volume whose log already failed resolves close() without a final CP, see the report;
@@ -279,10 +403,12 @@ export class Simulator {
         break;
       } catch (e) {
         if (e instanceof SimFailure) throw e;
-        dev.crash();
-        region.crash();
+        if (dev) crashAll(dev);
+        if (region) {
+          region.crash();
+          this.nvram = Buffer.from(region.buffer);
+        }
         this.clock.cancelAll();
-        this.nvram = Buffer.from(region.buffer);
         if (!withFaults || this.injector.errorsInjected <= errorsAtStart) this.fail(`open failed ${withFaults ? 'with no fault injected' : 'with faults off'}: ${errText(e)}`);
         this.trace(`open attempt ${attempt + 1} failed (injected): ${errText(e)}`);
         this.stats.openRetries++;
@@ -290,6 +416,7 @@ export class Simulator {
         this.injector.rates = saved;
       }
     }
+    this.checkRaid(this.live.dev.dev, 'open');
     await this.verifyAll();
     this.injector.enabled = this.faultsOn;
   }
@@ -302,6 +429,7 @@ export class Simulator {
     const report = await this.clock.run(engine.tree.check());
     this.stats.checks++;
     if (!report.ok) this.fail(`tree.check() after open: ${report.problems.slice(0, 5).join('; ')}`);
+    await this.checkParity(this.live.tree, this.live.dev.dev);
     await this.readCompare(view, this.model, 0, this.sizeBytes, 'full read after open', false);
     const listed = new Map(engine.listSnapshots().map((s) => [s.name, s]));
     for (const [name, snap] of [...this.snaps]) {
@@ -530,7 +658,7 @@ export class Simulator {
       this.trace(`  -> close failed: ${errText(e)}`);
       closed = false;
     }
-    inc.dev.crash(); // nothing of this incarnation may touch storage any more
+    crashAll(inc.dev); // nothing of this incarnation may touch storage any more
     inc.region.crash();
     this.clock.cancelAll();
     this.nvram = Buffer.from(inc.region.buffer);
@@ -594,8 +722,8 @@ export class Simulator {
   /** Opens the crashed storage read-only (NVRAM replayed as an overlay) and compares everything. */
   private async readOnlyLook(): Promise<void> {
     this.injector.enabled = false;
-    const { dev, region } = this.wrappers();
-    const tree = await this.clock.run(BlockTree.open(dev, { clock: this.clock }));
+    const { dev, region } = await this.clock.run(this.wrappers());
+    const tree = await this.clock.run(BlockTree.open(dev.dev, { clock: this.clock }));
     const engine = await this.clock.run(EngineVolume.open({ tree, region, readOnly: true, clock: this.clock }));
     this.trace('read-only look at the crashed storage');
     // Reads only: collapse on a throw-away copy so the read-write open still sees the choices.
@@ -604,7 +732,7 @@ export class Simulator {
     const problem = probe.verify(0, got);
     if (problem) this.fail(`read-only open of crashed storage: ${problem}`);
     await this.clock.run(engine.close());
-    dev.crash();
+    crashAll(dev);
     this.clock.cancelAll();
   }
 
@@ -643,6 +771,7 @@ export class Simulator {
         continue;
       }
       if (this.recoverIn > 0) this.recoverIn--;
+      this.maybePull();
       const kind = kinds[r.weighted(weights)]!;
       this.stats.opsByKind[kind] = (this.stats.opsByKind[kind] ?? 0) + 1;
       this.stats.ops++;
@@ -678,6 +807,7 @@ export class Simulator {
         case 'crash': await this.opCrashReopen(); break;
         case 'crash-during': await this.opCrashDuring(); break;
       }
+      if (this.inc) this.checkRaid(this.inc.dev.dev, `after op ${kind}`);
     }
     // The end: faults off, close cleanly, reopen and verify everything once more.
     this.opIndex = total + 1;
@@ -690,7 +820,7 @@ export class Simulator {
       this.expectFaultError(e, 'final close');
     }
     const inc = this.live;
-    inc.dev.crash();
+    crashAll(inc.dev);
     inc.region.crash();
     this.clock.cancelAll();
     this.nvram = Buffer.from(inc.region.buffer);

@@ -14,7 +14,9 @@ import { RING_SLOTS } from '../../src/tree/layout';
 import { RaidGeometry, type RaidLevel } from '../../src/raid/geometry';
 import { RaidDevice } from '../../src/raid/raid-device';
 import { superblockPick } from '../../src/raid/members';
-import { scrubRaid, scrubState, type ScrubProgress } from '../../src/raid/scrub';
+import { SCRUB_CHECKPOINT_STRIPES, scrubRaid, scrubState, type ScrubCheckpoint, type ScrubCheckpointStore, type ScrubProgress } from '../../src/raid/scrub';
+import { testBit } from '../../src/tree/bitmap';
+import type { Clock } from '../../src/io/types';
 import { createVolumeDir } from '../../src/volume/dir';
 import { scrubVolumeDir } from '../../src/volume/scrub-dir';
 import * as fs from 'fs';
@@ -240,4 +242,85 @@ describe('raid scrub', () => {
       await t.close();
     });
   }
+
+  it('a scrub that dies after a checkpoint resumes from it: pass 1 skipped, the rest checked, counts carried over, the checkpoint cleared', async () => {
+    const { mems } = await volume(5, 4);
+    let raid = raidOver(5, mems);
+    let tree = await BlockTree.open(raid);
+    const g = raid.geometry;
+    const used = tree.usedBitmap();
+    const usedStripes: number[] = [];
+    for (let st = 0; st < g.stripes; st++) {
+      let any = false;
+      for (let p = st * g.stripeDataBlocks; p < (st + 1) * g.stripeDataBlocks && !any; p++) any = testBit(used, p);
+      if (any) usedStripes.push(st);
+    }
+    assert.ok(usedStripes.length > 2 * SCRUB_CHECKPOINT_STRIPES, `${usedStripes.length} stripes in use: more than two batches`);
+    // Stale P in every stripe in use.
+    for (const st of usedStripes) flip(mems[g.pMember(st)]!, g.unitStart(st));
+    let saved: ScrubCheckpoint | undefined;
+    let cleared = 0;
+    const store = (dieAtSave: boolean): ScrubCheckpointStore => ({
+      load: () => Promise.resolve(saved),
+      save: (c) => {
+        saved = JSON.parse(JSON.stringify(c)) as ScrubCheckpoint; // as the file would hold it
+        return dieAtSave ? Promise.reject(new Error('power cut after the checkpoint')) : Promise.resolve();
+      },
+      clear: () => {
+        saved = undefined;
+        cleared++;
+        return Promise.resolve();
+      },
+    });
+    await assert.rejects(scrubRaid(tree, raid, { repair: true, store: store(true) }), /power cut/);
+    const cp = saved!;
+    assert.equal(cp.nextStripe, usedStripes[SCRUB_CHECKPOINT_STRIPES], 'the checkpoint names the first stripe of the second batch');
+    assert.deepEqual([cp.parityErrors, cp.parityCorrected, cp.stripesChecked], [SCRUB_CHECKPOINT_STRIPES, SCRUB_CHECKPOINT_STRIPES, SCRUB_CHECKPOINT_STRIPES]);
+    await tree.close(); // (the device is left open: closing it would close the memory members)
+
+    // The restart: a new device over the same members, the checkpoint found.
+    raid = raidOver(5, mems);
+    tree = await BlockTree.open(raid);
+    let phases = new Set<string>();
+    const r = await scrubRaid(tree, raid, { repair: true, store: store(false), onProgress: (p) => phases.add(p.phase) });
+    assert.equal(r.resumedAtStripe, cp.nextStripe);
+    assert.deepEqual([...phases], ['parity'], 'pass 1 is not run again');
+    assert.deepEqual([r.stripesChecked, r.parityErrors, r.corrected, r.uncorrectable, r.blocksVerified], [usedStripes.length, usedStripes.length, usedStripes.length, 0, cp.blocksVerified]);
+    assert.ok(r.ok);
+    assert.equal(saved, undefined);
+    assert.equal(cleared, 1, 'cleared at the end');
+    phases = new Set<string>();
+    const again = await scrubRaid(tree, raid, { repair: false, store: store(false), onProgress: (p) => phases.add(p.phase) });
+    assert.deepEqual([again.parityErrors, again.checksumErrors, again.resumedAtStripe, [...phases]], [0, 0, undefined, ['checksums', 'parity']], 'clean, and from the start');
+    // A checkpoint of the other mode is not resumed from.
+    saved = { ...cp, repair: false };
+    const other = await scrubRaid(tree, raid, { repair: true, store: store(false) });
+    assert.equal(other.resumedAtStripe, undefined);
+    await tree.close();
+    await raid.close();
+  });
+
+  it('--rate paces both passes on the injected clock', async () => {
+    const { mems } = await volume(5, 4);
+    const raid = raidOver(5, mems);
+    const tree = await BlockTree.open(raid);
+    let now = 1_000_000;
+    let waited = 0;
+    const clock: Clock = {
+      nowMs: () => now,
+      setTimeout: (fn, ms) => {
+        now += ms;
+        waited++;
+        queueMicrotask(fn);
+        return { cancel: () => undefined };
+      },
+    };
+    const rate = 4 * MiB;
+    const r = await scrubRaid(tree, raid, { repair: false, rateBytesPerSec: rate, clock });
+    assert.ok(r.ok && waited > 0);
+    // Every byte it read took its turn: the run lasted at least scanned / rate.
+    assert.ok(r.durationMs >= Math.floor((r.scannedBytes / rate) * 1000) - 1, `${r.durationMs} ms for ${r.scannedBytes} bytes at ${rate} B/s`);
+    await tree.close();
+    await raid.close();
+  });
 });
