@@ -7,6 +7,9 @@
  * --repair) when anything was found. A progress line on a terminal (stderr).
  */
 import { Command } from 'commander';
+import * as fs from 'fs';
+import * as path from 'path';
+import { MIRROR_LABEL_NAME, scrubMirrorDir } from '../mirror/mirror-dir';
 import { scrubVolumeDir } from '../volume/scrub-dir';
 import { formatScrubReport, type ScrubProgress } from '../raid/scrub';
 import { ProgressLine } from '../util/progress';
@@ -16,7 +19,7 @@ export function registerScrub(program: Command): void {
   program
     .command('scrub')
     .description('verify every checksum and every in-use stripe\'s parity of a RAID volume (also while served); --repair rewrites what redundancy can rebuild')
-    .argument('<DIR>', 'the volume directory')
+    .argument('<DIR>', 'the volume directory, or a RAID mirror DIR/<source-uuid> (while no receiver holds it)')
     .option('--repair', 'rewrite bad blocks from parity or a mirror copy once a rebuilt version verifies, and stale parity from the data')
     .option('--json', 'print the report as JSON')
     .action(async (dir: string, o: { repair?: boolean; json?: boolean }) => {
@@ -29,7 +32,7 @@ export function registerScrub(program: Command): void {
         : undefined;
       let r;
       try {
-        r = await scrubVolumeDir(dir, { repair: o.repair === true, ...(onProgress ? { onProgress } : {}) });
+        r = await (fs.existsSync(path.join(dir, MIRROR_LABEL_NAME)) ? scrubMirrorDir : scrubVolumeDir)(dir, { repair: o.repair === true, ...(onProgress ? { onProgress } : {}) });
       } finally {
         line?.finish();
       }

@@ -27,8 +27,7 @@ import * as net from 'net';
 import * as tls from 'tls';
 import * as path from 'path';
 import type { Logger } from 'pino';
-import { FileBlockDevice } from '../io/file-device';
-import { readLabel, resolveIn } from '../volume/dir';
+import { openMemberDevice, readLabel } from '../volume/dir';
 import { readRole } from './role';
 import { assert } from '../util/assert';
 import { crc32c } from '../io/native';
@@ -743,8 +742,7 @@ export async function promotedRefusal(dir: string, sourceCp: number): Promise<st
   let nowCp = -1;
   try {
     const label = await readLabel(dir);
-    const memberPath = resolveIn(dir, label.members[0]!.path);
-    const dev = await FileBlockDevice.open(memberPath, { readOnly: true });
+    const dev = await openMemberDevice(dir, label, true);
     try {
       nowCp = (await newestSuperblock(dev, label.uuid))?.sb.cpNumber ?? -1;
     } finally {

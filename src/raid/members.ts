@@ -22,6 +22,8 @@ import { assert } from '../util/assert';
 import { LABEL_COPIES, RaidGeometry, type RaidLevel } from './geometry';
 import { encodeRaidLabel, labelSlot, newestLabel, type RaidLabel } from './label';
 import { RaidDevice, type RaidMemberSpec } from './raid-device';
+import { StripeJournal } from './stripe-journal';
+import type { BlockDevice } from '../io/types';
 
 const B = BLOCK_SIZE_BYTES;
 
@@ -132,11 +134,22 @@ function fileProbe(files: RaidMemberFile[], opened: (fs.Stats | undefined)[], me
   };
 }
 
+export interface OpenRaidExtra {
+  /**
+   * The members may still be labelled with this uuid (a volume pre-created as a mirror
+   * destination, taken over by the source's uuid): such a member counts as this volume's,
+   * and every member is relabelled with volumeUuid at the next sync().
+   */
+  formerUuid?: string;
+  /** A stripe journal device (a mirror destination's): partial stripes go through it; call replayJournal() next. */
+  journalDev?: BlockDevice;
+}
+
 /**
  * Opens a RAID volume's members. Refuses (throws) a foreign, swapped or mismatched member
  * by name; opens missing, truncated, unlabelled and stale members as out of service.
  */
-export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, memberBlocks: number, volumeUuid: string, readOnly: boolean, replacing?: { index: number; file: RaidMemberFile }): Promise<RaidDevice> {
+export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, memberBlocks: number, volumeUuid: string, readOnly: boolean, replacing?: { index: number; file: RaidMemberFile }, extra: OpenRaidExtra = {}): Promise<RaidDevice> {
   const g = geometryFor(spec, files.length, memberBlocks);
   const specs: RaidMemberSpec[] = [];
   const labels: (RaidLabel | undefined)[] = [];
@@ -179,7 +192,7 @@ export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, m
         specs[i]!.faultReason = `${l}: not a member of this volume (a blank or replaced file?)`;
         continue;
       }
-      if (l.volumeUuid !== volumeUuid) throw new Error(`member ${i} ${f.name} belongs to another volume (uuid ${l.volumeUuid}), not to this one (${volumeUuid}): refusing to open; put this volume's member back`);
+      if (l.volumeUuid !== volumeUuid && l.volumeUuid !== extra.formerUuid) throw new Error(`member ${i} ${f.name} belongs to another volume (uuid ${l.volumeUuid}), not to this one (${volumeUuid}): refusing to open; put this volume's member back`);
       if (l.memberIndex !== i) throw new Error(`member ${i} ${f.name} holds member ${l.memberIndex} of this volume (members swapped?): refusing to open; restore the order the volume label lists`);
       if (l.level !== spec.level || l.members !== files.length || l.unitBytes !== spec.stripeUnitBytes || l.memberBlocks !== memberBlocks || l.headBlocks !== g.headBlocks) {
         throw new Error(`member ${i} ${f.name}: its label (RAID-${l.level}, ${l.members} members, unit ${l.unitBytes}, ${l.memberBlocks} blocks) disagrees with the volume label (RAID-${spec.level}, ${files.length} members, unit ${spec.stripeUnitBytes}, ${memberBlocks} blocks): refusing to open`);
@@ -197,10 +210,15 @@ export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, m
       else if (newest.outOfService[i]) s.faultReason = `taken out of service earlier (label generation ${newest.generation}); it needs a rebuild`;
     }
     if (!newest) throw new Error(`no member of the volume has a label that verifies (${specs.map((s) => `${s.name}: ${s.missingReason ?? s.faultReason ?? '?'}`).join('; ')})`);
-    assert(newest.volumeUuid === volumeUuid, 'newest label volume');
+    assert(newest.volumeUuid === volumeUuid || newest.volumeUuid === extra.formerUuid, 'newest label volume');
+    const relabel = labels.some((l) => l !== undefined && l.volumeUuid !== volumeUuid);
+    const journal = extra.journalDev && !readOnly
+      ? await StripeJournal.open(extra.journalDev, { level: g.level, members: g.members, unitBlocks: g.unitBlocks, stripes: g.stripes, columns: g.dataMembers + g.parityMembers })
+      : undefined;
     return new RaidDevice({
-      geometry: g, volumeUuid, generation: newest.generation, members: specs, readOnly, headPick: superblockPick,
+      geometry: g, volumeUuid, generation: newest.generation, members: specs, readOnly, headPick: superblockPick, relabel,
       probe: fileProbe(replacing ? files.map((f, i) => (i === replacing.index ? replacing.file : f)) : files, stats, memberBlocks),
+      ...(journal ? { journal } : {}),
     });
   } catch (e) {
     for (const s of specs) await s.dev?.close().catch(() => undefined);

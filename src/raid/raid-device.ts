@@ -113,6 +113,8 @@ export interface RaidDeviceOptions {
   /** Checked at every sync(): a reason the member must leave service (e.g. its file was deleted), or null. */
   probe?: (index: number) => Promise<string | null>;
   pendingBytesMax?: number;
+  /** Some member's label names another uuid (see members.ts OpenRaidExtra.formerUuid): relabel every member at the next sync(). */
+  relabel?: boolean;
   /** Partial stripes go through this journal before they reach the members (no write hole); replay it with replayJournal() after open. */
   journal?: StripeJournal;
 }
@@ -187,7 +189,7 @@ export class RaidDevice implements BlockDevice {
       if (m.faultReason !== undefined) return { name: m.name, dev: m.dev, state: 'faulted' as const, reason: m.faultReason, errors: { read: 0, write: 0, checksum: 0, healed: 0 } };
       return { name: m.name, dev: m.dev, state: 'online' as const, reason: undefined, errors: { read: 0, write: 0, checksum: 0, healed: 0 } };
     });
-    if (this.members.some((m) => m.state !== 'online')) this.labelsDirty = true;
+    if (this.members.some((m) => m.state !== 'online') || opts.relabel === true) this.labelsDirty = true;
     this.checkFailure();
   }
 
