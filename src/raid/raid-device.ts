@@ -650,12 +650,12 @@ export class RaidDevice implements BlockDevice {
       }
     }));
     // Bound the buffer: flush the oldest partial stripes (read-modify-write).
-    if (this.journal && this.pending.size * W * B > this.pendingBytesMax) {
-      // Through the journal, in one batch: the oldest half of the buffer.
-      const oldest = [...this.pending.keys()].slice(0, Math.max(1, Math.ceil(this.pending.size / 2)));
-      await this.flushBatch(oldest);
-    }
     while (this.pending.size * W * B > this.pendingBytesMax) {
+      if (this.journal) {
+        // Through the journal, in batches: the oldest half of the buffer.
+        await this.flushBatch([...this.pending.keys()].slice(0, Math.max(1, Math.ceil(this.pending.size / 2))));
+        continue;
+      }
       const s = this.pending.keys().next().value as number;
       await this.withStripe(s, async () => {
         const e = this.pending.get(s);
@@ -685,6 +685,7 @@ export class RaidDevice implements BlockDevice {
     const g = this.geometry;
     const U = g.unitBlocks * B;
     const k = g.dataMembers;
+    assert(this.journal === undefined || e.count === g.stripeDataBlocks, `partial stripe ${stripe} written around the stripe journal`);
     const dirty: boolean[] = [];
     for (let c = 0; c < k; c++) dirty.push(e.have.subarray(c * g.unitBlocks, (c + 1) * g.unitBlocks).some((h) => h === 1));
     if (e.count === g.stripeDataBlocks) this.stats.fullStripeWrites++;

@@ -44,9 +44,9 @@ function copyDev(src: MemoryBlockDevice): MemoryBlockDevice {
   return d;
 }
 
-async function open(g: RaidGeometry, mems: (MemoryBlockDevice | RecordingBlockDevice | null)[], journal?: StripeJournal): Promise<RaidDevice> {
+async function open(g: RaidGeometry, mems: (MemoryBlockDevice | RecordingBlockDevice | null)[], journal?: StripeJournal, pendingBytesMax?: number): Promise<RaidDevice> {
   const members: RaidMemberSpec[] = mems.map((d, i) => (d === null ? { name: `m${i}`, dev: null, missingReason: 'lost by the test' } : { name: `m${i}`, dev: d }));
-  return new RaidDevice({ geometry: g, volumeUuid: UUID, generation: 1, members, ...(journal ? { journal } : {}) });
+  return new RaidDevice({ geometry: g, volumeUuid: UUID, generation: 1, members, ...(journal ? { journal } : {}), ...(pendingBytesMax !== undefined ? { pendingBytesMax } : {}) });
 }
 
 /** Stripes whose parity on the members does not match their data. */
@@ -76,7 +76,7 @@ interface Scenario {
 }
 
 /** Live blocks (the committed image) in every stripe, then a recorded "CP" that writes free blocks of those stripes partially. */
-async function scenario(level: RaidLevel, n: number, useJournal: boolean): Promise<Scenario> {
+async function scenario(level: RaidLevel, n: number, useJournal: boolean, bufferStripes?: number): Promise<Scenario> {
   const g = new RaidGeometry(level, n, UNIT_BYTES, MEMBER_BLOCKS, HEAD);
   const W = g.stripeDataBlocks;
   const mems = Array.from({ length: n }, () => new MemoryBlockDevice(MEMBER_BLOCKS));
@@ -102,7 +102,7 @@ async function scenario(level: RaidLevel, n: number, useJournal: boolean): Promi
   const recorder = new IoRecorder();
   const rec = base.map((d, i) => new RecordingBlockDevice(copyDev(d), recorder, `m${i}`));
   const rj = new RecordingBlockDevice(copyDev(baseJournal), recorder, 'journal');
-  const raid = await open(g, rec, useJournal ? await StripeJournal.open(rj, jg(g)) : undefined);
+  const raid = await open(g, rec, useJournal ? await StripeJournal.open(rj, jg(g)) : undefined, bufferStripes === undefined ? undefined : bufferStripes * W * B);
   // The CP: single free blocks and short runs in stripes 1..6 (never a whole stripe).
   const rnd = new SeededRandom(SEED + level);
   for (let s = 1; s <= 6; s++) {
@@ -112,6 +112,7 @@ async function scenario(level: RaidLevel, n: number, useJournal: boolean): Promi
   }
   await raid.sync();
   assert.ok(raid.health().stripeWrites.readModifyWrite >= 6, 'the CP wrote its stripes by read-modify-write');
+  if (useJournal) assert.ok((raid.health().journal?.batches ?? 0) >= (bufferStripes === undefined ? 1 : 2), `journal batches: ${JSON.stringify(raid.health().journal)}`);
   return { g, base, baseJournal, live, recorder };
 }
 
@@ -167,10 +168,11 @@ async function readsLive(g: RaidGeometry, mems: (MemoryBlockDevice | null)[], li
 
 describe('raid stripe journal', function () {
   this.timeout(120_000);
-  const cases: [RaidLevel, number][] = [[5, 4], [6, 5]];
-  for (const [level, n] of cases) {
-    it(`RAID-${level} x${n}: a power loss at any point of partial-stripe writes leaves parity consistent and live blocks readable with members lost, after replay (seed ${SEED})`, async () => {
-      const sc = await scenario(level, n, true);
+  const cases: [RaidLevel, number, number | undefined][] = [[5, 4, undefined], [6, 5, undefined], [5, 4, 2]];
+  for (const [level, n, bufferStripes] of cases) {
+    const buffer = bufferStripes === undefined ? '' : `, a write-back buffer of ${bufferStripes} stripes (batches flushed as it fills)`;
+    it(`RAID-${level} x${n}${buffer}: a power loss at any point of partial-stripe writes leaves parity consistent and live blocks readable with members lost, after replay (seed ${SEED})`, async () => {
+      const sc = await scenario(level, n, true, bufferStripes);
       const r = await everyState(sc, true, async (mems, _replayed, what) => {
         assert.deepEqual(staleStripes(sc.g, mems), [], `${what}: stripes with stale parity`);
         await readsLive(sc.g, mems, sc.live, what);
