@@ -182,6 +182,9 @@ describe('mirror into a RAID-5 destination (two hosts)', function () {
     sh('fio', ['--name=r', '--ioengine=nbd', `--uri=${srcUri}`, '--rw=randwrite', '--bs=4k', '--size=48M', '--io_size=8M', '--iodepth=16',
       '--verify=crc32c', '--verify_fatal=1', '--randrepeat=1', `--directory=${tmp}`], 120_000);
     await identical(s.dir, srcUri, mirUri, 'after fio');
+    // While the receiver runs: online verify (the destination reads through its RaidDevice) and check of the committed image.
+    assert.match(sh(BIN, ['verify', s.dir], 120_000), /^identical at CP \d+ \(roots equal, superblocks equal\)$/m);
+    assert.match(sh(BIN, ['check', dstDir], 120_000), /RAID-5, 4 members: online[\s\S]*: ok$/m);
     const m = sourceStatus(s.dir)!;
     assert.ok(m.cpsAcknowledged >= 3, `only ${m.cpsAcknowledged} CPs acknowledged`);
     const epochs = journalState(path.join(dstDir, 'raid-journal.bin')).epoch;
