@@ -37,7 +37,7 @@ import type { BlockDevice } from '../io/types';
 import { RaidGeometry, type RaidLevel } from '../raid/geometry';
 import { openRaidMembers } from '../raid/members';
 import { RaidDevice } from '../raid/raid-device';
-import { JOURNAL_BYTES_DEFAULT } from '../raid/stripe-journal';
+import { JOURNAL_BYTES_DEFAULT, JOURNAL_HEADER_SLOTS, journalBlocksFor } from '../raid/stripe-journal';
 import * as native from '../io/native';
 import { BlockTree } from '../tree/tree';
 import { BLOCK, RING_SLOTS, decodeSuperblock, encodePtr, type Superblock } from '../tree/layout';
@@ -122,7 +122,10 @@ export async function openMirrorDevice(dir: string, label: MirrorLabel, readOnly
   let journalDev: FileBlockDevice | undefined;
   if (!readOnly) {
     const jp = path.join(dir, RAID_JOURNAL_NAME);
-    journalDev = fs.existsSync(jp) ? await FileBlockDevice.open(jp, {}) : await FileBlockDevice.create(jp, JOURNAL_BYTES_DEFAULT / BLOCK);
+    // At least four whole stripes' cells (a wide RAID-6 with large units needs more than the default).
+    const g = new RaidGeometry(r.level, r.members.length, r.stripeUnitBytes, r.members[0]!.blockCount, RING_SLOTS);
+    const blocks = Math.max(JOURNAL_BYTES_DEFAULT / BLOCK, JOURNAL_HEADER_SLOTS + 4 * journalBlocksFor((g.dataMembers + g.parityMembers) * g.unitBlocks));
+    journalDev = fs.existsSync(jp) ? await FileBlockDevice.open(jp, {}) : await FileBlockDevice.create(jp, blocks);
   }
   let dev: RaidDevice;
   try {
