@@ -28,6 +28,7 @@ import * as tls from 'tls';
 import * as path from 'path';
 import type { Logger } from 'pino';
 import { openMemberDevice, readLabel } from '../volume/dir';
+import { RaidDevice, type RaidHealth } from '../raid/raid-device';
 import { readRole } from './role';
 import { assert } from '../util/assert';
 import { crc32c } from '../io/native';
@@ -96,6 +97,8 @@ export interface ReceiverStats {
     lastCommitMs: number;
     /** Why the last stream from this source was refused or could not be applied (cleared by the next commit). */
     lastError: string | undefined;
+    /** A RAID destination's health (members, stripes written whole / through the journal). */
+    raid?: RaidHealth;
   }>;
 }
 
@@ -713,6 +716,7 @@ export class MirrorReceiver {
         baselinePartial: m.baselinePartial,
         lastCommitMs: m.lastCommitMs,
         lastError: m.lastError,
+        ...(m.dev instanceof RaidDevice ? { raid: m.dev.health() } : {}),
       });
     }
     return { connections: this.sessions.size, mirrors };

@@ -185,6 +185,9 @@ describe('mirror into a RAID-5 destination (two hosts)', function () {
     // While the receiver runs: online verify (the destination reads through its RaidDevice) and check of the committed image.
     assert.match(sh(BIN, ['verify', s.dir], 120_000), /^identical at CP \d+ \(roots equal, superblocks equal\)$/m);
     assert.match(sh(BIN, ['check', dstDir], 120_000), /RAID-5, 4 members: online[\s\S]*: ok$/m);
+    const rxStatus = sh(BIN, ['status', dst]);
+    assert.match(rxStatus, /^raid +RAID-5, 4 members, stripe unit 16\.0 KiB: ONLINE$/m, rxStatus);
+    assert.match(rxStatus, /stripes written since open: \d+ whole, [1-9]\d* by read-modify-write \([1-9]\d* through the stripe journal in [1-9]\d* batches\)/, rxStatus);
     const m = sourceStatus(s.dir)!;
     assert.ok(m.cpsAcknowledged >= 3, `only ${m.cpsAcknowledged} CPs acknowledged`);
     const epochs = journalState(path.join(dstDir, 'raid-journal.bin')).epoch;
