@@ -212,9 +212,11 @@ export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, m
     if (!newest) throw new Error(`no member of the volume has a label that verifies (${specs.map((s) => `${s.name}: ${s.missingReason ?? s.faultReason ?? '?'}`).join('; ')})`);
     assert(newest.volumeUuid === volumeUuid || newest.volumeUuid === extra.formerUuid, 'newest label volume');
     const relabel = labels.some((l) => l !== undefined && l.volumeUuid !== volumeUuid);
-    const journal = extra.journalDev && !readOnly
+    // Only parity levels have partial stripes to journal (RAID-0/1 write through); the caller's device is closed otherwise.
+    const journal = extra.journalDev && !readOnly && g.parityMembers > 0
       ? await StripeJournal.open(extra.journalDev, { level: g.level, members: g.members, unitBlocks: g.unitBlocks, stripes: g.stripes, columns: g.dataMembers + g.parityMembers })
       : undefined;
+    if (extra.journalDev && !journal) await extra.journalDev.close();
     return new RaidDevice({
       geometry: g, volumeUuid, generation: newest.generation, members: specs, readOnly, headPick: superblockPick, relabel,
       probe: fileProbe(replacing ? files.map((f, i) => (i === replacing.index ? replacing.file : f)) : files, stats, memberBlocks),
