@@ -419,6 +419,10 @@ export class MirrorDir {
           if (logical < hello.deviceBlocks) {
             throw new MirrorDirError(`${dir}: its RAID-${vol.raid.level} device holds ${logical} blocks of tree space; the source's block space needs ${hello.deviceBlocks} (create it with a larger --size)`);
           }
+          // Its members as they are (a foreign or swapped one is refused by name) before anything in DIR changes.
+          const probe = await openRaidMembers(vol.members.map((m) => ({ name: m.path, path: resolveIn(dir, m.path) })), vol.raid, member.blockCount, hello.sourceUuid, true, undefined, { formerUuid: vol.uuid })
+            .catch((e: unknown) => { throw new MirrorDirError(`${dir}: ${e instanceof Error ? e.message : String(e)}`); });
+          await probe.close();
         } else if (member.blockCount < hello.deviceBlocks) throw new MirrorDirError(`${dir}: its member has ${member.blockCount} blocks; the source's block space needs ${hello.deviceBlocks}`);
         label = {
           format: 'nvmirror-mirror', version: 1, sourceUuid: hello.sourceUuid, sizeBytes: hello.sizeBytes, deviceBlocks: hello.deviceBlocks, createdMs: Date.now(),

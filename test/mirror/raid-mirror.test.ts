@@ -5,8 +5,8 @@
  * regard to the destination's stripes, so every CP writes partial stripes there; they go
  * through the destination's stripe journal (docs/raid.md "Mirrors with another geometry").
  *
- * - A destination whose RAID tree space is smaller than the source's block space is
- *   refused with one line, and nothing in it changes.
+ * - A destination whose RAID tree space is smaller than the source's block space, or whose
+ *   members are swapped, is refused with one line, and nothing in it changes.
  * - qemu-io and fio writes with CPs: every CP acknowledged with equal roots, both exports
  *   byte-identical, the journal used; the destination checks and scrubs clean (parity
  *   consistent). Then failover (the RAID-5 mirror promoted, written), the old primary
@@ -148,7 +148,7 @@ describe('mirror into a RAID-5 destination (two hosts)', function () {
     return dir;
   }
 
-  it('single-member source -> RAID-5 x4 destination (sync): a too small one refused; equal roots, identical exports, check and scrub clean; failover to the RAID-5 mirror and failback to the single member', async () => {
+  it('single-member source -> RAID-5 x4 destination (sync): a too small one and one with swapped members refused; equal roots, identical exports, check and scrub clean; failover to the RAID-5 mirror and failback to the single member', async () => {
     const s = createSource('src', '4M');
     const dst = path.join(tmp, 'dst');
     const expSock = path.join(tmp, 'exp.sock');
@@ -172,7 +172,24 @@ describe('mirror into a RAID-5 destination (two hosts)', function () {
     fs.rmSync(small, { recursive: true });
 
     const dstDir = createRaidDest(dst, s.uuid, '4M');
+    // Two of its members swapped: refused by name, nothing in it changed.
+    const mem = (i: number): string => path.join(tmp, `r-${s.uuid.slice(0, 8)}-m${i}.img`);
+    const swap = (): void => {
+      fs.renameSync(mem(0), `${mem(0)}.x`);
+      fs.renameSync(mem(1), mem(0));
+      fs.renameSync(`${mem(0)}.x`, mem(1));
+    };
+    swap();
     rx = await receive('b', dst, PORT, expSock, 'rx');
+    src = await serve('a', s.dir, srcSock, 'src', { host: 'b', port: PORT });
+    const swapped = await until('refusal of swapped members', () => {
+      const m = sourceStatus(s.dir);
+      return m?.lastError && /members swapped/.test(m.lastError) ? m.lastError : undefined;
+    });
+    assert.match(swapped, /member 0 \S+ holds member 1 of this volume \(members swapped\?\): refusing to open/);
+    assert.ok(fs.existsSync(path.join(dstDir, 'nvmirror.json')) && !fs.existsSync(path.join(dstDir, 'mirror.json')), 'the refused destination was changed');
+    await stop(src);
+    swap();
     src = await serve('a', s.dir, srcSock, 'src', { host: 'b', port: PORT });
     await until('in sync', () => sourceStatus(s.dir)?.state === 'in-sync', 60_000);
     // Scattered small writes (single blocks in many stripes), then fio 4k random writes.
