@@ -13,9 +13,11 @@
  *   demoted and resynced from the RAID-5 primary; identical.
  * - A RAID-5 old primary demoted (a RAID volume becoming a mirror) and resynced from the
  *   single-member volume promoted from its mirror; identical, check and scrub clean.
- * - kill -9 of the RAID-5 destination three times under fio load (often mid-CP): each
- *   time check and scrub (which replay the journal first) are clean, the receiver
- *   restarts and the mirror resumes; identical at the end.
+ * - kill -9 of the RAID-5 destination three times under fio load, aimed at a journal batch
+ *   written and not yet released: whoever opens the mirror next (check and scrub after the
+ *   first and third kill, the restarted receiver after the second) replays exactly when a
+ *   batch was left live; check and scrub clean each time; the mirror resumes; identical
+ *   and scrub clean at the end.
  */
 import { strict as assert } from 'assert';
 import * as cp from 'child_process';
@@ -271,7 +273,7 @@ describe('mirror into a RAID-5 destination (two hosts)', function () {
     checkAndScrub(path.join(back, uuid), 'the demoted RAID-5 volume as a mirror');
   });
 
-  it('kill -9 of the RAID-5 destination mid-CP under load, three times: check and scrub clean each time, the mirror resumes; identical at the end', async () => {
+  it('kill -9 of the RAID-5 destination mid-CP under load, three times: the next opener replays a live journal batch, check and scrub clean, the mirror resumes; identical at the end', async () => {
     const seed = seedFromEnv();
     const rnd = prng(seed);
     process.stdout.write(`      seed ${seed} (NVMIRROR_SEED=${seed} reruns it)\n`);
@@ -288,7 +290,7 @@ describe('mirror into a RAID-5 destination (two hosts)', function () {
     let inWindow = 0;
     const journal = path.join(dstDir, 'raid-journal.bin');
     for (let k = 0; k < 3; k++) {
-      const fio = cp.spawn('fio', ['--name=k', '--ioengine=nbd', `--uri=${srcUri}`, '--rw=randwrite', '--bs=4k', '--size=48M', '--iodepth=16', '--io_size=64M', `--directory=${tmp}`], { stdio: 'ignore' });
+      const fio = cp.spawn('fio', ['--name=k', '--ioengine=nbd', `--uri=${srcUri}`, '--rw=randwrite', '--bs=4k', '--size=48M', '--iodepth=16', '--io_size=64M', '--thread', `--directory=${tmp}`], { stdio: 'ignore' });
       const fioDone = new Promise((r) => fio.once('exit', r));
       const cp0 = sourceStatus(s.dir)?.destCp ?? 0;
       // Kill only once CPs of this load are landing on the destination.
@@ -306,15 +308,32 @@ describe('mirror into a RAID-5 destination (two hosts)', function () {
         await new Promise((r) => setTimeout(r, Math.floor(rnd() * 15)));
         hit = journalState(journal).live;
       }
-      if (journalState(journal).live) inWindow++;
       await stop(rx, 'SIGKILL');
       fio.kill('SIGKILL');
       await fioDone;
-      if (checkAndScrub(dstDir, `after kill ${k}`).replayed) replays++;
+      // The receiver is dead: a batch live in the journal now must be replayed by the next opener.
+      const live = journalState(journal).live;
+      if (live) inWindow++;
+      const rxLogBefore = fs.readFileSync(path.join(tmp, 'rx.log'), 'utf8').length;
+      if (k !== 1) {
+        // check and scrub open it first (no receiver holds it): they replay, then judge.
+        const r = checkAndScrub(dstDir, `after kill ${k}`);
+        assert.equal(r.replayed, live, `after kill ${k}: a live journal batch ${live ? 'was not' : 'was'} replayed by check/scrub`);
+        if (r.replayed) replays++;
+      }
       rx = await receive('b', dst, PORT, expSock, 'rx');
       await until(`resumed after kill ${k}`, () => sourceStatus(s.dir)?.state === 'in-sync', 60_000);
+      if (k === 1) {
+        // The restarted receiver opens it first: it replays before it reads or writes anything.
+        const replayedByRx = /replayed the stripe journal/.test(fs.readFileSync(path.join(tmp, 'rx.log'), 'utf8').slice(rxLogBefore));
+        assert.equal(replayedByRx, live, `after kill ${k}: a live journal batch ${live ? 'was not' : 'was'} replayed by the receiver`);
+        if (replayedByRx) replays++;
+        assert.match(sh(BIN, ['check', dstDir], 120_000), /: ok$/m);
+      }
     }
     await identical(s.dir, srcUri, `nbd+unix:///${s.uuid}?socket=${expSock}`, 'after three kills');
-    process.stdout.write(`      3 kill -9s of the RAID-5 destination (${inWindow} with a journal batch live): check and scrub clean each time (${replays} replayed a batch first)\n`);
+    await stop(rx);
+    checkAndScrub(dstDir, 'at the end');
+    process.stdout.write(`      3 kill -9s of the RAID-5 destination (${inWindow} with a journal batch live): check and scrub clean each time; ${replays} batches replayed (by check/scrub after kills 0 and 2, by the restarted receiver after kill 1)\n`);
   });
 });
