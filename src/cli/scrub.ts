@@ -8,6 +8,9 @@
  * the reads; a scrub killed in its parity pass goes on from its checkpoint when run again.
  */
 import { Command } from 'commander';
+import * as fs from 'fs';
+import * as path from 'path';
+import { MIRROR_LABEL_NAME, scrubMirrorDir } from '../mirror/mirror-dir';
 import { scrubVolumeDir } from '../volume/scrub-dir';
 import { formatScrubReport, type ScrubProgress } from '../raid/scrub';
 import { ProgressLine } from '../util/progress';
@@ -17,7 +20,7 @@ export function registerScrub(program: Command): void {
   program
     .command('scrub')
     .description('verify every checksum and every in-use stripe\'s parity of a RAID volume (also while served); --repair rewrites what redundancy can rebuild')
-    .argument('<DIR>', 'the volume directory')
+    .argument('<DIR>', 'the volume directory, or a RAID mirror DIR/<source-uuid> (while no receiver holds it)')
     .option('--repair', 'rewrite bad blocks from parity or a mirror copy once a rebuilt version verifies, and stale parity from the data')
     .option('--rate <SIZE>', 'read at most SIZE per second on average (e.g. 50M)')
     .option('--json', 'print the report as JSON')
@@ -36,7 +39,11 @@ export function registerScrub(program: Command): void {
         : undefined;
       let r;
       try {
-        r = await scrubVolumeDir(dir, { repair: o.repair === true, ...(onProgress ? { onProgress } : {}), ...(rateBytesPerSec !== undefined ? { rateBytesPerSec } : {}) });
+        const scrubOpts = { repair: o.repair === true, ...(onProgress ? { onProgress } : {}) };
+        if (fs.existsSync(path.join(dir, MIRROR_LABEL_NAME))) {
+          if (rateBytesPerSec !== undefined) throw new Error('--rate is for volumes; a mirror\'s scrub runs unpaced');
+          r = await scrubMirrorDir(dir, scrubOpts);
+        } else r = await scrubVolumeDir(dir, { ...scrubOpts, ...(rateBytesPerSec !== undefined ? { rateBytesPerSec } : {}) });
       } finally {
         line?.finish();
       }

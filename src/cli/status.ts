@@ -62,8 +62,10 @@ export function formatRaid(r: RaidHealth & { scrub?: ScrubState }): string[] {
     lines.push(`scan       scrub${l.repair ? ' repaired' : ' found'} ${l.repair ? l.corrected : l.checksumErrors + l.parityErrors} error(s) in ${(l.durationMs / 1000).toFixed(1)} s with ${l.uncorrectable} uncorrectable, ${new Date(l.startedMs + l.durationMs).toISOString()}`);
   }
   if (r.stripeWrites.full + r.stripeWrites.readModifyWrite > 0) {
-    lines.push(`           stripes written since open: ${r.stripeWrites.full} whole, ${r.stripeWrites.readModifyWrite} by read-modify-write`);
+    lines.push(`           stripes written since open: ${r.stripeWrites.full} whole, ${r.stripeWrites.readModifyWrite} by read-modify-write` +
+      (r.journal ? ` (${r.journal.stripes} through the stripe journal in ${r.journal.batches} batches)` : ''));
   }
+  if (r.journal && r.journal.replayedStripes > 0) lines.push(`           ${r.journal.replayedStripes} stripes of an interrupted write replayed from the stripe journal at open`);
   const width = Math.max(6, ...r.memberStatus.map((m) => m.name.length));
   lines.push(`           ${'member'.padEnd(width + 4)} ${'STATE'.padEnd(8)} ${'READ'.padStart(5)} ${'WRITE'.padStart(5)} ${'CKSUM'.padStart(5)} ${'HEALED'.padStart(6)}`);
   for (const m of r.memberStatus) {
@@ -159,6 +161,7 @@ export function formatReceiver(dir: string, r: ReceiverStats & { directories?: R
       `           ${m.cpsApplied} CPs applied, ${m.blocksApplied} blocks as data, ${m.refsApplied} from the log, ${m.deltasApplied} rebuilt from deltas; log ${formatSize(m.logUsedBytes)} (${m.recordsStored} records stored, ${m.recordsDropped} dropped)`,
     );
     if (m.lastError) lines.push(`           last error: ${m.lastError}`);
+    if (m.raid) lines.push(...formatRaid(m.raid));
   }
   for (const e of r.directories ?? []) lines.push(`${e.role.padEnd(10)} ${e.uuid}: ${e.detail}`);
   return lines.join('\n');

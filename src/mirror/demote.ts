@@ -21,6 +21,9 @@
  *   target mirror directory exists: demote never overwrites anything.
  * - The member is changed (by the receiver's roll-back) only after the copy in step 2
  *   is complete and synced.
+ * - A RAID volume is demoted the same way: every member is copied in step 2, and the
+ *   mirror label names the members and geometry (its partial stripes then go through the
+ *   mirror's stripe journal, mirror-dir.ts).
  */
 import * as cp from 'child_process';
 import * as fs from 'fs';
@@ -80,7 +83,6 @@ export async function demoteVolume(dirArg: string, intoArg: string, opts: { logg
   const log = opts.logger;
   if (readRole(dir)) throw new Error(`${dir} is a volume promoted from a mirror: demoting it back is not supported (demote the old primary instead)`);
   const label: VolumeLabel = await readLabel(dir);
-  if (label.raid || label.members.length !== 1) throw new Error(`${dir} is a RAID volume (${label.members.length} members): demote handles single-member volumes (a mirror into RAID is not supported yet)`);
   if (await volumeDirInUse(dir)) throw new Error(`volume ${dir} is being served: stop it before demoting it`);
   const mirrorDir = path.join(into, label.uuid);
   if (fs.existsSync(mirrorDir)) throw new Error(`${mirrorDir} already exists: remove it (or choose another receive directory) first`);
@@ -118,11 +120,13 @@ export async function demoteVolume(dirArg: string, intoArg: string, opts: { logg
   // 2. Keep this side's whole state.
   const keptIn = path.join(dir, `pre-failback-cp${cpNumber}`);
   await fs.promises.mkdir(keptIn);
-  const memberAbs = resolveIn(dir, label.members[0]!.path);
-  copyFileSparse(memberAbs, path.join(keptIn, 'member-0.img'));
+  // Every member (a RAID volume's are copied with their RAID labels: the copy is that volume, servable read-only).
+  const membersAbs = label.members.map((m) => resolveIn(dir, m.path));
+  const memberAbs = membersAbs[0]!;
+  membersAbs.forEach((m, i) => copyFileSparse(m, path.join(keptIn, `member-${i}.img`)));
   copyFileSparse(resolveIn(dir, label.nvram.path), path.join(keptIn, 'nvram.log'));
   if (fs.existsSync(path.join(dir, CLEAN_STOP_NAME))) copyFileSparse(path.join(dir, CLEAN_STOP_NAME), path.join(keptIn, CLEAN_STOP_NAME));
-  const keptLabel: VolumeLabel = { ...label, members: [{ path: 'member-0.img', blockCount: label.members[0]!.blockCount }], nvram: { path: 'nvram.log', sizeBytes: label.nvram.sizeBytes } };
+  const keptLabel: VolumeLabel = { ...label, members: label.members.map((m, i) => ({ path: `member-${i}.img`, blockCount: m.blockCount })), nvram: { path: 'nvram.log', sizeBytes: label.nvram.sizeBytes } };
   await writeFileDurably(keptIn, LABEL_NAME, `${JSON.stringify(keptLabel, null, 2)}\n`);
   await syncDirectory(dir);
 
@@ -135,7 +139,9 @@ export async function demoteVolume(dirArg: string, intoArg: string, opts: { logg
     sizeBytes: label.sizeBytes,
     deviceBlocks: totalBlocks,
     createdMs: Date.now(),
-    memberPath: memberAbs,
+    ...(label.raid
+      ? { raid: { level: label.raid.level, stripeUnitBytes: label.raid.stripeUnitBytes, members: label.members.map((m, i) => ({ path: membersAbs[i]!, blockCount: m.blockCount })) } }
+      : { memberPath: memberAbs }),
     demoted: { fromDir: dir, cp: cpNumber, destCp, keptIn, demotedMs: Date.now(), ...(rel?.destSuperblock && destCp >= 0 ? { destSuperblock: rel.destSuperblock } : {}) },
   };
   await writeFileDurably(mirrorDir, MIRROR_LABEL_NAME, `${JSON.stringify(ml, null, 2)}\n`);

@@ -3,6 +3,11 @@
  *
  *   mirror.json        the relationship label: source uuid, volume size, device blocks
  *   member-0.img       the mirror's member: the source's physical block space, block for block
+ *                      (or, for a RAID destination, the members mirror.json lists: a RaidDevice
+ *                      whose logical blocks are that space; docs/raid.md "Mirrors with another geometry")
+ *   raid-journal.bin   a RAID destination's stripe journal (src/raid/stripe-journal.ts):
+ *                      the source's allocator places blocks without regard to this side's
+ *                      stripes, so CPs write partial stripes; they go through the journal
  *   source.log         the source's forwarded records (dest-log.ts)
  *   baseline.partial   present while a full baseline overwrites an older image (the image
  *                      is then inconsistent: not exported, and `check` says so)
@@ -16,6 +21,9 @@
  *   refused before a block is written.
  * - Only blocks outside the superblock ring and inside the device are written by CP
  *   frames; the ring slot is written only by a verified superblock of this source.
+ * - A RAID destination's partial stripes are written through its stripe journal and the
+ *   journal is replayed at every read-write open before anything reads: a crash at any
+ *   point of a CP leaves the committed image intact and parity consistent.
  * - A CP (other than a full baseline) never writes a block the committed CP uses: the
  *   source allocates only from blocks free in its base, so such a write is a confused or
  *   hostile peer, refused before it lands (the committed CP's space map is kept in memory:
@@ -25,6 +33,11 @@ import * as fs from 'fs';
 import * as path from 'path';
 import type { Logger } from 'pino';
 import { FileBlockDevice, syncDirectory, writeFileDurably } from '../io/file-device';
+import type { BlockDevice } from '../io/types';
+import { RaidGeometry, type RaidLevel } from '../raid/geometry';
+import { openRaidMembers } from '../raid/members';
+import { RaidDevice } from '../raid/raid-device';
+import { JOURNAL_BYTES_DEFAULT, JOURNAL_HEADER_SLOTS, journalBlocksFor } from '../raid/stripe-journal';
 import * as native from '../io/native';
 import { BlockTree } from '../tree/tree';
 import { BLOCK, RING_SLOTS, decodeSuperblock, encodePtr, type Superblock } from '../tree/layout';
@@ -32,11 +45,13 @@ import { assert } from '../util/assert';
 import { DestLog, DEST_LOG_NAME, destLogBytesFor } from './dest-log';
 import { LABEL_NAME, readLabel, resolveIn } from '../volume/dir';
 import { bitmapBytes, readActiveMap, readSummaryMap } from '../tree/spacemap-read';
+import { scrubRaid, type ScrubProgress, type ScrubReport } from '../raid/scrub';
 
 export const MIRROR_LABEL_NAME = 'mirror.json';
 export const MIRROR_LOCK_NAME = 'mirror.lock';
 export const BASELINE_MARKER_NAME = 'baseline.partial';
 export const MEMBER_NAME = 'member-0.img';
+export const RAID_JOURNAL_NAME = 'raid-journal.bin';
 /** Device writes of a CP in flight at once. */
 export const APPLY_WRITES_MAX = 16;
 /** A baseline's progress is made durable (member synced, marker rewritten) every this many blocks, so it resumes there. */
@@ -51,6 +66,13 @@ export interface MirrorLabel {
   createdMs: number;
   /** The member, when it is not DIR/member-0.img (a directory pre-created with `nvmirror create`); relative paths are relative to DIR. */
   memberPath?: string;
+  /**
+   * A RAID destination (pre-created with `nvmirror create --raid`, or a demoted RAID
+   * volume): its geometry and members (paths relative to DIR or absolute); memberPath is
+   * then unused. formerUuid: the uuid the members were labelled with before this mirror
+   * took them over (they are relabelled with sourceUuid at the first open).
+   */
+  raid?: { level: RaidLevel; stripeUnitBytes: number; members: Array<{ path: string; blockCount: number }>; formerUuid?: string };
   /**
    * Set by `nvmirror demote` on an old primary's member: until the volume promoted from
    * it connects and names the CP both hold, this mirror rolls back to that CP and
@@ -87,8 +109,51 @@ export class MirrorDirError extends Error {
   override name = 'MirrorDirError';
 }
 
+/**
+ * Opens a mirror's device: its member file, or a RaidDevice over its members. Read-write,
+ * a RAID device's stripe journal (DIR/raid-journal.bin, created if absent) is replayed
+ * and the members relabelled if they were taken over, before this returns. The caller
+ * holds the mirror's lock for a read-write open.
+ */
+export async function openMirrorDevice(dir: string, label: MirrorLabel, readOnly: boolean): Promise<BlockDevice> {
+  const r = label.raid;
+  if (!r) return FileBlockDevice.open(memberOf(dir, label), readOnly ? { readOnly: true } : {});
+  const files = r.members.map((m) => ({ name: m.path, path: resolveIn(dir, m.path) }));
+  let journalDev: FileBlockDevice | undefined;
+  if (!readOnly) {
+    const jp = path.join(dir, RAID_JOURNAL_NAME);
+    // At least four whole stripes' cells (a wide RAID-6 with large units needs more than the default).
+    const g = new RaidGeometry(r.level, r.members.length, r.stripeUnitBytes, r.members[0]!.blockCount, RING_SLOTS);
+    const blocks = Math.max(JOURNAL_BYTES_DEFAULT / BLOCK, JOURNAL_HEADER_SLOTS + 4 * journalBlocksFor((g.dataMembers + g.parityMembers) * g.unitBlocks));
+    journalDev = fs.existsSync(jp) ? await FileBlockDevice.open(jp, {}) : await FileBlockDevice.create(jp, blocks);
+  }
+  let dev: RaidDevice;
+  try {
+    dev = await openRaidMembers(files, { level: r.level, stripeUnitBytes: r.stripeUnitBytes }, r.members[0]!.blockCount, label.sourceUuid, readOnly, undefined,
+      { ...(r.formerUuid !== undefined ? { formerUuid: r.formerUuid } : {}), ...(journalDev ? { journalDev } : {}) });
+  } catch (e) {
+    await journalDev?.close();
+    throw e;
+  }
+  if (!readOnly) {
+    try {
+      await dev.replayJournal();
+      await dev.sync(); // labels: a taken-over member set gets this mirror's uuid, a faulted member is marked
+    } catch (e) {
+      await dev.close();
+      throw e;
+    }
+  }
+  return dev;
+}
+
+/** A RAID geometry's tree space for a volume label's members. */
+function raidLogicalBlocks(level: RaidLevel, members: number, stripeUnitBytes: number, memberBlocks: number): number {
+  return new RaidGeometry(level, members, stripeUnitBytes, memberBlocks, RING_SLOTS).logicalBlocks;
+}
+
 /** The superblocks of source `uuid` in a member's ring, each in its own slot, by slot. */
-export async function ringSuperblocks(dev: FileBlockDevice, uuid: string): Promise<Array<{ slot: number; sb: Superblock; raw: Buffer }>> {
+export async function ringSuperblocks(dev: BlockDevice, uuid: string): Promise<Array<{ slot: number; sb: Superblock; raw: Buffer }>> {
   const ring = Buffer.alloc(RING_SLOTS * BLOCK);
   await dev.readBlocks(0, RING_SLOTS, ring);
   const out: Array<{ slot: number; sb: Superblock; raw: Buffer }> = [];
@@ -101,7 +166,7 @@ export async function ringSuperblocks(dev: FileBlockDevice, uuid: string): Promi
 }
 
 /** The newest superblock in a member's ring that decodes (the committed image), or undefined. */
-export async function newestSuperblock(dev: FileBlockDevice, uuid: string): Promise<{ sb: Superblock; raw: Buffer } | undefined> {
+export async function newestSuperblock(dev: BlockDevice, uuid: string): Promise<{ sb: Superblock; raw: Buffer } | undefined> {
   let best: { sb: Superblock; raw: Buffer } | undefined;
   for (const e of await ringSuperblocks(dev, uuid)) if (!best || e.sb.cpNumber > best.sb.cpNumber) best = { sb: e.sb, raw: Buffer.from(e.raw) };
   return best;
@@ -124,8 +189,14 @@ export async function checkMirrorDir(dir: string): Promise<{ ok: boolean; proble
   const notes: string[] = [];
   const label = JSON.parse(await fs.promises.readFile(path.join(dir, MIRROR_LABEL_NAME), 'utf8')) as MirrorLabel;
   const partial = fs.existsSync(path.join(dir, BASELINE_MARKER_NAME)) ? readBaselineMarker(path.join(dir, BASELINE_MARKER_NAME)) ?? { cp: -1, blocks: 0 } : undefined;
-  const dev = await FileBlockDevice.open(memberOf(dir, label), { readOnly: true });
+  await replayIfIdle(dir, label);
+  const dev = await openMirrorDevice(dir, label, true);
   try {
+    if (dev instanceof RaidDevice) {
+      const h = dev.health();
+      notes.push(`RAID-${h.level}, ${h.members} members: ${h.state}${h.state !== 'online' ? ` (${h.memberStatus.filter((m) => m.state !== 'online').map((m) => `member ${m.index} ${m.name}: ${m.reason ?? m.state}`).join('; ')})` : ''}`);
+      if (h.state === 'failed') problems.push(h.failure ?? 'RAID failed');
+    }
     const newest = await newestSuperblock(dev, label.sourceUuid);
     if (!newest) {
       notes.push(`mirror of ${label.sourceUuid}: no CP committed yet` + (partial ? `; a baseline toward CP ${partial.cp} has ${partial.blocks} blocks durable` : ''));
@@ -153,12 +224,65 @@ export async function checkMirrorDir(dir: string): Promise<{ ok: boolean; proble
 }
 
 /**
+ * A RAID mirror's stripe journal is replayed by whoever opens it read-write: when no
+ * receiver holds the mirror (its lock is free), check and scrub do it first, so they
+ * never judge stripes a crash left half-written.
+ */
+async function replayIfIdle(dir: string, label: MirrorLabel): Promise<void> {
+  if (!label.raid || !fs.existsSync(path.join(dir, RAID_JOURNAL_NAME))) return;
+  const fd = fs.openSync(path.join(dir, MIRROR_LOCK_NAME), 'a');
+  try {
+    if (!native.flockExclusive(fd)) return; // a receiver holds it: it replayed the journal when it opened the mirror
+    const dev = await openMirrorDevice(dir, label, false);
+    await dev.close();
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/**
+ * `scrub` of a RAID mirror (no receiver may hold it: stripes it is writing would read as
+ * parity errors): the journal replayed, then every checksum of the committed image and
+ * every in-use stripe's parity verified (src/raid/scrub.ts); with `repair`, rewritten.
+ */
+export async function scrubMirrorDir(dirArg: string, opts: { repair: boolean; onProgress?: (p: ScrubProgress) => void }): Promise<ScrubReport & { dir: string; served: boolean }> {
+  const dir = path.resolve(dirArg);
+  const label = JSON.parse(await fs.promises.readFile(path.join(dir, MIRROR_LABEL_NAME), 'utf8')) as MirrorLabel;
+  if (!label.raid) throw new Error(`${dir} is a mirror on one member, not RAID: there is nothing to scrub (use nvmirror check)`);
+  if (fs.existsSync(path.join(dir, BASELINE_MARKER_NAME))) throw new Error(`${dir}: a full baseline is in progress, the image is inconsistent until it completes: nothing to scrub yet`);
+  const fd = fs.openSync(path.join(dir, MIRROR_LOCK_NAME), 'a');
+  try {
+    if (!native.flockExclusive(fd)) throw new Error(`mirror ${dir} is held by a running receiver: stop it to scrub the mirror (check works while it runs)`);
+    if (!opts.repair) await (await openMirrorDevice(dir, label, false)).close(); // the journal replayed first
+    const dev = await openMirrorDevice(dir, label, !opts.repair);
+    try {
+      assert(dev instanceof RaidDevice, 'a RAID mirror opens as a RaidDevice');
+      const committed = await newestSuperblock(dev, label.sourceUuid);
+      if (!committed) throw new Error(`mirror ${dir} has no committed CP yet: nothing to scrub`);
+      const tree = await BlockTree.open(dev, { discardFreed: false });
+      try {
+        if (tree.stats().cpNumber !== committed.sb.cpNumber) throw new Error(`mirror ${dir}: the ring mounts CP ${tree.stats().cpNumber}, the committed CP is ${committed.sb.cpNumber}: run nvmirror check`);
+        const r = await scrubRaid(tree, dev, opts);
+        if (opts.repair) await dev.sync();
+        return { dir, served: false, ...r };
+      } finally {
+        await tree.close();
+      }
+    } finally {
+      await dev.close();
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/**
  * Failback: a demoted old primary's member rolls back to the CP the promoted volume names
  * (same CP number, same root pointer), found in the member's superblock ring; the ring
  * slots of its own later CPs are cleared (their state was kept by demote). Refused, with
  * nothing changed, when the source offers no base or the member does not hold it.
  */
-async function rollBackForFailback(dir: string, dev: FileBlockDevice, label: MirrorLabel, hello: MirrorHello, logger: Logger): Promise<void> {
+async function rollBackForFailback(dir: string, dev: BlockDevice, label: MirrorLabel, hello: MirrorHello, logger: Logger): Promise<void> {
   const d = label.demoted!;
   const baseCp = hello.baseCp ?? -1;
   if (baseCp < 0 || !hello.baseRoot) {
@@ -260,7 +384,7 @@ export class MirrorDir {
   private constructor(
     readonly dir: string,
     readonly label: MirrorLabel,
-    readonly dev: FileBlockDevice,
+    readonly dev: BlockDevice,
     readonly log: DestLog,
     lockFd: number,
     baselinePartial: boolean,
@@ -288,14 +412,26 @@ export class MirrorDir {
         // member (on the disk the operator chose) becomes the mirror's. Its own label is set
         // aside so nothing serves that directory as the volume it was formatted as.
         const vol = await readLabel(dir);
-        if (vol.raid || vol.members.length !== 1) {
-          throw new MirrorDirError(`${dir} was created as a RAID volume (${vol.members.length} members): mirroring into a RAID destination is not supported yet; create it with one --member`);
-        }
         const member = vol.members[0]!;
         const memberPath = resolveIn(dir, member.path);
         if (vol.sizeBytes !== hello.sizeBytes) throw new MirrorDirError(`${dir} was created for ${vol.sizeBytes} bytes; the source has ${hello.sizeBytes}`);
-        if (member.blockCount < hello.deviceBlocks) throw new MirrorDirError(`${dir}: its member has ${member.blockCount} blocks; the source's block space needs ${hello.deviceBlocks}`);
-        label = { format: 'nvmirror-mirror', version: 1, sourceUuid: hello.sourceUuid, sizeBytes: hello.sizeBytes, deviceBlocks: hello.deviceBlocks, createdMs: Date.now(), memberPath: member.path };
+        if (vol.raid) {
+          // A RAID destination: its tree space (stripes of its own geometry) must cover the source's block space.
+          const logical = raidLogicalBlocks(vol.raid.level, vol.members.length, vol.raid.stripeUnitBytes, member.blockCount);
+          if (logical < hello.deviceBlocks) {
+            throw new MirrorDirError(`${dir}: its RAID-${vol.raid.level} device holds ${logical} blocks of tree space; the source's block space needs ${hello.deviceBlocks} (create it with a larger --size)`);
+          }
+          // Its members as they are (a foreign or swapped one is refused by name) before anything in DIR changes.
+          const probe = await openRaidMembers(vol.members.map((m) => ({ name: m.path, path: resolveIn(dir, m.path) })), vol.raid, member.blockCount, hello.sourceUuid, true, undefined, { formerUuid: vol.uuid })
+            .catch((e: unknown) => { throw new MirrorDirError(`${dir}: ${e instanceof Error ? e.message : String(e)}`); });
+          await probe.close();
+        } else if (member.blockCount < hello.deviceBlocks) throw new MirrorDirError(`${dir}: its member has ${member.blockCount} blocks; the source's block space needs ${hello.deviceBlocks}`);
+        label = {
+          format: 'nvmirror-mirror', version: 1, sourceUuid: hello.sourceUuid, sizeBytes: hello.sizeBytes, deviceBlocks: hello.deviceBlocks, createdMs: Date.now(),
+          ...(vol.raid
+            ? { raid: { level: vol.raid.level, stripeUnitBytes: vol.raid.stripeUnitBytes, members: vol.members.map((m) => ({ path: m.path, blockCount: m.blockCount })), formerUuid: vol.uuid } }
+            : { memberPath: member.path }),
+        };
         await fs.promises.rename(path.join(dir, LABEL_NAME), path.join(dir, `${LABEL_NAME}.before-mirror`));
         await writeMirrorLabel(dir, label);
         logger.info({ dir, source: hello.sourceUuid, member: memberPath }, 'pre-created volume directory taken as the mirror');
@@ -308,9 +444,11 @@ export class MirrorDir {
         await writeMirrorLabel(dir, label);
         logger.info({ dir, source: hello.sourceUuid }, 'new mirror created');
       }
-      const dev = await FileBlockDevice.open(memberOf(dir, label), {});
-
-      if (dev.blockCount < label.deviceBlocks) throw new MirrorDirError(`mirror member has ${dev.blockCount} blocks, needs ${label.deviceBlocks}`);
+      const dev = await openMirrorDevice(dir, label, false);
+      if (dev.blockCount < label.deviceBlocks) {
+        await dev.close();
+        throw new MirrorDirError(`mirror ${label.raid ? `RAID-${label.raid.level} device` : 'member'} has ${dev.blockCount} blocks, needs ${label.deviceBlocks}`);
+      }
       if (label.demoted) {
         try {
           await rollBackForFailback(dir, dev, label, hello, logger);
@@ -405,6 +543,8 @@ export class MirrorDir {
    * different devices.
    */
   checkMember(): void {
+    // A RAID member cut under us is taken out of service at the next sync (its blocks rebuilt from the others).
+    if (!(this.dev instanceof FileBlockDevice)) return;
     let size: number;
     try {
       size = fs.statSync(this.dev.path).size;

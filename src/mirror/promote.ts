@@ -26,7 +26,7 @@ import * as crypto from 'crypto';
 import * as fs from 'fs';
 import * as path from 'path';
 import type { Logger } from 'pino';
-import { FileBlockDevice, writeFileDurably } from '../io/file-device';
+import { writeFileDurably } from '../io/file-device';
 import { MmapNvram } from '../io/mmap-nvram';
 import * as native from '../io/native';
 import { NvLog } from '../nvlog/log';
@@ -37,7 +37,7 @@ import { LABEL_FORMAT, LABEL_NAME, LABEL_VERSION, NVRAM_DEFAULT_BYTES, NVRAM_DEF
 import { DEST_LOG_MIN_BYTES, DEST_LOG_NAME, DestLog } from './dest-log';
 import { RECEIVER_SOCKET_NAME } from './receiver';
 import { PROMOTED_LABEL_NAME, ROLE_NAME, readRole, type RoleRecord } from './role';
-import { MEMBER_NAME, memberOf, BASELINE_MARKER_NAME, MIRROR_LABEL_NAME, MIRROR_LOCK_NAME, MirrorDirError, newestSuperblock, rootBytes, type MirrorLabel } from './mirror-dir';
+import { MEMBER_NAME, openMirrorDevice, BASELINE_MARKER_NAME, MIRROR_LABEL_NAME, MIRROR_LOCK_NAME, MirrorDirError, newestSuperblock, rootBytes, type MirrorLabel } from './mirror-dir';
 
 /** How long promote waits for a running receiver to let go of the mirror. */
 const RELEASE_TIMEOUT_MS = 30_000;
@@ -91,10 +91,9 @@ export async function promoteMirror(dirArg: string, opts: { force: boolean; logg
       throw new MirrorDirError(`${dir} holds no consistent image: a full baseline was interrupted (${BASELINE_MARKER_NAME}); it cannot be promoted`);
     }
     const memberRel = label.memberPath ?? MEMBER_NAME;
-    const memberAbs = memberOf(dir, label);
 
-    // The base: the committed CP.
-    const dev = await FileBlockDevice.open(memberAbs, {});
+    // The base: the committed CP (a RAID mirror's stripe journal replayed first).
+    const dev = await openMirrorDevice(dir, label, false);
     let baseCp: number;
     let baseRoot: string;
     let baseSeq: number;
@@ -105,7 +104,7 @@ export async function promoteMirror(dirArg: string, opts: { force: boolean; logg
       baseCp = committed.sb.cpNumber;
       baseRoot = rootBytes(committed.sb).toString('hex');
       baseSeq = committed.sb.nvlogSeq;
-      blockCount = dev.blockCount;
+      blockCount = label.raid ? label.raid.members[0]!.blockCount : dev.blockCount;
     } finally {
       await dev.close();
     }
@@ -138,7 +137,8 @@ export async function promoteMirror(dirArg: string, opts: { force: boolean; logg
         uuid: label.sourceUuid,
         sizeBytes: label.sizeBytes,
         blockSizeBytes: BLOCK,
-        members: [{ path: memberRel, blockCount }],
+        members: label.raid ? label.raid.members.map((m) => ({ path: m.path, blockCount: m.blockCount })) : [{ path: memberRel, blockCount }],
+        ...(label.raid ? { raid: { level: label.raid.level, stripeUnitBytes: label.raid.stripeUnitBytes } } : {}),
         nvram: { path: NVRAM_DEFAULT_NAME, sizeBytes: NVRAM_DEFAULT_BYTES },
         createdMs: Date.now(),
       };

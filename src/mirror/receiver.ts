@@ -31,8 +31,8 @@ import * as net from 'net';
 import * as tls from 'tls';
 import * as path from 'path';
 import type { Logger } from 'pino';
-import { FileBlockDevice } from '../io/file-device';
-import { readLabel, resolveIn } from '../volume/dir';
+import { openMemberDevice, readLabel } from '../volume/dir';
+import { RaidDevice, type RaidHealth } from '../raid/raid-device';
 import { readRole } from './role';
 import { assert } from '../util/assert';
 import { crc32c } from '../io/native';
@@ -105,6 +105,8 @@ export interface ReceiverStats {
     lastCommitMs: number;
     /** Why the last stream from this source was refused or could not be applied (cleared by the next commit). */
     lastError: string | undefined;
+    /** A RAID destination's health (members, stripes written whole / through the journal). */
+    raid?: RaidHealth;
   }>;
 }
 
@@ -811,6 +813,7 @@ export class MirrorReceiver {
         baselinePartial: m.baselinePartial,
         lastCommitMs: m.lastCommitMs,
         lastError: m.lastError,
+        ...(m.dev instanceof RaidDevice ? { raid: m.dev.health() } : {}),
       });
     }
     const b = this.budget;
@@ -845,8 +848,7 @@ export async function promotedRefusal(dir: string, sourceCp: number): Promise<st
   let nowCp = -1;
   try {
     const label = await readLabel(dir);
-    const memberPath = resolveIn(dir, label.members[0]!.path);
-    const dev = await FileBlockDevice.open(memberPath, { readOnly: true });
+    const dev = await openMemberDevice(dir, label, true);
     try {
       nowCp = (await newestSuperblock(dev, label.uuid))?.sb.cpNumber ?? -1;
     } finally {

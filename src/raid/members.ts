@@ -28,6 +28,7 @@ import { LABEL_COPIES, RaidGeometry, type RaidLevel } from './geometry';
 import { encodeRaidLabel, labelSlot, newestLabel, type RaidLabel } from './label';
 import { RaidDevice, type RaidMemberSpec } from './raid-device';
 import type { ParityOps } from './parity';
+import { StripeJournal } from './stripe-journal';
 
 const B = BLOCK_SIZE_BYTES;
 
@@ -151,11 +152,22 @@ export async function labelNewMembers(devs: BlockDevice[], spec: RaidSpec, membe
   }
 }
 
+export interface OpenRaidExtra {
+  /**
+   * The members may still be labelled with this uuid (a volume pre-created as a mirror
+   * destination, taken over by the source's uuid): such a member counts as this volume's,
+   * and every member is relabelled with volumeUuid at the next sync().
+   */
+  formerUuid?: string;
+  /** A stripe journal device (a mirror destination's): partial stripes go through it; call replayJournal() next. */
+  journalDev?: BlockDevice;
+}
+
 /**
  * Opens a RAID volume's members. Refuses (throws) a foreign, swapped or mismatched member
  * by name; opens missing, truncated, unlabelled and stale members as out of service.
  */
-export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, memberBlocks: number, volumeUuid: string, readOnly: boolean, replacing?: { index: number; file: RaidMemberFile }): Promise<RaidDevice> {
+export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, memberBlocks: number, volumeUuid: string, readOnly: boolean, replacing?: { index: number; file: RaidMemberFile }, extra: OpenRaidExtra = {}): Promise<RaidDevice> {
   const members: RaidMemberDevice[] = [];
   const stats: (fs.Stats | undefined)[] = [];
   try {
@@ -178,10 +190,11 @@ export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, m
     }
   } catch (e) {
     for (const m of members) await m.dev?.close().catch(() => undefined);
+    await extra.journalDev?.close().catch(() => undefined);
     throw e;
   }
   const probe = fileProbe(replacing ? files.map((f, i) => (i === replacing.index ? replacing.file : f)) : files, stats, memberBlocks);
-  return assembleRaidMembers(members, spec, memberBlocks, volumeUuid, readOnly, { probe });
+  return assembleRaidMembers(members, spec, memberBlocks, volumeUuid, readOnly, { probe, ...extra });
 }
 
 /**
@@ -189,7 +202,7 @@ export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, m
  * as openRaidMembers, for any BlockDevice: the crash tests assemble recorded images).
  * On a refusal every member device is closed.
  */
-export async function assembleRaidMembers(members: RaidMemberDevice[], spec: RaidSpec, memberBlocks: number, volumeUuid: string, readOnly: boolean, extra: { probe?: (i: number) => Promise<string | null>; parity?: ParityOps } = {}): Promise<RaidDevice> {
+export async function assembleRaidMembers(members: RaidMemberDevice[], spec: RaidSpec, memberBlocks: number, volumeUuid: string, readOnly: boolean, extra: OpenRaidExtra & { probe?: (i: number) => Promise<string | null>; parity?: ParityOps } = {}): Promise<RaidDevice> {
   const g = geometryFor(spec, members.length, memberBlocks);
   const specs: RaidMemberSpec[] = members.map((m) => (m.dev === null ? { name: m.name, dev: null, missingReason: m.missingReason ?? 'missing' } : { name: m.name, dev: m.dev }));
   const labels: (RaidLabel | undefined)[] = members.map(() => undefined);
@@ -214,7 +227,7 @@ export async function assembleRaidMembers(members: RaidMemberDevice[], spec: Rai
         specs[i]!.faultReason = `${l}: not a member of this volume (a blank or replaced file?)`;
         continue;
       }
-      if (l.volumeUuid !== volumeUuid) throw new Error(`member ${i} ${f.name} belongs to another volume (uuid ${l.volumeUuid}), not to this one (${volumeUuid}): refusing to open; put this volume's member back`);
+      if (l.volumeUuid !== volumeUuid && l.volumeUuid !== extra.formerUuid) throw new Error(`member ${i} ${f.name} belongs to another volume (uuid ${l.volumeUuid}), not to this one (${volumeUuid}): refusing to open; put this volume's member back`);
       if (l.memberIndex !== i) throw new Error(`member ${i} ${f.name} holds member ${l.memberIndex} of this volume (members swapped?): refusing to open; restore the order the volume label lists`);
       if (l.level !== spec.level || l.members !== members.length || l.unitBytes !== spec.stripeUnitBytes || l.memberBlocks !== memberBlocks || l.headBlocks !== g.headBlocks) {
         throw new Error(`member ${i} ${f.name}: its label (RAID-${l.level}, ${l.members} members, unit ${l.unitBytes}, ${l.memberBlocks} blocks) disagrees with the volume label (RAID-${spec.level}, ${members.length} members, unit ${spec.stripeUnitBytes}, ${memberBlocks} blocks): refusing to open`);
@@ -236,11 +249,18 @@ export async function assembleRaidMembers(members: RaidMemberDevice[], spec: Rai
       else if (newest.outOfService[i]) s.faultReason = `taken out of service earlier (label generation ${newest.generation}); it needs a rebuild`;
     }
     if (!newest) throw new Error(`no member of the volume has a label that verifies (${specs.map((s) => `${s.name}: ${s.missingReason ?? s.faultReason ?? '?'}`).join('; ')})`);
-    assert(newest.volumeUuid === volumeUuid, 'newest label volume');
+    assert(newest.volumeUuid === volumeUuid || newest.volumeUuid === extra.formerUuid, 'newest label volume');
+    const relabel = labels.some((l) => l !== undefined && l.volumeUuid !== volumeUuid);
+    // Only parity levels have partial stripes to journal (RAID-0/1 write through); the caller's device is closed otherwise.
+    const journal = extra.journalDev && !readOnly && g.parityMembers > 0
+      ? await StripeJournal.open(extra.journalDev, { level: g.level, members: g.members, unitBlocks: g.unitBlocks, stripes: g.stripes, columns: g.dataMembers + g.parityMembers })
+      : undefined;
+    if (extra.journalDev && !journal) await extra.journalDev.close();
     return new RaidDevice({
-      geometry: g, volumeUuid, generation: newest.generation, members: specs, readOnly, headPick: superblockPick,
+      geometry: g, volumeUuid, generation: newest.generation, members: specs, readOnly, headPick: superblockPick, relabel,
       ...(extra.probe ? { probe: extra.probe } : {}),
       ...(extra.parity ? { parity: extra.parity } : {}),
+      ...(journal ? { journal } : {}),
     });
   } catch (e) {
     for (const s of specs) await s.dev?.close().catch(() => undefined);

@@ -34,6 +34,11 @@
  *   DISCARDS_IN_FLIGHT_MAX): a write to a stripe starts only after every discard in
  *   flight over it has finished on every member.
  * - A read-only RaidDevice writes nothing: no self-heal rewrite, no label update.
+ * - With a stripe journal (stripe-journal.ts; a mirror destination's), a partial stripe
+ *   is never written to the members before the blocks it will write (new data and the
+ *   parity rows they change) are durable in the journal, and the journal batch is
+ *   released only after those member writes are synced; its stripes stay locked from the
+ *   journal write to the release. replayJournal() runs before the device serves anything.
  */
 import type { BlockDevice } from '../io/types';
 import { BLOCK_SIZE_BYTES } from '../io/types';
@@ -44,6 +49,7 @@ import { forEachLimit } from '../tree/work';
 import { LABEL_COPIES, RaidGeometry, tolerance } from './geometry';
 import { encodeRaidLabel, labelSlot } from './label';
 import { PARITY_THREAD_POOL, type ParityOps } from './parity';
+import { journalBlocksFor, type JournalCell, type JournalStripe, type StripeJournal } from './stripe-journal';
 
 const B = BLOCK_SIZE_BYTES;
 /** Default bound of the write-back stripe buffer. */
@@ -82,6 +88,8 @@ export interface RaidHealth {
   memberStatus: MemberStatus[];
   /** Stripes written whole from new data, and by read-modify-write, since open. */
   stripeWrites: { full: number; readModifyWrite: number };
+  /** Partial stripes written through the stripe journal since open, and journal batches (absent: no journal). */
+  journal?: { stripes: number; batches: number; replayedStripes: number };
 }
 
 export interface RaidMemberSpec {
@@ -107,6 +115,10 @@ export interface RaidDeviceOptions {
   pendingBytesMax?: number;
   /** Parity work (default: the thread pool; the simulator injects PARITY_INLINE). */
   parity?: ParityOps;
+  /** Some member's label names another uuid (see members.ts OpenRaidExtra.formerUuid): relabel every member at the next sync(). */
+  relabel?: boolean;
+  /** Partial stripes go through this journal before they reach the members (no write hole); replay it with replayJournal() after open. */
+  journal?: StripeJournal;
 }
 
 interface Member {
@@ -149,7 +161,10 @@ export class RaidDevice implements BlockDevice {
   private readonly discards = new Set<{ first: number; last: number; done: Promise<void> }>();
   private labelsDirty = false;
   /** Stripes written whole from new data, and stripes completed by read-modify-write. */
-  readonly stats = { fullStripeWrites: 0, rmwStripeWrites: 0 };
+  readonly stats = { fullStripeWrites: 0, rmwStripeWrites: 0, journaledStripes: 0, journalBatches: 0, replayedStripes: 0 };
+  private readonly journal: StripeJournal | undefined;
+  /** One journal batch at a time (taken after the batch's stripe locks). */
+  private journalTail: Promise<void> = Promise.resolve();
   private failure: string | undefined;
   private closed = false;
 
@@ -166,6 +181,11 @@ export class RaidDevice implements BlockDevice {
     this.probe = opts.probe;
     this.pendingBytesMax = opts.pendingBytesMax ?? PENDING_BYTES_MAX_DEFAULT;
     this.parity = opts.parity ?? PARITY_THREAD_POOL;
+    this.journal = g.parityMembers > 0 ? opts.journal : undefined;
+    if (this.journal) {
+      assert(!this.readOnly, 'a read-only RAID device takes no journal');
+      assert(journalBlocksFor((g.dataMembers + g.parityMembers) * g.unitBlocks) <= this.journal.capacityBlocks, 'stripe journal smaller than one stripe');
+    }
     this.allPresent = new Uint8Array(g.stripeDataBlocks).fill(1);
     this.members = opts.members.map((m) => {
       if (m.dev === null) return { name: m.name, dev: null, state: 'missing' as const, reason: m.missingReason ?? 'missing', errors: { read: 0, write: 0, checksum: 0, healed: 0 } };
@@ -173,7 +193,7 @@ export class RaidDevice implements BlockDevice {
       if (m.faultReason !== undefined) return { name: m.name, dev: m.dev, state: 'faulted' as const, reason: m.faultReason, errors: { read: 0, write: 0, checksum: 0, healed: 0 } };
       return { name: m.name, dev: m.dev, state: 'online' as const, reason: undefined, errors: { read: 0, write: 0, checksum: 0, healed: 0 } };
     });
-    if (this.members.some((m) => m.state !== 'online')) this.labelsDirty = true;
+    if (this.members.some((m) => m.state !== 'online') || opts.relabel === true) this.labelsDirty = true;
     this.checkFailure();
   }
 
@@ -222,6 +242,7 @@ export class RaidDevice implements BlockDevice {
       ...(this.failure !== undefined ? { failure: this.failure } : {}),
       memberStatus: this.members.map((m, index) => ({ index, name: m.name, state: m.state, ...(m.reason !== undefined ? { reason: m.reason } : {}), errors: { ...m.errors } })),
       stripeWrites: { full: this.stats.fullStripeWrites, readModifyWrite: this.stats.rmwStripeWrites },
+      ...(this.journal ? { journal: { stripes: this.stats.journaledStripes, batches: this.stats.journalBatches, replayedStripes: this.stats.replayedStripes } } : {}),
     };
   }
 
@@ -624,12 +645,21 @@ export class RaidDevice implements BlockDevice {
         }
       }
       if (e.count === W || W * B > this.pendingBytesMax) {
+        if (e.count < W && this.journal) {
+          await this.writeJournaled([s]);
+          return;
+        }
         this.pending.delete(s);
         await this.flushStripe(s, e);
       }
     }));
     // Bound the buffer: flush the oldest partial stripes (read-modify-write).
     while (this.pending.size * W * B > this.pendingBytesMax) {
+      if (this.journal) {
+        // Through the journal, in batches: the oldest half of the buffer.
+        await this.flushBatch([...this.pending.keys()].slice(0, Math.max(1, Math.ceil(this.pending.size / 2))));
+        continue;
+      }
       const s = this.pending.keys().next().value as number;
       await this.withStripe(s, async () => {
         const e = this.pending.get(s);
@@ -659,6 +689,7 @@ export class RaidDevice implements BlockDevice {
     const g = this.geometry;
     const U = g.unitBlocks * B;
     const k = g.dataMembers;
+    assert(this.journal === undefined || e.count === g.stripeDataBlocks, `partial stripe ${stripe} written around the stripe journal`);
     const dirty: boolean[] = [];
     for (let c = 0; c < k; c++) dirty.push(e.have.subarray(c * g.unitBlocks, (c + 1) * g.unitBlocks).some((h) => h === 1));
     if (e.count === g.stripeDataBlocks) this.stats.fullStripeWrites++;
@@ -686,9 +717,164 @@ export class RaidDevice implements BlockDevice {
     await forEachLimit(data.map((_, c) => c).filter((c) => dirty[c]), MEMBER_IO_CONCURRENCY, (c) => this.memberWrite(this.columnMember(stripe, c), start, data[c]!));
   }
 
+  /** Takes the locks of `stripes` (in ascending order, so two batches never deadlock), then fn. */
+  private async withStripes<T>(stripes: readonly number[], fn: () => Promise<T>): Promise<T> {
+    const sorted = [...new Set(stripes)].sort((a, b) => a - b);
+    const take = (k: number): Promise<T> => (k === sorted.length ? fn() : this.withStripe(sorted[k]!, () => take(k + 1)));
+    return take(0);
+  }
+
+  /** Journal mode: writes the gathered stripes among `stripes` (locking them), partial ones through the journal. */
+  private async flushBatch(stripes: readonly number[]): Promise<void> {
+    await this.withStripes(stripes, () => this.writeJournaled(stripes));
+  }
+
+  /**
+   * Journal mode, the caller holds the locks of `stripes`: full stripes are written as
+   * usual; partial ones are completed (read-modify-write) into cells, the cells made
+   * durable in the journal in batches that fit it, written to the members, the members
+   * synced, and the batch released. A stripe leaves the buffer only once it is written.
+   */
+  private async writeJournaled(stripes: readonly number[]): Promise<void> {
+    const journal = this.journal;
+    assert(journal !== undefined, 'writeJournaled without a journal');
+    const W = this.geometry.stripeDataBlocks;
+    let batch: JournalStripe[] = [];
+    let batchBlocks = 0;
+    const writeBatch = async (): Promise<void> => {
+      if (batch.length === 0) return;
+      const todo = batch;
+      batch = [];
+      batchBlocks = 0;
+      const prev = this.journalTail;
+      let release!: () => void;
+      this.journalTail = new Promise<void>((r) => { release = r; });
+      await prev;
+      try {
+        this.refuseWrites();
+        await journal.record(todo);
+        await forEachLimit(todo, MEMBER_IO_CONCURRENCY, (j) => this.writeCells(j));
+        await this.syncMembers();
+        this.refuseWrites(); // a failed volume keeps its batch: the next open replays it
+        await journal.release();
+        this.stats.journalBatches++;
+        this.stats.journaledStripes += todo.length;
+        for (const j of todo) this.pending.delete(j.stripe);
+      } finally {
+        release();
+      }
+    };
+    for (const s of [...new Set(stripes)].sort((a, b) => a - b)) {
+      const e = this.pending.get(s);
+      if (!e) continue;
+      if (e.count === W) {
+        this.pending.delete(s);
+        await this.flushStripe(s, e);
+        continue;
+      }
+      const j = await this.completeStripe(s, e);
+      const n = journalBlocksFor(j.cells.length);
+      if (batchBlocks + n > journal.capacityBlocks) await writeBatch();
+      batch.push(j);
+      batchBlocks += n;
+    }
+    await writeBatch();
+  }
+
+  /**
+   * A partial stripe's writes as cells: its new data blocks, and P (and Q) at the rows
+   * they change, the parity computed over the whole stripe (the rest read back, or
+   * rebuilt if a member is out). The caller holds the stripe lock.
+   */
+  private async completeStripe(stripe: number, e: PendingStripe): Promise<JournalStripe> {
+    const g = this.geometry;
+    const U = g.unitBlocks * B;
+    const k = g.dataMembers;
+    const W = g.stripeDataBlocks;
+    const base = stripe * W;
+    this.stats.rmwStripeWrites++;
+    const old = await this.rebuildColumns(stripe, 0, g.unitBlocks, []);
+    const dirty = new Uint8Array(W);
+    for (let q = 0; q < W; q++) {
+      if (e.have[q] === 1 && base + q >= g.headBlocks) dirty[q] = 1;
+      else if (e.have[q] === 0) old[Math.floor(q / g.unitBlocks)]!.copy(e.buf, q * B, (q % g.unitBlocks) * B, (q % g.unitBlocks + 1) * B);
+    }
+    const headInStripe = Math.max(0, Math.min(W, g.headBlocks - base));
+    if (headInStripe > 0) e.buf.fill(0, 0, headInStripe * B);
+    const data: Buffer[] = [];
+    for (let c = 0; c < k; c++) data.push(e.buf.subarray(c * U, (c + 1) * U));
+    const P = Buffer.alloc(U);
+    const Q = Buffer.alloc(U);
+    if (g.parityMembers === 2) await this.parity.computePQ(data, P, Q);
+    else await this.parity.computeP(data, P);
+    const cells: JournalCell[] = [];
+    for (let row = 0; row < g.unitBlocks; row++) {
+      let touched = false;
+      for (let c = 0; c < k; c++) {
+        if (dirty[c * g.unitBlocks + row] === 1) {
+          touched = true;
+          cells.push({ column: c, row, data: data[c]!.subarray(row * B, (row + 1) * B) });
+        }
+      }
+      if (!touched) continue;
+      cells.push({ column: k, row, data: P.subarray(row * B, (row + 1) * B) });
+      if (g.parityMembers === 2) cells.push({ column: k + 1, row, data: Q.subarray(row * B, (row + 1) * B) });
+    }
+    assert(cells.length > 0, `partial stripe ${stripe} with nothing to write`);
+    return { stripe, cells };
+  }
+
+  /** Writes a journaled stripe's cells to their members (runs of consecutive rows per column). */
+  private async writeCells(j: JournalStripe): Promise<void> {
+    const g = this.geometry;
+    const start = g.unitStart(j.stripe);
+    const byCol = new Map<number, JournalCell[]>();
+    for (const c of j.cells) {
+      const l = byCol.get(c.column) ?? [];
+      l.push(c);
+      byCol.set(c.column, l);
+    }
+    for (const [col, cells] of byCol) {
+      cells.sort((a, b) => a.row - b.row);
+      for (let i = 0; i < cells.length;) {
+        let n = 1;
+        while (i + n < cells.length && cells[i + n]!.row === cells[i]!.row + n) n++;
+        const run = n === 1 ? cells[i]!.data : Buffer.concat(cells.slice(i, i + n).map((c) => c.data));
+        await this.memberWrite(this.columnMember(j.stripe, col), start + cells[i]!.row, run);
+        i += n;
+      }
+    }
+  }
+
+  /**
+   * Replays the journal's last batch, if a crash left one (see stripe-journal.ts): writes
+   * its cells to the members in service, syncs them, releases the batch. Call it after
+   * open, before anything reads. Returns the stripes replayed.
+   */
+  async replayJournal(): Promise<number> {
+    const journal = this.journal;
+    if (!journal) return 0;
+    this.refuseWrites();
+    const todo = await journal.pending();
+    if (todo.length === 0) return 0;
+    await this.withStripes(todo.map((j) => j.stripe), async () => {
+      await forEachLimit(todo, MEMBER_IO_CONCURRENCY, (j) => this.writeCells(j));
+      await this.syncMembers();
+      this.refuseWrites();
+      await journal.release();
+    });
+    this.stats.replayedStripes += todo.length;
+    log().warn({ volume: this.uuid, stripes: todo.length, epoch: journal.currentEpoch }, 'raid: replayed the stripe journal of an interrupted write (data and parity of those stripes agree again)');
+    return todo.length;
+  }
+
   /** Writes every gathered stripe (partial ones by read-modify-write). */
   private async flushAll(): Promise<void> {
     const stripes = [...this.pending.keys()].sort((a, b) => a - b);
+    if (this.journal) {
+      await this.flushBatch(stripes);
+      return;
+    }
     await forEachLimit(stripes, MEMBER_IO_CONCURRENCY, (s) => this.withStripe(s, async () => {
       const e = this.pending.get(s);
       if (!e) return;
@@ -796,5 +982,6 @@ export class RaidDevice implements BlockDevice {
     if (!this.readOnly && this.pending.size > 0 && this.failure === undefined) await this.flushAll().catch(() => undefined);
     this.closed = true;
     for (const m of this.members) await m.dev?.close().catch(() => undefined);
+    await this.journal?.close().catch(() => undefined);
   }
 }
