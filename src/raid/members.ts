@@ -14,7 +14,7 @@
  * - Creation writes generation 1 labels to every member and syncs them before returning.
  */
 import * as fs from 'fs';
-import { BLOCK_SIZE_BYTES } from '../io/types';
+import { BLOCK_SIZE_BYTES, type BlockDevice } from '../io/types';
 import { FileBlockDevice } from '../io/file-device';
 import { decodeSuperblock } from '../tree/layout';
 import { RING_SLOTS } from '../tree/layout';
@@ -113,11 +113,17 @@ export async function createRaidMembers(files: RaidMemberFile[], spec: RaidSpec,
 }
 
 /** At every sync: a member file that was deleted, replaced or truncated under us leaves service. */
-function fileProbe(files: RaidMemberFile[], opened: (fs.Stats | undefined)[], memberBlocks: number): (i: number) => Promise<string | null> {
+function fileProbe(filesIn: RaidMemberFile[], opened: (fs.Stats | undefined)[], memberBlocks: number, resolveName?: (name: string) => string): (i: number, name: string) => Promise<string | null> {
   const idOf = (st: fs.Stats): string => `${st.dev}:${st.ino}`;
+  const files = [...filesIn];
   // The identity of each file as it was opened (undefined: take it at the first probe).
   const ids: (string | undefined)[] = files.map((_, i) => (opened[i] ? idOf(opened[i]!) : undefined));
-  return async (i) => {
+  return async (i, name) => {
+    if (files[i]!.name !== name && resolveName) {
+      // The member was replaced (a rebuild onto a new file): watch that file from now on.
+      files[i] = { name, path: resolveName(name) };
+      ids[i] = undefined;
+    }
     const f = files[i]!;
     let st: fs.Stats;
     try {
@@ -136,7 +142,14 @@ function fileProbe(files: RaidMemberFile[], opened: (fs.Stats | undefined)[], me
  * Opens a RAID volume's members. Refuses (throws) a foreign, swapped or mismatched member
  * by name; opens missing, truncated, unlabelled and stale members as out of service.
  */
-export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, memberBlocks: number, volumeUuid: string, readOnly: boolean, replacing?: { index: number; file: RaidMemberFile }): Promise<RaidDevice> {
+/**
+ * @param replacing member `index` is being replaced by `file` (replace-member): the old
+ *   member is not opened; with `dev` (NEW opened) the RaidDevice starts rebuilding onto it
+ *   with stripes [0, doneBelow) current already, so every write from the start reaches it.
+ * @param resolveName a member name (as the volume label lists it) -> its path, for the
+ *   probe of a member that replaced another while open.
+ */
+export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, memberBlocks: number, volumeUuid: string, readOnly: boolean, replacing?: { index: number; file: RaidMemberFile; dev?: BlockDevice; doneBelow?: number }, resolveName?: (name: string) => string): Promise<RaidDevice> {
   const g = geometryFor(spec, files.length, memberBlocks);
   const specs: RaidMemberSpec[] = [];
   const labels: (RaidLabel | undefined)[] = [];
@@ -198,10 +211,12 @@ export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, m
     }
     if (!newest) throw new Error(`no member of the volume has a label that verifies (${specs.map((s) => `${s.name}: ${s.missingReason ?? s.faultReason ?? '?'}`).join('; ')})`);
     assert(newest.volumeUuid === volumeUuid, 'newest label volume');
-    return new RaidDevice({
+    const raid = new RaidDevice({
       geometry: g, volumeUuid, generation: newest.generation, members: specs, readOnly, headPick: superblockPick,
-      probe: fileProbe(replacing ? files.map((f, i) => (i === replacing.index ? replacing.file : f)) : files, stats, memberBlocks),
+      probe: fileProbe(replacing ? files.map((f, i) => (i === replacing.index ? replacing.file : f)) : files, stats, memberBlocks, resolveName),
     });
+    if (replacing?.dev) raid.startRebuild(replacing.index, replacing.file.name, replacing.dev, replacing.doneBelow ?? 0);
+    return raid;
   } catch (e) {
     for (const s of specs) await s.dev?.close().catch(() => undefined);
     throw e;

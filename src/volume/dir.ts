@@ -53,6 +53,7 @@ import { RAID_LEVELS, STRIPE_UNIT_DEFAULT_BYTES, geometryProblem, type RaidLevel
 import { createRaidMembers, isBlockDevice, openRaidMembers, raidMemberBlocks, type RaidSpec } from '../raid/members';
 import { RaidDevice, type RaidHealth } from '../raid/raid-device';
 import { scrubRaid, scrubState, type ScrubState } from '../raid/scrub';
+import { replaceMemberServed, replacingAtOpen, resumeServedReplace, servedReplaceProgress, stopServedReplace } from './replace-member';
 
 export const LABEL_NAME = 'nvmirror.json';
 export const LOCK_NAME = 'nvmirror.lock';
@@ -495,7 +496,12 @@ function openNvram(absDir: string, label: VolumeLabel, readOnly: boolean): Promi
 export async function openMemberDevice(absDir: string, label: VolumeLabel, readOnly: boolean): Promise<BlockDevice> {
   if (label.raid) {
     const files = label.members.map((m) => ({ name: m.path, path: resolveIn(absDir, m.path) }));
-    return openRaidMembers(files, label.raid, label.members[0]!.blockCount, label.uuid, readOnly);
+    // A replacement in progress: the old member is not used, and every write reaches the new one (replace-member.ts).
+    const replacing = await replacingAtOpen(absDir, label, readOnly);
+    return openRaidMembers(files, label.raid, label.members[0]!.blockCount, label.uuid, readOnly, replacing, (name) => resolveIn(absDir, name)).catch(async (e: unknown) => {
+      await replacing?.dev?.close().catch(() => undefined);
+      throw e;
+    });
   }
   const member = label.members[0]!;
   const dev = await FileBlockDevice.open(resolveIn(absDir, member.path), { readOnly });
@@ -572,6 +578,7 @@ export async function openVolumeDir(dir: string, opts: OpenVolumeDirOptions): Pr
   const closeAll = async (): Promise<void> => {
     let err: unknown;
     await control?.close().catch(() => undefined);
+    await stopServedReplace(volume);
     try {
       await volume.close();
       if (!opts.readOnly) await recordCleanStop(absDir, parts.label, volume);
@@ -600,6 +607,7 @@ export async function openVolumeDir(dir: string, opts: OpenVolumeDirOptions): Pr
       }
     }
   }
+  if (parts.dev instanceof RaidDevice && !opts.readOnly) resumeServedReplace(absDir, parts.label, volume, parts.dev);
   let closing: Promise<void> | undefined;
   return {
     dir: absDir,
@@ -707,6 +715,15 @@ async function handleControl(dir: string, label: VolumeLabel, volume: EngineVolu
     case 'scrub-progress': {
       const raid = raidOf.get(volume);
       return { progress: raid ? scrubState(raid).running ?? null : null };
+    }
+    case 'replace-member': {
+      const raid = raidOf.get(volume);
+      if (!raid) throw new Error(`${dir} is not a RAID volume: it has no member to replace`);
+      return { replace: await replaceMemberServed(dir, label, volume, raid, { old: req.old, new: req.new, ...(req.rateBytesPerSec !== undefined ? { rateBytesPerSec: req.rateBytesPerSec } : {}) }) };
+    }
+    case 'replace-progress': {
+      const raid = raidOf.get(volume);
+      return { progress: raid ? servedReplaceProgress(raid) : null };
     }
     case 'verify': {
       const f = volume.controlActions.get('verify');

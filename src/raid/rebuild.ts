@@ -1,0 +1,160 @@
+/**
+ * The rebuild of one RAID member (replace-member), offline or while served: drives
+ * RaidDevice.startRebuild .. finishRebuild. Copies the head, then rebuilds every stripe in
+ * use (the space map: active | summary) in ascending order, skipping the ones already
+ * current on the new member (written whole since the rebuild began, or done by an
+ * earlier run), then once more every stripe in use that is still not current (stripes
+ * that came into use meanwhile are written whole, so this finds only what a write that
+ * began before the rebuild left). Progress is persisted (after the new member is synced)
+ * every PROGRESS_EVERY_STRIPES stripes as "every stripe in use below N is current".
+ *
+ * Invariants:
+ * - The persisted progress N never runs ahead of what is durable on the new member: it is
+ *   written only after syncRebuildTarget(), and only stripes < N were passed.
+ * - The rate limit (bytes per second, on the injected clock) holds over any window
+ *   longer than RATE_BURST_MS: at most rate x (window + RATE_BURST_MS) bytes.
+ * - Memory: the stripe list (one number per stripe in use) and one unit at a time.
+ */
+import type { Clock } from '../io/types';
+import { BLOCK_SIZE_BYTES } from '../io/types';
+import { testBit } from '../tree/bitmap';
+import { assert } from '../util/assert';
+import type { RaidDevice, RebuildStatus } from './raid-device';
+
+const B = BLOCK_SIZE_BYTES;
+/** Progress is persisted every this many stripes rebuilt. */
+export const PROGRESS_EVERY_STRIPES = 64;
+/** How far ahead of the rate an idle limiter may let a burst go. */
+export const RATE_BURST_MS = 100;
+/** The lowest rate limit accepted (below it a rebuild would take longer than anyone waits). */
+export const RATE_MIN_BYTES_PER_SEC = 64 * 1024;
+
+/** A pacer: take(n) returns once n more bytes fit under the rate. */
+export class RateLimiter {
+  private nextMs: number | undefined;
+  constructor(readonly bytesPerSec: number, private readonly clock: Clock) {
+    assert(Number.isSafeInteger(bytesPerSec) && bytesPerSec >= RATE_MIN_BYTES_PER_SEC, `rate ${bytesPerSec} B/s below ${RATE_MIN_BYTES_PER_SEC}`);
+  }
+
+  async take(bytes: number): Promise<void> {
+    const now = this.clock.nowMs();
+    const from = Math.max(this.nextMs ?? now - RATE_BURST_MS, now - RATE_BURST_MS);
+    this.nextMs = from + (bytes * 1000) / this.bytesPerSec;
+    const waitMs = this.nextMs - now;
+    if (waitMs > 0) await new Promise<void>((resolve) => this.clock.setTimeout(resolve, Math.ceil(waitMs)));
+  }
+}
+
+/** Parses a --rate value: a size per second ("50M"), at least RATE_MIN_BYTES_PER_SEC. One-line errors. */
+export function parseRate(text: string, parseSize: (t: string) => number): number {
+  const v = parseSize(text.replace(/\/s$/i, ''));
+  if (v < RATE_MIN_BYTES_PER_SEC) throw new Error(`bad rate "${text}": at least ${RATE_MIN_BYTES_PER_SEC / 1024}K per second`);
+  return v;
+}
+
+export interface RebuildRunOptions {
+  raid: RaidDevice;
+  /** The blocks in use now (the tree's usedBitmap(): active | summary). */
+  usedBitmap: () => Buffer;
+  clock: Clock;
+  rateBytesPerSec?: number;
+  /** Persists "every stripe in use below nextStripe is current on the new member". */
+  persist: (nextStripe: number) => Promise<void>;
+  /** Checked before each stripe: a reason to stop (the volume is closing), or undefined. */
+  stopReason?: () => string | undefined;
+  /** (tests) stop like a crash would after this many stripes in this run: progress persisted, an error thrown. */
+  stopAfterStripes?: number;
+  onProgress?: (s: RebuildStatus) => void;
+}
+
+export interface RebuildRunResult {
+  stripesRebuilt: number;
+  /** Of them, in the final pass (stripes a write that began before the rebuild left). */
+  stripesLate: number;
+  resumedAtStripe: number;
+  bytesWritten: number;
+  durationMs: number;
+}
+
+/** The stripes holding a block in use, ascending. */
+export function stripesInUse(used: Buffer, stripeDataBlocks: number, stripes: number): number[] {
+  const out: number[] = [];
+  for (let s = 0; s < stripes; s++) {
+    for (let p = s * stripeDataBlocks; p < (s + 1) * stripeDataBlocks; p++) {
+      if (testBit(used, p)) {
+        out.push(s);
+        break;
+      }
+    }
+  }
+  return out;
+}
+
+/**
+ * Runs the rebuild the RaidDevice has started (startRebuild), up to the point where every
+ * stripe in use is current on the new member and that is durable; the caller then puts
+ * it in service (finishRebuild, labels, volume label). Throws on a stop, a failure of
+ * the new member, or a stripe the others cannot rebuild.
+ */
+export async function runRebuild(status: Omit<RebuildStatus, 'stripesDone' | 'stripesTotal' | 'doneBytes' | 'totalBytes' | 'bytesPerSec' | 'startedMs'>, o: RebuildRunOptions): Promise<RebuildRunResult> {
+  const g = o.raid.geometry;
+  const t0 = o.clock.nowMs();
+  const unitBytes = g.unitBlocks * B;
+  const limiter = o.rateBytesPerSec !== undefined ? new RateLimiter(o.rateBytesPerSec, o.clock) : undefined;
+  let bytes = await o.raid.rebuildHead();
+  const stripes = stripesInUse(o.usedBitmap(), g.stripeDataBlocks, g.stripes);
+  const st: RebuildStatus = {
+    ...status, startedMs: t0, stripesDone: 0, stripesTotal: stripes.length, doneBytes: 0, totalBytes: stripes.length * unitBytes, bytesPerSec: 0,
+    ...(o.rateBytesPerSec !== undefined ? { rateBytesPerSec: o.rateBytesPerSec } : {}),
+  };
+  const publish = (): void => {
+    const sec = Math.max(0.001, (o.clock.nowMs() - t0) / 1000);
+    const doneNow = st.stripesDone - stripes.filter((s) => s < status.resumedAtStripe).length;
+    st.doneBytes = st.stripesDone * unitBytes;
+    st.bytesPerSec = Math.round((Math.max(0, doneNow) * unitBytes) / sec);
+    const eta = st.bytesPerSec > 0 ? Math.round((st.totalBytes - st.doneBytes) / st.bytesPerSec) : undefined;
+    if (eta !== undefined) st.etaSeconds = eta;
+    else delete st.etaSeconds;
+    o.raid.rebuildStatus = { ...st };
+    o.onProgress?.({ ...st });
+  };
+  publish();
+  let rebuilt = 0;
+  let sinceMark = 0;
+  const one = async (s: number): Promise<void> => {
+    const why = o.stopReason?.();
+    if (why !== undefined) throw new Error(`rebuild stopped at stripe ${s}: ${why}`);
+    if (o.stopAfterStripes !== undefined && rebuilt >= o.stopAfterStripes) {
+      await o.raid.syncRebuildTarget();
+      await o.persist(s);
+      throw new Error(`stopped after ${o.stopAfterStripes} stripes (test hook): run again to resume at stripe ${s}`);
+    }
+    const n = await o.raid.rebuildStripe(s);
+    if (n > 0) {
+      rebuilt++;
+      bytes += n;
+      await limiter?.take(n);
+    }
+  };
+  for (const s of stripes) {
+    if (!o.raid.isRebuilt(s)) await one(s);
+    st.stripesDone++;
+    if (++sinceMark >= PROGRESS_EVERY_STRIPES) {
+      sinceMark = 0;
+      await o.raid.syncRebuildTarget();
+      await o.persist(s + 1);
+    }
+    publish();
+  }
+  // The final pass: stripes in use now that are not current (a write that began before the rebuild).
+  let late = 0;
+  for (const s of stripesInUse(o.usedBitmap(), g.stripeDataBlocks, g.stripes)) {
+    if (o.raid.isRebuilt(s)) continue;
+    await one(s);
+    late++;
+  }
+  await o.raid.syncRebuildTarget();
+  await o.persist(g.stripes);
+  publish();
+  return { stripesRebuilt: rebuilt, stripesLate: late, resumedAtStripe: status.resumedAtStripe, bytesWritten: bytes, durationMs: o.clock.nowMs() - t0 };
+}
