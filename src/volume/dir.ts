@@ -650,6 +650,11 @@ export interface VolumeStatus {
 /** The RAID device under each open RAID volume (for status). */
 const raidOf = new WeakMap<EngineVolume, RaidDevice>();
 
+/** The RAID device under an open RAID volume (undefined: not RAID). */
+export function raidDeviceOf(volume: EngineVolume): RaidDevice | undefined {
+  return raidOf.get(volume);
+}
+
 /** One line per lost member, for check's notes. */
 function raidNotes(h: RaidHealth): string[] {
   const lost = h.memberStatus.filter((m) => m.state !== 'online');
