@@ -43,6 +43,15 @@ import { lockVolumeDir, readLabel, resolveIn, volumeDirInUse, writeLabel, type V
 
 export const REPLACE_MARKER_NAME = 'replace-member.json';
 
+/** The system clock with timers that keep the process alive (systemClock's are unref'd: an unserved run has nothing else pending while it waits for the rate). */
+const keepAliveClock: Clock = {
+  nowMs: () => Date.now(),
+  setTimeout: (fn, ms) => {
+    const t = setTimeout(fn, ms);
+    return { cancel: () => clearTimeout(t) };
+  },
+};
+
 export interface ReplaceMarker {
   uuid: string;
   index: number;
@@ -164,7 +173,7 @@ export interface ReplaceOptions {
 
 /** replace-member of an unserved volume (the CLI asks the serving process when it is served). */
 export async function replaceMember(dir: string, oldArg: string, newArg: string, opts: ReplaceOptions = {}): Promise<ReplaceResult> {
-  const clock = opts.clock ?? systemClock;
+  const clock = opts.clock ?? keepAliveClock;
   const t0 = clock.nowMs();
   const absDir = path.resolve(dir);
   const label = await readLabel(absDir);
@@ -192,6 +201,7 @@ export async function replaceMember(dir: string, oldArg: string, newArg: string,
       dev = await FileBlockDevice.create(r.absNew, memberBlocks);
     }
     const start = resumable ? r.marker!.nextStripe : 0;
+    const rate = opts.rateBytesPerSec ?? r.marker?.rateBytesPerSec;
     const raid = await openRaidMembers(files, label.raid!, memberBlocks, label.uuid, false, { index: r.index, file: { name: r.newName, path: r.absNew } }).catch(async (e: unknown) => {
       await dev!.close();
       throw e;
@@ -203,14 +213,14 @@ export async function replaceMember(dir: string, oldArg: string, newArg: string,
       const used = tree.usedBitmap();
       const cpNumber = tree.cpNumber;
       await tree.close();
-      const marker: ReplaceMarker = { uuid: label.uuid, index: r.index, old: r.oldName, new: r.newName, cpNumber, nextStripe: start, ...(opts.rateBytesPerSec !== undefined ? { rateBytesPerSec: opts.rateBytesPerSec } : {}) };
+      const marker: ReplaceMarker = { uuid: label.uuid, index: r.index, old: r.oldName, new: r.newName, cpNumber, nextStripe: start, ...(rate !== undefined ? { rateBytesPerSec: rate } : {}) };
       await writeMarker(absDir, marker);
       raid.startRebuild(r.index, r.newName, dev, start);
       dev = undefined; // the RAID device owns it now
       const res = await runRebuild({ index: r.index, old: r.oldName, new: r.newName, resumedAtStripe: start }, {
         raid, usedBitmap: () => used, clock,
         persist: (nextStripe) => writeMarker(absDir, { ...marker, nextStripe }),
-        ...(opts.rateBytesPerSec !== undefined ? { rateBytesPerSec: opts.rateBytesPerSec } : {}),
+        ...(rate !== undefined ? { rateBytesPerSec: rate } : {}),
         ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),
         ...(opts.stopAfterStripes !== undefined ? { stopAfterStripes: opts.stopAfterStripes } : {}),
       });
