@@ -87,8 +87,11 @@ export interface RebuildStatus {
   startedMs: number;
   /** Stripes already rebuilt by an earlier, interrupted run (resumed from there). */
   resumedAtStripe: number;
+  /** Stripes in use that are current on the new member (skipped ones included), of those in use at the start. */
   stripesDone: number;
   stripesTotal: number;
+  /** Stripes this run rebuilt (read from the others and written). */
+  stripesRebuilt: number;
   doneBytes: number;
   totalBytes: number;
   bytesPerSec: number;
@@ -178,7 +181,7 @@ export class RaidDevice implements BlockDevice {
   private failure: string | undefined;
   private closed = false;
   /** The rebuild in progress: which member, and which stripes are current on it (1 byte per stripe). */
-  private rebuild: { index: number; old: string; done: Uint8Array } | undefined;
+  private rebuild: { index: number; old: string; done: Uint8Array; resumedAt: number } | undefined;
   /** Its progress, as its driver reports it (for status). */
   rebuildStatus: RebuildStatus | undefined;
 
@@ -592,19 +595,24 @@ export class RaidDevice implements BlockDevice {
     const done = new Uint8Array(g.stripes);
     done.fill(1, 0, doneBelow);
     this.members[index] = { name, dev, state: 'rebuilding', reason: `being rebuilt in place of ${oldName}`, errors: { read: 0, write: 0, checksum: 0, healed: 0 } };
-    this.rebuild = { index, old: oldName, done };
+    this.rebuild = { index, old: oldName, done, resumedAt: doneBelow };
     this.labelsDirty = true;
     void oldDev?.close().catch(() => undefined);
     log().info({ volume: this.uuid, member: index, old: oldName, new: name, doneBelow }, 'raid: rebuild started');
   }
 
   /** The member being rebuilt is still being rebuilt (not failed). Throws its failure otherwise. */
-  private checkRebuilding(): { index: number; done: Uint8Array } {
+  private checkRebuilding(): { index: number; done: Uint8Array; resumedAt: number } {
     const r = this.rebuild;
     assert(r !== undefined, 'no rebuild in progress');
     const m = this.members[r.index]!;
     if (m.state !== 'rebuilding') throw new Error(`member ${r.index} ${m.name}: ${m.reason ?? 'left the rebuild'}`);
     return r;
+  }
+
+  /** The stripe the rebuild started from (every stripe below was current on the new member at startRebuild). */
+  rebuildResumedAt(): number {
+    return this.checkRebuilding().resumedAt;
   }
 
   /** Whether stripe s is current on the member being rebuilt. */

@@ -96,7 +96,7 @@ export function stripesInUse(used: Buffer, stripeDataBlocks: number, stripes: nu
  * it in service (finishRebuild, labels, volume label). Throws on a stop, a failure of
  * the new member, or a stripe the others cannot rebuild.
  */
-export async function runRebuild(status: Omit<RebuildStatus, 'stripesDone' | 'stripesTotal' | 'doneBytes' | 'totalBytes' | 'bytesPerSec' | 'startedMs'>, o: RebuildRunOptions): Promise<RebuildRunResult> {
+export async function runRebuild(status: Omit<RebuildStatus, 'stripesDone' | 'stripesTotal' | 'stripesRebuilt' | 'doneBytes' | 'totalBytes' | 'bytesPerSec' | 'startedMs'>, o: RebuildRunOptions): Promise<RebuildRunResult> {
   const g = o.raid.geometry;
   const t0 = o.clock.nowMs();
   const unitBytes = g.unitBlocks * B;
@@ -104,23 +104,23 @@ export async function runRebuild(status: Omit<RebuildStatus, 'stripesDone' | 'st
   let bytes = await o.raid.rebuildHead();
   const stripes = stripesInUse(o.usedBitmap(), g.stripeDataBlocks, g.stripes);
   const st: RebuildStatus = {
-    ...status, startedMs: t0, stripesDone: 0, stripesTotal: stripes.length, doneBytes: 0, totalBytes: stripes.length * unitBytes, bytesPerSec: 0,
+    ...status, startedMs: t0, stripesDone: 0, stripesTotal: stripes.length, stripesRebuilt: 0, doneBytes: 0, totalBytes: stripes.length * unitBytes, bytesPerSec: 0,
     ...(o.rateBytesPerSec !== undefined ? { rateBytesPerSec: o.rateBytesPerSec } : {}),
   };
   const publish = (): void => {
     const sec = Math.max(0.001, (o.clock.nowMs() - t0) / 1000);
-    const doneNow = st.stripesDone - stripes.filter((s) => s < status.resumedAtStripe).length;
+    st.stripesRebuilt = rebuilt;
     st.doneBytes = st.stripesDone * unitBytes;
-    st.bytesPerSec = Math.round((Math.max(0, doneNow) * unitBytes) / sec);
+    st.bytesPerSec = Math.round((rebuilt * unitBytes) / sec);
     const eta = st.bytesPerSec > 0 ? Math.round((st.totalBytes - st.doneBytes) / st.bytesPerSec) : undefined;
     if (eta !== undefined) st.etaSeconds = eta;
     else delete st.etaSeconds;
     o.raid.rebuildStatus = { ...st };
     o.onProgress?.({ ...st });
   };
-  publish();
   let rebuilt = 0;
   let sinceMark = 0;
+  publish();
   const one = async (s: number): Promise<void> => {
     const why = o.stopReason?.();
     if (why !== undefined) throw new Error(`rebuild stopped at stripe ${s}: ${why}`);

@@ -293,7 +293,7 @@ async function runServed(absDir: string, label: VolumeLabel, volume: EngineVolum
   const status = raid.health();
   if (status.rebuild === undefined && status.memberStatus[r.index]!.state === 'rebuilding') {
     // Opened with the marker (a resume): the RAID device is rebuilding onto NEW already.
-    start = r.marker?.nextStripe ?? 0;
+    start = raid.rebuildResumedAt();
   } else {
     if (fs.existsSync(r.absNew)) await fs.promises.rm(r.absNew); // a copy nobody forwarded writes to: start again
     const dev = await FileBlockDevice.create(r.absNew, memberBlocks);
