@@ -20,7 +20,8 @@ export function registerReplaceMember(program: Command): void {
     .argument('<OLD>', 'the member to replace: its path as nvmirror.json lists it, or its index')
     .argument('<NEW>', 'the new member file (created; must not exist)')
     .option('--rate <SIZE>', 'rebuild at most this much per second (e.g. 50M)')
-    .action(async (dir: string, oldArg: string, newArg: string, o: { rate?: string }) => {
+    .option('--json', 'print the result as JSON')
+    .action(async (dir: string, oldArg: string, newArg: string, o: { rate?: string; json?: boolean }) => {
       const rate = o.rate !== undefined ? parseRate(o.rate, parseSize) : undefined;
       let line: ProgressLine | undefined;
       const onProgress = process.stderr.isTTY
@@ -31,6 +32,10 @@ export function registerReplaceMember(program: Command): void {
         : undefined;
       try {
         const r = await replaceMemberDir(dir, oldArg, newArg, { ...(onProgress ? { onProgress } : {}), ...(rate !== undefined ? { rateBytesPerSec: rate } : {}) });
+        if (o.json) {
+          process.stdout.write(`${JSON.stringify(r)}\n`);
+          return;
+        }
         process.stdout.write(`member ${r.index}: ${r.old} replaced by ${r.new}${r.served ? ' (by the serving process)' : ''}: ${r.stripesRebuilt} stripes rebuilt${r.resumedAt > 0 ? ` (resumed at stripe ${r.resumedAt})` : ''}, ${formatSize(r.bytesWritten)} written in ${(r.durationMs / 1000).toFixed(1)} s\n`);
       } finally {
         line?.finish();

@@ -665,6 +665,51 @@ export class RaidDevice implements BlockDevice {
     });
   }
 
+  /**
+   * Rebuilds a run of consecutive stripes [first, first+count) at once, with one read per
+   * member and one write (RAID-1: a copy; RAID-4/5: the XOR of every other member, which
+   * is the lost unit whatever its role). Holds the run's stripe locks, taken in ascending
+   * order (nobody else holds two). Only for RAID-1/4/5 and stripes outside the head.
+   * Returns the bytes written.
+   */
+  async rebuildRun(first: number, count: number): Promise<number> {
+    const r = this.checkRebuilding();
+    const g = this.geometry;
+    assert(this.canRebuildRuns(), `RAID-${g.level} rebuilds stripe by stripe`);
+    assert(Number.isInteger(first) && Number.isInteger(count) && count >= 1 && first >= 0 && first + count <= g.stripes, `rebuild run [${first}, +${count}) outside [0, ${g.stripes})`);
+    assert(first * g.stripeDataBlocks >= g.headBlocks, 'a rebuild run holds no head position');
+    await this.discardsDone(first, first + count);
+    const locked = async (s: number): Promise<number> => {
+      if (s < first + count) return this.withStripe(s, () => locked(s + 1));
+      const start = g.unitStart(first);
+      const blocks = count * g.unitBlocks;
+      const others: Buffer[] = [];
+      for (let i = 0; i < g.members; i++) if (i !== r.index) others.push(Buffer.alloc(blocks * B));
+      const ok = await Promise.all(others.map((b, k) => this.memberRead(k < r.index ? k : k + 1, start, blocks, b)));
+      let out: Buffer;
+      if (g.level === 1) {
+        const k = ok.indexOf(true);
+        if (k < 0) throw new VolumeError('EIO', `RAID-1: no member in service can read stripes [${first}, +${count})`);
+        out = others[k]!;
+      } else {
+        if (ok.some((x) => !x)) throw new VolumeError('EIO', `RAID-${g.level}: stripes [${first}, +${count}) have another column lost: the unit of member ${r.index} cannot be rebuilt`);
+        out = Buffer.alloc(blocks * B);
+        await computePAsync(others, out);
+      }
+      await this.memberWrite(r.index, start, out);
+      this.checkRebuilding();
+      for (let s2 = first; s2 < first + count; s2++) r.done[s2] = 1;
+      return out.length;
+    };
+    return locked(first);
+  }
+
+  /** Whether rebuildRun serves this level (RAID-1/4/5: the lost unit is a copy or the XOR of the others). */
+  canRebuildRuns(): boolean {
+    const l = this.geometry.level;
+    return l === 1 || l === 4 || l === 5;
+  }
+
   /** Makes what was written to the member being rebuilt durable. */
   async syncRebuildTarget(): Promise<void> {
     const r = this.checkRebuilding();

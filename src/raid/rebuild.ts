@@ -6,24 +6,33 @@
  * earlier run), then once more every stripe in use that is still not current (stripes
  * that came into use meanwhile are written whole, so this finds only what a write that
  * began before the rebuild left). Progress is persisted (after the new member is synced)
- * every PROGRESS_EVERY_STRIPES stripes as "every stripe in use below N is current".
+ * at the end of a batch of BATCH_STRIPES stripes, at most every PROGRESS_PERSIST_MS (on
+ * the injected clock), as "every stripe in use below N is current".
  *
  * Invariants:
  * - The persisted progress N never runs ahead of what is durable on the new member: it is
  *   written only after syncRebuildTarget(), and only stripes < N were passed.
  * - The rate limit (bytes per second, on the injected clock) holds over any window
  *   longer than RATE_BURST_MS: at most rate x (window + RATE_BURST_MS) bytes.
- * - Memory: the stripe list (one number per stripe in use) and one unit at a time.
+ * - Memory: the stripe list (one number per stripe in use) and, at a time,
+ *   REBUILD_RUNS_IN_FLIGHT runs of at most REBUILD_RUN_STRIPES_MAX stripes' units per member.
  */
 import type { Clock } from '../io/types';
 import { BLOCK_SIZE_BYTES } from '../io/types';
 import { testBit } from '../tree/bitmap';
 import { assert } from '../util/assert';
+import { forEachLimit } from '../tree/work';
 import type { RaidDevice, RebuildStatus } from './raid-device';
 
 const B = BLOCK_SIZE_BYTES;
-/** Progress is persisted every this many stripes rebuilt. */
-export const PROGRESS_EVERY_STRIPES = 64;
+/** Stripes in use per batch: a batch's stripes run concurrently, the batches in order (progress is persisted only at a batch's end). */
+export const BATCH_STRIPES = 64;
+/** Progress is persisted (the new member synced first) at the end of a batch when this long has passed since the last time. */
+export const PROGRESS_PERSIST_MS = 1000;
+/** Stripe runs rebuilt at once inside a batch. */
+export const REBUILD_RUNS_IN_FLIGHT = 4;
+/** Consecutive stripes rebuilt as one run (one read per member, one write: large I/Os) where the level allows. */
+export const REBUILD_RUN_STRIPES_MAX = 16;
 /** How far ahead of the rate an idle limiter may let a burst go. */
 export const RATE_BURST_MS = 100;
 /** The lowest rate limit accepted (below it a rebuild would take longer than anyone waits). */
@@ -119,42 +128,55 @@ export async function runRebuild(status: Omit<RebuildStatus, 'stripesDone' | 'st
     o.onProgress?.({ ...st });
   };
   let rebuilt = 0;
-  let sinceMark = 0;
   publish();
-  const one = async (s: number): Promise<void> => {
-    const why = o.stopReason?.();
-    if (why !== undefined) throw new Error(`rebuild stopped at stripe ${s}: ${why}`);
-    if (o.stopAfterStripes !== undefined && rebuilt >= o.stopAfterStripes) {
-      await o.raid.syncRebuildTarget();
-      await o.persist(s);
-      throw new Error(`stopped after ${o.stopAfterStripes} stripes (test hook): run again to resume at stripe ${s}`);
+  const headStripes = Math.ceil(g.headBlocks / g.stripeDataBlocks);
+  /** Consecutive stripes (ascending input) as runs: one stripe each unless the level rebuilds runs. */
+  const runsOf = (ss: number[]): { first: number; count: number }[] => {
+    const runs: { first: number; count: number }[] = [];
+    for (const s of ss) {
+      const last = runs[runs.length - 1];
+      if (last && o.raid.canRebuildRuns() && s >= headStripes && last.first >= headStripes && last.first + last.count === s && last.count < REBUILD_RUN_STRIPES_MAX) last.count++;
+      else runs.push({ first: s, count: 1 });
     }
-    const n = await o.raid.rebuildStripe(s);
+    return runs;
+  };
+  const one = async (run: { first: number; count: number }): Promise<void> => {
+    const why = o.stopReason?.();
+    if (why !== undefined) throw new Error(`rebuild stopped at stripe ${run.first}: ${why}`);
+    const n = run.count === 1 ? await o.raid.rebuildStripe(run.first) : await o.raid.rebuildRun(run.first, run.count);
     if (n > 0) {
-      rebuilt++;
+      rebuilt += run.count;
       bytes += n;
       await limiter?.take(n);
     }
   };
-  for (const s of stripes) {
-    if (!o.raid.isRebuilt(s)) await one(s);
-    st.stripesDone++;
-    if (++sinceMark >= PROGRESS_EVERY_STRIPES) {
-      sinceMark = 0;
+  let persistedMs = o.clock.nowMs();
+  for (let b = 0; b < stripes.length; b += BATCH_STRIPES) {
+    const batch = stripes.slice(b, b + BATCH_STRIPES);
+    if (o.stopAfterStripes !== undefined && rebuilt >= o.stopAfterStripes) {
       await o.raid.syncRebuildTarget();
-      await o.persist(s + 1);
+      await o.persist(batch[0]!);
+      throw new Error(`stopped after ${o.stopAfterStripes} stripes or more (${rebuilt}; test hook): run again to resume at stripe ${batch[0]!}`);
+    }
+    await forEachLimit(runsOf(batch.filter((s) => !o.raid.isRebuilt(s))), REBUILD_RUNS_IN_FLIGHT, async (run) => {
+      await one(run);
+      st.stripesDone += run.count;
+      publish();
+    });
+    st.stripesDone = b + batch.length;
+    // Every stripe in use below the batch's last + 1 is current: durable first, then say so.
+    if (o.clock.nowMs() - persistedMs >= PROGRESS_PERSIST_MS) {
+      await o.raid.syncRebuildTarget();
+      await o.persist(batch[batch.length - 1]! + 1);
+      persistedMs = o.clock.nowMs();
     }
     publish();
   }
   // The final pass: stripes in use now that are not current (a write that began before the rebuild).
-  let late = 0;
-  for (const s of stripesInUse(o.usedBitmap(), g.stripeDataBlocks, g.stripes)) {
-    if (o.raid.isRebuilt(s)) continue;
-    await one(s);
-    late++;
-  }
+  const late = stripesInUse(o.usedBitmap(), g.stripeDataBlocks, g.stripes).filter((s) => !o.raid.isRebuilt(s));
+  await forEachLimit(runsOf(late), REBUILD_RUNS_IN_FLIGHT, one);
   await o.raid.syncRebuildTarget();
   await o.persist(g.stripes);
   publish();
-  return { stripesRebuilt: rebuilt, stripesLate: late, resumedAtStripe: status.resumedAtStripe, bytesWritten: bytes, durationMs: o.clock.nowMs() - t0 };
+  return { stripesRebuilt: rebuilt, stripesLate: late.length, resumedAtStripe: status.resumedAtStripe, bytesWritten: bytes, durationMs: o.clock.nowMs() - t0 };
 }

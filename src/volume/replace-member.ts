@@ -12,7 +12,7 @@
  *
  * Resume: DIR/replace-member.json (the marker) records the replacement and `nextStripe`:
  * every stripe in use below it is current on NEW, durably. It is written before NEW gets
- * any write, then every PROGRESS_EVERY_STRIPES stripes after NEW is synced. While it
+ * any write, then at most every second (rebuild.ts: at the end of a batch, PROGRESS_PERSIST_MS) after NEW is synced. While it
  * exists, every open of the volume for writing (openMemberDevice: serve, scrub --repair,
  * ...) opens NEW as the member being rebuilt, so every write reaches it and the progress
  * stays true; a serving process resumes the rebuild by itself, and running the same

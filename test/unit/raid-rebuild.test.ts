@@ -106,7 +106,7 @@ describe('raid rebuild', function () {
       await volume.checkpoint();
     });
     const r = await replaceMemberServed(vol, opened.label, volume, raid, { old: 'm1.img', new: path.join(vol, 'n1.img'), rateBytesPerSec: 64 * 1024 }, clock);
-    assert.equal(round, 40, 'the client wrote during the rebuild');
+    assert.ok(round >= 5, `the client wrote during the rebuild (${round} rounds)`);
     assert.ok(r.stripesRebuilt > 0 && r.served);
     assert.ok(seen.some((s) => s.doneBytes > 0 && s.doneBytes < s.totalBytes && s.etaSeconds !== undefined && s.rateBytesPerSec === 64 * 1024), 'status showed progress with an ETA');
     assert.equal(raid.health().state, 'online');
