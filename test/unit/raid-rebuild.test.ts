@@ -7,7 +7,9 @@
  *   CP commits it (freeing stripes and writing new ones): at the end the new member is in
  *   service, scrub is clean, and with another member lost every block reads its newest
  *   version (so whatever was written during the rebuild reached the new member);
- * - status (raid.rebuild) carries progress and an ETA while it runs.
+ * - status (raid.rebuild) carries progress and an ETA while it runs;
+ * - RAID-1 (copies, in runs of stripes) and RAID-6 (P+Q, stripe by stripe): the replaced
+ *   member alone (RAID-1) or with the fewest others (RAID-6) reads every block back.
  */
 import { strict as assert } from 'assert';
 import * as fs from 'fs';
@@ -18,7 +20,7 @@ import { createVolumeDir, openVolumeDir, openVolumeParts, raidDeviceOf, readLabe
 import { RATE_BURST_MS, RateLimiter, parseRate } from '../../src/raid/rebuild';
 import { scrubRaid } from '../../src/raid/scrub';
 import type { RaidDevice, RebuildStatus } from '../../src/raid/raid-device';
-import { REPLACE_MARKER_NAME, replaceMemberServed } from '../../src/volume/replace-member';
+import { REPLACE_MARKER_NAME, replaceMember, replaceMemberServed } from '../../src/volume/replace-member';
 import { parseSize } from '../../src/util/size';
 
 const MiB = 1024 * 1024;
@@ -71,6 +73,34 @@ describe('raid rebuild', function () {
     assert.throws(() => parseRate('1K', parseSize), /^Error: bad rate "1K": at least 64K per second$/);
     assert.throws(() => parseRate('fast', parseSize), /^Error: bad size "fast"/);
   });
+
+  for (const [level, members, lose] of [[1, 3, [0, 2]], [6, 5, [1, 3]]] as [1 | 6, number, number[]][]) {
+    it(`RAID-${level}: replace-member (${level === 1 ? 'copies in runs of stripes' : 'P+Q, stripe by stripe'}) leaves a member that holds every block`, async () => {
+      const vol = path.join(tmp, `r${level}`);
+      const names = Array.from({ length: members }, (_, i) => `m${i}.img`);
+      await createVolumeDir(vol, { sizeBytes: 8 * MiB, nvramSizeBytes: 4 * MiB, raid: { level, stripeUnitBytes: 16 * 1024 }, members: names });
+      const opened = await openVolumeDir(vol, { readOnly: false, control: false, cpIntervalMs: 0 });
+      for (let lbn = 0; lbn < 1000; lbn++) await opened.volume.write(lbn * B, block(lbn, 0), false);
+      await opened.volume.checkpoint();
+      await opened.close();
+      fs.rmSync(path.join(vol, `m${lose[0]!}.img`));
+      const r = await replaceMember(vol, `m${lose[0]!}.img`, path.join(vol, 'new.img'));
+      assert.ok(r.stripesRebuilt > 0);
+      // Lose every other member but the new one can cover (RAID-1: all but one; RAID-6: two more).
+      const gone = level === 1 ? names.filter((_, i) => i !== lose[0]) : lose.slice(1).map((i) => `m${i}.img`).concat(['m4.img']);
+      for (const n of gone) fs.rmSync(path.join(vol, n), { force: true });
+      const p = await openVolumeParts(vol, true);
+      try {
+        for (let lbn = 0; lbn < 1000; lbn++) assert.ok((await p.tree.readBlock(lbn))!.equals(block(lbn, 0)), `lbn ${lbn}`);
+        assert.deepEqual((await p.tree.check()).problems, []);
+      } finally {
+        await p.tree.close();
+        await p.dev.close();
+        await p.region.close();
+        await p.lock.release();
+      }
+    });
+  }
 
   it('RAID-5: a member rebuilt while a client overwrites data and CPs commit it is whole at the end', async () => {
     const vol = path.join(tmp, 'vol');
