@@ -130,12 +130,14 @@ export async function runRebuild(status: Omit<RebuildStatus, 'stripesDone' | 'st
   let rebuilt = 0;
   publish();
   const headStripes = Math.ceil(g.headBlocks / g.stripeDataBlocks);
+  // Rate-limited: runs of at most a tenth of a second's worth, so a pause (and a stop) stays short.
+  const runMax = o.rateBytesPerSec !== undefined ? Math.max(1, Math.min(REBUILD_RUN_STRIPES_MAX, Math.floor(o.rateBytesPerSec / 10 / unitBytes))) : REBUILD_RUN_STRIPES_MAX;
   /** Consecutive stripes (ascending input) as runs: one stripe each unless the level rebuilds runs. */
   const runsOf = (ss: number[]): { first: number; count: number }[] => {
     const runs: { first: number; count: number }[] = [];
     for (const s of ss) {
       const last = runs[runs.length - 1];
-      if (last && o.raid.canRebuildRuns() && s >= headStripes && last.first >= headStripes && last.first + last.count === s && last.count < REBUILD_RUN_STRIPES_MAX) last.count++;
+      if (last && o.raid.canRebuildRuns() && s >= headStripes && last.first >= headStripes && last.first + last.count === s && last.count < runMax) last.count++;
       else runs.push({ first: s, count: 1 });
     }
     return runs;

@@ -263,24 +263,28 @@ export function servedReplaceProgress(raid: RaidDevice): RebuildStatus | null {
  */
 export async function replaceMemberServed(absDir: string, label: VolumeLabel, volume: EngineVolume, raid: RaidDevice, req: { old: string; new: string; rateBytesPerSec?: number }, clock: Clock = systemClock): Promise<ReplaceResult> {
   if (volume.caps.readOnly) throw new Error('the volume is served read-only: a member cannot be rebuilt');
+  const newName = labelName(absDir, path.resolve(req.new));
   const running = jobs.get(volume);
   if (running) {
-    const newName = labelName(absDir, path.resolve(req.new));
     if (newName !== running.newName) throw new Error(`a replacement of member ${running.index} by ${running.newName} is in progress in the serving process; wait for it (nvmirror status shows it)`);
     return running.done;
   }
-  const r = await resolveReplace(absDir, label, req.old, req.new);
-  if (r.marker && label.members[r.index]!.path === r.newName) {
-    await fs.promises.rm(path.join(absDir, REPLACE_MARKER_NAME));
-    return { index: r.index, old: r.oldName, new: r.newName, stripesRebuilt: 0, resumedAt: r.marker.nextStripe, bytesWritten: 0, durationMs: 0, served: true };
-  }
-  const h = raid.health();
-  if (h.state === 'failed') throw new Error(`${h.failure ?? 'too many members lost'}: member ${r.index} cannot be rebuilt`);
-  const job: ServedJob = { index: r.index, newName: r.newName, done: undefined as unknown as Promise<ReplaceResult>, stopping: undefined };
-  job.done = runServed(absDir, label, volume, raid, r, req.rateBytesPerSec ?? r.marker?.rateBytesPerSec, clock, job).finally(() => {
+  // Registered before any await: a second request (or the resume at open) finds this one.
+  const job: ServedJob = { index: -1, newName, done: undefined as unknown as Promise<ReplaceResult>, stopping: undefined };
+  jobs.set(volume, job);
+  job.done = (async (): Promise<ReplaceResult> => {
+    const r = await resolveReplace(absDir, label, req.old, req.new);
+    job.index = r.index;
+    if (r.marker && label.members[r.index]!.path === r.newName) {
+      await fs.promises.rm(path.join(absDir, REPLACE_MARKER_NAME));
+      return { index: r.index, old: r.oldName, new: r.newName, stripesRebuilt: 0, resumedAt: r.marker.nextStripe, bytesWritten: 0, durationMs: 0, served: true };
+    }
+    const h = raid.health();
+    if (h.state === 'failed') throw new Error(`${h.failure ?? 'too many members lost'}: member ${r.index} cannot be rebuilt`);
+    return runServed(absDir, label, volume, raid, r, req.rateBytesPerSec ?? r.marker?.rateBytesPerSec, clock, job);
+  })().finally(() => {
     if (jobs.get(volume) === job) jobs.delete(volume);
   });
-  jobs.set(volume, job);
   return job.done;
 }
 
