@@ -303,7 +303,7 @@ async function main(): Promise<number> {
       say('\n' + formatTable(rep, roundsNote) + '\n');
       if (suite.name === 'raid') {
         raidFullStripe = fullStripeNote(rep);
-        raidRebuild = await measureRebuild(root, c.workDir, c.raidRebuildFillBytes, c.nvramBytes, say);
+        raidRebuild = await measureRebuild(root, c.workDir, c.raidRebuildFillBytes, c.nvramBytes, c.rounds, say);
         say('\n' + formatRaidExtras(raidFullStripe, raidRebuild) + '\n');
       }
     }

@@ -3,8 +3,10 @@
  * - RAID-5 full-stripe writes vs RAID-0: the 1M seq write rows of RAID-5 x4 and RAID-0 x4
  *   (ratio of medians and per round), against the target (n-1)/n = 0.75.
  * - Rebuild throughput: a RAID-5 x4 volume (stripe unit 64 KiB) filled with
- *   BENCH_RAID_REBUILD_FILL of 1M sequential writes through `nvmirror serve`, stopped, one
- *   member file deleted, then `nvmirror replace-member` (unserved, no rate limit) timed.
+ *   BENCH_RAID_REBUILD_FILL of 1M sequential writes through `nvmirror serve`, stopped; then
+ *   per round (BENCH_ROUNDS) one member file deleted and `nvmirror replace-member`
+ *   (unserved, no rate limit) timed: round k replaces member k (the volume is whole again
+ *   after each), the median and the range reported.
  *   MB/s written to the new member, and MB/s of the volume's live data, against the
  *   disk's sequential bandwidth measured here too (fio, direct I/O, 1M, QD8, on a file in
  *   the same scratch directory), target >= 50%. The member files are dropped from the
@@ -58,6 +60,8 @@ export interface RebuildBench {
   memberBytesWritten: number;
   stripesRebuilt: number;
   rebuildS: number;
+  /** Per round: MB/s written to the new member. */
+  memberMBpsRounds: number[];
   memberMBps: number;
   liveMBps: number;
   diskWriteMBps: number;
@@ -75,7 +79,7 @@ function dropFromCache(file: string): void {
   execFileSync('dd', [`if=${file}`, 'iflag=nocache', 'count=0', 'status=none'], { stdio: ['ignore', 'pipe', 'pipe'] });
 }
 
-export async function measureRebuild(root: string, workDir: string, fillBytes: number, nvramBytes: number, say: (s: string) => void): Promise<RebuildBench> {
+export async function measureRebuild(root: string, workDir: string, fillBytes: number, nvramBytes: number, rounds: number, say: (s: string) => void): Promise<RebuildBench> {
   const dir = path.join(workDir, 'raid-rebuild');
   fs.mkdirSync(dir, { recursive: true });
   // The disk's sequential bandwidth, on a file beside the members.
@@ -101,19 +105,30 @@ export async function measureRebuild(root: string, workDir: string, fillBytes: n
     await srv.stop();
   }
   const st = JSON.parse(execFileSync(node, [path.join(root, 'dist', 'src', 'cli', 'main.js'), 'status', vol, '--json'], { encoding: 'utf8' })) as { usedBytes: number };
-  fs.rmSync(path.join(vol, 'm1.img'));
-  for (const m of ['m0.img', 'm2.img', 'm3.img']) dropFromCache(path.join(vol, m));
-  say(`  [raid] rebuild: replace-member of m1.img (${formatSize(st.usedBytes)} in use)...`);
-  const out = execFileSync(node, [path.join(root, 'dist', 'src', 'cli', 'main.js'), 'replace-member', vol, 'm1.img', path.join(vol, 'n1.img'), '--json'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: REBUILD_TIMEOUT_MS });
-  const res = JSON.parse(out) as { stripesRebuilt: number; bytesWritten: number; durationMs: number };
-  if (!(res.stripesRebuilt > 0 && res.durationMs > 0)) throw new Error(`replace-member said: ${out.trim()}`);
-  const stripes = res.stripesRebuilt;
-  const rebuildS = res.durationMs / 1000;
-  const memberBytesWritten = res.bytesWritten;
+  const names = ['m0.img', 'm1.img', 'm2.img', 'm3.img'];
+  const samples: { stripes: number; bytes: number; s: number }[] = [];
+  for (let k = 0; k < rounds; k++) {
+    const i = k % names.length;
+    const old = names[i]!;
+    fs.rmSync(path.join(vol, old));
+    for (const m of names) if (m !== old) dropFromCache(path.join(vol, m));
+    say(`  [raid r${k + 1}/${rounds}] rebuild: replace-member of ${old} (${formatSize(st.usedBytes)} in use)...`);
+    const fresh = `n${k}.img`;
+    const out = execFileSync(node, [path.join(root, 'dist', 'src', 'cli', 'main.js'), 'replace-member', vol, old, path.join(vol, fresh), '--json'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: REBUILD_TIMEOUT_MS });
+    const res = JSON.parse(out) as { stripesRebuilt: number; bytesWritten: number; durationMs: number };
+    if (!(res.stripesRebuilt > 0 && res.durationMs > 0)) throw new Error(`replace-member said: ${out.trim()}`);
+    samples.push({ stripes: res.stripesRebuilt, bytes: res.bytesWritten, s: res.durationMs / 1000 });
+    names[i] = fresh;
+  }
   fs.rmSync(vol, { recursive: true, force: true });
+  const rates = samples.map((x) => x.bytes / 1e6 / x.s);
+  const mid = [...samples].sort((a, b) => a.bytes / a.s - b.bytes / b.s)[samples.length >> 1]!;
+  const stripes = mid.stripes;
+  const rebuildS = mid.s;
+  const memberBytesWritten = mid.bytes;
   const memberMBps = memberBytesWritten / 1e6 / rebuildS;
   return {
-    fillBytes, liveBytes: st.usedBytes, memberBytesWritten, stripesRebuilt: stripes, rebuildS, memberMBps, liveMBps: st.usedBytes / 1e6 / rebuildS,
+    fillBytes, liveBytes: st.usedBytes, memberBytesWritten, stripesRebuilt: stripes, rebuildS, memberMBpsRounds: rates, memberMBps, liveMBps: st.usedBytes / 1e6 / rebuildS,
     diskWriteMBps, diskReadMBps, ratioToDiskWrite: memberMBps / diskWriteMBps, fillWriteMBps,
   };
 }
@@ -127,7 +142,8 @@ export function formatRaidExtras(fs5: FullStripeNote | undefined, rb: RebuildBen
   if (rb) {
     out.push('== raid: rebuild (replace-member, unserved, no rate limit) of one RAID-5 x4 member vs the disk\'s sequential bandwidth (target >= 50%) ==');
     out.push(`   disk: fio direct 1M QD8 write ${rb.diskWriteMBps.toFixed(0)} MB/s, read ${rb.diskReadMBps.toFixed(0)} MB/s; volume filled with ${formatSize(rb.fillBytes)} at ${rb.fillWriteMBps.toFixed(0)} MB/s (${formatSize(rb.liveBytes)} in use)`);
-    out.push(`   rebuilt ${rb.stripesRebuilt} stripes, ${formatSize(rb.memberBytesWritten)} onto the new member in ${rb.rebuildS.toFixed(1)} s: ${rb.memberMBps.toFixed(0)} MB/s written (${(100 * rb.ratioToDiskWrite).toFixed(0)}% of the disk's write bandwidth; it read ${(3 * rb.memberMBps).toFixed(0)} MB/s from the other members), ${rb.liveMBps.toFixed(0)} MB/s of live volume data`);
+    out.push(`   median of ${rb.memberMBpsRounds.length} rebuild(s): ${rb.stripesRebuilt} stripes, ${formatSize(rb.memberBytesWritten)} onto the new member in ${rb.rebuildS.toFixed(2)} s: ${rb.memberMBps.toFixed(0)} MB/s written (rounds ${Math.min(...rb.memberMBpsRounds).toFixed(0)}-${Math.max(...rb.memberMBpsRounds).toFixed(0)}),` +
+      ` ${(100 * rb.ratioToDiskWrite).toFixed(0)}% of the disk's write bandwidth; with the ${(3 * rb.memberMBps).toFixed(0)} MB/s read from the other members ${(4 * rb.memberMBps).toFixed(0)} MB/s of member I/O; ${rb.liveMBps.toFixed(0)} MB/s of live volume data (${(100 * rb.liveMBps / rb.diskWriteMBps).toFixed(0)}% of the disk's write bandwidth)`);
   }
   return out.join('\n');
 }

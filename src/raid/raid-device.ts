@@ -684,7 +684,8 @@ export class RaidDevice implements BlockDevice {
       const start = g.unitStart(first);
       const blocks = count * g.unitBlocks;
       const others: Buffer[] = [];
-      for (let i = 0; i < g.members; i++) if (i !== r.index) others.push(Buffer.alloc(blocks * B));
+      // Not zeroed: a successful read fills each whole, computeP writes all of out, a failed read is never used.
+      for (let i = 0; i < g.members; i++) if (i !== r.index) others.push(Buffer.allocUnsafe(blocks * B));
       const ok = await Promise.all(others.map((b, k) => this.memberRead(k < r.index ? k : k + 1, start, blocks, b)));
       let out: Buffer;
       if (g.level === 1) {
@@ -693,7 +694,7 @@ export class RaidDevice implements BlockDevice {
         out = others[k]!;
       } else {
         if (ok.some((x) => !x)) throw new VolumeError('EIO', `RAID-${g.level}: stripes [${first}, +${count}) have another column lost: the unit of member ${r.index} cannot be rebuilt`);
-        out = Buffer.alloc(blocks * B);
+        out = Buffer.allocUnsafe(blocks * B);
         await computePAsync(others, out);
       }
       await this.memberWrite(r.index, start, out);
