@@ -35,6 +35,8 @@ export const REBUILD_RUNS_IN_FLIGHT = 4;
 export const REBUILD_RUN_STRIPES_MAX = 16;
 /** How far ahead of the rate an idle limiter may let a burst go. */
 export const RATE_BURST_MS = 100;
+/** The shortest window the progress figures' rate is taken over. */
+const RATE_WINDOW_MIN_MS = 1000;
 /** The lowest rate limit accepted (below it a rebuild would take longer than anyone waits). */
 export const RATE_MIN_BYTES_PER_SEC = 64 * 1024;
 
@@ -117,10 +119,11 @@ export async function runRebuild(status: Omit<RebuildStatus, 'stripesDone' | 'st
     ...(o.rateBytesPerSec !== undefined ? { rateBytesPerSec: o.rateBytesPerSec } : {}),
   };
   const publish = (): void => {
-    const sec = Math.max(0.001, (o.clock.nowMs() - t0) / 1000);
+    // Over at least RATE_WINDOW_MIN_MS, and never above the limit: the first runs' burst must not promise an early end.
+    const sec = Math.max(RATE_WINDOW_MIN_MS, o.clock.nowMs() - t0) / 1000;
     st.stripesRebuilt = rebuilt;
     st.doneBytes = st.stripesDone * unitBytes;
-    st.bytesPerSec = Math.round((rebuilt * unitBytes) / sec);
+    st.bytesPerSec = Math.round(Math.min((rebuilt * unitBytes) / sec, o.rateBytesPerSec ?? Infinity));
     const eta = st.bytesPerSec > 0 ? Math.round((st.totalBytes - st.doneBytes) / st.bytesPerSec) : undefined;
     if (eta !== undefined) st.etaSeconds = eta;
     else delete st.etaSeconds;

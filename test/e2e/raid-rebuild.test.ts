@@ -1,7 +1,8 @@
 /**
  * `nvmirror replace-member` on a RAID-5 volume of 4 member files (16 KiB unit), one
  * member deleted:
- * - served: the CLI asks the serving process, which rebuilds onto the new file (--rate
+ * - served: bad input (not a member, already a member, a rate below 64K) is one line and
+ *   changes nothing; the CLI asks the serving process, which rebuilds onto the new file (--rate
  *   1M, so it lasts seconds) while fio (verify=crc32c) writes a new region and re-reads
  *   the old one; `status` shows the member REBUILDING, progress and an ETA meanwhile.
  *   Then: the member ONLINE under its new name, scrub clean, check clean, every byte
@@ -102,6 +103,19 @@ describe('e2e RAID-5 replace-member while served, rate-limited, resumed after ki
     await fio(tmp, 'base', srv.uri, region(0));
     await waitForCp(vol);
     fs.rmSync(path.join(vol, 'm2.img'));
+    // Bad input while served: one line each, nothing changed.
+    const label = fs.readFileSync(path.join(vol, 'nvmirror.json'), 'utf8');
+    for (const [args, msg] of [
+      [['m9.img', path.join(vol, 'n2.img')], /^nvmirror: m9\.img is not a member of .*\n$/],
+      [['m2.img', path.join(vol, 'm3.img')], /^nvmirror: .*m3\.img is already a member of .*\n$/],
+      [['m2.img', path.join(vol, 'n2.img'), '--rate', '1K'], /^nvmirror: bad rate "1K": at least 64K per second\n$/],
+    ] as [string[], RegExp][]) {
+      const bad = await run(process.execPath, [NVMIRROR_BIN, 'replace-member', vol, ...args], { timeoutMs: 30_000 });
+      assert.equal(bad.code, 1, bad.stderr);
+      assert.match(bad.stderr, msg);
+    }
+    assert.equal(fs.readFileSync(path.join(vol, 'nvmirror.json'), 'utf8'), label);
+    assert.ok(!fs.existsSync(path.join(vol, 'n2.img')) && !fs.existsSync(path.join(vol, 'replace-member.json')));
 
     const replacing = run(process.execPath, [NVMIRROR_BIN, 'replace-member', vol, 'm2.img', path.join(vol, 'n2.img'), '--rate', RATE], { timeoutMs: 240_000 });
     const during = await until('the rebuild in status', async () => {
