@@ -54,6 +54,8 @@ export interface BenchConfig {
   nbdkitThreads: number | undefined;
   /** BENCH_STREAM=1: memory and file suites also run nvmirror on the stream data path (NVMIRROR_NBD_NATIVE=0), same rounds. */
   streamToo: boolean;
+  /** The raid suite's rebuild run: live data written before a member is replaced. */
+  raidRebuildFillBytes: number;
   /** The mirror suite (BENCH_SUITES=mirror): see scripts/bench/mirror.ts. */
   mirror: MirrorBenchOptions;
 }
@@ -103,7 +105,9 @@ environment:
                          suite only with BENCH_ENGINE=1, then ~2.5 minutes)
   BENCH_SUITES=a,b       suites: parity,memory,file,engine,mirror,raid (default: parity,memory,file,engine;
                          parity: RAID parity MB/s vs ISA-L, needs libisal-dev; raid: engine volumes on
-                         1 member vs RAID-0 x4, RAID-5 x4, RAID-6 x6, member files on the same disk)
+                         1 member vs RAID-0 x4, RAID-5 x4, RAID-6 x6, member files on the same disk;
+                         then RAID-5 full-stripe vs RAID-0 writes, and a rebuild vs the disk's bandwidth)
+  BENCH_RAID_REBUILD_FILL=2G  raid suite: live data in the volume whose member is rebuilt (quick 256M)
   BENCH_ENGINE=auto|1|0  engine suite: auto = when 'nvmirror create' exists (default auto;
                          default 0 with BENCH_QUICK)
   BENCH_SIZE=1G          volume size for the memory and file suites (quick 256M)
@@ -198,6 +202,7 @@ export function loadConfig(argv: string[]): BenchConfig | 'help' {
     keepWorkDir: envBool('BENCH_KEEP'),
     jsonPath: jsonEnv !== undefined && jsonEnv !== '' ? path.resolve(jsonEnv) : undefined,
     jsonToStdout,
+    raidRebuildFillBytes: envSize('BENCH_RAID_REBUILD_FILL', quick ? '256M' : '2G'),
     only: onlyRaw.split(',').map((x) => x.trim()).filter((x) => x !== ''),
     repoRoot: path.resolve(__dirname, '..', '..', '..'),
     nbdkitThreads: threads === undefined || threads === '' ? undefined : envInt('BENCH_NBDKIT_THREADS', 16, 1, 1024),

@@ -23,6 +23,7 @@ import { buildRows, formatTable, Sample, SuiteReport } from './report';
 import { CpLatencyResult, measureCpLatency, measureRss, RssResult } from './engine-extras';
 import { formatMirror, MirrorReport, mirrorWorkloads, runMirrorSuite } from './mirror';
 import { formatParity, ParityReport, runParitySuite } from './parity';
+import { formatRaidExtras, fullStripeNote, measureRebuild, type FullStripeNote, type RebuildBench } from './raid-rebuild';
 import {
   engineAvailable,
   nbdkitFile,
@@ -230,6 +231,7 @@ function estimateS(c: BenchConfig, suites: Suite[], withEngine: boolean): number
   }
   if (withEngine && c.suites.includes('engine')) s += c.cpLatencyRuntimeS + 5 + c.sustainedBytes / 4096 / 10_000 + 5;
   if (c.suites.includes('parity')) s += 20;
+  if (withEngine && c.suites.includes('raid')) s += 30 + (c.raidRebuildFillBytes / 100e6) * 2;
   if (c.suites.includes('mirror')) {
     // 5 configurations per workload: fio, start-up and the wait for the final in-sync point; RTT calibration; 2 stall runs.
     s += c.rounds * mirrorWorkloads(c.mirror).length * 5 * (c.mirror.runtimeS + 8) + 40 + 2 * (c.mirror.stallS + 15);
@@ -288,6 +290,8 @@ async function main(): Promise<number> {
   let rss: RssResult | undefined;
   let mirror: MirrorReport | undefined;
   let parityReport: ParityReport | undefined;
+  let raidFullStripe: FullStripeNote | undefined;
+  let raidRebuild: RebuildBench | undefined;
   try {
     if (wantParity) {
       parityReport = runParitySuite(say);
@@ -297,6 +301,11 @@ async function main(): Promise<number> {
       const rep = await runSuite(c, suite);
       reports.push(rep);
       say('\n' + formatTable(rep, roundsNote) + '\n');
+      if (suite.name === 'raid') {
+        raidFullStripe = fullStripeNote(rep);
+        raidRebuild = await measureRebuild(root, c.workDir, c.raidRebuildFillBytes, c.nvramBytes, c.rounds, say);
+        say('\n' + formatRaidExtras(raidFullStripe, raidRebuild) + '\n');
+      }
     }
     if (wantCpLatency) {
       const dir = path.join(c.workDir, 'engine-extras');
@@ -328,6 +337,7 @@ async function main(): Promise<number> {
   out.push(`nvmirror ${gitRev}, ${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? '?'}), ${versions.fio}, ${versions.nbdkit}, node ${versions.node}; took ${Math.round((Date.now() - started) / 1000)} s; load average ${loadStart.toFixed(1)} at start, ${loadEnd.toFixed(1)} at end`);
   if (parityReport) out.push('', formatParity(parityReport));
   for (const r of reports) out.push('', formatTable(r, roundsNote));
+  if (raidFullStripe || raidRebuild) out.push('', formatRaidExtras(raidFullStripe, raidRebuild));
   if (cpLatency) {
     out.push('', '== engine: 4k randwrite QD1 p99 completion latency during vs outside CPs (target: during <= 3x outside) ==');
     if (cpLatency.ratio !== undefined) {
@@ -357,6 +367,8 @@ async function main(): Promise<number> {
     engineRss: rss ?? null,
     mirror: mirror ?? null,
     parity: parityReport ?? null,
+    raidFullStripe: raidFullStripe ?? null,
+    raidRebuild: raidRebuild ?? null,
   };
   const text = JSON.stringify(json, null, 2);
   if (c.jsonPath) fs.writeFileSync(c.jsonPath, text + '\n');

@@ -61,16 +61,22 @@ export function formatRaid(r: RaidHealth & { scrub?: ScrubState }): string[] {
     const l = r.scrub.last;
     lines.push(`scan       scrub${l.repair ? ' repaired' : ' found'} ${l.repair ? l.corrected : l.checksumErrors + l.parityErrors} error(s) in ${(l.durationMs / 1000).toFixed(1)} s with ${l.uncorrectable} uncorrectable, ${new Date(l.startedMs + l.durationMs).toISOString()}`);
   }
+  const rb = r.rebuild;
+  if (rb) {
+    const pct = rb.totalBytes > 0 ? Math.min(100, Math.round((100 * rb.doneBytes) / rb.totalBytes)) : 100;
+    lines.push(`rebuild    member ${rb.index} ${rb.old} -> ${rb.new} in progress since ${new Date(rb.startedMs).toISOString()}: ${formatSize(rb.doneBytes)} of ${formatSize(rb.totalBytes)} (${pct}%, ${rb.stripesDone} of ${rb.stripesTotal} stripes)` +
+      `, ${formatSize(rb.bytesPerSec)}/s${rb.etaSeconds !== undefined ? `, ETA ${rb.etaSeconds} s` : ''}${rb.rateBytesPerSec !== undefined ? `, limit ${formatSize(rb.rateBytesPerSec)}/s` : ''}${rb.resumedAtStripe > 0 ? `, resumed at stripe ${rb.resumedAtStripe}` : ''}`);
+  }
   if (r.stripeWrites.full + r.stripeWrites.readModifyWrite > 0) {
     lines.push(`           stripes written since open: ${r.stripeWrites.full} whole, ${r.stripeWrites.readModifyWrite} by read-modify-write` +
       (r.journal ? ` (${r.journal.stripes} through the stripe journal in ${r.journal.batches} batches)` : ''));
   }
   if (r.journal && r.journal.replayedStripes > 0) lines.push(`           ${r.journal.replayedStripes} stripes of an interrupted write replayed from the stripe journal at open`);
   const width = Math.max(6, ...r.memberStatus.map((m) => m.name.length));
-  lines.push(`           ${'member'.padEnd(width + 4)} ${'STATE'.padEnd(8)} ${'READ'.padStart(5)} ${'WRITE'.padStart(5)} ${'CKSUM'.padStart(5)} ${'HEALED'.padStart(6)}`);
+  lines.push(`           ${'member'.padEnd(width + 4)} ${'STATE'.padEnd(10)} ${'READ'.padStart(5)} ${'WRITE'.padStart(5)} ${'CKSUM'.padStart(5)} ${'HEALED'.padStart(6)}`);
   for (const m of r.memberStatus) {
     const e = m.errors;
-    lines.push(`           ${`${m.index}  ${m.name}`.padEnd(width + 4)} ${m.state.toUpperCase().padEnd(8)} ${String(e.read).padStart(5)} ${String(e.write).padStart(5)} ${String(e.checksum).padStart(5)} ${String(e.healed).padStart(6)}` +
+    lines.push(`           ${`${m.index}  ${m.name}`.padEnd(width + 4)} ${m.state.toUpperCase().padEnd(10)} ${String(e.read).padStart(5)} ${String(e.write).padStart(5)} ${String(e.checksum).padStart(5)} ${String(e.healed).padStart(6)}` +
       (m.reason ? `  ${m.reason}` : ''));
   }
   return lines;

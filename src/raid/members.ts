@@ -112,11 +112,17 @@ export async function createRaidMembers(files: RaidMemberFile[], spec: RaidSpec,
 }
 
 /** At every sync: a member file that was deleted, replaced or truncated under us leaves service. */
-function fileProbe(files: RaidMemberFile[], opened: (fs.Stats | undefined)[], memberBlocks: number): (i: number) => Promise<string | null> {
+function fileProbe(filesIn: RaidMemberFile[], opened: (fs.Stats | undefined)[], memberBlocks: number, resolveName?: (name: string) => string): (i: number, name: string) => Promise<string | null> {
   const idOf = (st: fs.Stats): string => `${st.dev}:${st.ino}`;
+  const files = [...filesIn];
   // The identity of each file as it was opened (undefined: take it at the first probe).
   const ids: (string | undefined)[] = files.map((_, i) => (opened[i] ? idOf(opened[i]!) : undefined));
-  return async (i) => {
+  return async (i, name) => {
+    if (files[i]!.name !== name && resolveName) {
+      // The member was replaced (a rebuild onto a new file): watch that file from now on.
+      files[i] = { name, path: resolveName(name) };
+      ids[i] = undefined;
+    }
     const f = files[i]!;
     let st: fs.Stats;
     try {
@@ -161,13 +167,20 @@ export interface OpenRaidExtra {
   formerUuid?: string;
   /** A stripe journal device (a mirror destination's): partial stripes go through it; call replayJournal() next. */
   journalDev?: BlockDevice;
+  /** A member name (as the volume label lists it) -> its path, for the probe of a member that replaced another while open. */
+  resolveName?: (name: string) => string;
 }
 
 /**
  * Opens a RAID volume's members. Refuses (throws) a foreign, swapped or mismatched member
  * by name; opens missing, truncated, unlabelled and stale members as out of service.
  */
-export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, memberBlocks: number, volumeUuid: string, readOnly: boolean, replacing?: { index: number; file: RaidMemberFile }, extra: OpenRaidExtra = {}): Promise<RaidDevice> {
+/**
+ * @param replacing member `index` is being replaced by `file` (replace-member): the old
+ *   member is not opened; with `dev` (NEW opened) the RaidDevice starts rebuilding onto it
+ *   with stripes [0, doneBelow) current already, so every write from the start reaches it.
+ */
+export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, memberBlocks: number, volumeUuid: string, readOnly: boolean, replacing?: { index: number; file: RaidMemberFile; dev?: BlockDevice; doneBelow?: number }, extra: OpenRaidExtra = {}): Promise<RaidDevice> {
   const members: RaidMemberDevice[] = [];
   const stats: (fs.Stats | undefined)[] = [];
   try {
@@ -193,8 +206,10 @@ export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, m
     await extra.journalDev?.close().catch(() => undefined);
     throw e;
   }
-  const probe = fileProbe(replacing ? files.map((f, i) => (i === replacing.index ? replacing.file : f)) : files, stats, memberBlocks);
-  return assembleRaidMembers(members, spec, memberBlocks, volumeUuid, readOnly, { probe, ...extra });
+  const probe = fileProbe(replacing ? files.map((f, i) => (i === replacing.index ? replacing.file : f)) : files, stats, memberBlocks, extra.resolveName);
+  const raid = await assembleRaidMembers(members, spec, memberBlocks, volumeUuid, readOnly, { probe, ...extra });
+  if (replacing?.dev) raid.startRebuild(replacing.index, replacing.file.name, replacing.dev, replacing.doneBelow ?? 0);
+  return raid;
 }
 
 /**
@@ -202,7 +217,7 @@ export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, m
  * as openRaidMembers, for any BlockDevice: the crash tests assemble recorded images).
  * On a refusal every member device is closed.
  */
-export async function assembleRaidMembers(members: RaidMemberDevice[], spec: RaidSpec, memberBlocks: number, volumeUuid: string, readOnly: boolean, extra: OpenRaidExtra & { probe?: (i: number) => Promise<string | null>; parity?: ParityOps } = {}): Promise<RaidDevice> {
+export async function assembleRaidMembers(members: RaidMemberDevice[], spec: RaidSpec, memberBlocks: number, volumeUuid: string, readOnly: boolean, extra: OpenRaidExtra & { probe?: (i: number, name: string) => Promise<string | null>; parity?: ParityOps } = {}): Promise<RaidDevice> {
   const g = geometryFor(spec, members.length, memberBlocks);
   const specs: RaidMemberSpec[] = members.map((m) => (m.dev === null ? { name: m.name, dev: null, missingReason: m.missingReason ?? 'missing' } : { name: m.name, dev: m.dev }));
   const labels: (RaidLabel | undefined)[] = members.map(() => undefined);
@@ -256,12 +271,13 @@ export async function assembleRaidMembers(members: RaidMemberDevice[], spec: Rai
       ? await StripeJournal.open(extra.journalDev, { level: g.level, members: g.members, unitBlocks: g.unitBlocks, stripes: g.stripes, columns: g.dataMembers + g.parityMembers })
       : undefined;
     if (extra.journalDev && !journal) await extra.journalDev.close();
-    return new RaidDevice({
+    const raid = new RaidDevice({
       geometry: g, volumeUuid, generation: newest.generation, members: specs, readOnly, headPick: superblockPick, relabel,
       ...(extra.probe ? { probe: extra.probe } : {}),
       ...(extra.parity ? { parity: extra.parity } : {}),
       ...(journal ? { journal } : {}),
     });
+    return raid;
   } catch (e) {
     for (const s of specs) await s.dev?.close().catch(() => undefined);
     throw e;

@@ -39,6 +39,13 @@
  *   parity rows they change) are durable in the journal, and the journal batch is
  *   released only after those member writes are synced; its stripes stay locked from the
  *   journal write to the release. replayJournal() runs before the device serves anything.
+ * - Rebuild (startRebuild .. finishRebuild): the member being rebuilt ('rebuilding') is
+ *   never read, but every write that reaches the members (stripes, head, discards, syncs)
+ *   reaches it too, so a stripe written after startRebuild is current on it. A stripe is
+ *   marked rebuilt (one byte per stripe) only under its stripe lock, after its unit was
+ *   written to the new member whole (by rebuildStripe, or by a stripe write that began
+ *   after startRebuild). The new member gets no label until finishRebuild: it counts as
+ *   out of service (for the tolerance and in the labels) until then.
  */
 import type { BlockDevice } from '../io/types';
 import { BLOCK_SIZE_BYTES } from '../io/types';
@@ -58,8 +65,10 @@ export const PENDING_BYTES_MAX_DEFAULT = 64 * 1024 * 1024;
 const DISCARDS_IN_FLIGHT_MAX = 64;
 /** Member I/Os in flight at once for one request. */
 const MEMBER_IO_CONCURRENCY = 8;
+/** The lock key of the head (stripe locks are keyed by stripe number >= 0). */
+const HEAD_LOCK = -1;
 
-export type MemberState = 'online' | 'faulted' | 'missing';
+export type MemberState = 'online' | 'faulted' | 'missing' | 'rebuilding';
 
 export interface MemberErrorCounts {
   read: number;
@@ -76,6 +85,27 @@ export interface MemberStatus {
   errors: MemberErrorCounts;
 }
 
+/** A rebuild in progress (set by its driver, src/raid/rebuild.ts; shown by status). */
+export interface RebuildStatus {
+  index: number;
+  old: string;
+  new: string;
+  startedMs: number;
+  /** Stripes already rebuilt by an earlier, interrupted run (resumed from there). */
+  resumedAtStripe: number;
+  /** Stripes in use that are current on the new member (skipped ones included), of those in use at the start. */
+  stripesDone: number;
+  stripesTotal: number;
+  /** Stripes this run rebuilt (read from the others and written). */
+  stripesRebuilt: number;
+  doneBytes: number;
+  totalBytes: number;
+  bytesPerSec: number;
+  etaSeconds?: number;
+  /** The rate limit, if any. */
+  rateBytesPerSec?: number;
+}
+
 export interface RaidHealth {
   level: number;
   members: number;
@@ -90,6 +120,7 @@ export interface RaidHealth {
   stripeWrites: { full: number; readModifyWrite: number };
   /** Partial stripes written through the stripe journal since open, and journal batches (absent: no journal). */
   journal?: { stripes: number; batches: number; replayedStripes: number };
+  rebuild?: RebuildStatus;
 }
 
 export interface RaidMemberSpec {
@@ -110,8 +141,8 @@ export interface RaidDeviceOptions {
   readOnly?: boolean;
   /** Which of the members' copies of a head block to serve (default: the first readable). */
   headPick?: (copies: Buffer[]) => number;
-  /** Checked at every sync(): a reason the member must leave service (e.g. its file was deleted), or null. */
-  probe?: (index: number) => Promise<string | null>;
+  /** Checked at every sync(): a reason the member `index` (now named `name`) must leave service (e.g. its file was deleted), or null. */
+  probe?: (index: number, name: string) => Promise<string | null>;
   pendingBytesMax?: number;
   /** Parity work (default: the thread pool; the simulator injects PARITY_INLINE). */
   parity?: ParityOps;
@@ -150,7 +181,7 @@ export class RaidDevice implements BlockDevice {
   private generation: number;
   private readonly readOnly: boolean;
   private readonly headPick: ((copies: Buffer[]) => number) | undefined;
-  private readonly probe: ((index: number) => Promise<string | null>) | undefined;
+  private readonly probe: ((index: number, name: string) => Promise<string | null>) | undefined;
   private readonly pendingBytesMax: number;
   private readonly parity: ParityOps;
   private readonly pending = new Map<number, PendingStripe>();
@@ -167,6 +198,10 @@ export class RaidDevice implements BlockDevice {
   private journalTail: Promise<void> = Promise.resolve();
   private failure: string | undefined;
   private closed = false;
+  /** The rebuild in progress: which member, and which stripes are current on it (1 byte per stripe). */
+  private rebuild: { index: number; old: string; done: Uint8Array; resumedAt: number } | undefined;
+  /** Its progress, as its driver reports it (for status). */
+  rebuildStatus: RebuildStatus | undefined;
 
   constructor(opts: RaidDeviceOptions) {
     const g = opts.geometry;
@@ -216,6 +251,13 @@ export class RaidDevice implements BlockDevice {
   /** Takes a member out of service (once); the labels say so at the next sync(). */
   private fault(i: number, reason: string): void {
     const m = this.members[i]!;
+    if (m.state === 'rebuilding') {
+      // Already out of service: the rebuild stops (its driver sees the state).
+      m.state = 'faulted';
+      m.reason = `rebuild failed: ${reason}`;
+      log().error({ volume: this.uuid, member: i, path: m.name, reason }, 'raid: the member being rebuilt failed');
+      return;
+    }
     if (m.state !== 'online') return;
     m.state = 'faulted';
     m.reason = reason;
@@ -227,6 +269,12 @@ export class RaidDevice implements BlockDevice {
   private online(i: number): BlockDevice | null {
     const m = this.members[i]!;
     return m.state === 'online' ? m.dev : null;
+  }
+
+  /** Where writes go: the members in service and the one being rebuilt. */
+  private writeTarget(i: number): BlockDevice | null {
+    const m = this.members[i]!;
+    return m.state === 'online' || m.state === 'rebuilding' ? m.dev : null;
   }
 
   health(): RaidHealth {
@@ -243,6 +291,7 @@ export class RaidDevice implements BlockDevice {
       memberStatus: this.members.map((m, index) => ({ index, name: m.name, state: m.state, ...(m.reason !== undefined ? { reason: m.reason } : {}), errors: { ...m.errors } })),
       stripeWrites: { full: this.stats.fullStripeWrites, readModifyWrite: this.stats.rmwStripeWrites },
       ...(this.journal ? { journal: { stripes: this.stats.journaledStripes, batches: this.stats.journalBatches, replayedStripes: this.stats.replayedStripes } } : {}),
+      ...(this.rebuildStatus ? { rebuild: { ...this.rebuildStatus } } : {}),
     };
   }
 
@@ -267,7 +316,7 @@ export class RaidDevice implements BlockDevice {
   }
 
   private async memberWrite(i: number, memberBlock: number, data: Buffer): Promise<void> {
-    const dev = this.online(i);
+    const dev = this.writeTarget(i);
     if (!dev) return;
     try {
       await dev.writeBlocks(memberBlock, data);
@@ -542,43 +591,191 @@ export class RaidDevice implements BlockDevice {
     });
   }
 
+  // ---------------------------------------------------------------- rebuild
+
   /**
-   * Rebuild: member `index`'s unit of a stripe, computed from the other members (its
-   * data column or parity from parity and the rest; RAID-1 a copy), under the stripe
-   * lock. The member must be out of service (it is never read). Throws EIO when the
-   * others cannot rebuild it.
+   * Starts rebuilding member `index` onto `dev` (a new, unlabelled member named `name`):
+   * from now on every write reaches it; it is never read. A member still in service is
+   * taken out of service first (refused when that loses more than the level tolerates).
+   * `doneBelow`: stripes [0, doneBelow) are current on `dev` already (a resumed rebuild
+   * whose every write since it began reached `dev`).
    */
-  async rebuildUnit(stripe: number, index: number): Promise<Buffer> {
+  startRebuild(index: number, name: string, dev: BlockDevice, doneBelow: number): void {
     assert(!this.closed, 'RAID device is closed');
     const g = this.geometry;
     assert(g.level !== 0, 'RAID-0 has no redundancy to rebuild from');
-    assert(this.members[index]?.state !== 'online', `rebuild of member ${index}, which is in service`);
-    await this.discardsDone(stripe, stripe + 1);
-    return this.withStripe(stripe, async () => {
-      const start = g.unitStart(stripe);
-      if (g.level === 1) {
-        const b = Buffer.alloc(g.unitBlocks * B);
-        for (let i = 0; i < g.members; i++) if (i !== index && (await this.memberRead(i, start, g.unitBlocks, b))) return b;
-        throw new VolumeError('EIO', `RAID-1: no member in service can read stripe ${stripe}`);
-      }
-      const role = g.roleOf(stripe, index);
-      const col = role === 'P' ? g.dataMembers : role === 'Q' ? g.dataMembers + 1 : role;
-      const cols = await this.rebuildColumns(stripe, 0, g.unitBlocks, [col]);
-      return cols[col]!;
+    assert(this.rebuild === undefined, 'one rebuild at a time');
+    assert(Number.isInteger(index) && index >= 0 && index < g.members, `rebuild of member ${index} of ${g.members}`);
+    assert(Number.isInteger(doneBelow) && doneBelow >= 0 && doneBelow <= g.stripes, `rebuild resumed at stripe ${doneBelow} of ${g.stripes}`);
+    assert(dev.blockCount >= g.memberBlocks, `rebuild target ${name} is too small`);
+    this.refuseWrites();
+    const m = this.members[index]!;
+    if (m.state === 'online') {
+      const tol = tolerance(g.level, g.members);
+      if (this.lostCount() + 1 > tol) throw new Error(`member ${index} ${m.name} is in service and ${this.lostCount()} of ${g.members} members are out already: taking it out would lose more than the ${tol} RAID-${g.level} tolerates`);
+      this.fault(index, `being replaced by ${name}`);
+    }
+    const oldName = m.name;
+    const oldDev = m.dev;
+    const done = new Uint8Array(g.stripes);
+    done.fill(1, 0, doneBelow);
+    this.members[index] = { name, dev, state: 'rebuilding', reason: `being rebuilt in place of ${oldName}`, errors: { read: 0, write: 0, checksum: 0, healed: 0 } };
+    this.rebuild = { index, old: oldName, done, resumedAt: doneBelow };
+    this.labelsDirty = true;
+    void oldDev?.close().catch(() => undefined);
+    log().info({ volume: this.uuid, member: index, old: oldName, new: name, doneBelow }, 'raid: rebuild started');
+  }
+
+  /** The member being rebuilt is still being rebuilt (not failed). Throws its failure otherwise. */
+  private checkRebuilding(): { index: number; done: Uint8Array; resumedAt: number } {
+    const r = this.rebuild;
+    assert(r !== undefined, 'no rebuild in progress');
+    const m = this.members[r.index]!;
+    if (m.state !== 'rebuilding') throw new Error(`member ${r.index} ${m.name}: ${m.reason ?? 'left the rebuild'}`);
+    return r;
+  }
+
+  /** The stripe the rebuild started from (every stripe below was current on the new member at startRebuild). */
+  rebuildResumedAt(): number {
+    return this.checkRebuilding().resumedAt;
+  }
+
+  /** Whether stripe s is current on the member being rebuilt. */
+  isRebuilt(stripe: number): boolean {
+    return this.checkRebuilding().done[stripe] === 1;
+  }
+
+  /** Copies the head (the superblock ring) onto the member being rebuilt, under the head lock (head writes take it too). */
+  async rebuildHead(): Promise<number> {
+    const r = this.checkRebuilding();
+    const g = this.geometry;
+    return this.withStripe(HEAD_LOCK, async () => {
+      const head = Buffer.alloc(g.headBlocks * B);
+      for (let p = 0; p < g.headBlocks; p++) await this.readHead(p, head.subarray(p * B, (p + 1) * B));
+      await this.memberWrite(r.index, LABEL_COPIES, head);
+      this.checkRebuilding();
+      return head.length;
     });
   }
 
   /**
-   * Puts a rebuilt member in the place of member `index` (out of service): it is in
-   * service from now on, and the next sync() writes generation + 1 labels to every member
-   * in service (so the one it replaced is stale at the next open).
+   * Rebuilds one stripe's unit of the member being rebuilt from the others (its data
+   * column or parity; RAID-1 a copy), under the stripe lock; nothing if it is current
+   * already. Returns the bytes written. Throws EIO when the others cannot rebuild it, and
+   * the member's failure if it failed.
    */
-  adoptMember(index: number, name: string, dev: BlockDevice): void {
-    const m = this.members[index];
-    assert(m !== undefined && m.state !== 'online', `adopt of member ${index}, which is in service`);
-    assert(dev.blockCount >= this.geometry.memberBlocks, `adopted member ${name} is too small`);
-    this.members[index] = { name, dev, state: 'online', reason: undefined, errors: { read: 0, write: 0, checksum: 0, healed: 0 } };
+  async rebuildStripe(stripe: number): Promise<number> {
+    const r = this.checkRebuilding();
+    const g = this.geometry;
+    assert(Number.isInteger(stripe) && stripe >= 0 && stripe < g.stripes, `rebuild of stripe ${stripe} outside [0, ${g.stripes})`);
+    await this.discardsDone(stripe, stripe + 1);
+    return this.withStripe(stripe, async () => {
+      if (r.done[stripe] === 1) return 0;
+      const start = g.unitStart(stripe);
+      let unit: Buffer;
+      if (g.level === 1) {
+        unit = Buffer.alloc(g.unitBlocks * B);
+        let found = false;
+        for (let i = 0; i < g.members && !found; i++) if (i !== r.index && (await this.memberRead(i, start, g.unitBlocks, unit))) found = true;
+        if (!found) throw new VolumeError('EIO', `RAID-1: no member in service can read stripe ${stripe}`);
+      } else {
+        const role = g.roleOf(stripe, r.index);
+        const col = role === 'P' ? g.dataMembers : role === 'Q' ? g.dataMembers + 1 : role;
+        unit = (await this.rebuildColumns(stripe, 0, g.unitBlocks, [col]))[col]!;
+      }
+      await this.memberWrite(r.index, start, unit);
+      this.checkRebuilding();
+      r.done[stripe] = 1;
+      return unit.length;
+    });
+  }
+
+  /**
+   * Rebuilds a run of consecutive stripes [first, first+count) at once, with one read per
+   * member and one write (RAID-1: a copy; RAID-4/5: the XOR of every other member, which
+   * is the lost unit whatever its role). Holds the run's stripe locks, taken in ascending
+   * order (nobody else holds two). Only for RAID-1/4/5 and stripes outside the head.
+   * Returns the bytes written.
+   */
+  async rebuildRun(first: number, count: number): Promise<number> {
+    const r = this.checkRebuilding();
+    const g = this.geometry;
+    assert(this.canRebuildRuns(), `RAID-${g.level} rebuilds stripe by stripe`);
+    assert(Number.isInteger(first) && Number.isInteger(count) && count >= 1 && first >= 0 && first + count <= g.stripes, `rebuild run [${first}, +${count}) outside [0, ${g.stripes})`);
+    assert(first * g.stripeDataBlocks >= g.headBlocks, 'a rebuild run holds no head position');
+    await this.discardsDone(first, first + count);
+    const locked = async (s: number): Promise<number> => {
+      if (s < first + count) return this.withStripe(s, () => locked(s + 1));
+      const start = g.unitStart(first);
+      const blocks = count * g.unitBlocks;
+      const others: Buffer[] = [];
+      // Not zeroed: a successful read fills each whole, computeP writes all of out, a failed read is never used.
+      for (let i = 0; i < g.members; i++) if (i !== r.index) others.push(Buffer.allocUnsafe(blocks * B));
+      const ok = await Promise.all(others.map((b, k) => this.memberRead(k < r.index ? k : k + 1, start, blocks, b)));
+      let out: Buffer;
+      if (g.level === 1) {
+        const k = ok.indexOf(true);
+        if (k < 0) throw new VolumeError('EIO', `RAID-1: no member in service can read stripes [${first}, +${count})`);
+        out = others[k]!;
+      } else {
+        if (ok.some((x) => !x)) throw new VolumeError('EIO', `RAID-${g.level}: stripes [${first}, +${count}) have another column lost: the unit of member ${r.index} cannot be rebuilt`);
+        out = Buffer.allocUnsafe(blocks * B);
+        await this.parity.computeP(others, out);
+      }
+      await this.memberWrite(r.index, start, out);
+      this.checkRebuilding();
+      for (let s2 = first; s2 < first + count; s2++) r.done[s2] = 1;
+      return out.length;
+    };
+    return locked(first);
+  }
+
+  /** Whether rebuildRun serves this level (RAID-1/4/5: the lost unit is a copy or the XOR of the others). */
+  canRebuildRuns(): boolean {
+    const l = this.geometry.level;
+    return l === 1 || l === 4 || l === 5;
+  }
+
+  /** Makes what was written to the member being rebuilt durable. */
+  async syncRebuildTarget(): Promise<void> {
+    const r = this.checkRebuilding();
+    const m = this.members[r.index]!;
+    try {
+      await m.dev!.sync();
+    } catch (e) {
+      m.errors.write++;
+      this.fault(r.index, `sync failed: ${message(e)}`);
+    }
+    this.checkRebuilding();
+  }
+
+  /**
+   * Puts the rebuilt member in service (the caller rebuilt every stripe in use): the next
+   * sync() writes generation + 1 labels to every member in service, the new one included
+   * (so the one it replaced is stale at the next open).
+   */
+  finishRebuild(): void {
+    const r = this.checkRebuilding();
+    const m = this.members[r.index]!;
+    m.state = 'online';
+    m.reason = undefined;
+    this.rebuild = undefined;
+    this.rebuildStatus = undefined;
     this.labelsDirty = true;
+    log().info({ volume: this.uuid, member: r.index, name: m.name }, 'raid: rebuilt member in service');
+  }
+
+  /** Stops a rebuild (the member stays out of service; a later run resumes from its persisted progress). */
+  abortRebuild(reason: string): void {
+    const r = this.rebuild;
+    if (!r) return;
+    const m = this.members[r.index]!;
+    if (m.state === 'rebuilding') {
+      m.state = 'faulted';
+      m.reason = `rebuild stopped: ${reason}`;
+    }
+    this.rebuild = undefined;
+    this.rebuildStatus = undefined;
   }
 
   // ---------------------------------------------------------------- writes
@@ -592,7 +789,9 @@ export class RaidDevice implements BlockDevice {
     let p = pba;
     if (p < g.headBlocks) {
       const n = Math.min(count, g.headBlocks - p);
-      await forEachLimit(this.members.map((_, i) => i), MEMBER_IO_CONCURRENCY, (i) => this.memberWrite(i, LABEL_COPIES + p, data.subarray(0, n * B)));
+      const at = p;
+      // Under the head lock: a rebuild's copy of the head must not overwrite a newer superblock on the new member.
+      await this.withStripe(HEAD_LOCK, () => forEachLimit(this.members.map((_, i) => i), MEMBER_IO_CONCURRENCY, (i) => this.memberWrite(i, LABEL_COPIES + at, data.subarray(0, n * B))));
       p += n;
     }
     if (p < pba + count) {
@@ -690,8 +889,12 @@ export class RaidDevice implements BlockDevice {
     const U = g.unitBlocks * B;
     const k = g.dataMembers;
     assert(this.journal === undefined || e.count === g.stripeDataBlocks, `partial stripe ${stripe} written around the stripe journal`);
+    const rebuild = this.rebuild;
     const dirty: boolean[] = [];
     for (let c = 0; c < k; c++) dirty.push(e.have.subarray(c * g.unitBlocks, (c + 1) * g.unitBlocks).some((h) => h === 1));
+    // The member being rebuilt gets its whole unit (its old data came rebuilt from the others above).
+    const rebuildCol = rebuild ? this.columnOf(stripe, rebuild.index) : -1;
+    if (rebuildCol >= 0 && rebuildCol < k) dirty[rebuildCol] = true;
     if (e.count === g.stripeDataBlocks) this.stats.fullStripeWrites++;
     else this.stats.rmwStripeWrites++;
     if (e.count < g.stripeDataBlocks) {
@@ -715,6 +918,13 @@ export class RaidDevice implements BlockDevice {
     }
     const start = g.unitStart(stripe);
     await forEachLimit(data.map((_, c) => c).filter((c) => dirty[c]), MEMBER_IO_CONCURRENCY, (c) => this.memberWrite(this.columnMember(stripe, c), start, data[c]!));
+    if (rebuild && this.rebuild === rebuild && this.members[rebuild.index]!.state === 'rebuilding') rebuild.done[stripe] = 1;
+  }
+
+  /** The column (parity.ts order) member i holds in a stripe. */
+  private columnOf(stripe: number, i: number): number {
+    const role = this.geometry.roleOf(stripe, i);
+    return role === 'P' ? this.geometry.dataMembers : role === 'Q' ? this.geometry.dataMembers + 1 : role;
   }
 
   /** Takes the locks of `stripes` (in ascending order, so two batches never deadlock), then fn. */
@@ -890,8 +1100,8 @@ export class RaidDevice implements BlockDevice {
     await this.flushAll();
     if (this.probe) {
       for (let i = 0; i < this.members.length; i++) {
-        if (this.members[i]!.state !== 'online') continue;
-        const why = await this.probe(i).catch((e: unknown) => `probe failed: ${message(e)}`);
+        if (this.writeTarget(i) === null) continue;
+        const why = await this.probe(i, this.members[i]!.name).catch((e: unknown) => `probe failed: ${message(e)}`);
         if (why !== null) this.fault(i, why);
       }
     }
@@ -913,7 +1123,7 @@ export class RaidDevice implements BlockDevice {
 
   private async syncMemberDevices(): Promise<void> {
     await Promise.all(this.members.map(async (m, i) => {
-      const dev = this.online(i);
+      const dev = this.writeTarget(i);
       if (!dev) return;
       try {
         await dev.sync();
@@ -960,7 +1170,7 @@ export class RaidDevice implements BlockDevice {
     for (let s = first; s < last; s++) assert(!this.pending.has(s), `discard of stripe ${s} while it is being written`);
     while (this.discards.size >= DISCARDS_IN_FLIGHT_MAX) await Promise.race([...this.discards].map((d) => d.done));
     const done = Promise.all(this.members.map(async (_, i) => {
-      const dev = this.online(i);
+      const dev = this.writeTarget(i);
       if (!dev) return;
       await dev.discard(g.unitStart(first), (last - first) * g.unitBlocks).catch((e: unknown) => {
         log().warn({ member: i, err: message(e) }, 'raid: discard failed (ignored: a hint)');

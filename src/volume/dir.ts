@@ -54,6 +54,7 @@ import { createRaidMembers, isBlockDevice, openRaidMembers, raidMemberBlocks, ty
 import { RaidDevice, type RaidHealth } from '../raid/raid-device';
 import { scrubRaid, scrubState, type ScrubState } from '../raid/scrub';
 import { scrubCheckpointStore } from './scrub-progress';
+import { replaceMemberServed, replacingAtOpen, resumeServedReplace, servedReplaceProgress, stopServedReplace } from './replace-member';
 
 export const LABEL_NAME = 'nvmirror.json';
 export const LOCK_NAME = 'nvmirror.lock';
@@ -496,7 +497,12 @@ function openNvram(absDir: string, label: VolumeLabel, readOnly: boolean): Promi
 export async function openMemberDevice(absDir: string, label: VolumeLabel, readOnly: boolean): Promise<BlockDevice> {
   if (label.raid) {
     const files = label.members.map((m) => ({ name: m.path, path: resolveIn(absDir, m.path) }));
-    return openRaidMembers(files, label.raid, label.members[0]!.blockCount, label.uuid, readOnly);
+    // A replacement in progress: the old member is not used, and every write reaches the new one (replace-member.ts).
+    const replacing = await replacingAtOpen(absDir, label, readOnly);
+    return openRaidMembers(files, label.raid, label.members[0]!.blockCount, label.uuid, readOnly, replacing, { resolveName: (name) => resolveIn(absDir, name) }).catch(async (e: unknown) => {
+      await replacing?.dev?.close().catch(() => undefined);
+      throw e;
+    });
   }
   const member = label.members[0]!;
   const dev = await FileBlockDevice.open(resolveIn(absDir, member.path), { readOnly });
@@ -573,6 +579,7 @@ export async function openVolumeDir(dir: string, opts: OpenVolumeDirOptions): Pr
   const closeAll = async (): Promise<void> => {
     let err: unknown;
     await control?.close().catch(() => undefined);
+    await stopServedReplace(volume);
     try {
       await volume.close();
       if (!opts.readOnly) await recordCleanStop(absDir, parts.label, volume);
@@ -601,6 +608,7 @@ export async function openVolumeDir(dir: string, opts: OpenVolumeDirOptions): Pr
       }
     }
   }
+  if (parts.dev instanceof RaidDevice && !opts.readOnly) resumeServedReplace(absDir, parts.label, volume, parts.dev);
   let closing: Promise<void> | undefined;
   return {
     dir: absDir,
@@ -642,6 +650,11 @@ export interface VolumeStatus {
 
 /** The RAID device under each open RAID volume (for status). */
 const raidOf = new WeakMap<EngineVolume, RaidDevice>();
+
+/** The RAID device under an open RAID volume (undefined: not RAID). */
+export function raidDeviceOf(volume: EngineVolume): RaidDevice | undefined {
+  return raidOf.get(volume);
+}
 
 /** One line per lost member, for check's notes. */
 function raidNotes(h: RaidHealth): string[] {
@@ -708,6 +721,15 @@ async function handleControl(dir: string, label: VolumeLabel, volume: EngineVolu
     case 'scrub-progress': {
       const raid = raidOf.get(volume);
       return { progress: raid ? scrubState(raid).running ?? null : null };
+    }
+    case 'replace-member': {
+      const raid = raidOf.get(volume);
+      if (!raid) throw new Error(`${dir} is not a RAID volume: it has no member to replace`);
+      return { replace: await replaceMemberServed(dir, label, volume, raid, { old: req.old, new: req.new, ...(req.rateBytesPerSec !== undefined ? { rateBytesPerSec: req.rateBytesPerSec } : {}) }) };
+    }
+    case 'replace-progress': {
+      const raid = raidOf.get(volume);
+      return { progress: raid ? servedReplaceProgress(raid) : null };
     }
     case 'verify': {
       const f = volume.controlActions.get('verify');

@@ -8,6 +8,8 @@
  *            | {"op":"check"} (the tree check on the committed roots; answers when done)
  *            | {"op":"check-progress"} (blocks read so far by a running check, or null)
  *            | {"op":"scrub","repair":B[,"rateBytesPerSec":N]} (RAID scrub; answers when done) | {"op":"scrub-progress"}
+ *            | {"op":"replace-member","old":S,"new":ABSPATH,"rateBytesPerSec"?:N} (answers when
+ *              the new member is in service) | {"op":"replace-progress"}
  * Responses: {"ok":true,...} | {"ok":false,"error":"one line"}
  *
  * Invariants:
@@ -21,6 +23,7 @@
 import * as fs from 'fs';
 import * as net from 'net';
 import { log as logger } from '../util/log';
+import { RATE_MIN_BYTES_PER_SEC } from '../raid/rebuild';
 
 export const CONTROL_SOCKET_NAME = 'control.sock';
 export const CONTROL_LINE_MAX_BYTES = 64 * 1024;
@@ -36,6 +39,8 @@ export type ControlRequest =
   | { op: 'check-progress' }
   | { op: 'scrub'; repair: boolean; rateBytesPerSec?: number }
   | { op: 'scrub-progress' }
+  | { op: 'replace-member'; old: string; new: string; rateBytesPerSec?: number }
+  | { op: 'replace-progress' }
   | { op: 'verify'; source?: string }
   | { op: 'release'; source: string; force: boolean }
   | { op: 'snapshot'; kind: 'create' | 'delete'; name: string };
@@ -58,7 +63,14 @@ export function parseControlRequest(line: string): ControlRequest {
     case 'check':
     case 'check-progress':
     case 'scrub-progress':
+    case 'replace-progress':
       return { op: o.op };
+    case 'replace-member': {
+      if (typeof o.old !== 'string' || o.old.length === 0 || o.old.length > 4096) throw new Error('replace-member old must be a member name or index');
+      if (typeof o.new !== 'string' || !o.new.startsWith('/') || o.new.length > 4096) throw new Error('replace-member new must be an absolute path');
+      if (o.rateBytesPerSec !== undefined && !(Number.isSafeInteger(o.rateBytesPerSec) && (o.rateBytesPerSec as number) >= RATE_MIN_BYTES_PER_SEC)) throw new Error(`replace-member rateBytesPerSec must be an integer >= ${RATE_MIN_BYTES_PER_SEC}`);
+      return { op: 'replace-member', old: o.old, new: o.new, ...(o.rateBytesPerSec !== undefined ? { rateBytesPerSec: o.rateBytesPerSec as number } : {}) };
+    }
     case 'scrub':
       if (typeof o.repair !== 'boolean') throw new Error('scrub repair must be true or false');
       if (o.rateBytesPerSec !== undefined && !(typeof o.rateBytesPerSec === 'number' && Number.isSafeInteger(o.rateBytesPerSec) && o.rateBytesPerSec > 0)) throw new Error('scrub rateBytesPerSec must be a positive integer');
