@@ -11,6 +11,7 @@ import { volumeDirStatus, LABEL_NAME, type VolumeStatus } from '../volume/dir';
 import { controlRequest } from '../volume/engine-control';
 import { RECEIVER_SOCKET_NAME, type ReceiverStats } from '../mirror/receiver';
 import type { MirrorSourceStats } from '../mirror/source';
+import { standingLine } from '../mirror/standing';
 import { readRole, type RoleRecord } from '../mirror/role';
 import { formatSize } from '../util/size';
 import type { RaidHealth } from '../raid/raid-device';
@@ -109,6 +110,7 @@ export function formatMirror(m: MirrorSourceStats): string[] {
     const eta = r.etaSeconds !== undefined ? `, ETA ${r.etaSeconds} s` : '';
     lines.push(`           ${r.baseCp < 0 ? 'baseline' : `resync from CP ${r.baseCp}`} to CP ${r.targetCp}: ${formatSize(r.blocksSent * 4096)}${of} sent, ${formatSize(r.bytesPerSec)}/s${eta}`);
   }
+  if (m.standing) lines.push(`           ${standingLine(m.standing, 'source')}`);
   if (m.lastError && m.state !== 'in-sync') lines.push(`           last error: ${m.lastError}`);
   return lines;
 }
@@ -157,9 +159,15 @@ export function formatReceiver(dir: string, r: ReceiverStats & { directories?: R
       `mirror     ${m.sourceUuid}: ${m.baselinePartial ? 'INCONSISTENT (baseline in progress)' : `CP ${m.committedCp}`}, ${m.connected ? 'source connected' : 'source not connected'}`,
       `           ${m.cpsApplied} CPs applied, ${m.blocksApplied} blocks as data, ${m.refsApplied} from the log, ${m.deltasApplied} rebuilt from deltas; log ${formatSize(m.logUsedBytes)} (${m.recordsStored} records stored, ${m.recordsDropped} dropped)`,
     );
+    const st = r.standings?.find((x) => x.sourceUuid === m.sourceUuid);
+    if (st) lines.push(`           ${standingLine(st, 'destination')}`);
     if (m.lastError) lines.push(`           last error: ${m.lastError}`);
   }
-  for (const e of r.directories ?? []) lines.push(`${e.role.padEnd(10)} ${e.uuid}: ${e.detail}`);
+  for (const e of r.directories ?? []) {
+    lines.push(`${e.role.padEnd(10)} ${e.uuid}: ${e.detail}`);
+    const st = r.standings?.find((x) => x.sourceUuid === e.uuid);
+    if (st) lines.push(`           its old source connected: ${standingLine(st, 'destination')}`);
+  }
   return lines.join('\n');
 }
 
@@ -182,7 +190,7 @@ export function registerStatus(program: Command): void {
       if (!fs.existsSync(path.join(dir, LABEL_NAME))) {
         const entries = receiveDirEntries(path.resolve(dir), new Set(), false);
         if (entries.length > 0) {
-          const st = { connections: 0, mirrors: [], running: false, directories: entries };
+          const st = { connections: 0, mirrors: [], standings: [], running: false, directories: entries };
           process.stdout.write(o.json ? `${JSON.stringify(st, null, 2)}\n` : `${formatReceiver(path.resolve(dir), st).replace(/, 0 source\(s\) connected$/m, ': no receiver running')}\n`);
           return;
         }

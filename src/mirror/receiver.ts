@@ -30,6 +30,9 @@ import type { Logger } from 'pino';
 import { FileBlockDevice } from '../io/file-device';
 import { readLabel, resolveIn } from '../volume/dir';
 import { readRole } from './role';
+import { decideStanding, refusalText, type Standing } from './standing';
+import type { Lineage } from '../tree/lineage';
+import type { Superblock } from '../tree/layout';
 import { assert } from '../util/assert';
 import { crc32c } from '../io/native';
 import { FrameParser, FrameWriter, MirrorProtocolError, MsgType, WIRE_VERSION, writeFrame, type CpKind, type Message } from './wire';
@@ -98,6 +101,8 @@ export interface ReceiverStats {
     /** Why the last stream from this source was refused or could not be applied (cleared by the next commit). */
     lastError: string | undefined;
   }>;
+  /** Where each source that said HELLO since the start stood then (standing.ts): primary, current, last common CP. */
+  standings: Array<Standing & { sourceUuid: string }>;
 }
 
 interface Applying {
@@ -470,6 +475,19 @@ class Session {
     const mirror = await this.rx.openMirror(m, this.log);
     if (this.closed) return;
     mirror.checkMember(); // it may have stayed open since another connection
+    // Before the log starts this stream (which drops stored records from its first seq on).
+    const c = mirror.baselinePartial ? undefined : mirror.committed?.sb;
+    const standing = decideStanding(
+      { lineage: m.lineage, cp: m.sourceCp, lastSeq: m.lastSeq },
+      { committed: c && { lineage: c.lineage, cp: c.cpNumber, nvlogSeq: c.nvlogSeq }, newestStoredSeq: mirror.log.newestStoredSeq, promoted: false },
+    );
+    this.rx.standings.set(m.sourceUuid, standing);
+    if (standing.kind !== 'in-step') {
+      const text = refusalText(standing, mirror.dir, false);
+      mirror.lastError = text;
+      this.log.error({ source: m.sourceUuid, ...standing }, 'the source and its mirror do not stand in step: refused, nothing in the mirror changes');
+      throw new MirrorDirError(text);
+    }
     this.mirror = mirror;
     this.rx.exports?.attach(mirror);
     this.armIdle();
@@ -628,9 +646,15 @@ export class MirrorReceiver {
     return undefined;
   }
 
-  async openMirror(hello: MirrorHello & { sourceCp: number }, log: Logger): Promise<MirrorDir> {
-    const promoted = await promotedRefusal(path.join(this.dir, hello.sourceUuid), hello.sourceCp);
-    if (promoted) throw new MirrorDirError(promoted);
+  /** Where each source and its mirror stood at its last HELLO (status), by source uuid (one per directory in DIR). */
+  readonly standings = new Map<string, Standing>();
+
+  async openMirror(hello: MirrorHello & { sourceCp: number; lastSeq: number; lineage: Lineage }, log: Logger): Promise<MirrorDir> {
+    const promoted = await promotedRefusal(path.join(this.dir, hello.sourceUuid), hello);
+    if (promoted) {
+      this.standings.set(hello.sourceUuid, promoted.standing);
+      throw new MirrorDirError(promoted.text);
+    }
     if (this.released.has(hello.sourceUuid)) throw new MirrorDirError(`the mirror of ${hello.sourceUuid} was released for promote: refused`);
     let m = this.mirrors.get(hello.sourceUuid);
     if (m && (m.label.sizeBytes !== hello.sizeBytes || m.label.deviceBlocks !== hello.deviceBlocks)) {
@@ -716,7 +740,8 @@ export class MirrorReceiver {
         lastError: m.lastError,
       });
     }
-    return { connections: this.sessions.size, mirrors };
+    const standings = [...this.standings].map(([sourceUuid, st]) => ({ sourceUuid, ...st }));
+    return { connections: this.sessions.size, mirrors, standings };
   }
 
   async close(): Promise<void> {
@@ -737,24 +762,24 @@ export class MirrorReceiver {
  * now: its old source writing into it would be split brain), or undefined. Names the
  * last CP both sides hold and how far each has gone since.
  */
-export async function promotedRefusal(dir: string, sourceCp: number): Promise<string | undefined> {
+export async function promotedRefusal(dir: string, hello: { sourceCp: number; lastSeq: number; lineage: Lineage }): Promise<{ text: string; standing: Standing } | undefined> {
   const role = readRole(dir);
   if (!role) return undefined;
-  let nowCp = -1;
+  let now: Superblock | undefined;
   try {
     const label = await readLabel(dir);
     const memberPath = resolveIn(dir, label.members[0]!.path);
     const dev = await FileBlockDevice.open(memberPath, { readOnly: true });
     try {
-      nowCp = (await newestSuperblock(dev, label.uuid))?.sb.cpNumber ?? -1;
+      now = (await newestSuperblock(dev, label.uuid))?.sb;
     } finally {
       await dev.close();
     }
   } catch {
-    /* unreadable: the refusal stands without the figure */
+    /* unreadable: the refusal stands on role.json's figures */
   }
-  const since = (cp: number): string => (cp < 0 ? 'unknown' : `${Math.max(0, cp - role.promotedFromCp)} CP(s) since`);
-  return `split brain refused: ${dir} was promoted at CP ${role.promotedFromCp} (the last CP both sides hold) and is a primary now ` +
-    `(at CP ${nowCp < 0 ? '?' : nowCp}, ${since(nowCp)}); this source is at CP ${sourceCp} (${since(sourceCp)}). ` +
-    'Nothing is merged: keep one side and rebuild the other from it';
+  const standing: Standing = now
+    ? decideStanding({ lineage: hello.lineage, cp: hello.sourceCp, lastSeq: hello.lastSeq }, { committed: { lineage: now.lineage, cp: now.cpNumber, nvlogSeq: now.nvlogSeq }, newestStoredSeq: 0, promoted: true, promotedThroughSeq: role.lastSeq })
+    : { kind: 'split-brain', current: 'unknown', commonCp: role.promotedFromCp, sourceCp: hello.sourceCp, destinationCp: -1, sourceSeq: hello.lastSeq, destinationSeq: 0 };
+  return { text: refusalText(standing, dir, true), standing };
 }
