@@ -13,6 +13,8 @@
  *   stay in sync and byte-identical.
  * - Split brain: the old primary, restarted, is refused by name (state split-brain) and
  *   the promoted volume does not change.
+ * - Mirror ahead: a source that lost its NVRAM is refused by a mirror whose log holds
+ *   records past its newest seq (state mirror-ahead), and a promote gets them back.
  * The seed is printed; NVMIRROR_SEED=N reruns it; NVMIRROR_FAILOVER_ROUNDS sets the
  * number of sync rounds (20 by default, as in CI).
  */
@@ -304,6 +306,42 @@ describe('mirror failover: promote (two hosts)', function () {
     // The promoted one holds source 1's first 8 MiB.
     const served = await servePromoted(srcs[1]!.uuid, 'pf1');
     sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x42 0 8M', `nbd+unix:///?socket=${served.sock}`]);
+  });
+
+  it('a source that lost its NVRAM is refused by a mirror holding records past its newest seq (mirror-ahead), and those records survive to a promote', async () => {
+    await startReceiver();
+    const s = createSource('ahead');
+    // CPs only every hour: the acknowledged writes below stay as records (here in the NVRAM, there in the log).
+    const args = mirrorArgs('sync').map((a, i, all) => (all[i - 1] === '--cp-interval' ? '1h' : a));
+    const src = await startSource(s, 'svahead', args);
+    await until('in sync', () => sourceStatus(s.dir)?.state === 'in-sync', 60_000);
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x7a 8M 256k', `nbd+unix:///?socket=${s.sock}`]);
+    const before = sourceStatus(s.dir)!;
+    assert.ok(before.heldSeq >= before.lastSeq && before.sourceCp === before.destCp, 'the destination holds every record, no CP since');
+    await kill9(src);
+    // The source's NVRAM is lost (its records area zeroed): it restarts at its last CP.
+    const nvram = path.join(s.dir, 'nvram.log');
+    const fd = fs.openSync(nvram, 'r+');
+    const size = fs.fstatSync(fd).size;
+    fs.writeSync(fd, Buffer.alloc(size - 4096), 0, size - 4096, 4096);
+    fs.closeSync(fd);
+    const again = await startSource(s, 'svahead2', args);
+    const st = await until('the source says the mirror is ahead', () => {
+      const m = sourceStatus(s.dir);
+      return m?.state === 'mirror-ahead' ? m : undefined;
+    }, 30_000);
+    assert.match(st.lastError ?? '', /the mirror .* is current: it holds records up to seq \d+, past this source's newest seq \d+ .*nvmirror promote/);
+    assert.equal(st.standing?.current, 'destination');
+    assert.ok(st.standing.destinationSeq > st.standing.sourceSeq, JSON.stringify(st.standing));
+    assert.match(sh(BIN, ['status', s.dir]), /current: the mirror; .*the mirror holds records to seq \d+, the source to \d+/);
+    const rx = JSON.parse(sh(BIN, ['status', path.join(tmp, 'dst'), '--json'])) as { standings: Array<{ sourceUuid: string; kind: string; current: string }> };
+    assert.deepEqual(rx.standings.filter((x) => x.sourceUuid === s.uuid).map((x) => [x.kind, x.current]), [['mirror-ahead', 'destination']]);
+    // Nothing was rolled back there: promoting the mirror gives the acknowledged write back.
+    await stopGracefully(again);
+    const p = await promote(s.uuid);
+    assert.ok(p.recordsReplayed > 0, 'the log kept the records');
+    const served = await servePromoted(s.uuid, 'pahead');
+    sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x7a 8M 256k', `nbd+unix:///?socket=${served.sock}`]);
   });
 
   it('split brain: the old primary restarted is refused by name and the promoted volume does not change', async () => {
