@@ -143,7 +143,7 @@ export function receiveDirEntries(dir: string, open: ReadonlySet<string>, runnin
     if (open.has(uuid)) continue;
     try {
       const ml = JSON.parse(fs.readFileSync(path.join(d, 'mirror.json'), 'utf8')) as { demoted?: { fromDir: string; cp: number } };
-      if (ml.demoted) out.push({ uuid, dir: d, role: 'demoted', cp: ml.demoted.cp, detail: `demoted old primary ${ml.demoted.fromDir} (its CP ${ml.demoted.cp}): waiting for the volume promoted from it to connect (failback)` });
+      if (ml.demoted) out.push({ uuid, dir: d, role: 'demoted', cp: ml.demoted.cp, detail: `demoted ${ml.demoted.fromDir} (its CP ${ml.demoted.cp}): waiting for the other side of the failover to connect and resync it from the CP both hold (failback)` });
       else out.push({ uuid, dir: d, role: 'mirror', cp: -1, detail: running ? 'a mirror whose source has not connected since this receiver started' : 'a mirror (check it with nvmirror check)' });
     } catch {
       /* not a mirror directory */

@@ -198,6 +198,8 @@ export async function promoteMirror(dirArg: string, opts: { force: boolean; logg
     await writeFileDurably(dir, ROLE_NAME, `${JSON.stringify(role, null, 2)}\n`);
     // Last: the directory stops being a mirror (a receiver now refuses this source by role.json).
     await fs.promises.rename(labelPath, path.join(dir, PROMOTED_LABEL_NAME));
+    // Done: a later promote (after a demote) starts a generation of its own.
+    await fs.promises.rm(genPath, { force: true });
     log.info({ dir, fromCp: baseCp, records: records.length, bytes: bytesReplayed, lastSeq, cp: cpNumber, receiverLetGo }, 'mirror promoted: it is a primary volume now');
     return { ...role, dir, volumeUuid: label.sourceUuid, bytesReplayed, cpNumber, replayEnd };
   } finally {

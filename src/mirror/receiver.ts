@@ -25,6 +25,7 @@
  */
 import * as net from 'net';
 import * as tls from 'tls';
+import * as fs from 'fs';
 import * as path from 'path';
 import type { Logger } from 'pino';
 import { FileBlockDevice } from '../io/file-device';
@@ -36,7 +37,7 @@ import type { Superblock } from '../tree/layout';
 import { assert } from '../util/assert';
 import { crc32c } from '../io/native';
 import { FrameParser, FrameWriter, MirrorProtocolError, MsgType, WIRE_VERSION, writeFrame, type CpKind, type Message } from './wire';
-import { APPLY_WRITES_MAX, BASELINE_PROGRESS_BLOCKS, MirrorDir, MirrorDirError, newestSuperblock, rootBytes, type MirrorHello } from './mirror-dir';
+import { APPLY_WRITES_MAX, BASELINE_PROGRESS_BLOCKS, MIRROR_LABEL_NAME, MirrorDir, MirrorDirError, newestSuperblock, rootBytes, type MirrorHello, type MirrorLabel } from './mirror-dir';
 import { MirrorView, type MirrorExports } from './exports';
 import { RemoteReads, verifyCp, type VerifyReport } from './verify';
 import { applyDelta, DELTA_FROM_ZEROES } from './delta';
@@ -655,7 +656,11 @@ export class MirrorReceiver {
       this.standings.set(hello.sourceUuid, promoted.standing);
       throw new MirrorDirError(promoted.text);
     }
-    if (this.released.has(hello.sourceUuid)) throw new MirrorDirError(`the mirror of ${hello.sourceUuid} was released for promote: refused`);
+    if (this.released.has(hello.sourceUuid)) {
+      // Released for promote; taken back only once the promoted side was demoted into this directory again.
+      if (!isDemotedMirror(path.join(this.dir, hello.sourceUuid))) throw new MirrorDirError(`the mirror of ${hello.sourceUuid} was released for promote: refused`);
+      this.released.delete(hello.sourceUuid);
+    }
     let m = this.mirrors.get(hello.sourceUuid);
     if (m && (m.label.sizeBytes !== hello.sizeBytes || m.label.deviceBlocks !== hello.deviceBlocks)) {
       throw new MirrorDirError(`mirror of ${hello.sourceUuid} holds ${m.label.sizeBytes} bytes on ${m.label.deviceBlocks} blocks; the source now has ${hello.sizeBytes} on ${hello.deviceBlocks}`);
@@ -782,4 +787,15 @@ export async function promotedRefusal(dir: string, hello: { sourceCp: number; la
     ? decideStanding({ lineage: hello.lineage, cp: hello.sourceCp, lastSeq: hello.lastSeq }, { committed: { lineage: now.lineage, cp: now.cpNumber, nvlogSeq: now.nvlogSeq }, newestStoredSeq: 0, promoted: true, promotedThroughSeq: role.lastSeq })
     : { kind: 'split-brain', current: 'unknown', commonCp: role.promotedFromCp, sourceCp: hello.sourceCp, destinationCp: -1, sourceSeq: hello.lastSeq, destinationSeq: 0 };
   return { text: refusalText(standing, dir, true), standing };
+}
+
+/** DIR holds a mirror label marked demoted (and no role.json): a promoted volume made a mirror again. */
+function isDemotedMirror(dir: string): boolean {
+  if (readRole(dir)) return false;
+  try {
+    const l = JSON.parse(fs.readFileSync(path.join(dir, MIRROR_LABEL_NAME), 'utf8')) as MirrorLabel;
+    return l.format === 'nvmirror-mirror' && l.demoted !== undefined;
+  } catch {
+    return false;
+  }
 }

@@ -327,13 +327,26 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.send(conn, {
       type: MsgType.Hello, sourceUuid: v.tree.volumeUuid, sizeBytes: v.sizeBytes, deviceBlocks: tree.totalBlocks,
       nvramBytes: v.region.sizeBytes, mode: this.o.mode, sourceCp: tree.cpNumber, streamFromSeq: Math.max(1, this.forwardFromSeq),
-      baseCp: this.promotedBase?.cp ?? -1, baseRoot: this.promotedBase?.root ?? Buffer.alloc(24),
+      ...this.failbackOffer(),
       lastSeq: v.log.lastSeq, lineage: [...tree.lineage],
     });
     conn.welcome.then(
       (w) => this.onWelcome(conn, w),
       () => undefined,
     );
+  }
+
+  /**
+   * The CP offered as the base of a failback: a promoted volume's base, else the
+   * destination's CP this volume holds (a demoted promoted volume rolls back to it).
+   */
+  private failbackOffer(): { baseCp: number; baseRoot: Buffer } {
+    if (this.promotedBase) return { baseCp: this.promotedBase.cp, baseRoot: this.promotedBase.root };
+    const d = this.destSuperblock;
+    if (d && d.cp === this.destCp && this.destCp >= this.holdValidFromCp) {
+      return { baseCp: d.cp, baseRoot: Buffer.from(d.raw.subarray(SUPERBLOCK_ROOT_OFFSET, SUPERBLOCK_ROOT_OFFSET + 24)) };
+    }
+    return { baseCp: -1, baseRoot: Buffer.alloc(24) };
   }
 
   private onWelcome(conn: Conn, w: Message & { type: MsgType.Welcome }): void {

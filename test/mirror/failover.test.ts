@@ -417,7 +417,7 @@ describe('mirror failover: promote (two hosts)', function () {
       const dem = JSON.parse(sh(BIN, ['demote', s.dir, '--into', path.join(tmp, `back${round}`), '--discard-my-changes', '--json'])) as { keptIn: string; mirrorDir: string };
       if (round === 0) {
         const st0 = sh(BIN, ['status', path.join(tmp, `back${round}`)]);
-        assert.match(st0, new RegExp(`^demoted +${s.uuid}: demoted old primary .*waiting for the volume promoted from it`, 'm'), st0);
+        assert.match(st0, new RegExp(`^demoted +${s.uuid}: demoted .*waiting for the other side of the failover to connect`, 'm'), st0);
       }
       const backSock = path.join(tmp, `back${round}.sock`);
       const back = pair.spawn('a', BIN, ['receive', path.join(tmp, `back${round}`), '--listen', `${pair.host('a').addr}:${PORT_BACK}`, '--export-socket', backSock, '--mirror-insecure'], {
@@ -456,6 +456,62 @@ describe('mirror failover: promote (two hosts)', function () {
       for (const p of [kept, b, back]) await stopGracefully(p);
     }
     process.stdout.write(`      ${SPLIT_ROUNDS} split brains: ${refusals} refused until demoted; failback resync ${resyncWire} bytes on the wire for ${changed} bytes changed on the new primaries\n`);
+  });
+
+  it('split brain resolved the other way: the promoted side is demoted (its changes kept, then discarded), becomes the old primary\'s mirror again and resyncs from the common CP, no full copy', async () => {
+    await startReceiver();
+    const s = createSource('dp');
+    const src = await startSource(s, 'svdp', mirrorArgs('sync'));
+    await until('in sync', () => sourceStatus(s.dir)?.state === 'in-sync', 60_000);
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x21 0 24M', `nbd+unix:///?socket=${s.sock}`]);
+    const r0 = await controlRequest(path.join(s.dir, 'control.sock'), { op: 'checkpoint' }, 60_000);
+    assert.ok(r0.ok);
+    const held = await until('the destination holds that CP', () => {
+      const m = sourceStatus(s.dir);
+      return m && m.rootsEqual && m.destCp >= (r0.cpNumber as number) ? m : undefined;
+    }, 60_000);
+    await kill9(src);
+    const p = await promote(s.uuid);
+    assert.equal(p.promotedFromCp, held.destCp, 'promoted from the CP the old primary last saw acknowledged');
+    const promotedDir = path.join(tmp, 'dst', s.uuid);
+    // Both sides write on their own: a split brain, refused.
+    const served = await servePromoted(s.uuid, 'pdp');
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x22 32M 1M', `nbd+unix:///?socket=${served.sock}`]);
+    await stopGracefully(served.proc);
+    const old = await startSource(s, 'svdp2', []);
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x23 40M 2M', `nbd+unix:///?socket=${s.sock}`]);
+    assert.ok((await controlRequest(path.join(s.dir, 'control.sock'), { op: 'checkpoint' }, 60_000)).ok);
+    const sb = await until('split brain refused', () => {
+      const m = sourceStatus(s.dir);
+      return m?.state === 'split-brain' ? m : undefined;
+    }, 30_000);
+    assert.equal(sb.standing?.current, 'each-its-own');
+    assert.equal(sb.standing.commonCp, p.promotedFromCp);
+    assert.match(sh(BIN, ['status', s.dir]), new RegExp(`primary: both \\(split brain\\); current: neither alone .*last common CP ${p.promotedFromCp}, since then the source wrote [1-9]\\d* CP\\(s\\), the mirror [1-9]`));
+    // Resolution: the promoted side's changes are discarded (kept first); it becomes the mirror again, in place.
+    const dem = JSON.parse(sh(BIN, ['demote', promotedDir, '--into', path.join(tmp, 'dst'), '--discard-my-changes', '--json'])) as { keptIn: string; mirrorDir: string };
+    assert.equal(dem.mirrorDir, promotedDir);
+    const wire0 = await vethBytes(pair);
+    // The old primary, still retrying, is taken back by the running receiver and resyncs from the common CP.
+    await until('old primary in sync again', () => {
+      const m = sourceStatus(s.dir);
+      return m && m.state === 'in-sync' && m.rootsEqual ? m : undefined;
+    }, 60_000);
+    const wire = (await vethBytes(pair)) - wire0;
+    assert.ok(wire < 6 * 1024 * 1024, `the resync moved ${wire} bytes for 2 MiB written on the old primary (a full copy is over 24 MiB)`);
+    process.stdout.write(`      promoted side demoted: resync from CP ${p.promotedFromCp} moved ${wire} bytes on the veth for 2 MiB written on the old primary\n`);
+    assert.match(fs.readFileSync(path.join(tmp, 'rx.log'), 'utf8'), new RegExp(`failback: rolled back to CP ${p.promotedFromCp}`));
+    assert.doesNotMatch(fs.readFileSync(path.join(tmp, 'svdp2.log'), 'utf8'), /mirror baseline started/);
+    const st = sourceStatus(s.dir)!;
+    assert.equal(st.standing?.current, 'both');
+    assert.equal(md5OfExport(`nbd+unix:///${s.uuid}?socket=${path.join(tmp, 'exp.sock')}`), md5OfExport(`nbd+unix:///?socket=${s.sock}`), 'the two sides differ after the resync');
+    sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x23 40M 2M', '-c', 'read -P 0 32M 1M', `nbd+unix:///${s.uuid}?socket=${path.join(tmp, 'exp.sock')}`]);
+    // What the promoted side wrote is in the copy demote kept.
+    const keptSock = path.join(tmp, 'keptdp.sock');
+    procs.push(cp.spawn(BIN, ['serve', dem.keptIn, '--read-only', '--socket', keptSock], { stdio: ['ignore', 'ignore', logFd('keptdp')] }));
+    await until('kept copy served', () => fs.existsSync(keptSock), 60_000);
+    sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x22 32M 1M', '-c', 'read -P 0x21 0 24M', `nbd+unix:///?socket=${keptSock}`]);
+    await stopGracefully(old);
   });
 
   it('failback over a damaged base: the old primary\'s copy of the common CP no longer verifies, so a full baseline follows (logged), never a silently different mirror', async () => {
