@@ -190,7 +190,7 @@ export function registerStatus(program: Command): void {
       if (!fs.existsSync(path.join(dir, LABEL_NAME))) {
         const entries = receiveDirEntries(path.resolve(dir), new Set(), false);
         if (entries.length > 0) {
-          const st = { connections: 0, mirrors: [], standings: [], running: false, directories: entries };
+          const st = { connections: 0, mirrors: [], running: false, directories: entries };
           process.stdout.write(o.json ? `${JSON.stringify(st, null, 2)}\n` : `${formatReceiver(path.resolve(dir), st).replace(/, 0 source\(s\) connected$/m, ': no receiver running')}\n`);
           return;
         }

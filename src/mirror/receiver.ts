@@ -102,8 +102,8 @@ export interface ReceiverStats {
     /** Why the last stream from this source was refused or could not be applied (cleared by the next commit). */
     lastError: string | undefined;
   }>;
-  /** Where each source that said HELLO since the start stood then (standing.ts): primary, current, last common CP. */
-  standings: Array<Standing & { sourceUuid: string }>;
+  /** Where each source that said HELLO since the start stood then (standing.ts): primary, current, last common CP (standingsList()). */
+  standings?: Array<Standing & { sourceUuid: string }>;
 }
 
 interface Applying {
@@ -650,6 +650,10 @@ export class MirrorReceiver {
   /** Where each source and its mirror stood at its last HELLO (status), by source uuid (one per directory in DIR). */
   readonly standings = new Map<string, Standing>();
 
+  standingsList(): Array<Standing & { sourceUuid: string }> {
+    return [...this.standings].map(([sourceUuid, st]) => ({ sourceUuid, ...st }));
+  }
+
   async openMirror(hello: MirrorHello & { sourceCp: number; lastSeq: number; lineage: Lineage }, log: Logger): Promise<MirrorDir> {
     const promoted = await promotedRefusal(path.join(this.dir, hello.sourceUuid), hello);
     if (promoted) {
@@ -745,8 +749,7 @@ export class MirrorReceiver {
         lastError: m.lastError,
       });
     }
-    const standings = [...this.standings].map(([sourceUuid, st]) => ({ sourceUuid, ...st }));
-    return { connections: this.sessions.size, mirrors, standings };
+    return { connections: this.sessions.size, mirrors };
   }
 
   async close(): Promise<void> {
