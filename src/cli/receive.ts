@@ -62,7 +62,7 @@ export function registerReceive(program: Command): void {
       }, logger);
       const addr = await rx.listen(o.listen.host, o.listen.port);
       control = await ControlServer.listen(path.join(abs, RECEIVER_SOCKET_NAME), async (req) => {
-        if (req.op === 'status') return { receiver: rx.stats() };
+        if (req.op === 'status') return { receiver: { ...rx.stats(), standings: rx.standingsList() } };
         if (req.op === 'verify' && req.source !== undefined) return { verify: await rx.verify(req.source) };
         if (req.op === 'release' && typeof req.source === 'string') return { release: await rx.release(req.source, req.force === true) };
         throw new Error(`a receiver answers status, verify and release (promote) of a source, not ${req.op}`);

@@ -11,6 +11,7 @@ import { volumeDirStatus, LABEL_NAME, type VolumeStatus } from '../volume/dir';
 import { controlRequest } from '../volume/engine-control';
 import { RECEIVER_SOCKET_NAME, type ReceiverStats } from '../mirror/receiver';
 import type { MirrorSourceStats } from '../mirror/source';
+import { standingLine } from '../mirror/standing';
 import { readRole, type RoleRecord } from '../mirror/role';
 import { formatSize } from '../util/size';
 import type { RaidHealth } from '../raid/raid-device';
@@ -117,6 +118,7 @@ export function formatMirror(m: MirrorSourceStats): string[] {
     const eta = r.etaSeconds !== undefined ? `, ETA ${r.etaSeconds} s` : '';
     lines.push(`           ${r.baseCp < 0 ? 'baseline' : `resync from CP ${r.baseCp}`} to CP ${r.targetCp}: ${formatSize(r.blocksSent * 4096)}${of} sent, ${formatSize(r.bytesPerSec)}/s${eta}`);
   }
+  if (m.standing) lines.push(`           ${standingLine(m.standing, 'source')}`);
   if (m.lastError && m.state !== 'in-sync') lines.push(`           last error: ${m.lastError}`);
   return lines;
 }
@@ -149,7 +151,7 @@ export function receiveDirEntries(dir: string, open: ReadonlySet<string>, runnin
     if (open.has(uuid)) continue;
     try {
       const ml = JSON.parse(fs.readFileSync(path.join(d, 'mirror.json'), 'utf8')) as { demoted?: { fromDir: string; cp: number } };
-      if (ml.demoted) out.push({ uuid, dir: d, role: 'demoted', cp: ml.demoted.cp, detail: `demoted old primary ${ml.demoted.fromDir} (its CP ${ml.demoted.cp}): waiting for the volume promoted from it to connect (failback)` });
+      if (ml.demoted) out.push({ uuid, dir: d, role: 'demoted', cp: ml.demoted.cp, detail: `demoted ${ml.demoted.fromDir} (its CP ${ml.demoted.cp}): waiting for the other side of the failover to connect and resync it from the CP both hold (failback)` });
       else out.push({ uuid, dir: d, role: 'mirror', cp: -1, detail: running ? 'a mirror whose source has not connected since this receiver started' : 'a mirror (check it with nvmirror check)' });
     } catch {
       /* not a mirror directory */
@@ -166,10 +168,16 @@ export function formatReceiver(dir: string, r: ReceiverStats & { directories?: R
       `mirror     ${m.sourceUuid}: ${m.baselinePartial ? 'INCONSISTENT (baseline in progress)' : `CP ${m.committedCp}`}, ${m.connected ? 'source connected' : 'source not connected'}`,
       `           ${m.cpsApplied} CPs applied, ${m.blocksApplied} blocks as data, ${m.refsApplied} from the log, ${m.deltasApplied} rebuilt from deltas; log ${formatSize(m.logUsedBytes)} (${m.recordsStored} records stored, ${m.recordsDropped} dropped)`,
     );
+    const st = r.standings?.find((x) => x.sourceUuid === m.sourceUuid);
+    if (st) lines.push(`           ${standingLine(st, 'destination')}`);
     if (m.lastError) lines.push(`           last error: ${m.lastError}`);
     if (m.raid) lines.push(...formatRaid(m.raid));
   }
-  for (const e of r.directories ?? []) lines.push(`${e.role.padEnd(10)} ${e.uuid}: ${e.detail}`);
+  for (const e of r.directories ?? []) {
+    lines.push(`${e.role.padEnd(10)} ${e.uuid}: ${e.detail}`);
+    const st = r.standings?.find((x) => x.sourceUuid === e.uuid);
+    if (st) lines.push(`           its old source connected: ${standingLine(st, 'destination')}`);
+  }
   return lines.join('\n');
 }
 

@@ -16,9 +16,14 @@
  *      promoted from and its root; the receiver rolls this member back to exactly that CP
  *      (mirror-dir.ts) and the resync sends only the blocks born after it.
  *
+ * The promoted side can be demoted too (the other resolution of a split brain): its base
+ * is the CP it was promoted from (role.json keeps that CP's superblock), its role.json
+ * becomes role.json.demoted, and demoted into the receive directory it was promoted in it
+ * becomes that mirror again in place; its old primary then resyncs it from that CP.
+ *
  * Invariants:
- * - Refused while the volume is served (its lock), for a promoted volume, and when the
- *   target mirror directory exists: demote never overwrites anything.
+ * - Refused while the volume is served (its lock), and when the target mirror directory
+ *   exists (but for a promoted mirror going back in place): demote never overwrites anything.
  * - The member is changed (by the receiver's roll-back) only after the copy in step 2
  *   is complete and synced.
  * - A RAID volume is demoted the same way: every member is copied in step 2, and the
@@ -35,7 +40,8 @@ import type { BlockTreeApi, CpBlock, CpSink } from '../tree/types';
 import { CLEAN_STOP_NAME, LABEL_NAME, openVolumeDir, readLabel, resolveIn, volumeDirInUse, type VolumeLabel } from '../volume/dir';
 import { MIRROR_LABEL_NAME, type MirrorLabel } from './mirror-dir';
 import { MIRROR_STATE_NAME, readRelationship } from './relationship';
-import { readRole } from './role';
+import { ROLE_NAME, readRole } from './role';
+import { DEST_LOG_NAME } from './dest-log';
 
 export const DEMOTED_NAME = 'DEMOTED.json';
 export const DEMOTED_LABEL_NAME = `${LABEL_NAME}.demoted`;
@@ -81,13 +87,20 @@ export async function demoteVolume(dirArg: string, intoArg: string, opts: { logg
   const dir = path.resolve(dirArg);
   const into = path.resolve(intoArg);
   const log = opts.logger;
-  if (readRole(dir)) throw new Error(`${dir} is a volume promoted from a mirror: demoting it back is not supported (demote the old primary instead)`);
+  // A promoted volume (role.json, no relationship of its own) goes back to being the mirror
+  // of its old primary: the base is the CP it was promoted from.
+  const role = readRole(dir);
   const label: VolumeLabel = await readLabel(dir);
   if (await volumeDirInUse(dir)) throw new Error(`volume ${dir} is being served: stop it before demoting it`);
   const mirrorDir = path.join(into, label.uuid);
-  if (fs.existsSync(mirrorDir)) throw new Error(`${mirrorDir} already exists: remove it (or choose another receive directory) first`);
   const rel = readRelationship(dir);
-  const destCp = rel?.destCp ?? -1;
+  const promoted = role !== undefined && (rel === undefined || rel.destCp < 0) ? role : undefined;
+  // A promoted mirror demoted into the receive directory it was promoted in becomes that mirror again, in place.
+  const inPlace = promoted !== undefined && mirrorDir === dir;
+  if (fs.existsSync(mirrorDir) && !inPlace) throw new Error(`${mirrorDir} already exists: remove it (or choose another receive directory) first`);
+  const destCp = promoted ? promoted.promotedFromCp : rel?.destCp ?? -1;
+  const destSuperblock = promoted ? promoted.baseSuperblock : rel?.destSuperblock;
+  if (promoted) log.warn({ dir, baseCp: destCp }, 'demote: a promoted volume goes back to being the mirror of its old primary, from the CP it was promoted from');
 
   // 1. Replay and commit the NVRAM, holding the CPs the destination may hold.
   const opened = await openVolumeDir(dir, {
@@ -97,8 +110,8 @@ export async function demoteVolume(dirArg: string, intoArg: string, opts: { logg
     beforeRecovery: async (tree: BlockTreeApi) => {
       const now = tree.stats().cpNumber;
       if (destCp < 0) return;
-      if (rel?.destSuperblock !== undefined) {
-        const why = await tree.holdCommitted(destCp, Buffer.from(rel.destSuperblock, 'base64'));
+      if (destSuperblock !== undefined) {
+        const why = await tree.holdCommitted(destCp, Buffer.from(destSuperblock, 'base64'));
         if (why !== null) log.warn({ cp: destCp, reason: why }, 'demote: the destination\'s CP cannot be held');
       }
       for (let c = Math.max(destCp, now - RING_SLOTS + 1); c < now; c++) {
@@ -132,6 +145,11 @@ export async function demoteVolume(dirArg: string, intoArg: string, opts: { logg
 
   // 3. The member becomes a mirror (in place); the directory stops being a volume.
   await fs.promises.mkdir(mirrorDir, { recursive: true });
+  if (promoted) {
+    // No longer a primary; the old log's records are in the state kept above.
+    await fs.promises.rename(path.join(dir, ROLE_NAME), path.join(dir, `${ROLE_NAME}.demoted`));
+    if (inPlace && fs.existsSync(path.join(dir, DEST_LOG_NAME))) await fs.promises.rename(path.join(dir, DEST_LOG_NAME), path.join(dir, `${DEST_LOG_NAME}.before-demote`));
+  }
   const ml: MirrorLabel = {
     format: 'nvmirror-mirror',
     version: 1,
@@ -142,7 +160,7 @@ export async function demoteVolume(dirArg: string, intoArg: string, opts: { logg
     ...(label.raid
       ? { raid: { level: label.raid.level, stripeUnitBytes: label.raid.stripeUnitBytes, members: label.members.map((m, i) => ({ path: membersAbs[i]!, blockCount: m.blockCount })) } }
       : { memberPath: memberAbs }),
-    demoted: { fromDir: dir, cp: cpNumber, destCp, keptIn, demotedMs: Date.now(), ...(rel?.destSuperblock && destCp >= 0 ? { destSuperblock: rel.destSuperblock } : {}) },
+    demoted: { fromDir: dir, cp: cpNumber, destCp, keptIn, demotedMs: Date.now(), ...(destSuperblock && destCp >= 0 ? { destSuperblock } : {}) },
   };
   await writeFileDurably(mirrorDir, MIRROR_LABEL_NAME, `${JSON.stringify(ml, null, 2)}\n`);
   await writeFileDurably(dir, DEMOTED_NAME, `${JSON.stringify({ mirrorDir, cp: cpNumber, keptIn, demotedMs: Date.now() }, null, 2)}\n`);

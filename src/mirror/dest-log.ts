@@ -237,6 +237,11 @@ export class DestLog {
     return this.held(Math.min(this.persistedSeq, this.lastStoredSeq));
   }
 
+  /** The newest record stored (0: none); start() drops those at or past a new stream's first seq. */
+  get newestStoredSeq(): number {
+    return this.entries.length > this.head ? this.entries[this.entries.length - 1]!.seq : 0;
+  }
+
   get storedFromSeq(): number {
     return this.entries.length > this.head ? this.entries[this.head]!.seq : Math.max(this.lastStoredSeq, this.committedSeq) + 1;
   }

@@ -5,7 +5,7 @@
 import type { MetricsRegistry } from '../metrics/registry';
 import type { MirrorSource } from './source';
 
-const STATES = ['disconnected', 'baseline', 'resyncing', 'in-sync', 'behind', 'split-brain'] as const;
+const STATES = ['disconnected', 'baseline', 'resyncing', 'in-sync', 'behind', 'split-brain', 'promoted', 'mirror-ahead'] as const;
 
 export function registerMirrorMetrics(registry: MetricsRegistry, mirror: MirrorSource): void {
   const state = registry.gauge('nvmirror_mirror_state', 'Mirror relationship state (1 for the current one)', ['state']);

@@ -10,7 +10,8 @@
  *   3. The source's log file is replayed: the records after the base's watermark, in seq
  *      order, stopping at the first gap or record that does not verify (dest-log.ts).
  *      In sync mode that is every acknowledged write.
- *   4. Committed (a CP, then a clean stop); the directory becomes a volume directory
+ *   4. Committed (a CP, then a clean stop), in a new generation (tree/lineage.ts): every
+ *      superblock from then on says its CPs after the base are this side's own; the directory becomes a volume directory
  *      (nvmirror.json, its own NVRAM log) that `serve` opens, and role.json says it was
  *      promoted, from which CP, and its new generation.
  *
@@ -22,7 +23,6 @@
  * - Re-running an interrupted promote is safe: replaying the same records again over the
  *   same base gives the same image (each record overwrites its whole range, in order).
  */
-import * as crypto from 'crypto';
 import * as fs from 'fs';
 import * as path from 'path';
 import type { Logger } from 'pino';
@@ -32,6 +32,7 @@ import * as native from '../io/native';
 import { NvLog } from '../nvlog/log';
 import { RecordType } from '../nvlog/format';
 import { BLOCK } from '../tree/layout';
+import { newGenerationId } from '../tree/lineage';
 import { controlRequest } from '../volume/engine-control';
 import { LABEL_FORMAT, LABEL_NAME, LABEL_VERSION, NVRAM_DEFAULT_BYTES, NVRAM_DEFAULT_NAME, openVolumeDir, type VolumeLabel } from '../volume/dir';
 import { DEST_LOG_MIN_BYTES, DEST_LOG_NAME, DestLog } from './dest-log';
@@ -39,6 +40,8 @@ import { RECEIVER_SOCKET_NAME } from './receiver';
 import { PROMOTED_LABEL_NAME, ROLE_NAME, readRole, type RoleRecord } from './role';
 import { MEMBER_NAME, openMirrorDevice, BASELINE_MARKER_NAME, MIRROR_LABEL_NAME, MIRROR_LOCK_NAME, MirrorDirError, newestSuperblock, rootBytes, type MirrorLabel } from './mirror-dir';
 
+/** The promote's new generation id, written before its first CP (a re-run continues it). */
+const GENERATION_NAME = 'promote.generation';
 /** How long promote waits for a running receiver to let go of the mirror. */
 const RELEASE_TIMEOUT_MS = 30_000;
 
@@ -98,9 +101,11 @@ export async function promoteMirror(dirArg: string, opts: { force: boolean; logg
     let baseRoot: string;
     let baseSeq: number;
     let blockCount: number;
+    let baseSuperblock: Buffer;
     try {
       const committed = await newestSuperblock(dev, label.sourceUuid);
       if (!committed) throw new MirrorDirError(`${dir} has no committed CP yet: nothing to promote`);
+      baseSuperblock = committed.raw;
       baseCp = committed.sb.cpNumber;
       baseRoot = rootBytes(committed.sb).toString('hex');
       baseSeq = committed.sb.nvlogSeq;
@@ -145,6 +150,13 @@ export async function promoteMirror(dirArg: string, opts: { force: boolean; logg
       await writeFileDurably(dir, LABEL_NAME, `${JSON.stringify(vol, null, 2)}\n`);
     }
 
+    // The new generation (tree/lineage.ts), chosen once: a re-run continues the same one.
+    const genPath = path.join(dir, GENERATION_NAME);
+    let generation = fs.existsSync(genPath) ? fs.readFileSync(genPath, 'utf8').trim() : '';
+    if (!/^[0-9a-f]{16}$/.test(generation)) {
+      generation = newGenerationId();
+      await writeFileDurably(dir, GENERATION_NAME, `${generation}\n`);
+    }
     const opened = await openVolumeDir(dir, { readOnly: false, control: false, cpIntervalMs: 0 });
     let bytesReplayed = 0;
     let lastSeq = baseSeq;
@@ -152,6 +164,8 @@ export async function promoteMirror(dirArg: string, opts: { force: boolean; logg
     let cpNumber: number;
     try {
       const v = opened.volume;
+      // Every CP from here on is this side's own: the lineage names the base it forked at.
+      v.tree.startGeneration(generation);
       // Keep the base (the last CP both sides hold) before anything changes it.
       if (!v.listSnapshots().some((s) => s.name === baseSnapshot)) await v.snapshot({ kind: 'create', name: baseSnapshot });
       for (const r of records) {
@@ -178,11 +192,14 @@ export async function promoteMirror(dirArg: string, opts: { force: boolean; logg
       baseSnapshot,
       lastSeq,
       recordsReplayed: records.length,
-      generation: readRole(dir)?.generation ?? crypto.randomUUID(),
+      generation,
+      baseSuperblock: baseSuperblock.toString('base64'),
     };
     await writeFileDurably(dir, ROLE_NAME, `${JSON.stringify(role, null, 2)}\n`);
     // Last: the directory stops being a mirror (a receiver now refuses this source by role.json).
     await fs.promises.rename(labelPath, path.join(dir, PROMOTED_LABEL_NAME));
+    // Done: a later promote (after a demote) starts a generation of its own.
+    await fs.promises.rm(genPath, { force: true });
     log.info({ dir, fromCp: baseCp, records: records.length, bytes: bytesReplayed, lastSeq, cp: cpNumber, receiverLetGo }, 'mirror promoted: it is a primary volume now');
     return { ...role, dir, volumeUuid: label.sourceUuid, bytesReplayed, cpNumber, replayEnd };
   } finally {

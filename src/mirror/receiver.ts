@@ -29,15 +29,19 @@
  */
 import * as net from 'net';
 import * as tls from 'tls';
+import * as fs from 'fs';
 import * as path from 'path';
 import type { Logger } from 'pino';
 import { openMemberDevice, readLabel } from '../volume/dir';
 import { RaidDevice, type RaidHealth } from '../raid/raid-device';
 import { readRole } from './role';
+import { decideStanding, refusalText, type Standing } from './standing';
+import type { Lineage } from '../tree/lineage';
+import type { Superblock } from '../tree/layout';
 import { assert } from '../util/assert';
 import { crc32c } from '../io/native';
 import { FrameParser, FrameWriter, MirrorProtocolError, MsgType, WIRE_VERSION, writeFrame, type CpKind, type Message } from './wire';
-import { APPLY_WRITES_MAX, BASELINE_PROGRESS_BLOCKS, MirrorDir, MirrorDirError, newestSuperblock, rootBytes, type MirrorHello } from './mirror-dir';
+import { APPLY_WRITES_MAX, BASELINE_PROGRESS_BLOCKS, MIRROR_LABEL_NAME, MirrorDir, MirrorDirError, newestSuperblock, rootBytes, type MirrorHello, type MirrorLabel } from './mirror-dir';
 import { MirrorView, type MirrorExports } from './exports';
 import { RemoteReads, verifyCp, type VerifyReport } from './verify';
 import { applyDelta, DELTA_FROM_ZEROES } from './delta';
@@ -108,6 +112,8 @@ export interface ReceiverStats {
     /** A RAID destination's health (members, stripes written whole / through the journal). */
     raid?: RaidHealth;
   }>;
+  /** Where each source that said HELLO since the start stood then (standing.ts): primary, current, last common CP (standingsList()). */
+  standings?: Array<Standing & { sourceUuid: string }>;
 }
 
 interface Applying {
@@ -563,6 +569,19 @@ class Session {
     const mirror = await this.rx.openMirror(m, this.log);
     if (this.closed) return;
     mirror.checkMember(); // it may have stayed open since another connection
+    // Before the log starts this stream (which drops stored records from its first seq on).
+    const c = mirror.baselinePartial ? undefined : mirror.committed?.sb;
+    const standing = decideStanding(
+      { lineage: m.lineage, cp: m.sourceCp, lastSeq: m.lastSeq },
+      { committed: c && { lineage: c.lineage, cp: c.cpNumber, nvlogSeq: c.nvlogSeq }, newestStoredSeq: mirror.log.newestStoredSeq, promoted: false },
+    );
+    this.rx.standings.set(m.sourceUuid, standing);
+    if (standing.kind !== 'in-step') {
+      const text = refusalText(standing, mirror.dir, false);
+      mirror.lastError = text;
+      this.log.error({ source: m.sourceUuid, ...standing }, 'the source and its mirror do not stand in step: refused, nothing in the mirror changes');
+      throw new MirrorDirError(text);
+    }
     this.mirror = mirror;
     this.rx.exports?.attach(mirror);
     this.armIdle();
@@ -726,10 +745,24 @@ export class MirrorReceiver {
     return undefined;
   }
 
-  async openMirror(hello: MirrorHello & { sourceCp: number }, log: Logger): Promise<MirrorDir> {
-    const promoted = await promotedRefusal(path.join(this.dir, hello.sourceUuid), hello.sourceCp);
-    if (promoted) throw new MirrorDirError(promoted);
-    if (this.released.has(hello.sourceUuid)) throw new MirrorDirError(`the mirror of ${hello.sourceUuid} was released for promote: refused`);
+  /** Where each source and its mirror stood at its last HELLO (status), by source uuid (one per directory in DIR). */
+  readonly standings = new Map<string, Standing>();
+
+  standingsList(): Array<Standing & { sourceUuid: string }> {
+    return [...this.standings].map(([sourceUuid, st]) => ({ sourceUuid, ...st }));
+  }
+
+  async openMirror(hello: MirrorHello & { sourceCp: number; lastSeq: number; lineage: Lineage }, log: Logger): Promise<MirrorDir> {
+    const promoted = await promotedRefusal(path.join(this.dir, hello.sourceUuid), hello);
+    if (promoted) {
+      this.standings.set(hello.sourceUuid, promoted.standing);
+      throw new MirrorDirError(promoted.text);
+    }
+    if (this.released.has(hello.sourceUuid)) {
+      // Released for promote; taken back only once the promoted side was demoted into this directory again.
+      if (!isDemotedMirror(path.join(this.dir, hello.sourceUuid))) throw new MirrorDirError(`the mirror of ${hello.sourceUuid} was released for promote: refused`);
+      this.released.delete(hello.sourceUuid);
+    }
     let m = this.mirrors.get(hello.sourceUuid);
     if (m && (m.label.sizeBytes !== hello.sizeBytes || m.label.deviceBlocks !== hello.deviceBlocks)) {
       throw new MirrorDirError(`mirror of ${hello.sourceUuid} holds ${m.label.sizeBytes} bytes on ${m.label.deviceBlocks} blocks; the source now has ${hello.sizeBytes} on ${hello.deviceBlocks}`);
@@ -842,23 +875,34 @@ export class MirrorReceiver {
  * now: its old source writing into it would be split brain), or undefined. Names the
  * last CP both sides hold and how far each has gone since.
  */
-export async function promotedRefusal(dir: string, sourceCp: number): Promise<string | undefined> {
+export async function promotedRefusal(dir: string, hello: { sourceCp: number; lastSeq: number; lineage: Lineage }): Promise<{ text: string; standing: Standing } | undefined> {
   const role = readRole(dir);
   if (!role) return undefined;
-  let nowCp = -1;
+  let now: Superblock | undefined;
   try {
     const label = await readLabel(dir);
     const dev = await openMemberDevice(dir, label, true);
     try {
-      nowCp = (await newestSuperblock(dev, label.uuid))?.sb.cpNumber ?? -1;
+      now = (await newestSuperblock(dev, label.uuid))?.sb;
     } finally {
       await dev.close();
     }
   } catch {
-    /* unreadable: the refusal stands without the figure */
+    /* unreadable: the refusal stands on role.json's figures */
   }
-  const since = (cp: number): string => (cp < 0 ? 'unknown' : `${Math.max(0, cp - role.promotedFromCp)} CP(s) since`);
-  return `split brain refused: ${dir} was promoted at CP ${role.promotedFromCp} (the last CP both sides hold) and is a primary now ` +
-    `(at CP ${nowCp < 0 ? '?' : nowCp}, ${since(nowCp)}); this source is at CP ${sourceCp} (${since(sourceCp)}). ` +
-    'Nothing is merged: keep one side and rebuild the other from it';
+  const standing: Standing = now
+    ? decideStanding({ lineage: hello.lineage, cp: hello.sourceCp, lastSeq: hello.lastSeq }, { committed: { lineage: now.lineage, cp: now.cpNumber, nvlogSeq: now.nvlogSeq }, newestStoredSeq: 0, promoted: true, promotedThroughSeq: role.lastSeq })
+    : { kind: 'split-brain', current: 'unknown', commonCp: role.promotedFromCp, sourceCp: hello.sourceCp, destinationCp: -1, sourceSeq: hello.lastSeq, destinationSeq: 0 };
+  return { text: refusalText(standing, dir, true), standing };
+}
+
+/** DIR holds a mirror label marked demoted (and no role.json): a promoted volume made a mirror again. */
+function isDemotedMirror(dir: string): boolean {
+  if (readRole(dir)) return false;
+  try {
+    const l = JSON.parse(fs.readFileSync(path.join(dir, MIRROR_LABEL_NAME), 'utf8')) as MirrorLabel;
+    return l.format === 'nvmirror-mirror' && l.demoted !== undefined;
+  } catch {
+    return false;
+  }
 }

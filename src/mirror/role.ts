@@ -23,8 +23,10 @@ export interface RoleRecord {
   /** The last record replayed from the source's log (its seq), and how many. */
   lastSeq: number;
   recordsReplayed: number;
-  /** A new generation starts at promotedFromCp + 1: CPs after the base are this side's own. */
+  /** The lineage generation (tree/lineage.ts) that starts at promotedFromCp + 1: CPs after the base are this side's own. The superblocks are the authority; this is the readable copy. */
   generation: string;
+  /** The base CP's superblock (base64), kept for a failback that demotes this side (the base may leave the ring). */
+  baseSuperblock?: string;
 }
 
 export function readRole(dir: string): RoleRecord | undefined {

@@ -47,15 +47,14 @@ import { deltaFrames, encodeCpBlocks, refFrames } from './cp-encode';
 import type { LinkArgs } from './link';
 import { readRelationship, writeRelationship, type MirrorPolicy } from './relationship';
 import { readRole } from './role';
+import { parseStanding, type Standing } from './standing';
 import {
   writeFrame, BLOCKS_PER_FRAME_MAX, FrameParser, FrameWriter, MsgType, type Message, type MirrorMode,
 } from './wire';
 
 export type MirrorState = 'disconnected' | 'baseline' | 'resyncing' | 'in-sync' | 'behind';
 /** What status reports: a refused split brain shows as such, not as a plain disconnection. */
-export type MirrorStatusState = MirrorState | 'split-brain';
-/** The destination's refusal reason when its mirror of us was promoted (receiver.ts promotedRefusal). */
-const SPLIT_BRAIN_PREFIX = 'split brain refused';
+export type MirrorStatusState = MirrorState | 'split-brain' | 'promoted' | 'mirror-ahead';
 /** Bytes queued on the mirror socket before senders wait for it to drain. */
 export const QUEUED_BYTES_MAX = 32 * 1024 * 1024;
 export const STALL_TIMEOUT_MS_DEFAULT = 15_000;
@@ -119,6 +118,8 @@ export interface MirrorSourceStats {
   bytesSavedByRefs: number;
   resync: { baseCp: number; targetCp: number; blocksSent: number; bytesPerSec: number; totalBytes: number | undefined; etaSeconds: number | undefined } | undefined;
   lastError: string | undefined;
+  /** Which side is primary and current, the last common CP, what each wrote since (undefined: not known yet). */
+  standing: Standing | undefined;
 }
 
 interface Waiter {
@@ -154,8 +155,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private destSuperblock: { cp: number; raw: Buffer } | undefined;
   /** The CP this volume was promoted from (kept by a snapshot), offered as a failback base until the destination acknowledges a CP. */
   private promotedBase: { cp: number; root: Buffer } | undefined;
-  /** The destination refused us because its mirror was promoted (both sides are primary). */
-  private splitBrain = false;
+  /** Where the two sides stand, as the destination's last refusal said (standing.ts); cleared by a WELCOME. */
+  private refusedStanding: Standing | undefined;
   private stopped = false;
   /** The destination's committed CP (-1: nothing, or unknown). */
   private destCp = -1;
@@ -330,12 +331,26 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.send(conn, {
       type: MsgType.Hello, sourceUuid: v.tree.volumeUuid, sizeBytes: v.sizeBytes, deviceBlocks: tree.totalBlocks,
       nvramBytes: v.region.sizeBytes, mode: this.o.mode, sourceCp: tree.cpNumber, streamFromSeq: Math.max(1, this.forwardFromSeq),
-      baseCp: this.promotedBase?.cp ?? -1, baseRoot: this.promotedBase?.root ?? Buffer.alloc(24),
+      ...this.failbackOffer(),
+      lastSeq: v.log.lastSeq, lineage: [...tree.lineage],
     });
     conn.welcome.then(
       (w) => this.onWelcome(conn, w),
       () => undefined,
     );
+  }
+
+  /**
+   * The CP offered as the base of a failback: a promoted volume's base, else the
+   * destination's CP this volume holds (a demoted promoted volume rolls back to it).
+   */
+  private failbackOffer(): { baseCp: number; baseRoot: Buffer } {
+    if (this.promotedBase) return { baseCp: this.promotedBase.cp, baseRoot: this.promotedBase.root };
+    const d = this.destSuperblock;
+    if (d && d.cp === this.destCp && this.destCp >= this.holdValidFromCp) {
+      return { baseCp: d.cp, baseRoot: Buffer.from(d.raw.subarray(SUPERBLOCK_ROOT_OFFSET, SUPERBLOCK_ROOT_OFFSET + 24)) };
+    }
+    return { baseCp: -1, baseRoot: Buffer.alloc(24) };
   }
 
   private onWelcome(conn: Conn, w: Message & { type: MsgType.Welcome }): void {
@@ -347,7 +362,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       this.drop(conn, `the destination is at CP ${w.committedCp}, ahead of this volume (CP ${cpNow}): diverged histories`);
       return;
     }
-    this.splitBrain = false;
+    this.refusedStanding = undefined;
     conn.welcomed = true;
     this.destCp = w.committedCp;
     const pb = this.promotedBase;
@@ -420,7 +435,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
         return;
       case MsgType.Refuse:
         this.lastError = `destination refused: ${m.reason}`;
-        this.splitBrain = m.reason.includes(SPLIT_BRAIN_PREFIX);
+        this.refusedStanding = parseStanding(m.reason);
         this.log.error({ reason: m.reason }, 'the destination refused the mirror stream');
         this.drop(conn, `refused: ${m.reason}`);
         return;
@@ -854,7 +869,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       peer: `${this.o.peer.host}:${this.o.peer.port}`,
       mode: this.o.mode,
       policy: this.o.policy,
-      state: this.state === 'disconnected' && this.splitBrain ? 'split-brain' : this.state === 'in-sync' && this.unackedMs() > STALE_ACK_MS ? 'behind' : this.state,
+      state: this.state === 'disconnected' && this.refusedStanding && this.refusedStanding.kind !== 'in-step' && this.refusedStanding.kind !== 'unrelated' ? this.refusedStanding.kind : this.state === 'in-sync' && this.unackedMs() > STALE_ACK_MS ? 'behind' : this.state,
       connected: conn !== undefined && !conn.closed,
       sourceCp: tree.cpNumber,
       destCp: this.destCp,
@@ -893,7 +908,17 @@ export class MirrorSource implements CpSink, ReplicaGate {
           })()
         : undefined,
       lastError: this.lastError,
+      standing: this.standingNow(tree.cpNumber, conn !== undefined && !conn.closed),
     };
+  }
+
+  /** Which side is primary and current, the last common CP, what each wrote since (status). */
+  private standingNow(cp: number, connected: boolean): Standing | undefined {
+    if (this.refusedStanding) return this.refusedStanding;
+    if (!connected || this.destCp < 0) return undefined;
+    const lastSeq = this.volume?.log.lastSeq ?? 0;
+    const both = this.destCp === cp && (this.o.mode === 'sync' ? this.heldSeq >= lastSeq : lastSeq <= this.tree.stats().meta.nvlogSeq);
+    return { kind: 'in-step', current: both ? 'both' : 'source', commonCp: this.destCp, sourceCp: cp, destinationCp: this.destCp, sourceSeq: lastSeq, destinationSeq: this.heldSeq };
   }
 
   /** Root pointer bytes the destination reported for its committed CP. */

@@ -22,6 +22,7 @@ import * as zlib from 'zlib';
 import { crc32c } from '../io/native';
 import { assert } from '../util/assert';
 import { bytesToUuid, uuidToBytes } from '../tree/layout';
+import { LINEAGE_ENTRIES_MAX, lineageProblem, type Generation } from '../tree/lineage';
 
 export const FRAME_MAGIC = 0x574d564e; // "NVMW" little-endian
 export const WIRE_VERSION = 1;
@@ -79,6 +80,10 @@ export interface Hello {
    */
   baseCp: number;
   baseRoot: Buffer;
+  /** The source's newest record seq (its NVRAM log's last): a mirror holding later ones is ahead of it. */
+  lastSeq: number;
+  /** The lineage of the source's committed CP (tree/lineage.ts), newest generation first. */
+  lineage: Generation[];
 }
 
 export interface Welcome {
@@ -243,7 +248,7 @@ const MAX_U53 = Number.MAX_SAFE_INTEGER;
 /** Per type: the body length cap. */
 function bodyCap(type: number): number | undefined {
   switch (type) {
-    case MsgType.Hello: return 16 + 8 * 5 + 8 + 8 + 24;
+    case MsgType.Hello: return 16 + 8 * 5 + 8 + 8 + 24 + 8 + 8 + LINEAGE_ENTRIES_MAX * 16;
     case MsgType.Welcome: return 8 + 24 + 8 * 5;
     case MsgType.Refuse: return 2 + TEXT_MAX_BYTES;
     case MsgType.Record: return 40 + RECORD_PAYLOAD_MAX_BYTES;
@@ -342,7 +347,11 @@ export function encodeBody(m: Message): Buffer[] {
     case MsgType.Hello:
       assert(m.sizeBytes > 0 && m.sizeBytes % BLOCK_BYTES === 0, `hello: volume size ${m.sizeBytes}`);
       assert(m.baseRoot.length === 24, 'hello: base root pointer is 24 bytes');
-      return [uuidToBytes(m.sourceUuid), u64(m.sizeBytes), u64(m.deviceBlocks), u64(m.nvramBytes), u64(m.mode === 'sync' ? 1 : 2), i64(m.sourceCp), u64(m.streamFromSeq), i64(m.baseCp), m.baseRoot];
+      assert(lineageProblem(m.lineage, Math.max(0, m.sourceCp)) === null, 'hello: lineage');
+      return [
+        uuidToBytes(m.sourceUuid), u64(m.sizeBytes), u64(m.deviceBlocks), u64(m.nvramBytes), u64(m.mode === 'sync' ? 1 : 2), i64(m.sourceCp), u64(m.streamFromSeq), i64(m.baseCp), m.baseRoot,
+        u64(m.lastSeq), u64(m.lineage.length), ...m.lineage.flatMap((g) => [Buffer.from(g.id, 'hex'), u64(g.firstCp)]),
+      ];
     case MsgType.Welcome:
       assert(m.root.length === 24, 'root pointer is 24 bytes');
       return [i64(m.committedCp), m.root, u64(m.storedFromSeq), u64(m.heldSeq), i64(m.oldestPinnedCp), i64(m.resumeCp), u64(m.resumeBlocks)];
@@ -461,8 +470,15 @@ export function decodeBody(type: number, body: Buffer): Message {
       const streamFromSeq = r.u64('streamFromSeq');
       const baseCp = r.cp('baseCp');
       const baseRoot = Buffer.from(r.bytes(24));
+      const lastSeq = r.u64('lastSeq');
+      const count = r.u64('lineageCount');
+      if (count < 1 || count > LINEAGE_ENTRIES_MAX) throw new MirrorProtocolError(`hello: lineage of ${count} generations (1..${LINEAGE_ENTRIES_MAX})`);
+      const lineage: Generation[] = [];
+      for (let i = 0; i < count; i++) lineage.push({ id: r.bytes(8).toString('hex'), firstCp: r.u64('lineageFirstCp') });
       if (sizeBytes === 0 || sizeBytes % BLOCK_BYTES !== 0) throw new MirrorProtocolError(`hello: bad volume size ${sizeBytes}`);
-      m = { type, sourceUuid, sizeBytes, deviceBlocks, nvramBytes, mode: modeCode === 1 ? 'sync' : 'async', sourceCp, streamFromSeq, baseCp, baseRoot };
+      const lp = lineageProblem(lineage, Math.max(0, sourceCp));
+      if (lp !== null) throw new MirrorProtocolError(`hello: ${lp}`);
+      m = { type, sourceUuid, sizeBytes, deviceBlocks, nvramBytes, mode: modeCode === 1 ? 'sync' : 'async', sourceCp, streamFromSeq, baseCp, baseRoot, lastSeq, lineage };
       break;
     }
     case MsgType.Welcome:

@@ -14,6 +14,8 @@
  *   time per I/O slot. Problems are capped at MAX_PROBLEMS lines (plus a count).
  * - Within one tree (data tree + its space-map tree) no block is referenced twice.
  * - A child's birth CP never exceeds its parent's, nor the root's CP.
+ * - The lineage is valid, and every older CP of this volume left in the superblock ring
+ *   is on its line (same generation at that CP): the ring holds one history.
  * - A block that fails verification on a device with redundancy (RAID: readRepaired) is
  *   a problem only if no rebuilt version verifies (the device counts and, when writable,
  *   heals the bad copy: a check of a served RAID volume repairs what it reads).
@@ -23,9 +25,10 @@ import { clearBit, orInto, popcount, setBit, testBit } from './bitmap';
 import { crc32c } from './checksum';
 import {
   BITS_PER_LEAF, BLOCK, BlockPtr, FANOUT, NODE_TYPE_DATA_TREE, NODE_TYPE_SPACE_MAP, RING_SLOTS, Superblock, decodePtr,
-  heightFor, ptrSlotOffset, slotsPerPointer, verifyNode,
+  decodeSuperblock, heightFor, ptrSlotOffset, slotsPerPointer, verifyNode,
 } from './layout';
 import { SpaceMap } from './spacemap';
+import { generationAt, lineageProblem, lineageString } from './lineage';
 import type { CheckReport } from './types';
 import { Slicer, forEachLimit } from './work';
 
@@ -247,8 +250,34 @@ export async function runCheck(input: CheckInput): Promise<CheckReport> {
     const b = SpaceMap.difference(snapUnion, input.summary, 10);
     problem(`snapshot summary in memory differs from the snapshots' maps: ${a.count} blocks only in memory (e.g. ${a.sample.join(', ')}), ${b.count} only on disk (e.g. ${b.sample.join(', ')})`);
   }
+  await checkLineage(dev, sb, problem);
   const blocksReachable = popcount(union);
   if (blocksReachable !== input.used) problem(`space accounting: ${blocksReachable} blocks reachable from all roots but ${input.used} counted in use`);
   if (dropped > 0) problems.push(`... and ${dropped} more problems`);
   return { ok: problems.length === 0, problems, blocksReachable, blocksAccounted: input.used };
+}
+
+/** The committed lineage is valid and every older CP of this volume in the ring lies on it. */
+async function checkLineage(dev: BlockDevice, sb: Superblock, problem: (s: string) => void): Promise<void> {
+  const lp = lineageProblem(sb.lineage, sb.cpNumber);
+  if (lp !== null) {
+    problem(`CP ${sb.cpNumber}: ${lp}`);
+    return;
+  }
+  const ring = Buffer.alloc(RING_SLOTS * BLOCK);
+  try {
+    await dev.readBlocks(0, RING_SLOTS, ring);
+  } catch (e) {
+    problem(`device read of the superblock ring failed: ${e instanceof Error ? e.message : String(e)}`);
+    return;
+  }
+  for (let s = 0; s < RING_SLOTS; s++) {
+    const d = decodeSuperblock(ring.subarray(s * BLOCK, (s + 1) * BLOCK));
+    if (typeof d === 'string' || d.volumeUuid !== sb.volumeUuid || d.cpNumber >= sb.cpNumber) continue;
+    const mine = generationAt(sb.lineage, sb.cpNumber, d.cpNumber);
+    const theirs = generationAt(d.lineage, d.cpNumber, d.cpNumber);
+    if (mine !== undefined && mine !== theirs) {
+      problem(`lineage: CP ${d.cpNumber} in ring slot ${s} is of generation ${theirs ?? '?'} (${lineageString(d.lineage)}), not of this volume's ${mine} (${lineageString(sb.lineage)})`);
+    }
+  }
 }

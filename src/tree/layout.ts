@@ -19,6 +19,7 @@
 import { assert } from '../util/assert';
 import { BLOCK_SIZE_BYTES } from '../io/types';
 import { crc32c } from './checksum';
+import { LINEAGE_ENTRIES_MAX, lineageProblem, rootGeneration, type Generation } from './lineage';
 
 export const BLOCK = BLOCK_SIZE_BYTES;
 export const RING_SLOTS = 8;
@@ -193,17 +194,25 @@ export function verifyNode(buf: Buffer, p: BlockPtr, id: NodeId, uuid: Buffer): 
 // 156 u32 fanout | 160..256 zero | 256 snapshots[32] x 112 | 4092 u32 crc32c of [0, 4092)
 // Snapshot entry: 0 u8 nameLen | 1 name[39] | 40 u64 cp | 48 u64 createdMs
 // 56 u64 usedBlocks | 64 root ptr[24] | 88 smap root ptr[24]
+// Version 2 adds the lineage (lineage.ts) after the snapshot table:
+// 3840 u32 generation count (1..15) | 3844 u32 zero | 3848 count x {id[8] | u64 first CP},
+// newest first; the rest up to the crc zero. A version 1 superblock (no lineage) decodes
+// with the volume's root generation, as if it had always been written with it.
 
 export const SUPER_MAGIC = Buffer.from('NVMSUPER', 'latin1');
 /** Where the superblock holds the root pointer (24 bytes). */
 export const SUPERBLOCK_ROOT_OFFSET = 96;
-export const SUPER_VERSION = 1;
+export const SUPER_VERSION = 2;
+/** Superblocks written before lineages existed: still opened (their lineage is the root generation). */
+export const SUPER_VERSION_NO_LINEAGE = 1;
 export const MAX_SNAPSHOTS = 32;
 export const MAX_SNAPSHOT_NAME_BYTES = 39;
 const SNAP_BASE = 256;
 const SNAP_BYTES = 112;
 const SUPER_CRC_OFF = BLOCK - 4;
-assert(SNAP_BASE + MAX_SNAPSHOTS * SNAP_BYTES <= SUPER_CRC_OFF, 'snapshot table must fit the superblock');
+const LINEAGE_BASE = SNAP_BASE + MAX_SNAPSHOTS * SNAP_BYTES;
+const LINEAGE_ENTRY_BYTES = 16;
+assert(LINEAGE_BASE === 3840 && LINEAGE_BASE + 8 + LINEAGE_ENTRIES_MAX * LINEAGE_ENTRY_BYTES <= SUPER_CRC_OFF, 'snapshot table and lineage must fit the superblock');
 
 export interface SnapshotRecord {
   name: string;
@@ -229,6 +238,8 @@ export interface Superblock {
   smapRoot: BlockPtr;
   usedBlocks: number;
   snapshots: SnapshotRecord[];
+  /** Newest generation first (lineage.ts). */
+  lineage: readonly Generation[];
 }
 
 const SNAP_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._:+-]*$/;
@@ -272,6 +283,14 @@ export function encodeSuperblock(sb: Superblock): Buffer {
     encodePtr(b, o + 64, s.root);
     encodePtr(b, o + 88, s.smapRoot);
   });
+  const lp = lineageProblem(sb.lineage, sb.cpNumber);
+  if (lp !== null) assert(false, `superblock of CP ${sb.cpNumber}: ${lp}`);
+  b.writeUInt32LE(sb.lineage.length, LINEAGE_BASE);
+  sb.lineage.forEach((g, i) => {
+    const o = LINEAGE_BASE + 8 + i * LINEAGE_ENTRY_BYTES;
+    b.write(g.id, o, 8, 'hex');
+    writeU64(b, o + 8, g.firstCp);
+  });
   b.writeUInt32LE(crc32c(b, 0, SUPER_CRC_OFF), SUPER_CRC_OFF);
   return b;
 }
@@ -282,7 +301,7 @@ export function decodeSuperblock(b: Buffer): Superblock | string {
   if (!b.subarray(0, 8).equals(SUPER_MAGIC)) return 'bad magic';
   if (b.readUInt32LE(SUPER_CRC_OFF) !== crc32c(b, 0, SUPER_CRC_OFF)) return 'checksum mismatch';
   const version = b.readUInt32LE(8);
-  if (version !== SUPER_VERSION) return `unsupported version ${version}`;
+  if (version !== SUPER_VERSION && version !== SUPER_VERSION_NO_LINEAGE) return `unsupported version ${version}`;
   if (b.readUInt32LE(12) !== BLOCK) return `unsupported block size ${b.readUInt32LE(12)}`;
   if (b.readUInt32LE(156) !== FANOUT) return `unsupported fan-out ${b.readUInt32LE(156)}`;
   const deviceBlocks = readU64(b, 40);
@@ -318,9 +337,25 @@ export function decodeSuperblock(b: Buffer): Superblock | string {
     if (cp < 0 || createdMs < 0 || used < 0 || cp > cpNumber) return `snapshot ${name}: bad fields`;
     snapshots.push({ name, cp, createdMs, usedBlocks: used, root: sroot, smapRoot: ssmap });
   }
+  const volumeUuid = bytesToUuid(b.subarray(16, 32));
+  let lineage: Generation[];
+  if (version === SUPER_VERSION_NO_LINEAGE) {
+    lineage = [rootGeneration(volumeUuid)];
+  } else {
+    const n = b.readUInt32LE(LINEAGE_BASE);
+    if (n < 1 || n > LINEAGE_ENTRIES_MAX || b.readUInt32LE(LINEAGE_BASE + 4) !== 0) return `lineage: bad generation count ${n}`;
+    lineage = [];
+    for (let i = 0; i < n; i++) {
+      const o = LINEAGE_BASE + 8 + i * LINEAGE_ENTRY_BYTES;
+      lineage.push({ id: b.toString('hex', o, o + 8), firstCp: readU64(b, o + 8) });
+    }
+    for (let i = LINEAGE_BASE + 8 + n * LINEAGE_ENTRY_BYTES; i < SUPER_CRC_OFF; i++) if (b[i] !== 0) return 'lineage: non-zero bytes after the last generation';
+    const lp = lineageProblem(lineage, cpNumber);
+    if (lp !== null) return lp;
+  }
   return {
-    volumeUuid: bytesToUuid(b.subarray(16, 32)),
+    volumeUuid,
     sizeBytes, deviceBlocks, cpNumber, timestampMs, lastCpDurationMs, nvlogSeq, nvlogEpoch,
-    treeHeight, smapHeight, root, smapRoot, usedBlocks, snapshots,
+    treeHeight, smapHeight, root, smapRoot, usedBlocks, snapshots, lineage,
   };
 }

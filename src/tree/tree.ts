@@ -46,6 +46,7 @@ import {
   ptrSlotOffset, ptrString, slotsPerPointer, snapshotNameProblem, uuidToBytes, verifyNode, writeNodeHeader,
 } from './layout';
 import { NodeCache } from './node-cache';
+import { rootGeneration, startGeneration, type Generation } from './lineage';
 import { NewBlock, SpaceMap, SpaceMapLoader } from './spacemap';
 import type {
   BlockChange, BlockOrigin, BlockTreeApi, CheckReport, CommitResult, CommittedView, CpBlock, CpMeta, CpSink, SnapshotInfo, SnapshotOp,
@@ -205,6 +206,8 @@ export class BlockTree implements BlockTreeApi {
   private heldThroughCp: number | undefined;
   /** Pins taken by pinCommitted() that are not released yet. */
   private readonly pins = new Set<RootHandle[]>();
+  /** A generation startGeneration() asked for: the next CP is its first. */
+  private pendingGeneration: string | undefined;
 
   private constructor(
     private readonly dev: BlockDevice,
@@ -251,7 +254,7 @@ export class BlockTree implements BlockTreeApi {
     const sb: Superblock = {
       volumeUuid: opts.volumeUuid.toLowerCase(), sizeBytes, deviceBlocks, cpNumber: 0, timestampMs: Math.max(0, Math.floor(clock.nowMs())),
       lastCpDurationMs: 0, nvlogSeq: 0, nvlogEpoch: 0, treeHeight: heightFor(sizeBytes / BLOCK), smapHeight: smap.height,
-      root: null, smapRoot: smap.root, usedBlocks: smap.used, snapshots: [],
+      root: null, smapRoot: smap.root, usedBlocks: smap.used, snapshots: [], lineage: [rootGeneration(opts.volumeUuid)],
     };
     const ring = Buffer.alloc(RING_SLOTS * BLOCK);
     encodeSuperblock(sb).copy(ring, 0);
@@ -585,7 +588,19 @@ export class BlockTree implements BlockTreeApi {
       snapshots: this.listSnapshots(),
       meta: { nvlogSeq: this.sb.nvlogSeq, nvlogEpoch: this.sb.nvlogEpoch },
       errors: { ...this.errorCounts },
+      lineage: this.sb.lineage,
     };
+  }
+
+  /**
+   * Starts a new generation (promote): the next CP is its first, and the lineage of
+   * every CP from then on names the current one and the CP it forked at. Idempotent for
+   * the generation already current.
+   */
+  startGeneration(id: string): void {
+    if (this.sb.lineage[0]?.id === id) return;
+    if (this.sb.lineage.some((g) => g.id === id)) throw new VolumeError('EINVAL', `generation ${id} is already in this volume's lineage`);
+    this.pendingGeneration = id;
   }
 
   // ---------------------------------------------------------------- commit
@@ -850,15 +865,18 @@ export class BlockTree implements BlockTreeApi {
       const referenced = popcount(this.smap.active);
       for (const name of c.snapPlan.created) snapshots.push({ name, cp, createdMs: nowMs, usedBlocks: referenced, root: newRoot, smapRoot: this.smap.root });
     }
+    const generation = this.pendingGeneration;
+    const lineage: readonly Generation[] = generation !== undefined ? startGeneration(this.sb.lineage, cp - 1, generation) : this.sb.lineage;
     const sb: Superblock = {
       ...this.sb, cpNumber: cp, timestampMs: nowMs, lastCpDurationMs: durationMs, nvlogSeq: c.meta.nvlogSeq, nvlogEpoch: c.meta.nvlogEpoch,
-      root: newRoot, smapRoot: this.smap.root, usedBlocks: this.smap.used, snapshots,
+      root: newRoot, smapRoot: this.smap.root, usedBlocks: this.smap.used, snapshots, lineage,
     };
     const sbBlock = encodeSuperblock(sb);
     await this.dev.writeBlocks(cp % RING_SLOTS, sbBlock);
     await this.dev.sync();
     // Durable: switch the in-memory state.
     this.sb = sb;
+    if (this.pendingGeneration === generation) this.pendingGeneration = undefined;
     this.live.retired = true;
     this.retired.add(this.live);
     this.live = new RootHandle(cp, newRoot, 'live');

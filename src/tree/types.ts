@@ -9,6 +9,7 @@
  * - Blocks freed in CP n are reusable only after CP n's superblock is durable.
  * - Every block read is verified against the checksum its parent pointer holds.
  */
+import type { Generation } from './lineage';
 import type { Extent } from '../volume/types';
 
 /** Per-block change carried into a CP: new 4 KiB contents, or null for a hole (trim/zero). */
@@ -126,6 +127,8 @@ export interface TreeStats {
   meta: CpMeta;
   /** Reads refused since open: a block that failed verification, a failed device read. */
   errors: BlockErrorCounts;
+  /** The committed CP's lineage, newest generation first (lineage.ts). */
+  lineage: readonly Generation[];
 }
 
 export interface BlockErrorCounts {
@@ -161,6 +164,8 @@ export interface BlockTreeApi extends TreeReader {
   listSnapshots(): SnapshotInfo[];
   /** A reader pinned to a kept snapshot root, or undefined. */
   snapshotReader(name: string): TreeReader | undefined;
+  /** The next CP starts generation `id` (promote); see lineage.ts. */
+  startGeneration(id: string): void;
   /** Installs (or removes) the CP hook. */
   setCpSink(sink: CpSink | undefined): void;
   /** Reads raw blocks of the device (a block of the committed state, e.g. a CpBlock's prevPba, before the CP that replaces it is durable). */

@@ -13,6 +13,8 @@
  *   stay in sync and byte-identical.
  * - Split brain: the old primary, restarted, is refused by name (state split-brain) and
  *   the promoted volume does not change.
+ * - Mirror ahead: a source that lost its NVRAM is refused by a mirror whose log holds
+ *   records past its newest seq (state mirror-ahead), and a promote gets them back.
  * The seed is printed; NVMIRROR_SEED=N reruns it; NVMIRROR_FAILOVER_ROUNDS sets the
  * number of sync rounds (20 by default, as in CI).
  */
@@ -306,6 +308,42 @@ describe('mirror failover: promote (two hosts)', function () {
     sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x42 0 8M', `nbd+unix:///?socket=${served.sock}`]);
   });
 
+  it('a source that lost its NVRAM is refused by a mirror holding records past its newest seq (mirror-ahead), and those records survive to a promote', async () => {
+    await startReceiver();
+    const s = createSource('ahead');
+    // CPs only every hour: the acknowledged writes below stay as records (here in the NVRAM, there in the log).
+    const args = mirrorArgs('sync').map((a, i, all) => (all[i - 1] === '--cp-interval' ? '1h' : a));
+    const src = await startSource(s, 'svahead', args);
+    await until('in sync', () => sourceStatus(s.dir)?.state === 'in-sync', 60_000);
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x7a 8M 256k', `nbd+unix:///?socket=${s.sock}`]);
+    const before = sourceStatus(s.dir)!;
+    assert.ok(before.heldSeq >= before.lastSeq && before.sourceCp === before.destCp, 'the destination holds every record, no CP since');
+    await kill9(src);
+    // The source's NVRAM is lost (its records area zeroed): it restarts at its last CP.
+    const nvram = path.join(s.dir, 'nvram.log');
+    const fd = fs.openSync(nvram, 'r+');
+    const size = fs.fstatSync(fd).size;
+    fs.writeSync(fd, Buffer.alloc(size - 4096), 0, size - 4096, 4096);
+    fs.closeSync(fd);
+    const again = await startSource(s, 'svahead2', args);
+    const st = await until('the source says the mirror is ahead', () => {
+      const m = sourceStatus(s.dir);
+      return m?.state === 'mirror-ahead' ? m : undefined;
+    }, 30_000);
+    assert.match(st.lastError ?? '', /the mirror .* is current: it holds records up to seq \d+, past this source's newest seq \d+ .*nvmirror promote/);
+    assert.equal(st.standing?.current, 'destination');
+    assert.ok(st.standing.destinationSeq > st.standing.sourceSeq, JSON.stringify(st.standing));
+    assert.match(sh(BIN, ['status', s.dir]), /current: the mirror; .*the mirror holds records to seq \d+, the source to \d+/);
+    const rx = JSON.parse(sh(BIN, ['status', path.join(tmp, 'dst'), '--json'])) as { standings: Array<{ sourceUuid: string; kind: string; current: string }> };
+    assert.deepEqual(rx.standings.filter((x) => x.sourceUuid === s.uuid).map((x) => [x.kind, x.current]), [['mirror-ahead', 'destination']]);
+    // Nothing was rolled back there: promoting the mirror gives the acknowledged write back.
+    await stopGracefully(again);
+    const p = await promote(s.uuid);
+    assert.ok(p.recordsReplayed > 0, 'the log kept the records');
+    const served = await servePromoted(s.uuid, 'pahead');
+    sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x7a 8M 256k', `nbd+unix:///?socket=${served.sock}`]);
+  });
+
   it('split brain: the old primary restarted is refused by name and the promoted volume does not change', async () => {
     await startReceiver();
     const s = createSource('sb');
@@ -379,7 +417,7 @@ describe('mirror failover: promote (two hosts)', function () {
       const dem = JSON.parse(sh(BIN, ['demote', s.dir, '--into', path.join(tmp, `back${round}`), '--discard-my-changes', '--json'])) as { keptIn: string; mirrorDir: string };
       if (round === 0) {
         const st0 = sh(BIN, ['status', path.join(tmp, `back${round}`)]);
-        assert.match(st0, new RegExp(`^demoted +${s.uuid}: demoted old primary .*waiting for the volume promoted from it`, 'm'), st0);
+        assert.match(st0, new RegExp(`^demoted +${s.uuid}: demoted .*waiting for the other side of the failover to connect`, 'm'), st0);
       }
       const backSock = path.join(tmp, `back${round}.sock`);
       const back = pair.spawn('a', BIN, ['receive', path.join(tmp, `back${round}`), '--listen', `${pair.host('a').addr}:${PORT_BACK}`, '--export-socket', backSock, '--mirror-insecure'], {
@@ -418,6 +456,64 @@ describe('mirror failover: promote (two hosts)', function () {
       for (const p of [kept, b, back]) await stopGracefully(p);
     }
     process.stdout.write(`      ${SPLIT_ROUNDS} split brains: ${refusals} refused until demoted; failback resync ${resyncWire} bytes on the wire for ${changed} bytes changed on the new primaries\n`);
+  });
+
+  it('split brain resolved the other way: the promoted side is demoted (its changes kept, then discarded), becomes the old primary\'s mirror again and resyncs from the common CP, no full copy', async () => {
+    await startReceiver();
+    const s = createSource('dp');
+    const src = await startSource(s, 'svdp', mirrorArgs('sync'));
+    await until('in sync', () => sourceStatus(s.dir)?.state === 'in-sync', 60_000);
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x21 0 24M', `nbd+unix:///?socket=${s.sock}`]);
+    const r0 = await controlRequest(path.join(s.dir, 'control.sock'), { op: 'checkpoint' }, 60_000);
+    assert.ok(r0.ok);
+    await until('the destination holds that CP', () => {
+      const m = sourceStatus(s.dir);
+      return m && m.rootsEqual && m.destCp >= (r0.cpNumber as number) ? m : undefined;
+    }, 60_000);
+    await kill9(src);
+    const p = await promote(s.uuid);
+    // The old primary holds the CP it last saw acknowledged: the promote's base, or the one before (an ack lost with the kill).
+    const acked = (JSON.parse(fs.readFileSync(path.join(s.dir, 'mirror-source.json'), 'utf8')) as { destCp: number }).destCp;
+    assert.ok(acked === p.promotedFromCp || acked === p.promotedFromCp - 1, `the old primary holds CP ${acked}, the mirror was promoted from CP ${p.promotedFromCp}`);
+    const promotedDir = path.join(tmp, 'dst', s.uuid);
+    // Both sides write on their own: a split brain, refused.
+    const served = await servePromoted(s.uuid, 'pdp');
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x22 32M 1M', `nbd+unix:///?socket=${served.sock}`]);
+    await stopGracefully(served.proc);
+    const old = await startSource(s, 'svdp2', []);
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x23 40M 2M', `nbd+unix:///?socket=${s.sock}`]);
+    assert.ok((await controlRequest(path.join(s.dir, 'control.sock'), { op: 'checkpoint' }, 60_000)).ok);
+    const sb = await until('split brain refused', () => {
+      const m = sourceStatus(s.dir);
+      return m?.state === 'split-brain' ? m : undefined;
+    }, 30_000);
+    assert.equal(sb.standing?.current, 'each-its-own');
+    assert.equal(sb.standing.commonCp, p.promotedFromCp);
+    assert.match(sh(BIN, ['status', s.dir]), new RegExp(`primary: both \\(split brain\\); current: neither alone .*last common CP ${p.promotedFromCp}, since then the source wrote [1-9]\\d* CP\\(s\\), the mirror [1-9]`));
+    // Resolution: the promoted side's changes are discarded (kept first); it becomes the mirror again, in place.
+    const dem = JSON.parse(sh(BIN, ['demote', promotedDir, '--into', path.join(tmp, 'dst'), '--discard-my-changes', '--json'])) as { keptIn: string; mirrorDir: string };
+    assert.equal(dem.mirrorDir, promotedDir);
+    const wire0 = await vethBytes(pair);
+    // The old primary, still retrying, is taken back by the running receiver and resyncs from the common CP.
+    await until('old primary in sync again', () => {
+      const m = sourceStatus(s.dir);
+      return m && m.state === 'in-sync' && m.rootsEqual ? m : undefined;
+    }, 60_000);
+    const wire = (await vethBytes(pair)) - wire0;
+    assert.ok(wire < 6 * 1024 * 1024, `the resync moved ${wire} bytes for 2 MiB written on the old primary (a full copy is over 24 MiB)`);
+    process.stdout.write(`      promoted side demoted: resync from CP ${p.promotedFromCp} moved ${wire} bytes on the veth for 2 MiB written on the old primary\n`);
+    assert.match(fs.readFileSync(path.join(tmp, 'rx.log'), 'utf8'), new RegExp(`failback: rolled back to CP ${acked}`));
+    assert.doesNotMatch(fs.readFileSync(path.join(tmp, 'svdp2.log'), 'utf8'), /mirror baseline started/);
+    const st = sourceStatus(s.dir)!;
+    assert.equal(st.standing?.current, 'both');
+    assert.equal(md5OfExport(`nbd+unix:///${s.uuid}?socket=${path.join(tmp, 'exp.sock')}`), md5OfExport(`nbd+unix:///?socket=${s.sock}`), 'the two sides differ after the resync');
+    sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x23 40M 2M', '-c', 'read -P 0 32M 1M', `nbd+unix:///${s.uuid}?socket=${path.join(tmp, 'exp.sock')}`]);
+    // What the promoted side wrote is in the copy demote kept.
+    const keptSock = path.join(tmp, 'keptdp.sock');
+    procs.push(cp.spawn(BIN, ['serve', dem.keptIn, '--read-only', '--socket', keptSock], { stdio: ['ignore', 'ignore', logFd('keptdp')] }));
+    await until('kept copy served', () => fs.existsSync(keptSock), 60_000);
+    sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x22 32M 1M', '-c', 'read -P 0x21 0 24M', `nbd+unix:///?socket=${keptSock}`]);
+    await stopGracefully(old);
   });
 
   it('failback over a damaged base: the old primary\'s copy of the common CP no longer verifies, so a full baseline follows (logged), never a silently different mirror', async () => {

@@ -229,13 +229,26 @@ describe('mirror faults: disk faults on either side', function () {
     sh('mount', ['-o', 'loop', loopImage, mnt!]);
     fs.rmSync(path.join(r.src, 'control.sock'), { force: true });
     await r.startSource(true);
-    const c = await r.converge();
     // Plain writes acknowledged but not flushed may be gone with the source's disk (the
     // engine promises them across a process crash, not a disk loss); a sync mirror held
-    // them in its log (heldSeq), and the resync from the source's older state drops them.
+    // them in its log (heldSeq). Then the mirror is current: the source is refused
+    // (mirror-ahead), never resyncs over it. Here the operator keeps the source's state:
+    // the mirror directory goes and a baseline follows.
+    const back = await until('the source in sync, or refused as behind its mirror', () => {
+      const st = r.status();
+      return st?.state === 'in-sync' || st?.state === 'mirror-ahead' ? st : undefined;
+    }, 60_000);
+    if (back.state === 'mirror-ahead') {
+      assert.match(back.lastError ?? '', /is current: it holds records up to seq \d+, past this source's newest seq \d+/);
+      assert.equal(r.receiverStatus()?.committedCp, rx.committedCp, 'the refused source changed the mirror');
+      await r.stop('receiver');
+      fs.rmSync(path.join(r.dst, r.uuid), { recursive: true, force: true });
+      await r.startReceiver();
+    }
+    const c = await r.converge();
     const lost = (await w.check(r.srcSock, '', w.blocks)).length;
-    figures.push(`source disk died: the mirror held records to seq ${rx.heldSeq} beyond its CP ${rx.committedCp}; ` +
-      `${lost} blocks' acknowledged plain writes gone with the source's disk (and from the mirror after the resync); converged ${c.ms} ms after the restart at CP ${c.cp}`);
+    figures.push(`source disk died: the mirror held records to seq ${rx.heldSeq} beyond its CP ${rx.committedCp}; the restarted source was ${back.state === 'mirror-ahead' ? 'refused (mirror-ahead) until the mirror was removed' : 'in sync'}; ` +
+      `${lost} blocks' acknowledged plain writes gone with the source's disk; converged ${c.ms} ms after the restart at CP ${c.cp}`);
   });
 
   it('the member truncated under a running receiver: refused with a clear error, never a silently different mirror; a new mirror directory: converges', async () => {

@@ -43,6 +43,10 @@ export interface MirrorStats {
   refsSent: number;
   connected: boolean;
   lastError?: string;
+  heldSeq: number;
+  lastSeq: number;
+  /** Which side is primary and current (src/mirror/standing.ts). */
+  standing?: { kind: string; current: string; commonCp: number; sourceCp: number; destinationCp: number; sourceSeq: number; destinationSeq: number };
 }
 
 /** The source's `status --json` mirror section, or undefined while it cannot be read. */

@@ -1,0 +1,62 @@
+/** standing.ts: what a HELLO finds, decided from the lineages and the mirror's log; the refusal's tag survives the trip to the source. */
+import { strict as assert } from 'assert';
+import { decideStanding, parseStanding, refusalText, standingLine, type MirrorSide } from '../../src/mirror/standing';
+import { rootGeneration, startGeneration } from '../../src/tree/lineage';
+
+const ROOT = [rootGeneration('5a1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0')];
+const FORK = startGeneration(ROOT, 10, '00000000000000b2'); // promoted from CP 10
+
+const mirror = (cp: number, over: Partial<MirrorSide> = {}, lineage = ROOT): MirrorSide => ({ committed: { lineage, cp, nvlogSeq: cp * 100 }, newestStoredSeq: 0, promoted: false, ...over });
+
+describe('mirror standing', () => {
+  it('a new mirror, the same CP, or the source ahead on its own line: in step, nothing refused', () => {
+    assert.equal(decideStanding({ lineage: ROOT, cp: 5, lastSeq: 500 }, { committed: undefined, newestStoredSeq: 0, promoted: false }).kind, 'in-step');
+    const same = decideStanding({ lineage: ROOT, cp: 10, lastSeq: 1010 }, mirror(10, { newestStoredSeq: 1010 }));
+    assert.deepEqual([same.kind, same.current, same.commonCp], ['in-step', 'both', 10]);
+    const ahead = decideStanding({ lineage: ROOT, cp: 14, lastSeq: 1400 }, mirror(10, { newestStoredSeq: 1200 }));
+    assert.deepEqual([ahead.kind, ahead.current, ahead.commonCp], ['in-step', 'source', 10]);
+  });
+
+  it('the mirror holds records past the source\'s newest seq (the source lost its NVRAM): mirror ahead, refused', () => {
+    const s = decideStanding({ lineage: ROOT, cp: 10, lastSeq: 1000 }, mirror(10, { newestStoredSeq: 1042 }));
+    assert.deepEqual([s.kind, s.current, s.destinationSeq, s.sourceSeq], ['mirror-ahead', 'destination', 1042, 1000]);
+    const text = refusalText(s, '/rx/x', false);
+    assert.match(text, /^refused: the mirror \/rx\/x is current: it holds records up to seq 1042, past this source's newest seq 1000 .*Promote the mirror \(nvmirror promote \/rx\/x\)/);
+    assert.deepEqual(parseStanding(`refused the stream: ${text}`), s);
+  });
+
+  it('the mirror holds a later CP of the source\'s own line (the source lost its disk): mirror ahead', () => {
+    const s = decideStanding({ lineage: ROOT, cp: 8, lastSeq: 800 }, mirror(12));
+    assert.deepEqual([s.kind, s.current, s.commonCp], ['mirror-ahead', 'destination', 8]);
+    assert.match(standingLine(s, 'source'), /^primary: this side; current: the mirror; last common CP 8, since then the source wrote 0 CP\(s\), the mirror 4; the mirror holds records to seq 1200, the source to 800$/);
+  });
+
+  it('a promoted mirror: current when its old source wrote nothing since, split brain when it did (a CP or a record the promote did not replay)', () => {
+    const p = (over: Partial<MirrorSide>): MirrorSide => mirror(13, { promoted: true, promotedThroughSeq: 1050, ...over }, FORK);
+    const stale = decideStanding({ lineage: ROOT, cp: 10, lastSeq: 1050 }, p({}));
+    assert.deepEqual([stale.kind, stale.current, stale.commonCp], ['promoted', 'destination', 10]);
+    assert.equal(decideStanding({ lineage: ROOT, cp: 10, lastSeq: 1051 }, p({})).kind, 'split-brain');
+    const both = decideStanding({ lineage: ROOT, cp: 12, lastSeq: 1200 }, p({}));
+    assert.deepEqual([both.kind, both.current, both.commonCp, both.sourceCp - both.commonCp, both.destinationCp - both.commonCp], ['split-brain', 'each-its-own', 10, 2, 3]);
+    const text = refusalText(both, '/rx/y', true);
+    assert.match(text, /^split brain refused: \/rx\/y was promoted at CP 10 \(the last CP both sides hold\) and is a primary now at CP 13 \(3 CP\(s\) since\); this source is at CP 12 \(2 CP\(s\) since\)/);
+    assert.deepEqual(parseStanding(text), both);
+  });
+
+  it('two sides that each went on from a common CP without a promote are a split brain; no common CP is refused as unrelated', () => {
+    const other = startGeneration(ROOT, 6, '00000000000000c3');
+    const s = decideStanding({ lineage: ROOT, cp: 9, lastSeq: 900 }, mirror(8, {}, other));
+    assert.deepEqual([s.kind, s.commonCp], ['split-brain', 6]);
+    assert.match(refusalText(s, '/rx/z', false), /^split brain refused: this source and the mirror \/rx\/z both wrote after CP 6/);
+    const far = decideStanding({ lineage: [{ id: '00000000000000d4', firstCp: 3 }], cp: 9, lastSeq: 900 }, mirror(8));
+    assert.equal(far.kind, 'unrelated');
+  });
+
+  it('a long directory name still leaves the tag inside the REFUSE cap; another refusal has no standing', () => {
+    const s = decideStanding({ lineage: ROOT, cp: 12, lastSeq: 1200 }, mirror(13, { promoted: true, promotedThroughSeq: 0 }, FORK));
+    const text = `refused the stream: ${refusalText(s, `/${'d'.repeat(900)}`, true)}`;
+    assert.ok(Buffer.byteLength(text) <= 1024, `${Buffer.byteLength(text)} bytes`);
+    assert.deepEqual(parseStanding(text), s);
+    assert.equal(parseStanding('refused the stream: mirror member was truncated'), undefined);
+  });
+});
