@@ -17,7 +17,7 @@
  *   CHUNK_CHANGES_MAX changes per commit, tree queries capped) so memory stays bounded
  *   and the event loop is yielded between pieces.
  */
-import { EXTENT_HOLE } from '../volume/types';
+import { EXTENT_HOLE } from '../util/extent';
 import type { BlockChange, BlockTreeApi, CommitResult, CpMeta, SnapshotOp } from '../tree/types';
 import type { Half, NvLog } from '../nvlog/log';
 import { FANOUT } from '../tree/layout';

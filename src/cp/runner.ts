@@ -17,7 +17,7 @@
 import type { Clock } from '../io/types';
 import type { BlockTreeApi, CommitResult, SnapshotOp } from '../tree/types';
 import type { NvLog } from '../nvlog/log';
-import { VolumeError } from '../volume/errors';
+import { VolumeError } from '../util/errors';
 import { assert } from '../util/assert';
 import { log as logger } from '../util/log';
 import { commitHalf } from './commit-half';

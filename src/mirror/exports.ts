@@ -13,14 +13,14 @@
  * - Memory: one view object per NBD connection (the NBD server caps connections).
  */
 import type { Logger } from 'pino';
-import type { ExportInfo, ExportRegistry } from '../nbd/exports';
+import type { ExportInfo, ExportRegistry } from '../volume/exports';
 import type { BlockTree } from '../tree/tree';
 import type { TreeReader } from '../tree/types';
 import { BLOCK_SIZE_BYTES } from '../io/types';
 import { readTreeRange } from '../volume/engine';
 import { SNAPSHOT_SEPARATOR } from '../volume/engine-snapshot';
 import { clipExtents } from '../volume/extents';
-import { VolumeError } from '../volume/errors';
+import { VolumeError } from '../util/errors';
 import type { Extent, Volume, VolumeCapabilities, ZeroOptions } from '../volume/types';
 import { assert } from '../util/assert';
 import type { MirrorDir } from './mirror-dir';

@@ -41,7 +41,7 @@ import { ProgressLine } from '../util/progress';
 import type { NodeSide } from '../tree/diff';
 import { RING_SLOTS, SUPERBLOCK_ROOT_OFFSET, decodeSuperblock } from '../tree/layout';
 import { RemoteReads, verifyCp, type VerifyReport } from './verify';
-import { VolumeError } from '../volume/errors';
+import { VolumeError } from '../util/errors';
 import { assert } from '../util/assert';
 import { deltaFrames, encodeCpBlocks, refFrames } from './cp-encode';
 import type { LinkArgs } from './link';

@@ -3,7 +3,7 @@
  * first; the client only sees an errno. errorKind() names the same mapping for metrics.
  */
 import type { Logger } from '../util/log';
-import { isVolumeError } from '../volume/errors';
+import { isVolumeError } from '../util/errors';
 import * as P from './protocol';
 
 const BY_CODE: Record<string, number> = {

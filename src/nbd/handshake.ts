@@ -17,7 +17,7 @@ import * as net from 'net';
 import * as tls from 'tls';
 import type { Logger } from '../util/log';
 import type { Volume } from '../volume/types';
-import type { ExportRegistry } from './exports';
+import type { ExportRegistry } from '../volume/exports';
 import { LINGER_MS } from './limits';
 import * as P from './protocol';
 import {

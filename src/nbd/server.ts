@@ -22,7 +22,7 @@ import * as tls from 'tls';
 import type { Duplex } from 'stream';
 import type { Logger } from '../util/log';
 import type { Volume } from '../volume/types';
-import type { ExportRegistry } from './exports';
+import type { ExportRegistry } from '../volume/exports';
 import { MemoryBudget } from './budget';
 import { negotiate, TlsConfig, transmissionFlags } from './handshake';
 import {

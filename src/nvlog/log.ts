@@ -30,7 +30,7 @@ import type { NvramRegion, Random } from '../io/types';
 import { BLOCK_SIZE_BYTES } from '../io/types';
 import { MmapNvram } from '../io/mmap-nvram';
 import { populateWrite } from '../io/native';
-import { VolumeError } from '../volume/errors';
+import { VolumeError } from '../util/errors';
 import { assert } from '../util/assert';
 import {
   encodeHeaderSlot, encodeRecord, halfLayout, headerSlotFor, HEADER_PAGE_BYTES, HEADER_SLOT_OFFSETS,

@@ -19,7 +19,7 @@
  */
 import { assert } from '../util/assert';
 import { BLOCK_SIZE_BYTES } from '../io/types';
-import { crc32c } from '../tree/checksum';
+import { crc32c } from '../io/checksum';
 import { bytesToUuid, readU64, uuidToBytes, writeU64 } from '../tree/layout';
 import { LABEL_COPIES, MEMBERS_MAX, RAID_LEVELS, geometryProblem, type RaidLevel } from './geometry';
 

@@ -19,9 +19,9 @@
  */
 import type { Clock } from '../io/types';
 import { BLOCK_SIZE_BYTES } from '../io/types';
-import { testBit } from '../tree/bitmap';
+import { testBit } from '../util/bitmap';
 import { assert } from '../util/assert';
-import { forEachLimit } from '../tree/work';
+import { forEachLimit } from '../util/work';
 import type { RaidDevice, RebuildStatus } from './raid-device';
 
 const B = BLOCK_SIZE_BYTES;

@@ -33,9 +33,9 @@
  */
 import type { BlockDevice, Clock } from '../io/types';
 import { BLOCK_SIZE_BYTES } from '../io/types';
-import { setBit, testBit } from '../tree/bitmap';
+import { setBit, testBit } from '../util/bitmap';
 import type { BlockTree } from '../tree/tree';
-import { forEachLimit } from '../tree/work';
+import { forEachLimit } from '../util/work';
 import { assert } from '../util/assert';
 import type { RaidDevice } from './raid-device';
 

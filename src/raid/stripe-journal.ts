@@ -32,7 +32,7 @@
  */
 import type { BlockDevice } from '../io/types';
 import { BLOCK_SIZE_BYTES } from '../io/types';
-import { crc32c } from '../tree/checksum';
+import { crc32c } from '../io/checksum';
 import { assert } from '../util/assert';
 
 const B = BLOCK_SIZE_BYTES;

@@ -13,9 +13,9 @@
  *   superblock is not emitted: the receiver writes it last, after every block is durable.
  * - Memory: one level-0 run buffer (FANOUT blocks) per walk plus the bitmap.
  */
-import { VolumeError } from '../volume/errors';
+import { VolumeError } from '../util/errors';
 import { assert } from '../util/assert';
-import { crc32c } from './checksum';
+import { crc32c } from '../io/checksum';
 import {
   BLOCK, BlockPtr, FANOUT, NODE_TYPE_DATA_TREE, NODE_TYPE_SPACE_MAP, decodePtr, decodeSuperblock, ptrSlotOffset, uuidToBytes, verifyNode,
   type Superblock,

@@ -21,8 +21,8 @@
  *   heals the bad copy: a check of a served RAID volume repairs what it reads).
  */
 import type { BlockDevice } from '../io/types';
-import { clearBit, orInto, popcount, setBit, testBit } from './bitmap';
-import { crc32c } from './checksum';
+import { clearBit, orInto, popcount, setBit, testBit } from '../util/bitmap';
+import { crc32c } from '../io/checksum';
 import {
   BITS_PER_LEAF, BLOCK, BlockPtr, FANOUT, NODE_TYPE_DATA_TREE, NODE_TYPE_SPACE_MAP, RING_SLOTS, Superblock, decodePtr,
   decodeSuperblock, heightFor, ptrSlotOffset, slotsPerPointer, verifyNode,
@@ -30,7 +30,7 @@ import {
 import { SpaceMap } from './spacemap';
 import { generationAt, lineageProblem, lineageString } from './lineage';
 import type { CheckReport } from './types';
-import { Slicer, forEachLimit } from './work';
+import { Slicer, forEachLimit } from '../util/work';
 
 const MAX_PROBLEMS = 200;
 const MAX_READ_RUN = 64;

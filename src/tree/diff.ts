@@ -11,7 +11,7 @@
  *   never read. Output is capped at `rangesMax` ranges (the count of differing blocks
  *   stays exact).
  */
-import { VolumeError } from '../volume/errors';
+import { VolumeError } from '../util/errors';
 import {
   FANOUT, NODE_TYPE_DATA_TREE, decodePtr, ptrEquals, ptrSlotOffset, slotsPerPointer, uuidToBytes, verifyNode, type BlockPtr,
 } from './layout';

@@ -18,7 +18,7 @@
  */
 import { assert } from '../util/assert';
 import { BLOCK_SIZE_BYTES } from '../io/types';
-import { crc32c } from './checksum';
+import { crc32c } from '../io/checksum';
 import { LINEAGE_ENTRIES_MAX, lineageProblem, rootGeneration, type Generation } from './lineage';
 
 export const BLOCK = BLOCK_SIZE_BYTES;

@@ -9,9 +9,9 @@
  *   before its bits are used; a bad block is an error, never a wrong map.
  * - The live tree's leaves overwrite `active`; snapshot maps are ORed into `summary`.
  */
-import { VolumeError } from '../volume/errors';
-import { crc32c } from './checksum';
-import { forEachLimit } from './work';
+import { VolumeError } from '../util/errors';
+import { crc32c } from '../io/checksum';
+import { forEachLimit } from '../util/work';
 import {
   BLOCK, FANOUT, NODE_TYPE_SPACE_MAP, decodePtr, ptrSlotOffset, uuidToBytes, verifyNode, type BlockPtr, type Superblock,
 } from './layout';

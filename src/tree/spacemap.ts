@@ -37,13 +37,13 @@
  *   (a single member) allocation is exactly the block-level next fit.
  */
 import { assert } from '../util/assert';
-import { clearBit, isZero, orInto, pop8, popcount, popcountOr, setBit, testBit } from './bitmap';
+import { clearBit, isZero, orInto, pop8, popcount, popcountOr, setBit, testBit } from '../util/bitmap';
 import {
   BITS_PER_LEAF, BLOCK, BlockPtr, FANOUT, NODE_TYPE_SPACE_MAP, NodeId, RING_SLOTS, encodePtr, heightFor, ptrSlotOffset,
   writeNodeHeader,
 } from './layout';
-import { crc32c } from './checksum';
-import { forEachLimit } from './work';
+import { crc32c } from '../io/checksum';
+import { forEachLimit } from '../util/work';
 import { log } from '../util/log';
 
 /** Space-map leaves read at once while loading. */

@@ -33,12 +33,12 @@
  */
 import type { BlockDevice, Clock } from '../io/types';
 import { systemClock } from '../io/types';
-import { VolumeError } from '../volume/errors';
-import { EXTENT_HOLE, EXTENT_ZERO, type Extent } from '../volume/types';
+import { VolumeError } from '../util/errors';
+import { EXTENT_HOLE, EXTENT_ZERO, type Extent } from '../util/extent';
 import { assert } from '../util/assert';
 import { log } from '../util/log';
-import { popcount } from './bitmap';
-import { crc32c } from './checksum';
+import { popcount } from '../util/bitmap';
+import { crc32c } from '../io/checksum';
 import { runCheck } from './check';
 import {
   BLOCK, BlockPtr, FANOUT, MAX_DEVICE_BLOCKS, MAX_SNAPSHOTS, MAX_VOLUME_BYTES, MIN_DEVICE_BLOCKS, NODE_TYPE_DATA_TREE,
@@ -52,7 +52,7 @@ import type {
   BlockChange, BlockOrigin, BlockTreeApi, CheckReport, CommitResult, CommittedView, CpBlock, CpMeta, CpSink, SnapshotInfo, SnapshotOp,
   TreeReader, TreeStats, TreeRollback, BlockErrorCounts,
 } from './types';
-import { Slicer, forEachLimit } from './work';
+import { Slicer, forEachLimit } from '../util/work';
 
 export interface FormatOptions {
   /** Logical size of the volume; a positive multiple of 4096, at most 2^50. */

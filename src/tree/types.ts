@@ -10,7 +10,7 @@
  * - Every block read is verified against the checksum its parent pointer holds.
  */
 import type { Generation } from './lineage';
-import type { Extent } from '../volume/types';
+import type { Extent } from '../util/extent';
 
 /** Per-block change carried into a CP: new 4 KiB contents, or null for a hole (trim/zero). */
 export interface BlockChange {

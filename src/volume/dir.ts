@@ -32,7 +32,7 @@
 import * as crypto from 'crypto';
 import * as fs from 'fs';
 import * as path from 'path';
-import type { ExportRegistry } from '../nbd/exports';
+import type { ExportRegistry } from './exports';
 import type { BlockDevice, Clock, NvramRegion } from '../io/types';
 import { BLOCK_SIZE_BYTES, systemClock } from '../io/types';
 import { FileBlockDevice, syncDirectory, writeFileDurably } from '../io/file-device';

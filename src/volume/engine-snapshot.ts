@@ -10,12 +10,12 @@
  *   snapshots made while serving appear without a restart. Views are cached per
  *   (name, cp), and the cache only holds snapshots that exist (bounded by SNAPSHOTS_MAX).
  */
-import type { ExportInfo, ExportRegistry } from '../nbd/exports';
+import type { ExportInfo, ExportRegistry } from './exports';
 import type { BlockTreeApi } from '../tree/types';
 import { BLOCK_SIZE_BYTES } from '../io/types';
 import { assert } from '../util/assert';
 import { clipExtents } from './extents';
-import { VolumeError } from './errors';
+import { VolumeError } from '../util/errors';
 import { readTreeRange, type EngineVolume } from './engine';
 import type { Extent, Volume, VolumeCapabilities, ZeroOptions } from './types';
 

@@ -31,7 +31,7 @@ import { assert } from '../util/assert';
 import { formatSize } from '../util/size';
 import { log as logger } from '../util/log';
 import { clipExtents } from './extents';
-import { VolumeError } from './errors';
+import { VolumeError } from '../util/errors';
 import { EXTENT_HOLE, EXTENT_ZERO, type Extent, type Volume, type VolumeCapabilities, type ZeroOptions } from './types';
 import { BlockLocks } from './engine-locks';
 import { MAX_SNAPSHOTS, snapshotNameProblem } from '../tree/layout';

@@ -32,7 +32,7 @@ import { assert } from '../util/assert';
 import { formatSize } from '../util/size';
 import * as native from '../io/native';
 import { syncDirectory } from '../io/file-device';
-import { VolumeError, VolumeErrorCode, isVolumeError } from './errors';
+import { VolumeError, VolumeErrorCode, isVolumeError } from '../util/errors';
 import { EXTENT_HOLE, EXTENT_ZERO, Extent, Volume, VolumeCapabilities, ZeroOptions } from './types';
 
 const openAsync = promisify(fs.open);

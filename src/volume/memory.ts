@@ -32,7 +32,7 @@ import * as os from 'os';
 import { addon } from '../io/native';
 import { assert } from '../util/assert';
 import { formatSize } from '../util/size';
-import { VolumeError } from './errors';
+import { VolumeError } from '../util/errors';
 import { EXTENT_HOLE, EXTENT_ZERO, Extent, Volume, VolumeCapabilities, ZeroOptions } from './types';
 
 export const MEMORY_CHUNK_BYTES = 64 * 1024;

@@ -3,8 +3,8 @@
  * volume directory) and the export registry that serves it. Shared by `serve` and
  * `attach`, so both open volumes the same way.
  */
-import type { ExportRegistry } from '../nbd/exports';
-import { StaticExports } from '../nbd/exports';
+import type { ExportRegistry } from './exports';
+import { StaticExports } from './exports';
 import type { Volume } from './types';
 import type { BlockTreeApi } from '../tree/types';
 

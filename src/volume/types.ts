@@ -7,19 +7,12 @@
  * - write/trim/zero are never called on a read-only volume.
  * Backends assert these, they do not turn them into errors.
  *
- * Errors: a backend rejects with VolumeError (src/volume/errors.ts); the NBD layer maps
+ * Errors: a backend rejects with VolumeError (src/util/errors.ts); the NBD layer maps
  * its `code` to an NBD error number in one place.
  */
 
-/** Extent flags, identical to NBD base:allocation bits. */
-export const EXTENT_HOLE = 1;
-export const EXTENT_ZERO = 2;
-
-export interface Extent {
-  lengthBytes: number;
-  /** EXTENT_HOLE | EXTENT_ZERO bits. */
-  flags: number;
-}
+export { EXTENT_HOLE, EXTENT_ZERO, type Extent } from '../util/extent';
+import type { Extent } from '../util/extent';
 
 export interface ZeroOptions {
   /** The client asked that zeroing not create a hole (NBD_CMD_FLAG_NO_HOLE). */

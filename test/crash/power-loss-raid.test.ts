@@ -20,7 +20,7 @@
  */
 import { strict as assert } from 'assert';
 import { BlockTree } from '../../src/tree/tree';
-import { testBit } from '../../src/tree/bitmap';
+import { testBit } from '../../src/util/bitmap';
 import { RING_SLOTS } from '../../src/tree/layout';
 import { RaidGeometry, tolerance, type RaidLevel } from '../../src/raid/geometry';
 import { RaidDevice } from '../../src/raid/raid-device';

@@ -5,7 +5,7 @@
 import { strict as assert } from 'assert';
 import { MemoryBlockDevice } from '../../src/io/memory-device';
 import { MemoryNvram } from '../../src/nvlog/memory-region';
-import { FaultInjector, FaultyBlockDevice, FaultyNvramRegion, InjectedIoError, NO_FAULTS } from '../../src/io/faulty';
+import { FaultInjector, FaultyBlockDevice, FaultyNvramRegion, InjectedIoError, NO_FAULTS } from '../../src/sim/faulty-device';
 import { SimClock, SimStallError } from '../../src/sim/clock';
 import { SeededRandom, hash32 } from '../../src/sim/random';
 

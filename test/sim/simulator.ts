@@ -1,7 +1,7 @@
 /**
  * The seeded, fault-injecting simulator of the storage engine (VOPR style): one seed
  * picks a volume shape, fault rates and a random workload, and runs it against an
- * EngineVolume over in-memory storage wrapped in the faulty layers (src/io/faulty.ts),
+ * EngineVolume over in-memory storage wrapped in the faulty layers (src/sim/faulty-device.ts),
  * on a simulated clock (src/sim/clock.ts), checking every answer against a byte-array
  * model (model.ts).
  *
@@ -38,15 +38,15 @@ import { NvLog } from '../../src/nvlog/log';
 import { REGION_MIN_BYTES } from '../../src/nvlog/format';
 import { EngineVolume } from '../../src/volume/engine';
 import { SnapshotVolume } from '../../src/volume/engine-snapshot';
-import { isVolumeError } from '../../src/volume/errors';
+import { isVolumeError } from '../../src/util/errors';
 import { EXTENT_HOLE, EXTENT_ZERO, type Volume } from '../../src/volume/types';
 import { BLOCK_SIZE_BYTES, type BlockDevice } from '../../src/io/types';
 import {
   FaultInjector, FaultyBlockDevice, FaultyNvramRegion, NO_FAULTS, FAULT_KINDS, type FaultKind, type FaultRates,
-} from '../../src/io/faulty';
+} from '../../src/sim/faulty-device';
 import { SimClock, SimStallError } from '../../src/sim/clock';
 import { RING_SLOTS } from '../../src/tree/layout';
-import { testBit } from '../../src/tree/bitmap';
+import { testBit } from '../../src/util/bitmap';
 import { RaidGeometry, tolerance } from '../../src/raid/geometry';
 import { RaidDevice } from '../../src/raid/raid-device';
 import { assembleRaidMembers, labelNewMembers } from '../../src/raid/members';

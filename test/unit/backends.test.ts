@@ -9,7 +9,7 @@ import * as os from 'os';
 import * as path from 'path';
 import { FileVolume } from '../../src/volume/file';
 import { MEMORY_CHUNK_BYTES, MemoryVolume } from '../../src/volume/memory';
-import { VolumeError } from '../../src/volume/errors';
+import { VolumeError } from '../../src/util/errors';
 import { EXTENT_HOLE, EXTENT_ZERO, Extent, Volume } from '../../src/volume/types';
 import { AssertionError } from '../../src/util/assert';
 

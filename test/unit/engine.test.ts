@@ -14,7 +14,7 @@ import { NvLog } from '../../src/nvlog/log';
 import { EngineVolume } from '../../src/volume/engine';
 import { VolumeDirExports } from '../../src/volume/engine-snapshot';
 import { EXTENT_HOLE, EXTENT_ZERO } from '../../src/volume/types';
-import { isVolumeError } from '../../src/volume/errors';
+import { isVolumeError } from '../../src/util/errors';
 
 const UUID = '5eed0000-1111-4222-8333-444455556666';
 const BS = 4096;

@@ -7,7 +7,7 @@
 import { strict as assert } from 'assert';
 import * as fc from 'fast-check';
 import { MemoryBlockDevice } from '../../src/io/memory-device';
-import { crc32c } from '../../src/tree/checksum';
+import { crc32c } from '../../src/io/checksum';
 import { BLOCK, RING_SLOTS, decodeSuperblock, encodeSuperblock, type Superblock } from '../../src/tree/layout';
 import {
   LINEAGE_ENTRIES_MAX, compareLineage, generationAt, lineageProblem, rootGeneration, startGeneration, type Generation, type LineageRelation,

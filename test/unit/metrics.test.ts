@@ -9,7 +9,7 @@ import { MetricsRegistry, SERIES_PER_METRIC_MAX } from '../../src/metrics/regist
 import { NbdMetrics } from '../../src/metrics/nbd-metrics';
 import { errorKind } from '../../src/nbd/errors';
 import * as P from '../../src/nbd/protocol';
-import { VolumeError } from '../../src/volume/errors';
+import { VolumeError } from '../../src/util/errors';
 import { parseExposition } from '../e2e/exposition';
 
 describe('metrics registry', function () {

@@ -28,7 +28,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { NbdServer } from '../../src/nbd/server';
-import { StaticExports } from '../../src/nbd/exports';
+import { StaticExports } from '../../src/volume/exports';
 import { createLogger } from '../../src/util/log';
 import { addon } from '../../src/io/native';
 import { MemoryVolume } from '../../src/volume/memory';

@@ -8,14 +8,14 @@
  */
 import { strict as assert } from 'assert';
 import { MemoryBlockDevice } from '../../src/io/memory-device';
-import { FaultInjector, FaultyBlockDevice, NO_FAULTS } from '../../src/io/faulty';
+import { FaultInjector, FaultyBlockDevice, NO_FAULTS } from '../../src/sim/faulty-device';
 import { systemClock } from '../../src/io/types';
-import { crc32c } from '../../src/tree/checksum';
+import { crc32c } from '../../src/io/checksum';
 import { LABEL_COPIES, RaidGeometry, type RaidLevel } from '../../src/raid/geometry';
 import { RaidDevice, type RaidMemberSpec } from '../../src/raid/raid-device';
 import { decodeRaidLabel } from '../../src/raid/label';
 import * as ref from '../../src/raid/parity-ref';
-import { VolumeError } from '../../src/volume/errors';
+import { VolumeError } from '../../src/util/errors';
 import { SeededRandom } from '../../src/sim/random';
 
 const B = 4096;

@@ -15,7 +15,7 @@ import { RaidGeometry, type RaidLevel } from '../../src/raid/geometry';
 import { RaidDevice } from '../../src/raid/raid-device';
 import { superblockPick } from '../../src/raid/members';
 import { SCRUB_CHECKPOINT_STRIPES, scrubRaid, scrubState, type ScrubCheckpoint, type ScrubCheckpointStore, type ScrubProgress } from '../../src/raid/scrub';
-import { testBit } from '../../src/tree/bitmap';
+import { testBit } from '../../src/util/bitmap';
 import type { Clock } from '../../src/io/types';
 import { createVolumeDir } from '../../src/volume/dir';
 import { scrubVolumeDir } from '../../src/volume/scrub-dir';

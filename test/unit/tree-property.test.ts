@@ -12,7 +12,7 @@ import { MemoryBlockDevice } from '../../src/io/memory-device';
 import { BLOCK_SIZE_BYTES, type BlockDevice } from '../../src/io/types';
 import { BlockTree } from '../../src/tree/tree';
 import type { BlockChange, TreeReader } from '../../src/tree/types';
-import { VolumeError } from '../../src/volume/errors';
+import { VolumeError } from '../../src/util/errors';
 import { EXTENT_HOLE } from '../../src/volume/types';
 
 const B = BLOCK_SIZE_BYTES;

@@ -7,11 +7,11 @@
 import { strict as assert } from 'assert';
 import { MemoryBlockDevice } from '../../src/io/memory-device';
 import { BLOCK_SIZE_BYTES, type BlockDevice } from '../../src/io/types';
-import { crc32c, crc32cImplementation, crc32cPortable } from '../../src/tree/checksum';
+import { crc32c, crc32cImplementation, crc32cPortable } from '../../src/io/checksum';
 import { FANOUT, RING_SLOTS } from '../../src/tree/layout';
 import { BlockTree } from '../../src/tree/tree';
 import type { BlockChange, CpMeta } from '../../src/tree/types';
-import { VolumeError } from '../../src/volume/errors';
+import { VolumeError } from '../../src/util/errors';
 import { EXTENT_HOLE, EXTENT_ZERO } from '../../src/volume/types';
 
 const B = BLOCK_SIZE_BYTES;

@@ -1,4 +1,4 @@
-import type { Volume } from '../volume/types';
+import type { Volume } from './types';
 
 /** What the NBD server can serve: one or more named exports, looked up at OPT_GO / EXPORT_NAME time. */
 export interface ExportInfo {

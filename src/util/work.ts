@@ -8,7 +8,7 @@
  * - Slicer.maybeYield yields (setImmediate) at most every `budgetMs` of CPU work.
  */
 import { performance } from 'node:perf_hooks';
-import { assert } from '../util/assert';
+import { assert } from './assert';
 
 export async function forEachLimit<T>(items: readonly T[], limit: number, fn: (item: T, index: number) => Promise<void>): Promise<void> {
   assert(Number.isInteger(limit) && limit >= 1, `concurrency limit ${limit}`);

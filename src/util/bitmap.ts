@@ -5,7 +5,7 @@
  * - Buffers are a whole number of space-map leaves long (zero beyond the device's end).
  * - Counting helpers never read past the buffer.
  */
-import { assert } from '../util/assert';
+import { assert } from './assert';
 
 export function testBit(b: Buffer, p: number): boolean {
   return (b[p >>> 3]! & (1 << (p & 7))) !== 0;

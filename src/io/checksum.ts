@@ -8,7 +8,7 @@
  * - The choice is made once per process (first call) and never changes afterwards.
  * - Results are unsigned 32-bit integers.
  */
-import { crc32c as nativeCrc32c } from '../io/native';
+import { crc32c as nativeCrc32c } from './native';
 
 const POLY_REFLECTED = 0x82f63b78;
 

@@ -26,9 +26,9 @@
  * - The injector remembers the last RECENT_MAX faults (for failure reports) and counts
  *   every kind.
  */
-import { hash32, hashString, unitFrom } from '../sim/random';
+import { hash32, hashString, unitFrom } from './random';
 import { assert } from '../util/assert';
-import { BLOCK_SIZE_BYTES, type BlockDevice, type Clock, type NvramRegion } from './types';
+import { BLOCK_SIZE_BYTES, type BlockDevice, type Clock, type NvramRegion } from '../io/types';
 
 export type FaultKind = 'read' | 'write' | 'sync' | 'discard' | 'corrupt' | 'persist' | 'latency';
 export const FAULT_KINDS: readonly FaultKind[] = ['read', 'write', 'sync', 'discard', 'corrupt', 'persist', 'latency'];
