@@ -403,7 +403,11 @@ describe('mirror: two hosts (network namespaces)', function () {
     for (let round = 0; round < 3; round++) {
       const fio = cp.spawn('fio', ['--name=d', '--ioengine=nbd', `--uri=nbd+unix:///?socket=${s.srcSock}`, '--rw=randwrite', '--bs=64k', '--size=512M',
         '--time_based', '--runtime=30', '--iodepth=8', '--thread', `--directory=${tmp}`], { stdio: 'ignore' });
-      await new Promise((r) => setTimeout(r, 700 + round * 400));
+      // Killed while fio writes (not before its first write: a loaded machine may take a while to start it).
+      const written = (): number => (sourceStatus(s.src) as { clientBytes?: number } | undefined)?.clientBytes ?? 0;
+      const before = written();
+      await until('fio writing', () => written() > before + 4 * 1024 * 1024 || undefined, 60_000);
+      await new Promise((r) => setTimeout(r, 300 + round * 400));
       await stop(s.receiver, 'SIGKILL');
       fio.kill('SIGKILL');
       checkMirror(s);
