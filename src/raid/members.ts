@@ -73,6 +73,26 @@ export async function isBlockDevice(p: string): Promise<boolean> {
 }
 
 /**
+ * Opens a block device that is to become a member (create, replace-member): it must be
+ * large enough and hold no nvmirror RAID label already (it is never overwritten blindly;
+ * a refusal closes it and says what to do).
+ */
+export async function openFreeBlockDevice(devPath: string, name: string, memberBlocks: number): Promise<FileBlockDevice> {
+  const dev = await FileBlockDevice.open(devPath, { lock: true });
+  try {
+    if (dev.blockCount < memberBlocks) throw new Error(`block device ${name} has ${dev.blockCount} blocks of 4 KiB, a member of this volume needs ${memberBlocks}`);
+    const area = Buffer.alloc(LABEL_COPIES * B);
+    await dev.readBlocks(0, LABEL_COPIES, area);
+    const old = newestLabel(area);
+    if (typeof old !== 'string') throw new Error(`block device ${name} holds member ${old.memberIndex} of nvmirror volume ${old.volumeUuid}: refusing to overwrite it (wipe its first ${LABEL_COPIES * 4} KiB if it is really free)`);
+    return dev;
+  } catch (e) {
+    await dev.close().catch(() => undefined);
+    throw e;
+  }
+}
+
+/**
  * Creates the members with generation-1 labels and returns the open device: a member
  * file is created sparse (failing if it exists); a block device is used as it is, if it
  * is large enough and holds no nvmirror RAID label already (it is never overwritten
@@ -89,13 +109,7 @@ export async function createRaidMembers(files: RaidMemberFile[], spec: RaidSpec,
         createdFiles.push(f.path);
         continue;
       }
-      const dev = await FileBlockDevice.open(f.path, { lock: true });
-      devs.push(dev);
-      if (dev.blockCount < memberBlocks) throw new Error(`block device ${f.name} has ${dev.blockCount} blocks of 4 KiB, a member of this volume needs ${memberBlocks}`);
-      const area = Buffer.alloc(LABEL_COPIES * B);
-      await dev.readBlocks(0, LABEL_COPIES, area);
-      const old = newestLabel(area);
-      if (typeof old !== 'string') throw new Error(`block device ${f.name} holds member ${old.memberIndex} of nvmirror volume ${old.volumeUuid}: refusing to overwrite it (wipe its first ${LABEL_COPIES * 4} KiB if it is really free)`);
+      devs.push(await openFreeBlockDevice(f.path, f.name, memberBlocks));
     }
     await labelNewMembers(devs, spec, memberBlocks, volumeUuid);
   } catch (e) {

@@ -33,7 +33,7 @@ import * as path from 'path';
 import { FileBlockDevice, writeFileDurably } from '../io/file-device';
 import { systemClock, type Clock } from '../io/types';
 import { BlockTree } from '../tree/tree';
-import { openRaidMembers } from '../raid/members';
+import { isBlockDevice, openFreeBlockDevice, openRaidMembers } from '../raid/members';
 import { RaidDevice, type RebuildStatus } from '../raid/raid-device';
 import { runRebuild, type RebuildRunResult } from '../raid/rebuild';
 import { log as logger } from '../util/log';
@@ -100,6 +100,17 @@ function writeMarker(absDir: string, m: ReplaceMarker): Promise<void> {
   return writeFileDurably(absDir, REPLACE_MARKER_NAME, `${JSON.stringify(m)}\n`);
 }
 
+/**
+ * NEW, empty, for a rebuild from stripe 0: a block device is opened as it is (checked
+ * free, its size enough); a file is created sparse (an earlier copy nobody forwarded
+ * writes to is removed first).
+ */
+async function freshNewMember(absNew: string, memberBlocks: number): Promise<FileBlockDevice> {
+  if (await isBlockDevice(absNew)) return openFreeBlockDevice(absNew, absNew, memberBlocks);
+  if (fs.existsSync(absNew)) await fs.promises.rm(absNew);
+  return FileBlockDevice.create(absNew, memberBlocks);
+}
+
 /** NEW as the volume label names it: relative to DIR when inside it. */
 function labelName(absDir: string, absNew: string): string {
   const rel = path.relative(absDir, absNew);
@@ -136,7 +147,8 @@ export async function resolveReplace(absDir: string, label: VolumeLabel, oldArg:
   } else {
     if (index < 0) throw new Error(`${oldArg} is not a member of ${absDir} (members: ${label.members.map((m, i) => `${i} ${m.path}`).join(', ')})`);
     if (byArg(newArg) >= 0 || label.members.some((m) => m.path === newName)) throw new Error(`${newArg} is already a member of ${absDir}`);
-    if (fs.existsSync(absNew)) throw new Error(`${absNew} exists: give a new file (replace-member creates it)`);
+    if (await isBlockDevice(absNew)) await (await openFreeBlockDevice(absNew, absNew, label.members[0]!.blockCount)).close();
+    else if (fs.existsSync(absNew)) throw new Error(`${absNew} exists: give a new file (replace-member creates it) or a block device`);
   }
   return { index, oldName: marker?.old ?? label.members[index]!.path, newName, absNew, marker };
 }
@@ -197,8 +209,7 @@ export async function replaceMember(dir: string, oldArg: string, newArg: string,
         throw new Error(`${r.absNew} has ${dev.blockCount} blocks, the member needs ${memberBlocks}`);
       }
     } else {
-      if (fs.existsSync(r.absNew)) await fs.promises.rm(r.absNew);
-      dev = await FileBlockDevice.create(r.absNew, memberBlocks);
+      dev = await freshNewMember(r.absNew, memberBlocks);
     }
     const start = resumable ? r.marker!.nextStripe : 0;
     const rate = opts.rateBytesPerSec ?? r.marker?.rateBytesPerSec;
@@ -299,8 +310,7 @@ async function runServed(absDir: string, label: VolumeLabel, volume: EngineVolum
     // Opened with the marker (a resume): the RAID device is rebuilding onto NEW already.
     start = raid.rebuildResumedAt();
   } else {
-    if (fs.existsSync(r.absNew)) await fs.promises.rm(r.absNew); // a copy nobody forwarded writes to: start again
-    const dev = await FileBlockDevice.create(r.absNew, memberBlocks);
+    const dev = await freshNewMember(r.absNew, memberBlocks); // a copy nobody forwarded writes to: start again
     try {
       await writeMarker(absDir, { uuid: label.uuid, index: r.index, old: r.oldName, new: r.newName, cpNumber: tree.cpNumber, nextStripe: 0, ...(rate !== undefined ? { rateBytesPerSec: rate } : {}) });
       raid.startRebuild(r.index, r.newName, dev, 0);

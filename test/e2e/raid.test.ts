@@ -213,12 +213,12 @@ describe('e2e RAID-5 over 4 block devices (loop devices)', function () {
   this.timeout(120_000);
   after(cleanupAll);
 
-  it('creates, serves and verifies a RAID-5 volume on block devices, and refuses to reuse a labelled one', async function () {
+  it('creates, serves and verifies a RAID-5 volume on block devices, refuses to reuse a labelled one, and rebuilds a wiped member onto a new block device', async function () {
     requireCondition(this, isRoot(), 'root (loop devices)');
     requireTools(this, 'fio', 'losetup');
     const tmp = makeTempDir('nvm-e2e-raid-blk-');
     const loops: string[] = [];
-    for (let i = 0; i < 4; i++) {
+    for (let i = 0; i < 5; i++) {
       const backing = path.join(tmp, `backing${i}.img`);
       fs.writeFileSync(backing, '');
       fs.truncateSync(backing, 96 * MiB);
@@ -228,6 +228,7 @@ describe('e2e RAID-5 over 4 block devices (loop devices)', function () {
       onCleanup(() => run('losetup', ['-d', dev]).then(() => undefined));
     }
     const vol = path.join(tmp, 'vol');
+    const spare = loops.pop()!;
     const args = ['create', vol, '--size', String(SIZE), '--nvram-size', '8M', '--raid', '5', '--stripe-unit', '16K', ...loops.flatMap((l) => ['--member', l])];
     await runOk(process.execPath, [NVMIRROR_BIN, ...args], { timeoutMs: 60_000 });
     const srv = await startServer({ backend: 'engine', transport: 'unix', sizeBytes: SIZE, existingStoragePath: vol, extraArgs: ['--cp-interval', '200ms'] });
@@ -246,5 +247,25 @@ describe('e2e RAID-5 over 4 block devices (loop devices)', function () {
     const again = await run(process.execPath, [NVMIRROR_BIN, 'create', path.join(tmp, 'vol2'), '--size', String(SIZE), '--nvram-size', '8M', '--raid', '5', ...loops.flatMap((l) => ['--member', l])], { timeoutMs: 60_000 });
     assert.notEqual(again.code, 0);
     assert.match(again.stderr, new RegExp(`block device ${loops[0]} holds member 0 of nvmirror volume [0-9a-f-]{36}: refusing to overwrite it`));
+    // A failed disk replaced by a new block device: member 1's device wiped under the
+    // volume (all of it unreadable as a member), rebuilt onto the spare.
+    await runOk('dd', ['if=/dev/zero', `of=${loops[1]}`, 'bs=1M', 'count=96', 'oflag=direct', 'status=none'], { timeoutMs: 60_000 });
+    const labelled = await run(process.execPath, [NVMIRROR_BIN, 'replace-member', vol, loops[1]!, loops[0]!], { timeoutMs: 60_000 });
+    assert.notEqual(labelled.code, 0, 'a member was accepted as the replacement');
+    const rep = await run(process.execPath, [NVMIRROR_BIN, 'replace-member', vol, loops[1]!, spare, '--json'], { timeoutMs: 120_000 });
+    assert.equal(rep.code, 0, rep.stderr);
+    const after = await startServer({ backend: 'engine', transport: 'unix', sizeBytes: SIZE, existingStoragePath: vol, extraArgs: ['--cp-interval', '200ms'] });
+    serverLog = after.stderr;
+    try {
+      const s = await status(vol);
+      assert.equal(s.raid!.state, 'online');
+      assert.deepEqual(s.raid!.memberStatus.map((m) => m.name), [loops[0], spare, loops[2], loops[3]]);
+      await fio(tmp, 'blk', after.uri, 'verify_only=1\nrw=randwrite\nbs=16k\niodepth=8\noffset=0\nsize=16M\n');
+    } finally {
+      assert.equal(await after.stop(), 0);
+    }
+    const scrub = await run(process.execPath, [NVMIRROR_BIN, 'scrub', vol], { timeoutMs: 60_000 });
+    assert.equal(scrub.code, 0, scrub.stdout + scrub.stderr);
+    assert.equal((await run(process.execPath, [NVMIRROR_BIN, 'check', vol], { timeoutMs: 60_000 })).code, 0);
   });
 });
