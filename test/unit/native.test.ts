@@ -87,6 +87,22 @@ describe('native addon', () => {
       assert.equal(typeof native.crc32cHardware(), 'boolean');
     });
 
+    it('hardware and table paths agree across the striped lengths (3 x 1360 and 3 x 8192 bytes), joined with a seed', () => {
+      const rnd = seeded(13);
+      const buf = randomBuffer(rnd, 3 * 8192 * 3 + 5000);
+      const short = 3 * 1360;
+      const long = 3 * 8192;
+      const lens = [short - 1, short, short + 1, short + 8, 2 * short, long - 1, long, long + 1, long + short, long + short + 7, 2 * long + 3 * short + 13, 3 * long + 4096];
+      for (const off of [0, 1, 5, 8]) {
+        for (const len of lens) {
+          assert.equal(native.crc32c(buf, off, len, 0x9e3779b9), native.crc32cPortable(buf, off, len, 0x9e3779b9), `off ${off} len ${len}`);
+        }
+      }
+      const whole = native.crc32c(buf, 0, buf.length, 0);
+      assert.equal(whole, native.crc32cPortable(buf, 0, buf.length, 0));
+      assert.equal(native.crc32c(buf, long + 3, buf.length - long - 3, native.crc32c(buf, 0, long + 3)), whole, 'chains through the seed across stripes');
+    });
+
     it('respects offset and length', () => {
       const b = Buffer.from('xx123456789yy');
       assert.equal(native.crc32c(b, 2, 9), 0xe3069283);
