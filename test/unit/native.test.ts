@@ -103,6 +103,18 @@ describe('native addon', () => {
       assert.equal(native.crc32c(buf, long + 3, buf.length - long - 3, native.crc32c(buf, 0, long + 3)), whole, 'chains through the seed across stripes');
     });
 
+    it('crc32cBlocks gives each 4 KiB block its crc32c in one call, and refuses out-of-bounds arguments', () => {
+      const rnd = seeded(17);
+      const buf = randomBuffer(rnd, 9 * 4096 + 3);
+      const out = Buffer.alloc(8 * 4);
+      native.crc32cBlocks(buf, 3, 8, out);
+      for (let i = 0; i < 8; i++) assert.equal(out.readUInt32LE(i * 4), native.crc32cPortable(buf, 3 + i * 4096, 4096, 0), `block ${i}`);
+      assert.throws(() => native.crc32cBlocks(buf, 4, 9, Buffer.alloc(36)), RangeError);
+      assert.throws(() => native.crc32cBlocks(buf, 0, 8, Buffer.alloc(31)), RangeError);
+      assert.throws(() => native.crc32cBlocks(buf, -1, 1, out), RangeError);
+      assert.throws(() => native.crc32cBlocks(buf, 0, native.CRC_BLOCKS_MAX + 1, out), RangeError);
+    });
+
     it('respects offset and length', () => {
       const b = Buffer.from('xx123456789yy');
       assert.equal(native.crc32c(b, 2, 9), 0xe3069283);
