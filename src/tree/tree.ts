@@ -25,8 +25,7 @@
  *   verifies (self-heal); only if it has none is the read refused.
  * - A device with an allocation unit (`allocUnitBlocks`, a RAID stripe) is handed whole
  *   free units per CP, and the CP pads the free rest of its units with zeroes, so it
- *   writes whole stripes; discards cover whole free units only. On a plain device (unit 1)
- *   only released runs of at least DISCARD_RUN_BLOCKS_MIN blocks are discarded.
+ *   writes whole stripes; discards cover whole free units only.
  * - One commit at a time. In-memory state (root, snapshots, space map) changes only after
  *   the new superblock is durable, except the space map's in-flight bookkeeping; if a
  *   commit fails after it started changing that bookkeeping, the tree refuses further
@@ -100,16 +99,6 @@ async function repairedRead(dev: BlockDevice, pba: number, buf: Buffer, ok: (b: 
   }
 }
 export const MAX_CHANGES_PER_CP = 1 << 18;
-/**
- * On a plain device, released runs shorter than this (256 KiB) are not discarded. Random
- * writes free thousands of scattered single blocks per CP (old data and address blocks):
- * one punch-hole each sat on the CP's critical path (5% of the server's busy time in the
- * sustained 4k randwrite profile, plus the thread-pool queue it shares with the CP's
- * writes), and the allocator soon hands those blocks out again, when a punched block
- * costs a file-system allocation again. Large runs (trims, overwritten sequential data)
- * still go back to a thin member.
- */
-export const DISCARD_RUN_BLOCKS_MIN = 64;
 const ZERO_BLOCK = Buffer.alloc(BLOCK);
 
 /** The device failed a read during mount (as opposed to data that does not verify). */
@@ -1029,16 +1018,14 @@ export class BlockTree implements BlockTreeApi {
 
   /**
    * Tells the device that released blocks hold nothing (a thin member file gets its space
-   * back), for runs of at least DISCARD_RUN_BLOCKS_MIN blocks on a plain device. Only
-   * blocks no committed root, snapshot or in-flight read references are released, and
-   * this runs before anything is allocated. A failure is only logged:
+   * back). Only blocks no committed root, snapshot or in-flight read references are
+   * released, and this runs before anything is allocated. A failure is only logged:
    * discard is a hint.
    */
   private async discard(released: { pba: number; count: number }[]): Promise<void> {
     if (!this.discardFreed || released.length === 0) return;
     // Allocation units (RAID stripes): only whole free units, or parity would go stale.
-    // A plain device: only runs worth a punch-hole (DISCARD_RUN_BLOCKS_MIN).
-    const runs = allocUnitOf(this.dev) === 1 ? released.filter((r) => r.count >= DISCARD_RUN_BLOCKS_MIN) : this.smap.wholeFreeUnits(released);
+    const runs = this.smap.wholeFreeUnits(released);
     try {
       await forEachLimit(runs, this.ioConcurrency, async (r) => {
         if (!(r.pba >= RING_SLOTS && r.pba + r.count <= this.sb.deviceBlocks)) assert(false, `discard of [${r.pba}, +${r.count})`);
