@@ -144,6 +144,13 @@ export function formatRaidExtras(fs5: FullStripeNote | undefined, rb: RebuildBen
     out.push(`   disk: fio direct 1M QD8 write ${rb.diskWriteMBps.toFixed(0)} MB/s, read ${rb.diskReadMBps.toFixed(0)} MB/s; volume filled with ${formatSize(rb.fillBytes)} at ${rb.fillWriteMBps.toFixed(0)} MB/s (${formatSize(rb.liveBytes)} in use)`);
     out.push(`   median of ${rb.memberMBpsRounds.length} rebuild(s): ${rb.stripesRebuilt} stripes, ${formatSize(rb.memberBytesWritten)} onto the new member in ${rb.rebuildS.toFixed(2)} s: ${rb.memberMBps.toFixed(0)} MB/s written (rounds ${Math.min(...rb.memberMBpsRounds).toFixed(0)}-${Math.max(...rb.memberMBpsRounds).toFixed(0)}),` +
       ` ${(100 * rb.ratioToDiskWrite).toFixed(0)}% of the disk's write bandwidth; with the ${(3 * rb.memberMBps).toFixed(0)} MB/s read from the other members ${(4 * rb.memberMBps).toFixed(0)} MB/s of member I/O; ${rb.liveMBps.toFixed(0)} MB/s of live volume data (${(100 * rb.liveMBps / rb.diskWriteMBps).toFixed(0)}% of the disk's write bandwidth)`);
+    // Every member is a file on the one disk: per byte rebuilt the disk reads three and
+    // writes one. What that disk can do for this mix (harmonic: 3 parts at its read rate, 1
+    // at its write rate) is the bandwidth the rebuild is measured against here; with one
+    // disk per member it would be the new member's disk alone.
+    const mixMBps = 4 / (3 / rb.diskReadMBps + 1 / rb.diskWriteMBps);
+    const used = (4 * rb.memberMBps) / mixMBps;
+    out.push(`   the disk for this mix (3 reads : 1 write, all members on it): ${mixMBps.toFixed(0)} MB/s; the rebuild's member I/O is ${(100 * used).toFixed(0)}% of it: ${used >= 0.5 ? 'meets' : 'misses'} the target`);
   }
   return out.join('\n');
 }
