@@ -3,9 +3,7 @@
 // Invariants:
 // - crc32c(data, seed) is the standard reflected CRC-32C with pre/post inversion, so
 //   crc32c("123456789", 0) == 0xe3069283 and crc32c(b, crc32c(a, 0)) == crc32c(a+b, 0).
-//   The SSE4.2 path and the table path give identical results (tested via crc32cPortable);
-//   the SSE4.2 path runs three chains over stripes and joins them (Crc32cStripes), which
-//   changes the speed, not the value.
+//   The SSE4.2 path and the table path give identical results (tested via crc32cPortable).
 // - pqGen computes, for every byte j, P[j] = XOR_i D_i[j] and Q[j] = sum_i g^i * D_i[j]
 //   over GF(2^8) with polynomial 0x11d and g = 2 (Horner from the last column), reading
 //   all columns before writing p and q for each word, so p/q may alias a data column.
@@ -62,73 +60,12 @@ uint32_t Crc32cTable(uint32_t crc, const uint8_t* p, size_t n) {
   return crc;
 }
 
-// Three independent crc32 chains over adjacent stripes run about three times as fast as
-// one (the instruction's latency is 3 cycles, its throughput 1 per cycle). The chains are
-// joined with the linear "append L zero bytes" operator on the crc register:
-//   reg(c, A || B) = shift_|B|(reg(c, A)) ^ reg(0, B),
-// where shift_L is a 32x32 GF(2) matrix, applied as 4 byte-indexed tables (g_shift*).
-// Stripe lengths are multiples of 8; 3 * kShortStripeBytes fits a 4 KiB block.
-constexpr size_t kShortStripeBytes = 1360;
-constexpr size_t kLongStripeBytes = 8192;
-static_assert(kShortStripeBytes % 8 == 0 && kLongStripeBytes % 8 == 0, "stripes are whole 8-byte words");
-static_assert(3 * kShortStripeBytes <= 4096, "one short stripe set per 4 KiB block");
-uint32_t g_shiftShort[4][256];
-uint32_t g_shiftLong[4][256];
-
-// Fills table with shift_len: the register after `len` zero bytes, per byte of the input register.
-__attribute__((target("sse4.2"))) void BuildShift(uint32_t table[4][256], size_t len) {
-  uint32_t basis[32];
-  for (int i = 0; i < 32; i++) {
-    uint64_t c = 1u << i;
-    for (size_t n = 0; n < len; n += 8) c = _mm_crc32_u64(c, 0);
-    basis[i] = static_cast<uint32_t>(c);
-  }
-  for (int k = 0; k < 4; k++) {
-    for (uint32_t v = 0; v < 256; v++) {
-      uint32_t r = 0;
-      for (int j = 0; j < 8; j++)
-        if ((v >> j) & 1u) r ^= basis[8 * k + j];
-      table[k][v] = r;
-    }
-  }
-}
-
-inline uint32_t Shift(const uint32_t table[4][256], uint32_t c) {
-  return table[0][c & 0xff] ^ table[1][(c >> 8) & 0xff] ^ table[2][(c >> 16) & 0xff] ^ table[3][c >> 24];
-}
-
-// While n >= 3 * L: three chains over p[0, L), p[L, 2L), p[2L, 3L), joined into c.
-__attribute__((target("sse4.2"))) inline void Crc32cStripes(uint64_t* c, const uint8_t** pp, size_t* nn, size_t L,
-                                                          const uint32_t table[4][256]) {
-  const uint8_t* p = *pp;
-  size_t n = *nn;
-  while (n >= 3 * L) {
-    uint64_t c0 = *c, c1 = 0, c2 = 0;
-    for (size_t i = 0; i < L; i += 8) {
-      uint64_t a, b, d;
-      std::memcpy(&a, p + i, 8);
-      std::memcpy(&b, p + L + i, 8);
-      std::memcpy(&d, p + 2 * L + i, 8);
-      c0 = _mm_crc32_u64(c0, a);
-      c1 = _mm_crc32_u64(c1, b);
-      c2 = _mm_crc32_u64(c2, d);
-    }
-    *c = Shift(table, Shift(table, static_cast<uint32_t>(c0)) ^ static_cast<uint32_t>(c1)) ^ static_cast<uint32_t>(c2);
-    p += 3 * L;
-    n -= 3 * L;
-  }
-  *pp = p;
-  *nn = n;
-}
-
 __attribute__((target("sse4.2"))) uint32_t Crc32cSse42(uint32_t crc, const uint8_t* p, size_t n) {
   while (n > 0 && (reinterpret_cast<uintptr_t>(p) & 7) != 0) {
     crc = _mm_crc32_u8(crc, *p++);
     n--;
   }
   uint64_t c = crc;
-  Crc32cStripes(&c, &p, &n, kLongStripeBytes, g_shiftLong);
-  Crc32cStripes(&c, &p, &n, kShortStripeBytes, g_shiftShort);
   while (n >= 32) {
     uint64_t a, b, d, e;
     std::memcpy(&a, p, 8);
@@ -340,10 +277,6 @@ void InitChecksum(Napi::Env env, Napi::Object exports) {
     BuildTable();
     __builtin_cpu_init();
     g_hw = __builtin_cpu_supports("sse4.2");
-    if (g_hw) {
-      BuildShift(g_shiftShort, kShortStripeBytes);
-      BuildShift(g_shiftLong, kLongStripeBytes);
-    }
   });
   exports.Set("crc32c", Napi::Function::New(env, Crc32c, "crc32c"));
   exports.Set("crc32cBlocks", Napi::Function::New(env, Crc32cBlocks, "crc32cBlocks"));
