@@ -56,7 +56,10 @@ stop_attach() {
   kill "-$sig" "$APID"
   timeout 30 tail --pid="$APID" -f /dev/null; wait "$APID"; rc=$?
   if [ "$rc" != 0 ]; then fail "$name" "attach exited $rc after SIG$sig: $(tail -c 300 "$W/$name.err" | tr '\n' ' ')"; return 1; fi
-  if [ -e "/sys/block/${dev#/dev/}/pid" ]; then fail "$name" "$dev still attached after SIG$sig"; return 1; fi
+  # The kernel tears the device down after the disconnect; give it a moment (at most 5 s).
+  local i
+  for i in $(seq 50); do [ -e "/sys/block/${dev#/dev/}/pid" ] || break; sleep 0.1; done
+  if [ -e "/sys/block/${dev#/dev/}/pid" ]; then fail "$name" "$dev still attached 5 s after SIG$sig"; return 1; fi
   return 0
 }
 
@@ -251,6 +254,10 @@ RAID_SIZES_AFTER="1 4096 65537 1048583 2097169"
 raid_status() { # DIR: "<state> <member 1's state>: <its reason>" from status --json
   timeout 60 "${NV[@]}" status "$1" --json 2>/dev/null | jq -r '"\(.raid.state) \(.raid.memberStatus[1].state): \(.raid.memberStatus[1].reason // "")"'
 }
+# fsck_problems FILE: what xfs_repair -n complained about (its progress lines left out), one line.
+fsck_problems() {
+  grep -v -e '^Phase [0-9]' -e '^ *- ' -e '^No modify flag set' -e '^ *agno = ' "$1" | head -c 600 | tr '\n' ' '
+}
 raid5_check() {
   local name=raid5-xfs-degraded dir="$W/raid5" dev=/dev/nbd9 mnt="$W/mnt/raid5" t s st i members=()
   t=$(now_ms)
@@ -275,7 +282,7 @@ raid5_check() {
   (cd "$mnt" && timeout 60 sha256sum -c --quiet "$W/sums" && timeout 60 sha256sum -c --quiet "$W/sums2") > "$W/$name.sums" 2>&1 \
     || { fail $name "checksums differ with a member removed: $(head -c 200 "$W/$name.sums" | tr '\n' ' ')"; umount -l "$mnt"; kill -9 "$APID"; return 1; }
   timeout 60 umount "$mnt" || { fail $name "umount failed"; kill -9 "$APID"; return 1; }
-  timeout 120 xfs_repair -n $dev > "$W/$name.fsck" 2>&1 || { fail $name "xfs_repair -n not clean with a member removed: $(tail -c 300 "$W/$name.fsck" | tr '\n' ' ')"; kill -9 "$APID"; return 1; }
+  timeout 120 xfs_repair -n $dev > "$W/$name.fsck" 2>&1 || { fail $name "xfs_repair -n not clean with a member removed: $(fsck_problems "$W/$name.fsck")"; kill -9 "$APID"; return 1; }
   stop_attach $name TERM $dev || return 1
   timed $name "$t"
   pass $name
@@ -289,7 +296,7 @@ raid5_check() {
   else
     if ! (cd "$mnt" && timeout 60 sha256sum -c --quiet "$W/sums" && timeout 60 sha256sum -c --quiet "$W/sums2") > "$W/$name.sums" 2>&1; then fail $name "checksums differ: $(head -c 200 "$W/$name.sums" | tr '\n' ' ')"; timeout 60 umount "$mnt" || umount -l "$mnt"
     elif ! timeout 60 umount "$mnt"; then fail $name "umount failed"
-    elif ! timeout 120 xfs_repair -n $dev > "$W/$name.fsck" 2>&1; then fail $name "xfs_repair -n not clean: $(tail -c 300 "$W/$name.fsck" | tr '\n' ' ')"
+    elif ! timeout 120 xfs_repair -n $dev > "$W/$name.fsck" 2>&1; then fail $name "xfs_repair -n not clean: $(fsck_problems "$W/$name.fsck")"
     else pass $name; fi
   fi
   stop_attach $name TERM $dev || true
