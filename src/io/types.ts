@@ -32,6 +32,21 @@ export interface BlockDevice {
   readRepaired?(pba: number, dst: Buffer, verify: (block: Buffer) => boolean): Promise<boolean>;
 }
 
+/**
+ * `d` with a close() that leaves it open: storage that outlives the devices opened on it
+ * in turn (the simulator's crash incarnations, the crash tests' assembled images).
+ */
+export function keepOpen(d: BlockDevice): BlockDevice {
+  return {
+    get blockCount() { return d.blockCount; },
+    readBlocks: (pba, count, dst) => d.readBlocks(pba, count, dst),
+    writeBlocks: (pba, data) => d.writeBlocks(pba, data),
+    sync: () => d.sync(),
+    discard: (pba, count) => d.discard(pba, count),
+    close: () => Promise.resolve(),
+  };
+}
+
 /** A persistent, byte-addressed log region (the NVRAM), e.g. an mmap of a file. */
 export interface NvramRegion {
   readonly sizeBytes: number;

@@ -25,7 +25,7 @@ import { MemoryBlockDevice } from '../../src/io/memory-device';
 import { MemoryNvram } from '../../src/nvlog/memory-region';
 import { NvLog } from '../../src/nvlog/log';
 import { EngineVolume } from '../../src/volume/engine';
-import type { BlockDevice } from '../../src/io/types';
+import { keepOpen, type BlockDevice } from '../../src/io/types';
 import {
   IoRecorder, RecordingBlockDevice, RecordingNvram, buildState, crashPoint, emptyImage, prefixChoices, randomChoices,
   type StorageImage,
@@ -136,17 +136,6 @@ async function membersOf(img: StorageImage, layout: Layout): Promise<MemoryBlock
   }));
 }
 
-/** The device with a close() that leaves it open (the assembled device's close must not clear a member image we still read). */
-function shield(d: BlockDevice): BlockDevice {
-  return {
-    get blockCount() { return d.blockCount; },
-    readBlocks: (pba, count, dst) => d.readBlocks(pba, count, dst),
-    writeBlocks: (pba, data) => d.writeBlocks(pba, data),
-    sync: () => d.sync(),
-    discard: (pba, count) => d.discard(pba, count),
-    close: () => Promise.resolve(),
-  };
-}
 
 function nvramOf(img: StorageImage): Buffer {
   const nvImage = Buffer.alloc(NVRAM_BYTES);
@@ -162,7 +151,7 @@ function rmwOf(dev: BlockDevice): number {
 export async function record(layout: Layout, ops: Op[], lying = false): Promise<Recorded> {
   const mems = layout.members.map(() => new MemoryBlockDevice(layout.memberBlocks));
   await layout.prepare(mems);
-  const fmt = await layout.assemble(mems.map(shield), false);
+  const fmt = await layout.assemble(mems.map(keepOpen), false);
   await BlockTree.format(fmt, { sizeBytes: VOLUME_BLOCKS * BS, volumeUuid: UUID });
   await fmt.sync();
   await fmt.close();
@@ -252,7 +241,7 @@ async function openState(layout: Layout, img: StorageImage, removed: number[]): 
   let dev: BlockDevice;
   let mountedCp: number;
   try {
-    dev = await layout.assemble(mems.map((m, i) => (removed.includes(i) ? null : shield(m))), false);
+    dev = await layout.assemble(mems.map((m, i) => (removed.includes(i) ? null : keepOpen(m))), false);
     const tree = await BlockTree.open(dev);
     mountedCp = tree.cpNumber;
     v = await EngineVolume.open({ tree, region: nv, readOnly: false, cpIntervalMs: 0 });
@@ -276,7 +265,7 @@ function stateName(r: Recorded, got: Buffer): string {
 /** Opens a crash state, checks it, and returns a problem string or undefined. */
 export async function tryState(layout: Layout, img: StorageImage, r: Recorded, durableOps: number): Promise<string | undefined> {
   if (layout.checkImage) {
-    const problem = await layout.checkImage((await membersOf(img, layout)).map(shield));
+    const problem = await layout.checkImage((await membersOf(img, layout)).map(keepOpen));
     if (problem) return problem;
   }
   const opened = await openState(layout, img, []);
@@ -301,13 +290,13 @@ export async function tryState(layout: Layout, img: StorageImage, r: Recorded, d
     if (p) return p;
     // The recovered volume must also survive its own reopen, and its image pass the layout's check.
     await closeState({ v, dev });
-    const dev2 = await layout.assemble(mems.map(shield), false);
+    const dev2 = await layout.assemble(mems.map(keepOpen), false);
     const v2 = await EngineVolume.open({ tree: await BlockTree.open(dev2), region: new MemoryNvram(NVRAM_BYTES, nv.buffer), readOnly: false, cpIntervalMs: 0 });
     const again = await v2.read(0, VOLUME_BLOCKS * BS);
     await closeState({ v: v2, dev: dev2 });
     if (!again.equals(got)) return 'changes across a clean reopen after recovery';
     if (layout.checkImage) {
-      const problem = await layout.checkImage(mems.map(shield));
+      const problem = await layout.checkImage(mems.map(keepOpen));
       if (problem) return `after recovery and a clean close: ${problem}`;
     }
   } finally {
@@ -341,7 +330,7 @@ export async function recordRecovery(layout: Layout, img: StorageImage, r: Recor
   const nvImage = nvramOf(img);
   const nv = new MemoryNvram(NVRAM_BYTES, nvImage);
   const rec = new IoRecorder();
-  const dev = await layout.assemble(mems.map((m, i) => (i === removed ? null : new RecordingBlockDevice(shield(m), rec, layout.members[i]!))), false);
+  const dev = await layout.assemble(mems.map((m, i) => (i === removed ? null : new RecordingBlockDevice(keepOpen(m), rec, layout.members[i]!))), false);
   const tree = await BlockTree.open(dev);
   const v = await EngineVolume.open({ tree, region: new RecordingNvram(nv, rec, NVRAM_NAME), readOnly: false, cpIntervalMs: 0 });
   // What this recovery recovers: every crash during it must end in exactly this state.

@@ -40,7 +40,7 @@ import { EngineVolume } from '../../src/volume/engine';
 import { SnapshotVolume } from '../../src/volume/engine-snapshot';
 import { isVolumeError } from '../../src/util/errors';
 import { EXTENT_HOLE, EXTENT_ZERO, type Volume } from '../../src/volume/types';
-import { BLOCK_SIZE_BYTES, type BlockDevice } from '../../src/io/types';
+import { BLOCK_SIZE_BYTES, keepOpen, type BlockDevice } from '../../src/io/types';
 import {
   FaultInjector, FaultyBlockDevice, FaultyNvramRegion, NO_FAULTS, FAULT_KINDS, type FaultKind, type FaultRates,
 } from '../../src/sim/faulty-device';
@@ -100,17 +100,6 @@ function crashAll(st: Storage): void {
   for (const m of st.members) m.crash();
 }
 
-/** A member device whose close() leaves the memory behind it alone (storage outlives incarnations). */
-function keepOpen(d: BlockDevice): BlockDevice {
-  return {
-    get blockCount() { return d.blockCount; },
-    readBlocks: (pba, count, dst) => d.readBlocks(pba, count, dst),
-    writeBlocks: (pba, data) => d.writeBlocks(pba, data),
-    sync: () => d.sync(),
-    discard: (pba, count) => d.discard(pba, count),
-    close: () => Promise.resolve(),
-  };
-}
 
 export interface SimStats {
   seed: number;
