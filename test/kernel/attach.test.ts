@@ -142,7 +142,9 @@ describe('kernel nbd driver (VM)', function () {
     const r = res.status.get(name);
     const tail = res.output.split('\n').slice(-40).join('\n');
     if (!r) assert.fail(`no result for "${name}" (guest exit ${res.exitCode}, suite ${res.done ? 'finished' : 'did not finish'}); guest output tail:\n${tail}`);
-    assert.ok(r.ok, `${name}: ${r.reason}`);
+    // The guest prints "DIAG <name>: ..." lines after some failures (kernel log, server warnings).
+    const diag = r.ok ? '' : res.output.split('\n').filter((l) => l.startsWith(`DIAG ${name}: `)).join('\n');
+    assert.ok(r.ok, `${name}: ${r.reason}${diag ? `\n${diag}` : ''}`);
   }
 
   it('the guest suite runs to the end and reports no failure', () => {

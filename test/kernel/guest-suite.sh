@@ -23,6 +23,13 @@ while [ $# -gt 0 ]; do case "$1" in --app) APP=$2; shift 2;; --serve) serve=$2; 
 NV=(node "$APP/dist/src/cli/main.js")
 
 export NVMIRROR_LOG_LEVEL=info
+# Mount propagation shared, as systemd sets it: `ip netns exec` (the netem check, lane A)
+# gives each process it starts a copy of the mount table, made a slave of this one. With
+# the guest's default (private), a filesystem lane B mounts while such a process runs stays
+# mounted in that process's copy after lane B's umount: XFS then never writes its unmount
+# record, and xfs_repair -n finds a dirty log (raid5-xfs-degraded failed so, intermittently).
+# Shared, the umount reaches every copy.
+mount --make-rshared / || { echo "FAIL setup: mount --make-rshared / failed"; exit 1; }
 W=/tmp/kt; mkdir -p "$W/src" "$W/mnt"
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 pass() { echo "PASS $1"; }
@@ -258,6 +265,16 @@ raid_status() { # DIR: "<state> <member 1's state>: <its reason>" from status --
 fsck_problems() {
   grep -v -e '^Phase [0-9]' -e '^ *- ' -e '^No modify flag set' -e '^ *agno = ' "$1" | head -c 600 | tr '\n' ' '
 }
+# raid5_diag NAME DIR DEV: after a failure, what the kernel and nvmirror said (DIAG lines).
+raid5_diag() {
+  { echo "--- kernel log (last 25 lines)"; dmesg | tail -25
+    echo "--- $1: nvmirror warnings and errors"; grep -v '"level":30' "$W/$1.err" | tail -15 | cut -c1-300
+    echo "--- status"; timeout 30 "${NV[@]}" status "$2" 2>&1 | head -30
+    echo "--- xfs in the kernel log"; dmesg | grep -i 'xfs' | tail -6
+    echo "--- mount namespaces still holding $3"; grep -l "^[^ ]* [^ ]* [^ ]* [^ ]* [^ ]* [^ ]* .* $3 " /proc/[0-9]*/mountinfo 2>/dev/null | head -5 | while read -r f; do p=${f#/proc/}; p=${p%%/*}; echo "pid $p: $(tr '\0' ' ' < /proc/$p/cmdline | cut -c1-120)"; done
+    echo "--- space"; df -h /tmp 2>&1 | tail -1; free -m | head -2
+  } | sed "s/^/DIAG $1: /"
+}
 raid5_check() {
   local name=raid5-xfs-degraded dir="$W/raid5" dev=/dev/nbd9 mnt="$W/mnt/raid5" t s st i members=()
   t=$(now_ms)
@@ -282,7 +299,7 @@ raid5_check() {
   (cd "$mnt" && timeout 60 sha256sum -c --quiet "$W/sums" && timeout 60 sha256sum -c --quiet "$W/sums2") > "$W/$name.sums" 2>&1 \
     || { fail $name "checksums differ with a member removed: $(head -c 200 "$W/$name.sums" | tr '\n' ' ')"; umount -l "$mnt"; kill -9 "$APID"; return 1; }
   timeout 60 umount "$mnt" || { fail $name "umount failed"; kill -9 "$APID"; return 1; }
-  timeout 120 xfs_repair -n $dev > "$W/$name.fsck" 2>&1 || { fail $name "xfs_repair -n not clean with a member removed: $(fsck_problems "$W/$name.fsck")"; kill -9 "$APID"; return 1; }
+  timeout 120 xfs_repair -n $dev > "$W/$name.fsck" 2>&1 || { fail $name "xfs_repair -n not clean with a member removed: $(fsck_problems "$W/$name.fsck")"; raid5_diag $name "$dir" $dev; kill -9 "$APID"; return 1; }
   stop_attach $name TERM $dev || return 1
   timed $name "$t"
   pass $name
