@@ -14,7 +14,7 @@ npm run build
 # Each group runs on its own so a hang in one cannot eat the whole budget.
 status=0
 passed=0; failed=0; skipped=0
-out=$(mktemp); trap 'rm -f "$out"' EXIT
+out=$(mktemp); failures=$(mktemp); trap 'rm -f "$out" "$failures"' EXIT
 run() {
   local name=$1 budget=$2; shift 2
   echo "=== $name ==="
@@ -25,8 +25,14 @@ run() {
   f=$(sed -n 's/^ *\([0-9][0-9]*\) failing.*/\1/p' "$out" | tail -1)
   s=$(sed -n 's/^ *\([0-9][0-9]*\) pending.*/\1/p' "$out" | tail -1)
   passed=$((passed + ${p:-0})); failed=$((failed + ${f:-0})); skipped=$((skipped + ${s:-0}))
+  # What failed, again at the very end (CI logs are often read from the tail): mocha's
+  # failure section without stack frames, at most 60 lines per group.
+  if [ -n "$f" ] && [ "$f" != 0 ]; then
+    { echo "--- $name: $f failing"; sed -n '/^ *[0-9][0-9]* failing/,$p' "$out" | sed 1d | grep -v -e '^ *at ' -e '^ *$' | head -60; } >> "$failures"
+  fi
   if [ "$rc" != 0 ]; then
     echo "=== $name: FAILED (exit $rc) ===" >&2
+    [ -n "$f" ] && [ "$f" != 0 ] || echo "--- $name: exit $rc ($( [ "$rc" = 124 ] && echo "timed out after ${budget}s" || echo "no mocha failure count"))" >> "$failures"
     status=1
     [ -n "$f" ] || failed=$((failed + 1))
   fi
@@ -40,5 +46,6 @@ run mirror-faults 600 'dist/test/mirror/faults*.test.js'
 run crash 900 'dist/test/crash/**/*.test.js'
 run kernel 600 'dist/test/kernel/**/*.test.js'
 echo
+if [ -s "$failures" ]; then echo "=== what failed ==="; cat "$failures"; echo; fi
 echo "tests: $passed passed, $failed failed, $skipped skipped"
 exit $status
