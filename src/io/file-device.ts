@@ -10,6 +10,10 @@
  *   truncated under us, which is an I/O error, never silently zeroes).
  * - No call is accepted after close(); close() is idempotent.
  * - A read-only device never writes, syncs or discards.
+ * - A read of at most NOWAIT_READ_BYTES_MAX is first tried as a page-cache-only copy on
+ *   the calling thread (preadv2 RWF_NOWAIT: never waits for the disk); only if that did
+ *   not return every byte does it go to the thread pool (from the start, so a short
+ *   or failed attempt changes nothing). The first "unsupported" answer turns it off.
  */
 import * as fs from 'fs';
 import * as path from 'path';
@@ -23,6 +27,12 @@ const closeAsync = promisify(fs.close);
 const fstatAsync = promisify(fs.fstat);
 const ftruncateAsync = promisify(fs.ftruncate);
 const fsyncAsync = promisify(fs.fsync);
+
+/**
+ * Largest read tried on the event loop (page cache only): a copy of a few microseconds,
+ * against a thread-pool hop (two cross-thread wake-ups) for every read of a tree block.
+ */
+export const NOWAIT_READ_BYTES_MAX = 128 * 1024;
 
 /** Largest member we accept: 2^40 blocks (4 PiB) keeps byte offsets exact in a JS number. */
 export const MEMBER_BLOCKS_MAX = 2 ** 40;
@@ -99,6 +109,9 @@ export class FileBlockDevice implements BlockDevice {
   readonly readOnly: boolean;
   private readonly fd: number;
   private closed = false;
+  private tryNowaitReads = true;
+  /** Reads answered from the page cache on the calling thread (no thread-pool job). */
+  nowaitReads = 0;
 
   private constructor(filePath: string, fd: number, blockCount: number, readOnly: boolean) {
     assert(Number.isSafeInteger(blockCount) && blockCount >= 0 && blockCount <= MEMBER_BLOCKS_MAX, 'blockCount out of range');
@@ -168,6 +181,14 @@ export class FileBlockDevice implements BlockDevice {
     this.checkRange(pba, count);
     const lengthBytes = count * BLOCK_SIZE_BYTES;
     assert(dst.length === lengthBytes, `readBlocks: dst is ${dst.length} bytes, expected ${lengthBytes}`);
+    if (this.tryNowaitReads && lengthBytes <= NOWAIT_READ_BYTES_MAX) {
+      const got = native.preadNowait(this.fd, dst, 0, lengthBytes, pba * BLOCK_SIZE_BYTES);
+      if (got === lengthBytes) {
+        this.nowaitReads++;
+        return;
+      }
+      if (got === native.NOWAIT_UNSUPPORTED) this.tryNowaitReads = false;
+    }
     const n = await native.pread(this.fd, dst, 0, lengthBytes, pba * BLOCK_SIZE_BYTES);
     if (n !== lengthBytes) {
       const err = new Error(`EIO: short read of ${this.path} at block ${pba}: ${n} of ${lengthBytes} bytes (file truncated?)`) as native.NativeError;

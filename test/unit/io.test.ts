@@ -6,7 +6,7 @@ import { strict as assert } from 'assert';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { FileBlockDevice } from '../../src/io/file-device';
+import { FileBlockDevice, NOWAIT_READ_BYTES_MAX } from '../../src/io/file-device';
 import { MemoryBlockDevice } from '../../src/io/memory-device';
 import { MmapNvram } from '../../src/io/mmap-nvram';
 import { BLOCK_SIZE_BYTES, BlockDevice } from '../../src/io/types';
@@ -63,6 +63,28 @@ describe('io layer', () => {
       assert.ok(b.equals(pattern(2, 1)), 'data survives reopen');
       await assert.rejects(again.writeBlocks(0, pattern(3, 1)), AssertionError);
       await again.close();
+    });
+
+    it('reads cached blocks on the calling thread and the rest through the thread pool, same bytes', async () => {
+      const file = path.join(dir, 'nowait.img');
+      const blocks = NOWAIT_READ_BYTES_MAX / BLOCK_SIZE_BYTES + 8;
+      const dev = await FileBlockDevice.create(file, blocks);
+      const data = pattern(9, blocks);
+      await dev.writeBlocks(0, data);
+      // Just written: in the page cache, so small reads never need the thread pool.
+      const one = Buffer.alloc(BLOCK_SIZE_BYTES);
+      await dev.readBlocks(5, 1, one);
+      assert.ok(one.equals(data.subarray(5 * BLOCK_SIZE_BYTES, 6 * BLOCK_SIZE_BYTES)));
+      const most = Buffer.alloc(NOWAIT_READ_BYTES_MAX);
+      await dev.readBlocks(8, NOWAIT_READ_BYTES_MAX / BLOCK_SIZE_BYTES, most);
+      assert.ok(most.equals(data.subarray(8 * BLOCK_SIZE_BYTES, 8 * BLOCK_SIZE_BYTES + NOWAIT_READ_BYTES_MAX)));
+      assert.equal(dev.nowaitReads, 2, 'both reads came from the page cache on the calling thread');
+      // Larger than the cap: the thread pool, same bytes.
+      const all = Buffer.alloc(blocks * BLOCK_SIZE_BYTES);
+      await dev.readBlocks(0, blocks, all);
+      assert.ok(all.equals(data));
+      assert.equal(dev.nowaitReads, 2);
+      await dev.close();
     });
 
     it('discard punches a hole in the file', async () => {
