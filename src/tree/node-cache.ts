@@ -26,10 +26,11 @@ export class NodeCache {
     assert(Number.isSafeInteger(capacity) && capacity >= 16, `node cache capacity ${capacity} must be >= 16`);
   }
 
-  get(p: BlockPtr): Buffer | undefined {
+  /** The cached block for p (most recently used now), or undefined; countMiss false: a probe that is not counted as a miss. */
+  get(p: BlockPtr, countMiss = true): Buffer | undefined {
     const e = this.map.get(p.pba);
     if (!e || e.birth !== p.birth || e.crc !== p.crc) {
-      this.misses++;
+      if (countMiss) this.misses++;
       return undefined;
     }
     this.map.delete(p.pba);

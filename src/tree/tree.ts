@@ -501,28 +501,74 @@ export class BlockTree implements BlockTreeApi {
     });
   }
 
-  /** @internal Reads count blocks into dst (holes as zeroes), coalescing contiguous blocks. */
+  /**
+   * walk() over cached address blocks only, synchronously (no promise per level): false
+   * as soon as an address block on the way is not in the cache (callbacks may have run
+   * for part of the range; the caller starts again with walk()). Callbacks cannot stop it.
+   */
+  private walkCached(root: BlockPtr | null, start: number, end: number, onHole: (lbn: number, n: number) => void, onData: (lbn: number, ptr: BlockPtr) => void): boolean {
+    const rec = (ptr: BlockPtr | null, level: number, index: number): boolean => {
+      const nodeLo = index * slotsPerPointer(level + 1);
+      const lo = Math.max(start, nodeLo);
+      const hi = Math.min(end, nodeLo + slotsPerPointer(level + 1));
+      assert(lo < hi, 'walk visited a node outside the range');
+      if (ptr === null) {
+        onHole(lo, hi - lo);
+        return true;
+      }
+      const node = this.cache.get(ptr, false);
+      if (node === undefined) return false;
+      const cs = slotsPerPointer(level);
+      for (let slot = Math.floor((lo - nodeLo) / cs); slot < FANOUT && nodeLo + slot * cs < hi; slot++) {
+        const child = this.childOf(node, ptr, level, index, slot);
+        if (level > 0) {
+          if (!rec(child, level - 1, index * FANOUT + slot)) return false;
+        } else if (child === null) onHole(nodeLo + slot, 1);
+        else onData(nodeLo + slot, child);
+      }
+      return true;
+    };
+    return rec(root, this.height - 1, 0);
+  }
+
+  /** Reads one run of contiguous data blocks into its place in dst and verifies each block. */
+  private async readDataRun(base: number, r: { lbn: number; ptrs: BlockPtr[] }, dst: Buffer): Promise<void> {
+    const off = (r.lbn - base) * BLOCK;
+    const view = dst.subarray(off, off + r.ptrs.length * BLOCK);
+    await this.devRead(r.ptrs[0]!.pba, r.ptrs.length, view, `data blocks lbn ${r.lbn}-${r.lbn + r.ptrs.length - 1}`);
+    for (let i = 0; i < r.ptrs.length; i++) {
+      // The common case needs no promise: only a mismatch goes on to repair or refuse.
+      if (crc32c(view, i * BLOCK, BLOCK) !== r.ptrs[i]!.crc) await this.verifyData(view, i * BLOCK, r.ptrs[i]!, r.lbn + i);
+    }
+  }
+
+  /**
+   * @internal Reads count blocks into dst (holes as zeroes), coalescing contiguous blocks.
+   * The address blocks are looked up synchronously when all are cached (walkCached), else
+   * read with walk(); the data runs are read at most ioConcurrency at a time.
+   */
   async readRangeOn(h: RootHandle, lbn: number, count: number, dst: Buffer): Promise<void> {
     this.checkRange(lbn, count);
     if (!(dst.length === count * BLOCK)) assert(false, `readRange: dst must be ${count * BLOCK} bytes, got ${dst.length}`);
     await this.pinned(h, async () => {
       const runs: { lbn: number; ptrs: BlockPtr[] }[] = [];
-      await this.walk(h.root, lbn, lbn + count,
-        (l, n) => { dst.fill(0, (l - lbn) * BLOCK, (l - lbn + n) * BLOCK); return true; },
-        (l, p) => {
-          const last = runs[runs.length - 1];
-          const prev = last?.ptrs[last.ptrs.length - 1];
-          if (last && prev && last.lbn + last.ptrs.length === l && prev.pba + 1 === p.pba && last.ptrs.length < 256) last.ptrs.push(p);
-          else runs.push({ lbn: l, ptrs: [p] });
-          return true;
-        },
-        { nodes: Number.MAX_SAFE_INTEGER });
-      await forEachLimit(runs, this.ioConcurrency, async (r) => {
-        const off = (r.lbn - lbn) * BLOCK;
-        const view = dst.subarray(off, off + r.ptrs.length * BLOCK);
-        await this.devRead(r.ptrs[0]!.pba, r.ptrs.length, view, `data blocks lbn ${r.lbn}-${r.lbn + r.ptrs.length - 1}`);
-        for (let i = 0; i < r.ptrs.length; i++) await this.verifyData(view, i * BLOCK, r.ptrs[i]!, r.lbn + i);
-      });
+      const onHole = (l: number, n: number): boolean => {
+        dst.fill(0, (l - lbn) * BLOCK, (l - lbn + n) * BLOCK);
+        return true;
+      };
+      const onData = (l: number, p: BlockPtr): boolean => {
+        const last = runs[runs.length - 1];
+        const prev = last?.ptrs[last.ptrs.length - 1];
+        if (last && prev && last.lbn + last.ptrs.length === l && prev.pba + 1 === p.pba && last.ptrs.length < 256) last.ptrs.push(p);
+        else runs.push({ lbn: l, ptrs: [p] });
+        return true;
+      };
+      if (!this.walkCached(h.root, lbn, lbn + count, onHole, onData)) {
+        runs.length = 0;
+        await this.walk(h.root, lbn, lbn + count, onHole, onData, { nodes: Number.MAX_SAFE_INTEGER });
+      }
+      if (runs.length === 1) await this.readDataRun(lbn, runs[0]!, dst);
+      else if (runs.length > 1) await forEachLimit(runs, this.ioConcurrency, (r) => this.readDataRun(lbn, r, dst));
     });
   }
 

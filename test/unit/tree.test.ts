@@ -224,6 +224,37 @@ describe('tree: reads, writes and commits', () => {
     await assertCheckOk(tree);
   });
 
+  it('a read through cached address blocks reaches the device in the same call; a cold one walks, both return the right bytes', async () => {
+    const inner = new MemoryBlockDevice(8192);
+    await BlockTree.format(inner, { sizeBytes: 16 * GiB, volumeUuid: UUID });
+    const dev = new GatedDevice(inner);
+    let deviceReads = 0;
+    const readBlocks = dev.readBlocks.bind(dev);
+    dev.readBlocks = (pba, count, dst) => {
+      deviceReads++;
+      return readBlocks(pba, count, dst);
+    };
+    await BlockTree.open(dev).then((t) => t.commitCp(writes([[5, 5], [6, 6], [40_000, 7]]), meta(1)));
+    const tree = await BlockTree.open(dev); // cold cache
+    const cold = Buffer.alloc(2 * B);
+    const readsBefore = deviceReads;
+    await tree.readRange(5, 2, cold);
+    assert.equal(deviceReads, readsBefore + tree.height + 1, 'a cold read reads the path of address blocks, then one data run');
+    assert.ok(cold.equals(Buffer.concat([block(5), block(6)])));
+    // The path to lbn 7 is cached now: the data read starts before readRange returns.
+    const warm = Buffer.alloc(3 * B, 0xee);
+    const before = deviceReads;
+    const warmRead = tree.readRange(4, 3, warm);
+    assert.equal(deviceReads, before + 1, 'the data run was read without waiting for the cached address blocks');
+    await warmRead;
+    assert.ok(warm.equals(Buffer.concat([Buffer.alloc(B), block(5), block(6)])));
+    const far = Buffer.alloc(B);
+    await tree.readRange(40_000, 1, far);
+    assert.ok(far.equals(block(7)));
+    await flipByte(inner, (await tree.locate(6)).data!.pba, 100);
+    await expectEio(tree.readRange(5, 2, Buffer.alloc(2 * B)), /checksum mismatch in data block: lbn 6/);
+  });
+
   it('rejects bad changes before changing anything', async () => {
     const { tree } = await fresh(GiB);
     await assert.rejects(tree.commitCp([{ lbn: GiB / B, data: block(1) }], meta(1)), /outside the volume/);
