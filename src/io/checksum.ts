@@ -8,7 +8,7 @@
  * - The choice is made once per process (first call) and never changes afterwards.
  * - Results are unsigned 32-bit integers.
  */
-import { crc32c as nativeCrc32c } from './native';
+import { crc32c as nativeCrc32c, crc32cBlocks as nativeCrc32cBlocks } from './native';
 
 const POLY_REFLECTED = 0x82f63b78;
 
@@ -72,6 +72,20 @@ function pick(): Crc {
 export function crc32c(buf: Buffer, offset = 0, length = buf.length - offset): number {
   if (!impl) impl = pick();
   return impl(buf, offset, length);
+}
+
+/**
+ * crc32c (seed 0) of each of `count` 4 KiB blocks at buf[offset..], into out[4i..4i+4)
+ * (little-endian): one native call for the lot, or the portable loop.
+ */
+export function crc32cBlocks(buf: Buffer, offset: number, count: number, out: Buffer): void {
+  if (!impl) impl = pick();
+  if (implName === 'native') {
+    nativeCrc32cBlocks(buf, offset, count, out);
+    return;
+  }
+  if (offset + count * 4096 > buf.length || out.length < count * 4) throw new RangeError(`crc32cBlocks: ${count} blocks at ${offset} do not fit`);
+  for (let i = 0; i < count; i++) out.writeUInt32LE(crc32cPortable(buf, offset + i * 4096, 4096, 0), i * 4);
 }
 
 /** 'native' or 'portable' (after the first call). */

@@ -39,6 +39,8 @@ interface RawAddon {
   /** madvise(MADV_POPULATE_WRITE) of [offset, offset+length) of a mapping from mmap(), off the event loop. */
   populateWrite(buf: Buffer, offset: number, length: number, cb: (err: Error | null) => void): void;
   crc32c(buf: Buffer, offset: number, length: number, seed: number): number;
+  /** crc32c (seed 0) of each of count 4 KiB blocks at buf[offset..], into out as little-endian uint32s. */
+  crc32cBlocks(buf: Buffer, offset: number, count: number, out: Buffer): void;
   /** The portable (table) crc32c path, always available, so tests can compare it with the SSE4.2 one. */
   crc32cPortable(buf: Buffer, offset: number, length: number, seed: number): number;
   /** True when crc32c uses the SSE4.2 crc32 instruction. */
@@ -173,6 +175,19 @@ export function populateWrite(buf: Buffer, offset: number, length: number): Prom
 export function crc32c(buf: Buffer, offset = 0, length = buf.length - offset, seed = 0): number {
   if (offset < 0 || length < 0 || offset + length > buf.length) throw new RangeError(`crc32c: ${offset}+${length} exceeds buffer of ${buf.length}`);
   return addon().crc32c(buf, offset, length, seed >>> 0) >>> 0;
+}
+
+/** Blocks one crc32cBlocks call may checksum (256 MiB). */
+export const CRC_BLOCKS_MAX = 65536;
+
+/** crc32c (seed 0) of each of `count` 4 KiB blocks at buf[offset..], into out[4i..4i+4) little-endian. */
+export function crc32cBlocks(buf: Buffer, offset: number, count: number, out: Buffer): void {
+  if (!(Number.isSafeInteger(offset) && offset >= 0 && Number.isSafeInteger(count) && count >= 0 && count <= CRC_BLOCKS_MAX)) {
+    throw new RangeError(`crc32cBlocks: bad offset ${offset} or count ${count}`);
+  }
+  if (offset + count * 4096 > buf.length) throw new RangeError(`crc32cBlocks: ${count} blocks at ${offset} exceed buffer of ${buf.length}`);
+  if (out.length < count * 4) throw new RangeError(`crc32cBlocks: out of ${out.length} bytes cannot hold ${count} checksums`);
+  addon().crc32cBlocks(buf, offset, count, out);
 }
 
 /** crc32c through the table path only (for tests and diagnostics). */

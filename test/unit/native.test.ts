@@ -87,6 +87,34 @@ describe('native addon', () => {
       assert.equal(typeof native.crc32cHardware(), 'boolean');
     });
 
+    it('hardware and table paths agree across the striped lengths (3 x 1360 and 3 x 8192 bytes), joined with a seed', () => {
+      const rnd = seeded(13);
+      const buf = randomBuffer(rnd, 3 * 8192 * 3 + 5000);
+      const short = 3 * 1360;
+      const long = 3 * 8192;
+      const lens = [short - 1, short, short + 1, short + 8, 2 * short, long - 1, long, long + 1, long + short, long + short + 7, 2 * long + 3 * short + 13, 3 * long + 4096];
+      for (const off of [0, 1, 5, 8]) {
+        for (const len of lens) {
+          assert.equal(native.crc32c(buf, off, len, 0x9e3779b9), native.crc32cPortable(buf, off, len, 0x9e3779b9), `off ${off} len ${len}`);
+        }
+      }
+      const whole = native.crc32c(buf, 0, buf.length, 0);
+      assert.equal(whole, native.crc32cPortable(buf, 0, buf.length, 0));
+      assert.equal(native.crc32c(buf, long + 3, buf.length - long - 3, native.crc32c(buf, 0, long + 3)), whole, 'chains through the seed across stripes');
+    });
+
+    it('crc32cBlocks gives each 4 KiB block its crc32c in one call, and refuses out-of-bounds arguments', () => {
+      const rnd = seeded(17);
+      const buf = randomBuffer(rnd, 9 * 4096 + 3);
+      const out = Buffer.alloc(8 * 4);
+      native.crc32cBlocks(buf, 3, 8, out);
+      for (let i = 0; i < 8; i++) assert.equal(out.readUInt32LE(i * 4), native.crc32cPortable(buf, 3 + i * 4096, 4096, 0), `block ${i}`);
+      assert.throws(() => native.crc32cBlocks(buf, 4, 9, Buffer.alloc(36)), RangeError);
+      assert.throws(() => native.crc32cBlocks(buf, 0, 8, Buffer.alloc(31)), RangeError);
+      assert.throws(() => native.crc32cBlocks(buf, -1, 1, out), RangeError);
+      assert.throws(() => native.crc32cBlocks(buf, 0, native.CRC_BLOCKS_MAX + 1, out), RangeError);
+    });
+
     it('respects offset and length', () => {
       const b = Buffer.from('xx123456789yy');
       assert.equal(native.crc32c(b, 2, 9), 0xe3069283);
