@@ -71,7 +71,7 @@ export function formatRaid(r: RaidHealth & { scrub?: ScrubState }): string[] {
   }
   if (r.stripeWrites.full + r.stripeWrites.readModifyWrite > 0) {
     lines.push(`           stripes written since open: ${r.stripeWrites.full} whole, ${r.stripeWrites.readModifyWrite} by read-modify-write` +
-      (r.journal ? ` (${r.journal.stripes} through the stripe journal in ${r.journal.batches} batches)` : ''));
+      (r.journal && r.journal.stripes > 0 ? ` (${r.journal.stripes} through the stripe journal in ${r.journal.batches} batches)` : ''));
   }
   if (r.journal && r.journal.replayedStripes > 0) lines.push(`           ${r.journal.replayedStripes} stripes of an interrupted write replayed from the stripe journal at open`);
   if (r.journalPending) lines.push(`           ${journalPendingText(r.journalPending)}`);
