@@ -15,6 +15,7 @@ import { standingLine } from '../mirror/standing';
 import { readRole, type RoleRecord } from '../mirror/role';
 import { formatSize } from '../util/size';
 import type { RaidHealth } from '../raid/raid-device';
+import { journalPendingText } from '../raid/journal-file';
 import type { ScrubState } from '../raid/scrub';
 
 function when(ms: number): string {
@@ -70,9 +71,10 @@ export function formatRaid(r: RaidHealth & { scrub?: ScrubState }): string[] {
   }
   if (r.stripeWrites.full + r.stripeWrites.readModifyWrite > 0) {
     lines.push(`           stripes written since open: ${r.stripeWrites.full} whole, ${r.stripeWrites.readModifyWrite} by read-modify-write` +
-      (r.journal ? ` (${r.journal.stripes} through the stripe journal in ${r.journal.batches} batches)` : ''));
+      (r.journal && r.journal.stripes > 0 ? ` (${r.journal.stripes} through the stripe journal in ${r.journal.batches} batches)` : ''));
   }
   if (r.journal && r.journal.replayedStripes > 0) lines.push(`           ${r.journal.replayedStripes} stripes of an interrupted write replayed from the stripe journal at open`);
+  if (r.journalPending) lines.push(`           ${journalPendingText(r.journalPending)}`);
   const width = Math.max(6, ...r.memberStatus.map((m) => m.name.length));
   lines.push(`           ${'member'.padEnd(width + 4)} ${'STATE'.padEnd(10)} ${'READ'.padStart(5)} ${'WRITE'.padStart(5)} ${'CKSUM'.padStart(5)} ${'HEALED'.padStart(6)}`);
   for (const m of r.memberStatus) {

@@ -37,7 +37,7 @@ import type { BlockDevice } from '../io/types';
 import { RaidGeometry, type RaidLevel } from '../raid/geometry';
 import { openRaidMembers } from '../raid/members';
 import { RaidDevice } from '../raid/raid-device';
-import { JOURNAL_BYTES_DEFAULT, JOURNAL_HEADER_SLOTS, journalBlocksFor } from '../raid/stripe-journal';
+import { RAID_JOURNAL_NAME } from '../raid/journal-file';
 import * as native from '../io/native';
 import { BlockTree } from '../tree/tree';
 import { BLOCK, RING_SLOTS, decodeSuperblock, encodePtr, type Superblock } from '../tree/layout';
@@ -51,7 +51,7 @@ export const MIRROR_LABEL_NAME = 'mirror.json';
 export const MIRROR_LOCK_NAME = 'mirror.lock';
 export const BASELINE_MARKER_NAME = 'baseline.partial';
 export const MEMBER_NAME = 'member-0.img';
-export const RAID_JOURNAL_NAME = 'raid-journal.bin';
+export { RAID_JOURNAL_NAME };
 /** Device writes of a CP in flight at once. */
 export const APPLY_WRITES_MAX = 16;
 /** A baseline's progress is made durable (member synced, marker rewritten) every this many blocks, so it resumes there. */
@@ -119,25 +119,11 @@ export async function openMirrorDevice(dir: string, label: MirrorLabel, readOnly
   const r = label.raid;
   if (!r) return FileBlockDevice.open(memberOf(dir, label), readOnly ? { readOnly: true } : {});
   const files = r.members.map((m) => ({ name: m.path, path: resolveIn(dir, m.path) }));
-  let journalDev: FileBlockDevice | undefined;
-  if (!readOnly) {
-    const jp = path.join(dir, RAID_JOURNAL_NAME);
-    // At least four whole stripes' cells (a wide RAID-6 with large units needs more than the default).
-    const g = new RaidGeometry(r.level, r.members.length, r.stripeUnitBytes, r.members[0]!.blockCount, RING_SLOTS);
-    const blocks = Math.max(JOURNAL_BYTES_DEFAULT / BLOCK, JOURNAL_HEADER_SLOTS + 4 * journalBlocksFor((g.dataMembers + g.parityMembers) * g.unitBlocks));
-    journalDev = fs.existsSync(jp) ? await FileBlockDevice.open(jp, {}) : await FileBlockDevice.create(jp, blocks);
-  }
-  let dev: RaidDevice;
-  try {
-    dev = await openRaidMembers(files, { level: r.level, stripeUnitBytes: r.stripeUnitBytes }, r.members[0]!.blockCount, label.sourceUuid, readOnly, undefined,
-      { ...(r.formerUuid !== undefined ? { formerUuid: r.formerUuid } : {}), ...(journalDev ? { journalDev } : {}) });
-  } catch (e) {
-    await journalDev?.close();
-    throw e;
-  }
+  // The journal (src/raid/journal-file.ts): created if absent and replayed by a read-write open.
+  const dev = await openRaidMembers(files, { level: r.level, stripeUnitBytes: r.stripeUnitBytes }, r.members[0]!.blockCount, label.sourceUuid, readOnly, undefined,
+    { ...(r.formerUuid !== undefined ? { formerUuid: r.formerUuid } : {}), journalPath: path.join(dir, RAID_JOURNAL_NAME) });
   if (!readOnly) {
     try {
-      await dev.replayJournal();
       await dev.sync(); // labels: a taken-over member set gets this mirror's uuid, a faulted member is marked
     } catch (e) {
       await dev.close();

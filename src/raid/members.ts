@@ -17,6 +17,10 @@
  *   else is written; so being one behind means only that a crash kept the newest label
  *   from it (power-loss-raid.test.ts enumerates those states).
  * - Creation writes generation 1 labels to every member and syncs them before returning.
+ * - A read-write open of a parity level with a stripe journal replays its batch (after a
+ *   rebuild target is attached, so the replay reaches it too) before it returns: nothing
+ *   reads a stripe an interrupted write left half-written. A read-only open only reads
+ *   the journal and reports the batch it leaves (RaidHealth.journalPending).
  */
 import * as fs from 'fs';
 import { BLOCK_SIZE_BYTES, type BlockDevice } from '../io/types';
@@ -26,9 +30,10 @@ import { RING_SLOTS } from '../tree/layout';
 import { assert } from '../util/assert';
 import { LABEL_COPIES, RaidGeometry, type RaidLevel } from './geometry';
 import { encodeRaidLabel, labelSlot, newestLabel, type RaidLabel } from './label';
-import { RaidDevice, type RaidMemberSpec } from './raid-device';
+import { RaidDevice, type JournalPending, type RaidMemberSpec } from './raid-device';
 import type { ParityOps } from './parity';
-import { StripeJournal } from './stripe-journal';
+import { StripeJournal, type JournalGeometry } from './stripe-journal';
+import { openRaidJournalFile } from './journal-file';
 
 const B = BLOCK_SIZE_BYTES;
 
@@ -179,7 +184,11 @@ export interface OpenRaidExtra {
    * and every member is relabelled with volumeUuid at the next sync().
    */
   formerUuid?: string;
-  /** A stripe journal device (a mirror destination's): partial stripes go through it; call replayJournal() next. */
+  /**
+   * A stripe journal device: read-write, partial stripes go through it and its batch is
+   * replayed before the open returns; read-only, its batch is only reported
+   * (health().journalPending). Closed by the open (RAID-0/1, read-only, failure).
+   */
   journalDev?: BlockDevice;
   /** A member name (as the volume label lists it) -> its path, for the probe of a member that replaced another while open. */
   resolveName?: (name: string) => string;
@@ -188,16 +197,23 @@ export interface OpenRaidExtra {
 /**
  * Opens a RAID volume's members. Refuses (throws) a foreign, swapped or mismatched member
  * by name; opens missing, truncated, unlabelled and stale members as out of service.
- */
-/**
  * @param replacing member `index` is being replaced by `file` (replace-member): the old
  *   member is not opened; with `dev` (NEW opened) the RaidDevice starts rebuilding onto it
  *   with stripes [0, doneBelow) current already, so every write from the start reaches it.
+ * @param extraIn.journalPath the stripe journal file (journal-file.ts; parity levels):
+ *   read-write, created if absent and its batch replayed before this returns; read-only,
+ *   read if present (health().journalPending).
  */
-export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, memberBlocks: number, volumeUuid: string, readOnly: boolean, replacing?: { index: number; file: RaidMemberFile; dev?: BlockDevice; doneBelow?: number }, extra: OpenRaidExtra = {}): Promise<RaidDevice> {
+export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, memberBlocks: number, volumeUuid: string, readOnly: boolean, replacing?: { index: number; file: RaidMemberFile; dev?: BlockDevice; doneBelow?: number }, extraIn: OpenRaidExtra & { journalPath?: string } = {}): Promise<RaidDevice> {
   const members: RaidMemberDevice[] = [];
   const stats: (fs.Stats | undefined)[] = [];
+  const { journalPath, ...extra } = extraIn;
   try {
+    // The journal file (journal-file.ts): created by a read-write open, only read by a read-only one.
+    if (journalPath !== undefined && !extra.journalDev) {
+      const j = await openRaidJournalFile(journalPath, geometryFor(spec, files.length, memberBlocks), readOnly);
+      if (j) extra.journalDev = j;
+    }
     for (let i = 0; i < files.length; i++) {
       const f = files[i]!;
       if (replacing?.index === i) {
@@ -221,9 +237,26 @@ export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, m
     throw e;
   }
   const probe = fileProbe(replacing ? files.map((f, i) => (i === replacing.index ? replacing.file : f)) : files, stats, memberBlocks, extra.resolveName);
-  const raid = await assembleRaidMembers(members, spec, memberBlocks, volumeUuid, readOnly, { probe, ...extra });
-  if (replacing?.dev) raid.startRebuild(replacing.index, replacing.file.name, replacing.dev, replacing.doneBelow ?? 0);
-  return raid;
+  return assembleRaidMembers(members, spec, memberBlocks, volumeUuid, readOnly, {
+    probe, ...extra,
+    ...(replacing?.dev ? { rebuild: { index: replacing.index, name: replacing.file.name, dev: replacing.dev, doneBelow: replacing.doneBelow ?? 0 } } : {}),
+  });
+}
+
+/** The journal batch a read-only open leaves unreplayed (undefined: none); the device is closed. */
+async function peekJournal(dev: BlockDevice, jg: JournalGeometry): Promise<JournalPending | undefined> {
+  try {
+    const j = await StripeJournal.open(dev, jg, true);
+    try {
+      const todo = await j.pending();
+      return todo.length > 0 ? { stripes: todo.length, epoch: j.currentEpoch } : undefined;
+    } finally {
+      await j.close();
+    }
+  } catch (e) {
+    await dev.close().catch(() => undefined);
+    return { stripes: 0, epoch: 0, problem: e instanceof Error ? e.message : String(e) };
+  }
 }
 
 /**
@@ -231,8 +264,15 @@ export async function openRaidMembers(files: RaidMemberFile[], spec: RaidSpec, m
  * as openRaidMembers, for any BlockDevice: the crash tests assemble recorded images).
  * On a refusal every member device is closed.
  */
-export async function assembleRaidMembers(members: RaidMemberDevice[], spec: RaidSpec, memberBlocks: number, volumeUuid: string, readOnly: boolean, extra: OpenRaidExtra & { probe?: (i: number, name: string) => Promise<string | null>; parity?: ParityOps } = {}): Promise<RaidDevice> {
+export async function assembleRaidMembers(members: RaidMemberDevice[], spec: RaidSpec, memberBlocks: number, volumeUuid: string, readOnly: boolean, extra: OpenRaidExtra & {
+  probe?: (i: number, name: string) => Promise<string | null>;
+  parity?: ParityOps;
+  /** replace-member in progress: rebuild member `index` onto `dev` (stripes [0, doneBelow) current), before the journal replays. */
+  rebuild?: { index: number; name: string; dev: BlockDevice; doneBelow: number };
+} = {}): Promise<RaidDevice> {
   const g = geometryFor(spec, members.length, memberBlocks);
+  let journalDev = extra.journalDev;
+  let raid: RaidDevice;
   const specs: RaidMemberSpec[] = members.map((m) => (m.dev === null ? { name: m.name, dev: null, missingReason: m.missingReason ?? 'missing' } : { name: m.name, dev: m.dev }));
   const labels: (RaidLabel | undefined)[] = members.map(() => undefined);
   try {
@@ -281,19 +321,36 @@ export async function assembleRaidMembers(members: RaidMemberDevice[], spec: Rai
     assert(newest.volumeUuid === volumeUuid || newest.volumeUuid === extra.formerUuid, 'newest label volume');
     const relabel = labels.some((l) => l !== undefined && l.volumeUuid !== volumeUuid);
     // Only parity levels have partial stripes to journal (RAID-0/1 write through); the caller's device is closed otherwise.
-    const journal = extra.journalDev && !readOnly && g.parityMembers > 0
-      ? await StripeJournal.open(extra.journalDev, { level: g.level, members: g.members, unitBlocks: g.unitBlocks, stripes: g.stripes, columns: g.dataMembers + g.parityMembers })
-      : undefined;
-    if (extra.journalDev && !journal) await extra.journalDev.close();
-    const raid = new RaidDevice({
+    const jg: JournalGeometry = { level: g.level, members: g.members, unitBlocks: g.unitBlocks, stripes: g.stripes, columns: g.dataMembers + g.parityMembers };
+    let journal: StripeJournal | undefined;
+    let journalPending: JournalPending | undefined;
+    if (journalDev) {
+      const d = journalDev;
+      journalDev = undefined; // from here on owned by the journal (read-write), or closed
+      if (g.parityMembers === 0) await d.close();
+      else if (readOnly) journalPending = await peekJournal(d, jg);
+      else journal = await StripeJournal.open(d, jg).catch(async (e: unknown) => { await d.close().catch(() => undefined); throw e; });
+    }
+    raid = new RaidDevice({
       geometry: g, volumeUuid, generation: newest.generation, members: specs, readOnly, headPick: superblockPick, relabel,
       ...(extra.probe ? { probe: extra.probe } : {}),
       ...(extra.parity ? { parity: extra.parity } : {}),
       ...(journal ? { journal } : {}),
+      ...(journalPending ? { journalPending } : {}),
     });
-    return raid;
   } catch (e) {
     for (const s of specs) await s.dev?.close().catch(() => undefined);
+    await journalDev?.close().catch(() => undefined);
     throw e;
   }
+  // The RaidDevice owns the members and the journal from here on.
+  try {
+    if (extra.rebuild) raid.startRebuild(extra.rebuild.index, extra.rebuild.name, extra.rebuild.dev, extra.rebuild.doneBelow);
+    // A failed volume cannot write: its batch stays for an open that can (the caller refuses this one, or it only reads).
+    if (raid.health().journal && raid.health().state !== 'failed') await raid.replayJournal();
+  } catch (e) {
+    await raid.close().catch(() => undefined);
+    throw e;
+  }
+  return raid;
 }

@@ -34,7 +34,8 @@
  *   DISCARDS_IN_FLIGHT_MAX): a write to a stripe starts only after every discard in
  *   flight over it has finished on every member.
  * - A read-only RaidDevice writes nothing: no self-heal rewrite, no label update.
- * - With a stripe journal (stripe-journal.ts; a mirror destination's), a partial stripe
+ * - With a stripe journal (stripe-journal.ts; every read-write open of a RAID-4/5/6
+ *   volume or mirror destination has one, journal-file.ts), a partial stripe
  *   is never written to the members before the blocks it will write (new data and the
  *   parity rows they change) are durable in the journal, and the journal batch is
  *   released only after those member writes are synced; its stripes stay locked from the
@@ -120,7 +121,20 @@ export interface RaidHealth {
   stripeWrites: { full: number; readModifyWrite: number };
   /** Partial stripes written through the stripe journal since open, and journal batches (absent: no journal). */
   journal?: { stripes: number; batches: number; replayedStripes: number };
+  /** A read-only open found a batch in the stripe journal that the next read-write open replays (see JournalPending). */
+  journalPending?: JournalPending;
   rebuild?: RebuildStatus;
+}
+
+/**
+ * What a read-only open saw in the stripe journal it cannot replay: the stripes of a
+ * batch an interrupted write left (their parity may not match their data until the next
+ * read-write open replays it), or why the journal could not be read.
+ */
+export interface JournalPending {
+  stripes: number;
+  epoch: number;
+  problem?: string;
 }
 
 export interface RaidMemberSpec {
@@ -150,6 +164,8 @@ export interface RaidDeviceOptions {
   relabel?: boolean;
   /** Partial stripes go through this journal before they reach the members (no write hole); replay it with replayJournal() after open. */
   journal?: StripeJournal;
+  /** Read-only: the journal batch this open leaves for the next read-write open (shown by health()). */
+  journalPending?: JournalPending;
 }
 
 interface Member {
@@ -194,6 +210,7 @@ export class RaidDevice implements BlockDevice {
   /** Stripes written whole from new data, and stripes completed by read-modify-write. */
   readonly stats = { fullStripeWrites: 0, rmwStripeWrites: 0, journaledStripes: 0, journalBatches: 0, replayedStripes: 0 };
   private readonly journal: StripeJournal | undefined;
+  private readonly journalPending: JournalPending | undefined;
   /** One journal batch at a time (taken after the batch's stripe locks). */
   private journalTail: Promise<void> = Promise.resolve();
   private failure: string | undefined;
@@ -217,6 +234,7 @@ export class RaidDevice implements BlockDevice {
     this.pendingBytesMax = opts.pendingBytesMax ?? PENDING_BYTES_MAX_DEFAULT;
     this.parity = opts.parity ?? PARITY_THREAD_POOL;
     this.journal = g.parityMembers > 0 ? opts.journal : undefined;
+    this.journalPending = opts.journalPending;
     if (this.journal) {
       assert(!this.readOnly, 'a read-only RAID device takes no journal');
       assert(journalBlocksFor((g.dataMembers + g.parityMembers) * g.unitBlocks) <= this.journal.capacityBlocks, 'stripe journal smaller than one stripe');
@@ -291,6 +309,7 @@ export class RaidDevice implements BlockDevice {
       memberStatus: this.members.map((m, index) => ({ index, name: m.name, state: m.state, ...(m.reason !== undefined ? { reason: m.reason } : {}), errors: { ...m.errors } })),
       stripeWrites: { full: this.stats.fullStripeWrites, readModifyWrite: this.stats.rmwStripeWrites },
       ...(this.journal ? { journal: { stripes: this.stats.journaledStripes, batches: this.stats.journalBatches, replayedStripes: this.stats.replayedStripes } } : {}),
+      ...(this.journalPending ? { journalPending: { ...this.journalPending } } : {}),
       ...(this.rebuildStatus ? { rebuild: { ...this.rebuildStatus } } : {}),
     };
   }

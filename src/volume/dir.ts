@@ -8,6 +8,9 @@
  *   DIR/nvram.log       the NVRAM region (default; preallocated, zeroed)
  *   DIR/member-0.img    the member (default; sparse); a RAID volume (label `raid`) has
  *                       several, each with a RAID label (src/raid/members.ts)
+ *   DIR/raid-journal.bin  a RAID-4/5/6 volume's stripe journal (src/raid/journal-file.ts):
+ *                       partial stripes (CPs on a nearly full volume) go through it; created
+ *                       by create or the first read-write open, replayed by every one
  *   DIR/control.sock    the serving process's control socket (engine-control.ts)
  *   DIR/nvram.clean     clean-stop record: the last read-write session committed every
  *                       NVRAM record (CP n, watermark seq s) and stopped
@@ -26,6 +29,8 @@
  *   fsync, rename, fsync DIR) after that CP and removed (fsync DIR) by a read-write open
  *   before any record can be appended. It is what lets `repair --recreate-nvram` prove
  *   that a lost NVRAM log held nothing the tree lacks.
+ * - A read-write open of a RAID-4/5/6 volume replays its stripe journal before the tree
+ *   mounts (openMemberDevice); a read-only open leaves it and reports a batch it finds.
  * - Relative member/NVRAM paths in the label are relative to DIR.
  * - Every bad argument or bad directory is a one-line Error naming what is wrong.
  */
@@ -51,6 +56,7 @@ import { ControlServer, CONTROL_SOCKET_NAME, UNIX_PATH_MAX_BYTES, controlRequest
 import { NvramFormatError, scanRegion } from '../nvlog/replay';
 import { RAID_LEVELS, STRIPE_UNIT_DEFAULT_BYTES, geometryProblem, type RaidLevel } from '../raid/geometry';
 import { createRaidMembers, isBlockDevice, openRaidMembers, raidMemberBlocks, type RaidSpec } from '../raid/members';
+import { RAID_JOURNAL_NAME, journalPendingText, openRaidJournalFile } from '../raid/journal-file';
 import { RaidDevice, type RaidHealth } from '../raid/raid-device';
 import { scrubRaid, scrubState, type ScrubState } from '../raid/scrub';
 import { scrubCheckpointStore } from './scrub-progress';
@@ -433,6 +439,13 @@ export async function createVolumeDir(dir: string, opts: CreateVolumeDirOptions)
     if (raid) {
       dev = await createRaidMembers(memberPaths.map((m, i) => ({ name: m, path: memberAbs[i]! })), raid, perMemberBlocks, uuid);
       created.push(...memberAbs.filter((p) => !blockDevs.has(p)));
+      // The stripe journal up front (parity levels; an older volume gets it at its next read-write open).
+      const journalPath = path.join(absDir, RAID_JOURNAL_NAME);
+      const journal = dev instanceof RaidDevice ? await openRaidJournalFile(journalPath, dev.geometry, false) : undefined;
+      if (journal) {
+        created.push(journalPath);
+        await journal.close();
+      }
     } else {
       dev = await FileBlockDevice.create(memberAbs[0]!, blockCount);
       created.push(memberAbs[0]!);
@@ -492,14 +505,16 @@ function openNvram(absDir: string, label: VolumeLabel, readOnly: boolean): Promi
 
 /**
  * The tree's device: the one member file, or a RaidDevice over the members (refusing a
- * foreign or swapped member by name; see src/raid/members.ts).
+ * foreign or swapped member by name; see src/raid/members.ts). Read-write, a RAID-4/5/6
+ * volume's stripe journal (DIR/raid-journal.bin, created if absent) is replayed before
+ * this returns; read-only, it is only read (RaidHealth.journalPending).
  */
 export async function openMemberDevice(absDir: string, label: VolumeLabel, readOnly: boolean): Promise<BlockDevice> {
   if (label.raid) {
     const files = label.members.map((m) => ({ name: m.path, path: resolveIn(absDir, m.path) }));
     // A replacement in progress: the old member is not used, and every write reaches the new one (replace-member.ts).
     const replacing = await replacingAtOpen(absDir, label, readOnly);
-    return openRaidMembers(files, label.raid, label.members[0]!.blockCount, label.uuid, readOnly, replacing, { resolveName: (name) => resolveIn(absDir, name) }).catch(async (e: unknown) => {
+    return openRaidMembers(files, label.raid, label.members[0]!.blockCount, label.uuid, readOnly, replacing, { resolveName: (name) => resolveIn(absDir, name), journalPath: path.join(absDir, RAID_JOURNAL_NAME) }).catch(async (e: unknown) => {
       await replacing?.dev?.close().catch(() => undefined);
       throw e;
     });
@@ -659,8 +674,13 @@ export function raidDeviceOf(volume: EngineVolume): RaidDevice | undefined {
 /** One line per lost member, for check's notes. */
 function raidNotes(h: RaidHealth): string[] {
   const lost = h.memberStatus.filter((m) => m.state !== 'online');
-  return [`RAID-${h.level}: ${h.state.toUpperCase()}, ${h.members - lost.length} of ${h.members} members in service`, ...lost.map((m) => `RAID member ${m.index} ${m.name}: ${m.state} (${m.reason ?? ''})`)];
+  return [
+    `RAID-${h.level}: ${h.state.toUpperCase()}, ${h.members - lost.length} of ${h.members} members in service`,
+    ...lost.map((m) => `RAID member ${m.index} ${m.name}: ${m.state} (${m.reason ?? ''})`),
+    ...(h.journalPending ? [journalPendingText(h.journalPending)] : []),
+  ];
 }
+
 
 export function engineStatus(dir: string, label: VolumeLabel, volume: EngineVolume, served: boolean): VolumeStatus {
   const s = volume.stats();

@@ -34,6 +34,7 @@ import { FileBlockDevice, writeFileDurably } from '../io/file-device';
 import { systemClock, type Clock } from '../io/types';
 import { BlockTree } from '../tree/tree';
 import { isBlockDevice, openFreeBlockDevice, openRaidMembers } from '../raid/members';
+import { RAID_JOURNAL_NAME } from '../raid/journal-file';
 import { RaidDevice, type RebuildStatus } from '../raid/raid-device';
 import { runRebuild, type RebuildRunResult } from '../raid/rebuild';
 import { log as logger } from '../util/log';
@@ -213,10 +214,15 @@ export async function replaceMember(dir: string, oldArg: string, newArg: string,
     }
     const start = resumable ? r.marker!.nextStripe : 0;
     const rate = opts.rateBytesPerSec ?? r.marker?.rateBytesPerSec;
-    const raid = await openRaidMembers(files, label.raid!, memberBlocks, label.uuid, false, { index: r.index, file: { name: r.newName, path: r.absNew } }).catch(async (e: unknown) => {
+    // The stripe journal is replayed at this open, before the tree is read. A resumed run
+    // attaches NEW first (stripes below `start` current on it), so the replay reaches it too;
+    // a fresh run rebuilds every stripe in use from the others, which the replay made current.
+    const attach = resumable ? { dev, doneBelow: start } : {};
+    const raid = await openRaidMembers(files, label.raid!, memberBlocks, label.uuid, false, { index: r.index, file: { name: r.newName, path: r.absNew }, ...attach }, { journalPath: path.join(absDir, RAID_JOURNAL_NAME) }).catch(async (e: unknown) => {
       await dev!.close();
       throw e;
     });
+    if (resumable) dev = undefined; // the RAID device owns it now
     try {
       const h = raid.health();
       if (h.state === 'failed') throw new Error(`${h.failure ?? 'too many members lost'}: member ${r.index} cannot be rebuilt`);
@@ -226,8 +232,10 @@ export async function replaceMember(dir: string, oldArg: string, newArg: string,
       await tree.close();
       const marker: ReplaceMarker = { uuid: label.uuid, index: r.index, old: r.oldName, new: r.newName, cpNumber, nextStripe: start, ...(rate !== undefined ? { rateBytesPerSec: rate } : {}) };
       await writeMarker(absDir, marker);
-      raid.startRebuild(r.index, r.newName, dev, start);
-      dev = undefined; // the RAID device owns it now
+      if (dev) {
+        raid.startRebuild(r.index, r.newName, dev, start);
+        dev = undefined; // the RAID device owns it now
+      }
       const res = await runRebuild({ index: r.index, old: r.oldName, new: r.newName, resumedAtStripe: start }, {
         raid, usedBitmap: () => used, clock,
         persist: (nextStripe) => writeMarker(absDir, { ...marker, nextStripe }),

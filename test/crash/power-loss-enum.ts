@@ -11,7 +11,9 @@
  * hold the volume exactly as it was after some prefix of the workload that includes
  * every FLUSHed, FUA or checkpointed operation, pass the layout's own check of the image
  * (RAID: parity of every live stripe), and (layouts that tolerate it) open with a member
- * removed and read the same.
+ * removed and read the same. A layout may have a stripe journal device beside its members
+ * (power-loss-raid-journal.test.ts): it is recorded on the same timeline, built from the
+ * same image, and never removed (it lives beside the volume's label, not on a member).
  *
  * Invariants:
  * - A Layout builds every device from member images only: nothing carries over between
@@ -53,8 +55,11 @@ export interface Layout {
   tolerance: number;
   /** Writes what a new volume's members hold before the tree is formatted (RAID: labels). */
   prepare(devs: BlockDevice[]): Promise<void>;
-  assemble(devs: Array<BlockDevice | null>, readOnly: boolean): Promise<BlockDevice>;
-  checkImage?(devs: BlockDevice[]): Promise<string | undefined>;
+  /** `journal`: the layout's journal device (when it has one), built from the same image. */
+  assemble(devs: Array<BlockDevice | null>, readOnly: boolean, journal?: BlockDevice): Promise<BlockDevice>;
+  checkImage?(devs: BlockDevice[], journal?: BlockDevice): Promise<string | undefined>;
+  /** A stripe journal device beside the members (recorder name, blocks); absent: none. */
+  journal?: { name: string; blocks: number };
   /** Members the assembled device has out of service (stale, missing). */
   lost(dev: BlockDevice): number[];
 }
@@ -108,19 +113,32 @@ export interface Recorded {
   maxOps?: number;
   /** Stripes the RAID layer completed by read-modify-write while recording (0 elsewhere). */
   rmwStripes: number;
+  /** Of those, the stripes written through the stripe journal (0 without one). */
+  journaledStripes: number;
+  /** The RAID layer's stripe writes while recording, and during the prologue (record()'s). */
+  raidStats?: { recorded: RaidStripeStats; prologue: RaidStripeStats };
 }
 
-function imageOf(mems: MemoryBlockDevice[], layout: Layout, nvram: Buffer): StorageImage {
+export interface RaidStripeStats {
+  full: number;
+  rmw: number;
+  journaled: number;
+  batches: number;
+}
+
+function imageOf(mems: MemoryBlockDevice[], layout: Layout, nvram: Buffer, journal?: MemoryBlockDevice): StorageImage {
   const img = emptyImage();
   const zero = Buffer.alloc(BS);
-  mems.forEach((m, i) => {
+  const add = (name: string, m: MemoryBlockDevice): void => {
     const blocks = new Map<number, Buffer>();
-    for (let pba = 0; pba < layout.memberBlocks; pba++) {
+    for (let pba = 0; pba < m.blockCount; pba++) {
       const b = m.peekBlock(pba);
       if (!b.equals(zero)) blocks.set(pba, b);
     }
-    img.blocks.set(layout.members[i]!, blocks);
-  });
+    img.blocks.set(name, blocks);
+  };
+  mems.forEach((m, i) => add(layout.members[i]!, m));
+  if (layout.journal && journal) add(layout.journal.name, journal);
   const pages = new Map<number, Buffer>();
   for (let p = 0; p < NVRAM_BYTES / PAGE; p++) pages.set(p, Buffer.from(nvram.subarray(p * PAGE, (p + 1) * PAGE)));
   img.pages.set(NVRAM_NAME, pages);
@@ -136,6 +154,13 @@ async function membersOf(img: StorageImage, layout: Layout): Promise<MemoryBlock
   }));
 }
 
+/** The layout's journal device holding an image's journal blocks (undefined: the layout has none). */
+async function journalOf(img: StorageImage, layout: Layout): Promise<MemoryBlockDevice | undefined> {
+  if (!layout.journal) return undefined;
+  const dev = new MemoryBlockDevice(layout.journal.blocks);
+  for (const [pba, b] of img.blocks.get(layout.journal.name) ?? new Map<number, Buffer>()) await dev.writeBlocks(pba, b);
+  return dev;
+}
 
 function nvramOf(img: StorageImage): Buffer {
   const nvImage = Buffer.alloc(NVRAM_BYTES);
@@ -143,36 +168,13 @@ function nvramOf(img: StorageImage): Buffer {
   return nvImage;
 }
 
-function rmwOf(dev: BlockDevice): number {
-  const stats = (dev as { stats?: { rmwStripeWrites?: number } }).stats;
-  return stats?.rmwStripeWrites ?? 0;
+function rmwOf(dev: BlockDevice): RaidStripeStats {
+  const stats = (dev as { stats?: { fullStripeWrites?: number; rmwStripeWrites?: number; journaledStripes?: number; journalBatches?: number } }).stats;
+  return { full: stats?.fullStripeWrites ?? 0, rmw: stats?.rmwStripeWrites ?? 0, journaled: stats?.journaledStripes ?? 0, batches: stats?.journalBatches ?? 0 };
 }
 
-export async function record(layout: Layout, ops: Op[], lying = false): Promise<Recorded> {
-  const mems = layout.members.map(() => new MemoryBlockDevice(layout.memberBlocks));
-  await layout.prepare(mems);
-  const fmt = await layout.assemble(mems.map(keepOpen), false);
-  await BlockTree.format(fmt, { sizeBytes: VOLUME_BLOCKS * BS, volumeUuid: UUID });
-  await fmt.sync();
-  await fmt.close();
-  const nv = new MemoryNvram(NVRAM_BYTES);
-  await NvLog.format(nv, UUID);
-  const base = imageOf(mems, layout, nv.buffer);
-  const live = await membersOf(base, layout);
-  const rec = new IoRecorder();
-  const devs = live.map((m, i) => new RecordingBlockDevice(m, rec, layout.members[i]!));
-  const recording = new RecordingNvram(nv, rec, NVRAM_NAME);
-  const region = lying ? Object.assign(Object.create(recording) as RecordingNvram, { persist: () => Promise.resolve() }) : recording;
-  const dev = await layout.assemble(devs, false);
-  const tree = await BlockTree.open(dev);
-  const v = await EngineVolume.open({ tree, region, readOnly: false, cpIntervalMs: 0 });
-  const model = Buffer.alloc(VOLUME_BLOCKS * BS);
-  const states: Buffer[] = [Buffer.from(model)];
-  const promises: Recorded['promises'] = [];
-  const promise = (opsDone: number): void => {
-    rec.capture();
-    promises.push({ at: rec.events.length, ops: opsDone });
-  };
+/** Runs ops against a volume and its model (prologue and recorded workload alike); `promise(n)`: the first n ops are durable now. */
+async function runOps(v: EngineVolume, model: Buffer, ops: Op[], promise: (opsDone: number) => void, states?: Buffer[]): Promise<void> {
   for (let i = 0; i < ops.length; i++) {
     const op = ops[i]!;
     switch (op.k) {
@@ -196,14 +198,60 @@ export async function record(layout: Layout, ops: Op[], lying = false): Promise<
         promise(i + 1);
         break;
     }
-    states.push(Buffer.from(model));
+    states?.push(Buffer.from(model));
   }
-  const rmwStripes = rmwOf(dev);
+}
+
+/**
+ * Records `ops` from a new volume. `prologue` runs first, unrecorded (its result, after a
+ * clean close, is the base image and state 0): e.g. to fill the volume so that the
+ * recorded CPs find no whole free stripe.
+ */
+export async function record(layout: Layout, ops: Op[], lying = false, prologue: Op[] = []): Promise<Recorded> {
+  const mems = layout.members.map(() => new MemoryBlockDevice(layout.memberBlocks));
+  const jmem = layout.journal ? new MemoryBlockDevice(layout.journal.blocks) : undefined;
+  await layout.prepare(mems);
+  const fmt = await layout.assemble(mems.map(keepOpen), false, jmem && keepOpen(jmem));
+  await BlockTree.format(fmt, { sizeBytes: VOLUME_BLOCKS * BS, volumeUuid: UUID });
+  await fmt.sync();
+  await fmt.close();
+  let nv = new MemoryNvram(NVRAM_BYTES);
+  await NvLog.format(nv, UUID);
+  const model = Buffer.alloc(VOLUME_BLOCKS * BS);
+  let prologueStats: RaidStripeStats = { full: 0, rmw: 0, journaled: 0, batches: 0 };
+  if (prologue.length > 0) {
+    const pdev = await layout.assemble(mems.map(keepOpen), false, jmem && keepOpen(jmem));
+    const pv = await EngineVolume.open({ tree: await BlockTree.open(pdev), region: nv, readOnly: false, cpIntervalMs: 0 });
+    await runOps(pv, model, prologue, () => undefined);
+    await pv.close();
+    prologueStats = rmwOf(pdev);
+    await pdev.close();
+    nv = new MemoryNvram(NVRAM_BYTES, Buffer.from(nv.buffer)); // (the closed volume closed its region)
+  }
+  const base = imageOf(mems, layout, nv.buffer, jmem);
+  const live = await membersOf(base, layout);
+  const rec = new IoRecorder();
+  const devs = live.map((m, i) => new RecordingBlockDevice(m, rec, layout.members[i]!));
+  const liveJournal = await journalOf(base, layout);
+  const recording = new RecordingNvram(nv, rec, NVRAM_NAME);
+  const region = lying ? Object.assign(Object.create(recording) as RecordingNvram, { persist: () => Promise.resolve() }) : recording;
+  const dev = await layout.assemble(devs, false, liveJournal && new RecordingBlockDevice(liveJournal, rec, layout.journal!.name));
+  const tree = await BlockTree.open(dev);
+  const v = await EngineVolume.open({ tree, region, readOnly: false, cpIntervalMs: 0 });
+  const states: Buffer[] = [Buffer.from(model)];
+  const promises: Recorded['promises'] = [];
+  const promise = (opsDone: number): void => {
+    rec.capture();
+    promises.push({ at: rec.events.length, ops: opsDone });
+  };
+  await runOps(v, model, ops, promise, states);
+  const rmw = rmwOf(dev);
   await v.close();
+  const closed = rmwOf(dev); // (with the final CP's)
   await dev.close(); // (background discards land before the timeline ends)
   promise(ops.length);
   rec.capture();
-  return { base, rec, states, promises, rmwStripes };
+  return { base, rec, states, promises, rmwStripes: rmw.rmw, journaledStripes: rmw.journaled, raidStats: { recorded: closed, prologue: prologueStats } };
 }
 
 /** Which members a state's degraded open leaves out (cycles through them). */
@@ -218,6 +266,7 @@ interface OpenedState {
   mountedCp: number;
   nv: MemoryNvram;
   mems: MemoryBlockDevice[];
+  journal: MemoryBlockDevice | undefined;
 }
 
 async function closeState(s: { v: EngineVolume; dev: BlockDevice }): Promise<void> {
@@ -236,12 +285,13 @@ function removedSet(turn: number, candidates: number[], count: number): number[]
 
 async function openState(layout: Layout, img: StorageImage, removed: number[]): Promise<OpenedState | string> {
   const mems = await membersOf(img, layout);
+  const journal = await journalOf(img, layout);
   const nv = new MemoryNvram(NVRAM_BYTES, nvramOf(img));
   let v: EngineVolume;
   let dev: BlockDevice;
   let mountedCp: number;
   try {
-    dev = await layout.assemble(mems.map((m, i) => (removed.includes(i) ? null : keepOpen(m))), false);
+    dev = await layout.assemble(mems.map((m, i) => (removed.includes(i) ? null : keepOpen(m))), false, journal && keepOpen(journal));
     const tree = await BlockTree.open(dev);
     mountedCp = tree.cpNumber;
     v = await EngineVolume.open({ tree, region: nv, readOnly: false, cpIntervalMs: 0 });
@@ -249,7 +299,7 @@ async function openState(layout: Layout, img: StorageImage, removed: number[]): 
     return `does not open${removed.length === 0 ? '' : ` with member(s) ${removed.join(', ')} removed`}: ${(e as Error).message}`;
   }
   try {
-    return { v, dev, got: await v.read(0, VOLUME_BLOCKS * BS), mountedCp, nv, mems };
+    return { v, dev, got: await v.read(0, VOLUME_BLOCKS * BS), mountedCp, nv, mems, journal };
   } catch (e) {
     await closeState({ v, dev }).catch(() => undefined);
     return `does not read${removed.length === 0 ? '' : ` with member(s) ${removed.join(', ')} removed`}: ${(e as Error).message}`;
@@ -265,12 +315,13 @@ function stateName(r: Recorded, got: Buffer): string {
 /** Opens a crash state, checks it, and returns a problem string or undefined. */
 export async function tryState(layout: Layout, img: StorageImage, r: Recorded, durableOps: number): Promise<string | undefined> {
   if (layout.checkImage) {
-    const problem = await layout.checkImage((await membersOf(img, layout)).map(keepOpen));
+    const j = await journalOf(img, layout);
+    const problem = await layout.checkImage((await membersOf(img, layout)).map(keepOpen), j && keepOpen(j));
     if (problem) return problem;
   }
   const opened = await openState(layout, img, []);
   if (typeof opened === 'string') return opened;
-  const { v, dev, got, nv, mems } = opened;
+  const { v, dev, got, nv, mems, journal } = opened;
   const lost = layout.lost(dev);
   let match = -1;
   const top = Math.min(r.states.length - 1, r.maxOps ?? Number.MAX_SAFE_INTEGER);
@@ -290,13 +341,13 @@ export async function tryState(layout: Layout, img: StorageImage, r: Recorded, d
     if (p) return p;
     // The recovered volume must also survive its own reopen, and its image pass the layout's check.
     await closeState({ v, dev });
-    const dev2 = await layout.assemble(mems.map(keepOpen), false);
+    const dev2 = await layout.assemble(mems.map(keepOpen), false, journal && keepOpen(journal));
     const v2 = await EngineVolume.open({ tree: await BlockTree.open(dev2), region: new MemoryNvram(NVRAM_BYTES, nv.buffer), readOnly: false, cpIntervalMs: 0 });
     const again = await v2.read(0, VOLUME_BLOCKS * BS);
     await closeState({ v: v2, dev: dev2 });
     if (!again.equals(got)) return 'changes across a clean reopen after recovery';
     if (layout.checkImage) {
-      const problem = await layout.checkImage(mems.map(keepOpen));
+      const problem = await layout.checkImage(mems.map(keepOpen), journal && keepOpen(journal));
       if (problem) return `after recovery and a clean close: ${problem}`;
     }
   } finally {
@@ -327,10 +378,12 @@ export async function tryState(layout: Layout, img: StorageImage, r: Recorded, d
  */
 export async function recordRecovery(layout: Layout, img: StorageImage, r: Recorded, durableOps: number, removed: number | null = null): Promise<Recorded> {
   const mems = await membersOf(img, layout);
+  const journal = await journalOf(img, layout);
   const nvImage = nvramOf(img);
   const nv = new MemoryNvram(NVRAM_BYTES, nvImage);
   const rec = new IoRecorder();
-  const dev = await layout.assemble(mems.map((m, i) => (i === removed ? null : new RecordingBlockDevice(keepOpen(m), rec, layout.members[i]!))), false);
+  const dev = await layout.assemble(mems.map((m, i) => (i === removed ? null : new RecordingBlockDevice(keepOpen(m), rec, layout.members[i]!))), false,
+    journal && new RecordingBlockDevice(keepOpen(journal), rec, layout.journal!.name));
   const tree = await BlockTree.open(dev);
   const v = await EngineVolume.open({ tree, region: new RecordingNvram(nv, rec, NVRAM_NAME), readOnly: false, cpIntervalMs: 0 });
   // What this recovery recovers: every crash during it must end in exactly this state.
@@ -338,15 +391,15 @@ export async function recordRecovery(layout: Layout, img: StorageImage, r: Recor
   let recovered = -1;
   for (let j = r.states.length - 1; j >= 0; j--) if (r.states[j]!.equals(got)) { recovered = j; break; }
   assert.ok(recovered >= durableOps, `the recovery itself lost durable ops (state ${recovered} < ${durableOps})`);
-  const rmwStripes = rmwOf(dev);
+  const rmw = rmwOf(dev);
   await closeState({ v, dev });
   rec.capture();
   const base = emptyImage();
-  for (const name of layout.members) base.blocks.set(name, new Map(img.blocks.get(name) ?? []));
+  for (const name of [...layout.members, ...(layout.journal ? [layout.journal.name] : [])]) base.blocks.set(name, new Map(img.blocks.get(name) ?? []));
   const pages = new Map<number, Buffer>();
   for (let p = 0; p < NVRAM_BYTES / PAGE; p++) pages.set(p, Buffer.from(nvImage.subarray(p * PAGE, (p + 1) * PAGE)));
   base.pages.set(NVRAM_NAME, pages);
-  return { base, rec, states: r.states, promises: [{ at: 0, ops: recovered }], maxOps: recovered, rmwStripes };
+  return { base, rec, states: r.states, promises: [{ at: 0, ops: recovered }], maxOps: recovered, rmwStripes: rmw.rmw, journaledStripes: rmw.journaled };
 }
 
 export interface EnumerateResult {

@@ -5,13 +5,21 @@
  * RAID error and every later write fail; reads serve what can be rebuilt and refuse the
  * rest by name, never a guess; a
  * read-write open past the tolerance is refused, a read-only one serves. Wrong member
- * counts are one-line errors that create nothing.
+ * counts are one-line errors that create nothing. The stripe journal (DIR/raid-journal.bin):
+ * created by create and by a read-write open of a volume without it; a batch a crash left
+ * is reported, and left alone, by read-only opens (status, check) and replayed by the next
+ * read-write open.
  */
 import { strict as assert } from 'assert';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { createVolumeDir, openVolumeDir, volumeDirStatus } from '../../src/volume/dir';
+import { checkVolumeDir, createVolumeDir, openVolumeDir, raidDeviceOf, readLabel, volumeDirStatus } from '../../src/volume/dir';
+import { FileBlockDevice } from '../../src/io/file-device';
+import { RING_SLOTS } from '../../src/tree/layout';
+import { RaidGeometry, type RaidLevel } from '../../src/raid/geometry';
+import { RAID_JOURNAL_NAME } from '../../src/raid/journal-file';
+import { StripeJournal } from '../../src/raid/stripe-journal';
 
 const MiB = 1024 * 1024;
 
@@ -80,4 +88,54 @@ describe('raid volume directory', function () {
       await ro.close();
     }
   });
+
+  it('keeps a stripe journal: made by create and by a read-write open without one; a batch left by a crash is reported read-only and replayed read-write', async () => {
+    const dir = path.join(tmp, 'v');
+    const jp = path.join(dir, RAID_JOURNAL_NAME);
+    await create(dir, 5, 4);
+    assert.ok(fs.existsSync(jp), 'create --raid 5 makes the journal');
+    // A volume from before the journal gets one at its next read-write open (not at a read-only one).
+    fs.rmSync(jp);
+    await (await openVolumeDir(dir, { readOnly: true, control: false, cpIntervalMs: 0 })).close();
+    assert.ok(!fs.existsSync(jp), 'a read-only open creates nothing');
+    await (await openVolumeDir(dir, { readOnly: false, control: false, cpIntervalMs: 0 })).close();
+    assert.ok(fs.existsSync(jp), 'a read-write open creates the journal');
+    // A crash between the journal's sync and the release: a whole batch for the last stripe
+    // (never written: zeroes everywhere), X in data column 0 row 0 and P = X there.
+    const label = await readLabel(dir);
+    const g = new RaidGeometry(label.raid!.level as RaidLevel, label.members.length, label.raid!.stripeUnitBytes, label.members[0]!.blockCount, RING_SLOTS);
+    const stripe = g.stripes - 1;
+    const x = Buffer.alloc(4096, 0x5a);
+    const jdev = await FileBlockDevice.open(jp);
+    const j = await StripeJournal.open(jdev, { level: g.level, members: g.members, unitBlocks: g.unitBlocks, stripes: g.stripes, columns: g.dataMembers + g.parityMembers });
+    await j.record([{ stripe, cells: [{ column: 0, row: 0, data: x }, { column: g.dataMembers, row: 0, data: x }] }]);
+    await j.close();
+    const before = fs.readFileSync(jp);
+    const st = await volumeDirStatus(dir);
+    assert.deepEqual(st.raid!.journalPending, { stripes: 1, epoch: j.currentEpoch });
+    const report = await checkVolumeDir(dir);
+    assert.ok(report.ok, report.problems.join('; '));
+    assert.ok(report.notes.some((n) => /stripe journal: a batch of 1 stripe\(s\) .* pending replay/.test(n)), report.notes.join('\n'));
+    assert.ok(fs.readFileSync(jp).equals(before), 'read-only opens leave the journal as it is');
+    const member = (i: number): Buffer => {
+      const b = Buffer.alloc(4096);
+      const fd = fs.openSync(path.join(dir, label.members[i]!.path), 'r');
+      fs.readSync(fd, b, 0, 4096, g.unitStart(stripe) * 4096);
+      fs.closeSync(fd);
+      return b;
+    };
+    assert.ok(member(g.dataMember(stripe, 0)).equals(Buffer.alloc(4096)));
+    const rw = await openVolumeDir(dir, { readOnly: false, control: false, cpIntervalMs: 0 });
+    try {
+      const h = raidDeviceOf(rw.volume)!.health();
+      assert.equal(h.journal?.replayedStripes, 1);
+      assert.equal(h.journalPending, undefined);
+    } finally {
+      await rw.close();
+    }
+    assert.ok(member(g.dataMember(stripe, 0)).equals(x), 'the replay wrote the data cell');
+    assert.ok(member(g.pMember(stripe)).equals(x), 'the replay wrote the parity cell');
+    assert.equal((await volumeDirStatus(dir)).raid!.journalPending, undefined, 'nothing pending after the replay');
+  });
 });
+
