@@ -681,7 +681,6 @@ function raidNotes(h: RaidHealth): string[] {
   ];
 }
 
-
 export function engineStatus(dir: string, label: VolumeLabel, volume: EngineVolume, served: boolean): VolumeStatus {
   const s = volume.stats();
   const capacity = 2 * s.nvlog.halfSizeBytes;
