@@ -11,7 +11,9 @@
  *
  * Invariants:
  * - A volume that is not RAID is refused with one line, before anything is opened for
- *   writing; so is --repair on a volume whose RAID has failed (read-only).
+ *   writing; so is --repair on a volume whose RAID has failed (read-only), and a scrub
+ *   without --repair of a volume whose stripe journal holds a batch to replay (it would
+ *   call the batch's stripes parity errors; --repair replays it at the open).
  * - The lock is held for the whole unserved scrub and released on every path.
  */
 import * as path from 'path';
@@ -22,6 +24,7 @@ import { scrubRaid, type ScrubProgress, type ScrubReport } from '../raid/scrub';
 import { scrubCheckpointStore } from './scrub-progress';
 import { CONTROL_SOCKET_NAME, controlRequest } from './engine-control';
 import { lockVolumeDir, openMemberDevice, readLabel, volumeDirInUse } from './dir';
+import { journalPendingText } from '../raid/journal-file';
 
 const SCRUB_PROGRESS_POLL_MS = 250;
 const SCRUB_ANSWER_TIMEOUT_MS = 24 * 3600 * 1000;
@@ -53,6 +56,9 @@ export async function scrubVolumeDir(dir: string, opts: DirScrubOptions): Promis
     try {
       if (!(dev instanceof RaidDevice)) throw new Error(`${absDir}: its device is not a RAID device`);
       if (opts.repair && dev.health().state === 'failed') throw new Error(`${dev.health().failure ?? 'too many members lost'}; scrub without --repair reports what can still be read`);
+      // A read-only scrub cannot replay the stripe journal: the batch's stripes would be reported as parity errors that are none.
+      const pending = dev.health().journalPending;
+      if (pending) throw new Error(`${journalPendingText(pending)}; scrub --repair (or serve) replays it first, a read-only scrub would report those stripes' parity as errors`);
       const tree = await BlockTree.open(dev);
       try {
         if (tree.volumeUuid !== label.uuid) throw new Error(`the members belong to volume ${tree.volumeUuid}, the label says ${label.uuid}`);

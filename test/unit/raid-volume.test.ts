@@ -20,6 +20,7 @@ import { RING_SLOTS } from '../../src/tree/layout';
 import { RaidGeometry, type RaidLevel } from '../../src/raid/geometry';
 import { RAID_JOURNAL_NAME } from '../../src/raid/journal-file';
 import { StripeJournal } from '../../src/raid/stripe-journal';
+import { scrubVolumeDir } from '../../src/volume/scrub-dir';
 
 const MiB = 1024 * 1024;
 
@@ -116,6 +117,8 @@ describe('raid volume directory', function () {
     const report = await checkVolumeDir(dir);
     assert.ok(report.ok, report.problems.join('; '));
     assert.ok(report.notes.some((n) => /stripe journal: a batch of 1 stripe\(s\) .* pending replay/.test(n)), report.notes.join('\n'));
+    // A scrub without --repair cannot replay it: refused with one line rather than calling the batch's stripes parity errors.
+    await assert.rejects(scrubVolumeDir(dir, { repair: false }), /stripe journal: a batch of 1 stripe\(s\).*scrub --repair \(or serve\) replays it first/);
     assert.ok(fs.readFileSync(jp).equals(before), 'read-only opens leave the journal as it is');
     const member = (i: number): Buffer => {
       const b = Buffer.alloc(4096);
@@ -136,6 +139,7 @@ describe('raid volume directory', function () {
     assert.ok(member(g.dataMember(stripe, 0)).equals(x), 'the replay wrote the data cell');
     assert.ok(member(g.pMember(stripe)).equals(x), 'the replay wrote the parity cell');
     assert.equal((await volumeDirStatus(dir)).raid!.journalPending, undefined, 'nothing pending after the replay');
+    assert.equal((await scrubVolumeDir(dir, { repair: false })).uncorrectable, 0, 'after the replay a read-only scrub runs');
   });
 });
 
