@@ -558,7 +558,14 @@ class Session {
   }
 
   private async hello(m: Message & { type: MsgType.Hello }): Promise<void> {
-    const old = this.rx.sessionFor(m.sourceUuid);
+    let old = this.rx.sessionFor(m.sourceUuid);
+    if (old?.ended) {
+      // Its connection is gone, but it may still be applying a CP commit: WELCOME must name
+      // the CP the mirror will hold, or the source builds on an older one and is refused.
+      await this.rx.sessionGone(old);
+      if (this.closed) return;
+      old = this.rx.sessionFor(m.sourceUuid);
+    }
     if (old && old.silentMs() < SESSION_SILENT_REPLACE_MS) throw new MirrorDirError(`source ${m.sourceUuid} is already connected`);
     if (old) {
       this.log.warn({ source: m.sourceUuid, silentMs: old.silentMs() }, 'the source connected again while its old connection was silent: the old one is ended');
@@ -665,8 +672,19 @@ class Session {
     void this.rx.sessionEnded(this);
   }
 
-  /** Waits for writes in flight, then releases the mirror directory. */
+  /** end() was called: no further message of this connection is handled (one may still be finishing: see release()). */
+  get ended(): boolean {
+    return this.closed;
+  }
+
+  /**
+   * Waits until nothing of this session touches the mirror any more: the message being
+   * handled (e.g. a CP commit's superblock write and sync, which goes on after end()),
+   * a log persist, the writes in flight. Then the mirror directory is released.
+   */
   async release(): Promise<void> {
+    await this.drained;
+    await this.persisting?.catch(() => undefined);
     while (this.writesInFlight > 0) await new Promise<void>((r) => this.writeWaiters.push(r));
     if (this.mirror) this.mirror.bytesIn += this.parser.bytesIn;
   }

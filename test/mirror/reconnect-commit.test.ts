@@ -1,0 +1,137 @@
+/**
+ * A source that reconnects while the destination is still committing the CP its old
+ * connection sent: the destination's WELCOME must name the CP it will hold once that
+ * commit ends, or the source resyncs from the CP before it and the destination rightly
+ * refuses ("CP n is built on CP m, but this mirror holds CP m+1"). The mirror fault suite
+ * hit this once under 20 % loss and a cut; here it is made to happen every time: the
+ * source and `receive` run in this process, joined by a relay the test can cut, and the
+ * destination's commit of one CP is held back until the source has reconnected.
+ * (Fails without the receiver waiting for an ended session's message in progress.)
+ */
+import { strict as assert } from 'assert';
+import * as fs from 'fs';
+import * as net from 'net';
+import * as os from 'os';
+import * as path from 'path';
+import pino from 'pino';
+import { MirrorReceiver } from '../../src/mirror/receiver';
+import { MirrorSource } from '../../src/mirror/source';
+import { MirrorDir } from '../../src/mirror/mirror-dir';
+import { createVolumeDir, openVolumeDir, type OpenedVolumeDir } from '../../src/volume/dir';
+
+const MIB = 1024 * 1024;
+/** How long the destination's commit is held back: well past the source's first reconnect (200 ms). */
+const COMMIT_HOLD_MS = 1500;
+const CONVERGE_MS = 20_000;
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+async function until(what: string, ms: number, f: () => boolean): Promise<void> {
+  const end = Date.now() + ms;
+  while (!f()) {
+    if (Date.now() > end) assert.fail(`timed out waiting for ${what}`);
+    await sleep(20);
+  }
+}
+
+/** A TCP relay to `port` whose connections the test can cut (both ends destroyed at once, no FIN first). */
+async function relay(port: number): Promise<{ port: number; cut: () => void; close: () => Promise<void> }> {
+  const pairs = new Set<[net.Socket, net.Socket]>();
+  const server = net.createServer((client) => {
+    const up = net.connect(port, '127.0.0.1');
+    const pair: [net.Socket, net.Socket] = [client, up];
+    pairs.add(pair);
+    const gone = (): void => {
+      client.destroy();
+      up.destroy();
+      pairs.delete(pair);
+    };
+    client.on('error', gone).on('close', gone);
+    up.on('error', gone).on('close', gone);
+    client.pipe(up);
+    up.pipe(client);
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  return {
+    port: (server.address() as net.AddressInfo).port,
+    cut: () => {
+      for (const [a, b] of pairs) {
+        a.destroy();
+        b.destroy();
+      }
+      pairs.clear();
+    },
+    close: () => new Promise<void>((r) => server.close(() => r())),
+  };
+}
+
+describe('mirror: a reconnect while the destination commits a CP', function () {
+  this.timeout(60_000);
+  let tmp: string;
+  const applyCommit = MirrorDir.prototype.applyCommit;
+  before(() => { tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'nvm-reconnect-')); });
+  after(() => {
+    MirrorDir.prototype.applyCommit = applyCommit;
+    fs.rmSync(tmp, { recursive: true, force: true });
+  });
+
+  it('the source is welcomed at the CP being committed and goes on from it: no refusal, roots equal', async () => {
+    const lines: string[] = [];
+    const logger = pino({ level: 'info' }, { write: (s: string) => void lines.push(s) });
+    const srcDir = path.join(tmp, 'src');
+    const rxDir = path.join(tmp, 'rx');
+    fs.mkdirSync(rxDir);
+    await createVolumeDir(srcDir, { sizeBytes: 64 * MIB, nvramSizeBytes: 4 * MIB });
+    const rx = new MirrorReceiver({ dir: rxDir, logger: logger.child({ side: 'receiver' }) });
+    const addr = await rx.listen('127.0.0.1', 0);
+    const link = await relay(addr.port);
+    const source = new MirrorSource({
+      dir: srcDir, peer: { host: '127.0.0.1', port: link.port }, mode: 'sync', policy: 'available',
+      logger: logger.child({ side: 'source' }), link: { mirrorInsecure: true },
+    });
+    let vol: OpenedVolumeDir | undefined;
+    try {
+      vol = await openVolumeDir(srcDir, { readOnly: false, control: false, cpIntervalMs: 0, beforeRecovery: (t) => source.attachTree(t) });
+      source.attachVolume(vol.volume);
+      const v = vol.volume;
+      await v.write(0, Buffer.alloc(64 * 1024, 1), false);
+      await v.checkpoint();
+      await until('the baseline and first CP', CONVERGE_MS, () => source.stats().state === 'in-sync' && source.stats().rootsEqual);
+      const heldCp = source.stats().sourceCp + 1;
+
+      // The next CP's commit on the destination: the link is cut as it starts, and it ends
+      // only after the source has had time to reconnect and say HELLO.
+      let held = 0;
+      MirrorDir.prototype.applyCommit = async function (this: MirrorDir, ...args: Parameters<MirrorDir['applyCommit']>) {
+        if (args[0] === heldCp && held++ === 0) {
+          link.cut();
+          await sleep(COMMIT_HOLD_MS);
+        }
+        return applyCommit.apply(this, args);
+      };
+      await v.write(MIB, Buffer.alloc(256 * 1024, 2), false);
+      await v.checkpoint();
+      await v.write(2 * MIB, Buffer.alloc(64 * 1024, 3), false);
+      await v.checkpoint();
+      await until(`roots equal at CP ${heldCp + 1} or later`, CONVERGE_MS, () => {
+        const s = source.stats();
+        return s.state === 'in-sync' && s.rootsEqual && s.destCp >= heldCp + 1;
+      });
+      assert.equal(held, 1, 'the commit of the CP in flight was held back once');
+      const connected = lines.filter((l) => /"msg":"mirror connected"/.test(l)).map((l) => JSON.parse(l) as { destCp: number });
+      assert.ok(connected.length >= 2, `the source reconnected (connected ${connected.length} times)`);
+      // The WELCOME after the cut names the CP whose commit was in progress (the one the
+      // mirror holds once it ends), not the one before it.
+      assert.equal(connected[1]!.destCp, heldCp, `WELCOME after the cut said CP ${connected[1]!.destCp}; the destination was committing CP ${heldCp}`);
+      const refusals = lines.filter((l) => /mirror stream refused|built on CP/.test(l));
+      assert.deepEqual(refusals, [], 'the destination refused the honest source\'s stream');
+    } finally {
+      MirrorDir.prototype.applyCommit = applyCommit;
+      await vol?.close();
+      await source.stop();
+      source.detach();
+      await rx.close();
+      await link.close();
+    }
+  });
+});
