@@ -8,7 +8,8 @@
 import { Command } from 'commander';
 import * as fs from 'fs';
 import * as path from 'path';
-import { checkVolumeDir, type CheckProgress, type DirCheckReport } from '../volume/dir';
+import { checkVolumeDir } from '../volume/dir-ops';
+import { type CheckProgress, type DirCheckReport } from '../volume/served';
 import { checkMirrorDir, MIRROR_LABEL_NAME } from '../mirror/mirror-dir';
 import { ProgressLine } from '../util/progress';
 import { BLOCK_SIZE_BYTES } from '../io/types';

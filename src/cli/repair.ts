@@ -6,7 +6,7 @@
  * Logic in volume/dir.ts.
  */
 import { Command } from 'commander';
-import { acceptNvramLoss, recreateNvram } from '../volume/dir';
+import { acceptNvramLoss, recreateNvram } from '../volume/dir-ops';
 
 export function registerRepair(program: Command): void {
   program

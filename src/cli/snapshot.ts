@@ -4,7 +4,7 @@
  * is opened, the change committed in a CP, and the volume closed.
  */
 import { Command } from 'commander';
-import { volumeDirSnapshot, volumeDirSnapshots } from '../volume/dir';
+import { volumeDirSnapshot, volumeDirSnapshots } from '../volume/dir-ops';
 import { formatSize } from '../util/size';
 
 export function registerSnapshot(program: Command): void {

@@ -7,7 +7,9 @@
 import { Command } from 'commander';
 import * as fs from 'fs';
 import * as path from 'path';
-import { volumeDirStatus, LABEL_NAME, type VolumeStatus } from '../volume/dir';
+import { volumeDirStatus } from '../volume/dir-ops';
+import { LABEL_NAME } from '../volume/label';
+import { type VolumeStatus } from '../volume/served';
 import { controlRequest } from '../volume/engine-control';
 import { RECEIVER_SOCKET_NAME, type ReceiverStats } from '../mirror/receiver';
 import type { MirrorSourceStats } from '../mirror/source';

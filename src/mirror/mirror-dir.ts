@@ -43,7 +43,7 @@ import { BlockTree } from '../tree/tree';
 import { BLOCK, RING_SLOTS, decodeSuperblock, encodePtr, type Superblock } from '../tree/layout';
 import { assert } from '../util/assert';
 import { DestLog, DEST_LOG_NAME, destLogBytesFor } from './dest-log';
-import { LABEL_NAME, readLabel, resolveIn } from '../volume/dir';
+import { LABEL_NAME, readLabel, resolveIn } from '../volume/label';
 import { bitmapBytes, readActiveMap, readSummaryMap } from '../tree/spacemap-read';
 import { scrubRaid, type ScrubProgress, type ScrubReport } from '../raid/scrub';
 

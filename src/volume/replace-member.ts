@@ -40,7 +40,8 @@ import { runRebuild, type RebuildRunResult } from '../raid/rebuild';
 import { log as logger } from '../util/log';
 import type { EngineVolume } from './engine';
 import { CONTROL_SOCKET_NAME, controlRequest } from './engine-control';
-import { lockVolumeDir, readLabel, resolveIn, volumeDirInUse, writeLabel, type VolumeLabel } from './dir';
+import { lockVolumeDir, volumeDirInUse } from './dir-lock';
+import { readLabel, resolveIn, writeLabel, type VolumeLabel } from './label';
 
 export const REPLACE_MARKER_NAME = 'replace-member.json';
 

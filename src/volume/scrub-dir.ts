@@ -23,7 +23,9 @@ import { RaidDevice } from '../raid/raid-device';
 import { scrubRaid, type ScrubProgress, type ScrubReport } from '../raid/scrub';
 import { scrubCheckpointStore } from './scrub-progress';
 import { CONTROL_SOCKET_NAME, controlRequest } from './engine-control';
-import { lockVolumeDir, openMemberDevice, readLabel, volumeDirInUse } from './dir';
+import { lockVolumeDir, volumeDirInUse } from './dir-lock';
+import { openMemberDevice } from './dir';
+import { readLabel } from './label';
 import { journalPendingText } from '../raid/journal-file';
 
 const SCRUB_PROGRESS_POLL_MS = 250;

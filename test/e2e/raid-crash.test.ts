@@ -14,7 +14,7 @@ import * as path from 'path';
 import { NbdClient } from '../crash/nbd-client';
 import { VOLUME_BYTES, load, verify, type Mode, type World } from '../crash/ack-checker';
 import { prng, runCli, seedFromEnv, ServedVolume } from '../crash/harness';
-import type { VolumeStatus } from '../../src/volume/dir';
+import type { VolumeStatus } from '../../src/volume/served';
 
 const KILLS = 5;
 

@@ -18,7 +18,7 @@ import { spawn } from 'child_process';
 import * as fs from 'fs';
 import * as path from 'path';
 import { CHILD_ENV, MiB, NVMIRROR_BIN, REPO_ROOT, cleanupAll, makeTempDir, requireTools, run, runOk, startServer, sleep, type Server } from './harness';
-import type { VolumeStatus } from '../../src/volume/dir';
+import type { VolumeStatus } from '../../src/volume/served';
 import type { DirScrubReport } from '../../src/volume/scrub-dir';
 import type { ReplaceMarker } from '../../src/volume/replace-member';
 

@@ -15,7 +15,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { MiB, NVMIRROR_BIN, cleanupAll, makeTempDir, requireTools, run, runOk, startServer, sleep, type Server } from './harness';
 import { RaidGeometry } from '../../src/raid/geometry';
-import type { VolumeStatus } from '../../src/volume/dir';
+import type { VolumeStatus } from '../../src/volume/served';
 import type { DirScrubReport } from '../../src/volume/scrub-dir';
 
 const SIZE = 64 * MiB;

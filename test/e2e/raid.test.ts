@@ -15,7 +15,7 @@ import {
   MiB, NVMIRROR_BIN, cleanupAll, isRoot, makeTempDir, onCleanup, requireCondition, requireTools, run, runOk, startServer, sleep, type Server,
 } from './harness';
 import { RaidGeometry } from '../../src/raid/geometry';
-import type { VolumeStatus } from '../../src/volume/dir';
+import type { VolumeStatus } from '../../src/volume/served';
 
 const SIZE = 64 * MiB;
 const B = 4096;

@@ -6,7 +6,8 @@ import { strict as assert } from 'assert';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { checkVolumeDir, createVolumeDir, openVolumeDir } from '../../src/volume/dir';
+import { checkVolumeDir } from '../../src/volume/dir-ops';
+import { createVolumeDir, openVolumeDir } from '../../src/volume/dir';
 import { decodeSuperblock, RING_SLOTS } from '../../src/tree/layout';
 
 const BS = 4096;

@@ -1,0 +1,203 @@
+/**
+ * An open volume's status, check and control requests, as the process that has it open
+ * answers them (`status` and `check` of an unserved volume open it and call these; of a
+ * served one they ask its serving process through DIR/control.sock: dir-ops.ts).
+ *
+ * Invariants:
+ * - At most one check runs per open volume; it checks the committed roots (pinned), so
+ *   CPs go on meanwhile. The NVRAM belongs to the writer and is not checked here.
+ * - Control requests that would write refuse on a volume served read-only, with one line.
+ */
+import { BlockTree } from '../tree/tree';
+import type { BlockErrorCounts } from '../tree/types';
+import { log as logger } from '../util/log';
+import { EngineVolume, type ServedBy } from './engine';
+import { type ControlRequest } from './engine-control';
+import { journalPendingText } from '../raid/journal-file';
+import { RaidDevice, type RaidHealth } from '../raid/raid-device';
+import { scrubRaid, scrubState, type ScrubState } from '../raid/scrub';
+import { scrubCheckpointStore } from './scrub-progress';
+import { replaceMemberServed, servedReplaceProgress } from './replace-member';
+import { resolveIn, type VolumeLabel } from './label';
+import { BLOCK_SIZE_BYTES } from '../io/types';
+
+const BS = BLOCK_SIZE_BYTES;
+
+export interface VolumeStatus {
+  dir: string;
+  uuid: string;
+  sizeBytes: number;
+  served: boolean;
+  readOnly: boolean;
+  usedBytes: number;
+  deviceBytes: number;
+  snapshots: Array<{ name: string; cpNumber: number; createdMs: number; usedBytes: number }>;
+  cpNumber: number;
+  lastCpMs: number;
+  lastCpDurationMs: number;
+  cpsThisSession: number;
+  nvram: { path: string; sizeBytes: number; usedBytes: number; fillPercent: number; epoch: number; lastSeq: number; durableSeq: number; unreplayedRecords: number };
+  /** The serving process (absent when not served): its pid, and its URIs, exports and clients when it serves over NBD. */
+  server?: { pid: number } & Partial<ServedBy>;
+  /** Reads refused since the volume was opened (by the serving process, or by this status). */
+  errors: BlockErrorCounts;
+  /** Sections added by what runs beside the engine (e.g. `mirror`). */
+  sections?: Record<string, unknown>;
+  /** A RAID volume: level, state, and each member's state and error counts. */
+  raid?: RaidHealth & { scrub?: ScrubState };
+}
+
+/** The RAID device under each open RAID volume (for status). */
+const raidOf = new WeakMap<EngineVolume, RaidDevice>();
+
+/** Records the RAID device under an open volume (openVolumeDir). */
+export function noteRaidDevice(volume: EngineVolume, dev: RaidDevice): void {
+  raidOf.set(volume, dev);
+}
+
+/** The RAID device under an open RAID volume (undefined: not RAID). */
+export function raidDeviceOf(volume: EngineVolume): RaidDevice | undefined {
+  return raidOf.get(volume);
+}
+
+/** One line per lost member, for check's notes. */
+export function raidNotes(h: RaidHealth): string[] {
+  const lost = h.memberStatus.filter((m) => m.state !== 'online');
+  return [
+    `RAID-${h.level}: ${h.state.toUpperCase()}, ${h.members - lost.length} of ${h.members} members in service`,
+    ...lost.map((m) => `RAID member ${m.index} ${m.name}: ${m.state} (${m.reason ?? ''})`),
+    ...(h.journalPending ? [journalPendingText(h.journalPending)] : []),
+  ];
+}
+
+export function engineStatus(dir: string, label: VolumeLabel, volume: EngineVolume, served: boolean): VolumeStatus {
+  const s = volume.stats();
+  const capacity = 2 * s.nvlog.halfSizeBytes;
+  // A volume opened read-only keeps replayed records as an overlay: report them as the fill.
+  const used = s.readOnly ? volume.log.recoveryHalves().reduce((n, h) => n + h.usedBytes, 0) : s.nvlog.usedBytes;
+  return {
+    dir,
+    uuid: label.uuid,
+    sizeBytes: label.sizeBytes,
+    served,
+    readOnly: s.readOnly,
+    usedBytes: s.tree.usedBlocks * BS,
+    deviceBytes: s.tree.totalBlocks * BS,
+    snapshots: s.tree.snapshots.map((x) => ({ name: x.name, cpNumber: x.cpNumber, createdMs: x.createdMs, usedBytes: x.usedBlocks * BS })),
+    cpNumber: s.tree.cpNumber,
+    lastCpMs: s.tree.lastCpMs,
+    lastCpDurationMs: s.tree.lastCpDurationMs,
+    cpsThisSession: s.cp.cpsRun,
+    nvram: {
+      path: resolveIn(dir, label.nvram.path),
+      sizeBytes: label.nvram.sizeBytes,
+      usedBytes: used,
+      fillPercent: capacity > 0 ? Math.round((used / capacity) * 1000) / 10 : 0,
+      epoch: s.nvlog.epoch,
+      lastSeq: s.nvlog.lastSeq,
+      durableSeq: s.nvlog.durableSeq,
+      unreplayedRecords: s.readOnly ? s.replay.records : 0,
+    },
+    ...(served ? { server: { pid: process.pid, ...(volume.servedBy?.() ?? {}) } } : {}),
+    errors: s.tree.errors,
+    ...(raidOf.has(volume) ? { raid: { ...raidOf.get(volume)!.health(), scrub: scrubState(raidOf.get(volume)!) } } : {}),
+    ...(volume.statusSections.size > 0 ? { sections: Object.fromEntries([...volume.statusSections].map(([k, f]) => [k, f()])) } : {}),
+  };
+}
+
+/** The control socket's requests (DIR/control.sock) for a volume this process serves. */
+export async function handleControl(dir: string, label: VolumeLabel, volume: EngineVolume, req: ControlRequest): Promise<Record<string, unknown>> {
+  switch (req.op) {
+    case 'status':
+      return { status: engineStatus(dir, label, volume, true) };
+    case 'list':
+      return { snapshots: volume.listSnapshots() };
+    case 'checkpoint': {
+      if (volume.caps.readOnly) throw new Error('the volume is served read-only');
+      const r = await volume.checkpoint();
+      return { cpNumber: r?.cpNumber ?? volume.stats().tree.cpNumber };
+    }
+    case 'check':
+      return { check: await checkServed(dir, label, volume) };
+    case 'check-progress':
+      return { progress: checksRunning.get(volume) ?? null };
+    case 'scrub': {
+      const raid = raidOf.get(volume);
+      if (!raid || !(volume.tree instanceof BlockTree)) throw new Error(`${dir} is not a RAID volume: there is nothing to scrub (use check)`);
+      if (req.repair && volume.caps.readOnly) throw new Error('the volume is served read-only: scrub --repair cannot rewrite anything (scrub without --repair reports)');
+      return { scrub: await scrubRaid(volume.tree, raid, { repair: req.repair, store: scrubCheckpointStore(dir, label.uuid), ...(req.rateBytesPerSec !== undefined ? { rateBytesPerSec: req.rateBytesPerSec } : {}) }) };
+    }
+    case 'scrub-progress': {
+      const raid = raidOf.get(volume);
+      return { progress: raid ? scrubState(raid).running ?? null : null };
+    }
+    case 'replace-member': {
+      const raid = raidOf.get(volume);
+      if (!raid) throw new Error(`${dir} is not a RAID volume: it has no member to replace`);
+      return { replace: await replaceMemberServed(dir, label, volume, raid, { old: req.old, new: req.new, ...(req.rateBytesPerSec !== undefined ? { rateBytesPerSec: req.rateBytesPerSec } : {}) }) };
+    }
+    case 'replace-progress': {
+      const raid = raidOf.get(volume);
+      return { progress: raid ? servedReplaceProgress(raid) : null };
+    }
+    case 'verify': {
+      const f = volume.controlActions.get('verify');
+      if (!f) throw new Error('this volume is not mirrored (serve it with --mirror-to)');
+      return f();
+    }
+    case 'snapshot': {
+      if (volume.caps.readOnly) throw new Error('the volume is served read-only: snapshots cannot be changed');
+      const r = await volume.snapshot({ kind: req.kind, name: req.name });
+      logger().info({ kind: req.kind, name: req.name, cp: r?.cpNumber }, 'snapshot changed');
+      return { cpNumber: r?.cpNumber ?? volume.stats().tree.cpNumber, snapshots: volume.listSnapshots() };
+    }
+    case 'release':
+      throw new Error('release is a receiver\'s request (for promote), not a volume\'s');
+  }
+}
+
+export interface DirCheckReport {
+  ok: boolean;
+  problems: string[];
+  /** Plain facts for the human summary. */
+  notes: string[];
+  /** Pid of the process that ran the check on the served volume; absent when check opened the volume itself. */
+  servedBy?: number;
+  /** Blocks the tree check read (for the final progress figure). */
+  blocksRead?: number;
+}
+
+/** Blocks read so far by a check; blocksTotal is an estimate (blocks in use). */
+export interface CheckProgress {
+  blocksRead: number;
+  blocksTotal: number;
+}
+
+/** The check running in this (serving) process, per volume: at most one at a time. */
+const checksRunning = new WeakMap<EngineVolume, CheckProgress>();
+
+/**
+ * In the serving process: the tree check on the committed roots (BlockTree.check() pins
+ * them, so CPs go on meanwhile and nothing it reads is overwritten). The NVRAM belongs to
+ * the writer and is not checked here.
+ */
+export async function checkServed(dir: string, label: VolumeLabel, volume: EngineVolume): Promise<DirCheckReport> {
+  if (checksRunning.has(volume)) throw new Error(`a check of ${dir} is already running in the serving process`);
+  const progress: CheckProgress = { blocksRead: 0, blocksTotal: volume.stats().tree.usedBlocks };
+  checksRunning.set(volume, progress);
+  try {
+    const problems: string[] = [];
+    const notes: string[] = [];
+    const tree = volume.tree;
+    if (tree.volumeUuid !== label.uuid) problems.push(`tree: belongs to volume ${tree.volumeUuid}, the label says ${label.uuid}`);
+    const r = await tree.check((n) => { progress.blocksRead = n; });
+    for (const p of r.problems) problems.push(`tree: ${p}`);
+    const st = tree.stats();
+    notes.push(`served by pid ${process.pid}: checked the committed roots (CP ${st.cpNumber} and its snapshots) while serving`);
+    notes.push(`tree: CP ${st.cpNumber}, ${r.blocksReachable} blocks reachable, ${r.blocksAccounted} accounted, ${st.snapshots.length} snapshot(s)`);
+    notes.push(`NVRAM: in use by the serving process, not checked (stop it for a full check)`);
+    return { ok: problems.length === 0, problems, notes, servedBy: process.pid, blocksRead: progress.blocksRead };
+  } finally {
+    checksRunning.delete(volume);
+  }
+}
