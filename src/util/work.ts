@@ -5,7 +5,10 @@
  * Invariants:
  * - forEachLimit never runs more than `limit` calls at once and rejects with the first
  *   error after every started call has settled.
- * - Slicer.maybeYield yields (setImmediate) at most every `budgetMs` of CPU work.
+ * - Slicer.maybeYield yields (setImmediate) once `budgetMs` of CPU work has run since the
+ *   last yield, counted across every caller of one Slicer: concurrent callers wait for the
+ *   same yield, so one event-loop turn runs at most one budget of their work (plus the
+ *   work between two maybeYield calls).
  */
 import { performance } from 'node:perf_hooks';
 import { assert } from './assert';
@@ -35,15 +38,37 @@ export function yieldNow(): Promise<void> {
   return new Promise((resolve) => setImmediate(resolve));
 }
 
-export class Slicer {
-  private last = performance.now();
-  /** 1 ms: a CP slice must not add more than that to a client request's latency. */
-  constructor(private readonly budgetMs = 1) {}
+/** 1 ms: a CP slice must not add more than that to a client request's latency. */
+export const SLICE_BUDGET_MS_DEFAULT = 1;
 
-  async maybeYield(): Promise<void> {
-    const now = performance.now();
-    if (now - this.last < this.budgetMs) return;
-    await yieldNow();
-    this.last = performance.now();
+const RESOLVED: Promise<void> = Promise.resolve();
+
+export class Slicer {
+  private last: number;
+  /** The yield in progress: every caller that arrives while it is pending waits for the same turn. */
+  private pending: Promise<void> | undefined;
+
+  /** @param nowMs a monotonic clock in ms (tests inject one) */
+  constructor(private readonly budgetMs = SLICE_BUDGET_MS_DEFAULT, private readonly nowMs: () => number = () => performance.now()) {
+    assert(budgetMs >= 0 && Number.isFinite(budgetMs), `slice budget ${budgetMs} ms`);
+    this.last = nowMs();
+  }
+
+  /**
+   * Yields (setImmediate) once the budget is spent. Callers running concurrently on one
+   * Slicer (the workers of a forEachLimit) share the budget and the yield: when each
+   * queued its own setImmediate, they all resumed in the same check phase, each with a
+   * fresh budget, so one event-loop turn ran up to (workers x budget) of CP work before
+   * the loop polled for client requests again.
+   */
+  maybeYield(): Promise<void> {
+    if (this.pending) return this.pending;
+    if (this.nowMs() - this.last < this.budgetMs) return RESOLVED;
+    const p = yieldNow().then(() => {
+      this.pending = undefined;
+      this.last = this.nowMs();
+    });
+    this.pending = p;
+    return p;
   }
 }
