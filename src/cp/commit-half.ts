@@ -14,14 +14,15 @@
  * - Data buffers handed to the tree are views into the NVRAM region; the half is not
  *   written or released until every commit using them has resolved.
  * - Work is chunked (at most CHUNK_NODES_MAX distinct level-0 address blocks and
- *   CHUNK_CHANGES_MAX changes per commit, tree queries capped) so memory stays bounded
- *   and the event loop is yielded between pieces.
+ *   CHUNK_CHANGES_MAX changes per commit, tree queries capped) so memory stays bounded,
+ *   and the loop over the half's blocks yields the event loop (Slicer).
  */
 import { EXTENT_HOLE } from '../util/extent';
 import type { BlockChange, BlockTreeApi, CommitResult, CpMeta, SnapshotOp } from '../tree/types';
 import type { Half, NvLog } from '../nvlog/log';
 import { FANOUT } from '../tree/layout';
 import { assert } from '../util/assert';
+import { Slicer } from '../util/work';
 
 /**
  * A commit's transient memory is dominated by the address blocks it rewrites (old and
@@ -92,7 +93,12 @@ export async function commitHalf(log: NvLog, tree: BlockTreeApi, half: Half, met
       }
     }
   }
+  // ~1 us per block: a 32 MiB half is 8192 of them, so the loop yields (the half is frozen:
+  // its index does not change while the loop waits).
+  const slicer = new Slicer();
+  let n = 0;
   for (const [lbn, regionOffset] of blocks) {
+    if ((++n & 63) === 0) await slicer.maybeYield();
     if (add({ lbn, data: log.blockView(regionOffset), origin: log.originOf(half, regionOffset) })) await commit(false);
   }
   await commit(true);

@@ -20,6 +20,7 @@ import type { NvLog } from '../nvlog/log';
 import { VolumeError } from '../util/errors';
 import { assert } from '../util/assert';
 import { log as logger } from '../util/log';
+import { yieldNow } from '../util/work';
 import { commitHalf } from './commit-half';
 
 export const DEMANDS_MAX = 1024;
@@ -117,6 +118,10 @@ export class CpRunner {
 
   private async loop(): Promise<void> {
     try {
+      // kick() runs inside the append that froze a half (onFrozen): start the CP on the
+      // next event-loop turn, so that write is answered first and the CP's first slice
+      // does not run inside a client request.
+      await yieldNow();
       for (;;) {
         const frozen = this.log.frozenHalf();
         const committedSeq = this.tree.stats().meta.nvlogSeq;

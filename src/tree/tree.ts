@@ -681,7 +681,7 @@ export class BlockTree implements BlockTreeApi {
     const byLbn = new Map<number, BlockChange>();
     const slicer = new Slicer();
     for (const c of changesIn) {
-      if ((byLbn.size & 1023) === 1023) await slicer.maybeYield();
+      if ((byLbn.size & 63) === 63) await slicer.maybeYield();
       if (!Number.isSafeInteger(c.lbn) || c.lbn < 0 || c.lbn >= this.lbnCount) throw new VolumeError('EINVAL', `change to lbn ${c.lbn} outside the volume [0, ${this.lbnCount})`);
       if (c.data !== null && c.data.length !== BLOCK) throw new VolumeError('EINVAL', `change to lbn ${c.lbn} has ${c.data.length} bytes, not ${BLOCK}`);
       byLbn.set(c.lbn, c);
@@ -704,11 +704,12 @@ export class BlockTree implements BlockTreeApi {
         origins[i] = ch.origin;
         dataCount++;
       }
-      if ((i & 255) === 255) await slicer.maybeYield();
+      // A zero test and a crc32c call per block (~2 us): check the budget every 32.
+      if ((i & 31) === 31) await slicer.maybeYield();
     }
     byLbn.clear();
     // Which address blocks the CP touches (arithmetic), and their old pointers (reads upper levels only).
-    const plan = await this.planPaths(lbns);
+    const plan = await this.planPaths(lbns, slicer);
     let nodesMax = 0;
     for (const lvl of plan) nodesMax += lvl.index.length;
     // A snapshot delete needs the OR of the remaining snapshots' maps.
@@ -727,6 +728,7 @@ export class BlockTree implements BlockTreeApi {
       this.rotatedForCp = cp;
       const holdOk = needed0 === undefined || needed0 >= cp - 2;
       await this.discard(this.smap.beginCommit(this.retiredIdle() && holdOk));
+      await slicer.maybeYield();
     }
     const needed = dataCount + nodesMax + this.smap.treeBlocksMax;
     if (needed > this.smap.free && this.smap.reserved > 0) {
@@ -763,7 +765,7 @@ export class BlockTree implements BlockTreeApi {
    * touched nodes, where each one's children start in the level below (or in lbns), and
    * each one's old pointer. Reads the old levels >= 1 (not level 0); changes nothing.
    */
-  private async planPaths(lbns: number[]): Promise<PathLevel[]> {
+  private async planPaths(lbns: number[], slicer: Slicer): Promise<PathLevel[]> {
     if (lbns.length === 0) return [];
     const H = this.height;
     const plan: PathLevel[] = [];
@@ -779,6 +781,7 @@ export class BlockTree implements BlockTreeApi {
         }
       }
       firstChild.push(below.length);
+      await slicer.maybeYield();
       plan.push({ index, firstChild, oldPtr: new Array<BlockPtr | null>(index.length).fill(null), newPtr: new Array<BlockPtr | null>(index.length).fill(null), pba: [] });
       below = index;
     }
@@ -790,6 +793,7 @@ export class BlockTree implements BlockTreeApi {
       const child = plan[l - 1]!;
       const ks = lvl.index.map((_, k) => k).filter((k) => lvl.oldPtr[k] !== null);
       await forEachLimit(ks, this.ioConcurrency, async (k) => {
+        await slicer.maybeYield();
         const ptr = lvl.oldPtr[k]!;
         const node = await this.readNode(ptr, l, lvl.index[k]!, false);
         for (let c = lvl.firstChild[k]!; c < lvl.firstChild[k + 1]!; c++) {
@@ -812,10 +816,12 @@ export class BlockTree implements BlockTreeApi {
     // touched node; those that end up empty are given back), in contiguous runs.
     const pbas: number[] = [];
     for (const r of this.smap.allocate(c.dataCount + c.nodesMax)) for (let k = 0; k < r.count; k++) pbas.push(r.pba + k);
+    await slicer.maybeYield();
     let next = 0;
     const dataPtrs: (BlockPtr | null)[] = new Array<BlockPtr | null>(lbns.length).fill(null);
     const dataWrites: CpBlock[] = [];
     for (let i = 0; i < lbns.length; i++) {
+      if ((i & 255) === 255) await slicer.maybeYield();
       const d = datas[i];
       if (!d) continue;
       const pba = pbas[next++]!;
@@ -850,6 +856,7 @@ export class BlockTree implements BlockTreeApi {
         else batches.push([k]);
       }
       for (const ks of batches) {
+        await slicer.maybeYield();
         const out: (CpBlock | null)[] = new Array<CpBlock | null>(ks.length).fill(null);
         await forEachLimit(ks, this.ioConcurrency, async (k, j) => {
           // Cached old nodes resolve in microtasks: yield to the event loop between them.
@@ -1076,6 +1083,7 @@ export class BlockTree implements BlockTreeApi {
 
   /** Writes blocks sorted by address, coalesced into runs split at writeChunkBlocks boundaries. */
   private async writeAll(blocks: CpBlock[], slicer: Slicer, cp: number): Promise<void> {
+    await slicer.maybeYield();
     blocks.sort((a, b) => a.pba - b.pba);
     const chunks: NewBlock[][] = [];
     let cur: NewBlock[] = [];
@@ -1101,7 +1109,11 @@ export class BlockTree implements BlockTreeApi {
         // faults (and GC) on the event loop, far more than the copy itself.
         const chunk = this.chunkBufs.pop() ?? Buffer.allocUnsafe(this.writeChunkBlocks * BLOCK);
         try {
-          for (let k = 0; k < c.length; k++) c[k]!.buf.copy(chunk, k * BLOCK);
+          // 128 KiB at a time (tens of microseconds), not a whole 1 MiB copy per turn.
+          for (let k = 0; k < c.length; k++) {
+            if ((k & 31) === 31) await slicer.maybeYield();
+            c[k]!.buf.copy(chunk, k * BLOCK);
+          }
           await this.dev.writeBlocks(c[0]!.pba, chunk.subarray(0, c.length * BLOCK));
         } finally {
           if (this.chunkBufs.length < this.ioConcurrency) this.chunkBufs.push(chunk);
