@@ -91,6 +91,7 @@ export interface MirrorSourceStats {
   mode: MirrorMode;
   policy: MirrorPolicy;
   state: MirrorStatusState;
+  /** The destination welcomed this connection (TCP, TLS and HELLO done); a connection attempt in progress is not connected. */
   connected: boolean;
   sourceCp: number;
   destCp: number;
@@ -870,7 +871,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       mode: this.o.mode,
       policy: this.o.policy,
       state: this.state === 'disconnected' && this.refusedStanding && this.refusedStanding.kind !== 'in-step' && this.refusedStanding.kind !== 'unrelated' ? this.refusedStanding.kind : this.state === 'in-sync' && this.unackedMs() > STALE_ACK_MS ? 'behind' : this.state,
-      connected: conn !== undefined && !conn.closed,
+      connected: conn !== undefined && !conn.closed && conn.welcomed,
       sourceCp: tree.cpNumber,
       destCp: this.destCp,
       lagCps: this.destCp < 0 ? tree.cpNumber : tree.cpNumber - this.destCp,

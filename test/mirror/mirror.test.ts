@@ -443,8 +443,9 @@ describe('mirror: two hosts (network namespaces)', function () {
     for (const link of [['--mirror-psk', wrong], ['--mirror-insecure']]) {
       await startSource(s, link);
       await until('refusal logged', () => (fs.readFileSync(path.join(tmp, 'rx.log'), 'utf8').match(/TLS authentication failed/g) ?? []).length > 0 || undefined, 30_000);
-      const st = sourceStatus(s.src);
-      assert.ok(st && !st.connected && st.destCp === -1, 'an unauthenticated source got through');
+      // The source's control socket may come up after its first connection attempt: wait for its status.
+      const st = await until('source status', () => sourceStatus(s.src), 30_000);
+      assert.ok(!st.connected && st.destCp === -1, `an unauthenticated source got through (connected ${st.connected}, destination CP ${st.destCp})`);
       assert.ok(!fs.existsSync(path.join(tmp, 'dst', s.uuid)), 'the receiver created a mirror for an unauthenticated source');
       await stop(s.source, 'SIGTERM');
       fs.writeFileSync(path.join(tmp, 'rx.log'), '');
