@@ -33,6 +33,7 @@ import {
   type StorageImage,
 } from '../../src/io/recording';
 import { prng } from './harness';
+import { log as engineLog } from '../../src/util/log';
 
 export const UUID = '90e71055-0000-4000-8000-00000000c0de';
 const BS = 4096;
@@ -463,3 +464,19 @@ export function singleLayout(deviceBlocks: number): Layout {
 }
 
 export { buildState, crashPoint, prefixChoices };
+
+/**
+ * Inside a describe(): the engine's own info lines (one "NVRAM replay" and "raid: member
+ * labels updated" per opened crash state, and the warnings the states cause by design:
+ * thousands per run) off while its tests run; errors still print.
+ */
+export function quietEngineLogs(): void {
+  let saved: string | undefined;
+  before(() => {
+    saved = engineLog().level;
+    engineLog().level = 'error';
+  });
+  after(() => {
+    if (saved !== undefined) engineLog().level = saved;
+  });
+}

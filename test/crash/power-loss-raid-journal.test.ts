@@ -31,7 +31,7 @@ import { RaidDevice } from '../../src/raid/raid-device';
 import { assembleRaidMembers, labelNewMembers } from '../../src/raid/members';
 import { JOURNAL_HEADER_SLOTS, journalBlocksFor } from '../../src/raid/stripe-journal';
 import type { BlockDevice } from '../../src/io/types';
-import { UUID, VOLUME_BLOCKS, enumerate, record, type Layout, type Op } from './power-loss-enum';
+import { UUID, VOLUME_BLOCKS, enumerate, record, type Layout, type Op, quietEngineLogs } from './power-loss-enum';
 import { prng, seedFromEnv } from './harness';
 
 const B = 4096;
@@ -122,6 +122,7 @@ function workload(rnd: () => number): Op[] {
 }
 
 describe('crash: power loss over a nearly full RAID-5 volume whose CPs write partial stripes through the stripe journal', function () {
+  quietEngineLogs();
   this.timeout(600_000);
 
   it(`every crash state of ${WORKLOADS} workloads opens with its journal replayed, checks clean, holds every FLUSHed write, has consistent parity and reads the same with a member removed`, async () => {

@@ -26,7 +26,7 @@ import { RaidGeometry, tolerance, type RaidLevel } from '../../src/raid/geometry
 import { RaidDevice } from '../../src/raid/raid-device';
 import { assembleRaidMembers, labelNewMembers } from '../../src/raid/members';
 import { buildState, crashPoint, prefixChoices } from '../../src/io/recording';
-import { UUID, durableAt, enumerate, genWorkload, record, recordRecovery, type Layout } from './power-loss-enum';
+import { UUID, durableAt, enumerate, genWorkload, record, recordRecovery, type Layout, quietEngineLogs } from './power-loss-enum';
 import { prng, seedFromEnv } from './harness';
 
 const B = 4096;
@@ -88,6 +88,7 @@ const LAYOUTS: Layout[] = [
 ];
 
 describe('crash: power loss by crash-state enumeration over RAID-5 and RAID-6', function () {
+  quietEngineLogs();
   this.timeout(600_000);
 
   it(`every crash state of ${WORKLOADS} small workloads opens, checks clean, holds a durable prefix, has consistent parity and reads the same degraded`, async () => {

@@ -10,7 +10,7 @@
  * recovered volume is always a prefix).
  */
 import { strict as assert } from 'assert';
-import { enumerate, genWorkload, record, recordRecovery, singleLayout, durableAt, type Op } from './power-loss-enum';
+import { enumerate, genWorkload, record, recordRecovery, singleLayout, durableAt, type Op, quietEngineLogs } from './power-loss-enum';
 import { buildState, crashPoint, prefixChoices } from '../../src/io/recording';
 import { prng, seedFromEnv } from './harness';
 
@@ -20,6 +20,7 @@ const WORKLOADS = Number(process.env.NVMIRROR_POWERLOSS_WORKLOADS ?? 12);
 const layout = singleLayout(DEVICE_BLOCKS);
 
 describe('crash: power loss by crash-state enumeration', function () {
+  quietEngineLogs();
   this.timeout(600_000);
 
   it(`every crash state of ${WORKLOADS} small workloads opens, checks clean and holds a durable prefix`, async () => {
