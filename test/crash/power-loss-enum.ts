@@ -23,6 +23,8 @@
  */
 import { strict as assert } from 'assert';
 import { BlockTree } from '../../src/tree/tree';
+import type { RaidDevice } from '../../src/raid/raid-device';
+import { testBit } from '../../src/util/bitmap';
 import { MemoryBlockDevice } from '../../src/io/memory-device';
 import { MemoryNvram } from '../../src/nvlog/memory-region';
 import { NvLog } from '../../src/nvlog/log';
@@ -479,4 +481,25 @@ export function quietEngineLogs(): void {
   after(() => {
     if (saved !== undefined) engineLog().level = saved;
   });
+}
+
+/** The first live stripe of `raid` (stripe width W blocks) whose parity does not match its data, or undefined. */
+export async function liveStripeParityProblem(raid: RaidDevice, W: number): Promise<string | undefined> {
+  try {
+    const tree = await BlockTree.open(raid);
+    const used = tree.usedBitmap();
+    const everyMember = raid.health().state === 'online';
+    for (let s = 0; s < raid.geometry.stripes; s++) {
+      let live = false;
+      for (let p = s * W; p < (s + 1) * W && !live; p++) live = testBit(used, p);
+      if (!live) continue;
+      const r = await raid.scrubStripe(s, false);
+      if (r.verdict === 'mismatch') return `live stripe ${s} has parity that does not match its data (member(s) ${r.members.join(', ')})`;
+      if (r.verdict === 'unverifiable' && everyMember) return `live stripe ${s} cannot be checked with every member in service`;
+    }
+    await tree.close();
+    return undefined;
+  } catch (e) {
+    return `parity check cannot run: ${(e as Error).message}`;
+  }
 }

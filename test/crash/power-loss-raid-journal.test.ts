@@ -23,15 +23,13 @@
  * Workloads: NVMIRROR_POWERLOSS_JOURNAL_WORKLOADS (default 1, about 700 crash states; the seed is printed).
  */
 import { strict as assert } from 'assert';
-import { BlockTree } from '../../src/tree/tree';
-import { testBit } from '../../src/util/bitmap';
 import { RING_SLOTS } from '../../src/tree/layout';
 import { RaidGeometry, tolerance } from '../../src/raid/geometry';
 import { RaidDevice } from '../../src/raid/raid-device';
 import { assembleRaidMembers, labelNewMembers } from '../../src/raid/members';
 import { JOURNAL_HEADER_SLOTS, journalBlocksFor } from '../../src/raid/stripe-journal';
 import type { BlockDevice } from '../../src/io/types';
-import { UUID, VOLUME_BLOCKS, enumerate, record, type Layout, type Op, quietEngineLogs } from './power-loss-enum';
+import { UUID, VOLUME_BLOCKS, enumerate, record, type Layout, type Op, quietEngineLogs, liveStripeParityProblem } from './power-loss-enum';
 import { prng, seedFromEnv } from './harness';
 
 const B = 4096;
@@ -80,21 +78,7 @@ function layoutOf(withJournal: boolean, parityCheck: boolean): Layout {
           return `members do not assemble (journal replayed): ${(e as Error).message}`;
         }
         try {
-          const tree = await BlockTree.open(raid);
-          const used = tree.usedBitmap();
-          const everyMember = raid.health().state === 'online';
-          for (let s = 0; s < g.stripes; s++) {
-            let live = false;
-            for (let p = s * W; p < (s + 1) * W && !live; p++) live = testBit(used, p);
-            if (!live) continue;
-            const r = await raid.scrubStripe(s, false);
-            if (r.verdict === 'mismatch') return `live stripe ${s} has parity that does not match its data (member(s) ${r.members.join(', ')})`;
-            if (r.verdict === 'unverifiable' && everyMember) return `live stripe ${s} cannot be checked with every member in service`;
-          }
-          await tree.close();
-          return undefined;
-        } catch (e) {
-          return `parity check cannot run: ${(e as Error).message}`;
+          return await liveStripeParityProblem(raid, W);
         } finally {
           await raid.close();
         }

@@ -19,14 +19,12 @@
  * Workloads: NVMIRROR_POWERLOSS_WORKLOADS (default 4 here; the seed is printed).
  */
 import { strict as assert } from 'assert';
-import { BlockTree } from '../../src/tree/tree';
-import { testBit } from '../../src/util/bitmap';
 import { RING_SLOTS } from '../../src/tree/layout';
 import { RaidGeometry, tolerance, type RaidLevel } from '../../src/raid/geometry';
 import { RaidDevice } from '../../src/raid/raid-device';
 import { assembleRaidMembers, labelNewMembers } from '../../src/raid/members';
 import { buildState, crashPoint, prefixChoices } from '../../src/io/recording';
-import { UUID, durableAt, enumerate, genWorkload, record, recordRecovery, type Layout, quietEngineLogs } from './power-loss-enum';
+import { UUID, durableAt, enumerate, genWorkload, record, recordRecovery, type Layout, quietEngineLogs, liveStripeParityProblem } from './power-loss-enum';
 import { prng, seedFromEnv } from './harness';
 
 const B = 4096;
@@ -58,21 +56,7 @@ function raidLayout(level: RaidLevel, members: number, unitBytes: number): Layou
         return `members do not assemble: ${(e as Error).message}`;
       }
       try {
-        const tree = await BlockTree.open(raid);
-        const used = tree.usedBitmap();
-        const everyMember = raid.health().state === 'online';
-        for (let s = 0; s < g.stripes; s++) {
-          let live = false;
-          for (let p = s * W; p < (s + 1) * W && !live; p++) live = testBit(used, p);
-          if (!live) continue;
-          const r = await raid.scrubStripe(s, false);
-          if (r.verdict === 'mismatch') return `live stripe ${s} has parity that does not match its data (member(s) ${r.members.join(', ')})`;
-          if (r.verdict === 'unverifiable' && everyMember) return `live stripe ${s} cannot be checked with every member in service`;
-        }
-        await tree.close();
-        return undefined;
-      } catch (e) {
-        return `parity check cannot run: ${(e as Error).message}`;
+        return await liveStripeParityProblem(raid, W);
       } finally {
         await raid.close();
       }
