@@ -21,6 +21,9 @@
  *   rebuild target is attached, so the replay reaches it too) before it returns: nothing
  *   reads a stripe an interrupted write left half-written. A read-only open only reads
  *   the journal and reports the batch it leaves (RaidHealth.journalPending).
+ * - A read-write open returns only after every member in service holds the superblock
+ *   ring it serves (RaidDevice.settleHead): the root the engine mounts, and may release
+ *   log records on, survives losing any members the level tolerates.
  */
 import * as fs from 'fs';
 import { BLOCK_SIZE_BYTES, type BlockDevice } from '../io/types';
@@ -348,6 +351,8 @@ export async function assembleRaidMembers(members: RaidMemberDevice[], spec: Rai
     if (extra.rebuild) raid.startRebuild(extra.rebuild.index, extra.rebuild.name, extra.rebuild.dev, extra.rebuild.doneBelow);
     // A failed volume cannot write: its batch stays for an open that can (the caller refuses this one, or it only reads).
     if (raid.health().journal && raid.health().state !== 'failed') await raid.replayJournal();
+    // A crash mid-ring-write left the newest superblock on some members only: the engine will build on it, so every member in service gets it first.
+    if (!readOnly) await raid.settleHead();
   } catch (e) {
     await raid.close().catch(() => undefined);
     throw e;

@@ -1097,6 +1097,50 @@ export class RaidDevice implements BlockDevice {
     return todo.length;
   }
 
+
+  /**
+   * Makes every member in service hold the head this device serves (per block, the copy
+   * headPick chooses: the newest superblock), then syncs. A crash during a CP's ring
+   * write leaves the newest superblock on some members only; the engine mounts it and
+   * may release the log records it covers, so before anything builds on it, it must be on
+   * every member in service: else a later open without the members that held it (as many
+   * as the level tolerates) would mount the CP before and the released records would be
+   * gone (power-loss-raid.test.ts, the recovery with a member removed). Call it after
+   * open (and replayJournal), before the tree is mounted read-write. Returns the head
+   * blocks rewritten (0: every member in service already agreed; nothing written).
+   */
+  async settleHead(): Promise<number> {
+    assert(!this.closed, 'RAID device is closed');
+    if (this.readOnly || this.failure !== undefined) return 0;
+    const g = this.geometry;
+    let rewritten = 0;
+    await this.withStripe(HEAD_LOCK, async () => {
+      for (let p = 0; p < g.headBlocks; p++) {
+        const copies: Buffer[] = [];
+        const from: number[] = [];
+        for (let i = 0; i < this.members.length; i++) {
+          const b = Buffer.alloc(B);
+          if (await this.memberRead(i, LABEL_COPIES + p, 1, b)) {
+            copies.push(b);
+            from.push(i);
+          }
+        }
+        if (copies.length === 0) throw new VolumeError('EIO', `RAID: no member in service holds head block ${p}`);
+        const k = this.headPick ? this.headPick(copies) : 0;
+        assert(k >= 0 && k < copies.length, 'headPick out of range');
+        const best = copies[k]!;
+        const behind = from.filter((_, j) => !copies[j]!.equals(best));
+        if (behind.length === 0) continue;
+        await forEachLimit(behind, MEMBER_IO_CONCURRENCY, (i) => this.memberWrite(i, LABEL_COPIES + p, best));
+        rewritten++;
+      }
+    });
+    if (rewritten > 0) {
+      await this.sync();
+      log().warn({ volume: this.uuid, blocks: rewritten }, 'raid: members disagreed on the superblock ring (a crash during a consistency point); the newest copy is now on every member in service');
+    }
+    return rewritten;
+  }
   /** Writes every gathered stripe (partial ones by read-modify-write). */
   private async flushAll(): Promise<void> {
     const stripes = [...this.pending.keys()].sort((a, b) => a - b);

@@ -2,7 +2,8 @@
  * A RAID volume's member files and their labels (src/raid/members.ts), on real files:
  * swapped and foreign members are refused by name; missing, truncated, unlabelled and
  * stale members open out of service with the reason; a member faulted at run time is
- * recorded in the other members' labels, so it is stale at the next open.
+ * recorded in the other members' labels, so it is stale at the next open; a superblock
+ * ring torn across members (a crash mid-CP) is made whole by the next read-write open.
  */
 import { strict as assert } from 'assert';
 import * as fs from 'fs';
@@ -10,6 +11,9 @@ import * as os from 'os';
 import * as path from 'path';
 import { createRaidMembers, openRaidMembers, raidMemberBlocks, type RaidMemberFile } from '../../src/raid/members';
 import type { RaidDevice } from '../../src/raid/raid-device';
+import { LABEL_COPIES } from '../../src/raid/geometry';
+import { RING_SLOTS } from '../../src/tree/layout';
+import { BlockTree } from '../../src/tree/tree';
 
 const UUID = '11111111-2222-4333-8444-555555555555';
 const OTHER = '99999999-2222-4333-8444-555555555555';
@@ -91,5 +95,47 @@ describe('raid members', () => {
     const b = Buffer.alloc(4096 * 12);
     await again.readBlocks(200, 12, b);
     assert.ok(b.equals(Buffer.alloc(4096 * 12, 9)), 'the stale member is not read');
+  });
+
+  it('a read-write open puts the newest superblock on every member before anything builds on it (a ring torn by a crash mid-CP)', async () => {
+    const HEAD = RING_SLOTS * 4096;
+    const headOf = (i: number): Buffer => {
+      const fd = fs.openSync(files[i]!.path, 'r');
+      try {
+        const b = Buffer.alloc(HEAD);
+        fs.readSync(fd, b, 0, HEAD, LABEL_COPIES * 4096);
+        return b;
+      } finally {
+        fs.closeSync(fd);
+      }
+    };
+    let d = await openAll();
+    await BlockTree.format(d, { sizeBytes: 2 * 1024 * 1024, volumeUuid: UUID });
+    let tree = await BlockTree.open(d);
+    await tree.commitCp([{ lbn: 3, data: Buffer.alloc(4096, 1) }], { nvlogSeq: 1, nvlogEpoch: 1 });
+    const cpBefore = tree.cpNumber;
+    const before = [1, 2, 3].map(headOf);
+    await tree.commitCp([{ lbn: 3, data: Buffer.alloc(4096, 2) }], { nvlogSeq: 2, nvlogEpoch: 1 });
+    await tree.close();
+    await d.close();
+    open.splice(0);
+    // The crash: the newest CP's ring write reached member 0 only.
+    [1, 2, 3].forEach((i, k) => {
+      const fd = fs.openSync(files[i]!.path, 'r+');
+      fs.writeSync(fd, before[k]!, 0, HEAD, LABEL_COPIES * 4096);
+      fs.closeSync(fd);
+    });
+    assert.ok(!headOf(1).equals(headOf(0)), 'the rings differ');
+    d = await openAll();
+    assert.ok([1, 2, 3].every((i) => headOf(i).equals(headOf(0))), 'every member holds the newest ring after a read-write open');
+    await d.close();
+    open.splice(0);
+    // Member 0 lost: the CP the read-write open served is still the one mounted.
+    fs.rmSync(files[0]!.path);
+    d = await openAll(true);
+    tree = await BlockTree.open(d);
+    assert.equal(tree.cpNumber, cpBefore + 1);
+    assert.ok((await tree.readBlock(3))?.equals(Buffer.alloc(4096, 2)));
+    await tree.close();
   });
 });
