@@ -28,7 +28,10 @@
  * - Bounded: bytes queued on the socket never exceed QUEUED_BYTES_MAX (writers wait for
  *   'drain'); an ack not received within stallTimeoutMs, or a queue that stays full,
  *   drops the connection (policy available: the mirror is marked behind and client I/O
- *   goes on; strict: writes fail with EIO until it is back in sync).
+ *   goes on; strict: writes fail with EIO until it is back in sync). So does a peer that
+ *   takes the connection but sends no WELCOME within stallTimeoutMs of HELLO (a wedged
+ *   receiver, a half-open connection, something that is not `nvmirror receive`): the
+ *   source reconnects instead of waiting on it forever.
  */
 import * as net from 'net';
 import * as tls from 'tls';
@@ -143,6 +146,8 @@ interface Conn {
   closed: boolean;
   /** WELCOME arrived: destCp and the rest describe this connection's destination (not the last one's). */
   welcomed: boolean;
+  /** When HELLO went out (undefined: TCP/TLS still connecting). */
+  helloAtMs?: number;
 }
 
 export class MirrorSource implements CpSink, ReplicaGate {
@@ -335,6 +340,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       ...this.failbackOffer(),
       lastSeq: v.log.lastSeq, lineage: [...tree.lineage],
     });
+    conn.helloAtMs = Date.now();
     conn.welcome.then(
       (w) => this.onWelcome(conn, w),
       () => undefined,
@@ -524,7 +530,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
     }
     if (conn && !conn.closed) {
       const oldest = this.waiters.length > 0 ? this.waiters.reduce((a, w) => Math.min(a, w.sinceMs), now) : now;
-      if (now - oldest > stall) this.drop(conn, `no acknowledgement from the destination for ${stall} ms (stalled peer)`);
+      if (!conn.welcomed && conn.helloAtMs !== undefined && now - conn.helloAtMs > stall) this.drop(conn, `no WELCOME from the destination within ${stall} ms of HELLO (a stalled peer, or not an nvmirror receive)`);
+      else if (now - oldest > stall) this.drop(conn, `no acknowledgement from the destination for ${stall} ms (stalled peer)`);
       else if (conn.cpAcks.length > 0 && now - conn.cpAcks[0]!.sinceMs > stall) this.drop(conn, `CP ${conn.cpAcks[0]!.cp} not acknowledged within ${stall} ms (stalled peer)`);
       // Not before WELCOME: a connection still connecting would queue the PING ahead of its HELLO.
       else if (conn.welcomed && now - this.lastPingMs >= PING_INTERVAL_MS) {
