@@ -8,21 +8,18 @@
  * into the next slot of an 8-slot superblock ring, and syncs again. Snapshots are kept
  * roots (with the space map of their CP) listed in the superblock.
  *
+ * BlockTree (this file) holds the open tree's state and its public API. Some jobs live
+ * in their own files:
+ * - verified-read.ts: every device read of an open tree, verified and counted.
+ * - read.ts: readBlock / readRange / blockStatus below one root (the walks).
+ * - root-handle.ts: the roots reads are pinned to; a snapshot's TreeReader.
+ *
  * Invariants:
- * - A committed root never points at a block written in a later CP: a child's birth CP is
- *   at most its parent's, which is at most the root's CP (checked on every read).
  * - A block referenced by the committed root, by any kept snapshot, or by a root a read
  *   is still in flight on, is never overwritten (allocation skips active | summary |
  *   reserved; reserved blocks are released only when no retired root is being read).
  * - Blocks freed in CP n are reusable only after CP n's superblock is durable (two CPs
  *   later in steady state; one CP later under space pressure).
- * - Every block read is verified: address blocks by the parent's crc32c and their header
- *   (magic, type, level, own pba, birth, volume, index), data blocks by the parent's
- *   crc32c. A mismatch is a VolumeError('EIO'), an error log line and one more in
- *   `errorCounts.checksum` (a failed device read: `errorCounts.io`); wrong data is never
- *   returned. The counts only grow while the tree is open (`status` reports them). A
- *   device with redundancy (RAID: `readRepaired`) is first asked for a version that
- *   verifies (self-heal); only if it has none is the read refused.
  * - A device with an allocation unit (`allocUnitBlocks`, a RAID stripe) is handed whole
  *   free units per CP, and the CP pads the free rest of its units with zeroes, so it
  *   writes whole stripes; discards cover whole free units only.
@@ -30,15 +27,16 @@
  *   the new superblock is durable, except the space map's in-flight bookkeeping; if a
  *   commit fails after it started changing that bookkeeping, the tree refuses further
  *   commits (the caller reopens and recovers from its log).
+ * - Reads (verified-read.ts) keep their own invariants, listed in that file.
  */
 import type { BlockDevice, Clock } from '../io/types';
 import { systemClock } from '../io/types';
 import { VolumeError } from '../util/errors';
-import { EXTENT_HOLE, EXTENT_ZERO, type Extent } from '../util/extent';
+import { type Extent } from '../util/extent';
 import { assert } from '../util/assert';
 import { log } from '../util/log';
 import { popcount } from '../util/bitmap';
-import { crc32c, crc32cBlocks } from '../io/checksum';
+import { crc32c } from '../io/checksum';
 import { runCheck } from './check';
 import {
   BLOCK, BlockPtr, FANOUT, MAX_DEVICE_BLOCKS, MAX_SNAPSHOTS, MAX_VOLUME_BYTES, MIN_DEVICE_BLOCKS, NODE_TYPE_DATA_TREE,
@@ -53,6 +51,9 @@ import type {
   TreeReader, TreeStats, TreeRollback, BlockErrorCounts,
 } from './types';
 import { Slicer, forEachLimit } from '../util/work';
+import { ReadPath } from './read';
+import { PinnedReader, RootHandle } from './root-handle';
+import { VerifiedReader, repairedRead } from './verified-read';
 
 export interface FormatOptions {
   /** Logical size of the volume; a positive multiple of 4096, at most 2^50. */
@@ -85,53 +86,12 @@ function allocUnitOf(dev: BlockDevice): number {
   return u;
 }
 
-/**
- * A block failed verification: a device with redundancy (RAID) may rebuild a version
- * that passes `ok` (self-heal; it rewrites its bad copy and counts it). Writes it into
- * buf and returns true; false if the device cannot (then the read fails as before).
- */
-async function repairedRead(dev: BlockDevice, pba: number, buf: Buffer, ok: (b: Buffer) => boolean): Promise<boolean> {
-  if (!dev.readRepaired) return false;
-  try {
-    return await dev.readRepaired(pba, buf, ok);
-  } catch (e) {
-    log().warn({ pba, err: e instanceof Error ? e.message : String(e) }, 'block tree: the device could not rebuild a block that failed verification');
-    return false;
-  }
-}
 export const MAX_CHANGES_PER_CP = 1 << 18;
 const ZERO_BLOCK = Buffer.alloc(BLOCK);
 
 /** The device failed a read during mount (as opposed to data that does not verify). */
 class DeviceReadError extends Error {
   override name = 'DeviceReadError';
-}
-
-/** A committed root that reads can be pinned to. */
-class RootHandle {
-  inflight = 0;
-  retired = false;
-  private waiters: (() => void)[] = [];
-  constructor(readonly cp: number, readonly root: BlockPtr | null, readonly label: string) {}
-
-  enter(): void {
-    this.inflight++;
-  }
-
-  exit(): void {
-    if (!(this.inflight > 0)) assert(false, `${this.label}: exit without enter`);
-    this.inflight--;
-    if (this.inflight === 0) {
-      const w = this.waiters;
-      this.waiters = [];
-      for (const f of w) f();
-    }
-  }
-
-  idle(): Promise<void> {
-    if (this.inflight === 0) return Promise.resolve();
-    return new Promise((resolve) => this.waiters.push(resolve));
-  }
 }
 
 /** The address blocks one level of a CP rewrites (parallel arrays, sorted by index). */
@@ -160,22 +120,6 @@ interface CommitWork {
   slicer: Slicer;
 }
 
-class PinnedReader implements TreeReader {
-  constructor(private readonly tree: BlockTree, private readonly handle: RootHandle) {}
-  get cpNumber(): number {
-    return this.handle.cp;
-  }
-  readBlock(lbn: number): Promise<Buffer | null> {
-    return this.tree.readBlockOn(this.handle, lbn);
-  }
-  readRange(lbn: number, count: number, dst: Buffer): Promise<void> {
-    return this.tree.readRangeOn(this.handle, lbn, count, dst);
-  }
-  blockStatus(lbn: number, count: number, maxExtents: number): Promise<Extent[]> {
-    return this.tree.blockStatusOn(this.handle, lbn, count, maxExtents);
-  }
-}
-
 export class BlockTree implements BlockTreeApi {
   readonly sizeBytes: number;
   readonly volumeUuid: string;
@@ -193,8 +137,10 @@ export class BlockTree implements BlockTreeApi {
   private readonly cache: NodeCache;
   private readonly writeChunkBlocks: number;
   private readonly ioConcurrency: number;
-  private readonly statusNodeBudget: number;
   private readonly discardFreed: boolean;
+  /** Verified device reads (verified-read.ts) and the read path (read.ts). */
+  private readonly verified: VerifiedReader;
+  private readonly reads: ReadPath;
   private commitRunning: Promise<unknown> | null = null;
   /** Gather buffers of writeChunkBlocks blocks reused by writeAll (at most ioConcurrency kept). */
   private readonly chunkBufs: Buffer[] = [];
@@ -227,11 +173,13 @@ export class BlockTree implements BlockTreeApi {
     const unit = allocUnitOf(dev);
     this.writeChunkBlocks = opts.writeChunkBlocks ?? (unit === 1 ? 256 : Math.min(8192, unit * Math.max(1, Math.floor(256 / unit))));
     this.ioConcurrency = opts.ioConcurrency ?? 8;
-    this.statusNodeBudget = opts.statusNodeBudget ?? 512;
+    const statusNodeBudget = opts.statusNodeBudget ?? 512;
     this.discardFreed = opts.discardFreed ?? true;
-    assert(Number.isInteger(this.statusNodeBudget) && this.statusNodeBudget >= 1, 'statusNodeBudget >= 1');
+    assert(Number.isInteger(statusNodeBudget) && statusNodeBudget >= 1, 'statusNodeBudget >= 1');
     assert(Number.isInteger(this.writeChunkBlocks) && this.writeChunkBlocks >= 1 && this.writeChunkBlocks <= 8192, 'writeChunkBlocks in [1, 8192]');
     assert(Number.isInteger(this.ioConcurrency) && this.ioConcurrency >= 1 && this.ioConcurrency <= 256, 'ioConcurrency in [1, 256]');
+    this.verified = new VerifiedReader(dev, this.cache, this.uuidBytes, this.volumeUuid, this.lbnCount, sb.deviceBlocks, this.errorCounts);
+    this.reads = new ReadPath(this.verified, this.cache, this.height, this.ioConcurrency, statusNodeBudget);
     this.live = new RootHandle(sb.cpNumber, sb.root, 'live');
     for (const s of sb.snapshots) this.snapHandles.set(s.name, new RootHandle(s.cp, s.root, `snapshot ${s.name}`));
   }
@@ -379,62 +327,7 @@ export class BlockTree implements BlockTreeApi {
     return new BlockTree(dev, sb, smap, opts.clock ?? systemClock, opts);
   }
 
-  // ---------------------------------------------------------------- block verification
-
-  private eio(message: string, fields: Record<string, unknown>, kind: 'checksum' | 'io' = 'checksum'): VolumeError {
-    this.errorCounts[kind]++;
-    log().error({ ...fields, volume: this.volumeUuid }, `block tree: ${message}`);
-    return new VolumeError('EIO', message);
-  }
-
-  private nodeRange(level: number, index: number): string {
-    const span = slotsPerPointer(level + 1);
-    const lo = index * span;
-    const hi = Math.min(this.lbnCount, lo + span) - 1;
-    return `lbns ${lo}-${hi}`;
-  }
-
-  /** Reads from the device; a device error becomes VolumeError('EIO') naming what was read. */
-  private async devRead(pba: number, count: number, dst: Buffer, what: string): Promise<void> {
-    try {
-      await this.dev.readBlocks(pba, count, dst);
-    } catch (e) {
-      throw this.eio(`device read of ${what} at pba ${pba} failed: ${e instanceof Error ? e.message : String(e)}`, { pba, count }, 'io');
-    }
-  }
-
-  /** Reads (or finds in the cache) and verifies a data-tree address block. */
-  private async readNode(ptr: BlockPtr, level: number, index: number, cacheIt = true): Promise<Buffer> {
-    const hit = this.cache.get(ptr);
-    if (hit) return hit;
-    const buf = Buffer.alloc(BLOCK);
-    await this.devRead(ptr.pba, 1, buf, `address block (level ${level}, ${this.nodeRange(level, index)})`);
-    const id = { type: NODE_TYPE_DATA_TREE, level, index };
-    const problem = verifyNode(buf, ptr, id, this.uuidBytes);
-    if (problem && !(await repairedRead(this.dev, ptr.pba, buf, (b) => verifyNode(b, ptr, id, this.uuidBytes) === null))) {
-      throw this.eio(`bad address block at pba ${ptr.pba} (level ${level}, ${this.nodeRange(level, index)}): ${problem}`, { pba: ptr.pba, level, index });
-    }
-    if (cacheIt) this.cache.put(ptr, buf);
-    return buf;
-  }
-
-  private childOf(node: Buffer, parent: BlockPtr, level: number, index: number, slot: number): BlockPtr | null {
-    const p = decodePtr(node, ptrSlotOffset(slot), this.sb.deviceBlocks);
-    if (typeof p === 'string') throw this.eio(`bad pointer in address block at pba ${parent.pba} (level ${level}, ${this.nodeRange(level, index)}) slot ${slot}: ${p}`, { pba: parent.pba, level, index, slot });
-    if (p !== null && p.birth > parent.birth) {
-      throw this.eio(`pointer in address block at pba ${parent.pba} slot ${slot} is born at CP ${p.birth}, after its parent (CP ${parent.birth})`, { pba: parent.pba, slot });
-    }
-    return p;
-  }
-
-  private async verifyData(buf: Buffer, off: number, ptr: BlockPtr, lbn: number): Promise<void> {
-    const crc = crc32c(buf, off, BLOCK);
-    if (crc !== ptr.crc && !(await repairedRead(this.dev, ptr.pba, buf.subarray(off, off + BLOCK), (b) => crc32c(b) === ptr.crc))) {
-      throw this.eio(`checksum mismatch in data block: lbn ${lbn} at pba ${ptr.pba} (expected ${ptr.crc.toString(16).padStart(8, '0')}, got ${crc.toString(16).padStart(8, '0')})`, { lbn, pba: ptr.pba });
-    }
-  }
-
-  // ---------------------------------------------------------------- reads
+  // ---------------------------------------------------------------- reads (read.ts)
 
   private async pinned<T>(h: RootHandle, fn: () => Promise<T>): Promise<T> {
     if (this.closed) throw new VolumeError('ESHUTDOWN', 'block tree is closed');
@@ -451,127 +344,20 @@ export class BlockTree implements BlockTreeApi {
     if (!(Number.isSafeInteger(lbn) && lbn >= 0 && Number.isSafeInteger(count) && count >= 1 && lbn + count <= this.lbnCount)) assert(false, `lbn range ${lbn}+${count} outside [0, ${this.lbnCount})`);
   }
 
-  /**
-   * Visits [start, end) in order: onHole(lbn, n) for runs of holes, onData(lbn, ptr) per
-   * data block. A callback returning false stops the walk; so does running out of budget
-   * (address blocks to read), in which case the walk returns false.
-   */
-  private async walk(
-    root: BlockPtr | null, start: number, end: number,
-    onHole: (lbn: number, n: number) => boolean, onData: (lbn: number, ptr: BlockPtr) => boolean,
-    budget: { nodes: number },
-  ): Promise<boolean> {
-    const rec = async (ptr: BlockPtr | null, level: number, index: number): Promise<boolean> => {
-      const nodeLo = index * slotsPerPointer(level + 1);
-      const lo = Math.max(start, nodeLo);
-      const hi = Math.min(end, nodeLo + slotsPerPointer(level + 1));
-      assert(lo < hi, 'walk visited a node outside the range');
-      if (ptr === null) return onHole(lo, hi - lo);
-      if (budget.nodes <= 0) return false;
-      budget.nodes--;
-      const node = await this.readNode(ptr, level, index);
-      const cs = slotsPerPointer(level);
-      for (let slot = Math.floor((lo - nodeLo) / cs); slot < FANOUT && nodeLo + slot * cs < hi; slot++) {
-        const child = this.childOf(node, ptr, level, index, slot);
-        let more: boolean;
-        if (level === 0) more = child === null ? onHole(nodeLo + slot, 1) : onData(nodeLo + slot, child);
-        else more = await rec(child, level - 1, index * FANOUT + slot);
-        if (!more) return false;
-      }
-      return true;
-    };
-    return rec(root, this.height - 1, 0);
-  }
-
   /** @internal Reads one block through the root pinned by h. */
   async readBlockOn(h: RootHandle, lbn: number): Promise<Buffer | null> {
     this.checkRange(lbn, 1);
-    return this.pinned(h, async () => {
-      let ptr = h.root;
-      for (let level = this.height - 1; level >= 0 && ptr !== null; level--) {
-        const index = Math.floor(lbn / slotsPerPointer(level + 1));
-        const node = await this.readNode(ptr, level, index);
-        ptr = this.childOf(node, ptr, level, index, Math.floor(lbn / slotsPerPointer(level)) % FANOUT);
-      }
-      if (ptr === null) return null;
-      const buf = Buffer.alloc(BLOCK);
-      await this.devRead(ptr.pba, 1, buf, `data block lbn ${lbn}`);
-      await this.verifyData(buf, 0, ptr, lbn);
-      return buf;
-    });
+    return this.pinned(h, () => this.reads.readBlock(h.root, lbn));
   }
 
   /**
-   * walk() over cached address blocks only, synchronously (no promise per level): false
-   * as soon as an address block on the way is not in the cache (callbacks may have run
-   * for part of the range; the caller starts again with walk()). Callbacks cannot stop it.
-   */
-  private walkCached(root: BlockPtr | null, start: number, end: number, onHole: (lbn: number, n: number) => void, onData: (lbn: number, ptr: BlockPtr) => void): boolean {
-    const rec = (ptr: BlockPtr | null, level: number, index: number): boolean => {
-      const nodeLo = index * slotsPerPointer(level + 1);
-      const lo = Math.max(start, nodeLo);
-      const hi = Math.min(end, nodeLo + slotsPerPointer(level + 1));
-      assert(lo < hi, 'walk visited a node outside the range');
-      if (ptr === null) {
-        onHole(lo, hi - lo);
-        return true;
-      }
-      const node = this.cache.get(ptr, false);
-      if (node === undefined) return false;
-      const cs = slotsPerPointer(level);
-      for (let slot = Math.floor((lo - nodeLo) / cs); slot < FANOUT && nodeLo + slot * cs < hi; slot++) {
-        const child = this.childOf(node, ptr, level, index, slot);
-        if (level > 0) {
-          if (!rec(child, level - 1, index * FANOUT + slot)) return false;
-        } else if (child === null) onHole(nodeLo + slot, 1);
-        else onData(nodeLo + slot, child);
-      }
-      return true;
-    };
-    return rec(root, this.height - 1, 0);
-  }
-
-  /** Reads one run of contiguous data blocks into its place in dst and verifies each block. */
-  private async readDataRun(base: number, r: { lbn: number; ptrs: BlockPtr[] }, dst: Buffer): Promise<void> {
-    const off = (r.lbn - base) * BLOCK;
-    const view = dst.subarray(off, off + r.ptrs.length * BLOCK);
-    await this.devRead(r.ptrs[0]!.pba, r.ptrs.length, view, `data blocks lbn ${r.lbn}-${r.lbn + r.ptrs.length - 1}`);
-    // One native call checksums the run; only a mismatch goes on to repair or refuse.
-    const crcs = Buffer.allocUnsafe(r.ptrs.length * 4);
-    crc32cBlocks(view, 0, r.ptrs.length, crcs);
-    for (let i = 0; i < r.ptrs.length; i++) {
-      if (crcs.readUInt32LE(i * 4) !== r.ptrs[i]!.crc) await this.verifyData(view, i * BLOCK, r.ptrs[i]!, r.lbn + i);
-    }
-  }
-
-  /**
-   * @internal Reads count blocks into dst (holes as zeroes), coalescing contiguous blocks.
-   * The address blocks are looked up synchronously when all are cached (walkCached), else
-   * read with walk(); the data runs are read at most ioConcurrency at a time.
+   * @internal Reads count blocks into dst (holes as zeroes), coalescing contiguous blocks
+   * (ReadPath.readRange).
    */
   async readRangeOn(h: RootHandle, lbn: number, count: number, dst: Buffer): Promise<void> {
     this.checkRange(lbn, count);
     if (!(dst.length === count * BLOCK)) assert(false, `readRange: dst must be ${count * BLOCK} bytes, got ${dst.length}`);
-    await this.pinned(h, async () => {
-      const runs: { lbn: number; ptrs: BlockPtr[] }[] = [];
-      const onHole = (l: number, n: number): boolean => {
-        dst.fill(0, (l - lbn) * BLOCK, (l - lbn + n) * BLOCK);
-        return true;
-      };
-      const onData = (l: number, p: BlockPtr): boolean => {
-        const last = runs[runs.length - 1];
-        const prev = last?.ptrs[last.ptrs.length - 1];
-        if (last && prev && last.lbn + last.ptrs.length === l && prev.pba + 1 === p.pba && last.ptrs.length < 256) last.ptrs.push(p);
-        else runs.push({ lbn: l, ptrs: [p] });
-        return true;
-      };
-      if (!this.walkCached(h.root, lbn, lbn + count, onHole, onData)) {
-        runs.length = 0;
-        await this.walk(h.root, lbn, lbn + count, onHole, onData, { nodes: Number.MAX_SAFE_INTEGER });
-      }
-      if (runs.length === 1) await this.readDataRun(lbn, runs[0]!, dst);
-      else if (runs.length > 1) await forEachLimit(runs, this.ioConcurrency, (r) => this.readDataRun(lbn, r, dst));
-    });
+    await this.pinned(h, () => this.reads.readRange(h.root, lbn, count, dst));
   }
 
   /** @internal Extents for [lbn, lbn+count) through the root pinned by h, from the tree only. */
@@ -579,23 +365,7 @@ export class BlockTree implements BlockTreeApi {
     this.checkRange(lbn, count);
     if (!(Number.isInteger(maxExtents) && maxExtents >= 1)) assert(false, `maxExtents ${maxExtents}`);
     const end = lbn + count;
-    return this.pinned(h, async () => {
-      const out: { blocks: number; flags: number }[] = [];
-      const add = (n: number, flags: number): boolean => {
-        const last = out[out.length - 1];
-        if (last && last.flags === flags) {
-          last.blocks += n;
-          return true;
-        }
-        if (out.length >= maxExtents) return false;
-        out.push({ blocks: n, flags });
-        return true;
-      };
-      const budget = { nodes: this.statusNodeBudget };
-      await this.walk(h.root, lbn, end, (_l, n) => add(n, EXTENT_HOLE | EXTENT_ZERO), () => add(1, 0), budget);
-      assert(out.length >= 1, 'block status found no extent');
-      return out.map((e) => ({ lengthBytes: e.blocks * BLOCK, flags: e.flags }));
-    });
+    return this.pinned(h, () => this.reads.blockStatus(h.root, lbn, end, maxExtents));
   }
 
   get cpNumber(): number {
@@ -795,9 +565,9 @@ export class BlockTree implements BlockTreeApi {
       await forEachLimit(ks, this.ioConcurrency, async (k) => {
         await slicer.maybeYield();
         const ptr = lvl.oldPtr[k]!;
-        const node = await this.readNode(ptr, l, lvl.index[k]!, false);
+        const node = await this.verified.readNode(ptr, l, lvl.index[k]!, false);
         for (let c = lvl.firstChild[k]!; c < lvl.firstChild[k + 1]!; c++) {
-          child.oldPtr[c] = this.childOf(node, ptr, l, lvl.index[k]!, child.index[c]! % FANOUT);
+          child.oldPtr[c] = this.verified.childOf(node, ptr, l, lvl.index[k]!, child.index[c]! % FANOUT);
         }
       });
     }
@@ -863,7 +633,7 @@ export class BlockTree implements BlockTreeApi {
           await slicer.maybeYield();
           const index = lvl.index[k]!;
           const oldPtr = lvl.oldPtr[k]!;
-          const old = oldPtr ? await this.readNode(oldPtr, l, index, false) : null;
+          const old = oldPtr ? await this.verified.readNode(oldPtr, l, index, false) : null;
           const buf = old ? Buffer.from(old) : Buffer.alloc(BLOCK);
           let present = old ? countPresent(old) : 0;
           for (let x = lvl.firstChild[k]!; x < lvl.firstChild[k + 1]!; x++) {
@@ -872,7 +642,7 @@ export class BlockTree implements BlockTreeApi {
             if (buf.readUInt16LE(off + 20) !== 0) {
               present--;
               if (!below) {
-                const oldData = this.childOf(buf, oldPtr!, 0, index, slot);
+                const oldData = this.verified.childOf(buf, oldPtr!, 0, index, slot);
                 if (oldData) free(oldData.pba);
               }
             }
@@ -987,7 +757,7 @@ export class BlockTree implements BlockTreeApi {
     if (cp === this.sb.cpNumber) return null;
     if (cp > this.sb.cpNumber || cp < 0) return `CP ${cp} is not an older CP of this volume (it is at CP ${this.sb.cpNumber})`;
     const raw = Buffer.alloc(BLOCK);
-    await this.devRead(cp % RING_SLOTS, 1, raw, `superblock slot ${cp % RING_SLOTS}`);
+    await this.verified.devRead(cp % RING_SLOTS, 1, raw, `superblock slot ${cp % RING_SLOTS}`);
     let old = decodeSuperblock(raw);
     if (typeof old !== 'string' && (old.cpNumber !== cp || old.volumeUuid !== this.volumeUuid) && superblock) {
       // Out of the ring: the copy the caller kept (its blocks were held since, so they are
@@ -1000,7 +770,7 @@ export class BlockTree implements BlockTreeApi {
     if (old.deviceBlocks !== this.sb.deviceBlocks) return `CP ${cp}: its superblock describes another device size`;
     const map = Buffer.alloc(this.smap.active.length);
     try {
-      for (const r of [old.smapRoot, ...old.snapshots.map((s) => s.smapRoot)]) await this.smap.loadTree(r, this.smapLoader('held CP'), map, false);
+      for (const r of [old.smapRoot, ...old.snapshots.map((s) => s.smapRoot)]) await this.smap.loadTree(r, this.verified.smapLoader('held CP'), map, false);
     } catch (e) {
       return `space map of CP ${cp}: ${e instanceof Error ? e.message : String(e)}`;
     }
@@ -1012,31 +782,10 @@ export class BlockTree implements BlockTreeApi {
     return null;
   }
 
-  private smapLoader(what: string): SpaceMapLoader {
-    const deviceBlocks = this.sb.deviceBlocks;
-    const read = async (ptr: BlockPtr, name: string, id: NodeId | null): Promise<Buffer> => {
-      const buf = Buffer.alloc(BLOCK);
-      await this.devRead(ptr.pba, 1, buf, name);
-      const ok = (b: Buffer): boolean => (id ? verifyNode(b, ptr, id, this.uuidBytes) === null : crc32c(b) === ptr.crc);
-      const problem = id ? verifyNode(buf, ptr, id, this.uuidBytes) : crc32c(buf) === ptr.crc ? null : 'checksum mismatch';
-      if (problem && !(await repairedRead(this.dev, ptr.pba, buf, ok))) throw this.eio(`${name} at pba ${ptr.pba}: ${problem}`, { pba: ptr.pba });
-      return buf;
-    };
-    return {
-      readNode: (ptr, id) => read(ptr, `${what} space-map node level ${id.level} index ${id.index}`, id),
-      readLeaf: (ptr, i) => read(ptr, `${what} space-map leaf ${i}`, null),
-      decodeChild: (node, slot, name) => {
-        const p = decodePtr(node, ptrSlotOffset(slot), deviceBlocks);
-        if (typeof p === 'string') throw this.eio(`${name}: ${p}`, {});
-        return p;
-      },
-    };
-  }
-
   /** OR of the space maps of every kept snapshot not in `without` (reads them). */
   private async summaryWithout(without: string[]): Promise<Buffer> {
     const out = Buffer.alloc(this.smap.summary.length);
-    const loader = this.smapLoader('snapshot');
+    const loader = this.verified.smapLoader('snapshot');
     for (const s of this.sb.snapshots) if (!without.includes(s.name)) await this.smap.loadTree(s.smapRoot, loader, out, false);
     return out;
   }
@@ -1218,8 +967,8 @@ export class BlockTree implements BlockTreeApi {
     for (let level = this.height - 1; level >= 0 && ptr !== null; level--) {
       path.push(ptr);
       const index = Math.floor(lbn / slotsPerPointer(level + 1));
-      const node = await this.readNode(ptr, level, index);
-      ptr = this.childOf(node, ptr, level, index, Math.floor(lbn / slotsPerPointer(level)) % FANOUT);
+      const node = await this.verified.readNode(ptr, level, index);
+      ptr = this.verified.childOf(node, ptr, level, index, Math.floor(lbn / slotsPerPointer(level)) % FANOUT);
     }
     return { data: ptr, path };
   }

@@ -1,0 +1,130 @@
+/**
+ * Every device read of an open tree, verified: data-tree address blocks (readNode, with
+ * the node cache), the pointers in them (childOf), data blocks (verifyData) and the
+ * space-map blocks of older CPs and snapshots (smapLoader). A refused read is a
+ * VolumeError('EIO') counted in the tree's `errorCounts` (eio).
+ *
+ * Invariants:
+ * - A committed root never points at a block written in a later CP: a child's birth CP is
+ *   at most its parent's, which is at most the root's CP (checked on every read).
+ * - Every block read is verified: address blocks by the parent's crc32c and their header
+ *   (magic, type, level, own pba, birth, volume, index), data blocks by the parent's
+ *   crc32c. A mismatch is a VolumeError('EIO'), an error log line and one more in
+ *   `errorCounts.checksum` (a failed device read: `errorCounts.io`); wrong data is never
+ *   returned. The counts only grow while the tree is open (`status` reports them). A
+ *   device with redundancy (RAID: `readRepaired`) is first asked for a version that
+ *   verifies (self-heal); only if it has none is the read refused.
+ */
+import type { BlockDevice } from '../io/types';
+import { VolumeError } from '../util/errors';
+import { log } from '../util/log';
+import { crc32c } from '../io/checksum';
+import {
+  BLOCK, BlockPtr, NODE_TYPE_DATA_TREE, NodeId, decodePtr, ptrSlotOffset, slotsPerPointer, verifyNode,
+} from './layout';
+import type { NodeCache } from './node-cache';
+import type { SpaceMapLoader } from './spacemap';
+import type { BlockErrorCounts } from './types';
+
+/**
+ * A block failed verification: a device with redundancy (RAID) may rebuild a version
+ * that passes `ok` (self-heal; it rewrites its bad copy and counts it). Writes it into
+ * buf and returns true; false if the device cannot (then the read fails as before).
+ */
+export async function repairedRead(dev: BlockDevice, pba: number, buf: Buffer, ok: (b: Buffer) => boolean): Promise<boolean> {
+  if (!dev.readRepaired) return false;
+  try {
+    return await dev.readRepaired(pba, buf, ok);
+  } catch (e) {
+    log().warn({ pba, err: e instanceof Error ? e.message : String(e) }, 'block tree: the device could not rebuild a block that failed verification');
+    return false;
+  }
+}
+
+export class VerifiedReader {
+  constructor(
+    private readonly dev: BlockDevice,
+    private readonly cache: NodeCache,
+    private readonly uuidBytes: Buffer,
+    private readonly volumeUuid: string,
+    private readonly lbnCount: number,
+    private readonly deviceBlocks: number,
+    /** The tree's counters (BlockTree.errorCounts), incremented here. */
+    private readonly errorCounts: BlockErrorCounts,
+  ) {}
+
+  eio(message: string, fields: Record<string, unknown>, kind: 'checksum' | 'io' = 'checksum'): VolumeError {
+    this.errorCounts[kind]++;
+    log().error({ ...fields, volume: this.volumeUuid }, `block tree: ${message}`);
+    return new VolumeError('EIO', message);
+  }
+
+  private nodeRange(level: number, index: number): string {
+    const span = slotsPerPointer(level + 1);
+    const lo = index * span;
+    const hi = Math.min(this.lbnCount, lo + span) - 1;
+    return `lbns ${lo}-${hi}`;
+  }
+
+  /** Reads from the device; a device error becomes VolumeError('EIO') naming what was read. */
+  async devRead(pba: number, count: number, dst: Buffer, what: string): Promise<void> {
+    try {
+      await this.dev.readBlocks(pba, count, dst);
+    } catch (e) {
+      throw this.eio(`device read of ${what} at pba ${pba} failed: ${e instanceof Error ? e.message : String(e)}`, { pba, count }, 'io');
+    }
+  }
+
+  /** Reads (or finds in the cache) and verifies a data-tree address block. */
+  async readNode(ptr: BlockPtr, level: number, index: number, cacheIt = true): Promise<Buffer> {
+    const hit = this.cache.get(ptr);
+    if (hit) return hit;
+    const buf = Buffer.alloc(BLOCK);
+    await this.devRead(ptr.pba, 1, buf, `address block (level ${level}, ${this.nodeRange(level, index)})`);
+    const id = { type: NODE_TYPE_DATA_TREE, level, index };
+    const problem = verifyNode(buf, ptr, id, this.uuidBytes);
+    if (problem && !(await repairedRead(this.dev, ptr.pba, buf, (b) => verifyNode(b, ptr, id, this.uuidBytes) === null))) {
+      throw this.eio(`bad address block at pba ${ptr.pba} (level ${level}, ${this.nodeRange(level, index)}): ${problem}`, { pba: ptr.pba, level, index });
+    }
+    if (cacheIt) this.cache.put(ptr, buf);
+    return buf;
+  }
+
+  childOf(node: Buffer, parent: BlockPtr, level: number, index: number, slot: number): BlockPtr | null {
+    const p = decodePtr(node, ptrSlotOffset(slot), this.deviceBlocks);
+    if (typeof p === 'string') throw this.eio(`bad pointer in address block at pba ${parent.pba} (level ${level}, ${this.nodeRange(level, index)}) slot ${slot}: ${p}`, { pba: parent.pba, level, index, slot });
+    if (p !== null && p.birth > parent.birth) {
+      throw this.eio(`pointer in address block at pba ${parent.pba} slot ${slot} is born at CP ${p.birth}, after its parent (CP ${parent.birth})`, { pba: parent.pba, slot });
+    }
+    return p;
+  }
+
+  async verifyData(buf: Buffer, off: number, ptr: BlockPtr, lbn: number): Promise<void> {
+    const crc = crc32c(buf, off, BLOCK);
+    if (crc !== ptr.crc && !(await repairedRead(this.dev, ptr.pba, buf.subarray(off, off + BLOCK), (b) => crc32c(b) === ptr.crc))) {
+      throw this.eio(`checksum mismatch in data block: lbn ${lbn} at pba ${ptr.pba} (expected ${ptr.crc.toString(16).padStart(8, '0')}, got ${crc.toString(16).padStart(8, '0')})`, { lbn, pba: ptr.pba });
+    }
+  }
+
+  /** Reads the space-map trees of older CPs or snapshots (`what` names them in errors). */
+  smapLoader(what: string): SpaceMapLoader {
+    const deviceBlocks = this.deviceBlocks;
+    const read = async (ptr: BlockPtr, name: string, id: NodeId | null): Promise<Buffer> => {
+      const buf = Buffer.alloc(BLOCK);
+      await this.devRead(ptr.pba, 1, buf, name);
+      const ok = (b: Buffer): boolean => (id ? verifyNode(b, ptr, id, this.uuidBytes) === null : crc32c(b) === ptr.crc);
+      const problem = id ? verifyNode(buf, ptr, id, this.uuidBytes) : crc32c(buf) === ptr.crc ? null : 'checksum mismatch';
+      if (problem && !(await repairedRead(this.dev, ptr.pba, buf, ok))) throw this.eio(`${name} at pba ${ptr.pba}: ${problem}`, { pba: ptr.pba });
+      return buf;
+    };
+    return {
+      readNode: (ptr, id) => read(ptr, `${what} space-map node level ${id.level} index ${id.index}`, id),
+      readLeaf: (ptr, i) => read(ptr, `${what} space-map leaf ${i}`, null),
+      decodeChild: (node, slot, name) => {
+        const p = decodePtr(node, ptrSlotOffset(slot), deviceBlocks);
+        if (typeof p === 'string') throw this.eio(`${name}: ${p}`, {});
+        return p;
+      },
+    };
+  }
+}
