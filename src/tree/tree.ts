@@ -13,6 +13,7 @@
  * - verified-read.ts: every device read of an open tree, verified and counted.
  * - read.ts: readBlock / readRange / blockStatus below one root (the walks).
  * - root-handle.ts: the roots reads are pinned to; a snapshot's TreeReader.
+ * - commit.ts: what a CP rewrites and writes before its superblock; discards.
  *
  * Invariants:
  * - A block referenced by the committed root, by any kept snapshot, or by a root a read
@@ -20,14 +21,12 @@
  *   reserved; reserved blocks are released only when no retired root is being read).
  * - Blocks freed in CP n are reusable only after CP n's superblock is durable (two CPs
  *   later in steady state; one CP later under space pressure).
- * - A device with an allocation unit (`allocUnitBlocks`, a RAID stripe) is handed whole
- *   free units per CP, and the CP pads the free rest of its units with zeroes, so it
- *   writes whole stripes; discards cover whole free units only.
  * - One commit at a time. In-memory state (root, snapshots, space map) changes only after
  *   the new superblock is durable, except the space map's in-flight bookkeeping; if a
  *   commit fails after it started changing that bookkeeping, the tree refuses further
  *   commits (the caller reopens and recovers from its log).
- * - Reads (verified-read.ts) keep their own invariants, listed in that file.
+ * - Reads (verified-read.ts) and CP writes (commit.ts) keep their own invariants, listed
+ *   in those files.
  */
 import type { BlockDevice, Clock } from '../io/types';
 import { systemClock } from '../io/types';
@@ -39,18 +38,19 @@ import { popcount } from '../util/bitmap';
 import { crc32c } from '../io/checksum';
 import { runCheck } from './check';
 import {
-  BLOCK, BlockPtr, FANOUT, MAX_DEVICE_BLOCKS, MAX_SNAPSHOTS, MAX_VOLUME_BYTES, MIN_DEVICE_BLOCKS, NODE_TYPE_DATA_TREE,
-  NodeId, RING_SLOTS, SnapshotRecord, Superblock, decodePtr, decodeSuperblock, encodePtr, encodeSuperblock, heightFor,
-  ptrSlotOffset, ptrString, slotsPerPointer, snapshotNameProblem, uuidToBytes, verifyNode, writeNodeHeader,
+  BLOCK, BlockPtr, FANOUT, MAX_DEVICE_BLOCKS, MAX_VOLUME_BYTES, MIN_DEVICE_BLOCKS, NODE_TYPE_DATA_TREE,
+  NodeId, RING_SLOTS, SnapshotRecord, Superblock, decodePtr, decodeSuperblock, encodeSuperblock, heightFor,
+  ptrSlotOffset, ptrString, slotsPerPointer, uuidToBytes, verifyNode,
 } from './layout';
 import { NodeCache } from './node-cache';
 import { rootGeneration, startGeneration, type Generation } from './lineage';
-import { NewBlock, SpaceMap, SpaceMapLoader } from './spacemap';
+import { SpaceMap, SpaceMapLoader } from './spacemap';
 import type {
-  BlockChange, BlockOrigin, BlockTreeApi, CheckReport, CommitResult, CommittedView, CpBlock, CpMeta, CpSink, SnapshotInfo, SnapshotOp,
+  BlockChange, BlockOrigin, BlockTreeApi, CheckReport, CommitResult, CommittedView, CpMeta, CpSink, SnapshotInfo, SnapshotOp,
   TreeReader, TreeStats, TreeRollback, BlockErrorCounts,
 } from './types';
-import { Slicer, forEachLimit } from '../util/work';
+import { Slicer } from '../util/work';
+import { CommitWork, CpWriter, planSnapshots } from './commit';
 import { ReadPath } from './read';
 import { PinnedReader, RootHandle } from './root-handle';
 import { VerifiedReader, repairedRead } from './verified-read';
@@ -94,32 +94,6 @@ class DeviceReadError extends Error {
   override name = 'DeviceReadError';
 }
 
-/** The address blocks one level of a CP rewrites (parallel arrays, sorted by index). */
-interface PathLevel {
-  index: number[];
-  /** Children of node k are below[firstChild[k] .. firstChild[k+1]) (lbns for level 0); length index.length + 1. */
-  firstChild: number[];
-  oldPtr: (BlockPtr | null)[];
-  newPtr: (BlockPtr | null)[];
-  pba: number[];
-}
-
-interface CommitWork {
-  cp: number;
-  t0: number;
-  meta: CpMeta;
-  lbns: number[];
-  datas: (Buffer | null)[];
-  dataCrcs: number[];
-  origins: (BlockOrigin | undefined)[];
-  dataCount: number;
-  plan: PathLevel[];
-  nodesMax: number;
-  newSummary: Buffer | null;
-  snapPlan: SnapPlan;
-  slicer: Slicer;
-}
-
 export class BlockTree implements BlockTreeApi {
   readonly sizeBytes: number;
   readonly volumeUuid: string;
@@ -135,15 +109,12 @@ export class BlockTree implements BlockTreeApi {
   private readonly snapHandles = new Map<string, RootHandle>();
   private readonly retired = new Set<RootHandle>();
   private readonly cache: NodeCache;
-  private readonly writeChunkBlocks: number;
   private readonly ioConcurrency: number;
-  private readonly discardFreed: boolean;
-  /** Verified device reads (verified-read.ts) and the read path (read.ts). */
+  /** Verified device reads (verified-read.ts), the read path (read.ts), the CP writes (commit.ts). */
   private readonly verified: VerifiedReader;
   private readonly reads: ReadPath;
+  private readonly writer: CpWriter;
   private commitRunning: Promise<unknown> | null = null;
-  /** Gather buffers of writeChunkBlocks blocks reused by writeAll (at most ioConcurrency kept). */
-  private readonly chunkBufs: Buffer[] = [];
   private rotatedForCp = -1;
   private failedReason: string | null = null;
   private closed = false;
@@ -171,15 +142,18 @@ export class BlockTree implements BlockTreeApi {
     this.cache = new NodeCache(opts.cacheBlocks ?? DEFAULT_CACHE_BLOCKS);
     // A RAID device's stripes: write chunks are whole stripes (split at stripe boundaries).
     const unit = allocUnitOf(dev);
-    this.writeChunkBlocks = opts.writeChunkBlocks ?? (unit === 1 ? 256 : Math.min(8192, unit * Math.max(1, Math.floor(256 / unit))));
+    const writeChunkBlocks = opts.writeChunkBlocks ?? (unit === 1 ? 256 : Math.min(8192, unit * Math.max(1, Math.floor(256 / unit))));
     this.ioConcurrency = opts.ioConcurrency ?? 8;
     const statusNodeBudget = opts.statusNodeBudget ?? 512;
-    this.discardFreed = opts.discardFreed ?? true;
+    const discardFreed = opts.discardFreed ?? true;
     assert(Number.isInteger(statusNodeBudget) && statusNodeBudget >= 1, 'statusNodeBudget >= 1');
-    assert(Number.isInteger(this.writeChunkBlocks) && this.writeChunkBlocks >= 1 && this.writeChunkBlocks <= 8192, 'writeChunkBlocks in [1, 8192]');
+    assert(Number.isInteger(writeChunkBlocks) && writeChunkBlocks >= 1 && writeChunkBlocks <= 8192, 'writeChunkBlocks in [1, 8192]');
     assert(Number.isInteger(this.ioConcurrency) && this.ioConcurrency >= 1 && this.ioConcurrency <= 256, 'ioConcurrency in [1, 256]');
     this.verified = new VerifiedReader(dev, this.cache, this.uuidBytes, this.volumeUuid, this.lbnCount, sb.deviceBlocks, this.errorCounts);
     this.reads = new ReadPath(this.verified, this.cache, this.height, this.ioConcurrency, statusNodeBudget);
+    this.writer = new CpWriter(
+      dev, smap, this.verified, this.cache, this.uuidBytes, this.height, sb.deviceBlocks, writeChunkBlocks, this.ioConcurrency, discardFreed, () => this.sink,
+    );
     this.live = new RootHandle(sb.cpNumber, sb.root, 'live');
     for (const s of sb.snapshots) this.snapHandles.set(s.name, new RootHandle(s.cp, s.root, `snapshot ${s.name}`));
   }
@@ -457,7 +431,7 @@ export class BlockTree implements BlockTreeApi {
       byLbn.set(c.lbn, c);
       if (byLbn.size > MAX_CHANGES_PER_CP) throw new VolumeError('EINVAL', `a CP may change at most ${MAX_CHANGES_PER_CP} blocks`);
     }
-    const snapPlan = this.planSnapshots(snapshotOps, cp);
+    const snapPlan = planSnapshots(snapshotOps, this.sb.snapshots, cp);
     const lbns = [...byLbn.keys()].sort((a, b) => a - b);
     // Data blocks: all-zero blocks become holes; checksum the rest.
     const datas: (Buffer | null)[] = new Array<Buffer | null>(lbns.length);
@@ -479,7 +453,7 @@ export class BlockTree implements BlockTreeApi {
     }
     byLbn.clear();
     // Which address blocks the CP touches (arithmetic), and their old pointers (reads upper levels only).
-    const plan = await this.planPaths(lbns, slicer);
+    const plan = await this.writer.planPaths(lbns, this.sb.root, slicer);
     let nodesMax = 0;
     for (const lvl of plan) nodesMax += lvl.index.length;
     // A snapshot delete needs the OR of the remaining snapshots' maps.
@@ -492,12 +466,12 @@ export class BlockTree implements BlockTreeApi {
     if (this.heldThroughCp !== undefined && (needed0 === undefined || needed0 > this.heldThroughCp)) {
       // The peer no longer needs the CPs held since the open (holdCommitted).
       this.heldThroughCp = undefined;
-      await this.discard(this.smap.releaseHeld());
+      await this.writer.discard(this.smap.releaseHeld());
     }
     if (this.rotatedForCp !== cp) {
       this.rotatedForCp = cp;
       const holdOk = needed0 === undefined || needed0 >= cp - 2;
-      await this.discard(this.smap.beginCommit(this.retiredIdle() && holdOk));
+      await this.writer.discard(this.smap.beginCommit(this.retiredIdle() && holdOk));
       await slicer.maybeYield();
     }
     const needed = dataCount + nodesMax + this.smap.treeBlocksMax;
@@ -508,12 +482,12 @@ export class BlockTree implements BlockTreeApi {
       }
       await Promise.all([...this.retired].map((h) => h.idle()));
       this.retiredIdle();
-      await this.discard(this.smap.beginCommit(true));
-      await this.discard(this.smap.beginCommit(true));
+      await this.writer.discard(this.smap.beginCommit(true));
+      await this.writer.discard(this.smap.beginCommit(true));
       if (needed > this.smap.free && this.smap.heldBlocks > 0) {
         this.sink?.holdBroken(cp, `CP ${cp} needs ${needed} blocks, ${this.smap.free} free: reusing the blocks held for CP ${this.heldThroughCp}`);
         this.heldThroughCp = undefined;
-        await this.discard(this.smap.releaseHeld());
+        await this.writer.discard(this.smap.releaseHeld());
       }
     }
     if (needed > this.smap.free) {
@@ -530,158 +504,10 @@ export class BlockTree implements BlockTreeApi {
     }
   }
 
-  /**
-   * The address blocks a CP rewrites: per level (0 = bottom), the sorted indexes of the
-   * touched nodes, where each one's children start in the level below (or in lbns), and
-   * each one's old pointer. Reads the old levels >= 1 (not level 0); changes nothing.
-   */
-  private async planPaths(lbns: number[], slicer: Slicer): Promise<PathLevel[]> {
-    if (lbns.length === 0) return [];
-    const H = this.height;
-    const plan: PathLevel[] = [];
-    let below: number[] = lbns;
-    for (let l = 0; l < H; l++) {
-      const index: number[] = [];
-      const firstChild: number[] = [];
-      for (let k = 0; k < below.length; k++) {
-        const i = Math.floor(below[k]! / FANOUT);
-        if (index.length === 0 || index[index.length - 1] !== i) {
-          index.push(i);
-          firstChild.push(k);
-        }
-      }
-      firstChild.push(below.length);
-      await slicer.maybeYield();
-      plan.push({ index, firstChild, oldPtr: new Array<BlockPtr | null>(index.length).fill(null), newPtr: new Array<BlockPtr | null>(index.length).fill(null), pba: [] });
-      below = index;
-    }
-    const top = plan[H - 1]!;
-    assert(top.index.length === 1 && top.index[0] === 0, 'the root level has one node');
-    top.oldPtr[0] = this.sb.root;
-    for (let l = H - 1; l >= 1; l--) {
-      const lvl = plan[l]!;
-      const child = plan[l - 1]!;
-      const ks = lvl.index.map((_, k) => k).filter((k) => lvl.oldPtr[k] !== null);
-      await forEachLimit(ks, this.ioConcurrency, async (k) => {
-        await slicer.maybeYield();
-        const ptr = lvl.oldPtr[k]!;
-        const node = await this.verified.readNode(ptr, l, lvl.index[k]!, false);
-        for (let c = lvl.firstChild[k]!; c < lvl.firstChild[k + 1]!; c++) {
-          child.oldPtr[c] = this.verified.childOf(node, ptr, l, lvl.index[k]!, child.index[c]! % FANOUT);
-        }
-      });
-    }
-    return plan;
-  }
-
   private async commitMutating(c: CommitWork): Promise<CommitResult> {
-    const { cp, lbns, datas, plan, slicer } = c;
-    let blocksFreed = 0;
-    let blocksWritten = 0;
-    const free = (pba: number): void => {
-      if (this.smap.freeFromLive(pba)) blocksFreed++;
-    };
-    if (c.newSummary) blocksFreed += this.smap.replaceSummary(c.newSummary);
-    // Allocate data blocks, then address blocks level by level (upper bound: every
-    // touched node; those that end up empty are given back), in contiguous runs.
-    const pbas: number[] = [];
-    for (const r of this.smap.allocate(c.dataCount + c.nodesMax)) for (let k = 0; k < r.count; k++) pbas.push(r.pba + k);
-    await slicer.maybeYield();
-    let next = 0;
-    const dataPtrs: (BlockPtr | null)[] = new Array<BlockPtr | null>(lbns.length).fill(null);
-    const dataWrites: CpBlock[] = [];
-    for (let i = 0; i < lbns.length; i++) {
-      if ((i & 255) === 255) await slicer.maybeYield();
-      const d = datas[i];
-      if (!d) continue;
-      const pba = pbas[next++]!;
-      const crc = c.dataCrcs[i]!;
-      dataPtrs[i] = { pba, birth: cp, crc };
-      const origin = c.origins[i];
-      dataWrites.push(origin ? { pba, buf: d, origin, crc } : { pba, buf: d, crc });
-    }
-    for (const lvl of plan) for (let k = 0; k < lvl.index.length; k++) lvl.pba.push(pbas[next++]!);
-    assert(next === pbas.length, 'allocated blocks left over');
-    pbas.length = 0;
-    await this.writeAll(dataWrites, slicer, cp);
-    blocksWritten += dataWrites.length;
-    dataWrites.length = 0;
-    // Address blocks bottom-up, streamed in batches: copy the old node (or start empty),
-    // replace the touched pointers, stamp the header, checksum, write.
-    const countPresent = (b: Buffer): number => {
-      let n = 0;
-      for (let s = 0; s < FANOUT; s++) if (b.readUInt16LE(ptrSlotOffset(s) + 20) !== 0) n++;
-      return n;
-    };
-    const BATCH = this.writeChunkBlocks;
-    for (let l = 0; l < plan.length; l++) {
-      const lvl = plan[l]!;
-      const below = l > 0 ? plan[l - 1]! : null;
-      // Batches follow the write chunks: contiguous pbas, split at multiples of the chunk size.
-      const batches: number[][] = [];
-      for (let k = 0; k < lvl.index.length; k++) {
-        const cur = batches[batches.length - 1];
-        const p = lvl.pba[k]!;
-        if (cur && cur.length < BATCH && lvl.pba[cur[cur.length - 1]!]! + 1 === p && p % BATCH !== 0) cur.push(k);
-        else batches.push([k]);
-      }
-      for (const ks of batches) {
-        await slicer.maybeYield();
-        const out: (CpBlock | null)[] = new Array<CpBlock | null>(ks.length).fill(null);
-        await forEachLimit(ks, this.ioConcurrency, async (k, j) => {
-          // Cached old nodes resolve in microtasks: yield to the event loop between them.
-          await slicer.maybeYield();
-          const index = lvl.index[k]!;
-          const oldPtr = lvl.oldPtr[k]!;
-          const old = oldPtr ? await this.verified.readNode(oldPtr, l, index, false) : null;
-          const buf = old ? Buffer.from(old) : Buffer.alloc(BLOCK);
-          let present = old ? countPresent(old) : 0;
-          for (let x = lvl.firstChild[k]!; x < lvl.firstChild[k + 1]!; x++) {
-            const slot = (below ? below.index[x]! : lbns[x]!) % FANOUT;
-            const off = ptrSlotOffset(slot);
-            if (buf.readUInt16LE(off + 20) !== 0) {
-              present--;
-              if (!below) {
-                const oldData = this.verified.childOf(buf, oldPtr!, 0, index, slot);
-                if (oldData) free(oldData.pba);
-              }
-            }
-            const np = below ? below.newPtr[x]! : dataPtrs[x]!;
-            encodePtr(buf, off, np);
-            if (np) present++;
-          }
-          if (!(present >= 0 && present <= FANOUT)) assert(false, `present count ${present}`);
-          if (oldPtr) {
-            free(oldPtr.pba);
-            // The replaced version would only push live nodes out of the LRU (each CP
-            // rewrites its whole path set); a read still pinned to an old root re-reads it.
-            this.cache.delete(oldPtr.pba);
-          }
-          if (present === 0) {
-            this.smap.unallocate(lvl.pba[k]!);
-            return;
-          }
-          const pba = lvl.pba[k]!;
-          writeNodeHeader(buf, { type: NODE_TYPE_DATA_TREE, level: l, index }, pba, cp, this.uuidBytes);
-          const ptr: BlockPtr = { pba, birth: cp, crc: crc32c(buf) };
-          lvl.newPtr[k] = ptr;
-          out[j] = old && oldPtr ? { pba, buf, prevPba: oldPtr.pba, prev: old } : { pba, buf };
-          // Safe before the CP is durable: only a pointer with this pba, birth and crc can hit it.
-          this.cache.put(ptr, buf);
-        });
-        const writes = out.filter((w): w is CpBlock => w !== null);
-        await this.writeAll(writes, slicer, cp);
-        blocksWritten += writes.length;
-      }
-      if (below) below.newPtr.length = 0;
-    }
-    const newRoot = plan.length > 0 ? plan[plan.length - 1]!.newPtr[0]! : this.sb.root;
-    // The space map's own blocks (every allocation and free of the CP is final now).
-    const smapBlocks = this.smap.buildCommit(cp, this.uuidBytes);
-    await this.writeAll(smapBlocks, slicer, cp);
-    blocksWritten += smapBlocks.length;
-    await this.writePads();
-    await this.dev.sync();
+    const { cp } = c;
+    // Data, address and space-map blocks, pads, then sync (commit.ts).
+    const { newRoot, blocksWritten, blocksFreed } = await this.writer.writeCp(c, this.sb.root);
     // The new superblock, into the next ring slot, then sync: the CP is durable.
     const nowMs = Math.max(0, Math.floor(this.clock.nowMs()));
     const durationMs = Math.max(0, Math.round(nowMs - c.t0));
@@ -717,34 +543,6 @@ export class BlockTree implements BlockTreeApi {
     // The CP hook last: the next CP starts only after a mirror has taken this one.
     if (this.sink) await this.sink.committed(cp, cp % RING_SLOTS, sbBlock, c.meta);
     return { cpNumber: cp, durationMs, blocksWritten, blocksFreed };
-  }
-
-  private planSnapshots(ops: SnapshotOp[], cp: number): SnapPlan {
-    if (ops.length > 2 * MAX_SNAPSHOTS) throw new VolumeError('EINVAL', `at most ${2 * MAX_SNAPSHOTS} snapshot operations per CP`);
-    const names = this.sb.snapshots.map((s) => s.name);
-    const created: string[] = [];
-    const deleted: string[] = [];
-    for (const op of ops) {
-      if (op.kind === 'create') {
-        const problem = snapshotNameProblem(op.name);
-        if (problem) throw new VolumeError('EINVAL', problem);
-        if (names.includes(op.name)) throw new VolumeError('EINVAL', `snapshot "${op.name}" already exists`);
-        if (names.length >= MAX_SNAPSHOTS) throw new VolumeError('EINVAL', `cannot create snapshot "${op.name}": the volume already has the maximum of ${MAX_SNAPSHOTS}`);
-        names.push(op.name);
-        created.push(op.name);
-      } else if (op.kind === 'delete') {
-        const i = names.indexOf(op.name);
-        if (i < 0) throw new VolumeError('EINVAL', `no snapshot named "${op.name}"`);
-        names.splice(i, 1);
-        const c = created.indexOf(op.name);
-        if (c >= 0) created.splice(c, 1);
-        else deleted.push(op.name);
-      } else {
-        throw new VolumeError('EINVAL', `unknown snapshot operation ${JSON.stringify(op)}`);
-      }
-    }
-    assert(names.length <= MAX_SNAPSHOTS && cp > 0, 'snapshot plan');
-    return { created, deleted };
   }
 
   /**
@@ -788,88 +586,6 @@ export class BlockTree implements BlockTreeApi {
     const loader = this.verified.smapLoader('snapshot');
     for (const s of this.sb.snapshots) if (!without.includes(s.name)) await this.smap.loadTree(s.smapRoot, loader, out, false);
     return out;
-  }
-
-  /**
-   * Tells the device that released blocks hold nothing (a thin member file gets its space
-   * back). Only blocks no committed root, snapshot or in-flight read references are
-   * released, and this runs before anything is allocated. A failure is only logged:
-   * discard is a hint.
-   */
-  private async discard(released: { pba: number; count: number }[]): Promise<void> {
-    if (!this.discardFreed || released.length === 0) return;
-    // Allocation units (RAID stripes): only whole free units, or parity would go stale.
-    const runs = this.smap.wholeFreeUnits(released);
-    try {
-      await forEachLimit(runs, this.ioConcurrency, async (r) => {
-        if (!(r.pba >= RING_SLOTS && r.pba + r.count <= this.sb.deviceBlocks)) assert(false, `discard of [${r.pba}, +${r.count})`);
-        await this.dev.discard(r.pba, r.count);
-      });
-    } catch (e) {
-      log().warn({ err: e instanceof Error ? e.message : String(e) }, 'block tree: discarding freed blocks failed (ignored)');
-    }
-  }
-
-  /**
-   * Allocation units (RAID stripes): zeroes into the free blocks of the units this CP was
-   * handed, so every stripe it wrote is whole (no read-modify-write). Nothing references
-   * them; a mirror does not need them (not sent to the sink).
-   */
-  private async writePads(): Promise<void> {
-    const runs = this.smap.takePadRuns();
-    if (runs.length === 0) return;
-    const chunks: { pba: number; count: number }[] = [];
-    for (const r of runs) {
-      for (let p = r.pba; p < r.pba + r.count;) {
-        const n = Math.min(r.pba + r.count - p, this.writeChunkBlocks - (p % this.writeChunkBlocks));
-        chunks.push({ pba: p, count: n });
-        p += n;
-      }
-    }
-    const zeroes = Buffer.alloc(this.writeChunkBlocks * BLOCK);
-    await forEachLimit(chunks, this.ioConcurrency, (c) => this.dev.writeBlocks(c.pba, zeroes.subarray(0, c.count * BLOCK)));
-  }
-
-  /** Writes blocks sorted by address, coalesced into runs split at writeChunkBlocks boundaries. */
-  private async writeAll(blocks: CpBlock[], slicer: Slicer, cp: number): Promise<void> {
-    await slicer.maybeYield();
-    blocks.sort((a, b) => a.pba - b.pba);
-    const chunks: NewBlock[][] = [];
-    let cur: NewBlock[] = [];
-    for (const b of blocks) {
-      const prev = cur[cur.length - 1];
-      if (!(!prev || prev.pba !== b.pba)) assert(false, `pba ${b.pba} written twice in one CP`);
-      if (!(b.pba >= RING_SLOTS && b.pba < this.sb.deviceBlocks && b.buf.length === BLOCK)) assert(false, `bad block write at pba ${b.pba}`);
-      if (prev && (prev.pba + 1 !== b.pba || b.pba % this.writeChunkBlocks === 0 || cur.length >= this.writeChunkBlocks)) {
-        chunks.push(cur);
-        cur = [];
-      }
-      cur.push(b);
-    }
-    if (cur.length > 0) chunks.push(cur);
-    // The sink (a mirror) takes the same blocks at the same time as the device.
-    const shipped = this.sink ? this.sink.blocks(cp, blocks) : undefined;
-    await forEachLimit(chunks, this.ioConcurrency, async (c) => {
-      await slicer.maybeYield();
-      if (c.length === 1) {
-        await this.dev.writeBlocks(c[0]!.pba, c[0]!.buf);
-      } else {
-        // Gather into a reused buffer: a fresh 1 MiB allocation per chunk costs page
-        // faults (and GC) on the event loop, far more than the copy itself.
-        const chunk = this.chunkBufs.pop() ?? Buffer.allocUnsafe(this.writeChunkBlocks * BLOCK);
-        try {
-          // 128 KiB at a time (tens of microseconds), not a whole 1 MiB copy per turn.
-          for (let k = 0; k < c.length; k++) {
-            if ((k & 31) === 31) await slicer.maybeYield();
-            c[k]!.buf.copy(chunk, k * BLOCK);
-          }
-          await this.dev.writeBlocks(c[0]!.pba, chunk.subarray(0, c.length * BLOCK));
-        } finally {
-          if (this.chunkBufs.length < this.ioConcurrency) this.chunkBufs.push(chunk);
-        }
-      }
-    });
-    if (shipped) await shipped;
   }
 
   // ---------------------------------------------------------------- seams for a mirror
@@ -951,7 +667,7 @@ export class BlockTree implements BlockTreeApi {
     this.closed = true;
     while (this.commitRunning) await this.commitRunning.catch(() => undefined);
     this.cache.clear();
-    this.chunkBufs.length = 0;
+    this.writer.releaseChunkBufs();
   }
 
   /** @internal For tests: cache and space figures. */
@@ -972,11 +688,6 @@ export class BlockTree implements BlockTreeApi {
     }
     return { data: ptr, path };
   }
-}
-
-interface SnapPlan {
-  created: string[];
-  deleted: string[];
 }
 
 export { ptrString };

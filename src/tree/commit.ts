@@ -1,0 +1,366 @@
+/**
+ * The write half of a CP (BlockTree.commitCp runs it): which address blocks the CP
+ * rewrites (planPaths), the snapshot operations it carries (planSnapshots), and the
+ * blocks it writes before its superblock (CpWriter.writeCp: data blocks, address blocks
+ * bottom-up, space-map blocks, allocation-unit pads, then a sync), plus the discard of
+ * released blocks. The superblock and the switch of in-memory state stay in tree.ts.
+ *
+ * Invariants:
+ * - Every block a CP writes is newly allocated (never one a committed root, kept snapshot
+ *   or in-flight read references), written at most once per CP, outside the superblock
+ *   ring; writes go in address order, coalesced into runs split at multiples of
+ *   writeChunkBlocks, at most ioConcurrency at a time.
+ * - A block's pointer carries the CP as its birth and its crc32c; a rewritten address
+ *   block's old version and the data blocks it no longer points at are freed from the
+ *   live map (kept while a snapshot holds them); an address block left with no pointer
+ *   is not written (its block is given back).
+ * - The CP sink (a mirror) is handed the same blocks as the device, at the same time;
+ *   the pads are not sent to it.
+ * - A device with an allocation unit (`allocUnitBlocks`, a RAID stripe) is handed whole
+ *   free units per CP, and the CP pads the free rest of its units with zeroes, so it
+ *   writes whole stripes; discards cover whole free units only.
+ */
+import type { BlockDevice } from '../io/types';
+import { VolumeError } from '../util/errors';
+import { assert } from '../util/assert';
+import { log } from '../util/log';
+import { crc32c } from '../io/checksum';
+import {
+  BLOCK, BlockPtr, FANOUT, MAX_SNAPSHOTS, NODE_TYPE_DATA_TREE, RING_SLOTS, SnapshotRecord, encodePtr, ptrSlotOffset,
+  snapshotNameProblem, writeNodeHeader,
+} from './layout';
+import type { NodeCache } from './node-cache';
+import type { NewBlock, SpaceMap } from './spacemap';
+import type { BlockOrigin, CpBlock, CpMeta, CpSink, SnapshotOp } from './types';
+import type { VerifiedReader } from './verified-read';
+import { Slicer, forEachLimit } from '../util/work';
+
+/** The address blocks one level of a CP rewrites (parallel arrays, sorted by index). */
+export interface PathLevel {
+  index: number[];
+  /** Children of node k are below[firstChild[k] .. firstChild[k+1]) (lbns for level 0); length index.length + 1. */
+  firstChild: number[];
+  oldPtr: (BlockPtr | null)[];
+  newPtr: (BlockPtr | null)[];
+  pba: number[];
+}
+
+export interface CommitWork {
+  cp: number;
+  t0: number;
+  meta: CpMeta;
+  lbns: number[];
+  datas: (Buffer | null)[];
+  dataCrcs: number[];
+  origins: (BlockOrigin | undefined)[];
+  dataCount: number;
+  plan: PathLevel[];
+  nodesMax: number;
+  newSummary: Buffer | null;
+  snapPlan: SnapPlan;
+  slicer: Slicer;
+}
+
+export interface SnapPlan {
+  created: string[];
+  deleted: string[];
+}
+
+/** Validates a CP's snapshot operations against the kept snapshots: the names it creates and deletes. */
+export function planSnapshots(ops: SnapshotOp[], snapshots: readonly SnapshotRecord[], cp: number): SnapPlan {
+  if (ops.length > 2 * MAX_SNAPSHOTS) throw new VolumeError('EINVAL', `at most ${2 * MAX_SNAPSHOTS} snapshot operations per CP`);
+  const names = snapshots.map((s) => s.name);
+  const created: string[] = [];
+  const deleted: string[] = [];
+  for (const op of ops) {
+    if (op.kind === 'create') {
+      const problem = snapshotNameProblem(op.name);
+      if (problem) throw new VolumeError('EINVAL', problem);
+      if (names.includes(op.name)) throw new VolumeError('EINVAL', `snapshot "${op.name}" already exists`);
+      if (names.length >= MAX_SNAPSHOTS) throw new VolumeError('EINVAL', `cannot create snapshot "${op.name}": the volume already has the maximum of ${MAX_SNAPSHOTS}`);
+      names.push(op.name);
+      created.push(op.name);
+    } else if (op.kind === 'delete') {
+      const i = names.indexOf(op.name);
+      if (i < 0) throw new VolumeError('EINVAL', `no snapshot named "${op.name}"`);
+      names.splice(i, 1);
+      const c = created.indexOf(op.name);
+      if (c >= 0) created.splice(c, 1);
+      else deleted.push(op.name);
+    } else {
+      throw new VolumeError('EINVAL', `unknown snapshot operation ${JSON.stringify(op)}`);
+    }
+  }
+  assert(names.length <= MAX_SNAPSHOTS && cp > 0, 'snapshot plan');
+  return { created, deleted };
+}
+
+export class CpWriter {
+  /** Gather buffers of writeChunkBlocks blocks reused by writeAll (at most ioConcurrency kept). */
+  private readonly chunkBufs: Buffer[] = [];
+
+  constructor(
+    private readonly dev: BlockDevice,
+    private readonly smap: SpaceMap,
+    private readonly verified: VerifiedReader,
+    private readonly cache: NodeCache,
+    private readonly uuidBytes: Buffer,
+    private readonly height: number,
+    private readonly deviceBlocks: number,
+    private readonly writeChunkBlocks: number,
+    private readonly ioConcurrency: number,
+    private readonly discardFreed: boolean,
+    /** The tree's CP sink at the time of each write (BlockTree.setCpSink changes it). */
+    private readonly sink: () => CpSink | undefined,
+  ) {}
+
+  /** Drops the gather buffers (the tree is closed). */
+  releaseChunkBufs(): void {
+    this.chunkBufs.length = 0;
+  }
+
+  /**
+   * The address blocks a CP rewrites: per level (0 = bottom), the sorted indexes of the
+   * touched nodes, where each one's children start in the level below (or in lbns), and
+   * each one's old pointer (below the committed `root`). Reads the old levels >= 1 (not
+   * level 0); changes nothing.
+   */
+  async planPaths(lbns: number[], root: BlockPtr | null, slicer: Slicer): Promise<PathLevel[]> {
+    if (lbns.length === 0) return [];
+    const H = this.height;
+    const plan: PathLevel[] = [];
+    let below: number[] = lbns;
+    for (let l = 0; l < H; l++) {
+      const index: number[] = [];
+      const firstChild: number[] = [];
+      for (let k = 0; k < below.length; k++) {
+        const i = Math.floor(below[k]! / FANOUT);
+        if (index.length === 0 || index[index.length - 1] !== i) {
+          index.push(i);
+          firstChild.push(k);
+        }
+      }
+      firstChild.push(below.length);
+      await slicer.maybeYield();
+      plan.push({ index, firstChild, oldPtr: new Array<BlockPtr | null>(index.length).fill(null), newPtr: new Array<BlockPtr | null>(index.length).fill(null), pba: [] });
+      below = index;
+    }
+    const top = plan[H - 1]!;
+    assert(top.index.length === 1 && top.index[0] === 0, 'the root level has one node');
+    top.oldPtr[0] = root;
+    for (let l = H - 1; l >= 1; l--) {
+      const lvl = plan[l]!;
+      const child = plan[l - 1]!;
+      const ks = lvl.index.map((_, k) => k).filter((k) => lvl.oldPtr[k] !== null);
+      await forEachLimit(ks, this.ioConcurrency, async (k) => {
+        await slicer.maybeYield();
+        const ptr = lvl.oldPtr[k]!;
+        const node = await this.verified.readNode(ptr, l, lvl.index[k]!, false);
+        for (let c = lvl.firstChild[k]!; c < lvl.firstChild[k + 1]!; c++) {
+          child.oldPtr[c] = this.verified.childOf(node, ptr, l, lvl.index[k]!, child.index[c]! % FANOUT);
+        }
+      });
+    }
+    return plan;
+  }
+
+  /**
+   * Allocates and writes every block of CP c but its superblock, then syncs: data blocks,
+   * address blocks bottom-up, the space map's blocks, the pads. Changes the in-memory
+   * space map (and the node cache); `root` is the committed root (the new one when the
+   * CP changes no block). Returns the new root and the counts.
+   */
+  async writeCp(c: CommitWork, root: BlockPtr | null): Promise<{ newRoot: BlockPtr | null; blocksWritten: number; blocksFreed: number }> {
+    const { cp, lbns, datas, plan, slicer } = c;
+    let blocksFreed = 0;
+    let blocksWritten = 0;
+    const free = (pba: number): void => {
+      if (this.smap.freeFromLive(pba)) blocksFreed++;
+    };
+    if (c.newSummary) blocksFreed += this.smap.replaceSummary(c.newSummary);
+    // Allocate data blocks, then address blocks level by level (upper bound: every
+    // touched node; those that end up empty are given back), in contiguous runs.
+    const pbas: number[] = [];
+    for (const r of this.smap.allocate(c.dataCount + c.nodesMax)) for (let k = 0; k < r.count; k++) pbas.push(r.pba + k);
+    await slicer.maybeYield();
+    let next = 0;
+    const dataPtrs: (BlockPtr | null)[] = new Array<BlockPtr | null>(lbns.length).fill(null);
+    const dataWrites: CpBlock[] = [];
+    for (let i = 0; i < lbns.length; i++) {
+      if ((i & 255) === 255) await slicer.maybeYield();
+      const d = datas[i];
+      if (!d) continue;
+      const pba = pbas[next++]!;
+      const crc = c.dataCrcs[i]!;
+      dataPtrs[i] = { pba, birth: cp, crc };
+      const origin = c.origins[i];
+      dataWrites.push(origin ? { pba, buf: d, origin, crc } : { pba, buf: d, crc });
+    }
+    for (const lvl of plan) for (let k = 0; k < lvl.index.length; k++) lvl.pba.push(pbas[next++]!);
+    assert(next === pbas.length, 'allocated blocks left over');
+    pbas.length = 0;
+    await this.writeAll(dataWrites, slicer, cp);
+    blocksWritten += dataWrites.length;
+    dataWrites.length = 0;
+    // Address blocks bottom-up, streamed in batches: copy the old node (or start empty),
+    // replace the touched pointers, stamp the header, checksum, write.
+    const countPresent = (b: Buffer): number => {
+      let n = 0;
+      for (let s = 0; s < FANOUT; s++) if (b.readUInt16LE(ptrSlotOffset(s) + 20) !== 0) n++;
+      return n;
+    };
+    const BATCH = this.writeChunkBlocks;
+    for (let l = 0; l < plan.length; l++) {
+      const lvl = plan[l]!;
+      const below = l > 0 ? plan[l - 1]! : null;
+      // Batches follow the write chunks: contiguous pbas, split at multiples of the chunk size.
+      const batches: number[][] = [];
+      for (let k = 0; k < lvl.index.length; k++) {
+        const cur = batches[batches.length - 1];
+        const p = lvl.pba[k]!;
+        if (cur && cur.length < BATCH && lvl.pba[cur[cur.length - 1]!]! + 1 === p && p % BATCH !== 0) cur.push(k);
+        else batches.push([k]);
+      }
+      for (const ks of batches) {
+        await slicer.maybeYield();
+        const out: (CpBlock | null)[] = new Array<CpBlock | null>(ks.length).fill(null);
+        await forEachLimit(ks, this.ioConcurrency, async (k, j) => {
+          // Cached old nodes resolve in microtasks: yield to the event loop between them.
+          await slicer.maybeYield();
+          const index = lvl.index[k]!;
+          const oldPtr = lvl.oldPtr[k]!;
+          const old = oldPtr ? await this.verified.readNode(oldPtr, l, index, false) : null;
+          const buf = old ? Buffer.from(old) : Buffer.alloc(BLOCK);
+          let present = old ? countPresent(old) : 0;
+          for (let x = lvl.firstChild[k]!; x < lvl.firstChild[k + 1]!; x++) {
+            const slot = (below ? below.index[x]! : lbns[x]!) % FANOUT;
+            const off = ptrSlotOffset(slot);
+            if (buf.readUInt16LE(off + 20) !== 0) {
+              present--;
+              if (!below) {
+                const oldData = this.verified.childOf(buf, oldPtr!, 0, index, slot);
+                if (oldData) free(oldData.pba);
+              }
+            }
+            const np = below ? below.newPtr[x]! : dataPtrs[x]!;
+            encodePtr(buf, off, np);
+            if (np) present++;
+          }
+          if (!(present >= 0 && present <= FANOUT)) assert(false, `present count ${present}`);
+          if (oldPtr) {
+            free(oldPtr.pba);
+            // The replaced version would only push live nodes out of the LRU (each CP
+            // rewrites its whole path set); a read still pinned to an old root re-reads it.
+            this.cache.delete(oldPtr.pba);
+          }
+          if (present === 0) {
+            this.smap.unallocate(lvl.pba[k]!);
+            return;
+          }
+          const pba = lvl.pba[k]!;
+          writeNodeHeader(buf, { type: NODE_TYPE_DATA_TREE, level: l, index }, pba, cp, this.uuidBytes);
+          const ptr: BlockPtr = { pba, birth: cp, crc: crc32c(buf) };
+          lvl.newPtr[k] = ptr;
+          out[j] = old && oldPtr ? { pba, buf, prevPba: oldPtr.pba, prev: old } : { pba, buf };
+          // Safe before the CP is durable: only a pointer with this pba, birth and crc can hit it.
+          this.cache.put(ptr, buf);
+        });
+        const writes = out.filter((w): w is CpBlock => w !== null);
+        await this.writeAll(writes, slicer, cp);
+        blocksWritten += writes.length;
+      }
+      if (below) below.newPtr.length = 0;
+    }
+    const newRoot = plan.length > 0 ? plan[plan.length - 1]!.newPtr[0]! : root;
+    // The space map's own blocks (every allocation and free of the CP is final now).
+    const smapBlocks = this.smap.buildCommit(cp, this.uuidBytes);
+    await this.writeAll(smapBlocks, slicer, cp);
+    blocksWritten += smapBlocks.length;
+    await this.writePads();
+    await this.dev.sync();
+    return { newRoot, blocksWritten, blocksFreed };
+  }
+
+  /**
+   * Tells the device that released blocks hold nothing (a thin member file gets its space
+   * back). Only blocks no committed root, snapshot or in-flight read references are
+   * released, and this runs before anything is allocated. A failure is only logged:
+   * discard is a hint.
+   */
+  async discard(released: { pba: number; count: number }[]): Promise<void> {
+    if (!this.discardFreed || released.length === 0) return;
+    // Allocation units (RAID stripes): only whole free units, or parity would go stale.
+    const runs = this.smap.wholeFreeUnits(released);
+    try {
+      await forEachLimit(runs, this.ioConcurrency, async (r) => {
+        if (!(r.pba >= RING_SLOTS && r.pba + r.count <= this.deviceBlocks)) assert(false, `discard of [${r.pba}, +${r.count})`);
+        await this.dev.discard(r.pba, r.count);
+      });
+    } catch (e) {
+      log().warn({ err: e instanceof Error ? e.message : String(e) }, 'block tree: discarding freed blocks failed (ignored)');
+    }
+  }
+
+  /**
+   * Allocation units (RAID stripes): zeroes into the free blocks of the units this CP was
+   * handed, so every stripe it wrote is whole (no read-modify-write). Nothing references
+   * them; a mirror does not need them (not sent to the sink).
+   */
+  private async writePads(): Promise<void> {
+    const runs = this.smap.takePadRuns();
+    if (runs.length === 0) return;
+    const chunks: { pba: number; count: number }[] = [];
+    for (const r of runs) {
+      for (let p = r.pba; p < r.pba + r.count;) {
+        const n = Math.min(r.pba + r.count - p, this.writeChunkBlocks - (p % this.writeChunkBlocks));
+        chunks.push({ pba: p, count: n });
+        p += n;
+      }
+    }
+    const zeroes = Buffer.alloc(this.writeChunkBlocks * BLOCK);
+    await forEachLimit(chunks, this.ioConcurrency, (c) => this.dev.writeBlocks(c.pba, zeroes.subarray(0, c.count * BLOCK)));
+  }
+
+  /** Writes blocks sorted by address, coalesced into runs split at writeChunkBlocks boundaries. */
+  private async writeAll(blocks: CpBlock[], slicer: Slicer, cp: number): Promise<void> {
+    await slicer.maybeYield();
+    blocks.sort((a, b) => a.pba - b.pba);
+    const chunks: NewBlock[][] = [];
+    let cur: NewBlock[] = [];
+    for (const b of blocks) {
+      const prev = cur[cur.length - 1];
+      if (!(!prev || prev.pba !== b.pba)) assert(false, `pba ${b.pba} written twice in one CP`);
+      if (!(b.pba >= RING_SLOTS && b.pba < this.deviceBlocks && b.buf.length === BLOCK)) assert(false, `bad block write at pba ${b.pba}`);
+      if (prev && (prev.pba + 1 !== b.pba || b.pba % this.writeChunkBlocks === 0 || cur.length >= this.writeChunkBlocks)) {
+        chunks.push(cur);
+        cur = [];
+      }
+      cur.push(b);
+    }
+    if (cur.length > 0) chunks.push(cur);
+    // The sink (a mirror) takes the same blocks at the same time as the device.
+    const sink = this.sink();
+    const shipped = sink ? sink.blocks(cp, blocks) : undefined;
+    await forEachLimit(chunks, this.ioConcurrency, async (c) => {
+      await slicer.maybeYield();
+      if (c.length === 1) {
+        await this.dev.writeBlocks(c[0]!.pba, c[0]!.buf);
+      } else {
+        // Gather into a reused buffer: a fresh 1 MiB allocation per chunk costs page
+        // faults (and GC) on the event loop, far more than the copy itself.
+        const chunk = this.chunkBufs.pop() ?? Buffer.allocUnsafe(this.writeChunkBlocks * BLOCK);
+        try {
+          // 128 KiB at a time (tens of microseconds), not a whole 1 MiB copy per turn.
+          for (let k = 0; k < c.length; k++) {
+            if ((k & 31) === 31) await slicer.maybeYield();
+            c[k]!.buf.copy(chunk, k * BLOCK);
+          }
+          await this.dev.writeBlocks(c[0]!.pba, chunk.subarray(0, c.length * BLOCK));
+        } finally {
+          if (this.chunkBufs.length < this.ioConcurrency) this.chunkBufs.push(chunk);
+        }
+      }
+    });
+    if (shipped) await shipped;
+  }
+}
