@@ -8,8 +8,10 @@
  * into the next slot of an 8-slot superblock ring, and syncs again. Snapshots are kept
  * roots (with the space map of their CP) listed in the superblock.
  *
- * BlockTree (this file) holds the open tree's state and its public API. Some jobs live
- * in their own files:
+ * BlockTree (this file) holds the open tree's state and its public API: the mounted
+ * superblock, the pinned roots, the space map, the order of a commit and the switch to
+ * a new CP, snapshots, the seams for a mirror, check and close. The rest, by job:
+ * - mount.ts: format, choosing and verifying the superblock to mount, read-only views.
  * - verified-read.ts: every device read of an open tree, verified and counted.
  * - read.ts: readBlock / readRange / blockStatus below one root (the walks).
  * - root-handle.ts: the roots reads are pinned to; a snapshot's TreeReader.
@@ -38,30 +40,23 @@ import { popcount } from '../util/bitmap';
 import { crc32c } from '../io/checksum';
 import { runCheck } from './check';
 import {
-  BLOCK, BlockPtr, FANOUT, MAX_DEVICE_BLOCKS, MAX_VOLUME_BYTES, MIN_DEVICE_BLOCKS, NODE_TYPE_DATA_TREE,
-  NodeId, RING_SLOTS, SnapshotRecord, Superblock, decodePtr, decodeSuperblock, encodeSuperblock, heightFor,
-  ptrSlotOffset, ptrString, slotsPerPointer, uuidToBytes, verifyNode,
+  BLOCK, BlockPtr, FANOUT, RING_SLOTS, SnapshotRecord, Superblock, decodeSuperblock, encodeSuperblock, ptrString, slotsPerPointer, uuidToBytes,
 } from './layout';
 import { NodeCache } from './node-cache';
-import { rootGeneration, startGeneration, type Generation } from './lineage';
-import { SpaceMap, SpaceMapLoader } from './spacemap';
+import { startGeneration, type Generation } from './lineage';
+import { SpaceMap } from './spacemap';
 import type {
   BlockChange, BlockOrigin, BlockTreeApi, CheckReport, CommitResult, CommittedView, CpMeta, CpSink, SnapshotInfo, SnapshotOp,
   TreeReader, TreeStats, TreeRollback, BlockErrorCounts,
 } from './types';
 import { Slicer } from '../util/work';
 import { CommitWork, CpWriter, planSnapshots } from './commit';
+import { FormatOptions, allocUnitOf, formatVolume, loadCommitted, mountNewest, verifyViewRoots } from './mount';
 import { ReadPath } from './read';
 import { PinnedReader, RootHandle } from './root-handle';
-import { VerifiedReader, repairedRead } from './verified-read';
+import { VerifiedReader } from './verified-read';
 
-export interface FormatOptions {
-  /** Logical size of the volume; a positive multiple of 4096, at most 2^50. */
-  sizeBytes: number;
-  /** The volume's UUID (8-4-4-4-12 hex); stamped into every metadata block. */
-  volumeUuid: string;
-  clock?: Clock;
-}
+export type { FormatOptions } from './mount';
 
 export interface OpenOptions {
   clock?: Clock;
@@ -79,20 +74,8 @@ export interface OpenOptions {
 
 export const DEFAULT_CACHE_BLOCKS = 4096;
 
-/** The device's allocation unit (a RAID stripe's data blocks; 1 for a plain device). */
-function allocUnitOf(dev: BlockDevice): number {
-  const u = dev.allocUnitBlocks ?? 1;
-  assert(Number.isSafeInteger(u) && u >= 1, `device allocation unit ${u}`);
-  return u;
-}
-
 export const MAX_CHANGES_PER_CP = 1 << 18;
 const ZERO_BLOCK = Buffer.alloc(BLOCK);
-
-/** The device failed a read during mount (as opposed to data that does not verify). */
-class DeviceReadError extends Error {
-  override name = 'DeviceReadError';
-}
 
 export class BlockTree implements BlockTreeApi {
   readonly sizeBytes: number;
@@ -158,88 +141,16 @@ export class BlockTree implements BlockTreeApi {
     for (const s of sb.snapshots) this.snapHandles.set(s.name, new RootHandle(s.cp, s.root, `snapshot ${s.name}`));
   }
 
-  // ---------------------------------------------------------------- format / open
+  // ---------------------------------------------------------------- format / open (mount.ts)
 
   /** Writes an empty volume (CP 0) onto dev; every superblock slot but the first is zeroed. */
-  static async format(dev: BlockDevice, opts: FormatOptions): Promise<void> {
-    const { sizeBytes } = opts;
-    if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % BLOCK !== 0) throw new Error(`bad volume size ${sizeBytes}: must be a positive multiple of ${BLOCK} bytes`);
-    if (sizeBytes > MAX_VOLUME_BYTES) throw new Error(`volume size ${sizeBytes} exceeds the maximum of ${MAX_VOLUME_BYTES} bytes`);
-    const uuid = uuidToBytes(opts.volumeUuid);
-    if (dev.blockCount < MIN_DEVICE_BLOCKS) throw new Error(`device too small: ${dev.blockCount} blocks of 4 KiB, need at least ${MIN_DEVICE_BLOCKS}`);
-    const clock = opts.clock ?? systemClock;
-    const deviceBlocks = Math.min(dev.blockCount, MAX_DEVICE_BLOCKS);
-    const smap = SpaceMap.createEmpty(deviceBlocks, allocUnitOf(dev));
-    const blocks = smap.buildCommit(0, uuid);
-    for (const b of blocks) await dev.writeBlocks(b.pba, b.buf);
-    await dev.sync();
-    const sb: Superblock = {
-      volumeUuid: opts.volumeUuid.toLowerCase(), sizeBytes, deviceBlocks, cpNumber: 0, timestampMs: Math.max(0, Math.floor(clock.nowMs())),
-      lastCpDurationMs: 0, nvlogSeq: 0, nvlogEpoch: 0, treeHeight: heightFor(sizeBytes / BLOCK), smapHeight: smap.height,
-      root: null, smapRoot: smap.root, usedBlocks: smap.used, snapshots: [], lineage: [rootGeneration(opts.volumeUuid)],
-    };
-    const ring = Buffer.alloc(RING_SLOTS * BLOCK);
-    encodeSuperblock(sb).copy(ring, 0);
-    await dev.writeBlocks(0, ring);
-    await dev.sync();
+  static format(dev: BlockDevice, opts: FormatOptions): Promise<void> {
+    return formatVolume(dev, opts);
   }
 
   /** Mounts the newest superblock whose checksum, root block and space map verify. */
-  static async open(dev: BlockDevice, opts: OpenOptions = {}): Promise<BlockTree> {
-    if (dev.blockCount < RING_SLOTS) throw new Error(`device too small: ${dev.blockCount} blocks cannot hold the superblock ring`);
-    const ring = Buffer.alloc(RING_SLOTS * BLOCK);
-    await dev.readBlocks(0, RING_SLOTS, ring);
-    const candidates: Superblock[] = [];
-    const reasons: string[] = [];
-    for (let s = 0; s < RING_SLOTS; s++) {
-      const d = decodeSuperblock(ring.subarray(s * BLOCK, (s + 1) * BLOCK));
-      if (typeof d === 'string') reasons.push(`slot ${s}: ${d}`);
-      else if (d.cpNumber % RING_SLOTS !== s) reasons.push(`slot ${s}: holds CP ${d.cpNumber}, which belongs in slot ${d.cpNumber % RING_SLOTS}`);
-      else candidates.push(d);
-    }
-    if (candidates.length === 0) {
-      if (reasons.every((r) => r.endsWith('bad magic'))) throw new Error('not an nvmirror volume: no superblock slot has the nvmirror magic');
-      throw new Error(`no valid superblock (${reasons.join('; ')})`);
-    }
-    candidates.sort((a, b) => b.cpNumber - a.cpNumber);
-    const newest = candidates[0]!;
-    if (dev.blockCount < newest.deviceBlocks) {
-      throw new Error(`device too small: it has ${dev.blockCount} blocks but the volume was formatted on ${newest.deviceBlocks}`);
-    }
-    const failures: string[] = [];
-    for (const sb of candidates) {
-      if (sb.volumeUuid !== newest.volumeUuid || sb.deviceBlocks !== newest.deviceBlocks || sb.sizeBytes !== newest.sizeBytes) {
-        failures.push(`CP ${sb.cpNumber}: belongs to another format of this device`);
-        continue;
-      }
-      try {
-        let tree: BlockTree;
-        try {
-          tree = await BlockTree.mount(dev, sb, opts);
-        } catch (e) {
-          if (e instanceof DeviceReadError) throw e;
-          // Read it again before giving up on a durable CP: a one-off bad read must not roll back.
-          tree = await BlockTree.mount(dev, sb, opts);
-        }
-        if (sb !== newest) {
-          log().error({ cp: sb.cpNumber, newest: newest.cpNumber, skipped: failures }, 'block tree: mounted an older CP because newer superblocks did not verify');
-          tree.rollback = {
-            mountedCp: sb.cpNumber,
-            newestCp: newest.cpNumber,
-            newestMeta: { nvlogSeq: newest.nvlogSeq, nvlogEpoch: newest.nvlogEpoch },
-            reasons: failures.slice(),
-          };
-        }
-        return tree;
-      } catch (e) {
-        // A device error is not corruption: rolling back to an older CP would lose committed data.
-        if (e instanceof DeviceReadError) throw e;
-        const msg = e instanceof Error ? e.message : String(e);
-        failures.push(`CP ${sb.cpNumber}: ${msg}`);
-        log().warn({ cp: sb.cpNumber, err: msg }, 'block tree: superblock does not verify, trying an older one');
-      }
-    }
-    throw new Error(`no superblock verifies (${failures.join('; ')})`);
+  static open(dev: BlockDevice, opts: OpenOptions = {}): Promise<BlockTree> {
+    return mountNewest(dev, (sb) => BlockTree.mount(dev, sb, opts));
   }
 
   /**
@@ -248,56 +159,14 @@ export class BlockTree implements BlockTreeApi {
    * as safe as the caller's guarantee that nothing it references is overwritten.
    */
   static async openView(dev: BlockDevice, superblock: Buffer, opts: OpenOptions = {}): Promise<BlockTree> {
-    const sb = decodeSuperblock(superblock);
-    if (typeof sb === 'string') throw new VolumeError('EIO', `superblock does not verify: ${sb}`);
-    const uuid = uuidToBytes(sb.volumeUuid);
-    const roots = [sb.root, ...sb.snapshots.map((s) => s.root)];
-    for (const r of roots) {
-      if (r === null) continue;
-      const buf = Buffer.alloc(BLOCK);
-      await dev.readBlocks(r.pba, 1, buf);
-      const problem = verifyNode(buf, r, { type: NODE_TYPE_DATA_TREE, level: sb.treeHeight - 1, index: 0 }, uuid);
-      if (problem) throw new VolumeError('EIO', `CP ${sb.cpNumber} root block at pba ${r.pba}: ${problem}`);
-    }
+    const sb = await verifyViewRoots(dev, superblock);
     const tree = new BlockTree(dev, sb, SpaceMap.createEmpty(sb.deviceBlocks), opts.clock ?? systemClock, { cacheBlocks: 256, ...opts, discardFreed: false });
     tree.failedReason = 'a read-only view';
     return tree;
   }
 
   private static async mount(dev: BlockDevice, sb: Superblock, opts: OpenOptions): Promise<BlockTree> {
-    const uuid = uuidToBytes(sb.volumeUuid);
-    const deviceBlocks = sb.deviceBlocks;
-    const readVerified = async (ptr: BlockPtr, what: string, id: NodeId | null): Promise<Buffer> => {
-      const buf = Buffer.alloc(BLOCK);
-      try {
-        await dev.readBlocks(ptr.pba, 1, buf);
-      } catch (e) {
-        throw new DeviceReadError(`device read of ${what} at pba ${ptr.pba} failed: ${e instanceof Error ? e.message : String(e)}`);
-      }
-      const problem = id ? verifyNode(buf, ptr, id, uuid) : crc32c(buf) === ptr.crc ? null : 'checksum mismatch';
-      if (problem && !(await repairedRead(dev, ptr.pba, buf, (b) => (id ? verifyNode(b, ptr, id, uuid) : crc32c(b) === ptr.crc ? null : 'x') === null))) {
-        throw new Error(`${what} at pba ${ptr.pba}: ${problem}`);
-      }
-      return buf;
-    };
-    const loader: SpaceMapLoader = {
-      readNode: (ptr, id) => readVerified(ptr, `space-map node level ${id.level} index ${id.index}`, id),
-      readLeaf: (ptr, i) => readVerified(ptr, `space-map leaf ${i}`, null),
-      decodeChild: (node, slot, what) => {
-        const p = decodePtr(node, ptrSlotOffset(slot), deviceBlocks);
-        if (typeof p === 'string') throw new Error(`${what}: ${p}`);
-        return p;
-      },
-    };
-    const roots: { name: string; cp: number; root: BlockPtr | null }[] = [{ name: 'live tree', cp: sb.cpNumber, root: sb.root }];
-    for (const s of sb.snapshots) roots.push({ name: `snapshot ${s.name}`, cp: s.cp, root: s.root });
-    for (const r of roots) {
-      if (r.root === null) continue;
-      if (r.root.birth > r.cp) throw new Error(`${r.name} root born at CP ${r.root.birth}, after its CP ${r.cp}`);
-      await readVerified(r.root, `${r.name} root block`, { type: NODE_TYPE_DATA_TREE, level: sb.treeHeight - 1, index: 0 });
-    }
-    const smap = await SpaceMap.load(deviceBlocks, sb.smapRoot, sb.snapshots.map((s) => s.smapRoot), loader, allocUnitOf(dev));
-    if (smap.used !== sb.usedBlocks) log().warn({ recorded: sb.usedBlocks, counted: smap.used }, 'block tree: superblock used-block count differs from the space map');
+    const smap = await loadCommitted(dev, sb);
     return new BlockTree(dev, sb, smap, opts.clock ?? systemClock, opts);
   }
 
