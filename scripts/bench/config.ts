@@ -129,7 +129,8 @@ mirror suite (only when named: BENCH_SUITES=mirror; needs root for network names
   BENCH_MIRROR_RUNTIME=S     seconds per fio run, no ramp (default 10; quick 3)
   BENCH_MIRROR_RTT_MS=1      median RTT through the relay in the delayed runs (delayMs is calibrated to it)
   BENCH_MIRROR_STALL=S       seconds the peer is stalled in the stall run (default 5; quick 3)
-  (BENCH_ROUNDS, BENCH_CP_INTERVAL and BENCH_ONLY apply; the stall run's id is mirror-stall)`;
+  BENCH_MIRROR_BASELINE=2G   live data of the baseline/resync run (quick 256M; 0: no such run)
+  (BENCH_ROUNDS, BENCH_CP_INTERVAL and BENCH_ONLY apply; the stall run's id is mirror-stall, the baseline run's mirror-baseline)`;
 
 export function loadConfig(argv: string[]): BenchConfig | 'help' {
   let jsonToStdout = false;
@@ -177,6 +178,7 @@ export function loadConfig(argv: string[]): BenchConfig | 'help' {
     runtimeS: envInt('BENCH_MIRROR_RUNTIME', quick ? 3 : 10, 1, 3600),
     rttMs: envNumber('BENCH_MIRROR_RTT_MS', 1, 0.05, 1000),
     stallS: envInt('BENCH_MIRROR_STALL', quick ? 3 : 5, 1, 600),
+    baselineBytes: envSize('BENCH_MIRROR_BASELINE', quick ? '256M' : '2G'),
   };
 
   const jsonEnv = process.env.BENCH_JSON;

@@ -235,6 +235,8 @@ function estimateS(c: BenchConfig, suites: Suite[], withEngine: boolean): number
   if (c.suites.includes('mirror')) {
     // 5 configurations per workload: fio, start-up and the wait for the final in-sync point; RTT calibration; 2 stall runs.
     s += c.rounds * mirrorWorkloads(c.mirror).length * 5 * (c.mirror.runtimeS + 8) + 40 + 2 * (c.mirror.stallS + 15);
+    // The baseline run: the fill, the baseline, the rewrite and the resync (~100-500 MB/s each), start-ups.
+    s += c.mirror.baselineBytes > 0 ? (c.mirror.baselineBytes * 2.5) / 100e6 + 30 : 0;
   }
   return s;
 }

@@ -51,6 +51,8 @@ const START_TIMEOUT_MS = 60_000;
 const STOP_TIMEOUT_MS = 60_000;
 const SYNC_TIMEOUT_MS = 300_000;
 const STATUS_POLL_MS = 50;
+/** Status polls while a baseline or resync runs. */
+const CATCH_UP_POLL_MS = 500;
 const RELAY_REPLY_TIMEOUT_MS = 10_000;
 const PING_COUNT = 400;
 
@@ -61,6 +63,8 @@ export interface MirrorBenchOptions {
   runtimeS: number;
   rttMs: number;
   stallS: number;
+  /** Live data the baseline run copies (0: no baseline run); the resync run rewrites a quarter of it. */
+  baselineBytes: number;
 }
 
 type Mode = 'none' | 'sync' | 'async';
@@ -125,6 +129,28 @@ export interface StallResult {
   lastError: string | undefined;
 }
 
+/** One catch-up (baseline or resync), as the source timed it: from its CP_BEGIN to the destination's ack of the commit. */
+export interface CatchUp {
+  seconds: number;
+  /** Bytes the source put on the wire over that window (its own count). */
+  wireBytes: number;
+  /** The blocks it sent (data and metadata), in bytes. */
+  dataBytes: number;
+}
+
+export interface BaselineResult {
+  /** Bytes the fill wrote before the mirror started (the live data the baseline copies). */
+  filledBytes: number;
+  /** Bytes written (1 MiB random writes) while the receiver was down, before the resync. */
+  rewrittenBytes: number;
+  baseline: CatchUp;
+  resync: CatchUp;
+  /** One TCP stream a -> b over the veth, bytes/s. */
+  linkBytesPerS: number;
+  /** Sequential 1 MiB writes to a file in the bench directory, then fdatasync, bytes/s. */
+  diskBytesPerS: number;
+}
+
 export interface RttResult {
   directMs: number;
   relayMs: number;
@@ -143,6 +169,7 @@ export interface MirrorReport {
   samples: MirrorSample[];
   rtt: RttResult;
   stalls: StallResult[];
+  baseline?: BaselineResult;
 }
 
 function say(line: string): void {
@@ -175,6 +202,11 @@ class NsProcess {
 
   get log(): string {
     return lastLines(this.err + this.out);
+  }
+
+  /** Everything it printed (each stream's last 1 MB). */
+  text(): string {
+    return this.out + '\n' + this.err;
   }
 
   /** `ip netns exec` execs the command, so this is the node process itself (checked). */
@@ -410,7 +442,7 @@ async function mirrorStatus(vol: string): Promise<MirrorStats> {
   return m;
 }
 
-async function waitInSync(vol: string, what: string, minCp: number, procs: NsProcess[]): Promise<MirrorStats> {
+async function waitInSync(vol: string, what: string, minCp: number, procs: NsProcess[], pollMs = STATUS_POLL_MS): Promise<MirrorStats> {
   const deadline = Date.now() + SYNC_TIMEOUT_MS;
   let last: MirrorStats | undefined;
   for (;;) {
@@ -418,7 +450,68 @@ async function waitInSync(vol: string, what: string, minCp: number, procs: NsPro
     last = await mirrorStatus(vol);
     if (last.state === 'in-sync' && last.rootsEqual && last.destCp === last.sourceCp && last.destCp >= minCp) return last;
     if (Date.now() > deadline) throw new Error(`mirror not in sync ${what} after ${SYNC_TIMEOUT_MS / 1000} s: ${JSON.stringify(last)}`);
-    await sleep(STATUS_POLL_MS);
+    await sleep(pollMs);
+  }
+}
+
+/**
+ * Waits for in-sync with equal roots at CP >= minCp after a baseline or resync, and takes
+ * its time and block count from the source's own log line ("mirror baseline done" /
+ * "mirror resync done": from its CP_BEGIN to the destination's ack of its commit; the
+ * n-th such line, n = `nth`), so status polling neither slows it nor blurs the clock.
+ * Wire bytes are the source's counter minus `base` (a status taken before the receiver
+ * came up; undefined: a fresh source, counting from zero).
+ */
+async function timeCatchUp(vol: string, kind: 'baseline' | 'resync', nth: number, minCp: number, source: NsProcess, procs: NsProcess[], base: MirrorStats | undefined): Promise<CatchUp> {
+  // Rare polls: the time comes from the log, and a status walks the source's state.
+  const m = await waitInSync(vol, `after the ${kind}`, minCp, procs, CATCH_UP_POLL_MS);
+  const done = source.text().split('\n').filter((l) => l.includes(`"msg":"mirror ${kind} done"`));
+  const line = done[nth - 1];
+  if (line === undefined) throw new Error(`the source logged ${done.length} "mirror ${kind} done" lines, expected ${nth}`);
+  const j = JSON.parse(line.slice(line.indexOf('{'))) as { blocks: number; ms: number };
+  return { seconds: j.ms / 1000, dataBytes: j.blocks * 4096, wireBytes: m.bytesOnWire - (base?.bytesOnWire ?? 0) };
+}
+
+const SINK_JS = `let n = 0, t0 = 0; require('net').createServer((s) => { s.on('data', (d) => { if (t0 === 0) t0 = process.hrtime.bigint(); n += d.length; }); s.on('end', () => { console.log(JSON.stringify({ bytes: n, seconds: Number(process.hrtime.bigint() - t0) / 1e9 })); process.exit(0); }); }).listen(Number(process.argv[2]), process.argv[1], () => console.log('up'))`;
+const SEND_JS = `const [host, port, total] = process.argv.slice(1); const buf = Buffer.alloc(1 << 20, 7); let left = Number(total); const s = require('net').connect(Number(port), host, () => { const go = () => { while (left > 0) { left -= buf.length; if (!s.write(buf)) return void s.once('drain', go); } s.end(); }; go(); });`;
+
+/** One TCP stream from a to b over the veth (Node on both ends, as the mirror): bytes/s at the sink. */
+async function linkBandwidth(pair: HostPair, bytes: number): Promise<number> {
+  const port = PORT + 2;
+  const sink = pair.spawn('b', process.execPath, ['-e', SINK_JS, pair.b.addr, String(port)]);
+  try {
+    let out = '';
+    sink.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+    await new Promise<void>((resolve, reject) => {
+      const t = setInterval(() => out.includes('up') && (clearInterval(t), resolve()), 10);
+      sink.once('exit', () => (clearInterval(t), reject(new Error('link sink exited'))));
+    });
+    const sent = await pair.exec('a', process.execPath, ['-e', SEND_JS, pair.b.addr, String(port), String(bytes)], { timeoutMs: 120_000 });
+    if (sent.code !== 0) throw new Error(`link sender failed: ${sent.stderr.trim()}`);
+    await new Promise<void>((resolve) => (sink.exitCode !== null ? resolve() : sink.once('exit', () => resolve())));
+    const line = out.split('\n').find((l) => l.startsWith('{'));
+    if (!line) throw new Error(`link sink said nothing: ${out}`);
+    const r = JSON.parse(line) as { bytes: number; seconds: number };
+    if (r.bytes < bytes) throw new Error(`link sink got ${r.bytes} of ${bytes} bytes`);
+    return r.bytes / r.seconds;
+  } finally {
+    if (sink.exitCode === null) sink.kill('SIGKILL');
+  }
+}
+
+/** Sequential 1 MiB writes of `bytes` to a new file in dir, then fdatasync: bytes/s. */
+function diskBandwidth(dir: string, bytes: number): number {
+  const f = path.join(dir, 'disk-bw.tmp');
+  const buf = Buffer.alloc(MIB, 7);
+  const fd = fs.openSync(f, 'w');
+  try {
+    const t0 = process.hrtime.bigint();
+    for (let off = 0; off < bytes; off += MIB) fs.writeSync(fd, buf, 0, MIB, off);
+    fs.fdatasyncSync(fd);
+    return bytes / (Number(process.hrtime.bigint() - t0) / 1e9);
+  } finally {
+    fs.closeSync(fd);
+    fs.rmSync(f, { force: true });
   }
 }
 
@@ -552,6 +645,72 @@ class MirrorBench {
     }
   }
 
+  /**
+   * Baseline and resync speed, straight over the veth (no relay): fill a volume with
+   * baselineBytes unmirrored, start a receiver and the source in sync mode and time the
+   * baseline; stop the receiver, rewrite a quarter of the data with 1 MiB random writes,
+   * start it again and time the resync. Against one TCP stream's bandwidth on the veth
+   * and the disk's sequential write bandwidth (the issue's target: >= 50% of the lower).
+   */
+  async baselineAndResync(): Promise<BaselineResult> {
+    const n = ++this.runNo;
+    const vol = path.join(this.dir, `vol-${n}`);
+    const rx = path.join(this.dir, `rx-${n}`);
+    const sock = path.join(this.dir, `src-${n}.sock`);
+    const exp = path.join(this.dir, `exp-${n}.sock`);
+    const uri = `nbd+unix:///?socket=${sock}`;
+    const filled = this.o.baselineBytes;
+    const rewritten = Math.max(MIB, Math.floor(filled / 4 / MIB) * MIB);
+    // The best of three (other writeback on the disk only ever lowers a run).
+    const diskBytesPerS = Math.max(...[0, 1, 2].map(() => diskBandwidth(this.dir, Math.min(filled, 1024 * MIB))));
+    const linkBytesPerS = await linkBandwidth(this.pair, Math.min(filled, 2048 * MIB));
+    const create = await this.pair.exec('a', process.execPath, [this.bin, 'create', vol, '--size', String(this.o.sizeBytes), '--nvram-size', String(this.o.nvramBytes)], { timeoutMs: 120_000 });
+    if (create.code !== 0) throw new Error(`nvmirror create failed: ${lastLines(create.stderr + create.stdout)}`);
+    const procs: NsProcess[] = [];
+    const serve = async (label: string, extra: string[]): Promise<NsProcess> => {
+      const p = this.nvm('a', label, ['serve', vol, '--socket', sock, '--cp-interval', String(this.o.cpIntervalMs), ...extra]);
+      procs.push(p);
+      await p.waitFor('"serving" line', () => p.stdout.includes('nvmirror: serving') && fs.existsSync(sock));
+      return p;
+    };
+    const receive = async (): Promise<NsProcess> => {
+      const p = this.nvm('b', 'nvmirror receive', ['receive', rx, '--listen', `${this.pair.b.addr}:${PORT}`, '--export-socket', exp, '--mirror-insecure']);
+      procs.push(p);
+      await p.waitFor('"receiving" line', () => p.stdout.includes('nvmirror: receiving') && fs.existsSync(exp));
+      return p;
+    };
+    const mirrorArgs = ['--mirror-to', `${this.pair.b.addr}:${PORT}`, '--mirror-mode', 'sync', '--mirror-insecure'];
+    try {
+      // The fill, unmirrored (fio's buffers are random: nothing is a zero block).
+      let source = await serve('nvmirror serve (fill)', []);
+      await runFio('baseline-fill', uri, [['rw', 'write'], ['bs', '1M'], ['iodepth', 8], ['size', filled]], 'write', path.join(this.dir, 'baseline-fill.json'), filled / 100e6 + 30);
+      await checkpoint(vol);
+      await source.stop();
+      // Baseline.
+      let receiver = await receive();
+      source = await serve('nvmirror serve (sync)', mirrorArgs);
+      const baseline = await timeCatchUp(vol, 'baseline', 1, 0, source, [source, receiver], undefined);
+      // Resync: the receiver away while a quarter of the data is rewritten.
+      await receiver.stop();
+      await runFio('resync-writes', uri, [['rw', 'randwrite'], ['bs', '1M'], ['iodepth', 8], ['size', filled], ['io_size', rewritten], ['norandommap', 1]], 'write',
+        path.join(this.dir, 'resync-writes.json'), rewritten / 50e6 + 30);
+      const cp = await checkpoint(vol);
+      const before = await mirrorStatus(vol);
+      if (before.connected) throw new Error('the source says connected while the receiver is down');
+      receiver = await receive();
+      const resync = await timeCatchUp(vol, 'resync', 1, cp, source, [source, receiver], before);
+      await source.stop();
+      await receiver.stop();
+      return { filledBytes: filled, rewrittenBytes: rewritten, baseline, resync, linkBytesPerS, diskBytesPerS };
+    } catch (e) {
+      for (const p of procs) if (!p.exited) p.child.kill('SIGKILL');
+      throw new Error(`baseline/resync: ${(e as Error).message}\n  ${procs.map((p) => `${p.name}: ${p.log}`).join('\n  ')}`);
+    } finally {
+      fs.rmSync(vol, { recursive: true, force: true });
+      fs.rmSync(rx, { recursive: true, force: true });
+    }
+  }
+
   async stall(mode: Mode, w: MWorkload): Promise<StallResult> {
     const r = await this.start(mode, 0);
     try {
@@ -654,6 +813,7 @@ export async function runMirrorSuite(c: BenchConfig, root: string, o: MirrorBenc
   fs.mkdirSync(dir, { recursive: true });
   const workloads = mirrorWorkloads(o).filter((w) => c.only.length === 0 || c.only.some((x) => w.id.includes(x)));
   const wantStall = c.only.length === 0 || c.only.some((x) => 'mirror-stall'.includes(x));
+  const wantBaseline = o.baselineBytes > 0 && (c.only.length === 0 || c.only.some((x) => 'mirror-baseline'.includes(x)));
   const rttLabel = `${o.rttMs} ms`;
   const configs: Config[] = [
     { label: 'unmirrored', mode: 'none', delayed: false },
@@ -693,6 +853,12 @@ export async function runMirrorSuite(c: BenchConfig, root: string, o: MirrorBenc
         stalls.push(await bench.stall(mode, w));
       }
     }
+    let baseline: BaselineResult | undefined;
+    if (wantBaseline) {
+      say(`  [mirror] baseline of ${formatSize(o.baselineBytes)} and resync over the veth...`);
+      baseline = await bench.baselineAndResync();
+      say(`  [mirror] ${formatBaseline(baseline).join('; ').replace(/\s+/g, ' ')}`);
+    }
     return {
       title: `mirror ${formatSize(o.sizeBytes)} thin, NVRAM ${formatSize(o.nvramBytes)}, --cp-interval ${o.cpIntervalMs}: unmirrored vs sync vs async, relay RTT ~0 and ~${rttLabel}`,
       configs: configs.map((k) => ({
@@ -706,6 +872,7 @@ export async function runMirrorSuite(c: BenchConfig, root: string, o: MirrorBenc
       samples,
       rtt,
       stalls,
+      ...(baseline ? { baseline } : {}),
     };
   } finally {
     await pair.destroy();
@@ -715,6 +882,21 @@ export async function runMirrorSuite(c: BenchConfig, root: string, o: MirrorBenc
 // ------------------------------------------------------------------ output
 
 const mib = (b: number): string => (b / MIB).toFixed(0);
+
+/** The baseline/resync lines (MB/s are 10^6 bytes/s). */
+function formatBaseline(b: BaselineResult): string[] {
+  const mbs = (bytesPerS: number): string => `${(bytesPerS / 1e6).toFixed(0)} MB/s`;
+  const bound = Math.min(b.linkBytesPerS, b.diskBytesPerS);
+  const line = (what: string, c: CatchUp): string => {
+    const r = c.dataBytes / Math.max(c.seconds, 1e-3);
+    return `   ${what}: ${formatSize(c.dataBytes)} of blocks sent in ${c.seconds.toFixed(2)} s = ${mbs(r)}, ${(r / bound).toFixed(2)}x of the lower bound (target >= 0.50); ${formatSize(c.wireBytes)} on the wire`;
+  };
+  return [
+    `   link (one TCP stream a -> b on the veth) ${mbs(b.linkBytesPerS)}; disk (1 MiB sequential writes + fdatasync, best of 3) ${mbs(b.diskBytesPerS)}; lower bound ${mbs(bound)}`,
+    line(`baseline of ${formatSize(b.filledBytes)} written`, b.baseline),
+    line(`resync after ${formatSize(b.rewrittenBytes)} of 1 MiB random writes while the receiver was down`, b.resync),
+  ];
+}
 
 export function formatMirror(rep: MirrorReport, roundsNote: string): string {
   const labels = rep.configs.map((k) => k.label);
@@ -764,6 +946,9 @@ export function formatMirror(rep: MirrorReport, roundsNote: string): string {
   lines.push('   wire/client: bytes through the relay (both directions) / bytes fio wrote, from in-sync after the baseline to in-sync with equal roots after fio (a CP asked for at the end);');
   lines.push("   (nvmirror count): the source's own bytesOnWire over the same window / bytes fio wrote. CPU %: of one core, during fio (2 cores in all, fio included).");
   lines.push(`   RTT through the relay: ${rep.rtt.calibration.join('; ')}.`);
+  if (rep.baseline) {
+    lines.push('', `== mirror: baseline and resync, sync mode, straight over the veth (timed by the source: first block to the commit's ack) ==`, ...formatBaseline(rep.baseline));
+  }
   if (rep.stalls.length > 0) {
     lines.push('', `== mirror: peer stalled (relay stops reading both ways) under 4k randwrite QD32 ==`);
     for (const s of rep.stalls) {
