@@ -486,7 +486,11 @@ export class MirrorDir {
     if (this.baselinePartial) this.view = undefined;
   }
 
-  /** Makes the first `blocks` blocks of the baseline toward `targetCp` durable and records it (the caller has no write in flight). */
+  /**
+   * Makes the first `blocks` blocks of the baseline toward `targetCp` durable and records
+   * it. The caller's writes of those blocks have completed; writes of later blocks may be
+   * in flight (the sync covers at least the completed ones).
+   */
   async baselineProgress(targetCp: number, blocks: number): Promise<void> {
     await this.dev.sync();
     await this.setBaselinePartial(targetCp, blocks);
