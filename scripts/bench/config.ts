@@ -178,7 +178,7 @@ export function loadConfig(argv: string[]): BenchConfig | 'help' {
     runtimeS: envInt('BENCH_MIRROR_RUNTIME', quick ? 3 : 10, 1, 3600),
     rttMs: envNumber('BENCH_MIRROR_RTT_MS', 1, 0.05, 1000),
     stallS: envInt('BENCH_MIRROR_STALL', quick ? 3 : 5, 1, 600),
-    baselineBytes: envSize('BENCH_MIRROR_BASELINE', quick ? '256M' : '2G'),
+    baselineBytes: process.env.BENCH_MIRROR_BASELINE === '0' ? 0 : envSize('BENCH_MIRROR_BASELINE', quick ? '256M' : '2G'),
   };
 
   const jsonEnv = process.env.BENCH_JSON;
