@@ -7,6 +7,9 @@
  *   primary is killed with SIGKILL at a random moment (CPs every 100 ms, so often mid-CP);
  *   the mirror is promoted while its receiver runs; every acknowledged write must read
  *   back from the promoted volume (a block may instead hold the write in flight on it).
+ *   Every 4th round the receiver is killed mid-load and restarted, and the primary is
+ *   killed mid-resync (the receiver frozen with SIGSTOP as the resync starts); the run
+ *   fails if none of those kills landed mid-resync.
  * - Async: after a kill -9 the promoted mirror is exactly one of the source's committed
  *   CPs (its root equals that CP's root in the source's superblock ring, and it checks).
  * - Fan-in: three sources into one receiver; one is killed and promoted; the other two
@@ -206,18 +209,32 @@ describe('mirror failover: promote (two hosts)', function () {
       const c = await NbdClient.connect(s.sock, '');
       const errors: string[] = [];
       const killAfterMs = 200 + Math.floor(rnd() * 800);
-      // Receiver-crash rounds: the primary dies 0-1 s after the receiver is back (while the
-      // source reconnects and resyncs, or just after), not on the timer.
+      // Receiver-crash rounds: the primary dies while it resyncs the restarted receiver. The
+      // source's log is watched for the resync's start; the receiver is then frozen
+      // (SIGSTOP: it cannot acknowledge the resync's commit, so the resync cannot end) and
+      // the primary killed, which makes the kill land mid-resync whatever the resync's
+      // length. If no resync starts within afterRestartMs + 3 s, the kill happens anyway.
       const killer = receiverCrash ? undefined : setTimeout(() => void kill9(src), killAfterMs);
       let restarted: Promise<void> = Promise.resolve();
       const afterRestartMs = Math.floor(rnd() * 1000);
-      const when = receiverCrash ? `the receiver killed and restarted, the primary killed ${afterRestartMs} ms later` : `kill at ${killAfterMs} ms`;
+      const when = receiverCrash ? 'the receiver killed and restarted, the primary killed as its resync started' : `kill at ${killAfterMs} ms`;
       const rxKiller = receiverCrash ? setTimeout(() => {
         restarted = (async () => {
+          const logPath = path.join(tmp, `sv${round}.log`);
           await kill9(receiver!);
+          const from = fs.statSync(logPath).size;
           await startReceiver();
-          await new Promise((r) => setTimeout(r, afterRestartMs));
-          await kill9(src);
+          const deadline = Date.now() + afterRestartMs + 3000;
+          while (Date.now() < deadline && !fs.readFileSync(logPath, 'utf8').slice(from).includes('mirror resync started')) {
+            await new Promise((r) => setTimeout(r, 2));
+          }
+          const frozen = receiver!;
+          frozen.kill('SIGSTOP');
+          try {
+            await kill9(src);
+          } finally {
+            frozen.kill('SIGCONT');
+          }
         })();
       }, 100 + Math.floor(rnd() * 300)) : undefined;
       await load(c, w, mode, rnd, errors);
@@ -249,6 +266,8 @@ describe('mirror failover: promote (two hosts)', function () {
     process.stdout.write(`      ${ROUNDS} failovers: ${acked} acknowledged writes, ${checked} blocks checked on the promoted mirrors, 0 lost; ` +
       `${replayed} log records replayed by promote; ${inflightLanded} in-flight blocks had landed; ` +
       `${receiverCrashes} rounds with the receiver killed mid-load (${killedMidResync} primaries killed mid-resync)\n`);
+    // The issue asks for kills mid-resync too: at least one of those rounds must have been one.
+    if (receiverCrashes > 0) assert.ok(killedMidResync > 0, `seed ${seed}: no primary was killed mid-resync in ${receiverCrashes} receiver-crash rounds`);
   });
 
   it('async: after a kill -9 the promoted mirror is exactly one of the source\'s committed CPs', async () => {
