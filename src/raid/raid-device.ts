@@ -1097,7 +1097,6 @@ export class RaidDevice implements BlockDevice {
     return todo.length;
   }
 
-
   /**
    * Makes every member in service hold the head this device serves (per block, the copy
    * headPick chooses: the newest superblock), then syncs. A crash during a CP's ring
@@ -1141,6 +1140,7 @@ export class RaidDevice implements BlockDevice {
     }
     return rewritten;
   }
+
   /** Writes every gathered stripe (partial ones by read-modify-write). */
   private async flushAll(): Promise<void> {
     const stripes = [...this.pending.keys()].sort((a, b) => a - b);
