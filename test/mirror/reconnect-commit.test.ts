@@ -18,21 +18,13 @@ import { MirrorReceiver } from '../../src/mirror/receiver';
 import { MirrorSource } from '../../src/mirror/source';
 import { MirrorDir } from '../../src/mirror/mirror-dir';
 import { createVolumeDir, openVolumeDir, type OpenedVolumeDir } from '../../src/volume/dir';
+import { sleep, until } from './helpers';
 
 const MIB = 1024 * 1024;
 /** How long the destination's commit is held back: well past the source's first reconnect (200 ms). */
 const COMMIT_HOLD_MS = 1500;
 const CONVERGE_MS = 20_000;
 
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-async function until(what: string, ms: number, f: () => boolean): Promise<void> {
-  const end = Date.now() + ms;
-  while (!f()) {
-    if (Date.now() > end) assert.fail(`timed out waiting for ${what}`);
-    await sleep(20);
-  }
-}
 
 /** A TCP relay to `port` whose connections the test can cut (both ends destroyed at once, no FIN first). */
 async function relay(port: number): Promise<{ port: number; cut: () => void; close: () => Promise<void> }> {
@@ -96,7 +88,7 @@ describe('mirror: a reconnect while the destination commits a CP', function () {
       const v = vol.volume;
       await v.write(0, Buffer.alloc(64 * 1024, 1), false);
       await v.checkpoint();
-      await until('the baseline and first CP', CONVERGE_MS, () => source.stats().state === 'in-sync' && source.stats().rootsEqual);
+      await until('the baseline and first CP', () => source.stats().state === 'in-sync' && source.stats().rootsEqual, CONVERGE_MS);
       const heldCp = source.stats().sourceCp + 1;
 
       // The next CP's commit on the destination: the link is cut as it starts, and it ends
@@ -113,10 +105,10 @@ describe('mirror: a reconnect while the destination commits a CP', function () {
       await v.checkpoint();
       await v.write(2 * MIB, Buffer.alloc(64 * 1024, 3), false);
       await v.checkpoint();
-      await until(`roots equal at CP ${heldCp + 1} or later`, CONVERGE_MS, () => {
+      await until(`roots equal at CP ${heldCp + 1} or later`, () => {
         const s = source.stats();
         return s.state === 'in-sync' && s.rootsEqual && s.destCp >= heldCp + 1;
-      });
+      }, CONVERGE_MS);
       assert.equal(held, 1, 'the commit of the CP in flight was held back once');
       const connected = lines.filter((l) => /"msg":"mirror connected"/.test(l)).map((l) => JSON.parse(l) as { destCp: number });
       assert.ok(connected.length >= 2, `the source reconnected (connected ${connected.length} times)`);

@@ -15,19 +15,11 @@ import pino from 'pino';
 import { MirrorReceiver } from '../../src/mirror/receiver';
 import { MirrorSource } from '../../src/mirror/source';
 import { createVolumeDir, openVolumeDir, type OpenedVolumeDir } from '../../src/volume/dir';
+import { until } from './helpers';
 
 const MIB = 1024 * 1024;
 const STALL_MS = 1000;
 
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-async function until(what: string, ms: number, f: () => boolean): Promise<void> {
-  const end = Date.now() + ms;
-  while (!f()) {
-    if (Date.now() > end) assert.fail(`timed out waiting for ${what}`);
-    await sleep(20);
-  }
-}
 
 describe('mirror: a peer that accepts the connection and never answers', function () {
   this.timeout(60_000);
@@ -60,10 +52,10 @@ describe('mirror: a peer that accepts the connection and never answers', functio
     try {
       vol = await openVolumeDir(srcDir, { readOnly: false, control: false, cpIntervalMs: 0, beforeRecovery: (t) => source.attachTree(t) });
       source.attachVolume(vol.volume);
-      await until('a HELLO reaching the silent peer', 10_000, () => helloBytes > 0);
+      await until('a HELLO reaching the silent peer', () => helloBytes > 0, 10_000);
       assert.equal(source.stats().connected, false, 'a connection without WELCOME is not connected');
       // Dropped after the stall timeout (the check runs once a second) and tried again.
-      await until('a second connection attempt', 4 * STALL_MS + 5000, () => accepted.length >= 2);
+      await until('a second connection attempt', () => accepted.length >= 2, 4 * STALL_MS + 5000);
       assert.ok(accepted[0]!.destroyed || accepted[0]!.readableEnded, 'the first connection was closed by the source');
       assert.match(source.stats().lastError ?? '', /no WELCOME from the destination within 1000 ms of HELLO/);
       // Client writes go on meanwhile (policy available).
@@ -74,10 +66,10 @@ describe('mirror: a peer that accepts the connection and never answers', functio
       rx = new MirrorReceiver({ dir: rxDir, logger });
       await rx.listen('127.0.0.1', port);
       await vol.volume.checkpoint();
-      await until('in sync with equal roots', 30_000, () => {
+      await until('in sync with equal roots', () => {
         const st = source.stats();
         return st.connected && st.state === 'in-sync' && st.rootsEqual;
-      });
+      }, 30_000);
     } finally {
       await vol?.close();
       await source.stop();
