@@ -401,15 +401,20 @@ export class RaidDevice implements BlockDevice {
   }
 
   private async readHead(p: number, dst: Buffer): Promise<void> {
-    const copies: Buffer[] = [];
+    (await this.headCopies(p)).best.copy(dst);
+  }
+
+  /** Every readable copy of head block p (with the member it came from) and the one served (headPick). */
+  private async headCopies(p: number): Promise<{ copies: Array<{ member: number; buf: Buffer }>; best: Buffer }> {
+    const copies: Array<{ member: number; buf: Buffer }> = [];
     for (let i = 0; i < this.members.length; i++) {
       const b = Buffer.alloc(B);
-      if (await this.memberRead(i, LABEL_COPIES + p, 1, b)) copies.push(b);
+      if (await this.memberRead(i, LABEL_COPIES + p, 1, b)) copies.push({ member: i, buf: b });
     }
     if (copies.length === 0) throw new VolumeError('EIO', `RAID: no member in service holds head block ${p}`);
-    const k = this.headPick ? this.headPick(copies) : 0;
+    const k = this.headPick ? this.headPick(copies.map((c) => c.buf)) : 0;
     assert(k >= 0 && k < copies.length, 'headPick out of range');
-    copies[k]!.copy(dst);
+    return { copies, best: copies[k]!.buf };
   }
 
   /** Reads a run inside one stripe unit: buffered blocks from the buffer, the rest from its member, else rebuilt. */
@@ -1115,20 +1120,8 @@ export class RaidDevice implements BlockDevice {
     let rewritten = 0;
     await this.withStripe(HEAD_LOCK, async () => {
       for (let p = 0; p < g.headBlocks; p++) {
-        const copies: Buffer[] = [];
-        const from: number[] = [];
-        for (let i = 0; i < this.members.length; i++) {
-          const b = Buffer.alloc(B);
-          if (await this.memberRead(i, LABEL_COPIES + p, 1, b)) {
-            copies.push(b);
-            from.push(i);
-          }
-        }
-        if (copies.length === 0) throw new VolumeError('EIO', `RAID: no member in service holds head block ${p}`);
-        const k = this.headPick ? this.headPick(copies) : 0;
-        assert(k >= 0 && k < copies.length, 'headPick out of range');
-        const best = copies[k]!;
-        const behind = from.filter((_, j) => !copies[j]!.equals(best));
+        const { copies, best } = await this.headCopies(p);
+        const behind = copies.filter((c) => !c.buf.equals(best)).map((c) => c.member);
         if (behind.length === 0) continue;
         await forEachLimit(behind, MEMBER_IO_CONCURRENCY, (i) => this.memberWrite(i, LABEL_COPIES + p, best));
         rewritten++;
