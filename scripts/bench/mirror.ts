@@ -483,8 +483,8 @@ async function linkBandwidth(pair: HostPair, bytes: number): Promise<number> {
     let out = '';
     sink.stdout!.on('data', (d: Buffer) => (out += d.toString()));
     await new Promise<void>((resolve, reject) => {
-      const t = setInterval(() => out.includes('up') && (clearInterval(t), resolve()), 10);
-      sink.once('exit', () => (clearInterval(t), reject(new Error('link sink exited'))));
+      sink.stdout!.on('data', () => out.includes('up') && resolve());
+      sink.once('exit', () => reject(new Error('link sink exited')));
     });
     const sent = await pair.exec('a', process.execPath, ['-e', SEND_JS, pair.b.addr, String(port), String(bytes)], { timeoutMs: 120_000 });
     if (sent.code !== 0) throw new Error(`link sender failed: ${sent.stderr.trim()}`);
