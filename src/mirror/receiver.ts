@@ -601,7 +601,14 @@ class Session {
     }
     const mirror = await this.rx.openMirror(m, this.log);
     if (this.closed) return;
-    mirror.checkMember(); // it may have stayed open since another connection
+    try {
+      mirror.checkMember(); // it may have stayed open since another connection
+    } catch (e) {
+      // Refused at HELLO, before this session holds the mirror (end() sets lastError only
+      // for a held one): the receiver's status must still say why.
+      mirror.lastError = `refused the stream: ${e instanceof Error ? e.message : String(e)}`;
+      throw e;
+    }
     // Before the log starts this stream (which drops stored records from its first seq on).
     const c = mirror.baselinePartial ? undefined : mirror.committed?.sb;
     const standing = decideStanding(
