@@ -7,7 +7,8 @@
  * Invariants:
  * - Every node is verified (header, parent crc32c) and every leaf by its parent's crc32c
  *   before its bits are used; a bad block is an error, never a wrong map.
- * - The live tree's leaves overwrite `active`; snapshot maps are ORed into `summary`.
+ * - The live tree's leaves overwrite `active`, and its holes clear it (an emptied range
+ *   is a null pointer, not a zero leaf); snapshot maps are ORed into `summary`.
  */
 import { VolumeError } from '../util/errors';
 import { crc32c } from '../io/checksum';
@@ -24,7 +25,16 @@ export function bitmapBytes(sb: Superblock): number {
   return Math.ceil(sb.deviceBlocks / (BLOCK * 8)) * BLOCK;
 }
 
-async function walkMap(read: ReadBlock, sb: Superblock, root: BlockPtr, bornAfter: number, onLeaf: (index: number, leaf: Buffer) => void): Promise<void> {
+/**
+ * Visits every leaf born after `bornAfter`, and every hole (a leaf, or a node's whole
+ * subtree, the tree left out because no block in its range is in use) under a node born
+ * after it: a hole there may be new (the range was emptied by a later CP), so a caller
+ * keeping a map up to date must clear its range.
+ */
+async function walkMap(
+  read: ReadBlock, sb: Superblock, root: BlockPtr, bornAfter: number,
+  onLeaf: (index: number, leaf: Buffer) => void, onHole: (firstLeaf: number, leaves: number) => void,
+): Promise<void> {
   const uuid = uuidToBytes(sb.volumeUuid);
   const visit = async (ptr: BlockPtr, level: number, index: number): Promise<void> => {
     if (ptr.birth <= bornAfter) return;
@@ -35,7 +45,12 @@ async function walkMap(read: ReadBlock, sb: Superblock, root: BlockPtr, bornAfte
     for (let s = 0; s < FANOUT; s++) {
       const c = decodePtr(node, ptrSlotOffset(s), sb.deviceBlocks);
       if (typeof c === 'string') throw new VolumeError('EIO', `space-map node at pba ${ptr.pba} slot ${s}: ${c}`);
-      if (c === null || c.birth <= bornAfter) continue;
+      if (c === null) {
+        const span = FANOUT ** level; // leaves under one child of this node
+        onHole((index * FANOUT + s) * span, span);
+        continue;
+      }
+      if (c.birth <= bornAfter) continue;
       if (level > 0) await visit(c, level - 1, index * FANOUT + s);
       else leaves.push({ c, i: index * FANOUT + s });
     }
@@ -54,6 +69,8 @@ export async function readActiveMap(read: ReadBlock, sb: Superblock, active: Buf
   if (bornAfter < 0) active.fill(0);
   await walkMap(read, sb, sb.smapRoot, bornAfter, (i, leaf) => {
     if ((i + 1) * BLOCK <= active.length) leaf.copy(active, i * BLOCK);
+  }, (first, n) => {
+    if (first * BLOCK < active.length) active.fill(0, first * BLOCK, Math.min(active.length, (first + n) * BLOCK));
   });
 }
 
@@ -63,6 +80,6 @@ export async function readSummaryMap(read: ReadBlock, sb: Superblock, summary: B
   for (const s of sb.snapshots) {
     await walkMap(read, sb, s.smapRoot, -1, (i, leaf) => {
       for (let k = 0; k < BLOCK && i * BLOCK + k < summary.length; k++) summary[i * BLOCK + k] = summary[i * BLOCK + k]! | leaf[k]!;
-    });
+    }, () => undefined); // zeroed above: a hole adds nothing
   }
 }

@@ -1,0 +1,74 @@
+/**
+ * tree/spacemap-read.ts, the space map as a mirror destination reads it: the map kept
+ * up to date CP by CP (only leaves born after the previous CP read) must equal the map
+ * read whole, also when a CP frees every block of a leaf's range, which the tree then
+ * stores as a hole (a null pointer) instead of a zero leaf. The destination refuses any
+ * CP that writes a block its committed map says is in use, so a stale bit there turns
+ * an honest source away (a CI run of the async link-flapping test found it).
+ */
+import { strict as assert } from 'assert';
+import { MemoryBlockDevice } from '../../src/io/memory-device';
+import { BLOCK_SIZE_BYTES } from '../../src/io/types';
+import { BlockTree } from '../../src/tree/tree';
+import { RING_SLOTS, decodeSuperblock, type Superblock } from '../../src/tree/layout';
+import { bitmapBytes, readActiveMap } from '../../src/tree/spacemap-read';
+import type { BlockChange } from '../../src/tree/types';
+
+const B = BLOCK_SIZE_BYTES;
+const UUID = '3c1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0';
+const LEAF_BLOCKS = B * 8; // blocks one space-map leaf covers
+const LBNS = 4000; // the live data: each CP rewrites all of it, so COW walks it across the device
+const DEVICE_BLOCKS = LEAF_BLOCKS + 8000; // two leaves: the data leaves each in turn
+const CPS_MAX = 60;
+
+async function superblockOf(dev: MemoryBlockDevice, cp: number): Promise<Superblock> {
+  const raw = Buffer.alloc(B);
+  await dev.readBlocks(cp % RING_SLOTS, 1, raw);
+  const sb = decodeSuperblock(raw);
+  assert.ok(typeof sb !== 'string', `superblock of CP ${cp}: ${String(sb)}`);
+  return sb;
+}
+
+function bitsIn(map: Buffer, leaf: number): number {
+  let n = 0;
+  for (let i = leaf * B; i < (leaf + 1) * B && i < map.length; i++) for (let v = map[i]!; v !== 0; v &= v - 1) n++;
+  return n;
+}
+
+describe('tree: the space map read by a mirror destination', () => {
+  it('kept up to date CP by CP, it equals the map read whole, also when a leaf becomes a hole', async function () {
+    this.timeout(60_000);
+    const dev = new MemoryBlockDevice(DEVICE_BLOCKS);
+    await BlockTree.format(dev, { sizeBytes: LBNS * B, volumeUuid: UUID });
+    const t = await BlockTree.open(dev, { discardFreed: true });
+    const read = async (pba: number): Promise<Buffer> => {
+      const b = Buffer.alloc(B);
+      await dev.readBlocks(pba, 1, b);
+      return b;
+    };
+    let seq = 1;
+    const commit = async (ch: BlockChange[]): Promise<Superblock> => {
+      const r = await t.commitCp(ch, { nvlogSeq: seq++, nvlogEpoch: 1 });
+      return superblockOf(dev, r.cpNumber);
+    };
+    let prev = await superblockOf(dev, t.stats().cpNumber);
+    const kept = Buffer.alloc(bitmapBytes(prev));
+    await readActiveMap(read, prev, kept, -1);
+    let holes = 0;
+    for (let i = 0; i < CPS_MAX && holes < 2; i++) {
+      const gen = Buffer.alloc(B, (i % 250) + 1);
+      const sb = await commit(Array.from({ length: LBNS }, (_, lbn) => ({ lbn, data: gen })));
+      await readActiveMap(read, sb, kept, prev.cpNumber);
+      const whole = Buffer.alloc(bitmapBytes(sb));
+      await readActiveMap(read, sb, whole, -1);
+      const before = Buffer.alloc(bitmapBytes(prev));
+      await readActiveMap(read, prev, before, -1);
+      for (let leaf = 0; leaf * B < whole.length; leaf++) if (bitsIn(before, leaf) > 0 && bitsIn(whole, leaf) === 0) holes++;
+      assert.ok(kept.equals(whole), `CP ${sb.cpNumber}: the map kept CP by CP has ${bitsIn(kept, 1)} bits set in leaf 1 and ${bitsIn(kept, 0)} in leaf 0, read whole ${bitsIn(whole, 1)} and ${bitsIn(whole, 0)}`);
+      prev = sb;
+    }
+    // The test covers what it is for: a leaf that held blocks and then none.
+    assert.ok(holes >= 2, `in ${CPS_MAX} CPs no leaf emptied twice (the test would not reach a hole)`);
+    await t.close();
+  });
+});
