@@ -19,7 +19,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { promisify } from 'util';
 import { assert } from '../util/assert';
-import { BLOCK_SIZE_BYTES, BlockDevice } from './types';
+import { BLOCK_SIZE_BYTES, BlockDevice, WRITE_PARTS_MAX } from './types';
 import * as native from './native';
 
 const openAsync = promisify(fs.open);
@@ -205,6 +205,18 @@ export class FileBlockDevice implements BlockDevice {
     assert(data.length > 0 && data.length % BLOCK_SIZE_BYTES === 0, `writeBlocks: length ${data.length} is not whole blocks`);
     this.checkRange(pba, data.length / BLOCK_SIZE_BYTES);
     await native.pwrite(this.fd, data, 0, data.length, pba * BLOCK_SIZE_BYTES, false);
+  }
+
+  async writeBlocksV(pba: number, parts: readonly Buffer[]): Promise<void> {
+    assert(!this.readOnly, `${this.path}: write to a read-only device`);
+    assert(parts.length >= 1 && parts.length <= WRITE_PARTS_MAX, `writeBlocksV: ${parts.length} parts`);
+    let bytes = 0;
+    for (const b of parts) {
+      assert(b.length > 0 && b.length % BLOCK_SIZE_BYTES === 0, `writeBlocksV: a part of ${b.length} bytes is not whole blocks`);
+      bytes += b.length;
+    }
+    this.checkRange(pba, bytes / BLOCK_SIZE_BYTES);
+    await native.pwritev(this.fd, parts as Buffer[], pba * BLOCK_SIZE_BYTES, false);
   }
 
   async sync(): Promise<void> {

@@ -30,7 +30,15 @@ export interface BlockDevice {
    * rewrites the bad copy and returns true; false when no version verifies.
    */
   readRepaired?(pba: number, dst: Buffer, verify: (block: Buffer) => boolean): Promise<boolean>;
+  /**
+   * Optional (a file): writeBlocks of the concatenation of `parts` (each whole blocks, at
+   * most WRITE_PARTS_MAX), without concatenating them first (one pwritev).
+   */
+  writeBlocksV?(pba: number, parts: readonly Buffer[]): Promise<void>;
 }
+
+/** Most parts one writeBlocksV takes (the addon's iovec cap). */
+export const WRITE_PARTS_MAX = 1024;
 
 /**
  * `d` with a close() that leaves it open: storage that outlives the devices opened on it

@@ -33,7 +33,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import type { Logger } from 'pino';
 import { FileBlockDevice, syncDirectory, writeFileDurably } from '../io/file-device';
-import type { BlockDevice } from '../io/types';
+import { WRITE_PARTS_MAX, type BlockDevice } from '../io/types';
 import { RaidGeometry, type RaidLevel } from '../raid/geometry';
 import { openRaidMembers } from '../raid/members';
 import { RaidDevice } from '../raid/raid-device';
@@ -518,11 +518,17 @@ export class MirrorDir {
    * Writes blocks of a CP being applied (never the ring; inside the device; with
    * `checkInUse`, never a block the committed CP uses).
    */
-  writeBlocks(pba: number, data: Buffer, checkInUse: boolean): Promise<void> {
-    assert(data.length % BLOCK === 0 && data.length > 0, 'whole blocks');
-    this.checkWritable(pba, data.length / BLOCK, checkInUse);
+  writeBlocks(pba: number, data: Buffer | readonly Buffer[], checkInUse: boolean): Promise<void> {
+    const parts = Buffer.isBuffer(data) ? [data] : data;
+    let bytes = 0;
+    for (const b of parts) bytes += b.length;
+    assert(bytes % BLOCK === 0 && bytes > 0 && parts.every((b) => b.length % BLOCK === 0), 'whole blocks');
+    this.checkWritable(pba, bytes / BLOCK, checkInUse);
     this.checkMember();
-    return this.dev.writeBlocks(pba, data);
+    if (parts.length === 1) return this.dev.writeBlocks(pba, parts[0]!);
+    // Parts straight from the stream's frames: one pwritev where the device has it, not a copy into one buffer.
+    if (this.dev.writeBlocksV && parts.length <= WRITE_PARTS_MAX) return this.dev.writeBlocksV(pba, parts);
+    return this.dev.writeBlocks(pba, Buffer.concat(parts));
   }
 
   /**

@@ -542,10 +542,10 @@ class Session {
     const run = this.run;
     if (!run) return;
     this.run = undefined;
-    await this.write(run.pba, run.parts.length === 1 ? run.parts[0]! : Buffer.concat(run.parts));
+    await this.write(run.pba, run.parts);
   }
 
-  private async write(pba: number, data: Buffer): Promise<void> {
+  private async write(pba: number, data: readonly Buffer[]): Promise<void> {
     if (this.writeError) throw this.writeError;
     await this.waitWrites(APPLY_WRITES_MAX - 1);
     this.writesInFlight++;

@@ -52,7 +52,7 @@ import { readRelationship, writeRelationship, type MirrorPolicy } from './relati
 import { readRole } from './role';
 import { parseStanding, type Standing } from './standing';
 import {
-  writeFrame, BLOCKS_PER_FRAME_MAX, FrameParser, FrameWriter, MsgType, type Message, type MirrorMode,
+  writeFrame, BLOCKS_PER_FRAME_MAX, FrameParser, FrameWriter, MsgType, type Message, type MirrorMode, type OutMessage, adjacentViews,
 } from './wire';
 
 export type MirrorState = 'disconnected' | 'baseline' | 'resyncing' | 'in-sync' | 'behind';
@@ -484,7 +484,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     }
   }
 
-  private send(conn: Conn, m: Message): void {
+  private send(conn: Conn, m: OutMessage): void {
     if (conn.closed) return;
     writeFrame(conn.socket, conn.writer, m);
   }
@@ -652,8 +652,11 @@ export class MirrorSource implements CpSink, ReplicaGate {
         if (conn.closed) return false;
       } else if (!(await this.room(conn, cp))) return false;
       const part = blocks.slice(i, i + BLOCKS_PER_FRAME_MAX);
-      const data = Buffer.allocUnsafe(part.length * 4096);
-      part.forEach((b, k) => b.buf.copy(data, k * 4096));
+      // A resync's blocks are views of its read buffers (consecutive blocks of one read
+      // are adjacent in memory): they go out as those views, not copied. A CP's are views
+      // of the NVRAM half, which the next CP reuses while the socket may still hold them:
+      // copied.
+      const data = resync ? adjacentViews(part.map((b) => b.buf)) : [Buffer.concat(part.map((b) => b.buf))];
       this.send(conn, { type: MsgType.CpBlocks, cp, pbas: part.map((b) => b.pba), data });
       this.dataBlocksSent += part.length;
     }
@@ -964,3 +967,4 @@ export class MirrorSource implements CpSink, ReplicaGate {
     }
   }
 }
+

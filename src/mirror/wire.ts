@@ -149,6 +149,33 @@ export interface CpBlocks {
   data: Buffer;
 }
 
+/**
+ * A CP_BLOCKS frame to send whose data is in pieces (views of the buffers the blocks were
+ * read into): written as they are, never copied into one buffer. Same bytes on the wire.
+ */
+export interface CpBlocksParts {
+  type: MsgType.CpBlocks;
+  cp: number;
+  pbas: number[];
+  /** Together pbas.length * 4096 bytes, in block order. */
+  data: readonly Buffer[];
+}
+
+/** What a sender may frame: a message, or CP blocks in pieces. */
+export type OutMessage = Message | CpBlocksParts;
+
+/** `bufs` with every run of buffers adjacent in one ArrayBuffer joined into one view (no copy). */
+export function adjacentViews(bufs: readonly Buffer[]): Buffer[] {
+  const out: Buffer[] = [];
+  for (const b of bufs) {
+    const last = out[out.length - 1];
+    if (last && last.buffer === b.buffer && last.byteOffset + last.length === b.byteOffset) {
+      out[out.length - 1] = Buffer.from(last.buffer, last.byteOffset, last.length + b.length);
+    } else out.push(b);
+  }
+  return out;
+}
+
 export interface CpRef {
   pba: number;
   seq: number;
@@ -330,7 +357,7 @@ class Reader {
 // ---- encoding ----
 
 /** Encodes the body of a message (the frame header is added by FrameWriter). Returns the body as parts. */
-export function encodeBody(m: Message): Buffer[] {
+export function encodeBody(m: OutMessage): Buffer[] {
   const u64 = (v: number): Buffer => {
     assert(Number.isSafeInteger(v) && v >= 0, `u64 field ${v}`);
     const b = Buffer.allocUnsafe(8);
@@ -377,12 +404,15 @@ export function encodeBody(m: Message): Buffer[] {
       assert(m.baseCp < m.cp && (m.kind !== 'resume' || m.baseCp === -1), `cp begin ${m.cp} on base ${m.baseCp} (${m.kind})`);
       return [u64(m.cp), i64(m.baseCp), Buffer.from([m.kind === 'cp' ? 1 : m.kind === 'resync' ? 2 : 3])];
     case MsgType.CpBlocks: {
-      assert(m.pbas.length >= 1 && m.pbas.length <= BLOCKS_PER_FRAME_MAX && m.data.length === m.pbas.length * BLOCK_BYTES, 'CpBlocks shape');
+      const parts = Buffer.isBuffer(m.data) ? [m.data] : m.data;
+      let bytes = 0;
+      for (const d of parts) bytes += d.length;
+      assert(m.pbas.length >= 1 && m.pbas.length <= BLOCKS_PER_FRAME_MAX && bytes === m.pbas.length * BLOCK_BYTES, 'CpBlocks shape');
       const h = Buffer.allocUnsafe(12 + 8 * m.pbas.length);
       h.writeBigUInt64LE(BigInt(m.cp), 0);
       h.writeUInt32LE(m.pbas.length, 8);
       m.pbas.forEach((p, i) => h.writeBigUInt64LE(BigInt(p), 12 + 8 * i));
-      return [h, m.data];
+      return [h, ...parts];
     }
     case MsgType.CpRefs: {
       assert(m.refs.length >= 1 && m.refs.length <= REFS_PER_FRAME_MAX, 'CpRefs shape');
@@ -614,7 +644,7 @@ export class FrameWriter {
   readonly bytesByType: number[] = new Array<number>(32).fill(0);
 
   /** The frame for `m` as parts to write in order (the body parts are not copied). */
-  frame(m: Message): Buffer[] {
+  frame(m: OutMessage): Buffer[] {
     const body = encodeBody(m);
     let len = 0;
     for (const b of body) len += b.length;
@@ -641,7 +671,7 @@ export class FrameWriter {
  * at the first frame of a tick and uncorked on the next tick (a frame is several parts;
  * a sync mirror sends one or two frames per client write).
  */
-export function writeFrame(socket: import('net').Socket, writer: FrameWriter, m: Message): void {
+export function writeFrame(socket: import('net').Socket, writer: FrameWriter, m: OutMessage): void {
   if (socket.writableCorked === 0) {
     socket.cork();
     process.nextTick(() => socket.uncork());

@@ -12,6 +12,7 @@ import * as path from 'path';
 import { createHostPair, netnsAvailable, type HostPair } from '../net/netns';
 import { BIN, ROOT, md5OfExport, sh, sourceStatus, until } from './helpers';
 import { controlRequest } from '../../src/volume/engine-control';
+import { BASELINE_MARKER_NAME } from '../../src/mirror/mirror-dir';
 import { CMD, RawConn, negotiate, request } from '../e2e/rawnbd';
 
 const PORT = 17011;
@@ -423,7 +424,17 @@ describe('mirror: two hosts (network namespaces)', function () {
     fs.rmSync(path.join(tmp, 'dst'), { recursive: true, force: true });
     await pair.rateLimit(200);
     await startReceiver(s);
-    await until('baseline past its first durable progress', () => ((sourceStatus(s.src) as { resync?: { blocksSent: number } } | undefined)?.resync?.blocksSent ?? 0) > 12_000 || undefined, 60_000);
+    // The receiver's own record of durable progress (the source's count of blocks sent
+    // runs ahead of it by up to the 32 MiB the socket may queue, plus the kernel's buffers).
+    const marker = path.join(tmp, 'dst', s.uuid, BASELINE_MARKER_NAME);
+    const durable = (): number => {
+      try {
+        return (JSON.parse(fs.readFileSync(marker, 'utf8')) as { blocks: number }).blocks;
+      } catch {
+        return 0;
+      }
+    };
+    await until('baseline past its first durable progress', () => durable() > 0 || undefined, 60_000);
     await stop(s.receiver, 'SIGKILL');
     checkMirror(s);
     await startReceiver(s);

@@ -65,6 +65,19 @@ describe('io layer', () => {
       await again.close();
     });
 
+    it('writeBlocksV writes its parts in order as one run, and refuses parts that are not whole blocks or past the end', async () => {
+      const file = path.join(dir, 'member-v.img');
+      const dev = await FileBlockDevice.create(file, 16);
+      const parts = [pattern(11, 1), pattern(12, 3), pattern(13, 2)];
+      await dev.writeBlocksV(4, parts);
+      const got = Buffer.alloc(6 * BLOCK_SIZE_BYTES);
+      await dev.readBlocks(4, 6, got);
+      assert.ok(got.equals(Buffer.concat(parts)));
+      await assert.rejects(dev.writeBlocksV(0, [Buffer.alloc(100)]), AssertionError);
+      await assert.rejects(dev.writeBlocksV(14, [pattern(1, 1), pattern(2, 2)]), AssertionError);
+      await dev.close();
+    });
+
     it('reads cached blocks on the calling thread and the rest through the thread pool, same bytes', async () => {
       const file = path.join(dir, 'nowait.img');
       const blocks = NOWAIT_READ_BYTES_MAX / BLOCK_SIZE_BYTES + 8;
