@@ -93,3 +93,52 @@ export function crc32cImplementation(): string {
   if (!impl) impl = pick();
   return implName;
 }
+
+// ---- combining: the crc32c of a concatenation from the crc32c of its parts ----
+//
+// For the standard (pre/post-inverted) CRC, crc(A || B) = (x^(8*|B|) * crc(A) mod P) xor
+// crc(B), in the reflected representation where bit 31 is x^0. Multiplying by the fixed
+// x^(8*4096) is linear in the crc, so four 256-entry tables (one per byte of the crc) do
+// it: a frame of 4 KiB blocks whose crc32c are known gets its checksum without reading them.
+
+/** a(x) * b(x) mod P, reflected (bit 31 is x^0). */
+function mulModP(a: number, b: number): number {
+  let m = 0x80000000;
+  let p = 0;
+  for (;;) {
+    if ((a & m) !== 0) {
+      p ^= b;
+      if ((a & (m - 1)) === 0) break;
+    }
+    m >>>= 1;
+    b = (b & 1) !== 0 ? (b >>> 1) ^ POLY_REFLECTED : b >>> 1;
+  }
+  return p >>> 0;
+}
+
+/** x^(8 * bytes) mod P. */
+function shiftOperator(bytes: number): number {
+  let p = 0x80000000; // x^0
+  let sq = 0x40000000; // x^1, squared up: x^(2^k)
+  for (let n = bytes * 8; n > 0; n = Math.floor(n / 2)) {
+    if (n % 2 === 1) p = mulModP(sq, p);
+    sq = mulModP(sq, sq);
+  }
+  return p;
+}
+
+let blockShift: Uint32Array[] | undefined;
+
+/** crc32c(A || B) from crc32c(A) = `crc` and crc32c(B) = `blockCrc`, where B is 4096 bytes. */
+export function crc32cAppendBlock(crc: number, blockCrc: number): number {
+  if (!blockShift) {
+    const op = shiftOperator(4096);
+    blockShift = [0, 1, 2, 3].map((k) => {
+      const t = new Uint32Array(256);
+      for (let b = 0; b < 256; b++) t[b] = mulModP(op, (b << (8 * k)) >>> 0);
+      return t;
+    });
+  }
+  const [t0, t1, t2, t3] = blockShift as [Uint32Array, Uint32Array, Uint32Array, Uint32Array];
+  return (t0[crc & 0xff]! ^ t1[(crc >>> 8) & 0xff]! ^ t2[(crc >>> 16) & 0xff]! ^ t3[crc >>> 24]! ^ blockCrc) >>> 0;
+}

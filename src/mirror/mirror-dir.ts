@@ -491,6 +491,11 @@ export class MirrorDir {
    * it. The caller's writes of those blocks have completed; writes of later blocks may be
    * in flight (the sync covers at least the completed ones).
    */
+  /** Makes the completed writes of the CP being applied durable (nothing is recorded). */
+  syncBlocks(): Promise<void> {
+    return this.dev.sync();
+  }
+
   async baselineProgress(targetCp: number, blocks: number): Promise<void> {
     await this.dev.sync();
     await this.setBaselinePartial(targetCp, blocks);

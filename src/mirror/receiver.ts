@@ -448,6 +448,17 @@ class Session {
               this.writeError ??= e instanceof Error ? e : new Error(String(e));
             },
           );
+        } else if (a.kind === 'resync' && a.baseCp !== -1 && !this.progress && Math.floor(a.blocks / BASELINE_PROGRESS_BLOCKS) > Math.floor(before / BASELINE_PROGRESS_BLOCKS)) {
+          // A resync records no progress (it restarts from its base), but its blocks are
+          // synced behind the stream too: the commit's sync then has only the tail left,
+          // instead of stopping the stream for all of it.
+          this.progress = mirror.syncBlocks().then(
+            () => { this.progress = undefined; },
+            (e: unknown) => {
+              this.progress = undefined;
+              this.writeError ??= e instanceof Error ? e : new Error(String(e));
+            },
+          );
         }
         return false;
       }

@@ -645,7 +645,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
    * Sends data blocks of CP `cp` (a resync always waits for room; a CP as room() says);
    * false when the CP was abandoned (async) or the connection dropped meanwhile.
    */
-  private async sendBlocks(conn: Conn, cp: number, blocks: { pba: number; buf: Buffer }[], resync = false): Promise<boolean> {
+  private async sendBlocks(conn: Conn, cp: number, blocks: { pba: number; buf: Buffer; crc?: number }[], resync = false): Promise<boolean> {
     for (let i = 0; i < blocks.length; i += BLOCKS_PER_FRAME_MAX) {
       if (resync) {
         await this.waitRoom(conn);
@@ -657,7 +657,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
       // of the NVRAM half, which the next CP reuses while the socket may still hold them:
       // copied.
       const data = resync ? adjacentViews(part.map((b) => b.buf)) : [Buffer.concat(part.map((b) => b.buf))];
-      this.send(conn, { type: MsgType.CpBlocks, cp, pbas: part.map((b) => b.pba), data });
+      // The walk checked each block against its crc32c: the frame's checksum is combined from them.
+      const crcs = part.every((b) => b.crc !== undefined) ? part.map((b) => b.crc!) : undefined;
+      this.send(conn, { type: MsgType.CpBlocks, cp, pbas: part.map((b) => b.pba), data, ...(crcs ? { crcs } : {}) });
       this.dataBlocksSent += part.length;
     }
     return !conn.closed;
@@ -790,7 +792,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.log.info({ baseCp, targetCp: view.cpNumber, resumeAtBlock: skip }, skip > 0 ? 'mirror baseline resumed' : baseCp < 0 ? 'mirror baseline started' : 'mirror resync started');
     const t0 = Date.now();
     this.send(conn, { type: MsgType.CpBegin, cp: view.cpNumber, baseCp, kind: skip > 0 ? 'resume' : 'resync' });
-    let batch: { pba: number; buf: Buffer }[] = [];
+    let batch: { pba: number; buf: Buffer; crc: number }[] = [];
     let count = 0;
     const flush = async (): Promise<void> => {
       const b = batch;

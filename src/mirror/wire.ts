@@ -20,6 +20,7 @@
  */
 import * as zlib from 'zlib';
 import { crc32c } from '../io/native';
+import { crc32cAppendBlock } from '../io/checksum';
 import { assert } from '../util/assert';
 import { bytesToUuid, uuidToBytes } from '../tree/layout';
 import { LINEAGE_ENTRIES_MAX, lineageProblem, type Generation } from '../tree/lineage';
@@ -159,6 +160,13 @@ export interface CpBlocksParts {
   pbas: number[];
   /** Together pbas.length * 4096 bytes, in block order. */
   data: readonly Buffer[];
+  /**
+   * The crc32c of each block, when the sender has verified the blocks against them (a
+   * resync's walk checks each against its parent pointer): the frame's checksum is then
+   * combined from them instead of read over the data again. A wrong one makes the frame's
+   * checksum wrong, which the receiver refuses.
+   */
+  crcs?: readonly number[];
 }
 
 /** What a sender may frame: a message, or CP blocks in pieces. */
@@ -658,7 +666,13 @@ export class FrameWriter {
     h.writeUInt32LE(len, 8);
     h.writeBigUInt64LE(BigInt(this.frameNo++), 12);
     let crc = crc32c(h, 0, 20);
-    for (const b of body) crc = crc32c(b, 0, b.length, crc);
+    if (m.type === MsgType.CpBlocks && 'crcs' in m && m.crcs !== undefined) {
+      assert(m.crcs.length === m.pbas.length, 'one crc per block');
+      crc = crc32c(body[0]!, 0, body[0]!.length, crc); // cp, count, pbas
+      for (const c of m.crcs) crc = crc32cAppendBlock(crc, c);
+    } else {
+      for (const b of body) crc = crc32c(b, 0, b.length, crc);
+    }
     h.writeUInt32LE(crc, 20);
     this.bytesOut += FRAME_HEADER_BYTES + len;
     this.bytesByType[m.type] = (this.bytesByType[m.type] ?? 0) + FRAME_HEADER_BYTES + len;

@@ -26,6 +26,8 @@ export interface BornBlock {
   pba: number;
   /** 4 KiB, owned by the receiver. */
   buf: Buffer;
+  /** Its crc32c (checked: the parent pointer's). */
+  crc: number;
 }
 
 /**
@@ -53,10 +55,10 @@ export async function walkBornAfter(
     seen[i] = seen[i]! | m;
     return true;
   };
-  const out = async (pba: number, buf: Buffer): Promise<void> => {
+  const out = async (ptr: BlockPtr, buf: Buffer): Promise<void> => {
     if (shouldStop()) throw new VolumeError('ESHUTDOWN', 'walk stopped');
     emitted++;
-    await emit({ pba, buf });
+    await emit({ pba: ptr.pba, buf, crc: ptr.crc });
   };
   const readOne = async (ptr: BlockPtr): Promise<Buffer> => {
     const buf = Buffer.allocUnsafe(BLOCK);
@@ -105,13 +107,13 @@ export async function walkBornAfter(
     return { ptr, node, runs };
   };
   const emitLeaf = async (leaf: Leaf): Promise<void> => {
-    await out(leaf.ptr.pba, leaf.node);
+    await out(leaf.ptr, leaf.node);
     for (const r of leaf.runs) {
       const run = await r.buf;
       for (let k = 0; k < r.ptrs.length; k++) {
         const b = run.subarray(k * BLOCK, (k + 1) * BLOCK);
         if (crc32c(b) !== r.ptrs[k]!.crc) throw new VolumeError('EIO', `data block at pba ${r.ptrs[k]!.pba}: checksum mismatch`);
-        await out(r.ptrs[k]!.pba, b);
+        await out(r.ptrs[k]!, b);
       }
     }
   };
@@ -125,7 +127,7 @@ export async function walkBornAfter(
     const node = await readOne(ptr);
     const problem = verifyNode(node, ptr, { type: NODE_TYPE_DATA_TREE, level, index }, uuid);
     if (problem) throw new VolumeError('EIO', `address block at pba ${ptr.pba} (level ${level}): ${problem}`);
-    await out(ptr.pba, node);
+    await out(ptr, node);
     const kids: Array<{ c: BlockPtr; index: number }> = [];
     for (let s = 0; s < FANOUT; s++) {
       const c = child(node, ptr, s, 'address block');
@@ -151,7 +153,7 @@ export async function walkBornAfter(
     const node = await readOne(ptr);
     const problem = verifyNode(node, ptr, { type: NODE_TYPE_SPACE_MAP, level, index }, uuid);
     if (problem) throw new VolumeError('EIO', `space-map node at pba ${ptr.pba} (level ${level}): ${problem}`);
-    await out(ptr.pba, node);
+    await out(ptr, node);
     for (let s = 0; s < FANOUT; s++) {
       const c = child(node, ptr, s, 'space-map node');
       if (!c) continue;
@@ -160,7 +162,7 @@ export async function walkBornAfter(
       } else if (c.birth > baseCp && firstTime(c.pba)) {
         const leaf = await readOne(c);
         if (crc32c(leaf) !== c.crc) throw new VolumeError('EIO', `space-map leaf at pba ${c.pba}: checksum mismatch`);
-        await out(c.pba, leaf);
+        await out(c, leaf);
       }
     }
   };

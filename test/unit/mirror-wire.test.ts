@@ -278,6 +278,15 @@ describe('mirror wire codec', () => {
       assert.ok(parts.equals(whole));
       assert.deepStrictEqual(new FrameParser().push(parts), [{ type: MsgType.CpBlocks, cp: 3, pbas, data }]);
       assert.throws(() => new FrameWriter().frame({ type: MsgType.CpBlocks, cp: 3, pbas, data: views.slice(1) }), /CpBlocks shape/);
+      // With the blocks' crc32c given, the checksum is combined from them: the same frame.
+      const crcs = blocks.map((b) => crc32c(b, 0, b.length, 0));
+      const combined = Buffer.concat(new FrameWriter().frame({ type: MsgType.CpBlocks, cp: 3, pbas, data: views, crcs }));
+      assert.ok(combined.equals(whole), 'the combined checksum differs from the one read over the data');
+      // A wrong one makes a frame the receiver refuses, never a block applied with it.
+      const bad = [...crcs];
+      bad[17] = (bad[17]! ^ 1) >>> 0;
+      const lie = Buffer.concat(new FrameWriter().frame({ type: MsgType.CpBlocks, cp: 3, pbas, data: views, crcs: bad }));
+      protocolError(() => new FrameParser().push(lie), /^frame 0 \(type 8\): checksum mismatch$/);
     });
 
     it('a Refuse reason longer than 1024 bytes is cut to fit, and still parses', () => {
