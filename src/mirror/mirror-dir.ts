@@ -486,16 +486,16 @@ export class MirrorDir {
     if (this.baselinePartial) this.view = undefined;
   }
 
+  /** Makes the completed writes of the CP being applied durable (nothing is recorded: a resync's). */
+  syncBlocks(): Promise<void> {
+    return this.dev.sync();
+  }
+
   /**
    * Makes the first `blocks` blocks of the baseline toward `targetCp` durable and records
    * it. The caller's writes of those blocks have completed; writes of later blocks may be
    * in flight (the sync covers at least the completed ones).
    */
-  /** Makes the completed writes of the CP being applied durable (nothing is recorded). */
-  syncBlocks(): Promise<void> {
-    return this.dev.sync();
-  }
-
   async baselineProgress(targetCp: number, blocks: number): Promise<void> {
     await this.dev.sync();
     await this.setBaselinePartial(targetCp, blocks);

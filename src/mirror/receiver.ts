@@ -23,7 +23,9 @@
  *   its connection's reading until it is granted. Per connection, on top of that: one
  *   frame being parsed and the rest of one socket read (<= FRAME_BODY_MAX_BYTES + 64
  *   KiB), records on the fast path (stored at once), at most APPLY_WRITES_MAX combined
- *   writes (<= 1 MiB each) in flight, and reading pauses beyond QUEUED_BYTES_MAX queued;
+ *   writes (<= 1 MiB each, written from views of their frames: each keeps at most the
+ *   frames it came from, one more at each end) in flight, and reading pauses beyond
+ *   QUEUED_BYTES_MAX queued;
  *   the whole receiver: at most CONNECTIONS_MAX connections. Each open mirror also keeps
  *   its committed CP's space map (two bits per device block).
  */

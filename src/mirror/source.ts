@@ -969,4 +969,3 @@ export class MirrorSource implements CpSink, ReplicaGate {
     }
   }
 }
-
