@@ -526,8 +526,10 @@ export class MirrorDir {
   writeBlocks(pba: number, data: Buffer | readonly Buffer[], checkInUse: boolean): Promise<void> {
     const parts = Buffer.isBuffer(data) ? [data] : data;
     let bytes = 0;
-    for (const b of parts) bytes += b.length;
-    assert(bytes % BLOCK === 0 && bytes > 0 && parts.every((b) => b.length % BLOCK === 0), 'whole blocks');
+    for (const b of parts) {
+      assert(b.length > 0 && b.length % BLOCK === 0, 'whole blocks');
+      bytes += b.length;
+    }
     this.checkWritable(pba, bytes / BLOCK, checkInUse);
     this.checkMember();
     if (parts.length === 1) return this.dev.writeBlocks(pba, parts[0]!);

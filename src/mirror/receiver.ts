@@ -327,7 +327,18 @@ class Session {
     writeFrame(this.socket, this.writer, m);
   }
 
-  /** Waits for the baseline progress record in flight, if any (its failure is in writeError). */
+  /** Runs a sync (and progress record) behind the stream; its failure fails the CP being applied. */
+  private behindStream(p: Promise<void>): void {
+    this.progress = p.then(
+      () => { this.progress = undefined; },
+      (e: unknown) => {
+        this.progress = undefined;
+        this.writeError ??= e instanceof Error ? e : new Error(String(e));
+      },
+    );
+  }
+
+  /** Waits for the sync or progress record in flight, if any (its failure is in writeError). */
   private async progressDone(): Promise<void> {
     while (this.progress) await this.progress;
   }
@@ -435,32 +446,20 @@ class Session {
         const before = a.blocks;
         a.blocks += m.pbas.length;
         mirror.blocksApplied += m.pbas.length;
-        if (a.baseCp === -1 && !this.progress && Math.floor(a.blocks / BASELINE_PROGRESS_BLOCKS) > Math.floor(before / BASELINE_PROGRESS_BLOCKS)) {
+        const crossed = !this.progress && Math.floor(a.blocks / BASELINE_PROGRESS_BLOCKS) > Math.floor(before / BASELINE_PROGRESS_BLOCKS);
+        if (crossed && a.baseCp === -1) {
           // Every block up to here written (not yet synced), then the sync and the record
           // run behind the stream: the baseline does not stop for the disk (it stopped for
           // ~40% of its time when it waited here).
           await this.flushRun();
           await this.waitWrites(0);
           if (this.writeError) throw this.writeError;
-          const done = a.blocks;
-          this.progress = mirror.baselineProgress(a.cp, done).then(
-            () => { this.progress = undefined; },
-            (e: unknown) => {
-              this.progress = undefined;
-              this.writeError ??= e instanceof Error ? e : new Error(String(e));
-            },
-          );
-        } else if (a.kind === 'resync' && a.baseCp !== -1 && !this.progress && Math.floor(a.blocks / BASELINE_PROGRESS_BLOCKS) > Math.floor(before / BASELINE_PROGRESS_BLOCKS)) {
+          this.behindStream(mirror.baselineProgress(a.cp, a.blocks));
+        } else if (crossed && a.kind === 'resync') {
           // A resync records no progress (it restarts from its base), but its blocks are
           // synced behind the stream too: the commit's sync then has only the tail left,
           // instead of stopping the stream for all of it.
-          this.progress = mirror.syncBlocks().then(
-            () => { this.progress = undefined; },
-            (e: unknown) => {
-              this.progress = undefined;
-              this.writeError ??= e instanceof Error ? e : new Error(String(e));
-            },
-          );
+          this.behindStream(mirror.syncBlocks());
         }
         return false;
       }

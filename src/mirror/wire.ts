@@ -154,10 +154,7 @@ export interface CpBlocks {
  * A CP_BLOCKS frame to send whose data is in pieces (views of the buffers the blocks were
  * read into): written as they are, never copied into one buffer. Same bytes on the wire.
  */
-export interface CpBlocksParts {
-  type: MsgType.CpBlocks;
-  cp: number;
-  pbas: number[];
+export interface CpBlocksParts extends Omit<CpBlocks, 'data'> {
   /** Together pbas.length * 4096 bytes, in block order. */
   data: readonly Buffer[];
   /**
