@@ -268,7 +268,67 @@ Napi::Value PqGen(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// A 4 KiB block in three crc32 chains (the instruction's latency is 3 cycles, its
+// throughput 1 per cycle): stripes [0, S), [S, 2S), [2S, 3S) from registers (c, 0, 0),
+// joined with the linear "append S zero bytes" operator on the register,
+//   reg(c, A || B) = shift_|B|(reg(c, A)) ^ reg(0, B),
+// a 32x32 GF(2) matrix applied as 4 byte-indexed tables; then the last 16 bytes.
+// Only native callers use it (Crc32cOf: the NBD threads' reads); the JS-facing crc32c
+// keeps one chain (docs/benchmarks.md, "The CP stall", on why that one stays as it is).
+constexpr size_t kStripeBytes = 1360;
+static_assert(kStripeBytes % 8 == 0 && 3 * kStripeBytes <= 4096 && (4096 - 3 * kStripeBytes) % 8 == 0, "stripes of whole words in a block");
+uint32_t g_shift[4][256];
+
+// g_shift: the register after kStripeBytes zero bytes, per byte of the input register.
+__attribute__((target("sse4.2"))) void BuildStripeShift() {
+  uint32_t basis[32];
+  for (int i = 0; i < 32; i++) {
+    uint64_t c = uint64_t{1} << i;
+    for (size_t n = 0; n < kStripeBytes; n += 8) c = _mm_crc32_u64(c, 0);
+    basis[i] = static_cast<uint32_t>(c);
+  }
+  for (int k = 0; k < 4; k++) {
+    for (uint32_t v = 0; v < 256; v++) {
+      uint32_t r = 0;
+      for (int j = 0; j < 8; j++) {
+        if ((v >> j) & 1u) r ^= basis[8 * k + j];
+      }
+      g_shift[k][v] = r;
+    }
+  }
+}
+
+inline uint32_t StripeShift(uint32_t c) {
+  return g_shift[0][c & 0xff] ^ g_shift[1][(c >> 8) & 0xff] ^ g_shift[2][(c >> 16) & 0xff] ^ g_shift[3][c >> 24];
+}
+
+__attribute__((target("sse4.2"))) uint32_t Crc32cBlockSse42(const uint8_t* p) {
+  uint64_t c0 = ~0u, c1 = 0, c2 = 0;
+  for (size_t i = 0; i < kStripeBytes; i += 8) {
+    uint64_t a, b, d;
+    std::memcpy(&a, p + i, 8);
+    std::memcpy(&b, p + kStripeBytes + i, 8);
+    std::memcpy(&d, p + 2 * kStripeBytes + i, 8);
+    c0 = _mm_crc32_u64(c0, a);
+    c1 = _mm_crc32_u64(c1, b);
+    c2 = _mm_crc32_u64(c2, d);
+  }
+  uint64_t c = StripeShift(StripeShift(static_cast<uint32_t>(c0)) ^ static_cast<uint32_t>(c1)) ^ static_cast<uint32_t>(c2);
+  for (size_t i = 3 * kStripeBytes; i < 4096; i += 8) {
+    uint64_t a;
+    std::memcpy(&a, p + i, 8);
+    c = _mm_crc32_u64(c, a);
+  }
+  return ~static_cast<uint32_t>(c);
+}
+
 }  // namespace
+
+uint32_t Crc32cOf(const uint8_t* p, size_t n) {
+  if (g_hw && n == 4096) return Crc32cBlockSse42(p);
+  uint32_t c = g_hw ? Crc32cSse42(~0u, p, n) : Crc32cTable(~0u, p, n);
+  return ~c;
+}
 
 void InitChecksum(Napi::Env env, Napi::Object exports) {
   // Once per process, even when worker threads load the addon concurrently.
@@ -277,6 +337,7 @@ void InitChecksum(Napi::Env env, Napi::Object exports) {
     BuildTable();
     __builtin_cpu_init();
     g_hw = __builtin_cpu_supports("sse4.2");
+    if (g_hw) BuildStripeShift();
   });
   exports.Set("crc32c", Napi::Function::New(env, Crc32c, "crc32c"));
   exports.Set("crc32cBlocks", Napi::Function::New(env, Crc32cBlocks, "crc32cBlocks"));

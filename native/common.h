@@ -45,6 +45,10 @@ bool GetBool(const Napi::CallbackInfo& info, size_t i, const char* fn, const cha
 // Reads info[i] as a function (the completion callback).
 bool GetCallback(const Napi::CallbackInfo& info, size_t i, const char* fn, Napi::Function* out);
 
+// crc32c (seed 0) of [p, p+n), for native callers (checksum.cc; hardware when present).
+// Valid only after InitChecksum ran (the addon's load).
+uint32_t Crc32cOf(const uint8_t* p, size_t n);
+
 // Registration of each source file's functions on the exports object.
 void InitIo(Napi::Env env, Napi::Object exports);
 void InitNvram(Napi::Env env, Napi::Object exports);

@@ -22,6 +22,12 @@
 //   nbdServeDirectMemory(handle, store, modes)  the same for a memory volume: WRITEs whose chunks all
 //                                          hold data are copied into them, READs copied out of them
 //                                          (chunks not registered read as zeroes)
+//   nbdServeDirectEngine(handle, map, modes)  an engine volume: plain READs of whole blocks that
+//                                          the map (read_map.h) holds are read and answered here; no WRITEs
+//   nbdReadMapNew(fd, sizeBytes, deviceBlocks, slotsLog2) -> map; nbdReadMapPutLeaf(map, node,
+//   baseLbn, skip) -> put; nbdReadMapDrop(map, lbn, count); nbdReadMapClear(map);
+//   nbdReadMapClose(map); nbdReadMapStats(map) -> [hits, misses]: src/volume/engine-read-map.ts
+//   keeps it in step with the engine's log and tree
 //   modes: kModeWrites | kModeReads | kModeStructured (the connection negotiated structured
 //   replies: a direct READ gets one OFFSET_DATA chunk with the DONE flag, as transmission.ts doRead)
 //   nbdMemStoreNew(sizeBytes, chunkBytes) -> store; nbdMemStoreSet(store, index, chunk),
@@ -43,7 +49,8 @@
 //   that all held data already (MemStore, under its mutex, so no chunk is freed meanwhile);
 //   and to a plain READ (no flags, 1..maxPayload bytes, inside the volume) for which a
 //   granted buffer fits, read completely into that buffer with preadv2(RWF_NOWAIT) from the
-//   direct fd or copied out of the MemStore under its mutex, the buffer sent as the reply's
+//   direct fd, copied out of the MemStore under its mutex, or read by the engine's ReadMap
+//   (whole blocks it maps, each matching its crc32c: read_map.h), the buffer sent as the reply's
 //   data and granted again once the kernel took it. A READ with no buffer that fits is
 //   reported with buffer id kWantsBuffer (TypeScript may grant one for the next). Every
 //   other request, a READ that would block or failed, and a WRITE whose pwrite failed,
@@ -51,8 +58,9 @@
 // - Ordering: the thread reads the volume when it parses the READ, after every reply sent
 //   before the READ arrived (a reply is sent under mu_, the READ parsed after taking mu_):
 //   every acknowledged WRITE, the thread's own or TypeScript's, is in the file (pwrite
-//   returned) or the chunks before its reply. A WRITE still in flight may or may not be
-//   seen (NBD does not order in-flight requests).
+//   returned) or the chunks before its reply, and an engine WRITE's blocks are out of the
+//   ReadMap before its reply (the log drops them as it indexes the record). A WRITE still
+//   in flight may or may not be seen (NBD does not order in-flight requests).
 // - Reading stops while: TypeScript says so, kMaxInflight reported requests are unreplied,
 //   queued reply bytes exceed maxQueuedBytes, or a WRITE waits for a buffer (one NEED
 //   event says so). Unparsed input held here is at most kStageBytes.
@@ -62,6 +70,7 @@
 //   so no thread writes to a closed (or reused) descriptor. The last event is CLOSED.
 // - Arguments are re-checked here (types, ranges, buffer counts) and bad ones throw.
 #include "common.h"
+#include "read_map.h"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -388,6 +397,13 @@ class Conn {
     modes_ = modes;
   }
 
+  // An engine volume: plain READs whose blocks the map holds are answered here (no writes).
+  void SetDirectEngine(ReadMapPtr m, int64_t modes) {
+    std::lock_guard<std::mutex> l(mu_);
+    rmap_ = std::move(m);
+    modes_ = modes & ~kModeWrites;
+  }
+
   void SetReading(bool on) {
     std::lock_guard<std::mutex> l(mu_);
     if (reading_ == on) return;
@@ -586,6 +602,7 @@ class Conn {
     uint64_t size;
     int64_t modes;
     MemStorePtr mem;
+    ReadMapPtr rmap;
     Granted g{-1, nullptr, 0};
     {
       std::lock_guard<std::mutex> l(mu_);
@@ -593,8 +610,12 @@ class Conn {
       dfd = directFd_;
       size = directSize_;
       mem = mem_;
+      rmap = rmap_;
       if (mem) size = mem->sizeBytes_;
-      if (!(modes & kModeReads) || (dfd < 0 && !mem)) return false;
+      if (rmap) size = rmap->SizeBytes();
+      if (!(modes & kModeReads) || (dfd < 0 && !mem && !rmap)) return false;
+      // The engine answers only whole blocks (a partial one is TypeScript's, without a buffer).
+      if (rmap && (off % ReadMap::kBlock != 0 || len % ReadMap::kBlock != 0)) return false;
       if (len == 0 || len > maxPayload_ || off > size || len > size - off) return false;
       size_t best = granted_.size();
       for (size_t i = 0; i < granted_.size(); i++) {
@@ -608,7 +629,7 @@ class Conn {
       granted_.erase(granted_.begin() + static_cast<std::ptrdiff_t>(best));
     }
     int64_t t0 = NowUs();
-    bool ok = mem ? mem->CopyOut(off, g.data, len) : PreadCached(dfd, g.data, len, off);
+    bool ok = mem ? mem->CopyOut(off, g.data, len) : rmap ? rmap->ReadOut(off, g.data, len) : PreadCached(dfd, g.data, len, off);
     if (!ok) {
       std::lock_guard<std::mutex> l(mu_);
       granted_.push_back(g);  // unclaimed again; TypeScript reads it with the volume's code
@@ -837,6 +858,7 @@ class Conn {
   int directFd_ = -1;
   uint64_t directSize_ = 0;
   MemStorePtr mem_;
+  ReadMapPtr rmap_;
   int64_t modes_ = 0;
   uint64_t directWrites_ = 0, directReads_ = 0;
   std::vector<Granted> granted_;
@@ -867,6 +889,7 @@ using ConnPtr = std::shared_ptr<Conn>;
 // Type tags on the two kinds of handle, so one is never taken for the other.
 constexpr napi_type_tag kConnTag = {0x6e626473657276ULL, 0x636f6e6e656374ULL};
 constexpr napi_type_tag kStoreTag = {0x6e626473657276ULL, 0x6d656d73746f72ULL};
+constexpr napi_type_tag kReadMapTag = {0x6e626473657276ULL, 0x726561646d6170ULL};
 
 bool HasTag(const Napi::CallbackInfo& info, size_t i, const napi_type_tag& tag) {
   if (i >= info.Length() || !info[i].IsExternal()) return false;
@@ -1136,6 +1159,145 @@ Napi::Value SetDirectMem(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+bool GetReadMap(const Napi::CallbackInfo& info, size_t i, const char* fn, ReadMapPtr* out) {
+  if (!HasTag(info, i, kReadMapTag)) {
+    ThrowType(info.Env(), std::string(fn) + ": map must be an nbdReadMapNew handle");
+    return false;
+  }
+  *out = *info[i].As<Napi::External<ReadMapPtr>>().Data();
+  return true;
+}
+
+constexpr uint64_t kRingSlots = 8;        // src/tree/layout.ts RING_SLOTS
+constexpr size_t kNodeHeaderBytes = 64;   // NODE_HEADER_BYTES
+constexpr size_t kPtrBytes = 24;          // PTR_BYTES
+constexpr size_t kFanout = 168;           // FANOUT
+constexpr uint16_t kPtrPresent = 1;       // PTR_FLAG_PRESENT
+
+// nbdReadMapNew(fd, sizeBytes, deviceBlocks, slotsLog2) -> map (dups fd)
+Napi::Value ReadMapNew(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "nbdReadMapNew";
+  int fd;
+  int64_t size, devBlocks, log2;
+  if (!GetFd(info, 0, fn, &fd) || !GetInt(info, 1, fn, "sizeBytes", 4096, kMaxSafeInteger, &size) ||
+      !GetInt(info, 2, fn, "deviceBlocks", 1, kMaxSafeInteger, &devBlocks) ||
+      !GetInt(info, 3, fn, "slotsLog2", 10, ReadMap::kMaxSlotsLog2, &log2)) {
+    return env.Undefined();
+  }
+  if ((static_cast<uint64_t>(size) / ReadMap::kBlock) >> log2 >= 0xffffffffULL) {
+    ThrowRange(env, std::string(fn) + ": too few slots for the volume's blocks");
+    return env.Undefined();
+  }
+  int own = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (own < 0) {
+    ErrnoError(env, errno, "dup").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  auto m = std::make_shared<ReadMap>(own, static_cast<uint64_t>(size), static_cast<uint64_t>(devBlocks), static_cast<uint32_t>(log2));
+  if (!m->Ok()) {
+    ErrnoError(env, ENOMEM, "calloc").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  auto handle = Napi::External<ReadMapPtr>::New(env, new ReadMapPtr(m), [](Napi::Env, ReadMapPtr* p) { delete p; });
+  napi_type_tag_object(env, handle, &kReadMapTag);
+  return handle;
+}
+
+// nbdReadMapPutLeaf(map, node, baseLbn, skip) -> entries put: the pointers of one level-0
+// address block (4096 bytes, verified by the caller) for lbns baseLbn.. ; slot i is left
+// out where skip[i] != 0 (the log holds that block) and where its pointer does not decode.
+Napi::Value ReadMapPutLeaf(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "nbdReadMapPutLeaf";
+  ReadMapPtr m;
+  Napi::Buffer<uint8_t> node, skip;
+  int64_t base;
+  if (!GetReadMap(info, 0, fn, &m) || !GetBuffer(info, 1, fn, "node", &node) ||
+      !GetInt(info, 2, fn, "baseLbn", 0, kMaxSafeInteger, &base) || !GetBuffer(info, 3, fn, "skip", &skip)) {
+    return env.Undefined();
+  }
+  if (node.Length() != ReadMap::kBlock || skip.Length() != kFanout || base % kFanout != 0) {
+    ThrowRange(env, std::string(fn) + ": node is one 4096-byte block, skip has 168 bytes, baseLbn a multiple of 168");
+    return env.Undefined();
+  }
+  const uint64_t lbns = m->SizeBytes() / ReadMap::kBlock;
+  const uint8_t* p = node.Data();
+  uint32_t put = 0;
+  std::lock_guard<std::mutex> l(m->mu);
+  if (m->ClosedLocked()) return Napi::Number::New(env, 0);
+  for (size_t i = 0; i < kFanout; i++) {
+    const uint64_t lbn = static_cast<uint64_t>(base) + i;
+    if (lbn >= lbns) break;
+    if (skip.Data()[i] != 0) continue;
+    const uint8_t* e = p + kNodeHeaderBytes + i * kPtrBytes;
+    uint64_t pba, birth;
+    uint32_t crc;
+    uint16_t flags, pad;
+    memcpy(&pba, e, 8);
+    memcpy(&birth, e + 8, 8);
+    memcpy(&crc, e + 16, 4);
+    memcpy(&flags, e + 20, 2);
+    memcpy(&pad, e + 22, 2);
+    if (flags == 0) {
+      if (pba != 0 || birth != 0 || crc != 0 || pad != 0) continue;
+      m->PutLocked(lbn, 0, 0);
+    } else {
+      if (flags != kPtrPresent || pad != 0 || pba < kRingSlots || pba >= m->DeviceBlocks()) continue;
+      m->PutLocked(lbn, pba, crc);
+    }
+    put++;
+  }
+  return Napi::Number::New(env, put);
+}
+
+Napi::Value ReadMapDrop(const Napi::CallbackInfo& info) {
+  ReadMapPtr m;
+  int64_t lbn, count;
+  if (GetReadMap(info, 0, "nbdReadMapDrop", &m) && GetInt(info, 1, "nbdReadMapDrop", "lbn", 0, kMaxSafeInteger, &lbn) &&
+      GetInt(info, 2, "nbdReadMapDrop", "count", 0, kMaxSafeInteger, &count)) {
+    m->Drop(static_cast<uint64_t>(lbn), static_cast<uint64_t>(count));
+  }
+  return info.Env().Undefined();
+}
+
+Napi::Value ReadMapClear(const Napi::CallbackInfo& info) {
+  ReadMapPtr m;
+  if (GetReadMap(info, 0, "nbdReadMapClear", &m)) m->Clear();
+  return info.Env().Undefined();
+}
+
+Napi::Value ReadMapClose(const Napi::CallbackInfo& info) {
+  ReadMapPtr m;
+  if (GetReadMap(info, 0, "nbdReadMapClose", &m)) m->Close();
+  return info.Env().Undefined();
+}
+
+// nbdReadMapStats(map) -> [hits, misses]
+Napi::Value ReadMapStats(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  ReadMapPtr m;
+  if (!GetReadMap(info, 0, "nbdReadMapStats", &m)) return env.Undefined();
+  uint64_t h, mi;
+  m->Stats(&h, &mi);
+  Napi::Array a = Napi::Array::New(env, 2);
+  a.Set(uint32_t{0}, Napi::Number::New(env, static_cast<double>(h)));
+  a.Set(uint32_t{1}, Napi::Number::New(env, static_cast<double>(mi)));
+  return a;
+}
+
+Napi::Value SetDirectEngine(const Napi::CallbackInfo& info) {
+  const char* fn = "nbdServeDirectEngine";
+  ConnPtr c;
+  ReadMapPtr m;
+  int64_t modes;
+  if (GetConn(info, fn, &c) && GetReadMap(info, 1, fn, &m) &&
+      GetInt(info, 2, fn, "modes", 0, kModeWrites | kModeReads | kModeStructured, &modes)) {
+    c->SetDirectEngine(m, modes);
+  }
+  return info.Env().Undefined();
+}
+
 Napi::Value SetReading(const Napi::CallbackInfo& info) {
   ConnPtr c;
   bool on;
@@ -1175,6 +1337,13 @@ void InitNbdServe(Napi::Env env, Napi::Object exports) {
   exports.Set("nbdMemStoreDelete", Napi::Function::New(env, MemStoreDelete, "nbdMemStoreDelete"));
   exports.Set("nbdMemStoreZeroIn", Napi::Function::New(env, MemStoreZeroIn, "nbdMemStoreZeroIn"));
   exports.Set("nbdMemStoreClose", Napi::Function::New(env, MemStoreClose, "nbdMemStoreClose"));
+  exports.Set("nbdServeDirectEngine", Napi::Function::New(env, SetDirectEngine, "nbdServeDirectEngine"));
+  exports.Set("nbdReadMapNew", Napi::Function::New(env, ReadMapNew, "nbdReadMapNew"));
+  exports.Set("nbdReadMapPutLeaf", Napi::Function::New(env, ReadMapPutLeaf, "nbdReadMapPutLeaf"));
+  exports.Set("nbdReadMapDrop", Napi::Function::New(env, ReadMapDrop, "nbdReadMapDrop"));
+  exports.Set("nbdReadMapClear", Napi::Function::New(env, ReadMapClear, "nbdReadMapClear"));
+  exports.Set("nbdReadMapClose", Napi::Function::New(env, ReadMapClose, "nbdReadMapClose"));
+  exports.Set("nbdReadMapStats", Napi::Function::New(env, ReadMapStats, "nbdReadMapStats"));
   exports.Set("nbdServeSetReading", Napi::Function::New(env, SetReading, "nbdServeSetReading"));
   exports.Set("nbdServeEnd", Napi::Function::New(env, End, "nbdServeEnd"));
   exports.Set("nbdServeAbort", Napi::Function::New(env, Abort, "nbdServeAbort"));

@@ -122,6 +122,11 @@ export class FileBlockDevice implements BlockDevice {
     this.readOnly = readOnly;
   }
 
+  /** The file's descriptor, for a native reader that dups it (block pba is at pba * 4096); undefined once closed. */
+  readFd(): number | undefined {
+    return this.closed ? undefined : this.fd;
+  }
+
   /** Opens an existing member file. Bytes past the last whole block are ignored. */
   static async open(filePath: string, opts: FileBlockDeviceOptions = {}): Promise<FileBlockDevice> {
     const readOnly = opts.readOnly ?? false;

@@ -117,6 +117,7 @@ interface ServeAddon {
   nbdServeSetReading(h: Handle, on: boolean): void;
   nbdServeDirect(h: Handle, fd: number, sizeBytes: number, modes: number): void;
   nbdServeDirectMemory(h: Handle, store: object, modes: number): void;
+  nbdServeDirectEngine(h: Handle, map: object, modes: number): void;
   nbdServeEnd(h: Handle): void;
   nbdServeAbort(h: Handle): void;
   nbdServeState(h: Handle): NativeState;
@@ -214,12 +215,15 @@ export class NativeTransmission extends Transmission {
     this.handle = a.nbdServeStart(fd, leftover, P.MAX_PAYLOAD_BYTES, MAX_INFLIGHT_REQUESTS_PER_CONNECTION, MAX_QUEUED_REPLY_BYTES_PER_CONNECTION, (ev) => this.onEvents(ev));
     // A file volume: the thread writes plain WRITEs (unless the export is read-only) and
     // reads plain READs itself (see Volume.directWriteFd); a memory volume: plain WRITEs
-    // into chunks that hold data already, READs out of them (Volume.directWriteStore).
+    // into chunks that hold data already, READs out of them (Volume.directWriteStore); an
+    // engine volume on one member file: READs of blocks its map holds (Volume.directReadMap).
     const modes = (this.vc.readOnly ? 0 : MODE_WRITES) | MODE_READS | (s.structuredReplies ? MODE_STRUCTURED : 0);
     const direct = s.volume.directWriteFd?.();
     const store = direct === undefined ? s.volume.directWriteStore?.() : undefined;
+    const map = direct === undefined && store === undefined ? s.volume.directReadMap?.() : undefined;
     if (direct !== undefined) a.nbdServeDirect(this.handle, direct, s.volume.sizeBytes, modes);
     else if (store !== undefined) a.nbdServeDirectMemory(this.handle, store, modes);
+    else if (map !== undefined) a.nbdServeDirectEngine(this.handle, map, modes & ~MODE_WRITES);
   }
 
   // ------------------------------------------------------------------ events

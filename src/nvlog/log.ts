@@ -193,6 +193,11 @@ export class NvLog {
    * during the call.
    */
   onAppend: ((rec: AppendedRecord) => void) | undefined;
+  /**
+   * Called synchronously with the blocks [startLbn, startLbn+count) of each record as it
+   * is indexed (before its append resolves): a cache of the tree's mapping drops them.
+   */
+  onBlocksChanged: ((startLbn: number, count: number) => void) | undefined;
 
   /** Initialises a region for a volume: header epoch 1, fresh salt; persists the header page. */
   static async format(region: NvramRegion, volumeUuid: string, random?: Random): Promise<void> {
@@ -271,6 +276,7 @@ export class NvLog {
     } else {
       half.index.addZero(startLbn, startLbn + count);
     }
+    this.onBlocksChanged?.(startLbn, count);
   }
 
   /**

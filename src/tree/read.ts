@@ -12,6 +12,8 @@
  *   ioConcurrency runs at a time.
  * - blockStatus reads at most statusNodeBudget address blocks per call and answers a
  *   shorter range (at least one extent) when the budget runs out.
+ * - A LeafSink sees each level-0 address block a readRange walked (verified: read through
+ *   the VerifiedReader or taken from the cache), with the first lbn it maps; possibly twice.
  */
 import { assert } from '../util/assert';
 import { EXTENT_HOLE, EXTENT_ZERO, type Extent } from '../util/extent';
@@ -19,6 +21,7 @@ import { crc32cBlocks } from '../io/checksum';
 import { forEachLimit } from '../util/work';
 import { BLOCK, BlockPtr, FANOUT, slotsPerPointer } from './layout';
 import type { NodeCache } from './node-cache';
+import type { LeafSink } from './types';
 import type { VerifiedReader } from './verified-read';
 
 export class ReadPath {
@@ -38,7 +41,7 @@ export class ReadPath {
   private async walk(
     root: BlockPtr | null, start: number, end: number,
     onHole: (lbn: number, n: number) => boolean, onData: (lbn: number, ptr: BlockPtr) => boolean,
-    budget: { nodes: number },
+    budget: { nodes: number }, leaves?: LeafSink,
   ): Promise<boolean> {
     const rec = async (ptr: BlockPtr | null, level: number, index: number): Promise<boolean> => {
       const nodeLo = index * slotsPerPointer(level + 1);
@@ -49,6 +52,7 @@ export class ReadPath {
       if (budget.nodes <= 0) return false;
       budget.nodes--;
       const node = await this.verified.readNode(ptr, level, index);
+      if (level === 0 && leaves) leaves(nodeLo, node);
       const cs = slotsPerPointer(level);
       for (let slot = Math.floor((lo - nodeLo) / cs); slot < FANOUT && nodeLo + slot * cs < hi; slot++) {
         const child = this.verified.childOf(node, ptr, level, index, slot);
@@ -82,7 +86,9 @@ export class ReadPath {
    * as soon as an address block on the way is not in the cache (callbacks may have run
    * for part of the range; the caller starts again with walk()). Callbacks cannot stop it.
    */
-  private walkCached(root: BlockPtr | null, start: number, end: number, onHole: (lbn: number, n: number) => void, onData: (lbn: number, ptr: BlockPtr) => void): boolean {
+  private walkCached(
+    root: BlockPtr | null, start: number, end: number, onHole: (lbn: number, n: number) => void, onData: (lbn: number, ptr: BlockPtr) => void, leaves?: LeafSink,
+  ): boolean {
     const rec = (ptr: BlockPtr | null, level: number, index: number): boolean => {
       const nodeLo = index * slotsPerPointer(level + 1);
       const lo = Math.max(start, nodeLo);
@@ -94,6 +100,7 @@ export class ReadPath {
       }
       const node = this.cache.get(ptr, false);
       if (node === undefined) return false;
+      if (level === 0 && leaves) leaves(nodeLo, node);
       const cs = slotsPerPointer(level);
       for (let slot = Math.floor((lo - nodeLo) / cs); slot < FANOUT && nodeLo + slot * cs < hi; slot++) {
         const child = this.verified.childOf(node, ptr, level, index, slot);
@@ -123,9 +130,10 @@ export class ReadPath {
   /**
    * Reads count blocks below root into dst (holes as zeroes), coalescing contiguous blocks.
    * The address blocks are looked up synchronously when all are cached (walkCached), else
-   * read with walk(); the data runs are read at most ioConcurrency at a time.
+   * read with walk(); the data runs are read at most ioConcurrency at a time. `leaves`
+   * gets the level-0 address blocks walked.
    */
-  async readRange(root: BlockPtr | null, lbn: number, count: number, dst: Buffer): Promise<void> {
+  async readRange(root: BlockPtr | null, lbn: number, count: number, dst: Buffer, leaves?: LeafSink): Promise<void> {
     const runs: { lbn: number; ptrs: BlockPtr[] }[] = [];
     const onHole = (l: number, n: number): boolean => {
       dst.fill(0, (l - lbn) * BLOCK, (l - lbn + n) * BLOCK);
@@ -138,12 +146,37 @@ export class ReadPath {
       else runs.push({ lbn: l, ptrs: [p] });
       return true;
     };
-    if (!this.walkCached(root, lbn, lbn + count, onHole, onData)) {
+    if (!this.walkCached(root, lbn, lbn + count, onHole, onData, leaves)) {
       runs.length = 0;
-      await this.walk(root, lbn, lbn + count, onHole, onData, { nodes: Number.MAX_SAFE_INTEGER });
+      await this.walk(root, lbn, lbn + count, onHole, onData, { nodes: Number.MAX_SAFE_INTEGER }, leaves);
     }
     if (runs.length === 1) await this.readDataRun(lbn, runs[0]!, dst);
     else if (runs.length > 1) await forEachLimit(runs, this.ioConcurrency, (r) => this.readDataRun(lbn, r, dst));
+  }
+
+  /**
+   * Gives `leaves` the level-0 address blocks below root that map lbns in [start, end), in
+   * order, reading at most maxNodes address blocks (upper levels count); no data block is read.
+   */
+  async leafNodes(root: BlockPtr | null, start: number, end: number, leaves: LeafSink, maxNodes: number): Promise<void> {
+    let budget = maxNodes;
+    const rec = async (ptr: BlockPtr | null, level: number, index: number): Promise<boolean> => {
+      if (ptr === null) return true;
+      if (budget <= 0) return false;
+      budget--;
+      const node = await this.verified.readNode(ptr, level, index);
+      const nodeLo = index * slotsPerPointer(level + 1);
+      if (level === 0) {
+        leaves(nodeLo, node);
+        return true;
+      }
+      const cs = slotsPerPointer(level);
+      for (let slot = Math.max(0, Math.floor((start - nodeLo) / cs)); slot < FANOUT && nodeLo + slot * cs < end; slot++) {
+        if (!(await rec(this.verified.childOf(node, ptr, level, index, slot), level - 1, index * FANOUT + slot))) return false;
+      }
+      return true;
+    };
+    await rec(root, this.height - 1, 0);
   }
 
   /** Extents for [lbn, end) below root, from the tree only (at most maxExtents). */

@@ -47,7 +47,7 @@ import { startGeneration, type Generation } from './lineage';
 import { SpaceMap } from './spacemap';
 import type {
   BlockChange, BlockOrigin, BlockTreeApi, CheckReport, CommitResult, CommittedView, CpMeta, CpSink, SnapshotInfo, SnapshotOp,
-  TreeReader, TreeStats, TreeRollback, BlockErrorCounts,
+  TreeReader, TreeStats, TreeRollback, BlockErrorCounts, LeafSink,
 } from './types';
 import { Slicer } from '../util/work';
 import { CommitWork, CpWriter, planSnapshots } from './commit';
@@ -197,10 +197,17 @@ export class BlockTree implements BlockTreeApi {
    * @internal Reads count blocks into dst (holes as zeroes), coalescing contiguous blocks
    * (ReadPath.readRange).
    */
-  async readRangeOn(h: RootHandle, lbn: number, count: number, dst: Buffer): Promise<void> {
+  async readRangeOn(h: RootHandle, lbn: number, count: number, dst: Buffer, leaves?: LeafSink): Promise<void> {
     this.checkRange(lbn, count);
     if (!(dst.length === count * BLOCK)) assert(false, `readRange: dst must be ${count * BLOCK} bytes, got ${dst.length}`);
-    await this.pinned(h, () => this.reads.readRange(h.root, lbn, count, dst));
+    await this.pinned(h, () => this.reads.readRange(h.root, lbn, count, dst, leaves));
+  }
+
+  /** The live root's level-0 address blocks for lbns [lbn, lbn+count), at most maxNodes address blocks read (ReadPath.leafNodes). */
+  async readLeaves(lbn: number, count: number, leaves: LeafSink, maxNodes: number): Promise<void> {
+    this.checkRange(lbn, count);
+    const h = this.live;
+    await this.pinned(h, () => this.reads.leafNodes(h.root, lbn, lbn + count, leaves, maxNodes));
   }
 
   /** @internal Extents for [lbn, lbn+count) through the root pinned by h, from the tree only. */
@@ -220,8 +227,8 @@ export class BlockTree implements BlockTreeApi {
   }
 
   /** Reads [lbn, lbn+count) into dst (count*4096 bytes); holes read as zeroes. */
-  readRange(lbn: number, count: number, dst: Buffer): Promise<void> {
-    return this.readRangeOn(this.live, lbn, count, dst);
+  readRange(lbn: number, count: number, dst: Buffer, leaves?: LeafSink): Promise<void> {
+    return this.readRangeOn(this.live, lbn, count, dst, leaves);
   }
 
   blockStatus(lbn: number, count: number, maxExtents: number): Promise<Extent[]> {

@@ -93,6 +93,12 @@ export interface CommitResult {
   blocksFreed: number;
 }
 
+/**
+ * Gets the level-0 address blocks a read walked (verified), with the first lbn each maps
+ * (a multiple of FANOUT); a block may come twice. The buffer is the cache's: read only.
+ */
+export type LeafSink = (baseLbn: number, node: Buffer) => void;
+
 /** A read-only view pinned to one committed root (the live tree or a snapshot). */
 export interface TreeReader {
   readonly cpNumber: number;
@@ -103,7 +109,7 @@ export interface TreeReader {
    * with one tree walk and one device read per physically contiguous run. Rejects with
    * VolumeError('EIO') like readBlock (dst contents are then undefined).
    */
-  readRange(lbn: number, count: number, dst: Buffer): Promise<void>;
+  readRange(lbn: number, count: number, dst: Buffer, leaves?: LeafSink): Promise<void>;
   /** Extents (EXTENT_HOLE|EXTENT_ZERO for holes) for lbns [lbn, lbn+count), at most maxExtents. */
   blockStatus(lbn: number, count: number, maxExtents: number): Promise<Extent[]>;
 }
@@ -155,6 +161,8 @@ export interface BlockTreeApi extends TreeReader {
   /** Undefined when the newest durable CP mounted. */
   readonly rollback: TreeRollback | undefined;
   stats(): TreeStats;
+  /** The live root's level-0 address blocks for lbns [lbn, lbn+count), reading at most maxNodes address blocks (no data). */
+  readLeaves(lbn: number, count: number, leaves: LeafSink, maxNodes: number): Promise<void>;
   /**
    * Atomically commits one CP: write changed data blocks and the address-block paths
    * above them to newly allocated blocks, sync, write the new root into the superblock

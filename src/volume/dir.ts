@@ -271,6 +271,12 @@ export async function openMemberDevice(absDir: string, label: VolumeLabel, readO
   return dev;
 }
 
+/** A single member file's fd for the NBD threads' READs (EngineOptions.directRead); nothing for RAID. */
+function directReadOf(dev: BlockDevice): { directRead?: { fd: number; deviceBlocks: number } } {
+  const fd = dev instanceof FileBlockDevice ? dev.readFd() : undefined;
+  return fd === undefined ? {} : { directRead: { fd, deviceBlocks: dev.blockCount } };
+}
+
 /** Opens label, lock, member, tree and NVRAM (no replay). The caller owns what is returned. */
 export async function openVolumeParts(dir: string, readOnly: boolean, clock?: Clock): Promise<OpenedParts> {
   const absDir = path.resolve(dir);
@@ -322,6 +328,7 @@ export async function openVolumeDir(dir: string, opts: OpenVolumeDirOptions): Pr
       ...(opts.clock ? { clock: opts.clock } : {}),
       ...(opts.cpIntervalMs !== undefined ? { cpIntervalMs: opts.cpIntervalMs } : {}),
       ...(opts.acceptNvramLoss === true ? { acceptNvramLoss: true } : {}),
+      ...directReadOf(parts.dev),
       description: `nvmirror volume ${absDir} (${formatSize(parts.label.sizeBytes)})`,
     });
   } catch (e) {

@@ -21,7 +21,7 @@
  *   bounded chunks; writers beyond the NVRAM wait in the log's bounded queue.
  * - After close() resolves, everything acknowledged is in the tree (final CP).
  */
-import type { BlockTreeApi, CommitResult, SnapshotInfo, SnapshotOp, TreeReader, TreeStats } from '../tree/types';
+import type { BlockTreeApi, CommitResult, LeafSink, SnapshotInfo, SnapshotOp, TreeReader, TreeStats } from '../tree/types';
 import { BLOCK_SIZE_BYTES, systemClock, type Clock, type NvramRegion, type Random } from '../io/types';
 import { NvLog, type NvLogStats, type ReplaySummary } from '../nvlog/log';
 import { RecordType, RECORD_FLAG_FUA } from '../nvlog/format';
@@ -34,12 +34,15 @@ import { clipExtents } from './extents';
 import { VolumeError } from '../util/errors';
 import { EXTENT_HOLE, EXTENT_ZERO, type Extent, type Volume, type VolumeCapabilities, type ZeroOptions } from './types';
 import { BlockLocks } from './engine-locks';
-import { MAX_SNAPSHOTS, snapshotNameProblem } from '../tree/layout';
+import { EngineReadMap } from './engine-read-map';
+import { FANOUT, MAX_SNAPSHOTS, snapshotNameProblem } from '../tree/layout';
 
 const BS = BLOCK_SIZE_BYTES;
 export const ENGINE_MAX_PAYLOAD_BYTES = 32 * 1024 * 1024;
 /** Blocks resolved per read step (bounds the tree reads in flight per request). */
 const READ_CHUNK_BLOCKS = 256;
+/** Level-0 address blocks the block map reads ahead of sequential READs (32 map 21 MiB). */
+const MAP_AHEAD_LEAVES = 32;
 /** Blocks examined per blockStatus call (a short answer is allowed). */
 const STATUS_WINDOW_BLOCKS = 65536;
 /** Bytes a CACHE request reads ahead (the rest of the hint is ignored). */
@@ -61,7 +64,7 @@ function prefault(buf: Buffer): number {
  * Reads sorted lbns from a tree view into `out` (which holds [offset, offset+length)):
  * consecutive lbns in one readRange, straight into `out` where whole blocks fit.
  */
-export async function readFromTree(tree: TreeReader, lbns: readonly number[], offset: number, length: number, out: Buffer): Promise<void> {
+export async function readFromTree(tree: TreeReader, lbns: readonly number[], offset: number, length: number, out: Buffer, leaves?: LeafSink): Promise<void> {
   const reads: Promise<void>[] = [];
   let i = 0;
   while (i < lbns.length) {
@@ -72,10 +75,10 @@ export async function readFromTree(tree: TreeReader, lbns: readonly number[], of
     const from = first * BS;
     const to = (first + count) * BS;
     if (from >= offset && to <= offset + length) {
-      reads.push(tree.readRange(first, count, out.subarray(from - offset, to - offset)));
+      reads.push(tree.readRange(first, count, out.subarray(from - offset, to - offset), leaves));
     } else {
       const tmp = Buffer.allocUnsafe(count * BS);
-      reads.push(tree.readRange(first, count, tmp).then(() => {
+      reads.push(tree.readRange(first, count, tmp, leaves).then(() => {
         for (let k = 0; k < count; k++) placeBlock(first + k, tmp.subarray(k * BS, (k + 1) * BS), offset, length, out);
       }));
     }
@@ -131,6 +134,12 @@ export interface EngineOptions {
    * that replay and drop the rest (the operator salvaged what they need). Default false.
    */
   acceptNvramLoss?: boolean;
+  /**
+   * The tree's one member file (its fd; pba * 4096 is the offset) and the device's blocks:
+   * the NBD threads then answer READs of blocks the log does not hold from a map of the
+   * live tree (engine-read-map.ts). Absent for RAID volumes and views.
+   */
+  directRead?: { fd: number; deviceBlocks: number };
 }
 
 export interface EngineStats {
@@ -140,6 +149,8 @@ export interface EngineStats {
   nvlog: NvLogStats;
   cp: CpStats;
   replay: ReplaySummary;
+  /** READs the NBD threads answered from the block map (hits) or passed on (misses), if the volume has one. */
+  threadReads?: { hits: number; misses: number };
 }
 
 /** Who serves the volume, as `status` shows it (set by `serve`). */
@@ -163,6 +174,10 @@ export class EngineVolume implements Volume {
   private closed = false;
   private closing: Promise<void> | undefined;
   private replica: ReplicaGate | undefined;
+  private readonly readMap: EngineReadMap | undefined;
+  /** The block map's read-ahead in flight (one at a time), and where the last READ through TypeScript ended. */
+  private mapAhead: Promise<void> | undefined;
+  private readEndLbn = -1;
   /** Extra sections for `status` (e.g. "mirror"), each a function returning plain data. */
   readonly statusSections = new Map<string, () => unknown>();
   /** Control-socket operations added by what runs beside the engine (e.g. a mirror's "verify"). */
@@ -195,6 +210,16 @@ export class EngineVolume implements Volume {
     if (!ro) {
       this.cp = new CpRunner({ log, tree: opts.tree, clock: opts.clock ?? systemClock, cpIntervalMs: opts.cpIntervalMs ?? CP_INTERVAL_MS_DEFAULT });
     }
+    if (opts.directRead && process.env.NVMIRROR_ENGINE_READ_MAP !== '0') {
+      const map = EngineReadMap.create(opts.directRead.fd, this.sizeBytes, opts.directRead.deviceBlocks);
+      this.readMap = map;
+      log.onBlocksChanged = (lbn, count) => map.changed(lbn, count);
+    }
+  }
+
+  /** The map the NBD threads answer READs from (Volume.directReadMap), if the tree has one member file. */
+  directReadMap(): object | undefined {
+    return this.closed ? undefined : this.readMap?.handle;
   }
 
   /**
@@ -293,6 +318,11 @@ export class EngineVolume implements Volume {
     if (length === 0) return out;
     const endLbn = Math.ceil((offset + length) / BS);
     let lbn = Math.floor(offset / BS);
+    // The level-0 address blocks walked, for the threads' map (only what the live root holds now).
+    const map = this.readMap;
+    const token = map?.token(this.tree.cpNumber);
+    let leaves: Map<number, Buffer> | undefined;
+    const sink = map ? (base: number, node: Buffer): void => void (leaves ??= new Map()).set(base, node) : undefined;
     while (lbn < endLbn) {
       const chunkEnd = Math.min(endLbn, lbn + READ_CHUNK_BLOCKS);
       const resolve = this.log.resolver(lbn, chunkEnd);
@@ -302,10 +332,40 @@ export class EngineVolume implements Volume {
         if (hit === undefined) fromTree.push(l);
         else placeBlock(l, hit.kind === 'zero' ? null : this.log.blockView(hit.regionOffset), offset, length, out);
       }
-      if (fromTree.length > 0) await readFromTree(this.tree, fromTree, offset, length, out);
+      if (fromTree.length > 0) await readFromTree(this.tree, fromTree, offset, length, out, sink);
       lbn = chunkEnd;
     }
+    if (map && token && leaves) map.fill(token, this.tree.cpNumber, leaves, this.inLog);
+    if (map) {
+      // A READ where the last one ended: map the blocks after it before their READs come.
+      const first = Math.floor(offset / BS);
+      if (Math.abs(first - this.readEndLbn) <= READ_CHUNK_BLOCKS && this.mapAhead === undefined) {
+        this.mapAhead = this.readMapAhead(map, endLbn).finally(() => (this.mapAhead = undefined));
+      }
+      this.readEndLbn = endLbn;
+    }
     return out;
+  }
+
+  /** Which lbns of [from, to) the log holds (their tree pointers are older). */
+  private readonly inLog = (from: number, to: number): ((lbn: number) => boolean) => {
+    const r = this.log.resolver(from, to);
+    return (l) => r(l) !== undefined;
+  };
+
+  /** Puts the MAP_AHEAD_LEAVES leaves from lbn `from` into the block map (nothing if anything changed meanwhile). */
+  private async readMapAhead(map: EngineReadMap, from: number): Promise<void> {
+    const lbns = this.sizeBytes / BS;
+    if (from >= lbns || this.closed) return;
+    const token = map.token(this.tree.cpNumber);
+    const leaves = new Map<number, Buffer>();
+    const count = Math.min(lbns - from, MAP_AHEAD_LEAVES * FANOUT);
+    try {
+      await this.tree.readLeaves(from, count, (base, node) => void leaves.set(base, node), 2 * MAP_AHEAD_LEAVES);
+    } catch {
+      return; // a bad address block is the READ path's to report, when a READ reaches it
+    }
+    map.fill(token, this.tree.cpNumber, leaves, this.inLog);
   }
 
   /** A private copy of the newest contents of one block. */
@@ -555,6 +615,7 @@ export class EngineVolume implements Volume {
       nvlog: this.log.stats(),
       cp: this.cp?.stats() ?? { cpsRun: 0, running: false, lastCpDurationMs: 0, lastCpEndMs: 0, cpDurationMsMax: 0 },
       replay: this.log.replaySummary,
+      ...(this.readMap && !this.closed ? { threadReads: this.readMap.stats() } : {}),
     };
   }
 
@@ -573,6 +634,8 @@ export class EngineVolume implements Volume {
       logger().error({ err: e }, 'final consistency point failed; the NVRAM log keeps the data for the next open');
     }
     this.closed = true;
+    this.readMap?.close();
+    await this.mapAhead;
     this.log.close();
     await this.tree.close();
     await this.region.close();

@@ -41,6 +41,8 @@ export interface VolumeStatus {
   server?: { pid: number } & Partial<ServedBy>;
   /** Reads refused since the volume was opened (by the serving process, or by this status). */
   errors: BlockErrorCounts;
+  /** Whole-block READs the NBD threads answered from the block map (hits) or passed on (misses), this session. */
+  threadReads?: { hits: number; misses: number };
   /** Sections added by what runs beside the engine (e.g. `mirror`). */
   sections?: Record<string, unknown>;
   /** A RAID volume: level, state, and each member's state and error counts. */
@@ -100,6 +102,7 @@ export function engineStatus(dir: string, label: VolumeLabel, volume: EngineVolu
     },
     ...(served ? { server: { pid: process.pid, ...(volume.servedBy?.() ?? {}) } } : {}),
     errors: s.tree.errors,
+    ...(served && s.threadReads ? { threadReads: s.threadReads } : {}),
     ...(raidOf.has(volume) ? { raid: { ...raidOf.get(volume)!.health(), scrub: scrubState(raidOf.get(volume)!) } } : {}),
     ...(volume.statusSections.size > 0 ? { sections: Object.fromEntries([...volume.statusSections].map(([k, f]) => [k, f()])) } : {}),
   };

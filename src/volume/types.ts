@@ -86,5 +86,11 @@ export interface Volume {
    * (file, engine, read-only).
    */
   directWriteStore?(): object | undefined;
+  /**
+   * A native block map (native/read_map.h) from which the native NBD data path may answer
+   * a plain READ of whole blocks with the same bytes read() would return; the volume keeps
+   * it in step with its writes. Undefined if none (file, memory, RAID engine volumes).
+   */
+  directReadMap?(): object | undefined;
   close(): Promise<void>;
 }

@@ -74,6 +74,8 @@ describe('e2e metrics endpoint (issue 11 point 15)', function () {
       assert.equal(await simpleCommand(s, { type: CMD.FLUSH, offset: 0, length: 0 }), 0);
       assert.equal((await simpleRead(s, 64 * MiB - 512, 1024)).error, ERR.EINVAL, 'a read past the end');
       await sleep(700); // a CP or two at --cp-interval 300ms
+      // Whole blocks the tree holds: the first READ fills the NBD threads' block map, the next ones are answered there.
+      for (let i = 0; i < 3; i++) assert.equal((await simpleRead(s, 0, 64 * 1024)).error, 0);
       const after = await scrape(url);
       s.conn.destroy();
 
@@ -95,6 +97,7 @@ describe('e2e metrics endpoint (issue 11 point 15)', function () {
       assert.ok(fills.every((f) => f >= 0 && f <= 1) && fills.some((f) => f > 0), `NVRAM fill seen: ${fills.join(',')}`);
       assert.ok((after.get('nvmirror_volume_used_bytes') ?? 0) > (before.get('nvmirror_volume_used_bytes') ?? 0));
       assert.equal(after.get('nvmirror_volume_checksum_errors_total'), 0);
+      assert.ok((after.get('nvmirror_volume_thread_reads_total', { result: 'hit' }) ?? 0) >= 1, 'READs answered from the block map');
       // Only GET /metrics is served.
       assert.equal((await get(url.replace('/metrics', '/nope'))).status, 404);
       process.stdout.write(`      (${writes} writes, ${scrapes.length} scrapes, ${after.get('nvmirror_volume_cps_total')} CPs, fill max ${Math.max(...fills).toFixed(3)})\n`);

@@ -255,6 +255,23 @@ describe('tree: reads, writes and commits', () => {
     await expectEio(tree.readRange(5, 2, Buffer.alloc(2 * B)), /checksum mismatch in data block: lbn 6/);
   });
 
+  it('readLeaves gives the level-0 address blocks of a range in order, skips hole subtrees and stops at its budget', async () => {
+    const { tree } = await fresh(GiB);
+    await tree.commitCp(writes([[0, 1], [FANOUT + 5, 2], [3 * FANOUT, 3], [FANOUT * FANOUT + 1, 4]]), meta(1));
+    const got: number[] = [];
+    await tree.readLeaves(0, 4 * FANOUT, (base, node) => {
+      assert.equal(node.length, B);
+      got.push(base);
+    }, 100);
+    assert.deepEqual(got, [0, FANOUT, 3 * FANOUT], 'the three leaves that exist below the range, none for the hole at 2*FANOUT');
+    const within: number[] = [];
+    await tree.readLeaves(FANOUT + 5, 1, (base) => within.push(base), 100);
+    assert.deepEqual(within, [FANOUT], 'the leaf holding the one lbn');
+    const few: number[] = [];
+    await tree.readLeaves(0, FANOUT * FANOUT + 2, (base) => few.push(base), 3);
+    assert.ok(few.length >= 1 && few.length < 4, `a budget of 3 address blocks stops early (${few.join(',')})`);
+  });
+
   it('rejects bad changes before changing anything', async () => {
     const { tree } = await fresh(GiB);
     await assert.rejects(tree.commitCp([{ lbn: GiB / B, data: block(1) }], meta(1)), /outside the volume/);

@@ -1,0 +1,183 @@
+// An engine volume's block map as the NBD threads may use it to answer plain READs
+// without TypeScript: lbn -> (pba, crc32c) for blocks of the live tree that the NVRAM log
+// does not hold, on a volume whose tree sits on one member file (pba * 4096 is the file
+// offset). A direct-mapped table: a slot per (lbn mod slots), the newest put wins; a miss
+// is only a trip to TypeScript. src/volume/engine-read-map.ts keeps it in step.
+//
+// Invariants:
+// - An entry is put only for a block the log does not hold, from an address block of the
+//   live root read while nothing was appended and no CP committed (engine-read-map.ts);
+//   every append drops its blocks (Drop) before the request that made it is answered.
+//   So an entry never maps a block to older data than an answered WRITE left there.
+// - A read (ReadOut) copies its entries under the mutex, reads and checks the blocks
+//   without it (threads read in parallel; Drop never waits for I/O), then takes the mutex
+//   again and answers only if every entry is still the one it read. A data block is freed
+//   (and later reused) only by a CP after its lbn was rewritten or trimmed, i.e. after the
+//   append that dropped it: a read that could have seen a reused block finds its entry
+//   gone (or put again with that block's new crc32c, which its bytes must then match).
+// - Every block read is checked against the entry's crc32c; a mismatch, a block outside
+//   the page cache (RWF_NOWAIT), a short read or an error is a miss: TypeScript reads it
+//   with the tree's own code, which repairs, refuses or reports it (nothing is decided here).
+// - Memory: slots * 16 bytes, fixed at creation (calloc'd: untouched slots cost nothing).
+#pragma once
+
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "common.h"
+
+namespace nvm {
+
+class ReadMap {
+ public:
+  static constexpr uint64_t kBlock = 4096;
+  static constexpr uint32_t kMaxSlotsLog2 = 24;
+
+  ReadMap(int fd, uint64_t sizeBytes, uint64_t deviceBlocks, uint32_t slotsLog2)
+      : fd_(fd), sizeBytes_(sizeBytes), deviceBlocks_(deviceBlocks), log2_(slotsLog2),
+        mask_((uint64_t{1} << slotsLog2) - 1),
+        slots_(static_cast<Slot*>(calloc(size_t{1} << slotsLog2, sizeof(Slot)))) {}
+  ~ReadMap() {
+    free(slots_);
+    if (fd_ >= 0) ::close(fd_);
+  }
+  ReadMap(const ReadMap&) = delete;
+  ReadMap& operator=(const ReadMap&) = delete;
+
+  bool Ok() const { return slots_ != nullptr; }
+  uint64_t SizeBytes() const { return sizeBytes_; }
+
+  // Puts lbn -> pba (0: a hole, reads as zeroes) with its crc32c. pba must be a data
+  // block of the device (the caller decoded it from a verified address block).
+  void PutLocked(uint64_t lbn, uint64_t pba, uint32_t crc) {
+    Slot& s = slots_[lbn & mask_];
+    s.tag = static_cast<uint32_t>(lbn >> log2_) + 1;
+    s.crc = crc;
+    s.pba = pba;
+  }
+
+  void Drop(uint64_t lbn, uint64_t count) {
+    std::lock_guard<std::mutex> l(mu);
+    if (closed_) return;
+    if (count > mask_) {
+      for (uint64_t i = 0; i <= mask_; i++) {
+        Slot& s = slots_[i];
+        if (s.tag == 0) continue;
+        uint64_t at = ((uint64_t{s.tag} - 1) << log2_) | i;
+        if (at >= lbn && at - lbn < count) s.tag = 0;
+      }
+      return;
+    }
+    for (uint64_t k = 0; k < count; k++) {
+      Slot& s = slots_[(lbn + k) & mask_];
+      if (s.tag == static_cast<uint32_t>((lbn + k) >> log2_) + 1) s.tag = 0;
+    }
+  }
+
+  void Clear() {
+    std::lock_guard<std::mutex> l(mu);
+    if (!closed_) memset(slots_, 0, (mask_ + 1) * sizeof(Slot));
+  }
+
+  void Close() {
+    std::lock_guard<std::mutex> l(mu);
+    closed_ = true;
+  }
+
+  // Reads [off, off+len) into dst if it is whole blocks, every block is mapped, every data
+  // block comes from the page cache and matches its crc32c; else false (dst is scratch).
+  bool ReadOut(uint64_t off, uint8_t* dst, size_t len) {
+    if (off % kBlock != 0 || len % kBlock != 0 || len == 0 || off > sizeBytes_ || len > sizeBytes_ - off) return false;
+    const uint64_t first = off / kBlock, n = len / kBlock;
+    thread_local std::vector<Slot> snap;
+    snap.resize(n);
+    {
+      std::lock_guard<std::mutex> l(mu);
+      if (closed_) return false;
+      for (uint64_t k = 0; k < n; k++) {
+        const Slot& s = slots_[(first + k) & mask_];
+        if (s.tag != static_cast<uint32_t>((first + k) >> log2_) + 1) {
+          misses_++;
+          return false;
+        }
+        snap[k] = s;
+      }
+    }
+    bool ok = true;
+    uint64_t k = 0;
+    while (ok && k < n) {
+      const Slot& s = snap[k];
+      uint8_t* at = dst + k * kBlock;
+      if (s.pba == 0) {
+        memset(at, 0, kBlock);
+        k++;
+        continue;
+      }
+      uint64_t run = 1;
+      while (k + run < n && snap[k + run].pba == s.pba + run) run++;
+      ok = PreadAll(at, run * kBlock, s.pba * kBlock);
+      for (uint64_t j = 0; ok && j < run; j++) ok = Crc32cOf(at + j * kBlock, kBlock) == snap[k + j].crc;
+      k += run;
+    }
+    std::lock_guard<std::mutex> l(mu);
+    for (uint64_t j = 0; ok && j < n; j++) {
+      const Slot& s = slots_[(first + j) & mask_];
+      ok = !closed_ && s.tag == snap[j].tag && s.pba == snap[j].pba && s.crc == snap[j].crc;
+    }
+    if (ok) hits_++;
+    else misses_++;
+    return ok;
+  }
+
+  void Stats(uint64_t* hits, uint64_t* misses) {
+    std::lock_guard<std::mutex> l(mu);
+    *hits = hits_;
+    *misses = misses_;
+  }
+
+  std::mutex mu;  // PutLocked's callers hold it
+
+  bool ClosedLocked() const { return closed_; }
+  uint64_t DeviceBlocks() const { return deviceBlocks_; }
+
+ private:
+  struct Slot {
+    uint32_t tag;  // (lbn >> log2_) + 1; 0: empty
+    uint32_t crc;
+    uint64_t pba;  // 0: a hole
+  };
+
+  // preadv2(RWF_NOWAIT): all of it from the page cache, or false.
+  bool PreadAll(uint8_t* data, size_t len, uint64_t pos) {
+    size_t done = 0;
+    while (done < len) {
+      iovec v{data + done, len - done};
+      ssize_t got = ::preadv2(fd_, &v, 1, static_cast<off_t>(pos + done), RWF_NOWAIT);
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0) return false;
+      done += static_cast<size_t>(got);
+    }
+    return true;
+  }
+
+  const int fd_;
+  const uint64_t sizeBytes_;
+  const uint64_t deviceBlocks_;
+  const uint32_t log2_;
+  const uint64_t mask_;
+  Slot* const slots_;
+  bool closed_ = false;  // under mu
+  uint64_t hits_ = 0, misses_ = 0;  // under mu
+};
+
+using ReadMapPtr = std::shared_ptr<ReadMap>;
+
+}  // namespace nvm
