@@ -130,6 +130,8 @@ mirror suite (only when named: BENCH_SUITES=mirror; needs root for network names
   BENCH_MIRROR_RTT_MS=1      median RTT through the relay in the delayed runs (delayMs is calibrated to it)
   BENCH_MIRROR_STALL=S       seconds the peer is stalled in the stall run (default 5; quick 3)
   BENCH_MIRROR_BASELINE=2G   live data of the baseline/resync run (quick 256M; 0: no such run)
+  BENCH_MIRROR_RX_DIR=PATH   the receiver's directories there, e.g. /dev/shm (default: the scratch
+                             directory, i.e. the same disk as the source: every mirrored byte is written twice)
   (BENCH_ROUNDS, BENCH_CP_INTERVAL and BENCH_ONLY apply; the stall run's id is mirror-stall, the baseline run's mirror-baseline)`;
 
 export function loadConfig(argv: string[]): BenchConfig | 'help' {
@@ -179,6 +181,7 @@ export function loadConfig(argv: string[]): BenchConfig | 'help' {
     rttMs: envNumber('BENCH_MIRROR_RTT_MS', 1, 0.05, 1000),
     stallS: envInt('BENCH_MIRROR_STALL', quick ? 3 : 5, 1, 600),
     baselineBytes: process.env.BENCH_MIRROR_BASELINE === '0' ? 0 : envSize('BENCH_MIRROR_BASELINE', quick ? '256M' : '2G'),
+    ...(process.env.BENCH_MIRROR_RX_DIR ? { rxDir: path.resolve(process.env.BENCH_MIRROR_RX_DIR) } : {}),
   };
 
   const jsonEnv = process.env.BENCH_JSON;

@@ -65,6 +65,12 @@ export interface MirrorBenchOptions {
   stallS: number;
   /** Live data the baseline run copies (0: no baseline run); the resync run rewrites a quarter of it. */
   baselineBytes: number;
+  /**
+   * Where the receiver's directories go (default: the scratch directory). The two "hosts"
+   * of this bench share one machine, so by default they share one disk and every mirrored
+   * byte is written to it twice; a second disk (or tmpfs) gives the receiver its own.
+   */
+  rxDir?: string;
 }
 
 type Mode = 'none' | 'sync' | 'async';
@@ -523,6 +529,7 @@ async function checkpoint(vol: string): Promise<number> {
 
 interface Running {
   vol: string;
+  rx: string;
   sock: string;
   source: NsProcess;
   receiver?: NsProcess;
@@ -540,6 +547,7 @@ class MirrorBench {
     private readonly o: MirrorBenchOptions,
   ) {
     this.bin = path.join(root, 'dist', 'src', 'cli', 'main.js');
+    if (o.rxDir !== undefined) fs.mkdirSync(o.rxDir, { recursive: true });
   }
 
   private nvm(host: 'a' | 'b', name: string, args: string[]): NsProcess {
@@ -549,12 +557,12 @@ class MirrorBench {
   async start(mode: Mode, delayMs: number): Promise<Running> {
     const n = ++this.runNo;
     const vol = path.join(this.dir, `vol-${n}`);
-    const rx = path.join(this.dir, `rx-${n}`);
+    const rx = path.join(this.o.rxDir ?? this.dir, `rx-${n}`);
     const sock = path.join(this.dir, `src-${n}.sock`);
     const exp = path.join(this.dir, `exp-${n}.sock`);
     const create = await this.pair.exec('a', process.execPath, [this.bin, 'create', vol, '--size', String(this.o.sizeBytes), '--nvram-size', String(this.o.nvramBytes)], { timeoutMs: 120_000 });
     if (create.code !== 0) throw new Error(`nvmirror create failed: ${lastLines(create.stderr + create.stdout)}`);
-    const run: Partial<Running> = { vol, sock };
+    const run: Partial<Running> = { vol, rx, sock };
     try {
       const serveArgs = ['serve', vol, '--socket', sock, '--cp-interval', String(this.o.cpIntervalMs)];
       if (mode !== 'none') {
@@ -590,10 +598,8 @@ class MirrorBench {
       else if (!p.exited) p.child.kill('SIGKILL');
     }
     await r.relay?.close().catch(() => undefined);
-    if (r.vol) {
-      fs.rmSync(r.vol, { recursive: true, force: true });
-      fs.rmSync(r.vol.replace(/vol-(\d+)$/, 'rx-$1'), { recursive: true, force: true });
-    }
+    if (r.vol) fs.rmSync(r.vol, { recursive: true, force: true });
+    if (r.rx) fs.rmSync(r.rx, { recursive: true, force: true });
     if (errors.length > 0) throw new Error(errors.join('; '));
   }
 
@@ -655,7 +661,7 @@ class MirrorBench {
   async baselineAndResync(): Promise<BaselineResult> {
     const n = ++this.runNo;
     const vol = path.join(this.dir, `vol-${n}`);
-    const rx = path.join(this.dir, `rx-${n}`);
+    const rx = path.join(this.o.rxDir ?? this.dir, `rx-${n}`);
     const sock = path.join(this.dir, `src-${n}.sock`);
     const exp = path.join(this.dir, `exp-${n}.sock`);
     const uri = `nbd+unix:///?socket=${sock}`;
@@ -860,7 +866,7 @@ export async function runMirrorSuite(c: BenchConfig, root: string, o: MirrorBenc
       say(`  [mirror] ${formatBaseline(baseline).join('; ').replace(/\s+/g, ' ')}`);
     }
     return {
-      title: `mirror ${formatSize(o.sizeBytes)} thin, NVRAM ${formatSize(o.nvramBytes)}, --cp-interval ${o.cpIntervalMs}: unmirrored vs sync vs async, relay RTT ~0 and ~${rttLabel}`,
+      title: `mirror ${formatSize(o.sizeBytes)} thin, NVRAM ${formatSize(o.nvramBytes)}, --cp-interval ${o.cpIntervalMs}: unmirrored vs sync vs async, relay RTT ~0 and ~${rttLabel}; receiver dirs ${o.rxDir === undefined ? 'on the source\'s disk' : `in ${o.rxDir}`}`,
       configs: configs.map((k) => ({
         label: k.label,
         command:
