@@ -18,7 +18,10 @@
 // - Every block read is checked against the entry's crc32c; a mismatch, a block outside
 //   the page cache (RWF_NOWAIT), a short read or an error is a miss: TypeScript reads it
 //   with the tree's own code, which repairs, refuses or reports it (nothing is decided here).
-// - Memory: slots * 16 bytes, fixed at creation (calloc'd: untouched slots cost nothing).
+// - Close: no read starts after it; the member fd is closed by the last read still
+//   running (or at once), never while a pread may use it.
+// - Memory: slots * 16 bytes, fixed at creation (calloc'd: untouched slots cost nothing),
+//   plus one entry copy per block of the largest READ per connection thread.
 #pragma once
 
 #include <sys/uio.h>
@@ -90,6 +93,7 @@ class ReadMap {
   void Close() {
     std::lock_guard<std::mutex> l(mu);
     closed_ = true;
+    CloseFdLocked();
   }
 
   // Reads [off, off+len) into dst if it is whole blocks, every block is mapped, every data
@@ -99,6 +103,7 @@ class ReadMap {
     const uint64_t first = off / kBlock, n = len / kBlock;
     thread_local std::vector<Slot> snap;
     snap.resize(n);
+    int fd;
     {
       std::lock_guard<std::mutex> l(mu);
       if (closed_) return false;
@@ -110,6 +115,8 @@ class ReadMap {
         }
         snap[k] = s;
       }
+      readers_++;
+      fd = fd_;
     }
     bool ok = true;
     uint64_t k = 0;
@@ -123,11 +130,13 @@ class ReadMap {
       }
       uint64_t run = 1;
       while (k + run < n && snap[k + run].pba == s.pba + run) run++;
-      ok = PreadAll(at, run * kBlock, s.pba * kBlock);
+      ok = PreadAll(fd, at, run * kBlock, s.pba * kBlock);
       for (uint64_t j = 0; ok && j < run; j++) ok = Crc32cOf(at + j * kBlock, kBlock) == snap[k + j].crc;
       k += run;
     }
     std::lock_guard<std::mutex> l(mu);
+    readers_--;
+    if (closed_) CloseFdLocked();
     for (uint64_t j = 0; ok && j < n; j++) {
       const Slot& s = slots_[(first + j) & mask_];
       ok = !closed_ && s.tag == snap[j].tag && s.pba == snap[j].pba && s.crc == snap[j].crc;
@@ -155,12 +164,19 @@ class ReadMap {
     uint64_t pba;  // 0: a hole
   };
 
+  void CloseFdLocked() {
+    if (readers_ == 0 && fd_ >= 0) {
+      ::close(fd_);
+      fd_ = -1;
+    }
+  }
+
   // preadv2(RWF_NOWAIT): all of it from the page cache, or false.
-  bool PreadAll(uint8_t* data, size_t len, uint64_t pos) {
+  static bool PreadAll(int fd, uint8_t* data, size_t len, uint64_t pos) {
     size_t done = 0;
     while (done < len) {
       iovec v{data + done, len - done};
-      ssize_t got = ::preadv2(fd_, &v, 1, static_cast<off_t>(pos + done), RWF_NOWAIT);
+      ssize_t got = ::preadv2(fd, &v, 1, static_cast<off_t>(pos + done), RWF_NOWAIT);
       if (got < 0 && errno == EINTR) continue;
       if (got <= 0) return false;
       done += static_cast<size_t>(got);
@@ -168,13 +184,14 @@ class ReadMap {
     return true;
   }
 
-  const int fd_;
+  int fd_;  // under mu; -1 once closed
   const uint64_t sizeBytes_;
   const uint64_t deviceBlocks_;
   const uint32_t log2_;
   const uint64_t mask_;
   Slot* const slots_;
   bool closed_ = false;  // under mu
+  uint32_t readers_ = 0;  // ReadOuts between their two lock sections, under mu
   uint64_t hits_ = 0, misses_ = 0;  // under mu
 };
 

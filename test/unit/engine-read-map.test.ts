@@ -6,7 +6,8 @@
  *   and the fill; lbns the log holds are left out; a leaf walked again puts nothing new
  *   until the next append or CP;
  * - pointers that do not decode (flags, a pba outside the device, the superblock ring)
- *   are not put; the addon re-checks its arguments.
+ *   are not put; a closed map puts nothing and has let go of its member fd; the addon
+ *   re-checks its arguments.
  */
 import { strict as assert } from 'assert';
 import * as fs from 'fs';
@@ -84,7 +85,13 @@ describe('engine read map (the NBD threads\' map of the live tree)', function ()
     assert.equal(map.fill(map.token(2), 2, new Map([[lastBase, leaf([])]]), none), SIZE_BYTES / 4096 - lastBase, 'the last leaf up to the end');
   });
 
-  it('puts nothing once closed', () => {
+  it('puts nothing once closed, and closing releases its copy of the member fd at once', () => {
+    const fds = (): number => fs.readdirSync('/proc/self/fd').length;
+    const before = fds();
+    const other = EngineReadMap.create(fd, SIZE_BYTES, DEVICE_BLOCKS);
+    assert.equal(fds(), before + 1, 'the map holds a dup of the fd');
+    other.close();
+    assert.equal(fds(), before, 'closed with the map, not at garbage collection');
     map.close();
     assert.equal(map.fill(map.token(1), 1, new Map([[0, leaf([])]]), none), 0);
   });
