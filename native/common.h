@@ -12,6 +12,7 @@
 #pragma once
 
 #include <napi.h>
+#include <sys/uio.h>
 
 #include <cerrno>
 #include <cstdint>
@@ -48,6 +49,22 @@ bool GetCallback(const Napi::CallbackInfo& info, size_t i, const char* fn, Napi:
 // crc32c (seed 0) of [p, p+n), for native callers (checksum.cc; hardware when present).
 // Valid only after InitChecksum ran (the addon's load).
 uint32_t Crc32cOf(const uint8_t* p, size_t n);
+
+// preadv2(RWF_NOWAIT) of all of [data, data+len) at pos: true only if all of it came from
+// the page cache (a short read, would-block, EOF or error: false; the caller leaves the
+// read to TypeScript, which reads with the volume's own code and reports its errors).
+// For the NBD threads (nbd_serve.cc, read_map.h): they must never block on the disk.
+inline bool PreadCached(int fd, uint8_t* data, size_t len, uint64_t pos) {
+  size_t done = 0;
+  while (done < len) {
+    iovec v{data + done, len - done};
+    ssize_t n = ::preadv2(fd, &v, 1, static_cast<off_t>(pos + done), RWF_NOWAIT);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    done += static_cast<size_t>(n);
+  }
+  return true;
+}
 
 // Registration of each source file's functions on the exports object.
 void InitIo(Napi::Env env, Napi::Object exports);

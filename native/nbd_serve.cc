@@ -167,21 +167,6 @@ int PwriteAll(int fd, const uint8_t* data, size_t len, uint64_t pos) {
   return 0;
 }
 
-// preadv2(RWF_NOWAIT) of all of [data, data+len) at pos: true only if all of it came from
-// the page cache (a short read, would-block, EOF or error: false, the caller leaves it to
-// TypeScript, which reads with the volume's own code and reports its errors).
-bool PreadCached(int fd, uint8_t* data, size_t len, uint64_t pos) {
-  size_t done = 0;
-  while (done < len) {
-    iovec v{data + done, len - done};
-    ssize_t n = ::preadv2(fd, &v, 1, static_cast<off_t>(pos + done), RWF_NOWAIT);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return false;
-    done += static_cast<size_t>(n);
-  }
-  return true;
-}
-
 struct Granted {
   double id;
   uint8_t* data;
@@ -897,13 +882,26 @@ bool HasTag(const Napi::CallbackInfo& info, size_t i, const napi_type_tag& tag) 
   return napi_check_object_type_tag(info.Env(), info[i], &tag, &ok) == napi_ok && ok;
 }
 
-bool GetConn(const Napi::CallbackInfo& info, const char* fn, ConnPtr* out) {
-  if (!HasTag(info, 0, kConnTag)) {
-    ThrowType(info.Env(), std::string(fn) + ": handle must be an nbdServeStart handle");
+// info[i] as the shared pointer inside a handle tagged `tag`; else throws "<fn>: <what>".
+template <class P>
+bool GetHandle(const Napi::CallbackInfo& info, size_t i, const char* fn, const napi_type_tag& tag, const char* what, P* out) {
+  if (!HasTag(info, i, tag)) {
+    ThrowType(info.Env(), std::string(fn) + ": " + what);
     return false;
   }
-  *out = *info[0].As<Napi::External<ConnPtr>>().Data();
+  *out = *info[i].As<Napi::External<P>>().Data();
   return true;
+}
+
+bool GetConn(const Napi::CallbackInfo& info, const char* fn, ConnPtr* out) {
+  return GetHandle(info, 0, fn, kConnTag, "handle must be an nbdServeStart handle", out);
+}
+
+// A dup (close-on-exec) of fd that the caller owns; -1 with a JS error pending.
+int DupOwn(Napi::Env env, int fd) {
+  int own = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (own < 0) ErrnoError(env, errno, "dup").ThrowAsJavaScriptException();
+  return own;
 }
 
 Napi::Value Start(const Napi::CallbackInfo& info) {
@@ -929,11 +927,8 @@ Napi::Value Start(const Napi::CallbackInfo& info) {
     ThrowType(env, std::string(fn) + ": fd must be a stream socket");
     return env.Undefined();
   }
-  int own = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
-  if (own < 0) {
-    ErrnoError(env, errno, "dup").ThrowAsJavaScriptException();
-    return env.Undefined();
-  }
+  int own = DupOwn(env, fd);
+  if (own < 0) return env.Undefined();
   int wake = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (wake < 0) {
     int e = errno;
@@ -1046,22 +1041,14 @@ Napi::Value SetDirect(const Napi::CallbackInfo& info) {
       !GetInt(info, 3, fn, "modes", 1, kModeWrites | kModeReads | kModeStructured, &modes)) {
     return env.Undefined();
   }
-  int own = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
-  if (own < 0) {
-    ErrnoError(env, errno, "dup").ThrowAsJavaScriptException();
-    return env.Undefined();
-  }
+  int own = DupOwn(env, fd);
+  if (own < 0) return env.Undefined();
   c->SetDirect(own, static_cast<uint64_t>(size), modes);
   return env.Undefined();
 }
 
 bool GetMemStore(const Napi::CallbackInfo& info, size_t i, const char* fn, MemStorePtr* out) {
-  if (!HasTag(info, i, kStoreTag)) {
-    ThrowType(info.Env(), std::string(fn) + ": store must be an nbdMemStoreNew handle");
-    return false;
-  }
-  *out = *info[i].As<Napi::External<MemStorePtr>>().Data();
-  return true;
+  return GetHandle(info, i, fn, kStoreTag, "store must be an nbdMemStoreNew handle", out);
 }
 
 Napi::Value MemStoreNew(const Napi::CallbackInfo& info) {
@@ -1160,12 +1147,7 @@ Napi::Value SetDirectMem(const Napi::CallbackInfo& info) {
 }
 
 bool GetReadMap(const Napi::CallbackInfo& info, size_t i, const char* fn, ReadMapPtr* out) {
-  if (!HasTag(info, i, kReadMapTag)) {
-    ThrowType(info.Env(), std::string(fn) + ": map must be an nbdReadMapNew handle");
-    return false;
-  }
-  *out = *info[i].As<Napi::External<ReadMapPtr>>().Data();
-  return true;
+  return GetHandle(info, i, fn, kReadMapTag, "map must be an nbdReadMapNew handle", out);
 }
 
 constexpr uint64_t kRingSlots = 8;        // src/tree/layout.ts RING_SLOTS
@@ -1189,11 +1171,8 @@ Napi::Value ReadMapNew(const Napi::CallbackInfo& info) {
     ThrowRange(env, std::string(fn) + ": too few slots for the volume's blocks");
     return env.Undefined();
   }
-  int own = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
-  if (own < 0) {
-    ErrnoError(env, errno, "dup").ThrowAsJavaScriptException();
-    return env.Undefined();
-  }
+  int own = DupOwn(env, fd);
+  if (own < 0) return env.Undefined();
   auto m = std::make_shared<ReadMap>(own, static_cast<uint64_t>(size), static_cast<uint64_t>(devBlocks), static_cast<uint32_t>(log2));
   if (!m->Ok()) {
     ErrnoError(env, ENOMEM, "calloc").ThrowAsJavaScriptException();

@@ -24,10 +24,8 @@
 //   plus one entry copy per block of the largest READ per connection thread.
 #pragma once
 
-#include <sys/uio.h>
 #include <unistd.h>
 
-#include <cerrno>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -130,7 +128,7 @@ class ReadMap {
       }
       uint64_t run = 1;
       while (k + run < n && snap[k + run].pba == s.pba + run) run++;
-      ok = PreadAll(fd, at, run * kBlock, s.pba * kBlock);
+      ok = PreadCached(fd, at, run * kBlock, s.pba * kBlock);
       for (uint64_t j = 0; ok && j < run; j++) ok = Crc32cOf(at + j * kBlock, kBlock) == snap[k + j].crc;
       k += run;
     }
@@ -169,19 +167,6 @@ class ReadMap {
       ::close(fd_);
       fd_ = -1;
     }
-  }
-
-  // preadv2(RWF_NOWAIT): all of it from the page cache, or false.
-  static bool PreadAll(int fd, uint8_t* data, size_t len, uint64_t pos) {
-    size_t done = 0;
-    while (done < len) {
-      iovec v{data + done, len - done};
-      ssize_t got = ::preadv2(fd, &v, 1, static_cast<off_t>(pos + done), RWF_NOWAIT);
-      if (got < 0 && errno == EINTR) continue;
-      if (got <= 0) return false;
-      done += static_cast<size_t>(got);
-    }
-    return true;
   }
 
   int fd_;  // under mu; -1 once closed
