@@ -22,12 +22,21 @@
 //   nbdServeDirectMemory(handle, store, modes)  the same for a memory volume: WRITEs whose chunks all
 //                                          hold data are copied into them, READs copied out of them
 //                                          (chunks not registered read as zeroes)
-//   nbdServeDirectEngine(handle, map, modes)  an engine volume: plain READs of whole blocks that
-//                                          the map (read_map.h) holds are read and answered here; no WRITEs
+//   nbdServeDirectEngine(handle, map|null, appender|null, modes)  an engine volume: plain READs of
+//                                          whole blocks that the map (read_map.h) holds are read and
+//                                          answered here; with the appender (nv_append.h) and kModeWrites,
+//                                          plain WRITEs of whole blocks are appended to the NVRAM log and
+//                                          answered here
 //   nbdReadMapNew(fd, sizeBytes, deviceBlocks, slotsLog2) -> map; nbdReadMapPutLeaf(map, node,
-//   baseLbn, skip) -> put; nbdReadMapDrop(map, lbn, count); nbdReadMapClear(map);
+//   baseLbn, skip, expectGen) -> put (-1: the map moved on); nbdReadMapGen(map) -> gen;
+//   nbdReadMapDrop(map, lbn, count); nbdReadMapClear(map);
 //   nbdReadMapClose(map); nbdReadMapStats(map) -> [hits, misses]: src/volume/engine-read-map.ts
 //   keeps it in step with the engine's log and tree
+//   nbdAppenderNew(region, epoch, salt, payloadMaxBytes, volumeBytes, map|null) -> appender;
+//   nbdAppenderResume(a, writeEnd, halfEnd, nextSeq, durableSeq) -> bool; nbdAppenderDrain(a,
+//   pause) -> Float64Array; nbdAppenderAppend(a, offsetBytes, data) -> bool (what a thread
+//   does; for tests); nbdAppenderSetDurable(a, seq); nbdAppenderClose(a); nbdAppenderStats(a) -> appends:
+//   src/nvlog/native-append.ts
 //   modes: kModeWrites | kModeReads | kModeStructured (the connection negotiated structured
 //   replies: a direct READ gets one OFFSET_DATA chunk with the DONE flag, as transmission.ts doRead)
 //   nbdMemStoreNew(sizeBytes, chunkBytes) -> store; nbdMemStoreSet(store, index, chunk),
@@ -47,6 +56,9 @@
 //   completely with pwrite to the direct fd (a file volume's own fd, dup'd): exactly the
 //   file volume's own non-FUA write; or copied completely into a memory volume's chunks
 //   that all held data already (MemStore, under its mutex, so no chunk is freed meanwhile);
+//   or appended whole to an engine's NVRAM log by its appender (nv_append.h: whole blocks,
+//   the record complete in the region, its blocks out of the ReadMap, before the reply:
+//   exactly the log's own plain write);
 //   and to a plain READ (no flags, 1..maxPayload bytes, inside the volume) for which a
 //   granted buffer fits, read completely into that buffer with preadv2(RWF_NOWAIT) from the
 //   direct fd, copied out of the MemStore under its mutex, or read by the engine's ReadMap
@@ -70,6 +82,7 @@
 //   so no thread writes to a closed (or reused) descriptor. The last event is CLOSED.
 // - Arguments are re-checked here (types, ranges, buffer counts) and bad ones throw.
 #include "common.h"
+#include "nv_append.h"
 #include "read_map.h"
 
 #include <fcntl.h>
@@ -382,11 +395,13 @@ class Conn {
     modes_ = modes;
   }
 
-  // An engine volume: plain READs whose blocks the map holds are answered here (no writes).
-  void SetDirectEngine(ReadMapPtr m, int64_t modes) {
+  // An engine volume: plain READs whose blocks the map holds are answered here; with an
+  // appender (and kModeWrites) plain WRITEs of whole blocks are appended to the NVRAM log here.
+  void SetDirectEngine(ReadMapPtr m, NvAppenderPtr a, int64_t modes) {
     std::lock_guard<std::mutex> l(mu_);
     rmap_ = std::move(m);
-    modes_ = modes & ~kModeWrites;
+    app_ = std::move(a);
+    modes_ = app_ ? modes : modes & ~kModeWrites;
   }
 
   void SetReading(bool on) {
@@ -697,19 +712,23 @@ class Conn {
     int dfd;
     uint64_t size;
     MemStorePtr mem;
+    NvAppenderPtr app;
     {
       std::lock_guard<std::mutex> l(mu_);
       bool writes = (modes_ & kModeWrites) != 0;
       dfd = writes ? directFd_ : -1;
       size = directSize_;
       mem = writes ? mem_ : nullptr;
+      app = writes ? app_ : nullptr;
     }
     if (mem) size = mem->sizeBytes_;
     uint64_t off = (uint64_t{Be32(hdr_ + 16)} << 32) | Be32(hdr_ + 20);
     bool plain = Be16(hdr_ + 4) == 0 && Be16(hdr_ + 6) == kCmdWrite;
-    bool inside = plain && payLen_ > 0 && off <= size && payLen_ <= size - off;
+    // The appender checks the range against the volume itself (and refuses partial blocks).
+    bool inside = plain && payLen_ > 0 && (app || (off <= size && payLen_ <= size - off));
     bool written = inside && ((dfd >= 0 && PwriteAll(dfd, cur_.data, payLen_, off) == 0) ||
-                              (mem && mem->CopyIn(off, cur_.data, payLen_)));
+                              (mem && mem->CopyIn(off, cur_.data, payLen_)) ||
+                              (app && app->Append(off, cur_.data, payLen_)));
     if (written) {
       uint8_t* r = OwnBytes(kSimpleReplyBytes);
       PutBe32(r, kSimpleReplyMagic);
@@ -844,6 +863,7 @@ class Conn {
   uint64_t directSize_ = 0;
   MemStorePtr mem_;
   ReadMapPtr rmap_;
+  NvAppenderPtr app_;
   int64_t modes_ = 0;
   uint64_t directWrites_ = 0, directReads_ = 0;
   std::vector<Granted> granted_;
@@ -875,6 +895,7 @@ using ConnPtr = std::shared_ptr<Conn>;
 constexpr napi_type_tag kConnTag = {0x6e626473657276ULL, 0x636f6e6e656374ULL};
 constexpr napi_type_tag kStoreTag = {0x6e626473657276ULL, 0x6d656d73746f72ULL};
 constexpr napi_type_tag kReadMapTag = {0x6e626473657276ULL, 0x726561646d6170ULL};
+constexpr napi_type_tag kAppenderTag = {0x6e626473657276ULL, 0x6e76617070656eULL};
 
 bool HasTag(const Napi::CallbackInfo& info, size_t i, const napi_type_tag& tag) {
   if (i >= info.Length() || !info[i].IsExternal()) return false;
@@ -1183,17 +1204,20 @@ Napi::Value ReadMapNew(const Napi::CallbackInfo& info) {
   return handle;
 }
 
-// nbdReadMapPutLeaf(map, node, baseLbn, skip) -> entries put: the pointers of one level-0
-// address block (4096 bytes, verified by the caller) for lbns baseLbn.. ; slot i is left
-// out where skip[i] != 0 (the log holds that block) and where its pointer does not decode.
+// nbdReadMapPutLeaf(map, node, baseLbn, skip, expectGen) -> entries put: the pointers of one
+// level-0 address block (4096 bytes, verified by the caller) for lbns baseLbn.. ; slot i is
+// left out where skip[i] != 0 (the log holds that block) and where its pointer does not
+// decode, and where a drop since the map's generation was expectGen named it (the log or a
+// thread appended it meanwhile). -1 (nothing put): too old, or a clear came since.
 Napi::Value ReadMapPutLeaf(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* fn = "nbdReadMapPutLeaf";
   ReadMapPtr m;
   Napi::Buffer<uint8_t> node, skip;
-  int64_t base;
+  int64_t base, gen;
   if (!GetReadMap(info, 0, fn, &m) || !GetBuffer(info, 1, fn, "node", &node) ||
-      !GetInt(info, 2, fn, "baseLbn", 0, kMaxSafeInteger, &base) || !GetBuffer(info, 3, fn, "skip", &skip)) {
+      !GetInt(info, 2, fn, "baseLbn", 0, kMaxSafeInteger, &base) || !GetBuffer(info, 3, fn, "skip", &skip) ||
+      !GetInt(info, 4, fn, "expectGen", 0, kMaxSafeInteger, &gen)) {
     return env.Undefined();
   }
   if (node.Length() != ReadMap::kBlock || skip.Length() != kFanout || base % kFanout != 0) {
@@ -1205,10 +1229,12 @@ Napi::Value ReadMapPutLeaf(const Napi::CallbackInfo& info) {
   uint32_t put = 0;
   std::lock_guard<std::mutex> l(m->mu);
   if (m->ClosedLocked()) return Napi::Number::New(env, 0);
+  uint8_t dropped[kFanout] = {};
+  if (!m->SkipDroppedLocked(static_cast<uint64_t>(gen), static_cast<uint64_t>(base), dropped, kFanout)) return Napi::Number::New(env, -1);
   for (size_t i = 0; i < kFanout; i++) {
     const uint64_t lbn = static_cast<uint64_t>(base) + i;
     if (lbn >= lbns) break;
-    if (skip.Data()[i] != 0) continue;
+    if (skip.Data()[i] != 0 || dropped[i] != 0) continue;
     const uint8_t* e = p + kNodeHeaderBytes + i * kPtrBytes;
     uint64_t pba, birth;
     uint32_t crc;
@@ -1240,6 +1266,14 @@ Napi::Value ReadMapDrop(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// nbdReadMapGen(map) -> drops and clears so far (a read's fill passes it back to PutLeaf)
+Napi::Value ReadMapGen(const Napi::CallbackInfo& info) {
+  ReadMapPtr m;
+  if (!GetReadMap(info, 0, "nbdReadMapGen", &m)) return info.Env().Undefined();
+  std::lock_guard<std::mutex> l(m->mu);
+  return Napi::Number::New(info.Env(), static_cast<double>(m->GenLocked()));
+}
+
 Napi::Value ReadMapClear(const Napi::CallbackInfo& info) {
   ReadMapPtr m;
   if (GetReadMap(info, 0, "nbdReadMapClear", &m)) m->Clear();
@@ -1265,14 +1299,123 @@ Napi::Value ReadMapStats(const Napi::CallbackInfo& info) {
   return a;
 }
 
+// The appender's handle: the region Buffer is referenced until the handle is collected,
+// and the appender is closed first (no append runs into memory that is going away).
+struct AppenderBox {
+  NvAppenderPtr p;
+  Napi::Reference<Napi::Buffer<uint8_t>> region;
+};
+
+bool GetAppender(const Napi::CallbackInfo& info, size_t i, const char* fn, NvAppenderPtr* out) {
+  if (!HasTag(info, i, kAppenderTag)) {
+    ThrowType(info.Env(), std::string(fn) + ": appender must be an nbdAppenderNew handle");
+    return false;
+  }
+  *out = info[i].As<Napi::External<AppenderBox>>().Data()->p;
+  return true;
+}
+
+// nbdAppenderNew(region, epoch, salt, payloadMaxBytes, volumeBytes, map|null) -> appender
+Napi::Value AppenderNew(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "nbdAppenderNew";
+  Napi::Buffer<uint8_t> region;
+  int64_t epoch, salt, payloadMax, volumeBytes;
+  ReadMapPtr m;
+  if (!GetBuffer(info, 0, fn, "region", &region) || !GetInt(info, 1, fn, "epoch", 0, 0xffffffffLL, &epoch) ||
+      !GetInt(info, 2, fn, "salt", 0, 0xffffffffLL, &salt) ||
+      !GetInt(info, 3, fn, "payloadMaxBytes", 4096, 64 * 1024 * 1024, &payloadMax) ||
+      !GetInt(info, 4, fn, "volumeBytes", 4096, kMaxSafeInteger, &volumeBytes)) {
+    return env.Undefined();
+  }
+  if (info.Length() > 5 && !info[5].IsNull() && !info[5].IsUndefined() && !GetReadMap(info, 5, fn, &m)) return env.Undefined();
+  auto* box = new AppenderBox{std::make_shared<NvAppender>(region.Data(), region.Length(), static_cast<uint32_t>(epoch),
+                                                          static_cast<uint32_t>(salt), static_cast<uint64_t>(payloadMax),
+                                                          static_cast<uint64_t>(volumeBytes), m),
+                              Napi::Persistent(region)};
+  auto handle = Napi::External<AppenderBox>::New(env, box, [](Napi::Env, AppenderBox* b) {
+    b->p->Close();
+    delete b;
+  });
+  napi_type_tag_object(env, handle, &kAppenderTag);
+  return handle;
+}
+
+// nbdAppenderResume(appender, writeEnd, halfEnd, nextSeq, durableSeq) -> bool
+Napi::Value AppenderResume(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "nbdAppenderResume";
+  NvAppenderPtr a;
+  int64_t writeEnd, halfEnd, nextSeq, durable;
+  if (!GetAppender(info, 0, fn, &a) || !GetInt(info, 1, fn, "writeEnd", 0, kMaxSafeInteger, &writeEnd) ||
+      !GetInt(info, 2, fn, "halfEnd", 0, kMaxSafeInteger, &halfEnd) || !GetInt(info, 3, fn, "nextSeq", 1, kMaxSafeInteger, &nextSeq) ||
+      !GetInt(info, 4, fn, "durableSeq", 0, kMaxSafeInteger, &durable)) {
+    return env.Undefined();
+  }
+  return Napi::Boolean::New(env, a->Resume(static_cast<uint64_t>(writeEnd), static_cast<uint64_t>(halfEnd),
+                                           static_cast<uint64_t>(nextSeq), static_cast<uint64_t>(durable)));
+}
+
+// nbdAppenderDrain(appender, pause) -> Float64Array: seq, regionOffset, offsetBytes, lengthBytes per record
+Napi::Value AppenderDrain(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  NvAppenderPtr a;
+  bool pause;
+  if (!GetAppender(info, 0, "nbdAppenderDrain", &a) || !GetBool(info, 1, "nbdAppenderDrain", "pause", &pause)) return env.Undefined();
+  std::vector<double> recs = a->Drain(pause);
+  Napi::Float64Array out = Napi::Float64Array::New(env, recs.size());
+  if (!recs.empty()) memcpy(out.Data(), recs.data(), recs.size() * sizeof(double));
+  return out;
+}
+
+// nbdAppenderAppend(appender, offsetBytes, data) -> bool: the append the NBD threads make (tests)
+Napi::Value AppenderAppend(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "nbdAppenderAppend";
+  NvAppenderPtr a;
+  int64_t off;
+  Napi::Buffer<uint8_t> data;
+  if (!GetAppender(info, 0, fn, &a) || !GetInt(info, 1, fn, "offsetBytes", 0, kMaxSafeInteger, &off) ||
+      !GetBuffer(info, 2, fn, "data", &data)) {
+    return env.Undefined();
+  }
+  return Napi::Boolean::New(env, a->Append(static_cast<uint64_t>(off), data.Data(), data.Length()));
+}
+
+// nbdAppenderSetDurable(appender, seq): records <= seq are durable (later records say so)
+Napi::Value AppenderSetDurable(const Napi::CallbackInfo& info) {
+  NvAppenderPtr a;
+  int64_t seq;
+  if (GetAppender(info, 0, "nbdAppenderSetDurable", &a) && GetInt(info, 1, "nbdAppenderSetDurable", "seq", 0, kMaxSafeInteger, &seq)) {
+    a->SetDurable(static_cast<uint64_t>(seq));
+  }
+  return info.Env().Undefined();
+}
+
+Napi::Value AppenderClose(const Napi::CallbackInfo& info) {
+  NvAppenderPtr a;
+  if (GetAppender(info, 0, "nbdAppenderClose", &a)) a->Close();
+  return info.Env().Undefined();
+}
+
+Napi::Value AppenderStats(const Napi::CallbackInfo& info) {
+  NvAppenderPtr a;
+  if (!GetAppender(info, 0, "nbdAppenderStats", &a)) return info.Env().Undefined();
+  return Napi::Number::New(info.Env(), static_cast<double>(a->Appends()));
+}
+
+// nbdServeDirectEngine(handle, map|null, appender|null, modes)
 Napi::Value SetDirectEngine(const Napi::CallbackInfo& info) {
   const char* fn = "nbdServeDirectEngine";
   ConnPtr c;
   ReadMapPtr m;
+  NvAppenderPtr a;
   int64_t modes;
-  if (GetConn(info, fn, &c) && GetReadMap(info, 1, fn, &m) &&
-      GetInt(info, 2, fn, "modes", 0, kModeWrites | kModeReads | kModeStructured, &modes)) {
-    c->SetDirectEngine(m, modes);
+  if (!GetConn(info, fn, &c)) return info.Env().Undefined();
+  if (info.Length() > 1 && !info[1].IsNull() && !GetReadMap(info, 1, fn, &m)) return info.Env().Undefined();
+  if (info.Length() > 2 && !info[2].IsNull() && !GetAppender(info, 2, fn, &a)) return info.Env().Undefined();
+  if (GetInt(info, 3, fn, "modes", 0, kModeWrites | kModeReads | kModeStructured, &modes)) {
+    c->SetDirectEngine(m, a, modes);
   }
   return info.Env().Undefined();
 }
@@ -1323,6 +1466,14 @@ void InitNbdServe(Napi::Env env, Napi::Object exports) {
   exports.Set("nbdReadMapClear", Napi::Function::New(env, ReadMapClear, "nbdReadMapClear"));
   exports.Set("nbdReadMapClose", Napi::Function::New(env, ReadMapClose, "nbdReadMapClose"));
   exports.Set("nbdReadMapStats", Napi::Function::New(env, ReadMapStats, "nbdReadMapStats"));
+  exports.Set("nbdReadMapGen", Napi::Function::New(env, ReadMapGen, "nbdReadMapGen"));
+  exports.Set("nbdAppenderNew", Napi::Function::New(env, AppenderNew, "nbdAppenderNew"));
+  exports.Set("nbdAppenderResume", Napi::Function::New(env, AppenderResume, "nbdAppenderResume"));
+  exports.Set("nbdAppenderDrain", Napi::Function::New(env, AppenderDrain, "nbdAppenderDrain"));
+  exports.Set("nbdAppenderAppend", Napi::Function::New(env, AppenderAppend, "nbdAppenderAppend"));
+  exports.Set("nbdAppenderSetDurable", Napi::Function::New(env, AppenderSetDurable, "nbdAppenderSetDurable"));
+  exports.Set("nbdAppenderClose", Napi::Function::New(env, AppenderClose, "nbdAppenderClose"));
+  exports.Set("nbdAppenderStats", Napi::Function::New(env, AppenderStats, "nbdAppenderStats"));
   exports.Set("nbdServeSetReading", Napi::Function::New(env, SetReading, "nbdServeSetReading"));
   exports.Set("nbdServeEnd", Napi::Function::New(env, End, "nbdServeEnd"));
   exports.Set("nbdServeAbort", Napi::Function::New(env, Abort, "nbdServeAbort"));

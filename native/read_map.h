@@ -9,6 +9,11 @@
 //   live root read while nothing was appended and no CP committed (engine-read-map.ts);
 //   every append drops its blocks (Drop) before the request that made it is answered.
 //   So an entry never maps a block to older data than an answered WRITE left there.
+//   Appends also come from the NBD threads (nv_append.h), at any moment: every Drop and
+//   Clear counts in a generation and is remembered in a ring of the last kDropRing, and a
+//   fill puts a leaf's slots only for lbns no drop since its read began (expectGen) named,
+//   under the mutex (SkipDroppedLocked; a fill older than the ring, or across a Clear,
+//   puts nothing). So a drop never comes before a put it should have removed.
 // - A read (ReadOut) copies its entries under the mutex, reads and checks the blocks
 //   without it (threads read in parallel; Drop never waits for I/O), then takes the mutex
 //   again and answers only if every entry is still the one it read. A data block is freed
@@ -28,6 +33,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -67,6 +73,8 @@ class ReadMap {
 
   void Drop(uint64_t lbn, uint64_t count) {
     std::lock_guard<std::mutex> l(mu);
+    gen_++;
+    ring_[gen_ % kDropRing] = Dropped{lbn, count};
     if (closed_) return;
     if (count > mask_) {
       for (uint64_t i = 0; i <= mask_; i++) {
@@ -85,6 +93,8 @@ class ReadMap {
 
   void Clear() {
     std::lock_guard<std::mutex> l(mu);
+    gen_++;
+    ring_[gen_ % kDropRing] = Dropped{0, UINT64_MAX};
     if (!closed_) memset(slots_, 0, (mask_ + 1) * sizeof(Slot));
   }
 
@@ -153,6 +163,22 @@ class ReadMap {
   std::mutex mu;  // PutLocked's callers hold it
 
   bool ClosedLocked() const { return closed_; }
+  // Drops and clears so far (a read takes it when it begins, its fill passes it back).
+  uint64_t GenLocked() const { return gen_; }
+
+  // Marks in skip[0..n) the lbns base.. that a drop since generation `since` named. False:
+  // the fill must put nothing (older than the ring remembers, a Clear, or from the future).
+  bool SkipDroppedLocked(uint64_t since, uint64_t base, uint8_t* skip, uint64_t n) const {
+    if (since > gen_ || gen_ - since >= kDropRing) return false;
+    for (uint64_t g = since + 1; g <= gen_; g++) {
+      const Dropped& d = ring_[g % kDropRing];
+      if (d.count == UINT64_MAX) return false;
+      if (d.lbn >= base + n || d.lbn + d.count <= base) continue;
+      const uint64_t from = std::max(d.lbn, base) - base, to = std::min(d.lbn + d.count, base + n) - base;
+      for (uint64_t i = from; i < to; i++) skip[i] = 1;
+    }
+    return true;
+  }
   uint64_t DeviceBlocks() const { return deviceBlocks_; }
 
  private:
@@ -178,6 +204,12 @@ class ReadMap {
   bool closed_ = false;  // under mu
   uint32_t readers_ = 0;  // ReadOuts between their two lock sections, under mu
   uint64_t hits_ = 0, misses_ = 0;  // under mu
+  uint64_t gen_ = 0;  // Drop and Clear calls, under mu
+  static constexpr uint64_t kDropRing = 4096;
+  struct Dropped {
+    uint64_t lbn, count;  // count UINT64_MAX: a Clear
+  };
+  std::vector<Dropped> ring_ = std::vector<Dropped>(kDropRing, Dropped{0, 0});  // under mu: drop gen_ at [gen_ % kDropRing]
 };
 
 using ReadMapPtr = std::shared_ptr<ReadMap>;

@@ -34,6 +34,7 @@ export function registerEngineMetrics(registry: MetricsRegistry, volume: EngineV
   const threadReads = registry.counter('nvmirror_volume_thread_reads_total', 'Whole-block READs the NBD threads looked up in the engine\'s block map: answered there (hit) or passed to the event loop (miss)', ['result']);
   const threadHits = threadReads.labels('hit');
   const threadMisses = threadReads.labels('miss');
+  const threadWrites = registry.counter('nvmirror_volume_thread_writes_total', 'Plain WRITEs the NBD threads appended to the engine\'s NVRAM log and answered themselves').labels();
   registry.onCollect(() => {
     const st = volume.stats();
     cps.setTotal(st.cp.cpsRun);
@@ -52,5 +53,6 @@ export function registerEngineMetrics(registry: MetricsRegistry, volume: EngineV
     checksum.setTotal(st.tree.errors.checksum);
     threadHits.setTotal(st.threadReads?.hits ?? 0);
     threadMisses.setTotal(st.threadReads?.misses ?? 0);
+    threadWrites.setTotal(st.threadWrites ?? 0);
   });
 }

@@ -117,7 +117,7 @@ interface ServeAddon {
   nbdServeSetReading(h: Handle, on: boolean): void;
   nbdServeDirect(h: Handle, fd: number, sizeBytes: number, modes: number): void;
   nbdServeDirectMemory(h: Handle, store: object, modes: number): void;
-  nbdServeDirectEngine(h: Handle, map: object, modes: number): void;
+  nbdServeDirectEngine(h: Handle, map: object | null, appender: object | null, modes: number): void;
   nbdServeEnd(h: Handle): void;
   nbdServeAbort(h: Handle): void;
   nbdServeState(h: Handle): NativeState;
@@ -183,6 +183,8 @@ export class NativeTransmission extends Transmission {
   private lingerTimer: NodeJS.Timeout | undefined;
   /** Bytes the thread took over from the handshake (counted as received, as the stream path does). */
   private readonly leftoverBytes: number;
+  /** The thread appends plain WRITEs to an engine's NVRAM log (Volume.directAppender). */
+  private appending = false;
 
   /**
    * The native path for this session, or undefined when it does not apply (TLS, not a
@@ -216,14 +218,19 @@ export class NativeTransmission extends Transmission {
     // A file volume: the thread writes plain WRITEs (unless the export is read-only) and
     // reads plain READs itself (see Volume.directWriteFd); a memory volume: plain WRITEs
     // into chunks that hold data already, READs out of them (Volume.directWriteStore); an
-    // engine volume on one member file: READs of blocks its map holds (Volume.directReadMap).
+    // engine volume on one member file: READs of blocks its map holds (Volume.directReadMap);
+    // an engine volume: plain WRITEs of whole blocks appended to its NVRAM log (Volume.directAppender).
     const modes = (this.vc.readOnly ? 0 : MODE_WRITES) | MODE_READS | (s.structuredReplies ? MODE_STRUCTURED : 0);
     const direct = s.volume.directWriteFd?.();
     const store = direct === undefined ? s.volume.directWriteStore?.() : undefined;
     const map = direct === undefined && store === undefined ? s.volume.directReadMap?.() : undefined;
+    const appender = direct === undefined && store === undefined && !this.vc.readOnly ? s.volume.directAppender?.() : undefined;
     if (direct !== undefined) a.nbdServeDirect(this.handle, direct, s.volume.sizeBytes, modes);
     else if (store !== undefined) a.nbdServeDirectMemory(this.handle, store, modes);
-    else if (map !== undefined) a.nbdServeDirectEngine(this.handle, map, modes & ~MODE_WRITES);
+    else if (map !== undefined || appender !== undefined) {
+      a.nbdServeDirectEngine(this.handle, map ?? null, appender ?? null, appender !== undefined ? modes : modes & ~MODE_WRITES);
+      this.appending = appender !== undefined;
+    }
   }
 
   // ------------------------------------------------------------------ events
@@ -231,8 +238,10 @@ export class NativeTransmission extends Transmission {
   private onEvents(ev: Float64Array): void {
     const w = this.width;
     assert(ev.length % w === 0, 'native events come in whole records');
+    let wrote = false;
     for (let i = 0; i < ev.length; i += w) {
       const kind = ev[i];
+      if (kind === EV_DONE && ev[i + 3] === P.CMD_WRITE) wrote = true;
       if (kind === EV_REQUEST) this.onNativeRequest(ev, i);
       else if (kind === EV_NEED) this.onNeed(ev[i + 1] as number);
       else if (kind === EV_TAKEN) this.onTaken(ev[i + 1] as number);
@@ -242,6 +251,8 @@ export class NativeTransmission extends Transmission {
       else if (kind === EV_DONE) this.onDirect(ev[i + 1] as number, ev[i + 2] as number, ev[i + 3] as number);
       else throw new Error(`internal: unknown native event ${kind}`);
     }
+    // An engine's WRITEs appended by the thread: the log indexes them now, not at its next look.
+    if (wrote && this.appending) this.s.volume.directWritesDone?.();
   }
 
   private onNativeRequest(ev: Float64Array, i: number): void {

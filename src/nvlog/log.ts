@@ -24,6 +24,15 @@
  *   this is a hint: it changes no byte of the region, and a failure only stops it.
  * - After a persist failure the log is failed: every pending and later operation
  *   rejects with EIO (a failed msync is never retried; recovery replays from the region).
+ * - Native appends (enableNativeAppends): the NBD threads may append plain whole-block
+ *   writes into the rest of the active half themselves (native/nv_append.h), from the
+ *   log's writeEnd and nextSeq, while the log leases it to them: only while running,
+ *   with no space waiters, nothing blocking it (setNativeBlocked) and no section of the
+ *   log holding the half (hold/unhold: every append, switch and release of this log
+ *   pauses them and takes their records in first). Their records are taken in (indexed,
+ *   the append hook called) before anything here reads the active half's state or the
+ *   index: every lookup, lastSeq, durability wait and stat syncs first. So the log's
+ *   view is the threads' records plus its own, in one seq order, as if all were its own.
  */
 import type { CpMeta } from '../tree/types';
 import type { NvramRegion, Random } from '../io/types';
@@ -37,6 +46,7 @@ import {
   recordSizeBytes, RecordType, RECORD_HEADER_BYTES, type HalfLayout, type RegionHeader,
 } from './format';
 import { HalfIndex, type IndexHit, type LbnRange } from './half-index';
+import { NativeAppender, type NativeRecord } from './native-append';
 import { scanRegion, type LocatedRecord, type NvramGap, type ScanResult } from './replay';
 
 export const SPACE_WAITERS_MAX_DEFAULT = 65536;
@@ -186,6 +196,11 @@ export class NvLog {
   /** Half ranges waiting to be pre-faulted (at most 2 queued), and whether one is running. */
   private readonly populateQueue: Half[] = [];
   private populating = false;
+  /** The NBD threads' appender, while they append plain writes themselves (see the invariants). */
+  private native: NativeAppender | undefined;
+  /** Synchronous sections that need the active half to themselves (native appends paused). */
+  private nativeHolds = 0;
+  private readonly nativeBlocks = new Set<string>();
   onFrozen: (() => void) | undefined;
   /**
    * The append hook: called synchronously for each record as it is written into the
@@ -388,6 +403,7 @@ export class NvLog {
   }
 
   get lastSeq(): number {
+    this.syncNative();
     return this.nextSeq - 1;
   }
 
@@ -412,6 +428,15 @@ export class NvLog {
     assert(a.offsetBytes % BLOCK_SIZE_BYTES === 0 && a.lengthBytes % BLOCK_SIZE_BYTES === 0 && a.lengthBytes > 0, 'append: range not block aligned');
     if (this.state === 'failed') return Promise.reject(this.failedError());
     if (this.state !== 'running') return Promise.reject(new VolumeError('ESHUTDOWN', `NVRAM log is ${this.state}`));
+    this.hold();
+    try {
+      return this.appendHeld(a);
+    } finally {
+      this.unhold();
+    }
+  }
+
+  private appendHeld(a: Omit<PendingAppend, 'resolve' | 'reject'>): Promise<number> {
     if (this.spaceWaiters.length === this.spaceWaitersHead && this.fits(this.active, a)) {
       return Promise.resolve(this.writeRecord(a));
     }
@@ -455,6 +480,7 @@ export class NvLog {
   }
 
   private writeRecord(a: Omit<PendingAppend, 'resolve' | 'reject'>): number {
+    assert(this.native === undefined || this.nativeHolds > 0, 'writeRecord while the threads may append');
     const half = this.active;
     assert(half.state === 'active' && this.fits(half, a), 'writeRecord: no room');
     const seq = this.nextSeq++;
@@ -475,6 +501,7 @@ export class NvLog {
 
   /** Makes the other half active if it is free and the active one holds records. */
   private trySwitch(): boolean {
+    assert(this.native === undefined || this.nativeHolds > 0, 'trySwitch while the threads may append');
     const other = this.halves[1 - this.active.id]!;
     if (other.state !== 'free' || this.active.records === 0) return false;
     assert(other.usedBytes === 0 && other.index.empty, 'free half not empty');
@@ -488,7 +515,12 @@ export class NvLog {
   /** Freezes the active half for a CP (timer / on demand). False if it is empty or the other half is still frozen. */
   freezeActive(): boolean {
     if (this.state !== 'running') return false;
-    return this.trySwitch();
+    this.hold();
+    try {
+      return this.trySwitch();
+    } finally {
+      this.unhold();
+    }
   }
 
   /** The half a CP must drain, if any. */
@@ -500,6 +532,7 @@ export class NvLog {
 
   /** True when the active half cannot take more (writers are or will be waiting). */
   get activeFull(): boolean {
+    this.syncNative();
     return this.spaceWaiters.length > this.spaceWaitersHead || this.active.writeEnd + recordSizeBytes(BLOCK_SIZE_BYTES) > this.active.end;
   }
 
@@ -508,6 +541,15 @@ export class NvLog {
    * watermark >= its last seq). Wakes writers waiting for space.
    */
   releaseFrozen(half: Half): void {
+    this.hold();
+    try {
+      this.releaseFrozenHeld(half);
+    } finally {
+      this.unhold();
+    }
+  }
+
+  private releaseFrozenHeld(half: Half): void {
     assert(this.state === 'running' || this.state === 'failed', `releaseFrozen in state ${this.state}`);
     assert(half.state === 'frozen' && half !== this.active, 'releaseFrozen: half is not frozen');
     const committedSeq = half.lastSeq;
@@ -548,6 +590,7 @@ export class NvLog {
 
   /** True if no half holds any indexed change (reads can go straight to the tree). */
   get indexEmpty(): boolean {
+    this.syncNative();
     return this.lookupHalves().every((h) => h.index.empty);
   }
 
@@ -556,6 +599,7 @@ export class NvLog {
    * or undefined if the tree holds the newest data. Valid until the next await.
    */
   resolver(startLbn: number, endLbn: number): (lbn: number) => IndexHit | undefined {
+    this.syncNative();
     const halves = this.lookupHalves().filter((h) => !h.index.empty);
     if (halves.length === 0) return () => undefined;
     const ranges: LbnRange[][] = halves.map((h) => h.index.rangesIntersecting(startLbn, endLbn));
@@ -584,6 +628,7 @@ export class NvLog {
 
   /** Resolves once every record with seq <= `seq` is on stable storage. */
   waitDurable(seq: number): Promise<void> {
+    this.syncNative();
     if (seq <= this.durable) return Promise.resolve();
     if (this.state === 'failed') return Promise.reject(this.failedError());
     assert(seq < this.nextSeq, `waitDurable(${seq}) beyond last seq ${this.nextSeq - 1}`);
@@ -595,6 +640,7 @@ export class NvLog {
 
   /** Resolves once every record appended so far is on stable storage. */
   flush(): Promise<void> {
+    this.syncNative();
     return this.waitDurable(this.nextSeq - 1);
   }
 
@@ -637,6 +683,7 @@ export class NvLog {
   private markDurable(seq: number): void {
     if (seq <= this.durable) return;
     this.durable = seq;
+    this.native?.setDurable(seq);
     let kept = 0;
     for (const w of this.durableWaiters) {
       if (w.seq <= seq) w.resolve();
@@ -661,15 +708,91 @@ export class NvLog {
     this.spaceWaitersHead = 0;
     this.dequeuedTotal = this.queuedTotal;
     this.settleBarriers();
+    this.refreshNative();
   }
 
   get failed(): boolean {
     return this.state === 'failed';
   }
 
+  // ---- native appends (native-append.ts) ----
+
+  /**
+   * Lets the NBD threads append plain whole-block writes themselves (the returned
+   * appender goes to them). `map`: the engine's read map, which their appends drop from.
+   */
+  enableNativeAppends(volumeBytes: number, map: object | undefined): NativeAppender {
+    assert(this.state === 'running' && this.native === undefined, `enableNativeAppends in state ${this.state}`);
+    this.native = NativeAppender.create(this.region.buffer, this.header.epoch, this.header.salt, this.layout.recordPayloadMaxBytes, volumeBytes, map);
+    this.refreshNative();
+    return this.native;
+  }
+
+  get nativeAppender(): NativeAppender | undefined {
+    return this.native;
+  }
+
+  /** Takes the threads' records in and stops them for good (before the region closes). */
+  disableNativeAppends(): void {
+    const n = this.native;
+    if (n === undefined) return;
+    n.drain(true, this.adoptNative);
+    n.close();
+    this.native = undefined;
+  }
+
+  /** Stops (or lets again) the threads append, for a reason of the caller's (a replica, block locks). */
+  setNativeBlocked(reason: string, blocked: boolean): void {
+    if (blocked === this.nativeBlocks.has(reason)) return;
+    if (blocked) this.nativeBlocks.add(reason);
+    else this.nativeBlocks.delete(reason);
+    this.refreshNative();
+  }
+
+  /** Takes in the records the threads appended so far (indexed, hooks called). */
+  syncNative(): void {
+    this.native?.drain(false, this.adoptNative);
+  }
+
+  /** One record a thread wrote, taken in as writeRecord would have written it. */
+  private readonly adoptNative = (r: NativeRecord): void => {
+    const half = this.active;
+    assert(half.state === 'active' && r.seq === this.nextSeq && r.at === half.writeEnd,
+      `native record seq ${r.seq} at ${r.at}: the log expected seq ${this.nextSeq} at ${half.writeEnd} of an active half`);
+    this.nextSeq++;
+    half.writeEnd = r.at + recordSizeBytes(r.lengthBytes);
+    assert(half.writeEnd <= half.end, 'native record beyond its half');
+    if (half.records === 0) half.firstSeq = r.seq;
+    half.lastSeq = r.seq;
+    half.records++;
+    const payloadAt = r.at + RECORD_HEADER_BYTES;
+    this.indexRecord(half, RecordType.Write, r.offsetBytes, r.lengthBytes, payloadAt, r.seq);
+    this.onAppend?.({ seq: r.seq, type: RecordType.Write, flags: 0, offsetBytes: r.offsetBytes, lengthBytes: r.lengthBytes, payload: [this.region.buffer.subarray(payloadAt, payloadAt + r.lengthBytes)] });
+  };
+
+  /** A section that changes the active half: the threads stop and their records come in first. */
+  private hold(): void {
+    if (this.nativeHolds++ === 0) this.native?.drain(true, this.adoptNative);
+  }
+
+  private unhold(): void {
+    assert(this.nativeHolds > 0, 'unhold without hold');
+    if (--this.nativeHolds === 0) this.refreshNative();
+  }
+
+  /** Leases the rest of the active half to the threads again if nothing stands in the way. */
+  private refreshNative(): void {
+    const n = this.native;
+    if (n === undefined || this.nativeHolds > 0) return;
+    n.drain(true, this.adoptNative);
+    if (this.state !== 'running' || this.nativeBlocks.size > 0 || this.spaceWaiters.length > this.spaceWaitersHead || this.active.state !== 'active') return;
+    n.resume(this.active.writeEnd, this.active.end, this.nextSeq, this.durable);
+  }
+
   // ---- stats / close ----
 
   stats(): NvLogStats {
+    this.syncNative();
     const other = this.halves[1 - this.active.id]!;
     const frozenUsed = other.state === 'frozen' ? other.usedBytes : 0;
     return {
@@ -689,6 +812,7 @@ export class NvLog {
   /** Stops accepting appends; pending waiters reject with ESHUTDOWN. The region is closed by its owner. */
   close(): void {
     if (this.state === 'closed') return;
+    this.disableNativeAppends();
     const e = new VolumeError('ESHUTDOWN', 'NVRAM log closed');
     for (let i = this.spaceWaitersHead; i < this.spaceWaiters.length; i++) this.spaceWaiters[i]!.reject(e);
     this.spaceWaiters.length = 0;

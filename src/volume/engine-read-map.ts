@@ -6,13 +6,16 @@
  *
  * Invariants:
  * - changed(lbn, count) runs for every record as the log indexes it (NvLog.onBlocksChanged),
- *   before its append resolves and so before its reply: it drops those blocks and moves
- *   the epoch on. The native thread parses a READ only after every earlier reply was sent,
- *   so a READ never sees a mapping older than a WRITE answered before it arrived.
- * - fill() puts the pointers of level-0 address blocks a read walked only if neither the
- *   epoch nor the live CP moved since the read began (no append, no commit: the blocks are
- *   the live root's), and leaves out every lbn the log holds now (its tree pointer is
- *   older than the log). Puts and drops both run on the event loop, so none interleave.
+ *   before its append resolves and so before its reply: it drops those blocks. The NBD
+ *   threads' own appends (the log's native appender) drop theirs as they write each
+ *   record, before the reply. The native thread parses a READ only after every earlier
+ *   reply was sent, so a READ never sees a mapping older than a WRITE answered before it.
+ * - fill() puts the pointers of level-0 address blocks a read walked only if the live CP
+ *   did not move since the read began (the blocks are the live root's), leaving out every
+ *   lbn the log holds now (its tree pointer is older than the log) and every lbn dropped
+ *   since the read began: the map's own generation (every drop moves it on) is taken at
+ *   the read's start and the map skips, under its mutex, what drops since then named
+ *   (nbdReadMapPutLeaf's expectGen), so no append, the threads' included, slips between.
  * - Memory: 16 bytes per slot, at most SLOTS_MAX slots (the table is calloc'd once).
  */
 import { addon } from '../io/native';
@@ -26,7 +29,8 @@ const FILLED_MAX = 65536;
 
 interface ReadMapCalls {
   nbdReadMapNew(fd: number, sizeBytes: number, deviceBlocks: number, slotsLog2: number): object;
-  nbdReadMapPutLeaf(map: object, node: Buffer, baseLbn: number, skip: Buffer): number;
+  nbdReadMapPutLeaf(map: object, node: Buffer, baseLbn: number, skip: Buffer, expectGen: number): number;
+  nbdReadMapGen(map: object): number;
   nbdReadMapDrop(map: object, lbn: number, count: number): void;
   nbdReadMapClear(map: object): void;
   nbdReadMapClose(map: object): void;
@@ -39,15 +43,18 @@ function calls(): ReadMapCalls {
 
 /** Where a read started: fill() takes its leaves only if neither moved. */
 export interface ReadMapToken {
-  readonly epoch: number;
   readonly cp: number;
+  /** The native map's generation (drops and clears so far). */
+  readonly gen: number;
 }
 
 export class EngineReadMap {
-  private epoch = 0;
   private closed = false;
   private readonly skip = Buffer.alloc(FANOUT);
-  /** Leaves put since the last append or CP (a leaf walked again puts nothing new); at most FILLED_MAX. */
+  /**
+   * Leaves put since the last CP (a leaf walked again puts nothing new: what an append
+   * since then dropped, the log holds until the next CP); at most FILLED_MAX.
+   */
   private readonly filled = new Set<number>();
   private filledCp = -1;
 
@@ -63,22 +70,20 @@ export class EngineReadMap {
 
   /** The log indexed a record over [lbn, lbn+count). */
   changed(lbn: number, count: number): void {
-    this.epoch++;
-    if (this.filled.size > 0) this.filled.clear();
     if (!this.closed && count > 0) calls().nbdReadMapDrop(this.handle, lbn, count);
   }
 
   token(cp: number): ReadMapToken {
-    return { epoch: this.epoch, cp };
+    return { cp, gen: this.closed ? -1 : calls().nbdReadMapGen(this.handle) };
   }
 
   /**
-   * Puts the pointers of the leaves a read walked, unless an append or a commit came
-   * between `t` and now (cp: the live CP now); `inLog(from, to)` says which lbns of
-   * [from, to) the log holds. Returns how many mappings were put.
+   * Puts the pointers of the leaves a read walked, unless a commit came between `t` and
+   * now (cp: the live CP now), without the lbns the log holds (`inLog(from, to)` says which
+   * of [from, to)) and those an append dropped since `t`. Returns how many were put.
    */
   fill(t: ReadMapToken, cp: number, leaves: ReadonlyMap<number, Buffer>, inLog: (from: number, to: number) => (lbn: number) => boolean): number {
-    if (this.closed || t.epoch !== this.epoch || t.cp !== cp) return 0;
+    if (this.closed || t.cp !== cp || t.gen < 0) return 0;
     if (this.filledCp !== cp || this.filled.size >= FILLED_MAX) {
       this.filled.clear();
       this.filledCp = cp;
@@ -90,7 +95,9 @@ export class EngineReadMap {
       const to = Math.min(base + FANOUT, this.lbnCount);
       const held = inLog(base, to);
       for (let i = 0; i < FANOUT; i++) this.skip[i] = base + i < to && held(base + i) ? 1 : 0;
-      put += c.nbdReadMapPutLeaf(this.handle, node, base, this.skip);
+      const n = c.nbdReadMapPutLeaf(this.handle, node, base, this.skip, t.gen);
+      if (n < 0) return put; // too many drops since the read began, or a clear: put nothing more
+      put += n;
       this.filled.add(base);
     }
     return put;
@@ -98,7 +105,6 @@ export class EngineReadMap {
 
   /** Forgets every mapping (the live tree changed other than through the log). */
   clear(): void {
-    this.epoch++;
     this.filled.clear();
     if (!this.closed) calls().nbdReadMapClear(this.handle);
   }
@@ -112,7 +118,6 @@ export class EngineReadMap {
   close(): void {
     if (this.closed) return;
     this.closed = true;
-    this.epoch++;
     calls().nbdReadMapClose(this.handle);
   }
 }

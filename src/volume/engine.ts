@@ -20,6 +20,10 @@
  * - Memory: the log index is bounded by the NVRAM size; reads and status work in
  *   bounded chunks; writers beyond the NVRAM wait in the log's bounded queue.
  * - After close() resolves, everything acknowledged is in the tree (final CP).
+ * - The NBD threads may append plain whole-block WRITEs themselves (directAppender: the
+ *   log's native appender) and answer them; never while a block is locked (a partial
+ *   write's read-modify-write), while a replica gates replies (a sync mirror) or while
+ *   closing; the log takes their records in before any read, flush or CP looks at it.
  */
 import type { BlockTreeApi, CommitResult, LeafSink, SnapshotInfo, SnapshotOp, TreeReader, TreeStats } from '../tree/types';
 import { BLOCK_SIZE_BYTES, systemClock, type Clock, type NvramRegion, type Random } from '../io/types';
@@ -151,6 +155,8 @@ export interface EngineStats {
   replay: ReplaySummary;
   /** READs the NBD threads answered from the block map (hits) or passed on (misses), if the volume has one. */
   threadReads?: { hits: number; misses: number };
+  /** WRITEs the NBD threads appended to the NVRAM log themselves, if they ever did. */
+  threadWrites?: number;
 }
 
 /** Who serves the volume, as `status` shows it (set by `serve`). */
@@ -215,6 +221,21 @@ export class EngineVolume implements Volume {
       this.readMap = map;
       log.onBlocksChanged = (lbn, count) => map.changed(lbn, count);
     }
+  }
+
+  /**
+   * The NVRAM log's appender for the NBD threads (Volume.directAppender): they append plain
+   * whole-block WRITEs themselves and answer them (nvlog/native-append.ts). Made on the
+   * first ask; none for a read-only volume, while closing, or with NVMIRROR_ENGINE_NATIVE_APPEND=0.
+   */
+  directAppender(): object | undefined {
+    if (this.closed || this.closing || this.caps.readOnly || this.log.failed || process.env.NVMIRROR_ENGINE_NATIVE_APPEND === '0') return undefined;
+    return (this.log.nativeAppender ?? this.log.enableNativeAppends(this.sizeBytes, this.readMap?.handle)).handle;
+  }
+
+  /** The threads answered WRITEs they appended: the log takes their records in now. */
+  directWritesDone(): void {
+    if (!this.closed) this.log.syncNative();
   }
 
   /** The map the NBD threads answer READs from (Volume.directReadMap), if the tree has one member file. */
@@ -285,6 +306,8 @@ export class EngineVolume implements Volume {
   /** Installs (or removes) the replica gate; every later reply waits for it. */
   setReplicaGate(gate: ReplicaGate | undefined): void {
     this.replica = gate;
+    // A replica must hold each record before its reply: only this path waits for that.
+    this.log.setNativeBlocked('replica', gate !== undefined);
   }
 
   /** The reply path of a mutation that ended with record `seq`: local durability (FUA) and the replica. */
@@ -424,6 +447,9 @@ export class EngineVolume implements Volume {
     const locked = this.locks.lockedIn(startLbn, endLbn);
     if (partial.length === 0 && locked.length === 0) return this.emit(offset, length, data, type, flags, partial);
     const handle = this.locks.acquire([...partial, ...locked]);
+    // While a block is locked (read-modify-write of a partial block), the threads append
+    // nothing (a whole-block write of theirs could land between the read and the append).
+    this.log.setNativeBlocked('locks', true);
     try {
       await handle.ready;
       this.checkOpen();
@@ -432,6 +458,7 @@ export class EngineVolume implements Volume {
       return await this.emit(offset, length, data, type, flags, partial);
     } finally {
       handle.release();
+      if (this.locks.size === 0) this.log.setNativeBlocked('locks', false);
     }
   }
 
@@ -616,6 +643,7 @@ export class EngineVolume implements Volume {
       cp: this.cp?.stats() ?? { cpsRun: 0, running: false, lastCpDurationMs: 0, lastCpEndMs: 0, cpDurationMsMax: 0 },
       replay: this.log.replaySummary,
       ...(this.readMap && !this.closed ? { threadReads: this.readMap.stats() } : {}),
+      ...(this.log.nativeAppender ? { threadWrites: this.log.nativeAppender.appends } : {}),
     };
   }
 
@@ -627,6 +655,8 @@ export class EngineVolume implements Volume {
 
   private async doClose(): Promise<void> {
     let err: unknown;
+    // The threads' records come in and they append no more: the final CP holds everything.
+    this.log.disableNativeAppends();
     try {
       if (this.cp) await this.cp.close();
     } catch (e) {

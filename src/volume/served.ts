@@ -43,6 +43,8 @@ export interface VolumeStatus {
   errors: BlockErrorCounts;
   /** Whole-block READs the NBD threads answered from the block map (hits) or passed on (misses), this session. */
   threadReads?: { hits: number; misses: number };
+  /** Plain WRITEs the NBD threads appended to the NVRAM log themselves, this session. */
+  threadWrites?: number;
   /** Sections added by what runs beside the engine (e.g. `mirror`). */
   sections?: Record<string, unknown>;
   /** A RAID volume: level, state, and each member's state and error counts. */
@@ -103,6 +105,7 @@ export function engineStatus(dir: string, label: VolumeLabel, volume: EngineVolu
     ...(served ? { server: { pid: process.pid, ...(volume.servedBy?.() ?? {}) } } : {}),
     errors: s.tree.errors,
     ...(served && s.threadReads ? { threadReads: s.threadReads } : {}),
+    ...(served && s.threadWrites !== undefined ? { threadWrites: s.threadWrites } : {}),
     ...(raidOf.has(volume) ? { raid: { ...raidOf.get(volume)!.health(), scrub: scrubState(raidOf.get(volume)!) } } : {}),
     ...(volume.statusSections.size > 0 ? { sections: Object.fromEntries([...volume.statusSections].map(([k, f]) => [k, f()])) } : {}),
   };

@@ -92,5 +92,13 @@ export interface Volume {
    * it in step with its writes. Undefined if none (file, memory, RAID engine volumes).
    */
   directReadMap?(): object | undefined;
+  /**
+   * A native NVRAM appender (native/nv_append.h) to which the native NBD data path may
+   * append a plain WRITE of whole blocks and answer it, with the same effect as write();
+   * the volume takes the records in. Undefined if none (file, memory, read-only).
+   */
+  directAppender?(): object | undefined;
+  /** The native data path answered WRITEs through directAppender (called once per batch). */
+  directWritesDone?(): void;
   close(): Promise<void>;
 }

@@ -60,6 +60,12 @@ describe('crash: kill -9 of the real server under load', function () {
     const c = await NbdClient.connect(sock, '');
     const problems = await verify(c, w, true);
     assert.deepEqual(problems, [], `seed ${seed}: final verification:\n${problems.slice(0, 20).join('\n')}`);
+    // The rounds' plain whole-block WRITEs took the native path (the connection's thread
+    // appends them to the NVRAM log and answers them): the kills above hit that path too.
+    for (let i = 0; i < 8; i++) await c.write(i * 4096, Buffer.alloc(4096, 0x5a), false);
+    const st = await runCli(['status', dir, '--json']);
+    const threadWrites = (JSON.parse(st.stdout) as { threadWrites?: number }).threadWrites ?? 0;
+    assert.ok(threadWrites >= 8, `plain WRITEs appended by the NBD thread: ${threadWrites} (status: ${st.stdout.slice(0, 300)})`);
     await c.close();
     assert.equal(await server.stop(), 0, server.stderr);
     const chk = await runCli(['check', dir]);

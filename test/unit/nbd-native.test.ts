@@ -224,7 +224,7 @@ for (const kind of ['memory', 'file', 'engine'] as const) {
       }
       assert.equal(r.server.nativeTransmissions, 1, 'served by the native thread');
       const direct = directWrites(r);
-      if (kind === 'engine') assert.equal(direct, 0, 'the engine takes every WRITE through write()');
+      if (kind === 'engine') assert.equal(direct, 0, 'the engine takes WRITEs of partial blocks through write() (read-modify-write)');
       else assert.ok(direct > 0, 'the thread wrote plain WRITEs into the file / the memory chunks itself');
       s.conn.destroy();
       await settled(r);
@@ -247,6 +247,8 @@ for (const kind of ['memory', 'file', 'engine'] as const) {
         assert.equal(reply.error, 0, `write split at ${at}`);
         assert.ok((await r.volume.read(offset, PAYLOAD)).equals(data), `the write split at ${at} is in the volume`);
       }
+      // (A WRITE that does not fit the rest of the active NVRAM half goes to TypeScript, which switches halves.)
+      if (kind === 'engine') assert.ok(directWrites(r) > points.size * 0.9, `the engine's thread appended the whole-block WRITEs to the NVRAM log itself (${directWrites(r)} of ${points.size})`);
       s.conn.destroy();
       await settled(r);
     });
@@ -305,7 +307,9 @@ for (const kind of ['memory', 'file', 'engine'] as const) {
       let seed = 12345;
       const rnd = (n: number): number => {
         seed = (seed * 1103515245 + 12345) % 2 ** 31;
-        return seed % n;
+        // The high bits: with `seed % n` the low bits repeat every few calls (here every
+        // WRITE after a rnd(2) of 0 came out FUA, so no plain WRITE ever raced a READ).
+        return Math.floor((seed / 2 ** 31) * n);
       };
       for (let i = 0; i < 300; i++) {
         const off = rnd(SPAN - 1);
@@ -552,7 +556,9 @@ for (const kind of ['memory', 'file', 'engine-file'] as const) {
       let seed = 4242;
       const rnd = (n: number): number => {
         seed = (seed * 1103515245 + 12345) % 2 ** 31;
-        return seed % n;
+        // The high bits: with `seed % n` the low bits repeat every few calls (here every
+        // WRITE after a rnd(2) of 0 came out FUA, so no plain WRITE ever raced a READ).
+        return Math.floor((seed / 2 ** 31) * n);
       };
       let reads = 0;
       let racing = 0;
@@ -611,7 +617,11 @@ for (const kind of ['memory', 'file', 'engine-file'] as const) {
         assert.ok((await r.volume.read(BASE + b * BLOCK, BLOCK)).equals(Buffer.alloc(BLOCK, acked[b] as number)), `block ${b} holds its last version`);
       }
       assert.ok(reads > 1000 && racing > 500, `READs (${reads}) raced WRITEs in flight (${racing})`);
-      assert.ok(directReads(r) > reads / 2, `the thread served most READs (${directReads(r)} of ${reads})`);
+      // The engine's map holds only blocks the NVRAM log does not: here most READs touch a
+      // block rewritten since the last CP (32 blocks, CPs every 5 ms), so fewer are served.
+      assert.ok(directReads(r) > (engine ? 20 : reads / 2), `the thread served READs (${directReads(r)} of ${reads})`);
+      // The engine's plain WRITEs were appended to the NVRAM log by the thread, racing its READs and the CPs.
+      if (engine) assert.ok(directWrites(r) > 200, `the thread appended plain WRITEs itself (${directWrites(r)})`);
       s.conn.destroy();
       await settled(r);
     });

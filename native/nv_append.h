@@ -1,0 +1,158 @@
+// The NVRAM log's append, as the NBD threads may use it for an engine volume's plain
+// WRITEs: the record (the format of src/nvlog/format.ts) is written into the active half
+// of the region under one mutex, and the thread answers the WRITE itself, as the log
+// would answer a plain (non-FUA) write once its record is in the region. The log
+// (src/nvlog/log.ts, through src/nvlog/native-append.ts) owns everything else: it leases
+// the rest of the active half to this appender (Resume), takes the records written here
+// back (Drain/Pause: seq, region offset, volume offset and length of each) and indexes
+// them before it answers anything that could depend on them.
+//
+// Invariants:
+// - Records are appended only while resumed: between Resume and the next Pause/Close, at
+//   writeEnd_ of [writeEnd_, halfEnd_) with seq nextSeq_, back to back, each completely
+//   written (payload, header, crc, magic last) before the mutex is released. So the
+//   region holds no gap for a crash to tear: a record after this one is written only
+//   after it is whole, by this appender or (after Pause) by the log.
+// - Pause returns every record not yet drained and stops appends until the next Resume,
+//   which hands back the log's writeEnd and nextSeq (the log appends itself in between).
+// - A record's durableSeq is the newest durable seq the log told (Resume, SetDurable as
+//   each persist round completes): a lower bound, as the format asks (it proves records
+//   <= it were durable); kept current so replay tells mid-log damage from a torn tail.
+// - The blocks of every record are dropped from the read map (if any) before Append
+//   returns, so before the WRITE is answered (as the log's own appends do).
+// - Bounded: at most kPendingMax records wait for a drain (then Append refuses and the
+//   WRITE goes to TypeScript, which drains). A payload is whole 4 KiB blocks at a
+//   block-aligned offset inside the volume, at most payloadMax_ bytes; anything else is
+//   refused (TypeScript writes it). Close: no append starts after it, none is running.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "common.h"
+#include "read_map.h"
+
+namespace nvm {
+
+class NvAppender {
+ public:
+  static constexpr uint64_t kBlock = 4096;
+  static constexpr uint64_t kRecordHeaderBytes = 64;  // format.ts RECORD_HEADER_BYTES
+  static constexpr uint64_t kRecordAlign = 64;        // RECORD_ALIGN_BYTES
+  static constexpr uint32_t kRecordMagic = 0x4e565231;  // RECORD_MAGIC "NVR1"
+  static constexpr uint16_t kTypeWrite = 1;           // RecordType.Write
+  static constexpr size_t kPendingMax = 65536;        // records between drains
+  static constexpr int kFields = 4;                   // per drained record: seq, at, offsetBytes, lengthBytes
+
+  NvAppender(uint8_t* base, uint64_t regionBytes, uint32_t epoch, uint32_t salt, uint64_t payloadMax,
+             uint64_t volumeBytes, ReadMapPtr map)
+      : base_(base), regionBytes_(regionBytes), epoch_(epoch), salt_(salt), payloadMax_(payloadMax),
+        volumeBytes_(volumeBytes), map_(std::move(map)) {}
+
+  static uint64_t RecordBytes(uint64_t payload) {
+    return (kRecordHeaderBytes + payload + kRecordAlign - 1) / kRecordAlign * kRecordAlign;
+  }
+
+  // Leases [writeEnd, halfEnd) of the active half from seq nextSeq on. False (and still
+  // paused) if the range is not inside the region or misaligned.
+  bool Resume(uint64_t writeEnd, uint64_t halfEnd, uint64_t nextSeq, uint64_t durableSeq) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (closed_ || writeEnd % kRecordAlign != 0 || writeEnd > halfEnd || halfEnd > regionBytes_ ||
+        durableSeq >= nextSeq || !pending_.empty()) {
+      return false;
+    }
+    writeEnd_ = writeEnd;
+    halfEnd_ = halfEnd;
+    nextSeq_ = nextSeq;
+    durable_ = durableSeq;
+    resumed_ = true;
+    return true;
+  }
+
+  // The records appended since the last drain (kFields numbers each); pause: and no more.
+  std::vector<double> Drain(bool pause) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (pause) resumed_ = false;
+    std::vector<double> out;
+    out.swap(pending_);
+    return out;
+  }
+
+  // Records <= seq are durable (a persist round completed); ignored unless it moves forward.
+  void SetDurable(uint64_t seq) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (seq > durable_ && seq < nextSeq_) durable_ = seq;
+  }
+
+  void Close() {
+    std::lock_guard<std::mutex> l(mu_);
+    closed_ = true;
+    resumed_ = false;
+  }
+
+  // Appends one write record of [data, data+len) for volume offset off. False: refused
+  // (paused, full, not whole blocks, too large): the caller leaves the WRITE to TypeScript.
+  bool Append(uint64_t off, const uint8_t* data, uint64_t len) {
+    if (len == 0 || len % kBlock != 0 || off % kBlock != 0 || len > payloadMax_ || off > volumeBytes_ ||
+        len > volumeBytes_ - off) {
+      return false;
+    }
+    const uint64_t size = RecordBytes(len);
+    std::lock_guard<std::mutex> l(mu_);
+    if (!resumed_ || closed_ || pending_.size() >= kPendingMax * kFields || size > halfEnd_ - writeEnd_) return false;
+    const uint64_t at = writeEnd_;
+    const uint64_t seq = nextSeq_;
+    uint8_t* r = base_ + at;
+    Put32(r, 0);  // no stale magic while the record is written
+    memcpy(r + kRecordHeaderBytes, data, len);
+    if (size > kRecordHeaderBytes + len) memset(r + kRecordHeaderBytes + len, 0, size - kRecordHeaderBytes - len);
+    Put32(r + 8, epoch_);
+    Put16(r + 12, kTypeWrite);
+    Put16(r + 14, 0);
+    Put64(r + 16, seq);
+    Put64(r + 24, off);
+    Put64(r + 32, len);
+    Put64(r + 40, seq);  // transferId
+    Put32(r + 48, static_cast<uint32_t>(len));
+    Put32(r + 52, 0);
+    Put64(r + 56, durable_);
+    Put32(r + 4, Crc32cSeeded(salt_, r + 8, size - 8));
+    Put32(r, kRecordMagic);
+    writeEnd_ = at + size;
+    nextSeq_ = seq + 1;
+    appends_++;
+    pending_.push_back(static_cast<double>(seq));
+    pending_.push_back(static_cast<double>(at));
+    pending_.push_back(static_cast<double>(off));
+    pending_.push_back(static_cast<double>(len));
+    if (map_) map_->Drop(off / kBlock, len / kBlock);
+    return true;
+  }
+
+  uint64_t Appends() {
+    std::lock_guard<std::mutex> l(mu_);
+    return appends_;
+  }
+
+ private:
+  static void Put16(uint8_t* p, uint16_t v) { memcpy(p, &v, 2); }  // little-endian hosts (x86-64, arm64)
+  static void Put32(uint8_t* p, uint32_t v) { memcpy(p, &v, 4); }
+  static void Put64(uint8_t* p, uint64_t v) { memcpy(p, &v, 8); }
+
+  uint8_t* const base_;
+  const uint64_t regionBytes_;
+  const uint32_t epoch_, salt_;
+  const uint64_t payloadMax_, volumeBytes_;
+  const ReadMapPtr map_;
+  std::mutex mu_;
+  bool resumed_ = false, closed_ = false;
+  uint64_t writeEnd_ = 0, halfEnd_ = 0, nextSeq_ = 0, durable_ = 0, appends_ = 0;
+  std::vector<double> pending_;
+};
+
+using NvAppenderPtr = std::shared_ptr<NvAppender>;
+
+}  // namespace nvm

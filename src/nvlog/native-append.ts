@@ -1,0 +1,79 @@
+/**
+ * The log's native appender (native/nv_append.h): the NBD connection threads append an
+ * engine volume's plain WRITEs of whole blocks to the NVRAM region themselves and answer
+ * them, while the log owns everything else. This wrapper only carries the calls; the
+ * rules of who appends when live in NvLog (log.ts, "native appends").
+ *
+ * Invariants:
+ * - The appender writes only into the lease the log gave it with resume() (the rest of
+ *   the active half, from the log's writeEnd and nextSeq), and only until drain(true)
+ *   or close(); drain returns every record it wrote since the last drain, in seq order.
+ * - close() returns after any append in progress ended; none starts after it. The log
+ *   closes it before its region is closed.
+ */
+import { addon } from '../io/native';
+
+/** What the appender wrote: one record (a whole-block write) in the active half. */
+export interface NativeRecord {
+  seq: number;
+  /** Region offset of the record (its header). */
+  at: number;
+  offsetBytes: number;
+  lengthBytes: number;
+}
+
+interface AppenderCalls {
+  nbdAppenderNew(region: Buffer, epoch: number, salt: number, payloadMaxBytes: number, volumeBytes: number, map: object | null): object;
+  nbdAppenderResume(a: object, writeEnd: number, halfEnd: number, nextSeq: number, durableSeq: number): boolean;
+  nbdAppenderDrain(a: object, pause: boolean): Float64Array;
+  nbdAppenderAppend(a: object, offsetBytes: number, data: Buffer): boolean;
+  nbdAppenderSetDurable(a: object, seq: number): void;
+  nbdAppenderClose(a: object): void;
+  nbdAppenderStats(a: object): number;
+}
+
+const FIELDS = 4;
+
+function calls(): AppenderCalls {
+  return addon() as unknown as AppenderCalls;
+}
+
+export class NativeAppender {
+  private constructor(readonly handle: object) {}
+
+  static create(region: Buffer, epoch: number, salt: number, payloadMaxBytes: number, volumeBytes: number, map: object | undefined): NativeAppender {
+    return new NativeAppender(calls().nbdAppenderNew(region, epoch, salt, payloadMaxBytes, volumeBytes, map ?? null));
+  }
+
+  /** Leases [writeEnd, halfEnd) from seq nextSeq on; false if the appender refused (closed, undrained records). */
+  resume(writeEnd: number, halfEnd: number, nextSeq: number, durableSeq: number): boolean {
+    return calls().nbdAppenderResume(this.handle, writeEnd, halfEnd, nextSeq, durableSeq);
+  }
+
+  /** The records written since the last drain, in seq order; `pause`: and no more until resume. */
+  drain(pause: boolean, each: (r: NativeRecord) => void): void {
+    const a = calls().nbdAppenderDrain(this.handle, pause);
+    for (let i = 0; i < a.length; i += FIELDS) {
+      each({ seq: a[i] as number, at: a[i + 1] as number, offsetBytes: a[i + 2] as number, lengthBytes: a[i + 3] as number });
+    }
+  }
+
+  /** Records <= seq are durable: the next records say so (replay tells damage from a torn tail by it). */
+  setDurable(seq: number): void {
+    calls().nbdAppenderSetDurable(this.handle, seq);
+  }
+
+  /** The append a connection thread makes (tests drive it directly). */
+  append(offsetBytes: number, data: Buffer): boolean {
+    return calls().nbdAppenderAppend(this.handle, offsetBytes, data);
+  }
+
+  /** Records appended by the threads so far. */
+  get appends(): number {
+    return calls().nbdAppenderStats(this.handle);
+  }
+
+  close(): void {
+    calls().nbdAppenderClose(this.handle);
+  }
+}
