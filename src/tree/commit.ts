@@ -18,7 +18,8 @@
  *   the pads are not sent to it.
  * - A device with an allocation unit (`allocUnitBlocks`, a RAID stripe) is handed whole
  *   free units per CP, and the CP pads the free rest of its units with zeroes, so it
- *   writes whole stripes; discards cover whole free units only.
+ *   writes whole stripes; discards cover whole free units only. On a plain device only
+ *   released runs of at least DISCARD_RUN_BLOCKS_MIN blocks are discarded.
  */
 import type { BlockDevice } from '../io/types';
 import { VolumeError } from '../util/errors';
@@ -34,6 +35,16 @@ import type { NewBlock, SpaceMap } from './spacemap';
 import type { BlockOrigin, CpBlock, CpMeta, CpSink, SnapshotOp } from './types';
 import type { VerifiedReader } from './verified-read';
 import { Slicer, forEachLimit } from '../util/work';
+
+/**
+ * On a plain device, released runs shorter than this (256 KiB) are not discarded. Random
+ * writes free thousands of scattered single blocks per CP (old data blocks and old copies
+ * of address blocks): a punch-hole each sat on the CP's path (and on the thread pool its
+ * writes share), and on a file system a punched block costs an allocation again when the
+ * allocator hands it out. Long runs (trims, overwritten sequential data) still go back
+ * to a thin member.
+ */
+export const DISCARD_RUN_BLOCKS_MIN = 64;
 
 /** The address blocks one level of a CP rewrites (parallel arrays, sorted by index). */
 export interface PathLevel {
@@ -283,14 +294,15 @@ export class CpWriter {
 
   /**
    * Tells the device that released blocks hold nothing (a thin member file gets its space
-   * back). Only blocks no committed root, snapshot or in-flight read references are
-   * released, and this runs before anything is allocated. A failure is only logged:
-   * discard is a hint.
+   * back), for runs of at least DISCARD_RUN_BLOCKS_MIN blocks on a plain device. Only
+   * blocks no committed root, snapshot or in-flight read references are released, and
+   * this runs before anything is allocated. A failure is only logged: discard is a hint.
    */
   async discard(released: { pba: number; count: number }[]): Promise<void> {
     if (!this.discardFreed || released.length === 0) return;
     // Allocation units (RAID stripes): only whole free units, or parity would go stale.
-    const runs = this.smap.wholeFreeUnits(released);
+    // A plain device: only runs worth a punch-hole.
+    const runs = this.smap.unitBlocks === 1 ? released.filter((r) => r.count >= DISCARD_RUN_BLOCKS_MIN) : this.smap.wholeFreeUnits(released);
     try {
       await forEachLimit(runs, this.ioConcurrency, async (r) => {
         if (!(r.pba >= RING_SLOTS && r.pba + r.count <= this.deviceBlocks)) assert(false, `discard of [${r.pba}, +${r.count})`);

@@ -10,6 +10,7 @@ import { BLOCK_SIZE_BYTES, type BlockDevice } from '../../src/io/types';
 import { crc32c, crc32cImplementation, crc32cPortable } from '../../src/io/checksum';
 import { FANOUT, RING_SLOTS } from '../../src/tree/layout';
 import { BlockTree } from '../../src/tree/tree';
+import { DISCARD_RUN_BLOCKS_MIN } from '../../src/tree/commit';
 import type { BlockChange, CpMeta } from '../../src/tree/types';
 import { VolumeError } from '../../src/util/errors';
 import { EXTENT_HOLE, EXTENT_ZERO } from '../../src/volume/types';
@@ -313,6 +314,33 @@ describe('tree: space accounting', () => {
     for (let l = 0; l < 450; l++) changes.push({ lbn: 100_000 + l, data: block(l) });
     await tree.commitCp(changes, meta(102));
     assert.ok((await tree.readBlock(100_449))!.equals(block(449)));
+    await assertCheckOk(tree);
+  });
+
+  it('scattered freed blocks are reused without a discard each; a freed run of DISCARD_RUN_BLOCKS_MIN or more is discarded', async () => {
+    const inner = new MemoryBlockDevice(4096);
+    await BlockTree.format(inner, { sizeBytes: GiB, volumeUuid: UUID });
+    const dev = new GatedDevice(inner);
+    const discards: { pba: number; count: number }[] = [];
+    dev.discard = (pba, count) => {
+      discards.push({ pba, count });
+      return inner.discard(pba, count);
+    };
+    const tree = await BlockTree.open(dev);
+    // 400 blocks in one run, then every third one rewritten: its old copy is a single freed block.
+    await tree.commitCp(Array.from({ length: 400 }, (_, l) => ({ lbn: l, data: block(l) })), meta(1));
+    for (let round = 0; round < 4; round++) {
+      await tree.commitCp(Array.from({ length: 40 }, (_, k) => ({ lbn: k * 3, data: block(1000 * (round + 1) + k) })), meta(2 + round));
+    }
+    assert.deepEqual(discards.filter((d) => d.count < DISCARD_RUN_BLOCKS_MIN), [], 'no punch-hole for a short run');
+    assert.ok((await tree.readBlock(3))!.equals(block(4001)));
+    // Trimming the whole range frees long runs: those go back to the device.
+    await tree.commitCp(Array.from({ length: 400 }, (_, l) => ({ lbn: l, data: null })), meta(10));
+    await tree.commitCp([], meta(10));
+    await tree.commitCp([], meta(10));
+    const discarded = discards.reduce((n, d) => n + d.count, 0);
+    assert.ok(discarded >= 400 - 4 * 40, `discarded ${discarded} blocks`);
+    assert.ok(discards.every((d) => d.count >= DISCARD_RUN_BLOCKS_MIN), 'only long runs');
     await assertCheckOk(tree);
   });
 
