@@ -837,11 +837,17 @@ class Conn {
   }
 
   // The kernel took all of s: its direct READs' buffers are free (and still charged) for
-  // the next READ or WRITE.
+  // the next READ or WRITE. A WRITE header waiting for one is parsed again: the thread is
+  // woken (it may be the caller, past its parse loop and about to sleep on the wake fd
+  // only: a grant TypeScript makes for the NEED it sent would then not wake it, since no
+  // NEED is pending any more).
   void GiveBackLocked(Send* s) {
     for (const Granted& g : s->give) {
       granted_.push_back(g);
-      if (needPending_ && g.cap >= needBytes_) needPending_ = false;  // the thread parses on
+      if (needPending_ && g.cap >= needBytes_) {
+        needPending_ = false;  // the thread parses on
+        WakeLocked();
+      }
     }
     s->give.clear();
   }

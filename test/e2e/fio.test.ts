@@ -88,6 +88,15 @@ for (const backend of BACKENDS) {
       }
     });
 
+    it('random 4k READs and WRITEs mixed (randrw) at QD16 verify, over the whole volume', async function () {
+      // The native path answers both kinds on its thread (engine: the block map and the
+      // NVRAM appender), sharing its receive buffers: a WRITE that waited for one while a
+      // READ's came back once hung the connection (the thread slept, unwoken).
+      const jobs = await fio(jobFile(tmp, 'rw', server.uri, '[rw]\nrw=randrw\nbs=4k\niodepth=16\noffset=0\nsize=64M\nrandrepeat=1\nrandseed=77\n'));
+      assert.ok((jobs[0]?.write.io_bytes ?? 0) > 16 * MiB, 'about half of 64 MiB written');
+      assert.ok((jobs[0]?.read.io_bytes ?? 0) >= (jobs[0]?.write.io_bytes ?? 0), 'every written block read back (plus the random READs)');
+    });
+
     it('verify_only passes on intact data and fails after one block is corrupted', async function () {
       const body = '[vo]\nrw=write\nbs=4k\niodepth=4\noffset=0\nsize=4M\n';
       await fio(jobFile(tmp, 'vo-write', server.uri, body));
