@@ -46,7 +46,7 @@ import {
   recordSizeBytes, RecordType, RECORD_HEADER_BYTES, type HalfLayout, type RegionHeader,
 } from './format';
 import { HalfIndex, type IndexHit, type LbnRange } from './half-index';
-import { NativeAppender, type NativeRecord } from './native-append';
+import { NativeAppender } from './native-append';
 import { scanRegion, type LocatedRecord, type NvramGap, type ScanResult } from './replay';
 
 export const SPACE_WAITERS_MAX_DEFAULT = 65536;
@@ -755,19 +755,20 @@ export class NvLog {
   }
 
   /** One record a thread wrote, taken in as writeRecord would have written it. */
-  private readonly adoptNative = (r: NativeRecord): void => {
+  private readonly adoptNative = (seq: number, at: number, offsetBytes: number, lengthBytes: number): void => {
     const half = this.active;
-    assert(half.state === 'active' && r.seq === this.nextSeq && r.at === half.writeEnd,
-      `native record seq ${r.seq} at ${r.at}: the log expected seq ${this.nextSeq} at ${half.writeEnd} of an active half`);
+    if (!(half.state === 'active' && seq === this.nextSeq && at === half.writeEnd)) {
+      assert(false, `native record seq ${seq} at ${at}: the log expected seq ${this.nextSeq} at ${half.writeEnd} of an active half`);
+    }
     this.nextSeq++;
-    half.writeEnd = r.at + recordSizeBytes(r.lengthBytes);
+    half.writeEnd = at + recordSizeBytes(lengthBytes);
     assert(half.writeEnd <= half.end, 'native record beyond its half');
-    if (half.records === 0) half.firstSeq = r.seq;
-    half.lastSeq = r.seq;
+    if (half.records === 0) half.firstSeq = seq;
+    half.lastSeq = seq;
     half.records++;
-    const payloadAt = r.at + RECORD_HEADER_BYTES;
-    this.indexRecord(half, RecordType.Write, r.offsetBytes, r.lengthBytes, payloadAt, r.seq);
-    this.onAppend?.({ seq: r.seq, type: RecordType.Write, flags: 0, offsetBytes: r.offsetBytes, lengthBytes: r.lengthBytes, payload: [this.region.buffer.subarray(payloadAt, payloadAt + r.lengthBytes)] });
+    const payloadAt = at + RECORD_HEADER_BYTES;
+    this.indexRecord(half, RecordType.Write, offsetBytes, lengthBytes, payloadAt, seq);
+    this.onAppend?.({ seq, type: RecordType.Write, flags: 0, offsetBytes, lengthBytes, payload: [this.region.buffer.subarray(payloadAt, payloadAt + lengthBytes)] });
   };
 
   /** A section that changes the active half: the threads stop and their records come in first. */

@@ -13,14 +13,12 @@
  */
 import { addon } from '../io/native';
 
-/** What the appender wrote: one record (a whole-block write) in the active half. */
-export interface NativeRecord {
-  seq: number;
-  /** Region offset of the record (its header). */
-  at: number;
-  offsetBytes: number;
-  lengthBytes: number;
-}
+/**
+ * What the appender wrote, one call per record (a whole-block write in the active half):
+ * its seq, the region offset of its header, and the volume range it covers. Fields, not
+ * an object: this runs for every WRITE the threads answer.
+ */
+export type NativeRecordSink = (seq: number, at: number, offsetBytes: number, lengthBytes: number) => void;
 
 interface AppenderCalls {
   nbdAppenderNew(region: Buffer, epoch: number, salt: number, payloadMaxBytes: number, volumeBytes: number, map: object | null): object;
@@ -51,11 +49,9 @@ export class NativeAppender {
   }
 
   /** The records written since the last drain, in seq order; `pause`: and no more until resume. */
-  drain(pause: boolean, each: (r: NativeRecord) => void): void {
+  drain(pause: boolean, each: NativeRecordSink): void {
     const a = calls().nbdAppenderDrain(this.handle, pause);
-    for (let i = 0; i < a.length; i += FIELDS) {
-      each({ seq: a[i] as number, at: a[i + 1] as number, offsetBytes: a[i + 2] as number, lengthBytes: a[i + 3] as number });
-    }
+    for (let i = 0; i < a.length; i += FIELDS) each(a[i] as number, a[i + 1] as number, a[i + 2] as number, a[i + 3] as number);
   }
 
   /** Records <= seq are durable: the next records say so (replay tells damage from a torn tail by it). */

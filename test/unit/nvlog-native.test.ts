@@ -11,6 +11,7 @@ import { RecordType } from '../../src/nvlog/format';
 import { scanRegion } from '../../src/nvlog/replay';
 import { addon } from '../../src/io/native';
 import { prng, seedFromEnv } from '../crash/harness';
+import { logged } from './nvlog-helpers';
 
 const UUID = '0123abcd-0000-4000-8000-00000000cafe';
 const BS = 4096;
@@ -25,15 +26,6 @@ async function freshLog(region: MemoryNvram): Promise<NvLog> {
   const log = NvLog.open(region, { volumeUuid: UUID, committed: { nvlogSeq: 0, nvlogEpoch: 0 }, readOnly: false });
   await log.beginEpoch();
   return log;
-}
-
-function logged(log: NvLog, lbn: number): Buffer | 'zero' | undefined {
-  const hit = log.resolver(lbn, lbn + 1)(lbn);
-  if (!hit) return undefined;
-  if (hit.kind === 'zero') return 'zero';
-  const out = Buffer.alloc(BS);
-  log.copyBlock(hit.regionOffset, out, 0);
-  return out;
 }
 
 describe('nvlog: native appends (the NBD threads)', () => {

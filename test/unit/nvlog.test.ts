@@ -16,6 +16,7 @@ import { scanRegion } from '../../src/nvlog/replay';
 import { MmapNvram } from '../../src/io/mmap-nvram';
 import { IoRecorder, RecordingNvram } from '../../src/io/recording';
 import type { CpMeta } from '../../src/tree/types';
+import { logged } from './nvlog-helpers';
 
 const UUID = '0123abcd-0000-4000-8000-00000000beef';
 const BS = 4096;
@@ -29,16 +30,6 @@ async function freshLog(region: MemoryNvram | RecordingNvram | MmapNvram, commit
   assert.equal(log.recoveryHalves().length, 0);
   await log.beginEpoch();
   return log;
-}
-
-/** Resolves an lbn through the log only (undefined = not logged). */
-function logged(log: NvLog, lbn: number): Buffer | 'zero' | undefined {
-  const hit = log.resolver(lbn, lbn + 1)(lbn);
-  if (!hit) return undefined;
-  if (hit.kind === 'zero') return 'zero';
-  const out = Buffer.alloc(BS);
-  log.copyBlock(hit.regionOffset, out, 0);
-  return out;
 }
 
 function flip(b: Buffer, at: number): void {
