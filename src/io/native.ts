@@ -15,6 +15,11 @@ interface RawAddon {
   pwrite(fd: number, buf: Buffer, bufOffset: number, length: number, position: number, sync: boolean, cb: (err: Error | null) => void): void;
   /** pwritev of several buffers at consecutive positions starting at `position`; if sync, fdatasync afterwards. */
   pwritev(fd: number, bufs: Buffer[], position: number, sync: boolean, cb: (err: Error | null) => void): void;
+  /**
+   * pwritev to an O_DIRECT descriptor: position and total length whole 4 KiB blocks; buffers that
+   * are not 4 KiB-aligned are copied through the pool thread's aligned bounce buffer.
+   */
+  pwritevDirect(fd: number, bufs: Buffer[], position: number, cb: (err: Error | null) => void): void;
   /** Independent writes in one thread-pool job; errors[i] is null or write i's Error. */
   pwriteBatch(fd: number, bufs: Buffer[], positions: number[], cb: (err: Error | null, errors: Array<Error | null>) => void): void;
   fdatasync(fd: number, cb: (err: Error | null) => void): void;
@@ -85,6 +90,13 @@ export function pwritev(fd: number, bufs: Buffer[], position: number, sync: bool
   checkInt('fd', fd); checkInt('position', position);
   if (bufs.length === 0 || bufs.length > 1024) throw new RangeError(`pwritev: 1..1024 buffers, got ${bufs.length}`);
   return new Promise((resolve, reject) => addon().pwritev(fd, bufs, position, sync, (err) => (err ? reject(err) : resolve())));
+}
+
+/** pwritev to a descriptor opened with O_DIRECT (see RawAddon.pwritevDirect): no sync. */
+export function pwritevDirect(fd: number, bufs: Buffer[], position: number): Promise<void> {
+  checkInt('fd', fd); checkInt('position', position);
+  if (bufs.length === 0 || bufs.length > 1024) throw new RangeError(`pwritevDirect: 1..1024 buffers, got ${bufs.length}`);
+  return new Promise((resolve, reject) => addon().pwritevDirect(fd, bufs, position, (err) => (err ? reject(err) : resolve())));
 }
 
 export const NOWAIT_MAX_BYTES = 1024 * 1024;

@@ -37,6 +37,7 @@ import type { Logger } from 'pino';
 import { openMemberDevice } from '../volume/dir';
 import { readLabel } from '../volume/label';
 import { RaidDevice, type RaidHealth } from '../raid/raid-device';
+import { FileBlockDevice } from '../io/file-device';
 import { readRole } from './role';
 import { decideStanding, refusalText, type Standing } from './standing';
 import type { Lineage } from '../tree/lineage';
@@ -114,6 +115,8 @@ export interface ReceiverStats {
     lastError: string | undefined;
     /** A RAID destination's health (members, stripes written whole / through the journal). */
     raid?: RaidHealth;
+    /** A single-member destination's writes that bypassed the page cache (O_DIRECT; io/file-device.ts). */
+    directWrites?: number;
   }>;
   /** Where each source that said HELLO since the start stood then (standing.ts): primary, current, last common CP (standingsList()). */
   standings?: Array<Standing & { sourceUuid: string }>;
@@ -913,6 +916,7 @@ export class MirrorReceiver {
         lastCommitMs: m.lastCommitMs,
         lastError: m.lastError,
         ...(m.dev instanceof RaidDevice ? { raid: m.dev.health() } : {}),
+        ...(m.dev instanceof FileBlockDevice ? { directWrites: m.dev.directWrites } : {}),
       });
     }
     const b = this.budget;

@@ -441,6 +441,9 @@ describe('mirror: two hosts (network namespaces)', function () {
     await until('baseline resumed', () => /mirror baseline resumed/.test(fs.readFileSync(path.join(tmp, 'sv.log'), 'utf8')) || undefined, 30_000);
     await pair.rateLimit(null);
     await inSyncAndIdentical(s);
+    // The baseline's runs went to the member with O_DIRECT (io/file-device.ts), through kill -9s.
+    const rx = JSON.parse(sh(BIN, ['status', path.join(tmp, 'dst'), '--json'])) as { mirrors: Array<{ directWrites?: number }> };
+    assert.ok((rx.mirrors[0]?.directWrites ?? 0) > 0, `the destination wrote nothing direct: ${JSON.stringify(rx.mirrors[0])}`);
   });
 
   it('TLS-PSK link: the same key mirrors; a wrong key and a plaintext source are refused and create nothing', async () => {

@@ -6,7 +6,7 @@ import { strict as assert } from 'assert';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { FileBlockDevice, NOWAIT_READ_BYTES_MAX } from '../../src/io/file-device';
+import { DIRECT_WRITE_MIN_BYTES, FileBlockDevice, NOWAIT_READ_BYTES_MAX } from '../../src/io/file-device';
 import { MemoryBlockDevice } from '../../src/io/memory-device';
 import { MmapNvram } from '../../src/io/mmap-nvram';
 import { BLOCK_SIZE_BYTES, BlockDevice } from '../../src/io/types';
@@ -98,6 +98,51 @@ describe('io layer', () => {
       assert.ok(all.equals(data));
       assert.equal(dev.nowaitReads, 2);
       await dev.close();
+    });
+
+    it('directWrites: large writes bypass the page cache (any Buffer alignment), small ones do not, and reads see every write in order', async () => {
+      const file = path.join(dir, 'direct.img');
+      await (await FileBlockDevice.create(file, 1024)).close();
+      const dev = await FileBlockDevice.open(file, { directWrites: true });
+      const big = DIRECT_WRITE_MIN_BYTES / BLOCK_SIZE_BYTES;
+      // A buffered write first, then a direct one over it: the read must see the direct one.
+      await dev.writeBlocks(10, pattern(1, 1));
+      assert.equal(dev.directWrites, 0, 'a 4 KiB write stays buffered');
+      // Memory at an odd address (a view 1 byte into an allocation) and parts of odd sizes.
+      const backing = Buffer.alloc(big * BLOCK_SIZE_BYTES + 1);
+      pattern(2, big).copy(backing, 1);
+      const odd = backing.subarray(1);
+      await dev.writeBlocks(8, odd);
+      assert.equal(dev.directWrites, 1, 'a 64 KiB write goes direct');
+      // writeBlocksV over more than the 1 MiB bounce buffer, parts of 3 and 300 blocks.
+      const a = pattern(3, 3);
+      const b = pattern(4, 300);
+      await dev.writeBlocksV(500, [a, b]);
+      assert.equal(dev.directWrites, 2);
+      // A buffered write inside the direct range, then read everything back.
+      await dev.writeBlocks(9, pattern(5, 1));
+      const got = Buffer.alloc((big + 2) * BLOCK_SIZE_BYTES);
+      await dev.readBlocks(8, big + 2, got);
+      const want = Buffer.concat([pattern(2, big).subarray(0, BLOCK_SIZE_BYTES), pattern(5, 1), pattern(2, big).subarray(2 * BLOCK_SIZE_BYTES), Buffer.alloc(2 * BLOCK_SIZE_BYTES)]);
+      assert.ok(got.equals(want), 'the direct write replaced the buffered one, the later buffered one replaced part of it');
+      const v = Buffer.alloc(303 * BLOCK_SIZE_BYTES);
+      await dev.readBlocks(500, 303, v);
+      assert.ok(v.equals(Buffer.concat([a, b])), 'writeBlocksV through the bounce buffer, in order');
+      await dev.sync();
+      await dev.close();
+      // Durable in the file as written (a fresh descriptor, then the whole file through the page cache).
+      const f = fs.readFileSync(file);
+      assert.ok(f.subarray(500 * BLOCK_SIZE_BYTES, 803 * BLOCK_SIZE_BYTES).equals(Buffer.concat([a, b])));
+      // NVMIRROR_DIRECT_WRITES=0 turns it off.
+      process.env.NVMIRROR_DIRECT_WRITES = '0';
+      try {
+        const off = await FileBlockDevice.open(file, { directWrites: true });
+        await off.writeBlocks(0, pattern(6, big));
+        assert.equal(off.directWrites, 0);
+        await off.close();
+      } finally {
+        delete process.env.NVMIRROR_DIRECT_WRITES;
+      }
     });
 
     it('discard punches a hole in the file', async () => {

@@ -230,6 +230,28 @@ describe('native addon', () => {
       assert.ok(got.subarray(18).equals(Buffer.alloc(5000, 0x41)));
     });
 
+    it('pwritevDirect writes an O_DIRECT descriptor from buffers of any alignment and size, and refuses unaligned positions and totals', async () => {
+      const file = path.join(dir, 'direct.img');
+      fs.writeFileSync(file, Buffer.alloc(0));
+      const fd = fs.openSync(file, fs.constants.O_RDWR | fs.constants.O_DIRECT);
+      const rnd = seeded(7);
+      // 1 + 8191 + 2 MiB + 4096 bytes: parts that straddle 4 KiB and the 1 MiB bounce buffer.
+      const parts = [randomBuffer(rnd, 1), randomBuffer(rnd, 8191), randomBuffer(rnd, 2 * 1024 * 1024 + 1).subarray(1), randomBuffer(rnd, 4096)];
+      try {
+        await native.pwritevDirect(fd, parts, 3 * 4096);
+        await assert.rejects(native.pwritevDirect(fd, [Buffer.alloc(4096)], 100), /position must be a multiple of 4096/);
+        await assert.rejects(native.pwritevDirect(fd, [Buffer.alloc(4095)], 4096), /total length must be a multiple of 4096/);
+        assert.throws(() => native.pwritevDirect(fd, [], 0), RangeError);
+      } finally {
+        fs.closeSync(fd);
+      }
+      const got = fs.readFileSync(file);
+      assert.equal(got.length, 3 * 4096 + 8192 + 2 * 1024 * 1024 + 4096);
+      assert.ok(got.subarray(0, 3 * 4096).equals(Buffer.alloc(3 * 4096)));
+      assert.ok(got.subarray(3 * 4096).equals(Buffer.concat(parts)));
+      await assert.rejects(native.pwritevDirect(1 << 20, [Buffer.alloc(4096)], 0), /EBADF/);
+    });
+
     it('punch hole shows up through SEEK_DATA/SEEK_HOLE and reads as zeroes', async () => {
       const file = path.join(dir, 'holes.img');
       const fd = fs.openSync(file, 'w+');
@@ -383,6 +405,10 @@ describe('native addon', () => {
       ['pwritev not an array', () => raw().pwritev!(0, buf, 0, false, noop), TypeError],
       ['pwritev empty array', () => raw().pwritev!(0, [], 0, false, noop), RangeError],
       ['pwritev element not a buffer', () => raw().pwritev!(0, [buf, 7], 0, false, noop), TypeError],
+      ['pwritevDirect not an array', () => raw().pwritevDirect!(0, buf, 0, noop), TypeError],
+      ['pwritevDirect no callback', () => raw().pwritevDirect!(0, [Buffer.alloc(4096)], 0), TypeError],
+      ['pwritevDirect unaligned position', () => raw().pwritevDirect!(0, [Buffer.alloc(4096)], 512, noop), RangeError],
+      ['pwritevDirect unaligned total', () => raw().pwritevDirect!(0, [buf], 0, noop), RangeError],
       ['fallocate bad mode', () => raw().fallocate!(0, 7, 0, 1, noop), RangeError],
       ['fallocate zero length', () => raw().fallocate!(0, 1, 0, 0, noop), RangeError],
       ['seek bad whence', () => raw().seek!(0, 0, 0, noop), RangeError],
