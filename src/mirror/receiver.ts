@@ -26,7 +26,8 @@
  *   writes (<= 1 MiB each, written from views of their frames: each keeps at most the
  *   frames it came from, one more at each end) in flight, and reading pauses beyond
  *   QUEUED_BYTES_MAX queued;
- *   the whole receiver: at most CONNECTIONS_MAX connections. Each open mirror also keeps
+ *   the whole receiver: at most CONNECTIONS_MAX connections, and SLABS_KEPT_MAX idle CP_BLOCKS
+ *   slabs (slab-pool.ts: a frame's slab is charged with its message while queued). Each open mirror also keeps
  *   its committed CP's space map (two bits per device block).
  */
 import * as net from 'net';
@@ -44,11 +45,12 @@ import type { Lineage } from '../tree/lineage';
 import type { Superblock } from '../tree/layout';
 import { assert } from '../util/assert';
 import { crc32c } from '../io/native';
-import { FrameParser, FrameWriter, MirrorProtocolError, MsgType, WIRE_VERSION, writeFrame, type CpKind, type Message } from './wire';
+import { CP_BLOCKS_BODY_MAX_BYTES, FrameParser, FrameWriter, MirrorProtocolError, MsgType, WIRE_VERSION, writeFrame, type CpKind, type Message } from './wire';
 import { APPLY_WRITES_MAX, BASELINE_PROGRESS_BLOCKS, MIRROR_LABEL_NAME, MirrorDir, MirrorDirError, newestSuperblock, rootBytes, type MirrorHello, type MirrorLabel } from './mirror-dir';
 import { MirrorView, type MirrorExports } from './exports';
 import { RemoteReads, verifyCp, type VerifyReport } from './verify';
 import { applyDelta, DELTA_FROM_ZEROES } from './delta';
+import { SlabPool, type FrameSlab } from './slab-pool';
 import type { Charge, MemoryBudget } from '../nbd/budget';
 
 const ZERO_BLOCK = Buffer.alloc(4096);
@@ -72,6 +74,8 @@ function messageBytes(m: Message): number {
 function mustKeepOrder(m: Message): boolean {
   return m.type === MsgType.Record || m.type === MsgType.DurableReq || m.type === MsgType.Hello;
 }
+/** Idle CP_BLOCKS slabs kept for reuse by the whole receiver (32 x 257 KiB: ~8 MiB). */
+const SLABS_KEPT_MAX = 32;
 /** Largest combined write while applying a CP (1 MiB). */
 const COMBINE_BLOCKS_MAX = 256;
 /** The receiver's control socket in its directory (`nvmirror status DIR`). */
@@ -130,14 +134,14 @@ interface Applying {
 }
 
 class Session {
-  private readonly parser = new FrameParser();
+  private readonly parser: FrameParser;
   private readonly writer = new FrameWriter();
   private mirror: MirrorDir | undefined;
   private applying: Applying | undefined;
   private writesInFlight = 0;
   private writeWaiters: Array<() => void> = [];
   /** Contiguous blocks staged for one write. */
-  private run: { pba: number; blocks: number; parts: Buffer[] } | undefined;
+  private run: { pba: number; blocks: number; parts: Buffer[]; slabs: FrameSlab[] } | undefined;
   private writeError: Error | undefined;
   /**
    * The baseline's progress record being made durable (a member sync, then the marker)
@@ -165,6 +169,7 @@ class Session {
   private drained: Promise<void> = Promise.resolve();
 
   constructor(private readonly rx: MirrorReceiver, readonly socket: net.Socket, private readonly log: Logger) {
+    this.parser = new FrameParser(rx.slabs);
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
     socket.on('error', (e) => this.end(`socket error: ${e.message}`));
     socket.on('close', () => this.end('connection closed'));
@@ -362,6 +367,7 @@ class Session {
         for (const m of batch) {
           if (this.closed) return;
           acked = (await this.handle(m)) || acked;
+          if (m.type === MsgType.CpBlocks && m.slab) this.rx.slabs.release(m.slab); // handled: its views are in runs and writes now, which hold it
           if (mustKeepOrder(m)) this.orderedInBatch--;
           this.pendingBytes -= messageBytes(m);
           this.discharge(m);
@@ -443,7 +449,7 @@ class Session {
         while (i < m.pbas.length) {
           let j = i + 1;
           while (j < m.pbas.length && m.pbas[j] === m.pbas[j - 1]! + 1) j++;
-          await this.stage(m.pbas[i]!, m.data.subarray(i * 4096, j * 4096));
+          await this.stage(m.pbas[i]!, m.data.subarray(i * 4096, j * 4096), m.slab);
           i = j;
         }
         const before = a.blocks;
@@ -515,7 +521,7 @@ class Session {
         // Its blocks went to blocks the committed CP does not use (refused as they
         // arrived otherwise); the staged run is dropped, and the writes in flight end
         // before anything that follows (the resync) may write the same blocks.
-        this.run = undefined;
+        this.dropRun();
         await this.waitWrites(0);
         await this.progressDone();
         if (this.writeError) throw this.writeError;
@@ -540,27 +546,39 @@ class Session {
    * runs, but references and deltas arrive one block each) into writes of up to
    * COMBINE_BLOCKS_MAX blocks.
    */
-  private async stage(pba: number, data: Buffer): Promise<void> {
+  private async stage(pba: number, data: Buffer, slab?: FrameSlab): Promise<void> {
     // Refused as it arrives, not when the run is flushed.
     this.mirror!.checkWritable(pba, data.length / 4096, this.applying !== undefined && this.applying.baseCp !== -1);
-    const run = this.run;
-    if (run && run.pba + run.blocks === pba && run.blocks + data.length / 4096 <= COMBINE_BLOCKS_MAX) {
-      run.parts.push(data);
-      run.blocks += data.length / 4096;
-      return;
+    let run = this.run;
+    if (!run || run.pba + run.blocks !== pba || run.blocks + data.length / 4096 > COMBINE_BLOCKS_MAX) {
+      await this.flushRun();
+      run = this.run = { pba, blocks: 0, parts: [], slabs: [] };
     }
-    await this.flushRun();
-    this.run = { pba, blocks: data.length / 4096, parts: [data] };
+    run.parts.push(data);
+    run.blocks += data.length / 4096;
+    // The run holds the slab its view is of until its write completes (slab-pool.ts).
+    if (slab && !run.slabs.includes(slab)) {
+      this.rx.slabs.hold(slab);
+      run.slabs.push(slab);
+    }
   }
 
   private async flushRun(): Promise<void> {
     const run = this.run;
     if (!run) return;
     this.run = undefined;
-    await this.write(run.pba, run.parts);
+    await this.write(run.pba, run.parts, run.slabs);
   }
 
-  private async write(pba: number, data: readonly Buffer[]): Promise<void> {
+  /** Drops the staged run unwritten (no I/O has its views: its slabs go back). */
+  private dropRun(): void {
+    const run = this.run;
+    this.run = undefined;
+    for (const sl of run?.slabs ?? []) this.rx.slabs.release(sl);
+  }
+
+  /** Writes a run; the slabs its views are of are released when the write has completed (or failed). */
+  private async write(pba: number, data: readonly Buffer[], slabs: readonly FrameSlab[] = []): Promise<void> {
     if (this.writeError) throw this.writeError;
     await this.waitWrites(APPLY_WRITES_MAX - 1);
     this.writesInFlight++;
@@ -573,15 +591,16 @@ class Session {
       throw e;
     }
     io.then(
-      () => this.writeDone(),
+      () => this.writeDone(slabs),
       (e: unknown) => {
         this.writeError = e instanceof Error ? e : new Error(String(e));
-        this.writeDone();
+        this.writeDone(slabs);
       },
     );
   }
 
-  private writeDone(): void {
+  private writeDone(slabs: readonly FrameSlab[]): void {
+    for (const sl of slabs) this.rx.slabs.release(sl);
     this.writesInFlight--;
     const w = this.writeWaiters;
     this.writeWaiters = [];
@@ -755,6 +774,8 @@ export class MirrorReceiver {
   readonly dir: string;
   readonly exports: MirrorExports | undefined;
   readonly budget: MemoryBudget | undefined;
+  /** CP_BLOCKS bodies are assembled in these (slab-pool.ts), shared by every connection. */
+  readonly slabs = new SlabPool(CP_BLOCKS_BODY_MAX_BYTES, SLABS_KEPT_MAX);
   private readonly log: Logger;
   private readonly sessions = new Set<Session>();
   private server: net.Server | undefined;

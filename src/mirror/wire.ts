@@ -24,6 +24,7 @@ import { crc32cAppendBlock } from '../io/checksum';
 import { assert } from '../util/assert';
 import { bytesToUuid, uuidToBytes } from '../tree/layout';
 import { LINEAGE_ENTRIES_MAX, lineageProblem, type Generation } from '../tree/lineage';
+import type { FrameSlab, SlabPool } from './slab-pool';
 
 export const FRAME_MAGIC = 0x574d564e; // "NVMW" little-endian
 export const WIRE_VERSION = 1;
@@ -35,6 +36,8 @@ export const RECORD_PAYLOAD_MAX_BYTES = 1024 * 1024;
 export const BLOCKS_PER_FRAME_MAX = 64;
 export const REFS_PER_FRAME_MAX = 4096;
 const REF_BYTES = 24;
+/** Largest CP_BLOCKS body: cp, count, 64 pbas and their blocks. */
+export const CP_BLOCKS_BODY_MAX_BYTES = 12 + BLOCKS_PER_FRAME_MAX * (8 + BLOCK_BYTES);
 /** Largest body of any frame (a record of 1 MiB with its 40-byte header). */
 export const FRAME_BODY_MAX_BYTES = RECORD_PAYLOAD_MAX_BYTES + 64;
 const TEXT_MAX_BYTES = 1024;
@@ -148,6 +151,8 @@ export interface CpBlocks {
   pbas: number[];
   /** pbas.length * 4096 bytes. */
   data: Buffer;
+  /** The pooled buffer `data` is a view of (a receiver's FrameParser with a SlabPool), held once for this message. */
+  slab?: FrameSlab;
 }
 
 /**
@@ -287,7 +292,7 @@ function bodyCap(type: number): number | undefined {
     case MsgType.RecordAck: return 24;
     case MsgType.DurableReq: return 8;
     case MsgType.CpBegin: return 17;
-    case MsgType.CpBlocks: return 12 + BLOCKS_PER_FRAME_MAX * (8 + BLOCK_BYTES);
+    case MsgType.CpBlocks: return CP_BLOCKS_BODY_MAX_BYTES;
     case MsgType.CpRefs: return 12 + REFS_PER_FRAME_MAX * REF_BYTES;
     case MsgType.CpCommit: return 20 + BLOCK_BYTES;
     case MsgType.CpAck: return 8 + 24;
@@ -692,9 +697,12 @@ export function writeFrame(socket: import('net').Socket, writer: FrameWriter, m:
 
 /**
  * Incremental frame parser: push() chunks as they arrive, get whole verified messages
- * back in order. Holds at most one frame's bytes.
+ * back in order. Holds at most one frame's bytes. With a SlabPool, a CP_BLOCKS body that
+ * spans chunks is assembled in a pooled slab (the message holds it: CpBlocks.slab)
+ * instead of a fresh Buffer.
  */
 export class FrameParser {
+  constructor(private readonly slabs?: SlabPool) {}
   private chunks: Buffer[] = [];
   private buffered = 0;
   private expectFrameNo = 0;
@@ -739,6 +747,22 @@ export class FrameParser {
     return out;
   }
 
+  /** take(n), copied into dst (which has room for n bytes). */
+  private takeInto(dst: Buffer, n: number): Buffer {
+    assert(n <= this.buffered && n <= dst.length, 'takeInto beyond buffered or dst');
+    let at = 0;
+    while (at < n) {
+      const c = this.chunks[0]!;
+      const k = Math.min(c.length, n - at);
+      c.copy(dst, at, 0, k);
+      at += k;
+      if (k === c.length) this.chunks.shift();
+      else this.chunks[0] = c.subarray(k);
+    }
+    this.buffered -= n;
+    return dst.subarray(0, n);
+  }
+
   private pushInner(chunk: Buffer): Message[] {
     this.bytesIn += chunk.length;
     if (chunk.length > 0) {
@@ -764,13 +788,16 @@ export class FrameParser {
       }
       const h = this.header;
       if (this.buffered < h.len) break;
-      const body = h.len > 0 ? this.take(h.len) : Buffer.alloc(0);
+      const slab = h.type === MsgType.CpBlocks && h.len > 0 && h.len > this.chunks[0]!.length ? this.slabs?.take(h.len) : undefined;
+      const body = h.len === 0 ? Buffer.alloc(0) : slab ? this.takeInto(slab.buf, h.len) : this.take(h.len);
       let crc = crc32c(h.raw, 0, 20);
       crc = crc32c(body, 0, body.length, crc);
       if (crc !== h.crc) throw new MirrorProtocolError(`frame ${h.frameNo} (type ${h.type}): checksum mismatch`);
       this.header = undefined;
       this.expectFrameNo++;
-      out.push(decodeBody(h.type, body));
+      const m = decodeBody(h.type, body);
+      if (slab) (m as CpBlocks).slab = slab; // a refused frame leaves its slab to the GC (slab-pool.ts)
+      out.push(m);
     }
     return out;
   }

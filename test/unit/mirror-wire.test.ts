@@ -29,6 +29,7 @@ import {
   WIRE_VERSION,
   type Message,
 } from '../../src/mirror/wire';
+import { SlabPool } from '../../src/mirror/slab-pool';
 
 const SEED = process.env.MIRROR_FC_SEED !== undefined ? Number(process.env.MIRROR_FC_SEED) : Date.now() % 0x7fffffff;
 const U53_MAX = Number.MAX_SAFE_INTEGER;
@@ -376,6 +377,55 @@ describe('mirror wire codec', () => {
         }),
         { seed: SEED, numRuns: 30 },
       );
+    });
+  });
+
+  describe('slab pool (receiver)', () => {
+    it('CP_BLOCKS bodies that span chunks are assembled in pooled slabs: same messages, and a released slab carries the next frame unharmed', () => {
+      const all = samples();
+      const small = smallSamples();
+      const long: Message[] = [];
+      for (let i = 0; i < 300; i++) long.push(i % 5 === 0 ? all.find((m) => m.type === MsgType.CpBlocks && m.pbas.length === BLOCKS_PER_FRAME_MAX) ?? all[0]! : small[(i * 7) % small.length]!);
+      const s = streamOf(long);
+      const pool = new SlabPool(FRAME_BODY_MAX_BYTES, 2);
+      const p = new FrameParser(pool);
+      const got: Message[] = [];
+      let slabbed = 0;
+      // Node's socket reads: 64 KiB at most.
+      for (let at = 0; at < s.length; at += 65536) {
+        for (const m of p.push(s.subarray(at, at + 65536))) {
+          if (m.type === MsgType.CpBlocks && m.slab) {
+            slabbed++;
+            const { slab, ...rest } = m;
+            assert.equal(slab.refs, 1, 'held once, by its message');
+            assert.ok(m.data.buffer === slab.buf.buffer, 'its data is a view of the slab');
+            got.push({ ...rest, data: Buffer.from(m.data) }); // copied before the slab goes back
+            pool.release(slab);
+            assert.equal(slab.refs, 0);
+          } else got.push(m);
+        }
+      }
+      assert.deepStrictEqual(got, long);
+      assert.equal(slabbed, 60, 'every 256 KiB CP_BLOCKS frame spans chunks');
+      assert.ok(pool.allocated <= 2, `${pool.allocated} slabs allocated for ${slabbed} frames`);
+      assert.equal(pool.takes, slabbed);
+    });
+
+    it('a slab goes back only when its last holder releases it, and the free list keeps at most keepMax', () => {
+      const pool = new SlabPool(4096, 1);
+      const a = pool.take(4096)!;
+      assert.equal(pool.take(4097), undefined, 'a body larger than a slab gets none');
+      pool.hold(a);
+      pool.release(a);
+      assert.equal(pool.freeCount, 0, 'still held');
+      const b = pool.take(100)!;
+      assert.notEqual(a, b, 'a held slab is never handed out again');
+      pool.release(a);
+      pool.release(b);
+      assert.equal(pool.freeCount, 1, 'keepMax 1: the second goes to the garbage collector');
+      assert.throws(() => pool.release(a), /release of a free slab/);
+      assert.throws(() => pool.hold(a), /hold of a free slab/);
+      assert.equal(pool.take(1), a, 'reused');
     });
   });
 

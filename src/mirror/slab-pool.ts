@@ -1,0 +1,67 @@
+/**
+ * Reusable buffers for the bodies of CP_BLOCKS frames on the receiver.
+ *
+ * A baseline streams ~1 GiB/s of 256 KiB frames. Assembled each in a fresh Buffer, they
+ * outlive a scavenge (a frame waits in the queue and in a device write), so V8 counts
+ * them as old external memory and runs a full mark-compact every ~64 MiB (~40% of the
+ * receiver's busy time in the baseline profile), and every fresh allocation faults its
+ * pages in again. A slab is allocated once and reused.
+ *
+ * Invariants:
+ * - A slab goes back to the free list only when its count of holders reaches zero: the
+ *   message its frame decoded to (until handled), and each staged run and device write
+ *   that has a view of it (until the write completes). Anything that may still read it
+ *   holds it.
+ * - A holder that is dropped without a release (a session that ends mid-CP, a refused
+ *   write) only leaves the slab to the garbage collector: a missed release costs an
+ *   allocation, never data.
+ * - The free list keeps at most keepMax slabs (keepMax x slabBytes of idle memory per
+ *   receiver process); a take() from an empty list allocates.
+ */
+import { assert } from '../util/assert';
+
+export interface FrameSlab {
+  readonly buf: Buffer;
+  /** Holders (see the invariants); 0 only while on the free list. */
+  refs: number;
+}
+
+export class SlabPool {
+  private readonly free: FrameSlab[] = [];
+  /** Slabs allocated so far (the rest of the takes were reuses). */
+  allocated = 0;
+  takes = 0;
+
+  constructor(readonly slabBytes: number, readonly keepMax: number) {
+    assert(Number.isSafeInteger(slabBytes) && slabBytes > 0 && Number.isSafeInteger(keepMax) && keepMax >= 0, 'slab pool shape');
+  }
+
+  /** A slab for a body of `bytes` (held once, by the caller), or undefined if it does not fit one. */
+  take(bytes: number): FrameSlab | undefined {
+    if (bytes > this.slabBytes) return undefined;
+    this.takes++;
+    let s = this.free.pop();
+    if (!s) {
+      s = { buf: Buffer.allocUnsafeSlow(this.slabBytes), refs: 0 };
+      this.allocated++;
+    }
+    assert(s.refs === 0, 'a slab on the free list has holders');
+    s.refs = 1;
+    return s;
+  }
+
+  hold(s: FrameSlab): void {
+    assert(s.refs > 0, 'hold of a free slab');
+    s.refs++;
+  }
+
+  release(s: FrameSlab): void {
+    assert(s.refs > 0, 'release of a free slab');
+    s.refs--;
+    if (s.refs === 0 && this.free.length < this.keepMax) this.free.push(s);
+  }
+
+  get freeCount(): number {
+    return this.free.length;
+  }
+}
