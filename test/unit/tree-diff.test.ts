@@ -103,4 +103,26 @@ describe('tree diff and born-after walk', () => {
     assert.deepEqual([...after].sort((x, y) => x - y), [...written].sort((x, y) => x - y), 'born after CP 1 = what CP 2 wrote');
     assert.ok(seen1.size >= 5 + 1, 'a full walk covers every data block and the metadata');
   });
+
+  it('born-after refuses a run holding a corrupt data block before it emits any block of that run', async () => {
+    const blocks = 16384;
+    const dev = new MemoryBlockDevice(blocks);
+    await BlockTree.format(dev, { sizeBytes: SIZE, volumeUuid: UUID });
+    const t = await BlockTree.open(dev);
+    await t.commitCp([10, 11, 12, 13].map((l) => ({ lbn: l, data: block(l) })), { nvlogSeq: 1, nvlogEpoch: 1 });
+    const v = t.pinCommitted();
+    const data = new Map<number, Buffer>();
+    await walkBornAfter(v, -1, async (b) => void data.set(b.pba, Buffer.from(b.buf)));
+    // The pbas of lbns 10..13: the walk's blocks whose contents are theirs.
+    const pbas = [10, 11, 12, 13].map((l) => [...data].find(([, buf]) => buf.equals(block(l)))![0]).sort((a, b) => a - b);
+    assert.deepEqual(pbas.map((p) => p - pbas[0]!), [0, 1, 2, 3], 'one run of four blocks');
+    const bad = Buffer.alloc(BLOCK_SIZE_BYTES);
+    await dev.readBlocks(pbas[2]!, 1, bad);
+    bad[100] = bad[100]! ^ 1;
+    await dev.writeBlocks(pbas[2]!, bad);
+    const emitted: number[] = [];
+    await assert.rejects(walkBornAfter(v, -1, async (b) => void emitted.push(b.pba)), new RegExp(`data block at pba ${pbas[2]}: checksum mismatch`));
+    assert.ok(pbas.every((p) => !emitted.includes(p)), `no block of the damaged run was emitted: ${emitted.join(',')}`);
+    v.release();
+  });
 });
