@@ -26,9 +26,10 @@
  *   writes (<= 1 MiB each, written from views of their frames: each keeps at most the
  *   frames it came from, one more at each end) in flight, and reading pauses beyond
  *   QUEUED_BYTES_MAX queued;
- *   the whole receiver: at most CONNECTIONS_MAX connections, and SLABS_KEPT_MAX idle CP_BLOCKS
- *   slabs (slab-pool.ts: a frame's slab is charged with its message while queued). Each open mirror also keeps
- *   its committed CP's space map (two bits per device block).
+ *   the whole receiver: at most CONNECTIONS_MAX connections, and SLABS_KEPT_MAX idle
+ *   CP_BLOCKS slabs (slab-pool.ts; a slab in use is a frame's body, charged with its
+ *   message while queued, then held by the runs and writes above). Each open mirror also
+ *   keeps its committed CP's space map (two bits per device block).
  */
 import * as net from 'net';
 import * as tls from 'tls';
@@ -367,7 +368,8 @@ class Session {
         for (const m of batch) {
           if (this.closed) return;
           acked = (await this.handle(m)) || acked;
-          if (m.type === MsgType.CpBlocks && m.slab) this.rx.slabs.release(m.slab); // handled: its views are in runs and writes now, which hold it
+          // Handled: the runs and writes with views of its slab hold it now.
+          if (m.type === MsgType.CpBlocks && m.slab) this.rx.slabs.release(m.slab);
           if (mustKeepOrder(m)) this.orderedInBatch--;
           this.pendingBytes -= messageBytes(m);
           this.discharge(m);
