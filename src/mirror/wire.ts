@@ -723,31 +723,18 @@ export class FrameParser {
     }
   }
 
+  /** The next n bytes: a view of the first chunk when it holds them all, else a copy. */
   private take(n: number): Buffer {
     assert(n <= this.buffered, 'take beyond buffered');
-    let out: Buffer;
     const first = this.chunks[0]!;
-    if (first.length >= n) {
-      out = first.subarray(0, n);
-      if (first.length === n) this.chunks.shift();
-      else this.chunks[0] = first.subarray(n);
-    } else {
-      out = Buffer.allocUnsafe(n);
-      let at = 0;
-      while (at < n) {
-        const c = this.chunks[0]!;
-        const k = Math.min(c.length, n - at);
-        c.copy(out, at, 0, k);
-        at += k;
-        if (k === c.length) this.chunks.shift();
-        else this.chunks[0] = c.subarray(k);
-      }
-    }
+    if (first.length < n) return this.takeInto(Buffer.allocUnsafe(n), n);
+    if (first.length === n) this.chunks.shift();
+    else this.chunks[0] = first.subarray(n);
     this.buffered -= n;
-    return out;
+    return first.subarray(0, n);
   }
 
-  /** take(n), copied into dst (which has room for n bytes). */
+  /** The next n bytes, copied into dst (which has room for them). */
   private takeInto(dst: Buffer, n: number): Buffer {
     assert(n <= this.buffered && n <= dst.length, 'takeInto beyond buffered or dst');
     let at = 0;
