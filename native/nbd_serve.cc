@@ -35,7 +35,9 @@
 //   nbdAppenderNew(region, epoch, salt, payloadMaxBytes, volumeBytes, map|null) -> appender;
 //   nbdAppenderResume(a, writeEnd, halfEnd, nextSeq, durableSeq) -> bool; nbdAppenderDrain(a,
 //   pause) -> Float64Array; nbdAppenderAppend(a, offsetBytes, data) -> bool (what a thread
-//   does; for tests); nbdAppenderSetDurable(a, seq); nbdAppenderClose(a); nbdAppenderStats(a) -> appends:
+//   does; for tests); nbdAppenderSetDurable(a, seq); nbdAppenderClose(a); nbdAppenderStats(a) -> appends;
+//   nbdAppenderGate(a, on), nbdAppenderRelease(a, seq), nbdAppenderFailHeld(a): held replies
+//   (a sync mirror: the thread's reply to an appended WRITE waits for the replica):
 //   src/nvlog/native-append.ts
 //   modes: kModeWrites | kModeReads | kModeStructured (the connection negotiated structured
 //   replies: a direct READ gets one OFFSET_DATA chunk with the DONE flag, as transmission.ts doRead)
@@ -58,7 +60,9 @@
 //   that all held data already (MemStore, under its mutex, so no chunk is freed meanwhile);
 //   or appended whole to an engine's NVRAM log by its appender (nv_append.h: whole blocks,
 //   the record complete in the region, its blocks out of the ReadMap, before the reply:
-//   exactly the log's own plain write);
+//   exactly the log's own plain write; while the appender's gate is on, that reply is held
+//   until TypeScript releases the record's seq, the replica having acknowledged it, or
+//   fails it with EIO: exactly the engine's reply path under a replica gate);
 //   and to a plain READ (no flags, 1..maxPayload bytes, inside the volume) for which a
 //   granted buffer fits, read completely into that buffer with preadv2(RWF_NOWAIT) from the
 //   direct fd, copied out of the MemStore under its mutex, or read by the engine's ReadMap
@@ -126,7 +130,9 @@ constexpr double kEvTaken = 3;    // seq: every send up to seq is taken by the k
 constexpr double kEvFraming = 4;  // magic: bad request magic, parsing stopped
 constexpr double kEvEof = 5;      // errno (0: the client closed its side)
 constexpr double kEvClosed = 6;   // errno, bytes received: the thread ended, fd closed
-constexpr double kEvDone = 7;     // length, microseconds, type: a WRITE or READ served and answered here
+constexpr double kEvDone = 7;     // length, microseconds, type, errno: a WRITE or READ served and answered here
+constexpr double kEvHeld = 8;     // seq: a WRITE appended here whose reply waits for the replica (nv_append.h)
+constexpr uint32_t kNbdEio = 5;   // NBD_EIO, the error a failed held reply carries
 constexpr uint32_t kSimpleReplyMagic = 0x67446698;
 constexpr size_t kSimpleReplyBytes = 16;
 constexpr uint32_t kStructuredReplyMagic = 0x668e33ef;
@@ -256,7 +262,15 @@ class MemStore {
 };
 using MemStorePtr = std::shared_ptr<MemStore>;
 
-class Conn {
+// A WRITE appended by the thread whose reply waits for the replica (nv_append.h).
+struct Held {
+  uint64_t seq;
+  uint8_t cookie[8];
+  uint32_t len;
+  int64_t hdrUs;
+};
+
+class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
  public:
   Conn(int fd, int wake, uint32_t maxPayload, uint32_t maxInflight, size_t maxQueued)
       : fd_(fd), wake_(wake), maxPayload_(maxPayload), maxInflight_(maxInflight), maxQueued_(maxQueued) {
@@ -284,7 +298,7 @@ class Conn {
           err = sendErr_;
           break;
         }
-        if (endReq_ && sendq_.empty() && !shutWr_) {
+        if (endReq_ && sendq_.empty() && held_.empty() && !shutWr_) {
           ::shutdown(fd_, SHUT_WR);
           shutWr_ = true;
           if (state_ != St::Dead) state_ = St::Discard;
@@ -337,6 +351,7 @@ class Conn {
     directFd_ = -1;
     sendq_.clear();
     queued_ = 0;
+    held_.clear();  // their clients are gone: nothing to answer
     Emit({kEvClosed, static_cast<double>(err), static_cast<double>(rxBytes_)});
     PostLocked();
     tsfn.Release();
@@ -398,10 +413,17 @@ class Conn {
   // An engine volume: plain READs whose blocks the map holds are answered here; with an
   // appender (and kModeWrites) plain WRITEs of whole blocks are appended to the NVRAM log here.
   void SetDirectEngine(ReadMapPtr m, NvAppenderPtr a, int64_t modes) {
+    if (a) a->AddSink(weak_from_this());
     std::lock_guard<std::mutex> l(mu_);
     rmap_ = std::move(m);
     app_ = std::move(a);
     modes_ = app_ ? modes : modes & ~kModeWrites;
+  }
+
+  // HeldSink, on the JS thread: the held replies the marks cover go out.
+  void Settle(uint64_t released, uint64_t failed) override {
+    std::lock_guard<std::mutex> l(mu_);
+    SettleLocked(released, failed);
   }
 
   void SetReading(bool on) {
@@ -440,6 +462,8 @@ class Conn {
     o.Set("closed", Napi::Boolean::New(env, closed_));
     o.Set("directWrites", Napi::Number::New(env, static_cast<double>(directWrites_)));
     o.Set("directReads", Napi::Number::New(env, static_cast<double>(directReads_)));
+    o.Set("heldReplies", Napi::Number::New(env, static_cast<double>(held_.size())));
+    o.Set("heldWrites", Napi::Number::New(env, static_cast<double>(heldWrites_)));
     return o;
   }
 
@@ -726,10 +750,23 @@ class Conn {
     bool plain = Be16(hdr_ + 4) == 0 && Be16(hdr_ + 6) == kCmdWrite;
     // The appender checks the range against the volume itself (and refuses partial blocks).
     bool inside = plain && payLen_ > 0 && (app || (off <= size && payLen_ <= size - off));
+    AppendResult appended{0, false};
     bool written = inside && ((dfd >= 0 && PwriteAll(dfd, cur_.data, payLen_, off) == 0) ||
                               (mem && mem->CopyIn(off, cur_.data, payLen_)) ||
-                              (app && app->Append(off, cur_.data, payLen_)));
-    if (written) {
+                              (app && (appended = app->Append(off, cur_.data, payLen_)).seq != 0));
+    if (written && appended.held) {
+      // In the region; the reply waits for the replica (SettleLocked sends it). The buffer
+      // is free again: the record holds the data.
+      std::lock_guard<std::mutex> l(mu_);
+      granted_.push_back(cur_);
+      Held h{appended.seq, {}, static_cast<uint32_t>(payLen_), hdrUs_};
+      memcpy(h.cookie, hdr_ + 8, 8);
+      held_.push_back(h);
+      inflight_++;
+      heldWrites_++;
+      Emit({kEvHeld, static_cast<double>(appended.seq)});
+      SettleLocked(app->Released(), app->Failed());  // a Release may have come before it was held
+    } else if (written) {
       uint8_t* r = OwnBytes(kSimpleReplyBytes);
       PutBe32(r, kSimpleReplyMagic);
       PutBe32(r + 4, 0);
@@ -745,6 +782,39 @@ class Conn {
     }
     cur_ = Granted{-1, nullptr, 0};
     state_ = St::Header;
+  }
+
+  // Answers the held replies (oldest first: a connection's appends are in seq order) whose
+  // seq is <= released (success) or <= failed (EIO), in one send.
+  void SettleLocked(uint64_t released, uint64_t failed) {
+    if (held_.empty() || closed_) return;
+    Send s{-1, {}, {}, {}};
+    int64_t now = NowUs();
+    size_t n = 0;
+    while (!held_.empty()) {
+      const Held& h = held_.front();
+      uint32_t err;
+      if (h.seq <= released) err = 0;
+      else if (h.seq <= failed) err = kNbdEio;
+      else break;
+      s.own.resize(s.own.size() + kSimpleReplyBytes);
+      uint8_t* r = s.own.data() + s.own.size() - kSimpleReplyBytes;
+      PutBe32(r, kSimpleReplyMagic);
+      PutBe32(r + 4, err);
+      memcpy(r + 8, h.cookie, 8);
+      if (err == 0) directWrites_++;
+      Emit({kEvDone, static_cast<double>(h.len), static_cast<double>(now - h.hdrUs), static_cast<double>(kCmdWrite),
+            static_cast<double>(err)});
+      held_.pop_front();
+      n++;
+    }
+    if (n == 0) return;
+    inflight_ = n >= inflight_ ? 0 : inflight_ - static_cast<uint32_t>(n);
+    s.iov.push_back(iovec{s.own.data(), s.own.size()});
+    s.left = s.own.size();
+    QueueLocked(std::move(s));
+    if (endReq_) WakeLocked();  // the thread may shut down now (QueueLocked woke it if it waits to read)
+    PostLocked();
   }
 
   void EmitRequestLocked(double bufferId) {
@@ -892,6 +962,8 @@ class Conn {
   std::vector<uint8_t> ownReplies_;
   std::vector<Piece> pieces_;   // this pass's own replies, in order (ownReplies_ bytes, READ buffers)
   std::vector<Granted> gives_;  // this pass's direct READs' buffers
+  std::deque<Held> held_;       // under mu_: replies waiting for the replica, in seq order
+  uint64_t heldWrites_ = 0;     // under mu_
   bool wantBuf_ = false;        // the header being reported is a plain READ no buffer fitted
 };
 
@@ -1385,7 +1457,7 @@ Napi::Value AppenderAppend(const Napi::CallbackInfo& info) {
       !GetBuffer(info, 2, fn, "data", &data)) {
     return env.Undefined();
   }
-  return Napi::Boolean::New(env, a->Append(static_cast<uint64_t>(off), data.Data(), data.Length()));
+  return Napi::Boolean::New(env, a->Append(static_cast<uint64_t>(off), data.Data(), data.Length()).seq != 0);
 }
 
 // nbdAppenderSetDurable(appender, seq): records <= seq are durable (later records say so)
@@ -1395,6 +1467,31 @@ Napi::Value AppenderSetDurable(const Napi::CallbackInfo& info) {
   if (GetAppender(info, 0, "nbdAppenderSetDurable", &a) && GetInt(info, 1, "nbdAppenderSetDurable", "seq", 0, kMaxSafeInteger, &seq)) {
     a->SetDurable(static_cast<uint64_t>(seq));
   }
+  return info.Env().Undefined();
+}
+
+// nbdAppenderGate(appender, on): held replies on (a sync mirror) or off (releases all)
+Napi::Value AppenderGate(const Napi::CallbackInfo& info) {
+  NvAppenderPtr a;
+  bool on;
+  if (GetAppender(info, 0, "nbdAppenderGate", &a) && GetBool(info, 1, "nbdAppenderGate", "on", &on)) a->SetGate(on);
+  return info.Env().Undefined();
+}
+
+// nbdAppenderRelease(appender, seq): the replica holds every record <= seq
+Napi::Value AppenderRelease(const Napi::CallbackInfo& info) {
+  NvAppenderPtr a;
+  int64_t seq;
+  if (GetAppender(info, 0, "nbdAppenderRelease", &a) && GetInt(info, 1, "nbdAppenderRelease", "seq", 0, kMaxSafeInteger, &seq)) {
+    a->Release(static_cast<uint64_t>(seq));
+  }
+  return info.Env().Undefined();
+}
+
+// nbdAppenderFailHeld(appender): every held reply of a record appended so far gets EIO
+Napi::Value AppenderFailHeld(const Napi::CallbackInfo& info) {
+  NvAppenderPtr a;
+  if (GetAppender(info, 0, "nbdAppenderFailHeld", &a)) a->FailHeld();
   return info.Env().Undefined();
 }
 
@@ -1478,6 +1575,9 @@ void InitNbdServe(Napi::Env env, Napi::Object exports) {
   exports.Set("nbdAppenderDrain", Napi::Function::New(env, AppenderDrain, "nbdAppenderDrain"));
   exports.Set("nbdAppenderAppend", Napi::Function::New(env, AppenderAppend, "nbdAppenderAppend"));
   exports.Set("nbdAppenderSetDurable", Napi::Function::New(env, AppenderSetDurable, "nbdAppenderSetDurable"));
+  exports.Set("nbdAppenderGate", Napi::Function::New(env, AppenderGate, "nbdAppenderGate"));
+  exports.Set("nbdAppenderRelease", Napi::Function::New(env, AppenderRelease, "nbdAppenderRelease"));
+  exports.Set("nbdAppenderFailHeld", Napi::Function::New(env, AppenderFailHeld, "nbdAppenderFailHeld"));
   exports.Set("nbdAppenderClose", Napi::Function::New(env, AppenderClose, "nbdAppenderClose"));
   exports.Set("nbdAppenderStats", Napi::Function::New(env, AppenderStats, "nbdAppenderStats"));
   exports.Set("nbdServeSetReading", Napi::Function::New(env, SetReading, "nbdServeSetReading"));

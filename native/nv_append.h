@@ -24,8 +24,19 @@
 //   WRITE goes to TypeScript, which drains). A payload is whole 4 KiB blocks at a
 //   block-aligned offset inside the volume, at most payloadMax_ bytes; anything else is
 //   refused (TypeScript writes it). Close: no append starts after it, none is running.
+// - Held replies (a sync mirror, which must hold each record before its WRITE is
+//   answered): while the gate is on, Append says the record is held, and the connection
+//   thread keeps the WRITE's reply (HeldSink) until TypeScript releases its seq (the
+//   replica acknowledged every record up to it) or fails it (strict policy, link lost:
+//   EIO). Released and failed are high-water marks that only move forward, set under
+//   the mutex before any sink is told, so a thread that holds a reply after a Release it
+//   did not see still finds its seq released when it checks (Released/Failed) after
+//   holding it. Gate off releases every record appended so far. Close fails what is held
+//   (the volume is going away; the replica's state of those writes is unknown). Nothing
+//   here can answer a WRITE before its record is whole in the region.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -36,6 +47,21 @@
 #include "read_map.h"
 
 namespace nvm {
+
+// A connection thread's held WRITE replies: Settle answers those with seq <= released
+// (success) or, failing that, seq <= failed (EIO). Called on the JS thread, without the
+// appender's mutex held.
+class HeldSink {
+ public:
+  virtual ~HeldSink() = default;
+  virtual void Settle(uint64_t released, uint64_t failed) = 0;
+};
+
+// What Append did: seq 0 = refused; held = the reply waits for Release/Fail of seq.
+struct AppendResult {
+  uint64_t seq;
+  bool held;
+};
 
 class NvAppender {
  public:
@@ -88,21 +114,72 @@ class NvAppender {
   }
 
   void Close() {
-    std::lock_guard<std::mutex> l(mu_);
-    closed_ = true;
-    resumed_ = false;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      closed_ = true;
+      resumed_ = false;
+      gate_ = false;
+      if (nextSeq_ > 0) Raise(&failed_, nextSeq_ - 1);
+    }
+    Notify();
   }
 
-  // Appends one write record of [data, data+len) for volume offset off. False: refused
+  // A connection that may hold replies (weakly referenced: it may end first).
+  void AddSink(const std::weak_ptr<HeldSink>& s) {
+    std::lock_guard<std::mutex> l(mu_);
+    std::vector<std::weak_ptr<HeldSink>> kept;
+    for (auto& w : sinks_) {
+      if (!w.expired()) kept.push_back(w);
+    }
+    kept.push_back(s);
+    sinks_.swap(kept);
+  }
+
+  // Gate on: replies of later appends are held until released. Off: they are not, and every
+  // record appended so far is released.
+  void SetGate(bool on) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      gate_ = on && !closed_;
+      if (!on && nextSeq_ > 0) Raise(&released_, nextSeq_ - 1);
+    }
+    Notify();
+  }
+
+  // The replica holds every record <= seq: their held replies go out.
+  void Release(uint64_t seq) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (seq <= released_.load()) return;
+      Raise(&released_, seq);
+    }
+    Notify();
+  }
+
+  // Every record appended so far that is not released gets EIO (strict policy, replica lost).
+  void FailHeld() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (nextSeq_ > 0) Raise(&failed_, nextSeq_ - 1);
+    }
+    Notify();
+  }
+
+  uint64_t Released() const { return released_.load(); }
+  uint64_t Failed() const { return failed_.load(); }
+
+  // Appends one write record of [data, data+len) for volume offset off. seq 0: refused
   // (paused, full, not whole blocks, too large): the caller leaves the WRITE to TypeScript.
-  bool Append(uint64_t off, const uint8_t* data, uint64_t len) {
+  AppendResult Append(uint64_t off, const uint8_t* data, uint64_t len) {
     if (len == 0 || len % kBlock != 0 || off % kBlock != 0 || len > payloadMax_ || off > volumeBytes_ ||
         len > volumeBytes_ - off) {
-      return false;
+      return AppendResult{0, false};
     }
     const uint64_t size = RecordBytes(len);
     std::lock_guard<std::mutex> l(mu_);
-    if (!resumed_ || closed_ || pending_.size() >= kPendingMax * kFields || size > halfEnd_ - writeEnd_) return false;
+    if (!resumed_ || closed_ || pending_.size() >= kPendingMax * kFields || size > halfEnd_ - writeEnd_) {
+      return AppendResult{0, false};
+    }
     const uint64_t at = writeEnd_;
     const uint64_t seq = nextSeq_;
     uint8_t* r = base_ + at;
@@ -129,7 +206,7 @@ class NvAppender {
     pending_.push_back(static_cast<double>(off));
     pending_.push_back(static_cast<double>(len));
     if (map_) map_->Drop(off / kBlock, len / kBlock);
-    return true;
+    return AppendResult{seq, gate_};
   }
 
   uint64_t Appends() {
@@ -138,6 +215,22 @@ class NvAppender {
   }
 
  private:
+  static void Raise(std::atomic<uint64_t>* v, uint64_t to) {
+    if (to > v->load()) v->store(to);
+  }
+
+  // Tells every live sink the current marks (outside the mutex: a sink takes its own).
+  void Notify() {
+    std::vector<std::shared_ptr<HeldSink>> live;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      for (auto& w : sinks_) {
+        if (auto s = w.lock()) live.push_back(std::move(s));
+      }
+    }
+    for (auto& s : live) s->Settle(released_.load(), failed_.load());
+  }
+
   static void Put16(uint8_t* p, uint16_t v) { memcpy(p, &v, 2); }  // little-endian hosts (x86-64, arm64)
   static void Put32(uint8_t* p, uint32_t v) { memcpy(p, &v, 4); }
   static void Put64(uint8_t* p, uint64_t v) { memcpy(p, &v, 8); }
@@ -148,7 +241,9 @@ class NvAppender {
   const uint64_t payloadMax_, volumeBytes_;
   const ReadMapPtr map_;
   std::mutex mu_;
-  bool resumed_ = false, closed_ = false;
+  bool resumed_ = false, closed_ = false, gate_ = false;
+  std::atomic<uint64_t> released_{0}, failed_{0};  // written under mu_; read anywhere
+  std::vector<std::weak_ptr<HeldSink>> sinks_;
   uint64_t writeEnd_ = 0, halfEnd_ = 0, nextSeq_ = 0, durable_ = 0, appends_ = 0;
   std::vector<double> pending_;
 };

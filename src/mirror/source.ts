@@ -174,6 +174,10 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private durableSeq = 0;
   private storedFromSeq = 1;
   private forwardFromSeq = 0;
+  /** Since when a forwarded record waits for its RECORD_ACK (the oldest such, to within an ack); undefined: none. */
+  private unackedSinceMs: number | undefined;
+  /** A release of the threads' held replies is queued (updateThreads). */
+  private threadsQueued = false;
   /** The newest record sent on this connection: the destination reads it before any later CP frame. */
   private lastForwardedSeq = 0;
   private lastDurableReq = 0;
@@ -267,6 +271,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.volume = v;
     v.log.onAppend = (r) => this.onAppend(r); // counts client bytes; forwards in sync mode
     if (this.o.mode === 'sync') v.setReplicaGate(this);
+    this.updateThreads();
     this.saveState();
     this.connect();
   }
@@ -331,14 +336,18 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private onConnected(conn: Conn): void {
     const v = this.volume!;
     const tree = v.tree.stats();
-    // Forwarding starts now (same tick as HELLO): every later record goes on the wire.
-    this.forwardFromSeq = this.o.mode === 'sync' ? v.log.lastSeq + 1 : 0;
+    // Forwarding starts now (same tick as HELLO): every later record goes on the wire. The
+    // log's last seq is read once: reading it takes in what the NBD threads appended
+    // meanwhile, and a record taken in between would go out ahead of the HELLO.
+    const lastSeq = v.log.lastSeq;
+    this.forwardFromSeq = this.o.mode === 'sync' ? lastSeq + 1 : 0;
     this.lastForwardedSeq = this.forwardFromSeq - 1;
+    this.updateThreads();
     this.send(conn, {
       type: MsgType.Hello, sourceUuid: v.tree.volumeUuid, sizeBytes: v.sizeBytes, deviceBlocks: tree.totalBlocks,
       nvramBytes: v.region.sizeBytes, mode: this.o.mode, sourceCp: tree.cpNumber, streamFromSeq: Math.max(1, this.forwardFromSeq),
       ...this.failbackOffer(),
-      lastSeq: v.log.lastSeq, lineage: [...tree.lineage],
+      lastSeq, lineage: [...tree.lineage],
     });
     conn.helloAtMs = Date.now();
     conn.welcome.then(
@@ -395,6 +404,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private onMessage(conn: Conn, m: Message): void {
     switch (m.type) {
       case MsgType.RecordAck:
+        if (m.heldSeq > this.heldSeq) this.unackedSinceMs = m.heldSeq >= this.lastForwardedSeq ? undefined : Date.now();
         this.heldSeq = Math.max(this.heldSeq, m.heldSeq);
         this.durableSeq = Math.max(this.durableSeq, m.durableSeq);
         this.storedFromSeq = m.storedFromSeq;
@@ -463,6 +473,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       // The next connection forwards only after its own HELLO (onConnected sets this again):
       // a record written on it before then would reach the destination ahead of the HELLO.
       this.forwardFromSeq = 0;
+      this.unackedSinceMs = undefined;
     }
     if (reason !== 'connection closed' || this.state !== 'disconnected') {
       if (!this.stopped) this.log.warn({ reason }, 'mirror disconnected');
@@ -505,7 +516,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
   /** How long the oldest unacknowledged record or CP has waited (0: none). */
   private unackedMs(): number {
     const conn = this.conn;
-    let oldest = Date.now();
+    let oldest = this.unackedSinceMs ?? Date.now();
     for (const w of this.waiters) oldest = Math.min(oldest, w.sinceMs);
     if (conn && conn.cpAcks.length > 0) oldest = Math.min(oldest, conn.cpAcks[0]!.sinceMs);
     return Date.now() - oldest;
@@ -529,7 +540,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
       this.keptBaseline = undefined;
     }
     if (conn && !conn.closed) {
-      const oldest = this.waiters.length > 0 ? this.waiters.reduce((a, w) => Math.min(a, w.sinceMs), now) : now;
+      // The oldest record forwarded and not acknowledged (the NBD threads hold their replies
+      // for it), or the oldest waiting reply.
+      const oldest = this.waiters.reduce((a, w) => Math.min(a, w.sinceMs), this.unackedSinceMs ?? now);
       if (!conn.welcomed && conn.helloAtMs !== undefined && now - conn.helloAtMs > stall) this.drop(conn, `no WELCOME from the destination within ${stall} ms of HELLO (a stalled peer, or not an nvmirror receive)`);
       else if (now - oldest > stall) this.drop(conn, `no acknowledgement from the destination for ${stall} ms (stalled peer)`);
       else if (conn.cpAcks.length > 0 && now - conn.cpAcks[0]!.sinceMs > stall) this.drop(conn, `CP ${conn.cpAcks[0]!.cp} not acknowledged within ${stall} ms (stalled peer)`);
@@ -549,6 +562,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     if (this.o.mode !== 'sync' || !conn || conn.closed || r.seq < this.forwardFromSeq || this.forwardFromSeq === 0) return;
     const payload = r.payload.length === 0 ? Buffer.alloc(0) : Buffer.concat(r.payload as Buffer[]); // a copy: the views die with the half
     this.lastForwardedSeq = r.seq;
+    this.unackedSinceMs ??= Date.now();
     this.send(conn, { type: MsgType.Record, seq: r.seq, recordType: r.type, flags: r.flags, offsetBytes: r.offsetBytes, lengthBytes: r.lengthBytes, payload });
   }
 
@@ -571,7 +585,39 @@ export class MirrorSource implements CpSink, ReplicaGate {
     return Promise.resolve();
   }
 
+  /** Sync: the NBD threads' held replies follow the same rule as wait() (engine.replicaProgress). */
+  readonly threadReplies = true;
+
+  /**
+   * While streaming, the release waits for the end of the current batch of messages (a
+   * microtask): acks that arrive together send the threads' replies in one go. Any other
+   * state applies at once; a queued release re-reads the state when it runs.
+   */
+  private updateThreads(): void {
+    if (!this.volume || this.o.mode !== 'sync') return;
+    if (!this.streaming()) {
+      this.applyThreads();
+      return;
+    }
+    if (this.threadsQueued) return;
+    this.threadsQueued = true;
+    queueMicrotask(() => {
+      this.threadsQueued = false;
+      this.applyThreads();
+    });
+  }
+
+  private applyThreads(): void {
+    this.volume?.replicaProgress(this.streaming() ? this.heldSeq : this.o.policy === 'strict' ? 'fail' : 'open');
+  }
+
+  private streaming(): boolean {
+    const conn = this.conn;
+    return conn !== undefined && !conn.closed && this.forwardFromSeq > 0;
+  }
+
   private settleWaiters(): void {
+    this.updateThreads();
     if (this.waiters.length === 0) return;
     const conn = this.conn;
     const streaming = conn !== undefined && !conn.closed && this.forwardFromSeq > 0;

@@ -85,6 +85,7 @@ const EV_FRAMING = 4;
 const EV_EOF = 5;
 const EV_CLOSED = 6;
 const EV_DONE = 7;
+const EV_HELD = 8;
 /** A REQUEST's buffer id for a plain READ the thread would have served with a buffer that fit. */
 const WANTS_BUFFER = -2;
 /** nbdServeDirect / nbdServeDirectMemory modes. */
@@ -105,6 +106,9 @@ interface NativeState {
   closed: boolean;
   directWrites: number;
   directReads: number;
+  /** WRITEs the thread appended whose replies wait for the replica (a sync mirror), and all it ever held. */
+  heldReplies: number;
+  heldWrites: number;
 }
 
 type Handle = object;
@@ -241,14 +245,15 @@ export class NativeTransmission extends Transmission {
     let wrote = false;
     for (let i = 0; i < ev.length; i += w) {
       const kind = ev[i];
-      if (kind === EV_DONE && ev[i + 3] === P.CMD_WRITE) wrote = true;
+      if ((kind === EV_DONE && ev[i + 3] === P.CMD_WRITE) || kind === EV_HELD) wrote = true;
       if (kind === EV_REQUEST) this.onNativeRequest(ev, i);
       else if (kind === EV_NEED) this.onNeed(ev[i + 1] as number);
       else if (kind === EV_TAKEN) this.onTaken(ev[i + 1] as number);
       else if (kind === EV_FRAMING) this.abort(`bad request magic 0x${(ev[i + 1] as number).toString(16)}`);
       else if (kind === EV_EOF) this.markDisconnected();
       else if (kind === EV_CLOSED) this.onThreadEnded(ev[i + 1] as number, ev[i + 2] as number);
-      else if (kind === EV_DONE) this.onDirect(ev[i + 1] as number, ev[i + 2] as number, ev[i + 3] as number);
+      else if (kind === EV_DONE) this.onDirect(ev[i + 1] as number, ev[i + 2] as number, ev[i + 3] as number, ev[i + 4] as number);
+      else if (kind === EV_HELD) continue; // appended; its reply waits for the replica (a DONE follows)
       else throw new Error(`internal: unknown native event ${kind}`);
     }
     // An engine's WRITEs appended by the thread: the log indexes them now, not at its next look.
@@ -306,12 +311,12 @@ export class NativeTransmission extends Transmission {
     this.onRequest(req);
   }
 
-  /** A plain WRITE or READ the thread served and answered itself: count and report it. */
-  private onDirect(length: number, durationUs: number, type: number): void {
+  /** A plain WRITE or READ the thread served and answered itself (errno: a held WRITE failed, EIO): count and report it. */
+  private onDirect(length: number, durationUs: number, type: number, errno: number): void {
     assert(type === P.CMD_WRITE || type === P.CMD_READ, `native DONE for command ${type}`);
     this.requestsServed++;
     this.lastRxMs = this.lastTxMs = Date.now();
-    this.limits.observer?.request(type, length, undefined, durationUs / 1000);
+    this.limits.observer?.request(type, length, errno === 0 ? undefined : 'EIO', durationUs / 1000);
   }
 
   /**
@@ -586,7 +591,7 @@ export class NativeTransmission extends Transmission {
 
   override get isIdle(): boolean {
     const st = this.nativeState();
-    return this.inflightRequests === 0 && st !== undefined && st.queuedBytes === 0 && !st.midRequest && !this.stopping && this.backlog.length === 0;
+    return this.inflightRequests === 0 && st !== undefined && st.queuedBytes === 0 && st.heldReplies === 0 && !st.midRequest && !this.stopping && this.backlog.length === 0;
   }
 
   override get lastActivityMs(): number {
@@ -613,6 +618,8 @@ export class NativeTransmission extends Transmission {
       bytesReceived: st !== undefined ? st.bytesReceived + this.leftoverBytes : this.bytesReceived,
       directWrites: st?.directWrites ?? 0,
       directReads: st?.directReads ?? 0,
+      heldReplies: st?.heldReplies ?? 0,
+      heldWrites: st?.heldWrites ?? 0,
     };
   }
 

@@ -201,6 +201,8 @@ export class NvLog {
   /** Synchronous sections that need the active half to themselves (native appends paused). */
   private nativeHolds = 0;
   private readonly nativeBlocks = new Set<string>();
+  /** The threads' replies wait for release (setNativeGate): a sync mirror's replica. */
+  private nativeGate = false;
   onFrozen: (() => void) | undefined;
   /**
    * The append hook: called synchronously for each record as it is written into the
@@ -724,6 +726,7 @@ export class NvLog {
   enableNativeAppends(volumeBytes: number, map: object | undefined): NativeAppender {
     assert(this.state === 'running' && this.native === undefined, `enableNativeAppends in state ${this.state}`);
     this.native = NativeAppender.create(this.region.buffer, this.header.epoch, this.header.salt, this.layout.recordPayloadMaxBytes, volumeBytes, map);
+    if (this.nativeGate) this.native.setGate(true);
     this.refreshNative();
     return this.native;
   }
@@ -747,6 +750,28 @@ export class NvLog {
     if (blocked) this.nativeBlocks.add(reason);
     else this.nativeBlocks.delete(reason);
     this.refreshNative();
+  }
+
+  /**
+   * Held replies: while on, a WRITE a thread appends is answered only once releaseNative()
+   * covers its seq (or failNativeHeld() fails it); off answers every held one and holds no
+   * more. For a replica that must hold each record before its reply (a sync mirror): the
+   * threads may append meanwhile, the append hook forwards their records as they come in.
+   */
+  setNativeGate(on: boolean): void {
+    if (on === this.nativeGate) return;
+    this.nativeGate = on;
+    this.native?.setGate(on);
+  }
+
+  /** The replica holds every record <= seq: the threads' held replies up to it go out. */
+  releaseNative(seq: number): void {
+    this.native?.release(seq);
+  }
+
+  /** Every held reply of a record the threads appended so far gets EIO. */
+  failNativeHeld(): void {
+    this.native?.failHeld();
   }
 
   /** Takes in the records the threads appended so far (indexed, hooks called). */

@@ -9,7 +9,9 @@
  *   the active half, from the log's writeEnd and nextSeq), and only until drain(true)
  *   or close(); drain returns every record it wrote since the last drain, in seq order.
  * - close() returns after any append in progress ended; none starts after it. The log
- *   closes it before its region is closed.
+ *   closes it before its region is closed. Replies still held then get EIO.
+ * - A held reply goes out only once release() covers its seq (the caller's promise that
+ *   the replica holds the record) or failHeld()/close() fails it.
  */
 import { addon } from '../io/native';
 
@@ -26,6 +28,9 @@ interface AppenderCalls {
   nbdAppenderDrain(a: object, pause: boolean): Float64Array;
   nbdAppenderAppend(a: object, offsetBytes: number, data: Buffer): boolean;
   nbdAppenderSetDurable(a: object, seq: number): void;
+  nbdAppenderGate(a: object, on: boolean): void;
+  nbdAppenderRelease(a: object, seq: number): void;
+  nbdAppenderFailHeld(a: object): void;
   nbdAppenderClose(a: object): void;
   nbdAppenderStats(a: object): number;
 }
@@ -62,6 +67,25 @@ export class NativeAppender {
   /** The append a connection thread makes (tests drive it directly). */
   append(offsetBytes: number, data: Buffer): boolean {
     return calls().nbdAppenderAppend(this.handle, offsetBytes, data);
+  }
+
+  /**
+   * Held replies (a sync mirror): while on, a thread that appends a WRITE keeps its reply
+   * until release() covers its seq or failHeld() fails it. Off releases every record
+   * appended so far and holds no more.
+   */
+  setGate(on: boolean): void {
+    calls().nbdAppenderGate(this.handle, on);
+  }
+
+  /** The replica holds every record <= seq: the threads' held replies up to it go out. */
+  release(seq: number): void {
+    calls().nbdAppenderRelease(this.handle, seq);
+  }
+
+  /** Every held reply of a record appended so far gets EIO (the replica is lost, strict policy). */
+  failHeld(): void {
+    calls().nbdAppenderFailHeld(this.handle);
   }
 
   /** Records appended by the threads so far. */

@@ -122,7 +122,20 @@ export function placeBlock(lbn: number, src: Buffer | null, offset: number, leng
 export interface ReplicaGate {
   /** Resolves once records <= seq are held by the replica (durably there if `durable`); rejects with a VolumeError to fail the request. */
   wait(seq: number, durable: boolean): Promise<void>;
+  /**
+   * The gate also tells the NBD threads' held replies (replicaProgress) what wait() would
+   * decide, so the threads may append plain WRITEs under it. Without it they stop appending.
+   */
+  readonly threadReplies?: boolean;
 }
+
+/**
+ * What a ReplicaGate with threadReplies says for the replies the NBD threads hold: the
+ * replica holds every record <= this seq; or it is not streaming and the policy lets
+ * writes through ('open'), or fails them ('fail': EIO, and the threads append no more
+ * until the next progress, so every later WRITE takes wait()).
+ */
+export type ReplicaProgress = number | 'open' | 'fail';
 
 export interface EngineOptions {
   tree: BlockTreeApi;
@@ -180,6 +193,8 @@ export class EngineVolume implements Volume {
   private closed = false;
   private closing: Promise<void> | undefined;
   private replica: ReplicaGate | undefined;
+  /** The replica gate lets the NBD threads append, holding their replies (replicaProgress). */
+  private replicaThreads = false;
   private readonly readMap: EngineReadMap | undefined;
   /** The block map's read-ahead in flight (one at a time), and where the last READ through TypeScript ended. */
   private mapAhead: Promise<void> | undefined;
@@ -306,8 +321,27 @@ export class EngineVolume implements Volume {
   /** Installs (or removes) the replica gate; every later reply waits for it. */
   setReplicaGate(gate: ReplicaGate | undefined): void {
     this.replica = gate;
-    // A replica must hold each record before its reply: only this path waits for that.
-    this.log.setNativeBlocked('replica', gate !== undefined);
+    // A replica must hold each record before its reply: the threads append only if they
+    // hold their replies for it (NVMIRROR_SYNC_THREAD_REPLIES=0: they never do), else only
+    // this path waits for that.
+    this.replicaThreads = gate?.threadReplies === true && process.env.NVMIRROR_SYNC_THREAD_REPLIES !== '0';
+    this.log.setNativeBlocked('replica', gate !== undefined && !this.replicaThreads);
+    this.log.setNativeGate(this.replicaThreads);
+    if (!this.replicaThreads) this.log.setNativeBlocked('replica-down', false);
+  }
+
+  /** The replica's progress for the NBD threads' held replies (a gate with threadReplies; else ignored). */
+  replicaProgress(p: ReplicaProgress): void {
+    if (!this.replicaThreads || this.closed) return;
+    if (p === 'fail') {
+      // Stop the threads first (their records come in), then fail everything they hold.
+      this.log.setNativeBlocked('replica-down', true);
+      this.log.failNativeHeld();
+      return;
+    }
+    this.log.setNativeGate(p !== 'open');
+    if (typeof p === 'number') this.log.releaseNative(p);
+    this.log.setNativeBlocked('replica-down', false);
   }
 
   /** The reply path of a mutation that ended with record `seq`: local durability (FUA) and the replica. */

@@ -33,7 +33,8 @@ import { createLogger } from '../../src/util/log';
 import { addon } from '../../src/io/native';
 import { MemoryVolume } from '../../src/volume/memory';
 import { FileVolume } from '../../src/volume/file';
-import { EngineVolume } from '../../src/volume/engine';
+import { EngineVolume, type ReplicaGate } from '../../src/volume/engine';
+import { VolumeError } from '../../src/util/errors';
 import { BlockTree } from '../../src/tree/tree';
 import { MemoryBlockDevice } from '../../src/io/memory-device';
 import { FileBlockDevice } from '../../src/io/file-device';
@@ -684,6 +685,142 @@ describe('native NBD transmission: an engine block that fails its checksum', fun
       await settled(r);
     } finally {
       await stopRig(r);
+    }
+  });
+});
+
+describe('native NBD transmission: an engine under a replica gate (a sync mirror)', function () {
+  this.timeout(60_000);
+
+  function held(r: Rig): number {
+    return (r.server.transmissionStates()[0] as Record<string, number>)['heldReplies'] as number;
+  }
+
+  /** A replica gate whose wait() (the TypeScript path) is answered by the test; it records the seqs asked for. */
+  function gate(threadReplies: boolean): ReplicaGate & { asked: number[]; fail: boolean } {
+    const g = {
+      threadReplies,
+      asked: [] as number[],
+      fail: false,
+      wait(seq: number): Promise<void> {
+        g.asked.push(seq);
+        return g.fail ? Promise.reject(new VolumeError('EIO', 'replica lost (test)')) : Promise.resolve();
+      },
+    };
+    return g;
+  }
+
+  async function writeBlocks(s: Session, first: number, n: number, fill: number): Promise<bigint[]> {
+    const cookies: bigint[] = [];
+    for (let i = 0; i < n; i++) {
+      const cookie = nextCookie();
+      cookies.push(cookie);
+      await s.conn.write(request({ type: CMD.WRITE, cookie, offset: (first + i) * 4096, length: 4096 }, Buffer.alloc(4096, fill + i)));
+    }
+    return cookies;
+  }
+
+  it('the thread appends each WRITE but holds its reply until the replica holds its seq; failed: EIO; open: answered at once', async () => {
+    const r = await startRig('engine', true);
+    const v = r.volume as EngineVolume;
+    try {
+      const g = gate(true);
+      v.setReplicaGate(g);
+      v.replicaProgress(0); // streaming, nothing held by the replica yet
+      const s = await open(r);
+      const first = await writeBlocks(s, 0, 8, 0x10);
+      await until('8 replies held', () => held(r) === 8);
+      assert.equal(directWrites(r), 0, 'none answered');
+      assert.equal(v.log.lastSeq, 8, 'all 8 records are in the NVRAM log (and taken in by it)');
+      await new Promise((res) => setTimeout(res, 20));
+      assert.equal(s.conn.available, 0, 'no reply reached the client');
+
+      v.replicaProgress(4); // the replica holds seqs 1..4: exactly the first four WRITEs
+      for (let i = 0; i < 4; i++) {
+        const rep = await readSimpleReply(s.conn);
+        assert.equal(rep.error, 0);
+        assert.equal(rep.cookie, first[i]);
+      }
+      assert.equal(held(r), 4);
+      await new Promise((res) => setTimeout(res, 20));
+      assert.equal(s.conn.available, 0, 'the rest still held');
+
+      // The replica is lost under the strict policy: the held ones fail, and the thread
+      // appends no more (the next WRITE takes wait(), which fails it too).
+      g.fail = true;
+      v.replicaProgress('fail');
+      const failed = new Set(first.slice(4));
+      for (let i = 0; i < 4; i++) {
+        const rep = await readSimpleReply(s.conn);
+        assert.equal(rep.error, ERR.EIO);
+        assert.ok(failed.delete(rep.cookie), 'a held WRITE failed, once');
+      }
+      assert.equal(held(r), 0);
+      const [late] = await writeBlocks(s, 20, 1, 0x40);
+      const lateRep = await readSimpleReply(s.conn);
+      assert.deepEqual([lateRep.cookie, lateRep.error], [late, ERR.EIO]);
+      assert.deepEqual(g.asked, [9], 'through the TypeScript path, which asked the gate for seq 9');
+
+      // Not streaming, available policy: the thread appends and answers at once.
+      g.fail = false;
+      v.replicaProgress('open');
+      const open2 = await writeBlocks(s, 30, 3, 0x50);
+      for (const c of open2) assert.deepEqual(await readSimpleReply(s.conn), { error: 0, cookie: c });
+      assert.equal(directWrites(r), 4 + 3);
+
+      // Streaming again: held until released; releasing past them sends all.
+      v.replicaProgress(v.log.lastSeq);
+      const again = await writeBlocks(s, 40, 2, 0x60);
+      await until('2 replies held', () => held(r) === 2);
+      v.replicaProgress(v.log.lastSeq);
+      for (const c of again) assert.deepEqual(await readSimpleReply(s.conn), { error: 0, cookie: c });
+
+      // Every WRITE is in the volume, the failed ones included (their records were written;
+      // an NBD error leaves the range's contents undefined, and here they are the new data).
+      for (const [first0, n, fill] of [[0, 8, 0x10], [20, 1, 0x40], [30, 3, 0x50], [40, 2, 0x60]] as const) {
+        for (let i = 0; i < n; i++) {
+          const got = await readOne(s, (first0 + i) * 4096, 4096);
+          assert.ok(got.data?.equals(Buffer.alloc(4096, fill + i)), `block ${first0 + i}`);
+        }
+      }
+      // Removing the gate answers anything held.
+      v.replicaProgress(v.log.lastSeq);
+      const last = await writeBlocks(s, 50, 1, 0x70);
+      await until('1 reply held', () => held(r) === 1);
+      v.setReplicaGate(undefined);
+      assert.deepEqual(await readSimpleReply(s.conn), { error: 0, cookie: last[0] });
+      s.conn.destroy();
+      await settled(r);
+    } finally {
+      await stopRig(r);
+    }
+  });
+
+  it('a gate without threadReplies (or NVMIRROR_SYNC_THREAD_REPLIES=0) keeps the thread from appending: every WRITE waits in wait()', async () => {
+    for (const how of ['no threadReplies', 'env'] as const) {
+      const r = await startRig('engine', true);
+      const v = r.volume as EngineVolume;
+      const env = process.env.NVMIRROR_SYNC_THREAD_REPLIES;
+      try {
+        if (how === 'env') process.env.NVMIRROR_SYNC_THREAD_REPLIES = '0';
+        const g = gate(how === 'env');
+        v.setReplicaGate(g);
+        const s = await open(r);
+        const cookies = new Set(await writeBlocks(s, 0, 4, 0x20));
+        for (let i = 0; i < 4; i++) {
+          const rep = await readSimpleReply(s.conn); // in any order: they run concurrently in TypeScript
+          assert.equal(rep.error, 0);
+          assert.ok(cookies.delete(rep.cookie), 'each WRITE answered once');
+        }
+        assert.equal(directWrites(r), 0, how);
+        assert.deepEqual([...g.asked].sort(), [1, 2, 3, 4], how);
+        s.conn.destroy();
+        await settled(r);
+      } finally {
+        if (env === undefined) delete process.env.NVMIRROR_SYNC_THREAD_REPLIES;
+        else process.env.NVMIRROR_SYNC_THREAD_REPLIES = env;
+        await stopRig(r);
+      }
     }
   });
 });
