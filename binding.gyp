@@ -9,7 +9,8 @@
         "native/checksum.cc",
         "native/parity.cc",
         "native/nbd_attach.cc",
-        "native/nbd_serve.cc"
+        "native/nbd_serve.cc",
+        "native/delta.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_DISABLE_CPP_EXCEPTIONS"],

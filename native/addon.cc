@@ -132,6 +132,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   nvm::InitParity(env, exports);
   InitNbdAttach(env, exports);
   nvm::InitNbdServe(env, exports);
+  nvm::InitDelta(env, exports);
   return exports;
 }
 

@@ -75,6 +75,7 @@ void InitNvram(Napi::Env env, Napi::Object exports);
 void InitChecksum(Napi::Env env, Napi::Object exports);
 void InitParity(Napi::Env env, Napi::Object exports);
 void InitNbdServe(Napi::Env env, Napi::Object exports);
+void InitDelta(Napi::Env env, Napi::Object exports);
 
 }  // namespace nvm
 

@@ -15,7 +15,8 @@
  *   on this project's VMs a fresh page-cache page costs more than the disk write). The
  *   kernel keeps the two coherent (a direct write flushes and drops the cached pages of
  *   its range); sync() covers both. A file system that refuses O_DIRECT (at open or at
- *   the first write: EINVAL) gets buffered writes, as without the option.
+ *   the first write: EINVAL) gets buffered writes, as without the option. A write hinted
+ *   `reread` is buffered (its blocks stay cached for the reads that follow).
  * - A read of at most NOWAIT_READ_BYTES_MAX (1 MiB) is first tried as a page-cache-only copy on
  *   the calling thread (preadv2 RWF_NOWAIT: never waits for the disk); only if that did
  *   not return every byte does it go to the thread pool (from the start, so a short
@@ -25,7 +26,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { promisify } from 'util';
 import { assert } from '../util/assert';
-import { BLOCK_SIZE_BYTES, BlockDevice, WRITE_PARTS_MAX } from './types';
+import { BLOCK_SIZE_BYTES, BlockDevice, WRITE_PARTS_MAX, type WriteHint } from './types';
 import * as native from './native';
 
 const openAsync = promisify(fs.open);
@@ -225,11 +226,11 @@ export class FileBlockDevice implements BlockDevice {
     }
   }
 
-  async writeBlocks(pba: number, data: Buffer): Promise<void> {
+  async writeBlocks(pba: number, data: Buffer, hint?: WriteHint): Promise<void> {
     assert(!this.readOnly, `${this.path}: write to a read-only device`);
     assert(data.length > 0 && data.length % BLOCK_SIZE_BYTES === 0, `writeBlocks: length ${data.length} is not whole blocks`);
     this.checkRange(pba, data.length / BLOCK_SIZE_BYTES);
-    if (this.directFd !== undefined && data.length >= DIRECT_WRITE_MIN_BYTES && (await this.writeDirect(pba, [data]))) return;
+    if (this.directFd !== undefined && hint?.reread !== true && data.length >= DIRECT_WRITE_MIN_BYTES && (await this.writeDirect(pba, [data]))) return;
     await native.pwrite(this.fd, data, 0, data.length, pba * BLOCK_SIZE_BYTES, false);
   }
 
@@ -248,7 +249,7 @@ export class FileBlockDevice implements BlockDevice {
     }
   }
 
-  async writeBlocksV(pba: number, parts: readonly Buffer[]): Promise<void> {
+  async writeBlocksV(pba: number, parts: readonly Buffer[], hint?: WriteHint): Promise<void> {
     assert(!this.readOnly, `${this.path}: write to a read-only device`);
     assert(parts.length >= 1 && parts.length <= WRITE_PARTS_MAX, `writeBlocksV: ${parts.length} parts`);
     let bytes = 0;
@@ -257,7 +258,7 @@ export class FileBlockDevice implements BlockDevice {
       bytes += b.length;
     }
     this.checkRange(pba, bytes / BLOCK_SIZE_BYTES);
-    if (this.directFd !== undefined && bytes >= DIRECT_WRITE_MIN_BYTES && (await this.writeDirect(pba, parts as Buffer[]))) return;
+    if (this.directFd !== undefined && hint?.reread !== true && bytes >= DIRECT_WRITE_MIN_BYTES && (await this.writeDirect(pba, parts as Buffer[]))) return;
     await native.pwritev(this.fd, parts as Buffer[], pba * BLOCK_SIZE_BYTES, false);
   }
 

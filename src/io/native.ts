@@ -50,6 +50,8 @@ interface RawAddon {
   crc32cPortable(buf: Buffer, offset: number, length: number, seed: number): number;
   /** True when crc32c uses the SSE4.2 crc32 instruction. */
   readonly crc32cHardware: boolean;
+  /** The delta from prev to next into out (mirror/delta.ts format); bytes written, -1 if it does not fit. */
+  deltaEncode(prev: Buffer, next: Buffer, out: Buffer): number;
   /** dst ^= src over length bytes. */
   xorInto(dst: Buffer, src: Buffer, length: number): void;
   /** RAID-6 P+Q over data columns (all same length) into p and q. */
@@ -200,6 +202,11 @@ export function crc32cBlocks(buf: Buffer, offset: number, count: number, out: Bu
   if (offset + count * 4096 > buf.length) throw new RangeError(`crc32cBlocks: ${count} blocks at ${offset} exceed buffer of ${buf.length}`);
   if (out.length < count * 4) throw new RangeError(`crc32cBlocks: out of ${out.length} bytes cannot hold ${count} checksums`);
   addon().crc32cBlocks(buf, offset, count, out);
+}
+
+/** The delta from prev to next (4 KiB each) into out, as mirror/delta.ts encodes it; bytes written, or -1 if more than out holds. */
+export function deltaEncode(prev: Buffer, next: Buffer, out: Buffer): number {
+  return addon().deltaEncode(prev, next, out);
 }
 
 /** crc32c through the table path only (for tests and diagnostics). */

@@ -12,8 +12,11 @@ export interface BlockDevice {
   readonly blockCount: number;
   /** Reads `count` consecutive blocks starting at physical block `pba` into dst (count*4096 bytes). */
   readBlocks(pba: number, count: number, dst: Buffer): Promise<void>;
-  /** Writes whole blocks at consecutive addresses starting at pba (data.length a multiple of 4096). Not durable until sync(). */
-  writeBlocks(pba: number, data: Buffer): Promise<void>;
+  /**
+   * Writes whole blocks at consecutive addresses starting at pba (data.length a multiple of 4096). Not durable until sync().
+   * `hint.reread`: the caller reads these blocks again soon (a device that can write around its cache keeps them in it).
+   */
+  writeBlocks(pba: number, data: Buffer, hint?: WriteHint): Promise<void>;
   /** Makes every completed write durable. */
   sync(): Promise<void>;
   /** Hints that blocks hold no data any more (may punch holes); contents become undefined. */
@@ -34,7 +37,13 @@ export interface BlockDevice {
    * Optional (a file): writeBlocks of the concatenation of `parts` (each whole blocks, at
    * most WRITE_PARTS_MAX), without concatenating them first (one pwritev).
    */
-  writeBlocksV?(pba: number, parts: readonly Buffer[]): Promise<void>;
+  writeBlocksV?(pba: number, parts: readonly Buffer[], hint?: WriteHint): Promise<void>;
+}
+
+/** What a writer knows about blocks it writes (a hint: it never changes what is written). */
+export interface WriteHint {
+  /** They are read again soon (a mirror's metadata blocks are the bases of the next CP's deltas): keep them in the page cache. */
+  reread?: boolean;
 }
 
 /** Most parts one writeBlocksV takes (the addon's iovec cap). */

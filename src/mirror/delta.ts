@@ -13,6 +13,7 @@
  * - applyDelta checks every run against the block bounds and the order, and never
  *   reads past the delta: a malformed delta is an error string, never a wrong block.
  */
+import { deltaEncode } from '../io/native';
 import { BLOCK_BYTES } from './wire';
 
 const WORD_BYTES = 8;
@@ -31,8 +32,20 @@ function wordDiffers(a: Buffer, b: Buffer, w: number): boolean {
   return a.readUInt32LE(o) !== b.readUInt32LE(o) || a.readUInt32LE(o + 4) !== b.readUInt32LE(o + 4);
 }
 
-/** The delta from prev to next, or undefined when it would exceed DELTA_MAX_BYTES. */
+const encodeOut = Buffer.allocUnsafeSlow(DELTA_MAX_BYTES);
+
+/** The delta from prev to next, or undefined when it would exceed DELTA_MAX_BYTES (native: native/delta.cc). */
 export function encodeDelta(prev: Buffer, next: Buffer): Buffer | undefined {
+  if (prev.length !== BLOCK_BYTES || next.length !== BLOCK_BYTES) throw new RangeError('deltas are between 4 KiB blocks');
+  const n = deltaEncode(prev, next, encodeOut);
+  if (n < 0) return undefined;
+  const d = Buffer.allocUnsafe(n); // small: from Node's pool
+  encodeOut.copy(d, 0, 0, n);
+  return d;
+}
+
+/** The same encoder in TypeScript: the reference the native one is tested against. */
+export function encodeDeltaJs(prev: Buffer, next: Buffer): Buffer | undefined {
   if (prev.length !== BLOCK_BYTES || next.length !== BLOCK_BYTES) throw new RangeError('deltas are between 4 KiB blocks');
   const parts: Buffer[] = [];
   let size = 0;
@@ -71,7 +84,19 @@ export function encodeDelta(prev: Buffer, next: Buffer): Buffer | undefined {
 /** next = prev with the delta's runs applied (a new buffer), or a one-line reason the delta is malformed. */
 export function applyDelta(prev: Buffer, delta: Buffer): Buffer | string {
   if (prev.length !== BLOCK_BYTES) return 'previous block is not 4 KiB';
-  const out = Buffer.from(prev);
+  const out = Buffer.allocUnsafe(BLOCK_BYTES);
+  prev.copy(out);
+  const why = applyDeltaInPlace(out, delta);
+  return why ?? out;
+}
+
+/**
+ * Applies the delta's runs to `block` (which holds the previous block) in place; a
+ * one-line reason if the delta is malformed (then `block` may be partly changed: the
+ * caller discards it).
+ */
+export function applyDeltaInPlace(out: Buffer, delta: Buffer): string | undefined {
+  if (out.length !== BLOCK_BYTES) return 'previous block is not 4 KiB';
   let at = 0;
   let minWord = 0;
   while (at < delta.length) {
@@ -86,5 +111,5 @@ export function applyDelta(prev: Buffer, delta: Buffer): Buffer | string {
     at += bytes;
     minWord = first + count;
   }
-  return out;
+  return undefined;
 }

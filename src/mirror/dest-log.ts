@@ -378,14 +378,24 @@ export class DestLog {
   }
 
   /** A copy of block `index` of stored write record `seq`, or a reason it is not here. */
+  /** Block `index` of write record `seq`, as a copy (or a one-line reason the log does not hold it). */
   block(seq: number, index: number): Buffer | string {
+    const b = Buffer.allocUnsafe(BLOCK_BYTES);
+    return this.copyBlock(seq, index, b) ?? b;
+  }
+
+  /** Copies block `index` of write record `seq` into dst (4 KiB); a one-line reason if the log does not hold it. */
+  copyBlock(seq: number, index: number, dst: Buffer): string | undefined {
     const e = this.bySeq.get(seq);
     if (!e) return `record ${seq} is not in the log (it holds ${this.storedFromSeq}..${this.lastStoredSeq})`;
     if (e.type !== 1) return `record ${seq} is not a write`;
     if (!(index >= 0 && (index + 1) * BLOCK_BYTES <= e.lengthBytes)) return `record ${seq} has no block ${index}`;
+    assert(dst.length === BLOCK_BYTES, 'copyBlock into a 4 KiB block');
     const from = e.at + RECORD_HEADER_BYTES + index * BLOCK_BYTES;
-    return Buffer.from(this.region.buffer.subarray(from, from + BLOCK_BYTES));
+    this.region.buffer.copy(dst, 0, from, from + BLOCK_BYTES);
+    return undefined;
   }
+
 
   /** A committed CP covers every record <= seq: release them, and dropped ones are held now. */
   committed(seq: number): void {

@@ -33,7 +33,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import type { Logger } from 'pino';
 import { FileBlockDevice, syncDirectory, writeFileDurably } from '../io/file-device';
-import { WRITE_PARTS_MAX, type BlockDevice } from '../io/types';
+import { WRITE_PARTS_MAX, type BlockDevice, type WriteHint } from '../io/types';
 import { RaidGeometry, type RaidLevel } from '../raid/geometry';
 import { openRaidMembers } from '../raid/members';
 import { RaidDevice } from '../raid/raid-device';
@@ -523,7 +523,7 @@ export class MirrorDir {
    * Writes blocks of a CP being applied (never the ring; inside the device; with
    * `checkInUse`, never a block the committed CP uses).
    */
-  writeBlocks(pba: number, data: Buffer | readonly Buffer[], checkInUse: boolean): Promise<void> {
+  writeBlocks(pba: number, data: Buffer | readonly Buffer[], checkInUse: boolean, hint?: WriteHint): Promise<void> {
     const parts = Buffer.isBuffer(data) ? [data] : data;
     let bytes = 0;
     for (const b of parts) {
@@ -532,10 +532,10 @@ export class MirrorDir {
     }
     this.checkWritable(pba, bytes / BLOCK, checkInUse);
     this.checkMember();
-    if (parts.length === 1) return this.dev.writeBlocks(pba, parts[0]!);
+    if (parts.length === 1) return this.dev.writeBlocks(pba, parts[0]!, hint);
     // Parts straight from the stream's frames: one pwritev where the device has it, not a copy into one buffer.
-    if (this.dev.writeBlocksV && parts.length <= WRITE_PARTS_MAX) return this.dev.writeBlocksV(pba, parts);
-    return this.dev.writeBlocks(pba, Buffer.concat(parts));
+    if (this.dev.writeBlocksV && parts.length <= WRITE_PARTS_MAX) return this.dev.writeBlocksV(pba, parts, hint);
+    return this.dev.writeBlocks(pba, Buffer.concat(parts), hint);
   }
 
   /**
@@ -583,6 +583,13 @@ export class MirrorDir {
       await this.dev.readBlocks(p, 1, out.subarray(i * BLOCK, (i + 1) * BLOCK));
     }
     return out;
+  }
+
+  /** Reads `count` blocks of the committed image from pba on into dst (the bases deltas apply to). */
+  async readBlocks(pba: number, count: number, dst: Buffer): Promise<void> {
+    if (!(count >= 1 && pba >= RING_SLOTS && pba + count <= this.label.deviceBlocks)) throw new MirrorDirError(`blocks [${pba}, ${pba + count}) outside [${RING_SLOTS}, ${this.label.deviceBlocks})`);
+    assert(dst.length >= count * BLOCK, 'readBlocks into a buffer that holds them');
+    await this.dev.readBlocks(pba, count, dst);
   }
 
   /** Reads one block of the committed image (the base a delta applies to). */

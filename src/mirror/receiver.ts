@@ -46,15 +46,13 @@ import type { Lineage } from '../tree/lineage';
 import type { Superblock } from '../tree/layout';
 import { assert } from '../util/assert';
 import { crc32c } from '../io/native';
-import { CP_BLOCKS_BODY_MAX_BYTES, FrameParser, FrameWriter, MirrorProtocolError, MsgType, WIRE_VERSION, writeFrame, type CpKind, type Message } from './wire';
+import { CP_BLOCKS_BODY_MAX_BYTES, FrameParser, FrameWriter, MirrorProtocolError, MsgType, WIRE_VERSION, writeFrame, type CpDelta, type CpKind, type Message } from './wire';
 import { APPLY_WRITES_MAX, BASELINE_PROGRESS_BLOCKS, MIRROR_LABEL_NAME, MirrorDir, MirrorDirError, newestSuperblock, rootBytes, type MirrorHello, type MirrorLabel } from './mirror-dir';
 import { MirrorView, type MirrorExports } from './exports';
 import { RemoteReads, verifyCp, type VerifyReport } from './verify';
-import { applyDelta, DELTA_FROM_ZEROES } from './delta';
-import { SlabPool, type FrameSlab } from './slab-pool';
+import { applyDeltaInPlace, DELTA_FROM_ZEROES } from './delta';
+import { BlockSlots, SlabPool, type FrameSlab } from './slab-pool';
 import type { Charge, MemoryBudget } from '../nbd/budget';
-
-const ZERO_BLOCK = Buffer.alloc(4096);
 
 export const CONNECTIONS_MAX = 64;
 /** Parsed frames waiting to be applied, per connection, before reading pauses. */
@@ -75,6 +73,8 @@ function messageBytes(m: Message): number {
 function mustKeepOrder(m: Message): boolean {
   return m.type === MsgType.Record || m.type === MsgType.DurableReq || m.type === MsgType.Hello;
 }
+/** Delta bases read in one call at most (a 256 KiB scratch buffer per connection). */
+const BASE_READ_BLOCKS_MAX = 64;
 /** Idle CP_BLOCKS slabs kept for reuse by the whole receiver (32 x 257 KiB: ~8 MiB). */
 const SLABS_KEPT_MAX = 32;
 /** Largest combined write while applying a CP (1 MiB). */
@@ -142,7 +142,9 @@ class Session {
   private writesInFlight = 0;
   private writeWaiters: Array<() => void> = [];
   /** Contiguous blocks staged for one write. */
-  private run: { pba: number; blocks: number; parts: Buffer[]; slabs: FrameSlab[] } | undefined;
+  private run: { pba: number; blocks: number; parts: Buffer[]; slabs: FrameSlab[]; reread: boolean } | undefined;
+  /** Where runs of delta bases are read (BASE_READ_BLOCKS_MAX blocks; made on the first CP_DELTAS). */
+  private baseScratch: Buffer | undefined;
   private writeError: Error | undefined;
   /**
    * The baseline's progress record being made durable (a member sync, then the marker)
@@ -476,12 +478,21 @@ class Session {
       }
       case MsgType.CpRefs: {
         const a = this.checkApplying(m.cp);
-        for (const r of m.refs) {
-          const b = mirror.log.block(r.seq, r.index);
-          if (typeof b === 'string') throw new MirrorProtocolError(`CP ${m.cp}: reference to ${b}`);
-          const crc = crc32c(b);
-          if (crc !== r.crc) throw new MirrorProtocolError(`CP ${m.cp}: referenced block ${r.seq}/${r.index} has crc ${crc.toString(16)}, the source says ${r.crc.toString(16)}`);
-          await this.stage(r.pba, b);
+        // Each referenced block is copied out of the log into a pooled slab (the log's
+        // records are released at the commit, while the write may still be in flight).
+        const slots = new BlockSlots(this.rx.slabs, m.refs.length);
+        try {
+          for (let i = 0; i < m.refs.length; i++) {
+            const r = m.refs[i]!;
+            const b = slots.block(i);
+            const why = mirror.log.copyBlock(r.seq, r.index, b);
+            if (why !== undefined) throw new MirrorProtocolError(`CP ${m.cp}: reference to ${why}`);
+            const crc = crc32c(b);
+            if (crc !== r.crc) throw new MirrorProtocolError(`CP ${m.cp}: referenced block ${r.seq}/${r.index} has crc ${crc.toString(16)}, the source says ${r.crc.toString(16)}`);
+          }
+          for (let i = 0; i < m.refs.length; i++) await this.stage(m.refs[i]!.pba, slots.block(i), slots.slabOf(i));
+        } finally {
+          slots.release();
         }
         a.blocks += m.refs.length;
         mirror.refsApplied += m.refs.length;
@@ -489,13 +500,21 @@ class Session {
       }
       case MsgType.CpDeltas: {
         const a = this.checkApplying(m.cp);
-        for (const d of m.deltas) {
-          const prev = d.prevPba === DELTA_FROM_ZEROES ? ZERO_BLOCK : await mirror.readBlock(d.prevPba);
-          const b = applyDelta(prev, d.delta);
-          if (typeof b === 'string') throw new MirrorProtocolError(`CP ${m.cp}: delta for pba ${d.pba}: ${b}`);
-          const crc = crc32c(b);
-          if (crc !== d.crc) throw new MirrorProtocolError(`CP ${m.cp}: block at pba ${d.pba} rebuilt from pba ${d.prevPba} has crc ${crc.toString(16)}, the source says ${d.crc.toString(16)}`);
-          await this.stage(d.pba, b);
+        const slots = new BlockSlots(this.rx.slabs, m.deltas.length);
+        try {
+          await this.readBases(m.deltas, slots);
+          for (let i = 0; i < m.deltas.length; i++) {
+            const d = m.deltas[i]!;
+            const b = slots.block(i);
+            const why = applyDeltaInPlace(b, d.delta);
+            if (why !== undefined) throw new MirrorProtocolError(`CP ${m.cp}: delta for pba ${d.pba}: ${why}`);
+            const crc = crc32c(b);
+            if (crc !== d.crc) throw new MirrorProtocolError(`CP ${m.cp}: block at pba ${d.pba} rebuilt from pba ${d.prevPba} has crc ${crc.toString(16)}, the source says ${d.crc.toString(16)}`);
+          }
+          // Metadata blocks: the next CP's deltas read them as their bases, so they stay in the page cache.
+          for (let i = 0; i < m.deltas.length; i++) await this.stage(m.deltas[i]!.pba, slots.block(i), slots.slabOf(i), true);
+        } finally {
+          slots.release();
         }
         a.blocks += m.deltas.length;
         mirror.deltasApplied += m.deltas.length;
@@ -537,6 +556,30 @@ class Session {
     }
   }
 
+  /**
+   * Puts each delta's base (the committed block at prevPba, or zeroes) into its slot. The
+   * bases are read in runs of adjacent pbas (a CP allocates its metadata blocks in runs,
+   * so the next CP's bases mostly are too): one read per run instead of one per block.
+   */
+  private async readBases(deltas: readonly CpDelta[], slots: BlockSlots): Promise<void> {
+    const order: number[] = [];
+    for (let i = 0; i < deltas.length; i++) {
+      if (deltas[i]!.prevPba === DELTA_FROM_ZEROES) slots.block(i).fill(0);
+      else order.push(i);
+    }
+    order.sort((x, y) => deltas[x]!.prevPba - deltas[y]!.prevPba);
+    const scratch = (this.baseScratch ??= Buffer.allocUnsafeSlow(BASE_READ_BLOCKS_MAX * 4096));
+    let k = 0;
+    while (k < order.length) {
+      const first = deltas[order[k]!]!.prevPba;
+      let n = 1;
+      while (k + n < order.length && n < BASE_READ_BLOCKS_MAX && deltas[order[k + n]!]!.prevPba === first + n) n++;
+      await this.mirror!.readBlocks(first, n, scratch.subarray(0, n * 4096));
+      for (let j = 0; j < n; j++) scratch.copy(slots.block(order[k + j]!), 0, j * 4096, (j + 1) * 4096);
+      k += n;
+    }
+  }
+
   private checkApplying(cp: number): Applying {
     const a = this.applying;
     if (!a || a.cp !== cp) throw new MirrorProtocolError(`blocks for CP ${cp} outside CP_BEGIN/CP_COMMIT`);
@@ -548,16 +591,17 @@ class Session {
    * runs, but references and deltas arrive one block each) into writes of up to
    * COMBINE_BLOCKS_MAX blocks.
    */
-  private async stage(pba: number, data: Buffer, slab?: FrameSlab): Promise<void> {
+  private async stage(pba: number, data: Buffer, slab?: FrameSlab, reread = false): Promise<void> {
     // Refused as it arrives, not when the run is flushed.
     this.mirror!.checkWritable(pba, data.length / 4096, this.applying !== undefined && this.applying.baseCp !== -1);
     let run = this.run;
     if (!run || run.pba + run.blocks !== pba || run.blocks + data.length / 4096 > COMBINE_BLOCKS_MAX) {
       await this.flushRun();
-      run = this.run = { pba, blocks: 0, parts: [], slabs: [] };
+      run = this.run = { pba, blocks: 0, parts: [], slabs: [], reread: false };
     }
     run.parts.push(data);
     run.blocks += data.length / 4096;
+    run.reread ||= reread;
     // The run holds the slab its view is of until its write completes (slab-pool.ts).
     if (slab && !run.slabs.includes(slab)) {
       this.rx.slabs.hold(slab);
@@ -569,7 +613,7 @@ class Session {
     const run = this.run;
     if (!run) return;
     this.run = undefined;
-    await this.write(run.pba, run.parts, run.slabs);
+    await this.write(run.pba, run.parts, run.slabs, run.reread);
   }
 
   /** Drops the staged run unwritten (no I/O has its views: its slabs go back). */
@@ -580,14 +624,14 @@ class Session {
   }
 
   /** Writes a run; the slabs its views are of are released when the write has completed (or failed). */
-  private async write(pba: number, data: readonly Buffer[], slabs: readonly FrameSlab[] = []): Promise<void> {
+  private async write(pba: number, data: readonly Buffer[], slabs: readonly FrameSlab[] = [], reread = false): Promise<void> {
     if (this.writeError) throw this.writeError;
     await this.waitWrites(APPLY_WRITES_MAX - 1);
     this.writesInFlight++;
     // writeBlocks refuses a block synchronously, before any I/O starts.
     let io: Promise<void>;
     try {
-      io = this.mirror!.writeBlocks(pba, data, this.applying !== undefined && this.applying.baseCp !== -1);
+      io = this.mirror!.writeBlocks(pba, data, this.applying !== undefined && this.applying.baseCp !== -1, reread ? { reread } : undefined);
     } catch (e) {
       this.writesInFlight--;
       throw e;

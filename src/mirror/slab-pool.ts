@@ -65,3 +65,40 @@ export class SlabPool {
     return this.free.length;
   }
 }
+
+const BLOCK = 4096;
+
+/**
+ * `count` 4 KiB blocks in pooled slabs: where the receiver rebuilds the blocks of a
+ * CP_REFS or CP_DELTAS frame (copied from its log, or a base block with a delta applied)
+ * instead of a fresh Buffer each. The caller holds every slab once until release(); a
+ * staged run that keeps a view holds its slab itself (slabOf).
+ */
+export class BlockSlots {
+  private readonly slabs: FrameSlab[] = [];
+  private readonly perSlab: number;
+
+  constructor(private readonly pool: SlabPool, readonly count: number) {
+    this.perSlab = Math.floor(pool.slabBytes / BLOCK);
+    assert(this.perSlab >= 1, 'slabs hold at least one block');
+    for (let i = 0; i < count; i += this.perSlab) this.slabs.push(pool.take(Math.min(this.perSlab, count - i) * BLOCK)!);
+  }
+
+  block(i: number): Buffer {
+    assert(i >= 0 && i < this.count, `block slot ${i} of ${this.count}`);
+    const k = i % this.perSlab;
+    return this.slabOf(i).buf.subarray(k * BLOCK, (k + 1) * BLOCK);
+  }
+
+  slabOf(i: number): FrameSlab {
+    const s = this.slabs[Math.floor(i / this.perSlab)];
+    assert(s !== undefined, `block slot ${i} after release`);
+    return s;
+  }
+
+  /** The caller's holds go back (staged runs keep theirs). */
+  release(): void {
+    for (const s of this.slabs) this.pool.release(s);
+    this.slabs.length = 0;
+  }
+}

@@ -1,7 +1,8 @@
 /** delta.ts: encode/apply round-trips for any pair of blocks, and malformed deltas are refused, never applied wrongly. */
 import { strict as assert } from 'assert';
 import * as fc from 'fast-check';
-import { applyDelta, encodeDelta, DELTA_MAX_BYTES } from '../../src/mirror/delta';
+import { applyDelta, applyDeltaInPlace, encodeDelta, encodeDeltaJs, DELTA_MAX_BYTES } from '../../src/mirror/delta';
+import { deltaEncode } from '../../src/io/native';
 
 const SEED = Number(process.env.MIRROR_FC_SEED ?? Date.now() % 1_000_000);
 
@@ -26,6 +27,52 @@ describe('mirror block deltas', () => {
       }),
       { seed: SEED, numRuns: 300 },
     );
+  });
+
+  it('the native encoder writes exactly what the TypeScript one does (runs, bridges, the size limit), and apply in place rebuilds next', () => {
+    fc.assert(
+      fc.property(
+        fc.uint8Array({ minLength: 4096, maxLength: 4096 }),
+        // Clustered word edits (runs, single-word gaps that bridge, far-apart runs) and a few stray bytes.
+        fc.array(fc.record({ word: fc.nat(511), words: fc.integer({ min: 1, max: 12 }), gap: fc.nat(2) }), { maxLength: 40 }),
+        fc.array(fc.record({ at: fc.nat(4095), v: fc.nat(255) }), { maxLength: 10 }),
+        (p, runs, bytes) => {
+          const prev = Buffer.from(p);
+          const next = Buffer.from(prev);
+          for (const r of runs) {
+            for (let w = r.word; w < Math.min(512, r.word + r.words); w += 1 + (r.gap === 2 ? 1 : 0)) next[w * 8 + (r.gap % 8)] = (next[w * 8 + (r.gap % 8)] ?? 0) ^ 0xa5;
+          }
+          for (const e of bytes) next[e.at] = e.v;
+          const js = encodeDeltaJs(prev, next);
+          const native = encodeDelta(prev, next);
+          assert.deepEqual(native, js);
+          if (native !== undefined) {
+            const out = Buffer.from(prev);
+            assert.equal(applyDeltaInPlace(out, native), undefined);
+            assert.ok(out.equals(next));
+          }
+        },
+      ),
+      { seed: SEED, numRuns: 400 },
+    );
+    // At the limit: one run of the most words that fit DELTA_MAX_BYTES, then one word more.
+    const prev = Buffer.alloc(4096);
+    const fits = Buffer.from(prev);
+    const words = Math.floor((DELTA_MAX_BYTES - 4) / 8);
+    fits.fill(1, 0, words * 8);
+    assert.equal(encodeDelta(prev, fits)!.length, 4 + words * 8);
+    assert.deepEqual(encodeDelta(prev, fits), encodeDeltaJs(prev, fits));
+    fits.fill(1, 0, (words + 1) * 8);
+    assert.equal(encodeDelta(prev, fits), undefined);
+    assert.equal(encodeDeltaJs(prev, fits), undefined);
+    // The addon re-checks its arguments and never writes past out.
+    assert.throws(() => deltaEncode(Buffer.alloc(100), Buffer.alloc(4096), Buffer.alloc(10)), /4096/);
+    assert.throws(() => deltaEncode('x' as unknown as Buffer, Buffer.alloc(4096), Buffer.alloc(10)), TypeError);
+    const small = Buffer.alloc(16, 0xee);
+    const far = Buffer.from(prev);
+    far.fill(7, 0, 64);
+    assert.equal(deltaEncode(prev, far, small.subarray(0, 8)), -1);
+    assert.ok(small.subarray(8).every((b) => b === 0xee));
   });
 
   it('a header and one pointer changed cost a few dozen bytes', () => {
