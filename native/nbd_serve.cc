@@ -420,10 +420,11 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
     modes_ = app_ ? modes : modes & ~kModeWrites;
   }
 
-  // HeldSink, on the JS thread: the held replies the marks cover go out.
+  // HeldSink, on the JS thread: the held replies the marks cover go to the connection's
+  // thread, which sends them (the JS thread only queues them and wakes it).
   void Settle(uint64_t released, uint64_t failed) override {
     std::lock_guard<std::mutex> l(mu_);
-    SettleLocked(released, failed);
+    SettleLocked(released, failed, true);
   }
 
   void SetReading(bool on) {
@@ -785,8 +786,9 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
   }
 
   // Answers the held replies (oldest first: a connection's appends are in seq order) whose
-  // seq is <= released (success) or <= failed (EIO), in one send.
-  void SettleLocked(uint64_t released, uint64_t failed) {
+  // seq is <= released (success) or <= failed (EIO), in one send: written at once on the
+  // connection's thread, queued for it (and it woken) on any other.
+  void SettleLocked(uint64_t released, uint64_t failed, bool queueOnly = false) {
     if (held_.empty() || closed_) return;
     Send s{-1, {}, {}, {}};
     int64_t now = NowUs();
@@ -812,8 +814,13 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
     inflight_ = n >= inflight_ ? 0 : inflight_ - static_cast<uint32_t>(n);
     s.iov.push_back(iovec{s.own.data(), s.own.size()});
     s.left = s.own.size();
-    QueueLocked(std::move(s));
-    if (endReq_) WakeLocked();  // the thread may shut down now (QueueLocked woke it if it waits to read)
+    if (queueOnly) {
+      queued_ += s.left;
+      sendq_.push_back(std::move(s));
+      WakeLocked();  // it sends them, reads again below the in-flight cap, or shuts down after End
+    } else {
+      QueueLocked(std::move(s));
+    }
     PostLocked();
   }
 

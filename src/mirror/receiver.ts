@@ -143,6 +143,7 @@ class Session {
   private writeWaiters: Array<() => void> = [];
   /** Contiguous blocks staged for one write. */
   private run: { pba: number; blocks: number; parts: Buffer[]; slabs: FrameSlab[]; reread: boolean } | undefined;
+  private ackQueued = false;
   /** Where runs of delta bases are read (BASE_READ_BLOCKS_MAX blocks; made on the first CP_DELTAS). */
   private baseScratch: Buffer | undefined;
   private writeError: Error | undefined;
@@ -229,7 +230,7 @@ class Session {
       this.end(`refused the stream: ${e instanceof Error ? e.message : String(e)}`, true);
       return;
     }
-    if (ack) this.sendAck();
+    if (ack) this.ackSoon();
     this.flow();
     if (this.queue.length > 0) void this.drain();
   }
@@ -393,6 +394,20 @@ class Session {
       this.processing = false;
       done();
     }
+  }
+
+  /**
+   * Records stored on the fast path are acknowledged once per event-loop turn (the socket
+   * reads of one poll phase share one RECORD_ACK, which carries the newest heldSeq): the
+   * source releases its held replies per ack.
+   */
+  private ackSoon(): void {
+    if (this.ackQueued) return;
+    this.ackQueued = true;
+    setImmediate(() => {
+      this.ackQueued = false;
+      if (this.mirror && !this.closed) this.sendAck();
+    });
   }
 
   private sendAck(): void {
