@@ -52,7 +52,7 @@ import { readRelationship, writeRelationship, type MirrorPolicy } from './relati
 import { readRole } from './role';
 import { parseStanding, type Standing } from './standing';
 import {
-  writeFrame, BLOCKS_PER_FRAME_MAX, FrameParser, FrameWriter, MsgType, type Message, type MirrorMode, type OutMessage, adjacentViews,
+  writeEncoded, writeFrame, BLOCKS_PER_FRAME_MAX, FrameParser, FrameWriter, MsgType, type Message, type MirrorMode, type OutMessage, adjacentViews,
 } from './wire';
 
 export type MirrorState = 'disconnected' | 'baseline' | 'resyncing' | 'in-sync' | 'behind';
@@ -560,10 +560,10 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.clientBytes += r.type === 1 ? r.lengthBytes : 0;
     const conn = this.conn;
     if (this.o.mode !== 'sync' || !conn || conn.closed || r.seq < this.forwardFromSeq || this.forwardFromSeq === 0) return;
-    const payload = r.payload.length === 0 ? Buffer.alloc(0) : Buffer.concat(r.payload as Buffer[]); // a copy: the views die with the half
     this.lastForwardedSeq = r.seq;
     this.unackedSinceMs ??= Date.now();
-    this.send(conn, { type: MsgType.Record, seq: r.seq, recordType: r.type, flags: r.flags, offsetBytes: r.offsetBytes, lengthBytes: r.lengthBytes, payload });
+    // One Buffer per record: the payload is copied into it (the views die with the half).
+    writeEncoded(conn.socket, conn.writer.recordFrame(r.seq, r.type, r.flags, r.offsetBytes, r.lengthBytes, r.payload));
   }
 
   wait(seq: number, durable: boolean): Promise<void> {

@@ -366,12 +366,18 @@ class Reader {
 
 // ---- encoding ----
 
+/** A safe non-negative integer as a little-endian u64 (two 32-bit writes: no BigInt). */
+function putU64(b: Buffer, at: number, v: number): void {
+  b.writeUInt32LE(v >>> 0, at);
+  b.writeUInt32LE(Math.floor(v / 0x100000000), at + 4);
+}
+
 /** Encodes the body of a message (the frame header is added by FrameWriter). Returns the body as parts. */
 export function encodeBody(m: OutMessage): Buffer[] {
   const u64 = (v: number): Buffer => {
     assert(Number.isSafeInteger(v) && v >= 0, `u64 field ${v}`);
     const b = Buffer.allocUnsafe(8);
-    b.writeBigUInt64LE(BigInt(v));
+    putU64(b, 0, v);
     return b;
   };
   const i64 = (v: number): Buffer => {
@@ -661,12 +667,7 @@ export class FrameWriter {
     const cap = bodyCap(m.type);
     assert(cap !== undefined && len <= cap, `frame type ${m.type} body of ${len} bytes exceeds its cap`);
     const h = Buffer.allocUnsafe(FRAME_HEADER_BYTES);
-    h.writeUInt32LE(FRAME_MAGIC, 0);
-    h.writeUInt8(m.type, 4);
-    h.writeUInt8(WIRE_VERSION, 5);
-    h.writeUInt16LE(0, 6);
-    h.writeUInt32LE(len, 8);
-    h.writeBigUInt64LE(BigInt(this.frameNo++), 12);
+    this.header(h, m.type, len);
     let crc = crc32c(h, 0, 20);
     if (m.type === MsgType.CpBlocks && 'crcs' in m && m.crcs !== undefined) {
       assert(m.crcs.length === m.pbas.length, 'one crc per block');
@@ -676,9 +677,50 @@ export class FrameWriter {
       for (const b of body) crc = crc32c(b, 0, b.length, crc);
     }
     h.writeUInt32LE(crc, 20);
-    this.bytesOut += FRAME_HEADER_BYTES + len;
-    this.bytesByType[m.type] = (this.bytesByType[m.type] ?? 0) + FRAME_HEADER_BYTES + len;
+    this.count(m.type, len);
     return [h, ...body];
+  }
+
+  /**
+   * A RECORD frame in one Buffer, exactly as frame() encodes it: header, the 40 bytes of
+   * fields, then the payload copied from `parts` (views of the NVRAM, which the next CP
+   * reuses). One allocation, one copy and two checksum calls per forwarded write.
+   */
+  recordFrame(seq: number, recordType: number, flags: number, offsetBytes: number, lengthBytes: number, parts: readonly Buffer[]): Buffer {
+    let payloadBytes = 0;
+    for (const p of parts) payloadBytes += p.length;
+    assert(payloadBytes === (recordType === 1 ? lengthBytes : 0) && payloadBytes <= RECORD_PAYLOAD_MAX_BYTES, 'record payload length');
+    assert(Number.isSafeInteger(seq) && seq >= 1 && recordType >= 1 && recordType <= 3 && lengthBytes > 0 && offsetBytes >= 0 && offsetBytes % BLOCK_BYTES === 0 && lengthBytes % BLOCK_BYTES === 0, `record ${seq}: bad fields`);
+    const len = 40 + payloadBytes;
+    const f = Buffer.allocUnsafe(FRAME_HEADER_BYTES + len);
+    this.header(f, MsgType.Record, len);
+    const b = FRAME_HEADER_BYTES;
+    putU64(f, b, seq);
+    f.writeUInt8(recordType, b + 8);
+    f.writeUInt8(flags, b + 9);
+    f.fill(0, b + 10, b + 16);
+    putU64(f, b + 16, offsetBytes);
+    putU64(f, b + 24, lengthBytes);
+    putU64(f, b + 32, payloadBytes);
+    let at = b + 40;
+    for (const p of parts) at += p.copy(f, at);
+    f.writeUInt32LE(crc32c(f, b, len, crc32c(f, 0, 20)), 20);
+    this.count(MsgType.Record, len);
+    return f;
+  }
+
+  private header(h: Buffer, type: MsgType, len: number): void {
+    h.writeUInt32LE(FRAME_MAGIC, 0);
+    h.writeUInt8(type, 4);
+    h.writeUInt8(WIRE_VERSION, 5);
+    h.writeUInt16LE(0, 6);
+    h.writeUInt32LE(len, 8);
+    putU64(h, 12, this.frameNo++);
+  }
+
+  private count(type: MsgType, len: number): void {
+    this.bytesOut += FRAME_HEADER_BYTES + len;
+    this.bytesByType[type] = (this.bytesByType[type] ?? 0) + FRAME_HEADER_BYTES + len;
   }
 }
 
@@ -688,11 +730,21 @@ export class FrameWriter {
  * a sync mirror sends one or two frames per client write).
  */
 export function writeFrame(socket: import('net').Socket, writer: FrameWriter, m: OutMessage): void {
+  corkForTick(socket);
+  for (const part of writer.frame(m)) socket.write(part);
+}
+
+/** writeFrame for a frame already encoded in one Buffer (FrameWriter.recordFrame). */
+export function writeEncoded(socket: import('net').Socket, frame: Buffer): void {
+  corkForTick(socket);
+  socket.write(frame);
+}
+
+function corkForTick(socket: import('net').Socket): void {
   if (socket.writableCorked === 0) {
     socket.cork();
     process.nextTick(() => socket.uncork());
   }
-  for (const part of writer.frame(m)) socket.write(part);
 }
 
 /**

@@ -290,6 +290,31 @@ describe('mirror wire codec', () => {
       protocolError(() => new FrameParser().push(lie), /^frame 0 \(type 8\): checksum mismatch$/);
     });
 
+    it('a RECORD framed in one Buffer (recordFrame, from the payload\'s parts) is byte for byte the frame() of the message', () => {
+      const w1 = new FrameWriter();
+      const w2 = new FrameWriter();
+      const samples = [
+        { seq: 1, recordType: 1, flags: 0, offsetBytes: 0, lengthBytes: BLOCK_BYTES, payload: pattern(BLOCK_BYTES, 2) },
+        { seq: U53_MAX, recordType: 1, flags: 0xff, offsetBytes: U53_MAX - (U53_MAX % BLOCK_BYTES), lengthBytes: 3 * BLOCK_BYTES, payload: pattern(3 * BLOCK_BYTES, 3) },
+        { seq: 2 ** 32 + 5, recordType: 2, flags: 1, offsetBytes: 2 ** 40, lengthBytes: 1024 ** 3, payload: Buffer.alloc(0) },
+        { seq: 43, recordType: 3, flags: 2, offsetBytes: 4096 * 1000, lengthBytes: 4096, payload: Buffer.alloc(0) },
+      ];
+      const p = new FrameParser();
+      for (const r of samples) {
+        // The payload as views in pieces (a record's payload may wrap in the NVRAM region).
+        const cut = Math.min(r.payload.length, 1000);
+        const parts = r.payload.length === 0 ? [] : [r.payload.subarray(0, cut), r.payload.subarray(cut)];
+        const one = w1.recordFrame(r.seq, r.recordType, r.flags, r.offsetBytes, r.lengthBytes, parts);
+        const m = { type: MsgType.Record as const, ...r };
+        assert.ok(one.equals(Buffer.concat(w2.frame(m))), `record ${r.seq}`);
+        assert.deepStrictEqual(p.push(one), [m]);
+      }
+      assert.deepEqual([w1.bytesOut, w1.bytesByType[MsgType.Record]], [w2.bytesOut, w2.bytesByType[MsgType.Record]], 'counted alike');
+      assert.throws(() => w1.recordFrame(5, 1, 0, 0, BLOCK_BYTES, [Buffer.alloc(100)]), /payload length/);
+      assert.throws(() => w1.recordFrame(0, 1, 0, 0, BLOCK_BYTES, [Buffer.alloc(BLOCK_BYTES)]), /bad fields/);
+      assert.throws(() => w1.recordFrame(6, 1, 0, 100, BLOCK_BYTES, [Buffer.alloc(BLOCK_BYTES)]), /bad fields/);
+    });
+
     it('a Refuse reason longer than 1024 bytes is cut to fit, and still parses', () => {
       const f = frameOf(new FrameWriter(), { type: MsgType.Refuse, reason: 'y'.repeat(5000) });
       const [m] = new FrameParser().push(f);
