@@ -31,10 +31,15 @@ export async function encodeCpBlocks(
   blocks: readonly CpBlock[],
   referable: (seq: number) => boolean,
   readRaw: (pba: number, count: number, dst: Buffer) => Promise<void>,
+  maybeYield: () => Promise<void> = () => Promise.resolve(),
 ): Promise<EncodedCpBlocks> {
   const out: EncodedCpBlocks = { refs: [], deltas: [], data: [] };
   const prevBuf = Buffer.allocUnsafe(4096);
+  let n = 0;
   for (const b of blocks) {
+    // Cached reads resolve in microtasks: without a yield a CP's blocks would hold the
+    // event loop (and the records it forwards) for tens of milliseconds.
+    if ((++n & 63) === 0) await maybeYield();
     if (b.crc !== undefined) {
       // Client data: a reference when the destination holds its record, else the block (never a delta).
       const o = b.origin;

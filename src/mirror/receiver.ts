@@ -52,6 +52,7 @@ import { MirrorView, type MirrorExports } from './exports';
 import { RemoteReads, verifyCp, type VerifyReport } from './verify';
 import { applyDeltaInPlace, DELTA_FROM_ZEROES } from './delta';
 import { BlockSlots, SlabPool, type FrameSlab } from './slab-pool';
+import { Slicer } from '../util/work';
 import type { Charge, MemoryBudget } from '../nbd/budget';
 
 export const CONNECTIONS_MAX = 64;
@@ -73,6 +74,11 @@ function messageBytes(m: Message): number {
 function mustKeepOrder(m: Message): boolean {
   return m.type === MsgType.Record || m.type === MsgType.DurableReq || m.type === MsgType.Hello;
 }
+/**
+ * CP application runs at most this long before the loop polls again (records and their
+ * acks get through; a client's write waits for its ack).
+ */
+const APPLY_SLICE_MS = 0.5;
 /** Delta bases read in one call at most (a 256 KiB scratch buffer per connection). */
 const BASE_READ_BLOCKS_MAX = 64;
 /** Idle CP_BLOCKS slabs kept for reuse by the whole receiver (32 x 257 KiB: ~8 MiB). */
@@ -144,6 +150,8 @@ class Session {
   /** Contiguous blocks staged for one write. */
   private run: { pba: number; blocks: number; parts: Buffer[]; slabs: FrameSlab[]; reread: boolean } | undefined;
   private ackQueued = false;
+  /** Slices a CP's application (see drain). */
+  private readonly slicer = new Slicer(APPLY_SLICE_MS);
   /** Where runs of delta bases are read (BASE_READ_BLOCKS_MAX blocks; made on the first CP_DELTAS). */
   private baseScratch: Buffer | undefined;
   private writeError: Error | undefined;
@@ -370,6 +378,11 @@ class Session {
         let acked = false;
         for (const m of batch) {
           if (this.closed) return;
+          // A CP's frames resolve mostly in microtasks (cached reads, queued writes): let the
+          // loop poll between slices, so records (fast path) and their acks are not held
+          // behind a whole CP.
+          if (m.type !== MsgType.Record) await this.slicer.maybeYield();
+          if (this.closed) return;
           acked = (await this.handle(m)) || acked;
           // Handled: the runs and writes with views of its slab hold it now.
           if (m.type === MsgType.CpBlocks && m.slab) this.rx.slabs.release(m.slab);
@@ -505,7 +518,10 @@ class Session {
             const crc = crc32c(b);
             if (crc !== r.crc) throw new MirrorProtocolError(`CP ${m.cp}: referenced block ${r.seq}/${r.index} has crc ${crc.toString(16)}, the source says ${r.crc.toString(16)}`);
           }
-          for (let i = 0; i < m.refs.length; i++) await this.stage(m.refs[i]!.pba, slots.block(i), slots.slabOf(i));
+          for (let i = 0; i < m.refs.length; i++) {
+            await this.stage(m.refs[i]!.pba, slots.block(i), slots.slabOf(i));
+            if ((i & 63) === 63) await this.slicer.maybeYield();
+          }
         } finally {
           slots.release();
         }
@@ -527,7 +543,10 @@ class Session {
             if (crc !== d.crc) throw new MirrorProtocolError(`CP ${m.cp}: block at pba ${d.pba} rebuilt from pba ${d.prevPba} has crc ${crc.toString(16)}, the source says ${d.crc.toString(16)}`);
           }
           // Metadata blocks: the next CP's deltas read them as their bases, so they stay in the page cache.
-          for (let i = 0; i < m.deltas.length; i++) await this.stage(m.deltas[i]!.pba, slots.block(i), slots.slabOf(i), true);
+          for (let i = 0; i < m.deltas.length; i++) {
+            await this.stage(m.deltas[i]!.pba, slots.block(i), slots.slabOf(i), true);
+            if ((i & 63) === 63) await this.slicer.maybeYield();
+          }
         } finally {
           slots.release();
         }
@@ -589,6 +608,7 @@ class Session {
       const first = deltas[order[k]!]!.prevPba;
       let n = 1;
       while (k + n < order.length && n < BASE_READ_BLOCKS_MAX && deltas[order[k + n]!]!.prevPba === first + n) n++;
+      await this.slicer.maybeYield();
       await this.mirror!.readBlocks(first, n, scratch.subarray(0, n * 4096));
       for (let j = 0; j < n; j++) scratch.copy(slots.block(order[k + j]!), 0, j * 4096, (j + 1) * 4096);
       k += n;

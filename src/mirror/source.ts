@@ -40,6 +40,7 @@ import type { EngineVolume, ReplicaGate } from '../volume/engine';
 import type { AppendedRecord } from '../nvlog/log';
 import type { BlockTreeApi, CommittedView, CpBlock, CpMeta, CpSink } from '../tree/types';
 import { walkBornAfter } from '../tree/born-after';
+import { Slicer } from '../util/work';
 import { ProgressLine } from '../util/progress';
 import type { NodeSide } from '../tree/diff';
 import { RING_SLOTS, SUPERBLOCK_ROOT_OFFSET, decodeSuperblock } from '../tree/layout';
@@ -176,6 +177,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private forwardFromSeq = 0;
   /** Since when a forwarded record waits for its RECORD_ACK (the oldest such, to within an ack); undefined: none. */
   private unackedSinceMs: number | undefined;
+  /** Slices the encoding of a CP's blocks (encodeCpBlocks): records keep being forwarded meanwhile. */
+  private readonly slicer = new Slicer();
   /** A release of the threads' held replies is queued (updateThreads). */
   private threadsQueued = false;
   /** The newest record sent on this connection: the destination reads it before any later CP frame. */
@@ -672,6 +675,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       blocks,
       (seq) => sync && seq >= this.storedFromSeq && seq <= this.lastForwardedSeq && seq >= this.forwardFromSeq,
       (pba, count, dst) => this.tree.readRaw(pba, count, dst),
+      () => this.slicer.maybeYield(),
     );
     for (const group of refFrames(refs)) {
       if (!(await this.room(conn, cp))) return;
