@@ -594,9 +594,8 @@ export class MirrorDir {
 
   /** Reads one block of the committed image (the base a delta applies to). */
   async readBlock(pba: number): Promise<Buffer> {
-    if (!(pba >= RING_SLOTS && pba < this.label.deviceBlocks)) throw new MirrorDirError(`block at pba ${pba} outside [${RING_SLOTS}, ${this.label.deviceBlocks})`);
     const b = Buffer.allocUnsafe(BLOCK);
-    await this.dev.readBlocks(pba, 1, b);
+    await this.readBlocks(pba, 1, b);
     return b;
   }
 

@@ -572,9 +572,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
   wait(seq: number, durable: boolean): Promise<void> {
     const ok = durable ? this.durableSeq : this.heldSeq;
     if (seq <= ok) return Promise.resolve();
-    const conn = this.conn;
-    const streaming = conn !== undefined && !conn.closed && this.forwardFromSeq > 0;
-    if (!streaming) return this.unreachable();
+    if (!this.streaming()) return this.unreachable();
+    const conn = this.conn!;
     if (this.waiters.length >= WAITERS_MAX) return Promise.reject(new VolumeError('ENOMEM', 'too many requests waiting for the mirror'));
     if (durable && seq > this.lastDurableReq) {
       this.lastDurableReq = seq;
@@ -614,6 +613,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.volume?.replicaProgress(this.streaming() ? this.heldSeq : this.o.policy === 'strict' ? 'fail' : 'open');
   }
 
+  /** Records go on the wire and acks come back: the connection is up and past its HELLO. */
   private streaming(): boolean {
     const conn = this.conn;
     return conn !== undefined && !conn.closed && this.forwardFromSeq > 0;
@@ -622,8 +622,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private settleWaiters(): void {
     this.updateThreads();
     if (this.waiters.length === 0) return;
-    const conn = this.conn;
-    const streaming = conn !== undefined && !conn.closed && this.forwardFromSeq > 0;
+    const streaming = this.streaming();
     let kept = 0;
     for (const w of this.waiters) {
       const ok = w.durable ? this.durableSeq : this.heldSeq;
