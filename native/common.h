@@ -13,6 +13,7 @@
 
 #include <napi.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstdint>
@@ -62,6 +63,20 @@ inline bool PreadCached(int fd, uint8_t* data, size_t len, uint64_t pos) {
   while (done < len) {
     iovec v{data + done, len - done};
     ssize_t n = ::preadv2(fd, &v, 1, static_cast<off_t>(pos + done), RWF_NOWAIT);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    done += static_cast<size_t>(n);
+  }
+  return true;
+}
+
+// pread of all of [data, data+len) at pos, waiting for the disk: true only if all of it was
+// read (a short read, EOF or error: false). For the NBD threads' read pool (nbd_serve.cc),
+// never for a connection's own thread.
+inline bool PreadAll(int fd, uint8_t* data, size_t len, uint64_t pos) {
+  size_t done = 0;
+  while (done < len) {
+    ssize_t n = ::pread(fd, data + done, len - done, static_cast<off_t>(pos + done));
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) return false;
     done += static_cast<size_t>(n);

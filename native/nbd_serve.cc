@@ -30,7 +30,7 @@
 //   nbdReadMapNew(fd, sizeBytes, deviceBlocks, slotsLog2) -> map; nbdReadMapPutLeaf(map, node,
 //   baseLbn, skip, expectGen) -> put (-1: the map moved on); nbdReadMapGen(map) -> gen;
 //   nbdReadMapDrop(map, lbn, count); nbdReadMapClear(map);
-//   nbdReadMapClose(map); nbdReadMapStats(map) -> [hits, misses]: src/volume/engine-read-map.ts
+//   nbdReadMapClose(map); nbdReadMapStats(map) -> [hits, misses, waits]: src/volume/engine-read-map.ts
 //   keeps it in step with the engine's log and tree
 //   nbdAppenderNew(region, epoch, salt, payloadMaxBytes, volumeBytes, map|null) -> appender;
 //   nbdAppenderResume(a, writeEnd, halfEnd, nextSeq, durableSeq) -> bool; nbdAppenderDrain(a,
@@ -66,7 +66,9 @@
 //   and to a plain READ (no flags, 1..maxPayload bytes, inside the volume) for which a
 //   granted buffer fits, read completely into that buffer with preadv2(RWF_NOWAIT) from the
 //   direct fd, copied out of the MemStore under its mutex, or read by the engine's ReadMap
-//   (whole blocks it maps, each matching its crc32c: read_map.h), the buffer sent as the reply's
+//   (whole blocks it maps, each matching its crc32c: read_map.h; blocks outside the page
+//   cache are read by the read pool, which answers the READ or, on any failure, reports it
+//   to TypeScript as the thread would have), the buffer sent as the reply's
 //   data and granted again once the kernel took it. A READ with no buffer that fits is
 //   reported with buffer id kWantsBuffer (TypeScript may grant one for the next). Every
 //   other request, a READ that would block or failed, and a WRITE whose pwrite failed,
@@ -82,6 +84,9 @@
 //   event says so). Unparsed input held here is at most kStageBytes.
 // - A bad request magic stops all parsing (FRAMING event); after DISC or End every
 //   further byte is discarded.
+// - READs out on the read pool count in flight; while any is out a DISC is not parsed,
+//   End does not shut the socket, and the thread does not end (each may still report its
+//   READ to TypeScript or write into its granted buffer): CLOSED comes after the last.
 // - The fd is closed by the thread, under the mutex, after which sends are refused (2),
 //   so no thread writes to a closed (or reused) descriptor. The last event is CLOSED.
 // - Arguments are re-checked here (types, ranges, buffer counts) and bad ones throw.
@@ -98,8 +103,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <climits>
+#include <condition_variable>
 #include <cstring>
+#include <functional>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -131,7 +139,8 @@ constexpr double kEvFraming = 4;  // magic: bad request magic, parsing stopped
 constexpr double kEvEof = 5;      // errno (0: the client closed its side)
 constexpr double kEvClosed = 6;   // errno, bytes received: the thread ended, fd closed
 constexpr double kEvDone = 7;     // length, microseconds, type, errno: a WRITE or READ served and answered here
-constexpr double kEvHeld = 8;     // seq: a WRITE appended here whose reply waits for the replica (nv_append.h)
+constexpr double kEvHeld = 8;
+constexpr int kLazyPostMs = 2;    // DONE-only events wait at most this long to be posted (PostLocked)     // seq: a WRITE appended here whose reply waits for the replica (nv_append.h)
 constexpr uint32_t kNbdEio = 5;   // NBD_EIO, the error a failed held reply carries
 constexpr uint32_t kSimpleReplyMagic = 0x67446698;
 constexpr size_t kSimpleReplyBytes = 16;
@@ -262,12 +271,73 @@ class MemStore {
 };
 using MemStorePtr = std::shared_ptr<MemStore>;
 
+// Threads that may block on the disk for the connections' READs: a READ of an engine
+// volume whose blocks the ReadMap holds but the page cache does not (ReadMap kWouldBlock)
+// is read here, so a connection's cold READs run at its queue depth instead of one at a
+// time on its thread (or through TypeScript). One pool for the process, started on first
+// use and never torn down (its threads sleep when idle; the process's exit ends them).
+// Bounded: at most kReadQueueMax jobs wait; a READ that finds it full goes to TypeScript.
+class ReadPool {
+ public:
+  static constexpr size_t kThreads = 16;
+  static constexpr size_t kReadQueueMax = 4096;
+
+  static ReadPool& Get() {
+    static ReadPool* pool = new ReadPool();  // leaked on purpose: no destructor races the threads at exit
+    return *pool;
+  }
+
+  // Queues fn for a pool thread; false (fn not taken) when the queue is full.
+  bool Submit(std::function<void()>&& fn) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (q_.size() >= kReadQueueMax) return false;
+    q_.push_back(std::move(fn));
+    if (started_ < kThreads && idle_ == 0) {
+      started_++;
+      std::thread([this] { Loop(); }).detach();
+    } else {
+      cv_.notify_one();
+    }
+    return true;
+  }
+
+ private:
+  void Loop() {
+    std::unique_lock<std::mutex> l(mu_);
+    for (;;) {
+      idle_++;
+      cv_.wait(l, [this] { return !q_.empty(); });
+      idle_--;
+      std::function<void()> fn = std::move(q_.front());
+      q_.pop_front();
+      l.unlock();
+      fn();
+      l.lock();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> q_;
+  size_t started_ = 0, idle_ = 0;
+};
+
 // A WRITE appended by the thread whose reply waits for the replica (nv_append.h).
 struct Held {
   uint64_t seq;
   uint8_t cookie[8];
   uint32_t len;
   int64_t hdrUs;
+};
+
+// A READ the read pool has done (ok: its data is in g), for the connection's thread to answer.
+struct PoolDone {
+  Granted g;
+  std::array<uint8_t, kHeaderBytes> hdr;  // the request header
+  uint32_t len;
+  int64_t modes;
+  int64_t t0;
+  bool ok;
 };
 
 class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
@@ -291,6 +361,7 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
       Process();
       bool wantRecv;
       short events;
+      int timeoutMs;
       {
         std::lock_guard<std::mutex> l(mu_);
         if (abort_) break;
@@ -298,7 +369,7 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
           err = sendErr_;
           break;
         }
-        if (endReq_ && sendq_.empty() && held_.empty() && !shutWr_) {
+        if (endReq_ && sendq_.empty() && held_.empty() && poolReads_ == 0 && !shutWr_) {
           ::shutdown(fd_, SHUT_WR);
           shutWr_ = true;
           if (state_ != St::Dead) state_ = St::Discard;
@@ -308,17 +379,20 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
         wantsInput_ = wantRecv && state_ != St::Discard;
         events = static_cast<short>((wantRecv ? POLLIN : 0) | (sendq_.empty() ? 0 : POLLOUT));
         PostLocked();
+        timeoutMs = LazyTimeoutLocked();
       }
       pollfd fds[2] = {{fd_, events, 0}, {wake_, POLLIN, 0}};
-      int r = ::poll(fds, 2, -1);
+      int r = ::poll(fds, 2, timeoutMs);
       if (r < 0) {
         if (errno == EINTR) continue;
         err = errno;
         break;
       }
       if (fds[1].revents & POLLIN) {
+        std::lock_guard<std::mutex> l(mu_);
         uint64_t v;
         (void)!::read(wake_, &v, sizeof v);
+        wakeSignaled_ = false;
       }
       short re = fds[0].revents;
       if (re & POLLOUT) {
@@ -343,7 +417,12 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
         break;  // both directions shut and nothing to read: nothing more can happen
       }
     }
-    std::lock_guard<std::mutex> l(mu_);
+    std::unique_lock<std::mutex> l(mu_);
+    // Pool READs write into granted buffers and may report to TypeScript: they finish
+    // before CLOSED (after which TypeScript takes every buffer back).
+    poolDone_.wait(l, [this] { return poolFinished_.size() == poolReads_; });
+    poolFinished_.clear();  // nobody to answer; TypeScript takes the buffers back at CLOSED
+    poolReads_ = 0;
     closed_ = true;
     ::close(fd_);
     ::close(wake_);
@@ -465,6 +544,7 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
     o.Set("directReads", Napi::Number::New(env, static_cast<double>(directReads_)));
     o.Set("heldReplies", Napi::Number::New(env, static_cast<double>(held_.size())));
     o.Set("heldWrites", Napi::Number::New(env, static_cast<double>(heldWrites_)));
+    o.Set("poolReads", Napi::Number::New(env, static_cast<double>(poolReads_)));
     return o;
   }
 
@@ -474,6 +554,8 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
     {
       std::lock_guard<std::mutex> l(mu_);
       posted_ = false;
+      urgent_ = false;
+      lazySinceUs_ = 0;
       ev.swap(events_);
     }
     if (ev.empty()) return;
@@ -540,6 +622,7 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
   // Parses what the stage holds, as far as the limits allow. The parser's fields are the
   // thread's own; the mutex is taken only for what JS shares (claims, events, counters).
   void Process() {
+    AnswerPoolReads();
     while (true) {
       size_t avail = sLen_ - sPos_;
       if (state_ == St::Dead) {
@@ -585,6 +668,9 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
         continue;
       }
       std::lock_guard<std::mutex> l(mu_);
+      // A DISC must come after every request before it reached TypeScript: a pool READ
+      // may still be reported (FinishPoolRead), so DISC waits for them (they wake us).
+      if (Be32(hdr_) == kRequestMagic && Be16(hdr_ + 6) == kCmdDisc && poolReads_ > 0) break;
       if (!ParseHeaderLocked()) break;  // waits for a buffer
     }
     if (sPos_ == sLen_) sPos_ = sLen_ = 0;
@@ -654,32 +740,109 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
       granted_.erase(granted_.begin() + static_cast<std::ptrdiff_t>(best));
     }
     int64_t t0 = NowUs();
-    bool ok = mem ? mem->CopyOut(off, g.data, len) : rmap ? rmap->ReadOut(off, g.data, len) : PreadCached(dfd, g.data, len, off);
+    bool ok;
+    if (rmap) {
+      ReadMap::ReadResult r = rmap->Read(off, g.data, len, false);
+      if (r == ReadMap::ReadResult::kWouldBlock && ReadLater(rmap, g, off, len, modes, t0)) return true;
+      ok = r == ReadMap::ReadResult::kHit;
+    } else {
+      ok = mem ? mem->CopyOut(off, g.data, len) : PreadCached(dfd, g.data, len, off);
+    }
     if (!ok) {
       std::lock_guard<std::mutex> l(mu_);
       granted_.push_back(g);  // unclaimed again; TypeScript reads it with the volume's code
       return false;
     }
-    if (modes & kModeStructured) {
-      uint8_t* r = OwnBytes(kStructuredReadHeaderBytes);
-      PutBe32(r, kStructuredReplyMagic);
-      PutBe16(r + 4, kReplyFlagDone);
-      PutBe16(r + 6, kReplyTypeOffsetData);
-      memcpy(r + 8, hdr_ + 8, 8);  // the cookie, verbatim
-      PutBe32(r + 16, 8 + len);
-      memcpy(r + 20, hdr_ + 16, 8);  // the offset, verbatim
-    } else {
-      uint8_t* r = OwnBytes(kSimpleReplyBytes);
-      PutBe32(r, kSimpleReplyMagic);
-      PutBe32(r + 4, 0);
-      memcpy(r + 8, hdr_ + 8, 8);
-    }
+    PutReadReplyHeader(OwnBytes(ReadReplyHeaderBytes(modes)), hdr_, len, modes);
     pieces_.push_back(Piece{g.data, 0, len});
     gives_.push_back(g);
     std::lock_guard<std::mutex> l(mu_);
     directReads_++;
     Emit({kEvDone, static_cast<double>(len), static_cast<double>(NowUs() - t0), static_cast<double>(kCmdRead)});
     return true;
+  }
+
+  static size_t ReadReplyHeaderBytes(int64_t modes) {
+    return (modes & kModeStructured) ? kStructuredReadHeaderBytes : kSimpleReplyBytes;
+  }
+
+  // A successful READ's reply header (the data follows it) for request header h.
+  static void PutReadReplyHeader(uint8_t* r, const uint8_t* h, uint32_t len, int64_t modes) {
+    if (modes & kModeStructured) {
+      PutBe32(r, kStructuredReplyMagic);
+      PutBe16(r + 4, kReplyFlagDone);
+      PutBe16(r + 6, kReplyTypeOffsetData);
+      memcpy(r + 8, h + 8, 8);  // the cookie, verbatim
+      PutBe32(r + 16, 8 + len);
+      memcpy(r + 20, h + 16, 8);  // the offset, verbatim
+    } else {
+      PutBe32(r, kSimpleReplyMagic);
+      PutBe32(r + 4, 0);
+      memcpy(r + 8, h + 8, 8);
+    }
+  }
+
+  // A READ the map holds but the page cache does not: the read pool reads it (waiting for
+  // the disk) into the claimed buffer g and answers it (FinishPoolRead). Counted in flight
+  // (the reading cap holds) and in poolReads_ (the thread does not end, shut down or take
+  // a DISC while any is out). False: the pool is full; the caller gives it to TypeScript.
+  bool ReadLater(const ReadMapPtr& rmap, const Granted& g, uint64_t off, uint32_t len, int64_t modes, int64_t t0) {
+    std::array<uint8_t, kHeaderBytes> h;
+    memcpy(h.data(), hdr_, kHeaderBytes);
+    std::shared_ptr<Conn> self = shared_from_this();
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      inflight_++;
+      poolReads_++;
+    }
+    bool queued = ReadPool::Get().Submit([self, rmap, g, off, len, modes, t0, h] {
+      bool ok = rmap->Read(off, g.data, len, true) == ReadMap::ReadResult::kHit;
+      self->FinishPoolRead(PoolDone{g, h, len, modes, t0, ok});
+    });
+    if (queued) return true;
+    std::lock_guard<std::mutex> l(mu_);
+    inflight_--;
+    poolReads_--;
+    return false;
+  }
+
+  // On a pool thread: hands the READ back to the connection's thread (AnswerPoolReads).
+  void FinishPoolRead(PoolDone&& d) {
+    std::lock_guard<std::mutex> l(mu_);
+    poolFinished_.push_back(std::move(d));
+    if (poolFinished_.size() == poolReads_) poolDone_.notify_all();
+    WakeLocked();
+  }
+
+  // On the connection's thread, at the start of a Process pass: the pool's finished READs
+  // are answered in this pass's writev (ok), or reported to TypeScript as the thread would
+  // have (their buffers unclaimed again), which reads them with the volume's own code.
+  void AnswerPoolReads() {
+    std::vector<PoolDone> done;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (poolFinished_.empty()) return;
+      done.swap(poolFinished_);
+    }
+    for (PoolDone& d : done) {
+      if (!d.ok) continue;
+      PutReadReplyHeader(OwnBytes(ReadReplyHeaderBytes(d.modes)), d.hdr.data(), d.len, d.modes);
+      pieces_.push_back(Piece{d.g.data, 0, d.len});
+      gives_.push_back(d.g);
+    }
+    std::lock_guard<std::mutex> l(mu_);
+    int64_t now = NowUs();
+    for (PoolDone& d : done) {
+      poolReads_--;
+      if (d.ok) {
+        inflight_--;
+        directReads_++;
+        Emit({kEvDone, static_cast<double>(d.len), static_cast<double>(now - d.t0), static_cast<double>(kCmdRead)});
+      } else {
+        granted_.push_back(d.g);
+        EmitRequestLocked(d.hdr.data(), -1);  // stays in flight: TypeScript answers it
+      }
+    }
   }
 
   // The header in hdr_ is complete. False: it must wait (no buffer fits its payload).
@@ -824,32 +987,54 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
     PostLocked();
   }
 
-  void EmitRequestLocked(double bufferId) {
-    const uint8_t* h = hdr_;
+  void EmitRequestLocked(double bufferId) { EmitRequestLocked(hdr_, bufferId); }
+  void EmitRequestLocked(const uint8_t* h, double bufferId) {
     Emit({kEvRequest, static_cast<double>(Be16(h + 4)), static_cast<double>(Be16(h + 6)),
           static_cast<double>(Be32(h + 8)), static_cast<double>(Be32(h + 12)), static_cast<double>(Be32(h + 16)),
           static_cast<double>(Be32(h + 20)), static_cast<double>(Be32(h + 24)), bufferId});
   }
 
   void Emit(std::initializer_list<double> f) {
+    if (*f.begin() != kEvDone) urgent_ = true;
     size_t at = events_.size();
     events_.resize(at + kEventWidth, 0);
     size_t i = 0;
     for (double v : f) events_[at + i++] = v;
   }
 
-  void PostLocked() {
+  // Posts the pending events to the JS thread, unless they are only DONE events (counts for
+  // statistics: nothing waits on them), which wait up to kLazyPostMs to go with others
+  // (LazyTimeoutLocked): the JS thread wakes ~once a millisecond, not once per READ or WRITE.
+  void PostLocked(bool force = false) {
     if (events_.empty() || posted_) return;
+    if (!urgent_ && !force) {
+      if (lazySinceUs_ == 0) lazySinceUs_ = NowUs();
+      return;
+    }
     posted_ = true;
+    urgent_ = false;
+    lazySinceUs_ = 0;
     tsfn.NonBlockingCall(this, [](Napi::Env env, Napi::Function fn, Conn* c) {
       if (env != nullptr) c->Deliver(env, fn);
     });
   }
 
+  // The poll timeout for lazy events (-1: none wait); posts them if they waited long enough.
+  int LazyTimeoutLocked() {
+    if (events_.empty() || posted_ || lazySinceUs_ == 0) return -1;
+    if (NowUs() - lazySinceUs_ >= kLazyPostMs * 1000) {
+      PostLocked(true);
+      return -1;
+    }
+    return kLazyPostMs;
+  }
+
+  // One eventfd write until the thread has read it (the thread wakes once for many).
   void WakeLocked() {
-    if (closed_) return;
+    if (closed_ || wakeSignaled_) return;
     uint64_t one = 1;
     (void)!::write(wake_, &one, sizeof one);
+    wakeSignaled_ = true;
   }
 
   // Writes s now if nothing is queued before it, else (or for what the socket did not take)
@@ -971,6 +1156,12 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
   std::vector<Granted> gives_;  // this pass's direct READs' buffers
   std::deque<Held> held_;       // under mu_: replies waiting for the replica, in seq order
   uint64_t heldWrites_ = 0;     // under mu_
+  uint32_t poolReads_ = 0;      // under mu_: READs out on the read pool (ReadLater) until answered here
+  std::vector<PoolDone> poolFinished_;  // under mu_: of those, the ones the pool has done
+  std::condition_variable poolDone_;    // with mu_: every READ out on the pool is done
+  bool wakeSignaled_ = false;   // under mu_: the wake eventfd is written and not yet read
+  bool urgent_ = false;         // under mu_: events_ holds more than DONE events
+  int64_t lazySinceUs_ = 0;     // under mu_: when the oldest unposted DONE-only batch began (0: none)
   bool wantBuf_ = false;        // the header being reported is a plain READ no buffer fitted
 };
 
@@ -1371,16 +1562,17 @@ Napi::Value ReadMapClose(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// nbdReadMapStats(map) -> [hits, misses]
+// nbdReadMapStats(map) -> [hits, misses, waits] (waits: READs that went to the read pool)
 Napi::Value ReadMapStats(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   ReadMapPtr m;
   if (!GetReadMap(info, 0, "nbdReadMapStats", &m)) return env.Undefined();
-  uint64_t h, mi;
-  m->Stats(&h, &mi);
-  Napi::Array a = Napi::Array::New(env, 2);
+  uint64_t h, mi, w;
+  m->Stats(&h, &mi, &w);
+  Napi::Array a = Napi::Array::New(env, 3);
   a.Set(uint32_t{0}, Napi::Number::New(env, static_cast<double>(h)));
   a.Set(uint32_t{1}, Napi::Number::New(env, static_cast<double>(mi)));
+  a.Set(uint32_t{2}, Napi::Number::New(env, static_cast<double>(w)));
   return a;
 }
 

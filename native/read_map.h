@@ -20,9 +20,12 @@
 //   (and later reused) only by a CP after its lbn was rewritten or trimmed, i.e. after the
 //   append that dropped it: a read that could have seen a reused block finds its entry
 //   gone (or put again with that block's new crc32c, which its bytes must then match).
-// - Every block read is checked against the entry's crc32c; a mismatch, a block outside
-//   the page cache (RWF_NOWAIT), a short read or an error is a miss: TypeScript reads it
-//   with the tree's own code, which repairs, refuses or reports it (nothing is decided here).
+// - Every block read is checked against the entry's crc32c; a mismatch, a short read or an
+//   error is a miss: TypeScript reads it with the tree's own code, which repairs, refuses
+//   or reports it (nothing is decided here). A connection's thread reads the page cache
+//   only (RWF_NOWAIT); a block outside it makes the read kWouldBlock, and the same read is
+//   done again from scratch by a thread that may wait for the disk (nbd_serve.cc's read
+//   pool), with the same checks.
 // - Close: no read starts after it; the member fd is closed by the last read still
 //   running (or at once), never while a pread may use it.
 // - Memory: slots * 16 bytes, fixed at creation (calloc'd: untouched slots cost nothing),
@@ -104,29 +107,38 @@ class ReadMap {
     CloseFdLocked();
   }
 
+  // What ReadOut did: kHit (dst holds the blocks), kMiss (TypeScript must read them: not
+  // mapped, a crc32c mismatch, an entry that changed, an error, closed) or kWouldBlock
+  // (mapped, but a block is not in the page cache and the caller may not block: the same
+  // ReadOut with mayBlock may serve it from a thread that can wait for the disk).
+  enum class ReadResult { kHit, kMiss, kWouldBlock };
+
   // Reads [off, off+len) into dst if it is whole blocks, every block is mapped, every data
-  // block comes from the page cache and matches its crc32c; else false (dst is scratch).
-  bool ReadOut(uint64_t off, uint8_t* dst, size_t len) {
-    if (off % kBlock != 0 || len % kBlock != 0 || len == 0 || off > sizeBytes_ || len > sizeBytes_ - off) return false;
+  // block comes from the page cache (or, with mayBlock, from the disk) and matches its
+  // crc32c (dst is scratch unless kHit).
+  bool ReadOut(uint64_t off, uint8_t* dst, size_t len) { return Read(off, dst, len, false) == ReadResult::kHit; }
+
+  ReadResult Read(uint64_t off, uint8_t* dst, size_t len, bool mayBlock) {
+    if (off % kBlock != 0 || len % kBlock != 0 || len == 0 || off > sizeBytes_ || len > sizeBytes_ - off) return ReadResult::kMiss;
     const uint64_t first = off / kBlock, n = len / kBlock;
-    thread_local std::vector<Slot> snap;
+    std::vector<Slot>& snap = Snap();
     snap.resize(n);
     int fd;
     {
       std::lock_guard<std::mutex> l(mu);
-      if (closed_) return false;
+      if (closed_) return ReadResult::kMiss;
       for (uint64_t k = 0; k < n; k++) {
         const Slot& s = slots_[(first + k) & mask_];
         if (s.tag != static_cast<uint32_t>((first + k) >> log2_) + 1) {
           misses_++;
-          return false;
+          return ReadResult::kMiss;
         }
         snap[k] = s;
       }
       readers_++;
       fd = fd_;
     }
-    bool ok = true;
+    bool ok = true, uncached = false;
     uint64_t k = 0;
     while (ok && k < n) {
       const Slot& s = snap[k];
@@ -138,26 +150,32 @@ class ReadMap {
       }
       uint64_t run = 1;
       while (k + run < n && snap[k + run].pba == s.pba + run) run++;
-      ok = PreadCached(fd, at, run * kBlock, s.pba * kBlock);
+      if (mayBlock) {
+        ok = PreadAll(fd, at, run * kBlock, s.pba * kBlock);
+      } else {
+        ok = PreadCached(fd, at, run * kBlock, s.pba * kBlock);
+        uncached = !ok;
+      }
       for (uint64_t j = 0; ok && j < run; j++) ok = Crc32cOf(at + j * kBlock, kBlock) == snap[k + j].crc;
       k += run;
     }
     std::lock_guard<std::mutex> l(mu);
     readers_--;
     if (closed_) CloseFdLocked();
-    for (uint64_t j = 0; ok && j < n; j++) {
-      const Slot& s = slots_[(first + j) & mask_];
-      ok = !closed_ && s.tag == snap[j].tag && s.pba == snap[j].pba && s.crc == snap[j].crc;
-    }
+    ok = ok && !closed_ && EntriesUnchangedLocked(first, n);
     if (ok) hits_++;
+    else if (uncached) waits_++;
     else misses_++;
-    return ok;
+    // An uncached block is worth a blocking read only if nothing else failed: every block
+    // before it matched, and the entries are still the ones read.
+    return ok ? ReadResult::kHit : uncached && !closed_ && EntriesUnchangedLocked(first, n) ? ReadResult::kWouldBlock : ReadResult::kMiss;
   }
 
-  void Stats(uint64_t* hits, uint64_t* misses) {
+  void Stats(uint64_t* hits, uint64_t* misses, uint64_t* waits) {
     std::lock_guard<std::mutex> l(mu);
     *hits = hits_;
     *misses = misses_;
+    *waits = waits_;
   }
 
   std::mutex mu;  // PutLocked's callers hold it
@@ -188,6 +206,21 @@ class ReadMap {
     uint64_t pba;  // 0: a hole
   };
 
+  // The n entries from lbn `first` are the ones this thread's Read copied (snap).
+  bool EntriesUnchangedLocked(uint64_t first, uint64_t n) const {
+    const std::vector<Slot>& snap = Snap();
+    for (uint64_t j = 0; j < n; j++) {
+      const Slot& s = slots_[(first + j) & mask_];
+      if (s.tag != snap[j].tag || s.pba != snap[j].pba || s.crc != snap[j].crc) return false;
+    }
+    return true;
+  }
+
+  static std::vector<Slot>& Snap() {
+    thread_local std::vector<Slot> snap;
+    return snap;
+  }
+
   void CloseFdLocked() {
     if (readers_ == 0 && fd_ >= 0) {
       ::close(fd_);
@@ -203,7 +236,7 @@ class ReadMap {
   Slot* const slots_;
   bool closed_ = false;  // under mu
   uint32_t readers_ = 0;  // ReadOuts between their two lock sections, under mu
-  uint64_t hits_ = 0, misses_ = 0;  // under mu
+  uint64_t hits_ = 0, misses_ = 0, waits_ = 0;  // under mu (waits: kWouldBlock answers)
   uint64_t gen_ = 0;  // Drop and Clear calls, under mu
   static constexpr uint64_t kDropRing = 4096;
   struct Dropped {

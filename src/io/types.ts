@@ -57,7 +57,7 @@ export function keepOpen(d: BlockDevice): BlockDevice {
   return {
     get blockCount() { return d.blockCount; },
     readBlocks: (pba, count, dst) => d.readBlocks(pba, count, dst),
-    writeBlocks: (pba, data) => d.writeBlocks(pba, data),
+    writeBlocks: (pba, data, hint) => d.writeBlocks(pba, data, hint),
     sync: () => d.sync(),
     discard: (pba, count) => d.discard(pba, count),
     close: () => Promise.resolve(),

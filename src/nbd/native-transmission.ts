@@ -109,6 +109,8 @@ interface NativeState {
   /** WRITEs the thread appended whose replies wait for the replica (a sync mirror), and all it ever held. */
   heldReplies: number;
   heldWrites: number;
+  /** READs out on the native read pool (cold blocks of an engine volume). */
+  poolReads: number;
 }
 
 type Handle = object;
@@ -591,7 +593,7 @@ export class NativeTransmission extends Transmission {
 
   override get isIdle(): boolean {
     const st = this.nativeState();
-    return this.inflightRequests === 0 && st !== undefined && st.queuedBytes === 0 && st.heldReplies === 0 && !st.midRequest && !this.stopping && this.backlog.length === 0;
+    return this.inflightRequests === 0 && st !== undefined && st.queuedBytes === 0 && st.heldReplies === 0 && st.poolReads === 0 && !st.midRequest && !this.stopping && this.backlog.length === 0;
   }
 
   override get lastActivityMs(): number {
@@ -620,6 +622,7 @@ export class NativeTransmission extends Transmission {
       directReads: st?.directReads ?? 0,
       heldReplies: st?.heldReplies ?? 0,
       heldWrites: st?.heldWrites ?? 0,
+      poolReads: st?.poolReads ?? 0,
     };
   }
 

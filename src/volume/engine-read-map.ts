@@ -34,7 +34,7 @@ interface ReadMapCalls {
   nbdReadMapDrop(map: object, lbn: number, count: number): void;
   nbdReadMapClear(map: object): void;
   nbdReadMapClose(map: object): void;
-  nbdReadMapStats(map: object): [number, number];
+  nbdReadMapStats(map: object): [number, number, number];
 }
 
 function calls(): ReadMapCalls {
@@ -109,9 +109,10 @@ export class EngineReadMap {
     if (!this.closed) calls().nbdReadMapClear(this.handle);
   }
 
-  stats(): { hits: number; misses: number } {
-    const [hits, misses] = calls().nbdReadMapStats(this.handle);
-    return { hits, misses };
+  /** hits: READs answered on the NBD threads (poolReads of them after waiting for the disk on the read pool); misses: passed to TypeScript. */
+  stats(): { hits: number; misses: number; poolReads: number } {
+    const [hits, misses, poolReads] = calls().nbdReadMapStats(this.handle);
+    return { hits, misses, poolReads };
   }
 
   /** After this, the threads answer nothing from the map (their READs go to TypeScript). */

@@ -167,7 +167,7 @@ export interface EngineStats {
   cp: CpStats;
   replay: ReplaySummary;
   /** READs the NBD threads answered from the block map (hits) or passed on (misses), if the volume has one. */
-  threadReads?: { hits: number; misses: number };
+  threadReads?: { hits: number; misses: number; poolReads: number };
   /** WRITEs the NBD threads appended to the NVRAM log themselves, if they ever did. */
   threadWrites?: number;
 }

@@ -23,6 +23,7 @@
  * - the switch: nativeTransmission: false serves the same requests on the stream path.
  */
 import { strict as assert } from 'assert';
+import { execFileSync } from 'child_process';
 import * as crypto from 'crypto';
 import * as fs from 'fs';
 import * as os from 'os';
@@ -683,6 +684,78 @@ describe('native NBD transmission: an engine block that fails its checksum', fun
       assert.ok((await readOne(s, AT + 4096, 4096)).data?.equals(data.subarray(4096, 8192)), 'the next block still reads');
       s.conn.destroy();
       await settled(r);
+    } finally {
+      await stopRig(r);
+    }
+  });
+});
+
+describe('native NBD transmission: engine blocks outside the page cache (the read pool)', function () {
+  this.timeout(60_000);
+
+  /** Drops the member file's pages from the page cache (posix_fadvise DONTNEED through GNU dd). */
+  function dropCache(file: string): void {
+    execFileSync('dd', [`if=${file}`, 'iflag=nocache', 'count=0', 'status=none']);
+  }
+
+  function poolReads(r: Rig): number {
+    return (r.volume as EngineVolume).stats().threadReads?.poolReads ?? 0;
+  }
+
+  it('reads them on the pool at depth: 32 pipelined READs answered by cookie with the right data; a DISC after them waits for them; a client gone mid-read leaves nothing held', async () => {
+    const r = await startRig('engine-file', true);
+    try {
+      const N = 32;
+      const data = crypto.randomBytes(4 * N * 4096);
+      await r.volume.write(0, data, false);
+      await (r.volume as EngineVolume).checkpoint();
+      const member = path.join(r.dir, 'member.img');
+      const s = await open(r);
+      /** N pipelined 4 KiB READs of blocks from..from+N (plus `then`, e.g. a DISC); the replies checked by cookie. */
+      async function burst(from: number, then?: Buffer): Promise<void> {
+        const cookies = new Map<bigint, number>();
+        const reqs: Buffer[] = [];
+        for (let i = 0; i < N; i++) {
+          const cookie = nextCookie();
+          cookies.set(cookie, from + i);
+          reqs.push(request({ type: CMD.READ, cookie, offset: (from + i) * 4096, length: 4096 }));
+        }
+        await s.conn.write(Buffer.concat(then ? [...reqs, then] : reqs));
+        for (let i = 0; i < N; i++) {
+          const rep = await readSimpleReply(s.conn);
+          const block = cookies.get(rep.cookie);
+          assert.ok(block !== undefined, `a reply to a READ asked for (cookie ${rep.cookie})`);
+          cookies.delete(rep.cookie);
+          assert.equal(rep.error, 0);
+          assert.ok((await s.conn.read(4096, 'READ data')).equals(data.subarray(block * 4096, (block + 1) * 4096)), `block ${block}`);
+        }
+      }
+      // Through TypeScript first: it grants 4 KiB buffers and maps the leaf (these blocks are now cached).
+      await burst(0);
+      dropCache(member);
+      const pool0 = poolReads(r);
+      const reads0 = directReads(r);
+      await burst(N);
+      // The first pool read's readahead may bring its neighbours in: those the thread copies from the cache.
+      assert.ok(poolReads(r) > pool0, `cold READs went to the pool (${poolReads(r) - pool0} of ${N})`);
+      assert.ok(directReads(r) - reads0 >= N / 2, `and all but a few were answered by the thread (${directReads(r) - reads0} of ${N})`);
+      // Cold again, with a DISC right behind: every READ is answered, then the server closes.
+      dropCache(member);
+      const pool1 = poolReads(r);
+      await burst(2 * N, request({ type: CMD.DISC, cookie: nextCookie(), offset: 0, length: 0 }));
+      assert.ok(poolReads(r) > pool1, 'the pool served some of them');
+      await until('the server closed after DISC', () => r.server.connectionCount === 0);
+      await settled(r);
+      // A client that sends cold READs and leaves at once: nothing stays held or charged.
+      dropCache(member);
+      const s2 = await open(r);
+      const reqs: Buffer[] = [];
+      for (let i = 0; i < N; i++) reqs.push(request({ type: CMD.READ, cookie: nextCookie(), offset: (3 * N + i) * 4096, length: 4096 }));
+      await s2.conn.write(Buffer.concat(reqs));
+      s2.conn.destroy();
+      await settled(r);
+      // The data is still what was written, through the volume's own path.
+      assert.ok((await r.volume.read(0, data.length)).equals(data));
     } finally {
       await stopRig(r);
     }
