@@ -139,8 +139,8 @@ constexpr double kEvFraming = 4;  // magic: bad request magic, parsing stopped
 constexpr double kEvEof = 5;      // errno (0: the client closed its side)
 constexpr double kEvClosed = 6;   // errno, bytes received: the thread ended, fd closed
 constexpr double kEvDone = 7;     // length, microseconds, type, errno: a WRITE or READ served and answered here
-constexpr double kEvHeld = 8;
-constexpr int kLazyPostMs = 2;    // DONE-only events wait at most this long to be posted (PostLocked)     // seq: a WRITE appended here whose reply waits for the replica (nv_append.h)
+constexpr double kEvHeld = 8;     // seq: a WRITE appended here whose reply waits for the replica (nv_append.h)
+constexpr int kLazyPostMs = 2;    // DONE-only events wait at most this long to be posted (PostLocked)
 constexpr uint32_t kNbdEio = 5;   // NBD_EIO, the error a failed held reply carries
 constexpr uint32_t kSimpleReplyMagic = 0x67446698;
 constexpr size_t kSimpleReplyBytes = 16;
@@ -1562,7 +1562,7 @@ Napi::Value ReadMapClose(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// nbdReadMapStats(map) -> [hits, misses, waits] (waits: READs that went to the read pool)
+// nbdReadMapStats(map) -> [hits, misses, waits] (waits: READs that found a block outside the page cache)
 Napi::Value ReadMapStats(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   ReadMapPtr m;

@@ -14,7 +14,7 @@
 //   fill puts a leaf's slots only for lbns no drop since its read began (expectGen) named,
 //   under the mutex (SkipDroppedLocked; a fill older than the ring, or across a Clear,
 //   puts nothing). So a drop never comes before a put it should have removed.
-// - A read (ReadOut) copies its entries under the mutex, reads and checks the blocks
+// - A read (Read) copies its entries under the mutex, reads and checks the blocks
 //   without it (threads read in parallel; Drop never waits for I/O), then takes the mutex
 //   again and answers only if every entry is still the one it read. A data block is freed
 //   (and later reused) only by a CP after its lbn was rewritten or trimmed, i.e. after the
@@ -107,17 +107,15 @@ class ReadMap {
     CloseFdLocked();
   }
 
-  // What ReadOut did: kHit (dst holds the blocks), kMiss (TypeScript must read them: not
+  // What Read did: kHit (dst holds the blocks), kMiss (TypeScript must read them: not
   // mapped, a crc32c mismatch, an entry that changed, an error, closed) or kWouldBlock
   // (mapped, but a block is not in the page cache and the caller may not block: the same
-  // ReadOut with mayBlock may serve it from a thread that can wait for the disk).
+  // Read with mayBlock may serve it from a thread that can wait for the disk).
   enum class ReadResult { kHit, kMiss, kWouldBlock };
 
   // Reads [off, off+len) into dst if it is whole blocks, every block is mapped, every data
   // block comes from the page cache (or, with mayBlock, from the disk) and matches its
   // crc32c (dst is scratch unless kHit).
-  bool ReadOut(uint64_t off, uint8_t* dst, size_t len) { return Read(off, dst, len, false) == ReadResult::kHit; }
-
   ReadResult Read(uint64_t off, uint8_t* dst, size_t len, bool mayBlock) {
     if (off % kBlock != 0 || len % kBlock != 0 || len == 0 || off > sizeBytes_ || len > sizeBytes_ - off) return ReadResult::kMiss;
     const uint64_t first = off / kBlock, n = len / kBlock;
@@ -162,13 +160,19 @@ class ReadMap {
     std::lock_guard<std::mutex> l(mu);
     readers_--;
     if (closed_) CloseFdLocked();
-    ok = ok && !closed_ && EntriesUnchangedLocked(first, n);
-    if (ok) hits_++;
-    else if (uncached) waits_++;
-    else misses_++;
     // An uncached block is worth a blocking read only if nothing else failed: every block
     // before it matched, and the entries are still the ones read.
-    return ok ? ReadResult::kHit : uncached && !closed_ && EntriesUnchangedLocked(first, n) ? ReadResult::kWouldBlock : ReadResult::kMiss;
+    const bool same = !closed_ && EntriesUnchangedLocked(first, n);
+    if (ok && same) {
+      hits_++;
+      return ReadResult::kHit;
+    }
+    if (uncached && same) {
+      waits_++;
+      return ReadResult::kWouldBlock;
+    }
+    misses_++;
+    return ReadResult::kMiss;
   }
 
   void Stats(uint64_t* hits, uint64_t* misses, uint64_t* waits) {
@@ -235,8 +239,8 @@ class ReadMap {
   const uint64_t mask_;
   Slot* const slots_;
   bool closed_ = false;  // under mu
-  uint32_t readers_ = 0;  // ReadOuts between their two lock sections, under mu
-  uint64_t hits_ = 0, misses_ = 0, waits_ = 0;  // under mu (waits: kWouldBlock answers)
+  uint32_t readers_ = 0;  // Reads between their two lock sections, under mu
+  uint64_t hits_ = 0, misses_ = 0, waits_ = 0;  // under mu (waits: kWouldBlock answers, sent to the pool)
   uint64_t gen_ = 0;  // Drop and Clear calls, under mu
   static constexpr uint64_t kDropRing = 4096;
   struct Dropped {

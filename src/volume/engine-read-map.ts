@@ -109,7 +109,7 @@ export class EngineReadMap {
     if (!this.closed) calls().nbdReadMapClear(this.handle);
   }
 
-  /** hits: READs answered on the NBD threads (poolReads of them after waiting for the disk on the read pool); misses: passed to TypeScript. */
+  /** hits: READs answered on the NBD threads; misses: passed to TypeScript; poolReads: READs that found a block outside the page cache and were read again by the native read pool (then counted as a hit or a miss). */
   stats(): { hits: number; misses: number; poolReads: number } {
     const [hits, misses, poolReads] = calls().nbdReadMapStats(this.handle);
     return { hits, misses, poolReads };

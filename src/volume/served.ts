@@ -41,7 +41,7 @@ export interface VolumeStatus {
   server?: { pid: number } & Partial<ServedBy>;
   /** Reads refused since the volume was opened (by the serving process, or by this status). */
   errors: BlockErrorCounts;
-  /** Whole-block READs the NBD threads answered from the block map (hits; poolReads of them read from the disk by the read pool) or passed on (misses), this session. */
+  /** Whole-block READs the NBD threads answered from the block map (hits) or passed on (misses), and those the native read pool read from the disk (poolReads), this session. */
   threadReads?: { hits: number; misses: number; poolReads: number };
   /** Plain WRITEs the NBD threads appended to the NVRAM log themselves, this session. */
   threadWrites?: number;
