@@ -36,8 +36,10 @@ interface RawAddon {
   seek(fd: number, position: number, whence: number, cb: (err: Error | null, pos: number) => void): void;
   /** Non-blocking exclusive flock; returns false if another process holds it. */
   flockExclusive(fd: number): boolean;
-  /** Maps [0, length) of fd MAP_SHARED read/write; the Buffer stays valid until munmap. */
+  /** Maps [0, length) of fd MAP_SHARED read/write (MADV_RANDOM); the Buffer stays valid until munmap. */
   mmap(fd: number, length: number): Buffer;
+  /** fdatasync, drop the file's cached pages, re-read [0, length) without readahead (base-page folios); off the event loop. */
+  recachePages(fd: number, length: number, cb: (err: Error | null) => void): void;
   munmap(buf: Buffer): void;
   /** msync(MS_SYNC) of [offset, offset+length) of a mapping from mmap(), off the event loop. */
   msync(buf: Buffer, offset: number, length: number, cb: (err: Error | null) => void): void;
@@ -162,6 +164,19 @@ export function flockExclusive(fd: number): boolean {
 export function mmap(fd: number, length: number): Buffer {
   checkInt('fd', fd); checkInt('length', length, 1);
   return addon().mmap(fd, length);
+}
+
+/**
+ * Makes the page cache hold [0, length) of fd in base (4 KiB) pages, before it is mapped
+ * with mmap(): fdatasync (every cached page becomes clean), drop the file's cached pages,
+ * re-read them without readahead. A store into a mapping dirties the whole page-cache
+ * folio it hits, and an msync writes whole dirty folios: in base pages an msync of a
+ * 4 KiB range writes 4 KiB, not up to 1 MiB (see native/nvram.cc). Changes no byte of
+ * the file. Rejects if the fdatasync or a read fails.
+ */
+export function recachePages(fd: number, length: number): Promise<void> {
+  checkInt('fd', fd); checkInt('length', length);
+  return new Promise((resolve, reject) => addon().recachePages(fd, length, (err) => (err ? reject(err) : resolve())));
 }
 
 export function munmap(buf: Buffer): void {

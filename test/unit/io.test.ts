@@ -40,6 +40,16 @@ async function exerciseDevice(dev: BlockDevice): Promise<void> {
   await assert.rejects(dev.readBlocks(0, 1, Buffer.alloc(10)), AssertionError);
 }
 
+/** Bytes of page cache this process has dirtied so far (/proc/self/io write_bytes), if the kernel tells. */
+function dirtiedBytes(): number | undefined {
+  try {
+    const m = /^write_bytes: (\d+)$/m.exec(fs.readFileSync('/proc/self/io', 'latin1'));
+    return m ? Number(m[1]) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 describe('io layer', () => {
   let dir: string;
   before(() => {
@@ -237,7 +247,41 @@ describe('io layer', () => {
     it('persist asserts its range', async () => {
       const nv = await MmapNvram.open(path.join(dir, 'nvram-d'), { sizeBytes: 8192, create: true });
       await assert.rejects(nv.persist(8000, 200), AssertionError);
+      await assert.rejects(nv.persist(-1, 10), AssertionError);
+      await assert.rejects(nv.persist(0, -4096), AssertionError);
+      await assert.rejects(nv.persist(0.5, 10), AssertionError);
+      await assert.rejects(nv.persist(0, Number.NaN), AssertionError);
+      await assert.rejects(nv.persist(8192, 1), AssertionError);
+      await nv.persist(8192, 0);
+      await nv.persist(0, 8192);
       await nv.close();
+    });
+
+    it('a store dirties only its own 4 KiB page, so persist writes about its range', async function () {
+      // /proc/self/io write_bytes grows by the size of each page-cache folio this process
+      // dirties. Cached in large folios (the 1 MiB zero-fill writes of create leave them),
+      // one 4 KiB store dirtied 1 MiB and each msync wrote all of it; open() re-caches the
+      // file in base pages.
+      if (dirtiedBytes() === undefined) this.skip();
+      const file = path.join(dir, 'nvram-e');
+      const nv = await MmapNvram.open(file, { sizeBytes: 4 * 1024 * 1024, create: true });
+      for (let i = 0; i < 8; i++) {
+        const at = i * 512 * 1024 + 100 + i;
+        const before = dirtiedBytes()!;
+        nv.buffer.write(`record ${i}`, at);
+        const dirtied = dirtiedBytes()! - before;
+        assert.ok(dirtied <= 4096, `store ${i} at ${at} dirtied ${dirtied} bytes of page cache`);
+        await nv.persist(at, 8);
+      }
+      await nv.close();
+      // Reopened (the pages are cached in whatever folios the previous mapping left): the same.
+      const again = await MmapNvram.open(file, { sizeBytes: 4 * 1024 * 1024 });
+      const before = dirtiedBytes()!;
+      again.buffer.write('again', 3 * 1024 * 1024 + 17);
+      assert.ok(dirtiedBytes()! - before <= 4096, 'a store after reopen dirtied more than its page');
+      await again.persist(3 * 1024 * 1024 + 17, 5);
+      assert.equal(again.buffer.toString('latin1', 512 * 1024 + 101, 512 * 1024 + 109), 'record 1');
+      await again.close();
     });
   });
 

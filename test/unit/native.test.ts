@@ -383,6 +383,38 @@ describe('native addon', () => {
       assert.ok(fs.readFileSync(file).equals(Buffer.alloc(4096)), 'writes after munmap never reach the file');
     });
 
+    it('recachePages keeps the contents, and reports a bad fd and a short file', async () => {
+      const file = path.join(dir, 'recache.img');
+      const data = randomBuffer(seeded(7), 3 * 1024 * 1024 + 4096);
+      fs.writeFileSync(file, data);
+      const fd = fs.openSync(file, 'r+');
+      const m = native.mmap(fd, data.length);
+      m.write('stored before', 5000); // dirty in the page cache, not yet on disk
+      await native.recachePages(fd, data.length);
+      assert.equal(m.toString('latin1', 5000, 5013), 'stored before');
+      native.munmap(m);
+      data.write('stored before', 5000);
+      assert.ok(fs.readFileSync(file).equals(data), 'recachePages changes no byte of the file');
+      await assert.rejects(native.recachePages(fd, data.length + 4096), (e: NodeJS.ErrnoException) => e.code === 'EIO' && e.syscall === 'pread');
+      fs.closeSync(fd);
+      await assert.rejects(native.recachePages(fd, 4096), (e: NodeJS.ErrnoException) => e.code === 'EBADF');
+    });
+
+    it('msync re-checks its range against the live mapping', () => {
+      const file = path.join(dir, 'range.img');
+      fs.writeFileSync(file, Buffer.alloc(2 * 4096));
+      const fd = fs.openSync(file, 'r+');
+      const m = native.mmap(fd, 2 * 4096);
+      const noop = (): void => undefined;
+      assert.throws(() => raw().msync!(m, 4096, 4097, noop), RangeError);
+      assert.throws(() => raw().msync!(m, -1, 1, noop), RangeError);
+      assert.throws(() => raw().msync!(m, 0, 0.5, noop), RangeError);
+      assert.throws(() => raw().msync!(m.subarray(4096), 0, 1, noop), TypeError);
+      assert.throws(() => raw().msync!(m, 0, 1), TypeError);
+      native.munmap(m);
+      fs.closeSync(fd);
+    });
+
     it('munmap refuses a Buffer that mmap did not return', () => {
       assert.throws(() => native.munmap(Buffer.alloc(4096)), TypeError);
     });
@@ -426,6 +458,9 @@ describe('native addon', () => {
       ['pqGen q length differs', () => raw().pqGen!([buf], Buffer.alloc(16), Buffer.alloc(8)), RangeError],
       ['pqGen column not a buffer', () => raw().pqGen!([buf, {}], Buffer.alloc(16), Buffer.alloc(16)), TypeError],
       ['flockExclusive string', () => raw().flockExclusive!('x'), TypeError],
+      ['recachePages negative length', () => raw().recachePages!(0, -1, noop), RangeError],
+      ['recachePages fd not a number', () => raw().recachePages!('0', 4096, noop), TypeError],
+      ['recachePages no callback', () => raw().recachePages!(0, 4096), TypeError],
     ];
     for (const [name, call, type] of cases) {
       it(`throws ${type.name} for ${name}`, () => {
@@ -438,6 +473,7 @@ describe('native addon', () => {
       assert.throws(() => native.pwritev(0, [], 0, false), RangeError);
       assert.throws(() => native.fallocate(0, 9, 0, 1), RangeError);
       assert.throws(() => native.msync(buf, 10, 10), RangeError);
+      assert.throws(() => native.recachePages(0, -4096), RangeError);
       assert.throws(() => native.pqGen([buf], buf, Buffer.alloc(3)), RangeError);
     });
   });
