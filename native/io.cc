@@ -118,9 +118,9 @@ class PreadJob final : public Job {
 class PwriteJob final : public Job {
  public:
   PwriteJob(const Napi::Function& cb, const Napi::Buffer<uint8_t>& buf, int fd, const uint8_t* data,
-            size_t len, int64_t pos, bool sync)
+            size_t len, int64_t pos, bool sync, bool writeback)
       : Job(cb, "pwrite", buf), buf_(Napi::Persistent(buf)), fd_(fd), data_(data), len_(len), pos_(pos),
-        sync_(sync) {}
+        sync_(sync), writeback_(writeback) {}
 
   void Execute() override {
     int err = WriteAll(fd_, data_, len_, pos_);
@@ -128,7 +128,14 @@ class PwriteJob final : public Job {
       Fail(err, "pwrite");
       return;
     }
-    if (sync_ && ::fdatasync(fd_) != 0) Fail(errno, "fdatasync");
+    if (sync_ && ::fdatasync(fd_) != 0) {
+      Fail(errno, "fdatasync");
+      return;
+    }
+    // A hint (the caller syncs this range soon): start its writeback now, so the disk
+    // works while the caller goes on and the later fdatasync waits only for the rest.
+    // It makes nothing durable and its errors are left to that fdatasync.
+    if (writeback_ && !sync_) (void)::sync_file_range(fd_, pos_, static_cast<off_t>(len_), SYNC_FILE_RANGE_WRITE);
   }
 
  private:
@@ -138,6 +145,7 @@ class PwriteJob final : public Job {
   size_t len_;
   int64_t pos_;
   bool sync_;
+  bool writeback_;
 };
 
 // O_DIRECT wants the memory, the length and the position aligned; a write whose buffers
@@ -387,25 +395,27 @@ Napi::Value Pread(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// pwrite(fd, buf, bufOffset, length, position, sync, cb)
+// pwrite(fd, buf, bufOffset, length, position, sync, writeback, cb): writeback (ignored with sync)
+// starts the range's writeback after the write (sync_file_range WRITE), a hint.
 Napi::Value Pwrite(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int fd;
   Napi::Buffer<uint8_t> buf;
   int64_t off, len, pos;
-  bool sync;
+  bool sync, writeback;
   Napi::Function cb;
   if (!GetFd(info, 0, "pwrite", &fd) || !GetBuffer(info, 1, "pwrite", "buf", &buf) ||
       !GetInt(info, 2, "pwrite", "bufOffset", 0, kMaxSafeInteger, &off) ||
       !GetInt(info, 3, "pwrite", "length", 0, SSIZE_MAX, &len) ||
       !GetInt(info, 4, "pwrite", "position", 0, kMaxSafeInteger, &pos) ||
-      !GetBool(info, 5, "pwrite", "sync", &sync) || !GetCallback(info, 6, "pwrite", &cb))
+      !GetBool(info, 5, "pwrite", "sync", &sync) || !GetBool(info, 6, "pwrite", "writeback", &writeback) ||
+      !GetCallback(info, 7, "pwrite", &cb))
     return env.Undefined();
   if (static_cast<uint64_t>(off) + static_cast<uint64_t>(len) > buf.Length()) {
     ThrowRange(env, "pwrite: bufOffset+length exceeds the buffer");
     return env.Undefined();
   }
-  (new PwriteJob(cb, buf, fd, buf.Data() + off, static_cast<size_t>(len), pos, sync))->Queue();
+  (new PwriteJob(cb, buf, fd, buf.Data() + off, static_cast<size_t>(len), pos, sync, writeback))->Queue();
   return env.Undefined();
 }
 

@@ -48,6 +48,13 @@ export const MEMBER_BLOCKS_MAX = 2 ** 40;
 /** Smallest write sent through the O_DIRECT descriptor (directWrites): 64 KiB. */
 export const DIRECT_WRITE_MIN_BYTES = 64 * 1024;
 
+/**
+ * Smallest write whose writeback starts at once when hinted (WriteHint.writeback): 256 KiB.
+ * Below it the extra syscall costs more than the early start buys (a CP's single address
+ * blocks go out with its final fdatasync).
+ */
+export const WRITEBACK_MIN_BYTES = 256 * 1024;
+
 export interface FileBlockDeviceOptions {
   readOnly?: boolean;
   /** Large writes bypass the page cache (see the invariants); NVMIRROR_DIRECT_WRITES=0 turns it off. */
@@ -231,7 +238,7 @@ export class FileBlockDevice implements BlockDevice {
     assert(data.length > 0 && data.length % BLOCK_SIZE_BYTES === 0, `writeBlocks: length ${data.length} is not whole blocks`);
     this.checkRange(pba, data.length / BLOCK_SIZE_BYTES);
     if (this.directFd !== undefined && hint?.reread !== true && data.length >= DIRECT_WRITE_MIN_BYTES && (await this.writeDirect(pba, [data]))) return;
-    await native.pwrite(this.fd, data, 0, data.length, pba * BLOCK_SIZE_BYTES, false);
+    await native.pwrite(this.fd, data, 0, data.length, pba * BLOCK_SIZE_BYTES, false, hint?.writeback === true && data.length >= WRITEBACK_MIN_BYTES);
   }
 
   /** Writes through the O_DIRECT descriptor; false (and direct writes off) if the file system refuses them. */

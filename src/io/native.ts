@@ -12,7 +12,8 @@ import bindings from 'bindings';
 interface RawAddon {
   pread(fd: number, buf: Buffer, bufOffset: number, length: number, position: number, cb: (err: Error | null, bytesRead: number) => void): void;
   /** Writes all `length` bytes (loops on short writes); if sync, fdatasync before the callback. */
-  pwrite(fd: number, buf: Buffer, bufOffset: number, length: number, position: number, sync: boolean, cb: (err: Error | null) => void): void;
+  /** pwrite; then fdatasync if sync, else if writeback start the range's writeback (sync_file_range WRITE, a hint). */
+  pwrite(fd: number, buf: Buffer, bufOffset: number, length: number, position: number, sync: boolean, writeback: boolean, cb: (err: Error | null) => void): void;
   /** pwritev of several buffers at consecutive positions starting at `position`; if sync, fdatasync afterwards. */
   pwritev(fd: number, bufs: Buffer[], position: number, sync: boolean, cb: (err: Error | null) => void): void;
   /**
@@ -84,10 +85,15 @@ export function pread(fd: number, buf: Buffer, bufOffset: number, length: number
   return new Promise((resolve, reject) => addon().pread(fd, buf, bufOffset, length, position, (err, n) => (err ? reject(err) : resolve(n))));
 }
 
-export function pwrite(fd: number, buf: Buffer, bufOffset: number, length: number, position: number, sync: boolean): Promise<void> {
+/**
+ * pwrite off the event loop; `sync`: fdatasync after it. `writeback` (without sync): a hint
+ * that the caller syncs this range soon (a CP's blocks), so its writeback starts right
+ * after the write and the later fdatasync has less left to wait for. Makes nothing durable.
+ */
+export function pwrite(fd: number, buf: Buffer, bufOffset: number, length: number, position: number, sync: boolean, writeback = false): Promise<void> {
   checkInt('fd', fd); checkInt('bufOffset', bufOffset); checkInt('length', length); checkInt('position', position);
   if (bufOffset + length > buf.length) throw new RangeError(`pwrite: ${bufOffset}+${length} exceeds buffer of ${buf.length}`);
-  return new Promise((resolve, reject) => addon().pwrite(fd, buf, bufOffset, length, position, sync, (err) => (err ? reject(err) : resolve())));
+  return new Promise((resolve, reject) => addon().pwrite(fd, buf, bufOffset, length, position, sync, writeback, (err) => (err ? reject(err) : resolve())));
 }
 
 export function pwritev(fd: number, bufs: Buffer[], position: number, sync: boolean): Promise<void> {

@@ -44,6 +44,8 @@ export interface BlockDevice {
 export interface WriteHint {
   /** They are read again soon (a mirror's metadata blocks are the bases of the next CP's deltas): keep them in the page cache. */
   reread?: boolean;
+  /** The writer syncs them soon (a CP's blocks, before its superblock): start their writeback now. */
+  writeback?: boolean;
 }
 
 /** Most parts one writeBlocksV takes (the addon's iovec cap). */

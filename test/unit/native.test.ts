@@ -190,6 +190,14 @@ describe('native addon', () => {
         await native.pwrite(fd, data, 0, 5000, 4096, false);
         await native.pwrite(fd, data, 5000, 5000, 4096 + 5000, true);
         await native.fdatasync(fd);
+        // The writeback hint (sync_file_range WRITE after the write) changes no byte.
+        const big = randomBuffer(seeded(2), 1 << 20);
+        await native.pwrite(fd, big, 0, big.length, 1 << 20, false, true);
+        const bigBack = Buffer.alloc(big.length);
+        assert.equal(await native.pread(fd, bigBack, 0, big.length, 1 << 20), big.length);
+        assert.ok(bigBack.equals(big), 'a write with the writeback hint reads back');
+        const raw = (native.addon() as unknown as { pwrite(...a: unknown[]): void });
+        assert.throws(() => raw.pwrite(fd, big, 0, 4096, 0, false, 'yes', () => undefined), /writeback/);
         const back = Buffer.alloc(10000);
         assert.equal(await native.pread(fd, back, 0, 10000, 4096), 10000);
         assert.deepEqual(back, data);
