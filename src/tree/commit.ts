@@ -9,13 +9,18 @@
  * - Every block a CP writes is newly allocated (never one a committed root, kept snapshot
  *   or in-flight read references), written at most once per CP, outside the superblock
  *   ring; writes go in address order, coalesced into runs split at multiples of
- *   writeChunkBlocks, at most ioConcurrency at a time.
+ *   writeChunkBlocks, at most ioConcurrency at a time per group (the data blocks' writes
+ *   run while the address blocks are built and written: up to 2 x ioConcurrency).
+ * - Nothing the CP writes is referenced before its superblock, and the superblock is
+ *   written only after every one of its blocks was written and synced (writeCp resolves
+ *   after the data blocks' writes and the sync).
  * - A block's pointer carries the CP as its birth and its crc32c; a rewritten address
  *   block's old version and the data blocks it no longer points at are freed from the
  *   live map (kept while a snapshot holds them); an address block left with no pointer
  *   is not written (its block is given back).
  * - The CP sink (a mirror) is handed the same blocks as the device, at the same time;
- *   the pads are not sent to it.
+ *   the pads are not sent to it. Its calls run one at a time, in the order the groups
+ *   were written (data blocks, address blocks level by level, space-map blocks).
  * - A device with an allocation unit (`allocUnitBlocks`, a RAID stripe) is handed whole
  *   free units per CP, and the CP pads the free rest of its units with zeroes, so it
  *   writes whole stripes; discards cover whole free units only. On a plain device only
@@ -116,6 +121,8 @@ export function planSnapshots(ops: SnapshotOp[], snapshots: readonly SnapshotRec
 export class CpWriter {
   /** Gather buffers of writeChunkBlocks blocks reused by writeAll (at most ioConcurrency kept). */
   private readonly chunkBufs: Buffer[] = [];
+  /** The sink's calls run one after another, in the order writeAll was called (see writeCp). */
+  private shipTail: Promise<void> = Promise.resolve();
 
   constructor(
     private readonly dev: BlockDevice,
@@ -217,9 +224,11 @@ export class CpWriter {
     for (const lvl of plan) for (let k = 0; k < lvl.index.length; k++) lvl.pba.push(pbas[next++]!);
     assert(next === pbas.length, 'allocated blocks left over');
     pbas.length = 0;
-    await this.writeAll(dataWrites, slicer, cp);
+    // The data blocks are written while the address blocks are built and written: nothing
+    // references any of them until the superblock, which follows the sync of all of them.
+    const dataDone = this.writeAll(dataWrites, slicer, cp);
+    dataDone.catch(() => undefined); // awaited below; a failure is reported there
     blocksWritten += dataWrites.length;
-    dataWrites.length = 0;
     // Address blocks bottom-up, streamed in batches: copy the old node (or start empty),
     // replace the touched pointers, stamp the header, checksum, write.
     const countPresent = (b: Buffer): number => {
@@ -249,22 +258,21 @@ export class CpWriter {
           const oldPtr = lvl.oldPtr[k]!;
           const old = oldPtr ? await this.verified.readNode(oldPtr, l, index, false) : null;
           const buf = old ? Buffer.from(old) : Buffer.alloc(BLOCK);
-          let present = old ? countPresent(old) : 0;
+          // Whether the node ends up empty: certain not when the CP writes a pointer into
+          // it (the common case), otherwise its slots are counted after the edit.
+          let wrotePtr = false;
           for (let x = lvl.firstChild[k]!; x < lvl.firstChild[k + 1]!; x++) {
             const slot = (below ? below.index[x]! : lbns[x]!) % FANOUT;
             const off = ptrSlotOffset(slot);
-            if (buf.readUInt16LE(off + 20) !== 0) {
-              present--;
-              if (!below) {
-                const oldData = this.verified.childOf(buf, oldPtr!, 0, index, slot);
-                if (oldData) free(oldData.pba);
-              }
+            if (!below && buf.readUInt16LE(off + 20) !== 0) {
+              const oldData = this.verified.childOf(buf, oldPtr!, 0, index, slot);
+              if (oldData) free(oldData.pba);
             }
             const np = below ? below.newPtr[x]! : dataPtrs[x]!;
             encodePtr(buf, off, np);
-            if (np) present++;
+            if (np) wrotePtr = true;
           }
-          if (!(present >= 0 && present <= FANOUT)) assert(false, `present count ${present}`);
+          const present = wrotePtr ? 1 : countPresent(buf);
           if (oldPtr) {
             free(oldPtr.pba);
             // The replaced version would only push live nodes out of the LRU (each CP
@@ -289,6 +297,8 @@ export class CpWriter {
       }
       if (below) below.newPtr.length = 0;
     }
+    await dataDone;
+    dataWrites.length = 0;
     const newRoot = plan.length > 0 ? plan[plan.length - 1]!.newPtr[0]! : root;
     // The space map's own blocks (every allocation and free of the CP is final now).
     const smapBlocks = this.smap.buildCommit(cp, this.uuidBytes);
@@ -359,7 +369,13 @@ export class CpWriter {
     if (cur.length > 0) chunks.push(cur);
     // The sink (a mirror) takes the same blocks at the same time as the device.
     const sink = this.sink();
-    const shipped = sink ? sink.blocks(cp, blocks) : undefined;
+    let shipped: Promise<void> | undefined;
+    if (sink) {
+      // In call order, never two at once (the data blocks' call may still be sending when
+      // the first address blocks are ready); a failed call fails its own writeAll only.
+      shipped = this.shipTail.then(() => sink.blocks(cp, blocks));
+      this.shipTail = shipped.catch(() => undefined);
+    }
     await forEachLimit(chunks, this.ioConcurrency, async (c) => {
       await slicer.maybeYield();
       if (c.length === 1) {
