@@ -36,6 +36,9 @@
 //   nbdAppenderResume(a, writeEnd, halfEnd, nextSeq, durableSeq) -> bool; nbdAppenderDrain(a,
 //   pause) -> Float64Array; nbdAppenderAppend(a, offsetBytes, data) -> bool (what a thread
 //   does; for tests); nbdAppenderSetDurable(a, seq); nbdAppenderClose(a); nbdAppenderStats(a) -> appends;
+//   nbdAppenderFlushFile(a, path|null) -> bool: the threads answer a plain FLUSH themselves
+//   (fdatasync of the NVRAM file through their own descriptor); nbdAppenderFlush(a) -> 1|0|-errno
+//   (what a thread does; for tests); nbdAppenderFlushes(a) -> count;
 //   nbdAppenderGate(a, on), nbdAppenderRelease(a, seq), nbdAppenderFailHeld(a): held replies
 //   (a sync mirror: the thread's reply to an appended WRITE waits for the replica):
 //   src/nvlog/native-append.ts
@@ -69,7 +72,12 @@
 //   (whole blocks it maps, each matching its crc32c: read_map.h; blocks outside the page
 //   cache are read by the read pool, which answers the READ or, on any failure, reports it
 //   to TypeScript as the thread would have), the buffer sent as the reply's
-//   data and granted again once the kernel took it. A READ with no buffer that fits is
+//   data and granted again once the kernel took it; and to a plain FLUSH (no flags) to an
+//   engine whose appender serves FLUSH (no replica): after this pass's earlier replies went
+//   out, the appender's flusher makes the whole region durable with one fdatasync of the
+//   NVRAM file for every FLUSH queued before it started (nv_append.h SubmitFlush; EIO if
+//   it failed, and the volume fails its log on the DONE event), so every WRITE answered
+//   before the FLUSH was read. A READ with no buffer that fits is
 //   reported with buffer id kWantsBuffer (TypeScript may grant one for the next). Every
 //   other request, a READ that would block or failed, and a WRITE whose pwrite failed,
 //   is reported and answered by TypeScript once the volume settled it.
@@ -97,6 +105,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -122,6 +131,7 @@ constexpr uint32_t kRequestMagic = 0x25609513;
 constexpr size_t kHeaderBytes = 28;
 constexpr uint16_t kCmdWrite = 1;
 constexpr uint16_t kCmdDisc = 2;
+constexpr uint16_t kCmdFlush = 3;
 constexpr size_t kStageBytes = 64 * 1024;       // unparsed input held at most
 constexpr size_t kDirectMinBytes = 16 * 1024;   // payload rest this large: recv straight into it
 constexpr size_t kMaxGranted = 1024;            // receive buffers held per connection
@@ -138,7 +148,7 @@ constexpr double kEvTaken = 3;    // seq: every send up to seq is taken by the k
 constexpr double kEvFraming = 4;  // magic: bad request magic, parsing stopped
 constexpr double kEvEof = 5;      // errno (0: the client closed its side)
 constexpr double kEvClosed = 6;   // errno, bytes received: the thread ended, fd closed
-constexpr double kEvDone = 7;     // length, microseconds, type, errno: a WRITE or READ served and answered here
+constexpr double kEvDone = 7;     // length, microseconds, type, NBD errno[, system errno]: a WRITE, READ or FLUSH served and answered here
 constexpr double kEvHeld = 8;     // seq: a WRITE appended here whose reply waits for the replica (nv_append.h)
 constexpr int kLazyPostMs = 2;    // DONE-only events wait at most this long to be posted (PostLocked)
 constexpr uint32_t kNbdEio = 5;   // NBD_EIO, the error a failed held reply carries
@@ -330,7 +340,9 @@ struct Held {
   int64_t hdrUs;
 };
 
-// A READ the read pool has done (ok: its data is in g), for the connection's thread to answer.
+// A READ the read pool has done (ok: its data is in g), or a FLUSH the appender's flusher
+// has (flushRc: 1 durable, 0 not served there, -errno failed), for the connection's thread
+// to answer.
 struct PoolDone {
   Granted g;
   std::array<uint8_t, kHeaderBytes> hdr;  // the request header
@@ -338,6 +350,8 @@ struct PoolDone {
   int64_t modes;
   int64_t t0;
   bool ok;
+  bool flush = false;
+  int flushRc = 0;
 };
 
 class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
@@ -369,7 +383,7 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
           err = sendErr_;
           break;
         }
-        if (endReq_ && sendq_.empty() && held_.empty() && poolReads_ == 0 && !shutWr_) {
+        if (endReq_ && sendq_.empty() && held_.empty() && poolJobs_ == 0 && !shutWr_) {
           ::shutdown(fd_, SHUT_WR);
           shutWr_ = true;
           if (state_ != St::Dead) state_ = St::Discard;
@@ -420,9 +434,9 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
     std::unique_lock<std::mutex> l(mu_);
     // Pool READs write into granted buffers and may report to TypeScript: they finish
     // before CLOSED (after which TypeScript takes every buffer back).
-    poolDone_.wait(l, [this] { return poolFinished_.size() == poolReads_; });
+    poolDone_.wait(l, [this] { return poolFinished_.size() == poolJobs_; });
     poolFinished_.clear();  // nobody to answer; TypeScript takes the buffers back at CLOSED
-    poolReads_ = 0;
+    poolJobs_ = 0;
     closed_ = true;
     ::close(fd_);
     ::close(wake_);
@@ -542,9 +556,10 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
     o.Set("closed", Napi::Boolean::New(env, closed_));
     o.Set("directWrites", Napi::Number::New(env, static_cast<double>(directWrites_)));
     o.Set("directReads", Napi::Number::New(env, static_cast<double>(directReads_)));
+    o.Set("directFlushes", Napi::Number::New(env, static_cast<double>(directFlushes_)));
     o.Set("heldReplies", Napi::Number::New(env, static_cast<double>(held_.size())));
     o.Set("heldWrites", Napi::Number::New(env, static_cast<double>(heldWrites_)));
-    o.Set("poolReads", Napi::Number::New(env, static_cast<double>(poolReads_)));
+    o.Set("poolJobs", Napi::Number::New(env, static_cast<double>(poolJobs_)));
     return o;
   }
 
@@ -622,7 +637,7 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
   // Parses what the stage holds, as far as the limits allow. The parser's fields are the
   // thread's own; the mutex is taken only for what JS shares (claims, events, counters).
   void Process() {
-    AnswerPoolReads();
+    AnswerPoolJobs();
     while (true) {
       size_t avail = sLen_ - sPos_;
       if (state_ == St::Dead) {
@@ -663,33 +678,95 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
         sPos_ += k;
         if (hdrFill_ < kHeaderBytes) break;
       }
-      if (TryDirectRead()) {
+      if (TryDirectRead() || TryDirectFlush()) {
         hdrFill_ = 0;
         continue;
       }
       std::lock_guard<std::mutex> l(mu_);
       // A DISC must come after every request before it reached TypeScript: a pool READ
-      // may still be reported (FinishPoolRead), so DISC waits for them (they wake us).
-      if (Be32(hdr_) == kRequestMagic && Be16(hdr_ + 6) == kCmdDisc && poolReads_ > 0) break;
+      // may still be reported (FinishPoolJob), so DISC waits for them (they wake us), and for FLUSHes on the flusher.
+      if (Be32(hdr_) == kRequestMagic && Be16(hdr_ + 6) == kCmdDisc && poolJobs_ > 0) break;
       if (!ParseHeaderLocked()) break;  // waits for a buffer
     }
     if (sPos_ == sLen_) sPos_ = sLen_ = 0;
     std::lock_guard<std::mutex> l(mu_);
     midRequest_ = MidRequest();
-    if (!pieces_.empty()) {  // the direct WRITEs' and READs' replies, in one writev
-      Send out{-1, {}, std::move(ownReplies_), std::move(gives_)};
-      ownReplies_.clear();
-      gives_.clear();
-      size_t total = 0;
-      for (const Piece& p : pieces_) {
-        const uint8_t* base = p.data != nullptr ? p.data : out.own.data() + p.at;
-        out.iov.push_back(iovec{const_cast<uint8_t*>(base), p.len});
-        total += p.len;
-      }
-      pieces_.clear();
-      out.left = total;
-      QueueLocked(std::move(out));
+    QueuePiecesLocked();
+  }
+
+  // The direct WRITEs' and READs' replies of this pass so far, in one writev.
+  void QueuePiecesLocked() {
+    if (pieces_.empty()) return;
+    Send out{-1, {}, std::move(ownReplies_), std::move(gives_)};
+    ownReplies_.clear();
+    gives_.clear();
+    size_t total = 0;
+    for (const Piece& p : pieces_) {
+      const uint8_t* base = p.data != nullptr ? p.data : out.own.data() + p.at;
+      out.iov.push_back(iovec{const_cast<uint8_t*>(base), p.len});
+      total += p.len;
     }
+    pieces_.clear();
+    out.left = total;
+    QueueLocked(std::move(out));
+  }
+
+  // The header in hdr_ is complete. A plain FLUSH (no flags) to an engine whose appender
+  // serves FLUSH (nv_append.h: no replica to wait for) goes to the appender's flusher
+  // (true): the replies this pass holds go out first; one fdatasync of the NVRAM file
+  // then covers every record in the region, so every WRITE answered before this FLUSH
+  // was read; the flusher hands it back (FinishPoolJob) and this thread answers it in a
+  // later pass (AnswerPoolJobs): success, EIO (the DONE event carries the errno: the
+  // volume fails its log), or, if the appender stopped flushing first, TypeScript's.
+  // Counted in flight and in poolJobs_ meanwhile. False: TypeScript answers it.
+  bool TryDirectFlush() {
+    if (Be32(hdr_) != kRequestMagic || Be16(hdr_ + 4) != 0 || Be16(hdr_ + 6) != kCmdFlush) return false;
+    NvAppenderPtr app;
+    std::array<uint8_t, kHeaderBytes> h;
+    memcpy(h.data(), hdr_, kHeaderBytes);
+    std::shared_ptr<Conn> self = shared_from_this();
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (!(modes_ & kModeWrites) || !app_) return false;
+      app = app_;
+      QueuePiecesLocked();  // answered writes need not wait for the disk
+      inflight_++;
+      poolJobs_++;
+    }
+    int64_t t0 = NowUs();
+    // Nothing else from this client to read (queue depth 1, as fsync=1 runs): flush here,
+    // unless a round runs already (then share the next one on the flusher).
+    int unread = 0;
+    if (sPos_ == sLen_ && ::ioctl(fd_, FIONREAD, &unread) == 0 && unread == 0) {
+      int rc = app->FlushIfIdle();
+      if (rc != 2) {
+        std::lock_guard<std::mutex> l(mu_);
+        inflight_--;
+        poolJobs_--;
+        if (rc == 0) return false;
+        uint32_t err = rc > 0 ? 0 : kNbdEio;
+        uint8_t* r = OwnBytes(kSimpleReplyBytes);
+        PutBe32(r, kSimpleReplyMagic);
+        PutBe32(r + 4, err);
+        memcpy(r + 8, h.data() + 8, 8);  // the cookie, verbatim
+        directFlushes_++;
+        Emit({kEvDone, 0, static_cast<double>(NowUs() - t0), static_cast<double>(kCmdFlush), static_cast<double>(err),
+              static_cast<double>(rc > 0 ? 0 : -rc)});
+        if (err != 0) urgent_ = true;  // the volume must fail its log before it answers anything else
+        return true;
+      }
+    }
+    bool queued = app->SubmitFlush([self, h, t0](int rc) {
+      PoolDone d{Granted{-1, nullptr, 0}, h, 0, 0, t0, rc > 0};
+      d.flush = true;
+      d.flushRc = rc;
+      self->FinishPoolJob(std::move(d));
+    });
+    if (queued) return true;
+    std::lock_guard<std::mutex> l(mu_);
+    inflight_--;
+    poolJobs_--;
+    return false;
   }
 
   // Appends n bytes to the thread's own replies of this pass; returns where they start.
@@ -783,8 +860,8 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
   }
 
   // A READ the map holds but the page cache does not: the read pool reads it (waiting for
-  // the disk) into the claimed buffer g and answers it (FinishPoolRead). Counted in flight
-  // (the reading cap holds) and in poolReads_ (the thread does not end, shut down or take
+  // the disk) into the claimed buffer g and answers it (FinishPoolJob). Counted in flight
+  // (the reading cap holds) and in poolJobs_ (the thread does not end, shut down or take
   // a DISC while any is out). False: the pool is full; the caller gives it to TypeScript.
   bool ReadLater(const ReadMapPtr& rmap, const Granted& g, uint64_t off, uint32_t len, int64_t modes, int64_t t0) {
     std::array<uint8_t, kHeaderBytes> h;
@@ -793,31 +870,31 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
     {
       std::lock_guard<std::mutex> l(mu_);
       inflight_++;
-      poolReads_++;
+      poolJobs_++;
     }
     bool queued = ReadPool::Get().Submit([self, rmap, g, off, len, modes, t0, h] {
       bool ok = rmap->Read(off, g.data, len, true) == ReadMap::ReadResult::kHit;
-      self->FinishPoolRead(PoolDone{g, h, len, modes, t0, ok});
+      self->FinishPoolJob(PoolDone{g, h, len, modes, t0, ok});
     });
     if (queued) return true;
     std::lock_guard<std::mutex> l(mu_);
     inflight_--;
-    poolReads_--;
+    poolJobs_--;
     return false;
   }
 
-  // On a pool thread: hands the READ back to the connection's thread (AnswerPoolReads).
-  void FinishPoolRead(PoolDone&& d) {
+  // On a pool or the flusher thread: hands the READ or FLUSH back to the connection's thread (AnswerPoolJobs).
+  void FinishPoolJob(PoolDone&& d) {
     std::lock_guard<std::mutex> l(mu_);
     poolFinished_.push_back(std::move(d));
-    if (poolFinished_.size() == poolReads_) poolDone_.notify_all();
+    if (poolFinished_.size() == poolJobs_) poolDone_.notify_all();
     WakeLocked();
   }
 
   // On the connection's thread, at the start of a Process pass: the pool's finished READs
   // are answered in this pass's writev (ok), or reported to TypeScript as the thread would
   // have (their buffers unclaimed again), which reads them with the volume's own code.
-  void AnswerPoolReads() {
+  void AnswerPoolJobs() {
     std::vector<PoolDone> done;
     {
       std::lock_guard<std::mutex> l(mu_);
@@ -825,7 +902,14 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
       done.swap(poolFinished_);
     }
     for (PoolDone& d : done) {
-      if (!d.ok) continue;
+      if (d.flush && d.flushRc != 0) {
+        uint8_t* r = OwnBytes(kSimpleReplyBytes);
+        PutBe32(r, kSimpleReplyMagic);
+        PutBe32(r + 4, d.flushRc > 0 ? 0 : kNbdEio);
+        memcpy(r + 8, d.hdr.data() + 8, 8);  // the cookie, verbatim
+        continue;
+      }
+      if (d.flush || !d.ok) continue;
       PutReadReplyHeader(OwnBytes(ReadReplyHeaderBytes(d.modes)), d.hdr.data(), d.len, d.modes);
       pieces_.push_back(Piece{d.g.data, 0, d.len});
       gives_.push_back(d.g);
@@ -833,7 +917,20 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
     std::lock_guard<std::mutex> l(mu_);
     int64_t now = NowUs();
     for (PoolDone& d : done) {
-      poolReads_--;
+      poolJobs_--;
+      if (d.flush) {
+        if (d.flushRc == 0) {
+          EmitRequestLocked(d.hdr.data(), -1);  // stays in flight: TypeScript answers it
+          continue;
+        }
+        inflight_--;
+        directFlushes_++;
+        uint32_t err = d.flushRc > 0 ? 0 : kNbdEio;
+        Emit({kEvDone, 0, static_cast<double>(now - d.t0), static_cast<double>(kCmdFlush), static_cast<double>(err),
+              static_cast<double>(d.flushRc > 0 ? 0 : -d.flushRc)});
+        if (err != 0) urgent_ = true;  // the volume must fail its log before it answers anything else
+        continue;
+      }
       if (d.ok) {
         inflight_--;
         directReads_++;
@@ -1133,7 +1230,7 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
   ReadMapPtr rmap_;
   NvAppenderPtr app_;
   int64_t modes_ = 0;
-  uint64_t directWrites_ = 0, directReads_ = 0;
+  uint64_t directWrites_ = 0, directReads_ = 0, directFlushes_ = 0;
   std::vector<Granted> granted_;
   std::deque<Send> sendq_;
   size_t queued_ = 0;
@@ -1156,7 +1253,7 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
   std::vector<Granted> gives_;  // this pass's direct READs' buffers
   std::deque<Held> held_;       // under mu_: replies waiting for the replica, in seq order
   uint64_t heldWrites_ = 0;     // under mu_
-  uint32_t poolReads_ = 0;      // under mu_: READs out on the read pool (ReadLater) until answered here
+  uint32_t poolJobs_ = 0;       // under mu_: READs out on the read pool (ReadLater) and FLUSHes on the flusher (TryDirectFlush) until answered here
   std::vector<PoolDone> poolFinished_;  // under mu_: of those, the ones the pool has done
   std::condition_variable poolDone_;    // with mu_: every READ out on the pool is done
   bool wakeSignaled_ = false;   // under mu_: the wake eventfd is written and not yet read
@@ -1700,6 +1797,40 @@ Napi::Value AppenderClose(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// nbdAppenderFlushFile(appender, path|null) -> bool: FLUSH on the NBD threads through a
+// descriptor of their own to the NVRAM file (null: no more). False: refused or not opened.
+Napi::Value AppenderFlushFile(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "nbdAppenderFlushFile";
+  NvAppenderPtr a;
+  if (!GetAppender(info, 0, fn, &a)) return env.Undefined();
+  if (info.Length() < 2 || (!info[1].IsNull() && !info[1].IsString())) {
+    ThrowType(env, std::string(fn) + ": path must be a string or null");
+    return env.Undefined();
+  }
+  if (info[1].IsNull()) return Napi::Boolean::New(env, a->SetFlushFile(nullptr));
+  std::string path = info[1].As<Napi::String>().Utf8Value();
+  if (path.empty() || path.find('\0') != std::string::npos) {
+    ThrowType(env, std::string(fn) + ": path must be a non-empty file path");
+    return env.Undefined();
+  }
+  return Napi::Boolean::New(env, a->SetFlushFile(path.c_str()));
+}
+
+// nbdAppenderFlush(appender) -> 1 | 0 | -errno: the FLUSH a connection thread makes (tests)
+Napi::Value AppenderFlush(const Napi::CallbackInfo& info) {
+  NvAppenderPtr a;
+  if (!GetAppender(info, 0, "nbdAppenderFlush", &a)) return info.Env().Undefined();
+  return Napi::Number::New(info.Env(), a->Flush());
+}
+
+// nbdAppenderFlushes(appender) -> FLUSHes made durable on the threads
+Napi::Value AppenderFlushes(const Napi::CallbackInfo& info) {
+  NvAppenderPtr a;
+  if (!GetAppender(info, 0, "nbdAppenderFlushes", &a)) return info.Env().Undefined();
+  return Napi::Number::New(info.Env(), static_cast<double>(a->Flushes()));
+}
+
 Napi::Value AppenderStats(const Napi::CallbackInfo& info) {
   NvAppenderPtr a;
   if (!GetAppender(info, 0, "nbdAppenderStats", &a)) return info.Env().Undefined();
@@ -1771,6 +1902,9 @@ void InitNbdServe(Napi::Env env, Napi::Object exports) {
   exports.Set("nbdReadMapGen", Napi::Function::New(env, ReadMapGen, "nbdReadMapGen"));
   exports.Set("nbdAppenderNew", Napi::Function::New(env, AppenderNew, "nbdAppenderNew"));
   exports.Set("nbdAppenderResume", Napi::Function::New(env, AppenderResume, "nbdAppenderResume"));
+  exports.Set("nbdAppenderFlushFile", Napi::Function::New(env, AppenderFlushFile, "nbdAppenderFlushFile"));
+  exports.Set("nbdAppenderFlush", Napi::Function::New(env, AppenderFlush, "nbdAppenderFlush"));
+  exports.Set("nbdAppenderFlushes", Napi::Function::New(env, AppenderFlushes, "nbdAppenderFlushes"));
   exports.Set("nbdAppenderDrain", Napi::Function::New(env, AppenderDrain, "nbdAppenderDrain"));
   exports.Set("nbdAppenderAppend", Napi::Function::New(env, AppenderAppend, "nbdAppenderAppend"));
   exports.Set("nbdAppenderSetDurable", Napi::Function::New(env, AppenderSetDurable, "nbdAppenderSetDurable"));

@@ -34,14 +34,37 @@
 //   holding it. Gate off releases every record appended so far. Close fails what is held
 //   (the volume is going away; the replica's state of those writes is unknown). Nothing
 //   here can answer a WRITE before its record is whole in the region.
+// - FLUSH (SetFlushFile, Flush): only while TypeScript has set a file (the log is running
+//   and no replica must also hold the records: a sync mirror's FLUSH waits for its durable
+//   ack, which only TypeScript sees). The thread makes the whole region durable with
+//   fdatasync on a descriptor of its own to the NVRAM file: every record in the region
+//   when it starts, so every WRITE answered before the FLUSH was read, whoever appended it
+//   (the log appends into the same mapping). Its own open file, not the mapping's: the
+//   kernel reports a writeback error once per open file, so the log's next msync sees an
+//   error this one saw. A failed fdatasync is sticky: no later FLUSH is answered here, the
+//   caller answers EIO and tells TypeScript, which fails the log (as its own msync would).
+//   The descriptor is closed only when no Flush is using it (a retired one waits for the
+//   last user), so fdatasync never runs on a reused descriptor number. The threads queue
+//   their FLUSHes (SubmitFlush, at most kFlushQueueMax) for one flusher thread, which
+//   answers all those queued before a round with that round (group commit: a round starts
+//   after each of them was read, so it covers every WRITE answered before any of them);
+//   Close makes it hand back what waits (TypeScript answers those) and end.
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <thread>
 #include <cstdint>
+#include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <memory>
 #include <mutex>
 #include <vector>
+
+#include <fcntl.h>
+#include <unistd.h>
 
 #include "common.h"
 #include "read_map.h"
@@ -63,7 +86,7 @@ struct AppendResult {
   bool held;
 };
 
-class NvAppender {
+class NvAppender : public std::enable_shared_from_this<NvAppender> {
  public:
   static constexpr uint64_t kBlock = 4096;
   static constexpr uint64_t kRecordHeaderBytes = 64;  // format.ts RECORD_HEADER_BYTES
@@ -72,11 +95,17 @@ class NvAppender {
   static constexpr uint16_t kTypeWrite = 1;           // RecordType.Write
   static constexpr size_t kPendingMax = 65536;        // records between drains
   static constexpr int kFields = 4;                   // per drained record: seq, at, offsetBytes, lengthBytes
+  static constexpr size_t kFlushQueueMax = 4096;      // FLUSHes waiting for the flusher (then TypeScript's)
 
   NvAppender(uint8_t* base, uint64_t regionBytes, uint32_t epoch, uint32_t salt, uint64_t payloadMax,
              uint64_t volumeBytes, ReadMapPtr map)
       : base_(base), regionBytes_(regionBytes), epoch_(epoch), salt_(salt), payloadMax_(payloadMax),
         volumeBytes_(volumeBytes), map_(std::move(map)) {}
+
+  ~NvAppender() {
+    if (flushFd_ >= 0) ::close(flushFd_);
+    for (int r : retiredFds_) ::close(r);  // no Flush can be running: it holds a reference
+  }
 
   static uint64_t RecordBytes(uint64_t payload) {
     return (kRecordHeaderBytes + payload + kRecordAlign - 1) / kRecordAlign * kRecordAlign;
@@ -92,8 +121,9 @@ class NvAppender {
     }
     writeEnd_ = writeEnd;
     halfEnd_ = halfEnd;
+    // A FLUSH answered here may have made more durable than the log knows: keep the higher.
+    durable_ = durable_ < nextSeq && durable_ > durableSeq ? durable_ : durableSeq;
     nextSeq_ = nextSeq;
-    durable_ = durableSeq;
     resumed_ = true;
     return true;
   }
@@ -120,8 +150,77 @@ class NvAppender {
       resumed_ = false;
       gate_ = false;
       if (nextSeq_ > 0) Raise(&failed_, nextSeq_ - 1);
+      RetireFlushFdLocked();
     }
+    flushCv_.notify_all();  // the flusher hands back what waits (TypeScript answers it) and ends
     Notify();
+  }
+
+  // FLUSH here from now on, through a descriptor of its own to the NVRAM file at path (null:
+  // no more; TypeScript answers them). False: refused (closed, an earlier fdatasync failed)
+  // or the open failed (errno set).
+  bool SetFlushFile(const char* path) {
+    int fd = -1;
+    if (path != nullptr) {
+      do fd = ::open(path, O_RDWR | O_CLOEXEC);
+      while (fd < 0 && errno == EINTR);
+      if (fd < 0) return false;
+    }
+    std::lock_guard<std::mutex> l(mu_);
+    RetireFlushFdLocked();
+    if (fd >= 0 && (closed_ || flushFailed_)) {
+      ::close(fd);
+      return false;
+    }
+    flushFd_ = fd;
+    return true;
+  }
+
+  // One FLUSH, made here and now (tests; the threads use SubmitFlush): 1 = every record in
+  // the region is durable; 0 = not served here (TypeScript answers it); -errno = fdatasync
+  // failed (answer EIO, tell TypeScript).
+  int Flush() {
+    std::unique_lock<std::mutex> l(mu_);
+    int rc = RoundLocked(l);
+    if (rc > 0) flushes_++;
+    return rc;
+  }
+
+  // One FLUSH made here and now if no other is being made or waits (a client at queue depth
+  // 1 pays no hand-off): as Flush, or 2 = busy (SubmitFlush it, to share the next round).
+  int FlushIfIdle() {
+    std::unique_lock<std::mutex> l(mu_);
+    if (flushUsers_ > 0 || !flushQ_.empty()) return 2;
+    int rc = RoundLocked(l);
+    if (rc > 0) flushes_++;
+    return rc;
+  }
+
+  // Queues a connection thread's FLUSH for the flusher thread (group commit: one fdatasync
+  // answers every FLUSH queued before it started). done(rc) runs on the flusher thread, rc
+  // as Flush's (0: the appender closed or flushing stopped first: TypeScript answers it).
+  // False: not served here at all (done never runs).
+  bool SubmitFlush(std::function<void(int)>&& done) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (closed_ || flushFailed_ || flushFd_ < 0 || flushQ_.size() >= kFlushQueueMax) return false;
+    flushQ_.push_back(std::move(done));
+    if (!flusherRunning_) {
+      flusherRunning_ = true;
+      std::thread([self = shared_from_this()] { self->FlushLoop(); }).detach();
+    } else {
+      flushCv_.notify_one();
+    }
+    return true;
+  }
+
+  // FLUSHes made durable here, and the fdatasync rounds that did it.
+  uint64_t Flushes() {
+    std::lock_guard<std::mutex> l(mu_);
+    return flushes_;
+  }
+  uint64_t FlushRounds() {
+    std::lock_guard<std::mutex> l(mu_);
+    return rounds_;
   }
 
   // A connection that may hold replies (weakly referenced: it may end first).
@@ -215,6 +314,62 @@ class NvAppender {
   }
 
  private:
+  // One fdatasync of the flush file, mu_ held on entry and exit (released meanwhile): 1, 0
+  // (not served: closed, failed before, no file) or -errno (and flushing stops for good).
+  int RoundLocked(std::unique_lock<std::mutex>& l) {
+    if (closed_ || flushFailed_ || flushFd_ < 0) return 0;
+    int fd = flushFd_;
+    flushUsers_++;
+    // Every record below nextSeq_ is whole in the region (this appender's, or the log's
+    // before it leased the half); later ones may be the log's, being written.
+    uint64_t covered = nextSeq_ > 0 ? nextSeq_ - 1 : 0;
+    l.unlock();
+    int rc;
+    do rc = ::fdatasync(fd);
+    while (rc != 0 && errno == EINTR);
+    int err = rc == 0 ? 0 : errno;
+    l.lock();
+    if (--flushUsers_ == 0) {
+      for (int r : retiredFds_) ::close(r);
+      retiredFds_.clear();
+    }
+    rounds_++;
+    if (err != 0) {
+      flushFailed_ = true;
+      RetireFlushFdLocked();
+      return -err;
+    }
+    if (covered > durable_ && covered < nextSeq_) durable_ = covered;
+    return 1;
+  }
+
+  // The flusher thread: takes every queued FLUSH, makes one round for them all, answers them.
+  void FlushLoop() {
+    std::unique_lock<std::mutex> l(mu_);
+    for (;;) {
+      flushCv_.wait(l, [this] { return !flushQ_.empty() || closed_; });
+      if (flushQ_.empty()) {
+        flusherRunning_ = false;
+        return;
+      }
+      std::vector<std::function<void(int)>> batch;
+      batch.swap(flushQ_);
+      int rc = RoundLocked(l);
+      if (rc > 0) flushes_ += batch.size();
+      l.unlock();
+      for (auto& done : batch) done(rc);
+      l.lock();
+    }
+  }
+
+  // The flush descriptor is closed now, or by the last Flush still using it.
+  void RetireFlushFdLocked() {
+    if (flushFd_ < 0) return;
+    if (flushUsers_ == 0) ::close(flushFd_);
+    else retiredFds_.push_back(flushFd_);
+    flushFd_ = -1;
+  }
+
   static void Raise(std::atomic<uint64_t>* v, uint64_t to) {
     if (to > v->load()) v->store(to);
   }
@@ -246,6 +401,14 @@ class NvAppender {
   std::vector<std::weak_ptr<HeldSink>> sinks_;
   uint64_t writeEnd_ = 0, halfEnd_ = 0, nextSeq_ = 0, durable_ = 0, appends_ = 0;
   std::vector<double> pending_;
+  int flushFd_ = -1;
+  bool flushFailed_ = false;
+  uint32_t flushUsers_ = 0;
+  uint64_t flushes_ = 0, rounds_ = 0;
+  std::vector<int> retiredFds_;
+  std::vector<std::function<void(int)>> flushQ_;  // FLUSHes for the flusher thread (at most kFlushQueueMax)
+  bool flusherRunning_ = false;
+  std::condition_variable flushCv_;
 };
 
 using NvAppenderPtr = std::shared_ptr<NvAppender>;

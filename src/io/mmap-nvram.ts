@@ -96,6 +96,15 @@ export class MmapNvram implements NvramRegion {
     this.sizeBytes = buffer.length;
   }
 
+  /**
+   * A path that opens this very file again (a new open file, the same inode), whatever
+   * happened to its name since: for a descriptor of someone else's own (the NBD threads'
+   * FLUSH, native/nv_append.h). Valid while the region is open.
+   */
+  get reopenPath(): string {
+    return `/proc/self/fd/${this.fd}`;
+  }
+
   static async open(filePath: string, opts: MmapNvramOptions = {}): Promise<MmapNvram> {
     if (opts.sizeBytes !== undefined) checkSize(opts.sizeBytes);
     let exists = true;

@@ -35,6 +35,7 @@ export function registerEngineMetrics(registry: MetricsRegistry, volume: EngineV
   const threadHits = threadReads.labels('hit');
   const threadMisses = threadReads.labels('miss');
   const threadWrites = registry.counter('nvmirror_volume_thread_writes_total', 'Plain WRITEs the NBD threads appended to the engine\'s NVRAM log and answered themselves').labels();
+  const threadFlushes = registry.counter('nvmirror_volume_thread_flushes_total', 'Plain FLUSHes the NBD threads made durable themselves (fdatasync of the engine\'s NVRAM file)').labels();
   registry.onCollect(() => {
     const st = volume.stats();
     cps.setTotal(st.cp.cpsRun);
@@ -54,5 +55,6 @@ export function registerEngineMetrics(registry: MetricsRegistry, volume: EngineV
     threadHits.setTotal(st.threadReads?.hits ?? 0);
     threadMisses.setTotal(st.threadReads?.misses ?? 0);
     threadWrites.setTotal(st.threadWrites ?? 0);
+    threadFlushes.setTotal(st.threadFlushes ?? 0);
   });
 }

@@ -15,8 +15,10 @@
  * which goes out as the reply's data (simple or structured, as negotiated) and is granted
  * again once sent. A READ it could have served but for a buffer comes here marked, and is
  * answered here; a buffer of its size is then granted (offerReadBuffer) within the same
- * KEPT limits as a settled WRITE's. FUA, errors, a READ that would block, and every other
- * command take the shared path.
+ * KEPT limits as a settled WRITE's. For an engine volume whose appender serves FLUSH
+ * (no replica), the thread answers a plain FLUSH itself after fdatasync of the NVRAM
+ * file (Volume.directFlushFailed hears of a failure). FUA, errors, a READ that would
+ * block, and every other command take the shared path.
  * TLS connections and kernel (attach) sockets keep the stream path. NVMIRROR_NBD_NATIVE=0
  * (or NbdServerOptions.nativeTransmission: false) forces the stream path everywhere.
  *
@@ -106,11 +108,13 @@ interface NativeState {
   closed: boolean;
   directWrites: number;
   directReads: number;
+  /** FLUSHes the thread made durable itself (an engine's NVRAM file) or answered EIO. */
+  directFlushes: number;
   /** WRITEs the thread appended whose replies wait for the replica (a sync mirror), and all it ever held. */
   heldReplies: number;
   heldWrites: number;
-  /** READs out on the native read pool (cold blocks of an engine volume). */
-  poolReads: number;
+  /** READs out on the native read pool (cold blocks of an engine volume) and FLUSHes on the appender's flusher. */
+  poolJobs: number;
 }
 
 type Handle = object;
@@ -254,7 +258,7 @@ export class NativeTransmission extends Transmission {
       else if (kind === EV_FRAMING) this.abort(`bad request magic 0x${(ev[i + 1] as number).toString(16)}`);
       else if (kind === EV_EOF) this.markDisconnected();
       else if (kind === EV_CLOSED) this.onThreadEnded(ev[i + 1] as number, ev[i + 2] as number);
-      else if (kind === EV_DONE) this.onDirect(ev[i + 1] as number, ev[i + 2] as number, ev[i + 3] as number, ev[i + 4] as number);
+      else if (kind === EV_DONE) this.onDirect(ev[i + 1] as number, ev[i + 2] as number, ev[i + 3] as number, ev[i + 4] as number, ev[i + 5] as number);
       else if (kind === EV_HELD) continue; // appended; its reply waits for the replica (a DONE follows)
       else throw new Error(`internal: unknown native event ${kind}`);
     }
@@ -313,9 +317,14 @@ export class NativeTransmission extends Transmission {
     this.onRequest(req);
   }
 
-  /** A plain WRITE or READ the thread served and answered itself (errno: a held WRITE failed, EIO): count and report it. */
-  private onDirect(length: number, durationUs: number, type: number, errno: number): void {
-    assert(type === P.CMD_WRITE || type === P.CMD_READ, `native DONE for command ${type}`);
+  /**
+   * A plain WRITE, READ or FLUSH the thread served and answered itself (errno: a held WRITE
+   * failed, or a FLUSH's fdatasync failed with sysErrno; either answered EIO): count and
+   * report it. A failed FLUSH fails the volume's log.
+   */
+  private onDirect(length: number, durationUs: number, type: number, errno: number, sysErrno: number): void {
+    assert(type === P.CMD_WRITE || type === P.CMD_READ || type === P.CMD_FLUSH, `native DONE for command ${type}`);
+    if (type === P.CMD_FLUSH && errno !== 0) this.s.volume.directFlushFailed?.(sysErrno);
     this.requestsServed++;
     this.lastRxMs = this.lastTxMs = Date.now();
     this.limits.observer?.request(type, length, errno === 0 ? undefined : 'EIO', durationUs / 1000);
@@ -593,7 +602,7 @@ export class NativeTransmission extends Transmission {
 
   override get isIdle(): boolean {
     const st = this.nativeState();
-    return this.inflightRequests === 0 && st !== undefined && st.queuedBytes === 0 && st.heldReplies === 0 && st.poolReads === 0 && !st.midRequest && !this.stopping && this.backlog.length === 0;
+    return this.inflightRequests === 0 && st !== undefined && st.queuedBytes === 0 && st.heldReplies === 0 && st.poolJobs === 0 && !st.midRequest && !this.stopping && this.backlog.length === 0;
   }
 
   override get lastActivityMs(): number {
@@ -620,9 +629,10 @@ export class NativeTransmission extends Transmission {
       bytesReceived: st !== undefined ? st.bytesReceived + this.leftoverBytes : this.bytesReceived,
       directWrites: st?.directWrites ?? 0,
       directReads: st?.directReads ?? 0,
+      directFlushes: st?.directFlushes ?? 0,
       heldReplies: st?.heldReplies ?? 0,
       heldWrites: st?.heldWrites ?? 0,
-      poolReads: st?.poolReads ?? 0,
+      poolJobs: st?.poolJobs ?? 0,
     };
   }
 

@@ -33,6 +33,11 @@
  *   the append hook called) before anything here reads the active half's state or the
  *   index: every lookup, lastSeq, durability wait and stat syncs first. So the log's
  *   view is the threads' records plus its own, in one seq order, as if all were its own.
+ * - The threads answer a plain FLUSH themselves (fdatasync of the region's file; see
+ *   native/nv_append.h) only while the log is running, its region is a file (MmapNvram)
+ *   and the owner allows it (setNativeFlushAllowed: no replica must hold the records too).
+ *   A failed fdatasync of theirs reaches fail() through the volume; this log's own next
+ *   msync would report the same error (the threads use a file of their own).
  */
 import type { CpMeta } from '../tree/types';
 import type { NvramRegion, Random } from '../io/types';
@@ -47,6 +52,7 @@ import {
 } from './format';
 import { HalfIndex, type IndexHit, type LbnRange } from './half-index';
 import { NativeAppender } from './native-append';
+import { log as logger } from '../util/log';
 import { scanRegion, type LocatedRecord, type NvramGap, type ScanResult } from './replay';
 
 export const SPACE_WAITERS_MAX_DEFAULT = 65536;
@@ -198,6 +204,9 @@ export class NvLog {
   private populating = false;
   /** The NBD threads' appender, while they append plain writes themselves (see the invariants). */
   private native: NativeAppender | undefined;
+  /** The owner lets the threads answer FLUSH (setNativeFlushAllowed), and the file they flush now (null: they do not). */
+  private nativeFlushAllowed = true;
+  private nativeFlushPath: string | null = null;
   /** Synchronous sections that need the active half to themselves (native appends paused). */
   private nativeHolds = 0;
   private readonly nativeBlocks = new Set<string>();
@@ -711,6 +720,7 @@ export class NvLog {
     this.dequeuedTotal = this.queuedTotal;
     this.settleBarriers();
     this.refreshNative();
+    this.refreshNativeFlush();
   }
 
   get failed(): boolean {
@@ -728,6 +738,7 @@ export class NvLog {
     this.native = NativeAppender.create(this.region.buffer, this.header.epoch, this.header.salt, this.layout.recordPayloadMaxBytes, volumeBytes, map);
     if (this.nativeGate) this.native.setGate(true);
     this.refreshNative();
+    this.refreshNativeFlush();
     return this.native;
   }
 
@@ -742,6 +753,29 @@ export class NvLog {
     n.drain(true, this.adoptNative);
     n.close();
     this.native = undefined;
+    this.nativeFlushPath = null;
+  }
+
+  /** Lets (or stops) the threads answer plain FLUSHes themselves (off while a replica must hold records too). */
+  setNativeFlushAllowed(on: boolean): void {
+    this.nativeFlushAllowed = on;
+    this.refreshNativeFlush();
+  }
+
+  /** The threads answer FLUSH only while the log runs on a file region and the owner allows it. */
+  private refreshNativeFlush(): void {
+    const n = this.native;
+    if (n === undefined) return;
+    const path = this.nativeFlushAllowed && this.state === 'running' && this.region instanceof MmapNvram ? this.region.reopenPath : null;
+    if (path === this.nativeFlushPath) return;
+    if (path !== null && !n.setFlushFile(path)) {
+      n.setFlushFile(null);
+      this.nativeFlushPath = null;
+      logger().warn({ path }, 'the NBD threads cannot flush the NVRAM file themselves: FLUSH stays on the event loop');
+      return;
+    }
+    if (path === null) n.setFlushFile(null);
+    this.nativeFlushPath = path;
   }
 
   /** Stops (or lets again) the threads append, for a reason of the caller's (a replica, block locks). */

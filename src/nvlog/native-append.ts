@@ -12,6 +12,9 @@
  *   closes it before its region is closed. Replies still held then get EIO.
  * - A held reply goes out only once release() covers its seq (the caller's promise that
  *   the replica holds the record) or failHeld()/close() fails it.
+ * - FLUSH is answered by the threads only between setFlushFile(path) and
+ *   setFlushFile(null) or close(), and never again after one of their fdatasyncs failed
+ *   (the DONE event tells the volume, which fails the log).
  */
 import { addon } from '../io/native';
 
@@ -33,6 +36,9 @@ interface AppenderCalls {
   nbdAppenderFailHeld(a: object): void;
   nbdAppenderClose(a: object): void;
   nbdAppenderStats(a: object): number;
+  nbdAppenderFlushFile(a: object, path: string | null): boolean;
+  nbdAppenderFlush(a: object): number;
+  nbdAppenderFlushes(a: object): number;
 }
 
 const FIELDS = 4;
@@ -86,6 +92,25 @@ export class NativeAppender {
   /** Every held reply of a record appended so far gets EIO (the replica is lost, strict policy). */
   failHeld(): void {
     calls().nbdAppenderFailHeld(this.handle);
+  }
+
+  /**
+   * The threads answer a plain FLUSH themselves (fdatasync of the NVRAM file at `path`
+   * through a descriptor of their own), or no more (null). False: refused (closed, or an
+   * fdatasync of theirs failed) or the file did not open.
+   */
+  setFlushFile(path: string | null): boolean {
+    return calls().nbdAppenderFlushFile(this.handle, path);
+  }
+
+  /** The FLUSH a connection thread makes (tests): 1 durable, 0 not served there, -errno failed. */
+  flush(): number {
+    return calls().nbdAppenderFlush(this.handle);
+  }
+
+  /** FLUSHes the threads made durable. */
+  get flushes(): number {
+    return calls().nbdAppenderFlushes(this.handle);
   }
 
   /** Records appended by the threads so far. */

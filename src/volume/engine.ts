@@ -170,6 +170,8 @@ export interface EngineStats {
   threadReads?: { hits: number; misses: number; poolReads: number };
   /** WRITEs the NBD threads appended to the NVRAM log themselves, if they ever did. */
   threadWrites?: number;
+  /** FLUSHes the NBD threads made durable themselves (fdatasync of the NVRAM file). */
+  threadFlushes?: number;
 }
 
 /** Who serves the volume, as `status` shows it (set by `serve`). */
@@ -253,6 +255,17 @@ export class EngineVolume implements Volume {
     if (!this.closed) this.log.syncNative();
   }
 
+  /**
+   * A thread's fdatasync of the NVRAM file failed (it answered that FLUSH with EIO): the log
+   * fails as it does when its own msync fails (every later write, flush and CP gets EIO; a
+   * failed sync is never retried: what the kernel dropped may be gone).
+   */
+  directFlushFailed(errno: number): void {
+    const e = new VolumeError('EIO', `NVRAM persist failed: fdatasync of the NVRAM file on an NBD thread: errno ${errno}`);
+    logger().error({ errno }, e.message);
+    this.log.fail(e);
+  }
+
   /** The map the NBD threads answer READs from (Volume.directReadMap), if the tree has one member file. */
   directReadMap(): object | undefined {
     return this.closed ? undefined : this.readMap?.handle;
@@ -327,6 +340,8 @@ export class EngineVolume implements Volume {
     this.replicaThreads = gate?.threadReplies === true && process.env.NVMIRROR_SYNC_THREAD_REPLIES !== '0';
     this.log.setNativeBlocked('replica', gate !== undefined && !this.replicaThreads);
     this.log.setNativeGate(this.replicaThreads);
+    // A FLUSH must wait for the replica's durable ack too, which only this side sees.
+    this.log.setNativeFlushAllowed(gate === undefined);
     if (!this.replicaThreads) this.log.setNativeBlocked('replica-down', false);
   }
 
@@ -677,7 +692,7 @@ export class EngineVolume implements Volume {
       cp: this.cp?.stats() ?? { cpsRun: 0, running: false, lastCpDurationMs: 0, lastCpEndMs: 0, cpDurationMsMax: 0 },
       replay: this.log.replaySummary,
       ...(this.readMap && !this.closed ? { threadReads: this.readMap.stats() } : {}),
-      ...(this.log.nativeAppender ? { threadWrites: this.log.nativeAppender.appends } : {}),
+      ...(this.log.nativeAppender ? { threadWrites: this.log.nativeAppender.appends, threadFlushes: this.log.nativeAppender.flushes } : {}),
     };
   }
 

@@ -45,6 +45,8 @@ export interface VolumeStatus {
   threadReads?: { hits: number; misses: number; poolReads: number };
   /** Plain WRITEs the NBD threads appended to the NVRAM log themselves, this session. */
   threadWrites?: number;
+  /** Plain FLUSHes the NBD threads made durable themselves (fdatasync of the NVRAM file), this session. */
+  threadFlushes?: number;
   /** Sections added by what runs beside the engine (e.g. `mirror`). */
   sections?: Record<string, unknown>;
   /** A RAID volume: level, state, and each member's state and error counts. */
@@ -106,6 +108,7 @@ export function engineStatus(dir: string, label: VolumeLabel, volume: EngineVolu
     errors: s.tree.errors,
     ...(served && s.threadReads ? { threadReads: s.threadReads } : {}),
     ...(served && s.threadWrites !== undefined ? { threadWrites: s.threadWrites } : {}),
+    ...(served && s.threadFlushes !== undefined ? { threadFlushes: s.threadFlushes } : {}),
     ...(raidOf.has(volume) ? { raid: { ...raidOf.get(volume)!.health(), scrub: scrubState(raidOf.get(volume)!) } } : {}),
     ...(volume.statusSections.size > 0 ? { sections: Object.fromEntries([...volume.statusSections].map(([k, f]) => [k, f()])) } : {}),
   };

@@ -100,5 +100,10 @@ export interface Volume {
   directAppender?(): object | undefined;
   /** The native data path answered WRITEs through directAppender (called once per batch). */
   directWritesDone?(): void;
+  /**
+   * The native data path's fdatasync for a FLUSH through directAppender failed with this
+   * errno (it answered EIO): the volume must fail as its own failed sync would.
+   */
+  directFlushFailed?(errno: number): void;
   close(): Promise<void>;
 }

@@ -40,6 +40,7 @@ import { BlockTree } from '../../src/tree/tree';
 import { MemoryBlockDevice } from '../../src/io/memory-device';
 import { FileBlockDevice } from '../../src/io/file-device';
 import { MemoryNvram } from '../../src/nvlog/memory-region';
+import { MmapNvram } from '../../src/io/mmap-nvram';
 import { NvLog } from '../../src/nvlog/log';
 import type { Volume } from '../../src/volume/types';
 import {
@@ -73,9 +74,11 @@ async function makeVolume(kind: Kind, dir: string): Promise<Volume> {
       directRead: { fd: dev.readFd() as number, deviceBlocks: dev.blockCount },
     });
   }
+  // The engine as `serve` runs it: its NVRAM a memory-mapped file (so the threads answer
+  // plain FLUSHes too, with fdatasync of that file).
   const dev = new MemoryBlockDevice(4096);
   await BlockTree.format(dev, { sizeBytes: SIZE_BYTES, volumeUuid: UUID });
-  const nvram = new MemoryNvram(8 * MiB);
+  const nvram = await MmapNvram.open(path.join(dir, 'nvram'), { sizeBytes: 8 * MiB, create: true });
   await NvLog.format(nvram, UUID);
   return EngineVolume.open({ tree: await BlockTree.open(dev), region: nvram, readOnly: false, cpIntervalMs: 0 });
 }
@@ -142,6 +145,10 @@ async function sendSplit(r: Rig, s: Session, msg: Buffer, at: number): Promise<v
 
 function directWrites(r: Rig): number {
   return (r.server.transmissionStates()[0] as Record<string, number>)['directWrites'] as number;
+}
+
+function directFlushes(r: Rig): number {
+  return (r.server.transmissionStates()[0] as Record<string, number>)['directFlushes'] as number;
 }
 
 function directReads(r: Rig): number {
@@ -276,6 +283,8 @@ for (const kind of ['memory', 'file', 'engine'] as const) {
           if (c.type === CMD.READ) assert.ok((await s.conn.read(c.length)).equals(data), `READ split at ${at} returns the data`);
         }
       }
+      // The engine's NVRAM is a file: its thread answered every FLUSH (fdatasync of it).
+      assert.equal(directFlushes(r), kind === 'engine' ? 29 : 0, 'FLUSHes answered by the thread');
       s.conn.destroy();
       await settled(r);
     });
@@ -896,6 +905,164 @@ describe('native NBD transmission: an engine under a replica gate (a sync mirror
       }
     }
   });
+});
+
+describe('native NBD transmission: FLUSH on the thread (an engine whose NVRAM is a file)', function () {
+  this.timeout(60_000);
+
+  async function writeBlocks(s: Session, first: number, n: number, fill: number): Promise<void> {
+    for (let i = 0; i < n; i++) {
+      assert.equal(await simpleCommand(s, { type: CMD.WRITE, offset: (first + i) * 4096, length: 4096 }, Buffer.alloc(4096, fill + i)), 0);
+    }
+  }
+
+  /** stopRig for a volume whose log the test failed: its close reports that failure. */
+  async function stopFailedRig(r: Rig): Promise<void> {
+    await r.server.close();
+    const failed = (r.volume as EngineVolume).log.failed;
+    await r.volume.close().catch((e: unknown) => {
+      if (!failed) throw e;
+    });
+    fs.rmSync(r.dir, { recursive: true, force: true });
+  }
+
+  /** The durableSeq field of record `seq` in the NVRAM file (src/nvlog/format.ts: magic at 0, seq at 16, durableSeq at 56). */
+  function recordDurableSeq(file: string, seq: number): number {
+    const b = fs.readFileSync(file);
+    for (let at = 0; at + 64 <= b.length; at += 64) {
+      if (b.readUInt32LE(at) === 0x4e565231 && b.readBigUInt64LE(at + 16) === BigInt(seq)) return Number(b.readBigUInt64LE(at + 56));
+    }
+    throw new Error(`record ${seq} not found in ${file}`);
+  }
+
+  it('answers a plain FLUSH after its fdatasync (later records say so); with flags, under a replica gate or with the log failed, TypeScript answers it', async () => {
+    const r = await startRig('engine', true);
+    const v = r.volume as EngineVolume;
+    try {
+      const s = await open(r);
+      await writeBlocks(s, 0, 8, 0x30);
+      assert.equal(await simpleCommand(s, { type: CMD.FLUSH, offset: 0, length: 0 }), 0);
+      assert.equal(directFlushes(r), 1);
+      assert.equal(v.stats().threadFlushes, 1);
+      // The next record says so: the thread's flush covered seqs 1..8 (replay tells damage to them from a torn tail).
+      await writeBlocks(s, 8, 1, 0x40);
+      assert.ok(recordDurableSeq(path.join(r.dir, 'nvram'), 9) >= 8, 'record 9 says records up to 8 are durable');
+      // A FLUSH with FUA (a flag FLUSH does not take) is the shared path's to answer.
+      assert.equal(await simpleCommand(s, { type: CMD.FLUSH, flags: CMD_FLAG.FUA, offset: 0, length: 0 }), 0);
+      assert.equal(directFlushes(r), 1, 'a FLUSH with a flag went to TypeScript');
+
+      // A sync mirror's FLUSH waits for the replica's durable ack too: TypeScript's.
+      const asked: Array<[number, boolean]> = [];
+      v.setReplicaGate({ threadReplies: false, wait: (seq: number, durable: boolean) => { asked.push([seq, durable]); return Promise.resolve(); } });
+      assert.equal(await simpleCommand(s, { type: CMD.FLUSH, offset: 0, length: 0 }), 0);
+      assert.equal(directFlushes(r), 1, 'under a replica gate the thread did not answer it');
+      assert.deepEqual(asked, [[v.log.lastSeq, true]], 'the gate was asked for the durable ack of the last record');
+      v.setReplicaGate(undefined);
+      assert.equal(await simpleCommand(s, { type: CMD.FLUSH, offset: 0, length: 0 }), 0);
+      assert.equal(directFlushes(r), 2, 'the gate gone, the thread answers again');
+
+      // The log failed (as after a failed msync of its own): WRITEs are EIO, and FLUSH is the
+      // log's to answer (it is durable up to where it was; nothing after it is taken).
+      v.log.fail(new VolumeError('EIO', 'NVRAM persist failed (test)'));
+      assert.equal(await simpleCommand(s, { type: CMD.WRITE, offset: 0, length: 4096 }, Buffer.alloc(4096, 1)), ERR.EIO);
+      await simpleCommand(s, { type: CMD.FLUSH, offset: 0, length: 0 });
+      assert.equal(directFlushes(r), 2, 'the thread answered no FLUSH after the log failed');
+      s.conn.destroy();
+      await settled(r);
+    } finally {
+      await stopFailedRig(r);
+    }
+  });
+
+  it('pipelined FLUSHes among WRITEs are each answered once, by cookie, after the WRITEs before them; a DISC behind FLUSHes answers them first; a client gone with FLUSHes out leaves nothing held', async () => {
+    const r = await startRig('engine', true);
+    try {
+      const s = await open(r);
+      // 32 rounds of WRITE + FLUSH sent at once: the flusher takes them in groups.
+      const sent: Array<{ cookie: bigint; flush: boolean }> = [];
+      const msgs: Buffer[] = [];
+      for (let i = 0; i < 32; i++) {
+        const w = nextCookie();
+        const f = nextCookie();
+        sent.push({ cookie: w, flush: false }, { cookie: f, flush: true });
+        msgs.push(request({ type: CMD.WRITE, cookie: w, offset: i * 4096, length: 4096 }, Buffer.alloc(4096, i + 1)));
+        msgs.push(request({ type: CMD.FLUSH, cookie: f, offset: 0, length: 0 }));
+      }
+      await s.conn.write(Buffer.concat(msgs));
+      const answered: bigint[] = [];
+      for (let i = 0; i < sent.length; i++) {
+        const rep = await readSimpleReply(s.conn);
+        assert.equal(rep.error, 0);
+        answered.push(rep.cookie);
+      }
+      assert.equal(new Set(answered).size, sent.length, 'every request answered once');
+      for (let i = 0; i < 32; i++) {
+        // A FLUSH's reply never comes before the reply of the WRITE sent before it.
+        assert.ok(answered.indexOf(sent[2 * i]!.cookie) < answered.indexOf(sent[2 * i + 1]!.cookie), `WRITE ${i} answered before its FLUSH`);
+      }
+      assert.equal(directFlushes(r), 32, 'the threads answered all 32');
+      // FLUSHes then DISC: each FLUSH answered, then the connection closes.
+      const f1 = nextCookie();
+      const f2 = nextCookie();
+      await s.conn.write(Buffer.concat([
+        request({ type: CMD.FLUSH, cookie: f1, offset: 0, length: 0 }),
+        request({ type: CMD.FLUSH, cookie: f2, offset: 0, length: 0 }),
+        request({ type: CMD.DISC, cookie: nextCookie(), offset: 0, length: 0 }),
+      ]));
+      const got = new Set([(await readSimpleReply(s.conn)).cookie, (await readSimpleReply(s.conn)).cookie]);
+      assert.deepEqual(got, new Set([f1, f2]));
+      await settled(r);
+      // A client that sends FLUSHes and leaves at once.
+      const s2 = await open(r);
+      await s2.conn.write(Buffer.concat(Array.from({ length: 16 }, () => request({ type: CMD.FLUSH, cookie: nextCookie(), offset: 0, length: 0 }))));
+      s2.conn.destroy();
+      await settled(r);
+    } finally {
+      await stopRig(r);
+    }
+  });
+
+  for (const how of ['on the connection thread', 'on the flusher'] as const) {
+    it(`a failed fdatasync (${how}) answers that FLUSH with EIO and fails the log: no later FLUSH or WRITE succeeds, and the threads never flush again`, async () => {
+      const r = await startRig('engine', true);
+      const v = r.volume as EngineVolume;
+      try {
+        const s = await open(r);
+        await writeBlocks(s, 0, 4, 0x50);
+        // fdatasync of a FIFO fails (EINVAL): the stand-in for a disk that failed writeback.
+        const fifo = path.join(r.dir, 'fifo');
+        execFileSync('mkfifo', [fifo]);
+        const app = v.log.nativeAppender!;
+        assert.equal(app.setFlushFile(fifo), true);
+        if (how === 'on the connection thread') {
+          // Alone: nothing else to read, no round running: the connection thread flushes.
+          assert.equal(await simpleCommand(s, { type: CMD.FLUSH, offset: 0, length: 0 }), ERR.EIO);
+        } else {
+          // A READ right behind it in the same send: the FLUSH goes to the flusher.
+          const f = nextCookie();
+          const rd = nextCookie();
+          await s.conn.write(Buffer.concat([request({ type: CMD.FLUSH, cookie: f, offset: 0, length: 0 }), request({ type: CMD.READ, cookie: rd, offset: 0, length: 4096 })]));
+          const replies = new Map<bigint, number>();
+          for (let i = 0; i < 2; i++) {
+            const rep = await readSimpleReply(s.conn);
+            replies.set(rep.cookie, rep.error);
+            if (rep.cookie === rd) assert.ok((await s.conn.read(4096)).equals(Buffer.alloc(4096, 0x50)), 'the READ behind it');
+          }
+          assert.deepEqual([replies.get(f), replies.get(rd)], [ERR.EIO, 0]);
+        }
+        await until('the log failed', () => v.log.failed);
+        assert.equal(await simpleCommand(s, { type: CMD.FLUSH, offset: 0, length: 0 }), ERR.EIO);
+        assert.equal(await simpleCommand(s, { type: CMD.WRITE, offset: 8 * 4096, length: 4096 }, Buffer.alloc(4096, 2)), ERR.EIO);
+        assert.equal(directFlushes(r), 1, 'only the failed one was the thread\'s');
+        assert.equal(app.setFlushFile(path.join(r.dir, 'nvram')), false, 'a failed fdatasync is sticky: no flush file is taken again');
+        assert.equal(app.flush(), 0, 'and no FLUSH is served there');
+        s.conn.destroy();
+        await settled(r);
+      } finally {
+        await stopFailedRig(r);
+      }
+    });
+  }
 });
 
 describe('native NBD transmission: the switch', function () {

@@ -123,9 +123,16 @@ describe('nvlog: native appends (the NBD threads)', () => {
     assert.equal(await log.appendWrite(0, [block(99)], 0), n + 1, 'the log switches halves for its own append');
     assert.ok(na.append(BS, block(98)), 'and the threads append into the new half');
     assert.equal(log.lastSeq, n + 2);
+    // A region that is not a file: the threads leave FLUSH to the log.
+    assert.equal(na.flush(), 0, 'no FLUSH on the threads for a memory region');
+    assert.equal(na.setFlushFile('/nonexistent/nvram'), false, 'a file that does not open is refused');
+    assert.equal(na.flush(), 0);
+    const raw = addon() as unknown as Record<string, (...a: unknown[]) => unknown>;
+    assert.throws(() => raw.nbdAppenderFlushFile!(na.handle, 5), TypeError, 'a path that is not a string');
+    assert.throws(() => raw.nbdAppenderFlushFile!(na.handle, ''), TypeError, 'an empty path');
+    assert.throws(() => raw.nbdAppenderFlush!({}), TypeError, 'not an appender');
     log.disableNativeAppends();
     assert.equal(na.append(0, block(1)), false, 'closed');
-    const raw = addon() as unknown as Record<string, (...a: unknown[]) => unknown>;
     assert.throws(() => raw.nbdAppenderAppend!({}, 0, block(1)), TypeError, 'not an appender');
     assert.throws(() => raw.nbdAppenderNew!(region.buffer, 1, 2, 100, VOLUME_BYTES, null), RangeError, 'a record cap below a block');
     assert.throws(() => raw.nbdServeDirectEngine!({}, null, null, 3), TypeError, 'not a connection');
