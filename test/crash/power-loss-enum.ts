@@ -489,9 +489,15 @@ export async function liveStripeParityProblem(raid: RaidDevice, W: number): Prom
     const tree = await BlockTree.open(raid);
     const used = tree.usedBitmap();
     const everyMember = raid.health().state === 'online';
+    // The head's blocks (the superblock ring) are used but do not live in their stripe: they
+    // are read from every member's label area, and their places in the striped area hold
+    // zeroes. A stripe whose only used blocks are head blocks holds nothing its parity
+    // protects (a CP may write the rest of it whole, without the journal, and a crash may
+    // tear that write: nothing live is lost).
+    const head = raid.geometry.headBlocks;
     for (let s = 0; s < raid.geometry.stripes; s++) {
       let live = false;
-      for (let p = s * W; p < (s + 1) * W && !live; p++) live = testBit(used, p);
+      for (let p = Math.max(s * W, head); p < (s + 1) * W && !live; p++) live = testBit(used, p);
       if (!live) continue;
       const r = await raid.scrubStripe(s, false);
       if (r.verdict === 'mismatch') return `live stripe ${s} has parity that does not match its data (member(s) ${r.members.join(', ')})`;
