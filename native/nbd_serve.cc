@@ -722,16 +722,11 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
   bool TryDirectFlush() {
     if (Be32(hdr_) != kRequestMagic || Be16(hdr_ + 4) != 0 || Be16(hdr_ + 6) != kCmdFlush) return false;
     NvAppenderPtr app;
-    std::array<uint8_t, kHeaderBytes> h;
-    memcpy(h.data(), hdr_, kHeaderBytes);
-    std::shared_ptr<Conn> self = shared_from_this();
     {
       std::lock_guard<std::mutex> l(mu_);
       if (!(modes_ & kModeWrites) || !app_) return false;
       app = app_;
       QueuePiecesLocked();  // answered writes need not wait for the disk
-      inflight_++;
-      poolJobs_++;
     }
     int64_t t0 = NowUs();
     // Nothing else from this client to read (queue depth 1, as fsync=1 runs): flush here,
@@ -739,22 +734,20 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
     int unread = 0;
     if (sPos_ == sLen_ && ::ioctl(fd_, FIONREAD, &unread) == 0 && unread == 0) {
       int rc = app->FlushIfIdle();
+      if (rc == 0) return false;
       if (rc != 2) {
         std::lock_guard<std::mutex> l(mu_);
-        inflight_--;
-        poolJobs_--;
-        if (rc == 0) return false;
-        uint32_t err = rc > 0 ? 0 : kNbdEio;
-        uint8_t* r = OwnBytes(kSimpleReplyBytes);
-        PutBe32(r, kSimpleReplyMagic);
-        PutBe32(r + 4, err);
-        memcpy(r + 8, h.data() + 8, 8);  // the cookie, verbatim
-        directFlushes_++;
-        Emit({kEvDone, 0, static_cast<double>(NowUs() - t0), static_cast<double>(kCmdFlush), static_cast<double>(err),
-              static_cast<double>(rc > 0 ? 0 : -rc)});
-        if (err != 0) urgent_ = true;  // the volume must fail its log before it answers anything else
+        AnswerFlushLocked(hdr_, rc, t0);
         return true;
       }
+    }
+    std::array<uint8_t, kHeaderBytes> h;
+    memcpy(h.data(), hdr_, kHeaderBytes);
+    std::shared_ptr<Conn> self = shared_from_this();
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      inflight_++;
+      poolJobs_++;
     }
     bool queued = app->SubmitFlush([self, h, t0](int rc) {
       PoolDone d{Granted{-1, nullptr, 0}, h, 0, 0, t0, rc > 0};
@@ -767,6 +760,20 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
     inflight_--;
     poolJobs_--;
     return false;
+  }
+
+  // A FLUSH the appender made (rc 1) or failed (-errno): its reply in this pass's writev, its
+  // DONE event (a failure is urgent: the volume must fail its log before it answers more).
+  void AnswerFlushLocked(const uint8_t* h, int rc, int64_t t0) {
+    uint32_t err = rc > 0 ? 0 : kNbdEio;
+    uint8_t* r = OwnBytes(kSimpleReplyBytes);
+    PutBe32(r, kSimpleReplyMagic);
+    PutBe32(r + 4, err);
+    memcpy(r + 8, h + 8, 8);  // the cookie, verbatim
+    directFlushes_++;
+    Emit({kEvDone, 0, static_cast<double>(NowUs() - t0), static_cast<double>(kCmdFlush), static_cast<double>(err),
+          static_cast<double>(rc > 0 ? 0 : -rc)});
+    if (err != 0) urgent_ = true;
   }
 
   // Appends n bytes to the thread's own replies of this pass; returns where they start.
@@ -902,13 +909,6 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
       done.swap(poolFinished_);
     }
     for (PoolDone& d : done) {
-      if (d.flush && d.flushRc != 0) {
-        uint8_t* r = OwnBytes(kSimpleReplyBytes);
-        PutBe32(r, kSimpleReplyMagic);
-        PutBe32(r + 4, d.flushRc > 0 ? 0 : kNbdEio);
-        memcpy(r + 8, d.hdr.data() + 8, 8);  // the cookie, verbatim
-        continue;
-      }
       if (d.flush || !d.ok) continue;
       PutReadReplyHeader(OwnBytes(ReadReplyHeaderBytes(d.modes)), d.hdr.data(), d.len, d.modes);
       pieces_.push_back(Piece{d.g.data, 0, d.len});
@@ -924,11 +924,7 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
           continue;
         }
         inflight_--;
-        directFlushes_++;
-        uint32_t err = d.flushRc > 0 ? 0 : kNbdEio;
-        Emit({kEvDone, 0, static_cast<double>(now - d.t0), static_cast<double>(kCmdFlush), static_cast<double>(err),
-              static_cast<double>(d.flushRc > 0 ? 0 : -d.flushRc)});
-        if (err != 0) urgent_ = true;  // the volume must fail its log before it answers anything else
+        AnswerFlushLocked(d.hdr.data(), d.flushRc, d.t0);
         continue;
       }
       if (d.ok) {

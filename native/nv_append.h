@@ -56,7 +56,6 @@
 #include <functional>
 #include <thread>
 #include <cstdint>
-#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <memory>
@@ -213,14 +212,10 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
     return true;
   }
 
-  // FLUSHes made durable here, and the fdatasync rounds that did it.
+  // FLUSHes made durable here.
   uint64_t Flushes() {
     std::lock_guard<std::mutex> l(mu_);
     return flushes_;
-  }
-  uint64_t FlushRounds() {
-    std::lock_guard<std::mutex> l(mu_);
-    return rounds_;
   }
 
   // A connection that may hold replies (weakly referenced: it may end first).
@@ -333,7 +328,6 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
       for (int r : retiredFds_) ::close(r);
       retiredFds_.clear();
     }
-    rounds_++;
     if (err != 0) {
       flushFailed_ = true;
       RetireFlushFdLocked();
@@ -404,7 +398,7 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
   int flushFd_ = -1;
   bool flushFailed_ = false;
   uint32_t flushUsers_ = 0;
-  uint64_t flushes_ = 0, rounds_ = 0;
+  uint64_t flushes_ = 0;
   std::vector<int> retiredFds_;
   std::vector<std::function<void(int)>> flushQ_;  // FLUSHes for the flusher thread (at most kFlushQueueMax)
   bool flusherRunning_ = false;

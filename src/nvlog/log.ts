@@ -769,7 +769,6 @@ export class NvLog {
     const path = this.nativeFlushAllowed && this.state === 'running' && this.region instanceof MmapNvram ? this.region.reopenPath : null;
     if (path === this.nativeFlushPath) return;
     if (path !== null && !n.setFlushFile(path)) {
-      n.setFlushFile(null);
       this.nativeFlushPath = null;
       logger().warn({ path }, 'the NBD threads cannot flush the NVRAM file themselves: FLUSH stays on the event loop');
       return;
