@@ -5,17 +5,24 @@
  *
  *   unmirrored:  a: nvmirror serve VOL --socket S --cp-interval C
  *   sync|async:  b: nvmirror receive RX --listen B:PORT --export-socket E --mirror-insecure
- *                a: relay (test/net/relay.ts) 127.0.0.1:R -> B:PORT, delayMs each way
- *                a: nvmirror serve VOL --socket S --cp-interval C --mirror-to 127.0.0.1:R
+ *                a: nvmirror serve VOL --socket S --cp-interval C --mirror-to B:PORT
  *                     --mirror-mode sync|async --mirror-insecure
+ *   the delayed runs put a relay between them (there is no netem here):
+ *                a: relay (test/net/relay.ts) 127.0.0.1:R -> B:PORT, delayMs each way
+ *                a: nvmirror serve ... --mirror-to 127.0.0.1:R
  *   fio (nbd engine) runs in the root namespace against S (Unix sockets ignore network
  *   namespaces). Every run starts from a fresh thin volume and a fresh receiver directory.
  *
- * Per mirrored run: wait for 'in-sync' (the baseline is done), take the relay's byte
- * counters (both directions), run fio, ask for a CP, wait until the source's status says
- * in-sync with rootsEqual and destCp === sourceCp >= that CP, take the counters again:
- * wire/client = relay bytes / fio's written bytes. Peak RSS is VmHWM of the serve and
- * receive node processes (found in their namespaces), read before they are stopped.
+ * Per mirrored run: wait for 'in-sync' (the baseline is done), take the kernel's byte
+ * counters of the receiver's one mirror connection (tcp_info through `ss` in namespace b:
+ * bytes_received + bytes_sent, retransmissions included), run fio, ask for a CP, wait
+ * until the source's status says in-sync with rootsEqual and destCp === sourceCp >= that
+ * CP, take the counters again: wire/client = those bytes / fio's written bytes. A run
+ * whose connection changed in between (a reconnect) is an error. Runs through the relay
+ * also report the relay's own count of both directions (it must agree). Without a delay
+ * there is no relay: it would be a third process (and a second TCP hop) on the same two
+ * cores, which a deployment does not have. Peak RSS is VmHWM of the serve and receive
+ * node processes (found in their namespaces), read before they are stopped.
  *
  * The "1 ms RTT" runs: the relay delays each chunk delayMs in each direction, but Node
  * rounds timeouts below 1 ms up to 1 ms (and Date.now() is whole ms), so delayMs 0.5 gives
@@ -99,8 +106,10 @@ export interface MirrorSample {
   p50Us: number;
   p99Us: number;
   clientBytes: number;
-  /** Relay bytes, both directions, from in-sync before fio to in-sync after. */
+  /** Bytes on the mirror connection, both directions (the kernel's tcp_info at the receiver), from in-sync before fio to in-sync after. */
   wireBytes?: number;
+  /** The relay's count of the same window, both directions (delayed runs only). */
+  relayBytes?: number;
   /** The source's own bytesOnWire / clientBytes deltas over the same window. */
   nvmWireBytes?: number;
   nvmClientBytes?: number;
@@ -521,6 +530,34 @@ function diskBandwidth(dir: string, bytes: number): number {
   }
 }
 
+/**
+ * The kernel's payload byte counters (tcp_info: bytes_sent includes retransmissions) of
+ * the one established TCP connection on `host` whose local port is `port`, and its peer
+ * address. Exactly one such connection must exist (the mirror's; the exports are Unix sockets).
+ */
+export async function tcpBytes(pair: HostPair, host: 'a' | 'b', port: number): Promise<{ peer: string; sent: number; received: number }> {
+  const r = await pair.exec(host, 'ss', ['-tinH', 'state', 'established', `( sport = :${port} )`], { timeoutMs: 10_000 });
+  if (r.code !== 0) throw new Error(`ss failed: ${lastLines(r.stderr + r.stdout)}`);
+  const conns: Array<{ peer: string; info: string }> = [];
+  for (const line of r.stdout.split('\n')) {
+    if (line.trim() === '') continue;
+    if (/^\s/.test(line)) {
+      const last = conns[conns.length - 1];
+      if (last) last.info += ' ' + line;
+    } else {
+      const f = line.trim().split(/\s+/);
+      conns.push({ peer: f[f.length - 1] ?? '?', info: '' });
+    }
+  }
+  if (conns.length !== 1) throw new Error(`expected one mirror connection on port ${port}, ss shows ${conns.length}: ${r.stdout.trim()}`);
+  const c = conns[0]!;
+  const num = (k: string): number => {
+    const m = new RegExp(`\\b${k}:(\\d+)`).exec(c.info);
+    return m ? Number(m[1]) : 0; // ss leaves a zero counter out
+  };
+  return { peer: c.peer, sent: num('bytes_sent'), received: num('bytes_received') };
+}
+
 async function checkpoint(vol: string): Promise<number> {
   const r = await controlRequest(path.join(vol, 'control.sock'), { op: 'checkpoint' }, 120_000);
   if (!r.ok) throw new Error(`checkpoint: ${r.error}`);
@@ -554,7 +591,8 @@ class MirrorBench {
     return new NsProcess(name, this.pair.spawn(host, process.execPath, [this.bin, ...args], { stdio: ['ignore', 'pipe', 'pipe'], cwd: this.dir }));
   }
 
-  async start(mode: Mode, delayMs: number): Promise<Running> {
+  /** A mirrored run goes through the relay when it has a delay or `viaRelay` (the stall run stalls the relay). */
+  async start(mode: Mode, delayMs: number, viaRelay = delayMs > 0): Promise<Running> {
     const n = ++this.runNo;
     const vol = path.join(this.dir, `vol-${n}`);
     const rx = path.join(this.o.rxDir ?? this.dir, `rx-${n}`);
@@ -570,8 +608,13 @@ class MirrorBench {
         run.receiver = receiver;
         await receiver.waitFor('"receiving" line', () => receiver.stdout.includes('nvmirror: receiving') && fs.existsSync(exp));
         await verifyPid(this.pair, 'b', receiver.pid, 'receive');
-        run.relay = await startRelay(this.pair, 'a', { targetHost: this.pair.b.addr, targetPort: PORT, listenHost: '127.0.0.1', faults: { delayMs } }, true);
-        serveArgs.push('--mirror-to', `127.0.0.1:${run.relay.port}`, '--mirror-mode', mode, '--mirror-insecure');
+        if (viaRelay) {
+          run.relay = await startRelay(this.pair, 'a', { targetHost: this.pair.b.addr, targetPort: PORT, listenHost: '127.0.0.1', faults: { delayMs } }, true);
+          serveArgs.push('--mirror-to', `127.0.0.1:${run.relay.port}`);
+        } else {
+          serveArgs.push('--mirror-to', `${this.pair.b.addr}:${PORT}`);
+        }
+        serveArgs.push('--mirror-mode', mode, '--mirror-insecure');
       }
       const source = this.nvm('a', `nvmirror serve${mode === 'none' ? '' : ` (${mode})`}`, serveArgs);
       run.source = source;
@@ -607,6 +650,7 @@ class MirrorBench {
     const r = await this.start(cfg.mode, cfg.delayed ? delayMs : 0);
     try {
       const before = r.relay ? await r.relay.stats() : undefined;
+      const tcp0 = cfg.mode !== 'none' ? await tcpBytes(this.pair, 'b', PORT) : undefined;
       const st0 = cfg.mode !== 'none' ? await mirrorStatus(r.vol) : undefined;
       const out = path.join(this.dir, `${w.id}-${cfg.label.replace(/\W+/g, '_')}-r${round}.json`);
       const cpuPids = [r.source.pid, r.receiver?.pid, r.relay?.child.pid];
@@ -631,12 +675,17 @@ class MirrorBench {
         ...(cpuPct[1] !== undefined ? { receiverCpuPct: cpuPct[1] } : {}),
         ...(cpuPct[2] !== undefined ? { relayCpuPct: cpuPct[2] } : {}),
       };
-      if (cfg.mode !== 'none' && r.relay && before && st0 && r.receiver) {
+      if (cfg.mode !== 'none' && tcp0 && st0 && r.receiver) {
         const cp = await checkpoint(r.vol);
         const st1 = await waitInSync(r.vol, 'after the workload', cp, this.procs(r));
         sample.syncAfterS = (Date.now() - fioEnd) / 1000;
-        const after = await r.relay.stats();
-        sample.wireBytes = after.bytes.toTarget + after.bytes.toClient - before.bytes.toTarget - before.bytes.toClient;
+        const tcp1 = await tcpBytes(this.pair, 'b', PORT);
+        if (tcp1.peer !== tcp0.peer) throw new Error(`the mirror connection changed during the run (${tcp0.peer} -> ${tcp1.peer}): no wire count`);
+        sample.wireBytes = tcp1.sent + tcp1.received - tcp0.sent - tcp0.received;
+        if (r.relay && before) {
+          const after = await r.relay.stats();
+          sample.relayBytes = after.bytes.toTarget + after.bytes.toClient - before.bytes.toTarget - before.bytes.toClient;
+        }
         sample.nvmWireBytes = st1.bytesOnWire - st0.bytesOnWire;
         sample.nvmClientBytes = st1.clientBytes - st0.clientBytes;
         sample.refsSent = st1.refsSent - st0.refsSent;
@@ -718,7 +767,7 @@ class MirrorBench {
   }
 
   async stall(mode: Mode, w: MWorkload): Promise<StallResult> {
-    const r = await this.start(mode, 0);
+    const r = await this.start(mode, 0, true);
     try {
       const leadS = 2;
       const tailS = 2;
@@ -866,13 +915,15 @@ export async function runMirrorSuite(c: BenchConfig, root: string, o: MirrorBenc
       say(`  [mirror] ${formatBaseline(baseline).join('; ').replace(/\s+/g, ' ')}`);
     }
     return {
-      title: `mirror ${formatSize(o.sizeBytes)} thin, NVRAM ${formatSize(o.nvramBytes)}, --cp-interval ${o.cpIntervalMs}: unmirrored vs sync vs async, relay RTT ~0 and ~${rttLabel}; receiver dirs ${o.rxDir === undefined ? 'on the source\'s disk' : `in ${o.rxDir}`}`,
+      title: `mirror ${formatSize(o.sizeBytes)} thin, NVRAM ${formatSize(o.nvramBytes)}, --cp-interval ${o.cpIntervalMs}: unmirrored vs sync vs async, straight over the veth and through a relay at ~${rttLabel} RTT; receiver dirs ${o.rxDir === undefined ? 'on the source\'s disk' : `in ${o.rxDir}`}`,
       configs: configs.map((k) => ({
         label: k.label,
         command:
           k.mode === 'none'
             ? 'a: nvmirror serve VOL --socket S'
-            : `b: nvmirror receive RX --listen B:${PORT} --export-socket E --mirror-insecure; a: relay ${k.delayed ? `delayMs ${rtt.delayMs.toFixed(3)} each way (RTT p50 ${rtt.delayedMs.toFixed(2)} ms)` : `no delay (RTT p50 ${rtt.relayMs.toFixed(2)} ms)`}; a: nvmirror serve VOL --mirror-to RELAY --mirror-mode ${k.mode} --mirror-insecure`,
+            : k.delayed
+              ? `b: nvmirror receive RX --listen B:${PORT} --export-socket E --mirror-insecure; a: relay delayMs ${rtt.delayMs.toFixed(3)} each way (RTT p50 ${rtt.delayedMs.toFixed(2)} ms); a: nvmirror serve VOL --mirror-to RELAY --mirror-mode ${k.mode} --mirror-insecure`
+              : `b: nvmirror receive RX --listen B:${PORT} --export-socket E --mirror-insecure; a: nvmirror serve VOL --mirror-to B:${PORT} --mirror-mode ${k.mode} --mirror-insecure (veth RTT p50 ${rtt.directMs.toFixed(2)} ms)`,
       })),
       workloads: workloads.map((w) => ({ id: w.id, label: w.label, unit: w.unit })),
       samples,
@@ -931,7 +982,8 @@ export function formatMirror(rep: MirrorReport, roundsNote: string): string {
     })]);
     rows.push([w.label, 'p50 clat us (lower)', labels.map((k) => cell(med(w.id, k, (s) => s.p50Us), 0))]);
     rows.push([w.label, 'p99 clat us (lower)', labels.map((k) => cell(med(w.id, k, (s) => s.p99Us), 0))]);
-    rows.push([w.label, 'wire/client bytes (relay)', labels.map((k) => cell(med(w.id, k, (s) => (s.wireBytes === undefined ? undefined : s.wireBytes / s.clientBytes)), 3))]);
+    rows.push([w.label, 'wire/client bytes (kernel)', labels.map((k) => cell(med(w.id, k, (s) => (s.wireBytes === undefined ? undefined : s.wireBytes / s.clientBytes)), 3))]);
+    rows.push([w.label, 'wire/client bytes (relay)', labels.map((k) => cell(med(w.id, k, (s) => (s.relayBytes === undefined ? undefined : s.relayBytes / s.clientBytes)), 3))]);
     rows.push([w.label, 'wire/client (nvmirror count)', labels.map((k) => cell(med(w.id, k, (s) => (s.nvmWireBytes === undefined ? undefined : s.nvmWireBytes / s.clientBytes)), 3))]);
     rows.push([w.label, 'client GiB written', labels.map((k) => cell(med(w.id, k, (s) => s.clientBytes / 1024 / MIB), 2))]);
     rows.push([w.label, 'in sync after fio s', labels.map((k) => cell(med(w.id, k, (s) => s.syncAfterS), 1))]);
@@ -949,7 +1001,8 @@ export function formatMirror(rep: MirrorReport, roundsNote: string): string {
   lines.push([`workload`.padEnd(wW), 'metric'.padEnd(mW), ...labels.map((k, i) => k.padStart(vW[i]!))].join('  '));
   for (const [w, m, vs] of rows) lines.push([w.padEnd(wW), m.padEnd(mW), ...vs.map((v, i) => v.padStart(vW[i]!))].join('  '));
   lines.push('   vs unmirrored: ratio of medians (then min-max of per-round ratios), < 1.00 means mirroring cost throughput.');
-  lines.push('   wire/client: bytes through the relay (both directions) / bytes fio wrote, from in-sync after the baseline to in-sync with equal roots after fio (a CP asked for at the end);');
+  lines.push('   wire/client (kernel): payload bytes of the mirror connection, both directions, retransmissions included (tcp_info at the receiver, read with ss) / bytes fio wrote,');
+  lines.push('   from in-sync after the baseline to in-sync with equal roots after fio (a CP asked for at the end); (relay): the relay\'s count of the same window (delayed runs only);');
   lines.push("   (nvmirror count): the source's own bytesOnWire over the same window / bytes fio wrote. CPU %: of one core, during fio (2 cores in all, fio included).");
   lines.push(`   RTT through the relay: ${rep.rtt.calibration.join('; ')}.`);
   if (rep.baseline) {
