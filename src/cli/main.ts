@@ -2,6 +2,8 @@
  * nvmirror command line: commander wiring only. Each command lives in its own file
  * under src/cli/ and registers itself here; no logic beyond parsing and wiring.
  */
+// First: sets the thread pool's size before any module or command can start a job on it.
+import './threadpool';
 import { Command, CommanderError } from 'commander';
 import { registerServe } from './serve';
 import { registerAttach } from './attach';
