@@ -634,9 +634,29 @@ Napi::Value FlockExclusive(const Napi::CallbackInfo& info) {
   }
 }
 
+// addressMod(buf, m) -> the address of buf's first byte modulo m (a power of two, 2..4096):
+// lets JavaScript carve a buffer whose data starts at an aligned address (io/aligned.ts).
+Napi::Value AddressMod(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Buffer<uint8_t> buf;
+  if (!GetBuffer(info, 0, "addressMod", "buf", &buf)) return env.Undefined();
+  if (info.Length() < 2 || !info[1].IsNumber()) {
+    Napi::TypeError::New(env, "addressMod: m must be a number").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  double m = info[1].As<Napi::Number>().DoubleValue();
+  if (!(m >= 2 && m <= 4096) || m != static_cast<double>(static_cast<uint32_t>(m)) || (static_cast<uint32_t>(m) & (static_cast<uint32_t>(m) - 1)) != 0) {
+    Napi::RangeError::New(env, "addressMod: m must be a power of two in [2, 4096]").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  uintptr_t a = reinterpret_cast<uintptr_t>(buf.Data());
+  return Napi::Number::New(env, static_cast<double>(a & (static_cast<uintptr_t>(m) - 1)));
+}
+
 }  // namespace
 
 void InitIo(Napi::Env env, Napi::Object exports) {
+  exports.Set("addressMod", Napi::Function::New(env, AddressMod, "addressMod"));
   exports.Set("pread", Napi::Function::New(env, Pread, "pread"));
   exports.Set("pwrite", Napi::Function::New(env, Pwrite, "pwrite"));
   exports.Set("pwritev", Napi::Function::New(env, Pwritev, "pwritev"));

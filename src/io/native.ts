@@ -30,6 +30,7 @@ interface RawAddon {
    * retry with the async call, which reports it) or -2 (RWF_NOWAIT unsupported on this file).
    */
   preadNowait(fd: number, buf: Buffer, bufOffset: number, length: number, position: number): number;
+  addressMod(buf: Buffer, m: number): number;
   pwriteNowait(fd: number, buf: Buffer, bufOffset: number, length: number, position: number): number;
   /** mode: 0 = allocate (keep size), 1 = punch hole, 2 = zero range. */
   fallocate(fd: number, mode: number, position: number, length: number, cb: (err: Error | null) => void): void;
@@ -112,6 +113,11 @@ export function pwritevDirect(fd: number, bufs: Buffer[], position: number): Pro
 export const NOWAIT_MAX_BYTES = 1024 * 1024;
 export const NOWAIT_WOULD_BLOCK = -1;
 export const NOWAIT_UNSUPPORTED = -2;
+
+/** The address of buf's first byte modulo m (a power of two, 2..4096). */
+export function addressMod(buf: Buffer, m: number): number {
+  return addon().addressMod(buf, m);
+}
 
 /** Page-cache-only read on the calling thread; see RawAddon.preadNowait. */
 export function preadNowait(fd: number, buf: Buffer, bufOffset: number, length: number, position: number): number {

@@ -11,6 +11,7 @@
  *   (a reply: after the socket has taken it; a payload: after the volume's write settled).
  */
 import { assert } from '../util/assert';
+import { allocAligned } from '../io/aligned';
 
 export const POOL_MIN_BYTES = 64 * 1024;
 const GRANULE_BYTES = 64 * 1024;
@@ -40,7 +41,7 @@ export class BufferPool {
       this.outstanding.add(b);
       return b;
     }
-    const fresh = Buffer.allocUnsafeSlow(size);
+    const fresh = allocAligned(size);
     this.outstanding.add(fresh);
     return fresh;
   }

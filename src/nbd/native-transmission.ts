@@ -53,6 +53,7 @@ import { addon } from '../io/native';
 import { assert } from '../util/assert';
 import type { Charge } from './budget';
 import { BufferPool, sharedBufferPool } from './buffer-pool';
+import { allocAligned } from '../io/aligned';
 import {
   LINGER_MS,
   MAX_INFLIGHT_BYTES_PER_CONNECTION,
@@ -451,7 +452,7 @@ export class NativeTransmission extends Transmission {
     let g = reuse;
     if (g === undefined) {
       const pooled = BufferPool.pooled(bytes) ? sharedBufferPool.take(bytes) : undefined;
-      g = { buf: pooled ? pooled.subarray(0, bytes) : Buffer.allocUnsafeSlow(bytes), pooled, charge };
+      g = { buf: pooled ? pooled.subarray(0, bytes) : allocAligned(bytes), pooled, charge };
     } else {
       this.connChargedBytes -= bytes; // counted again below
     }
