@@ -4,7 +4,7 @@
  * The kernel copies a read's bytes into (and a write's out of) the caller's buffer with
  * `rep movsb`; on this project's machines (AMD EPYC) a destination 8 or 16 bytes off a
  * 32-byte boundary copies at ~2.6 GB/s against ~11.5 GB/s aligned (1 MiB preads of a
- * cached file, /tmp/sw/al.c in the 2026-12-03 notes). malloc hands out large blocks 16
+ * cached file; docs/benchmarks.md, "Memory and file suites at d746ba2"). malloc hands out large blocks 16
  * bytes past a page boundary, and so does Buffer.allocUnsafeSlow. The NBD threads read
  * and receive straight into granted buffers, so those are carved aligned.
  *
