@@ -741,6 +741,22 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
         return true;
       }
     }
+    return SubmitPoolJob([&app, t0](const std::shared_ptr<Conn>& self, const std::array<uint8_t, kHeaderBytes>& h) {
+      return app->SubmitFlush([self, h, t0](int rc) {
+        PoolDone d{Granted{-1, nullptr, 0}, h, 0, 0, t0, rc > 0};
+        d.flush = true;
+        d.flushRc = rc;
+        self->FinishPoolJob(std::move(d));
+      });
+    });
+  }
+
+  // Hands this request (its header copied) to another thread: counted in flight (the
+  // reading cap holds) and in poolJobs_ (the thread does not end, shut down or take a DISC
+  // while any is out) before submit(self, header) runs; both undone if submit says false
+  // (its queue is full). The job ends with FinishPoolJob.
+  template <typename Submit>
+  bool SubmitPoolJob(Submit&& submit) {
     std::array<uint8_t, kHeaderBytes> h;
     memcpy(h.data(), hdr_, kHeaderBytes);
     std::shared_ptr<Conn> self = shared_from_this();
@@ -749,13 +765,7 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
       inflight_++;
       poolJobs_++;
     }
-    bool queued = app->SubmitFlush([self, h, t0](int rc) {
-      PoolDone d{Granted{-1, nullptr, 0}, h, 0, 0, t0, rc > 0};
-      d.flush = true;
-      d.flushRc = rc;
-      self->FinishPoolJob(std::move(d));
-    });
-    if (queued) return true;
+    if (submit(self, h)) return true;
     std::lock_guard<std::mutex> l(mu_);
     inflight_--;
     poolJobs_--;
@@ -867,27 +877,15 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
   }
 
   // A READ the map holds but the page cache does not: the read pool reads it (waiting for
-  // the disk) into the claimed buffer g and answers it (FinishPoolJob). Counted in flight
-  // (the reading cap holds) and in poolJobs_ (the thread does not end, shut down or take
-  // a DISC while any is out). False: the pool is full; the caller gives it to TypeScript.
+  // the disk) into the claimed buffer g and answers it (FinishPoolJob; SubmitPoolJob
+  // counts it). False: the pool is full; the caller gives it to TypeScript.
   bool ReadLater(const ReadMapPtr& rmap, const Granted& g, uint64_t off, uint32_t len, int64_t modes, int64_t t0) {
-    std::array<uint8_t, kHeaderBytes> h;
-    memcpy(h.data(), hdr_, kHeaderBytes);
-    std::shared_ptr<Conn> self = shared_from_this();
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      inflight_++;
-      poolJobs_++;
-    }
-    bool queued = ReadPool::Get().Submit([self, rmap, g, off, len, modes, t0, h] {
-      bool ok = rmap->Read(off, g.data, len, true) == ReadMap::ReadResult::kHit;
-      self->FinishPoolJob(PoolDone{g, h, len, modes, t0, ok});
+    return SubmitPoolJob([&rmap, &g, off, len, modes, t0](const std::shared_ptr<Conn>& self, const std::array<uint8_t, kHeaderBytes>& h) {
+      return ReadPool::Get().Submit([self, rmap, g, off, len, modes, t0, h] {
+        bool ok = rmap->Read(off, g.data, len, true) == ReadMap::ReadResult::kHit;
+        self->FinishPoolJob(PoolDone{g, h, len, modes, t0, ok});
+      });
     });
-    if (queued) return true;
-    std::lock_guard<std::mutex> l(mu_);
-    inflight_--;
-    poolJobs_--;
-    return false;
   }
 
   // On a pool or the flusher thread: hands the READ or FLUSH back to the connection's thread (AnswerPoolJobs).
