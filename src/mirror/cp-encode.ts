@@ -14,7 +14,7 @@
  * - Frames stay under their caps: references in groups of REFS_PER_FRAME_MAX, deltas in
  *   groups whose entries fit DELTAS_RAW_MAX_BYTES.
  */
-import { crc32c } from '../io/native';
+import { crc32cWide } from '../io/native';
 import type { CpBlock } from '../tree/types';
 import { DELTA_FROM_ZEROES, encodeDelta } from './delta';
 import { DELTAS_PER_FRAME_MAX, DELTAS_RAW_MAX_BYTES, REFS_PER_FRAME_MAX, deltaEntryBytes, type CpDelta, type CpRef } from './wire';
@@ -53,7 +53,7 @@ export async function encodeCpBlocks(
       prev = prevBuf;
     }
     const delta = encodeDelta(prev ?? ZERO_BLOCK, b.buf);
-    if (delta) out.deltas.push({ pba: b.pba, prevPba: b.prevPba ?? DELTA_FROM_ZEROES, crc: crc32c(b.buf), delta });
+    if (delta) out.deltas.push({ pba: b.pba, prevPba: b.prevPba ?? DELTA_FROM_ZEROES, crc: crc32cWide(b.buf), delta });
     else out.data.push(b);
   }
   return out;

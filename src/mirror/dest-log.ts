@@ -29,15 +29,27 @@
  *   then, and the source's writes wait for that CP (bounded memory, never a lost ack).
  * - A record is released only when a committed CP's watermark covers it.
  * - Memory: the index holds one small entry per stored record, at most
- *   (size - 4096) / 64 entries.
+ *   (size - 4096) / 64 entries, and a crc32c per 4 KiB of log (size / 1024 bytes).
+ * - The crc32c kept for a stored block is that of its bytes as they arrived (computed
+ *   once, with the frame's checksum, or here); the record's checksum is combined from them.
  */
 import * as crypto from 'crypto';
 import { MmapNvram } from '../io/mmap-nvram';
-import { crc32c } from '../io/native';
+import { crc32cBlocks, crc32cWide } from '../io/native';
+import { crc32cAppendBlock } from '../io/checksum';
 import { assert } from '../util/assert';
-import { BLOCK_BYTES } from './wire';
+import { BLOCK_BYTES, putU64, RECORD_PAYLOAD_MAX_BYTES } from './wire';
 
 export const DEST_LOG_NAME = 'source.log';
+
+/**
+ * The slot of the first payload block of the record at `at` in the block-checksum table:
+ * the 4 KiB unit its first byte falls in. Stored payload blocks never overlap, so their
+ * first bytes fall in distinct units, and block i of the record is in slot + i.
+ */
+function blockSlot(at: number): number {
+  return Math.floor((at + RECORD_HEADER_BYTES) / BLOCK_BYTES);
+}
 const HEADER_BYTES = 4096;
 const HEADER_MAGIC = Buffer.from('NVMDLOG2', 'latin1');
 /** Header bytes covered by its crc32c (stored right after them). */
@@ -73,7 +85,6 @@ export interface StoredRecord {
 export class DestLog {
   private readonly entries: Entry[] = [];
   private head = 0;
-  private readonly bySeq = new Map<number, Entry>();
   private writeAt = HEADER_BYTES;
   private salt = 0;
   /** Records from this seq on were dropped (ring full) until droppedThrough; 0: none. */
@@ -94,7 +105,17 @@ export class DestLog {
   recordsStored = 0;
   recordsDropped = 0;
 
-  private constructor(private readonly region: MmapNvram, private readonly uuid: string) {}
+  /**
+   * The crc32c of every stored block, by its place in the ring (blockSlot): a reference's
+   * checksum is checked against it without reading the block. 4 bytes per 4 KiB of log.
+   */
+  private readonly blockCrcs: Uint32Array;
+  /** One record's block checksums, when they are computed here. */
+  private readonly crcScratch = Buffer.allocUnsafe((RECORD_PAYLOAD_MAX_BYTES / BLOCK_BYTES) * 4);
+
+  private constructor(private readonly region: MmapNvram, private readonly uuid: string) {
+    this.blockCrcs = new Uint32Array(Math.ceil(region.sizeBytes / BLOCK_BYTES));
+  }
 
   /**
    * Opens (creating if needed) the log of source `uuid`. 'recover' keeps the records a
@@ -123,7 +144,7 @@ export class DestLog {
   private readHeader(): boolean {
     const b = this.region.buffer;
     if (!b.subarray(0, 8).equals(HEADER_MAGIC)) return false;
-    if (b.readUInt32LE(HEADER_CRC_AT) !== crc32c(b, 0, HEADER_CRC_AT)) return false;
+    if (b.readUInt32LE(HEADER_CRC_AT) !== crc32cWide(b, 0, HEADER_CRC_AT)) return false;
     if (!b.subarray(8, 24).equals(Buffer.from(this.uuid.replace(/-/g, ''), 'hex'))) return false;
     if (Number(b.readBigUInt64LE(24)) !== this.region.sizeBytes) return false;
     this.salt = b.readUInt32LE(32);
@@ -148,16 +169,16 @@ export class DestLog {
       }
       const payloadBytes = Number(b.readBigUInt64LE(at + 40));
       const size = RECORD_HEADER_BYTES + payloadBytes;
-      let ok = payloadBytes % BLOCK_BYTES === 0 && at + size <= end;
+      let ok = payloadBytes % BLOCK_BYTES === 0 && payloadBytes <= RECORD_PAYLOAD_MAX_BYTES && at + size <= end;
       if (ok) {
-        let crc = crc32c(b, at + 8, RECORD_HEADER_BYTES - 8, this.salt);
-        crc = crc32c(b, at + RECORD_HEADER_BYTES, payloadBytes, crc);
-        ok = crc === b.readUInt32LE(at + 4);
+        crc32cBlocks(b, at + RECORD_HEADER_BYTES, payloadBytes / BLOCK_BYTES, this.crcScratch);
+        ok = this.recordCrc(at, payloadBytes / BLOCK_BYTES, this.crcScratch) === b.readUInt32LE(at + 4);
       }
       if (!ok) {
         at += RECORD_HEADER_BYTES;
         continue;
       }
+      this.keepBlockCrcs(at, payloadBytes / BLOCK_BYTES, this.crcScratch);
       const seq = Number(b.readBigUInt64LE(at + 8));
       const stream = b.readUInt32LE(at + 20);
       const e = { seq, at, size, type: b.readUInt8(at + 16), lengthBytes: Number(b.readBigUInt64LE(at + 32)), stream };
@@ -177,7 +198,6 @@ export class DestLog {
     this.committedSeq = committedSeq;
     for (const e of run) {
       this.entries.push({ seq: e.seq, at: e.at, size: e.size, type: e.type, lengthBytes: e.lengthBytes });
-      this.bySeq.set(e.seq, this.entries[this.entries.length - 1]!);
     }
     const last = run[run.length - 1];
     if (last) {
@@ -201,7 +221,7 @@ export class DestLog {
     b.writeUInt32LE(this.salt, 32);
     b.writeUInt32LE(this.stream, 36);
     b.writeBigUInt64LE(BigInt(this.headerStreamFrom), 40);
-    b.writeUInt32LE(crc32c(b, 0, HEADER_CRC_AT), HEADER_CRC_AT);
+    b.writeUInt32LE(crc32cWide(b, 0, HEADER_CRC_AT), HEADER_CRC_AT);
   }
 
   private async writeHeader(): Promise<void> {
@@ -261,7 +281,6 @@ export class DestLog {
     assert(fromSeq >= 1, 'stream seqs start at 1');
     while (this.entries.length > this.head && this.entries[this.entries.length - 1]!.seq >= fromSeq) {
       const e = this.entries.pop()!;
-      this.bySeq.delete(e.seq);
       this.writeAt = e.at;
     }
     this.committedSeq = Math.max(this.committedSeq, committedSeq);
@@ -308,7 +327,7 @@ export class DestLog {
    * protocol error (thrown as an Error naming both). Returns whether it was stored
    * (false: the ring was full, it is dropped and held only once a CP covers it).
    */
-  append(seq: number, type: number, flags: number, offsetBytes: number, lengthBytes: number, payload: Buffer): boolean {
+  append(seq: number, type: number, flags: number, offsetBytes: number, lengthBytes: number, payload: Buffer, blockCrcs?: Buffer): boolean {
     const expected = Math.max(this.lastStoredSeq, this.droppedThrough) + 1;
     if (seq !== expected) throw new Error(`record seq ${seq} where ${expected} was due (gap or replay in the stream)`);
     const size = RECORD_HEADER_BYTES + payload.length;
@@ -322,20 +341,24 @@ export class DestLog {
     const b = this.region.buffer;
     b.fill(0, at, at + RECORD_HEADER_BYTES);
     b.writeUInt32LE(RECORD_MAGIC, at);
-    b.writeBigUInt64LE(BigInt(seq), at + 8);
+    putU64(b, at + 8, seq);
     b.writeUInt8(type, at + 16);
     b.writeUInt8(flags, at + 17);
     b.writeUInt32LE(this.stream, at + 20);
-    b.writeBigUInt64LE(BigInt(offsetBytes), at + 24);
-    b.writeBigUInt64LE(BigInt(lengthBytes), at + 32);
-    b.writeBigUInt64LE(BigInt(payload.length), at + 40);
+    putU64(b, at + 24, offsetBytes);
+    putU64(b, at + 32, lengthBytes);
+    putU64(b, at + 40, payload.length);
     payload.copy(b, at + RECORD_HEADER_BYTES);
-    let crc = crc32c(b, at + 8, RECORD_HEADER_BYTES - 8, this.salt);
-    crc = crc32c(b, at + RECORD_HEADER_BYTES, payload.length, crc);
-    b.writeUInt32LE(crc, at + 4);
-    const e: Entry = { seq, at, size, type, lengthBytes };
-    this.entries.push(e);
-    this.bySeq.set(seq, e);
+    const blocks = payload.length / BLOCK_BYTES;
+    assert(Number.isInteger(blocks) && blocks <= RECORD_PAYLOAD_MAX_BYTES / BLOCK_BYTES, `record ${seq}: payload of ${payload.length} bytes`);
+    let crcs = blockCrcs;
+    if (!crcs || crcs.length !== 4 * blocks) {
+      crcs = this.crcScratch;
+      crc32cBlocks(b, at + RECORD_HEADER_BYTES, blocks, crcs);
+    }
+    this.keepBlockCrcs(at, blocks, crcs);
+    b.writeUInt32LE(this.recordCrc(at, blocks, crcs), at + 4);
+    this.entries.push({ seq, at, size, type, lengthBytes });
     this.writeAt = at + size;
     this.lastStoredSeq = seq;
     this.dirtyLo = Math.min(this.dirtyLo, at);
@@ -377,31 +400,73 @@ export class DestLog {
     this.persistedSeq = Math.max(this.persistedSeq, target);
   }
 
-  /** A copy of block `index` of stored write record `seq`, or a reason it is not here. */
   /** Block `index` of write record `seq`, as a copy (or a one-line reason the log does not hold it). */
   block(seq: number, index: number): Buffer | string {
-    const b = Buffer.allocUnsafe(BLOCK_BYTES);
-    return this.copyBlock(seq, index, b) ?? b;
+    const v = this.blockView(seq, index);
+    return typeof v === 'string' ? v : Buffer.from(v);
   }
 
-  /** Copies block `index` of write record `seq` into dst (4 KiB); a one-line reason if the log does not hold it. */
-  copyBlock(seq: number, index: number, dst: Buffer): string | undefined {
-    const e = this.bySeq.get(seq);
+  /**
+   * Block `index` of write record `seq` as a view of the log's mapping (or a one-line
+   * reason the log does not hold it). The view's bytes stay as they are until the record
+   * is released (committed()), a new stream drops it (start()) or the log is closed: the
+   * receiver writes such views to the mirror's members, and every such write completes
+   * before its CP commits (receiver.ts) and before a session's mirror is released.
+   */
+  blockView(seq: number, index: number, crc?: number): Buffer | string {
+    const e = this.entry(seq);
     if (!e) return `record ${seq} is not in the log (it holds ${this.storedFromSeq}..${this.lastStoredSeq})`;
     if (e.type !== 1) return `record ${seq} is not a write`;
     if (!(index >= 0 && (index + 1) * BLOCK_BYTES <= e.lengthBytes)) return `record ${seq} has no block ${index}`;
-    assert(dst.length === BLOCK_BYTES, 'copyBlock into a 4 KiB block');
     const from = e.at + RECORD_HEADER_BYTES + index * BLOCK_BYTES;
-    this.region.buffer.copy(dst, 0, from, from + BLOCK_BYTES);
-    return undefined;
+    if (crc !== undefined) {
+      const kept = this.blockCrcs[blockSlot(e.at) + index]!;
+      if (kept !== crc) return `block ${seq}/${index}, whose crc is ${kept.toString(16)}, not ${crc.toString(16)}`;
+    }
+    return this.region.buffer.subarray(from, from + BLOCK_BYTES);
   }
 
+  /**
+   * The record crc32c of the record at `at` (its header bytes 8..64, seeded with the salt,
+   * then its payload), combined from its blocks' crc32cs: the payload is not read again.
+   */
+  private recordCrc(at: number, blocks: number, crcs: Buffer): number {
+    let crc = crc32cWide(this.region.buffer, at + 8, RECORD_HEADER_BYTES - 8, this.salt);
+    for (let i = 0; i < blocks; i++) crc = crc32cAppendBlock(crc, crcs.readUInt32LE(4 * i));
+    return crc;
+  }
+
+  private keepBlockCrcs(at: number, blocks: number, crcs: Buffer): void {
+    const first = blockSlot(at);
+    for (let i = 0; i < blocks; i++) this.blockCrcs[first + i] = crcs.readUInt32LE(4 * i);
+  }
+
+  /**
+   * The stored record `seq`, if any. Stored seqs ascend (mostly consecutively: a new
+   * stream may leave a gap after the old one's kept records), so the entry is found by
+   * its distance from the oldest, else by a binary search: no per-record map.
+   */
+  private entry(seq: number): Entry | undefined {
+    const first = this.entries[this.head];
+    if (!first || seq < first.seq) return undefined;
+    const guess = this.entries[this.head + (seq - first.seq)];
+    if (guess?.seq === seq) return guess;
+    let lo = this.head;
+    let hi = this.entries.length - 1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >>> 1;
+      const m = this.entries[mid]!;
+      if (m.seq === seq) return m;
+      if (m.seq < seq) lo = mid + 1;
+      else hi = mid - 1;
+    }
+    return undefined;
+  }
 
   /** A committed CP covers every record <= seq: release them, and dropped ones are held now. */
   committed(seq: number): void {
     this.committedSeq = Math.max(this.committedSeq, seq);
     while (this.entries.length > this.head && this.entries[this.head]!.seq <= seq) {
-      this.bySeq.delete(this.entries[this.head]!.seq);
       this.head++;
     }
     if (this.head > 1024 && this.head * 2 > this.entries.length) {

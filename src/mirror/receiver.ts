@@ -15,6 +15,10 @@
  *   superblock verifies for this source: the committed image changes only by a whole,
  *   verified CP. A referenced block must be in the log and match the crc32c the source
  *   sent, or the stream is refused.
+ * - A referenced block is written from the log's mapping (a view, not a copy): every
+ *   write of a CP completes before the CP commits and the log releases the records it
+ *   covers, and every write of a session completes before the mirror is released to a
+ *   new session (whose HELLO may drop records).
  * - A protocol error, a checksum failure or a closed socket ends the connection; the
  *   committed image is what the last CP_COMMIT made it.
  * - Memory: parsed frames waiting to be applied are charged to the process's one
@@ -45,7 +49,7 @@ import { decideStanding, refusalText, type Standing } from './standing';
 import type { Lineage } from '../tree/lineage';
 import type { Superblock } from '../tree/layout';
 import { assert } from '../util/assert';
-import { crc32c } from '../io/native';
+import { crc32cWide } from '../io/native';
 import { CP_BLOCKS_BODY_MAX_BYTES, FrameParser, FrameWriter, MirrorProtocolError, MsgType, WIRE_VERSION, writeFrame, type CpDelta, type CpKind, type Message } from './wire';
 import { APPLY_WRITES_MAX, BASELINE_PROGRESS_BLOCKS, MIRROR_LABEL_NAME, MirrorDir, MirrorDirError, newestSuperblock, rootBytes, type MirrorHello, type MirrorLabel } from './mirror-dir';
 import { MirrorView, type MirrorExports } from './exports';
@@ -53,6 +57,7 @@ import { RemoteReads, verifyCp, type VerifyReport } from './verify';
 import { applyDeltaInPlace, DELTA_FROM_ZEROES } from './delta';
 import { BlockSlots, SlabPool, type FrameSlab } from './slab-pool';
 import { Slicer } from '../util/work';
+import { allocAligned } from '../io/aligned';
 import type { Charge, MemoryBudget } from '../nbd/budget';
 
 export const CONNECTIONS_MAX = 64;
@@ -236,7 +241,7 @@ class Session {
     try {
       for (const m of msgs) {
         if (this.mirror && m.type === MsgType.Record && this.applyingOnly()) {
-          this.mirror.log.append(m.seq, m.recordType, m.flags, m.offsetBytes, m.lengthBytes, m.payload);
+          this.mirror.log.append(m.seq, m.recordType, m.flags, m.offsetBytes, m.lengthBytes, m.payload, m.blockCrcs);
           ack = true;
         } else if (this.mirror && m.type === MsgType.DurableReq && this.applyingOnly()) {
           void this.persistAndAck();
@@ -450,7 +455,7 @@ class Session {
     const mirror = this.mirror;
     switch (m.type) {
       case MsgType.Record:
-        mirror.log.append(m.seq, m.recordType, m.flags, m.offsetBytes, m.lengthBytes, m.payload);
+        mirror.log.append(m.seq, m.recordType, m.flags, m.offsetBytes, m.lengthBytes, m.payload, m.blockCrcs);
         return true;
       case MsgType.DurableReq:
         await mirror.log.persist();
@@ -518,24 +523,20 @@ class Session {
       }
       case MsgType.CpRefs: {
         const a = this.checkApplying(m.cp);
-        // Each referenced block is copied out of the log into a pooled slab (the log's
-        // records are released at the commit, while the write may still be in flight).
-        const slots = new BlockSlots(this.rx.slabs, m.refs.length);
-        try {
-          for (let i = 0; i < m.refs.length; i++) {
-            const r = m.refs[i]!;
-            const b = slots.block(i);
-            const why = mirror.log.copyBlock(r.seq, r.index, b);
-            if (why !== undefined) throw new MirrorProtocolError(`CP ${m.cp}: reference to ${why}`);
-            const crc = crc32c(b);
-            if (crc !== r.crc) throw new MirrorProtocolError(`CP ${m.cp}: referenced block ${r.seq}/${r.index} has crc ${crc.toString(16)}, the source says ${r.crc.toString(16)}`);
-          }
-          for (let i = 0; i < m.refs.length; i++) {
-            await this.stage(m.refs[i]!.pba, slots.block(i), slots.slabOf(i));
-            if ((i & 63) === 63) await this.slicer.maybeYield();
-          }
-        } finally {
-          slots.release();
+        // Each referenced block is written from the log's mapping, not copied: the log
+        // releases records only at the commit, after every write of the CP completed
+        // (CpCommit below), and a new stream of this source starts only once this
+        // session's writes are done (release()). Each is checked against the crc32c the log
+        // computed when the record arrived; all are checked before any is staged.
+        const views: Buffer[] = [];
+        for (const r of m.refs) {
+          const v = mirror.log.blockView(r.seq, r.index, r.crc);
+          if (typeof v === 'string') throw new MirrorProtocolError(`CP ${m.cp}: reference to ${v}`);
+          views.push(v);
+        }
+        for (let i = 0; i < m.refs.length; i++) {
+          await this.stage(m.refs[i]!.pba, views[i]!);
+          if ((i & 63) === 63) await this.slicer.maybeYield();
         }
         a.blocks += m.refs.length;
         mirror.refsApplied += m.refs.length;
@@ -551,7 +552,7 @@ class Session {
             const b = slots.block(i);
             const why = applyDeltaInPlace(b, d.delta);
             if (why !== undefined) throw new MirrorProtocolError(`CP ${m.cp}: delta for pba ${d.pba}: ${why}`);
-            const crc = crc32c(b);
+            const crc = crc32cWide(b);
             if (crc !== d.crc) throw new MirrorProtocolError(`CP ${m.cp}: block at pba ${d.pba} rebuilt from pba ${d.prevPba} has crc ${crc.toString(16)}, the source says ${d.crc.toString(16)}`);
           }
           // Metadata blocks: the next CP's deltas read them as their bases, so they stay in the page cache.
@@ -614,7 +615,7 @@ class Session {
       else order.push(i);
     }
     order.sort((x, y) => deltas[x]!.prevPba - deltas[y]!.prevPba);
-    const scratch = (this.baseScratch ??= Buffer.allocUnsafeSlow(BASE_READ_BLOCKS_MAX * 4096));
+    const scratch = (this.baseScratch ??= allocAligned(BASE_READ_BLOCKS_MAX * 4096)); // aligned: io/aligned.ts
     let k = 0;
     while (k < order.length) {
       const first = deltas[order[k]!]!.prevPba;

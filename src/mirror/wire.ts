@@ -19,7 +19,7 @@
  * - Encoders assert what the decoders check, so a frame we send always decodes.
  */
 import * as zlib from 'zlib';
-import { crc32c } from '../io/native';
+import { crc32cBlocks, crc32cWide } from '../io/native';
 import { crc32cAppendBlock } from '../io/checksum';
 import { assert } from '../util/assert';
 import { bytesToUuid, uuidToBytes } from '../tree/layout';
@@ -32,6 +32,8 @@ export const FRAME_HEADER_BYTES = 24;
 export const BLOCK_BYTES = 4096;
 /** Largest write record payload forwarded in one frame (the NVRAM's record cap). */
 export const RECORD_PAYLOAD_MAX_BYTES = 1024 * 1024;
+/** A RECORD body before its payload: seq, type, flags, 6 zero bytes, offset, length, payload length. */
+export const RECORD_HEAD_BYTES = 40;
 /** Blocks per CP_BLOCKS frame and references per CP_REFS frame. */
 export const BLOCKS_PER_FRAME_MAX = 64;
 export const REFS_PER_FRAME_MAX = 4096;
@@ -120,6 +122,12 @@ export interface RecordMsg {
   lengthBytes: number;
   /** Write payload (lengthBytes), empty for trim/zero. */
   payload: Buffer;
+  /**
+   * The crc32c of each 4 KiB block of the payload (little-endian u32s), set by a
+   * FrameParser, which computes them in verifying the frame's checksum: the destination's
+   * log keeps them, so a record's data is checksummed once on arrival (dest-log.ts).
+   */
+  blockCrcs?: Buffer;
 }
 
 export interface RecordAck {
@@ -288,7 +296,7 @@ function bodyCap(type: number): number | undefined {
     case MsgType.Hello: return 16 + 8 * 5 + 8 + 8 + 24 + 8 + 8 + LINEAGE_ENTRIES_MAX * 16;
     case MsgType.Welcome: return 8 + 24 + 8 * 5;
     case MsgType.Refuse: return 2 + TEXT_MAX_BYTES;
-    case MsgType.Record: return 40 + RECORD_PAYLOAD_MAX_BYTES;
+    case MsgType.Record: return RECORD_HEAD_BYTES + RECORD_PAYLOAD_MAX_BYTES;
     case MsgType.RecordAck: return 24;
     case MsgType.DurableReq: return 8;
     case MsgType.CpBegin: return 17;
@@ -308,6 +316,16 @@ function bodyCap(type: number): number | undefined {
 assert(Math.max(...[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17].map((t) => bodyCap(t)!)) <= FRAME_BODY_MAX_BYTES, 'a body cap exceeds FRAME_BODY_MAX_BYTES');
 
 // ---- a cursor over a body ----
+
+/**
+ * The little-endian u64 at b[at] as a number, or -1 when it exceeds MAX_U53 (two 32-bit
+ * reads: a BigInt per field was a measurable share of the receiver's time per record).
+ */
+export function readU53(b: Buffer, at: number): number {
+  const hi = b.readUInt32LE(at + 4);
+  if (hi > 0x1fffff) return -1;
+  return hi * 0x100000000 + b.readUInt32LE(at);
+}
 
 class Reader {
   private at = 0;
@@ -334,18 +352,20 @@ class Reader {
   /** A u64 that must fit a safe integer. */
   u64(field: string): number {
     this.need(8);
-    const v = this.b.readBigUInt64LE(this.at);
+    const v = readU53(this.b, this.at);
     this.at += 8;
-    if (v > BigInt(MAX_U53)) throw new MirrorProtocolError(`${this.what}: ${field} out of range`);
-    return Number(v);
+    if (v < 0) throw new MirrorProtocolError(`${this.what}: ${field} out of range`);
+    return v;
   }
   /** A signed i64 that must be >= -1 (CP numbers, -1 = none). */
   cp(field: string): number {
     this.need(8);
-    const v = this.b.readBigInt64LE(this.at);
+    const none = this.b.readUInt32LE(this.at) === 0xffffffff && this.b.readUInt32LE(this.at + 4) === 0xffffffff;
+    const v = readU53(this.b, this.at);
     this.at += 8;
-    if (v < -1n || v > BigInt(MAX_U53)) throw new MirrorProtocolError(`${this.what}: ${field} out of range`);
-    return Number(v);
+    if (none) return -1;
+    if (v < 0) throw new MirrorProtocolError(`${this.what}: ${field} out of range`);
+    return v;
   }
   /** The rest of the body. */
   rest(): Buffer {
@@ -367,7 +387,7 @@ class Reader {
 // ---- encoding ----
 
 /** A safe non-negative integer as a little-endian u64 (two 32-bit writes: no BigInt). */
-function putU64(b: Buffer, at: number, v: number): void {
+export function putU64(b: Buffer, at: number, v: number): void {
   b.writeUInt32LE(v >>> 0, at);
   b.writeUInt32LE(Math.floor(v / 0x100000000), at + 4);
 }
@@ -668,13 +688,13 @@ export class FrameWriter {
     assert(cap !== undefined && len <= cap, `frame type ${m.type} body of ${len} bytes exceeds its cap`);
     const h = Buffer.allocUnsafe(FRAME_HEADER_BYTES);
     this.header(h, m.type, len);
-    let crc = crc32c(h, 0, 20);
+    let crc = crc32cWide(h, 0, 20);
     if (m.type === MsgType.CpBlocks && 'crcs' in m && m.crcs !== undefined) {
       assert(m.crcs.length === m.pbas.length, 'one crc per block');
-      crc = crc32c(body[0]!, 0, body[0]!.length, crc); // cp, count, pbas
+      crc = crc32cWide(body[0]!, 0, body[0]!.length, crc); // cp, count, pbas
       for (const c of m.crcs) crc = crc32cAppendBlock(crc, c);
     } else {
-      for (const b of body) crc = crc32c(b, 0, b.length, crc);
+      for (const b of body) crc = crc32cWide(b, 0, b.length, crc);
     }
     h.writeUInt32LE(crc, 20);
     this.count(m.type, len);
@@ -691,7 +711,7 @@ export class FrameWriter {
     for (const p of parts) payloadBytes += p.length;
     assert(payloadBytes === (recordType === 1 ? lengthBytes : 0) && payloadBytes <= RECORD_PAYLOAD_MAX_BYTES, 'record payload length');
     assert(Number.isSafeInteger(seq) && seq >= 1 && recordType >= 1 && recordType <= 3 && lengthBytes > 0 && offsetBytes >= 0 && offsetBytes % BLOCK_BYTES === 0 && lengthBytes % BLOCK_BYTES === 0, `record ${seq}: bad fields`);
-    const len = 40 + payloadBytes;
+    const len = RECORD_HEAD_BYTES + payloadBytes;
     const f = Buffer.allocUnsafe(FRAME_HEADER_BYTES + len);
     this.header(f, MsgType.Record, len);
     const b = FRAME_HEADER_BYTES;
@@ -704,7 +724,7 @@ export class FrameWriter {
     putU64(f, b + 32, payloadBytes);
     let at = b + 40;
     for (const p of parts) at += p.copy(f, at);
-    f.writeUInt32LE(crc32c(f, b, len, crc32c(f, 0, 20)), 20);
+    f.writeUInt32LE(crc32cWide(f, b, len, crc32cWide(f, 0, 20)), 20);
     this.count(MsgType.Record, len);
     return f;
   }
@@ -821,21 +841,33 @@ export class FrameParser {
         const cap = bodyCap(type);
         if (cap === undefined) throw new MirrorProtocolError(`unknown frame type ${type}`);
         if (len > cap) throw new MirrorProtocolError(`frame type ${type}: body of ${len} bytes exceeds its cap of ${cap}`);
-        const frameNoBig = raw.readBigUInt64LE(12);
-        if (frameNoBig !== BigInt(this.expectFrameNo)) throw new MirrorProtocolError(`frame number ${frameNoBig} where ${this.expectFrameNo} was due (replayed, lost or reordered frame)`);
+        const frameNo = readU53(raw, 12);
+        if (frameNo !== this.expectFrameNo) throw new MirrorProtocolError(`frame number ${frameNo < 0 ? raw.readBigUInt64LE(12) : frameNo} where ${this.expectFrameNo} was due (replayed, lost or reordered frame)`);
         this.header = { type, len, frameNo: this.expectFrameNo, crc: raw.readUInt32LE(20), raw };
       }
       const h = this.header;
       if (this.buffered < h.len) break;
       const slab = h.type === MsgType.CpBlocks && h.len > 0 && h.len > this.chunks[0]!.length ? this.slabs?.take(h.len) : undefined;
       const body = h.len === 0 ? Buffer.alloc(0) : slab ? this.takeInto(slab.buf, h.len) : this.take(h.len);
-      let crc = crc32c(h.raw, 0, 20);
-      crc = crc32c(body, 0, body.length, crc);
+      let crc = crc32cWide(h.raw, 0, 20);
+      let blockCrcs: Buffer | undefined;
+      const blocks = (body.length - RECORD_HEAD_BYTES) / BLOCK_BYTES;
+      if (h.type === MsgType.Record && blocks >= 1 && Number.isInteger(blocks)) {
+        // A write record's payload block by block: the frame's checksum is combined from
+        // the blocks' own, which the destination's log then keeps (one pass over the data).
+        crc = crc32cWide(body, 0, RECORD_HEAD_BYTES, crc);
+        blockCrcs = Buffer.allocUnsafe(blocks * 4);
+        crc32cBlocks(body, RECORD_HEAD_BYTES, blocks, blockCrcs);
+        for (let i = 0; i < blocks; i++) crc = crc32cAppendBlock(crc, blockCrcs.readUInt32LE(4 * i));
+      } else {
+        crc = crc32cWide(body, 0, body.length, crc);
+      }
       if (crc !== h.crc) throw new MirrorProtocolError(`frame ${h.frameNo} (type ${h.type}): checksum mismatch`);
       this.header = undefined;
       this.expectFrameNo++;
       const m = decodeBody(h.type, body);
       if (slab) (m as CpBlocks).slab = slab; // a refused frame leaves its slab to the GC (slab-pool.ts)
+      if (blockCrcs && m.type === MsgType.Record && m.payload.length === blockCrcs.length * 1024) m.blockCrcs = blockCrcs;
       out.push(m);
     }
     return out;

@@ -470,7 +470,7 @@ describe('mirror: two hosts (network namespaces)', function () {
     await inSyncAndIdentical(s);
   });
 
-  it('hostile source stream (bad checksum, replayed frame, wrong base, short CP, truncation) is refused and the mirror is unchanged', async () => {
+  it('hostile source stream (bad checksum, replayed frame, wrong base, short CP, truncation, forged references) is refused and the mirror is unchanged', async () => {
     const s = await start('sync');
     sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5e 0 2M', `nbd+unix:///?socket=${s.srcSock}`]);
     await inSyncAndIdentical(s);
@@ -489,6 +489,7 @@ describe('mirror: two hosts (network namespaces)', function () {
       sock.on('connect', () => {
         send({ type: 1, sourceUuid: '${label.uuid}', sizeBytes: ${label.sizeBytes}, deviceBlocks: ${label.members[0]!.blockCount}, nvramBytes: 8388608, mode: 'sync', sourceCp: ${cpBefore}, streamFromSeq: 1, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 1e12, lineage: [require(${JSON.stringify(path.join(ROOT, 'dist/src/tree/lineage.js'))}).rootGeneration('${label.uuid}')] });
         const cp = ${cpBefore + 1}; const blk = { type: 8, cp, pbas: [5000], data: Buffer.alloc(4096, 0xee) };
+        const rec = { type: 4, seq: 1, recordType: 1, flags: 0, offsetBytes: 0, lengthBytes: 8192, payload: Buffer.alloc(8192, 0xab) };
         ${attack}
       });
       sock.on('close', () => process.exit(0)); setTimeout(() => process.exit(0), 3000);`;
@@ -506,13 +507,25 @@ describe('mirror: two hosts (network namespaces)', function () {
       shortCp: `send({ type: 7, cp, baseCp: cp - 1, kind: 'cp' }); send(blk); send({ type: 10, cp, slot: cp % 8, blockCount: 2, superblock: Buffer.alloc(4096) });`,
       badSuperblock: `send({ type: 7, cp, baseCp: cp - 1, kind: 'cp' }); send(blk); send({ type: 10, cp, slot: cp % 8, blockCount: 1, superblock: Buffer.alloc(4096, 1) });`,
       truncated: `send({ type: 7, cp, baseCp: cp - 1, kind: 'cp' }); const f = frames(blk); sock.write(f.subarray(0, 1000)); setTimeout(() => sock.destroy(), 300);`,
+      // A record's frame checksum is combined from its blocks' (wire.ts): a flipped payload byte still fails it.
+      recordBadChecksum: `const f = frames(rec); f[24 + 40 + 3000] ^= 1; sock.write(f);`,
+      // A reference whose crc32c is not the stored block's, and one to a record the log does not hold.
+      refWrongCrc: `send(rec); send({ type: 7, cp, baseCp: cp - 1, kind: 'cp' }); send({ type: 9, cp, refs: [{ pba: 5000, seq: 1, index: 0, crc: 0x12345678 }] });`,
+      refMissing: `send(rec); send({ type: 7, cp, baseCp: cp - 1, kind: 'cp' }); send({ type: 9, cp, refs: [{ pba: 5000, seq: 2, index: 0, crc: 0 }] });`,
+    };
+    const refused: Record<string, RegExp> = {
+      overwritesCommitted: /which the committed CP \d+ uses/,
+      recordBadChecksum: /frame 1 \(type 4\): checksum mismatch/,
+      refWrongCrc: /reference to block 1\/0, whose crc is [0-9a-f]+, not 12345678/,
+      refMissing: /reference to record 2 is not in the log/,
     };
     for (const [name, attack] of Object.entries(attacks)) {
       fs.writeFileSync(path.join(tmp, 'rx.log'), '');
       await pair.exec('a', 'node', ['-e', script(attack)], { timeoutMs: 10_000 });
       const log = fs.readFileSync(path.join(tmp, 'rx.log'), 'utf8');
       if (name !== 'truncated') assert.match(log, /mirror stream refused/, `${name}: not refused`);
-      if (name === 'overwritesCommitted') assert.match(log, /which the committed CP \d+ uses/);
+      const why = refused[name];
+      if (why) assert.match(log, why, `${name}: refused for another reason`);
       checkMirror(s);
       assert.strictEqual(md5OfExport(`nbd+unix:///${s.uuid}?socket=${s.expSock}`), md5Before, `${name} changed the mirror`);
     }

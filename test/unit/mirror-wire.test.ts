@@ -24,6 +24,8 @@ import {
   FrameWriter,
   MirrorProtocolError,
   MsgType,
+  putU64,
+  readU53,
   RECORD_PAYLOAD_MAX_BYTES,
   REFS_PER_FRAME_MAX,
   WIRE_VERSION,
@@ -166,8 +168,31 @@ function bodyOf(m: Message): Buffer {
   return Buffer.concat(encodeBody(m));
 }
 
+/**
+ * A FrameParser whose RECORD messages are checked for their block checksums (each 4 KiB
+ * block's crc32c, set by the parser) and then given back without them, so they compare
+ * equal to the messages that were framed.
+ */
+class CheckedParser extends FrameParser {
+  override push(chunk: Buffer): Message[] {
+    const out = super.push(chunk);
+    for (const m of out) {
+      if (m.type !== MsgType.Record) continue;
+      const blocks = m.payload.length / BLOCK_BYTES;
+      if (blocks === 0) {
+        assert.equal(m.blockCrcs, undefined, `record ${m.seq} without payload has block checksums`);
+        continue;
+      }
+      assert.ok(m.blockCrcs && m.blockCrcs.length === 4 * blocks, `record ${m.seq}: block checksums of ${blocks} blocks`);
+      for (let i = 0; i < blocks; i++) assert.equal(m.blockCrcs.readUInt32LE(4 * i), crc32c(m.payload, i * BLOCK_BYTES, BLOCK_BYTES), `record ${m.seq} block ${i}`);
+      delete m.blockCrcs;
+    }
+    return out;
+  }
+}
+
 function parseChunks(chunks: Buffer[]): Message[] {
-  const p = new FrameParser();
+  const p = new CheckedParser();
   const out: Message[] = [];
   let total = 0;
   for (const c of chunks) {
@@ -198,7 +223,7 @@ function protocolError(f: () => unknown, re: RegExp): MirrorProtocolError {
 
 /** Feeds `bad` to a parser (after `before`), expects the error, then checks that the parser stays failed and holds nothing. */
 function rejects(bad: Buffer, re: RegExp, before: Buffer[] = []): MirrorProtocolError {
-  const p = new FrameParser();
+  const p = new CheckedParser();
   for (const b of before) p.push(b);
   const e = protocolError(() => p.push(bad), re);
   assert.equal(p.bufferedBytes, 0, 'a failed parser holds nothing');
@@ -214,6 +239,19 @@ describe('mirror wire codec', () => {
   before(() => {
     // eslint-disable-next-line no-console
     console.log(`      mirror-wire: fast-check seed ${SEED} (replay with MIRROR_FC_SEED=${SEED})`);
+  });
+
+  it('u64 fields: exact up to 2^53 - 1, out of range above it (no BigInt on the hot path)', () => {
+    const b = Buffer.alloc(8);
+    for (const v of [0, 1, 0xffffffff, 0x100000000, 2 ** 40 + 12345, Number.MAX_SAFE_INTEGER]) {
+      putU64(b, 0, v);
+      assert.equal(b.readBigUInt64LE(0), BigInt(v), `putU64(${v})`);
+      assert.equal(readU53(b, 0), v, `readU53 of ${v}`);
+    }
+    for (const big of [2n ** 53n, 2n ** 63n, 2n ** 64n - 1n, (2n ** 53n - 1n) | (1n << 60n)]) {
+      b.writeBigUInt64LE(big, 0);
+      assert.equal(readU53(b, 0), -1, `readU53 of ${big}`);
+    }
   });
 
   describe('round trips', () => {
@@ -235,7 +273,7 @@ describe('mirror wire codec', () => {
         assert.equal(f.readUInt32LE(20), crc32c(f, FRAME_HEADER_BYTES, body.length, crc32c(f, 0, 20)), 'crc32c of header bytes 0..20, then the body');
         assert.ok(f.subarray(FRAME_HEADER_BYTES).equals(body));
         assert.ok(body.length <= BODY_CAP[m.type]!);
-        const p = new FrameParser();
+        const p = new CheckedParser();
         const got = p.push(f);
         assert.deepStrictEqual(got, [m]);
         assert.equal(p.bufferedBytes, 0);
@@ -256,7 +294,7 @@ describe('mirror wire codec', () => {
 
     it('frame numbers count up per writer and the parser follows them', () => {
       const w = new FrameWriter();
-      const p = new FrameParser();
+      const p = new CheckedParser();
       for (let i = 0; i < 300; i++) {
         const f = frameOf(w, { type: MsgType.Ping, nowMs: i });
         assert.equal(f.readBigUInt64LE(12), BigInt(i));
@@ -277,7 +315,7 @@ describe('mirror wire codec', () => {
       const whole = Buffer.concat(new FrameWriter().frame({ type: MsgType.CpBlocks, cp: 3, pbas, data }));
       const parts = Buffer.concat(new FrameWriter().frame({ type: MsgType.CpBlocks, cp: 3, pbas, data: views }));
       assert.ok(parts.equals(whole));
-      assert.deepStrictEqual(new FrameParser().push(parts), [{ type: MsgType.CpBlocks, cp: 3, pbas, data }]);
+      assert.deepStrictEqual(new CheckedParser().push(parts), [{ type: MsgType.CpBlocks, cp: 3, pbas, data }]);
       assert.throws(() => new FrameWriter().frame({ type: MsgType.CpBlocks, cp: 3, pbas, data: views.slice(1) }), /CpBlocks shape/);
       // With the blocks' crc32c given, the checksum is combined from them: the same frame.
       const crcs = blocks.map((b) => crc32c(b, 0, b.length, 0));
@@ -287,7 +325,7 @@ describe('mirror wire codec', () => {
       const bad = [...crcs];
       bad[17] = (bad[17]! ^ 1) >>> 0;
       const lie = Buffer.concat(new FrameWriter().frame({ type: MsgType.CpBlocks, cp: 3, pbas, data: views, crcs: bad }));
-      protocolError(() => new FrameParser().push(lie), /^frame 0 \(type 8\): checksum mismatch$/);
+      protocolError(() => new CheckedParser().push(lie), /^frame 0 \(type 8\): checksum mismatch$/);
     });
 
     it('a RECORD framed in one Buffer (recordFrame, from the payload\'s parts) is byte for byte the frame() of the message', () => {
@@ -299,7 +337,7 @@ describe('mirror wire codec', () => {
         { seq: 2 ** 32 + 5, recordType: 2, flags: 1, offsetBytes: 2 ** 40, lengthBytes: 1024 ** 3, payload: Buffer.alloc(0) },
         { seq: 43, recordType: 3, flags: 2, offsetBytes: 4096 * 1000, lengthBytes: 4096, payload: Buffer.alloc(0) },
       ];
-      const p = new FrameParser();
+      const p = new CheckedParser();
       for (const r of samples) {
         // The payload as views in pieces (a record's payload may wrap in the NVRAM region).
         const cut = Math.min(r.payload.length, 1000);
@@ -317,7 +355,7 @@ describe('mirror wire codec', () => {
 
     it('a Refuse reason longer than 1024 bytes is cut to fit, and still parses', () => {
       const f = frameOf(new FrameWriter(), { type: MsgType.Refuse, reason: 'y'.repeat(5000) });
-      const [m] = new FrameParser().push(f);
+      const [m] = new CheckedParser().push(f);
       assert.deepStrictEqual(m, { type: MsgType.Refuse, reason: 'y'.repeat(1024) });
     });
   });
@@ -358,7 +396,7 @@ describe('mirror wire codec', () => {
       for (const m of msgs) {
         const f = frameOf(new FrameWriter(), m);
         for (let i = 0; i < f.length; i++) {
-          const p = new FrameParser();
+          const p = new CheckedParser();
           assert.deepStrictEqual(p.push(f.subarray(0, i)), [], `${i} of ${f.length} bytes of type ${m.type}`);
           assert.ok(p.bufferedBytes <= i);
           assert.deepStrictEqual(p.push(f.subarray(i)), [m]);
@@ -413,7 +451,7 @@ describe('mirror wire codec', () => {
       for (let i = 0; i < 300; i++) long.push(i % 5 === 0 ? all.find((m) => m.type === MsgType.CpBlocks && m.pbas.length === BLOCKS_PER_FRAME_MAX) ?? all[0]! : small[(i * 7) % small.length]!);
       const s = streamOf(long);
       const pool = new SlabPool(FRAME_BODY_MAX_BYTES, 2);
-      const p = new FrameParser(pool);
+      const p = new CheckedParser(pool);
       const got: Message[] = [];
       let slabbed = 0;
       // Node's socket reads: 64 KiB at most.
@@ -487,14 +525,14 @@ describe('mirror wire codec', () => {
           rejects(h, new RegExp(`^frame type ${t}: body of ${len} bytes exceeds its cap of ${cap}$`));
         }
         // Exactly the cap is accepted by the header check (the body is then awaited).
-        const p = new FrameParser();
+        const p = new CheckedParser();
         assert.deepStrictEqual(p.push(rawFrame(t, Buffer.alloc(0), { lengthBytes: cap })), []);
         assert.equal(p.bufferedBytes, 0);
       }
     });
 
     it('a header claiming a huge length fails before its body arrives: bufferedBytes stays small', () => {
-      const p = new FrameParser();
+      const p = new CheckedParser();
       const h = rawFrame(MsgType.Ping, Buffer.alloc(0), { lengthBytes: 0xfffffff0 });
       // The header trickles in: nothing is held beyond the header's bytes.
       for (let i = 0; i < FRAME_HEADER_BYTES - 1; i++) {
@@ -510,7 +548,7 @@ describe('mirror wire codec', () => {
 
     it('holds at most one frame: a header at the cap then its body in pieces', () => {
       const cap = BODY_CAP[MsgType.Record]!;
-      const p = new FrameParser();
+      const p = new CheckedParser();
       p.push(rawFrame(MsgType.Record, Buffer.alloc(0), { lengthBytes: cap }));
       const piece = Buffer.alloc(64 * 1024);
       let max = 0;
@@ -539,7 +577,7 @@ describe('mirror wire codec', () => {
         good.writeBigUInt64LE(1n, 12);
         good.writeUInt32LE(crc32c(good, FRAME_HEADER_BYTES, good.length - FRAME_HEADER_BYTES, crc32c(good, 0, 20)), 20);
         {
-          const p = new FrameParser();
+          const p = new CheckedParser();
           p.push(first);
           assert.deepStrictEqual(p.push(good), [m], 'the unflipped frame is accepted');
         }
@@ -548,7 +586,7 @@ describe('mirror wire codec', () => {
         for (let bit = 0; bit < bits; bit += bit < FRAME_HEADER_BYTES * 8 ? 1 : step) {
           const bad = Buffer.from(good);
           bad[bit >> 3] = bad[bit >> 3]! ^ (1 << (bit & 7));
-          const p = new FrameParser();
+          const p = new CheckedParser();
           assert.equal(p.push(first).length, 1);
           let err: unknown;
           try {
@@ -789,7 +827,7 @@ describe('mirror wire codec', () => {
             continue;
           }
           try {
-            new FrameParser().push(Buffer.concat(parts));
+            new CheckedParser().push(Buffer.concat(parts));
           } catch (e) {
             slipped.push(`${what} (the parser says: ${(e as Error).message})`);
           }
@@ -803,7 +841,7 @@ describe('mirror wire codec', () => {
     it('random bytes never throw anything but a MirrorProtocolError, and the parser then stays failed', () => {
       fc.assert(
         fc.property(fc.array(fc.uint8Array({ minLength: 0, maxLength: 200 }), { minLength: 1, maxLength: 10 }), fc.boolean(), (chunks, withMagic) => {
-          const p = new FrameParser();
+          const p = new CheckedParser();
           let failed: unknown;
           for (const [i, c] of chunks.entries()) {
             const b = Buffer.from(c);
@@ -861,7 +899,7 @@ describe('mirror wire codec', () => {
             assert.ok(e instanceof MirrorProtocolError, `decodeBody threw ${String(e)}`);
             assert.match(e.message, KNOWN_ERROR);
           }
-          const p = new FrameParser();
+          const p = new CheckedParser();
           let viaParser: Message[] | undefined;
           try {
             viaParser = p.push(rawFrame(type, body));
@@ -874,7 +912,7 @@ describe('mirror wire codec', () => {
           assert.deepStrictEqual(viaParser, [direct]);
           if (direct.type === MsgType.Refuse) return; // invalid UTF-8 does not survive a round trip
           // What we accept we can send again, identically.
-          const again = new FrameParser().push(frameOf(new FrameWriter(), direct));
+          const again = new CheckedParser().push(frameOf(new FrameWriter(), direct));
           assert.deepStrictEqual(again, [direct]);
         }),
         { seed: SEED, numRuns: 3000 },

@@ -103,6 +103,22 @@ describe('native addon', () => {
       assert.equal(native.crc32c(buf, long + 3, buf.length - long - 3, native.crc32c(buf, 0, long + 3)), whole, 'chains through the seed across stripes');
     });
 
+    it('crc32cWide (three chains) equals crc32c at every length around its 4080-byte chunks, any offset, any seed', () => {
+      const rnd = seeded(19);
+      const buf = randomBuffer(rnd, 5 * 4080 + 4200);
+      const chunk = 3 * 1360;
+      const lens = [0, 1, 7, 8, 64, chunk - 1, chunk, chunk + 1, chunk + 16, 4096, 4096 + 64, 2 * chunk - 8, 2 * chunk, 2 * chunk + 9, 4 * chunk + 4095, 5 * chunk + 4100];
+      for (const off of [0, 1, 3, 8, 64]) {
+        for (const len of lens) {
+          for (const seed of [0, 0x9e3779b9]) {
+            assert.equal(native.crc32cWide(buf, off, len, seed), native.crc32cPortable(buf, off, len, seed), `off ${off} len ${len} seed ${seed}`);
+          }
+        }
+      }
+      assert.equal(native.crc32cWide(Buffer.from('123456789')), 0xe3069283);
+      assert.throws(() => native.crc32cWide(buf, buf.length - 4, 5), RangeError);
+    });
+
     it('crc32cBlocks gives each 4 KiB block its crc32c in one call, and refuses out-of-bounds arguments', () => {
       const rnd = seeded(17);
       const buf = randomBuffer(rnd, 9 * 4096 + 3);
