@@ -178,17 +178,10 @@ bool IovAligned(const std::vector<iovec>& iov) {
 
 class PwritevJob final : public Job {
  public:
-  PwritevJob(const Napi::Function& cb, const Napi::Array& bufs, int fd, int64_t pos, bool sync, bool direct = false)
-      : Job(cb, direct ? "pwritevDirect" : "pwritev"), fd_(fd), pos_(pos), sync_(sync), direct_(direct) {
-    uint32_t n = bufs.Length();
-    iov_.reserve(n);
-    refs_.reserve(n);
-    for (uint32_t i = 0; i < n; i++) {
-      Napi::Buffer<uint8_t> b = bufs.Get(i).As<Napi::Buffer<uint8_t>>();
-      refs_.push_back(Napi::Persistent(b));
-      iov_.push_back(iovec{b.Data(), b.Length()});
-    }
-  }
+  // `keep` is an array this job alone holds (PwritevImpl makes it) with every buffer of
+  // `iov`: one reference keeps them all alive until the callback, instead of one each.
+  PwritevJob(const Napi::Function& cb, std::vector<iovec>&& iov, const Napi::Array& keep, int fd, int64_t pos, bool sync, bool direct = false)
+      : Job(cb, direct ? "pwritevDirect" : "pwritev"), iov_(std::move(iov)), keep_(Napi::Persistent(keep)), fd_(fd), pos_(pos), sync_(sync), direct_(direct) {}
 
   void Execute() override {
     if (direct_ && !IovAligned(iov_)) {
@@ -269,7 +262,7 @@ class PwritevJob final : public Job {
   }
 
   std::vector<iovec> iov_;
-  std::vector<Napi::Reference<Napi::Buffer<uint8_t>>> refs_;
+  Napi::Reference<Napi::Array> keep_;
   int fd_;
   int64_t pos_;
   bool sync_;
@@ -445,14 +438,22 @@ Napi::Value PwritevImpl(const Napi::CallbackInfo& info, bool direct) {
     ThrowRange(env, "pwritev: 1.." + std::to_string(kMaxIovecs) + " buffers, got " + std::to_string(n));
     return env.Undefined();
   }
+  // Each element read once: its pointer and length go to the job, the Buffer itself into
+  // a fresh array the job keeps (the caller's array may change after this call returns).
   uint64_t total = 0;
+  std::vector<iovec> iov;
+  iov.reserve(n);
+  Napi::Array keep = Napi::Array::New(env, n);
   for (uint32_t i = 0; i < n; i++) {
     Napi::Value v = bufs.Get(i);
     if (!v.IsBuffer()) {
       ThrowType(env, "pwritev: bufs[" + std::to_string(i) + "] must be a Buffer");
       return env.Undefined();
     }
-    total += v.As<Napi::Buffer<uint8_t>>().Length();
+    Napi::Buffer<uint8_t> b = v.As<Napi::Buffer<uint8_t>>();
+    iov.push_back(iovec{b.Data(), b.Length()});
+    total += b.Length();
+    keep.Set(i, v);
   }
   if (total > static_cast<uint64_t>(SSIZE_MAX) || static_cast<uint64_t>(pos) + total > static_cast<uint64_t>(kMaxSafeInteger)) {
     ThrowRange(env, "pwritev: total length too large");
@@ -466,7 +467,7 @@ Napi::Value PwritevImpl(const Napi::CallbackInfo& info, bool direct) {
     ThrowRange(env, "pwritevDirect: total length must be a multiple of 4096");
     return env.Undefined();
   }
-  (new PwritevJob(cb, bufs, fd, pos, sync, direct))->Queue();
+  (new PwritevJob(cb, std::move(iov), keep, fd, pos, sync, direct))->Queue();
   return env.Undefined();
 }
 

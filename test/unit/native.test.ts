@@ -254,6 +254,31 @@ describe('native addon', () => {
       assert.ok(got.subarray(18).equals(Buffer.alloc(5000, 0x41)));
     });
 
+    it('pwritev keeps the buffers it was given: emptying the caller\'s array (and a GC) before it completes changes nothing', async () => {
+      const file = path.join(dir, 'vec-keep.img');
+      const fd = fs.openSync(file, 'w+');
+      const parts = 256;
+      const expected = Buffer.alloc(parts * 4096);
+      try {
+        for (let round = 0; round < 8; round++) {
+          // Views of fresh 1 MiB buffers nobody else holds once the array is emptied.
+          const bufs: Buffer[] = [];
+          for (let i = 0; i < parts; i++) {
+            const b = Buffer.alloc(8192, (round * 31 + i) & 0xff).subarray(4096);
+            bufs.push(b);
+            b.copy(expected, i * 4096);
+          }
+          const p = native.pwritev(fd, bufs, 0, false);
+          bufs.length = 0;
+          (globalThis as { gc?: () => void }).gc?.();
+          await p;
+          assert.ok(fs.readFileSync(file).equals(expected), `round ${round}`);
+        }
+      } finally {
+        fs.closeSync(fd);
+      }
+    });
+
     it('pwritevDirect writes an O_DIRECT descriptor from buffers of any alignment and size, and refuses unaligned positions and totals', async () => {
       const file = path.join(dir, 'direct.img');
       fs.writeFileSync(file, Buffer.alloc(0));
