@@ -86,6 +86,8 @@ function mustKeepOrder(m: Message): boolean {
 const APPLY_SLICE_MS = 0.5;
 /** Delta bases read in one call at most (a 256 KiB scratch buffer per connection). */
 const BASE_READ_BLOCKS_MAX = 64;
+/** Blocks between two delta bases read along with them rather than in a second call. */
+const BASE_READ_GAP_MAX = 4;
 /** Idle CP_BLOCKS slabs kept for reuse by the whole receiver (32 x 257 KiB: ~8 MiB). */
 const SLABS_KEPT_MAX = 32;
 /** Largest combined write while applying a CP (1 MiB). */
@@ -619,12 +621,24 @@ class Session {
     let k = 0;
     while (k < order.length) {
       const first = deltas[order[k]!]!.prevPba;
-      let n = 1;
-      while (k + n < order.length && n < BASE_READ_BLOCKS_MAX && deltas[order[k + n]!]!.prevPba === first + n) n++;
+      // The span [first, first + span) covers deltas order[k..end): the next base joins it
+      // across a gap of up to BASE_READ_GAP_MAX blocks (read and dropped: a 4 KiB copy
+      // costs less than a call to the kernel).
+      let end = k + 1;
+      let span = 1;
+      while (end < order.length) {
+        const p = deltas[order[end]!]!.prevPba;
+        if (p - (first + span) > BASE_READ_GAP_MAX || p - first + 1 > BASE_READ_BLOCKS_MAX) break;
+        span = Math.max(span, p - first + 1);
+        end++;
+      }
       await this.slicer.maybeYield();
-      await this.mirror!.readBlocks(first, n, scratch.subarray(0, n * 4096));
-      for (let j = 0; j < n; j++) scratch.copy(slots.block(order[k + j]!), 0, j * 4096, (j + 1) * 4096);
-      k += n;
+      await this.mirror!.readBlocks(first, span, scratch.subarray(0, span * 4096));
+      for (let j = k; j < end; j++) {
+        const at = (deltas[order[j]!]!.prevPba - first) * 4096;
+        scratch.copy(slots.block(order[j]!), 0, at, at + 4096);
+      }
+      k = end;
     }
   }
 
