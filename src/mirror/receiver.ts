@@ -323,10 +323,15 @@ class Session {
     this.charges.clear();
   }
 
-  /** Reads from the socket only while the queue, the device and the budget keep up. */
+  /**
+   * Reads from the socket only while the queue and the budget keep up. Not the device:
+   * the CP being applied waits for write slots in drain(), while records behind its
+   * frames are still read, stored and acknowledged (a client's write waits for that ack);
+   * a device that stays behind fills the queue, and then reading pauses.
+   */
   private flow(): void {
     if (this.closed) return;
-    const full = this.pendingBytes > QUEUED_BYTES_MAX || this.writesInFlight >= APPLY_WRITES_MAX || this.uncharged.length > 0;
+    const full = this.pendingBytes > QUEUED_BYTES_MAX || this.uncharged.length > 0;
     if (full && !this.socket.isPaused()) this.socket.pause();
     else if (!full && this.socket.isPaused()) this.socket.resume();
   }
@@ -730,16 +735,10 @@ class Session {
     const w = this.writeWaiters;
     this.writeWaiters = [];
     for (const f of w) f();
-    this.flow(); // reading may have paused on the device; nothing else may wake it
   }
 
   private async waitWrites(max: number): Promise<void> {
-    while (this.writesInFlight > max) {
-      // Backpressure: stop reading while the device is behind.
-      this.flow();
-      await new Promise<void>((r) => this.writeWaiters.push(r));
-    }
-    this.flow();
+    while (this.writesInFlight > max) await new Promise<void>((r) => this.writeWaiters.push(r));
   }
 
   private async hello(m: Message & { type: MsgType.Hello }): Promise<void> {
