@@ -302,26 +302,6 @@ inline uint32_t StripeShift(uint32_t c) {
   return g_shift[0][c & 0xff] ^ g_shift[1][(c >> 8) & 0xff] ^ g_shift[2][(c >> 16) & 0xff] ^ g_shift[3][c >> 24];
 }
 
-__attribute__((target("sse4.2"))) uint32_t Crc32cBlockSse42(const uint8_t* p) {
-  uint64_t c0 = ~0u, c1 = 0, c2 = 0;
-  for (size_t i = 0; i < kStripeBytes; i += 8) {
-    uint64_t a, b, d;
-    std::memcpy(&a, p + i, 8);
-    std::memcpy(&b, p + kStripeBytes + i, 8);
-    std::memcpy(&d, p + 2 * kStripeBytes + i, 8);
-    c0 = _mm_crc32_u64(c0, a);
-    c1 = _mm_crc32_u64(c1, b);
-    c2 = _mm_crc32_u64(c2, d);
-  }
-  uint64_t c = StripeShift(StripeShift(static_cast<uint32_t>(c0)) ^ static_cast<uint32_t>(c1)) ^ static_cast<uint32_t>(c2);
-  for (size_t i = 3 * kStripeBytes; i < 4096; i += 8) {
-    uint64_t a;
-    std::memcpy(&a, p + i, 8);
-    c = _mm_crc32_u64(c, a);
-  }
-  return ~static_cast<uint32_t>(c);
-}
-
 // Any length, from a running register: whole 3 x kStripeBytes chunks in three chains
 // (as above), the rest in one. The same crc32c as Crc32cSse42, ~2.5x faster per byte.
 __attribute__((target("sse4.2"))) uint32_t Crc32cWideSse42(uint32_t crc, const uint8_t* p, size_t n) {
@@ -342,6 +322,11 @@ __attribute__((target("sse4.2"))) uint32_t Crc32cWideSse42(uint32_t crc, const u
     n -= 3 * kStripeBytes;
   }
   return Crc32cSse42(static_cast<uint32_t>(c0), p, n);
+}
+
+// One 4 KiB block, seed 0: 4080 bytes in three chains, the last 16 in one.
+__attribute__((target("sse4.2"))) uint32_t Crc32cBlockSse42(const uint8_t* p) {
+  return ~Crc32cWideSse42(~0u, p, 4096);
 }
 
 // crc32cWide(buf, offset, length, seed) -> uint32: the same value as crc32c, three chains.
