@@ -719,7 +719,7 @@ export class Simulator {
     const probe = this.model.clone();
     const got = await this.clock.run(engine.read(0, this.sizeBytes));
     const problem = probe.verify(0, got);
-    if (problem) this.fail(`read-only open of crashed storage: ${problem}`);
+    if (problem) this.fail(`read-only open of crashed storage returned wrong data: ${problem}`);
     await this.clock.run(engine.close());
     crashAll(dev);
     this.clock.cancelAll();
