@@ -279,6 +279,38 @@ describe('native addon', () => {
       }
     });
 
+    it('pwriteBatch keeps the buffers it was given: emptying the caller\'s arrays (and a GC) before it completes changes nothing', async () => {
+      const file = path.join(dir, 'batch-keep.img');
+      const fd = fs.openSync(file, 'w+');
+      const writes = 128;
+      const expected = Buffer.alloc(2 * writes * 4096);
+      fs.ftruncateSync(fd, expected.length);
+      try {
+        for (let round = 0; round < 8; round++) {
+          // Every other 4 KiB block, in reverse order, from views nobody else holds.
+          const bufs: Buffer[] = [];
+          const positions: number[] = [];
+          for (let i = 0; i < writes; i++) {
+            const b = Buffer.alloc(8192, (round * 37 + i) & 0xff).subarray(4096);
+            const at = (2 * (writes - 1 - i) + (round & 1)) * 4096;
+            bufs.push(b);
+            positions.push(at);
+            b.copy(expected, at);
+          }
+          const p = native.pwriteBatch(fd, bufs, positions);
+          bufs.length = 0;
+          positions.length = 0;
+          (globalThis as { gc?: () => void }).gc?.();
+          const errors = await p;
+          assert.equal(errors.length, writes);
+          assert.ok(errors.every((e) => e === null), `round ${round}: ${errors.find((e) => e !== null)?.message}`);
+          assert.ok(fs.readFileSync(file).equals(expected), `round ${round}`);
+        }
+      } finally {
+        fs.closeSync(fd);
+      }
+    });
+
     it('pwritevDirect writes an O_DIRECT descriptor from buffers of any alignment and size, and refuses unaligned positions and totals', async () => {
       const file = path.join(dir, 'direct.img');
       fs.writeFileSync(file, Buffer.alloc(0));
