@@ -403,8 +403,14 @@ export function encodeBody(m: OutMessage): Buffer[] {
   const i64 = (v: number): Buffer => {
     assert(Number.isSafeInteger(v) && v >= -1, `cp field ${v}`);
     const b = Buffer.allocUnsafe(8);
-    b.writeBigInt64LE(BigInt(v));
+    if (v === -1) b.fill(0xff);
+    else putU64(b, 0, v);
     return b;
+  };
+  /** A u64 field's value, checked: putU64 writes what it is given. */
+  const safe = (v: number): number => {
+    assert(Number.isSafeInteger(v) && v >= 0, `u64 field ${v}`);
+    return v;
   };
   switch (m.type) {
     case MsgType.Hello:
@@ -445,21 +451,21 @@ export function encodeBody(m: OutMessage): Buffer[] {
       for (const d of parts) bytes += d.length;
       assert(m.pbas.length >= 1 && m.pbas.length <= BLOCKS_PER_FRAME_MAX && bytes === m.pbas.length * BLOCK_BYTES, 'CpBlocks shape');
       const h = Buffer.allocUnsafe(12 + 8 * m.pbas.length);
-      h.writeBigUInt64LE(BigInt(m.cp), 0);
+      putU64(h, 0, safe(m.cp));
       h.writeUInt32LE(m.pbas.length, 8);
-      m.pbas.forEach((p, i) => h.writeBigUInt64LE(BigInt(p), 12 + 8 * i));
+      for (let i = 0; i < m.pbas.length; i++) putU64(h, 12 + 8 * i, safe(m.pbas[i]!));
       return [h, ...parts];
     }
     case MsgType.CpRefs: {
       assert(m.refs.length >= 1 && m.refs.length <= REFS_PER_FRAME_MAX, 'CpRefs shape');
       const b = Buffer.allocUnsafe(12 + REF_BYTES * m.refs.length);
-      b.writeBigUInt64LE(BigInt(m.cp), 0);
+      putU64(b, 0, safe(m.cp));
       b.writeUInt32LE(m.refs.length, 8);
       m.refs.forEach((r, i) => {
         assert(Number.isSafeInteger(r.pba) && r.pba >= 0 && Number.isSafeInteger(r.seq) && r.seq >= 0 && r.index >= 0 && r.index <= 0xffffffff, 'ref fields');
         const o = 12 + REF_BYTES * i;
-        b.writeBigUInt64LE(BigInt(r.pba), o);
-        b.writeBigUInt64LE(BigInt(r.seq), o + 8);
+        putU64(b, o, r.pba);
+        putU64(b, o + 8, r.seq);
         b.writeUInt32LE(r.index, o + 16);
         b.writeUInt32LE(r.crc >>> 0, o + 20);
       });
@@ -469,20 +475,24 @@ export function encodeBody(m: OutMessage): Buffer[] {
       // The entries travel deflated: metadata deltas are repetitive (headers, pointers).
       assert(m.deltas.length >= 1 && m.deltas.length <= DELTAS_PER_FRAME_MAX, 'CpDeltas shape');
       const h = Buffer.allocUnsafe(16);
-      h.writeBigUInt64LE(BigInt(m.cp), 0);
+      putU64(h, 0, safe(m.cp));
       h.writeUInt32LE(m.deltas.length, 8);
-      const parts: Buffer[] = [];
+      // The entries go straight into one buffer (no Buffer per entry, no concat).
+      let rawBytes = 0;
       for (const d of m.deltas) {
         assert(d.delta.length <= 0xffff, 'delta too long');
-        const e = Buffer.allocUnsafe(DELTA_ENTRY_HEADER_BYTES);
-        e.writeBigUInt64LE(BigInt(d.pba), 0);
-        e.writeBigUInt64LE(BigInt(d.prevPba), 8);
-        e.writeUInt32LE(d.crc >>> 0, 16);
-        e.writeUInt16LE(d.delta.length, 20);
-        parts.push(e, d.delta);
+        rawBytes += DELTA_ENTRY_HEADER_BYTES + d.delta.length;
       }
-      const raw = Buffer.concat(parts);
-      assert(raw.length <= DELTAS_RAW_MAX_BYTES, `deltas of ${raw.length} bytes`);
+      assert(rawBytes <= DELTAS_RAW_MAX_BYTES, `deltas of ${rawBytes} bytes`);
+      const raw = Buffer.allocUnsafe(rawBytes);
+      let at = 0;
+      for (const d of m.deltas) {
+        putU64(raw, at, safe(d.pba));
+        putU64(raw, at + 8, safe(d.prevPba));
+        raw.writeUInt32LE(d.crc >>> 0, at + 16);
+        raw.writeUInt16LE(d.delta.length, at + 20);
+        at += DELTA_ENTRY_HEADER_BYTES + d.delta.copy(raw, at + DELTA_ENTRY_HEADER_BYTES);
+      }
       h.writeUInt32LE(raw.length, 12);
       const packed = zlib.deflateRawSync(raw, { level: 1 });
       assert(16 + packed.length <= DELTAS_BODY_MAX_BYTES, 'deflated deltas exceed the frame cap');
@@ -491,9 +501,9 @@ export function encodeBody(m: OutMessage): Buffer[] {
     case MsgType.CpCommit: {
       assert(m.superblock.length === BLOCK_BYTES, 'superblock is one block');
       const h = Buffer.allocUnsafe(20);
-      h.writeBigUInt64LE(BigInt(m.cp), 0);
+      putU64(h, 0, safe(m.cp));
       h.writeUInt32LE(m.slot, 8);
-      h.writeBigUInt64LE(BigInt(m.blockCount), 12);
+      putU64(h, 12, safe(m.blockCount));
       return [h, m.superblock];
     }
     case MsgType.ReadReq:
@@ -502,7 +512,7 @@ export function encodeBody(m: OutMessage): Buffer[] {
       const h = Buffer.allocUnsafe(8 + 8 * m.pbas.length);
       h.writeUInt32LE(m.id >>> 0, 0);
       h.writeUInt32LE(m.pbas.length, 4);
-      m.pbas.forEach((p, i) => h.writeBigUInt64LE(BigInt(p), 8 + 8 * i));
+      for (let i = 0; i < m.pbas.length; i++) putU64(h, 8 + 8 * i, safe(m.pbas[i]!));
       if (m.type === MsgType.ReadReq) return [h];
       assert(m.data.length === m.pbas.length * BLOCK_BYTES, 'read response data');
       return [h, m.data];
