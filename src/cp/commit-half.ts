@@ -22,7 +22,7 @@ import type { BlockChange, BlockTreeApi, CommitResult, CpMeta, SnapshotOp } from
 import type { Half, NvLog } from '../nvlog/log';
 import { FANOUT } from '../tree/layout';
 import { assert } from '../util/assert';
-import { Slicer } from '../util/work';
+import { slicerFor } from '../util/work';
 
 /**
  * A commit's transient memory is dominated by the address blocks it rewrites (old and
@@ -95,7 +95,7 @@ export async function commitHalf(log: NvLog, tree: BlockTreeApi, half: Half, met
   }
   // ~1 us per block: a 32 MiB half is 8192 of them, so the loop yields (the half is frozen:
   // its index does not change while the loop waits).
-  const slicer = new Slicer();
+  const slicer = slicerFor(tree.clock);
   let n = 0;
   for (const [lbn, regionOffset] of blocks) {
     if ((++n & 63) === 0) await slicer.maybeYield();

@@ -80,6 +80,12 @@ export interface NvramRegion {
 export interface Clock {
   nowMs(): number;
   setTimeout(fn: () => void, ms: number): { cancel(): void };
+  /**
+   * What a Slicer measures CPU slices with (util/work.ts slicerFor): absent, wall time
+   * (performance.now); the simulator's clock counts the Slicer's checks instead, so where
+   * the engine yields does not depend on how fast the machine is and a seed replays exactly.
+   */
+  sliceNowMs?(): number;
 }
 
 export interface Random {

@@ -20,7 +20,7 @@
  *   a problem only if no rebuilt version verifies (the device counts and, when writable,
  *   heals the bad copy: a check of a served RAID volume repairs what it reads).
  */
-import type { BlockDevice } from '../io/types';
+import type { BlockDevice, Clock } from '../io/types';
 import { clearBit, orInto, popcount, setBit, testBit } from '../util/bitmap';
 import { crc32c } from '../io/checksum';
 import {
@@ -30,7 +30,7 @@ import {
 import { SpaceMap } from './spacemap';
 import { generationAt, lineageProblem, lineageString } from './lineage';
 import type { CheckReport } from './types';
-import { Slicer, forEachLimit } from '../util/work';
+import { slicerFor, forEachLimit } from '../util/work';
 
 const MAX_PROBLEMS = 200;
 const MAX_READ_RUN = 64;
@@ -44,6 +44,8 @@ export interface CheckInput {
   used: number;
   counterProblems: string[];
   ioConcurrency: number;
+  /** What CPU slices are measured on (slicerFor); wall time without one. */
+  clock?: Clock;
   /** Progress: called with the running count of blocks read (no more than once per read). */
   onBlocksRead?: (blocks: number) => void;
 }
@@ -64,7 +66,7 @@ export async function runCheck(input: CheckInput): Promise<CheckReport> {
   const lbnCount = sb.sizeBytes / BLOCK;
   const union = Buffer.alloc(mapBytes);
   const dataVerified = Buffer.alloc(mapBytes);
-  const slicer = new Slicer();
+  const slicer = slicerFor(input.clock);
 
   /** Reads blocks; a device error becomes a problem line and null. */
   let blocksRead = 0;

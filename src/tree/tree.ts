@@ -49,7 +49,7 @@ import type {
   BlockChange, BlockOrigin, BlockTreeApi, CheckReport, CommitResult, CommittedView, CpMeta, CpSink, SnapshotInfo, SnapshotOp,
   TreeReader, TreeStats, TreeRollback, BlockErrorCounts, LeafSink,
 } from './types';
-import { Slicer } from '../util/work';
+import { slicerFor } from '../util/work';
 import { CommitWork, CpWriter, planSnapshots } from './commit';
 import { FormatOptions, allocUnitOf, formatVolume, loadCommitted, mountNewest, verifyViewRoots } from './mount';
 import { ReadPath } from './read';
@@ -112,7 +112,7 @@ export class BlockTree implements BlockTreeApi {
     private readonly dev: BlockDevice,
     sb: Superblock,
     private readonly smap: SpaceMap,
-    private readonly clock: Clock,
+    readonly clock: Clock,
     opts: OpenOptions,
   ) {
     this.sb = sb;
@@ -298,7 +298,7 @@ export class BlockTree implements BlockTreeApi {
     }
     // Collect and validate the changes (the last change to an lbn wins).
     const byLbn = new Map<number, BlockChange>();
-    const slicer = new Slicer();
+    const slicer = slicerFor(this.clock);
     for (const c of changesIn) {
       if ((byLbn.size & 63) === 63) await slicer.maybeYield();
       if (!Number.isSafeInteger(c.lbn) || c.lbn < 0 || c.lbn >= this.lbnCount) throw new VolumeError('EINVAL', `change to lbn ${c.lbn} outside the volume [0, ${this.lbnCount})`);
@@ -538,6 +538,7 @@ export class BlockTree implements BlockTreeApi {
         used: this.smap.used,
         counterProblems: this.smap.verifyCounters(),
         ioConcurrency: this.ioConcurrency,
+        clock: this.clock,
         ...(onBlocksRead ? { onBlocksRead } : {}),
       });
     } finally {

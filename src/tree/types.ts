@@ -11,6 +11,7 @@
  */
 import type { Generation } from './lineage';
 import type { Extent } from '../util/extent';
+import type { Clock } from '../io/types';
 
 /** Per-block change carried into a CP: new 4 KiB contents, or null for a hole (trim/zero). */
 export interface BlockChange {
@@ -157,6 +158,8 @@ export interface TreeRollback {
 
 export interface BlockTreeApi extends TreeReader {
   readonly sizeBytes: number;
+  /** The clock the tree runs on (CP timing; the slices of CP work, util/work.ts slicerFor). */
+  readonly clock: Clock;
   readonly volumeUuid: string;
   /** Undefined when the newest durable CP mounted. */
   readonly rollback: TreeRollback | undefined;

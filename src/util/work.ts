@@ -48,6 +48,15 @@ export const SLICE_BUDGET_MS_DEFAULT = 0.25;
 
 const RESOLVED: Promise<void> = Promise.resolve();
 
+/**
+ * A Slicer on `clock`'s slice time (Clock.sliceNowMs) when it has one, else on wall time.
+ * Engine code that runs under the simulator makes its Slicers here.
+ */
+export function slicerFor(clock: { sliceNowMs?(): number } | undefined, budgetMs = SLICE_BUDGET_MS_DEFAULT): Slicer {
+  const slice = clock?.sliceNowMs?.bind(clock);
+  return slice ? new Slicer(budgetMs, slice) : new Slicer(budgetMs);
+}
+
 export class Slicer {
   private last: number;
   /** The yield in progress: every caller that arrives while it is pending waits for the same turn. */
