@@ -10,7 +10,8 @@
         "native/parity.cc",
         "native/nbd_attach.cc",
         "native/nbd_serve.cc",
-        "native/delta.cc"
+        "native/delta.cc",
+        "native/mirror_rx.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_DISABLE_CPP_EXCEPTIONS"],

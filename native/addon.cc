@@ -133,6 +133,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitNbdAttach(env, exports);
   nvm::InitNbdServe(env, exports);
   nvm::InitDelta(env, exports);
+  nvm::InitMirrorRx(env, exports);
   return exports;
 }
 

@@ -91,6 +91,7 @@ void InitChecksum(Napi::Env env, Napi::Object exports);
 void InitParity(Napi::Env env, Napi::Object exports);
 void InitNbdServe(Napi::Env env, Napi::Object exports);
 void InitDelta(Napi::Env env, Napi::Object exports);
+void InitMirrorRx(Napi::Env env, Napi::Object exports);
 
 }  // namespace nvm
 

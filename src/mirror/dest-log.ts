@@ -368,6 +368,42 @@ export class DestLog {
   }
 
   /**
+   * Where records from the next seq on may be stored by another writer (the native receive
+   * thread: native-rx.ts), as append() would place them: from the write position to the
+   * ring's end or, once wrapped, to the oldest record. Undefined while records are being
+   * dropped or the stream does not continue the held run (append() decides those).
+   */
+  grantRange(): { nextSeq: number; at: number; limit: number; salt: number; stream: number } | undefined {
+    if (this.dropFrom > 0 || this.droppedThrough > 0 || this.committedSeq < this.streamFrom - 1) return undefined;
+    const end = this.region.sizeBytes;
+    const tail = this.entries.length > this.head ? this.entries[this.head]!.at : undefined;
+    const at = tail === undefined ? HEADER_BYTES : this.writeAt;
+    const limit = tail === undefined || this.writeAt > tail ? end : tail;
+    return { nextSeq: this.lastStoredSeq + 1, at, limit, salt: this.salt, stream: this.stream };
+  }
+
+  /**
+   * Takes into the index a record another writer stored at `at` within a grantRange():
+   * exactly what append() would have recorded for it (its bytes, record checksum and
+   * block checksums are in place already).
+   */
+  adopt(seq: number, at: number, size: number, type: number, lengthBytes: number): void {
+    assert(seq === this.lastStoredSeq + 1 && this.dropFrom === 0 && this.droppedThrough === 0, `adopted record ${seq} after ${this.lastStoredSeq}`);
+    assert(at >= HEADER_BYTES && at + size <= this.region.sizeBytes && size >= RECORD_HEADER_BYTES, `adopted record ${seq} at ${at} (${size} bytes)`);
+    this.entries.push({ seq, at, size, type, lengthBytes });
+    this.writeAt = at + size;
+    this.lastStoredSeq = seq;
+    this.dirtyLo = Math.min(this.dirtyLo, at);
+    this.dirtyHi = Math.max(this.dirtyHi, at + size);
+    this.recordsStored++;
+  }
+
+  /** The mapping and the block-checksum table another writer stores records into (grantRange()). */
+  get nativeParts(): { ring: Buffer; crcs: Uint32Array } {
+    return { ring: this.region.buffer, crcs: this.blockCrcs };
+  }
+
+  /**
    * Makes every stored record durable (msync of what was written since the last call).
    * Calls run one after another: a call that found nothing dirty must not report records
    * durable while an earlier call is still syncing them.
@@ -480,7 +516,11 @@ export class DestLog {
       this.dropFrom = 0;
       this.droppedThrough = 0;
     }
+    this.onRelease?.();
   }
+
+  /** Called after committed() released records (the native receive thread's acks must stop offering them). */
+  onRelease: (() => void) | undefined;
 
   /** Stored records after `seq`, in order (for promote / replay). */
   *recordsAfter(seq: number): Generator<StoredRecord> {

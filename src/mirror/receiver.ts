@@ -21,6 +21,11 @@
  *   new session (whose HELLO may drop records).
  * - A protocol error, a checksum failure or a closed socket ends the connection; the
  *   committed image is what the last CP_COMMIT made it.
+ * - A plain connection's socket belongs to the native thread after WELCOME
+ *   (native-rx.ts): it stores records inside the range of the log granted here and acks
+ *   them; everything else arrives here in stream order, after the records stored before
+ *   it are adopted by the log. end() detaches the thread from the log before the mirror
+ *   can be released.
  * - Memory: parsed frames waiting to be applied are charged to the process's one
  *   MemoryBudget (nbd/budget.ts; `receive --memory-budget`), shared by every source and
  *   by the NBD clients of the exports; a frame parsed while the budget is spent pauses
@@ -50,7 +55,8 @@ import type { Lineage } from '../tree/lineage';
 import type { Superblock } from '../tree/layout';
 import { assert } from '../util/assert';
 import { crc32cWide } from '../io/native';
-import { CP_BLOCKS_BODY_MAX_BYTES, FrameParser, FrameWriter, MirrorProtocolError, MsgType, WIRE_VERSION, writeFrame, type CpDelta, type CpKind, type Message } from './wire';
+import { CP_BLOCKS_BODY_MAX_BYTES, decodeBody, FrameParser, FrameWriter, MirrorProtocolError, MsgType, WIRE_VERSION, writeFrame, type CpBlocks, type CpDelta, type CpKind, type Message } from './wire';
+import { EV_EOF, EV_ERROR, EV_FRAME, EV_STORED, NativeRx, nativeRxEnabled, plainFd, takeOverSocket, type RxEvent } from './native-rx';
 import { APPLY_WRITES_MAX, BASELINE_PROGRESS_BLOCKS, MIRROR_LABEL_NAME, MirrorDir, MirrorDirError, newestSuperblock, rootBytes, type MirrorHello, type MirrorLabel } from './mirror-dir';
 import { MirrorView, type MirrorExports } from './exports';
 import { RemoteReads, verifyCp, type VerifyReport } from './verify';
@@ -161,6 +167,8 @@ interface Applying {
 class Session {
   private readonly parser: FrameParser;
   private readonly writer = new FrameWriter();
+  /** After WELCOME on a plain connection: the socket is the native thread's (native-rx.ts). */
+  private native: NativeRx | undefined;
   private mirror: MirrorDir | undefined;
   private applying: Applying | undefined;
   private writesInFlight = 0;
@@ -212,7 +220,7 @@ class Session {
   }
 
   get bytesIn(): number {
-    return this.parser.bytesIn;
+    return this.parser.bytesIn + (this.native?.bytesIn ?? 0);
   }
 
   get mirrorDir(): MirrorDir | undefined {
@@ -235,6 +243,11 @@ class Session {
       return;
     }
     if (this.mirror) this.armIdle();
+    this.accept(msgs);
+  }
+
+  /** Takes parsed messages in stream order: records on the fast path, the rest queued. */
+  private accept(msgs: readonly Message[]): void {
     // Records (and durability requests) take a fast path once the mirror is open: they
     // are stored and acknowledged at once, not behind a CP being applied (a client's
     // write waits for that ack). A record always precedes the CP frames that refer to
@@ -258,8 +271,96 @@ class Session {
       return;
     }
     if (ack) this.ackSoon();
+    this.grantNative();
     this.flow();
     if (this.queue.length > 0) void this.drain();
+  }
+
+  /**
+   * Hands the socket to the native thread (after WELCOME, plain connections): what the
+   * parser and Node hold of the stream goes with it, and the log is granted its next range.
+   */
+  private startNative(): void {
+    const fd = plainFd(this.socket);
+    if (!nativeRxEnabled() || fd === undefined || this.closed || !this.mirror) return;
+    const { leftover, nextFrameNo } = this.parser.detach(takeOverSocket(this.socket));
+    this.native = new NativeRx(fd, leftover, nextFrameNo, this.writer.nextFrameNo, (ev) => this.onNative(ev));
+    const { ring, crcs } = this.mirror.log.nativeParts;
+    this.native.attachLog(ring, crcs);
+    this.mirror.log.onRelease = () => this.syncNativeAck();
+    this.log.debug({ source: this.sourceUuid }, 'mirror stream on the native receive thread');
+    this.grantNative();
+  }
+
+  /** Events from the native thread, in stream order. */
+  private onNative(events: readonly RxEvent[]): void {
+    if (this.closed) return;
+    const msgs: Message[] = [];
+    let stored = false;
+    try {
+      for (const e of events) {
+        if (e.kind === EV_STORED) {
+          // Adopted here, or (behind a frame still queued) when accept() reaches it.
+          if (msgs.length === 0) this.mirror!.log.adopt(e.seq, e.at, e.size, e.type, e.lengthBytes);
+          else msgs.push({ adopt: e } as unknown as Message);
+          stored = true;
+        } else if (e.kind === EV_FRAME) {
+          const slab = e.type === MsgType.CpBlocks && e.bytes > 0 ? this.rx.slabs.take(e.bytes) : undefined;
+          const body = slab ? slab.buf.subarray(0, e.bytes) : Buffer.allocUnsafe(e.bytes);
+          this.native!.take(body);
+          const m = decodeBody(e.type, body);
+          if (slab) (m as CpBlocks).slab = slab;
+          msgs.push(m);
+        } else if (e.kind === EV_ERROR) {
+          this.end(e.protocol ? `refused the stream: ${e.text}` : e.text, e.protocol);
+          return;
+        } else if (e.kind === EV_EOF) {
+          this.end('connection closed');
+          return;
+        }
+      }
+    } catch (err) {
+      this.end(`refused the stream: ${err instanceof Error ? err.message : String(err)}`, true);
+      return;
+    }
+    this.lastHeardMs = Date.now();
+    this.armIdle();
+    if (msgs.length > 0) this.acceptNative(msgs);
+    else if (stored) this.grantNative();
+    this.syncNativeAck();
+  }
+
+  /** accept() for the native thread's messages, with the STORED events between them adopted in place. */
+  private acceptNative(msgs: readonly Message[]): void {
+    let run: Message[] = [];
+    for (const m of msgs) {
+      const adopt = (m as unknown as { adopt?: { seq: number; at: number; size: number; type: number; lengthBytes: number } }).adopt;
+      if (!adopt) {
+        run.push(m);
+        continue;
+      }
+      if (run.length > 0) this.accept(run);
+      run = [];
+      if (this.closed) return;
+      // A record stored by the thread after a frame: any record ahead of it in the queue
+      // was handed over by the thread, which grants itself nothing until those are handled.
+      this.mirror!.log.adopt(adopt.seq, adopt.at, adopt.size, adopt.type, adopt.lengthBytes);
+    }
+    if (run.length > 0) this.accept(run);
+  }
+
+  /** Grants the native thread the log's next range, when the log and the queue allow it. */
+  private grantNative(): void {
+    if (!this.native || !this.mirror || this.closed || !this.applyingOnly()) return;
+    const g = this.mirror.log.grantRange();
+    if (g) this.native.grant(g.nextSeq, g.at, g.limit, g.salt, g.stream);
+  }
+
+  /** Tells the native thread the log's held marks (its own acks carry them). */
+  private syncNativeAck(): void {
+    if (!this.native || !this.mirror || this.closed) return;
+    const log = this.mirror.log;
+    this.native.ack(log.heldSeq, log.durableSeq, log.storedFromSeq, false);
   }
 
   /** Charges a queued message to the process's budget, or queues it for a grant (reading pauses meanwhile). */
@@ -332,6 +433,10 @@ class Session {
   private flow(): void {
     if (this.closed) return;
     const full = this.pendingBytes > QUEUED_BYTES_MAX || this.uncharged.length > 0;
+    if (this.native) {
+      this.native.pause(full);
+      return;
+    }
     if (full && !this.socket.isPaused()) this.socket.pause();
     else if (!full && this.socket.isPaused()) this.socket.resume();
   }
@@ -368,7 +473,8 @@ class Session {
 
   private send(m: Message): void {
     if (this.closed) return;
-    writeFrame(this.socket, this.writer, m);
+    if (this.native) this.native.send(m);
+    else writeFrame(this.socket, this.writer, m);
   }
 
   /** Runs a sync (and progress record) behind the stream; its failure fails the CP being applied. */
@@ -413,6 +519,12 @@ class Session {
           if (mustKeepOrder(m)) this.orderedInBatch--;
           this.pendingBytes -= messageBytes(m);
           this.discharge(m);
+          if (this.native && (m.type === MsgType.Record || m.type === MsgType.CpCommit)) {
+            // A record handed over (the log wrapped or filled) or a CP's release: the
+            // thread may store the next ones again.
+            this.grantNative();
+            this.syncNativeAck();
+          }
           this.flow();
         }
         if (acked && this.mirror && !this.closed) this.sendAck();
@@ -449,6 +561,10 @@ class Session {
 
   private sendAck(): void {
     const log = this.mirror!.log;
+    if (this.native) {
+      if (!this.closed) this.native.ack(log.heldSeq, log.durableSeq, log.storedFromSeq, true);
+      return;
+    }
     this.send({ type: MsgType.RecordAck, heldSeq: log.heldSeq, durableSeq: log.durableSeq, storedFromSeq: log.storedFromSeq });
   }
 
@@ -795,6 +911,7 @@ class Session {
       resumeCp: mirror.baselineResume?.cp ?? -1,
       resumeBlocks: mirror.baselineResume?.blocks ?? 0,
     });
+    this.startNative();
   }
 
   private readonly reads = new RemoteReads('the source');
@@ -844,17 +961,26 @@ class Session {
     if (this.idleTimer) clearTimeout(this.idleTimer);
     this.releaseBudget(); // what is still queued is never handled
     if (refused && this.mirror) this.mirror.lastError = reason;
+    if (this.native && this.mirror) this.mirror.log.onRelease = undefined;
     if (refused) {
       this.log.warn({ source: this.sourceUuid, reason }, 'mirror stream refused; the committed image is unchanged');
-      try {
-        for (const part of this.writer.frame({ type: MsgType.Refuse, reason })) this.socket.write(part);
-      } catch {
-        /* the socket may be gone */
+      if (this.native) {
+        // The thread sends the refusal, then ends the connection (the log is detached now).
+        this.native.send({ type: MsgType.Refuse, reason });
+        this.native.close(true, 1000);
+        this.socket.destroy();
+      } else {
+        try {
+          for (const part of this.writer.frame({ type: MsgType.Refuse, reason })) this.socket.write(part);
+        } catch {
+          /* the socket may be gone */
+        }
+        this.socket.end();
+        setTimeout(() => this.socket.destroy(), 1000).unref();
       }
-      this.socket.end();
-      setTimeout(() => this.socket.destroy(), 1000).unref();
     } else {
       this.log.info({ source: this.sourceUuid, reason }, 'source disconnected');
+      this.native?.close(false);
       this.socket.destroy();
     }
     const w = this.writeWaiters;
@@ -880,7 +1006,7 @@ class Session {
     await this.progressDone();
     await this.persisting?.catch(() => undefined);
     while (this.writesInFlight > 0) await new Promise<void>((r) => this.writeWaiters.push(r));
-    if (this.mirror) this.mirror.bytesIn += this.parser.bytesIn;
+    if (this.mirror) this.mirror.bytesIn += this.bytesIn;
   }
 }
 

@@ -315,6 +315,13 @@ function bodyCap(type: number): number | undefined {
 }
 assert(Math.max(...[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17].map((t) => bodyCap(t)!)) <= FRAME_BODY_MAX_BYTES, 'a body cap exceeds FRAME_BODY_MAX_BYTES');
 
+/** Every frame type's body cap, by type (0: no such type), as 32 little-endian u32s (the native receive thread's copy). */
+export function bodyCapsTable(): Buffer {
+  const b = Buffer.alloc(32 * 4);
+  for (let t = 0; t < 32; t++) b.writeUInt32LE(bodyCap(t) ?? 0, 4 * t);
+  return b;
+}
+
 // ---- a cursor over a body ----
 
 /**
@@ -685,6 +692,12 @@ export function decodeBody(type: number, body: Buffer): Message {
 /** Numbers and checksums outgoing frames. */
 export class FrameWriter {
   private frameNo = 0;
+
+  /** The number the next frame gets (a native sender continues from it: native-rx.ts). */
+  get nextFrameNo(): number {
+    return this.frameNo;
+  }
+
   /** Bytes of frames produced (headers included), in all and by message type. */
   bytesOut = 0;
   readonly bytesByType: number[] = new Array<number>(32).fill(0);
@@ -880,6 +893,21 @@ export class FrameParser {
       if (blockCrcs && m.type === MsgType.Record && m.payload.length === blockCrcs.length * 1024) m.blockCrcs = blockCrcs;
       out.push(m);
     }
+    return out;
+  }
+
+  /**
+   * Ends this parser's part of the stream: the bytes of the incomplete frame (its header
+   * too, when it was read), then `more`, and the number of the frame they begin. Any later
+   * push() fails.
+   */
+  detach(more: readonly Buffer[]): { leftover: Buffer; nextFrameNo: number } {
+    const parts = [...(this.header ? [this.header.raw] : []), ...this.chunks, ...more];
+    const out = { leftover: Buffer.concat(parts), nextFrameNo: this.expectFrameNo };
+    this.header = undefined;
+    this.chunks = [];
+    this.buffered = 0;
+    this.failed = new MirrorProtocolError('the stream went on in another reader');
     return out;
   }
 

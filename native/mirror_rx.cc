@@ -1,0 +1,781 @@
+// The mirror receiver's socket on a native thread (src/mirror/native-rx.ts): after HELLO
+// and WELCOME, a plain connection's frames are read, framed and checksummed here, and each
+// RECORD that fits the range of the source's log file granted by TypeScript is stored
+// into that file's mapping and acknowledged (RECORD_ACK) from this thread, without a trip
+// through the event loop. Every other frame (and a record that does not fit, or whose
+// fields are not the plain case) goes to TypeScript in stream order, with the records
+// stored before it reported first, so a reference to a record always finds it.
+//
+// Wire format (src/mirror/wire.ts): a 24-byte header (u32 magic "NVMW", u8 type, u8
+// version, u16 zero, u32 body length, u64 frame number, u32 crc32c of bytes 0..20 and the
+// body), then the body. Log record format (src/mirror/dest-log.ts): a 64-byte header
+// (u32 magic "NVDR", u32 crc32c seeded with the salt over bytes 8..64 and the payload, u64
+// seq, u8 type, u8 flags, 2 zero, u32 stream, u64 offset, u64 length, u64 payload bytes,
+// 16 zero), then the payload.
+//
+// Invariants:
+// - A frame is taken only if magic, version, type, the type's body cap, the frame number
+//   (exactly the next) and its checksum verify; otherwise the thread reports the error
+//   (worded as wire.ts's FrameParser words it) and handles nothing after it.
+// - A record is written into the log only inside the current grant (at + 64 + payload <=
+//   limit, seq == the grant's next seq), under mu_; Close() detaches the log under mu_, so
+//   once it returns the mapping and the checksum table are never touched again.
+// - A RECORD_ACK from here never says more than TypeScript's held/durable state and the
+//   records this thread stored: heldSeq = max(TS heldSeq, last record stored here).
+// - Outgoing frames (this thread's acks, TypeScript's Send) are numbered under mu_ in the
+//   order they are queued, and written in that order.
+// - Memory: the input buffer (kInBytes), frame bodies waiting for TypeScript to take them
+//   (reading stops while they exceed kPendingMax; at most one more parse pass of input),
+//   and the send queue (frames TypeScript asked to send, and at most one ack per parse
+//   pass while the peer does not read: reading stops while it holds more than kSendMax).
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common.h"
+
+namespace nvm {
+namespace {
+
+constexpr uint32_t kFrameMagic = 0x574d564e;  // "NVMW"
+constexpr uint8_t kWireVersion = 1;
+constexpr size_t kHeaderBytes = 24;
+constexpr uint8_t kTypeRecord = 4;
+constexpr uint8_t kTypeRecordAck = 5;
+constexpr size_t kRecordHeadBytes = 40;
+constexpr uint64_t kBlock = 4096;
+constexpr uint64_t kRecordPayloadMax = 1024 * 1024;
+constexpr size_t kBodyMax = kRecordPayloadMax + 64;
+constexpr size_t kReadChunk = 256 * 1024;
+// Room for one whole frame after compaction, plus a read.
+constexpr size_t kInBytes = kHeaderBytes + kBodyMax + 2 * kReadChunk;
+constexpr size_t kTypes = 32;
+constexpr size_t kLogHeaderBytes = 64;
+constexpr uint32_t kLogMagic = 0x5244564e;  // "NVDR"
+constexpr size_t kPendingMax = 8 * 1024 * 1024;
+constexpr size_t kSendMax = 4 * 1024 * 1024;
+constexpr int kEventWidth = 6;
+enum Ev { kEvStored = 1, kEvFrame = 2, kEvError = 3, kEvEof = 4, kEvEnded = 5 };
+
+inline uint32_t Get32(const uint8_t* p) {
+  uint32_t v;
+  memcpy(&v, p, 4);
+  return v;
+}
+inline uint64_t Get64(const uint8_t* p) {
+  uint64_t v;
+  memcpy(&v, p, 8);
+  return v;
+}
+inline void Put32(uint8_t* p, uint32_t v) { memcpy(p, &v, 4); }
+inline void Put64(uint8_t* p, uint64_t v) { memcpy(p, &v, 8); }
+
+// crc32c(A || B) from crc32c(A) and crc32c(B) for a 4096-byte B: the seed's part is a
+// linear map (appending 4096 zero bytes), tabulated once per byte of the seed.
+uint32_t gShift[4][256];
+std::once_flag gShiftOnce;
+void BuildShift() {
+  std::vector<uint8_t> zero(kBlock, 0);
+  uint32_t base = Crc32cSeeded(0, zero.data(), zero.size());
+  uint32_t col[32];
+  for (int i = 0; i < 32; i++) col[i] = Crc32cSeeded(1u << i, zero.data(), zero.size()) ^ base;
+  for (int k = 0; k < 4; k++) {
+    for (uint32_t b = 0; b < 256; b++) {
+      uint32_t v = 0;
+      for (int i = 0; i < 8; i++) {
+        if (b & (1u << i)) v ^= col[8 * k + i];
+      }
+      gShift[k][b] = v;
+    }
+  }
+}
+inline uint32_t AppendBlock(uint32_t crc, uint32_t blockCrc) {
+  return gShift[0][crc & 0xff] ^ gShift[1][(crc >> 8) & 0xff] ^ gShift[2][(crc >> 16) & 0xff] ^ gShift[3][crc >> 24] ^ blockCrc;
+}
+
+struct OutFrame {
+  std::vector<uint8_t> bytes;
+  size_t sent = 0;
+};
+
+class Rx {
+ public:
+  Rx(int fd, int wake, uint64_t inFrameNo, uint64_t outFrameNo, const uint32_t* caps)
+      : fd_(fd), wake_(wake), expectIn_(inFrameNo), in_(new uint8_t[kInBytes]) {
+    memcpy(caps_, caps, sizeof caps_);
+    outFrameNo_ = outFrameNo;
+  }
+  ~Rx() {
+    ::close(wake_);
+    if (fd_ >= 0) ::close(fd_);
+  }
+
+  Napi::ThreadSafeFunction tsfn;
+
+  void Feed(const uint8_t* p, size_t n) {
+    memcpy(in_.get(), p, n);
+    inEnd_ = n;  // counted by the reader it came from
+  }
+
+  void Run() {
+    ParsePass();
+    for (;;) {
+      bool wantRead, wantWrite, stopping;
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        stopping = stop_;
+        if (stop_ && (!flushOnStop_ || sendq_.empty() || sendErr_ != 0 || NowMs() >= stopDeadlineMs_)) break;
+        wantRead = !stop_ && !failed_ && !eof_ && !paused_ && pending_ <= kPendingMax && sendBytes_ <= kSendMax;
+        wantWrite = !sendq_.empty() && sendErr_ == 0;
+      }
+      pollfd p[2] = {{fd_, static_cast<short>((wantRead ? POLLIN : 0) | (wantWrite ? POLLOUT : 0)), 0}, {wake_, POLLIN, 0}};
+      int r = ::poll(p, 2, stopping ? 50 : -1);
+      if (r < 0 && errno != EINTR) break;
+      if (p[1].revents & POLLIN) {
+        uint64_t v;
+        (void)!::read(wake_, &v, sizeof v);
+        std::lock_guard<std::mutex> l(mu_);
+        wakeSignaled_ = false;
+      }
+      if (r < 0) continue;
+      if (wantWrite && (p[0].revents & (POLLOUT | POLLERR | POLLHUP))) {
+        std::lock_guard<std::mutex> l(mu_);
+        FlushLocked();
+        if (sendErr_ != 0 && !stop_) ErrorLocked(std::string("socket error: ") + strerror(sendErr_), false);
+        PostLocked();
+      }
+      if (wantRead && (p[0].revents & (POLLIN | POLLERR | POLLHUP))) {
+        if (inEnd_ == kInBytes || (kInBytes - inEnd_ < kReadChunk && inStart_ > 0)) {
+          memmove(in_.get(), in_.get() + inStart_, inEnd_ - inStart_);
+          inEnd_ -= inStart_;
+          inStart_ = 0;
+        }
+        ssize_t n = ::read(fd_, in_.get() + inEnd_, kInBytes - inEnd_);
+        if (n == 0) {
+          std::lock_guard<std::mutex> l(mu_);
+          eof_ = true;
+          if (!stop_) Emit({kEvEof});
+          PostLocked();
+        } else if (n < 0) {
+          if (errno != EAGAIN && errno != EINTR) {
+            std::lock_guard<std::mutex> l(mu_);
+            ErrorLocked(std::string("socket error: ") + strerror(errno), false);
+            PostLocked();
+          }
+        } else {
+          inEnd_ += static_cast<size_t>(n);
+          rxBytes_ += static_cast<uint64_t>(n);
+          ParsePass();
+        }
+      }
+    }
+    std::lock_guard<std::mutex> l(mu_);
+    ended_ = true;
+    ::shutdown(fd_, SHUT_RDWR);
+    ::close(fd_);
+    fd_ = -1;
+    Emit({kEvEnded});
+    PostLocked();
+  }
+
+  // ---- JS side (event loop thread)
+
+  void Deliver(Napi::Env env, Napi::Function fn) {
+    std::vector<double> ev;
+    std::vector<std::string> texts;
+    bool release = false;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      posted_ = false;
+      ev.swap(events_);
+      texts.swap(texts_);
+      if (ended_ && !released_) release = released_ = true;
+    }
+    if (!ev.empty()) {
+      Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, ev.size() * sizeof(double));
+      memcpy(ab.Data(), ev.data(), ev.size() * sizeof(double));
+      Napi::Array t = Napi::Array::New(env, texts.size());
+      for (uint32_t i = 0; i < texts.size(); i++) t.Set(i, Napi::String::New(env, texts[i]));
+      fn.Call({Napi::Float64Array::New(env, ev.size(), ab, 0), t});
+    }
+    if (release) tsfn.Release();
+  }
+
+  // Copies the oldest body waiting into dst (which must be its length); returns the length.
+  int64_t Take(uint8_t* dst, size_t cap) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (bodies_.empty() || bodies_.front().size() != cap) return -1;
+    memcpy(dst, bodies_.front().data(), cap);
+    pending_ -= cap;
+    bodies_.pop_front();
+    if (pending_ <= kPendingMax) WakeLocked();
+    return static_cast<int64_t>(cap);
+  }
+
+  void AttachLog(uint8_t* ring, size_t ringLen, uint32_t* crcs, size_t crcsLen) {
+    std::lock_guard<std::mutex> l(mu_);
+    ring_ = ring;
+    ringLen_ = ringLen;
+    crcs_ = crcs;
+    crcsLen_ = crcsLen;
+  }
+
+  // Grants [at, limit) of the ring for records from nextSeq on. Refused (false) when the
+  // thread has parsed records TypeScript has not seen yet (their seqs differ).
+  bool Grant(uint64_t nextSeq, uint64_t at, uint64_t limit, uint32_t salt, uint32_t stream) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (ring_ == nullptr || (nextRecSeq_ != 0 && nextRecSeq_ != nextSeq) || limit > ringLen_ || at > limit || at < 4096) return false;
+    grant_ = true;
+    gAt_ = at;
+    gLimit_ = limit;
+    gSeq_ = nextSeq;
+    salt_ = salt;
+    stream_ = stream;
+    return true;
+  }
+
+  void SetAckState(uint64_t held, uint64_t durable, uint64_t storedFrom, bool send) {
+    std::lock_guard<std::mutex> l(mu_);
+    tsHeld_ = held;
+    tsDurable_ = durable;
+    tsStoredFrom_ = storedFrom;
+    if (send) AckLocked();
+  }
+
+  // Frames and queues (or sends at once) a frame of `type` with the body parts.
+  int64_t Send(uint8_t type, const std::vector<std::pair<const uint8_t*, size_t>>& parts) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (stop_ || ended_) return -1;
+    size_t len = 0;
+    for (auto& p : parts) len += p.second;
+    OutFrame f;
+    f.bytes.resize(kHeaderBytes + len);
+    uint8_t* b = f.bytes.data();
+    size_t at = kHeaderBytes;
+    for (auto& p : parts) {
+      memcpy(b + at, p.first, p.second);
+      at += p.second;
+    }
+    QueueLocked(type, std::move(f));
+    return static_cast<int64_t>(kHeaderBytes + len);
+  }
+
+  void Pause(bool paused) {
+    std::lock_guard<std::mutex> l(mu_);
+    paused_ = paused;
+    if (!paused) WakeLocked();
+  }
+
+  // Detaches the log (no record is written after this returns) and ends the thread: at
+  // once, or after flushing what is queued for up to lingerMs.
+  void Close(bool flush, int64_t lingerMs) {
+    std::lock_guard<std::mutex> l(mu_);
+    ring_ = nullptr;
+    crcs_ = nullptr;
+    grant_ = false;
+    if (stop_) return;
+    stop_ = true;
+    flushOnStop_ = flush;
+    stopDeadlineMs_ = NowMs() + lingerMs;
+    bodies_.clear();
+    pending_ = 0;
+    WakeLocked();
+  }
+
+  void Stats(double* out) {
+    std::lock_guard<std::mutex> l(mu_);
+    out[0] = static_cast<double>(rxBytes_);
+    out[1] = static_cast<double>(txBytes_);
+    out[2] = static_cast<double>(stored_);
+  }
+
+ private:
+  static int64_t NowMs() {
+    timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+  }
+
+  // ---- thread side
+
+  // Parses every whole frame in the input; then acknowledges the records it stored.
+  void ParsePass() {
+    bool stored = false;
+    while (!failed_) {
+      size_t avail = inEnd_ - inStart_;
+      if (avail < kHeaderBytes) break;
+      const uint8_t* h = in_.get() + inStart_;
+      uint8_t type = h[4];
+      uint32_t len = Get32(h + 8);
+      uint64_t frameNo = Get64(h + 12);
+      if (Get32(h) != kFrameMagic) {
+        Fail("bad frame magic (not an nvmirror mirror stream)");
+        break;
+      }
+      if (h[5] != kWireVersion) {
+        Fail("unsupported wire version " + std::to_string(h[5]));
+        break;
+      }
+      if (type >= kTypes || caps_[type] == 0) {
+        Fail("unknown frame type " + std::to_string(type));
+        break;
+      }
+      if (len > caps_[type]) {
+        Fail("frame type " + std::to_string(type) + ": body of " + std::to_string(len) + " bytes exceeds its cap of " + std::to_string(caps_[type]));
+        break;
+      }
+      if (frameNo != expectIn_) {
+        Fail("frame number " + std::to_string(frameNo) + " where " + std::to_string(expectIn_) + " was due (replayed, lost or reordered frame)");
+        break;
+      }
+      if (avail < kHeaderBytes + len) break;
+      const uint8_t* body = h + kHeaderBytes;
+      uint32_t crc = Get32(h + 20);
+      bool ok;
+      if (type == kTypeRecord) {
+        ok = Record(h, body, len, crc, &stored);
+      } else {
+        ok = CheckCrc(h, body, len, crc);
+        if (ok) {
+          std::lock_guard<std::mutex> l(mu_);
+          HandOverLocked(type, body, len);
+        }
+      }
+      if (!ok) {
+        Fail("frame " + std::to_string(frameNo) + " (type " + std::to_string(type) + "): checksum mismatch");
+        break;
+      }
+      inStart_ += kHeaderBytes + len;
+      expectIn_++;
+    }
+    if (inStart_ == inEnd_) inStart_ = inEnd_ = 0;
+    std::lock_guard<std::mutex> l(mu_);
+    if (stored) AckLocked();
+    PostLocked();
+  }
+
+  bool CheckCrc(const uint8_t* h, const uint8_t* body, uint32_t len, uint32_t crc) {
+    uint32_t c = Crc32cSeeded(0, h, 20);
+    return Crc32cSeeded(c, body, len) == crc;
+  }
+
+  // A RECORD frame: verified; stored here when it is the plain case and fits the grant,
+  // else handed over. False: checksum mismatch.
+  bool Record(const uint8_t* h, const uint8_t* body, uint32_t len, uint32_t crc, bool* stored) {
+    bool plain = len >= kRecordHeadBytes;
+    uint64_t seq = 0, offset = 0, length = 0, payload = 0;
+    uint8_t rtype = 0, flags = 0;
+    if (plain) {
+      seq = Get64(body);
+      rtype = body[8];
+      flags = body[9];
+      offset = Get64(body + 16);
+      length = Get64(body + 24);
+      payload = Get64(body + 32);
+      uint64_t max = static_cast<uint64_t>(kMaxSafeInteger);
+      plain = seq >= 1 && seq <= max && rtype >= 1 && rtype <= 3 && offset <= max && length <= max && offset % kBlock == 0 &&
+              length % kBlock == 0 && length > 0 && payload == (rtype == 1 ? length : 0) && payload <= kRecordPayloadMax &&
+              len == kRecordHeadBytes + payload;
+    }
+    if (!plain) {
+      if (!CheckCrc(h, body, len, crc)) return false;
+      std::lock_guard<std::mutex> l(mu_);
+      grant_ = false;
+      HandOverLocked(kTypeRecord, body, len);
+      return true;
+    }
+    size_t blocks = payload / kBlock;
+    uint32_t c = Crc32cSeeded(Crc32cSeeded(0, h, 20), body, kRecordHeadBytes);
+    const uint8_t* data = body + kRecordHeadBytes;
+    for (size_t i = 0; i < blocks; i++) {
+      blockCrcs_[i] = Crc32cOf(data + i * kBlock, kBlock);
+      c = AppendBlock(c, blockCrcs_[i]);
+    }
+    if (c != crc) return false;
+    std::lock_guard<std::mutex> l(mu_);
+    nextRecSeq_ = seq + 1;
+    size_t size = kLogHeaderBytes + payload;
+    size_t slot = (gAt_ + kLogHeaderBytes) / kBlock;
+    if (!grant_ || ring_ == nullptr || seq != gSeq_ || gAt_ + size > gLimit_ || slot + blocks > crcsLen_) {
+      grant_ = false;
+      HandOverLocked(kTypeRecord, body, len);
+      return true;
+    }
+    uint8_t* r = ring_ + gAt_;
+    memset(r, 0, kLogHeaderBytes);
+    Put32(r, kLogMagic);
+    Put64(r + 8, seq);
+    r[16] = rtype;
+    r[17] = flags;
+    Put32(r + 20, stream_);
+    Put64(r + 24, offset);
+    Put64(r + 32, length);
+    Put64(r + 40, payload);
+    memcpy(r + kLogHeaderBytes, data, payload);
+    uint32_t rc = Crc32cSeeded(salt_, r + 8, kLogHeaderBytes - 8);
+    for (size_t i = 0; i < blocks; i++) {
+      crcs_[slot + i] = blockCrcs_[i];
+      rc = AppendBlock(rc, blockCrcs_[i]);
+    }
+    Put32(r + 4, rc);
+    Emit({kEvStored, static_cast<double>(seq), static_cast<double>(gAt_), static_cast<double>(size), static_cast<double>(rtype),
+          static_cast<double>(length)});
+    gAt_ += size;
+    gSeq_ = seq + 1;
+    top_ = seq;
+    stored_++;
+    *stored = true;
+    return true;
+  }
+
+  void HandOverLocked(uint8_t type, const uint8_t* body, uint32_t len) {
+    if (stop_) return;
+    bodies_.emplace_back(body, body + len);
+    pending_ += len;
+    Emit({kEvFrame, static_cast<double>(type), static_cast<double>(len)});
+  }
+
+  void Fail(const std::string& why) {
+    std::lock_guard<std::mutex> l(mu_);
+    ErrorLocked(why, true);
+  }
+
+  void ErrorLocked(const std::string& why, bool protocol) {
+    if (failed_) return;
+    failed_ = true;
+    grant_ = false;
+    texts_.push_back(why);
+    Emit({kEvError, static_cast<double>(texts_.size() - 1), protocol ? 1.0 : 0.0});
+  }
+
+  void AckLocked() {
+    if (stop_ || ended_) return;
+    OutFrame f;
+    f.bytes.resize(kHeaderBytes + 24);
+    uint8_t* b = f.bytes.data() + kHeaderBytes;
+    Put64(b, std::max(tsHeld_, top_));
+    Put64(b + 8, tsDurable_);
+    Put64(b + 16, tsStoredFrom_);
+    QueueLocked(kTypeRecordAck, std::move(f));
+  }
+
+  // Fills in f's header (the next frame number, the checksum) and sends or queues it.
+  void QueueLocked(uint8_t type, OutFrame&& f) {
+    uint8_t* b = f.bytes.data();
+    size_t len = f.bytes.size() - kHeaderBytes;
+    Put32(b, kFrameMagic);
+    b[4] = type;
+    b[5] = kWireVersion;
+    b[6] = b[7] = 0;
+    Put32(b + 8, static_cast<uint32_t>(len));
+    Put64(b + 12, outFrameNo_++);
+    Put32(b + 20, Crc32cSeeded(Crc32cSeeded(0, b, 20), b + kHeaderBytes, len));
+    sendBytes_ += f.bytes.size();
+    sendq_.push_back(std::move(f));
+    FlushLocked();
+    if (!sendq_.empty()) WakeLocked();
+  }
+
+  void FlushLocked() {
+    while (!sendq_.empty() && sendErr_ == 0) {
+      OutFrame& f = sendq_.front();
+      ssize_t n = ::send(fd_, f.bytes.data() + f.sent, f.bytes.size() - f.sent, MSG_NOSIGNAL | MSG_DONTWAIT);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN) sendErr_ = errno;
+        return;
+      }
+      f.sent += static_cast<size_t>(n);
+      txBytes_ += static_cast<uint64_t>(n);
+      if (f.sent < f.bytes.size()) return;
+      sendBytes_ -= f.bytes.size();
+      sendq_.pop_front();
+    }
+  }
+
+  void Emit(std::initializer_list<double> f) {
+    size_t at = events_.size();
+    events_.resize(at + kEventWidth, 0);
+    size_t i = 0;
+    for (double v : f) events_[at + i++] = v;
+  }
+
+  void PostLocked() {
+    if (events_.empty() || posted_ || released_) return;
+    posted_ = true;
+    tsfn.NonBlockingCall(this, [](Napi::Env env, Napi::Function fn, Rx* rx) {
+      if (env != nullptr) rx->Deliver(env, fn);
+    });
+  }
+
+  void WakeLocked() {
+    if (wakeSignaled_) return;
+    uint64_t one = 1;
+    (void)!::write(wake_, &one, sizeof one);
+    wakeSignaled_ = true;
+  }
+
+  int fd_;  // closed (-1) when the thread ends, under mu_
+  const int wake_;
+  uint32_t caps_[kTypes];
+  // The thread's own.
+  uint64_t expectIn_;
+  std::unique_ptr<uint8_t[]> in_;
+  size_t inStart_ = 0, inEnd_ = 0;
+  uint32_t blockCrcs_[kRecordPayloadMax / kBlock];
+  bool failed_ = false, eof_ = false;
+  // Under mu_.
+  std::mutex mu_;
+  uint64_t outFrameNo_;
+  bool stop_ = false, flushOnStop_ = false, ended_ = false, paused_ = false, posted_ = false, wakeSignaled_ = false;
+  bool released_ = false;  // the thread-safe function was released (after the thread ended)
+  int64_t stopDeadlineMs_ = 0;
+  int sendErr_ = 0;
+  std::deque<OutFrame> sendq_;
+  size_t sendBytes_ = 0;
+  std::deque<std::vector<uint8_t>> bodies_;
+  size_t pending_ = 0;
+  std::vector<double> events_;
+  std::vector<std::string> texts_;
+  uint8_t* ring_ = nullptr;
+  size_t ringLen_ = 0;
+  uint32_t* crcs_ = nullptr;
+  size_t crcsLen_ = 0;
+  bool grant_ = false;
+  uint64_t gAt_ = 0, gLimit_ = 0, gSeq_ = 0;
+  uint32_t salt_ = 0, stream_ = 0;
+  uint64_t nextRecSeq_ = 0, top_ = 0;
+  uint64_t tsHeld_ = 0, tsDurable_ = 0, tsStoredFrom_ = 0;
+  uint64_t rxBytes_ = 0, txBytes_ = 0, stored_ = 0;
+};
+
+using RxPtr = std::shared_ptr<Rx>;
+constexpr napi_type_tag kRxTag = {0x6d697272727872ULL, 0x72785f68616e64ULL};
+
+bool GetRx(const Napi::CallbackInfo& info, const char* fn, RxPtr* out) {
+  bool ok = false;
+  if (info.Length() < 1 || !info[0].IsExternal() || napi_check_object_type_tag(info.Env(), info[0], &kRxTag, &ok) != napi_ok || !ok) {
+    ThrowType(info.Env(), std::string(fn) + ": handle must be a mirrorRxStart handle");
+    return false;
+  }
+  *out = *info[0].As<Napi::External<RxPtr>>().Data();
+  return true;
+}
+
+bool GetU64(const Napi::CallbackInfo& info, size_t i, const char* fn, const char* name, uint64_t* out) {
+  int64_t v;
+  if (!GetInt(info, i, fn, name, 0, kMaxSafeInteger, &v)) return false;
+  *out = static_cast<uint64_t>(v);
+  return true;
+}
+
+// mirrorRxStart(fd, leftover, inFrameNo, outFrameNo, caps (32 u32 as a Buffer), onEvents)
+Napi::Value Start(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "mirrorRxStart";
+  int fd;
+  Napi::Buffer<uint8_t> leftover, caps;
+  uint64_t inNo, outNo;
+  Napi::Function cb;
+  if (!GetFd(info, 0, fn, &fd) || !GetBuffer(info, 1, fn, "leftover", &leftover) || !GetU64(info, 2, fn, "inFrameNo", &inNo) ||
+      !GetU64(info, 3, fn, "outFrameNo", &outNo) || !GetBuffer(info, 4, fn, "caps", &caps) || !GetCallback(info, 5, fn, &cb)) {
+    return env.Undefined();
+  }
+  if (leftover.Length() > kHeaderBytes + kBodyMax + kReadChunk) {
+    ThrowRange(env, std::string(fn) + ": leftover too long");
+    return env.Undefined();
+  }
+  if (caps.Length() != kTypes * 4) {
+    ThrowRange(env, std::string(fn) + ": caps must be 32 u32s");
+    return env.Undefined();
+  }
+  uint32_t capv[kTypes];
+  memcpy(capv, caps.Data(), sizeof capv);
+  for (uint32_t c : capv) {
+    if (c > kBodyMax) {
+      ThrowRange(env, std::string(fn) + ": a cap exceeds the largest body");
+      return env.Undefined();
+    }
+  }
+  int sockType = 0;
+  socklen_t sl = sizeof sockType;
+  if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &sockType, &sl) != 0 || sockType != SOCK_STREAM) {
+    ThrowType(env, std::string(fn) + ": fd must be a stream socket");
+    return env.Undefined();
+  }
+  std::call_once(gShiftOnce, BuildShift);
+  int own = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (own < 0) {
+    ErrnoError(env, errno, "dup").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  int fl = ::fcntl(own, F_GETFL);
+  if (fl >= 0) (void)::fcntl(own, F_SETFL, fl | O_NONBLOCK);
+  int wake = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (wake < 0) {
+    int e = errno;
+    ::close(own);
+    ErrnoError(env, e, "eventfd").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  RxPtr rx = std::make_shared<Rx>(own, wake, inNo, outNo, capv);
+  rx->Feed(leftover.Data(), leftover.Length());
+  auto* ctx = new RxPtr(rx);
+  rx->tsfn = Napi::ThreadSafeFunction::New(env, cb, "mirrorRx", 0, 1, ctx, [](Napi::Env, RxPtr* p) { delete p; });
+  std::thread([rx]() { rx->Run(); }).detach();
+  auto handle = Napi::External<RxPtr>::New(env, new RxPtr(rx), [](Napi::Env, RxPtr* p) { delete p; });
+  napi_type_tag_object(env, handle, &kRxTag);
+  return handle;
+}
+
+// mirrorRxAttachLog(h, ring, crcs): the log's mapping and its block-checksum table (u32s).
+Napi::Value AttachLog(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "mirrorRxAttachLog";
+  RxPtr rx;
+  Napi::Buffer<uint8_t> ring, crcs;
+  if (!GetRx(info, fn, &rx) || !GetBuffer(info, 1, fn, "ring", &ring) || !GetBuffer(info, 2, fn, "crcs", &crcs)) return env.Undefined();
+  if (ring.Length() < 4096 || crcs.Length() % 4 != 0 || reinterpret_cast<uintptr_t>(crcs.Data()) % 4 != 0 ||
+      crcs.Length() / 4 < (ring.Length() + kBlock - 1) / kBlock) {
+    ThrowRange(env, std::string(fn) + ": a ring of at least 4096 bytes and a u32 per 4 KiB of it");
+    return env.Undefined();
+  }
+  rx->AttachLog(ring.Data(), ring.Length(), reinterpret_cast<uint32_t*>(crcs.Data()), crcs.Length() / 4);
+  return env.Undefined();
+}
+
+// mirrorRxGrant(h, nextSeq, at, limit, salt, stream) -> accepted
+Napi::Value Grant(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "mirrorRxGrant";
+  RxPtr rx;
+  uint64_t seq, at, limit, salt, stream;
+  if (!GetRx(info, fn, &rx) || !GetU64(info, 1, fn, "nextSeq", &seq) || !GetU64(info, 2, fn, "at", &at) ||
+      !GetU64(info, 3, fn, "limit", &limit) || !GetU64(info, 4, fn, "salt", &salt) || !GetU64(info, 5, fn, "stream", &stream)) {
+    return env.Undefined();
+  }
+  if (salt > 0xffffffffu || stream > 0xffffffffu || seq < 1) {
+    ThrowRange(env, std::string(fn) + ": salt and stream are u32s, seqs start at 1");
+    return env.Undefined();
+  }
+  return Napi::Boolean::New(env, rx->Grant(seq, at, limit, static_cast<uint32_t>(salt), static_cast<uint32_t>(stream)));
+}
+
+// mirrorRxAck(h, heldSeq, durableSeq, storedFromSeq, sendNow)
+Napi::Value Ack(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "mirrorRxAck";
+  RxPtr rx;
+  uint64_t held, durable, from;
+  bool send;
+  if (!GetRx(info, fn, &rx) || !GetU64(info, 1, fn, "heldSeq", &held) || !GetU64(info, 2, fn, "durableSeq", &durable) ||
+      !GetU64(info, 3, fn, "storedFromSeq", &from) || !GetBool(info, 4, fn, "sendNow", &send)) {
+    return env.Undefined();
+  }
+  rx->SetAckState(held, durable, from, send);
+  return env.Undefined();
+}
+
+// mirrorRxSend(h, type, parts) -> frame bytes (-1: the connection is closing)
+Napi::Value Send(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "mirrorRxSend";
+  RxPtr rx;
+  int64_t type;
+  if (!GetRx(info, fn, &rx) || !GetInt(info, 1, fn, "type", 1, kTypes - 1, &type)) return env.Undefined();
+  if (info.Length() < 3 || !info[2].IsArray()) {
+    ThrowType(env, std::string(fn) + ": parts must be an array of Buffers");
+    return env.Undefined();
+  }
+  Napi::Array a = info[2].As<Napi::Array>();
+  std::vector<std::pair<const uint8_t*, size_t>> parts;
+  size_t len = 0;
+  for (uint32_t i = 0; i < a.Length(); i++) {
+    Napi::Value v = a.Get(i);
+    if (!v.IsBuffer()) {
+      ThrowType(env, std::string(fn) + ": parts must be an array of Buffers");
+      return env.Undefined();
+    }
+    Napi::Buffer<uint8_t> b = v.As<Napi::Buffer<uint8_t>>();
+    parts.emplace_back(b.Data(), b.Length());
+    len += b.Length();
+  }
+  if (len > kBodyMax) {
+    ThrowRange(env, std::string(fn) + ": body longer than the largest frame body");
+    return env.Undefined();
+  }
+  return Napi::Number::New(env, static_cast<double>(rx->Send(static_cast<uint8_t>(type), parts)));
+}
+
+// mirrorRxTake(h, dst) -> bytes copied (-1: no body of that length is next)
+Napi::Value Take(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "mirrorRxTake";
+  RxPtr rx;
+  Napi::Buffer<uint8_t> dst;
+  if (!GetRx(info, fn, &rx) || !GetBuffer(info, 1, fn, "dst", &dst)) return env.Undefined();
+  return Napi::Number::New(env, static_cast<double>(rx->Take(dst.Data(), dst.Length())));
+}
+
+Napi::Value Pause(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  RxPtr rx;
+  bool paused;
+  if (!GetRx(info, "mirrorRxPause", &rx) || !GetBool(info, 1, "mirrorRxPause", "paused", &paused)) return env.Undefined();
+  rx->Pause(paused);
+  return env.Undefined();
+}
+
+// mirrorRxClose(h, flush, lingerMs)
+Napi::Value Close(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "mirrorRxClose";
+  RxPtr rx;
+  bool flush;
+  int64_t linger;
+  if (!GetRx(info, fn, &rx) || !GetBool(info, 1, fn, "flush", &flush) || !GetInt(info, 2, fn, "lingerMs", 0, 60000, &linger)) {
+    return env.Undefined();
+  }
+  rx->Close(flush, linger);
+  return env.Undefined();
+}
+
+// mirrorRxStats(h) -> [bytesIn, bytesOut, recordsStored]
+Napi::Value Stats(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  RxPtr rx;
+  if (!GetRx(info, "mirrorRxStats", &rx)) return env.Undefined();
+  double s[3];
+  rx->Stats(s);
+  Napi::Float64Array a = Napi::Float64Array::New(env, 3);
+  for (int i = 0; i < 3; i++) a[i] = s[i];
+  return a;
+}
+
+}  // namespace
+
+void InitMirrorRx(Napi::Env env, Napi::Object exports) {
+  exports.Set("mirrorRxStart", Napi::Function::New(env, Start, "mirrorRxStart"));
+  exports.Set("mirrorRxAttachLog", Napi::Function::New(env, AttachLog, "mirrorRxAttachLog"));
+  exports.Set("mirrorRxGrant", Napi::Function::New(env, Grant, "mirrorRxGrant"));
+  exports.Set("mirrorRxAck", Napi::Function::New(env, Ack, "mirrorRxAck"));
+  exports.Set("mirrorRxSend", Napi::Function::New(env, Send, "mirrorRxSend"));
+  exports.Set("mirrorRxTake", Napi::Function::New(env, Take, "mirrorRxTake"));
+  exports.Set("mirrorRxPause", Napi::Function::New(env, Pause, "mirrorRxPause"));
+  exports.Set("mirrorRxClose", Napi::Function::New(env, Close, "mirrorRxClose"));
+  exports.Set("mirrorRxStats", Napi::Function::New(env, Stats, "mirrorRxStats"));
+  exports.Set("mirrorRxEventWidth", Napi::Number::New(env, kEventWidth));
+}
+
+}  // namespace nvm

@@ -1,0 +1,156 @@
+/**
+ * The receiver's side of a plain mirror connection on a native thread (native/mirror_rx.cc),
+ * once HELLO and WELCOME are done: the thread reads and verifies frames, stores each
+ * RECORD that fits the range of the source's log file granted here (DestLog.grantRange)
+ * straight into its mapping and acknowledges it (RECORD_ACK) itself; every other frame
+ * comes here in stream order (taken into a buffer chosen here: a slab for CP_BLOCKS), after
+ * the STORED events of the records before it, which the log adopts (DestLog.adopt) before
+ * the frame is handled. Outgoing frames go through the thread too (one frame counter).
+ * TLS connections keep the stream path (receiver.ts). NVMIRROR_MIRROR_NATIVE=0 turns this
+ * off.
+ *
+ * Invariants:
+ * - A grant is made only when the log is contiguous (no record dropped) and nothing this
+ *   side was handed is unhandled; the thread refuses a grant whose next seq is not the
+ *   next record it will parse, so a grant never covers records it stored but this side has
+ *   not adopted yet.
+ * - close() detaches the log on the thread before it returns: nothing writes into the
+ *   mapping after it (the mirror may then be released and its log closed).
+ * - Memory: the thread's input buffer (~1.6 MiB), frame bodies not yet taken here (reading
+ *   stops beyond 8 MiB), and its send queue (reading stops beyond 4 MiB queued).
+ */
+import type * as net from 'net';
+import { addon } from '../io/native';
+import { assert } from '../util/assert';
+import { bodyCapsTable, encodeBody, type OutMessage } from './wire';
+
+interface RxAddon {
+  mirrorRxStart(fd: number, leftover: Buffer, inFrameNo: number, outFrameNo: number, caps: Buffer, onEvents: (ev: Float64Array, texts: string[]) => void): object;
+  mirrorRxAttachLog(h: object, ring: Buffer, crcs: Buffer): void;
+  mirrorRxGrant(h: object, nextSeq: number, at: number, limit: number, salt: number, stream: number): boolean;
+  mirrorRxAck(h: object, heldSeq: number, durableSeq: number, storedFromSeq: number, sendNow: boolean): void;
+  mirrorRxSend(h: object, type: number, parts: Buffer[]): number;
+  mirrorRxTake(h: object, dst: Buffer): number;
+  mirrorRxPause(h: object, paused: boolean): void;
+  mirrorRxClose(h: object, flush: boolean, lingerMs: number): void;
+  mirrorRxStats(h: object): Float64Array;
+  mirrorRxEventWidth: number;
+}
+
+export const EV_STORED = 1;
+export const EV_FRAME = 2;
+export const EV_ERROR = 3;
+export const EV_EOF = 4;
+export const EV_ENDED = 5;
+
+/** One event from the thread. */
+export type RxEvent =
+  | { kind: typeof EV_STORED; seq: number; at: number; size: number; type: number; lengthBytes: number }
+  | { kind: typeof EV_FRAME; type: number; bytes: number }
+  | { kind: typeof EV_ERROR; text: string; protocol: boolean }
+  | { kind: typeof EV_EOF }
+  | { kind: typeof EV_ENDED };
+
+/** Whether plain mirror connections use the native thread (NVMIRROR_MIRROR_NATIVE=0: no). */
+export function nativeRxEnabled(): boolean {
+  return process.env.NVMIRROR_MIRROR_NATIVE !== '0';
+}
+
+/** The fd under a plain (not TLS) net.Socket, or undefined. */
+export function plainFd(sock: net.Socket): number | undefined {
+  if ((sock as { encrypted?: boolean }).encrypted === true) return undefined;
+  const fd = (sock as unknown as { _handle?: { fd?: unknown } | null })._handle?.fd;
+  return typeof fd === 'number' && Number.isInteger(fd) && fd >= 0 ? fd : undefined;
+}
+
+/**
+ * Stops Node reading `sock` and returns what it had read but not yet delivered (the
+ * thread takes the stream over from there). Node must not read the socket again: the
+ * caller never resumes it.
+ */
+export function takeOverSocket(sock: net.Socket): Buffer[] {
+  const s = sock as unknown as { _handle: { readStop(): number; reading?: boolean }; read(): Buffer | null };
+  s._handle.readStop();
+  const extra: Buffer[] = [];
+  for (let c = s.read(); c !== null; c = s.read()) extra.push(c);
+  s._handle.readStop();
+  s._handle.reading = false;
+  return extra;
+}
+
+export class NativeRx {
+  private readonly a: RxAddon;
+  private readonly h: object;
+  private closed = false;
+  private paused = false;
+
+  constructor(fd: number, leftover: Buffer, inFrameNo: number, outFrameNo: number, onEvents: (events: RxEvent[]) => void) {
+    this.a = addon() as unknown as RxAddon;
+    const w = this.a.mirrorRxEventWidth;
+    this.h = this.a.mirrorRxStart(fd, leftover, inFrameNo, outFrameNo, bodyCapsTable(), (ev, texts) => {
+      assert(ev.length % w === 0, 'native events come in whole records');
+      const out: RxEvent[] = [];
+      for (let i = 0; i < ev.length; i += w) {
+        const k = ev[i];
+        if (k === EV_STORED) out.push({ kind: EV_STORED, seq: ev[i + 1]!, at: ev[i + 2]!, size: ev[i + 3]!, type: ev[i + 4]!, lengthBytes: ev[i + 5]! });
+        else if (k === EV_FRAME) out.push({ kind: EV_FRAME, type: ev[i + 1]!, bytes: ev[i + 2]! });
+        else if (k === EV_ERROR) out.push({ kind: EV_ERROR, text: texts[ev[i + 1]!] ?? 'unknown error', protocol: ev[i + 2] === 1 });
+        else if (k === EV_EOF) out.push({ kind: EV_EOF });
+        else if (k === EV_ENDED) out.push({ kind: EV_ENDED });
+        else assert(false, `native event kind ${k}`);
+      }
+      onEvents(out);
+    });
+  }
+
+  /** The log the thread stores records into: its mapping and its block-checksum table. */
+  attachLog(ring: Buffer, crcs: Uint32Array): void {
+    this.a.mirrorRxAttachLog(this.h, ring, Buffer.from(crcs.buffer, crcs.byteOffset, crcs.byteLength));
+  }
+
+  /** Grants [at, limit) of the ring for records from nextSeq on; false if the thread is past nextSeq. */
+  grant(nextSeq: number, at: number, limit: number, salt: number, stream: number): boolean {
+    if (this.closed) return false;
+    return this.a.mirrorRxGrant(this.h, nextSeq, at, limit, salt, stream);
+  }
+
+  /** The log's held marks as this side knows them; sendNow: a RECORD_ACK now (with the thread's own stores counted). */
+  ack(heldSeq: number, durableSeq: number, storedFromSeq: number, sendNow: boolean): void {
+    if (!this.closed) this.a.mirrorRxAck(this.h, heldSeq, durableSeq, storedFromSeq, sendNow);
+  }
+
+  /** Frames and sends (or queues) a message. */
+  send(m: OutMessage): void {
+    if (this.closed) return;
+    const parts = encodeBody(m);
+    this.a.mirrorRxSend(this.h, m.type, parts);
+  }
+
+  /** Copies the next frame body (which must be dst.length bytes) into dst. */
+  take(dst: Buffer): void {
+    const n = this.a.mirrorRxTake(this.h, dst);
+    assert(n === dst.length, `native frame body of ${dst.length} bytes is not next`);
+  }
+
+  pause(paused: boolean): void {
+    if (this.closed || paused === this.paused) return;
+    this.paused = paused;
+    this.a.mirrorRxPause(this.h, paused);
+  }
+
+  /** Bytes received by the thread (frame headers included). */
+  get bytesIn(): number {
+    return this.a.mirrorRxStats(this.h)[0]!;
+  }
+
+  get recordsStored(): number {
+    return this.a.mirrorRxStats(this.h)[2]!;
+  }
+
+  /** Ends the thread: at once, or after sending what is queued (up to lingerMs). The log is detached before this returns. */
+  close(flush: boolean, lingerMs = 1000): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.a.mirrorRxClose(this.h, flush, lingerMs);
+  }
+}

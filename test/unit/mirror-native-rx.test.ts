@@ -1,0 +1,245 @@
+/**
+ * The receiver's native socket thread (native/mirror_rx.cc, src/mirror/native-rx.ts) on a
+ * real loopback connection and a real log file: records it stores must be exactly what
+ * DestLog.append stores (a reopened log recovers them, checksums and all), every other
+ * frame must reach TypeScript whole and in order, the stream split at any offset must
+ * make no difference, and bad input must be refused with wire.ts's words and store nothing.
+ */
+import * as assert from 'assert';
+import * as fs from 'fs';
+import * as net from 'net';
+import * as os from 'os';
+import * as path from 'path';
+import { DestLog } from '../../src/mirror/dest-log';
+import { EV_ENDED, EV_ERROR, EV_FRAME, EV_STORED, NativeRx, takeOverSocket, type RxEvent } from '../../src/mirror/native-rx';
+import { decodeBody, FrameParser, FrameWriter, MsgType, type Message, type OutMessage } from '../../src/mirror/wire';
+import { crc32cWide } from '../../src/io/native';
+
+const UUID = '0f0e0d0c-0b0a-4908-8706-050403020100';
+const LOG_BYTES = 16 * 1024 * 1024;
+
+interface Conn {
+  rx: NativeRx;
+  client: net.Socket;
+  server: net.Socket;
+  events: RxEvent[];
+  frames: Message[];
+  acks: Message[];
+  log: DestLog;
+}
+
+function payload(seq: number, blocks: number): Buffer {
+  const b = Buffer.alloc(blocks * 4096);
+  for (let i = 0; i < b.length; i += 512) b.writeUInt32LE((seq * 7919 + i) >>> 0, i);
+  return b;
+}
+
+function record(seq: number, blocks: number, offsetBytes = seq * 65536): OutMessage {
+  return blocks > 0
+    ? { type: MsgType.Record, seq, recordType: 1, flags: 0, offsetBytes, lengthBytes: blocks * 4096, payload: payload(seq, blocks) }
+    : { type: MsgType.Record, seq, recordType: 2, flags: 0, offsetBytes, lengthBytes: 8192, payload: Buffer.alloc(0) };
+}
+
+function stream(msgs: OutMessage[]): Buffer {
+  const w = new FrameWriter();
+  return Buffer.concat(msgs.flatMap((m) => w.frame(m)));
+}
+
+async function until(what: string, ok: () => boolean, ms = 5000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!ok()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 2));
+  }
+}
+
+describe('mirror native receive thread', function () {
+  this.timeout(120_000);
+  let tmp: string;
+  let server: net.Server;
+  let accepted: net.Socket[] = [];
+
+  before(async () => {
+    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'nvm-nrx-'));
+    server = net.createServer((s) => accepted.push(s));
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  });
+  after(() => {
+    server.close();
+    fs.rmSync(tmp, { recursive: true, force: true });
+  });
+
+  /** A connection on a fresh log, or on `reuse` with a new stream from seq 1 (its records dropped). */
+  async function open(grant: boolean | { limit: number } = true, reuse?: DestLog): Promise<Conn> {
+    const log = reuse ?? (await DestLog.open(path.join(tmp, 'source.log'), UUID, LOG_BYTES, 'fresh'));
+    log.start(1, 0);
+    accepted = [];
+    const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
+    await new Promise<void>((r) => client.once('connect', () => r()));
+    await until('accept', () => accepted.length === 1);
+    const sock = accepted[0]!;
+    const fd = (sock as unknown as { _handle: { fd: number } })._handle.fd;
+    const c = { client, server: sock, events: [], frames: [], acks: [], log } as unknown as Conn;
+    const leftover = Buffer.concat(takeOverSocket(sock));
+    c.rx = new NativeRx(fd, leftover, 0, 0, (ev) => {
+      for (const e of ev) {
+        c.events.push(e);
+        if (e.kind === EV_STORED) log.adopt(e.seq, e.at, e.size, e.type, e.lengthBytes);
+        if (e.kind === EV_FRAME) {
+          const body = Buffer.alloc(e.bytes);
+          c.rx.take(body);
+          c.frames.push(decodeBody(e.type, body));
+        }
+      }
+    });
+    c.rx.attachLog(log.nativeParts.ring, log.nativeParts.crcs);
+    const g = log.grantRange()!;
+    if (grant) assert.ok(c.rx.grant(g.nextSeq, g.at, typeof grant === 'object' ? g.at + grant.limit : g.limit, g.salt, g.stream));
+    const parser = new FrameParser();
+    client.on('data', (d) => c.acks.push(...parser.push(d)));
+    return c;
+  }
+
+  async function close(c: Conn, keepLog = false): Promise<void> {
+    c.rx.close(false);
+    await until('thread end', () => c.events.some((e) => e.kind === EV_ENDED));
+    c.client.destroy();
+    c.server.destroy();
+    if (!keepLog) await c.log.close();
+  }
+
+  /** The records a reopened log recovers: seq -> payload. */
+  async function recovered(): Promise<Map<number, Buffer>> {
+    const log = await DestLog.open(path.join(tmp, 'source.log'), UUID, LOG_BYTES, 'recover', 0);
+    const out = new Map<number, Buffer>();
+    for (const r of log.recordsAfter(0)) out.set(r.seq, Buffer.from(r.payload));
+    await log.close();
+    return out;
+  }
+
+  const msgs: OutMessage[] = [
+    record(1, 1),
+    { type: MsgType.Ping, nowMs: 5 },
+    record(2, 0),
+    record(3, 3),
+    { type: MsgType.CpBegin, cp: 4, baseCp: 3, kind: 'cp' },
+    record(4, 1),
+    { type: MsgType.DurableReq, seq: 4 },
+  ];
+  const bytes = stream(msgs);
+
+  async function checkRun(c: Conn, what: string): Promise<void> {
+    await until(`${what}: every frame`, () => c.log.heldSeq === 4 && c.frames.length === 3);
+    assert.deepStrictEqual(c.events.filter((e) => e.kind === EV_STORED).map((e) => (e as { seq: number }).seq), [1, 2, 3, 4], what);
+    assert.deepStrictEqual(c.frames.map((m) => m.type), [MsgType.Ping, MsgType.CpBegin, MsgType.DurableReq], what);
+    // The STORED events come before the frames that follow their records in the stream.
+    const order = c.events.filter((e) => e.kind === EV_STORED || e.kind === EV_FRAME).map((e) => (e.kind === EV_STORED ? `r${e.seq}` : `f${e.type}`));
+    assert.deepStrictEqual(order, ['r1', `f${MsgType.Ping}`, 'r2', 'r3', `f${MsgType.CpBegin}`, 'r4', `f${MsgType.DurableReq}`], what);
+    // Blocks as a reference reads them, with the crc32c the thread kept.
+    for (const [seq, blocks] of [[1, 1], [3, 3], [4, 1]] as const) {
+      for (let i = 0; i < blocks; i++) {
+        const want = payload(seq, blocks).subarray(i * 4096, (i + 1) * 4096);
+        const v = c.log.blockView(seq, i, crc32cWide(want));
+        assert.ok(Buffer.isBuffer(v) && v.equals(want), `${what}: block ${seq}/${i}: ${typeof v === 'string' ? v : 'wrong bytes'}`);
+      }
+    }
+    await until(`${what}: ack`, () => c.acks.some((m) => m.type === MsgType.RecordAck && m.heldSeq === 4));
+  }
+
+  it('stores records exactly as DestLog.append does (a reopened log recovers them) and hands every other frame over in order', async () => {
+    const c = await open();
+    c.client.write(bytes);
+    await checkRun(c, 'whole');
+    await c.log.persist();
+    await close(c);
+    const got = await recovered();
+    assert.deepStrictEqual([...got.keys()], [1, 2, 3, 4]);
+    assert.ok(got.get(3)!.equals(payload(3, 3)) && got.get(2)!.length === 0);
+  });
+
+  it('the same whatever the split: every offset in the first frames and around each frame boundary, a stride elsewhere', async () => {
+    const bounds: number[] = [];
+    const w = new FrameWriter();
+    let at = 0;
+    for (const m of msgs) {
+      at += w.frame(m).reduce((n, p) => n + p.length, 0);
+      bounds.push(at);
+    }
+    const cuts = new Set<number>();
+    for (let k = 1; k < 200; k++) cuts.add(k);
+    for (const b of bounds) for (let k = b - 30; k <= b + 30; k++) if (k > 0 && k < bytes.length) cuts.add(k);
+    for (let k = 1; k < bytes.length; k += 97) cuts.add(k);
+    const log = await DestLog.open(path.join(tmp, 'source.log'), UUID, LOG_BYTES, 'fresh');
+    for (const k of cuts) {
+      const c = await open(true, log);
+      c.client.write(bytes.subarray(0, k));
+      await new Promise((r) => setImmediate(r));
+      c.client.write(bytes.subarray(k));
+      await checkRun(c, `split at ${k}`);
+      await close(c, true);
+    }
+    await log.close();
+  });
+
+  it('a record beyond the grant, or with no grant, is handed over whole (TypeScript places or drops it)', async () => {
+    const c = await open({ limit: 64 + 4096 + 100 });
+    c.client.write(stream([record(1, 1), record(2, 1)]));
+    await until('both', () => c.events.length >= 2);
+    assert.deepStrictEqual(c.events.map((e) => e.kind), [EV_STORED, EV_FRAME]);
+    const m = c.frames[0]!;
+    assert.ok(m.type === MsgType.Record && m.seq === 2 && m.payload.equals(payload(2, 1)));
+    // No new grant was made: the next one is handed over too.
+    c.client.write(stream([record(1, 1), record(2, 1), record(3, 1)]).subarray(2 * (24 + 40 + 4096)));
+    await until('third', () => c.frames.length === 2);
+    // A grant for a seq the thread is not at is refused.
+    assert.strictEqual(c.rx.grant(2, 8192, LOG_BYTES, 0, 1), false);
+    await close(c);
+  });
+
+  it('bad input is refused in wire.ts words and stores nothing: checksum, replayed frame, unknown type, body over its cap, bad magic', async () => {
+    const good = stream([record(1, 1)]);
+    const cases: Array<[string, Buffer, RegExp]> = [];
+    const flip = Buffer.from(good);
+    flip.writeUInt8(flip.readUInt8(24 + 40 + 3000) ^ 1, 24 + 40 + 3000);
+    cases.push(['payload bit', flip, /^frame 0 \(type 4\): checksum mismatch$/]);
+    cases.push(['replay', Buffer.concat([good, good]), /^frame number 0 where 1 was due \(replayed, lost or reordered frame\)$/]);
+    const unknown = Buffer.from(good.subarray(0, 24));
+    unknown[4] = 99;
+    cases.push(['type', unknown, /^unknown frame type 99$/]);
+    const big = Buffer.from(good.subarray(0, 24));
+    big.writeUInt32LE(9000, 8);
+    big[4] = MsgType.Ping;
+    cases.push(['cap', big, /^frame type 13: body of 9000 bytes exceeds its cap of 8$/]);
+    cases.push(['magic', Buffer.from('NVMX'.repeat(8)), /^bad frame magic/]);
+    const version = Buffer.from(good.subarray(0, 24));
+    version[5] = 7;
+    cases.push(['version', version, /^unsupported wire version 7$/]);
+    for (const [name, input, want] of cases) {
+      const c = await open();
+      c.client.write(input);
+      await until(`${name}: error`, () => c.events.some((e) => e.kind === EV_ERROR));
+      const e = c.events.find((x) => x.kind === EV_ERROR) as { text: string; protocol: boolean };
+      assert.match(e.text, want, name);
+      assert.ok(e.protocol, name);
+      const storedBefore = name === 'replay' ? 1 : 0;
+      assert.strictEqual(c.events.filter((x) => x.kind === EV_STORED).length, storedBefore, `${name}: stored`);
+      assert.strictEqual(c.frames.length, 0, `${name}: handed over`);
+      await close(c);
+      assert.strictEqual((await recovered()).size, storedBefore, `${name}: the log holds records`);
+    }
+  });
+
+  it('sends our frames in order with its own acks, numbered as one stream; close() ends the thread', async () => {
+    const c = await open();
+    c.rx.send({ type: MsgType.CpAck, cp: 9, root: Buffer.alloc(24, 3) });
+    c.client.write(stream([record(1, 1)]));
+    await until('ack', () => c.acks.some((m) => m.type === MsgType.RecordAck));
+    c.rx.ack(1, 1, 1, true);
+    await until('both acks', () => c.acks.filter((m) => m.type === MsgType.RecordAck).length === 2);
+    assert.strictEqual(c.acks[0]!.type, MsgType.CpAck);
+    const last = c.acks[2]!;
+    assert.ok(last.type === MsgType.RecordAck && last.heldSeq === 1 && last.durableSeq === 1);
+    await close(c);
+    assert.ok(c.events.some((e) => e.kind === EV_ENDED));
+  });
+});
