@@ -57,14 +57,14 @@ constexpr size_t kRecordHeadBytes = 40;
 constexpr uint64_t kBlock = 4096;
 constexpr uint64_t kRecordPayloadMax = 1024 * 1024;
 constexpr size_t kBodyMax = kRecordPayloadMax + 64;
-constexpr size_t kReadChunk = 256 * 1024;
+constexpr size_t kReadChunk = 64 * 1024;
 // Room for one whole frame after compaction, plus a read.
 constexpr size_t kInBytes = kHeaderBytes + kBodyMax + 2 * kReadChunk;
 constexpr size_t kTypes = 32;
 constexpr size_t kLogHeaderBytes = 64;
 constexpr uint32_t kLogMagic = 0x5244564e;  // "NVDR"
-constexpr size_t kPendingMax = 8 * 1024 * 1024;
-constexpr size_t kSendMax = 4 * 1024 * 1024;
+constexpr size_t kPendingMax = 2 * 1024 * 1024;
+constexpr size_t kSendMax = 1024 * 1024;
 constexpr int kEventWidth = 6;
 enum Ev { kEvStored = 1, kEvFrame = 2, kEvError = 3, kEvEof = 4, kEvEnded = 5 };
 

@@ -16,8 +16,10 @@
  *   not adopted yet.
  * - close() detaches the log on the thread before it returns: nothing writes into the
  *   mapping after it (the mirror may then be released and its log closed).
- * - Memory: the thread's input buffer (~1.6 MiB), frame bodies not yet taken here (reading
- *   stops beyond 8 MiB), and its send queue (reading stops beyond 4 MiB queued).
+ * - Memory, per connection, outside the process's budget (a body taken here is charged
+ *   as the stream path charges it): the thread's input buffer (~1.2 MiB), frame bodies not
+ *   yet taken here (reading stops beyond 2 MiB; this side takes them at each delivery), and
+ *   its send queue (reading stops beyond 1 MiB queued): ~4.3 MiB at most.
  */
 import type * as net from 'net';
 import { addon } from '../io/native';
