@@ -175,7 +175,10 @@ class Rx {
           }
         } else {
           inEnd_ += static_cast<size_t>(n);
-          rxBytes_ += static_cast<uint64_t>(n);
+          {
+            std::lock_guard<std::mutex> l(mu_);
+            rxBytes_ += static_cast<uint64_t>(n);
+          }
           ParsePass();
         }
       }

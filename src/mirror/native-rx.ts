@@ -45,9 +45,19 @@ export const EV_ERROR = 3;
 export const EV_EOF = 4;
 export const EV_ENDED = 5;
 
+/** A record the thread stored in the log (DestLog.adopt takes it in). */
+export interface StoredRecord {
+  kind: typeof EV_STORED;
+  seq: number;
+  at: number;
+  size: number;
+  type: number;
+  lengthBytes: number;
+}
+
 /** One event from the thread. */
 export type RxEvent =
-  | { kind: typeof EV_STORED; seq: number; at: number; size: number; type: number; lengthBytes: number }
+  | StoredRecord
   | { kind: typeof EV_FRAME; type: number; bytes: number }
   | { kind: typeof EV_ERROR; text: string; protocol: boolean }
   | { kind: typeof EV_EOF }

@@ -56,7 +56,7 @@ import type { Superblock } from '../tree/layout';
 import { assert } from '../util/assert';
 import { crc32cWide } from '../io/native';
 import { CP_BLOCKS_BODY_MAX_BYTES, decodeBody, FrameParser, FrameWriter, MirrorProtocolError, MsgType, WIRE_VERSION, writeFrame, type CpBlocks, type CpDelta, type CpKind, type Message } from './wire';
-import { EV_EOF, EV_ERROR, EV_FRAME, EV_STORED, NativeRx, nativeRxEnabled, plainFd, takeOverSocket, type RxEvent } from './native-rx';
+import { EV_EOF, EV_ERROR, EV_FRAME, EV_STORED, NativeRx, nativeRxEnabled, plainFd, takeOverSocket, type RxEvent, type StoredRecord } from './native-rx';
 import { APPLY_WRITES_MAX, BASELINE_PROGRESS_BLOCKS, MIRROR_LABEL_NAME, MirrorDir, MirrorDirError, newestSuperblock, rootBytes, type MirrorHello, type MirrorLabel } from './mirror-dir';
 import { MirrorView, type MirrorExports } from './exports';
 import { RemoteReads, verifyCp, type VerifyReport } from './verify';
@@ -295,22 +295,19 @@ class Session {
   /** Events from the native thread, in stream order. */
   private onNative(events: readonly RxEvent[]): void {
     if (this.closed) return;
-    const msgs: Message[] = [];
-    let stored = false;
+    // The batch in stream order: frames, and the records the thread stored between them.
+    const items: Array<{ m: Message; r?: undefined } | { r: StoredRecord; m?: undefined }> = [];
     try {
       for (const e of events) {
         if (e.kind === EV_STORED) {
-          // Adopted here, or (behind a frame still queued) when accept() reaches it.
-          if (msgs.length === 0) this.mirror!.log.adopt(e.seq, e.at, e.size, e.type, e.lengthBytes);
-          else msgs.push({ adopt: e } as unknown as Message);
-          stored = true;
+          items.push({ r: e });
         } else if (e.kind === EV_FRAME) {
           const slab = e.type === MsgType.CpBlocks && e.bytes > 0 ? this.rx.slabs.take(e.bytes) : undefined;
           const body = slab ? slab.buf.subarray(0, e.bytes) : Buffer.allocUnsafe(e.bytes);
           this.native!.take(body);
           const m = decodeBody(e.type, body);
           if (slab) (m as CpBlocks).slab = slab;
-          msgs.push(m);
+          items.push({ m });
         } else if (e.kind === EV_ERROR) {
           this.end(e.protocol ? `refused the stream: ${e.text}` : e.text, e.protocol);
           return;
@@ -325,28 +322,24 @@ class Session {
     }
     this.lastHeardMs = Date.now();
     this.armIdle();
-    if (msgs.length > 0) this.acceptNative(msgs);
-    else if (stored) this.grantNative();
-    this.syncNativeAck();
-  }
-
-  /** accept() for the native thread's messages, with the STORED events between them adopted in place. */
-  private acceptNative(msgs: readonly Message[]): void {
+    // Runs of frames are accepted (records on the fast path, the rest queued) and stored
+    // records adopted by the log in stream order, so a reference in a later frame finds
+    // its record. (The thread stores nothing after a record it handed over until that one
+    // was handled here: it grants itself no range.)
     let run: Message[] = [];
-    for (const m of msgs) {
-      const adopt = (m as unknown as { adopt?: { seq: number; at: number; size: number; type: number; lengthBytes: number } }).adopt;
-      if (!adopt) {
+    for (const { m, r } of items) {
+      if (m) {
         run.push(m);
         continue;
       }
       if (run.length > 0) this.accept(run);
       run = [];
       if (this.closed) return;
-      // A record stored by the thread after a frame: any record ahead of it in the queue
-      // was handed over by the thread, which grants itself nothing until those are handled.
-      this.mirror!.log.adopt(adopt.seq, adopt.at, adopt.size, adopt.type, adopt.lengthBytes);
+      this.mirror!.log.adopt(r.seq, r.at, r.size, r.type, r.lengthBytes);
     }
     if (run.length > 0) this.accept(run);
+    else this.grantNative();
+    this.syncNativeAck();
   }
 
   /** Grants the native thread the log's next range, when the log and the queue allow it. */
@@ -519,9 +512,9 @@ class Session {
           if (mustKeepOrder(m)) this.orderedInBatch--;
           this.pendingBytes -= messageBytes(m);
           this.discharge(m);
-          if (this.native && (m.type === MsgType.Record || m.type === MsgType.CpCommit)) {
-            // A record handed over (the log wrapped or filled) or a CP's release: the
-            // thread may store the next ones again.
+          if (this.native && (m.type === MsgType.Record || m.type === MsgType.CpCommit || m.type === MsgType.Hello)) {
+            // The HELLO done (the first grant), a record handed over (the log wrapped or
+            // filled) or a CP's release: the thread may store the next ones again.
             this.grantNative();
             this.syncNativeAck();
           }

@@ -715,7 +715,9 @@ describe('native NBD transmission: engine blocks outside the page cache (the rea
     const r = await startRig('engine-file', true);
     try {
       const N = 32;
-      const data = crypto.randomBytes(4 * N * 4096);
+      // 8N blocks: each cold burst reads blocks far from the last one's, which the kernel's
+      // readahead for it may still be bringing in after the cache was dropped.
+      const data = crypto.randomBytes(8 * N * 4096);
       await r.volume.write(0, data, false);
       await (r.volume as EngineVolume).checkpoint();
       const member = path.join(r.dir, 'member.img');
@@ -751,7 +753,7 @@ describe('native NBD transmission: engine blocks outside the page cache (the rea
       // Cold again, with a DISC right behind: every READ is answered, then the server closes.
       dropCache(member);
       const pool1 = poolReads(r);
-      await burst(2 * N, request({ type: CMD.DISC, cookie: nextCookie(), offset: 0, length: 0 }));
+      await burst(5 * N, request({ type: CMD.DISC, cookie: nextCookie(), offset: 0, length: 0 }));
       assert.ok(poolReads(r) > pool1, 'the pool served some of them');
       await until('the server closed after DISC', () => r.server.connectionCount === 0);
       await settled(r);
@@ -759,7 +761,7 @@ describe('native NBD transmission: engine blocks outside the page cache (the rea
       dropCache(member);
       const s2 = await open(r);
       const reqs: Buffer[] = [];
-      for (let i = 0; i < N; i++) reqs.push(request({ type: CMD.READ, cookie: nextCookie(), offset: (3 * N + i) * 4096, length: 4096 }));
+      for (let i = 0; i < N; i++) reqs.push(request({ type: CMD.READ, cookie: nextCookie(), offset: (2 * N + i) * 4096, length: 4096 }));
       await s2.conn.write(Buffer.concat(reqs));
       s2.conn.destroy();
       await settled(r);
