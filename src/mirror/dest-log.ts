@@ -358,13 +358,18 @@ export class DestLog {
     }
     this.keepBlockCrcs(at, blocks, crcs);
     b.writeUInt32LE(this.recordCrc(at, blocks, crcs), at + 4);
+    this.indexStored(seq, at, size, type, lengthBytes);
+    return true;
+  }
+
+  /** A record now in the ring at `at`: indexed, the write position past it, its bytes to persist. */
+  private indexStored(seq: number, at: number, size: number, type: number, lengthBytes: number): void {
     this.entries.push({ seq, at, size, type, lengthBytes });
     this.writeAt = at + size;
     this.lastStoredSeq = seq;
     this.dirtyLo = Math.min(this.dirtyLo, at);
     this.dirtyHi = Math.max(this.dirtyHi, at + size);
     this.recordsStored++;
-    return true;
   }
 
   /**
@@ -390,12 +395,7 @@ export class DestLog {
   adopt(seq: number, at: number, size: number, type: number, lengthBytes: number): void {
     assert(seq === this.lastStoredSeq + 1 && this.dropFrom === 0 && this.droppedThrough === 0, `adopted record ${seq} after ${this.lastStoredSeq}`);
     assert(at >= HEADER_BYTES && at + size <= this.region.sizeBytes && size >= RECORD_HEADER_BYTES, `adopted record ${seq} at ${at} (${size} bytes)`);
-    this.entries.push({ seq, at, size, type, lengthBytes });
-    this.writeAt = at + size;
-    this.lastStoredSeq = seq;
-    this.dirtyLo = Math.min(this.dirtyLo, at);
-    this.dirtyHi = Math.max(this.dirtyHi, at + size);
-    this.recordsStored++;
+    this.indexStored(seq, at, size, type, lengthBytes);
   }
 
   /** The mapping and the block-checksum table another writer stores records into (grantRange()). */
