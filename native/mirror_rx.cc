@@ -281,19 +281,28 @@ class Rx {
   }
 
   // Detaches the log (no record is written after this returns) and ends the thread: at
-  // once, or after flushing what is queued for up to lingerMs.
-  void Close(bool flush, int64_t lingerMs) {
+  // once, or after flushing what is queued for up to lingerMs. Returns the STORED events not
+  // delivered yet (they leave the queue: the caller takes those records into the log).
+  std::vector<double> Close(bool flush, int64_t lingerMs) {
     std::lock_guard<std::mutex> l(mu_);
+    std::vector<double> stored;
+    std::vector<double> rest;
+    for (size_t i = 0; i + kEventWidth <= events_.size(); i += kEventWidth) {
+      std::vector<double>& to = events_[i] == kEvStored ? stored : rest;
+      to.insert(to.end(), events_.begin() + i, events_.begin() + i + kEventWidth);
+    }
+    events_.swap(rest);
     ring_ = nullptr;
     crcs_ = nullptr;
     grant_ = false;
-    if (stop_) return;
+    if (stop_) return stored;
     stop_ = true;
     flushOnStop_ = flush;
     stopDeadlineMs_ = NowMs() + lingerMs;
     bodies_.clear();
     pending_ = 0;
     WakeLocked();
+    return stored;
   }
 
   void Stats(double* out) {
@@ -740,7 +749,7 @@ Napi::Value Pause(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// mirrorRxClose(h, flush, lingerMs)
+// mirrorRxClose(h, flush, lingerMs) -> Float64Array: the STORED events not delivered yet
 Napi::Value Close(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* fn = "mirrorRxClose";
@@ -750,8 +759,10 @@ Napi::Value Close(const Napi::CallbackInfo& info) {
   if (!GetRx(info, fn, &rx) || !GetBool(info, 1, fn, "flush", &flush) || !GetInt(info, 2, fn, "lingerMs", 0, 60000, &linger)) {
     return env.Undefined();
   }
-  rx->Close(flush, linger);
-  return env.Undefined();
+  std::vector<double> stored = rx->Close(flush, linger);
+  Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, stored.size() * sizeof(double));
+  if (!stored.empty()) memcpy(ab.Data(), stored.data(), stored.size() * sizeof(double));
+  return Napi::Float64Array::New(env, stored.size(), ab, 0);
 }
 
 // mirrorRxStats(h) -> [bytesIn, bytesOut, recordsStored]

@@ -14,7 +14,9 @@
  *   next record it will parse, so a grant never covers records it stored but this side has
  *   not adopted yet.
  * - close() detaches the log on the thread before it returns: nothing writes into the
- *   mapping after it (the mirror may then be released and its log closed).
+ *   mapping after it (the mirror may then be released and its log closed). It returns the
+ *   records stored but not yet delivered, so every record the thread acknowledged reaches
+ *   the log's index, however the connection ends.
  * - Memory, per connection, outside the process's budget (a body taken here is charged
  *   as the stream path charges it): the thread's input buffer (~1.2 MiB), frame bodies not
  *   yet taken here (reading stops beyond 2 MiB; this side takes them at each delivery), and
@@ -33,7 +35,7 @@ interface RxAddon {
   mirrorRxSend(h: object, type: number, parts: Buffer[]): number;
   mirrorRxTake(h: object, dst: Buffer): number;
   mirrorRxPause(h: object, paused: boolean): void;
-  mirrorRxClose(h: object, flush: boolean, lingerMs: number): void;
+  mirrorRxClose(h: object, flush: boolean, lingerMs: number): Float64Array;
   mirrorRxStats(h: object): Float64Array;
   mirrorRxEventWidth: number;
 }
@@ -101,20 +103,23 @@ export class NativeRx {
   constructor(fd: number, leftover: Buffer, inFrameNo: number, outFrameNo: number, onEvents: (events: RxEvent[]) => void) {
     this.a = addon() as unknown as RxAddon;
     const w = this.a.mirrorRxEventWidth;
-    this.h = this.a.mirrorRxStart(fd, leftover, inFrameNo, outFrameNo, bodyCapsTable(), (ev, texts) => {
-      assert(ev.length % w === 0, 'native events come in whole records');
-      const out: RxEvent[] = [];
-      for (let i = 0; i < ev.length; i += w) {
-        const k = ev[i];
-        if (k === EV_STORED) out.push({ kind: EV_STORED, seq: ev[i + 1]!, at: ev[i + 2]!, size: ev[i + 3]!, type: ev[i + 4]!, lengthBytes: ev[i + 5]! });
-        else if (k === EV_FRAME) out.push({ kind: EV_FRAME, type: ev[i + 1]!, bytes: ev[i + 2]! });
-        else if (k === EV_ERROR) out.push({ kind: EV_ERROR, text: texts[ev[i + 1]!] ?? 'unknown error', protocol: ev[i + 2] === 1 });
-        else if (k === EV_EOF) out.push({ kind: EV_EOF });
-        else if (k === EV_ENDED) out.push({ kind: EV_ENDED });
-        else assert(false, `native event kind ${k}`);
-      }
-      onEvents(out);
-    });
+    this.h = this.a.mirrorRxStart(fd, leftover, inFrameNo, outFrameNo, bodyCapsTable(), (ev, texts) => onEvents(this.decode(ev, texts)));
+  }
+
+  private decode(ev: Float64Array, texts: readonly string[]): RxEvent[] {
+    const w = this.a.mirrorRxEventWidth;
+    assert(ev.length % w === 0, 'native events come in whole records');
+    const out: RxEvent[] = [];
+    for (let i = 0; i < ev.length; i += w) {
+      const k = ev[i];
+      if (k === EV_STORED) out.push({ kind: EV_STORED, seq: ev[i + 1]!, at: ev[i + 2]!, size: ev[i + 3]!, type: ev[i + 4]!, lengthBytes: ev[i + 5]! });
+      else if (k === EV_FRAME) out.push({ kind: EV_FRAME, type: ev[i + 1]!, bytes: ev[i + 2]! });
+      else if (k === EV_ERROR) out.push({ kind: EV_ERROR, text: texts[ev[i + 1]!] ?? 'unknown error', protocol: ev[i + 2] === 1 });
+      else if (k === EV_EOF) out.push({ kind: EV_EOF });
+      else if (k === EV_ENDED) out.push({ kind: EV_ENDED });
+      else assert(false, `native event kind ${k}`);
+    }
+    return out;
   }
 
   /** The log the thread stores records into: its mapping and its block-checksum table. */
@@ -161,10 +166,16 @@ export class NativeRx {
     return this.a.mirrorRxStats(this.h)[2]!;
   }
 
-  /** Ends the thread: at once, or after sending what is queued (up to lingerMs). The log is detached before this returns. */
-  close(flush: boolean, lingerMs = 1000): void {
-    if (this.closed) return;
+  /**
+   * Ends the thread: at once, or after sending what is queued (up to lingerMs). The log is
+   * detached before this returns, and the records the thread stored that were not delivered
+   * yet are returned (in stream order, after any batch being delivered now): the thread
+   * acknowledged them, so the log must take them in.
+   */
+  close(flush: boolean, lingerMs = 1000): StoredRecord[] {
+    if (this.closed) return [];
     this.closed = true;
-    this.a.mirrorRxClose(this.h, flush, lingerMs);
+    const late = this.decode(this.a.mirrorRxClose(this.h, flush, lingerMs), []);
+    return late.filter((e): e is StoredRecord => e.kind === EV_STORED);
   }
 }

@@ -295,50 +295,82 @@ class Session {
   /** Events from the native thread, in stream order. */
   private onNative(events: readonly RxEvent[]): void {
     if (this.closed) return;
-    // The batch in stream order: frames, and the records the thread stored between them.
-    const items: Array<{ m: Message; r?: undefined } | { r: StoredRecord; m?: undefined }> = [];
+    this.inNative = true;
     try {
-      for (const e of events) {
-        if (e.kind === EV_STORED) {
-          items.push({ r: e });
-        } else if (e.kind === EV_FRAME) {
-          const slab = e.type === MsgType.CpBlocks && e.bytes > 0 ? this.rx.slabs.take(e.bytes) : undefined;
-          const body = slab ? slab.buf.subarray(0, e.bytes) : Buffer.allocUnsafe(e.bytes);
-          this.native!.take(body);
+      this.onNativeBatch(events);
+    } finally {
+      this.inNative = false;
+      // Stored records the thread still held when end() closed it mid-batch: after this batch's.
+      const late = this.lateStored;
+      this.lateStored = [];
+      for (const r of late) this.mirror!.log.adopt(r.seq, r.at, r.size, r.type, r.lengthBytes);
+    }
+  }
+
+  /** onNative() is handling a batch (end() then leaves the thread's last records to it). */
+  private inNative = false;
+  private lateStored: StoredRecord[] = [];
+
+  /** Takes into the log the records the native thread stored but had not delivered when it was closed. */
+  private adoptLate(late: readonly StoredRecord[]): void {
+    if (this.inNative) this.lateStored.push(...late);
+    else for (const r of late) this.mirror!.log.adopt(r.seq, r.at, r.size, r.type, r.lengthBytes);
+  }
+
+  private onNativeBatch(events: readonly RxEvent[]): void {
+    // The batch in stream order: frames, and the records the thread stored between them,
+    // up to the end of the stream (EOF, an error, a frame that does not decode) if it is here.
+    const items: Array<{ m: Message; r?: undefined } | { r: StoredRecord; m?: undefined }> = [];
+    let ending: { reason: string; refused: boolean } | undefined;
+    for (const e of events) {
+      if (e.kind === EV_STORED) {
+        items.push({ r: e });
+      } else if (e.kind === EV_FRAME) {
+        const slab = e.type === MsgType.CpBlocks && e.bytes > 0 ? this.rx.slabs.take(e.bytes) : undefined;
+        const body = slab ? slab.buf.subarray(0, e.bytes) : Buffer.allocUnsafe(e.bytes);
+        this.native!.take(body);
+        try {
           const m = decodeBody(e.type, body);
           if (slab) (m as CpBlocks).slab = slab;
           items.push({ m });
-        } else if (e.kind === EV_ERROR) {
-          this.end(e.protocol ? `refused the stream: ${e.text}` : e.text, e.protocol);
-          return;
-        } else if (e.kind === EV_EOF) {
-          this.end('connection closed');
-          return;
+        } catch (err) {
+          if (slab) this.rx.slabs.release(slab);
+          ending = { reason: `refused the stream: ${err instanceof Error ? err.message : String(err)}`, refused: true };
+          break;
         }
+      } else if (e.kind === EV_ERROR) {
+        ending = { reason: e.protocol ? `refused the stream: ${e.text}` : e.text, refused: e.protocol };
+        break;
+      } else if (e.kind === EV_EOF) {
+        ending = { reason: 'connection closed', refused: false };
+        break;
       }
-    } catch (err) {
-      this.end(`refused the stream: ${err instanceof Error ? err.message : String(err)}`, true);
-      return;
     }
     this.lastHeardMs = Date.now();
-    this.armIdle();
+    if (!ending) this.armIdle();
     // Runs of frames are accepted (records on the fast path, the rest queued) and stored
     // records adopted by the log in stream order, so a reference in a later frame finds
     // its record. (The thread stores nothing after a record it handed over until that one
-    // was handled here: it grants itself no range.)
+    // was handled here: it grants itself no range.) Every record the thread stored is
+    // adopted, also past the stream's end or a frame refused here: it acknowledged them,
+    // and the log must neither forget them nor write over them.
     let run: Message[] = [];
     for (const { m, r } of items) {
       if (m) {
         run.push(m);
         continue;
       }
-      if (run.length > 0) this.accept(run);
+      if (run.length > 0 && !this.closed) this.accept(run);
       run = [];
-      if (this.closed) return;
       this.mirror!.log.adopt(r.seq, r.at, r.size, r.type, r.lengthBytes);
     }
-    if (run.length > 0) this.accept(run);
-    else this.grantNative();
+    if (run.length > 0 && !this.closed) this.accept(run);
+    if (ending) {
+      this.end(ending.reason, ending.refused);
+      return;
+    }
+    if (this.closed) return;
+    if (run.length === 0) this.grantNative();
     this.syncNativeAck();
   }
 
@@ -851,6 +883,18 @@ class Session {
   }
 
   private async hello(m: Message & { type: MsgType.Hello }): Promise<void> {
+    // One HELLO per source at a time: the checks below wait on I/O, and a relay that held a
+    // stalled link delivers the source's reconnect attempts together. The claim is dropped
+    // once this session holds the mirror (sessionFor() finds it from then on) or failed.
+    if (!this.rx.claimHello(m.sourceUuid, this)) throw new MirrorDirError(`source ${m.sourceUuid} is already connected (another of its connections is being set up)`);
+    try {
+      await this.helloClaimed(m);
+    } finally {
+      this.rx.dropHelloClaim(m.sourceUuid, this);
+    }
+  }
+
+  private async helloClaimed(m: Message & { type: MsgType.Hello }): Promise<void> {
     let old = this.rx.sessionFor(m.sourceUuid);
     if (old?.ended) {
       // Its connection is gone, but it may still be applying a CP commit: WELCOME must name
@@ -960,7 +1004,7 @@ class Session {
       if (this.native) {
         // The thread sends the refusal, then ends the connection (the log is detached now).
         this.native.send({ type: MsgType.Refuse, reason });
-        this.native.close(true, 1000);
+        this.adoptLate(this.native.close(true, 1000));
         this.socket.destroy();
       } else {
         try {
@@ -973,7 +1017,7 @@ class Session {
       }
     } else {
       this.log.info({ source: this.sourceUuid, reason }, 'source disconnected');
-      this.native?.close(false);
+      if (this.native) this.adoptLate(this.native.close(false));
       this.socket.destroy();
     }
     const w = this.writeWaiters;
@@ -1136,6 +1180,20 @@ export class MirrorReceiver {
   }
 
   private readonly ending = new Map<Session, Promise<void>>();
+  /** The session handling each source's HELLO (at most one per source: Session.hello()). */
+  private readonly helloClaims = new Map<string, Session>();
+
+  /** Claims the HELLO of source `uuid` for `s`; false if another live session is handling one. */
+  claimHello(uuid: string, s: Session): boolean {
+    const holder = this.helloClaims.get(uuid);
+    if (holder && holder !== s && !holder.ended) return false;
+    this.helloClaims.set(uuid, s);
+    return true;
+  }
+
+  dropHelloClaim(uuid: string, s: Session): void {
+    if (this.helloClaims.get(uuid) === s) this.helloClaims.delete(uuid);
+  }
 
   sessionEnded(s: Session): Promise<void> {
     let p = this.ending.get(s);

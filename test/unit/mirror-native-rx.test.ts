@@ -304,4 +304,32 @@ describe('mirror native receive thread', function () {
     await close(c);
     assert.ok(c.events.some((e) => e.kind === EV_ENDED));
   });
+
+  it('close() hands back the records the thread stored and acknowledged but had not delivered: the log takes every one in', async () => {
+    const c = await open();
+    const n = 20;
+    const bytes = stream(Array.from({ length: n }, (_, i) => record(i + 1, 1)));
+    const fd = (c.client as unknown as { _handle: { fd: number } })._handle.fd;
+    // Written and then waited for with this thread blocked: the native thread stores and
+    // acknowledges the records, but its events cannot be delivered before close().
+    for (let off = 0; off < bytes.length; ) {
+      try {
+        off += fs.writeSync(fd, bytes, off);
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'EAGAIN') throw e;
+      }
+    }
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 500);
+    const late = c.rx.close(false);
+    assert.deepStrictEqual(late.map((r) => r.seq), Array.from({ length: n }, (_, i) => i + 1), 'the records handed back by close()');
+    for (const r of late) c.log.adopt(r.seq, r.at, r.size, r.type, r.lengthBytes);
+    await until('thread end', () => c.events.some((e) => e.kind === EV_ENDED));
+    await until('the acks', () => c.acks.some((m) => m.type === MsgType.RecordAck && m.heldSeq === n));
+    assert.strictEqual(c.events.filter((e) => e.kind === EV_STORED).length, 0, 'a record was delivered after close() handed it back');
+    assert.strictEqual(c.log.heldSeq, n);
+    for (let seq = 1; seq <= n; seq++) assert.deepStrictEqual(c.log.block(seq, 0), payload(seq, 1), `record ${seq}`);
+    c.client.destroy();
+    c.server.destroy();
+    await c.log.close();
+  });
 });
