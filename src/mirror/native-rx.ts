@@ -6,7 +6,7 @@
  * comes here in stream order (taken into a buffer chosen here: a slab for CP_BLOCKS), after
  * the STORED events of the records before it, which the log adopts (DestLog.adopt) before
  * the frame is handled. Outgoing frames go through the thread too (one frame counter).
- * TLS connections keep the stream path (receiver.ts). Opt-in for now: NVMIRROR_MIRROR_NATIVE=1.
+ * TLS connections, and NVMIRROR_MIRROR_NATIVE=0, keep the stream path (receiver.ts).
  *
  * Invariants:
  * - A grant is made only when the log is contiguous (no record dropped) and nothing this
@@ -64,12 +64,9 @@ export type RxEvent =
   | { kind: typeof EV_EOF }
   | { kind: typeof EV_ENDED };
 
-/**
- * Whether plain mirror connections use the native thread: opt-in (NVMIRROR_MIRROR_NATIVE=1)
- * until a refused reconnect after a stalled peer, seen once in CI, is understood (issue 7 note).
- */
+/** Whether plain mirror connections use the native thread (NVMIRROR_MIRROR_NATIVE=0: the event-loop path). */
 export function nativeRxEnabled(): boolean {
-  return process.env.NVMIRROR_MIRROR_NATIVE === '1';
+  return process.env.NVMIRROR_MIRROR_NATIVE !== '0';
 }
 
 /** The fd under a plain (not TLS) net.Socket, or undefined. */
