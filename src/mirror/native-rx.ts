@@ -99,7 +99,6 @@ export class NativeRx {
 
   constructor(fd: number, leftover: Buffer, inFrameNo: number, outFrameNo: number, onEvents: (events: RxEvent[]) => void) {
     this.a = addon() as unknown as RxAddon;
-    const w = this.a.mirrorRxEventWidth;
     this.h = this.a.mirrorRxStart(fd, leftover, inFrameNo, outFrameNo, bodyCapsTable(), (ev, texts) => onEvents(this.decode(ev, texts)));
   }
 
