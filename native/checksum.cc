@@ -353,6 +353,10 @@ uint32_t Crc32cSeeded(uint32_t seed, const uint8_t* p, size_t n) {
   return ~(g_hw ? Crc32cSse42(~seed, p, n) : Crc32cTable(~seed, p, n));
 }
 
+uint32_t Crc32cSeededWide(uint32_t seed, const uint8_t* p, size_t n) {
+  return ~(g_hw ? Crc32cWideSse42(~seed, p, n) : Crc32cTable(~seed, p, n));
+}
+
 void InitChecksum(Napi::Env env, Napi::Object exports) {
   // Once per process, even when worker threads load the addon concurrently.
   static std::once_flag once;

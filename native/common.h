@@ -53,6 +53,8 @@ uint32_t Crc32cOf(const uint8_t* p, size_t n);
 // crc32c of [p, p+n) seeded with `seed`, exactly as the JS crc32c(buf, off, len, seed) (the
 // NVRAM record checksum, for the NBD threads' appends: nv_append.h).
 uint32_t Crc32cSeeded(uint32_t seed, const uint8_t* p, size_t n);
+// The same value as Crc32cSeeded, in three chains (~2.5x faster per byte on long spans).
+uint32_t Crc32cSeededWide(uint32_t seed, const uint8_t* p, size_t n);
 
 // preadv2(RWF_NOWAIT) of all of [data, data+len) at pos: true only if all of it came from
 // the page cache (a short read, would-block, EOF or error: false; the caller leaves the

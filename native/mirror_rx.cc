@@ -26,6 +26,11 @@
 //   order they are queued, and written in that order.
 // - Memory: the input buffer (kInBytes), frame bodies waiting for TypeScript to take them
 //   (reading stops while they exceed kPendingMax; at most one more parse pass of input),
+//   TypeScript's slabs granted for CP_BLOCKS bodies (at most kSlabGrantsMax; a body is
+//   copied into one, under mu_, instead of a buffer of ours that TypeScript then copies
+//   out; Close() forgets them under mu_, so once it returns none is written again). Once
+//   TypeScript granted one, a CP_BLOCKS frame with no slab free waits (reading and parsing
+//   stop) until it grants another (it does after each delivery),
 //   and the send queue (frames TypeScript asked to send, and at most one ack per parse
 //   pass while the peer does not read: reading stops while it holds more than kSendMax).
 #include <fcntl.h>
@@ -53,6 +58,8 @@ constexpr uint8_t kWireVersion = 1;
 constexpr size_t kHeaderBytes = 24;
 constexpr uint8_t kTypeRecord = 4;
 constexpr uint8_t kTypeRecordAck = 5;
+constexpr uint8_t kTypeCpBlocks = 8;
+constexpr size_t kSlabGrantsMax = 16;
 constexpr size_t kRecordHeadBytes = 40;
 constexpr uint64_t kBlock = 4096;
 constexpr uint64_t kRecordPayloadMax = 1024 * 1024;
@@ -131,13 +138,21 @@ class Rx {
   void Run() {
     ParsePass();
     for (;;) {
-      bool wantRead, wantWrite, stopping;
+      bool wantRead, wantWrite, stopping, resume = false;
       {
         std::lock_guard<std::mutex> l(mu_);
         stopping = stop_;
         if (stop_ && (!flushOnStop_ || sendq_.empty() || sendErr_ != 0 || NowMs() >= stopDeadlineMs_)) break;
-        wantRead = !stop_ && !failed_ && !eof_ && !paused_ && pending_ <= kPendingMax && sendBytes_ <= kSendMax;
+        if (parked_ && !waitSlab_ && !stop_) {
+          parked_ = false;
+          resume = true;
+        }
+        wantRead = !stop_ && !failed_ && !eof_ && !paused_ && !parked_ && pending_ <= kPendingMax && sendBytes_ <= kSendMax;
         wantWrite = !sendq_.empty() && sendErr_ == 0;
+      }
+      if (resume) {  // a slab came for the CP_BLOCKS frame the last pass stopped at
+        ParsePass();
+        continue;
       }
       pollfd p[2] = {{fd_, static_cast<short>((wantRead ? POLLIN : 0) | (wantWrite ? POLLOUT : 0)), 0}, {wake_, POLLIN, 0}};
       int r = ::poll(p, 2, stopping ? 50 : -1);
@@ -274,6 +289,20 @@ class Rx {
     return static_cast<int64_t>(kHeaderBytes + len);
   }
 
+  // A TypeScript slab (id >= 1, [p, p+len)) for a CP_BLOCKS body: the next one that fits is
+  // copied into it and its EV_FRAME names the id. False when closing or at the cap.
+  bool GrantSlab(double id, uint8_t* p, size_t len) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (stop_ || ended_ || slabs_.size() >= kSlabGrantsMax) return false;
+    slabs_.push_back({id, p, len});
+    slabMode_ = true;
+    if (waitSlab_) {
+      waitSlab_ = false;
+      WakeLocked();
+    }
+    return true;
+  }
+
   void Pause(bool paused) {
     std::lock_guard<std::mutex> l(mu_);
     paused_ = paused;
@@ -295,6 +324,7 @@ class Rx {
     ring_ = nullptr;
     crcs_ = nullptr;
     grant_ = false;
+    slabs_.clear();
     if (stop_) return stored;
     stop_ = true;
     flushOnStop_ = flush;
@@ -352,13 +382,14 @@ class Rx {
         break;
       }
       if (avail < kHeaderBytes + len) break;
+      if (type == kTypeCpBlocks && ParkForSlab()) break;
       const uint8_t* body = h + kHeaderBytes;
       uint32_t crc = Get32(h + 20);
       bool ok;
       if (type == kTypeRecord) {
         ok = Record(h, body, len, crc, &stored);
       } else {
-        ok = CheckCrc(h, body, len, crc);
+        ok = CheckCrc(h, body, len, crc);  // three chains: a CP_BLOCKS body is ~257 KiB
         if (ok) {
           std::lock_guard<std::mutex> l(mu_);
           HandOverLocked(type, body, len);
@@ -377,9 +408,19 @@ class Rx {
     PostLocked();
   }
 
+  // True (and parked: the pass stops before this frame) when TypeScript grants slabs and
+  // none is free; GrantSlab wakes the thread and the next loop resumes the pass.
+  bool ParkForSlab() {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!slabMode_ || !slabs_.empty() || stop_) return false;
+    waitSlab_ = true;
+    parked_ = true;
+    return true;
+  }
+
   bool CheckCrc(const uint8_t* h, const uint8_t* body, uint32_t len, uint32_t crc) {
     uint32_t c = Crc32cSeeded(0, h, 20);
-    return Crc32cSeeded(c, body, len) == crc;
+    return Crc32cSeededWide(c, body, len) == crc;
   }
 
   // A RECORD frame: verified; stored here when it is the plain case and fits the grant,
@@ -453,6 +494,22 @@ class Rx {
 
   void HandOverLocked(uint8_t type, const uint8_t* body, uint32_t len) {
     if (stop_) return;
+    if (type == kTypeCpBlocks && len > 0 && !slabs_.empty() && slabs_.front().len >= len) {
+      Slab s = slabs_.front();
+      slabs_.pop_front();
+      // The body (u64 cp, u32 n, n u64 pbas, n blocks) goes `at` bytes into the slab, so that
+      // its blocks start on a 4096 boundary of the (aligned) slab: the receiver's O_DIRECT
+      // writes take them without a bounce copy. Unaligned (at 0) if the padding does not fit.
+      size_t at = 0;
+      if (len >= 12) {
+        size_t head = 12 + 8 * static_cast<size_t>(Get32(body + 8));
+        size_t pad = (kBlock - head % kBlock) % kBlock;
+        if (s.len >= pad + len) at = pad;
+      }
+      memcpy(s.p + at, body, len);
+      Emit({kEvFrame, static_cast<double>(type), static_cast<double>(len), s.id, static_cast<double>(at)});
+      return;
+    }
     bodies_.emplace_back(body, body + len);
     pending_ += len;
     Emit({kEvFrame, static_cast<double>(type), static_cast<double>(len)});
@@ -548,6 +605,7 @@ class Rx {
   uint32_t blockCrcs_[kRecordPayloadMax / kBlock];
   bool failed_ = false, eof_ = false;
   // Under mu_.
+  bool slabMode_ = false, waitSlab_ = false, parked_ = false;
   std::mutex mu_;
   uint64_t outFrameNo_;
   bool stop_ = false, flushOnStop_ = false, ended_ = false, paused_ = false, posted_ = false, wakeSignaled_ = false;
@@ -557,6 +615,12 @@ class Rx {
   std::deque<OutFrame> sendq_;
   size_t sendBytes_ = 0;
   std::deque<std::vector<uint8_t>> bodies_;
+  struct Slab {
+    double id;
+    uint8_t* p;
+    size_t len;
+  };
+  std::deque<Slab> slabs_;
   size_t pending_ = 0;
   std::vector<double> events_;
   std::vector<std::string> texts_;
@@ -740,6 +804,20 @@ Napi::Value Take(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, static_cast<double>(rx->Take(dst.Data(), dst.Length())));
 }
 
+// mirrorRxSlab(h, id, buf) -> granted (false: closing, or kSlabGrantsMax granted). TypeScript
+// keeps buf alive and untouched until an EV_FRAME names id, or until mirrorRxClose returned.
+Napi::Value GrantSlab(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "mirrorRxSlab";
+  RxPtr rx;
+  int64_t id;
+  Napi::Buffer<uint8_t> buf;
+  if (!GetRx(info, fn, &rx) || !GetInt(info, 1, fn, "id", 1, kMaxSafeInteger, &id) || !GetBuffer(info, 2, fn, "buf", &buf)) {
+    return env.Undefined();
+  }
+  return Napi::Boolean::New(env, rx->GrantSlab(static_cast<double>(id), buf.Data(), buf.Length()));
+}
+
 Napi::Value Pause(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   RxPtr rx;
@@ -786,6 +864,7 @@ void InitMirrorRx(Napi::Env env, Napi::Object exports) {
   exports.Set("mirrorRxAck", Napi::Function::New(env, Ack, "mirrorRxAck"));
   exports.Set("mirrorRxSend", Napi::Function::New(env, Send, "mirrorRxSend"));
   exports.Set("mirrorRxTake", Napi::Function::New(env, Take, "mirrorRxTake"));
+  exports.Set("mirrorRxSlab", Napi::Function::New(env, GrantSlab, "mirrorRxSlab"));
   exports.Set("mirrorRxPause", Napi::Function::New(env, Pause, "mirrorRxPause"));
   exports.Set("mirrorRxClose", Napi::Function::New(env, Close, "mirrorRxClose"));
   exports.Set("mirrorRxStats", Napi::Function::New(env, Stats, "mirrorRxStats"));

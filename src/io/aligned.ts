@@ -8,17 +8,18 @@
  * bytes past a page boundary, and so does Buffer.allocUnsafeSlow. The NBD threads read
  * and receive straight into granted buffers, so those are carved aligned.
  *
- * Invariant: the result is exactly `size` bytes, a view of an allocation of size + 64
- * (the view keeps it alive); its first byte's address is a multiple of ALIGN_BYTES.
+ * Invariant: the result is exactly `size` bytes, a view of an allocation of size + align
+ * (the view keeps it alive); its first byte's address is a multiple of `align` (default
+ * ALIGN_BYTES; 4096 for memory an O_DIRECT write may take as it is).
  */
 import { assert } from '../util/assert';
 import { addressMod } from './native';
 
 export const ALIGN_BYTES = 64;
 
-export function allocAligned(size: number): Buffer {
-  assert(Number.isSafeInteger(size) && size > 0, `allocAligned(${size})`);
-  const raw = Buffer.allocUnsafeSlow(size + ALIGN_BYTES);
-  const shift = (ALIGN_BYTES - addressMod(raw, ALIGN_BYTES)) % ALIGN_BYTES;
+export function allocAligned(size: number, align = ALIGN_BYTES): Buffer {
+  assert(Number.isSafeInteger(size) && size > 0 && (align === ALIGN_BYTES || align === 4096), `allocAligned(${size}, ${align})`);
+  const raw = Buffer.allocUnsafeSlow(size + align);
+  const shift = (align - addressMod(raw, align)) % align;
   return raw.subarray(shift, shift + size);
 }

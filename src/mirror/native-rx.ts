@@ -3,7 +3,8 @@
  * once HELLO and WELCOME are done: the thread reads and verifies frames, stores each
  * RECORD that fits the range of the source's log file granted here (DestLog.grantRange)
  * straight into its mapping and acknowledges it (RECORD_ACK) itself; every other frame
- * comes here in stream order (taken into a buffer chosen here: a slab for CP_BLOCKS), after
+ * comes here in stream order (a CP_BLOCKS body copied by the thread into one of the slabs
+ * granted here, else taken into a buffer chosen here), after
  * the STORED events of the records before it, which the log adopts (DestLog.adopt) before
  * the frame is handled. Outgoing frames go through the thread too (one frame counter).
  * TLS connections, and NVMIRROR_MIRROR_NATIVE=0, keep the stream path (receiver.ts).
@@ -17,15 +18,23 @@
  *   mapping after it (the mirror may then be released and its log closed). It returns the
  *   records stored but not yet delivered, so every record the thread acknowledged reaches
  *   the log's index, however the connection ends.
+ * - A granted slab is the thread's until an EV_FRAME names it (then the frame's message
+ *   holds it, as a slab taken here would be) or close() returned (then it goes back to the
+ *   pool): this side never reads or reuses one in between.
  * - Memory, per connection, outside the process's budget (a body taken here is charged
  *   as the stream path charges it): the thread's input buffer (~1.2 MiB), frame bodies not
- *   yet taken here (reading stops beyond 2 MiB; this side takes them at each delivery), and
- *   its send queue (reading stops beyond 1 MiB queued): ~4.3 MiB at most.
+ *   yet taken here (reading stops beyond 2 MiB; this side takes them at each delivery),
+ *   SLAB_GRANTS slabs granted (~1 MiB), and its send queue (reading stops beyond 1 MiB
+ *   queued): ~5.3 MiB at most.
  */
 import type * as net from 'net';
 import { addon } from '../io/native';
 import { assert } from '../util/assert';
+import type { FrameSlab, SlabPool } from './slab-pool';
 import { bodyCapsTable, encodeBody, type OutMessage } from './wire';
+
+/** Slabs granted to the thread for CP_BLOCKS bodies at a time (it copies a body into one instead of a buffer TypeScript copies out of). */
+export const SLAB_GRANTS = 4;
 
 interface RxAddon {
   mirrorRxStart(fd: number, leftover: Buffer, inFrameNo: number, outFrameNo: number, caps: Buffer, onEvents: (ev: Float64Array, texts: string[]) => void): object;
@@ -34,6 +43,7 @@ interface RxAddon {
   mirrorRxAck(h: object, heldSeq: number, durableSeq: number, storedFromSeq: number, sendNow: boolean): void;
   mirrorRxSend(h: object, type: number, parts: Buffer[]): number;
   mirrorRxTake(h: object, dst: Buffer): number;
+  mirrorRxSlab(h: object, id: number, buf: Buffer): boolean;
   mirrorRxPause(h: object, paused: boolean): void;
   mirrorRxClose(h: object, flush: boolean, lingerMs: number): Float64Array;
   mirrorRxStats(h: object): Float64Array;
@@ -59,7 +69,7 @@ export interface StoredRecord {
 /** One event from the thread. */
 export type RxEvent =
   | StoredRecord
-  | { kind: typeof EV_FRAME; type: number; bytes: number }
+  | { kind: typeof EV_FRAME; type: number; bytes: number; slab?: FrameSlab; at: number }
   | { kind: typeof EV_ERROR; text: string; protocol: boolean }
   | { kind: typeof EV_EOF }
   | { kind: typeof EV_ENDED };
@@ -96,10 +106,34 @@ export class NativeRx {
   private readonly h: object;
   private closed = false;
   private paused = false;
+  /** Slabs the thread holds, by id (1, 2, ...). */
+  private readonly granted = new Map<number, FrameSlab>();
+  private nextSlabId = 1;
 
-  constructor(fd: number, leftover: Buffer, inFrameNo: number, outFrameNo: number, onEvents: (events: RxEvent[]) => void) {
+  /** slabs: the pool CP_BLOCKS bodies go to (undefined: every body is taken with take()). */
+  constructor(fd: number, leftover: Buffer, inFrameNo: number, outFrameNo: number, onEvents: (events: RxEvent[]) => void, private readonly slabs?: SlabPool) {
     this.a = addon() as unknown as RxAddon;
-    this.h = this.a.mirrorRxStart(fd, leftover, inFrameNo, outFrameNo, bodyCapsTable(), (ev, texts) => onEvents(this.decode(ev, texts)));
+    this.h = this.a.mirrorRxStart(fd, leftover, inFrameNo, outFrameNo, bodyCapsTable(), (ev, texts) => {
+      const events = this.decode(ev, texts);
+      this.grantSlabs();
+      onEvents(events);
+    });
+    this.grantSlabs();
+  }
+
+  /** Tops the thread's slabs up to SLAB_GRANTS. */
+  private grantSlabs(): void {
+    if (!this.slabs) return;
+    while (!this.closed && this.granted.size < SLAB_GRANTS) {
+      const s = this.slabs.take(this.slabs.slabBytes);
+      assert(s !== undefined, 'a slab of the pool size fits the pool');
+      const id = this.nextSlabId++;
+      if (!this.a.mirrorRxSlab(this.h, id, s.buf)) {
+        this.slabs.release(s);
+        return;
+      }
+      this.granted.set(id, s);
+    }
   }
 
   private decode(ev: Float64Array, texts: readonly string[]): RxEvent[] {
@@ -109,7 +143,21 @@ export class NativeRx {
     for (let i = 0; i < ev.length; i += w) {
       const k = ev[i];
       if (k === EV_STORED) out.push({ kind: EV_STORED, seq: ev[i + 1]!, at: ev[i + 2]!, size: ev[i + 3]!, type: ev[i + 4]!, lengthBytes: ev[i + 5]! });
-      else if (k === EV_FRAME) out.push({ kind: EV_FRAME, type: ev[i + 1]!, bytes: ev[i + 2]! });
+      else if (k === EV_FRAME) {
+        const id = ev[i + 3]!;
+        if (id === 0) {
+          out.push({ kind: EV_FRAME, type: ev[i + 1]!, bytes: ev[i + 2]!, at: 0 });
+        } else {
+          const slab = this.granted.get(id);
+          // After close() the slabs are the pool's again: a frame still queued then is dropped (the session is over).
+          if (slab === undefined && this.closed) continue;
+          const at = ev[i + 4]!;
+          assert(slab !== undefined && at >= 0 && at + ev[i + 2]! <= slab.buf.length, `native frame in slab ${id} at ${at}, which is not granted or too short`);
+          this.granted.delete(id);
+          // The body starts `at` bytes into the slab (its blocks then start on a 4096 boundary).
+          out.push({ kind: EV_FRAME, type: ev[i + 1]!, bytes: ev[i + 2]!, slab, at });
+        }
+      }
       else if (k === EV_ERROR) out.push({ kind: EV_ERROR, text: texts[ev[i + 1]!] ?? 'unknown error', protocol: ev[i + 2] === 1 });
       else if (k === EV_EOF) out.push({ kind: EV_EOF });
       else if (k === EV_ENDED) out.push({ kind: EV_ENDED });
@@ -172,6 +220,9 @@ export class NativeRx {
     if (this.closed) return [];
     this.closed = true;
     const late = this.decode(this.a.mirrorRxClose(this.h, flush, lingerMs), []);
+    // The thread forgot its slabs in mirrorRxClose: they are the pool's again.
+    for (const s of this.granted.values()) this.slabs!.release(s);
+    this.granted.clear();
     return late.filter((e): e is StoredRecord => e.kind === EV_STORED);
   }
 }

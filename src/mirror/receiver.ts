@@ -94,7 +94,7 @@ const APPLY_SLICE_MS = 0.5;
 const BASE_READ_BLOCKS_MAX = 64;
 /** Blocks between two delta bases read along with them rather than in a second call. */
 const BASE_READ_GAP_MAX = 4;
-/** Idle CP_BLOCKS slabs kept for reuse by the whole receiver (32 x 257 KiB: ~8 MiB). */
+/** Idle CP_BLOCKS slabs kept for reuse by the whole receiver (32 x 261 KiB: ~8 MiB). */
 const SLABS_KEPT_MAX = 32;
 /** Largest combined write while applying a CP (1 MiB). */
 const COMBINE_BLOCKS_MAX = 256;
@@ -284,7 +284,7 @@ class Session {
     const fd = plainFd(this.socket);
     if (!nativeRxEnabled() || fd === undefined || this.closed || !this.mirror) return;
     const { leftover, nextFrameNo } = this.parser.detach(takeOverSocket(this.socket));
-    this.native = new NativeRx(fd, leftover, nextFrameNo, this.writer.nextFrameNo, (ev) => this.onNative(ev));
+    this.native = new NativeRx(fd, leftover, nextFrameNo, this.writer.nextFrameNo, (ev) => this.onNative(ev), this.rx.slabs);
     const { ring, crcs } = this.mirror.log.nativeParts;
     this.native.attachLog(ring, crcs);
     this.mirror.log.onRelease = () => this.syncNativeAck();
@@ -326,9 +326,11 @@ class Session {
       if (e.kind === EV_STORED) {
         items.push({ r: e });
       } else if (e.kind === EV_FRAME) {
-        const slab = e.type === MsgType.CpBlocks && e.bytes > 0 ? this.rx.slabs.take(e.bytes) : undefined;
-        const body = slab ? slab.buf.subarray(0, e.bytes) : Buffer.allocUnsafe(e.bytes);
-        this.native!.take(body);
+        // A CP_BLOCKS body the thread copied into a slab granted to it, or taken here.
+        const slab = e.slab ?? (e.type === MsgType.CpBlocks && e.bytes > 0 ? this.rx.slabs.take(e.bytes) : undefined);
+        const at = e.slab ? e.at : 0;
+        const body = slab ? slab.buf.subarray(at, at + e.bytes) : Buffer.allocUnsafe(e.bytes);
+        if (!e.slab) this.native!.take(body);
         try {
           const m = decodeBody(e.type, body);
           if (slab) (m as CpBlocks).slab = slab;
@@ -1062,7 +1064,8 @@ export class MirrorReceiver {
   readonly exports: MirrorExports | undefined;
   readonly budget: MemoryBudget | undefined;
   /** CP_BLOCKS bodies are assembled in these (slab-pool.ts), shared by every connection. */
-  readonly slabs = new SlabPool(CP_BLOCKS_BODY_MAX_BYTES, SLABS_KEPT_MAX);
+  /** A CP_BLOCKS body and up to a block of padding before it (native-rx.ts: its blocks are placed block-aligned). */
+  readonly slabs = new SlabPool(CP_BLOCKS_BODY_MAX_BYTES + 4096, SLABS_KEPT_MAX);
   private readonly log: Logger;
   private readonly sessions = new Set<Session>();
   private server: net.Server | undefined;

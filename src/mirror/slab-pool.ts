@@ -15,9 +15,12 @@
  * - A holder that is dropped without a release (a session that ends mid-CP, a refused
  *   write) only leaves the slab to the garbage collector: a missed release costs an
  *   allocation, never data.
+ * - A slab starts at a 4096-byte aligned address (an O_DIRECT write takes whole blocks of
+ *   it without a bounce copy when the body was placed so that its blocks are aligned).
  * - The free list keeps at most keepMax slabs (keepMax x slabBytes of idle memory per
  *   receiver process); a take() from an empty list allocates.
  */
+import { allocAligned } from '../io/aligned';
 import { assert } from '../util/assert';
 
 export interface FrameSlab {
@@ -42,7 +45,7 @@ export class SlabPool {
     this.takes++;
     let s = this.free.pop();
     if (!s) {
-      s = { buf: Buffer.allocUnsafeSlow(this.slabBytes), refs: 0 };
+      s = { buf: allocAligned(this.slabBytes, 4096), refs: 0 };
       this.allocated++;
     }
     assert(s.refs === 0, 'a slab on the free list has holders');

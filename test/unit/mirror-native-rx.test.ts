@@ -13,7 +13,8 @@ import * as path from 'path';
 import { DestLog } from '../../src/mirror/dest-log';
 import { EV_ENDED, EV_ERROR, EV_FRAME, EV_STORED, NativeRx, takeOverSocket, type RxEvent } from '../../src/mirror/native-rx';
 import { decodeBody, FrameParser, FrameWriter, MsgType, type Message, type OutMessage } from '../../src/mirror/wire';
-import { crc32cWide } from '../../src/io/native';
+import { addressMod, crc32cWide } from '../../src/io/native';
+import { SlabPool } from '../../src/mirror/slab-pool';
 
 const UUID = '0f0e0d0c-0b0a-4908-8706-050403020100';
 const LOG_BYTES = 16 * 1024 * 1024;
@@ -70,7 +71,7 @@ describe('mirror native receive thread', function () {
   });
 
   /** A connection on a fresh log, or on `reuse` with a new stream from seq 1 (its records dropped). */
-  async function open(grant: boolean | { limit: number } = true, reuse?: DestLog, onFrame?: (m: Message) => void, afterBatch?: () => void): Promise<Conn> {
+  async function open(grant: boolean | { limit: number } = true, reuse?: DestLog, onFrame?: (m: Message) => void, afterBatch?: () => void, slabs?: SlabPool): Promise<Conn> {
     const log = reuse ?? (await DestLog.open(path.join(tmp, 'source.log'), UUID, LOG_BYTES, 'fresh'));
     log.start(1, 0);
     accepted = [];
@@ -86,15 +87,25 @@ describe('mirror native receive thread', function () {
         c.events.push(e);
         if (e.kind === EV_STORED) log.adopt(e.seq, e.at, e.size, e.type, e.lengthBytes);
         if (e.kind === EV_FRAME) {
-          const body = Buffer.alloc(e.bytes);
-          c.rx.take(body);
+          let body: Buffer;
+          if (e.slab) {
+            body = e.slab.buf.subarray(e.at, e.at + e.bytes);
+          } else {
+            body = Buffer.alloc(e.bytes);
+            c.rx.take(body);
+          }
           const m = decodeBody(e.type, body);
-          c.frames.push(m);
           onFrame?.(m);
+          if (e.slab) {
+            // The slab goes back to the pool (and may be granted again): keep a copy.
+            if (m.type === MsgType.CpBlocks) m.data = Buffer.from(m.data);
+            slabs!.release(e.slab);
+          }
+          c.frames.push(m);
         }
       }
       afterBatch?.();
-    });
+    }, slabs);
     c.rx.attachLog(log.nativeParts.ring, log.nativeParts.crcs);
     const g = log.grantRange()!;
     if (grant) assert.ok(c.rx.grant(g.nextSeq, g.at, typeof grant === 'object' ? g.at + grant.limit : g.limit, g.salt, g.stream));
@@ -289,6 +300,41 @@ describe('mirror native receive thread', function () {
       await close(c);
       assert.strictEqual((await recovered()).size, storedBefore, `${name}: the log holds records`);
     }
+  });
+
+  it('CP_BLOCKS bodies land in the granted slabs with their blocks 4096-aligned; with none free the thread waits for the next grant; close() gives the slabs back', async () => {
+    const pool = new SlabPool(12 + 64 * (8 + 4096) + 4096, 64);
+    const blocks = (cp: number, n: number): OutMessage => {
+      const data = Buffer.alloc(n * 4096);
+      for (let i = 0; i < data.length; i += 256) data.writeUInt32LE((cp * 104729 + i) >>> 0, i);
+      return { type: MsgType.CpBlocks, cp, pbas: Array.from({ length: n }, (_, i) => 1000 * cp + 2 * i), data };
+    };
+    const sent = [blocks(7, 64), blocks(7, 1), blocks(7, 33), blocks(8, 64), blocks(8, 64), blocks(8, 2), blocks(9, 64), blocks(9, 17)];
+    let inSlab = 0;
+    let aligned = 0;
+    const c = await open(true, undefined, (m) => {
+      if (m.type !== MsgType.CpBlocks) return;
+      inSlab++;
+      if (addressMod(m.data, 4096) === 0) aligned++;
+    }, undefined, pool);
+    // Eight frames while the event loop is blocked: the thread fills the four slabs granted
+    // at the start, then must wait (no take() fallback) until the deliveries grant more.
+    c.client.write(stream([record(1, 1), ...sent, record(2, 1)]));
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 300);
+    await until('every frame', () => c.frames.length === sent.length && c.log.heldSeq === 2);
+    const order = c.events.filter((e) => e.kind === EV_STORED || e.kind === EV_FRAME).map((e) => (e.kind === EV_STORED ? `r${e.seq}` : e.slab ? 'slab' : 'taken'));
+    assert.deepStrictEqual(order, ['r1', ...sent.map(() => 'slab'), 'r2']);
+    assert.strictEqual(inSlab, sent.length);
+    assert.strictEqual(aligned, sent.length, 'a CP_BLOCKS body whose blocks are not 4096-aligned in its slab');
+    sent.forEach((m, i) => {
+      const got = c.frames[i]!;
+      assert.ok(got.type === MsgType.CpBlocks && m.type === MsgType.CpBlocks, `frame ${i}`);
+      assert.deepStrictEqual(got.pbas, m.pbas, `frame ${i} pbas`);
+      assert.ok(Buffer.isBuffer(m.data) && got.data.equals(m.data), `frame ${i} data`);
+    });
+    // Every slab taken from the pool is back once the thread is closed (4 were granted).
+    await close(c);
+    assert.strictEqual(pool.freeCount, pool.allocated, `${pool.allocated} slabs made, ${pool.freeCount} back in the pool`);
   });
 
   it('sends our frames in order with its own acks, numbered as one stream; close() ends the thread', async () => {
