@@ -233,6 +233,20 @@ export class FileBlockDevice implements BlockDevice {
     }
   }
 
+  async readBlocksCrc(pba: number, count: number, dst: Buffer, crcs: Buffer): Promise<void> {
+    this.checkRange(pba, count);
+    const lengthBytes = count * BLOCK_SIZE_BYTES;
+    assert(dst.length === lengthBytes && crcs.length >= count * 4, `readBlocksCrc: dst is ${dst.length} bytes and crcs ${crcs.length}, for ${count} blocks`);
+    const n = await native.preadCrc(this.fd, dst, 0, lengthBytes, pba * BLOCK_SIZE_BYTES, crcs);
+    if (n !== lengthBytes) {
+      const err = new Error(`EIO: short read of ${this.path} at block ${pba}: ${n} of ${lengthBytes} bytes (file truncated?)`) as native.NativeError;
+      err.code = 'EIO';
+      err.errno = -5;
+      err.syscall = 'pread';
+      throw err;
+    }
+  }
+
   async writeBlocks(pba: number, data: Buffer, hint?: WriteHint): Promise<void> {
     assert(!this.readOnly, `${this.path}: write to a read-only device`);
     assert(data.length > 0 && data.length % BLOCK_SIZE_BYTES === 0, `writeBlocks: length ${data.length} is not whole blocks`);

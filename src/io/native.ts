@@ -11,6 +11,8 @@ import bindings from 'bindings';
 /** Raw addon surface (callback style; see native/addon.cc). */
 interface RawAddon {
   pread(fd: number, buf: Buffer, bufOffset: number, length: number, position: number, cb: (err: Error | null, bytesRead: number) => void): void;
+  /** pread, then the crc32c of each whole 4 KiB block read into crcs (LE uint32s), in the same pool job; length is whole blocks. */
+  preadCrc(fd: number, buf: Buffer, bufOffset: number, length: number, position: number, crcs: Buffer, cb: (err: Error | null, bytesRead: number) => void): void;
   /** Writes all `length` bytes (loops on short writes); if sync, fdatasync before the callback. */
   /** pwrite; then fdatasync if sync, else if writeback start the range's writeback (sync_file_range WRITE, a hint). */
   pwrite(fd: number, buf: Buffer, bufOffset: number, length: number, position: number, sync: boolean, writeback: boolean, cb: (err: Error | null) => void): void;
@@ -86,6 +88,14 @@ export function pread(fd: number, buf: Buffer, bufOffset: number, length: number
   checkInt('fd', fd); checkInt('bufOffset', bufOffset); checkInt('length', length); checkInt('position', position);
   if (bufOffset + length > buf.length) throw new RangeError(`pread: ${bufOffset}+${length} exceeds buffer of ${buf.length}`);
   return new Promise((resolve, reject) => addon().pread(fd, buf, bufOffset, length, position, (err, n) => (err ? reject(err) : resolve(n))));
+}
+
+/** pread with each whole 4 KiB block's crc32c into crcs (see RawAddon.preadCrc); resolves to the bytes read. */
+export function preadCrc(fd: number, buf: Buffer, bufOffset: number, length: number, position: number, crcs: Buffer): Promise<number> {
+  checkInt('fd', fd); checkInt('bufOffset', bufOffset); checkInt('length', length); checkInt('position', position);
+  if (bufOffset + length > buf.length) throw new RangeError(`preadCrc: ${bufOffset}+${length} exceeds buffer of ${buf.length}`);
+  if (length % 4096 !== 0 || crcs.length < (length / 4096) * 4) throw new RangeError(`preadCrc: ${length} bytes is not whole blocks, or crcs (${crcs.length} bytes) too short`);
+  return new Promise((resolve, reject) => addon().preadCrc(fd, buf, bufOffset, length, position, crcs, (err, n) => (err ? reject(err) : resolve(n))));
 }
 
 /**

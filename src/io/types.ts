@@ -13,6 +13,12 @@ export interface BlockDevice {
   /** Reads `count` consecutive blocks starting at physical block `pba` into dst (count*4096 bytes). */
   readBlocks(pba: number, count: number, dst: Buffer): Promise<void>;
   /**
+   * Optional (a file): readBlocks, and the crc32c (seed 0) of each block read into crcs
+   * (count little-endian uint32s), both off the event loop: for bulk reads the caller
+   * verifies (a mirror baseline or resync walks gigabytes this way).
+   */
+  readBlocksCrc?(pba: number, count: number, dst: Buffer, crcs: Buffer): Promise<void>;
+  /**
    * Writes whole blocks at consecutive addresses starting at pba (data.length a multiple of 4096). Not durable until sync().
    * `hint.reread`: the caller reads these blocks again soon (a device that can write around its cache keeps them in it).
    */

@@ -39,7 +39,7 @@ import type { Logger } from 'pino';
 import type { EngineVolume, ReplicaGate } from '../volume/engine';
 import type { AppendedRecord } from '../nvlog/log';
 import type { BlockTreeApi, CommittedView, CpBlock, CpMeta, CpSink } from '../tree/types';
-import { walkBornAfter } from '../tree/born-after';
+import { walkBornAfterRuns } from '../tree/born-after';
 import { Slicer } from '../util/work';
 import { ProgressLine } from '../util/progress';
 import type { NodeSide } from '../tree/diff';
@@ -53,13 +53,15 @@ import { readRelationship, writeRelationship, type MirrorPolicy } from './relati
 import { readRole } from './role';
 import { parseStanding, type Standing } from './standing';
 import {
-  writeEncoded, writeFrame, BLOCKS_PER_FRAME_MAX, FrameParser, FrameWriter, MsgType, type Message, type MirrorMode, type OutMessage, adjacentViews,
+  writeEncoded, writeFrame, BLOCKS_PER_FRAME_MAX, FrameParser, FrameWriter, MsgType, type Message, type MirrorMode, type OutMessage,
 } from './wire';
 
 export type MirrorState = 'disconnected' | 'baseline' | 'resyncing' | 'in-sync' | 'behind';
 /** What status reports: a refused split brain shows as such, not as a plain disconnection. */
 export type MirrorStatusState = MirrorState | 'split-brain' | 'promoted' | 'mirror-ahead';
 /** Bytes queued on the mirror socket before senders wait for it to drain. */
+/** A zero-length write: its callback says when everything written before it is written. */
+const EMPTY = Buffer.alloc(0);
 export const QUEUED_BYTES_MAX = 32 * 1024 * 1024;
 export const STALL_TIMEOUT_MS_DEFAULT = 15_000;
 const CONNECT_TIMEOUT_MS = 5_000;
@@ -691,24 +693,16 @@ export class MirrorSource implements CpSink, ReplicaGate {
   }
 
   /**
-   * Sends data blocks of CP `cp` (a resync always waits for room; a CP as room() says);
-   * false when the CP was abandoned (async) or the connection dropped meanwhile.
+   * Sends data blocks of CP `cp` (as room() says); false when the CP was abandoned (async)
+   * or the connection dropped meanwhile. (A resync's blocks go out from sendResync.)
    */
-  private async sendBlocks(conn: Conn, cp: number, blocks: { pba: number; buf: Buffer; crc?: number }[], resync = false): Promise<boolean> {
+  private async sendBlocks(conn: Conn, cp: number, blocks: { pba: number; buf: Buffer }[]): Promise<boolean> {
     for (let i = 0; i < blocks.length; i += BLOCKS_PER_FRAME_MAX) {
-      if (resync) {
-        await this.waitRoom(conn);
-        if (conn.closed) return false;
-      } else if (!(await this.room(conn, cp))) return false;
+      if (!(await this.room(conn, cp))) return false;
       const part = blocks.slice(i, i + BLOCKS_PER_FRAME_MAX);
-      // A resync's blocks are views of its read buffers (consecutive blocks of one read
-      // are adjacent in memory): they go out as those views, not copied. A CP's are views
-      // of the NVRAM half, which the next CP reuses while the socket may still hold them:
-      // copied.
-      const data = resync ? adjacentViews(part.map((b) => b.buf)) : [Buffer.concat(part.map((b) => b.buf))];
-      // The walk checked each block against its crc32c: the frame's checksum is combined from them.
-      const crcs = part.every((b) => b.crc !== undefined) ? part.map((b) => b.crc!) : undefined;
-      this.send(conn, { type: MsgType.CpBlocks, cp, pbas: part.map((b) => b.pba), data, ...(crcs ? { crcs } : {}) });
+      // Views of the NVRAM half, which the next CP reuses while the socket may still hold them: copied.
+      const data = [Buffer.concat(part.map((b) => b.buf))];
+      this.send(conn, { type: MsgType.CpBlocks, cp, pbas: part.map((b) => b.pba), data });
       this.dataBlocksSent += part.length;
     }
     return !conn.closed;
@@ -841,23 +835,61 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.log.info({ baseCp, targetCp: view.cpNumber, resumeAtBlock: skip }, skip > 0 ? 'mirror baseline resumed' : baseCp < 0 ? 'mirror baseline started' : 'mirror resync started');
     const t0 = Date.now();
     this.send(conn, { type: MsgType.CpBegin, cp: view.cpNumber, baseCp, kind: skip > 0 ? 'resume' : 'resync' });
-    let batch: { pba: number; buf: Buffer; crc: number }[] = [];
+    // The next frame: its pbas, their crc32c (the walk checked each block against it: the
+    // frame's checksum is combined from them) and its data as views of the walk's read
+    // buffers (blocks of one run are adjacent; a frame may span two runs).
+    let pbas: number[] = [];
+    let crcs: number[] = [];
+    let data: Buffer[] = [];
     let count = 0;
+    // The walk's read buffers go back to it once the socket has taken every frame with a
+    // view of them: frames are numbered as sent, and an empty write after each frame calls
+    // back (in order) once everything before it is written.
+    let framesSent = 0;
+    let framesWritten = 0;
+    const held: Array<{ upTo: number; release: () => void }> = [];
+    const written = (n: number): void => {
+      framesWritten = n;
+      while (held.length > 0 && held[0]!.upTo <= framesWritten) held.shift()!.release();
+    };
     const flush = async (): Promise<void> => {
-      const b = batch;
-      batch = [];
-      await this.sendBlocks(conn, view.cpNumber, b, true);
+      if (pbas.length === 0) return;
+      // The frame leaves the batch whatever happens (a dropped connection ends the walk at its next block).
+      const m = { type: MsgType.CpBlocks as const, cp: view.cpNumber, pbas, data, crcs };
+      const n = pbas.length;
+      pbas = [];
+      crcs = [];
+      data = [];
+      await this.waitRoom(conn);
+      if (conn.closed) return;
+      this.send(conn, m);
+      const no = ++framesSent;
+      conn.socket.write(EMPTY, () => written(no));
+      this.dataBlocksSent += n;
       if (this.resync) {
-        this.resync.blocksSent += b.length;
+        this.resync.blocksSent += n;
         progress.update(this.resync.blocksSent * 4096);
       }
     };
     try {
-      await walkBornAfter(view, baseCp, async (blk) => {
-        count++;
-        if (count <= skip) return;
-        batch.push(blk);
-        if (batch.length >= BLOCKS_PER_FRAME_MAX) await flush();
+      await walkBornAfterRuns(view, baseCp, async (run) => {
+        // A resumed baseline skips the first `skip` blocks of the walk (the same order every time).
+        let k = Math.max(0, Math.min(run.ptrs.length, skip - count));
+        count += run.ptrs.length;
+        while (k < run.ptrs.length) {
+          const take = Math.min(run.ptrs.length - k, BLOCKS_PER_FRAME_MAX - pbas.length);
+          assert(take > 0, 'a full frame left unsent');
+          for (let i = k; i < k + take; i++) {
+            pbas.push(run.ptrs[i]!.pba);
+            crcs.push(run.ptrs[i]!.crc);
+          }
+          data.push(run.buf.subarray(k * 4096, (k + take) * 4096));
+          k += take;
+          if (pbas.length === BLOCKS_PER_FRAME_MAX) await flush();
+        }
+        // Its last blocks are in the frame being filled, or in the last one sent.
+        held.push({ upTo: pbas.length > 0 ? framesSent + 1 : framesSent, release: run.release });
+        if (framesWritten >= held[held.length - 1]!.upTo) written(framesWritten);
       }, () => conn.closed || this.stopped);
       await flush();
       if (conn.closed) return;

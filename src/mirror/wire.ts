@@ -182,18 +182,6 @@ export interface CpBlocksParts extends Omit<CpBlocks, 'data'> {
 /** What a sender may frame: a message, or CP blocks in pieces. */
 export type OutMessage = Message | CpBlocksParts;
 
-/** `bufs` with every run of buffers adjacent in one ArrayBuffer joined into one view (no copy). */
-export function adjacentViews(bufs: readonly Buffer[]): Buffer[] {
-  const out: Buffer[] = [];
-  for (const b of bufs) {
-    const last = out[out.length - 1];
-    if (last && last.buffer === b.buffer && last.byteOffset + last.length === b.byteOffset) {
-      out[out.length - 1] = Buffer.from(last.buffer, last.byteOffset, last.length + b.length);
-    } else out.push(b);
-  }
-  return out;
-}
-
 export interface CpRef {
   pba: number;
   seq: number;

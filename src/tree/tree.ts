@@ -38,6 +38,7 @@ import { assert } from '../util/assert';
 import { log } from '../util/log';
 import { popcount } from '../util/bitmap';
 import { checksumRun, crcScratch } from './data-checksums';
+import { crc32cBlocks } from '../io/checksum';
 import { runCheck } from './check';
 import {
   BLOCK, BlockPtr, FANOUT, RING_SLOTS, SnapshotRecord, Superblock, decodeSuperblock, encodeSuperblock, ptrString, slotsPerPointer, uuidToBytes,
@@ -502,6 +503,13 @@ export class BlockTree implements BlockTreeApi {
         if (released) return Promise.reject(new VolumeError('ESHUTDOWN', 'committed view released'));
         if (!(pba >= 0 && count >= 1 && pba + count <= sb.deviceBlocks && dst.length === count * BLOCK)) assert(false, `readRaw [${pba}, +${count})`);
         return this.dev.readBlocks(pba, count, dst);
+      },
+      readRawCrc: async (pba, count, dst, crcs) => {
+        if (released) throw new VolumeError('ESHUTDOWN', 'committed view released');
+        if (!(pba >= 0 && count >= 1 && pba + count <= sb.deviceBlocks && dst.length === count * BLOCK && crcs.length >= count * 4)) assert(false, `readRawCrc [${pba}, +${count})`);
+        if (this.dev.readBlocksCrc) return this.dev.readBlocksCrc(pba, count, dst, crcs);
+        await this.dev.readBlocks(pba, count, dst);
+        crc32cBlocks(dst, 0, count, crcs);
       },
       release: () => {
         if (released) return;

@@ -69,6 +69,8 @@ export interface CommittedView {
   readonly superblock: Buffer;
   readonly deviceBlocks: number;
   readRaw(pba: number, count: number, dst: Buffer): Promise<void>;
+  /** readRaw, with each block's crc32c into crcs (count LE uint32s); off the event loop where the device can. */
+  readRawCrc(pba: number, count: number, dst: Buffer, crcs: Buffer): Promise<void>;
   release(): void;
 }
 

@@ -11,6 +11,8 @@ import { MemoryBlockDevice } from '../../src/io/memory-device';
 import { MmapNvram } from '../../src/io/mmap-nvram';
 import { BLOCK_SIZE_BYTES, BlockDevice } from '../../src/io/types';
 import { AssertionError } from '../../src/util/assert';
+import { crc32cBlocks } from '../../src/io/checksum';
+import { preadCrc } from '../../src/io/native';
 
 function pattern(seed: number, blocks: number): Buffer {
   const b = Buffer.alloc(blocks * BLOCK_SIZE_BYTES);
@@ -107,6 +109,40 @@ describe('io layer', () => {
       await dev.readBlocks(0, blocks, all);
       assert.ok(all.equals(data));
       assert.equal(dev.nowaitReads, 2);
+      await dev.close();
+    });
+
+    it('readBlocksCrc reads like readBlocks and gives each block its crc32c (one pool job); refuses what readBlocks refuses', async () => {
+      const file = path.join(dir, 'crc.img');
+      const dev = await FileBlockDevice.create(file, 64);
+      const data = pattern(5, 64);
+      await dev.writeBlocks(0, data);
+      const got = Buffer.alloc(20 * BLOCK_SIZE_BYTES);
+      const crcs = Buffer.alloc(20 * 4);
+      await dev.readBlocksCrc(30, 20, got, crcs);
+      assert.ok(got.equals(data.subarray(30 * BLOCK_SIZE_BYTES, 50 * BLOCK_SIZE_BYTES)));
+      const want = Buffer.alloc(20 * 4);
+      crc32cBlocks(got, 0, 20, want);
+      assert.ok(crcs.equals(want), 'the crcs are crc32cBlocks of the blocks read');
+      assert.notEqual(crcs.readUInt32LE(0), crcs.readUInt32LE(4));
+      await assert.rejects(dev.readBlocksCrc(63, 2, Buffer.alloc(2 * BLOCK_SIZE_BYTES), Buffer.alloc(8)), AssertionError);
+      await assert.rejects(dev.readBlocksCrc(0, 2, Buffer.alloc(2 * BLOCK_SIZE_BYTES), Buffer.alloc(4)), AssertionError);
+      // The addon checks its arguments itself too.
+      const fd = fs.openSync(file, 'r');
+      try {
+        assert.throws(() => void preadCrc(fd, Buffer.alloc(8192), 0, 5000, 0, Buffer.alloc(8)), /whole blocks/);
+        assert.throws(() => void preadCrc(fd, Buffer.alloc(8192), 4096, 8192, 0, Buffer.alloc(8)), /exceeds/);
+        // At the end of the file: the count read, and crcs for the whole blocks in it.
+        const tail = Buffer.alloc(3 * BLOCK_SIZE_BYTES);
+        const tc = Buffer.alloc(12, 0xee);
+        assert.equal(await preadCrc(fd, tail, 0, tail.length, 62 * BLOCK_SIZE_BYTES, tc), 2 * BLOCK_SIZE_BYTES);
+        const tailWant = Buffer.alloc(8);
+        crc32cBlocks(data, 62 * BLOCK_SIZE_BYTES, 2, tailWant);
+        assert.ok(tc.subarray(0, 8).equals(tailWant), 'crcs of the two blocks read');
+        assert.equal(tc.readUInt32LE(8), 0xeeeeeeee, 'no crc for a block not read');
+      } finally {
+        fs.closeSync(fd);
+      }
       await dev.close();
     });
 

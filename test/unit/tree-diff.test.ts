@@ -9,7 +9,13 @@ import { MemoryBlockDevice } from '../../src/io/memory-device';
 import { BLOCK_SIZE_BYTES } from '../../src/io/types';
 import { BlockTree } from '../../src/tree/tree';
 import { diffTrees, type NodeSide } from '../../src/tree/diff';
-import { walkBornAfter } from '../../src/tree/born-after';
+import { walkBornAfter, walkBornAfterRuns, type BornRun } from '../../src/tree/born-after';
+import { FileBlockDevice } from '../../src/io/file-device';
+import type { BlockDevice } from '../../src/io/types';
+import { crc32c } from '../../src/io/checksum';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
 import { decodeSuperblock } from '../../src/tree/layout';
 import type { BlockChange } from '../../src/tree/types';
 
@@ -125,4 +131,59 @@ describe('tree diff and born-after walk', () => {
     assert.ok(pbas.every((p) => !emitted.includes(p)), `no block of the damaged run was emitted: ${emitted.join(',')}`);
     v.release();
   });
+
+  for (const kind of ['file', 'memory'] as const) {
+    it(`born-after by runs (${kind} device): a level-0 buffer is reused only once every run in it was released; a held run never changes`, async () => {
+      const blocks = 16384;
+      const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'nvm-born-'));
+      try {
+        // The file device reads and checksums a run in one pool job (preadCrc); memory reads then checksums.
+        const dev: BlockDevice = kind === 'file' ? await FileBlockDevice.create(path.join(tmp, 'm'), blocks) : new MemoryBlockDevice(blocks);
+        await BlockTree.format(dev, { sizeBytes: SIZE, volumeUuid: UUID });
+        const t = await BlockTree.open(dev);
+        // 40 level-0 nodes (168 lbns each), 2 runs of data in each: written by two CPs, so
+        // the two parts of a node are far apart on the device.
+        const lbns: number[] = [];
+        for (const ks of [[0, 1, 2, 3, 4], [10, 11, 12]]) {
+          const part: number[] = [];
+          for (let n = 0; n < 40; n++) for (const k of ks) part.push(n * 168 + k);
+          await t.commitCp(part.map((l) => ({ lbn: l, data: block(l) })), { nvlogSeq: lbns.length + 1, nvlogEpoch: 1 });
+          lbns.push(...part);
+        }
+        const v = t.pinCommitted();
+        const held: Array<{ run: BornRun; copy: Buffer }> = [];
+        const arrays = new Set<ArrayBuffer>();
+        let dataRuns = 0;
+        let emitted = 0;
+        const byPba = new Map<number, number>();
+        await walkBornAfterRuns(v, -1, async (run) => {
+          emitted += run.ptrs.length;
+          run.ptrs.forEach((p, k) => {
+            assert.equal(crc32c(run.buf.subarray(k * B, (k + 1) * B)), p.crc, `block at pba ${p.pba} is what its pointer says`);
+            byPba.set(p.pba, crc32c(run.buf.subarray(k * B, (k + 1) * B)));
+          });
+          if (run.ptrs.length >= 3) {
+            dataRuns++;
+            arrays.add(run.buf.buffer as ArrayBuffer);
+          }
+          if (dataRuns <= 40) held.push({ run, copy: Buffer.from(run.buf) }); // the first 20 nodes' runs: held to the end
+          else run.release();
+        });
+        // Held runs are intact after 20 more nodes were read; the later ones reused released buffers.
+        held.forEach(({ run, copy }, i) => assert.ok(run.buf.equals(copy), `held run ${i} changed under its holder`));
+        assert.equal(dataRuns, 80, 'two data runs per level-0 node');
+        assert.ok(arrays.size < 40, `the last 20 nodes' data went to ${arrays.size - 20} buffers: released ones were not reused`);
+        assert.ok(arrays.size >= 20, 'held buffers were reused');
+        for (const h of held) h.run.release();
+        assert.throws(() => held[0]!.run.release(), /released twice/);
+        // Every data block and the metadata reached the walk once.
+        assert.equal(byPba.size, emitted);
+        assert.ok(emitted >= lbns.length + 40);
+        v.release();
+        await t.close();
+      } finally {
+        fs.rmSync(tmp, { recursive: true, force: true });
+      }
+    });
+  }
 });
