@@ -138,21 +138,33 @@ class Rx {
   void Run() {
     ParsePass();
     for (;;) {
-      bool wantRead, wantWrite, stopping, resume = false;
+      bool wantRead, wantWrite, stopping, resume = false, draining = false;
       {
         std::lock_guard<std::mutex> l(mu_);
         stopping = stop_;
-        if (stop_ && (!flushOnStop_ || sendq_.empty() || sendErr_ != 0 || NowMs() >= stopDeadlineMs_)) break;
+        if (stop_) {
+          // Closing with a flush: send what is queued (a REFUSE with its reason), then
+          // half-close and read and drop what the peer still sends until it closes too (or
+          // the linger deadline): closing with its data unread would reset the connection,
+          // and a peer busy writing would see the reset, not the reason.
+          bool sent = sendq_.empty();
+          if (!flushOnStop_ || sendErr_ != 0 || NowMs() >= stopDeadlineMs_ || (sent && eof_)) break;
+          draining = sent;
+        }
         if (parked_ && !waitSlab_ && !stop_) {
           parked_ = false;
           resume = true;
         }
-        wantRead = !stop_ && !failed_ && !eof_ && !paused_ && !parked_ && pending_ <= kPendingMax && sendBytes_ <= kSendMax;
+        wantRead = draining || (!stop_ && !failed_ && !eof_ && !paused_ && !parked_ && pending_ <= kPendingMax && sendBytes_ <= kSendMax);
         wantWrite = !sendq_.empty() && sendErr_ == 0;
       }
       if (resume) {  // a slab came for the CP_BLOCKS frame the last pass stopped at
         ParsePass();
         continue;
+      }
+      if (draining && !shutWr_) {
+        ::shutdown(fd_, SHUT_WR);
+        shutWr_ = true;
       }
       pollfd p[2] = {{fd_, static_cast<short>((wantRead ? POLLIN : 0) | (wantWrite ? POLLOUT : 0)), 0}, {wake_, POLLIN, 0}};
       int r = ::poll(p, 2, stopping ? 50 : -1);
@@ -169,6 +181,14 @@ class Rx {
         FlushLocked();
         if (sendErr_ != 0 && !stop_) ErrorLocked(std::string("socket error: ") + strerror(sendErr_), false);
         PostLocked();
+      }
+      if (draining && (p[0].revents & (POLLIN | POLLERR | POLLHUP))) {
+        ssize_t n = ::read(fd_, in_.get(), kInBytes);  // dropped: the stream is over
+        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
+          std::lock_guard<std::mutex> l(mu_);
+          eof_ = true;
+        }
+        continue;
       }
       if (wantRead && (p[0].revents & (POLLIN | POLLERR | POLLHUP))) {
         if (inEnd_ == kInBytes || (kInBytes - inEnd_ < kReadChunk && inStart_ > 0)) {
@@ -310,7 +330,8 @@ class Rx {
   }
 
   // Detaches the log (no record is written after this returns) and ends the thread: at
-  // once, or after flushing what is queued for up to lingerMs. Returns the STORED events not
+  // once, or after flushing what is queued and reading (and dropping) what the peer still
+  // sends until it closes, for up to lingerMs in all. Returns the STORED events not
   // delivered yet (they leave the queue: the caller takes those records into the log).
   std::vector<double> Close(bool flush, int64_t lingerMs) {
     std::lock_guard<std::mutex> l(mu_);
@@ -603,7 +624,7 @@ class Rx {
   std::unique_ptr<uint8_t[]> in_;
   size_t inStart_ = 0, inEnd_ = 0;
   uint32_t blockCrcs_[kRecordPayloadMax / kBlock];
-  bool failed_ = false, eof_ = false;
+  bool failed_ = false, eof_ = false, shutWr_ = false;
   // Under mu_.
   bool slabMode_ = false, waitSlab_ = false, parked_ = false;
   std::mutex mu_;

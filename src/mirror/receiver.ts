@@ -1015,6 +1015,10 @@ class Session {
           /* the socket may be gone */
         }
         this.socket.end();
+        // Read (and drop: onData ignores an ended session) what the source still sends until
+        // it closes: a socket closed with data unread resets the connection, and a source
+        // busy writing would see the reset instead of the reason (the native thread drains too).
+        this.socket.resume();
         setTimeout(() => this.socket.destroy(), 1000).unref();
       }
     } else {

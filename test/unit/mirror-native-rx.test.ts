@@ -337,6 +337,42 @@ describe('mirror native receive thread', function () {
     assert.strictEqual(pool.freeCount, pool.allocated, `${pool.allocated} slabs made, ${pool.freeCount} back in the pool`);
   });
 
+  it('close() with a flush while the peer keeps writing: the peer reads the REFUSE and an orderly end, not a reset', async () => {
+    for (let round = 0; round < 5; round++) {
+      const c = await open();
+      // The peer writes frames as fast as the socket takes them, as a source mid-resync does.
+      const w = new FrameWriter();
+      let writing = true;
+      let clientError: Error | undefined;
+      let ended = false;
+      c.client.on('error', (e) => (clientError = e));
+      c.client.on('end', () => (ended = true));
+      const pump = (): void => {
+        while (writing && !c.client.destroyed) {
+          const ok = c.client.write(Buffer.concat(w.frame({ type: MsgType.CpBlocks, cp: 5, pbas: [1, 2, 3, 4], data: Buffer.alloc(4 * 4096, round) })));
+          if (!ok) {
+            c.client.once('drain', pump);
+            return;
+          }
+        }
+      };
+      pump();
+      await until('frames arriving', () => c.frames.length > 20);
+      c.rx.send({ type: MsgType.Refuse, reason: 'the destination cannot apply the stream: ENOSPC' });
+      c.rx.close(true, 2000);
+      await until('the REFUSE or an error at the peer', () => c.acks.some((m) => m.type === MsgType.Refuse) || clientError !== undefined, 10_000);
+      writing = false;
+      assert.strictEqual(clientError, undefined, `round ${round}: the peer saw ${clientError?.message} before the REFUSE`);
+      const refuse = c.acks.find((m) => m.type === MsgType.Refuse);
+      assert.ok(refuse && refuse.type === MsgType.Refuse && /ENOSPC/.test(refuse.reason));
+      c.client.end();
+      await until('the orderly end', () => ended && c.events.some((e) => e.kind === EV_ENDED), 10_000);
+      c.client.destroy();
+      c.server.destroy();
+      await c.log.close();
+    }
+  });
+
   it('sends our frames in order with its own acks, numbered as one stream; close() ends the thread', async () => {
     const c = await open();
     c.rx.send({ type: MsgType.CpAck, cp: 9, root: Buffer.alloc(24, 3) });
