@@ -11,8 +11,10 @@
  *   an error, never shipped.
  * - Each block is emitted once (a bitmap of emitted pbas: one bit per device block). The
  *   superblock is not emitted: the receiver writes it last, after every block is durable.
- * - Memory: the bitmap, and LEAF_LOOKAHEAD + 1 level-0 nodes' data (FANOUT blocks each,
- *   ~672 KiB) at a time: the ones loading ahead and the one being emitted.
+ * - Memory: the bitmap; the data of LEAF_LOOKAHEAD + 1 level-0 nodes (FANOUT blocks each,
+ *   ~672 KiB), the ones loading ahead and the one being emitted; the runs the receiver has
+ *   not released yet (a sender holds them until its socket has written them, so its
+ *   socket queue bounds them); at most FREE_LEAF_BUFS_MAX idle buffers.
  */
 import { VolumeError } from '../util/errors';
 import { assert } from '../util/assert';
@@ -145,9 +147,10 @@ export async function walkBornAfterRuns(
   };
 
   // Data tree: address blocks carry a verified header; level-0 children are data blocks.
-  // A level-0 node is loaded (its block read, the reads of its data runs started) one
-  // ahead of the one being emitted, so the device and the receiver work at once. Loads
-  // and emits follow the same child order, so the emitted order is deterministic.
+  // Level-0 nodes are loaded (the block read, the reads of its data runs started) up to
+  // LEAF_LOOKAHEAD ahead of the one being emitted, so the device and the receiver work at
+  // once. Loads start and emits follow the same child order (two nodes of one tree share no
+  // child), so the emitted order is deterministic.
   interface Leaf {
     ptr: BlockPtr;
     node: Buffer;
