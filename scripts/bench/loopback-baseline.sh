@@ -14,7 +14,7 @@ FILL=${1:-2G}
 ROOT=${ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 W=${W:-/var/tmp/nvm-loopback-baseline}
 MAIN="$ROOT/dist/src/cli/main.js"
-FLAGS="--max-semi-space-size=8"   # src/cli/node-flags.ts
+FLAGS=""   # node flags for both processes, if any
 rm -rf "$W"; mkdir -p "$W"
 node $FLAGS "$MAIN" create "$W/vol" --size 16G --nvram-size 32M >/dev/null
 node $FLAGS "$MAIN" serve "$W/vol" --socket "$W/s" --cp-interval 1000 > "$W/fill.log" 2>&1 &
