@@ -16,6 +16,14 @@ W=${W:-/var/tmp/nvm-loopback-baseline}
 MAIN="$ROOT/dist/src/cli/main.js"
 FLAGS=""   # node flags for both processes, if any
 rm -rf "$W"; mkdir -p "$W"
+# Waits until the source ($SP) logs $1, then prints that line (fails if the source exits first).
+wait_logged() {
+  until grep -q "$1" "$W/src.log" 2>/dev/null; do
+    kill -0 "$SP" 2>/dev/null || { echo "the source exited: $(tail -3 "$W/src.log")" >&2; exit 1; }
+    sleep 0.05
+  done
+  grep "$1" "$W/src.log" | head -1
+}
 node $FLAGS "$MAIN" create "$W/vol" --size 16G --nvram-size 32M >/dev/null
 node $FLAGS "$MAIN" serve "$W/vol" --socket "$W/s" --cp-interval 1000 > "$W/fill.log" 2>&1 &
 SP=$!
@@ -29,11 +37,7 @@ RP=$!
 while ! [ -S "$W/e" ]; do sleep 0.1; done
 node $FLAGS "${PO[@]}" "$MAIN" serve "$W/vol" --socket "$W/s" --cp-interval 1000 --mirror-to 127.0.0.1:17999 --mirror-mode sync --mirror-insecure > "$W/src.log" 2>&1 &
 SP=$!
-until grep -q "mirror baseline done" "$W/src.log" 2>/dev/null; do
-  kill -0 "$SP" 2>/dev/null || { echo "the source exited: $(tail -3 "$W/src.log")" >&2; exit 1; }
-  sleep 0.05
-done
-grep "mirror baseline done" "$W/src.log" | head -1
+wait_logged "mirror baseline done"
 echo "source CPU ticks $(awk '{print $14+$15}' /proc/$SP/stat), receiver CPU ticks $(awk '{print $14+$15}' /proc/$RP/stat)"
 if [ -n "${RESYNC:-}" ]; then
   kill -INT "$RP"; wait "$RP" || true
@@ -43,11 +47,7 @@ if [ -n "${RESYNC:-}" ]; then
   S0=$(awk '{print $14+$15}' /proc/$SP/stat)
   node $FLAGS "${PO[@]}" "$MAIN" receive "$W/rx" --listen 127.0.0.1:17999 --export-socket "$W/e" --mirror-insecure >> "$W/rx.log" 2>&1 &
   RP=$!
-  until grep -q "mirror resync done" "$W/src.log" 2>/dev/null; do
-    kill -0 "$SP" 2>/dev/null || { echo "the source exited: $(tail -3 "$W/src.log")" >&2; exit 1; }
-    sleep 0.05
-  done
-  grep "mirror resync done" "$W/src.log" | head -1
+  wait_logged "mirror resync done"
   echo "resync: source CPU ticks $(( $(awk '{print $14+$15}' /proc/$SP/stat) - S0 )), receiver CPU ticks $(awk '{print $14+$15}' /proc/$RP/stat)"
 fi
 kill -INT "$SP"; wait "$SP" || true

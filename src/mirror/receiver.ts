@@ -328,8 +328,7 @@ class Session {
       } else if (e.kind === EV_FRAME) {
         // A CP_BLOCKS body the thread copied into a slab granted to it, or taken here.
         const slab = e.slab ?? (e.type === MsgType.CpBlocks && e.bytes > 0 ? this.rx.slabs.take(e.bytes) : undefined);
-        const at = e.slab ? e.at : 0;
-        const body = slab ? slab.buf.subarray(at, at + e.bytes) : Buffer.allocUnsafe(e.bytes);
+        const body = slab ? slab.buf.subarray(e.at, e.at + e.bytes) : Buffer.allocUnsafe(e.bytes);
         if (!e.slab) this.native!.take(body);
         try {
           const m = decodeBody(e.type, body);
