@@ -394,7 +394,7 @@ class Session {
     const budget = this.rx.budget;
     if (!budget) return;
     if (this.uncharged.length === 0) {
-      const c = budget.tryCharge(messageBytes(m));
+      const c = budget.tryCharge(messageBytes(m), this);
       if (c) {
         this.charges.set(m, c);
         return;
@@ -419,7 +419,7 @@ class Session {
         }
         this.waitBudget();
         this.flow();
-      }),
+      }, this),
     };
     this.budgetWait = wait;
   }

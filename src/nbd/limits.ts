@@ -16,14 +16,25 @@ import { MAX_PAYLOAD_BYTES } from './protocol';
 
 const MiB = 1024 * 1024;
 
-/** Default server-wide budget for bytes in flight (`serve --memory-budget`). */
-export const MEMORY_BUDGET_BYTES_DEFAULT = 128 * MiB;
-/** Smallest budget accepted: room for one maximal request and a few small ones. */
-export const MEMORY_BUDGET_BYTES_MIN = MAX_PAYLOAD_BYTES + 4 * MiB;
 /** A charge this small may pass waiting large ones (the budget's small lane)... */
 export const SMALL_CHARGE_BYTES_MAX = 1 * MiB;
-/** ...as long as such passing charges outstanding stay within this. */
-export const SMALL_LANE_BYTES = 4 * MiB;
+/** ...as long as such passing charges outstanding stay within this (less in a budget too small for it)... */
+export const SMALL_LANE_BYTES_MAX = 16 * MiB;
+/** ...and never below this... */
+export const SMALL_LANE_BYTES_MIN = 4 * MiB;
+/**
+ * ...and one connection's within this: a client that never reads its replies holds at
+ * most this much of the lane (until --stall-timeout drops it), not all of it.
+ */
+export const SMALL_LANE_BYTES_PER_OWNER = 2 * MiB;
+/**
+ * Default server-wide budget for bytes in flight (`serve --memory-budget`): two maximal
+ * requests in line beside the full small lane (with only one, one client stalling in
+ * the middle of a 64 MiB WRITE would hold every other large request until --stall-timeout).
+ */
+export const MEMORY_BUDGET_BYTES_DEFAULT = 2 * MAX_PAYLOAD_BYTES + SMALL_LANE_BYTES_MAX;
+/** Smallest budget accepted: room for one maximal request and the smallest lane. */
+export const MEMORY_BUDGET_BYTES_MIN = MAX_PAYLOAD_BYTES + SMALL_LANE_BYTES_MIN;
 /** Largest budget accepted (a typo guard). */
 export const MEMORY_BUDGET_BYTES_MAX = 64 * 1024 * MiB;
 /** Documented bound on the server's resident memory with the default budget. */

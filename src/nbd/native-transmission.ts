@@ -341,7 +341,7 @@ export class NativeTransmission extends Transmission {
     if (!(Number.isSafeInteger(bytes) && bytes > 0 && bytes <= SMALL_CHARGE_BYTES_MAX * 4)) return;
     if (this.bank.size >= RECEIVE_BUFFERS_KEPT_MAX || this.bankBytes + bytes > RECEIVE_BUFFER_BYTES_KEPT_MAX) return;
     if (this.connChargedBytes + bytes > MAX_INFLIGHT_BYTES_PER_CONNECTION) return;
-    const c = this.limits.budget.tryCharge(bytes);
+    const c = this.limits.budget.tryCharge(bytes, this);
     if (c) this.grant(c, undefined, true);
   }
 
@@ -357,7 +357,7 @@ export class NativeTransmission extends Transmission {
       if (this.connChargedBytes > 0 && this.connChargedBytes + bytes > MAX_INFLIGHT_BYTES_PER_CONNECTION) return false; // our releases kick
     }
     const budget = this.limits.budget;
-    const c = budget.tryCharge(bytes);
+    const c = budget.tryCharge(bytes, this);
     if (c) {
       this.hold(req, c);
       return true;
@@ -375,7 +375,7 @@ export class NativeTransmission extends Transmission {
       assert(head === req, 'the READ granted is the head of the backlog');
       this.onRequest(req);
       this.kick();
-    });
+    }, this);
     return false;
   }
 
@@ -421,10 +421,10 @@ export class NativeTransmission extends Transmission {
       if (this.connChargedBytes > 0 && this.connChargedBytes + bytes > MAX_INFLIGHT_BYTES_PER_CONNECTION) return; // our releases kick
     }
     const budget = this.limits.budget;
-    let c = budget.tryCharge(bytes);
+    let c = budget.tryCharge(bytes, this);
     if (!c && this.bank.size > 0) {
       this.giveBackBuffers();
-      c = budget.tryCharge(bytes);
+      c = budget.tryCharge(bytes, this);
     }
     if (c) {
       this.needBytes = undefined;
@@ -439,7 +439,7 @@ export class NativeTransmission extends Transmission {
       }
       this.needBytes = undefined;
       this.grant(granted);
-    });
+    }, this);
   }
 
   /**

@@ -287,13 +287,13 @@ export class Transmission {
     const bytes = req.length;
     if (this.connChargedBytes > 0 && this.connChargedBytes + bytes > MAX_INFLIGHT_BYTES_PER_CONNECTION) return false; // our own releases retry
     const budget = this.limits.budget;
-    const charge = budget.tryCharge(bytes);
+    const charge = budget.tryCharge(bytes, this);
     if (charge) {
       this.hold(req, charge);
       return true;
     }
     this.log.debug({ bytes, usedBytes: budget.usedBytes }, 'memory budget spent: waiting');
-    this.cancelBudgetWait = budget.wait(bytes, (c) => this.onGranted(req, c));
+    this.cancelBudgetWait = budget.wait(bytes, (c) => this.onGranted(req, c), this);
     return false;
   }
 

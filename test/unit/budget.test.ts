@@ -5,7 +5,7 @@
  */
 import { strict as assert } from 'assert';
 import { Charge, MemoryBudget } from '../../src/nbd/budget';
-import { MEMORY_BUDGET_BYTES_MIN, SMALL_CHARGE_BYTES_MAX, SMALL_LANE_BYTES } from '../../src/nbd/limits';
+import { MEMORY_BUDGET_BYTES_DEFAULT, MEMORY_BUDGET_BYTES_MIN, SMALL_CHARGE_BYTES_MAX, SMALL_LANE_BYTES_MAX, SMALL_LANE_BYTES_MIN, SMALL_LANE_BYTES_PER_OWNER } from '../../src/nbd/limits';
 import * as P from '../../src/nbd/protocol';
 import { Request, RequestParser, writeU64 } from '../../src/nbd/wire';
 
@@ -35,7 +35,8 @@ describe('MemoryBudget', function () {
   it('lets small charges pass waiting large ones through a bounded lane', async function () {
     const cap = MEMORY_BUDGET_BYTES_MIN;
     const b = new MemoryBudget(cap);
-    const bulk = b.tryCharge(cap - SMALL_LANE_BYTES - MiB);
+    assert.equal(b.laneBytes, SMALL_LANE_BYTES_MIN, 'the smallest budget has the smallest lane');
+    const bulk = b.tryCharge(cap - b.laneBytes - MiB);
     assert.ok(bulk);
     let bigGranted = false;
     b.wait(P.MAX_PAYLOAD_BYTES, () => (bigGranted = true));
@@ -46,7 +47,7 @@ describe('MemoryBudget', function () {
       assert.ok(c.lane, 'passing a waiter is a lane charge');
       smalls.push(c);
     }
-    assert.equal(smalls.length * SMALL_CHARGE_BYTES_MAX, SMALL_LANE_BYTES, 'the lane is bounded');
+    assert.equal(smalls.length * SMALL_CHARGE_BYTES_MAX, b.laneBytes, 'the lane is bounded');
     b.release(bulk);
     await tick();
     assert.ok(bigGranted, 'the large waiter fits beside a full lane');
@@ -54,10 +55,63 @@ describe('MemoryBudget', function () {
     assert.equal(b.usedBytes, P.MAX_PAYLOAD_BYTES);
   });
 
+  it('gives one owner at most its share of the lane: a client that never reads cannot close it to the others', async function () {
+    const b = new MemoryBudget(MEMORY_BUDGET_BYTES_DEFAULT);
+    assert.equal(b.laneBytes, SMALL_LANE_BYTES_MAX, 'the default budget has the full lane');
+    const bulk = b.tryCharge(MEMORY_BUDGET_BYTES_DEFAULT - P.MAX_PAYLOAD_BYTES + MiB);
+    assert.ok(bulk);
+    let bigGranted = false;
+    b.wait(P.MAX_PAYLOAD_BYTES, () => (bigGranted = true));
+    // A hog (one connection) takes what it can through the lane: its share, no more.
+    const hog = {};
+    const hogs: Charge[] = [];
+    for (let c = b.tryCharge(SMALL_CHARGE_BYTES_MAX, hog); c; c = b.tryCharge(SMALL_CHARGE_BYTES_MAX, hog)) hogs.push(c);
+    assert.equal(hogs.length * SMALL_CHARGE_BYTES_MAX, SMALL_LANE_BYTES_PER_OWNER);
+    assert.equal(b.laneBytesOf(hog), SMALL_LANE_BYTES_PER_OWNER);
+    // Its further small requests wait; another connection's 4 KiB passes at once.
+    let hogWaitGranted = false;
+    b.wait(4096, () => (hogWaitGranted = true), hog);
+    const other = {};
+    const c = b.tryCharge(4096, other);
+    assert.ok(c?.lane, 'another connection still passes through the lane');
+    // A waiter of another owner queued behind the large one is granted through the lane too.
+    let otherWaitGranted = false;
+    const otherMore = b.tryCharge(SMALL_CHARGE_BYTES_MAX, other);
+    assert.ok(otherMore?.lane);
+    assert.equal(b.tryCharge(SMALL_CHARGE_BYTES_MAX, other), undefined, 'beyond its share another owner waits too');
+    b.wait(4096, () => (otherWaitGranted = true), {});
+    await tick();
+    assert.ok(otherWaitGranted, 'a queued small waiter of another owner passes');
+    assert.ok(!hogWaitGranted, 'the hog waits for its own releases (or the large waiter)');
+    b.release(hogs.pop() as Charge);
+    await tick();
+    assert.ok(hogWaitGranted, 'once under its share, the hog passes again');
+    assert.ok(!bigGranted);
+    b.release(bulk);
+    await tick();
+    assert.ok(bigGranted, 'the large waiter fits beside the lane');
+    assert.ok(b.peakBytes <= MEMORY_BUDGET_BYTES_DEFAULT);
+  });
+
+  it('keeps the lane as a reserve large charges never take', async function () {
+    const b = new MemoryBudget(MEMORY_BUDGET_BYTES_DEFAULT);
+    assert.equal(MEMORY_BUDGET_BYTES_DEFAULT - b.laneBytes, 2 * P.MAX_PAYLOAD_BYTES, 'two maximal requests fit beside the lane');
+    assert.ok(b.tryCharge(P.MAX_PAYLOAD_BYTES - 2 * MiB));
+    assert.ok(b.tryCharge(P.MAX_PAYLOAD_BYTES), 'the line fills up to the reserve');
+    assert.equal(b.tryCharge(2 * MiB + 1), undefined, 'a large charge never eats into the lane');
+    assert.ok(b.tryCharge(2 * MiB), 'the line is full');
+    const small = b.tryCharge(4096, {});
+    assert.ok(small?.lane, 'with the line full and nobody waiting, a small charge takes the lane');
+    let granted: Charge | undefined;
+    b.wait(4096, (c) => (granted = c), {});
+    await tick();
+    assert.ok(granted?.lane, 'so does a small waiter at the head of the line');
+    assert.ok(b.usedBytes <= MEMORY_BUDGET_BYTES_DEFAULT);
+  });
+
   it('a cancelled waiter is skipped and the next one granted', async function () {
     const b = new MemoryBudget(MEMORY_BUDGET_BYTES_MIN);
-    assert.ok(b.tryCharge(MEMORY_BUDGET_BYTES_MIN - SMALL_LANE_BYTES));
-    const all = b.tryCharge(SMALL_LANE_BYTES); // the budget is now full
+    const all = b.tryCharge(MEMORY_BUDGET_BYTES_MIN - b.laneBytes); // the line is now full
     assert.ok(all);
     let got = 0;
     const cancel = b.wait(2 * MiB, () => (got += 1));
