@@ -237,6 +237,7 @@ export class CpWriter {
       return n;
     };
     const BATCH = this.writeChunkBlocks;
+    const shipping = this.sink() !== undefined;
     for (let l = 0; l < plan.length; l++) {
       const lvl = plan[l]!;
       const below = l > 0 ? plan[l - 1]! : null;
@@ -257,7 +258,12 @@ export class CpWriter {
           const index = lvl.index[k]!;
           const oldPtr = lvl.oldPtr[k]!;
           const old = oldPtr ? await this.verified.readNode(oldPtr, l, index, false) : null;
-          const buf = old ? Buffer.from(old) : Buffer.alloc(BLOCK);
+          // A node read for this edit (not the cache's buffer) is ours to change, unless a
+          // mirror is shipping the CP (it deltas against the old contents; without them it
+          // would read the old block back). Random writes over a large volume touch a new
+          // leaf per block: a copy each was 4 KiB of garbage per block per CP.
+          const inPlace = old !== null && oldPtr !== null && !shipping && this.cache.peek(oldPtr) !== old;
+          const buf = old ? (inPlace ? old : Buffer.from(old)) : Buffer.alloc(BLOCK);
           // Whether the node ends up empty: certain not when the CP writes a pointer into
           // it (the common case), otherwise its slots are counted after the edit.
           let wrotePtr = false;
@@ -287,7 +293,7 @@ export class CpWriter {
           writeNodeHeader(buf, { type: NODE_TYPE_DATA_TREE, level: l, index }, pba, cp, this.uuidBytes);
           const ptr: BlockPtr = { pba, birth: cp, crc: crc32c(buf) };
           lvl.newPtr[k] = ptr;
-          out[j] = old && oldPtr ? { pba, buf, prevPba: oldPtr.pba, prev: old } : { pba, buf };
+          out[j] = old && oldPtr ? (inPlace ? { pba, buf, prevPba: oldPtr.pba } : { pba, buf, prevPba: oldPtr.pba, prev: old }) : { pba, buf };
           // Safe before the CP is durable: only a pointer with this pba, birth and crc can hit it.
           this.cache.put(ptr, buf);
         });

@@ -39,6 +39,12 @@ export class NodeCache {
     return e.buf;
   }
 
+  /** The cached block for p, if any, without touching its recency or the counters. */
+  peek(p: BlockPtr): Buffer | undefined {
+    const e = this.map.get(p.pba);
+    return e && e.birth === p.birth && e.crc === p.crc ? e.buf : undefined;
+  }
+
   put(p: BlockPtr, buf: Buffer): void {
     this.map.delete(p.pba);
     this.map.set(p.pba, { birth: p.birth, crc: p.crc, buf });

@@ -273,6 +273,23 @@ describe('tree: reads, writes and commits', () => {
     assert.ok(few.length >= 1 && few.length < 4, `a budget of 3 address blocks stops early (${few.join(',')})`);
   });
 
+  it('a CP never changes an address block buffer someone else holds (the cache\'s, a reader\'s); it edits only its own copy', async () => {
+    const { tree } = await fresh(GiB);
+    await tree.commitCp(writes([[0, 1], [1, 2]]), meta(1));
+    // A reader holds the cached leaf (the block map keeps leaves like this between CPs).
+    const held: Buffer[] = [];
+    await tree.readLeaves(0, 2, (_base, node) => held.push(node), 10);
+    await tree.readRange(0, 1, Buffer.alloc(B));
+    assert.equal(held.length, 1);
+    const before = Buffer.from(held[0]!);
+    await tree.commitCp(writes([[2, 3], [1, null]]), meta(2));
+    assert.ok(held[0]!.equals(before), 'the held leaf changed under its reader');
+    const out = Buffer.alloc(3 * B);
+    await tree.readRange(0, 3, out);
+    assert.ok(out.subarray(0, B).equals(block(1)) && out.subarray(B, 2 * B).equals(Buffer.alloc(B)) && out.subarray(2 * B).equals(block(3)));
+    await assertCheckOk(tree);
+  });
+
   it('rejects bad changes before changing anything', async () => {
     const { tree } = await fresh(GiB);
     await assert.rejects(tree.commitCp([{ lbn: GiB / B, data: block(1) }], meta(1)), /outside the volume/);
