@@ -9,7 +9,7 @@ import * as cp from 'child_process';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { createHostPair, netnsAvailable, type HostPair } from '../net/netns';
+import { TOOL_ENV, createHostPair, netnsAvailable, type HostPair } from '../net/netns';
 import { BIN, ROOT, md5OfExport, sh, sourceStatus, until } from './helpers';
 import { controlRequest } from '../../src/volume/engine-control';
 import { BASELINE_MARKER_NAME } from '../../src/mirror/mirror-dir';
@@ -70,6 +70,8 @@ describe('mirror: two hosts (network namespaces)', function () {
     uuid: string;
     mode: 'sync' | 'async';
     extra: string[];
+    /** Environment added to the receiver's (e.g. NVMIRROR_MIRROR_NATIVE=0). */
+    rxEnv?: NodeJS.ProcessEnv;
     source?: cp.ChildProcess;
     receiver?: cp.ChildProcess;
   }
@@ -79,6 +81,7 @@ describe('mirror: two hosts (network namespaces)', function () {
     const b = pair.host('b');
     s.receiver = pair.spawn('b', BIN, ['receive', path.join(tmp, 'dst'), '--listen', `${b.addr}:${PORT}`, '--export-socket', s.expSock, ...link, ...extra], {
       stdio: ['ignore', 'ignore', fs.openSync(path.join(tmp, 'rx.log'), 'a')],
+      ...(s.rxEnv ? { env: { ...TOOL_ENV, ...s.rxEnv } } : {}),
     });
     await until('receiver socket', () => fs.existsSync(s.expSock), 90_000);
   }
@@ -107,10 +110,11 @@ describe('mirror: two hosts (network namespaces)', function () {
     return { src, srcSock: path.join(tmp, 'src.sock'), expSock: path.join(tmp, 'exp.sock'), uuid, mode, extra };
   }
 
-  async function start(mode: 'sync' | 'async', extra: string[] = [], sizeArg = '256M', link?: string[]): Promise<Setup> {
+  async function start(mode: 'sync' | 'async', extra: string[] = [], sizeArg = '256M', link?: string[], rx: { env?: NodeJS.ProcessEnv; args?: string[] } = {}): Promise<Setup> {
     const s = setup(mode, extra, sizeArg);
+    if (rx.env) s.rxEnv = rx.env;
     const src = s.src;
-    await startReceiver(s, link);
+    await startReceiver(s, link, rx.args);
     await startSource(s, link);
     await until('mirror in sync', () => sourceStatus(src)?.state === 'in-sync');
     return s;
@@ -140,9 +144,12 @@ describe('mirror: two hosts (network namespaces)', function () {
     assert.strictEqual(b, a, 'the mirror export differs from the source');
   }
 
-  for (const mode of ['sync', 'async'] as const) {
-    it(`${mode}: after fio with verify the mirror's root equals the source's and both exports are byte-identical`, async () => {
-      const s = await start(mode, mode === 'sync' ? ['--metrics', `127.0.0.1:${METRICS_PORT}`] : []);
+  // The receiver takes plain streams on its native thread; NVMIRROR_MIRROR_NATIVE=0 keeps
+  // them on the event loop (the path TLS links take), checked here over plaintext too.
+  for (const [mode, eventLoop] of [['sync', false], ['async', false], ['sync', true]] as const) {
+    it(`${mode}${eventLoop ? ' (receiver on the event loop, NVMIRROR_MIRROR_NATIVE=0)' : ''}: after fio with verify the mirror's root equals the source's and both exports are byte-identical`, async () => {
+      const rx = { args: ['--log-level', 'debug'], ...(eventLoop ? { env: { NVMIRROR_MIRROR_NATIVE: '0' } } : {}) };
+      const s = await start(mode, mode === 'sync' && !eventLoop ? ['--metrics', `127.0.0.1:${METRICS_PORT}`] : [], '256M', undefined, rx);
       const before = await txBytes(pair);
       sh('fio', ['--name=m', '--ioengine=nbd', `--uri=nbd+unix:///?socket=${s.srcSock}`, '--rw=randwrite', '--bs=4k', '--size=64M', '--io_size=16M',
         '--iodepth=16', '--verify=crc32c', '--verify_fatal=1', '--randrepeat=1', `--directory=${tmp}`], 120_000);
@@ -161,7 +168,9 @@ describe('mirror: two hosts (network namespaces)', function () {
       const m = sourceStatus(s.src)!;
       assert.ok(m.cpsAcknowledged >= 3, `only ${m.cpsAcknowledged} CPs acknowledged`);
       assert.strictEqual(m.rootMismatches, 0);
-      if (mode === 'sync') {
+      const rxLog = fs.readFileSync(path.join(tmp, 'rx.log'), 'utf8');
+      assert.strictEqual(/mirror stream on the native receive thread/.test(rxLog), !eventLoop, `the receiver ${eventLoop ? 'used' : 'did not use'} its native thread`);
+      if (mode === 'sync' && !eventLoop) {
         // The same figures in the Prometheus exposition.
         const get = `require('http').get('http://127.0.0.1:${METRICS_PORT}/metrics', (r) => { let b = ''; r.on('data', (d) => (b += d)); r.on('end', () => process.stdout.write(b)); })`;
         const text = (await pair.exec('a', 'node', ['-e', get], { timeoutMs: 10_000 })).stdout;

@@ -74,7 +74,7 @@ export const TBF_LATENCY = '400ms';
 const NFT_TABLE = 'nvmirror_test';
 
 /** PATH with the sbin directories, so `ip`, `nft` and `tc` are found from any shell. */
-const TOOL_ENV: NodeJS.ProcessEnv = {
+export const TOOL_ENV: NodeJS.ProcessEnv = {
   ...process.env,
   PATH: `${process.env.PATH ?? '/usr/bin:/bin'}:/usr/local/sbin:/usr/sbin:/sbin`,
 };
