@@ -126,6 +126,7 @@ bool GetCallback(const Napi::CallbackInfo& info, size_t i, const char* fn, Napi:
 }  // namespace nvm
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  nvm::InitPriority(env, exports);  // first: the launcher keeps the starting priority
   nvm::InitIo(env, exports);
   nvm::InitNvram(env, exports);
   nvm::InitChecksum(env, exports);

@@ -17,6 +17,7 @@
 
 #include <cerrno>
 #include <cstdint>
+#include <functional>
 #include <string>
 
 namespace nvm {
@@ -94,6 +95,15 @@ void InitParity(Napi::Env env, Napi::Object exports);
 void InitNbdServe(Napi::Env env, Napi::Object exports);
 void InitDelta(Napi::Env env, Napi::Object exports);
 void InitMirrorRx(Napi::Env env, Napi::Object exports);
+void InitPriority(Napi::Env env, Napi::Object exports);
+
+// Makes the launcher thread (priority.cc) if it does not exist yet: before anything lowers
+// the event loop's priority, so it keeps the priority the process started with.
+void EnsureLauncher();
+// Starts fn on a detached thread made by the launcher: at the process's starting priority,
+// whatever the caller's, named `name` (at most 15 characters are kept). For every thread
+// that answers clients. False if no thread could be made (fn is dropped).
+bool StartForegroundThread(const char* name, std::function<void()> fn);
 
 }  // namespace nvm
 

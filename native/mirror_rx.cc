@@ -730,7 +730,11 @@ Napi::Value Start(const Napi::CallbackInfo& info) {
   rx->Feed(leftover.Data(), leftover.Length());
   auto* ctx = new RxPtr(rx);
   rx->tsfn = Napi::ThreadSafeFunction::New(env, cb, "mirrorRx", 0, 1, ctx, [](Napi::Env, RxPtr* p) { delete p; });
-  std::thread([rx]() { rx->Run(); }).detach();
+  if (!StartForegroundThread("nvm-mirror-rx", [rx]() { rx->Run(); })) {  // it acks records: at the starting priority
+    rx->tsfn.Release();
+    ErrnoError(env, EAGAIN, "pthread_create").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
   auto handle = Napi::External<RxPtr>::New(env, new RxPtr(rx), [](Napi::Env, RxPtr* p) { delete p; });
   napi_type_tag_object(env, handle, &kRxTag);
   return handle;

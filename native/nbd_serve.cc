@@ -302,9 +302,12 @@ class ReadPool {
     std::lock_guard<std::mutex> l(mu_);
     if (q_.size() >= kReadQueueMax) return false;
     q_.push_back(std::move(fn));
-    if (started_ < kThreads && idle_ == 0) {
+    // Reads answer clients: the launcher makes the threads, at the starting priority.
+    if (started_ < kThreads && idle_ == 0 && StartForegroundThread("nvm-nbd-read", [this] { Loop(); })) {
       started_++;
-      std::thread([this] { Loop(); }).detach();
+    } else if (started_ == 0) {
+      q_.pop_back();  // no thread at all: not taken (the caller answers another way)
+      return false;
     } else {
       cv_.notify_one();
     }
@@ -1330,7 +1333,13 @@ Napi::Value Start(const Napi::CallbackInfo& info) {
   auto* ctx = new ConnPtr(c);
   c->tsfn = Napi::ThreadSafeFunction::New(env, cb, "nbdServe", 0, 1, ctx,
                                           [](Napi::Env, ConnPtr* p) { delete p; });
-  std::thread([c]() { c->Run(); }).detach();
+  if (!StartForegroundThread("nvm-nbd-conn", [c]() { c->Run(); })) {  // the launcher: at the starting priority
+    c->tsfn.Release();
+    ::close(own);  // Run() would have closed both
+    ::close(wake);
+    ErrnoError(env, EAGAIN, "pthread_create").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
   auto handle = Napi::External<ConnPtr>::New(env, new ConnPtr(c), [](Napi::Env, ConnPtr* p) { delete p; });
   napi_type_tag_object(env, handle, &kConnTag);
   return handle;

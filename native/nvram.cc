@@ -164,17 +164,12 @@ struct Pool {
 };
 Pool* const g_pool = new Pool();
 
-void RunJob(PersistJob* job) {
-  if (job->len != 0) {
-    if (job->kind == JobKind::kMsync) {
-      if (::msync(job->start, job->len, MS_SYNC) != 0) job->err = errno;
-    } else {
-      if (::madvise(job->start, job->len, MADV_POPULATE_WRITE) != 0) job->err = errno;
-    }
-  }
+// Hands the job's result to its callback on the event loop, from a pool thread (blocking:
+// waits for room in the queue) or from the event loop itself (no thread could be made).
+void FinishJob(PersistJob* job, bool blocking) {
   const char* name = job->kind == JobKind::kMsync ? "msync" : "madvise";
   Napi::ThreadSafeFunction tsfn = job->tsfn;
-  napi_status st = tsfn.BlockingCall(job, [name](Napi::Env env, Napi::Function cb, PersistJob* j) {
+  auto call = [name](Napi::Env env, Napi::Function cb, PersistJob* j) {
     if (env == nullptr) return;  // shutting down: leak the job (see below)
     int err = j->err;
     j->buf.Reset();
@@ -185,11 +180,23 @@ void RunJob(PersistJob* job) {
     } else {
       cb.Call({env.Null()});
     }
-  });
+  };
+  napi_status st = blocking ? tsfn.BlockingCall(job, call) : tsfn.NonBlockingCall(job, call);
   // On failure (the environment is shutting down) the job is not deleted: its Reference
   // may only be released on the JS thread, which no longer runs; leaking it is harmless.
   (void)st;
   tsfn.Release();
+}
+
+void RunJob(PersistJob* job) {
+  if (job->len != 0) {
+    if (job->kind == JobKind::kMsync) {
+      if (::msync(job->start, job->len, MS_SYNC) != 0) job->err = errno;
+    } else {
+      if (::madvise(job->start, job->len, MADV_POPULATE_WRITE) != 0) job->err = errno;
+    }
+  }
+  FinishJob(job, true);
 }
 
 void PoolThread() {
@@ -207,9 +214,12 @@ void PoolThread() {
 
 void Submit(PersistJob* job) {
   std::lock_guard<std::mutex> lock(g_pool->mutex);
-  while (g_pool->threads < kPersistThreads) {
-    std::thread(PoolThread).detach();
-    g_pool->threads++;
+  // Client-facing (a FLUSH waits on msync): made by the launcher, at the starting priority.
+  while (g_pool->threads < kPersistThreads && StartForegroundThread("nvm-persist", PoolThread)) g_pool->threads++;
+  if (g_pool->threads == 0) {  // no thread could be made: the job fails, it does not hang
+    job->err = EAGAIN;
+    FinishJob(job, false);
+    return;
   }
   g_pool->queue.push_back(job);
   g_pool->cv.notify_one();

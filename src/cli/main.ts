@@ -4,6 +4,8 @@
  */
 // First: sets the thread pool's size before any module or command can start a job on it.
 import './threadpool';
+// Second: lowers the event loop's priority before libuv's pool exists (its threads inherit it).
+import './priority';
 import { Command, CommanderError } from 'commander';
 import { registerServe } from './serve';
 import { registerAttach } from './attach';

@@ -64,6 +64,13 @@ interface RawAddon {
   xorInto(dst: Buffer, src: Buffer, length: number): void;
   /** RAID-6 P+Q over data columns (all same length) into p and q. */
   pqGen(data: Buffer[], p: Buffer, q: Buffer): void;
+  /**
+   * Raises the calling thread's nice value by delta (capped at 19); returns the new value. Threads
+   * that answer clients are made by a launcher that keeps the starting priority (native/priority.cc).
+   */
+  lowerPriority(delta: number): number;
+  /** The calling thread's nice value. */
+  threadNice(): number;
   // The kernel nbd functions (socketpair, nbdAttach, nbdDetach; native/nbd_attach.cc) are
   // typed and validated in src/attach/kernel.ts, their only user.
 }

@@ -3,7 +3,9 @@
  * with the NVRAM small enough that CPs run every 100-200 milliseconds. Each write is
  * classified by whether a CP was running when it started (CP windows come from the
  * server's debug log), and the p99 latency during CPs must stay within 3x of the p99
- * outside them. Prints the figures.
+ * outside them. Prints the figures. And the mechanism that keeps it so: the threads that
+ * answer clients run at the server's starting priority, the event loop and libuv's pool
+ * (where CPs run) below them (src/cli/priority.ts, native/priority.cc).
  */
 import { strict as assert } from 'assert';
 import * as fs from 'fs';
@@ -20,6 +22,15 @@ const RUN_MS = Number(process.env.NVMIRROR_LATENCY_MS ?? 16000);
 // answered on the NBD thread (8-12K/s here) it gave 130-190 CPs, one every ~90 ms. 16 MiB gives
 // 104-143. (The bound is unchanged; one CI run at 8 MiB measured 5.7x, cause not found.)
 const NVRAM_SIZE = process.env.NVMIRROR_LATENCY_NVRAM ?? '16M';
+
+/** Each thread of pid: its name and nice value (/proc/PID/task/TID/stat field 19). */
+function threadsOf(pid: number): Array<{ tid: number; comm: string; nice: number }> {
+  return fs.readdirSync(`/proc/${pid}/task`).map((t) => {
+    const stat = fs.readFileSync(`/proc/${pid}/task/${t}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' '); // from field 3 (state) on
+    return { tid: Number(t), comm: fs.readFileSync(`/proc/${pid}/task/${t}/comm`, 'utf8').trim(), nice: Number(fields[19 - 3]) };
+  });
+}
 
 function pct(sorted: number[], p: number): number {
   if (sorted.length === 0) return NaN;
@@ -70,5 +81,38 @@ describe('crash: CP latency', function () {
     assert.ok(during.length >= 100, `only ${during.length} writes during CPs`);
     const ratio = pct(during, 0.99) / pct(outside, 0.99);
     assert.ok(ratio <= 3, `p99 during CPs exceeds 3x the p99 outside CPs: ${pct(during, 0.99).toFixed(0)} vs ${pct(outside, 0.99).toFixed(0)} us (${ratio.toFixed(2)}x)`);
+  });
+
+  it('the threads that answer clients keep the starting priority; the event loop and its pool run 10 nice levels below', async () => {
+    const dir = path.join(tmp, 'prio');
+    assert.equal((await runCli(['create', dir, '--size', '64M', '--nvram-size', '16M'])).code, 0);
+    const base = os.getPriority(0);
+    const POOL_THREADS = 6;
+    for (const [setting, delta] of [[undefined, 10], ['0', 0], ['3', 3]] as const) {
+      const sock = path.join(tmp, `p${delta}`);
+      const env: NodeJS.ProcessEnv = { UV_THREADPOOL_SIZE: String(POOL_THREADS) };
+      if (setting !== undefined) env.NVMIRROR_BACKGROUND_NICE = setting;
+      const server = await ServedVolume.start(dir, sock, [], 30_000, env);
+      try {
+        const c = await NbdClient.connect(sock, '');
+        await c.write(0, Buffer.alloc(BS, 1), false); // on the connection's thread
+        await c.write(BS, Buffer.alloc(BS, 2), true); // FUA: through the event loop and the pool
+        const threads = threadsOf(server.pid);
+        await c.close();
+        const low = Math.min(19, base + delta);
+        const main = threads.find((t) => t.tid === server.pid)!;
+        const named = (n: string) => threads.filter((t) => t.comm === n);
+        const where = `NVMIRROR_BACKGROUND_NICE=${setting ?? '(unset)'}: ${JSON.stringify(threads.map((t) => `${t.comm}:${t.nice}`))}`;
+        assert.equal(main.nice, low, `the event loop, ${where}`);
+        assert.ok(named('nvm-nbd-conn').length === 1 && named('nvm-nbd-conn')[0]!.nice === base, `the connection thread, ${where}`);
+        assert.ok(named('nvm-launcher').length === 1 && named('nvm-launcher')[0]!.nice === base, `the launcher, ${where}`);
+        // libuv's workers are named 'node' (this Node) or 'libuv-worker' (newer libuv), as are
+        // V8's (made before the event loop's priority changed): at least the pool's are low.
+        const unnamed = threads.filter((t) => t.tid !== server.pid && (t.comm === 'node' || t.comm === 'libuv-worker'));
+        assert.ok(unnamed.filter((t) => t.nice === low).length >= POOL_THREADS, `libuv's ${POOL_THREADS} pool threads, ${where}`);
+      } finally {
+        assert.equal(await server.stop(), 0);
+      }
+    }
   });
 });

@@ -66,10 +66,10 @@ export class ServedVolume {
   }
 
   /** Starts `nvmirror serve DIR --socket S ...extra` and waits until it says it is serving. */
-  static async start(dir: string, socketPath: string, extra: string[] = [], timeoutMs = 30_000): Promise<ServedVolume> {
+  static async start(dir: string, socketPath: string, extra: string[] = [], timeoutMs = 30_000, env: NodeJS.ProcessEnv = {}): Promise<ServedVolume> {
     const child = spawn(process.execPath, [BIN, 'serve', dir, '--socket', socketPath, '--log-level', 'warn', ...extra], {
       stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...process.env, NVMIRROR_LOG_LEVEL: 'warn' },
+      env: { ...process.env, NVMIRROR_LOG_LEVEL: 'warn', ...env },
     });
     const sv = new ServedVolume(child);
     let out = '';

@@ -343,9 +343,18 @@ describe('mirror native receive thread', function () {
       // The peer writes frames as fast as the socket takes them, as a source mid-resync does.
       const w = new FrameWriter();
       let writing = true;
+      // An error is a failure only if it came before the REFUSE was read: the check below
+      // polls, so both may be there by then, and their order is what the test is about.
       let clientError: Error | undefined;
+      let errorAfterMs = 0;
       let ended = false;
-      c.client.on('error', (e) => (clientError = e));
+      let closedAt = 0;
+      c.client.on('error', (e) => {
+        if (!c.acks.some((m) => m.type === MsgType.Refuse)) {
+          clientError = e;
+          errorAfterMs = Date.now() - closedAt;
+        }
+      });
       c.client.on('end', () => (ended = true));
       const pump = (): void => {
         while (writing && !c.client.destroyed) {
@@ -359,10 +368,11 @@ describe('mirror native receive thread', function () {
       pump();
       await until('frames arriving', () => c.frames.length > 20);
       c.rx.send({ type: MsgType.Refuse, reason: 'the destination cannot apply the stream: ENOSPC' });
+      closedAt = Date.now();
       c.rx.close(true, 2000);
       await until('the REFUSE or an error at the peer', () => c.acks.some((m) => m.type === MsgType.Refuse) || clientError !== undefined, 10_000);
       writing = false;
-      assert.strictEqual(clientError, undefined, `round ${round}: the peer saw ${clientError?.message} before the REFUSE`);
+      assert.strictEqual(clientError, undefined, `round ${round}: the peer saw ${clientError?.message} ${errorAfterMs} ms after close(), before the REFUSE`);
       const refuse = c.acks.find((m) => m.type === MsgType.Refuse);
       assert.ok(refuse && refuse.type === MsgType.Refuse && /ENOSPC/.test(refuse.reason));
       c.client.end();
