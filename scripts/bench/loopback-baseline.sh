@@ -14,7 +14,7 @@ FILL=${1:-2G}
 ROOT=${ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 W=${W:-/var/tmp/nvm-loopback-baseline}
 MAIN="$ROOT/dist/src/cli/main.js"
-FLAGS=""   # node flags for both processes, if any
+FLAGS="--max-semi-space-size=8"   # src/cli/node-flags.ts
 rm -rf "$W"; mkdir -p "$W"
 # Waits until the source ($SP) logs $1, then prints that line (fails if the source exits first).
 wait_logged() {

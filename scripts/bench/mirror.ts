@@ -51,6 +51,7 @@ import { createHostPair, HostPair, netnsAvailable } from '../../test/net/netns';
 import type { RelayFaults, RelayOptions, RelayStats } from '../../test/net/relay';
 import { controlRequest } from '../../src/volume/engine-control';
 import { formatSize } from '../../src/util/size';
+import { NODE_FLAGS } from '../../src/cli/node-flags';
 
 const MIB = 1024 * 1024;
 const PORT = 17311;
@@ -588,7 +589,7 @@ class MirrorBench {
   }
 
   private nvm(host: 'a' | 'b', name: string, args: string[]): NsProcess {
-    return new NsProcess(name, this.pair.spawn(host, process.execPath, [this.bin, ...args], { stdio: ['ignore', 'pipe', 'pipe'], cwd: this.dir }));
+    return new NsProcess(name, this.pair.spawn(host, process.execPath, [...NODE_FLAGS, this.bin, ...args], { stdio: ['ignore', 'pipe', 'pipe'], cwd: this.dir }));
   }
 
   /** A mirrored run goes through the relay when it has a delay or `viaRelay` (the stall run stalls the relay). */

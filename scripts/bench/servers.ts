@@ -16,6 +16,7 @@
 import { ChildProcess, spawn, execFileSync } from 'child_process';
 import * as fs from 'fs';
 import * as path from 'path';
+import { NODE_FLAGS } from '../../src/cli/node-flags';
 
 const START_TIMEOUT_MS = 60_000;
 const STOP_TIMEOUT_MS = 60_000;
@@ -222,7 +223,7 @@ export function nvmirrorMemory(repoRoot: string, sizeBytes: number): ServerSpec 
     id: 'nvmirror-memory',
     describe: `nvmirror serve --memory ${sizeBytes}`,
     prepare: async () => undefined,
-    command: (_dir, socket) => ({ argv: [node, nvmirrorBin(repoRoot), 'serve', '--memory', String(sizeBytes), '--socket', socket], ready: 'stdout-serving' }),
+    command: (_dir, socket) => ({ argv: [node, ...NODE_FLAGS, nvmirrorBin(repoRoot), 'serve', '--memory', String(sizeBytes), '--socket', socket], ready: 'stdout-serving' }),
     cleanup: async () => undefined,
   };
 }
@@ -248,7 +249,7 @@ export function nvmirrorFile(repoRoot: string, sizeBytes: number, label = 'nvmir
     id: 'nvmirror-file',
     describe: `nvmirror serve --file IMG (${sizeBytes} bytes, written, cache dropped before each run)`,
     prepare: (dir) => prepareImage(dir, sizeBytes),
-    command: (dir, socket) => ({ argv: [node, nvmirrorBin(repoRoot), 'serve', '--file', path.join(dir, 'disk.img'), '--socket', socket], ready: 'stdout-serving' }),
+    command: (dir, socket) => ({ argv: [node, ...NODE_FLAGS, nvmirrorBin(repoRoot), 'serve', '--file', path.join(dir, 'disk.img'), '--socket', socket], ready: 'stdout-serving' }),
     cleanup: async () => undefined, // the image is reused by the next run (see prepareImage)
   };
 }
@@ -289,7 +290,7 @@ export function nvmirrorEngine(repoRoot: string, o: EngineOptions, label = 'engi
       }
     },
     command: (dir, socket) => ({
-      argv: [node, nvmirrorBin(repoRoot), 'serve', volDir(dir), '--socket', socket, '--cp-interval', String(o.cpIntervalMs)],
+      argv: [node, ...NODE_FLAGS, nvmirrorBin(repoRoot), 'serve', volDir(dir), '--socket', socket, '--cp-interval', String(o.cpIntervalMs)],
       ready: 'stdout-serving',
     }),
     cleanup: async (dir) => fs.rmSync(volDir(dir), { recursive: true, force: true }),

@@ -6,6 +6,7 @@
  */
 import { spawn, type ChildProcess } from 'child_process';
 import * as path from 'path';
+import { NODE_FLAGS } from '../../src/cli/node-flags';
 
 export const ROOT = path.resolve(__dirname, '..', '..', '..');
 export const BIN = path.join(ROOT, 'bin', 'nvmirror');
@@ -40,7 +41,7 @@ export interface CliResult {
 /** Runs `nvmirror ARGS...` to completion. */
 export function runCli(args: string[], timeoutMs = 60_000): Promise<CliResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, NVMIRROR_LOG_LEVEL: 'warn' } });
+    const child = spawn(process.execPath, [...NODE_FLAGS, BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, NVMIRROR_LOG_LEVEL: 'warn' } });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d: Buffer) => { stdout += d.toString(); });
@@ -67,7 +68,7 @@ export class ServedVolume {
 
   /** Starts `nvmirror serve DIR --socket S ...extra` and waits until it says it is serving. */
   static async start(dir: string, socketPath: string, extra: string[] = [], timeoutMs = 30_000, env: NodeJS.ProcessEnv = {}): Promise<ServedVolume> {
-    const child = spawn(process.execPath, [BIN, 'serve', dir, '--socket', socketPath, '--log-level', 'warn', ...extra], {
+    const child = spawn(process.execPath, [...NODE_FLAGS, BIN, 'serve', dir, '--socket', socketPath, '--log-level', 'warn', ...extra], {
       stdio: ['ignore', 'pipe', 'pipe'],
       env: { ...process.env, NVMIRROR_LOG_LEVEL: 'warn', ...env },
     });

@@ -19,6 +19,7 @@ import * as fs from 'fs';
 import * as net from 'net';
 import * as os from 'os';
 import * as path from 'path';
+import { NODE_FLAGS } from '../../src/cli/node-flags';
 
 /**
  * Backends every e2e suite runs against: a sparse memory volume, a raw image file, and
@@ -401,7 +402,7 @@ export async function startServer(opts: ServerOptions): Promise<Server> {
   const dir = makeTempDir(`nvm-e2e-${opts.backend}-`);
   const exportName = opts.exportName ?? '';
   const { args: bArgs, imagePath, volumeDir } = await backendArgs(opts.backend, dir, opts.sizeBytes, opts.existingStoragePath);
-  const args: string[] = [NVMIRROR_BIN, 'serve', ...bArgs, '--export', exportName, '--log-level', 'info'];
+  const args: string[] = [...NODE_FLAGS, NVMIRROR_BIN, 'serve', ...bArgs, '--export', exportName, '--log-level', 'info'];
   if (opts.readOnly) args.push('--read-only');
   if (opts.tls) {
     args.push('--tls-cert', opts.tls.certFile, '--tls-key', opts.tls.keyFile);
