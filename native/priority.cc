@@ -97,17 +97,6 @@ Napi::Value LowerPriority(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, want);
 }
 
-// threadNice() -> the calling thread's nice value (tests).
-Napi::Value ThreadNice(const Napi::CallbackInfo& info) {
-  errno = 0;
-  int now = ::getpriority(PRIO_PROCESS, static_cast<id_t>(Tid()));
-  if (now == -1 && errno != 0) {
-    ErrnoError(info.Env(), errno, "getpriority").ThrowAsJavaScriptException();
-    return info.Env().Undefined();
-  }
-  return Napi::Number::New(info.Env(), now);
-}
-
 }  // namespace
 
 void EnsureLauncher() {
@@ -135,7 +124,6 @@ bool StartForegroundThread(const char* name, std::function<void()> fn) {
 void InitPriority(Napi::Env env, Napi::Object exports) {
   EnsureLauncher();
   exports.Set("lowerPriority", Napi::Function::New(env, LowerPriority, "lowerPriority"));
-  exports.Set("threadNice", Napi::Function::New(env, ThreadNice, "threadNice"));
 }
 
 }  // namespace nvm

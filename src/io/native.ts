@@ -69,8 +69,6 @@ interface RawAddon {
    * that answer clients are made by a launcher that keeps the starting priority (native/priority.cc).
    */
   lowerPriority(delta: number): number;
-  /** The calling thread's nice value. */
-  threadNice(): number;
   // The kernel nbd functions (socketpair, nbdAttach, nbdDetach; native/nbd_attach.cc) are
   // typed and validated in src/attach/kernel.ts, their only user.
 }

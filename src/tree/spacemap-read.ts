@@ -11,6 +11,7 @@
  *   is a null pointer, not a zero leaf); snapshot maps are ORed into `summary`.
  */
 import { VolumeError } from '../util/errors';
+import { clearSetWords } from '../util/bitmap';
 import { crc32c } from '../io/checksum';
 import { forEachLimit } from '../util/work';
 import {
@@ -66,20 +67,20 @@ async function walkMap(
 
 /** The live map's leaves born after `bornAfter` into `active` (-1: all of them, after zeroing it). */
 export async function readActiveMap(read: ReadBlock, sb: Superblock, active: Buffer, bornAfter: number): Promise<void> {
-  if (bornAfter < 0) active.fill(0);
+  if (bornAfter < 0) clearSetWords(active); // fill(0) would make every page of a thin device's map resident
   await walkMap(read, sb, sb.smapRoot, bornAfter, (i, leaf) => {
     if ((i + 1) * BLOCK <= active.length) leaf.copy(active, i * BLOCK);
   }, (first, n) => {
-    if (first * BLOCK < active.length) active.fill(0, first * BLOCK, Math.min(active.length, (first + n) * BLOCK));
+    if (first * BLOCK < active.length) clearSetWords(active, first * BLOCK, Math.min(active.length, (first + n) * BLOCK));
   });
 }
 
 /** The OR of every kept snapshot's map into `summary` (zeroed first). */
 export async function readSummaryMap(read: ReadBlock, sb: Superblock, summary: Buffer): Promise<void> {
-  summary.fill(0);
+  clearSetWords(summary);
   for (const s of sb.snapshots) {
     await walkMap(read, sb, s.smapRoot, -1, (i, leaf) => {
-      for (let k = 0; k < BLOCK && i * BLOCK + k < summary.length; k++) summary[i * BLOCK + k] = summary[i * BLOCK + k]! | leaf[k]!;
+      for (let k = 0; k < BLOCK && i * BLOCK + k < summary.length; k++) if (leaf[k] !== 0) summary[i * BLOCK + k] = summary[i * BLOCK + k]! | leaf[k]!;
     }, () => undefined); // zeroed above: a hole adds nothing
   }
 }

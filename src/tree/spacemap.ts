@@ -37,7 +37,7 @@
  *   (a single member) allocation is exactly the block-level next fit.
  */
 import { assert } from '../util/assert';
-import { clearBit, isZero, orInto, pop8, popcount, popcountOr, setBit, testBit } from '../util/bitmap';
+import { clearBit, clearSetWords, isZero, moveInto, orInto, pop8, popcount, popcountOr, setBit, testBit } from '../util/bitmap';
 import {
   BITS_PER_LEAF, BLOCK, BlockPtr, FANOUT, NODE_TYPE_SPACE_MAP, NodeId, RING_SLOTS, encodePtr, heightFor, ptrSlotOffset,
   writeNodeHeader,
@@ -81,6 +81,16 @@ export class SpaceMap {
   private reservedCountNew = 0;
   private held: Buffer;
   private heldCount = 0;
+  /**
+   * Per leaf of reservedOld / reservedNew / held: 1 if the leaf may have a set bit. The
+   * per-CP passes over those bitmaps (release, merge, clear) visit only marked leaves: a
+   * 1 TiB device's bitmaps are 32 MiB each, and a pass over a whole one made it resident
+   * (reads of untouched pages count too, on this kernel), 64 MiB for the two reserved
+   * generations. A mark never misses a set bit; a marked leaf may be empty.
+   */
+  private reservedOldLeaves: Uint8Array;
+  private reservedNewLeaves: Uint8Array;
+  private heldLeaves: Uint8Array;
   private usedCount = 0;
   /** leafPtrs[i] points at bitmap leaf i; nodePtrs[l][i] at space-map node (level l, index i). */
   private readonly leafPtrs: (BlockPtr | null)[];
@@ -108,6 +118,9 @@ export class SpaceMap {
     this.reservedOld = Buffer.alloc(bytes);
     this.held = Buffer.alloc(bytes);
     this.reservedNew = Buffer.alloc(bytes);
+    this.reservedOldLeaves = new Uint8Array(this.leafCount);
+    this.reservedNewLeaves = new Uint8Array(this.leafCount);
+    this.heldLeaves = new Uint8Array(this.leafCount);
     this.leafPtrs = new Array<BlockPtr | null>(this.leafCount).fill(null);
     this.nodePtrs = [];
     let n = this.leafCount;
@@ -128,18 +141,24 @@ export class SpaceMap {
   /** Loads the live map from its root (verifying every block), then ORs in each snapshot map. */
   static async load(deviceBlocks: number, root: BlockPtr, snapshotRoots: BlockPtr[], loader: SpaceMapLoader, unitBlocks = 1): Promise<SpaceMap> {
     const m = new SpaceMap(deviceBlocks, unitBlocks);
-    await m.loadTree(root, loader, m.active, true);
+    const loaded = new Uint8Array(m.leafCount);
+    await m.loadTree(root, loader, m.active, true, loaded);
     for (let p = 0; p < RING_SLOTS; p++) if (!testBit(m.active, p)) throw new Error(`space map does not mark superblock slot ${p} in use`);
-    for (const r of snapshotRoots) await m.loadTree(r, loader, m.summary, false);
-    m.usedCount = popcountOr(m.active, m.summary);
+    for (const r of snapshotRoots) await m.loadTree(r, loader, m.summary, false, loaded);
+    // Counted over the leaves read (the rest are zero in both): a pass over the whole
+    // bitmaps would make them resident (see reservedOldLeaves).
+    for (let leaf = 0; leaf < m.leafCount; leaf++) {
+      if (loaded[leaf] !== 0) m.usedCount += popcountOr(m.active.subarray(leaf * BLOCK, (leaf + 1) * BLOCK), m.summary.subarray(leaf * BLOCK, (leaf + 1) * BLOCK));
+    }
     return m;
   }
 
   /**
    * Reads the space-map tree under root and ORs its leaves into dst. With keep, also
-   * records the tree's pointers as the live space-map tree.
+   * records the tree's pointers as the live space-map tree; `loaded[i]` is set for each
+   * leaf i read.
    */
-  async loadTree(root: BlockPtr, loader: SpaceMapLoader, dst: Buffer, keep: boolean): Promise<void> {
+  async loadTree(root: BlockPtr, loader: SpaceMapLoader, dst: Buffer, keep: boolean, loaded?: Uint8Array): Promise<void> {
     const visit = async (ptr: BlockPtr, level: number, index: number): Promise<void> => {
       const node = await loader.readNode(ptr, { type: NODE_TYPE_SPACE_MAP, level, index });
       const childCount = level === 0 ? this.leafCount : this.nodePtrs[level - 1]!.length;
@@ -167,6 +186,7 @@ export class SpaceMap {
         const end = Math.min(dst.length, (ci + 1) * BLOCK);
         for (let i = ci * BLOCK, j = 0; i < end; i++, j++) dst[i] = dst[i]! | leaf[j]!;
         if (keep) this.leafPtrs[ci] = child;
+        if (loaded) loaded[ci] = 1;
       });
     };
     await visit(root, this.height - 1, 0);
@@ -221,30 +241,55 @@ export class SpaceMap {
     let released: Run[] = [];
     if (release) {
       if (this.reservedCountOld > 0) {
-        released = SpaceMap.runsOf(this.reservedOld);
+        released = SpaceMap.runsOf(this.reservedOld, this.reservedOldLeaves);
         assert(released.reduce((n, r) => n + r.count, 0) === this.reservedCountOld, 'released runs disagree with the reserved count');
-        this.reservedOld.fill(0);
       }
+      SpaceMap.clearMarked(this.reservedOld, this.reservedOldLeaves);
       const t = this.reservedOld;
       this.reservedOld = this.reservedNew;
       this.reservedNew = t;
+      const tl = this.reservedOldLeaves;
+      this.reservedOldLeaves = this.reservedNewLeaves;
+      this.reservedNewLeaves = tl;
       this.reservedCountOld = this.reservedCountNew;
       this.reservedCountNew = 0;
     } else if (this.reservedCountNew > 0) {
-      orInto(this.reservedOld, this.reservedNew);
-      this.reservedNew.fill(0);
+      for (let leaf = 0; leaf < this.leafCount; leaf++) {
+        if (this.reservedNewLeaves[leaf] === 0) continue;
+        const a = leaf * BLOCK;
+        moveInto(this.reservedOld.subarray(a, a + BLOCK), this.reservedNew.subarray(a, a + BLOCK));
+        this.reservedOldLeaves[leaf] = 1;
+        this.reservedNewLeaves[leaf] = 0;
+      }
       this.reservedCountOld += this.reservedCountNew;
       this.reservedCountNew = 0;
     }
     return released;
   }
 
-  /** Runs of set bits, in increasing order (skips zero words quickly). */
-  static runsOf(b: Buffer): Run[] {
+  /** Zeroes the marked leaves of b (writing only their set words) and clears the marks. */
+  private static clearMarked(b: Buffer, marks: Uint8Array): void {
+    for (let leaf = 0; leaf < marks.length; leaf++) {
+      if (marks[leaf] === 0) continue;
+      clearSetWords(b, leaf * BLOCK, (leaf + 1) * BLOCK);
+      marks[leaf] = 0;
+    }
+  }
+
+  /**
+   * Runs of set bits, in increasing order (skips zero words quickly); with `marks`, only in
+   * the marked leaves (every set bit must be in one).
+   */
+  static runsOf(b: Buffer, marks?: Uint8Array): Run[] {
     assert(b.byteOffset % 4 === 0 && b.length % 4 === 0, 'bitmap must be word aligned');
     const words = new Uint32Array(b.buffer, b.byteOffset, b.length / 4);
     const runs: Run[] = [];
+    const leafWords = BLOCK / 4;
     for (let w = 0; w < words.length; w++) {
+      if (marks && w % leafWords === 0 && marks[w / leafWords] === 0) {
+        w += leafWords - 1; // an unmarked leaf has no set bit
+        continue;
+      }
       let v = words[w]!;
       while (v !== 0) {
         const bit = 31 - Math.clz32(v & -v);
@@ -410,6 +455,7 @@ export class SpaceMap {
     this.usedCount--;
     if (!(!testBit(this.reservedOld, p) && !testBit(this.reservedNew, p))) assert(false, `pba ${p} reserved twice`);
     setBit(this.reservedNew, p);
+    this.reservedNewLeaves[Math.floor(p / BITS_PER_LEAF)] = 1;
     this.reservedCountNew++;
     return true;
   }
@@ -436,6 +482,7 @@ export class SpaceMap {
       assert((next[i]! & ~old[i]! & ~this.active[i]!) === 0, 'new summary holds a block the old one did not');
       assert(((this.reservedOld[i]! | this.reservedNew[i]!) & gone) === 0, 'freed snapshot block already reserved');
       this.reservedNew[i] = this.reservedNew[i]! | gone;
+      this.reservedNewLeaves[Math.floor(i / BLOCK)] = 1;
       freed += pop8(gone);
     }
     this.summary = next;
@@ -457,6 +504,7 @@ export class SpaceMap {
       const add = map[i]! & ~this.active[i]! & ~this.summary[i]! & ~this.reservedOld[i]! & ~this.reservedNew[i]! & ~this.held[i]!;
       if (add === 0) continue;
       this.held[i] = this.held[i]! | add;
+      this.heldLeaves[Math.floor(i / BLOCK)] = 1;
       n += pop8(add);
     }
     this.heldCount += n;
@@ -470,9 +518,9 @@ export class SpaceMap {
   /** Releases every held block (the peer no longer needs the CPs they belong to); returns them. */
   releaseHeld(): Run[] {
     if (this.heldCount === 0) return [];
-    const runs = SpaceMap.runsOf(this.held);
+    const runs = SpaceMap.runsOf(this.held, this.heldLeaves);
     assert(runs.reduce((n, r) => n + r.count, 0) === this.heldCount, 'held runs disagree with the held count');
-    this.held.fill(0);
+    SpaceMap.clearMarked(this.held, this.heldLeaves);
     this.heldCount = 0;
     return runs;
   }
@@ -617,6 +665,12 @@ export class SpaceMap {
       if ((u & this.reservedOld[i]!) !== 0 || (u & this.reservedNew[i]!) !== 0 || (this.reservedOld[i]! & this.reservedNew[i]!) !== 0 || ((u | this.reservedOld[i]! | this.reservedNew[i]!) & h) !== 0) overlap++;
     }
     if (overlap > 0) problems.push(`space map: ${overlap} bitmap bytes have blocks both reserved and in use`);
+    const marked: [string, Buffer, Uint8Array][] = [['reservedOld', this.reservedOld, this.reservedOldLeaves], ['reservedNew', this.reservedNew, this.reservedNewLeaves], ['held', this.held, this.heldLeaves]];
+    for (const [name, b, marks] of marked) {
+      for (let leaf = 0; leaf < this.leafCount; leaf++) {
+        if (marks[leaf] === 0 && !isZero(b, leaf * BLOCK, (leaf + 1) * BLOCK)) problems.push(`space map: ${name} leaf ${leaf} has blocks but is not marked`);
+      }
+    }
     return problems;
   }
 

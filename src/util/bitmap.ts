@@ -45,7 +45,10 @@ export function popcountOr(a: Buffer, b: Buffer): number {
   return n;
 }
 
-/** dst |= src. */
+/**
+ * dst |= src, writing only where src has bits: a page of dst that nothing sets is never
+ * written, so it stays unbacked (a 1 TiB device's bitmaps are 32 MiB each, mostly zero).
+ */
 export function orInto(dst: Buffer, src: Buffer): void {
   assert(dst.length === src.length, 'bitmaps differ in length');
   let i = 0;
@@ -54,10 +57,35 @@ export function orInto(dst: Buffer, src: Buffer): void {
     const words = dst.length >>> 2;
     const d = new Uint32Array(dst.buffer, dst.byteOffset, words);
     const s = new Uint32Array(src.buffer, src.byteOffset, words);
-    for (let w = 0; w < words; w++) d[w] = d[w]! | s[w]!;
+    for (let w = 0; w < words; w++) {
+      const v = s[w]!;
+      if (v !== 0) d[w] = d[w]! | v;
+    }
     i = words * 4;
   }
-  for (; i < dst.length; i++) dst[i] = dst[i]! | src[i]!;
+  for (; i < dst.length; i++) if (src[i] !== 0) dst[i] = dst[i]! | src[i]!;
+}
+
+/** dst |= src, then src = 0: both written only where src had bits (see orInto). */
+export function moveInto(dst: Buffer, src: Buffer): void {
+  orInto(dst, src);
+  clearSetWords(src);
+}
+
+/**
+ * b[start, end) = 0, writing only the words that are not zero already, unlike fill(0),
+ * which writes (and so makes resident) every page of a bitmap that is mostly untouched.
+ */
+export function clearSetWords(b: Buffer, start = 0, end = b.length): void {
+  assert(start >= 0 && start <= end && end <= b.length, `clear [${start}, ${end}) of ${b.length} bytes`);
+  let i = start;
+  if ((b.byteOffset + i) % 4 === 0) {
+    const words = (end - i) >>> 2;
+    const w32 = new Uint32Array(b.buffer, b.byteOffset + i, words);
+    for (let w = 0; w < words; w++) if (w32[w] !== 0) w32[w] = 0;
+    i += words * 4;
+  }
+  for (; i < end; i++) if (b[i] !== 0) b[i] = 0;
 }
 
 /** True if buf[start, end) is all zero bytes. */

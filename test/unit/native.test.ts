@@ -542,6 +542,9 @@ describe('native addon', () => {
       ['recachePages negative length', () => raw().recachePages!(0, -1, noop), RangeError],
       ['recachePages fd not a number', () => raw().recachePages!('0', 4096, noop), TypeError],
       ['recachePages no callback', () => raw().recachePages!(0, 4096), TypeError],
+      ['lowerPriority negative', () => raw().lowerPriority!(-1), RangeError],
+      ['lowerPriority over 19', () => raw().lowerPriority!(20), RangeError],
+      ['lowerPriority not a number', () => raw().lowerPriority!('5'), TypeError],
     ];
     for (const [name, call, type] of cases) {
       it(`throws ${type.name} for ${name}`, () => {
