@@ -67,7 +67,7 @@ async function walkMap(
 
 /** The live map's leaves born after `bornAfter` into `active` (-1: all of them, after zeroing it). */
 export async function readActiveMap(read: ReadBlock, sb: Superblock, active: Buffer, bornAfter: number): Promise<void> {
-  if (bornAfter < 0) clearSetWords(active); // fill(0) would make every page of a thin device's map resident
+  if (bornAfter < 0) clearSetWords(active); // writes only set words (it still reads the whole map: see the note in spacemap.ts)
   await walkMap(read, sb, sb.smapRoot, bornAfter, (i, leaf) => {
     if ((i + 1) * BLOCK <= active.length) leaf.copy(active, i * BLOCK);
   }, (first, n) => {
