@@ -33,6 +33,21 @@
 //   stop) until it grants another (it does after each delivery),
 //   and the send queue (frames TypeScript asked to send, and at most one ack per parse
 //   pass while the peer does not read: reading stops while it holds more than kSendMax).
+//
+// Source mode (mirrorRxStart's `source`; src/mirror/source.ts, a sync mirror's plain link):
+// the same thread carries the source's side of the stream. The NVRAM appender queues
+// each record the NBD threads append (RecordForwarder: in seq order, the frame built on
+// the appending thread), TypeScript's frames go through Send as above, and a RECORD_ACK
+// from the destination releases the threads' held replies here (NvAppender::Release)
+// before TypeScript sees it.
+// - A release never covers a record not queued on this link: it is min(heldSeq, the
+//   highest seq queued here), from a frame whose number and checksum verified.
+// - RECORD_ACKs not yet taken by TypeScript are merged (the newest replaces the one
+//   queued before it: its marks only move forward), so they hold at most one body.
+// - Reading never waits for the send queue (the peer's acks must be read while records
+//   wait to go out); the queue is bounded instead: a record that does not fit
+//   kForwardQueueMax is refused at the append (TypeScript takes the WRITE), and
+//   TypeScript waits for EV_ROOM before it queues beyond its own bound.
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
@@ -49,6 +64,7 @@
 #include <vector>
 
 #include "common.h"
+#include "nv_append.h"
 
 namespace nvm {
 namespace {
@@ -73,7 +89,9 @@ constexpr uint32_t kLogMagic = 0x5244564e;  // "NVDR"
 constexpr size_t kPendingMax = 2 * 1024 * 1024;
 constexpr size_t kSendMax = 1024 * 1024;
 constexpr int kEventWidth = 6;
-enum Ev { kEvStored = 1, kEvFrame = 2, kEvError = 3, kEvEof = 4, kEvEnded = 5 };
+// Source mode: frames queued to send beyond which the appender's records are refused.
+constexpr size_t kForwardQueueMax = 48 * 1024 * 1024;
+enum Ev { kEvStored = 1, kEvFrame = 2, kEvError = 3, kEvEof = 4, kEvEnded = 5, kEvRoom = 6 };
 
 inline uint32_t Get32(const uint8_t* p) {
   uint32_t v;
@@ -116,10 +134,10 @@ struct OutFrame {
   size_t sent = 0;
 };
 
-class Rx {
+class Rx : public RecordForwarder {
  public:
-  Rx(int fd, int wake, uint64_t inFrameNo, uint64_t outFrameNo, const uint32_t* caps)
-      : fd_(fd), wake_(wake), expectIn_(inFrameNo), in_(new uint8_t[kInBytes]) {
+  Rx(int fd, int wake, uint64_t inFrameNo, uint64_t outFrameNo, const uint32_t* caps, bool source)
+      : fd_(fd), wake_(wake), source_(source), expectIn_(inFrameNo), in_(new uint8_t[kInBytes]) {
     memcpy(caps_, caps, sizeof caps_);
     outFrameNo_ = outFrameNo;
   }
@@ -155,7 +173,7 @@ class Rx {
           parked_ = false;
           resume = true;
         }
-        wantRead = draining || (!stop_ && !failed_ && !eof_ && !paused_ && !parked_ && pending_ <= kPendingMax && sendBytes_ <= kSendMax);
+        wantRead = draining || (!stop_ && !failed_ && !eof_ && !paused_ && !parked_ && pending_ <= kPendingMax && (source_ || sendBytes_ <= kSendMax));
         wantWrite = !sendq_.empty() && sendErr_ == 0;
       }
       if (resume) {  // a slab came for the CP_BLOCKS frame the last pass stopped at
@@ -180,6 +198,7 @@ class Rx {
         std::lock_guard<std::mutex> l(mu_);
         FlushLocked();
         if (sendErr_ != 0 && !stop_) ErrorLocked(std::string("socket error: ") + strerror(sendErr_), false);
+        RoomLocked();
         PostLocked();
       }
       if (draining && (p[0].revents & (POLLIN | POLLERR | POLLHUP))) {
@@ -305,8 +324,82 @@ class Rx {
       memcpy(b + at, p.first, p.second);
       at += p.second;
     }
+    if (type == kTypeRecord && len >= 8) fwdTop_ = std::max(fwdTop_, Get64(b + kHeaderBytes));
     QueueLocked(type, std::move(f));
     return static_cast<int64_t>(kHeaderBytes + len);
+  }
+
+  // ---- source mode: the appender's records (RecordForwarder), under the appender's mutex
+
+  bool Room(uint64_t payloadBytes) override {
+    std::lock_guard<std::mutex> l(mu_);
+    return !stop_ && !ended_ && sendErr_ == 0 && sendBytes_ + kFrameHead + payloadBytes <= kForwardQueueMax;
+  }
+
+  void Forward(uint64_t seq, uint64_t off, uint64_t len, std::vector<uint8_t>&& frame, const uint32_t* blockCrcs) override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (stop_ || ended_ || frame.size() != kFrameHead + len || len % kBlock != 0) return;
+    uint8_t* b = frame.data();
+    const uint32_t bodyLen = static_cast<uint32_t>(kRecordHeadBytes + len);
+    Put32(b, kFrameMagic);
+    b[4] = kTypeRecord;
+    b[5] = kWireVersion;
+    b[6] = b[7] = 0;
+    Put32(b + 8, bodyLen);
+    Put64(b + 12, outFrameNo_++);
+    uint8_t* h = b + kHeaderBytes;
+    Put64(h, seq);
+    h[8] = 1;  // a write
+    h[9] = 0;
+    memset(h + 10, 0, 6);
+    Put64(h + 16, off);
+    Put64(h + 24, len);
+    Put64(h + 32, len);
+    uint32_t c = Crc32cSeeded(Crc32cSeeded(0, b, 20), h, kRecordHeadBytes);
+    for (uint64_t i = 0; i < len / kBlock; i++) c = AppendBlock(c, blockCrcs[i]);
+    Put32(b + 20, c);
+    fwdTop_ = std::max(fwdTop_, seq);
+    forwarded_++;
+    OutFrame f;
+    f.bytes = std::move(frame);
+    EnqueueLocked(kTypeRecord, std::move(f));
+  }
+
+  // The thread sends (it wakes once for what the appending threads queued meanwhile, and
+  // sends it in one sendmsg): measured faster than a send per record from the appending
+  // thread (docs/benchmarks.md, "The source's records on the link's thread").
+  void Kick() override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!sendq_.empty() && !stop_ && !ended_) WakeLocked();
+  }
+
+  bool SourceMode() const { return source_; }
+
+  // Stops the appender forwarding here and releasing from here (not under mu_: the
+  // appender's mutex comes first, as in Forward).
+  void Detach() {
+    NvAppenderPtr a;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      a = app_.lock();
+      app_.reset();
+    }
+    if (a) a->ClearForwarder(this);
+  }
+
+  // The appender whose held replies a RECORD_ACK releases (null: none).
+  void SetAppender(const NvAppenderPtr& a) {
+    std::lock_guard<std::mutex> l(mu_);
+    app_ = a;
+  }
+
+  // An EV_ROOM once the send queue holds at most `bytes` (at once if it does now).
+  void WantRoom(size_t bytes) {
+    std::lock_guard<std::mutex> l(mu_);
+    wantRoom_ = true;
+    roomBytes_ = bytes;
+    RoomLocked();
+    PostLocked();
   }
 
   // A TypeScript slab (id >= 1, [p, p+len)) for a CP_BLOCKS body: the next one that fits is
@@ -334,6 +427,7 @@ class Rx {
   // sends until it closes, for up to lingerMs in all. Returns the STORED events not
   // delivered yet (they leave the queue: the caller takes those records into the log).
   std::vector<double> Close(bool flush, int64_t lingerMs) {
+    Detach();
     std::lock_guard<std::mutex> l(mu_);
     std::vector<double> stored;
     std::vector<double> rest;
@@ -346,6 +440,7 @@ class Rx {
     crcs_ = nullptr;
     grant_ = false;
     slabs_.clear();
+    app_.reset();
     if (stop_) return stored;
     stop_ = true;
     flushOnStop_ = flush;
@@ -356,11 +451,18 @@ class Rx {
     return stored;
   }
 
+  static constexpr int kStats = 6 + kTypes;
+  // bytes in, bytes out, records stored, bytes queued to send, records forwarded, the
+  // highest record seq queued, then the frame bytes queued per type.
   void Stats(double* out) {
     std::lock_guard<std::mutex> l(mu_);
     out[0] = static_cast<double>(rxBytes_);
     out[1] = static_cast<double>(txBytes_);
     out[2] = static_cast<double>(stored_);
+    out[3] = static_cast<double>(sendBytes_);
+    out[4] = static_cast<double>(forwarded_);
+    out[5] = static_cast<double>(fwdTop_);
+    for (size_t t = 0; t < kTypes; t++) out[6 + t] = static_cast<double>(txByType_[t]);
   }
 
  private:
@@ -409,6 +511,9 @@ class Rx {
       bool ok;
       if (type == kTypeRecord) {
         ok = Record(h, body, len, crc, &stored);
+      } else if (source_ && type == kTypeRecordAck && len == 24) {
+        ok = CheckCrc(h, body, len, crc);
+        if (ok) SourceAck(body);
       } else {
         ok = CheckCrc(h, body, len, crc);  // three chains: a CP_BLOCKS body is ~257 KiB
         if (ok) {
@@ -424,9 +529,39 @@ class Rx {
       expectIn_++;
     }
     if (inStart_ == inEnd_) inStart_ = inEnd_ = 0;
+    if (source_) ReleaseAcked();
     std::lock_guard<std::mutex> l(mu_);
     if (stored) AckLocked();
     PostLocked();
+  }
+
+  // Source mode: a verified RECORD_ACK releases the held replies it covers, then goes to
+  // TypeScript (merged with one not taken yet).
+  void SourceAck(const uint8_t* body) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      releaseTo_ = std::max(releaseTo_, std::min(Get64(body), fwdTop_));
+      size_t n = events_.size();
+      if (n >= kEventWidth && events_[n - kEventWidth] == kEvFrame && events_[n - kEventWidth + 1] == kTypeRecordAck &&
+          events_[n - kEventWidth + 3] == 0 && !bodies_.empty() && bodies_.back().size() == 24) {
+        memcpy(bodies_.back().data(), body, 24);  // the newer marks replace the older
+      } else {
+        HandOverLocked(kTypeRecordAck, body, 24);
+      }
+    }
+  }
+
+  // Source mode, at the end of a parse pass: one release for the acks it read.
+  void ReleaseAcked() {
+    NvAppenderPtr app;
+    uint64_t to;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (releaseTo_ <= releasedTo_) return;
+      to = releasedTo_ = releaseTo_;
+      app = app_.lock();
+    }
+    if (app) app->Release(to);
   }
 
   // True (and parked: the pass stops before this frame) when TypeScript grants slabs and
@@ -570,27 +705,56 @@ class Rx {
     b[6] = b[7] = 0;
     Put32(b + 8, static_cast<uint32_t>(len));
     Put64(b + 12, outFrameNo_++);
-    Put32(b + 20, Crc32cSeeded(Crc32cSeeded(0, b, 20), b + kHeaderBytes, len));
-    sendBytes_ += f.bytes.size();
-    sendq_.push_back(std::move(f));
+    Put32(b + 20, Crc32cSeededWide(Crc32cSeeded(0, b, 20), b + kHeaderBytes, len));
+    EnqueueLocked(type, std::move(f));
     FlushLocked();
     if (!sendq_.empty()) WakeLocked();
   }
 
+  // Queues a frame whose header is complete (sent by the caller's FlushLocked or the thread).
+  void EnqueueLocked(uint8_t type, OutFrame&& f) {
+    sendBytes_ += f.bytes.size();
+    txByType_[type < kTypes ? type : 0] += f.bytes.size();
+    sendq_.push_back(std::move(f));
+  }
+
+  // EV_ROOM when TypeScript waits for the queue to shrink to roomBytes_ and it has.
+  void RoomLocked() {
+    if (!wantRoom_ || (sendBytes_ > roomBytes_ && !stop_ && !ended_ && sendErr_ == 0)) return;
+    wantRoom_ = false;
+    Emit({kEvRoom});
+  }
+
+  // Sends queued frames, up to kIov of them per sendmsg.
   void FlushLocked() {
+    constexpr size_t kIov = 64;
     while (!sendq_.empty() && sendErr_ == 0) {
-      OutFrame& f = sendq_.front();
-      ssize_t n = ::send(fd_, f.bytes.data() + f.sent, f.bytes.size() - f.sent, MSG_NOSIGNAL | MSG_DONTWAIT);
-      if (n < 0) {
+      iovec iov[kIov];
+      size_t n = 0;
+      for (auto it = sendq_.begin(); it != sendq_.end() && n < kIov; ++it, ++n) {
+        iov[n].iov_base = it->bytes.data() + it->sent;
+        iov[n].iov_len = it->bytes.size() - it->sent;
+      }
+      msghdr mh{};
+      mh.msg_iov = iov;
+      mh.msg_iovlen = n;
+      ssize_t w = ::sendmsg(fd_, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+      if (w < 0) {
         if (errno == EINTR) continue;
         if (errno != EAGAIN) sendErr_ = errno;
         return;
       }
-      f.sent += static_cast<size_t>(n);
-      txBytes_ += static_cast<uint64_t>(n);
-      if (f.sent < f.bytes.size()) return;
-      sendBytes_ -= f.bytes.size();
-      sendq_.pop_front();
+      size_t left = static_cast<size_t>(w);
+      txBytes_ += left;
+      while (left > 0) {
+        OutFrame& f = sendq_.front();
+        size_t take = std::min(left, f.bytes.size() - f.sent);
+        f.sent += take;
+        left -= take;
+        if (f.sent < f.bytes.size()) return;  // the socket is full
+        sendBytes_ -= f.bytes.size();
+        sendq_.pop_front();
+      }
     }
   }
 
@@ -618,6 +782,7 @@ class Rx {
 
   int fd_;  // closed (-1) when the thread ends, under mu_
   const int wake_;
+  const bool source_;  // the source's side of the stream (see "Source mode" above)
   uint32_t caps_[kTypes];
   // The thread's own.
   uint64_t expectIn_;
@@ -655,6 +820,13 @@ class Rx {
   uint64_t nextRecSeq_ = 0, top_ = 0;
   uint64_t tsHeld_ = 0, tsDurable_ = 0, tsStoredFrom_ = 0;
   uint64_t rxBytes_ = 0, txBytes_ = 0, stored_ = 0;
+  // Source mode, under mu_.
+  std::weak_ptr<NvAppender> app_;
+  uint64_t fwdTop_ = 0, forwarded_ = 0;
+  uint64_t releaseTo_ = 0, releasedTo_ = 0;  // what the acks read allow; what was released
+  bool wantRoom_ = false;
+  size_t roomBytes_ = 0;
+  uint64_t txByType_[kTypes] = {};
 };
 
 using RxPtr = std::shared_ptr<Rx>;
@@ -677,7 +849,7 @@ bool GetU64(const Napi::CallbackInfo& info, size_t i, const char* fn, const char
   return true;
 }
 
-// mirrorRxStart(fd, leftover, inFrameNo, outFrameNo, caps (32 u32 as a Buffer), onEvents)
+// mirrorRxStart(fd, leftover, inFrameNo, outFrameNo, caps (32 u32 as a Buffer), onEvents[, source])
 Napi::Value Start(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* fn = "mirrorRxStart";
@@ -689,6 +861,8 @@ Napi::Value Start(const Napi::CallbackInfo& info) {
       !GetU64(info, 3, fn, "outFrameNo", &outNo) || !GetBuffer(info, 4, fn, "caps", &caps) || !GetCallback(info, 5, fn, &cb)) {
     return env.Undefined();
   }
+  bool source = false;
+  if (info.Length() > 6 && !GetBool(info, 6, fn, "source", &source)) return env.Undefined();
   if (leftover.Length() > kHeaderBytes + kBodyMax + kReadChunk) {
     ThrowRange(env, std::string(fn) + ": leftover too long");
     return env.Undefined();
@@ -726,7 +900,7 @@ Napi::Value Start(const Napi::CallbackInfo& info) {
     ErrnoError(env, e, "eventfd").ThrowAsJavaScriptException();
     return env.Undefined();
   }
-  RxPtr rx = std::make_shared<Rx>(own, wake, inNo, outNo, capv);
+  RxPtr rx = std::make_shared<Rx>(own, wake, inNo, outNo, capv, source);
   rx->Feed(leftover.Data(), leftover.Length());
   auto* ctx = new RxPtr(rx);
   rx->tsfn = Napi::ThreadSafeFunction::New(env, cb, "mirrorRx", 0, 1, ctx, [](Napi::Env, RxPtr* p) { delete p; });
@@ -868,16 +1042,49 @@ Napi::Value Close(const Napi::CallbackInfo& info) {
   return Napi::Float64Array::New(env, stored.size(), ab, 0);
 }
 
-// mirrorRxStats(h) -> [bytesIn, bytesOut, recordsStored]
+// mirrorRxStats(h) -> [bytesIn, bytesOut, recordsStored, queuedBytes, recordsForwarded,
+// highest record seq queued, frame bytes queued per type (32)]
 Napi::Value Stats(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   RxPtr rx;
   if (!GetRx(info, "mirrorRxStats", &rx)) return env.Undefined();
-  double s[3];
+  double s[Rx::kStats];
   rx->Stats(s);
-  Napi::Float64Array a = Napi::Float64Array::New(env, 3);
-  for (int i = 0; i < 3; i++) a[i] = s[i];
+  Napi::Float64Array a = Napi::Float64Array::New(env, Rx::kStats);
+  for (int i = 0; i < Rx::kStats; i++) a[i] = s[i];
   return a;
+}
+
+// mirrorRxForward(h, appender|null, fromSeq): source mode; the appender's records from seq
+// fromSeq on are queued on this link as they are appended, and RECORD_ACKs release its held
+// replies (null: neither, from now on).
+Napi::Value Forward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "mirrorRxForward";
+  RxPtr rx;
+  uint64_t from;
+  if (!GetRx(info, fn, &rx) || !GetU64(info, 2, fn, "fromSeq", &from)) return env.Undefined();
+  if (!rx->SourceMode()) {
+    ThrowType(env, std::string(fn) + ": the link was not started in source mode");
+    return env.Undefined();
+  }
+  NvAppenderPtr app;
+  if (info.Length() > 1 && !info[1].IsNull() && !UnwrapAppender(info, 1, fn, &app)) return env.Undefined();
+  rx->Detach();
+  if (!app) return env.Undefined();
+  rx->SetAppender(app);
+  app->SetForwarder(rx, from);
+  return env.Undefined();
+}
+
+// mirrorRxWantRoom(h, bytes): an EV_ROOM event once at most `bytes` are queued to send.
+Napi::Value WantRoom(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  RxPtr rx;
+  uint64_t bytes;
+  if (!GetRx(info, "mirrorRxWantRoom", &rx) || !GetU64(info, 1, "mirrorRxWantRoom", "bytes", &bytes)) return env.Undefined();
+  rx->WantRoom(static_cast<size_t>(bytes));
+  return env.Undefined();
 }
 
 }  // namespace
@@ -893,6 +1100,8 @@ void InitMirrorRx(Napi::Env env, Napi::Object exports) {
   exports.Set("mirrorRxPause", Napi::Function::New(env, Pause, "mirrorRxPause"));
   exports.Set("mirrorRxClose", Napi::Function::New(env, Close, "mirrorRxClose"));
   exports.Set("mirrorRxStats", Napi::Function::New(env, Stats, "mirrorRxStats"));
+  exports.Set("mirrorRxForward", Napi::Function::New(env, Forward, "mirrorRxForward"));
+  exports.Set("mirrorRxWantRoom", Napi::Function::New(env, WantRoom, "mirrorRxWantRoom"));
   exports.Set("mirrorRxEventWidth", Napi::Number::New(env, kEventWidth));
 }
 

@@ -35,7 +35,7 @@
 //   nbdAppenderNew(region, epoch, salt, payloadMaxBytes, volumeBytes, map|null) -> appender;
 //   nbdAppenderResume(a, writeEnd, halfEnd, nextSeq, durableSeq) -> bool; nbdAppenderDrain(a,
 //   pause) -> Float64Array; nbdAppenderAppend(a, offsetBytes, data) -> bool (what a thread
-//   does; for tests); nbdAppenderSetDurable(a, seq); nbdAppenderClose(a); nbdAppenderStats(a) -> appends;
+//   does; for tests); nbdAppenderSetDurable(a, seq); nbdAppenderClose(a); nbdAppenderStats(a) -> appends; nbdAppenderMarks(a) -> [released, failed]; nbdAppenderUnforward(a): no more records to a mirror link (mirrorRxForward links one);
 //   nbdAppenderFlushFile(a, path|null) -> bool: the threads answer a plain FLUSH themselves
 //   (fdatasync of the NVRAM file through their own descriptor); nbdAppenderFlush(a) -> 1|0|-errno
 //   (what a thread does; for tests); nbdAppenderFlushes(a) -> count;
@@ -1840,6 +1840,23 @@ Napi::Value AppenderStats(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), static_cast<double>(a->Appends()));
 }
 
+// nbdAppenderUnforward(appender): no record goes to a mirror link from now on
+Napi::Value AppenderUnforward(const Napi::CallbackInfo& info) {
+  NvAppenderPtr a;
+  if (GetAppender(info, 0, "nbdAppenderUnforward", &a)) a->SetForwarder(nullptr, 0);
+  return info.Env().Undefined();
+}
+
+// nbdAppenderMarks(appender) -> [released, failed]: the held replies' high-water marks
+Napi::Value AppenderMarks(const Napi::CallbackInfo& info) {
+  NvAppenderPtr a;
+  if (!GetAppender(info, 0, "nbdAppenderMarks", &a)) return info.Env().Undefined();
+  Napi::Float64Array out = Napi::Float64Array::New(info.Env(), 2);
+  out[0] = static_cast<double>(a->Released());
+  out[1] = static_cast<double>(a->Failed());
+  return out;
+}
+
 // nbdServeDirectEngine(handle, map|null, appender|null, modes)
 Napi::Value SetDirectEngine(const Napi::CallbackInfo& info) {
   const char* fn = "nbdServeDirectEngine";
@@ -1883,6 +1900,10 @@ Napi::Value StateOf(const Napi::CallbackInfo& info) {
 
 }  // namespace
 
+bool UnwrapAppender(const Napi::CallbackInfo& info, size_t i, const char* fn, NvAppenderPtr* out) {
+  return GetAppender(info, i, fn, out);
+}
+
 void InitNbdServe(Napi::Env env, Napi::Object exports) {
   exports.Set("nbdServeStart", Napi::Function::New(env, Start, "nbdServeStart"));
   exports.Set("nbdServeGrant", Napi::Function::New(env, Grant, "nbdServeGrant"));
@@ -1916,6 +1937,8 @@ void InitNbdServe(Napi::Env env, Napi::Object exports) {
   exports.Set("nbdAppenderFailHeld", Napi::Function::New(env, AppenderFailHeld, "nbdAppenderFailHeld"));
   exports.Set("nbdAppenderClose", Napi::Function::New(env, AppenderClose, "nbdAppenderClose"));
   exports.Set("nbdAppenderStats", Napi::Function::New(env, AppenderStats, "nbdAppenderStats"));
+  exports.Set("nbdAppenderMarks", Napi::Function::New(env, AppenderMarks, "nbdAppenderMarks"));
+  exports.Set("nbdAppenderUnforward", Napi::Function::New(env, AppenderUnforward, "nbdAppenderUnforward"));
   exports.Set("nbdServeSetReading", Napi::Function::New(env, SetReading, "nbdServeSetReading"));
   exports.Set("nbdServeEnd", Napi::Function::New(env, End, "nbdServeEnd"));
   exports.Set("nbdServeAbort", Napi::Function::New(env, Abort, "nbdServeAbort"));

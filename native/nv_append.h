@@ -34,6 +34,11 @@
 //   holding it. Gate off releases every record appended so far. Close fails what is held
 //   (the volume is going away; the replica's state of those writes is unknown). Nothing
 //   here can answer a WRITE before its record is whole in the region.
+// - Forwarding (SetForwarder: a sync mirror's native link): every record with seq >=
+//   fwdFrom_ is queued on the link under mu_, after it is whole in the region and before
+//   the next record is appended, so the link sends records in seq order; an append whose
+//   frame does not fit the link's queue is refused (TypeScript takes the WRITE). The frame
+//   and its block checksums are made before mu_ is taken (from the client's buffer).
 // - FLUSH (SetFlushFile, Flush): only while TypeScript has set a file (the log is running
 //   and no replica must also hold the records: a sync mirror's FLUSH waits for its durable
 //   ack, which only TypeScript sees). The thread makes the whole region durable with
@@ -69,6 +74,28 @@
 #include "read_map.h"
 
 namespace nvm {
+
+// A sync mirror's link (native/mirror_rx.cc in source mode), which sends each record the
+// threads append as they append it, without a trip through the event loop. Forward runs
+// under the appender's mutex, so records are queued in seq order; Kick (the send) runs
+// after the mutex is released.
+class RecordForwarder {
+ public:
+  virtual ~RecordForwarder() = default;
+  // Payload bytes a forwarded record may carry (larger appends are refused while forwarding).
+  static constexpr uint64_t kPayloadMax = 1024 * 1024;
+  // Bytes of a record frame before its payload: the wire header and the record head.
+  static constexpr uint64_t kFrameHead = 24 + 40;
+  // Whether a record frame of this payload fits the link's queue now (else the append is
+  // refused: TypeScript writes it and forwards it itself).
+  virtual bool Room(uint64_t payloadBytes) = 0;
+  // Queues record seq: a plain write of len bytes at volume offset off. frame holds
+  // kFrameHead + len bytes, the payload already at kFrameHead; blockCrcs: crc32c of each of
+  // its 4 KiB blocks.
+  virtual void Forward(uint64_t seq, uint64_t off, uint64_t len, std::vector<uint8_t>&& frame, const uint32_t* blockCrcs) = 0;
+  // Sends what is queued (after the appender's mutex is released).
+  virtual void Kick() = 0;
+};
 
 // A connection thread's held WRITE replies: Settle answers those with seq <= released
 // (success) or, failing that, seq <= failed (EIO). Called on the JS thread, without the
@@ -148,6 +175,8 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
       closed_ = true;
       resumed_ = false;
       gate_ = false;
+      fwd_ = nullptr;
+      fwdOn_.store(false);
       if (nextSeq_ > 0) Raise(&failed_, nextSeq_ - 1);
       RetireFlushFdLocked();
     }
@@ -250,6 +279,22 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
     Notify();
   }
 
+  // Forwards every record appended from seq fromSeq on to f (null: no more).
+  void SetForwarder(std::shared_ptr<RecordForwarder> f, uint64_t fromSeq) {
+    std::lock_guard<std::mutex> l(mu_);
+    fwd_ = closed_ ? nullptr : std::move(f);
+    fwdFrom_ = fromSeq;
+    fwdOn_.store(fwd_ != nullptr);
+  }
+
+  // Stops forwarding to f (if it is the forwarder).
+  void ClearForwarder(const RecordForwarder* f) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (fwd_.get() != f) return;
+    fwd_ = nullptr;
+    fwdOn_.store(false);
+  }
+
   // Every record appended so far that is not released gets EIO (strict policy, replica lost).
   void FailHeld() {
     {
@@ -270,12 +315,26 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
       return AppendResult{0, false};
     }
     const uint64_t size = RecordBytes(len);
-    std::lock_guard<std::mutex> l(mu_);
+    // A sync mirror's frame, made outside the mutex (the copy and the checksums are most of it).
+    std::vector<uint8_t> frame;
+    uint32_t crcs[RecordForwarder::kPayloadMax / kBlock];
+    bool framed = false;
+    if (fwdOn_.load(std::memory_order_relaxed)) {
+      if (len > RecordForwarder::kPayloadMax) return AppendResult{0, false};
+      MakeFrame(data, len, &frame, crcs);
+      framed = true;
+    }
+    std::unique_lock<std::mutex> l(mu_);
     if (!resumed_ || closed_ || pending_.size() >= kPendingMax * kFields || size > halfEnd_ - writeEnd_) {
       return AppendResult{0, false};
     }
     const uint64_t at = writeEnd_;
     const uint64_t seq = nextSeq_;
+    std::shared_ptr<RecordForwarder> fwd = fwd_ && seq >= fwdFrom_ ? fwd_ : nullptr;
+    if (fwd) {
+      if (len > RecordForwarder::kPayloadMax || !fwd->Room(len)) return AppendResult{0, false};
+      if (!framed) MakeFrame(data, len, &frame, crcs);  // forwarding began since the check above
+    }
     uint8_t* r = base_ + at;
     Put32(r, 0);  // no stale magic while the record is written
     memcpy(r + kRecordHeaderBytes, data, len);
@@ -300,7 +359,11 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
     pending_.push_back(static_cast<double>(off));
     pending_.push_back(static_cast<double>(len));
     if (map_) map_->Drop(off / kBlock, len / kBlock);
-    return AppendResult{seq, gate_};
+    const bool held = gate_;
+    if (fwd) fwd->Forward(seq, off, len, std::move(frame), crcs);
+    l.unlock();
+    if (fwd) fwd->Kick();
+    return AppendResult{seq, held};
   }
 
   uint64_t Appends() {
@@ -364,6 +427,12 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
     flushFd_ = -1;
   }
 
+  static void MakeFrame(const uint8_t* data, uint64_t len, std::vector<uint8_t>* frame, uint32_t* crcs) {
+    frame->resize(RecordForwarder::kFrameHead + len);
+    memcpy(frame->data() + RecordForwarder::kFrameHead, data, len);
+    for (uint64_t i = 0; i < len / kBlock; i++) crcs[i] = Crc32cOf(data + i * kBlock, kBlock);
+  }
+
   static void Raise(std::atomic<uint64_t>* v, uint64_t to) {
     if (to > v->load()) v->store(to);
   }
@@ -395,6 +464,9 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
   std::vector<std::weak_ptr<HeldSink>> sinks_;
   uint64_t writeEnd_ = 0, halfEnd_ = 0, nextSeq_ = 0, durable_ = 0, appends_ = 0;
   std::vector<double> pending_;
+  std::shared_ptr<RecordForwarder> fwd_;  // a sync mirror's link (SetForwarder)
+  uint64_t fwdFrom_ = 0;
+  std::atomic<bool> fwdOn_{false};  // fwd_ is set (read without mu_ to frame before taking it)
   int flushFd_ = -1;
   bool flushFailed_ = false;
   uint32_t flushUsers_ = 0;
@@ -406,5 +478,9 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
 };
 
 using NvAppenderPtr = std::shared_ptr<NvAppender>;
+
+// The appender behind an nbdAppenderNew handle (argument i), as native/nbd_serve.cc checks
+// it; false (a TypeError thrown) if it is not one.
+bool UnwrapAppender(const Napi::CallbackInfo& info, size_t i, const char* fn, NvAppenderPtr* out);
 
 }  // namespace nvm

@@ -9,6 +9,12 @@
  * the frame is handled. Outgoing frames go through the thread too (one frame counter).
  * TLS connections, and NVMIRROR_MIRROR_NATIVE=0, keep the stream path (receiver.ts).
  *
+ * The source's side of a sync mirror's plain link runs on the same thread in source mode
+ * (`{ source: true }`, source.ts): forward() lets the NBD threads' appender queue each record
+ * on the link as it is appended, and a RECORD_ACK releases their held replies on the thread
+ * before it comes here (acks not taken yet are merged into the newest). Sends beyond the
+ * caller's bound wait for wantRoom()'s EV_ROOM.
+ *
  * Invariants:
  * - A grant is made only when the log is contiguous (no record dropped) and nothing this
  *   side was handed is unhandled; the thread refuses a grant whose next seq is not the
@@ -37,7 +43,9 @@ import { bodyCapsTable, encodeBody, type OutMessage } from './wire';
 export const SLAB_GRANTS = 4;
 
 interface RxAddon {
-  mirrorRxStart(fd: number, leftover: Buffer, inFrameNo: number, outFrameNo: number, caps: Buffer, onEvents: (ev: Float64Array, texts: string[]) => void): object;
+  mirrorRxStart(fd: number, leftover: Buffer, inFrameNo: number, outFrameNo: number, caps: Buffer, onEvents: (ev: Float64Array, texts: string[]) => void, source: boolean): object;
+  mirrorRxForward(h: object, appender: object | null, fromSeq: number): void;
+  mirrorRxWantRoom(h: object, bytes: number): void;
   mirrorRxAttachLog(h: object, ring: Buffer, crcs: Buffer): void;
   mirrorRxGrant(h: object, nextSeq: number, at: number, limit: number, salt: number, stream: number): boolean;
   mirrorRxAck(h: object, heldSeq: number, durableSeq: number, storedFromSeq: number, sendNow: boolean): void;
@@ -55,6 +63,7 @@ export const EV_FRAME = 2;
 export const EV_ERROR = 3;
 export const EV_EOF = 4;
 export const EV_ENDED = 5;
+export const EV_ROOM = 6;
 
 /** A record the thread stored in the log (DestLog.adopt takes it in). */
 export interface StoredRecord {
@@ -72,7 +81,8 @@ export type RxEvent =
   | { kind: typeof EV_FRAME; type: number; bytes: number; slab?: FrameSlab; at: number }
   | { kind: typeof EV_ERROR; text: string; protocol: boolean }
   | { kind: typeof EV_EOF }
-  | { kind: typeof EV_ENDED };
+  | { kind: typeof EV_ENDED }
+  | { kind: typeof EV_ROOM };
 
 /** Whether plain mirror connections use the native thread (NVMIRROR_MIRROR_NATIVE=0: the event-loop path). */
 export function nativeRxEnabled(): boolean {
@@ -111,13 +121,13 @@ export class NativeRx {
   private nextSlabId = 1;
 
   /** slabs: the pool CP_BLOCKS bodies go to (undefined: every body is taken with take()). */
-  constructor(fd: number, leftover: Buffer, inFrameNo: number, outFrameNo: number, onEvents: (events: RxEvent[]) => void, private readonly slabs?: SlabPool) {
+  constructor(fd: number, leftover: Buffer, inFrameNo: number, outFrameNo: number, onEvents: (events: RxEvent[]) => void, private readonly slabs?: SlabPool, opts: { source?: boolean } = {}) {
     this.a = addon() as unknown as RxAddon;
     this.h = this.a.mirrorRxStart(fd, leftover, inFrameNo, outFrameNo, bodyCapsTable(), (ev, texts) => {
       const events = this.decode(ev, texts);
       this.grantSlabs();
       onEvents(events);
-    });
+    }, opts.source === true);
     this.grantSlabs();
   }
 
@@ -161,6 +171,7 @@ export class NativeRx {
       else if (k === EV_ERROR) out.push({ kind: EV_ERROR, text: texts[ev[i + 1]!] ?? 'unknown error', protocol: ev[i + 2] === 1 });
       else if (k === EV_EOF) out.push({ kind: EV_EOF });
       else if (k === EV_ENDED) out.push({ kind: EV_ENDED });
+      else if (k === EV_ROOM) out.push({ kind: EV_ROOM });
       else assert(false, `native event kind ${k}`);
     }
     return out;
@@ -208,6 +219,30 @@ export class NativeRx {
 
   get recordsStored(): number {
     return this.a.mirrorRxStats(this.h)[2]!;
+  }
+
+  /** The thread's counters: bytes in and out, bytes queued to send, records the appender forwarded, frame bytes queued per type. */
+  stats(): { bytesIn: number; bytesOut: number; queuedBytes: number; forwarded: number; forwardedTop: number; bytesByType: Float64Array } {
+    const s = this.a.mirrorRxStats(this.h);
+    return { bytesIn: s[0]!, bytesOut: s[1]!, queuedBytes: s[3]!, forwarded: s[4]!, forwardedTop: s[5]!, bytesByType: s.subarray(6) };
+  }
+
+  /** Bytes queued to send. */
+  get queuedBytes(): number {
+    return this.a.mirrorRxStats(this.h)[3]!;
+  }
+
+  /**
+   * Source mode: the appender's records from fromSeq on are queued here as the NBD threads
+   * append them, and RECORD_ACKs release its held replies here (null: no more of either).
+   */
+  forward(appender: object | null, fromSeq: number): void {
+    if (!this.closed) this.a.mirrorRxForward(this.h, appender, fromSeq);
+  }
+
+  /** An EV_ROOM event once at most `bytes` are queued to send (at once if so now). */
+  wantRoom(bytes: number): void {
+    if (!this.closed) this.a.mirrorRxWantRoom(this.h, bytes);
   }
 
   /**

@@ -4,7 +4,12 @@
  * tree's CP sink) and keeps one connection to the destination.
  *
  *   sync:  every record is forwarded as it is appended; a client's reply waits for the
- *          destination's RECORD_ACK (FLUSH/FUA: its durable ack). At each CP, data
+ *          destination's RECORD_ACK (FLUSH/FUA: its durable ack). On a plain connection
+ *          the stream runs on a native thread (native-rx.ts, source mode): the records
+ *          the NBD threads append go on the wire from their thread, and RECORD_ACKs
+ *          release their held replies there, without the event loop
+ *          (NVMIRROR_MIRROR_NATIVE=0 or NVMIRROR_MIRROR_SOURCE_NATIVE=0: the event loop
+ *          carries it all). At each CP, data
  *          blocks the destination holds in its log go as references, metadata blocks
  *          as deltas against the blocks they replace, the rest as data, then the
  *          superblock. CPs are pipelined one deep: the next CP may start while the
@@ -48,12 +53,13 @@ import { RemoteReads, verifyCp, type VerifyReport } from './verify';
 import { VolumeError } from '../util/errors';
 import { assert } from '../util/assert';
 import { deltaFrames, encodeCpBlocks, refFrames } from './cp-encode';
+import { EV_EOF, EV_ERROR, EV_FRAME, EV_ROOM, NativeRx, nativeRxEnabled, plainFd, type RxEvent } from './native-rx';
 import type { LinkArgs } from './link';
 import { readRelationship, writeRelationship, type MirrorPolicy } from './relationship';
 import { readRole } from './role';
 import { parseStanding, type Standing } from './standing';
 import {
-  writeEncoded, writeFrame, BLOCKS_PER_FRAME_MAX, FrameParser, FrameWriter, MsgType, type Message, type MirrorMode, type OutMessage,
+  decodeBody, writeEncoded, writeFrame, BLOCKS_PER_FRAME_MAX, FrameParser, FrameWriter, MsgType, type Message, type MirrorMode, type OutMessage,
 } from './wire';
 
 export type MirrorState = 'disconnected' | 'baseline' | 'resyncing' | 'in-sync' | 'behind';
@@ -141,7 +147,15 @@ interface Conn {
   socket: net.Socket;
   parser: FrameParser;
   writer: FrameWriter;
+  /**
+   * Sync on a plain connection: the link's native thread, which carries the whole stream
+   * from the TCP connect on (socket, parser and writer are unused after it).
+   */
+  rx?: NativeRx;
+  /** With rx: the first record the NBD threads' appender forwards on it (theirs from it on are on the wire already). */
+  nativeFromSeq: number;
   welcome: Promise<Message & { type: MsgType.Welcome }>;
+  welcomeResolve: (m: Message & { type: MsgType.Welcome }) => void;
   /** CP commits sent and not yet acknowledged, oldest first (at most CPS_UNACKED_MAX + 1). */
   cpAcks: Array<{ cp: number; sinceMs: number; clientBytes: number; root: Buffer; superblock: Buffer; resolve: () => void; done: Promise<void> }>;
   /** The newest CP whose commit went out on this connection (the destination applies in stream order). */
@@ -310,14 +324,10 @@ export class MirrorSource implements CpSink, ReplicaGate {
       welcomeReject = rej;
     });
     welcome.catch(() => undefined);
-    const conn: Conn = { socket, parser, writer, welcome, cpAcks: [], shippedCp: -1, closed: false, welcomed: false };
+    const conn: Conn = { socket, parser, writer, welcome, welcomeResolve, nativeFromSeq: Infinity, cpAcks: [], shippedCp: -1, closed: false, welcomed: false };
     this.conn = conn;
     const timer = setTimeout(() => this.drop(conn, 'connect timed out'), CONNECT_TIMEOUT_MS);
-    socket.once(this.o.tls ? 'secureConnect' : 'connect', () => {
-      clearTimeout(timer);
-      this.onConnected(conn);
-    });
-    socket.on('data', (chunk: Buffer) => {
+    const onData = (chunk: Buffer): void => {
       let msgs: Message[];
       try {
         msgs = parser.push(chunk);
@@ -329,6 +339,27 @@ export class MirrorSource implements CpSink, ReplicaGate {
         if (m.type === MsgType.Welcome) welcomeResolve(m);
         else this.onMessage(conn, m);
       }
+    };
+    // A plain sync link goes to a native thread at 'connect': paused, Node never starts
+    // reading it (a read started there would take bytes the thread must parse).
+    const native = !this.o.tls && this.o.mode === 'sync' && nativeRxEnabled() && process.env.NVMIRROR_MIRROR_SOURCE_NATIVE !== '0';
+    if (native) socket.pause();
+    else socket.on('data', onData);
+    socket.once(this.o.tls ? 'secureConnect' : 'connect', () => {
+      clearTimeout(timer);
+      if (native) {
+        try {
+          this.goNative(conn);
+        } catch (e) {
+          this.drop(conn, `cannot start the mirror link's thread: ${(e as Error).message}`);
+          return;
+        }
+        if (!conn.rx) {
+          socket.on('data', onData);
+          socket.resume();
+        }
+      }
+      this.onConnected(conn);
     });
     socket.on('drain', () => this.wakeDrain());
     socket.on('error', (e) => this.drop(conn, e.message));
@@ -338,13 +369,63 @@ export class MirrorSource implements CpSink, ReplicaGate {
     });
   }
 
+  /** The stream moves to the link's native thread (source mode); nothing was read or written on it yet. */
+  private goNative(conn: Conn): void {
+    const fd = plainFd(conn.socket);
+    if (fd === undefined) return;
+    conn.rx = new NativeRx(fd, Buffer.alloc(0), 0, 0, (events) => this.onRxEvents(conn, events), undefined, { source: true });
+  }
+
+  /** Frames and events from the link's native thread, in stream order. */
+  private onRxEvents(conn: Conn, events: RxEvent[]): void {
+    for (const e of events) {
+      if (conn.closed) return;
+      if (e.kind === EV_FRAME) {
+        const body = Buffer.allocUnsafe(e.bytes);
+        conn.rx!.take(body);
+        let m: Message;
+        try {
+          m = decodeBody(e.type, body);
+        } catch (err) {
+          this.drop(conn, `bad stream from the destination: ${(err as Error).message}`);
+          return;
+        }
+        if (m.type === MsgType.Welcome) conn.welcomeResolve(m);
+        else this.onMessage(conn, m);
+      } else if (e.kind === EV_ERROR) {
+        this.drop(conn, e.protocol ? `bad stream from the destination: ${e.text}` : e.text);
+      } else if (e.kind === EV_EOF) {
+        this.drop(conn, 'connection closed');
+      } else if (e.kind === EV_ROOM) {
+        this.wakeDrain();
+      }
+    }
+  }
+
   private onConnected(conn: Conn): void {
     const v = this.volume!;
+    const rx = conn.rx;
+    if (rx) {
+      // The NBD threads stop while HELLO is queued; their records from the next seq on go
+      // to the link as they append them, behind it.
+      v.log.forwardNative((appender, fromSeq) => rx.forward(appender, fromSeq), (fromSeq) => this.hello(conn, fromSeq - 1));
+      conn.nativeFromSeq = this.forwardFromSeq;
+    } else {
+      // Forwarding starts now (same tick as HELLO): every later record goes on the wire. The
+      // log's last seq is read once: reading it takes in what the NBD threads appended
+      // meanwhile, and a record taken in between would go out ahead of the HELLO.
+      this.hello(conn, v.log.lastSeq);
+    }
+    conn.helloAtMs = Date.now();
+    conn.welcome.then(
+      (w) => this.onWelcome(conn, w),
+      () => undefined,
+    );
+  }
+
+  private hello(conn: Conn, lastSeq: number): void {
+    const v = this.volume!;
     const tree = v.tree.stats();
-    // Forwarding starts now (same tick as HELLO): every later record goes on the wire. The
-    // log's last seq is read once: reading it takes in what the NBD threads appended
-    // meanwhile, and a record taken in between would go out ahead of the HELLO.
-    const lastSeq = v.log.lastSeq;
     this.forwardFromSeq = this.o.mode === 'sync' ? lastSeq + 1 : 0;
     this.lastForwardedSeq = this.forwardFromSeq - 1;
     this.updateThreads();
@@ -354,11 +435,6 @@ export class MirrorSource implements CpSink, ReplicaGate {
       ...this.failbackOffer(),
       lastSeq, lineage: [...tree.lineage],
     });
-    conn.helloAtMs = Date.now();
-    conn.welcome.then(
-      (w) => this.onWelcome(conn, w),
-      () => undefined,
-    );
   }
 
   /**
@@ -469,9 +545,19 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private drop(conn: Conn, reason: string): void {
     if (conn.closed) return;
     conn.closed = true;
-    this.bytesOnWirePrev += conn.writer.bytesOut + conn.parser.bytesIn;
-    conn.writer.bytesByType.forEach((n, t) => (this.bytesByTypePrev[t] = (this.bytesByTypePrev[t] ?? 0) + n));
-    this.bytesFromDestPrev += conn.parser.bytesIn;
+    if (conn.rx) {
+      // No record goes to this link from here on (the threads' records come in first).
+      if (this.conn === conn) this.volume?.log.forwardNative(undefined);
+      const st = conn.rx.stats();
+      this.bytesOnWirePrev += st.bytesOut + st.bytesIn;
+      st.bytesByType.forEach((n, t) => (this.bytesByTypePrev[t] = (this.bytesByTypePrev[t] ?? 0) + n));
+      this.bytesFromDestPrev += st.bytesIn;
+      conn.rx.close(false);
+    } else {
+      this.bytesOnWirePrev += conn.writer.bytesOut + conn.parser.bytesIn;
+      conn.writer.bytesByType.forEach((n, t) => (this.bytesByTypePrev[t] = (this.bytesByTypePrev[t] ?? 0) + n));
+      this.bytesFromDestPrev += conn.parser.bytesIn;
+    }
     conn.socket.destroy();
     if (this.conn === conn) {
       this.conn = undefined;
@@ -502,13 +588,21 @@ export class MirrorSource implements CpSink, ReplicaGate {
 
   private send(conn: Conn, m: OutMessage): void {
     if (conn.closed) return;
-    writeFrame(conn.socket, conn.writer, m);
+    if (conn.rx) conn.rx.send(m);
+    else writeFrame(conn.socket, conn.writer, m);
+  }
+
+  /** Bytes queued for the peer and not yet written to the socket. */
+  private queued(conn: Conn): number {
+    return conn.rx ? conn.rx.queuedBytes : conn.socket.writableLength;
   }
 
   /** Waits while the socket queue is over QUEUED_BYTES_MAX (the connection may drop meanwhile). */
   private async waitRoom(conn: Conn): Promise<void> {
-    while (!conn.closed && conn.socket.writableLength > QUEUED_BYTES_MAX) {
-      await new Promise<void>((r) => this.drainWaiters.push(r));
+    while (!conn.closed && this.queued(conn) > QUEUED_BYTES_MAX) {
+      const p = new Promise<void>((r) => this.drainWaiters.push(r));
+      conn.rx?.wantRoom(QUEUED_BYTES_MAX);
+      await p;
     }
   }
 
@@ -529,6 +623,10 @@ export class MirrorSource implements CpSink, ReplicaGate {
 
   private wireBytes(): number {
     const conn = this.conn;
+    if (conn?.rx && !conn.closed) {
+      const st = conn.rx.stats();
+      return st.bytesOut + st.bytesIn + this.bytesOnWirePrev;
+    }
     return (conn?.writer.bytesOut ?? 0) + (conn?.parser.bytesIn ?? 0) + this.bytesOnWirePrev;
   }
 
@@ -566,6 +664,15 @@ export class MirrorSource implements CpSink, ReplicaGate {
     const conn = this.conn;
     if (this.o.mode !== 'sync' || !conn || conn.closed || r.seq < this.forwardFromSeq || this.forwardFromSeq === 0) return;
     this.lastForwardedSeq = r.seq;
+    if (conn.rx) {
+      // The NBD threads' records from nativeFromSeq on went to the link as they appended
+      // them (its ack may have come in before this: then nothing waits for one).
+      if (r.seq > this.heldSeq) this.unackedSinceMs ??= Date.now();
+      if (r.viaThread === true && r.seq >= conn.nativeFromSeq) return;
+      const payload = r.payload.length === 1 ? r.payload[0]! : Buffer.concat(r.payload);
+      conn.rx.send({ type: MsgType.Record, seq: r.seq, recordType: r.type, flags: r.flags, offsetBytes: r.offsetBytes, lengthBytes: r.lengthBytes, payload });
+      return;
+    }
     this.unackedSinceMs ??= Date.now();
     // One Buffer per record: the payload is copied into it (the views die with the half).
     writeEncoded(conn.socket, conn.writer.recordFrame(r.seq, r.type, r.flags, r.offsetBytes, r.lengthBytes, r.payload));
@@ -714,7 +821,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
    * it abandons the CP (CP_ABORT) and the mirror catches up by resync, off the CP path.
    */
   private async room(conn: Conn, cp: number): Promise<boolean> {
-    if (this.o.mode === 'async' && conn.socket.writableLength > QUEUED_BYTES_MAX) {
+    if (this.o.mode === 'async' && this.queued(conn) > QUEUED_BYTES_MAX) {
       if (!conn.closed && this.shipping?.cp === cp) {
         this.shipping = undefined;
         this.send(conn, { type: MsgType.CpAbort, cp });
@@ -864,7 +971,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
       if (conn.closed) return;
       this.send(conn, m);
       const no = ++framesSent;
-      conn.socket.write(EMPTY, () => written(no));
+      // The native link copies each frame as it is queued; a socket takes views.
+      if (conn.rx) written(no);
+      else conn.socket.write(EMPTY, () => written(no));
       this.dataBlocksSent += n;
       if (this.resync) {
         this.resync.blocksSent += n;
@@ -979,14 +1088,15 @@ export class MirrorSource implements CpSink, ReplicaGate {
       lastSeq: this.volume?.log.lastSeq ?? 0,
       bytesOnWire: wire,
       wireBytesByKind: (() => {
-        const by = (t: MsgType): number => (this.bytesByTypePrev[t] ?? 0) + (conn?.writer.bytesByType[t] ?? 0);
+        const st = conn?.rx && !conn.closed ? conn.rx.stats() : undefined;
+        const by = (t: MsgType): number => (this.bytesByTypePrev[t] ?? 0) + (st ? st.bytesByType[t]! : (conn?.writer.bytesByType[t] ?? 0));
         return {
           log: by(MsgType.Record) + by(MsgType.DurableReq),
           references: by(MsgType.CpRefs),
           deltas: by(MsgType.CpDeltas),
           blocks: by(MsgType.CpBlocks),
           commits: by(MsgType.CpBegin) + by(MsgType.CpCommit),
-          fromDestination: this.bytesFromDestPrev + (conn?.parser.bytesIn ?? 0),
+          fromDestination: this.bytesFromDestPrev + (st ? st.bytesIn : (conn?.parser.bytesIn ?? 0)),
         };
       })(),
       clientBytes: this.clientBytes,
@@ -1029,8 +1139,13 @@ export class MirrorSource implements CpSink, ReplicaGate {
     const conn = this.conn;
     if (conn) {
       await new Promise<void>((r) => {
-        if (conn.socket.writableLength === 0) return r();
-        conn.socket.once('drain', () => r());
+        if (this.queued(conn) === 0) return r();
+        if (conn.rx) {
+          this.drainWaiters.push(r);
+          conn.rx.wantRoom(0);
+        } else {
+          conn.socket.once('drain', () => r());
+        }
         setTimeout(r, 2000).unref();
       });
       this.drop(conn, 'stopping');

@@ -147,6 +147,8 @@ export interface AppendedRecord {
   lengthBytes: number;
   /** Write payload (concatenated: lengthBytes), empty for trim/zero. */
   payload: readonly Buffer[];
+  /** Appended by an NBD thread (native/nv_append.h), not by this log. */
+  viaThread?: boolean;
 }
 
 interface PendingAppend {
@@ -212,6 +214,8 @@ export class NvLog {
   private readonly nativeBlocks = new Set<string>();
   /** The threads' replies wait for release (setNativeGate): a sync mirror's replica. */
   private nativeGate = false;
+  /** A sync mirror's native link for the threads' records (forwardNative). */
+  private nativeForward: { attach: (appender: object, fromSeq: number) => void; fromSeq: number } | undefined;
   onFrozen: (() => void) | undefined;
   /**
    * The append hook: called synchronously for each record as it is written into the
@@ -737,6 +741,7 @@ export class NvLog {
     assert(this.state === 'running' && this.native === undefined, `enableNativeAppends in state ${this.state}`);
     this.native = NativeAppender.create(this.region.buffer, this.header.epoch, this.header.salt, this.layout.recordPayloadMaxBytes, volumeBytes, map);
     if (this.nativeGate) this.native.setGate(true);
+    if (this.nativeForward) this.nativeForward.attach(this.native.handle, Math.max(this.nativeForward.fromSeq, this.nextSeq));
     this.refreshNative();
     this.refreshNativeFlush();
     return this.native;
@@ -826,8 +831,28 @@ export class NvLog {
     half.records++;
     const payloadAt = at + RECORD_HEADER_BYTES;
     this.indexRecord(half, RecordType.Write, offsetBytes, lengthBytes, payloadAt, seq);
-    this.onAppend?.({ seq, type: RecordType.Write, flags: 0, offsetBytes, lengthBytes, payload: [this.region.buffer.subarray(payloadAt, payloadAt + lengthBytes)] });
+    this.onAppend?.({ seq, type: RecordType.Write, flags: 0, offsetBytes, lengthBytes, payload: [this.region.buffer.subarray(payloadAt, payloadAt + lengthBytes)], viaThread: true });
   };
+
+  /**
+   * A sync mirror's native link (native/mirror_rx.cc, source mode) takes the threads'
+   * records as they append them: `attach` is given the appender now (if there is one) and
+   * whenever one is made later; undefined: no link. `first` runs while the threads are
+   * stopped and their records taken in, with the seq of the first record the link gets
+   * from them (nothing the threads append goes to the link before `first` returns).
+   */
+  forwardNative(attach: ((appender: object, fromSeq: number) => void) | undefined, first?: (fromSeq: number) => void): void {
+    this.hold();
+    try {
+      const fromSeq = this.nextSeq;
+      first?.(fromSeq);
+      this.nativeForward = attach ? { attach, fromSeq } : undefined;
+      if (attach && this.native) attach(this.native.handle, fromSeq);
+      else this.native?.unforward();
+    } finally {
+      this.unhold();
+    }
+  }
 
   /** A section that changes the active half: the threads stop and their records come in first. */
   private hold(): void {

@@ -36,6 +36,8 @@ interface AppenderCalls {
   nbdAppenderFailHeld(a: object): void;
   nbdAppenderClose(a: object): void;
   nbdAppenderStats(a: object): number;
+  nbdAppenderMarks(a: object): Float64Array;
+  nbdAppenderUnforward(a: object): void;
   nbdAppenderFlushFile(a: object, path: string | null): boolean;
   nbdAppenderFlush(a: object): number;
   nbdAppenderFlushes(a: object): number;
@@ -116,6 +118,17 @@ export class NativeAppender {
   /** Records appended by the threads so far. */
   get appends(): number {
     return calls().nbdAppenderStats(this.handle);
+  }
+
+  /** No record goes to a mirror link from now on (native-rx.ts forward() links one). */
+  unforward(): void {
+    calls().nbdAppenderUnforward(this.handle);
+  }
+
+  /** The held replies' marks: every record <= released was released, <= failed failed (if not released). */
+  get marks(): { released: number; failed: number } {
+    const m = calls().nbdAppenderMarks(this.handle);
+    return { released: m[0]!, failed: m[1]! };
   }
 
   close(): void {
