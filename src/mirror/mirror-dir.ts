@@ -512,10 +512,11 @@ export class MirrorDir {
       await readActiveMap(read, sb, this.inUse.active, prev.cpNumber);
       return;
     }
+    // Fresh (zeroed, untouched) bitmaps: the reads touch only the pages of leaves that exist.
     const active = Buffer.alloc(bitmapBytes(sb));
     const summary = Buffer.alloc(bitmapBytes(sb));
-    await readActiveMap(read, sb, active, -1);
-    await readSummaryMap(read, sb, summary);
+    await readActiveMap(read, sb, active, -1, true);
+    await readSummaryMap(read, sb, summary, true);
     this.inUse = { active, summary };
   }
 

@@ -65,19 +65,26 @@ async function walkMap(
   await visit(root, sb.smapHeight - 1, 0);
 }
 
-/** The live map's leaves born after `bornAfter` into `active` (-1: all of them, after zeroing it). */
-export async function readActiveMap(read: ReadBlock, sb: Superblock, active: Buffer, bornAfter: number): Promise<void> {
-  if (bornAfter < 0) clearSetWords(active); // writes only set words (it still reads the whole map: see the note in spacemap.ts)
+/**
+ * The live map's leaves born after `bornAfter` into `active` (-1: all of them, after
+ * zeroing it). `zeroed`: `active` is all zeroes already (a fresh Buffer.alloc), so
+ * neither the map nor its holes are cleared: the pages of a thin volume's empty ranges
+ * are never touched (on this kernel even reading an untouched page counts in RSS, and a
+ * 1 TiB device's map is 32 MiB, mostly holes).
+ */
+export async function readActiveMap(read: ReadBlock, sb: Superblock, active: Buffer, bornAfter: number, zeroed = false): Promise<void> {
+  const clear = !(zeroed && bornAfter < 0);
+  if (bornAfter < 0 && clear) clearSetWords(active); // writes only set words (it still reads the whole map: see the note in spacemap.ts)
   await walkMap(read, sb, sb.smapRoot, bornAfter, (i, leaf) => {
     if ((i + 1) * BLOCK <= active.length) leaf.copy(active, i * BLOCK);
   }, (first, n) => {
-    if (first * BLOCK < active.length) clearSetWords(active, first * BLOCK, Math.min(active.length, (first + n) * BLOCK));
+    if (clear && first * BLOCK < active.length) clearSetWords(active, first * BLOCK, Math.min(active.length, (first + n) * BLOCK));
   });
 }
 
-/** The OR of every kept snapshot's map into `summary` (zeroed first). */
-export async function readSummaryMap(read: ReadBlock, sb: Superblock, summary: Buffer): Promise<void> {
-  clearSetWords(summary);
+/** The OR of every kept snapshot's map into `summary` (zeroed first, unless `zeroed` says it is). */
+export async function readSummaryMap(read: ReadBlock, sb: Superblock, summary: Buffer, zeroed = false): Promise<void> {
+  if (!zeroed) clearSetWords(summary);
   for (const s of sb.snapshots) {
     await walkMap(read, sb, s.smapRoot, -1, (i, leaf) => {
       for (let k = 0; k < BLOCK && i * BLOCK + k < summary.length; k++) if (leaf[k] !== 0) summary[i * BLOCK + k] = summary[i * BLOCK + k]! | leaf[k]!;
