@@ -33,6 +33,10 @@
  *   the append hook called) before anything here reads the active half's state or the
  *   index: every lookup, lastSeq, durability wait and stat syncs first. So the log's
  *   view is the threads' records plus its own, in one seq order, as if all were its own.
+ * - A sync mirror's native link (forwardNative) gets the threads' records from the
+ *   appender as they append them, from the seq after everything taken in when it was
+ *   linked (and from an appender made later, at once); its records still come in here
+ *   (AppendedRecord.viaThread), so the mirror knows which it need not send itself.
  * - The threads answer a plain FLUSH themselves (fdatasync of the region's file; see
  *   native/nv_append.h) only while the log is running, its region is a file (MmapNvram)
  *   and the owner allows it (setNativeFlushAllowed: no replica must hold the records too).
