@@ -89,6 +89,9 @@ constexpr uint32_t kLogMagic = 0x5244564e;  // "NVDR"
 constexpr size_t kPendingMax = 2 * 1024 * 1024;
 constexpr size_t kSendMax = 1024 * 1024;
 constexpr int kEventWidth = 6;
+// The appender builds record frames with these (nv_append.h RecordForwarder).
+static_assert(RecordForwarder::kFrameHead == kHeaderBytes + kRecordHeadBytes, "a record frame's head");
+static_assert(RecordForwarder::kPayloadMax == kRecordPayloadMax, "a forwarded record's payload cap");
 // Source mode: frames queued to send beyond which the appender's records are refused.
 constexpr size_t kForwardQueueMax = 48 * 1024 * 1024;
 enum Ev { kEvStored = 1, kEvFrame = 2, kEvError = 3, kEvEof = 4, kEvEnded = 5, kEvRoom = 6 };

@@ -77,8 +77,8 @@ namespace nvm {
 
 // A sync mirror's link (native/mirror_rx.cc in source mode), which sends each record the
 // threads append as they append it, without a trip through the event loop. Forward runs
-// under the appender's mutex, so records are queued in seq order; Kick (the send) runs
-// after the mutex is released.
+// under the appender's mutex, so records are queued in seq order; Kick (which wakes the
+// link's sender) runs after the mutex is released.
 class RecordForwarder {
  public:
   virtual ~RecordForwarder() = default;
@@ -93,7 +93,7 @@ class RecordForwarder {
   // kFrameHead + len bytes, the payload already at kFrameHead; blockCrcs: crc32c of each of
   // its 4 KiB blocks.
   virtual void Forward(uint64_t seq, uint64_t off, uint64_t len, std::vector<uint8_t>&& frame, const uint32_t* blockCrcs) = 0;
-  // Sends what is queued (after the appender's mutex is released).
+  // Has the link send what is queued (called after the appender's mutex is released).
   virtual void Kick() = 0;
 };
 

@@ -13,6 +13,7 @@ import { NvLog } from '../../src/nvlog/log';
 import { MemoryNvram } from '../../src/nvlog/memory-region';
 import { EV_ERROR, EV_FRAME, NativeRx, plainFd, type RxEvent } from '../../src/mirror/native-rx';
 import { decodeBody, FrameParser, FrameWriter, MsgType, type Message } from '../../src/mirror/wire';
+import { until } from '../mirror/helpers';
 
 const UUID = '0123abcd-0000-4000-8000-00000000beef';
 const BS = 4096;
@@ -22,12 +23,13 @@ function block(fill: number, blocks = 1): Buffer {
   return Buffer.alloc(BS * blocks, fill & 0xff);
 }
 
-async function until(what: string, ok: () => boolean, ms = 5000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!ok()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 2));
-  }
+/** A running log with the threads' appender (the region in memory). */
+async function freshLog(): Promise<NvLog> {
+  const region = new MemoryNvram(4 * 1024 * 1024);
+  await NvLog.format(region, UUID);
+  const log = NvLog.open(region, { volumeUuid: UUID, committed: { nvlogSeq: 0, nvlogEpoch: 0 }, readOnly: false });
+  await log.beginEpoch();
+  return log;
 }
 
 interface Rig {
@@ -54,10 +56,7 @@ describe('mirror: the source\'s records on the link\'s native thread', function 
   after(() => server.close());
 
   async function rig(): Promise<Rig> {
-    const region = new MemoryNvram(4 * 1024 * 1024);
-    await NvLog.format(region, UUID);
-    const log = NvLog.open(region, { volumeUuid: UUID, committed: { nvlogSeq: 0, nvlogEpoch: 0 }, readOnly: false });
-    await log.beginEpoch();
+    const log = await freshLog();
     log.enableNativeAppends(VOLUME_BYTES, undefined);
     log.setNativeGate(true); // replies held for the replica, as a sync mirror's are
     accepted = [];
@@ -139,10 +138,7 @@ describe('mirror: the source\'s records on the link\'s native thread', function 
   });
 
   it('a link made before the appender forwards its records too (the appender attaches when it is made)', async () => {
-    const region = new MemoryNvram(4 * 1024 * 1024);
-    await NvLog.format(region, UUID);
-    const log = NvLog.open(region, { volumeUuid: UUID, committed: { nvlogSeq: 0, nvlogEpoch: 0 }, readOnly: false });
-    await log.beginEpoch();
+    const log = await freshLog();
     const attached: number[] = [];
     log.forwardNative((_app, fromSeq) => attached.push(fromSeq));
     await log.appendWrite(0, [block(1)], 0);
