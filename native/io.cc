@@ -1,4 +1,6 @@
 // Positional file I/O off the event loop: pread, pwrite(+fdatasync), pwritev(+fdatasync),
+// batches of scattered single writes (pwriteBatch) and of scattered reads with their
+// crc32c (preadBatchCrc),
 // fdatasync, fallocate (allocate / punch hole / zero range), lseek SEEK_DATA/SEEK_HOLE,
 // a non-blocking exclusive flock, and page-cache-only reads/writes (RWF_NOWAIT) that may
 // run on the event loop because they never wait for the disk.
@@ -195,8 +197,9 @@ class PwritevJob final : public Job {
  public:
   // `keep` is an array this job alone holds (PwritevImpl makes it) with every buffer of
   // `iov`: one reference keeps them all alive until the callback, instead of one each.
-  PwritevJob(const Napi::Function& cb, std::vector<iovec>&& iov, const Napi::Array& keep, int fd, int64_t pos, bool sync, bool direct = false)
-      : Job(cb, direct ? "pwritevDirect" : "pwritev"), iov_(std::move(iov)), keep_(Napi::Persistent(keep)), fd_(fd), pos_(pos), sync_(sync), direct_(direct) {}
+  PwritevJob(const Napi::Function& cb, std::vector<iovec>&& iov, const Napi::Array& keep, int fd, int64_t pos, bool sync, bool writeback, bool direct = false)
+      : Job(cb, direct ? "pwritevDirect" : "pwritev"), iov_(std::move(iov)), keep_(Napi::Persistent(keep)), fd_(fd), pos_(pos), sync_(sync),
+        writeback_(writeback), direct_(direct) {}
 
   void Execute() override {
     if (direct_ && !IovAligned(iov_)) {
@@ -236,7 +239,12 @@ class PwritevJob final : public Job {
         }
       }
     }
-    if (sync_ && ::fdatasync(fd_) != 0) Fail(errno, "fdatasync");
+    if (sync_ && ::fdatasync(fd_) != 0) {
+      Fail(errno, "fdatasync");
+      return;
+    }
+    // As PwriteJob: a hint that starts the range's writeback; its errors are left to the caller's fdatasync.
+    if (writeback_ && !sync_) (void)::sync_file_range(fd_, pos_, static_cast<off_t>(pos - pos_), SYNC_FILE_RANGE_WRITE);
   }
 
  private:
@@ -281,6 +289,7 @@ class PwritevJob final : public Job {
   int fd_;
   int64_t pos_;
   bool sync_;
+  bool writeback_;
   bool direct_;
 };
 
@@ -330,6 +339,55 @@ class FdatasyncJob final : public Job {
 
  private:
   int fd_;
+};
+
+// Reads each buffer whole at its own position (one pread each, in order), then the crc32c
+// (seed 0) of each buffer's first 4 KiB into crcs[i] (little-endian uint32). A read error
+// or a short read (end of file) fails the whole job, naming the position.
+class PreadBatchCrcJob final : public Job {
+ public:
+  PreadBatchCrcJob(const Napi::Function& cb, int fd, std::vector<Napi::Buffer<uint8_t>>& bufs, std::vector<int64_t>& positions,
+                   const Napi::Buffer<uint8_t>& crcs)
+      : Job(cb, "pread"), fd_(fd), positions_(std::move(positions)), crcsRef_(Napi::Persistent(crcs)), crcs_(crcs.Data()) {
+    refs_.reserve(bufs.size());
+    data_.reserve(bufs.size());
+    for (auto& b : bufs) {
+      refs_.push_back(Napi::Persistent(b));
+      data_.push_back(std::make_pair(b.Data(), b.Length()));
+    }
+  }
+
+  void Execute() override {
+    for (size_t i = 0; i < data_.size(); i++) {
+      uint8_t* p = data_[i].first;
+      size_t len = data_[i].second;
+      size_t done = 0;
+      while (done < len) {
+        ssize_t n = ::pread(fd_, p + done, len - done, static_cast<off_t>(positions_[i] + static_cast<int64_t>(done)));
+        if (n < 0) {
+          if (errno == EINTR) continue;
+          Fail(errno, "pread");
+          return;
+        }
+        if (n == 0) {
+          Fail(EIO, "pread (short read: end of file)");
+          return;
+        }
+        done += static_cast<size_t>(n);
+      }
+      uint32_t c = Crc32cOf(p, 4096);
+      uint8_t le[4] = {static_cast<uint8_t>(c), static_cast<uint8_t>(c >> 8), static_cast<uint8_t>(c >> 16), static_cast<uint8_t>(c >> 24)};
+      std::memcpy(crcs_ + 4 * i, le, 4);
+    }
+  }
+
+ private:
+  int fd_;
+  std::vector<int64_t> positions_;
+  std::vector<Napi::Reference<Napi::Buffer<uint8_t>>> refs_;
+  std::vector<std::pair<uint8_t*, size_t>> data_;
+  Napi::Reference<Napi::Buffer<uint8_t>> crcsRef_;
+  uint8_t* crcs_;
 };
 
 class FallocateJob final : public Job {
@@ -459,13 +517,14 @@ Napi::Value Pwrite(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// pwritev(fd, bufs, position, sync, cb); pwritevDirect(fd, bufs, position, cb) for an
+// pwritev(fd, bufs, position, sync, writeback, cb) (writeback as pwrite's); pwritevDirect(fd, bufs, position, cb) for an
 // O_DIRECT descriptor (copied through an aligned bounce buffer unless already aligned).
 Napi::Value PwritevImpl(const Napi::CallbackInfo& info, bool direct) {
   Napi::Env env = info.Env();
   int fd;
   int64_t pos;
   bool sync;
+  bool writeback = false;
   Napi::Function cb;
   if (!GetFd(info, 0, "pwritev", &fd)) return env.Undefined();
   if (info.Length() < 2 || !info[1].IsArray()) {
@@ -476,7 +535,8 @@ Napi::Value PwritevImpl(const Napi::CallbackInfo& info, bool direct) {
   if (direct) {
     sync = false;
     if (!GetCallback(info, 3, "pwritevDirect", &cb)) return env.Undefined();
-  } else if (!GetBool(info, 3, "pwritev", "sync", &sync) || !GetCallback(info, 4, "pwritev", &cb)) {
+  } else if (!GetBool(info, 3, "pwritev", "sync", &sync) || !GetBool(info, 4, "pwritev", "writeback", &writeback) ||
+             !GetCallback(info, 5, "pwritev", &cb)) {
     return env.Undefined();
   }
   Napi::Array bufs = info[1].As<Napi::Array>();
@@ -514,7 +574,7 @@ Napi::Value PwritevImpl(const Napi::CallbackInfo& info, bool direct) {
     ThrowRange(env, "pwritevDirect: total length must be a multiple of 4096");
     return env.Undefined();
   }
-  (new PwritevJob(cb, std::move(iov), keep, fd, pos, sync, direct))->Queue();
+  (new PwritevJob(cb, std::move(iov), keep, fd, pos, sync, writeback, direct))->Queue();
   return env.Undefined();
 }
 
@@ -522,6 +582,63 @@ Napi::Value Pwritev(const Napi::CallbackInfo& info) { return PwritevImpl(info, f
 Napi::Value PwritevDirect(const Napi::CallbackInfo& info) { return PwritevImpl(info, true); }
 
 // pwriteBatch(fd, bufs, positions, cb): cb(null, errors[]) with errors[i] null or an Error.
+// preadBatchCrc(fd, bufs, positions, crcs, cb): bufs[i] (each >= 4096 bytes) read whole from
+// positions[i]; crcs (>= 4 x bufs.length bytes) gets each buffer's first-4-KiB crc32c.
+Napi::Value PreadBatchCrc(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  Napi::Buffer<uint8_t> crcs;
+  Napi::Function cb;
+  if (!GetFd(info, 0, "preadBatchCrc", &fd)) return env.Undefined();
+  if (info.Length() < 3 || !info[1].IsArray() || !info[2].IsArray()) {
+    ThrowType(env, "preadBatchCrc: bufs and positions must be arrays");
+    return env.Undefined();
+  }
+  if (!GetBuffer(info, 3, "preadBatchCrc", "crcs", &crcs) || !GetCallback(info, 4, "preadBatchCrc", &cb)) return env.Undefined();
+  Napi::Array bufs = info[1].As<Napi::Array>();
+  Napi::Array positions = info[2].As<Napi::Array>();
+  uint32_t n = bufs.Length();
+  if (n < 1 || n > static_cast<uint32_t>(kMaxIovecs) || positions.Length() != n) {
+    ThrowRange(env, "preadBatchCrc: 1.." + std::to_string(kMaxIovecs) + " buffers with as many positions");
+    return env.Undefined();
+  }
+  if (crcs.Length() < 4 * static_cast<size_t>(n)) {
+    ThrowRange(env, "preadBatchCrc: crcs must hold 4 bytes per buffer");
+    return env.Undefined();
+  }
+  std::vector<Napi::Buffer<uint8_t>> bv;
+  std::vector<int64_t> pv;
+  bv.reserve(n);
+  pv.reserve(n);
+  for (uint32_t i = 0; i < n; i++) {
+    Napi::Value b = bufs.Get(i);
+    Napi::Value p = positions.Get(i);
+    if (!b.IsBuffer()) {
+      ThrowType(env, "preadBatchCrc: bufs[" + std::to_string(i) + "] must be a Buffer");
+      return env.Undefined();
+    }
+    if (!p.IsNumber()) {
+      ThrowType(env, "preadBatchCrc: positions[" + std::to_string(i) + "] must be a number");
+      return env.Undefined();
+    }
+    double d = p.As<Napi::Number>().DoubleValue();
+    Napi::Buffer<uint8_t> buf = b.As<Napi::Buffer<uint8_t>>();
+    if (buf.Length() < 4096 || buf.Length() > static_cast<size_t>(SSIZE_MAX)) {
+      ThrowRange(env, "preadBatchCrc: bufs[" + std::to_string(i) + "] must hold at least 4096 bytes");
+      return env.Undefined();
+    }
+    if (!(d >= 0) || d > static_cast<double>(kMaxSafeInteger) || d != static_cast<double>(static_cast<int64_t>(d)) ||
+        static_cast<uint64_t>(d) + buf.Length() > static_cast<uint64_t>(kMaxSafeInteger)) {
+      ThrowRange(env, "preadBatchCrc: positions[" + std::to_string(i) + "] must be a safe non-negative integer");
+      return env.Undefined();
+    }
+    bv.push_back(buf);
+    pv.push_back(static_cast<int64_t>(d));
+  }
+  (new PreadBatchCrcJob(cb, fd, bv, pv, crcs))->Queue();
+  return env.Undefined();
+}
+
 Napi::Value PwriteBatch(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int fd;
@@ -711,6 +828,7 @@ void InitIo(Napi::Env env, Napi::Object exports) {
   exports.Set("pwritev", Napi::Function::New(env, Pwritev, "pwritev"));
   exports.Set("pwritevDirect", Napi::Function::New(env, PwritevDirect, "pwritevDirect"));
   exports.Set("pwriteBatch", Napi::Function::New(env, PwriteBatch, "pwriteBatch"));
+  exports.Set("preadBatchCrc", Napi::Function::New(env, PreadBatchCrc, "preadBatchCrc"));
   exports.Set("fdatasync", Napi::Function::New(env, Fdatasync, "fdatasync"));
   exports.Set("fallocate", Napi::Function::New(env, Fallocate, "fallocate"));
   exports.Set("seek", Napi::Function::New(env, Seek, "seek"));

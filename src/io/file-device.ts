@@ -26,7 +26,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { promisify } from 'util';
 import { assert } from '../util/assert';
-import { BLOCK_SIZE_BYTES, BlockDevice, WRITE_PARTS_MAX, type WriteHint } from './types';
+import { BLOCK_SIZE_BYTES, BlockDevice, READ_BATCH_MAX, WRITE_PARTS_MAX, type WriteHint } from './types';
 import * as native from './native';
 
 const openAsync = promisify(fs.open);
@@ -247,6 +247,25 @@ export class FileBlockDevice implements BlockDevice {
     }
   }
 
+  async readBlocksBatchCrc(pbas: readonly number[], dsts: readonly Buffer[], crcs: Uint32Array): Promise<void> {
+    assert(pbas.length >= 1 && pbas.length <= READ_BATCH_MAX && dsts.length === pbas.length && crcs.length >= pbas.length, `readBlocksBatchCrc: ${pbas.length} blocks, ${dsts.length} buffers, ${crcs.length} crcs`);
+    const positions: number[] = new Array<number>(pbas.length);
+    for (let i = 0; i < pbas.length; i++) {
+      this.checkRange(pbas[i]!, 1);
+      assert(dsts[i]!.length === BLOCK_SIZE_BYTES, `readBlocksBatchCrc: buffer ${i} is ${dsts[i]!.length} bytes`);
+      positions[i] = pbas[i]! * BLOCK_SIZE_BYTES;
+    }
+    const raw = Buffer.allocUnsafe(4 * pbas.length);
+    try {
+      await native.preadBatchCrc(this.fd, dsts as Buffer[], positions, raw);
+    } catch (e) {
+      const err = e as native.NativeError;
+      if (typeof err.message === 'string') err.message = `${this.path}: ${err.message}`;
+      throw err;
+    }
+    for (let i = 0; i < pbas.length; i++) crcs[i] = raw.readUInt32LE(4 * i);
+  }
+
   async writeBlocks(pba: number, data: Buffer, hint?: WriteHint): Promise<void> {
     assert(!this.readOnly, `${this.path}: write to a read-only device`);
     assert(data.length > 0 && data.length % BLOCK_SIZE_BYTES === 0, `writeBlocks: length ${data.length} is not whole blocks`);
@@ -280,7 +299,7 @@ export class FileBlockDevice implements BlockDevice {
     }
     this.checkRange(pba, bytes / BLOCK_SIZE_BYTES);
     if (this.directFd !== undefined && hint?.reread !== true && bytes >= DIRECT_WRITE_MIN_BYTES && (await this.writeDirect(pba, parts as Buffer[]))) return;
-    await native.pwritev(this.fd, parts as Buffer[], pba * BLOCK_SIZE_BYTES, false);
+    await native.pwritev(this.fd, parts as Buffer[], pba * BLOCK_SIZE_BYTES, false, hint?.writeback === true && bytes >= WRITEBACK_MIN_BYTES);
   }
 
   async sync(): Promise<void> {

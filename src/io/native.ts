@@ -16,8 +16,11 @@ interface RawAddon {
   /** Writes all `length` bytes (loops on short writes); if sync, fdatasync before the callback. */
   /** pwrite; then fdatasync if sync, else if writeback start the range's writeback (sync_file_range WRITE, a hint). */
   pwrite(fd: number, buf: Buffer, bufOffset: number, length: number, position: number, sync: boolean, writeback: boolean, cb: (err: Error | null) => void): void;
-  /** pwritev of several buffers at consecutive positions starting at `position`; if sync, fdatasync afterwards. */
-  pwritev(fd: number, bufs: Buffer[], position: number, sync: boolean, cb: (err: Error | null) => void): void;
+  /**
+   * pwritev of several buffers at consecutive positions starting at `position`; if sync,
+   * fdatasync afterwards; writeback (without sync): as pwrite's, start the range's writeback.
+   */
+  pwritev(fd: number, bufs: Buffer[], position: number, sync: boolean, writeback: boolean, cb: (err: Error | null) => void): void;
   /**
    * pwritev to an O_DIRECT descriptor: position and total length whole 4 KiB blocks; buffers that
    * are not 4 KiB-aligned are copied through the pool thread's aligned bounce buffer.
@@ -25,6 +28,12 @@ interface RawAddon {
   pwritevDirect(fd: number, bufs: Buffer[], position: number, cb: (err: Error | null) => void): void;
   /** Independent writes in one thread-pool job; errors[i] is null or write i's Error. */
   pwriteBatch(fd: number, bufs: Buffer[], positions: number[], cb: (err: Error | null, errors: Array<Error | null>) => void): void;
+  /**
+   * In one thread-pool job: each buffer (>= 4096 bytes) read whole from its own position, and
+   * the crc32c (seed 0) of its first 4 KiB into crcs (little-endian uint32 per buffer). A
+   * failed or short read (end of file) fails the whole call.
+   */
+  preadBatchCrc(fd: number, bufs: Buffer[], positions: number[], crcs: Buffer, cb: (err: Error | null) => void): void;
   fdatasync(fd: number, cb: (err: Error | null) => void): void;
   /**
    * Synchronous preadv2/pwritev2(RWF_NOWAIT), length <= 1 MiB: touches only the page cache, never
@@ -114,10 +123,10 @@ export function pwrite(fd: number, buf: Buffer, bufOffset: number, length: numbe
   return new Promise((resolve, reject) => addon().pwrite(fd, buf, bufOffset, length, position, sync, writeback, (err) => (err ? reject(err) : resolve())));
 }
 
-export function pwritev(fd: number, bufs: Buffer[], position: number, sync: boolean): Promise<void> {
+export function pwritev(fd: number, bufs: Buffer[], position: number, sync: boolean, writeback = false): Promise<void> {
   checkInt('fd', fd); checkInt('position', position);
   if (bufs.length === 0 || bufs.length > 1024) throw new RangeError(`pwritev: 1..1024 buffers, got ${bufs.length}`);
-  return new Promise((resolve, reject) => addon().pwritev(fd, bufs, position, sync, (err) => (err ? reject(err) : resolve())));
+  return new Promise((resolve, reject) => addon().pwritev(fd, bufs, position, sync, writeback, (err) => (err ? reject(err) : resolve())));
 }
 
 /** pwritev to a descriptor opened with O_DIRECT (see RawAddon.pwritevDirect): no sync. */
@@ -144,6 +153,20 @@ export function preadNowait(fd: number, buf: Buffer, bufOffset: number, length: 
 /** Page-cache-only write on the calling thread; see RawAddon.pwriteNowait. */
 export function pwriteNowait(fd: number, buf: Buffer, bufOffset: number, length: number, position: number): number {
   return addon().pwriteNowait(fd, buf, bufOffset, length, position);
+}
+
+/** Most reads one preadBatchCrc call takes (the addon's cap). */
+export const PREAD_BATCH_MAX = 1024;
+
+/** Scattered reads with their crc32c in one thread-pool job; see RawAddon.preadBatchCrc. */
+export function preadBatchCrc(fd: number, bufs: Buffer[], positions: number[], crcs: Buffer): Promise<void> {
+  checkInt('fd', fd);
+  if (bufs.length === 0 || bufs.length > PREAD_BATCH_MAX || positions.length !== bufs.length) {
+    throw new RangeError(`preadBatchCrc: 1..${PREAD_BATCH_MAX} buffers with as many positions, got ${bufs.length}/${positions.length}`);
+  }
+  if (crcs.length < 4 * bufs.length) throw new RangeError(`preadBatchCrc: crcs (${crcs.length} bytes) too short for ${bufs.length} buffers`);
+  for (const p of positions) checkInt('position', p);
+  return new Promise((resolve, reject) => addon().preadBatchCrc(fd, bufs, positions, crcs, (err) => (err ? reject(err) : resolve())));
 }
 
 /** Most writes one pwriteBatch call takes (the addon's cap). */

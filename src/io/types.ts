@@ -19,6 +19,12 @@ export interface BlockDevice {
    */
   readBlocksCrc?(pba: number, count: number, dst: Buffer, crcs: Buffer): Promise<void>;
   /**
+   * Optional (a file): single blocks at scattered addresses (pbas[i] into dsts[i], 4096
+   * bytes each, at most READ_BATCH_MAX), with each one's crc32c (seed 0) into crcs[i],
+   * in one call off the event loop: a CP reads the address blocks it rewrites this way.
+   */
+  readBlocksBatchCrc?(pbas: readonly number[], dsts: readonly Buffer[], crcs: Uint32Array): Promise<void>;
+  /**
    * Writes whole blocks at consecutive addresses starting at pba (data.length a multiple of 4096). Not durable until sync().
    * `hint.reread`: the caller reads these blocks again soon (a device that can write around its cache keeps them in it).
    */
@@ -53,6 +59,9 @@ export interface WriteHint {
   /** The writer syncs them soon (a CP's blocks, before its superblock): start their writeback now. */
   writeback?: boolean;
 }
+
+/** Most blocks one readBlocksBatchCrc takes (the addon's cap). */
+export const READ_BATCH_MAX = 1024;
 
 /** Most parts one writeBlocksV takes (the addon's iovec cap). */
 export const WRITE_PARTS_MAX = 1024;

@@ -172,8 +172,8 @@ export function writeNodeHeader(buf: Buffer, id: NodeId, pba: number, birth: num
 }
 
 /** Verifies an address block read via pointer p; returns a problem description or null. */
-export function verifyNode(buf: Buffer, p: BlockPtr, id: NodeId, uuid: Buffer): string | null {
-  const crc = crc32c(buf, 0, BLOCK);
+/** `crc`: the block's crc32c when the reader computed it already (a batch read off the event loop). */
+export function verifyNode(buf: Buffer, p: BlockPtr, id: NodeId, uuid: Buffer, crc = crc32c(buf, 0, BLOCK)): string | null {
   if (crc !== p.crc) return `checksum mismatch (expected ${p.crc.toString(16).padStart(8, '0')}, got ${crc.toString(16).padStart(8, '0')})`;
   if (buf.readUInt32LE(0) !== NODE_MAGIC) return 'bad address-block magic';
   if (buf.readUInt16LE(4) !== id.type) return `wrong block type ${buf.readUInt16LE(4)} (expected ${id.type})`;

@@ -15,7 +15,7 @@
  *   device with redundancy (RAID: `readRepaired`) is first asked for a version that
  *   verifies (self-heal); only if it has none is the read refused.
  */
-import type { BlockDevice } from '../io/types';
+import { READ_BATCH_MAX, type BlockDevice } from '../io/types';
 import { VolumeError } from '../util/errors';
 import { log } from '../util/log';
 import { crc32c } from '../io/checksum';
@@ -88,6 +88,53 @@ export class VerifiedReader {
     }
     if (cacheIt) this.cache.put(ptr, buf);
     return buf;
+  }
+
+  /**
+   * The address blocks a CP is about to rewrite (null entries: none), verified as readNode
+   * does and not cached: from the cache where it has them (its buffers: copy before
+   * changing), the rest read in one batch off the event loop when the device can
+   * (readBlocksBatchCrc), else one by one. Every returned buffer that is not the cache's
+   * is the caller's.
+   */
+  async readNodesForEdit(ptrs: readonly (BlockPtr | null)[], level: number, indexes: readonly number[]): Promise<(Buffer | null)[]> {
+    const out: (Buffer | null)[] = new Array<Buffer | null>(ptrs.length).fill(null);
+    const miss: number[] = [];
+    for (let j = 0; j < ptrs.length; j++) {
+      const p = ptrs[j];
+      if (!p) continue;
+      const hit = this.cache.get(p);
+      if (hit) out[j] = hit;
+      else miss.push(j);
+    }
+    if (miss.length === 0) return out;
+    if (!this.dev.readBlocksBatchCrc) {
+      for (const j of miss) out[j] = await this.readNode(ptrs[j]!, level, indexes[j]!, false);
+      return out;
+    }
+    for (let at = 0; at < miss.length; at += READ_BATCH_MAX) {
+      const js = miss.slice(at, at + READ_BATCH_MAX);
+      const bufs = js.map(() => Buffer.allocUnsafe(BLOCK));
+      const crcs = new Uint32Array(js.length);
+      try {
+        await this.dev.readBlocksBatchCrc(js.map((j) => ptrs[j]!.pba), bufs, crcs);
+      } catch (e) {
+        const pbas = js.map((j) => ptrs[j]!.pba);
+        throw this.eio(`device read of ${js.length} address blocks (level ${level}, pbas ${pbas[0]}..${pbas[pbas.length - 1]}) failed: ${e instanceof Error ? e.message : String(e)}`, { level, count: js.length }, 'io');
+      }
+      for (let k = 0; k < js.length; k++) {
+        const j = js[k]!;
+        const ptr = ptrs[j]!;
+        const buf = bufs[k]!;
+        const id = { type: NODE_TYPE_DATA_TREE, level, index: indexes[j]! };
+        const problem = verifyNode(buf, ptr, id, this.uuidBytes, crcs[k]!);
+        if (problem && !(await repairedRead(this.dev, ptr.pba, buf, (b) => verifyNode(b, ptr, id, this.uuidBytes) === null))) {
+          throw this.eio(`bad address block at pba ${ptr.pba} (level ${level}, ${this.nodeRange(level, indexes[j]!)}): ${problem}`, { pba: ptr.pba, level, index: indexes[j] });
+        }
+        out[j] = buf;
+      }
+    }
+    return out;
   }
 
   childOf(node: Buffer, parent: BlockPtr, level: number, index: number, slot: number): BlockPtr | null {

@@ -90,6 +90,27 @@ describe('io layer', () => {
       await dev.close();
     });
 
+    it('readBlocksBatchCrc reads scattered blocks with their crc32c, and refuses blocks past the end', async () => {
+      const file = path.join(dir, 'member-batch.img');
+      const dev = await FileBlockDevice.create(file, 32);
+      const data = pattern(21, 32);
+      await dev.writeBlocks(0, data);
+      const pbas = [31, 2, 9, 2];
+      const dsts = pbas.map(() => Buffer.alloc(BLOCK_SIZE_BYTES));
+      const crcs = new Uint32Array(pbas.length);
+      await dev.readBlocksBatchCrc(pbas, dsts, crcs);
+      pbas.forEach((p, i) => {
+        const want = data.subarray(p * BLOCK_SIZE_BYTES, (p + 1) * BLOCK_SIZE_BYTES);
+        assert.ok(dsts[i]!.equals(want), `pba ${p}`);
+        const one = Buffer.alloc(4);
+        crc32cBlocks(want, 0, 1, one);
+        assert.equal(crcs[i], one.readUInt32LE(0), `crc of pba ${p}`);
+      });
+      await assert.rejects(dev.readBlocksBatchCrc([1, 32], [Buffer.alloc(BLOCK_SIZE_BYTES), Buffer.alloc(BLOCK_SIZE_BYTES)], new Uint32Array(2)), AssertionError);
+      await assert.rejects(dev.readBlocksBatchCrc([1], [Buffer.alloc(100)], new Uint32Array(1)), AssertionError);
+      await dev.close();
+    });
+
     it('reads cached blocks on the calling thread and the rest through the thread pool, same bytes', async () => {
       const file = path.join(dir, 'nowait.img');
       const blocks = NOWAIT_READ_BYTES_MAX / BLOCK_SIZE_BYTES + 8;

@@ -311,6 +311,49 @@ describe('native addon', () => {
       }
     });
 
+    it('preadBatchCrc reads scattered blocks whole with their crc32c, and fails the call on a short read', async () => {
+      const file = path.join(dir, 'batch-read.img');
+      const rnd = seeded(11);
+      const image = randomBuffer(rnd, 64 * 4096);
+      fs.writeFileSync(file, image);
+      const fd = fs.openSync(file, 'r');
+      try {
+        // Out of order, one repeated, the last block of the file.
+        const blocks = [63, 0, 17, 17, 5, 40];
+        const bufs = blocks.map(() => Buffer.alloc(4096, 0xee));
+        const crcs = Buffer.alloc(4 * blocks.length);
+        await native.preadBatchCrc(fd, bufs, blocks.map((b) => b * 4096), crcs);
+        blocks.forEach((b, i) => {
+          const want = image.subarray(b * 4096, (b + 1) * 4096);
+          assert.ok(bufs[i]!.equals(want), `block ${b}`);
+          assert.equal(crcs.readUInt32LE(4 * i), native.crc32c(want), `crc of block ${b}`);
+        });
+        // A block that straddles the end of the file: the whole call fails, with EIO.
+        await assert.rejects(native.preadBatchCrc(fd, [Buffer.alloc(4096), Buffer.alloc(4096)], [0, 63 * 4096 + 512], Buffer.alloc(8)), (e: NodeJS.ErrnoException) => e.code === 'EIO' && /short read/.test(e.message));
+        assert.throws(() => native.preadBatchCrc(fd, [Buffer.alloc(4096)], [0], Buffer.alloc(3)), RangeError);
+        assert.throws(() => native.preadBatchCrc(fd, [], [], Buffer.alloc(4)), RangeError);
+      } finally {
+        fs.closeSync(fd);
+      }
+    });
+
+    it('pwritev with the writeback hint writes the same bytes', async () => {
+      const file = path.join(dir, 'writev-hint.img');
+      const fd = fs.openSync(file, 'w+');
+      try {
+        const rnd = seeded(12);
+        const parts = [randomBuffer(rnd, 4096), randomBuffer(rnd, 512 * 1024), randomBuffer(rnd, 4096)];
+        await native.pwritev(fd, parts, 8192, false, true);
+        await native.fdatasync(fd);
+        const back = Buffer.alloc(8192 + 520 * 1024);
+        fs.readSync(fd, back, 0, back.length, 0);
+        assert.ok(back.subarray(8192).equals(Buffer.concat(parts)));
+        assert.ok(back.subarray(0, 8192).equals(Buffer.alloc(8192)));
+      } finally {
+        fs.closeSync(fd);
+      }
+    });
+
     it('pwritevDirect writes an O_DIRECT descriptor from buffers of any alignment and size, and refuses unaligned positions and totals', async () => {
       const file = path.join(dir, 'direct.img');
       fs.writeFileSync(file, Buffer.alloc(0));
@@ -515,9 +558,16 @@ describe('native addon', () => {
       ['pread no callback', () => raw().pread!(0, buf, 0, 1, 0), TypeError],
       ['pwrite sync not boolean', () => raw().pwrite!(0, buf, 0, 1, 0, 1, noop), TypeError],
       ['pwrite missing arguments', () => raw().pwrite!(), TypeError],
-      ['pwritev not an array', () => raw().pwritev!(0, buf, 0, false, noop), TypeError],
-      ['pwritev empty array', () => raw().pwritev!(0, [], 0, false, noop), RangeError],
-      ['pwritev element not a buffer', () => raw().pwritev!(0, [buf, 7], 0, false, noop), TypeError],
+      ['pwritev not an array', () => raw().pwritev!(0, buf, 0, false, false, noop), TypeError],
+      ['pwritev empty array', () => raw().pwritev!(0, [], 0, false, false, noop), RangeError],
+      ['pwritev element not a buffer', () => raw().pwritev!(0, [buf, 7], 0, false, false, noop), TypeError],
+      ['pwritev writeback not boolean', () => raw().pwritev!(0, [buf], 0, false, 1, noop), TypeError],
+      ['preadBatchCrc not arrays', () => raw().preadBatchCrc!(0, buf, [0], Buffer.alloc(4), noop), TypeError],
+      ['preadBatchCrc count mismatch', () => raw().preadBatchCrc!(0, [Buffer.alloc(4096)], [0, 4096], Buffer.alloc(8), noop), RangeError],
+      ['preadBatchCrc buffer under 4096 bytes', () => raw().preadBatchCrc!(0, [buf], [0], Buffer.alloc(4), noop), RangeError],
+      ['preadBatchCrc negative position', () => raw().preadBatchCrc!(0, [Buffer.alloc(4096)], [-4096], Buffer.alloc(4), noop), RangeError],
+      ['preadBatchCrc crcs too short', () => raw().preadBatchCrc!(0, [Buffer.alloc(4096)], [0], Buffer.alloc(3), noop), RangeError],
+      ['preadBatchCrc element not a buffer', () => raw().preadBatchCrc!(0, ['x'], [0], Buffer.alloc(4), noop), TypeError],
       ['pwritevDirect not an array', () => raw().pwritevDirect!(0, buf, 0, noop), TypeError],
       ['pwritevDirect no callback', () => raw().pwritevDirect!(0, [Buffer.alloc(4096)], 0), TypeError],
       ['pwritevDirect unaligned position', () => raw().pwritevDirect!(0, [Buffer.alloc(4096)], 512, noop), RangeError],

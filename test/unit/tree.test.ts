@@ -5,10 +5,14 @@
  * with a commit.
  */
 import { strict as assert } from 'assert';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { FileBlockDevice } from '../../src/io/file-device';
 import { MemoryBlockDevice } from '../../src/io/memory-device';
 import { BLOCK_SIZE_BYTES, type BlockDevice } from '../../src/io/types';
 import { crc32c, crc32cImplementation, crc32cPortable } from '../../src/io/checksum';
-import { FANOUT, RING_SLOTS } from '../../src/tree/layout';
+import { FANOUT, NODE_MAGIC, NODE_TYPE_DATA_TREE, RING_SLOTS } from '../../src/tree/layout';
 import { BlockTree } from '../../src/tree/tree';
 import { DISCARD_RUN_BLOCKS_MIN } from '../../src/tree/commit';
 import type { BlockChange, CpMeta } from '../../src/tree/types';
@@ -531,6 +535,100 @@ describe('tree: corruption', () => {
     const re = await BlockTree.open(dev);
     await expectEio(re.readBlock(FANOUT + 1), /checksum mismatch|misdirected/);
     assert.ok((await re.readBlock(10))!.equals(block(10)));
+  });
+});
+
+describe('tree: on a member file (address blocks a CP rewrites, read in batches off the event loop)', () => {
+  let dir: string;
+  before(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nvm-tree-file-'));
+  });
+  after(() => {
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('CPs over a cold cache read back every block; a corrupt leaf fails the CP that rewrites it with EIO, counted, and the committed tree stays', async () => {
+    const file = path.join(dir, 'member.img');
+    const dev = await FileBlockDevice.create(file, 8192);
+    await BlockTree.format(dev, { sizeBytes: 64 * FANOUT * B, volumeUuid: UUID });
+    // A 16-block cache: nearly every leaf a CP rewrites comes from the device.
+    let tree = await BlockTree.open(dev, { cacheBlocks: 16, writeChunkBlocks: 8 });
+    const model = new Map<number, number>();
+    let seed = 1;
+    const rnd = (): number => ((seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) >>> 8);
+    for (let cp = 1; cp <= 6; cp++) {
+      const entries: [number, number][] = [];
+      for (let i = 0; i < 200; i++) {
+        const lbn = rnd() % (64 * FANOUT);
+        const v = rnd() % 100000;
+        entries.push([lbn, v]);
+        model.set(lbn, v);
+      }
+      await tree.commitCp(writes(entries), meta(cp));
+      if (cp % 2 === 0) tree = await BlockTree.open(dev, { cacheBlocks: 16, writeChunkBlocks: 8 });
+    }
+    for (const [lbn, v] of model) assert.ok((await tree.readBlock(lbn))!.equals(block(v)), `lbn ${lbn}`);
+    await assertCheckOk(tree);
+    // Corrupt the leaf over one written lbn, on the file, then rewrite a block under it.
+    const lbn = [...model.keys()][0]!;
+    const leaf = (await tree.locate(lbn)).path.at(-1)!;
+    const raw = Buffer.alloc(B);
+    const fd = fs.openSync(file, 'r+');
+    fs.readSync(fd, raw, 0, B, leaf.pba * B);
+    raw[100] = raw[100]! ^ 0x5a;
+    fs.writeSync(fd, raw, 0, B, leaf.pba * B);
+    fs.closeSync(fd);
+    const re = await BlockTree.open(dev, { cacheBlocks: 16 });
+    const before = re.cpNumber;
+    await expectEio(re.commitCp(writes([[lbn, 7]]), meta(100)), new RegExp(`bad address block at pba ${leaf.pba} \\(level 0`));
+    assert.equal(re.errorCounts.checksum, 1);
+    assert.equal(re.cpNumber, before);
+    const again = await BlockTree.open(dev);
+    assert.equal(again.cpNumber, before);
+    await expectEio(again.readBlock(lbn), /address block/);
+    await dev.close();
+  });
+});
+
+describe('tree: the CP sink', () => {
+  it('takes the CP\'s blocks one call at a time in write order (data, address blocks level by level, space map) while the batches\' writes overlap', async () => {
+    const dev = new MemoryBlockDevice(32768);
+    await BlockTree.format(dev, { sizeBytes: 4 * GiB, volumeUuid: UUID });
+    // 8-block batches: a CP of 600 scattered blocks has dozens of address batches in flight.
+    const tree = await BlockTree.open(dev, { writeChunkBlocks: 8 });
+    const calls: string[] = [];
+    let inCall = 0;
+    let maxInCall = 0;
+    const entries: [number, number][] = [];
+    for (let i = 0; i < 600; i++) entries.push([(i * 7919 * 64) % (GiB / B), i]);
+    const dataBlocks = new Set(entries.map(([, v]) => block(v).toString('hex')));
+    // Address blocks by their header; the space map's (nodes, and leaves without a header) are the rest.
+    const kind = (b: { buf: Buffer }): string => {
+      if (dataBlocks.has(b.buf.toString('hex'))) return 'data';
+      return b.buf.readUInt32LE(0) === NODE_MAGIC && b.buf.readUInt16LE(4) === NODE_TYPE_DATA_TREE ? `L${b.buf.readUInt16LE(6)}` : 'smap';
+    };
+    tree.setCpSink({
+      oldestNeededCp: () => undefined,
+      holdBroken: () => undefined,
+      blocks: async (_cp, bl) => {
+        maxInCall = Math.max(maxInCall, ++inCall);
+        const kinds = new Set(bl.map(kind));
+        assert.ok(kinds.size <= 1, `one kind of block per call, got ${[...kinds].join(',')}`);
+        if (kinds.size === 1) calls.push([...kinds][0]!);
+        // A slow peer: later batches' device writes finish before this call does.
+        await new Promise((r) => setTimeout(r, 1 + (calls.length % 3)));
+        inCall--;
+      },
+      committed: async () => undefined,
+    });
+    await tree.commitCp(writes(entries), meta(1));
+    assert.equal(maxInCall, 1, 'never two sink calls at once');
+    assert.equal(calls[0], 'data');
+    const order = ['data', 'L0', 'L1', 'L2', 'L3', 'smap'];
+    for (let i = 1; i < calls.length; i++) assert.ok(order.indexOf(calls[i]!) >= order.indexOf(calls[i - 1]!), `call ${i}: ${calls[i - 1]} then ${calls[i]}`);
+    assert.ok(calls.filter((c) => c === 'L0').length >= 8, `${calls.length} calls: ${calls.join(' ')}`);
+    assert.equal(calls.at(-1), 'smap');
+    for (const [lbn, v] of entries) assert.ok((await tree.readBlock(lbn))!.equals(block(v)));
   });
 });
 
