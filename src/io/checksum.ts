@@ -8,7 +8,7 @@
  * - The choice is made once per process (first call) and never changes afterwards.
  * - Results are unsigned 32-bit integers.
  */
-import { crc32c as nativeCrc32c, crc32cBlocks as nativeCrc32cBlocks } from './native';
+import { crc32c as nativeCrc32c, crc32cBlocks as nativeCrc32cBlocks, crc32cWide as nativeCrc32cWide } from './native';
 
 const POLY_REFLECTED = 0x82f63b78;
 
@@ -72,6 +72,17 @@ function pick(): Crc {
 export function crc32c(buf: Buffer, offset = 0, length = buf.length - offset): number {
   if (!impl) impl = pick();
   return impl(buf, offset, length);
+}
+
+/**
+ * crc32c (seed 0) of one 4 KiB block, in the addon's three chains (the same value as
+ * crc32c, ~2.5x faster): for a CP's blocks (each address block it writes, each data block
+ * not adjacent to another). The single chain stays for the rest (see checksum.cc).
+ */
+export function crc32cBlock(buf: Buffer, offset = 0): number {
+  if (!impl) impl = pick();
+  if (offset < 0 || offset + 4096 > buf.length) throw new RangeError(`crc32cBlock: a block at ${offset} does not fit ${buf.length} bytes`);
+  return implName === 'native' ? nativeCrc32cWide(buf, offset, 4096, 0) : crc32cPortable(buf, offset, 4096, 0);
 }
 
 /**

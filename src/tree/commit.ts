@@ -34,7 +34,7 @@ import { WRITE_PARTS_MAX, type BlockDevice, type WriteHint } from '../io/types';
 import { VolumeError } from '../util/errors';
 import { assert } from '../util/assert';
 import { log } from '../util/log';
-import { crc32c } from '../io/checksum';
+import { crc32cBlock } from '../io/checksum';
 import {
   BLOCK, BlockPtr, FANOUT, MAX_SNAPSHOTS, NODE_TYPE_DATA_TREE, RING_SLOTS, SnapshotRecord, encodePtr, ptrSlotOffset,
   snapshotNameProblem, writeNodeHeader,
@@ -313,7 +313,7 @@ export class CpWriter {
           }
           const pba = lvl.pba[k]!;
           writeNodeHeader(buf, { type: NODE_TYPE_DATA_TREE, level: l, index }, pba, cp, this.uuidBytes);
-          const ptr: BlockPtr = { pba, birth: cp, crc: crc32c(buf) };
+          const ptr: BlockPtr = { pba, birth: cp, crc: crc32cBlock(buf) };
           lvl.newPtr[k] = ptr;
           out[j] = old && oldPtr ? (inPlace ? { pba, buf, prevPba: oldPtr.pba } : { pba, buf, prevPba: oldPtr.pba, prev: old }) : { pba, buf };
           // Safe before the CP is durable: only a pointer with this pba, birth and crc can hit it.

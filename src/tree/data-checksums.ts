@@ -12,7 +12,7 @@
  * - Views are only read, never copied or kept.
  */
 import { BLOCK } from './layout';
-import { crc32c, crc32cBlocks } from '../io/checksum';
+import { crc32c, crc32cBlock, crc32cBlocks } from '../io/checksum';
 import { assert } from '../util/assert';
 
 const ZERO_BLOCK = Buffer.alloc(BLOCK);
@@ -43,7 +43,7 @@ export function checksumRun(datas: (Buffer | null)[], from: number, crcs: number
     end++;
   }
   if (end - from === 1) {
-    crcs[from] = crc32c(first);
+    crcs[from] = crc32cBlock(first);
   } else {
     crc32cBlocks(Buffer.from(first.buffer, first.byteOffset, (end - from) * BLOCK), 0, end - from, scratch);
     for (let i = from; i < end; i++) crcs[i] = scratch.readUInt32LE((i - from) * 4);

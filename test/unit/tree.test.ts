@@ -11,7 +11,7 @@ import * as path from 'path';
 import { FileBlockDevice } from '../../src/io/file-device';
 import { MemoryBlockDevice } from '../../src/io/memory-device';
 import { BLOCK_SIZE_BYTES, type BlockDevice } from '../../src/io/types';
-import { crc32c, crc32cImplementation, crc32cPortable } from '../../src/io/checksum';
+import { crc32c, crc32cBlock, crc32cImplementation, crc32cPortable } from '../../src/io/checksum';
 import { FANOUT, NODE_MAGIC, NODE_TYPE_DATA_TREE, RING_SLOTS } from '../../src/tree/layout';
 import { BlockTree } from '../../src/tree/tree';
 import { DISCARD_RUN_BLOCKS_MIN } from '../../src/tree/commit';
@@ -108,6 +108,13 @@ describe('tree: crc32c', () => {
       const b = block(s);
       assert.equal(crc32cPortable(b, 3, 4000), crc32c(b, 3, 4000));
     }
+  });
+
+  it('crc32cBlock (three chains) is crc32c of the 4 KiB block at the offset', () => {
+    const two = Buffer.concat([block(1), block(2), Buffer.alloc(B)]);
+    for (const off of [0, 7, B, 2 * B]) assert.equal(crc32cBlock(two, off), crc32cPortable(two, off, B), `offset ${off}`);
+    assert.equal(crc32cBlock(Buffer.alloc(B, 0xff)), crc32c(Buffer.alloc(B, 0xff)));
+    assert.throws(() => crc32cBlock(two, 2 * B + 1), RangeError);
   });
 });
 
