@@ -14,6 +14,7 @@
 //     (StartForegroundThread), so it has that priority whatever its caller's is;
 //   - lowerPriority(delta) raises the calling thread's nice value (the event loop's, at
 //     startup, before libuv's pool exists: its threads inherit it).
+//   - setNice(value) sets it (the event loop's, while a CP is urgent: src/cli/priority.ts).
 //
 // Invariants:
 // - StartForegroundThread returns only after the thread exists (true) or could not be
@@ -97,6 +98,21 @@ Napi::Value LowerPriority(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, want);
 }
 
+// setNice(value) -> true, or false when the kernel refuses it (EACCES/EPERM: a lower nice
+// value than the thread has needs CAP_SYS_NICE or RLIMIT_NICE). Sets the calling thread's
+// nice value (value in [-20, 19]).
+Napi::Value SetNice(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int64_t value;
+  if (!GetInt(info, 0, "setNice", "value", -20, 19, &value)) return env.Undefined();
+  if (::setpriority(PRIO_PROCESS, static_cast<id_t>(Tid()), static_cast<int>(value)) != 0) {
+    if (errno == EACCES || errno == EPERM) return Napi::Boolean::New(env, false);
+    ErrnoError(env, errno, "setpriority").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  return Napi::Boolean::New(env, true);
+}
+
 }  // namespace
 
 void EnsureLauncher() {
@@ -124,6 +140,7 @@ bool StartForegroundThread(const char* name, std::function<void()> fn) {
 void InitPriority(Napi::Env env, Napi::Object exports) {
   EnsureLauncher();
   exports.Set("lowerPriority", Napi::Function::New(env, LowerPriority, "lowerPriority"));
+  exports.Set("setNice", Napi::Function::New(env, SetNice, "setNice"));
 }
 
 }  // namespace nvm

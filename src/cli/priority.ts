@@ -10,13 +10,17 @@
  * connections and their read pool, the NVRAM persist pool, the mirror's receive thread)
  * are made by the addon's launcher and keep the starting priority (native/priority.cc).
  * When clients leave the CPU idle the background gets all of it; when they keep it busy,
- * a CP gets a smaller share, and a full NVRAM half then holds writes until the CP is done,
- * as it always did.
+ * a CP gets a smaller share. Once the active NVRAM half fills while a CP runs (writers
+ * would soon wait for it), the CP is urgent and the event loop goes back to the starting
+ * priority until it ends (where the process may raise a priority; below).
  *
  * Imported by main.ts right after threadpool.ts: before anything starts libuv's pool.
  * NVMIRROR_BACKGROUND_NICE sets the delta (0 turns this off).
  */
+import * as os from 'os';
 import { addon } from '../io/native';
+import { log } from '../util/log';
+import { setCpUrgencyHandler } from '../util/urgency';
 
 export const BACKGROUND_NICE_DELTA = 10;
 
@@ -32,4 +36,20 @@ function delta(): number {
 }
 
 const d = delta();
-if (d > 0) addon().lowerPriority(d);
+if (d > 0) {
+  const foreground = os.getPriority();
+  const background = addon().lowerPriority(d);
+  // While a CP is urgent (the active NVRAM half is filling and writers will wait for this
+  // CP: cp/runner.ts) the event loop runs at the clients' threads' priority: a niced CP
+  // losing the CPU to them then only lengthens the stall they are about to hit. Raising a
+  // thread's priority again needs CAP_SYS_NICE (or RLIMIT_NICE); without it the CP stays
+  // niced, said once.
+  let refusedLogged = false;
+  setCpUrgencyHandler((urgent) => {
+    if (addon().setNice(urgent ? foreground : background)) return;
+    if (!refusedLogged) {
+      refusedLogged = true;
+      log().info({ background, foreground }, 'urgent CPs keep the background priority: raising the event loop\'s priority back needs CAP_SYS_NICE or RLIMIT_NICE');
+    }
+  });
+}

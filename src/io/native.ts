@@ -78,6 +78,8 @@ interface RawAddon {
    * that answer clients are made by a launcher that keeps the starting priority (native/priority.cc).
    */
   lowerPriority(delta: number): number;
+  /** Sets the calling thread's nice value ([-20, 19]); false if the kernel refuses (EACCES/EPERM). */
+  setNice(value: number): boolean;
   // The kernel nbd functions (socketpair, nbdAttach, nbdDetach; native/nbd_attach.cc) are
   // typed and validated in src/attach/kernel.ts, their only user.
 }

@@ -877,6 +877,17 @@ export class NvLog {
     n.resume(this.active.writeEnd, this.active.end, this.nextSeq, this.durable);
   }
 
+  /** How full the active half is, in [0, 1] (records the threads appended included). */
+  activeFill(): number {
+    this.syncNative();
+    return this.active.usedBytes / this.layout.halfSizeBytes;
+  }
+
+  /** Appends waiting for NVRAM space (a full active half while the other is frozen). */
+  get spaceWaitersCount(): number {
+    return this.spaceWaiters.length - this.spaceWaitersHead;
+  }
+
   // ---- stats / close ----
 
   stats(): NvLogStats {

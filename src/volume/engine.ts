@@ -689,7 +689,7 @@ export class EngineVolume implements Volume {
       readOnly: this.caps.readOnly,
       tree: this.tree.stats(),
       nvlog: this.log.stats(),
-      cp: this.cp?.stats() ?? { cpsRun: 0, running: false, lastCpDurationMs: 0, lastCpEndMs: 0, cpDurationMsMax: 0 },
+      cp: this.cp?.stats() ?? { cpsRun: 0, running: false, lastCpDurationMs: 0, lastCpEndMs: 0, cpDurationMsMax: 0, urgentCps: 0 },
       replay: this.log.replaySummary,
       ...(this.readMap && !this.closed ? { threadReads: this.readMap.stats() } : {}),
       ...(this.log.nativeAppender ? { threadWrites: this.log.nativeAppender.appends, threadFlushes: this.log.nativeAppender.flushes } : {}),

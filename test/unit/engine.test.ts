@@ -15,6 +15,11 @@ import { EngineVolume } from '../../src/volume/engine';
 import { VolumeDirExports } from '../../src/volume/engine-snapshot';
 import { EXTENT_HOLE, EXTENT_ZERO } from '../../src/volume/types';
 import { isVolumeError } from '../../src/util/errors';
+import * as os from 'os';
+import * as native from '../../src/io/native';
+import { beginUrgentCp, setCpUrgencyHandler, urgentCpCount } from '../../src/util/urgency';
+import { URGENT_ACTIVE_FILL } from '../../src/cp/runner';
+import type { BlockDevice } from '../../src/io/types';
 
 const UUID = '5eed0000-1111-4222-8333-444455556666';
 const BS = 4096;
@@ -139,6 +144,80 @@ describe('engine volume', () => {
     assert.ok(v.stats().cp.cpsRun >= 3, `expected several CPs, got ${v.stats().cp.cpsRun}`);
     for (let i = 0; i < n; i++) assert.deepEqual(await v.read((i % 400) * BS, BS), pattern(i, BS), `block ${i}`);
     await v.close();
+  });
+
+  it('urgency counts CPs: the handler hears the first begin and the last end only; a throwing handler is dropped', () => {
+    const seen: boolean[] = [];
+    setCpUrgencyHandler((u) => seen.push(u));
+    try {
+      const a = beginUrgentCp();
+      const b = beginUrgentCp();
+      a();
+      a(); // counted once
+      assert.deepEqual(seen, [true]);
+      assert.equal(urgentCpCount(), 1);
+      b();
+      assert.deepEqual(seen, [true, false]);
+      setCpUrgencyHandler(() => {
+        throw new Error('no');
+      });
+      const c = beginUrgentCp(); // logged, dropped
+      setCpUrgencyHandler(undefined);
+      c();
+      assert.equal(urgentCpCount(), 0);
+      // The process's handler sets the event loop's nice value; the addon takes the current one back.
+      assert.equal(native.addon().setNice(os.getPriority()), true);
+    } finally {
+      setCpUrgencyHandler(undefined);
+    }
+  });
+
+  it('a CP turns urgent once the active half fills while it runs (the process is told once), and not before', async () => {
+    const rig = await makeRig(2 * 1024 * 1024, 256 * 1024); // halves of ~124 KiB
+    // The CP's device writes wait for the gate: the CP stays running while writes arrive.
+    let open!: () => void;
+    let gate: Promise<void> | null = null;
+    const inner = rig.dev;
+    const gated: BlockDevice = {
+      get blockCount() { return inner.blockCount; },
+      readBlocks: (pba, count, dst) => inner.readBlocks(pba, count, dst),
+      writeBlocks: async (pba, data) => {
+        if (gate) await gate;
+        return inner.writeBlocks(pba, data);
+      },
+      sync: () => inner.sync(),
+      discard: (pba, count) => inner.discard(pba, count),
+      close: () => inner.close(),
+    };
+    const seen: boolean[] = [];
+    setCpUrgencyHandler((u) => seen.push(u));
+    try {
+      const v = await EngineVolume.open({ tree: await BlockTree.open(gated), region: rig.nvram, readOnly: false, cpIntervalMs: 0 });
+      gate = new Promise((r) => (open = r));
+      // One block, then a CP of it that cannot finish: the active half is empty, so it is not urgent.
+      await v.write(0, pattern(0, BS), false);
+      const cp = v.checkpoint();
+      await new Promise((r) => setTimeout(r, 30));
+      assert.equal(urgentCpCount(), 0, 'a CP with an empty active half is not urgent');
+      // Fill the active half past URGENT_ACTIVE_FILL while the CP waits.
+      const blocks = Math.ceil((URGENT_ACTIVE_FILL * 124 * 1024) / BS) + 2;
+      for (let i = 1; i <= blocks; i++) await v.write(i * BS, pattern(i, BS), false);
+      const until = Date.now() + 2000;
+      while (urgentCpCount() === 0 && Date.now() < until) await new Promise((r) => setTimeout(r, 5));
+      assert.equal(urgentCpCount(), 1, 'the running CP is urgent');
+      assert.deepEqual(seen, [true]);
+      open();
+      gate = null;
+      await cp;
+      assert.equal(urgentCpCount(), 0);
+      assert.deepEqual(seen, [true, false], 'told when it began and when it ended, once each');
+      assert.ok(v.stats().cp.urgentCps >= 1);
+      for (let i = 0; i <= blocks; i++) assert.ok((await v.read(i * BS, BS)).equals(pattern(i, BS)), `block ${i}`);
+      await v.close();
+    } finally {
+      setCpUrgencyHandler(undefined);
+      open?.();
+    }
   });
 
   it('splits a large unaligned write into records across half rotations, and reads it back', async () => {
