@@ -68,12 +68,6 @@ const ADDRESS_BATCHES_IN_FLIGHT = 4;
  * fio 1M seq write QD8 on a 2 GiB engine volume: 307-328 -> 350-366 MB/s, 3 pairs.
  */
 const CP_WRITE: WriteHint = { writeback: true };
-/**
- * Address and space-map blocks: the next CP reads the address blocks it rewrites that the
- * node cache no longer holds, so they stay in the page cache (a member that writes large
- * runs around it, O_DIRECT, does so only for the data blocks).
- */
-const CP_WRITE_META: WriteHint = { writeback: true, reread: true };
 
 /** The address blocks one level of a CP rewrites (parallel arrays, sorted by index). */
 export interface PathLevel {
@@ -243,7 +237,7 @@ export class CpWriter {
     pbas.length = 0;
     // The data blocks are written while the address blocks are built and written: nothing
     // references any of them until the superblock, which follows the sync of all of them.
-    const dataDone = this.writeAll(dataWrites, slicer, cp, CP_WRITE);
+    const dataDone = this.writeAll(dataWrites, slicer, cp);
     dataDone.catch(() => undefined); // awaited below; a failure is reported there
     blocksWritten += dataWrites.length;
     // Address blocks bottom-up, streamed in batches: copy the old node (or start empty),
@@ -330,7 +324,7 @@ export class CpWriter {
         // Not awaited here: the next batch is built while this one is written (its
         // pointers are already in newPtr; nothing references any of it until the superblock).
         if (addrWrites.length >= ADDRESS_BATCHES_IN_FLIGHT) await addrWrites.shift();
-        const w = this.writeAll(writes, slicer, cp, CP_WRITE_META);
+        const w = this.writeAll(writes, slicer, cp);
         w.catch(() => undefined); // awaited below; a failure is reported there
         addrWrites.push(w);
       }
@@ -342,7 +336,7 @@ export class CpWriter {
     const newRoot = plan.length > 0 ? plan[plan.length - 1]!.newPtr[0]! : root;
     // The space map's own blocks (every allocation and free of the CP is final now).
     const smapBlocks = this.smap.buildCommit(cp, this.uuidBytes);
-    await this.writeAll(smapBlocks, slicer, cp, CP_WRITE_META);
+    await this.writeAll(smapBlocks, slicer, cp);
     blocksWritten += smapBlocks.length;
     await this.writePads();
     await this.dev.sync();
@@ -395,7 +389,7 @@ export class CpWriter {
    * boundaries. The sink's call takes its place in the order of the writeAll calls at the
    * call (several may be in flight), before anything here waits.
    */
-  private async writeAll(blocks: CpBlock[], slicer: Slicer, cp: number, hint: WriteHint): Promise<void> {
+  private async writeAll(blocks: CpBlock[], slicer: Slicer, cp: number): Promise<void> {
     const sink = this.sink();
     let sorted: (ok: boolean) => void = () => undefined;
     let shipped: Promise<void> | undefined;
@@ -432,14 +426,14 @@ export class CpWriter {
     await forEachLimit(chunks, this.ioConcurrency, async (c) => {
       await slicer.maybeYield();
       if (c.length === 1) {
-        await this.dev.writeBlocks(c[0]!.pba, c[0]!.buf, hint);
+        await this.dev.writeBlocks(c[0]!.pba, c[0]!.buf, CP_WRITE);
       } else if (this.dev.writeBlocksV && c.length <= WRITE_PARTS_MAX) {
         // One pwritev of the blocks where they are: no gather copy on the event loop.
         // Every buffer stays unchanged until this CP ends (NVRAM views of a frozen half;
         // address blocks written once per CP).
         const parts: Buffer[] = new Array<Buffer>(c.length);
         for (let k = 0; k < c.length; k++) parts[k] = c[k]!.buf;
-        await this.dev.writeBlocksV(c[0]!.pba, parts, hint);
+        await this.dev.writeBlocksV(c[0]!.pba, parts, CP_WRITE);
       } else {
         // Gather into a reused buffer: a fresh 1 MiB allocation per chunk costs page
         // faults (and GC) on the event loop, far more than the copy itself.
@@ -450,7 +444,7 @@ export class CpWriter {
             if ((k & 31) === 31) await slicer.maybeYield();
             c[k]!.buf.copy(chunk, k * BLOCK);
           }
-          await this.dev.writeBlocks(c[0]!.pba, chunk.subarray(0, c.length * BLOCK), hint);
+          await this.dev.writeBlocks(c[0]!.pba, chunk.subarray(0, c.length * BLOCK), CP_WRITE);
         } finally {
           if (this.chunkBufs.length < this.ioConcurrency) this.chunkBufs.push(chunk);
         }

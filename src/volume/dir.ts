@@ -263,10 +263,7 @@ export async function openMemberDevice(absDir: string, label: VolumeLabel, readO
     });
   }
   const member = label.members[0]!;
-  // A CP's large runs go to the member through O_DIRECT (file-device.ts): copying them
-  // into the page cache and writing them back cost more than the CP's other work
-  // (docs/benchmarks.md, "Data blocks straight to the member").
-  const dev = await FileBlockDevice.open(resolveIn(absDir, member.path), readOnly ? { readOnly: true } : { directWrites: true });
+  const dev = await FileBlockDevice.open(resolveIn(absDir, member.path), { readOnly });
   if (dev.blockCount < member.blockCount) {
     await dev.close();
     throw new Error(`member ${member.path} has ${dev.blockCount} blocks, the label says ${member.blockCount} (truncated?)`);
