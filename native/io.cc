@@ -581,7 +581,54 @@ Napi::Value PwritevImpl(const Napi::CallbackInfo& info, bool direct) {
 Napi::Value Pwritev(const Napi::CallbackInfo& info) { return PwritevImpl(info, false); }
 Napi::Value PwritevDirect(const Napi::CallbackInfo& info) { return PwritevImpl(info, true); }
 
-// pwriteBatch(fd, bufs, positions, cb): cb(null, errors[]) with errors[i] null or an Error.
+// The (bufs, positions) arrays pwriteBatch and preadBatchCrc take: 1..kMaxIovecs Buffers
+// (each at least minBytes long) with as many safe non-negative positions. False (a JS
+// error thrown) if anything is off.
+bool GetBufsAndPositions(const Napi::CallbackInfo& info, const char* fn, size_t minBytes,
+                         std::vector<Napi::Buffer<uint8_t>>* bv, std::vector<int64_t>* pv) {
+  Napi::Env env = info.Env();
+  const std::string f(fn);
+  if (info.Length() < 3 || !info[1].IsArray() || !info[2].IsArray()) {
+    ThrowType(env, f + ": bufs and positions must be arrays");
+    return false;
+  }
+  Napi::Array bufs = info[1].As<Napi::Array>();
+  Napi::Array positions = info[2].As<Napi::Array>();
+  uint32_t n = bufs.Length();
+  if (n < 1 || n > static_cast<uint32_t>(kMaxIovecs) || positions.Length() != n) {
+    ThrowRange(env, f + ": 1.." + std::to_string(kMaxIovecs) + " buffers with as many positions");
+    return false;
+  }
+  bv->reserve(n);
+  pv->reserve(n);
+  for (uint32_t i = 0; i < n; i++) {
+    Napi::Value b = bufs.Get(i);
+    Napi::Value p = positions.Get(i);
+    if (!b.IsBuffer()) {
+      ThrowType(env, f + ": bufs[" + std::to_string(i) + "] must be a Buffer");
+      return false;
+    }
+    if (!p.IsNumber()) {
+      ThrowType(env, f + ": positions[" + std::to_string(i) + "] must be a number");
+      return false;
+    }
+    double d = p.As<Napi::Number>().DoubleValue();
+    Napi::Buffer<uint8_t> buf = b.As<Napi::Buffer<uint8_t>>();
+    if (buf.Length() < minBytes || buf.Length() > static_cast<size_t>(SSIZE_MAX)) {
+      ThrowRange(env, f + ": bufs[" + std::to_string(i) + "] must hold at least " + std::to_string(minBytes) + " bytes");
+      return false;
+    }
+    if (!(d >= 0) || d > static_cast<double>(kMaxSafeInteger) || d != static_cast<double>(static_cast<int64_t>(d)) ||
+        static_cast<uint64_t>(d) + buf.Length() > static_cast<uint64_t>(kMaxSafeInteger)) {
+      ThrowRange(env, f + ": positions[" + std::to_string(i) + "] must be a safe non-negative integer");
+      return false;
+    }
+    bv->push_back(buf);
+    pv->push_back(static_cast<int64_t>(d));
+  }
+  return true;
+}
+
 // preadBatchCrc(fd, bufs, positions, crcs, cb): bufs[i] (each >= 4096 bytes) read whole from
 // positions[i]; crcs (>= 4 x bufs.length bytes) gets each buffer's first-4-KiB crc32c.
 Napi::Value PreadBatchCrc(const Napi::CallbackInfo& info) {
@@ -589,98 +636,29 @@ Napi::Value PreadBatchCrc(const Napi::CallbackInfo& info) {
   int fd;
   Napi::Buffer<uint8_t> crcs;
   Napi::Function cb;
-  if (!GetFd(info, 0, "preadBatchCrc", &fd)) return env.Undefined();
-  if (info.Length() < 3 || !info[1].IsArray() || !info[2].IsArray()) {
-    ThrowType(env, "preadBatchCrc: bufs and positions must be arrays");
-    return env.Undefined();
-  }
-  if (!GetBuffer(info, 3, "preadBatchCrc", "crcs", &crcs) || !GetCallback(info, 4, "preadBatchCrc", &cb)) return env.Undefined();
-  Napi::Array bufs = info[1].As<Napi::Array>();
-  Napi::Array positions = info[2].As<Napi::Array>();
-  uint32_t n = bufs.Length();
-  if (n < 1 || n > static_cast<uint32_t>(kMaxIovecs) || positions.Length() != n) {
-    ThrowRange(env, "preadBatchCrc: 1.." + std::to_string(kMaxIovecs) + " buffers with as many positions");
-    return env.Undefined();
-  }
-  if (crcs.Length() < 4 * static_cast<size_t>(n)) {
-    ThrowRange(env, "preadBatchCrc: crcs must hold 4 bytes per buffer");
-    return env.Undefined();
-  }
   std::vector<Napi::Buffer<uint8_t>> bv;
   std::vector<int64_t> pv;
-  bv.reserve(n);
-  pv.reserve(n);
-  for (uint32_t i = 0; i < n; i++) {
-    Napi::Value b = bufs.Get(i);
-    Napi::Value p = positions.Get(i);
-    if (!b.IsBuffer()) {
-      ThrowType(env, "preadBatchCrc: bufs[" + std::to_string(i) + "] must be a Buffer");
-      return env.Undefined();
-    }
-    if (!p.IsNumber()) {
-      ThrowType(env, "preadBatchCrc: positions[" + std::to_string(i) + "] must be a number");
-      return env.Undefined();
-    }
-    double d = p.As<Napi::Number>().DoubleValue();
-    Napi::Buffer<uint8_t> buf = b.As<Napi::Buffer<uint8_t>>();
-    if (buf.Length() < 4096 || buf.Length() > static_cast<size_t>(SSIZE_MAX)) {
-      ThrowRange(env, "preadBatchCrc: bufs[" + std::to_string(i) + "] must hold at least 4096 bytes");
-      return env.Undefined();
-    }
-    if (!(d >= 0) || d > static_cast<double>(kMaxSafeInteger) || d != static_cast<double>(static_cast<int64_t>(d)) ||
-        static_cast<uint64_t>(d) + buf.Length() > static_cast<uint64_t>(kMaxSafeInteger)) {
-      ThrowRange(env, "preadBatchCrc: positions[" + std::to_string(i) + "] must be a safe non-negative integer");
-      return env.Undefined();
-    }
-    bv.push_back(buf);
-    pv.push_back(static_cast<int64_t>(d));
+  if (!GetFd(info, 0, "preadBatchCrc", &fd) || !GetBufsAndPositions(info, "preadBatchCrc", 4096, &bv, &pv) ||
+      !GetBuffer(info, 3, "preadBatchCrc", "crcs", &crcs) || !GetCallback(info, 4, "preadBatchCrc", &cb))
+    return env.Undefined();
+  if (crcs.Length() < 4 * bv.size()) {
+    ThrowRange(env, "preadBatchCrc: crcs must hold 4 bytes per buffer");
+    return env.Undefined();
   }
   (new PreadBatchCrcJob(cb, fd, bv, pv, crcs))->Queue();
   return env.Undefined();
 }
 
+// pwriteBatch(fd, bufs, positions, cb): cb(null, errors[]) with errors[i] null or an Error.
 Napi::Value PwriteBatch(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int fd;
   Napi::Function cb;
-  if (!GetFd(info, 0, "pwriteBatch", &fd)) return env.Undefined();
-  if (info.Length() < 3 || !info[1].IsArray() || !info[2].IsArray()) {
-    ThrowType(env, "pwriteBatch: bufs and positions must be arrays");
-    return env.Undefined();
-  }
-  if (!GetCallback(info, 3, "pwriteBatch", &cb)) return env.Undefined();
-  Napi::Array bufs = info[1].As<Napi::Array>();
-  Napi::Array positions = info[2].As<Napi::Array>();
-  uint32_t n = bufs.Length();
-  if (n < 1 || n > static_cast<uint32_t>(kMaxIovecs) || positions.Length() != n) {
-    ThrowRange(env, "pwriteBatch: 1.." + std::to_string(kMaxIovecs) + " buffers with as many positions");
-    return env.Undefined();
-  }
   std::vector<Napi::Buffer<uint8_t>> bv;
   std::vector<int64_t> pv;
-  bv.reserve(n);
-  pv.reserve(n);
-  for (uint32_t i = 0; i < n; i++) {
-    Napi::Value b = bufs.Get(i);
-    Napi::Value p = positions.Get(i);
-    if (!b.IsBuffer()) {
-      ThrowType(env, "pwriteBatch: bufs[" + std::to_string(i) + "] must be a Buffer");
-      return env.Undefined();
-    }
-    if (!p.IsNumber()) {
-      ThrowType(env, "pwriteBatch: positions[" + std::to_string(i) + "] must be a number");
-      return env.Undefined();
-    }
-    double d = p.As<Napi::Number>().DoubleValue();
-    Napi::Buffer<uint8_t> buf = b.As<Napi::Buffer<uint8_t>>();
-    if (!(d >= 0) || d > static_cast<double>(kMaxSafeInteger) || d != static_cast<double>(static_cast<int64_t>(d)) ||
-        static_cast<uint64_t>(d) + buf.Length() > static_cast<uint64_t>(kMaxSafeInteger)) {
-      ThrowRange(env, "pwriteBatch: positions[" + std::to_string(i) + "] must be a safe non-negative integer");
-      return env.Undefined();
-    }
-    bv.push_back(buf);
-    pv.push_back(static_cast<int64_t>(d));
-  }
+  if (!GetFd(info, 0, "pwriteBatch", &fd) || !GetBufsAndPositions(info, "pwriteBatch", 0, &bv, &pv) ||
+      !GetCallback(info, 3, "pwriteBatch", &cb))
+    return env.Undefined();
   (new PwriteBatchJob(cb, fd, bv, pv))->Queue();
   return env.Undefined();
 }
