@@ -10,7 +10,7 @@
 import { strict as assert } from 'assert';
 import { execFileSync } from 'child_process';
 import * as path from 'path';
-import type { RssResult } from './spacemap-rss';
+import { bitsIn, type RssResult } from './spacemap-rss';
 import { MemoryBlockDevice } from '../../src/io/memory-device';
 import { BLOCK_SIZE_BYTES } from '../../src/io/types';
 import { BlockTree } from '../../src/tree/tree';
@@ -33,11 +33,6 @@ async function superblockOf(dev: MemoryBlockDevice, cp: number): Promise<Superbl
   return sb;
 }
 
-function bitsIn(map: Buffer, leaf: number): number {
-  let n = 0;
-  for (let i = leaf * B; i < (leaf + 1) * B && i < map.length; i++) for (let v = map[i]!; v !== 0; v &= v - 1) n++;
-  return n;
-}
 
 describe('tree: the space map read by a mirror destination', () => {
   it('kept up to date CP by CP, it equals the map read whole, also when a leaf becomes a hole', async function () {

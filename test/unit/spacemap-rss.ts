@@ -31,15 +31,10 @@ const B = BLOCK_SIZE_BYTES;
 const UUID = '3c1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0';
 const MIB = 1024 * 1024;
 
-function bitsIn(map: Buffer, leaf: number): number {
+/** Bits set in the space-map leaf `leaf` of map (its 4 KiB). */
+export function bitsIn(map: Buffer, leaf: number): number {
   let n = 0;
-  for (let i = leaf * B; i < Math.min(map.length, (leaf + 1) * B); i++) {
-    let v = map[i]!;
-    while (v) {
-      n += v & 1;
-      v >>= 1;
-    }
-  }
+  for (let i = leaf * B; i < (leaf + 1) * B && i < map.length; i++) for (let v = map[i]!; v !== 0; v &= v - 1) n++;
   return n;
 }
 
