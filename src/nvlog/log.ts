@@ -903,7 +903,7 @@ export class NvLog {
       usedBytes: this.active.usedBytes + frozenUsed,
       activeUsedBytes: this.active.usedBytes,
       frozenUsedBytes: frozenUsed,
-      spaceWaiters: this.spaceWaiters.length - this.spaceWaitersHead,
+      spaceWaiters: this.spaceWaitersCount,
       persistRounds: this.persistRoundCount,
     };
   }
