@@ -15,6 +15,7 @@ import { RECEIVER_SOCKET_NAME, type ReceiverStats } from '../mirror/receiver';
 import type { MirrorSourceStats } from '../mirror/source';
 import { standingLine } from '../mirror/standing';
 import { readRole, type RoleRecord } from '../mirror/role';
+import { mirrorDirSummary, type MirrorDirSummary } from '../mirror/mirror-dir';
 import { formatSize } from '../util/size';
 import type { RaidHealth } from '../raid/raid-device';
 import { journalPendingText } from '../raid/journal-file';
@@ -132,12 +133,16 @@ export interface ReceiveDirEntry {
   uuid: string;
   dir: string;
   role: 'promoted' | 'demoted' | 'mirror';
-  /** promoted: the CP it was promoted from; demoted: its own newest CP when demoted. */
+  /** promoted: the CP it was promoted from; demoted: its own newest CP when demoted; mirror: its committed CP (-1: none yet). */
   cp: number;
+  /** mirror: the committed root pointer (hex), as a running receiver reports it. */
+  root?: string;
+  /** mirror: an interrupted full baseline (the image is inconsistent until it completes). */
+  baselinePartial?: boolean;
   detail: string;
 }
 
-export function receiveDirEntries(dir: string, open: ReadonlySet<string>, running: boolean): ReceiveDirEntry[] {
+export async function receiveDirEntries(dir: string, open: ReadonlySet<string>, running: boolean): Promise<ReceiveDirEntry[]> {
   const out: ReceiveDirEntry[] = [];
   let names: string[] = [];
   try {
@@ -156,7 +161,19 @@ export function receiveDirEntries(dir: string, open: ReadonlySet<string>, runnin
     try {
       const ml = JSON.parse(fs.readFileSync(path.join(d, 'mirror.json'), 'utf8')) as { demoted?: { fromDir: string; cp: number } };
       if (ml.demoted) out.push({ uuid, dir: d, role: 'demoted', cp: ml.demoted.cp, detail: `demoted ${ml.demoted.fromDir} (its CP ${ml.demoted.cp}): waiting for the other side of the failover to connect and resync it from the CP both hold (failback)` });
-      else out.push({ uuid, dir: d, role: 'mirror', cp: -1, detail: running ? 'a mirror whose source has not connected since this receiver started' : 'a mirror (check it with nvmirror check)' });
+      else {
+        let sum: MirrorDirSummary;
+        try {
+          sum = await mirrorDirSummary(d);
+        } catch (e) {
+          out.push({ uuid, dir: d, role: 'mirror', cp: -1, detail: `a mirror whose member cannot be read: ${e instanceof Error ? e.message : String(e)} (check it with nvmirror check)` });
+          continue;
+        }
+        const image = sum.baselinePartial ? 'INCONSISTENT (a full baseline was interrupted; it resumes when the source connects)'
+          : sum.cp < 0 ? 'no CP committed yet' : `CP ${sum.cp} committed`;
+        out.push({ uuid, dir: d, role: 'mirror', cp: sum.cp, root: sum.root, baselinePartial: sum.baselinePartial,
+          detail: `${image}; ${running ? 'its source has not connected since this receiver started' : 'check it with nvmirror check'}` });
+      }
     } catch {
       /* not a mirror directory */
     }
@@ -197,12 +214,12 @@ export function registerStatus(program: Command): void {
         const r = await controlRequest(rxSock, { op: 'status' }, 10_000);
         if (!r.ok) throw new Error(`receiver: ${r.error}`);
         const rx = r.receiver as ReceiverStats;
-        const st = { ...rx, directories: receiveDirEntries(path.resolve(dir), new Set(rx.mirrors.map((m) => m.sourceUuid)), true) };
+        const st = { ...rx, directories: (await receiveDirEntries(path.resolve(dir), new Set(rx.mirrors.map((m) => m.sourceUuid)), true)) };
         process.stdout.write(o.json ? `${JSON.stringify(st, null, 2)}\n` : `${formatReceiver(path.resolve(dir), st)}\n`);
         return;
       }
       if (!fs.existsSync(path.join(dir, LABEL_NAME))) {
-        const entries = receiveDirEntries(path.resolve(dir), new Set(), false);
+        const entries = await receiveDirEntries(path.resolve(dir), new Set(), false);
         if (entries.length > 0) {
           const st = { connections: 0, mirrors: [], running: false, directories: entries };
           process.stdout.write(o.json ? `${JSON.stringify(st, null, 2)}\n` : `${formatReceiver(path.resolve(dir), st).replace(/, 0 source\(s\) connected$/m, ': no receiver running')}\n`);

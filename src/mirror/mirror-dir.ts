@@ -165,6 +165,32 @@ export function rootBytes(sb: Superblock | undefined): Buffer {
   return b;
 }
 
+/** What `status` shows of a mirror directory no receiver has open: its committed CP and root, read from its ring. */
+export interface MirrorDirSummary {
+  /** The newest committed CP (-1: none yet). */
+  cp: number;
+  /** Its root pointer (24 bytes, hex), as the receiver's status shows it. */
+  root: string;
+  /** A full baseline was interrupted: the image is inconsistent until it completes. */
+  baselinePartial: boolean;
+}
+
+/**
+ * Reads a mirror directory's committed CP without taking its lock (only the superblock
+ * ring, which a running receiver writes last and whole per slot: at worst this sees the
+ * CP before the one being committed).
+ */
+export async function mirrorDirSummary(dir: string): Promise<MirrorDirSummary> {
+  const label = JSON.parse(await fs.promises.readFile(path.join(dir, MIRROR_LABEL_NAME), 'utf8')) as MirrorLabel;
+  const dev = await openMirrorDevice(dir, label, true);
+  try {
+    const newest = await newestSuperblock(dev, label.sourceUuid);
+    return { cp: newest?.sb.cpNumber ?? -1, root: rootBytes(newest?.sb).toString('hex'), baselinePartial: fs.existsSync(path.join(dir, BASELINE_MARKER_NAME)) };
+  } finally {
+    await dev.close();
+  }
+}
+
 /**
  * Checks a mirror's committed image (safe while the receiver runs: it reads only the
  * committed CP, whose blocks nothing overwrites): every checksum and the space

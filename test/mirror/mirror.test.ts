@@ -353,12 +353,22 @@ describe('mirror: two hosts (network namespaces)', function () {
     const s = await start('sync');
     sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x51 0 4M', `nbd+unix:///?socket=${s.srcSock}`]);
     await inSyncAndIdentical(s);
+    type RxDirs = { running: boolean; mirrors: Array<{ sourceUuid: string; committedCp: number; root: string }>; directories: Array<{ uuid: string; role: string; cp: number; root?: string; baselinePartial?: boolean }> };
+    const rxDir = path.join(tmp, 'dst');
+    const live = (JSON.parse(sh(BIN, ['status', rxDir, '--json'])) as RxDirs).mirrors.find((m) => m.sourceUuid === s.uuid);
+    assert.ok(live && live.committedCp >= 0, `the running receiver reports no committed CP for ${s.uuid}`);
     // The receiver first, while the source is connected: it must stop promptly anyway.
     const t0 = Date.now();
     await stop(s.receiver, 'SIGTERM');
     assert.ok(Date.now() - t0 < 10_000, `the receiver took ${Date.now() - t0} ms to stop with a source connected`);
     await stop(s.source, 'SIGTERM');
     checkMirror(s);
+    // With no receiver running, status reads the mirror's committed CP and root from its ring.
+    const stopped = JSON.parse(sh(BIN, ['status', rxDir, '--json'])) as RxDirs;
+    const e = stopped.directories.find((x) => x.uuid === s.uuid);
+    assert.ok(!stopped.running && e?.role === 'mirror', `status of the stopped receiver's directory: ${JSON.stringify(stopped)}`);
+    assert.deepStrictEqual({ cp: e.cp, root: e.root, baselinePartial: e.baselinePartial }, { cp: live.committedCp, root: live.root, baselinePartial: false });
+    assert.match(sh(BIN, ['status', rxDir]), new RegExp(`mirror +${s.uuid}: CP ${live.committedCp} committed`));
     await startReceiver(s);
     await startSource(s, [], true); // no mirror flags: DIR/mirror-source.json has the relationship
     sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x52 8M 4M', `nbd+unix:///?socket=${s.srcSock}`]);
