@@ -35,7 +35,7 @@
 //   nbdAppenderNew(region, epoch, salt, payloadMaxBytes, volumeBytes, map|null) -> appender;
 //   nbdAppenderResume(a, writeEnd, halfEnd, nextSeq, durableSeq) -> bool; nbdAppenderDrain(a,
 //   pause) -> Float64Array; nbdAppenderAppend(a, offsetBytes, data) -> bool (what a thread
-//   does; for tests); nbdAppenderSetDurable(a, seq); nbdAppenderClose(a); nbdAppenderStats(a) -> appends; nbdAppenderMarks(a) -> [released, failed]; nbdAppenderUnforward(a): no more records to a mirror link (mirrorRxForward links one);
+//   does; for tests); nbdAppenderSetDurable(a, seq); nbdAppenderClose(a); nbdAppenderStats(a) -> appends; nbdAppenderFileStores(a) -> appends stored with pwrite; nbdAppenderMarks(a) -> [released, failed]; nbdAppenderUnforward(a): no more records to a mirror link (mirrorRxForward links one);
 //   nbdAppenderFlushFile(a, path|null) -> bool: the threads answer a plain FLUSH themselves
 //   (fdatasync of the NVRAM file through their own descriptor); nbdAppenderFlush(a) -> 1|0|-errno
 //   (what a thread does; for tests); nbdAppenderFlushes(a) -> count;
@@ -1840,6 +1840,13 @@ Napi::Value AppenderStats(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), static_cast<double>(a->Appends()));
 }
 
+// nbdAppenderFileStores(appender) -> records the threads stored with pwrite (FLUSH-heavy periods)
+Napi::Value AppenderFileStores(const Napi::CallbackInfo& info) {
+  NvAppenderPtr a;
+  if (!GetAppender(info, 0, "nbdAppenderFileStores", &a)) return info.Env().Undefined();
+  return Napi::Number::New(info.Env(), static_cast<double>(a->FileStores()));
+}
+
 // nbdAppenderUnforward(appender): no record goes to a mirror link from now on
 Napi::Value AppenderUnforward(const Napi::CallbackInfo& info) {
   NvAppenderPtr a;
@@ -1937,6 +1944,7 @@ void InitNbdServe(Napi::Env env, Napi::Object exports) {
   exports.Set("nbdAppenderFailHeld", Napi::Function::New(env, AppenderFailHeld, "nbdAppenderFailHeld"));
   exports.Set("nbdAppenderClose", Napi::Function::New(env, AppenderClose, "nbdAppenderClose"));
   exports.Set("nbdAppenderStats", Napi::Function::New(env, AppenderStats, "nbdAppenderStats"));
+  exports.Set("nbdAppenderFileStores", Napi::Function::New(env, AppenderFileStores, "nbdAppenderFileStores"));
   exports.Set("nbdAppenderMarks", Napi::Function::New(env, AppenderMarks, "nbdAppenderMarks"));
   exports.Set("nbdAppenderUnforward", Napi::Function::New(env, AppenderUnforward, "nbdAppenderUnforward"));
   exports.Set("nbdServeSetReading", Napi::Function::New(env, SetReading, "nbdServeSetReading"));

@@ -36,6 +36,7 @@ interface AppenderCalls {
   nbdAppenderFailHeld(a: object): void;
   nbdAppenderClose(a: object): void;
   nbdAppenderStats(a: object): number;
+  nbdAppenderFileStores(a: object): number;
   nbdAppenderMarks(a: object): Float64Array;
   nbdAppenderUnforward(a: object): void;
   nbdAppenderFlushFile(a: object, path: string | null): boolean;
@@ -118,6 +119,11 @@ export class NativeAppender {
   /** Records appended by the threads so far. */
   get appends(): number {
     return calls().nbdAppenderStats(this.handle);
+  }
+
+  /** Of those, records stored with pwrite through the flush file (appends within a few ms of a FLUSH round) rather than through the mapping. */
+  get fileStores(): number {
+    return calls().nbdAppenderFileStores(this.handle);
   }
 
   /** No record goes to a mirror link from now on (native-rx.ts forward() links one). */

@@ -170,6 +170,8 @@ export interface EngineStats {
   threadReads?: { hits: number; misses: number; poolReads: number };
   /** WRITEs the NBD threads appended to the NVRAM log themselves, if they ever did. */
   threadWrites?: number;
+  /** Of those, records stored with pwrite (within a few ms of a FLUSH round) instead of through the mapping. */
+  threadFileStores?: number;
   /** FLUSHes the NBD threads made durable themselves (fdatasync of the NVRAM file). */
   threadFlushes?: number;
 }
@@ -692,7 +694,7 @@ export class EngineVolume implements Volume {
       cp: this.cp?.stats() ?? { cpsRun: 0, running: false, lastCpDurationMs: 0, lastCpEndMs: 0, cpDurationMsMax: 0, urgentCps: 0 },
       replay: this.log.replaySummary,
       ...(this.readMap && !this.closed ? { threadReads: this.readMap.stats() } : {}),
-      ...(this.log.nativeAppender ? { threadWrites: this.log.nativeAppender.appends, threadFlushes: this.log.nativeAppender.flushes } : {}),
+      ...(this.log.nativeAppender ? { threadWrites: this.log.nativeAppender.appends, threadFileStores: this.log.nativeAppender.fileStores, threadFlushes: this.log.nativeAppender.flushes } : {}),
     };
   }
 

@@ -5,8 +5,13 @@
  * while the log holds the half, and replayed after a crash like any other.
  */
 import { strict as assert } from 'assert';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { MmapNvram } from '../../src/io/mmap-nvram';
 import { NvLog } from '../../src/nvlog/log';
 import { MemoryNvram } from '../../src/nvlog/memory-region';
+import type { NvramRegion } from '../../src/io/types';
 import { RecordType } from '../../src/nvlog/format';
 import { scanRegion } from '../../src/nvlog/replay';
 import { addon } from '../../src/io/native';
@@ -21,7 +26,7 @@ function block(fill: number, blocks = 1): Buffer {
   return Buffer.alloc(BS * blocks, fill & 0xff);
 }
 
-async function freshLog(region: MemoryNvram): Promise<NvLog> {
+async function freshLog(region: NvramRegion): Promise<NvLog> {
   await NvLog.format(region, UUID);
   const log = NvLog.open(region, { volumeUuid: UUID, committed: { nvlogSeq: 0, nvlogEpoch: 0 }, readOnly: false });
   await log.beginEpoch();
@@ -137,6 +142,47 @@ describe('nvlog: native appends (the NBD threads)', () => {
     assert.throws(() => raw.nbdAppenderNew!(region.buffer, 1, 2, 100, VOLUME_BYTES, null), RangeError, 'a record cap below a block');
     assert.throws(() => raw.nbdServeDirectEngine!({}, null, null, 3), TypeError, 'not a connection');
     log.close();
+  });
+
+  it('stores records with pwrite while FLUSHes come often and through the mapping otherwise: the same bytes either way', async () => {
+    const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'nvm-native-store-'));
+    try {
+      const region = await MmapNvram.open(path.join(tmp, 'nvram.log'), { sizeBytes: 1024 * 1024, create: true });
+      const log = await freshLog(region);
+      const na = log.enableNativeAppends(VOLUME_BYTES, undefined);
+      assert.ok(na.setFlushFile(region.path));
+      assert.ok(na.append(0, block(1)), 'an append before any FLUSH');
+      assert.equal(na.fileStores, 0, 'no FLUSH yet: stored through the mapping');
+      // A FLUSH round, then appends right after it: through the file. (Each pair is tried
+      // many times so that a stall of the test process longer than the window cannot fail it.)
+      for (let i = 0; i < 20; i++) {
+        assert.equal(na.flush(), 1);
+        assert.ok(na.append((2 + 2 * i) * BS, block(10 + i, 2)));
+      }
+      assert.ok(na.fileStores >= 1, `stored through the file: ${na.fileStores} of 20`);
+      await new Promise((r) => setTimeout(r, 20));
+      const before = na.fileStores;
+      assert.ok(na.append(50 * BS, block(50)));
+      assert.equal(na.fileStores, before, 'long after the last FLUSH: through the mapping again');
+      assert.equal(na.appends, 22);
+      // Whichever way each went, the log reads them back, and the file, the mapping and
+      // replay agree on every record.
+      assert.deepEqual(logged(log, 0), block(1));
+      for (let i = 0; i < 20; i++) {
+        assert.deepEqual(logged(log, 2 + 2 * i), block(10 + i), `lbn ${2 + 2 * i}`);
+        assert.deepEqual(logged(log, 3 + 2 * i), block(10 + i), `lbn ${3 + 2 * i}`);
+      }
+      assert.deepEqual(logged(log, 50), block(50));
+      const onDisk = fs.readFileSync(region.path);
+      assert.ok(onDisk.equals(region.buffer), 'the file and the mapping hold the same bytes');
+      const scan = scanRegion(new MemoryNvram(onDisk.length, onDisk), UUID, 0);
+      assert.deepEqual(scan.chain.map((r) => r.header.seq), Array.from({ length: 22 }, (_, i) => i + 1));
+      assert.equal(scan.damage, undefined);
+      log.close();
+      await region.close();
+    } finally {
+      fs.rmSync(tmp, { recursive: true, force: true });
+    }
   });
 
   it('keeps the threads out while writers wait for space, and lets them in again once the waiters are written', async () => {
