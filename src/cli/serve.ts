@@ -24,7 +24,7 @@ import {
   STALL_TIMEOUT_MS_DEFAULT,
 } from '../nbd/limits';
 import { formatDurationMs } from '../util/duration';
-import { parsePskFile } from '../nbd/server';
+import { readPskFile } from '../util/psk';
 import { takeListenFds } from '../nbd/socket-activation';
 import { startServeMetrics, type ServeMetrics } from '../metrics/serve-metrics';
 import { registerMirrorMetrics } from '../mirror/metrics';
@@ -83,7 +83,7 @@ export function uriFor(endpoint: { tcp?: { host: string; port: number }; unix?: 
 
 /** The first identity of a PSK keys file (what the printed URI connects as). */
 function firstPskUser(file: string): string {
-  const keys = parsePskFile(fs.readFileSync(file, 'utf8'), file);
+  const keys = readPskFile(file, 'TLS PSK file');
   const first = keys.keys().next();
   if (first.done === true) throw new Error(`PSK file ${file} has no keys`);
   return first.value;

@@ -12,7 +12,7 @@
  */
 import * as fs from 'fs';
 import * as tls from 'tls';
-import { parsePskFile } from '../nbd/server';
+import { readPskFile } from '../util/psk';
 
 export interface LinkArgs {
   mirrorPsk?: string;
@@ -41,7 +41,7 @@ export function linkSecurity(o: LinkArgs): LinkSecurity {
     }
   };
   if (o.mirrorPsk !== undefined) {
-    const keys = parsePskFile(read('mirror PSK file', o.mirrorPsk).toString('utf8'), o.mirrorPsk);
+    const keys = readPskFile(o.mirrorPsk, 'mirror PSK file');
     if (keys.size === 0) throw new Error(`mirror PSK file ${o.mirrorPsk} holds no key`);
     return { kind: 'psk', keys };
   }

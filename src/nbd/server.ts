@@ -40,6 +40,7 @@ import { Transmission, TransmissionLimits } from './transmission';
 import { NativeTransmission, nativeTransmissionDefault } from './native-transmission';
 import type { NbdObserver } from './observer';
 import { prepareUnixSocketPath, unixSocketPathOfFd } from './unix-socket';
+import { readPskFile } from '../util/psk';
 
 export interface TlsFiles {
   /** X.509: certificate and key (both or neither). */
@@ -49,22 +50,6 @@ export interface TlsFiles {
   /** TLS-PSK keys file, psktool format: one `identity:hexkey` per line. */
   pskPath?: string;
   required: boolean;
-}
-
-/** Largest PSK keys file we read, and largest key; the format is tiny. */
-const PSK_FILE_MAX_BYTES = 1024 * 1024;
-
-export function parsePskFile(text: string, where: string): Map<string, Buffer> {
-  const keys = new Map<string, Buffer>();
-  text.split('\n').forEach((raw, i) => {
-    const line = raw.trim();
-    if (line === '' || line.startsWith('#')) return;
-    const m = /^([^:]{1,255}):([0-9a-fA-F]{2,512})$/.exec(line);
-    if (!m || (m[2] as string).length % 2 !== 0) throw new Error(`bad PSK file ${where} line ${i + 1}: expected identity:hexkey`);
-    keys.set(m[1] as string, Buffer.from(m[2] as string, 'hex'));
-  });
-  if (keys.size === 0) throw new Error(`PSK file ${where} has no keys`);
-  return keys;
 }
 
 export interface NbdServerOptions {
@@ -105,10 +90,7 @@ export function loadTlsConfig(files: TlsFiles): TlsConfig {
   const ca = files.caPath !== undefined ? read('CA', files.caPath) : undefined;
   let psk: Map<string, Buffer> | undefined;
   if (files.pskPath !== undefined) {
-    const st = fs.statSync(files.pskPath, { throwIfNoEntry: false });
-    if (!st) throw new Error(`cannot read TLS PSK file ${files.pskPath}: ENOENT`);
-    if (st.size > PSK_FILE_MAX_BYTES) throw new Error(`TLS PSK file ${files.pskPath} is larger than ${PSK_FILE_MAX_BYTES} bytes`);
-    psk = parsePskFile(read('PSK file', files.pskPath).toString('utf8'), files.pskPath);
+    psk = readPskFile(files.pskPath, 'TLS PSK file');
   }
   let context: tls.SecureContext;
   try {

@@ -196,6 +196,9 @@ describe('mirror link security', () => {
         `cannot read certificate ${missing}: ENOENT`,
       );
       refuses({ mirrorTlsCert: pskA, mirrorTlsKey: pskA, mirrorTlsCa: missing }, /^cannot read CA certificate .*: ENOENT$/);
+      // A key file is tiny: one past the cap is refused before it is read (the key in it is valid).
+      const huge = file('huge.psk', `${'#'.repeat(1024 * 1024 - 1)}\nmirror:${KEY_A}\n`);
+      assert.equal(refuses({ mirrorPsk: huge }, /is larger than/), `mirror PSK file ${huge} is larger than 1048576 bytes`);
     });
 
     it('refuses an empty PSK file or one with a bad line, naming the file', () => {
