@@ -63,9 +63,17 @@ describe('crash: kill -9 of the real server under load', function () {
     // The rounds' plain whole-block WRITEs took the native path (the connection's thread
     // appends them to the NVRAM log and answers them): the kills above hit that path too.
     for (let i = 0; i < 8; i++) await c.write(i * 4096, Buffer.alloc(4096, 0x5a), false);
+    // So did the 'flush' rounds' writes stored with pwrite: a WRITE within 5 ms of the
+    // thread's FLUSH round goes to the NVRAM file that way (native/nv_append.h). Here: a
+    // FLUSH, a WRITE, twenty times (so that a stall of this process cannot miss them all).
+    for (let i = 0; i < 20; i++) {
+      await c.flush();
+      await c.write(i * 4096, Buffer.alloc(4096, 0x5b), false);
+    }
     const st = await runCli(['status', dir, '--json']);
-    const threadWrites = (JSON.parse(st.stdout) as { threadWrites?: number }).threadWrites ?? 0;
-    assert.ok(threadWrites >= 8, `plain WRITEs appended by the NBD thread: ${threadWrites} (status: ${st.stdout.slice(0, 300)})`);
+    const { threadWrites = 0, threadFileStores = 0 } = JSON.parse(st.stdout) as { threadWrites?: number; threadFileStores?: number };
+    assert.ok(threadWrites >= 28, `plain WRITEs appended by the NBD thread: ${threadWrites} (status: ${st.stdout.slice(0, 300)})`);
+    assert.ok(threadFileStores >= 1, `WRITEs stored with pwrite right after a FLUSH: ${threadFileStores}`);
     await c.close();
     assert.equal(await server.stop(), 0, server.stderr);
     const chk = await runCli(['check', dir]);
