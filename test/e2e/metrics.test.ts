@@ -77,6 +77,16 @@ describe('e2e metrics endpoint (issue 11 point 15)', function () {
       // Whole blocks the tree holds: the first READ fills the NBD threads' block map, the next ones are answered there.
       for (let i = 0; i < 3; i++) assert.equal((await simpleRead(s, 0, 64 * 1024)).error, 0);
       const after = await scrape(url);
+      // FLUSH then WRITE, twenty times: the threads answer the FLUSHes, and a WRITE right
+      // after one goes to the NVRAM file with pwrite (a stall of this process cannot miss all).
+      for (let i = 0; i < 20; i++) {
+        assert.equal(await simpleCommand(s, { type: CMD.FLUSH, offset: 0, length: 0 }), 0);
+        assert.equal(await simpleCommand(s, { type: CMD.WRITE, offset: i * 64 * 1024, length: payload.length }, payload), 0);
+      }
+      const later = await scrape(url);
+      assert.ok((later.get('nvmirror_volume_thread_flushes_total') ?? 0) >= 20, `FLUSHes the threads answered: ${later.get('nvmirror_volume_thread_flushes_total')}`);
+      assert.ok((later.get('nvmirror_volume_thread_file_stores_total') ?? 0) >= 1, `WRITEs stored with pwrite after a FLUSH: ${later.get('nvmirror_volume_thread_file_stores_total')}`);
+      assert.ok((later.get('nvmirror_volume_thread_file_stores_total') ?? 0) <= (later.get('nvmirror_volume_thread_writes_total') ?? 0));
       s.conn.destroy();
 
       // Monotonic across scrapes, and moving.
