@@ -83,10 +83,7 @@ export function uriFor(endpoint: { tcp?: { host: string; port: number }; unix?: 
 
 /** The first identity of a PSK keys file (what the printed URI connects as). */
 function firstPskUser(file: string): string {
-  const keys = readPskFile(file, 'TLS PSK file');
-  const first = keys.keys().next();
-  if (first.done === true) throw new Error(`PSK file ${file} has no keys`);
-  return first.value;
+  return readPskFile(file, 'TLS PSK file').keys().next().value as string; // at least one key, or it throws
 }
 
 export function registerServe(program: Command): void {

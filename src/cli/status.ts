@@ -15,7 +15,7 @@ import { RECEIVER_SOCKET_NAME, type ReceiverStats } from '../mirror/receiver';
 import type { MirrorSourceStats } from '../mirror/source';
 import { standingLine } from '../mirror/standing';
 import { readRole, type RoleRecord } from '../mirror/role';
-import { mirrorDirSummary, type MirrorDirSummary } from '../mirror/mirror-dir';
+import { MIRROR_LABEL_NAME, mirrorDirSummary, type MirrorDirSummary, type MirrorLabel } from '../mirror/mirror-dir';
 import { formatSize } from '../util/size';
 import type { RaidHealth } from '../raid/raid-device';
 import { journalPendingText } from '../raid/journal-file';
@@ -159,12 +159,12 @@ export async function receiveDirEntries(dir: string, open: ReadonlySet<string>, 
     }
     if (open.has(uuid)) continue;
     try {
-      const ml = JSON.parse(fs.readFileSync(path.join(d, 'mirror.json'), 'utf8')) as { demoted?: { fromDir: string; cp: number } };
+      const ml = JSON.parse(fs.readFileSync(path.join(d, MIRROR_LABEL_NAME), 'utf8')) as MirrorLabel;
       if (ml.demoted) out.push({ uuid, dir: d, role: 'demoted', cp: ml.demoted.cp, detail: `demoted ${ml.demoted.fromDir} (its CP ${ml.demoted.cp}): waiting for the other side of the failover to connect and resync it from the CP both hold (failback)` });
       else {
         let sum: MirrorDirSummary;
         try {
-          sum = await mirrorDirSummary(d);
+          sum = await mirrorDirSummary(d, ml);
         } catch (e) {
           out.push({ uuid, dir: d, role: 'mirror', cp: -1, detail: `a mirror whose member cannot be read: ${e instanceof Error ? e.message : String(e)} (check it with nvmirror check)` });
           continue;

@@ -41,9 +41,7 @@ export function linkSecurity(o: LinkArgs): LinkSecurity {
     }
   };
   if (o.mirrorPsk !== undefined) {
-    const keys = readPskFile(o.mirrorPsk, 'mirror PSK file');
-    if (keys.size === 0) throw new Error(`mirror PSK file ${o.mirrorPsk} holds no key`);
-    return { kind: 'psk', keys };
+    return { kind: 'psk', keys: readPskFile(o.mirrorPsk, 'mirror PSK file') }; // at least one key, or it throws
   }
   if (o.mirrorTlsCert === undefined || o.mirrorTlsKey === undefined || o.mirrorTlsCa === undefined) {
     throw new Error('--mirror-tls-cert, --mirror-tls-key and --mirror-tls-ca go together');

@@ -176,12 +176,11 @@ export interface MirrorDirSummary {
 }
 
 /**
- * Reads a mirror directory's committed CP without taking its lock (only the superblock
+ * Reads the committed CP of the mirror directory labelled `label` without taking its lock (only the superblock
  * ring, which a running receiver writes last and whole per slot: at worst this sees the
  * CP before the one being committed).
  */
-export async function mirrorDirSummary(dir: string): Promise<MirrorDirSummary> {
-  const label = JSON.parse(await fs.promises.readFile(path.join(dir, MIRROR_LABEL_NAME), 'utf8')) as MirrorLabel;
+export async function mirrorDirSummary(dir: string, label: MirrorLabel): Promise<MirrorDirSummary> {
   const dev = await openMirrorDevice(dir, label, true);
   try {
     const newest = await newestSuperblock(dev, label.sourceUuid);

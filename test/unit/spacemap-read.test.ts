@@ -33,7 +33,6 @@ async function superblockOf(dev: MemoryBlockDevice, cp: number): Promise<Superbl
   return sb;
 }
 
-
 describe('tree: the space map read by a mirror destination', () => {
   it('kept up to date CP by CP, it equals the map read whole, also when a leaf becomes a hole', async function () {
     this.timeout(60_000);
