@@ -33,6 +33,7 @@ import { load, verify, type Mode, type World } from '../crash/ack-checker';
 import { prng, seedFromEnv } from '../crash/harness';
 import { BLOCK, RING_SLOTS, decodeSuperblock } from '../../src/tree/layout';
 import { rootBytes } from '../../src/mirror/mirror-dir';
+import { MIRROR_STATE_NAME } from '../../src/mirror/relationship';
 import { controlRequest } from '../../src/volume/engine-control';
 
 const PORT = 17031;
@@ -65,6 +66,22 @@ function ringRoots(member: string, uuid: string): Map<number, string> {
     }
   } finally {
     fs.closeSync(fd);
+  }
+  return out;
+}
+
+/**
+ * The source's committed CPs a destination can hold: those in its member's superblock ring,
+ * and the base it keeps with the relationship (DIR/mirror-source.json: the destination's
+ * newest acknowledged CP and its superblock, kept after it has left the ring, as an async
+ * mirror more than RING_SLOTS CPs behind is).
+ */
+function sourceRoots(dir: string, uuid: string): Map<number, string> {
+  const out = ringRoots(path.join(dir, 'member-0.img'), uuid);
+  const rel = JSON.parse(fs.readFileSync(path.join(dir, MIRROR_STATE_NAME), 'utf8')) as { destSuperblock?: string };
+  if (rel.destSuperblock !== undefined) {
+    const d = decodeSuperblock(Buffer.from(rel.destSuperblock, 'base64'));
+    if (typeof d !== 'string' && d.volumeUuid === uuid && !out.has(d.cpNumber)) out.set(d.cpNumber, rootBytes(d).toString('hex'));
   }
   return out;
 }
@@ -285,11 +302,11 @@ describe('mirror failover: promote (two hosts)', function () {
       await load(c, w, 'plain', rnd, errors);
       clearTimeout(killer);
       await kill9(src);
-      const ring = ringRoots(path.join(s.dir, 'member-0.img'), s.uuid);
+      const ring = sourceRoots(s.dir, s.uuid);
       const p = await promote(s.uuid);
       assert.equal(p.recordsReplayed, 0, 'async mode forwards no records');
       assert.equal(ring.get(p.promotedFromCp), p.promotedRoot,
-        `seed ${seed} round ${round}: the promoted mirror's CP ${p.promotedFromCp} root ${p.promotedRoot} is not the source's (its ring: ${[...ring].map(([k, v]) => `${k}:${v.slice(0, 16)}`).join(' ')})`);
+        `seed ${seed} round ${round}: the promoted mirror's CP ${p.promotedFromCp} root ${p.promotedRoot} is not the source's (its ring and kept base: ${[...ring].map(([k, v]) => `${k}:${v.slice(0, 16)}`).join(' ')})`);
       const chk = sh(BIN, ['check', path.join(tmp, 'dst', s.uuid)], 120_000);
       assert.match(chk, /: ok$/m, chk);
     }
