@@ -341,7 +341,45 @@ Napi::Value Crc32cWide(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), static_cast<double>(~crc));
 }
 
+// g_blockShift: the register after 4096 zero bytes, per byte of the input register (any
+// CPU: built with the table code). Extends a running crc32c by a block whose own crc32c
+// is known (Crc32cExtendBlock) without reading the block again.
+uint32_t g_blockShift[4][256];
+
+void BuildBlockShift() {
+  static const uint8_t kZeros[4096] = {};
+  uint32_t basis[32];
+  for (int i = 0; i < 32; i++) basis[i] = Crc32cTable(uint32_t{1} << i, kZeros, sizeof kZeros);
+  for (int k = 0; k < 4; k++) {
+    for (uint32_t v = 0; v < 256; v++) {
+      uint32_t r = 0;
+      for (int j = 0; j < 8; j++) {
+        if ((v >> j) & 1u) r ^= basis[8 * k + j];
+      }
+      g_blockShift[k][v] = r;
+    }
+  }
+}
+
+// crc32cExtendBlock(crc, blockCrc) -> uint32: crc32c(A || B) from crc32c(A) (any seed) and
+// crc32c(B) of a 4 KiB block B (tests check the native appender's arithmetic with it).
+Napi::Value Crc32cExtendBlockJs(const Napi::CallbackInfo& info) {
+  int64_t crc, blockCrc;
+  if (!GetInt(info, 0, "crc32cExtendBlock", "crc", 0, 0xffffffffLL, &crc) ||
+      !GetInt(info, 1, "crc32cExtendBlock", "blockCrc", 0, 0xffffffffLL, &blockCrc)) {
+    return info.Env().Undefined();
+  }
+  return Napi::Number::New(info.Env(), static_cast<double>(Crc32cExtendBlock(static_cast<uint32_t>(crc), static_cast<uint32_t>(blockCrc))));
+}
+
 }  // namespace
+
+// With R the register update (crc32c = ~R(~seed, data)), R(s, B) = shift(s) ^ R(0, B), and
+// R(0, B) = ~crc32c(B) ^ shift(~0): so ~R(~crc, B) = shift(crc) ^ crc32c(B).
+uint32_t Crc32cExtendBlock(uint32_t crc, uint32_t blockCrc) {
+  return g_blockShift[0][crc & 0xff] ^ g_blockShift[1][(crc >> 8) & 0xff] ^ g_blockShift[2][(crc >> 16) & 0xff] ^
+         g_blockShift[3][crc >> 24] ^ blockCrc;
+}
 
 uint32_t Crc32cOf(const uint8_t* p, size_t n) {
   if (g_hw && n == 4096) return Crc32cBlockSse42(p);
@@ -365,10 +403,12 @@ void InitChecksum(Napi::Env env, Napi::Object exports) {
     __builtin_cpu_init();
     g_hw = __builtin_cpu_supports("sse4.2");
     if (g_hw) BuildStripeShift();
+    BuildBlockShift();
   });
   exports.Set("crc32c", Napi::Function::New(env, Crc32c, "crc32c"));
   exports.Set("crc32cBlocks", Napi::Function::New(env, Crc32cBlocks, "crc32cBlocks"));
   exports.Set("crc32cWide", Napi::Function::New(env, Crc32cWide, "crc32cWide"));
+  exports.Set("crc32cExtendBlock", Napi::Function::New(env, Crc32cExtendBlockJs, "crc32cExtendBlock"));
   exports.Set("crc32cPortable", Napi::Function::New(env, Crc32cPortable, "crc32cPortable"));
   exports.Set("crc32cHardware", Napi::Boolean::New(env, g_hw));
   exports.Set("xorInto", Napi::Function::New(env, XorInto, "xorInto"));

@@ -34,7 +34,7 @@
 //   keeps it in step with the engine's log and tree
 //   nbdAppenderNew(region, epoch, salt, payloadMaxBytes, volumeBytes, map|null) -> appender;
 //   nbdAppenderResume(a, writeEnd, halfEnd, nextSeq, durableSeq) -> bool; nbdAppenderDrain(a,
-//   pause) -> Float64Array; nbdAppenderAppend(a, offsetBytes, data) -> bool (what a thread
+//   pause) -> [records, their blocks' crc32c]; nbdAppenderAppend(a, offsetBytes, data) -> bool (what a thread
 //   does; for tests); nbdAppenderSetDurable(a, seq); nbdAppenderClose(a); nbdAppenderStats(a) -> appends; nbdAppenderFileStores(a) -> appends stored with pwrite; nbdAppenderMarks(a) -> [released, failed]; nbdAppenderUnforward(a): no more records to a mirror link (mirrorRxForward links one);
 //   nbdAppenderFlushFile(a, path|null) -> bool: the threads answer a plain FLUSH themselves
 //   (fdatasync of the NVRAM file through their own descriptor); nbdAppenderFlush(a) -> 1|0|-errno
@@ -1733,16 +1733,23 @@ Napi::Value AppenderResume(const Napi::CallbackInfo& info) {
                                            static_cast<uint64_t>(nextSeq), static_cast<uint64_t>(durable)));
 }
 
-// nbdAppenderDrain(appender, pause) -> Float64Array: seq, regionOffset, offsetBytes, lengthBytes per record
+// nbdAppenderDrain(appender, pause) -> [Float64Array: seq, regionOffset, offsetBytes, lengthBytes per
+// record; Uint32Array: the crc32c of each of their 4 KiB blocks, in order]
 Napi::Value AppenderDrain(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   NvAppenderPtr a;
   bool pause;
   if (!GetAppender(info, 0, "nbdAppenderDrain", &a) || !GetBool(info, 1, "nbdAppenderDrain", "pause", &pause)) return env.Undefined();
-  std::vector<double> recs = a->Drain(pause);
+  std::vector<uint32_t> crcs;
+  std::vector<double> recs = a->Drain(pause, &crcs);
   Napi::Float64Array out = Napi::Float64Array::New(env, recs.size());
   if (!recs.empty()) memcpy(out.Data(), recs.data(), recs.size() * sizeof(double));
-  return out;
+  Napi::Uint32Array outCrcs = Napi::Uint32Array::New(env, crcs.size());
+  if (!crcs.empty()) memcpy(outCrcs.Data(), crcs.data(), crcs.size() * sizeof(uint32_t));
+  Napi::Array both = Napi::Array::New(env, 2);
+  both.Set(uint32_t{0}, out);
+  both.Set(uint32_t{1}, outCrcs);
+  return both;
 }
 
 // nbdAppenderAppend(appender, offsetBytes, data) -> bool: the append the NBD threads make (tests)

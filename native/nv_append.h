@@ -16,6 +16,10 @@
 //   mapping, or (within kFileStoreWindowNs of a FLUSH round) with two pwritevs to the same
 //   file, the record with a zero magic and then the magic: the same page cache, the same
 //   order.
+// - A record's checksum is derived (Crc32cExtendBlock) from the crc32c of each of its 4 KiB
+//   blocks, computed once from the client's buffer before the mutex; a drain hands those
+//   block checksums to the log with the records (its CP uses them for the tree's pointers
+//   instead of reading the blocks again), and a sync mirror's frame carries them.
 // - Pause returns every record not yet drained and stops appends until the next Resume,
 //   which hands back the log's writeEnd and nextSeq (the log appends itself in between).
 // - A record's durableSeq is the newest durable seq the log told (Resume, SetDurable as
@@ -159,12 +163,15 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
     return true;
   }
 
-  // The records appended since the last drain (kFields numbers each); pause: and no more.
-  std::vector<double> Drain(bool pause) {
+  // The records appended since the last drain (kFields numbers each) and, in the same
+  // order, the crc32c of each of their 4 KiB blocks; pause: and no more.
+  std::vector<double> Drain(bool pause, std::vector<uint32_t>* blockCrcs) {
     std::lock_guard<std::mutex> l(mu_);
     if (pause) resumed_ = false;
     std::vector<double> out;
     out.swap(pending_);
+    blockCrcs->clear();
+    blockCrcs->swap(pendingCrcs_);
     return out;
   }
 
@@ -320,13 +327,20 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
       return AppendResult{0, false};
     }
     const uint64_t size = RecordBytes(len);
-    // A sync mirror's frame, made outside the mutex (the copy and the checksums are most of it).
+    const uint64_t blocks = len / kBlock;
+    // Each block's crc32c, made outside the mutex from the client's buffer (which this
+    // thread owns for the call): the record's checksum is derived from them under the
+    // mutex, and the log's CP and a sync mirror's frame use them as they are. At most
+    // payloadMax_ / 1024 bytes per thread.
+    thread_local std::vector<uint32_t> crcs;
+    crcs.resize(blocks);
+    for (uint64_t i = 0; i < blocks; i++) crcs[i] = Crc32cOf(data + i * kBlock, kBlock);
+    // A sync mirror's frame, made outside the mutex (the copy is most of it).
     std::vector<uint8_t> frame;
-    uint32_t crcs[RecordForwarder::kPayloadMax / kBlock];
     bool framed = false;
     if (fwdOn_.load(std::memory_order_relaxed)) {
       if (len > RecordForwarder::kPayloadMax) return AppendResult{0, false};
-      MakeFrame(data, len, &frame, crcs);
+      MakeFrame(data, len, &frame);
       framed = true;
     }
     std::unique_lock<std::mutex> l(mu_);
@@ -338,7 +352,7 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
     std::shared_ptr<RecordForwarder> fwd = fwd_ && seq >= fwdFrom_ ? fwd_ : nullptr;
     if (fwd) {
       if (len > RecordForwarder::kPayloadMax || !fwd->Room(len)) return AppendResult{0, false};
-      if (!framed) MakeFrame(data, len, &frame, crcs);  // forwarding began since the check above
+      if (!framed) MakeFrame(data, len, &frame);  // forwarding began since the check above
     }
     // While FLUSHes come often (a round began within kFileStoreWindowNs), the record goes
     // to the file with pwritev (its header from the stack, its payload from the client's
@@ -367,11 +381,14 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
     Put32(r + 48, static_cast<uint32_t>(len));
     Put32(r + 52, 0);
     Put64(r + 56, durable_);
+    // The record's checksum (header from byte 8, payload, pad) from its blocks' checksums:
+    // the payload is not read again under the mutex.
+    static const uint8_t kZeros[kRecordAlign] = {};
+    uint32_t c = Crc32cSeeded(salt_, r + 8, kRecordHeaderBytes - 8);
+    for (uint64_t i = 0; i < blocks; i++) c = Crc32cExtendBlock(c, crcs[i]);
+    if (pad > 0) c = Crc32cSeeded(c, kZeros, pad);
+    Put32(r + 4, c);
     if (viaFile) {
-      static const uint8_t kZeros[kRecordAlign] = {};
-      uint32_t c = Crc32cSeeded(Crc32cSeeded(salt_, r + 8, kRecordHeaderBytes - 8), data, len);
-      if (pad > 0) c = Crc32cSeeded(c, kZeros, pad);
-      Put32(r + 4, c);
       // The record with a zero magic (over any stale one), then the magic: magic last, as
       // in the mapping.
       iovec iov[3] = {{r, kRecordHeaderBytes}, {const_cast<uint8_t*>(data), len}, {const_cast<uint8_t*>(kZeros), pad}};
@@ -381,7 +398,6 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
       if (!PwritevAll(flushFd_, &magic, 1, at)) return AppendResult{0, false};
       fileStores_++;
     } else {
-      Put32(r + 4, Crc32cSeeded(salt_, r + 8, size - 8));
       Put32(r, kRecordMagic);
     }
     writeEnd_ = at + size;
@@ -391,9 +407,10 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
     pending_.push_back(static_cast<double>(at));
     pending_.push_back(static_cast<double>(off));
     pending_.push_back(static_cast<double>(len));
+    pendingCrcs_.insert(pendingCrcs_.end(), crcs.begin(), crcs.end());
     if (map_) map_->Drop(off / kBlock, len / kBlock);
     const bool held = gate_;
-    if (fwd) fwd->Forward(seq, off, len, std::move(frame), crcs);
+    if (fwd) fwd->Forward(seq, off, len, std::move(frame), crcs.data());
     l.unlock();
     if (fwd) fwd->Kick();
     return AppendResult{seq, held};
@@ -467,10 +484,9 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
     flushFd_ = -1;
   }
 
-  static void MakeFrame(const uint8_t* data, uint64_t len, std::vector<uint8_t>* frame, uint32_t* crcs) {
+  static void MakeFrame(const uint8_t* data, uint64_t len, std::vector<uint8_t>* frame) {
     frame->resize(RecordForwarder::kFrameHead + len);
     memcpy(frame->data() + RecordForwarder::kFrameHead, data, len);
-    for (uint64_t i = 0; i < len / kBlock; i++) crcs[i] = Crc32cOf(data + i * kBlock, kBlock);
   }
 
   // Writes all of iov[0..n) at off (n <= 3); false on an error (the caller refuses the
@@ -532,6 +548,8 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
   std::vector<std::weak_ptr<HeldSink>> sinks_;
   uint64_t writeEnd_ = 0, halfEnd_ = 0, nextSeq_ = 0, durable_ = 0, appends_ = 0;
   std::vector<double> pending_;
+  // Per block of the pending records, in order: its crc32c (at most a half's blocks).
+  std::vector<uint32_t> pendingCrcs_;
   std::shared_ptr<RecordForwarder> fwd_;  // a sync mirror's link (SetForwarder)
   uint64_t fwdFrom_ = 0;
   std::atomic<bool> fwdOn_{false};  // fwd_ is set (read without mu_ to frame before taking it)

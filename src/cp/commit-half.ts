@@ -99,7 +99,7 @@ export async function commitHalf(log: NvLog, tree: BlockTreeApi, half: Half, met
   let n = 0;
   for (const [lbn, regionOffset] of blocks) {
     if ((++n & 63) === 0) await slicer.maybeYield();
-    if (add({ lbn, data: log.blockView(regionOffset), origin: log.originOf(half, regionOffset) })) await commit(false);
+    if (add({ lbn, data: log.blockView(regionOffset), origin: log.originOf(half, regionOffset), crc: half.blockCrc(regionOffset) })) await commit(false);
   }
   await commit(true);
   return out;

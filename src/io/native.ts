@@ -63,6 +63,8 @@ interface RawAddon {
   crc32cBlocks(buf: Buffer, offset: number, count: number, out: Buffer): void;
   /** crc32c(buf, offset, length, seed) computed in three interleaved chains (same value; faster on long buffers). */
   crc32cWide(buf: Buffer, offset: number, length: number, seed: number): number;
+  /** crc32c(A || B) from crc32c(A) (any seed) and crc32c(B) of a 4 KiB block B (the NBD threads' record checksums). */
+  crc32cExtendBlock(crc: number, blockCrc: number): number;
   /** The portable (table) crc32c path, always available, so tests can compare it with the SSE4.2 one. */
   crc32cPortable(buf: Buffer, offset: number, length: number, seed: number): number;
   /** True when crc32c uses the SSE4.2 crc32 instruction. */
@@ -268,6 +270,11 @@ export function crc32c(buf: Buffer, offset = 0, length = buf.length - offset, se
 export function crc32cWide(buf: Buffer, offset = 0, length = buf.length - offset, seed = 0): number {
   if (offset < 0 || length < 0 || offset + length > buf.length) throw new RangeError(`crc32cWide: ${offset}+${length} exceeds buffer of ${buf.length}`);
   return addon().crc32cWide(buf, offset, length, seed >>> 0) >>> 0;
+}
+
+/** crc32c(A || B) from crc = crc32c(A) (any seed) and blockCrc = crc32c(B) of a 4 KiB block B, without B. */
+export function crc32cExtendBlock(crc: number, blockCrc: number): number {
+  return addon().crc32cExtendBlock(crc >>> 0, blockCrc >>> 0) >>> 0;
 }
 
 /** Blocks one crc32cBlocks call may checksum (256 MiB). */

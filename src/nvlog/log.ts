@@ -83,9 +83,31 @@ export class Half {
   /** Write records of this half in seq order: payload region offsets and their seqs. */
   readonly writePayloadOffsets: number[] = [];
   readonly writeSeqs: number[] = [];
+  /**
+   * The crc32c of logged blocks whose checksum is known (the NBD threads' appends hand it
+   * over; other records' blocks are checksummed by the CP), per 4 KiB slot of the half: a
+   * block's payload at region offset o is slot floor((o - start) / 4096), one block per
+   * slot (two 4 KiB payloads cannot start in the same 4 KiB). Cleared with the half.
+   */
+  private readonly crcs: Uint32Array;
+  private readonly crcKnown: Uint8Array;
   constructor(readonly id: 0 | 1, readonly start: number, readonly sizeBytes: number) {
     this.writeEnd = start;
     this.persistedEnd = start;
+    this.crcs = new Uint32Array(Math.ceil(sizeBytes / BLOCK_SIZE_BYTES));
+    this.crcKnown = new Uint8Array(this.crcs.length);
+  }
+  /** Records the crc32c of count blocks whose payload starts at region offset payloadAt. */
+  setBlockCrcs(payloadAt: number, count: number, crcs: Uint32Array, from: number): void {
+    assert(payloadAt >= this.start && payloadAt + count * BLOCK_SIZE_BYTES <= this.end && from + count <= crcs.length, 'setBlockCrcs out of range');
+    const slot = Math.floor((payloadAt - this.start) / BLOCK_SIZE_BYTES);
+    this.crcs.set(crcs.subarray(from, from + count), slot);
+    this.crcKnown.fill(1, slot, slot + count);
+  }
+  /** The crc32c of the logged block at region offset regionOffset, if known. */
+  blockCrc(regionOffset: number): number | undefined {
+    const slot = Math.floor((regionOffset - this.start) / BLOCK_SIZE_BYTES);
+    return this.crcKnown[slot] === 1 ? this.crcs[slot] : undefined;
   }
   get end(): number {
     return this.start + this.sizeBytes;
@@ -102,6 +124,7 @@ export class Half {
     this.records = 0;
     this.writePayloadOffsets.length = 0;
     this.writeSeqs.length = 0;
+    this.crcKnown.fill(0);
     this.generation++;
   }
 }
@@ -822,7 +845,7 @@ export class NvLog {
   }
 
   /** One record a thread wrote, taken in as writeRecord would have written it. */
-  private readonly adoptNative = (seq: number, at: number, offsetBytes: number, lengthBytes: number): void => {
+  private readonly adoptNative = (seq: number, at: number, offsetBytes: number, lengthBytes: number, blockCrcs: Uint32Array, crcAt: number): void => {
     const half = this.active;
     if (!(half.state === 'active' && seq === this.nextSeq && at === half.writeEnd)) {
       assert(false, `native record seq ${seq} at ${at}: the log expected seq ${this.nextSeq} at ${half.writeEnd} of an active half`);
@@ -834,6 +857,7 @@ export class NvLog {
     half.lastSeq = seq;
     half.records++;
     const payloadAt = at + RECORD_HEADER_BYTES;
+    half.setBlockCrcs(payloadAt, lengthBytes / BLOCK_SIZE_BYTES, blockCrcs, crcAt);
     this.indexRecord(half, RecordType.Write, offsetBytes, lengthBytes, payloadAt, seq);
     this.onAppend?.({ seq, type: RecordType.Write, flags: 0, offsetBytes, lengthBytes, payload: [this.region.buffer.subarray(payloadAt, payloadAt + lengthBytes)], viaThread: true });
   };

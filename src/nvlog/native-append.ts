@@ -17,18 +17,22 @@
  *   (the DONE event tells the volume, which fails the log).
  */
 import { addon } from '../io/native';
+import { assert } from '../util/assert';
+
+const BLOCK = 4096;
 
 /**
  * What the appender wrote, one call per record (a whole-block write in the active half):
- * its seq, the region offset of its header, and the volume range it covers. Fields, not
- * an object: this runs for every WRITE the threads answer.
+ * its seq, the region offset of its header, the volume range it covers, and the crc32c of
+ * each of its 4 KiB blocks (blockCrcs[crcAt + i] for block i; the array is shared by the
+ * drain's records). Fields, not an object: this runs for every WRITE the threads answer.
  */
-export type NativeRecordSink = (seq: number, at: number, offsetBytes: number, lengthBytes: number) => void;
+export type NativeRecordSink = (seq: number, at: number, offsetBytes: number, lengthBytes: number, blockCrcs: Uint32Array, crcAt: number) => void;
 
 interface AppenderCalls {
   nbdAppenderNew(region: Buffer, epoch: number, salt: number, payloadMaxBytes: number, volumeBytes: number, map: object | null): object;
   nbdAppenderResume(a: object, writeEnd: number, halfEnd: number, nextSeq: number, durableSeq: number): boolean;
-  nbdAppenderDrain(a: object, pause: boolean): Float64Array;
+  nbdAppenderDrain(a: object, pause: boolean): [Float64Array, Uint32Array];
   nbdAppenderAppend(a: object, offsetBytes: number, data: Buffer): boolean;
   nbdAppenderSetDurable(a: object, seq: number): void;
   nbdAppenderGate(a: object, on: boolean): void;
@@ -64,8 +68,14 @@ export class NativeAppender {
 
   /** The records written since the last drain, in seq order; `pause`: and no more until resume. */
   drain(pause: boolean, each: NativeRecordSink): void {
-    const a = calls().nbdAppenderDrain(this.handle, pause);
-    for (let i = 0; i < a.length; i += FIELDS) each(a[i] as number, a[i + 1] as number, a[i + 2] as number, a[i + 3] as number);
+    const [a, crcs] = calls().nbdAppenderDrain(this.handle, pause);
+    let crcAt = 0;
+    for (let i = 0; i < a.length; i += FIELDS) {
+      const lengthBytes = a[i + 3] as number;
+      each(a[i] as number, a[i + 1] as number, a[i + 2] as number, lengthBytes, crcs, crcAt);
+      crcAt += lengthBytes / BLOCK;
+    }
+    assert(crcAt === crcs.length, `the appender drained ${crcs.length} block checksums for ${crcAt} blocks`);
   }
 
   /** Records <= seq are durable: the next records say so (replay tells damage from a torn tail by it). */

@@ -28,18 +28,26 @@ function followsIn(a: Buffer, b: Buffer): boolean {
 /**
  * Checksums datas[from..] up to CRC_RUN_BLOCKS_MAX blocks (stopping early at a null or
  * at the end of a run of adjacent blocks) into crcs, and nulls out all-zero blocks.
- * Returns the index after the last block handled (> from when from < datas.length).
+ * known[i], where given, is datas[i]'s crc32c already (the log's, from the thread that
+ * appended it): taken as it is, the block is not read for it (a run is all known or all
+ * unknown). Returns the index after the last block handled (> from when from < datas.length).
  */
-export function checksumRun(datas: (Buffer | null)[], from: number, crcs: number[], scratch: Buffer): number {
+export function checksumRun(datas: (Buffer | null)[], from: number, crcs: number[], scratch: Buffer, known?: readonly (number | undefined)[]): number {
   assert(scratch.length >= CRC_RUN_BLOCKS_MAX * 4, 'checksumRun scratch too small');
   const n = datas.length;
   const first = datas[from];
   if (first === null || first === undefined) return from + 1;
   assert(first.length === BLOCK, `data block of ${first.length} bytes`);
   let end = from + 1;
+  if (known !== undefined && known[from] !== undefined) {
+    while (end < n && end - from < CRC_RUN_BLOCKS_MAX && known[end] !== undefined && datas[end] !== null) end++;
+    for (let i = from; i < end; i++) crcs[i] = known[i]!;
+    nullZeroBlocks(datas, from, end, crcs);
+    return end;
+  }
   while (end < n && end - from < CRC_RUN_BLOCKS_MAX) {
     const next = datas[end];
-    if (next === null || next === undefined || !followsIn(datas[end - 1]!, next)) break;
+    if (next === null || next === undefined || !followsIn(datas[end - 1]!, next) || known?.[end] !== undefined) break;
     end++;
   }
   if (end - from === 1) {
@@ -48,13 +56,20 @@ export function checksumRun(datas: (Buffer | null)[], from: number, crcs: number
     crc32cBlocks(Buffer.from(first.buffer, first.byteOffset, (end - from) * BLOCK), 0, end - from, scratch);
     for (let i = from; i < end; i++) crcs[i] = scratch.readUInt32LE((i - from) * 4);
   }
+  nullZeroBlocks(datas, from, end, crcs);
+  return end;
+}
+
+/** All-zero blocks of datas[from, end) become null (crc 0): the crc picks the candidates, a compare decides. */
+function nullZeroBlocks(datas: (Buffer | null)[], from: number, end: number, crcs: number[]): void {
   for (let i = from; i < end; i++) {
-    if (crcs[i] === ZERO_BLOCK_CRC && datas[i]!.equals(ZERO_BLOCK)) {
+    const d = datas[i]!;
+    assert(d.length === BLOCK, `data block of ${d.length} bytes`);
+    if (crcs[i] === ZERO_BLOCK_CRC && d.equals(ZERO_BLOCK)) {
       datas[i] = null;
       crcs[i] = 0;
     }
   }
-  return end;
 }
 
 /** A scratch Buffer for checksumRun. */

@@ -313,17 +313,23 @@ export class BlockTree implements BlockTreeApi {
     const datas: (Buffer | null)[] = new Array<Buffer | null>(lbns.length);
     const dataCrcs: number[] = new Array<number>(lbns.length).fill(0);
     const origins: (BlockOrigin | undefined)[] = new Array<BlockOrigin | undefined>(lbns.length);
+    const knownCrcs: (number | undefined)[] = new Array<number | undefined>(lbns.length);
     let dataCount = 0;
     for (let i = 0; i < lbns.length; i++) {
       const ch = byLbn.get(lbns[i]!)!;
       datas[i] = ch.data;
       origins[i] = ch.origin;
+      if (ch.crc !== undefined && ch.data !== null) {
+        if (!(Number.isInteger(ch.crc) && ch.crc >= 0 && ch.crc <= 0xffffffff)) throw new VolumeError('EINVAL', `change to lbn ${ch.lbn} has crc ${ch.crc}`);
+        knownCrcs[i] = ch.crc;
+      }
     }
     byLbn.clear();
-    // Zero blocks become holes; crc32c of the rest, one native call per run of adjacent views.
+    // Zero blocks become holes; crc32c of the rest (those not known already), one native
+    // call per run of adjacent views.
     const scratch = crcScratch();
     for (let i = 0, sinceYield = 0; i < lbns.length; ) {
-      const next = checksumRun(datas, i, dataCrcs, scratch);
+      const next = checksumRun(datas, i, dataCrcs, scratch, knownCrcs);
       sinceYield += next - i;
       i = next;
       // ~1-2 us a block: check the budget every 32 blocks or so.

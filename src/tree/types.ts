@@ -19,6 +19,8 @@ export interface BlockChange {
   data: Buffer | null;
   /** The log record that wrote this whole block (a mirror may send it as a reference). */
   origin?: BlockOrigin;
+  /** crc32c of data, when the caller already knows it (the CP then does not read the block for it). */
+  crc?: number | undefined;
 }
 
 /** A block's source in the NVRAM log: record seq (the transfer id) and block index in it. */

@@ -119,6 +119,23 @@ describe('native addon', () => {
       assert.throws(() => native.crc32cWide(buf, buf.length - 4, 5), RangeError);
     });
 
+    it('crc32cExtendBlock extends a crc32c of any length and seed by a 4 KiB block from that block\'s crc32c alone', () => {
+      const rnd = seeded(23);
+      const buf = randomBuffer(rnd, 4 * 4096 + 200);
+      for (const head of [0, 1, 56, 64, 4096]) {
+        for (const seed of [0, 0x9e3779b9, 0xffffffff]) {
+          let c = native.crc32cPortable(buf, 0, head, seed);
+          for (let b = 0; b < 3; b++) {
+            const blockCrc = native.crc32cPortable(buf, head + b * 4096, 4096, 0);
+            c = native.crc32cExtendBlock(c, blockCrc);
+            assert.equal(c, native.crc32cPortable(buf, 0, head + (b + 1) * 4096, seed), `head ${head} seed ${seed} blocks ${b + 1}`);
+          }
+        }
+      }
+      const zero = Buffer.alloc(4096);
+      assert.equal(native.crc32cExtendBlock(native.crc32c(zero), native.crc32c(zero)), native.crc32c(Buffer.alloc(8192)));
+    });
+
     it('crc32cBlocks gives each 4 KiB block its crc32c in one call, and refuses out-of-bounds arguments', () => {
       const rnd = seeded(17);
       const buf = randomBuffer(rnd, 9 * 4096 + 3);

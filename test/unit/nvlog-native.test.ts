@@ -15,6 +15,7 @@ import type { NvramRegion } from '../../src/io/types';
 import { RecordType } from '../../src/nvlog/format';
 import { scanRegion } from '../../src/nvlog/replay';
 import { addon } from '../../src/io/native';
+import { crc32c } from '../../src/io/checksum';
 import { prng, seedFromEnv } from '../crash/harness';
 import { logged } from './nvlog-helpers';
 
@@ -66,6 +67,29 @@ describe('nvlog: native appends (the NBD threads)', () => {
     assert.deepEqual(logged(after, 1), block(4));
     assert.deepEqual(logged(after, 2), block(2));
     assert.equal(logged(after, 3), 'zero');
+    log.close();
+  });
+
+  it('hands the log the crc32c of each block the threads append (the CP takes it as is); the log\'s own records leave theirs to the CP', async () => {
+    const log = await freshLog(new MemoryNvram(1024 * 1024));
+    const na = log.enableNativeAppends(VOLUME_BYTES, undefined);
+    const data = Buffer.alloc(3 * BS);
+    for (let i = 0; i < data.length; i += 7) data[i] = (i * 31 + 5) & 0xff;
+    assert.ok(na.append(4 * BS, data), 'thread append of three blocks');
+    await log.appendWrite(10 * BS, [block(9)], 0);
+    assert.ok(na.append(11 * BS, block(7)), 'thread append after the log\'s');
+    assert.deepEqual(logged(log, 5), data.subarray(BS, 2 * BS), 'the lookup takes the threads\' records in');
+    const half = log.halves[0];
+    for (const lbn of [4, 5, 6, 11]) {
+      const off = half.index.blocks.get(lbn)!;
+      assert.equal(half.blockCrc(off), crc32c(logged(log, lbn) as Buffer), `crc of lbn ${lbn}`);
+    }
+    const own = half.index.blocks.get(10)!;
+    assert.equal(half.blockCrc(own), undefined, 'a record the log wrote: the CP checksums it');
+    const off4 = half.index.blocks.get(4)!;
+    half.reset();
+    assert.equal(half.blockCrc(off4), undefined, 'a reset half knows no checksum');
+    na.close();
     log.close();
   });
 

@@ -67,6 +67,31 @@ describe('tree: data block checksums in runs', () => {
     assert.deepEqual(datas, [null, null, null, null, null, null]);
   });
 
+  it('known checksums are taken as given (the block is not read for them), in runs of their own; a known zero-block crc still needs zero bytes to make a hole', () => {
+    const mem = Buffer.alloc(6 * B, 0x5a);
+    mem.fill(0, 2 * B, 3 * B); // block 2: zeroes
+    mem.fill(0, 4 * B, 5 * B); // block 4: zeroes, its crc not known
+    const datas: (Buffer | null)[] = [0, 1, 2, 3, 4, 5].map((i) => blockAt(mem, i));
+    const zeroCrc = ZERO_BLOCK_CRC;
+    // Known: 0 (a deliberately wrong value, to show it is not recomputed), 1, 2 (zeroes) and 3
+    // (the zero block's crc over bytes that are not zero: kept, the compare decides); 4 and 5 unknown.
+    const known: (number | undefined)[] = [0x1234, crc32c(datas[1]!), zeroCrc, zeroCrc, undefined, undefined];
+    const crcs = new Array<number>(datas.length).fill(0);
+    const scratch = crcScratch();
+    const stops: number[] = [];
+    for (let i = 0; i < datas.length; ) {
+      i = checksumRun(datas, i, crcs, scratch, known);
+      stops.push(i);
+    }
+    assert.deepEqual(stops, [4, 6], 'one run of known checksums, then one of computed ones');
+    assert.equal(crcs[0], 0x1234, 'a known crc is not recomputed');
+    assert.equal(crcs[1], crc32c(blockAt(mem, 1)));
+    assert.equal(datas[2], null, 'a known zero block becomes a hole');
+    assert.ok(datas[3] !== null, 'the zero crc alone makes no hole');
+    assert.equal(datas[4], null, 'an unknown zero block becomes a hole');
+    assert.equal(crcs[5], crc32c(blockAt(mem, 5)));
+  });
+
   it('refuses a scratch Buffer too small for a run', () => {
     assert.throws(() => checksumRun([Buffer.alloc(B)], 0, [0], Buffer.alloc(16)), /scratch/);
   });
