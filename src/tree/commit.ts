@@ -28,7 +28,8 @@
  * - A device with an allocation unit (`allocUnitBlocks`, a RAID stripe) is handed whole
  *   free units per CP, and the CP pads the free rest of its units with zeroes, so it
  *   writes whole stripes; discards cover whole free units only. On a plain device only
- *   released runs of at least DISCARD_RUN_BLOCKS_MIN blocks are discarded.
+ *   released runs of at least DISCARD_RUN_BLOCKS_MIN blocks are discarded, and only what
+ *   is left of them after the CP that released them (which takes them first: warm).
  */
 import { WRITE_PARTS_MAX, type BlockDevice, type WriteHint } from '../io/types';
 import { VolumeError } from '../util/errors';
@@ -344,16 +345,28 @@ export class CpWriter {
   }
 
   /**
-   * Tells the device that released blocks hold nothing (a thin member file gets its space
-   * back), for runs of at least DISCARD_RUN_BLOCKS_MIN blocks on a plain device. Only
-   * blocks no committed root, snapshot or in-flight read references are released, and
-   * this runs before anything is allocated. A failure is only logged: discard is a hint.
+   * Blocks released at the start of CP cp. On a plain device, runs of at least
+   * DISCARD_RUN_BLOCKS_MIN blocks are kept warm for this CP (its allocations take them
+   * first: the member holds them, mostly in the page cache), and what the CP before left
+   * of its warm runs is discarded now (a thin member file gets its space back); shorter
+   * runs are neither (next fit reuses them). With allocation units, released whole free
+   * units are discarded now. Only blocks no committed root, snapshot or in-flight read
+   * references are released, and this runs before anything of CP cp is allocated. A
+   * failure is only logged: discard is a hint.
+   *
+   * Measured (2 GiB volume, 64 MiB NVRAM, fio 1M seq write QD8): punching every long run
+   * as it was released cost ~10 ms of each ~45 ms CP, and the CP then wrote into holes
+   * (a new file block and a new page each); warm runs: 660 -> 955 MB/s. Warm single
+   * blocks (random writes) cost more than they gave: scattered writes instead of the
+   * contiguous runs next fit finds (4k QD32 57-65K -> 49K IOPS), so short runs stay out.
    */
-  async discard(released: { pba: number; count: number }[]): Promise<void> {
-    if (!this.discardFreed || released.length === 0) return;
+  async discard(released: { pba: number; count: number }[], cp: number): Promise<void> {
+    const plain = this.smap.unitBlocks === 1;
+    const cold = plain ? this.smap.keepWarm(released.filter((r) => r.count >= DISCARD_RUN_BLOCKS_MIN), cp) : released;
+    if (!this.discardFreed || cold.length === 0) return;
     // Allocation units (RAID stripes): only whole free units, or parity would go stale.
     // A plain device: only runs worth a punch-hole.
-    const runs = this.smap.unitBlocks === 1 ? released.filter((r) => r.count >= DISCARD_RUN_BLOCKS_MIN) : this.smap.wholeFreeUnits(released);
+    const runs = plain ? cold.filter((r) => r.count >= DISCARD_RUN_BLOCKS_MIN) : this.smap.wholeFreeUnits(cold);
     try {
       await forEachLimit(runs, this.ioConcurrency, async (r) => {
         if (!(r.pba >= RING_SLOTS && r.pba + r.count <= this.deviceBlocks)) assert(false, `discard of [${r.pba}, +${r.count})`);

@@ -33,8 +33,13 @@
  *   units, aligned, every block of which was allocatable; the rest of its last unit is
  *   its tail, used by its later allocations; a unit is handed out again only when all of
  *   it is allocatable. Only when no whole unit is left does allocation fall back to single
- *   blocks (logged: those stripes are written by read-modify-write). With unitBlocks 1
- *   (a single member) allocation is exactly the block-level next fit.
+ *   blocks (logged: those stripes are written by read-modify-write).
+ * - With unitBlocks 1 (a single member), allocation takes the warm blocks first, then
+ *   block-level next fit. Warm: the runs released in this CP (keepWarm), which the member
+ *   still holds, mostly in the page cache; rewriting them costs no new file block and no
+ *   new page (a punched or never-written block costs both). What is left of them when
+ *   the next CP starts is handed back as cold (to be discarded). Every warm block is
+ *   re-checked allocatable before it is taken.
  */
 import { assert } from '../util/assert';
 import { clearBit, clearSetWords, isZero, moveInto, orInto, pop8, popcount, popcountOr, setBit, testBit } from '../util/bitmap';
@@ -104,6 +109,10 @@ export class SpaceMap {
   /** The unhanded rest of the current CP's last whole unit. */
   private tail: Run = { pba: 0, count: 0 };
   private unitCursor = 0;
+  /** Runs released in CP warmCp (keepWarm), taken first by allocation from warm[warmAt] on (the head run partly taken). */
+  private warm: Run[] = [];
+  private warmAt = 0;
+  private warmCp = -1;
 
   constructor(deviceBlocks: number, unitBlocks = 1) {
     assert(Number.isSafeInteger(deviceBlocks) && deviceBlocks >= RING_SLOTS * 2, `device of ${deviceBlocks} blocks`);
@@ -403,9 +412,79 @@ export class SpaceMap {
     return out;
   }
 
-  /** Block-level next fit, appending to runs. */
-  private allocateBlocks(count: number, runs: Run[]): Run[] {
+  /**
+   * Released runs (from beginCommit or releaseHeld at the start of CP cp, single-member
+   * maps only) become the warm blocks allocation takes first. The first call of a later CP
+   * returns what is left of the earlier ones, still allocatable (nothing took them in a
+   * whole CP): cold, to be discarded. The runs are kept, not copied.
+   */
+  keepWarm(released: Run[], cp: number): Run[] {
+    assert(this.unitBlocks === 1, 'warm blocks are for single-member maps');
+    const cold: Run[] = [];
+    if (this.warmCp !== cp) {
+      assert(cp > this.warmCp, `warm blocks of CP ${this.warmCp} kept again at CP ${cp}`);
+      for (let i = this.warmAt; i < this.warm.length; i++) this.allocatableRuns(this.warm[i]!, cold);
+      this.warm = [];
+      this.warmAt = 0;
+      this.warmCp = cp;
+    }
+    for (const r of released) {
+      if (!(r.pba >= RING_SLOTS && r.count > 0 && r.pba + r.count <= this.deviceBlocks)) assert(false, `warm run [${r.pba}, +${r.count})`);
+      this.warm.push(r);
+    }
+    return cold;
+  }
+
+  /** Appends the allocatable stretches of run r to out (eight blocks a step where a bitmap byte covers them). */
+  private allocatableRuns(r: Run, out: Run[]): void {
+    const end = r.pba + r.count;
+    let start = -1;
+    let p = r.pba;
+    while (p < end) {
+      if ((p & 7) === 0 && p + 8 <= end) {
+        const i = p >>> 3;
+        const used = this.active[i]! | this.summary[i]! | this.reservedOld[i]! | this.reservedNew[i]! | this.held[i]!;
+        if (used === 0) {
+          if (start < 0) start = p;
+          p += 8;
+          continue;
+        }
+      }
+      const ok = this.isAllocatable(p);
+      if (ok && start < 0) start = p;
+      else if (!ok && start >= 0) {
+        out.push({ pba: start, count: p - start });
+        start = -1;
+      }
+      p++;
+    }
+    if (start >= 0) out.push({ pba: start, count: end - start });
+  }
+
+  /** Takes up to `count` allocatable warm blocks into runs; returns how many it took. */
+  private allocateWarm(count: number, runs: Run[]): number {
     let left = count;
+    while (left > 0 && this.warmAt < this.warm.length) {
+      const r = this.warm[this.warmAt]!;
+      while (left > 0 && r.count > 0) {
+        const p = r.pba;
+        r.pba++;
+        r.count--;
+        if (!this.isAllocatable(p)) continue;
+        this.allocateAt(p);
+        left--;
+        const last = runs[runs.length - 1];
+        if (last && last.pba + last.count === p) last.count++;
+        else runs.push({ pba: p, count: 1 });
+      }
+      if (r.count === 0) this.warmAt++;
+    }
+    return count - left;
+  }
+
+  /** Block-level next fit (warm blocks first), appending to runs. */
+  private allocateBlocks(count: number, runs: Run[]): Run[] {
+    let left = count - this.allocateWarm(count, runs);
     let p = this.cursor;
     let scanned = 0;
     const a = this.active, s = this.summary;

@@ -356,12 +356,12 @@ export class BlockTree implements BlockTreeApi {
     if (this.heldThroughCp !== undefined && (needed0 === undefined || needed0 > this.heldThroughCp)) {
       // The peer no longer needs the CPs held since the open (holdCommitted).
       this.heldThroughCp = undefined;
-      await this.writer.discard(this.smap.releaseHeld());
+      await this.writer.discard(this.smap.releaseHeld(), cp);
     }
     if (this.rotatedForCp !== cp) {
       this.rotatedForCp = cp;
       const holdOk = needed0 === undefined || needed0 >= cp - 2;
-      await this.writer.discard(this.smap.beginCommit(this.retiredIdle() && holdOk));
+      await this.writer.discard(this.smap.beginCommit(this.retiredIdle() && holdOk), cp);
       await slicer.maybeYield();
     }
     const needed = dataCount + nodesMax + this.smap.treeBlocksMax;
@@ -372,12 +372,12 @@ export class BlockTree implements BlockTreeApi {
       }
       await Promise.all([...this.retired].map((h) => h.idle()));
       this.retiredIdle();
-      await this.writer.discard(this.smap.beginCommit(true));
-      await this.writer.discard(this.smap.beginCommit(true));
+      await this.writer.discard(this.smap.beginCommit(true), cp);
+      await this.writer.discard(this.smap.beginCommit(true), cp);
       if (needed > this.smap.free && this.smap.heldBlocks > 0) {
         this.sink?.holdBroken(cp, `CP ${cp} needs ${needed} blocks, ${this.smap.free} free: reusing the blocks held for CP ${this.heldThroughCp}`);
         this.heldThroughCp = undefined;
-        await this.writer.discard(this.smap.releaseHeld());
+        await this.writer.discard(this.smap.releaseHeld(), cp);
       }
     }
     if (needed > this.smap.free) {

@@ -333,8 +333,10 @@ describe('tree: space accounting', () => {
     assert.ok(res.blocksFreed >= 300, `freed ${res.blocksFreed}`);
     assert.ok(tree.stats().usedBlocks <= baseline + 2, `used ${tree.stats().usedBlocks} after trimming all (baseline ${baseline})`);
     await assertCheckOk(tree);
-    // The freed space is reusable two CPs later, and then discarded on the device (thin member).
+    // The freed space is reusable two CPs later (warm: the next CP's allocations take it
+    // first), and what that CP did not take is discarded at the one after (thin member).
     const held = dev.allocatedBlocks;
+    await tree.commitCp([], meta(101));
     await tree.commitCp([], meta(101));
     await tree.commitCp([], meta(101));
     assert.ok(dev.allocatedBlocks <= held - 300, `device still holds ${dev.allocatedBlocks} blocks (was ${held})`);
@@ -366,9 +368,44 @@ describe('tree: space accounting', () => {
     await tree.commitCp(Array.from({ length: 400 }, (_, l) => ({ lbn: l, data: null })), meta(10));
     await tree.commitCp([], meta(10));
     await tree.commitCp([], meta(10));
+    await tree.commitCp([], meta(10));
     const discarded = discards.reduce((n, d) => n + d.count, 0);
     assert.ok(discarded >= 400 - 4 * 40, `discarded ${discarded} blocks`);
     assert.ok(discards.every((d) => d.count >= DISCARD_RUN_BLOCKS_MIN), 'only long runs');
+    await assertCheckOk(tree);
+  });
+
+  it('blocks released at a CP are taken first by that CP (warm: no punch-hole, no new device block); what it leaves is discarded at the next', async () => {
+    const inner = new MemoryBlockDevice(4096);
+    await BlockTree.format(inner, { sizeBytes: GiB, volumeUuid: UUID });
+    const dev = new GatedDevice(inner);
+    const discards: { pba: number; count: number }[] = [];
+    dev.discard = (pba, count) => {
+      discards.push({ pba, count });
+      return inner.discard(pba, count);
+    };
+    const tree = await BlockTree.open(dev);
+    // 400 blocks rewritten whole every CP: each CP frees a run of 400, reusable two CPs later.
+    const rounds = 12;
+    const steady: number[] = [];
+    for (let round = 0; round < rounds; round++) {
+      await tree.commitCp(Array.from({ length: 400 }, (_, l) => ({ lbn: l, data: block(round * 1000 + l) })), meta(1 + round));
+      if (round >= 4) steady.push(inner.allocatedBlocks);
+    }
+    assert.equal(discards.length, 0, 'rewritten runs are reused, not punched');
+    // Next fit alone would walk on into new device blocks every CP (and punch the old ones).
+    assert.ok(Math.max(...steady) - Math.min(...steady) <= 16, `the device holds ${steady.join(', ')} blocks: it must stop growing`);
+    assert.ok((await tree.readBlock(399))!.equals(block((rounds - 1) * 1000 + 399)));
+    await assertCheckOk(tree);
+    // A trim: released two CPs later, kept warm for that CP (empty: it takes only a few for
+    // its space map), discarded at the next.
+    const sum = (): number => discards.reduce((n, d) => n + d.count, 0);
+    await tree.commitCp(Array.from({ length: 400 }, (_, l) => ({ lbn: l, data: null })), meta(100));
+    await tree.commitCp([], meta(100));
+    await tree.commitCp([], meta(100));
+    const before = sum();
+    await tree.commitCp([], meta(100));
+    assert.ok(sum() - before >= 380, `discarded ${sum() - before} blocks one CP after the trimmed ones were released`);
     await assertCheckOk(tree);
   });
 
