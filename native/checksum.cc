@@ -279,6 +279,20 @@ constexpr size_t kStripeBytes = 1360;
 static_assert(kStripeBytes % 8 == 0 && 3 * kStripeBytes <= 4096 && (4096 - 3 * kStripeBytes) % 8 == 0, "stripes of whole words in a block");
 uint32_t g_shift[4][256];
 
+// A linear operator on the 32-bit register, given by its images of the 32 unit vectors,
+// as four byte-indexed tables: op(c) = t[0][c & 0xff] ^ t[1][(c >> 8) & 0xff] ^ ...
+void ShiftTables(const uint32_t basis[32], uint32_t t[4][256]) {
+  for (int k = 0; k < 4; k++) {
+    for (uint32_t v = 0; v < 256; v++) {
+      uint32_t r = 0;
+      for (int j = 0; j < 8; j++) {
+        if ((v >> j) & 1u) r ^= basis[8 * k + j];
+      }
+      t[k][v] = r;
+    }
+  }
+}
+
 // g_shift: the register after kStripeBytes zero bytes, per byte of the input register.
 __attribute__((target("sse4.2"))) void BuildStripeShift() {
   uint32_t basis[32];
@@ -287,15 +301,7 @@ __attribute__((target("sse4.2"))) void BuildStripeShift() {
     for (size_t n = 0; n < kStripeBytes; n += 8) c = _mm_crc32_u64(c, 0);
     basis[i] = static_cast<uint32_t>(c);
   }
-  for (int k = 0; k < 4; k++) {
-    for (uint32_t v = 0; v < 256; v++) {
-      uint32_t r = 0;
-      for (int j = 0; j < 8; j++) {
-        if ((v >> j) & 1u) r ^= basis[8 * k + j];
-      }
-      g_shift[k][v] = r;
-    }
-  }
+  ShiftTables(basis, g_shift);
 }
 
 inline uint32_t StripeShift(uint32_t c) {
@@ -350,15 +356,7 @@ void BuildBlockShift() {
   static const uint8_t kZeros[4096] = {};
   uint32_t basis[32];
   for (int i = 0; i < 32; i++) basis[i] = Crc32cTable(uint32_t{1} << i, kZeros, sizeof kZeros);
-  for (int k = 0; k < 4; k++) {
-    for (uint32_t v = 0; v < 256; v++) {
-      uint32_t r = 0;
-      for (int j = 0; j < 8; j++) {
-        if ((v >> j) & 1u) r ^= basis[8 * k + j];
-      }
-      g_blockShift[k][v] = r;
-    }
-  }
+  ShiftTables(basis, g_blockShift);
 }
 
 // crc32cExtendBlock(crc, blockCrc) -> uint32: crc32c(A || B) from crc32c(A) (any seed) and

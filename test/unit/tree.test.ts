@@ -314,6 +314,19 @@ describe('tree: reads, writes and commits', () => {
   });
 });
 
+/** A 1 GiB tree on a 4096-block memory device whose discards are recorded (and passed on). */
+async function treeRecordingDiscards(): Promise<{ inner: MemoryBlockDevice; discards: { pba: number; count: number }[]; tree: BlockTree }> {
+  const inner = new MemoryBlockDevice(4096);
+  await BlockTree.format(inner, { sizeBytes: GiB, volumeUuid: UUID });
+  const dev = new GatedDevice(inner);
+  const discards: { pba: number; count: number }[] = [];
+  dev.discard = (pba, count) => {
+    discards.push({ pba, count });
+    return inner.discard(pba, count);
+  };
+  return { inner, discards, tree: await BlockTree.open(dev) };
+}
+
 describe('tree: space accounting', () => {
   it('trimmed space is freed and reused; rewriting forever fits a small device', async () => {
     // 300 live blocks rewritten each CP on 700 blocks: only works if freed blocks come back.
@@ -348,15 +361,7 @@ describe('tree: space accounting', () => {
   });
 
   it('scattered freed blocks are reused without a discard each; a freed run of DISCARD_RUN_BLOCKS_MIN or more is discarded', async () => {
-    const inner = new MemoryBlockDevice(4096);
-    await BlockTree.format(inner, { sizeBytes: GiB, volumeUuid: UUID });
-    const dev = new GatedDevice(inner);
-    const discards: { pba: number; count: number }[] = [];
-    dev.discard = (pba, count) => {
-      discards.push({ pba, count });
-      return inner.discard(pba, count);
-    };
-    const tree = await BlockTree.open(dev);
+    const { discards, tree } = await treeRecordingDiscards();
     // 400 blocks in one run, then every third one rewritten: its old copy is a single freed block.
     await tree.commitCp(Array.from({ length: 400 }, (_, l) => ({ lbn: l, data: block(l) })), meta(1));
     for (let round = 0; round < 4; round++) {
@@ -376,15 +381,7 @@ describe('tree: space accounting', () => {
   });
 
   it('blocks released at a CP are taken first by that CP (warm: no punch-hole, no new device block); what it leaves is discarded at the next', async () => {
-    const inner = new MemoryBlockDevice(4096);
-    await BlockTree.format(inner, { sizeBytes: GiB, volumeUuid: UUID });
-    const dev = new GatedDevice(inner);
-    const discards: { pba: number; count: number }[] = [];
-    dev.discard = (pba, count) => {
-      discards.push({ pba, count });
-      return inner.discard(pba, count);
-    };
-    const tree = await BlockTree.open(dev);
+    const { inner, discards, tree } = await treeRecordingDiscards();
     // 400 blocks rewritten whole every CP: each CP frees a run of 400, reusable two CPs later.
     const rounds = 12;
     const steady: number[] = [];
