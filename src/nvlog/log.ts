@@ -101,8 +101,11 @@ export class Half {
   setBlockCrcs(payloadAt: number, count: number, crcs: Uint32Array, from: number): void {
     assert(payloadAt >= this.start && payloadAt + count * BLOCK_SIZE_BYTES <= this.end && from + count <= crcs.length, 'setBlockCrcs out of range');
     const slot = Math.floor((payloadAt - this.start) / BLOCK_SIZE_BYTES);
-    this.crcs.set(crcs.subarray(from, from + count), slot);
-    this.crcKnown.fill(1, slot, slot + count);
+    // A loop, not set(subarray): this runs for every record the threads append, and a view each was garbage.
+    for (let i = 0; i < count; i++) {
+      this.crcs[slot + i] = crcs[from + i]!;
+      this.crcKnown[slot + i] = 1;
+    }
   }
   /** The crc32c of the logged block at region offset regionOffset, if known. */
   blockCrc(regionOffset: number): number | undefined {
