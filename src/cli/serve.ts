@@ -3,6 +3,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { Command, Option } from 'commander';
 import { NbdServer, type TlsFiles } from '../nbd/server';
+import { BUSY_POLL_US_DEFAULT, BUSY_POLL_US_MAX } from '../nbd/native-transmission';
 import { openVolume } from '../volume/open';
 import { createVolumeDir } from '../volume/dir';
 import { LABEL_NAME } from '../volume/label';
@@ -49,6 +50,7 @@ interface ServeOpts extends LinkArgs {
   tlsPsk?: string;
   cpInterval?: number;
   maxConnections: number;
+  busyPoll: number;
   memoryBudget: number;
   stallTimeout: number;
   idleTimeout: number;
@@ -109,6 +111,11 @@ export function registerServe(program: Command): void {
       new Option('--max-connections <N>', 'maximum concurrent connections; when all are taken, the longest-idle one makes room')
         .argParser(intArg(1, 4096))
         .default(MAX_CONNECTIONS_DEFAULT),
+    )
+    .addOption(
+      new Option('--busy-poll <US>', 'microseconds a connection thread polls without sleeping for a client\'s next request, while requests come that soon (0: never)')
+        .argParser(intArg(0, BUSY_POLL_US_MAX))
+        .default(BUSY_POLL_US_DEFAULT),
     )
     .addOption(
       new Option('--memory-budget <SIZE>', 'server-wide cap on request and reply bytes in flight; reading pauses while it is reached')
@@ -235,6 +242,7 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
       exports: opened.exports,
       logger,
       maxConnections: o.maxConnections,
+      busyPollUs: o.busyPoll,
       memoryBudgetBytes: o.memoryBudget,
       stallTimeoutMs: o.stallTimeout,
       idleTimeoutMs: o.idleTimeout,

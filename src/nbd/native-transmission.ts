@@ -121,6 +121,8 @@ interface NativeState {
 type Handle = object;
 
 interface ServeAddon {
+  nbdServeBusyPoll(us: number): void;
+  nbdServeBusyPollStats(): [number, number, number];
   nbdServeStart(fd: number, leftover: Buffer, maxPayloadBytes: number, maxInflight: number, maxQueuedBytes: number, onEvents: (ev: Float64Array) => void): Handle;
   nbdServeGrant(h: Handle, ids: number[], bufs: Buffer[]): void;
   nbdServeRevoke(h: Handle): number[];
@@ -150,6 +152,29 @@ interface PendingSend {
   seq: number;
   bufs: Buffer[];
   onTaken: Array<(() => void) | undefined>;
+}
+
+/**
+ * The busy-poll window of the connection threads, in microseconds (0: never spin). A
+ * thread that waits for a client's next request polls without sleeping this long first,
+ * while requests keep coming that soon (a client at queue depth 1): a sleep and wakeup
+ * across CPUs cost 25-30 us a request in this VM, more than the request itself. fio 4k
+ * randwrite QD1 on `serve --memory`: 14.7-16.2K IOPS without it, 27.8-33.9K with 30 us,
+ * nbdkit memory 21.6-23.0K (docs/benchmarks.md, "Busy-poll at low queue depth").
+ */
+export const BUSY_POLL_US_DEFAULT = 30;
+export const BUSY_POLL_US_MAX = 1000;
+
+/** Sets the busy-poll window of every native connection thread of this process (see BUSY_POLL_US_DEFAULT). */
+export function setBusyPoll(us: number): void {
+  assert(Number.isInteger(us) && us >= 0 && us <= BUSY_POLL_US_MAX, `busy-poll window ${us} us`);
+  serveAddon().nbdServeBusyPoll(us);
+}
+
+/** The process's busy-poll totals: windows spun, those that ended in a request (or a wake), microseconds spun. */
+export function busyPollStats(): { windows: number; hits: number; spunUs: number } {
+  const [windows, hits, spunUs] = serveAddon().nbdServeBusyPollStats();
+  return { windows, hits, spunUs };
 }
 
 /** Whether the native path is on unless told otherwise (NVMIRROR_NBD_NATIVE=0 turns it off). */

@@ -37,7 +37,7 @@ import {
   SWEEP_INTERVAL_MS_MAX,
 } from './limits';
 import { Transmission, TransmissionLimits } from './transmission';
-import { NativeTransmission, nativeTransmissionDefault } from './native-transmission';
+import { BUSY_POLL_US_DEFAULT, NativeTransmission, nativeTransmissionDefault, setBusyPoll } from './native-transmission';
 import type { NbdObserver } from './observer';
 import { prepareUnixSocketPath, unixSocketPathOfFd } from './unix-socket';
 import { readPskFile } from '../util/psk';
@@ -73,6 +73,11 @@ export interface NbdServerOptions {
    * (native-transmission.ts). Default: on, unless NVMIRROR_NBD_NATIVE=0.
    */
   nativeTransmission?: boolean;
+  /**
+   * The native connection threads' busy-poll window in microseconds (0: off; default
+   * BUSY_POLL_US_DEFAULT). Process-wide: the last server constructed sets it.
+   */
+  busyPollUs?: number;
 }
 
 export function loadTlsConfig(files: TlsFiles): TlsConfig {
@@ -132,6 +137,7 @@ export class NbdServer {
     this.maxConnections = opts.maxConnections ?? MAX_CONNECTIONS_DEFAULT;
     this.handshakeTimeoutMs = opts.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS;
     this.native = opts.nativeTransmission ?? nativeTransmissionDefault();
+    if (this.native) setBusyPoll(opts.busyPollUs ?? BUSY_POLL_US_DEFAULT);
     this.budget = opts.budget ?? new MemoryBudget(opts.memoryBudgetBytes ?? MEMORY_BUDGET_BYTES_DEFAULT);
     this.limits = {
       budget: this.budget,

@@ -117,6 +117,15 @@ describe('e2e serve command line (issue 11 points 13, 18)', function () {
     assert.match(err, /bad duration "10 parsecs"/);
   });
 
+  it('--busy-poll takes microseconds in [0, 1000] and refuses anything else with an error naming the option', async function () {
+    const server = await startServer({ backend: 'memory', transport: 'unix', sizeBytes: 16 * MiB, extraArgs: ['--busy-poll', '0'] });
+    assert.equal(await server.stop(), 0);
+    for (const bad of ['1001', '-1', 'fast']) {
+      const err = await serveFails(['--memory', '1M', '--socket', path.join(makeTempDir('nvm-e2e-bp-'), 's'), '--busy-poll', bad]);
+      assert.match(err.split('\n')[0] ?? '', /'--busy-poll <US>' argument '.*' is invalid/, `the first line names the option for ${bad}: ${err}`);
+    }
+  });
+
   it('18: with --tls-psk, the printed URIs carry the PSK user and keys file and work as printed', async function () {
     requireTools(this, 'nbdinfo');
     const dir = makeTempDir('nvm-e2e-psk-uri-');

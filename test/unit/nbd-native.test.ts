@@ -29,6 +29,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { NbdServer } from '../../src/nbd/server';
+import { BUSY_POLL_US_DEFAULT, BUSY_POLL_US_MAX, busyPollStats, setBusyPoll } from '../../src/nbd/native-transmission';
 import { StaticExports } from '../../src/volume/exports';
 import { createLogger } from '../../src/util/log';
 import { addon } from '../../src/io/native';
@@ -98,7 +99,7 @@ interface Rig {
   dir: string;
 }
 
-async function startRig(kind: Kind, native: boolean): Promise<Rig> {
+async function startRig(kind: Kind, native: boolean, busyPollUs?: number): Promise<Rig> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), `nvm-native-${kind}-`));
   const volume = await makeVolume(kind, dir);
   const server = new NbdServer({
@@ -106,6 +107,7 @@ async function startRig(kind: Kind, native: boolean): Promise<Rig> {
     logger: createLogger('silent'),
     nativeTransmission: native,
     stallTimeoutMs: 1_000,
+    ...(busyPollUs !== undefined ? { busyPollUs } : {}),
   });
   const socketPath = path.join(dir, 'nbd.sock');
   await server.listenUnix(socketPath);
@@ -1083,6 +1085,58 @@ describe('native NBD transmission: the switch', function () {
     } finally {
       await stopRig(r);
     }
+  });
+});
+
+describe('native NBD transmission: busy-poll at low queue depth', function () {
+  this.timeout(60_000);
+  /** Writes `count` blocks one at a time (each sent as soon as the reply before it came), then reads each back from the volume. */
+  async function writeOneAtATime(r: Rig, count: number): Promise<void> {
+    const s = await open(r);
+    const blocks: Buffer[] = [];
+    for (let i = 0; i < count; i++) {
+      const data = crypto.randomBytes(4096);
+      blocks.push(data);
+      assert.equal(await simpleCommand(s, { type: CMD.WRITE, offset: i * 4096, length: 4096 }, data), 0);
+    }
+    for (let i = 0; i < count; i++) {
+      assert.ok((await r.volume.read(i * 4096, 4096)).equals(blocks[i]!), `block ${i} reads back as written`);
+    }
+    s.conn.destroy();
+    await settled(r);
+  }
+
+  it('with the window at 0 the threads never spin; at its maximum (1 ms) a client sending each request as its reply comes is polled for, and every write lands', async () => {
+    const r0 = await startRig('memory', true, 0);
+    try {
+      const before = busyPollStats();
+      await writeOneAtATime(r0, 200);
+      assert.equal(busyPollStats().windows, before.windows, 'no busy-poll window with --busy-poll 0');
+    } finally {
+      await stopRig(r0);
+    }
+    const r1 = await startRig('memory', true, BUSY_POLL_US_MAX);
+    try {
+      const before = busyPollStats();
+      await writeOneAtATime(r1, 200);
+      const after = busyPollStats();
+      // Armed once a request came within 4 ms of the wait beginning: a client in this
+      // process answers within that unless the machine stalls it 200 times in a row.
+      assert.ok(after.windows > before.windows, `busy-poll windows spun (${after.windows - before.windows})`);
+      assert.ok(after.hits > before.hits, 'some window ended in the next request');
+      assert.ok(after.spunUs >= before.spunUs, 'spun time only grows');
+    } finally {
+      await stopRig(r1);
+      setBusyPoll(BUSY_POLL_US_DEFAULT);
+    }
+  });
+
+  it('the addon refuses a window that is not an integer in [0, 1000] microseconds', () => {
+    const raw = addon() as unknown as Record<string, (...a: unknown[]) => unknown>;
+    for (const bad of [-1, 1001, 1.5, Number.NaN, '30', undefined]) assert.throws(() => raw['nbdServeBusyPoll']!(bad), /nbdServeBusyPoll|us/, String(bad));
+    raw['nbdServeBusyPoll']!(0);
+    raw['nbdServeBusyPoll']!(1000);
+    setBusyPoll(BUSY_POLL_US_DEFAULT);
   });
 });
 
