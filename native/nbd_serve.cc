@@ -200,8 +200,10 @@ int64_t NowUs() {
 // gBusyPollUs, but only while that pays: it arms after a request came within
 // kBusyArmFactor x the window of the wait beginning, and disarms at the first window that
 // ends with nothing, or when more than one request came since its last wait (a deeper
-// queue keeps it busy anyway; spinning would take CPU from the client and the CPs). At most gSpinnersMax threads of the process spin at once (half the
-// CPUs, at least one), so spinning never takes every core from the work it waits on.
+// queue keeps it busy anyway; spinning would take CPU from the client and the CPs). At
+// most gSpinnersMax threads of the process spin at once (half the CPUs, at least one),
+// and a spinning thread yields between polls, so spinning never takes every core from
+// the work it waits on.
 std::atomic<int64_t> gBusyPollUs{0};
 std::atomic<int> gSpinners{0};
 const int gSpinnersMax = std::max(1, static_cast<int>(std::thread::hardware_concurrency() / 2));
