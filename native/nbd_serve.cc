@@ -98,13 +98,13 @@
 // - The fd is closed by the thread, under the mutex, after which sends are refused (2),
 //   so no thread writes to a closed (or reused) descriptor. The last event is CLOSED.
 // - Arguments are re-checked here (types, ranges, buffer counts) and bad ones throw.
+#include "busy_poll.h"
 #include "common.h"
 #include "nv_append.h"
 #include "read_map.h"
 
 #include <fcntl.h>
 #include <poll.h>
-#include <sched.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
@@ -191,26 +191,6 @@ int64_t NowUs() {
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return static_cast<int64_t>(ts.tv_sec) * 1000000 + ts.tv_nsec / 1000;
 }
-
-// Adaptive busy-poll (nbdServeBusyPoll). A client at low queue depth sends its next
-// request a few microseconds after it reads the reply; a thread asleep in poll() then
-// costs a cross-CPU wakeup (in a VM, an IPI and an exit to the host: measured 25-30 us a
-// request here, more than the request's own work). So a connection thread that has
-// nothing to send and waits for input first polls without sleeping for up to
-// gBusyPollUs, but only while that pays: it arms after a request came within
-// kBusyArmFactor x the window of the wait beginning, and disarms at the first window that
-// ends with nothing, or when more than one request came since its last wait (a deeper
-// queue keeps it busy anyway; spinning would take CPU from the client and the CPs). At
-// most gSpinnersMax threads of the process spin at once (half the CPUs, at least one),
-// and a spinning thread yields between polls, so spinning never takes every core from
-// the work it waits on.
-std::atomic<int64_t> gBusyPollUs{0};
-std::atomic<int> gSpinners{0};
-const int gSpinnersMax = std::max(1, static_cast<int>(std::thread::hardware_concurrency() / 2));
-constexpr int64_t kBusyPollMaxUs = 1000;
-constexpr int64_t kBusyArmFactor = 4;
-// Process totals (nbdServeBusyPollStats): windows spun, windows that ended in input, microseconds spun.
-std::atomic<uint64_t> gSpinWindows{0}, gSpinHits{0}, gSpinUs{0};
 
 // pwrite of all of [data, data+len) at pos; 0 or an errno.
 int PwriteAll(int fd, const uint8_t* data, size_t len, uint64_t pos) {
@@ -421,19 +401,16 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
         timeoutMs = LazyTimeoutLocked();
         // A client at depth 1 sends one request per reply; more since the last wait is a
         // deeper queue, which keeps the thread busy without spinning.
-        if (headers_ - headersAtWait_ > 1) busyArmed_ = false;
+        if (headers_ - headersAtWait_ > 1) busy_.Disarm();
         headersAtWait_ = headers_;
       }
       pollfd fds[2] = {{fd_, events, 0}, {wake_, POLLIN, 0}};
-      int r = events == POLLIN ? BusyPoll(fds) : 0;
+      // Waiting for input only: spin first while the client is at depth 1 (busy_poll.h).
+      int r = events == POLLIN ? busy_.Poll(fds, 2) : 0;
       if (r == 0) {
-        const int64_t waitUs = NowUs();
+        busy_.Sleeping();
         r = ::poll(fds, 2, timeoutMs);
-        // Armed by a request that came soon after the wait began (see gBusyPollUs).
-        if (r > 0 && events == POLLIN && (fds[0].revents & POLLIN)) {
-          const int64_t window = gBusyPollUs.load(std::memory_order_relaxed);
-          busyArmed_ = window > 0 && NowUs() - waitUs <= kBusyArmFactor * window;
-        }
+        if (events == POLLIN) busy_.Woke(r > 0 && (fds[0].revents & POLLIN));
       }
       if (r < 0) {
         if (errno == EINTR) continue;
@@ -486,32 +463,6 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
     Emit({kEvClosed, static_cast<double>(err), static_cast<double>(rxBytes_)});
     PostLocked();
     tsfn.Release();
-  }
-
-  // Polls fds without sleeping for up to the busy-poll window, when armed and a spinner
-  // slot is free: >0 when something came (fds' revents set), 0 when the window ended with
-  // nothing (disarmed; the caller sleeps in poll), <0 on a poll error.
-  int BusyPoll(pollfd* fds) {
-    const int64_t window = gBusyPollUs.load(std::memory_order_relaxed);
-    if (!busyArmed_ || window <= 0) return 0;
-    if (gSpinners.fetch_add(1) >= gSpinnersMax) {
-      gSpinners.fetch_sub(1);
-      return 0;
-    }
-    const int64_t t0 = NowUs();
-    int64_t now = t0;
-    int r;
-    do {
-      r = ::poll(fds, 2, 0);
-      now = NowUs();
-      if (r == 0) sched_yield();  // a thread of ours waiting for this CPU (the event loop, a pool job) goes first
-    } while (r == 0 && now - t0 < window);
-    gSpinners.fetch_sub(1);
-    gSpinWindows.fetch_add(1, std::memory_order_relaxed);
-    gSpinUs.fetch_add(static_cast<uint64_t>(now - t0), std::memory_order_relaxed);
-    if (r > 0) gSpinHits.fetch_add(1, std::memory_order_relaxed);
-    if (r == 0) busyArmed_ = false;
-    return r < 0 && errno == EINTR ? 0 : r;
   }
 
   // ---- called on the JS thread
@@ -1317,7 +1268,7 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
   std::condition_variable poolDone_;    // with mu_: every READ out on the pool is done
   bool wakeSignaled_ = false;   // under mu_: the wake eventfd is written and not yet read
   bool urgent_ = false;         // under mu_: events_ holds more than DONE events
-  bool busyArmed_ = false;      // the thread's own: busy-poll before the next sleep (BusyPoll)
+  BusyPoller busy_;             // the thread's own
   uint64_t headers_ = 0, headersAtWait_ = 0;  // the thread's own: request headers parsed, and at the last wait
   int64_t lazySinceUs_ = 0;     // under mu_: when the oldest unposted DONE-only batch began (0: none)
   bool wantBuf_ = false;        // the header being reported is a plain READ no buffer fitted

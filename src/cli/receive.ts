@@ -1,4 +1,5 @@
 /** `nvmirror receive`: the mirror destination (src/mirror/receiver.ts), with read-only NBD exports of each mirror. */
+import { BUSY_POLL_US_DEFAULT, BUSY_POLL_US_MAX } from '../nbd/native-transmission';
 import * as path from 'path';
 import * as fs from 'fs';
 import { Command, Option } from 'commander';
@@ -18,6 +19,7 @@ interface ReceiveOpts extends LinkArgs {
   exportListen?: { host: string; port: number };
   exportSocket?: string;
   readerPinMax: number;
+  busyPoll: number;
   memoryBudget: number;
   logLevel: string;
 }
@@ -40,6 +42,11 @@ export function registerReceive(program: Command): void {
       new Option('--memory-budget <SIZE>', 'process-wide cap on mirror frames waiting to be applied (every source) and NBD request and reply bytes in flight (the exports); reading pauses while it is reached')
         .argParser(sizeRangeArg(MEMORY_BUDGET_BYTES_MIN, MEMORY_BUDGET_BYTES_MAX))
         .default(MEMORY_BUDGET_BYTES_DEFAULT, formatSize(MEMORY_BUDGET_BYTES_DEFAULT)),
+    )
+    .addOption(
+      new Option('--busy-poll <US>', 'microseconds an export connection thread polls without sleeping for its client\'s next request, while requests come that soon (0: never)')
+        .argParser(intArg(0, BUSY_POLL_US_MAX))
+        .default(BUSY_POLL_US_DEFAULT),
     )
     .addOption(new Option('--log-level <LEVEL>', 'log level').default('info').argParser(logLevelArg))
     .action(async (dir: string, o: ReceiveOpts) => {
@@ -69,7 +76,7 @@ export function registerReceive(program: Command): void {
       });
       const lines = [`nvmirror: receiving mirrors into ${abs} on ${o.listen.host}:${addr.port} (${sec.kind === 'insecure' ? 'plaintext' : `TLS ${sec.kind}`})`];
       if (o.exportListen || o.exportSocket) {
-        nbd = new NbdServer({ exports, logger, maxConnections: 128, budget });
+        nbd = new NbdServer({ exports, logger, maxConnections: 128, budget, busyPollUs: o.busyPoll });
         if (o.exportSocket) {
           await nbd.listenUnix(path.resolve(o.exportSocket));
           lines.push(`  mirrors read-only at nbd+unix:///<source-uuid>?socket=${path.resolve(o.exportSocket)}`);

@@ -113,7 +113,7 @@ export function registerServe(program: Command): void {
         .default(MAX_CONNECTIONS_DEFAULT),
     )
     .addOption(
-      new Option('--busy-poll <US>', 'microseconds a connection thread polls without sleeping for a client\'s next request, while requests come that soon (0: never)')
+      new Option('--busy-poll <US>', 'microseconds a connection thread polls without sleeping for its client\'s next request, while requests come that soon (0: never)')
         .argParser(intArg(0, BUSY_POLL_US_MAX))
         .default(BUSY_POLL_US_DEFAULT),
     )
