@@ -1,8 +1,8 @@
 /** `nvmirror receive`: the mirror destination (src/mirror/receiver.ts), with read-only NBD exports of each mirror. */
-import { BUSY_POLL_US_DEFAULT, BUSY_POLL_US_MAX } from '../nbd/native-transmission';
 import * as path from 'path';
 import * as fs from 'fs';
 import { Command, Option } from 'commander';
+import { BUSY_POLL_US_DEFAULT, BUSY_POLL_US_MAX } from '../nbd/native-transmission';
 import { NbdServer } from '../nbd/server';
 import { MirrorReceiver, RECEIVER_SOCKET_NAME } from '../mirror/receiver';
 import { ControlServer } from '../volume/engine-control';

@@ -156,10 +156,10 @@ interface PendingSend {
 
 /**
  * The busy-poll window of the NBD connection threads, in microseconds (0: never spin;
- * native/busy_poll.h has the rules). A thread that waits for
- * its peer's next message polls without sleeping this long first, while messages keep
- * coming that soon (a client at queue depth 1): a sleep and wakeup across CPUs cost 25-30
- * us a request in this VM, more than the request itself. fio 4k randwrite QD1 on `serve
+ * native/busy_poll.h has the rules). A thread that waits for its client's next request
+ * polls without sleeping this long first, while requests keep coming that soon (a client
+ * at queue depth 1): a sleep and wakeup across CPUs cost 25-30 us a request in this VM,
+ * more than the request itself. fio 4k randwrite QD1 on `serve
  * --memory`: 14.7-16.2K IOPS without it, 27.8-33.9K with 30 us, nbdkit memory 21.6-23.0K
  * (docs/benchmarks.md, "Busy-poll at low queue depth"). Process-wide; the addon starts
  * with this value too.
