@@ -109,29 +109,6 @@ inline uint64_t Get64(const uint8_t* p) {
 inline void Put32(uint8_t* p, uint32_t v) { memcpy(p, &v, 4); }
 inline void Put64(uint8_t* p, uint64_t v) { memcpy(p, &v, 8); }
 
-// crc32c(A || B) from crc32c(A) and crc32c(B) for a 4096-byte B: the seed's part is a
-// linear map (appending 4096 zero bytes), tabulated once per byte of the seed.
-uint32_t gShift[4][256];
-std::once_flag gShiftOnce;
-void BuildShift() {
-  std::vector<uint8_t> zero(kBlock, 0);
-  uint32_t base = Crc32cSeeded(0, zero.data(), zero.size());
-  uint32_t col[32];
-  for (int i = 0; i < 32; i++) col[i] = Crc32cSeeded(1u << i, zero.data(), zero.size()) ^ base;
-  for (int k = 0; k < 4; k++) {
-    for (uint32_t b = 0; b < 256; b++) {
-      uint32_t v = 0;
-      for (int i = 0; i < 8; i++) {
-        if (b & (1u << i)) v ^= col[8 * k + i];
-      }
-      gShift[k][b] = v;
-    }
-  }
-}
-inline uint32_t AppendBlock(uint32_t crc, uint32_t blockCrc) {
-  return gShift[0][crc & 0xff] ^ gShift[1][(crc >> 8) & 0xff] ^ gShift[2][(crc >> 16) & 0xff] ^ gShift[3][crc >> 24] ^ blockCrc;
-}
-
 struct OutFrame {
   std::vector<uint8_t> bytes;
   size_t sent = 0;
@@ -359,7 +336,7 @@ class Rx : public RecordForwarder {
     Put64(h + 24, len);
     Put64(h + 32, len);
     uint32_t c = Crc32cSeeded(Crc32cSeeded(0, b, 20), h, kRecordHeadBytes);
-    for (uint64_t i = 0; i < len / kBlock; i++) c = AppendBlock(c, blockCrcs[i]);
+    for (uint64_t i = 0; i < len / kBlock; i++) c = Crc32cExtendBlock(c, blockCrcs[i]);
     Put32(b + 20, c);
     fwdTop_ = std::max(fwdTop_, seq);
     forwarded_++;
@@ -612,7 +589,7 @@ class Rx : public RecordForwarder {
     const uint8_t* data = body + kRecordHeadBytes;
     for (size_t i = 0; i < blocks; i++) {
       blockCrcs_[i] = Crc32cOf(data + i * kBlock, kBlock);
-      c = AppendBlock(c, blockCrcs_[i]);
+      c = Crc32cExtendBlock(c, blockCrcs_[i]);
     }
     if (c != crc) return false;
     std::lock_guard<std::mutex> l(mu_);
@@ -638,7 +615,7 @@ class Rx : public RecordForwarder {
     uint32_t rc = Crc32cSeeded(salt_, r + 8, kLogHeaderBytes - 8);
     for (size_t i = 0; i < blocks; i++) {
       crcs_[slot + i] = blockCrcs_[i];
-      rc = AppendBlock(rc, blockCrcs_[i]);
+      rc = Crc32cExtendBlock(rc, blockCrcs_[i]);
     }
     Put32(r + 4, rc);
     Emit({kEvStored, static_cast<double>(seq), static_cast<double>(gAt_), static_cast<double>(size), static_cast<double>(rtype),
@@ -888,7 +865,6 @@ Napi::Value Start(const Napi::CallbackInfo& info) {
     ThrowType(env, std::string(fn) + ": fd must be a stream socket");
     return env.Undefined();
   }
-  std::call_once(gShiftOnce, BuildShift);
   int own = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
   if (own < 0) {
     ErrnoError(env, errno, "dup").ThrowAsJavaScriptException();
