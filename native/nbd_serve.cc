@@ -12,6 +12,8 @@
 //   nbdServeStart(fd, leftover, maxPayloadBytes, maxInflight, maxQueuedBytes, onEvents) -> handle
 //       dups fd (the caller keeps its own); onEvents(Float64Array) gets events of
 //       kEventWidth numbers each (kinds below).
+//   nbdServeBusyPoll(us)                   the connection threads' busy-poll window (busy_poll.h; 0: off)
+//   nbdServeBusyPollStats() -> [windows, hits, microseconds]  the process's busy-poll totals
 //   nbdServeGrant(handle, ids, buffers)    receive buffers, each for one WRITE payload <= its length
 //   nbdServeRevoke(handle) -> number[]     takes back the unclaimed buffers (their ids)
 //   nbdServeSend(handle, buffers, seq, replies) -> 1 written, 0 queued (TAKEN later), 2 closed
@@ -113,7 +115,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <array>
 #include <climits>
 #include <condition_variable>
@@ -408,7 +409,7 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
       // Waiting for input only: spin first while the client is at depth 1 (busy_poll.h).
       int r = events == POLLIN ? busy_.Poll(fds, 2) : 0;
       if (r == 0) {
-        busy_.Sleeping();
+        if (events == POLLIN) busy_.Sleeping();
         r = ::poll(fds, 2, timeoutMs);
         if (events == POLLIN) busy_.Woke(r > 0 && (fds[0].revents & POLLIN));
       }
