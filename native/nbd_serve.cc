@@ -47,8 +47,15 @@
 //   modes: kModeWrites | kModeReads | kModeStructured (the connection negotiated structured
 //   replies: a direct READ gets one OFFSET_DATA chunk with the DONE flag, as transmission.ts doRead)
 //   nbdMemStoreNew(sizeBytes, chunkBytes) -> store; nbdMemStoreSet(store, index, chunk),
-//   nbdMemStoreDelete(store, index), nbdMemStoreZeroIn(store, index, from, to) -> unregistered,
-//   nbdMemStoreClose(store): the memory volume keeps it in step
+//   nbdMemStoreAdd(store, index, chunk) -> bool (registers only where nothing is: false if a
+//   spare went there first), nbdMemStoreDelete(store, index, chunk) (if chunk is what is
+//   there), nbdMemStoreZeroIn(store, index,
+//   from, to) -> unregistered, nbdMemStoreAddSpares(store, firstId, chunks) (zeroed chunks
+//   the threads may take for WRITEs into holes), nbdMemStoreSync(store, withdraw) -> Float64Array
+//   [n, index0, id0, ..., index(n-1), id(n-1), withdrawn ids...] (the spares taken since the
+//   last call, where; with withdraw, every spare left comes back), nbdMemStoreCopyIn(store,
+//   offset, data) -> bool (what a thread does; for tests), nbdMemStoreClose(store):
+//   the memory volume keeps it in step
 //   nbdServeSetReading(handle, bool)       TypeScript's flow control (may read or not)
 //   nbdServeEnd(handle)                    after queued replies: shut our side, discard until EOF
 //   nbdServeAbort(handle)                  shut the socket down now; the thread exits
@@ -62,7 +69,9 @@
 // - The only reply made here is to a plain WRITE (no flags) inside the volume written
 //   completely with pwrite to the direct fd (a file volume's own fd, dup'd): exactly the
 //   file volume's own non-FUA write; or copied completely into a memory volume's chunks
-//   that all held data already (MemStore, under its mutex, so no chunk is freed meanwhile);
+//   that all held data already or into zeroed spares the memory volume handed over (MemStore,
+//   under its mutex, so no chunk is freed meanwhile; each spare taken is recorded, under the
+//   same lock, for the volume to adopt before it looks at its chunks again);
 //   or appended whole to an engine's NVRAM log by its appender (nv_append.h: whole blocks,
 //   the record complete in the region, its blocks out of the ReadMap, before the reply:
 //   exactly the log's own plain write; while the appender's gate is on, that reply is held
@@ -241,17 +250,37 @@ class MemStore {
   MemStore(uint64_t sizeBytes, uint64_t chunkBytes) : sizeBytes_(sizeBytes), chunkBytes_(chunkBytes) {}
   const uint64_t sizeBytes_;
   const uint64_t chunkBytes_;
+  // Zeroed chunks TypeScript handed over for WRITEs into holes (memory.ts SPARE_CHUNKS, 64):
+  // a bound of our own too, so a confused caller cannot grow the lists.
+  static constexpr size_t kSparesMax = 1024;
+  struct Spare {
+    uint8_t* data;
+    uint32_t id;
+  };
   std::mutex mu;
-  std::unordered_map<uint64_t, uint8_t*> chunks;  // under mu
-  bool closed = false;                            // under mu
+  std::unordered_map<uint64_t, uint8_t*> chunks;           // under mu
+  std::vector<Spare> spares;                               // under mu; at most kSparesMax
+  std::vector<std::pair<uint64_t, uint32_t>> adopted;      // under mu: (index, spare id), taken since the last Sync
+  bool closed = false;                                     // under mu
 
-  // Copies [data, data+len) to [off, off+len) if every chunk there holds data; else false
-  // (nothing copied). The caller checked off + len <= sizeBytes_.
+  // Copies [data, data+len) to [off, off+len) if every chunk there holds data or a spare
+  // can go there (each spare taken is registered and recorded in `adopted`); else false
+  // (nothing copied, nothing taken). The caller checked off + len <= sizeBytes_.
   bool CopyIn(uint64_t off, const uint8_t* data, size_t len) {
     std::lock_guard<std::mutex> l(mu);
     if (closed) return false;
-    for (uint64_t i = off / chunkBytes_; i <= (off + len - 1) / chunkBytes_; i++) {
-      if (chunks.find(i) == chunks.end()) return false;
+    uint64_t first = off / chunkBytes_, last = (off + len - 1) / chunkBytes_;
+    size_t missing = 0;
+    for (uint64_t i = first; i <= last; i++) {
+      if (chunks.find(i) == chunks.end() && ++missing > spares.size()) return false;
+    }
+    for (uint64_t i = first; missing > 0 && i <= last; i++) {
+      if (chunks.find(i) != chunks.end()) continue;
+      Spare sp = spares.back();
+      spares.pop_back();
+      chunks[i] = sp.data;
+      adopted.emplace_back(i, sp.id);
+      missing--;
     }
     size_t done = 0;
     while (done < len) {
@@ -1514,12 +1543,116 @@ Napi::Value MemStoreSet(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-Napi::Value MemStoreDelete(const Napi::CallbackInfo& info) {
+// nbdMemStoreAdd(store, index, chunk) -> bool: registers chunk at index only if nothing is
+// registered there (a spare the thread took since the volume last synced may be).
+Napi::Value MemStoreAdd(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "nbdMemStoreAdd";
   MemStorePtr m;
   int64_t index;
-  if (GetMemStore(info, 0, "nbdMemStoreDelete", &m) && GetInt(info, 1, "nbdMemStoreDelete", "index", 0, kMaxSafeInteger, &index)) {
+  Napi::Buffer<uint8_t> b;
+  if (!GetMemStore(info, 0, fn, &m) || !GetInt(info, 1, fn, "index", 0, kMaxSafeInteger, &index) ||
+      !GetBuffer(info, 2, fn, "chunk", &b)) {
+    return env.Undefined();
+  }
+  if (b.Length() != m->chunkBytes_ || static_cast<uint64_t>(index) * m->chunkBytes_ >= m->sizeBytes_) {
+    ThrowRange(env, std::string(fn) + ": a chunk is chunkBytes long and starts inside the volume");
+    return env.Undefined();
+  }
+  std::lock_guard<std::mutex> l(m->mu);
+  return Napi::Boolean::New(env, m->chunks.emplace(static_cast<uint64_t>(index), b.Data()).second);
+}
+
+// nbdMemStoreAddSpares(store, firstId, chunks): zeroed chunks, ids firstId, firstId + 1, ...
+// (mod 2^32); TypeScript keeps their memory until each comes back from nbdMemStoreSync,
+// adopted or withdrawn. One lock for all of them (the threads copy under it).
+Napi::Value MemStoreAddSpares(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "nbdMemStoreAddSpares";
+  MemStorePtr m;
+  int64_t firstId;
+  if (!GetMemStore(info, 0, fn, &m) || !GetInt(info, 1, fn, "firstId", 0, 0xffffffffLL, &firstId)) return env.Undefined();
+  if (info.Length() < 3 || !info[2].IsArray()) {
+    ThrowType(env, std::string(fn) + ": chunks must be an array of Buffers");
+    return env.Undefined();
+  }
+  Napi::Array arr = info[2].As<Napi::Array>();
+  uint32_t n = arr.Length();
+  if (n > MemStore::kSparesMax) {
+    ThrowRange(env, std::string(fn) + ": too many spares");
+    return env.Undefined();
+  }
+  std::vector<MemStore::Spare> add;
+  add.reserve(n);
+  for (uint32_t k = 0; k < n; k++) {
+    Napi::Value v = arr.Get(k);
+    if (!v.IsBuffer() || v.As<Napi::Buffer<uint8_t>>().Length() != m->chunkBytes_) {
+      ThrowRange(env, std::string(fn) + ": chunks[" + std::to_string(k) + "] is not a Buffer of chunkBytes");
+      return env.Undefined();
+    }
+    add.push_back(MemStore::Spare{v.As<Napi::Buffer<uint8_t>>().Data(), static_cast<uint32_t>((static_cast<uint64_t>(firstId) + k) & 0xffffffffu)});
+  }
+  std::lock_guard<std::mutex> l(m->mu);
+  if (m->closed || m->spares.size() + n > MemStore::kSparesMax) {
+    ThrowRange(env, std::string(fn) + (m->closed ? ": the store is closed" : ": too many spares"));
+    return env.Undefined();
+  }
+  m->spares.insert(m->spares.end(), add.begin(), add.end());
+  return env.Undefined();
+}
+
+// nbdMemStoreCopyIn(store, offset, data) -> bool: what a thread does with a plain WRITE (tests).
+Napi::Value MemStoreCopyIn(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "nbdMemStoreCopyIn";
+  MemStorePtr m;
+  int64_t off;
+  Napi::Buffer<uint8_t> b;
+  if (!GetMemStore(info, 0, fn, &m) || !GetInt(info, 1, fn, "offset", 0, kMaxSafeInteger, &off) || !GetBuffer(info, 2, fn, "data", &b)) {
+    return env.Undefined();
+  }
+  if (b.Length() == 0 || static_cast<uint64_t>(off) > m->sizeBytes_ || b.Length() > m->sizeBytes_ - static_cast<uint64_t>(off)) {
+    ThrowRange(env, std::string(fn) + ": data must be non-empty and inside the volume");
+    return env.Undefined();
+  }
+  return Napi::Boolean::New(env, m->CopyIn(static_cast<uint64_t>(off), b.Data(), b.Length()));
+}
+
+// nbdMemStoreSync(store, withdraw) -> [n, (index, id) x n, withdrawn ids...]: the spares the
+// threads took since the last call and where; with withdraw, also every spare left (the
+// threads take none of them after this returns).
+Napi::Value MemStoreSync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "nbdMemStoreSync";
+  MemStorePtr m;
+  bool withdraw;
+  if (!GetMemStore(info, 0, fn, &m) || !GetBool(info, 1, fn, "withdraw", &withdraw)) return env.Undefined();
+  std::lock_guard<std::mutex> l(m->mu);
+  size_t n = m->adopted.size();
+  size_t w = withdraw ? m->spares.size() : 0;
+  Napi::Float64Array out = Napi::Float64Array::New(env, 1 + 2 * n + w);
+  out[0] = static_cast<double>(n);
+  for (size_t k = 0; k < n; k++) {
+    out[1 + 2 * k] = static_cast<double>(m->adopted[k].first);
+    out[2 + 2 * k] = static_cast<double>(m->adopted[k].second);
+  }
+  for (size_t k = 0; k < w; k++) out[1 + 2 * n + k] = static_cast<double>(m->spares[k].id);
+  m->adopted.clear();
+  if (withdraw) m->spares.clear();
+  return out;
+}
+
+// nbdMemStoreDelete(store, index, chunk): unregisters index if chunk is what is registered
+// there (a spare a thread put there since stays).
+Napi::Value MemStoreDelete(const Napi::CallbackInfo& info) {
+  const char* fn = "nbdMemStoreDelete";
+  MemStorePtr m;
+  int64_t index;
+  Napi::Buffer<uint8_t> b;
+  if (GetMemStore(info, 0, fn, &m) && GetInt(info, 1, fn, "index", 0, kMaxSafeInteger, &index) && GetBuffer(info, 2, fn, "chunk", &b)) {
     std::lock_guard<std::mutex> l(m->mu);
-    m->chunks.erase(static_cast<uint64_t>(index));
+    auto it = m->chunks.find(static_cast<uint64_t>(index));
+    if (it != m->chunks.end() && it->second == b.Data()) m->chunks.erase(it);
   }
   return info.Env().Undefined();
 }
@@ -1561,6 +1694,8 @@ Napi::Value MemStoreClose(const Napi::CallbackInfo& info) {
     std::lock_guard<std::mutex> l(m->mu);
     m->closed = true;
     m->chunks.clear();
+    m->spares.clear();
+    m->adopted.clear();
   }
   return info.Env().Undefined();
 }
@@ -1963,6 +2098,10 @@ void InitNbdServe(Napi::Env env, Napi::Object exports) {
   exports.Set("nbdServeDirectMemory", Napi::Function::New(env, SetDirectMem, "nbdServeDirectMemory"));
   exports.Set("nbdMemStoreNew", Napi::Function::New(env, MemStoreNew, "nbdMemStoreNew"));
   exports.Set("nbdMemStoreSet", Napi::Function::New(env, MemStoreSet, "nbdMemStoreSet"));
+  exports.Set("nbdMemStoreAdd", Napi::Function::New(env, MemStoreAdd, "nbdMemStoreAdd"));
+  exports.Set("nbdMemStoreAddSpares", Napi::Function::New(env, MemStoreAddSpares, "nbdMemStoreAddSpares"));
+  exports.Set("nbdMemStoreSync", Napi::Function::New(env, MemStoreSync, "nbdMemStoreSync"));
+  exports.Set("nbdMemStoreCopyIn", Napi::Function::New(env, MemStoreCopyIn, "nbdMemStoreCopyIn"));
   exports.Set("nbdMemStoreDelete", Napi::Function::New(env, MemStoreDelete, "nbdMemStoreDelete"));
   exports.Set("nbdMemStoreZeroIn", Napi::Function::New(env, MemStoreZeroIn, "nbdMemStoreZeroIn"));
   exports.Set("nbdMemStoreClose", Napi::Function::New(env, MemStoreClose, "nbdMemStoreClose"));

@@ -223,6 +223,8 @@ export class NativeTransmission extends Transmission {
   private readonly leftoverBytes: number;
   /** The thread appends plain WRITEs to an engine's NVRAM log (Volume.directAppender). */
   private appending = false;
+  /** The thread copies plain WRITEs into a memory volume's chunks (Volume.directWriteStore). */
+  private memoryStore = false;
 
   /**
    * The native path for this session, or undefined when it does not apply (TLS, not a
@@ -264,7 +266,10 @@ export class NativeTransmission extends Transmission {
     const map = direct === undefined && store === undefined ? s.volume.directReadMap?.() : undefined;
     const appender = direct === undefined && store === undefined && !this.vc.readOnly ? s.volume.directAppender?.() : undefined;
     if (direct !== undefined) a.nbdServeDirect(this.handle, direct, s.volume.sizeBytes, modes);
-    else if (store !== undefined) a.nbdServeDirectMemory(this.handle, store, modes);
+    else if (store !== undefined) {
+      a.nbdServeDirectMemory(this.handle, store, modes);
+      this.memoryStore = true;
+    }
     else if (map !== undefined || appender !== undefined) {
       a.nbdServeDirectEngine(this.handle, map ?? null, appender ?? null, appender !== undefined ? modes : modes & ~MODE_WRITES);
       this.appending = appender !== undefined;
@@ -290,8 +295,9 @@ export class NativeTransmission extends Transmission {
       else if (kind === EV_HELD) continue; // appended; its reply waits for the replica (a DONE follows)
       else throw new Error(`internal: unknown native event ${kind}`);
     }
-    // An engine's WRITEs appended by the thread: the log indexes them now, not at its next look.
-    if (wrote && this.appending) this.s.volume.directWritesDone?.();
+    // An engine's WRITEs appended by the thread: the log indexes them now, not at its next
+    // look; a memory volume adopts the spare chunks they took and hands out more.
+    if (wrote && (this.appending || this.memoryStore)) this.s.volume.directWritesDone?.();
   }
 
   private onNativeRequest(ev: Float64Array, i: number): void {

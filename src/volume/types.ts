@@ -98,7 +98,7 @@ export interface Volume {
    * the volume takes the records in. Undefined if none (file, memory, read-only).
    */
   directAppender?(): object | undefined;
-  /** The native data path answered WRITEs through directAppender (called once per batch). */
+  /** The native data path answered WRITEs through directAppender or directWriteStore (called once per batch). */
   directWritesDone?(): void;
   /**
    * The native data path's fdatasync for a FLUSH through directAppender failed with this

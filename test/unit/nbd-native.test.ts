@@ -33,7 +33,7 @@ import { BUSY_POLL_US_DEFAULT, BUSY_POLL_US_MAX, busyPollStats, setBusyPoll } fr
 import { StaticExports } from '../../src/volume/exports';
 import { createLogger } from '../../src/util/log';
 import { addon } from '../../src/io/native';
-import { MemoryVolume } from '../../src/volume/memory';
+import { MEMORY_CHUNK_BYTES, MemoryVolume, SPARE_CHUNKS } from '../../src/volume/memory';
 import { FileVolume } from '../../src/volume/file';
 import { EngineVolume, type ReplicaGate } from '../../src/volume/engine';
 import { VolumeError } from '../../src/util/errors';
@@ -1080,6 +1080,158 @@ describe('native NBD transmission: the switch', function () {
       assert.ok((await simpleRead(s, 0, 4096)).data?.equals(data));
       assert.equal(r.server.transmissionStates()[0]?.['native'], undefined, 'a stream transmission');
       assert.equal(r.server.nativeTransmissions, 0);
+      s.conn.destroy();
+      await settled(r);
+    } finally {
+      await stopRig(r);
+    }
+  });
+});
+
+describe('native NBD transmission: a memory volume\'s WRITEs into holes (spare chunks)', function () {
+  this.timeout(60_000);
+  type Raw = Record<string, (...a: unknown[]) => unknown>;
+  const call = (fn: string, ...args: unknown[]): unknown => ((addon() as unknown as Raw)[fn] as (...a: unknown[]) => unknown)(...args);
+  const CHUNK_BYTES = MEMORY_CHUNK_BYTES;
+
+  it('the store: a thread takes spares only for chunks with none, records where, registers ours only where nothing is, and gives spares back', () => {
+    const store = call('nbdMemStoreNew', 16 * CHUNK_BYTES, CHUNK_BYTES);
+    const spareA = Buffer.alloc(CHUNK_BYTES);
+    const spareB = Buffer.alloc(CHUNK_BYTES);
+    call('nbdMemStoreAddSpares', store, 7, [spareA, spareB]);
+    // A WRITE into chunk 1, a hole: one spare taken, recorded with its index.
+    assert.equal(call('nbdMemStoreCopyIn', store, CHUNK_BYTES + 100, Buffer.from('abc')), true);
+    const taken = call('nbdMemStoreSync', store, false) as Float64Array;
+    assert.equal(taken.length, 3);
+    assert.equal(taken[0], 1, 'one spare taken');
+    assert.equal(taken[1], 1, 'at chunk 1');
+    const id = taken[2] as number;
+    assert.ok(id === 7 || id === 8, `a spare id it was given (${id})`);
+    const used = id === 7 ? spareA : spareB;
+    assert.equal(used.toString('latin1', 100, 103), 'abc', 'the write went into the spare');
+    assert.equal(used.subarray(0, 100).every((b) => b === 0) && used.subarray(103).every((b) => b === 0), true, 'the rest of it is zero');
+    assert.deepEqual([...(call('nbdMemStoreSync', store, false) as Float64Array)], [0], 'taken once, reported once');
+    // Three holes with one spare left: nothing taken, nothing copied.
+    assert.equal(call('nbdMemStoreCopyIn', store, 2 * CHUNK_BYTES, Buffer.alloc(3 * CHUNK_BYTES, 1)), false);
+    assert.deepEqual([...(call('nbdMemStoreSync', store, false) as Float64Array)], [0]);
+    // Ours goes only where nothing is registered.
+    const mine = Buffer.alloc(CHUNK_BYTES);
+    assert.equal(call('nbdMemStoreAdd', store, 1, mine), false, 'chunk 1 holds the spare');
+    assert.equal(call('nbdMemStoreAdd', store, 2, mine), true);
+    // Delete only what is registered there.
+    call('nbdMemStoreDelete', store, 2, Buffer.alloc(CHUNK_BYTES));
+    assert.equal(call('nbdMemStoreCopyIn', store, 2 * CHUNK_BYTES, Buffer.from('x')), true);
+    assert.equal(mine[0], 'x'.charCodeAt(0), 'another buffer did not unregister chunk 2');
+    assert.deepEqual([...(call('nbdMemStoreSync', store, false) as Float64Array)], [0], 'no spare taken for a registered chunk');
+    call('nbdMemStoreDelete', store, 2, mine);
+    // Withdraw: the spare left comes back; a hole then goes to TypeScript.
+    const back = call('nbdMemStoreSync', store, true) as Float64Array;
+    assert.deepEqual([...back], [0, id === 7 ? 8 : 7], 'the other spare came back');
+    assert.equal(call('nbdMemStoreCopyIn', store, 5 * CHUNK_BYTES, Buffer.from('y')), false, 'no spare left');
+    // Bad arguments.
+    assert.throws(() => call('nbdMemStoreAddSpares', store, 0, [Buffer.alloc(4096)]), RangeError, 'a spare is a whole chunk');
+    assert.throws(() => call('nbdMemStoreAddSpares', store, 0, 'x'), TypeError);
+    assert.throws(() => call('nbdMemStoreAddSpares', store, -1, []), RangeError);
+    assert.throws(() => call('nbdMemStoreAddSpares', store, 0, Array.from({ length: 1025 }, () => spareA)), RangeError, 'at most 1024 spares');
+    assert.throws(() => call('nbdMemStoreCopyIn', store, 16 * CHUNK_BYTES, Buffer.from('z')), RangeError, 'past the end');
+    assert.throws(() => call('nbdMemStoreSync', {}, false), TypeError, 'not a store');
+    call('nbdMemStoreClose', store);
+    assert.throws(() => call('nbdMemStoreAddSpares', store, 0, [spareA]), RangeError, 'closed');
+    assert.equal(call('nbdMemStoreCopyIn', store, 0, Buffer.from('z')), false, 'closed');
+  });
+
+  it('the volume adopts a spare a thread filled before its own chunk could go there, and keeps the spares within the cap', async () => {
+    const vol = MemoryVolume.create(1024 * CHUNK_BYTES);
+    try {
+      const store = vol.directWriteStore();
+      assert.ok(store !== undefined);
+      assert.equal(vol.spareChunks, SPARE_CHUNKS, 'spares handed out with the store');
+      assert.equal(vol.allocatedBytes, 0, 'spares are not allocated data');
+      // A thread writes into chunk 3 (a hole) after the volume's last look; the volume then
+      // makes its own chunk for a write there (the path a FUA WRITE takes): refused by the
+      // store, so it adopts the thread's and writes into that.
+      const a = crypto.randomBytes(4096);
+      const b = crypto.randomBytes(4096);
+      assert.equal(call('nbdMemStoreCopyIn', store, 3 * CHUNK_BYTES, a), true);
+      (vol as unknown as { newDataChunk(index: number, whole: boolean): { bytes: Buffer } }).newDataChunk(3, false).bytes.set(b, 8192);
+      assert.ok((await vol.read(3 * CHUNK_BYTES, 4096)).equals(a), 'the thread\'s write is kept');
+      assert.ok((await vol.read(3 * CHUNK_BYTES + 8192, 4096)).equals(b), 'the volume\'s write went into the same chunk');
+      assert.ok((await vol.read(3 * CHUNK_BYTES + 4096, 4096)).equals(Buffer.alloc(4096)), 'between them, zeroes');
+      assert.equal(vol.allocatedBytes, CHUNK_BYTES, 'one chunk, not two');
+      // Trim what the volume holds there, then a thread writes into it again: a new spare.
+      await vol.trim(3 * CHUNK_BYTES, CHUNK_BYTES, false);
+      assert.equal(vol.allocatedBytes, 0);
+      assert.equal(call('nbdMemStoreCopyIn', store, 3 * CHUNK_BYTES + 4096, b), true);
+      assert.ok((await vol.read(3 * CHUNK_BYTES + 4096, 4096)).equals(b));
+      assert.ok((await vol.read(3 * CHUNK_BYTES, 4096)).equals(Buffer.alloc(4096)), 'the trimmed data is gone');
+      const blocks = await vol.blockStatus(0, 8 * CHUNK_BYTES, 16);
+      assert.deepEqual(blocks.map((e) => [e.lengthBytes, e.flags]), [[3 * CHUNK_BYTES, 3], [CHUNK_BYTES, 0], [4 * CHUNK_BYTES, 3]], 'block status sees the adopted chunk');
+    } finally {
+      await vol.close();
+    }
+    // Near the cap: no spares, and a write that needs the room takes them back first.
+    const small = MemoryVolume.create(1024 * CHUNK_BYTES, { maxAllocatedBytes: 2 * SPARE_CHUNKS * CHUNK_BYTES });
+    try {
+      small.directWriteStore();
+      assert.equal(small.spareChunks, SPARE_CHUNKS, 'room for the spares');
+      const data = Buffer.alloc(CHUNK_BYTES, 9);
+      for (let i = 0; i < 2 * SPARE_CHUNKS; i++) await small.write(i * CHUNK_BYTES, data, false);
+      assert.equal(small.spareChunks, 0, 'the spares made room for the writes');
+      assert.equal(small.allocatedBytes, 2 * SPARE_CHUNKS * CHUNK_BYTES, 'the whole cap is data');
+      await assert.rejects(small.write(2 * SPARE_CHUNKS * CHUNK_BYTES, data, false), /ENOSPC|full/, 'past the cap: ENOSPC');
+    } finally {
+      await small.close();
+    }
+  });
+
+  it('plain WRITEs into fresh chunks are answered by the thread, FUA WRITEs into the same chunks by TypeScript; all read back, the neighbours zero', async () => {
+    const r = await startRig('memory', true);
+    try {
+      const s = await open(r);
+      const vol = r.volume as MemoryVolume;
+      const chunks = SIZE_BYTES / MEMORY_CHUNK_BYTES; // 256
+      const expect = new Map<number, Buffer>();
+      // One at a time: each plain WRITE into a hole is the thread's (spares are refilled
+      // as the thread reports them).
+      const before = directWrites(r);
+      const sequential = 100;
+      for (let c = 0; c < sequential; c++) {
+        const data = crypto.randomBytes(4096);
+        const offset = c * MEMORY_CHUNK_BYTES + (c % 16) * 4096;
+        assert.equal(await simpleCommand(s, { type: CMD.WRITE, offset, length: 4096 }, data), 0);
+        expect.set(offset, data);
+      }
+      assert.ok(directWrites(r) - before > SPARE_CHUNKS, `more WRITEs into holes answered by the thread (${directWrites(r) - before}) than one set of spares`);
+      // Pipelined: plain and FUA WRITEs into the same fresh chunks, a different block each.
+      const cookies = new Map<bigint, number>();
+      for (let c = sequential; c < chunks; c++) {
+        for (const [k, fua] of [[1, false], [5, true], [9, false]] as const) {
+          const data = crypto.randomBytes(4096);
+          const offset = c * MEMORY_CHUNK_BYTES + k * 4096;
+          const cookie = nextCookie();
+          cookies.set(cookie, offset);
+          expect.set(offset, data);
+          await s.conn.write(request({ type: CMD.WRITE, flags: fua ? CMD_FLAG.FUA : 0, cookie, offset, length: 4096 }, data));
+        }
+      }
+      for (let i = 0; i < cookies.size; i++) {
+        const rep = await readSimpleReply(s.conn);
+        assert.ok(cookies.has(rep.cookie), 'a reply to a WRITE sent');
+        assert.equal(rep.error, 0, `the WRITE at ${cookies.get(rep.cookie)}`);
+      }
+      // Everything written reads back, through TypeScript and through the thread; every
+      // other block is zero.
+      const all = await vol.read(0, SIZE_BYTES);
+      for (let off = 0; off < SIZE_BYTES; off += 4096) {
+        const want = expect.get(off) ?? Buffer.alloc(4096);
+        assert.ok(all.subarray(off, off + 4096).equals(want), `block at ${off}`);
+      }
+      for (const [off, want] of [...expect].filter((_, i) => i % 17 === 0)) {
+        const rep = await readOne(s, off, 4096);
+        assert.ok(rep.data?.equals(want), `the thread reads the block at ${off}`);
+      }
+      assert.equal(vol.allocatedBytes, chunks * MEMORY_CHUNK_BYTES, 'one chunk each, none lost or doubled');
+      assert.ok(vol.spareChunks <= SPARE_CHUNKS, 'the spares stay within their bound');
       s.conn.destroy();
       await settled(r);
     } finally {
