@@ -1111,9 +1111,18 @@ describe('native NBD transmission: a memory volume\'s WRITEs into holes (spare c
     assert.equal(used.toString('latin1', 100, 103), 'abc', 'the write went into the spare');
     assert.equal(used.subarray(0, 100).every((b) => b === 0) && used.subarray(103).every((b) => b === 0), true, 'the rest of it is zero');
     assert.deepEqual([...(call('nbdMemStoreSync', store, false) as Float64Array)], [0], 'taken once, reported once');
-    // Three holes with one spare left: nothing taken, nothing copied.
-    assert.equal(call('nbdMemStoreCopyIn', store, 2 * CHUNK_BYTES, Buffer.alloc(3 * CHUNK_BYTES, 1)), false);
+    // Two holes with one spare left: nothing taken, nothing copied.
+    assert.equal(call('nbdMemStoreCopyIn', store, 3 * CHUNK_BYTES - 4096, Buffer.alloc(8192, 1)), false);
     assert.deepEqual([...(call('nbdMemStoreSync', store, false) as Float64Array)], [0]);
+    // More than a chunk into holes goes to TypeScript however many spares there are.
+    const extra = [Buffer.alloc(CHUNK_BYTES), Buffer.alloc(CHUNK_BYTES), Buffer.alloc(CHUNK_BYTES)];
+    call('nbdMemStoreAddSpares', store, 100, extra);
+    assert.equal(call('nbdMemStoreCopyIn', store, 8 * CHUNK_BYTES, Buffer.alloc(CHUNK_BYTES + 4096, 1)), false);
+    assert.deepEqual([...(call('nbdMemStoreSync', store, false) as Float64Array)], [0]);
+    const extraBack = [...(call('nbdMemStoreSync', store, true) as Float64Array)];
+    assert.deepEqual(extraBack.slice(0, 1), [0]);
+    assert.deepEqual(extraBack.slice(1).sort((x, y) => x - y), [id === 7 ? 8 : 7, 100, 101, 102], 'withdrawn: every spare left');
+    call('nbdMemStoreAddSpares', store, id === 7 ? 8 : 7, [id === 7 ? spareB : spareA]);
     // Ours goes only where nothing is registered.
     const mine = Buffer.alloc(CHUNK_BYTES);
     assert.equal(call('nbdMemStoreAdd', store, 1, mine), false, 'chunk 1 holds the spare');
