@@ -28,7 +28,7 @@
  *   unregistered before its memory is freed or reused (the native data path copies plain
  *   writes into registered chunks, under the store's lock).
  * - Spares: with the native store, up to SPARE_CHUNKS zeroed chunks are handed to it, so a
- *   plain WRITE into a hole is answered by the NBD thread too (it registers a spare there,
+ *   plain WRITE of up to a chunk into a hole is answered by the NBD thread too (it registers a spare there,
  *   under the store's lock, and records it). Every public method first adopts what the
  *   threads took (`sync()`: the spare enters `chunks`), so nothing acknowledged is ever
  *   missed; a chunk of our own enters the store only where nothing is (nbdMemStoreAdd), so
@@ -55,7 +55,7 @@ export const MEMORY_VOLUME_SIZE_MAX_BYTES = 4 * 1024 ** 5;
 const BLOCK_STATUS_VISITS_MAX = 65536;
 export const MEMORY_MAX_PAYLOAD_BYTES = 32 * 1024 * 1024;
 /**
- * Zeroed chunks the NBD threads may take for WRITEs into holes (4 MiB). Without them the
+ * Zeroed chunks the NBD threads may take for WRITEs of up to a chunk into holes (4 MiB). Without them the
  * first write to each 64 KiB chunk went through TypeScript (a hand-off to the event loop
  * and back, ~25-30 us of wake-ups here): on a fresh 1 GiB volume that was a third of a
  * 5 s QD1 random-write run. Refilled when half are gone.
