@@ -106,6 +106,9 @@ export function engineWorkloads(c: BenchConfig, sizeBytes: number): Workload[] {
       expectedS: estimate(c.sustainedBytes),
       metrics: [iops],
     },
+    // Issue 10's latency target (QD1 p50 within nbdkit file's + 15 us): the plain write at
+    // queue depth 1, answered from the NVRAM by the connection's thread.
+    { id: 'engine-randwrite-4k-qd1', label: '4k randwrite QD1', dir: 'write', prefill: false, opts: [...rw('randwrite', '4k', 1), ...t], expectedS: e, metrics: [iops, p50, p99] },
     { id: 'engine-randread-4k-qd32', label: '4k randread QD32', dir: 'read', prefill: true, opts: [...rw('randread', '4k', 32), ...t], expectedS: e, metrics: [iops] },
     { id: 'engine-seqwrite-1m-qd8', label: '1M seq write QD8', dir: 'write', prefill: false, opts: [...rw('write', '1M', 8), ...t], expectedS: e, metrics: [mbps] },
     // The same over a fully written device (as nbdkit's image always is): the row above is a

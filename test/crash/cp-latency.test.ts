@@ -5,7 +5,8 @@
  * server's debug log), and the p99 latency during CPs must stay within 3x of the p99
  * outside them. Prints the figures. And the mechanism that keeps it so: the threads that
  * answer clients run at the server's starting priority, the event loop and libuv's pool
- * (where CPs run) below them (src/cli/priority.ts, native/priority.cc).
+ * (where CPs run) below them (src/cli/priority.ts, native/priority.cc), and that pool has
+ * one thread per CPU under `serve` (src/cli/threadpool.ts).
  */
 import { strict as assert } from 'assert';
 import * as fs from 'fs';

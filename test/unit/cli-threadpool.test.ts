@@ -1,7 +1,8 @@
 /**
  * The CLI sizes libuv's thread pool (src/cli/threadpool.ts) before anything uses it: 16
  * blocking jobs run at once, not 4 (libuv's default), so the receiver's 16 device writes
- * in flight all reach the disk.
+ * in flight all reach the disk; `serve` and `attach` get one thread per CPU (2 to 16), so
+ * a CP's I/O does not crowd out the threads that answer clients.
  *
  * How it is seen from outside: a child loads the CLI's modules, then starts 16 reads
  * that block on 16 FIFOs (each read is a pool job that waits until its FIFO has data) and
@@ -20,7 +21,7 @@ const CHILD = `
 const fs = require('fs');
 const path = require('path');
 require(process.argv[1]); // src/cli/threadpool.js, as main.js loads it first
-const dir = process.argv[2];
+const dir = process.argv[process.argv.length - 1]; // after the command, if any (argv[2], as the CLI's)
 const n = 16;
 const fds = [];
 for (let i = 0; i < n; i++) fds.push(fs.openSync(path.join(dir, 'f' + i), 'r+')); // O_RDWR: a FIFO opens without a peer
@@ -40,7 +41,8 @@ function finish() {
 }
 `;
 
-function run(env: NodeJS.ProcessEnv): string {
+/** `command`: what the child's argv says after the script (threadpool.ts sizes the pool by it). */
+function run(env: NodeJS.ProcessEnv, command: string[] = []): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nvm-pool-'));
   try {
     for (let i = 0; i < 16; i++) {
@@ -49,7 +51,7 @@ function run(env: NodeJS.ProcessEnv): string {
     }
     // The module main.js loads first (the third test checks that it does): main.js itself would run a command.
     const entry = path.resolve(__dirname, '..', '..', 'src', 'cli', 'threadpool.js');
-    const r = spawnSync(process.execPath, ['-e', CHILD, entry, dir], { env, encoding: 'utf8', timeout: 30_000 });
+    const r = spawnSync(process.execPath, ['-e', CHILD, entry, ...command, dir], { env, encoding: 'utf8', timeout: 30_000 });
     assert.equal(r.status, 0, `child failed: ${r.stderr}`);
     return r.stdout.trim();
   } finally {
@@ -68,6 +70,25 @@ describe('cli: libuv thread pool size', function () {
 
   it("keeps the operator's UV_THREADPOOL_SIZE (4: the 16th job waits, the control)", () => {
     assert.equal(run({ ...process.env, UV_THREADPOOL_SIZE: '4' }), 'stuck');
+  });
+
+  it('serve and attach get one thread per CPU (2 to 16), every other command 16', () => {
+    const { threadpoolSizeFor, THREADPOOL_THREADS_DEFAULT } = require(path.resolve(__dirname, '..', '..', 'src', 'cli', 'threadpool.js')) as typeof import('../../src/cli/threadpool');
+    const argv = (...a: string[]): string[] => ['node', 'nvmirror', ...a];
+    assert.equal(threadpoolSizeFor(argv('serve', 'vol'), 2), 2);
+    assert.equal(threadpoolSizeFor(argv('serve', '--memory', '1G'), 1), 2, 'at least 2');
+    assert.equal(threadpoolSizeFor(argv('attach', 'vol', '/dev/nbd0'), 8), 8);
+    assert.equal(threadpoolSizeFor(argv('serve', 'vol'), 64), 16, 'at most 16');
+    assert.equal(threadpoolSizeFor(argv('receive', 'rx', '--listen', 'h:1'), 2), THREADPOOL_THREADS_DEFAULT);
+    assert.equal(threadpoolSizeFor(argv('check', 'vol'), 2), THREADPOOL_THREADS_DEFAULT);
+    assert.equal(threadpoolSizeFor(['node', '-e'], 2), THREADPOOL_THREADS_DEFAULT, 'no command');
+  });
+
+  it('a serve process on this machine gets its share: 16 jobs do not all run unless it has 16 CPUs', function () {
+    const cpus = os.availableParallelism?.() ?? os.cpus().length;
+    const env = { ...process.env };
+    delete env.UV_THREADPOOL_SIZE;
+    assert.equal(run(env, ['serve']), cpus >= 16 ? 'ran' : 'stuck');
   });
 
   it('main.js loads the pool module before anything else', () => {
