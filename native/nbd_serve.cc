@@ -49,9 +49,9 @@
 //   nbdMemStoreNew(sizeBytes, chunkBytes) -> store; nbdMemStoreSet(store, index, chunk),
 //   nbdMemStoreAdd(store, index, chunk) -> bool (registers only where nothing is: false if a
 //   spare went there first), nbdMemStoreDelete(store, index, chunk) (if chunk is what is
-//   there), nbdMemStoreZeroIn(store, index,
-//   from, to) -> unregistered, nbdMemStoreAddSpares(store, firstId, chunks) (zeroed chunks
-//   the threads may take for WRITEs into holes), nbdMemStoreSync(store, withdraw) -> Float64Array
+//   there), nbdMemStoreZeroIn(store, index, from, to) -> unregistered,
+//   nbdMemStoreAddSpares(store, firstId, chunks) (zeroed chunks the threads may take for
+//   WRITEs of up to a chunk into holes), nbdMemStoreSync(store, withdraw) -> Float64Array
 //   [n, index0, id0, ..., index(n-1), id(n-1), withdrawn ids...] (the spares taken since the
 //   last call, where; with withdraw, every spare left comes back), nbdMemStoreCopyIn(store,
 //   offset, data) -> bool (what a thread does; for tests), nbdMemStoreClose(store):
@@ -265,8 +265,8 @@ class MemStore {
 
   // Copies [data, data+len) to [off, off+len) if every chunk there holds data or (len at
   // most a chunk) a spare can go there (each spare taken is registered and recorded in
-  // `adopted`); else false
-  // (nothing copied, nothing taken). The caller checked off + len <= sizeBytes_.
+  // `adopted`); else false (nothing copied, nothing taken). The caller checked
+  // off + len <= sizeBytes_.
   bool CopyIn(uint64_t off, const uint8_t* data, size_t len) {
     std::lock_guard<std::mutex> l(mu);
     if (closed) return false;
