@@ -1530,20 +1530,25 @@ Napi::Value MemStoreNew(const Napi::CallbackInfo& info) {
   return handle;
 }
 
+// The (store, index, chunk) arguments of nbdMemStoreSet and nbdMemStoreAdd, checked: a
+// chunk is chunkBytes long and starts inside the volume.
+bool GetChunkArgs(const Napi::CallbackInfo& info, const char* fn, MemStorePtr* m, int64_t* index, Napi::Buffer<uint8_t>* b) {
+  if (!GetMemStore(info, 0, fn, m) || !GetInt(info, 1, fn, "index", 0, kMaxSafeInteger, index) || !GetBuffer(info, 2, fn, "chunk", b)) {
+    return false;
+  }
+  if (b->Length() != (*m)->chunkBytes_ || static_cast<uint64_t>(*index) * (*m)->chunkBytes_ >= (*m)->sizeBytes_) {
+    ThrowRange(info.Env(), std::string(fn) + ": a chunk is chunkBytes long and starts inside the volume");
+    return false;
+  }
+  return true;
+}
+
 Napi::Value MemStoreSet(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  const char* fn = "nbdMemStoreSet";
   MemStorePtr m;
   int64_t index;
   Napi::Buffer<uint8_t> b;
-  if (!GetMemStore(info, 0, fn, &m) || !GetInt(info, 1, fn, "index", 0, kMaxSafeInteger, &index) ||
-      !GetBuffer(info, 2, fn, "chunk", &b)) {
-    return env.Undefined();
-  }
-  if (b.Length() != m->chunkBytes_ || static_cast<uint64_t>(index) * m->chunkBytes_ >= m->sizeBytes_) {
-    ThrowRange(env, std::string(fn) + ": a chunk is chunkBytes long and starts inside the volume");
-    return env.Undefined();
-  }
+  if (!GetChunkArgs(info, "nbdMemStoreSet", &m, &index, &b)) return env.Undefined();
   std::lock_guard<std::mutex> l(m->mu);
   m->chunks[static_cast<uint64_t>(index)] = b.Data();
   return env.Undefined();
@@ -1553,18 +1558,10 @@ Napi::Value MemStoreSet(const Napi::CallbackInfo& info) {
 // registered there (a spare the thread took since the volume last synced may be).
 Napi::Value MemStoreAdd(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  const char* fn = "nbdMemStoreAdd";
   MemStorePtr m;
   int64_t index;
   Napi::Buffer<uint8_t> b;
-  if (!GetMemStore(info, 0, fn, &m) || !GetInt(info, 1, fn, "index", 0, kMaxSafeInteger, &index) ||
-      !GetBuffer(info, 2, fn, "chunk", &b)) {
-    return env.Undefined();
-  }
-  if (b.Length() != m->chunkBytes_ || static_cast<uint64_t>(index) * m->chunkBytes_ >= m->sizeBytes_) {
-    ThrowRange(env, std::string(fn) + ": a chunk is chunkBytes long and starts inside the volume");
-    return env.Undefined();
-  }
+  if (!GetChunkArgs(info, "nbdMemStoreAdd", &m, &index, &b)) return env.Undefined();
   std::lock_guard<std::mutex> l(m->mu);
   return Napi::Boolean::New(env, m->chunks.emplace(static_cast<uint64_t>(index), b.Data()).second);
 }
