@@ -107,6 +107,11 @@ void EnsureLauncher();
 // whatever the caller's, named `name` (at most 15 characters are kept). For every thread
 // that answers clients. False if no thread could be made (fn is dropped).
 bool StartForegroundThread(const char* name, std::function<void()> fn);
+// Puts the calling thread under SCHED_BATCH (same nice value): when it wakes it does not
+// preempt the thread running on that CPU, it runs at the next scheduling point. For a
+// thread woken far more often than it has work worth a preemption (a sync mirror's link:
+// priority.cc). False if the kernel refused (the thread keeps SCHED_OTHER).
+bool SetBatchPolicy();
 
 }  // namespace nvm
 

@@ -134,6 +134,9 @@ class Rx : public RecordForwarder {
   }
 
   void Run() {
+    // The source's link is woken per record and per ack: as a batch thread it does not
+    // preempt the NBD thread that appends them (priority.cc). A receiver's stays as it is.
+    if (source_) (void)SetBatchPolicy();
     ParsePass();
     for (;;) {
       bool wantRead, wantWrite, stopping, resume = false, draining = false;

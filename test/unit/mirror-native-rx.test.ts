@@ -15,6 +15,7 @@ import { EV_ENDED, EV_ERROR, EV_FRAME, EV_STORED, NativeRx, takeOverSocket, type
 import { decodeBody, FrameParser, FrameWriter, MsgType, type Message, type OutMessage } from '../../src/mirror/wire';
 import { addressMod, crc32cWide } from '../../src/io/native';
 import { SlabPool } from '../../src/mirror/slab-pool';
+import { SCHED_OTHER, threadsNamed } from './thread-policy';
 
 const UUID = '0f0e0d0c-0b0a-4908-8706-050403020100';
 const LOG_BYTES = 16 * 1024 * 1024;
@@ -399,6 +400,17 @@ describe('mirror native receive thread', function () {
     assert.ok(last.type === MsgType.RecordAck && last.heldSeq === 1 && last.durableSeq === 1);
     await close(c);
     assert.ok(c.events.some((e) => e.kind === EV_ENDED));
+  });
+
+  it('a receiver\'s thread keeps SCHED_OTHER (only the source\'s link runs as a batch thread)', async () => {
+    const before = new Set(threadsNamed('nvm-mirror-rx').map((t) => t.tid));
+    const c = await open();
+    c.client.write(stream([record(1, 1)]));
+    await until('ack', () => c.acks.some((m) => m.type === MsgType.RecordAck)); // the thread ran past its start
+    const mine = threadsNamed('nvm-mirror-rx').filter((t) => !before.has(t.tid));
+    assert.equal(mine.length, 1, 'one new thread');
+    assert.equal(mine[0]!.policy, SCHED_OTHER);
+    await close(c);
   });
 
   it('close() hands back the records the thread stored and acknowledged but had not delivered: the log takes every one in', async () => {

@@ -14,6 +14,7 @@ import { MemoryNvram } from '../../src/nvlog/memory-region';
 import { EV_ERROR, EV_FRAME, NativeRx, plainFd, type RxEvent } from '../../src/mirror/native-rx';
 import { decodeBody, FrameParser, FrameWriter, MsgType, type Message } from '../../src/mirror/wire';
 import { until } from '../mirror/helpers';
+import { SCHED_BATCH, threadsNamed } from './thread-policy';
 
 const UUID = '0123abcd-0000-4000-8000-00000000beef';
 const BS = 4096;
@@ -134,6 +135,14 @@ describe('mirror: the source\'s records on the link\'s native thread', function 
     r.rx.send({ type: MsgType.Ping, nowMs: 99 });
     await until('the last ping', () => r.got.some((m) => m.type === MsgType.Ping && m.nowMs === 99));
     assert.deepEqual(records(r).map((m) => m.seq), [2, 3, 4], 'seq 5 stayed home');
+    r.close();
+  });
+
+  it('the link\'s thread runs under SCHED_BATCH: woken per record and per ack, it does not preempt the NBD threads', async () => {
+    const before = new Set(threadsNamed('nvm-mirror-rx').map((t) => t.tid));
+    const r = await rig();
+    const mine = (): ReturnType<typeof threadsNamed> => threadsNamed('nvm-mirror-rx').filter((t) => !before.has(t.tid));
+    await until('the link thread under SCHED_BATCH', () => mine().length === 1 && mine()[0]!.policy === SCHED_BATCH);
     r.close();
   });
 
