@@ -130,6 +130,13 @@ export function planSnapshots(ops: SnapshotOp[], snapshots: readonly SnapshotRec
   return { created, deleted };
 }
 
+/** Pointers present in an address block. */
+function countPresent(b: Buffer): number {
+  let n = 0;
+  for (let s = 0; s < FANOUT; s++) if (b.readUInt16LE(ptrSlotOffset(s) + 20) !== 0) n++;
+  return n;
+}
+
 export class CpWriter {
   /** Gather buffers of writeChunkBlocks blocks reused by writeAll (at most ioConcurrency kept). */
   private readonly chunkBufs: Buffer[] = [];
@@ -209,12 +216,9 @@ export class CpWriter {
    */
   async writeCp(c: CommitWork, root: BlockPtr | null): Promise<{ newRoot: BlockPtr | null; blocksWritten: number; blocksFreed: number }> {
     const { cp, lbns, datas, plan, slicer } = c;
-    let blocksFreed = 0;
+    const freed = { blocks: 0 };
     let blocksWritten = 0;
-    const free = (pba: number): void => {
-      if (this.smap.freeFromLive(pba)) blocksFreed++;
-    };
-    if (c.newSummary) blocksFreed += this.smap.replaceSummary(c.newSummary);
+    if (c.newSummary) freed.blocks += this.smap.replaceSummary(c.newSummary);
     // Allocate data blocks, then address blocks level by level (upper bound: every
     // touched node; those that end up empty are given back), in contiguous runs.
     const pbas: number[] = [];
@@ -242,12 +246,7 @@ export class CpWriter {
     dataDone.catch(() => undefined); // awaited below; a failure is reported there
     blocksWritten += dataWrites.length;
     // Address blocks bottom-up, streamed in batches: copy the old node (or start empty),
-    // replace the touched pointers, stamp the header, checksum, write.
-    const countPresent = (b: Buffer): number => {
-      let n = 0;
-      for (let s = 0; s < FANOUT; s++) if (b.readUInt16LE(ptrSlotOffset(s) + 20) !== 0) n++;
-      return n;
-    };
+    // replace the touched pointers, stamp the header, checksum, write (editNode).
     const BATCH = this.writeChunkBlocks;
     const shipping = this.sink() !== undefined;
     const addrWrites: Promise<void>[] = [];
@@ -276,49 +275,7 @@ export class CpWriter {
         for (let j = 0; j < ks.length; j++) {
           // ~5-10 us a node: check the budget every 16.
           if ((j & 15) === 15) await slicer.maybeYield();
-          const k = ks[j]!;
-          const index = lvl.index[k]!;
-          const oldPtr = lvl.oldPtr[k]!;
-          const old = olds[j]!;
-          assert((old === null) === (oldPtr === null), 'an old node for every old pointer');
-          // A node read for this edit (not the cache's buffer) is ours to change, unless a
-          // mirror is shipping the CP (it deltas against the old contents; without them it
-          // would read the old block back). Random writes over a large volume touch a new
-          // leaf per block: a copy each was 4 KiB of garbage per block per CP.
-          const inPlace = old !== null && oldPtr !== null && !shipping && this.cache.peek(oldPtr) !== old;
-          const buf = old ? (inPlace ? old : Buffer.from(old)) : Buffer.alloc(BLOCK);
-          // Whether the node ends up empty: certain not when the CP writes a pointer into
-          // it (the common case), otherwise its slots are counted after the edit.
-          let wrotePtr = false;
-          for (let x = lvl.firstChild[k]!; x < lvl.firstChild[k + 1]!; x++) {
-            const slot = (below ? below.index[x]! : lbns[x]!) % FANOUT;
-            const off = ptrSlotOffset(slot);
-            if (!below && buf.readUInt16LE(off + 20) !== 0) {
-              const oldData = this.verified.childOf(buf, oldPtr!, 0, index, slot);
-              if (oldData) free(oldData.pba);
-            }
-            const np = below ? below.newPtr[x]! : dataPtrs[x]!;
-            encodePtr(buf, off, np);
-            if (np) wrotePtr = true;
-          }
-          const present = wrotePtr ? 1 : countPresent(buf);
-          if (oldPtr) {
-            free(oldPtr.pba);
-            // The replaced version would only push live nodes out of the LRU (each CP
-            // rewrites its whole path set); a read still pinned to an old root re-reads it.
-            this.cache.delete(oldPtr.pba);
-          }
-          if (present === 0) {
-            this.smap.unallocate(lvl.pba[k]!);
-            continue;
-          }
-          const pba = lvl.pba[k]!;
-          writeNodeHeader(buf, { type: NODE_TYPE_DATA_TREE, level: l, index }, pba, cp, this.uuidBytes);
-          const ptr: BlockPtr = { pba, birth: cp, crc: crc32cBlock(buf) };
-          lvl.newPtr[k] = ptr;
-          out[j] = old && oldPtr ? (inPlace ? { pba, buf, prevPba: oldPtr.pba } : { pba, buf, prevPba: oldPtr.pba, prev: old }) : { pba, buf };
-          // Safe before the CP is durable: only a pointer with this pba, birth and crc can hit it.
-          this.cache.put(ptr, buf);
+          out[j] = this.editNode(lvl, below, ks[j]!, olds[j]!, l, cp, lbns, dataPtrs, shipping, freed);
         }
         const writes = out.filter((w): w is CpBlock => w !== null);
         blocksWritten += writes.length;
@@ -341,7 +298,60 @@ export class CpWriter {
     blocksWritten += smapBlocks.length;
     await this.writePads();
     await this.dev.sync();
-    return { newRoot, blocksWritten, blocksFreed };
+    return { newRoot, blocksWritten, blocksFreed: freed.blocks };
+  }
+
+  /**
+   * One address block of a CP (node k of level l): a copy of its old version (or, when
+   * nothing else holds that buffer and no mirror ships the CP, the old version itself), or
+   * an empty node, with the CP's pointers written in, the data blocks it replaces freed,
+   * stamped and checksummed. Null when the node ends up empty (its block is given back).
+   * Synchronous and apart from writeCp: V8 compiles and recompiles it on its own (it was
+   * most of writeCp's 80-200 ms Turbofan compiles, repeated as writeCp deoptimized).
+   */
+  private editNode(lvl: PathLevel, below: PathLevel | null, k: number, old: Buffer | null, l: number, cp: number, lbns: number[], dataPtrs: (BlockPtr | null)[], shipping: boolean, freed: { blocks: number }): CpBlock | null {
+    const index = lvl.index[k]!;
+    const oldPtr = lvl.oldPtr[k]!;
+    assert((old === null) === (oldPtr === null), 'an old node for every old pointer');
+    // A node read for this edit (not the cache's buffer) is ours to change, unless a
+    // mirror is shipping the CP (it deltas against the old contents; without them it
+    // would read the old block back). Random writes over a large volume touch a new
+    // leaf per block: a copy each was 4 KiB of garbage per block per CP.
+    const inPlace = old !== null && oldPtr !== null && !shipping && this.cache.peek(oldPtr) !== old;
+    const buf = old ? (inPlace ? old : Buffer.from(old)) : Buffer.alloc(BLOCK);
+    // Whether the node ends up empty: certain not when the CP writes a pointer into
+    // it (the common case), otherwise its slots are counted after the edit.
+    let wrotePtr = false;
+    for (let x = lvl.firstChild[k]!; x < lvl.firstChild[k + 1]!; x++) {
+      const slot = (below ? below.index[x]! : lbns[x]!) % FANOUT;
+      const off = ptrSlotOffset(slot);
+      if (!below && buf.readUInt16LE(off + 20) !== 0) {
+        const oldData = this.verified.childOf(buf, oldPtr!, 0, index, slot);
+        if (oldData && this.smap.freeFromLive(oldData.pba)) freed.blocks++;
+      }
+      const np = below ? below.newPtr[x]! : dataPtrs[x]!;
+      encodePtr(buf, off, np);
+      if (np) wrotePtr = true;
+    }
+    const present = wrotePtr ? 1 : countPresent(buf);
+    if (oldPtr) {
+      if (this.smap.freeFromLive(oldPtr.pba)) freed.blocks++;
+      // The replaced version would only push live nodes out of the LRU (each CP
+      // rewrites its whole path set); a read still pinned to an old root re-reads it.
+      this.cache.delete(oldPtr.pba);
+    }
+    if (present === 0) {
+      this.smap.unallocate(lvl.pba[k]!);
+      return null;
+    }
+    const pba = lvl.pba[k]!;
+    writeNodeHeader(buf, { type: NODE_TYPE_DATA_TREE, level: l, index }, pba, cp, this.uuidBytes);
+    const ptr: BlockPtr = { pba, birth: cp, crc: crc32cBlock(buf) };
+    lvl.newPtr[k] = ptr;
+    const block: CpBlock = old && oldPtr ? (inPlace ? { pba, buf, prevPba: oldPtr.pba } : { pba, buf, prevPba: oldPtr.pba, prev: old }) : { pba, buf };
+    // Safe before the CP is durable: only a pointer with this pba, birth and crc can hit it.
+    this.cache.put(ptr, buf);
+    return block;
   }
 
   /**
