@@ -14,6 +14,7 @@ import * as os from 'os';
 import * as path from 'path';
 import { NbdClient } from './nbd-client';
 import { prng, runCli, ServedVolume } from './harness';
+import { threadsOf } from '../threads';
 
 const BS = 4096;
 // 16 s (about 100 CPs): at 8 s the ratio of two p99s moved 1.4-4.1x between runs of one build on this
@@ -23,15 +24,6 @@ const RUN_MS = Number(process.env.NVMIRROR_LATENCY_MS ?? 16000);
 // answered on the NBD thread (8-12K/s here) it gave 130-190 CPs, one every ~90 ms. 16 MiB gives
 // 104-143. (The bound is unchanged; one CI run at 8 MiB measured 5.7x, cause not found.)
 const NVRAM_SIZE = process.env.NVMIRROR_LATENCY_NVRAM ?? '16M';
-
-/** Each thread of pid: its name and nice value (/proc/PID/task/TID/stat field 19). */
-function threadsOf(pid: number): Array<{ tid: number; comm: string; nice: number }> {
-  return fs.readdirSync(`/proc/${pid}/task`).map((t) => {
-    const stat = fs.readFileSync(`/proc/${pid}/task/${t}/stat`, 'utf8');
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' '); // from field 3 (state) on
-    return { tid: Number(t), comm: fs.readFileSync(`/proc/${pid}/task/${t}/comm`, 'utf8').trim(), nice: Number(fields[19 - 3]) };
-  });
-}
 
 function pct(sorted: number[], p: number): number {
   if (sorted.length === 0) return NaN;

@@ -15,7 +15,7 @@ import { EV_ENDED, EV_ERROR, EV_FRAME, EV_STORED, NativeRx, takeOverSocket, type
 import { decodeBody, FrameParser, FrameWriter, MsgType, type Message, type OutMessage } from '../../src/mirror/wire';
 import { addressMod, crc32cWide } from '../../src/io/native';
 import { SlabPool } from '../../src/mirror/slab-pool';
-import { SCHED_OTHER, threadsNamed } from './thread-policy';
+import { SCHED_OTHER, threadsNamed } from '../threads';
 
 const UUID = '0f0e0d0c-0b0a-4908-8706-050403020100';
 const LOG_BYTES = 16 * 1024 * 1024;

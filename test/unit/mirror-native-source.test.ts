@@ -14,7 +14,7 @@ import { MemoryNvram } from '../../src/nvlog/memory-region';
 import { EV_ERROR, EV_FRAME, NativeRx, plainFd, type RxEvent } from '../../src/mirror/native-rx';
 import { decodeBody, FrameParser, FrameWriter, MsgType, type Message } from '../../src/mirror/wire';
 import { until } from '../mirror/helpers';
-import { SCHED_BATCH, threadsNamed } from './thread-policy';
+import { SCHED_BATCH, threadsNamed } from '../threads';
 
 const UUID = '0123abcd-0000-4000-8000-00000000beef';
 const BS = 4096;
