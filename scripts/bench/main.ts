@@ -36,7 +36,7 @@ import {
   snapshotBuild,
   streamPath,
 } from './servers';
-import { baseWorkloads, engineWorkloads, filterWorkloads, prefillOptions, Workload } from './workloads';
+import { baseWorkloads, engineWorkloads, filterWorkloads, prefillOptions, WARMUP_SETTLE_MS, Workload } from './workloads';
 import { formatSize } from '../../src/util/size';
 
 /** Per-measurement overhead beyond fio's own runtime (server start/stop, image setup), for the estimate. */
@@ -151,6 +151,11 @@ async function measure(c: BenchConfig, suite: Suite, w: Workload, spec: ServerSp
   try {
     if (w.prefill) await runFio(`prefill`, server.uri, prefillOptions(suite.sizeBytes), 'write', path.join(dir, `${tag}.prefill.json`), suite.sizeBytes / 50e6 + 10);
     phases.push(['prefill', Date.now()]);
+    if (w.warmup) {
+      await runFio(`warmup`, server.uri, w.opts, w.dir, path.join(dir, `${tag}.warmup.json`), w.expectedS);
+      await new Promise((r) => setTimeout(r, WARMUP_SETTLE_MS));
+      phases.push(['warmup', Date.now()]);
+    }
     // Server CPU over the measured window: sample once the ramp is over, and at the end.
     const timeBased = w.opts.some(([k]) => k === 'time_based');
     let cpuStart: number | undefined;
@@ -226,7 +231,8 @@ function estimateS(c: BenchConfig, suites: Suite[], withEngine: boolean): number
   for (const su of suites) {
     for (const w of su.workloads) {
       const prefill = w.prefill ? su.sizeBytes / 500e6 + 0.5 : 0;
-      s += c.rounds * su.servers.length * (w.expectedS + OVERHEAD_S + prefill);
+      const warmup = w.warmup ? w.expectedS + WARMUP_SETTLE_MS / 1000 : 0;
+      s += c.rounds * su.servers.length * (w.expectedS + OVERHEAD_S + prefill + warmup);
     }
   }
   if (withEngine && c.suites.includes('engine')) s += c.cpLatencyRuntimeS + 5 + c.sustainedBytes / 4096 / 10_000 + 5;
