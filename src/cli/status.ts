@@ -41,12 +41,22 @@ export function formatStatus(s: VolumeStatus & { role?: RoleRecord & { state: 'p
     ...(s.raid ? formatRaid(s.raid) : []),
     ...formatServed(s),
     `CPs        ${s.cpNumber}, last at ${when(s.lastCpMs)} took ${s.lastCpDurationMs} ms`,
+    ...(s.lastCp ? [formatCpPhases(s.lastCp)] : []),
     `NVRAM      ${formatSize(s.nvram.sizeBytes)}, ${s.nvram.fillPercent}% full (${formatSize(s.nvram.usedBytes)})` +
       (s.nvram.unreplayedRecords > 0 ? `, ${s.nvram.unreplayedRecords} records to replay at next open` : ''),
     `snapshots  ${snaps}`,
     ...(s.sections?.mirror ? formatMirror(s.sections.mirror as MirrorSourceStats) : []),
     formatErrors(s),
   ].join('\n');
+}
+
+/** The last CP's blocks and phases on one line, like ZFS's per-txg times. */
+export function formatCpPhases(c: NonNullable<VolumeStatus['lastCp']>): string {
+  const p = c.phases;
+  const ms = (v: number): string => String(Math.round(v));
+  return `           CP ${c.cpNumber}: ${c.dataBlocks} data + ${c.blocksWritten - c.dataBlocks} other blocks written, ${c.blocksFreed} freed; ` +
+    `prepare ${ms(p.prepareMs)}, address ${ms(p.addressMs)}, data ${ms(p.dataMs)}, space map ${ms(p.spaceMapMs)}, sync ${ms(p.syncMs)}, superblock ${ms(p.superblockMs)}` +
+    `${p.sinkMs > 0 ? `, mirror ${ms(p.sinkMs)}` : ''} ms`;
 }
 
 /** The RAID section, like `zpool status`'s config table: state, then one row per member with its read/write/checksum counts. */

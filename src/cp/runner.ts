@@ -215,7 +215,7 @@ export class CpRunner {
       this.st.lastCpEndMs = t1;
       this.st.cpDurationMsMax = Math.max(this.st.cpDurationMsMax, t1 - t0);
       if (r) {
-        logger().debug({ cp: r.cpNumber, startMs: t0, durationMs: t1 - t0, blocksWritten: r.blocksWritten, blocksFreed: r.blocksFreed }, 'consistency point committed');
+        logger().debug({ cp: r.cpNumber, startMs: t0, durationMs: t1 - t0, blocksWritten: r.blocksWritten, dataBlocks: r.dataBlocks, blocksFreed: r.blocksFreed, phases: r.phases }, 'consistency point committed');
         this.onCommitted?.(r);
       }
       return r;

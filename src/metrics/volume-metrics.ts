@@ -12,6 +12,7 @@ import { BLOCK_SIZE_BYTES } from '../io/types';
 import { assert } from '../util/assert';
 import type { EngineVolume } from '../volume/engine';
 import type { MetricsRegistry } from './registry';
+import type { CpPhases } from '../tree/types';
 
 /**
  * Checksum errors come from the engine's own counter (BlockTree.errorCounts, the one
@@ -23,6 +24,9 @@ export function registerEngineMetrics(registry: MetricsRegistry, volume: EngineV
   const cpNumber = g('nvmirror_volume_cp_number', 'Number of the newest committed consistency point');
   const cpLast = g('nvmirror_volume_cp_last_duration_seconds', 'Duration of the last consistency point');
   const cpMax = g('nvmirror_volume_cp_duration_seconds_max', 'Longest consistency point since open');
+  const cpPhase = registry.counter('nvmirror_volume_cp_phase_seconds_total', 'Time consistency points spent in each phase since open (prepare, address, data, space_map, sync, superblock, sink: a mirror taking the CP)', ['phase']);
+  const phaseNames: Array<[keyof CpPhases, string]> = [['prepareMs', 'prepare'], ['addressMs', 'address'], ['dataMs', 'data'], ['spaceMapMs', 'space_map'], ['syncMs', 'sync'], ['superblockMs', 'superblock'], ['sinkMs', 'sink']];
+  const phaseCounters = phaseNames.map(([k, name]) => [k, cpPhase.labels(name)] as const);
   const cpRunning = g('nvmirror_volume_cp_running', '1 while a consistency point runs');
   const nvUsed = g('nvmirror_volume_nvram_used_bytes', 'NVRAM log bytes holding records not yet committed by a CP (active and frozen halves)');
   const nvSize = g('nvmirror_volume_nvram_size_bytes', 'NVRAM log region size');
@@ -44,6 +48,7 @@ export function registerEngineMetrics(registry: MetricsRegistry, volume: EngineV
     cpLast.set(st.cp.lastCpDurationMs / 1000);
     cpMax.set(st.cp.cpDurationMsMax / 1000);
     cpRunning.set(st.cp.running ? 1 : 0);
+    for (const [k, c] of phaseCounters) c.setTotal(st.tree.cpPhaseTotalsMs[k] / 1000);
     nvUsed.set(st.nvlog.usedBytes);
     nvSize.set(st.nvlog.regionSizeBytes);
     const fill = st.nvlog.regionSizeBytes > 0 ? st.nvlog.usedBytes / st.nvlog.regionSizeBytes : 0;

@@ -42,7 +42,7 @@ import {
 } from './layout';
 import type { NodeCache } from './node-cache';
 import type { NewBlock, SpaceMap } from './spacemap';
-import type { BlockOrigin, CpBlock, CpMeta, CpSink, SnapshotOp } from './types';
+import type { BlockOrigin, CpBlock, CpMeta, CpPhases, CpSink, SnapshotOp } from './types';
 import type { VerifiedReader } from './verified-read';
 import { Slicer, forEachLimit } from '../util/work';
 
@@ -95,6 +95,9 @@ export interface CommitWork {
   snapPlan: SnapPlan;
   slicer: Slicer;
 }
+
+/** The phases of CpPhases that writeCp times. */
+export type WritePhases = Pick<CpPhases, 'addressMs' | 'dataMs' | 'spaceMapMs' | 'syncMs'>;
 
 export interface SnapPlan {
   created: string[];
@@ -214,8 +217,16 @@ export class CpWriter {
    * space map (and the node cache); `root` is the committed root (the new one when the
    * CP changes no block). Returns the new root and the counts.
    */
-  async writeCp(c: CommitWork, root: BlockPtr | null): Promise<{ newRoot: BlockPtr | null; blocksWritten: number; blocksFreed: number }> {
+  async writeCp(c: CommitWork, root: BlockPtr | null, nowMs: () => number): Promise<{ newRoot: BlockPtr | null; blocksWritten: number; blocksFreed: number; phases: WritePhases }> {
     const { cp, lbns, datas, plan, slicer } = c;
+    const phases: WritePhases = { addressMs: 0, dataMs: 0, spaceMapMs: 0, syncMs: 0 };
+    let mark = nowMs();
+    const lap = (): number => {
+      const now = nowMs();
+      const ms = Math.max(0, now - mark);
+      mark = now;
+      return ms;
+    };
     const freed = { blocks: 0 };
     let blocksWritten = 0;
     if (c.newSummary) freed.blocks += this.smap.replaceSummary(c.newSummary);
@@ -289,7 +300,9 @@ export class CpWriter {
       if (below) below.newPtr.length = 0;
     }
     for (const w of addrWrites.splice(0)) await w;
+    phases.addressMs = lap();
     await dataDone;
+    phases.dataMs = lap();
     dataWrites.length = 0;
     const newRoot = plan.length > 0 ? plan[plan.length - 1]!.newPtr[0]! : root;
     // The space map's own blocks (every allocation and free of the CP is final now).
@@ -297,8 +310,10 @@ export class CpWriter {
     await this.writeAll(smapBlocks, slicer, cp);
     blocksWritten += smapBlocks.length;
     await this.writePads();
+    phases.spaceMapMs = lap();
     await this.dev.sync();
-    return { newRoot, blocksWritten, blocksFreed: freed.blocks };
+    phases.syncMs = lap();
+    return { newRoot, blocksWritten, blocksFreed: freed.blocks, phases };
   }
 
   /**

@@ -47,7 +47,7 @@ import { NodeCache } from './node-cache';
 import { startGeneration, type Generation } from './lineage';
 import { SpaceMap } from './spacemap';
 import type {
-  BlockChange, BlockOrigin, BlockTreeApi, CheckReport, CommitResult, CommittedView, CpMeta, CpSink, SnapshotInfo, SnapshotOp,
+  BlockChange, BlockOrigin, BlockTreeApi, CheckReport, CommitResult, CommittedView, CpMeta, CpPhases, CpSink, SnapshotInfo, SnapshotOp,
   TreeReader, TreeStats, TreeRollback, BlockErrorCounts, LeafSink,
 } from './types';
 import { slicerFor } from '../util/work';
@@ -98,6 +98,9 @@ export class BlockTree implements BlockTreeApi {
   private readonly reads: ReadPath;
   private readonly writer: CpWriter;
   private commitRunning: Promise<unknown> | null = null;
+  /** The last CP this tree committed (stats().lastCp). */
+  private lastCommit: CommitResult | undefined;
+  private readonly phaseTotals: CpPhases = { prepareMs: 0, addressMs: 0, dataMs: 0, spaceMapMs: 0, syncMs: 0, superblockMs: 0, sinkMs: 0 };
   private rotatedForCp = -1;
   private failedReason: string | null = null;
   private closed = false;
@@ -251,6 +254,8 @@ export class BlockTree implements BlockTreeApi {
       cpNumber: this.sb.cpNumber,
       lastCpMs: this.sb.timestampMs,
       lastCpDurationMs: this.sb.lastCpDurationMs,
+      ...(this.lastCommit ? { lastCp: { ...this.lastCommit, phases: { ...this.lastCommit.phases } } } : {}),
+      cpPhaseTotalsMs: { ...this.phaseTotals },
       usedBlocks: this.smap.used,
       totalBlocks: this.sb.deviceBlocks,
       snapshots: this.listSnapshots(),
@@ -397,7 +402,8 @@ export class BlockTree implements BlockTreeApi {
   private async commitMutating(c: CommitWork): Promise<CommitResult> {
     const { cp } = c;
     // Data, address and space-map blocks, pads, then sync (commit.ts).
-    const { newRoot, blocksWritten, blocksFreed } = await this.writer.writeCp(c, this.sb.root);
+    const prepareMs = Math.max(0, this.clock.nowMs() - c.t0);
+    const { newRoot, blocksWritten, blocksFreed, phases: written } = await this.writer.writeCp(c, this.sb.root, () => this.clock.nowMs());
     // The new superblock, into the next ring slot, then sync: the CP is durable.
     const nowMs = Math.max(0, Math.floor(this.clock.nowMs()));
     const durationMs = Math.max(0, Math.round(nowMs - c.t0));
@@ -413,8 +419,10 @@ export class BlockTree implements BlockTreeApi {
       root: newRoot, smapRoot: this.smap.root, usedBlocks: this.smap.used, snapshots, lineage,
     };
     const sbBlock = encodeSuperblock(sb);
+    const sbStart = this.clock.nowMs();
     await this.dev.writeBlocks(cp % RING_SLOTS, sbBlock);
     await this.dev.sync();
+    const superblockMs = Math.max(0, this.clock.nowMs() - sbStart);
     // Durable: switch the in-memory state.
     this.sb = sb;
     if (this.pendingGeneration === generation) this.pendingGeneration = undefined;
@@ -431,8 +439,12 @@ export class BlockTree implements BlockTreeApi {
     if (c.snapPlan.created.length > 0) this.smap.addActiveToSummary();
     for (const name of c.snapPlan.created) this.snapHandles.set(name, new RootHandle(cp, newRoot, `snapshot ${name}`));
     // The CP hook last: the next CP starts only after a mirror has taken this one.
+    const sinkStart = this.clock.nowMs();
     if (this.sink) await this.sink.committed(cp, cp % RING_SLOTS, sbBlock, c.meta);
-    return { cpNumber: cp, durationMs, blocksWritten, blocksFreed };
+    const phases: CpPhases = { prepareMs, ...written, superblockMs, sinkMs: this.sink ? Math.max(0, this.clock.nowMs() - sinkStart) : 0 };
+    this.lastCommit = { cpNumber: cp, durationMs, blocksWritten, blocksFreed, dataBlocks: c.dataCount, phases };
+    for (const k of Object.keys(phases) as (keyof CpPhases)[]) this.phaseTotals[k] += phases[k];
+    return this.lastCommit;
   }
 
   /**

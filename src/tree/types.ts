@@ -96,6 +96,31 @@ export interface CommitResult {
   durationMs: number;
   blocksWritten: number;
   blocksFreed: number;
+  /** Of blocksWritten, the data blocks (the rest are address, space-map and pad blocks). */
+  dataBlocks: number;
+  phases: CpPhases;
+}
+
+/**
+ * Where one CP's time went, in ms by the tree's clock (like ZFS's per-txg times): phases
+ * in order, each from the end of the one before, so they add up to the CP's duration
+ * (durationMs ends before the superblock; the last two follow it).
+ */
+export interface CpPhases {
+  /** Collecting and checksumming the changes, planning the paths, rotating the space map (discards included). */
+  prepareMs: number;
+  /** Allocating, then building and writing the address blocks; the data blocks' writes run meanwhile. */
+  addressMs: number;
+  /** Waiting for the data blocks' writes once the address blocks are written. */
+  dataMs: number;
+  /** Building and writing the space map's blocks and the pads. */
+  spaceMapMs: number;
+  /** The device sync that makes every block of the CP durable. */
+  syncMs: number;
+  /** Writing and syncing the superblock: the CP is committed after this. */
+  superblockMs: number;
+  /** The CP sink's hook (a mirror taking the CP), after the commit; 0 without one. */
+  sinkMs: number;
 }
 
 /**
@@ -132,6 +157,10 @@ export interface TreeStats {
   cpNumber: number;
   lastCpMs: number;
   lastCpDurationMs: number;
+  /** The last CP committed since open (undefined before the first): its sizes and phases. */
+  lastCp?: CommitResult;
+  /** Each phase's time summed over the CPs committed since open (ms). */
+  cpPhaseTotalsMs: CpPhases;
   usedBlocks: number;
   totalBlocks: number;
   snapshots: SnapshotInfo[];

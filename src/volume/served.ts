@@ -9,7 +9,7 @@
  * - Control requests that would write refuse on a volume served read-only, with one line.
  */
 import { BlockTree } from '../tree/tree';
-import type { BlockErrorCounts } from '../tree/types';
+import type { BlockErrorCounts, CpPhases } from '../tree/types';
 import { log as logger } from '../util/log';
 import { EngineVolume, type ServedBy } from './engine';
 import { type ControlRequest } from './engine-control';
@@ -36,6 +36,8 @@ export interface VolumeStatus {
   lastCpMs: number;
   lastCpDurationMs: number;
   cpsThisSession: number;
+  /** The last CP this process committed: blocks written (data and the rest), freed, and where its time went (ms). */
+  lastCp?: { cpNumber: number; durationMs: number; dataBlocks: number; blocksWritten: number; blocksFreed: number; phases: CpPhases };
   nvram: { path: string; sizeBytes: number; usedBytes: number; fillPercent: number; epoch: number; lastSeq: number; durableSeq: number; unreplayedRecords: number };
   /** The serving process (absent when not served): its pid, and its URIs, exports and clients when it serves over NBD. */
   server?: { pid: number } & Partial<ServedBy>;
@@ -96,6 +98,7 @@ export function engineStatus(dir: string, label: VolumeLabel, volume: EngineVolu
     lastCpMs: s.tree.lastCpMs,
     lastCpDurationMs: s.tree.lastCpDurationMs,
     cpsThisSession: s.cp.cpsRun,
+    ...(s.tree.lastCp ? { lastCp: s.tree.lastCp } : {}),
     nvram: {
       path: resolveIn(dir, label.nvram.path),
       sizeBytes: label.nvram.sizeBytes,

@@ -103,6 +103,8 @@ describe('e2e metrics endpoint (issue 11 point 15)', function () {
       assert.equal(after.get('nvmirror_nbd_connections_total', { outcome: 'accepted' }), 1);
       // The engine: CPs ran, the NVRAM filled and drained, space is in use.
       assert.ok((after.get('nvmirror_volume_cps_total') ?? 0) > (before.get('nvmirror_volume_cps_total') ?? 0), 'CPs counted');
+      assert.ok((after.get('nvmirror_volume_cp_phase_seconds_total', { phase: 'sync' }) ?? 0) > 0, 'CP time spent syncing counted');
+      for (const phase of ['prepare', 'address', 'data', 'space_map', 'superblock', 'sink']) assert.ok((after.get('nvmirror_volume_cp_phase_seconds_total', { phase }) ?? -1) >= 0, `CP phase ${phase} exposed`);
       const fills = scrapes.map((e) => e.get('nvmirror_volume_nvram_fill_ratio') ?? -1);
       assert.ok(fills.every((f) => f >= 0 && f <= 1) && fills.some((f) => f > 0), `NVRAM fill seen: ${fills.join(',')}`);
       assert.ok((after.get('nvmirror_volume_used_bytes') ?? 0) > (before.get('nvmirror_volume_used_bytes') ?? 0));

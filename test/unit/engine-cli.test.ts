@@ -63,14 +63,25 @@ describe('engine CLI: create, serve lock, status, snapshot, check', function () 
 
       const st = await runCli(['status', dir, '--json']);
       assert.equal(st.code, 0, st.stderr);
-      const s = JSON.parse(st.stdout) as { served: boolean; sizeBytes: number; snapshots: Array<{ name: string }>; cpNumber: number; nvram: { usedBytes: number } };
+      const s = JSON.parse(st.stdout) as {
+        served: boolean; sizeBytes: number; snapshots: Array<{ name: string }>; cpNumber: number; nvram: { usedBytes: number };
+        lastCp?: { cpNumber: number; durationMs: number; dataBlocks: number; blocksWritten: number; phases: Record<string, number> };
+      };
       assert.equal(s.served, true);
       assert.equal(s.sizeBytes, 64 * 1024 * 1024);
       assert.deepEqual(s.snapshots.map((x) => x.name), ['before']);
       assert.ok(s.cpNumber >= 1);
       assert.ok(s.nvram.usedBytes > 0, 'the write after the snapshot is in the NVRAM');
+      // The snapshot's CP, as the serving process committed it: its blocks and phases.
+      assert.ok(s.lastCp, 'the last CP of this session is reported');
+      assert.equal(s.lastCp.cpNumber, s.cpNumber);
+      assert.equal(s.lastCp.dataBlocks, 2, 'the two blocks written before the snapshot');
+      assert.ok(s.lastCp.blocksWritten > s.lastCp.dataBlocks);
+      assert.deepEqual(Object.keys(s.lastCp.phases).sort(), ['addressMs', 'dataMs', 'prepareMs', 'sinkMs', 'spaceMapMs', 'superblockMs', 'syncMs']);
+      assert.ok(Object.values(s.lastCp.phases).every((v) => Number.isFinite(v) && v >= 0));
       const human = await runCli(['status', dir]);
       assert.match(human.stdout, /served\s+yes/);
+      assert.match(human.stdout, new RegExp(`CP ${s.cpNumber}: 2 data \\+ \\d+ other blocks written, \\d+ freed; prepare \\d+, address \\d+, data \\d+, space map \\d+, sync \\d+, superblock \\d+ ms`));
       assert.match(human.stdout, /snapshots\s+before \(CP \d+\)/);
 
       // The snapshot is an export of its own, read-only, holding the data from before.

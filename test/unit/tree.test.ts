@@ -236,6 +236,39 @@ describe('tree: reads, writes and commits', () => {
     await assertCheckOk(tree);
   });
 
+  it('times each CP\'s phases by its clock: the member sync and the superblock are told apart, and they add up to the duration', async () => {
+    // A clock that moves only when the device says: each sync takes 40 ms, a superblock
+    // write 3 ms, everything else no time.
+    let now = 1_000;
+    const clock = { nowMs: () => now, setTimeout: (fn: () => void, ms: number) => { const t = setTimeout(fn, ms); return { cancel: () => clearTimeout(t) }; } };
+    const inner = new MemoryBlockDevice(8192);
+    await BlockTree.format(inner, { sizeBytes: 16 * GiB, volumeUuid: UUID });
+    const dev = new (class extends GatedDevice {
+      override async writeBlocks(pba: number, data: Buffer): Promise<void> {
+        if (pba < RING_SLOTS) now += 3;
+        return super.writeBlocks(pba, data);
+      }
+      override async sync(): Promise<void> {
+        now += 40;
+        return super.sync();
+      }
+    })(inner);
+    const tree = await BlockTree.open(dev, { clock });
+    assert.equal(tree.stats().lastCp, undefined, 'no CP yet this session');
+    const changes: BlockChange[] = [];
+    for (let i = 0; i < 300; i++) changes.push({ lbn: (i * 7919) % ((16 * GiB) / B), data: i % 10 === 0 ? Buffer.alloc(B) : block(i) });
+    const r = await tree.commitCp(changes, meta(1));
+    assert.deepEqual(r.phases, { prepareMs: 0, addressMs: 0, dataMs: 0, spaceMapMs: 0, syncMs: 40, superblockMs: 43, sinkMs: 0 });
+    assert.equal(r.durationMs, 40, 'the duration (kept in the superblock) ends before the superblock');
+    assert.equal(r.dataBlocks, 270, 'zero blocks are holes, not data');
+    assert.ok(r.blocksWritten > r.dataBlocks, 'address and space-map blocks besides');
+    assert.deepEqual(tree.stats().lastCp, r);
+    const r2 = await tree.commitCp(writes([[1, 7]]), meta(2));
+    assert.equal(r2.dataBlocks, 1);
+    assert.deepEqual(tree.stats().cpPhaseTotalsMs, { prepareMs: 0, addressMs: 0, dataMs: 0, spaceMapMs: 0, syncMs: 80, superblockMs: 86, sinkMs: 0 });
+    await assertCheckOk(tree);
+  });
+
   it('a read through cached address blocks reaches the device in the same call; a cold one walks, both return the right bytes', async () => {
     const inner = new MemoryBlockDevice(8192);
     await BlockTree.format(inner, { sizeBytes: 16 * GiB, volumeUuid: UUID });
