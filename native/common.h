@@ -13,6 +13,7 @@
 
 #include <napi.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -88,6 +89,36 @@ inline bool PreadAll(int fd, uint8_t* data, size_t len, uint64_t pos) {
     done += static_cast<size_t>(n);
   }
   return true;
+}
+
+// pwritev of all of iov[0..n) at off, resuming after short writes (iov is consumed);
+// false on an error. For the threads that store log records through a file descriptor
+// (nv_append.h, mirror_rx.cc).
+inline bool PwritevAll(int fd, iovec* iov, int n, uint64_t off) {
+  while (n > 0) {
+    ssize_t w = ::pwritev(fd, iov, n, static_cast<off_t>(off));
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return false;
+    off += static_cast<uint64_t>(w);
+    size_t left = static_cast<size_t>(w);
+    while (n > 0 && left >= iov->iov_len) {
+      left -= iov->iov_len;
+      iov++;
+      n--;
+    }
+    if (n > 0) {
+      iov->iov_base = static_cast<uint8_t*>(iov->iov_base) + left;
+      iov->iov_len -= left;
+    }
+  }
+  return true;
+}
+
+// CLOCK_MONOTONIC in ns.
+inline uint64_t MonoNs() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
 }
 
 // Registration of each source file's functions on the exports object.

@@ -21,7 +21,17 @@
 //   limit, seq == the grant's next seq), under mu_; Close() detaches the log under mu_, so
 //   once it returns the mapping and the checksum table are never touched again.
 // - A RECORD_ACK from here never says more than TypeScript's held/durable state and the
-//   records this thread stored: heldSeq = max(TS heldSeq, last record stored here).
+//   records this thread stored: heldSeq = max(TS heldSeq, last record stored here),
+//   durableSeq = max(TS durableSeq, what this thread made durable itself).
+// - DURABLE_REQ (receiver, once TypeScript set the log's file: mirrorRxDurableFile) is
+//   answered here only while the grant holds, i.e. every record before the request in
+//   the stream is in the log file (stored here, or by TypeScript before it granted);
+//   one fdatasync of a descriptor of our own to that file per parse pass (group commit:
+//   every record stored then, and the log's header, are durable after it), then the ack
+//   with durableSeq = the grant's last seq, and an EV_DURABLE event so the log knows.
+//   Otherwise (no grant, no file, an fdatasync that failed once) it goes to TypeScript as
+//   before. The descriptor is opened once and closed only with the Rx (after its thread
+//   ended), so fdatasync never runs on a reused descriptor number.
 // - Outgoing frames (this thread's acks, TypeScript's Send) are numbered under mu_ in the
 //   order they are queued, and written in that order.
 // - Memory: the input buffer (kInBytes), frame bodies waiting for TypeScript to take them
@@ -74,6 +84,7 @@ constexpr uint8_t kWireVersion = 1;
 constexpr size_t kHeaderBytes = 24;
 constexpr uint8_t kTypeRecord = 4;
 constexpr uint8_t kTypeRecordAck = 5;
+constexpr uint8_t kTypeDurableReq = 6;
 constexpr uint8_t kTypeCpBlocks = 8;
 constexpr size_t kSlabGrantsMax = 16;
 constexpr size_t kRecordHeadBytes = 40;
@@ -94,7 +105,7 @@ static_assert(RecordForwarder::kFrameHead == kHeaderBytes + kRecordHeadBytes, "a
 static_assert(RecordForwarder::kPayloadMax == kRecordPayloadMax, "a forwarded record's payload cap");
 // Source mode: frames queued to send beyond which the appender's records are refused.
 constexpr size_t kForwardQueueMax = 48 * 1024 * 1024;
-enum Ev { kEvStored = 1, kEvFrame = 2, kEvError = 3, kEvEof = 4, kEvEnded = 5, kEvRoom = 6 };
+enum Ev { kEvStored = 1, kEvFrame = 2, kEvError = 3, kEvEof = 4, kEvEnded = 5, kEvRoom = 6, kEvDurable = 7 };
 
 inline uint32_t Get32(const uint8_t* p) {
   uint32_t v;
@@ -124,6 +135,18 @@ class Rx : public RecordForwarder {
   ~Rx() {
     ::close(wake_);
     if (fd_ >= 0) ::close(fd_);
+    if (durFd_ >= 0) ::close(durFd_);
+  }
+
+  // The log's file, for DURABLE_REQs answered here (see the invariants). Once per Rx:
+  // false if it was set already or does not open.
+  bool SetDurableFile(const std::string& path) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (durFd_ >= 0 || source_ || stop_) return false;
+    int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+    if (fd < 0) return false;
+    durFd_ = fd;
+    return true;
   }
 
   Napi::ThreadSafeFunction tsfn;
@@ -434,9 +457,10 @@ class Rx : public RecordForwarder {
     return stored;
   }
 
-  static constexpr int kStats = 6 + kTypes;
+  static constexpr int kStats = 8 + kTypes;
   // bytes in, bytes out, records stored, bytes queued to send, records forwarded, the
-  // highest record seq queued, then the frame bytes queued per type.
+  // highest record seq queued, fdatasyncs for DURABLE_REQs answered here, records stored
+  // with pwritev, then the frame bytes queued per type.
   void Stats(double* out) {
     std::lock_guard<std::mutex> l(mu_);
     out[0] = static_cast<double>(rxBytes_);
@@ -445,7 +469,9 @@ class Rx : public RecordForwarder {
     out[3] = static_cast<double>(sendBytes_);
     out[4] = static_cast<double>(forwarded_);
     out[5] = static_cast<double>(fwdTop_);
-    for (size_t t = 0; t < kTypes; t++) out[6 + t] = static_cast<double>(txByType_[t]);
+    out[6] = static_cast<double>(durables_);
+    out[7] = static_cast<double>(fileStores_);
+    for (size_t t = 0; t < kTypes; t++) out[8 + t] = static_cast<double>(txByType_[t]);
   }
 
  private:
@@ -497,6 +523,9 @@ class Rx : public RecordForwarder {
       } else if (source_ && type == kTypeRecordAck && len == 24) {
         ok = CheckCrc(h, body, len, crc);
         if (ok) SourceAck(body);
+      } else if (!source_ && type == kTypeDurableReq && len == 8 && DurableHere()) {
+        ok = CheckCrc(h, body, len, crc);
+        if (ok) durWanted_ = true;  // made durable and acknowledged at the end of this pass
       } else {
         ok = CheckCrc(h, body, len, crc);  // three chains: a CP_BLOCKS body is ~257 KiB
         if (ok) {
@@ -513,9 +542,56 @@ class Rx : public RecordForwarder {
     }
     if (inStart_ == inEnd_) inStart_ = inEnd_ = 0;
     if (source_) ReleaseAcked();
+    if (durWanted_) {
+      durWanted_ = false;
+      if (MakeDurable()) stored = true;
+    }
     std::lock_guard<std::mutex> l(mu_);
     if (stored) AckLocked();
     PostLocked();
+  }
+
+  // A DURABLE_REQ is answered here only while every record before it is in the log file
+  // (the grant holds) and the file is set and has not failed.
+  // Taken: the records it covers are the grant's so far (durUpTo_).
+  bool DurableHere() {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!(durFd_ >= 0 && !durFailed_ && grant_ && ring_ != nullptr && !stop_)) return false;
+    durUpTo_ = std::max(durUpTo_, gSeq_ - 1);
+    lastDurNs_ = MonoNs();
+    return true;
+  }
+
+  // One fdatasync for the DURABLE_REQs of this pass: the records before the last of them
+  // (durUpTo_; more that came after it in the pass are durable too, but not claimed) are
+  // in the file, so durable after it. True: durable_ moved (the caller acks). A failure is
+  // sticky and goes to TypeScript (its persist fails the same way and ends the connection
+  // with the reason).
+  bool MakeDurable() {
+    uint64_t upTo;
+    int fd;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (stop_) return false;  // closing: the mirror is being released (no ack matters)
+      upTo = durUpTo_;
+      fd = durFd_;
+    }
+    int rc;
+    do rc = ::fdatasync(fd);
+    while (rc != 0 && errno == EINTR);
+    std::lock_guard<std::mutex> l(mu_);
+    durables_++;
+    if (rc != 0) {
+      durFailed_ = true;
+      uint8_t body[8];
+      Put64(body, upTo);
+      HandOverLocked(kTypeDurableReq, body, 8);
+      return false;
+    }
+    if (upTo <= durable_) return false;
+    durable_ = upTo;
+    Emit({kEvDurable, static_cast<double>(upTo)});
+    return true;
   }
 
   // Source mode: a verified RECORD_ACK releases the held replies it covers, then goes to
@@ -604,9 +680,15 @@ class Rx : public RecordForwarder {
       HandOverLocked(kTypeRecord, body, len);
       return true;
     }
-    uint8_t* r = ring_ + gAt_;
+    // While DURABLE_REQs come often (one answered here within kFileStoreWindowNs), the
+    // record goes to the file with pwritev (header from the stack, payload from the
+    // frame): pages dirtied through the mapping cost ~3x as much to make durable
+    // (writeback write-protects them, and the next store faults again; nv_append.h does
+    // the same for the source's FLUSHes). The mapping sees the same page cache.
+    const bool viaFile = durFd_ >= 0 && !durFailed_ && lastDurNs_ > 0 && MonoNs() - lastDurNs_ < kFileStoreWindowNs;
+    uint8_t hdrBuf[kLogHeaderBytes];
+    uint8_t* r = viaFile ? hdrBuf : ring_ + gAt_;
     memset(r, 0, kLogHeaderBytes);
-    Put32(r, kLogMagic);
     Put64(r + 8, seq);
     r[16] = rtype;
     r[17] = flags;
@@ -614,13 +696,34 @@ class Rx : public RecordForwarder {
     Put64(r + 24, offset);
     Put64(r + 32, length);
     Put64(r + 40, payload);
-    memcpy(r + kLogHeaderBytes, data, payload);
+    if (!viaFile) memcpy(r + kLogHeaderBytes, data, payload);
     uint32_t rc = Crc32cSeeded(salt_, r + 8, kLogHeaderBytes - 8);
     for (size_t i = 0; i < blocks; i++) {
       crcs_[slot + i] = blockCrcs_[i];
       rc = Crc32cExtendBlock(rc, blockCrcs_[i]);
     }
     Put32(r + 4, rc);
+    bool inFile = false;
+    if (viaFile) {
+      // The record with a zero magic (over any stale one), then the magic: magic last.
+      iovec iov[2] = {{r, kLogHeaderBytes}, {const_cast<uint8_t*>(data), payload}};
+      iovec magic = {r, 4};
+      if (PwritevAll(durFd_, iov, payload > 0 ? 2 : 1, gAt_)) {
+        Put32(r, kLogMagic);
+        inFile = PwritevAll(durFd_, &magic, 1, gAt_);
+      }
+      if (inFile) {
+        fileStores_++;
+      } else {
+        durFailed_ = true;  // no more through the file; this one goes through the mapping
+        uint8_t* m = ring_ + gAt_;
+        memcpy(m + 8, r + 8, kLogHeaderBytes - 8);
+        memcpy(m + kLogHeaderBytes, data, payload);
+        Put32(m + 4, rc);
+        r = m;
+      }
+    }
+    if (!inFile) Put32(r, kLogMagic);
     Emit({kEvStored, static_cast<double>(seq), static_cast<double>(gAt_), static_cast<double>(size), static_cast<double>(rtype),
           static_cast<double>(length)});
     gAt_ += size;
@@ -673,7 +776,7 @@ class Rx : public RecordForwarder {
     f.bytes.resize(kHeaderBytes + 24);
     uint8_t* b = f.bytes.data() + kHeaderBytes;
     Put64(b, std::max(tsHeld_, top_));
-    Put64(b + 8, tsDurable_);
+    Put64(b + 8, std::max(tsDurable_, durable_));
     Put64(b + 16, tsStoredFrom_);
     QueueLocked(kTypeRecordAck, std::move(f));
   }
@@ -802,6 +905,15 @@ class Rx : public RecordForwarder {
   uint32_t salt_ = 0, stream_ = 0;
   uint64_t nextRecSeq_ = 0, top_ = 0;
   uint64_t tsHeld_ = 0, tsDurable_ = 0, tsStoredFrom_ = 0;
+  // DURABLE_REQs answered here: the log file's descriptor, the seq made durable through,
+  // fdatasyncs done; durWanted_ belongs to the thread (set and cleared in one parse pass).
+  int durFd_ = -1;
+  bool durFailed_ = false, durWanted_ = false;
+  uint64_t durable_ = 0, durUpTo_ = 0, durables_ = 0;
+  // When the last DURABLE_REQ was taken here (MonoNs; 0: none); records within
+  // kFileStoreWindowNs of it are stored with pwritev (Record); how many were.
+  uint64_t lastDurNs_ = 0, fileStores_ = 0;
+  static constexpr uint64_t kFileStoreWindowNs = 5'000'000;
   uint64_t rxBytes_ = 0, txBytes_ = 0, stored_ = 0;
   // Source mode, under mu_.
   std::weak_ptr<NvAppender> app_;
@@ -910,6 +1022,19 @@ Napi::Value AttachLog(const Napi::CallbackInfo& info) {
   }
   rx->AttachLog(ring.Data(), ring.Length(), reinterpret_cast<uint32_t*>(crcs.Data()), crcs.Length() / 4);
   return env.Undefined();
+}
+
+// mirrorRxDurableFile(h, path) -> bool: DURABLE_REQs answered on the thread (receiver).
+Napi::Value DurableFile(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "mirrorRxDurableFile";
+  RxPtr rx;
+  if (!GetRx(info, fn, &rx)) return env.Undefined();
+  if (info.Length() < 2 || !info[1].IsString()) {
+    ThrowType(env, std::string(fn) + ": path must be a string");
+    return env.Undefined();
+  }
+  return Napi::Boolean::New(env, rx->SetDurableFile(info[1].As<Napi::String>().Utf8Value()));
 }
 
 // mirrorRxGrant(h, nextSeq, at, limit, salt, stream) -> accepted
@@ -1025,7 +1150,8 @@ Napi::Value Close(const Napi::CallbackInfo& info) {
 }
 
 // mirrorRxStats(h) -> [bytesIn, bytesOut, recordsStored, queuedBytes, recordsForwarded,
-// highest record seq queued, frame bytes queued per type (32)]
+// highest record seq queued, DURABLE_REQ fdatasyncs done here, records stored with pwritev,
+// frame bytes queued per type (32)]
 Napi::Value Stats(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   RxPtr rx;
@@ -1075,6 +1201,7 @@ void InitMirrorRx(Napi::Env env, Napi::Object exports) {
   exports.Set("mirrorRxStart", Napi::Function::New(env, Start, "mirrorRxStart"));
   exports.Set("mirrorRxAttachLog", Napi::Function::New(env, AttachLog, "mirrorRxAttachLog"));
   exports.Set("mirrorRxGrant", Napi::Function::New(env, Grant, "mirrorRxGrant"));
+  exports.Set("mirrorRxDurableFile", Napi::Function::New(env, DurableFile, "mirrorRxDurableFile"));
   exports.Set("mirrorRxAck", Napi::Function::New(env, Ack, "mirrorRxAck"));
   exports.Set("mirrorRxSend", Napi::Function::New(env, Send, "mirrorRxSend"));
   exports.Set("mirrorRxTake", Napi::Function::New(env, Take, "mirrorRxTake"));

@@ -489,34 +489,6 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
     memcpy(frame->data() + RecordForwarder::kFrameHead, data, len);
   }
 
-  // Writes all of iov[0..n) at off (n <= 3); false on an error (the caller refuses the
-  // append: TypeScript writes the record through the mapping, over whatever this left).
-  static bool PwritevAll(int fd, iovec* iov, int n, uint64_t off) {
-    while (n > 0) {
-      ssize_t w = ::pwritev(fd, iov, n, static_cast<off_t>(off));
-      if (w < 0 && errno == EINTR) continue;
-      if (w <= 0) return false;
-      off += static_cast<uint64_t>(w);
-      size_t left = static_cast<size_t>(w);
-      while (n > 0 && left >= iov->iov_len) {
-        left -= iov->iov_len;
-        iov++;
-        n--;
-      }
-      if (n > 0) {
-        iov->iov_base = static_cast<uint8_t*>(iov->iov_base) + left;
-        iov->iov_len -= left;
-      }
-    }
-    return true;
-  }
-
-  static uint64_t MonoNs() {
-    timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
-  }
-
   static void Raise(std::atomic<uint64_t>* v, uint64_t to) {
     if (to > v->load()) v->store(to);
   }

@@ -398,6 +398,20 @@ export class DestLog {
     this.indexStored(seq, at, size, type, lengthBytes);
   }
 
+  /** A path that opens this log's file again (for a descriptor of another writer's own). */
+  get reopenPath(): string {
+    return this.region.reopenPath;
+  }
+
+  /**
+   * Another writer made every record <= seq durable (an fdatasync of the file after they
+   * were stored: the receive thread's answer to a DURABLE_REQ).
+   */
+  notePersisted(seq: number): void {
+    assert(Number.isSafeInteger(seq) && seq >= 0, `persisted seq ${seq}`);
+    this.persistedSeq = Math.max(this.persistedSeq, seq);
+  }
+
   /** The mapping and the block-checksum table another writer stores records into (grantRange()). */
   get nativeParts(): { ring: Buffer; crcs: Uint32Array } {
     return { ring: this.region.buffer, crcs: this.blockCrcs };

@@ -55,6 +55,7 @@ interface RxAddon {
   mirrorRxPause(h: object, paused: boolean): void;
   mirrorRxClose(h: object, flush: boolean, lingerMs: number): Float64Array;
   mirrorRxStats(h: object): Float64Array;
+  mirrorRxDurableFile(h: object, path: string): boolean;
   mirrorRxEventWidth: number;
 }
 
@@ -64,6 +65,8 @@ export const EV_ERROR = 3;
 export const EV_EOF = 4;
 export const EV_ENDED = 5;
 export const EV_ROOM = 6;
+/** The thread answered DURABLE_REQs itself: every record <= seq is durable in the log file. */
+export const EV_DURABLE = 7;
 
 /** A record the thread stored in the log (DestLog.adopt takes it in). */
 export interface StoredRecord {
@@ -82,7 +85,8 @@ export type RxEvent =
   | { kind: typeof EV_ERROR; text: string; protocol: boolean }
   | { kind: typeof EV_EOF }
   | { kind: typeof EV_ENDED }
-  | { kind: typeof EV_ROOM };
+  | { kind: typeof EV_ROOM }
+  | { kind: typeof EV_DURABLE; seq: number };
 
 /** Whether plain mirror connections use the native thread (NVMIRROR_MIRROR_NATIVE=0: the event-loop path). */
 export function nativeRxEnabled(): boolean {
@@ -172,6 +176,7 @@ export class NativeRx {
       else if (k === EV_EOF) out.push({ kind: EV_EOF });
       else if (k === EV_ENDED) out.push({ kind: EV_ENDED });
       else if (k === EV_ROOM) out.push({ kind: EV_ROOM });
+      else if (k === EV_DURABLE) out.push({ kind: EV_DURABLE, seq: ev[i + 1]! });
       else assert(false, `native event kind ${k}`);
     }
     return out;
@@ -180,6 +185,17 @@ export class NativeRx {
   /** The log the thread stores records into: its mapping and its block-checksum table. */
   attachLog(ring: Buffer, crcs: Uint32Array): void {
     this.a.mirrorRxAttachLog(this.h, ring, Buffer.from(crcs.buffer, crcs.byteOffset, crcs.byteLength));
+  }
+
+  /**
+   * The log's file (a path that opens it: DestLog.reopenPath): from now on the thread
+   * answers a DURABLE_REQ itself while it holds a grant (one fdatasync of its own
+   * descriptor, then the ack; EV_DURABLE tells the log). Once per thread; false if it
+   * was set already or does not open (TypeScript keeps answering them).
+   */
+  durableFile(path: string): boolean {
+    if (this.closed) return false;
+    return this.a.mirrorRxDurableFile(this.h, path);
   }
 
   /** Grants [at, limit) of the ring for records from nextSeq on; false if the thread is past nextSeq. */
@@ -221,10 +237,10 @@ export class NativeRx {
     return this.a.mirrorRxStats(this.h)[2]!;
   }
 
-  /** The thread's counters: bytes in and out, bytes queued to send, records the appender forwarded, frame bytes queued per type. */
-  stats(): { bytesIn: number; bytesOut: number; queuedBytes: number; forwarded: number; forwardedTop: number; bytesByType: Float64Array } {
+  /** The thread's counters: bytes in and out, bytes queued to send, records the appender forwarded, DURABLE_REQs made durable here (fdatasyncs) and records stored with pwritev for them, frame bytes queued per type. */
+  stats(): { bytesIn: number; bytesOut: number; queuedBytes: number; forwarded: number; forwardedTop: number; durableSyncs: number; fileStores: number; bytesByType: Float64Array } {
     const s = this.a.mirrorRxStats(this.h);
-    return { bytesIn: s[0]!, bytesOut: s[1]!, queuedBytes: s[3]!, forwarded: s[4]!, forwardedTop: s[5]!, bytesByType: s.subarray(6) };
+    return { bytesIn: s[0]!, bytesOut: s[1]!, queuedBytes: s[3]!, forwarded: s[4]!, forwardedTop: s[5]!, durableSyncs: s[6]!, fileStores: s[7]!, bytesByType: s.subarray(8) };
   }
 
   /** Bytes queued to send. */

@@ -5,7 +5,8 @@
  *
  * Per connection: HELLO -> WELCOME (our committed CP, root and held records), then
  *   RECORD      stored in the source's log file, acknowledged (RECORD_ACK, cumulative)
- *   DURABLE_REQ the log is persisted, then acknowledged with durableSeq
+ *   DURABLE_REQ the log is persisted, then acknowledged with durableSeq (by the native
+ *               receive thread itself while it holds a grant: native/mirror_rx.cc)
  *   CP_BEGIN, CP_BLOCKS / CP_REFS..., CP_COMMIT   applied at the same pbas, then the
  *               superblock; acknowledged with CP_ACK once durable
  *
@@ -56,7 +57,7 @@ import type { Superblock } from '../tree/layout';
 import { assert } from '../util/assert';
 import { crc32cWide } from '../io/native';
 import { CP_BLOCKS_BODY_MAX_BYTES, decodeBody, FrameParser, FrameWriter, MirrorProtocolError, MsgType, WIRE_VERSION, writeFrame, type CpBlocks, type CpDelta, type CpKind, type Message } from './wire';
-import { EV_EOF, EV_ERROR, EV_FRAME, EV_STORED, NativeRx, nativeRxEnabled, plainFd, takeOverSocket, type RxEvent, type StoredRecord } from './native-rx';
+import { EV_DURABLE, EV_EOF, EV_ERROR, EV_FRAME, EV_STORED, NativeRx, nativeRxEnabled, plainFd, takeOverSocket, type RxEvent, type StoredRecord } from './native-rx';
 import { APPLY_WRITES_MAX, BASELINE_PROGRESS_BLOCKS, MIRROR_LABEL_NAME, MirrorDir, MirrorDirError, newestSuperblock, rootBytes, type MirrorHello, type MirrorLabel } from './mirror-dir';
 import { MirrorView, type MirrorExports } from './exports';
 import { RemoteReads, verifyCp, type VerifyReport } from './verify';
@@ -287,6 +288,11 @@ class Session {
     this.native = new NativeRx(fd, leftover, nextFrameNo, this.writer.nextFrameNo, (ev) => this.onNative(ev), this.rx.slabs);
     const { ring, crcs } = this.mirror.log.nativeParts;
     this.native.attachLog(ring, crcs);
+    // DURABLE_REQs answered by the thread (an fdatasync of its own descriptor to the log),
+    // unless NVMIRROR_MIRROR_RX_DURABLE=0 (then the event loop persists, as without the thread).
+    if (process.env.NVMIRROR_MIRROR_RX_DURABLE !== '0' && !this.native.durableFile(this.mirror.log.reopenPath)) {
+      this.log.warn({ source: this.sourceUuid }, 'mirror log: the receive thread could not open the log file; durability requests go through the event loop');
+    }
     this.mirror.log.onRelease = () => this.syncNativeAck();
     this.log.debug({ source: this.sourceUuid }, 'mirror stream on the native receive thread');
     this.grantNative();
@@ -320,11 +326,13 @@ class Session {
   private onNativeBatch(events: readonly RxEvent[]): void {
     // The batch in stream order: frames, and the records the thread stored between them,
     // up to the end of the stream (EOF, an error, a frame that does not decode) if it is here.
-    const items: Array<{ m: Message; r?: undefined } | { r: StoredRecord; m?: undefined }> = [];
+    const items: Array<{ m: Message; r?: undefined; d?: undefined } | { r: StoredRecord; m?: undefined; d?: undefined } | { d: number; m?: undefined; r?: undefined }> = [];
     let ending: { reason: string; refused: boolean } | undefined;
     for (const e of events) {
       if (e.kind === EV_STORED) {
         items.push({ r: e });
+      } else if (e.kind === EV_DURABLE) {
+        items.push({ d: e.seq });
       } else if (e.kind === EV_FRAME) {
         // A CP_BLOCKS body the thread copied into a slab granted to it, or taken here.
         const slab = e.slab ?? (e.type === MsgType.CpBlocks && e.bytes > 0 ? this.rx.slabs.take(e.bytes) : undefined);
@@ -356,14 +364,16 @@ class Session {
     // adopted, also past the stream's end or a frame refused here: it acknowledged them,
     // and the log must neither forget them nor write over them.
     let run: Message[] = [];
-    for (const { m, r } of items) {
+    for (const { m, r, d } of items) {
       if (m) {
         run.push(m);
         continue;
       }
       if (run.length > 0 && !this.closed) this.accept(run);
       run = [];
-      this.mirror!.log.adopt(r.seq, r.at, r.size, r.type, r.lengthBytes);
+      // The records a DURABLE event covers were stored before it: adopted above.
+      if (d !== undefined) this.mirror!.log.notePersisted(d);
+      else this.mirror!.log.adopt(r.seq, r.at, r.size, r.type, r.lengthBytes);
     }
     if (run.length > 0 && !this.closed) this.accept(run);
     if (ending) {

@@ -11,7 +11,7 @@ import * as net from 'net';
 import * as os from 'os';
 import * as path from 'path';
 import { DestLog } from '../../src/mirror/dest-log';
-import { EV_ENDED, EV_ERROR, EV_FRAME, EV_STORED, NativeRx, takeOverSocket, type RxEvent } from '../../src/mirror/native-rx';
+import { EV_DURABLE, EV_ENDED, EV_ERROR, EV_FRAME, EV_STORED, NativeRx, takeOverSocket, type RxEvent } from '../../src/mirror/native-rx';
 import { decodeBody, FrameParser, FrameWriter, MsgType, type Message, type OutMessage } from '../../src/mirror/wire';
 import { addressMod, crc32cWide } from '../../src/io/native';
 import { SlabPool } from '../../src/mirror/slab-pool';
@@ -87,6 +87,7 @@ describe('mirror native receive thread', function () {
       for (const e of ev) {
         c.events.push(e);
         if (e.kind === EV_STORED) log.adopt(e.seq, e.at, e.size, e.type, e.lengthBytes);
+        if (e.kind === EV_DURABLE) log.notePersisted(e.seq);
         if (e.kind === EV_FRAME) {
           let body: Buffer;
           if (e.slab) {
@@ -196,6 +197,48 @@ describe('mirror native receive thread', function () {
       await close(c, true);
     }
     await log.close();
+  });
+
+  it('with the log\'s file set, a DURABLE_REQ is answered on the thread (one fdatasync, the ack covers it, the log learns it); records near it go through the file and read back exactly; without a grant it goes to TypeScript', async () => {
+    const c = await open();
+    assert.strictEqual(c.rx.durableFile(c.log.reopenPath), true);
+    assert.strictEqual(c.rx.durableFile(c.log.reopenPath), false, 'once per thread');
+    const msgs2: OutMessage[] = [record(1, 1), record(2, 0), record(3, 3), { type: MsgType.DurableReq, seq: 3 }, record(4, 2), record(5, 1), { type: MsgType.DurableReq, seq: 5 }];
+    c.client.write(stream(msgs2));
+    await until('durable ack', () => c.acks.some((m) => m.type === MsgType.RecordAck && m.durableSeq === 5 && m.heldSeq === 5));
+    await until('the log learns it', () => c.log.durableSeq === 5);
+    assert.deepStrictEqual(c.frames.map((m) => m.type), [], 'no DURABLE_REQ reached TypeScript');
+    // Every DURABLE event comes after the STORED events of the records it covers.
+    const order = c.events.filter((e) => e.kind === EV_STORED || e.kind === EV_DURABLE).map((e) => (e.kind === EV_STORED ? `r${e.seq}` : `d${(e as { seq: number }).seq}`));
+    for (const [i, x] of order.entries()) {
+      if (!x.startsWith('d')) continue;
+      const upTo = Number(x.slice(1));
+      for (let q = 1; q <= upTo; q++) assert.ok(order.slice(0, i).includes(`r${q}`), `${x} before r${q}: ${order.join(' ')}`);
+    }
+    const st = c.rx.stats();
+    assert.ok(st.durableSyncs >= 1 && st.durableSyncs <= 2, `${st.durableSyncs} fdatasyncs`);
+    assert.ok(st.fileStores >= 2, `records 4 and 5 (after the first request) stored with pwritev: ${st.fileStores}`);
+    for (const [seq, blocks] of [[1, 1], [3, 3], [4, 2], [5, 1]] as const) {
+      for (let i = 0; i < blocks; i++) {
+        const want = payload(seq, blocks).subarray(i * 4096, (i + 1) * 4096);
+        const v = c.log.blockView(seq, i, crc32cWide(want));
+        assert.ok(Buffer.isBuffer(v) && v.equals(want), `block ${seq}/${i}: ${typeof v === 'string' ? v : 'wrong bytes'}`);
+      }
+    }
+    // A record handed over (beyond the grant: here, no grant left after a tiny one) takes
+    // the grant away: the next DURABLE_REQ is TypeScript's, in stream order.
+    await close(c);
+    const got = await recovered();
+    assert.deepStrictEqual([...got.keys()], [1, 2, 3, 4, 5], 'a reopened log recovers every record, those written with pwritev included');
+    assert.ok(got.get(4)!.equals(payload(4, 2)) && got.get(5)!.equals(payload(5, 1)));
+    const d = await open({ limit: 64 + 4096 + 100 });
+    assert.strictEqual(d.rx.durableFile(d.log.reopenPath), true);
+    d.client.write(stream([record(1, 1), record(2, 1), { type: MsgType.DurableReq, seq: 2 }]));
+    await until('handed over', () => d.frames.length === 2);
+    assert.deepStrictEqual(d.frames.map((m) => m.type), [MsgType.Record, MsgType.DurableReq]);
+    assert.strictEqual(d.rx.stats().durableSyncs, 0);
+    assert.ok(!d.events.some((e) => e.kind === EV_DURABLE));
+    await close(d);
   });
 
   it('a record beyond the grant, or with no grant, is handed over whole (TypeScript places or drops it)', async () => {
