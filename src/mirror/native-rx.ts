@@ -160,6 +160,9 @@ export class NativeRx {
       else if (k === EV_FRAME) {
         const id = ev[i + 3]!;
         if (id === 0) {
+          // After close() the thread dropped the bodies it held: a frame still queued then is
+          // dropped here too (the session is over), not handed on without a body to take.
+          if (this.closed) continue;
           out.push({ kind: EV_FRAME, type: ev[i + 1]!, bytes: ev[i + 2]!, at: 0 });
         } else {
           const slab = this.granted.get(id);
