@@ -11,6 +11,11 @@ bash scripts/install-test-deps.sh
 if [ -f package-lock.json ]; then npm ci --no-audit --no-fund; else npm install --no-audit --no-fund; fi
 npm run build
 
+# A JS callback called from native code that throws is an uncaught exception here, in the
+# test runner and in every nvmirror process the tests start (Node's default only warns,
+# once per process, and goes on: a failed assertion in such a callback would pass silently).
+export NODE_OPTIONS="${NODE_OPTIONS:+$NODE_OPTIONS }--force-node-api-uncaught-exceptions-policy=true"
+
 # Each group runs on its own so a hang in one cannot eat the whole budget.
 status=0
 passed=0; failed=0; skipped=0

@@ -859,6 +859,9 @@ export function mirrorWorkloads(o: MirrorBenchOptions): MWorkload[] {
   return [
     { id: 'mirror-randwrite-4k-qd32', label: '4k randwrite QD32', unit: 'IOPS', bsBytes: 4096, opts: [['rw', 'randwrite'], ['bs', '4k'], ['iodepth', 32], ['norandommap', 1], ...t] },
     { id: 'mirror-seqwrite-1m-qd8', label: '1M seq write QD8', unit: 'MB/s', bsBytes: MIB, opts: [['rw', 'write'], ['bs', '1M'], ['iodepth', 8], ...t] },
+    // A database's commit pattern (DRBD protocol C's row): every write followed by a FLUSH,
+    // which a sync mirror answers only once the record is durable on both hosts.
+    { id: 'mirror-randwrite-4k-qd1-fsync1', label: '4k randwrite QD1 fsync=1', unit: 'IOPS', bsBytes: 4096, opts: [['rw', 'randwrite'], ['bs', '4k'], ['iodepth', 1], ['fsync', 1], ['norandommap', 1], ...t] },
   ];
 }
 
