@@ -393,10 +393,13 @@ describe('mirror native receive thread', function () {
       let errorAfterMs = 0;
       let ended = false;
       let closedAt = 0;
+      let lateError = '';
       c.client.on('error', (e) => {
         if (!c.acks.some((m) => m.type === MsgType.Refuse)) {
           clientError = e;
           errorAfterMs = Date.now() - closedAt;
+        } else {
+          lateError = `${e.message} ${Date.now() - closedAt} ms after close()`;
         }
       });
       c.client.on('end', () => (ended = true));
@@ -424,7 +427,9 @@ describe('mirror native receive thread', function () {
       const refuse = c.acks.find((m) => m.type === MsgType.Refuse);
       assert.ok(refuse && refuse.type === MsgType.Refuse && /ENOSPC/.test(refuse.reason));
       c.client.end();
-      await until('the orderly end', () => ended && c.events.some((e) => e.kind === EV_ENDED), 10_000);
+      await until('the orderly end', () => ended && c.events.some((e) => e.kind === EV_ENDED), 10_000).catch((e: Error) => {
+        throw new Error(`round ${round}: ${e.message}: peer saw the end ${ended}, thread ended ${c.events.some((x) => x.kind === EV_ENDED)}, peer error after the REFUSE: ${lateError || 'none'}`);
+      });
       c.client.destroy();
       c.server.destroy();
       await c.log.close();
