@@ -95,48 +95,25 @@ export function engineWorkloads(c: BenchConfig, sizeBytes: number): Workload[] {
   const e = c.runtimeS + c.rampS;
   // Size-bound runs: estimate at a pessimistic 5k IOPS for the timeout, capped.
   const estimate = (bytes: number): number => Math.min(600, Math.ceil(bytes / 4096 / 5000) + 5);
+  /** A size-bound 4k randwrite QD32 row of ioBytes (burst, sustained), optionally in a warm server. */
+  const randwrite4k = (name: string, what: string, ioBytes: number, warmup: boolean): Workload => ({
+    id: `engine-${name}-randwrite-4k-qd32`,
+    label: `4k randwrite QD32 ${what}`,
+    dir: 'write',
+    prefill: false,
+    ...(warmup ? { warmup } : {}),
+    opts: [...rw('randwrite', '4k', 32), ['size', sizeBytes], ['io_size', ioBytes]],
+    expectedS: estimate(ioBytes),
+    metrics: [iops],
+  });
   return [
-    {
-      id: 'engine-burst-randwrite-4k-qd32',
-      label: `4k randwrite QD32 burst (${c.burstBytes / MIB} MiB, fits NVRAM)`,
-      dir: 'write',
-      prefill: false,
-      opts: [...rw('randwrite', '4k', 32), ['size', sizeBytes], ['io_size', c.burstBytes]],
-      expectedS: estimate(c.burstBytes),
-      metrics: [iops],
-    },
-    {
-      id: 'engine-sustained-randwrite-4k-qd32',
-      label: `4k randwrite QD32 sustained (${c.sustainedBytes / MIB} MiB = 4x NVRAM)`,
-      dir: 'write',
-      prefill: false,
-      opts: [...rw('randwrite', '4k', 32), ['size', sizeBytes], ['io_size', c.sustainedBytes]],
-      expectedS: estimate(c.sustainedBytes),
-      metrics: [iops],
-    },
+    randwrite4k('burst', `burst (${c.burstBytes / MIB} MiB, fits NVRAM)`, c.burstBytes, false),
+    randwrite4k('sustained', `sustained (${c.sustainedBytes / MIB} MiB = 4x NVRAM)`, c.sustainedBytes, false),
     // The same two rows in a server that has run the job once already (docs/benchmarks.md,
     // "The engine's sustained and burst rows measure a cold process"): the rows above are
     // a fresh process's first seconds, V8's compiler included; these are a running server's.
-    {
-      id: 'engine-burst-warm-randwrite-4k-qd32',
-      label: `4k randwrite QD32 burst, warm server`,
-      dir: 'write',
-      prefill: false,
-      warmup: true,
-      opts: [...rw('randwrite', '4k', 32), ['size', sizeBytes], ['io_size', c.burstBytes]],
-      expectedS: estimate(c.burstBytes),
-      metrics: [iops],
-    },
-    {
-      id: 'engine-sustained-warm-randwrite-4k-qd32',
-      label: `4k randwrite QD32 sustained, warm server`,
-      dir: 'write',
-      prefill: false,
-      warmup: true,
-      opts: [...rw('randwrite', '4k', 32), ['size', sizeBytes], ['io_size', c.sustainedBytes]],
-      expectedS: estimate(c.sustainedBytes),
-      metrics: [iops],
-    },
+    randwrite4k('burst-warm', 'burst, warm server', c.burstBytes, true),
+    randwrite4k('sustained-warm', 'sustained, warm server', c.sustainedBytes, true),
     // Issue 10's latency target (QD1 p50 within nbdkit file's + 15 us): the plain write at
     // queue depth 1, answered from the NVRAM by the connection's thread.
     { id: 'engine-randwrite-4k-qd1', label: '4k randwrite QD1', dir: 'write', prefill: false, opts: [...rw('randwrite', '4k', 1), ...t], expectedS: e, metrics: [iops, p50, p99] },
