@@ -215,9 +215,23 @@ export class CpWriter {
    * Allocates and writes every block of CP c but its superblock, then syncs: data blocks,
    * address blocks bottom-up, the space map's blocks, the pads. Changes the in-memory
    * space map (and the node cache); `root` is the committed root (the new one when the
-   * CP changes no block). Returns the new root and the counts.
+   * CP changes no block). Returns the new root and the counts. It settles only after every
+   * read and write it started has: a failed CP whose other writes were still in flight
+   * would otherwise leave them to land after the tree was reopened, on blocks the next CP
+   * may have taken again (seen once: a property-test run found an address block of a
+   * committed CP overwritten by a failed CP's late write).
    */
   async writeCp(c: CommitWork, root: BlockPtr | null, nowMs: () => number): Promise<{ newRoot: BlockPtr | null; blocksWritten: number; blocksFreed: number; phases: WritePhases }> {
+    const started: Promise<unknown>[] = [];
+    try {
+      return await this.writeCpRun(c, root, nowMs, started);
+    } catch (e) {
+      await Promise.allSettled(started);
+      throw e;
+    }
+  }
+
+  private async writeCpRun(c: CommitWork, root: BlockPtr | null, nowMs: () => number, started: Promise<unknown>[]): Promise<{ newRoot: BlockPtr | null; blocksWritten: number; blocksFreed: number; phases: WritePhases }> {
     const { cp, lbns, datas, plan, slicer } = c;
     const phases: WritePhases = { addressMs: 0, dataMs: 0, spaceMapMs: 0, syncMs: 0 };
     let mark = nowMs();
@@ -255,6 +269,7 @@ export class CpWriter {
     // references any of them until the superblock, which follows the sync of all of them.
     const dataDone = this.writeAll(dataWrites, slicer, cp);
     dataDone.catch(() => undefined); // awaited below; a failure is reported there
+    started.push(dataDone);
     blocksWritten += dataWrites.length;
     // Address blocks bottom-up, streamed in batches: copy the old node (or start empty),
     // replace the touched pointers, stamp the header, checksum, write (editNode).
@@ -275,11 +290,16 @@ export class CpWriter {
       // The old versions of a batch's nodes are read (one batch off the event loop) while
       // the batch before it is edited.
       const fetch = (ks: number[]): Promise<(Buffer | null)[]> => this.verified.readNodesForEdit(ks.map((k) => lvl.oldPtr[k] ?? null), l, ks.map((k) => lvl.index[k]!));
-      let fetching = batches.length > 0 ? fetch(batches[0]!) : undefined;
+      const fetchStarted = (ks: number[]): Promise<(Buffer | null)[]> => {
+        const f = fetch(ks);
+        started.push(f);
+        return f;
+      };
+      let fetching = batches.length > 0 ? fetchStarted(batches[0]!) : undefined;
       for (let b = 0; b < batches.length; b++) {
         const ks = batches[b]!;
         const olds = await fetching!;
-        fetching = b + 1 < batches.length ? fetch(batches[b + 1]!) : undefined;
+        fetching = b + 1 < batches.length ? fetchStarted(batches[b + 1]!) : undefined;
         fetching?.catch(() => undefined); // awaited at the next batch; a failure is reported there
         await slicer.maybeYield();
         const out: (CpBlock | null)[] = new Array<CpBlock | null>(ks.length).fill(null);
@@ -296,6 +316,7 @@ export class CpWriter {
         const w = this.writeAll(writes, slicer, cp);
         w.catch(() => undefined); // awaited below; a failure is reported there
         addrWrites.push(w);
+        started.push(w);
       }
       if (below) below.newPtr.length = 0;
     }

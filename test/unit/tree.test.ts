@@ -269,6 +269,42 @@ describe('tree: reads, writes and commits', () => {
     await assertCheckOk(tree);
   });
 
+  it('a failed CP is reported only after every write it started has settled: none lands after the failure', async () => {
+    // The first write (a data run) waits for the test; every later one fails at once (the
+    // address blocks' among them). A CP that rejected at the first address failure would
+    // leave the held write to land after the caller reopened the tree and reused its blocks.
+    const inner = new MemoryBlockDevice(8192);
+    await BlockTree.format(inner, { sizeBytes: 16 * GiB, volumeUuid: UUID });
+    let calls = 0;
+    let release: () => void = () => undefined;
+    const held = new Promise<void>((r) => (release = r));
+    let heldLanded = false;
+    let settled = false;
+    const lateWrites: number[] = [];
+    const dev = new (class extends GatedDevice {
+      override async writeBlocks(pba: number, data: Buffer): Promise<void> {
+        if (settled) lateWrites.push(pba);
+        if (++calls > 1) throw new Error('injected write error');
+        await held;
+        await super.writeBlocks(pba, data);
+        heldLanded = true;
+      }
+    })(inner);
+    const tree = await BlockTree.open(dev);
+    const changes: BlockChange[] = [];
+    for (let i = 0; i < 1000; i++) changes.push({ lbn: (i * 7919) % ((16 * GiB) / B), data: block(i) });
+    const p = tree.commitCp(changes, meta(1));
+    p.then(() => (settled = true), () => (settled = true));
+    await new Promise((r) => setTimeout(r, 200));
+    assert.ok(calls > 2, `the CP went on to other writes (${calls})`);
+    assert.equal(settled, false, 'the CP settled while its first write was still in flight');
+    release();
+    await assert.rejects(p, /injected write error/);
+    assert.ok(heldLanded, 'the held write had landed before the CP was reported failed');
+    await new Promise((r) => setTimeout(r, 100));
+    assert.deepEqual(lateWrites, [], 'writes the failed CP started after it was reported');
+  });
+
   it('a read through cached address blocks reaches the device in the same call; a cold one walks, both return the right bytes', async () => {
     const inner = new MemoryBlockDevice(8192);
     await BlockTree.format(inner, { sizeBytes: 16 * GiB, volumeUuid: UUID });
