@@ -121,7 +121,7 @@ inline void Put32(uint8_t* p, uint32_t v) { memcpy(p, &v, 4); }
 inline void Put64(uint8_t* p, uint64_t v) { memcpy(p, &v, 8); }
 
 struct OutFrame {
-  std::vector<uint8_t> bytes;
+  RawBytes bytes;
   size_t sent = 0;
 };
 
@@ -342,7 +342,7 @@ class Rx : public RecordForwarder {
     return !stop_ && !ended_ && sendErr_ == 0 && sendBytes_ + kFrameHead + payloadBytes <= kForwardQueueMax;
   }
 
-  void Forward(uint64_t seq, uint64_t off, uint64_t len, std::vector<uint8_t>&& frame, const uint32_t* blockCrcs) override {
+  void Forward(uint64_t seq, uint64_t off, uint64_t len, RawBytes&& frame, const uint32_t* blockCrcs) override {
     std::lock_guard<std::mutex> l(mu_);
     if (stop_ || ended_ || frame.size() != kFrameHead + len || len % kBlock != 0) return;
     uint8_t* b = frame.data();

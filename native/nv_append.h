@@ -81,6 +81,7 @@
 
 #include "common.h"
 #include "read_map.h"
+#include "raw_bytes.h"
 
 namespace nvm {
 
@@ -101,7 +102,7 @@ class RecordForwarder {
   // Queues record seq: a plain write of len bytes at volume offset off. frame holds
   // kFrameHead + len bytes, the payload already at kFrameHead; blockCrcs: crc32c of each of
   // its 4 KiB blocks.
-  virtual void Forward(uint64_t seq, uint64_t off, uint64_t len, std::vector<uint8_t>&& frame, const uint32_t* blockCrcs) = 0;
+  virtual void Forward(uint64_t seq, uint64_t off, uint64_t len, RawBytes&& frame, const uint32_t* blockCrcs) = 0;
   // Has the link send what is queued (called after the appender's mutex is released).
   virtual void Kick() = 0;
 };
@@ -336,7 +337,7 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
     crcs.resize(blocks);
     for (uint64_t i = 0; i < blocks; i++) crcs[i] = Crc32cOf(data + i * kBlock, kBlock);
     // A sync mirror's frame, made outside the mutex (the copy is most of it).
-    std::vector<uint8_t> frame;
+    RawBytes frame;
     bool framed = false;
     if (fwdOn_.load(std::memory_order_relaxed)) {
       if (len > RecordForwarder::kPayloadMax) return AppendResult{0, false};
@@ -484,7 +485,7 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
     flushFd_ = -1;
   }
 
-  static void MakeFrame(const uint8_t* data, uint64_t len, std::vector<uint8_t>* frame) {
+  static void MakeFrame(const uint8_t* data, uint64_t len, RawBytes* frame) {
     frame->resize(RecordForwarder::kFrameHead + len);
     memcpy(frame->data() + RecordForwarder::kFrameHead, data, len);
   }
