@@ -105,7 +105,7 @@ static_assert(RecordForwarder::kFrameHead == kHeaderBytes + kRecordHeadBytes, "a
 static_assert(RecordForwarder::kPayloadMax == kRecordPayloadMax, "a forwarded record's payload cap");
 // Source mode: frames queued to send beyond which the appender's records are refused.
 constexpr size_t kForwardQueueMax = 48 * 1024 * 1024;
-enum Ev { kEvStored = 1, kEvFrame = 2, kEvError = 3, kEvEof = 4, kEvEnded = 5, kEvRoom = 6, kEvDurable = 7 };
+enum Ev { kEvStored = 1, kEvFrame = 2, kEvError = 3, kEvEof = 4, kEvEnded = 5, kEvRoom = 6, kEvDurable = 7, kEvSent = 8 };
 
 inline uint32_t Get32(const uint8_t* p) {
   uint32_t v;
@@ -120,9 +120,51 @@ inline uint64_t Get64(const uint8_t* p) {
 inline void Put32(uint8_t* p, uint32_t v) { memcpy(p, &v, 4); }
 inline void Put64(uint8_t* p, uint64_t v) { memcpy(p, &v, 8); }
 
+// A queued frame: its bytes, or (a borrowed frame) segments of which some point into
+// `bytes` (the header, small parts) and some into memory the caller lent (see Send).
+// Parts of a frame at least this long are borrowed rather than copied (Rx::Send).
+constexpr size_t kBorrowMinBytes = 4096;
+
 struct OutFrame {
   RawBytes bytes;
+  std::vector<iovec> segs;  // empty: the frame is `bytes`
+  size_t total = 0;         // the frame's length
   size_t sent = 0;
+  uint64_t token = 0;       // a borrowed frame's token (kEvSent), else 0
+
+  size_t Size() const { return segs.empty() ? bytes.size() : total; }
+  uint8_t* Head() { return bytes.data(); }
+  // Adds iovecs for the bytes not sent yet, up to max; returns how many it added.
+  size_t Remaining(iovec* iov, size_t max) {
+    if (segs.empty()) {
+      if (max == 0) return 0;
+      iov[0] = {bytes.data() + sent, bytes.size() - sent};
+      return 1;
+    }
+    size_t n = 0, at = 0;
+    for (const iovec& s : segs) {
+      if (n == max) break;
+      if (at + s.iov_len > sent) {
+        size_t skip = sent > at ? sent - at : 0;
+        iov[n++] = {static_cast<uint8_t*>(s.iov_base) + skip, s.iov_len - skip};
+      }
+      at += s.iov_len;
+    }
+    return n;
+  }
+  // Copies the lent segments into `bytes`: the frame no longer needs the lender's memory.
+  void Own() {
+    if (segs.empty()) return;
+    RawBytes all;
+    all.resize(total);
+    size_t at = 0;
+    for (const iovec& s : segs) {
+      memcpy(all.data() + at, s.iov_base, s.iov_len);
+      at += s.iov_len;
+    }
+    bytes.swap(all);
+    segs.clear();
+  }
 };
 
 class Rx : public RecordForwarder {
@@ -317,21 +359,57 @@ class Rx : public RecordForwarder {
   }
 
   // Frames and queues (or sends at once) a frame of `type` with the body parts.
-  int64_t Send(uint8_t type, const std::vector<std::pair<const uint8_t*, size_t>>& parts) {
+  //
+  // token 0: the parts are copied. Otherwise the frame borrows every part of at least
+  // kBorrowMinBytes (smaller ones are copied): the caller keeps that memory alive and
+  // unchanged until a kEvSent event carries a token >= this one (tokens increase with
+  // every borrowed frame) or Close() returned; Close() copies what is still queued.
+  //
+  // blockCrcs (n values, may be null): the body ends in n 4 KiB blocks whose crc32c the
+  // caller knows (checked when it read them): the frame's checksum is extended by them
+  // instead of reading those bytes again.
+  int64_t Send(uint8_t type, const std::vector<std::pair<const uint8_t*, size_t>>& parts, uint64_t token, const uint32_t* blockCrcs, size_t nCrcs) {
     std::lock_guard<std::mutex> l(mu_);
     if (stop_ || ended_) return -1;
-    size_t len = 0;
-    for (auto& p : parts) len += p.second;
+    size_t len = 0, owned = 0;
+    for (auto& p : parts) {
+      len += p.second;
+      if (token == 0 || p.second < kBorrowMinBytes) owned += p.second;
+    }
     OutFrame f;
-    f.bytes.resize(kHeaderBytes + len);
+    f.bytes.resize(kHeaderBytes + owned);
     uint8_t* b = f.bytes.data();
     size_t at = kHeaderBytes;
+    if (token != 0) f.segs.push_back({b, kHeaderBytes});
     for (auto& p : parts) {
-      memcpy(b + at, p.first, p.second);
-      at += p.second;
+      if (token == 0 || p.second < kBorrowMinBytes) {
+        memcpy(b + at, p.first, p.second);
+        if (token != 0) f.segs.push_back({b + at, p.second});
+        at += p.second;
+      } else {
+        f.segs.push_back({const_cast<uint8_t*>(p.first), p.second});
+      }
     }
-    if (type == kTypeRecord && len >= 8) fwdTop_ = std::max(fwdTop_, Get64(b + kHeaderBytes));
-    QueueLocked(type, std::move(f));
+    f.total = kHeaderBytes + len;
+    f.token = token;
+    if (type == kTypeRecord && len >= 8 && token == 0) fwdTop_ = std::max(fwdTop_, Get64(b + kHeaderBytes));
+    WriteHeader(type, &f);
+    // The checksum: header, then the body (its trailing blocks by their crcs when given).
+    size_t head = len - nCrcs * kBlock;  // the caller checked nCrcs * kBlock <= len
+    uint32_t c = Crc32cSeeded(0, b, 20);
+    size_t done = 0;
+    for (auto& p : parts) {
+      if (done >= head) break;
+      size_t n = std::min(p.second, head - done);
+      c = Crc32cSeededWide(c, p.first, n);
+      done += n;
+    }
+    for (size_t i = 0; i < nCrcs; i++) c = Crc32cExtendBlock(c, blockCrcs[i]);
+    Put32(b + 20, c);
+    EnqueueLocked(type, std::move(f));
+    FlushLocked();
+    if (!sendq_.empty()) WakeLocked();
+    PostLocked();  // a kEvSent from the flush above
     return static_cast<int64_t>(kHeaderBytes + len);
   }
 
@@ -442,6 +520,8 @@ class Rx : public RecordForwarder {
       to.insert(to.end(), events_.begin() + i, events_.begin() + i + kEventWidth);
     }
     events_.swap(rest);
+    // Nothing queued may point into memory TypeScript lent once this returns.
+    for (OutFrame& f : sendq_) f.Own();
     ring_ = nullptr;
     crcs_ = nullptr;
     grant_ = false;
@@ -781,17 +861,22 @@ class Rx : public RecordForwarder {
     QueueLocked(kTypeRecordAck, std::move(f));
   }
 
-  // Fills in f's header (the next frame number, the checksum) and sends or queues it.
-  void QueueLocked(uint8_t type, OutFrame&& f) {
-    uint8_t* b = f.bytes.data();
-    size_t len = f.bytes.size() - kHeaderBytes;
+  // Header bytes 0..20 of f (all but the checksum): the next frame number.
+  void WriteHeader(uint8_t type, OutFrame* f) {
+    uint8_t* b = f->Head();
     Put32(b, kFrameMagic);
     b[4] = type;
     b[5] = kWireVersion;
     b[6] = b[7] = 0;
-    Put32(b + 8, static_cast<uint32_t>(len));
+    Put32(b + 8, static_cast<uint32_t>(f->Size() - kHeaderBytes));
     Put64(b + 12, outFrameNo_++);
-    Put32(b + 20, Crc32cSeededWide(Crc32cSeeded(0, b, 20), b + kHeaderBytes, len));
+  }
+
+  // Fills in f's header (the next frame number, the checksum) and sends or queues it.
+  void QueueLocked(uint8_t type, OutFrame&& f) {
+    WriteHeader(type, &f);
+    uint8_t* b = f.Head();
+    Put32(b + 20, Crc32cSeededWide(Crc32cSeeded(0, b, 20), b + kHeaderBytes, f.Size() - kHeaderBytes));
     EnqueueLocked(type, std::move(f));
     FlushLocked();
     if (!sendq_.empty()) WakeLocked();
@@ -799,8 +884,8 @@ class Rx : public RecordForwarder {
 
   // Queues a frame whose header is complete (sent by the caller's FlushLocked or the thread).
   void EnqueueLocked(uint8_t type, OutFrame&& f) {
-    sendBytes_ += f.bytes.size();
-    txByType_[type < kTypes ? type : 0] += f.bytes.size();
+    sendBytes_ += f.Size();
+    txByType_[type < kTypes ? type : 0] += f.Size();
     sendq_.push_back(std::move(f));
   }
 
@@ -817,10 +902,9 @@ class Rx : public RecordForwarder {
     while (!sendq_.empty() && sendErr_ == 0) {
       iovec iov[kIov];
       size_t n = 0;
-      for (auto it = sendq_.begin(); it != sendq_.end() && n < kIov; ++it, ++n) {
-        iov[n].iov_base = it->bytes.data() + it->sent;
-        iov[n].iov_len = it->bytes.size() - it->sent;
-      }
+      for (auto it = sendq_.begin(); it != sendq_.end() && n < kIov; ++it) n += it->Remaining(iov + n, kIov - n);
+      size_t offered = 0;
+      for (size_t i = 0; i < n; i++) offered += iov[i].iov_len;
       msghdr mh{};
       mh.msg_iov = iov;
       mh.msg_iovlen = n;
@@ -834,14 +918,27 @@ class Rx : public RecordForwarder {
       txBytes_ += left;
       while (left > 0) {
         OutFrame& f = sendq_.front();
-        size_t take = std::min(left, f.bytes.size() - f.sent);
+        size_t take = std::min(left, f.Size() - f.sent);
         f.sent += take;
         left -= take;
-        if (f.sent < f.bytes.size()) return;  // the socket is full
-        sendBytes_ -= f.bytes.size();
+        if (f.sent < f.Size()) break;
+        sendBytes_ -= f.Size();
+        if (f.token != 0) SentLocked(f.token);
         sendq_.pop_front();
       }
+      if (static_cast<size_t>(w) < offered) return;  // the socket is full
     }
+  }
+
+  // A borrowed frame is sent: its lender may reuse the memory of every frame up to token
+  // (one event for consecutive ones).
+  void SentLocked(uint64_t token) {
+    size_t n = events_.size();
+    if (n >= kEventWidth && events_[n - kEventWidth] == kEvSent) {
+      events_[n - kEventWidth + 1] = static_cast<double>(token);
+      return;
+    }
+    Emit({kEvSent, static_cast<double>(token)});
   }
 
   void Emit(std::initializer_list<double> f) {
@@ -1069,7 +1166,9 @@ Napi::Value Ack(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// mirrorRxSend(h, type, parts) -> frame bytes (-1: the connection is closing)
+// mirrorRxSend(h, type, parts, token = 0, blockCrcs = null) -> frame bytes (-1: the
+// connection is closing). token > 0: the parts of at least kBorrowMinBytes are borrowed,
+// not copied, until a kEvSent event reaches the token or mirrorRxClose returned (Rx::Send).
 Napi::Value Send(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* fn = "mirrorRxSend";
@@ -1097,7 +1196,24 @@ Napi::Value Send(const Napi::CallbackInfo& info) {
     ThrowRange(env, std::string(fn) + ": body longer than the largest frame body");
     return env.Undefined();
   }
-  return Napi::Number::New(env, static_cast<double>(rx->Send(static_cast<uint8_t>(type), parts)));
+  int64_t token = 0;
+  if (info.Length() > 3 && !info[3].IsUndefined() && !GetInt(info, 3, fn, "token", 0, kMaxSafeInteger, &token)) return env.Undefined();
+  const uint32_t* crcs = nullptr;
+  size_t nCrcs = 0;
+  if (info.Length() > 4 && !info[4].IsUndefined() && !info[4].IsNull()) {
+    if (!info[4].IsTypedArray() || info[4].As<Napi::TypedArray>().TypedArrayType() != napi_uint32_array) {
+      ThrowType(env, std::string(fn) + ": blockCrcs must be a Uint32Array");
+      return env.Undefined();
+    }
+    Napi::Uint32Array a4 = info[4].As<Napi::Uint32Array>();
+    crcs = a4.Data();
+    nCrcs = a4.ElementLength();
+    if (nCrcs * kBlock > len) {
+      ThrowRange(env, std::string(fn) + ": more block checksums than 4 KiB blocks in the body");
+      return env.Undefined();
+    }
+  }
+  return Napi::Number::New(env, static_cast<double>(rx->Send(static_cast<uint8_t>(type), parts, static_cast<uint64_t>(token), crcs, nCrcs)));
 }
 
 // mirrorRxTake(h, dst) -> bytes copied (-1: no body of that length is next)

@@ -37,7 +37,7 @@ import type * as net from 'net';
 import { addon } from '../io/native';
 import { assert } from '../util/assert';
 import type { FrameSlab, SlabPool } from './slab-pool';
-import { bodyCapsTable, encodeBody, type OutMessage } from './wire';
+import { bodyCapsTable, encodeBody, type CpBlocksParts, type OutMessage } from './wire';
 
 /** Slabs granted to the thread for CP_BLOCKS bodies at a time (it copies a body into one instead of a buffer TypeScript copies out of). */
 export const SLAB_GRANTS = 4;
@@ -49,7 +49,7 @@ interface RxAddon {
   mirrorRxAttachLog(h: object, ring: Buffer, crcs: Buffer): void;
   mirrorRxGrant(h: object, nextSeq: number, at: number, limit: number, salt: number, stream: number): boolean;
   mirrorRxAck(h: object, heldSeq: number, durableSeq: number, storedFromSeq: number, sendNow: boolean): void;
-  mirrorRxSend(h: object, type: number, parts: Buffer[]): number;
+  mirrorRxSend(h: object, type: number, parts: Buffer[], token?: number, blockCrcs?: Uint32Array | null): number;
   mirrorRxTake(h: object, dst: Buffer): number;
   mirrorRxSlab(h: object, id: number, buf: Buffer): boolean;
   mirrorRxPause(h: object, paused: boolean): void;
@@ -67,6 +67,8 @@ export const EV_ENDED = 5;
 export const EV_ROOM = 6;
 /** The thread answered DURABLE_REQs itself: every record <= seq is durable in the log file. */
 export const EV_DURABLE = 7;
+/** Every frame sent with sendLent() up to token is on the socket: its lent buffers are free again. */
+export const EV_SENT = 8;
 
 /** A record the thread stored in the log (DestLog.adopt takes it in). */
 export interface StoredRecord {
@@ -86,7 +88,8 @@ export type RxEvent =
   | { kind: typeof EV_EOF }
   | { kind: typeof EV_ENDED }
   | { kind: typeof EV_ROOM }
-  | { kind: typeof EV_DURABLE; seq: number };
+  | { kind: typeof EV_DURABLE; seq: number }
+  | { kind: typeof EV_SENT; token: number };
 
 /** Whether plain mirror connections use the native thread (NVMIRROR_MIRROR_NATIVE=0: the event-loop path). */
 export function nativeRxEnabled(): boolean {
@@ -120,6 +123,9 @@ export class NativeRx {
   private readonly h: object;
   private closed = false;
   private paused = false;
+  private lastToken = 0;
+  /** Lent frames' buffers not yet reported sent, oldest first (sendLent). */
+  private readonly lent: Array<{ token: number; parts: Buffer[] }> = [];
   /** Slabs the thread holds, by id (1, 2, ...). */
   private readonly granted = new Map<number, FrameSlab>();
   private nextSlabId = 1;
@@ -180,6 +186,11 @@ export class NativeRx {
       else if (k === EV_ENDED) out.push({ kind: EV_ENDED });
       else if (k === EV_ROOM) out.push({ kind: EV_ROOM });
       else if (k === EV_DURABLE) out.push({ kind: EV_DURABLE, seq: ev[i + 1]! });
+      else if (k === EV_SENT) {
+        const token = ev[i + 1]!;
+        while (this.lent.length > 0 && this.lent[0]!.token <= token) this.lent.shift();
+        out.push({ kind: EV_SENT, token });
+      }
       else assert(false, `native event kind ${k}`);
     }
     return out;
@@ -217,6 +228,25 @@ export class NativeRx {
     if (this.closed) return;
     const parts = encodeBody(m);
     this.a.mirrorRxSend(this.h, m.type, parts);
+  }
+
+  /**
+   * Sends a CP_BLOCKS frame without copying its blocks: the thread writes them to the
+   * socket from the message's buffers, which the caller keeps unchanged until an EV_SENT
+   * event carries a token >= `token` (tokens increase by frame) or close() returned. The
+   * frame's checksum is extended by the blocks' crc32c (m.crcs, which the caller checked
+   * when it read them), not computed from the bytes again.
+   */
+  sendLent(m: CpBlocksParts & { crcs: readonly number[] }, token: number): void {
+    if (this.closed) return;
+    assert(Number.isSafeInteger(token) && token > 0 && token > this.lastToken, 'lent frames have increasing tokens');
+    this.lastToken = token;
+    assert(m.crcs.length === m.pbas.length, 'one crc per block');
+    const parts = encodeBody(m);
+    // The thread reads these until EV_SENT reaches the token: kept reachable until then
+    // (a buffer only the message referenced would otherwise be collected under it).
+    this.lent.push({ token, parts });
+    this.a.mirrorRxSend(this.h, m.type, parts, token, Uint32Array.from(m.crcs));
   }
 
   /** Copies the next frame body (which must be dst.length bytes) into dst. */
@@ -277,6 +307,8 @@ export class NativeRx {
     // The thread forgot its slabs in mirrorRxClose: they are the pool's again.
     for (const s of this.granted.values()) this.slabs!.release(s);
     this.granted.clear();
+    // mirrorRxClose copied the lent frames still queued: their buffers are the caller's again.
+    this.lent.length = 0;
     return late.filter((e): e is StoredRecord => e.kind === EV_STORED);
   }
 }

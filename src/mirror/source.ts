@@ -53,7 +53,7 @@ import { RemoteReads, verifyCp, type VerifyReport } from './verify';
 import { VolumeError } from '../util/errors';
 import { assert } from '../util/assert';
 import { deltaFrames, encodeCpBlocks, refFrames } from './cp-encode';
-import { EV_EOF, EV_ERROR, EV_FRAME, EV_ROOM, NativeRx, nativeRxEnabled, plainFd, type RxEvent } from './native-rx';
+import { EV_EOF, EV_ERROR, EV_FRAME, EV_ROOM, EV_SENT, NativeRx, nativeRxEnabled, plainFd, type RxEvent } from './native-rx';
 import type { LinkArgs } from './link';
 import { readRelationship, writeRelationship, type MirrorPolicy } from './relationship';
 import { readRole } from './role';
@@ -165,6 +165,10 @@ interface Conn {
   welcomed: boolean;
   /** When HELLO went out (undefined: TCP/TLS still connecting). */
   helloAtMs?: number;
+  /** With rx: the last token given to rx.sendLent (tokens increase over the connection's life). */
+  lentToken: number;
+  /** With rx: told of each EV_SENT (every lent frame up to the token is on the socket). */
+  onSent?: (token: number) => void;
 }
 
 export class MirrorSource implements CpSink, ReplicaGate {
@@ -324,7 +328,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       welcomeReject = rej;
     });
     welcome.catch(() => undefined);
-    const conn: Conn = { socket, parser, writer, welcome, welcomeResolve, nativeFromSeq: Infinity, cpAcks: [], shippedCp: -1, closed: false, welcomed: false };
+    const conn: Conn = { socket, parser, writer, welcome, welcomeResolve, nativeFromSeq: Infinity, cpAcks: [], shippedCp: -1, closed: false, welcomed: false, lentToken: 0 };
     this.conn = conn;
     const timer = setTimeout(() => this.drop(conn, 'connect timed out'), CONNECT_TIMEOUT_MS);
     const onData = (chunk: Buffer): void => {
@@ -398,6 +402,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
         this.drop(conn, 'connection closed');
       } else if (e.kind === EV_ROOM) {
         this.wakeDrain();
+      } else if (e.kind === EV_SENT) {
+        conn.onSent?.(e.token);
       }
     }
   }
@@ -959,6 +965,10 @@ export class MirrorSource implements CpSink, ReplicaGate {
       framesWritten = n;
       while (held.length > 0 && held[0]!.upTo <= framesWritten) held.shift()!.release();
     };
+    // Native link: frame n goes out as token tokenBase + n. A buffer still lent when the
+    // walk ends is never released (the walk's own pool ends with it), so nothing reuses it.
+    const tokenBase = conn.lentToken;
+    if (conn.rx) conn.onSent = (token) => { if (token > tokenBase) written(token - tokenBase); };
     const flush = async (): Promise<void> => {
       if (pbas.length === 0) return;
       // The frame leaves the batch whatever happens (a dropped connection ends the walk at its next block).
@@ -969,11 +979,15 @@ export class MirrorSource implements CpSink, ReplicaGate {
       data = [];
       await this.waitRoom(conn);
       if (conn.closed) return;
-      this.send(conn, m);
       const no = ++framesSent;
-      // The native link copies each frame as it is queued; a socket takes views.
-      if (conn.rx) written(no);
-      else conn.socket.write(EMPTY, () => written(no));
+      if (conn.rx) {
+        // The native link sends the blocks from the walk's buffers (no copy) and says when.
+        conn.lentToken = tokenBase + no;
+        conn.rx.sendLent(m, conn.lentToken);
+      } else {
+        this.send(conn, m);
+        conn.socket.write(EMPTY, () => written(no));
+      }
       this.dataBlocksSent += n;
       if (this.resync) {
         this.resync.blocksSent += n;

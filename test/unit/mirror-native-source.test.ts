@@ -11,10 +11,16 @@ import { strict as assert } from 'assert';
 import * as net from 'net';
 import { NvLog } from '../../src/nvlog/log';
 import { MemoryNvram } from '../../src/nvlog/memory-region';
-import { EV_ERROR, EV_FRAME, NativeRx, plainFd, type RxEvent } from '../../src/mirror/native-rx';
+import { EV_ERROR, EV_FRAME, EV_SENT, NativeRx, plainFd, type RxEvent } from '../../src/mirror/native-rx';
+import * as v8 from 'v8';
+import * as vm from 'vm';
+import { crc32cWide } from '../../src/io/native';
 import { decodeBody, FrameParser, FrameWriter, MsgType, type Message } from '../../src/mirror/wire';
 import { until } from '../mirror/helpers';
 import { SCHED_BATCH, threadsNamed } from '../threads';
+
+v8.setFlagsFromString('--expose-gc');
+const gc = vm.runInNewContext('gc') as () => void;
 
 const UUID = '0123abcd-0000-4000-8000-00000000beef';
 const BS = 4096;
@@ -181,4 +187,114 @@ describe('mirror: the source\'s records on the link\'s native thread', function 
       r.close();
     });
   }
+
+  it('lent CP_BLOCKS frames go out from the caller\'s buffers, EV_SENT says when they may be reused, the checksum comes from the blocks\' crcs; close() copies what is queued', async () => {
+    const r = await rig();
+    r.dest.pause(); // the socket fills: frames wait in the thread's queue, still lent
+    // Four reusable buffers of 8 blocks; frame n takes buffer n % 4, filled with n.
+    const bufs = [0, 1, 2, 3].map(() => Buffer.alloc(8 * BS));
+    const frames = 160; // 5 MiB: beyond what a paused loopback socket takes
+    let sentTo = 0;
+    const fill = (n: number): Buffer => bufs[n % 4]!.fill(n & 0xff);
+    let next = 1;
+    const crcsOf = (b: Buffer): number[] => Array.from({ length: 8 }, (_, i) => crc32cWide(b.subarray(i * BS, (i + 1) * BS)));
+    const sendUpTo = (limit: number): void => {
+      // A buffer is reused only once every frame that used it is sent (token <= sentTo).
+      while (next <= limit && next - sentTo <= 4) {
+        const b = fill(next);
+        // Two views of one buffer: a frame may span runs.
+        r.rx.sendLent({ type: MsgType.CpBlocks, cp: 9, pbas: Array.from({ length: 8 }, (_, i) => 100 + 8 * next + i), data: [b.subarray(0, 3 * BS), b.subarray(3 * BS)], crcs: crcsOf(b) }, next);
+        next++;
+      }
+    };
+    sendUpTo(frames);
+    assert.ok(next <= 5, 'only four buffers: the fifth frame waits for an EV_SENT');
+    await new Promise((res) => setTimeout(res, 100));
+    r.dest.resume();
+    while (next <= frames) {
+      const sent = r.events.filter((e): e is RxEvent & { kind: typeof EV_SENT } => e.kind === EV_SENT);
+      const top = sent.length > 0 ? sent[sent.length - 1]!.token : 0;
+      assert.ok(top >= sentTo, 'EV_SENT tokens increase');
+      sentTo = top;
+      sendUpTo(frames);
+      await new Promise((res) => setImmediate(res));
+    }
+    await until('every frame at the destination', () => r.got.length >= frames);
+    assert.equal(r.events.filter((e) => e.kind === EV_ERROR).length, 0);
+    for (let n = 1; n <= frames; n++) {
+      const m = r.got[n - 1]!;
+      assert.equal(m.type, MsgType.CpBlocks);
+      const cb = m as Message & { type: MsgType.CpBlocks };
+      assert.equal(cb.pbas[0], 100 + 8 * n);
+      assert.ok(cb.data.equals(Buffer.alloc(8 * BS, n & 0xff)), `frame ${n} carries what its buffer held when it was lent`);
+    }
+    await until('the last EV_SENT', () => r.events.some((e) => e.kind === EV_SENT && e.token === frames));
+
+    r.close();
+  });
+
+  it('a lent buffer nothing else references outlives a garbage collection until it is sent; a wrong block crc is refused by the destination', async () => {
+    const r = await rig();
+    r.dest.pause();
+    r.dest.removeAllListeners('data');
+    const parser = new FrameParser();
+    const got: Message[] = [];
+    let refused = '';
+    r.dest.on('data', (d) => {
+      try {
+        got.push(...parser.push(d));
+      } catch (e) {
+        refused = (e as Error).message;
+      }
+    });
+    r.dest.pause();
+    const frames = 48; // 12 MiB: most of it waits in the thread's queue
+    for (let n = 1; n <= frames; n++) {
+      const b = Buffer.alloc(64 * BS, n); // referenced by the message only
+      const crcs = Array.from({ length: 64 }, (_, i) => crc32cWide(b.subarray(i * BS, (i + 1) * BS)));
+      r.rx.sendLent({ type: MsgType.CpBlocks, cp: 4, pbas: Array.from({ length: 64 }, (_, i) => 64 * n + i), data: [b], crcs }, n);
+    }
+    assert.ok(r.rx.stats().queuedBytes > 4 * 1024 * 1024, 'frames wait in the queue');
+    for (let i = 0; i < 4; i++) {
+      gc();
+      Buffer.alloc(32 * 1024 * 1024, 0xdd); // reuses what a collected buffer held, if any was
+      await new Promise((res) => setImmediate(res));
+    }
+    r.dest.resume();
+    await until('every frame', () => got.length === frames || refused !== '');
+    assert.equal(refused, '', 'no frame was damaged');
+    got.forEach((m, i) => assert.ok((m as Message & { type: MsgType.CpBlocks }).data.equals(Buffer.alloc(64 * BS, i + 1)), `frame ${i + 1}`));
+
+    // A wrong crc makes the frame's checksum wrong: the destination refuses the frame.
+    const wrong = Buffer.alloc(8 * BS, 1);
+    const crcs = Array.from({ length: 8 }, (_, i) => crc32cWide(wrong.subarray(i * BS, (i + 1) * BS)));
+    crcs[5] = (crcs[5]! ^ 1) >>> 0;
+    r.rx.sendLent({ type: MsgType.CpBlocks, cp: 9, pbas: [1, 2, 3, 4, 5, 6, 7, 8], data: [wrong], crcs }, frames + 1);
+    await until('refused', () => refused !== '');
+    assert.match(refused, /checksum/);
+    assert.equal(got.length, frames);
+    r.close();
+  });
+
+  it('close() copies the lent frames still queued: the caller may reuse its buffers at once', async () => {
+    const r = await rig();
+    r.dest.pause();
+    const b = Buffer.alloc(64 * BS, 7);
+    const crcs = Array.from({ length: 64 }, (_, i) => crc32cWide(b.subarray(i * BS, (i + 1) * BS)));
+    let token = 0;
+    for (let i = 0; i < 64; i++) r.rx.sendLent({ type: MsgType.CpBlocks, cp: 3, pbas: Array.from({ length: 64 }, (_, k) => 1000 + 64 * i + k), data: [b], crcs }, ++token);
+    assert.ok(r.rx.stats().queuedBytes > 1024 * 1024, 'frames wait in the queue');
+    const parser = new FrameParser();
+    const got: Message[] = [];
+    r.dest.removeAllListeners('data');
+    r.dest.on('data', (d) => got.push(...parser.push(d)));
+    r.rx.close(true); // flush what is queued, then end
+    b.fill(0xee); // the caller's buffer is its own again
+    r.dest.resume();
+    await until('every frame', () => got.length === 64);
+    for (const m of got) assert.ok((m as Message & { type: MsgType.CpBlocks }).data.equals(Buffer.alloc(64 * BS, 7)), 'the bytes as lent, not as overwritten after close()');
+    r.client.destroy();
+    r.dest.destroy();
+    r.log.close();
+  });
 });
