@@ -37,7 +37,8 @@
  *   of their frames: each keeps at most the frames it came from, one more at each end),
  *   and reading pauses beyond QUEUED_BYTES_MAX queued;
  *   the whole receiver: at most CONNECTIONS_MAX connections, and SLABS_KEPT_MAX idle
- *   CP_BLOCKS slabs (slab-pool.ts; a slab in use is a frame's body, charged with its
+ *   CP_BLOCKS slabs, SLABS_IDLE_KEPT once no stream took one for SLAB_TRIM_INTERVAL_MS
+ *   (slab-pool.ts; a slab in use is a frame's body, charged with its
  *   message while queued, then held by the runs and writes above). Each open mirror also
  *   keeps its committed CP's space map (two bits per device block).
  */
@@ -95,8 +96,17 @@ const APPLY_SLICE_MS = 0.5;
 const BASE_READ_BLOCKS_MAX = 64;
 /** Blocks between two delta bases read along with them rather than in a second call. */
 const BASE_READ_GAP_MAX = 4;
-/** Idle CP_BLOCKS slabs kept for reuse by the whole receiver (32 x 261 KiB: ~8 MiB). */
-const SLABS_KEPT_MAX = 32;
+/**
+ * Idle CP_BLOCKS slabs kept for reuse by the whole receiver while a stream runs (256 x
+ * 261 KiB: ~65 MiB). A baseline holds up to ~210 at once on one connection (16 MiB queued,
+ * staged runs and writes in flight); with 32 kept, a third of its takes allocated a
+ * fresh slab (page faults, and V8's external-memory mark-compacts: the receiver was the
+ * baseline's bound). Kept slabs never raise the peak (they were in use at it).
+ */
+const SLABS_KEPT_MAX = 256;
+/** Idle slabs kept once no slab was taken for a trim interval (16 x 261 KiB: ~4 MiB). */
+const SLABS_IDLE_KEPT = 16;
+const SLAB_TRIM_INTERVAL_MS = 2000;
 /** Largest combined write while applying a CP (1 MiB). */
 const COMBINE_BLOCKS_MAX = 256;
 /** Staged runs open at once while applying a CP (stage()): at most 8 x 1 MiB of views. */
@@ -1085,6 +1095,7 @@ export class MirrorReceiver {
   /** Open mirrors (kept open while the receiver runs, so their exports outlive a source's connection). */
   private readonly mirrors = new Map<string, MirrorDir>();
   private closing = false;
+  private readonly slabTrim: NodeJS.Timeout;
   /** Sources whose mirror was released for promote (refused from then on). */
   private readonly released = new Set<string>();
 
@@ -1095,6 +1106,8 @@ export class MirrorReceiver {
     this.budget = opts.budget;
     this.exports?.onPinChange((uuid, cp) => this.sessionFor(uuid)?.sendPin(cp));
     assert(WIRE_VERSION === 1, 'wire version');
+    this.slabTrim = setInterval(() => this.slabs.trimIdle(SLABS_IDLE_KEPT), SLAB_TRIM_INTERVAL_MS);
+    this.slabTrim.unref();
   }
 
   listen(host: string, port: number): Promise<net.AddressInfo> {
@@ -1266,6 +1279,7 @@ export class MirrorReceiver {
   }
 
   async close(): Promise<void> {
+    clearInterval(this.slabTrim);
     this.closing = true;
     // End the sessions first: server.close() resolves only once every connection is gone.
     const closed = new Promise<void>((r) => (this.server ? this.server.close(() => r()) : r()));

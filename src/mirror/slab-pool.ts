@@ -18,7 +18,8 @@
  * - A slab starts at a 4096-byte aligned address (an O_DIRECT write takes whole blocks of
  *   it without a bounce copy when the body was placed so that its blocks are aligned).
  * - The free list keeps at most keepMax slabs (keepMax x slabBytes of idle memory per
- *   receiver process); a take() from an empty list allocates.
+ *   receiver process); a take() from an empty list allocates. trimIdle() lets a pool
+ *   that saw no take since its last call shrink to fewer.
  */
 import { allocAligned } from '../io/aligned';
 import { assert } from '../util/assert';
@@ -34,6 +35,7 @@ export class SlabPool {
   /** Slabs allocated so far (the rest of the takes were reuses). */
   allocated = 0;
   takes = 0;
+  private takesAtTrim = 0;
 
   constructor(readonly slabBytes: number, readonly keepMax: number) {
     assert(Number.isSafeInteger(slabBytes) && slabBytes > 0 && Number.isSafeInteger(keepMax) && keepMax >= 0, 'slab pool shape');
@@ -62,6 +64,17 @@ export class SlabPool {
     assert(s.refs > 0, 'release of a free slab');
     s.refs--;
     if (s.refs === 0 && this.free.length < this.keepMax) this.free.push(s);
+  }
+
+  /**
+   * Called periodically: if nothing was taken since the last call, keeps at most `keep`
+   * idle slabs (the rest go to the garbage collector). A stream in progress keeps its
+   * whole working set (a slab dropped only to be allocated again costs a fresh
+   * allocation, its page faults, and V8's external-memory GCs); an idle receiver does not.
+   */
+  trimIdle(keep: number): void {
+    if (this.takes === this.takesAtTrim && this.free.length > keep) this.free.length = keep;
+    this.takesAtTrim = this.takes;
   }
 
   get freeCount(): number {

@@ -53,8 +53,14 @@ export interface BornRun {
   release(): void;
 }
 
-/** Idle level-0 data buffers a walk keeps for reuse (FANOUT blocks, ~672 KiB each). */
-const FREE_LEAF_BUFS_MAX = 16;
+/**
+ * Idle level-0 data buffers a walk keeps for reuse (FANOUT blocks, ~672 KiB each): as
+ * many as a sender that holds them until its socket has written them (source.ts: a
+ * native link lends them to its queue of up to 32 MiB) has in use at once, so a buffer
+ * released in a burst is not dropped only for a fresh one to be allocated (page faults,
+ * garbage) a moment later. Never more than were in use at once; gone with the walk.
+ */
+const FREE_LEAF_BUFS_MAX = 64;
 
 /**
  * Walks `view` and awaits `emit` for every block born after `baseCp` (emit applies the

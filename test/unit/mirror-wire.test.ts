@@ -470,6 +470,23 @@ describe('mirror wire codec', () => {
       assert.equal(pool.takes, slabbed);
     });
 
+    it('trimIdle shrinks the free list only after an interval with no take: a stream keeps its working set, an idle receiver gives it back', () => {
+      const pool = new SlabPool(4096, 64);
+      const held = Array.from({ length: 40 }, () => pool.take(4096)!);
+      for (const s of held) pool.release(s);
+      assert.equal(pool.freeCount, 40);
+      pool.trimIdle(4); // takes happened since the last call (none before): kept
+      assert.equal(pool.freeCount, 40, 'a stream in progress keeps every idle slab');
+      pool.release(pool.take(4096)!);
+      pool.trimIdle(4);
+      assert.equal(pool.freeCount, 40, 'still taking');
+      pool.trimIdle(4); // nothing taken since the last call
+      assert.equal(pool.freeCount, 4, 'idle: trimmed to the floor');
+      const allocated = pool.allocated;
+      for (let i = 0; i < 4; i++) pool.take(4096);
+      assert.equal(pool.allocated, allocated, 'the kept ones are reused');
+    });
+
     it('a slab goes back only when its last holder releases it, and the free list keeps at most keepMax', () => {
       const pool = new SlabPool(4096, 1);
       const a = pool.take(4096)!;
