@@ -168,7 +168,7 @@ interface Conn {
   /** With rx: the last token given to rx.sendLent (tokens increase over the connection's life). */
   lentToken: number;
   /** With rx: told of each EV_SENT (every lent frame up to the token is on the socket). */
-  onSent?: (token: number) => void;
+  onSent?: ((token: number) => void) | undefined;
 }
 
 export class MirrorSource implements CpSink, ReplicaGate {
@@ -799,7 +799,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       if (!(await this.room(conn, cp))) return;
       this.send(conn, { type: MsgType.CpDeltas, cp, deltas: group });
     }
-    if (!(await this.sendBlocks(conn, cp, data.map((b) => ({ pba: b.pba, buf: b.buf }))))) return;
+    if (!(await this.sendBlocks(conn, cp, data))) return;
     ship.blocks += refs.length + deltas.length + data.length;
     this.refsSent += refs.length;
     this.deltasSent += deltas.length;
@@ -809,13 +809,19 @@ export class MirrorSource implements CpSink, ReplicaGate {
    * Sends data blocks of CP `cp` (as room() says); false when the CP was abandoned (async)
    * or the connection dropped meanwhile. (A resync's blocks go out from sendResync.)
    */
-  private async sendBlocks(conn: Conn, cp: number, blocks: { pba: number; buf: Buffer }[]): Promise<boolean> {
+  private async sendBlocks(conn: Conn, cp: number, blocks: readonly CpBlock[]): Promise<boolean> {
     for (let i = 0; i < blocks.length; i += BLOCKS_PER_FRAME_MAX) {
       if (!(await this.room(conn, cp))) return false;
       const part = blocks.slice(i, i + BLOCKS_PER_FRAME_MAX);
       // Views of the NVRAM half, which the next CP reuses while the socket may still hold them: copied.
       const data = [Buffer.concat(part.map((b) => b.buf))];
-      this.send(conn, { type: MsgType.CpBlocks, cp, pbas: part.map((b) => b.pba), data });
+      const pbas = part.map((b) => b.pba);
+      if (conn.rx && part.every((b) => b.crc !== undefined)) {
+        // Data blocks (their crc32c known): the native link sends the copy itself, no second copy or checksum pass.
+        conn.rx.sendLent({ type: MsgType.CpBlocks, cp, pbas, data, crcs: part.map((b) => b.crc!) }, ++conn.lentToken);
+      } else {
+        this.send(conn, { type: MsgType.CpBlocks, cp, pbas, data });
+      }
       this.dataBlocksSent += part.length;
     }
     return !conn.closed;
@@ -965,10 +971,19 @@ export class MirrorSource implements CpSink, ReplicaGate {
       framesWritten = n;
       while (held.length > 0 && held[0]!.upTo <= framesWritten) held.shift()!.release();
     };
-    // Native link: frame n goes out as token tokenBase + n. A buffer still lent when the
-    // walk ends is never released (the walk's own pool ends with it), so nothing reuses it.
-    const tokenBase = conn.lentToken;
-    if (conn.rx) conn.onSent = (token) => { if (token > tokenBase) written(token - tokenBase); };
+    // Native link: this walk's frames not yet reported sent, by token (increasing; other
+    // lent frames of the connection may sit between them: at most the link's queue of
+    // them): EV_SENT(t) says every one <= t is sent. A buffer still lent when the walk
+    // ends is never released (the walk's own pool ends with it), so nothing reuses it.
+    const unsent: number[] = [];
+    const onSent = (token: number): void => {
+      let k = 0;
+      while (k < unsent.length && unsent[k]! <= token) k++;
+      if (k === 0) return;
+      unsent.splice(0, k);
+      written(framesWritten + k);
+    };
+    if (conn.rx) conn.onSent = onSent;
     const flush = async (): Promise<void> => {
       if (pbas.length === 0) return;
       // The frame leaves the batch whatever happens (a dropped connection ends the walk at its next block).
@@ -982,7 +997,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
       const no = ++framesSent;
       if (conn.rx) {
         // The native link sends the blocks from the walk's buffers (no copy) and says when.
-        conn.lentToken = tokenBase + no;
+        unsent.push(++conn.lentToken);
+        assert(framesWritten + unsent.length === no, 'one token per frame of the walk');
         conn.rx.sendLent(m, conn.lentToken);
       } else {
         this.send(conn, m);
@@ -1019,6 +1035,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
       await this.commitOnDest(conn, view.cpNumber, view.slot, count, view.superblock);
     } finally {
       progress.finish();
+      // Its frames still queued stay reachable through NativeRx until sent; the walk's
+      // buffers (and its pool) go with it, not kept by this handler until the next walk.
+      if (conn.onSent === onSent) conn.onSent = undefined;
     }
     if (conn.closed) return;
     this.log.info({ baseCp, cp: view.cpNumber, blocks: count, resumedAt: skip, ms: Date.now() - t0 }, baseCp < 0 ? 'mirror baseline done' : 'mirror resync done');
