@@ -120,11 +120,11 @@ inline uint64_t Get64(const uint8_t* p) {
 inline void Put32(uint8_t* p, uint32_t v) { memcpy(p, &v, 4); }
 inline void Put64(uint8_t* p, uint64_t v) { memcpy(p, &v, 8); }
 
-// A queued frame: its bytes, or (a borrowed frame) segments of which some point into
-// `bytes` (the header, small parts) and some into memory the caller lent (see Send).
 // Parts of a frame at least this long are borrowed rather than copied (Rx::Send).
 constexpr size_t kBorrowMinBytes = 4096;
 
+// A queued frame: its bytes, or (a borrowed frame) segments of which some point into
+// `bytes` (the header, small parts) and some into memory the caller lent (see Send).
 struct OutFrame {
   RawBytes bytes;
   std::vector<iovec> segs;  // empty: the frame is `bytes`

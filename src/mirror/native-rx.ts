@@ -24,6 +24,9 @@
  *   mapping after it (the mirror may then be released and its log closed). It returns the
  *   records stored but not yet delivered, so every record the thread acknowledged reaches
  *   the log's index, however the connection ends.
+ * - A frame sent with sendLent() is read from the caller's buffers until an EV_SENT
+ *   event reaches its token or close() returned (close copies what is still queued);
+ *   this side keeps those buffers reachable until then, the caller keeps them unchanged.
  * - A granted slab is the thread's until an EV_FRAME names it (then the frame's message
  *   holds it, as a slab taken here would be) or close() returned (then it goes back to the
  *   pool): this side never reads or reuses one in between.
