@@ -11,6 +11,10 @@
 // - it disarms at the first window that ends with nothing, or when its owner says the
 //   peer is deep (an NBD client that sent more than one request since the last wait keeps
 //   the thread busy anyway: spinning would only take CPU from it and from the CPs);
+// - no thread spins while the process is paused (nbdServeBusyPollPause: the CLI pauses it
+//   while a CP runs). A spinner yields to a runnable CP thread and, itself still runnable,
+//   is not preempted back in when its request arrives: it waits out that thread's slice
+//   (docs/benchmarks.md, "Busy-poll paused during CPs");
 // - at most kSpinnersMax threads of the process spin at once (half the CPUs, at least
 //   one), and a spinning thread yields between polls, so spinning never takes every core
 //   from the work it waits on.
@@ -39,6 +43,8 @@ constexpr int64_t kBusyPollMaxUs = 1000;
 
 inline std::atomic<int64_t> gBusyPollUs{kBusyPollDefaultUs};
 inline std::atomic<int> gSpinners{0};
+// Set while the process's background work (a CP) runs: no thread spins then (see below).
+inline std::atomic<bool> gBusyPollPaused{false};
 // Process totals (nbdServeBusyPollStats): windows spun, windows that ended in input, microseconds spun.
 inline std::atomic<uint64_t> gSpinWindows{0}, gSpinHits{0}, gSpinUs{0};
 
@@ -49,7 +55,7 @@ class BusyPoller {
   // Before sleeping in poll(fds, n, ...): spins when armed and a slot is free.
   int Poll(pollfd* fds, nfds_t n) {
     const int64_t window = gBusyPollUs.load(std::memory_order_relaxed);
-    if (!armed_ || window <= 0) return 0;
+    if (!armed_ || window <= 0 || gBusyPollPaused.load(std::memory_order_relaxed)) return 0;
     static const int kSpinnersMax = std::max(1, static_cast<int>(std::thread::hardware_concurrency() / 2));
     if (gSpinners.fetch_add(1) >= kSpinnersMax) {
       gSpinners.fetch_sub(1);

@@ -13,6 +13,7 @@
 //       dups fd (the caller keeps its own); onEvents(Float64Array) gets events of
 //       kEventWidth numbers each (kinds below).
 //   nbdServeBusyPoll(us)                   the connection threads' busy-poll window (busy_poll.h; 0: off)
+//   nbdServeBusyPollPause(paused)          while true no connection thread spins (a CP runs: busy_poll.h)
 //   nbdServeBusyPollStats() -> [windows, hits, microseconds]  the process's busy-poll totals
 //   nbdServeGrant(handle, ids, buffers)    receive buffers, each for one WRITE payload <= its length
 //   nbdServeRevoke(handle) -> number[]     takes back the unclaimed buffers (their ids)
@@ -1354,6 +1355,14 @@ Napi::Value BusyPollSet(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// nbdServeBusyPollPause(paused): while true no connection thread spins; the window is kept.
+Napi::Value BusyPollPause(const Napi::CallbackInfo& info) {
+  bool paused;
+  if (!GetBool(info, 0, "nbdServeBusyPollPause", "paused", &paused)) return info.Env().Undefined();
+  gBusyPollPaused.store(paused);
+  return info.Env().Undefined();
+}
+
 // nbdServeBusyPollStats() -> [windows spun, windows that ended in input, microseconds spun]
 Napi::Value BusyPollStats(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -2093,6 +2102,7 @@ bool UnwrapAppender(const Napi::CallbackInfo& info, size_t i, const char* fn, Nv
 void InitNbdServe(Napi::Env env, Napi::Object exports) {
   exports.Set("nbdServeStart", Napi::Function::New(env, Start, "nbdServeStart"));
   exports.Set("nbdServeBusyPoll", Napi::Function::New(env, BusyPollSet, "nbdServeBusyPoll"));
+  exports.Set("nbdServeBusyPollPause", Napi::Function::New(env, BusyPollPause, "nbdServeBusyPollPause"));
   exports.Set("nbdServeBusyPollStats", Napi::Function::New(env, BusyPollStats, "nbdServeBusyPollStats"));
   exports.Set("nbdServeGrant", Napi::Function::New(env, Grant, "nbdServeGrant"));
   exports.Set("nbdServeRevoke", Napi::Function::New(env, Revoke, "nbdServeRevoke"));

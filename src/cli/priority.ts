@@ -20,7 +20,8 @@
 import * as os from 'os';
 import { addon } from '../io/native';
 import { log } from '../util/log';
-import { setCpUrgencyHandler } from '../util/urgency';
+import { pauseBusyPoll } from '../nbd/native-transmission';
+import { setCpRunningHandler, setCpUrgencyHandler } from '../util/urgency';
 
 export const BACKGROUND_NICE_DELTA = 10;
 
@@ -53,3 +54,14 @@ if (d > 0) {
     }
   });
 }
+
+// While a CP runs, the NBD connection threads do not busy-poll (native/busy_poll.h). A
+// spinning thread yields between polls; with a CP's threads runnable, the yield hands its
+// CPU to one of them and, being still runnable itself, the thread gets no wake-up
+// preemption when the next request arrives: it waits out the CP thread's time slice. At
+// QD1, that test/crash/cp-latency.test.ts's ratio (p99 of writes during CPs / outside) was
+// 1.07-3.19x over five runs, median 2.49x (a CI run failed its 3x bound at 3.17x); paused
+// during CPs, 1.43-2.9x, median 1.78x, in the same alternating runs (docs/benchmarks.md,
+// "Busy-poll paused during CPs"). The p50 during CPs moves 35 -> 37 us; outside CPs nothing
+// changes (the CPUs idle there, and spinning saves the wake-up).
+setCpRunningHandler((running) => pauseBusyPoll(running));

@@ -21,7 +21,7 @@ import { VolumeError } from '../util/errors';
 import { assert } from '../util/assert';
 import { log as logger } from '../util/log';
 import { yieldNow } from '../util/work';
-import { beginUrgentCp } from '../util/urgency';
+import { beginCp, beginUrgentCp } from '../util/urgency';
 import { commitHalf } from './commit-half';
 
 export const DEMANDS_MAX = 1024;
@@ -206,6 +206,7 @@ export class CpRunner {
   private async runOne(fn: () => Promise<CommitResult | undefined>): Promise<CommitResult | undefined> {
     const t0 = this.clock.nowMs();
     this.st.running = true;
+    const endCp = beginCp();
     const stopWatch = this.watchUrgency();
     try {
       const r = await fn();
@@ -221,6 +222,7 @@ export class CpRunner {
       return r;
     } finally {
       stopWatch();
+      endCp();
       this.st.running = false;
     }
   }

@@ -122,6 +122,7 @@ type Handle = object;
 
 interface ServeAddon {
   nbdServeBusyPoll(us: number): void;
+  nbdServeBusyPollPause(paused: boolean): void;
   nbdServeBusyPollStats(): [number, number, number];
   nbdServeStart(fd: number, leftover: Buffer, maxPayloadBytes: number, maxInflight: number, maxQueuedBytes: number, onEvents: (ev: Float64Array) => void): Handle;
   nbdServeGrant(h: Handle, ids: number[], bufs: Buffer[]): void;
@@ -171,6 +172,14 @@ export const BUSY_POLL_US_MAX = 1000;
 export function setBusyPoll(us: number): void {
   assert(Number.isInteger(us) && us >= 0 && us <= BUSY_POLL_US_MAX, `busy-poll window ${us} us`);
   serveAddon().nbdServeBusyPoll(us);
+}
+
+/**
+ * While paused no connection thread spins (the window is kept): the CLI pauses it while a
+ * CP runs (src/cli/priority.ts).
+ */
+export function pauseBusyPoll(paused: boolean): void {
+  serveAddon().nbdServeBusyPollPause(paused);
 }
 
 /** The process's busy-poll totals: windows spun, those that ended in a request (or a wake), microseconds spun. */

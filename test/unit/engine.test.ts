@@ -17,7 +17,7 @@ import { EXTENT_HOLE, EXTENT_ZERO } from '../../src/volume/types';
 import { isVolumeError } from '../../src/util/errors';
 import * as os from 'os';
 import * as native from '../../src/io/native';
-import { beginUrgentCp, setCpUrgencyHandler, urgentCpCount } from '../../src/util/urgency';
+import { beginCp, beginUrgentCp, runningCpCount, setCpRunningHandler, setCpUrgencyHandler, urgentCpCount } from '../../src/util/urgency';
 import { URGENT_ACTIVE_FILL } from '../../src/cp/runner';
 import type { BlockDevice } from '../../src/io/types';
 
@@ -169,6 +169,35 @@ describe('engine volume', () => {
       assert.equal(native.addon().setNice(os.getPriority()), true);
     } finally {
       setCpUrgencyHandler(undefined);
+    }
+  });
+
+  it('every CP tells the running handler as it begins and ends; counted per process, a throwing handler dropped', async () => {
+    const seen: Array<[boolean, number]> = [];
+    setCpRunningHandler((on) => seen.push([on, runningCpCount()]));
+    try {
+      const rig = await makeRig(2 * 1024 * 1024, 256 * 1024);
+      const v = await EngineVolume.open({ tree: await BlockTree.open(rig.dev), region: rig.nvram, readOnly: false, cpIntervalMs: 0 });
+      await v.write(0, pattern(0, BS), false);
+      await v.checkpoint();
+      assert.deepEqual(seen, [[true, 1], [false, 0]], 'told once as the CP began, once as it ended');
+      const outer = beginCp(); // another volume's CP, still running
+      await v.write(BS, pattern(1, BS), false);
+      await v.checkpoint();
+      assert.deepEqual(seen.length, 3, 'a second CP while one runs is not a change');
+      outer();
+      outer(); // counted once
+      assert.deepEqual(seen, [[true, 1], [false, 0], [true, 1], [false, 0]]);
+      setCpRunningHandler(() => {
+        throw new Error('no');
+      });
+      await v.write(2 * BS, pattern(2, BS), false);
+      await v.checkpoint(); // logged, dropped: the CP commits
+      assert.equal(runningCpCount(), 0);
+      assert.ok((await v.read(2 * BS, BS)).equals(pattern(2, BS)));
+      await v.close();
+    } finally {
+      setCpRunningHandler(undefined);
     }
   });
 

@@ -29,7 +29,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { NbdServer } from '../../src/nbd/server';
-import { BUSY_POLL_US_DEFAULT, BUSY_POLL_US_MAX, busyPollStats, setBusyPoll } from '../../src/nbd/native-transmission';
+import { BUSY_POLL_US_DEFAULT, BUSY_POLL_US_MAX, busyPollStats, pauseBusyPoll, setBusyPoll } from '../../src/nbd/native-transmission';
 import { StaticExports } from '../../src/volume/exports';
 import { createLogger } from '../../src/util/log';
 import { addon } from '../../src/io/native';
@@ -1290,6 +1290,30 @@ describe('native NBD transmission: busy-poll at low queue depth', function () {
       await stopRig(r1);
       setBusyPoll(BUSY_POLL_US_DEFAULT);
     }
+  });
+
+  it('paused (a CP runs), no thread spins at any window; resumed, the window spins again', async () => {
+    const r = await startRig('memory', true, BUSY_POLL_US_MAX);
+    try {
+      pauseBusyPoll(true);
+      const before = busyPollStats();
+      await writeOneAtATime(r, 200);
+      assert.equal(busyPollStats().windows, before.windows, 'no busy-poll window while paused');
+      pauseBusyPoll(false);
+      const mid = busyPollStats();
+      await writeOneAtATime(r, 200);
+      assert.ok(busyPollStats().windows > mid.windows, 'windows spun again after the pause');
+    } finally {
+      pauseBusyPoll(false);
+      await stopRig(r);
+      setBusyPoll(BUSY_POLL_US_DEFAULT);
+    }
+  });
+
+  it('the addon refuses a pause that is not a boolean', () => {
+    const raw = addon() as unknown as Record<string, (...a: unknown[]) => unknown>;
+    for (const bad of [0, 1, 'true', undefined, null]) assert.throws(() => raw['nbdServeBusyPollPause']!(bad), /nbdServeBusyPollPause: paused must be a boolean/, String(bad));
+    pauseBusyPoll(false);
   });
 
   it('the addon refuses a window that is not an integer in [0, 1000] microseconds', () => {
