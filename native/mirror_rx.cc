@@ -406,10 +406,8 @@ class Rx : public RecordForwarder {
     }
     for (size_t i = 0; i < nCrcs; i++) c = Crc32cExtendBlock(c, blockCrcs[i]);
     Put32(b + 20, c);
-    EnqueueLocked(type, std::move(f));
-    FlushLocked();
-    if (!sendq_.empty()) WakeLocked();
-    PostLocked();  // a kEvSent from the flush above
+    SendNowLocked(type, std::move(f));
+    PostLocked();  // a kEvSent from the flush in SendNowLocked
     return static_cast<int64_t>(kHeaderBytes + len);
   }
 
@@ -877,6 +875,11 @@ class Rx : public RecordForwarder {
     WriteHeader(type, &f);
     uint8_t* b = f.Head();
     Put32(b + 20, Crc32cSeededWide(Crc32cSeeded(0, b, 20), b + kHeaderBytes, f.Size() - kHeaderBytes));
+    SendNowLocked(type, std::move(f));
+  }
+
+  // Queues a complete frame and sends what the socket takes now; the thread sends the rest.
+  void SendNowLocked(uint8_t type, OutFrame&& f) {
     EnqueueLocked(type, std::move(f));
     FlushLocked();
     if (!sendq_.empty()) WakeLocked();
