@@ -289,9 +289,8 @@ export class CpWriter {
       }
       // The old versions of a batch's nodes are read (one batch off the event loop) while
       // the batch before it is edited.
-      const fetch = (ks: number[]): Promise<(Buffer | null)[]> => this.verified.readNodesForEdit(ks.map((k) => lvl.oldPtr[k] ?? null), l, ks.map((k) => lvl.index[k]!));
       const fetchStarted = (ks: number[]): Promise<(Buffer | null)[]> => {
-        const f = fetch(ks);
+        const f = this.verified.readNodesForEdit(ks.map((k) => lvl.oldPtr[k] ?? null), l, ks.map((k) => lvl.index[k]!));
         started.push(f);
         return f;
       };
