@@ -10,13 +10,14 @@
  * - Only data blocks (those with a crc) are referenced, and only when `referable(seq)`
  *   says the destination will hold that record when it reads the reference.
  * - A delta is computed against exactly the block the destination holds at prevPba (the
- *   committed version, read from this device before the CP that replaces it is durable).
+ *   committed version, read from this device before the CP that replaces it is durable),
+ *   or built from the words the tree says it changed (changedRuns: the rest equals it).
  * - Frames stay under their caps: references in groups of REFS_PER_FRAME_MAX, deltas in
  *   groups whose entries fit DELTAS_RAW_MAX_BYTES.
  */
 import { crc32cWide } from '../io/native';
 import type { CpBlock } from '../tree/types';
-import { DELTA_FROM_ZEROES, encodeDelta } from './delta';
+import { DELTA_FROM_ZEROES, encodeDelta, encodeDeltaRuns } from './delta';
 import { DELTAS_PER_FRAME_MAX, DELTAS_RAW_MAX_BYTES, REFS_PER_FRAME_MAX, deltaEntryBytes, type CpDelta, type CpRef } from './wire';
 
 const ZERO_BLOCK = Buffer.alloc(4096);
@@ -47,12 +48,17 @@ export async function encodeCpBlocks(
       else out.data.push(b);
       continue;
     }
-    let prev = b.prev;
-    if (!prev && b.prevPba !== undefined) {
-      await readRaw(b.prevPba, 1, prevBuf);
-      prev = prevBuf;
+    let delta: Buffer | undefined;
+    if (b.prevPba !== undefined && b.changedRuns) {
+      delta = encodeDeltaRuns(b.buf, b.changedRuns); // the tree says where it edited
+    } else {
+      let prev: Buffer | undefined;
+      if (b.prevPba !== undefined) {
+        await readRaw(b.prevPba, 1, prevBuf);
+        prev = prevBuf;
+      }
+      delta = encodeDelta(prev ?? ZERO_BLOCK, b.buf);
     }
-    const delta = encodeDelta(prev ?? ZERO_BLOCK, b.buf);
     if (delta) out.deltas.push({ pba: b.pba, prevPba: b.prevPba ?? DELTA_FROM_ZEROES, crc: crc32cWide(b.buf), delta });
     else out.data.push(b);
   }

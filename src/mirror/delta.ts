@@ -44,6 +44,39 @@ export function encodeDelta(prev: Buffer, next: Buffer): Buffer | undefined {
   return d;
 }
 
+/**
+ * The delta to `next` from a previous block that equals it outside `runs` (word runs:
+ * firstWord, wordCount pairs, increasing, not overlapping: CpBlock.changedRuns), without
+ * the previous block: each run travels whole. Undefined when it would exceed DELTA_MAX_BYTES.
+ */
+export function encodeDeltaRuns(next: Buffer, runs: readonly number[]): Buffer | undefined {
+  if (next.length !== BLOCK_BYTES) throw new RangeError('deltas are between 4 KiB blocks');
+  if (runs.length % 2 !== 0) throw new RangeError('word runs come in (first, count) pairs');
+  let size = 0;
+  let minWord = 0;
+  for (let i = 0; i < runs.length; i += 2) {
+    const first = runs[i]!;
+    const count = runs[i + 1]!;
+    if (!(Number.isInteger(first) && Number.isInteger(count) && count > 0 && first >= minWord && first + count <= WORDS)) {
+      throw new RangeError(`word run (${first}, ${count}) out of order or out of the block`);
+    }
+    minWord = first + count;
+    size += RUN_HEADER_BYTES + count * WORD_BYTES;
+  }
+  if (size > DELTA_MAX_BYTES) return undefined;
+  const d = Buffer.allocUnsafe(size); // small: from Node's pool
+  let at = 0;
+  for (let i = 0; i < runs.length; i += 2) {
+    const first = runs[i]!;
+    const count = runs[i + 1]!;
+    d.writeUInt16LE(first, at);
+    d.writeUInt16LE(count, at + 2);
+    next.copy(d, at + RUN_HEADER_BYTES, first * WORD_BYTES, (first + count) * WORD_BYTES);
+    at += RUN_HEADER_BYTES + count * WORD_BYTES;
+  }
+  return d;
+}
+
 /** The same encoder in TypeScript: the reference the native one is tested against. */
 export function encodeDeltaJs(prev: Buffer, next: Buffer): Buffer | undefined {
   if (prev.length !== BLOCK_BYTES || next.length !== BLOCK_BYTES) throw new RangeError('deltas are between 4 KiB blocks');

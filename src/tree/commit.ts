@@ -37,7 +37,7 @@ import { assert } from '../util/assert';
 import { log } from '../util/log';
 import { crc32cBlock } from '../io/checksum';
 import {
-  BLOCK, BlockPtr, FANOUT, MAX_SNAPSHOTS, NODE_TYPE_DATA_TREE, RING_SLOTS, SnapshotRecord, encodePtr, ptrSlotOffset,
+  BLOCK, BlockPtr, FANOUT, MAX_SNAPSHOTS, NODE_TYPE_DATA_TREE, RING_SLOTS, SnapshotRecord, encodePtr, nodeEditRuns, ptrSlotOffset,
   snapshotNameProblem, writeNodeHeader,
 } from './layout';
 import type { NodeCache } from './node-cache';
@@ -348,12 +348,13 @@ export class CpWriter {
     const index = lvl.index[k]!;
     const oldPtr = lvl.oldPtr[k]!;
     assert((old === null) === (oldPtr === null), 'an old node for every old pointer');
-    // A node read for this edit (not the cache's buffer) is ours to change, unless a
-    // mirror is shipping the CP (it deltas against the old contents; without them it
-    // would read the old block back). Random writes over a large volume touch a new
-    // leaf per block: a copy each was 4 KiB of garbage per block per CP.
-    const inPlace = old !== null && oldPtr !== null && !shipping && this.cache.peek(oldPtr) !== old;
+    // A node read for this edit (not the cache's buffer) is ours to change. Random writes
+    // over a large volume touch a new leaf per block: a copy each was 4 KiB of garbage per
+    // block per CP. A mirror shipping the CP gets the words the edit changed instead of
+    // the old contents (its delta against the committed block: changedRuns).
+    const inPlace = old !== null && oldPtr !== null && this.cache.peek(oldPtr) !== old;
     const buf = old ? (inPlace ? old : Buffer.from(old)) : Buffer.alloc(BLOCK);
+    const slots: number[] | undefined = shipping && old ? [] : undefined;
     // Whether the node ends up empty: certain not when the CP writes a pointer into
     // it (the common case), otherwise its slots are counted after the edit.
     let wrotePtr = false;
@@ -366,6 +367,7 @@ export class CpWriter {
       }
       const np = below ? below.newPtr[x]! : dataPtrs[x]!;
       encodePtr(buf, off, np);
+      slots?.push(slot);
       if (np) wrotePtr = true;
     }
     const present = wrotePtr ? 1 : countPresent(buf);
@@ -383,7 +385,7 @@ export class CpWriter {
     writeNodeHeader(buf, { type: NODE_TYPE_DATA_TREE, level: l, index }, pba, cp, this.uuidBytes);
     const ptr: BlockPtr = { pba, birth: cp, crc: crc32cBlock(buf) };
     lvl.newPtr[k] = ptr;
-    const block: CpBlock = old && oldPtr ? (inPlace ? { pba, buf, prevPba: oldPtr.pba } : { pba, buf, prevPba: oldPtr.pba, prev: old }) : { pba, buf };
+    const block: CpBlock = old && oldPtr ? (slots ? { pba, buf, prevPba: oldPtr.pba, changedRuns: nodeEditRuns(slots) } : { pba, buf, prevPba: oldPtr.pba }) : { pba, buf };
     // Safe before the CP is durable: only a pointer with this pba, birth and crc can hit it.
     this.cache.put(ptr, buf);
     return block;

@@ -69,6 +69,31 @@ export function ptrSlotOffset(slot: number): number {
   return NODE_HEADER_BYTES + slot * PTR_BYTES;
 }
 
+const WORD_BYTES = 8;
+/** The header's words that differ between two versions of one node: its pba and its birth CP (bytes 8-23). */
+const HEADER_CHANGED_WORDS: readonly [number, number] = [1, 2];
+
+/**
+ * Where a node rewritten at `slots` (encodePtr there, then writeNodeHeader with the same
+ * id) can differ from its previous version: 8-byte word runs as (firstWord, wordCount)
+ * pairs, increasing and not overlapping. Every other word is what the old version held
+ * (writeNodeHeader writes the same magic, type, level, uuid, index and fan-out).
+ */
+export function nodeEditRuns(slots: readonly number[]): number[] {
+  assert(NODE_HEADER_BYTES % WORD_BYTES === 0 && PTR_BYTES % WORD_BYTES === 0, 'slots on word boundaries');
+  const runs: number[] = [...HEADER_CHANGED_WORDS];
+  const sorted = slots.length > 1 ? [...slots].sort((a, b) => a - b) : slots;
+  for (const slot of sorted) {
+    const first = ptrSlotOffset(slot) / WORD_BYTES;
+    const count = PTR_BYTES / WORD_BYTES;
+    const end = runs[runs.length - 2]! + runs[runs.length - 1]!;
+    if (first < end) continue; // the same slot twice
+    if (first === end) runs[runs.length - 1] = runs[runs.length - 1]! + count;
+    else runs.push(first, count);
+  }
+  return runs;
+}
+
 export function encodePtr(buf: Buffer, off: number, p: BlockPtr | null): void {
   if (p === null) {
     buf.fill(0, off, off + PTR_BYTES);

@@ -38,9 +38,14 @@ export interface CpBlock {
   origin?: BlockOrigin;
   /** Set on data blocks (their crc32c), absent on metadata blocks. */
   crc?: number;
-  /** Metadata blocks: the committed block this one replaces (a mirror may send a delta against it), and its contents if at hand. */
+  /** Metadata blocks: the committed block this one replaces (a mirror may send a delta against it). */
   prevPba?: number;
-  prev?: Buffer;
+  /**
+   * With prevPba: where this block may differ from the block at prevPba, as 8-byte word
+   * runs (firstWord, wordCount pairs, increasing, not overlapping); every word outside
+   * them is equal. Absent: compare the two blocks.
+   */
+  changedRuns?: number[];
 }
 
 /**

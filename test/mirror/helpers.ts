@@ -41,6 +41,7 @@ export interface MirrorStats {
   destCp: number;
   rootsEqual: boolean;
   refsSent: number;
+  deltasSent: number;
   connected: boolean;
   lastError?: string;
   heldSeq: number;

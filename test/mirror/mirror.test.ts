@@ -163,12 +163,16 @@ describe('mirror: two hosts (network namespaces)', function () {
       if (mode === 'sync') {
         const m = sourceStatus(s.src)!;
         assert.ok(m.refsSent > 0, 'sync CPs sent no block as a reference');
+        // Address blocks travel as deltas (a sync CP's edited nodes: from the tree's word runs).
+        assert.ok(m.deltasSent > 0, 'sync CPs sent no block as a delta');
       }
       // Every CP the destination committed came back with a root equal to the source's.
       const m = sourceStatus(s.src)!;
       assert.ok(m.cpsAcknowledged >= 3, `only ${m.cpsAcknowledged} CPs acknowledged`);
       assert.strictEqual(m.rootMismatches, 0);
       const rxLog = fs.readFileSync(path.join(tmp, 'rx.log'), 'utf8');
+      // Converged without a stream refused on the way (a bad delta or reference would be, then resynced).
+      assert.doesNotMatch(rxLog, /refused the stream/);
       assert.strictEqual(/mirror stream on the native receive thread/.test(rxLog), !eventLoop, `the receiver ${eventLoop ? 'used' : 'did not use'} its native thread`);
       if (mode === 'sync' && !eventLoop) {
         // The same figures in the Prometheus exposition.
