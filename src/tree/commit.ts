@@ -337,10 +337,10 @@ export class CpWriter {
   }
 
   /**
-   * One address block of a CP (node k of level l): a copy of its old version (or, when
-   * nothing else holds that buffer and no mirror ships the CP, the old version itself), or
-   * an empty node, with the CP's pointers written in, the data blocks it replaces freed,
-   * stamped and checksummed. Null when the node ends up empty (its block is given back).
+   * One address block of a CP (node k of level l): its old version (a copy when the node
+   * cache holds that buffer), or an empty node, with the CP's pointers written in, the
+   * data blocks it replaces freed, stamped and checksummed; with a mirror shipping the CP,
+   * the word runs it changed (changedRuns). Null when the node ends up empty (its block is given back).
    * Synchronous and apart from writeCp: V8 compiles and recompiles it on its own (it was
    * most of writeCp's 80-200 ms Turbofan compiles, repeated as writeCp deoptimized).
    */
