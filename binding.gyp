@@ -12,7 +12,8 @@
         "native/nbd_serve.cc",
         "native/delta.cc",
         "native/mirror_rx.cc",
-        "native/priority.cc"
+        "native/priority.cc",
+        "native/log_writer.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_DISABLE_CPP_EXCEPTIONS"],

@@ -135,6 +135,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   nvm::InitNbdServe(env, exports);
   nvm::InitDelta(env, exports);
   nvm::InitMirrorRx(env, exports);
+  nvm::InitLogWriter(env, exports);
   return exports;
 }
 

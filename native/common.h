@@ -129,6 +129,7 @@ void InitParity(Napi::Env env, Napi::Object exports);
 void InitNbdServe(Napi::Env env, Napi::Object exports);
 void InitDelta(Napi::Env env, Napi::Object exports);
 void InitMirrorRx(Napi::Env env, Napi::Object exports);
+void InitLogWriter(Napi::Env env, Napi::Object exports);
 void InitPriority(Napi::Env env, Napi::Object exports);
 
 // Makes the launcher thread (priority.cc) if it does not exist yet: before anything lowers

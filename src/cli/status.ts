@@ -105,6 +105,7 @@ function formatServed(s: VolumeStatus): string[] {
   for (const u of srv?.uris ?? []) lines.push(`           ${u}`);
   if (srv?.exports) lines.push(`exports    ${srv.exports.length > 0 ? srv.exports.map((e) => (e === '' ? '"" (the default)' : e)).join(', ') : 'none'}`);
   if (srv?.clients !== undefined) lines.push(`clients    ${srv.clients} connected`);
+  if ((srv?.logDroppedLines ?? 0) > 0) lines.push(`log        ${srv!.logDroppedLines} line(s) dropped: the server's stderr was not read fast enough`);
   return lines;
 }
 

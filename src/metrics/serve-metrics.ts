@@ -14,6 +14,7 @@ import { serveMetrics, type MetricsEndpoint } from './http';
 import { NbdMetrics } from './nbd-metrics';
 import { MetricsRegistry } from './registry';
 import { registerEngineMetrics } from './volume-metrics';
+import { logDroppedLines } from '../util/log';
 
 export interface ServeMetrics {
   readonly registry: MetricsRegistry;
@@ -30,7 +31,11 @@ export async function startServeMetrics(listen: { host: string; port: number }, 
   if (volume instanceof EngineVolume) registerEngineMetrics(registry, volume);
   const rss = registry.gauge('process_resident_memory_bytes', 'Resident memory size').labels();
   registry.gauge('process_start_time_seconds', 'Start time of the process since the Unix epoch').labels().set(Math.round(Date.now() / 1000 - process.uptime()));
-  registry.onCollect(() => rss.set(process.memoryUsage.rss()));
+  const logDropped = registry.counter('nvmirror_log_lines_dropped_total', "Log lines dropped because the server's stderr was not read fast enough (its queue full)").labels();
+  registry.onCollect(() => {
+    rss.set(process.memoryUsage.rss());
+    logDropped.setTotal(logDroppedLines());
+  });
   const endpoint = await serveMetrics(registry, listen.host, listen.port);
   const h = endpoint.address.address.includes(':') ? `[${endpoint.address.address}]` : endpoint.address.address;
   return { registry, nbd, endpoint, url: `http://${h}:${endpoint.address.port}/metrics`, close: () => endpoint.close() };

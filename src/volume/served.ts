@@ -10,7 +10,7 @@
  */
 import { BlockTree } from '../tree/tree';
 import type { BlockErrorCounts, CpPhases } from '../tree/types';
-import { log as logger } from '../util/log';
+import { logDroppedLines, log as logger } from '../util/log';
 import { EngineVolume, type ServedBy } from './engine';
 import { type ControlRequest } from './engine-control';
 import { journalPendingText } from '../raid/journal-file';
@@ -40,7 +40,7 @@ export interface VolumeStatus {
   lastCp?: { cpNumber: number; durationMs: number; dataBlocks: number; blocksWritten: number; blocksFreed: number; phases: CpPhases };
   nvram: { path: string; sizeBytes: number; usedBytes: number; fillPercent: number; epoch: number; lastSeq: number; durableSeq: number; unreplayedRecords: number };
   /** The serving process (absent when not served): its pid, and its URIs, exports and clients when it serves over NBD. */
-  server?: { pid: number } & Partial<ServedBy>;
+  server?: { pid: number; logDroppedLines?: number } & Partial<ServedBy>;
   /** Reads refused since the volume was opened (by the serving process, or by this status). */
   errors: BlockErrorCounts;
   /** Whole-block READs the NBD threads answered from the block map (hits) or passed on (misses), and those the native read pool read from the disk (poolReads), this session. */
@@ -109,7 +109,7 @@ export function engineStatus(dir: string, label: VolumeLabel, volume: EngineVolu
       durableSeq: s.nvlog.durableSeq,
       unreplayedRecords: s.readOnly ? s.replay.records : 0,
     },
-    ...(served ? { server: { pid: process.pid, ...(volume.servedBy?.() ?? {}) } } : {}),
+    ...(served ? { server: { pid: process.pid, ...(volume.servedBy?.() ?? {}), logDroppedLines: logDroppedLines() } } : {}),
     errors: s.tree.errors,
     ...(served && s.threadReads ? { threadReads: s.threadReads } : {}),
     ...(served && s.threadWrites !== undefined ? { threadWrites: s.threadWrites } : {}),

@@ -14,7 +14,7 @@ import * as fs from 'fs';
 import * as crypto from 'crypto';
 import * as net from 'net';
 import * as path from 'path';
-import { MiB, NVMIRROR_BIN, cleanupAll, makeTempDir, requireTools, run, runOk, sleep, startServer } from './harness';
+import { MiB, NVMIRROR_BIN, cleanupAll, makeTempDir, requireTools, run, runOk, sha256File, sleep, startServer, writeRandomFile } from './harness';
 import { CMD, RawConn, negotiate, nextCookie, request, simpleRead, targetOf } from './rawnbd';
 
 async function serveFails(args: string[]): Promise<string> {
@@ -107,6 +107,90 @@ describe('e2e serve command line (issue 11 points 13, 18)', function () {
       assert.match(server.stderr(), /"why":"protocol violation: bad request magic/);
     } finally {
       assert.equal(await server.stop(), 0);
+    }
+  });
+
+  it('keeps serving, CPs included, while nobody reads its stderr (a full pipe)', async function () {
+    requireTools(this, 'nbdcopy', 'mkfifo');
+    this.timeout(120_000);
+    const dir = makeTempDir('nvm-e2e-logpipe-');
+    const vol = path.join(dir, 'vol');
+    await runOk(process.execPath, [NVMIRROR_BIN, 'create', vol, '--size', String(64 * MiB), '--nvram-size', '16M'], { timeoutMs: 60_000 });
+    // stderr is a FIFO whose reader never reads until the end, filled to the brim before
+    // the server starts: with a blocking log write the server's first line would wait forever.
+    const fifo = path.join(dir, 'stderr.fifo');
+    await runOk('mkfifo', [fifo]);
+    const reader = fs.openSync(fifo, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
+    const filler = fs.openSync(fifo, fs.constants.O_WRONLY | fs.constants.O_NONBLOCK);
+    const chunk = Buffer.alloc(4096, 0x20);
+    chunk[4095] = 0x0a;
+    let filled = 0;
+    for (;;) {
+      try {
+        filled += fs.writeSync(filler, chunk);
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code === 'EAGAIN') break;
+        throw e;
+      }
+    }
+    fs.closeSync(filler);
+    assert.ok(filled >= 4096, 'the pipe took some filler');
+    const errFd = fs.openSync(fifo, fs.constants.O_WRONLY);
+    const sock = path.join(dir, 'nbd.sock');
+    const child = spawn(process.execPath, [NVMIRROR_BIN, 'serve', vol, '--socket', sock, '--log-level', 'debug'], {
+      stdio: ['ignore', 'pipe', errFd],
+    });
+    fs.closeSync(errFd);
+    const readAll = (): string => {
+      const buf = Buffer.alloc(1 << 20);
+      let out = '';
+      for (;;) {
+        let n = 0;
+        try {
+          n = fs.readSync(reader, buf, 0, buf.length, null);
+        } catch (e) {
+          if ((e as NodeJS.ErrnoException).code === 'EAGAIN') return out;
+          throw e;
+        }
+        if (n === 0) return out;
+        out += buf.subarray(0, n).toString('utf8');
+      }
+    };
+    try {
+      const uri = await new Promise<string>((resolve, reject) => {
+        let out = '';
+        child.stdout!.setEncoding('utf8');
+        child.stdout!.on('data', (s: string) => {
+          out += s;
+          const m = /nbd\+unix:\/\/\S+/.exec(out);
+          if (m) resolve(m[0]);
+        });
+        child.on('exit', (code) => reject(new Error(`serve exited ${code} before printing its URI`)));
+      });
+      // 64 MiB (the whole volume) through a 16 MiB NVRAM: several CPs, each logging at debug level.
+      const src = path.join(dir, 'src.img');
+      writeRandomFile(src, 64 * MiB, 77);
+      await runOk('nbdcopy', [src, uri], { timeoutMs: 60_000 });
+      const back = path.join(dir, 'back.img');
+      await runOk('nbdcopy', [uri, back], { timeoutMs: 60_000 });
+      assert.equal(sha256File(back), sha256File(src), 'the data read back is the data written');
+      const st = JSON.parse(await runOk(process.execPath, [NVMIRROR_BIN, 'status', vol, '--json'], { timeoutMs: 30_000 })) as { server?: { logDroppedLines?: number } };
+      assert.equal(st.server?.logDroppedLines, 0, 'status counts dropped log lines (none: the queue held them)');
+      // The reader comes back: the filler, then the server's lines, CPs included.
+      let text = '';
+      for (let i = 0; i < 200 && !/consistency point committed/.test(text); i++) {
+        text += readAll();
+        await sleep(20);
+      }
+      assert.match(text, /consistency point committed/, 'the CPs ran (and logged) while stderr was full');
+      child.kill('SIGTERM');
+      const code = await new Promise<number | null>((r) => (child.exitCode !== null ? r(child.exitCode) : child.on('exit', (c) => r(c))));
+      text += readAll();
+      assert.equal(code, 0, text.slice(-2000));
+      assert.doesNotMatch(text, /droppedLines/, 'nothing was dropped: the queue held the lines until the reader came back');
+    } finally {
+      child.kill('SIGKILL');
+      fs.closeSync(reader);
     }
   });
 
