@@ -64,6 +64,8 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <chrono>
+#include <condition_variable>
 #include <atomic>
 #include <cstring>
 #include <deque>
@@ -267,6 +269,8 @@ class Rx : public RecordForwarder {
         if (n == 0) {
           std::lock_guard<std::mutex> l(mu_);
           eof_ = true;
+          linkDown_ = true;  // no more acks: a FLUSH waiting for one goes to TypeScript
+          durCv_.notify_all();
           if (!stop_) Emit({kEvEof});
           PostLocked();
         } else if (n < 0) {
@@ -287,6 +291,7 @@ class Rx : public RecordForwarder {
     }
     std::lock_guard<std::mutex> l(mu_);
     ended_ = true;
+    durCv_.notify_all();
     ::shutdown(fd_, SHUT_RDWR);
     ::close(fd_);
     fd_ = -1;
@@ -455,6 +460,30 @@ class Rx : public RecordForwarder {
     if (!sendq_.empty() && !stop_ && !ended_) WakeLocked();
   }
 
+  // A flush round of the NBD threads (nv_append.h): the DURABLE_REQ goes behind every
+  // record queued here so far, so the destination has them all when it answers.
+  uint64_t RequestDurable(uint64_t seq) override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!source_ || stop_ || ended_ || linkDown_ || sendErr_ != 0) return 0;
+    uint64_t target = std::max(seq, ackHeld_);
+    if (target == 0) target = 1;  // 0 means "cannot": seq 0 is never a record
+    if (target <= ackDurable_ || target <= durReqSent_) return target;
+    durReqSent_ = target;
+    durables_++;
+    OutFrame f;
+    f.bytes.resize(kHeaderBytes + 8);
+    Put64(f.bytes.data() + kHeaderBytes, target);
+    QueueLocked(kTypeDurableReq, std::move(f));
+    return target;
+  }
+
+  bool WaitDurable(uint64_t target, int timeoutMs) override {
+    std::unique_lock<std::mutex> l(mu_);
+    durCv_.wait_for(l, std::chrono::milliseconds(timeoutMs),
+                    [&] { return ackDurable_ >= target || stop_ || ended_ || linkDown_ || sendErr_ != 0; });
+    return ackDurable_ >= target;
+  }
+
   bool SourceMode() const { return source_; }
 
   // Stops the appender forwarding here and releasing from here (not under mu_: the
@@ -527,6 +556,7 @@ class Rx : public RecordForwarder {
     app_.reset();
     if (stop_) return stored;
     stop_ = true;
+    durCv_.notify_all();
     flushOnStop_ = flush;
     stopDeadlineMs_ = NowMs() + lingerMs;
     bodies_.clear();
@@ -537,8 +567,9 @@ class Rx : public RecordForwarder {
 
   static constexpr int kStats = 8 + kTypes;
   // bytes in, bytes out, records stored, bytes queued to send, records forwarded, the
-  // highest record seq queued, fdatasyncs for DURABLE_REQs answered here, records stored
-  // with pwritev, then the frame bytes queued per type.
+  // highest record seq queued, fdatasyncs for DURABLE_REQs answered here (a source's link:
+  // DURABLE_REQs the NBD threads' FLUSHes sent), records stored with pwritev, then the
+  // frame bytes queued per type.
   void Stats(double* out) {
     std::lock_guard<std::mutex> l(mu_);
     out[0] = static_cast<double>(rxBytes_);
@@ -678,6 +709,11 @@ class Rx : public RecordForwarder {
     {
       std::lock_guard<std::mutex> l(mu_);
       releaseTo_ = std::max(releaseTo_, std::min(Get64(body), fwdTop_));
+      ackHeld_ = std::max(ackHeld_, Get64(body));
+      if (Get64(body + 8) > ackDurable_) {
+        ackDurable_ = Get64(body + 8);
+        durCv_.notify_all();
+      }
       size_t n = events_.size();
       if (n >= kEventWidth && events_[n - kEventWidth] == kEvFrame && events_[n - kEventWidth + 1] == kTypeRecordAck &&
           events_[n - kEventWidth + 3] == 0 && !bodies_.empty() && bodies_.back().size() == 24) {
@@ -841,6 +877,8 @@ class Rx : public RecordForwarder {
   }
 
   void ErrorLocked(const std::string& why, bool protocol) {
+    linkDown_ = true;
+    durCv_.notify_all();
     if (failed_) return;
     failed_ = true;
     grant_ = false;
@@ -1005,6 +1043,12 @@ class Rx : public RecordForwarder {
   uint32_t salt_ = 0, stream_ = 0;
   uint64_t nextRecSeq_ = 0, top_ = 0;
   uint64_t tsHeld_ = 0, tsDurable_ = 0, tsStoredFrom_ = 0;
+  // Source mode, under mu_: the destination's newest acknowledged held and durable marks,
+  // the last DURABLE_REQ the threads' FLUSHes sent, and their waits (durCv_). linkDown_:
+  // an error ended the stream (set under mu_, unlike the thread's own failed_).
+  uint64_t ackHeld_ = 0, ackDurable_ = 0, durReqSent_ = 0;
+  std::condition_variable durCv_;
+  bool linkDown_ = false;
   // DURABLE_REQs answered here: the log file's descriptor, the seq made durable through,
   // fdatasyncs done; durWanted_ belongs to the thread (set and cleared in one parse pass).
   int durFd_ = -1;

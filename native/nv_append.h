@@ -46,9 +46,12 @@
 //   the next record is appended, so the link sends records in seq order; an append whose
 //   frame does not fit the link's queue is refused (TypeScript takes the WRITE). The frame
 //   and its block checksums are made before mu_ is taken (from the client's buffer).
-// - FLUSH (SetFlushFile, Flush): only while TypeScript has set a file (the log is running
-//   and no replica must also hold the records: a sync mirror's FLUSH waits for its durable
-//   ack, which only TypeScript sees). The thread makes the whole region durable with
+// - FLUSH (SetFlushFile, Flush): only while TypeScript has set a file (the log is running;
+//   with a replica that must hold the records too, a sync mirror, only while its native
+//   link forwards here: the round then also asks the link for the destination's durable
+//   ack, RecordForwarder::RequestDurable/WaitDurable, and answers only with both; without
+//   the link, or if the link cannot tell within kReplicaDurableWaitMs, the FLUSH goes to
+//   TypeScript, which waits for that ack itself). The thread makes the whole region durable with
 //   fdatasync on a descriptor of its own to the NVRAM file: every record in the region
 //   when it starts, so every WRITE answered before the FLUSH was read, whoever appended it
 //   (the log appends into the same mapping). Its own open file, not the mapping's: the
@@ -73,6 +76,7 @@
 #include <memory>
 #include <mutex>
 #include <vector>
+#include <utility>
 
 #include <fcntl.h>
 #include <sys/uio.h>
@@ -105,6 +109,15 @@ class RecordForwarder {
   virtual void Forward(uint64_t seq, uint64_t off, uint64_t len, RawBytes&& frame, const uint32_t* blockCrcs) = 0;
   // Has the link send what is queued (called after the appender's mutex is released).
   virtual void Kick() = 0;
+  // A FLUSH on the NBD threads (the appender's flush round): asks the destination to make
+  // durable every record <= max(seq, the newest held mark it acknowledged), with a
+  // DURABLE_REQ queued behind every record queued on the link so far. Returns that target
+  // (what WaitDurable waits for), or 0 if the link is closing or failed (TypeScript answers
+  // the FLUSH). Not under the appender's mutex.
+  virtual uint64_t RequestDurable(uint64_t seq) = 0;
+  // Waits until the destination acknowledged records <= target durable (true), or the link
+  // ends or fails, or timeoutMs passes (false: TypeScript answers the FLUSH).
+  virtual bool WaitDurable(uint64_t target, int timeoutMs) = 0;
 };
 
 // A connection thread's held WRITE replies: Settle answers those with seq <= released
@@ -231,7 +244,9 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
   // 1 pays no hand-off): as Flush, or 2 = busy (SubmitFlush it, to share the next round).
   int FlushIfIdle() {
     std::unique_lock<std::mutex> l(mu_);
-    if (flushUsers_ > 0 || !flushQ_.empty()) return 2;
+    // Under a replica the round waits for a round trip: not on the connection's thread,
+    // whose held WRITE replies would wait behind it.
+    if (flushUsers_ > 0 || !flushQ_.empty() || gate_) return 2;
     int rc = RoundLocked(l);
     if (rc > 0) flushes_++;
     return rc;
@@ -243,7 +258,7 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
   // False: not served here at all (done never runs).
   bool SubmitFlush(std::function<void(int)>&& done) {
     std::lock_guard<std::mutex> l(mu_);
-    if (closed_ || flushFailed_ || flushFd_ < 0 || flushQ_.size() >= kFlushQueueMax) return false;
+    if (closed_ || flushFailed_ || flushFd_ < 0 || flushQ_.size() >= kFlushQueueMax || (gate_ && !fwd_)) return false;
     flushQ_.push_back(std::move(done));
     if (!flusherRunning_) {
       flusherRunning_ = true;
@@ -252,6 +267,13 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
       flushCv_.notify_one();
     }
     return true;
+  }
+
+  // Flush rounds under a replica: answered with the destination's durable ack, and handed
+  // to TypeScript because the link could not tell.
+  std::pair<uint64_t, uint64_t> ReplicaFlushes() {
+    std::lock_guard<std::mutex> l(mu_);
+    return {replicaFlushes_, replicaFallbacks_};
   }
 
   // FLUSHes made durable here.
@@ -433,6 +455,12 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
   // (not served: closed, failed before, no file) or -errno (and flushing stops for good).
   int RoundLocked(std::unique_lock<std::mutex>& l) {
     if (closed_ || flushFailed_ || flushFd_ < 0) return 0;
+    // A replica must hold the records too (the gate): only with its link here.
+    std::shared_ptr<RecordForwarder> replica;
+    if (gate_) {
+      if (!fwd_) return 0;
+      replica = fwd_;
+    }
     lastRoundNs_ = MonoNs();
     int fd = flushFd_;
     flushUsers_++;
@@ -440,10 +468,16 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
     // before it leased the half); later ones may be the log's, being written.
     uint64_t covered = nextSeq_ > 0 ? nextSeq_ - 1 : 0;
     l.unlock();
+    // The destination's part first (its request travels while this side syncs). Every
+    // WRITE answered before this FLUSH was read is <= covered (appended here) or was
+    // acknowledged by the destination before its reply (the link's held mark): the target
+    // covers both.
+    uint64_t target = replica ? replica->RequestDurable(covered) : 0;
     int rc;
     do rc = ::fdatasync(fd);
     while (rc != 0 && errno == EINTR);
     int err = rc == 0 ? 0 : errno;
+    bool replicaOk = !replica || (target > 0 && replica->WaitDurable(target, kReplicaDurableWaitMs));
     l.lock();
     if (--flushUsers_ == 0) {
       for (int r : retiredFds_) ::close(r);
@@ -455,6 +489,11 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
       return -err;
     }
     if (covered > durable_ && covered < nextSeq_) durable_ = covered;
+    if (!replicaOk) {
+      replicaFallbacks_++;
+      return 0;
+    }
+    if (replica) replicaFlushes_++;
     return 1;
   }
 
@@ -532,6 +571,10 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
   uint64_t lastRoundNs_ = 0;
   uint64_t fileStores_ = 0;  // under mu_
   static constexpr uint64_t kFileStoreWindowNs = 5'000'000;
+  // How long a flush round waits for the destination's durable ack before it hands the
+  // FLUSH to TypeScript (which waits on, under its stall timeout and the mirror's policy).
+  static constexpr int kReplicaDurableWaitMs = 1000;
+  uint64_t replicaFlushes_ = 0, replicaFallbacks_ = 0;  // under mu_: rounds answered with the destination's ack / handed back
   bool flushFailed_ = false;
   uint32_t flushUsers_ = 0;
   uint64_t flushes_ = 0;

@@ -39,7 +39,9 @@
  *   (AppendedRecord.viaThread), so the mirror knows which it need not send itself.
  * - The threads answer a plain FLUSH themselves (fdatasync of the region's file; see
  *   native/nv_append.h) only while the log is running, its region is a file (MmapNvram)
- *   and the owner allows it (setNativeFlushAllowed: no replica must hold the records too).
+ *   and the owner allows it (setNativeFlushAllowed: no replica, or a sync mirror whose
+ *   native link then carries the durable request and ack; the threads hand the FLUSH back
+ *   here whenever that link is not there or cannot tell).
  *   A failed fdatasync of theirs reaches fail() through the volume; this log's own next
  *   msync would report the same error (the threads use a file of their own).
  */
@@ -791,7 +793,7 @@ export class NvLog {
     this.nativeFlushPath = null;
   }
 
-  /** Lets (or stops) the threads answer plain FLUSHes themselves (off while a replica must hold records too). */
+  /** Lets (or stops) the threads answer plain FLUSHes themselves (the owner knows whether a replica allows it). */
   setNativeFlushAllowed(on: boolean): void {
     this.nativeFlushAllowed = on;
     this.refreshNativeFlush();

@@ -342,8 +342,10 @@ export class EngineVolume implements Volume {
     this.replicaThreads = gate?.threadReplies === true && process.env.NVMIRROR_SYNC_THREAD_REPLIES !== '0';
     this.log.setNativeBlocked('replica', gate !== undefined && !this.replicaThreads);
     this.log.setNativeGate(this.replicaThreads);
-    // A FLUSH must wait for the replica's durable ack too, which only this side sees.
-    this.log.setNativeFlushAllowed(gate === undefined);
+    // A FLUSH must wait for the replica's durable ack too: the threads ask for it through
+    // a sync mirror's native link when it forwards their records (nv_append.h), and hand
+    // the FLUSH to this side otherwise (a TLS link, no link, the link cannot tell in time).
+    this.log.setNativeFlushAllowed(gate === undefined || this.replicaThreads);
     if (!this.replicaThreads) this.log.setNativeBlocked('replica-down', false);
   }
 

@@ -153,6 +153,14 @@ describe('mirror: two hosts (network namespaces)', function () {
       const before = await txBytes(pair);
       sh('fio', ['--name=m', '--ioengine=nbd', `--uri=nbd+unix:///?socket=${s.srcSock}`, '--rw=randwrite', '--bs=4k', '--size=64M', '--io_size=16M',
         '--iodepth=16', '--verify=crc32c', '--verify_fatal=1', '--randrepeat=1', `--directory=${tmp}`], 120_000);
+      if (mode === 'sync' && !eventLoop) {
+        // fsync after every write: the NBD threads answer those FLUSHes themselves, with the
+        // destination's durable ack asked for on the link (nv_append.h), not the event loop.
+        sh('fio', ['--name=f', '--ioengine=nbd', `--uri=nbd+unix:///?socket=${s.srcSock}`, '--rw=randwrite', '--bs=4k', '--size=64M', '--io_size=1M',
+          '--iodepth=1', '--fsync=1', '--verify=crc32c', '--verify_fatal=1', '--randrepeat=1', `--directory=${tmp}`], 120_000);
+        const st = JSON.parse(sh(BIN, ['status', s.src, '--json'])) as { threadFlushes?: number };
+        assert.ok((st.threadFlushes ?? 0) >= 200, `FLUSHes answered on the NBD threads under the sync mirror: ${st.threadFlushes}`);
+      }
       sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 100M 8M', `nbd+unix:///?socket=${s.srcSock}`]);
       await inSyncAndIdentical(s);
       const wire = (await txBytes(pair)) - before;

@@ -8,7 +8,10 @@
  * The destination here is a real loopback socket read by wire.ts's FrameParser.
  */
 import { strict as assert } from 'assert';
+import * as fs from 'fs';
 import * as net from 'net';
+import * as os from 'os';
+import * as path from 'path';
 import { NvLog } from '../../src/nvlog/log';
 import { MemoryNvram } from '../../src/nvlog/memory-region';
 import { EV_ERROR, EV_FRAME, EV_SENT, NativeRx, plainFd, type RxEvent } from '../../src/mirror/native-rx';
@@ -296,5 +299,54 @@ describe('mirror: the source\'s records on the link\'s native thread', function 
     r.client.destroy();
     r.dest.destroy();
     r.log.close();
+  });
+
+  it('a FLUSH on the threads under the replica asks the link for the destination\'s durable ack, answers only with it, and hands the FLUSH back when the link cannot tell', async () => {
+    const r = await rig();
+    const na = r.log.nativeAppender!;
+    const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'nvm-flush-')), 'nvram.file');
+    fs.writeFileSync(file, Buffer.alloc(BS));
+    // Held replies (the gate) and no link yet: the threads do not answer FLUSH themselves.
+    assert.ok(na.setFlushFile(file));
+    assert.equal(na.flush(), 0, 'under a replica without its link: TypeScript answers');
+    assert.equal(r.got.filter((m) => m.type === MsgType.DurableReq).length, 0);
+    r.log.forwardNative((app, fromSeq) => r.rx.forward(app, fromSeq));
+    assert.ok(na.append(0, block(1)), 'seq 1');
+    assert.ok(na.append(BS, block(2)), 'seq 2');
+    await until('2 records', () => records(r).length === 2);
+    assert.deepEqual(records(r).map((m) => m.seq), [1, 2]);
+    // No ack comes (this test's destination answers only when told): after its wait the
+    // round hands the FLUSH back, and the request went out behind the records.
+    assert.equal(na.flush(), 0, 'no durable ack: handed back');
+    await until('the DURABLE_REQ', () => r.got.some((m) => m.type === MsgType.DurableReq));
+    const reqAt = r.got.findIndex((m) => m.type === MsgType.DurableReq);
+    assert.equal((r.got[reqAt] as Message & { type: MsgType.DurableReq }).seq, 2, 'every record in the region');
+    assert.deepEqual(r.got.slice(0, reqAt).filter((m) => m.type === MsgType.Record).map((m) => (m as Message & { type: MsgType.Record }).seq), [1, 2], 'behind the records it covers');
+    const flushesBefore = na.flushes;
+    // An ack that holds them but says nothing durable is not enough.
+    const w = new FrameWriter();
+    r.dest.write(Buffer.concat(w.frame({ type: MsgType.RecordAck, heldSeq: 2, durableSeq: 1, storedFromSeq: 1 })));
+    await until('the ack reached TypeScript', () => r.fromDest.some((m) => m.type === MsgType.RecordAck && m.durableSeq === 1));
+    assert.equal(na.flush(), 0, 'durable through 1 of 2: handed back');
+    assert.equal(r.got.filter((m) => m.type === MsgType.DurableReq).length, 1, 'the same target is not asked for twice');
+    // Durable through 2: answered on the thread.
+    r.dest.write(Buffer.concat(w.frame({ type: MsgType.RecordAck, heldSeq: 2, durableSeq: 2, storedFromSeq: 1 })));
+    await until('the second ack', () => r.fromDest.some((m) => m.type === MsgType.RecordAck && m.durableSeq === 2));
+    assert.equal(na.flush(), 1, 'durable here and there: answered');
+    assert.equal(na.flushes, flushesBefore + 1);
+    // The target covers what the destination acknowledged holding beyond the region (a
+    // WRITE TypeScript answered after that ack): held 9 makes the next request ask for 9.
+    r.dest.write(Buffer.concat(w.frame({ type: MsgType.RecordAck, heldSeq: 9, durableSeq: 2, storedFromSeq: 1 })));
+    await until('the third ack', () => r.fromDest.some((m) => m.type === MsgType.RecordAck && m.heldSeq === 9));
+    assert.equal(na.flush(), 0);
+    await until('the second DURABLE_REQ', () => r.got.filter((m) => m.type === MsgType.DurableReq).length === 2);
+    assert.equal((r.got.filter((m) => m.type === MsgType.DurableReq)[1] as Message & { type: MsgType.DurableReq }).seq, 9);
+    // The link fails (a hostile ack): a FLUSH does not wait for it.
+    const bad = Buffer.concat(w.frame({ type: MsgType.RecordAck, heldSeq: 9, durableSeq: 9, storedFromSeq: 1 }));
+    bad.writeUInt8(bad.readUInt8(20) ^ 1, 20);
+    r.dest.write(bad);
+    await until('the error', () => r.events.some((e) => e.kind === EV_ERROR));
+    assert.equal(na.flush(), 0, 'a failed link: handed back');
+    r.close();
   });
 });
