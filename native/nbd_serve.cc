@@ -89,7 +89,14 @@
 //   out, the appender's flusher makes the whole region durable with one fdatasync of the
 //   NVRAM file for every FLUSH queued before it started (nv_append.h SubmitFlush; EIO if
 //   it failed, and the volume fails its log on the DONE event), so every WRITE answered
-//   before the FLUSH was read. A READ with no buffer that fits is
+//   before the FLUSH was read; and to a FUA WRITE (FUA the only flag) to such an engine:
+//   appended as a plain WRITE (the same checks), its buffer free again, then answered only
+//   by a flush round begun after the append returned (FlushIfIdle here, or the flusher:
+//   the round covers its record, and under a sync mirror asks the destination's durable
+//   ack for it too), EIO if the round's fdatasync failed (the volume fails its log), or,
+//   if no round could be made, handed to TypeScript as a FLUSH with the WRITE's cookie
+//   (its record is in the log: the FLUSH makes it durable; it is never appended twice).
+//   A READ with no buffer that fits is
 //   reported with buffer id kWantsBuffer (TypeScript may grant one for the next). Every
 //   other request, a READ that would block or failed, and a WRITE whose pwrite failed,
 //   is reported and answered by TypeScript once the volume settled it.
@@ -143,6 +150,7 @@ namespace {
 constexpr uint32_t kRequestMagic = 0x25609513;
 constexpr size_t kHeaderBytes = 28;
 constexpr uint16_t kCmdWrite = 1;
+constexpr uint16_t kCmdFlagFua = 1;  // NBD_CMD_FLAG_FUA
 constexpr uint16_t kCmdDisc = 2;
 constexpr uint16_t kCmdFlush = 3;
 constexpr size_t kStageBytes = 64 * 1024;       // unparsed input held at most
@@ -394,6 +402,7 @@ struct PoolDone {
   bool ok;
   bool flush = false;
   int flushRc = 0;
+  uint32_t fuaLen = 0;  // a FUA WRITE (its record appended) that this flush round answers
 };
 
 class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
@@ -609,6 +618,8 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
     o.Set("directWrites", Napi::Number::New(env, static_cast<double>(directWrites_)));
     o.Set("directReads", Napi::Number::New(env, static_cast<double>(directReads_)));
     o.Set("directFlushes", Napi::Number::New(env, static_cast<double>(directFlushes_)));
+    o.Set("fuaWrites", Napi::Number::New(env, static_cast<double>(fuaWrites_)));
+    o.Set("fuaFallbacks", Napi::Number::New(env, static_cast<double>(fuaFallbacks_)));
     o.Set("heldReplies", Napi::Number::New(env, static_cast<double>(held_.size())));
     o.Set("heldWrites", Napi::Number::New(env, static_cast<double>(heldWrites_)));
     o.Set("poolJobs", Napi::Number::New(env, static_cast<double>(poolJobs_)));
@@ -826,14 +837,21 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
 
   // A FLUSH the appender made (rc 1) or failed (-errno): its reply in this pass's writev, its
   // DONE event (a failure is urgent: the volume must fail its log before it answers more).
-  void AnswerFlushLocked(const uint8_t* h, int rc, int64_t t0) {
+  // fuaLen > 0: the round answers a FUA WRITE of that many bytes.
+  void AnswerFlushLocked(const uint8_t* h, int rc, int64_t t0, uint32_t fuaLen = 0) {
     uint32_t err = rc > 0 ? 0 : kNbdEio;
     uint8_t* r = OwnBytes(kSimpleReplyBytes);
     PutBe32(r, kSimpleReplyMagic);
     PutBe32(r + 4, err);
     memcpy(r + 8, h + 8, 8);  // the cookie, verbatim
-    directFlushes_++;
-    Emit({kEvDone, 0, static_cast<double>(NowUs() - t0), static_cast<double>(kCmdFlush), static_cast<double>(err),
+    if (fuaLen > 0) {
+      if (err == 0) directWrites_++;
+      fuaWrites_++;
+    } else {
+      directFlushes_++;
+    }
+    Emit({kEvDone, static_cast<double>(fuaLen), static_cast<double>(NowUs() - t0),
+          static_cast<double>(fuaLen > 0 ? kCmdWrite : kCmdFlush), static_cast<double>(err),
           static_cast<double>(rc > 0 ? 0 : -rc)});
     if (err != 0) urgent_ = true;
   }
@@ -970,11 +988,13 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
       poolJobs_--;
       if (d.flush) {
         if (d.flushRc == 0) {
-          EmitRequestLocked(d.hdr.data(), -1);  // stays in flight: TypeScript answers it
+          // Stays in flight: TypeScript answers it (a FUA WRITE as a FLUSH of its cookie).
+          if (d.fuaLen > 0) EmitFuaFallbackLocked(d.hdr.data());
+          else EmitRequestLocked(d.hdr.data(), -1);
           continue;
         }
         inflight_--;
-        AnswerFlushLocked(d.hdr.data(), d.flushRc, d.t0);
+        AnswerFlushLocked(d.hdr.data(), d.flushRc, d.t0, d.fuaLen);
         continue;
       }
       if (d.ok) {
@@ -1056,6 +1076,14 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
     if (mem) size = mem->sizeBytes_;
     uint64_t off = (uint64_t{Be32(hdr_ + 16)} << 32) | Be32(hdr_ + 20);
     bool plain = Be16(hdr_ + 4) == 0 && Be16(hdr_ + 6) == kCmdWrite;
+    // A FUA WRITE to an engine whose appender makes flush rounds: appended as a plain one,
+    // answered when a round made it durable (and, under a sync mirror, the destination).
+    if (!plain && app && Be16(hdr_ + 4) == kCmdFlagFua && Be16(hdr_ + 6) == kCmdWrite && payLen_ > 0 && app->ServesFlush() &&
+        FuaWrite(app, off)) {
+      cur_ = Granted{-1, nullptr, 0};
+      state_ = St::Header;
+      return;
+    }
     // The appender checks the range against the volume itself (and refuses partial blocks).
     bool inside = plain && payLen_ > 0 && (app || (off <= size && payLen_ <= size - off));
     AppendResult appended{0, false};
@@ -1090,6 +1118,63 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
     }
     cur_ = Granted{-1, nullptr, 0};
     state_ = St::Header;
+  }
+
+  // A FUA WRITE: its record appended (false: refused, TypeScript writes it), then a flush
+  // round answers it (made here when nothing else waits, else on the flusher), as a FLUSH
+  // read right after a plain WRITE would be: the round covers every record in the region.
+  // A round that cannot be made here (rc 0) hands TypeScript a FLUSH with this WRITE's
+  // cookie (its record is in the log: a FLUSH makes it durable), never the WRITE again.
+  bool FuaWrite(const NvAppenderPtr& app, uint64_t off) {
+    if (app->Append(off, cur_.data, payLen_).seq == 0) return false;
+    const uint32_t len = payLen_;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      granted_.push_back(cur_);  // the record holds the data
+      QueuePiecesLocked();       // answered writes need not wait for the disk
+    }
+    int64_t t0 = hdrUs_;
+    int unread = 0;
+    if (sPos_ == sLen_ && ::ioctl(fd_, FIONREAD, &unread) == 0 && unread == 0) {
+      int rc = app->FlushIfIdle();
+      if (rc != 2) {
+        std::lock_guard<std::mutex> l(mu_);
+        if (rc == 0) {
+          inflight_++;
+          EmitFuaFallbackLocked(hdr_);
+        } else {
+          AnswerFlushLocked(hdr_, rc, t0, len);
+        }
+        return true;
+      }
+    }
+    bool queued = SubmitPoolJob([&app, t0, len](const std::shared_ptr<Conn>& self, const std::array<uint8_t, kHeaderBytes>& h) {
+      return app->SubmitFlush([self, h, t0, len](int rc) {
+        PoolDone d{Granted{-1, nullptr, 0}, h, 0, 0, t0, rc > 0};
+        d.flush = true;
+        d.flushRc = rc;
+        d.fuaLen = len;
+        self->FinishPoolJob(std::move(d));
+      });
+    });
+    if (!queued) {
+      std::lock_guard<std::mutex> l(mu_);
+      inflight_++;
+      EmitFuaFallbackLocked(hdr_);
+    }
+    return true;
+  }
+
+  // TypeScript answers a FUA WRITE whose record is appended with a FLUSH of that cookie.
+  void EmitFuaFallbackLocked(const uint8_t* h) {
+    uint8_t f[kHeaderBytes];
+    memcpy(f, h, kHeaderBytes);
+    f[4] = f[5] = 0;  // no flags
+    f[6] = 0;
+    f[7] = static_cast<uint8_t>(kCmdFlush);
+    memset(f + 16, 0, 12);  // offset 0, length 0
+    fuaFallbacks_++;
+    EmitRequestLocked(f, -1);
   }
 
   // Answers the held replies (oldest first: a connection's appends are in seq order) whose
@@ -1278,6 +1363,7 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
   NvAppenderPtr app_;
   int64_t modes_ = 0;
   uint64_t directWrites_ = 0, directReads_ = 0, directFlushes_ = 0;
+  uint64_t fuaWrites_ = 0, fuaFallbacks_ = 0;  // FUA WRITEs answered by a flush round here / handed to TypeScript as a FLUSH
   std::vector<Granted> granted_;
   std::deque<Send> sendq_;
   size_t queued_ = 0;

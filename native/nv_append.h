@@ -276,6 +276,13 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
     return {replicaFlushes_, replicaFallbacks_};
   }
 
+  // Whether a flush round can be made here now (SubmitFlush would take it): a FUA WRITE is
+  // appended here only then, and answered by that round.
+  bool ServesFlush() {
+    std::lock_guard<std::mutex> l(mu_);
+    return !closed_ && !flushFailed_ && flushFd_ >= 0 && !(gate_ && !fwd_);
+  }
+
   // FLUSHes made durable here.
   uint64_t Flushes() {
     std::lock_guard<std::mutex> l(mu_);

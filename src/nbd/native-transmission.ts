@@ -361,13 +361,14 @@ export class NativeTransmission extends Transmission {
   }
 
   /**
-   * A plain WRITE, READ or FLUSH the thread served and answered itself (errno: a held WRITE
-   * failed, or a FLUSH's fdatasync failed with sysErrno; either answered EIO): count and
-   * report it. A failed FLUSH fails the volume's log.
+   * A plain WRITE, READ or FLUSH, or a FUA WRITE, the thread served and answered itself
+   * (errno: a held WRITE failed, or the fdatasync of a FLUSH's or a FUA WRITE's flush round
+   * failed with sysErrno; either answered EIO): count and report it. A failed flush round
+   * fails the volume's log.
    */
   private onDirect(length: number, durationUs: number, type: number, errno: number, sysErrno: number): void {
     assert(type === P.CMD_WRITE || type === P.CMD_READ || type === P.CMD_FLUSH, `native DONE for command ${type}`);
-    if (type === P.CMD_FLUSH && errno !== 0) this.s.volume.directFlushFailed?.(sysErrno);
+    if (errno !== 0 && (type === P.CMD_FLUSH || sysErrno > 0)) this.s.volume.directFlushFailed?.(sysErrno);
     this.requestsServed++;
     this.lastRxMs = this.lastTxMs = Date.now();
     this.limits.observer?.request(type, length, errno === 0 ? undefined : 'EIO', durationUs / 1000);

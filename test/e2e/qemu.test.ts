@@ -6,7 +6,7 @@
 import { strict as assert } from 'assert';
 import * as path from 'path';
 import {
-  BACKENDS, TRANSPORTS, MiB, Server, cleanupAll, makeTempDir, requireTools, run, runOk, startServer, writeRandomFile,
+  BACKENDS, TRANSPORTS, MiB, NVMIRROR_BIN, Server, cleanupAll, makeTempDir, requireTools, run, runOk, startServer, writeRandomFile,
 } from './harness';
 import * as fs from 'fs';
 
@@ -93,6 +93,26 @@ for (const backend of BACKENDS) {
           'read -P 0x65 13M 4k',
         ], true);
       });
+
+      if (backend === 'engine') {
+        it('engine: FUA writes are answered on the NBD thread by a flush round of the NVRAM file, and read back', async function () {
+          const flushes = async (): Promise<number> =>
+            (JSON.parse(await runOk(process.execPath, [NVMIRROR_BIN, 'status', server.volumeDir!, '--json'])) as { threadFlushes?: number }).threadFlushes ?? 0;
+          const before = await flushes();
+          // 48-60 MiB: nothing the tests before wrote.
+          const writes = Array.from({ length: 12 }, (_, i) => `write -f -P 0x${(0x70 + i).toString(16)} ${48 + i}M ${4 << (i % 5)}k`);
+          // One unaligned FUA write: not whole blocks, so TypeScript writes it (and it lands too).
+          await qemuIo(server.uri, [...writes, `write -f -P 0x7f ${59 * MiB + 512 * 1024} 1000`]);
+          const after = await flushes();
+          // 12 rounds for the FUA writes (qemu-io's own FLUSH at exit may add one).
+          assert.ok(after - before >= 12, `flush rounds on the NBD threads: ${after - before}`);
+          await qemuIo(server.uri, [
+            ...Array.from({ length: 12 }, (_, i) => `read -P 0x${(0x70 + i).toString(16)} ${48 + i}M ${4 << (i % 5)}k`),
+            `read -P 0x7f ${59 * MiB + 512 * 1024} 1000`,
+            `read -P 0 ${59 * MiB + 512 * 1024 + 1000} 3096`,
+          ], true);
+        });
+      }
 
       it('a wrong pattern is reported (the checks above can fail)', async function () {
         await qemuIo(server.uri, ['write -P 0x42 20M 4k']);

@@ -158,8 +158,12 @@ describe('mirror: two hosts (network namespaces)', function () {
         // destination's durable ack asked for on the link (nv_append.h), not the event loop.
         sh('fio', ['--name=f', '--ioengine=nbd', `--uri=nbd+unix:///?socket=${s.srcSock}`, '--rw=randwrite', '--bs=4k', '--size=64M', '--io_size=1M',
           '--iodepth=1', '--fsync=1', '--verify=crc32c', '--verify_fatal=1', '--randrepeat=1', `--directory=${tmp}`], 120_000);
-        const st = JSON.parse(sh(BIN, ['status', s.src, '--json'])) as { threadFlushes?: number };
-        assert.ok((st.threadFlushes ?? 0) >= 200, `FLUSHes answered on the NBD threads under the sync mirror: ${st.threadFlushes}`);
+        const flushes = (): number => (JSON.parse(sh(BIN, ['status', s.src, '--json'])) as { threadFlushes?: number }).threadFlushes ?? 0;
+        const f0 = flushes();
+        assert.ok(f0 >= 200, `FLUSHes answered on the NBD threads under the sync mirror: ${f0}`);
+        // FUA WRITEs too: appended, then answered by such a round (read back after the CP below).
+        sh('qemu-io', ['-f', 'raw', ...Array.from({ length: 8 }, (_, i) => ['-c', `write -f -P 0x${(0x40 + i).toString(16)} ${90 + i}M 64k`]).flat(), `nbd+unix:///?socket=${s.srcSock}`]);
+        assert.ok(flushes() - f0 >= 8, `FUA WRITEs answered by flush rounds on the NBD threads: ${flushes() - f0}`);
       }
       sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 100M 8M', `nbd+unix:///?socket=${s.srcSock}`]);
       await inSyncAndIdentical(s);

@@ -27,6 +27,7 @@ import { execFileSync } from 'child_process';
 import * as crypto from 'crypto';
 import * as fs from 'fs';
 import * as os from 'os';
+import * as net from 'net';
 import * as path from 'path';
 import { NbdServer } from '../../src/nbd/server';
 import { BUSY_POLL_US_DEFAULT, BUSY_POLL_US_MAX, busyPollStats, pauseBusyPoll, setBusyPoll } from '../../src/nbd/native-transmission';
@@ -44,6 +45,8 @@ import { MemoryNvram } from '../../src/nvlog/memory-region';
 import { MmapNvram } from '../../src/io/mmap-nvram';
 import { NvLog } from '../../src/nvlog/log';
 import type { Volume } from '../../src/volume/types';
+import { NativeRx, plainFd } from '../../src/mirror/native-rx';
+import { FrameParser, MsgType, type Message } from '../../src/mirror/wire';
 import {
   CHUNK, CHUNK_FLAG_DONE, CMD, CMD_FLAG, ERR, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, OPT, RawConn, Session, clientFlags, goData, negotiate, nextCookie, option, readGreeting, readInfoReplies,
   readSimpleReply, request, simpleCommand, simpleRead,
@@ -343,16 +346,27 @@ for (const kind of ['memory', 'file', 'engine'] as const) {
       await settled(r);
     });
 
-    it('FUA WRITEs and WRITEs past the end take the shared path: FUA lands, past the end is ENOSPC and changes nothing', async () => {
+    it(kind === 'engine'
+      ? 'a FUA WRITE of whole blocks is appended and answered by a flush round on the threads; a partial FUA and a WRITE past the end take the shared path'
+      : 'FUA WRITEs and WRITEs past the end take the shared path: FUA lands, past the end is ENOSPC and changes nothing', async () => {
       const s = await open(r);
       const before = directWrites(r);
+      const engine = r.volume instanceof EngineVolume ? r.volume : undefined;
+      const threadFlushes = (): number => engine?.stats().threadFlushes ?? 0;
+      const flushesBefore = threadFlushes();
+      const byThread = engine ? 1 : 0; // the engine's appender makes flush rounds (its NVRAM is a file here)
       const data = crypto.randomBytes(8192);
       assert.equal(await simpleCommand(s, { type: CMD.WRITE, flags: CMD_FLAG.FUA, offset: 3 * MiB, length: data.length }, data), 0);
       assert.ok((await r.volume.read(3 * MiB, data.length)).equals(data), 'the FUA write is in the volume');
+      assert.equal(directWrites(r), before + byThread, byThread ? 'the thread answered the FUA write' : 'the shared path wrote it');
+      assert.equal(threadFlushes() - flushesBefore, byThread, 'after a flush round of its own');
+      const part = crypto.randomBytes(1000);
+      assert.equal(await simpleCommand(s, { type: CMD.WRITE, flags: CMD_FLAG.FUA, offset: 4 * MiB + 100, length: part.length }, part), 0);
+      assert.ok((await r.volume.read(4 * MiB + 100, part.length)).equals(part), 'the partial FUA write is in the volume');
       const tail = await r.volume.read(SIZE_BYTES - 4096, 4096);
       assert.equal(await simpleCommand(s, { type: CMD.WRITE, offset: SIZE_BYTES - 4096, length: 8192 }, crypto.randomBytes(8192)), ERR.ENOSPC);
       assert.ok((await r.volume.read(SIZE_BYTES - 4096, 4096)).equals(tail), 'a WRITE past the end changed nothing');
-      assert.equal(directWrites(r), before, 'neither was written by the thread itself');
+      assert.equal(directWrites(r), before + byThread, 'neither the partial FUA nor the WRITE past the end was written by the thread itself');
       s.conn.destroy();
       await settled(r);
     });
@@ -1022,6 +1036,69 @@ describe('native NBD transmission: FLUSH on the thread (an engine whose NVRAM is
       s2.conn.destroy();
       await settled(r);
     } finally {
+      await stopRig(r);
+    }
+  });
+
+  it('a FUA WRITE answered by a flush round whose fdatasync fails is EIO and fails the log', async () => {
+    const r = await startRig('engine', true);
+    const v = r.volume as EngineVolume;
+    try {
+      const s = await open(r);
+      const fifo = path.join(r.dir, 'fifo');
+      execFileSync('mkfifo', [fifo]);
+      assert.equal(v.log.nativeAppender!.setFlushFile(fifo), true);
+      assert.equal(await simpleCommand(s, { type: CMD.WRITE, flags: CMD_FLAG.FUA, offset: 0, length: 4096 }, Buffer.alloc(4096, 7)), ERR.EIO);
+      await until('the log failed', () => v.log.failed);
+      assert.equal(await simpleCommand(s, { type: CMD.WRITE, flags: CMD_FLAG.FUA, offset: 4096, length: 4096 }, Buffer.alloc(4096, 8)), ERR.EIO);
+      s.conn.destroy();
+      await settled(r);
+    } finally {
+      await stopFailedRig(r);
+    }
+  });
+
+  it('under a sync mirror whose link never answers, a FUA WRITE is appended once and TypeScript answers it as a FLUSH of its cookie', async () => {
+    const r = await startRig('engine', true);
+    const v = r.volume as EngineVolume;
+    const server = net.createServer();
+    await new Promise<void>((res) => server.listen(0, '127.0.0.1', res));
+    const accepted: net.Socket[] = [];
+    server.on('connection', (c) => accepted.push(c));
+    const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
+    client.pause();
+    await new Promise<void>((res) => client.once('connect', () => res()));
+    await until('accepted', () => accepted.length === 1);
+    const dest = accepted[0]!;
+    const got: Message[] = [];
+    const parser = new FrameParser();
+    dest.on('data', (d) => got.push(...parser.push(d)));
+    const rx = new NativeRx(plainFd(client)!, Buffer.alloc(0), 0, 0, () => undefined, undefined, { source: true });
+    const asked: Array<[number, boolean]> = [];
+    try {
+      v.setReplicaGate({ threadReplies: true, wait: (seq: number, durable: boolean) => { asked.push([seq, durable]); return Promise.resolve(); } });
+      v.replicaProgress(0);
+      v.log.forwardNative((app, fromSeq) => rx.forward(app, fromSeq));
+      const s = await open(r);
+      const lastBefore = v.log.lastSeq;
+      const cookie = nextCookie();
+      await s.conn.write(request({ type: CMD.WRITE, flags: CMD_FLAG.FUA, cookie, offset: 8 * 4096, length: 4096 }, Buffer.alloc(4096, 0x99)));
+      const rep = await readSimpleReply(s.conn, 20_000);
+      assert.equal(rep.cookie, cookie);
+      assert.equal(rep.error, 0);
+      assert.equal(v.log.lastSeq, lastBefore + 1, 'appended once (by the thread), never again by TypeScript');
+      assert.deepEqual(asked, [[lastBefore + 1, true]], 'TypeScript answered a FLUSH: the durable ack of every record, the FUA one included');
+      assert.deepEqual(got.filter((m) => m.type === MsgType.Record).map((m) => (m as Message & { type: MsgType.Record }).seq), [lastBefore + 1], 'the record went on the link');
+      assert.ok(got.some((m) => m.type === MsgType.DurableReq), 'and the round asked for its durable ack first');
+      assert.ok((await r.volume.read(8 * 4096, 4096)).equals(Buffer.alloc(4096, 0x99)));
+      s.conn.destroy();
+      await settled(r);
+    } finally {
+      v.log.forwardNative(undefined);
+      rx.close(false);
+      client.destroy();
+      dest.destroy();
+      server.close();
       await stopRig(r);
     }
   });
