@@ -40,7 +40,7 @@ export function registerEngineMetrics(registry: MetricsRegistry, volume: EngineV
   const threadMisses = threadReads.labels('miss');
   const threadWrites = registry.counter('nvmirror_volume_thread_writes_total', 'Plain WRITEs the NBD threads appended to the engine\'s NVRAM log and answered themselves').labels();
   const threadFileStores = registry.counter('nvmirror_volume_thread_file_stores_total', 'Of those WRITEs, records written to the NVRAM file with pwrite (within a few ms of a FLUSH round: cheaper to make durable than stores through the mapping)').labels();
-  const threadFlushes = registry.counter('nvmirror_volume_thread_flushes_total', 'Plain FLUSHes the NBD threads made durable themselves (fdatasync of the engine\'s NVRAM file)').labels();
+  const threadFlushes = registry.counter('nvmirror_volume_thread_flushes_total', 'Plain FLUSHes and FUA WRITEs the NBD threads made durable themselves (fdatasync of the engine\'s NVRAM file; under a sync mirror with the destination\'s durable ack)').labels();
   registry.onCollect(() => {
     const st = volume.stats();
     cps.setTotal(st.cp.cpsRun);

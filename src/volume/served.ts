@@ -49,7 +49,7 @@ export interface VolumeStatus {
   threadWrites?: number;
   /** Of those, records stored with pwrite (within a few ms of a FLUSH round: cheaper to make durable) instead of through the mapping. */
   threadFileStores?: number;
-  /** Plain FLUSHes the NBD threads made durable themselves (fdatasync of the NVRAM file), this session. */
+  /** Plain FLUSHes and FUA WRITEs the NBD threads made durable themselves (fdatasync of the NVRAM file; under a sync mirror with the destination's durable ack), this session. */
   threadFlushes?: number;
   /** Sections added by what runs beside the engine (e.g. `mirror`). */
   sections?: Record<string, unknown>;
