@@ -76,7 +76,6 @@
 #include <memory>
 #include <mutex>
 #include <vector>
-#include <utility>
 
 #include <fcntl.h>
 #include <sys/uio.h>
@@ -267,13 +266,6 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
       flushCv_.notify_one();
     }
     return true;
-  }
-
-  // Flush rounds under a replica: answered with the destination's durable ack, and handed
-  // to TypeScript because the link could not tell.
-  std::pair<uint64_t, uint64_t> ReplicaFlushes() {
-    std::lock_guard<std::mutex> l(mu_);
-    return {replicaFlushes_, replicaFallbacks_};
   }
 
   // Whether a flush round can be made here now (SubmitFlush would take it): a FUA WRITE is
@@ -496,12 +488,7 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
       return -err;
     }
     if (covered > durable_ && covered < nextSeq_) durable_ = covered;
-    if (!replicaOk) {
-      replicaFallbacks_++;
-      return 0;
-    }
-    if (replica) replicaFlushes_++;
-    return 1;
+    return replicaOk ? 1 : 0;
   }
 
   // The flusher thread: takes every queued FLUSH, makes one round for them all, answers them.
@@ -581,7 +568,6 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
   // How long a flush round waits for the destination's durable ack before it hands the
   // FLUSH to TypeScript (which waits on, under its stall timeout and the mirror's policy).
   static constexpr int kReplicaDurableWaitMs = 1000;
-  uint64_t replicaFlushes_ = 0, replicaFallbacks_ = 0;  // under mu_: rounds answered with the destination's ack / handed back
   bool flushFailed_ = false;
   uint32_t flushUsers_ = 0;
   uint64_t flushes_ = 0;
