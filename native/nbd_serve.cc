@@ -791,24 +791,31 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
       app = app_;
       QueuePiecesLocked();  // answered writes need not wait for the disk
     }
-    int64_t t0 = NowUs();
-    // Nothing else from this client to read (queue depth 1, as fsync=1 runs): flush here,
-    // unless a round runs already (then share the next one on the flusher).
+    return FlushRound(app, NowUs(), 0);
+  }
+
+  // One flush round answers the request in hdr_: a FLUSH, or (fuaLen > 0) a FUA WRITE whose
+  // record is appended. Nothing else from this client to read (queue depth 1, as fsync=1
+  // runs): made here, unless a round runs already (then the next one on the flusher is
+  // shared), which hands it back (FinishPoolJob) to be answered in a later pass. True:
+  // answered or queued; false: no round can be made here (the caller hands it on).
+  bool FlushRound(const NvAppenderPtr& app, int64_t t0, uint32_t fuaLen) {
     int unread = 0;
     if (sPos_ == sLen_ && ::ioctl(fd_, FIONREAD, &unread) == 0 && unread == 0) {
       int rc = app->FlushIfIdle();
       if (rc == 0) return false;
       if (rc != 2) {
         std::lock_guard<std::mutex> l(mu_);
-        AnswerFlushLocked(hdr_, rc, t0);
+        AnswerFlushLocked(hdr_, rc, t0, fuaLen);
         return true;
       }
     }
-    return SubmitPoolJob([&app, t0](const std::shared_ptr<Conn>& self, const std::array<uint8_t, kHeaderBytes>& h) {
-      return app->SubmitFlush([self, h, t0](int rc) {
+    return SubmitPoolJob([&app, t0, fuaLen](const std::shared_ptr<Conn>& self, const std::array<uint8_t, kHeaderBytes>& h) {
+      return app->SubmitFlush([self, h, t0, fuaLen](int rc) {
         PoolDone d{Granted{-1, nullptr, 0}, h, 0, 0, t0, rc > 0};
         d.flush = true;
         d.flushRc = rc;
+        d.fuaLen = fuaLen;
         self->FinishPoolJob(std::move(d));
       });
     });
@@ -1127,37 +1134,12 @@ class Conn : public HeldSink, public std::enable_shared_from_this<Conn> {
   // cookie (its record is in the log: a FLUSH makes it durable), never the WRITE again.
   bool FuaWrite(const NvAppenderPtr& app, uint64_t off) {
     if (app->Append(off, cur_.data, payLen_).seq == 0) return false;
-    const uint32_t len = payLen_;
     {
       std::lock_guard<std::mutex> l(mu_);
       granted_.push_back(cur_);  // the record holds the data
       QueuePiecesLocked();       // answered writes need not wait for the disk
     }
-    int64_t t0 = hdrUs_;
-    int unread = 0;
-    if (sPos_ == sLen_ && ::ioctl(fd_, FIONREAD, &unread) == 0 && unread == 0) {
-      int rc = app->FlushIfIdle();
-      if (rc != 2) {
-        std::lock_guard<std::mutex> l(mu_);
-        if (rc == 0) {
-          inflight_++;
-          EmitFuaFallbackLocked(hdr_);
-        } else {
-          AnswerFlushLocked(hdr_, rc, t0, len);
-        }
-        return true;
-      }
-    }
-    bool queued = SubmitPoolJob([&app, t0, len](const std::shared_ptr<Conn>& self, const std::array<uint8_t, kHeaderBytes>& h) {
-      return app->SubmitFlush([self, h, t0, len](int rc) {
-        PoolDone d{Granted{-1, nullptr, 0}, h, 0, 0, t0, rc > 0};
-        d.flush = true;
-        d.flushRc = rc;
-        d.fuaLen = len;
-        self->FinishPoolJob(std::move(d));
-      });
-    });
-    if (!queued) {
+    if (!FlushRound(app, hdrUs_, payLen_)) {
       std::lock_guard<std::mutex> l(mu_);
       inflight_++;
       EmitFuaFallbackLocked(hdr_);

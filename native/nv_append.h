@@ -257,7 +257,7 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
   // False: not served here at all (done never runs).
   bool SubmitFlush(std::function<void(int)>&& done) {
     std::lock_guard<std::mutex> l(mu_);
-    if (closed_ || flushFailed_ || flushFd_ < 0 || flushQ_.size() >= kFlushQueueMax || (gate_ && !fwd_)) return false;
+    if (!RoundPossibleLocked() || flushQ_.size() >= kFlushQueueMax) return false;
     flushQ_.push_back(std::move(done));
     if (!flusherRunning_) {
       flusherRunning_ = true;
@@ -272,7 +272,7 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
   // appended here only then, and answered by that round.
   bool ServesFlush() {
     std::lock_guard<std::mutex> l(mu_);
-    return !closed_ && !flushFailed_ && flushFd_ >= 0 && !(gate_ && !fwd_);
+    return RoundPossibleLocked();
   }
 
   // FLUSHes made durable here.
@@ -452,14 +452,13 @@ class NvAppender : public std::enable_shared_from_this<NvAppender> {
  private:
   // One fdatasync of the flush file, mu_ held on entry and exit (released meanwhile): 1, 0
   // (not served: closed, failed before, no file) or -errno (and flushing stops for good).
+  // A flush round can be made: a file to flush, no failed fdatasync, and, when a replica
+  // must hold the records too (the gate), its link here to ask for the durable ack.
+  bool RoundPossibleLocked() const { return !closed_ && !flushFailed_ && flushFd_ >= 0 && !(gate_ && !fwd_); }
+
   int RoundLocked(std::unique_lock<std::mutex>& l) {
-    if (closed_ || flushFailed_ || flushFd_ < 0) return 0;
-    // A replica must hold the records too (the gate): only with its link here.
-    std::shared_ptr<RecordForwarder> replica;
-    if (gate_) {
-      if (!fwd_) return 0;
-      replica = fwd_;
-    }
+    if (!RoundPossibleLocked()) return 0;
+    std::shared_ptr<RecordForwarder> replica = gate_ ? fwd_ : nullptr;
     lastRoundNs_ = MonoNs();
     int fd = flushFd_;
     flushUsers_++;
