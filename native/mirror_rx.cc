@@ -216,7 +216,14 @@ class Rx : public RecordForwarder {
           // the linger deadline): closing with its data unread would reset the connection,
           // and a peer busy writing would see the reset, not the reason.
           bool sent = sendq_.empty();
-          if (!flushOnStop_ || sendErr_ != 0 || NowMs() >= stopDeadlineMs_ || (sent && eof_)) break;
+          if (!flushOnStop_ || sendErr_ != 0 || (sent && eof_)) break;
+          if (NowMs() >= stopDeadlineMs_) {
+            // Said in the EV_ENDED event: the peer's next segment meets a reset.
+            lingerNote_ = "the linger of " + std::to_string(lingerMs_) + " ms ran out: " + std::to_string(sendBytes_) + " bytes still queued to send, write side " +
+                          (shutWr_ ? "shut down" : "open") + ", the peer's end " + (eof_ ? "seen" : "not seen") + ", " + std::to_string(drained_) +
+                          " bytes read and dropped";
+            break;
+          }
           draining = sent;
         }
         if (parked_ && !waitSlab_ && !stop_) {
@@ -253,10 +260,9 @@ class Rx : public RecordForwarder {
       }
       if (draining && (p[0].revents & (POLLIN | POLLERR | POLLHUP))) {
         ssize_t n = ::read(fd_, in_.get(), kInBytes);  // dropped: the stream is over
-        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
-          std::lock_guard<std::mutex> l(mu_);
-          eof_ = true;
-        }
+        std::lock_guard<std::mutex> l(mu_);
+        if (n > 0) drained_ += static_cast<uint64_t>(n);
+        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) eof_ = true;
         continue;
       }
       if (wantRead && (p[0].revents & (POLLIN | POLLERR | POLLHUP))) {
@@ -295,7 +301,12 @@ class Rx : public RecordForwarder {
     ::shutdown(fd_, SHUT_RDWR);
     ::close(fd_);
     fd_ = -1;
-    Emit({kEvEnded});
+    double note = 0;  // 1 + the text's index when the linger ran out
+    if (!lingerNote_.empty()) {
+      texts_.push_back(lingerNote_);
+      note = static_cast<double>(texts_.size());
+    }
+    Emit({kEvEnded, note});
     PostLocked();
   }
 
@@ -559,6 +570,7 @@ class Rx : public RecordForwarder {
     durCv_.notify_all();
     flushOnStop_ = flush;
     stopDeadlineMs_ = NowMs() + lingerMs;
+    lingerMs_ = lingerMs;
     bodies_.clear();
     pending_ = 0;
     WakeLocked();
@@ -1021,6 +1033,9 @@ class Rx : public RecordForwarder {
   bool stop_ = false, flushOnStop_ = false, ended_ = false, paused_ = false, posted_ = false, wakeSignaled_ = false;
   bool released_ = false;  // the thread-safe function was released (after the thread ended)
   int64_t stopDeadlineMs_ = 0;
+  int64_t lingerMs_ = 0;
+  uint64_t drained_ = 0;     // bytes read and dropped while closing
+  std::string lingerNote_;   // why the close ended at its deadline (thread only)
   int sendErr_ = 0;
   std::deque<OutFrame> sendq_;
   size_t sendBytes_ = 0;

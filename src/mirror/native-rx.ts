@@ -89,7 +89,8 @@ export type RxEvent =
   | { kind: typeof EV_FRAME; type: number; bytes: number; slab?: FrameSlab; at: number }
   | { kind: typeof EV_ERROR; text: string; protocol: boolean }
   | { kind: typeof EV_EOF }
-  | { kind: typeof EV_ENDED }
+  /** lingerExpired: close(true) ended at its deadline with the peer still sending (what was left, in words). */
+  | { kind: typeof EV_ENDED; lingerExpired?: string }
   | { kind: typeof EV_ROOM }
   | { kind: typeof EV_DURABLE; seq: number }
   | { kind: typeof EV_SENT; token: number };
@@ -186,7 +187,10 @@ export class NativeRx {
       }
       else if (k === EV_ERROR) out.push({ kind: EV_ERROR, text: texts[ev[i + 1]!] ?? 'unknown error', protocol: ev[i + 2] === 1 });
       else if (k === EV_EOF) out.push({ kind: EV_EOF });
-      else if (k === EV_ENDED) out.push({ kind: EV_ENDED });
+      else if (k === EV_ENDED) {
+        const note = ev[i + 1]!;
+        out.push(note > 0 ? { kind: EV_ENDED, lingerExpired: texts[note - 1] ?? 'the linger ran out' } : { kind: EV_ENDED });
+      }
       else if (k === EV_ROOM) out.push({ kind: EV_ROOM });
       else if (k === EV_DURABLE) out.push({ kind: EV_DURABLE, seq: ev[i + 1]! });
       else if (k === EV_SENT) {

@@ -58,7 +58,7 @@ import type { Superblock } from '../tree/layout';
 import { assert } from '../util/assert';
 import { crc32cWide } from '../io/native';
 import { CP_BLOCKS_BODY_MAX_BYTES, decodeBody, FrameParser, FrameWriter, MirrorProtocolError, MsgType, WIRE_VERSION, writeFrame, type CpBlocks, type CpDelta, type CpKind, type Message } from './wire';
-import { EV_DURABLE, EV_EOF, EV_ERROR, EV_FRAME, EV_STORED, NativeRx, nativeRxEnabled, plainFd, takeOverSocket, type RxEvent, type StoredRecord } from './native-rx';
+import { EV_DURABLE, EV_ENDED, EV_EOF, EV_ERROR, EV_FRAME, EV_STORED, NativeRx, nativeRxEnabled, plainFd, takeOverSocket, type RxEvent, type StoredRecord } from './native-rx';
 import { APPLY_WRITES_MAX, BASELINE_PROGRESS_BLOCKS, MIRROR_LABEL_NAME, MirrorDir, MirrorDirError, newestSuperblock, rootBytes, type MirrorHello, type MirrorLabel } from './mirror-dir';
 import { MirrorView, type MirrorExports } from './exports';
 import { RemoteReads, verifyCp, type VerifyReport } from './verify';
@@ -310,6 +310,9 @@ class Session {
 
   /** Events from the native thread, in stream order. */
   private onNative(events: readonly RxEvent[]): void {
+    for (const e of events) {
+      if (e.kind === EV_ENDED && e.lingerExpired !== undefined) this.log.warn({ source: this.sourceUuid, detail: e.lingerExpired }, 'mirror link: the source kept sending after the refusal; the connection was closed with its data unread (the source sees a reset)');
+    }
     if (this.closed) return;
     this.inNative = true;
     try {

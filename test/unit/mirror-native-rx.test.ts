@@ -403,14 +403,18 @@ describe('mirror native receive thread', function () {
         }
       });
       c.client.on('end', () => (ended = true));
+      // It yields between batches: once the thread drains (reads and drops at memory speed),
+      // every write completes at once, and a loop that waited only for 'drain' would never
+      // let this event loop read the REFUSE (seen in CI: the peer wrote 7.6 GB in 8 s).
       const pump = (): void => {
-        while (writing && !c.client.destroyed) {
+        for (let i = 0; i < 16 && writing && !c.client.destroyed; i++) {
           const ok = c.client.write(Buffer.concat(w.frame({ type: MsgType.CpBlocks, cp: 5, pbas: [1, 2, 3, 4], data: Buffer.alloc(4 * 4096, round) })));
           if (!ok) {
             c.client.once('drain', pump);
             return;
           }
         }
+        if (writing && !c.client.destroyed) setImmediate(pump);
       };
       pump();
       await until('frames arriving', () => c.frames.length > 20);
@@ -428,12 +432,45 @@ describe('mirror native receive thread', function () {
       assert.ok(refuse && refuse.type === MsgType.Refuse && /ENOSPC/.test(refuse.reason));
       c.client.end();
       await until('the orderly end', () => ended && c.events.some((e) => e.kind === EV_ENDED), 10_000).catch((e: Error) => {
-        throw new Error(`round ${round}: ${e.message}: peer saw the end ${ended}, thread ended ${c.events.some((x) => x.kind === EV_ENDED)}, peer error after the REFUSE: ${lateError || 'none'}`);
+        const end = c.events.find((x) => x.kind === EV_ENDED);
+        const how = end === undefined ? 'no' : end.kind === EV_ENDED && end.lingerExpired !== undefined ? `yes, ${end.lingerExpired}` : 'yes';
+        throw new Error(`round ${round}: ${e.message}: peer saw the end ${ended}, thread ended ${how}, peer error after the REFUSE: ${lateError || 'none'}`);
       });
+      const end = c.events.find((x) => x.kind === EV_ENDED)!;
+      assert.ok(end.kind === EV_ENDED && end.lingerExpired === undefined, `round ${round}: an orderly end has no linger note`);
       c.client.destroy();
       c.server.destroy();
       await c.log.close();
     }
+  });
+
+  it('close() with a flush against a peer that never stops writing: ends at the linger deadline and says what was left', async () => {
+    const c = await open();
+    const w = new FrameWriter();
+    let writing = true;
+    c.client.on('error', () => undefined); // the reset after the deadline is what this peer gets
+    c.client.allowHalfOpen = true; // the thread's FIN does not end this peer's writing
+    const pump = (): void => {
+      for (let i = 0; i < 16 && writing && !c.client.destroyed; i++) {
+        if (!c.client.write(Buffer.concat(w.frame({ type: MsgType.CpBlocks, cp: 5, pbas: [1, 2], data: Buffer.alloc(2 * 4096, 7) })))) {
+          c.client.once('drain', pump);
+          return;
+        }
+      }
+      if (writing && !c.client.destroyed) setImmediate(pump);
+    };
+    pump();
+    await until('frames arriving', () => c.frames.length > 5);
+    c.rx.send({ type: MsgType.Refuse, reason: 'the destination cannot apply the stream: ENOSPC' });
+    c.rx.close(true, 300);
+    await until('the thread ended', () => c.events.some((e) => e.kind === EV_ENDED), 10_000);
+    writing = false;
+    const end = c.events.find((e) => e.kind === EV_ENDED)!;
+    assert.ok(end.kind === EV_ENDED && end.lingerExpired !== undefined, 'the end says the linger ran out');
+    assert.match(end.lingerExpired!, /^the linger of 300 ms ran out: 0 bytes still queued to send, write side shut down, the peer's end not seen, [1-9]\d* bytes read and dropped$/);
+    c.client.destroy();
+    c.server.destroy();
+    await c.log.close();
   });
 
   it('sends our frames in order with its own acks, numbered as one stream; close() ends the thread', async () => {
