@@ -54,7 +54,8 @@ export function formatStatus(s: VolumeStatus & { role?: RoleRecord & { state: 'p
 export function formatCpPhases(c: NonNullable<VolumeStatus['lastCp']>): string {
   const p = c.phases;
   const ms = (v: number): string => String(Math.round(v));
-  return `           CP ${c.cpNumber}: ${c.dataBlocks} data + ${c.blocksWritten - c.dataBlocks} other blocks written, ${c.blocksFreed} freed; ` +
+  const early = c.earlyBlocks ? ` (${c.earlyBlocks} of them placed before the CP)` : '';
+  return `           CP ${c.cpNumber}: ${c.dataBlocks} data${early} + ${c.blocksWritten - c.dataBlocks} other blocks written, ${c.blocksFreed} freed; ` +
     `prepare ${ms(p.prepareMs)}, address ${ms(p.addressMs)}, data ${ms(p.dataMs)}, space map ${ms(p.spaceMapMs)}, sync ${ms(p.syncMs)}, superblock ${ms(p.superblockMs)}` +
     `${p.sinkMs > 0 ? `, mirror ${ms(p.sinkMs)}` : ''} ms`;
 }

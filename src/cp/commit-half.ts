@@ -13,6 +13,9 @@
  *   overwrites every lbn the half touched.
  * - Data buffers handed to the tree are views into the NVRAM region; the half is not
  *   written or released until every commit using them has resolved.
+ * - With an EarlyPlacer: its writes for the half have ended before the first commit, a
+ *   change names an early block only where the index's payload for the lbn is the one
+ *   that was placed, and the placer hears that the half's CP ended, however it ended.
  * - Work is chunked (at most CHUNK_NODES_MAX distinct level-0 address blocks and
  *   CHUNK_CHANGES_MAX changes per commit, tree queries capped) so memory stays bounded,
  *   and the loop over the half's blocks yields the event loop (Slicer).
@@ -23,6 +26,7 @@ import type { Half, NvLog } from '../nvlog/log';
 import { FANOUT } from '../tree/layout';
 import { assert } from '../util/assert';
 import { slicerFor } from '../util/work';
+import type { EarlyPlacer } from './early-place';
 
 /**
  * A commit's transient memory is dominated by the address blocks it rewrites (old and
@@ -47,7 +51,19 @@ export interface HalfCommitResult {
  * Commits `half` into the tree with final meta `meta` and snapshot `ops`. The log must
  * keep the half frozen until this resolves.
  */
-export async function commitHalf(log: NvLog, tree: BlockTreeApi, half: Half, meta: CpMeta, ops: SnapshotOp[] = []): Promise<HalfCommitResult> {
+export async function commitHalf(log: NvLog, tree: BlockTreeApi, half: Half, meta: CpMeta, ops: SnapshotOp[] = [], placer?: EarlyPlacer): Promise<HalfCommitResult> {
+  const placed = placer ? await placer.settle(half) : undefined;
+  let adopted = 0;
+  try {
+    return await commitHalfInner(log, tree, half, meta, ops, placed, () => adopted++);
+  } finally {
+    placer?.finish(half, adopted);
+  }
+}
+
+async function commitHalfInner(
+  log: NvLog, tree: BlockTreeApi, half: Half, meta: CpMeta, ops: SnapshotOp[], placed: ReadonlyMap<number, number> | undefined, onEarly: () => void,
+): Promise<HalfCommitResult> {
   const blocks = half.index.blocks;
   const out: HalfCommitResult = { commits: [], blocksWritten: 0, blocksFreed: 0 };
   let chunk: BlockChange[] = [];
@@ -99,7 +115,9 @@ export async function commitHalf(log: NvLog, tree: BlockTreeApi, half: Half, met
   let n = 0;
   for (const [lbn, regionOffset] of blocks) {
     if ((++n & 63) === 0) await slicer.maybeYield();
-    if (add({ lbn, data: log.blockView(regionOffset), origin: log.originOf(half, regionOffset), crc: half.blockCrc(regionOffset) })) await commit(false);
+    const early = placed?.get(regionOffset);
+    if (early !== undefined) onEarly();
+    if (add({ lbn, data: log.blockView(regionOffset), origin: log.originOf(half, regionOffset), crc: half.blockCrc(regionOffset), early })) await commit(false);
   }
   await commit(true);
   return out;

@@ -23,6 +23,7 @@ import { log as logger } from '../util/log';
 import { yieldNow } from '../util/work';
 import { beginCp, beginUrgentCp } from '../util/urgency';
 import { commitHalf } from './commit-half';
+import type { EarlyPlacer } from './early-place';
 
 export const DEMANDS_MAX = 1024;
 /**
@@ -42,6 +43,8 @@ export interface CpRunnerOptions {
   clock: Clock;
   /** Timer period; 0 disables the timer. */
   cpIntervalMs: number;
+  /** Places large writes' data ahead of their CP (early-place.ts); told when each half's CP begins and ends. */
+  placer?: EarlyPlacer | undefined;
 }
 
 export interface CpStats {
@@ -66,6 +69,7 @@ export class CpRunner {
   private readonly tree: BlockTreeApi;
   private readonly clock: Clock;
   private readonly intervalMs: number;
+  private readonly placer: EarlyPlacer | undefined;
   private timer: { cancel(): void } | undefined;
   private loopPromise: Promise<void> | undefined;
   private looping = false;
@@ -82,6 +86,7 @@ export class CpRunner {
     this.tree = opts.tree;
     this.clock = opts.clock;
     this.intervalMs = opts.cpIntervalMs;
+    this.placer = opts.placer;
     this.log.onFrozen = () => this.kick();
     this.armTimer();
   }
@@ -141,7 +146,7 @@ export class CpRunner {
           const ready = this.demands.filter((d) => d.targetSeq <= frozen.lastSeq);
           const ops = ready.flatMap((d) => d.ops);
           const r = await this.runOne(async () => {
-            const res = await commitHalf(this.log, this.tree, frozen, { nvlogSeq: frozen.lastSeq, nvlogEpoch: this.log.epoch }, ops);
+            const res = await commitHalf(this.log, this.tree, frozen, { nvlogSeq: frozen.lastSeq, nvlogEpoch: this.log.epoch }, ops, this.placer);
             this.log.releaseFrozen(frozen);
             return res.commits[res.commits.length - 1];
           });
@@ -216,7 +221,7 @@ export class CpRunner {
       this.st.lastCpEndMs = t1;
       this.st.cpDurationMsMax = Math.max(this.st.cpDurationMsMax, t1 - t0);
       if (r) {
-        logger().debug({ cp: r.cpNumber, startMs: t0, durationMs: t1 - t0, blocksWritten: r.blocksWritten, dataBlocks: r.dataBlocks, blocksFreed: r.blocksFreed, phases: r.phases }, 'consistency point committed');
+        logger().debug({ cp: r.cpNumber, startMs: t0, durationMs: t1 - t0, blocksWritten: r.blocksWritten, dataBlocks: r.dataBlocks, earlyBlocks: r.earlyBlocks, blocksFreed: r.blocksFreed, phases: r.phases }, 'consistency point committed');
         this.onCommitted?.(r);
       }
       return r;

@@ -260,6 +260,8 @@ export class NvLog {
    * is indexed (before its append resolves): a cache of the tree's mapping drops them.
    */
   onBlocksChanged: ((startLbn: number, count: number) => void) | undefined;
+  /** Called (synchronously) for each WRITE record indexed into a half, its payload whole in the region (early data placement). */
+  onWriteIndexed: ((half: Half, startLbn: number, count: number, payloadOffset: number) => void) | undefined;
 
   /** Initialises a region for a volume: header epoch 1, fresh salt; persists the header page. */
   static async format(region: NvramRegion, volumeUuid: string, random?: Random): Promise<void> {
@@ -335,6 +337,7 @@ export class NvLog {
       half.index.addWrite(startLbn, count, payloadOffset);
       half.writePayloadOffsets.push(payloadOffset);
       half.writeSeqs.push(seq);
+      this.onWriteIndexed?.(half, startLbn, count, payloadOffset);
     } else {
       half.index.addZero(startLbn, startLbn + count);
     }

@@ -88,6 +88,8 @@ export interface CommitWork {
   datas: (Buffer | null)[];
   dataCrcs: number[];
   origins: (BlockOrigin | undefined)[];
+  /** Per change: the block its data was placed in ahead of the CP (SpaceMap.reserveEarly, written and complete), or -1. */
+  earlyPbas: number[];
   dataCount: number;
   plan: PathLevel[];
   nodesMax: number;
@@ -221,7 +223,7 @@ export class CpWriter {
    * may have taken again (seen once: a property-test run found an address block of a
    * committed CP overwritten by a failed CP's late write).
    */
-  async writeCp(c: CommitWork, root: BlockPtr | null, nowMs: () => number): Promise<{ newRoot: BlockPtr | null; blocksWritten: number; blocksFreed: number; phases: WritePhases }> {
+  async writeCp(c: CommitWork, root: BlockPtr | null, nowMs: () => number): Promise<{ newRoot: BlockPtr | null; blocksWritten: number; blocksFreed: number; earlyBlocks: number; phases: WritePhases }> {
     const started: Promise<unknown>[] = [];
     try {
       return await this.writeCpRun(c, root, nowMs, started);
@@ -231,7 +233,7 @@ export class CpWriter {
     }
   }
 
-  private async writeCpRun(c: CommitWork, root: BlockPtr | null, nowMs: () => number, started: Promise<unknown>[]): Promise<{ newRoot: BlockPtr | null; blocksWritten: number; blocksFreed: number; phases: WritePhases }> {
+  private async writeCpRun(c: CommitWork, root: BlockPtr | null, nowMs: () => number, started: Promise<unknown>[]): Promise<{ newRoot: BlockPtr | null; blocksWritten: number; blocksFreed: number; earlyBlocks: number; phases: WritePhases }> {
     const { cp, lbns, datas, plan, slicer } = c;
     const phases: WritePhases = { addressMs: 0, dataMs: 0, spaceMapMs: 0, syncMs: 0 };
     let mark = nowMs();
@@ -246,8 +248,13 @@ export class CpWriter {
     if (c.newSummary) freed.blocks += this.smap.replaceSummary(c.newSummary);
     // Allocate data blocks, then address blocks level by level (upper bound: every
     // touched node; those that end up empty are given back), in contiguous runs.
+    // Data placed ahead of the CP is taken where it is (written already: only the sync and
+    // the sink are left for it); the rest is allocated.
+    let adopted = 0;
+    for (let i = 0; i < lbns.length; i++) if (datas[i] && c.earlyPbas[i]! >= 0) adopted++;
     const pbas: number[] = [];
-    for (const r of this.smap.allocate(c.dataCount + c.nodesMax)) for (let k = 0; k < r.count; k++) pbas.push(r.pba + k);
+    for (const r of this.smap.allocate(c.dataCount - adopted + c.nodesMax)) for (let k = 0; k < r.count; k++) pbas.push(r.pba + k);
+    const placed = adopted > 0 ? new Set<number>() : undefined;
     await slicer.maybeYield();
     let next = 0;
     const dataPtrs: (BlockPtr | null)[] = new Array<BlockPtr | null>(lbns.length).fill(null);
@@ -256,7 +263,15 @@ export class CpWriter {
       if ((i & 255) === 255) await slicer.maybeYield();
       const d = datas[i];
       if (!d) continue;
-      const pba = pbas[next++]!;
+      const e = c.earlyPbas[i]!;
+      let pba: number;
+      if (e >= 0) {
+        this.smap.adoptEarly(e);
+        placed!.add(e);
+        pba = e;
+      } else {
+        pba = pbas[next++]!;
+      }
       const crc = c.dataCrcs[i]!;
       dataPtrs[i] = { pba, birth: cp, crc };
       const origin = c.origins[i];
@@ -267,7 +282,7 @@ export class CpWriter {
     pbas.length = 0;
     // The data blocks are written while the address blocks are built and written: nothing
     // references any of them until the superblock, which follows the sync of all of them.
-    const dataDone = this.writeAll(dataWrites, slicer, cp);
+    const dataDone = this.writeAll(dataWrites, slicer, cp, placed);
     dataDone.catch(() => undefined); // awaited below; a failure is reported there
     started.push(dataDone);
     blocksWritten += dataWrites.length;
@@ -333,7 +348,7 @@ export class CpWriter {
     phases.spaceMapMs = lap();
     await this.dev.sync();
     phases.syncMs = lap();
-    return { newRoot, blocksWritten, blocksFreed: freed.blocks, phases };
+    return { newRoot, blocksWritten, blocksFreed: freed.blocks, earlyBlocks: adopted, phases };
   }
 
   /**
@@ -408,6 +423,19 @@ export class CpWriter {
    * contiguous runs next fit finds (4k QD32 57-65K -> 49K IOPS), so short runs stay out.
    */
   async discard(released: { pba: number; count: number }[], cp: number): Promise<void> {
+    // Its runs are allocatable while they are punched: nothing is placed early meanwhile.
+    this.discarding++;
+    try {
+      await this.discardRuns(released, cp);
+    } finally {
+      this.discarding--;
+    }
+  }
+
+  /** Discards in progress (reserveEarly waits them out). */
+  discarding = 0;
+
+  private async discardRuns(released: { pba: number; count: number }[], cp: number): Promise<void> {
     const plain = this.smap.unitBlocks === 1;
     const cold = plain ? this.smap.keepWarm(released.filter((r) => r.count >= DISCARD_RUN_BLOCKS_MIN), cp) : released;
     if (!this.discardFreed || cold.length === 0) return;
@@ -421,6 +449,24 @@ export class CpWriter {
       });
     } catch (e) {
       log().warn({ err: e instanceof Error ? e.message : String(e) }, 'block tree: discarding freed blocks failed (ignored)');
+    }
+  }
+
+  /**
+   * Writes data placed ahead of its CP into blocks reserveEarly took (one pwritev, the
+   * writeback started as for a CP's blocks); the CP that adopts them syncs them.
+   */
+  async writeEarly(pba: number, parts: Buffer[]): Promise<void> {
+    let n = 0;
+    for (const b of parts) {
+      if (!(b.length === BLOCK)) assert(false, `early block of ${b.length} bytes`);
+      if (!this.smap.isEarly(pba + n)) assert(false, `early write to pba ${pba + n}, which was not placed early`);
+      n++;
+    }
+    for (let at = 0; at < parts.length; at += WRITE_PARTS_MAX) {
+      const some = parts.slice(at, at + WRITE_PARTS_MAX);
+      if (this.dev.writeBlocksV) await this.dev.writeBlocksV(pba + at, some, CP_WRITE);
+      else await this.dev.writeBlocks(pba + at, Buffer.concat(some), CP_WRITE);
     }
   }
 
@@ -449,7 +495,7 @@ export class CpWriter {
    * boundaries. The sink's call takes its place in the order of the writeAll calls at the
    * call (several may be in flight), before anything here waits.
    */
-  private async writeAll(blocks: CpBlock[], slicer: Slicer, cp: number): Promise<void> {
+  private async writeAll(blocks: CpBlock[], slicer: Slicer, cp: number, onDeviceAlready?: ReadonlySet<number>): Promise<void> {
     const sink = this.sink();
     let sorted: (ok: boolean) => void = () => undefined;
     let shipped: Promise<void> | undefined;
@@ -466,9 +512,13 @@ export class CpWriter {
       await slicer.maybeYield();
       blocks.sort((a, b) => a.pba - b.pba);
       let cur: NewBlock[] = [];
+      let last = -1;
       for (const b of blocks) {
+        if (!(b.pba !== last)) assert(false, `pba ${b.pba} written twice in one CP`);
+        last = b.pba;
+        // Placed ahead of the CP: the sink takes it, the device has it.
+        if (onDeviceAlready?.has(b.pba)) continue;
         const prev = cur[cur.length - 1];
-        if (!(!prev || prev.pba !== b.pba)) assert(false, `pba ${b.pba} written twice in one CP`);
         if (!(b.pba >= RING_SLOTS && b.pba < this.deviceBlocks && b.buf.length === BLOCK)) assert(false, `bad block write at pba ${b.pba}`);
         if (prev && (prev.pba + 1 !== b.pba || b.pba % this.writeChunkBlocks === 0 || cur.length >= this.writeChunkBlocks)) {
           chunks.push(cur);

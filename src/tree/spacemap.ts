@@ -24,7 +24,11 @@
  *   (reserveHeld); released together (releaseHeld) when the peer no longer needs them.
  *   Kept apart from the reserved generations, whose release follows the CP that freed a
  *   block, not the CP a peer holds.
- * - A block is allocatable iff it is in none of active, summary, reservedOld, reservedNew, held.
+ * - early: blocks placed ahead of their CP (reserveEarly: a large write's data written to
+ *   free blocks while its NVRAM half still fills). Not in the persisted map: nothing
+ *   references them until the CP that adopts them (adoptEarly: they become active) or drops
+ *   them (dropEarly: allocatable again). Disjoint from every other set.
+ * - A block is allocatable iff it is in none of active, summary, reservedOld, reservedNew, held, early.
  * - reservedOld, reservedNew are disjoint from each other and from active | summary.
  * - used == popcount(active | summary); reservedCount{Old,New} == popcount(reserved{Old,New}).
  * - Ring blocks [0, RING_SLOTS) are always set in active.
@@ -86,6 +90,8 @@ export class SpaceMap {
   private reservedCountNew = 0;
   private held: Buffer;
   private heldCount = 0;
+  private early: Buffer;
+  private earlyCount = 0;
   /**
    * Per leaf of reservedOld / reservedNew / held: 1 if the leaf may have a set bit. The
    * per-CP passes over those bitmaps (release, merge, clear) visit only marked leaves: a
@@ -127,6 +133,7 @@ export class SpaceMap {
     this.reservedOld = Buffer.alloc(bytes);
     this.held = Buffer.alloc(bytes);
     this.reservedNew = Buffer.alloc(bytes);
+    this.early = Buffer.alloc(bytes);
     this.reservedOldLeaves = new Uint8Array(this.leafCount);
     this.reservedNewLeaves = new Uint8Array(this.leafCount);
     this.heldLeaves = new Uint8Array(this.leafCount);
@@ -217,11 +224,11 @@ export class SpaceMap {
   }
 
   get reserved(): number {
-    return this.reservedCountOld + this.reservedCountNew + this.heldCount;
+    return this.reservedCountOld + this.reservedCountNew + this.heldCount + this.earlyCount;
   }
 
   get free(): number {
-    return this.deviceBlocks - this.usedCount - this.reservedCountOld - this.reservedCountNew - this.heldCount;
+    return this.deviceBlocks - this.usedCount - this.reservedCountOld - this.reservedCountNew - this.heldCount - this.earlyCount;
   }
 
   isActive(p: number): boolean {
@@ -235,7 +242,7 @@ export class SpaceMap {
   isAllocatable(p: number): boolean {
     const i = p >>> 3;
     const m = 1 << (p & 7);
-    return ((this.active[i]! | this.summary[i]! | this.reservedOld[i]! | this.reservedNew[i]! | this.held[i]!) & m) === 0;
+    return ((this.active[i]! | this.summary[i]! | this.reservedOld[i]! | this.reservedNew[i]! | this.held[i]! | this.early[i]!) & m) === 0;
   }
 
   /**
@@ -367,7 +374,7 @@ export class SpaceMap {
     const lo = unit * u;
     if (lo < RING_SLOTS) return false;
     if ((u & 7) === 0) {
-      for (let i = lo >>> 3; i < (lo + u) >>> 3; i++) if ((this.active[i]! | this.summary[i]! | this.reservedOld[i]! | this.reservedNew[i]! | this.held[i]!) !== 0) return false;
+      for (let i = lo >>> 3; i < (lo + u) >>> 3; i++) if ((this.active[i]! | this.summary[i]! | this.reservedOld[i]! | this.reservedNew[i]! | this.held[i]! | this.early[i]!) !== 0) return false;
       return true;
     }
     for (let p = lo; p < lo + u; p++) if (!this.isAllocatable(p)) return false;
@@ -443,7 +450,7 @@ export class SpaceMap {
     while (p < end) {
       if ((p & 7) === 0 && p + 8 <= end) {
         const i = p >>> 3;
-        const used = this.active[i]! | this.summary[i]! | this.reservedOld[i]! | this.reservedNew[i]! | this.held[i]!;
+        const used = this.active[i]! | this.summary[i]! | this.reservedOld[i]! | this.reservedNew[i]! | this.held[i]! | this.early[i]!;
         if (used === 0) {
           if (start < 0) start = p;
           p += 8;
@@ -494,7 +501,7 @@ export class SpaceMap {
       // Skip whole bytes with no free bit.
       if ((p & 7) === 0) {
         const i = p >>> 3;
-        if ((a[i]! | s[i]! | this.reservedOld[i]! | this.reservedNew[i]! | this.held[i]!) === 0xff) {
+        if ((a[i]! | s[i]! | this.reservedOld[i]! | this.reservedNew[i]! | this.held[i]! | this.early[i]!) === 0xff) {
           p += 8;
           scanned += 8;
           continue;
@@ -518,6 +525,66 @@ export class SpaceMap {
     }
     this.cursor = p;
     return runs;
+  }
+
+  /**
+   * Takes `count` allocatable blocks for data placed ahead of its CP, in as few runs as
+   * next fit finds (single-member maps only; warm blocks stay for the CP). The blocks are
+   * in no persisted set until adoptEarly; undefined when fewer than count + keepFree are free.
+   */
+  reserveEarly(count: number, keepFree: number): Run[] | undefined {
+    assert(this.unitBlocks === 1, 'early placement is for single-member maps');
+    assert(Number.isSafeInteger(count) && count > 0 && Number.isSafeInteger(keepFree) && keepFree >= 0, `reserveEarly ${count}, keeping ${keepFree}`);
+    if (this.free < count + keepFree) return undefined;
+    const runs: Run[] = [];
+    let left = count;
+    let p = this.cursor;
+    let scanned = 0;
+    while (left > 0) {
+      assert(scanned <= this.deviceBlocks + 8, 'early allocation scanned the whole device without finding space');
+      if (p >= this.deviceBlocks) p = RING_SLOTS;
+      if (!this.isAllocatable(p)) {
+        p++;
+        scanned++;
+        continue;
+      }
+      const start = p;
+      while (left > 0 && p < this.deviceBlocks && this.isAllocatable(p)) {
+        setBit(this.early, p);
+        p++;
+        left--;
+      }
+      scanned += p - start;
+      runs.push({ pba: start, count: p - start });
+    }
+    this.cursor = p;
+    this.earlyCount += count;
+    return runs;
+  }
+
+  isEarly(p: number): boolean {
+    return p >= 0 && p < this.deviceBlocks && testBit(this.early, p);
+  }
+
+  /** A block placed early becomes part of the CP being committed (active). */
+  adoptEarly(p: number): void {
+    if (!this.isEarly(p)) assert(false, `adopt pba ${p}, which was not placed early`);
+    clearBit(this.early, p);
+    this.earlyCount--;
+    this.allocateAt(p);
+  }
+
+  /** Early blocks no CP adopted (the data was rewritten or trimmed in the same half, or its write failed): allocatable again. */
+  dropEarly(r: Run): void {
+    for (let p = r.pba; p < r.pba + r.count; p++) {
+      if (!testBit(this.early, p)) continue; // adopted
+      clearBit(this.early, p);
+      this.earlyCount--;
+    }
+  }
+
+  get earlyBlocks(): number {
+    return this.earlyCount;
   }
 
   /**
@@ -580,7 +647,7 @@ export class SpaceMap {
     assert(map.length === this.active.length, 'held map length');
     let n = 0;
     for (let i = 0; i < map.length; i++) {
-      const add = map[i]! & ~this.active[i]! & ~this.summary[i]! & ~this.reservedOld[i]! & ~this.reservedNew[i]! & ~this.held[i]!;
+      const add = map[i]! & ~this.active[i]! & ~this.summary[i]! & ~this.reservedOld[i]! & ~this.reservedNew[i]! & ~this.held[i]! & ~this.early[i]!;
       if (add === 0) continue;
       this.held[i] = this.held[i]! | add;
       this.heldLeaves[Math.floor(i / BLOCK)] = 1;
@@ -737,11 +804,13 @@ export class SpaceMap {
     if (used !== this.usedCount) problems.push(`space map: used counter ${this.usedCount} but ${used} blocks are set`);
     if (popcount(this.reservedOld) !== this.reservedCountOld || popcount(this.reservedNew) !== this.reservedCountNew) problems.push('space map: reserved counters disagree with the reserved bitmaps');
     if (popcount(this.held) !== this.heldCount) problems.push('space map: the held counter disagrees with the held bitmap');
+    if (this.earlyCount > 0 && popcount(this.early) !== this.earlyCount) problems.push('space map: the early counter disagrees with the early bitmap');
     let overlap = 0;
     for (let i = 0; i < this.active.length; i++) {
       const u = this.active[i]! | this.summary[i]!;
       const h = this.held[i]!;
-      if ((u & this.reservedOld[i]!) !== 0 || (u & this.reservedNew[i]!) !== 0 || (this.reservedOld[i]! & this.reservedNew[i]!) !== 0 || ((u | this.reservedOld[i]! | this.reservedNew[i]!) & h) !== 0) overlap++;
+      const e = this.early[i]!;
+      if ((u & this.reservedOld[i]!) !== 0 || (u & this.reservedNew[i]!) !== 0 || (this.reservedOld[i]! & this.reservedNew[i]!) !== 0 || ((u | this.reservedOld[i]! | this.reservedNew[i]!) & h) !== 0 || ((u | this.reservedOld[i]! | this.reservedNew[i]! | h) & e) !== 0) overlap++;
     }
     if (overlap > 0) problems.push(`space map: ${overlap} bitmap bytes have blocks both reserved and in use`);
     const marked: [string, Buffer, Uint8Array][] = [['reservedOld', this.reservedOld, this.reservedOldLeaves], ['reservedNew', this.reservedNew, this.reservedNewLeaves], ['held', this.held, this.heldLeaves]];

@@ -48,7 +48,7 @@ import { startGeneration, type Generation } from './lineage';
 import { SpaceMap } from './spacemap';
 import type {
   BlockChange, BlockOrigin, BlockTreeApi, CheckReport, CommitResult, CommittedView, CpMeta, CpPhases, CpSink, SnapshotInfo, SnapshotOp,
-  TreeReader, TreeStats, TreeRollback, BlockErrorCounts, LeafSink,
+  TreeReader, TreeStats, TreeRollback, BlockErrorCounts, LeafSink, EarlyPlacementApi,
 } from './types';
 import { slicerFor } from '../util/work';
 import { CommitWork, CpWriter, planSnapshots } from './commit';
@@ -71,6 +71,8 @@ export interface OpenOptions {
   statusNodeBudget?: number;
   /** Discard blocks on the device when they become free (default true; thin members shrink). */
   discardFreed?: boolean;
+  /** Offer early data placement (`early`) on a single-member device (default true). */
+  earlyPlacement?: boolean;
 }
 
 export const DEFAULT_CACHE_BLOCKS = 4096;
@@ -142,7 +144,22 @@ export class BlockTree implements BlockTreeApi {
     );
     this.live = new RootHandle(sb.cpNumber, sb.root, 'live');
     for (const s of sb.snapshots) this.snapHandles.set(s.name, new RootHandle(s.cp, s.root, `snapshot ${s.name}`));
+    if (unit === 1 && (opts.earlyPlacement ?? true)) {
+      this.early = {
+        reserve: (count, keepFree) => {
+          if (this.failedReason !== null || this.writer.discarding > 0) return undefined;
+          // Room for any CP besides: its data, address and space-map blocks.
+          return this.smap.reserveEarly(count, keepFree + this.smap.treeBlocksMax);
+        },
+        write: (pba, parts) => this.writer.writeEarly(pba, parts),
+        drop: (runs) => {
+          for (const r of runs) this.smap.dropEarly(r);
+        },
+      };
+    }
   }
+
+  readonly early: EarlyPlacementApi | undefined;
 
   // ---------------------------------------------------------------- format / open (mount.ts)
 
@@ -319,11 +336,16 @@ export class BlockTree implements BlockTreeApi {
     const dataCrcs: number[] = new Array<number>(lbns.length).fill(0);
     const origins: (BlockOrigin | undefined)[] = new Array<BlockOrigin | undefined>(lbns.length);
     const knownCrcs: (number | undefined)[] = new Array<number | undefined>(lbns.length);
+    const earlyPbas: number[] = new Array<number>(lbns.length).fill(-1);
     let dataCount = 0;
     for (let i = 0; i < lbns.length; i++) {
       const ch = byLbn.get(lbns[i]!)!;
       datas[i] = ch.data;
       origins[i] = ch.origin;
+      if (ch.early !== undefined && ch.data !== null) {
+        if (!this.smap.isEarly(ch.early)) throw new VolumeError('EINVAL', `change to lbn ${ch.lbn} names pba ${ch.early}, which was not placed early`);
+        earlyPbas[i] = ch.early;
+      }
       if (ch.crc !== undefined && ch.data !== null) {
         if (!(Number.isInteger(ch.crc) && ch.crc >= 0 && ch.crc <= 0xffffffff)) throw new VolumeError('EINVAL', `change to lbn ${ch.lbn} has crc ${ch.crc}`);
         knownCrcs[i] = ch.crc;
@@ -390,7 +412,7 @@ export class BlockTree implements BlockTreeApi {
     }
     // From here on the in-memory space map changes: a failure poisons the tree.
     try {
-      return await this.commitMutating({ cp, t0, meta, lbns, datas, dataCrcs, origins, dataCount, plan, nodesMax, newSummary, snapPlan, slicer });
+      return await this.commitMutating({ cp, t0, meta, lbns, datas, dataCrcs, origins, earlyPbas, dataCount, plan, nodesMax, newSummary, snapPlan, slicer });
     } catch (e) {
       const msg = e instanceof Error ? e.message : String(e);
       this.failedReason = `CP ${cp}: ${msg}`;
@@ -403,7 +425,7 @@ export class BlockTree implements BlockTreeApi {
     const { cp } = c;
     // Data, address and space-map blocks, pads, then sync (commit.ts).
     const prepareMs = Math.max(0, this.clock.nowMs() - c.t0);
-    const { newRoot, blocksWritten, blocksFreed, phases: written } = await this.writer.writeCp(c, this.sb.root, () => this.clock.nowMs());
+    const { newRoot, blocksWritten, blocksFreed, earlyBlocks, phases: written } = await this.writer.writeCp(c, this.sb.root, () => this.clock.nowMs());
     // The new superblock, into the next ring slot, then sync: the CP is durable.
     const nowMs = Math.max(0, Math.floor(this.clock.nowMs()));
     const durationMs = Math.max(0, Math.round(nowMs - c.t0));
@@ -442,7 +464,7 @@ export class BlockTree implements BlockTreeApi {
     const sinkStart = this.clock.nowMs();
     if (this.sink) await this.sink.committed(cp, cp % RING_SLOTS, sbBlock, c.meta);
     const phases: CpPhases = { prepareMs, ...written, superblockMs, sinkMs: this.sink ? Math.max(0, this.clock.nowMs() - sinkStart) : 0 };
-    this.lastCommit = { cpNumber: cp, durationMs, blocksWritten, blocksFreed, dataBlocks: c.dataCount, phases };
+    this.lastCommit = { cpNumber: cp, durationMs, blocksWritten, blocksFreed, dataBlocks: c.dataCount, earlyBlocks, phases };
     for (const k of Object.keys(phases) as (keyof CpPhases)[]) this.phaseTotals[k] += phases[k];
     return this.lastCommit;
   }

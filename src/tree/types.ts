@@ -21,6 +21,22 @@ export interface BlockChange {
   origin?: BlockOrigin;
   /** crc32c of data, when the caller already knows it (the CP then does not read the block for it). */
   crc?: number | undefined;
+  /** The block `data` was written to ahead of the CP (EarlyPlacementApi, the write complete): the CP takes it there. */
+  early?: number | undefined;
+}
+
+/**
+ * Data placed ahead of its CP (a single-member device): blocks taken from the free space
+ * (in no persisted set: a crash leaves them free), written while the NVRAM half still
+ * fills, then adopted by the CP through BlockChange.early or dropped.
+ */
+export interface EarlyPlacementApi {
+  /** count blocks in runs, or undefined (fewer than count + keepFree free, a discard running, the tree failed). */
+  reserve(count: number, keepFree: number): { pba: number; count: number }[] | undefined;
+  /** Writes whole blocks into reserved ones, starting their writeback. */
+  write(pba: number, parts: Buffer[]): Promise<void>;
+  /** Gives back whatever of these runs no CP adopted. */
+  drop(runs: readonly { pba: number; count: number }[]): void;
 }
 
 /** A block's source in the NVRAM log: record seq (the transfer id) and block index in it. */
@@ -103,6 +119,8 @@ export interface CommitResult {
   blocksFreed: number;
   /** Of blocksWritten, the data blocks (the rest are address, space-map and pad blocks). */
   dataBlocks: number;
+  /** Of dataBlocks, those placed ahead of the CP (written before it began; the CP synced them). */
+  earlyBlocks: number;
   phases: CpPhases;
 }
 
@@ -210,6 +228,8 @@ export interface BlockTreeApi extends TreeReader {
    * ring, sync. Snapshot ops are applied in the same CP. Only one commit at a time.
    */
   commitCp(changes: Iterable<BlockChange>, meta: CpMeta, snapshotOps?: SnapshotOp[]): Promise<CommitResult>;
+  /** Early data placement, where the device offers it. */
+  readonly early?: EarlyPlacementApi | undefined;
   listSnapshots(): SnapshotInfo[];
   /** A reader pinned to a kept snapshot root, or undefined. */
   snapshotReader(name: string): TreeReader | undefined;

@@ -31,6 +31,7 @@ import { NvLog, type NvLogStats, type ReplaySummary } from '../nvlog/log';
 import { RecordType, RECORD_FLAG_FUA } from '../nvlog/format';
 import { commitHalf } from '../cp/commit-half';
 import { CpRunner, CP_INTERVAL_MS_DEFAULT, type CpStats } from '../cp/runner';
+import { EarlyPlacer, type EarlyPlacerOptions, type EarlyStats } from '../cp/early-place';
 import { assert } from '../util/assert';
 import { formatSize } from '../util/size';
 import { log as logger } from '../util/log';
@@ -157,6 +158,8 @@ export interface EngineOptions {
    * live tree (engine-read-map.ts). Absent for RAID volumes and views.
    */
   directRead?: { fd: number; deviceBlocks: number };
+  /** Early data placement where the tree offers it (default on: EarlyPlacer's thresholds); false: off. Tests set small thresholds. */
+  earlyPlacement?: false | EarlyPlacerOptions | undefined;
 }
 
 export interface EngineStats {
@@ -170,6 +173,8 @@ export interface EngineStats {
   threadReads?: { hits: number; misses: number; poolReads: number };
   /** WRITEs the NBD threads appended to the NVRAM log themselves, if they ever did. */
   threadWrites?: number;
+  /** Early data placement this session (absent when off). */
+  early?: EarlyStats;
   /** Of those, records stored with pwrite (within a few ms of a FLUSH round) instead of through the mapping. */
   threadFileStores?: number;
   /** FLUSHes the NBD threads made durable themselves (fdatasync of the NVRAM file). */
@@ -192,6 +197,8 @@ export class EngineVolume implements Volume {
   readonly region: NvramRegion;
   readonly log: NvLog;
   private readonly cp: CpRunner | undefined;
+  /** Early data placement (src/cp/early-place.ts); undefined read-only, on RAID, or when turned off. */
+  readonly placer: EarlyPlacer | undefined;
   private readonly locks = new BlockLocks();
   private readonly pendingSnapshotNames = new Set<string>();
   private closed = false;
@@ -233,7 +240,16 @@ export class EngineVolume implements Volume {
       maxPayloadBytes: ENGINE_MAX_PAYLOAD_BYTES,
     };
     if (!ro) {
-      this.cp = new CpRunner({ log, tree: opts.tree, clock: opts.clock ?? systemClock, cpIntervalMs: opts.cpIntervalMs ?? CP_INTERVAL_MS_DEFAULT });
+      // Large writes' data goes to the member while the half fills (NVMIRROR_EARLY_PLACEMENT=0: at the CP, as before).
+      const early = opts.tree.early;
+      const on = opts.earlyPlacement !== false && process.env.NVMIRROR_EARLY_PLACEMENT !== '0';
+      // NVMIRROR_EARLY_MIN_BLOCKS: the shortest record placed (tests drive small writes through it).
+      const envMin = Number(process.env.NVMIRROR_EARLY_MIN_BLOCKS);
+      const placerOpts = opts.earlyPlacement || (Number.isSafeInteger(envMin) && envMin >= 1 ? { minBlocks: envMin } : {});
+      const placer = early && on ? new EarlyPlacer(log, early, log.stats().halfSizeBytes, placerOpts) : undefined;
+      this.placer = placer;
+      if (placer) log.onWriteIndexed = (half, lbn, count, at) => placer.offer(half, lbn, count, at);
+      this.cp = new CpRunner({ log, tree: opts.tree, clock: opts.clock ?? systemClock, cpIntervalMs: opts.cpIntervalMs ?? CP_INTERVAL_MS_DEFAULT, placer });
     }
     if (opts.directRead && process.env.NVMIRROR_ENGINE_READ_MAP !== '0') {
       const map = EngineReadMap.create(opts.directRead.fd, this.sizeBytes, opts.directRead.deviceBlocks);
@@ -696,6 +712,7 @@ export class EngineVolume implements Volume {
       cp: this.cp?.stats() ?? { cpsRun: 0, running: false, lastCpDurationMs: 0, lastCpEndMs: 0, cpDurationMsMax: 0, urgentCps: 0 },
       replay: this.log.replaySummary,
       ...(this.readMap && !this.closed ? { threadReads: this.readMap.stats() } : {}),
+      ...(this.placer ? { early: { ...this.placer.stats } } : {}),
       ...(this.log.nativeAppender ? { threadWrites: this.log.nativeAppender.appends, threadFileStores: this.log.nativeAppender.fileStores, threadFlushes: this.log.nativeAppender.flushes } : {}),
     };
   }
@@ -717,6 +734,9 @@ export class EngineVolume implements Volume {
       logger().error({ err: e }, 'final consistency point failed; the NVRAM log keeps the data for the next open');
     }
     this.closed = true;
+    // Placement writes of a half whose CP did not run (a failed log): ended before the device closes.
+    this.log.onWriteIndexed = undefined;
+    if (this.placer) await this.placer.close();
     this.readMap?.close();
     await this.mapAhead;
     this.log.close();

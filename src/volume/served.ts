@@ -37,7 +37,9 @@ export interface VolumeStatus {
   lastCpDurationMs: number;
   cpsThisSession: number;
   /** The last CP this process committed: blocks written (data and the rest), freed, and where its time went (ms). */
-  lastCp?: { cpNumber: number; durationMs: number; dataBlocks: number; blocksWritten: number; blocksFreed: number; phases: CpPhases };
+  lastCp?: { cpNumber: number; durationMs: number; dataBlocks: number; earlyBlocks?: number; blocksWritten: number; blocksFreed: number; phases: CpPhases };
+  /** Data blocks of large WRITEs written to the member ahead of their CP, this session: placed, taken by a CP where they were, and records left to the CP. */
+  early?: { placedBlocks: number; adoptedBlocks: number; skippedRecords: number };
   nvram: { path: string; sizeBytes: number; usedBytes: number; fillPercent: number; epoch: number; lastSeq: number; durableSeq: number; unreplayedRecords: number };
   /** The serving process (absent when not served): its pid, and its URIs, exports and clients when it serves over NBD. */
   server?: { pid: number; logDroppedLines?: number } & Partial<ServedBy>;
@@ -115,6 +117,7 @@ export function engineStatus(dir: string, label: VolumeLabel, volume: EngineVolu
     ...(served && s.threadWrites !== undefined ? { threadWrites: s.threadWrites } : {}),
     ...(served && s.threadFileStores !== undefined ? { threadFileStores: s.threadFileStores } : {}),
     ...(served && s.threadFlushes !== undefined ? { threadFlushes: s.threadFlushes } : {}),
+    ...(served && s.early ? { early: s.early } : {}),
     ...(raidOf.has(volume) ? { raid: { ...raidOf.get(volume)!.health(), scrub: scrubState(raidOf.get(volume)!) } } : {}),
     ...(volume.statusSections.size > 0 ? { sections: Object.fromEntries([...volume.statusSections].map(([k, f]) => [k, f()])) } : {}),
   };

@@ -240,7 +240,9 @@ export async function record(layout: Layout, ops: Op[], lying = false, prologue:
   const region = lying ? Object.assign(Object.create(recording) as RecordingNvram, { persist: () => Promise.resolve() }) : recording;
   const dev = await layout.assemble(devs, false, liveJournal && new RecordingBlockDevice(liveJournal, rec, layout.journal!.name));
   const tree = await BlockTree.open(dev);
-  const v = await EngineVolume.open({ tree, region, readOnly: false, cpIntervalMs: 0 });
+  // Writes of >= 2 blocks are placed ahead of their CP (a plain layout's tree offers it):
+  // their writes to free blocks are in the recorded timeline like every other.
+  const v = await EngineVolume.open({ tree, region, readOnly: false, cpIntervalMs: 0, earlyPlacement: { minBlocks: 2, keepFreeBlocks: 64 } });
   const states: Buffer[] = [Buffer.from(model)];
   const promises: Recorded['promises'] = [];
   const promise = (opsDone: number): void => {

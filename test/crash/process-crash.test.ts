@@ -17,6 +17,8 @@ import { BS, VOLUME_BYTES, load, verify, type Mode, type World } from './ack-che
 import { prng, runCli, seedFromEnv, ServedVolume } from './harness';
 
 const ROUNDS = Number(process.env.NVMIRROR_CRASH_ROUNDS ?? 20);
+/** Early data placement down to 2-block writes (the default, 64 blocks, is beyond this load's writes). */
+const EARLY = { NVMIRROR_EARLY_MIN_BLOCKS: '2' };
 describe('crash: kill -9 of the real server under load', function () {
   this.timeout(300_000);
   let tmp: string;
@@ -37,7 +39,9 @@ describe('crash: kill -9 of the real server under load', function () {
     for (let round = 0; round < ROUNDS; round++) {
       const mode: Mode = (['plain', 'fua', 'flush'] as const)[round % 3]!;
       const cpInterval = intervals[Math.floor(rnd() * intervals.length)]!;
-      const server = await ServedVolume.start(dir, sock, ['--cp-interval', String(cpInterval)]);
+      // Every round places the data of writes of >= 2 blocks ahead of its CP (early-place.ts):
+      // kills land among those writes too.
+      const server = await ServedVolume.start(dir, sock, ['--cp-interval', String(cpInterval)], 30_000, EARLY);
       const c = await NbdClient.connect(sock, '');
       const problems = await verify(c, w, true);
       assert.deepEqual(problems, [], `seed ${seed} round ${round}: after restart:\n${problems.slice(0, 20).join('\n')}`);
@@ -56,10 +60,12 @@ describe('crash: kill -9 of the real server under load', function () {
       }
     }
     // Final restart, verification, clean stop and check.
-    const server = await ServedVolume.start(dir, sock, ['--cp-interval', '1000']);
+    const server = await ServedVolume.start(dir, sock, ['--cp-interval', '1000'], 30_000, EARLY);
     const c = await NbdClient.connect(sock, '');
     const problems = await verify(c, w, true);
     assert.deepEqual(problems, [], `seed ${seed}: final verification:\n${problems.slice(0, 20).join('\n')}`);
+    // The rounds' multi-block writes were placed ahead of their CPs as this one is.
+    await c.write(0, Buffer.alloc(16 * 4096, 0x5c), false);
     // The rounds' plain whole-block WRITEs took the native path (the connection's thread
     // appends them to the NVRAM log and answers them): the kills above hit that path too.
     for (let i = 0; i < 8; i++) await c.write(i * 4096, Buffer.alloc(4096, 0x5a), false);
@@ -71,7 +77,8 @@ describe('crash: kill -9 of the real server under load', function () {
       await c.write(i * 4096, Buffer.alloc(4096, 0x5b), false);
     }
     const st = await runCli(['status', dir, '--json']);
-    const { threadWrites = 0, threadFileStores = 0 } = JSON.parse(st.stdout) as { threadWrites?: number; threadFileStores?: number };
+    const { threadWrites = 0, threadFileStores = 0, early } = JSON.parse(st.stdout) as { threadWrites?: number; threadFileStores?: number; early?: { placedBlocks: number } };
+    assert.ok(early !== undefined && early.placedBlocks >= 16, `blocks placed ahead of their CP: ${JSON.stringify(early)}`);
     assert.ok(threadWrites >= 28, `plain WRITEs appended by the NBD thread: ${threadWrites} (status: ${st.stdout.slice(0, 300)})`);
     assert.ok(threadFileStores >= 1, `WRITEs stored with pwrite right after a FLUSH: ${threadFileStores}`);
     await c.close();

@@ -45,7 +45,7 @@ describe('engine simulator (seeded, fault-injecting)', function () {
   }
 
   it(`holds every invariant for ${seeds.length === 1 ? `seed ${seeds[0]}` : `seeds ${seeds[0]}..${seeds[seeds.length - 1]}`} (${ops} ops each)`, async () => {
-    const totals = { ops: 0, failedOps: 0, crashes: 0, reopens: 0, checks: 0, bytes: 0, faults: 0, ms: 0 };
+    const totals = { ops: 0, failedOps: 0, crashes: 0, reopens: 0, checks: 0, bytes: 0, faults: 0, ms: 0, early: 0 };
     const t0 = Date.now();
     let slowest = { seed: 0, ms: 0 };
     for (const seed of seeds) {
@@ -61,10 +61,12 @@ describe('engine simulator (seeded, fault-injecting)', function () {
       totals.bytes += st.bytesVerified;
       totals.faults += Object.entries(st.faults).filter(([k]) => k !== 'latency').reduce((a, [, v]) => a + v, 0);
       totals.ms += st.simulatedMs;
+      totals.early += st.earlyPlacedBlocks;
       if (seeds.length === 1) console.log(`    seed ${seed}: ${JSON.stringify(st.opsByKind)}; faults: ${faultSummary(st.faults)}; ${st.failedOps} failed ops, ${st.crashes} crashes, ${st.cleanReopens} close+reopen, ${st.openRetries} open retries, ${st.checks} tree checks, ${st.simulatedMs} simulated ms, ${took} ms`);
     }
-    console.log(`    ${seeds.length} seeds, ${totals.ops} ops, ${totals.faults} injected errors, ${totals.failedOps} failed ops, ${totals.crashes} crashes, ${totals.reopens} close+reopen, ${totals.checks} tree checks, ${(totals.bytes / 1048576).toFixed(1)} MiB verified, ${totals.ms} simulated ms in ${Date.now() - t0} ms (slowest seed ${slowest.seed}: ${slowest.ms} ms)`);
+    console.log(`    ${seeds.length} seeds, ${totals.ops} ops, ${totals.faults} injected errors, ${totals.failedOps} failed ops, ${totals.crashes} crashes, ${totals.reopens} close+reopen, ${totals.checks} tree checks, ${totals.early} blocks placed early, ${(totals.bytes / 1048576).toFixed(1)} MiB verified, ${totals.ms} simulated ms in ${Date.now() - t0} ms (slowest seed ${slowest.seed}: ${slowest.ms} ms)`);
     assert.ok(totals.ops > 0 && totals.checks >= seeds.length);
+    if (seeds.length > 1) assert.ok(totals.early > 0, 'early data placement was exercised');
   });
 
   for (const level of [5, 6] as const) {

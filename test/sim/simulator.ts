@@ -117,6 +117,8 @@ export interface SimStats {
   /** RAID runs: members lost (pulled) during the run, and members faulted by the RAID layer (counted at each open). */
   membersLost: number;
   membersFaulted: number;
+  /** Blocks written ahead of their CP (early data placement), over every incarnation that ended. */
+  earlyPlacedBlocks: number;
 }
 
 export class SimFailure extends Error {
@@ -226,7 +228,7 @@ export class Simulator {
     this.nvram = Buffer.alloc(this.nvramBytes);
     this.model = new Image(this.sizeBytes);
     this.stats = {
-      seed: opts.seed, ops: 0, opsByKind: {}, failedOps: 0, crashes: 0, cleanReopens: 0, openRetries: 0, checks: 0,
+      seed: opts.seed, ops: 0, opsByKind: {}, failedOps: 0, crashes: 0, cleanReopens: 0, openRetries: 0, checks: 0, earlyPlacedBlocks: 0,
       bytesVerified: 0, faults: this.injector.counts, simulatedMs: 0, faultsOn: this.faultsOn, membersLost: 0, membersFaulted: 0,
     };
   }
@@ -305,6 +307,7 @@ export class Simulator {
   private crashNow(): void {
     const inc = this.inc;
     if (!inc) return;
+    this.stats.earlyPlacedBlocks += inc.engine.placer?.stats.placedBlocks ?? 0;
     crashAll(inc.dev);
     inc.region.crash();
     this.clock.cancelAll();
@@ -378,7 +381,8 @@ export class Simulator {
       try {
         ({ dev, region } = await this.clock.run(this.wrappers()));
         const tree = await this.clock.run(BlockTree.open(dev.dev, { clock: this.clock, cacheBlocks: rnd.pick([16, 64, 1024]), writeChunkBlocks: rnd.pick([1, 4, 256]), ioConcurrency: rnd.pick([1, 3, 8]) }));
-        const engine = await this.clock.run(EngineVolume.open({ tree, region, readOnly: false, clock: this.clock, random: rnd.fork(7), cpIntervalMs: this.cpIntervalMs }));
+        // Early data placement with small thresholds (a 4096-block device): writes of >= 4 blocks are written ahead of their CP, faults and crashes among those writes.
+        const engine = await this.clock.run(EngineVolume.open({ tree, region, readOnly: false, clock: this.clock, random: rnd.fork(7), cpIntervalMs: this.cpIntervalMs, earlyPlacement: { minBlocks: 4, keepFreeBlocks: 1024 } }));
         const view = this.opts.wrapVolume ? this.opts.wrapVolume(engine, rnd.fork(8)) : engine;
         this.inc = { dev, tree, region, engine, view, errorsAtStart };
         this.trace(`opened (attempt ${attempt + 1}, faults ${withFaults ? 'on' : 'off'}, replayed ${engine.stats().replay.records} records)`);
@@ -647,6 +651,7 @@ export class Simulator {
       this.trace(`  -> close failed: ${errText(e)}`);
       closed = false;
     }
+    this.stats.earlyPlacedBlocks += inc.engine.placer?.stats.placedBlocks ?? 0;
     crashAll(inc.dev); // nothing of this incarnation may touch storage any more
     inc.region.crash();
     this.clock.cancelAll();

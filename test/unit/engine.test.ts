@@ -38,9 +38,10 @@ async function makeRig(sizeBytes: number, nvramBytes: number): Promise<Rig> {
   return { dev, nvram };
 }
 
-async function openEngine(rig: Rig, opts: { readOnly?: boolean; cpIntervalMs?: number } = {}): Promise<EngineVolume> {
+async function openEngine(rig: Rig, opts: { readOnly?: boolean; cpIntervalMs?: number; early?: boolean } = {}): Promise<EngineVolume> {
   const tree = await BlockTree.open(rig.dev);
-  return EngineVolume.open({ tree, region: rig.nvram, readOnly: opts.readOnly ?? false, cpIntervalMs: opts.cpIntervalMs ?? 0 });
+  // early: data of writes of >= 2 blocks is placed ahead of its CP (the default thresholds need a far larger device).
+  return EngineVolume.open({ tree, region: rig.nvram, readOnly: opts.readOnly ?? false, cpIntervalMs: opts.cpIntervalMs ?? 0, earlyPlacement: opts.early ? { minBlocks: 2, keepFreeBlocks: 64 } : undefined });
 }
 
 /** The same storage after a clean close (the engine closed the NVRAM region: map it again). */
@@ -322,9 +323,17 @@ describe('engine volume', () => {
       { weight: 1, arbitrary: fc.constantFrom({ k: 'flush' as const }, { k: 'cp' as const }, { k: 'reopen' as const }, { k: 'crash' as const }) },
       { weight: 1, arbitrary: fc.integer({ min: 0, max: 60 }).map((ticks) => ({ k: 'crashmid' as const, ticks })) },
     );
+    // Early data placement on: blocks written ahead of their CP, crashes among those writes.
+    let placed = 0;
+    let adopted = 0;
+    const closeCounting = async (x: EngineVolume): Promise<void> => {
+      await x.close();
+      placed += x.placer?.stats.placedBlocks ?? 0;
+      adopted += x.placer?.stats.adoptedBlocks ?? 0;
+    };
     await fc.assert(fc.asyncProperty(fc.array(opArb, { minLength: 1, maxLength: 40 }), async (ops) => {
       let rig = await makeRig(SIZE, 256 * 1024);
-      let v = await openEngine(rig);
+      let v = await openEngine(rig, { early: true });
       const model = Buffer.alloc(SIZE);
       for (const op of ops) {
         switch (op.k) {
@@ -349,9 +358,9 @@ describe('engine volume', () => {
             await v.checkpoint();
             break;
           case 'reopen':
-            await v.close();
+            await closeCounting(v);
             rig = remap(rig);
-            v = await openEngine(rig);
+            v = await openEngine(rig, { early: true });
             break;
           case 'crash':
           case 'crashmid': {
@@ -363,9 +372,9 @@ describe('engine volume', () => {
             }
             const copy = crashCopy(rig);
             await cpDone;
-            await v.close();
+            await closeCounting(v);
             rig = copy;
-            v = await openEngine(rig);
+            v = await openEngine(rig, { early: true });
             break;
           }
         }
@@ -373,7 +382,8 @@ describe('engine volume', () => {
       assert.deepEqual(await v.read(0, SIZE), model);
       const report = await v.tree.check();
       assert.ok(report.ok, report.problems.join('; '));
-      await v.close();
+      await closeCounting(v);
     }), { numRuns: 60, seed: Number(process.env.NVMIRROR_SEED ?? 777) });
+    assert.ok(placed > 0 && adopted > 0, `early placement was exercised: ${placed} blocks placed, ${adopted} offered to CPs`);
   });
 });
