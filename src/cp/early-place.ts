@@ -111,10 +111,10 @@ export class EarlyPlacer {
     let block = 0;
     for (const r of runs) {
       const first = block;
-      const parts: Buffer[] = new Array<Buffer>(r.count);
-      for (let k = 0; k < r.count; k++) parts[k] = this.nvlog.blockView(payloadOffset + (first + k) * 4096);
+      // One view of the run's payload (contiguous in the record).
+      const view = this.nvlog.payloadView(payloadOffset + first * 4096, r.count * 4096);
       block += r.count;
-      const w: Promise<void> = this.early.write(r.pba, parts).then(
+      const w: Promise<void> = this.early.write(r.pba, [view]).then(
         () => {
           for (let k = 0; k < r.count; k++) placement.byOffset.set(payloadOffset + (first + k) * 4096, r.pba + k);
           this.stats.placedBlocks += r.count;

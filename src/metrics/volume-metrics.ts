@@ -41,6 +41,9 @@ export function registerEngineMetrics(registry: MetricsRegistry, volume: EngineV
   const threadWrites = registry.counter('nvmirror_volume_thread_writes_total', 'Plain WRITEs the NBD threads appended to the engine\'s NVRAM log and answered themselves').labels();
   const threadFileStores = registry.counter('nvmirror_volume_thread_file_stores_total', 'Of those WRITEs, records written to the NVRAM file with pwrite (within a few ms of a FLUSH round: cheaper to make durable than stores through the mapping)').labels();
   const threadFlushes = registry.counter('nvmirror_volume_thread_flushes_total', 'Plain FLUSHes and FUA WRITEs the NBD threads made durable themselves (fdatasync of the engine\'s NVRAM file; under a sync mirror with the destination\'s durable ack)').labels();
+  const early = registry.counter('nvmirror_volume_early_blocks_total', 'Data blocks of large WRITEs written to the member ahead of their CP (placed), and of those the blocks a CP took where they were (adopted)', ['result']);
+  const earlyPlaced = early.labels('placed');
+  const earlyAdopted = early.labels('adopted');
   registry.onCollect(() => {
     const st = volume.stats();
     cps.setTotal(st.cp.cpsRun);
@@ -63,5 +66,7 @@ export function registerEngineMetrics(registry: MetricsRegistry, volume: EngineV
     threadWrites.setTotal(st.threadWrites ?? 0);
     threadFileStores.setTotal(st.threadFileStores ?? 0);
     threadFlushes.setTotal(st.threadFlushes ?? 0);
+    earlyPlaced.setTotal(st.early?.placedBlocks ?? 0);
+    earlyAdopted.setTotal(st.early?.adoptedBlocks ?? 0);
   });
 }

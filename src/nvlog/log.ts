@@ -669,6 +669,12 @@ export class NvLog {
   }
 
   /** A view (no copy) of a logged block; valid only while its half is not released. */
+  /** A view of `bytes` (whole blocks) of logged payload at regionOffset, inside one half. */
+  payloadView(regionOffset: number, bytes: number): Buffer {
+    assert(bytes > 0 && bytes % BLOCK_SIZE_BYTES === 0 && regionOffset >= HEADER_PAGE_BYTES && regionOffset + bytes <= this.region.sizeBytes, 'payloadView out of range');
+    return this.region.buffer.subarray(regionOffset, regionOffset + bytes);
+  }
+
   blockView(regionOffset: number): Buffer {
     assert(regionOffset >= HEADER_PAGE_BYTES && regionOffset + BLOCK_SIZE_BYTES <= this.region.sizeBytes, 'blockView out of range');
     return this.region.buffer.subarray(regionOffset, regionOffset + BLOCK_SIZE_BYTES);

@@ -453,21 +453,20 @@ export class CpWriter {
   }
 
   /**
-   * Writes data placed ahead of its CP into blocks reserveEarly took (one pwritev, the
-   * writeback started as for a CP's blocks); the CP that adopts them syncs them.
+   * Writes data placed ahead of its CP into blocks reserveEarly took (parts of whole
+   * blocks, one pwritev, the writeback started as for a CP's blocks); the CP that adopts
+   * them syncs them.
    */
   async writeEarly(pba: number, parts: Buffer[]): Promise<void> {
     let n = 0;
     for (const b of parts) {
-      if (!(b.length === BLOCK)) assert(false, `early block of ${b.length} bytes`);
-      if (!this.smap.isEarly(pba + n)) assert(false, `early write to pba ${pba + n}, which was not placed early`);
-      n++;
+      if (!(b.length > 0 && b.length % BLOCK === 0)) assert(false, `early write part of ${b.length} bytes`);
+      n += b.length / BLOCK;
     }
-    for (let at = 0; at < parts.length; at += WRITE_PARTS_MAX) {
-      const some = parts.slice(at, at + WRITE_PARTS_MAX);
-      if (this.dev.writeBlocksV) await this.dev.writeBlocksV(pba + at, some, CP_WRITE);
-      else await this.dev.writeBlocks(pba + at, Buffer.concat(some), CP_WRITE);
-    }
+    for (let p = pba; p < pba + n; p++) if (!this.smap.isEarly(p)) assert(false, `early write to pba ${p}, which was not placed early`);
+    assert(parts.length <= WRITE_PARTS_MAX, `early write of ${parts.length} parts`);
+    if (this.dev.writeBlocksV) await this.dev.writeBlocksV(pba, parts, CP_WRITE);
+    else await this.dev.writeBlocks(pba, parts.length === 1 ? parts[0]! : Buffer.concat(parts), CP_WRITE);
   }
 
   /**

@@ -71,12 +71,16 @@ describe('e2e metrics endpoint (issue 11 point 15)', function () {
         assert.equal((await simpleRead(s, 0, 64 * 1024)).error, 0);
         scrapes.push(await scrape(url)); // while the connection is open
       }
+      // One WRITE of 1 MiB (beyond the 64 KiB ones' range): its blocks are placed before its CP and taken there.
+      assert.equal(await simpleCommand(s, { type: CMD.WRITE, offset: 62 * MiB, length: MiB }, Buffer.alloc(MiB, 0x3c)), 0);
       assert.equal(await simpleCommand(s, { type: CMD.FLUSH, offset: 0, length: 0 }), 0);
       assert.equal((await simpleRead(s, 64 * MiB - 512, 1024)).error, ERR.EINVAL, 'a read past the end');
       await sleep(700); // a CP or two at --cp-interval 300ms
       // Whole blocks the tree holds: the first READ fills the NBD threads' block map, the next ones are answered there.
       for (let i = 0; i < 3; i++) assert.equal((await simpleRead(s, 0, 64 * 1024)).error, 0);
       const after = await scrape(url);
+      assert.ok((after.get('nvmirror_volume_early_blocks_total', { result: 'placed' }) ?? 0) >= 256, `blocks placed before their CP: ${after.get('nvmirror_volume_early_blocks_total', { result: 'placed' })}`);
+      assert.ok((after.get('nvmirror_volume_early_blocks_total', { result: 'adopted' }) ?? 0) >= 256, `placed blocks a CP took: ${after.get('nvmirror_volume_early_blocks_total', { result: 'adopted' })}`);
       // FLUSH then WRITE, twenty times: the threads answer the FLUSHes, and a WRITE right
       // after one goes to the NVRAM file with pwrite (a stall of this process cannot miss all).
       for (let i = 0; i < 20; i++) {
@@ -92,11 +96,11 @@ describe('e2e metrics endpoint (issue 11 point 15)', function () {
       // Monotonic across scrapes, and moving.
       const series = [before, ...scrapes, after].map((e) => e.get('nvmirror_nbd_requests_total', { command: 'write' }) ?? -1);
       for (let i = 1; i < series.length; i++) assert.ok((series[i] as number) >= (series[i - 1] as number), `write counter went down: ${series.join(',')}`);
-      assert.equal(after.get('nvmirror_nbd_requests_total', { command: 'write' }), writes);
-      assert.equal(after.get('nvmirror_nbd_bytes_total', { command: 'write' }), writes * payload.length);
+      assert.equal(after.get('nvmirror_nbd_requests_total', { command: 'write' }), writes + 1);
+      assert.equal(after.get('nvmirror_nbd_bytes_total', { command: 'write' }), writes * payload.length + MiB);
       assert.equal(after.get('nvmirror_nbd_requests_total', { command: 'flush' }), 1);
       assert.ok((after.get('nvmirror_nbd_bytes_total', { command: 'read' }) ?? 0) >= scrapes.length * 64 * 1024);
-      assert.equal(after.get('nvmirror_nbd_request_duration_seconds_count', { command: 'write' }), writes);
+      assert.equal(after.get('nvmirror_nbd_request_duration_seconds_count', { command: 'write' }), writes + 1);
       assert.ok((after.get('nvmirror_nbd_request_duration_seconds_sum', { command: 'write' }) ?? 0) > 0);
       assert.equal(after.get('nvmirror_nbd_errors_total', { kind: 'EINVAL' }), 1);
       assert.ok(scrapes.every((e) => e.get('nvmirror_nbd_connections') === 1), 'one open connection while it did I/O');
