@@ -14,8 +14,9 @@
  *   offsets), so a block rewritten or trimmed later in the half is never adopted.
  * - Blocks are reserved only with room for any CP besides (EarlyPlacementApi.reserve's
  *   keepFree), never while a discard runs (the tree refuses), and at most
- *   EARLY_IN_FLIGHT_BLOCKS_MAX are being written at once. Skipping placement is always
- *   correct: the CP then writes the block itself.
+ *   EARLY_IN_FLIGHT_BLOCKS_MAX wait to be written; EARLY_WRITES_AT_ONCE writes run at a
+ *   time, and a half's writes not started when its CP begins are dropped (settle).
+ *   Skipping placement is always correct: the CP then writes the block itself.
  * - Every block reserved for a half is adopted by its CP or given back (finish), whether
  *   the CP succeeded or not. Reserved blocks are in no persisted set: after a crash they
  *   are free, and nothing referenced them.
@@ -27,8 +28,10 @@ import { assert } from '../util/assert';
 
 /** Records shorter than this (in 4 KiB blocks) are left to the CP: 256 KiB. */
 export const EARLY_MIN_BLOCKS = 64;
-/** Blocks being written ahead of their CP at once (64 MiB). */
+/** Blocks reserved and not yet written (queued or being written), at most: 64 MiB. */
 export const EARLY_IN_FLIGHT_BLOCKS_MAX = 16384;
+/** Placement writes started at once (each at most a record, a few MiB): the CP's reads and writes share the thread pool. */
+export const EARLY_WRITES_AT_ONCE = 2;
 /**
  * Free blocks kept beyond a placement, on top of the tree's own margin (its space-map
  * blocks): what the CP of the other half may need, its data and at most as many address
@@ -65,9 +68,24 @@ export interface EarlyStats {
   skippedRecords: number;
 }
 
+/** A placement write: queued, then started (at most EARLY_WRITES_AT_ONCE at a time). */
+interface Job {
+  placement: Placement;
+  pba: number;
+  count: number;
+  /** Region offset of its first block's payload. */
+  payloadAt: number;
+  view: Buffer;
+  /** Resolved when it ended (written, failed, or cancelled before it started). */
+  done: () => void;
+}
+
 export class EarlyPlacer {
   private readonly halves = new Map<Half, Placement>();
+  /** Blocks reserved and not yet written (queued or being written). */
   private inFlight = 0;
+  private readonly queue: Job[] = [];
+  private writing = 0;
   private warned = false;
   private closed = false;
   private readonly keepFree: number;
@@ -110,38 +128,70 @@ export class EarlyPlacer {
     this.inFlight += count;
     let block = 0;
     for (const r of runs) {
-      const first = block;
-      // One view of the run's payload (contiguous in the record).
-      const view = this.nvlog.payloadView(payloadOffset + first * 4096, r.count * 4096);
+      const payloadAt = payloadOffset + block * 4096;
       block += r.count;
-      const w: Promise<void> = this.early.write(r.pba, [view]).then(
+      let done: () => void = () => undefined;
+      const ended = new Promise<void>((resolve) => { done = resolve; });
+      placement.pending.add(ended);
+      // One view of the run's payload (contiguous in the record).
+      this.queue.push({ placement, pba: r.pba, count: r.count, payloadAt, view: this.nvlog.payloadView(payloadAt, r.count * 4096), done: () => {
+        placement.pending.delete(ended);
+        done();
+      } });
+    }
+    this.pump();
+  }
+
+  /** Starts queued writes while fewer than EARLY_WRITES_AT_ONCE run (the CP's own I/O shares the thread pool). */
+  private pump(): void {
+    while (this.writing < EARLY_WRITES_AT_ONCE && this.queue.length > 0) {
+      const job = this.queue.shift()!;
+      this.writing++;
+      this.early.write(job.pba, [job.view]).then(
         () => {
-          for (let k = 0; k < r.count; k++) placement.byOffset.set(payloadOffset + (first + k) * 4096, r.pba + k);
-          this.stats.placedBlocks += r.count;
+          for (let k = 0; k < job.count; k++) job.placement.byOffset.set(job.payloadAt + k * 4096, job.pba + k);
+          this.stats.placedBlocks += job.count;
         },
         (e: unknown) => {
           // Left to the CP (which writes these blocks itself); the reserved ones go back at finish.
           if (!this.warned) {
             this.warned = true;
-            logger().warn({ err: e instanceof Error ? e.message : String(e), pba: r.pba, blocks: r.count }, 'early data placement: a write failed; the CP writes such blocks itself');
+            logger().warn({ err: e instanceof Error ? e.message : String(e), pba: job.pba, blocks: job.count }, 'early data placement: a write failed; the CP writes such blocks itself');
           }
         },
       ).finally(() => {
-        this.inFlight -= r.count;
-        placement.pending.delete(w);
+        this.writing--;
+        this.inFlight -= job.count;
+        job.done();
+        this.pump();
       });
-      placement.pending.add(w);
     }
   }
 
+  /** Drops the queued (not started) writes of placement p: their blocks are the CP's to write. */
+  private cancelQueued(p: Placement | undefined): void {
+    let kept = 0;
+    for (const job of this.queue) {
+      if (p === undefined || job.placement === p) {
+        this.inFlight -= job.count;
+        job.done();
+      } else {
+        this.queue[kept++] = job;
+      }
+    }
+    this.queue.length = kept;
+  }
+
   /**
-   * The half's CP begins: nothing more is placed for it; resolves, once every placement
-   * write of the half has ended, to where its completed blocks are (by region offset).
+   * The half's CP begins: nothing more is placed for it, its writes not started yet are
+   * dropped (the CP writes those blocks); resolves, once its started writes have ended, to
+   * where its completed blocks are (by region offset).
    */
   async settle(half: Half): Promise<ReadonlyMap<number, number> | undefined> {
     const p = this.halves.get(half);
     if (p === undefined || p.generation !== half.generation) return undefined;
     p.closed = true;
+    this.cancelQueued(p);
     while (p.pending.size > 0) await Promise.all([...p.pending]);
     return p.byOffset;
   }
@@ -149,6 +199,7 @@ export class EarlyPlacer {
   /** Nothing more is placed; resolves once every placement write has ended (before the device closes). */
   async close(): Promise<void> {
     this.closed = true;
+    this.cancelQueued(undefined);
     for (;;) {
       const pending = [...this.halves.values()].flatMap((p) => [...p.pending]);
       if (pending.length === 0) return;

@@ -346,7 +346,15 @@ export class CpWriter {
     blocksWritten += smapBlocks.length;
     await this.writePads();
     phases.spaceMapMs = lap();
-    await this.dev.sync();
+    // Placement writes wait while the member syncs: the sync waits for every page under
+    // writeback, and the next half's placed data is not this CP's to wait for.
+    const synced = this.dev.sync();
+    this.syncing = synced.catch(() => undefined);
+    try {
+      await synced;
+    } finally {
+      this.syncing = undefined;
+    }
     phases.syncMs = lap();
     return { newRoot, blocksWritten, blocksFreed: freed.blocks, earlyBlocks: adopted, phases };
   }
@@ -457,7 +465,11 @@ export class CpWriter {
    * blocks, one pwritev, the writeback started as for a CP's blocks); the CP that adopts
    * them syncs them.
    */
+  /** The CP's member sync while it runs (writeEarly waits for it). */
+  private syncing: Promise<void> | undefined;
+
   async writeEarly(pba: number, parts: Buffer[]): Promise<void> {
+    while (this.syncing) await this.syncing;
     let n = 0;
     for (const b of parts) {
       if (!(b.length > 0 && b.length % BLOCK === 0)) assert(false, `early write part of ${b.length} bytes`);
