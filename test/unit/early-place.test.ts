@@ -52,6 +52,23 @@ describe('early data placement', () => {
     assert.ok(m.isActive(early[0]!), 'the adopted block stays in use');
     assert.equal(m.free, free0 - 300 - 1);
     assert.deepEqual(m.verifyCounters(), []);
+    // Warm blocks (released runs the member still holds) are taken first, as a CP takes them.
+    const hot = m.allocate(16)[0]!;
+    m.allocate(8); // next fit moves on past them
+    for (let q = hot.pba; q < hot.pba + 16; q++) m.unallocate(q);
+    assert.deepEqual(m.keepWarm([{ pba: hot.pba, count: 16 }], 7), []);
+    const warmFirst = m.reserveEarly(12, 0)!;
+    assert.deepEqual(warmFirst, [{ pba: hot.pba, count: 12 }], `the warm run first: ${JSON.stringify(warmFirst)}`);
+    // While blocks are being rewritten (the last CP released some), only warm ones are placed: all or none.
+    assert.equal(m.reserveEarly(5, 0), undefined, 'four warm blocks left: five are not placed in cold space');
+    assert.deepEqual(m.reserveEarly(4, 0), [{ pba: hot.pba + 12, count: 4 }]);
+    for (const r of warmFirst) m.dropEarly(r);
+    m.dropEarly({ pba: hot.pba + 12, count: 4 });
+    // A CP that released nothing (first writes): next fit again.
+    assert.deepEqual(m.keepWarm([], 8), []);
+    const cold = m.reserveEarly(5, 0)!;
+    assert.equal(cold.reduce((n, r) => n + r.count, 0), 5);
+    for (const r of cold) m.dropEarly(r);
     // Not without the room asked to be kept: nothing changes.
     const before = m.free;
     assert.equal(m.reserveEarly(before - 5, 10), undefined);
