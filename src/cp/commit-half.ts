@@ -55,14 +55,14 @@ export async function commitHalf(log: NvLog, tree: BlockTreeApi, half: Half, met
   const placed = placer ? await placer.settle(half) : undefined;
   let adopted = 0;
   try {
-    return await commitHalfInner(log, tree, half, meta, ops, placed, () => adopted++);
+    return await commitHalfInner(log, tree, half, meta, ops, placed, (r) => (adopted += r.earlyBlocks));
   } finally {
     placer?.finish(half, adopted);
   }
 }
 
 async function commitHalfInner(
-  log: NvLog, tree: BlockTreeApi, half: Half, meta: CpMeta, ops: SnapshotOp[], placed: ReadonlyMap<number, number> | undefined, onEarly: () => void,
+  log: NvLog, tree: BlockTreeApi, half: Half, meta: CpMeta, ops: SnapshotOp[], placed: ReadonlyMap<number, number> | undefined, onCommitted: (r: CommitResult) => void,
 ): Promise<HalfCommitResult> {
   const blocks = half.index.blocks;
   const out: HalfCommitResult = { commits: [], blocksWritten: 0, blocksFreed: 0 };
@@ -82,6 +82,7 @@ async function commitHalfInner(
     const r = await tree.commitCp(chunk, m, final ? ops : []);
     assert(half.generation === generation, 'half was released during its CP');
     out.commits.push(r);
+    onCommitted(r);
     out.blocksWritten += r.blocksWritten;
     out.blocksFreed += r.blocksFreed;
     chunk = [];
@@ -116,7 +117,6 @@ async function commitHalfInner(
   for (const [lbn, regionOffset] of blocks) {
     if ((++n & 63) === 0) await slicer.maybeYield();
     const early = placed?.get(regionOffset);
-    if (early !== undefined) onEarly();
     if (add({ lbn, data: log.blockView(regionOffset), origin: log.originOf(half, regionOffset), crc: half.blockCrc(regionOffset), early })) await commit(false);
   }
   await commit(true);

@@ -121,6 +121,7 @@ describe('early data placement', () => {
     assert.equal(v.placer.stats.placedBlocks, 16);
     const last = v.stats().tree.lastCp!;
     assert.equal(last.earlyBlocks, 13, 'the placed blocks still current: 16 minus one rewritten and two trimmed');
+    assert.equal(v.placer.stats.adoptedBlocks, 13);
     assert.equal(last.dataBlocks, 13 + 1 + 2);
     const want = Buffer.from(big);
     over.copy(want, 3 * BS);
