@@ -549,7 +549,7 @@ export class SpaceMap {
     if (this.free < count + keepFree) return undefined;
     // Blocks being rewritten: CPs release runs the member holds warm, and a CP allocating
     // its data at once takes them. Placed data must then come from them too (placing it in
-    // cold space instead cost 1M overwrites ~15% here): all of it, or none (the CP writes it).
+    // cold space instead cost 1M overwrites 15-35% here): all of it, or none (the CP writes it).
     if (this.recentlyWarm && this.warmSupply(count) < count) return undefined;
     const runs: Run[] = [];
     let left = count;
@@ -561,7 +561,7 @@ export class SpaceMap {
       else runs.push({ pba: q, count: 1 });
     };
     // Warm blocks first, as a CP's allocation takes them (the member holds them, mostly in
-    // the page cache): placing into cold space instead cost an overwrite workload a third.
+    // the page cache).
     while (left > 0 && this.warmAt < this.warm.length) {
       const r = this.warm[this.warmAt]!;
       while (left > 0 && r.count > 0) {
