@@ -434,23 +434,18 @@ export class SpaceMap {
       this.warm = [];
       this.warmAt = 0;
       this.warmCp = cp;
+      this.recentlyWarm = false;
     }
     for (const r of released) {
       if (!(r.pba >= RING_SLOTS && r.count > 0 && r.pba + r.count <= this.deviceBlocks)) assert(false, `warm run [${r.pba}, +${r.count})`);
       this.warm.push(r);
     }
-    if (cp !== this.warmSeenCp) {
-      this.warmSeenCp = cp;
-      this.recentlyWarm = released.length > 0;
-    } else if (released.length > 0) {
-      this.recentlyWarm = true;
-    }
+    if (released.length > 0) this.recentlyWarm = true;
     return cold;
   }
 
-  /** Whether the newest CP that kept warm blocks was given any (blocks are being rewritten, not written for the first time). */
+  /** Whether CP warmCp was given warm blocks (blocks are being rewritten, not written for the first time). */
   private recentlyWarm = false;
-  private warmSeenCp = -1;
 
   /** Appends the allocatable stretches of run r to out (eight blocks a step where a bitmap byte covers them). */
   private allocatableRuns(r: Run, out: Run[]): void {
@@ -478,8 +473,14 @@ export class SpaceMap {
     if (start >= 0) out.push({ pba: start, count: end - start });
   }
 
-  /** Takes up to `count` allocatable warm blocks into runs; returns how many it took. */
-  private allocateWarm(count: number, runs: Run[]): number {
+  /** Takes block p: into the live map (allocateAt), or, for early, into the early set. */
+  private takeBlock(p: number, early: boolean): void {
+    if (early) setBit(this.early, p);
+    else this.allocateAt(p);
+  }
+
+  /** Takes up to `count` allocatable warm blocks into runs (live, or early); returns how many it took. */
+  private allocateWarm(count: number, runs: Run[], early = false): number {
     let left = count;
     while (left > 0 && this.warmAt < this.warm.length) {
       const r = this.warm[this.warmAt]!;
@@ -488,7 +489,7 @@ export class SpaceMap {
         r.pba++;
         r.count--;
         if (!this.isAllocatable(p)) continue;
-        this.allocateAt(p);
+        this.takeBlock(p, early);
         left--;
         const last = runs[runs.length - 1];
         if (last && last.pba + last.count === p) last.count++;
@@ -499,9 +500,9 @@ export class SpaceMap {
     return count - left;
   }
 
-  /** Block-level next fit (warm blocks first), appending to runs. */
-  private allocateBlocks(count: number, runs: Run[]): Run[] {
-    let left = count - this.allocateWarm(count, runs);
+  /** Block-level next fit (warm blocks first), appending to runs; early: into the early set (reserveEarly). */
+  private allocateBlocks(count: number, runs: Run[], early = false): Run[] {
+    let left = count - this.allocateWarm(count, runs, early);
     let p = this.cursor;
     let scanned = 0;
     const a = this.active, s = this.summary;
@@ -524,7 +525,7 @@ export class SpaceMap {
       }
       const start = p;
       while (left > 0 && p < this.deviceBlocks && this.isAllocatable(p)) {
-        this.allocateAt(p);
+        this.takeBlock(p, early);
         p++;
         left--;
       }
@@ -551,42 +552,9 @@ export class SpaceMap {
     // its data at once takes them. Placed data must then come from them too (placing it in
     // cold space instead cost 1M overwrites 15-35% here): all of it, or none (the CP writes it).
     if (this.recentlyWarm && this.warmSupply(count) < count) return undefined;
-    const runs: Run[] = [];
-    let left = count;
-    const take = (q: number): void => {
-      setBit(this.early, q);
-      left--;
-      const last = runs[runs.length - 1];
-      if (last && last.pba + last.count === q) last.count++;
-      else runs.push({ pba: q, count: 1 });
-    };
-    // Warm blocks first, as a CP's allocation takes them (the member holds them, mostly in
-    // the page cache).
-    while (left > 0 && this.warmAt < this.warm.length) {
-      const r = this.warm[this.warmAt]!;
-      while (left > 0 && r.count > 0) {
-        const q = r.pba;
-        r.pba++;
-        r.count--;
-        if (this.isAllocatable(q)) take(q);
-      }
-      if (r.count === 0) this.warmAt++;
-    }
-    let p = this.cursor;
-    let scanned = 0;
-    while (left > 0) {
-      assert(scanned <= this.deviceBlocks + 8, 'early allocation scanned the whole device without finding space');
-      if (p >= this.deviceBlocks) p = RING_SLOTS;
-      if (!this.isAllocatable(p)) {
-        p++;
-        scanned++;
-        continue;
-      }
-      const start = p;
-      while (left > 0 && p < this.deviceBlocks && this.isAllocatable(p)) take(p++);
-      scanned += p - start;
-    }
-    this.cursor = p;
+    // The CP's own allocation order (warm blocks first: the member holds them, mostly in
+    // the page cache; then next fit), into the early set.
+    const runs = this.allocateBlocks(count, [], true);
     this.earlyCount += count;
     return runs;
   }

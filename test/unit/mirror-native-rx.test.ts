@@ -47,6 +47,30 @@ function stream(msgs: OutMessage[]): Buffer {
   return Buffer.concat(msgs.flatMap((m) => w.frame(m)));
 }
 
+/**
+ * The peer writes CP_BLOCKS frames as fast as the socket takes them (as a source
+ * mid-resync does) until stop() is called. It yields between batches of 16: once the
+ * thread drains (reads and drops at memory speed), every write completes at once, and a
+ * loop that waited only for 'drain' would never let this event loop read what the thread
+ * sends (seen in CI: the peer wrote 7.6 GB in 8 s before it read the REFUSE).
+ */
+function keepWriting(client: net.Socket, blocks: number, fill: number): { stop(): void } {
+  const w = new FrameWriter();
+  let writing = true;
+  const pbas = Array.from({ length: blocks }, (_, i) => i + 1);
+  const pump = (): void => {
+    for (let i = 0; i < 16 && writing && !client.destroyed; i++) {
+      if (!client.write(Buffer.concat(w.frame({ type: MsgType.CpBlocks, cp: 5, pbas, data: Buffer.alloc(blocks * 4096, fill) })))) {
+        client.once('drain', pump);
+        return;
+      }
+    }
+    if (writing && !client.destroyed) setImmediate(pump);
+  };
+  pump();
+  return { stop: () => { writing = false; } };
+}
+
 async function until(what: string, ok: () => boolean, ms = 5000): Promise<void> {
   const end = Date.now() + ms;
   while (!ok()) {
@@ -384,9 +408,6 @@ describe('mirror native receive thread', function () {
   it('close() with a flush while the peer keeps writing: the peer reads the REFUSE and an orderly end, not a reset', async () => {
     for (let round = 0; round < 5; round++) {
       const c = await open();
-      // The peer writes frames as fast as the socket takes them, as a source mid-resync does.
-      const w = new FrameWriter();
-      let writing = true;
       // An error is a failure only if it came before the REFUSE was read: the check below
       // polls, so both may be there by then, and their order is what the test is about.
       let clientError: Error | undefined;
@@ -403,20 +424,7 @@ describe('mirror native receive thread', function () {
         }
       });
       c.client.on('end', () => (ended = true));
-      // It yields between batches: once the thread drains (reads and drops at memory speed),
-      // every write completes at once, and a loop that waited only for 'drain' would never
-      // let this event loop read the REFUSE (seen in CI: the peer wrote 7.6 GB in 8 s).
-      const pump = (): void => {
-        for (let i = 0; i < 16 && writing && !c.client.destroyed; i++) {
-          const ok = c.client.write(Buffer.concat(w.frame({ type: MsgType.CpBlocks, cp: 5, pbas: [1, 2, 3, 4], data: Buffer.alloc(4 * 4096, round) })));
-          if (!ok) {
-            c.client.once('drain', pump);
-            return;
-          }
-        }
-        if (writing && !c.client.destroyed) setImmediate(pump);
-      };
-      pump();
+      const peer = keepWriting(c.client, 4, round);
       await until('frames arriving', () => c.frames.length > 20);
       c.rx.send({ type: MsgType.Refuse, reason: 'the destination cannot apply the stream: ENOSPC' });
       closedAt = Date.now();
@@ -426,7 +434,7 @@ describe('mirror native receive thread', function () {
       // before the deadline, not after it.
       c.rx.close(true, 8000);
       await until('the REFUSE or an error at the peer', () => c.acks.some((m) => m.type === MsgType.Refuse) || clientError !== undefined, 10_000);
-      writing = false;
+      peer.stop();
       assert.strictEqual(clientError, undefined, `round ${round}: the peer saw ${clientError?.message} ${errorAfterMs} ms after close(), before the REFUSE`);
       const refuse = c.acks.find((m) => m.type === MsgType.Refuse);
       assert.ok(refuse && refuse.type === MsgType.Refuse && /ENOSPC/.test(refuse.reason));
@@ -446,25 +454,14 @@ describe('mirror native receive thread', function () {
 
   it('close() with a flush against a peer that never stops writing: ends at the linger deadline and says what was left', async () => {
     const c = await open();
-    const w = new FrameWriter();
-    let writing = true;
     c.client.on('error', () => undefined); // the reset after the deadline is what this peer gets
     c.client.allowHalfOpen = true; // the thread's FIN does not end this peer's writing
-    const pump = (): void => {
-      for (let i = 0; i < 16 && writing && !c.client.destroyed; i++) {
-        if (!c.client.write(Buffer.concat(w.frame({ type: MsgType.CpBlocks, cp: 5, pbas: [1, 2], data: Buffer.alloc(2 * 4096, 7) })))) {
-          c.client.once('drain', pump);
-          return;
-        }
-      }
-      if (writing && !c.client.destroyed) setImmediate(pump);
-    };
-    pump();
+    const peer = keepWriting(c.client, 2, 7);
     await until('frames arriving', () => c.frames.length > 5);
     c.rx.send({ type: MsgType.Refuse, reason: 'the destination cannot apply the stream: ENOSPC' });
     c.rx.close(true, 300);
     await until('the thread ended', () => c.events.some((e) => e.kind === EV_ENDED), 10_000);
-    writing = false;
+    peer.stop();
     const end = c.events.find((e) => e.kind === EV_ENDED)!;
     assert.ok(end.kind === EV_ENDED && end.lingerExpired !== undefined, 'the end says the linger ran out');
     assert.match(end.lingerExpired!, /^the linger of 300 ms ran out: 0 bytes still queued to send, write side shut down, the peer's end not seen, [1-9]\d* bytes read and dropped$/);
