@@ -138,6 +138,11 @@ async function measure(c: BenchConfig, suite: Suite, w: Workload, spec: ServerSp
   const where = `${suite.name} / ${w.label} / ${spec.label} (round ${round})`;
   let server: RunningServer;
   try {
+    // Every run starts with nothing dirty in the page cache: a server that never syncs
+    // (nbdkit's file plugin, nvmirror --file) leaves GBs being written back while the
+    // next one runs, which that one's rows would pay for.
+    execFileSync('sync', [], { timeout: 600_000 });
+    phases.push(['sync', Date.now()]);
     await spec.prepare(dir);
     phases.push(['prepare', Date.now()]);
     server = await RunningServer.start(spec, dir, path.join(dir, `${spec.id}.sock`));
