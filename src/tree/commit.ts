@@ -460,14 +460,14 @@ export class CpWriter {
     }
   }
 
-  /**
-   * Writes data placed ahead of its CP into blocks reserveEarly took (parts of whole
-   * blocks, one pwritev, the writeback started as for a CP's blocks); the CP that adopts
-   * them syncs them.
-   */
   /** The CP's member sync while it runs (writeEarly waits for it). */
   private syncing: Promise<void> | undefined;
 
+  /**
+   * Writes data placed ahead of its CP into blocks reserveEarly took (parts of whole
+   * blocks, one pwritev, the writeback started as for a CP's blocks), after the CP's member
+   * sync if one runs; the CP that adopts them syncs them.
+   */
   async writeEarly(pba: number, parts: Buffer[]): Promise<void> {
     while (this.syncing) await this.syncing;
     let n = 0;
