@@ -59,8 +59,10 @@ import { readRelationship, writeRelationship, type MirrorPolicy } from './relati
 import { readRole } from './role';
 import { parseStanding, type Standing } from './standing';
 import {
-  decodeBody, writeEncoded, writeFrame, BLOCKS_PER_FRAME_MAX, FrameParser, FrameWriter, MsgType, type Message, type MirrorMode, type OutMessage,
+  decodeBody, deltaEntryBytes, writeEncoded, writeFrame, BLOCKS_PER_FRAME_MAX, DELTAS_PER_FRAME_MAX, DELTAS_RAW_MAX_BYTES, FrameParser, FrameWriter, MsgType,
+  type CpDelta, type Message, type MirrorMode, type OutMessage,
 } from './wire';
+import { encodeDelta } from './delta';
 
 export type MirrorState = 'disconnected' | 'baseline' | 'resyncing' | 'in-sync' | 'behind';
 /** What status reports: a refused split brain shows as such, not as a plain disconnection. */
@@ -208,6 +210,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private shipping: { cp: number; blocks: number } | undefined;
   private cpInProgress: number | undefined;
   private resyncRunning = false;
+  /** A resync sends metadata as deltas against the base; cleared after one that used them failed, set again by one that completed. */
+  private deltasInResync = true;
   private resync: { baseCp: number; targetCp: number; blocksSent: number; progress: ProgressLine } | undefined;
   /** The pinned state of an interrupted baseline, kept (for BASELINE_KEEP_MS_MAX) so the destination can resume it. */
   private keptBaseline: { view: CommittedView; sinceMs: number } | undefined;
@@ -1010,8 +1014,45 @@ export class MirrorSource implements CpSink, ReplicaGate {
         progress.update(this.resync.blocksSent * 4096);
       }
     };
+    // A resync's metadata blocks travel as deltas against their counterparts in the base
+    // (the destination's committed CP, whose blocks this volume holds intact), as a CP's
+    // do against the blocks they replace: an address block with a few new pointers costs
+    // a few hundred bytes, not 4 KiB. A delta the destination cannot apply fails the
+    // resync; the next one then sends whole blocks (deltasInResync).
+    const baseSb = baseCp >= 0 && this.deltasInResync && this.destSuperblock?.cp === baseCp ? this.destSuperblock.raw : undefined;
+    let deltas: CpDelta[] = [];
+    let deltaBytes = 0;
+    const flushDeltas = async (): Promise<void> => {
+      if (deltas.length === 0) return;
+      const group = deltas;
+      deltas = [];
+      deltaBytes = 0;
+      await this.waitRoom(conn);
+      if (conn.closed) return;
+      this.send(conn, { type: MsgType.CpDeltas, cp: view.cpNumber, deltas: group });
+      this.deltasSent += group.length;
+      if (this.resync) {
+        this.resync.blocksSent += group.length;
+        progress.update(this.resync.blocksSent * 4096);
+      }
+    };
+    let usedDeltas = false;
     try {
       await walkBornAfterRuns(view, baseCp, async (run) => {
+        if (run.prev) {
+          assert(skip === 0 && run.ptrs.length === 1, 'counterparts come with single blocks of a resync');
+          const delta = encodeDelta(run.prev.buf, run.buf);
+          if (delta) {
+            const d: CpDelta = { pba: run.ptrs[0]!.pba, prevPba: run.prev.pba, crc: run.ptrs[0]!.crc, delta };
+            if (deltas.length >= DELTAS_PER_FRAME_MAX || deltaBytes + deltaEntryBytes(d) > DELTAS_RAW_MAX_BYTES) await flushDeltas();
+            deltas.push(d);
+            deltaBytes += deltaEntryBytes(d);
+            count++;
+            usedDeltas = true;
+            run.release();
+            return;
+          }
+        }
         // A resumed baseline skips the first `skip` blocks of the walk (the same order every time).
         let k = Math.max(0, Math.min(run.ptrs.length, skip - count));
         count += run.ptrs.length;
@@ -1029,11 +1070,16 @@ export class MirrorSource implements CpSink, ReplicaGate {
         // Its last blocks are in the frame being filled, or in the last one sent.
         held.push({ upTo: pbas.length > 0 ? framesSent + 1 : framesSent, release: run.release });
         if (framesWritten >= held[held.length - 1]!.upTo) written(framesWritten);
-      }, () => conn.closed || this.stopped);
+      }, { shouldStop: () => conn.closed || this.stopped, baseSuperblock: baseSb });
       await flush();
+      await flushDeltas();
       if (conn.closed) return;
       await this.commitOnDest(conn, view.cpNumber, view.slot, count, view.superblock);
+      this.deltasInResync = true;
     } finally {
+      // Deltas in a resync that did not complete: the next one sends whole blocks, in case
+      // the destination could not apply them (a base it does not hold as this side thinks).
+      if (usedDeltas && conn.closed) this.deltasInResync = false;
       progress.finish();
       // Its frames still queued stay reachable through NativeRx until sent; the walk's
       // buffers (and its pool) go with it, not kept by this handler until the next walk.

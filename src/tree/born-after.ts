@@ -11,10 +11,17 @@
  *   an error, never shipped.
  * - Each block is emitted once (a bitmap of emitted pbas: one bit per device block). The
  *   superblock is not emitted: the receiver writes it last, after every block is durable.
+ * - With a base superblock (the base CP's, which the destination holds intact), each
+ *   metadata block emitted (address block, space-map node or leaf) comes with its
+ *   counterpart in the base: the block at the same place (type, level, index) in the
+ *   base's live tree, read and verified like any block. It is a hint for a delta and
+ *   nothing else: a base that is missing, another shape, or does not verify gives no
+ *   counterpart, never an error; the emitted blocks and their order do not change.
  * - Memory: the bitmap; the data of LEAF_LOOKAHEAD + 1 level-0 nodes (FANOUT blocks each,
- *   ~672 KiB), the ones loading ahead and the one being emitted; the runs the receiver has
- *   not released yet (a sender holds them until its socket has written them, so its
- *   socket queue bounds them); at most FREE_LEAF_BUFS_MAX idle buffers.
+ *   ~672 KiB), the ones loading ahead and the one being emitted (and with a base, a 4 KiB
+ *   counterpart for each); the runs the receiver has not released yet (a sender holds
+ *   them until its socket has written them, so its socket queue bounds them); at most
+ *   FREE_LEAF_BUFS_MAX idle buffers.
  */
 import { VolumeError } from '../util/errors';
 import { assert } from '../util/assert';
@@ -51,6 +58,19 @@ export interface BornRun {
    * (not calling it costs an allocation, never data); at most once.
    */
   release(): void;
+  /**
+   * A single metadata block's counterpart in the base (walk option baseSuperblock): a
+   * committed block of the base CP at the same place in the tree, verified. Absent for
+   * data blocks and where the base has nothing there.
+   */
+  prev?: { pba: number; buf: Buffer };
+}
+
+export interface WalkOptions {
+  /** Polled between blocks: a true return ends the walk with an ESHUTDOWN error. */
+  shouldStop?: () => boolean;
+  /** The base CP's superblock (4 KiB): metadata blocks come with their base counterpart (BornRun.prev). */
+  baseSuperblock?: Buffer | undefined;
 }
 
 /**
@@ -95,13 +115,16 @@ export async function walkBornAfterRuns(
   view: CommittedView,
   baseCp: number,
   emit: (r: BornRun) => Promise<void>,
-  shouldStop: () => boolean = () => false,
+  opts: WalkOptions | (() => boolean) = {},
 ): Promise<number> {
+  const o: WalkOptions = typeof opts === 'function' ? { shouldStop: opts } : opts;
+  const shouldStop = o.shouldStop ?? (() => false);
   const sb = decodeSuperblock(view.superblock);
   if (typeof sb === 'string') throw new VolumeError('EIO', `pinned superblock does not decode: ${sb}`);
   assert(sb.cpNumber === view.cpNumber, 'view and superblock disagree');
   const uuid = uuidToBytes(sb.volumeUuid);
   const deviceBlocks = sb.deviceBlocks;
+  const base = baseCp >= 0 && o.baseSuperblock ? usableBase(o.baseSuperblock, baseCp, sb) : undefined;
   const seen = Buffer.alloc(Math.ceil(deviceBlocks / 8));
   let emitted = 0;
   const firstTime = (pba: number): boolean => {
@@ -111,7 +134,7 @@ export async function walkBornAfterRuns(
     seen[i] = seen[i]! | m;
     return true;
   };
-  const out = async (ptr: BlockPtr, buf: Buffer): Promise<void> => {
+  const out = async (ptr: BlockPtr, buf: Buffer, prev?: Counterpart): Promise<void> => {
     if (shouldStop()) throw new VolumeError('ESHUTDOWN', 'walk stopped');
     emitted++;
     let released = false;
@@ -122,6 +145,7 @@ export async function walkBornAfterRuns(
         assert(!released, 'a run released twice');
         released = true;
       },
+      ...(prev ? { prev: { pba: prev.ptr.pba, buf: prev.buf } } : {}),
     });
   };
   // A level-0 node's data runs are read into one buffer (FANOUT blocks), reused once every
@@ -151,6 +175,22 @@ export async function walkBornAfterRuns(
     if (p !== null && p.birth > parent.birth) throw new VolumeError('EIO', `${what} at pba ${parent.pba} slot ${slot}: child born after its parent`);
     return p;
   };
+  // The base's counterparts: read and verified like any block, but a hint only (no error).
+  const readBase = async (ptr: BlockPtr | null, self: BlockPtr, id: { type: number; level: number; index: number } | 'leaf'): Promise<Counterpart | undefined> => {
+    if (!ptr || ptr.pba === self.pba || ptr.birth > baseCp) return undefined;
+    try {
+      const buf = await readOne(ptr);
+      const bad = id === 'leaf' ? (crc32c(buf) !== ptr.crc ? 'checksum mismatch' : null) : verifyNode(buf, ptr, id, uuid);
+      return bad ? undefined : { ptr, buf };
+    } catch {
+      return undefined;
+    }
+  };
+  const baseChild = (prev: Counterpart | undefined, slot: number): BlockPtr | null => {
+    if (!prev) return null;
+    const p = decodePtr(prev.buf, ptrSlotOffset(slot), deviceBlocks);
+    return typeof p === 'string' ? null : p;
+  };
 
   // Data tree: address blocks carry a verified header; level-0 children are data blocks.
   // Level-0 nodes are loaded (the block read, the reads of its data runs started) up to
@@ -160,11 +200,12 @@ export async function walkBornAfterRuns(
   interface Leaf {
     ptr: BlockPtr;
     node: Buffer;
+    prev: Counterpart | undefined;
     runs: Array<{ ptrs: BlockPtr[]; buf: Promise<Buffer>; crcs: Buffer; release: () => void }>;
   }
-  const loadLeaf = async (ptr: BlockPtr, index: number): Promise<Leaf | null> => {
+  const loadLeaf = async (ptr: BlockPtr, index: number, basePtr: BlockPtr | null): Promise<Leaf | null> => {
     if (ptr.birth <= baseCp || !firstTime(ptr.pba)) return null;
-    const node = await readOne(ptr);
+    const [node, prev] = await Promise.all([readOne(ptr), readBase(basePtr, ptr, { type: NODE_TYPE_DATA_TREE, level: 0, index })]);
     const problem = verifyNode(node, ptr, { type: NODE_TYPE_DATA_TREE, level: 0, index }, uuid);
     if (problem) throw new VolumeError('EIO', `address block at pba ${ptr.pba} (level 0): ${problem}`);
     const want: BlockPtr[] = [];
@@ -181,7 +222,7 @@ export async function walkBornAfterRuns(
       i = j;
     }
     const runs: Leaf['runs'] = [];
-    if (spans.length === 0) return { ptr, node, runs };
+    if (spans.length === 0) return { ptr, node, prev, runs };
     // Every run of this node in one (reused) buffer, each read and checksummed in one pool job.
     const lb = leafBuf(spans.length);
     const crcs = Buffer.allocUnsafe(want.length * 4);
@@ -193,10 +234,10 @@ export async function walkBornAfterRuns(
       read.catch(() => undefined); // awaited in emitLeaf; never an unhandled rejection meanwhile
       runs.push({ ptrs, buf: read, crcs: runCrcs, release: lb.release });
     }
-    return { ptr, node, runs };
+    return { ptr, node, prev, runs };
   };
   const emitLeaf = async (leaf: Leaf): Promise<void> => {
-    await out(leaf.ptr, leaf.node);
+    await out(leaf.ptr, leaf.node, leaf.prev);
     for (const r of leaf.runs) {
       const run = await r.buf;
       // Every block of the run checked against its parent pointer first.
@@ -218,24 +259,25 @@ export async function walkBornAfterRuns(
       });
     }
   };
-  const dataTree = async (ptr: BlockPtr, level: number, index: number): Promise<void> => {
+  const dataTree = async (ptr: BlockPtr, level: number, index: number, basePtr: BlockPtr | null): Promise<void> => {
     if (level === 0) {
-      const leaf = await loadLeaf(ptr, index);
+      const leaf = await loadLeaf(ptr, index, basePtr);
       if (leaf) await emitLeaf(leaf);
       return;
     }
     if (ptr.birth <= baseCp || !firstTime(ptr.pba)) return;
-    const node = await readOne(ptr);
-    const problem = verifyNode(node, ptr, { type: NODE_TYPE_DATA_TREE, level, index }, uuid);
+    const id = { type: NODE_TYPE_DATA_TREE, level, index };
+    const [node, prev] = await Promise.all([readOne(ptr), readBase(basePtr, ptr, id)]);
+    const problem = verifyNode(node, ptr, id, uuid);
     if (problem) throw new VolumeError('EIO', `address block at pba ${ptr.pba} (level ${level}): ${problem}`);
-    await out(ptr, node);
-    const kids: Array<{ c: BlockPtr; index: number }> = [];
+    await out(ptr, node, prev);
+    const kids: Array<{ c: BlockPtr; index: number; base: BlockPtr | null }> = [];
     for (let s = 0; s < FANOUT; s++) {
       const c = child(node, ptr, s, 'address block');
-      if (c) kids.push({ c, index: index * FANOUT + s });
+      if (c) kids.push({ c, index: index * FANOUT + s, base: baseChild(prev, s) });
     }
     if (level > 1) {
-      for (const k of kids) await dataTree(k.c, level - 1, k.index);
+      for (const k of kids) await dataTree(k.c, level - 1, k.index, k.base);
       return;
     }
     // Up to LEAF_LOOKAHEAD level-0 nodes loading ahead of the one being emitted.
@@ -243,7 +285,7 @@ export async function walkBornAfterRuns(
     let started = 0;
     const startNext = (): void => {
       while (started < kids.length && ahead.length < LEAF_LOOKAHEAD) {
-        const p = loadLeaf(kids[started]!.c, kids[started]!.index);
+        const p = loadLeaf(kids[started]!.c, kids[started]!.index, kids[started]!.base);
         p.catch(() => undefined); // awaited below in turn; never an unhandled rejection meanwhile
         ahead.push(p);
         started++;
@@ -258,29 +300,47 @@ export async function walkBornAfterRuns(
   };
 
   // Space map: nodes with headers, leaves verified by the parent's crc.
-  const spaceMap = async (ptr: BlockPtr, level: number, index: number): Promise<void> => {
+  const spaceMap = async (ptr: BlockPtr, level: number, index: number, basePtr: BlockPtr | null): Promise<void> => {
     if (ptr.birth <= baseCp || !firstTime(ptr.pba)) return;
-    const node = await readOne(ptr);
-    const problem = verifyNode(node, ptr, { type: NODE_TYPE_SPACE_MAP, level, index }, uuid);
+    const id = { type: NODE_TYPE_SPACE_MAP, level, index };
+    const [node, prev] = await Promise.all([readOne(ptr), readBase(basePtr, ptr, id)]);
+    const problem = verifyNode(node, ptr, id, uuid);
     if (problem) throw new VolumeError('EIO', `space-map node at pba ${ptr.pba} (level ${level}): ${problem}`);
-    await out(ptr, node);
+    await out(ptr, node, prev);
     for (let s = 0; s < FANOUT; s++) {
       const c = child(node, ptr, s, 'space-map node');
       if (!c) continue;
       if (level > 0) {
-        await spaceMap(c, level - 1, index * FANOUT + s);
+        await spaceMap(c, level - 1, index * FANOUT + s, baseChild(prev, s));
       } else if (c.birth > baseCp && firstTime(c.pba)) {
-        const leaf = await readOne(c);
+        const [leaf, leafPrev] = await Promise.all([readOne(c), readBase(baseChild(prev, s), c, 'leaf')]);
         if (crc32c(leaf) !== c.crc) throw new VolumeError('EIO', `space-map leaf at pba ${c.pba}: checksum mismatch`);
-        await out(c, leaf);
+        await out(c, leaf, leafPrev);
       }
     }
   };
 
+  // Every data root (live and snapshots) is matched with the base's live root, every
+  // space-map root with the base's live space map: a snapshot taken after the base was
+  // the live tree once, and blocks already emitted are not emitted again.
   const roots = rootsOf(sb);
-  for (const r of roots.data) await dataTree(r, sb.treeHeight - 1, 0);
-  for (const r of roots.smap) await spaceMap(r, sb.smapHeight - 1, 0);
+  for (const r of roots.data) await dataTree(r, sb.treeHeight - 1, 0, base?.root ?? null);
+  for (const r of roots.smap) await spaceMap(r, sb.smapHeight - 1, 0, base?.smapRoot ?? null);
   return emitted;
+}
+
+interface Counterpart {
+  ptr: BlockPtr;
+  buf: Buffer;
+}
+
+/** The base superblock when it can serve as a source of counterparts: the base CP's, of the same volume and shape. */
+function usableBase(raw: Buffer, baseCp: number, sb: Superblock): Superblock | undefined {
+  if (raw.length !== BLOCK) return undefined;
+  const b = decodeSuperblock(raw);
+  if (typeof b === 'string') return undefined;
+  const same = b.cpNumber === baseCp && b.volumeUuid === sb.volumeUuid && b.deviceBlocks === sb.deviceBlocks && b.treeHeight === sb.treeHeight && b.smapHeight === sb.smapHeight;
+  return same ? b : undefined;
 }
 
 function rootsOf(sb: Superblock): { data: BlockPtr[]; smap: BlockPtr[] } {

@@ -18,6 +18,7 @@ import * as os from 'os';
 import * as path from 'path';
 import { decodeSuperblock } from '../../src/tree/layout';
 import type { BlockChange } from '../../src/tree/types';
+import { applyDelta, encodeDelta } from '../../src/mirror/delta';
 
 const B = BLOCK_SIZE_BYTES;
 const UUID = '1f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0';
@@ -130,6 +131,98 @@ describe('tree diff and born-after walk', () => {
     await assert.rejects(walkBornAfter(v, -1, async (b) => void emitted.push(b.pba)), new RegExp(`data block at pba ${pbas[2]}: checksum mismatch`));
     assert.ok(pbas.every((p) => !emitted.includes(p)), `no block of the damaged run was emitted: ${emitted.join(',')}`);
     v.release();
+  });
+
+  it('born-after with the base superblock: every metadata block comes with its base counterpart, a small delta away; a bad base changes nothing but the hints', async () => {
+    const blocks = 32768;
+    const dev = new MemoryBlockDevice(blocks);
+    await BlockTree.format(dev, { sizeBytes: SIZE, volumeUuid: UUID });
+    const t = await BlockTree.open(dev);
+    // The base: a block every 64 lbns (every level-0 node of the 256 MiB volume holds some).
+    const lbnCount = SIZE / B;
+    const baseWrites: BlockChange[] = [];
+    for (let l = 0; l < lbnCount; l += 64) baseWrites.push({ lbn: l, data: block(l) });
+    await t.commitCp(baseWrites, { nvlogSeq: 1, nvlogEpoch: 1 });
+    const baseView = t.pinCommitted();
+    const baseCp = baseView.cpNumber;
+    const baseSb = Buffer.from(baseView.superblock);
+    baseView.release();
+    // The base stays intact, as a mirror's committed CP is held on the source.
+    t.setCpSink({ oldestNeededCp: () => baseCp, holdBroken: () => assert.fail('hold broken'), blocks: async () => undefined, committed: async () => undefined });
+    // Three CPs of scattered writes after it, and a trim.
+    for (let c = 0; c < 3; c++) {
+      const w: BlockChange[] = [];
+      for (let l = 17 + c * 5; l < lbnCount; l += 97) w.push({ lbn: l, data: block(l * 3 + c) });
+      w.push({ lbn: 64 * (c + 1), data: null });
+      await t.commitCp(w, { nvlogSeq: 2 + c, nvlogEpoch: 1 });
+    }
+    const v = t.pinCommitted();
+    const plain: number[] = [];
+    await walkBornAfterRuns(v, baseCp, async (run) => {
+      assert.equal(run.prev, undefined, 'no base given, no counterpart');
+      plain.push(...run.ptrs.map((p) => p.pba));
+      run.release();
+    });
+    const withBase: number[] = [];
+    let metadata = 0;
+    let deltaBytes = 0;
+    let tooBig = 0;
+    const scratch = Buffer.alloc(B);
+    await walkBornAfterRuns(v, baseCp, async (run) => {
+      withBase.push(...run.ptrs.map((p) => p.pba));
+      if (run.prev) {
+        metadata++;
+        assert.equal(run.ptrs.length, 1);
+        assert.notEqual(run.prev.pba, run.ptrs[0]!.pba);
+        // The counterpart is the committed base block at prev.pba, and the delta rebuilds the new block from it.
+        await dev.readBlocks(run.prev.pba, 1, scratch);
+        assert.ok(scratch.equals(run.prev.buf), `counterpart at pba ${run.prev.pba} is the block on the device`);
+        const d = encodeDelta(run.prev.buf, run.buf);
+        if (!d) {
+          tooBig++; // an upper node whose every child changed
+          run.release();
+          return;
+        }
+        deltaBytes += d.length;
+        const rebuilt = applyDelta(run.prev.buf, d);
+        assert.ok(Buffer.isBuffer(rebuilt) && rebuilt.equals(run.buf));
+        assert.equal(crc32c(rebuilt), run.ptrs[0]!.crc);
+      }
+      run.release();
+    }, { baseSuperblock: baseSb });
+    assert.deepEqual(withBase, plain, 'the same blocks in the same order with or without the base');
+    // Every level-0 node (256 MiB / 168 lbns = 391), the upper levels and the space map changed; all had a counterpart.
+    assert.ok(metadata >= 391, `${metadata} metadata blocks had a counterpart`);
+    assert.ok(tooBig <= 4, `${tooBig} counterparts too far from their block for a delta (only the upper nodes may be)`);
+    assert.ok(deltaBytes < (metadata - tooBig) * 600, `deltas average ${(deltaBytes / (metadata - tooBig)).toFixed(0)} bytes`);
+    // A base superblock of another CP, or garbage: no counterparts, the same walk.
+    for (const bad of [Buffer.from(v.superblock), Buffer.alloc(B, 7)]) {
+      const again: number[] = [];
+      await walkBornAfterRuns(v, baseCp, async (run) => {
+        assert.equal(run.prev, undefined);
+        again.push(...run.ptrs.map((p) => p.pba));
+        run.release();
+      }, { baseSuperblock: bad });
+      assert.deepEqual(again, plain);
+    }
+    // A damaged counterpart is no counterpart (the walk does not fail for a hint).
+    let damagedPba = -1;
+    await walkBornAfterRuns(v, baseCp, async (run) => {
+      if (run.prev && damagedPba < 0) damagedPba = run.prev.pba;
+      run.release();
+    }, { baseSuperblock: baseSb });
+    await dev.readBlocks(damagedPba, 1, scratch);
+    scratch[200] = scratch[200]! ^ 0xff;
+    await dev.writeBlocks(damagedPba, scratch);
+    const afterDamage: number[] = [];
+    await walkBornAfterRuns(v, baseCp, async (run) => {
+      assert.ok(!run.prev || run.prev.pba !== damagedPba, 'the damaged block offered as a counterpart');
+      afterDamage.push(...run.ptrs.map((p) => p.pba));
+      run.release();
+    }, { baseSuperblock: baseSb });
+    assert.deepEqual(afterDamage, plain);
+    v.release();
+    t.setCpSink(undefined);
   });
 
   for (const kind of ['file', 'memory'] as const) {
