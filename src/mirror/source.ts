@@ -1017,9 +1017,12 @@ export class MirrorSource implements CpSink, ReplicaGate {
     // A resync's metadata blocks travel as deltas against their counterparts in the base
     // (the destination's committed CP, whose blocks this volume holds intact), as a CP's
     // do against the blocks they replace: an address block with a few new pointers costs
-    // a few hundred bytes, not 4 KiB. A delta the destination cannot apply fails the
-    // resync; the next one then sends whole blocks (deltasInResync).
-    const baseSb = baseCp >= 0 && this.deltasInResync && this.destSuperblock?.cp === baseCp ? this.destSuperblock.raw : undefined;
+    // a few hundred bytes, not 4 KiB. Only from the superblock whose root the destination
+    // reported (WELCOME, CP_ACK): then its committed tree is that one. A delta the
+    // destination cannot apply fails the resync; the next one sends whole blocks
+    // (deltasInResync).
+    const d = this.destSuperblock;
+    const baseSb = baseCp >= 0 && this.deltasInResync && d?.cp === baseCp && d.raw.subarray(SUPERBLOCK_ROOT_OFFSET, SUPERBLOCK_ROOT_OFFSET + 24).equals(this.destRoot) ? d.raw : undefined;
     let deltas: CpDelta[] = [];
     let deltaBytes = 0;
     const flushDeltas = async (): Promise<void> => {
