@@ -143,6 +143,9 @@ export interface StallResult {
   iops: number;
   syncAfterS: number;
   lastError: string | undefined;
+  /** The relay's count of mirror bytes (both ways, every connection) from before fio to in sync after it, and the client bytes in that window. */
+  wireBytes: number;
+  clientBytes: number;
 }
 
 /** One catch-up (baseline or resync), as the source timed it: from its CP_BEGIN to the destination's ack of the commit. */
@@ -161,6 +164,9 @@ export interface BaselineResult {
   rewrittenBytes: number;
   baseline: CatchUp;
   resync: CatchUp;
+  /** Bytes written (4 KiB random writes over the whole volume) while the receiver was down again, and that resync. */
+  scatteredBytes: number;
+  resync4k: CatchUp;
   /** One TCP stream a -> b over the veth, bytes/s. */
   linkBytesPerS: number;
   /** Sequential 1 MiB writes to a file in the bench directory, then fdatasync, bytes/s. */
@@ -755,9 +761,19 @@ class MirrorBench {
       if (before.connected) throw new Error('the source says connected while the receiver is down');
       receiver = await receive();
       const resync = await timeCatchUp(vol, 'resync', 1, cp, source, [source, receiver], before);
+      // Again, with 4 KiB random writes over the whole volume: the blocks to send are
+      // scattered in lbn order, one per level-0 node or so.
+      await receiver.stop();
+      const scattered = Math.max(MIB, Math.floor(rewritten / 2 / MIB) * MIB);
+      await runFio('resync-writes-4k', uri, [['rw', 'randwrite'], ['bs', '4k'], ['iodepth', 32], ['size', this.o.sizeBytes], ['io_size', scattered], ['norandommap', 1]], 'write',
+        path.join(this.dir, 'resync-writes-4k.json'), scattered / 5e6 + 30);
+      const cp4k = await checkpoint(vol);
+      const before4k = await mirrorStatus(vol);
+      receiver = await receive();
+      const resync4k = await timeCatchUp(vol, 'resync', 2, cp4k, source, [source, receiver], before4k);
       await source.stop();
       await receiver.stop();
-      return { filledBytes: filled, rewrittenBytes: rewritten, baseline, resync, linkBytesPerS, diskBytesPerS };
+      return { filledBytes: filled, rewrittenBytes: rewritten, baseline, resync, scatteredBytes: scattered, resync4k, linkBytesPerS, diskBytesPerS };
     } catch (e) {
       for (const p of procs) if (!p.exited) p.child.kill('SIGKILL');
       throw new Error(`baseline/resync: ${(e as Error).message}\n  ${procs.map((p) => `${p.name}: ${p.log}`).join('\n  ')}`);
@@ -777,6 +793,8 @@ class MirrorBench {
       // Per-second write log, to count the writes completed while the peer was stalled.
       const logBase = path.join(this.dir, `stall-${mode}`);
       const fioOut = path.join(this.dir, `stall-${mode}.json`);
+      const relay0 = await r.relay!.stats();
+      const st0 = await mirrorStatus(r.vol);
       const fioP = runFio('stall', `nbd+unix:///?socket=${r.sock}`, [...opts, ['write_iops_log', logBase], ['log_avg_msec', 250], ['log_unix_epoch', 1]], 'write', fioOut, runtime + 5);
       let fioDone = false;
       let fioErr: unknown;
@@ -811,8 +829,9 @@ class MirrorBench {
       if (fio === undefined) throw new Error(`fio failed: ${(fioErr as Error).message}`);
       const fioEnd = Date.now();
       const cp = await checkpoint(r.vol);
-      await waitInSync(r.vol, 'after the stall', cp, this.procs(r));
+      const st1 = await waitInSync(r.vol, 'after the stall', cp, this.procs(r));
       const syncAfterS = (Date.now() - fioEnd) / 1000;
+      const relay1 = await r.relay!.stats();
       const peak = pids.map((p) => procStatusKb(p, 'VmHWM'));
       const writesDuring = countLoggedIos(`${logBase}_iops.1.log`, t0 + 250, t1);
       await this.stop(r);
@@ -831,6 +850,8 @@ class MirrorBench {
         iops: fio.result.iops,
         syncAfterS,
         lastError,
+        wireBytes: relay1.bytes.toTarget + relay1.bytes.toClient - relay0.bytes.toTarget - relay0.bytes.toClient,
+        clientBytes: st1.clientBytes - st0.clientBytes,
       };
     } catch (e) {
       await this.stop(r, false);
@@ -956,6 +977,7 @@ function formatBaseline(b: BaselineResult): string[] {
     `   link (one TCP stream a -> b on the veth) ${mbs(b.linkBytesPerS)}; disk (1 MiB sequential writes + fdatasync, best of 3) ${mbs(b.diskBytesPerS)}; lower bound ${mbs(bound)}`,
     line(`baseline of ${formatSize(b.filledBytes)} written`, b.baseline),
     line(`resync after ${formatSize(b.rewrittenBytes)} of 1 MiB random writes while the receiver was down`, b.resync),
+    line(`resync after ${formatSize(b.scatteredBytes)} of 4 KiB random writes over the whole volume`, b.resync4k),
   ];
 }
 
@@ -1019,7 +1041,8 @@ export function formatMirror(rep: MirrorReport, roundsNote: string): string {
         `   ${s.mode}: stalled ${s.stallS.toFixed(1)} s; peak RSS (VmHWM) source ${mib(s.sourcePeakRssBytes)} MiB, receiver ${mib(s.receiverPeakRssBytes)} MiB; ` +
           `VmRSS before -> max during the stall: source ${mib(s.sourceRssBeforeBytes)} -> ${mib(s.sourceMaxRssDuringBytes)} MiB, receiver ${mib(s.receiverRssBeforeBytes)} -> ${mib(s.receiverMaxRssDuringBytes)} MiB`,
         `      ${s.writesDuringStall} writes completed during the stall; ${Math.round(s.iops)} IOPS over the whole run; relay held ${formatSize(s.relayQueuedBytes)}; states seen: ${s.statesSeen.join(', ')}; ` +
-          `in sync ${s.syncAfterS.toFixed(1)} s after fio${s.lastError ? `; last error: ${s.lastError}` : ''}`,
+          `in sync ${s.syncAfterS.toFixed(1)} s after fio; wire/client bytes ${(s.wireBytes / Math.max(1, s.clientBytes)).toFixed(3)} (relay count, catch-up included)` +
+          `${s.lastError ? `; last error: ${s.lastError}` : ''}`,
       );
     }
   }

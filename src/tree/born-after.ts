@@ -19,9 +19,10 @@
  *   counterpart, never an error; the emitted blocks and their order do not change.
  * - Memory: the bitmap; the data of LEAF_LOOKAHEAD + 1 level-0 nodes (FANOUT blocks each,
  *   ~672 KiB), the ones loading ahead and the one being emitted (and with a base, a 4 KiB
- *   counterpart for each); the runs the receiver has not released yet (a sender holds
- *   them until its socket has written them, so its socket queue bounds them); at most
- *   FREE_LEAF_BUFS_MAX idle buffers.
+ *   counterpart for each), or in a resync RESYNC_LEAF_READS level-0 nodes, one window's
+ *   pointers and RESYNC_CHUNKS_AHEAD + 1 chunks of data; the runs the receiver has not
+ *   released yet (a sender holds them until its socket has written them, so its socket
+ *   queue bounds them); at most FREE_LEAF_BUFS_MAX and FREE_CHUNK_BUFS_MAX idle buffers.
  */
 import { VolumeError } from '../util/errors';
 import { assert } from '../util/assert';
@@ -39,6 +40,24 @@ import type { CommittedView } from './types';
  * ms per 672 KiB on this VM); several reads in flight overlap those waits.
  */
 const LEAF_LOOKAHEAD = 4;
+
+/**
+ * A resync (baseCp >= 0) emits data blocks in windows sorted by pba instead of by lbn:
+ * blocks one CP wrote are adjacent on the device in lbn order, so within a window of
+ * neighbouring level-0 nodes each CP's blocks form one run, and both the reads here and
+ * the receiver's writes go in runs instead of one 4 KiB block at a time (scattered 4 KiB
+ * writes otherwise cost one pool job per block on each side). A baseline keeps the lbn
+ * order: an interrupted one resumes by counting blocks in that order.
+ * RESYNC_WINDOW_BLOCKS data blocks (pointers only) are sorted at once; they are read in
+ * chunks of RESYNC_CHUNK_BLOCKS into reused buffers, RESYNC_CHUNKS_AHEAD chunks reading
+ * ahead of the one being emitted; level-0 nodes are read RESYNC_LEAF_READS at a time.
+ */
+const RESYNC_WINDOW_BLOCKS = 8192;
+const RESYNC_CHUNK_BLOCKS = 512;
+const RESYNC_CHUNKS_AHEAD = 2;
+const RESYNC_LEAF_READS = 16;
+/** Idle chunk buffers kept for reuse (2 MiB each), as FREE_LEAF_BUFS_MAX for level-0 buffers. */
+const FREE_CHUNK_BUFS_MAX = 8;
 
 export interface BornBlock {
   pba: number;
@@ -203,7 +222,8 @@ export async function walkBornAfterRuns(
     prev: Counterpart | undefined;
     runs: Array<{ ptrs: BlockPtr[]; buf: Promise<Buffer>; crcs: Buffer; release: () => void }>;
   }
-  const loadLeaf = async (ptr: BlockPtr, index: number, basePtr: BlockPtr | null): Promise<Leaf | null> => {
+  /** A level-0 node born after the base, verified, with the children to emit (unsorted), or null. */
+  const loadLeafNode = async (ptr: BlockPtr, index: number, basePtr: BlockPtr | null): Promise<{ node: Buffer; prev: Counterpart | undefined; want: BlockPtr[] } | null> => {
     if (ptr.birth <= baseCp || !firstTime(ptr.pba)) return null;
     const [node, prev] = await Promise.all([readOne(ptr), readBase(basePtr, ptr, { type: NODE_TYPE_DATA_TREE, level: 0, index })]);
     const problem = verifyNode(node, ptr, { type: NODE_TYPE_DATA_TREE, level: 0, index }, uuid);
@@ -213,6 +233,12 @@ export async function walkBornAfterRuns(
       const c = child(node, ptr, s, 'address block');
       if (c && c.birth > baseCp && firstTime(c.pba)) want.push(c);
     }
+    return { node, prev, want };
+  };
+  const loadLeaf = async (ptr: BlockPtr, index: number, basePtr: BlockPtr | null): Promise<Leaf | null> => {
+    const loaded = await loadLeafNode(ptr, index, basePtr);
+    if (!loaded) return null;
+    const { node, prev, want } = loaded;
     want.sort((a, b) => a.pba - b.pba);
     const spans: Array<[number, number]> = [];
     for (let i = 0; i < want.length; ) {
@@ -259,6 +285,103 @@ export async function walkBornAfterRuns(
       });
     }
   };
+  // A resync's windows (see RESYNC_WINDOW_BLOCKS): level-0 nodes are loaded in groups and
+  // emitted as loaded; their children collect until a window is full, then go out sorted
+  // by pba, in runs of adjacent blocks.
+  const freeChunkBufs: Buffer[] = [];
+  let pendingLeaves: Array<{ ptr: BlockPtr; index: number; base: BlockPtr | null }> = [];
+  let windowPtrs: BlockPtr[] = [];
+  const loadPendingLeaves = async (): Promise<void> => {
+    const group = pendingLeaves;
+    pendingLeaves = [];
+    // Read together, emitted in order (every emit awaited: the sender's backpressure).
+    const loaded = await Promise.all(group.map((l) => loadLeafNode(l.ptr, l.index, l.base)));
+    for (let i = 0; i < group.length; i++) {
+      const l = loaded[i];
+      if (!l) continue;
+      await out(group[i]!.ptr, l.node, l.prev);
+      for (const c of l.want) windowPtrs.push(c);
+    }
+    if (windowPtrs.length >= RESYNC_WINDOW_BLOCKS) await emitWindow();
+  };
+  const addLeaf = async (ptr: BlockPtr, index: number, base: BlockPtr | null): Promise<void> => {
+    pendingLeaves.push({ ptr, index, base });
+    if (pendingLeaves.length >= RESYNC_LEAF_READS) await loadPendingLeaves();
+  };
+  const finishLeaves = async (): Promise<void> => {
+    if (pendingLeaves.length > 0) await loadPendingLeaves();
+    if (windowPtrs.length > 0) await emitWindow();
+  };
+  interface Chunk {
+    runs: Array<{ ptrs: BlockPtr[]; buf: Buffer; crcs: Buffer }>;
+    read: Promise<void>;
+    release: () => void;
+  }
+  const readChunk = (ptrs: BlockPtr[]): Chunk => {
+    const buf = freeChunkBufs.pop() ?? allocAligned(RESYNC_CHUNK_BLOCKS * BLOCK);
+    const crcs = Buffer.allocUnsafe(ptrs.length * 4);
+    const runs: Chunk['runs'] = [];
+    const reads: Array<Promise<void>> = [];
+    for (let i = 0; i < ptrs.length; ) {
+      let j = i + 1;
+      while (j < ptrs.length && ptrs[j]!.pba === ptrs[j - 1]!.pba + 1) j++;
+      const run = { ptrs: ptrs.slice(i, j), buf: buf.subarray(i * BLOCK, j * BLOCK), crcs: crcs.subarray(i * 4, j * 4) };
+      runs.push(run);
+      reads.push(view.readRawCrc(run.ptrs[0]!.pba, run.ptrs.length, run.buf, run.crcs));
+      i = j;
+    }
+    let left = runs.length;
+    const read = Promise.all(reads).then(() => undefined);
+    read.catch(() => undefined); // awaited in turn; never an unhandled rejection meanwhile
+    return {
+      runs,
+      read,
+      release: () => {
+        assert(left > 0, 'a run of a chunk released twice');
+        if (--left === 0 && freeChunkBufs.length < FREE_CHUNK_BUFS_MAX) freeChunkBufs.push(buf);
+      },
+    };
+  };
+  const emitWindow = async (): Promise<void> => {
+    const ptrs = windowPtrs;
+    windowPtrs = [];
+    ptrs.sort((a, b) => a.pba - b.pba);
+    const chunks: Chunk[] = [];
+    let next = 0;
+    const startChunks = (): void => {
+      while (next < ptrs.length && chunks.length < RESYNC_CHUNKS_AHEAD + 1) {
+        chunks.push(readChunk(ptrs.slice(next, next + RESYNC_CHUNK_BLOCKS)));
+        next += RESYNC_CHUNK_BLOCKS;
+      }
+    };
+    startChunks();
+    while (chunks.length > 0) {
+      const c = chunks[0]!;
+      await c.read;
+      for (const r of c.runs) {
+        for (let k = 0; k < r.ptrs.length; k++) {
+          if (r.crcs.readUInt32LE(k * 4) !== r.ptrs[k]!.crc) throw new VolumeError('EIO', `data block at pba ${r.ptrs[k]!.pba}: checksum mismatch`);
+        }
+      }
+      chunks.shift();
+      startChunks();
+      for (const r of c.runs) {
+        if (shouldStop()) throw new VolumeError('ESHUTDOWN', 'walk stopped');
+        emitted += r.ptrs.length;
+        let released = false;
+        await emit({
+          ptrs: r.ptrs,
+          buf: r.buf,
+          release: () => {
+            assert(!released, 'a run released twice');
+            released = true;
+            c.release();
+          },
+        });
+      }
+    }
+  };
+
   const dataTree = async (ptr: BlockPtr, level: number, index: number, basePtr: BlockPtr | null): Promise<void> => {
     if (level === 0) {
       const leaf = await loadLeaf(ptr, index, basePtr);
@@ -278,6 +401,10 @@ export async function walkBornAfterRuns(
     }
     if (level > 1) {
       for (const k of kids) await dataTree(k.c, level - 1, k.index, k.base);
+      return;
+    }
+    if (baseCp >= 0) {
+      for (const k of kids) await addLeaf(k.c, k.index, k.base);
       return;
     }
     // Up to LEAF_LOOKAHEAD level-0 nodes loading ahead of the one being emitted.
@@ -325,6 +452,7 @@ export async function walkBornAfterRuns(
   // the live tree once, and blocks already emitted are not emitted again.
   const roots = rootsOf(sb);
   for (const r of roots.data) await dataTree(r, sb.treeHeight - 1, 0, base?.root ?? null);
+  await finishLeaves();
   for (const r of roots.smap) await spaceMap(r, sb.smapHeight - 1, 0, base?.smapRoot ?? null);
   return emitted;
 }
