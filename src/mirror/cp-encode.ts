@@ -17,10 +17,9 @@
  */
 import { crc32cWide } from '../io/native';
 import type { CpBlock } from '../tree/types';
-import { DELTA_FROM_ZEROES, encodeDelta, encodeDeltaRuns } from './delta';
+import { DELTA_FROM_ZEROES, ZERO_BLOCK, encodeDelta, encodeDeltaRuns } from './delta';
 import { DELTAS_PER_FRAME_MAX, DELTAS_RAW_MAX_BYTES, REFS_PER_FRAME_MAX, deltaEntryBytes, type CpDelta, type CpRef } from './wire';
 
-const ZERO_BLOCK = Buffer.alloc(4096);
 
 export interface EncodedCpBlocks {
   refs: CpRef[];

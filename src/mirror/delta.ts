@@ -21,6 +21,8 @@ const WORDS = BLOCK_BYTES / WORD_BYTES;
 const RUN_HEADER_BYTES = 4;
 /** prevPba of a delta against a block of zeroes (a new block; pba 0 is a superblock slot, never a base). */
 export const DELTA_FROM_ZEROES = 0;
+/** The block a delta from zeroes applies to (never written to). */
+export const ZERO_BLOCK: Buffer = Buffer.alloc(BLOCK_BYTES);
 /** A delta larger than this is not worth it: send the block. */
 export const DELTA_MAX_BYTES = 2048;
 

@@ -62,7 +62,7 @@ import {
   decodeBody, deltaEntryBytes, writeEncoded, writeFrame, BLOCKS_PER_FRAME_MAX, DELTAS_PER_FRAME_MAX, DELTAS_RAW_MAX_BYTES, FrameParser, FrameWriter, MsgType,
   type CpDelta, type Message, type MirrorMode, type OutMessage,
 } from './wire';
-import { encodeDelta } from './delta';
+import { DELTA_FROM_ZEROES, ZERO_BLOCK, encodeDelta } from './delta';
 
 export type MirrorState = 'disconnected' | 'baseline' | 'resyncing' | 'in-sync' | 'behind';
 /** What status reports: a refused split brain shows as such, not as a plain disconnection. */
@@ -1017,10 +1017,10 @@ export class MirrorSource implements CpSink, ReplicaGate {
     // A resync's metadata blocks travel as deltas against their counterparts in the base
     // (the destination's committed CP, whose blocks this volume holds intact), as a CP's
     // do against the blocks they replace: an address block with a few new pointers costs
-    // a few hundred bytes, not 4 KiB. Only from the superblock whose root the destination
-    // reported (WELCOME, CP_ACK): then its committed tree is that one. A delta the
-    // destination cannot apply fails the resync; the next one sends whole blocks
-    // (deltasInResync).
+    // a few hundred bytes, not 4 KiB; a node new since the base goes as a delta from
+    // zeroes. Counterparts only from the superblock whose root the destination reported
+    // (WELCOME, CP_ACK): then its committed tree is that one. A delta the destination
+    // cannot apply fails the resync; the next one sends whole blocks (deltasInResync).
     const d = this.destSuperblock;
     const baseSb = baseCp >= 0 && this.deltasInResync && d?.cp === baseCp && d.raw.subarray(SUPERBLOCK_ROOT_OFFSET, SUPERBLOCK_ROOT_OFFSET + 24).equals(this.destRoot) ? d.raw : undefined;
     let deltas: CpDelta[] = [];
@@ -1042,11 +1042,13 @@ export class MirrorSource implements CpSink, ReplicaGate {
     let usedDeltas = false;
     try {
       await walkBornAfterRuns(view, baseCp, async (run) => {
-        if (run.prev) {
-          assert(skip === 0 && run.ptrs.length === 1, 'counterparts come with single blocks of a resync');
-          const delta = encodeDelta(run.prev.buf, run.buf);
+        // A metadata block without a counterpart (a node new since the base) goes as a
+        // delta from zeroes, as a CP sends a new node: a sparse one is mostly zeroes.
+        if (baseCp >= 0 && this.deltasInResync && run.metadata) {
+          assert(skip === 0 && run.ptrs.length === 1, 'metadata comes in single blocks');
+          const delta = encodeDelta(run.prev?.buf ?? ZERO_BLOCK, run.buf);
           if (delta) {
-            const d: CpDelta = { pba: run.ptrs[0]!.pba, prevPba: run.prev.pba, crc: run.ptrs[0]!.crc, delta };
+            const d: CpDelta = { pba: run.ptrs[0]!.pba, prevPba: run.prev?.pba ?? DELTA_FROM_ZEROES, crc: run.ptrs[0]!.crc, delta };
             if (deltas.length >= DELTAS_PER_FRAME_MAX || deltaBytes + deltaEntryBytes(d) > DELTAS_RAW_MAX_BYTES) await flushDeltas();
             deltas.push(d);
             deltaBytes += deltaEntryBytes(d);

@@ -83,6 +83,8 @@ export interface BornRun {
    * data blocks and where the base has nothing there.
    */
   prev?: { pba: number; buf: Buffer };
+  /** A single address or space-map block (not client data). */
+  metadata?: true;
 }
 
 export interface WalkOptions {
@@ -165,6 +167,7 @@ export async function walkBornAfterRuns(
         released = true;
       },
       ...(prev ? { prev: { pba: prev.ptr.pba, buf: prev.buf } } : {}),
+      metadata: true,
     });
   };
   // A level-0 node's data runs are read into one buffer (FANOUT blocks), reused once every

@@ -425,21 +425,23 @@ describe('mirror: two hosts (network namespaces)', function () {
     assert.match(fs.readFileSync(path.join(tmp, 'sv.log'), 'utf8'), new RegExp(`"baseCp":${destCp},"targetCp":\\d+,"resumeAtBlock":0,"msg":"mirror resync started"`));
   });
 
-  it('a resync sends address blocks as deltas against the base: scattered 4k writes cost about their own bytes on the wire', async () => {
+  it('a resync sends address blocks as deltas (against the base, or from zeroes for new ones): scattered 4k writes cost about their own bytes on the wire', async () => {
     const s = await start('sync');
     const uri = `nbd+unix:///?socket=${s.srcSock}`;
-    const writes = (first: number, pattern: number): string[] => {
+    const writes = (first: number, end: number, pattern: number): string[] => {
       const a: string[] = [];
-      for (let blk = first; blk < 65536; blk += 64) a.push('-c', `write -P 0x${pattern.toString(16)} ${blk * 4096} 4k`);
+      for (let blk = first; blk < end; blk += 64) a.push('-c', `write -P 0x${pattern.toString(16)} ${blk * 4096} 4k`);
       return a;
     };
-    // The base: a block in every level-0 node of the 256 MiB volume.
-    sh('qemu-io', ['-f', 'raw', ...writes(0, 0x41), uri], 120_000);
+    // The base: a block in every level-0 node of the first half of the 256 MiB volume.
+    sh('qemu-io', ['-f', 'raw', ...writes(0, 32768, 0x41), uri], 120_000);
     await inSyncAndIdentical(s);
     await stop(s.receiver, 'SIGTERM');
     // 1024 scattered 4 KiB writes (4 MiB) while the destination is away: each of the 391
-    // level-0 nodes gets new pointers; sent whole they would add ~1.6 MiB (ratio ~1.4).
-    sh('qemu-io', ['-f', 'raw', ...writes(17, 0x42), uri], 120_000);
+    // level-0 nodes gets new pointers, the first half's as deltas against the base's, the
+    // second half's (new nodes) as deltas from zeroes; sent whole they would add ~1.6 MiB
+    // (ratio ~1.4).
+    sh('qemu-io', ['-f', 'raw', ...writes(17, 65536, 0x42), uri], 120_000);
     const r = await controlRequest(path.join(s.src, 'control.sock'), { op: 'checkpoint' }, 60_000);
     assert.ok(r.ok);
     const deltas0 = sourceStatus(s.src)!.deltasSent;
