@@ -20,7 +20,6 @@ import type { CpBlock } from '../tree/types';
 import { DELTA_FROM_ZEROES, ZERO_BLOCK, encodeDelta, encodeDeltaRuns } from './delta';
 import { DELTAS_PER_FRAME_MAX, DELTAS_RAW_MAX_BYTES, REFS_PER_FRAME_MAX, deltaEntryBytes, type CpDelta, type CpRef } from './wire';
 
-
 export interface EncodedCpBlocks {
   refs: CpRef[];
   deltas: CpDelta[];

@@ -1021,8 +1021,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
     // zeroes. Counterparts only from the superblock whose root the destination reported
     // (WELCOME, CP_ACK): then its committed tree is that one. A delta the destination
     // cannot apply fails the resync; the next one sends whole blocks (deltasInResync).
-    const d = this.destSuperblock;
-    const baseSb = baseCp >= 0 && this.deltasInResync && d?.cp === baseCp && d.raw.subarray(SUPERBLOCK_ROOT_OFFSET, SUPERBLOCK_ROOT_OFFSET + 24).equals(this.destRoot) ? d.raw : undefined;
+    const kept = this.destSuperblock;
+    const baseSb = baseCp >= 0 && this.deltasInResync && kept?.cp === baseCp && kept.raw.subarray(SUPERBLOCK_ROOT_OFFSET, SUPERBLOCK_ROOT_OFFSET + 24).equals(this.destRoot) ? kept.raw : undefined;
     let deltas: CpDelta[] = [];
     let deltaBytes = 0;
     const flushDeltas = async (): Promise<void> => {
