@@ -988,6 +988,11 @@ export class MirrorSource implements CpSink, ReplicaGate {
       written(framesWritten + k);
     };
     if (conn.rx) conn.onSent = onSent;
+    const progressed = (blocks: number): void => {
+      if (!this.resync) return;
+      this.resync.blocksSent += blocks;
+      progress.update(this.resync.blocksSent * 4096);
+    };
     const flush = async (): Promise<void> => {
       if (pbas.length === 0) return;
       // The frame leaves the batch whatever happens (a dropped connection ends the walk at its next block).
@@ -1009,10 +1014,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
         conn.socket.write(EMPTY, () => written(no));
       }
       this.dataBlocksSent += n;
-      if (this.resync) {
-        this.resync.blocksSent += n;
-        progress.update(this.resync.blocksSent * 4096);
-      }
+      progressed(n);
     };
     // A resync's metadata blocks travel as deltas against their counterparts in the base
     // (the destination's committed CP, whose blocks this volume holds intact), as a CP's
@@ -1034,10 +1036,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       if (conn.closed) return;
       this.send(conn, { type: MsgType.CpDeltas, cp: view.cpNumber, deltas: group });
       this.deltasSent += group.length;
-      if (this.resync) {
-        this.resync.blocksSent += group.length;
-        progress.update(this.resync.blocksSent * 4096);
-      }
+      progressed(group.length);
     };
     let usedDeltas = false;
     try {

@@ -243,13 +243,7 @@ export async function walkBornAfterRuns(
     if (!loaded) return null;
     const { node, prev, want } = loaded;
     want.sort((a, b) => a.pba - b.pba);
-    const spans: Array<[number, number]> = [];
-    for (let i = 0; i < want.length; ) {
-      let j = i + 1;
-      while (j < want.length && want[j]!.pba === want[j - 1]!.pba + 1) j++;
-      spans.push([i, j]);
-      i = j;
-    }
+    const spans = adjacentSpans(want);
     const runs: Leaf['runs'] = [];
     if (spans.length === 0) return { ptr, node, prev, runs };
     // Every run of this node in one (reused) buffer, each read and checksummed in one pool job.
@@ -267,26 +261,25 @@ export async function walkBornAfterRuns(
   };
   const emitLeaf = async (leaf: Leaf): Promise<void> => {
     await out(leaf.ptr, leaf.node, leaf.prev);
-    for (const r of leaf.runs) {
-      const run = await r.buf;
-      // Every block of the run checked against its parent pointer first.
-      const crcs = r.crcs;
-      for (let k = 0; k < r.ptrs.length; k++) {
-        if (crcs.readUInt32LE(k * 4) !== r.ptrs[k]!.crc) throw new VolumeError('EIO', `data block at pba ${r.ptrs[k]!.pba}: checksum mismatch`);
-      }
-      if (shouldStop()) throw new VolumeError('ESHUTDOWN', 'walk stopped');
-      emitted += r.ptrs.length;
-      let released = false;
-      await emit({
-        ptrs: r.ptrs,
-        buf: run,
-        release: () => {
-          assert(!released, 'a run released twice');
-          released = true;
-          r.release();
-        },
-      });
+    for (const r of leaf.runs) await emitDataRun(r.ptrs, await r.buf, r.crcs, r.release);
+  };
+  /** Emits a run of data blocks read with their crc32c, every block checked against its parent pointer first. */
+  const emitDataRun = async (ptrs: BlockPtr[], buf: Buffer, crcs: Buffer, releaseBuf: () => void): Promise<void> => {
+    for (let k = 0; k < ptrs.length; k++) {
+      if (crcs.readUInt32LE(k * 4) !== ptrs[k]!.crc) throw new VolumeError('EIO', `data block at pba ${ptrs[k]!.pba}: checksum mismatch`);
     }
+    if (shouldStop()) throw new VolumeError('ESHUTDOWN', 'walk stopped');
+    emitted += ptrs.length;
+    let released = false;
+    await emit({
+      ptrs,
+      buf,
+      release: () => {
+        assert(!released, 'a run released twice');
+        released = true;
+        releaseBuf();
+      },
+    });
   };
   // A resync's windows (see RESYNC_WINDOW_BLOCKS): level-0 nodes are loaded in groups and
   // emitted as loaded; their children collect until a window is full, then go out sorted
@@ -325,13 +318,10 @@ export async function walkBornAfterRuns(
     const crcs = Buffer.allocUnsafe(ptrs.length * 4);
     const runs: Chunk['runs'] = [];
     const reads: Array<Promise<void>> = [];
-    for (let i = 0; i < ptrs.length; ) {
-      let j = i + 1;
-      while (j < ptrs.length && ptrs[j]!.pba === ptrs[j - 1]!.pba + 1) j++;
+    for (const [i, j] of adjacentSpans(ptrs)) {
       const run = { ptrs: ptrs.slice(i, j), buf: buf.subarray(i * BLOCK, j * BLOCK), crcs: crcs.subarray(i * 4, j * 4) };
       runs.push(run);
       reads.push(view.readRawCrc(run.ptrs[0]!.pba, run.ptrs.length, run.buf, run.crcs));
-      i = j;
     }
     let left = runs.length;
     const read = Promise.all(reads).then(() => undefined);
@@ -361,27 +351,9 @@ export async function walkBornAfterRuns(
     while (chunks.length > 0) {
       const c = chunks[0]!;
       await c.read;
-      for (const r of c.runs) {
-        for (let k = 0; k < r.ptrs.length; k++) {
-          if (r.crcs.readUInt32LE(k * 4) !== r.ptrs[k]!.crc) throw new VolumeError('EIO', `data block at pba ${r.ptrs[k]!.pba}: checksum mismatch`);
-        }
-      }
       chunks.shift();
       startChunks();
-      for (const r of c.runs) {
-        if (shouldStop()) throw new VolumeError('ESHUTDOWN', 'walk stopped');
-        emitted += r.ptrs.length;
-        let released = false;
-        await emit({
-          ptrs: r.ptrs,
-          buf: r.buf,
-          release: () => {
-            assert(!released, 'a run released twice');
-            released = true;
-            c.release();
-          },
-        });
-      }
+      for (const r of c.runs) await emitDataRun(r.ptrs, r.buf, r.crcs, c.release);
     }
   };
 
@@ -458,6 +430,18 @@ export async function walkBornAfterRuns(
   await finishLeaves();
   for (const r of roots.smap) await spaceMap(r, sb.smapHeight - 1, 0, base?.smapRoot ?? null);
   return emitted;
+}
+
+/** [start, end) index spans of ptrs (sorted by pba) whose blocks are adjacent on the device. */
+function adjacentSpans(ptrs: readonly BlockPtr[]): Array<[number, number]> {
+  const spans: Array<[number, number]> = [];
+  for (let i = 0; i < ptrs.length; ) {
+    let j = i + 1;
+    while (j < ptrs.length && ptrs[j]!.pba === ptrs[j - 1]!.pba + 1) j++;
+    spans.push([i, j]);
+    i = j;
+  }
+  return spans;
 }
 
 interface Counterpart {
