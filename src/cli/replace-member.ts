@@ -8,7 +8,7 @@
  */
 import { Command } from 'commander';
 import { replaceMemberDir, type ReplaceProgress } from '../volume/replace-member';
-import { parseRate } from '../raid/rebuild';
+import { parseRate } from '../util/rate';
 import { ProgressLine } from '../util/progress';
 import { formatSize, parseSize } from '../util/size';
 

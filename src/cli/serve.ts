@@ -8,7 +8,8 @@ import { openVolume } from '../volume/open';
 import { createVolumeDir } from '../volume/dir';
 import { LABEL_NAME } from '../volume/label';
 import { createLogger } from '../util/log';
-import { formatSize } from '../util/size';
+import { formatSize, parseSize } from '../util/size';
+import { parseRate } from '../util/rate';
 import { MirrorSource } from '../mirror/source';
 import { MIRROR_STATE_NAME, readRelationship, type MirrorPolicy, type MirrorRelationship } from '../mirror/relationship';
 import type { MirrorMode } from '../mirror/wire';
@@ -36,6 +37,8 @@ interface ServeOpts extends LinkArgs {
   mirrorMode?: string;
   mirrorPolicy?: string;
   mirrorStallTimeout?: number;
+  /** --mirror-rate: bytes per second; 0 removes a recorded cap. */
+  mirrorRate?: number;
   memory?: number;
   file?: string;
   listen?: { host: string; port: number };
@@ -142,6 +145,7 @@ export function registerServe(program: Command): void {
     .option('--mirror-insecure', 'mirror over plaintext TCP, unauthenticated')
     .option('--no-mirror', 'serve a volume directory without the mirror relationship it has recorded')
     .option('--metrics <HOST:PORT>', 'serve Prometheus metrics at http://HOST:PORT/metrics', hostPortArg)
+    .option('--mirror-rate <SIZE>', 'cap a baseline\'s and a resync\'s traffic at SIZE per second, e.g. 50M (0: no cap); recorded with the relationship', (v: string) => (v.trim() === '0' ? 0 : parseRate(v, parseSize)))
     .option('--mirror-stall-timeout <DURATION>', 'drop the mirror connection when the peer acknowledges nothing this long, e.g. 15s (a bare number is ms)', durationArg(100, 3_600_000, 'ms'))
     .action(async (dir: string | undefined, o: ServeOpts) => {
       await serve(dir, o);
@@ -162,10 +166,18 @@ function mirrorRelationship(dir: string | undefined, o: ServeOpts): Omit<MirrorR
       if (v !== undefined) link[k] = v;
     }
     if (o.mirrorInsecure) link.mirrorInsecure = true;
-    return { peer: `${o.mirrorTo.host}:${o.mirrorTo.port}`, mode: (o.mirrorMode ?? 'sync') as MirrorMode, policy: (o.mirrorPolicy ?? 'available') as MirrorPolicy, link };
+    const rel: Omit<MirrorRelationship, 'destCp'> = { peer: `${o.mirrorTo.host}:${o.mirrorTo.port}`, mode: (o.mirrorMode ?? 'sync') as MirrorMode, policy: (o.mirrorPolicy ?? 'available') as MirrorPolicy, link };
+    if (o.mirrorRate) rel.rateBytesPerSec = o.mirrorRate;
+    return rel;
   }
   if (dir === undefined || o.mirror === false) return undefined;
-  return readRelationship(path.resolve(dir));
+  const rel = readRelationship(path.resolve(dir));
+  // --mirror-rate alone changes the recorded relationship's cap (0 removes it).
+  if (rel && o.mirrorRate !== undefined) {
+    if (o.mirrorRate > 0) rel.rateBytesPerSec = o.mirrorRate;
+    else delete rel.rateBytesPerSec;
+  }
+  return rel;
 }
 
 async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
@@ -184,6 +196,7 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
   if (mirrorArgs && dir === undefined) throw new Error('--mirror-to needs a volume directory (memory and file volumes are not mirrored)');
   if ((o.mirrorMode !== undefined || o.mirrorPolicy !== undefined) && o.mirrorTo === undefined) throw new Error('--mirror-mode and --mirror-policy need --mirror-to');
   const rel = mirrorRelationship(dir, o);
+  if (o.mirrorRate !== undefined && !rel) throw new Error(o.mirror === false ? '--mirror-rate and --no-mirror contradict each other' : '--mirror-rate needs --mirror-to or a mirror relationship recorded in the volume directory');
   const mirrorSec = rel ? linkSecurity(rel.link) : undefined;
   const logger = createLogger(o.logLevel);
   let mirror: MirrorSource | undefined;
@@ -195,6 +208,7 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
       dir: path.resolve(dir), peer: hostPortArg(rel.peer), mode: rel.mode, policy: rel.policy, logger, link: rel.link,
       ...(tlsOpts ? { tls: tlsOpts } : {}),
       ...(o.mirrorStallTimeout !== undefined ? { stallTimeoutMs: o.mirrorStallTimeout } : {}),
+      ...(rel.rateBytesPerSec !== undefined ? { rateBytesPerSec: rel.rateBytesPerSec } : {}),
     });
     mirror = m;
     spec.beforeRecovery = (tree) => m.attachTree(tree);

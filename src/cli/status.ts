@@ -133,7 +133,8 @@ export function formatMirror(m: MirrorSourceStats): string[] {
     const r = m.resync;
     const of = r.totalBytes ? ` of ~${formatSize(r.totalBytes)}` : '';
     const eta = r.etaSeconds !== undefined ? `, ETA ${r.etaSeconds} s` : '';
-    lines.push(`           ${r.baseCp < 0 ? 'baseline' : `resync from CP ${r.baseCp}`} to CP ${r.targetCp}: ${formatSize(r.blocksSent * 4096)}${of} sent, ${formatSize(r.bytesPerSec)}/s${eta}`);
+    const limit = m.rateLimitBytesPerSec !== undefined ? `, limit ${formatSize(m.rateLimitBytesPerSec)}/s` : '';
+    lines.push(`           ${r.baseCp < 0 ? 'baseline' : `resync from CP ${r.baseCp}`} to CP ${r.targetCp}: ${formatSize(r.blocksSent * 4096)}${of} sent, ${formatSize(r.bytesPerSec)}/s${limit}${eta}`);
   }
   if (m.standing) lines.push(`           ${standingLine(m.standing, 'source')}`);
   if (m.lastError && m.state !== 'in-sync') lines.push(`           last error: ${m.lastError}`);

@@ -1,6 +1,6 @@
 /**
  * The mirror relationship as a source volume directory records it:
- * DIR/mirror-source.json = { peer, mode, policy, link, destCp, destSuperblock, updatedMs }.
+ * DIR/mirror-source.json = { peer, mode, policy, link, rateBytesPerSec?, destCp, destSuperblock, updatedMs }.
  * `serve DIR` resumes it without flags; `destCp` is the destination's CP whose blocks
  * this volume holds (-1: only a baseline can follow).
  *
@@ -14,6 +14,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import type { LinkArgs } from './link';
 import type { MirrorMode } from './wire';
+import { RATE_MIN_BYTES_PER_SEC } from '../util/rate';
 
 export const MIRROR_STATE_NAME = 'mirror-source.json';
 
@@ -24,6 +25,8 @@ export interface MirrorRelationship {
   mode: MirrorMode;
   policy: MirrorPolicy;
   link: LinkArgs;
+  /** The cap on a baseline's and a resync's block traffic, bytes per second (absent: none). */
+  rateBytesPerSec?: number;
   /** The destination's CP whose blocks this volume holds, or -1. */
   destCp: number;
   /** That CP's superblock (base64), so it can be held again after a restart once it has left the ring. */
@@ -46,6 +49,7 @@ export function readRelationship(dir: string): MirrorRelationship | undefined {
     for (const k of ['mirrorPsk', 'mirrorTlsCert', 'mirrorTlsKey', 'mirrorTlsCa'] as const) if (typeof l[k] === 'string') link[k] = l[k] as string;
     if (l.mirrorInsecure === true) link.mirrorInsecure = true;
     const rel: MirrorRelationship = { peer: v.peer, mode: v.mode, policy: v.policy, link, destCp: typeof v.destCp === 'number' ? v.destCp : -1 };
+    if (typeof v.rateBytesPerSec === 'number' && Number.isSafeInteger(v.rateBytesPerSec) && v.rateBytesPerSec >= RATE_MIN_BYTES_PER_SEC) rel.rateBytesPerSec = v.rateBytesPerSec;
     if (typeof v.destSuperblock === 'string' && v.destSuperblock.length <= 8192) rel.destSuperblock = v.destSuperblock;
     return rel;
   } catch {

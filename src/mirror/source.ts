@@ -30,9 +30,12 @@
  *   destination reads it before the CP frame) and not released by the destination
  *   (>= storedFromSeq of its last ack); if the destination had to drop it (log full),
  *   it refuses the CP and the next connection resyncs.
+ * - A reply waits for the destination only while it can hold the record: not during a
+ *   catch-up whose base precedes the stream (catchUpGap); then the policy answers, as
+ *   while disconnected.
  * - Bounded: bytes queued on the socket never exceed QUEUED_BYTES_MAX (writers wait for
- *   'drain'); an ack not received within stallTimeoutMs, or a queue that stays full,
- *   drops the connection (policy available: the mirror is marked behind and client I/O
+ *   'drain'); an ack not received within stallTimeoutMs, or a queue that stays full
+ *   (nothing sent) that long, drops the connection (policy available: the mirror is marked behind and client I/O
  *   goes on; strict: writes fail with EIO until it is back in sync). So does a peer that
  *   takes the connection but sends no WELCOME within stallTimeoutMs of HELLO (a wedged
  *   receiver, a half-open connection, something that is not `nvmirror receive`): the
@@ -46,6 +49,8 @@ import type { AppendedRecord } from '../nvlog/log';
 import type { BlockTreeApi, CommittedView, CpBlock, CpMeta, CpSink } from '../tree/types';
 import { walkBornAfterRuns } from '../tree/born-after';
 import { Slicer } from '../util/work';
+import { RateLimiter } from '../util/rate';
+import { systemClock, type Clock } from '../io/types';
 import { ProgressLine } from '../util/progress';
 import type { NodeSide } from '../tree/diff';
 import { RING_SLOTS, SUPERBLOCK_ROOT_OFFSET, decodeSuperblock } from '../tree/layout';
@@ -97,6 +102,10 @@ export interface MirrorSourceOptions {
   /** How the link is secured, as given on the command line (persisted so a restart resumes). */
   link: LinkArgs;
   stallTimeoutMs?: number;
+  /** Caps a baseline's and a resync's blocks and deltas on the wire (bytes per second; records and CPs are the clients' pace). */
+  rateBytesPerSec?: number;
+  /** The rate limiter's clock (default: the system's). */
+  clock?: Clock;
 }
 
 
@@ -132,6 +141,8 @@ export interface MirrorSourceStats {
   cpsAbandoned: number;
   bytesSavedByRefs: number;
   resync: { baseCp: number; targetCp: number; blocksSent: number; bytesPerSec: number; totalBytes: number | undefined; etaSeconds: number | undefined } | undefined;
+  /** --mirror-rate: the cap on a baseline's and a resync's traffic, bytes per second (absent: none). */
+  rateLimitBytesPerSec?: number;
   lastError: string | undefined;
   /** Which side is primary and current, the last common CP, what each wrote since (undefined: not known yet). */
   standing: Standing | undefined;
@@ -310,7 +321,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     const destCp = this.destCp >= this.holdValidFromCp ? this.destCp : -1;
     const sb = destCp >= 0 && this.destSuperblock?.cp === destCp ? this.destSuperblock.raw.toString('base64') : undefined;
     try {
-      writeRelationship(this.o.dir, { peer: `${this.o.peer.host}:${this.o.peer.port}`, mode: this.o.mode, policy: this.o.policy, link: this.o.link, destCp, ...(sb ? { destSuperblock: sb } : {}) });
+      writeRelationship(this.o.dir, { peer: `${this.o.peer.host}:${this.o.peer.port}`, mode: this.o.mode, policy: this.o.policy, link: this.o.link, ...(this.o.rateBytesPerSec !== undefined ? { rateBytesPerSec: this.o.rateBytesPerSec } : {}), destCp, ...(sb ? { destSuperblock: sb } : {}) });
     } catch (e) {
       this.log.warn({ err: (e as Error).message }, 'cannot write the mirror state file');
     }
@@ -483,6 +494,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.destRoot = w.root;
     this.pinnedCp = w.oldestPinnedCp;
     this.heldSeq = w.heldSeq;
+    // No ack is due for the stream's records while the catch-up runs (catchUpGap): the
+    // catch-up has its own stall checks (the queue, the commit's ack).
+    if (this.catchUpGap()) this.unackedSinceMs = undefined;
     this.durableSeq = 0;
     this.storedFromSeq = w.storedFromSeq;
     this.lastDurableReq = 0;
@@ -497,6 +511,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       case MsgType.RecordAck:
         if (m.heldSeq > this.heldSeq) this.unackedSinceMs = m.heldSeq >= this.lastForwardedSeq ? undefined : Date.now();
         this.heldSeq = Math.max(this.heldSeq, m.heldSeq);
+        if (this.catchUpGap()) this.unackedSinceMs = undefined;
         this.durableSeq = Math.max(this.durableSeq, m.durableSeq);
         this.storedFromSeq = m.storedFromSeq;
         this.settleWaiters();
@@ -610,13 +625,22 @@ export class MirrorSource implements CpSink, ReplicaGate {
   /** Waits while the socket queue is over QUEUED_BYTES_MAX (the connection may drop meanwhile). */
   private async waitRoom(conn: Conn): Promise<void> {
     while (!conn.closed && this.queued(conn) > QUEUED_BYTES_MAX) {
+      this.roomWaitSinceMs ??= Date.now();
       const p = new Promise<void>((r) => this.drainWaiters.push(r));
       conn.rx?.wantRoom(QUEUED_BYTES_MAX);
       await p;
     }
   }
 
+  /**
+   * Since when a sender waits for room on the socket (the peer reads nothing: its queue
+   * stays full); reset whenever room comes. What finds a stalled peer during a catch-up,
+   * which no record ack or CP ack times (tick).
+   */
+  private roomWaitSinceMs: number | undefined;
+
   private wakeDrain(): void {
+    this.roomWaitSinceMs = undefined;
     const w = this.drainWaiters;
     this.drainWaiters = [];
     for (const f of w) f();
@@ -640,6 +664,17 @@ export class MirrorSource implements CpSink, ReplicaGate {
     return (conn?.writer.bytesOut ?? 0) + (conn?.parser.bytesIn ?? 0) + this.bytesOnWirePrev;
   }
 
+  private sentAtTick = 0;
+
+  /** Whether the socket took any of its queue since the last tick (a slow link drains a full queue in many ticks). */
+  private sentSinceTick(conn: Conn): boolean {
+    const sent = conn.rx ? conn.rx.stats().bytesOut : conn.writer.bytesOut - conn.socket.writableLength;
+    const moved = sent !== this.sentAtTick;
+    this.sentAtTick = sent;
+    if (moved && this.roomWaitSinceMs !== undefined) this.roomWaitSinceMs = Date.now();
+    return moved;
+  }
+
   private tick(): void {
     const conn = this.conn;
     const now = Date.now();
@@ -653,12 +688,14 @@ export class MirrorSource implements CpSink, ReplicaGate {
       this.keptBaseline = undefined;
     }
     if (conn && !conn.closed) {
+      this.sentSinceTick(conn);
       // The oldest record forwarded and not acknowledged (the NBD threads hold their replies
       // for it), or the oldest waiting reply.
       const oldest = this.waiters.reduce((a, w) => Math.min(a, w.sinceMs), this.unackedSinceMs ?? now);
       if (!conn.welcomed && conn.helloAtMs !== undefined && now - conn.helloAtMs > stall) this.drop(conn, `no WELCOME from the destination within ${stall} ms of HELLO (a stalled peer, or not an nvmirror receive)`);
       else if (now - oldest > stall) this.drop(conn, `no acknowledgement from the destination for ${stall} ms (stalled peer)`);
       else if (conn.cpAcks.length > 0 && now - conn.cpAcks[0]!.sinceMs > stall) this.drop(conn, `CP ${conn.cpAcks[0]!.cp} not acknowledged within ${stall} ms (stalled peer)`);
+      else if (this.roomWaitSinceMs !== undefined && now - this.roomWaitSinceMs > stall) this.drop(conn, `the destination read nothing for ${stall} ms with ${QUEUED_BYTES_MAX} bytes queued (stalled peer)`);
       // Not before WELCOME: a connection still connecting would queue the PING ahead of its HELLO.
       else if (conn.welcomed && now - this.lastPingMs >= PING_INTERVAL_MS) {
         this.lastPingMs = now;
@@ -677,13 +714,13 @@ export class MirrorSource implements CpSink, ReplicaGate {
     if (conn.rx) {
       // The NBD threads' records from nativeFromSeq on went to the link as they appended
       // them (its ack may have come in before this: then nothing waits for one).
-      if (r.seq > this.heldSeq) this.unackedSinceMs ??= Date.now();
+      if (r.seq > this.heldSeq && !(conn.welcomed && this.catchUpGap())) this.unackedSinceMs ??= Date.now();
       if (r.viaThread === true && r.seq >= conn.nativeFromSeq) return;
       const payload = r.payload.length === 1 ? r.payload[0]! : Buffer.concat(r.payload);
       conn.rx.send({ type: MsgType.Record, seq: r.seq, recordType: r.type, flags: r.flags, offsetBytes: r.offsetBytes, lengthBytes: r.lengthBytes, payload });
       return;
     }
-    this.unackedSinceMs ??= Date.now();
+    if (!(conn.welcomed && this.catchUpGap())) this.unackedSinceMs ??= Date.now();
     // One Buffer per record: the payload is copied into it (the views die with the half).
     writeEncoded(conn.socket, conn.writer.recordFrame(r.seq, r.type, r.flags, r.offsetBytes, r.lengthBytes, r.payload));
   }
@@ -732,10 +769,27 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.volume?.replicaProgress(this.streaming() ? this.heldSeq : this.o.policy === 'strict' ? 'fail' : 'open');
   }
 
-  /** Records go on the wire and acks come back: the connection is up and past its HELLO. */
+  /**
+   * Records go on the wire and acks come back: the connection is up and past its HELLO,
+   * and the destination can hold the stream's records (no catch-up gap once welcomed).
+   */
   private streaming(): boolean {
     const conn = this.conn;
-    return conn !== undefined && !conn.closed && this.forwardFromSeq > 0;
+    if (conn === undefined || conn.closed || this.forwardFromSeq === 0) return false;
+    return !conn.welcomed || !this.catchUpGap();
+  }
+
+  /**
+   * The destination holds neither the records before this stream nor a CP that covers
+   * them (a baseline, or a resync after writes it missed): it acknowledges none of the
+   * stream's records until the catch-up's CP commits (its held mark is the committed
+   * CP's until then: dest-log.ts), however long the catch-up takes. Meanwhile the
+   * replies follow the policy as while disconnected (available: answered from the local
+   * NVRAM; strict: EIO), the records still go to it, and the gap closes with the first
+   * RECORD_ACK at or past the stream's start.
+   */
+  private catchUpGap(): boolean {
+    return this.forwardFromSeq > 0 && this.heldSeq < this.forwardFromSeq - 1;
   }
 
   private settleWaiters(): void {
@@ -993,6 +1047,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
       this.resync.blocksSent += blocks;
       progress.update(this.resync.blocksSent * 4096);
     };
+    // --mirror-rate paces the walk's frames (the records and CPs beside it go at the clients' pace).
+    const limiter = this.o.rateBytesPerSec !== undefined ? new RateLimiter(this.o.rateBytesPerSec, this.o.clock ?? systemClock) : undefined;
     const flush = async (): Promise<void> => {
       if (pbas.length === 0) return;
       // The frame leaves the batch whatever happens (a dropped connection ends the walk at its next block).
@@ -1001,6 +1057,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       pbas = [];
       crcs = [];
       data = [];
+      await limiter?.take(n * 4096);
       await this.waitRoom(conn);
       if (conn.closed) return;
       const no = ++framesSent;
@@ -1030,8 +1087,10 @@ export class MirrorSource implements CpSink, ReplicaGate {
     const flushDeltas = async (): Promise<void> => {
       if (deltas.length === 0) return;
       const group = deltas;
+      const bytes = deltaBytes;
       deltas = [];
       deltaBytes = 0;
+      await limiter?.take(bytes);
       await this.waitRoom(conn);
       if (conn.closed) return;
       this.send(conn, { type: MsgType.CpDeltas, cp: view.cpNumber, deltas: group });
@@ -1188,6 +1247,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       deltasSent: this.deltasSent,
       cpsAbandoned: this.cpsAbandoned,
       bytesSavedByRefs: this.refsSent * (4096 - 24),
+      ...(this.o.rateBytesPerSec !== undefined ? { rateLimitBytesPerSec: this.o.rateBytesPerSec } : {}),
       resync: this.resync
         ? (() => {
             const f = this.resync.progress.figures();

@@ -22,6 +22,7 @@ import { BLOCK_SIZE_BYTES } from '../io/types';
 import { testBit } from '../util/bitmap';
 import { assert } from '../util/assert';
 import { forEachLimit } from '../util/work';
+import { RATE_BURST_MS, RateLimiter } from '../util/rate';
 import type { RaidDevice, RebuildStatus } from './raid-device';
 
 const B = BLOCK_SIZE_BYTES;
@@ -33,36 +34,8 @@ export const PROGRESS_PERSIST_MS = 1000;
 export const REBUILD_RUNS_IN_FLIGHT = 4;
 /** Consecutive stripes rebuilt as one run (one read per member, one write: large I/Os) where the level allows. */
 export const REBUILD_RUN_STRIPES_MAX = 16;
-/** How far ahead of the rate an idle limiter may let a burst go. */
-export const RATE_BURST_MS = 100;
 /** The shortest window the progress figures' rate is taken over. */
 const RATE_WINDOW_MIN_MS = 1000;
-/** The lowest rate limit accepted (below it a rebuild would take longer than anyone waits). */
-export const RATE_MIN_BYTES_PER_SEC = 64 * 1024;
-
-/** A pacer: take(n) returns once n more bytes fit under the rate. */
-export class RateLimiter {
-  private nextMs: number | undefined;
-  constructor(readonly bytesPerSec: number, private readonly clock: Clock) {
-    assert(Number.isSafeInteger(bytesPerSec) && bytesPerSec >= RATE_MIN_BYTES_PER_SEC, `rate ${bytesPerSec} B/s below ${RATE_MIN_BYTES_PER_SEC}`);
-  }
-
-  async take(bytes: number): Promise<void> {
-    const now = this.clock.nowMs();
-    const from = Math.max(this.nextMs ?? now - RATE_BURST_MS, now - RATE_BURST_MS);
-    this.nextMs = from + (bytes * 1000) / this.bytesPerSec;
-    const waitMs = this.nextMs - now;
-    if (waitMs > 0) await new Promise<void>((resolve) => this.clock.setTimeout(resolve, Math.ceil(waitMs)));
-  }
-}
-
-/** Parses a --rate value: a size per second ("50M"), at least RATE_MIN_BYTES_PER_SEC. One-line errors. */
-export function parseRate(text: string, parseSize: (t: string) => number): number {
-  const v = parseSize(text.replace(/\/s$/i, ''));
-  if (v < RATE_MIN_BYTES_PER_SEC) throw new Error(`bad rate "${text}": at least ${RATE_MIN_BYTES_PER_SEC / 1024}K per second`);
-  return v;
-}
-
 export interface RebuildRunOptions {
   raid: RaidDevice;
   /** The blocks in use now (the tree's usedBitmap(): active | summary). */

@@ -23,7 +23,7 @@
 import * as fs from 'fs';
 import * as net from 'net';
 import { log as logger } from '../util/log';
-import { RATE_MIN_BYTES_PER_SEC } from '../raid/rebuild';
+import { RATE_MIN_BYTES_PER_SEC } from '../util/rate';
 
 export const CONTROL_SOCKET_NAME = 'control.sock';
 export const CONTROL_LINE_MAX_BYTES = 64 * 1024;

@@ -254,6 +254,87 @@ describe('mirror: two hosts (network namespaces)', function () {
     await inSyncAndIdentical(s);
   });
 
+  it('writes during a baseline: available answers them from the local NVRAM, strict fails them with EIO; the baseline goes on and the mirror gets them', async () => {
+    // The destination acknowledges none of the stream's records until the baseline's CP
+    // commits (it holds nothing before them): a write that waited for its ack waited for
+    // the whole baseline, and past the stall timeout (2 s here) dropped the connection.
+    const s = await start('sync');
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x61 0 48M', `nbd+unix:///?socket=${s.srcSock}`], 60_000);
+    await inSyncAndIdentical(s);
+    const svLog = path.join(tmp, 'sv.log');
+    const baselineOf = async (policy: 'available' | 'strict'): Promise<number> => {
+      await stop(s.receiver, 'SIGKILL');
+      await stop(s.source, 'SIGTERM');
+      fs.rmSync(path.join(tmp, 'dst'), { recursive: true, force: true });
+      await pair.rateLimit(40); // 48 MiB: ~10 s of baseline
+      await startReceiver(s);
+      s.extra = ['--mirror-policy', policy];
+      const logFrom = fs.existsSync(svLog) ? fs.statSync(svLog).size : 0;
+      await startSource(s);
+      await until('baseline running', () => sourceStatus(s.src)?.state === 'baseline' || undefined, 60_000);
+      return logFrom;
+    };
+    const disconnects = (from: number): string[] => fs.readFileSync(svLog, 'utf8').slice(from).split('\n').filter((l) => /mirror disconnected/.test(l));
+
+    const from = await baselineOf('available');
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x62 1M 64k', '-c', 'flush', '-c', 'write -P 0x63 2M 4k', `nbd+unix:///?socket=${s.srcSock}`], 30_000);
+    const during = sourceStatus(s.src);
+    assert.strictEqual(during?.state, 'baseline', `the writes were answered only after the baseline: ${JSON.stringify(during)}`);
+    assert.deepStrictEqual(disconnects(from), [], 'the writes during the baseline cost the connection');
+    await pair.rateLimit(null);
+    await inSyncAndIdentical(s);
+    sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x62 1M 64k', '-c', 'read -P 0x63 2M 4k', '-c', 'read -P 0x61 3M 1M', `nbd+unix:///${s.uuid}?socket=${s.expSock}`]);
+
+    const from2 = await baselineOf('strict');
+    const r = cp.spawnSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x64 1M 64k', `nbd+unix:///?socket=${s.srcSock}`], { encoding: 'utf8', timeout: 30_000 });
+    assert.match(r.stdout + r.stderr, /Input\/output error/, 'strict: a write during the baseline was not refused');
+    assert.strictEqual(sourceStatus(s.src)?.state, 'baseline');
+    assert.deepStrictEqual(disconnects(from2), [], 'the refused write cost the connection');
+    await pair.rateLimit(null);
+    await inSyncAndIdentical(s);
+    // In sync again, strict writes succeed (and reach the mirror before they are answered).
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x65 1M 64k', `nbd+unix:///?socket=${s.srcSock}`]);
+    await inSyncAndIdentical(s);
+    sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x65 1M 64k', `nbd+unix:///${s.uuid}?socket=${s.expSock}`]);
+  });
+
+  it('--mirror-rate caps a baseline (recorded with the relationship, shown in status; 0 removes it); bad values are refused', async () => {
+    const s = setup('sync', ['--mirror-rate', '2M']);
+    await startSource(s); // no receiver yet: the writes land while the mirror is disconnected
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x71 0 8M', `nbd+unix:///?socket=${s.srcSock}`]);
+    const rel = (): { rateBytesPerSec?: number } => JSON.parse(fs.readFileSync(path.join(s.src, 'mirror-source.json'), 'utf8')) as { rateBytesPerSec?: number };
+    await startReceiver(s);
+    await until('baseline running', () => sourceStatus(s.src)?.state === 'baseline' || undefined, 60_000);
+    assert.match(sh(BIN, ['status', s.src]), /baseline to CP \d+: .* sent, .*\/s, limit 2\.00 MiB\/s/);
+    assert.strictEqual((sourceStatus(s.src) as { rateLimitBytesPerSec?: number }).rateLimitBytesPerSec, 2 * 1024 * 1024);
+    await inSyncAndIdentical(s);
+    // The source's own timing of the baseline (first block to the commit's ack) against
+    // its size: no faster than the cap allows (a 100 ms burst, then the rate).
+    const done = /"blocks":(\d+),"resumedAt":0,"ms":(\d+),"msg":"mirror baseline done"/.exec(fs.readFileSync(path.join(tmp, 'sv.log'), 'utf8'));
+    assert.ok(done, 'no "mirror baseline done" line');
+    const blocks = Number(done[1]);
+    const ms = Number(done[2]);
+    const floorMs = (blocks * 4096 * 1000) / (2 * 1024 * 1024) - 100;
+    process.stdout.write(`      baseline of ${blocks} blocks at --mirror-rate 2M: ${ms} ms (the cap allows no less than ${floorMs.toFixed(0)})\n`);
+    assert.ok(blocks >= 2048 && ms >= floorMs * 0.95, `baseline of ${blocks} blocks in ${ms} ms: faster than 2 MiB/s`);
+    assert.strictEqual(rel().rateBytesPerSec, 2 * 1024 * 1024);
+    // Resumed without flags the cap stays; --mirror-rate 0 alone removes it.
+    await stop(s.source, 'SIGTERM');
+    s.extra = ['--mirror-rate', '0'];
+    await startSource(s, [], true);
+    await inSyncAndIdentical(s);
+    assert.strictEqual(rel().rateBytesPerSec, undefined);
+    assert.strictEqual((sourceStatus(s.src) as { rateLimitBytesPerSec?: number }).rateLimitBytesPerSec, undefined);
+    for (const [args, msg] of [
+      [['serve', s.src, '--socket', path.join(tmp, 'x.sock'), '--mirror-rate', '10'], /bad rate "10": at least 64K per second/],
+      [['serve', '--memory', '1G', '--socket', path.join(tmp, 'x.sock'), '--mirror-rate', '5M'], /--mirror-rate needs --mirror-to or a mirror relationship/],
+    ] as const) {
+      const r = cp.spawnSync(BIN, args, { encoding: 'utf8', timeout: 30_000 });
+      assert.notStrictEqual(r.status, 0);
+      assert.match(r.stderr, msg);
+    }
+  });
+
   it('a reader connected to the mirror keeps its CP while newer CPs land', async () => {
     const s = await start('sync');
     sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x41 0 1M', `nbd+unix:///?socket=${s.srcSock}`]);

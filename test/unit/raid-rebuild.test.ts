@@ -19,7 +19,7 @@ import type { Clock } from '../../src/io/types';
 import { createVolumeDir, openVolumeDir, openVolumeParts } from '../../src/volume/dir';
 import { raidDeviceOf } from '../../src/volume/served';
 import { readLabel } from '../../src/volume/label';
-import { RATE_BURST_MS, RateLimiter, parseRate } from '../../src/raid/rebuild';
+import { RATE_BURST_MS, RateLimiter, parseRate } from '../../src/util/rate';
 import { scrubRaid } from '../../src/raid/scrub';
 import type { RaidDevice, RebuildStatus } from '../../src/raid/raid-device';
 import { REPLACE_MARKER_NAME, replaceMember, replaceMemberServed } from '../../src/volume/replace-member';
