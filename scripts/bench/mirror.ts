@@ -59,6 +59,8 @@ const START_TIMEOUT_MS = 60_000;
 const STOP_TIMEOUT_MS = 60_000;
 const SYNC_TIMEOUT_MS = 300_000;
 const STATUS_POLL_MS = 50;
+/** How long the writes during a baseline (and with the receiver away) run, s. */
+const DURING_BASELINE_S = 5;
 /** Status polls while a baseline or resync runs. */
 const CATCH_UP_POLL_MS = 500;
 const RELAY_REPLY_TIMEOUT_MS = 10_000;
@@ -167,6 +169,11 @@ export interface BaselineResult {
   /** Bytes written (4 KiB random writes over the whole volume) while the receiver was down again, and that resync. */
   scatteredBytes: number;
   resync4k: CatchUp;
+  /**
+   * 4 KiB random writes (QD32, DURING_BASELINE_S) with the receiver away, then the same
+   * during a baseline to a new destination (sync, policy available), and that baseline.
+   */
+  during: { awayIops: number; duringIops: number; runtimeS: number; baseline: CatchUp };
   /** One TCP stream a -> b over the veth, bytes/s. */
   linkBytesPerS: number;
   /** Sequential 1 MiB writes to a file in the bench directory, then fdatasync, bytes/s. */
@@ -771,9 +778,29 @@ class MirrorBench {
       const before4k = await mirrorStatus(vol);
       receiver = await receive();
       const resync4k = await timeCatchUp(vol, 'resync', 2, cp4k, source, [source, receiver], before4k);
+      // Client writes during a baseline: a new destination (its directory removed), 4 KiB
+      // random writes begun once the baseline runs, against the same writes with the
+      // receiver away (the source then forwards nothing). Before fc16614 every write
+      // during a baseline waited for the whole baseline.
+      await receiver.stop();
+      const w4k: FioOptions = [['rw', 'randwrite'], ['bs', '4k'], ['iodepth', 32], ['size', this.o.sizeBytes], ['norandommap', 1], ['time_based', 1], ['runtime', DURING_BASELINE_S]];
+      const away = await runFio('away-4k', uri, w4k, 'write', path.join(this.dir, 'away-4k.json'), DURING_BASELINE_S + 30);
+      fs.rmSync(rx, { recursive: true, force: true });
+      receiver = await receive();
+      const deadline = Date.now() + SYNC_TIMEOUT_MS;
+      while ((await mirrorStatus(vol)).state !== 'baseline') {
+        source.ensureAlive();
+        if (Date.now() > deadline) throw new Error('no baseline to the new destination');
+        await sleep(20);
+      }
+      const during = await runFio('during-baseline-4k', uri, w4k, 'write', path.join(this.dir, 'during-baseline-4k.json'), DURING_BASELINE_S + 30);
+      const baseline2 = await timeCatchUp(vol, 'baseline', 2, 0, source, [source, receiver], undefined);
       await source.stop();
       await receiver.stop();
-      return { filledBytes: filled, rewrittenBytes: rewritten, baseline, resync, scatteredBytes: scattered, resync4k, linkBytesPerS, diskBytesPerS };
+      return {
+        filledBytes: filled, rewrittenBytes: rewritten, baseline, resync, scatteredBytes: scattered, resync4k, linkBytesPerS, diskBytesPerS,
+        during: { awayIops: away.result.iops, duringIops: during.result.iops, runtimeS: DURING_BASELINE_S, baseline: baseline2 },
+      };
     } catch (e) {
       for (const p of procs) if (!p.exited) p.child.kill('SIGKILL');
       throw new Error(`baseline/resync: ${(e as Error).message}\n  ${procs.map((p) => `${p.name}: ${p.log}`).join('\n  ')}`);
@@ -978,6 +1005,7 @@ function formatBaseline(b: BaselineResult): string[] {
     line(`baseline of ${formatSize(b.filledBytes)} written`, b.baseline),
     line(`resync after ${formatSize(b.rewrittenBytes)} of 1 MiB random writes while the receiver was down`, b.resync),
     line(`resync after ${formatSize(b.scatteredBytes)} of 4 KiB random writes over the whole volume`, b.resync4k),
+    `   4k randwrite QD32 for ${b.during.runtimeS} s during a baseline: ${b.during.duringIops.toFixed(0)} IOPS against ${b.during.awayIops.toFixed(0)} with the receiver away (${(b.during.duringIops / Math.max(1, b.during.awayIops)).toFixed(2)}x); that baseline ${formatSize(b.during.baseline.dataBytes)} in ${b.during.baseline.seconds.toFixed(2)} s`,
   ];
 }
 
