@@ -18,6 +18,10 @@ export function registerMirrorMetrics(registry: MetricsRegistry, mirror: MirrorS
   const blocks = registry.gauge('nvmirror_mirror_cp_blocks', 'CP blocks sent, by how they travelled', ['as']);
   const acked = registry.gauge('nvmirror_mirror_cps_acknowledged', 'CPs the destination committed with a root equal to ours').labels();
   const mismatches = registry.gauge('nvmirror_mirror_root_mismatches', 'CPs the destination acknowledged with another root').labels();
+  const catchUpSent = registry.gauge('nvmirror_mirror_catchup_sent_bytes', 'Blocks the running baseline or resync has sent (0: none running)').labels();
+  const catchUpTotal = registry.gauge('nvmirror_mirror_catchup_total_bytes', 'What the running baseline will send, about (0: none running, or a resync)').labels();
+  const catchUpRate = registry.gauge('nvmirror_mirror_catchup_bytes_per_second', 'The running baseline\'s or resync\'s rate (0: none running)').labels();
+  const rateLimit = registry.gauge('nvmirror_mirror_rate_limit_bytes_per_second', 'The --mirror-rate cap on baselines and resyncs (0: none)').labels();
   registry.onCollect(() => {
     const s = mirror.stats();
     for (const st of STATES) state.labels(st).set(s.state === st ? 1 : 0);
@@ -33,5 +37,9 @@ export function registerMirrorMetrics(registry: MetricsRegistry, mirror: MirrorS
     blocks.labels('data').set(s.dataBlocksSent);
     acked.set(s.cpsAcknowledged);
     mismatches.set(s.rootMismatches);
+    catchUpSent.set(s.resync ? s.resync.blocksSent * 4096 : 0);
+    catchUpTotal.set(s.resync?.totalBytes ?? 0);
+    catchUpRate.set(s.resync?.bytesPerSec ?? 0);
+    rateLimit.set(s.rateLimitBytesPerSec ?? 0);
   });
 }

@@ -299,7 +299,7 @@ describe('mirror: two hosts (network namespaces)', function () {
   });
 
   it('--mirror-rate caps a baseline (recorded with the relationship, shown in status; 0 removes it); bad values are refused', async () => {
-    const s = setup('sync', ['--mirror-rate', '2M']);
+    const s = setup('sync', ['--mirror-rate', '2M', '--metrics', `127.0.0.1:${METRICS_PORT}`]);
     await startSource(s); // no receiver yet: the writes land while the mirror is disconnected
     sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x71 0 8M', `nbd+unix:///?socket=${s.srcSock}`]);
     const rel = (): { rateBytesPerSec?: number } => JSON.parse(fs.readFileSync(path.join(s.src, 'mirror-source.json'), 'utf8')) as { rateBytesPerSec?: number };
@@ -307,6 +307,14 @@ describe('mirror: two hosts (network namespaces)', function () {
     await until('baseline running', () => sourceStatus(s.src)?.state === 'baseline' || undefined, 60_000);
     assert.match(sh(BIN, ['status', s.src]), /baseline to CP \d+: .* sent, .*\/s, limit 2\.00 MiB\/s/);
     assert.strictEqual((sourceStatus(s.src) as { rateLimitBytesPerSec?: number }).rateLimitBytesPerSec, 2 * 1024 * 1024);
+    // The same progress for Prometheus.
+    const get = `require('http').get('http://127.0.0.1:${METRICS_PORT}/metrics', (r) => { let b = ''; r.on('data', (d) => (b += d)); r.on('end', () => process.stdout.write(b)); })`;
+    const text = (await pair.exec('a', 'node', ['-e', get], { timeoutMs: 10_000 })).stdout;
+    assert.match(text, /^nvmirror_mirror_rate_limit_bytes_per_second 2097152$/m);
+    assert.match(text, /^nvmirror_mirror_state\{state="baseline"\} 1$/m);
+    const sent = /^nvmirror_mirror_catchup_sent_bytes (\d+)$/m.exec(text);
+    const total = /^nvmirror_mirror_catchup_total_bytes (\d+)$/m.exec(text);
+    assert.ok(sent && total && Number(total[1]) >= 8 * 1024 * 1024 && Number(sent[1]) <= Number(total[1]) + 1024 * 1024, `catch-up progress in the metrics: ${sent?.[0]}, ${total?.[0]}`);
     await inSyncAndIdentical(s);
     // The source's own timing of the baseline (first block to the commit's ack) against
     // its size: no faster than the cap allows (a 100 ms burst, then the rate).
