@@ -9,7 +9,8 @@
  *   keeps that CP's blocks from being reused; a view held longer than pinHoldMsMax is
  *   expired (its reads fail with ESHUTDOWN, a log line says so) so a forgotten client
  *   cannot hold space on the source forever.
- * - A mirror with a partial baseline is not exported (lookup finds nothing).
+ * - A mirror with a partial baseline is not exported (lookup finds nothing; whyMissing
+ *   tells the client why).
  * - Memory: one view object per NBD connection (the NBD server caps connections).
  */
 import type { Logger } from 'pino';
@@ -177,6 +178,15 @@ export class MirrorExports implements ExportRegistry {
     const reader = snap === undefined ? tree : tree.snapshotReader(snap);
     if (!reader) return undefined;
     return new MirrorView(this, uuid, m.committedCp, reader, m.label.sizeBytes, snap === undefined ? 'live' : `snapshot ${snap}`);
+  }
+
+  whyMissing(name: string): string | undefined {
+    const [uuid, snap] = name.split(SNAPSHOT_SEPARATOR, 2) as [string, string | undefined];
+    const m = this.mirrors.get(uuid);
+    if (!m) return undefined;
+    if (!m.view || m.baselinePartial) return `export "${name}": the mirror's baseline is in progress (no committed CP to read yet)`;
+    if (snap !== undefined && !m.view.listSnapshots().some((x) => x.name === snap)) return `export "${name}": the mirror has no snapshot "${snap}" (at CP ${m.committedCp})`;
+    return undefined;
   }
 
   pin(v: MirrorView): void {

@@ -163,6 +163,8 @@ export async function negotiate(raw: Duplex, opts: HandshakeOptions): Promise<Ne
     log.debug({ option, type: type - 0x80000000, msg }, 'option refused');
     write(socket, encodeOptionError(option, type, msg));
   };
+  /** The client's error for a name no export answers: the registry's reason, or plainly unknown. */
+  const missing = (name: string): string => opts.exports.whyMissing?.(name) ?? `unknown export "${name}"`;
   const hangUp = (why: string): undefined => {
     log.info({ why }, 'handshake: disconnecting client');
     reader.detach();
@@ -218,7 +220,7 @@ export async function negotiate(raw: Duplex, opts: HandshakeOptions): Promise<Ne
         case P.OPT_EXPORT_NAME: {
           const name = data.toString('utf8');
           const volume = opts.exports.lookup(name);
-          if (!volume) return hangUp(`unknown export "${name}" (EXPORT_NAME)`);
+          if (!volume) return hangUp(`${missing(name)} (EXPORT_NAME)`);
           const tflags = transmissionFlags(volume, false);
           write(socket, encodeExportNameReply(volume.sizeBytes, tflags, noZeroes));
           return finish(name, volume, false, false, tflags);
@@ -284,7 +286,7 @@ export async function negotiate(raw: Duplex, opts: HandshakeOptions): Promise<Ne
             break;
           }
           if (!opts.exports.lookup(parsed.name)) {
-            error(option, P.REP_ERR_UNKNOWN, `unknown export "${parsed.name}"`);
+            error(option, P.REP_ERR_UNKNOWN, missing(parsed.name));
             break;
           }
           const matches = matchBaseAllocation(parsed.queries, isSet);
@@ -305,7 +307,7 @@ export async function negotiate(raw: Duplex, opts: HandshakeOptions): Promise<Ne
           }
           const volume = opts.exports.lookup(parsed.name);
           if (!volume) {
-            error(option, P.REP_ERR_UNKNOWN, `unknown export "${parsed.name}"`);
+            error(option, P.REP_ERR_UNKNOWN, missing(parsed.name));
             break;
           }
           const tflags = transmissionFlags(volume, structured);

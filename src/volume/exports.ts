@@ -11,6 +11,8 @@ export interface ExportRegistry {
   list(): ExportInfo[];
   /** The volume for a name, or undefined if there is no such export. */
   lookup(name: string): Volume | undefined;
+  /** Why a name lookup() did not find is not served (yet), for the client's error; undefined: plainly unknown. */
+  whyMissing?(name: string): string | undefined;
 }
 
 /** A registry with a fixed set of volumes. */

@@ -277,6 +277,9 @@ describe('mirror: two hosts (network namespaces)', function () {
     const disconnects = (from: number): string[] => fs.readFileSync(svLog, 'utf8').slice(from).split('\n').filter((l) => /mirror disconnected/.test(l));
 
     const from = await baselineOf('available');
+    // The new mirror has nothing committed to read yet, and says so.
+    const early = cp.spawnSync('qemu-io', ['-r', '-f', 'raw', '-c', 'read 0 4k', `nbd+unix:///${s.uuid}?socket=${s.expSock}`], { encoding: 'utf8', timeout: 30_000 });
+    assert.match(early.stdout + early.stderr, /the mirror's baseline is in progress \(no committed CP to read yet\)/);
     sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x62 1M 64k', '-c', 'flush', '-c', 'write -P 0x63 2M 4k', `nbd+unix:///?socket=${s.srcSock}`], 30_000);
     const during = sourceStatus(s.src);
     assert.strictEqual(during?.state, 'baseline', `the writes were answered only after the baseline: ${JSON.stringify(during)}`);
@@ -376,6 +379,8 @@ describe('mirror: two hosts (network namespaces)', function () {
     sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x81 0 1M', `nbd+unix:///${s.uuid}@before?socket=${s.expSock}`]);
     sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x82 0 1M', `nbd+unix:///${s.uuid}?socket=${s.expSock}`]);
     assert.strictEqual(md5OfExport(`nbd+unix:///${s.uuid}@before?socket=${s.expSock}`), md5OfExport(`nbd+unix:///before?socket=${s.srcSock}`.replace('///before', '///@before')));
+    const r = cp.spawnSync('qemu-io', ['-r', '-f', 'raw', '-c', 'read 0 4k', `nbd+unix:///${s.uuid}@nosuch?socket=${s.expSock}`], { encoding: 'utf8', timeout: 30_000 });
+    assert.match(r.stdout + r.stderr, /the mirror has no snapshot "nosuch" \(at CP \d+\)/);
   });
 
   it('one memory budget for the receiver: the mirror\'s frames and the export clients\' bytes are charged to it, never past it, and all of it comes back', async () => {
