@@ -187,6 +187,11 @@ describe('mirror: two hosts (network namespaces)', function () {
         assert.ok(m.refsSent > 0, 'sync CPs sent no block as a reference');
         // Address blocks travel as deltas (a sync CP's edited nodes: from the tree's word runs).
         assert.ok(m.deltasSent > 0, 'sync CPs sent no block as a delta');
+        // The human status: mode, state, both CPs, roots, and what the references saved.
+        const human = sh(BIN, ['status', s.src]);
+        assert.match(human, /^mirror +sync to \S+ \(available\): in-sync$/m, human);
+        assert.match(human, /CP \d+ here, CP \d+ there \(roots equal\)/, human);
+        assert.match(human, /CP blocks as references \d+ \([\d.]+ [KMG]iB saved\), as deltas \d+, as data \d+/, human);
       }
       // Every CP the destination committed came back with a root equal to the source's.
       const m = sourceStatus(s.src)!;
