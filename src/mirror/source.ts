@@ -87,6 +87,8 @@ const CPS_UNACKED_MAX = 1;
 const READS_ANSWERED_MAX = 4;
 /** An acknowledgement older than this shows as `behind` in status (the link is up but the peer is slow or stalled). */
 const STALE_ACK_MS = 1000;
+/** Records unacknowledged this long on a live stream ask for a CP (askCp). */
+const HELD_CP_AFTER_MS = 1000;
 /** How long an interrupted baseline's pinned state is kept for a resume (it holds its blocks from reuse meanwhile). */
 export const BASELINE_KEEP_MS_MAX = 10 * 60_000;
 /** Pending reply gates (one per client request in flight; the NBD server bounds those). */
@@ -508,14 +510,24 @@ export class MirrorSource implements CpSink, ReplicaGate {
 
   private onMessage(conn: Conn, m: Message): void {
     switch (m.type) {
-      case MsgType.RecordAck:
+      case MsgType.RecordAck: {
+        const gapBefore = this.catchUpGap();
         if (m.heldSeq > this.heldSeq) this.unackedSinceMs = m.heldSeq >= this.lastForwardedSeq ? undefined : Date.now();
         this.heldSeq = Math.max(this.heldSeq, m.heldSeq);
         if (this.catchUpGap()) this.unackedSinceMs = undefined;
+        // The catch-up closed with records outstanding: the destination may have dropped
+        // records while it could release none (ring full): those are held once a CP covers them.
+        else if (gapBefore && this.heldSeq < this.lastForwardedSeq) {
+          // Its CP must not name those records as references (the destination refuses a CP
+          // that does): until a CP from now on is acknowledged, only records it holds are.
+          this.refsHeldOnlyBeforeCp = this.tree.stats().cpNumber + 1;
+          this.askCp('the catch-up ended with records outstanding');
+        }
         this.durableSeq = Math.max(this.durableSeq, m.durableSeq);
         this.storedFromSeq = m.storedFromSeq;
         this.settleWaiters();
         return;
+      }
       case MsgType.CpAck:
         const head = conn.cpAcks[0];
         if (!head || head.cp !== m.cp) {
@@ -530,6 +542,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
           return;
         }
         conn.cpAcks.shift();
+        if (this.refsHeldOnlyBeforeCp !== undefined && m.cp >= this.refsHeldOnlyBeforeCp) this.refsHeldOnlyBeforeCp = undefined;
         // Only a committed CP shows a healthy destination: one that welcomes and then
         // refuses (a full or failing disk) keeps the backoff growing.
         this.reconnectMs = RECONNECT_MS_MIN;
@@ -644,6 +657,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
     const w = this.drainWaiters;
     this.drainWaiters = [];
     for (const f of w) f();
+    // Replies held for room during a catch-up gap (gapFull) may go now.
+    if (this.conn && !this.conn.closed && this.catchUpGap()) this.settleWaiters();
   }
 
   /** How long the oldest unacknowledged record or CP has waited (0: none). */
@@ -665,6 +680,30 @@ export class MirrorSource implements CpSink, ReplicaGate {
   }
 
   private sentAtTick = 0;
+  /** A CP asked for by askCp() is running. */
+  private cpAsked = false;
+  /**
+   * Set when a catch-up ended with records the destination may have dropped (its ring
+   * full): until the CP with this number or a later one is acknowledged, a CP names as
+   * references only records <= heldSeq, and sends the rest as data.
+   */
+  private refsHeldOnlyBeforeCp: number | undefined;
+
+  /**
+   * Asks the engine for a CP now. The destination holds a record it dropped (its ring
+   * full: during a catch-up it can release nothing, and replies do not wait) only once a
+   * committed CP covers it, and it keeps dropping until then; without this the replies
+   * waiting for such records wait for the CP timer (10 s by default) or a full half.
+   */
+  private askCp(why: string): void {
+    const v = this.volume;
+    if (!v || this.cpAsked || this.stopped) return;
+    this.cpAsked = true;
+    this.log.debug({ why }, 'mirror: a CP asked for');
+    v.checkpoint()
+      .catch((e: unknown) => this.log.warn({ err: e instanceof Error ? e.message : String(e) }, 'mirror: the CP asked for failed'))
+      .finally(() => (this.cpAsked = false));
+  }
 
   /** Whether the socket took any of its queue since the last tick (a slow link drains a full queue in many ticks). */
   private sentSinceTick(conn: Conn): boolean {
@@ -701,6 +740,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
         this.lastPingMs = now;
         this.send(conn, { type: MsgType.Ping, nowMs: now });
       }
+      // Records unacknowledged for a second on a live stream: a CP lets a destination that
+      // dropped them hold them again (askCp).
+      if (!conn.closed && this.streaming() && this.unackedSinceMs !== undefined && now - this.unackedSinceMs > HELD_CP_AFTER_MS) this.askCp(`records unacknowledged for ${now - this.unackedSinceMs} ms`);
     }
   }
 
@@ -718,17 +760,24 @@ export class MirrorSource implements CpSink, ReplicaGate {
       if (r.viaThread === true && r.seq >= conn.nativeFromSeq) return;
       const payload = r.payload.length === 1 ? r.payload[0]! : Buffer.concat(r.payload);
       conn.rx.send({ type: MsgType.Record, seq: r.seq, recordType: r.type, flags: r.flags, offsetBytes: r.offsetBytes, lengthBytes: r.lengthBytes, payload });
+      this.boundGap(conn);
       return;
     }
     if (!(conn.welcomed && this.catchUpGap())) this.unackedSinceMs ??= Date.now();
     // One Buffer per record: the payload is copied into it (the views die with the half).
     writeEncoded(conn.socket, conn.writer.recordFrame(r.seq, r.type, r.flags, r.offsetBytes, r.lengthBytes, r.payload));
+    this.boundGap(conn);
+  }
+
+  /** A record queued during a catch-up gap: past the queue's bound the threads hold their replies (gapFull). */
+  private boundGap(conn: Conn): void {
+    if (conn.welcomed && this.catchUpGap() && this.queued(conn) > QUEUED_BYTES_MAX && this.o.mode === 'sync') this.applyThreads();
   }
 
   wait(seq: number, durable: boolean): Promise<void> {
     const ok = durable ? this.durableSeq : this.heldSeq;
     if (seq <= ok) return Promise.resolve();
-    if (!this.streaming()) return this.unreachable();
+    if (!this.streaming() && !this.gapFull()) return this.unreachable();
     const conn = this.conn!;
     if (this.waiters.length >= WAITERS_MAX) return Promise.reject(new VolumeError('ENOMEM', 'too many requests waiting for the mirror'));
     if (durable && seq > this.lastDurableReq) {
@@ -766,7 +815,26 @@ export class MirrorSource implements CpSink, ReplicaGate {
   }
 
   private applyThreads(): void {
-    this.volume?.replicaProgress(this.streaming() ? this.heldSeq : this.o.policy === 'strict' ? 'fail' : 'open');
+    // A catch-up's link queue over its bound: the threads hold their replies (gate on, no
+    // release) until it drains, as wait() holds the event loop's (gapFull).
+    this.volume?.replicaProgress(this.streaming() || this.gapFull() ? this.heldSeq : this.o.policy === 'strict' ? 'fail' : 'open');
+  }
+
+  /**
+   * During a catch-up gap the replies do not wait for the destination, but its records
+   * still go on the link: while more than QUEUED_BYTES_MAX is queued there they wait for
+   * room instead (the clients' pace becomes the link's, as under acks), so the queue stays
+   * bounded however fast the clients write and however slow the link is. (The NBD
+   * threads' own records stop at the native link's cap; past it they come here.)
+   */
+  private gapFull(): boolean {
+    const conn = this.conn;
+    if (conn === undefined || conn.closed || !conn.welcomed || !this.catchUpGap() || this.queued(conn) <= QUEUED_BYTES_MAX) return false;
+    // Room is asked for (EV_ROOM / 'drain' -> wakeDrain -> settleWaiters); a link that takes
+    // nothing meanwhile is a stalled peer (tick).
+    this.roomWaitSinceMs ??= Date.now();
+    conn.rx?.wantRoom(QUEUED_BYTES_MAX);
+    return true;
   }
 
   /**
@@ -796,11 +864,12 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.updateThreads();
     if (this.waiters.length === 0) return;
     const streaming = this.streaming();
+    const full = !streaming && this.gapFull();
     let kept = 0;
     for (const w of this.waiters) {
       const ok = w.durable ? this.durableSeq : this.heldSeq;
       if (w.seq <= ok) w.resolve();
-      else if (!streaming) {
+      else if (!streaming && !full) {
         if (this.o.policy === 'strict') w.reject(new VolumeError('EIO', 'the mirror connection was lost and the policy is strict'));
         else w.resolve();
       } else this.waiters[kept++] = w;
@@ -845,7 +914,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     const sync = this.o.mode === 'sync';
     const { refs, deltas, data } = await encodeCpBlocks(
       blocks,
-      (seq) => sync && seq >= this.storedFromSeq && seq <= this.lastForwardedSeq && seq >= this.forwardFromSeq,
+      (seq) => sync && seq >= this.storedFromSeq && seq <= this.lastForwardedSeq && seq >= this.forwardFromSeq && (this.refsHeldOnlyBeforeCp === undefined || seq <= this.heldSeq),
       (pba, count, dst) => this.tree.readRaw(pba, count, dst),
       () => this.slicer.maybeYield(),
     );

@@ -289,6 +289,24 @@ describe('mirror: two hosts (network namespaces)', function () {
     const during = sourceStatus(s.src);
     assert.strictEqual(during?.state, 'baseline', `the writes were answered only after the baseline: ${JSON.stringify(during)}`);
     assert.deepStrictEqual(disconnects(from), [], 'the writes during the baseline cost the connection');
+    // Not waiting for the destination is not queueing without a bound: 3 s of 64 KiB writes
+    // at QD32 through the 40 Mbit link go at the link's pace once the queue is full, and
+    // the source's RSS grows by that bound at most (without it: ~90 MiB/s here).
+    const rss = (): number => Number(/VmRSS:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${s.source!.pid}/status`, 'utf8'))?.[1] ?? 0) * 1024;
+    const rss0 = rss();
+    let peak = rss0;
+    const sampler = setInterval(() => (peak = Math.max(peak, rss())), 100);
+    try {
+      const fio = cp.spawnSync('fio', ['--name=q', '--ioengine=nbd', `--uri=nbd+unix:///?socket=${s.srcSock}`, '--rw=randwrite', '--bs=64k', '--iodepth=32',
+        '--offset=128M', '--size=64M', '--time_based', '--runtime=3', '--thread', `--directory=${tmp}`], { encoding: 'utf8', timeout: 60_000 });
+      assert.strictEqual(fio.status, 0, fio.stderr);
+    } finally {
+      clearInterval(sampler);
+    }
+    peak = Math.max(peak, rss());
+    process.stdout.write(`      source RSS during 3 s of writes in the catch-up: ${(rss0 / 2 ** 20).toFixed(0)} -> peak ${(peak / 2 ** 20).toFixed(0)} MiB\n`);
+    assert.ok(peak - rss0 < 120 * 2 ** 20, `the source grew by ${((peak - rss0) / 2 ** 20).toFixed(0)} MiB queueing records for a slow link`);
+    assert.deepStrictEqual(disconnects(from), [], 'the bounded writes cost the connection');
     await pair.rateLimit(null);
     await inSyncAndIdentical(s);
     sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x62 1M 64k', '-c', 'read -P 0x63 2M 4k', '-c', 'read -P 0x61 3M 1M', `nbd+unix:///${s.uuid}?socket=${s.expSock}`]);
@@ -349,6 +367,30 @@ describe('mirror: two hosts (network namespaces)', function () {
       assert.notStrictEqual(r.status, 0);
       assert.match(r.stderr, msg);
     }
+  });
+
+  it('writes that overfill the destination\'s log during a catch-up: a CP is asked for as it ends, so the next write waits neither for the CP timer nor costs the connection', async () => {
+    // The destination can release no record until the catch-up commits, so its log (4 x
+    // the 8 MiB NVRAM) overflows and it drops records; it holds them again only once a
+    // committed CP covers them. With the CP timer at 60 s, a write after the catch-up used
+    // to wait past the 2 s stall timeout and drop the connection.
+    const s = setup('sync', ['--mirror-rate', '8M', '--cp-interval', '60000']);
+    const uri = `nbd+unix:///?socket=${s.srcSock}`;
+    await startSource(s);
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x91 0 32M', uri], 60_000);
+    await startReceiver(s);
+    await until('baseline running', () => sourceStatus(s.src)?.state === 'baseline' || undefined, 60_000);
+    const logFrom = fs.statSync(path.join(tmp, 'sv.log')).size;
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x92 64M 48M', uri], 60_000);
+    await until('in sync after the catch-up', () => sourceStatus(s.src)?.state === 'in-sync' || undefined, 120_000);
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x93 200M 64k', uri], 30_000);
+    type RxStatus = { mirrors: Array<{ recordsDropped: number }> };
+    const dropped = (JSON.parse(sh(BIN, ['status', path.join(tmp, 'dst'), '--json'])) as RxStatus).mirrors[0]?.recordsDropped ?? 0;
+    assert.ok(dropped > 0, 'the destination\'s log never overflowed: the test did not test anything');
+    const lost = fs.readFileSync(path.join(tmp, 'sv.log'), 'utf8').slice(logFrom).split('\n').filter((l) => /mirror disconnected/.test(l));
+    assert.deepStrictEqual(lost, [], 'a write after the catch-up cost the connection');
+    await inSyncAndIdentical(s);
+    sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x92 64M 48M', '-c', 'read -P 0x93 200M 64k', '-c', 'read -P 0x91 0 32M', `nbd+unix:///${s.uuid}?socket=${s.expSock}`]);
   });
 
   it('a reader connected to the mirror keeps its CP while newer CPs land', async () => {
