@@ -756,14 +756,14 @@ export class MirrorSource implements CpSink, ReplicaGate {
     if (conn.rx) {
       // The NBD threads' records from nativeFromSeq on went to the link as they appended
       // them (its ack may have come in before this: then nothing waits for one).
-      if (r.seq > this.heldSeq && !(conn.welcomed && this.catchUpGap())) this.unackedSinceMs ??= Date.now();
+      if (r.seq > this.heldSeq && !this.inGap(conn)) this.unackedSinceMs ??= Date.now();
       if (r.viaThread === true && r.seq >= conn.nativeFromSeq) return;
       const payload = r.payload.length === 1 ? r.payload[0]! : Buffer.concat(r.payload);
       conn.rx.send({ type: MsgType.Record, seq: r.seq, recordType: r.type, flags: r.flags, offsetBytes: r.offsetBytes, lengthBytes: r.lengthBytes, payload });
       this.boundGap(conn);
       return;
     }
-    if (!(conn.welcomed && this.catchUpGap())) this.unackedSinceMs ??= Date.now();
+    if (!this.inGap(conn)) this.unackedSinceMs ??= Date.now();
     // One Buffer per record: the payload is copied into it (the views die with the half).
     writeEncoded(conn.socket, conn.writer.recordFrame(r.seq, r.type, r.flags, r.offsetBytes, r.lengthBytes, r.payload));
     this.boundGap(conn);
@@ -771,7 +771,12 @@ export class MirrorSource implements CpSink, ReplicaGate {
 
   /** A record queued during a catch-up gap: past the queue's bound the threads hold their replies (gapFull). */
   private boundGap(conn: Conn): void {
-    if (conn.welcomed && this.catchUpGap() && this.queued(conn) > QUEUED_BYTES_MAX && this.o.mode === 'sync') this.applyThreads();
+    if (this.inGap(conn) && this.queued(conn) > QUEUED_BYTES_MAX) this.applyThreads();
+  }
+
+  /** This welcomed connection's destination cannot hold its records yet (catchUpGap); before WELCOME that is not known. */
+  private inGap(conn: Conn): boolean {
+    return conn.welcomed && this.catchUpGap();
   }
 
   wait(seq: number, durable: boolean): Promise<void> {
@@ -829,7 +834,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
    */
   private gapFull(): boolean {
     const conn = this.conn;
-    if (conn === undefined || conn.closed || !conn.welcomed || !this.catchUpGap() || this.queued(conn) <= QUEUED_BYTES_MAX) return false;
+    if (conn === undefined || conn.closed || !this.inGap(conn) || this.queued(conn) <= QUEUED_BYTES_MAX) return false;
     // Room is asked for (EV_ROOM / 'drain' -> wakeDrain -> settleWaiters); a link that takes
     // nothing meanwhile is a stalled peer (tick).
     this.roomWaitSinceMs ??= Date.now();
@@ -844,7 +849,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private streaming(): boolean {
     const conn = this.conn;
     if (conn === undefined || conn.closed || this.forwardFromSeq === 0) return false;
-    return !conn.welcomed || !this.catchUpGap();
+    return !this.inGap(conn);
   }
 
   /**

@@ -11,6 +11,7 @@ import * as os from 'os';
 import * as path from 'path';
 import { TOOL_ENV, createHostPair, netnsAvailable, type HostPair } from '../net/netns';
 import { BIN, ROOT, md5OfExport, sh, sourceStatus, until } from './helpers';
+import { memoryOf, samplingMemory } from './faults-harness';
 import { controlRequest } from '../../src/volume/engine-control';
 import { BASELINE_MARKER_NAME } from '../../src/mirror/mirror-dir';
 import { CMD, RawConn, negotiate, request } from '../e2e/rawnbd';
@@ -292,18 +293,23 @@ describe('mirror: two hosts (network namespaces)', function () {
     // Not waiting for the destination is not queueing without a bound: 3 s of 64 KiB writes
     // at QD32 through the 40 Mbit link go at the link's pace once the queue is full, and
     // the source's RSS grows by that bound at most (without it: ~90 MiB/s here).
-    const rss = (): number => Number(/VmRSS:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${s.source!.pid}/status`, 'utf8'))?.[1] ?? 0) * 1024;
-    const rss0 = rss();
-    let peak = rss0;
-    const sampler = setInterval(() => (peak = Math.max(peak, rss())), 100);
-    try {
-      const fio = cp.spawnSync('fio', ['--name=q', '--ioengine=nbd', `--uri=nbd+unix:///?socket=${s.srcSock}`, '--rw=randwrite', '--bs=64k', '--iodepth=32',
-        '--offset=128M', '--size=64M', '--time_based', '--runtime=3', '--thread', `--directory=${tmp}`], { encoding: 'utf8', timeout: 60_000 });
-      assert.strictEqual(fio.status, 0, fio.stderr);
-    } finally {
-      clearInterval(sampler);
-    }
-    peak = Math.max(peak, rss());
+    const rss0 = (memoryOf(s.source!.pid)?.rssKiB ?? 0) * 1024;
+    const fioArgs = ['--name=q', '--ioengine=nbd', `--uri=nbd+unix:///?socket=${s.srcSock}`, '--rw=randwrite', '--bs=64k', '--iodepth=32',
+      '--offset=128M', '--size=64M', '--time_based', '--runtime=3', '--thread', `--directory=${tmp}`];
+    // fio runs beside the sampler (a spawnSync would stop the event loop that samples).
+    const runFio = (): Promise<{ code: number | null; err: string }> => new Promise((resolve) => {
+      const f = cp.spawn('fio', fioArgs, { stdio: ['ignore', 'ignore', 'pipe'] });
+      let err = '';
+      f.stderr.on('data', (d: Buffer) => (err += d.toString()));
+      const kill = setTimeout(() => f.kill('SIGKILL'), 60_000);
+      f.on('exit', (code) => {
+        clearTimeout(kill);
+        resolve({ code, err });
+      });
+    });
+    const { result: fio, peakKiB } = await samplingMemory({ source: s.source!.pid }, 100, runFio);
+    assert.strictEqual(fio.code, 0, fio.err);
+    const peak = (peakKiB.source ?? 0) * 1024;
     process.stdout.write(`      source RSS during 3 s of writes in the catch-up: ${(rss0 / 2 ** 20).toFixed(0)} -> peak ${(peak / 2 ** 20).toFixed(0)} MiB\n`);
     assert.ok(peak - rss0 < 120 * 2 ** 20, `the source grew by ${((peak - rss0) / 2 ** 20).toFixed(0)} MiB queueing records for a slow link`);
     assert.deepStrictEqual(disconnects(from), [], 'the bounded writes cost the connection');
