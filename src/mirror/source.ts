@@ -729,8 +729,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
     if (conn && !conn.closed) {
       this.sentSinceTick(conn);
       // The oldest record forwarded and not acknowledged (the NBD threads hold their replies
-      // for it), or the oldest waiting reply.
-      const oldest = this.waiters.reduce((a, w) => Math.min(a, w.sinceMs), this.unackedSinceMs ?? now);
+      // for it), or the oldest waiting reply. In a catch-up gap replies wait for room, not
+      // acks: a link that moves nothing is found by the room wait below, which says so.
+      const oldest = this.inGap(conn) ? this.unackedSinceMs ?? now : this.waiters.reduce((a, w) => Math.min(a, w.sinceMs), this.unackedSinceMs ?? now);
       if (!conn.welcomed && conn.helloAtMs !== undefined && now - conn.helloAtMs > stall) this.drop(conn, `no WELCOME from the destination within ${stall} ms of HELLO (a stalled peer, or not an nvmirror receive)`);
       else if (now - oldest > stall) this.drop(conn, `no acknowledgement from the destination for ${stall} ms (stalled peer)`);
       else if (conn.cpAcks.length > 0 && now - conn.cpAcks[0]!.sinceMs > stall) this.drop(conn, `CP ${conn.cpAcks[0]!.cp} not acknowledged within ${stall} ms (stalled peer)`);
@@ -875,7 +876,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       const ok = w.durable ? this.durableSeq : this.heldSeq;
       if (w.seq <= ok) w.resolve();
       else if (!streaming && !full) {
-        if (this.o.policy === 'strict') w.reject(new VolumeError('EIO', 'the mirror connection was lost and the policy is strict'));
+        if (this.o.policy === 'strict') w.reject(new VolumeError('EIO', this.conn && !this.conn.closed ? 'the mirror is catching up (it holds no write until its catch-up commits) and the policy is strict' : 'the mirror connection was lost and the policy is strict'));
         else w.resolve();
       } else this.waiters[kept++] = w;
     }

@@ -260,7 +260,7 @@ describe('mirror: two hosts (network namespaces)', function () {
     await inSyncAndIdentical(s);
   });
 
-  it('writes during a baseline: available answers them from the local NVRAM, strict fails them with EIO; the baseline goes on and the mirror gets them', async () => {
+  it('writes during a baseline: available answers them from the local NVRAM within a bounded queue (a stopped destination is dropped after the stall timeout; running again, it gets the baseline), strict fails them with EIO; the mirror gets them', async () => {
     // The destination acknowledges none of the stream's records until the baseline's CP
     // commits (it holds nothing before them): a write that waited for its ack waited for
     // the whole baseline, and past the stall timeout (2 s here) dropped the connection.
@@ -293,11 +293,10 @@ describe('mirror: two hosts (network namespaces)', function () {
     // Not waiting for the destination is not queueing without a bound: 3 s of 64 KiB writes
     // at QD32 through the 40 Mbit link go at the link's pace once the queue is full, and
     // the source's RSS grows by that bound at most (without it: ~90 MiB/s here).
-    const rss0 = (memoryOf(s.source!.pid)?.rssKiB ?? 0) * 1024;
-    const fioArgs = ['--name=q', '--ioengine=nbd', `--uri=nbd+unix:///?socket=${s.srcSock}`, '--rw=randwrite', '--bs=64k', '--iodepth=32',
-      '--offset=128M', '--size=64M', '--time_based', '--runtime=3', '--thread', `--directory=${tmp}`];
     // fio runs beside the sampler (a spawnSync would stop the event loop that samples).
-    const runFio = (): Promise<{ code: number | null; err: string }> => new Promise((resolve) => {
+    const runFio = (offset: string): Promise<{ code: number | null; err: string }> => new Promise((resolve) => {
+      const fioArgs = ['--name=q', '--ioengine=nbd', `--uri=nbd+unix:///?socket=${s.srcSock}`, '--rw=randwrite', '--bs=64k', '--iodepth=32',
+        `--offset=${offset}`, '--size=64M', '--time_based', '--runtime=3', '--thread', `--directory=${tmp}`];
       const f = cp.spawn('fio', fioArgs, { stdio: ['ignore', 'ignore', 'pipe'] });
       let err = '';
       f.stderr.on('data', (d: Buffer) => (err += d.toString()));
@@ -307,12 +306,37 @@ describe('mirror: two hosts (network namespaces)', function () {
         resolve({ code, err });
       });
     });
-    const { result: fio, peakKiB } = await samplingMemory({ source: s.source!.pid }, 100, runFio);
-    assert.strictEqual(fio.code, 0, fio.err);
-    const peak = (peakKiB.source ?? 0) * 1024;
-    process.stdout.write(`      source RSS during 3 s of writes in the catch-up: ${(rss0 / 2 ** 20).toFixed(0)} -> peak ${(peak / 2 ** 20).toFixed(0)} MiB\n`);
-    assert.ok(peak - rss0 < 120 * 2 ** 20, `the source grew by ${((peak - rss0) / 2 ** 20).toFixed(0)} MiB queueing records for a slow link`);
+    /** Peak growth of the source's RSS over 3 s of fio beside it, in bytes. */
+    const fioGrowth = async (offset: string, what: string): Promise<number> => {
+      const rss0 = (memoryOf(s.source!.pid)?.rssKiB ?? 0) * 1024;
+      const { result: fio, peakKiB } = await samplingMemory({ source: s.source!.pid }, 100, () => runFio(offset));
+      assert.strictEqual(fio.code, 0, `${what}: ${fio.err}`);
+      const peak = (peakKiB.source ?? 0) * 1024;
+      process.stdout.write(`      source RSS during 3 s of writes ${what}: ${(rss0 / 2 ** 20).toFixed(0)} -> peak ${(peak / 2 ** 20).toFixed(0)} MiB\n`);
+      return peak - rss0;
+    };
+    const grew = await fioGrowth('128M', 'in the catch-up');
+    assert.ok(grew < 120 * 2 ** 20, `the source grew by ${(grew / 2 ** 20).toFixed(0)} MiB queueing records for a slow link`);
     assert.deepStrictEqual(disconnects(from), [], 'the bounded writes cost the connection');
+
+    // A destination that stops reading mid-catch-up (SIGSTOP): no record ack or CP ack is
+    // timed in the gap, so its full queue is what finds it. The writes go on (available),
+    // the queue stays bounded, the source drops the link after the stall timeout and says
+    // why; once the destination runs again the baseline starts over (less than one
+    // progress mark, 32 MiB, was durable there) and completes.
+    await pair.rateLimit(8); // the baseline must still run when the destination stops
+    assert.strictEqual(sourceStatus(s.src)?.state, 'baseline', 'the baseline ended before the destination was stopped');
+    const stallLogFrom = fs.statSync(svLog).size;
+    process.kill(s.receiver!.pid!, 'SIGSTOP');
+    let stalledGrowth: number;
+    try {
+      stalledGrowth = await fioGrowth('192M', 'with the destination stopped');
+      await until('the source drops the stopped destination', () => /read nothing for \d+ ms with \d+ bytes queued \(stalled peer\)/.test(fs.readFileSync(svLog, 'utf8').slice(stallLogFrom)) || undefined, 30_000);
+      assert.notStrictEqual(sourceStatus(s.src)?.state, 'in-sync');
+    } finally {
+      process.kill(s.receiver!.pid!, 'SIGCONT');
+    }
+    assert.ok(stalledGrowth < 120 * 2 ** 20, `the source grew by ${(stalledGrowth / 2 ** 20).toFixed(0)} MiB with the destination stopped`);
     await pair.rateLimit(null);
     await inSyncAndIdentical(s);
     sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x62 1M 64k', '-c', 'read -P 0x63 2M 4k', '-c', 'read -P 0x61 3M 1M', `nbd+unix:///${s.uuid}?socket=${s.expSock}`]);
