@@ -927,12 +927,12 @@ class Session {
       if (this.closed) return;
       old = this.rx.sessionFor(m.sourceUuid);
     }
-    if (old && old.silentMs() < SESSION_SILENT_REPLACE_MS) throw new MirrorDirError(`source ${m.sourceUuid} is already connected`);
+    if (old && old.silentMs() < SESSION_SILENT_REPLACE_MS) throw new MirrorDirError(`source ${m.sourceUuid} is already connected (its earlier connection is still open here; the source retries)`);
     if (old) {
       this.log.warn({ source: m.sourceUuid, silentMs: old.silentMs() }, 'the source connected again while its old connection was silent: the old one is ended');
       await old.endSilent();
       if (this.closed) return;
-      if (this.rx.sessionFor(m.sourceUuid)) throw new MirrorDirError(`source ${m.sourceUuid} is already connected`);
+      if (this.rx.sessionFor(m.sourceUuid)) throw new MirrorDirError(`source ${m.sourceUuid} is already connected (its earlier connection is still open here; the source retries)`);
     }
     const mirror = await this.rx.openMirror(m, this.log);
     if (this.closed) return;

@@ -572,7 +572,10 @@ export class MirrorSource implements CpSink, ReplicaGate {
       case MsgType.Refuse:
         this.lastError = `destination refused: ${m.reason}`;
         this.refusedStanding = parseStanding(m.reason);
-        this.log.error({ reason: m.reason }, 'the destination refused the mirror stream');
+        // A reconnect that finds its earlier connection still open there (not yet read to
+        // its end, or silent for less than the receiver's replace time) is retried: not an error.
+        if (/ is already connected /.test(m.reason)) this.log.warn({ reason: m.reason }, 'the destination still holds the earlier connection: retrying');
+        else this.log.error({ reason: m.reason }, 'the destination refused the mirror stream');
         this.drop(conn, `refused: ${m.reason}`);
         return;
       default:
