@@ -947,7 +947,7 @@ class Session {
     // Before the log starts this stream (which drops stored records from its first seq on).
     const c = mirror.baselinePartial ? undefined : mirror.committed?.sb;
     const standing = decideStanding(
-      { lineage: m.lineage, cp: m.sourceCp, lastSeq: m.lastSeq },
+      { lineage: m.lineage, cp: m.sourceCp, lastSeq: m.lastSeq, ...(m.startedAtSeq >= 0 ? { startedAtSeq: m.startedAtSeq } : {}) },
       { committed: c && { lineage: c.lineage, cp: c.cpNumber, nvlogSeq: c.nvlogSeq }, newestStoredSeq: mirror.log.newestStoredSeq, promoted: false },
     );
     this.rx.standings.set(m.sourceUuid, standing);

@@ -228,6 +228,13 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private resync: { baseCp: number; targetCp: number; blocksSent: number; progress: ProgressLine } | undefined;
   /** The pinned state of an interrupted baseline, kept (for BASELINE_KEEP_MS_MAX) so the destination can resume it. */
   private keptBaseline: { view: CommittedView; sinceMs: number } | undefined;
+  /**
+   * The newest record seq the volume held when this process attached to it (after
+   * recovery), until a destination welcomes a stream: sent in HELLO, so a mirror that
+   * holds records past it (ones this source lost with its NVRAM) is found even after this
+   * source has written new records over the same seqs.
+   */
+  private startedAtSeq: number | undefined;
   private resumeOffer: { cp: number; blocks: number } = { cp: -1, blocks: 0 };
   private behindSinceMs = 0;
   private reconnectMs = RECONNECT_MS_MIN;
@@ -309,6 +316,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
   attachVolume(v: EngineVolume): void {
     assert(v.tree === this.tree, 'attachVolume: another tree');
     this.volume = v;
+    // Before any client write (serve attaches before it listens): every record past this
+    // one is this process's own.
+    this.startedAtSeq = v.log.lastSeq;
     v.log.onAppend = (r) => this.onAppend(r); // counts client bytes; forwards in sync mode
     if (this.o.mode === 'sync') v.setReplicaGate(this);
     this.updateThreads();
@@ -456,7 +466,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       type: MsgType.Hello, sourceUuid: v.tree.volumeUuid, sizeBytes: v.sizeBytes, deviceBlocks: tree.totalBlocks,
       nvramBytes: v.region.sizeBytes, mode: this.o.mode, sourceCp: tree.cpNumber, streamFromSeq: Math.max(1, this.forwardFromSeq),
       ...this.failbackOffer(),
-      lastSeq, lineage: [...tree.lineage],
+      lastSeq, startedAtSeq: this.startedAtSeq ?? -1, lineage: [...tree.lineage],
     });
   }
 
@@ -475,6 +485,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
 
   private onWelcome(conn: Conn, w: Message & { type: MsgType.Welcome }): void {
     if (conn.closed) return;
+    // Welcomed: the destination now holds no record past startedAtSeq that is not this
+    // process's own (it refuses a HELLO while it does: standing.ts).
+    this.startedAtSeq = undefined;
     const cpNow = this.tree.stats().cpNumber;
     if (w.committedCp > cpNow) {
       // The destination holds a CP this volume never had: another history. Never overwrite it.

@@ -33,7 +33,10 @@ export interface Standing {
   commonCp: number;
   sourceCp: number;
   destinationCp: number;
-  /** The source's newest record seq, and the newest the mirror holds (stored or committed). */
+  /**
+   * The source's newest record seq (mirror-ahead: the newest of the mirror's records it
+   * holds), and the newest the mirror holds (stored or committed).
+   */
   sourceSeq: number;
   destinationSeq: number;
 }
@@ -43,6 +46,12 @@ export interface SourceSide {
   cp: number;
   /** Its newest record seq (its NVRAM log's last). */
   lastSeq: number;
+  /**
+   * On the first stream of the source's process to this mirror: the newest record it
+   * held when it started (its NVRAM after recovery); every later record is its own.
+   * Undefined on a later stream of the same process (it lost none since).
+   */
+  startedAtSeq?: number;
 }
 
 export interface MirrorSide {
@@ -76,8 +85,12 @@ export function decideStanding(src: SourceSide, dst: MirrorSide): Standing {
     return wrote ? { kind: 'split-brain', current: 'each-its-own', ...at } : { kind: 'promoted', current: 'destination', ...at };
   }
   if (cmp.relation === 'destination-ahead') return { kind: 'mirror-ahead', current: 'destination', ...at };
-  // Same CP, or the source ahead: the mirror's log must not hold records the source no longer has.
-  if (dst.newestStoredSeq > src.lastSeq) return { kind: 'mirror-ahead', current: 'destination', ...at };
+  // Same CP, or the source ahead: the mirror's log must not hold records the source no longer
+  // has. Past the newest it held when its process started, the source's records are its own
+  // since then: a mirror holding records past that seq holds ones the source lost (its NVRAM
+  // or disk), even where the source has since written new records over the same seqs.
+  const holds = Math.min(src.lastSeq, src.startedAtSeq ?? src.lastSeq);
+  if (dst.newestStoredSeq > holds) return { kind: 'mirror-ahead', current: 'destination', ...at, sourceSeq: holds };
   return { kind: 'in-step', current: cmp.relation === 'same' ? 'both' : 'source', ...at };
 }
 
@@ -98,7 +111,7 @@ export function refusalText(s: Standing, dir: string, promoted: boolean): string
       break;
     case 'mirror-ahead':
       line = `refused: the mirror ${dir} is current: it holds ` +
-        (s.destinationCp > s.sourceCp ? `CP ${s.destinationCp} of this volume's history, ahead of this source's CP ${s.sourceCp}` : `records up to seq ${s.destinationSeq}, past this source's newest seq ${s.sourceSeq} (its NVRAM or disk was lost?)`) +
+        (s.destinationCp > s.sourceCp ? `CP ${s.destinationCp} of this volume's history, ahead of this source's CP ${s.sourceCp}` : `records up to seq ${s.destinationSeq}, past this source's newest seq ${s.sourceSeq} of the same history (its NVRAM or disk was lost?)`) +
         `; nothing there is overwritten. Promote the mirror (nvmirror promote ${dir}) and make this volume its mirror, or remove ${dir} to mirror this source's state anew (a full baseline)`;
       break;
     case 'unrelated':

@@ -344,7 +344,7 @@ describe('mirror failover: promote (two hosts)', function () {
     sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x42 0 8M', `nbd+unix:///?socket=${served.sock}`]);
   });
 
-  it('a source that lost its NVRAM is refused by a mirror holding records past its newest seq (mirror-ahead), and those records survive to a promote', async () => {
+  it('a source that lost its NVRAM is refused by a mirror holding records past its newest seq (mirror-ahead), also after it wrote over those seqs before reconnecting, and those records survive to a promote', async () => {
     await startReceiver();
     const s = createSource('ahead');
     // CPs only every hour: the acknowledged writes below stay as records (here in the NVRAM, there in the log).
@@ -372,8 +372,23 @@ describe('mirror failover: promote (two hosts)', function () {
     assert.match(sh(BIN, ['status', s.dir]), /current: the mirror; .*the mirror holds records to seq \d+, the source to \d+/);
     const rx = JSON.parse(sh(BIN, ['status', path.join(tmp, 'dst'), '--json'])) as { standings: Array<{ sourceUuid: string; kind: string; current: string }> };
     assert.deepEqual(rx.standings.filter((x) => x.sourceUuid === s.uuid).map((x) => [x.kind, x.current]), [['mirror-ahead', 'destination']]);
-    // Nothing was rolled back there: promoting the mirror gives the acknowledged write back.
     await stopGracefully(again);
+    // The same source again, but it writes past the mirror's records before it reaches the
+    // mirror (the receiver is down meanwhile): its newest seq is now past the mirror's, yet
+    // those are other records. Its HELLO says the seq it started at, so it is still refused.
+    await kill9(receiver!);
+    const third = await startSource(s, 'svahead3', args);
+    sh('qemu-io', ['-f', 'raw', ...Array.from({ length: 16 }, (_, i) => ['-c', `write -P 0x3c ${16 + i}M 4k`]).flat(), `nbd+unix:///?socket=${s.sock}`]);
+    const wrote = sourceStatus(s.dir)!;
+    assert.ok(wrote.lastSeq > st.standing!.destinationSeq, `the source's new records (to seq ${wrote.lastSeq}) reach past the mirror's (${st.standing!.destinationSeq})`);
+    await startReceiver();
+    const st3 = await until('the source says the mirror is ahead, after writing over its seqs', () => {
+      const m = sourceStatus(s.dir);
+      return m?.state === 'mirror-ahead' ? m : undefined;
+    }, 60_000);
+    assert.match(st3.lastError ?? '', /holds records up to seq \d+, past this source's newest seq \d+ of the same history/);
+    await stopGracefully(third);
+    // Nothing was rolled back there: promoting the mirror gives the acknowledged write back.
     const p = await promote(s.uuid);
     assert.ok(p.recordsReplayed > 0, 'the log kept the records');
     const served = await servePromoted(s.uuid, 'pahead');

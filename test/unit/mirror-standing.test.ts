@@ -25,6 +25,17 @@ describe('mirror standing', () => {
     assert.deepEqual(parseStanding(`refused the stream: ${text}`), s);
   });
 
+  it('the source lost its NVRAM and then wrote new records over the same seqs: its first stream says the seq it started at, and the mirror is still found ahead', () => {
+    // Started at 1000 (its NVRAM lost records 1001..1042), then wrote up to 1100 before connecting.
+    const s = decideStanding({ lineage: ROOT, cp: 10, lastSeq: 1100, startedAtSeq: 1000 }, mirror(10, { newestStoredSeq: 1042 }));
+    assert.deepEqual([s.kind, s.current, s.destinationSeq, s.sourceSeq], ['mirror-ahead', 'destination', 1042, 1000]);
+    assert.match(refusalText(s, '/rx/x', false), /it holds records up to seq 1042, past this source's newest seq 1000 of the same history \(its NVRAM or disk was lost\?\)/);
+    // Its NVRAM intact (it started holding every record the mirror has): in step.
+    assert.equal(decideStanding({ lineage: ROOT, cp: 10, lastSeq: 1100, startedAtSeq: 1042 }, mirror(10, { newestStoredSeq: 1042 })).kind, 'in-step');
+    // A later stream of the same process (no startedAtSeq): the mirror's records past 1000 are its own.
+    assert.equal(decideStanding({ lineage: ROOT, cp: 10, lastSeq: 1100 }, mirror(10, { newestStoredSeq: 1042 })).kind, 'in-step');
+  });
+
   it('the mirror holds a later CP of the source\'s own line (the source lost its disk): mirror ahead', () => {
     const s = decideStanding({ lineage: ROOT, cp: 8, lastSeq: 800 }, mirror(12));
     assert.deepEqual([s.kind, s.current, s.commonCp], ['mirror-ahead', 'destination', 8]);
