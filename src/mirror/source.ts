@@ -602,6 +602,15 @@ export class MirrorSource implements CpSink, ReplicaGate {
     if (conn.rx) {
       // No record goes to this link from here on (the threads' records come in first).
       if (this.conn === conn) this.volume?.log.forwardNative(undefined);
+    }
+    if (this.startedAtSeq !== undefined && this.o.mode === 'sync' && this.conn === conn && conn.helloAtMs !== undefined && !conn.welcomed && !reason.startsWith('refused: ')) {
+      // A HELLO neither welcomed nor refused: the destination may have taken the stream and
+      // stored records of this process (forwarded behind the HELLO) before the link went;
+      // they are ours, so the next HELLO claims them (else it would find the mirror ahead
+      // of us for our own records). The log's last seq covers every record forwarded.
+      this.startedAtSeq = Math.max(this.startedAtSeq, this.volume?.log.lastSeq ?? 0);
+    }
+    if (conn.rx) {
       const st = conn.rx.stats();
       this.bytesOnWirePrev += st.bytesOut + st.bytesIn;
       st.bytesByType.forEach((n, t) => (this.bytesByTypePrev[t] = (this.bytesByTypePrev[t] ?? 0) + n));
