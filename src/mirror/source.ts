@@ -466,7 +466,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
       type: MsgType.Hello, sourceUuid: v.tree.volumeUuid, sizeBytes: v.sizeBytes, deviceBlocks: tree.totalBlocks,
       nvramBytes: v.region.sizeBytes, mode: this.o.mode, sourceCp: tree.cpNumber, streamFromSeq: Math.max(1, this.forwardFromSeq),
       ...this.failbackOffer(),
-      lastSeq, startedAtSeq: this.startedAtSeq ?? -1, lineage: [...tree.lineage],
+      // (Never past lastSeq, which only grows from the seq it was taken at; the min keeps a
+      // HELLO valid if that ever broke, and can only make the check stricter.)
+      lastSeq, startedAtSeq: Math.min(this.startedAtSeq ?? -1, lastSeq), lineage: [...tree.lineage],
     });
   }
 
