@@ -8,18 +8,14 @@
  *   DURABLE_REQ the log is persisted, then acknowledged with durableSeq (by the native
  *               receive thread itself while it holds a grant: native/mirror_rx.cc)
  *   CP_BEGIN, CP_BLOCKS / CP_REFS..., CP_COMMIT   applied at the same pbas, then the
- *               superblock; acknowledged with CP_ACK once durable
+ *               superblock (apply.ts); acknowledged with CP_ACK once durable
  *
  * Invariants:
- * - A CP is applied only on top of its base CP (refused otherwise, before any write),
- *   and committed only when every block it announced was written, synced, and its
- *   superblock verifies for this source: the committed image changes only by a whole,
- *   verified CP. A referenced block must be in the log and match the crc32c the source
- *   sent, or the stream is refused.
- * - A referenced block is written from the log's mapping (a view, not a copy): every
- *   write of a CP completes before the CP commits and the log releases the records it
- *   covers, and every write of a session completes before the mirror is released to a
- *   new session (whose HELLO may drop records).
+ * - CP frames are applied in stream order by the session's CpApplier (apply.ts: a CP
+ *   only on its base, committed only whole and verified; a reference only to a record
+ *   the log holds, with the crc32c it arrived with).
+ * - Every write of a session completes before the mirror is released to a new session
+ *   (whose HELLO may drop records a reference's view points into): release().
  * - A protocol error, a checksum failure or a closed socket ends the connection; the
  *   committed image is what the last CP_COMMIT made it.
  * - A plain connection's socket belongs to the native thread after WELCOME
@@ -32,10 +28,11 @@
  *   by the NBD clients of the exports; a frame parsed while the budget is spent pauses
  *   its connection's reading until it is granted. Per connection, on top of that: one
  *   frame being parsed and the rest of one socket read (<= FRAME_BODY_MAX_BYTES + 64
- *   KiB), records on the fast path (stored at once), at most RUNS_OPEN_MAX staged runs
- *   being combined and APPLY_WRITES_MAX combined writes in flight (<= 1 MiB each, views
- *   of their frames: each keeps at most the frames it came from, one more at each end),
- *   and reading pauses beyond QUEUED_BYTES_MAX queued;
+ *   KiB), records on the fast path (stored at once), the CP being applied (apply.ts:
+ *   at most RUNS_OPEN_MAX staged runs being combined and APPLY_WRITES_MAX combined
+ *   writes in flight, <= 1 MiB each, views of their frames: each keeps at most the
+ *   frames it came from, one more at each end), and reading pauses beyond
+ *   QUEUED_BYTES_MAX queued;
  *   the whole receiver: at most CONNECTIONS_MAX connections, and SLABS_KEPT_MAX idle
  *   CP_BLOCKS slabs, SLABS_IDLE_KEPT once no stream took one for SLAB_TRIM_INTERVAL_MS
  *   (slab-pool.ts; a slab in use is a frame's body, charged with its
@@ -56,16 +53,14 @@ import { decideStanding, refusalText, type Standing } from './standing';
 import type { Lineage } from '../tree/lineage';
 import type { Superblock } from '../tree/layout';
 import { assert } from '../util/assert';
-import { crc32cWide } from '../io/native';
-import { CP_BLOCKS_BODY_MAX_BYTES, decodeBody, FrameParser, FrameWriter, MirrorProtocolError, MsgType, WIRE_VERSION, writeFrame, type CpBlocks, type CpDelta, type CpKind, type Message } from './wire';
+import { CP_BLOCKS_BODY_MAX_BYTES, decodeBody, FrameParser, FrameWriter, MirrorProtocolError, MsgType, WIRE_VERSION, writeFrame, type CpBlocks, type Message } from './wire';
 import { EV_DURABLE, EV_ENDED, EV_EOF, EV_ERROR, EV_FRAME, EV_STORED, NativeRx, nativeRxEnabled, plainFd, takeOverSocket, type RxEvent, type StoredRecord } from './native-rx';
-import { APPLY_WRITES_MAX, BASELINE_PROGRESS_BLOCKS, MIRROR_LABEL_NAME, MirrorDir, MirrorDirError, newestSuperblock, rootBytes, type MirrorHello, type MirrorLabel } from './mirror-dir';
+import { MIRROR_LABEL_NAME, MirrorDir, MirrorDirError, newestSuperblock, rootBytes, type MirrorHello, type MirrorLabel } from './mirror-dir';
 import { MirrorView, type MirrorExports } from './exports';
 import { RemoteReads, verifyCp, type VerifyReport } from './verify';
-import { applyDeltaInPlace, DELTA_FROM_ZEROES } from './delta';
-import { BlockSlots, SlabPool, type FrameSlab } from './slab-pool';
+import { SlabPool } from './slab-pool';
+import { CpApplier } from './apply';
 import { Slicer } from '../util/work';
-import { allocAligned } from '../io/aligned';
 import type { Charge, MemoryBudget } from '../nbd/budget';
 
 export const CONNECTIONS_MAX = 64;
@@ -92,10 +87,6 @@ function mustKeepOrder(m: Message): boolean {
  * acks get through; a client's write waits for its ack).
  */
 const APPLY_SLICE_MS = 0.5;
-/** Delta bases read in one call at most (a 256 KiB scratch buffer per connection). */
-const BASE_READ_BLOCKS_MAX = 64;
-/** Blocks between two delta bases read along with them rather than in a second call. */
-const BASE_READ_GAP_MAX = 4;
 /**
  * Idle CP_BLOCKS slabs kept for reuse by the whole receiver while a stream runs (256 x
  * 261 KiB: ~65 MiB). A baseline holds up to ~210 at once on one connection (16 MiB queued,
@@ -107,19 +98,6 @@ const SLABS_KEPT_MAX = 256;
 /** Idle slabs kept once no slab was taken for a trim interval (16 x 261 KiB: ~4 MiB). */
 const SLABS_IDLE_KEPT = 16;
 const SLAB_TRIM_INTERVAL_MS = 2000;
-/** Largest combined write while applying a CP (1 MiB). */
-const COMBINE_BLOCKS_MAX = 256;
-/** Staged runs open at once while applying a CP (stage()): at most 8 x 1 MiB of views. */
-const RUNS_OPEN_MAX = 8;
-
-/** Physically contiguous blocks staged for one write (views of their frames' slabs). */
-interface StagedRun {
-  pba: number;
-  blocks: number;
-  parts: Buffer[];
-  slabs: FrameSlab[];
-  reread: boolean;
-}
 /** The receiver's control socket in its directory (`nvmirror status DIR`). */
 export const RECEIVER_SOCKET_NAME = 'receiver.sock';
 /** A connection that sends nothing for this long (the source pings every few seconds) is dropped. */
@@ -168,38 +146,17 @@ export interface ReceiverStats {
   standings?: Array<Standing & { sourceUuid: string }>;
 }
 
-interface Applying {
-  cp: number;
-  baseCp: number;
-  kind: CpKind;
-  blocks: number;
-}
-
 class Session {
   private readonly parser: FrameParser;
   private readonly writer = new FrameWriter();
   /** After WELCOME on a plain connection: the socket is the native thread's (native-rx.ts). */
   private native: NativeRx | undefined;
   private mirror: MirrorDir | undefined;
-  private applying: Applying | undefined;
-  private writesInFlight = 0;
-  private writeWaiters: Array<() => void> = [];
-  /** Contiguous blocks staged for one write. */
-  /** Staged runs being combined, oldest first (at most RUNS_OPEN_MAX; see stage()). */
-  private runs: StagedRun[] = [];
+  /** Applies the CP frames (apply.ts); made with the mirror at HELLO. */
+  private applier: CpApplier | undefined;
   private ackQueued = false;
   /** Slices a CP's application (see drain). */
   private readonly slicer = new Slicer(APPLY_SLICE_MS);
-  /** Where runs of delta bases are read (BASE_READ_BLOCKS_MAX blocks; made on the first CP_DELTAS). */
-  private baseScratch: Buffer | undefined;
-  private writeError: Error | undefined;
-  /**
-   * The baseline's progress record being made durable (a member sync, then the marker)
-   * behind the stream: blocks keep arriving and being written meanwhile. At most one at a
-   * time; whatever changes the baseline state (a CP_BEGIN, the commit) or ends the session
-   * waits for it first. Its failure becomes writeError.
-   */
-  private progress: Promise<void> | undefined;
   private queue: Message[] = [];
   private processing = false;
   /** Bytes of parsed messages not yet handled (queued or being handled). */
@@ -526,21 +483,6 @@ class Session {
     else writeFrame(this.socket, this.writer, m);
   }
 
-  /** Runs a sync (and progress record) behind the stream; its failure fails the CP being applied. */
-  private behindStream(p: Promise<void>): void {
-    this.progress = p.then(
-      () => { this.progress = undefined; },
-      (e: unknown) => {
-        this.progress = undefined;
-        this.writeError ??= e instanceof Error ? e : new Error(String(e));
-      },
-    );
-  }
-
-  /** Waits for the sync or progress record in flight, if any (its failure is in writeError). */
-  private async progressDone(): Promise<void> {
-    while (this.progress) await this.progress;
-  }
 
   private async drain(): Promise<void> {
     if (this.processing) return;
@@ -641,270 +583,31 @@ class Session {
         if (!this.reads.answer(m.id, m.data)) throw new MirrorProtocolError(`read response ${m.id} that was not asked for`);
         return false;
       }
-      case MsgType.CpBegin: {
-        if (this.applying) throw new MirrorProtocolError(`CP ${m.cp} begins while CP ${this.applying.cp} is being applied`);
-        await this.progressDone();
-        if (m.kind === 'resume') {
-          const r = mirror.baselineResume;
-          if (!r || r.cp !== m.cp) throw new MirrorProtocolError(`resume of a baseline toward CP ${m.cp}, but this mirror has ${r ? `one toward CP ${r.cp}` : 'none'} in progress`);
-          this.log.info({ cp: m.cp, blocks: r.blocks }, 'baseline resumed');
-          this.applying = { cp: m.cp, baseCp: -1, kind: m.kind, blocks: r.blocks };
-          return false;
-        }
-        if (m.baseCp !== mirror.committedCp && m.baseCp !== -1) {
-          throw new MirrorProtocolError(`CP ${m.cp} is built on CP ${m.baseCp}, but this mirror holds CP ${mirror.committedCp}`);
-        }
-        if (m.cp <= mirror.committedCp) throw new MirrorProtocolError(`CP ${m.cp} is not newer than the committed CP ${mirror.committedCp}`);
-        if (m.baseCp === -1) {
-          if (mirror.committedCp !== -1) this.log.warn({ cp: m.cp, committedCp: mirror.committedCp }, 'full baseline over an older image: the mirror is inconsistent until it completes');
-          await mirror.setBaselinePartial(m.cp, 0);
-          this.rx.exports?.invalidate(mirror.label.sourceUuid);
-        }
-        this.applying = { cp: m.cp, baseCp: m.baseCp, kind: m.kind, blocks: 0 };
+      case MsgType.CpBegin:
+        await this.applier!.begin(m);
         return false;
-      }
-      case MsgType.CpBlocks: {
-        const a = this.checkApplying(m.cp);
-        // Coalesce physically contiguous blocks into one write.
-        let i = 0;
-        while (i < m.pbas.length) {
-          let j = i + 1;
-          while (j < m.pbas.length && m.pbas[j] === m.pbas[j - 1]! + 1) j++;
-          await this.stage(m.pbas[i]!, m.data.subarray(i * 4096, j * 4096), m.slab);
-          i = j;
-        }
-        const before = a.blocks;
-        a.blocks += m.pbas.length;
-        mirror.blocksApplied += m.pbas.length;
-        const crossed = !this.progress && Math.floor(a.blocks / BASELINE_PROGRESS_BLOCKS) > Math.floor(before / BASELINE_PROGRESS_BLOCKS);
-        if (crossed && a.baseCp === -1) {
-          // Every block up to here written (not yet synced), then the sync and the record
-          // run behind the stream: the baseline does not stop for the disk (it stopped for
-          // ~40% of its time when it waited here).
-          await this.flushRuns();
-          await this.waitWrites(0);
-          if (this.writeError) throw this.writeError;
-          this.behindStream(mirror.baselineProgress(a.cp, a.blocks));
-        } else if (crossed && a.kind === 'resync') {
-          // A resync records no progress (it restarts from its base), but its blocks are
-          // synced behind the stream too: the commit's sync then has only the tail left,
-          // instead of stopping the stream for all of it.
-          this.behindStream(mirror.syncBlocks());
-        }
+      case MsgType.CpBlocks:
+        await this.applier!.blocks(m);
         return false;
-      }
-      case MsgType.CpRefs: {
-        const a = this.checkApplying(m.cp);
-        // Each referenced block is written from the log's mapping, not copied: the log
-        // releases records only at the commit, after every write of the CP completed
-        // (CpCommit below), and a new stream of this source starts only once this
-        // session's writes are done (release()). Each is checked against the crc32c the log
-        // computed when the record arrived; all are checked before any is staged.
-        const views: Buffer[] = [];
-        for (const r of m.refs) {
-          const v = mirror.log.blockView(r.seq, r.index, r.crc);
-          if (typeof v === 'string') throw new MirrorProtocolError(`CP ${m.cp}: reference to ${v}`);
-          views.push(v);
-        }
-        for (let i = 0; i < m.refs.length; i++) {
-          await this.stage(m.refs[i]!.pba, views[i]!);
-          if ((i & 63) === 63) await this.slicer.maybeYield();
-        }
-        a.blocks += m.refs.length;
-        mirror.refsApplied += m.refs.length;
+      case MsgType.CpRefs:
+        await this.applier!.refs(m);
         return false;
-      }
-      case MsgType.CpDeltas: {
-        const a = this.checkApplying(m.cp);
-        const slots = new BlockSlots(this.rx.slabs, m.deltas.length);
-        try {
-          await this.readBases(m.deltas, slots);
-          for (let i = 0; i < m.deltas.length; i++) {
-            const d = m.deltas[i]!;
-            const b = slots.block(i);
-            const why = applyDeltaInPlace(b, d.delta);
-            if (why !== undefined) throw new MirrorProtocolError(`CP ${m.cp}: delta for pba ${d.pba}: ${why}`);
-            const crc = crc32cWide(b);
-            if (crc !== d.crc) throw new MirrorProtocolError(`CP ${m.cp}: block at pba ${d.pba} rebuilt from pba ${d.prevPba} has crc ${crc.toString(16)}, the source says ${d.crc.toString(16)}`);
-          }
-          // Metadata blocks: the next CP's deltas read them as their bases, so they stay in the page cache.
-          for (let i = 0; i < m.deltas.length; i++) {
-            await this.stage(m.deltas[i]!.pba, slots.block(i), slots.slabOf(i), true);
-            if ((i & 63) === 63) await this.slicer.maybeYield();
-          }
-        } finally {
-          slots.release();
-        }
-        a.blocks += m.deltas.length;
-        mirror.deltasApplied += m.deltas.length;
+      case MsgType.CpDeltas:
+        await this.applier!.deltas(m);
         return false;
-      }
       case MsgType.CpCommit: {
-        const a = this.checkApplying(m.cp);
-        if (m.blockCount !== a.blocks) throw new MirrorProtocolError(`CP ${m.cp}: ${a.blocks} blocks arrived, the commit says ${m.blockCount}`);
-        await this.flushRuns();
-        await this.waitWrites(0);
-        await this.progressDone();
-        if (this.writeError) throw this.writeError;
-        const sb = await mirror.applyCommit(m.cp, m.slot, m.superblock);
-        mirror.lastError = undefined;
-        this.applying = undefined;
-        mirror.cpsApplied++;
-        this.rx.exports?.committed(mirror);
+        const sb = await this.applier!.commit(m);
         this.send({ type: MsgType.CpAck, cp: m.cp, root: rootBytes(sb) });
-        this.log.debug({ cp: m.cp, kind: a.kind, blocks: a.blocks }, 'mirror CP committed');
         return true;
       }
-      case MsgType.CpAbort: {
-        const a = this.checkApplying(m.cp);
-        if (a.kind !== 'cp') throw new MirrorProtocolError(`abort of a ${a.kind} toward CP ${m.cp}: only a CP may be abandoned`);
-        // Its blocks went to blocks the committed CP does not use (refused as they
-        // arrived otherwise); the staged run is dropped, and the writes in flight end
-        // before anything that follows (the resync) may write the same blocks.
-        this.dropRuns();
-        await this.waitWrites(0);
-        await this.progressDone();
-        if (this.writeError) throw this.writeError;
-        this.applying = undefined;
-        mirror.cpsAborted++;
-        this.log.info({ cp: m.cp, blocks: a.blocks, committedCp: mirror.committedCp }, 'CP abandoned by the source (async, peer slower than its CPs): the mirror stays at its committed CP');
+      case MsgType.CpAbort:
+        await this.applier!.abort(m);
         return false;
-      }
       default:
         throw new MirrorProtocolError(`unexpected frame type ${m.type} from a source`);
     }
   }
 
-  /**
-   * Puts each delta's base (the committed block at prevPba, or zeroes) into its slot. The
-   * bases are read in runs of adjacent pbas (a CP allocates its metadata blocks in runs,
-   * so the next CP's bases mostly are too): one read per run instead of one per block.
-   */
-  private async readBases(deltas: readonly CpDelta[], slots: BlockSlots): Promise<void> {
-    const order: number[] = [];
-    for (let i = 0; i < deltas.length; i++) {
-      if (deltas[i]!.prevPba === DELTA_FROM_ZEROES) slots.block(i).fill(0);
-      else order.push(i);
-    }
-    order.sort((x, y) => deltas[x]!.prevPba - deltas[y]!.prevPba);
-    const scratch = (this.baseScratch ??= allocAligned(BASE_READ_BLOCKS_MAX * 4096)); // aligned: io/aligned.ts
-    let k = 0;
-    while (k < order.length) {
-      const first = deltas[order[k]!]!.prevPba;
-      // The span [first, first + span) covers deltas order[k..end): the next base joins it
-      // across a gap of up to BASE_READ_GAP_MAX blocks (read and dropped: a 4 KiB copy
-      // costs less than a call to the kernel).
-      let end = k + 1;
-      let span = 1;
-      while (end < order.length) {
-        const p = deltas[order[end]!]!.prevPba;
-        if (p - (first + span) > BASE_READ_GAP_MAX || p - first + 1 > BASE_READ_BLOCKS_MAX) break;
-        span = Math.max(span, p - first + 1);
-        end++;
-      }
-      await this.slicer.maybeYield();
-      await this.mirror!.readBlocks(first, span, scratch.subarray(0, span * 4096));
-      for (let j = k; j < end; j++) {
-        const at = (deltas[order[j]!]!.prevPba - first) * 4096;
-        scratch.copy(slots.block(order[j]!), 0, at, at + 4096);
-      }
-      k = end;
-    }
-  }
-
-  private checkApplying(cp: number): Applying {
-    const a = this.applying;
-    if (!a || a.cp !== cp) throw new MirrorProtocolError(`blocks for CP ${cp} outside CP_BEGIN/CP_COMMIT`);
-    return a;
-  }
-
-  /**
-   * Stages blocks for writing, combining physically contiguous ones (a CP allocates in
-   * runs, but references and deltas arrive one block each, and a walk interleaves a data
-   * run with the address blocks that point to it) into writes of up to COMBINE_BLOCKS_MAX
-   * blocks. Up to RUNS_OPEN_MAX runs stay open at once, so a block elsewhere does not end
-   * the run it interrupts: a resync's ~1,000 single address blocks among its data had cut
-   * its writes to ~200 KiB on average (1 MiB with this). A full run is written at once;
-   * when a new run needs room, the oldest open one is written.
-   */
-  private async stage(pba: number, data: Buffer, slab?: FrameSlab, reread = false): Promise<void> {
-    // Refused as it arrives, not when the run is flushed.
-    this.mirror!.checkWritable(pba, data.length / 4096, this.applying !== undefined && this.applying.baseCp !== -1);
-    const blocks = data.length / 4096;
-    let run = this.runs.find((r) => r.pba + r.blocks === pba);
-    if (run && run.blocks + blocks > COMBINE_BLOCKS_MAX) {
-      await this.flushRun(run);
-      run = undefined;
-    }
-    if (!run) {
-      if (this.runs.length >= RUNS_OPEN_MAX) await this.flushRun(this.runs[0]!);
-      run = { pba, blocks: 0, parts: [], slabs: [], reread: false };
-      this.runs.push(run);
-    }
-    run.parts.push(data);
-    run.blocks += blocks;
-    run.reread ||= reread;
-    // The run holds the slab its view is of until its write completes (slab-pool.ts).
-    if (slab && !run.slabs.includes(slab)) {
-      this.rx.slabs.hold(slab);
-      run.slabs.push(slab);
-    }
-    if (run.blocks === COMBINE_BLOCKS_MAX) await this.flushRun(run);
-  }
-
-  /** Writes one staged run (it leaves the open runs first). */
-  private async flushRun(run: StagedRun): Promise<void> {
-    const i = this.runs.indexOf(run);
-    assert(i >= 0, 'flushing a run that is not open');
-    this.runs.splice(i, 1);
-    await this.write(run.pba, run.parts, run.slabs, run.reread);
-  }
-
-  /** Writes every staged run, oldest first. */
-  private async flushRuns(): Promise<void> {
-    while (this.runs.length > 0) await this.flushRun(this.runs[0]!);
-  }
-
-  /** Drops the staged runs unwritten (no I/O has their views: their slabs go back). */
-  private dropRuns(): void {
-    const runs = this.runs;
-    this.runs = [];
-    for (const run of runs) for (const sl of run.slabs) this.rx.slabs.release(sl);
-  }
-
-  /** Writes a run; the slabs its views are of are released when the write has completed (or failed). */
-  private async write(pba: number, data: readonly Buffer[], slabs: readonly FrameSlab[] = [], reread = false): Promise<void> {
-    if (this.writeError) throw this.writeError;
-    await this.waitWrites(APPLY_WRITES_MAX - 1);
-    this.writesInFlight++;
-    // writeBlocks refuses a block synchronously, before any I/O starts.
-    let io: Promise<void>;
-    try {
-      io = this.mirror!.writeBlocks(pba, data, this.applying !== undefined && this.applying.baseCp !== -1, reread ? { reread } : undefined);
-    } catch (e) {
-      this.writesInFlight--;
-      throw e;
-    }
-    io.then(
-      () => this.writeDone(slabs),
-      (e: unknown) => {
-        this.writeError = e instanceof Error ? e : new Error(String(e));
-        this.writeDone(slabs);
-      },
-    );
-  }
-
-  private writeDone(slabs: readonly FrameSlab[]): void {
-    for (const sl of slabs) this.rx.slabs.release(sl);
-    this.writesInFlight--;
-    const w = this.writeWaiters;
-    this.writeWaiters = [];
-    for (const f of w) f();
-  }
-
-  private async waitWrites(max: number): Promise<void> {
-    while (this.writesInFlight > max) await new Promise<void>((r) => this.writeWaiters.push(r));
-  }
 
   private async hello(m: Message & { type: MsgType.Hello }): Promise<void> {
     // One HELLO per source at a time: the checks below wait on I/O, and a relay that held a
@@ -958,6 +661,7 @@ class Session {
       throw new MirrorDirError(text);
     }
     this.mirror = mirror;
+    this.applier = new CpApplier(mirror, this.rx.slabs, this.rx.exports, this.slicer, this.log);
     this.rx.exports?.attach(mirror);
     this.armIdle();
     mirror.log.start(Math.max(1, m.streamFromSeq), mirror.committed?.sb.nvlogSeq ?? 0);
@@ -1011,7 +715,7 @@ class Session {
   async endSilent(): Promise<void> {
     this.end(`replaced by a new connection from the same source after ${this.silentMs()} ms of silence`);
     await this.drained;
-    await this.progressDone();
+    await this.applier?.settled();
     await this.persisting?.catch(() => undefined);
     await this.rx.sessionGone(this);
   }
@@ -1048,9 +752,7 @@ class Session {
       if (this.native) this.adoptLate(this.native.close(false));
       this.socket.destroy();
     }
-    const w = this.writeWaiters;
-    this.writeWaiters = [];
-    for (const f of w) f();
+    this.applier?.wake();
     this.reads.failAll(new Error(`the source disconnected: ${reason}`));
     void this.rx.sessionEnded(this);
   }
@@ -1068,9 +770,8 @@ class Session {
    */
   async release(): Promise<void> {
     await this.drained;
-    await this.progressDone();
     await this.persisting?.catch(() => undefined);
-    while (this.writesInFlight > 0) await new Promise<void>((r) => this.writeWaiters.push(r));
+    await this.applier?.idle();
     if (this.mirror) this.mirror.bytesIn += this.bytesIn;
   }
 }
