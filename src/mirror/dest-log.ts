@@ -5,7 +5,9 @@
  * power loss), until a committed CP covers it.
  *
  *   [0, 4096)        header: magic "NVMDLOG2", source uuid, size, salt, stream number,
- *                    the stream's first seq, crc32c
+ *                    the stream's first seq, crc32c; then the writer: the source process
+ *                    id (HELLO) whose streams stored the newest records, the first seq it
+ *                    stored, crc32c (a log without it has no known writer)
  *   [4096, size)     a ring of records: 64-byte header + payload (whole 4 KiB blocks)
  *
  * Record header: u32 magic "NVDR" | u32 crc32c (seeded with the salt, over bytes 8..64
@@ -54,6 +56,10 @@ const HEADER_BYTES = 4096;
 const HEADER_MAGIC = Buffer.from('NVMDLOG2', 'latin1');
 /** Header bytes covered by its crc32c (stored right after them). */
 const HEADER_CRC_AT = 48;
+/** The writer (see `writer`): process id [8], first seq u64, then their crc32c. */
+const WRITER_AT = 56;
+const WRITER_CRC_AT = 72;
+const NO_WRITER = '0000000000000000';
 const RECORD_MAGIC = 0x5244564e; // "NVDR"
 const RECORD_HEADER_BYTES = 64;
 export const DEST_LOG_MIN_BYTES = 16 * 1024 * 1024;
@@ -150,6 +156,10 @@ export class DestLog {
     this.salt = b.readUInt32LE(32);
     this.stream = b.readUInt32LE(36);
     this.headerStreamFrom = Number(b.readBigUInt64LE(40));
+    if (b.readUInt32LE(WRITER_CRC_AT) === crc32cWide(b, WRITER_AT, WRITER_CRC_AT - WRITER_AT)) {
+      this.writerId = b.subarray(WRITER_AT, WRITER_AT + 8).toString('hex');
+      this.writerFromSeq = Number(b.readBigUInt64LE(WRITER_AT + 8));
+    }
     return true;
   }
 
@@ -211,6 +221,18 @@ export class DestLog {
 
   /** The newest stream's first seq as the header records it. */
   private headerStreamFrom = 1;
+  /** The source process whose streams stored the records from writerFromSeq on (NO_WRITER: unknown). */
+  private writerId = NO_WRITER;
+  private writerFromSeq = 0;
+
+  /**
+   * The source process (HELLO's processId) that stored the newest records, and the first
+   * seq it stored: every stored record from that seq on came from that process's streams.
+   * Undefined when unknown (a new log, or one written before the field existed).
+   */
+  get writer(): { id: string; fromSeq: number } | undefined {
+    return this.writerId === NO_WRITER ? undefined : { id: this.writerId, fromSeq: this.writerFromSeq };
+  }
 
   private writeHeaderFields(): void {
     const b = this.region.buffer;
@@ -222,6 +244,10 @@ export class DestLog {
     b.writeUInt32LE(this.stream, 36);
     b.writeBigUInt64LE(BigInt(this.headerStreamFrom), 40);
     b.writeUInt32LE(crc32cWide(b, 0, HEADER_CRC_AT), HEADER_CRC_AT);
+    b.fill(0, HEADER_CRC_AT + 4, WRITER_AT);
+    Buffer.from(this.writerId, 'hex').copy(b, WRITER_AT);
+    b.writeBigUInt64LE(BigInt(this.writerFromSeq), WRITER_AT + 8);
+    b.writeUInt32LE(crc32cWide(b, WRITER_AT, WRITER_CRC_AT - WRITER_AT), WRITER_CRC_AT);
   }
 
   private async writeHeader(): Promise<void> {
@@ -230,6 +256,8 @@ export class DestLog {
     this.salt = crypto.randomBytes(4).readUInt32LE(0);
     this.stream = 0;
     this.headerStreamFrom = 1;
+    this.writerId = NO_WRITER;
+    this.writerFromSeq = 0;
     this.writeHeaderFields();
     // Invalidate the first record slot so a scan of this generation starts clean.
     b.fill(0, HEADER_BYTES, HEADER_BYTES + RECORD_HEADER_BYTES);
@@ -275,10 +303,16 @@ export class DestLog {
   /**
    * A new stream from the source starts at `fromSeq` with its committed watermark at
    * `committedSeq`: drops every stored record >= fromSeq (the source may have lost and
-   * reused those seqs) and resets the held marks.
+   * reused those seqs) and resets the held marks. `writerId`: the source process that
+   * sends it (HELLO's processId; `writer` from then on).
    */
-  start(fromSeq: number, committedSeq: number): void {
+  start(fromSeq: number, committedSeq: number, writerId: string = NO_WRITER): void {
     assert(fromSeq >= 1, 'stream seqs start at 1');
+    assert(/^[0-9a-f]{16}$/.test(writerId), `writer id ${writerId}`);
+    // The same process again (a stream whose answer it lost): its records below fromSeq
+    // stay its own. Another one: its records begin at fromSeq.
+    this.writerFromSeq = writerId !== NO_WRITER && writerId === this.writerId ? Math.min(this.writerFromSeq, fromSeq) : fromSeq;
+    this.writerId = writerId;
     while (this.entries.length > this.head && this.entries[this.entries.length - 1]!.seq >= fromSeq) {
       const e = this.entries.pop()!;
       this.writeAt = e.at;

@@ -650,8 +650,8 @@ class Session {
     // Before the log starts this stream (which drops stored records from its first seq on).
     const c = mirror.baselinePartial ? undefined : mirror.committed?.sb;
     const standing = decideStanding(
-      { lineage: m.lineage, cp: m.sourceCp, lastSeq: m.lastSeq, ...(m.startedAtSeq >= 0 ? { startedAtSeq: m.startedAtSeq } : {}) },
-      { committed: c && { lineage: c.lineage, cp: c.cpNumber, nvlogSeq: c.nvlogSeq }, newestStoredSeq: mirror.log.newestStoredSeq, promoted: false },
+      { lineage: m.lineage, cp: m.sourceCp, lastSeq: m.lastSeq, ...(m.startedAtSeq >= 0 ? { startedAtSeq: m.startedAtSeq } : {}), processId: m.processId },
+      { committed: c && { lineage: c.lineage, cp: c.cpNumber, nvlogSeq: c.nvlogSeq }, newestStoredSeq: mirror.log.newestStoredSeq, promoted: false, ...(mirror.log.writer ? { writer: mirror.log.writer } : {}) },
     );
     this.rx.standings.set(m.sourceUuid, standing);
     if (standing.kind !== 'in-step') {
@@ -664,7 +664,7 @@ class Session {
     this.applier = new CpApplier(mirror, this.rx.slabs, this.rx.exports, this.slicer, this.log);
     this.rx.exports?.attach(mirror);
     this.armIdle();
-    mirror.log.start(Math.max(1, m.streamFromSeq), mirror.committed?.sb.nvlogSeq ?? 0);
+    mirror.log.start(Math.max(1, m.streamFromSeq), mirror.committed?.sb.nvlogSeq ?? 0, m.processId);
     this.log.info({ source: m.sourceUuid, mode: m.mode, sourceCp: m.sourceCp, committedCp: mirror.committedCp, dir: mirror.dir }, 'source connected');
     this.send({
       type: MsgType.Welcome,

@@ -41,6 +41,7 @@
  *   receiver, a half-open connection, something that is not `nvmirror receive`): the
  *   source reconnects instead of waiting on it forever.
  */
+import * as crypto from 'crypto';
 import * as net from 'net';
 import * as tls from 'tls';
 import type { Logger } from 'pino';
@@ -235,6 +236,12 @@ export class MirrorSource implements CpSink, ReplicaGate {
    * source has written new records over the same seqs.
    */
   private startedAtSeq: number | undefined;
+  /**
+   * This process's id in HELLO (wire.ts): the destination's log remembers which process
+   * sent the records it stores, so those this process sent on a stream whose answer was
+   * lost (it may have taken the stream) count as its own when it says HELLO again.
+   */
+  private readonly processId = crypto.randomBytes(8).toString('hex');
   private resumeOffer: { cp: number; blocks: number } = { cp: -1, blocks: 0 };
   private behindSinceMs = 0;
   private reconnectMs = RECONNECT_MS_MIN;
@@ -468,7 +475,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       ...this.failbackOffer(),
       // (Never past lastSeq, which only grows from the seq it was taken at; the min keeps a
       // HELLO valid if that ever broke, and can only make the check stricter.)
-      lastSeq, startedAtSeq: Math.min(this.startedAtSeq ?? -1, lastSeq), lineage: [...tree.lineage],
+      lastSeq, startedAtSeq: Math.min(this.startedAtSeq ?? -1, lastSeq), processId: this.processId, lineage: [...tree.lineage],
     });
   }
 
@@ -604,13 +611,6 @@ export class MirrorSource implements CpSink, ReplicaGate {
     if (conn.rx) {
       // No record goes to this link from here on (the threads' records come in first).
       if (this.conn === conn) this.volume?.log.forwardNative(undefined);
-    }
-    if (this.startedAtSeq !== undefined && this.o.mode === 'sync' && this.conn === conn && conn.helloAtMs !== undefined && !conn.welcomed && !reason.startsWith('refused: ')) {
-      // A HELLO neither welcomed nor refused: the destination may have taken the stream and
-      // stored records of this process (forwarded behind the HELLO) before the link went;
-      // they are ours, so the next HELLO claims them (else it would find the mirror ahead
-      // of us for our own records). The log's last seq covers every record forwarded.
-      this.startedAtSeq = Math.max(this.startedAtSeq, this.volume?.log.lastSeq ?? 0);
     }
     if (conn.rx) {
       const st = conn.rx.stats();

@@ -52,6 +52,8 @@ export interface SourceSide {
    * Undefined on a later stream of the same process (it lost none since).
    */
   startedAtSeq?: number;
+  /** Its process id (HELLO): records the mirror's log holds from this process are its own. */
+  processId?: string;
 }
 
 export interface MirrorSide {
@@ -63,6 +65,8 @@ export interface MirrorSide {
   promoted: boolean;
   /** Promoted: the newest of the source's records it replayed (role.json lastSeq). */
   promotedThroughSeq?: number;
+  /** The source process whose streams stored the log's records from fromSeq on (dest-log.ts), if known. */
+  writer?: { id: string; fromSeq: number };
 }
 
 export const SPLIT_BRAIN_PREFIX = 'split brain refused';
@@ -89,8 +93,12 @@ export function decideStanding(src: SourceSide, dst: MirrorSide): Standing {
   // has. Past the newest it held when its process started, the source's records are its own
   // since then: a mirror holding records past that seq holds ones the source lost (its NVRAM
   // or disk), even where the source has since written new records over the same seqs.
+  // Except records this very process stored there on an earlier stream (its answer lost):
+  // the log knows which process stored its records from which seq on.
   const holds = Math.min(src.lastSeq, src.startedAtSeq ?? src.lastSeq);
-  if (dst.newestStoredSeq > holds) return { kind: 'mirror-ahead', current: 'destination', ...at, sourceSeq: holds };
+  const w = dst.writer;
+  const others = w !== undefined && src.processId !== undefined && w.id === src.processId ? Math.min(dst.newestStoredSeq, w.fromSeq - 1) : dst.newestStoredSeq;
+  if (others > holds || dst.newestStoredSeq > src.lastSeq) return { kind: 'mirror-ahead', current: 'destination', ...at, sourceSeq: holds };
   return { kind: 'in-step', current: cmp.relation === 'same' ? 'both' : 'source', ...at };
 }
 

@@ -94,6 +94,13 @@ export interface Hello {
    * holds ones the source lost); -1 on a later stream.
    */
   startedAtSeq: number;
+  /**
+   * 8 random bytes (16 hex digits) drawn once per source process: the destination's log
+   * records which process its newest records came from (dest-log.ts), so records this
+   * process sent on an earlier stream (whose WELCOME was lost) count as its own, not as
+   * records it lost. All zeroes: none.
+   */
+  processId: string;
   /** The lineage of the source's committed CP (tree/lineage.ts), newest generation first. */
   lineage: Generation[];
 }
@@ -287,7 +294,7 @@ const MAX_U53 = Number.MAX_SAFE_INTEGER;
 /** Per type: the body length cap. */
 function bodyCap(type: number): number | undefined {
   switch (type) {
-    case MsgType.Hello: return 16 + 8 * 5 + 8 + 8 + 24 + 8 + 8 + 8 + LINEAGE_ENTRIES_MAX * 16;
+    case MsgType.Hello: return 16 + 8 * 5 + 8 + 8 + 24 + 8 + 8 + 8 + 8 + LINEAGE_ENTRIES_MAX * 16;
     case MsgType.Welcome: return 8 + 24 + 8 * 5;
     case MsgType.Refuse: return 2 + TEXT_MAX_BYTES;
     case MsgType.Record: return RECORD_HEAD_BYTES + RECORD_PAYLOAD_MAX_BYTES;
@@ -418,10 +425,11 @@ export function encodeBody(m: OutMessage): Buffer[] {
       assert(m.sizeBytes > 0 && m.sizeBytes % BLOCK_BYTES === 0, `hello: volume size ${m.sizeBytes}`);
       assert(m.baseRoot.length === 24, 'hello: base root pointer is 24 bytes');
       assert(m.startedAtSeq <= m.lastSeq, `hello: started at seq ${m.startedAtSeq}, past its newest seq ${m.lastSeq}`);
+      assert(/^[0-9a-f]{16}$/.test(m.processId), `hello: process id ${m.processId} is not 16 hex digits`);
       assert(lineageProblem(m.lineage, Math.max(0, m.sourceCp)) === null, 'hello: lineage');
       return [
         uuidToBytes(m.sourceUuid), u64(m.sizeBytes), u64(m.deviceBlocks), u64(m.nvramBytes), u64(m.mode === 'sync' ? 1 : 2), i64(m.sourceCp), u64(m.streamFromSeq), i64(m.baseCp), m.baseRoot,
-        u64(m.lastSeq), i64(m.startedAtSeq), u64(m.lineage.length), ...m.lineage.flatMap((g) => [Buffer.from(g.id, 'hex'), u64(g.firstCp)]),
+        u64(m.lastSeq), i64(m.startedAtSeq), Buffer.from(m.processId, 'hex'), u64(m.lineage.length), ...m.lineage.flatMap((g) => [Buffer.from(g.id, 'hex'), u64(g.firstCp)]),
       ];
     case MsgType.Welcome:
       assert(m.root.length === 24, 'root pointer is 24 bytes');
@@ -551,6 +559,7 @@ export function decodeBody(type: number, body: Buffer): Message {
       const lastSeq = r.u64('lastSeq');
       const startedAtSeq = r.cp('startedAtSeq');
       if (startedAtSeq > lastSeq) throw new MirrorProtocolError(`hello: started at seq ${startedAtSeq}, past its newest seq ${lastSeq}`);
+      const processId = r.bytes(8).toString('hex');
       const count = r.u64('lineageCount');
       if (count < 1 || count > LINEAGE_ENTRIES_MAX) throw new MirrorProtocolError(`hello: lineage of ${count} generations (1..${LINEAGE_ENTRIES_MAX})`);
       const lineage: Generation[] = [];
@@ -558,7 +567,7 @@ export function decodeBody(type: number, body: Buffer): Message {
       if (sizeBytes === 0 || sizeBytes % BLOCK_BYTES !== 0) throw new MirrorProtocolError(`hello: bad volume size ${sizeBytes}`);
       const lp = lineageProblem(lineage, Math.max(0, sourceCp));
       if (lp !== null) throw new MirrorProtocolError(`hello: ${lp}`);
-      m = { type, sourceUuid, sizeBytes, deviceBlocks, nvramBytes, mode: modeCode === 1 ? 'sync' : 'async', sourceCp, streamFromSeq, baseCp, baseRoot, lastSeq, startedAtSeq, lineage };
+      m = { type, sourceUuid, sizeBytes, deviceBlocks, nvramBytes, mode: modeCode === 1 ? 'sync' : 'async', sourceCp, streamFromSeq, baseCp, baseRoot, lastSeq, startedAtSeq, processId, lineage };
       break;
     }
     case MsgType.Welcome:

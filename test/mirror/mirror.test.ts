@@ -735,7 +735,7 @@ describe('mirror: two hosts (network namespaces)', function () {
       const frames = (m) => Buffer.concat(fw.frame(m));
       let got = Buffer.alloc(0); sock.on('data', (d) => { got = Buffer.concat([got, d]); });
       sock.on('connect', () => {
-        send({ type: 1, sourceUuid: '${label.uuid}', sizeBytes: ${label.sizeBytes}, deviceBlocks: ${label.members[0]!.blockCount}, nvramBytes: 8388608, mode: 'sync', sourceCp: ${cpBefore}, streamFromSeq: 1, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 1e12, startedAtSeq: -1, lineage: [require(${JSON.stringify(path.join(ROOT, 'dist/src/tree/lineage.js'))}).rootGeneration('${label.uuid}')] });
+        send({ type: 1, sourceUuid: '${label.uuid}', sizeBytes: ${label.sizeBytes}, deviceBlocks: ${label.members[0]!.blockCount}, nvramBytes: 8388608, mode: 'sync', sourceCp: ${cpBefore}, streamFromSeq: 1, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 1e12, startedAtSeq: -1, processId: '5eed5eed5eed5eed', lineage: [require(${JSON.stringify(path.join(ROOT, 'dist/src/tree/lineage.js'))}).rootGeneration('${label.uuid}')] });
         const cp = ${cpBefore + 1}; const blk = { type: 8, cp, pbas: [5000], data: Buffer.alloc(4096, 0xee) };
         const rec = { type: 4, seq: 1, recordType: 1, flags: 0, offsetBytes: 0, lengthBytes: 8192, payload: Buffer.alloc(8192, 0xab) };
         ${attack}

@@ -1,4 +1,7 @@
 /**
+ * Reconnects at the worst moments, the source and `receive` in this process, joined by a
+ * relay the test controls:
+ *
  * A source that reconnects while the destination is still committing the CP its old
  * connection sent: the destination's WELCOME must name the CP it will hold once that
  * commit ends, or the source resyncs from the CP before it and the destination rightly
@@ -7,6 +10,13 @@
  * source and `receive` run in this process, joined by a relay the test can cut, and the
  * destination's commit of one CP is held back until the source has reconnected.
  * (Fails without the receiver waiting for an ended session's message in progress.)
+ *
+ * A source process whose first HELLO was taken but whose WELCOME was lost on the way:
+ * the destination stored the records the source forwarded behind that HELLO, past the
+ * seq the process started at. The next HELLO (same process, same start seq) must be
+ * welcomed, not refused as if the mirror held records the source lost (mirror-ahead):
+ * the destination's log names the process that stored them. (Fails without the writer
+ * check in standing.ts / dest-log.ts.)
  */
 import { strict as assert } from 'assert';
 import * as fs from 'fs';
@@ -26,8 +36,11 @@ const COMMIT_HOLD_MS = 1500;
 const CONVERGE_MS = 20_000;
 
 
-/** A TCP relay to `port` whose connections the test can cut (both ends destroyed at once, no FIN first). */
-async function relay(port: number): Promise<{ port: number; cut: () => void; close: () => Promise<void> }> {
+/**
+ * A TCP relay to `port` whose connections the test can cut (both ends destroyed at once, no
+ * FIN first), and which can swallow what the destination sends (`swallow = true`).
+ */
+async function relay(port: number): Promise<{ port: number; cut: () => void; close: () => Promise<void>; swallow: boolean; swallowed: number }> {
   const pairs = new Set<[net.Socket, net.Socket]>();
   const server = net.createServer((client) => {
     const up = net.connect(port, '127.0.0.1');
@@ -41,10 +54,15 @@ async function relay(port: number): Promise<{ port: number; cut: () => void; clo
     client.on('error', gone).on('close', gone);
     up.on('error', gone).on('close', gone);
     client.pipe(up);
-    up.pipe(client);
+    up.on('data', (d: Buffer) => {
+      if (r.swallow) r.swallowed += d.length;
+      else client.write(d);
+    });
   });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  return {
+  await new Promise<void>((res) => server.listen(0, '127.0.0.1', res));
+  const r = {
+    swallow: false,
+    swallowed: 0,
     port: (server.address() as net.AddressInfo).port,
     cut: () => {
       for (const [a, b] of pairs) {
@@ -53,8 +71,9 @@ async function relay(port: number): Promise<{ port: number; cut: () => void; clo
       }
       pairs.clear();
     },
-    close: () => new Promise<void>((r) => server.close(() => r())),
+    close: () => new Promise<void>((res) => server.close(() => res())),
   };
+  return r;
 }
 
 describe('mirror: a reconnect while the destination commits a CP', function () {
@@ -122,6 +141,66 @@ describe('mirror: a reconnect while the destination commits a CP', function () {
       await vol?.close();
       await source.stop();
       source.detach();
+      await rx.close();
+      await link.close();
+    }
+  });
+  it('a source process whose first WELCOME was lost, after the destination stored its records: welcomed on the next HELLO, never refused as mirror-ahead', async () => {
+    const lines: string[] = [];
+    const logger = pino({ level: 'info' }, { write: (s: string) => void lines.push(s) });
+    const srcDir = path.join(tmp, 'src2');
+    const rxDir = path.join(tmp, 'rx2');
+    fs.mkdirSync(rxDir);
+    await createVolumeDir(srcDir, { sizeBytes: 64 * MIB, nvramSizeBytes: 4 * MIB });
+    const rx = new MirrorReceiver({ dir: rxDir, logger: logger.child({ side: 'receiver' }) });
+    const addr = await rx.listen('127.0.0.1', 0);
+    const link = await relay(addr.port);
+    const run = async (phase: (v: OpenedVolumeDir['volume'], source: MirrorSource) => Promise<void>): Promise<void> => {
+      const source = new MirrorSource({
+        dir: srcDir, peer: { host: '127.0.0.1', port: link.port }, mode: 'sync', policy: 'available',
+        logger: logger.child({ side: 'source' }), link: { mirrorInsecure: true }, stallTimeoutMs: 1000,
+      });
+      let vol: OpenedVolumeDir | undefined;
+      try {
+        vol = await openVolumeDir(srcDir, { readOnly: false, control: false, cpIntervalMs: 0, beforeRecovery: (t) => source.attachTree(t) });
+        source.attachVolume(vol.volume);
+        await phase(vol.volume, source);
+      } finally {
+        await vol?.close();
+        await source.stop();
+        source.detach();
+      }
+    };
+    try {
+      // A first process: baseline, a CP on both sides, then a clean stop.
+      await run(async (v, source) => {
+        await v.write(0, Buffer.alloc(64 * 1024, 1), false);
+        await v.checkpoint();
+        await until('in sync', () => source.stats().state === 'in-sync' && source.stats().rootsEqual, CONVERGE_MS);
+      });
+      await until('the first connection gone', () => rx.stats().mirrors.every((m) => !m.connected), CONVERGE_MS);
+      const heldBefore = rx.stats().mirrors[0]!.heldSeq;
+      // A second process: the destination takes its first HELLO, but its WELCOME never
+      // arrives; the writes made meanwhile go to the destination behind that HELLO and are
+      // stored there (the client is answered once the source gives up on the WELCOME).
+      link.swallow = true;
+      await run(async (v, source) => {
+        await until('the second process said HELLO', () => rx.stats().mirrors.some((m) => m.connected), CONVERGE_MS);
+        const from = lines.length;
+        const writes = Promise.all([0, 1, 2, 3].map((i) => v.write((8 + i) * MIB, Buffer.alloc(64 * 1024, 0x20 + i), false)));
+        await until('the destination stored the records behind the HELLO', () => rx.stats().mirrors[0]!.heldSeq >= heldBefore + 4, CONVERGE_MS);
+        await writes; // answered once the source gives up on the WELCOME (policy available)
+        assert.ok(link.swallowed > 0, 'the WELCOME was swallowed');
+        await until('the source gave up on that connection', () => lines.slice(from).some((l) => /"side":"source"/.test(l) && /"msg":"mirror disconnected"/.test(l)), CONVERGE_MS);
+        link.swallow = false;
+        link.cut();
+        // It says HELLO again with the same start seq: welcomed, then in sync.
+        await v.checkpoint();
+        await until('in sync again, roots equal', () => source.stats().state === 'in-sync' && source.stats().rootsEqual && source.stats().destCp === source.stats().sourceCp, CONVERGE_MS);
+      });
+      const refused = lines.filter((l) => /mirror-ahead|is current: it holds records|mirror stream refused|do not stand in step/.test(l));
+      assert.deepEqual(refused, [], 'the source was refused for its own records');
+    } finally {
       await rx.close();
       await link.close();
     }

@@ -312,6 +312,39 @@ describe('mirror destination log', () => {
     assert.equal(got[3]!.type, TRIM, 'seq 4 is the new stream\'s record, not the old one');
   });
 
+  it('remembers which source process stored its records (from which seq), across a reopen; a log without it has no known writer', async () => {
+    const log = await fresh();
+    assert.equal(log.writer, undefined, 'a new log');
+    const P = '5eed5eed5eed5eed';
+    log.start(11, 10, P);
+    for (let seq = 11; seq <= 14; seq++) appendWrite(log, seq, 1);
+    assert.deepEqual(log.writer, { id: P, fromSeq: 11 });
+    // The same process again (its WELCOME lost), from 13: its records still begin at 11.
+    log.start(13, 10, P);
+    assert.deepEqual(log.writer, { id: P, fromSeq: 11 });
+    // ... and from 12 after that, or another process from 14.
+    log.start(12, 10, P);
+    assert.deepEqual(log.writer, { id: P, fromSeq: 11 });
+    appendWrite(log, 12, 1);
+    appendWrite(log, 13, 1);
+    log.start(14, 10, 'aaaaaaaaaaaaaaaa');
+    assert.deepEqual(log.writer, { id: 'aaaaaaaaaaaaaaaa', fromSeq: 14 });
+    await log.persist();
+    await open.pop()!.close();
+    const again = await DestLog.open(file, UUID, LOG_BYTES, 'recover', 10);
+    open.push(again);
+    assert.deepEqual(again.writer, { id: 'aaaaaaaaaaaaaaaa', fromSeq: 14 }, 'kept in the header');
+    // A header written before the field existed (zeroes where it is): no known writer.
+    await open.pop()!.close();
+    const fd = fs.openSync(file, 'r+');
+    fs.writeSync(fd, Buffer.alloc(24), 0, 24, 56);
+    fs.closeSync(fd);
+    const old = await DestLog.open(file, UUID, LOG_BYTES, 'recover', 10);
+    open.push(old);
+    assert.equal(old.writer, undefined);
+    assert.deepEqual([...old.recordsAfter(10)].map((r) => r.seq), [11, 12, 13], 'the records are kept');
+  });
+
   it('releasing more than 1024 records at once compacts the index and loses none of the rest', async () => {
     const log = await fresh();
     log.start(1, 0);

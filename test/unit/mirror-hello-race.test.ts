@@ -41,7 +41,7 @@ async function peer(port: number): Promise<Peer> {
   const hello = (): void => {
     const m = {
       type: MsgType.Hello as const, sourceUuid: UUID, sizeBytes: 1 << 30, deviceBlocks: 1 << 18, nvramBytes: 8 << 20, mode: 'sync' as const,
-      sourceCp: 0, streamFromSeq: 1, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 0, startedAtSeq: -1, lineage: [rootGeneration(UUID)],
+      sourceCp: 0, streamFromSeq: 1, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 0, startedAtSeq: -1, processId: '5eed5eed5eed5eed', lineage: [rootGeneration(UUID)],
     };
     for (const part of fw.frame(m)) s.write(part);
   };

@@ -36,6 +36,24 @@ describe('mirror standing', () => {
     assert.equal(decideStanding({ lineage: ROOT, cp: 10, lastSeq: 1100 }, mirror(10, { newestStoredSeq: 1042 })).kind, 'in-step');
   });
 
+  it('records this very process stored on an earlier stream (its WELCOME lost) are its own; the same records from another process are not', () => {
+    const P = '5eed5eed5eed5eed';
+    // The process started at 1000, its first stream (from 1001) reached the mirror, which
+    // stored 1001..1042 before the link went without an answer; it says HELLO again.
+    const again = { lineage: ROOT, cp: 10, lastSeq: 1100, startedAtSeq: 1000, processId: P };
+    assert.equal(decideStanding(again, mirror(10, { newestStoredSeq: 1042, writer: { id: P, fromSeq: 1001 } })).kind, 'in-step');
+    // Another process (this one lost its NVRAM: the mirror's 1001..1042 came from before): ahead.
+    assert.equal(decideStanding(again, mirror(10, { newestStoredSeq: 1042, writer: { id: 'aaaaaaaaaaaaaaaa', fromSeq: 1001 } })).kind, 'mirror-ahead');
+    assert.equal(decideStanding(again, mirror(10, { newestStoredSeq: 1042 })).kind, 'mirror-ahead', 'no known writer');
+    // This process's records begin at 1021, but 1001..1020 came from an earlier one: ahead, by those.
+    const s = decideStanding(again, mirror(10, { newestStoredSeq: 1042, writer: { id: P, fromSeq: 1021 } }));
+    assert.deepEqual([s.kind, s.sourceSeq], ['mirror-ahead', 1000]);
+    // ... unless this process started holding them.
+    assert.equal(decideStanding({ ...again, startedAtSeq: 1020 }, mirror(10, { newestStoredSeq: 1042, writer: { id: P, fromSeq: 1021 } })).kind, 'in-step');
+    // Never records past the source's newest, whoever stored them.
+    assert.equal(decideStanding({ ...again, lastSeq: 1030, startedAtSeq: 1000 }, mirror(10, { newestStoredSeq: 1042, writer: { id: P, fromSeq: 1001 } })).kind, 'mirror-ahead');
+  });
+
   it('the mirror holds a later CP of the source\'s own line (the source lost its disk): mirror ahead', () => {
     const s = decideStanding({ lineage: ROOT, cp: 8, lastSeq: 800 }, mirror(12));
     assert.deepEqual([s.kind, s.current, s.commonCp], ['mirror-ahead', 'destination', 8]);

@@ -38,7 +38,7 @@ const UUID = '0123abcd-4567-89ef-0011-223344556677';
 
 /** Per type, the body cap the header check enforces (as documented in wire.ts). */
 const BODY_CAP: Record<number, number> = {
-  [MsgType.Hello]: 96 + 16 + 8 + 15 * 16,
+  [MsgType.Hello]: 96 + 16 + 8 + 8 + 15 * 16,
   [MsgType.Welcome]: 72,
   [MsgType.Refuse]: 2 + 1024,
   [MsgType.Record]: 40 + RECORD_PAYLOAD_MAX_BYTES,
@@ -91,8 +91,8 @@ function root(seed: number): Buffer {
 function samples(): Message[] {
   const refs = (n: number) => Array.from({ length: n }, (_, i) => ({ pba: i * 7 + 1, seq: U53_MAX - i, index: (i * 31) % 257, crc: (0xfedcba98 + i) >>> 0 }));
   return [
-    { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 1024 ** 4, deviceBlocks: 12345, nvramBytes: 64 << 20, mode: 'sync', sourceCp: -1, streamFromSeq: 0, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 0, startedAtSeq: -1, lineage: [{ id: '00000000000000a1', firstCp: 0 }] },
-    { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 4096, deviceBlocks: U53_MAX, nvramBytes: 0, mode: 'async', sourceCp: U53_MAX, streamFromSeq: U53_MAX, baseCp: 7, baseRoot: Buffer.alloc(24, 0xa5), lastSeq: U53_MAX, startedAtSeq: U53_MAX - 5, lineage: Array.from({ length: 15 }, (_, i) => ({ id: (0xfff0 - i).toString(16).padStart(16, 'f'), firstCp: U53_MAX - i * 1000 })) },
+    { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 1024 ** 4, deviceBlocks: 12345, nvramBytes: 64 << 20, mode: 'sync', sourceCp: -1, streamFromSeq: 0, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 0, startedAtSeq: -1, processId: '5eed5eed5eed5eed', lineage: [{ id: '00000000000000a1', firstCp: 0 }] },
+    { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 4096, deviceBlocks: U53_MAX, nvramBytes: 0, mode: 'async', sourceCp: U53_MAX, streamFromSeq: U53_MAX, baseCp: 7, baseRoot: Buffer.alloc(24, 0xa5), lastSeq: U53_MAX, startedAtSeq: U53_MAX - 5, processId: 'ffffffffffffff01', lineage: Array.from({ length: 15 }, (_, i) => ({ id: (0xfff0 - i).toString(16).padStart(16, 'f'), firstCp: U53_MAX - i * 1000 })) },
     { type: MsgType.Welcome, committedCp: -1, root: Buffer.alloc(24), storedFromSeq: 1, heldSeq: 0, oldestPinnedCp: -1, resumeCp: -1, resumeBlocks: 0 },
     { type: MsgType.Welcome, committedCp: 77, root: root(1), storedFromSeq: U53_MAX, heldSeq: U53_MAX - 1, oldestPinnedCp: 70, resumeCp: U53_MAX, resumeBlocks: U53_MAX },
     { type: MsgType.Refuse, reason: '' },
@@ -790,10 +790,10 @@ describe('mirror wire codec', () => {
         rejects(rawFrame(MsgType.Hello, odd), /^hello: bad volume size 41472$/);
         // The lineage: its count, and a generation that starts after the source's CP.
         const none = Buffer.from(hello);
-        none.writeBigUInt64LE(0n, 112);
+        none.writeBigUInt64LE(0n, 120);
         rejects(rawFrame(MsgType.Hello, none), /^hello: lineage of 0 generations \(1\.\.15\)$/);
         const late = Buffer.from(hello);
-        late.writeBigUInt64LE(5n, 128);
+        late.writeBigUInt64LE(5n, 136);
         rejects(rawFrame(MsgType.Hello, late), /^hello: lineage: the current generation 00000000000000a1 starts at CP 5, after this CP 0$/);
         // The seq it started at (-1: a later stream) is never past its newest.
         const started = Buffer.from(hello);
@@ -826,8 +826,9 @@ describe('mirror wire codec', () => {
         ['trim of length 0', { type: MsgType.Record, seq: 1, recordType: 2, flags: 0, offsetBytes: 0, lengthBytes: 0, payload: Buffer.alloc(0) }],
         ['record of unknown type 9', { type: MsgType.Record, seq: 1, recordType: 9, flags: 0, offsetBytes: 0, lengthBytes: 4096, payload: Buffer.alloc(0) }],
         ['CP begin with base == cp', { type: MsgType.CpBegin, cp: 4, baseCp: 4, kind: 'cp' }],
-        ['hello with an unaligned size', { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 1000, deviceBlocks: 1, nvramBytes: 1, mode: 'sync', sourceCp: -1, streamFromSeq: 0, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 0, startedAtSeq: -1, lineage: [{ id: '00000000000000a1', firstCp: 0 }] }],
-        ['hello started past its newest seq', { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 4096, deviceBlocks: 1, nvramBytes: 1, mode: 'sync', sourceCp: -1, streamFromSeq: 0, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 5, startedAtSeq: 6, lineage: [{ id: '00000000000000a1', firstCp: 0 }] }],
+        ['hello with an unaligned size', { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 1000, deviceBlocks: 1, nvramBytes: 1, mode: 'sync', sourceCp: -1, streamFromSeq: 0, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 0, startedAtSeq: -1, processId: '5eed5eed5eed5eed', lineage: [{ id: '00000000000000a1', firstCp: 0 }] }],
+        ['hello with a process id that is not 16 hex digits', { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 4096, deviceBlocks: 1, nvramBytes: 1, mode: 'sync', sourceCp: -1, streamFromSeq: 0, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 0, startedAtSeq: -1, processId: '5eed', lineage: [{ id: '00000000000000a1', firstCp: 0 }] }],
+        ['hello started past its newest seq', { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 4096, deviceBlocks: 1, nvramBytes: 1, mode: 'sync', sourceCp: -1, streamFromSeq: 0, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 5, startedAtSeq: 6, processId: '5eed5eed5eed5eed', lineage: [{ id: '00000000000000a1', firstCp: 0 }] }],
         ['CP refs with a seq beyond 2^53', { type: MsgType.CpRefs, cp: 1, refs: [{ pba: 1, seq: 2 ** 60, index: 0, crc: 0 }] }],
         ['CP blocks with no block', { type: MsgType.CpBlocks, cp: 1, pbas: [], data: Buffer.alloc(0) }],
         ['CP refs over the max', { type: MsgType.CpRefs, cp: 1, refs: Array.from({ length: REFS_PER_FRAME_MAX + 1 }, () => ({ pba: 1, seq: 1, index: 0, crc: 0 })) }],
