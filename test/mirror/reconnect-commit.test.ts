@@ -86,16 +86,21 @@ describe('mirror: a reconnect while the destination commits a CP', function () {
     fs.rmSync(tmp, { recursive: true, force: true });
   });
 
-  it('the source is welcomed at the CP being committed and goes on from it: no refusal, roots equal', async () => {
+  /** A source volume directory, a receiver in this process and a relay to it, logging into `lines`. */
+  async function setUp(src: string, rxName: string) {
     const lines: string[] = [];
     const logger = pino({ level: 'info' }, { write: (s: string) => void lines.push(s) });
-    const srcDir = path.join(tmp, 'src');
-    const rxDir = path.join(tmp, 'rx');
+    const srcDir = path.join(tmp, src);
+    const rxDir = path.join(tmp, rxName);
     fs.mkdirSync(rxDir);
     await createVolumeDir(srcDir, { sizeBytes: 64 * MIB, nvramSizeBytes: 4 * MIB });
     const rx = new MirrorReceiver({ dir: rxDir, logger: logger.child({ side: 'receiver' }) });
     const addr = await rx.listen('127.0.0.1', 0);
-    const link = await relay(addr.port);
+    return { lines, logger, srcDir, rx, link: await relay(addr.port) };
+  }
+
+  it('the source is welcomed at the CP being committed and goes on from it: no refusal, roots equal', async () => {
+    const { lines, logger, srcDir, rx, link } = await setUp('src', 'rx');
     const source = new MirrorSource({
       dir: srcDir, peer: { host: '127.0.0.1', port: link.port }, mode: 'sync', policy: 'available',
       logger: logger.child({ side: 'source' }), link: { mirrorInsecure: true },
@@ -145,16 +150,9 @@ describe('mirror: a reconnect while the destination commits a CP', function () {
       await link.close();
     }
   });
+
   it('a source process whose first WELCOME was lost, after the destination stored its records: welcomed on the next HELLO, never refused as mirror-ahead', async () => {
-    const lines: string[] = [];
-    const logger = pino({ level: 'info' }, { write: (s: string) => void lines.push(s) });
-    const srcDir = path.join(tmp, 'src2');
-    const rxDir = path.join(tmp, 'rx2');
-    fs.mkdirSync(rxDir);
-    await createVolumeDir(srcDir, { sizeBytes: 64 * MIB, nvramSizeBytes: 4 * MIB });
-    const rx = new MirrorReceiver({ dir: rxDir, logger: logger.child({ side: 'receiver' }) });
-    const addr = await rx.listen('127.0.0.1', 0);
-    const link = await relay(addr.port);
+    const { lines, logger, srcDir, rx, link } = await setUp('src2', 'rx2');
     const run = async (phase: (v: OpenedVolumeDir['volume'], source: MirrorSource) => Promise<void>): Promise<void> => {
       const source = new MirrorSource({
         dir: srcDir, peer: { host: '127.0.0.1', port: link.port }, mode: 'sync', policy: 'available',
