@@ -14,6 +14,9 @@
  * - A CP is applied only on top of its base CP (refused otherwise, before any write), and
  *   committed only when every block it announced was written, synced, and its superblock
  *   verifies for this source: the committed image changes only by a whole, verified CP.
+ * - A reference to a record the log dropped (ring full) ends the connection as a
+ *   DroppedRecordError, not a refusal (the source could not know yet); any other
+ *   reference to a record the log lacks is a protocol error.
  * - Every block is checked before it is staged: a reference against the crc32c the log
  *   computed when its record arrived, a rebuilt block against the crc32c the source sent,
  *   and its pba against the blocks the committed CP (and the CPs readers pin) use
@@ -43,6 +46,19 @@ const BASE_READ_GAP_MAX = 4;
 const COMBINE_BLOCKS_MAX = 256;
 /** Staged runs open at once while applying a CP (stage()): at most 8 x 1 MiB of views. */
 const RUNS_OPEN_MAX = 8;
+
+/**
+ * A CP referenced a record this log had to drop (its ring was full). Not the source's
+ * fault: it learns of the drop from the next RECORD_ACK (storedFromSeq) and may have
+ * referenced the record before that arrived. The connection ends without a refusal; the
+ * next one resyncs from the committed CP, which never moved.
+ */
+export class DroppedRecordError extends Error {
+  constructor(readonly cp: number, readonly seq: number) {
+    super(`CP ${cp} references record ${seq}, which this mirror's log dropped while its ring was full: the connection ends and the source resyncs`);
+    this.name = 'DroppedRecordError';
+  }
+}
 
 /** Physically contiguous blocks staged for one write (views of their frames' slabs). */
 interface StagedRun {
@@ -153,6 +169,7 @@ export class CpApplier {
     // when the record arrived; all are checked before any is staged.
     const views: Buffer[] = [];
     for (const r of m.refs) {
+      if (mirror.log.dropped(r.seq)) throw new DroppedRecordError(m.cp, r.seq);
       const v = mirror.log.blockView(r.seq, r.index, r.crc);
       if (typeof v === 'string') throw new MirrorProtocolError(`CP ${m.cp}: reference to ${v}`);
       views.push(v);

@@ -62,6 +62,8 @@ const WRITER_CRC_AT = 72;
 const NO_WRITER = '0000000000000000';
 const RECORD_MAGIC = 0x5244564e; // "NVDR"
 const RECORD_HEADER_BYTES = 64;
+/** referableFromSeq while the log drops records: past every seq, so no record may be referenced. */
+export const NO_REFERENCES_FROM_SEQ = Number.MAX_SAFE_INTEGER;
 export const DEST_LOG_MIN_BYTES = 16 * 1024 * 1024;
 export const DEST_LOG_MAX_BYTES = 1024 * 1024 * 1024;
 
@@ -292,6 +294,21 @@ export class DestLog {
 
   get storedFromSeq(): number {
     return this.entries.length > this.head ? this.entries[this.head]!.seq : Math.max(this.lastStoredSeq, this.committedSeq) + 1;
+  }
+
+  /**
+   * The oldest record a CP may reference (the `storedFromSeq` of WELCOME and RECORD_ACK):
+   * the source references records it forwarded from there on, also those whose ack has
+   * not come yet. While records are being dropped (the ring filled), none
+   * (NO_REFERENCES_FROM_SEQ): the records after the ack the source saw may be dropped ones.
+   */
+  get referableFromSeq(): number {
+    return this.dropFrom > 0 || this.droppedThrough > 0 ? NO_REFERENCES_FROM_SEQ : this.storedFromSeq;
+  }
+
+  /** Whether `seq` is one of the records dropped (ring full) and not yet covered by a committed CP. */
+  dropped(seq: number): boolean {
+    return this.dropFrom > 0 && seq >= this.dropFrom && seq <= this.droppedThrough && seq > this.committedSeq;
   }
 
   get usedBytes(): number {

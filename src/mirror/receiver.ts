@@ -59,7 +59,7 @@ import { MIRROR_LABEL_NAME, MirrorDir, MirrorDirError, newestSuperblock, rootByt
 import { MirrorView, type MirrorExports } from './exports';
 import { RemoteReads, verifyCp, type VerifyReport } from './verify';
 import { SlabPool } from './slab-pool';
-import { CpApplier } from './apply';
+import { CpApplier, DroppedRecordError } from './apply';
 import { Slicer } from '../util/work';
 import type { Charge, MemoryBudget } from '../nbd/budget';
 
@@ -366,7 +366,7 @@ class Session {
   private syncNativeAck(): void {
     if (!this.native || !this.mirror || this.closed) return;
     const log = this.mirror.log;
-    this.native.ack(log.heldSeq, log.durableSeq, log.storedFromSeq, false);
+    this.native.ack(log.heldSeq, log.durableSeq, log.referableFromSeq, false);
   }
 
   /** Charges a queued message to the process's budget, or queues it for a grant (reading pauses meanwhile). */
@@ -522,7 +522,10 @@ class Session {
       }
     } catch (e) {
       const msg = e instanceof Error ? e.message : String(e);
-      if (e instanceof MirrorProtocolError || e instanceof MirrorDirError) {
+      if (e instanceof DroppedRecordError) {
+        this.log.warn({ source: this.sourceUuid, cp: e.cp, seq: e.seq }, 'a CP referenced a record the log dropped (its ring was full): the connection ends, the source resyncs; the committed image is unchanged');
+        this.end(msg);
+      } else if (e instanceof MirrorProtocolError || e instanceof MirrorDirError) {
         this.end(`refused the stream: ${msg}`, true);
       } else {
         // An I/O error applying it (a full or failing disk): logged as such, and refused
@@ -553,10 +556,10 @@ class Session {
   private sendAck(): void {
     const log = this.mirror!.log;
     if (this.native) {
-      if (!this.closed) this.native.ack(log.heldSeq, log.durableSeq, log.storedFromSeq, true);
+      if (!this.closed) this.native.ack(log.heldSeq, log.durableSeq, log.referableFromSeq, true);
       return;
     }
-    this.send({ type: MsgType.RecordAck, heldSeq: log.heldSeq, durableSeq: log.durableSeq, storedFromSeq: log.storedFromSeq });
+    this.send({ type: MsgType.RecordAck, heldSeq: log.heldSeq, durableSeq: log.durableSeq, storedFromSeq: log.referableFromSeq });
   }
 
   /** Handles one message; returns true if the record ack should be sent after the batch. */
@@ -670,7 +673,7 @@ class Session {
       type: MsgType.Welcome,
       committedCp: mirror.baselinePartial ? -1 : mirror.committedCp,
       root: rootBytes(mirror.committed?.sb),
-      storedFromSeq: mirror.log.storedFromSeq,
+      storedFromSeq: mirror.log.referableFromSeq,
       heldSeq: mirror.log.heldSeq,
       oldestPinnedCp: this.rx.exports?.oldestPinnedCp(m.sourceUuid) ?? -1,
       resumeCp: mirror.baselineResume?.cp ?? -1,

@@ -28,8 +28,9 @@
  * - A CP is shipped only when the destination holds exactly the CP before it; anything
  *   else goes through resync. A reference names a record sent on this connection (the
  *   destination reads it before the CP frame) and not released by the destination
- *   (>= storedFromSeq of its last ack); if the destination had to drop it (log full),
- *   it refuses the CP and the next connection resyncs.
+ *   (>= storedFromSeq of its last ack, which names none while the destination drops
+ *   records: its ring full). A record dropped after that ack was sent ends the
+ *   connection (not a refusal), and the next one resyncs.
  * - A reply waits for the destination only while it can hold the record: not during a
  *   catch-up whose base precedes the stream (catchUpGap); then the policy answers, as
  *   while disconnected.
@@ -539,12 +540,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
         if (this.catchUpGap()) this.unackedSinceMs = undefined;
         // The catch-up closed with records outstanding: the destination may have dropped
         // records while it could release none (ring full): those are held once a CP covers them.
-        else if (gapBefore && this.heldSeq < this.lastForwardedSeq) {
-          // Its CP must not name those records as references (the destination refuses a CP
-          // that does): until a CP from now on is acknowledged, only records it holds are.
-          this.refsHeldOnlyBeforeCp = this.tree.stats().cpNumber + 1;
-          this.askCp('the catch-up ended with records outstanding');
-        }
+        // (While it drops records, its acks' storedFromSeq names none as referable.)
+        else if (gapBefore && this.heldSeq < this.lastForwardedSeq) this.askCp('the catch-up ended with records outstanding');
         this.durableSeq = Math.max(this.durableSeq, m.durableSeq);
         this.storedFromSeq = m.storedFromSeq;
         this.settleWaiters();
@@ -564,7 +561,6 @@ export class MirrorSource implements CpSink, ReplicaGate {
           return;
         }
         conn.cpAcks.shift();
-        if (this.refsHeldOnlyBeforeCp !== undefined && m.cp >= this.refsHeldOnlyBeforeCp) this.refsHeldOnlyBeforeCp = undefined;
         // Only a committed CP shows a healthy destination: one that welcomes and then
         // refuses (a full or failing disk) keeps the backoff growing.
         this.reconnectMs = RECONNECT_MS_MIN;
@@ -709,13 +705,6 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private sentAtTick = 0;
   /** A CP asked for by askCp() is running. */
   private cpAsked = false;
-  /**
-   * Set when a catch-up ended with records the destination may have dropped (its ring
-   * full): until the CP with this number or a later one is acknowledged, a CP names as
-   * references only records <= heldSeq, and sends the rest as data.
-   */
-  private refsHeldOnlyBeforeCp: number | undefined;
-
   /**
    * Asks the engine for a CP now. The destination holds a record it dropped (its ring
    * full: during a catch-up it can release nothing, and replies do not wait) only once a
@@ -947,7 +936,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     const sync = this.o.mode === 'sync';
     const { refs, deltas, data } = await encodeCpBlocks(
       blocks,
-      (seq) => sync && seq >= this.storedFromSeq && seq <= this.lastForwardedSeq && seq >= this.forwardFromSeq && (this.refsHeldOnlyBeforeCp === undefined || seq <= this.heldSeq),
+      (seq) => sync && seq >= this.storedFromSeq && seq <= this.lastForwardedSeq && seq >= this.forwardFromSeq,
       (pba, count, dst) => this.tree.readRaw(pba, count, dst),
       () => this.slicer.maybeYield(),
     );

@@ -111,7 +111,7 @@ export interface Welcome {
   committedCp: number;
   /** Its root pointer bytes (24) as in the superblock, zero when it holds nothing. */
   root: Buffer;
-  /** Records held in its log: [storedFromSeq, heldSeq] (storedFromSeq > heldSeq: none). */
+  /** The oldest record a CP may reference (NO_REFERENCES_FROM_SEQ, 2^53-1: none; dest-log.ts referableFromSeq). */
   storedFromSeq: number;
   heldSeq: number;
   /** The oldest CP a reader of the mirror still uses (-1: none beyond committedCp). */
@@ -149,7 +149,10 @@ export interface RecordAck {
   heldSeq: number;
   /** ... and durably so. */
   durableSeq: number;
-  /** The log holds records [storedFromSeq, heldSeq]: only those may be referenced. */
+  /**
+   * The oldest record a CP may reference: the records the source forwarded from it on are
+   * in the log or on their way (2^53-1 while the log drops records: none may be).
+   */
   storedFromSeq: number;
 }
 

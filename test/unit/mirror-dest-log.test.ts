@@ -12,7 +12,7 @@ import * as os from 'os';
 import * as path from 'path';
 import fc from 'fast-check';
 import { crc32c } from '../../src/io/native';
-import { DEST_LOG_MAX_BYTES, DEST_LOG_MIN_BYTES, DestLog, destLogBytesFor } from '../../src/mirror/dest-log';
+import { DEST_LOG_MAX_BYTES, DEST_LOG_MIN_BYTES, DestLog, destLogBytesFor, NO_REFERENCES_FROM_SEQ } from '../../src/mirror/dest-log';
 import { BLOCK_BYTES } from '../../src/mirror/wire';
 
 const SEED = process.env.MIRROR_FC_SEED !== undefined ? Number(process.env.MIRROR_FC_SEED) : Date.now() % 0x7fffffff;
@@ -536,6 +536,10 @@ describe('mirror destination log', () => {
     assert.equal(appendWrite(log, last + 2, 1), false, 'dropping goes on, even for a record that would fit');
     assert.equal(log.recordsDropped, 2);
     expectMarks(log, last, 0, 1, 'held stops at the last stored record');
+    // The acks name no record as referable while records are dropped (a CP built before
+    // the source saw that could name a dropped one: dropped() tells it from a bad reference).
+    assert.equal(log.referableFromSeq, NO_REFERENCES_FROM_SEQ);
+    assert.deepEqual([log.dropped(last), log.dropped(last + 1), log.dropped(last + 2), log.dropped(last + 3)], [false, true, true, false]);
     await log.persist();
     expectMarks(log, last, last, 1);
     // Seqs still run on: a replay of a dropped one or a gap is refused.
@@ -554,6 +558,8 @@ describe('mirror destination log', () => {
     // A CP covering every dropped record: contiguous again from the next seq.
     log.committed(last + 4);
     expectMarks(log, last + 4, last + 4, last + 5, 'contiguous again');
+    assert.equal(log.referableFromSeq, last + 5, 'references allowed again');
+    assert.equal(log.dropped(last + 1), false);
     assert.equal(log.usedBytes, 0);
     assert.throws(() => appendWrite(log, last + 4, 1), new RegExp(`record seq ${last + 4} where ${last + 5} was due`));
     assert.equal(appendWrite(log, last + 5, MIB_BLOCKS), true);
