@@ -8,8 +8,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/install-test-deps.sh
+# Either one builds the addon (install: node-gyp) and the TypeScript (prepare: npm run
+# build, which empties dist/ first), so nothing stale is tested and nothing builds twice.
 if [ -f package-lock.json ]; then npm ci --no-audit --no-fund; else npm install --no-audit --no-fund; fi
-npm run build
 
 # A JS callback called from native code that throws is an uncaught exception here, in the
 # test runner and in every nvmirror process the tests start (Node's default only warns,
