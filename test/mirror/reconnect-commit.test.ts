@@ -17,6 +17,13 @@
  * welcomed, not refused as if the mirror held records the source lost (mirror-ahead):
  * the destination's log names the process that stored them. (Fails without the writer
  * check in standing.ts / dest-log.ts.)
+ *
+ * A catch-up whose records overflow the destination's log (it drops them until a
+ * committed CP covers them), still dropping once the source is in sync again: no CP may
+ * reference a dropped record. The fresh-clone CI met this once under a flapping link
+ * ("CP 62: reference to record 18587 is not in the log"); here two commits are held
+ * back to make it happen every time. (Fails, with that refusal, without the log's acks
+ * naming no record referable while it drops: dest-log.ts referableFromSeq.)
  */
 import { strict as assert } from 'assert';
 import * as fs from 'fs';
@@ -38,11 +45,16 @@ const CONVERGE_MS = 20_000;
 
 /**
  * A TCP relay to `port` whose connections the test can cut (both ends destroyed at once, no
- * FIN first), and which can swallow what the destination sends (`swallow = true`).
+ * FIN first), which can swallow what the destination sends (`swallow = true`) and turn
+ * new connections away (`refuse = true`).
  */
-async function relay(port: number): Promise<{ port: number; cut: () => void; close: () => Promise<void>; swallow: boolean; swallowed: number }> {
+async function relay(port: number): Promise<{ port: number; cut: () => void; close: () => Promise<void>; refuse: boolean; swallow: boolean; swallowed: number }> {
   const pairs = new Set<[net.Socket, net.Socket]>();
   const server = net.createServer((client) => {
+    if (r.refuse) {
+      client.destroy();
+      return;
+    }
     const up = net.connect(port, '127.0.0.1');
     const pair: [net.Socket, net.Socket] = [client, up];
     pairs.add(pair);
@@ -61,6 +73,7 @@ async function relay(port: number): Promise<{ port: number; cut: () => void; clo
   });
   await new Promise<void>((res) => server.listen(0, '127.0.0.1', res));
   const r = {
+    refuse: false,
     swallow: false,
     swallowed: 0,
     port: (server.address() as net.AddressInfo).port,
@@ -143,6 +156,80 @@ describe('mirror: a reconnect while the destination commits a CP', function () {
       assert.deepEqual(refusals, [], 'the destination refused the honest source\'s stream');
     } finally {
       MirrorDir.prototype.applyCommit = applyCommit;
+      await vol?.close();
+      await source.stop();
+      source.detach();
+      await rx.close();
+      await link.close();
+    }
+  });
+
+  it('a catch-up that overflows the destination\'s log: while it drops records no CP references one (they go as data); never refused, roots equal', async () => {
+    // 4 MiB of NVRAM: the destination's log is 16 MiB (its minimum).
+    const { lines, logger, srcDir, rx, link } = await setUp('src3', 'rx3');
+    const source = new MirrorSource({
+      dir: srcDir, peer: { host: '127.0.0.1', port: link.port }, mode: 'sync', policy: 'available',
+      logger: logger.child({ side: 'source' }), link: { mirrorInsecure: true },
+    });
+    // Commits held while `holdNext` is set: the first commit after it waits for release().
+    let holdNext = false;
+    const heldCps: number[] = [];
+    let release: (() => void) | undefined;
+    MirrorDir.prototype.applyCommit = async function (this: MirrorDir, ...args: Parameters<MirrorDir['applyCommit']>) {
+      if (holdNext) {
+        holdNext = false;
+        heldCps.push(args[0]);
+        await new Promise<void>((r) => (release = r));
+      }
+      return applyCommit.apply(this, args);
+    };
+    let vol: OpenedVolumeDir | undefined;
+    try {
+      vol = await openVolumeDir(srcDir, { readOnly: false, control: false, cpIntervalMs: 0, beforeRecovery: (t) => source.attachTree(t) });
+      source.attachVolume(vol.volume);
+      const v = vol.volume;
+      await v.write(0, Buffer.alloc(64 * 1024, 1), false);
+      await v.checkpoint();
+      await until('the baseline and first CP', () => source.stats().state === 'in-sync' && source.stats().rootsEqual, CONVERGE_MS);
+      // The destination misses a CP: the next connection catches up from a base that
+      // precedes its stream, so the destination can release none of its records until
+      // the catch-up commits.
+      link.refuse = true;
+      link.cut();
+      await until('the source saw the cut', () => source.stats().state !== 'in-sync', CONVERGE_MS);
+      await v.write(MIB, Buffer.alloc(64 * 1024, 2), false);
+      await v.checkpoint();
+      holdNext = true;
+      link.refuse = false;
+      await until('the catch-up\'s commit held', () => heldCps.length === 1, CONVERGE_MS);
+      // Meanwhile the clients are answered from the NVRAM (policy available) and their
+      // records overflow the destination's log.
+      for (let i = 0; i < 24; i++) await v.write((4 + i) * MIB, Buffer.alloc(MIB, 0x10 + i), false);
+      await until('records dropped', () => rx.stats().mirrors[0]!.recordsDropped > 0, CONVERGE_MS);
+      // The catch-up goes on (its later CPs); the next commit is held too, and a write made
+      // meanwhile is dropped after the CPs it ships: the log is still dropping in sync.
+      holdNext = true;
+      release!();
+      await until('a later commit held', () => heldCps.length === 2, CONVERGE_MS);
+      await sleep(300); // the CP the catch-up's end asks for runs first
+      const droppedBefore = rx.stats().mirrors[0]!.recordsDropped;
+      const late = v.write(40 * MIB, Buffer.alloc(64 * 1024, 0x33), false);
+      await until('the late write\'s record dropped', () => rx.stats().mirrors[0]!.recordsDropped > droppedBefore, CONVERGE_MS);
+      release!();
+      await until('in sync', () => source.stats().state === 'in-sync' && source.stats().destCp === source.stats().sourceCp, CONVERGE_MS);
+      await v.checkpoint(); // ships the late write's block: as data, not as a reference to its dropped record
+      await late;
+      await v.checkpoint();
+      await until('roots equal', () => {
+        const s = source.stats();
+        return s.state === 'in-sync' && s.rootsEqual && s.destCp === s.sourceCp;
+      }, CONVERGE_MS);
+      const bad = lines.filter((l) => /mirror stream refused|is not in the log|record the log dropped/.test(l));
+      assert.deepEqual(bad, [], 'a CP referenced a record the destination dropped');
+      assert.ok(rx.stats().mirrors[0]!.recordsDropped > 0);
+    } finally {
+      MirrorDir.prototype.applyCommit = applyCommit;
+      release?.();
       await vol?.close();
       await source.stop();
       source.detach();
