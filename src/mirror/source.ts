@@ -57,6 +57,7 @@ import { ProgressLine } from '../util/progress';
 import type { NodeSide } from '../tree/diff';
 import { RING_SLOTS, SUPERBLOCK_ROOT_OFFSET, decodeSuperblock } from '../tree/layout';
 import { RemoteReads, verifyCp, type VerifyReport } from './verify';
+import { ResyncFrames, type ResyncLink } from './resync-frames';
 import { VolumeError } from '../util/errors';
 import { assert } from '../util/assert';
 import { deltaFrames, encodeCpBlocks, refFrames } from './cp-encode';
@@ -66,8 +67,8 @@ import { readRelationship, writeRelationship, type MirrorPolicy } from './relati
 import { readRole } from './role';
 import { parseStanding, type Standing } from './standing';
 import {
-  decodeBody, deltaEntryBytes, writeEncoded, writeFrame, BLOCKS_PER_FRAME_MAX, DELTAS_PER_FRAME_MAX, DELTAS_RAW_MAX_BYTES, FrameParser, FrameWriter, MsgType,
-  type CpDelta, type Message, type MirrorMode, type OutMessage,
+  decodeBody, writeEncoded, writeFrame, BLOCKS_PER_FRAME_MAX, FrameParser, FrameWriter, MsgType,
+  type Message, type MirrorMode, type OutMessage,
 } from './wire';
 import { DELTA_FROM_ZEROES, ZERO_BLOCK, encodeDelta } from './delta';
 
@@ -184,8 +185,11 @@ interface Conn {
   helloAtMs?: number;
   /** With rx: the last token given to rx.sendLent (tokens increase over the connection's life). */
   lentToken: number;
-  /** With rx: told of each EV_SENT (every lent frame up to the token is on the socket). */
-  onSent?: ((token: number) => void) | undefined;
+  /**
+   * With rx: lent frames whose sender waits to hear they are sent, oldest first (at most
+   * the link's queue of lent frames): EV_SENT(t) says every one up to token t is.
+   */
+  lent: Array<{ token: number; written: () => void }>;
 }
 
 export class MirrorSource implements CpSink, ReplicaGate {
@@ -363,7 +367,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       welcomeReject = rej;
     });
     welcome.catch(() => undefined);
-    const conn: Conn = { socket, parser, writer, welcome, welcomeResolve, nativeFromSeq: Infinity, cpAcks: [], shippedCp: -1, closed: false, welcomed: false, lentToken: 0 };
+    const conn: Conn = { socket, parser, writer, welcome, welcomeResolve, nativeFromSeq: Infinity, cpAcks: [], shippedCp: -1, closed: false, welcomed: false, lentToken: 0, lent: [] };
     this.conn = conn;
     const timer = setTimeout(() => this.drop(conn, 'connect timed out'), CONNECT_TIMEOUT_MS);
     const onData = (chunk: Buffer): void => {
@@ -438,7 +442,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       } else if (e.kind === EV_ROOM) {
         this.wakeDrain();
       } else if (e.kind === EV_SENT) {
-        conn.onSent?.(e.token);
+        while (conn.lent.length > 0 && conn.lent[0]!.token <= e.token) conn.lent.shift()!.written();
       }
     }
   }
@@ -956,7 +960,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
 
   /**
    * Sends data blocks of CP `cp` (as room() says); false when the CP was abandoned (async)
-   * or the connection dropped meanwhile. (A resync's blocks go out from sendResync.)
+   * or the connection dropped meanwhile. (A resync's blocks go out from sendResync,
+   * through resync-frames.ts.)
    */
   private async sendBlocks(conn: Conn, cp: number, blocks: readonly CpBlock[]): Promise<boolean> {
     for (let i = 0; i < blocks.length; i += BLOCKS_PER_FRAME_MAX) {
@@ -1103,67 +1108,23 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.log.info({ baseCp, targetCp: view.cpNumber, resumeAtBlock: skip }, skip > 0 ? 'mirror baseline resumed' : baseCp < 0 ? 'mirror baseline started' : 'mirror resync started');
     const t0 = Date.now();
     this.send(conn, { type: MsgType.CpBegin, cp: view.cpNumber, baseCp, kind: skip > 0 ? 'resume' : 'resync' });
-    // The next frame: its pbas, their crc32c (the walk checked each block against it: the
-    // frame's checksum is combined from them) and its data as views of the walk's read
-    // buffers (blocks of one run are adjacent; a frame may span two runs).
-    let pbas: number[] = [];
-    let crcs: number[] = [];
-    let data: Buffer[] = [];
-    let count = 0;
-    // The walk's read buffers go back to it once the socket has taken every frame with a
-    // view of them: frames are numbered as sent, and an empty write after each frame calls
-    // back (in order) once everything before it is written.
-    let framesSent = 0;
-    let framesWritten = 0;
-    const held: Array<{ upTo: number; release: () => void }> = [];
-    const written = (n: number): void => {
-      framesWritten = n;
-      while (held.length > 0 && held[0]!.upTo <= framesWritten) held.shift()!.release();
-    };
-    // Native link: this walk's frames not yet reported sent, by token (increasing; other
-    // lent frames of the connection may sit between them: at most the link's queue of
-    // them): EV_SENT(t) says every one <= t is sent. A buffer still lent when the walk
-    // ends is never released (the walk's own pool ends with it), so nothing reuses it.
-    const unsent: number[] = [];
-    const onSent = (token: number): void => {
-      let k = 0;
-      while (k < unsent.length && unsent[k]! <= token) k++;
-      if (k === 0) return;
-      unsent.splice(0, k);
-      written(framesWritten + k);
-    };
-    if (conn.rx) conn.onSent = onSent;
     const progressed = (blocks: number): void => {
       if (!this.resync) return;
       this.resync.blocksSent += blocks;
       progress.update(this.resync.blocksSent * 4096);
     };
-    // --mirror-rate paces the walk's frames (the records and CPs beside it go at the clients' pace).
-    const limiter = this.o.rateBytesPerSec !== undefined ? new RateLimiter(this.o.rateBytesPerSec, this.o.clock ?? systemClock) : undefined;
-    const flush = async (): Promise<void> => {
-      if (pbas.length === 0) return;
-      // The frame leaves the batch whatever happens (a dropped connection ends the walk at its next block).
-      const m = { type: MsgType.CpBlocks as const, cp: view.cpNumber, pbas, data, crcs };
-      const n = pbas.length;
-      pbas = [];
-      crcs = [];
-      data = [];
-      await limiter?.take(n * 4096);
-      await this.waitRoom(conn);
-      if (conn.closed) return;
-      const no = ++framesSent;
-      if (conn.rx) {
-        // The native link sends the blocks from the walk's buffers (no copy) and says when.
-        unsent.push(++conn.lentToken);
-        assert(framesWritten + unsent.length === no, 'one token per frame of the walk');
-        conn.rx.sendLent(m, conn.lentToken);
-      } else {
-        this.send(conn, m);
-        conn.socket.write(EMPTY, () => written(no));
-      }
-      this.dataBlocksSent += n;
-      progressed(n);
-    };
+    const frames = new ResyncFrames(view.cpNumber, this.resyncLink(conn), {
+      // --mirror-rate paces the walk's frames (the records and CPs beside it go at the clients' pace).
+      limiter: this.o.rateBytesPerSec !== undefined ? new RateLimiter(this.o.rateBytesPerSec, this.o.clock ?? systemClock) : undefined,
+      blocksSent: (n) => {
+        this.dataBlocksSent += n;
+        progressed(n);
+      },
+      deltasSent: (n) => {
+        this.deltasSent += n;
+        progressed(n);
+      },
+    });
     // A resync's metadata blocks travel as deltas against their counterparts in the base
     // (the destination's committed CP, whose blocks this volume holds intact), as a CP's
     // do against the blocks they replace: an address block with a few new pointers costs
@@ -1173,21 +1134,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     // cannot apply fails the resync; the next one sends whole blocks (deltasInResync).
     const kept = this.destSuperblock;
     const baseSb = baseCp >= 0 && this.deltasInResync && kept?.cp === baseCp && kept.raw.subarray(SUPERBLOCK_ROOT_OFFSET, SUPERBLOCK_ROOT_OFFSET + 24).equals(this.destRoot) ? kept.raw : undefined;
-    let deltas: CpDelta[] = [];
-    let deltaBytes = 0;
-    const flushDeltas = async (): Promise<void> => {
-      if (deltas.length === 0) return;
-      const group = deltas;
-      const bytes = deltaBytes;
-      deltas = [];
-      deltaBytes = 0;
-      await limiter?.take(bytes);
-      await this.waitRoom(conn);
-      if (conn.closed) return;
-      this.send(conn, { type: MsgType.CpDeltas, cp: view.cpNumber, deltas: group });
-      this.deltasSent += group.length;
-      progressed(group.length);
-    };
+    let count = 0;
     let usedDeltas = false;
     try {
       await walkBornAfterRuns(view, baseCp, async (run) => {
@@ -1197,10 +1144,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
           assert(skip === 0 && run.ptrs.length === 1, 'metadata comes in single blocks');
           const delta = encodeDelta(run.prev?.buf ?? ZERO_BLOCK, run.buf);
           if (delta) {
-            const d: CpDelta = { pba: run.ptrs[0]!.pba, prevPba: run.prev?.pba ?? DELTA_FROM_ZEROES, crc: run.ptrs[0]!.crc, delta };
-            if (deltas.length >= DELTAS_PER_FRAME_MAX || deltaBytes + deltaEntryBytes(d) > DELTAS_RAW_MAX_BYTES) await flushDeltas();
-            deltas.push(d);
-            deltaBytes += deltaEntryBytes(d);
+            await frames.addDelta({ pba: run.ptrs[0]!.pba, prevPba: run.prev?.pba ?? DELTA_FROM_ZEROES, crc: run.ptrs[0]!.crc, delta });
             count++;
             usedDeltas = true;
             run.release();
@@ -1208,25 +1152,11 @@ export class MirrorSource implements CpSink, ReplicaGate {
           }
         }
         // A resumed baseline skips the first `skip` blocks of the walk (the same order every time).
-        let k = Math.max(0, Math.min(run.ptrs.length, skip - count));
+        const from = Math.max(0, Math.min(run.ptrs.length, skip - count));
         count += run.ptrs.length;
-        while (k < run.ptrs.length) {
-          const take = Math.min(run.ptrs.length - k, BLOCKS_PER_FRAME_MAX - pbas.length);
-          assert(take > 0, 'a full frame left unsent');
-          for (let i = k; i < k + take; i++) {
-            pbas.push(run.ptrs[i]!.pba);
-            crcs.push(run.ptrs[i]!.crc);
-          }
-          data.push(run.buf.subarray(k * 4096, (k + take) * 4096));
-          k += take;
-          if (pbas.length === BLOCKS_PER_FRAME_MAX) await flush();
-        }
-        // Its last blocks are in the frame being filled, or in the last one sent.
-        held.push({ upTo: pbas.length > 0 ? framesSent + 1 : framesSent, release: run.release });
-        if (framesWritten >= held[held.length - 1]!.upTo) written(framesWritten);
+        await frames.addRun(run.ptrs, run.buf, from, run.release);
       }, { shouldStop: () => conn.closed || this.stopped, baseSuperblock: baseSb });
-      await flush();
-      await flushDeltas();
+      await frames.flush();
       if (conn.closed) return;
       await this.commitOnDest(conn, view.cpNumber, view.slot, count, view.superblock);
       this.deltasInResync = true;
@@ -1235,12 +1165,35 @@ export class MirrorSource implements CpSink, ReplicaGate {
       // the destination could not apply them (a base it does not hold as this side thinks).
       if (usedDeltas && conn.closed) this.deltasInResync = false;
       progress.finish();
-      // Its frames still queued stay reachable through NativeRx until sent; the walk's
-      // buffers (and its pool) go with it, not kept by this handler until the next walk.
-      if (conn.onSent === onSent) conn.onSent = undefined;
+      // Its frames still queued stay reachable through the link until sent; the walk's
+      // buffers (and its pool) go with it: none is given back to it from now on.
+      frames.end();
     }
     if (conn.closed) return;
     this.log.info({ baseCp, cp: view.cpNumber, blocks: count, resumedAt: skip, ms: Date.now() - t0 }, baseCp < 0 ? 'mirror baseline done' : 'mirror resync done');
+  }
+
+  /** How a resync's frames reach this connection (resync-frames.ts). */
+  private resyncLink(conn: Conn): ResyncLink {
+    return {
+      get closed() {
+        return conn.closed;
+      },
+      waitRoom: () => this.waitRoom(conn),
+      send: (m) => this.send(conn, m),
+      sendLent: (m, written) => {
+        if (conn.rx) {
+          // The native link sends the blocks from the walk's buffers (no copy) and says when (EV_SENT).
+          const token = ++conn.lentToken;
+          conn.lent.push({ token, written });
+          conn.rx.sendLent(m, token);
+        } else {
+          // An empty write after the frame calls back once everything before it is written.
+          this.send(conn, m);
+          conn.socket.write(EMPTY, written);
+        }
+      },
+    };
   }
 
   // ---- online verify ----
