@@ -57,7 +57,7 @@ export async function encodeCpBlocks(
       }
       delta = encodeDelta(prev ?? ZERO_BLOCK, b.buf);
     }
-    if (delta) out.deltas.push({ pba: b.pba, prevPba: b.prevPba ?? DELTA_FROM_ZEROES, crc: crc32cWide(b.buf), delta });
+    if (delta) out.deltas.push({ pba: b.pba, prevPba: b.prevPba ?? DELTA_FROM_ZEROES, crc: b.nodeCrc ?? crc32cWide(b.buf), delta });
     else out.data.push(b);
   }
   return out;

@@ -408,7 +408,8 @@ export class CpWriter {
     writeNodeHeader(buf, { type: NODE_TYPE_DATA_TREE, level: l, index }, pba, cp, this.uuidBytes);
     const ptr: BlockPtr = { pba, birth: cp, crc: crc32cBlock(buf) };
     lvl.newPtr[k] = ptr;
-    const block: CpBlock = old && oldPtr ? (slots ? { pba, buf, prevPba: oldPtr.pba, changedRuns: nodeEditRuns(slots) } : { pba, buf, prevPba: oldPtr.pba }) : { pba, buf };
+    const nodeCrc = ptr.crc;
+    const block: CpBlock = old && oldPtr ? (slots ? { pba, buf, prevPba: oldPtr.pba, changedRuns: nodeEditRuns(slots), nodeCrc } : { pba, buf, prevPba: oldPtr.pba, nodeCrc }) : { pba, buf, nodeCrc };
     // Safe before the CP is durable: only a pointer with this pba, birth and crc can hit it.
     this.cache.put(ptr, buf);
     return block;

@@ -62,6 +62,8 @@ export interface CpBlock {
    * them is equal. Absent: compare the two blocks.
    */
   changedRuns?: number[];
+  /** Metadata blocks: the crc32c of buf when the tree already computed it (its pointer holds it). */
+  nodeCrc?: number;
 }
 
 /**

@@ -722,6 +722,8 @@ describe('tree: the CP sink', () => {
       holdBroken: () => undefined,
       blocks: async (_cp, bl) => {
         maxInCall = Math.max(maxInCall, ++inCall);
+        // An address block's crc32c comes with it (a mirror sends it with the block's delta).
+        for (const b of bl) if (kind(b).startsWith('L')) assert.equal(b.nodeCrc, crc32c(b.buf), `address block at pba ${b.pba}: nodeCrc`);
         const kinds = new Set(bl.map(kind));
         assert.ok(kinds.size <= 1, `one kind of block per call, got ${[...kinds].join(',')}`);
         if (kinds.size === 1) calls.push([...kinds][0]!);
