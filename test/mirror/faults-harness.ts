@@ -232,6 +232,8 @@ export interface ReceiverMirrorStatus {
   committedCp: number;
   connected: boolean;
   heldSeq: number;
+  /** Records its log had to drop (ring full: a long catch-up), since the receiver started. */
+  recordsDropped: number;
   lastError?: string;
 }
 
