@@ -30,6 +30,8 @@
  *   committed CP covers them, so heldSeq does not move past the last stored record until
  *   then, and the source's writes wait for that CP (bounded memory, never a lost ack).
  * - A record is released only when a committed CP's watermark covers it.
+ * - While records are being dropped, referableFromSeq (what WELCOME and RECORD_ACK send
+ *   as storedFromSeq) names none: a CP must not reference a record that may be a dropped one.
  * - Memory: the index holds one small entry per stored record, at most
  *   (size - 4096) / 64 entries, and a crc32c per 4 KiB of log (size / 1024 bytes).
  * - The crc32c kept for a stored block is that of its bytes as they arrived (computed
