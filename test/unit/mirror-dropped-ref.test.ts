@@ -16,7 +16,6 @@
  */
 import { strict as assert } from 'assert';
 import * as fs from 'fs';
-import * as net from 'net';
 import * as os from 'os';
 import * as path from 'path';
 import pino from 'pino';
@@ -24,7 +23,8 @@ import { crc32c } from '../../src/io/native';
 import { MirrorReceiver } from '../../src/mirror/receiver';
 import { NO_REFERENCES_FROM_SEQ } from '../../src/mirror/dest-log';
 import { rootGeneration } from '../../src/tree/lineage';
-import { BLOCK_BYTES, FrameParser, FrameWriter, MsgType, type Message } from '../../src/mirror/wire';
+import { BLOCK_BYTES, MsgType, type Message } from '../../src/mirror/wire';
+import { rawPeer as peer, until as untilMs, type RawPeer } from './mirror-raw-peer';
 
 const UUID = '0d0d0d0d-4567-49ef-8011-223344556677';
 const MIB = 1024 * 1024;
@@ -32,26 +32,7 @@ const MIB = 1024 * 1024;
 const NVRAM_BYTES = 4 * MIB;
 const RECORDS_SENT = 20;
 
-interface Peer {
-  got: Message[];
-  closed: Promise<void>;
-  send: (m: Parameters<FrameWriter['frame']>[0]) => void;
-  destroy: () => void;
-}
-
-async function peer(port: number): Promise<Peer> {
-  const fw = new FrameWriter();
-  const fp = new FrameParser();
-  const got: Message[] = [];
-  const s = net.connect(port, '127.0.0.1');
-  await new Promise<void>((res, rej) => s.once('connect', res).once('error', rej));
-  s.on('data', (d: Buffer) => got.push(...fp.push(d)));
-  s.on('error', () => undefined);
-  const closed = new Promise<void>((res) => s.once('close', () => res()));
-  return { got, closed, send: (m) => { for (const part of fw.frame(m)) s.write(part); }, destroy: () => s.destroy() };
-}
-
-function hello(p: Peer, processId: string): void {
+function hello(p: RawPeer, processId: string): void {
   p.send({
     type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 64 * MIB, deviceBlocks: 64 * MIB / BLOCK_BYTES, nvramBytes: NVRAM_BYTES, mode: 'sync',
     sourceCp: 0, streamFromSeq: 1, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 0, startedAtSeq: -1, processId, lineage: [rootGeneration(UUID)],
@@ -63,13 +44,12 @@ function crcOf(seq: number): number {
   return crc32c(Buffer.alloc(BLOCK_BYTES, seq));
 }
 
-async function until(what: string, f: () => boolean, ms = 10_000): Promise<void> {
-  for (const t0 = Date.now(); !f(); await new Promise((r) => setTimeout(r, 10))) {
-    if (Date.now() - t0 > ms) assert.fail(`timed out waiting for ${what}`);
-  }
+/** Waits up to 10 s (20 MiB of records through the log, on a loaded CI machine). */
+function until(what: string, f: () => boolean): Promise<void> {
+  return untilMs(what, f, 10_000);
 }
 
-function acks(p: Peer): Array<Message & { type: MsgType.RecordAck }> {
+function acks(p: RawPeer): Array<Message & { type: MsgType.RecordAck }> {
   return p.got.filter((m): m is Message & { type: MsgType.RecordAck } => m.type === MsgType.RecordAck);
 }
 
@@ -93,7 +73,7 @@ describe('mirror receiver: records dropped from a full log, and references to th
   });
 
   /** A welcomed stream whose first RECORDS_SENT 1 MiB records overflow the log. */
-  async function overflow(): Promise<Peer> {
+  async function overflow(): Promise<RawPeer> {
     const p = await peer(port);
     hello(p, '0123456789abcdef');
     await until('WELCOME', () => p.got.some((m) => m.type === MsgType.Welcome));

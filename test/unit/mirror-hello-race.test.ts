@@ -10,48 +10,24 @@
  */
 import { strict as assert } from 'assert';
 import * as fs from 'fs';
-import * as net from 'net';
 import * as os from 'os';
 import * as path from 'path';
 import pino from 'pino';
 import { MirrorReceiver } from '../../src/mirror/receiver';
 import { rootGeneration } from '../../src/tree/lineage';
-import { FrameParser, FrameWriter, MsgType, type Message } from '../../src/mirror/wire';
+import { MsgType } from '../../src/mirror/wire';
+import { rawPeer as peer, until, type RawPeer } from './mirror-raw-peer';
 
 const UUID = '0123abcd-4567-89ef-0011-223344556677';
 /** How long opening the mirror takes here (the window in which other HELLOs arrive). */
 const OPEN_DELAY_MS = 100;
 
-interface Peer {
-  got: Message[];
-  closed: Promise<void>;
-  hello: () => void;
-  destroy: () => void;
-}
-
-async function peer(port: number): Promise<Peer> {
-  const fw = new FrameWriter();
-  const fp = new FrameParser();
-  const got: Message[] = [];
-  const s = net.connect(port, '127.0.0.1');
-  await new Promise<void>((res, rej) => s.once('connect', res).once('error', rej));
-  s.on('data', (d: Buffer) => got.push(...fp.push(d)));
-  s.on('error', () => undefined);
-  const closed = new Promise<void>((res) => s.once('close', () => res()));
-  const hello = (): void => {
-    const m = {
-      type: MsgType.Hello as const, sourceUuid: UUID, sizeBytes: 1 << 30, deviceBlocks: 1 << 18, nvramBytes: 8 << 20, mode: 'sync' as const,
-      sourceCp: 0, streamFromSeq: 1, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 0, startedAtSeq: -1, processId: '5eed5eed5eed5eed', lineage: [rootGeneration(UUID)],
-    };
-    for (const part of fw.frame(m)) s.write(part);
-  };
-  return { got, closed, hello, destroy: () => s.destroy() };
-}
-
-async function until(what: string, f: () => boolean, ms = 5000): Promise<void> {
-  for (const t0 = Date.now(); !f(); await new Promise((r) => setTimeout(r, 10))) {
-    if (Date.now() - t0 > ms) assert.fail(`timed out waiting for ${what}`);
-  }
+/** This source's HELLO, from the start of its log. */
+function hello(p: RawPeer): void {
+  p.send({
+    type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 1 << 30, deviceBlocks: 1 << 18, nvramBytes: 8 << 20, mode: 'sync',
+    sourceCp: 0, streamFromSeq: 1, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 0, startedAtSeq: -1, processId: '5eed5eed5eed5eed', lineage: [rootGeneration(UUID)],
+  });
 }
 
 describe('mirror receiver: HELLOs of one source on several connections at once', function () {
@@ -76,8 +52,8 @@ describe('mirror receiver: HELLOs of one source on several connections at once',
     fs.rmSync(tmp, { recursive: true, force: true });
   });
 
-  const welcomed = (p: Peer): boolean => p.got.some((m) => m.type === MsgType.Welcome);
-  const refusal = (p: Peer): string | undefined => {
+  const welcomed = (p: RawPeer): boolean => p.got.some((m) => m.type === MsgType.Welcome);
+  const refusal = (p: RawPeer): string | undefined => {
     const m = p.got.find((x) => x.type === MsgType.Refuse);
     return m && m.type === MsgType.Refuse ? m.reason : undefined;
   };
@@ -86,13 +62,13 @@ describe('mirror receiver: HELLOs of one source on several connections at once',
     it(`${first}: one of four simultaneous HELLOs is welcomed, the others are refused as already connected`, async () => {
       if (first !== 'a new mirror') {
         const p0 = await peer(port);
-        p0.hello();
+        hello(p0);
         await until('the first connection welcomed', () => welcomed(p0));
         p0.destroy();
         await until('the first connection gone', () => rx.stats().mirrors.every((m) => !m.connected));
       }
       const peers = await Promise.all([0, 1, 2, 3].map(() => peer(port)));
-      for (const p of peers) p.hello();
+      for (const p of peers) hello(p);
       await until('every connection answered', () => peers.every((p) => welcomed(p) || refusal(p) !== undefined));
       // Any late second WELCOME would show within the open delay.
       await new Promise((r) => setTimeout(r, 3 * OPEN_DELAY_MS));
