@@ -112,53 +112,75 @@ describe('mirror: a reconnect while the destination commits a CP', function () {
     return { lines, logger, srcDir, rx, link: await relay(addr.port) };
   }
 
-  it('the source is welcomed at the CP being committed and goes on from it: no refusal, roots equal', async () => {
-    const { lines, logger, srcDir, rx, link } = await setUp('src', 'rx');
+  /**
+   * A source process on `rig`'s volume, through its relay, for the length of `phase` (its
+   * volume open, CPs only when asked), then stopped.
+   */
+  async function withSource(
+    rig: Awaited<ReturnType<typeof setUp>>,
+    phase: (v: OpenedVolumeDir['volume'], source: MirrorSource) => Promise<void>,
+    stallTimeoutMs?: number,
+  ): Promise<void> {
     const source = new MirrorSource({
-      dir: srcDir, peer: { host: '127.0.0.1', port: link.port }, mode: 'sync', policy: 'available',
-      logger: logger.child({ side: 'source' }), link: { mirrorInsecure: true },
+      dir: rig.srcDir, peer: { host: '127.0.0.1', port: rig.link.port }, mode: 'sync', policy: 'available',
+      logger: rig.logger.child({ side: 'source' }), link: { mirrorInsecure: true }, ...(stallTimeoutMs !== undefined ? { stallTimeoutMs } : {}),
     });
     let vol: OpenedVolumeDir | undefined;
     try {
-      vol = await openVolumeDir(srcDir, { readOnly: false, control: false, cpIntervalMs: 0, beforeRecovery: (t) => source.attachTree(t) });
+      vol = await openVolumeDir(rig.srcDir, { readOnly: false, control: false, cpIntervalMs: 0, beforeRecovery: (t) => source.attachTree(t) });
       source.attachVolume(vol.volume);
-      const v = vol.volume;
-      await v.write(0, Buffer.alloc(64 * 1024, 1), false);
-      await v.checkpoint();
-      await until('the baseline and first CP', () => source.stats().state === 'in-sync' && source.stats().rootsEqual, CONVERGE_MS);
-      const heldCp = source.stats().sourceCp + 1;
-
-      // The next CP's commit on the destination: the link is cut as it starts, and it ends
-      // only after the source has had time to reconnect and say HELLO.
-      let held = 0;
-      MirrorDir.prototype.applyCommit = async function (this: MirrorDir, ...args: Parameters<MirrorDir['applyCommit']>) {
-        if (args[0] === heldCp && held++ === 0) {
-          link.cut();
-          await sleep(COMMIT_HOLD_MS);
-        }
-        return applyCommit.apply(this, args);
-      };
-      await v.write(MIB, Buffer.alloc(256 * 1024, 2), false);
-      await v.checkpoint();
-      await v.write(2 * MIB, Buffer.alloc(64 * 1024, 3), false);
-      await v.checkpoint();
-      await until(`roots equal at CP ${heldCp + 1} or later`, () => {
-        const s = source.stats();
-        return s.state === 'in-sync' && s.rootsEqual && s.destCp >= heldCp + 1;
-      }, CONVERGE_MS);
-      assert.equal(held, 1, 'the commit of the CP in flight was held back once');
-      const connected = lines.filter((l) => /"msg":"mirror connected"/.test(l)).map((l) => JSON.parse(l) as { destCp: number });
-      assert.ok(connected.length >= 2, `the source reconnected (connected ${connected.length} times)`);
-      // The WELCOME after the cut names the CP whose commit was in progress (the one the
-      // mirror holds once it ends), not the one before it.
-      assert.equal(connected[1]!.destCp, heldCp, `WELCOME after the cut said CP ${connected[1]!.destCp}; the destination was committing CP ${heldCp}`);
-      const refusals = lines.filter((l) => /mirror stream refused|built on CP/.test(l));
-      assert.deepEqual(refusals, [], 'the destination refused the honest source\'s stream');
+      await phase(vol.volume, source);
     } finally {
-      MirrorDir.prototype.applyCommit = applyCommit;
       await vol?.close();
       await source.stop();
       source.detach();
+    }
+  }
+
+  /** A first write and CP, mirrored: the baseline done, roots equal. */
+  async function firstCp(v: OpenedVolumeDir['volume'], source: MirrorSource): Promise<void> {
+    await v.write(0, Buffer.alloc(64 * 1024, 1), false);
+    await v.checkpoint();
+    await until('the baseline and first CP', () => source.stats().state === 'in-sync' && source.stats().rootsEqual, CONVERGE_MS);
+  }
+
+  it('the source is welcomed at the CP being committed and goes on from it: no refusal, roots equal', async () => {
+    const rig = await setUp('src', 'rx');
+    const { lines, rx, link } = rig;
+    try {
+      await withSource(rig, async (v, source) => {
+        await firstCp(v, source);
+        const heldCp = source.stats().sourceCp + 1;
+
+        // The next CP's commit on the destination: the link is cut as it starts, and it ends
+        // only after the source has had time to reconnect and say HELLO.
+        let held = 0;
+        MirrorDir.prototype.applyCommit = async function (this: MirrorDir, ...args: Parameters<MirrorDir['applyCommit']>) {
+          if (args[0] === heldCp && held++ === 0) {
+            link.cut();
+            await sleep(COMMIT_HOLD_MS);
+          }
+          return applyCommit.apply(this, args);
+        };
+        await v.write(MIB, Buffer.alloc(256 * 1024, 2), false);
+        await v.checkpoint();
+        await v.write(2 * MIB, Buffer.alloc(64 * 1024, 3), false);
+        await v.checkpoint();
+        await until(`roots equal at CP ${heldCp + 1} or later`, () => {
+          const s = source.stats();
+          return s.state === 'in-sync' && s.rootsEqual && s.destCp >= heldCp + 1;
+        }, CONVERGE_MS);
+        assert.equal(held, 1, 'the commit of the CP in flight was held back once');
+        const connected = lines.filter((l) => /"msg":"mirror connected"/.test(l)).map((l) => JSON.parse(l) as { destCp: number });
+        assert.ok(connected.length >= 2, `the source reconnected (connected ${connected.length} times)`);
+        // The WELCOME after the cut names the CP whose commit was in progress (the one the
+        // mirror holds once it ends), not the one before it.
+        assert.equal(connected[1]!.destCp, heldCp, `WELCOME after the cut said CP ${connected[1]!.destCp}; the destination was committing CP ${heldCp}`);
+        const refusals = lines.filter((l) => /mirror stream refused|built on CP/.test(l));
+        assert.deepEqual(refusals, [], 'the destination refused the honest source\'s stream');
+      });
+    } finally {
+      MirrorDir.prototype.applyCommit = applyCommit;
       await rx.close();
       await link.close();
     }
@@ -166,11 +188,8 @@ describe('mirror: a reconnect while the destination commits a CP', function () {
 
   it('a catch-up that overflows the destination\'s log: while it drops records no CP references one (they go as data); never refused, roots equal', async () => {
     // 4 MiB of NVRAM: the destination's log is 16 MiB (its minimum).
-    const { lines, logger, srcDir, rx, link } = await setUp('src3', 'rx3');
-    const source = new MirrorSource({
-      dir: srcDir, peer: { host: '127.0.0.1', port: link.port }, mode: 'sync', policy: 'available',
-      logger: logger.child({ side: 'source' }), link: { mirrorInsecure: true },
-    });
+    const rig = await setUp('src3', 'rx3');
+    const { lines, rx, link } = rig;
     // Commits held while `holdNext` is set: the first commit after it waits for release().
     let holdNext = false;
     const heldCps: number[] = [];
@@ -183,86 +202,66 @@ describe('mirror: a reconnect while the destination commits a CP', function () {
       }
       return applyCommit.apply(this, args);
     };
-    let vol: OpenedVolumeDir | undefined;
     try {
-      vol = await openVolumeDir(srcDir, { readOnly: false, control: false, cpIntervalMs: 0, beforeRecovery: (t) => source.attachTree(t) });
-      source.attachVolume(vol.volume);
-      const v = vol.volume;
-      await v.write(0, Buffer.alloc(64 * 1024, 1), false);
-      await v.checkpoint();
-      await until('the baseline and first CP', () => source.stats().state === 'in-sync' && source.stats().rootsEqual, CONVERGE_MS);
-      // The destination misses a CP: the next connection catches up from a base that
-      // precedes its stream, so the destination can release none of its records until
-      // the catch-up commits.
-      link.refuse = true;
-      link.cut();
-      await until('the source saw the cut', () => source.stats().state !== 'in-sync', CONVERGE_MS);
-      await v.write(MIB, Buffer.alloc(64 * 1024, 2), false);
-      await v.checkpoint();
-      holdNext = true;
-      link.refuse = false;
-      await until('the catch-up\'s commit held', () => heldCps.length === 1, CONVERGE_MS);
-      // Meanwhile the clients are answered from the NVRAM (policy available) and their
-      // records overflow the destination's log.
-      for (let i = 0; i < 24; i++) await v.write((4 + i) * MIB, Buffer.alloc(MIB, 0x10 + i), false);
-      await until('records dropped', () => rx.stats().mirrors[0]!.recordsDropped > 0, CONVERGE_MS);
-      // The catch-up goes on (its later CPs); the next commit is held too, and a write made
-      // meanwhile is dropped after the CPs it ships: the log is still dropping in sync.
-      holdNext = true;
-      release!();
-      await until('a later commit held', () => heldCps.length === 2, CONVERGE_MS);
-      await sleep(300); // the CP the catch-up's end asks for runs first
-      const droppedBefore = rx.stats().mirrors[0]!.recordsDropped;
-      const late = v.write(40 * MIB, Buffer.alloc(64 * 1024, 0x33), false);
-      await until('the late write\'s record dropped', () => rx.stats().mirrors[0]!.recordsDropped > droppedBefore, CONVERGE_MS);
-      release!();
-      await until('in sync', () => source.stats().state === 'in-sync' && source.stats().destCp === source.stats().sourceCp, CONVERGE_MS);
-      await v.checkpoint(); // ships the late write's block: as data, not as a reference to its dropped record
-      await late;
-      await v.checkpoint();
-      await until('roots equal', () => {
-        const s = source.stats();
-        return s.state === 'in-sync' && s.rootsEqual && s.destCp === s.sourceCp;
-      }, CONVERGE_MS);
-      const bad = lines.filter((l) => /mirror stream refused|is not in the log|record the log dropped/.test(l));
-      assert.deepEqual(bad, [], 'a CP referenced a record the destination dropped');
-      assert.ok(rx.stats().mirrors[0]!.recordsDropped > 0);
+      await withSource(rig, async (v, source) => {
+        try {
+          await firstCp(v, source);
+          // The destination misses a CP: the next connection catches up from a base that
+          // precedes its stream, so the destination can release none of its records until
+          // the catch-up commits.
+          link.refuse = true;
+          link.cut();
+          await until('the source saw the cut', () => source.stats().state !== 'in-sync', CONVERGE_MS);
+          await v.write(MIB, Buffer.alloc(64 * 1024, 2), false);
+          await v.checkpoint();
+          holdNext = true;
+          link.refuse = false;
+          await until('the catch-up\'s commit held', () => heldCps.length === 1, CONVERGE_MS);
+          // Meanwhile the clients are answered from the NVRAM (policy available) and their
+          // records overflow the destination's log.
+          for (let i = 0; i < 24; i++) await v.write((4 + i) * MIB, Buffer.alloc(MIB, 0x10 + i), false);
+          await until('records dropped', () => rx.stats().mirrors[0]!.recordsDropped > 0, CONVERGE_MS);
+          // The catch-up goes on (its later CPs); the next commit is held too, and a write made
+          // meanwhile is dropped after the CPs it ships: the log is still dropping in sync.
+          holdNext = true;
+          release!();
+          await until('a later commit held', () => heldCps.length === 2, CONVERGE_MS);
+          await sleep(300); // the CP the catch-up's end asks for runs first
+          const droppedBefore = rx.stats().mirrors[0]!.recordsDropped;
+          const late = v.write(40 * MIB, Buffer.alloc(64 * 1024, 0x33), false);
+          await until('the late write\'s record dropped', () => rx.stats().mirrors[0]!.recordsDropped > droppedBefore, CONVERGE_MS);
+          release!();
+          await until('in sync', () => source.stats().state === 'in-sync' && source.stats().destCp === source.stats().sourceCp, CONVERGE_MS);
+          await v.checkpoint(); // ships the late write's block: as data, not as a reference to its dropped record
+          await late;
+          await v.checkpoint();
+          await until('roots equal', () => {
+            const s = source.stats();
+            return s.state === 'in-sync' && s.rootsEqual && s.destCp === s.sourceCp;
+          }, CONVERGE_MS);
+          const bad = lines.filter((l) => /mirror stream refused|is not in the log|record the log dropped/.test(l));
+          assert.deepEqual(bad, [], 'a CP referenced a record the destination dropped');
+          assert.ok(rx.stats().mirrors[0]!.recordsDropped > 0);
+        } finally {
+          // Before the volume closes (its last CP must not wait on a held commit).
+          holdNext = false;
+          release?.();
+        }
+      });
     } finally {
       MirrorDir.prototype.applyCommit = applyCommit;
-      release?.();
-      await vol?.close();
-      await source.stop();
-      source.detach();
       await rx.close();
       await link.close();
     }
   });
 
   it('a source process whose first WELCOME was lost, after the destination stored its records: welcomed on the next HELLO, never refused as mirror-ahead', async () => {
-    const { lines, logger, srcDir, rx, link } = await setUp('src2', 'rx2');
-    const run = async (phase: (v: OpenedVolumeDir['volume'], source: MirrorSource) => Promise<void>): Promise<void> => {
-      const source = new MirrorSource({
-        dir: srcDir, peer: { host: '127.0.0.1', port: link.port }, mode: 'sync', policy: 'available',
-        logger: logger.child({ side: 'source' }), link: { mirrorInsecure: true }, stallTimeoutMs: 1000,
-      });
-      let vol: OpenedVolumeDir | undefined;
-      try {
-        vol = await openVolumeDir(srcDir, { readOnly: false, control: false, cpIntervalMs: 0, beforeRecovery: (t) => source.attachTree(t) });
-        source.attachVolume(vol.volume);
-        await phase(vol.volume, source);
-      } finally {
-        await vol?.close();
-        await source.stop();
-        source.detach();
-      }
-    };
+    const rig = await setUp('src2', 'rx2');
+    const { lines, rx, link } = rig;
+    const run = (phase: (v: OpenedVolumeDir['volume'], source: MirrorSource) => Promise<void>): Promise<void> => withSource(rig, phase, 1000);
     try {
       // A first process: baseline, a CP on both sides, then a clean stop.
-      await run(async (v, source) => {
-        await v.write(0, Buffer.alloc(64 * 1024, 1), false);
-        await v.checkpoint();
-        await until('in sync', () => source.stats().state === 'in-sync' && source.stats().rootsEqual, CONVERGE_MS);
-      });
+      await run(firstCp);
       await until('the first connection gone', () => rx.stats().mirrors.every((m) => !m.connected), CONVERGE_MS);
       const heldBefore = rx.stats().mirrors[0]!.heldSeq;
       // A second process: the destination takes its first HELLO, but its WELCOME never
