@@ -3,8 +3,10 @@
  * local kernel as /dev/nbdN, in the foreground, until SIGINT/SIGTERM or a detach.
  * Parsing and wiring only; the work is in src/attach/.
  */
+import * as path from 'path';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { attachVolume } from '../attach/attach';
+import { keepBaseWithoutMirror } from '../mirror/base-hold';
 import { BLOCK_SIZES_BYTES, MAX_CONNECTIONS, MAX_TIMEOUT_S, AttachMethod } from '../attach/kernel';
 import { createLogger } from '../util/log';
 import { formatSize } from '../util/size';
@@ -56,6 +58,11 @@ async function attach(dir: string | undefined, device: string, o: AttachCliOpts)
   if (given !== 1) throw new Error('give exactly one of --memory SIZE, --file PATH or a volume directory, then the device (/dev/nbdN)');
   const spec = volumeSpecFromArgs(dir, o);
   const logger = createLogger(o.logLevel);
+  if (dir !== undefined && !spec.readOnly) {
+    // A mirrored volume attached without its mirror: the destination's CP stays held.
+    const keep = keepBaseWithoutMirror(path.resolve(dir), logger);
+    if (keep) spec.beforeRecovery = keep;
+  }
   const a = await attachVolume({
     spec,
     device,

@@ -6,7 +6,10 @@
  * Logic in volume/dir.ts.
  */
 import { Command } from 'commander';
+import * as path from 'path';
 import { acceptNvramLoss, recreateNvram } from '../volume/dir-ops';
+import { keepBaseWithoutMirror } from '../mirror/base-hold';
+import { log } from '../util/log';
 
 export function registerRepair(program: Command): void {
   program
@@ -18,7 +21,7 @@ export function registerRepair(program: Command): void {
     .action(async (dir: string, o: { recreateNvram?: boolean; acceptNvramLoss?: boolean }) => {
       if ((o.recreateNvram === true) === (o.acceptNvramLoss === true)) throw new Error('give one of --recreate-nvram or --accept-nvram-loss');
       if (o.acceptNvramLoss === true) {
-        const lost = await acceptNvramLoss(dir);
+        const lost = await acceptNvramLoss(dir, keepBaseWithoutMirror(path.resolve(dir), log()));
         process.stdout.write(lost ? `dropped NVRAM records seq ${lost.firstLostSeq}..${lost.lastLostSeq}; the volume opens read-write again\n` : 'the NVRAM log is not damaged: nothing dropped\n');
         return;
       }

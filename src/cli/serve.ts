@@ -11,6 +11,7 @@ import { createLogger } from '../util/log';
 import { formatSize, parseSize } from '../util/size';
 import { parseRate } from '../util/rate';
 import { MirrorSource } from '../mirror/source';
+import { keepBaseWithoutMirror } from '../mirror/base-hold';
 import { MIRROR_STATE_NAME, readRelationship, type MirrorPolicy, type MirrorRelationship } from '../mirror/relationship';
 import type { MirrorMode } from '../mirror/wire';
 import { clientTls, linkSecurity, type LinkArgs } from '../mirror/link';
@@ -212,6 +213,11 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
     });
     mirror = m;
     spec.beforeRecovery = (tree) => m.attachTree(tree);
+  } else if (dir !== undefined && !spec.readOnly) {
+    // Without its recorded mirror (--no-mirror): the destination's CP stays held, so the
+    // mirror resumes with a resync.
+    const keep = keepBaseWithoutMirror(path.resolve(dir), logger);
+    if (keep) spec.beforeRecovery = keep;
   }
   const opened = await openVolume(spec);
   let server: NbdServer | undefined;

@@ -4,7 +4,10 @@
  * is opened, the change committed in a CP, and the volume closed.
  */
 import { Command } from 'commander';
+import * as path from 'path';
 import { volumeDirSnapshot, volumeDirSnapshots } from '../volume/dir-ops';
+import { keepBaseWithoutMirror } from '../mirror/base-hold';
+import { log } from '../util/log';
 import { formatSize } from '../util/size';
 
 export function registerSnapshot(program: Command): void {
@@ -15,7 +18,7 @@ export function registerSnapshot(program: Command): void {
     .argument('<DIR>', 'the volume directory')
     .argument('<NAME>', 'snapshot name (served read-only as EXPORT@NAME)')
     .action(async (dir: string, name: string) => {
-      const r = await volumeDirSnapshot(dir, { kind: 'create', name });
+      const r = await volumeDirSnapshot(dir, { kind: 'create', name }, undefined, keepBaseWithoutMirror(path.resolve(dir), log()));
       process.stdout.write(`created snapshot ${name} at CP ${r.cpNumber}\n`);
     });
   snap
@@ -24,7 +27,7 @@ export function registerSnapshot(program: Command): void {
     .argument('<DIR>', 'the volume directory')
     .argument('<NAME>', 'snapshot name')
     .action(async (dir: string, name: string) => {
-      const r = await volumeDirSnapshot(dir, { kind: 'delete', name });
+      const r = await volumeDirSnapshot(dir, { kind: 'delete', name }, undefined, keepBaseWithoutMirror(path.resolve(dir), log()));
       process.stdout.write(`deleted snapshot ${name} at CP ${r.cpNumber}\n`);
     });
   snap

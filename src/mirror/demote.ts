@@ -43,6 +43,7 @@ import { openVolumeDir } from '../volume/dir';
 import { volumeDirInUse } from '../volume/dir-lock';
 import { MIRROR_LABEL_NAME, type MirrorLabel } from './mirror-dir';
 import { MIRROR_STATE_NAME, readRelationship } from './relationship';
+import { SESSIONS_NAME } from '../volume/sessions';
 import { ROLE_NAME, readRole } from './role';
 import { DEST_LOG_NAME } from './dest-log';
 
@@ -168,6 +169,8 @@ export async function demoteVolume(dirArg: string, intoArg: string, opts: { logg
   await writeFileDurably(mirrorDir, MIRROR_LABEL_NAME, `${JSON.stringify(ml, null, 2)}\n`);
   await writeFileDurably(dir, DEMOTED_NAME, `${JSON.stringify({ mirrorDir, cp: cpNumber, keptIn, demotedMs: Date.now() }, null, 2)}\n`);
   if (fs.existsSync(path.join(dir, MIRROR_STATE_NAME))) await fs.promises.rename(path.join(dir, MIRROR_STATE_NAME), path.join(dir, `${MIRROR_STATE_NAME}.demoted`));
+  // Its sessions were this side's history; as a volume again (a later promote) it starts anew.
+  if (fs.existsSync(path.join(dir, SESSIONS_NAME))) await fs.promises.rename(path.join(dir, SESSIONS_NAME), path.join(dir, `${SESSIONS_NAME}.demoted`));
   await fs.promises.rename(path.join(dir, LABEL_NAME), path.join(dir, DEMOTED_LABEL_NAME));
   await syncDirectory(dir);
   log.warn({ dir, cp: cpNumber, destCp, keptIn, mirrorDir }, 'volume demoted: it becomes the mirror of the volume promoted from it; its CPs after the common one will be discarded there (all of its state is kept in keptIn)');

@@ -294,6 +294,18 @@ export class DestLog {
     return this.entries.length > this.head ? this.entries[this.entries.length - 1]!.seq : 0;
   }
 
+  /** The newest record stored below `seq` (0: none). */
+  newestStoredBelow(seq: number): number {
+    let lo = this.head;
+    let hi = this.entries.length; // entries are in seq order: find the first at or past seq
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (this.entries[mid]!.seq < seq) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo > this.head ? this.entries[lo - 1]!.seq : 0;
+  }
+
   get storedFromSeq(): number {
     return this.entries.length > this.head ? this.entries[this.head]!.seq : Math.max(this.lastStoredSeq, this.committedSeq) + 1;
   }

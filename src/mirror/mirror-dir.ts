@@ -46,6 +46,7 @@ import { DestLog, DEST_LOG_NAME, destLogBytesFor } from './dest-log';
 import { LABEL_NAME, readLabel, resolveIn } from '../volume/label';
 import { bitmapBytes, readActiveMap, readSummaryMap } from '../tree/spacemap-read';
 import { scrubRaid, type ScrubProgress, type ScrubReport } from '../raid/scrub';
+import { baseInUseTag } from './standing';
 
 export const MIRROR_LABEL_NAME = 'mirror.json';
 export const MIRROR_LOCK_NAME = 'mirror.lock';
@@ -594,7 +595,7 @@ export class MirrorDir {
       for (let p = pba; p < pba + n; p++) {
         const m = 1 << (p & 7);
         if (((u.active[p >>> 3]! | u.summary[p >>> 3]!) & m) !== 0) {
-          throw new MirrorDirError(`the CP writes pba ${p}, which the committed CP ${this.committedCp} uses (a confused or hostile source): refused`);
+          throw new MirrorDirError(`the CP writes pba ${p}, which the committed CP ${this.committedCp} uses (a confused or hostile source, or one whose copy of that CP was damaged): refused ${baseInUseTag(this.committedCp, p)}`);
         }
       }
     }

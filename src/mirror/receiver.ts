@@ -652,9 +652,13 @@ class Session {
     }
     // Before the log starts this stream (which drops stored records from its first seq on).
     const c = mirror.baselinePartial ? undefined : mirror.committed?.sb;
+    const writer = mirror.log.writer;
     const standing = decideStanding(
-      { lineage: m.lineage, cp: m.sourceCp, lastSeq: m.lastSeq, ...(m.startedAtSeq >= 0 ? { startedAtSeq: m.startedAtSeq } : {}), processId: m.processId },
-      { committed: c && { lineage: c.lineage, cp: c.cpNumber, nvlogSeq: c.nvlogSeq }, newestStoredSeq: mirror.log.newestStoredSeq, promoted: false, ...(mirror.log.writer ? { writer: mirror.log.writer } : {}) },
+      { lineage: m.lineage, cp: m.sourceCp, lastSeq: m.lastSeq, ...(m.startedAtSeq >= 0 ? { startedAtSeq: m.startedAtSeq } : {}), processId: m.processId, earlier: m.earlier },
+      {
+        committed: c && { lineage: c.lineage, cp: c.cpNumber, nvlogSeq: c.nvlogSeq }, newestStoredSeq: mirror.log.newestStoredSeq, promoted: false,
+        ...(writer ? { writer, newestStoredBeforeWriter: mirror.log.newestStoredBelow(writer.fromSeq) } : {}),
+      },
     );
     this.rx.standings.set(m.sourceUuid, standing);
     if (standing.kind !== 'in-step') {

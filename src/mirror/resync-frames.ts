@@ -39,6 +39,22 @@ export interface ResyncLink {
   sendLent(m: LentBlocks, written: () => void): void;
 }
 
+const EMPTY = Buffer.alloc(0);
+
+/**
+ * On a Node socket (the event-loop link): `written` once everything written before is
+ * written, by an empty write's callback; never when that write fails. Node calls the
+ * callbacks of writes still buffered at a destroy with an error at once, and the one
+ * libuv was writing later, when it completes: called for those, `written` would come out
+ * of order and give back a buffer libuv may still be sending from. A link that fails
+ * gives nothing back; the walk reads into fresh buffers and ends at its next block.
+ */
+export function afterSocketWrites(socket: { write(b: Buffer, cb: (err?: Error | null) => void): boolean }, written: () => void): void {
+  socket.write(EMPTY, (err) => {
+    if (!err) written();
+  });
+}
+
 export class ResyncFrames {
   private pbas: number[] = [];
   private crcs: number[] = [];

@@ -47,6 +47,7 @@ import * as net from 'net';
 import * as tls from 'tls';
 import type { Logger } from 'pino';
 import type { EngineVolume, ReplicaGate } from '../volume/engine';
+import { acknowledgeSessions, readSessions, type VolumeSession } from '../volume/sessions';
 import type { AppendedRecord } from '../nvlog/log';
 import type { BlockTreeApi, CommittedView, CpBlock, CpMeta, CpSink } from '../tree/types';
 import { walkBornAfterRuns } from '../tree/born-after';
@@ -55,19 +56,20 @@ import { RateLimiter } from '../util/rate';
 import { systemClock, type Clock } from '../io/types';
 import { ProgressLine } from '../util/progress';
 import type { NodeSide } from '../tree/diff';
-import { RING_SLOTS, SUPERBLOCK_ROOT_OFFSET, decodeSuperblock } from '../tree/layout';
+import { SUPERBLOCK_ROOT_OFFSET, decodeSuperblock } from '../tree/layout';
 import { RemoteReads, verifyCp, type VerifyReport } from './verify';
-import { ResyncFrames, type ResyncLink } from './resync-frames';
+import { ResyncFrames, afterSocketWrites, type ResyncLink } from './resync-frames';
 import { VolumeError } from '../util/errors';
 import { assert } from '../util/assert';
 import { deltaFrames, encodeCpBlocks, refFrames } from './cp-encode';
 import { EV_EOF, EV_ERROR, EV_FRAME, EV_ROOM, EV_SENT, NativeRx, nativeRxEnabled, plainFd, type RxEvent } from './native-rx';
 import type { LinkArgs } from './link';
 import { readRelationship, writeRelationship, type MirrorPolicy } from './relationship';
+import { holdRecordedBase } from './base-hold';
 import { readRole } from './role';
-import { parseStanding, type Standing } from './standing';
+import { parseBaseInUse, parseStanding, type Standing } from './standing';
 import {
-  decodeBody, writeEncoded, writeFrame, BLOCKS_PER_FRAME_MAX, FrameParser, FrameWriter, MsgType,
+  decodeBody, writeEncoded, writeFrame, BLOCKS_PER_FRAME_MAX, EARLIER_SESSIONS_MAX, FrameParser, FrameWriter, MsgType,
   type Message, type MirrorMode, type OutMessage,
 } from './wire';
 import { DELTA_FROM_ZEROES, ZERO_BLOCK, encodeDelta } from './delta';
@@ -76,8 +78,6 @@ export type MirrorState = 'disconnected' | 'baseline' | 'resyncing' | 'in-sync' 
 /** What status reports: a refused split brain shows as such, not as a plain disconnection. */
 export type MirrorStatusState = MirrorState | 'split-brain' | 'promoted' | 'mirror-ahead';
 /** Bytes queued on the mirror socket before senders wait for it to drain. */
-/** A zero-length write: its callback says when everything written before it is written. */
-const EMPTY = Buffer.alloc(0);
 export const QUEUED_BYTES_MAX = 32 * 1024 * 1024;
 export const STALL_TIMEOUT_MS_DEFAULT = 15_000;
 const CONNECT_TIMEOUT_MS = 5_000;
@@ -242,11 +242,18 @@ export class MirrorSource implements CpSink, ReplicaGate {
    */
   private startedAtSeq: number | undefined;
   /**
-   * This process's id in HELLO (wire.ts): the destination's log remembers which process
-   * sent the records it stores, so those this process sent on a stream whose answer was
-   * lost (it may have taken the stream) count as its own when it says HELLO again.
+   * The volume's read-write sessions before this one since a destination last welcomed
+   * one (volume/sessions.ts; e.g. `serve --no-mirror` after an NVRAM loss): sent in HELLO
+   * with startedAtSeq, until a destination welcomes a stream.
    */
-  private readonly processId = crypto.randomBytes(8).toString('hex');
+  private earlierSessions: VolumeSession[] = [];
+  /**
+   * This process's id in HELLO (wire.ts), its session's id: the destination's log
+   * remembers which process sent the records it stores, so those this process sent on a
+   * stream whose answer was lost (it may have taken the stream) count as its own when it
+   * says HELLO again, and those of an earlier session as that session's.
+   */
+  private processId = crypto.randomBytes(8).toString('hex');
   private resumeOffer: { cp: number; blocks: number } = { cp: -1, blocks: 0 };
   private behindSinceMs = 0;
   private reconnectMs = RECONNECT_MS_MIN;
@@ -293,29 +300,17 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.tree = tree;
     const cpNow = tree.stats().cpNumber;
     this.holdValidFromCp = cpNow;
-    const prev = readRelationship(this.o.dir);
-    if (prev && prev.destCp >= 0 && prev.destCp <= cpNow) {
-      const kept = prev.destSuperblock !== undefined ? Buffer.from(prev.destSuperblock, 'base64') : undefined;
-      const why = await tree.holdCommitted(prev.destCp, kept);
-      if (why === null) {
-        this.holdValidFromCp = prev.destCp;
-        this.destCp = prev.destCp;
-        if (kept) this.destSuperblock = { cp: prev.destCp, raw: kept };
-        // The destination may have committed any CP shipped after it (its ack lost with
-        // the crash), and a failback rolls back to such a CP: hold every later one the
-        // ring still has, as the run before the restart did.
-        for (let c = Math.max(prev.destCp + 1, cpNow - RING_SLOTS + 1); c < cpNow; c++) {
-          const w = await tree.holdCommitted(c);
-          if (w !== null) this.log.warn({ cp: c, reason: w }, 'a CP after the destination\'s cannot be held');
-        }
-      } else {
-        this.log.warn({ destCp: prev.destCp, reason: why }, 'the destination\'s CP can no longer be kept: it gets a full baseline');
-      }
+    const held = await holdRecordedBase(this.o.dir, tree, this.log);
+    if (held) {
+      this.holdValidFromCp = held.destCp;
+      this.destCp = held.destCp;
+      if (held.superblock) this.destSuperblock = { cp: held.destCp, raw: held.superblock };
     }
     // A volume promoted from a mirror, with no relationship of its own yet: the CP it was
     // promoted from is kept by a snapshot, so a demoted old primary that holds it too
     // (failback) resyncs from there instead of taking a full baseline.
     const role = readRole(this.o.dir);
+    const prev = readRelationship(this.o.dir);
     if ((!prev || prev.destCp < 0) && role && role.promotedFromCp <= cpNow && tree.listSnapshots().some((x) => x.name === role.baseSnapshot)) {
       this.promotedBase = { cp: role.promotedFromCp, root: Buffer.from(role.promotedRoot, 'hex') };
       this.holdValidFromCp = Math.min(this.holdValidFromCp, role.promotedFromCp);
@@ -331,6 +326,14 @@ export class MirrorSource implements CpSink, ReplicaGate {
     // Before any client write (serve attaches before it listens): every record past this
     // one is this process's own.
     this.startedAtSeq = v.log.lastSeq;
+    if (v.session) {
+      assert(v.session.startedAtSeq === v.log.lastSeq, `session started at seq ${v.session.startedAtSeq}, the log is at ${v.log.lastSeq}`);
+      this.processId = v.session.id;
+      const recorded = readSessions(this.o.dir) ?? [];
+      const own = recorded.findIndex((x) => x.id === v.session!.id);
+      this.earlierSessions = (own >= 0 ? recorded.slice(0, own) : recorded).slice(-EARLIER_SESSIONS_MAX);
+      if (this.earlierSessions.length > 0) this.log.info({ sessions: this.earlierSessions.length, lowestStart: Math.min(...this.earlierSessions.map((x) => x.startedAtSeq)) }, 'earlier sessions since the destination last welcomed one: the destination checks its log against them');
+    }
     v.log.onAppend = (r) => this.onAppend(r); // counts client bytes; forwards in sync mode
     if (this.o.mode === 'sync') v.setReplicaGate(this);
     this.updateThreads();
@@ -481,6 +484,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       // (Never past lastSeq, which only grows from the seq it was taken at; the min keeps a
       // HELLO valid if that ever broke, and can only make the check stricter.)
       lastSeq, startedAtSeq: Math.min(this.startedAtSeq ?? -1, lastSeq), processId: this.processId, lineage: [...tree.lineage],
+      earlier: this.startedAtSeq === undefined ? [] : this.earlierSessions,
     });
   }
 
@@ -502,6 +506,13 @@ export class MirrorSource implements CpSink, ReplicaGate {
     // Welcomed: the destination now holds no record past startedAtSeq that is not this
     // process's own (it refuses a HELLO while it does: standing.ts).
     this.startedAtSeq = undefined;
+    this.earlierSessions = [];
+    try {
+      acknowledgeSessions(this.o.dir);
+    } catch (e) {
+      // Left behind, the record only makes the next process's check stricter.
+      this.log.warn({ err: e instanceof Error ? e.message : String(e) }, 'could not empty sessions.json');
+    }
     const cpNow = this.tree.stats().cpNumber;
     if (w.committedCp > cpNow) {
       // The destination holds a CP this volume never had: another history. Never overwrite it.
@@ -594,6 +605,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       case MsgType.Refuse:
         this.lastError = `destination refused: ${m.reason}`;
         this.refusedStanding = parseStanding(m.reason);
+        this.baseRefused(m.reason);
         // A reconnect that finds its earlier connection still open there (not yet read to
         // its end, or silent for less than the receiver's replace time) is retried: not an error.
         if (/ is already connected /.test(m.reason)) this.log.warn({ reason: m.reason }, 'the destination still holds the earlier connection: retrying');
@@ -603,6 +615,20 @@ export class MirrorSource implements CpSink, ReplicaGate {
       default:
         this.drop(conn, `unexpected frame type ${m.type} from the destination`);
     }
+  }
+
+  /**
+   * A refusal for a block the destination's committed CP uses: this volume holds that CP
+   * (the base) and never writes such a block while the hold is whole, so its copy of the
+   * base was damaged (a block reused, e.g. by a session that did not hold it). Resyncing
+   * from it would be refused forever: the base is dropped and a full baseline follows.
+   */
+  private baseRefused(reason: string): void {
+    const b = parseBaseInUse(reason);
+    if (!b || b.cp !== this.destCp || this.destCp < this.holdValidFromCp) return;
+    this.log.error({ destCp: this.destCp, pba: b.pba }, 'this volume\'s copy of the destination\'s CP is damaged (a block of it was reused here while it was not held): the destination gets a full baseline');
+    this.holdValidFromCp = this.destCp + 1;
+    this.saveState(); // at once: a restart must not trust the old base either
   }
 
   private drop(conn: Conn, reason: string): void {
@@ -1188,9 +1214,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
           conn.lent.push({ token, written });
           conn.rx.sendLent(m, token);
         } else {
-          // An empty write after the frame calls back once everything before it is written.
           this.send(conn, m);
-          conn.socket.write(EMPTY, written);
+          afterSocketWrites(conn.socket, written);
         }
       },
     };

@@ -54,6 +54,11 @@ export interface SourceSide {
   startedAtSeq?: number;
   /** Its process id (HELLO): records the mirror's log holds from this process are its own. */
   processId?: string;
+  /**
+   * The volume's read-write sessions before this process since a destination last welcomed
+   * one (HELLO's earlier, oldest first): each one's records past its start are its own.
+   */
+  earlier?: Array<{ id: string; startedAtSeq: number }>;
 }
 
 export interface MirrorSide {
@@ -67,6 +72,8 @@ export interface MirrorSide {
   promotedThroughSeq?: number;
   /** The source process whose streams stored the log's records from fromSeq on (dest-log.ts), if known. */
   writer?: { id: string; fromSeq: number };
+  /** The newest record its log holds below writer.fromSeq (stored by earlier writers; 0: none). Absent: taken as writer.fromSeq - 1. */
+  newestStoredBeforeWriter?: number;
 }
 
 export const SPLIT_BRAIN_PREFIX = 'split brain refused';
@@ -90,15 +97,27 @@ export function decideStanding(src: SourceSide, dst: MirrorSide): Standing {
   }
   if (cmp.relation === 'destination-ahead') return { kind: 'mirror-ahead', current: 'destination', ...at };
   // Same CP, or the source ahead: the mirror's log must not hold records the source no longer
-  // has. Past the newest it held when its process started, the source's records are its own
-  // since then: a mirror holding records past that seq holds ones the source lost (its NVRAM
-  // or disk), even where the source has since written new records over the same seqs.
-  // Except records this very process stored there on an earlier stream (its answer lost):
-  // the log knows which process stored its records from which seq on.
-  const holds = Math.min(src.lastSeq, src.startedAtSeq ?? src.lastSeq);
+  // has. Past the newest it held when a session started, the source's records are that
+  // session's own: a mirror holding records past a start holds ones the source lost (its NVRAM
+  // or disk), even where it has since written new records over the same seqs, in that session
+  // or in one without the mirror (the HELLO's earlier sessions). Except records a session of
+  // the chain stored there itself (a stream whose answer was lost): the log knows which
+  // process stored its records from which seq on, and those need only be held by the
+  // sessions that started after it.
+  const chain = [...(src.earlier ?? []), { id: src.processId, startedAtSeq: src.startedAtSeq ?? src.lastSeq }];
+  const heldFrom = (i: number): number => chain.slice(i).reduce((m, e) => Math.min(m, e.startedAtSeq), src.lastSeq);
+  const holds = heldFrom(0);
   const w = dst.writer;
-  const others = w !== undefined && src.processId !== undefined && w.id === src.processId ? Math.min(dst.newestStoredSeq, w.fromSeq - 1) : dst.newestStoredSeq;
-  if (others > holds || dst.newestStoredSeq > src.lastSeq) return { kind: 'mirror-ahead', current: 'destination', ...at, sourceSeq: holds };
+  let k = -1;
+  if (w !== undefined) for (let i = 0; i < chain.length; i++) if (chain[i]!.id === w.id) k = i;
+  if (k < 0) {
+    if (dst.newestStoredSeq > holds) return { kind: 'mirror-ahead', current: 'destination', ...at, sourceSeq: holds };
+  } else {
+    const others = dst.newestStoredBeforeWriter ?? Math.min(dst.newestStoredSeq, w!.fromSeq - 1);
+    if (others > holds) return { kind: 'mirror-ahead', current: 'destination', ...at, sourceSeq: holds };
+    const after = heldFrom(k + 1);
+    if (dst.newestStoredSeq >= w!.fromSeq && dst.newestStoredSeq > after) return { kind: 'mirror-ahead', current: 'destination', ...at, sourceSeq: after };
+  }
   return { kind: 'in-step', current: cmp.relation === 'same' ? 'both' : 'source', ...at };
 }
 
@@ -158,4 +177,19 @@ export function standingLine(s: Standing, here: 'source' | 'destination'): strin
   const since = s.commonCp >= 0 ? `; last common CP ${s.commonCp}, since then the source wrote ${s.sourceCp - s.commonCp} CP(s), the mirror ${s.destinationCp - s.commonCp}` : '';
   const seqs = s.kind === 'mirror-ahead' && s.destinationSeq > s.sourceSeq ? `; the mirror holds records to seq ${s.destinationSeq}, the source to ${s.sourceSeq}` : '';
   return `primary: ${primary}; current: ${who(s.current)}${since}${seqs}`;
+}
+
+/**
+ * The tag a refusal for a block the committed CP uses ends with: an honest source that
+ * holds that CP never writes one, so it reads this as its copy of that CP being damaged
+ * (a block of it reused) and takes a full baseline (source.ts).
+ */
+export function baseInUseTag(cp: number, pba: number): string {
+  return `[base-in-use cp=${cp} pba=${pba}]`;
+}
+
+/** The CP and block of a refusal ending with baseInUseTag, or undefined. */
+export function parseBaseInUse(reason: string): { cp: number; pba: number } | undefined {
+  const m = /\[base-in-use cp=(\d+) pba=(\d+)\]$/.exec(reason);
+  return m ? { cp: Number(m[1]), pba: Number(m[2]) } : undefined;
 }

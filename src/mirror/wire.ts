@@ -37,6 +37,8 @@ export const RECORD_HEAD_BYTES = 40;
 /** Blocks per CP_BLOCKS frame and references per CP_REFS frame. */
 export const BLOCKS_PER_FRAME_MAX = 64;
 export const REFS_PER_FRAME_MAX = 4096;
+/** HELLO's earlier sessions (volume/sessions.ts keeps SESSIONS_MAX, this one included). */
+export const EARLIER_SESSIONS_MAX = 15;
 const REF_BYTES = 24;
 /** Largest CP_BLOCKS body: cp, count, 64 pbas and their blocks. */
 export const CP_BLOCKS_BODY_MAX_BYTES = 12 + BLOCKS_PER_FRAME_MAX * (8 + BLOCK_BYTES);
@@ -103,6 +105,14 @@ export interface Hello {
   processId: string;
   /** The lineage of the source's committed CP (tree/lineage.ts), newest generation first. */
   lineage: Generation[];
+  /**
+   * On the process's first stream: the volume's earlier read-write sessions since a
+   * destination last welcomed one (volume/sessions.ts), oldest first, each with its id (the
+   * process id it sent, if it sent any) and the newest record seq it started from: records
+   * past an earlier start that no later session started holding were lost, even if a
+   * session without the mirror wrote new ones over the same seqs since. Empty on later streams.
+   */
+  earlier: Array<{ id: string; startedAtSeq: number }>;
 }
 
 export interface Welcome {
@@ -297,7 +307,7 @@ const MAX_U53 = Number.MAX_SAFE_INTEGER;
 /** Per type: the body length cap. */
 function bodyCap(type: number): number | undefined {
   switch (type) {
-    case MsgType.Hello: return 16 + 8 * 5 + 8 + 8 + 24 + 8 + 8 + 8 + 8 + LINEAGE_ENTRIES_MAX * 16;
+    case MsgType.Hello: return 16 + 8 * 5 + 8 + 8 + 24 + 8 + 8 + 8 + 8 + LINEAGE_ENTRIES_MAX * 16 + 8 + EARLIER_SESSIONS_MAX * 16;
     case MsgType.Welcome: return 8 + 24 + 8 * 5;
     case MsgType.Refuse: return 2 + TEXT_MAX_BYTES;
     case MsgType.Record: return RECORD_HEAD_BYTES + RECORD_PAYLOAD_MAX_BYTES;
@@ -430,9 +440,11 @@ export function encodeBody(m: OutMessage): Buffer[] {
       assert(m.startedAtSeq <= m.lastSeq, `hello: started at seq ${m.startedAtSeq}, past its newest seq ${m.lastSeq}`);
       assert(/^[0-9a-f]{16}$/.test(m.processId), `hello: process id ${m.processId} is not 16 hex digits`);
       assert(lineageProblem(m.lineage, Math.max(0, m.sourceCp)) === null, 'hello: lineage');
+      assert(m.earlier.length <= EARLIER_SESSIONS_MAX && m.earlier.every((e) => /^[0-9a-f]{16}$/.test(e.id)), 'hello: earlier sessions');
       return [
         uuidToBytes(m.sourceUuid), u64(m.sizeBytes), u64(m.deviceBlocks), u64(m.nvramBytes), u64(m.mode === 'sync' ? 1 : 2), i64(m.sourceCp), u64(m.streamFromSeq), i64(m.baseCp), m.baseRoot,
         u64(m.lastSeq), i64(m.startedAtSeq), Buffer.from(m.processId, 'hex'), u64(m.lineage.length), ...m.lineage.flatMap((g) => [Buffer.from(g.id, 'hex'), u64(g.firstCp)]),
+        u64(m.earlier.length), ...m.earlier.flatMap((e) => [Buffer.from(e.id, 'hex'), u64(safe(e.startedAtSeq))]),
       ];
     case MsgType.Welcome:
       assert(m.root.length === 24, 'root pointer is 24 bytes');
@@ -570,7 +582,11 @@ export function decodeBody(type: number, body: Buffer): Message {
       if (sizeBytes === 0 || sizeBytes % BLOCK_BYTES !== 0) throw new MirrorProtocolError(`hello: bad volume size ${sizeBytes}`);
       const lp = lineageProblem(lineage, Math.max(0, sourceCp));
       if (lp !== null) throw new MirrorProtocolError(`hello: ${lp}`);
-      m = { type, sourceUuid, sizeBytes, deviceBlocks, nvramBytes, mode: modeCode === 1 ? 'sync' : 'async', sourceCp, streamFromSeq, baseCp, baseRoot, lastSeq, startedAtSeq, processId, lineage };
+      const earlierCount = r.u64('earlierCount');
+      if (earlierCount > EARLIER_SESSIONS_MAX) throw new MirrorProtocolError(`hello: ${earlierCount} earlier sessions (at most ${EARLIER_SESSIONS_MAX})`);
+      const earlier: Array<{ id: string; startedAtSeq: number }> = [];
+      for (let i = 0; i < earlierCount; i++) earlier.push({ id: r.bytes(8).toString('hex'), startedAtSeq: r.u64('earlierStartedAtSeq') });
+      m = { type, sourceUuid, sizeBytes, deviceBlocks, nvramBytes, mode: modeCode === 1 ? 'sync' : 'async', sourceCp, streamFromSeq, baseCp, baseRoot, lastSeq, startedAtSeq, processId, lineage, earlier };
       break;
     }
     case MsgType.Welcome:

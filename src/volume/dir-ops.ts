@@ -24,7 +24,7 @@ import { resolveIn, pathExists, readLabel } from './label';
 import { readCleanStop } from './clean-stop';
 import { lockVolumeDir, volumeDirInUse } from './dir-lock';
 import { engineStatus, raidNotes, type VolumeStatus, type DirCheckReport, type CheckProgress } from './served';
-import { openVolumeDir, openMemberDevice, openNvram } from './dir';
+import { openVolumeDir, openMemberDevice, openNvram, type OpenVolumeDirOptions } from './dir';
 
 /** Polls the serving process's check progress every CHECK_PROGRESS_POLL_MS while `done` is pending. */
 const CHECK_PROGRESS_POLL_MS = 250;
@@ -170,7 +170,12 @@ export async function volumeDirStatus(dir: string, timeoutMs = 10_000): Promise<
  * (it takes effect at the CP this triggers), else by opening the volume, committing a
  * CP with the op, and closing it.
  */
-export async function volumeDirSnapshot(dir: string, op: { kind: 'create' | 'delete'; name: string }, timeoutMs = 120_000): Promise<{ cpNumber: number; served: boolean }> {
+export async function volumeDirSnapshot(
+  dir: string,
+  op: { kind: 'create' | 'delete'; name: string },
+  timeoutMs = 120_000,
+  beforeRecovery?: OpenVolumeDirOptions['beforeRecovery'],
+): Promise<{ cpNumber: number; served: boolean }> {
   const absDir = path.resolve(dir);
   await readLabel(absDir);
   if (await volumeDirInUse(absDir)) {
@@ -178,7 +183,7 @@ export async function volumeDirSnapshot(dir: string, op: { kind: 'create' | 'del
     if (!r.ok) throw new Error(r.error);
     return { cpNumber: r.cpNumber as number, served: true };
   }
-  const opened = await openVolumeDir(absDir, { readOnly: false, control: false, cpIntervalMs: 0 });
+  const opened = await openVolumeDir(absDir, { readOnly: false, control: false, cpIntervalMs: 0, ...(beforeRecovery ? { beforeRecovery } : {}) });
   try {
     const r = await opened.volume.snapshot(op);
     return { cpNumber: r?.cpNumber ?? opened.volume.stats().tree.cpNumber, served: false };
@@ -273,11 +278,11 @@ export async function recreateNvram(dir: string): Promise<RecreateNvramResult> {
  * replay, drops the rest (a new log epoch) and closes it. Returns the dropped range, or
  * undefined if the log was not damaged (then it is an ordinary open and close).
  */
-export async function acceptNvramLoss(dir: string): Promise<{ firstLostSeq: number; lastLostSeq: number } | undefined> {
+export async function acceptNvramLoss(dir: string, beforeRecovery?: OpenVolumeDirOptions['beforeRecovery']): Promise<{ firstLostSeq: number; lastLostSeq: number } | undefined> {
   const absDir = path.resolve(dir);
   await readLabel(absDir);
   if (await volumeDirInUse(absDir)) throw new Error(`volume ${absDir} is already in use by another process; stop it before repairing`);
-  const opened = await openVolumeDir(absDir, { readOnly: false, control: false, cpIntervalMs: 0, acceptNvramLoss: true });
+  const opened = await openVolumeDir(absDir, { readOnly: false, control: false, cpIntervalMs: 0, acceptNvramLoss: true, ...(beforeRecovery ? { beforeRecovery } : {}) });
   const d = opened.volume.log.replaySummary.damage;
   await opened.close();
   return d && { firstLostSeq: d.firstLostSeq, lastLostSeq: d.lastLostSeq };

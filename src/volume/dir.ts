@@ -1,8 +1,9 @@
 /**
  * Volume directories: `nvmirror create DIR` lays one out (createVolumeDir), `serve`/
  * `attach` open it (openVolumeDir). Beside this file: the label (label.ts), the lock
- * (dir-lock.ts), the clean-stop record (clean-stop.ts), what the serving process answers
- * (served.ts) and the CLI's status/snapshot/check/repair of a directory (dir-ops.ts).
+ * (dir-lock.ts), the clean-stop record (clean-stop.ts), the session record
+ * (sessions.ts), what the serving process answers (served.ts) and the CLI's
+ * status/snapshot/check/repair of a directory (dir-ops.ts).
  *
  *   DIR/nvmirror.json   label: format version, uuid, size, block size, members, NVRAM
  *   DIR/nvmirror.lock   flock'ed exclusively by the one process that has the volume open;
@@ -16,6 +17,8 @@
  *   DIR/control.sock    the serving process's control socket (engine-control.ts)
  *   DIR/nvram.clean     clean-stop record: the last read-write session committed every
  *                       NVRAM record (CP n, watermark seq s) and stopped
+ *   DIR/sessions.json   the read-write sessions since the mirror last acknowledged them:
+ *                       each one's id and the NVRAM seq it started from (sessions.ts)
  *
  * Invariants:
  * - The label is written last during create (temp file, fsync, rename, fsync DIR): a
@@ -31,6 +34,8 @@
  *   fsync, rename, fsync DIR) after that CP and removed (fsync DIR) by a read-write open
  *   before any record can be appended. It is what lets `repair --recreate-nvram` prove
  *   that a lost NVRAM log held nothing the tree lacks.
+ * - A read-write open records its session (DIR/sessions.json, durably) after recovery and
+ *   before any client can append a record.
  * - A read-write open of a RAID-4/5/6 volume replays its stripe journal before the tree
  *   mounts (openMemberDevice); a read-only open leaves it and reports a batch it finds.
  * - Relative member/NVRAM paths in the label are relative to DIR.
@@ -61,6 +66,7 @@ import { RaidDevice } from '../raid/raid-device';
 import { replacingAtOpen, resumeServedReplace, stopServedReplace } from './replace-member';
 import { LABEL_FORMAT, LABEL_VERSION, resolveIn, pathExists, readLabel, writeLabel, type VolumeLabel } from './label';
 import { writeCleanStop, clearCleanStop } from './clean-stop';
+import { recordSessionStart } from './sessions';
 import { lockVolumeDir, isReadOnlyFs, type DirLock } from './dir-lock';
 import { handleControl, noteRaidDevice } from './served';
 
@@ -337,6 +343,19 @@ export async function openVolumeDir(dir: string, opts: OpenVolumeDirOptions): Pr
     await parts.dev.close().catch(() => undefined);
     await parts.lock.release();
     throw e;
+  }
+  if (!opts.readOnly) {
+    // After recovery, before any client can append: the seq this session starts from.
+    try {
+      const r = await recordSessionStart(absDir, volume.log.lastSeq);
+      volume.session = r.session;
+      if (r.unreadable) logger().warn({ dir: absDir }, 'sessions.json did not parse: replaced; the seqs earlier sessions started from are lost, so a mirror cannot check its log against them');
+    } catch (e) {
+      await volume.close().catch(() => undefined);
+      await parts.dev.close().catch(() => undefined);
+      await parts.lock.release();
+      throw e;
+    }
   }
   if (parts.dev instanceof RaidDevice) noteRaidDevice(volume, parts.dev);
   const exports = new VolumeDirExports(opts.exportName ?? '', volume);

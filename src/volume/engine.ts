@@ -39,6 +39,7 @@ import { clipExtents } from './extents';
 import { VolumeError } from '../util/errors';
 import { EXTENT_HOLE, EXTENT_ZERO, type Extent, type Volume, type VolumeCapabilities, type ZeroOptions } from './types';
 import { BlockLocks } from './engine-locks';
+import type { VolumeSession } from './sessions';
 import { EngineReadMap } from './engine-read-map';
 import { FANOUT, MAX_SNAPSHOTS, snapshotNameProblem } from '../tree/layout';
 
@@ -216,6 +217,8 @@ export class EngineVolume implements Volume {
   readonly controlActions = new Map<string, () => Promise<Record<string, unknown>>>();
   /** Set by the process serving the volume over NBD: its URIs, exports and clients for `status`. */
   servedBy: (() => ServedBy) | undefined = undefined;
+  /** This read-write session as the volume directory records it (sessions.ts); undefined read-only or outside a directory. */
+  session: VolumeSession | undefined = undefined;
 
   private constructor(opts: EngineOptions, log: NvLog) {
     this.tree = opts.tree;

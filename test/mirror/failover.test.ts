@@ -17,7 +17,8 @@
  * - Split brain: the old primary, restarted, is refused by name (state split-brain) and
  *   the promoted volume does not change.
  * - Mirror ahead: a source that lost its NVRAM is refused by a mirror whose log holds
- *   records past its newest seq (state mirror-ahead), and a promote gets them back.
+ *   records past its newest seq (state mirror-ahead), also after a session served
+ *   without the mirror wrote new records over those seqs, and a promote gets them back.
  * The seed is printed; NVMIRROR_SEED=N reruns it; NVMIRROR_FAILOVER_ROUNDS sets the
  * number of sync rounds (20 by default, as in CI).
  */
@@ -34,6 +35,7 @@ import { prng, seedFromEnv } from '../crash/harness';
 import { BLOCK, RING_SLOTS, decodeSuperblock } from '../../src/tree/layout';
 import { rootBytes } from '../../src/mirror/mirror-dir';
 import { MIRROR_STATE_NAME } from '../../src/mirror/relationship';
+import { readSessions } from '../../src/volume/sessions';
 import { controlRequest } from '../../src/volume/engine-control';
 
 const PORT = 17031;
@@ -344,7 +346,7 @@ describe('mirror failover: promote (two hosts)', function () {
     sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x42 0 8M', `nbd+unix:///?socket=${served.sock}`]);
   });
 
-  it('a source that lost its NVRAM is refused by a mirror holding records past its newest seq (mirror-ahead), also after it wrote over those seqs before reconnecting, and those records survive to a promote', async () => {
+  it('a source that lost its NVRAM is refused by a mirror holding records past its newest seq (mirror-ahead), also after it wrote over those seqs before reconnecting (a session without the mirror in between, or the same process), and those records survive to a promote', async () => {
     await startReceiver();
     const s = createSource('ahead');
     // CPs only every hour: the acknowledged writes below stay as records (here in the NVRAM, there in the log).
@@ -361,6 +363,15 @@ describe('mirror failover: promote (two hosts)', function () {
     const size = fs.fstatSync(fd).size;
     fs.writeSync(fd, Buffer.alloc(size - 4096), 0, size - 4096, 4096);
     fs.closeSync(fd);
+    // First a session without the mirror (serve --no-mirror): it starts at the last CP and
+    // writes new records over the mirror's seqs and past them, then a final CP. The next
+    // mirrored session starts holding more records than the mirror has, but the seq the
+    // session without the mirror started from (DIR/sessions.json) travels in its HELLO.
+    const alone = await startSource(s, 'svahead-alone', ['--no-mirror', '--cp-interval', '1h']);
+    sh('qemu-io', ['-f', 'raw', ...Array.from({ length: 16 }, (_, i) => ['-c', `write -P 0x5d ${32 + i}M 4k`]).flat(), `nbd+unix:///?socket=${s.sock}`]);
+    await stopGracefully(alone);
+    const sessions = readSessions(s.dir)!;
+    assert.ok(sessions.length >= 1 && sessions[0]!.startedAtSeq < before.heldSeq, `the session without the mirror started below the mirror's records: ${JSON.stringify(sessions)}, mirror to ${before.heldSeq}`);
     const again = await startSource(s, 'svahead2', args);
     const st = await until('the source says the mirror is ahead', () => {
       const m = sourceStatus(s.dir);

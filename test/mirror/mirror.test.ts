@@ -596,6 +596,55 @@ describe('mirror: two hosts (network namespaces)', function () {
     assert.match(fs.readFileSync(path.join(tmp, 'sv.log'), 'utf8'), new RegExp(`"baseCp":${destCp},"targetCp":\\d+,"resumeAtBlock":0,"msg":"mirror resync started"`));
   });
 
+  /**
+   * In sync, then a session without the mirror that rewrites the same 4 MiB over twelve
+   * CPs (every block the destination's CP references is freed, and free to reuse unless
+   * that CP is held), then the mirror again. `hidden`: the relationship file is moved aside
+   * for that session (it does not know it has a mirror), so nothing holds the base.
+   */
+  async function sessionWithoutMirror(hidden: boolean): Promise<{ s: Setup; destCp: number; log: string }> {
+    const s = await start('sync');
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x81 0 4M', `nbd+unix:///?socket=${s.srcSock}`]);
+    await inSyncAndIdentical(s);
+    const destCp = sourceStatus(s.src)!.destCp;
+    await stop(s.source, 'SIGTERM');
+    const logFrom = fs.statSync(path.join(tmp, 'sv.log')).size;
+    const relFile = path.join(s.src, 'mirror-source.json');
+    if (hidden) fs.renameSync(relFile, `${relFile}.aside`);
+    fs.rmSync(s.srcSock, { force: true });
+    const alone = pair.spawn('a', BIN, ['serve', s.src, '--socket', s.srcSock, '--no-mirror', '--cp-interval', '1h'], { stdio: ['ignore', 'ignore', fs.openSync(path.join(tmp, 'sv.log'), 'a')] });
+    await until('source socket', () => fs.existsSync(s.srcSock), 90_000);
+    for (let i = 0; i < 12; i++) {
+      sh('qemu-io', ['-f', 'raw', '-c', `write -P 0x${(0x82 + i).toString(16)} 0 4M`, `nbd+unix:///?socket=${s.srcSock}`]);
+      const r = await controlRequest(path.join(s.src, 'control.sock'), { op: 'checkpoint' }, 60_000);
+      assert.ok(r.ok, `checkpoint: ${String(r.error)}`);
+    }
+    await stop(alone, 'SIGTERM');
+    if (hidden) fs.renameSync(`${relFile}.aside`, relFile);
+    const rel = JSON.parse(fs.readFileSync(relFile, 'utf8')) as { destCp: number };
+    assert.equal(rel.destCp, destCp, 'the relationship still names the destination\'s CP');
+    await startSource(s, [], true);
+    await inSyncAndIdentical(s);
+    sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x8d 0 4M', `nbd+unix:///${s.uuid}?socket=${s.expSock}`]);
+    checkMirror(s);
+    return { s, destCp, log: fs.readFileSync(path.join(tmp, 'sv.log'), 'utf8').slice(logFrom) };
+  }
+
+  it('served for a while without its mirror (--no-mirror), the volume keeps the destination\'s CP: the mirror resumes with a resync from it, no baseline', async () => {
+    const { destCp, log } = await sessionWithoutMirror(false);
+    assert.match(log, /opened without the mirror: the destination's CP stays held/);
+    assert.doesNotMatch(log, /can no longer be kept|is damaged/);
+    assert.strictEqual(baselines(), 1, 'the mirror took a full baseline after a session without it');
+    assert.match(log, new RegExp(`"baseCp":${destCp},"targetCp":\\d+,"resumeAtBlock":0,"msg":"mirror resync started"`));
+  });
+
+  it('a session that did not hold the destination\'s CP reused its blocks: the destination refuses the resync once, the source takes a full baseline (logged), never a stuck mirror', async () => {
+    const { destCp, log } = await sessionWithoutMirror(true);
+    assert.doesNotMatch(log, /opened without the mirror/);
+    assert.match(log, new RegExp(`"destCp":${destCp},"pba":\\d+,"msg":"this volume's copy of the destination's CP is damaged`));
+    assert.strictEqual(baselines(), 2, 'a full baseline after the damaged base');
+  });
+
   it('a resync sends address blocks as deltas (against the base, or from zeroes for new ones): scattered 4k writes cost about their own bytes on the wire', async () => {
     const s = await start('sync');
     const uri = `nbd+unix:///?socket=${s.srcSock}`;
@@ -735,7 +784,7 @@ describe('mirror: two hosts (network namespaces)', function () {
       const frames = (m) => Buffer.concat(fw.frame(m));
       let got = Buffer.alloc(0); sock.on('data', (d) => { got = Buffer.concat([got, d]); });
       sock.on('connect', () => {
-        send({ type: 1, sourceUuid: '${label.uuid}', sizeBytes: ${label.sizeBytes}, deviceBlocks: ${label.members[0]!.blockCount}, nvramBytes: 8388608, mode: 'sync', sourceCp: ${cpBefore}, streamFromSeq: 1, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 1e12, startedAtSeq: -1, processId: '5eed5eed5eed5eed', lineage: [require(${JSON.stringify(path.join(ROOT, 'dist/src/tree/lineage.js'))}).rootGeneration('${label.uuid}')] });
+        send({ type: 1, sourceUuid: '${label.uuid}', sizeBytes: ${label.sizeBytes}, deviceBlocks: ${label.members[0]!.blockCount}, nvramBytes: 8388608, mode: 'sync', sourceCp: ${cpBefore}, streamFromSeq: 1, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 1e12, startedAtSeq: -1, processId: '5eed5eed5eed5eed', lineage: [require(${JSON.stringify(path.join(ROOT, 'dist/src/tree/lineage.js'))}).rootGeneration('${label.uuid}')], earlier: [] });
         const cp = ${cpBefore + 1}; const blk = { type: 8, cp, pbas: [5000], data: Buffer.alloc(4096, 0xee) };
         const rec = { type: 4, seq: 1, recordType: 1, flags: 0, offsetBytes: 0, lengthBytes: 8192, payload: Buffer.alloc(8192, 0xab) };
         ${attack}

@@ -327,8 +327,14 @@ describe('mirror destination log', () => {
     assert.deepEqual(log.writer, { id: P, fromSeq: 11 });
     appendWrite(log, 12, 1);
     appendWrite(log, 13, 1);
+    log.start(20, 10, 'aaaaaaaaaaaaaaaa');
+    assert.deepEqual(log.writer, { id: 'aaaaaaaaaaaaaaaa', fromSeq: 20 });
+    // The newest record below the writer's first seq (stored by earlier writers), not fromSeq - 1.
+    assert.deepEqual([log.newestStoredBelow(20), log.newestStoredBelow(13), log.newestStoredBelow(11), log.newestStoredBelow(1)], [13, 12, 0, 0]);
     log.start(14, 10, 'aaaaaaaaaaaaaaaa');
     assert.deepEqual(log.writer, { id: 'aaaaaaaaaaaaaaaa', fromSeq: 14 });
+    appendWrite(log, 14, 1);
+    assert.deepEqual([log.newestStoredSeq, log.newestStoredBelow(14), log.newestStoredBelow(15)], [14, 13, 14]);
     await log.persist();
     await open.pop()!.close();
     const again = await DestLog.open(file, UUID, LOG_BYTES, 'recover', 10);
@@ -342,7 +348,7 @@ describe('mirror destination log', () => {
     const old = await DestLog.open(file, UUID, LOG_BYTES, 'recover', 10);
     open.push(old);
     assert.equal(old.writer, undefined);
-    assert.deepEqual([...old.recordsAfter(10)].map((r) => r.seq), [11, 12, 13], 'the records are kept');
+    assert.deepEqual([...old.recordsAfter(10)].map((r) => r.seq), [11, 12, 13, 14], 'the records are kept');
   });
 
   it('releasing more than 1024 records at once compacts the index and loses none of the rest', async () => {

@@ -35,7 +35,7 @@ const RECORDS_SENT = 20;
 function hello(p: RawPeer, processId: string): void {
   p.send({
     type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 64 * MIB, deviceBlocks: 64 * MIB / BLOCK_BYTES, nvramBytes: NVRAM_BYTES, mode: 'sync',
-    sourceCp: 0, streamFromSeq: 1, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 0, startedAtSeq: -1, processId, lineage: [rootGeneration(UUID)],
+    sourceCp: 0, streamFromSeq: 1, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 0, startedAtSeq: -1, processId, lineage: [rootGeneration(UUID)], earlier: [],
   });
 }
 

@@ -26,7 +26,7 @@ const OPEN_DELAY_MS = 100;
 function hello(p: RawPeer): void {
   p.send({
     type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 1 << 30, deviceBlocks: 1 << 18, nvramBytes: 8 << 20, mode: 'sync',
-    sourceCp: 0, streamFromSeq: 1, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 0, startedAtSeq: -1, processId: '5eed5eed5eed5eed', lineage: [rootGeneration(UUID)],
+    sourceCp: 0, streamFromSeq: 1, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 0, startedAtSeq: -1, processId: '5eed5eed5eed5eed', lineage: [rootGeneration(UUID)], earlier: [],
   });
 }
 

@@ -279,7 +279,7 @@ describe('mirror link security', () => {
             resolve('timeout');
           }, ATTEMPT_TIMEOUT_MS);
           s.on('connect', () => {
-            for (const part of new FrameWriter().frame({ type: MsgType.Hello, sourceUuid: '0123abcd-4567-89ef-0011-223344556677', sizeBytes: 1 << 30, deviceBlocks: 1 << 18, nvramBytes: 64 << 20, mode: 'sync', sourceCp: 3, streamFromSeq: 1, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 0, startedAtSeq: -1, processId: '5eed5eed5eed5eed', lineage: [{ id: '00000000000000a1', firstCp: 0 }] })) s.write(part);
+            for (const part of new FrameWriter().frame({ type: MsgType.Hello, sourceUuid: '0123abcd-4567-89ef-0011-223344556677', sizeBytes: 1 << 30, deviceBlocks: 1 << 18, nvramBytes: 64 << 20, mode: 'sync', sourceCp: 3, streamFromSeq: 1, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 0, startedAtSeq: -1, processId: '5eed5eed5eed5eed', lineage: [{ id: '00000000000000a1', firstCp: 0 }], earlier: [] })) s.write(part);
           });
           s.on('data', (d: Buffer) => got.push(d));
           s.on('error', () => undefined);

@@ -6,7 +6,8 @@
  * (The whole resync, over a real link, runs in test/mirror.)
  */
 import { strict as assert } from 'assert';
-import { ResyncFrames, type LentBlocks, type ResyncLink } from '../../src/mirror/resync-frames';
+import * as net from 'net';
+import { ResyncFrames, afterSocketWrites, type LentBlocks, type ResyncLink } from '../../src/mirror/resync-frames';
 import { BLOCKS_PER_FRAME_MAX, DELTAS_PER_FRAME_MAX, MsgType, type CpDelta, type OutMessage } from '../../src/mirror/wire';
 import type { BlockPtr } from '../../src/tree/layout';
 
@@ -107,5 +108,29 @@ describe('mirror: a resync\'s frames (resync-frames.ts)', () => {
     await f.flush();
     assert.equal(link.sent.length, 2);
     assert.equal(link.lent.length, 0);
+  });
+
+  it('over a Node socket destroyed mid-write, frames are said written in order and never after a write failed (found by the fault suite: a truncated async stream)', async () => {
+    const server = net.createServer((c) => c.pause()); // the peer never reads: writes stay in flight
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    const port = (server.address() as net.AddressInfo).port;
+    const sock = net.connect(port, '127.0.0.1');
+    await new Promise<void>((r) => sock.once('connect', r));
+    sock.on('error', () => undefined);
+    const order: number[] = [];
+    // 24 frames of 1 MiB: the kernel's buffers take a few, libuv is writing one, Node holds the rest.
+    for (let i = 1; i <= 24; i++) {
+      sock.write(Buffer.alloc(1 << 20, i));
+      afterSocketWrites(sock, () => order.push(i));
+    }
+    await new Promise((r) => setTimeout(r, 100));
+    const before = [...order];
+    sock.destroy();
+    await new Promise((r) => sock.once('close', r));
+    await new Promise((r) => setTimeout(r, 50));
+    server.close();
+    assert.ok(before.length < 24, 'some frames were still unwritten at the destroy');
+    for (let i = 1; i < order.length; i++) assert.ok(order[i]! > order[i - 1]!, `written out of order: ${order.join(',')}`);
+    assert.deepEqual(order, before, 'nothing is said written after the destroy');
   });
 });

@@ -1,6 +1,6 @@
 /** standing.ts: what a HELLO finds, decided from the lineages and the mirror's log; the refusal's tag survives the trip to the source. */
 import { strict as assert } from 'assert';
-import { decideStanding, parseStanding, refusalText, standingLine, type MirrorSide } from '../../src/mirror/standing';
+import { baseInUseTag, decideStanding, parseBaseInUse, parseStanding, refusalText, standingLine, type MirrorSide } from '../../src/mirror/standing';
 import { rootGeneration, startGeneration } from '../../src/tree/lineage';
 
 const ROOT = [rootGeneration('5a1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0')];
@@ -54,6 +54,41 @@ describe('mirror standing', () => {
     assert.equal(decideStanding({ ...again, lastSeq: 1030, startedAtSeq: 1000 }, mirror(10, { newestStoredSeq: 1042, writer: { id: P, fromSeq: 1001 } })).kind, 'mirror-ahead');
   });
 
+  it('a session without the mirror in between (serve --no-mirror after an NVRAM loss): its start travels in the next HELLO, and the mirror is still found ahead', () => {
+    const P1 = '1111111111111111';
+    const P2 = '2222222222222222';
+    const P3 = '3333333333333333';
+    // P1 streamed 1001..1042 and was welcomed; the NVRAM was lost back to 1000; P2 served
+    // without the mirror from 1000 to 1100; P3 starts at 1100 with the mirror.
+    const p3 = { lineage: ROOT, cp: 10, lastSeq: 1100, startedAtSeq: 1100, processId: P3 };
+    const m = mirror(10, { newestStoredSeq: 1042, writer: { id: P1, fromSeq: 1001 }, newestStoredBeforeWriter: 0 });
+    assert.equal(decideStanding(p3, m).kind, 'in-step', 'without the earlier session the loss is hidden');
+    const s = decideStanding({ ...p3, earlier: [{ id: P2, startedAtSeq: 1000 }] }, m);
+    assert.deepEqual([s.kind, s.current, s.sourceSeq, s.destinationSeq], ['mirror-ahead', 'destination', 1000, 1042]);
+    // P2 started holding every record the mirror has (no loss): in step.
+    assert.equal(decideStanding({ ...p3, earlier: [{ id: P2, startedAtSeq: 1042 }] }, m).kind, 'in-step');
+  });
+
+  it('records an earlier session stored itself (its WELCOME lost, then it was killed) need only be held by the sessions after it', () => {
+    const P1 = '1111111111111111';
+    const P2 = '2222222222222222';
+    // P1 started at 1000 and streamed 1001..1042 (another process's records end at 990);
+    // the WELCOME never reached it, so its session stays in the record.
+    const m = mirror(10, { newestStoredSeq: 1042, writer: { id: P1, fromSeq: 1001 }, newestStoredBeforeWriter: 990 });
+    // P2 started holding them (P1 was killed, its NVRAM intact): in step.
+    assert.equal(decideStanding({ lineage: ROOT, cp: 10, lastSeq: 1100, startedAtSeq: 1050, processId: P2, earlier: [{ id: P1, startedAtSeq: 1000 }] }, m).kind, 'in-step');
+    // P2 started at 1020 (the NVRAM lost 1021..1050): P1's 1021..1042 are gone here.
+    const s = decideStanding({ lineage: ROOT, cp: 10, lastSeq: 1100, startedAtSeq: 1020, processId: P2, earlier: [{ id: P1, startedAtSeq: 1000 }] }, m);
+    assert.deepEqual([s.kind, s.sourceSeq], ['mirror-ahead', 1020]);
+    // The older records (to 990) must be held by every session, P1 included.
+    const older = decideStanding({ lineage: ROOT, cp: 10, lastSeq: 1100, startedAtSeq: 1050, processId: P2, earlier: [{ id: P1, startedAtSeq: 980 }] }, m);
+    assert.deepEqual([older.kind, older.sourceSeq], ['mirror-ahead', 980]);
+    // Without newestStoredBeforeWriter the older records are taken to reach fromSeq - 1.
+    const { newestStoredBeforeWriter: _n, ...unknownOlder } = m;
+    assert.equal(decideStanding({ lineage: ROOT, cp: 10, lastSeq: 1100, startedAtSeq: 1050, processId: P2, earlier: [{ id: P1, startedAtSeq: 999 }] }, unknownOlder).kind, 'mirror-ahead');
+    assert.equal(decideStanding({ lineage: ROOT, cp: 10, lastSeq: 1100, startedAtSeq: 1050, processId: P2, earlier: [{ id: P1, startedAtSeq: 999 }] }, m).kind, 'in-step');
+  });
+
   it('the mirror holds a later CP of the source\'s own line (the source lost its disk): mirror ahead', () => {
     const s = decideStanding({ lineage: ROOT, cp: 8, lastSeq: 800 }, mirror(12));
     assert.deepEqual([s.kind, s.current, s.commonCp], ['mirror-ahead', 'destination', 8]);
@@ -79,6 +114,13 @@ describe('mirror standing', () => {
     assert.match(refusalText(s, '/rx/z', false), /^split brain refused: this source and the mirror \/rx\/z both wrote after CP 6/);
     const far = decideStanding({ lineage: [{ id: '00000000000000d4', firstCp: 3 }], cp: 9, lastSeq: 900 }, mirror(8));
     assert.equal(far.kind, 'unrelated');
+  });
+
+  it('a refusal for a block the committed CP uses carries that CP and block (the source then drops its damaged base); no other refusal does', () => {
+    const reason = `refused the stream: the CP writes pba 10, which the committed CP 2 uses (a confused or hostile source, or one whose copy of that CP was damaged): refused ${baseInUseTag(2, 10)}`;
+    assert.deepEqual(parseBaseInUse(reason), { cp: 2, pba: 10 });
+    assert.equal(parseBaseInUse('refused the stream: frame 1 (type 4): checksum mismatch'), undefined);
+    assert.equal(parseBaseInUse(`${baseInUseTag(2, 10)} and more`), undefined, 'only at the end');
   });
 
   it('a long directory name still leaves the tag inside the REFUSE cap; another refusal has no standing', () => {

@@ -38,7 +38,7 @@ const UUID = '0123abcd-4567-89ef-0011-223344556677';
 
 /** Per type, the body cap the header check enforces (as documented in wire.ts). */
 const BODY_CAP: Record<number, number> = {
-  [MsgType.Hello]: 96 + 16 + 8 + 8 + 15 * 16,
+  [MsgType.Hello]: 96 + 16 + 8 + 8 + 15 * 16 + 8 + 15 * 16,
   [MsgType.Welcome]: 72,
   [MsgType.Refuse]: 2 + 1024,
   [MsgType.Record]: 40 + RECORD_PAYLOAD_MAX_BYTES,
@@ -69,7 +69,7 @@ const ALL_TYPES = Object.keys(BODY_CAP).map(Number);
 
 /** Every message a protocol error may be reported with (anything else is a wrapped internal error). */
 const KNOWN_ERROR =
-  /^(bad frame magic \(not an nvmirror mirror stream\)|unsupported wire version \d+|unknown frame type \d+|frame type \d+: body of \d+ bytes exceeds its cap of \d+|frame number \d+ where \d+ was due \(replayed, lost or reordered frame\)|frame \d+ \(type \d+\): checksum mismatch|frame type \d+: body too short|frame type \d+: \d+ unexpected trailing bytes|frame type \d+: \w+( length)? out of range|hello: unknown mode \d+|hello: bad volume size \d+|hello: lineage.+|hello: started at seq \d+, past its newest seq \d+|refuse: reason too long|record \d+: unknown type \d+|record \d+: bad range|record \d+: bad payload length \d+|cp begin: unknown kind \d+|cp begin: base CP -?\d+ is not before CP \d+|cp blocks: count \d+|cp refs: count \d+|cp deltas: count \d+|cp deltas: entries do not inflate \(.*\)|cp deltas: entries inflate to \d+ bytes, the header says \d+|cp deltas: \d+ bytes inflated exceed the cap of \d+|cp begin: only a baseline resumes|read: count \d+)$/;
+  /^(bad frame magic \(not an nvmirror mirror stream\)|unsupported wire version \d+|unknown frame type \d+|frame type \d+: body of \d+ bytes exceeds its cap of \d+|frame number \d+ where \d+ was due \(replayed, lost or reordered frame\)|frame \d+ \(type \d+\): checksum mismatch|frame type \d+: body too short|frame type \d+: \d+ unexpected trailing bytes|frame type \d+: \w+( length)? out of range|hello: unknown mode \d+|hello: bad volume size \d+|hello: lineage.+|hello: started at seq \d+, past its newest seq \d+|hello: \d+ earlier sessions \(at most \d+\)|refuse: reason too long|record \d+: unknown type \d+|record \d+: bad range|record \d+: bad payload length \d+|cp begin: unknown kind \d+|cp begin: base CP -?\d+ is not before CP \d+|cp blocks: count \d+|cp refs: count \d+|cp deltas: count \d+|cp deltas: entries do not inflate \(.*\)|cp deltas: entries inflate to \d+ bytes, the header says \d+|cp deltas: \d+ bytes inflated exceed the cap of \d+|cp begin: only a baseline resumes|read: count \d+)$/;
 
 function pattern(len: number, seed: number): Buffer {
   const b = Buffer.allocUnsafe(len);
@@ -91,8 +91,8 @@ function root(seed: number): Buffer {
 function samples(): Message[] {
   const refs = (n: number) => Array.from({ length: n }, (_, i) => ({ pba: i * 7 + 1, seq: U53_MAX - i, index: (i * 31) % 257, crc: (0xfedcba98 + i) >>> 0 }));
   return [
-    { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 1024 ** 4, deviceBlocks: 12345, nvramBytes: 64 << 20, mode: 'sync', sourceCp: -1, streamFromSeq: 0, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 0, startedAtSeq: -1, processId: '5eed5eed5eed5eed', lineage: [{ id: '00000000000000a1', firstCp: 0 }] },
-    { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 4096, deviceBlocks: U53_MAX, nvramBytes: 0, mode: 'async', sourceCp: U53_MAX, streamFromSeq: U53_MAX, baseCp: 7, baseRoot: Buffer.alloc(24, 0xa5), lastSeq: U53_MAX, startedAtSeq: U53_MAX - 5, processId: 'ffffffffffffff01', lineage: Array.from({ length: 15 }, (_, i) => ({ id: (0xfff0 - i).toString(16).padStart(16, 'f'), firstCp: U53_MAX - i * 1000 })) },
+    { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 1024 ** 4, deviceBlocks: 12345, nvramBytes: 64 << 20, mode: 'sync', sourceCp: -1, streamFromSeq: 0, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 0, startedAtSeq: -1, processId: '5eed5eed5eed5eed', lineage: [{ id: '00000000000000a1', firstCp: 0 }], earlier: [] },
+    { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 4096, deviceBlocks: U53_MAX, nvramBytes: 0, mode: 'async', sourceCp: U53_MAX, streamFromSeq: U53_MAX, baseCp: 7, baseRoot: Buffer.alloc(24, 0xa5), lastSeq: U53_MAX, startedAtSeq: U53_MAX - 5, processId: 'ffffffffffffff01', lineage: Array.from({ length: 15 }, (_, i) => ({ id: (0xfff0 - i).toString(16).padStart(16, 'f'), firstCp: U53_MAX - i * 1000 })), earlier: Array.from({ length: 15 }, (_, i) => ({ id: (0xabc0 + i).toString(16).padStart(16, 'e'), startedAtSeq: U53_MAX - i })) },
     { type: MsgType.Welcome, committedCp: -1, root: Buffer.alloc(24), storedFromSeq: 1, heldSeq: 0, oldestPinnedCp: -1, resumeCp: -1, resumeBlocks: 0 },
     { type: MsgType.Welcome, committedCp: 77, root: root(1), storedFromSeq: U53_MAX, heldSeq: U53_MAX - 1, oldestPinnedCp: 70, resumeCp: U53_MAX, resumeBlocks: U53_MAX },
     { type: MsgType.Refuse, reason: '' },
@@ -777,7 +777,7 @@ describe('mirror wire codec', () => {
         rejects(rawFrame(MsgType.CpRefs, head(1, 3, 48)), /^frame type 9: body too short$/);
       });
 
-      it('hello: unknown mode, zero or unaligned volume size, a start past its newest seq', () => {
+      it('hello: unknown mode, zero or unaligned volume size, a start past its newest seq, too many earlier sessions', () => {
         const hello = bodyOf(samples()[0]!);
         const mode = Buffer.from(hello);
         mode.writeBigUInt64LE(3n, 40);
@@ -802,6 +802,14 @@ describe('mirror wire codec', () => {
         const cp = Buffer.from(hello);
         cp.writeBigInt64LE(-2n, 48);
         rejects(rawFrame(MsgType.Hello, cp), /^frame type 1: sourceCp out of range$/);
+        // The earlier sessions: at most 15, and each one there.
+        assert.equal(hello.length, 152, 'earlier count at 144');
+        const many = Buffer.from(hello);
+        many.writeBigUInt64LE(16n, 144);
+        rejects(rawFrame(MsgType.Hello, many), /^hello: 16 earlier sessions \(at most 15\)$/);
+        const short = Buffer.from(hello);
+        short.writeBigUInt64LE(1n, 144);
+        rejects(rawFrame(MsgType.Hello, short), /^frame type 1: body too short$/);
       });
 
       it('refuse: a reason length over 1024; welcome and pin: CPs below -1 or beyond 2^53', () => {
@@ -826,9 +834,9 @@ describe('mirror wire codec', () => {
         ['trim of length 0', { type: MsgType.Record, seq: 1, recordType: 2, flags: 0, offsetBytes: 0, lengthBytes: 0, payload: Buffer.alloc(0) }],
         ['record of unknown type 9', { type: MsgType.Record, seq: 1, recordType: 9, flags: 0, offsetBytes: 0, lengthBytes: 4096, payload: Buffer.alloc(0) }],
         ['CP begin with base == cp', { type: MsgType.CpBegin, cp: 4, baseCp: 4, kind: 'cp' }],
-        ['hello with an unaligned size', { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 1000, deviceBlocks: 1, nvramBytes: 1, mode: 'sync', sourceCp: -1, streamFromSeq: 0, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 0, startedAtSeq: -1, processId: '5eed5eed5eed5eed', lineage: [{ id: '00000000000000a1', firstCp: 0 }] }],
-        ['hello with a process id that is not 16 hex digits', { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 4096, deviceBlocks: 1, nvramBytes: 1, mode: 'sync', sourceCp: -1, streamFromSeq: 0, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 0, startedAtSeq: -1, processId: '5eed', lineage: [{ id: '00000000000000a1', firstCp: 0 }] }],
-        ['hello started past its newest seq', { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 4096, deviceBlocks: 1, nvramBytes: 1, mode: 'sync', sourceCp: -1, streamFromSeq: 0, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 5, startedAtSeq: 6, processId: '5eed5eed5eed5eed', lineage: [{ id: '00000000000000a1', firstCp: 0 }] }],
+        ['hello with an unaligned size', { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 1000, deviceBlocks: 1, nvramBytes: 1, mode: 'sync', sourceCp: -1, streamFromSeq: 0, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 0, startedAtSeq: -1, processId: '5eed5eed5eed5eed', lineage: [{ id: '00000000000000a1', firstCp: 0 }], earlier: [] }],
+        ['hello with a process id that is not 16 hex digits', { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 4096, deviceBlocks: 1, nvramBytes: 1, mode: 'sync', sourceCp: -1, streamFromSeq: 0, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 0, startedAtSeq: -1, processId: '5eed', lineage: [{ id: '00000000000000a1', firstCp: 0 }], earlier: [] }],
+        ['hello started past its newest seq', { type: MsgType.Hello, sourceUuid: UUID, sizeBytes: 4096, deviceBlocks: 1, nvramBytes: 1, mode: 'sync', sourceCp: -1, streamFromSeq: 0, baseCp: -1, baseRoot: Buffer.alloc(24), lastSeq: 5, startedAtSeq: 6, processId: '5eed5eed5eed5eed', lineage: [{ id: '00000000000000a1', firstCp: 0 }], earlier: [] }],
         ['CP refs with a seq beyond 2^53', { type: MsgType.CpRefs, cp: 1, refs: [{ pba: 1, seq: 2 ** 60, index: 0, crc: 0 }] }],
         ['CP blocks with no block', { type: MsgType.CpBlocks, cp: 1, pbas: [], data: Buffer.alloc(0) }],
         ['CP refs over the max', { type: MsgType.CpRefs, cp: 1, refs: Array.from({ length: REFS_PER_FRAME_MAX + 1 }, () => ({ pba: 1, seq: 1, index: 0, crc: 0 })) }],
