@@ -200,7 +200,7 @@ export function formatReceiver(dir: string, r: ReceiverStats & { directories?: R
   for (const m of r.mirrors) {
     lines.push(
       `mirror     ${m.sourceUuid}: ${m.baselinePartial ? 'INCONSISTENT (baseline in progress)' : `CP ${m.committedCp}`}, ${m.connected ? 'source connected' : 'source not connected'}`,
-      `           ${m.cpsApplied} CPs applied, ${m.blocksApplied} blocks as data, ${m.refsApplied} from the log, ${m.deltasApplied} rebuilt from deltas; log ${formatSize(m.logUsedBytes)} (${m.recordsStored} records stored, ${m.recordsDropped} dropped)`,
+      `           ${m.cpsApplied} CPs applied, ${m.blocksApplied} blocks as data, ${m.refsApplied} from the log, ${m.deltasApplied} rebuilt from deltas; log ${formatSize(m.logUsedBytes)} (${m.recordsStored} records stored, ${m.recordsDropped} dropped)${m.droppingFromSeq > 0 ? `; FULL: dropping records from seq ${m.droppingFromSeq} until a CP covers them` : ''}`,
     );
     const st = r.standings?.find((x) => x.sourceUuid === m.sourceUuid);
     if (st) lines.push(`           ${standingLine(st, 'destination')}`);

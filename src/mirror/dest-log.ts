@@ -115,6 +115,11 @@ export class DestLog {
   recordsStored = 0;
   recordsDropped = 0;
 
+  /** While the log drops records (its ring was full), the first one it dropped; 0 when it stores them. */
+  get droppingFromSeq(): number {
+    return this.dropFrom;
+  }
+
   /**
    * The crc32c of every stored block, by its place in the ring (blockSlot): a reference's
    * checksum is checked against it without reading the block. 4 bytes per 4 KiB of log.

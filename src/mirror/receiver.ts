@@ -127,6 +127,8 @@ export interface ReceiverStats {
     logUsedBytes: number;
     recordsStored: number;
     recordsDropped: number;
+    /** The first record dropped while the log drops them (its ring was full, until a CP covers them); 0: storing. */
+    droppingFromSeq: number;
     cpsApplied: number;
     cpsAborted: number;
     blocksApplied: number;
@@ -968,6 +970,7 @@ export class MirrorReceiver {
         logUsedBytes: m.log.usedBytes,
         recordsStored: m.log.recordsStored,
         recordsDropped: m.log.recordsDropped,
+        droppingFromSeq: m.log.droppingFromSeq,
         cpsApplied: m.cpsApplied,
         cpsAborted: m.cpsAborted,
         blocksApplied: m.blocksApplied,

@@ -541,6 +541,7 @@ describe('mirror destination log', () => {
     assert.equal(appendWrite(log, last + 1, MIB_BLOCKS), false, 'the ring is full');
     assert.equal(appendWrite(log, last + 2, 1), false, 'dropping goes on, even for a record that would fit');
     assert.equal(log.recordsDropped, 2);
+    assert.equal(log.droppingFromSeq, last + 1, 'status says it drops, and from which record');
     expectMarks(log, last, 0, 1, 'held stops at the last stored record');
     // The acks name no record as referable while records are dropped (a CP built before
     // the source saw that could name a dropped one: dropped() tells it from a bad reference).
@@ -564,6 +565,7 @@ describe('mirror destination log', () => {
     // A CP covering every dropped record: contiguous again from the next seq.
     log.committed(last + 4);
     expectMarks(log, last + 4, last + 4, last + 5, 'contiguous again');
+    assert.equal(log.droppingFromSeq, 0, 'storing again');
     assert.equal(log.referableFromSeq, last + 5, 'references allowed again');
     assert.equal(log.dropped(last + 1), false);
     assert.equal(log.usedBytes, 0);

@@ -15,6 +15,7 @@
  * source (`CP 62: reference to record 18587 is not in the log`).
  */
 import { strict as assert } from 'assert';
+import { formatReceiver } from '../../src/cli/status';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
@@ -91,6 +92,8 @@ describe('mirror receiver: records dropped from a full log, and references to th
     const st = rx.stats().mirrors[0]!;
     assert.ok(st.recordsStored >= 10 && st.recordsStored < RECORDS_SENT, `stored ${st.recordsStored} of ${RECORDS_SENT} 1 MiB records in a 16 MiB log`);
     const firstDropped = st.recordsStored + 1;
+    assert.equal(st.droppingFromSeq, firstDropped, 'the receiver\'s status says its log drops records, from which one');
+    assert.match(formatReceiver('/rx', rx.stats()), new RegExp(`\\(${st.recordsStored} records stored, ${st.recordsDropped} dropped\\); FULL: dropping records from seq ${firstDropped} until a CP covers them`));
     await until('an ack after the drop', () => acks(p).some((a) => a.storedFromSeq === NO_REFERENCES_FROM_SEQ));
     const last = acks(p).at(-1)!;
     assert.equal(last.storedFromSeq, NO_REFERENCES_FROM_SEQ, 'the newest ack still names no record as referable');
