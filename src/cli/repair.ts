@@ -3,7 +3,7 @@
  * the tree provably holds every record it had (the last session stopped cleanly); refuses
  * otherwise. `--accept-nvram-loss`: a log damaged mid-log is opened read-write, what
  * replays is committed and the lost records are dropped (the operator's explicit choice).
- * Logic in volume/dir.ts.
+ * Logic in volume/dir-ops.ts; a recorded mirror base stays held (mirror/base-hold.ts).
  */
 import { Command } from 'commander';
 import * as path from 'path';
