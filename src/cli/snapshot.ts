@@ -10,6 +10,11 @@ import { keepBaseWithoutMirror } from '../mirror/base-hold';
 import { log } from '../util/log';
 import { formatSize } from '../util/size';
 
+/** A stopped mirrored volume opened to commit a snapshot keeps its mirror's CP held (mirror/base-hold.ts). */
+function keepBase(dir: string): ReturnType<typeof keepBaseWithoutMirror> {
+  return keepBaseWithoutMirror(path.resolve(dir), log());
+}
+
 export function registerSnapshot(program: Command): void {
   const snap = program.command('snapshot').description('create, list or delete snapshots of a volume directory');
   snap
@@ -18,7 +23,7 @@ export function registerSnapshot(program: Command): void {
     .argument('<DIR>', 'the volume directory')
     .argument('<NAME>', 'snapshot name (served read-only as EXPORT@NAME)')
     .action(async (dir: string, name: string) => {
-      const r = await volumeDirSnapshot(dir, { kind: 'create', name }, undefined, keepBaseWithoutMirror(path.resolve(dir), log()));
+      const r = await volumeDirSnapshot(dir, { kind: 'create', name }, undefined, keepBase(dir));
       process.stdout.write(`created snapshot ${name} at CP ${r.cpNumber}\n`);
     });
   snap
@@ -27,7 +32,7 @@ export function registerSnapshot(program: Command): void {
     .argument('<DIR>', 'the volume directory')
     .argument('<NAME>', 'snapshot name')
     .action(async (dir: string, name: string) => {
-      const r = await volumeDirSnapshot(dir, { kind: 'delete', name }, undefined, keepBaseWithoutMirror(path.resolve(dir), log()));
+      const r = await volumeDirSnapshot(dir, { kind: 'delete', name }, undefined, keepBase(dir));
       process.stdout.write(`deleted snapshot ${name} at CP ${r.cpNumber}\n`);
     });
   snap

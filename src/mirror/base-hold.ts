@@ -85,11 +85,6 @@ export class DetachedBase implements CpSink {
     return d;
   }
 
-  /** The destination's CP held here, or -1. */
-  get heldCp(): number {
-    return this.held?.destCp ?? -1;
-  }
-
   oldestNeededCp(): number | undefined {
     return this.held?.destCp;
   }

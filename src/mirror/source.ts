@@ -47,7 +47,7 @@ import * as net from 'net';
 import * as tls from 'tls';
 import type { Logger } from 'pino';
 import type { EngineVolume, ReplicaGate } from '../volume/engine';
-import { acknowledgeSessions, readSessions, type VolumeSession } from '../volume/sessions';
+import { acknowledgeSessions, mergeSessions, readSessions, type VolumeSession } from '../volume/sessions';
 import type { AppendedRecord } from '../nvlog/log';
 import type { BlockTreeApi, CommittedView, CpBlock, CpMeta, CpSink } from '../tree/types';
 import { walkBornAfterRuns } from '../tree/born-after';
@@ -331,7 +331,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       this.processId = v.session.id;
       const recorded = readSessions(this.o.dir) ?? [];
       const own = recorded.findIndex((x) => x.id === v.session!.id);
-      this.earlierSessions = (own >= 0 ? recorded.slice(0, own) : recorded).slice(-EARLIER_SESSIONS_MAX);
+      this.earlierSessions = mergeSessions(own >= 0 ? recorded.slice(0, own) : recorded, EARLIER_SESSIONS_MAX); // merged, never cut: the lowest start stays
       if (this.earlierSessions.length > 0) this.log.info({ sessions: this.earlierSessions.length, lowestStart: Math.min(...this.earlierSessions.map((x) => x.startedAtSeq)) }, 'earlier sessions since the destination last welcomed one: the destination checks its log against them');
     }
     v.log.onAppend = (r) => this.onAppend(r); // counts client bytes; forwards in sync mode

@@ -69,14 +69,19 @@ export function readSessions(dir: string): VolumeSession[] | undefined {
   }
 }
 
-/** `list` with `next` appended, merged down to SESSIONS_MAX (see the invariants). */
-export function appendSession(list: readonly VolumeSession[], next: VolumeSession): VolumeSession[] {
-  const out = [...list, next];
-  while (out.length > SESSIONS_MAX) {
+/** `list` merged down to `max` entries (see the invariants): the lowest start survives. */
+export function mergeSessions(list: readonly VolumeSession[], max: number): VolumeSession[] {
+  const out = [...list];
+  while (out.length > max) {
     const [a, b] = out.splice(0, 2) as [VolumeSession, VolumeSession];
     out.unshift({ id: b.id, startedAtSeq: Math.min(a.startedAtSeq, b.startedAtSeq) });
   }
   return out;
+}
+
+/** `list` with `next` appended, merged down to SESSIONS_MAX. */
+export function appendSession(list: readonly VolumeSession[], next: VolumeSession): VolumeSession[] {
+  return mergeSessions([...list, next], SESSIONS_MAX);
 }
 
 function encode(list: readonly VolumeSession[]): string {

@@ -8,7 +8,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { createVolumeDir, openVolumeDir } from '../../src/volume/dir';
-import { SESSIONS_MAX, SESSIONS_NAME, acknowledgeSessions, appendSession, readSessions, recordSessionStart } from '../../src/volume/sessions';
+import { SESSIONS_MAX, SESSIONS_NAME, acknowledgeSessions, appendSession, mergeSessions, readSessions, recordSessionStart } from '../../src/volume/sessions';
 
 describe('volume sessions (DIR/sessions.json)', () => {
   let tmp: string;
@@ -51,6 +51,10 @@ describe('volume sessions (DIR/sessions.json)', () => {
     for (let i = 0; i < 40; i++) list = appendSession(list, { id: (0x900 + i).toString(16).padStart(16, '0'), startedAtSeq: 1000 + i });
     assert.equal(list.length, SESSIONS_MAX);
     assert.equal(Math.min(...list.map((x) => x.startedAtSeq)), 5);
+    // The mirror's HELLO takes at most 15 earlier sessions the same way: merged, never cut.
+    const earlier = mergeSessions(list, SESSIONS_MAX - 1);
+    assert.equal(earlier.length, SESSIONS_MAX - 1);
+    assert.equal(Math.min(...earlier.map((x) => x.startedAtSeq)), 5);
   });
 
   it('an unreadable record is replaced by one with only the new session, and says so', async () => {
