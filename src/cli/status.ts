@@ -205,6 +205,7 @@ export function formatReceiver(dir: string, r: ReceiverStats & { directories?: R
     const st = r.standings?.find((x) => x.sourceUuid === m.sourceUuid);
     if (st) lines.push(`           ${standingLine(st, 'destination')}`);
     if (m.lastError) lines.push(`           last error: ${m.lastError}`);
+    if (m.readersReleased > 0) lines.push(`           ${m.readersReleased} reader(s) of older CPs released: a CP wrote blocks their CP used (the source did not hold it)`);
     if (m.raid) lines.push(...formatRaid(m.raid));
   }
   for (const e of r.directories ?? []) {

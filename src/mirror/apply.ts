@@ -311,8 +311,11 @@ export class CpApplier {
    */
   private async stage(pba: number, data: Buffer, slab?: FrameSlab, reread = false): Promise<void> {
     // Refused as it arrives, not when the run is flushed.
-    this.mirror.checkWritable(pba, data.length / 4096, this.applying !== undefined && this.applying.baseCp !== -1);
     const blocks = data.length / 4096;
+    const overBase = this.applying !== undefined && this.applying.baseCp !== -1;
+    this.mirror.checkWritable(pba, blocks, overBase);
+    // A block an older CP's reader still uses: that reader is released before the write is staged.
+    if (overBase && this.mirror.pins.mayConflict(pba, blocks)) await this.mirror.pins.resolve(pba, blocks, this.applying!.cp);
     let run = this.runs.find((r) => r.pba + r.blocks === pba);
     if (run && run.blocks + blocks > COMBINE_BLOCKS_MAX) {
       await this.flushRun(run);

@@ -9,6 +9,8 @@
  *   keeps that CP's blocks from being reused; a view held longer than pinHoldMsMax is
  *   expired (its reads fail with ESHUTDOWN, a log line says so) so a forgotten client
  *   cannot hold space on the source forever.
+ * - A view whose old CP a newer CP is about to overwrite (its source did not hold it) is
+ *   expired the same way before the write starts (pin-guard.ts), never read as EIO.
  * - A mirror with a partial baseline is not exported (lookup finds nothing; whyMissing
  *   tells the client why).
  * - Memory: one view object per NBD connection (the NBD server caps connections).
@@ -25,6 +27,7 @@ import { VolumeError } from '../util/errors';
 import type { Extent, Volume, VolumeCapabilities, ZeroOptions } from '../volume/types';
 import { assert } from '../util/assert';
 import type { MirrorDir } from './mirror-dir';
+import type { PinnedReaders } from './pin-guard';
 
 const BS = BLOCK_SIZE_BYTES;
 export const PIN_HOLD_MS_MAX_DEFAULT = 10 * 60_000;
@@ -43,6 +46,7 @@ export class MirrorView implements Volume {
   readonly description: string;
   sinceMs = Date.now();
   expired = false;
+  private expiredWhy = '';
   private pinned = false;
   private revoke: (() => void) | undefined;
 
@@ -50,6 +54,8 @@ export class MirrorView implements Volume {
     private readonly owner: MirrorExports,
     readonly sourceUuid: string,
     readonly cp: number,
+    /** The superblock of that CP (the pin guard reads its space map). */
+    readonly superblock: Buffer,
     private readonly reader: TreeReader,
     sizeBytes: number,
     what: string,
@@ -71,7 +77,7 @@ export class MirrorView implements Volume {
 
   private check(): void {
     this.pin();
-    if (this.expired) throw new VolumeError('ESHUTDOWN', `this connection held mirror CP ${this.cp} longer than allowed; reconnect for the newest CP`);
+    if (this.expired) throw new VolumeError('ESHUTDOWN', `${this.expiredWhy}; reconnect for the newest CP`);
   }
 
   async read(offset: number, length: number, dst?: Buffer): Promise<Buffer> {
@@ -115,7 +121,8 @@ export class MirrorView implements Volume {
   }
 
   /** Ends this view: reads fail from now on, and its NBD connection is closed. */
-  expire(): void {
+  expire(why = `this connection held mirror CP ${this.cp} longer than allowed`): void {
+    this.expiredWhy ||= why;
     this.expired = true;
     this.revoke?.();
   }
@@ -123,7 +130,7 @@ export class MirrorView implements Volume {
   async close(): Promise<void> {}
 }
 
-export class MirrorExports implements ExportRegistry {
+export class MirrorExports implements ExportRegistry, PinnedReaders {
   private readonly mirrors = new Map<string, MirrorDir>();
   private readonly pins = new Map<string, Set<MirrorView>>();
   private readonly lastReported = new Map<string, number>();
@@ -141,19 +148,22 @@ export class MirrorExports implements ExportRegistry {
 
   attach(m: MirrorDir): void {
     this.mirrors.set(m.label.sourceUuid, m);
+    m.pins.attach(this);
   }
 
   /** The source is gone and its mirror closed: views on it fail from now on. */
   detachSource(m: MirrorDir): void {
     if (this.mirrors.get(m.label.sourceUuid) === m) this.mirrors.delete(m.label.sourceUuid);
-    for (const v of this.pins.get(m.label.sourceUuid) ?? []) v.expire();
+    for (const v of this.pins.get(m.label.sourceUuid) ?? []) v.expire(`the mirror of ${m.label.sourceUuid} was closed`);
     this.pins.delete(m.label.sourceUuid);
+    m.pins.reset();
   }
 
   /** A partial baseline began: no new view of it. */
   invalidate(uuid: string): void {
-    for (const v of this.pins.get(uuid) ?? []) v.expire();
+    for (const v of this.pins.get(uuid) ?? []) v.expire('a full baseline is overwriting the mirror');
     this.pins.delete(uuid);
+    this.mirrors.get(uuid)?.pins.reset();
   }
 
   committed(m: MirrorDir): void {
@@ -177,7 +187,7 @@ export class MirrorExports implements ExportRegistry {
     const tree: BlockTree = m.view;
     const reader = snap === undefined ? tree : tree.snapshotReader(snap);
     if (!reader) return undefined;
-    return new MirrorView(this, uuid, m.committedCp, reader, m.label.sizeBytes, snap === undefined ? 'live' : `snapshot ${snap}`);
+    return new MirrorView(this, uuid, m.committedCp, m.committed!.raw, reader, m.label.sizeBytes, snap === undefined ? 'live' : `snapshot ${snap}`);
   }
 
   whyMissing(name: string): string | undefined {
@@ -193,6 +203,8 @@ export class MirrorExports implements ExportRegistry {
     let set = this.pins.get(v.sourceUuid);
     if (!set) this.pins.set(v.sourceUuid, (set = new Set()));
     set.add(v);
+    // Looked up at a CP a newer one has replaced since (during the handshake): the guard's map may lack it.
+    this.mirrors.get(v.sourceUuid)?.pins.pinnedLate(v.cp);
     this.report(v.sourceUuid);
   }
 
@@ -206,6 +218,24 @@ export class MirrorExports implements ExportRegistry {
     let min = -1;
     for (const v of this.pins.get(uuid) ?? []) if (!v.expired && (min === -1 || v.cp < min)) min = v.cp;
     return min;
+  }
+
+  oldPins(uuid: string, committedCp: number): Array<{ cp: number; superblock: Buffer }> {
+    const out = new Map<number, Buffer>();
+    for (const v of this.pins.get(uuid) ?? []) if (!v.expired && v.cp < committedCp) out.set(v.cp, v.superblock);
+    return [...out].map(([cp, superblock]) => ({ cp, superblock }));
+  }
+
+  release(uuid: string, cps: readonly number[], reason: string): void {
+    const set = this.pins.get(uuid);
+    if (!set) return;
+    for (const v of set) {
+      if (!cps.includes(v.cp)) continue;
+      set.delete(v);
+      this.log.warn({ source: uuid, cp: v.cp, reason }, 'mirror reader released: a newer CP writes blocks of the CP it reads (its connection is closed; a reconnect gets the newest CP)');
+      v.expire(`mirror CP ${v.cp} is being overwritten (${reason})`);
+    }
+    this.report(uuid);
   }
 
   private report(uuid: string): void {

@@ -27,7 +27,8 @@
  * - A CP (other than a full baseline) never writes a block the committed CP uses: the
  *   source allocates only from blocks free in its base, so such a write is a confused or
  *   hostile peer, refused before it lands (the committed CP's space map is kept in memory:
- *   two bits per device block).
+ *   two bits per device block). A block only an older CP a reader is pinned to uses is
+ *   written only after that reader was released (pins, pin-guard.ts).
  */
 import * as fs from 'fs';
 import * as path from 'path';
@@ -47,6 +48,7 @@ import { LABEL_NAME, readLabel, resolveIn } from '../volume/label';
 import { bitmapBytes, readActiveMap, readSummaryMap } from '../tree/spacemap-read';
 import { scrubRaid, type ScrubProgress, type ScrubReport } from '../raid/scrub';
 import { baseInUseTag } from './standing';
+import { PinGuard } from './pin-guard';
 
 export const MIRROR_LABEL_NAME = 'mirror.json';
 export const MIRROR_LOCK_NAME = 'mirror.lock';
@@ -392,6 +394,8 @@ export class MirrorDir {
   /** Bytes received from earlier connections. */
   bytesIn = 0;
   private lockFd: number;
+  /** Readers of older CPs, protected from the CPs that land after theirs (pin-guard.ts). */
+  readonly pins: PinGuard;
 
   private constructor(
     readonly dir: string,
@@ -403,6 +407,7 @@ export class MirrorDir {
   ) {
     this.lockFd = lockFd;
     this.baselinePartial = baselinePartial;
+    this.pins = new PinGuard(label.sourceUuid, (pba) => this.readBlock(pba), () => this.committedCp);
   }
 
   static async openOrCreate(root: string, hello: MirrorHello, logger: Logger): Promise<MirrorDir> {
@@ -640,6 +645,8 @@ export class MirrorDir {
     await this.dev.sync();
     const raw = Buffer.from(superblock);
     const view = await BlockTree.openView(this.dev, raw);
+    // The outgoing CP's map joins the pin guard's (if a reader keeps that CP) before it is updated in place.
+    if (this.committed && this.inUse && !this.baselinePartial) this.pins.retire(this.committed.sb, this.inUse);
     await this.loadInUse(d, this.baselinePartial ? undefined : this.committed?.sb);
     if (this.baselinePartial) await this.setBaselinePartial(undefined);
     // The committed CP and its view change together: a reader never gets one CP's label with another's root.

@@ -129,6 +129,8 @@ export interface ReceiverStats {
     recordsDropped: number;
     /** The first record dropped while the log drops them (its ring was full, until a CP covers them); 0: storing. */
     droppingFromSeq: number;
+    /** Export readers closed because a CP wrote blocks of the older CP they read (their source did not hold it; pin-guard.ts). */
+    readersReleased: number;
     cpsApplied: number;
     cpsAborted: number;
     blocksApplied: number;
@@ -971,6 +973,7 @@ export class MirrorReceiver {
         recordsStored: m.log.recordsStored,
         recordsDropped: m.log.recordsDropped,
         droppingFromSeq: m.log.droppingFromSeq,
+        readersReleased: m.pins.released,
         cpsApplied: m.cpsApplied,
         cpsAborted: m.cpsAborted,
         blocksApplied: m.blocksApplied,

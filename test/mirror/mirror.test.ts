@@ -602,10 +602,11 @@ describe('mirror: two hosts (network namespaces)', function () {
    * that CP is held), then the mirror again. `hidden`: the relationship file is moved aside
    * for that session (it does not know it has a mirror), so nothing holds the base.
    */
-  async function sessionWithoutMirror(hidden: boolean): Promise<{ s: Setup; destCp: number; log: string }> {
+  async function sessionWithoutMirror(hidden: boolean, o: { reader?: (s: Setup) => Promise<void>; firstAlone?: string } = {}): Promise<{ s: Setup; destCp: number; log: string }> {
     const s = await start('sync');
     sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x81 0 4M', `nbd+unix:///?socket=${s.srcSock}`]);
     await inSyncAndIdentical(s);
+    if (o.reader) await o.reader(s);
     const destCp = sourceStatus(s.src)!.destCp;
     await stop(s.source, 'SIGTERM');
     const logFrom = fs.statSync(path.join(tmp, 'sv.log')).size;
@@ -614,6 +615,10 @@ describe('mirror: two hosts (network namespaces)', function () {
     fs.rmSync(s.srcSock, { force: true });
     const alone = pair.spawn('a', BIN, ['serve', s.src, '--socket', s.srcSock, '--no-mirror', '--cp-interval', '1h'], { stdio: ['ignore', 'ignore', fs.openSync(path.join(tmp, 'sv.log'), 'a')] });
     await until('source socket', () => fs.existsSync(s.srcSock), 90_000);
+    if (o.firstAlone) {
+      sh('qemu-io', ['-f', 'raw', '-c', o.firstAlone, `nbd+unix:///?socket=${s.srcSock}`]);
+      assert.ok((await controlRequest(path.join(s.src, 'control.sock'), { op: 'checkpoint' }, 60_000)).ok);
+    }
     for (let i = 0; i < 12; i++) {
       sh('qemu-io', ['-f', 'raw', '-c', `write -P 0x${(0x82 + i).toString(16)} 0 4M`, `nbd+unix:///?socket=${s.srcSock}`]);
       const r = await controlRequest(path.join(s.src, 'control.sock'), { op: 'checkpoint' }, 60_000);
@@ -643,6 +648,43 @@ describe('mirror: two hosts (network namespaces)', function () {
     assert.doesNotMatch(log, /opened without the mirror/);
     assert.match(log, new RegExp(`"destCp":${destCp},"pba":\\d+,"msg":"this volume's copy of the destination's CP is damaged`));
     assert.strictEqual(baselines(), 2, 'a full baseline after the damaged base');
+  });
+
+  it('a reader pinned to an older CP its source no longer held: released before the resync writes its blocks (connection closed, logged), never EIO or changed data', async () => {
+    let reader: cp.ChildProcess | undefined;
+    let out = '';
+    const reads = (): number => (out.match(/read 4194304/g) ?? []).length;
+    try {
+      // The reader connects at the CP with 0x81; the source then holds that CP while it
+      // runs, but the session without the mirror holds only the destination's newest CP.
+      await sessionWithoutMirror(false, { reader: async (s) => {
+        reader = cp.spawn('qemu-io', ['-r', '-f', 'raw', `nbd+unix:///${s.uuid}?socket=${s.expSock}`], { stdio: ['pipe', 'pipe', 'pipe'] });
+        reader.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+        reader.stderr!.on('data', (d: Buffer) => (out += d.toString()));
+        reader.stdin!.write('read -P 0x81 0 4M\n');
+        await until('first read', () => reads() >= 1 || undefined);
+        // Its blocks freed, and its CP out of the source's superblock ring (8 slots) while the source holds it for the reader.
+        sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x80 0 4M', `nbd+unix:///?socket=${s.srcSock}`]);
+        for (let i = 0; i < 9; i++) {
+          sh('qemu-io', ['-f', 'raw', '-c', `write -P 0x7f ${16 + i}M 64k`, `nbd+unix:///?socket=${s.srcSock}`]);
+          assert.ok((await controlRequest(path.join(s.src, 'control.sock'), { op: 'checkpoint' }, 60_000)).ok);
+        }
+        await inSyncAndIdentical(s);
+      },
+      // The session's first CP allocates from the device's start: over the reader's freed blocks, and kept live.
+      firstAlone: 'write -P 0x7e 64M 4M' });
+      const rx = fs.readFileSync(path.join(tmp, 'rx.log'), 'utf8');
+      assert.match(rx, /"cp":\d+,"reason":"CP \d+ writes blocks \[\d+, \d+\) that CP \d+ still uses[^"]*","msg":"mirror reader released/);
+      reader!.stdin!.write('read -P 0x81 0 4M\n');
+      await until('second read fails', () => /failed|error/i.test(out) || undefined, 15_000);
+      assert.doesNotMatch(out, /Pattern verification failed/, 'the pinned reader saw its blocks change');
+      assert.equal(reads(), 1, 'a read after the release');
+      assert.doesNotMatch(rx, /checksum mismatch|does not verify/, 'a read of an overwritten block');
+      const st = JSON.parse(sh(BIN, ['status', path.join(tmp, 'dst'), '--json'])) as { mirrors: Array<{ readersReleased: number }> };
+      assert.equal(st.mirrors[0]!.readersReleased, 1);
+    } finally {
+      reader?.kill('SIGKILL');
+    }
   });
 
   it('a resync sends address blocks as deltas (against the base, or from zeroes for new ones): scattered 4k writes cost about their own bytes on the wire', async () => {
