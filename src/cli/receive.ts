@@ -13,9 +13,12 @@ import { hostPortArg, intArg, logLevelArg, onStopSignals, sizeRangeArg } from '.
 import { MemoryBudget } from '../nbd/budget';
 import { MEMORY_BUDGET_BYTES_DEFAULT, MEMORY_BUDGET_BYTES_MAX, MEMORY_BUDGET_BYTES_MIN } from '../nbd/limits';
 import { formatSize } from '../util/size';
+import { startServeMetrics, type ServeMetrics } from '../metrics/serve-metrics';
+import { registerReceiverMetrics } from '../mirror/metrics';
 
 interface ReceiveOpts extends LinkArgs {
   listen: { host: string; port: number };
+  metrics?: { host: string; port: number };
   exportListen?: { host: string; port: number };
   exportSocket?: string;
   readerPinMax: number;
@@ -37,6 +40,7 @@ export function registerReceive(program: Command): void {
     .option('--mirror-tls-key <FILE>', 'TLS private key (PEM)')
     .option('--mirror-tls-ca <FILE>', 'CA that signed the sources\' certificates (PEM)')
     .option('--mirror-insecure', 'accept plaintext, unauthenticated sources')
+    .option('--metrics <HOST:PORT>', 'serve Prometheus metrics at http://HOST:PORT/metrics (each mirror, the exports\' NBD server, the process)', hostPortArg)
     .option('--reader-pin-max <SECONDS>', 'longest a mirror reader may stay on one CP (its source keeps that CP\'s blocks meanwhile); then its reads fail and it must reconnect', intArg(1, 7 * 24 * 3600), PIN_HOLD_MS_MAX_DEFAULT / 1000)
     .addOption(
       new Option('--memory-budget <SIZE>', 'process-wide cap on mirror frames waiting to be applied (every source) and NBD request and reply bytes in flight (the exports); reading pauses while it is reached')
@@ -61,12 +65,19 @@ export function registerReceive(program: Command): void {
       const rx = new MirrorReceiver({ dir: abs, logger, exports, budget, ...(tlsOpts ? { tls: tlsOpts } : {}) });
       let nbd: NbdServer | undefined;
       let control: ControlServer | undefined;
+      let metrics: ServeMetrics | undefined;
       onStopSignals(async () => {
         await nbd?.close();
         await control?.close();
+        await metrics?.close();
         await rx.close();
         logger.info('stopped cleanly');
       }, logger);
+      if (o.metrics) {
+        // Before anything listens: a metrics address in use fails the start with one line.
+        metrics = await startServeMetrics(o.metrics, undefined);
+        registerReceiverMetrics(metrics.registry, rx);
+      }
       const addr = await rx.listen(o.listen.host, o.listen.port);
       control = await ControlServer.listen(path.join(abs, RECEIVER_SOCKET_NAME), async (req) => {
         if (req.op === 'status') return { receiver: { ...rx.stats(), standings: rx.standingsList() } };
@@ -76,7 +87,8 @@ export function registerReceive(program: Command): void {
       });
       const lines = [`nvmirror: receiving mirrors into ${abs} on ${o.listen.host}:${addr.port} (${sec.kind === 'insecure' ? 'plaintext' : `TLS ${sec.kind}`})`];
       if (o.exportListen || o.exportSocket) {
-        nbd = new NbdServer({ exports, logger, maxConnections: 128, budget, busyPollUs: o.busyPoll });
+        nbd = new NbdServer({ exports, logger, maxConnections: 128, budget, busyPollUs: o.busyPoll, ...(metrics ? { observer: metrics.nbd } : {}) });
+        metrics?.nbd.attachServer(nbd);
         if (o.exportSocket) {
           await nbd.listenUnix(path.resolve(o.exportSocket));
           lines.push(`  mirrors read-only at nbd+unix:///<source-uuid>?socket=${path.resolve(o.exportSocket)}`);
@@ -86,6 +98,7 @@ export function registerReceive(program: Command): void {
           lines.push(`  mirrors read-only at nbd://${o.exportListen.host}:${a.port}/<source-uuid>`);
         }
       }
+      if (metrics) lines.push(`  metrics: ${metrics.url}`);
       process.stdout.write(lines.join('\n') + '\n');
       logger.info({ dir: abs, port: addr.port }, 'receiving');
     });

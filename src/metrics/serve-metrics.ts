@@ -1,7 +1,7 @@
 /**
- * Metrics for `nvmirror serve --metrics HOST:PORT`: one registry holding the NBD
- * server's metrics, a volume directory's (engine) metrics and the process's, exposed
- * over HTTP. `registry` is the hook for what runs beside the server (the mirror) to
+ * Metrics for `nvmirror serve --metrics HOST:PORT` (and `receive --metrics`, without a
+ * volume): one registry holding the NBD server's metrics, a volume directory's (engine)
+ * metrics and the process's, exposed over HTTP. `registry` is the hook for what runs beside the server (the mirror) to
  * register its own counters and gauges.
  *
  * Invariants:
@@ -25,7 +25,7 @@ export interface ServeMetrics {
   close(): Promise<void>;
 }
 
-export async function startServeMetrics(listen: { host: string; port: number }, volume: Volume): Promise<ServeMetrics> {
+export async function startServeMetrics(listen: { host: string; port: number }, volume: Volume | undefined): Promise<ServeMetrics> {
   const registry = new MetricsRegistry();
   const nbd = new NbdMetrics(registry);
   if (volume instanceof EngineVolume) registerEngineMetrics(registry, volume);

@@ -4,7 +4,8 @@
  * opens the volume, so the relationship resumes with a resync instead of a baseline.
  *
  * - holdRecordedBase: re-holds that CP and every later one the superblock ring still has
- *   (the destination may have committed one of them, its ack lost). Used by the mirror
+ *   (the destination may have committed one of them, its ack lost), and the older CP a
+ *   reader of the destination was pinned to, if recorded. Used by the mirror
  *   source (source.ts) and, for `serve --no-mirror`, by DetachedBase.
  * - DetachedBase: the tree's CP sink while the volume is served without its mirror. It
  *   ships nothing; it keeps the base held (oldestNeededCp), so the session without the
@@ -27,6 +28,8 @@ export interface HeldBase {
   destCp: number;
   /** Its superblock as the relationship keeps it (once it has left the ring), if recorded. */
   superblock?: Buffer;
+  /** An older CP a reader of the destination was pinned to, held too. */
+  pinned?: { cp: number; superblock: Buffer };
 }
 
 /**
@@ -51,7 +54,16 @@ export async function holdRecordedBase(dir: string, tree: BlockTreeApi, log: Log
     const w = await tree.holdCommitted(c);
     if (w !== null) log.warn({ cp: c, reason: w }, 'a CP after the destination\'s cannot be held');
   }
-  return { destCp: rel.destCp, ...(kept ? { superblock: kept } : {}) };
+  // An older CP a reader of the destination was pinned to: held as the run before did, so
+  // that reader keeps its CP (if not, the destination releases it before the resync lands).
+  let pinned: { cp: number; superblock: Buffer } | undefined;
+  if (rel.pinnedCp !== undefined && rel.pinnedSuperblock !== undefined) {
+    const sb = Buffer.from(rel.pinnedSuperblock, 'base64');
+    const w = await tree.holdCommitted(rel.pinnedCp, sb);
+    if (w === null) pinned = { cp: rel.pinnedCp, superblock: sb };
+    else log.warn({ cp: rel.pinnedCp, reason: w }, 'the CP a reader of the destination is pinned to cannot be held: the destination releases that reader if a CP reuses its blocks');
+  }
+  return { destCp: rel.destCp, ...(kept ? { superblock: kept } : {}), ...(pinned ? { pinned } : {}) };
 }
 
 /**
@@ -86,7 +98,8 @@ export class DetachedBase implements CpSink {
   }
 
   oldestNeededCp(): number | undefined {
-    return this.held?.destCp;
+    const h = this.held;
+    return h ? Math.min(h.destCp, h.pinned?.cp ?? h.destCp) : undefined;
   }
 
   holdBroken(cp: number, reason: string): void {
@@ -96,7 +109,7 @@ export class DetachedBase implements CpSink {
     if (!rel) return;
     try {
       // At once, before any block is reused: a later session must not trust the old base.
-      const { destSuperblock: _sb, ...rest } = rel;
+      const { destSuperblock: _sb, pinnedCp: _p, pinnedSuperblock: _psb, ...rest } = rel;
       writeRelationship(this.dir, { ...rest, destCp: -1 });
     } catch (e) {
       this.log.error({ err: e instanceof Error ? e.message : String(e) }, 'cannot write the mirror state file');

@@ -226,16 +226,19 @@ export class MirrorExports implements ExportRegistry, PinnedReaders {
     return [...out].map(([cp, superblock]) => ({ cp, superblock }));
   }
 
-  release(uuid: string, cps: readonly number[], reason: string): void {
+  release(uuid: string, cps: readonly number[], reason: string): number {
     const set = this.pins.get(uuid);
-    if (!set) return;
+    if (!set) return 0;
+    let n = 0;
     for (const v of set) {
       if (!cps.includes(v.cp)) continue;
       set.delete(v);
+      n++;
       this.log.warn({ source: uuid, cp: v.cp, reason }, 'mirror reader released: a newer CP writes blocks of the CP it reads (its connection is closed; a reconnect gets the newest CP)');
       v.expire(`mirror CP ${v.cp} is being overwritten (${reason})`);
     }
     this.report(uuid);
+    return n;
   }
 
   private report(uuid: string): void {

@@ -1,9 +1,16 @@
 /**
- * The mirror source's figures in the Prometheus exposition of `serve --metrics`: read
- * from MirrorSource.stats() at each scrape (no per-write cost).
+ * The mirror's figures in the Prometheus exposition: the source's in `serve --metrics`
+ * (MirrorSource.stats()), the destination's in `receive --metrics` (MirrorReceiver.stats(),
+ * one series per source volume, labelled with its uuid). Read at each scrape: no
+ * per-write cost.
+ *
+ * Invariants:
+ * - Label values are bounded: states and kinds are fixed sets; a receiver's `source`
+ *   label is the uuid of a mirror it has open (the registry caps series per metric).
  */
 import type { MetricsRegistry } from '../metrics/registry';
 import type { MirrorSource } from './source';
+import type { ReceiverStats } from './receiver';
 
 const STATES = ['disconnected', 'baseline', 'resyncing', 'in-sync', 'behind', 'split-brain', 'promoted', 'mirror-ahead'] as const;
 
@@ -41,5 +48,51 @@ export function registerMirrorMetrics(registry: MetricsRegistry, mirror: MirrorS
     catchUpTotal.set(s.resync?.totalBytes ?? 0);
     catchUpRate.set(s.resync?.bytesPerSec ?? 0);
     rateLimit.set(s.rateLimitBytesPerSec ?? 0);
+  });
+}
+
+/** The destination's figures, per source volume (`receive --metrics`). */
+export function registerReceiverMetrics(registry: MetricsRegistry, receiver: { stats(): ReceiverStats }): void {
+  const connections = registry.gauge('nvmirror_receiver_sources_connected', 'Source connections open').labels();
+  const memory = registry.gauge('nvmirror_receiver_memory_budget_bytes', 'The process\'s memory budget (mirror frames waiting and export NBD bytes in flight)', ['kind']);
+  const connected = registry.gauge('nvmirror_receiver_source_connected', 'Whether the source of this mirror is connected', ['source']);
+  const committed = registry.gauge('nvmirror_receiver_committed_cp', 'The mirror\'s committed CP (-1: none)', ['source']);
+  const inconsistent = registry.gauge('nvmirror_receiver_baseline_partial', 'A full baseline is overwriting the mirror (1: its image is inconsistent, not exported)', ['source']);
+  const lastCommit = registry.gauge('nvmirror_receiver_last_commit_timestamp_seconds', 'When this receiver last committed a CP of the mirror (0: not since it started)', ['source']);
+  const logUsed = registry.gauge('nvmirror_receiver_log_used_bytes', 'Bytes of the source\'s log file in use', ['source']);
+  const dropping = registry.gauge('nvmirror_receiver_log_dropping', 'The log\'s ring is full and drops records until a CP covers them (1)', ['source']);
+  const records = registry.counter('nvmirror_receiver_records_total', 'Forwarded records, by what became of them', ['source', 'outcome']);
+  const cps = registry.counter('nvmirror_receiver_cps_total', 'CPs committed or abandoned by the source', ['source', 'outcome']);
+  const blocks = registry.counter('nvmirror_receiver_cp_blocks_total', 'CP blocks written, by how they travelled', ['source', 'as']);
+  const bytesIn = registry.counter('nvmirror_receiver_bytes_in_total', 'Bytes received from the source', ['source']);
+  const released = registry.counter('nvmirror_receiver_readers_released_total', 'Export readers closed because a CP wrote blocks of the older CP they read', ['source']);
+  const failing = registry.gauge('nvmirror_receiver_error', 'The last stream from the source was refused or could not be applied (1, until a CP commits)', ['source']);
+  registry.onCollect(() => {
+    const s = receiver.stats();
+    connections.set(s.connections);
+    if (s.memory) {
+      memory.labels('capacity').set(s.memory.budgetBytes);
+      memory.labels('used').set(s.memory.usedBytes);
+      memory.labels('peak').set(s.memory.peakBytes);
+    }
+    for (const m of s.mirrors) {
+      const u = m.sourceUuid;
+      connected.labels(u).set(m.connected ? 1 : 0);
+      committed.labels(u).set(m.committedCp);
+      inconsistent.labels(u).set(m.baselinePartial ? 1 : 0);
+      lastCommit.labels(u).set(m.lastCommitMs > 0 ? Math.round(m.lastCommitMs / 1000) : 0);
+      logUsed.labels(u).set(m.logUsedBytes);
+      dropping.labels(u).set(m.droppingFromSeq > 0 ? 1 : 0);
+      records.labels(u, 'stored').setTotal(m.recordsStored);
+      records.labels(u, 'dropped').setTotal(m.recordsDropped);
+      cps.labels(u, 'applied').setTotal(m.cpsApplied);
+      cps.labels(u, 'aborted').setTotal(m.cpsAborted);
+      blocks.labels(u, 'data').setTotal(m.blocksApplied);
+      blocks.labels(u, 'reference').setTotal(m.refsApplied);
+      blocks.labels(u, 'delta').setTotal(m.deltasApplied);
+      bytesIn.labels(u).setTotal(m.bytesIn);
+      released.labels(u).setTotal(m.readersReleased);
+      failing.labels(u).set(m.lastError !== undefined ? 1 : 0);
+    }
   });
 }

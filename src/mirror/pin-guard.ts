@@ -40,8 +40,8 @@ import { assert } from '../util/assert';
 export interface PinnedReaders {
   /** The distinct CPs older than `committedCp` live readers are pinned to, each with its superblock. */
   oldPins(uuid: string, committedCp: number): Array<{ cp: number; superblock: Buffer }>;
-  /** Ends every reader pinned to one of `cps`: its connection is closed with `reason` logged. */
-  release(uuid: string, cps: readonly number[], reason: string): void;
+  /** Ends every reader pinned to one of `cps` (its connection is closed, `reason` logged); returns how many. */
+  release(uuid: string, cps: readonly number[], reason: string): number;
 }
 
 function anySet(map: Buffer, pba: number, n: number): boolean {
@@ -156,10 +156,7 @@ export class PinGuard {
       orInto(next, active);
       orInto(next, summary);
     }
-    if (hit.length > 0) {
-      this.released += hit.length;
-      readers.release(this.uuid, hit, why);
-    }
+    if (hit.length > 0) this.released += readers.release(this.uuid, hit, why);
     this.map = next;
   }
 }

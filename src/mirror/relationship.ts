@@ -1,8 +1,11 @@
 /**
  * The mirror relationship as a source volume directory records it:
- * DIR/mirror-source.json = { peer, mode, policy, link, rateBytesPerSec?, destCp, destSuperblock, updatedMs }.
+ * DIR/mirror-source.json = { peer, mode, policy, link, rateBytesPerSec?, destCp, destSuperblock,
+ * pinnedCp?, pinnedSuperblock?, updatedMs }.
  * `serve DIR` resumes it without flags; `destCp` is the destination's CP whose blocks
- * this volume holds (-1: only a baseline can follow).
+ * this volume holds (-1: only a baseline can follow); `pinnedCp` an older CP a reader of
+ * the destination's export was pinned to, held too (a hint: a pin not held costs that
+ * reader its connection, never data: pin-guard.ts).
  *
  * Invariants:
  * - Written synchronously (a few KiB with the base's superblock, temp file + rename, no fsync) so two
@@ -31,6 +34,9 @@ export interface MirrorRelationship {
   destCp: number;
   /** That CP's superblock (base64), so it can be held again after a restart once it has left the ring. */
   destSuperblock?: string;
+  /** An older CP (< destCp) a reader of the destination was pinned to, held as well, with its superblock (base64). */
+  pinnedCp?: number;
+  pinnedSuperblock?: string;
 }
 
 /** Writes the relationship (throws on an I/O error; the caller logs it). */
@@ -51,6 +57,10 @@ export function readRelationship(dir: string): MirrorRelationship | undefined {
     const rel: MirrorRelationship = { peer: v.peer, mode: v.mode, policy: v.policy, link, destCp: typeof v.destCp === 'number' ? v.destCp : -1 };
     if (typeof v.rateBytesPerSec === 'number' && Number.isSafeInteger(v.rateBytesPerSec) && v.rateBytesPerSec >= RATE_MIN_BYTES_PER_SEC) rel.rateBytesPerSec = v.rateBytesPerSec;
     if (typeof v.destSuperblock === 'string' && v.destSuperblock.length <= 8192) rel.destSuperblock = v.destSuperblock;
+    if (typeof v.pinnedCp === 'number' && Number.isSafeInteger(v.pinnedCp) && v.pinnedCp >= 0 && v.pinnedCp < rel.destCp && typeof v.pinnedSuperblock === 'string' && v.pinnedSuperblock.length <= 8192) {
+      rel.pinnedCp = v.pinnedCp;
+      rel.pinnedSuperblock = v.pinnedSuperblock;
+    }
     return rel;
   } catch {
     return undefined;

@@ -201,6 +201,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private state: MirrorState = 'disconnected';
   /** The superblock of the destination's CP (persisted with it: holdCommitted needs it once that CP leaves the ring). */
   private destSuperblock: { cp: number; raw: Buffer } | undefined;
+  /** The superblock of pinnedCp, while known (setPinned). */
+  private pinnedSuperblock: { cp: number; raw: Buffer } | undefined;
   /** The CP this volume was promoted from (kept by a snapshot), offered as a failback base until the destination acknowledges a CP. */
   private promotedBase: { cp: number; root: Buffer } | undefined;
   /** Where the two sides stand, as the destination's last refusal said (standing.ts); cleared by a WELCOME. */
@@ -305,6 +307,11 @@ export class MirrorSource implements CpSink, ReplicaGate {
       this.holdValidFromCp = held.destCp;
       this.destCp = held.destCp;
       if (held.superblock) this.destSuperblock = { cp: held.destCp, raw: held.superblock };
+      if (held.pinned) {
+        // Until the WELCOME says where the destination's readers are now.
+        this.pinnedCp = held.pinned.cp;
+        this.pinnedSuperblock = { cp: held.pinned.cp, raw: held.pinned.superblock };
+      }
     }
     // A volume promoted from a mirror, with no relationship of its own yet: the CP it was
     // promoted from is kept by a snapshot, so a demoted old primary that holds it too
@@ -344,11 +351,24 @@ export class MirrorSource implements CpSink, ReplicaGate {
   // ---- the recorded relationship (relationship.ts) ----
 
   /** Names the destination's CP only while its blocks are held here (else -1: a baseline is due). */
+  /**
+   * The oldest CP the destination's readers are pinned to (-1: none). Its superblock is
+   * kept while it is the destination's CP (a reader pins the committed CP), so the pin
+   * can be recorded, and held again after a restart, once newer CPs land.
+   */
+  private setPinned(cp: number): void {
+    this.pinnedCp = cp;
+    if (cp >= 0 && this.pinnedSuperblock?.cp !== cp) this.pinnedSuperblock = this.destSuperblock?.cp === cp ? this.destSuperblock : undefined;
+    if (cp < 0) this.pinnedSuperblock = undefined;
+  }
+
   private saveState(): void {
     const destCp = this.destCp >= this.holdValidFromCp ? this.destCp : -1;
     const sb = destCp >= 0 && this.destSuperblock?.cp === destCp ? this.destSuperblock.raw.toString('base64') : undefined;
+    const p = this.pinnedSuperblock;
+    const pin = sb && p && p.cp === this.pinnedCp && p.cp < destCp ? { pinnedCp: p.cp, pinnedSuperblock: p.raw.toString('base64') } : {};
     try {
-      writeRelationship(this.o.dir, { peer: `${this.o.peer.host}:${this.o.peer.port}`, mode: this.o.mode, policy: this.o.policy, link: this.o.link, ...(this.o.rateBytesPerSec !== undefined ? { rateBytesPerSec: this.o.rateBytesPerSec } : {}), destCp, ...(sb ? { destSuperblock: sb } : {}) });
+      writeRelationship(this.o.dir, { peer: `${this.o.peer.host}:${this.o.peer.port}`, mode: this.o.mode, policy: this.o.policy, link: this.o.link, ...(this.o.rateBytesPerSec !== undefined ? { rateBytesPerSec: this.o.rateBytesPerSec } : {}), destCp, ...(sb ? { destSuperblock: sb } : {}), ...pin });
     } catch (e) {
       this.log.warn({ err: (e as Error).message }, 'cannot write the mirror state file');
     }
@@ -532,7 +552,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     }
     conn.shippedCp = w.committedCp;
     this.destRoot = w.root;
-    this.pinnedCp = w.oldestPinnedCp;
+    this.setPinned(w.oldestPinnedCp);
     this.heldSeq = w.heldSeq;
     // No ack is due for the stream's records while the catch-up runs (catchUpGap): the
     // catch-up has its own stall checks (the queue, the commit's ack).
@@ -589,7 +609,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
         this.saveState();
         return;
       case MsgType.Pin:
-        this.pinnedCp = m.oldestPinnedCp;
+        this.setPinned(m.oldestPinnedCp);
         return;
       case MsgType.ReadReq:
         if (this.answering >= READS_ANSWERED_MAX) {

@@ -149,7 +149,8 @@ describe('mirror: two hosts (network namespaces)', function () {
   // them on the event loop (the path TLS links take), checked here over plaintext too.
   for (const [mode, eventLoop] of [['sync', false], ['async', false], ['sync', true]] as const) {
     it(`${mode}${eventLoop ? ' (receiver on the event loop, NVMIRROR_MIRROR_NATIVE=0)' : ''}: after fio with verify the mirror's root equals the source's and both exports are byte-identical`, async () => {
-      const rx = { args: ['--log-level', 'debug'], ...(eventLoop ? { env: { NVMIRROR_MIRROR_NATIVE: '0' } } : {}) };
+      const withMetrics = mode === 'sync' && !eventLoop;
+      const rx = { args: ['--log-level', 'debug', ...(withMetrics ? ['--metrics', `127.0.0.1:${METRICS_PORT}`] : [])], ...(eventLoop ? { env: { NVMIRROR_MIRROR_NATIVE: '0' } } : {}) };
       const s = await start(mode, mode === 'sync' && !eventLoop ? ['--metrics', `127.0.0.1:${METRICS_PORT}`] : [], '256M', undefined, rx);
       const before = await txBytes(pair);
       sh('fio', ['--name=m', '--ioengine=nbd', `--uri=nbd+unix:///?socket=${s.srcSock}`, '--rw=randwrite', '--bs=4k', '--size=64M', '--io_size=16M',
@@ -210,6 +211,21 @@ describe('mirror: two hosts (network namespaces)', function () {
         assert.match(text, /^nvmirror_mirror_root_mismatches 0$/m);
         const refs = /^nvmirror_mirror_cp_blocks\{as="reference"\} (\d+)$/m.exec(text);
         assert.ok(refs && Number(refs[1]) > 0, 'no references counted in the metrics');
+        // The destination's, per source, and its exports' NBD server (the md5 reads above).
+        const rxText = (await pair.exec('b', 'node', ['-e', get], { timeoutMs: 10_000 })).stdout;
+        const one = (re: RegExp): number => {
+          const x = re.exec(rxText);
+          assert.ok(x, `${re.source} in the receiver's metrics:\n${rxText.slice(0, 3000)}`);
+          return Number(x[1]);
+        };
+        const src = `source="${s.uuid}"`;
+        assert.equal(one(new RegExp(`^nvmirror_receiver_committed_cp\\{${src}\\} (\\d+)$`, 'm')), sourceStatus(s.src)!.destCp);
+        assert.equal(one(new RegExp(`^nvmirror_receiver_source_connected\\{${src}\\} (\\d+)$`, 'm')), 1);
+        assert.ok(one(new RegExp(`^nvmirror_receiver_cp_blocks_total\\{${src},as="reference"\\} (\\d+)$`, 'm')) > 0);
+        assert.ok(one(new RegExp(`^nvmirror_receiver_records_total\\{${src},outcome="stored"\\} (\\d+)$`, 'm')) > 0);
+        assert.ok(one(new RegExp(`^nvmirror_receiver_bytes_in_total\\{${src}\\} (\\d+)$`, 'm')) >= 24 * 1024 * 1024);
+        assert.equal(one(new RegExp(`^nvmirror_receiver_baseline_partial\\{${src}\\} (\\d+)$`, 'm')), 0);
+        assert.ok(one(/^nvmirror_nbd_requests_total\{command="read"\} (\d+)$/m) > 0, 'the exports\' reads counted');
       }
       const v = sh(BIN, ['verify', s.src]);
       assert.match(v, /^identical at CP \d+ \(roots equal, superblocks equal\)$/m, v);
@@ -602,7 +618,7 @@ describe('mirror: two hosts (network namespaces)', function () {
    * that CP is held), then the mirror again. `hidden`: the relationship file is moved aside
    * for that session (it does not know it has a mirror), so nothing holds the base.
    */
-  async function sessionWithoutMirror(hidden: boolean, o: { reader?: (s: Setup) => Promise<void>; firstAlone?: string } = {}): Promise<{ s: Setup; destCp: number; log: string }> {
+  async function sessionWithoutMirror(hidden: boolean, o: { reader?: (s: Setup) => Promise<void>; stopped?: (s: Setup) => void; firstAlone?: string } = {}): Promise<{ s: Setup; destCp: number; log: string }> {
     const s = await start('sync');
     sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x81 0 4M', `nbd+unix:///?socket=${s.srcSock}`]);
     await inSyncAndIdentical(s);
@@ -611,6 +627,7 @@ describe('mirror: two hosts (network namespaces)', function () {
     await stop(s.source, 'SIGTERM');
     const logFrom = fs.statSync(path.join(tmp, 'sv.log')).size;
     const relFile = path.join(s.src, 'mirror-source.json');
+    o.stopped?.(s);
     if (hidden) fs.renameSync(relFile, `${relFile}.aside`);
     fs.rmSync(s.srcSock, { force: true });
     const alone = pair.spawn('a', BIN, ['serve', s.src, '--socket', s.srcSock, '--no-mirror', '--cp-interval', '1h'], { stdio: ['ignore', 'ignore', fs.openSync(path.join(tmp, 'sv.log'), 'a')] });
@@ -650,41 +667,71 @@ describe('mirror: two hosts (network namespaces)', function () {
     assert.strictEqual(baselines(), 2, 'a full baseline after the damaged base');
   });
 
-  it('a reader pinned to an older CP its source no longer held: released before the resync writes its blocks (connection closed, logged), never EIO or changed data', async () => {
+  /**
+   * A reader of the mirror pinned to the CP with 0x81; 0x80 over it and nine more CPs (that
+   * CP leaves the source's superblock ring while the source holds it for the reader); the
+   * source stops, a session without the mirror whose first CP allocates from the device's
+   * start (over that CP's blocks unless they are held) and keeps them live; then the
+   * resync. `forgetPin`: the pin is struck from the relationship file before that session
+   * (a source that did not record it). Returns the reader's second read of 0x81.
+   */
+  async function readerAcrossSessionWithoutMirror(forgetPin: boolean): Promise<{ out: string; reads: number; rx: string }> {
     let reader: cp.ChildProcess | undefined;
     let out = '';
+    let pinnedCp = -1;
     const reads = (): number => (out.match(/read 4194304/g) ?? []).length;
     try {
-      // The reader connects at the CP with 0x81; the source then holds that CP while it
-      // runs, but the session without the mirror holds only the destination's newest CP.
-      await sessionWithoutMirror(false, { reader: async (s) => {
-        reader = cp.spawn('qemu-io', ['-r', '-f', 'raw', `nbd+unix:///${s.uuid}?socket=${s.expSock}`], { stdio: ['pipe', 'pipe', 'pipe'] });
-        reader.stdout!.on('data', (d: Buffer) => (out += d.toString()));
-        reader.stderr!.on('data', (d: Buffer) => (out += d.toString()));
-        reader.stdin!.write('read -P 0x81 0 4M\n');
-        await until('first read', () => reads() >= 1 || undefined);
-        // Its blocks freed, and its CP out of the source's superblock ring (8 slots) while the source holds it for the reader.
-        sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x80 0 4M', `nbd+unix:///?socket=${s.srcSock}`]);
-        for (let i = 0; i < 9; i++) {
-          sh('qemu-io', ['-f', 'raw', '-c', `write -P 0x7f ${16 + i}M 64k`, `nbd+unix:///?socket=${s.srcSock}`]);
-          assert.ok((await controlRequest(path.join(s.src, 'control.sock'), { op: 'checkpoint' }, 60_000)).ok);
-        }
-        await inSyncAndIdentical(s);
-      },
-      // The session's first CP allocates from the device's start: over the reader's freed blocks, and kept live.
-      firstAlone: 'write -P 0x7e 64M 4M' });
-      const rx = fs.readFileSync(path.join(tmp, 'rx.log'), 'utf8');
-      assert.match(rx, /"cp":\d+,"reason":"CP \d+ writes blocks \[\d+, \d+\) that CP \d+ still uses[^"]*","msg":"mirror reader released/);
+      await sessionWithoutMirror(false, {
+        reader: async (s) => {
+          reader = cp.spawn('qemu-io', ['-r', '-f', 'raw', `nbd+unix:///${s.uuid}?socket=${s.expSock}`], { stdio: ['pipe', 'pipe', 'pipe'] });
+          reader.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+          reader.stderr!.on('data', (d: Buffer) => (out += d.toString()));
+          reader.stdin!.write('read -P 0x81 0 4M\n');
+          await until('first read', () => reads() >= 1 || undefined);
+          const pinned = sourceStatus(s.src)!.destCp;
+          sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x80 0 4M', `nbd+unix:///?socket=${s.srcSock}`]);
+          for (let i = 0; i < 9; i++) {
+            sh('qemu-io', ['-f', 'raw', '-c', `write -P 0x7f ${16 + i}M 64k`, `nbd+unix:///?socket=${s.srcSock}`]);
+            assert.ok((await controlRequest(path.join(s.src, 'control.sock'), { op: 'checkpoint' }, 60_000)).ok);
+          }
+          await inSyncAndIdentical(s);
+          pinnedCp = pinned;
+        },
+        stopped: (s) => {
+          const relFile = path.join(s.src, 'mirror-source.json');
+          const rel = JSON.parse(fs.readFileSync(relFile, 'utf8')) as Record<string, unknown>;
+          assert.equal(rel.pinnedCp, pinnedCp, 'the reader\'s CP is recorded with the relationship');
+          if (forgetPin) {
+            delete rel.pinnedCp;
+            delete rel.pinnedSuperblock;
+            fs.writeFileSync(relFile, JSON.stringify(rel));
+          }
+        },
+        firstAlone: 'write -P 0x7e 64M 4M',
+      });
       reader!.stdin!.write('read -P 0x81 0 4M\n');
-      await until('second read fails', () => /failed|error/i.test(out) || undefined, 15_000);
+      await until('second read', () => reads() >= 2 || /failed|error/i.test(out) || undefined, 15_000);
       assert.doesNotMatch(out, /Pattern verification failed/, 'the pinned reader saw its blocks change');
-      assert.equal(reads(), 1, 'a read after the release');
-      assert.doesNotMatch(rx, /checksum mismatch|does not verify/, 'a read of an overwritten block');
-      const st = JSON.parse(sh(BIN, ['status', path.join(tmp, 'dst'), '--json'])) as { mirrors: Array<{ readersReleased: number }> };
-      assert.equal(st.mirrors[0]!.readersReleased, 1);
+      return { out, reads: reads(), rx: fs.readFileSync(path.join(tmp, 'rx.log'), 'utf8') };
     } finally {
       reader?.kill('SIGKILL');
     }
+  }
+
+  it('a reader pinned to an older CP keeps it across a restart of the source and a session without the mirror (the pin is recorded and held)', async () => {
+    const { out, reads, rx } = await readerAcrossSessionWithoutMirror(false);
+    assert.equal(reads, 2, `the reader's second read: ${out}`);
+    assert.doesNotMatch(rx, /mirror reader released/);
+  });
+
+  it('a reader pinned to an older CP its source no longer held: released before the resync writes its blocks (connection closed, logged), never EIO or changed data', async () => {
+    const { out, reads, rx } = await readerAcrossSessionWithoutMirror(true);
+    assert.match(rx, /"cp":\d+,"reason":"CP \d+ writes blocks \[\d+, \d+\) that CP \d+ still uses[^"]*","msg":"mirror reader released/);
+    assert.equal(reads, 1, `a read after the release: ${out}`);
+    assert.match(out, /read failed/);
+    assert.doesNotMatch(rx, /checksum mismatch|does not verify/, 'a read of an overwritten block');
+    const st = JSON.parse(sh(BIN, ['status', path.join(tmp, 'dst'), '--json'])) as { mirrors: Array<{ readersReleased: number }> };
+    assert.equal(st.mirrors[0]!.readersReleased, 1);
   });
 
   it('a resync sends address blocks as deltas (against the base, or from zeroes for new ones): scattered 4k writes cost about their own bytes on the wire', async () => {
