@@ -136,6 +136,7 @@ export function formatMirror(m: MirrorSourceStats): string[] {
     const limit = m.rateLimitBytesPerSec !== undefined ? `, limit ${formatSize(m.rateLimitBytesPerSec)}/s` : '';
     lines.push(`           ${r.baseCp < 0 ? 'baseline' : `resync from CP ${r.baseCp}`} to CP ${r.targetCp}: ${formatSize(r.blocksSent * 4096)}${of} sent, ${formatSize(r.bytesPerSec)}/s${limit}${eta}`);
   }
+  if (m.readerPinnedCp >= 0 && m.readerPinnedCp < m.destCp) lines.push(`           CP ${m.readerPinnedCp} held here too: a reader of the mirror is on it`);
   if (m.standing) lines.push(`           ${standingLine(m.standing, 'source')}`);
   if (m.lastError && m.state !== 'in-sync') lines.push(`           last error: ${m.lastError}`);
   return lines;
@@ -205,6 +206,7 @@ export function formatReceiver(dir: string, r: ReceiverStats & { directories?: R
     const st = r.standings?.find((x) => x.sourceUuid === m.sourceUuid);
     if (st) lines.push(`           ${standingLine(st, 'destination')}`);
     if (m.lastError) lines.push(`           last error: ${m.lastError}`);
+    if (m.readers > 0) lines.push(`           ${m.readers} reader(s) of the export; the oldest on CP ${m.oldestPinnedCp} (the source holds it), the longest for ${Math.round(m.longestPinMs / 1000)} s`);
     if (m.readersReleased > 0) lines.push(`           ${m.readersReleased} reader(s) of older CPs released: a CP wrote blocks their CP used (the source did not hold it)`);
     if (m.raid) lines.push(...formatRaid(m.raid));
   }

@@ -220,6 +220,18 @@ export class MirrorExports implements ExportRegistry, PinnedReaders {
     return min;
   }
 
+  /** The live readers of a mirror: how many, the oldest CP one is pinned to (-1: none), and the longest pin so far. */
+  readerStats(uuid: string): { readers: number; oldestPinnedCp: number; longestPinMs: number } {
+    let readers = 0;
+    let since = Infinity;
+    for (const v of this.pins.get(uuid) ?? []) {
+      if (v.expired) continue;
+      readers++;
+      since = Math.min(since, v.sinceMs);
+    }
+    return { readers, oldestPinnedCp: this.oldestPinnedCp(uuid), longestPinMs: readers > 0 ? Math.max(0, Date.now() - since) : 0 };
+  }
+
   oldPins(uuid: string, committedCp: number): Array<{ cp: number; superblock: Buffer }> {
     const out = new Map<number, Buffer>();
     for (const v of this.pins.get(uuid) ?? []) if (!v.expired && v.cp < committedCp) out.set(v.cp, v.superblock);

@@ -29,6 +29,7 @@ export function registerMirrorMetrics(registry: MetricsRegistry, mirror: MirrorS
   const catchUpTotal = registry.gauge('nvmirror_mirror_catchup_total_bytes', 'What the running baseline will send, about (0: none running, or a resync)').labels();
   const catchUpRate = registry.gauge('nvmirror_mirror_catchup_bytes_per_second', 'The running baseline\'s or resync\'s rate (0: none running)').labels();
   const rateLimit = registry.gauge('nvmirror_mirror_rate_limit_bytes_per_second', 'The --mirror-rate cap on baselines and resyncs (0: none)').labels();
+  const readerPinned = registry.gauge('nvmirror_mirror_reader_pinned_cp', 'The oldest CP a reader of the destination\'s export is pinned to, held here (-1: none)').labels();
   registry.onCollect(() => {
     const s = mirror.stats();
     for (const st of STATES) state.labels(st).set(s.state === st ? 1 : 0);
@@ -48,6 +49,7 @@ export function registerMirrorMetrics(registry: MetricsRegistry, mirror: MirrorS
     catchUpTotal.set(s.resync?.totalBytes ?? 0);
     catchUpRate.set(s.resync?.bytesPerSec ?? 0);
     rateLimit.set(s.rateLimitBytesPerSec ?? 0);
+    readerPinned.set(s.readerPinnedCp);
   });
 }
 
@@ -66,6 +68,9 @@ export function registerReceiverMetrics(registry: MetricsRegistry, receiver: { s
   const blocks = registry.counter('nvmirror_receiver_cp_blocks_total', 'CP blocks written, by how they travelled', ['source', 'as']);
   const bytesIn = registry.counter('nvmirror_receiver_bytes_in_total', 'Bytes received from the source', ['source']);
   const released = registry.counter('nvmirror_receiver_readers_released_total', 'Export readers closed because a CP wrote blocks of the older CP they read', ['source']);
+  const readers = registry.gauge('nvmirror_receiver_readers', 'Export connections reading the mirror (each pinned to the CP it connected at)', ['source']);
+  const oldestPin = registry.gauge('nvmirror_receiver_oldest_pinned_cp', 'The oldest CP a reader is pinned to, held on the source (-1: none)', ['source']);
+  const longestPin = registry.gauge('nvmirror_receiver_longest_pin_seconds', 'How long the longest-pinned reader has been on its CP (0: none)', ['source']);
   const failing = registry.gauge('nvmirror_receiver_error', 'The last stream from the source was refused or could not be applied (1, until a CP commits)', ['source']);
   registry.onCollect(() => {
     const s = receiver.stats();
@@ -93,6 +98,9 @@ export function registerReceiverMetrics(registry: MetricsRegistry, receiver: { s
       bytesIn.labels(u).setTotal(m.bytesIn);
       released.labels(u).setTotal(m.readersReleased);
       failing.labels(u).set(m.lastError !== undefined ? 1 : 0);
+      readers.labels(u).set(m.readers);
+      oldestPin.labels(u).set(m.oldestPinnedCp);
+      longestPin.labels(u).set(Math.round(m.longestPinMs / 1000));
     }
   });
 }

@@ -131,6 +131,10 @@ export interface ReceiverStats {
     droppingFromSeq: number;
     /** Export readers closed because a CP wrote blocks of the older CP they read (their source did not hold it; pin-guard.ts). */
     readersReleased: number;
+    /** Export connections reading this mirror, each pinned to a CP (the oldest is held on the source), and the longest pin (ms). */
+    readers: number;
+    oldestPinnedCp: number;
+    longestPinMs: number;
     cpsApplied: number;
     cpsAborted: number;
     blocksApplied: number;
@@ -974,6 +978,7 @@ export class MirrorReceiver {
         recordsDropped: m.log.recordsDropped,
         droppingFromSeq: m.log.droppingFromSeq,
         readersReleased: m.pins.released,
+        ...(this.exports?.readerStats(m.label.sourceUuid) ?? { readers: 0, oldestPinnedCp: -1, longestPinMs: 0 }),
         cpsApplied: m.cpsApplied,
         cpsAborted: m.cpsAborted,
         blocksApplied: m.blocksApplied,

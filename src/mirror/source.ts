@@ -151,6 +151,8 @@ export interface MirrorSourceStats {
   lastError: string | undefined;
   /** Which side is primary and current, the last common CP, what each wrote since (undefined: not known yet). */
   standing: Standing | undefined;
+  /** The oldest CP a reader of the destination's export is pinned to, held here too (-1: none). */
+  readerPinnedCp: number;
 }
 
 interface Waiter {
@@ -1345,6 +1347,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
         : undefined,
       lastError: this.lastError,
       standing: this.standingNow(tree.cpNumber, conn !== undefined && !conn.closed),
+      readerPinnedCp: this.pinnedCp,
     };
   }
 

@@ -46,6 +46,7 @@ export interface MirrorStats {
   lastError?: string;
   heldSeq: number;
   lastSeq: number;
+  readerPinnedCp: number;
   /** Which side is primary and current (src/mirror/standing.ts). */
   standing?: { kind: string; current: string; commonCp: number; sourceCp: number; destinationCp: number; sourceSeq: number; destinationSeq: number };
 }

@@ -696,6 +696,13 @@ describe('mirror: two hosts (network namespaces)', function () {
           }
           await inSyncAndIdentical(s);
           pinnedCp = pinned;
+          // Both sides say which CP a reader keeps held (the md5 reads above have disconnected).
+          assert.equal(sourceStatus(s.src)!.readerPinnedCp, pinned);
+          assert.match(sh(BIN, ['status', s.src]), new RegExp(`^ +CP ${pinned} held here too: a reader of the mirror is on it$`, 'm'));
+          const rxSt = (JSON.parse(sh(BIN, ['status', path.join(tmp, 'dst'), '--json'])) as { mirrors: Array<{ readers: number; oldestPinnedCp: number; longestPinMs: number }> }).mirrors[0]!;
+          assert.deepEqual([rxSt.readers, rxSt.oldestPinnedCp], [1, pinned]);
+          assert.ok(rxSt.longestPinMs > 0);
+          assert.match(sh(BIN, ['status', path.join(tmp, 'dst')]), new RegExp(`^ +1 reader\\(s\\) of the export; the oldest on CP ${pinned} \\(the source holds it\\), the longest for \\d+ s$`, 'm'));
         },
         stopped: (s) => {
           const relFile = path.join(s.src, 'mirror-source.json');
