@@ -29,6 +29,10 @@
  * - Memory: one bitmap of one bit per device block while a reader is pinned to an old CP
  *   (pages untouched where nothing is set); a resolve reads one old CP's maps at a time
  *   into two more.
+ * - Cost: nothing per write while no reader is on an old CP; otherwise a bit test per
+ *   block. A resolve reads the whole space map of each distinct old pinned CP (at most one
+ *   per export connection) while the CP being applied waits: it happens when a source did
+ *   not hold a pinned CP, or once after the pinned set shrank.
  */
 import type { Superblock } from '../tree/layout';
 import { decodeSuperblock } from '../tree/layout';
