@@ -542,6 +542,22 @@ describe('mirror failover: promote (two hosts)', function () {
     const served = await servePromoted(s.uuid, 'pdp');
     sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x22 32M 1M', `nbd+unix:///?socket=${served.sock}`]);
     await stopGracefully(served.proc);
+    // The base CP is kept whole by the promote's snapshot: taken in a CP that changes no
+    // block, it names the base's own root and space-map root, so none of the base's blocks
+    // (data, address or space map) is reused while the promoted side runs alone.
+    const role = JSON.parse(fs.readFileSync(path.join(promotedDir, 'role.json'), 'utf8')) as { baseSuperblock: string; baseSnapshot: string };
+    const base = decodeSuperblock(Buffer.from(role.baseSuperblock, 'base64'));
+    const ring = Buffer.alloc(RING_SLOTS * BLOCK);
+    const mfd = fs.openSync(path.join(promotedDir, 'member-0.img'), 'r');
+    fs.readSync(mfd, ring, 0, ring.length, 0);
+    fs.closeSync(mfd);
+    const newest = Array.from({ length: RING_SLOTS }, (_, i) => decodeSuperblock(ring.subarray(i * BLOCK, (i + 1) * BLOCK)))
+      .filter((d) => typeof d !== 'string' && d.volumeUuid === s.uuid)
+      .reduce((a, b) => (typeof b !== 'string' && (typeof a === 'string' || b.cpNumber > a.cpNumber) ? b : a));
+    assert.ok(typeof base !== 'string' && typeof newest !== 'string' && newest.cpNumber > base.cpNumber);
+    const snap = newest.snapshots.find((x) => x.name === role.baseSnapshot);
+    assert.ok(snap, `the promoted volume keeps the snapshot ${role.baseSnapshot}`);
+    assert.deepEqual([snap.root, snap.smapRoot], [base.root, base.smapRoot], 'the snapshot names the base CP\'s own tree and space map');
     const old = await startSource(s, 'svdp2', []);
     sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x23 40M 2M', `nbd+unix:///?socket=${s.sock}`]);
     assert.ok((await controlRequest(path.join(s.dir, 'control.sock'), { op: 'checkpoint' }, 60_000)).ok);
