@@ -73,6 +73,11 @@ abstract class Family<S> {
     return e.s;
   }
 
+  /** Drops the series whose label values `gone` picks (e.g. a mirror the receiver no longer has). */
+  removeWhere(gone: (values: readonly string[]) => boolean): void {
+    for (const [k, e] of this.series) if (gone(e.values)) this.series.delete(k);
+  }
+
   protected abstract lines(out: string[], values: readonly string[], s: S): void;
 
   expose(out: string[]): void {

@@ -6,7 +6,8 @@
  *
  * Invariants:
  * - Label values are bounded: states and kinds are fixed sets; a receiver's `source`
- *   label is the uuid of a mirror it has open (the registry caps series per metric).
+ *   label is the uuid of a mirror it has open (the registry caps series per metric), and
+ *   a mirror's series leave with it.
  */
 import type { MetricsRegistry } from '../metrics/registry';
 import type { MirrorSource } from './source';
@@ -72,8 +73,12 @@ export function registerReceiverMetrics(registry: MetricsRegistry, receiver: { s
   const oldestPin = registry.gauge('nvmirror_receiver_oldest_pinned_cp', 'The oldest CP a reader is pinned to, held on the source (-1: none)', ['source']);
   const longestPin = registry.gauge('nvmirror_receiver_longest_pin_seconds', 'How long the longest-pinned reader has been on its CP (0: none)', ['source']);
   const failing = registry.gauge('nvmirror_receiver_error', 'The last stream from the source was refused or could not be applied (1, until a CP commits)', ['source']);
+  const perSource = [connected, committed, inconsistent, lastCommit, logUsed, dropping, records, cps, blocks, bytesIn, released, readers, oldestPin, longestPin, failing];
   registry.onCollect(() => {
     const s = receiver.stats();
+    // A mirror the receiver no longer has (promoted, released) leaves the exposition.
+    const open = new Set(s.mirrors.map((m) => m.sourceUuid));
+    for (const f of perSource) f.removeWhere((v) => !open.has(v[0]!));
     connections.set(s.connections);
     if (s.memory) {
       memory.labels('capacity').set(s.memory.budgetBytes);

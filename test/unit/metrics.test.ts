@@ -11,6 +11,8 @@ import { errorKind } from '../../src/nbd/errors';
 import * as P from '../../src/nbd/protocol';
 import { VolumeError } from '../../src/util/errors';
 import { parseExposition } from '../e2e/exposition';
+import { registerReceiverMetrics } from '../../src/mirror/metrics';
+import type { ReceiverStats } from '../../src/mirror/receiver';
 
 describe('metrics registry', function () {
   it('exposes counters, gauges and histograms in a text format that parses', function () {
@@ -66,6 +68,30 @@ describe('metrics registry', function () {
     assert.equal(parseExposition(r.expose()).get('t_mirror_lag_cps'), 3);
     assert.throws(() => r.gauge('t_mirror_lag_cps', 'again'), /registered twice/);
     assert.throws(() => r.gauge('bad-name', 'x'), /bad metric name/);
+  });
+});
+
+describe('receiver metrics (receive --metrics)', function () {
+  it('one series per mirror the receiver has open; a mirror it no longer has leaves the exposition', function () {
+    const mirror = (uuid: string, cp: number): ReceiverStats['mirrors'][number] => ({
+      sourceUuid: uuid, dir: `/m/${uuid}`, connected: true, committedCp: cp, root: '', heldSeq: 0, durableSeq: 0, logUsedBytes: 4096, recordsStored: 10, recordsDropped: 0,
+      droppingFromSeq: 0, readersReleased: 1, readers: 2, oldestPinnedCp: cp - 1, longestPinMs: 3000, cpsApplied: cp, cpsAborted: 0, blocksApplied: 5, refsApplied: 6,
+      deltasApplied: 7, bytesIn: 1 << 20, baselinePartial: false, lastCommitMs: 1_700_000_000_000, lastError: undefined,
+    });
+    let stats: ReceiverStats = { connections: 2, mirrors: [mirror('a', 12), mirror('b', 30)] };
+    const r = new MetricsRegistry();
+    registerReceiverMetrics(r, { stats: () => stats });
+    let text = r.expose();
+    assert.match(text, /^nvmirror_receiver_committed_cp\{source="a"\} 12$/m);
+    assert.match(text, /^nvmirror_receiver_cp_blocks_total\{source="b",as="reference"\} 6$/m);
+    assert.match(text, /^nvmirror_receiver_oldest_pinned_cp\{source="b"\} 29$/m);
+    assert.match(text, /^nvmirror_receiver_longest_pin_seconds\{source="a"\} 3$/m);
+    assert.equal(parseExposition(text).get('nvmirror_receiver_sources_connected'), 2);
+    stats = { connections: 1, mirrors: [mirror('b', 31)] }; // a was promoted: the receiver let it go
+    text = r.expose();
+    assert.doesNotMatch(text, /source="a"/);
+    assert.match(text, /^nvmirror_receiver_committed_cp\{source="b"\} 31$/m);
+    parseExposition(text);
   });
 });
 
