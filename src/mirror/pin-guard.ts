@@ -37,7 +37,7 @@
 import type { Superblock } from '../tree/layout';
 import { decodeSuperblock } from '../tree/layout';
 import { bitmapBytes, readActiveMap, readSummaryMap, type ReadBlock } from '../tree/spacemap-read';
-import { orInto } from '../util/bitmap';
+import { orInto, testBit } from '../util/bitmap';
 import { assert } from '../util/assert';
 
 /** The exports' side: which readers are pinned where, and ending them. */
@@ -49,7 +49,7 @@ export interface PinnedReaders {
 }
 
 function anySet(map: Buffer, pba: number, n: number): boolean {
-  for (let p = pba; p < pba + n; p++) if ((map[p >>> 3]! & (1 << (p & 7))) !== 0) return true;
+  for (let p = pba; p < pba + n; p++) if (testBit(map, p)) return true;
   return false;
 }
 
