@@ -36,7 +36,7 @@ import type { Logger } from 'pino';
 import { FileBlockDevice, syncDirectory, writeFileDurably } from '../io/file-device';
 import { WRITE_PARTS_MAX, type BlockDevice, type WriteHint } from '../io/types';
 import { RaidGeometry, type RaidLevel } from '../raid/geometry';
-import { openRaidMembers } from '../raid/members';
+import { openRaidMembers } from '../volume/raid-members';
 import { RaidDevice } from '../raid/raid-device';
 import { RAID_JOURNAL_NAME } from '../raid/journal-file';
 import * as native from '../io/native';

@@ -22,7 +22,7 @@ import * as zlib from 'zlib';
 import { crc32cBlocks, crc32cWide } from '../io/native';
 import { crc32cAppendBlock } from '../io/checksum';
 import { assert } from '../util/assert';
-import { bytesToUuid, uuidToBytes } from '../tree/layout';
+import { bytesToUuid, uuidToBytes } from '../util/bytes';
 import { LINEAGE_ENTRIES_MAX, lineageProblem, type Generation } from '../tree/lineage';
 import type { FrameSlab, SlabPool } from './slab-pool';
 

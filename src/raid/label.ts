@@ -20,7 +20,7 @@
 import { assert } from '../util/assert';
 import { BLOCK_SIZE_BYTES } from '../io/types';
 import { crc32c } from '../io/checksum';
-import { bytesToUuid, readU64, uuidToBytes, writeU64 } from '../tree/layout';
+import { bytesToUuid, readU64, uuidToBytes, writeU64 } from '../util/bytes';
 import { LABEL_COPIES, MEMBERS_MAX, RAID_LEVELS, geometryProblem, type RaidLevel } from './geometry';
 
 export const RAID_LABEL_MAGIC = Buffer.from('NVMRAIDL', 'latin1');

@@ -160,7 +160,7 @@ export interface RaidDeviceOptions {
   pendingBytesMax?: number;
   /** Parity work (default: the thread pool; the simulator injects PARITY_INLINE). */
   parity?: ParityOps;
-  /** Some member's label names another uuid (see members.ts OpenRaidExtra.formerUuid): relabel every member at the next sync(). */
+  /** Some member's label names another uuid (see volume/raid-members.ts OpenRaidExtra.formerUuid): relabel every member at the next sync(). */
   relabel?: boolean;
   /** Partial stripes go through this journal before they reach the members (no write hole); replay it with replayJournal() after open. */
   journal?: StripeJournal;

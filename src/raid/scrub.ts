@@ -34,10 +34,20 @@
 import type { BlockDevice, Clock } from '../io/types';
 import { BLOCK_SIZE_BYTES } from '../io/types';
 import { setBit, testBit } from '../util/bitmap';
-import type { BlockTree } from '../tree/tree';
 import { forEachLimit } from '../util/work';
 import { assert } from '../util/assert';
 import type { RaidDevice } from './raid-device';
+
+/**
+ * What a scrub needs of the tree above the RAID (the tree passes itself): the blocks in
+ * use, and a check of every root that reads through a given device.
+ */
+export interface ScrubbedTree {
+  /** One bit per device block, set where the live state or a snapshot uses it. */
+  usedBitmap(): Buffer;
+  /** Reads every reachable block through `dev`, verifying each against its parent's checksum. */
+  check(onBlocksRead: (blocks: number) => void, dev: BlockDevice): Promise<{ ok: boolean; problems: string[]; blocksReachable: number }>;
+}
 
 const B = BLOCK_SIZE_BYTES;
 const SCRUB_STRIPES_IN_FLIGHT = 4;
@@ -183,7 +193,7 @@ export interface ScrubOptions {
 }
 
 /** Runs a scrub over a tree mounted on `raid`. Refuses a second scrub of the same device at once. */
-export async function scrubRaid(tree: BlockTree, raid: RaidDevice, opts: ScrubOptions): Promise<ScrubReport> {
+export async function scrubRaid(tree: ScrubbedTree, raid: RaidDevice, opts: ScrubOptions): Promise<ScrubReport> {
   const state = states.get(raid) ?? {};
   if (state.running) throw new Error('a scrub of this volume is already running');
   const repair = opts.repair;

@@ -29,9 +29,10 @@ import { assert } from '../util/assert';
 import { allocAligned } from '../io/aligned';
 import { crc32c } from '../io/checksum';
 import {
-  BLOCK, BlockPtr, FANOUT, NODE_TYPE_DATA_TREE, NODE_TYPE_SPACE_MAP, decodePtr, decodeSuperblock, ptrSlotOffset, uuidToBytes, verifyNode,
+  BLOCK, BlockPtr, FANOUT, NODE_TYPE_DATA_TREE, NODE_TYPE_SPACE_MAP, decodePtr, decodeSuperblock, ptrSlotOffset, verifyNode,
   type Superblock,
 } from './layout';
+import { uuidToBytes } from '../util/bytes';
 import type { CommittedView } from './types';
 
 /**

@@ -13,8 +13,9 @@
  */
 import { VolumeError } from '../util/errors';
 import {
-  FANOUT, NODE_TYPE_DATA_TREE, decodePtr, ptrEquals, ptrSlotOffset, slotsPerPointer, uuidToBytes, verifyNode, type BlockPtr,
+  FANOUT, NODE_TYPE_DATA_TREE, decodePtr, ptrEquals, ptrSlotOffset, slotsPerPointer, verifyNode, type BlockPtr,
 } from './layout';
+import { uuidToBytes } from '../util/bytes';
 
 export interface NodeSide {
   /** Reads one raw block (4 KiB). */

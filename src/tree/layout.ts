@@ -19,6 +19,7 @@
 import { assert } from '../util/assert';
 import { BLOCK_SIZE_BYTES } from '../io/types';
 import { crc32c } from '../io/checksum';
+import { bytesToUuid, readU64, uuidToBytes, writeU64 } from '../util/bytes';
 import { LINEAGE_ENTRIES_MAX, lineageProblem, rootGeneration, type Generation } from './lineage';
 
 export const BLOCK = BLOCK_SIZE_BYTES;
@@ -48,20 +49,6 @@ export interface BlockPtr {
   readonly pba: number;
   readonly birth: number;
   readonly crc: number;
-}
-
-export function writeU64(buf: Buffer, off: number, v: number): void {
-  if (!(Number.isSafeInteger(v) && v >= 0)) assert(false, `u64 field must be a safe non-negative integer, got ${v}`);
-  buf.writeUInt32LE(v % 0x100000000, off);
-  buf.writeUInt32LE(Math.floor(v / 0x100000000), off + 4);
-}
-
-/** Reads a u64; returns -1 if it is not a safe integer (callers treat that as corruption). */
-export function readU64(buf: Buffer, off: number): number {
-  const lo = buf.readUInt32LE(off);
-  const hi = buf.readUInt32LE(off + 4);
-  if (hi >= 0x200000) return -1;
-  return hi * 0x100000000 + lo;
 }
 
 export function ptrSlotOffset(slot: number): number {
@@ -133,21 +120,6 @@ export function ptrString(p: BlockPtr | null): string {
   return p === null ? 'hole' : `pba ${p.pba} birth ${p.birth} crc ${p.crc.toString(16).padStart(8, '0')}`;
 }
 
-// ---- UUIDs ----
-
-const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
-
-export function uuidToBytes(uuid: string): Buffer {
-  const u = uuid.toLowerCase();
-  if (!UUID_RE.test(u)) throw new Error(`bad volume UUID "${uuid}": expected 8-4-4-4-12 hex digits`);
-  return Buffer.from(u.replace(/-/g, ''), 'hex');
-}
-
-export function bytesToUuid(b: Buffer): string {
-  assert(b.length === 16, 'uuid must be 16 bytes');
-  const h = b.toString('hex');
-  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
-}
 
 // ---- Geometry ----
 

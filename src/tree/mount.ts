@@ -21,8 +21,9 @@ import { log } from '../util/log';
 import { crc32c } from '../io/checksum';
 import {
   BLOCK, BlockPtr, MAX_DEVICE_BLOCKS, MAX_VOLUME_BYTES, MIN_DEVICE_BLOCKS, NODE_TYPE_DATA_TREE, NodeId, RING_SLOTS, Superblock,
-  decodePtr, decodeSuperblock, encodeSuperblock, heightFor, ptrSlotOffset, uuidToBytes, verifyNode,
+  decodePtr, decodeSuperblock, encodeSuperblock, heightFor, ptrSlotOffset, verifyNode,
 } from './layout';
+import { uuidToBytes } from '../util/bytes';
 import { rootGeneration } from './lineage';
 import { SpaceMap, SpaceMapLoader } from './spacemap';
 import type { TreeRollback } from './types';

@@ -15,8 +15,9 @@ import { clearSetWords } from '../util/bitmap';
 import { crc32c } from '../io/checksum';
 import { forEachLimit } from '../util/work';
 import {
-  BLOCK, FANOUT, NODE_TYPE_SPACE_MAP, decodePtr, ptrSlotOffset, uuidToBytes, verifyNode, type BlockPtr, type Superblock,
+  BLOCK, FANOUT, NODE_TYPE_SPACE_MAP, decodePtr, ptrSlotOffset, verifyNode, type BlockPtr, type Superblock,
 } from './layout';
+import { uuidToBytes } from '../util/bytes';
 
 export type ReadBlock = (pba: number) => Promise<Buffer>;
 const READS_IN_FLIGHT_MAX = 16;

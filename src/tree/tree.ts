@@ -41,8 +41,9 @@ import { checksumRun, crcScratch } from './data-checksums';
 import { crc32cBlocks } from '../io/checksum';
 import { runCheck } from './check';
 import {
-  BLOCK, BlockPtr, FANOUT, RING_SLOTS, SnapshotRecord, Superblock, decodeSuperblock, encodeSuperblock, ptrString, slotsPerPointer, uuidToBytes,
+  BLOCK, BlockPtr, FANOUT, RING_SLOTS, SnapshotRecord, Superblock, decodeSuperblock, encodeSuperblock, ptrString, slotsPerPointer,
 } from './layout';
+import { uuidToBytes } from '../util/bytes';
 import { NodeCache } from './node-cache';
 import { startGeneration, type Generation } from './lineage';
 import { SpaceMap } from './spacemap';

@@ -6,8 +6,13 @@
  * rate x (window + RATE_BURST_MS) bytes (an idle limiter lets one burst of
  * RATE_BURST_MS's worth go at once).
  */
-import type { Clock } from '../io/types';
 import { assert } from './assert';
+
+/** The part of the injected clock (io/types.ts Clock) a pacer uses; util/ imports no layer above it. */
+export interface PacerClock {
+  nowMs(): number;
+  setTimeout(fn: () => void, ms: number): { cancel(): void };
+}
 
 /** How far ahead of the rate an idle limiter may let a burst go. */
 export const RATE_BURST_MS = 100;
@@ -17,7 +22,7 @@ export const RATE_MIN_BYTES_PER_SEC = 64 * 1024;
 /** A pacer: take(n) returns once n more bytes fit under the rate. */
 export class RateLimiter {
   private nextMs: number | undefined;
-  constructor(readonly bytesPerSec: number, private readonly clock: Clock) {
+  constructor(readonly bytesPerSec: number, private readonly clock: PacerClock) {
     assert(Number.isSafeInteger(bytesPerSec) && bytesPerSec >= RATE_MIN_BYTES_PER_SEC, `rate ${bytesPerSec} B/s below ${RATE_MIN_BYTES_PER_SEC}`);
   }
 

@@ -10,7 +10,7 @@
  *                       a read-write holder writes its pid there (emptied on release)
  *   DIR/nvram.log       the NVRAM region (default; preallocated, zeroed)
  *   DIR/member-0.img    the member (default; sparse); a RAID volume (label `raid`) has
- *                       several, each with a RAID label (src/raid/members.ts)
+ *                       several, each with a RAID label (src/volume/raid-members.ts)
  *   DIR/raid-journal.bin  a RAID-4/5/6 volume's stripe journal (src/raid/journal-file.ts):
  *                       partial stripes (CPs on a nearly full volume) go through it; created
  *                       by create or the first read-write open, replayed by every one
@@ -60,7 +60,7 @@ import { EngineVolume } from './engine';
 import { VolumeDirExports } from './engine-snapshot';
 import { ControlServer, CONTROL_SOCKET_NAME, UNIX_PATH_MAX_BYTES } from './engine-control';
 import { RAID_LEVELS, STRIPE_UNIT_DEFAULT_BYTES, geometryProblem, type RaidLevel } from '../raid/geometry';
-import { createRaidMembers, isBlockDevice, openRaidMembers, raidMemberBlocks, type RaidSpec } from '../raid/members';
+import { createRaidMembers, isBlockDevice, openRaidMembers, raidMemberBlocks, type RaidSpec } from './raid-members';
 import { RAID_JOURNAL_NAME, openRaidJournalFile } from '../raid/journal-file';
 import { RaidDevice } from '../raid/raid-device';
 import { replacingAtOpen, resumeServedReplace, stopServedReplace } from './replace-member';
@@ -254,7 +254,7 @@ export function openNvram(absDir: string, label: VolumeLabel, readOnly: boolean)
 
 /**
  * The tree's device: the one member file, or a RaidDevice over the members (refusing a
- * foreign or swapped member by name; see src/raid/members.ts). Read-write, a RAID-4/5/6
+ * foreign or swapped member by name; see src/volume/raid-members.ts). Read-write, a RAID-4/5/6
  * volume's stripe journal (DIR/raid-journal.bin, created if absent) is replayed before
  * this returns; read-only, it is only read (RaidHealth.journalPending).
  */

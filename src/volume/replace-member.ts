@@ -33,7 +33,7 @@ import * as path from 'path';
 import { FileBlockDevice, writeFileDurably } from '../io/file-device';
 import { systemClock, type Clock } from '../io/types';
 import { BlockTree } from '../tree/tree';
-import { isBlockDevice, openFreeBlockDevice, openRaidMembers } from '../raid/members';
+import { isBlockDevice, openFreeBlockDevice, openRaidMembers } from './raid-members';
 import { RAID_JOURNAL_NAME } from '../raid/journal-file';
 import { RaidDevice, type RebuildStatus } from '../raid/raid-device';
 import { runRebuild, type RebuildRunResult } from '../raid/rebuild';

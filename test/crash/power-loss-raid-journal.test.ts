@@ -26,7 +26,7 @@ import { strict as assert } from 'assert';
 import { RING_SLOTS } from '../../src/tree/layout';
 import { RaidGeometry, tolerance } from '../../src/raid/geometry';
 import { RaidDevice } from '../../src/raid/raid-device';
-import { assembleRaidMembers, labelNewMembers } from '../../src/raid/members';
+import { assembleRaidMembers, labelNewMembers } from '../../src/volume/raid-members';
 import { JOURNAL_HEADER_SLOTS, journalBlocksFor } from '../../src/raid/stripe-journal';
 import type { BlockDevice } from '../../src/io/types';
 import { UUID, VOLUME_BLOCKS, enumerate, record, type Layout, type Op, quietEngineLogs, liveStripeParityProblem } from './power-loss-enum';

@@ -22,7 +22,7 @@ import { strict as assert } from 'assert';
 import { RING_SLOTS } from '../../src/tree/layout';
 import { RaidGeometry, tolerance, type RaidLevel } from '../../src/raid/geometry';
 import { RaidDevice } from '../../src/raid/raid-device';
-import { assembleRaidMembers, labelNewMembers } from '../../src/raid/members';
+import { assembleRaidMembers, labelNewMembers } from '../../src/volume/raid-members';
 import { buildState, crashPoint, prefixChoices } from '../../src/io/recording';
 import { UUID, durableAt, enumerate, genWorkload, record, recordRecovery, type Layout, quietEngineLogs, liveStripeParityProblem } from './power-loss-enum';
 import { prng, seedFromEnv } from './harness';

@@ -49,7 +49,7 @@ import { RING_SLOTS } from '../../src/tree/layout';
 import { testBit } from '../../src/util/bitmap';
 import { RaidGeometry, tolerance } from '../../src/raid/geometry';
 import { RaidDevice } from '../../src/raid/raid-device';
-import { assembleRaidMembers, labelNewMembers } from '../../src/raid/members';
+import { assembleRaidMembers, labelNewMembers } from '../../src/volume/raid-members';
 import { PARITY_INLINE } from '../../src/raid/parity';
 import { SeededRandom } from '../../src/sim/random';
 import { Image } from './model';

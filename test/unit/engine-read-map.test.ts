@@ -15,7 +15,8 @@ import * as os from 'os';
 import * as path from 'path';
 import { EngineReadMap } from '../../src/volume/engine-read-map';
 import { addon } from '../../src/io/native';
-import { FANOUT, NODE_HEADER_BYTES, PTR_BYTES, PTR_FLAG_PRESENT, writeU64 } from '../../src/tree/layout';
+import { FANOUT, NODE_HEADER_BYTES, PTR_BYTES, PTR_FLAG_PRESENT } from '../../src/tree/layout';
+import { writeU64 } from '../../src/util/bytes';
 
 const SIZE_BYTES = 16 * 1024 * 1024;
 const DEVICE_BLOCKS = 8192;

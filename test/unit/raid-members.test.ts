@@ -1,5 +1,5 @@
 /**
- * A RAID volume's member files and their labels (src/raid/members.ts), on real files:
+ * A RAID volume's member files and their labels (src/volume/raid-members.ts), on real files:
  * swapped and foreign members are refused by name; missing, truncated, unlabelled and
  * stale members open out of service with the reason; a member faulted at run time is
  * recorded in the other members' labels, so it is stale at the next open; a superblock
@@ -9,7 +9,7 @@ import { strict as assert } from 'assert';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { createRaidMembers, openRaidMembers, raidMemberBlocks, type RaidMemberFile } from '../../src/raid/members';
+import { createRaidMembers, openRaidMembers, raidMemberBlocks, type RaidMemberFile } from '../../src/volume/raid-members';
 import type { RaidDevice } from '../../src/raid/raid-device';
 import { LABEL_COPIES } from '../../src/raid/geometry';
 import { RING_SLOTS } from '../../src/tree/layout';

@@ -13,7 +13,7 @@ import type { BlockChange } from '../../src/tree/types';
 import { RING_SLOTS } from '../../src/tree/layout';
 import { RaidGeometry, type RaidLevel } from '../../src/raid/geometry';
 import { RaidDevice } from '../../src/raid/raid-device';
-import { superblockPick } from '../../src/raid/members';
+import { superblockPick } from '../../src/volume/raid-members';
 import { SCRUB_CHECKPOINT_STRIPES, scrubRaid, scrubState, type ScrubCheckpoint, type ScrubCheckpointStore, type ScrubProgress } from '../../src/raid/scrub';
 import { testBit } from '../../src/util/bitmap';
 import type { Clock } from '../../src/io/types';

@@ -12,7 +12,7 @@ import type { BlockChange, CpMeta } from '../../src/tree/types';
 import { RING_SLOTS } from '../../src/tree/layout';
 import { RaidGeometry, type RaidLevel } from '../../src/raid/geometry';
 import { RaidDevice } from '../../src/raid/raid-device';
-import { superblockPick } from '../../src/raid/members';
+import { superblockPick } from '../../src/volume/raid-members';
 import { SeededRandom } from '../../src/sim/random';
 
 const B = 4096;

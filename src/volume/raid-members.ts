@@ -1,7 +1,9 @@
 /**
  * A RAID volume's member set on disk: creating the member files with their labels, and
  * opening them into one RaidDevice, recognising a missing, truncated, stale, swapped or
- * foreign member by its label.
+ * foreign member by its label. It lives in volume/, not raid/: it is where the RAID meets
+ * the tree's format (the head ring of RING_SLOTS superblocks every member carries, and
+ * which copy of it is newest), so raid/ itself knows only stripes, parity and labels.
  *
  * Invariants:
  * - A member that belongs to another volume, or sits in another member's place (swapped),
@@ -28,15 +30,14 @@
 import * as fs from 'fs';
 import { BLOCK_SIZE_BYTES, type BlockDevice } from '../io/types';
 import { FileBlockDevice } from '../io/file-device';
-import { decodeSuperblock } from '../tree/layout';
-import { RING_SLOTS } from '../tree/layout';
+import { RING_SLOTS, decodeSuperblock } from '../tree/layout';
 import { assert } from '../util/assert';
-import { LABEL_COPIES, RaidGeometry, type RaidLevel } from './geometry';
-import { encodeRaidLabel, labelSlot, newestLabel, type RaidLabel } from './label';
-import { RaidDevice, type JournalPending, type RaidMemberSpec } from './raid-device';
-import type { ParityOps } from './parity';
-import { StripeJournal, type JournalGeometry } from './stripe-journal';
-import { openRaidJournalFile } from './journal-file';
+import { LABEL_COPIES, RaidGeometry, type RaidLevel } from '../raid/geometry';
+import { encodeRaidLabel, labelSlot, newestLabel, type RaidLabel } from '../raid/label';
+import { RaidDevice, type JournalPending, type RaidMemberSpec } from '../raid/raid-device';
+import type { ParityOps } from '../raid/parity';
+import { StripeJournal, type JournalGeometry } from '../raid/stripe-journal';
+import { openRaidJournalFile } from '../raid/journal-file';
 
 const B = BLOCK_SIZE_BYTES;
 
