@@ -35,7 +35,7 @@
  *   catch-up whose base precedes the stream (catchUpGap); then the policy answers, as
  *   while disconnected.
  * - Bounded: bytes queued on the socket never exceed QUEUED_BYTES_MAX (writers wait for
- *   'drain'); an ack not received within stallTimeoutMs, or a queue that stays full
+ *   room: source-link.ts, which owns the connection); an ack not received within stallTimeoutMs, or a queue that stays full
  *   (nothing sent) that long, drops the connection (policy available: the mirror is marked behind and client I/O
  *   goes on; strict: writes fail with EIO until it is back in sync). So does a peer that
  *   takes the connection but sends no WELCOME within stallTimeoutMs of HELLO (a wedged
@@ -43,7 +43,6 @@
  *   source reconnects instead of waiting on it forever.
  */
 import * as crypto from 'crypto';
-import * as net from 'net';
 import * as tls from 'tls';
 import type { Logger } from 'pino';
 import type { EngineVolume, ReplicaGate } from '../volume/engine';
@@ -58,18 +57,19 @@ import { ProgressLine } from '../util/progress';
 import type { NodeSide } from '../tree/diff';
 import { SUPERBLOCK_ROOT_OFFSET, decodeSuperblock } from '../tree/layout';
 import { RemoteReads, verifyCp, type VerifyReport } from './verify';
-import { ResyncFrames, afterSocketWrites, type ResyncLink } from './resync-frames';
+import { ResyncFrames, type ResyncLink } from './resync-frames';
 import { VolumeError } from '../util/errors';
 import { assert } from '../util/assert';
 import { deltaFrames, encodeCpBlocks, refFrames } from './cp-encode';
-import { EV_EOF, EV_ERROR, EV_FRAME, EV_ROOM, EV_SENT, NativeRx, nativeRxEnabled, plainFd, type RxEvent } from './native-rx';
+import { nativeRxEnabled } from './native-rx';
+import { QUEUED_BYTES_MAX, SourceLink, type LinkConn } from './source-link';
 import type { LinkArgs } from './link';
 import { readRelationship, writeRelationship, type MirrorPolicy } from './relationship';
 import { holdRecordedBase } from './base-hold';
 import { readRole } from './role';
 import { parseBaseInUse, parseStanding, type Standing } from './standing';
 import {
-  decodeBody, writeEncoded, writeFrame, BLOCKS_PER_FRAME_MAX, EARLIER_SESSIONS_MAX, FrameParser, FrameWriter, MsgType,
+  BLOCKS_PER_FRAME_MAX, EARLIER_SESSIONS_MAX, MsgType,
   type Message, type MirrorMode, type OutMessage,
 } from './wire';
 import { DELTA_FROM_ZEROES, ZERO_BLOCK, encodeDelta } from './delta';
@@ -77,12 +77,7 @@ import { DELTA_FROM_ZEROES, ZERO_BLOCK, encodeDelta } from './delta';
 export type MirrorState = 'disconnected' | 'baseline' | 'resyncing' | 'in-sync' | 'behind';
 /** What status reports: a refused split brain shows as such, not as a plain disconnection. */
 export type MirrorStatusState = MirrorState | 'split-brain' | 'promoted' | 'mirror-ahead';
-/** Bytes queued on the mirror socket before senders wait for it to drain. */
-export const QUEUED_BYTES_MAX = 32 * 1024 * 1024;
 export const STALL_TIMEOUT_MS_DEFAULT = 15_000;
-const CONNECT_TIMEOUT_MS = 5_000;
-const RECONNECT_MS_MIN = 200;
-const RECONNECT_MS_MAX = 5_000;
 const PING_INTERVAL_MS = 5_000;
 /** CP commits sent but not acknowledged before the next CP waits (the destination applies while we write the next). */
 const CPS_UNACKED_MAX = 1;
@@ -163,35 +158,18 @@ interface Waiter {
   reject: (e: Error) => void;
 }
 
-interface Conn {
-  socket: net.Socket;
-  parser: FrameParser;
-  writer: FrameWriter;
-  /**
-   * Sync on a plain connection: the link's native thread, which carries the whole stream
-   * from the TCP connect on (socket, parser and writer are unused after it).
-   */
-  rx?: NativeRx;
+/** A connection as the source keeps it: the link's part (source-link.ts) and the stream's state. */
+interface Conn extends LinkConn {
   /** With rx: the first record the NBD threads' appender forwards on it (theirs from it on are on the wire already). */
   nativeFromSeq: number;
-  welcome: Promise<Message & { type: MsgType.Welcome }>;
-  welcomeResolve: (m: Message & { type: MsgType.Welcome }) => void;
   /** CP commits sent and not yet acknowledged, oldest first (at most CPS_UNACKED_MAX + 1). */
   cpAcks: Array<{ cp: number; sinceMs: number; clientBytes: number; root: Buffer; superblock: Buffer; resolve: () => void; done: Promise<void> }>;
   /** The newest CP whose commit went out on this connection (the destination applies in stream order). */
   shippedCp: number;
-  closed: boolean;
   /** WELCOME arrived: destCp and the rest describe this connection's destination (not the last one's). */
   welcomed: boolean;
   /** When HELLO went out (undefined: TCP/TLS still connecting). */
   helloAtMs?: number;
-  /** With rx: the last token given to rx.sendLent (tokens increase over the connection's life). */
-  lentToken: number;
-  /**
-   * With rx: lent frames whose sender waits to hear they are sent, oldest first (at most
-   * the link's queue of lent frames): EV_SENT(t) says every one up to token t is.
-   */
-  lent: Array<{ token: number; written: () => void }>;
 }
 
 export class MirrorSource implements CpSink, ReplicaGate {
@@ -199,7 +177,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private readonly log: Logger;
   private tree!: BlockTreeApi;
   private volume: EngineVolume | undefined;
-  private conn: Conn | undefined;
+  /** The connection to the destination (dial, frames, queue bound, byte counts, redial). */
+  private readonly link: SourceLink<Conn>;
   private state: MirrorState = 'disconnected';
   /** The superblock of the destination's CP (persisted with it: holdCommitted needs it once that CP leaves the ring). */
   private destSuperblock: { cp: number; raw: Buffer } | undefined;
@@ -260,15 +239,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private processId = crypto.randomBytes(8).toString('hex');
   private resumeOffer: { cp: number; blocks: number } = { cp: -1, blocks: 0 };
   private behindSinceMs = 0;
-  private reconnectMs = RECONNECT_MS_MIN;
-  private reconnectTimer: NodeJS.Timeout | undefined;
   private readonly ticker: NodeJS.Timeout;
-  private bytesOnWirePrev = 0;
-  /** Bytes sent by message type on earlier connections (the live one is added in stats()). */
-  private readonly bytesByTypePrev: number[] = new Array<number>(32).fill(0);
   private clientBytes = 0;
   private rootMismatches = 0;
-  private bytesFromDestPrev = 0;
   private cpsShipped = 0;
   private clientBytesAtDestCp = 0;
   private wireAtLastTick = 0;
@@ -280,7 +253,6 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private cpsAbandoned = 0;
   private deltasSent = 0;
   private lastError: string | undefined;
-  private drainWaiters: Array<() => void> = [];
   /** A CP verify is reading on both sides (held like the base while it runs). */
   private verifyCp: number | undefined;
   private answering = 0;
@@ -289,6 +261,24 @@ export class MirrorSource implements CpSink, ReplicaGate {
   constructor(opts: MirrorSourceOptions) {
     this.o = opts;
     this.log = opts.logger.child({ mirror: `${opts.peer.host}:${opts.peer.port}` });
+    const native = opts.mode === 'sync' && nativeRxEnabled() && process.env.NVMIRROR_MIRROR_SOURCE_NATIVE !== '0';
+    this.link = new SourceLink<Conn>(
+      { peer: opts.peer, ...(opts.tls ? { tls: opts.tls } : {}), native, log: this.log },
+      {
+        connected: (c) => this.onConnected(c),
+        message: (c, m) => this.onMessage(c, m),
+        closing: (c, current) => {
+          // No record goes to this link from here on (the threads' records come in first).
+          if (c.rx && current) this.volume?.log.forwardNative(undefined);
+        },
+        dropped: (c, reason, current) => this.onDropped(c, reason, current),
+        room: () => {
+          // Replies held for room during a catch-up gap (gapFull) may go now.
+          if (this.conn && !this.conn.closed && this.catchUpGap()) this.settleWaiters();
+        },
+      },
+      (base) => ({ ...base, nativeFromSeq: Infinity, cpAcks: [], shippedCp: -1, welcomed: false }),
+    );
     this.holdValidFromCp = Number.MAX_SAFE_INTEGER;
     this.ticker = setInterval(() => this.tick(), 1000);
     this.ticker.unref();
@@ -352,7 +342,6 @@ export class MirrorSource implements CpSink, ReplicaGate {
 
   // ---- the recorded relationship (relationship.ts) ----
 
-  /** Names the destination's CP only while its blocks are held here (else -1: a baseline is due). */
   /**
    * The oldest CP the destination's readers are pinned to (-1: none). Its superblock is
    * kept while it is the destination's CP (a reader pins the committed CP), so the pin
@@ -364,6 +353,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     if (cp < 0) this.pinnedSuperblock = undefined;
   }
 
+  /** Records the relationship; names the destination's CP only while its blocks are held here (else -1: a baseline is due). */
   private saveState(): void {
     const destCp = this.destCp >= this.holdValidFromCp ? this.destCp : -1;
     const sb = destCp >= 0 && this.destSuperblock?.cp === destCp ? this.destSuperblock.raw.toString('base64') : undefined;
@@ -378,98 +368,12 @@ export class MirrorSource implements CpSink, ReplicaGate {
 
   // ---- connection ----
 
+  private get conn(): Conn | undefined {
+    return this.link.conn;
+  }
+
   private connect(): void {
-    if (this.stopped || this.conn) return;
-    const { host, port } = this.o.peer;
-    const socket = this.o.tls ? tls.connect({ ...this.o.tls, host, port, minVersion: 'TLSv1.3' }) : net.connect({ host, port });
-    socket.setNoDelay(true);
-    const parser = new FrameParser();
-    const writer = new FrameWriter();
-    let welcomeResolve!: (m: Message & { type: MsgType.Welcome }) => void;
-    let welcomeReject!: (e: Error) => void;
-    const welcome = new Promise<Message & { type: MsgType.Welcome }>((res, rej) => {
-      welcomeResolve = res;
-      welcomeReject = rej;
-    });
-    welcome.catch(() => undefined);
-    const conn: Conn = { socket, parser, writer, welcome, welcomeResolve, nativeFromSeq: Infinity, cpAcks: [], shippedCp: -1, closed: false, welcomed: false, lentToken: 0, lent: [] };
-    this.conn = conn;
-    const timer = setTimeout(() => this.drop(conn, 'connect timed out'), CONNECT_TIMEOUT_MS);
-    const onData = (chunk: Buffer): void => {
-      let msgs: Message[];
-      try {
-        msgs = parser.push(chunk);
-      } catch (e) {
-        this.drop(conn, `bad stream from the destination: ${(e as Error).message}`);
-        return;
-      }
-      for (const m of msgs) {
-        if (m.type === MsgType.Welcome) welcomeResolve(m);
-        else this.onMessage(conn, m);
-      }
-    };
-    // A plain sync link goes to a native thread at 'connect': paused, Node never starts
-    // reading it (a read started there would take bytes the thread must parse).
-    const native = !this.o.tls && this.o.mode === 'sync' && nativeRxEnabled() && process.env.NVMIRROR_MIRROR_SOURCE_NATIVE !== '0';
-    if (native) socket.pause();
-    else socket.on('data', onData);
-    socket.once(this.o.tls ? 'secureConnect' : 'connect', () => {
-      clearTimeout(timer);
-      if (native) {
-        try {
-          this.goNative(conn);
-        } catch (e) {
-          this.drop(conn, `cannot start the mirror link's thread: ${(e as Error).message}`);
-          return;
-        }
-        if (!conn.rx) {
-          socket.on('data', onData);
-          socket.resume();
-        }
-      }
-      this.onConnected(conn);
-    });
-    socket.on('drain', () => this.wakeDrain());
-    socket.on('error', (e) => this.drop(conn, e.message));
-    socket.on('close', () => {
-      welcomeReject(new Error('closed'));
-      this.drop(conn, 'connection closed');
-    });
-  }
-
-  /** The stream moves to the link's native thread (source mode); nothing was read or written on it yet. */
-  private goNative(conn: Conn): void {
-    const fd = plainFd(conn.socket);
-    if (fd === undefined) return;
-    conn.rx = new NativeRx(fd, Buffer.alloc(0), 0, 0, (events) => this.onRxEvents(conn, events), undefined, { source: true });
-  }
-
-  /** Frames and events from the link's native thread, in stream order. */
-  private onRxEvents(conn: Conn, events: RxEvent[]): void {
-    for (const e of events) {
-      if (conn.closed) return;
-      if (e.kind === EV_FRAME) {
-        const body = Buffer.allocUnsafe(e.bytes);
-        conn.rx!.take(body);
-        let m: Message;
-        try {
-          m = decodeBody(e.type, body);
-        } catch (err) {
-          this.drop(conn, `bad stream from the destination: ${(err as Error).message}`);
-          return;
-        }
-        if (m.type === MsgType.Welcome) conn.welcomeResolve(m);
-        else this.onMessage(conn, m);
-      } else if (e.kind === EV_ERROR) {
-        this.drop(conn, e.protocol ? `bad stream from the destination: ${e.text}` : e.text);
-      } else if (e.kind === EV_EOF) {
-        this.drop(conn, 'connection closed');
-      } else if (e.kind === EV_ROOM) {
-        this.wakeDrain();
-      } else if (e.kind === EV_SENT) {
-        while (conn.lent.length > 0 && conn.lent[0]!.token <= e.token) conn.lent.shift()!.written();
-      }
-    }
+    this.link.connect();
   }
 
   private onConnected(conn: Conn): void {
@@ -600,7 +504,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
         conn.cpAcks.shift();
         // Only a committed CP shows a healthy destination: one that welcomes and then
         // refuses (a full or failing disk) keeps the backoff growing.
-        this.reconnectMs = RECONNECT_MS_MIN;
+        this.link.resetBackoff();
         this.destCp = m.cp;
         this.destSuperblock = { cp: m.cp, raw: head.superblock };
         this.promotedBase = undefined; // the relationship has its own base now
@@ -654,26 +558,12 @@ export class MirrorSource implements CpSink, ReplicaGate {
   }
 
   private drop(conn: Conn, reason: string): void {
-    if (conn.closed) return;
-    conn.closed = true;
-    if (conn.rx) {
-      // No record goes to this link from here on (the threads' records come in first).
-      if (this.conn === conn) this.volume?.log.forwardNative(undefined);
-    }
-    if (conn.rx) {
-      const st = conn.rx.stats();
-      this.bytesOnWirePrev += st.bytesOut + st.bytesIn;
-      st.bytesByType.forEach((n, t) => (this.bytesByTypePrev[t] = (this.bytesByTypePrev[t] ?? 0) + n));
-      this.bytesFromDestPrev += st.bytesIn;
-      conn.rx.close(false);
-    } else {
-      this.bytesOnWirePrev += conn.writer.bytesOut + conn.parser.bytesIn;
-      conn.writer.bytesByType.forEach((n, t) => (this.bytesByTypePrev[t] = (this.bytesByTypePrev[t] ?? 0) + n));
-      this.bytesFromDestPrev += conn.parser.bytesIn;
-    }
-    conn.socket.destroy();
-    if (this.conn === conn) {
-      this.conn = undefined;
+    this.link.drop(conn, reason);
+  }
+
+  /** After the link closed `conn` (source-link.ts): what the mirror's state makes of it. */
+  private onDropped(conn: Conn, reason: string, current: boolean): void {
+    if (current) {
       // The next connection forwards only after its own HELLO (onConnected sets this again):
       // a record written on it before then would reach the destination ahead of the HELLO.
       this.forwardFromSeq = 0;
@@ -688,52 +578,12 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.shipping = undefined;
     for (const a of conn.cpAcks.splice(0)) a.resolve(); // CPs go on locally; the destination catches up by resync
     this.reads.failAll(new Error(`mirror connection lost: ${reason}`));
-    this.wakeDrain();
+    this.link.wakeDrain();
     this.settleWaiters();
-    if (!this.stopped && !this.reconnectTimer) {
-      this.reconnectTimer = setTimeout(() => {
-        this.reconnectTimer = undefined;
-        this.connect();
-      }, this.reconnectMs);
-      this.reconnectMs = Math.min(RECONNECT_MS_MAX, this.reconnectMs * 2);
-    }
   }
 
   private send(conn: Conn, m: OutMessage): void {
-    if (conn.closed) return;
-    if (conn.rx) conn.rx.send(m);
-    else writeFrame(conn.socket, conn.writer, m);
-  }
-
-  /** Bytes queued for the peer and not yet written to the socket. */
-  private queued(conn: Conn): number {
-    return conn.rx ? conn.rx.queuedBytes : conn.socket.writableLength;
-  }
-
-  /** Waits while the socket queue is over QUEUED_BYTES_MAX (the connection may drop meanwhile). */
-  private async waitRoom(conn: Conn): Promise<void> {
-    while (!conn.closed && this.queued(conn) > QUEUED_BYTES_MAX) {
-      this.roomWaitSinceMs ??= Date.now();
-      const p = new Promise<void>((r) => this.drainWaiters.push(r));
-      conn.rx?.wantRoom(QUEUED_BYTES_MAX);
-      await p;
-    }
-  }
-
-  /**
-   * Since when a sender waits for room on the socket (the peer reads nothing: its queue
-   * stays full); reset whenever room comes. What finds a stalled peer during a catch-up,
-   * which no record ack or CP ack times (tick).
-   */
-  private roomWaitSinceMs: number | undefined;
-
-  private wakeDrain(): void {
-    this.roomWaitSinceMs = undefined;
-    const w = this.drainWaiters;
-    this.drainWaiters = [];
-    for (const f of w) f();
-    // Replies held for room during a catch-up gap (gapFull) may go now.
-    if (this.conn && !this.conn.closed && this.catchUpGap()) this.settleWaiters();
+    this.link.send(conn, m);
   }
 
   /** How long the oldest unacknowledged record or CP has waited (0: none). */
@@ -745,16 +595,6 @@ export class MirrorSource implements CpSink, ReplicaGate {
     return Date.now() - oldest;
   }
 
-  private wireBytes(): number {
-    const conn = this.conn;
-    if (conn?.rx && !conn.closed) {
-      const st = conn.rx.stats();
-      return st.bytesOut + st.bytesIn + this.bytesOnWirePrev;
-    }
-    return (conn?.writer.bytesOut ?? 0) + (conn?.parser.bytesIn ?? 0) + this.bytesOnWirePrev;
-  }
-
-  private sentAtTick = 0;
   /** A CP asked for by askCp() is running. */
   private cpAsked = false;
   /**
@@ -773,19 +613,10 @@ export class MirrorSource implements CpSink, ReplicaGate {
       .finally(() => (this.cpAsked = false));
   }
 
-  /** Whether the socket took any of its queue since the last tick (a slow link drains a full queue in many ticks). */
-  private sentSinceTick(conn: Conn): boolean {
-    const sent = conn.rx ? conn.rx.stats().bytesOut : conn.writer.bytesOut - conn.socket.writableLength;
-    const moved = sent !== this.sentAtTick;
-    this.sentAtTick = sent;
-    if (moved && this.roomWaitSinceMs !== undefined) this.roomWaitSinceMs = Date.now();
-    return moved;
-  }
-
   private tick(): void {
     const conn = this.conn;
     const now = Date.now();
-    const wire = this.wireBytes();
+    const wire = this.link.wireBytes();
     this.wireRate = Math.max(0, wire - this.wireAtLastTick);
     this.wireAtLastTick = wire;
     const stall = this.o.stallTimeoutMs ?? STALL_TIMEOUT_MS_DEFAULT;
@@ -795,7 +626,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       this.keptBaseline = undefined;
     }
     if (conn && !conn.closed) {
-      this.sentSinceTick(conn);
+      this.link.sentSinceTick(conn);
       // The oldest record forwarded and not acknowledged (the NBD threads hold their replies
       // for it), or the oldest waiting reply. In a catch-up gap replies wait for room, not
       // acks: a link that moves nothing is found by the room wait below, which says so.
@@ -803,7 +634,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       if (!conn.welcomed && conn.helloAtMs !== undefined && now - conn.helloAtMs > stall) this.drop(conn, `no WELCOME from the destination within ${stall} ms of HELLO (a stalled peer, or not an nvmirror receive)`);
       else if (now - oldest > stall) this.drop(conn, `no acknowledgement from the destination for ${stall} ms (stalled peer)`);
       else if (conn.cpAcks.length > 0 && now - conn.cpAcks[0]!.sinceMs > stall) this.drop(conn, `CP ${conn.cpAcks[0]!.cp} not acknowledged within ${stall} ms (stalled peer)`);
-      else if (this.roomWaitSinceMs !== undefined && now - this.roomWaitSinceMs > stall) this.drop(conn, `the destination read nothing for ${stall} ms with ${QUEUED_BYTES_MAX} bytes queued (stalled peer)`);
+      else if (this.link.roomWaitSinceMs !== undefined && now - this.link.roomWaitSinceMs > stall) this.drop(conn, `the destination read nothing for ${stall} ms with ${QUEUED_BYTES_MAX} bytes queued (stalled peer)`);
       // Not before WELCOME: a connection still connecting would queue the PING ahead of its HELLO.
       else if (conn.welcomed && now - this.lastPingMs >= PING_INTERVAL_MS) {
         this.lastPingMs = now;
@@ -827,20 +658,14 @@ export class MirrorSource implements CpSink, ReplicaGate {
       // them (its ack may have come in before this: then nothing waits for one).
       if (r.seq > this.heldSeq && !this.inGap(conn)) this.unackedSinceMs ??= Date.now();
       if (r.viaThread === true && r.seq >= conn.nativeFromSeq) return;
-      const payload = r.payload.length === 1 ? r.payload[0]! : Buffer.concat(r.payload);
-      conn.rx.send({ type: MsgType.Record, seq: r.seq, recordType: r.type, flags: r.flags, offsetBytes: r.offsetBytes, lengthBytes: r.lengthBytes, payload });
-      this.boundGap(conn);
-      return;
-    }
-    if (!this.inGap(conn)) this.unackedSinceMs ??= Date.now();
-    // One Buffer per record: the payload is copied into it (the views die with the half).
-    writeEncoded(conn.socket, conn.writer.recordFrame(r.seq, r.type, r.flags, r.offsetBytes, r.lengthBytes, r.payload));
+    } else if (!this.inGap(conn)) this.unackedSinceMs ??= Date.now();
+    this.link.sendRecord(conn, r);
     this.boundGap(conn);
   }
 
   /** A record queued during a catch-up gap: past the queue's bound the threads hold their replies (gapFull). */
   private boundGap(conn: Conn): void {
-    if (this.inGap(conn) && this.queued(conn) > QUEUED_BYTES_MAX) this.applyThreads();
+    if (this.inGap(conn) && this.link.queued(conn) > QUEUED_BYTES_MAX) this.applyThreads();
   }
 
   /** This welcomed connection's destination cannot hold its records yet (catchUpGap); before WELCOME that is not known. */
@@ -903,11 +728,10 @@ export class MirrorSource implements CpSink, ReplicaGate {
    */
   private gapFull(): boolean {
     const conn = this.conn;
-    if (conn === undefined || conn.closed || !this.inGap(conn) || this.queued(conn) <= QUEUED_BYTES_MAX) return false;
+    if (conn === undefined || conn.closed || !this.inGap(conn) || this.link.queued(conn) <= QUEUED_BYTES_MAX) return false;
     // Room is asked for (EV_ROOM / 'drain' -> wakeDrain -> settleWaiters); a link that takes
     // nothing meanwhile is a stalled peer (tick).
-    this.roomWaitSinceMs ??= Date.now();
-    conn.rx?.wantRoom(QUEUED_BYTES_MAX);
+    this.link.askRoom(conn);
     return true;
   }
 
@@ -1020,7 +844,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       const pbas = part.map((b) => b.pba);
       if (conn.rx && part.every((b) => b.crc !== undefined)) {
         // Data blocks (their crc32c known): the native link sends the copy itself, no second copy or checksum pass.
-        conn.rx.sendLent({ type: MsgType.CpBlocks, cp, pbas, data, crcs: part.map((b) => b.crc!) }, ++conn.lentToken);
+        this.link.sendLent(conn, { type: MsgType.CpBlocks, cp, pbas, data, crcs: part.map((b) => b.crc!) });
       } else {
         this.send(conn, { type: MsgType.CpBlocks, cp, pbas, data });
       }
@@ -1035,7 +859,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
    * it abandons the CP (CP_ABORT) and the mirror catches up by resync, off the CP path.
    */
   private async room(conn: Conn, cp: number): Promise<boolean> {
-    if (this.o.mode === 'async' && this.queued(conn) > QUEUED_BYTES_MAX) {
+    if (this.o.mode === 'async' && this.link.queued(conn) > QUEUED_BYTES_MAX) {
       if (!conn.closed && this.shipping?.cp === cp) {
         this.shipping = undefined;
         this.send(conn, { type: MsgType.CpAbort, cp });
@@ -1044,7 +868,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       }
       return false;
     }
-    await this.waitRoom(conn);
+    await this.link.waitRoom(conn);
     return !conn.closed && (this.o.mode === 'sync' || this.shipping?.cp === cp);
   }
 
@@ -1227,19 +1051,10 @@ export class MirrorSource implements CpSink, ReplicaGate {
       get closed() {
         return conn.closed;
       },
-      waitRoom: () => this.waitRoom(conn),
+      waitRoom: () => this.link.waitRoom(conn),
       send: (m) => this.send(conn, m),
-      sendLent: (m, written) => {
-        if (conn.rx) {
-          // The native link sends the blocks from the walk's buffers (no copy) and says when (EV_SENT).
-          const token = ++conn.lentToken;
-          conn.lent.push({ token, written });
-          conn.rx.sendLent(m, token);
-        } else {
-          this.send(conn, m);
-          afterSocketWrites(conn.socket, written);
-        }
-      },
+      // The native link sends the blocks from the walk's buffers (no copy) and says when (EV_SENT).
+      sendLent: (m, written) => this.link.sendLent(conn, m, written),
     };
   }
 
@@ -1299,7 +1114,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
   stats(): MirrorSourceStats {
     const tree = this.tree.stats();
     const conn = this.conn;
-    const wire = this.wireBytes();
+    const wire = this.link.wireBytes();
     const rootEq = this.destCp === tree.cpNumber && this.destCp >= 0;
     return {
       peer: `${this.o.peer.host}:${this.o.peer.port}`,
@@ -1321,15 +1136,14 @@ export class MirrorSource implements CpSink, ReplicaGate {
       lastSeq: this.volume?.log.lastSeq ?? 0,
       bytesOnWire: wire,
       wireBytesByKind: (() => {
-        const st = conn?.rx && !conn.closed ? conn.rx.stats() : undefined;
-        const by = (t: MsgType): number => (this.bytesByTypePrev[t] ?? 0) + (st ? st.bytesByType[t]! : (conn?.writer.bytesByType[t] ?? 0));
+        const { sent: by, received } = this.link.bytesByType();
         return {
           log: by(MsgType.Record) + by(MsgType.DurableReq),
           references: by(MsgType.CpRefs),
           deltas: by(MsgType.CpDeltas),
           blocks: by(MsgType.CpBlocks),
           commits: by(MsgType.CpBegin) + by(MsgType.CpCommit),
-          fromDestination: this.bytesFromDestPrev + (st ? st.bytesIn : (conn?.parser.bytesIn ?? 0)),
+          fromDestination: received,
         };
       })(),
       clientBytes: this.clientBytes,
@@ -1370,21 +1184,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.keptBaseline?.view.release();
     this.keptBaseline = undefined;
     clearInterval(this.ticker);
-    if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
-    const conn = this.conn;
-    if (conn) {
-      await new Promise<void>((r) => {
-        if (this.queued(conn) === 0) return r();
-        if (conn.rx) {
-          this.drainWaiters.push(r);
-          conn.rx.wantRoom(0);
-        } else {
-          conn.socket.once('drain', () => r());
-        }
-        setTimeout(r, 2000).unref();
-      });
-      this.drop(conn, 'stopping');
-    }
+    await this.link.stop();
     this.settleWaiters();
     assert(this.waiters.length === 0, 'reply gates left after stop');
     this.saveState();
