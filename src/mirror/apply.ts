@@ -1,6 +1,6 @@
 /**
  * Applying a source's CPs to its mirror directory: the receiver's half of CP shipping
- * (receiver.ts hands each CP frame here, in stream order).
+ * (receiver-session.ts hands each CP frame here, in stream order).
  *
  *   CP_BEGIN     checks the base (the mirror's committed CP, or -1: a baseline), marks a
  *                baseline partial

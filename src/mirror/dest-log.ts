@@ -531,7 +531,7 @@ export class DestLog {
    * reason the log does not hold it). The view's bytes stay as they are until the record
    * is released (committed()), a new stream drops it (start()) or the log is closed: the
    * receiver writes such views to the mirror's members, and every such write completes
-   * before its CP commits (receiver.ts) and before a session's mirror is released.
+   * before its CP commits (receiver-session.ts) and before a session's mirror is released.
    */
   blockView(seq: number, index: number, crc?: number): Buffer | string {
     const e = this.entry(seq);

@@ -7,7 +7,7 @@
  * granted here, else taken into a buffer chosen here), after
  * the STORED events of the records before it, which the log adopts (DestLog.adopt) before
  * the frame is handled. Outgoing frames go through the thread too (one frame counter).
- * TLS connections, and NVMIRROR_MIRROR_NATIVE=0, keep the stream path (receiver.ts).
+ * TLS connections, and NVMIRROR_MIRROR_NATIVE=0, keep the stream path (receiver-session.ts).
  *
  * The source's side of a sync mirror's plain link runs on the same thread in source mode
  * (`{ source: true }`, source.ts): forward() lets the NBD threads' appender queue each record
