@@ -39,6 +39,7 @@
  */
 import * as crypto from 'crypto';
 import { MmapNvram } from '../io/mmap-nvram';
+import type { NvramRegion } from '../io/types';
 import { crc32cBlocks, crc32cWide } from '../io/native';
 import { crc32cAppendBlock } from '../io/checksum';
 import { assert } from '../util/assert';
@@ -128,7 +129,7 @@ export class DestLog {
   /** One record's block checksums, when they are computed here. */
   private readonly crcScratch = Buffer.allocUnsafe((RECORD_PAYLOAD_MAX_BYTES / BLOCK_BYTES) * 4);
 
-  private constructor(private readonly region: MmapNvram, private readonly uuid: string) {
+  private constructor(private readonly region: NvramRegion & { readonly reopenPath?: string }, private readonly uuid: string) {
     this.blockCrcs = new Uint32Array(Math.ceil(region.sizeBytes / BLOCK_BYTES));
   }
 
@@ -149,9 +150,26 @@ export class DestLog {
       await fs.promises.rm(path, { force: true });
       region = await MmapNvram.open(path, { sizeBytes, create: true });
     }
+    return DestLog.over(region, uuid, mode, committedSeq);
+  }
+
+  /**
+   * The same over any region (the recording and memory regions of the power-loss
+   * enumeration: test/crash/power-loss-dest-log.test.ts). Without a file behind it
+   * (`reopenPath` undefined) no other writer can be given the log (the native receive
+   * thread's durable acks need the file).
+   */
+  static async over(region: NvramRegion & { readonly reopenPath?: string }, uuid: string, mode: 'recover' | 'fresh' = 'recover', committedSeq = 0): Promise<DestLog> {
+    // (Files are at least DEST_LOG_MIN_BYTES: open(); a test may use a smaller ring.)
+    assert(region.sizeBytes >= HEADER_BYTES + RECORD_HEADER_BYTES + RECORD_PAYLOAD_MAX_BYTES && region.sizeBytes % BLOCK_BYTES === 0, `dest log size ${region.sizeBytes}`);
     const log = new DestLog(region, uuid);
-    if (mode === 'recover' && log.readHeader()) log.scan(committedSeq);
-    else await log.writeHeader();
+    if (mode === 'recover' && log.readHeader()) {
+      log.scan(committedSeq);
+      // What the scan found may be only in memory (a crash of the process, not of the
+      // host: the pages were never synced). It counts as durable (persistedSeq) only once
+      // synced here. (MmapNvram.open syncs its file already; other regions need not.)
+      if (log.recordsRecovered > 0) await region.persist(0, region.sizeBytes);
+    } else await log.writeHeader();
     return log;
   }
 
@@ -468,8 +486,8 @@ export class DestLog {
     this.indexStored(seq, at, size, type, lengthBytes);
   }
 
-  /** A path that opens this log's file again (for a descriptor of another writer's own). */
-  get reopenPath(): string {
+  /** A path that opens this log's file again (for a descriptor of another writer's own); undefined: no file behind it. */
+  get reopenPath(): string | undefined {
     return this.region.reopenPath;
   }
 

@@ -213,7 +213,8 @@ export class Session {
     this.native.attachLog(ring, crcs);
     // DURABLE_REQs answered by the thread (an fdatasync of its own descriptor to the log),
     // unless NVMIRROR_MIRROR_RX_DURABLE=0 (then the event loop persists, as without the thread).
-    if (process.env.NVMIRROR_MIRROR_RX_DURABLE !== '0' && !this.native.durableFile(this.mirror.log.reopenPath)) {
+    const logFile = this.mirror.log.reopenPath;
+    if (process.env.NVMIRROR_MIRROR_RX_DURABLE !== '0' && (logFile === undefined || !this.native.durableFile(logFile))) {
       this.log.warn({ source: this.sourceUuid }, 'mirror log: the receive thread could not open the log file; durability requests go through the event loop');
     }
     this.mirror.log.onRelease = () => this.syncNativeAck();

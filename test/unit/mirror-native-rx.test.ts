@@ -225,8 +225,8 @@ describe('mirror native receive thread', function () {
 
   it('with the log\'s file set, a DURABLE_REQ is answered on the thread (one fdatasync, the ack covers it, the log learns it); records near it go through the file and read back exactly; without a grant it goes to TypeScript', async () => {
     const c = await open();
-    assert.strictEqual(c.rx.durableFile(c.log.reopenPath), true);
-    assert.strictEqual(c.rx.durableFile(c.log.reopenPath), false, 'once per thread');
+    assert.strictEqual(c.rx.durableFile(c.log.reopenPath!), true);
+    assert.strictEqual(c.rx.durableFile(c.log.reopenPath!), false, 'once per thread');
     const msgs2: OutMessage[] = [record(1, 1), record(2, 0), record(3, 3), { type: MsgType.DurableReq, seq: 3 }, record(4, 2), record(5, 1), { type: MsgType.DurableReq, seq: 5 }];
     c.client.write(stream(msgs2));
     await until('durable ack', () => c.acks.some((m) => m.type === MsgType.RecordAck && m.durableSeq === 5 && m.heldSeq === 5));
@@ -256,7 +256,7 @@ describe('mirror native receive thread', function () {
     assert.deepStrictEqual([...got.keys()], [1, 2, 3, 4, 5], 'a reopened log recovers every record, those written with pwritev included');
     assert.ok(got.get(4)!.equals(payload(4, 2)) && got.get(5)!.equals(payload(5, 1)));
     const d = await open({ limit: 64 + 4096 + 100 });
-    assert.strictEqual(d.rx.durableFile(d.log.reopenPath), true);
+    assert.strictEqual(d.rx.durableFile(d.log.reopenPath!), true);
     d.client.write(stream([record(1, 1), record(2, 1), { type: MsgType.DurableReq, seq: 2 }]));
     await until('handed over', () => d.frames.length === 2);
     assert.deepStrictEqual(d.frames.map((m) => m.type), [MsgType.Record, MsgType.DurableReq]);
