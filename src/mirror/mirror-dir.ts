@@ -410,7 +410,12 @@ export class MirrorDir {
     this.pins = new PinGuard(label.sourceUuid, (pba) => this.readBlock(pba), () => this.committedCp);
   }
 
-  static async openOrCreate(root: string, hello: MirrorHello, logger: Logger): Promise<MirrorDir> {
+  /**
+   * @param opts.device what the mirror's blocks go through instead of the member as
+   *   opened (the recording device of test/crash/power-loss-mirror-cp.test.ts): given the
+   *   opened device, returns the one to use (and closes the other if it replaces it).
+   */
+  static async openOrCreate(root: string, hello: MirrorHello, logger: Logger, opts: { device?: (opened: BlockDevice) => Promise<BlockDevice> } = {}): Promise<MirrorDir> {
     const dir = path.join(root, hello.sourceUuid);
     await fs.promises.mkdir(dir, { recursive: true });
     const lockFd = fs.openSync(path.join(dir, MIRROR_LOCK_NAME), 'a');
@@ -461,7 +466,8 @@ export class MirrorDir {
         await writeMirrorLabel(dir, label);
         logger.info({ dir, source: hello.sourceUuid }, 'new mirror created');
       }
-      const dev = await openMirrorDevice(dir, label, false);
+      const opened = await openMirrorDevice(dir, label, false);
+      const dev = opts.device ? await opts.device(opened) : opened;
       if (dev.blockCount < label.deviceBlocks) {
         await dev.close();
         throw new MirrorDirError(`mirror ${label.raid ? `RAID-${label.raid.level} device` : 'member'} has ${dev.blockCount} blocks, needs ${label.deviceBlocks}`);
