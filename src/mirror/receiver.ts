@@ -42,7 +42,6 @@ import type { VerifyReport } from './verify';
 import { SlabPool } from './slab-pool';
 import type { MemoryBudget } from '../nbd/budget';
 import { Session, type SessionHost } from './receiver-session';
-export { RECEIVER_IDLE_TIMEOUT_MS, SESSION_SILENT_REPLACE_MS } from './receiver-session';
 
 export const CONNECTIONS_MAX = 64;
 /**
@@ -138,17 +137,25 @@ export class MirrorReceiver implements SessionHost {
     this.slabTrim.unref();
   }
 
+  /**
+   * Takes a connection from a source: the listener's, or any stream shaped like a socket
+   * (the network seam: test/mirror/link-sim.test.ts joins a source to this receiver
+   * through a seeded in-memory link). One without a file descriptor stays on the event
+   * loop's path (no native receive thread).
+   */
+  accept(sock: net.Socket): void {
+    if (this.closing || this.sessions.size >= CONNECTIONS_MAX) {
+      this.log.warn({ remote: sock.remoteAddress }, `mirror connection refused: ${this.closing ? 'shutting down' : `${CONNECTIONS_MAX} connections already`}`);
+      sock.destroy();
+      return;
+    }
+    sock.setNoDelay?.(true);
+    const s = new Session(this, sock, this.log.child({ remote: `${sock.remoteAddress}:${sock.remotePort}` }));
+    this.sessions.add(s);
+  }
+
   listen(host: string, port: number): Promise<net.AddressInfo> {
-    const onConn = (sock: net.Socket): void => {
-      if (this.closing || this.sessions.size >= CONNECTIONS_MAX) {
-        this.log.warn({ remote: sock.remoteAddress }, `mirror connection refused: ${this.closing ? 'shutting down' : `${CONNECTIONS_MAX} connections already`}`);
-        sock.destroy();
-        return;
-      }
-      sock.setNoDelay(true);
-      const s = new Session(this, sock, this.log.child({ remote: `${sock.remoteAddress}:${sock.remotePort}` }));
-      this.sessions.add(s);
-    };
+    const onConn = (sock: net.Socket): void => this.accept(sock);
     const srv = this.opts.tls
       ? tls.createServer({ ...this.opts.tls, minVersion: 'TLSv1.3' }, onConn)
       : net.createServer(onConn);

@@ -82,6 +82,12 @@ export interface LinkEvents<C extends LinkConn> {
 export interface SourceLinkOptions {
   peer: { host: string; port: number };
   tls?: tls.ConnectionOptions;
+  /**
+   * The network seam: opens a connection to the peer instead of TCP (and TLS). The stream
+   * emits 'connect' once up, as a socket does; one without a file descriptor stays on the
+   * event loop's path. (test/mirror/link-sim.test.ts: a seeded in-memory link.)
+   */
+  dial?: (peer: { host: string; port: number }) => net.Socket;
   /** The stream goes to the link's native thread (a plain sync link). */
   native: boolean;
   log: Logger;
@@ -112,8 +118,8 @@ export class SourceLink<C extends LinkConn> {
   connect(): void {
     if (this.stopped || this.conn) return;
     const { host, port } = this.o.peer;
-    const socket = this.o.tls ? tls.connect({ ...this.o.tls, host, port, minVersion: 'TLSv1.3' }) : net.connect({ host, port });
-    socket.setNoDelay(true);
+    const socket = this.o.dial ? this.o.dial(this.o.peer) : this.o.tls ? tls.connect({ ...this.o.tls, host, port, minVersion: 'TLSv1.3' }) : net.connect({ host, port });
+    socket.setNoDelay?.(true);
     const parser = new FrameParser();
     let welcomeResolve!: (m: Welcome) => void;
     let welcomeReject!: (e: Error) => void;
@@ -143,7 +149,7 @@ export class SourceLink<C extends LinkConn> {
     const native = this.o.native && !this.o.tls;
     if (native) socket.pause();
     else socket.on('data', onData);
-    socket.once(this.o.tls ? 'secureConnect' : 'connect', () => {
+    socket.once(this.o.tls && !this.o.dial ? 'secureConnect' : 'connect', () => {
       clearTimeout(timer);
       if (native) {
         try {

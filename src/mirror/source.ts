@@ -43,6 +43,7 @@
  *   source reconnects instead of waiting on it forever.
  */
 import * as crypto from 'crypto';
+import type * as net from 'net';
 import * as tls from 'tls';
 import type { Logger } from 'pino';
 import type { EngineVolume, ReplicaGate } from '../volume/engine';
@@ -106,6 +107,8 @@ export interface MirrorSourceOptions {
   rateBytesPerSec?: number;
   /** The rate limiter's clock (default: the system's). */
   clock?: Clock;
+  /** The network seam (source-link.ts): how to reach the peer instead of TCP/TLS. */
+  dial?: (peer: { host: string; port: number }) => net.Socket;
 }
 
 
@@ -263,7 +266,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.log = opts.logger.child({ mirror: `${opts.peer.host}:${opts.peer.port}` });
     const native = opts.mode === 'sync' && nativeRxEnabled() && process.env.NVMIRROR_MIRROR_SOURCE_NATIVE !== '0';
     this.link = new SourceLink<Conn>(
-      { peer: opts.peer, ...(opts.tls ? { tls: opts.tls } : {}), native, log: this.log },
+      { peer: opts.peer, ...(opts.tls ? { tls: opts.tls } : {}), ...(opts.dial ? { dial: opts.dial } : {}), native, log: this.log },
       {
         connected: (c) => this.onConnected(c),
         message: (c, m) => this.onMessage(c, m),
