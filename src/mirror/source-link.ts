@@ -24,7 +24,6 @@
  */
 import * as net from 'net';
 import * as tls from 'tls';
-import type { Logger } from 'pino';
 import { afterSocketWrites, type LentBlocks } from './resync-frames';
 import { EV_EOF, EV_ERROR, EV_FRAME, EV_ROOM, EV_SENT, NativeRx, plainFd, type RxEvent } from './native-rx';
 import { decodeBody, writeEncoded, writeFrame, FrameParser, FrameWriter, MsgType, type Message, type OutMessage } from './wire';
@@ -90,7 +89,6 @@ export interface SourceLinkOptions {
   dial?: (peer: { host: string; port: number }) => net.Socket;
   /** The stream goes to the link's native thread (a plain sync link). */
   native: boolean;
-  log: Logger;
 }
 
 export class SourceLink<C extends LinkConn> {

@@ -266,7 +266,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.log = opts.logger.child({ mirror: `${opts.peer.host}:${opts.peer.port}` });
     const native = opts.mode === 'sync' && nativeRxEnabled() && process.env.NVMIRROR_MIRROR_SOURCE_NATIVE !== '0';
     this.link = new SourceLink<Conn>(
-      { peer: opts.peer, ...(opts.tls ? { tls: opts.tls } : {}), ...(opts.dial ? { dial: opts.dial } : {}), native, log: this.log },
+      { peer: opts.peer, ...(opts.tls ? { tls: opts.tls } : {}), ...(opts.dial ? { dial: opts.dial } : {}), native },
       {
         connected: (c) => this.onConnected(c),
         message: (c, m) => this.onMessage(c, m),

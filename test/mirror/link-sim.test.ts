@@ -130,25 +130,19 @@ function simLink(rnd: SeededRandom, faults: LinkFaults): { source: net.Socket; r
   };
   const toReceiver = new Direction(rnd, () => b, faults.cutToReceiverAfter, faults.flipShare, cut);
   const toSource = new Direction(rnd, () => a, faults.cutToSourceAfter, 0, cut);
-  // writev: what the writer queued meanwhile goes as one chunk (a socket's writes coalesce too).
-  a = new Duplex({
-    write: (chunk: Buffer, _e, cb) => toReceiver.send(chunk, () => cb()),
-    writev: (chunks, cb) => toReceiver.send(Buffer.concat(chunks.map((c) => c.chunk as Buffer)), () => cb()),
+  // One end writes into `out`. writev: what the writer queued meanwhile goes as one chunk
+  // (a socket's writes coalesce too).
+  const end = (out: Direction): Duplex => new Duplex({
+    write: (chunk: Buffer, _e, cb) => out.send(chunk, () => cb()),
+    writev: (chunks, cb) => out.send(Buffer.concat(chunks.map((c) => c.chunk as Buffer)), () => cb()),
     read: () => undefined,
     final: (cb) => {
-      toReceiver.end();
+      out.end();
       cb();
     },
   });
-  b = new Duplex({
-    write: (chunk: Buffer, _e, cb) => toSource.send(chunk, () => cb()),
-    writev: (chunks, cb) => toSource.send(Buffer.concat(chunks.map((c) => c.chunk as Buffer)), () => cb()),
-    read: () => undefined,
-    final: (cb) => {
-      toSource.end();
-      cb();
-    },
-  });
+  a = end(toReceiver);
+  b = end(toSource);
   for (const d of [a, b]) {
     Object.assign(d, { remoteAddress: 'sim', remotePort: 0 });
     d.on('error', () => undefined);
