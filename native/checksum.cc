@@ -10,7 +10,10 @@
 // - No function reads or writes outside the bounds it validated.
 #include "common.h"
 
+#include <immintrin.h>
 #include <nmmintrin.h>
+
+#include <cstdlib>
 
 #include <cstring>
 #include <mutex>
@@ -330,9 +333,104 @@ __attribute__((target("sse4.2"))) uint32_t Crc32cWideSse42(uint32_t crc, const u
   return Crc32cSse42(static_cast<uint32_t>(c0), p, n);
 }
 
-// One 4 KiB block, seed 0: 4080 bytes in three chains, the last 16 in one.
-__attribute__((target("sse4.2"))) uint32_t Crc32cBlockSse42(const uint8_t* p) {
-  return ~Crc32cWideSse42(~0u, p, 4096);
+// Spans of >= 256 bytes by carry-less multiplication (AVX-512 + VPCLMULQDQ, where the
+// CPU and the OS's saved state have them): the span is folded, 64 bytes per 512-bit
+// register, four registers at a time, into one 128-bit remainder with the same crc32c
+// register as the span's bytes, which two crc32 instructions then reduce; the tail goes
+// on in three chains. A 128-bit lane [q0, q1] (q0 the earlier 8 bytes) carried D bits
+// forward is clmul(q0, K(D + 32)) ^ clmul(q1, K(D - 32)), with K(n) the bit-reflected
+// x^n mod P shifted left by one (P the Castagnoli polynomial 0x1EDC6F41), computed by
+// hand and checked by every crc test against the table path (test/unit/checksum*.ts).
+struct FoldK {
+  uint64_t q0, q1;
+};
+constexpr FoldK kFold128 = {0xf20c0dfeull, 0x14cd00bd6ull};
+constexpr FoldK kFold256 = {0x1384aa63aull, 0xba4fc28eull};
+constexpr FoldK kFold384 = {0x1c291d04ull, 0x1d82c63daull};
+constexpr FoldK kFold512 = {0x740eef02ull, 0x9e4addf8ull};
+constexpr FoldK kFold2048 = {0xdcb17aa4ull, 0xb9e02b86ull};
+constexpr size_t kFoldMinBytes = 256;
+bool g_fold = false;
+
+#define NVM_FOLD_TARGET __attribute__((target("sse4.2,pclmul,avx512f,avx512vl,vpclmulqdq")))
+
+NVM_FOLD_TARGET inline __m512i FoldK512(FoldK k) {
+  const long long a = static_cast<long long>(k.q0), b = static_cast<long long>(k.q1);
+  return _mm512_set_epi64(b, a, b, a, b, a, b, a);
+}
+
+// x carried forward by k's distance, xor y (per 128-bit lane).
+NVM_FOLD_TARGET inline __m512i Fold512(__m512i x, __m512i k, __m512i y) {
+  return _mm512_ternarylogic_epi64(_mm512_clmulepi64_epi128(x, k, 0x00), _mm512_clmulepi64_epi128(x, k, 0x11), y, 0x96);
+}
+
+NVM_FOLD_TARGET inline __m128i Fold128(__m128i x, FoldK k) {
+  const __m128i kk = _mm_set_epi64x(static_cast<long long>(k.q1), static_cast<long long>(k.q0));
+  return _mm_xor_si128(_mm_clmulepi64_si128(x, kk, 0x00), _mm_clmulepi64_si128(x, kk, 0x11));
+}
+
+// The register after n >= kFoldMinBytes bytes from register crc (no inversions).
+NVM_FOLD_TARGET uint32_t Crc32cFoldAvx512(uint32_t crc, const uint8_t* p, size_t n) {
+  __m512i x0 = _mm512_loadu_si512(p);
+  __m512i x1 = _mm512_loadu_si512(p + 64);
+  __m512i x2 = _mm512_loadu_si512(p + 128);
+  __m512i x3 = _mm512_loadu_si512(p + 192);
+  // The register enters as an xor into the span's first four bytes.
+  x0 = _mm512_xor_si512(x0, _mm512_zextsi128_si512(_mm_cvtsi32_si128(static_cast<int>(crc))));
+  p += 256;
+  n -= 256;
+  const __m512i k2048 = FoldK512(kFold2048);
+  while (n >= 256) {
+    x0 = Fold512(x0, k2048, _mm512_loadu_si512(p));
+    x1 = Fold512(x1, k2048, _mm512_loadu_si512(p + 64));
+    x2 = Fold512(x2, k2048, _mm512_loadu_si512(p + 128));
+    x3 = Fold512(x3, k2048, _mm512_loadu_si512(p + 192));
+    p += 256;
+    n -= 256;
+  }
+  const __m512i k512 = FoldK512(kFold512);
+  x1 = Fold512(x0, k512, x1);
+  x2 = Fold512(x1, k512, x2);
+  x3 = Fold512(x2, k512, x3);
+  while (n >= 64) {
+    x3 = Fold512(x3, k512, _mm512_loadu_si512(p));
+    p += 64;
+    n -= 64;
+  }
+  // Four lanes into one: lane i carried (3 - i) x 128 bits.
+  alignas(64) __m128i lane[4];
+  _mm512_store_si512(lane, x3);
+  __m128i r = _mm_xor_si128(Fold128(lane[0], kFold384), Fold128(lane[1], kFold256));
+  r = _mm_xor_si128(r, Fold128(lane[2], kFold128));
+  r = _mm_xor_si128(r, lane[3]);
+  uint64_t c = _mm_crc32_u64(0, static_cast<uint64_t>(_mm_cvtsi128_si64(r)));
+  c = _mm_crc32_u64(c, static_cast<uint64_t>(_mm_extract_epi64(r, 1)));
+  return Crc32cWideSse42(static_cast<uint32_t>(c), p, n);
+}
+
+#undef NVM_FOLD_TARGET
+
+// The fastest path this CPU has for a span from a running register (no inversions).
+inline uint32_t Crc32cFast(uint32_t crc, const uint8_t* p, size_t n) {
+  if (g_fold && n >= kFoldMinBytes) return Crc32cFoldAvx512(crc, p, n);
+  return g_hw ? Crc32cWideSse42(crc, p, n) : Crc32cTable(crc, p, n);
+}
+
+// Whether the CPU and the OS run AVX-512 with VPCLMULQDQ: the instructions (cpuid) and
+// the OS saving the opmask and 512-bit register state (XCR0 bits 1, 2, 5, 6, 7).
+bool FoldSupported() {
+  if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("vpclmulqdq") &&
+        __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.2"))) {
+    return false;
+  }
+  uint32_t lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (lo & 0xe6u) == 0xe6u;
+}
+
+// One 4 KiB block, seed 0.
+uint32_t Crc32cBlockFast(const uint8_t* p) {
+  return ~Crc32cFast(~0u, p, 4096);
 }
 
 // crc32cWide(buf, offset, length, seed) -> uint32: the same value as crc32c, three chains.
@@ -343,8 +441,26 @@ Napi::Value Crc32cWide(const Napi::CallbackInfo& info) {
   uint32_t seed;
   if (!CrcArgs(info, "crc32cWide", &p, &n, &seed)) return info.Env().Undefined();
   uint32_t crc = ~seed;
-  crc = g_hw ? Crc32cWideSse42(crc, p, n) : Crc32cTable(crc, p, n);
+  crc = Crc32cFast(crc, p, n);
   return Napi::Number::New(info.Env(), static_cast<double>(~crc));
+}
+
+// crc32cFold(buf, offset, length, seed) -> uint32: the folding path alone (lengths >= 256),
+// so tests compare it with the table path; throws where the CPU lacks it (crc32cFolding).
+Napi::Value Crc32cFoldJs(const Napi::CallbackInfo& info) {
+  const uint8_t* p;
+  size_t n;
+  uint32_t seed;
+  if (!CrcArgs(info, "crc32cFold", &p, &n, &seed)) return info.Env().Undefined();
+  if (!g_fold) {
+    ThrowRange(info.Env(), "crc32cFold: this CPU (or NVMIRROR_CRC_NO_AVX512) has no AVX-512 VPCLMULQDQ path");
+    return info.Env().Undefined();
+  }
+  if (n < kFoldMinBytes) {
+    ThrowRange(info.Env(), "crc32cFold: length must be >= 256");
+    return info.Env().Undefined();
+  }
+  return Napi::Number::New(info.Env(), static_cast<double>(~Crc32cFoldAvx512(~seed, p, n)));
 }
 
 // g_blockShift: the register after 4096 zero bytes, per byte of the input register (any
@@ -380,7 +496,7 @@ uint32_t Crc32cExtendBlock(uint32_t crc, uint32_t blockCrc) {
 }
 
 uint32_t Crc32cOf(const uint8_t* p, size_t n) {
-  if (g_hw && n == 4096) return Crc32cBlockSse42(p);
+  if (g_hw && n == 4096) return Crc32cBlockFast(p);
   uint32_t c = g_hw ? Crc32cSse42(~0u, p, n) : Crc32cTable(~0u, p, n);
   return ~c;
 }
@@ -390,7 +506,7 @@ uint32_t Crc32cSeeded(uint32_t seed, const uint8_t* p, size_t n) {
 }
 
 uint32_t Crc32cSeededWide(uint32_t seed, const uint8_t* p, size_t n) {
-  return ~(g_hw ? Crc32cWideSse42(~seed, p, n) : Crc32cTable(~seed, p, n));
+  return ~Crc32cFast(~seed, p, n);
 }
 
 void InitChecksum(Napi::Env env, Napi::Object exports) {
@@ -401,6 +517,7 @@ void InitChecksum(Napi::Env env, Napi::Object exports) {
     __builtin_cpu_init();
     g_hw = __builtin_cpu_supports("sse4.2");
     if (g_hw) BuildStripeShift();
+    g_fold = g_hw && FoldSupported() && getenv("NVMIRROR_CRC_NO_AVX512") == nullptr;
     BuildBlockShift();
   });
   exports.Set("crc32c", Napi::Function::New(env, Crc32c, "crc32c"));
@@ -409,6 +526,8 @@ void InitChecksum(Napi::Env env, Napi::Object exports) {
   exports.Set("crc32cExtendBlock", Napi::Function::New(env, Crc32cExtendBlockJs, "crc32cExtendBlock"));
   exports.Set("crc32cPortable", Napi::Function::New(env, Crc32cPortable, "crc32cPortable"));
   exports.Set("crc32cHardware", Napi::Boolean::New(env, g_hw));
+  exports.Set("crc32cFold", Napi::Function::New(env, Crc32cFoldJs, "crc32cFold"));
+  exports.Set("crc32cFolding", Napi::Boolean::New(env, g_fold));
   exports.Set("xorInto", Napi::Function::New(env, XorInto, "xorInto"));
   exports.Set("pqGen", Napi::Function::New(env, PqGen, "pqGen"));
 }

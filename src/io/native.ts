@@ -69,6 +69,10 @@ interface RawAddon {
   crc32cPortable(buf: Buffer, offset: number, length: number, seed: number): number;
   /** True when crc32c uses the SSE4.2 crc32 instruction. */
   readonly crc32cHardware: boolean;
+  /** The AVX-512 VPCLMULQDQ folding path alone (length >= 256); throws where crc32cFolding is false. */
+  crc32cFold(buf: Buffer, offset: number, length: number, seed: number): number;
+  /** True when spans of >= 256 bytes (crc32cWide, the 4 KiB block checksums of the native paths) fold with AVX-512 VPCLMULQDQ. */
+  readonly crc32cFolding: boolean;
   /** The delta from prev to next into out (mirror/delta.ts format); bytes written, -1 if it does not fit. */
   deltaEncode(prev: Buffer, next: Buffer, out: Buffer): number;
   /** dst ^= src over length bytes. */
@@ -303,6 +307,23 @@ export function crc32cPortable(buf: Buffer, offset = 0, length = buf.length - of
 
 export function crc32cHardware(): boolean {
   return addon().crc32cHardware;
+}
+
+/** Least length crc32cFold takes (shorter spans go the three-chain way). */
+export const CRC_FOLD_MIN_BYTES = 256;
+
+/** crc32c through the AVX-512 folding path only (for tests and diagnostics); see crc32cFolding(). */
+export function crc32cFold(buf: Buffer, offset = 0, length = buf.length - offset, seed = 0): number {
+  if (offset < 0 || length < CRC_FOLD_MIN_BYTES || offset + length > buf.length) throw new RangeError(`crc32cFold: ${offset}+${length} outside buffer of ${buf.length} or under ${CRC_FOLD_MIN_BYTES} bytes`);
+  return addon().crc32cFold(buf, offset, length, seed >>> 0) >>> 0;
+}
+
+/**
+ * True when spans of >= 256 bytes fold with AVX-512 VPCLMULQDQ (the CPU has it, the OS
+ * saves its registers, NVMIRROR_CRC_NO_AVX512 is unset); else three crc32 chains.
+ */
+export function crc32cFolding(): boolean {
+  return addon().crc32cFolding;
 }
 
 export function xorInto(dst: Buffer, src: Buffer, length = dst.length): void {
