@@ -24,6 +24,9 @@
  *   can be released.
  * - At most one session handles a source's HELLO at a time (SessionHost.claimHello); a
  *   silent earlier session of the same source gives way after SESSION_SILENT_REPLACE_MS.
+ * - Time: the HELLO and idle timeouts and a session's silence are read from the host's
+ *   clock (SessionHost.clock: the system's, or a test's simulated one); only a refused
+ *   socket's linger before it is destroyed runs on real time.
  * - Memory: parsed frames waiting to be applied are charged to the process's one
  *   MemoryBudget (SessionHost.budget); a frame parsed while the budget is spent pauses
  *   this connection's reading until it is granted. On top of that: one frame being
@@ -46,6 +49,7 @@ import { CpApplier, DroppedRecordError } from './apply';
 import type { Lineage } from '../tree/lineage';
 import { Slicer } from '../util/work';
 import type { Charge, MemoryBudget } from '../nbd/budget';
+import type { Clock } from '../io/types';
 
 /** Parsed frames waiting to be applied, per connection, before reading pauses. */
 const QUEUED_BYTES_MAX = 16 * 1024 * 1024;
@@ -80,7 +84,7 @@ export const RECEIVER_IDLE_TIMEOUT_MS = 60_000;
  */
 export const SESSION_SILENT_REPLACE_MS = 10_000;
 /** A connection must finish HELLO within this time. */
-const HELLO_TIMEOUT_MS = 10_000;
+export const HELLO_TIMEOUT_MS = 10_000;
 
 /** What a session needs of the receiver that accepted it (receiver.ts). */
 export interface SessionHost {
@@ -88,6 +92,8 @@ export interface SessionHost {
   readonly slabs: SlabPool;
   readonly budget: MemoryBudget | undefined;
   readonly exports: MirrorExports | undefined;
+  /** The HELLO and idle timeouts and silence are measured by it. */
+  readonly clock: Clock;
   /** Where each source and its mirror stood at its last HELLO, by source uuid. */
   readonly standings: Map<string, Standing>;
   /** Claims the HELLO of source `uuid` for `s`; false if another live session is handling one. */
@@ -124,8 +130,8 @@ export class Session {
   /** The message a budget wait is for, and how to cancel that wait. */
   private budgetWait: { m: Message; cancel: () => void } | undefined;
   private closed = false;
-  private idleTimer: NodeJS.Timeout | undefined;
-  private lastHeardMs = Date.now();
+  private idleTimer: { cancel(): void } | undefined;
+  private lastHeardMs: number;
   /** Messages of the batch drain() is handling that records must not overtake (see applyingOnly). */
   private orderedInBatch = 0;
   /** Settles when drain() has returned (no message of this session is being handled). */
@@ -133,10 +139,11 @@ export class Session {
 
   constructor(private readonly rx: SessionHost, readonly socket: net.Socket, private readonly log: Logger) {
     this.parser = new FrameParser(rx.slabs);
+    this.lastHeardMs = rx.clock.nowMs();
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
     socket.on('error', (e) => this.end(`socket error: ${e.message}`));
     socket.on('close', () => this.end('connection closed'));
-    this.idleTimer = setTimeout(() => this.end('no HELLO in time'), HELLO_TIMEOUT_MS);
+    this.idleTimer = rx.clock.setTimeout(() => this.end('no HELLO in time'), HELLO_TIMEOUT_MS);
   }
 
   get sourceUuid(): string | undefined {
@@ -152,13 +159,13 @@ export class Session {
   }
 
   private armIdle(): void {
-    if (this.idleTimer) clearTimeout(this.idleTimer);
-    this.idleTimer = setTimeout(() => this.end(`nothing received for ${RECEIVER_IDLE_TIMEOUT_MS} ms`), RECEIVER_IDLE_TIMEOUT_MS);
+    this.idleTimer?.cancel();
+    this.idleTimer = this.rx.clock.setTimeout(() => this.end(`nothing received for ${RECEIVER_IDLE_TIMEOUT_MS} ms`), RECEIVER_IDLE_TIMEOUT_MS);
   }
 
   private onData(chunk: Buffer): void {
     if (this.closed) return;
-    this.lastHeardMs = Date.now();
+    this.lastHeardMs = this.rx.clock.nowMs();
     let msgs: Message[];
     try {
       msgs = this.parser.push(chunk);
@@ -282,7 +289,7 @@ export class Session {
         break;
       }
     }
-    this.lastHeardMs = Date.now();
+    this.lastHeardMs = this.rx.clock.nowMs();
     if (!ending) this.armIdle();
     // Runs of frames are accepted (records on the fast path, the rest queued) and stored
     // records adopted by the log in stream order, so a reference in a later frame finds
@@ -672,7 +679,7 @@ export class Session {
   }
 
   silentMs(): number {
-    return Date.now() - this.lastHeardMs;
+    return this.rx.clock.nowMs() - this.lastHeardMs;
   }
 
   /** Ends this session (its peer went silent) and waits until it no longer touches the mirror. */
@@ -687,7 +694,7 @@ export class Session {
   end(reason: string, refused = false): void {
     if (this.closed) return;
     this.closed = true;
-    if (this.idleTimer) clearTimeout(this.idleTimer);
+    this.idleTimer?.cancel();
     this.releaseBudget(); // what is still queued is never handled
     if (refused && this.mirror) this.mirror.lastError = reason;
     if (this.native && this.mirror) this.mirror.log.onRelease = undefined;

@@ -42,6 +42,7 @@ import type { VerifyReport } from './verify';
 import { SlabPool } from './slab-pool';
 import type { MemoryBudget } from '../nbd/budget';
 import { Session, type SessionHost } from './receiver-session';
+import { systemClock, type Clock } from '../io/types';
 
 export const CONNECTIONS_MAX = 64;
 /**
@@ -107,12 +108,15 @@ export interface ReceiverOptions {
   exports?: MirrorExports;
   /** The process's one memory budget (shared with the exports' NBD server); none: per-connection bounds only. */
   budget?: MemoryBudget;
+  /** What the sessions' HELLO and idle timeouts and silence run on (default: the system clock; tests: a simulated one). */
+  clock?: Clock;
 }
 
 export class MirrorReceiver implements SessionHost {
   readonly dir: string;
   readonly exports: MirrorExports | undefined;
   readonly budget: MemoryBudget | undefined;
+  readonly clock: Clock;
   /** CP_BLOCKS bodies are assembled in these (slab-pool.ts), shared by every connection. */
   /** A CP_BLOCKS body and up to a block of padding before it (native-rx.ts: its blocks are placed block-aligned). */
   readonly slabs = new SlabPool(CP_BLOCKS_BODY_MAX_BYTES + 4096, SLABS_KEPT_MAX);
@@ -131,6 +135,7 @@ export class MirrorReceiver implements SessionHost {
     this.log = opts.logger;
     this.exports = opts.exports;
     this.budget = opts.budget;
+    this.clock = opts.clock ?? systemClock;
     this.exports?.onPinChange((uuid, cp) => this.sessionFor(uuid)?.sendPin(cp));
     assert(WIRE_VERSION === 1, 'wire version');
     this.slabTrim = setInterval(() => this.slabs.trimIdle(SLABS_IDLE_KEPT), SLAB_TRIM_INTERVAL_MS);

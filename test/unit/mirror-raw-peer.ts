@@ -13,6 +13,8 @@ export interface RawPeer {
   /** Resolves when the connection is closed (by either end). */
   closed: Promise<void>;
   send: (m: OutMessage) => void;
+  /** Writes bytes as they are (a frame cut short, garbage). */
+  raw: (b: Buffer) => void;
   destroy: () => void;
 }
 
@@ -28,7 +30,7 @@ export async function rawPeer(port: number): Promise<RawPeer> {
   const send = (m: OutMessage): void => {
     for (const part of fw.frame(m)) s.write(part);
   };
-  return { got, closed, send, destroy: () => s.destroy() };
+  return { got, closed, send, raw: (b) => void s.write(b), destroy: () => s.destroy() };
 }
 
 /** Polls `f` every 10 ms until it holds; fails the test naming `what` after `ms`. */
