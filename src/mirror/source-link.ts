@@ -28,6 +28,7 @@ import { afterSocketWrites, type LentBlocks } from './resync-frames';
 import { EV_EOF, EV_ERROR, EV_FRAME, EV_ROOM, EV_SENT, NativeRx, plainFd, type RxEvent } from './native-rx';
 import { decodeBody, writeEncoded, writeFrame, FrameParser, FrameWriter, MsgType, type Message, type OutMessage } from './wire';
 import type { AppendedRecord } from '../nvlog/log';
+import type { Clock } from '../io/types';
 
 /** Bytes queued on the mirror socket before senders wait for it to drain. */
 export const QUEUED_BYTES_MAX = 32 * 1024 * 1024;
@@ -89,6 +90,8 @@ export interface SourceLinkOptions {
   dial?: (peer: { host: string; port: number }) => net.Socket;
   /** The stream goes to the link's native thread (a plain sync link). */
   native: boolean;
+  /** The connect timeout, the redial backoff and the room wait's start run on it. */
+  clock: Clock;
 }
 
 export class SourceLink<C extends LinkConn> {
@@ -97,7 +100,7 @@ export class SourceLink<C extends LinkConn> {
   roomWaitSinceMs: number | undefined;
   private stopped = false;
   private reconnectMs = RECONNECT_MS_MIN;
-  private reconnectTimer: NodeJS.Timeout | undefined;
+  private reconnectTimer: { cancel(): void } | undefined;
   private drainWaiters: Array<() => void> = [];
   private sentAtTick = 0;
   /** Bytes of connections already closed: both ways, by message type sent, and received. */
@@ -128,7 +131,7 @@ export class SourceLink<C extends LinkConn> {
     welcome.catch(() => undefined);
     const conn = this.makeConn({ socket, parser, writer: new FrameWriter(), welcome, welcomeResolve, closed: false, lentToken: 0, lent: [] });
     this.conn = conn;
-    const timer = setTimeout(() => this.drop(conn, 'connect timed out'), CONNECT_TIMEOUT_MS);
+    const timer = this.o.clock.setTimeout(() => this.drop(conn, 'connect timed out'), CONNECT_TIMEOUT_MS);
     const onData = (chunk: Buffer): void => {
       let msgs: Message[];
       try {
@@ -148,7 +151,7 @@ export class SourceLink<C extends LinkConn> {
     if (native) socket.pause();
     else socket.on('data', onData);
     socket.once(this.o.tls && !this.o.dial ? 'secureConnect' : 'connect', () => {
-      clearTimeout(timer);
+      timer.cancel();
       if (native) {
         try {
           this.goNative(conn);
@@ -227,7 +230,7 @@ export class SourceLink<C extends LinkConn> {
     if (current) this.conn = undefined;
     this.events.dropped(conn, reason, current);
     if (!this.stopped && !this.reconnectTimer) {
-      this.reconnectTimer = setTimeout(() => {
+      this.reconnectTimer = this.o.clock.setTimeout(() => {
         this.reconnectTimer = undefined;
         this.connect();
       }, this.reconnectMs);
@@ -280,7 +283,7 @@ export class SourceLink<C extends LinkConn> {
   /** Waits while the socket queue is over QUEUED_BYTES_MAX (the connection may drop meanwhile). */
   async waitRoom(conn: C): Promise<void> {
     while (!conn.closed && this.queued(conn) > QUEUED_BYTES_MAX) {
-      this.roomWaitSinceMs ??= Date.now();
+      this.roomWaitSinceMs ??= this.o.clock.nowMs();
       const p = new Promise<void>((r) => this.drainWaiters.push(r));
       conn.rx?.wantRoom(QUEUED_BYTES_MAX);
       await p;
@@ -289,7 +292,7 @@ export class SourceLink<C extends LinkConn> {
 
   /** A sender holds back until the queue is under its bound (without awaiting here): room is asked for, and the wait is timed. */
   askRoom(conn: C): void {
-    this.roomWaitSinceMs ??= Date.now();
+    this.roomWaitSinceMs ??= this.o.clock.nowMs();
     conn.rx?.wantRoom(QUEUED_BYTES_MAX);
   }
 
@@ -306,7 +309,7 @@ export class SourceLink<C extends LinkConn> {
     const sent = conn.rx ? conn.rx.stats().bytesOut : conn.writer.bytesOut - conn.socket.writableLength;
     const moved = sent !== this.sentAtTick;
     this.sentAtTick = sent;
-    if (moved && this.roomWaitSinceMs !== undefined) this.roomWaitSinceMs = Date.now();
+    if (moved && this.roomWaitSinceMs !== undefined) this.roomWaitSinceMs = this.o.clock.nowMs();
     return moved;
   }
 
@@ -333,7 +336,7 @@ export class SourceLink<C extends LinkConn> {
   /** No redial from here on; what is queued gets up to STOP_DRAIN_MS to go out, then the connection closes. */
   async stop(): Promise<void> {
     this.stopped = true;
-    if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
+    this.reconnectTimer?.cancel();
     const conn = this.conn;
     if (!conn) return;
     await new Promise<void>((r) => {

@@ -105,7 +105,10 @@ export interface MirrorSourceOptions {
   stallTimeoutMs?: number;
   /** Caps a baseline's and a resync's blocks and deltas on the wire (bytes per second; records and CPs are the clients' pace). */
   rateBytesPerSec?: number;
-  /** The rate limiter's clock (default: the system's). */
+  /**
+   * What the source's timing runs on (default: the system's clock): the stall timeout,
+   * pings, the redial backoff, the lag and the rate limiter (tests: a simulated clock).
+   */
   clock?: Clock;
   /** The network seam (source-link.ts): how to reach the peer instead of TCP/TLS. */
   dial?: (peer: { host: string; port: number }) => net.Socket;
@@ -242,7 +245,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private processId = crypto.randomBytes(8).toString('hex');
   private resumeOffer: { cp: number; blocks: number } = { cp: -1, blocks: 0 };
   private behindSinceMs = 0;
-  private readonly ticker: NodeJS.Timeout;
+  private ticker: { cancel(): void } | undefined;
+  private readonly clock: Clock;
   private clientBytes = 0;
   private rootMismatches = 0;
   private cpsShipped = 0;
@@ -263,10 +267,11 @@ export class MirrorSource implements CpSink, ReplicaGate {
 
   constructor(opts: MirrorSourceOptions) {
     this.o = opts;
+    this.clock = opts.clock ?? systemClock;
     this.log = opts.logger.child({ mirror: `${opts.peer.host}:${opts.peer.port}` });
     const native = opts.mode === 'sync' && nativeRxEnabled() && process.env.NVMIRROR_MIRROR_SOURCE_NATIVE !== '0';
     this.link = new SourceLink<Conn>(
-      { peer: opts.peer, ...(opts.tls ? { tls: opts.tls } : {}), ...(opts.dial ? { dial: opts.dial } : {}), native },
+      { peer: opts.peer, ...(opts.tls ? { tls: opts.tls } : {}), ...(opts.dial ? { dial: opts.dial } : {}), native, clock: this.clock },
       {
         connected: (c) => this.onConnected(c),
         message: (c, m) => this.onMessage(c, m),
@@ -283,8 +288,16 @@ export class MirrorSource implements CpSink, ReplicaGate {
       (base) => ({ ...base, nativeFromSeq: Infinity, cpAcks: [], shippedCp: -1, welcomed: false }),
     );
     this.holdValidFromCp = Number.MAX_SAFE_INTEGER;
-    this.ticker = setInterval(() => this.tick(), 1000);
-    this.ticker.unref();
+    this.armTicker();
+  }
+
+  /** tick() once a second, on the source's clock, until stop(). */
+  private armTicker(): void {
+    this.ticker = this.clock.setTimeout(() => {
+      if (this.stopped) return;
+      this.tick();
+      this.armTicker();
+    }, 1000);
   }
 
   /**
@@ -393,7 +406,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       // meanwhile, and a record taken in between would go out ahead of the HELLO.
       this.hello(conn, v.log.lastSeq);
     }
-    conn.helloAtMs = Date.now();
+    conn.helloAtMs = this.clock.nowMs();
     conn.welcome.then(
       (w) => this.onWelcome(conn, w),
       () => undefined,
@@ -479,7 +492,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     switch (m.type) {
       case MsgType.RecordAck: {
         const gapBefore = this.catchUpGap();
-        if (m.heldSeq > this.heldSeq) this.unackedSinceMs = m.heldSeq >= this.lastForwardedSeq ? undefined : Date.now();
+        if (m.heldSeq > this.heldSeq) this.unackedSinceMs = m.heldSeq >= this.lastForwardedSeq ? undefined : this.clock.nowMs();
         this.heldSeq = Math.max(this.heldSeq, m.heldSeq);
         if (this.catchUpGap()) this.unackedSinceMs = undefined;
         // The catch-up closed with records outstanding: the destination may have dropped
@@ -576,7 +589,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       if (!this.stopped) this.log.warn({ reason }, 'mirror disconnected');
     }
     if (!this.stopped) this.lastError = reason;
-    if (this.state !== 'disconnected') this.behindSinceMs = Date.now();
+    if (this.state !== 'disconnected') this.behindSinceMs = this.clock.nowMs();
     this.state = 'disconnected';
     this.shipping = undefined;
     for (const a of conn.cpAcks.splice(0)) a.resolve(); // CPs go on locally; the destination catches up by resync
@@ -592,10 +605,10 @@ export class MirrorSource implements CpSink, ReplicaGate {
   /** How long the oldest unacknowledged record or CP has waited (0: none). */
   private unackedMs(): number {
     const conn = this.conn;
-    let oldest = this.unackedSinceMs ?? Date.now();
+    let oldest = this.unackedSinceMs ?? this.clock.nowMs();
     for (const w of this.waiters) oldest = Math.min(oldest, w.sinceMs);
     if (conn && conn.cpAcks.length > 0) oldest = Math.min(oldest, conn.cpAcks[0]!.sinceMs);
-    return Date.now() - oldest;
+    return this.clock.nowMs() - oldest;
   }
 
   /** A CP asked for by askCp() is running. */
@@ -618,7 +631,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
 
   private tick(): void {
     const conn = this.conn;
-    const now = Date.now();
+    const now = this.clock.nowMs();
     const wire = this.link.wireBytes();
     this.wireRate = Math.max(0, wire - this.wireAtLastTick);
     this.wireAtLastTick = wire;
@@ -659,9 +672,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
     if (conn.rx) {
       // The NBD threads' records from nativeFromSeq on went to the link as they appended
       // them (its ack may have come in before this: then nothing waits for one).
-      if (r.seq > this.heldSeq && !this.inGap(conn)) this.unackedSinceMs ??= Date.now();
+      if (r.seq > this.heldSeq && !this.inGap(conn)) this.unackedSinceMs ??= this.clock.nowMs();
       if (r.viaThread === true && r.seq >= conn.nativeFromSeq) return;
-    } else if (!this.inGap(conn)) this.unackedSinceMs ??= Date.now();
+    } else if (!this.inGap(conn)) this.unackedSinceMs ??= this.clock.nowMs();
     this.link.sendRecord(conn, r);
     this.boundGap(conn);
   }
@@ -686,7 +699,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       this.lastDurableReq = seq;
       this.send(conn, { type: MsgType.DurableReq, seq });
     }
-    return new Promise((resolve, reject) => this.waiters.push({ seq, durable, sinceMs: Date.now(), resolve, reject }));
+    return new Promise((resolve, reject) => this.waiters.push({ seq, durable, sinceMs: this.clock.nowMs(), resolve, reject }));
   }
 
   private unreachable(): Promise<void> {
@@ -879,7 +892,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private fallBehind(why: string): void {
     if (this.state === 'in-sync') {
       this.log.info({ why }, 'mirror behind: the peer is slower than the CPs (async); it catches up by resync');
-      this.behindSinceMs = Date.now();
+      this.behindSinceMs = this.clock.nowMs();
     }
     this.state = 'behind';
   }
@@ -912,7 +925,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     const root = superblock.subarray(SUPERBLOCK_ROOT_OFFSET, SUPERBLOCK_ROOT_OFFSET + 24);
     let resolve!: () => void;
     const done = new Promise<void>((r) => (resolve = r));
-    conn.cpAcks.push({ cp, sinceMs: Date.now(), clientBytes: this.clientBytes, root, superblock: Buffer.from(superblock), resolve, done });
+    conn.cpAcks.push({ cp, sinceMs: this.clock.nowMs(), clientBytes: this.clientBytes, root, superblock: Buffer.from(superblock), resolve, done });
     this.send(conn, { type: MsgType.CpCommit, cp, slot, blockCount, superblock });
     conn.shippedCp = cp;
     await done;
@@ -956,7 +969,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
           ok = !conn.closed;
         } finally {
           // An interrupted baseline keeps its pinned state: the destination resumes where its progress is durable.
-          if (!ok && base < 0 && !this.stopped) this.keptBaseline = { view, sinceMs: Date.now() };
+          if (!ok && base < 0 && !this.stopped) this.keptBaseline = { view, sinceMs: this.clock.nowMs() };
           else view.release();
         }
       }
@@ -981,7 +994,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.resync = { baseCp, targetCp: view.cpNumber, blocksSent: skip, progress: new ProgressLine(what, total) };
     const progress = this.resync.progress;
     this.log.info({ baseCp, targetCp: view.cpNumber, resumeAtBlock: skip }, skip > 0 ? 'mirror baseline resumed' : baseCp < 0 ? 'mirror baseline started' : 'mirror resync started');
-    const t0 = Date.now();
+    const t0 = this.clock.nowMs();
     this.send(conn, { type: MsgType.CpBegin, cp: view.cpNumber, baseCp, kind: skip > 0 ? 'resume' : 'resync' });
     const progressed = (blocks: number): void => {
       if (!this.resync) return;
@@ -990,7 +1003,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
     };
     const frames = new ResyncFrames(view.cpNumber, this.resyncLink(conn), {
       // --mirror-rate paces the walk's frames (the records and CPs beside it go at the clients' pace).
-      limiter: this.o.rateBytesPerSec !== undefined ? new RateLimiter(this.o.rateBytesPerSec, this.o.clock ?? systemClock) : undefined,
+      limiter: this.o.rateBytesPerSec !== undefined ? new RateLimiter(this.o.rateBytesPerSec, this.clock) : undefined,
       blocksSent: (n) => {
         this.dataBlocksSent += n;
         progressed(n);
@@ -1045,7 +1058,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       frames.end();
     }
     if (conn.closed) return;
-    this.log.info({ baseCp, cp: view.cpNumber, blocks: count, resumedAt: skip, ms: Date.now() - t0 }, baseCp < 0 ? 'mirror baseline done' : 'mirror resync done');
+    this.log.info({ baseCp, cp: view.cpNumber, blocks: count, resumedAt: skip, ms: this.clock.nowMs() - t0 }, baseCp < 0 ? 'mirror baseline done' : 'mirror resync done');
   }
 
   /** How a resync's frames reach this connection (resync-frames.ts). */
@@ -1128,7 +1141,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       sourceCp: tree.cpNumber,
       destCp: this.destCp,
       lagCps: this.destCp < 0 ? tree.cpNumber : tree.cpNumber - this.destCp,
-      lagSeconds: this.behindSinceMs > 0 ? Math.round((Date.now() - this.behindSinceMs) / 100) / 10 : 0,
+      lagSeconds: this.behindSinceMs > 0 ? Math.round((this.clock.nowMs() - this.behindSinceMs) / 100) / 10 : 0,
       // Sync with every record held there: nothing is missing; else what its CP lacks.
       lagBytes: this.o.mode === 'sync' && conn !== undefined && !conn.closed && this.heldSeq >= (this.volume?.log.lastSeq ?? 0) ? 0 : Math.max(0, this.clientBytes - this.clientBytesAtDestCp),
       wireBytesPerSec: this.wireRate,
@@ -1186,7 +1199,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
     this.stopped = true;
     this.keptBaseline?.view.release();
     this.keptBaseline = undefined;
-    clearInterval(this.ticker);
+    this.ticker?.cancel();
+    this.ticker = undefined;
     await this.link.stop();
     this.settleWaiters();
     assert(this.waiters.length === 0, 'reply gates left after stop');
