@@ -86,6 +86,7 @@ describe('mirror receiver: HELLO, idle and silence timeouts on a simulated clock
     const p = watch(await peer(port));
     p.send(helloMsg());
     await until('welcomed', () => welcomed(p));
+    await settle(); // the hand-off to the receive thread is done before time moves
     await clock.advanceBy(RECEIVER_IDLE_TIMEOUT_MS - 1);
     await settle();
     assert.equal(isClosed, false, `ended before the idle timeout (${RECEIVER_IDLE_TIMEOUT_MS} ms)`);
@@ -104,6 +105,7 @@ describe('mirror receiver: HELLO, idle and silence timeouts on a simulated clock
     const old = watch(await peer(port));
     old.send(helloMsg());
     await until('welcomed', () => welcomed(old));
+    await settle();
     await clock.advanceBy(SESSION_SILENT_REPLACE_MS - 1);
     const early = await peer(port);
     early.send(helloMsg());
