@@ -14,7 +14,6 @@
 #include <nmmintrin.h>
 
 #include <cstdlib>
-
 #include <cstring>
 #include <mutex>
 #include <vector>
@@ -340,7 +339,7 @@ __attribute__((target("sse4.2"))) uint32_t Crc32cWideSse42(uint32_t crc, const u
 // on in three chains. A 128-bit lane [q0, q1] (q0 the earlier 8 bytes) carried D bits
 // forward is clmul(q0, K(D + 32)) ^ clmul(q1, K(D - 32)), with K(n) the bit-reflected
 // x^n mod P shifted left by one (P the Castagnoli polynomial 0x1EDC6F41), computed by
-// hand and checked by every crc test against the table path (test/unit/checksum*.ts).
+// hand and checked against the table path (test/unit/native.test.ts, crc32c).
 struct FoldK {
   uint64_t q0, q1;
 };
@@ -433,7 +432,8 @@ uint32_t Crc32cBlockFast(const uint8_t* p) {
   return ~Crc32cFast(~0u, p, 4096);
 }
 
-// crc32cWide(buf, offset, length, seed) -> uint32: the same value as crc32c, three chains.
+// crc32cWide(buf, offset, length, seed) -> uint32: the same value as crc32c, by the fastest
+// path the CPU has (Crc32cFast: folding, else three chains).
 // For the mirror's record path (mirror/*.ts); the engine's calls keep crc32c (see above).
 Napi::Value Crc32cWide(const Napi::CallbackInfo& info) {
   const uint8_t* p;

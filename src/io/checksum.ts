@@ -75,8 +75,8 @@ export function crc32c(buf: Buffer, offset = 0, length = buf.length - offset): n
 }
 
 /**
- * crc32c (seed 0) of one 4 KiB block, in the addon's three chains (the same value as
- * crc32c, ~2.5x faster): for a CP's blocks (each address block it writes, each data block
+ * crc32c (seed 0) of one 4 KiB block, by the addon's fastest path (crc32cWide: the same
+ * value as crc32c, 2.5-6x faster): for a CP's blocks (each address block it writes, each data block
  * not adjacent to another). The single chain stays for the rest (see checksum.cc).
  */
 export function crc32cBlock(buf: Buffer, offset = 0): number {

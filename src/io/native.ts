@@ -61,7 +61,7 @@ interface RawAddon {
   crc32c(buf: Buffer, offset: number, length: number, seed: number): number;
   /** crc32c (seed 0) of each of count 4 KiB blocks at buf[offset..], into out as little-endian uint32s. */
   crc32cBlocks(buf: Buffer, offset: number, count: number, out: Buffer): void;
-  /** crc32c(buf, offset, length, seed) computed in three interleaved chains (same value; faster on long buffers). */
+  /** crc32c(buf, offset, length, seed) by the addon's fastest path (AVX-512 folding, else three crc32 chains; same value, faster on long buffers). */
   crc32cWide(buf: Buffer, offset: number, length: number, seed: number): number;
   /** crc32c(A || B) from crc32c(A) (any seed) and crc32c(B) of a 4 KiB block B (the NBD threads' record checksums). */
   crc32cExtendBlock(crc: number, blockCrc: number): number;
@@ -267,8 +267,9 @@ export function crc32c(buf: Buffer, offset = 0, length = buf.length - offset, se
 }
 
 /**
- * The same value as crc32c, computed in three interleaved chains of the crc32 instruction
- * (~2.5x the bytes per cycle on 4 KiB and up). The mirror's record path uses it; the
+ * The same value as crc32c, by the addon's fastest path: AVX-512 folding where the CPU has
+ * it (crc32cFolding), else three interleaved chains of the crc32 instruction (~2.5x the
+ * bytes per cycle of one on 4 KiB and up). The mirror's record path uses it; the
  * engine's calls keep crc32c (docs/benchmarks.md, "The CP stall", on why).
  */
 export function crc32cWide(buf: Buffer, offset = 0, length = buf.length - offset, seed = 0): number {
