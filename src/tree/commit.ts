@@ -204,7 +204,8 @@ export class CpWriter {
       await forEachLimit(ks, this.ioConcurrency, async (k) => {
         await slicer.maybeYield();
         const ptr = lvl.oldPtr[k]!;
-        const node = await this.verified.readNode(ptr, l, lvl.index[k]!, false);
+        // Only its pointers are read, here: not lent (the edit below may take it).
+        const node = await this.verified.readNode(ptr, l, lvl.index[k]!, false, false);
         for (let c = lvl.firstChild[k]!; c < lvl.firstChild[k + 1]!; c++) {
           child.oldPtr[c] = this.verified.childOf(node, ptr, l, lvl.index[k]!, child.index[c]! % FANOUT);
         }
@@ -304,7 +305,7 @@ export class CpWriter {
       }
       // The old versions of a batch's nodes are read (one batch off the event loop) while
       // the batch before it is edited.
-      const fetchStarted = (ks: number[]): Promise<(Buffer | null)[]> => {
+      const fetchStarted = (ks: number[]): Promise<{ out: (Buffer | null)[]; cached: boolean[] }> => {
         const f = this.verified.readNodesForEdit(ks.map((k) => lvl.oldPtr[k] ?? null), l, ks.map((k) => lvl.index[k]!));
         started.push(f);
         return f;
@@ -312,7 +313,7 @@ export class CpWriter {
       let fetching = batches.length > 0 ? fetchStarted(batches[0]!) : undefined;
       for (let b = 0; b < batches.length; b++) {
         const ks = batches[b]!;
-        const olds = await fetching!;
+        const { out: olds, cached } = await fetching!;
         fetching = b + 1 < batches.length ? fetchStarted(batches[b + 1]!) : undefined;
         fetching?.catch(() => undefined); // awaited at the next batch; a failure is reported there
         await slicer.maybeYield();
@@ -320,7 +321,7 @@ export class CpWriter {
         for (let j = 0; j < ks.length; j++) {
           // ~5-10 us a node: check the budget every 16.
           if ((j & 15) === 15) await slicer.maybeYield();
-          out[j] = this.editNode(lvl, below, ks[j]!, olds[j]!, l, cp, lbns, dataPtrs, shipping, freed);
+          out[j] = this.editNode(lvl, below, ks[j]!, olds[j]!, cached[j]!, l, cp, lbns, dataPtrs, shipping, freed);
         }
         const writes = out.filter((w): w is CpBlock => w !== null);
         blocksWritten += writes.length;
@@ -367,15 +368,18 @@ export class CpWriter {
    * Synchronous and apart from writeCp: V8 compiles and recompiles it on its own (it was
    * most of writeCp's 80-200 ms Turbofan compiles, repeated as writeCp deoptimized).
    */
-  private editNode(lvl: PathLevel, below: PathLevel | null, k: number, old: Buffer | null, l: number, cp: number, lbns: number[], dataPtrs: (BlockPtr | null)[], shipping: boolean, freed: { blocks: number }): CpBlock | null {
+  private editNode(lvl: PathLevel, below: PathLevel | null, k: number, old: Buffer | null, oldCached: boolean, l: number, cp: number, lbns: number[], dataPtrs: (BlockPtr | null)[], shipping: boolean, freed: { blocks: number }): CpBlock | null {
     const index = lvl.index[k]!;
     const oldPtr = lvl.oldPtr[k]!;
     assert((old === null) === (oldPtr === null), 'an old node for every old pointer');
-    // A node read for this edit (not the cache's buffer) is ours to change. Random writes
-    // over a large volume touch a new leaf per block: a copy each was 4 KiB of garbage per
-    // block per CP. A mirror shipping the CP gets the words the edit changed instead of
-    // the old contents (its delta against the committed block: changedRuns).
-    const inPlace = old !== null && oldPtr !== null && this.cache.peek(oldPtr) !== old;
+    // A node read for this edit is ours to change, and so is the cache's buffer when no
+    // reader was ever handed it (NodeCache.takeForEdit: a CP's own node, not read since;
+    // the entry is dropped here, synchronously). Random writes over a large volume touch a
+    // new leaf per block: a copy each was a fresh 4 KiB ArrayBuffer (3-8 us) and 4 KiB of
+    // garbage per block per CP. A mirror shipping the CP gets the words the edit changed
+    // instead of the old contents (its delta against the committed block: changedRuns).
+    const inPlace = old !== null && oldPtr !== null && (!oldCached || this.cache.takeForEdit(oldPtr, old));
+    if (inPlace) this.nodesEditedInPlace++;
     const buf = old ? (inPlace ? old : Buffer.from(old)) : Buffer.alloc(BLOCK);
     const slots: number[] | undefined = shipping && old ? [] : undefined;
     // Whether the node ends up empty: certain not when the CP writes a pointer into
@@ -411,7 +415,7 @@ export class CpWriter {
     const nodeCrc = ptr.crc;
     const block: CpBlock = old && oldPtr ? (slots ? { pba, buf, prevPba: oldPtr.pba, changedRuns: nodeEditRuns(slots), nodeCrc } : { pba, buf, prevPba: oldPtr.pba, nodeCrc }) : { pba, buf, nodeCrc };
     // Safe before the CP is durable: only a pointer with this pba, birth and crc can hit it.
-    this.cache.put(ptr, buf);
+    this.cache.put(ptr, buf, false);
     return block;
   }
 
@@ -443,6 +447,8 @@ export class CpWriter {
 
   /** Discards in progress (reserveEarly waits them out). */
   discarding = 0;
+  /** Address blocks a CP changed in their cached buffer instead of a copy (NodeCache.takeForEdit). */
+  nodesEditedInPlace = 0;
 
   private async discardRuns(released: { pba: number; count: number }[], cp: number): Promise<void> {
     const plain = this.smap.unitBlocks === 1;

@@ -274,6 +274,7 @@ export class BlockTree implements BlockTreeApi {
       lastCpDurationMs: this.sb.lastCpDurationMs,
       ...(this.lastCommit ? { lastCp: { ...this.lastCommit, phases: { ...this.lastCommit.phases } } } : {}),
       cpPhaseTotalsMs: { ...this.phaseTotals },
+      nodesEditedInPlace: this.writer.nodesEditedInPlace,
       usedBlocks: this.smap.used,
       totalBlocks: this.sb.deviceBlocks,
       snapshots: this.listSnapshots(),

@@ -194,6 +194,8 @@ export interface TreeStats {
   errors: BlockErrorCounts;
   /** The committed CP's lineage, newest generation first (lineage.ts). */
   lineage: readonly Generation[];
+  /** Address blocks CPs since open changed in the node cache's buffer (never lent to a reader) rather than in a copy. */
+  nodesEditedInPlace: number;
 }
 
 export interface BlockErrorCounts {

@@ -75,10 +75,21 @@ export class VerifiedReader {
     }
   }
 
-  /** Reads (or finds in the cache) and verifies a data-tree address block. */
-  async readNode(ptr: BlockPtr, level: number, index: number, cacheIt = true): Promise<Buffer> {
-    const hit = this.cache.get(ptr);
+  /**
+   * Reads (or finds in the cache) and verifies a data-tree address block. The buffer may be
+   * the cache's: read only. lend false: a CP's own read whose caller does not keep the
+   * buffer past its synchronous use (a cached buffer stays not lent: NodeCache.takeForEdit).
+   */
+  async readNode(ptr: BlockPtr, level: number, index: number, cacheIt = true, lend = true): Promise<Buffer> {
+    const hit = lend ? this.cache.get(ptr) : this.cache.getForEdit(ptr);
     if (hit) return hit;
+    const buf = await this.readUncached(ptr, level, index);
+    if (cacheIt) this.cache.put(ptr, buf, true);
+    return buf;
+  }
+
+  /** Reads and verifies a data-tree address block from the device into a new buffer (the caller's). */
+  private async readUncached(ptr: BlockPtr, level: number, index: number): Promise<Buffer> {
     const buf = Buffer.alloc(BLOCK);
     await this.devRead(ptr.pba, 1, buf, `address block (level ${level}, ${this.nodeRange(level, index)})`);
     const id = { type: NODE_TYPE_DATA_TREE, level, index };
@@ -86,7 +97,6 @@ export class VerifiedReader {
     if (problem && !(await repairedRead(this.dev, ptr.pba, buf, (b) => verifyNode(b, ptr, id, this.uuidBytes) === null))) {
       throw this.eio(`bad address block at pba ${ptr.pba} (level ${level}, ${this.nodeRange(level, index)}): ${problem}`, { pba: ptr.pba, level, index });
     }
-    if (cacheIt) this.cache.put(ptr, buf);
     return buf;
   }
 
@@ -94,23 +104,27 @@ export class VerifiedReader {
    * The address blocks a CP is about to rewrite (null entries: none), verified as readNode
    * does and not cached: from the cache where it has them (its buffers: copy before
    * changing), the rest read in one batch off the event loop when the device can
-   * (readBlocksBatchCrc), else one by one. Every returned buffer that is not the cache's
-   * is the caller's.
+   * (readBlocksBatchCrc), else one by one. `cached[j]` says whether out[j] is the
+   * cache's (not lent: NodeCache.takeForEdit says whether the CP may change it, else it
+   * copies); every other returned buffer is the caller's.
    */
-  async readNodesForEdit(ptrs: readonly (BlockPtr | null)[], level: number, indexes: readonly number[]): Promise<(Buffer | null)[]> {
+  async readNodesForEdit(ptrs: readonly (BlockPtr | null)[], level: number, indexes: readonly number[]): Promise<{ out: (Buffer | null)[]; cached: boolean[] }> {
     const out: (Buffer | null)[] = new Array<Buffer | null>(ptrs.length).fill(null);
+    const cached: boolean[] = new Array<boolean>(ptrs.length).fill(false);
     const miss: number[] = [];
     for (let j = 0; j < ptrs.length; j++) {
       const p = ptrs[j];
       if (!p) continue;
-      const hit = this.cache.get(p);
-      if (hit) out[j] = hit;
-      else miss.push(j);
+      const hit = this.cache.getForEdit(p);
+      if (hit) {
+        out[j] = hit;
+        cached[j] = true;
+      } else miss.push(j);
     }
-    if (miss.length === 0) return out;
+    if (miss.length === 0) return { out, cached };
     if (!this.dev.readBlocksBatchCrc) {
-      for (const j of miss) out[j] = await this.readNode(ptrs[j]!, level, indexes[j]!, false);
-      return out;
+      for (const j of miss) out[j] = await this.readUncached(ptrs[j]!, level, indexes[j]!);
+      return { out, cached };
     }
     for (let at = 0; at < miss.length; at += READ_BATCH_MAX) {
       const js = miss.slice(at, at + READ_BATCH_MAX);
@@ -134,7 +148,7 @@ export class VerifiedReader {
         out[j] = buf;
       }
     }
-    return out;
+    return { out, cached };
   }
 
   childOf(node: Buffer, parent: BlockPtr, level: number, index: number, slot: number): BlockPtr | null {
