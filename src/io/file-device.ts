@@ -302,6 +302,12 @@ export class FileBlockDevice implements BlockDevice {
     await native.pwritev(this.fd, parts as Buffer[], pba * BLOCK_SIZE_BYTES, false, hint?.writeback === true && bytes >= WRITEBACK_MIN_BYTES);
   }
 
+  /** The file's size now, from its descriptor (the file written to, whatever its path names now); throws what fstat throws. */
+  fileBytes(): number {
+    assert(!this.closed, `${this.path}: device is closed`);
+    return fs.fstatSync(this.fd).size;
+  }
+
   async sync(): Promise<void> {
     assert(!this.closed, `${this.path}: device is closed`);
     if (this.readOnly) return;

@@ -588,7 +588,8 @@ export class MirrorDir {
     if (!(this.dev instanceof FileBlockDevice)) return;
     let size: number;
     try {
-      size = fs.statSync(this.dev.path).size;
+      // fstat of the descriptor written to (no path lookup: this runs before every write).
+      size = this.dev.fileBytes();
     } catch (e) {
       throw new MirrorDirError(`mirror member ${this.dev.path}: ${(e as Error).message}`);
     }
