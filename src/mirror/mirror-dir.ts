@@ -217,7 +217,9 @@ export async function checkMirrorDir(dir: string): Promise<{ ok: boolean; proble
       return { ok: problems.length === 0, problems, notes };
     }
     // A baseline over an older image writes where that image's blocks are: it is not trustworthy until the baseline commits.
-    if (partial) problems.push(`a full baseline toward CP ${partial.cp} is in progress over CP ${newest.sb.cpNumber}: the image is inconsistent until it completes`);
+    if (partial && baselineCommitted(partial.cp, newest.sb.cpNumber)) {
+      notes.push(`the baseline toward CP ${partial.cp} committed; its marker was left by a stop before its removal (the receiver removes it when it opens this mirror)`);
+    } else if (partial) problems.push(`a full baseline toward CP ${partial.cp} is in progress over CP ${newest.sb.cpNumber}: the image is inconsistent until it completes`);
     let tree: BlockTree | undefined;
     try {
       tree = await BlockTree.open(dev);
@@ -360,6 +362,16 @@ async function writeMirrorLabel(dir: string, label: MirrorLabel): Promise<void> 
   await writeFileDurably(dir, MIRROR_LABEL_NAME, JSON.stringify(label, null, 2) + '\n');
 }
 
+/**
+ * Whether a baseline toward CP `targetCp` has committed, given the newest CP whose
+ * superblock verifies: a baseline begins only toward a CP newer than the committed one
+ * and never writes a superblock slot, so a superblock of targetCp or later is its commit's
+ * (or a later CP's). An unreadable marker (targetCp < 0) says nothing.
+ */
+function baselineCommitted(targetCp: number, newestCp: number): boolean {
+  return targetCp >= 0 && newestCp >= targetCp;
+}
+
 function readBaselineMarker(p: string): { cp: number; blocks: number } | undefined {
   try {
     const v = JSON.parse(fs.readFileSync(p, 'utf8')) as Record<string, unknown>;
@@ -486,8 +498,20 @@ export class MirrorDir {
       // The log keeps what an earlier run stored after the committed CP (a receiver restart loses no record).
       const log = await DestLog.open(path.join(dir, DEST_LOG_NAME), hello.sourceUuid, destLogBytesFor(hello.nvramBytes), 'recover', committed?.sb.nvlogSeq ?? 0);
       if (log.recordsRecovered > 0) logger.info({ dir, records: log.recordsRecovered }, 'records of an earlier run kept in the mirror\'s log');
-      const m = new MirrorDir(dir, label, dev, log, lockFd, fs.existsSync(path.join(dir, BASELINE_MARKER_NAME)));
-      if (m.baselinePartial) m.baselineResume = readBaselineMarker(path.join(dir, BASELINE_MARKER_NAME));
+      const markerPath = path.join(dir, BASELINE_MARKER_NAME);
+      let partial = fs.existsSync(markerPath);
+      const marked = partial ? readBaselineMarker(markerPath) : undefined;
+      if (marked && committed && baselineCommitted(marked.cp, committed.sb.cpNumber)) {
+        // The baseline's superblock is durable (written after all its blocks were synced);
+        // the process stopped before the marker was removed. Left, it would send the
+        // source into resuming a baseline this mirror has committed.
+        await fs.promises.rm(markerPath, { force: true });
+        await syncDirectory(dir);
+        logger.info({ dir, cp: marked.cp }, 'the marker of a committed baseline removed (a stop between its commit and the removal)');
+        partial = false;
+      }
+      const m = new MirrorDir(dir, label, dev, log, lockFd, partial);
+      if (m.baselinePartial) m.baselineResume = marked;
       m.committed = committed;
       if (m.committed && !m.baselinePartial) {
         m.view = await BlockTree.openView(dev, m.committed.raw);
