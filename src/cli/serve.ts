@@ -12,7 +12,7 @@ import { formatSize, parseSize } from '../util/size';
 import { parseRate } from '../util/rate';
 import { MirrorSource } from '../mirror/source';
 import { keepBaseWithoutMirror } from '../mirror/base-hold';
-import { MIRROR_STATE_NAME, readRelationship, type MirrorPolicy, type MirrorRelationship } from '../mirror/relationship';
+import { MIRROR_STATE_NAME, readRelationship, relationshipProblem, type MirrorPolicy, type MirrorRelationship } from '../mirror/relationship';
 import type { MirrorMode } from '../mirror/wire';
 import { clientTls, linkSecurity, type LinkArgs } from '../mirror/link';
 import { EngineVolume } from '../volume/engine';
@@ -173,6 +173,11 @@ function mirrorRelationship(dir: string | undefined, o: ServeOpts): Omit<MirrorR
   }
   if (dir === undefined || o.mirror === false) return undefined;
   const rel = readRelationship(path.resolve(dir));
+  const problem = rel ? undefined : relationshipProblem(path.resolve(dir));
+  if (problem !== undefined) {
+    // Serving on without the mirror would drop its guarantees (strict: RPO 0) without a word.
+    throw new Error(`${path.join(path.resolve(dir), MIRROR_STATE_NAME)}: ${problem}: give --mirror-to HOST:PORT (with its mode, policy and link options) to record the relationship again (the destination then gets a full baseline), or --no-mirror to serve without mirroring`);
+  }
   // --mirror-rate alone changes the recorded relationship's cap (0 removes it).
   if (rel && o.mirrorRate !== undefined) {
     if (o.mirrorRate > 0) rel.rateBytesPerSec = o.mirrorRate;

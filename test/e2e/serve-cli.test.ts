@@ -6,7 +6,9 @@
  * - one info log line per connection;
  * - `--cp-interval` takes durations like `10s` (a bare number stays milliseconds);
  * - with `--tls-psk`, the printed URI carries the PSK user and keys file, and works
- *   as printed with nbdinfo.
+ *   as printed with nbdinfo;
+ * - a recorded mirror relationship that is damaged or empty is refused (not served
+ *   unmirrored without a word); `--no-mirror` serves the volume.
  */
 import { strict as assert } from 'assert';
 import { spawn } from 'child_process';
@@ -16,6 +18,7 @@ import * as net from 'net';
 import * as path from 'path';
 import { MiB, NVMIRROR_BIN, cleanupAll, makeTempDir, requireTools, run, runOk, sha256File, sleep, startServer, writeRandomFile } from './harness';
 import { CMD, RawConn, negotiate, nextCookie, request, simpleRead, targetOf } from './rawnbd';
+import { MIRROR_STATE_NAME } from '../../src/mirror/relationship';
 
 async function serveFails(args: string[]): Promise<string> {
   const r = await run(process.execPath, [NVMIRROR_BIN, 'serve', ...args], { timeoutMs: 15_000 });
@@ -199,6 +202,23 @@ describe('e2e serve command line (issue 11 points 13, 18)', function () {
     assert.equal(await server.stop(), 0);
     const err = await serveFails(['--memory', '1M', '--socket', path.join(makeTempDir('nvm-e2e-cp-'), 's'), '--cp-interval', '10 parsecs']);
     assert.match(err, /bad duration "10 parsecs"/);
+  });
+
+  it('a volume whose recorded mirror relationship is damaged or empty is refused with a line naming the file and the way out, never served unmirrored; --no-mirror serves it', async function () {
+    const dir = path.join(makeTempDir('nvm-e2e-rel-'), 'vol');
+    await runOk(process.execPath, [NVMIRROR_BIN, 'create', dir, '--size', '16M']);
+    const state = path.join(dir, MIRROR_STATE_NAME);
+    const sock = path.join(path.dirname(dir), 's');
+    for (const [content, why] of [['{"peer":"10.0.0.2:7000","mode":"sy', /it is not a mirror relationship/], ['', /it is empty/]] as const) {
+      fs.writeFileSync(state, content);
+      const err = await serveFails([dir, '--socket', sock]);
+      assert.match(err.split('\n')[0] ?? '', new RegExp(`${state.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}: `), err);
+      assert.match(err, why);
+      assert.match(err, /--mirror-to HOST:PORT .* or --no-mirror/);
+      assert.equal(fs.readFileSync(state, 'utf8'), content, 'the file is left as it was');
+    }
+    const server = await startServer({ backend: 'engine', transport: 'unix', sizeBytes: 16 * MiB, existingStoragePath: dir, extraArgs: ['--no-mirror'] });
+    assert.equal(await server.stop(), 0);
   });
 
   it('--busy-poll takes microseconds in [0, 1000] and refuses anything else with an error naming the option', async function () {
