@@ -187,7 +187,7 @@ export async function mirrorDirSummary(dir: string, label: MirrorLabel): Promise
   const dev = await openMirrorDevice(dir, label, true);
   try {
     const newest = await newestSuperblock(dev, label.sourceUuid);
-    return { cp: newest?.sb.cpNumber ?? -1, root: rootBytes(newest?.sb).toString('hex'), baselinePartial: fs.existsSync(path.join(dir, BASELINE_MARKER_NAME)) };
+    return { cp: newest?.sb.cpNumber ?? -1, root: rootBytes(newest?.sb).toString('hex'), baselinePartial: baselineInProgress(dir, newest?.sb.cpNumber) };
   } finally {
     await dev.close();
   }
@@ -372,6 +372,32 @@ function baselineCommitted(targetCp: number, newestCp: number): boolean {
   return targetCp >= 0 && newestCp >= targetCp;
 }
 
+/**
+ * Removes DIR's baseline marker, if there is one, once baselineInProgress said it is not
+ * (the caller holds the mirror's lock): the baseline's superblock is durable, written after
+ * all its blocks were synced, and the process stopped before the marker was removed.
+ */
+export async function removeStaleBaselineMarker(dir: string, logger: Pick<Logger, 'info'>): Promise<void> {
+  const p = path.join(dir, BASELINE_MARKER_NAME);
+  if (!fs.existsSync(p)) return;
+  const marked = readBaselineMarker(p);
+  await fs.promises.rm(p, { force: true });
+  await syncDirectory(dir);
+  logger.info({ dir, cp: marked?.cp }, 'the marker of a committed baseline removed (a stop between its commit and the removal)');
+}
+
+/**
+ * Whether DIR's baseline marker stands for a baseline still in progress: false when there
+ * is none, or when it is the marker of a baseline that the newest verified CP (newestCp)
+ * shows committed (left by a stop between the commit and the marker's removal).
+ */
+export function baselineInProgress(dir: string, newestCp: number | undefined): boolean {
+  const p = path.join(dir, BASELINE_MARKER_NAME);
+  if (!fs.existsSync(p)) return false;
+  const marked = readBaselineMarker(p);
+  return !(marked && newestCp !== undefined && baselineCommitted(marked.cp, newestCp));
+}
+
 function readBaselineMarker(p: string): { cp: number; blocks: number } | undefined {
   try {
     const v = JSON.parse(fs.readFileSync(p, 'utf8')) as Record<string, unknown>;
@@ -499,19 +525,12 @@ export class MirrorDir {
       const log = await DestLog.open(path.join(dir, DEST_LOG_NAME), hello.sourceUuid, destLogBytesFor(hello.nvramBytes), 'recover', committed?.sb.nvlogSeq ?? 0);
       if (log.recordsRecovered > 0) logger.info({ dir, records: log.recordsRecovered }, 'records of an earlier run kept in the mirror\'s log');
       const markerPath = path.join(dir, BASELINE_MARKER_NAME);
-      let partial = fs.existsSync(markerPath);
-      const marked = partial ? readBaselineMarker(markerPath) : undefined;
-      if (marked && committed && baselineCommitted(marked.cp, committed.sb.cpNumber)) {
-        // The baseline's superblock is durable (written after all its blocks were synced);
-        // the process stopped before the marker was removed. Left, it would send the
-        // source into resuming a baseline this mirror has committed.
-        await fs.promises.rm(markerPath, { force: true });
-        await syncDirectory(dir);
-        logger.info({ dir, cp: marked.cp }, 'the marker of a committed baseline removed (a stop between its commit and the removal)');
-        partial = false;
-      }
+      const partial = baselineInProgress(dir, committed?.sb.cpNumber);
+      // Left, the marker of a committed baseline would send the source into resuming a
+      // baseline this mirror has committed.
+      if (!partial) await removeStaleBaselineMarker(dir, logger);
       const m = new MirrorDir(dir, label, dev, log, lockFd, partial);
-      if (m.baselinePartial) m.baselineResume = marked;
+      if (m.baselinePartial) m.baselineResume = readBaselineMarker(markerPath);
       m.committed = committed;
       if (m.committed && !m.baselinePartial) {
         m.view = await BlockTree.openView(dev, m.committed.raw);

@@ -39,7 +39,7 @@ import { NVRAM_DEFAULT_BYTES, NVRAM_DEFAULT_NAME, openVolumeDir } from '../volum
 import { DEST_LOG_MIN_BYTES, DEST_LOG_NAME, DestLog } from './dest-log';
 import { RECEIVER_SOCKET_NAME } from './receiver';
 import { PROMOTED_LABEL_NAME, ROLE_NAME, readRole, type RoleRecord } from './role';
-import { MEMBER_NAME, openMirrorDevice, BASELINE_MARKER_NAME, MIRROR_LABEL_NAME, MIRROR_LOCK_NAME, MirrorDirError, newestSuperblock, rootBytes, type MirrorLabel } from './mirror-dir';
+import { MEMBER_NAME, openMirrorDevice, BASELINE_MARKER_NAME, MIRROR_LABEL_NAME, MIRROR_LOCK_NAME, MirrorDirError, baselineInProgress, newestSuperblock, removeStaleBaselineMarker, rootBytes, type MirrorLabel } from './mirror-dir';
 
 /** The promote's new generation id, written before its first CP (a re-run continues it). */
 const GENERATION_NAME = 'promote.generation';
@@ -92,7 +92,19 @@ export async function promoteMirror(dirArg: string, opts: { force: boolean; logg
   try {
     if (!native.flockExclusive(lockFd)) throw new MirrorDirError(`mirror ${dir} is in use by another process (a receiver whose control socket did not answer?)`);
     if (fs.existsSync(path.join(dir, BASELINE_MARKER_NAME))) {
-      throw new MirrorDirError(`${dir} holds no consistent image: a full baseline was interrupted (${BASELINE_MARKER_NAME}); it cannot be promoted`);
+      // Read only (nothing is written before the base is known to be whole): the marker
+      // of a baseline the newest CP shows committed was left by a stop before its removal.
+      const ro = await openMirrorDevice(dir, label, true);
+      let newestCp: number | undefined;
+      try {
+        newestCp = (await newestSuperblock(ro, label.sourceUuid))?.sb.cpNumber;
+      } finally {
+        await ro.close();
+      }
+      if (baselineInProgress(dir, newestCp)) {
+        throw new MirrorDirError(`${dir} holds no consistent image: a full baseline was interrupted (${BASELINE_MARKER_NAME}); it cannot be promoted`);
+      }
+      await removeStaleBaselineMarker(dir, opts.logger);
     }
     const memberRel = label.memberPath ?? MEMBER_NAME;
 

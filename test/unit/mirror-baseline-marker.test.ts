@@ -1,8 +1,9 @@
 /**
  * A baseline's marker (DIR/baseline.partial) left by a stop between the baseline's commit
  * (its superblock synced) and the marker's removal: the mirror has committed the baseline,
- * so the next open removes the marker and serves the committed image, and `check` says
- * so as a note, not a problem. Left in place it read as a baseline still in progress (no
+ * so the next open removes the marker and serves the committed image, `check` says so as
+ * a note (not a problem), `status` shows the committed CP, and a failover's `promote`
+ * takes it (it refused the mirror as an interrupted baseline). Left in place it read as a baseline still in progress (no
  * view, no exports) and offered the source a resume of a CP this mirror already holds,
  * whose commit the mirror then refused ("not newer than the committed CP"): a loop until
  * the source stopped keeping that baseline, then a whole baseline again. A marker
@@ -15,7 +16,8 @@ import * as path from 'path';
 import pino from 'pino';
 import { MemoryBlockDevice } from '../../src/io/memory-device';
 import { CpApplier } from '../../src/mirror/apply';
-import { BASELINE_MARKER_NAME, MirrorDir, checkMirrorDir, newestSuperblock } from '../../src/mirror/mirror-dir';
+import { BASELINE_MARKER_NAME, MIRROR_LABEL_NAME, MirrorDir, checkMirrorDir, mirrorDirSummary, newestSuperblock, type MirrorLabel } from '../../src/mirror/mirror-dir';
+import { promoteMirror } from '../../src/mirror/promote';
 import { SlabPool } from '../../src/mirror/slab-pool';
 import { MsgType } from '../../src/mirror/wire';
 import { RING_SLOTS } from '../../src/tree/layout';
@@ -41,7 +43,7 @@ describe('mirror: the marker of a baseline that committed', () => {
   });
   afterEach(() => fs.rmSync(tmp, { recursive: true, force: true }));
 
-  it('is removed by the next open, which serves the committed image; a marker toward a newer CP stays a baseline in progress', async () => {
+  it('is removed by the next open, which serves the committed image, and by promote; a marker toward a newer CP stays a baseline in progress', async () => {
     // The source: a few CPs on a memory device.
     const srcDev = new MemoryBlockDevice(DEVICE_BLOCKS);
     await BlockTree.format(srcDev, { sizeBytes: VOLUME_BYTES, volumeUuid: UUID });
@@ -97,7 +99,9 @@ describe('mirror: the marker of a baseline that committed', () => {
       await mirror.close();
     }
 
-    // A baseline toward a newer CP over this image: in progress, kept.
+    const label = JSON.parse(fs.readFileSync(path.join(dir, MIRROR_LABEL_NAME), 'utf8')) as MirrorLabel;
+
+    // A baseline toward a newer CP over this image: in progress, kept; not promoted.
     fs.writeFileSync(marker, JSON.stringify({ targetCp: cp + 5, blocks: 12 }) + '\n');
     mirror = await MirrorDir.openOrCreate(tmp, hello, log);
     try {
@@ -109,5 +113,17 @@ describe('mirror: the marker of a baseline that committed', () => {
     }
     const inProgress = await checkMirrorDir(dir);
     assert.ok(inProgress.problems.some((p) => /full baseline toward CP \d+ is in progress/.test(p)), inProgress.problems.join('; '));
+    assert.equal((await mirrorDirSummary(dir, label)).baselinePartial, true, 'status: inconsistent');
+    await assert.rejects(promoteMirror(dir, { force: false, logger: log }), /holds no consistent image: a full baseline was interrupted/);
+    assert.ok(fs.existsSync(marker));
+
+    // The committed baseline's marker again: status shows the committed CP, and a failover promotes it.
+    fs.writeFileSync(marker, markerText);
+    const sum = await mirrorDirSummary(dir, label);
+    assert.equal(sum.baselinePartial, false, 'status: the committed CP, not an interrupted baseline');
+    assert.equal(sum.cp, cp);
+    const promoted = await promoteMirror(dir, { force: false, logger: log });
+    assert.ok(promoted.cpNumber >= cp, `promoted at CP ${promoted.cpNumber}`);
+    assert.ok(!fs.existsSync(marker), 'promote removes the marker of the committed baseline');
   });
 });
