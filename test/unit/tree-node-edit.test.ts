@@ -7,10 +7,11 @@
  */
 import { strict as assert } from 'assert';
 import { MemoryBlockDevice } from '../../src/io/memory-device';
-import { BLOCK_SIZE_BYTES, type BlockDevice } from '../../src/io/types';
+import { BLOCK_SIZE_BYTES } from '../../src/io/types';
 import { FANOUT } from '../../src/tree/layout';
 import { BlockTree } from '../../src/tree/tree';
 import type { BlockChange, CpMeta } from '../../src/tree/types';
+import { GatedDevice } from './gated-device';
 
 const B = BLOCK_SIZE_BYTES;
 const UUID = '6e0de5ed-0000-4000-8000-0000000ed175';
@@ -26,43 +27,6 @@ function block(seed: number): Buffer {
 /** One block in each of the first LEAVES leaves (lbn = leaf * FANOUT + slot), contents from seed. */
 function oneBlockPerLeaf(slot: number, seed: number): BlockChange[] {
   return Array.from({ length: LEAVES }, (_, i) => ({ lbn: i * FANOUT + slot, data: block(seed * 1000 + i) }));
-}
-
-/** Writes wait while held (to stop a CP part-way through its address blocks). */
-class GatedDevice implements BlockDevice {
-  private gate: Promise<void> | null = null;
-  private open: (() => void) | null = null;
-  heldWrites = 0;
-  constructor(readonly inner: MemoryBlockDevice) {}
-  get blockCount(): number {
-    return this.inner.blockCount;
-  }
-  hold(): void {
-    this.gate = new Promise((r) => (this.open = r));
-  }
-  release(): void {
-    this.open?.();
-    this.gate = null;
-  }
-  readBlocks(pba: number, count: number, dst: Buffer): Promise<void> {
-    return this.inner.readBlocks(pba, count, dst);
-  }
-  async writeBlocks(pba: number, data: Buffer): Promise<void> {
-    if (this.gate) {
-      this.heldWrites++;
-      await this.gate;
-    }
-    return this.inner.writeBlocks(pba, data);
-  }
-  sync(): Promise<void> {
-    return this.inner.sync();
-  }
-  discard(pba: number, count: number): Promise<void> {
-    return this.inner.discard(pba, count);
-  }
-  close(): Promise<void> {
-    return this.inner.close();
-  }
 }
 
 /** Leaves a reader was handed (LeafSink: the cache's buffers), each with a copy taken when handed. */

@@ -10,10 +10,11 @@ import * as os from 'os';
 import * as path from 'path';
 import { FileBlockDevice } from '../../src/io/file-device';
 import { MemoryBlockDevice } from '../../src/io/memory-device';
-import { BLOCK_SIZE_BYTES, type BlockDevice } from '../../src/io/types';
+import { BLOCK_SIZE_BYTES } from '../../src/io/types';
 import { crc32c, crc32cBlock, crc32cImplementation, crc32cPortable } from '../../src/io/checksum';
 import { FANOUT, NODE_MAGIC, NODE_TYPE_DATA_TREE, RING_SLOTS } from '../../src/tree/layout';
 import { BlockTree } from '../../src/tree/tree';
+import { GatedDevice } from './gated-device';
 import { DISCARD_RUN_BLOCKS_MIN } from '../../src/tree/commit';
 import type { BlockChange, CpMeta } from '../../src/tree/types';
 import { VolumeError } from '../../src/util/errors';
@@ -55,44 +56,6 @@ async function assertCheckOk(tree: BlockTree): Promise<void> {
   assert.deepEqual(r.problems, []);
   assert.ok(r.ok);
   assert.equal(r.blocksReachable, r.blocksAccounted);
-}
-
-/** A device wrapper that can hold writes until released (to observe a commit mid-way). */
-class GatedDevice implements BlockDevice {
-  gate: Promise<void> | null = null;
-  private open: (() => void) | null = null;
-  writeCalls: { pba: number; count: number }[] = [];
-  /** Reads touching these pbas fail like a bad sector. */
-  failReads = new Set<number>();
-  constructor(readonly inner: MemoryBlockDevice) {}
-  get blockCount(): number {
-    return this.inner.blockCount;
-  }
-  hold(): void {
-    this.gate = new Promise((r) => (this.open = r));
-  }
-  release(): void {
-    this.open?.();
-    this.gate = null;
-  }
-  readBlocks(pba: number, count: number, dst: Buffer): Promise<void> {
-    for (let p = pba; p < pba + count; p++) if (this.failReads.has(p)) return Promise.reject(new Error(`injected media error at pba ${p}`));
-    return this.inner.readBlocks(pba, count, dst);
-  }
-  async writeBlocks(pba: number, data: Buffer): Promise<void> {
-    this.writeCalls.push({ pba, count: data.length / B });
-    if (this.gate) await this.gate;
-    return this.inner.writeBlocks(pba, data);
-  }
-  sync(): Promise<void> {
-    return this.inner.sync();
-  }
-  discard(pba: number, count: number): Promise<void> {
-    return this.inner.discard(pba, count);
-  }
-  close(): Promise<void> {
-    return this.inner.close();
-  }
 }
 
 describe('tree: crc32c', () => {
