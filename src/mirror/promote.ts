@@ -22,6 +22,9 @@
  *   partial baseline); the log file is only read.
  * - Re-running an interrupted promote is safe: replaying the same records again over the
  *   same base gives the same image (each record overwrites its whole range, in order).
+ *   The base is recorded (promote.base) before anything changes the member, and a re-run
+ *   takes it from there: by then the newest CP may be one of the replay's, whose nvlogSeq
+ *   counts the new volume's records, and whose number and root the old primary never had.
  */
 import * as fs from 'fs';
 import * as path from 'path';
@@ -43,6 +46,29 @@ import { MEMBER_NAME, openMirrorDevice, BASELINE_MARKER_NAME, MIRROR_LABEL_NAME,
 
 /** The promote's new generation id, written before its first CP (a re-run continues it). */
 const GENERATION_NAME = 'promote.generation';
+/**
+ * The base (the committed CP the promote started from: number, root, the source's record
+ * seq it covers, superblock), written before anything changes the member: a re-run after
+ * an interruption replays from it, since the newest CP is then one of the replay's.
+ */
+const BASE_NAME = 'promote.base';
+
+function readPromoteBase(dir: string): { cp: number; root: string; seq: number; superblock: Buffer } | undefined {
+  let v: Record<string, unknown>;
+  try {
+    v = JSON.parse(fs.readFileSync(path.join(dir, BASE_NAME), 'utf8')) as Record<string, unknown>;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw new MirrorDirError(`${path.join(dir, BASE_NAME)}: unreadable (${e instanceof Error ? e.message : String(e)}); the interrupted promote's base is unknown`);
+  }
+  const { cp, root, seq, superblock } = v;
+  if (typeof cp !== 'number' || !Number.isSafeInteger(cp) || cp < 0 || typeof seq !== 'number' || !Number.isSafeInteger(seq) || seq < 0
+    || typeof root !== 'string' || !/^[0-9a-f]+$/.test(root) || typeof superblock !== 'string') {
+    throw new MirrorDirError(`${path.join(dir, BASE_NAME)}: not a promote base; the interrupted promote's base is unknown`);
+  }
+  return { cp, root, seq, superblock: Buffer.from(superblock, 'base64') };
+}
+
 /** How long promote waits for a running receiver to let go of the mirror. */
 const RELEASE_TIMEOUT_MS = 30_000;
 
@@ -77,7 +103,8 @@ async function askReceiverToRelease(dir: string, uuid: string, force: boolean): 
   return true;
 }
 
-export async function promoteMirror(dirArg: string, opts: { force: boolean; logger: Logger }): Promise<PromoteReport> {
+/** afterRecord: called after each replayed record with the count so far (a test stops a promote there, as a crash would). */
+export async function promoteMirror(dirArg: string, opts: { force: boolean; logger: Logger; afterRecord?: (replayed: number) => void }): Promise<PromoteReport> {
   const dir = path.resolve(dirArg);
   const log = opts.logger;
   const labelPath = path.join(dir, MIRROR_LABEL_NAME);
@@ -118,11 +145,19 @@ export async function promoteMirror(dirArg: string, opts: { force: boolean; logg
     try {
       const committed = await newestSuperblock(dev, label.sourceUuid);
       if (!committed) throw new MirrorDirError(`${dir} has no committed CP yet: nothing to promote`);
-      baseSuperblock = committed.raw;
-      baseCp = committed.sb.cpNumber;
-      baseRoot = rootBytes(committed.sb).toString('hex');
-      baseSeq = committed.sb.nvlogSeq;
+      // A re-run after an interruption: the replay's CPs (this side's own) are newer than
+      // the base, and their nvlogSeq counts the new volume's records, not the source's.
+      // Only an interrupted promote has made the volume directory (nvmirror.json; a demote
+      // renames it away, so a base left by an earlier promote is never taken).
+      const recorded = fs.existsSync(path.join(dir, LABEL_NAME)) ? readPromoteBase(dir) : undefined;
+      if (recorded && recorded.cp > committed.sb.cpNumber) throw new MirrorDirError(`${dir}: ${BASE_NAME} names CP ${recorded.cp}, newer than the newest CP ${committed.sb.cpNumber}`);
+      baseSuperblock = recorded ? recorded.superblock : committed.raw;
+      baseCp = recorded ? recorded.cp : committed.sb.cpNumber;
+      baseRoot = recorded ? recorded.root : rootBytes(committed.sb).toString('hex');
+      baseSeq = recorded ? recorded.seq : committed.sb.nvlogSeq;
       blockCount = label.raid ? label.raid.members[0]!.blockCount : dev.blockCount;
+      if (recorded) log.info({ dir, baseCp, baseSeq }, 'promote resumed: the base recorded by the interrupted run');
+      else await writeFileDurably(dir, BASE_NAME, `${JSON.stringify({ cp: baseCp, root: baseRoot, seq: baseSeq, superblock: baseSuperblock.toString('base64') })}\n`);
     } finally {
       await dev.close();
     }
@@ -172,6 +207,7 @@ export async function promoteMirror(dirArg: string, opts: { force: boolean; logg
     }
     const opened = await openVolumeDir(dir, { readOnly: false, control: false, cpIntervalMs: 0 });
     let bytesReplayed = 0;
+    let replayedCount = 0;
     let lastSeq = baseSeq;
     const baseSnapshot = `promoted-cp${baseCp}`;
     let cpNumber: number;
@@ -188,6 +224,7 @@ export async function promoteMirror(dirArg: string, opts: { force: boolean; logg
         else throw new Error(`record ${r.seq} has an unknown type ${r.type}`);
         bytesReplayed += r.lengthBytes;
         lastSeq = r.seq;
+        opts.afterRecord?.(++replayedCount);
       }
       await v.flush();
       await v.checkpoint();
@@ -211,8 +248,9 @@ export async function promoteMirror(dirArg: string, opts: { force: boolean; logg
     await writeFileDurably(dir, ROLE_NAME, `${JSON.stringify(role, null, 2)}\n`);
     // Last: the directory stops being a mirror (a receiver now refuses this source by role.json).
     await fs.promises.rename(labelPath, path.join(dir, PROMOTED_LABEL_NAME));
-    // Done: a later promote (after a demote) starts a generation of its own.
+    // Done: a later promote (after a demote) starts a generation of its own, from its own base.
     await fs.promises.rm(genPath, { force: true });
+    await fs.promises.rm(path.join(dir, BASE_NAME), { force: true });
     log.info({ dir, fromCp: baseCp, records: records.length, bytes: bytesReplayed, lastSeq, cp: cpNumber, receiverLetGo }, 'mirror promoted: it is a primary volume now');
     return { ...role, dir, volumeUuid: label.sourceUuid, bytesReplayed, cpNumber, replayEnd };
   } finally {
