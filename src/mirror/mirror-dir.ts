@@ -120,7 +120,8 @@ export class MirrorDirError extends Error {
  */
 export async function openMirrorDevice(dir: string, label: MirrorLabel, readOnly: boolean): Promise<BlockDevice> {
   const r = label.raid;
-  if (!r) return FileBlockDevice.open(memberOf(dir, label), readOnly ? { readOnly: true } : { directWrites: true });
+  // Read-write, the member file is locked (as a volume's is): a member that is also a volume's is written by one of them only.
+  if (!r) return FileBlockDevice.open(memberOf(dir, label), readOnly ? { readOnly: true } : { directWrites: true, lock: true });
   const files = r.members.map((m) => ({ name: m.path, path: resolveIn(dir, m.path) }));
   // The journal (src/raid/journal-file.ts): created if absent and replayed by a read-write open.
   const dev = await openRaidMembers(files, { level: r.level, stripeUnitBytes: r.stripeUnitBytes }, r.members[0]!.blockCount, label.sourceUuid, readOnly, undefined,

@@ -269,7 +269,9 @@ export async function openMemberDevice(absDir: string, label: VolumeLabel, readO
     });
   }
   const member = label.members[0]!;
-  const dev = await FileBlockDevice.open(resolveIn(absDir, member.path), { readOnly });
+  // Read-write: the member file itself is locked too, so no other process (another volume
+  // naming the same file with --member, a demoted mirror's receiver) writes it meanwhile.
+  const dev = await FileBlockDevice.open(resolveIn(absDir, member.path), { readOnly, lock: !readOnly });
   if (dev.blockCount < member.blockCount) {
     await dev.close();
     throw new Error(`member ${member.path} has ${dev.blockCount} blocks, the label says ${member.blockCount} (truncated?)`);

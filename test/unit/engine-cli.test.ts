@@ -1,6 +1,7 @@
 /**
  * Volume directories through the real CLI: create (and its one-line errors), serve with
- * the lock (a second serve is refused), status (served or not, --json), snapshots while
+ * the lock (a second serve is refused, and so is another volume naming the same member
+ * file), status (served or not, --json), snapshots while
  * served (exported as NAME@SNAP and read through NBD) and while closed, and check.
  */
 import { strict as assert } from 'assert';
@@ -54,6 +55,18 @@ describe('engine CLI: create, serve lock, status, snapshot, check', function () 
       const second = await runCli(['serve', dir, '--socket', path.join(tmp, 'other.sock')]);
       assert.notEqual(second.code, 0);
       assert.match(second.stderr, new RegExp(`volume .*v2 is already in use by another process \\(pid ${server.pid}\\)`));
+
+      // Another volume whose label names the same member file (a copied label, a --member
+      // given twice): refused by the member's own lock, one line naming the file.
+      const twin = path.join(tmp, 'v2-twin');
+      fs.mkdirSync(twin);
+      for (const f of ['nvmirror.json', 'nvram.log']) fs.copyFileSync(path.join(dir, f), path.join(twin, f));
+      const twinLabel = JSON.parse(fs.readFileSync(path.join(twin, 'nvmirror.json'), 'utf8')) as { members: Array<{ path: string }> };
+      twinLabel.members[0]!.path = path.join(dir, 'member-0.img');
+      fs.writeFileSync(path.join(twin, 'nvmirror.json'), JSON.stringify(twinLabel));
+      const third = await runCli(['serve', twin, '--socket', path.join(tmp, 'twin.sock')]);
+      assert.notEqual(third.code, 0);
+      assert.match(third.stderr, new RegExp(`in use by another process: ${path.join(dir, 'member-0.img').replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}`));
 
       const c = await NbdClient.connect(sock, 'vol');
       await c.write(0, Buffer.alloc(2 * BS, 0x11), false);
