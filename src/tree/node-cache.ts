@@ -9,7 +9,7 @@
  * - Cached buffers are never handed out for mutation: callers copy before changing. The
  *   one exception is a CP replacing the block (takeForEdit): it may change the buffer
  *   itself only when the entry still holds that buffer and no caller was ever handed it
- *   (`lent` is set by every get/peek and by a put of a buffer its putter returns to a
+ *   (`lent` is set by every get and by a put of a buffer its putter returns to a
  *   caller, and never cleared), and the entry is dropped in the same synchronous step, so
  *   nobody can be handed it afterwards. An evicted entry's buffer counts as lent.
  */
@@ -71,14 +71,6 @@ export class NodeCache {
     const mine = e !== undefined && e.buf === buf && e.birth === p.birth && e.crc === p.crc && !e.lent;
     this.map.delete(p.pba);
     return mine;
-  }
-
-  /** The cached block for p, if any, without touching its recency or the counters. */
-  peek(p: BlockPtr): Buffer | undefined {
-    const e = this.map.get(p.pba);
-    if (!e || e.birth !== p.birth || e.crc !== p.crc) return undefined;
-    e.lent = true;
-    return e.buf;
   }
 
   /** lent: the putter hands buf to a caller too (a read); false only for a CP's own new block, which nothing else holds once the CP ends. */
