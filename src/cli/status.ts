@@ -131,7 +131,7 @@ export function formatMirror(m: MirrorSourceStats): string[] {
   ];
   if (m.resync) {
     const r = m.resync;
-    const of = r.totalBytes ? ` of ~${formatSize(r.totalBytes)}` : '';
+    const of = r.totalBytes ? ` of ~${formatSize(r.totalBytes)} (${Math.min(100, Math.round((100 * r.blocksSent * 4096) / r.totalBytes))}%)` : '';
     const eta = r.etaSeconds !== undefined ? `, ETA ${r.etaSeconds} s` : '';
     const limit = m.rateLimitBytesPerSec !== undefined ? `, limit ${formatSize(m.rateLimitBytesPerSec)}/s` : '';
     lines.push(`           ${r.baseCp < 0 ? 'baseline' : `resync from CP ${r.baseCp}`} to CP ${r.targetCp}: ${formatSize(r.blocksSent * 4096)}${of} sent, ${formatSize(r.bytesPerSec)}/s${limit}${eta}`);

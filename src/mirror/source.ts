@@ -50,7 +50,7 @@ import type { EngineVolume, ReplicaGate } from '../volume/engine';
 import { acknowledgeSessions, mergeSessions, readSessions, type VolumeSession } from '../volume/sessions';
 import type { AppendedRecord } from '../nvlog/log';
 import type { BlockTreeApi, CommittedView, CpBlock, CpMeta, CpSink } from '../tree/types';
-import { walkBornAfterRuns } from '../tree/born-after';
+import { countBornAfter, walkBornAfterRuns } from '../tree/born-after';
 import { Slicer } from '../util/work';
 import { RateLimiter } from '../util/rate';
 import { systemClock, type Clock } from '../io/types';
@@ -1024,6 +1024,13 @@ export class MirrorSource implements CpSink, ReplicaGate {
     const baseSb = baseCp >= 0 && this.deltasInResync && kept?.cp === baseCp && kept.raw.subarray(SUPERBLOCK_ROOT_OFFSET, SUPERBLOCK_ROOT_OFFSET + 24).equals(this.destRoot) ? kept.raw : undefined;
     let count = 0;
     let usedDeltas = false;
+    // A resync's total is not in the superblock: counted beside the walk (address and
+    // space-map nodes born after the base only), for the progress's "of" and ETA.
+    let walking = true;
+    const counted = total !== undefined ? Promise.resolve() : countBornAfter(view, baseCp, () => !walking || conn.closed || this.stopped).then(
+      (n) => progress.setTotal(n * 4096),
+      (e: unknown) => this.log.debug({ err: e instanceof Error ? e.message : String(e) }, 'resync total not counted'),
+    );
     try {
       await walkBornAfterRuns(view, baseCp, async (run) => {
         // A metadata block without a counterpart (a node new since the base) goes as a
@@ -1052,6 +1059,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
       // Deltas in a resync that did not complete: the next one sends whole blocks, in case
       // the destination could not apply them (a base it does not hold as this side thinks).
       if (usedDeltas && conn.closed) this.deltasInResync = false;
+      // The count reads the view: done before the view goes.
+      walking = false;
+      await counted;
       progress.finish();
       // Its frames still queued stay reachable through the link until sent; the walk's
       // buffers (and its pool) go with it: none is given back to it from now on.

@@ -433,6 +433,84 @@ export async function walkBornAfterRuns(
   return emitted;
 }
 
+/**
+ * How many blocks walkBornAfterRuns(view, baseCp) would emit, reading only the address
+ * and space-map nodes born after the base (never data or space-map leaves): a resync's
+ * total for its progress, counted beside the walk itself. Same rules (a subtree born at
+ * or before the base skipped whole, each pba counted once); nodes are verified as the
+ * walk verifies them, so a damaged one is the same error.
+ */
+export async function countBornAfter(view: CommittedView, baseCp: number, shouldStop: () => boolean = () => false): Promise<number> {
+  const sb = decodeSuperblock(view.superblock);
+  if (typeof sb === 'string') throw new VolumeError('EIO', `pinned superblock does not decode: ${sb}`);
+  const uuid = uuidToBytes(sb.volumeUuid);
+  const deviceBlocks = sb.deviceBlocks;
+  const seen = Buffer.alloc(Math.ceil(deviceBlocks / 8));
+  const firstTime = (pba: number): boolean => {
+    const m = 1 << (pba & 7);
+    const i = pba >>> 3;
+    if ((seen[i]! & m) !== 0) return false;
+    seen[i] = seen[i]! | m;
+    return true;
+  };
+  let count = 0;
+  /** A node born after the base and not counted yet, read and verified (null: skipped). */
+  const node = async (ptr: BlockPtr, id: { type: number; level: number; index: number }, what: string): Promise<Buffer | null> => {
+    if (ptr.birth <= baseCp || !firstTime(ptr.pba)) return null;
+    if (shouldStop()) throw new VolumeError('ESHUTDOWN', 'count stopped');
+    const buf = Buffer.allocUnsafe(BLOCK);
+    await view.readRaw(ptr.pba, 1, buf);
+    const problem = verifyNode(buf, ptr, id, uuid);
+    if (problem) throw new VolumeError('EIO', `${what} at pba ${ptr.pba} (level ${id.level}): ${problem}`);
+    count++;
+    return buf;
+  };
+  const children = (buf: Buffer, parent: BlockPtr, what: string): Array<BlockPtr | null> => {
+    const out: Array<BlockPtr | null> = [];
+    for (let s = 0; s < FANOUT; s++) {
+      const p = decodePtr(buf, ptrSlotOffset(s), deviceBlocks);
+      if (typeof p === 'string') throw new VolumeError('EIO', `${what} at pba ${parent.pba} slot ${s}: ${p}`);
+      if (p !== null && p.birth > parent.birth) throw new VolumeError('EIO', `${what} at pba ${parent.pba} slot ${s}: child born after its parent`);
+      out.push(p);
+    }
+    return out;
+  };
+  /** Leaves (level-0 children: data blocks, or space-map leaves) born after the base, each pba once. */
+  const countLeaves = (kids: Array<BlockPtr | null>): void => {
+    for (const c of kids) if (c && c.birth > baseCp && firstTime(c.pba)) count++;
+  };
+  const dataTree = async (ptr: BlockPtr, level: number, index: number): Promise<void> => {
+    const buf = await node(ptr, { type: NODE_TYPE_DATA_TREE, level, index }, 'address block');
+    if (!buf) return;
+    const kids = children(buf, ptr, 'address block');
+    if (level === 0) return countLeaves(kids);
+    if (level > 1) {
+      for (let s = 0; s < FANOUT; s++) if (kids[s]) await dataTree(kids[s]!, level - 1, index * FANOUT + s);
+      return;
+    }
+    // Level-0 nodes RESYNC_LEAF_READS at a time, as the walk reads them; counted in child order.
+    for (let s = 0; s < FANOUT; s += RESYNC_LEAF_READS) {
+      const group: Array<{ ptr: BlockPtr; index: number }> = [];
+      for (let k = s; k < Math.min(FANOUT, s + RESYNC_LEAF_READS); k++) if (kids[k]) group.push({ ptr: kids[k]!, index: index * FANOUT + k });
+      const bufs = await Promise.all(group.map((g) => node(g.ptr, { type: NODE_TYPE_DATA_TREE, level: 0, index: g.index }, 'address block')));
+      bufs.forEach((b, k) => {
+        if (b) countLeaves(children(b, group[k]!.ptr, 'address block'));
+      });
+    }
+  };
+  const spaceMap = async (ptr: BlockPtr, level: number, index: number): Promise<void> => {
+    const buf = await node(ptr, { type: NODE_TYPE_SPACE_MAP, level, index }, 'space-map node');
+    if (!buf) return;
+    const kids = children(buf, ptr, 'space-map node');
+    if (level === 0) return countLeaves(kids);
+    for (let s = 0; s < FANOUT; s++) if (kids[s]) await spaceMap(kids[s]!, level - 1, index * FANOUT + s);
+  };
+  const roots = rootsOf(sb);
+  for (const r of roots.data) await dataTree(r, sb.treeHeight - 1, 0);
+  for (const r of roots.smap) await spaceMap(r, sb.smapHeight - 1, 0);
+  return count;
+}
+
 /** [start, end) index spans of ptrs (sorted by pba) whose blocks are adjacent on the device. */
 function adjacentSpans(ptrs: readonly BlockPtr[]): Array<[number, number]> {
   const spans: Array<[number, number]> = [];

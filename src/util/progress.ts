@@ -21,13 +21,18 @@ export class ProgressLine {
   private drawn = false;
   private done = 0;
 
-  constructor(private readonly what: string, private readonly totalBytes: number | undefined, private readonly stream: NodeJS.WriteStream = process.stderr) {}
+  constructor(private readonly what: string, private totalBytes: number | undefined, private readonly stream: NodeJS.WriteStream = process.stderr) {}
 
   figures(): ProgressFigures {
     const s = Math.max(0.001, (Date.now() - this.t0) / 1000);
     const rate = this.done / s;
     const eta = this.totalBytes !== undefined && rate > 0 ? Math.max(0, Math.round((this.totalBytes - this.done) / rate)) : undefined;
     return { doneBytes: this.done, totalBytes: this.totalBytes, bytesPerSec: Math.round(rate), etaSeconds: eta };
+  }
+
+  /** The total, once known (counted beside the work). */
+  setTotal(totalBytes: number): void {
+    this.totalBytes = totalBytes;
   }
 
   update(doneBytes: number): void {

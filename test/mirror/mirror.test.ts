@@ -398,6 +398,19 @@ describe('mirror: two hosts (network namespaces)', function () {
     process.stdout.write(`      baseline of ${blocks} blocks at --mirror-rate 2M: ${ms} ms (the cap allows no less than ${floorMs.toFixed(0)})\n`);
     assert.ok(blocks >= 2048 && ms >= floorMs * 0.95, `baseline of ${blocks} blocks in ${ms} ms: faster than 2 MiB/s`);
     assert.strictEqual(rel().rateBytesPerSec, 2 * 1024 * 1024);
+    // A resync at the cap: its total is not in the superblock, it is counted beside the
+    // walk (the nodes born after the base): status shows "of ~TOTAL (P%)", the metrics the total.
+    await stop(s.receiver, 'SIGTERM');
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x72 16M 4M', `nbd+unix:///?socket=${s.srcSock}`]);
+    await startReceiver(s);
+    type Resync = { state?: string; resync?: { baseCp: number; totalBytes?: number; blocksSent: number } };
+    const rs = await until('resync running, its total counted', () => {
+      const m = sourceStatus(s.src) as Resync | undefined;
+      return m?.state === 'resyncing' && m.resync?.totalBytes !== undefined ? m.resync : undefined;
+    }, 60_000);
+    assert.ok(rs.baseCp >= 0 && rs.totalBytes! >= 4 * 1024 * 1024 && rs.totalBytes! <= 5 * 1024 * 1024, `resync total ${rs.totalBytes}: the 4 MiB written and their metadata`);
+    assert.match(sh(BIN, ['status', s.src]), /resync from CP \d+ to CP \d+: .* of ~4\.\d+ MiB \(\d+%\) sent, .*\/s, limit 2\.00 MiB\/s/);
+    await inSyncAndIdentical(s);
     // Resumed without flags the cap stays; --mirror-rate 0 alone removes it.
     await stop(s.source, 'SIGTERM');
     s.extra = ['--mirror-rate', '0'];

@@ -9,7 +9,7 @@ import { MemoryBlockDevice } from '../../src/io/memory-device';
 import { BLOCK_SIZE_BYTES } from '../../src/io/types';
 import { BlockTree } from '../../src/tree/tree';
 import { diffTrees, type NodeSide } from '../../src/tree/diff';
-import { walkBornAfter, walkBornAfterRuns, type BornRun } from '../../src/tree/born-after';
+import { countBornAfter, walkBornAfter, walkBornAfterRuns, type BornRun } from '../../src/tree/born-after';
 import { FileBlockDevice } from '../../src/io/file-device';
 import type { BlockDevice } from '../../src/io/types';
 import { crc32c } from '../../src/io/checksum';
@@ -92,7 +92,8 @@ describe('tree diff and born-after walk', () => {
     await t.commitCp([0, 1, 2, 500, 9000].map((l) => ({ lbn: l, data: block(l) })), { nvlogSeq: 1, nvlogEpoch: 1 });
     const seen1 = new Set<number>();
     const v1 = t.pinCommitted();
-    await walkBornAfter(v1, -1, async (b) => void seen1.add(b.pba));
+    const n1 = await walkBornAfter(v1, -1, async (b) => void seen1.add(b.pba));
+    assert.equal(await countBornAfter(v1, -1), n1, 'the count (nodes only) = the blocks the full walk emits');
     v1.release();
     const written: number[] = [];
     t.setCpSink({
@@ -106,6 +107,7 @@ describe('tree diff and born-after walk', () => {
     const v2 = t.pinCommitted();
     const after: number[] = [];
     await walkBornAfter(v2, 1, async (b) => void after.push(b.pba));
+    assert.equal(await countBornAfter(v2, 1), after.length, 'the count = the blocks born after CP 1');
     v2.release();
     assert.deepEqual([...after].sort((x, y) => x - y), [...written].sort((x, y) => x - y), 'born after CP 1 = what CP 2 wrote');
     assert.ok(seen1.size >= 5 + 1, 'a full walk covers every data block and the metadata');
@@ -246,7 +248,8 @@ describe('tree diff and born-after walk', () => {
     for (let c = 0; c < 4; c++) {
       const w: BlockChange[] = [];
       for (let l = c * 13; l < lbnCount; l += 53) w.push({ lbn: l, data: block(l * 5 + c) });
-      await t.commitCp(w, { nvlogSeq: 2 + c, nvlogEpoch: 1 });
+      // A snapshot after the second: its tree shares most blocks with the live one (each counted once).
+      await t.commitCp(w, { nvlogSeq: 2 + c, nvlogEpoch: 1 }, c === 1 ? [{ kind: 'create', name: 's1' }] : []);
     }
     t.setCpSink(undefined);
     const v = t.pinCommitted();
@@ -263,6 +266,8 @@ describe('tree diff and born-after walk', () => {
       emitted.push(...run.ptrs.map((p) => p.pba));
       run.release();
     });
+    assert.equal(await countBornAfter(v, baseCp), emitted.length, 'the count (nodes only) = the blocks the resync walk emits');
+    assert.equal(await countBornAfter(v, -1), await walkBornAfter(v, -1, async () => undefined), 'and for a full walk');
     v.release();
     // Exactly the blocks the CPs wrote that are still referenced: every one emitted was written after the base, none twice.
     assert.equal(new Set(emitted).size, emitted.length, 'a block emitted twice');
