@@ -124,7 +124,7 @@ function ratio(wire: number, client: number): string {
 
 export function formatMirror(m: MirrorSourceStats): string[] {
   const lines = [
-    `mirror     ${m.mode} to ${m.peer} (${m.policy}): ${m.state}${m.connected ? '' : ', not connected'}`,
+    `mirror     ${m.mode} to ${m.peer} (${m.policy}): ${m.state}${m.connected || m.state === 'disconnected' ? '' : ', not connected'}`,
     `           CP ${m.sourceCp} here, CP ${m.destCp} there (${m.rootsEqual ? 'roots equal' : `${m.lagCps} CPs behind`})` + (m.lagSeconds > 0 ? `, behind for ${m.lagSeconds} s` : '') +
       `, ${formatSize(m.lagBytes)} not yet there, link ${formatSize(m.wireBytesPerSec)}/s`,
     `           ${formatSize(m.bytesOnWire)} on the wire for ${formatSize(m.clientBytes)} written (${ratio(m.bytesOnWire, m.clientBytes)}); CP blocks as references ${m.refsSent} (${formatSize(m.bytesSavedByRefs)} saved), as deltas ${m.deltasSent}, as data ${m.dataBlocksSent}${m.cpsAbandoned > 0 ? `; ${m.cpsAbandoned} CPs abandoned for a slow peer (resynced)` : ''}`,
@@ -203,6 +203,7 @@ export function formatReceiver(dir: string, r: ReceiverStats & { directories?: R
       `mirror     ${m.sourceUuid}: ${m.baselinePartial ? 'INCONSISTENT (baseline in progress)' : `CP ${m.committedCp}`}, ${m.connected ? 'source connected' : 'source not connected'}`,
       `           ${m.cpsApplied} CPs applied, ${m.blocksApplied} blocks as data, ${m.refsApplied} from the log, ${m.deltasApplied} rebuilt from deltas; log ${formatSize(m.logUsedBytes)} (${m.recordsStored} records stored, ${m.recordsDropped} dropped)${m.droppingFromSeq > 0 ? `; FULL: dropping records from seq ${m.droppingFromSeq} until a CP covers them` : ''}`,
     );
+    if (m.catchUp) lines.push(`           ${m.catchUp.baseCp < 0 ? 'baseline' : `resync from CP ${m.catchUp.baseCp}`} to CP ${m.catchUp.cp} in progress: ${m.catchUp.blocks} blocks (${formatSize(m.catchUp.blocks * 4096)}) received`);
     const st = r.standings?.find((x) => x.sourceUuid === m.sourceUuid);
     if (st) lines.push(`           ${standingLine(st, 'destination')}`);
     if (m.lastError) lines.push(`           last error: ${m.lastError}`);

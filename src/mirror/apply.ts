@@ -102,6 +102,12 @@ export class CpApplier {
     private readonly log: Logger,
   ) {}
 
+  /** A baseline or resync being applied (blocks received so far); undefined between them and during ordinary CPs. */
+  catchUp(): { cp: number; baseCp: number; blocks: number } | undefined {
+    const a = this.applying;
+    return a && a.kind !== 'cp' ? { cp: a.cp, baseCp: a.baseCp, blocks: a.blocks } : undefined;
+  }
+
   /** CP_BEGIN: refused unless it builds on the committed CP (or starts a baseline, or resumes the one in progress). */
   async begin(m: CpBegin): Promise<void> {
     const mirror = this.mirror;

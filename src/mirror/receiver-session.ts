@@ -154,6 +154,11 @@ export class Session {
     return this.parser.bytesIn + (this.native?.bytesIn ?? 0);
   }
 
+  /** The baseline or resync this session is applying, if any (status). */
+  get catchUp(): { cp: number; baseCp: number; blocks: number } | undefined {
+    return this.applier?.catchUp();
+  }
+
   get mirrorDir(): MirrorDir | undefined {
     return this.mirror;
   }

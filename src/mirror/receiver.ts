@@ -88,6 +88,8 @@ export interface ReceiverStats {
     deltasApplied: number;
     bytesIn: number;
     baselinePartial: boolean;
+    /** A baseline (baseCp -1) or resync being received: toward which CP, blocks so far. */
+    catchUp?: { cp: number; baseCp: number; blocks: number };
     lastCommitMs: number;
     /** Why the last stream from this source was refused or could not be applied (cleared by the next commit). */
     lastError: string | undefined;
@@ -307,6 +309,7 @@ export class MirrorReceiver implements SessionHost {
         deltasApplied: m.deltasApplied,
         bytesIn: m.bytesIn + (s?.bytesIn ?? 0),
         baselinePartial: m.baselinePartial,
+        ...(s?.catchUp ? { catchUp: s.catchUp } : {}),
         lastCommitMs: m.lastCommitMs,
         lastError: m.lastError,
         ...(m.dev instanceof RaidDevice ? { raid: m.dev.health() } : {}),

@@ -1137,6 +1137,12 @@ export class MirrorSource implements CpSink, ReplicaGate {
 
   // ---- status / stop ----
 
+  /** A running catch-up's estimate of what it has left to send (0: none, or its total not known yet). */
+  private resyncLeftBytes(): number {
+    const f = this.resync?.progress.figures();
+    return f?.totalBytes !== undefined ? Math.max(0, f.totalBytes - this.resync!.blocksSent * 4096) : 0;
+  }
+
   stats(): MirrorSourceStats {
     const tree = this.tree.stats();
     const conn = this.conn;
@@ -1153,7 +1159,10 @@ export class MirrorSource implements CpSink, ReplicaGate {
       lagCps: this.destCp < 0 ? tree.cpNumber : tree.cpNumber - this.destCp,
       lagSeconds: this.behindSinceMs > 0 ? Math.round((this.clock.nowMs() - this.behindSinceMs) / 100) / 10 : 0,
       // Sync with every record held there: nothing is missing; else what its CP lacks.
-      lagBytes: this.o.mode === 'sync' && conn !== undefined && !conn.closed && this.heldSeq >= (this.volume?.log.lastSeq ?? 0) ? 0 : Math.max(0, this.clientBytes - this.clientBytesAtDestCp),
+      // Client bytes since the destination's CP (counted this run), or what a catch-up has left (after a restart the count starts anew).
+      lagBytes: this.o.mode === 'sync' && conn !== undefined && !conn.closed && this.heldSeq >= (this.volume?.log.lastSeq ?? 0) && !this.resync
+        ? 0
+        : Math.max(0, this.clientBytes - this.clientBytesAtDestCp, this.resyncLeftBytes()),
       wireBytesPerSec: this.wireRate,
       rootsEqual: rootEq,
       cpsAcknowledged: this.cpsShipped,

@@ -378,6 +378,7 @@ describe('mirror: two hosts (network namespaces)', function () {
     await startReceiver(s);
     await until('baseline running', () => sourceStatus(s.src)?.state === 'baseline' || undefined, 60_000);
     assert.match(sh(BIN, ['status', s.src]), /baseline to CP \d+: .* sent, .*\/s, limit 2\.00 MiB\/s/);
+    assert.match(sh(BIN, ['status', path.join(tmp, 'dst')]), /baseline to CP \d+ in progress: \d+ blocks \(.*\) received/, 'the destination shows it too');
     assert.strictEqual((sourceStatus(s.src) as { rateLimitBytesPerSec?: number }).rateLimitBytesPerSec, 2 * 1024 * 1024);
     // The same progress for Prometheus.
     const get = `require('http').get('http://127.0.0.1:${METRICS_PORT}/metrics', (r) => { let b = ''; r.on('data', (d) => (b += d)); r.on('end', () => process.stdout.write(b)); })`;
@@ -410,6 +411,7 @@ describe('mirror: two hosts (network namespaces)', function () {
     }, 60_000);
     assert.ok(rs.baseCp >= 0 && rs.totalBytes! >= 4 * 1024 * 1024 && rs.totalBytes! <= 5 * 1024 * 1024, `resync total ${rs.totalBytes}: the 4 MiB written and their metadata`);
     assert.match(sh(BIN, ['status', s.src]), /resync from CP \d+ to CP \d+: .* of ~4\.\d+ MiB \(\d+%\) sent, .*\/s, limit 2\.00 MiB\/s/);
+    assert.match(sh(BIN, ['status', path.join(tmp, 'dst')]), new RegExp(`resync from CP ${rs.baseCp} to CP \\d+ in progress: \\d+ blocks`), 'the destination shows it too');
     await inSyncAndIdentical(s);
     // Resumed without flags the cap stays; --mirror-rate 0 alone removes it.
     await stop(s.source, 'SIGTERM');
