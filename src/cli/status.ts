@@ -114,8 +114,9 @@ function formatServed(s: VolumeStatus): string[] {
 export function formatErrors(s: VolumeStatus): string {
   const e = s.errors;
   const since = s.served ? 'since the volume was opened' : 'by this status (not served: `nvmirror check` reads every block)';
-  if (e.checksum === 0 && e.io === 0) return `errors:    No known data errors ${since.startsWith('since') ? '' : `(${since})`}`.trimEnd();
-  return `errors:    ${e.checksum} checksum error(s), ${e.io} I/O error(s) ${since}: reads refused with EIO (the log names the blocks; run \`nvmirror check\`)`;
+  const repaired = (e.repaired ?? 0) > 0 ? `; ${e.repaired} block(s) failed verification here and were repaired from the mirror (the log names them: look at this disk)` : '';
+  if (e.checksum === 0 && e.io === 0) return `errors:    No known data errors ${since.startsWith('since') ? '' : `(${since})`}`.trimEnd() + repaired;
+  return `errors:    ${e.checksum} checksum error(s), ${e.io} I/O error(s) ${since}: reads refused with EIO (the log names the blocks; run \`nvmirror check\`)${repaired}`;
 }
 
 function ratio(wire: number, client: number): string {

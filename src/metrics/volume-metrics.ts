@@ -35,6 +35,7 @@ export function registerEngineMetrics(registry: MetricsRegistry, volume: EngineV
   const used = g('nvmirror_volume_used_bytes', 'Bytes of the member in use by the committed tree');
   const size = g('nvmirror_volume_size_bytes', 'Volume size');
   const checksum = registry.counter('nvmirror_volume_checksum_errors_total', 'Reads refused with EIO because a block failed its checksum').labels();
+  const repaired = registry.counter('nvmirror_volume_blocks_repaired_total', 'Blocks that failed verification and were served and rewritten from the mirror\'s copy').labels();
   const threadReads = registry.counter('nvmirror_volume_thread_reads_total', 'Whole-block READs the NBD threads looked up in the engine\'s block map: answered there (hit) or passed to the event loop (miss)', ['result']);
   const threadHits = threadReads.labels('hit');
   const threadMisses = threadReads.labels('miss');
@@ -61,6 +62,7 @@ export function registerEngineMetrics(registry: MetricsRegistry, volume: EngineV
     used.set(st.tree.usedBlocks * BLOCK_SIZE_BYTES);
     size.set(st.sizeBytes);
     checksum.setTotal(st.tree.errors.checksum);
+    repaired.setTotal(st.tree.errors.repaired);
     threadHits.setTotal(st.threadReads?.hits ?? 0);
     threadMisses.setTotal(st.threadReads?.misses ?? 0);
     threadWrites.setTotal(st.threadWrites ?? 0);

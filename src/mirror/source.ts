@@ -86,6 +86,8 @@ const CPS_UNACKED_MAX = 1;
 const READS_ANSWERED_MAX = 4;
 /** An acknowledgement older than this shows as `behind` in status (the link is up but the peer is slow or stalled). */
 const STALE_ACK_MS = 1000;
+/** A block asked of the mirror to repair one of ours (a client's read waits for it): at most this long. */
+const REPAIR_READ_TIMEOUT_MS = 5_000;
 /** Records unacknowledged this long on a live stream ask for a CP (askCp). */
 const HELD_CP_AFTER_MS = 1000;
 /** How long an interrupted baseline's pinned state is kept for a resume (it holds its blocks from reuse meanwhile). */
@@ -351,6 +353,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
     }
     v.log.onAppend = (r) => this.onAppend(r); // counts client bytes; forwards in sync mode
     if (this.o.mode === 'sync') v.setReplicaGate(this);
+    // A block of ours that fails verification is asked of the mirror, which holds it at the
+    // same pba once it has committed the CP that wrote it (the tree takes it only if it verifies).
+    this.tree.setRepairSource({ name: `the mirror at ${this.o.peer.host}:${this.o.peer.port}`, read: (pba) => this.repairRead(pba) });
     this.updateThreads();
     this.saveState();
     this.connect();
@@ -1084,6 +1089,15 @@ export class MirrorSource implements CpSink, ReplicaGate {
     };
   }
 
+  // ---- read repair (verified-read.ts asks for a block of ours that failed verification) ----
+
+  private repairRead(pba: number): Promise<Buffer> {
+    const conn = this.conn;
+    if (!conn || conn.closed || !conn.welcomed) return Promise.reject(new Error('the mirror is not connected'));
+    if (this.destCp < 0) return Promise.reject(new Error('the mirror holds no committed CP yet'));
+    return this.reads.read((id) => this.send(conn, { type: MsgType.ReadReq, id, pbas: [pba] }), REPAIR_READ_TIMEOUT_MS);
+  }
+
   // ---- online verify ----
 
   private remoteRead(conn: Conn, pba: number): Promise<Buffer> {
@@ -1229,6 +1243,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
   /** Detaches from the engine (after the volume's final CP). */
   detach(): void {
     this.tree.setCpSink(undefined);
+    this.tree.setRepairSource(undefined);
     const v = this.volume;
     if (v) {
       v.log.onAppend = undefined;

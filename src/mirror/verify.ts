@@ -66,13 +66,13 @@ export class RemoteReads {
   constructor(private readonly peerName: string) {}
 
   /** Sends READ_REQ for one block through `send(id)` and resolves with the answer. */
-  read(send: (id: number) => void): Promise<Buffer> {
+  read(send: (id: number) => void, timeoutMs = RemoteReads.TIMEOUT_MS): Promise<Buffer> {
     const id = (this.nextId = (this.nextId + 1) >>> 0);
     return new Promise<Buffer>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(id);
-        reject(new Error(`${this.peerName} did not answer a verify read within ${RemoteReads.TIMEOUT_MS / 1000} s`));
-      }, RemoteReads.TIMEOUT_MS);
+        reject(new Error(`${this.peerName} did not answer a read within ${timeoutMs / 1000} s`));
+      }, timeoutMs);
       this.pending.set(id, {
         resolve: (b) => {
           clearTimeout(timer);

@@ -29,7 +29,8 @@ import {
 } from './layout';
 import { SpaceMap } from './spacemap';
 import { generationAt, lineageProblem, lineageString } from './lineage';
-import type { CheckReport } from './types';
+import type { CheckReport, RepairSource } from './types';
+import { repairFromSource } from './verified-read';
 import { slicerFor, forEachLimit } from '../util/work';
 
 const MAX_PROBLEMS = 200;
@@ -48,6 +49,8 @@ export interface CheckInput {
   clock?: Clock;
   /** Progress: called with the running count of blocks read (no more than once per read). */
   onBlocksRead?: (blocks: number) => void;
+  /** Where a block that fails verification is fetched again after the device's own redundancy (a mirror: verified-read.ts). */
+  repair?: { source: RepairSource; mayHeal: boolean; volumeUuid: string; onRepaired: () => void };
 }
 
 export async function runCheck(input: CheckInput): Promise<CheckReport> {
@@ -84,9 +87,14 @@ export async function runCheck(input: CheckInput): Promise<CheckReport> {
   };
 
   /** A block that failed verification: a device with redundancy (RAID) may rebuild one that verifies (and heal its bad copy). */
+  let repairedFromSource = 0;
   const repaired = async (pba: number, view: Buffer, ok: (b: Buffer) => boolean): Promise<boolean> => {
-    if (!dev.readRepaired) return false;
-    return dev.readRepaired(pba, view, ok).catch(() => false);
+    if (dev.readRepaired && (await dev.readRepaired(pba, view, ok).catch(() => false))) return true;
+    const r = input.repair;
+    if (!r || !(await repairFromSource(r.source, dev, pba, view, ok, r.mayHeal, r.volumeUuid))) return false;
+    repairedFromSource++;
+    r.onRepaired();
+    return true;
   };
 
   /** Walks one root: data tree + space-map tree; returns reachable set and on-disk map. */
@@ -256,7 +264,7 @@ export async function runCheck(input: CheckInput): Promise<CheckReport> {
   const blocksReachable = popcount(union);
   if (blocksReachable !== input.used) problem(`space accounting: ${blocksReachable} blocks reachable from all roots but ${input.used} counted in use`);
   if (dropped > 0) problems.push(`... and ${dropped} more problems`);
-  return { ok: problems.length === 0, problems, blocksReachable, blocksAccounted: input.used };
+  return { ok: problems.length === 0, problems, blocksReachable, blocksAccounted: input.used, ...(repairedFromSource > 0 ? { repaired: repairedFromSource } : {}) };
 }
 
 /** The committed lineage is valid and every older CP of this volume in the ring lies on it. */

@@ -49,7 +49,7 @@ import { startGeneration, type Generation } from './lineage';
 import { SpaceMap } from './spacemap';
 import type {
   BlockChange, BlockOrigin, BlockTreeApi, CheckReport, CommitResult, CommittedView, CpMeta, CpPhases, CpSink, SnapshotInfo, SnapshotOp,
-  TreeReader, TreeStats, TreeRollback, BlockErrorCounts, LeafSink, EarlyPlacementApi,
+  TreeReader, TreeStats, TreeRollback, BlockErrorCounts, LeafSink, EarlyPlacementApi, RepairSource,
 } from './types';
 import { slicerFor } from '../util/work';
 import { CommitWork, CpWriter, planSnapshots } from './commit';
@@ -86,7 +86,7 @@ export class BlockTree implements BlockTreeApi {
   /** Set by open() when it fell back past a durable newer CP (see TreeRollback). */
   rollback: TreeRollback | undefined = undefined;
   /** Reads refused since open (see the invariants); only ever incremented. */
-  readonly errorCounts: BlockErrorCounts = { checksum: 0, io: 0 };
+  readonly errorCounts: BlockErrorCounts = { checksum: 0, io: 0, repaired: 0 };
   readonly lbnCount: number;
   readonly height: number;
   private readonly uuidBytes: Buffer;
@@ -139,6 +139,7 @@ export class BlockTree implements BlockTreeApi {
     assert(Number.isInteger(writeChunkBlocks) && writeChunkBlocks >= 1 && writeChunkBlocks <= 8192, 'writeChunkBlocks in [1, 8192]');
     assert(Number.isInteger(this.ioConcurrency) && this.ioConcurrency >= 1 && this.ioConcurrency <= 256, 'ioConcurrency in [1, 256]');
     this.verified = new VerifiedReader(dev, this.cache, this.uuidBytes, this.volumeUuid, this.lbnCount, sb.deviceBlocks, this.errorCounts);
+    this.verified.mayHeal = (dev as { readOnly?: boolean }).readOnly !== true;
     this.reads = new ReadPath(this.verified, this.cache, this.height, this.ioConcurrency, statusNodeBudget);
     this.writer = new CpWriter(
       dev, smap, this.verified, this.cache, this.uuidBytes, this.height, sb.deviceBlocks, writeChunkBlocks, this.ioConcurrency, discardFreed, () => this.sink,
@@ -525,6 +526,10 @@ export class BlockTree implements BlockTreeApi {
     this.sink = sink;
   }
 
+  setRepairSource(src: RepairSource | undefined): void {
+    this.verified.repairSource = src;
+  }
+
   /**
    * Pins the committed state (live root and every snapshot) the way an in-flight read
    * does: none of its blocks is reused until release(). For sending it elsewhere.
@@ -590,6 +595,9 @@ export class BlockTree implements BlockTreeApi {
         ioConcurrency: this.ioConcurrency,
         clock: this.clock,
         ...(onBlocksRead ? { onBlocksRead } : {}),
+        ...(this.verified.repairSource && !dev
+          ? { repair: { source: this.verified.repairSource, mayHeal: this.verified.mayHeal, volumeUuid: this.volumeUuid, onRepaired: () => this.errorCounts.repaired++ } }
+          : {}),
       });
     } finally {
       for (const h of handles) h.exit();

@@ -174,6 +174,8 @@ export interface CheckReport {
   problems: string[];
   blocksReachable: number;
   blocksAccounted: number;
+  /** Blocks that failed verification and were repaired from the repair source (a mirror) during the check. */
+  repaired?: number;
 }
 
 export interface TreeStats {
@@ -198,9 +200,25 @@ export interface TreeStats {
   nodesEditedInPlace: number;
 }
 
+/**
+ * Where a block that failed verification may be fetched again, beside the device's own
+ * redundancy: a mirror holds the same block at the same pba (mirror/source.ts), verified-read.ts. Its copy
+ * is taken only if it verifies against the same pointer; then it is served and written
+ * over the bad copy.
+ */
+export interface RepairSource {
+  /** Named in log lines ("the mirror at HOST:PORT"). */
+  readonly name: string;
+  /** The block at pba as the other side holds it (any content: it is verified here). */
+  read(pba: number): Promise<Buffer>;
+}
+
 export interface BlockErrorCounts {
+  /** Reads refused: a block failed verification and no good copy was found. */
   checksum: number;
   io: number;
+  /** Blocks that failed verification and were served (and rewritten) from the repair source, a mirror (verified-read.ts). */
+  repaired: number;
 }
 
 /**
@@ -241,6 +259,8 @@ export interface BlockTreeApi extends TreeReader {
   startGeneration(id: string): void;
   /** Installs (or removes) the CP hook. */
   setCpSink(sink: CpSink | undefined): void;
+  /** Installs (or removes) where a block that fails verification is fetched again (a mirror): verified-read.ts. */
+  setRepairSource(src: RepairSource | undefined): void;
   /** Reads raw blocks of the device (a block of the committed state, e.g. a CpBlock's prevPba, before the CP that replaces it is durable). */
   readRaw(pba: number, count: number, dst: Buffer): Promise<void>;
   /** Keeps an older committed CP's blocks from reuse (a mirror's base after a restart); null, or why it cannot. */

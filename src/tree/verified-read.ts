@@ -13,7 +13,10 @@
  *   `errorCounts.checksum` (a failed device read: `errorCounts.io`); wrong data is never
  *   returned. The counts only grow while the tree is open (`status` reports them). A
  *   device with redundancy (RAID: `readRepaired`) is first asked for a version that
- *   verifies (self-heal); only if it has none is the read refused.
+ *   verifies (self-heal), then the repair source if one is attached (a mirror holding the
+ *   same block at the same pba: `repairFromSource`, counted in `errorCounts.repaired`);
+ *   only if neither has one is the read refused. Another copy is taken only if it
+ *   verifies against the same pointer, and then rewritten over the bad one.
  */
 import { READ_BATCH_MAX, type BlockDevice } from '../io/types';
 import { VolumeError } from '../util/errors';
@@ -24,7 +27,7 @@ import {
 } from './layout';
 import type { NodeCache } from './node-cache';
 import type { SpaceMapLoader } from './spacemap';
-import type { BlockErrorCounts } from './types';
+import type { BlockErrorCounts, RepairSource } from './types';
 
 /**
  * A block failed verification: a device with redundancy (RAID) may rebuild a version
@@ -41,7 +44,45 @@ export async function repairedRead(dev: BlockDevice, pba: number, buf: Buffer, o
   }
 }
 
+/**
+ * A block at pba failed verification and the device could not rebuild it: asks `src`
+ * (a mirror) for its copy, takes it only if it passes ok, writes it into buf and (mayHeal)
+ * over the bad copy. Called inside a read or a check, which pins the root it reads
+ * through: the block stays referenced (never reused) while it is rewritten, and the
+ * rewrite puts back what the tree already says it holds. False: no copy that verifies.
+ */
+export async function repairFromSource(src: RepairSource, dev: BlockDevice, pba: number, buf: Buffer, ok: (b: Buffer) => boolean, mayHeal: boolean, volumeUuid: string): Promise<boolean> {
+  let copy: Buffer;
+  try {
+    copy = await src.read(pba);
+  } catch (e) {
+    log().warn({ volume: volumeUuid, pba, from: src.name, err: e instanceof Error ? e.message : String(e) }, 'block tree: a block failed verification and could not be read from the repair source');
+    return false;
+  }
+  if (copy.length !== BLOCK || !ok(copy)) {
+    log().warn({ volume: volumeUuid, pba, from: src.name }, 'block tree: a block failed verification and the repair source\'s copy does not verify either');
+    return false;
+  }
+  copy.copy(buf);
+  let rewritten = false;
+  if (mayHeal) {
+    try {
+      await dev.writeBlocks(pba, copy);
+      rewritten = true;
+    } catch (e) {
+      log().warn({ volume: volumeUuid, pba, err: e instanceof Error ? e.message : String(e) }, 'block tree: could not rewrite a repaired block (the next read repairs it again)');
+    }
+  }
+  log().warn({ volume: volumeUuid, pba, from: src.name, rewritten }, `block tree: block at pba ${pba} failed verification; served the copy from ${src.name}, which verifies${rewritten ? ', and rewrote ours' : ''}`);
+  return true;
+}
+
 export class VerifiedReader {
+  /** Set while a repair source is attached (BlockTree.setRepairSource). */
+  repairSource: RepairSource | undefined;
+  /** The device may be written (a bad copy rewritten); false for a read-only open. */
+  mayHeal = true;
+
   constructor(
     private readonly dev: BlockDevice,
     private readonly cache: NodeCache,
@@ -52,6 +93,19 @@ export class VerifiedReader {
     /** The tree's counters (BlockTree.errorCounts), incremented here. */
     private readonly errorCounts: BlockErrorCounts,
   ) {}
+
+  /**
+   * A block at pba failed verification: the device's redundancy first (RAID), then the
+   * repair source. True when buf now holds a copy that passes ok. Called inside a read,
+   * which pins the root it reads through: the block stays referenced (never reused)
+   * while it is rewritten, and the rewrite puts back what the tree already says it holds.
+   */
+  private async repair(pba: number, buf: Buffer, ok: (b: Buffer) => boolean): Promise<boolean> {
+    if (await repairedRead(this.dev, pba, buf, ok)) return true;
+    if (!this.repairSource || !(await repairFromSource(this.repairSource, this.dev, pba, buf, ok, this.mayHeal, this.volumeUuid))) return false;
+    this.errorCounts.repaired++;
+    return true;
+  }
 
   eio(message: string, fields: Record<string, unknown>, kind: 'checksum' | 'io' = 'checksum'): VolumeError {
     this.errorCounts[kind]++;
@@ -94,7 +148,7 @@ export class VerifiedReader {
     await this.devRead(ptr.pba, 1, buf, `address block (level ${level}, ${this.nodeRange(level, index)})`);
     const id = { type: NODE_TYPE_DATA_TREE, level, index };
     const problem = verifyNode(buf, ptr, id, this.uuidBytes);
-    if (problem && !(await repairedRead(this.dev, ptr.pba, buf, (b) => verifyNode(b, ptr, id, this.uuidBytes) === null))) {
+    if (problem && !(await this.repair(ptr.pba, buf, (b) => verifyNode(b, ptr, id, this.uuidBytes) === null))) {
       throw this.eio(`bad address block at pba ${ptr.pba} (level ${level}, ${this.nodeRange(level, index)}): ${problem}`, { pba: ptr.pba, level, index });
     }
     return buf;
@@ -142,7 +196,7 @@ export class VerifiedReader {
         const buf = bufs[k]!;
         const id = { type: NODE_TYPE_DATA_TREE, level, index: indexes[j]! };
         const problem = verifyNode(buf, ptr, id, this.uuidBytes, crcs[k]!);
-        if (problem && !(await repairedRead(this.dev, ptr.pba, buf, (b) => verifyNode(b, ptr, id, this.uuidBytes) === null))) {
+        if (problem && !(await this.repair(ptr.pba, buf, (b) => verifyNode(b, ptr, id, this.uuidBytes) === null))) {
           throw this.eio(`bad address block at pba ${ptr.pba} (level ${level}, ${this.nodeRange(level, indexes[j]!)}): ${problem}`, { pba: ptr.pba, level, index: indexes[j] });
         }
         out[j] = buf;
@@ -162,7 +216,7 @@ export class VerifiedReader {
 
   async verifyData(buf: Buffer, off: number, ptr: BlockPtr, lbn: number): Promise<void> {
     const crc = crc32c(buf, off, BLOCK);
-    if (crc !== ptr.crc && !(await repairedRead(this.dev, ptr.pba, buf.subarray(off, off + BLOCK), (b) => crc32c(b) === ptr.crc))) {
+    if (crc !== ptr.crc && !(await this.repair(ptr.pba, buf.subarray(off, off + BLOCK), (b) => crc32c(b) === ptr.crc))) {
       throw this.eio(`checksum mismatch in data block: lbn ${lbn} at pba ${ptr.pba} (expected ${ptr.crc.toString(16).padStart(8, '0')}, got ${crc.toString(16).padStart(8, '0')})`, { lbn, pba: ptr.pba });
     }
   }
@@ -175,7 +229,7 @@ export class VerifiedReader {
       await this.devRead(ptr.pba, 1, buf, name);
       const ok = (b: Buffer): boolean => (id ? verifyNode(b, ptr, id, this.uuidBytes) === null : crc32c(b) === ptr.crc);
       const problem = id ? verifyNode(buf, ptr, id, this.uuidBytes) : crc32c(buf) === ptr.crc ? null : 'checksum mismatch';
-      if (problem && !(await repairedRead(this.dev, ptr.pba, buf, ok))) throw this.eio(`${name} at pba ${ptr.pba}: ${problem}`, { pba: ptr.pba });
+      if (problem && !(await this.repair(ptr.pba, buf, ok))) throw this.eio(`${name} at pba ${ptr.pba}: ${problem}`, { pba: ptr.pba });
       return buf;
     };
     return {

@@ -213,6 +213,7 @@ export async function checkServed(dir: string, label: VolumeLabel, volume: Engin
     const st = tree.stats();
     notes.push(`served by pid ${process.pid}: checked the committed roots (CP ${st.cpNumber} and its snapshots) while serving`);
     notes.push(`tree: CP ${st.cpNumber}, ${r.blocksReachable} blocks reachable, ${r.blocksAccounted} accounted, ${st.snapshots.length} snapshot(s)`);
+    if (r.repaired) notes.push(`tree: ${r.repaired} block(s) failed verification on this disk and were repaired from the mirror (the log names them)`);
     notes.push(`NVRAM: in use by the serving process, not checked (stop it for a full check)`);
     return { ok: problems.length === 0, problems, notes, servedBy: process.pid, blocksRead: progress.blocksRead };
   } finally {

@@ -259,6 +259,64 @@ describe('mirror: two hosts (network namespaces)', function () {
     sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x24 30M 2M', `nbd+unix:///${s.uuid}?socket=${s.expSock}`]);
   });
 
+  it('a block of the source that fails verification is repaired from the mirror (the read gets the right data, the bad copy is rewritten, status counts it); with the mirror away the read fails with EIO', async () => {
+    const s = await start('sync');
+    const uri = `nbd+unix:///?socket=${s.srcSock}`;
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5c 1M 4k', '-c', 'write -P 0x5d 5M 4k', '-c', 'write -P 0x5e 9M 4k', uri]);
+    await inSyncAndIdentical(s); // a CP holds both blocks and the destination committed it
+    const member = path.join(s.src, 'member-0.img');
+    /** The offset of the one 4 KiB block of the member filled with byte b. */
+    const findBlock = (b: number): number => {
+      const want = Buffer.alloc(4096, b);
+      const fd = fs.openSync(member, 'r');
+      try {
+        const chunk = Buffer.alloc(16 * 1024 * 1024);
+        const found: number[] = [];
+        for (let off = 0; ; off += chunk.length) {
+          const n = fs.readSync(fd, chunk, 0, chunk.length, off);
+          for (let i = 0; i + 4096 <= n; i += 4096) if (chunk[i] === b && chunk.subarray(i, i + 4096).equals(want)) found.push(off + i);
+          if (n < chunk.length) break;
+        }
+        assert.strictEqual(found.length, 1, `blocks of 0x${b.toString(16)} in the member: ${found.join(', ')}`);
+        return found[0]!;
+      } finally {
+        fs.closeSync(fd);
+      }
+    };
+    const damage = (off: number): void => {
+      const fd = fs.openSync(member, 'r+');
+      try {
+        fs.writeSync(fd, Buffer.from([0xff]), 0, 1, off + 100);
+      } finally {
+        fs.closeSync(fd);
+      }
+    };
+    const errors = (): { checksum: number; io: number; repaired: number } => (JSON.parse(sh(BIN, ['status', s.src, '--json'])) as { errors: { checksum: number; io: number; repaired: number } }).errors;
+    const at5c = findBlock(0x5c);
+    const at5d = findBlock(0x5d);
+    damage(at5c);
+    sh('qemu-io', ['-f', 'raw', '-c', 'read -P 0x5c 1M 4k', uri]);
+    assert.deepStrictEqual(errors(), { checksum: 0, io: 0, repaired: 1 });
+    assert.strictEqual(findBlock(0x5c), at5c, 'the bad copy was rewritten in place');
+    assert.match(sh(BIN, ['status', s.src]), /errors: +No known data errors; 1 block\(s\) failed verification here and were repaired from the mirror/);
+    assert.match(fs.readFileSync(path.join(tmp, 'sv.log'), 'utf8'), new RegExp(`block at pba ${at5c / 4096} failed verification; served the copy from the mirror at .*, and rewrote ours`));
+    // `check` of the served volume reads every block: it repairs what it finds the same way.
+    const at5e = findBlock(0x5e);
+    damage(at5e);
+    const chk = sh(BIN, ['check', s.src]);
+    assert.match(chk, /1 block\(s\) failed verification on this disk and were repaired from the mirror/);
+    assert.match(chk, /: ok$/m);
+    assert.strictEqual(findBlock(0x5e), at5e, 'rewritten by the check');
+    assert.deepStrictEqual(errors(), { checksum: 0, io: 0, repaired: 2 });
+    // Without the mirror nothing can repair it: the read is refused, loudly.
+    await stop(s.receiver, 'SIGTERM');
+    await until('source sees the mirror gone', () => sourceStatus(s.src)?.connected === false, 30_000);
+    damage(at5d);
+    const r = cp.spawnSync('qemu-io', ['-f', 'raw', '-c', 'read -P 0x5d 5M 4k', uri], { encoding: 'utf8', timeout: 60_000 });
+    assert.match(`${r.stdout}${r.stderr}`, /Input\/output error/, 'the damaged block is refused');
+    assert.deepStrictEqual(errors(), { checksum: 1, io: 0, repaired: 2 });
+  });
+
   it('strict policy: writes fail with EIO while the peer is cut off', async () => {
     const s = await start('sync', ['--mirror-policy', 'strict']);
     await pair.blackhole(true, 100);
