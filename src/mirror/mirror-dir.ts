@@ -41,6 +41,7 @@ import { RaidDevice } from '../raid/raid-device';
 import { RAID_JOURNAL_NAME } from '../raid/journal-file';
 import * as native from '../io/native';
 import { BlockTree } from '../tree/tree';
+import type { RepairSource } from '../tree/types';
 import { BLOCK, RING_SLOTS, decodeSuperblock, encodePtr, type Superblock } from '../tree/layout';
 import { assert } from '../util/assert';
 import { DestLog, DEST_LOG_NAME, destLogBytesFor } from './dest-log';
@@ -412,6 +413,22 @@ function readBaselineMarker(p: string): { cp: number; blocks: number } | undefin
 }
 
 export class MirrorDir {
+  /**
+   * The connected source's blocks, for a block of this mirror that fails verification
+   * (receiver-session.ts sets it while a session holds the mirror). Every view asks it
+   * through `repairProxy`; a copy that verifies is served, never written here: a CP
+   * being applied may own that pba by then (the source may have reused it).
+   */
+  repairSource: RepairSource | undefined;
+  /** Blocks of this mirror that failed verification and were served from the source's copy. */
+  blocksServedFromSource = 0;
+  private readonly repairProxy: RepairSource = {
+    name: 'the source',
+    read: (pba) => (this.repairSource ? this.repairSource.read(pba) : Promise.reject(new Error('the source is not connected'))),
+    repaired: () => {
+      this.blocksServedFromSource++;
+    },
+  };
   /** The committed image's superblock (undefined: nothing committed yet). */
   committed: { sb: Superblock; raw: Buffer } | undefined;
   /** A read-only tree view of the committed image (for exports and verify). */
@@ -535,6 +552,7 @@ export class MirrorDir {
       m.committed = committed;
       if (m.committed && !m.baselinePartial) {
         m.view = await BlockTree.openView(dev, m.committed.raw);
+        m.view.setRepairSource(m.repairProxy);
         await m.loadInUse(m.committed.sb, undefined);
       }
       if (m.committed) log.committed(m.committed.sb.nvlogSeq);
@@ -696,6 +714,7 @@ export class MirrorDir {
     await this.dev.sync();
     const raw = Buffer.from(superblock);
     const view = await BlockTree.openView(this.dev, raw);
+    view.setRepairSource(this.repairProxy);
     // The outgoing CP's map joins the pin guard's (if a reader keeps that CP) before it is updated in place.
     if (this.committed && this.inUse && !this.baselinePartial) this.pins.retire(this.committed.sb, this.inUse);
     await this.loadInUse(d, this.baselinePartial ? undefined : this.committed?.sb);

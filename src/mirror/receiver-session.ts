@@ -47,12 +47,15 @@ import { RemoteReads, verifyCp, type VerifyReport } from './verify';
 import type { SlabPool } from './slab-pool';
 import { CpApplier, DroppedRecordError } from './apply';
 import type { Lineage } from '../tree/lineage';
+import type { RepairSource } from '../tree/types';
 import { Slicer } from '../util/work';
 import type { Charge, MemoryBudget } from '../nbd/budget';
 import type { Clock } from '../io/types';
 
 /** Parsed frames waiting to be applied, per connection, before reading pauses. */
 const QUEUED_BYTES_MAX = 16 * 1024 * 1024;
+/** A block asked of the source for one of the mirror's that failed verification (a reader waits for it): at most this long. */
+const REPAIR_READ_TIMEOUT_MS = 5_000;
 
 /** Roughly what a message holds in memory (its payload). */
 function messageBytes(m: Message): number {
@@ -637,6 +640,8 @@ export class Session {
       throw new MirrorDirError(text);
     }
     this.mirror = mirror;
+    // A block of the mirror that fails verification is read from the source while this session holds it (served, not rewritten: MirrorDir.repairSource).
+    mirror.repairSource = this.repairSource;
     this.applier = new CpApplier(mirror, this.rx.slabs, this.rx.exports, this.slicer, this.log);
     this.rx.exports?.attach(mirror);
     this.armIdle();
@@ -656,11 +661,12 @@ export class Session {
   }
 
   private readonly reads = new RemoteReads('the source');
+  private readonly repairSource: RepairSource = { name: 'the source', read: (pba) => this.remoteRead(pba, REPAIR_READ_TIMEOUT_MS) };
 
   /** Reads one block of the source's device (verify), or fails if the connection ends first. */
-  private remoteRead(pba: number): Promise<Buffer> {
+  private remoteRead(pba: number, timeoutMs?: number): Promise<Buffer> {
     if (this.closed) return Promise.reject(new Error('the source is not connected'));
-    return this.reads.read((id) => this.send({ type: MsgType.ReadReq, id, pbas: [pba] }));
+    return this.reads.read((id) => this.send({ type: MsgType.ReadReq, id, pbas: [pba] }), timeoutMs);
   }
 
   /** Verifies this mirror's committed CP against the source (the CP is pinned like a reader's meanwhile). */
@@ -749,6 +755,7 @@ export class Session {
     await this.persisting?.catch(() => undefined);
     await this.applier?.idle();
     if (this.mirror) this.mirror.bytesIn += this.bytesIn;
+    if (this.mirror?.repairSource === this.repairSource) this.mirror.repairSource = undefined;
   }
 }
 

@@ -88,6 +88,8 @@ export interface ReceiverStats {
     deltasApplied: number;
     bytesIn: number;
     baselinePartial: boolean;
+    /** Blocks of this mirror that failed verification and were served from the source's copy (its own stays damaged: check). */
+    blocksServedFromSource: number;
     /** A baseline (baseCp -1) or resync being received: toward which CP, blocks so far. */
     catchUp?: { cp: number; baseCp: number; blocks: number };
     lastCommitMs: number;
@@ -309,6 +311,7 @@ export class MirrorReceiver implements SessionHost {
         deltasApplied: m.deltasApplied,
         bytesIn: m.bytesIn + (s?.bytesIn ?? 0),
         baselinePartial: m.baselinePartial,
+        blocksServedFromSource: m.blocksServedFromSource,
         ...(s?.catchUp ? { catchUp: s.catchUp } : {}),
         lastCommitMs: m.lastCommitMs,
         lastError: m.lastError,

@@ -184,6 +184,8 @@ export class BlockTree implements BlockTreeApi {
     const sb = await verifyViewRoots(dev, superblock);
     const tree = new BlockTree(dev, sb, SpaceMap.createEmpty(sb.deviceBlocks), opts.clock ?? systemClock, { cacheBlocks: 256, ...opts, discardFreed: false });
     tree.failedReason = 'a read-only view';
+    // A view never writes its device (a repair source's copy is served, not written back).
+    tree.verified.mayHeal = false;
     return tree;
   }
 

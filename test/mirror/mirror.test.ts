@@ -266,9 +266,9 @@ describe('mirror: two hosts (network namespaces)', function () {
     await inSyncAndIdentical(s); // a CP holds both blocks and the destination committed it
     const member = path.join(s.src, 'member-0.img');
     /** The offset of the one 4 KiB block of the member filled with byte b. */
-    const findBlock = (b: number): number => {
+    const findBlock = (b: number, file = member): number => {
       const want = Buffer.alloc(4096, b);
-      const fd = fs.openSync(member, 'r');
+      const fd = fs.openSync(file, 'r');
       try {
         const chunk = Buffer.alloc(16 * 1024 * 1024);
         const found: number[] = [];
@@ -283,8 +283,8 @@ describe('mirror: two hosts (network namespaces)', function () {
         fs.closeSync(fd);
       }
     };
-    const damage = (off: number): void => {
-      const fd = fs.openSync(member, 'r+');
+    const damage = (off: number, file = member): void => {
+      const fd = fs.openSync(file, 'r+');
       try {
         fs.writeSync(fd, Buffer.from([0xff]), 0, 1, off + 100);
       } finally {
@@ -308,6 +308,17 @@ describe('mirror: two hosts (network namespaces)', function () {
     assert.match(chk, /: ok$/m);
     assert.strictEqual(findBlock(0x5e), at5e, 'rewritten by the check');
     assert.deepStrictEqual(errors(), { checksum: 0, io: 0, repaired: 2 });
+    // A block of the mirror that fails verification: a reader of the export gets the
+    // source's copy (it verifies); the mirror's own stays damaged (served, not rewritten:
+    // a CP may own that pba by then), and both its status and its check say so.
+    const mirrorMember = path.join(tmp, 'dst', s.uuid, 'member-0.img');
+    const m5d = findBlock(0x5d, mirrorMember);
+    damage(m5d, mirrorMember);
+    sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x5d 5M 4k', `nbd+unix:///${s.uuid}?socket=${s.expSock}`]);
+    assert.match(sh(BIN, ['status', path.join(tmp, 'dst')]), /1 block\(s\) of this mirror failed verification and were served from the source's copy/);
+    const mchk = cp.spawnSync(BIN, ['check', path.join(tmp, 'dst', s.uuid)], { encoding: 'utf8', timeout: 60_000 });
+    assert.notStrictEqual(mchk.status, 0, 'the mirror\'s check reports its damaged block');
+    assert.match(mchk.stdout, new RegExp(`pba ${m5d / 4096}`));
     // Without the mirror nothing can repair it: the read is refused, loudly.
     await stop(s.receiver, 'SIGTERM');
     await until('source sees the mirror gone', () => sourceStatus(s.src)?.connected === false, 30_000);
