@@ -204,7 +204,11 @@ export function formatReceiver(dir: string, r: ReceiverStats & { directories?: R
       `mirror     ${m.sourceUuid}: ${m.baselinePartial ? 'INCONSISTENT (baseline in progress)' : `CP ${m.committedCp}`}, ${m.connected ? 'source connected' : 'source not connected'}`,
       `           ${m.cpsApplied} CPs applied, ${m.blocksApplied} blocks as data, ${m.refsApplied} from the log, ${m.deltasApplied} rebuilt from deltas; log ${formatSize(m.logUsedBytes)} (${m.recordsStored} records stored, ${m.recordsDropped} dropped)${m.droppingFromSeq > 0 ? `; FULL: dropping records from seq ${m.droppingFromSeq} until a CP covers them` : ''}`,
     );
-    if (m.blocksServedFromSource > 0) lines.push(`           ${m.blocksServedFromSource} block(s) of this mirror failed verification and were served from the source's copy: this disk is damaged there (the log names the pbas; \`nvmirror check\` this mirror)`);
+    if (m.blocksServedFromSource > 0) {
+      const left = m.blocksServedFromSource - (m.blocksHealed ?? 0);
+      lines.push(`           ${m.blocksServedFromSource} block(s) of this mirror failed verification and were served from the source's copy, ${m.blocksHealed ?? 0} rewritten here` +
+        (left > 0 ? `; ${left} not (read on an older CP): \`nvmirror check\` this mirror` : ' (the log names the pbas: look at this disk)'));
+    }
     if (m.catchUp) lines.push(`           ${m.catchUp.baseCp < 0 ? 'baseline' : `resync from CP ${m.catchUp.baseCp}`} to CP ${m.catchUp.cp} in progress: ${m.catchUp.blocks} blocks (${formatSize(m.catchUp.blocks * 4096)}) received`);
     const st = r.standings?.find((x) => x.sourceUuid === m.sourceUuid);
     if (st) lines.push(`           ${standingLine(st, 'destination')}`);

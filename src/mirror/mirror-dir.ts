@@ -42,6 +42,7 @@ import { RAID_JOURNAL_NAME } from '../raid/journal-file';
 import * as native from '../io/native';
 import { BlockTree } from '../tree/tree';
 import type { RepairSource } from '../tree/types';
+import { log } from '../util/log';
 import { BLOCK, RING_SLOTS, decodeSuperblock, encodePtr, type Superblock } from '../tree/layout';
 import { assert } from '../util/assert';
 import { DestLog, DEST_LOG_NAME, destLogBytesFor } from './dest-log';
@@ -416,19 +417,55 @@ export class MirrorDir {
   /**
    * The connected source's blocks, for a block of this mirror that fails verification
    * (receiver-session.ts sets it while a session holds the mirror). Every view asks it
-   * through `repairProxy`; a copy that verifies is served, never written here: a CP
-   * being applied may own that pba by then (the source may have reused it).
+   * through repairFor(its CP); a copy that verifies is served, and written over the bad
+   * one only under healBlock's rule.
    */
   repairSource: RepairSource | undefined;
   /** Blocks of this mirror that failed verification and were served from the source's copy. */
   blocksServedFromSource = 0;
-  private readonly repairProxy: RepairSource = {
-    name: 'the source',
-    read: (pba) => (this.repairSource ? this.repairSource.read(pba) : Promise.reject(new Error('the source is not connected'))),
-    repaired: () => {
-      this.blocksServedFromSource++;
-    },
-  };
+  /** Of those, rewritten here (healBlock). */
+  blocksHealed = 0;
+  /** Heal writes in flight: a commit waits for them before the committed CP changes. */
+  private readonly heals = new Set<Promise<void>>();
+  /** A commit is changing the committed CP: no heal starts. */
+  private committing = false;
+
+  private repairFor(cp: number): RepairSource {
+    return {
+      name: 'the source',
+      read: (pba) => (this.repairSource ? this.repairSource.read(pba) : Promise.reject(new Error('the source is not connected'))),
+      repaired: (pba, copy) => {
+        this.blocksServedFromSource++;
+        this.healBlock(cp, pba, copy);
+      },
+    };
+  }
+
+  /**
+   * Writes a verified copy over a damaged block, only when nothing else can be writing that
+   * pba: the copy verified against CP `cp`'s own pointer and `cp` is still the committed
+   * CP, no commit is under way, and the committed CP uses the block (a CP being applied
+   * never writes such a block: checkWritable refuses it). The commit that ends this CP
+   * waits for the write (heals). Otherwise the copy is only served (logged).
+   */
+  private healBlock(cp: number, pba: number, copy: Buffer): void {
+    const u = this.inUse;
+    const m = 1 << (pba & 7);
+    const used = u !== undefined && ((u.active[pba >>> 3]! | u.summary[pba >>> 3]!) & m) !== 0;
+    if (cp !== this.committedCp || this.committing || this.baselinePartial || !used || pba < RING_SLOTS) {
+      log().warn({ dir: this.dir, pba, cp, committedCp: this.committedCp }, 'mirror: a damaged block was served from the source\'s copy but not rewritten (the reader is on an older CP, or a CP is being committed): check this mirror');
+      return;
+    }
+    const w = this.dev.writeBlocks(pba, Buffer.from(copy)).then(
+      () => {
+        this.blocksHealed++;
+        log().warn({ dir: this.dir, pba, cp }, 'mirror: a damaged block was rewritten from the source\'s copy');
+      },
+      (e: unknown) => log().warn({ dir: this.dir, pba, err: e instanceof Error ? e.message : String(e) }, 'mirror: could not rewrite a damaged block from the source\'s copy'),
+    );
+    this.heals.add(w);
+    void w.finally(() => this.heals.delete(w));
+  }
   /** The committed image's superblock (undefined: nothing committed yet). */
   committed: { sb: Superblock; raw: Buffer } | undefined;
   /** A read-only tree view of the committed image (for exports and verify). */
@@ -552,7 +589,7 @@ export class MirrorDir {
       m.committed = committed;
       if (m.committed && !m.baselinePartial) {
         m.view = await BlockTree.openView(dev, m.committed.raw);
-        m.view.setRepairSource(m.repairProxy);
+        m.view.setRepairSource(m.repairFor(m.committed.sb.cpNumber));
         await m.loadInUse(m.committed.sb, undefined);
       }
       if (m.committed) log.committed(m.committed.sb.nvlogSeq);
@@ -709,12 +746,23 @@ export class MirrorDir {
     if (d.deviceBlocks !== this.label.deviceBlocks || d.sizeBytes !== this.label.sizeBytes) throw new MirrorDirError(`CP ${cp}: superblock geometry differs from the mirror's`);
     if (cp <= this.committedCp) throw new MirrorDirError(`CP ${cp} is not newer than the committed CP ${this.committedCp}`);
     this.checkMember();
+    // Heals of the outgoing CP's blocks end before it does (a later CP may write those pbas).
+    this.committing = true;
+    try {
+      await Promise.all([...this.heals]);
+      return await this.commitSuperblock(cp, slot, superblock, d);
+    } finally {
+      this.committing = false;
+    }
+  }
+
+  private async commitSuperblock(cp: number, slot: number, superblock: Buffer, d: Superblock): Promise<Superblock> {
     await this.dev.sync();
     await this.dev.writeBlocks(slot, superblock);
     await this.dev.sync();
     const raw = Buffer.from(superblock);
     const view = await BlockTree.openView(this.dev, raw);
-    view.setRepairSource(this.repairProxy);
+    view.setRepairSource(this.repairFor(cp));
     // The outgoing CP's map joins the pin guard's (if a reader keeps that CP) before it is updated in place.
     if (this.committed && this.inUse && !this.baselinePartial) this.pins.retire(this.committed.sb, this.inUse);
     await this.loadInUse(d, this.baselinePartial ? undefined : this.committed?.sb);

@@ -90,6 +90,8 @@ export interface ReceiverStats {
     baselinePartial: boolean;
     /** Blocks of this mirror that failed verification and were served from the source's copy (its own stays damaged: check). */
     blocksServedFromSource: number;
+    /** Of those, rewritten here (the reader was on the committed CP, which uses the block). */
+    blocksHealed: number;
     /** A baseline (baseCp -1) or resync being received: toward which CP, blocks so far. */
     catchUp?: { cp: number; baseCp: number; blocks: number };
     lastCommitMs: number;
@@ -312,6 +314,7 @@ export class MirrorReceiver implements SessionHost {
         bytesIn: m.bytesIn + (s?.bytesIn ?? 0),
         baselinePartial: m.baselinePartial,
         blocksServedFromSource: m.blocksServedFromSource,
+        blocksHealed: m.blocksHealed,
         ...(s?.catchUp ? { catchUp: s.catchUp } : {}),
         lastCommitMs: m.lastCommitMs,
         lastError: m.lastError,

@@ -211,8 +211,8 @@ export interface RepairSource {
   readonly name: string;
   /** The block at pba as the other side holds it (any content: it is verified here). */
   read(pba: number): Promise<Buffer>;
-  /** Told of each block served from this source's copy (it verified). */
-  repaired?(pba: number): void;
+  /** Told of each block served from this source's copy (it verified against the reader's pointer). */
+  repaired?(pba: number, copy: Buffer): void;
 }
 
 export interface BlockErrorCounts {

@@ -64,7 +64,7 @@ export async function repairFromSource(src: RepairSource, dev: BlockDevice, pba:
     return false;
   }
   copy.copy(buf);
-  src.repaired?.(pba);
+  src.repaired?.(pba, copy);
   let rewritten = false;
   if (mayHeal) {
     try {

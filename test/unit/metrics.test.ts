@@ -74,7 +74,7 @@ describe('metrics registry', function () {
 describe('receiver metrics (receive --metrics)', function () {
   it('one series per mirror the receiver has open; a mirror it no longer has leaves the exposition', function () {
     const mirror = (uuid: string, cp: number): ReceiverStats['mirrors'][number] => ({
-      sourceUuid: uuid, dir: `/m/${uuid}`, connected: true, committedCp: cp, root: '', heldSeq: 0, durableSeq: 0, logUsedBytes: 4096, recordsStored: 10, recordsDropped: 0, blocksServedFromSource: 0,
+      sourceUuid: uuid, dir: `/m/${uuid}`, connected: true, committedCp: cp, root: '', heldSeq: 0, durableSeq: 0, logUsedBytes: 4096, recordsStored: 10, recordsDropped: 0, blocksServedFromSource: 0, blocksHealed: 0,
       droppingFromSeq: 0, readersReleased: 1, readers: 2, oldestPinnedCp: cp - 1, longestPinMs: 3000, cpsApplied: cp, cpsAborted: 0, blocksApplied: 5, refsApplied: 6,
       deltasApplied: 7, bytesIn: 1 << 20, baselinePartial: false, lastCommitMs: 1_700_000_000_000, lastError: undefined,
     });
