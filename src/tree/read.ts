@@ -76,7 +76,7 @@ export class ReadPath {
     }
     if (ptr === null) return null;
     const buf = Buffer.alloc(BLOCK);
-    await this.verified.devRead(ptr.pba, 1, buf, `data block lbn ${lbn}`);
+    await this.verified.readData([ptr], buf, `data block lbn ${lbn}`);
     await this.verified.verifyData(buf, 0, ptr, lbn);
     return buf;
   }
@@ -118,7 +118,7 @@ export class ReadPath {
   private async readDataRun(base: number, r: { lbn: number; ptrs: BlockPtr[] }, dst: Buffer): Promise<void> {
     const off = (r.lbn - base) * BLOCK;
     const view = dst.subarray(off, off + r.ptrs.length * BLOCK);
-    await this.verified.devRead(r.ptrs[0]!.pba, r.ptrs.length, view, `data blocks lbn ${r.lbn}-${r.lbn + r.ptrs.length - 1}`);
+    await this.verified.readData(r.ptrs, view, `data blocks lbn ${r.lbn}-${r.lbn + r.ptrs.length - 1}`);
     // One native call checksums the run; only a mismatch goes on to repair or refuse.
     const crcs = Buffer.allocUnsafe(r.ptrs.length * 4);
     crc32cBlocks(view, 0, r.ptrs.length, crcs);

@@ -131,6 +131,39 @@ export class VerifiedReader {
   }
 
   /**
+   * devRead of adjacent data blocks (ptrs in pba order). With a repair source, a device
+   * error is retried block by block and a block the device cannot read is taken from the
+   * source if its copy matches the pointer's crc32c (and rewritten: a bad sector is
+   * usually remapped on write). The caller still verifies every block.
+   */
+  async readData(ptrs: readonly BlockPtr[], dst: Buffer, what: string): Promise<void> {
+    if (!this.repairSource) return this.devRead(ptrs[0]!.pba, ptrs.length, dst, what);
+    try {
+      await this.dev.readBlocks(ptrs[0]!.pba, ptrs.length, dst);
+      return;
+    } catch {
+      /* which block: one at a time below */
+    }
+    for (let i = 0; i < ptrs.length; i++) {
+      const p = ptrs[i]!;
+      await this.readOrRepair(p.pba, dst.subarray(i * BLOCK, (i + 1) * BLOCK), what, (b) => crc32c(b) === p.crc);
+    }
+  }
+
+  /** One block from the device, or, when the device read fails, a copy from the repair source that passes ok. */
+  private async readOrRepair(pba: number, buf: Buffer, what: string, ok: (b: Buffer) => boolean): Promise<void> {
+    try {
+      await this.dev.readBlocks(pba, 1, buf);
+    } catch (e) {
+      if (this.repairSource && (await repairFromSource(this.repairSource, this.dev, pba, buf, ok, this.mayHeal, this.volumeUuid))) {
+        this.errorCounts.repaired++;
+        return;
+      }
+      throw this.eio(`device read of ${what} at pba ${pba} failed: ${e instanceof Error ? e.message : String(e)}`, { pba, count: 1 }, 'io');
+    }
+  }
+
+  /**
    * Reads (or finds in the cache) and verifies a data-tree address block. The buffer may be
    * the cache's: read only. lend false: a CP's own read whose caller does not keep the
    * buffer past its synchronous use (a cached buffer stays not lent: NodeCache.takeForEdit).
@@ -146,8 +179,8 @@ export class VerifiedReader {
   /** Reads and verifies a data-tree address block from the device into a new buffer (the caller's). */
   private async readUncached(ptr: BlockPtr, level: number, index: number): Promise<Buffer> {
     const buf = Buffer.alloc(BLOCK);
-    await this.devRead(ptr.pba, 1, buf, `address block (level ${level}, ${this.nodeRange(level, index)})`);
     const id = { type: NODE_TYPE_DATA_TREE, level, index };
+    await this.readOrRepair(ptr.pba, buf, `address block (level ${level}, ${this.nodeRange(level, index)})`, (b) => verifyNode(b, ptr, id, this.uuidBytes) === null);
     const problem = verifyNode(buf, ptr, id, this.uuidBytes);
     if (problem && !(await this.repair(ptr.pba, buf, (b) => verifyNode(b, ptr, id, this.uuidBytes) === null))) {
       throw this.eio(`bad address block at pba ${ptr.pba} (level ${level}, ${this.nodeRange(level, index)}): ${problem}`, { pba: ptr.pba, level, index });
@@ -188,6 +221,11 @@ export class VerifiedReader {
       try {
         await this.dev.readBlocksBatchCrc(js.map((j) => ptrs[j]!.pba), bufs, crcs);
       } catch (e) {
+        // One at a time, each repairable from the repair source (readUncached).
+        if (this.repairSource) {
+          for (const j of js) out[j] = await this.readUncached(ptrs[j]!, level, indexes[j]!);
+          continue;
+        }
         const pbas = js.map((j) => ptrs[j]!.pba);
         throw this.eio(`device read of ${js.length} address blocks (level ${level}, pbas ${pbas[0]}..${pbas[pbas.length - 1]}) failed: ${e instanceof Error ? e.message : String(e)}`, { level, count: js.length }, 'io');
       }
@@ -227,8 +265,8 @@ export class VerifiedReader {
     const deviceBlocks = this.deviceBlocks;
     const read = async (ptr: BlockPtr, name: string, id: NodeId | null): Promise<Buffer> => {
       const buf = Buffer.alloc(BLOCK);
-      await this.devRead(ptr.pba, 1, buf, name);
       const ok = (b: Buffer): boolean => (id ? verifyNode(b, ptr, id, this.uuidBytes) === null : crc32c(b) === ptr.crc);
+      await this.readOrRepair(ptr.pba, buf, name, ok);
       const problem = id ? verifyNode(buf, ptr, id, this.uuidBytes) : crc32c(buf) === ptr.crc ? null : 'checksum mismatch';
       if (problem && !(await this.repair(ptr.pba, buf, ok))) throw this.eio(`${name} at pba ${ptr.pba}: ${problem}`, { pba: ptr.pba });
       return buf;

@@ -120,7 +120,7 @@ describe('raid tree', () => {
     const t = await BlockTree.open(raid); // a fresh cache: the address block is read again
     const got = await t.readBlock(lbn);
     assert.ok(got && got.equals(block(v)));
-    assert.deepEqual(t.errorCounts, { checksum: 0, io: 0 }, 'nothing refused');
+    assert.deepEqual(t.errorCounts, { checksum: 0, io: 0, repaired: 0 }, 'nothing refused');
     const healed = raid.health().memberStatus.reduce((s, m) => s + m.errors.healed, 0);
     assert.equal(healed, 2, 'both bad copies rewritten');
     assert.deepEqual((await t.check()).problems, [], 'the member holds good copies again');

@@ -49,7 +49,7 @@ describe('status: a health view of a served volume', function () {
     assert.ok(s.server?.uris?.some((u) => u.includes(`socket=${sock}`)), JSON.stringify(s.server));
     assert.deepEqual(s.server?.exports, ['vol']);
     assert.equal(s.server?.clients, 1);
-    assert.deepEqual(s.errors, { checksum: 0, io: 0 });
+    assert.deepEqual(s.errors, { checksum: 0, io: 0, repaired: 0 });
     const human = await runCli(['status', dir]);
     assert.match(human.stdout, new RegExp(`served\\s+yes, by pid ${server.pid}`));
     assert.match(human.stdout, /exports\s+vol\n/);
@@ -73,7 +73,7 @@ describe('status: a health view of a served volume', function () {
       assert.deepEqual(await c.read(200 * BS, BS), block(2));
       await c.close();
       const j = JSON.parse((await runCli(['status', dir, '--json'])).stdout) as HealthJson;
-      assert.deepEqual(j.errors, { checksum: 1, io: 0 });
+      assert.deepEqual(j.errors, { checksum: 1, io: 0, repaired: 0 });
       assert.equal(j.server?.pid, server.pid);
       assert.ok(j.cpNumber >= 1 && j.lastCpMs > 0, 'last CP reported');
       const h = await runCli(['status', dir]);

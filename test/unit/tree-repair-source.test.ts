@@ -38,6 +38,19 @@ async function damage(dev: MemoryBlockDevice, pba: number): Promise<void> {
   await dev.writeBlocks(pba, buf);
 }
 
+/** A memory device whose reads of the blocks in `failing` fail with EIO (a bad sector), until written. */
+class BadSectors extends MemoryBlockDevice {
+  readonly failing = new Set<number>();
+  override async readBlocks(pba: number, count: number, dst: Buffer): Promise<void> {
+    for (let p = pba; p < pba + count; p++) if (this.failing.has(p)) throw Object.assign(new Error(`EIO: i/o error, read (pba ${p})`), { code: 'EIO' });
+    return super.readBlocks(pba, count, dst);
+  }
+  override async writeBlocks(pba: number, data: Buffer): Promise<void> {
+    for (let p = pba; p < pba + data.length / B; p++) this.failing.delete(p);
+    return super.writeBlocks(pba, data);
+  }
+}
+
 describe('tree: a repair source for blocks that fail verification', () => {
   it('a copy that verifies is served and rewritten; one that does not, a failing source, or none: EIO, counted', async () => {
     const dev = new MemoryBlockDevice(8192);
@@ -125,6 +138,34 @@ describe('tree: a repair source for blocks that fail verification', () => {
       } finally {
         await t2.close();
       }
+    } finally {
+      await t.close();
+    }
+  });
+
+  it('a block the device cannot read (EIO) is taken from the source when its copy verifies, and rewritten; without a source, or a copy that does not verify: EIO', async () => {
+    const dev = new BadSectors(8192);
+    await BlockTree.format(dev, { sizeBytes: 16 * 1024 * 1024, volumeUuid: UUID });
+    const t = await BlockTree.open(dev);
+    try {
+      // Eight adjacent blocks: one device read for the run.
+      await t.commitCp(Array.from({ length: 8 }, (_, i) => ({ lbn: 100 + i, data: block(100 + i) })), { nvlogSeq: 1, nvlogEpoch: 1 });
+      const p103 = await pbaOf(dev, block(103));
+      dev.failing.add(p103);
+      const range = Buffer.alloc(8 * B);
+      await assert.rejects(t.readRange(100, 8, range), /device read of data blocks lbn 100-107 at pba \d+ failed/);
+      assert.deepEqual(t.stats().errors, { checksum: 0, io: 1, repaired: 0 });
+      let answer = block(103);
+      t.setRepairSource({ name: 'the test peer', read: async () => Buffer.from(answer) });
+      answer = block(7); // does not verify
+      await assert.rejects(t.readRange(100, 8, range), new RegExp(`device read of data blocks lbn 100-107 at pba ${p103} failed`));
+      assert.deepEqual(t.stats().errors, { checksum: 0, io: 2, repaired: 0 });
+      answer = block(103);
+      await t.readRange(100, 8, range);
+      for (let i = 0; i < 8; i++) assert.ok(range.subarray(i * B, (i + 1) * B).equals(block(100 + i)), `lbn ${100 + i}`);
+      assert.deepEqual(t.stats().errors, { checksum: 0, io: 2, repaired: 1 });
+      assert.ok(!dev.failing.has(p103), 'rewritten (the sector remapped)');
+      assert.ok((await t.readBlock(103))!.equals(block(103)));
     } finally {
       await t.close();
     }
