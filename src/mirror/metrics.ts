@@ -27,7 +27,7 @@ export function registerMirrorMetrics(registry: MetricsRegistry, mirror: MirrorS
   const acked = registry.gauge('nvmirror_mirror_cps_acknowledged', 'CPs the destination committed with a root equal to ours').labels();
   const mismatches = registry.gauge('nvmirror_mirror_root_mismatches', 'CPs the destination acknowledged with another root').labels();
   const catchUpSent = registry.gauge('nvmirror_mirror_catchup_sent_bytes', 'Blocks the running baseline or resync has sent (0: none running)').labels();
-  const catchUpTotal = registry.gauge('nvmirror_mirror_catchup_total_bytes', 'What the running baseline will send, about (0: none running, or a resync)').labels();
+  const catchUpTotal = registry.gauge('nvmirror_mirror_catchup_total_bytes', 'What the running baseline or resync will send, about (0: none running, or a resync\'s total not counted yet)').labels();
   const catchUpRate = registry.gauge('nvmirror_mirror_catchup_bytes_per_second', 'The running baseline\'s or resync\'s rate (0: none running)').labels();
   const rateLimit = registry.gauge('nvmirror_mirror_rate_limit_bytes_per_second', 'The --mirror-rate cap on baselines and resyncs (0: none)').labels();
   const readerPinned = registry.gauge('nvmirror_mirror_reader_pinned_cp', 'The oldest CP a reader of the destination\'s export is pinned to, held here (-1: none)').labels();
@@ -72,8 +72,9 @@ export function registerReceiverMetrics(registry: MetricsRegistry, receiver: { s
   const readers = registry.gauge('nvmirror_receiver_readers', 'Export connections reading the mirror (each pinned to the CP it connected at)', ['source']);
   const oldestPin = registry.gauge('nvmirror_receiver_oldest_pinned_cp', 'The oldest CP a reader is pinned to, held on the source (-1: none)', ['source']);
   const longestPin = registry.gauge('nvmirror_receiver_longest_pin_seconds', 'How long the longest-pinned reader has been on its CP (0: none)', ['source']);
+  const damaged = registry.counter('nvmirror_receiver_damaged_blocks_total', 'Blocks of the mirror that failed verification under a reader and were served from the source\'s copy, by whether they were rewritten here', ['source', 'outcome']);
   const failing = registry.gauge('nvmirror_receiver_error', 'The last stream from the source was refused or could not be applied (1, until a CP commits)', ['source']);
-  const perSource = [connected, committed, inconsistent, lastCommit, logUsed, dropping, records, cps, blocks, bytesIn, released, readers, oldestPin, longestPin, failing];
+  const perSource = [connected, committed, inconsistent, lastCommit, logUsed, dropping, records, cps, blocks, bytesIn, released, readers, oldestPin, longestPin, failing, damaged];
   registry.onCollect(() => {
     const s = receiver.stats();
     // A mirror the receiver no longer has (promoted, released) leaves the exposition.
@@ -102,6 +103,8 @@ export function registerReceiverMetrics(registry: MetricsRegistry, receiver: { s
       blocks.labels(u, 'delta').setTotal(m.deltasApplied);
       bytesIn.labels(u).setTotal(m.bytesIn);
       released.labels(u).setTotal(m.readersReleased);
+      damaged.labels(u, 'rewritten').setTotal(m.blocksHealed);
+      damaged.labels(u, 'not-rewritten').setTotal(m.blocksServedFromSource - m.blocksHealed);
       failing.labels(u).set(m.lastError !== undefined ? 1 : 0);
       readers.labels(u).set(m.readers);
       oldestPin.labels(u).set(m.oldestPinnedCp);
