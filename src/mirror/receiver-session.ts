@@ -640,7 +640,7 @@ export class Session {
       throw new MirrorDirError(text);
     }
     this.mirror = mirror;
-    // A block of the mirror that fails verification is read from the source while this session holds it (served, not rewritten: MirrorDir.repairSource).
+    // A block of the mirror that fails verification is read from the source while this session holds it (served; rewritten only under MirrorDir.healBlock's rule).
     mirror.repairSource = this.repairSource;
     this.applier = new CpApplier(mirror, this.rx.slabs, this.rx.exports, this.slicer, this.log);
     this.rx.exports?.attach(mirror);
