@@ -28,7 +28,7 @@ import { createHostPair, type HostPair } from '../net/netns';
 import { NO_FAULTS, startRelayIn, type RemoteRelay } from '../net/relay';
 import { NbdClient, NbdClosedError } from '../crash/nbd-client';
 import { controlRequest } from '../../src/volume/engine-control';
-import { BIN, md5OfExport, sh, sleep, sourceStatus, until } from './helpers';
+import { BIN, md5OfExport, receiverProbe, sh, sleep, sourceStatus, until } from './helpers';
 import { prng, seedFromEnv } from '../crash/harness';
 
 export const BS = 4096;
@@ -338,6 +338,8 @@ export class Rig {
 
   /** The receiver's own status (`status DIR --json` on its directory). */
   receiverStatus(): ReceiverMirrorStatus | undefined {
+    const probed = receiverProbe<ReceiverMirrorStatus>(this.dst);
+    if (probed) return probed.mirrors?.find((m) => m.sourceUuid === this.uuid);
     try {
       const s = JSON.parse(sh(BIN, ['status', this.dst, '--json'])) as { mirrors?: ReceiverMirrorStatus[] };
       return s.mirrors?.find((m) => m.sourceUuid === this.uuid);
