@@ -17,7 +17,7 @@ import { BLOCK_SIZE_BYTES } from '../io/types';
 export function registerCheck(program: Command): void {
   program
     .command('check')
-    .description('verify a volume directory (tree checksums, space accounting, NVRAM records; a served volume is checked by the serving process, on its committed roots), or a mirror DIR/<source-uuid> (also while receiving)')
+    .description('verify a volume directory (tree checksums, space accounting, NVRAM records; a served volume is checked by the serving process, on its committed roots, and a block that fails is repaired from its RAID redundancy or its mirror where they hold a good copy), or a mirror DIR/<source-uuid> (also while receiving)')
     .argument('<DIR>', 'the volume directory, or a mirror directory')
     .option('--json', 'print the report as JSON')
     .action(async (dir: string, o: { json?: boolean }) => {
