@@ -3,7 +3,9 @@
  * tree (all roots) and the NVRAM records. A served volume is checked by the serving
  * process through DIR/control.sock (its committed roots; the NVRAM is the writer's).
  * Prints each problem on its own line, or the report as JSON; exit 1 if there is any.
- * On a terminal a progress line goes to stderr.
+ * On a terminal a progress line goes to stderr. A mirror directory its receiver holds is
+ * checked by the receiver through RECEIVE_DIR/receiver.sock (its committed CP pinned; a
+ * block that fails is repaired from the source), else here, read-only.
  */
 import { Command } from 'commander';
 import * as fs from 'fs';
@@ -13,6 +15,31 @@ import { type CheckProgress, type DirCheckReport } from '../volume/served';
 import { checkMirrorDir, MIRROR_LABEL_NAME } from '../mirror/mirror-dir';
 import { ProgressLine } from '../util/progress';
 import { BLOCK_SIZE_BYTES } from '../io/types';
+import { RECEIVER_SOCKET_NAME } from '../mirror/receiver';
+import { controlRequest } from '../volume/engine-control';
+
+/** How long `check` waits for the receiver's answer (a full walk of a large mirror). */
+const CHECK_ANSWER_TIMEOUT_MS = 24 * 3600 * 1000;
+
+/**
+ * A mirror its receiver holds is checked by the receiver (its committed CP pinned, a block
+ * that fails repaired from the source); undefined when no receiver holds it (or it cannot:
+ * not exported), and the check runs here, read-only.
+ */
+async function checkThroughReceiver(dir: string): Promise<DirCheckReport | undefined> {
+  const abs = path.resolve(dir);
+  const sock = path.join(path.dirname(abs), RECEIVER_SOCKET_NAME);
+  if (!fs.existsSync(sock)) return undefined;
+  const label = JSON.parse(fs.readFileSync(path.join(abs, MIRROR_LABEL_NAME), 'utf8')) as { sourceUuid?: string };
+  if (typeof label.sourceUuid !== 'string' || path.basename(abs) !== label.sourceUuid) return undefined;
+  const r = await controlRequest(sock, { op: 'check', source: label.sourceUuid }, CHECK_ANSWER_TIMEOUT_MS).catch(() => undefined);
+  if (r === undefined) return undefined; // no receiver answers (a socket left by a stopped one)
+  if (!r.ok) {
+    if (/holds no mirror|is not exported/.test(r.error)) return undefined;
+    throw new Error(`receiver: ${r.error}`);
+  }
+  return r.check as DirCheckReport;
+}
 
 export function registerCheck(program: Command): void {
   program
@@ -30,7 +57,7 @@ export function registerCheck(program: Command): void {
         : undefined;
       let r: DirCheckReport;
       try {
-        r = fs.existsSync(path.join(dir, MIRROR_LABEL_NAME)) ? await checkMirrorDir(dir) : await checkVolumeDir(dir, onProgress);
+        r = fs.existsSync(path.join(dir, MIRROR_LABEL_NAME)) ? (await checkThroughReceiver(dir)) ?? (await checkMirrorDir(dir)) : await checkVolumeDir(dir, onProgress);
       } finally {
         line?.finish();
       }

@@ -209,11 +209,7 @@ export async function checkMirrorDir(dir: string): Promise<{ ok: boolean; proble
   await replayIfIdle(dir, label);
   const dev = await openMirrorDevice(dir, label, true);
   try {
-    if (dev instanceof RaidDevice) {
-      const h = dev.health();
-      notes.push(`RAID-${h.level}, ${h.members} members: ${h.state}${h.state !== 'online' ? ` (${h.memberStatus.filter((m) => m.state !== 'online').map((m) => `member ${m.index} ${m.name}: ${m.reason ?? m.state}`).join('; ')})` : ''}`);
-      if (h.state === 'failed') problems.push(h.failure ?? 'RAID failed');
-    }
+    raidCheckNotes(dev, problems, notes);
     const newest = await newestSuperblock(dev, label.sourceUuid);
     if (!newest) {
       notes.push(`mirror of ${label.sourceUuid}: no CP committed yet` + (partial ? `; a baseline toward CP ${partial.cp} has ${partial.blocks} blocks durable` : ''));
@@ -240,6 +236,14 @@ export async function checkMirrorDir(dir: string): Promise<{ ok: boolean; proble
     await dev.close();
   }
   return { ok: problems.length === 0, problems, notes };
+}
+
+/** A RAID mirror's health as `check` reports it (a failed array is a problem). */
+function raidCheckNotes(dev: BlockDevice, problems: string[], notes: string[]): void {
+  if (!(dev instanceof RaidDevice)) return;
+  const h = dev.health();
+  notes.push(`RAID-${h.level}, ${h.members} members: ${h.state}${h.state !== 'online' ? ` (${h.memberStatus.filter((m) => m.state !== 'online').map((m) => `member ${m.index} ${m.name}: ${m.reason ?? m.state}`).join('; ')})` : ''}`);
+  if (h.state === 'failed') problems.push(h.failure ?? 'RAID failed');
 }
 
 /**
@@ -439,6 +443,39 @@ export class MirrorDir {
         this.healBlock(cp, pba, copy);
       },
     };
+  }
+
+  /**
+   * Checks committed CP `cp` (superblock `raw`, pinned by the caller so no CP writes its
+   * blocks meanwhile) with its space map, from the receiver: a block that fails is asked
+   * of the connected source and rewritten under healBlock's rule.
+   */
+  async checkCommitted(cp: number, raw: Buffer): Promise<{ ok: boolean; problems: string[]; notes: string[] }> {
+    const problems: string[] = [];
+    const notes: string[] = [];
+    raidCheckNotes(this.dev, problems, notes);
+    const served0 = this.blocksServedFromSource;
+    const healed0 = this.blocksHealed;
+    let tree: BlockTree;
+    try {
+      tree = await BlockTree.openCommitted(this.dev, raw);
+    } catch (e) {
+      problems.push(`tree: CP ${cp}: ${e instanceof Error ? e.message : String(e)}`);
+      return { ok: false, problems, notes };
+    }
+    try {
+      tree.setRepairSource(this.repairFor(cp));
+      const r = await tree.check();
+      for (const p of r.problems) problems.push(`tree: ${p}`);
+      notes.push(`checked by the receiver (pid ${process.pid}) on CP ${cp}, pinned meanwhile: ${r.blocksReachable} blocks reachable, ${r.blocksAccounted} accounted, ${tree.stats().snapshots.length} snapshot(s)`);
+      // The rewrites run behind the check; the counts once they are done.
+      await Promise.all([...this.heals]);
+      const served = this.blocksServedFromSource - served0;
+      if (served > 0) notes.push(`${served} block(s) failed verification on this disk and were repaired from the source's copy, ${this.blocksHealed - healed0} rewritten here (the log names them)`);
+    } finally {
+      await tree.close();
+    }
+    return { ok: problems.length === 0, problems, notes };
   }
 
   /**

@@ -37,7 +37,7 @@ import type { Superblock } from '../tree/layout';
 import { assert } from '../util/assert';
 import { CP_BLOCKS_BODY_MAX_BYTES, WIRE_VERSION } from './wire';
 import { MIRROR_LABEL_NAME, MirrorDir, MirrorDirError, newestSuperblock, rootBytes, type MirrorHello, type MirrorLabel } from './mirror-dir';
-import type { MirrorExports } from './exports';
+import { MirrorView, type MirrorExports } from './exports';
 import type { VerifyReport } from './verify';
 import { SlabPool } from './slab-pool';
 import type { MemoryBudget } from '../nbd/budget';
@@ -190,6 +190,31 @@ export class MirrorReceiver implements SessionHost {
     const s = this.sessionFor(uuid);
     if (!s) throw new Error(`source ${uuid} is not connected: verify needs both sides running`);
     return s.verify();
+  }
+
+  /**
+   * `check` of a mirror this receiver holds: its committed CP, pinned like a reader's (the
+   * source keeps its blocks, no CP writes them), with its space map; a block that fails is
+   * repaired from the connected source (MirrorDir.checkCommitted). Needs the exports (the
+   * pin is a reader's); without them `check` runs on its own, read-only.
+   */
+  async checkMirror(uuid: string): Promise<{ ok: boolean; problems: string[]; notes: string[] }> {
+    const m = this.mirrors.get(uuid);
+    if (!m) throw new Error(`this receiver holds no mirror of ${uuid}`);
+    const view = this.exports?.lookup(uuid);
+    if (!view || !(view instanceof MirrorView)) throw new Error(`the mirror of ${uuid} is not exported here (no committed CP, or receive runs without --export-*)`);
+    // Pins the CP; the pin guard revokes it only if a CP must write its blocks (the source did not hold them).
+    let revoked = false;
+    view.onRevoke(() => {
+      revoked = true;
+    });
+    try {
+      const r = await m.checkCommitted(view.cp, view.superblock);
+      if (revoked) throw new Error(`the check of CP ${view.cp} was overtaken: a newer CP wrote blocks of it (its source did not hold them); run check again`);
+      return r;
+    } finally {
+      view.detach();
+    }
   }
 
   sessionFor(uuid: string): Session | undefined {

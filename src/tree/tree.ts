@@ -189,6 +189,20 @@ export class BlockTree implements BlockTreeApi {
     return tree;
   }
 
+  /**
+   * A read-only tree of one committed state with its space map (openView has none), for a
+   * check of that state while its device is written elsewhere (a mirror's receiver, the
+   * state pinned meanwhile). Never writes its device.
+   */
+  static async openCommitted(dev: BlockDevice, superblock: Buffer, opts: OpenOptions = {}): Promise<BlockTree> {
+    const sb = await verifyViewRoots(dev, superblock);
+    const smap = await loadCommitted(dev, sb);
+    const tree = new BlockTree(dev, sb, smap, opts.clock ?? systemClock, { cacheBlocks: 256, ...opts, discardFreed: false });
+    tree.failedReason = 'a read-only view';
+    tree.verified.mayHeal = false;
+    return tree;
+  }
+
   private static async mount(dev: BlockDevice, sb: Superblock, opts: OpenOptions): Promise<BlockTree> {
     const smap = await loadCommitted(dev, sb);
     return new BlockTree(dev, sb, smap, opts.clock ?? systemClock, opts);

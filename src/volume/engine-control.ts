@@ -35,7 +35,7 @@ export type ControlRequest =
   | { op: 'status' }
   | { op: 'list' }
   | { op: 'checkpoint' }
-  | { op: 'check' }
+  | { op: 'check'; source?: string }
   | { op: 'check-progress' }
   | { op: 'scrub'; repair: boolean; rateBytesPerSec?: number }
   | { op: 'scrub-progress' }
@@ -57,10 +57,12 @@ export function parseControlRequest(line: string): ControlRequest {
   if (typeof v !== 'object' || v === null) throw new Error('request must be a JSON object');
   const o = v as Record<string, unknown>;
   switch (o.op) {
+    case 'check':
+      if (o.source !== undefined && (typeof o.source !== 'string' || !/^[0-9a-f-]{36}$/.test(o.source))) throw new Error('check source must be a volume uuid');
+      return typeof o.source === 'string' ? { op: 'check', source: o.source } : { op: 'check' };
     case 'status':
     case 'list':
     case 'checkpoint':
-    case 'check':
     case 'check-progress':
     case 'scrub-progress':
     case 'replace-progress':

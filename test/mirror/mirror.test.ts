@@ -314,11 +314,19 @@ describe('mirror: two hosts (network namespaces)', function () {
     const mirrorMember = path.join(tmp, 'dst', s.uuid, 'member-0.img');
     const m5d = findBlock(0x5d, mirrorMember);
     damage(m5d, mirrorMember);
-    assert.notStrictEqual(cp.spawnSync(BIN, ['check', path.join(tmp, 'dst', s.uuid)], { encoding: 'utf8', timeout: 60_000 }).status, 0, 'the damage is there');
     sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x5d 5M 4k', `nbd+unix:///${s.uuid}?socket=${s.expSock}`]);
     await until('the mirror\'s block rewritten', () => /1 block\(s\) of this mirror failed verification and were served from the source's copy, 1 rewritten here/.test(sh(BIN, ['status', path.join(tmp, 'dst')])) || undefined, 10_000);
     assert.strictEqual(findBlock(0x5d, mirrorMember), m5d, 'rewritten in place');
-    assert.match(sh(BIN, ['check', path.join(tmp, 'dst', s.uuid)]), /: ok$/m);
+    // `check` of the mirror while its receiver runs: the receiver checks it (its CP pinned)
+    // and repairs what fails from the source the same way.
+    const m5e = findBlock(0x5e, mirrorMember);
+    damage(m5e, mirrorMember);
+    const mchk = sh(BIN, ['check', path.join(tmp, 'dst', s.uuid)]);
+    assert.match(mchk, /checked by the receiver \(pid \d+\) on CP \d+/);
+    assert.match(mchk, /1 block\(s\) failed verification on this disk and were repaired from the source's copy, 1 rewritten here/);
+    assert.match(mchk, /: ok$/m);
+    assert.strictEqual(findBlock(0x5e, mirrorMember), m5e, 'rewritten by the check');
+    assert.match(sh(BIN, ['status', path.join(tmp, 'dst')]), /2 block\(s\) of this mirror failed verification and were served from the source's copy, 2 rewritten here/);
     // Without the mirror nothing can repair it: the read is refused, loudly.
     await stop(s.receiver, 'SIGTERM');
     await until('source sees the mirror gone', () => sourceStatus(s.src)?.connected === false, 30_000);
