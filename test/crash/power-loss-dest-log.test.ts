@@ -37,6 +37,8 @@ const RING_BYTES = 2 * 1024 * 1024;
 const BS = 4096;
 const PAGE = 4096;
 const OPS = 160;
+/** Records the workload stores at least (it goes on past OPS until then). */
+const APPENDED_MIN = 60;
 /** Crash points checked per workload when the timeline is longer (every persist and its neighbours come first). */
 const POINTS_MAX = 360;
 
@@ -108,7 +110,9 @@ async function runWorkload(seed: number): Promise<{ states: number; points: numb
     promises.push({ eventIndex: recorder.events.length, durableSeq: d, expected });
   };
 
-  for (let op = 0; op < OPS; op++) {
+  // OPS operations, then on until APPENDED_MIN records were stored (a seed whose draws
+  // fill the ring and drop many appends would otherwise exercise too little), at most 4 x OPS.
+  for (let op = 0; op < OPS || (appended < APPENDED_MIN && op < OPS * 4); op++) {
     const r = rnd();
     if (r < 0.62) {
       const blocks = rnd() < 0.08 ? int(65, 256) : int(1, 64);
