@@ -147,15 +147,8 @@ export async function walkBornAfterRuns(
   const uuid = uuidToBytes(sb.volumeUuid);
   const deviceBlocks = sb.deviceBlocks;
   const base = baseCp >= 0 && o.baseSuperblock ? usableBase(o.baseSuperblock, baseCp, sb) : undefined;
-  const seen = Buffer.alloc(Math.ceil(deviceBlocks / 8));
+  const firstTime = firstTimeOf(deviceBlocks);
   let emitted = 0;
-  const firstTime = (pba: number): boolean => {
-    const m = 1 << (pba & 7);
-    const i = pba >>> 3;
-    if ((seen[i]! & m) !== 0) return false;
-    seen[i] = seen[i]! | m;
-    return true;
-  };
   const out = async (ptr: BlockPtr, buf: Buffer, prev?: Counterpart): Promise<void> => {
     if (shouldStop()) throw new VolumeError('ESHUTDOWN', 'walk stopped');
     emitted++;
@@ -445,14 +438,7 @@ export async function countBornAfter(view: CommittedView, baseCp: number, should
   if (typeof sb === 'string') throw new VolumeError('EIO', `pinned superblock does not decode: ${sb}`);
   const uuid = uuidToBytes(sb.volumeUuid);
   const deviceBlocks = sb.deviceBlocks;
-  const seen = Buffer.alloc(Math.ceil(deviceBlocks / 8));
-  const firstTime = (pba: number): boolean => {
-    const m = 1 << (pba & 7);
-    const i = pba >>> 3;
-    if ((seen[i]! & m) !== 0) return false;
-    seen[i] = seen[i]! | m;
-    return true;
-  };
+  const firstTime = firstTimeOf(deviceBlocks);
   let count = 0;
   /** A node born after the base and not counted yet, read and verified (null: skipped). */
   const node = async (ptr: BlockPtr, id: { type: number; level: number; index: number }, what: string): Promise<Buffer | null> => {
@@ -509,6 +495,18 @@ export async function countBornAfter(view: CommittedView, baseCp: number, should
   for (const r of roots.data) await dataTree(r, sb.treeHeight - 1, 0);
   for (const r of roots.smap) await spaceMap(r, sb.smapHeight - 1, 0);
   return count;
+}
+
+/** A pba's first visit (true) or a repeat: one bit per device block, so a block shared by several roots is taken once. */
+function firstTimeOf(deviceBlocks: number): (pba: number) => boolean {
+  const seen = Buffer.alloc(Math.ceil(deviceBlocks / 8));
+  return (pba) => {
+    const m = 1 << (pba & 7);
+    const i = pba >>> 3;
+    if ((seen[i]! & m) !== 0) return false;
+    seen[i] = seen[i]! | m;
+    return true;
+  };
 }
 
 /** [start, end) index spans of ptrs (sorted by pba) whose blocks are adjacent on the device. */
