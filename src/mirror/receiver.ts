@@ -44,6 +44,8 @@ import type { MemoryBudget } from '../nbd/budget';
 import { Session, type SessionHost } from './receiver-session';
 import { systemClock, type Clock } from '../io/types';
 
+/** How many times `check` of a mirror starts again on the newest CP when a CP overtakes the one it pinned (checkMirror). */
+export const CHECK_ATTEMPTS_MAX = 3;
 export const CONNECTIONS_MAX = 64;
 /**
  * Idle CP_BLOCKS slabs kept for reuse by the whole receiver while a stream runs (256 x
@@ -197,23 +199,38 @@ export class MirrorReceiver implements SessionHost {
    * source keeps its blocks, no CP writes them), with its space map; a block that fails is
    * repaired from the connected source (MirrorDir.checkCommitted). Needs the exports (the
    * pin is a reader's); without them `check` runs on its own, read-only.
+   *
+   * The pin guard ends the pin if a newer CP must write blocks of the pinned one (a source
+   * that did not hold it: restarted, or without the mirror for a while); what the check
+   * read then proves nothing, so it runs again on the newest committed CP, at most
+   * CHECK_ATTEMPTS_MAX times in all.
    */
   async checkMirror(uuid: string): Promise<{ ok: boolean; problems: string[]; notes: string[] }> {
     const m = this.mirrors.get(uuid);
     if (!m) throw new Error(`this receiver holds no mirror of ${uuid}`);
-    const view = this.exports?.lookup(uuid);
-    if (!view || !(view instanceof MirrorView)) throw new Error(`the mirror of ${uuid} is not exported here (no committed CP, or receive runs without --export-*)`);
-    // Pins the CP; the pin guard revokes it only if a CP must write its blocks (the source did not hold them).
-    let revoked = false;
-    view.onRevoke(() => {
-      revoked = true;
-    });
-    try {
-      const r = await m.checkCommitted(view.cp, view.superblock);
-      if (revoked) throw new Error(`the check of CP ${view.cp} was overtaken: a newer CP wrote blocks of it (its source did not hold them); run check again`);
-      return r;
-    } finally {
-      view.detach();
+    for (let attempt = 1; ; attempt++) {
+      const view = this.exports?.lookup(uuid);
+      if (!view || !(view instanceof MirrorView)) throw new Error(`the mirror of ${uuid} is not exported here (no committed CP, or receive runs without --export-*)`);
+      let revoked = false;
+      view.onRevoke(() => {
+        revoked = true;
+      });
+      let r: { ok: boolean; problems: string[]; notes: string[] } | undefined;
+      try {
+        r = await m.checkCommitted(view.cp, view.superblock);
+      } catch (e) {
+        if (!revoked) throw e;
+      } finally {
+        view.detach();
+      }
+      if (!revoked && r) {
+        if (attempt > 1) r.notes.push(`the check was overtaken ${attempt - 1} time(s) (a newer CP wrote blocks of the CP it read: its source did not hold them) and ran again on CP ${view.cp}`);
+        return r;
+      }
+      if (attempt >= CHECK_ATTEMPTS_MAX) {
+        throw new Error(`the check was overtaken ${attempt} times, last on CP ${view.cp}: newer CPs wrote blocks of the CP it read (its source did not hold them); run check again`);
+      }
+      this.log.warn({ source: uuid, cp: view.cp, attempt }, 'mirror check overtaken: a newer CP wrote blocks of the CP it read (its source did not hold them); checking the newest committed CP again');
     }
   }
 
