@@ -1,10 +1,10 @@
 /** `nvmirror receive`: the mirror destination (src/mirror/receiver.ts), with read-only NBD exports of each mirror. */
 import * as path from 'path';
-import * as fs from 'fs';
 import { Command, Option } from 'commander';
 import { BUSY_POLL_US_DEFAULT, BUSY_POLL_US_MAX } from '../nbd/native-transmission';
 import { NbdServer } from '../nbd/server';
 import { MirrorReceiver, RECEIVER_SOCKET_NAME } from '../mirror/receiver';
+import { openReceiveDir } from '../mirror/receive-dir';
 import { ControlServer } from '../volume/engine-control';
 import { MirrorExports, PIN_HOLD_MS_MAX_DEFAULT } from '../mirror/exports';
 import { linkSecurity, serverTls, type LinkArgs } from '../mirror/link';
@@ -57,7 +57,8 @@ export function registerReceive(program: Command): void {
       const sec = linkSecurity(o);
       const logger = createLogger(o.logLevel);
       const abs = path.resolve(dir);
-      await fs.promises.mkdir(abs, { recursive: true });
+      // Before anything listens: a second receiver on DIR, or DIR a volume, fails in one line.
+      const dirLock = await openReceiveDir(abs);
       const exports = new MirrorExports(logger, o.readerPinMax * 1000);
       const tlsOpts = serverTls(sec);
       // One budget for the process: every source's frames and every export client's bytes.
@@ -71,6 +72,7 @@ export function registerReceive(program: Command): void {
         await control?.close();
         await metrics?.close();
         await rx.close();
+        await dirLock.release();
         logger.info('stopped cleanly');
       }, logger);
       if (o.metrics) {
@@ -80,7 +82,7 @@ export function registerReceive(program: Command): void {
       }
       const addr = await rx.listen(o.listen.host, o.listen.port);
       control = await ControlServer.listen(path.join(abs, RECEIVER_SOCKET_NAME), async (req) => {
-        if (req.op === 'status') return { receiver: { ...rx.stats(), standings: rx.standingsList() } };
+        if (req.op === 'status') return { receiver: { ...rx.stats(), pid: process.pid, standings: rx.standingsList() } };
         if (req.op === 'verify' && req.source !== undefined) return { verify: await rx.verify(req.source) };
         if (req.op === 'release' && typeof req.source === 'string') return { release: await rx.release(req.source, req.force === true) };
         if (req.op === 'check' && req.source !== undefined) return { check: await rx.checkMirror(req.source) };

@@ -12,6 +12,7 @@ import { LABEL_NAME } from '../volume/label';
 import { type VolumeStatus } from '../volume/served';
 import { controlRequest } from '../volume/engine-control';
 import { RECEIVER_SOCKET_NAME, type ReceiverStats } from '../mirror/receiver';
+import { RECEIVE_LOCK_NAME } from '../mirror/receive-dir';
 import type { MirrorSourceStats } from '../mirror/source';
 import { standingLine } from '../mirror/standing';
 import { readRole, type RoleRecord } from '../mirror/role';
@@ -243,7 +244,8 @@ export function registerStatus(program: Command): void {
       }
       if (!fs.existsSync(path.join(dir, LABEL_NAME))) {
         const entries = await receiveDirEntries(path.resolve(dir), new Set(), false);
-        if (entries.length > 0) {
+        // A receive directory: mirrors in it, or the lock a receiver took (none received yet).
+        if (entries.length > 0 || fs.existsSync(path.join(dir, RECEIVE_LOCK_NAME))) {
           const st = { connections: 0, mirrors: [], running: false, directories: entries };
           process.stdout.write(o.json ? `${JSON.stringify(st, null, 2)}\n` : `${formatReceiver(path.resolve(dir), st).replace(/, 0 source\(s\) connected$/m, ': no receiver running')}\n`);
           return;

@@ -26,8 +26,8 @@ export function isReadOnlyFs(e: unknown): boolean {
 }
 
 /** Opens the lock file: read-write (created if missing), or for a read-only open without writing anything; undefined when there is no lock file on a read-only file system. */
-async function openLockFile(dir: string, readOnly: boolean): Promise<fs.promises.FileHandle | undefined> {
-  const p = path.join(dir, LOCK_NAME);
+async function openLockFile(dir: string, name: string, what: string, readOnly: boolean): Promise<fs.promises.FileHandle | undefined> {
+  const p = path.join(dir, name);
   if (readOnly) {
     try {
       return await fs.promises.open(p, fs.constants.O_RDONLY);
@@ -40,7 +40,7 @@ async function openLockFile(dir: string, readOnly: boolean): Promise<fs.promises
   } catch (e) {
     if (isReadOnlyFs(e)) {
       if (readOnly) return undefined;
-      throw new Error(`volume ${dir} is on a read-only file system: it can only be opened read-only (serve --read-only, status, check)`);
+      throw new Error(`${what} is on a read-only file system${name === LOCK_NAME ? ': it can only be opened read-only (serve --read-only, status, check)' : ''}`);
     }
     throw new Error(`cannot open the lock file ${p}: ${(e as Error).message}`);
   }
@@ -72,13 +72,22 @@ async function lockHolderPid(fh: fs.promises.FileHandle): Promise<number | undef
  * it on release), so the error can name it. `readOnly`: writes nothing in DIR (see the
  * invariants above).
  */
-export async function lockVolumeDir(dir: string, readOnly = false): Promise<DirLock> {
+export function lockVolumeDir(dir: string, readOnly = false): Promise<DirLock> {
+  return lockDirFile(dir, LOCK_NAME, `volume ${dir}`, readOnly);
+}
+
+/**
+ * The same lock on another file of a directory: `DIR/name`, flock'ed exclusively, the
+ * holder's pid written in it; throws "WHAT is already in use by another process (pid N)".
+ * (`receive` holds one on its directory: mirror/receiver.ts.)
+ */
+export async function lockDirFile(dir: string, name: string, what: string, readOnly = false): Promise<DirLock> {
   let fh: fs.promises.FileHandle | undefined;
   let locked = false;
   let holder: number | undefined;
   const t0 = Date.now();
   for (;;) {
-    fh = await openLockFile(dir, readOnly);
+    fh = await openLockFile(dir, name, what, readOnly);
     if (fh === undefined) return NO_LOCK;
     try {
       locked = native.flockExclusive(fh.fd);
@@ -91,7 +100,7 @@ export async function lockVolumeDir(dir: string, readOnly = false): Promise<DirL
     if (locked || holder !== undefined || Date.now() - t0 >= READER_LOCK_WAIT_MS) break;
     await new Promise((r) => setTimeout(r, 50));
   }
-  if (!locked) throw new Error(`volume ${dir} is already in use by another process${holder !== undefined ? ` (pid ${holder})` : ''}`);
+  if (!locked) throw new Error(`${what} is already in use by another process${holder !== undefined ? ` (pid ${holder})` : ''}`);
   if (!readOnly) {
     await fh.truncate(0);
     await fh.write(`${process.pid}\n`, 0);

@@ -1,0 +1,37 @@
+/**
+ * The receive directory: `nvmirror receive DIR` keeps one mirror per source in
+ * DIR/<source-uuid>/ (mirror-dir.ts) and its control socket in DIR/receiver.sock.
+ *
+ * Invariants:
+ * - One receiver per directory: it holds DIR/receiver.lock (flock'ed, its pid written)
+ *   from before it listens until it has stopped. A second `receive` on the same DIR is
+ *   refused with the holder's pid, before it touches the control socket the first one
+ *   answers on (each mirror's own mirror.lock would only stop it at a source's HELLO).
+ * - A volume directory (nvmirror.json) or a mirror directory (mirror.json) is not a
+ *   receive directory: refused, nothing written in it.
+ */
+import * as fs from 'fs';
+import * as path from 'path';
+import { lockDirFile, type DirLock } from '../volume/dir-lock';
+import { LABEL_NAME } from '../volume/label';
+import { MIRROR_LABEL_NAME } from './mirror-dir';
+
+export const RECEIVE_LOCK_NAME = 'receiver.lock';
+
+/** Makes DIR if missing, refuses a directory that is not a receive directory, and takes its lock. */
+export async function openReceiveDir(dir: string): Promise<DirLock> {
+  const abs = path.resolve(dir);
+  if (fs.existsSync(path.join(abs, LABEL_NAME))) {
+    throw new Error(`${abs} is a volume directory (${LABEL_NAME}): receive needs a directory of its own, and keeps each mirror in DIR/<source-uuid>/`);
+  }
+  if (fs.existsSync(path.join(abs, MIRROR_LABEL_NAME))) {
+    throw new Error(`${abs} is a mirror directory (${MIRROR_LABEL_NAME}): give the directory that holds it, ${path.dirname(abs)}`);
+  }
+  try {
+    await fs.promises.mkdir(abs, { recursive: true });
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    throw new Error(`cannot make the receive directory ${abs}: ${code ?? (e as Error).message}`);
+  }
+  return lockDirFile(abs, RECEIVE_LOCK_NAME, `receive directory ${abs}`);
+}

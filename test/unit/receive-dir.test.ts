@@ -1,0 +1,93 @@
+/**
+ * `nvmirror receive DIR` through the real CLI: one receiver per directory (a second one is
+ * refused with the first's pid, and the first keeps answering on its control socket), and
+ * a directory that is a volume or a mirror is refused with one line, nothing written in it.
+ */
+import { strict as assert } from 'assert';
+import { spawn, type ChildProcess } from 'child_process';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { BIN, runCli } from '../crash/harness';
+import { NODE_FLAGS } from '../../src/cli/node-flags';
+import { RECEIVE_LOCK_NAME } from '../../src/mirror/receive-dir';
+import { RECEIVER_SOCKET_NAME } from '../../src/mirror/receiver';
+import { until } from '../mirror/helpers';
+
+function oneLine(stderr: string): string {
+  const lines = stderr.trim().split('\n').filter((l) => !l.startsWith('(run with'));
+  assert.equal(lines.length, 1, `not one line: ${stderr}`);
+  return lines[0]!;
+}
+
+describe('receive DIR: one receiver per directory, and only a receive directory', function () {
+  this.timeout(60_000);
+  let tmp: string;
+  const children: ChildProcess[] = [];
+
+  before(() => {
+    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'nvm-receive-dir-'));
+  });
+  after(() => {
+    for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
+    fs.rmSync(tmp, { recursive: true, force: true });
+  });
+
+  async function startReceiver(dir: string): Promise<ChildProcess> {
+    const c = spawn(process.execPath, [...NODE_FLAGS, BIN, 'receive', dir, '--listen', '127.0.0.1:0', '--mirror-insecure'], { stdio: ['ignore', 'ignore', 'ignore'] });
+    children.push(c);
+    await until('the receiver\'s control socket', () => fs.existsSync(path.join(dir, RECEIVER_SOCKET_NAME)) || c.exitCode !== null, 30_000);
+    assert.equal(c.exitCode, null, 'the receiver exited');
+    return c;
+  }
+
+  async function stop(c: ChildProcess): Promise<void> {
+    const done = new Promise((r) => c.once('exit', r));
+    c.kill('SIGTERM');
+    await done;
+  }
+
+  it('a second receive on the same DIR is refused naming the first, which keeps answering; once it stops, DIR can be received into again', async () => {
+    const dir = path.join(tmp, 'rx');
+    const first = await startReceiver(dir);
+    assert.equal(fs.readFileSync(path.join(dir, RECEIVE_LOCK_NAME), 'utf8'), `${first.pid}\n`, 'the lock names its holder');
+    const second = await runCli(['receive', dir, '--listen', '127.0.0.1:0', '--mirror-insecure'], 30_000);
+    assert.notEqual(second.code, 0, 'a second receiver on the same directory started');
+    assert.match(oneLine(second.stderr), new RegExp(`^nvmirror: receive directory ${dir} is already in use by another process \\(pid ${first.pid}\\)$`));
+    // The first one's control socket is still its own.
+    const st = await runCli(['status', dir, '--json']);
+    assert.equal(st.code, 0, st.stderr);
+    assert.equal((JSON.parse(st.stdout) as { pid?: number }).pid, first.pid, st.stdout);
+    await stop(first);
+    // Stopped: still a receive directory (its lock file), with no receiver running.
+    const idle = await runCli(['status', dir]);
+    assert.equal(idle.code, 0, idle.stderr);
+    assert.match(idle.stdout, new RegExp(`^receiver +${dir}: no receiver running$`, 'm'), idle.stdout);
+    const third = await startReceiver(dir);
+    await stop(third);
+  });
+
+  it('a volume directory or a mirror directory is refused with one line, and nothing is written in it', async () => {
+    const vol = path.join(tmp, 'vol');
+    assert.equal((await runCli(['create', vol, '--size', '16M', '--nvram-size', '1M'])).code, 0);
+    const before = fs.readdirSync(vol).sort();
+    const r = await runCli(['receive', vol, '--listen', '127.0.0.1:0', '--mirror-insecure']);
+    assert.notEqual(r.code, 0, 'receive into a volume directory started');
+    assert.match(oneLine(r.stderr), /is a volume directory \(nvmirror\.json\): receive needs a directory of its own/);
+    assert.deepEqual(fs.readdirSync(vol).sort(), before, 'receive wrote into the volume directory');
+
+    const mirror = path.join(tmp, 'rx2', '0d0d0d0d-4567-49ef-8011-223344556677');
+    fs.mkdirSync(mirror, { recursive: true });
+    fs.writeFileSync(path.join(mirror, 'mirror.json'), '{}\n');
+    const m = await runCli(['receive', mirror, '--listen', '127.0.0.1:0', '--mirror-insecure']);
+    assert.notEqual(m.code, 0, 'receive into a mirror directory started');
+    assert.match(oneLine(m.stderr), new RegExp(`is a mirror directory \\(mirror\\.json\\): give the directory that holds it, ${path.dirname(mirror)}$`));
+    assert.deepEqual(fs.readdirSync(mirror), ['mirror.json']);
+
+    const file = path.join(tmp, 'a-file');
+    fs.writeFileSync(file, '');
+    const f = await runCli(['receive', path.join(file, 'x'), '--listen', '127.0.0.1:0', '--mirror-insecure']);
+    assert.notEqual(f.code, 0);
+    assert.match(oneLine(f.stderr), /cannot make the receive directory .*a-file\/x: ENOTDIR$/);
+  });
+});
