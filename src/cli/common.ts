@@ -5,6 +5,9 @@ import { InvalidArgumentError } from 'commander';
 import { DurationUnit, formatDurationMs, parseDurationMs } from '../util/duration';
 import { parseSize } from '../util/size';
 import type { VolumeSpec } from '../volume/open';
+import { LABEL_NAME } from '../volume/label';
+import { MIRROR_LABEL_NAME } from '../mirror/mirror-dir';
+import { RECEIVE_LOCK_NAME } from '../mirror/receive-dir';
 
 export function sizeArg(value: string): number {
   try {
@@ -108,6 +111,16 @@ export function volumeSpecFromArgs(dir: string | undefined, o: VolumeArgs): Volu
   if (o.file !== undefined && !fs.existsSync(o.file)) throw new Error(`no such file: ${o.file}`);
   if (dir !== undefined && !fs.existsSync(dir)) {
     throw new Error(`no such volume directory: ${dir} (create one with: nvmirror create ${dir} --size SIZE)`);
+  }
+  if (dir !== undefined && !fs.existsSync(path.join(dir, LABEL_NAME)) && !fs.existsSync(path.join(dir, `${LABEL_NAME}.demoted`))) {
+    // The mirror's directories are not volumes: say what they are and what serves them
+    // (a demoted volume's own message comes from readLabel).
+    if (fs.existsSync(path.join(dir, MIRROR_LABEL_NAME))) {
+      throw new Error(`${dir} is a mirror (${MIRROR_LABEL_NAME}), not a volume: read it through its receiver's exports (receive --export-socket or --export-listen), or make it a volume with: nvmirror promote ${dir}`);
+    }
+    if (fs.existsSync(path.join(dir, RECEIVE_LOCK_NAME))) {
+      throw new Error(`${dir} is a receive directory (${RECEIVE_LOCK_NAME}), not a volume: its mirrors are ${path.join(dir, '<source-uuid>')}`);
+    }
   }
   return {
     readOnly: o.readOnly === true,

@@ -67,7 +67,7 @@ describe('receive DIR: one receiver per directory, and only a receive directory'
     await stop(third);
   });
 
-  it('a volume directory or a mirror directory is refused with one line, and nothing is written in it', async () => {
+  it('a volume directory or a mirror directory is refused with one line, and nothing is written in it; serve of a mirror or a receive directory says what it is', async () => {
     const vol = path.join(tmp, 'vol');
     assert.equal((await runCli(['create', vol, '--size', '16M', '--nvram-size', '1M'])).code, 0);
     const before = fs.readdirSync(vol).sort();
@@ -83,6 +83,16 @@ describe('receive DIR: one receiver per directory, and only a receive directory'
     assert.notEqual(m.code, 0, 'receive into a mirror directory started');
     assert.match(oneLine(m.stderr), new RegExp(`is a mirror directory \\(mirror\\.json\\): give the directory that holds it, ${path.dirname(mirror)}$`));
     assert.deepEqual(fs.readdirSync(mirror), ['mirror.json']);
+
+    // Neither is a volume either: serve says what each is and what reads it.
+    const sm = await runCli(['serve', mirror, '--socket', path.join(tmp, 'm.sock')]);
+    assert.notEqual(sm.code, 0, 'serve of a mirror directory started');
+    assert.match(oneLine(sm.stderr), new RegExp(`is a mirror \\(mirror\\.json\\), not a volume: read it through its receiver's exports .*nvmirror promote ${mirror}$`));
+    const rxDir = path.join(tmp, 'rx3');
+    await stop(await startReceiver(rxDir));
+    const sr = await runCli(['serve', rxDir, '--socket', path.join(tmp, 'r.sock')]);
+    assert.notEqual(sr.code, 0, 'serve of a receive directory started');
+    assert.match(oneLine(sr.stderr), /is a receive directory \(receiver\.lock\), not a volume: its mirrors are .*rx3\/<source-uuid>$/);
 
     const file = path.join(tmp, 'a-file');
     fs.writeFileSync(file, '');
