@@ -101,6 +101,22 @@ export interface VolumeArgs {
 }
 
 /**
+ * For commands that take a volume directory: one line saying what DIR is when it is one
+ * of the mirror's directories instead (a mirror RECEIVE_DIR/<source-uuid>, or a receive
+ * directory), with `mirrorHint`: what to do with a mirror instead. Anything else is left
+ * to readLabel (a demoted volume has its own message there).
+ */
+export function refuseMirrorSide(dir: string, mirrorHint: string): void {
+  if (fs.existsSync(path.join(dir, LABEL_NAME)) || fs.existsSync(path.join(dir, `${LABEL_NAME}.demoted`))) return;
+  if (fs.existsSync(path.join(dir, MIRROR_LABEL_NAME))) {
+    throw new Error(`${dir} is a mirror (${MIRROR_LABEL_NAME}), not a volume: ${mirrorHint}, or make it a volume with: nvmirror promote ${dir}`);
+  }
+  if (fs.existsSync(path.join(dir, RECEIVE_LOCK_NAME))) {
+    throw new Error(`${dir} is a receive directory (${RECEIVE_LOCK_NAME}), not a volume: its mirrors are ${path.join(dir, '<source-uuid>')}`);
+  }
+}
+
+/**
  * Turns `--memory SIZE | --file PATH | DIR` into a VolumeSpec, refusing a missing file
  * or directory with a one-line error before anything is opened.
  */
@@ -112,16 +128,7 @@ export function volumeSpecFromArgs(dir: string | undefined, o: VolumeArgs): Volu
   if (dir !== undefined && !fs.existsSync(dir)) {
     throw new Error(`no such volume directory: ${dir} (create one with: nvmirror create ${dir} --size SIZE)`);
   }
-  if (dir !== undefined && !fs.existsSync(path.join(dir, LABEL_NAME)) && !fs.existsSync(path.join(dir, `${LABEL_NAME}.demoted`))) {
-    // The mirror's directories are not volumes: say what they are and what serves them
-    // (a demoted volume's own message comes from readLabel).
-    if (fs.existsSync(path.join(dir, MIRROR_LABEL_NAME))) {
-      throw new Error(`${dir} is a mirror (${MIRROR_LABEL_NAME}), not a volume: read it through its receiver's exports (receive --export-socket or --export-listen), or make it a volume with: nvmirror promote ${dir}`);
-    }
-    if (fs.existsSync(path.join(dir, RECEIVE_LOCK_NAME))) {
-      throw new Error(`${dir} is a receive directory (${RECEIVE_LOCK_NAME}), not a volume: its mirrors are ${path.join(dir, '<source-uuid>')}`);
-    }
-  }
+  if (dir !== undefined) refuseMirrorSide(dir, 'read it through its receiver\'s exports (receive --export-socket or --export-listen)');
   return {
     readOnly: o.readOnly === true,
     exportName: o.export,

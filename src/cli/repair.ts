@@ -6,6 +6,7 @@
  * Logic in volume/dir-ops.ts; a recorded mirror base stays held (mirror/base-hold.ts).
  */
 import { Command } from 'commander';
+import { refuseMirrorSide } from './common';
 import * as path from 'path';
 import { acceptNvramLoss, recreateNvram } from '../volume/dir-ops';
 import { keepBaseWithoutMirror } from '../mirror/base-hold';
@@ -20,6 +21,7 @@ export function registerRepair(program: Command): void {
     .option('--accept-nvram-loss', 'open a volume whose NVRAM log is damaged mid-log: commit what replays and drop the lost records for good (salvage first with serve --read-only)')
     .action(async (dir: string, o: { recreateNvram?: boolean; acceptNvramLoss?: boolean }) => {
       if ((o.recreateNvram === true) === (o.acceptNvramLoss === true)) throw new Error('give one of --recreate-nvram or --accept-nvram-loss');
+      refuseMirrorSide(dir, 'its log is the source\'s records and it has no NVRAM to repair (nvmirror check finds damaged blocks and fetches them from the source)');
       if (o.acceptNvramLoss === true) {
         const lost = await acceptNvramLoss(dir, keepBaseWithoutMirror(path.resolve(dir), log()));
         process.stdout.write(lost ? `dropped NVRAM records seq ${lost.firstLostSeq}..${lost.lastLostSeq}; the volume opens read-write again\n` : 'the NVRAM log is not damaged: nothing dropped\n');

@@ -7,6 +7,7 @@
  * progress line on a terminal (stderr).
  */
 import { Command } from 'commander';
+import { refuseMirrorSide } from './common';
 import { replaceMemberDir, type ReplaceProgress } from '../volume/replace-member';
 import { parseRate } from '../util/rate';
 import { ProgressLine } from '../util/progress';
@@ -22,6 +23,7 @@ export function registerReplaceMember(program: Command): void {
     .option('--rate <SIZE>', 'rebuild at most this much per second (e.g. 50M)')
     .option('--json', 'print the result as JSON')
     .action(async (dir: string, oldArg: string, newArg: string, o: { rate?: string; json?: boolean }) => {
+      refuseMirrorSide(dir, 'replace-member rebuilds the RAID members of volumes');
       const rate = o.rate !== undefined ? parseRate(o.rate, parseSize) : undefined;
       let line: ProgressLine | undefined;
       const onProgress = process.stderr.isTTY

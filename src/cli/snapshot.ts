@@ -4,11 +4,14 @@
  * is opened, the change committed in a CP, and the volume closed.
  */
 import { Command } from 'commander';
+import { refuseMirrorSide } from './common';
 import * as path from 'path';
 import { volumeDirSnapshot, volumeDirSnapshots } from '../volume/dir-ops';
 import { keepBaseWithoutMirror } from '../mirror/base-hold';
 import { log } from '../util/log';
 import { formatSize } from '../util/size';
+
+const SNAPSHOT_HINT = 'snapshots of a mirror are taken on its source (they appear here as EXPORT@NAME)';
 
 /** A stopped mirrored volume opened to commit a snapshot keeps its mirror's CP held (mirror/base-hold.ts). */
 function keepBase(dir: string): ReturnType<typeof keepBaseWithoutMirror> {
@@ -23,6 +26,7 @@ export function registerSnapshot(program: Command): void {
     .argument('<DIR>', 'the volume directory')
     .argument('<NAME>', 'snapshot name (served read-only as EXPORT@NAME)')
     .action(async (dir: string, name: string) => {
+      refuseMirrorSide(dir, SNAPSHOT_HINT);
       const r = await volumeDirSnapshot(dir, { kind: 'create', name }, undefined, keepBase(dir));
       process.stdout.write(`created snapshot ${name} at CP ${r.cpNumber}\n`);
     });
@@ -32,6 +36,7 @@ export function registerSnapshot(program: Command): void {
     .argument('<DIR>', 'the volume directory')
     .argument('<NAME>', 'snapshot name')
     .action(async (dir: string, name: string) => {
+      refuseMirrorSide(dir, SNAPSHOT_HINT);
       const r = await volumeDirSnapshot(dir, { kind: 'delete', name }, undefined, keepBase(dir));
       process.stdout.write(`deleted snapshot ${name} at CP ${r.cpNumber}\n`);
     });
@@ -41,6 +46,7 @@ export function registerSnapshot(program: Command): void {
     .argument('<DIR>', 'the volume directory')
     .option('--json', 'print JSON')
     .action(async (dir: string, o: { json?: boolean }) => {
+      refuseMirrorSide(dir, SNAPSHOT_HINT);
       const list = await volumeDirSnapshots(dir);
       if (o.json) {
         process.stdout.write(`${JSON.stringify(list, null, 2)}\n`);

@@ -226,6 +226,39 @@ export function formatReceiver(dir: string, r: ReceiverStats & { directories?: R
   return lines.join('\n');
 }
 
+const UUID_RE = /^[0-9a-f-]{36}$/;
+
+/**
+ * A receive directory's status: from its running receiver (control socket), else from
+ * its directories; `only`: one mirror's (RECEIVE_DIR/<only>). Undefined when DIR is not a
+ * receive directory (no receiver answers, no mirror in it, no receiver.lock).
+ */
+async function receiveDirStatus(dir: string, only: string | undefined): Promise<(ReceiverStats & { running: boolean; directories: ReceiveDirEntry[] }) | undefined> {
+  const keep = <T>(xs: T[], uuid: (x: T) => string): T[] => (only === undefined ? xs : xs.filter((x) => uuid(x) === only));
+  const rxSock = path.join(dir, RECEIVER_SOCKET_NAME);
+  if (fs.existsSync(rxSock)) {
+    // A socket a killed receiver left behind answers nothing: then the directories speak.
+    const r = await controlRequest(rxSock, { op: 'status' }, 10_000).catch(() => undefined);
+    if (r && !r.ok) throw new Error(`receiver: ${r.error}`);
+    if (r) {
+      const rx = r.receiver as ReceiverStats;
+      const directories = await receiveDirEntries(dir, new Set(rx.mirrors.map((m) => m.sourceUuid)), true);
+      return {
+        ...rx, running: true,
+        mirrors: keep(rx.mirrors, (m) => m.sourceUuid),
+        ...(rx.standings ? { standings: keep(rx.standings, (x) => x.sourceUuid) } : {}),
+        directories: keep(directories, (e) => e.uuid),
+      };
+    }
+  }
+  const entries = keep(await receiveDirEntries(dir, new Set(), false), (e) => e.uuid);
+  // A receive directory: mirrors in it, or the lock a receiver took (none received yet).
+  if (entries.length > 0 || (only === undefined && fs.existsSync(path.join(dir, RECEIVE_LOCK_NAME)))) {
+    return { connections: 0, mirrors: [], running: false, directories: entries };
+  }
+  return undefined;
+}
+
 export function registerStatus(program: Command): void {
   program
     .command('status')
@@ -233,21 +266,15 @@ export function registerStatus(program: Command): void {
     .argument('<DIR>', 'the volume directory')
     .option('--json', 'print JSON')
     .action(async (dir: string, o: { json?: boolean }) => {
-      const rxSock = path.join(path.resolve(dir), RECEIVER_SOCKET_NAME);
-      if (!fs.existsSync(path.join(dir, LABEL_NAME)) && fs.existsSync(rxSock)) {
-        const r = await controlRequest(rxSock, { op: 'status' }, 10_000);
-        if (!r.ok) throw new Error(`receiver: ${r.error}`);
-        const rx = r.receiver as ReceiverStats;
-        const st = { ...rx, directories: (await receiveDirEntries(path.resolve(dir), new Set(rx.mirrors.map((m) => m.sourceUuid)), true)) };
-        process.stdout.write(o.json ? `${JSON.stringify(st, null, 2)}\n` : `${formatReceiver(path.resolve(dir), st)}\n`);
-        return;
-      }
-      if (!fs.existsSync(path.join(dir, LABEL_NAME))) {
-        const entries = await receiveDirEntries(path.resolve(dir), new Set(), false);
-        // A receive directory: mirrors in it, or the lock a receiver took (none received yet).
-        if (entries.length > 0 || fs.existsSync(path.join(dir, RECEIVE_LOCK_NAME))) {
-          const st = { connections: 0, mirrors: [], running: false, directories: entries };
-          process.stdout.write(o.json ? `${JSON.stringify(st, null, 2)}\n` : `${formatReceiver(path.resolve(dir), st).replace(/, 0 source\(s\) connected$/m, ': no receiver running')}\n`);
+      const abs = path.resolve(dir);
+      if (!fs.existsSync(path.join(abs, LABEL_NAME))) {
+        // A mirror (RECEIVE_DIR/<source-uuid>) shows its receive directory's status, for it alone.
+        const only = fs.existsSync(path.join(abs, MIRROR_LABEL_NAME)) && UUID_RE.test(path.basename(abs)) ? path.basename(abs) : undefined;
+        const rxDir = only !== undefined ? path.dirname(abs) : abs;
+        const st = await receiveDirStatus(rxDir, only);
+        if (st) {
+          const text = formatReceiver(rxDir, st);
+          process.stdout.write(o.json ? `${JSON.stringify(st, null, 2)}\n` : `${st.running ? text : text.replace(/, 0 source\(s\) connected$/m, ': no receiver running')}\n`);
           return;
         }
       }

@@ -662,6 +662,9 @@ describe('mirror: two hosts (network namespaces)', function () {
     const rxDir = path.join(tmp, 'dst');
     const live = (JSON.parse(sh(BIN, ['status', rxDir, '--json'])) as RxDirs).mirrors.find((m) => m.sourceUuid === s.uuid);
     assert.ok(live && live.committedCp >= 0, `the running receiver reports no committed CP for ${s.uuid}`);
+    // One mirror's status (RECEIVE_DIR/<uuid>): its receiver's, for it alone.
+    const one = JSON.parse(sh(BIN, ['status', path.join(rxDir, s.uuid), '--json'])) as RxDirs;
+    assert.deepStrictEqual(one.mirrors.map((m) => [m.sourceUuid, m.committedCp]), [[s.uuid, live.committedCp]]);
     // The receiver first, while the source is connected: it must stop promptly anyway.
     const t0 = Date.now();
     await stop(s.receiver, 'SIGTERM');
@@ -674,6 +677,7 @@ describe('mirror: two hosts (network namespaces)', function () {
     assert.ok(!stopped.running && e?.role === 'mirror', `status of the stopped receiver's directory: ${JSON.stringify(stopped)}`);
     assert.deepStrictEqual({ cp: e.cp, root: e.root, baselinePartial: e.baselinePartial }, { cp: live.committedCp, root: live.root, baselinePartial: false });
     assert.match(sh(BIN, ['status', rxDir]), new RegExp(`mirror +${s.uuid}: CP ${live.committedCp} committed`));
+    assert.match(sh(BIN, ['status', path.join(rxDir, s.uuid)]), new RegExp(`: no receiver running\nmirror +${s.uuid}: CP ${live.committedCp} committed`));
     await startReceiver(s);
     await startSource(s, [], true); // no mirror flags: DIR/mirror-source.json has the relationship
     sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x52 8M 4M', `nbd+unix:///?socket=${s.srcSock}`]);
@@ -897,6 +901,8 @@ describe('mirror: two hosts (network namespaces)', function () {
       await stop(s.receiver, 'SIGKILL');
       fio.kill('SIGKILL');
       checkMirror(s);
+      // The control socket the killed receiver left answers nothing: status reads the directories.
+      if (round === 0) assert.match(sh(BIN, ['status', path.join(tmp, 'dst', s.uuid)]), new RegExp(`: no receiver running\nmirror +${s.uuid}: `));
       await startReceiver(s);
       await inSyncAndIdentical(s);
     }

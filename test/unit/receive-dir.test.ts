@@ -94,6 +94,27 @@ describe('receive DIR: one receiver per directory, and only a receive directory'
     assert.notEqual(sr.code, 0, 'serve of a receive directory started');
     assert.match(oneLine(sr.stderr), /is a receive directory \(receiver\.lock\), not a volume: its mirrors are .*rx3\/<source-uuid>$/);
 
+    // The other volume commands say the same, each with its own hint; verify and promote
+    // of the receive directory name where its mirrors are.
+    const onMirror: Array<[string[], RegExp]> = [
+      [['snapshot', 'create', mirror, 's1'], /snapshots of a mirror are taken on its source/],
+      [['snapshot', 'list', mirror], /snapshots of a mirror are taken on its source/],
+      [['repair', mirror, '--recreate-nvram'], /no NVRAM to repair/],
+      [['replace-member', mirror, '0', path.join(tmp, 'new-member')], /replace-member rebuilds the RAID members of volumes/],
+    ];
+    for (const [args, hint] of onMirror) {
+      const r = await runCli(args);
+      assert.notEqual(r.code, 0, `${args.join(' ')} succeeded`);
+      const line = oneLine(r.stderr);
+      assert.match(line, /is a mirror \(mirror\.json\), not a volume: /, args.join(' '));
+      assert.match(line, hint, args.join(' '));
+    }
+    assert.deepEqual(fs.readdirSync(mirror), ['mirror.json'], 'a command wrote into the mirror directory');
+    const v = await runCli(['verify', rxDir]);
+    assert.match(oneLine(v.stderr), /is a receive directory: verify one of its mirrors, .*rx3\/<source-uuid>$/);
+    const p = await runCli(['promote', rxDir]);
+    assert.match(oneLine(p.stderr), /is a receive directory: promote one of its mirrors, .*rx3\/<source-uuid> \(it holds none\)$/);
+
     const file = path.join(tmp, 'a-file');
     fs.writeFileSync(file, '');
     const f = await runCli(['receive', path.join(file, 'x'), '--listen', '127.0.0.1:0', '--mirror-insecure']);
