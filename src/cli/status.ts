@@ -15,6 +15,7 @@ import { RECEIVER_SOCKET_NAME, type ReceiverStats } from '../mirror/receiver';
 import { RECEIVE_LOCK_NAME } from '../mirror/receive-dir';
 import type { MirrorSourceStats } from '../mirror/source';
 import { standingLine } from '../mirror/standing';
+import { MIRROR_STATE_NAME, readRelationship, relationshipProblem } from '../mirror/relationship';
 import { readRole, type RoleRecord } from '../mirror/role';
 import { MIRROR_LABEL_NAME, mirrorDirSummary, type MirrorDirSummary, type MirrorLabel } from '../mirror/mirror-dir';
 import { formatSize } from '../util/size';
@@ -32,7 +33,7 @@ function formatRole(r: RoleRecord | undefined): string[] {
   return [`role       primary: promoted from a mirror at ${new Date(r.promotedMs).toISOString()}, from CP ${r.promotedFromCp} (kept as snapshot ${r.baseSnapshot}); ${r.recordsReplayed} log record(s) replayed, last seq ${r.lastSeq}`];
 }
 
-export function formatStatus(s: VolumeStatus & { role?: RoleRecord & { state: 'promoted' } }): string {
+export function formatStatus(s: VolumeStatus & { role?: RoleRecord & { state: 'promoted' }; mirrorRecorded?: RecordedMirror }): string {
   const snaps = s.snapshots.length === 0 ? 'none' : s.snapshots.map((x) => `${x.name} (CP ${x.cpNumber})`).join(', ');
   return [
     `volume     ${s.dir}`,
@@ -47,6 +48,7 @@ export function formatStatus(s: VolumeStatus & { role?: RoleRecord & { state: 'p
       (s.nvram.unreplayedRecords > 0 ? `, ${s.nvram.unreplayedRecords} records to replay at next open` : ''),
     `snapshots  ${snaps}`,
     ...(s.sections?.mirror ? formatMirror(s.sections.mirror as MirrorSourceStats) : []),
+    ...(s.mirrorRecorded ? [formatRecordedMirror(s.mirrorRecorded)] : []),
     formatErrors(s),
   ].join('\n');
 }
@@ -226,6 +228,44 @@ export function formatReceiver(dir: string, r: ReceiverStats & { directories?: R
   return lines.join('\n');
 }
 
+/** A stopped source's recorded relationship (mirror-source.json), for status. */
+interface RecordedMirror {
+  running: false;
+  /** The volume is served, without it (--no-mirror, or read-only). */
+  served?: boolean;
+  peer?: string;
+  mode?: string;
+  policy?: string;
+  rateBytesPerSec?: number;
+  /** The destination's CP whose blocks this volume holds (-1: none; serving takes a baseline). */
+  destCp?: number;
+  pinnedCp?: number;
+  problem?: string;
+}
+
+function recordedMirror(dir: string): RecordedMirror | undefined {
+  const problem = relationshipProblem(dir);
+  if (problem !== undefined) return { running: false, problem: `${MIRROR_STATE_NAME}: ${problem}` };
+  const r = readRelationship(dir);
+  if (!r) return undefined;
+  return {
+    running: false, peer: r.peer, mode: r.mode, policy: r.policy, destCp: r.destCp,
+    ...(r.rateBytesPerSec !== undefined ? { rateBytesPerSec: r.rateBytesPerSec } : {}),
+    ...(r.pinnedCp !== undefined ? { pinnedCp: r.pinnedCp } : {}),
+  };
+}
+
+function formatRecordedMirror(m: RecordedMirror): string {
+  if (m.problem !== undefined) return `mirror     ${m.problem}`;
+  const rate = m.rateBytesPerSec !== undefined ? `, limit ${formatSize(m.rateBytesPerSec)}/s` : '';
+  return [
+    `mirror     ${m.mode} to ${m.peer} (${m.policy}${rate}): not running (recorded; ${m.served ? 'served without it: a serve without --no-mirror resumes it' : 'serving the volume resumes it'})`,
+    (m.destCp ?? -1) >= 0
+      ? `           the destination's CP ${m.destCp} is held here${m.pinnedCp !== undefined ? ` (and CP ${m.pinnedCp}, a reader's)` : ''}: serving resyncs from it, no baseline`
+      : '           no CP of the destination is held here: serving starts with a baseline',
+  ].join('\n');
+}
+
 const UUID_RE = /^[0-9a-f-]{36}$/;
 
 /**
@@ -280,6 +320,10 @@ export function registerStatus(program: Command): void {
       }
       const role = readRole(path.resolve(dir));
       const s = { ...(await volumeDirStatus(dir)), ...(role ? { role: { ...role, state: 'promoted' as const } } : {}) };
-      process.stdout.write(o.json ? `${JSON.stringify(s, null, 2)}\n` : `${formatStatus(s)}\n`);
+      // Not served: the mirror relationship it records (serve resumes it), or what is wrong with it.
+      const rec = s.sections?.mirror ? undefined : recordedMirror(path.resolve(dir));
+      const recorded = rec && s.served ? { ...rec, served: true } : rec;
+      const out = recorded ? { ...s, mirrorRecorded: recorded } : s;
+      process.stdout.write(o.json ? `${JSON.stringify(out, null, 2)}\n` : `${formatStatus(out)}\n`);
     });
 }

@@ -714,13 +714,15 @@ describe('mirror: two hosts (network namespaces)', function () {
    * that CP is held), then the mirror again. `hidden`: the relationship file is moved aside
    * for that session (it does not know it has a mirror), so nothing holds the base.
    */
-  async function sessionWithoutMirror(hidden: boolean, o: { reader?: (s: Setup) => Promise<void>; stopped?: (s: Setup) => void; firstAlone?: string } = {}): Promise<{ s: Setup; destCp: number; log: string }> {
+  async function sessionWithoutMirror(hidden: boolean, o: { reader?: (s: Setup) => Promise<void>; stopped?: (s: Setup) => void; firstAlone?: string; statusChecks?: boolean } = {}): Promise<{ s: Setup; destCp: number; log: string }> {
     const s = await start('sync');
     sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x81 0 4M', `nbd+unix:///?socket=${s.srcSock}`]);
     await inSyncAndIdentical(s);
     if (o.reader) await o.reader(s);
     const destCp = sourceStatus(s.src)!.destCp;
     await stop(s.source, 'SIGTERM');
+    // Stopped, the volume's status shows the relationship it records.
+    if (o.statusChecks) assert.match(sh(BIN, ['status', s.src]), new RegExp(`^mirror +sync to .*: not running \\(recorded; serving the volume resumes it\\)\n +the destination's CP ${destCp} is held here: serving resyncs from it, no baseline$`, 'm'));
     const logFrom = fs.statSync(path.join(tmp, 'sv.log')).size;
     const relFile = path.join(s.src, 'mirror-source.json');
     o.stopped?.(s);
@@ -728,6 +730,10 @@ describe('mirror: two hosts (network namespaces)', function () {
     fs.rmSync(s.srcSock, { force: true });
     const alone = pair.spawn('a', BIN, ['serve', s.src, '--socket', s.srcSock, '--no-mirror', '--cp-interval', '1h'], { stdio: ['ignore', 'ignore', fs.openSync(path.join(tmp, 'sv.log'), 'a')] });
     await until('source socket', () => fs.existsSync(s.srcSock), 90_000);
+    if (o.statusChecks) {
+      await until('served alone', () => fs.existsSync(path.join(s.src, 'control.sock')), 30_000);
+      assert.match(sh(BIN, ['status', s.src]), /^mirror +sync to .*: not running \(recorded; served without it: a serve without --no-mirror resumes it\)$/m);
+    }
     if (o.firstAlone) {
       sh('qemu-io', ['-f', 'raw', '-c', o.firstAlone, `nbd+unix:///?socket=${s.srcSock}`]);
       assert.ok((await controlRequest(path.join(s.src, 'control.sock'), { op: 'checkpoint' }, 60_000)).ok);
@@ -749,7 +755,7 @@ describe('mirror: two hosts (network namespaces)', function () {
   }
 
   it('served for a while without its mirror (--no-mirror), the volume keeps the destination\'s CP: the mirror resumes with a resync from it, no baseline', async () => {
-    const { destCp, log } = await sessionWithoutMirror(false);
+    const { destCp, log } = await sessionWithoutMirror(false, { statusChecks: true });
     assert.match(log, /opened without the mirror: the destination's CP stays held/);
     assert.doesNotMatch(log, /can no longer be kept|is damaged/);
     assert.strictEqual(baselines(), 1, 'the mirror took a full baseline after a session without it');
