@@ -131,7 +131,7 @@ export function formatMirror(m: MirrorSourceStats): string[] {
     `mirror     ${m.mode} to ${m.peer} (${m.policy}): ${m.state}${m.connected || m.state === 'disconnected' ? '' : ', not connected'}`,
     `           CP ${m.sourceCp} here, CP ${m.destCp} there (${m.rootsEqual ? 'roots equal' : `${m.lagCps} CPs behind`})` + (m.lagSeconds > 0 ? `, behind for ${m.lagSeconds} s` : '') +
       `, ${formatSize(m.lagBytes)} not yet there, link ${formatSize(m.wireBytesPerSec)}/s`,
-    `           ${formatSize(m.bytesOnWire)} on the wire for ${formatSize(m.clientBytes)} written (${ratio(m.bytesOnWire, m.clientBytes)}); CP blocks as references ${m.refsSent} (${formatSize(m.bytesSavedByRefs)} saved), as deltas ${m.deltasSent}, as data ${m.dataBlocksSent}${m.cpsAbandoned > 0 ? `; ${m.cpsAbandoned} CPs abandoned for a slow peer (resynced)` : ''}`,
+    `           ${formatSize(m.bytesOnWire)} on the wire for ${formatSize(m.clientBytes)} written (${ratio(m.bytesOnWire, m.clientBytes)}${m.catchUpWireBytes > 0 ? `, ${formatSize(m.catchUpWireBytes)} of it while baselines and resyncs ran` : ''}); CP blocks as references ${m.refsSent} (${formatSize(m.bytesSavedByRefs)} saved), as deltas ${m.deltasSent}, as data ${m.dataBlocksSent}${m.cpsAbandoned > 0 ? `; ${m.cpsAbandoned} CPs abandoned for a slow peer (resynced)` : ''}`,
   ];
   if (m.resync) {
     const r = m.resync;

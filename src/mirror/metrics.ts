@@ -23,6 +23,7 @@ export function registerMirrorMetrics(registry: MetricsRegistry, mirror: MirrorS
   const lagSeconds = registry.gauge('nvmirror_mirror_behind_seconds', 'How long the mirror has been behind (0: in sync)').labels();
   const wire = registry.gauge('nvmirror_mirror_wire_bytes', 'Frame bytes on the mirror link by kind, since start', ['kind']);
   const client = registry.gauge('nvmirror_mirror_client_bytes', 'Client bytes written since start').labels();
+  const catchUpWire = registry.gauge('nvmirror_mirror_catchup_wire_bytes', 'Of the link\'s bytes since start, those that went while baselines and resyncs ran').labels();
   const blocks = registry.gauge('nvmirror_mirror_cp_blocks', 'CP blocks sent, by how they travelled', ['as']);
   const acked = registry.gauge('nvmirror_mirror_cps_acknowledged', 'CPs the destination committed with a root equal to ours').labels();
   const mismatches = registry.gauge('nvmirror_mirror_root_mismatches', 'CPs the destination acknowledged with another root').labels();
@@ -41,6 +42,7 @@ export function registerMirrorMetrics(registry: MetricsRegistry, mirror: MirrorS
     lagSeconds.set(s.lagSeconds);
     for (const [k, v] of Object.entries(s.wireBytesByKind)) wire.labels(k).set(v);
     client.set(s.clientBytes);
+    catchUpWire.set(s.catchUpWireBytes);
     blocks.labels('reference').set(s.refsSent);
     blocks.labels('delta').set(s.deltasSent);
     blocks.labels('data').set(s.dataBlocksSent);

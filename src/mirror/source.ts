@@ -143,6 +143,8 @@ export interface MirrorSourceStats {
   wireBytesByKind: { log: number; references: number; deltas: number; blocks: number; commits: number; fromDestination: number };
   clientBytes: number;
   dataBlocksSent: number;
+  /** Of bytesOnWire, what went while baselines and resyncs ran (this process). */
+  catchUpWireBytes: number;
   refsSent: number;
   deltasSent: number;
   /** async CPs begun and abandoned (CP_ABORT) because the peer was slower than the CPs; a resync followed. */
@@ -222,7 +224,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private resyncRunning = false;
   /** A resync sends metadata as deltas against the base; cleared after one that used them failed, set again by one that completed. */
   private deltasInResync = true;
-  private resync: { baseCp: number; targetCp: number; blocksSent: number; progress: ProgressLine } | undefined;
+  private resync: { baseCp: number; targetCp: number; blocksSent: number; progress: ProgressLine; wireAtStart: number } | undefined;
   /** The pinned state of an interrupted baseline, kept (for BASELINE_KEEP_MS_MAX) so the destination can resume it. */
   private keptBaseline: { view: CommittedView; sinceMs: number } | undefined;
   /**
@@ -257,6 +259,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private lastPingMs = 0;
   private wireRate = 0;
   private dataBlocksSent = 0;
+  /** Bytes on the wire while baselines and resyncs ran (their blocks, and the records and CPs beside them), finished ones. */
+  private catchUpWireBytes = 0;
   private refsSent = 0;
   /** async CPs begun and abandoned because the peer was slower than the CPs. */
   private cpsAbandoned = 0;
@@ -996,7 +1000,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
     const sb = decodeSuperblock(view.superblock);
     const total = baseCp < 0 && typeof sb !== 'string' ? sb.usedBlocks * 4096 : undefined;
     const what = baseCp < 0 ? `mirror baseline to CP ${view.cpNumber}` : `mirror resync CP ${baseCp} -> ${view.cpNumber}`;
-    this.resync = { baseCp, targetCp: view.cpNumber, blocksSent: skip, progress: new ProgressLine(what, total) };
+    const wireAtStart = this.link.wireBytes();
+    this.resync = { baseCp, targetCp: view.cpNumber, blocksSent: skip, progress: new ProgressLine(what, total), wireAtStart };
     const progress = this.resync.progress;
     this.log.info({ baseCp, targetCp: view.cpNumber, resumeAtBlock: skip }, skip > 0 ? 'mirror baseline resumed' : baseCp < 0 ? 'mirror baseline started' : 'mirror resync started');
     const t0 = this.clock.nowMs();
@@ -1068,6 +1073,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       walking = false;
       await counted;
       progress.finish();
+      this.catchUpWireBytes += this.link.wireBytes() - wireAtStart;
       // Its frames still queued stay reachable through the link until sent; the walk's
       // buffers (and its pool) go with it: none is given back to it from now on.
       frames.end();
@@ -1184,6 +1190,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       heldSeq: this.heldSeq,
       lastSeq: this.volume?.log.lastSeq ?? 0,
       bytesOnWire: wire,
+      catchUpWireBytes: this.catchUpWireBytes + (this.resync ? wire - this.resync.wireAtStart : 0),
       wireBytesByKind: (() => {
         const { sent: by, received } = this.link.bytesByType();
         return {

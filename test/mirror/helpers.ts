@@ -48,6 +48,9 @@ export interface MirrorStats {
   heldSeq: number;
   lastSeq: number;
   readerPinnedCp: number;
+  bytesOnWire: number;
+  /** Of bytesOnWire, what went while baselines and resyncs ran. */
+  catchUpWireBytes: number;
   /** Which side is primary and current (src/mirror/standing.ts). */
   standing?: { kind: string; current: string; commonCp: number; sourceCp: number; destinationCp: number; sourceSeq: number; destinationSeq: number };
 }

@@ -454,18 +454,24 @@ describe('mirror: two hosts (network namespaces)', function () {
     const rel = (): { rateBytesPerSec?: number } => JSON.parse(fs.readFileSync(path.join(s.src, 'mirror-source.json'), 'utf8')) as { rateBytesPerSec?: number };
     await startReceiver(s);
     await until('baseline running', () => sourceStatus(s.src)?.state === 'baseline' || undefined, 60_000);
-    assert.match(sh(BIN, ['status', s.src]), /baseline to CP \d+: .* sent, .*\/s, limit 2\.00 MiB\/s/);
+    const during = sh(BIN, ['status', s.src]);
+    assert.match(during, /baseline to CP \d+: .* sent, .*\/s, limit 2\.00 MiB\/s/);
+    // The wire's bytes say how much of them the catch-ups took (a baseline is not steady-state traffic).
+    assert.match(during, /on the wire for .* written \(.*, .* of it while baselines and resyncs ran\)/);
     assert.match(sh(BIN, ['status', path.join(tmp, 'dst')]), /baseline to CP \d+ in progress: \d+ blocks \(.*\) received/, 'the destination shows it too');
     assert.strictEqual((sourceStatus(s.src) as { rateLimitBytesPerSec?: number }).rateLimitBytesPerSec, 2 * 1024 * 1024);
     // The same progress for Prometheus.
     const get = `require('http').get('http://127.0.0.1:${METRICS_PORT}/metrics', (r) => { let b = ''; r.on('data', (d) => (b += d)); r.on('end', () => process.stdout.write(b)); })`;
     const text = (await pair.exec('a', 'node', ['-e', get], { timeoutMs: 10_000 })).stdout;
     assert.match(text, /^nvmirror_mirror_rate_limit_bytes_per_second 2097152$/m);
+    assert.match(text, /^nvmirror_mirror_catchup_wire_bytes [1-9]\d*$/m);
     assert.match(text, /^nvmirror_mirror_state\{state="baseline"\} 1$/m);
     const sent = /^nvmirror_mirror_catchup_sent_bytes (\d+)$/m.exec(text);
     const total = /^nvmirror_mirror_catchup_total_bytes (\d+)$/m.exec(text);
     assert.ok(sent && total && Number(total[1]) >= 8 * 1024 * 1024 && Number(sent[1]) <= Number(total[1]) + 1024 * 1024, `catch-up progress in the metrics: ${sent?.[0]}, ${total?.[0]}`);
     await inSyncAndIdentical(s);
+    const w = sourceStatus(s.src)!;
+    assert.ok(w.catchUpWireBytes >= 8 * 1024 * 1024 && w.catchUpWireBytes <= w.bytesOnWire, `catch-up ${w.catchUpWireBytes} of ${w.bytesOnWire} wire bytes after an 8 MiB baseline`);
     // The source's own timing of the baseline (first block to the commit's ack) against
     // its size: no faster than the cap allows (a 100 ms burst, then the rate).
     const done = /"blocks":(\d+),"resumedAt":0,"ms":(\d+),"msg":"mirror baseline done"/.exec(fs.readFileSync(path.join(tmp, 'sv.log'), 'utf8'));
