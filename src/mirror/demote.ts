@@ -35,6 +35,7 @@
  *   mirror label names the members and geometry (its partial stripes then go through the
  *   mirror's stripe journal, mirror-dir.ts).
  */
+import { receiveDirProblem } from './receive-dir';
 import * as cp from 'child_process';
 import * as crypto from 'crypto';
 import * as fs from 'fs';
@@ -174,6 +175,9 @@ export async function demoteVolume(dirArg: string, intoArg: string, opts: { logg
   const dir = path.resolve(dirArg);
   const into = path.resolve(intoArg);
   const log = opts.logger;
+  // --into is a receive directory (DIR/<uuid> becomes the mirror), not a volume or a mirror.
+  const intoProblem = receiveDirProblem(into);
+  if (intoProblem !== undefined) throw new Error(`--into: ${intoProblem}`);
   const step = opts.afterStep ?? (() => {});
   // A demote stopped after it recorded what it does finishes from that record.
   const recorded = unfinishedDemote(dir);

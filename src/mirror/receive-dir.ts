@@ -18,15 +18,26 @@ import { MIRROR_LABEL_NAME } from './mirror-dir';
 
 export const RECEIVE_LOCK_NAME = 'receiver.lock';
 
+/**
+ * Why DIR cannot be a receive directory (`receive DIR`, `demote --into DIR`): it is a
+ * volume directory or a mirror directory; undefined if it can (missing, or anything else).
+ */
+export function receiveDirProblem(dir: string): string | undefined {
+  const abs = path.resolve(dir);
+  if (fs.existsSync(path.join(abs, LABEL_NAME))) {
+    return `${abs} is a volume directory (${LABEL_NAME}): a receive directory is a directory of its own, which keeps each mirror in DIR/<source-uuid>/`;
+  }
+  if (fs.existsSync(path.join(abs, MIRROR_LABEL_NAME))) {
+    return `${abs} is a mirror directory (${MIRROR_LABEL_NAME}): give the directory that holds it, ${path.dirname(abs)}`;
+  }
+  return undefined;
+}
+
 /** Makes DIR if missing, refuses a directory that is not a receive directory, and takes its lock. */
 export async function openReceiveDir(dir: string): Promise<DirLock> {
   const abs = path.resolve(dir);
-  if (fs.existsSync(path.join(abs, LABEL_NAME))) {
-    throw new Error(`${abs} is a volume directory (${LABEL_NAME}): receive needs a directory of its own, and keeps each mirror in DIR/<source-uuid>/`);
-  }
-  if (fs.existsSync(path.join(abs, MIRROR_LABEL_NAME))) {
-    throw new Error(`${abs} is a mirror directory (${MIRROR_LABEL_NAME}): give the directory that holds it, ${path.dirname(abs)}`);
-  }
+  const problem = receiveDirProblem(abs);
+  if (problem !== undefined) throw new Error(problem);
   try {
     await fs.promises.mkdir(abs, { recursive: true });
   } catch (e) {

@@ -73,6 +73,21 @@ describe('mirror: demote interrupted and run again', function () {
     }
   }
 
+  it('--into a volume directory or a mirror directory is refused before anything is written', async () => {
+    const dir = path.join(tmp, 'vol');
+    await volumeWithData(dir);
+    const other = path.join(tmp, 'other');
+    await createVolumeDir(other, { sizeBytes: VOLUME_BYTES, nvramSizeBytes: 1024 * 1024 });
+    const mirror = path.join(tmp, 'rx', '0d0d0d0d-4567-49ef-8011-223344556677');
+    fs.mkdirSync(mirror, { recursive: true });
+    fs.writeFileSync(path.join(mirror, 'mirror.json'), '{}\n');
+    const before = fs.readdirSync(dir).sort();
+    await assert.rejects(demoteVolume(dir, other, { logger: log }), /^Error: --into: .*other is a volume directory \(nvmirror\.json\)/);
+    await assert.rejects(demoteVolume(dir, mirror, { logger: log }), /^Error: --into: .* is a mirror directory \(mirror\.json\): give the directory that holds it/);
+    assert.deepEqual(fs.readdirSync(dir).sort(), before, 'the volume changed');
+    assert.ok(!fs.readdirSync(other).some((n) => /^[0-9a-f-]{36}$/.test(n)), 'a mirror directory was made inside a volume directory');
+  });
+
   const stops: DemoteStep[] = ['member-copied', 'recorded', 'renamed'];
   for (const stop of stops) {
     it(`stopped at "${stop}", the re-run finishes it`, async () => {

@@ -73,7 +73,7 @@ describe('receive DIR: one receiver per directory, and only a receive directory'
     const before = fs.readdirSync(vol).sort();
     const r = await runCli(['receive', vol, '--listen', '127.0.0.1:0', '--mirror-insecure']);
     assert.notEqual(r.code, 0, 'receive into a volume directory started');
-    assert.match(oneLine(r.stderr), /is a volume directory \(nvmirror\.json\): receive needs a directory of its own/);
+    assert.match(oneLine(r.stderr), /is a volume directory \(nvmirror\.json\): a receive directory is a directory of its own/);
     assert.deepEqual(fs.readdirSync(vol).sort(), before, 'receive wrote into the volume directory');
 
     const mirror = path.join(tmp, 'rx2', '0d0d0d0d-4567-49ef-8011-223344556677');
