@@ -286,6 +286,9 @@ export class MirrorReceiver implements SessionHost {
     }
     // Until promote has marked the directory (role.json), this receiver must not take it back.
     this.released.add(uuid);
+    // Where the source stood at its last HELLO (it was primary) is history now: status
+    // shows a standing under the promoted entry only once the old source connects again.
+    this.standings.delete(uuid);
     const m = this.mirrors.get(uuid);
     if (m) {
       this.exports?.detachSource(m);

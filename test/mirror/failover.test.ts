@@ -414,6 +414,8 @@ describe('mirror failover: promote (two hosts)', function () {
     sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x61 0 4M', `nbd+unix:///?socket=${s.sock}`]);
     await kill9(src);
     const p = await promote(s.uuid);
+    // Where the source stood before (primary) is not shown under the promoted entry.
+    assert.doesNotMatch(sh(BIN, ['status', path.join(tmp, 'dst')]), /its old source connected/);
     const served = await servePromoted(s.uuid, 'psb');
     sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x62 4M 1M', `nbd+unix:///?socket=${served.sock}`]);
     const before = md5OfExport(`nbd+unix:///?socket=${served.sock}`);
@@ -432,6 +434,8 @@ describe('mirror failover: promote (two hosts)', function () {
     // The receive directory says which of its entries is a primary now.
     const rxStatus = sh(BIN, ['status', path.join(tmp, 'dst')]);
     assert.match(rxStatus, new RegExp(`^promoted +${s.uuid}: .*a primary volume now.*promoted from CP ${p.promotedFromCp}$`, 'm'), rxStatus);
+    // The old primary's refused connection is (its standing as it came back).
+    assert.match(rxStatus, /^ +its old source connected: /m, rxStatus);
     const text = sh(BIN, ['status', path.join(tmp, 'dst', s.uuid), '--json']);
     const js = JSON.parse(text) as { role?: { state: string; promotedFromCp: number } };
     assert.equal(js.role?.state, 'promoted');
