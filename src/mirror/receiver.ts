@@ -242,8 +242,20 @@ export class MirrorReceiver implements SessionHost {
   /** Where each source and its mirror stood at its last HELLO (status), by source uuid (one per directory in DIR). */
   readonly standings = new Map<string, Standing>();
 
+  /**
+   * The standings for status. A source streaming in step is brought up to date: each CP it
+   * committed here since its HELLO is common to both sides (the HELLO's "since then the
+   * source wrote N CPs" was what the catch-up was about to send).
+   */
   standingsList(): Array<Standing & { sourceUuid: string }> {
-    return [...this.standings].map(([sourceUuid, st]) => ({ sourceUuid, ...st }));
+    return [...this.standings].map(([sourceUuid, st]) => {
+      const m = this.mirrors.get(sourceUuid);
+      const cp = m?.committedCp ?? -1;
+      if (st.kind === 'in-step' && this.sessionFor(sourceUuid) !== undefined && cp > st.commonCp && cp >= st.sourceCp) {
+        return { sourceUuid, ...st, commonCp: cp, sourceCp: cp, destinationCp: cp };
+      }
+      return { sourceUuid, ...st };
+    });
   }
 
   async openMirror(hello: MirrorHello & { sourceCp: number; lastSeq: number; lineage: Lineage }, log: Logger): Promise<MirrorDir> {

@@ -504,6 +504,12 @@ describe('mirror failover: promote (two hosts)', function () {
         return m && m.state === 'in-sync' && m.rootsEqual ? m : undefined;
       }, 60_000);
       const wire = (await vethBytes(pair)) - wire0;
+      if (round === 0) {
+        // The old primary's receiver shows the standing brought up to date by the CPs since HELLO.
+        const inSync = sourceStatus(promotedDir)!;
+        const back0 = /last common CP (\d+), since then the source wrote 0 CP\(s\), the mirror 0$/m.exec(sh(BIN, ['status', path.join(tmp, `back${round}`)]));
+        assert.ok(back0 && Number(back0[1]) >= inSync.destCp, `${tag}: the old primary's receiver status after the failback: ${back0?.[0]}`);
+      }
       resyncWire += wire;
       changed += bMiB * 1024 * 1024;
       // Only what changed since the common CP travels (a full copy would be over 24 MiB).
