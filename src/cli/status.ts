@@ -302,8 +302,8 @@ async function receiveDirStatus(dir: string, only: string | undefined): Promise<
 export function registerStatus(program: Command): void {
   program
     .command('status')
-    .description('show a volume directory\'s health: who serves it (pid, URIs, exports, clients), errors since open, size, space used, snapshots, CPs, NVRAM fill')
-    .argument('<DIR>', 'the volume directory')
+    .description('show a volume directory\'s health: who serves it (pid, URIs, exports, clients), errors since open, size, space used, snapshots, CPs, NVRAM fill, its mirror; or a receive directory\'s mirrors')
+    .argument('<DIR>', 'the volume directory, a receive directory, or one of its mirrors (RECEIVE_DIR/<source-uuid>)')
     .option('--json', 'print JSON')
     .action(async (dir: string, o: { json?: boolean }) => {
       const abs = path.resolve(dir);
@@ -318,10 +318,10 @@ export function registerStatus(program: Command): void {
           return;
         }
       }
-      const role = readRole(path.resolve(dir));
+      const role = readRole(abs);
       const s = { ...(await volumeDirStatus(dir)), ...(role ? { role: { ...role, state: 'promoted' as const } } : {}) };
       // Not served: the mirror relationship it records (serve resumes it), or what is wrong with it.
-      const rec = s.sections?.mirror ? undefined : recordedMirror(path.resolve(dir));
+      const rec = s.sections?.mirror ? undefined : recordedMirror(abs);
       const recorded = rec && s.served ? { ...rec, served: true } : rec;
       const out = recorded ? { ...s, mirrorRecorded: recorded } : s;
       process.stdout.write(o.json ? `${JSON.stringify(out, null, 2)}\n` : `${formatStatus(out)}\n`);

@@ -35,7 +35,6 @@
  *   mirror label names the members and geometry (its partial stripes then go through the
  *   mirror's stripe journal, mirror-dir.ts).
  */
-import { receiveDirProblem } from './receive-dir';
 import * as cp from 'child_process';
 import * as crypto from 'crypto';
 import * as fs from 'fs';
@@ -53,6 +52,7 @@ import { MIRROR_STATE_NAME, readRelationship } from './relationship';
 import { SESSIONS_NAME } from '../volume/sessions';
 import { ROLE_NAME, readRole } from './role';
 import { DEST_LOG_NAME } from './dest-log';
+import { receiveDirProblem } from './receive-dir';
 
 export const DEMOTED_NAME = 'DEMOTED.json';
 export const DEMOTED_LABEL_NAME = `${LABEL_NAME}.demoted`;
