@@ -1074,6 +1074,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       await counted;
       progress.finish();
       this.catchUpWireBytes += this.link.wireBytes() - wireAtStart;
+      if (this.resync) this.resync.wireAtStart = this.link.wireBytes(); // counted: stats() adds nothing more for it
       // Its frames still queued stay reachable through the link until sent; the walk's
       // buffers (and its pool) go with it: none is given back to it from now on.
       frames.end();
