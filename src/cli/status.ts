@@ -9,6 +9,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { volumeDirStatus } from '../volume/dir-ops';
 import { LABEL_NAME } from '../volume/label';
+import { volumeDirInUse } from '../volume/dir-lock';
 import { type VolumeStatus } from '../volume/served';
 import { controlRequest } from '../volume/engine-control';
 import { RECEIVER_SOCKET_NAME, type ReceiverStats } from '../mirror/receiver';
@@ -172,7 +173,8 @@ export async function receiveDirEntries(dir: string, open: ReadonlySet<string>, 
     const d = path.join(dir, uuid);
     const role = readRole(d);
     if (role) {
-      out.push({ uuid, dir: d, role: 'promoted', cp: role.promotedFromCp, detail: `promoted ${new Date(role.promotedMs).toISOString()}: a primary volume now (serve ${d}), promoted from CP ${role.promotedFromCp}` });
+      const served = await volumeDirInUse(d).catch(() => false);
+      out.push({ uuid, dir: d, role: 'promoted', cp: role.promotedFromCp, detail: `promoted ${new Date(role.promotedMs).toISOString()}: a primary volume now (${served ? 'served' : `serve ${d}`}), promoted from CP ${role.promotedFromCp}` });
       continue;
     }
     if (open.has(uuid)) continue;

@@ -433,7 +433,7 @@ describe('mirror failover: promote (two hosts)', function () {
     sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x61 0 4M', '-c', 'read -P 0x62 4M 1M', `nbd+unix:///?socket=${served.sock}`]);
     // The receive directory says which of its entries is a primary now.
     const rxStatus = sh(BIN, ['status', path.join(tmp, 'dst')]);
-    assert.match(rxStatus, new RegExp(`^promoted +${s.uuid}: .*a primary volume now.*promoted from CP ${p.promotedFromCp}$`, 'm'), rxStatus);
+    assert.match(rxStatus, new RegExp(`^promoted +${s.uuid}: .*a primary volume now \\(served\\), promoted from CP ${p.promotedFromCp}$`, 'm'), rxStatus);
     // The old primary's refused connection is (its standing as it came back).
     assert.match(rxStatus, /^ +its old source connected: /m, rxStatus);
     const text = sh(BIN, ['status', path.join(tmp, 'dst', s.uuid), '--json']);
