@@ -97,6 +97,8 @@ export interface ReceiverStats {
     /** A baseline (baseCp -1) or resync being received: toward which CP, blocks so far. */
     catchUp?: { cp: number; baseCp: number; blocks: number };
     lastCommitMs: number;
+    /** The committed CP's snapshots (the source's, exported here as <uuid>@NAME). */
+    snapshots?: Array<{ name: string; cp: number }>;
     /** Why the last stream from this source was refused or could not be applied (cleared by the next commit). */
     lastError: string | undefined;
     /** A RAID destination's health (members, stripes written whole / through the journal). */
@@ -374,6 +376,7 @@ export class MirrorReceiver implements SessionHost {
         blocksHealed: m.blocksHealed,
         ...(s?.catchUp ? { catchUp: s.catchUp } : {}),
         lastCommitMs: m.lastCommitMs,
+        snapshots: m.baselinePartial ? [] : (m.committed?.sb.snapshots ?? []).map((x) => ({ name: x.name, cp: x.cp })),
         lastError: m.lastError,
         ...(m.dev instanceof RaidDevice ? { raid: m.dev.health() } : {}),
         ...(m.dev instanceof FileBlockDevice ? { directWrites: m.dev.directWrites } : {}),
