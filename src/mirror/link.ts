@@ -9,6 +9,8 @@
  *   one-line error before a socket opens.
  * - An unknown PSK identity, a wrong key or a certificate the CA did not sign fails the
  *   handshake: no mirror frame is read from an unauthenticated peer.
+ * - Such a failure is said in plain words on both sides (explainTlsError: the source's
+ *   status, the receiver's log line), OpenSSL's reason kept in brackets.
  */
 import * as fs from 'fs';
 import * as tls from 'tls';
@@ -73,4 +75,43 @@ export function clientTls(sec: LinkSecurity): tls.ConnectionOptions | undefined 
     case 'cert':
       return { cert: sec.cert, key: sec.key, ca: sec.ca, checkServerIdentity: () => undefined };
   }
+}
+
+/**
+ * What a TLS failure on the mirror link means, in the operator's words, from OpenSSL's
+ * message ("<hex>:error:<code>:SSL routines:<function>:<reason>:<file>:<line>:..."):
+ * `side` is where it was seen. The reason (and an alert number) is kept in brackets;
+ * anything not recognised is returned as it came.
+ */
+export function explainTlsError(message: string, side: 'source' | 'destination'): string {
+  const peerName = side === 'source' ? 'the destination' : 'the source';
+  // Node's own certificate checks (not OpenSSL's error stack).
+  if (/^(self[- ]signed certificate|unable to (get local issuer certificate|verify the first certificate)|certificate signature failure)/.test(message)) {
+    return `${peerName}'s certificate is not signed by this side's --mirror-tls-ca [${message.trim()}]`;
+  }
+  if (/^Hostname\/IP does not match certificate's altnames/.test(message)) return `${peerName}'s certificate does not name the host dialed [${message.trim()}]`;
+  const parts = message.split(':');
+  const isOpenSsl = parts.length >= 6 && parts[1] === 'error' && /routines$/.test(parts[3] ?? '');
+  if (!isOpenSsl) return message;
+  const reason = parts[5]!.trim();
+  const alert = /SSL alert number (\d+)/.exec(message)?.[1];
+  const raw = `[${reason}${alert !== undefined ? `, alert ${alert}` : ''}]`;
+  const peer = peerName;
+  let why: string | undefined;
+  if (/wrong version number|packet length too long|http request|unknown protocol|record layer failure/.test(reason)) {
+    why = side === 'source'
+      ? 'the destination does not speak TLS here (a receiver run with --mirror-insecure?)'
+      : 'a plaintext client: a source without --mirror-psk or --mirror-tls-*, or not a mirror source';
+  } else if (/binder does not verify|bad record mac|decryption failed/.test(reason)) {
+    why = `${peer}'s pre-shared key differs from this side's (--mirror-psk files not the same)`;
+  } else if (/psk identity not found|no shared cipher|no suitable/.test(reason)) {
+    why = `${peer} offered no key identity or cipher this side has (--mirror-psk files not the same, or PSK on one side and certificates on the other)`;
+  } else if (/certificate verify failed|unable to get local issuer|self.signed/.test(reason)) {
+    why = `${peer}'s certificate is not signed by this side's --mirror-tls-ca`;
+  } else if (/peer did not return a certificate|certificate required/.test(reason)) {
+    why = `${peer} sent no certificate (it runs with --mirror-psk or --mirror-insecure?)`;
+  } else if (/alert (illegal parameter|decrypt error|handshake failure|bad record mac|unknown ca|bad certificate|certificate required|unknown psk identity)/.test(reason)) {
+    why = `${peer} refused the TLS handshake: it does not accept this side's ${/certificate|unknown ca/.test(reason) ? 'certificate' : 'key (--mirror-psk files not the same?) or certificate'}`;
+  }
+  return why !== undefined ? `${why} ${raw}` : `TLS: ${reason}${alert !== undefined ? ` (alert ${alert})` : ''}`;
 }

@@ -42,6 +42,7 @@ import type { VerifyReport } from './verify';
 import { SlabPool } from './slab-pool';
 import type { MemoryBudget } from '../nbd/budget';
 import { Session, type SessionHost } from './receiver-session';
+import { explainTlsError } from './link';
 import { systemClock, type Clock } from '../io/types';
 
 /** How many times `check` of a mirror starts again on the newest CP when a CP overtakes the one it pinned (checkMirror). */
@@ -176,7 +177,7 @@ export class MirrorReceiver implements SessionHost {
       : net.createServer(onConn);
     if (this.opts.tls) {
       (srv as tls.Server).on('tlsClientError', (e, sock) => {
-        this.log.warn({ remote: sock.remoteAddress, err: e.message }, 'mirror connection refused: TLS authentication failed');
+        this.log.warn({ remote: sock.remoteAddress, why: explainTlsError(e.message, 'destination'), err: e.message.trim() }, 'mirror connection refused: TLS authentication failed');
       });
     }
     this.server = srv;

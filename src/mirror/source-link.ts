@@ -26,6 +26,7 @@ import * as net from 'net';
 import * as tls from 'tls';
 import { afterSocketWrites, type LentBlocks } from './resync-frames';
 import { EV_EOF, EV_ERROR, EV_FRAME, EV_ROOM, EV_SENT, NativeRx, plainFd, type RxEvent } from './native-rx';
+import { explainTlsError } from './link';
 import { decodeBody, writeEncoded, writeFrame, FrameParser, FrameWriter, MsgType, type Message, type OutMessage } from './wire';
 import type { AppendedRecord } from '../nvlog/log';
 import type { Clock } from '../io/types';
@@ -52,6 +53,8 @@ export interface LinkConn {
   rx?: NativeRx;
   welcome: Promise<Welcome>;
   welcomeResolve: (m: Welcome) => void;
+  /** The destination's WELCOME came (a close before it most often means a TLS mismatch: closedReason). */
+  heardWelcome: boolean;
   closed: boolean;
   /** With rx: the last token given to rx.sendLent (tokens increase over the connection's life). */
   lentToken: number;
@@ -125,11 +128,14 @@ export class SourceLink<C extends LinkConn> {
     let welcomeResolve!: (m: Welcome) => void;
     let welcomeReject!: (e: Error) => void;
     const welcome = new Promise<Welcome>((res, rej) => {
-      welcomeResolve = res;
+      welcomeResolve = (m) => {
+        conn.heardWelcome = true;
+        res(m);
+      };
       welcomeReject = rej;
     });
     welcome.catch(() => undefined);
-    const conn = this.makeConn({ socket, parser, writer: new FrameWriter(), welcome, welcomeResolve, closed: false, lentToken: 0, lent: [] });
+    const conn = this.makeConn({ socket, parser, writer: new FrameWriter(), welcome, welcomeResolve, heardWelcome: false, closed: false, lentToken: 0, lent: [] });
     this.conn = conn;
     const timer = this.o.clock.setTimeout(() => this.drop(conn, 'connect timed out'), CONNECT_TIMEOUT_MS);
     const onData = (chunk: Buffer): void => {
@@ -167,10 +173,10 @@ export class SourceLink<C extends LinkConn> {
       this.events.connected(conn);
     });
     socket.on('drain', () => this.wakeDrain());
-    socket.on('error', (e) => this.drop(conn, e.message));
+    socket.on('error', (e) => this.drop(conn, explainTlsError(e.message, 'source')));
     socket.on('close', () => {
       welcomeReject(new Error('closed'));
-      this.drop(conn, 'connection closed');
+      this.drop(conn, this.closedReason(conn));
     });
   }
 
@@ -200,13 +206,19 @@ export class SourceLink<C extends LinkConn> {
       } else if (e.kind === EV_ERROR) {
         this.drop(conn, e.protocol ? `bad stream from the destination: ${e.text}` : e.text);
       } else if (e.kind === EV_EOF) {
-        this.drop(conn, 'connection closed');
+        this.drop(conn, this.closedReason(conn));
       } else if (e.kind === EV_ROOM) {
         this.wakeDrain();
       } else if (e.kind === EV_SENT) {
         while (conn.lent.length > 0 && conn.lent[0]!.token <= e.token) conn.lent.shift()!.written();
       }
     }
+  }
+
+  /** Why a connection the destination closed ended: unanswered, on a plaintext link, most often a receiver that expects TLS. */
+  private closedReason(conn: C): string {
+    if (conn.heardWelcome || this.o.tls) return 'connection closed';
+    return 'the destination closed the connection before answering HELLO (a receiver that expects TLS? --mirror-psk or --mirror-tls-* on both sides; else its log says why)';
   }
 
   /** Closes `conn` for good, counts its bytes, tells the source, and redials later (unless stopped). */

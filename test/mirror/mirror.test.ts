@@ -959,12 +959,22 @@ describe('mirror: two hosts (network namespaces)', function () {
     const s = setup('sync');
     await startReceiver(s, ['--mirror-psk', keys]);
     // A wrong key, then a plaintext source: refused at the TLS handshake, nothing created.
-    for (const link of [['--mirror-psk', wrong], ['--mirror-insecure']]) {
+    // Each side says why in plain words (the OpenSSL reason kept in brackets).
+    const why: Array<{ link: string[]; receiver: RegExp; source: RegExp }> = [
+      { link: ['--mirror-psk', wrong], receiver: /"why":"the source's pre-shared key differs from this side's \(--mirror-psk files not the same\) \[/, source: /^the destination refused the TLS handshake: it does not accept this side's key/ },
+      { link: ['--mirror-insecure'], receiver: /"why":"a plaintext client: a source without --mirror-psk or --mirror-tls-\*/, source: /^the destination closed the connection before answering HELLO \(a receiver that expects TLS\?/ },
+    ];
+    for (const { link, receiver, source } of why) {
       await startSource(s, link);
       await until('refusal logged', () => (fs.readFileSync(path.join(tmp, 'rx.log'), 'utf8').match(/TLS authentication failed/g) ?? []).length > 0 || undefined, 30_000);
+      assert.match(fs.readFileSync(path.join(tmp, 'rx.log'), 'utf8'), receiver);
       // The source's control socket may come up after its first connection attempt: wait for its status.
-      const st = await until('source status', () => sourceStatus(s.src), 30_000);
+      const st = await until('source status with its error', () => {
+        const m = sourceStatus(s.src);
+        return m?.lastError ? m : undefined;
+      }, 30_000);
       assert.ok(!st.connected && st.destCp === -1, `an unauthenticated source got through (connected ${st.connected}, destination CP ${st.destCp})`);
+      assert.match(st.lastError ?? '', source);
       assert.ok(!fs.existsSync(path.join(tmp, 'dst', s.uuid)), 'the receiver created a mirror for an unauthenticated source');
       await stop(s.source, 'SIGTERM');
       fs.writeFileSync(path.join(tmp, 'rx.log'), '');

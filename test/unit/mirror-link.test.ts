@@ -5,6 +5,7 @@
  * loopback succeeds with the same key and fails with another key, an unknown identity,
  * or a plaintext peer (no byte of the mirror protocol reaches either side); with
  * certificates (openssl test PKI), only peers whose certificates the CA signed connect.
+ * Each failure has a plain explanation (explainTlsError: what status and the log say).
  */
 import { strict as assert } from 'assert';
 import * as fs from 'fs';
@@ -12,7 +13,7 @@ import * as net from 'net';
 import * as os from 'os';
 import * as path from 'path';
 import * as tls from 'tls';
-import { clientTls, linkSecurity, serverTls, type LinkArgs, type LinkSecurity } from '../../src/mirror/link';
+import { clientTls, explainTlsError, linkSecurity, serverTls, type LinkArgs, type LinkSecurity } from '../../src/mirror/link';
 import { FrameWriter, FRAME_MAGIC, MsgType } from '../../src/mirror/wire';
 import { makeTestPki, type TestPki } from '../e2e/certs';
 
@@ -260,12 +261,16 @@ describe('mirror link security', () => {
       const a = await attempt(linkSecurity({ mirrorPsk: pskA }), linkSecurity({ mirrorPsk: pskB }));
       assertRefused(a, 'wrong key');
       assert.ok(a.serverErrors.length >= 1, 'the server reports the failed handshake (tlsClientError)');
+      // Each side's explanation, as status and the log give it.
+      assert.match(explainTlsError(a.serverErrors[0]!, 'destination'), /^the source's pre-shared key differs from this side's \(--mirror-psk files not the same\) \[binder does not verify\]$/);
+      if (a.clientError !== undefined) assert.match(explainTlsError(a.clientError, 'source'), /^the destination refused the TLS handshake: it does not accept this side's key .*\[.*alert \d+\]$/);
     });
 
     it('fails with an identity the server does not know', async () => {
       const a = await attempt(linkSecurity({ mirrorPsk: pskA }), linkSecurity({ mirrorPsk: pskOther }));
       assertRefused(a, 'unknown identity');
       assert.ok(a.serverErrors.length >= 1, 'the server reports the failed handshake (tlsClientError)');
+      assert.match(explainTlsError(a.serverErrors[0]!, 'destination'), /^the source offered no key identity or cipher this side has/);
     });
 
     it('refuses a plaintext client speaking the mirror protocol to a PSK server', async () => {
@@ -293,6 +298,7 @@ describe('mirror link security', () => {
         assert.equal(srv.state.serverSecure, 0);
         assert.equal(Buffer.concat(srv.state.got).length, 0, 'no plaintext byte reaches the application');
         assert.ok(srv.state.serverErrors.length >= 1, 'the server reports the failed handshake');
+        assert.match(explainTlsError(srv.state.serverErrors[0]!, 'destination'), /^a plaintext client: a source without --mirror-psk or --mirror-tls-\*, or not a mirror source \[wrong version number\]$/);
         const back = Buffer.concat(got);
         assert.ok(back.length < 4 || back.readUInt32LE(0) !== FRAME_MAGIC, 'the server sent no mirror frame');
       } finally {
@@ -337,6 +343,7 @@ describe('mirror link security', () => {
       assertRefused(a, 'server certificate not trusted');
       assert.equal(a.clientSecure, false);
       assert.ok(a.clientError !== undefined);
+      assert.match(explainTlsError(a.clientError, 'source'), /^the destination's certificate is not signed by this side's --mirror-tls-ca \[/);
     });
   });
 });
