@@ -53,8 +53,8 @@ export interface LinkConn {
   rx?: NativeRx;
   welcome: Promise<Welcome>;
   welcomeResolve: (m: Welcome) => void;
-  /** The destination's WELCOME came (a close before it most often means a TLS mismatch: closedReason). */
-  heardWelcome: boolean;
+  /** WELCOME arrived and the source took it (set by the source): destCp and the rest describe this connection's destination. A close before it: closedReason. */
+  welcomed: boolean;
   closed: boolean;
   /** With rx: the last token given to rx.sendLent (tokens increase over the connection's life). */
   lentToken: number;
@@ -128,14 +128,11 @@ export class SourceLink<C extends LinkConn> {
     let welcomeResolve!: (m: Welcome) => void;
     let welcomeReject!: (e: Error) => void;
     const welcome = new Promise<Welcome>((res, rej) => {
-      welcomeResolve = (m) => {
-        conn.heardWelcome = true;
-        res(m);
-      };
+      welcomeResolve = res;
       welcomeReject = rej;
     });
     welcome.catch(() => undefined);
-    const conn = this.makeConn({ socket, parser, writer: new FrameWriter(), welcome, welcomeResolve, heardWelcome: false, closed: false, lentToken: 0, lent: [] });
+    const conn = this.makeConn({ socket, parser, writer: new FrameWriter(), welcome, welcomeResolve, welcomed: false, closed: false, lentToken: 0, lent: [] });
     this.conn = conn;
     const timer = this.o.clock.setTimeout(() => this.drop(conn, 'connect timed out'), CONNECT_TIMEOUT_MS);
     const onData = (chunk: Buffer): void => {
@@ -217,7 +214,7 @@ export class SourceLink<C extends LinkConn> {
 
   /** Why a connection the destination closed ended: unanswered, on a plaintext link, most often a receiver that expects TLS. */
   private closedReason(conn: C): string {
-    if (conn.heardWelcome || this.o.tls) return 'connection closed';
+    if (conn.welcomed || this.o.tls) return 'connection closed';
     return 'the destination closed the connection before answering HELLO (a receiver that expects TLS? --mirror-psk or --mirror-tls-* on both sides; else its log says why)';
   }
 

@@ -176,8 +176,6 @@ interface Conn extends LinkConn {
   cpAcks: Array<{ cp: number; sinceMs: number; clientBytes: number; root: Buffer; superblock: Buffer; resolve: () => void; done: Promise<void> }>;
   /** The newest CP whose commit went out on this connection (the destination applies in stream order). */
   shippedCp: number;
-  /** WELCOME arrived: destCp and the rest describe this connection's destination (not the last one's). */
-  welcomed: boolean;
   /** When HELLO went out (undefined: TCP/TLS still connecting). */
   helloAtMs?: number;
 }
@@ -291,7 +289,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
           if (this.conn && !this.conn.closed && this.catchUpGap()) this.settleWaiters();
         },
       },
-      (base) => ({ ...base, nativeFromSeq: Infinity, cpAcks: [], shippedCp: -1, welcomed: false }),
+      (base) => ({ ...base, nativeFromSeq: Infinity, cpAcks: [], shippedCp: -1 }),
     );
     this.holdValidFromCp = Number.MAX_SAFE_INTEGER;
     this.armTicker();
