@@ -222,7 +222,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private resyncRunning = false;
   /** A resync sends metadata as deltas against the base; cleared after one that used them failed, set again by one that completed. */
   private deltasInResync = true;
-  private resync: { baseCp: number; targetCp: number; blocksSent: number; progress: ProgressLine; wireAtStart: number } | undefined;
+  private resync: { baseCp: number; targetCp: number; blocksSent: number; progress: ProgressLine } | undefined;
   /** The pinned state of an interrupted baseline, kept (for BASELINE_KEEP_MS_MAX) so the destination can resume it. */
   private keptBaseline: { view: CommittedView; sinceMs: number } | undefined;
   /**
@@ -259,6 +259,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
   private dataBlocksSent = 0;
   /** Bytes on the wire while baselines and resyncs ran (their blocks, and the records and CPs beside them), finished ones. */
   private catchUpWireBytes = 0;
+  /** The link's byte count when the running catch-up began (undefined: none runs). */
+  private catchUpWireFrom: number | undefined;
   private refsSent = 0;
   /** async CPs begun and abandoned because the peer was slower than the CPs. */
   private cpsAbandoned = 0;
@@ -998,8 +1000,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
     const sb = decodeSuperblock(view.superblock);
     const total = baseCp < 0 && typeof sb !== 'string' ? sb.usedBlocks * 4096 : undefined;
     const what = baseCp < 0 ? `mirror baseline to CP ${view.cpNumber}` : `mirror resync CP ${baseCp} -> ${view.cpNumber}`;
-    const wireAtStart = this.link.wireBytes();
-    this.resync = { baseCp, targetCp: view.cpNumber, blocksSent: skip, progress: new ProgressLine(what, total), wireAtStart };
+    const wireFrom = this.link.wireBytes();
+    this.catchUpWireFrom = wireFrom;
+    this.resync = { baseCp, targetCp: view.cpNumber, blocksSent: skip, progress: new ProgressLine(what, total) };
     const progress = this.resync.progress;
     this.log.info({ baseCp, targetCp: view.cpNumber, resumeAtBlock: skip }, skip > 0 ? 'mirror baseline resumed' : baseCp < 0 ? 'mirror baseline started' : 'mirror resync started');
     const t0 = this.clock.nowMs();
@@ -1071,8 +1074,8 @@ export class MirrorSource implements CpSink, ReplicaGate {
       walking = false;
       await counted;
       progress.finish();
-      this.catchUpWireBytes += this.link.wireBytes() - wireAtStart;
-      if (this.resync) this.resync.wireAtStart = this.link.wireBytes(); // counted: stats() adds nothing more for it
+      this.catchUpWireBytes += this.link.wireBytes() - wireFrom;
+      this.catchUpWireFrom = undefined;
       // Its frames still queued stay reachable through the link until sent; the walk's
       // buffers (and its pool) go with it: none is given back to it from now on.
       frames.end();
@@ -1189,7 +1192,7 @@ export class MirrorSource implements CpSink, ReplicaGate {
       heldSeq: this.heldSeq,
       lastSeq: this.volume?.log.lastSeq ?? 0,
       bytesOnWire: wire,
-      catchUpWireBytes: this.catchUpWireBytes + (this.resync ? wire - this.resync.wireAtStart : 0),
+      catchUpWireBytes: this.catchUpWireBytes + (this.catchUpWireFrom !== undefined ? wire - this.catchUpWireFrom : 0),
       wireBytesByKind: (() => {
         const { sent: by, received } = this.link.bytesByType();
         return {
