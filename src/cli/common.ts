@@ -7,7 +7,7 @@ import { parseSize } from '../util/size';
 import type { VolumeSpec } from '../volume/open';
 import { LABEL_NAME } from '../volume/label';
 import { MIRROR_LABEL_NAME } from '../mirror/mirror-dir';
-import { RECEIVE_LOCK_NAME } from '../mirror/receive-dir';
+import { RECEIVE_LOCK_NAME, isReceiveDir } from '../mirror/receive-dir';
 
 export function sizeArg(value: string): number {
   try {
@@ -111,7 +111,7 @@ export function refuseMirrorSide(dir: string, mirrorHint: string): void {
   if (fs.existsSync(path.join(dir, MIRROR_LABEL_NAME))) {
     throw new Error(`${dir} is a mirror (${MIRROR_LABEL_NAME}), not a volume: ${mirrorHint}, or make it a volume with: nvmirror promote ${dir}`);
   }
-  if (fs.existsSync(path.join(dir, RECEIVE_LOCK_NAME))) {
+  if (isReceiveDir(dir)) {
     throw new Error(`${dir} is a receive directory (${RECEIVE_LOCK_NAME}), not a volume: its mirrors are ${path.join(dir, '<source-uuid>')}`);
   }
 }

@@ -13,7 +13,7 @@ import { volumeDirInUse } from '../volume/dir-lock';
 import { type VolumeStatus } from '../volume/served';
 import { controlRequest } from '../volume/engine-control';
 import { RECEIVER_SOCKET_NAME, type ReceiverStats } from '../mirror/receiver';
-import { RECEIVE_LOCK_NAME } from '../mirror/receive-dir';
+import { SOURCE_UUID_RE, isReceiveDir, sourceEntryNames } from '../mirror/receive-dir';
 import type { MirrorSourceStats } from '../mirror/source';
 import { standingLine } from '../mirror/standing';
 import { MIRROR_STATE_NAME, readRelationship, relationshipProblem } from '../mirror/relationship';
@@ -163,13 +163,7 @@ export interface ReceiveDirEntry {
 
 export async function receiveDirEntries(dir: string, open: ReadonlySet<string>, running: boolean): Promise<ReceiveDirEntry[]> {
   const out: ReceiveDirEntry[] = [];
-  let names: string[] = [];
-  try {
-    names = fs.readdirSync(dir).filter((n) => /^[0-9a-f-]{36}$/.test(n)).sort();
-  } catch {
-    return out;
-  }
-  for (const uuid of names) {
+  for (const uuid of sourceEntryNames(dir)) {
     const d = path.join(dir, uuid);
     const role = readRole(d);
     if (role) {
@@ -269,8 +263,6 @@ function formatRecordedMirror(m: RecordedMirror): string {
   ].join('\n');
 }
 
-const UUID_RE = /^[0-9a-f-]{36}$/;
-
 /**
  * A receive directory's status: from its running receiver (control socket), else from
  * its directories; `only`: one mirror's (RECEIVE_DIR/<only>). Undefined when DIR is not a
@@ -296,7 +288,7 @@ async function receiveDirStatus(dir: string, only: string | undefined): Promise<
   }
   const entries = keep(await receiveDirEntries(dir, new Set(), false), (e) => e.uuid);
   // A receive directory: mirrors in it, or the lock a receiver took (none received yet).
-  if (entries.length > 0 || (only === undefined && fs.existsSync(path.join(dir, RECEIVE_LOCK_NAME)))) {
+  if (entries.length > 0 || (only === undefined && isReceiveDir(dir))) {
     return { connections: 0, mirrors: [], running: false, directories: entries };
   }
   return undefined;
@@ -312,7 +304,7 @@ export function registerStatus(program: Command): void {
       const abs = path.resolve(dir);
       if (!fs.existsSync(path.join(abs, LABEL_NAME))) {
         // A mirror (RECEIVE_DIR/<source-uuid>) shows its receive directory's status, for it alone.
-        const only = fs.existsSync(path.join(abs, MIRROR_LABEL_NAME)) && UUID_RE.test(path.basename(abs)) ? path.basename(abs) : undefined;
+        const only = fs.existsSync(path.join(abs, MIRROR_LABEL_NAME)) && SOURCE_UUID_RE.test(path.basename(abs)) ? path.basename(abs) : undefined;
         const rxDir = only !== undefined ? path.dirname(abs) : abs;
         const st = await receiveDirStatus(rxDir, only);
         if (st) {

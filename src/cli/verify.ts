@@ -6,7 +6,7 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import { MIRROR_LABEL_NAME } from '../mirror/mirror-dir';
-import { RECEIVE_LOCK_NAME } from '../mirror/receive-dir';
+import { isReceiveDir } from '../mirror/receive-dir';
 import { RECEIVER_SOCKET_NAME } from '../mirror/receiver';
 import { Command } from 'commander';
 import { controlRequest, CONTROL_SOCKET_NAME } from '../volume/engine-control';
@@ -29,7 +29,7 @@ export function registerVerify(program: Command): void {
           throw new Error(`cannot reach the receiver of ${dir} (${e instanceof Error ? e.message : String(e)}): verify runs while \`nvmirror receive\` runs`);
         });
       } else {
-        if (fs.existsSync(path.join(abs, RECEIVE_LOCK_NAME))) throw new Error(`${dir} is a receive directory: verify one of its mirrors, ${path.join(dir, '<source-uuid>')}`);
+        if (isReceiveDir(abs)) throw new Error(`${dir} is a receive directory: verify one of its mirrors, ${path.join(dir, '<source-uuid>')}`);
         r = await controlRequest(path.join(abs, CONTROL_SOCKET_NAME), { op: 'verify' }, 600_000).catch((e: unknown) => {
           throw new Error(`cannot reach the serving process of ${dir} (${e instanceof Error ? e.message : String(e)}): verify runs while the volume is served with --mirror-to`);
         });

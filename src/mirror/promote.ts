@@ -42,7 +42,7 @@ import { NVRAM_DEFAULT_BYTES, NVRAM_DEFAULT_NAME, openVolumeDir } from '../volum
 import { DEST_LOG_MIN_BYTES, DEST_LOG_NAME, DestLog } from './dest-log';
 import { RECEIVER_SOCKET_NAME } from './receiver';
 import { PROMOTED_LABEL_NAME, ROLE_NAME, readRole, type RoleRecord } from './role';
-import { RECEIVE_LOCK_NAME } from './receive-dir';
+import { isReceiveDir, sourceEntryNames } from './receive-dir';
 import { MEMBER_NAME, openMirrorDevice, BASELINE_MARKER_NAME, MIRROR_LABEL_NAME, MIRROR_LOCK_NAME, MirrorDirError, baselineInProgress, newestSuperblock, removeStaleBaselineMarker, rootBytes, type MirrorLabel } from './mirror-dir';
 
 /** The promote's new generation id, written before its first CP (a re-run continues it). */
@@ -111,8 +111,8 @@ export async function promoteMirror(dirArg: string, opts: { force: boolean; logg
   const labelPath = path.join(dir, MIRROR_LABEL_NAME);
   if (!fs.existsSync(labelPath)) {
     if (readRole(dir)) throw new Error(`${dir} was already promoted: it is a primary volume (serve it with nvmirror serve ${dir})`);
-    if (fs.existsSync(path.join(dir, RECEIVE_LOCK_NAME))) {
-      const mirrors = fs.readdirSync(dir).filter((n) => /^[0-9a-f-]{36}$/.test(n) && fs.existsSync(path.join(dir, n, MIRROR_LABEL_NAME)));
+    if (isReceiveDir(dir)) {
+      const mirrors = sourceEntryNames(dir).filter((n) => fs.existsSync(path.join(dir, n, MIRROR_LABEL_NAME)));
       throw new Error(`${dir} is a receive directory: promote one of its mirrors, ${path.join(dir, '<source-uuid>')}${mirrors.length > 0 ? ` (${mirrors.join(', ')})` : ' (it holds none)'}`);
     }
     throw new Error(`${dir} is not a mirror directory (no ${MIRROR_LABEL_NAME})`);

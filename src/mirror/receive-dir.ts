@@ -17,6 +17,22 @@ import { LABEL_NAME } from '../volume/label';
 import { MIRROR_LABEL_NAME } from './mirror-dir';
 
 export const RECEIVE_LOCK_NAME = 'receiver.lock';
+/** A mirror's directory name in a receive directory: its source's uuid. */
+export const SOURCE_UUID_RE = /^[0-9a-f-]{36}$/;
+
+/** DIR is a receive directory a receiver used: its lock file stays after the receiver stops. */
+export function isReceiveDir(dir: string): boolean {
+  return fs.existsSync(path.join(dir, RECEIVE_LOCK_NAME));
+}
+
+/** DIR's entries named by a source uuid (its mirrors, promoted and demoted ones too), sorted; none if DIR cannot be read. */
+export function sourceEntryNames(dir: string): string[] {
+  try {
+    return fs.readdirSync(dir).filter((n) => SOURCE_UUID_RE.test(n)).sort();
+  } catch {
+    return [];
+  }
+}
 
 /**
  * Why DIR cannot be a receive directory (`receive DIR`, `demote --into DIR`): it is a
