@@ -14,10 +14,14 @@
  * - Without `repair` nothing is written to any member (readRepaired with heal off,
  *   scrubStripe with repair off).
  * - Redundancy is recomputed only from data that verified: a stripe holding a block that
- *   could not be rebuilt is never "repaired" (its parity is left as it is), and, without
- *   repair, a stripe holding a block that failed its checksum gets no parity verdict
- *   (the data error explains the mismatch; the block is already counted).
- * - Memory: two bitmaps of one bit per device block, plus one stripe's units per stripe
+ *   could not be rebuilt is never "repaired" (its parity is left as it is), nor is one
+ *   holding a block in use that pass 1 never read (it lies below a block that could not
+ *   be rebuilt, so nothing says whether its data or its parity is the wrong one: its
+ *   parity may be what rebuilds it once the block above is restored, e.g. from a
+ *   mirror); a mismatch there is reported, never "corrected". Without repair, a stripe
+ *   holding a block that failed its checksum gets no parity verdict (the data error
+ *   explains the mismatch; the block is already counted).
+ * - Memory: three bitmaps of one bit per device block, plus one stripe's units per stripe
  *   in flight (SCRUB_STRIPES_IN_FLIGHT).
  * - At most one scrub per RaidDevice at a time; its progress is readable meanwhile
  *   (scrubState) and the last report stays there until the device is closed.
@@ -72,6 +76,8 @@ export interface ScrubCheckpoint {
   lostStripes: number[];
   /** Without repair: stripes pass 1 found a bad (rebuilt) block in (no parity verdict). */
   rebuiltStripes: number[];
+  /** Stripes holding a block in use pass 1 never read (below a lost block): never rewritten. */
+  unverifiedStripes: number[];
   checkOk: boolean;
   blocksVerified: number;
   checksumErrors: number;
@@ -123,6 +129,7 @@ function isCheckpoint(c: unknown, repair: boolean, stripes: number, members: num
   const nat = (v: unknown): boolean => Number.isSafeInteger(v) && (v as number) >= 0;
   return o.version === 1 && o.repair === repair && o.stripes === stripes && nat(o.nextStripe) && (o.nextStripe as number) <= stripes
     && Array.isArray(o.lostStripes) && o.lostStripes.every(nat) && Array.isArray(o.rebuiltStripes) && o.rebuiltStripes.every(nat)
+    && Array.isArray(o.unverifiedStripes) && o.unverifiedStripes.every(nat)
     && Array.isArray(o.memberCounts) && o.memberCounts.length === members && Array.isArray(o.problems) && typeof o.checkOk === 'boolean'
     && [o.startedMs, o.blocksVerified, o.checksumErrors, o.unrebuildable, o.stripesChecked, o.stripesUnverifiable, o.parityErrors, o.parityCorrected].every(nat);
 }
@@ -236,6 +243,7 @@ export async function scrubRaid(tree: ScrubbedTree, raid: RaidDevice, opts: Scru
     // Pass 1: every checksum, through a device that records what needed rebuilding.
     const lostStripes = new Set<number>();
     const rebuiltStripes = new Set<number>();
+    const unverifiedStripes = new Set<number>();
     let checksumErrors = 0;
     let unrebuildable = 0;
     let checkOk: boolean;
@@ -244,6 +252,7 @@ export async function scrubRaid(tree: ScrubbedTree, raid: RaidDevice, opts: Scru
     if (resume) {
       for (const s of resume.lostStripes) lostStripes.add(s);
       for (const s of resume.rebuiltStripes) rebuiltStripes.add(s);
+      for (const s of resume.unverifiedStripes) unverifiedStripes.add(s);
       checksumErrors = resume.checksumErrors;
       unrebuildable = resume.unrebuildable;
       checkOk = resume.checkOk;
@@ -255,12 +264,15 @@ export async function scrubRaid(tree: ScrubbedTree, raid: RaidDevice, opts: Scru
       const bytes = Math.ceil(raid.blockCount / 8);
       const rebuilt = Buffer.alloc(bytes);
       const lost = Buffer.alloc(bytes);
+      // Every block the tree's check read (and so verified against its parent, or handed to readRepaired).
+      const read = Buffer.alloc(bytes);
       const recording: BlockDevice = {
         blockCount: raid.blockCount,
         allocUnitBlocks: raid.allocUnitBlocks,
         readBlocks: async (pba, count, dst) => {
           await pacer.take(count * B);
           await raid.readBlocks(pba, count, dst);
+          for (let p = pba; p < pba + count; p++) setBit(read, p);
         },
         writeBlocks: () => Promise.reject(new Error('scrub writes only through the RAID device')),
         sync: () => Promise.resolve(),
@@ -288,6 +300,15 @@ export async function scrubRaid(tree: ScrubbedTree, raid: RaidDevice, opts: Scru
       blocksVerified = check.blocksReachable;
       pass1Bytes = progress.scannedBytes;
       for (const p of check.problems) problem(`tree: ${p}`);
+      for (const s of usedStripes) {
+        if (lostStripes.has(s)) continue;
+        for (let p = s * W; p < (s + 1) * W; p++) {
+          if (testBit(used, p) && !testBit(read, p)) {
+            unverifiedStripes.add(s);
+            break;
+          }
+        }
+      }
     }
 
     // Pass 2: redundancy of every stripe in use, in checkpointed batches.
@@ -297,20 +318,21 @@ export async function scrubRaid(tree: ScrubbedTree, raid: RaidDevice, opts: Scru
     let stripesUnverifiable = resume?.stripesUnverifiable ?? 0;
     let parityErrors = resume?.parityErrors ?? 0;
     let parityCorrected = resume?.parityCorrected ?? 0;
-    const parityByMember = new Array<number>(g.members).fill(0);
+    // Mismatches the device did not count itself (it counts those it was asked to rewrite).
+    const parityUncountedByMember = new Array<number>(g.members).fill(0);
     const todo = usedStripes.filter((s) => s >= (resume?.nextStripe ?? 0));
     let done = usedStripes.length - todo.length;
     progress.scannedBytes = pass1Bytes + done * g.members * unitBytes;
     report();
-    const resumable = lostStripes.size + rebuiltStripes.size <= SCRUB_RESUME_STRIPES_MAX;
+    const resumable = lostStripes.size + rebuiltStripes.size + unverifiedStripes.size <= SCRUB_RESUME_STRIPES_MAX;
     const memberCounts = (): ScrubMemberCounts[] => raid.health().memberStatus.map((m, i) => ({
       index: m.index,
       name: m.name,
       state: m.state,
       read: m.errors.read - before[i]!.read + (resume?.memberCounts[i]!.read ?? 0),
       write: m.errors.write - before[i]!.write + (resume?.memberCounts[i]!.write ?? 0),
-      // A parity mismatch counts on its member; with repair, scrubStripe already counted it in the device.
-      checksum: m.errors.checksum - before[i]!.checksum + (repair ? 0 : parityByMember[i]!) + (resume?.memberCounts[i]!.checksum ?? 0),
+      // A parity mismatch counts on its member; scrubStripe counted those it was asked to rewrite.
+      checksum: m.errors.checksum - before[i]!.checksum + parityUncountedByMember[i]! + (resume?.memberCounts[i]!.checksum ?? 0),
     }));
     for (let at = 0; at < todo.length; at += SCRUB_CHECKPOINT_STRIPES) {
       const batch = todo.slice(at, at + SCRUB_CHECKPOINT_STRIPES);
@@ -321,13 +343,17 @@ export async function scrubRaid(tree: ScrubbedTree, raid: RaidDevice, opts: Scru
           // The bad data block explains a mismatch here; no verdict on parity.
         } else {
           await pacer.take(g.members * unitBytes);
-          const r = await raid.scrubStripe(s, repair);
+          // Below a lost block: compared, never rewritten (which side is wrong is unknown).
+          const unverified = unverifiedStripes.has(s);
+          const rewrite = repair && !unverified;
+          const r = await raid.scrubStripe(s, rewrite);
           if (r.verdict === 'unverifiable') stripesUnverifiable++;
           else stripesChecked++;
           if (r.verdict === 'mismatch') {
             parityErrors++;
-            for (const m of r.members) parityByMember[m]!++;
+            if (!rewrite) for (const m of r.members) parityUncountedByMember[m]!++;
             if (r.rewritten) parityCorrected++;
+            else if (unverified) problem(`stripe ${s}: redundancy on member(s) ${r.members.join(', ')} does not match its data, which could not be verified (it lies below a block that could not be rebuilt); left as it is`);
             else problem(`stripe ${s}: redundancy on member(s) ${r.members.join(', ')} does not match its data${repair ? ' and could not be rewritten' : ' (run scrub --repair)'}`);
           }
         }
@@ -340,7 +366,7 @@ export async function scrubRaid(tree: ScrubbedTree, raid: RaidDevice, opts: Scru
         if (repair) await raid.syncMembers(); // the rewrites so far are durable before the checkpoint says so
         await opts.store.save({
           version: 1, repair, stripes: g.stripes, startedMs: progress.startedMs, nextStripe: next,
-          lostStripes: [...lostStripes], rebuiltStripes: [...rebuiltStripes], checkOk, blocksVerified,
+          lostStripes: [...lostStripes], rebuiltStripes: [...rebuiltStripes], unverifiedStripes: [...unverifiedStripes], checkOk, blocksVerified,
           checksumErrors, unrebuildable, stripesChecked, stripesUnverifiable, parityErrors, parityCorrected,
           memberCounts: memberCounts().map((m) => ({ read: m.read, write: m.write, checksum: m.checksum })),
           problems: problems.slice(0, SCRUB_RESUME_PROBLEMS_MAX),

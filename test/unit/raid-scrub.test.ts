@@ -189,6 +189,52 @@ describe('raid scrub', () => {
     assert.deepEqual([again.ok, again.parityErrors], [true, 0]);
   });
 
+  it('RAID-5: a stripe below a block that could not be rebuilt is compared, never rewritten; its parity rebuilds the data once the block above is back', async () => {
+    const { mems, model } = await volume(5, 4);
+    const raid = raidOver(5, mems, true);
+    const g = raid.geometry;
+    // lbn x's leaf (shared by the live tree and the snapshot) and its data block, in different stripes.
+    const t = await BlockTree.open(raid);
+    let x = -1;
+    let leafPba = -1;
+    let dataPba = -1;
+    for (let lbn = 0; lbn < 168 && x < 0; lbn++) {
+      const { data, path: p } = await t.locate(lbn);
+      const leaf = p[p.length - 1]!.pba;
+      if (data && g.stripeOf(data.pba) !== g.stripeOf(leaf)) [x, leafPba, dataPba] = [lbn, leaf, data.pba];
+    }
+    await t.close();
+    assert.ok(x >= 0, 'a data block outside its leaf\'s stripe');
+    const leafAt = g.locate(leafPba);
+    const dataAt = g.locate(dataPba);
+    // The leaf is lost (its column and P of its row), the data block bad on its one member.
+    const lose = (): void => {
+      flip(mems[leafAt.member]!, leafAt.memberBlock, 0);
+      flip(mems[g.pMember(leafAt.stripe)]!, leafAt.memberBlock, 1);
+    };
+    lose();
+    flip(mems[dataAt.member]!, dataAt.memberBlock, 2);
+    const unitOf = (s: number): string[] => mems.map((d) => {
+      const h = crypto.createHash('sha256');
+      for (let b = g.unitStart(s); b < g.unitStart(s) + g.unitBlocks; b++) h.update(d.peekBlock(b));
+      return h.digest('hex');
+    });
+    const before = unitOf(dataAt.stripe);
+    for (const repair of [false, true]) {
+      const { r } = await scrub(mems, 5, repair);
+      assert.equal(r.ok, false);
+      assert.ok(r.uncorrectable >= 1, `${r.uncorrectable} uncorrectable`);
+      assert.ok(r.problems.some((p) => p.startsWith(`stripe ${dataAt.stripe}: `) && p.includes('could not be verified') && p.endsWith('left as it is')), r.problems.join('\n'));
+      assert.deepEqual(unitOf(dataAt.stripe), before, `the stripe below the lost leaf is not rewritten (repair ${repair})`);
+      assert.ok(r.members[g.pMember(dataAt.stripe)]!.checksum >= 1, 'the mismatch counts on the parity member');
+    }
+    // The leaf comes back (as a mirror's copy would bring it): the bad data block is found and rebuilt from the parity kept.
+    lose();
+    const { r: fixed } = await scrub(mems, 5, true);
+    assert.deepEqual([fixed.ok, fixed.checksumErrors, fixed.uncorrectable], [true, 1, 0], fixed.problems.join('\n'));
+    await expectModel(mems, 5, model);
+  });
+
   it('progress is readable while it runs (status), through both passes, and a second scrub at once is refused', async () => {
     const { mems } = await volume(5, 4);
     const raid = raidOver(5, mems, true);
