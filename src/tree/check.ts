@@ -16,6 +16,9 @@
  * - A child's birth CP never exceeds its parent's, nor the root's CP.
  * - The lineage is valid, and every older CP of this volume left in the superblock ring
  *   is on its line (same generation at that CP): the ring holds one history.
+ * - A walk cut short (an address or space-map block that cannot be read or verified) is
+ *   one problem: the comparisons it leaves meaningless (blocks below it "leaked", a lost
+ *   space map's "free" blocks, the accounting totals) are said as not checked, if at all.
  * - A block that fails verification on a device with redundancy (RAID: readRepaired) is
  *   a problem only if no rebuilt version verifies (the device counts and, when writable,
  *   heals the bad copy: a check of a served RAID volume repairs what it reads).
@@ -51,6 +54,14 @@ export interface CheckInput {
   onBlocksRead?: (blocks: number) => void;
   /** Where a block that fails verification is fetched again after the device's own redundancy (a mirror: verified-read.ts). */
   repair?: { source: RepairSource; mayHeal: boolean; volumeUuid: string; onRepaired: () => void };
+}
+
+/** One root's walk: what it reached, its space map as read, and the blocks whose subtrees it could not walk. */
+interface Walk {
+  reach: Buffer;
+  map: Buffer;
+  treeCut: number;
+  mapCut: number;
 }
 
 export async function runCheck(input: CheckInput): Promise<CheckReport> {
@@ -98,9 +109,12 @@ export async function runCheck(input: CheckInput): Promise<CheckReport> {
   };
 
   /** Walks one root: data tree + space-map tree; returns reachable set and on-disk map. */
-  const walkRoot = async (label: string, cp: number, root: BlockPtr | null, smapRoot: BlockPtr): Promise<{ reach: Buffer; map: Buffer }> => {
+  const walkRoot = async (label: string, cp: number, root: BlockPtr | null, smapRoot: BlockPtr): Promise<Walk> => {
     const reach = Buffer.alloc(mapBytes);
     const map = Buffer.alloc(mapBytes);
+    // Address / space-map blocks that could not be read or verified: what lies below them was not walked.
+    let treeCut = 0;
+    let mapCut = 0;
     for (let p = 0; p < RING_SLOTS; p++) setBit(reach, p);
     const mark = (p: BlockPtr, what: string): boolean => {
       if (testBit(reach, p.pba)) {
@@ -128,11 +142,15 @@ export async function runCheck(input: CheckInput): Promise<CheckReport> {
       const what = `address block level ${level} (lbns ${lo}-${Math.min(lbnCount, lo + slotsPerPointer(level + 1)) - 1})`;
       if (!mark(ptr, what)) return;
       const node = await readBlocks(ptr.pba, 1, `${label}: ${what}`);
-      if (!node) return;
+      if (!node) {
+        treeCut++;
+        return;
+      }
       const id = { type: NODE_TYPE_DATA_TREE, level, index };
       const bad = verifyNode(node, ptr, id, uuid);
       if (bad && !(await repaired(ptr.pba, node, (b) => verifyNode(b, ptr, id, uuid) === null))) {
         problem(`${label}: ${what} at pba ${ptr.pba}: ${bad}`);
+        treeCut++;
         return;
       }
       if (level > 0) {
@@ -189,11 +207,15 @@ export async function runCheck(input: CheckInput): Promise<CheckReport> {
       const what = `space-map node level ${level} index ${index}`;
       if (!mark(ptr, what)) return;
       const node = await readBlocks(ptr.pba, 1, `${label}: ${what}`);
-      if (!node) return;
+      if (!node) {
+        mapCut++;
+        return;
+      }
       const id = { type: NODE_TYPE_SPACE_MAP, level, index };
       const bad = verifyNode(node, ptr, id, uuid);
       if (bad && !(await repaired(ptr.pba, node, (b) => verifyNode(b, ptr, id, uuid) === null))) {
         problem(`${label}: ${what} at pba ${ptr.pba}: ${bad}`);
+        mapCut++;
         return;
       }
       const childCount = level === 0 ? leafCount : Math.ceil(leafCount / slotsPerPointer(level));
@@ -211,10 +233,14 @@ export async function runCheck(input: CheckInput): Promise<CheckReport> {
         }
         if (!mark(c, `space-map leaf ${ci}`)) continue;
         const leaf = await readBlocks(c.pba, 1, `${label}: space-map leaf ${ci}`);
-        if (!leaf) continue;
+        if (!leaf) {
+          mapCut++;
+          continue;
+        }
         const crc = crc32c(leaf);
         if (crc !== c.crc && !(await repaired(c.pba, leaf, (b) => crc32c(b) === c.crc))) {
           problem(`${label}: space-map leaf ${ci} at pba ${c.pba}: checksum mismatch`);
+          mapCut++;
           continue;
         }
         const end = Math.min(mapBytes, (ci + 1) * BLOCK);
@@ -229,19 +255,28 @@ export async function runCheck(input: CheckInput): Promise<CheckReport> {
         break;
       }
     }
-    return { reach, map };
+    return { reach, map, treeCut, mapCut };
   };
 
-  const compare = (label: string, reach: Buffer, map: Buffer): void => {
-    const leaked = SpaceMap.difference(map, reach, 10);
-    if (leaked.count > 0) problem(`${label}: ${leaked.count} blocks marked in use but unreachable (leaked), e.g. pba ${leaked.sample.join(', ')}`);
-    const lost = SpaceMap.difference(reach, map, 10);
+  // A walk cut short by an unreadable block leaves the comparisons below it meaningless
+  // (blocks below it would read as "leaked", a lost space-map block as everything free):
+  // each is said once as not compared, never as a second problem of its own.
+  const compare = (label: string, w: Walk): void => {
+    if (w.mapCut > 0) {
+      problem(`${label}: space map not compared with the tree (${w.mapCut} block(s) of it could not be read)`);
+      return;
+    }
+    const leaked = SpaceMap.difference(w.map, w.reach, 10);
+    if (leaked.count > 0 && w.treeCut > 0) problem(`${label}: ${leaked.count} blocks in use lie below the ${w.treeCut} address block(s) that could not be read (not checked), e.g. pba ${leaked.sample.join(', ')}`);
+    else if (leaked.count > 0) problem(`${label}: ${leaked.count} blocks marked in use but unreachable (leaked), e.g. pba ${leaked.sample.join(', ')}`);
+    const lost = SpaceMap.difference(w.reach, w.map, 10);
     if (lost.count > 0) problem(`${label}: ${lost.count} reachable blocks marked free in the space map, e.g. pba ${lost.sample.join(', ')}`);
   };
 
   const live = await walkRoot('live tree', sb.cpNumber, sb.root, sb.smapRoot);
-  compare('live tree', live.reach, live.map);
-  if (!live.map.equals(input.active)) {
+  compare('live tree', live);
+  let cut = live.treeCut + live.mapCut;
+  if (live.mapCut === 0 && !live.map.equals(input.active)) {
     const a = SpaceMap.difference(input.active, live.map, 10);
     const b = SpaceMap.difference(live.map, input.active, 10);
     problem(`space map in memory differs from disk: ${a.count} blocks only in memory (e.g. ${a.sample.join(', ')}), ${b.count} only on disk (e.g. ${b.sample.join(', ')})`);
@@ -251,18 +286,19 @@ export async function runCheck(input: CheckInput): Promise<CheckReport> {
   for (const s of sb.snapshots) {
     const label = `snapshot ${s.name}`;
     const r = await walkRoot(label, s.cp, s.root, s.smapRoot);
-    compare(label, r.reach, r.map);
+    compare(label, r);
+    cut += r.treeCut + r.mapCut;
     orInto(union, r.reach);
     orInto(snapUnion, r.map);
   }
-  if (!snapUnion.equals(input.summary)) {
+  if (cut === 0 && !snapUnion.equals(input.summary)) {
     const a = SpaceMap.difference(input.summary, snapUnion, 10);
     const b = SpaceMap.difference(snapUnion, input.summary, 10);
     problem(`snapshot summary in memory differs from the snapshots' maps: ${a.count} blocks only in memory (e.g. ${a.sample.join(', ')}), ${b.count} only on disk (e.g. ${b.sample.join(', ')})`);
   }
   await checkLineage(dev, sb, problem);
   const blocksReachable = popcount(union);
-  if (blocksReachable !== input.used) problem(`space accounting: ${blocksReachable} blocks reachable from all roots but ${input.used} counted in use`);
+  if (cut === 0 && blocksReachable !== input.used) problem(`space accounting: ${blocksReachable} blocks reachable from all roots but ${input.used} counted in use`);
   if (dropped > 0) problems.push(`... and ${dropped} more problems`);
   return { ok: problems.length === 0, problems, blocksReachable, blocksAccounted: input.used, ...(repairedFromSource > 0 ? { repaired: repairedFromSource } : {}) };
 }

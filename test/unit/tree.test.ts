@@ -12,7 +12,7 @@ import { FileBlockDevice } from '../../src/io/file-device';
 import { MemoryBlockDevice } from '../../src/io/memory-device';
 import { BLOCK_SIZE_BYTES } from '../../src/io/types';
 import { crc32c, crc32cBlock, crc32cImplementation, crc32cPortable } from '../../src/io/checksum';
-import { FANOUT, NODE_MAGIC, NODE_TYPE_DATA_TREE, RING_SLOTS } from '../../src/tree/layout';
+import { FANOUT, NODE_MAGIC, NODE_TYPE_DATA_TREE, RING_SLOTS, decodeSuperblock } from '../../src/tree/layout';
 import { BlockTree } from '../../src/tree/tree';
 import { GatedDevice } from './gated-device';
 import { DISCARD_RUN_BLOCKS_MIN } from '../../src/tree/commit';
@@ -596,6 +596,22 @@ describe('tree: corruption', () => {
     const r = await re.check();
     assert.equal(r.ok, false);
     assert.ok(r.problems.some((p) => p.includes(`pba ${leafNode.pba}`) && p.includes('checksum mismatch')), r.problems.join('\n'));
+    // What lies below it is said as not checked, not as leaked blocks or an accounting error.
+    assert.ok(r.problems.some((p) => p.startsWith('live tree: 1 blocks in use lie below the 1 address block(s) that could not be read (not checked)')), r.problems.join('\n'));
+    assert.ok(!r.problems.some((p) => /leaked|space accounting/.test(p)), r.problems.join('\n'));
+  });
+
+  it('a space-map block that cannot be read is one problem, and the map is said not compared (not every block "free")', async () => {
+    const { dev, tree } = await fresh(GiB);
+    await tree.commitCp(writes([[10, 10], [FANOUT + 1, 11]]), meta(1));
+    const sb = decodeSuperblock(dev.peekBlock(1 % RING_SLOTS));
+    assert.ok(typeof sb !== 'string');
+    await flipByte(dev, sb.smapRoot.pba, 200);
+    const r = await tree.check();
+    assert.equal(r.ok, false);
+    assert.ok(r.problems.some((p) => p.includes(`space-map node level 0 index 0 at pba ${sb.smapRoot.pba}`)), r.problems.join('\n'));
+    assert.ok(r.problems.includes('live tree: space map not compared with the tree (1 block(s) of it could not be read)'), r.problems.join('\n'));
+    assert.ok(!r.problems.some((p) => /marked free|differs from disk|space accounting/.test(p)), r.problems.join('\n'));
   });
 
   it('a misdirected write (right contents, wrong place) is caught by the header', async () => {
