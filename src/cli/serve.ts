@@ -16,6 +16,7 @@ import { MIRROR_STATE_NAME, readRelationship, relationshipProblem, type MirrorPo
 import type { MirrorMode } from '../mirror/wire';
 import { clientTls, linkSecurity, type LinkArgs } from '../mirror/link';
 import { EngineVolume } from '../volume/engine';
+import { raidDeviceOf, raidNotes } from '../volume/served';
 import { assert } from '../util/assert';
 import { hostPortArg, logLevelArg, onStopSignals, sizeArg, sizeRangeArg, intArg, durationArg, volumeSpecFromArgs } from './common';
 import {
@@ -304,6 +305,15 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
     ];
     process.stdout.write(lines.join('\n') + '\n');
     logger.info({ uris, what: opened.what, sizeBytes: v.sizeBytes }, 'serving');
+    // A RAID volume opened with members out of service says so where the operator looks first.
+    const raid = v instanceof EngineVolume ? raidDeviceOf(v) : undefined;
+    const health = raid?.health();
+    if (health && health.state !== 'online') {
+      const notes = raidNotes(health);
+      process.stderr.write(notes.map((n) => `nvmirror: warning: ${n}`).join('\n') + '\n' +
+        `nvmirror: warning: ${health.state === 'failed' ? 'data on the lost members cannot be read; ' : ''}replace each lost member with: nvmirror replace-member ${dir ?? "DIR"} OLD NEW\n`);
+      logger.warn({ state: health.state, lost: notes.slice(1) }, 'raid: serving with members out of service');
+    }
   } catch (e) {
     await server?.close().catch(() => undefined);
     await metrics?.close().catch(() => undefined);

@@ -242,8 +242,9 @@ export class RaidDevice implements BlockDevice {
     this.allPresent = new Uint8Array(g.stripeDataBlocks).fill(1);
     this.members = opts.members.map((m) => {
       if (m.dev === null) return { name: m.name, dev: null, state: 'missing' as const, reason: m.missingReason ?? 'missing', errors: { read: 0, write: 0, checksum: 0, healed: 0 } };
-      assert(m.dev.blockCount >= LABEL_COPIES + g.headBlocks, `member ${m.name} too small for its label area`);
+      // Out of service (never read or written): it may be any size, e.g. a file truncated to nothing.
       if (m.faultReason !== undefined) return { name: m.name, dev: m.dev, state: 'faulted' as const, reason: m.faultReason, errors: { read: 0, write: 0, checksum: 0, healed: 0 } };
+      assert(m.dev.blockCount >= LABEL_COPIES + g.headBlocks, `member ${m.name} too small for its label area`);
       return { name: m.name, dev: m.dev, state: 'online' as const, reason: undefined, errors: { read: 0, write: 0, checksum: 0, healed: 0 } };
     });
     if (this.members.some((m) => m.state !== 'online') || opts.relabel === true) this.labelsDirty = true;

@@ -172,6 +172,10 @@ for (const [level, members, bad] of [[5, 4, [1]], [6, 6, [1, 4]]] as [5 | 6, num
       const again = await serve(vol);
       await fio(tmp, 'base', again.uri, `verify_only=1\n${region(0)}`);
       await fio(tmp, 'during', again.uri, `verify_only=1\n${region(24)}`);
+      // The restart says so where the operator looks first, with what to do.
+      assert.match(again.stderr(), new RegExp(`nvmirror: warning: RAID-${level}: DEGRADED, ${members - lost.length} of ${members} members in service\n`));
+      for (const m of lost) assert.match(again.stderr(), new RegExp(`nvmirror: warning: RAID member ${m} m${m}\\.img: (faulted|missing) \\(`));
+      assert.match(again.stderr(), /nvmirror: warning: replace each lost member with: nvmirror replace-member \S+ OLD NEW\n/);
       s = await status(vol);
       assert.equal(s.raid!.state, 'degraded');
       for (const m of lost) assert.notEqual(s.raid!.memberStatus[m]!.state, 'online', `member ${m}: ${JSON.stringify(s.raid!.memberStatus[m])}`);

@@ -81,6 +81,25 @@ describe('raid members', () => {
     assert.match(d.health().failure ?? '', /lost 2 of 4 members, more than the 1 it tolerates/);
   });
 
+  it('a member truncated below its label area (to nothing, or to its labels only) is out of service, not a failed open', async () => {
+    const labelsOf1 = fs.readFileSync(files[1]!.path).subarray(0, LABEL_COPIES * 4096);
+    fs.truncateSync(files[1]!.path, 0);
+    let d = await openAll(true);
+    assert.equal(d.health().memberStatus[1]!.state, 'faulted');
+    assert.equal(d.health().memberStatus[1]!.reason, 'too small to hold a label (0 blocks)');
+    assert.equal(d.health().state, 'degraded');
+    const b = Buffer.alloc(4096);
+    await d.readBlocks(120, 1, b);
+    assert.ok(b.equals(Buffer.alloc(4096, 7)), 'degraded read');
+    await d.close();
+    open.splice(0);
+    // Its labels back, nothing after them (shorter than the label area and head ring).
+    fs.writeFileSync(files[1]!.path, labelsOf1);
+    d = await openAll(true);
+    assert.equal(d.health().memberStatus[1]!.state, 'faulted');
+    assert.match(d.health().memberStatus[1]!.reason ?? '', new RegExp(`^truncated: ${labelsOf1.length / 4096} blocks, the volume needs ${memberBlocks}$`));
+  });
+
   it('a member that missed writes is stale at the next open', async () => {
     fs.renameSync(files[1]!.path, path.join(tmp, 'away'));
     const d = await openAll();
