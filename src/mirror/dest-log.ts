@@ -38,11 +38,13 @@
  *   once, with the frame's checksum, or here); the record's checksum is combined from them.
  */
 import * as crypto from 'crypto';
+import * as fs from 'fs';
 import { MmapNvram } from '../io/mmap-nvram';
 import type { NvramRegion } from '../io/types';
-import { crc32cBlocks, crc32cWide } from '../io/native';
+import { crc32cBlocks, crc32cWide, errnoCode } from '../io/native';
 import { crc32cAppendBlock } from '../io/checksum';
 import { assert } from '../util/assert';
+import { formatSize } from '../util/size';
 import { BLOCK_BYTES, putU64, RECORD_PAYLOAD_MAX_BYTES } from './wire';
 
 export const DEST_LOG_NAME = 'source.log';
@@ -141,14 +143,23 @@ export class DestLog {
    */
   static async open(path: string, uuid: string, sizeBytes: number, mode: 'recover' | 'fresh' = 'recover', committedSeq = 0): Promise<DestLog> {
     assert(sizeBytes >= DEST_LOG_MIN_BYTES && sizeBytes % BLOCK_BYTES === 0, `dest log size ${sizeBytes}`);
+    const fail = (e: unknown): Error => new Error(`the mirror's log ${path} (${formatSize(sizeBytes)}): ${e instanceof Error ? e.message : String(e)}`);
+    // Missing, or another size (the source's NVRAM changed; or a creation cut short, e.g. by
+    // a full disk): made anew. Any other failure (permissions, descriptors, memory) leaves
+    // the file as it is: the records in it may be the only copy a promote would replay.
+    let exists: boolean;
+    try {
+      exists = (await fs.promises.stat(path)).size === sizeBytes;
+    } catch (e) {
+      if (errnoCode(e) !== 'ENOENT') throw fail(e);
+      exists = false;
+    }
     let region: MmapNvram;
     try {
-      region = await MmapNvram.open(path, { sizeBytes });
-    } catch {
-      // Missing, or another size (the source's NVRAM changed): make a new one.
-      const fs = await import('fs');
-      await fs.promises.rm(path, { force: true });
-      region = await MmapNvram.open(path, { sizeBytes, create: true });
+      if (!exists) await fs.promises.rm(path, { force: true });
+      region = await MmapNvram.open(path, exists ? { sizeBytes } : { sizeBytes, create: true });
+    } catch (e) {
+      throw fail(e);
     }
     return DestLog.over(region, uuid, mode, committedSeq);
   }

@@ -549,6 +549,10 @@ export class MirrorDir {
     const dir = path.join(root, hello.sourceUuid);
     await fs.promises.mkdir(dir, { recursive: true });
     const lockFd = fs.openSync(path.join(dir, MIRROR_LOCK_NAME), 'a');
+    // Opened here and closed here if the open fails further on (a member left open keeps its
+    // flock: every later stream of this source would be refused as "in use").
+    let dev: BlockDevice | undefined;
+    let log: DestLog | undefined;
     try {
       if (!native.flockExclusive(lockFd)) throw new MirrorDirError(`mirror ${dir} is already in use by another connection or process`);
       const labelPath = path.join(dir, MIRROR_LABEL_NAME);
@@ -597,24 +601,19 @@ export class MirrorDir {
         logger.info({ dir, source: hello.sourceUuid }, 'new mirror created');
       }
       const opened = await openMirrorDevice(dir, label, false);
-      const dev = opts.device ? await opts.device(opened) : opened;
+      dev = opened;
+      if (opts.device) dev = await opts.device(opened);
       if (dev.blockCount < label.deviceBlocks) {
-        await dev.close();
         throw new MirrorDirError(`mirror ${label.raid ? `RAID-${label.raid.level} device` : 'member'} has ${dev.blockCount} blocks, needs ${label.deviceBlocks}`);
       }
       if (label.demoted) {
-        try {
-          await rollBackForFailback(dir, dev, label, hello, logger);
-        } catch (e) {
-          await dev.close();
-          throw e;
-        }
+        await rollBackForFailback(dir, dev, label, hello, logger);
         delete label.demoted;
         await writeMirrorLabel(dir, label);
       }
       const committed = await newestSuperblock(dev, label.sourceUuid);
       // The log keeps what an earlier run stored after the committed CP (a receiver restart loses no record).
-      const log = await DestLog.open(path.join(dir, DEST_LOG_NAME), hello.sourceUuid, destLogBytesFor(hello.nvramBytes), 'recover', committed?.sb.nvlogSeq ?? 0);
+      log = await DestLog.open(path.join(dir, DEST_LOG_NAME), hello.sourceUuid, destLogBytesFor(hello.nvramBytes), 'recover', committed?.sb.nvlogSeq ?? 0);
       if (log.recordsRecovered > 0) logger.info({ dir, records: log.recordsRecovered }, 'records of an earlier run kept in the mirror\'s log');
       const markerPath = path.join(dir, BASELINE_MARKER_NAME);
       const partial = baselineInProgress(dir, committed?.sb.cpNumber);
@@ -632,6 +631,8 @@ export class MirrorDir {
       if (m.committed) log.committed(m.committed.sb.nvlogSeq);
       return m;
     } catch (e) {
+      await log?.close().catch(() => undefined);
+      await dev?.close().catch(() => undefined);
       fs.closeSync(lockFd);
       throw e;
     }

@@ -1,0 +1,64 @@
+/**
+ * A mirror whose open fails part way (its log cannot be made: a full disk, or something
+ * in the log's place) releases what it had opened: the next stream of that source opens
+ * it once the cause is gone. Found by hand: a receiver on a full file system refused the
+ * first stream with ENOSPC, and every later one with "in use by another process:
+ * .../member-0.img" (the member left open, with its lock, in the receiver itself) until the
+ * receiver was restarted. And the log is never deleted for a reason other than its size.
+ */
+import { strict as assert } from 'assert';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import pino from 'pino';
+import { MirrorDir, type MirrorHello } from '../../src/mirror/mirror-dir';
+import { DEST_LOG_NAME, DestLog, destLogBytesFor } from '../../src/mirror/dest-log';
+
+const UUID = 'fa11ed00-0000-4000-8000-00000000c0de';
+
+describe('mirror: an open that fails part way', () => {
+  let tmp: string;
+  const log = pino({ level: 'silent' });
+  beforeEach(() => {
+    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'nvm-mirror-open-'));
+  });
+  afterEach(() => fs.rmSync(tmp, { recursive: true, force: true }));
+
+  it('releases the member and its lock: the next open of the same mirror succeeds once the cause is gone', async () => {
+    const hello: MirrorHello = { sourceUuid: UUID, sizeBytes: 8 * 1024 * 1024, deviceBlocks: 4096, nvramBytes: 4 * 1024 * 1024 };
+    const dir = path.join(tmp, UUID);
+    // Something in the log's place that cannot be replaced (a non-empty directory).
+    fs.mkdirSync(path.join(dir, DEST_LOG_NAME), { recursive: true });
+    fs.writeFileSync(path.join(dir, DEST_LOG_NAME, 'x'), 'x');
+    for (let i = 0; i < 2; i++) {
+      await assert.rejects(MirrorDir.openOrCreate(tmp, hello, log), (e: Error) => {
+        assert.match(e.message, new RegExp(`^the mirror's log ${dir}/${DEST_LOG_NAME} \\(16\\.0 MiB\\): `));
+        assert.doesNotMatch(e.message, /in use/);
+        return true;
+      });
+    }
+    fs.rmSync(path.join(dir, DEST_LOG_NAME), { recursive: true });
+    const m = await MirrorDir.openOrCreate(tmp, hello, log);
+    assert.equal(m.committedCp, -1);
+    await m.close();
+  });
+
+  it('refuses by name what is in the log\'s place and cannot be replaced, leaving it as it was; makes anew a log of another size', async () => {
+    const file = path.join(tmp, DEST_LOG_NAME);
+    const size = destLogBytesFor(4 * 1024 * 1024);
+    const l = await DestLog.open(file, UUID, size);
+    await l.close();
+    // Not a log file: refused by name, left where it is.
+    fs.rmSync(file);
+    fs.mkdirSync(file);
+    fs.writeFileSync(path.join(file, 'kept'), 'records');
+    await assert.rejects(DestLog.open(file, UUID, size), /^Error: the mirror's log .*: /);
+    assert.equal(fs.readFileSync(path.join(file, 'kept'), 'utf8'), 'records', 'left as it was');
+    fs.rmSync(file, { recursive: true });
+    // Another size: replaced.
+    fs.writeFileSync(file, Buffer.alloc(4096));
+    const again = await DestLog.open(file, UUID, size);
+    assert.equal(fs.statSync(file).size, size);
+    await again.close();
+  });
+});
