@@ -117,6 +117,11 @@ function formatServed(s: VolumeStatus): string[] {
 /** The `errors:` line: reads refused since open (a served volume), as zpool status says it. */
 export function formatErrors(s: VolumeStatus): string {
   const e = s.errors;
+  if (s.cpFailure !== undefined) {
+    const full = /ENOSPC/.test(s.cpFailure);
+    return `errors:    WRITES FAILING: ${s.cpFailure}; the volume takes no writes (they fail with ${full ? 'ENOSPC' : 'EIO'}) until it is restarted. ` +
+      `Every acknowledged write is kept in the NVRAM log and replayed at the restart${full ? ': free space on the members\' file system first' : ''}`;
+  }
   const since = s.served ? 'since the volume was opened' : 'by this status (not served: `nvmirror check` reads every block)';
   const repaired = (e.repaired ?? 0) > 0 ? `; ${e.repaired} block(s) failed verification here and were repaired from the mirror (the log names them: look at this disk)` : '';
   if (e.checksum === 0 && e.io === 0) return `errors:    No known data errors ${since.startsWith('since') ? '' : `(${since})`}`.trimEnd() + repaired;

@@ -55,6 +55,8 @@ export interface CpStats {
   cpDurationMsMax: number;
   /** CPs that became urgent while they ran (URGENT_ACTIVE_FILL). */
   urgentCps: number;
+  /** Why the volume stopped taking writes: the CP that failed (absent while none has). */
+  failure?: string;
 }
 
 interface Demand {
@@ -92,7 +94,7 @@ export class CpRunner {
   }
 
   stats(): CpStats {
-    return { ...this.st };
+    return { ...this.st, ...(this.failure ? { failure: this.failure.message } : {}) };
   }
 
   private armTimer(): void {

@@ -39,6 +39,7 @@ import { log } from '../util/log';
 import { popcount } from '../util/bitmap';
 import { checksumRun, crcScratch } from './data-checksums';
 import { crc32cBlocks } from '../io/checksum';
+import { errnoCode } from '../io/native';
 import { runCheck } from './check';
 import {
   BLOCK, BlockPtr, FANOUT, RING_SLOTS, SnapshotRecord, Superblock, decodeSuperblock, encodeSuperblock, ptrString, slotsPerPointer,
@@ -436,7 +437,10 @@ export class BlockTree implements BlockTreeApi {
       const msg = e instanceof Error ? e.message : String(e);
       this.failedReason = `CP ${cp}: ${msg}`;
       log().error({ cp, err: msg }, 'block tree: commit failed; further commits are refused until the volume is reopened');
-      throw e instanceof VolumeError ? e : new VolumeError('EIO', `commit of CP ${cp} failed: ${msg}`);
+      if (e instanceof VolumeError) throw e;
+      // A full file system under a thin member is said as such to the clients (NBD ENOSPC), not as a media error.
+      const full = errnoCode(e) === 'ENOSPC' || errnoCode(e) === 'EDQUOT';
+      throw new VolumeError(full ? 'ENOSPC' : 'EIO', `commit of CP ${cp} failed: ${msg}`);
     }
   }
 

@@ -36,6 +36,8 @@ export interface VolumeStatus {
   lastCpMs: number;
   lastCpDurationMs: number;
   cpsThisSession: number;
+  /** A CP failed (e.g. the member's file system is full): the volume takes no more writes until it is restarted. */
+  cpFailure?: string;
   /** The last CP this process committed: blocks written (data and the rest), freed, and where its time went (ms). */
   lastCp?: { cpNumber: number; durationMs: number; dataBlocks: number; earlyBlocks?: number; blocksWritten: number; blocksFreed: number; phases: CpPhases };
   /** Data blocks of large WRITEs written to the member ahead of their CP, this session: placed, taken by a CP where they were, and records left to the CP. */
@@ -100,6 +102,7 @@ export function engineStatus(dir: string, label: VolumeLabel, volume: EngineVolu
     lastCpMs: s.tree.lastCpMs,
     lastCpDurationMs: s.tree.lastCpDurationMs,
     cpsThisSession: s.cp.cpsRun,
+    ...(s.cp.failure !== undefined ? { cpFailure: s.cp.failure } : {}),
     ...(s.tree.lastCp ? { lastCp: s.tree.lastCp } : {}),
     nvram: {
       path: resolveIn(dir, label.nvram.path),
