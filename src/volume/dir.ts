@@ -65,7 +65,7 @@ import { RAID_JOURNAL_NAME, openRaidJournalFile } from '../raid/journal-file';
 import { RaidDevice } from '../raid/raid-device';
 import { replacingAtOpen, resumeServedReplace, stopServedReplace } from './replace-member';
 import { LABEL_FORMAT, LABEL_VERSION, resolveIn, pathExists, readLabel, writeLabel, type VolumeLabel } from './label';
-import { writeCleanStop, clearCleanStop } from './clean-stop';
+import { CLEAN_STOP_NAME, writeCleanStop, clearCleanStop } from './clean-stop';
 import { recordSessionStart } from './sessions';
 import { lockVolumeDir, isReadOnlyFs, type DirLock } from './dir-lock';
 import { handleControl, noteRaidDevice } from './served';
@@ -211,6 +211,10 @@ export async function createVolumeDir(dir: string, opts: CreateVolumeDirOptions)
     } finally {
       await region.close();
     }
+    // A new volume has stopped cleanly by definition (CP 0 holds everything, the log is
+    // empty): a lost NVRAM log before its first session can be recreated like any other.
+    created.push(path.join(absDir, CLEAN_STOP_NAME));
+    await writeCleanStop(absDir, { uuid, cpNumber: 0, nvlogSeq: 0, stoppedMs: Math.floor(clock.nowMs()) });
     const label: VolumeLabel = {
       format: LABEL_FORMAT,
       version: LABEL_VERSION,
@@ -247,8 +251,11 @@ export function openNvram(absDir: string, label: VolumeLabel, readOnly: boolean)
   const p = resolveIn(absDir, label.nvram.path);
   const opening = readOnly ? NvramFileCopy.open(p, label.nvram.sizeBytes) : MmapNvram.open(p, { sizeBytes: label.nvram.sizeBytes });
   return opening.catch(async (e: unknown) => {
-    if (await pathExists(p)) throw e;
-    throw new Error(`the NVRAM log ${p} is missing (if the last session stopped cleanly: nvmirror repair ${absDir} --recreate-nvram)`);
+    const hint = `if the last session stopped cleanly: nvmirror repair ${absDir} --recreate-nvram`;
+    if (!(await pathExists(p))) throw new Error(`the NVRAM log ${p} is missing (${hint})`);
+    const msg = e instanceof Error ? e.message : String(e);
+    if (/ is \d+ bytes, expected \d+$/.test(msg)) throw new Error(`${msg}: truncated or replaced? (${hint})`);
+    throw e;
   });
 }
 

@@ -78,6 +78,24 @@ describe('crash: recreating a lost NVRAM log', function () {
     assert.equal(await s3.stop(), 0, s3.stderr);
   });
 
+  it('a volume never served (created: CP 0, an empty log): a truncated log is named with the way out, and recreated', async () => {
+    const dir = path.join(tmp, 'new');
+    const sock = path.join(tmp, 'new.sock');
+    const log = path.join(dir, 'nvram.log');
+    assert.equal((await runCli(['create', dir, '--size', '64M', '--nvram-size', '1M'])).code, 0);
+    fs.truncateSync(log, 512 * 1024);
+    const short = await runCli(['serve', dir, '--socket', sock]);
+    assert.equal(short.code, 1);
+    assert.match(short.stderr, /^nvmirror: NVRAM file .*nvram\.log is 524288 bytes, expected 1048576: truncated or replaced\? \(if the last session stopped cleanly: nvmirror repair .* --recreate-nvram\)\n$/);
+    const r = await runCli(['repair', dir, '--recreate-nvram']);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /recreated the NVRAM log .*nvram\.log: the tree at CP 0 holds every write up to seq 0/);
+    assert.equal(fs.statSync(log).size, 1024 * 1024);
+    const server = await writeSome(dir, sock, 4);
+    assert.equal(await server.stop(), 0, server.stderr);
+    assert.equal((await runCli(['check', dir])).code, 0);
+  });
+
   it('after kill -9 (records not in the tree) the log is not recreated', async () => {
     const dir = path.join(tmp, 'killed');
     const sock = path.join(tmp, 'killed.sock');
