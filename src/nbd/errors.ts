@@ -4,6 +4,7 @@
  */
 import type { Logger } from '../util/log';
 import { isVolumeError } from '../util/errors';
+import { LogBurst } from '../util/log-burst';
 import * as P from './protocol';
 
 const BY_CODE: Record<string, number> = {
@@ -21,13 +22,33 @@ const BY_CODE: Record<string, number> = {
   ESHUTDOWN: P.ESHUTDOWN,
 };
 
+/**
+ * Failed requests are logged one by one up to a burst per error code, then counted (a
+ * volume that stops taking writes fails every request of every client the same way).
+ */
+const bursts = new Map<string, { burst: LogBurst; logger: Logger }>();
+
+function burstFor(code: string, logger: Logger): LogBurst {
+  let b = bursts.get(code);
+  if (!b) {
+    const entry: { burst: LogBurst; logger: Logger } = {
+      logger,
+      burst: new LogBurst((n, ms) => entry.logger.error({ code, requests: n }, `${n} more request(s) failed with ${code || 'an error'} within ${ms / 1000} s (one line each left out)`)),
+    };
+    bursts.set(code, entry);
+    b = entry;
+  }
+  b.logger = logger;
+  return b.burst;
+}
+
 export function toNbdError(e: unknown, logger: Logger, what: string): number {
   const code = typeof e === 'object' && e !== null && 'code' in e ? String((e as { code: unknown }).code) : '';
   const nbd = BY_CODE[code] ?? P.EIO;
   const message = e instanceof Error ? e.message : String(e);
   if (isVolumeError(e) && (code === 'ENOTSUP' || code === 'ENOSPC')) {
     logger.debug({ err: message, code }, `${what} failed`);
-  } else {
+  } else if (burstFor(code, logger).take()) {
     logger.error({ err: message, code, stack: e instanceof Error && !isVolumeError(e) ? e.stack : undefined }, `${what} failed`);
   }
   return nbd;

@@ -51,6 +51,7 @@
 import type { BlockDevice } from '../io/types';
 import { BLOCK_SIZE_BYTES } from '../io/types';
 import { assert } from '../util/assert';
+import { LogBurst } from '../util/log-burst';
 import { log } from '../util/log';
 import { VolumeError } from '../util/errors';
 import { forEachLimit } from '../util/work';
@@ -207,6 +208,11 @@ export class RaidDevice implements BlockDevice {
   /** Discards in flight, by stripe range [first, last). */
   private readonly discards = new Set<{ first: number; last: number; done: Promise<void> }>();
   private labelsDirty = false;
+  private readonly scrubLog = new LogBurst((n, ms) => log().warn({ volume: this.uuid, stripes: n },
+    `raid: scrub found ${n} more stripe(s) whose redundancy does not match its data within ${ms / 1000} s (one line each left out; the scrub's report lists them)`));
+  /** A damaged region is read block by block: examples and a count in the log, the exact numbers per member in health(). */
+  private readonly healLog = new LogBurst((n, ms) => log().warn({ volume: this.uuid, blocks: n },
+    `raid: ${n} more block(s) failed their checksum within ${ms / 1000} s and were served rebuilt (one line each left out; status counts them per member)`));
   /** Stripes written whole from new data, and stripes completed by read-modify-write. */
   readonly stats = { fullStripeWrites: 0, rmwStripeWrites: 0, journaledStripes: 0, journalBatches: 0, replayedStripes: 0 };
   private readonly journal: StripeJournal | undefined;
@@ -523,7 +529,7 @@ export class RaidDevice implements BlockDevice {
           if (mm.state === 'online') mm.errors.healed++;
         }
       }
-      log().warn({ volume: this.uuid, pba, members: holder, healed: heal && !this.readOnly }, 'raid: block failed its checksum; served a rebuilt copy that verifies');
+      if (this.healLog.take()) log().warn({ volume: this.uuid, pba, members: holder, healed: heal && !this.readOnly }, 'raid: block failed its checksum; served a rebuilt copy that verifies');
       return true;
     });
   }
@@ -611,7 +617,7 @@ export class RaidDevice implements BlockDevice {
         }
         rewritten = bad.every((c) => this.members[memberOf(c)]!.state === 'online');
       }
-      log().warn({ volume: this.uuid, stripe, members, rewritten }, 'raid: scrub found a stripe whose redundancy does not match its data');
+      if (this.scrubLog.take()) log().warn({ volume: this.uuid, stripe, members, rewritten }, 'raid: scrub found a stripe whose redundancy does not match its data');
       return { verdict: 'mismatch' as const, members, rewritten };
     });
   }
@@ -1245,6 +1251,8 @@ export class RaidDevice implements BlockDevice {
 
   async close(): Promise<void> {
     if (this.closed) return;
+    this.healLog.flush();
+    this.scrubLog.flush();
     await Promise.all([...this.discards].map((d) => d.done));
     if (!this.readOnly && this.pending.size > 0 && this.failure === undefined) await this.flushAll().catch(() => undefined);
     this.closed = true;
