@@ -201,7 +201,10 @@ export async function receiveDirEntries(dir: string, open: ReadonlySet<string>, 
 }
 
 export function formatReceiver(dir: string, r: ReceiverStats & { directories?: ReceiveDirEntry[] }): string {
-  const lines = [`receiver   ${dir}, ${r.connections} source(s) connected`];
+  // A connection is a source only once its stream is taken (one in its handshake, or being refused, is not).
+  const streaming = r.mirrors.filter((m) => m.connected).length;
+  const others = r.connections - streaming;
+  const lines = [`receiver   ${dir}, ${streaming} source(s) connected${others > 0 ? `, ${others} other connection(s) (in a handshake, or refused)` : ''}`];
   if (r.memory) lines.push(`memory     ${formatSize(r.memory.usedBytes)} of ${formatSize(r.memory.budgetBytes)} budget in use (peak ${formatSize(r.memory.peakBytes)})${r.memory.waiting > 0 ? `, ${r.memory.waiting} waiting` : ''}`);
   for (const m of r.mirrors) {
     lines.push(

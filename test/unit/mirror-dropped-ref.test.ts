@@ -17,6 +17,7 @@
 import { strict as assert } from 'assert';
 import { formatReceiver } from '../../src/cli/status';
 import * as fs from 'fs';
+import * as net from 'net';
 import * as os from 'os';
 import * as path from 'path';
 import pino from 'pino';
@@ -94,6 +95,12 @@ describe('mirror receiver: records dropped from a full log, and references to th
     const firstDropped = st.recordsStored + 1;
     assert.equal(st.droppingFromSeq, firstDropped, 'the receiver\'s status says its log drops records, from which one');
     assert.match(formatReceiver('/rx', rx.stats()), new RegExp(`\\(${st.recordsStored} records stored, ${st.recordsDropped} dropped\\); FULL: dropping records from seq ${firstDropped} until a CP covers them`));
+    // A connection that has not said HELLO is not a source (the header said "2 source(s) connected" beside "source connected").
+    assert.match(formatReceiver('/rx', rx.stats()), /^receiver {3}\/rx, 1 source\(s\) connected\n/);
+    const bare = net.connect(port, '127.0.0.1');
+    await until('the bare connection counted', () => rx.stats().connections === 2);
+    assert.match(formatReceiver('/rx', rx.stats()), /^receiver {3}\/rx, 1 source\(s\) connected, 1 other connection\(s\) \(in a handshake, or refused\)\n/);
+    bare.destroy();
     await until('an ack after the drop', () => acks(p).some((a) => a.storedFromSeq === NO_REFERENCES_FROM_SEQ));
     const last = acks(p).at(-1)!;
     assert.equal(last.storedFromSeq, NO_REFERENCES_FROM_SEQ, 'the newest ack still names no record as referable');
