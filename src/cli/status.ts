@@ -216,7 +216,7 @@ export function formatReceiver(dir: string, r: ReceiverStats & { directories?: R
       lines.push(`           ${m.blocksServedFromSource} block(s) of this mirror failed verification and were served from the source's copy, ${m.blocksHealed ?? 0} rewritten here` +
         (left > 0 ? `; ${left} not (read on an older CP): \`nvmirror check\` this mirror` : ' (the log names the pbas: look at this disk)'));
     }
-    if (m.snapshots?.length) lines.push(`           snapshots ${m.snapshots.map((x) => `${x.name} (CP ${x.cp})`).join(', ')}: exported as ${m.sourceUuid}@NAME`);
+    if (m.snapshots?.length) lines.push(`           snapshots ${m.snapshots.map((x) => `${x.name} (CP ${x.cp})`).join(', ')}: exported as ${m.snapshots.map((x) => `${m.sourceUuid}@${x.name}`).join(', ')}`);
     if (m.catchUp) lines.push(`           ${m.catchUp.baseCp < 0 ? 'baseline' : `resync from CP ${m.catchUp.baseCp}`} to CP ${m.catchUp.cp} in progress: ${m.catchUp.blocks} blocks (${formatSize(m.catchUp.blocks * 4096)}) received`);
     const st = r.standings?.find((x) => x.sourceUuid === m.sourceUuid);
     if (st) lines.push(`           ${standingLine(st, 'destination')}`);

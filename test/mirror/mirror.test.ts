@@ -568,7 +568,7 @@ describe('mirror: two hosts (network namespaces)', function () {
     const list = sh('nbdinfo', ['--list', `nbd+unix:///?socket=${s.expSock}`]);
     assert.match(list, new RegExp(`${s.uuid}@before`));
     // The receiver's status names them too.
-    assert.match(sh(BIN, ['status', path.join(tmp, 'dst', s.uuid)]), new RegExp(`^ +snapshots before \\(CP \\d+\\): exported as ${s.uuid}@NAME$`, 'm'));
+    assert.match(sh(BIN, ['status', path.join(tmp, 'dst', s.uuid)]), new RegExp(`^ +snapshots before \\(CP \\d+\\): exported as ${s.uuid}@before$`, 'm'));
     sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x81 0 1M', `nbd+unix:///${s.uuid}@before?socket=${s.expSock}`]);
     sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x82 0 1M', `nbd+unix:///${s.uuid}?socket=${s.expSock}`]);
     assert.strictEqual(md5OfExport(`nbd+unix:///${s.uuid}@before?socket=${s.expSock}`), md5OfExport(`nbd+unix:///before?socket=${s.srcSock}`.replace('///before', '///@before')));
