@@ -210,6 +210,13 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
   if (rel && dir !== undefined && mirrorSec) {
     if (spec.readOnly) throw new Error('mirroring needs the volume served read-write (or --no-mirror)');
     if (o.mirrorTo === undefined) process.stdout.write(`nvmirror: resuming the mirror to ${rel.peer} (${rel.mode}) recorded in ${path.join(path.resolve(dir), MIRROR_STATE_NAME)}; --no-mirror to serve without it\n`);
+    const before = o.mirrorTo !== undefined ? readRelationship(path.resolve(dir)) : undefined;
+    if (before && before.peer !== rel.peer) {
+      // The old destination keeps what it has, but is no longer kept in step (nor its CP held here).
+      const had = before.destCp >= 0 ? `its copy at CP ${before.destCp}` : 'no committed copy';
+      process.stdout.write(`nvmirror: the mirror moves from ${before.peer} (${had}, no longer kept in step) to ${rel.peer}: a destination without this volume's mirror gets a full baseline\n`);
+      logger.warn({ from: before.peer, to: rel.peer, oldDestCp: before.destCp }, 'mirror relationship moved to another destination');
+    }
     const tlsOpts = clientTls(mirrorSec);
     const m = new MirrorSource({
       dir: path.resolve(dir), peer: hostPortArg(rel.peer), mode: rel.mode, policy: rel.policy, logger, link: rel.link,

@@ -16,7 +16,7 @@ import * as fs from 'fs';
 import * as crypto from 'crypto';
 import * as net from 'net';
 import * as path from 'path';
-import { MiB, NVMIRROR_BIN, cleanupAll, makeTempDir, requireTools, run, runOk, sha256File, sleep, startServer, writeRandomFile } from './harness';
+import { MiB, NVMIRROR_BIN, cleanupAll, freePort, makeTempDir, requireTools, run, runOk, sha256File, sleep, startServer, writeRandomFile } from './harness';
 import { CMD, RawConn, negotiate, nextCookie, request, simpleRead, targetOf } from './rawnbd';
 import { MIRROR_STATE_NAME } from '../../src/mirror/relationship';
 
@@ -219,6 +219,29 @@ describe('e2e serve command line (issue 11 points 13, 18)', function () {
     }
     const server = await startServer({ backend: 'engine', transport: 'unix', sizeBytes: 16 * MiB, existingStoragePath: dir, extraArgs: ['--no-mirror'] });
     assert.equal(await server.stop(), 0);
+  });
+
+  it('a --mirror-to naming another destination than the recorded one says the mirror moves, from where to where', async function () {
+    const until = async (ok: () => boolean): Promise<void> => {
+      for (let i = 0; i < 100 && !ok(); i++) await sleep(50);
+      assert.ok(ok(), 'in time');
+    };
+    const dir = path.join(makeTempDir('nvm-e2e-move-'), 'vol');
+    await runOk(process.execPath, [NVMIRROR_BIN, 'create', dir, '--size', '16M']);
+    // Nothing listens on these ports: the relationship is recorded all the same (policy available).
+    const [a, b] = [await freePort(), await freePort()];
+    const first = await startServer({ backend: 'engine', transport: 'unix', sizeBytes: 16 * MiB, existingStoragePath: dir, extraArgs: ['--mirror-to', `127.0.0.1:${a}`, '--mirror-insecure'] });
+    assert.doesNotMatch(first.stderr(), /relationship moved/);
+    assert.equal(await first.stop(), 0);
+    const same = await startServer({ backend: 'engine', transport: 'unix', sizeBytes: 16 * MiB, existingStoragePath: dir, extraArgs: ['--mirror-to', `127.0.0.1:${a}`, '--mirror-insecure'] });
+    assert.doesNotMatch(same.stderr(), /relationship moved/, 'the same destination again: nothing to say');
+    assert.equal(await same.stop(), 0);
+    const moved = await startServer({ backend: 'engine', transport: 'unix', sizeBytes: 16 * MiB, existingStoragePath: dir, extraArgs: ['--mirror-to', `127.0.0.1:${b}`, '--mirror-insecure'] });
+    await until(() => /relationship moved/.test(moved.stderr()));
+    const line = moved.stderr().split('\n').find((l) => l.includes('relationship moved'))!;
+    const rec = JSON.parse(line) as { level: number; from: string; to: string; oldDestCp: number };
+    assert.deepEqual([rec.level, rec.from, rec.to, rec.oldDestCp], [40, `127.0.0.1:${a}`, `127.0.0.1:${b}`, -1]);
+    assert.equal(await moved.stop(), 0);
   });
 
   it('--busy-poll takes microseconds in [0, 1000] and refuses anything else with an error naming the option', async function () {
