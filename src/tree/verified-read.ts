@@ -22,6 +22,7 @@ import { READ_BATCH_MAX, type BlockDevice } from '../io/types';
 import { VolumeError } from '../util/errors';
 import { log } from '../util/log';
 import { crc32c } from '../io/checksum';
+import { LogBurst } from '../util/log-burst';
 import {
   BLOCK, BlockPtr, NODE_TYPE_DATA_TREE, NodeId, decodePtr, ptrSlotOffset, slotsPerPointer, verifyNode,
 } from './layout';
@@ -51,16 +52,20 @@ export async function repairedRead(dev: BlockDevice, pba: number, buf: Buffer, o
  * through: the block stays referenced (never reused) while it is rewritten, and the
  * rewrite puts back what the tree already says it holds. False: no copy that verifies.
  */
+/** Repairs of a damaged region come block by block: examples and a count in the log (status counts them all). */
+const repairedLog = new LogBurst((n, ms) => log().warn({ blocks: n }, `block tree: ${n} more block(s) failed verification within ${ms / 1000} s and were served from the repair source (one line each left out; status counts them)`));
+const unrepairedLog = new LogBurst((n, ms) => log().warn({ blocks: n }, `block tree: ${n} more block(s) failed verification within ${ms / 1000} s and the repair source could not give a copy that verifies (one line each left out)`));
+
 export async function repairFromSource(src: RepairSource, dev: BlockDevice, pba: number, buf: Buffer, ok: (b: Buffer) => boolean, mayHeal: boolean, volumeUuid: string): Promise<boolean> {
   let copy: Buffer;
   try {
     copy = await src.read(pba);
   } catch (e) {
-    log().warn({ volume: volumeUuid, pba, from: src.name, err: e instanceof Error ? e.message : String(e) }, 'block tree: a block failed verification and could not be read from the repair source');
+    if (unrepairedLog.take()) log().warn({ volume: volumeUuid, pba, from: src.name, err: e instanceof Error ? e.message : String(e) }, 'block tree: a block failed verification and could not be read from the repair source');
     return false;
   }
   if (copy.length !== BLOCK || !ok(copy)) {
-    log().warn({ volume: volumeUuid, pba, from: src.name }, 'block tree: a block failed verification and the repair source\'s copy does not verify either');
+    if (unrepairedLog.take()) log().warn({ volume: volumeUuid, pba, from: src.name }, 'block tree: a block failed verification and the repair source\'s copy does not verify either');
     return false;
   }
   copy.copy(buf);
@@ -74,7 +79,7 @@ export async function repairFromSource(src: RepairSource, dev: BlockDevice, pba:
       log().warn({ volume: volumeUuid, pba, err: e instanceof Error ? e.message : String(e) }, 'block tree: could not rewrite a repaired block (the next read repairs it again)');
     }
   }
-  log().warn({ volume: volumeUuid, pba, from: src.name, rewritten }, `block tree: block at pba ${pba} failed verification; served the copy from ${src.name}, which verifies${rewritten ? ', and rewrote ours' : ''}`);
+  if (repairedLog.take()) log().warn({ volume: volumeUuid, pba, from: src.name, rewritten }, `block tree: block at pba ${pba} failed verification; served the copy from ${src.name}, which verifies${rewritten ? ', and rewrote ours' : ''}`);
   return true;
 }
 
