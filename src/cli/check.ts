@@ -12,7 +12,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { checkVolumeDir } from '../volume/dir-ops';
 import { type CheckProgress, type DirCheckReport } from '../volume/served';
-import { checkMirrorDir, MIRROR_LABEL_NAME } from '../mirror/mirror-dir';
+import { checkMirrorDir, MIRROR_LABEL_NAME, readMirrorLabel } from '../mirror/mirror-dir';
 import { ProgressLine } from '../util/progress';
 import { BLOCK_SIZE_BYTES } from '../io/types';
 import { RECEIVER_SOCKET_NAME } from '../mirror/receiver';
@@ -30,8 +30,8 @@ async function checkThroughReceiver(dir: string): Promise<DirCheckReport | undef
   const abs = path.resolve(dir);
   const sock = path.join(path.dirname(abs), RECEIVER_SOCKET_NAME);
   if (!fs.existsSync(sock)) return undefined;
-  const label = JSON.parse(fs.readFileSync(path.join(abs, MIRROR_LABEL_NAME), 'utf8')) as { sourceUuid?: string };
-  if (typeof label.sourceUuid !== 'string' || path.basename(abs) !== label.sourceUuid) return undefined;
+  const label = readMirrorLabel(abs);
+  if (path.basename(abs) !== label.sourceUuid) return undefined;
   const r = await controlRequest(sock, { op: 'check', source: label.sourceUuid }, CHECK_ANSWER_TIMEOUT_MS).catch(() => undefined);
   if (r === undefined) return undefined; // no receiver answers (a socket left by a stopped one)
   if (!r.ok) {

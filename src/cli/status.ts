@@ -18,7 +18,7 @@ import type { MirrorSourceStats } from '../mirror/source';
 import { standingLine } from '../mirror/standing';
 import { MIRROR_STATE_NAME, readRelationship, relationshipProblem } from '../mirror/relationship';
 import { readRole, type RoleRecord } from '../mirror/role';
-import { MIRROR_LABEL_NAME, mirrorDirSummary, type MirrorDirSummary, type MirrorLabel } from '../mirror/mirror-dir';
+import { MIRROR_LABEL_NAME, mirrorDirSummary, readMirrorLabel, type MirrorDirSummary, type MirrorLabel } from '../mirror/mirror-dir';
 import { formatSize } from '../util/size';
 import type { RaidHealth } from '../raid/raid-device';
 import { journalPendingText } from '../raid/journal-file';
@@ -177,25 +177,29 @@ export async function receiveDirEntries(dir: string, open: ReadonlySet<string>, 
       continue;
     }
     if (open.has(uuid)) continue;
+    if (!fs.existsSync(path.join(d, MIRROR_LABEL_NAME))) continue; // not a mirror directory
+    let ml: MirrorLabel;
     try {
-      const ml = JSON.parse(fs.readFileSync(path.join(d, MIRROR_LABEL_NAME), 'utf8')) as MirrorLabel;
-      if (ml.demoted) out.push({ uuid, dir: d, role: 'demoted', cp: ml.demoted.cp, detail: `demoted ${ml.demoted.fromDir} (its CP ${ml.demoted.cp}): waiting for the other side of the failover to connect and resync it from the CP both hold (failback)` });
-      else {
-        let sum: MirrorDirSummary;
-        try {
-          sum = await mirrorDirSummary(d, ml);
-        } catch (e) {
-          out.push({ uuid, dir: d, role: 'mirror', cp: -1, detail: `a mirror whose member cannot be read: ${e instanceof Error ? e.message : String(e)} (check it with nvmirror check)` });
-          continue;
-        }
-        const image = sum.baselinePartial ? 'INCONSISTENT (a full baseline was interrupted; it resumes when the source connects)'
-          : sum.cp < 0 ? 'no CP committed yet' : `CP ${sum.cp} committed`;
-        out.push({ uuid, dir: d, role: 'mirror', cp: sum.cp, root: sum.root, baselinePartial: sum.baselinePartial,
-          detail: `${image}; ${running ? 'its source has not connected since this receiver started' : 'check it with nvmirror check'}` });
-      }
-    } catch {
-      /* not a mirror directory */
+      ml = readMirrorLabel(d);
+    } catch (e) {
+      out.push({ uuid, dir: d, role: 'mirror', cp: -1, detail: `DAMAGED: ${e instanceof Error ? e.message : String(e)}` });
+      continue;
     }
+    if (ml.demoted) {
+      out.push({ uuid, dir: d, role: 'demoted', cp: ml.demoted.cp, detail: `demoted ${ml.demoted.fromDir} (its CP ${ml.demoted.cp}): waiting for the other side of the failover to connect and resync it from the CP both hold (failback)` });
+      continue;
+    }
+    let sum: MirrorDirSummary;
+    try {
+      sum = await mirrorDirSummary(d, ml);
+    } catch (e) {
+      out.push({ uuid, dir: d, role: 'mirror', cp: -1, detail: `a mirror whose member cannot be read: ${e instanceof Error ? e.message : String(e)} (check it with nvmirror check)` });
+      continue;
+    }
+    const image = sum.baselinePartial ? 'INCONSISTENT (a full baseline was interrupted; it resumes when the source connects)'
+      : sum.cp < 0 ? 'no CP committed yet' : `CP ${sum.cp} committed`;
+    out.push({ uuid, dir: d, role: 'mirror', cp: sum.cp, root: sum.root, baselinePartial: sum.baselinePartial,
+      detail: `${image}; ${running ? 'its source has not connected since this receiver started' : 'check it with nvmirror check'}` });
   }
   return out;
 }

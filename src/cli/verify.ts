@@ -5,7 +5,7 @@
  */
 import * as fs from 'fs';
 import * as path from 'path';
-import { MIRROR_LABEL_NAME } from '../mirror/mirror-dir';
+import { MIRROR_LABEL_NAME, readMirrorLabel } from '../mirror/mirror-dir';
 import { isReceiveDir } from '../mirror/receive-dir';
 import { RECEIVER_SOCKET_NAME } from '../mirror/receiver';
 import { Command } from 'commander';
@@ -24,7 +24,7 @@ export function registerVerify(program: Command): void {
       let r;
       if (fs.existsSync(mirrorLabel)) {
         // The destination side: ask the receiver running in the parent directory.
-        const source = (JSON.parse(fs.readFileSync(mirrorLabel, 'utf8')) as { sourceUuid: string }).sourceUuid;
+        const source = readMirrorLabel(abs).sourceUuid;
         r = await controlRequest(path.join(path.dirname(abs), RECEIVER_SOCKET_NAME), { op: 'verify', source }, 600_000).catch((e: unknown) => {
           throw new Error(`cannot reach the receiver of ${dir} (${e instanceof Error ? e.message : String(e)}): verify runs while \`nvmirror receive\` runs`);
         });

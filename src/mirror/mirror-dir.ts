@@ -110,6 +110,9 @@ export function memberOf(dir: string, label: MirrorLabel): string {
   return resolveIn(dir, label.memberPath ?? MEMBER_NAME);
 }
 
+/** A mirror's directory name in a receive directory: its source volume's uuid. */
+export const SOURCE_UUID_RE = /^[0-9a-f-]{36}$/;
+
 export class MirrorDirError extends Error {
   override name = 'MirrorDirError';
 }
@@ -204,7 +207,7 @@ export async function mirrorDirSummary(dir: string, label: MirrorLabel): Promise
 export async function checkMirrorDir(dir: string): Promise<{ ok: boolean; problems: string[]; notes: string[] }> {
   const problems: string[] = [];
   const notes: string[] = [];
-  const label = JSON.parse(await fs.promises.readFile(path.join(dir, MIRROR_LABEL_NAME), 'utf8')) as MirrorLabel;
+  const label = readMirrorLabel(dir);
   const partial = fs.existsSync(path.join(dir, BASELINE_MARKER_NAME)) ? readBaselineMarker(path.join(dir, BASELINE_MARKER_NAME)) ?? { cp: -1, blocks: 0 } : undefined;
   await replayIfIdle(dir, label);
   const dev = await openMirrorDevice(dir, label, true);
@@ -270,7 +273,7 @@ async function replayIfIdle(dir: string, label: MirrorLabel): Promise<void> {
  */
 export async function scrubMirrorDir(dirArg: string, opts: { repair: boolean; onProgress?: (p: ScrubProgress) => void }): Promise<ScrubReport & { dir: string; served: boolean }> {
   const dir = path.resolve(dirArg);
-  const label = JSON.parse(await fs.promises.readFile(path.join(dir, MIRROR_LABEL_NAME), 'utf8')) as MirrorLabel;
+  const label = readMirrorLabel(dir);
   if (!label.raid) throw new Error(`${dir} is a mirror on one member, not RAID: there is nothing to scrub (use nvmirror check)`);
   if (fs.existsSync(path.join(dir, BASELINE_MARKER_NAME))) throw new Error(`${dir}: a full baseline is in progress, the image is inconsistent until it completes: nothing to scrub yet`);
   const fd = fs.openSync(path.join(dir, MIRROR_LOCK_NAME), 'a');
@@ -365,6 +368,30 @@ async function rollBackForFailback(dir: string, dev: BlockDevice, label: MirrorL
 }
 
 /** Writes mirror.json durably (temp file, fsync, rename, fsync DIR). */
+/**
+ * A mirror's label (DIR/mirror.json), checked for the fields every reader relies on. A
+ * file that does not parse or lacks them is a MirrorDirError naming the file and what is
+ * wrong (never a bare JSON parser message, never taken as "not a mirror").
+ */
+export function readMirrorLabel(dir: string): MirrorLabel {
+  const file = path.join(dir, MIRROR_LABEL_NAME);
+  let v: unknown;
+  try {
+    v = JSON.parse(fs.readFileSync(file, 'utf8'));
+  } catch (e) {
+    const why = e instanceof SyntaxError ? `not valid JSON (${e.message})` : e instanceof Error ? e.message : String(e);
+    throw new MirrorDirError(`${file}: the mirror's label cannot be read: ${why}`);
+  }
+  const o = (typeof v === 'object' && v !== null ? v : {}) as Partial<MirrorLabel>;
+  const nat = (x: unknown): boolean => Number.isSafeInteger(x) && (x as number) > 0;
+  const problem = o.format !== 'nvmirror-mirror' ? 'its format is not nvmirror-mirror'
+    : typeof o.sourceUuid !== 'string' || !SOURCE_UUID_RE.test(o.sourceUuid) ? 'it names no source uuid'
+      : !nat(o.sizeBytes) || !nat(o.deviceBlocks) ? 'it has no size'
+        : undefined;
+  if (problem !== undefined) throw new MirrorDirError(`${file}: not a mirror's label: ${problem}`);
+  return o as MirrorLabel;
+}
+
 async function writeMirrorLabel(dir: string, label: MirrorLabel): Promise<void> {
   await writeFileDurably(dir, MIRROR_LABEL_NAME, JSON.stringify(label, null, 2) + '\n');
 }
@@ -558,7 +585,7 @@ export class MirrorDir {
       const labelPath = path.join(dir, MIRROR_LABEL_NAME);
       let label: MirrorLabel;
       if (fs.existsSync(labelPath)) {
-        label = JSON.parse(await fs.promises.readFile(labelPath, 'utf8')) as MirrorLabel;
+        label = readMirrorLabel(dir);
         if (label.format !== 'nvmirror-mirror' || label.sourceUuid !== hello.sourceUuid) throw new MirrorDirError(`${labelPath}: not a mirror of ${hello.sourceUuid}`);
         if (label.sizeBytes !== hello.sizeBytes || label.deviceBlocks !== hello.deviceBlocks) {
           throw new MirrorDirError(`mirror ${dir} was made for ${label.sizeBytes} bytes on ${label.deviceBlocks} blocks; the source now has ${hello.sizeBytes} on ${hello.deviceBlocks}`);

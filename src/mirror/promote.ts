@@ -43,7 +43,7 @@ import { DEST_LOG_MIN_BYTES, DEST_LOG_NAME, DestLog } from './dest-log';
 import { RECEIVER_SOCKET_NAME } from './receiver';
 import { PROMOTED_LABEL_NAME, ROLE_NAME, readRole, type RoleRecord } from './role';
 import { isReceiveDir, sourceEntryNames } from './receive-dir';
-import { MEMBER_NAME, openMirrorDevice, BASELINE_MARKER_NAME, MIRROR_LABEL_NAME, MIRROR_LOCK_NAME, MirrorDirError, baselineInProgress, newestSuperblock, removeStaleBaselineMarker, rootBytes, type MirrorLabel } from './mirror-dir';
+import { MEMBER_NAME, openMirrorDevice, BASELINE_MARKER_NAME, MIRROR_LABEL_NAME, MIRROR_LOCK_NAME, MirrorDirError, baselineInProgress, readMirrorLabel, newestSuperblock, removeStaleBaselineMarker, rootBytes, type MirrorLabel } from './mirror-dir';
 
 /** The promote's new generation id, written before its first CP (a re-run continues it). */
 const GENERATION_NAME = 'promote.generation';
@@ -117,8 +117,7 @@ export async function promoteMirror(dirArg: string, opts: { force: boolean; logg
     }
     throw new Error(`${dir} is not a mirror directory (no ${MIRROR_LABEL_NAME})`);
   }
-  const label = JSON.parse(await fs.promises.readFile(labelPath, 'utf8')) as MirrorLabel;
-  if (label.format !== 'nvmirror-mirror' || typeof label.sourceUuid !== 'string') throw new Error(`${labelPath}: not a mirror label`);
+  const label = readMirrorLabel(dir);
   const receiverLetGo = await askReceiverToRelease(dir, label.sourceUuid, opts.force);
   const lockFd = fs.openSync(path.join(dir, MIRROR_LOCK_NAME), 'a');
   try {

@@ -14,11 +14,11 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { lockDirFile, type DirLock } from '../volume/dir-lock';
 import { LABEL_NAME } from '../volume/label';
-import { MIRROR_LABEL_NAME } from './mirror-dir';
+import { MIRROR_LABEL_NAME, SOURCE_UUID_RE } from './mirror-dir';
+
+export { SOURCE_UUID_RE };
 
 export const RECEIVE_LOCK_NAME = 'receiver.lock';
-/** A mirror's directory name in a receive directory: its source's uuid. */
-export const SOURCE_UUID_RE = /^[0-9a-f-]{36}$/;
 
 /** DIR is a receive directory a receiver used: its lock file stays after the receiver stops. */
 export function isReceiveDir(dir: string): boolean {

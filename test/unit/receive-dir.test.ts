@@ -115,6 +115,28 @@ describe('receive DIR: one receiver per directory, and only a receive directory'
     const p = await runCli(['promote', rxDir]);
     assert.match(oneLine(p.stderr), /is a receive directory: promote one of its mirrors, .*rx3\/<source-uuid> \(it holds none\)$/);
 
+    // A mirror whose label is damaged is named as such, with the file and what is wrong, by
+    // every command (status listed nothing for it, and called the mirror "not an nvmirror
+    // volume directory"; the receiver refused its source with a bare JSON parser message).
+    const rx4 = path.join(tmp, 'rx4');
+    const damaged = path.join(rx4, '0e0e0e0e-4567-49ef-8011-223344556677');
+    fs.mkdirSync(damaged, { recursive: true });
+    fs.writeFileSync(path.join(damaged, 'mirror.json'), '{"format":"nvmirror-mirror","vers');
+    const want = `${damaged}/mirror.json: the mirror's label cannot be read: not valid JSON`;
+    for (const d of [rx4, damaged]) {
+      const st = await runCli(['status', d]);
+      assert.equal(st.code, 0, st.stderr);
+      assert.ok(st.stdout.includes(`mirror     ${path.basename(damaged)}: DAMAGED: ${want}`), st.stdout);
+    }
+    for (const args of [['check', damaged], ['verify', damaged], ['promote', damaged]]) {
+      const r = await runCli(args);
+      assert.notEqual(r.code, 0, args.join(' '));
+      assert.ok(oneLine(r.stderr).startsWith(`nvmirror: ${want}`), `${args.join(' ')}: ${r.stderr}`);
+    }
+    fs.writeFileSync(path.join(damaged, 'mirror.json'), '{"format":"nvmirror-mirror","version":1}\n');
+    const st = await runCli(['status', rx4]);
+    assert.ok(st.stdout.includes(`DAMAGED: ${damaged}/mirror.json: not a mirror's label: it names no source uuid`), st.stdout);
+
     const file = path.join(tmp, 'a-file');
     fs.writeFileSync(file, '');
     const f = await runCli(['receive', path.join(file, 'x'), '--listen', '127.0.0.1:0', '--mirror-insecure']);
