@@ -95,16 +95,25 @@ export async function readLabel(dir: string): Promise<VolumeLabel> {
     text = await fs.promises.readFile(p, 'utf8');
   } catch (e) {
     if (native.errnoCode(e) === 'ENOENT' && (await pathExists(`${p}.demoted`))) throw new Error(`${dir} was demoted: its member is now a mirror (see ${path.join(dir, 'DEMOTED.json')})`);
-    if (native.errnoCode(e) === 'ENOENT') throw new Error(`${dir} is not an nvmirror volume directory (no ${LABEL_NAME}; create one with \`nvmirror create\`)`);
+    if (native.errnoCode(e) === 'ENOENT') {
+      // A member or an NVRAM log without the label beside it: the label was lost, not never made.
+      const lost = ['member-0.img', 'nvram.log'].some((n) => fs.existsSync(path.join(dir, n)));
+      throw new Error(`${dir} is not an nvmirror volume directory (no ${LABEL_NAME}; ${lost ? `it holds a volume's files: nvmirror repair ${dir} --rebuild-label makes the label again from them` : 'create one with `nvmirror create`'})`);
+    }
     throw e;
   }
+  const rebuild = ` (nvmirror repair ${dir} --rebuild-label makes it again from the members and the NVRAM log)`;
   let v: unknown;
   try {
     v = JSON.parse(text);
   } catch {
-    throw new Error(`${p}: bad volume label (not JSON)`);
+    throw new Error(`${p}: bad volume label (not JSON)${rebuild}`);
   }
-  return validateLabel(v, p);
+  try {
+    return validateLabel(v, p);
+  } catch (e) {
+    throw new Error(`${e instanceof Error ? e.message : String(e)}${rebuild}`);
+  }
 }
 
 /** Writes the label durably (temp file, fsync, rename, fsync DIR). */
