@@ -318,7 +318,7 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
     if (health && health.state !== 'online') {
       const notes = raidNotes(health);
       process.stderr.write(notes.map((n) => `nvmirror: warning: ${n}`).join('\n') + '\n' +
-        `nvmirror: warning: ${health.state === 'failed' ? 'data on the lost members cannot be read; ' : ''}replace each lost member with: nvmirror replace-member ${dir ?? "DIR"} OLD NEW\n`);
+        `nvmirror: warning: ${health.state === 'failed' ? 'data on the lost members cannot be read; ' : ''}replace each lost member with: nvmirror replace-member ${dir ?? 'DIR'} OLD NEW\n`);
       logger.warn({ state: health.state, lost: notes.slice(1) }, 'raid: serving with members out of service');
     }
   } catch (e) {

@@ -367,7 +367,6 @@ async function rollBackForFailback(dir: string, dev: BlockDevice, label: MirrorL
     `failback: rolled back to CP ${baseCp}, the last CP both sides hold; this side's CPs after it are discarded here (its whole state is kept in ${d.keptIn})`);
 }
 
-/** Writes mirror.json durably (temp file, fsync, rename, fsync DIR). */
 /**
  * A mirror's label (DIR/mirror.json), checked for the fields every reader relies on. A
  * file that does not parse or lacks them is a MirrorDirError naming the file and what is
@@ -392,6 +391,7 @@ export function readMirrorLabel(dir: string): MirrorLabel {
   return o as MirrorLabel;
 }
 
+/** Writes mirror.json durably (temp file, fsync, rename, fsync DIR). */
 async function writeMirrorLabel(dir: string, label: MirrorLabel): Promise<void> {
   await writeFileDurably(dir, MIRROR_LABEL_NAME, JSON.stringify(label, null, 2) + '\n');
 }

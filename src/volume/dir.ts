@@ -281,7 +281,7 @@ export async function openMemberDevice(absDir: string, label: VolumeLabel, readO
   const dev = await FileBlockDevice.open(resolveIn(absDir, member.path), { readOnly, lock: !readOnly });
   if (dev.blockCount < member.blockCount) {
     await dev.close();
-    throw new Error(`member ${member.path} has ${dev.blockCount} blocks, the label says ${member.blockCount} (truncated?)`);
+    throw new Error(`member ${member.path} has ${dev.blockCount} blocks, the label says ${member.blockCount}: truncated? (\`truncate -s ${member.blockCount * BS} ${resolveIn(absDir, member.path)}\` gives it its length back; whatever lay past the cut is gone, and \`nvmirror check\` names the blocks it held)`);
   }
   return dev;
 }

@@ -90,7 +90,13 @@ export async function rebuildLabel(dir: string, opts: { members?: string[]; nvra
       const found: Array<{ file: string; label: RaidLabel }> = [];
       for (const name of fs.readdirSync(absDir).sort()) {
         const file = path.join(absDir, name);
-        if (skip.has(name) || !fs.statSync(file).isFile()) continue;
+        let regular = false;
+        try {
+          regular = fs.statSync(file).isFile();
+        } catch {
+          /* a dangling link: not a member here */
+        }
+        if (skip.has(name) || !regular) continue;
         const l = await raidLabelOf(file);
         if (l) found.push({ file, label: l });
       }

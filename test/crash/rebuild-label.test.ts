@@ -80,6 +80,26 @@ describe('crash: rebuilding a lost volume label', function () {
     assert.deepEqual(labelOf(dir), want);
   });
 
+  it('a truncated member is refused with the command that gives its length back; after it, check names what was lost, never zeros read back quietly', async () => {
+    const dir = path.join(tmp, 'cut');
+    const sock = path.join(tmp, 'cut.sock');
+    assert.equal((await runCli(['create', dir, '--size', '32M', '--nvram-size', '1M'])).code, 0);
+    await writeAndStop(dir, sock, 40);
+    const member = path.join(dir, 'member-0.img');
+    const full = fs.statSync(member).size;
+    fs.truncateSync(member, 64 * 1024);
+    const st = await runCli(['status', dir]);
+    assert.equal(st.code, 1);
+    const m = /member member-0\.img has 16 blocks, the label says (\d+): truncated\? \(`truncate -s (\d+) (\S+)` gives it its length back; whatever lay past the cut is gone, and `nvmirror check` names the blocks it held\)\n$/.exec(st.stderr);
+    assert.ok(m, st.stderr);
+    assert.equal(Number(m[2]), full);
+    assert.equal(m[3], member);
+    fs.truncateSync(m[3]!, Number(m[2]));
+    const c = await runCli(['check', dir]);
+    assert.equal(c.code, 1, 'the lost blocks are a problem');
+    assert.match(c.stdout + c.stderr, /checksum mismatch|misdirected|bad magic|not a node/);
+  });
+
   it('RAID-5: members found by their own labels, or named with --member (one outside DIR); out of order is refused', async () => {
     const dir = path.join(tmp, 'raid');
     const sock = path.join(tmp, 'raid.sock');
