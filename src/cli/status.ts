@@ -18,7 +18,7 @@ import type { MirrorSourceStats } from '../mirror/source';
 import { standingLine } from '../mirror/standing';
 import { MIRROR_STATE_NAME, readRelationship, relationshipProblem } from '../mirror/relationship';
 import { readRole, type RoleRecord } from '../mirror/role';
-import { MIRROR_LABEL_NAME, mirrorDirSummary, readMirrorLabel, type MirrorDirSummary, type MirrorLabel } from '../mirror/mirror-dir';
+import { MEMBER_NAME, MIRROR_LABEL_NAME, mirrorDirSummary, readMirrorLabel, type MirrorDirSummary, type MirrorLabel } from '../mirror/mirror-dir';
 import { formatSize } from '../util/size';
 import type { RaidHealth } from '../raid/raid-device';
 import { journalPendingText } from '../raid/journal-file';
@@ -177,7 +177,11 @@ export async function receiveDirEntries(dir: string, open: ReadonlySet<string>, 
       continue;
     }
     if (open.has(uuid)) continue;
-    if (!fs.existsSync(path.join(d, MIRROR_LABEL_NAME))) continue; // not a mirror directory
+    if (!fs.existsSync(path.join(d, MIRROR_LABEL_NAME))) {
+      // A mirror's member without its label (the source's next connection makes it again from the member); anything else is not a mirror.
+      if (fs.existsSync(path.join(d, MEMBER_NAME))) out.push({ uuid, dir: d, role: 'mirror', cp: -1, detail: `DAMAGED: ${MIRROR_LABEL_NAME} is missing beside ${MEMBER_NAME}: the source's next connection makes it again if the member holds its committed CPs (else a new mirror)` });
+      continue;
+    }
     let ml: MirrorLabel;
     try {
       ml = readMirrorLabel(d);

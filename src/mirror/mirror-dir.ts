@@ -368,6 +368,25 @@ async function rollBackForFailback(dir: string, dev: BlockDevice, label: MirrorL
 }
 
 /**
+ * The newest CP of the source `hello` names committed on a mirror member file found
+ * without its label; undefined when it holds none (a creation cut short). A member of
+ * another size than the source's block space is refused: it is not this mirror.
+ */
+async function committedOnMember(memberPath: string, hello: MirrorHello): Promise<number | undefined> {
+  const dev = await FileBlockDevice.open(memberPath, { readOnly: true });
+  try {
+    const top = await newestSuperblock(dev, hello.sourceUuid);
+    if (top === undefined) return undefined;
+    if (top.sb.deviceBlocks !== hello.deviceBlocks || top.sb.sizeBytes !== hello.sizeBytes || dev.blockCount < hello.deviceBlocks) {
+      throw new MirrorDirError(`${memberPath} holds CP ${top.sb.cpNumber} of ${hello.sourceUuid} on ${top.sb.deviceBlocks} blocks but no ${MIRROR_LABEL_NAME}, and the source now has ${hello.deviceBlocks}: move it aside to start a new mirror`);
+    }
+    return top.sb.cpNumber;
+  } finally {
+    await dev.close();
+  }
+}
+
+/**
  * A mirror's label (DIR/mirror.json), checked for the fields every reader relies on. A
  * file that does not parse or lacks them is a MirrorDirError naming the file and what is
  * wrong (never a bare JSON parser message, never taken as "not a mirror").
@@ -621,11 +640,20 @@ export class MirrorDir {
       } else {
         label = { format: 'nvmirror-mirror', version: 1, sourceUuid: hello.sourceUuid, sizeBytes: hello.sizeBytes, deviceBlocks: hello.deviceBlocks, createdMs: Date.now() };
         const memberPath = path.join(dir, MEMBER_NAME);
-        await fs.promises.rm(memberPath, { force: true });
-        const dev = await FileBlockDevice.create(memberPath, hello.deviceBlocks);
-        await dev.close();
-        await writeMirrorLabel(dir, label);
-        logger.info({ dir, source: hello.sourceUuid }, 'new mirror created');
+        // A member without its label: one that holds committed CPs of this source is this
+        // mirror (its label lost: made again from what the source says and the member
+        // holds); one that holds none is a creation cut short, made anew.
+        const kept = fs.existsSync(memberPath) ? await committedOnMember(memberPath, hello) : undefined;
+        if (kept !== undefined) {
+          await writeMirrorLabel(dir, label);
+          logger.warn({ dir, source: hello.sourceUuid, cp: kept }, `the mirror's label (${MIRROR_LABEL_NAME}) was missing: made again from the source's HELLO and the member, which holds CP ${kept}`);
+        } else {
+          await fs.promises.rm(memberPath, { force: true });
+          const dev = await FileBlockDevice.create(memberPath, hello.deviceBlocks);
+          await dev.close();
+          await writeMirrorLabel(dir, label);
+          logger.info({ dir, source: hello.sourceUuid }, 'new mirror created');
+        }
       }
       const opened = await openMirrorDevice(dir, label, false);
       dev = opened;

@@ -134,8 +134,12 @@ describe('receive DIR: one receiver per directory, and only a receive directory'
       assert.ok(oneLine(r.stderr).startsWith(`nvmirror: ${want}`), `${args.join(' ')}: ${r.stderr}`);
     }
     fs.writeFileSync(path.join(damaged, 'mirror.json'), '{"format":"nvmirror-mirror","version":1}\n');
+    const unlabelled = path.join(rx4, '0e0e0e0f-4567-49ef-8011-223344556677');
+    fs.mkdirSync(unlabelled);
+    fs.writeFileSync(path.join(unlabelled, 'member-0.img'), '');
     const st = await runCli(['status', rx4]);
     assert.ok(st.stdout.includes(`DAMAGED: ${damaged}/mirror.json: not a mirror's label: it names no source uuid`), st.stdout);
+    assert.ok(st.stdout.includes(`mirror     ${path.basename(unlabelled)}: DAMAGED: mirror.json is missing beside member-0.img: the source's next connection makes it again if the member holds its committed CPs (else a new mirror)`), st.stdout);
 
     const file = path.join(tmp, 'a-file');
     fs.writeFileSync(file, '');
