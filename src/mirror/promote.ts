@@ -81,6 +81,8 @@ export interface PromoteReport extends RoleRecord {
   cpNumber: number;
   /** Why replay stopped where it did. */
   replayEnd: string;
+  /** Records lost to damage in the middle of the mirror's log (only with acceptLogLoss). */
+  logLoss?: { firstMissingSeq: number; validAfter: number; lastValidSeq: number };
 }
 
 /** The receiver's control socket for a mirror directory (its parent directory holds it). */
@@ -105,7 +107,7 @@ async function askReceiverToRelease(dir: string, uuid: string, force: boolean): 
 }
 
 /** afterRecord: called after each replayed record with the count so far (a test stops a promote there, as a crash would). */
-export async function promoteMirror(dirArg: string, opts: { force: boolean; logger: Logger; afterRecord?: (replayed: number) => void }): Promise<PromoteReport> {
+export async function promoteMirror(dirArg: string, opts: { force: boolean; logger: Logger; acceptLogLoss?: boolean; afterRecord?: (replayed: number) => void }): Promise<PromoteReport> {
   const dir = path.resolve(dirArg);
   const log = opts.logger;
   const labelPath = path.join(dir, MIRROR_LABEL_NAME);
@@ -174,9 +176,19 @@ export async function promoteMirror(dirArg: string, opts: { force: boolean; logg
       if (size >= DEST_LOG_MIN_BYTES && size % BLOCK === 0) destLog = await DestLog.open(logPath, label.sourceUuid, size, 'recover', baseSeq);
     }
     const records = destLog ? [...destLog.recordsAfter(baseSeq)] : [];
-    const replayEnd = records.length === 0
-      ? `the log holds no record after the base's watermark (seq ${baseSeq})`
-      : `the log holds no valid record after seq ${records[records.length - 1]!.seq} (replay stops at the first gap or damaged record)`;
+    // Damage in the middle of the log: records after it were acknowledged to the source's
+    // clients, and replay stops before them. Promoting loses them: only when told to.
+    const damage = destLog?.damage;
+    if (damage && !opts.acceptLogLoss) {
+      await destLog?.close();
+      throw new MirrorDirError(`${dir}: the mirror's log is damaged: record seq ${damage.firstMissingSeq} cannot be read, and ${damage.validAfter} valid record(s) up to seq ${damage.lastValidSeq} follow it (writes the source acknowledged): a promote replays only up to seq ${damage.firstMissingSeq - 1} and loses the rest. If the source can still be reached, let it resync this mirror instead; to promote anyway: nvmirror promote ${dir} --accept-log-loss`);
+    }
+    const replayEnd = damage
+      ? `LOST: the log is damaged at seq ${damage.firstMissingSeq}; ${damage.validAfter} record(s) after it, up to seq ${damage.lastValidSeq}, are not replayed (--accept-log-loss)`
+      : records.length === 0
+        ? `the log holds no record after the base's watermark (seq ${baseSeq})`
+        : `the log holds no record after seq ${records[records.length - 1]!.seq}`;
+    if (damage) log.error({ dir, firstMissingSeq: damage.firstMissingSeq, lostAfter: damage.validAfter, lastValidSeq: damage.lastValidSeq }, 'promote: the mirror\'s log is damaged; records after the damage are not replayed (--accept-log-loss)');
 
     // A volume directory around the member (idempotent: an interrupted promote left it).
     if (!fs.existsSync(path.join(dir, LABEL_NAME))) {
@@ -256,7 +268,7 @@ export async function promoteMirror(dirArg: string, opts: { force: boolean; logg
     await fs.promises.rm(genPath, { force: true });
     await fs.promises.rm(path.join(dir, BASE_NAME), { force: true });
     log.info({ dir, fromCp: baseCp, records: records.length, bytes: bytesReplayed, lastSeq, cp: cpNumber, receiverLetGo }, 'mirror promoted: it is a primary volume now');
-    return { ...role, dir, volumeUuid: label.sourceUuid, bytesReplayed, cpNumber, replayEnd };
+    return { ...role, dir, volumeUuid: label.sourceUuid, bytesReplayed, cpNumber, replayEnd, ...(damage ? { logLoss: damage } : {}) };
   } finally {
     fs.closeSync(lockFd);
   }
