@@ -85,8 +85,9 @@ export function registerReceive(program: Command): void {
         if (req.op === 'status') return { receiver: { ...rx.stats(), pid: process.pid, standings: rx.standingsList() } };
         if (req.op === 'verify' && req.source !== undefined) return { verify: await rx.verify(req.source) };
         if (req.op === 'release' && typeof req.source === 'string') return { release: await rx.release(req.source, req.force === true) };
+        if (req.op === 'unrelease' && typeof req.source === 'string') return { unrelease: rx.unrelease(req.source) };
         if (req.op === 'check' && req.source !== undefined) return { check: await rx.checkMirror(req.source) };
-        throw new Error(`a receiver answers status, verify, check and release (promote) of a source, not ${req.op}`);
+        throw new Error(`a receiver answers status, verify, check and release or unrelease (promote) of a source, not ${req.op}`);
       });
       const lines = [`nvmirror: receiving mirrors into ${abs} on ${o.listen.host}:${addr.port} (${sec.kind === 'insecure' ? 'plaintext' : `TLS ${sec.kind}`})`];
       if (o.exportListen || o.exportSocket) {

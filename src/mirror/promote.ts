@@ -106,10 +106,23 @@ async function askReceiverToRelease(dir: string, uuid: string, force: boolean): 
   return true;
 }
 
-/** afterRecord: called after each replayed record with the count so far (a test stops a promote there, as a crash would). */
-export async function promoteMirror(dirArg: string, opts: { force: boolean; logger: Logger; acceptLogLoss?: boolean; afterRecord?: (replayed: number) => void }): Promise<PromoteReport> {
+/** Tells a running receiver that a promote it released a mirror for refused (best effort: a stopped receiver has nothing to take back). */
+async function askReceiverToUnrelease(dir: string, uuid: string): Promise<void> {
+  await controlRequest(receiverSocketOf(dir), { op: 'unrelease', source: uuid }, RELEASE_TIMEOUT_MS).catch(() => undefined);
+}
+
+export interface PromoteOptions {
+  /** Promote while the source is connected (its stream is cut off). */
+  force: boolean;
+  logger: Logger;
+  /** Promote over a log damaged in the middle, losing the records after the damage. */
+  acceptLogLoss?: boolean;
+  /** Called after each replayed record with the count so far (a test stops a promote there, as a crash would). */
+  afterRecord?: (replayed: number) => void;
+}
+
+export async function promoteMirror(dirArg: string, opts: PromoteOptions): Promise<PromoteReport> {
   const dir = path.resolve(dirArg);
-  const log = opts.logger;
   const labelPath = path.join(dir, MIRROR_LABEL_NAME);
   if (!fs.existsSync(labelPath)) {
     if (readRole(dir)) throw new Error(`${dir} was already promoted: it is a primary volume (serve it with nvmirror serve ${dir})`);
@@ -121,6 +134,19 @@ export async function promoteMirror(dirArg: string, opts: { force: boolean; logg
   }
   const label = readMirrorLabel(dir);
   const receiverLetGo = await askReceiverToRelease(dir, label.sourceUuid, opts.force);
+  // Until the promote changes the member, a refusal hands the mirror back to the receiver.
+  let changing = false;
+  try {
+    return await promoteReleased(dir, label, receiverLetGo, opts, () => { changing = true; });
+  } catch (e) {
+    if (receiverLetGo && !changing) await askReceiverToUnrelease(dir, label.sourceUuid);
+    throw e;
+  }
+}
+
+/** The promote proper, once a running receiver has let go of the mirror; `changing()` is called before the first change to it. */
+async function promoteReleased(dir: string, label: MirrorLabel, receiverLetGo: boolean, opts: PromoteOptions, changing: () => void): Promise<PromoteReport> {
+  const log = opts.logger;
   const lockFd = fs.openSync(path.join(dir, MIRROR_LOCK_NAME), 'a');
   try {
     if (!native.flockExclusive(lockFd)) throw new MirrorDirError(`mirror ${dir} is in use by another process (a receiver whose control socket did not answer?)`);
@@ -190,6 +216,7 @@ export async function promoteMirror(dirArg: string, opts: { force: boolean; logg
         : `the log holds no record after seq ${records[records.length - 1]!.seq}`;
     if (damage) log.error({ dir, firstMissingSeq: damage.firstMissingSeq, lostAfter: damage.validAfter, lastValidSeq: damage.lastValidSeq }, 'promote: the mirror\'s log is damaged; records after the damage are not replayed (--accept-log-loss)');
 
+    changing();
     // A volume directory around the member (idempotent: an interrupted promote left it).
     if (!fs.existsSync(path.join(dir, LABEL_NAME))) {
       const nvramAbs = path.join(dir, NVRAM_DEFAULT_NAME);
@@ -263,7 +290,7 @@ export async function promoteMirror(dirArg: string, opts: { force: boolean; logg
     };
     await writeFileDurably(dir, ROLE_NAME, `${JSON.stringify(role, null, 2)}\n`);
     // Last: the directory stops being a mirror (a receiver now refuses this source by role.json).
-    await fs.promises.rename(labelPath, path.join(dir, PROMOTED_LABEL_NAME));
+    await fs.promises.rename(path.join(dir, MIRROR_LABEL_NAME), path.join(dir, PROMOTED_LABEL_NAME));
     // Done: a later promote (after a demote) starts a generation of its own, from its own base.
     await fs.promises.rm(genPath, { force: true });
     await fs.promises.rm(path.join(dir, BASE_NAME), { force: true });

@@ -314,6 +314,17 @@ export class MirrorReceiver implements SessionHost {
     return { wasConnected: s !== undefined };
   }
 
+  /**
+   * A promote that released the mirror of `uuid` stopped before it changed anything (it
+   * refused: a baseline in progress, nothing committed, a damaged log): its source is
+   * taken again (the mirror opens at its next HELLO). Nothing if it was not released.
+   */
+  unrelease(uuid: string): { wasReleased: boolean } {
+    const was = this.released.delete(uuid);
+    if (was) this.log.info({ source: uuid }, 'promote did not happen: the mirror takes its source again');
+    return { wasReleased: was };
+  }
+
   private readonly ending = new Map<Session, Promise<void>>();
   /** The session handling each source's HELLO (at most one per source: Session.hello()). */
   private readonly helloClaims = new Map<string, Session>();

@@ -43,6 +43,7 @@ export type ControlRequest =
   | { op: 'replace-progress' }
   | { op: 'verify'; source?: string }
   | { op: 'release'; source: string; force: boolean }
+  | { op: 'unrelease'; source: string }
   | { op: 'snapshot'; kind: 'create' | 'delete'; name: string };
 
 export type ControlResponse = { ok: true; [k: string]: unknown } | { ok: false; error: string };
@@ -88,6 +89,9 @@ export function parseControlRequest(line: string): ControlRequest {
       if (typeof o.source !== 'string' || !/^[0-9a-f-]{36}$/.test(o.source)) throw new Error('release source must be a volume uuid');
       if (typeof o.force !== 'boolean') throw new Error('release force must be true or false');
       return { op: 'release', source: o.source, force: o.force };
+    case 'unrelease':
+      if (typeof o.source !== 'string' || !/^[0-9a-f-]{36}$/.test(o.source)) throw new Error('unrelease source must be a volume uuid');
+      return { op: 'unrelease', source: o.source };
     default:
       throw new Error(`unknown op ${JSON.stringify(o.op)}`);
   }

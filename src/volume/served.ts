@@ -173,7 +173,8 @@ export async function handleControl(dir: string, label: VolumeLabel, volume: Eng
       return { cpNumber: r?.cpNumber ?? volume.stats().tree.cpNumber, snapshots: volume.listSnapshots() };
     }
     case 'release':
-      throw new Error('release is a receiver\'s request (for promote), not a volume\'s');
+    case 'unrelease':
+      throw new Error(`${req.op} is a receiver's request (for promote), not a volume's`);
   }
 }
 

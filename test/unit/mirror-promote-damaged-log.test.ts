@@ -17,6 +17,8 @@ import { DEST_LOG_NAME } from '../../src/mirror/dest-log';
 import { MIRROR_LABEL_NAME } from '../../src/mirror/mirror-dir';
 import { RecordType } from '../../src/nvlog/format';
 import { openVolumeDir } from '../../src/volume/dir';
+import { MirrorReceiver, RECEIVER_SOCKET_NAME } from '../../src/mirror/receiver';
+import { ControlServer } from '../../src/volume/engine-control';
 import { BS, baselinedMirror, blockOf } from './mirror-baseline-helper';
 
 const UUID = '9e0d0e5e-0000-4000-8000-0000000da7a5';
@@ -34,7 +36,8 @@ describe('mirror: promote over a log damaged in the middle', () => {
   });
   afterEach(() => fs.rmSync(tmp, { recursive: true, force: true }));
 
-  it('is refused naming the damaged seq and the acknowledged records after it; --accept-log-loss promotes the prefix and says what was lost', async () => {
+  /** A committed mirror with RECORDS records after its base in its log, the DAMAGED-th one flipped; and the image before it. */
+  async function damagedMirror(): Promise<{ b: Awaited<ReturnType<typeof baselinedMirror>>; prefix: Buffer }> {
     const b = await baselinedMirror(tmp, UUID, VOLUME_BYTES, DEVICE_BLOCKS, log);
     const prefix = Buffer.from(b.volume);
     const mlog = b.mirror.log;
@@ -57,6 +60,11 @@ describe('mirror: promote over a log damaged in the middle', () => {
     fs.writeSync(fd, Buffer.from([bytes[at + 100]! ^ 0xff]), 0, 1, at + 100);
     fs.closeSync(fd);
 
+    return { b, prefix };
+  }
+
+  it('is refused naming the damaged seq and the acknowledged records after it; --accept-log-loss promotes the prefix and says what was lost', async () => {
+    const { b, prefix } = await damagedMirror();
     const firstMissing = b.nvlogSeq + DAMAGED;
     const lastValid = b.nvlogSeq + RECORDS;
     await assert.rejects(promoteMirror(b.dir, { force: false, logger: log }), (e: Error) => {
@@ -75,6 +83,27 @@ describe('mirror: promote over a log damaged in the middle', () => {
       assert.ok((await opened.volume.read(0, VOLUME_BYTES)).equals(prefix), 'the base plus the records before the damage');
     } finally {
       await opened.close();
+    }
+  });
+
+  it('a refused promote hands the mirror back to the running receiver that let go of it (its source is taken again)', async () => {
+    const { b } = await damagedMirror();
+    const lines: string[] = [];
+    const rx = new MirrorReceiver({ dir: tmp, logger: pino({ level: 'info' }, { write: (l: string) => void lines.push(l) }) });
+    await rx.listen('127.0.0.1', 0);
+    const control = await ControlServer.listen(path.join(tmp, RECEIVER_SOCKET_NAME), async (req) => {
+      if (req.op === 'release') return { release: await rx.release(req.source, req.force) };
+      if (req.op === 'unrelease') return { unrelease: rx.unrelease(req.source) };
+      throw new Error(`not ${req.op}`);
+    });
+    try {
+      await assert.rejects(promoteMirror(b.dir, { force: false, logger: log }), /the mirror's log is damaged/);
+      assert.ok(lines.some((l) => l.includes('mirror released for promote')), 'the promote asked the receiver to let go');
+      assert.ok(lines.some((l) => l.includes('promote did not happen: the mirror takes its source again')), lines.join(''));
+      assert.deepEqual(rx.unrelease(UUID), { wasReleased: false }, 'no longer released: the source\'s next HELLO opens the mirror');
+    } finally {
+      await control.close();
+      await rx.close();
     }
   });
 });
