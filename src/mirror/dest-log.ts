@@ -255,26 +255,7 @@ export class DestLog {
       this.streamFrom = run[0]!.seq;
     }
     this.recordsRecovered = run.length;
-    // Valid records of the kept streams beyond the first missing seq: the run stopped at
-    // damage in the middle of the log, not at its end (those records were acknowledged).
-    const endSeq = last ? last.seq : committedSeq;
-    let validAfter = 0;
-    let lastValidSeq = endSeq;
-    for (const e of found.values()) {
-      if (e.seq > endSeq + 1 && (!last || e.stream >= last.stream)) {
-        validAfter++;
-        lastValidSeq = Math.max(lastValidSeq, e.seq);
-      }
-    }
-    this.damage = validAfter > 0 ? { firstMissingSeq: endSeq + 1, validAfter, lastValidSeq } : undefined;
   }
-
-  /**
-   * Set by a recover-mode open whose scan stopped at a missing or damaged record while
-   * valid records follow it: seq firstMissingSeq cannot be read, and validAfter records up
-   * to lastValidSeq lie beyond it (not kept: replaying them without it is not a prefix).
-   */
-  damage: { firstMissingSeq: number; validAfter: number; lastValidSeq: number } | undefined;
 
   /** The newest stream's first seq as the header records it. */
   private headerStreamFrom = 1;

@@ -670,9 +670,6 @@ export class MirrorDir {
       // The log keeps what an earlier run stored after the committed CP (a receiver restart loses no record).
       log = await DestLog.open(path.join(dir, DEST_LOG_NAME), hello.sourceUuid, destLogBytesFor(hello.nvramBytes), 'recover', committed?.sb.nvlogSeq ?? 0);
       if (log.recordsRecovered > 0) logger.info({ dir, records: log.recordsRecovered }, 'records of an earlier run kept in the mirror\'s log');
-      if (log.damage) {
-        logger.error({ dir, ...log.damage }, `the mirror's log is damaged at seq ${log.damage.firstMissingSeq}: ${log.damage.validAfter} valid record(s) after it are not kept (the source sends them again while it holds them; a promote now would need --accept-log-loss)`);
-      }
       const markerPath = path.join(dir, BASELINE_MARKER_NAME);
       const partial = baselineInProgress(dir, committed?.sb.cpNumber);
       // Left, the marker of a committed baseline would send the source into resuming a
