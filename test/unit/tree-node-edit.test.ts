@@ -80,8 +80,13 @@ describe('tree: address blocks edited in place', () => {
     const beforeCp4 = tree.stats().nodesEditedInPlace;
     dev.hold();
     const cp4 = tree.commitCp(oneBlockPerLeaf(2, 4), meta(4));
-    for (let t = 0; t < 1000 && dev.heldWrites < 4; t++) await new Promise((r) => setImmediate(r));
-    assert.ok(dev.heldWrites >= 4, `CP 4 reached its held writes (${dev.heldWrites})`);
+    // Until it has edited some leaves too: its data writes alone can reach 4 held writes
+    // before it edits the first leaf (seen under CI load: then the reader got every leaf
+    // first and the CP edited none in place). Its address writes are held as well, so it
+    // stops after a few batches of leaves (ADDRESS_BATCHES_IN_FLIGHT), long before the last.
+    const editedSoFar = (): number => tree.stats().nodesEditedInPlace - beforeCp4;
+    for (let t = 0; t < 10_000 && (dev.heldWrites < 4 || editedSoFar() === 0); t++) await new Promise((r) => setImmediate(r));
+    assert.ok(dev.heldWrites >= 4 && editedSoFar() > 0, `CP 4 reached its held writes (${dev.heldWrites}) having edited ${editedSoFar()} leaves`);
     const mid = new HeldLeaves();
     const during = await readEach(tree, 1, mid.sink);
     for (let i = 0; i < LEAVES; i++) assert.ok(during[i]!.equals(block(3000 + i)), `lbn ${i * FANOUT + 1} reads CP 3's data while CP 4 runs`);
