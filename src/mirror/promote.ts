@@ -37,7 +37,7 @@ import { RecordType } from '../nvlog/format';
 import { BLOCK } from '../tree/layout';
 import { newGenerationId } from '../tree/lineage';
 import { controlRequest } from '../volume/engine-control';
-import { LABEL_FORMAT, LABEL_NAME, LABEL_VERSION, type VolumeLabel } from '../volume/label';
+import { LABEL_NAME, newLabel } from '../volume/label';
 import { NVRAM_DEFAULT_BYTES, NVRAM_DEFAULT_NAME, openVolumeDir } from '../volume/dir';
 import { DEST_LOG_MIN_BYTES, DEST_LOG_NAME, DestLog } from './dest-log';
 import { RECEIVER_SOCKET_NAME } from './receiver';
@@ -213,17 +213,14 @@ async function promoteReleased(dir: string, label: MirrorLabel, receiverLetGo: b
       } finally {
         await region.close();
       }
-      const vol: VolumeLabel = {
-        format: LABEL_FORMAT,
-        version: LABEL_VERSION,
+      const vol = newLabel({
         uuid: label.sourceUuid,
         sizeBytes: label.sizeBytes,
-        blockSizeBytes: BLOCK,
         members: label.raid ? label.raid.members.map((m) => ({ path: m.path, blockCount: m.blockCount })) : [{ path: memberRel, blockCount }],
         ...(label.raid ? { raid: { level: label.raid.level, stripeUnitBytes: label.raid.stripeUnitBytes } } : {}),
         nvram: { path: NVRAM_DEFAULT_NAME, sizeBytes: NVRAM_DEFAULT_BYTES },
         createdMs: Date.now(),
-      };
+      });
       await writeFileDurably(dir, LABEL_NAME, `${JSON.stringify(vol, null, 2)}\n`);
     }
 

@@ -64,7 +64,7 @@ import { createRaidMembers, isBlockDevice, openRaidMembers, raidMemberBlocks, ty
 import { RAID_JOURNAL_NAME, openRaidJournalFile } from '../raid/journal-file';
 import { RaidDevice } from '../raid/raid-device';
 import { replacingAtOpen, resumeServedReplace, stopServedReplace } from './replace-member';
-import { LABEL_FORMAT, LABEL_VERSION, resolveIn, pathExists, readLabel, writeLabel, type VolumeLabel } from './label';
+import { newLabel, resolveIn, pathExists, readLabel, writeLabel, type VolumeLabel } from './label';
 import { CLEAN_STOP_NAME, writeCleanStop, clearCleanStop } from './clean-stop';
 import { recordSessionStart } from './sessions';
 import { lockVolumeDir, isReadOnlyFs, type DirLock } from './dir-lock';
@@ -215,17 +215,14 @@ export async function createVolumeDir(dir: string, opts: CreateVolumeDirOptions)
     // empty): a lost NVRAM log before its first session can be recreated like any other.
     created.push(path.join(absDir, CLEAN_STOP_NAME));
     await writeCleanStop(absDir, { uuid, cpNumber: 0, nvlogSeq: 0, stoppedMs: Math.floor(clock.nowMs()) });
-    const label: VolumeLabel = {
-      format: LABEL_FORMAT,
-      version: LABEL_VERSION,
+    const label = newLabel({
       uuid,
       sizeBytes,
-      blockSizeBytes: BS,
       members: memberPaths.map((m) => ({ path: m, blockCount: perMemberBlocks })),
       nvram: { path: nvramRel, sizeBytes: nvramSizeBytes },
       createdMs: Math.floor(clock.nowMs()),
       ...(raid ? { raid } : {}),
-    };
+    });
     await writeLabel(absDir, label);
     return label;
   } catch (e) {

@@ -34,6 +34,11 @@ export interface VolumeLabel {
   raid?: { level: RaidLevel; stripeUnitBytes: number };
 }
 
+/** A label for this format and version (the fixed fields filled in). */
+export function newLabel(f: Omit<VolumeLabel, 'format' | 'version' | 'blockSizeBytes'>): VolumeLabel {
+  return { format: LABEL_FORMAT, version: LABEL_VERSION, blockSizeBytes: BS, ...f };
+}
+
 /** A path of a volume directory's label: absolute as given, else relative to DIR. */
 export function resolveIn(dir: string, p: string): string {
   return path.isAbsolute(p) ? p : path.join(dir, p);

@@ -22,7 +22,7 @@ import { BlockTree } from '../tree/tree';
 import { LABEL_COPIES } from '../raid/geometry';
 import { newestLabel, type RaidLabel } from '../raid/label';
 import { readRegionHeader, HEADER_PAGE_BYTES } from '../nvlog/format';
-import { LABEL_FORMAT, LABEL_NAME, LABEL_VERSION, pathExists, readLabel, writeLabel, type VolumeLabel } from './label';
+import { LABEL_NAME, newLabel, pathExists, readLabel, writeLabel, type VolumeLabel } from './label';
 import { lockVolumeDir } from './dir-lock';
 import { openRaidMembers } from './raid-members';
 import { CLEAN_STOP_NAME } from './clean-stop';
@@ -172,17 +172,14 @@ export async function rebuildLabel(dir: string, opts: { members?: string[]; nvra
     if (!h) notes.push(`the NVRAM log's header cannot be read: serve will say what is wrong with it (nvmirror repair ${dir} --recreate-nvram if the last session stopped cleanly)`);
     else if (h.regionSizeBytes !== nvramSize) notes.push(`the NVRAM log's header says ${h.regionSizeBytes} bytes, the file has ${nvramSize}`);
 
-    const label: VolumeLabel = {
-      format: LABEL_FORMAT,
-      version: LABEL_VERSION,
+    const label = newLabel({
       uuid,
       sizeBytes,
-      blockSizeBytes: BS,
       members: files.map((f) => ({ path: asLabelPath(absDir, f), blockCount: memberBlocks })),
       nvram: { path: asLabelPath(absDir, nvramAbs), sizeBytes: h?.regionSizeBytes ?? nvramSize },
       createdMs: Date.now(),
       ...(r0 ? { raid: { level: r0.level, stripeUnitBytes: r0.unitBytes } } : {}),
-    };
+    });
     let movedAside: string | undefined;
     if (await pathExists(labelPath)) {
       movedAside = `${labelPath}.damaged-${Date.now()}`;
