@@ -118,8 +118,8 @@ function formatServed(s: VolumeStatus): string[] {
 export function formatErrors(s: VolumeStatus): string {
   const e = s.errors;
   if (s.cpFailure !== undefined) {
-    const full = /ENOSPC/.test(s.cpFailure);
-    return `errors:    WRITES FAILING: ${s.cpFailure}; the volume takes no writes (they fail with ${full ? 'ENOSPC' : 'EIO'}) until it is restarted. ` +
+    const full = s.cpFailureCode === 'ENOSPC';
+    return `errors:    WRITES FAILING: ${s.cpFailure}; the volume takes no writes (they fail with ${s.cpFailureCode ?? 'EIO'}) until it is restarted. ` +
       `Every acknowledged write is kept in the NVRAM log and replayed at the restart${full ? ': free space on the members\' file system first' : ''}`;
   }
   const since = s.served ? 'since the volume was opened' : 'by this status (not served: `nvmirror check` reads every block)';

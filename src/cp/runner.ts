@@ -57,6 +57,8 @@ export interface CpStats {
   urgentCps: number;
   /** Why the volume stopped taking writes: the CP that failed (absent while none has). */
   failure?: string;
+  /** Its VolumeError code: what the clients' writes fail with (ENOSPC for a full file system). */
+  failureCode?: string;
 }
 
 interface Demand {
@@ -76,7 +78,7 @@ export class CpRunner {
   private loopPromise: Promise<void> | undefined;
   private looping = false;
   private readonly demands: Demand[] = [];
-  private failure: Error | undefined;
+  private failure: VolumeError | undefined;
   private stopped = false;
   private readonly st: CpStats = { cpsRun: 0, running: false, lastCpDurationMs: 0, lastCpEndMs: 0, cpDurationMsMax: 0, urgentCps: 0 };
   /** Called after each CP commits (for status, control socket, mirroring later). */
@@ -94,7 +96,7 @@ export class CpRunner {
   }
 
   stats(): CpStats {
-    return { ...this.st, ...(this.failure ? { failure: this.failure.message } : {}) };
+    return { ...this.st, ...(this.failure ? { failure: this.failure.message, failureCode: this.failure.code } : {}) };
   }
 
   private armTimer(): void {

@@ -38,6 +38,8 @@ export interface VolumeStatus {
   cpsThisSession: number;
   /** A CP failed (e.g. the member's file system is full): the volume takes no more writes until it is restarted. */
   cpFailure?: string;
+  /** What the clients' writes fail with meanwhile (ENOSPC, EIO). */
+  cpFailureCode?: string | undefined;
   /** The last CP this process committed: blocks written (data and the rest), freed, and where its time went (ms). */
   lastCp?: { cpNumber: number; durationMs: number; dataBlocks: number; earlyBlocks?: number; blocksWritten: number; blocksFreed: number; phases: CpPhases };
   /** Data blocks of large WRITEs written to the member ahead of their CP, this session: placed, taken by a CP where they were, and records left to the CP. */
@@ -102,7 +104,7 @@ export function engineStatus(dir: string, label: VolumeLabel, volume: EngineVolu
     lastCpMs: s.tree.lastCpMs,
     lastCpDurationMs: s.tree.lastCpDurationMs,
     cpsThisSession: s.cp.cpsRun,
-    ...(s.cp.failure !== undefined ? { cpFailure: s.cp.failure } : {}),
+    ...(s.cp.failure !== undefined ? { cpFailure: s.cp.failure, cpFailureCode: s.cp.failureCode } : {}),
     ...(s.tree.lastCp ? { lastCp: s.tree.lastCp } : {}),
     nvram: {
       path: resolveIn(dir, label.nvram.path),
