@@ -14,10 +14,11 @@ export function registerPromote(program: Command): void {
     .description('turn a mirror (DIR/<source-uuid> on the destination) into a primary volume: replay its log, commit, serve it')
     .argument('<DIR>', 'the mirror directory (DIR/<source-uuid> of a receive directory)')
     .option('--force', 'promote even while the source is connected (its stream is cut off; its later writes are refused as split brain)')
+    .option('--accept-log-loss', 'promote although the mirror\'s log is damaged before its durable mark: replay up to the damage and lose the acknowledged records from it on (said in the result)')
     .option('--json', 'print the result as JSON')
     .addOption(new Option('--log-level <LEVEL>', 'log level').default('warn').argParser(logLevelArg))
-    .action(async (dir: string, o: { force?: boolean; json?: boolean; logLevel: string }) => {
-      const r = await promoteMirror(dir, { force: o.force === true, logger: createLogger(o.logLevel) });
+    .action(async (dir: string, o: { force?: boolean; acceptLogLoss?: boolean; json?: boolean; logLevel: string }) => {
+      const r = await promoteMirror(dir, { force: o.force === true, acceptLogLoss: o.acceptLogLoss === true, logger: createLogger(o.logLevel) });
       if (o.json === true) {
         process.stdout.write(`${JSON.stringify(r, null, 2)}\n`);
         return;

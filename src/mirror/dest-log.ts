@@ -7,7 +7,8 @@
  *   [0, 4096)        header: magic "NVMDLOG2", source uuid, size, salt, stream number,
  *                    the stream's first seq, crc32c; then the writer: the source process
  *                    id (HELLO) whose streams stored the newest records, the first seq it
- *                    stored, crc32c (a log without it has no known writer)
+ *                    stored, crc32c (a log without it has no known writer); then the
+ *                    durable mark: u64 seq, crc32c (absent: 0)
  *   [4096, size)     a ring of records: 64-byte header + payload (whole 4 KiB blocks)
  *
  * Record header: u32 magic "NVDR" | u32 crc32c (seeded with the salt, over bytes 8..64
@@ -20,6 +21,15 @@
  * does not verify, and at one of an older stream at or past the newest stream's first
  * seq (the source may have reused those seqs). That is also what promote replays (seed
  * 004).
+ *
+ * The durable mark tells the log's end from damage. It is written into the header (not
+ * synced: the next sync of the file carries it) only after every record up to it was made
+ * durable, so on disk it never claims more than was durable. A record up to the mark that
+ * the scan cannot find is damage (media, or a hand), never a power loss: those records
+ * were acknowledged, and `damage` names them (the receiver logs it; promote refuses
+ * unless told to accept the loss). A new stream lowers the mark below its first seq and
+ * makes that header durable before any record of it is stored (startDurably()): the old
+ * stream's records it writes over are then no longer claimed.
  *
  * Invariants:
  * - Records are stored in seq order with no gap: a record is stored only if its seq is
@@ -65,6 +75,9 @@ const HEADER_CRC_AT = 48;
 const WRITER_AT = 56;
 const WRITER_CRC_AT = 72;
 const NO_WRITER = '0000000000000000';
+/** The durable mark (see the file comment): u64 seq, then its crc32c. */
+const MARK_AT = 80;
+const MARK_CRC_AT = 88;
 const RECORD_MAGIC = 0x5244564e; // "NVDR"
 const RECORD_HEADER_BYTES = 64;
 /** referableFromSeq while the log drops records: past every seq, so no record may be referenced. */
@@ -112,6 +125,17 @@ export class DestLog {
   private stream = 0;
   /** Records found valid when the log was reopened (recover mode). */
   recordsRecovered = 0;
+  /**
+   * Set by a recover-mode open whose kept run stops before the durable mark: record
+   * firstMissingSeq cannot be read although every record through durableThroughSeq was
+   * stored durably (acknowledged writes); validAfter records past it still verify but are
+   * not kept (replaying them without the missing one would not be a prefix).
+   */
+  damage: { firstMissingSeq: number; durableThroughSeq: number; validAfter: number } | undefined;
+  /** The durable mark as last written into the header's mapping (see the file comment). */
+  private durableMark = 0;
+  /** The mark as the header had it at its last sync here (close() syncs a newer one). */
+  private markSynced = 0;
   /** The byte range [lo, hi) of records written since the last persist (a wrap widens it to the ring). */
   private dirtyLo = Infinity;
   private dirtyHi = 0;
@@ -198,6 +222,8 @@ export class DestLog {
       this.writerId = b.subarray(WRITER_AT, WRITER_AT + 8).toString('hex');
       this.writerFromSeq = Number(b.readBigUInt64LE(WRITER_AT + 8));
     }
+    if (b.readUInt32LE(MARK_CRC_AT) === crc32cWide(b, MARK_AT, MARK_CRC_AT - MARK_AT)) this.durableMark = Number(b.readBigUInt64LE(MARK_AT));
+    this.markSynced = this.durableMark;
     return true;
   }
 
@@ -255,6 +281,12 @@ export class DestLog {
       this.streamFrom = run[0]!.seq;
     }
     this.recordsRecovered = run.length;
+    const next = (last ? last.seq : committedSeq) + 1;
+    if (this.durableMark >= next) {
+      let validAfter = 0;
+      for (const s of found.keys()) if (s > next) validAfter++;
+      this.damage = { firstMissingSeq: next, durableThroughSeq: this.durableMark, validAfter };
+    }
   }
 
   /** The newest stream's first seq as the header records it. */
@@ -286,6 +318,24 @@ export class DestLog {
     Buffer.from(this.writerId, 'hex').copy(b, WRITER_AT);
     b.writeBigUInt64LE(BigInt(this.writerFromSeq), WRITER_AT + 8);
     b.writeUInt32LE(crc32cWide(b, WRITER_AT, WRITER_CRC_AT - WRITER_AT), WRITER_CRC_AT);
+    this.writeMark();
+  }
+
+  private writeMark(): void {
+    const b = this.region.buffer;
+    b.writeBigUInt64LE(BigInt(this.durableMark), MARK_AT);
+    b.writeUInt32LE(crc32cWide(b, MARK_AT, MARK_CRC_AT - MARK_AT), MARK_CRC_AT);
+  }
+
+  /**
+   * Records up to durableSeq are durable now: the mark follows them into the header's
+   * mapping (the next sync of the file makes it durable; until then the disk has a lower one).
+   */
+  private advanceMark(): void {
+    const d = this.durableSeq;
+    if (d <= this.durableMark) return;
+    this.durableMark = d;
+    this.writeMark();
   }
 
   private async writeHeader(): Promise<void> {
@@ -296,6 +346,8 @@ export class DestLog {
     this.headerStreamFrom = 1;
     this.writerId = NO_WRITER;
     this.writerFromSeq = 0;
+    this.durableMark = 0;
+    this.markSynced = 0;
     this.writeHeaderFields();
     // Invalidate the first record slot so a scan of this generation starts clean.
     b.fill(0, HEADER_BYTES, HEADER_BYTES + RECORD_HEADER_BYTES);
@@ -397,8 +449,30 @@ export class DestLog {
     // survives a crash of this process; the next persist() makes it survive power loss).
     this.stream++;
     this.headerStreamFrom = fromSeq;
+    const markWas = this.durableMark;
+    this.durableMark = Math.min(this.durableMark, this.durableSeq);
+    this.markLowered = this.durableMark < markWas;
+    this.damage = undefined;
     this.writeHeaderFields();
     this.headerDirty = true;
+  }
+
+  /** start() lowered the durable mark: its header must be durable before a record of the stream is stored. */
+  private markLowered = false;
+
+  /**
+   * start(), and the header it wrote made durable if the durable mark went down with it:
+   * only then may the stream's records be stored over the old stream's, which the mark on
+   * disk would otherwise claim. The receiver starts its streams this way.
+   */
+  async startDurably(fromSeq: number, committedSeq: number, writerId: string = NO_WRITER): Promise<void> {
+    this.start(fromSeq, committedSeq, writerId);
+    if (!this.markLowered) return;
+    this.markLowered = false;
+    this.headerDirty = false;
+    const mark = this.durableMark;
+    await this.region.persist(0, HEADER_BYTES);
+    this.markSynced = mark;
   }
 
   private headerDirty = false;
@@ -509,6 +583,7 @@ export class DestLog {
   notePersisted(seq: number): void {
     assert(Number.isSafeInteger(seq) && seq >= 0, `persisted seq ${seq}`);
     this.persistedSeq = Math.max(this.persistedSeq, seq);
+    this.advanceMark();
   }
 
   /** The mapping and the block-checksum table another writer stores records into (grantRange()). */
@@ -537,7 +612,9 @@ export class DestLog {
     const target = this.lastStoredSeq;
     if (this.headerDirty) {
       this.headerDirty = false;
+      const mark = this.durableMark;
       await this.region.persist(0, HEADER_BYTES);
+      this.markSynced = mark;
     }
     if (this.dirtyHi > 0) {
       const lo = Math.floor(this.dirtyLo / 4096) * 4096;
@@ -547,6 +624,7 @@ export class DestLog {
       await this.region.persist(lo, hi - lo);
     }
     this.persistedSeq = Math.max(this.persistedSeq, target);
+    this.advanceMark();
   }
 
   /** Block `index` of write record `seq`, as a copy (or a one-line reason the log does not hold it). */
@@ -652,7 +730,9 @@ export class DestLog {
     }
   }
 
+  /** Closes the log; a durable mark newer than the header's last sync is synced first (a stopped log claims all it holds durably). */
   async close(): Promise<void> {
+    if (this.durableMark > this.markSynced) await this.region.persist(0, HEADER_BYTES).catch(() => undefined);
     await this.region.close();
   }
 }

@@ -81,6 +81,8 @@ export interface PromoteReport extends RoleRecord {
   cpNumber: number;
   /** Why replay stopped where it did. */
   replayEnd: string;
+  /** Records lost to damage in the mirror's log (only with acceptLogLoss): from firstMissingSeq through at least durableThroughSeq. */
+  logLoss?: { firstMissingSeq: number; durableThroughSeq: number; validAfter: number };
 }
 
 /** The receiver's control socket for a mirror directory (its parent directory holds it). */
@@ -113,6 +115,8 @@ export interface PromoteOptions {
   /** Promote while the source is connected (its stream is cut off). */
   force: boolean;
   logger: Logger;
+  /** Promote over a log damaged in the middle, losing the records after the damage. */
+  acceptLogLoss?: boolean;
   /** Called after each replayed record with the count so far (a test stops a promote there, as a crash would). */
   afterRecord?: (replayed: number) => void;
 }
@@ -198,9 +202,19 @@ async function promoteReleased(dir: string, label: MirrorLabel, receiverLetGo: b
       if (size >= DEST_LOG_MIN_BYTES && size % BLOCK === 0) destLog = await DestLog.open(logPath, label.sourceUuid, size, 'recover', baseSeq);
     }
     const records = destLog ? [...destLog.recordsAfter(baseSeq)] : [];
-    const replayEnd = records.length === 0
-      ? `the log holds no record after the base's watermark (seq ${baseSeq})`
-      : `replay stopped after seq ${records[records.length - 1]!.seq} (at the log's end, a gap or a record that does not verify)`;
+    // Damage in the middle of the log: records after it were acknowledged to the source's
+    // clients, and replay stops before them. Promoting loses them: only when told to.
+    const damage = destLog?.damage;
+    if (damage && !opts.acceptLogLoss) {
+      await destLog?.close();
+      throw new MirrorDirError(`${dir}: the mirror's log is damaged: record seq ${damage.firstMissingSeq} cannot be read, though every record through seq ${damage.durableThroughSeq} was stored durably (writes the source acknowledged): a promote replays only up to seq ${damage.firstMissingSeq - 1} and loses the rest. If the source can still be reached, let it resync this mirror instead; to promote anyway: nvmirror promote ${dir} --accept-log-loss`);
+    }
+    const replayEnd = damage
+      ? `LOST: the log is damaged at seq ${damage.firstMissingSeq}; the records from it through seq ${damage.durableThroughSeq} are not replayed (--accept-log-loss)`
+      : records.length === 0
+        ? `the log holds no record after the base's watermark (seq ${baseSeq})`
+        : `replay stopped after seq ${records[records.length - 1]!.seq}, the last record the log holds durably or not (a power loss may take records not yet synced; damage before the log's durable mark is refused)`;
+    if (damage) log.error({ dir, ...damage }, 'promote: the mirror\'s log is damaged; the records from the damage on are not replayed (--accept-log-loss)');
 
     changing();
     // A volume directory around the member (idempotent: an interrupted promote left it).
@@ -278,7 +292,7 @@ async function promoteReleased(dir: string, label: MirrorLabel, receiverLetGo: b
     await fs.promises.rm(genPath, { force: true });
     await fs.promises.rm(path.join(dir, BASE_NAME), { force: true });
     log.info({ dir, fromCp: baseCp, records: records.length, bytes: bytesReplayed, lastSeq, cp: cpNumber, receiverLetGo }, 'mirror promoted: it is a primary volume now');
-    return { ...role, dir, volumeUuid: label.sourceUuid, bytesReplayed, cpNumber, replayEnd };
+    return { ...role, dir, volumeUuid: label.sourceUuid, bytesReplayed, cpNumber, replayEnd, ...(damage ? { logLoss: damage } : {}) };
   } finally {
     fs.closeSync(lockFd);
   }

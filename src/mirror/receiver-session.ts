@@ -645,7 +645,8 @@ export class Session {
     this.applier = new CpApplier(mirror, this.rx.slabs, this.rx.exports, this.slicer, this.log);
     this.rx.exports?.attach(mirror);
     this.armIdle();
-    mirror.log.start(Math.max(1, m.streamFromSeq), mirror.committed?.sb.nvlogSeq ?? 0, m.processId);
+    await mirror.log.startDurably(Math.max(1, m.streamFromSeq), mirror.committed?.sb.nvlogSeq ?? 0, m.processId);
+    if (this.closed) return;
     this.log.info({ source: m.sourceUuid, mode: m.mode, sourceCp: m.sourceCp, committedCp: mirror.committedCp, dir: mirror.dir }, 'source connected');
     this.send({
       type: MsgType.Welcome,

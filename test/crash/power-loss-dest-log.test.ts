@@ -20,7 +20,8 @@
  * - hold every record up to the newest durableSeq the log had reported by then (lowered
  *   by any new stream that started below it since), byte for byte;
  * - hold nothing that was never written: each recovered record is a version appended
- *   for its seq (type, flags, offset, length and payload).
+ *   for its seq (type, flags, offset, length and payload);
+ * - report no damage (the durable mark on disk never claims a record a power loss took).
  * A failure names the seed (NVMIRROR_SEED=... reruns it), the crash point and the state.
  */
 import { strict as assert } from 'assert';
@@ -87,7 +88,7 @@ async function runWorkload(seed: number): Promise<{ states: number; points: numb
   let stream = 1;
   let nextSeq = 1;
   let committed = 0;
-  log.start(1, 0, WRITER);
+  await log.startDurably(1, 0, WRITER);
   /** The current stream's stored versions, by seq. */
   const current = new Map<number, Version>();
   /** Every version ever appended, by seq. */
@@ -147,12 +148,13 @@ async function runWorkload(seed: number): Promise<{ states: number; points: numb
       // A reconnect: the source's next stream starts at its last seq + 1, which may reuse
       // seqs this log stored (the source lost them) or skip some (a catch-up follows).
       const fromSeq = int(committed + 1, nextSeq + 2);
-      log.start(fromSeq, committed, WRITER);
+      // (The stream voids earlier promises from its first seq on as soon as its header may be on disk.)
+      starts.push({ eventIndex: recorder.events.length, fromSeq });
+      await log.startDurably(fromSeq, committed, WRITER);
       stream++;
       for (const s of [...current.keys()]) if (s >= fromSeq) current.delete(s);
       // Records below fromSeq count only as a run ending at fromSeq - 1 (start()'s rule).
       nextSeq = fromSeq;
-      starts.push({ eventIndex: recorder.events.length, fromSeq });
       recorder.capture();
     } else {
       // The receiving process restarts: its page cache (this memory) stays; what it
@@ -169,10 +171,10 @@ async function runWorkload(seed: number): Promise<{ states: number; points: numb
       }
       const last = rec.length > 0 ? rec[rec.length - 1]!.seq : committed;
       const fromSeq = last + 1;
-      log.start(fromSeq, committed, WRITER);
+      starts.push({ eventIndex: recorder.events.length, fromSeq });
+      await log.startDurably(fromSeq, committed, WRITER);
       stream++;
       nextSeq = fromSeq;
-      starts.push({ eventIndex: recorder.events.length, fromSeq });
       promiseNow(); // what a WELCOME would report held and durable
       recorder.capture();
     }
@@ -218,6 +220,8 @@ async function runWorkload(seed: number): Promise<{ states: number; points: numb
       } catch (e) {
         assert.fail(`${where}: the log does not open: ${e instanceof Error ? e.message : String(e)}`);
       }
+      // A power loss is not damage: the durable mark on disk never claims a record that is not there.
+      assert.equal(reopened.damage, undefined, `${where}: the log reports damage ${JSON.stringify(reopened.damage)} after a power loss`);
       const rec = [...reopened.recordsAfter(watermark)];
       rec.forEach((x, i) => assert.equal(x.seq, watermark + 1 + i, `${where}: recovered seqs ${rec.map((y) => y.seq).join(',')} are not consecutive after the watermark`));
       for (let s = watermark + 1; s <= promisedSeq; s++) {

@@ -163,6 +163,13 @@ describe('mirror: two hosts (network namespaces)', function () {
         const flushes = (): number => (JSON.parse(sh(BIN, ['status', s.src, '--json'])) as { threadFlushes?: number }).threadFlushes ?? 0;
         const f0 = flushes();
         assert.ok(f0 >= 200, `FLUSHes answered on the NBD threads under the sync mirror: ${f0}`);
+        // The receive thread's durable acks moved the log's durable mark (header bytes 80..88,
+        // src/mirror/dest-log.ts): what tells damage from a power loss's end at a promote.
+        const header = Buffer.alloc(96);
+        const fd = fs.openSync(path.join(tmp, 'dst', s.uuid, 'source.log'), 'r');
+        fs.readSync(fd, header, 0, 96, 0);
+        fs.closeSync(fd);
+        assert.ok(header.readBigUInt64LE(80) >= 200n, `the mirror's log's durable mark after ${f0} FLUSHes: ${header.readBigUInt64LE(80)}`);
         // FUA WRITEs too: appended, then answered by such a round (read back after the CP below).
         // One may take the shared path when it meets a moment the threads cannot append (a
         // CP switching halves holds the log): a batch of 8 is repeated, up to 3 times, until
