@@ -35,9 +35,10 @@ export function registerSnapshot(program: Command): void {
     .description('delete a snapshot (its blocks are freed unless still in use)')
     .argument('<DIR>', 'the volume directory')
     .argument('<NAME>', 'snapshot name')
-    .action(async (dir: string, name: string) => {
+    .option('--force', 'delete it although NBD clients are reading it (their connections are closed)')
+    .action(async (dir: string, name: string, o: { force?: boolean }) => {
       refuseMirrorSide(dir, SNAPSHOT_HINT);
-      const r = await volumeDirSnapshot(dir, { kind: 'delete', name }, undefined, keepBase(dir));
+      const r = await volumeDirSnapshot(dir, { kind: 'delete', name, force: o.force === true }, undefined, keepBase(dir));
       process.stdout.write(`deleted snapshot ${name} at CP ${r.cpNumber}\n`);
     });
   snap

@@ -172,20 +172,20 @@ export async function volumeDirStatus(dir: string, timeoutMs = 10_000): Promise<
  */
 export async function volumeDirSnapshot(
   dir: string,
-  op: { kind: 'create' | 'delete'; name: string },
+  op: { kind: 'create' | 'delete'; name: string; force?: boolean },
   timeoutMs = 120_000,
   beforeRecovery?: OpenVolumeDirOptions['beforeRecovery'],
 ): Promise<{ cpNumber: number; served: boolean }> {
   const absDir = path.resolve(dir);
   await readLabel(absDir);
   if (await volumeDirInUse(absDir)) {
-    const r = await controlRequest(path.join(absDir, CONTROL_SOCKET_NAME), { op: 'snapshot', kind: op.kind, name: op.name }, timeoutMs);
+    const r = await controlRequest(path.join(absDir, CONTROL_SOCKET_NAME), { op: 'snapshot', kind: op.kind, name: op.name, ...(op.force === true ? { force: true } : {}) }, timeoutMs);
     if (!r.ok) throw new Error(r.error);
     return { cpNumber: r.cpNumber as number, served: true };
   }
   const opened = await openVolumeDir(absDir, { readOnly: false, control: false, cpIntervalMs: 0, ...(beforeRecovery ? { beforeRecovery } : {}) });
   try {
-    const r = await opened.volume.snapshot(op);
+    const r = await opened.volume.snapshot({ kind: op.kind, name: op.name });
     return { cpNumber: r?.cpNumber ?? opened.volume.stats().tree.cpNumber, served: false };
   } finally {
     await opened.close();

@@ -159,7 +159,18 @@ export async function createVolumeDir(dir: string, opts: CreateVolumeDirOptions)
   if (new Set(memberPaths.map((m) => path.resolve(dir, m))).size !== memberPaths.length) throw new Error('a member is given twice: every --member must be a different file');
   // blockCount: the tree's device blocks (for RAID, the striped space over the members).
   const blockCount = memberBlocksFor(sizeBytes, nvramSizeBytes);
-  if (blockCount > MAX_DEVICE_BLOCKS) throw new Error(`bad size ${formatSize(sizeBytes)}: the member would exceed ${formatSize(MAX_DEVICE_BLOCKS * BS)}`);
+  if (blockCount > MAX_DEVICE_BLOCKS) {
+    // The largest size that fits, in whole MiB (memberBlocksFor grows with the size).
+    const MiB = 1024 * 1024;
+    let lo = 0;
+    let hi = Math.floor(MAX_DEVICE_BLOCKS * BS / MiB);
+    while (lo < hi) {
+      const mid = Math.ceil((lo + hi) / 2);
+      if (memberBlocksFor(mid * MiB, nvramSizeBytes) <= MAX_DEVICE_BLOCKS) lo = mid;
+      else hi = mid - 1;
+    }
+    throw new Error(`bad size ${formatSize(sizeBytes)}: with its tree and copy-on-write headroom the device would exceed ${formatSize(MAX_DEVICE_BLOCKS * BS)}; the largest volume is ${lo} MiB (${formatSize(lo * MiB)})`);
+  }
   const perMemberBlocks = raid ? raidMemberBlocks(raid, memberPaths.length, blockCount) : blockCount;
 
   if (await pathExists(dir)) {
@@ -387,7 +398,7 @@ export async function openVolumeDir(dir: string, opts: OpenVolumeDirOptions): Pr
       logger().warn({ path: sockPath }, `control socket path is longer than ${UNIX_PATH_MAX_BYTES} bytes: \`nvmirror status/snapshot\` cannot reach this process; use a shorter directory path`);
     } else {
       try {
-        control = await ControlServer.listen(sockPath, (req) => handleControl(absDir, parts.label, volume, req));
+        control = await ControlServer.listen(sockPath, (req) => handleControl(absDir, parts.label, volume, req, exports));
       } catch (e) {
         if (opts.readOnly && isReadOnlyFs(e)) {
           logger().warn({ path: sockPath }, 'read-only file system: no control socket; `nvmirror status` cannot reach this process');

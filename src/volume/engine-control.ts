@@ -3,7 +3,7 @@
  * request per line, one response line each, answered in order. Lets `nvmirror status`
  * and `nvmirror snapshot` talk to the process that holds the volume's lock.
  *
- * Requests:  {"op":"status"} | {"op":"snapshot","kind":"create"|"delete","name":N}
+ * Requests:  {"op":"status"} | {"op":"snapshot","kind":"create"|"delete","name":N[,"force":true]}
  *            | {"op":"list"} | {"op":"checkpoint"} | {"op":"verify"}
  *            | {"op":"check"} (the tree check on the committed roots; answers when done)
  *            | {"op":"check-progress"} (blocks read so far by a running check, or null)
@@ -24,6 +24,7 @@ import * as fs from 'fs';
 import * as net from 'net';
 import { log as logger } from '../util/log';
 import { RATE_MIN_BYTES_PER_SEC } from '../util/rate';
+import { MAX_SNAPSHOT_NAME_BYTES } from '../tree/layout';
 
 export const CONTROL_SOCKET_NAME = 'control.sock';
 export const CONTROL_LINE_MAX_BYTES = 64 * 1024;
@@ -44,7 +45,7 @@ export type ControlRequest =
   | { op: 'verify'; source?: string }
   | { op: 'release'; source: string; force: boolean }
   | { op: 'unrelease'; source: string }
-  | { op: 'snapshot'; kind: 'create' | 'delete'; name: string };
+  | { op: 'snapshot'; kind: 'create' | 'delete'; name: string; force?: boolean };
 
 export type ControlResponse = { ok: true; [k: string]: unknown } | { ok: false; error: string };
 
@@ -83,8 +84,10 @@ export function parseControlRequest(line: string): ControlRequest {
       return typeof o.source === 'string' ? { op: 'verify', source: o.source } : { op: 'verify' };
     case 'snapshot':
       if (o.kind !== 'create' && o.kind !== 'delete') throw new Error('snapshot kind must be "create" or "delete"');
-      if (typeof o.name !== 'string' || o.name.length === 0 || o.name.length > 256) throw new Error('snapshot name must be a non-empty string');
-      return { op: 'snapshot', kind: o.kind, name: o.name };
+      if (typeof o.name !== 'string' || o.name.length === 0) throw new Error('snapshot name must be a non-empty string');
+      if (o.name.length > MAX_SNAPSHOT_NAME_BYTES) throw new Error(`snapshot name of ${o.name.length} characters is longer than ${MAX_SNAPSHOT_NAME_BYTES} bytes`);
+      if (o.force !== undefined && typeof o.force !== 'boolean') throw new Error('snapshot force must be true or false');
+      return { op: 'snapshot', kind: o.kind, name: o.name, ...(o.force === true ? { force: true } : {}) };
     case 'release':
       if (typeof o.source !== 'string' || !/^[0-9a-f-]{36}$/.test(o.source)) throw new Error('release source must be a volume uuid');
       if (typeof o.force !== 'boolean') throw new Error('release force must be true or false');

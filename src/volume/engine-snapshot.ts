@@ -7,8 +7,12 @@
  *   exists with the CP it was opened at (a deleted or re-created snapshot fails with
  *   ESHUTDOWN instead of serving another root's data).
  * - The registry is dynamic: list()/lookup() read the tree's current snapshot list, so
- *   snapshots made while serving appear without a restart. Views are cached per
- *   (name, cp), and the cache only holds snapshots that exist (bounded by SNAPSHOTS_MAX).
+ *   snapshots made while serving appear without a restart. Each lookup makes its own
+ *   view (a few fields); a view an NBD connection serves (onRevoke) is counted as a
+ *   reader of its snapshot until the connection ends (detach): at most one per
+ *   connection, so bounded by the server's connection limit.
+ * - A snapshot with readers is deleted only when forced (served.ts); its readers'
+ *   connections are then closed (revoked), never served another root's blocks.
  */
 import type { ExportInfo, ExportRegistry } from './exports';
 import type { BlockTreeApi } from '../tree/types';
@@ -26,7 +30,13 @@ export class SnapshotVolume implements Volume {
   readonly caps: VolumeCapabilities;
   readonly description: string;
 
-  constructor(private readonly tree: BlockTreeApi, readonly snapshotName: string, readonly cpNumber: number, base: VolumeCapabilities) {
+  constructor(
+    private readonly tree: BlockTreeApi,
+    readonly snapshotName: string,
+    readonly cpNumber: number,
+    base: VolumeCapabilities,
+    private readonly readers?: Map<string, Set<SnapshotVolume>>,
+  ) {
     this.sizeBytes = tree.sizeBytes;
     this.description = `snapshot ${snapshotName} (CP ${cpNumber}) of volume ${tree.volumeUuid}`;
     this.caps = { ...base, readOnly: true, canTrim: false, canZero: false, canFastZero: false };
@@ -75,6 +85,32 @@ export class SnapshotVolume implements Volume {
     return out;
   }
 
+  /** How a serving connection is ended when the snapshot goes away under it (set by the NBD server). */
+  private revoke: (() => void) | undefined;
+
+  /** The NBD server serves this view on a connection: it counts as a reader until detach(). */
+  onRevoke(revoke: () => void): void {
+    this.revoke = revoke;
+    let set = this.readers?.get(this.snapshotName);
+    if (this.readers && !set) this.readers.set(this.snapshotName, (set = new Set()));
+    set?.add(this);
+  }
+
+  /** The connection ended. */
+  detach(): void {
+    this.revoke = undefined;
+    const set = this.readers?.get(this.snapshotName);
+    set?.delete(this);
+    if (set && set.size === 0) this.readers!.delete(this.snapshotName);
+  }
+
+  /** Ends the connection serving this view (its snapshot is being deleted). */
+  revokeNow(): void {
+    const r = this.revoke;
+    this.detach();
+    r?.();
+  }
+
   /** The engine owns the tree; closing a view releases nothing. */
   async close(): Promise<void> {}
 }
@@ -83,9 +119,27 @@ export const SNAPSHOT_SEPARATOR = '@';
 
 /** The live volume as `exportName`, snapshots as `exportName@SNAP`. */
 export class VolumeDirExports implements ExportRegistry {
-  private readonly views = new Map<string, SnapshotVolume>();
+  /** Views served on NBD connections, by snapshot name. */
+  private readonly readers = new Map<string, Set<SnapshotVolume>>();
 
   constructor(private readonly exportName: string, private readonly volume: EngineVolume) {}
+
+  /** The export that serves snapshot `name`. */
+  snapshotExport(name: string): string {
+    return `${this.exportName}${SNAPSHOT_SEPARATOR}${name}`;
+  }
+
+  /** NBD connections reading snapshot `name` now. */
+  snapshotReaders(name: string): number {
+    return this.readers.get(name)?.size ?? 0;
+  }
+
+  /** Closes every NBD connection reading snapshot `name` (it was deleted); returns how many. */
+  revokeSnapshot(name: string): number {
+    const set = [...(this.readers.get(name) ?? [])];
+    for (const v of set) v.revokeNow();
+    return set.length;
+  }
 
   list(): ExportInfo[] {
     const out: ExportInfo[] = [{ name: this.exportName, description: this.volume.description }];
@@ -101,16 +155,7 @@ export class VolumeDirExports implements ExportRegistry {
     if (!name.startsWith(prefix)) return undefined;
     const snap = name.slice(prefix.length);
     const info = this.volume.listSnapshots().find((s) => s.name === snap);
-    // Drop views of snapshots that are gone, so the cache stays bounded by the live list.
-    for (const [k, v] of this.views) {
-      if (!this.volume.listSnapshots().some((s) => s.name === k && s.cpNumber === v.cpNumber)) this.views.delete(k);
-    }
     if (!info) return undefined;
-    let v = this.views.get(snap);
-    if (!v || v.cpNumber !== info.cpNumber) {
-      v = new SnapshotVolume(this.volume.tree, snap, info.cpNumber, this.volume.caps);
-      this.views.set(snap, v);
-    }
-    return v;
+    return new SnapshotVolume(this.volume.tree, snap, info.cpNumber, this.volume.caps, this.readers);
   }
 }

@@ -13,6 +13,7 @@ import type { BlockErrorCounts, CpPhases } from '../tree/types';
 import { logDroppedLines, log as logger } from '../util/log';
 import { EngineVolume, type ServedBy } from './engine';
 import { type ControlRequest } from './engine-control';
+import type { VolumeDirExports } from './engine-snapshot';
 import { journalPendingText } from '../raid/journal-file';
 import { RaidDevice, type RaidHealth } from '../raid/raid-device';
 import { scrubRaid, scrubState, type ScrubState } from '../raid/scrub';
@@ -129,7 +130,7 @@ export function engineStatus(dir: string, label: VolumeLabel, volume: EngineVolu
 }
 
 /** The control socket's requests (DIR/control.sock) for a volume this process serves. */
-export async function handleControl(dir: string, label: VolumeLabel, volume: EngineVolume, req: ControlRequest): Promise<Record<string, unknown>> {
+export async function handleControl(dir: string, label: VolumeLabel, volume: EngineVolume, req: ControlRequest, exports?: VolumeDirExports): Promise<Record<string, unknown>> {
   switch (req.op) {
     case 'status':
       return { status: engineStatus(dir, label, volume, true) };
@@ -170,8 +171,18 @@ export async function handleControl(dir: string, label: VolumeLabel, volume: Eng
     }
     case 'snapshot': {
       if (volume.caps.readOnly) throw new Error('the volume is served read-only: snapshots cannot be changed');
+      // A snapshot being read over NBD is deleted only when forced (ZFS: "dataset is busy"):
+      // its readers would lose their device mid-use.
+      const readers = req.kind === 'delete' ? exports?.snapshotReaders(req.name) ?? 0 : 0;
+      if (readers > 0 && req.force !== true) {
+        throw new Error(`snapshot ${req.name} is being read by ${readers} NBD client(s) (export "${exports!.snapshotExport(req.name)}"): disconnect them, or delete it with --force (their connections are closed)`);
+      }
       const r = await volume.snapshot({ kind: req.kind, name: req.name });
       logger().info({ kind: req.kind, name: req.name, cp: r?.cpNumber }, 'snapshot changed');
+      if (readers > 0) {
+        const closed = exports!.revokeSnapshot(req.name);
+        logger().warn({ name: req.name, connections: closed }, 'snapshot deleted with --force: the NBD connections reading it are closed');
+      }
       return { cpNumber: r?.cpNumber ?? volume.stats().tree.cpNumber, snapshots: volume.listSnapshots() };
     }
     case 'release':

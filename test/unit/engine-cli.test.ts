@@ -11,6 +11,12 @@ import * as path from 'path';
 import { NbdClient } from '../crash/nbd-client';
 import { runCli, ServedVolume } from '../crash/harness';
 
+/** Waits (up to 5 s) for cond. */
+async function until(cond: () => boolean): Promise<void> {
+  for (let i = 0; i < 500 && !cond(); i++) await new Promise((r) => setTimeout(r, 10));
+  assert.ok(cond(), 'timed out waiting');
+}
+
 const BS = 4096;
 
 describe('engine CLI: create, serve lock, status, snapshot, check', function () {
@@ -37,6 +43,8 @@ describe('engine CLI: create, serve lock, status, snapshot, check', function () 
       [['create', path.join(tmp, 'x2'), '--size', 'lots'], /bad size/],
       [['create', path.join(tmp, 'x3'), '--size', '1G', '--nvram-size', '16K'], /NVRAM size .* too small/],
       [['create', path.join(tmp, 'x4')], /required option '--size/],
+      // Too large for one device: names the largest size that fits (and creates nothing).
+      [['create', path.join(tmp, 'x5'), '--size', '15T'], /^nvmirror: bad size 15\.0 TiB: with its tree and copy-on-write headroom the device would exceed 16\.0 TiB; the largest volume is \d+ MiB \(12\.\d+ TiB\)$/m],
     ];
     for (const [args, re] of cases) {
       const r = await runCli(args);
@@ -44,6 +52,12 @@ describe('engine CLI: create, serve lock, status, snapshot, check', function () 
       assert.match(r.stderr, re);
       assert.equal(r.stderr.trim().split('\n').filter((l) => !l.startsWith('(run with')).length, 1, `not one line: ${r.stderr}`);
     }
+    assert.ok(!fs.existsSync(path.join(tmp, 'x5')), 'a refused create leaves nothing');
+    // The size it names is accepted (thin: nothing is written).
+    const largest = /the largest volume is (\d+) MiB/.exec((await runCli(['create', path.join(tmp, 'x5'), '--size', '15T'])).stderr)![1]!;
+    const fits = await runCli(['create', path.join(tmp, 'x6'), '--size', `${largest}M`, '--nvram-size', '2M']);
+    assert.equal(fits.code, 0, fits.stderr);
+    fs.rmSync(path.join(tmp, 'x6'), { recursive: true, force: true });
   });
 
   it('serves with a lock, reports status, and takes snapshots while served and while closed', async () => {
@@ -126,5 +140,38 @@ describe('engine CLI: create, serve lock, status, snapshot, check', function () 
     const chk = await runCli(['check', dir]);
     assert.equal(chk.code, 0, chk.stdout + chk.stderr);
     assert.match(chk.stdout, /ok$/m);
+  });
+
+  it('a snapshot read over NBD is not deleted under its reader unless forced; forced, the reader\'s connection is closed, never served other blocks', async () => {
+    const dir = path.join(tmp, 'v3');
+    assert.equal((await runCli(['create', dir, '--size', '64M', '--nvram-size', '1M'])).code, 0);
+    const sock = path.join(tmp, 'v3.sock');
+    const server = await ServedVolume.start(dir, sock, []);
+    try {
+      const c = await NbdClient.connect(sock, '');
+      await c.write(0, Buffer.alloc(BS, 0x33), false);
+      assert.equal((await runCli(['snapshot', 'create', dir, 's'])).code, 0);
+      const reader = await NbdClient.connect(sock, '@s');
+      assert.deepEqual(await reader.read(0, BS), Buffer.alloc(BS, 0x33));
+
+      const refused = await runCli(['snapshot', 'delete', dir, 's']);
+      assert.equal(refused.code, 1);
+      assert.equal(refused.stderr.trim(), 'nvmirror: snapshot s is being read by 1 NBD client(s) (export "@s"): disconnect them, or delete it with --force (their connections are closed)');
+      assert.match((await runCli(['snapshot', 'list', dir])).stdout, /^s\tCP \d+/m, 'still there');
+      assert.deepEqual(await reader.read(0, BS), Buffer.alloc(BS, 0x33), 'the reader goes on');
+
+      // A reader that left does not count.
+      const other = await NbdClient.connect(sock, '@s');
+      await other.close();
+
+      const forced = await runCli(['snapshot', 'delete', dir, 's', '--force']);
+      assert.equal(forced.code, 0, forced.stderr);
+      await assert.rejects(reader.read(0, BS), 'the forced delete closed the reader\'s connection');
+      assert.equal((await runCli(['snapshot', 'list', dir])).stdout.trim(), 'no snapshots');
+      await until(() => server.stderr.includes('snapshot deleted with --force: the NBD connections reading it are closed'));
+      await c.close();
+    } finally {
+      assert.equal(await server.stop(), 0, server.stderr);
+    }
   });
 });
