@@ -670,16 +670,16 @@ export class MirrorDir {
       // The log keeps what an earlier run stored after the committed CP (a receiver restart loses no record).
       log = await DestLog.open(path.join(dir, DEST_LOG_NAME), hello.sourceUuid, destLogBytesFor(hello.nvramBytes), 'recover', committed?.sb.nvlogSeq ?? 0);
       if (log.recordsRecovered > 0) logger.info({ dir, records: log.recordsRecovered }, 'records of an earlier run kept in the mirror\'s log');
-      if (log.damage) {
-        const d = log.damage;
-        logger.error({ dir, ...d }, `the mirror's log is damaged: record seq ${d.firstMissingSeq} cannot be read, though every record through seq ${d.durableThroughSeq} was stored durably; the log keeps those before it (the source sends the rest again if it still holds them; a promote now would need --accept-log-loss)`);
-      }
+      const damage = log.damage && `the mirror's log is damaged: record seq ${log.damage.firstMissingSeq} cannot be read, though every record through seq ${log.damage.durableThroughSeq} was stored durably; the log keeps those before it (the source sends the rest again if it still holds them; a promote now would need --accept-log-loss)`;
+      if (damage) logger.error({ dir, ...log.damage }, damage);
       const markerPath = path.join(dir, BASELINE_MARKER_NAME);
       const partial = baselineInProgress(dir, committed?.sb.cpNumber);
       // Left, the marker of a committed baseline would send the source into resuming a
       // baseline this mirror has committed.
       if (!partial) await removeStaleBaselineMarker(dir, logger);
       const m = new MirrorDir(dir, label, dev, log, lockFd, partial);
+      // Shown by the receiver's status until a CP commits here (the source resent or resynced).
+      if (damage) m.lastError = damage;
       if (m.baselinePartial) m.baselineResume = readBaselineMarker(markerPath);
       m.committed = committed;
       if (m.committed && !m.baselinePartial) {

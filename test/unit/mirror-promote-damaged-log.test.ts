@@ -15,7 +15,7 @@ import pino from 'pino';
 import { promoteMirror } from '../../src/mirror/promote';
 import { readRole } from '../../src/mirror/role';
 import { DEST_LOG_NAME } from '../../src/mirror/dest-log';
-import { MIRROR_LABEL_NAME } from '../../src/mirror/mirror-dir';
+import { MIRROR_LABEL_NAME, MirrorDir } from '../../src/mirror/mirror-dir';
 import { RecordType } from '../../src/nvlog/format';
 import { openVolumeDir } from '../../src/volume/dir';
 import { BS, baselinedMirror, blockOf } from './mirror-baseline-helper';
@@ -101,6 +101,21 @@ describe('mirror: promote over a log damaged in the middle', () => {
       assert.ok((await opened.volume.read(0, VOLUME_BYTES)).equals(prefix), 'the base plus the records before the damage');
     } finally {
       await opened.close();
+    }
+  });
+
+  it('the receiver opening such a mirror says so: an error line, and its status shows it (lastError) until a CP commits', async () => {
+    const { b } = await damagedMirror();
+    const lines: string[] = [];
+    const logger = pino({ level: 'info' }, { write: (l: string) => void lines.push(l) });
+    const m = await MirrorDir.openOrCreate(tmp, b.hello, logger);
+    try {
+      const want = `the mirror's log is damaged: record seq ${b.nvlogSeq + DAMAGED} cannot be read, though every record through seq ${b.nvlogSeq + RECORDS} was stored durably`;
+      assert.ok(lines.some((l) => l.includes('"level":50') && l.includes(want)), lines.join(''));
+      assert.ok(m.lastError?.startsWith(want), m.lastError);
+      assert.deepEqual(m.log.damage, { firstMissingSeq: b.nvlogSeq + DAMAGED, durableThroughSeq: b.nvlogSeq + RECORDS, validAfter: RECORDS - DAMAGED });
+    } finally {
+      await m.close();
     }
   });
 });
