@@ -1119,7 +1119,9 @@ export class MirrorSource implements CpSink, ReplicaGate {
    */
   async verify(): Promise<VerifyReport> {
     const conn = this.conn;
-    if (!conn || conn.closed || this.state === 'disconnected') throw new Error('the mirror is not connected');
+    if (!conn || conn.closed || this.state === 'disconnected') {
+      throw new Error(`the mirror is not connected${this.lastError ? ` (${this.lastError})` : ''}: verify compares both sides while the destination's receiver runs and the link is up (see nvmirror status)`);
+    }
     const cp = this.destCp;
     if (cp < 0) throw new Error('the destination holds no CP yet (baseline not done)');
     if (this.verifyCp !== undefined) throw new Error('a verify is already running');

@@ -261,6 +261,10 @@ describe('mirror: two hosts (network namespaces)', function () {
     sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x22 8M 4M', '-c', 'write -P 0x23 20M 1M', `nbd+unix:///?socket=${s.srcSock}`], 60_000);
     await until('source marks the mirror disconnected', () => sourceStatus(s.src)?.connected === false, 20_000);
     sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x24 30M 2M', `nbd+unix:///?socket=${s.srcSock}`]);
+    // verify meanwhile: one line saying why it cannot, not a bare "not connected".
+    const v = cp.spawnSync(BIN, ['verify', s.src], { encoding: 'utf8' });
+    assert.equal(v.status, 1);
+    assert.match(v.stderr, /^nvmirror: the mirror is not connected( \(.+\))?: verify compares both sides while the destination's receiver runs and the link is up \(see nvmirror status\)\n$/);
     await pair.blackhole(false);
     await inSyncAndIdentical(s);
     sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x24 30M 2M', `nbd+unix:///${s.uuid}?socket=${s.expSock}`]);
