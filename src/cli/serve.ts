@@ -138,8 +138,8 @@ export function registerServe(program: Command): void {
         .default(IDLE_TIMEOUT_MS_DEFAULT, IDLE_TIMEOUT_MS_DEFAULT === 0 ? 'never' : formatDurationMs(IDLE_TIMEOUT_MS_DEFAULT)),
     )
     .option('--mirror-to <HOST:PORT>', 'mirror the volume directory to `nvmirror receive` at HOST:PORT', hostPortArg)
-    .addOption(new Option('--mirror-mode <MODE>', 'sync: a write is acknowledged once the peer holds it; async: CPs only').choices(['sync', 'async']))
-    .addOption(new Option('--mirror-policy <POLICY>', 'while the peer is unreachable: keep serving (available) or fail writes with EIO (strict)').choices(['available', 'strict']))
+    .addOption(new Option('--mirror-mode <MODE>', 'sync: a write is acknowledged once the peer holds it; async: CPs only (without --mirror-to: changes the recorded relationship)').choices(['sync', 'async']))
+    .addOption(new Option('--mirror-policy <POLICY>', 'while the peer is unreachable: keep serving (available) or fail writes with EIO (strict) (without --mirror-to: changes the recorded relationship)').choices(['available', 'strict']))
     .option('--mirror-psk <FILE>', 'TLS-PSK keys for the mirror link (psktool format; the same file on the receiver)')
     .option('--mirror-tls-cert <FILE>', 'TLS certificate for the mirror link (PEM)')
     .option('--mirror-tls-key <FILE>', 'TLS private key for the mirror link (PEM)')
@@ -179,10 +179,20 @@ function mirrorRelationship(dir: string | undefined, o: ServeOpts): Omit<MirrorR
     // Serving on without the mirror would drop its guarantees (strict: RPO 0) without a word.
     throw new Error(`${path.join(path.resolve(dir), MIRROR_STATE_NAME)}: ${problem}: give --mirror-to HOST:PORT (with its mode, policy and link options) to record the relationship again (the destination then gets a full baseline), or --no-mirror to serve without mirroring`);
   }
-  // --mirror-rate alone changes the recorded relationship's cap (0 removes it).
+  // --mirror-rate alone changes the recorded relationship's cap (0 removes it), and
+  // --mirror-mode / --mirror-policy alone its mode and policy (the same destination: its
+  // base is kept, the mirror resumes with a resync).
   if (rel && o.mirrorRate !== undefined) {
     if (o.mirrorRate > 0) rel.rateBytesPerSec = o.mirrorRate;
     else delete rel.rateBytesPerSec;
+  }
+  if (rel && o.mirrorMode !== undefined && o.mirrorMode !== rel.mode) {
+    process.stdout.write(`nvmirror: the mirror to ${rel.peer} changes from ${rel.mode} to ${o.mirrorMode} mode\n`);
+    rel.mode = o.mirrorMode as MirrorMode;
+  }
+  if (rel && o.mirrorPolicy !== undefined && o.mirrorPolicy !== rel.policy) {
+    process.stdout.write(`nvmirror: the mirror to ${rel.peer} changes from the ${rel.policy} to the ${o.mirrorPolicy} policy\n`);
+    rel.policy = o.mirrorPolicy as MirrorPolicy;
   }
   return rel;
 }
@@ -200,9 +210,14 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
   }
   const spec = volumeSpecFromArgs(dir, o);
   const mirrorArgs = o.mirrorTo !== undefined || o.mirrorMode !== undefined || o.mirrorPolicy !== undefined;
-  if (mirrorArgs && dir === undefined) throw new Error('--mirror-to needs a volume directory (memory and file volumes are not mirrored)');
-  if ((o.mirrorMode !== undefined || o.mirrorPolicy !== undefined) && o.mirrorTo === undefined) throw new Error('--mirror-mode and --mirror-policy need --mirror-to');
+  if (mirrorArgs && dir === undefined) {
+    const given = [o.mirrorTo !== undefined ? '--mirror-to' : '', o.mirrorMode !== undefined ? '--mirror-mode' : '', o.mirrorPolicy !== undefined ? '--mirror-policy' : ''].filter((x) => x !== '');
+    throw new Error(`${given.join(', ')}: mirroring needs a volume directory (memory and file volumes are not mirrored)`);
+  }
   const rel = mirrorRelationship(dir, o);
+  if ((o.mirrorMode !== undefined || o.mirrorPolicy !== undefined) && !rel) {
+    throw new Error(o.mirror === false ? '--mirror-mode/--mirror-policy and --no-mirror contradict each other' : '--mirror-mode and --mirror-policy need --mirror-to or a mirror relationship recorded in the volume directory');
+  }
   if (o.mirrorRate !== undefined && !rel) throw new Error(o.mirror === false ? '--mirror-rate and --no-mirror contradict each other' : '--mirror-rate needs --mirror-to or a mirror relationship recorded in the volume directory');
   const mirrorSec = rel ? linkSecurity(rel.link) : undefined;
   const logger = createLogger(o.logLevel);

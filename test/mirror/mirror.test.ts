@@ -514,7 +514,19 @@ describe('mirror: two hosts (network namespaces)', function () {
     await inSyncAndIdentical(s);
     assert.strictEqual(rel().rateBytesPerSec, undefined);
     assert.strictEqual((sourceStatus(s.src) as { rateLimitBytesPerSec?: number }).rateLimitBytesPerSec, undefined);
+    // --mirror-mode / --mirror-policy alone change the recorded relationship (same destination, no baseline).
+    await stop(s.source, 'SIGTERM');
+    s.extra = ['--mirror-mode', 'async', '--mirror-policy', 'strict'];
+    const baselinesBefore = (fs.readFileSync(path.join(tmp, 'sv.log'), 'utf8').match(/mirror baseline done/g) ?? []).length;
+    await startSource(s, [], true);
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x73 24M 1M', `nbd+unix:///?socket=${s.srcSock}`]);
+    await inSyncAndIdentical(s);
+    assert.match(sh(BIN, ['status', s.src]), /^mirror +async to \S+ \(strict\): in-sync$/m);
+    assert.deepEqual([(rel() as { mode?: string }).mode, (rel() as { policy?: string }).policy], ['async', 'strict'], 'recorded');
+    assert.strictEqual((fs.readFileSync(path.join(tmp, 'sv.log'), 'utf8').match(/mirror baseline done/g) ?? []).length, baselinesBefore, 'no new baseline');
     for (const [args, msg] of [
+      [['serve', '--memory', '1G', '--socket', path.join(tmp, 'x.sock'), '--mirror-mode', 'async'], /^nvmirror: --mirror-mode: mirroring needs a volume directory \(memory and file volumes are not mirrored\)$/m],
+      [['serve', s.src, '--socket', path.join(tmp, 'x.sock'), '--no-mirror', '--mirror-policy', 'strict'], /--mirror-mode\/--mirror-policy and --no-mirror contradict each other/],
       [['serve', s.src, '--socket', path.join(tmp, 'x.sock'), '--mirror-rate', '10'], /bad rate "10": at least 64K per second/],
       [['serve', '--memory', '1G', '--socket', path.join(tmp, 'x.sock'), '--mirror-rate', '5M'], /--mirror-rate needs --mirror-to or a mirror relationship/],
     ] as const) {
