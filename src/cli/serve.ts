@@ -262,7 +262,16 @@ async function serve(dir: string | undefined, o: ServeOpts): Promise<void> {
   onStopSignals(async () => {
     await server?.close();
     await metrics?.close();
-    await opened.close(); // the final CP is shipped to the mirror too
+    const v = opened.volume;
+    if (mirror && v instanceof EngineVolume && !v.caps.readOnly) {
+      // Every acknowledged write into a CP, and that CP onto the mirror, while the volume is
+      // open: a planned failover then finds them in the mirror's image (bounded wait).
+      const last = await v.checkpoint().then(() => undefined, (e: unknown) => (e instanceof Error ? e.message : String(e)));
+      const d = last === undefined ? await mirror.drain() : { caughtUp: false, destCp: -1, sourceCp: -1, reason: `the last CP failed: ${last}` };
+      if (d.caughtUp) logger.info({ cp: d.destCp }, 'stopping: the mirror holds the last CP');
+      else logger.warn({ destCp: d.destCp, sourceCp: d.sourceCp, why: d.reason }, `stopping with the mirror behind (its CP ${d.destCp}, ours ${d.sourceCp}): ${d.reason}; it catches up when the volume is served again`);
+    }
+    await opened.close(); // the final CP (nothing new by now, with a mirror) is shipped too
     if (mirror) {
       await mirror.stop();
       mirror.detach();

@@ -79,6 +79,8 @@ export type MirrorState = 'disconnected' | 'baseline' | 'resyncing' | 'in-sync' 
 /** What status reports: a refused split brain shows as such, not as a plain disconnection. */
 export type MirrorStatusState = MirrorState | 'split-brain' | 'promoted' | 'mirror-ahead';
 export const STALL_TIMEOUT_MS_DEFAULT = 15_000;
+/** How long a clean stop waits at most for the destination to commit the volume's last CP (drain()). */
+export const STOP_DRAIN_MS_MAX = 30_000;
 const PING_INTERVAL_MS = 5_000;
 /** CP commits sent but not acknowledged before the next CP waits (the destination applies while we write the next). */
 const CPS_UNACKED_MAX = 1;
@@ -1237,6 +1239,27 @@ export class MirrorSource implements CpSink, ReplicaGate {
   /** Root pointer bytes the destination reported for its committed CP. */
   get destinationRoot(): Buffer {
     return this.destRoot;
+  }
+
+  /**
+   * A clean stop's step while the volume is still open, after its last CP: waits until the
+   * destination has committed that CP (a planned failover then finds every write in the
+   * mirror's image, not only in its log), for at most `timeoutMs`, while the link is up
+   * and the mirror is in sync or catching up by resync. A baseline is not waited for (it
+   * resumes where it stopped); a stalled peer ends the wait when the link drops it.
+   */
+  async drain(timeoutMs = STOP_DRAIN_MS_MAX): Promise<{ caughtUp: boolean; destCp: number; sourceCp: number; reason?: string }> {
+    const deadline = this.clock.nowMs() + timeoutMs;
+    for (;;) {
+      const sourceCp = this.tree.stats().cpNumber;
+      const conn = this.conn;
+      const end = (reason?: string) => ({ caughtUp: reason === undefined, destCp: this.destCp, sourceCp, ...(reason !== undefined ? { reason } : {}) });
+      if (this.destCp >= sourceCp && (!conn || conn.cpAcks.length === 0)) return end();
+      if (this.stopped || !conn || conn.closed || this.state === 'disconnected') return end(`the mirror is not connected${this.lastError ? ` (${this.lastError})` : ''}`);
+      if (this.state === 'baseline') return end('a baseline is running (it resumes where it stopped)');
+      if (this.clock.nowMs() >= deadline) return end(`the destination did not commit CP ${sourceCp} within ${timeoutMs} ms`);
+      await new Promise<void>((r) => this.clock.setTimeout(r, 10));
+    }
   }
 
   async stop(): Promise<void> {

@@ -714,6 +714,15 @@ describe('mirror: two hosts (network namespaces)', function () {
     sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x52 8M 4M', `nbd+unix:///?socket=${s.srcSock}`]);
     await inSyncAndIdentical(s);
     assert.strictEqual(baselines(), 1, 'a restart started a new baseline');
+    // The source stopped cleanly while its receiver runs (a planned failover): the writes
+    // since the last CP go into a last CP, and the stop waits for the mirror to commit it.
+    sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x53 16M 4M', `nbd+unix:///?socket=${s.srcSock}`]);
+    await stop(s.source, 'SIGTERM');
+    const srcCp = (JSON.parse(sh(BIN, ['status', s.src, '--json'])) as { cpNumber: number }).cpNumber;
+    const held = (JSON.parse(sh(BIN, ['status', rxDir, '--json'])) as RxDirs).mirrors.find((m) => m.sourceUuid === s.uuid);
+    assert.strictEqual(held?.committedCp, srcCp, 'the mirror holds the source\'s last CP after a clean stop');
+    assert.match(fs.readFileSync(path.join(tmp, 'sv.log'), 'utf8'), new RegExp(`"cp":${srcCp},"msg":"stopping: the mirror holds the last CP"`));
+    sh('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x53 16M 4M', `nbd+unix:///${s.uuid}?socket=${s.expSock}`]);
   });
 
   it('a source restarted while its destination is more than 8 CPs behind resumes with a resync (the base superblock is kept with the relationship)', async () => {
