@@ -7,6 +7,7 @@ import * as path from 'path';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { attachVolume } from '../attach/attach';
 import { keepBaseWithoutMirror } from '../mirror/base-hold';
+import { readRelationship } from '../mirror/relationship';
 import { BLOCK_SIZES_BYTES, MAX_CONNECTIONS, MAX_TIMEOUT_S, AttachMethod } from '../attach/kernel';
 import { createLogger } from '../util/log';
 import { formatSize } from '../util/size';
@@ -23,6 +24,8 @@ interface AttachCliOpts {
   interface: AttachMethod;
   cpInterval?: number;
   logLevel: string;
+  /** false with --no-mirror. */
+  mirror: boolean;
 }
 
 function blockSizeArg(value: string): number {
@@ -46,6 +49,7 @@ export function registerAttach(program: Command): void {
     .option('--connections <N>', 'number of connections (sockets) to the kernel', intArg(1, MAX_CONNECTIONS), 1)
     .option('--timeout <S>', 'seconds before the kernel fails a request that got no reply (and drops the connection)', intArg(1, MAX_TIMEOUT_S), 30)
     .addOption(new Option('--interface <WHICH>', 'kernel interface').choices(['auto', 'netlink', 'ioctl']).default('auto'))
+    .option('--no-mirror', 'attach a mirrored volume directory without its mirror (its CP stays held: the mirror resumes with a resync)')
     .option('--cp-interval <DURATION>', 'consistency point interval for volume directories, e.g. 10s, 500ms (a bare number is ms)', durationArg(10, 3_600_000, 'ms'))
     .addOption(new Option('--log-level <LEVEL>', 'log level').default('info').argParser(logLevelArg))
     .action(async (first: string, second: string | undefined, o: AttachCliOpts) => {
@@ -59,6 +63,12 @@ async function attach(dir: string | undefined, device: string, o: AttachCliOpts)
   const spec = volumeSpecFromArgs(dir, o);
   const logger = createLogger(o.logLevel);
   if (dir !== undefined && !spec.readOnly) {
+    // attach does not run the mirror: attaching a mirrored volume silently would drop its
+    // guarantees (strict: RPO 0) while it is written.
+    const rel = o.mirror ? readRelationship(path.resolve(dir)) : undefined;
+    if (rel) {
+      throw new Error(`${path.resolve(dir)} is mirrored to ${rel.peer} (${rel.mode}, ${rel.policy}), and attach does not run the mirror: give --no-mirror to attach it without (its mirror's CP stays held, so the mirror resumes with a resync when served again), or serve it with its mirror (nvmirror serve ${dir} --socket PATH) and attach that with nbd-client`);
+    }
     // A mirrored volume attached without its mirror: the destination's CP stays held.
     const keep = keepBaseWithoutMirror(path.resolve(dir), logger);
     if (keep) spec.beforeRecovery = keep;

@@ -4,7 +4,9 @@
  * and the CLI's one-line errors. The kernel itself is exercised in attach.test.ts (VM).
  */
 import { spawnSync } from 'child_process';
+import * as fs from 'fs';
 import * as net from 'net';
+import * as os from 'os';
 import * as path from 'path';
 import { strict as assert } from 'assert';
 import { addon } from '../../src/io/native';
@@ -106,6 +108,23 @@ describe('attach (host side, no nbd driver needed)', () => {
     r = cli('attach', '--file', '/nonexistent/disk.img', '/dev/nbd0');
     assert.equal(r.code, 1);
     assert.match(r.stderr, /no such file: \/nonexistent\/disk.img/);
+    // A mirrored volume directory: attach does not run the mirror, so it is refused unless
+    // --no-mirror says to attach it without (before anything is opened or asked of the kernel).
+    const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'nvm-attach-'));
+    try {
+      const dir = path.join(tmp, 'v');
+      assert.equal(cli('create', dir, '--size', '16M', '--nvram-size', '1M').code, 0);
+      fs.writeFileSync(path.join(dir, 'mirror-source.json'), JSON.stringify({ peer: '10.0.0.2:7000', mode: 'sync', policy: 'strict', link: { mirrorInsecure: true }, destCp: 0 }));
+      r = cli('attach', dir, '/dev/nbd0');
+      assert.equal(r.code, 1);
+      assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
+      assert.match(r.stderr, new RegExp(`^nvmirror: ${dir.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')} is mirrored to 10\\.0\\.0\\.2:7000 \\(sync, strict\\), and attach does not run the mirror: give --no-mirror to attach it without`));
+      // With --no-mirror it gets as far as the kernel (no nbd driver on this host, or no root in CI's sense).
+      r = cli('attach', dir, '/dev/nbd0', '--no-mirror');
+      assert.doesNotMatch(r.stderr, /is mirrored to/);
+    } finally {
+      fs.rmSync(tmp, { recursive: true, force: true });
+    }
     r = cli('detach', '/dev/sda');
     assert.equal(r.code, 1);
     assert.match(r.stderr, /bad device "\/dev\/sda": expected \/dev\/nbdN/);
