@@ -115,7 +115,7 @@ export interface PromoteOptions {
   /** Promote while the source is connected (its stream is cut off). */
   force: boolean;
   logger: Logger;
-  /** Promote over a log damaged in the middle, losing the records after the damage. */
+  /** Promote over a log damaged before its durable mark, losing the records from the damage on. */
   acceptLogLoss?: boolean;
   /** Called after each replayed record with the count so far (a test stops a promote there, as a crash would). */
   afterRecord?: (replayed: number) => void;
