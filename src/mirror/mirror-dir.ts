@@ -593,8 +593,19 @@ export class MirrorDir {
    */
   static async openOrCreate(root: string, hello: MirrorHello, logger: Logger, opts: { device?: (opened: BlockDevice) => Promise<BlockDevice> } = {}): Promise<MirrorDir> {
     const dir = path.join(root, hello.sourceUuid);
-    await fs.promises.mkdir(dir, { recursive: true });
-    const lockFd = fs.openSync(path.join(dir, MIRROR_LOCK_NAME), 'a');
+    try {
+      await fs.promises.mkdir(dir, { recursive: true });
+    } catch (e) {
+      const code = native.errnoCode(e);
+      if (code === 'EEXIST' || code === 'ENOTDIR') throw new MirrorDirError(`${dir} exists and is not a directory: the mirror of source ${hello.sourceUuid} goes there (move the file away)`);
+      throw new MirrorDirError(`cannot make the mirror directory ${dir}: ${e instanceof Error ? e.message : String(e)}`);
+    }
+    let lockFd: number;
+    try {
+      lockFd = fs.openSync(path.join(dir, MIRROR_LOCK_NAME), 'a');
+    } catch (e) {
+      throw new MirrorDirError(`cannot open ${path.join(dir, MIRROR_LOCK_NAME)}: ${e instanceof Error ? e.message : String(e)}`);
+    }
     // Opened here and closed here if the open fails further on (a member left open keeps its
     // flock: every later stream of this source would be refused as "in use").
     let dev: BlockDevice | undefined;

@@ -47,6 +47,18 @@ describe('mirror: an open that fails part way', () => {
     await m.close();
   });
 
+  it('a file where the mirror\'s directory goes is refused by name (not a bare EEXIST as an I/O error), and left as it was', async () => {
+    const hello: MirrorHello = { sourceUuid: UUID, sizeBytes: 8 * 1024 * 1024, deviceBlocks: 4096, nvramBytes: 4 * 1024 * 1024 };
+    const where = path.join(tmp, UUID);
+    fs.writeFileSync(where, 'not a directory');
+    await assert.rejects(MirrorDir.openOrCreate(tmp, hello, log), (e: Error) => {
+      assert.equal(e.name, 'MirrorDirError');
+      assert.equal(e.message, `${where} exists and is not a directory: the mirror of source ${UUID} goes there (move the file away)`);
+      return true;
+    });
+    assert.equal(fs.readFileSync(where, 'utf8'), 'not a directory');
+  });
+
   it('refuses by name what is in the log\'s place and cannot be replaced, leaving it as it was; makes anew a log of another size', async () => {
     const file = path.join(tmp, DEST_LOG_NAME);
     const size = destLogBytesFor(4 * 1024 * 1024);
