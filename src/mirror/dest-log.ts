@@ -449,16 +449,11 @@ export class DestLog {
     // survives a crash of this process; the next persist() makes it survive power loss).
     this.stream++;
     this.headerStreamFrom = fromSeq;
-    const markWas = this.durableMark;
     this.durableMark = Math.min(this.durableMark, this.durableSeq);
-    this.markLowered = this.durableMark < markWas;
     this.damage = undefined;
     this.writeHeaderFields();
     this.headerDirty = true;
   }
-
-  /** start() lowered the durable mark: its header must be durable before a record of the stream is stored. */
-  private markLowered = false;
 
   /**
    * start(), and the header it wrote made durable if the durable mark went down with it:
@@ -466,9 +461,9 @@ export class DestLog {
    * disk would otherwise claim. The receiver starts its streams this way.
    */
   async startDurably(fromSeq: number, committedSeq: number, writerId: string = NO_WRITER): Promise<void> {
+    const markWas = this.durableMark;
     this.start(fromSeq, committedSeq, writerId);
-    if (!this.markLowered) return;
-    this.markLowered = false;
+    if (this.durableMark >= markWas) return;
     this.headerDirty = false;
     const mark = this.durableMark;
     await this.region.persist(0, HEADER_BYTES);
