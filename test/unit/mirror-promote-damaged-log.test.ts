@@ -27,6 +27,16 @@ const RECORDS = 24;
 const DAMAGED = 10; // the 10th record after the base
 const WRITER = '00000000000000ac';
 
+/** The whole image of the promoted volume in `dir`. */
+async function promotedImage(dir: string): Promise<Buffer> {
+  const opened = await openVolumeDir(dir, { readOnly: true, control: false, cpIntervalMs: 0 });
+  try {
+    return await opened.volume.read(0, VOLUME_BYTES);
+  } finally {
+    await opened.close();
+  }
+}
+
 describe('mirror: promote over a log damaged in the middle', () => {
   let tmp: string;
   const log = pino({ level: 'silent' });
@@ -80,12 +90,7 @@ describe('mirror: promote over a log damaged in the middle', () => {
     assert.deepEqual(r.logLoss, { firstMissingSeq: firstMissing, durableThroughSeq: lastValid, validAfter: RECORDS - DAMAGED });
     assert.equal(r.recordsReplayed, DAMAGED - 1);
     assert.match(r.replayEnd, new RegExp(`^LOST: the log is damaged at seq ${firstMissing}; the records from it through seq ${lastValid} are not replayed`));
-    const opened = await openVolumeDir(b.dir, { readOnly: true, control: false, cpIntervalMs: 0 });
-    try {
-      assert.ok((await opened.volume.read(0, VOLUME_BYTES)).equals(prefix), 'the base plus the records before the damage');
-    } finally {
-      await opened.close();
-    }
+    assert.ok((await promotedImage(b.dir)).equals(prefix), 'the base plus the records before the damage');
   });
 
   it('damage past the durable mark is the log\'s end, as a power loss leaves it: promoted without --accept-log-loss, up to the damage', async () => {
@@ -96,12 +101,7 @@ describe('mirror: promote over a log damaged in the middle', () => {
     assert.equal(r.logLoss, undefined);
     assert.equal(r.recordsReplayed, damaged - 1);
     assert.match(r.replayEnd, new RegExp(`^replay stopped after seq ${b.nvlogSeq + damaged - 1}, the last record the log holds`));
-    const opened = await openVolumeDir(b.dir, { readOnly: true, control: false, cpIntervalMs: 0 });
-    try {
-      assert.ok((await opened.volume.read(0, VOLUME_BYTES)).equals(prefix), 'the base plus the records before the damage');
-    } finally {
-      await opened.close();
-    }
+    assert.ok((await promotedImage(b.dir)).equals(prefix), 'the base plus the records before the damage');
   });
 
   it('the receiver opening such a mirror says so: an error line, and its status shows it (lastError) until a CP commits', async () => {
